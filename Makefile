@@ -1,0 +1,68 @@
+# Thin wrapper over CMake so the README quick start is two commands:
+#   make run    install what is missing, build, start kelpied on its defaults
+#   make test   install what is missing, build, run every C and Python test
+# Everything real lives in CMakeLists.txt; this file only sequences it.
+
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+JOBS       ?= $(shell nproc)
+CMAKE_ARGS ?=
+CTEST_ARGS ?=
+PYTHON     := /usr/bin/python3
+
+# Debian 12 packages the build, the tests and the benchmarks need.
+DEB_PACKAGES := build-essential cmake pkg-config git clang clang-format \
+	libzmq3-dev libczmq-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
+	libcriterion-dev libsodium-dev \
+	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
+	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil
+
+BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib
+
+.PHONY: all deps bench-deps configure build run test asan fuzz format format-check bench clean
+
+all: build
+
+# Installs only what is missing; needs root (or sudo) only when something is.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES) $(EXTRA_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+bench-deps:
+	@$(MAKE) --no-print-directory deps EXTRA_PACKAGES="$(BENCH_PACKAGES)"
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) -DPython3_EXECUTABLE=$(PYTHON) $(CMAKE_ARGS)
+
+configure: deps $(BUILD)/CMakeCache.txt
+
+build: configure
+	cmake --build $(BUILD) -j $(JOBS)
+
+run: build
+	exec $(BUILD)/broker/kelpied $(ARGS)
+
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) $(CTEST_ARGS)
+
+# C tests under AddressSanitizer + UBSan, in their own build tree.
+asan: deps
+	cmake -S . -B $(ASAN_BUILD) -DKELPIE_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug \
+		-DPython3_EXECUTABLE=$(PYTHON) $(CMAKE_ARGS)
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	cd $(ASAN_BUILD) && ctest --output-on-failure -j $(JOBS) -L asan $(CTEST_ARGS)
+
+FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
+format:
+	clang-format -i $(FORMAT_FILES)
+format-check:
+	clang-format --dry-run --Werror $(FORMAT_FILES)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)
