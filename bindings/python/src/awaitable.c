@@ -1,0 +1,787 @@
+/*
+ * awaitable.c: the object send(), recv(), send_multipart() and
+ * recv_multipart() return.
+ *
+ * It is its own iterator (am_await returns self) and implements am_send, so
+ * `await sock.recv()` in a coroutine reaches op_am_send through PyIter_Send
+ * with no generator frame in between. The first am_send runs the libzmq
+ * operation non-blocking; if it succeeds the result comes back as
+ * PYGEN_RETURN and the coroutine continues in the same step: no Future, no
+ * callback, no trip through the loop. Only EAGAIN creates a Future (with
+ * loop.create_future(), so the C Task's fast path for real Futures applies)
+ * and yields it, after queueing the awaitable on its socket.
+ *
+ * States:
+ *   INIT     not run yet
+ *   YIELDED  did one bare `yield None` because the socket's budget for this
+ *            loop turn was spent (asyncio's Task reschedules a task that
+ *            yields None for the next turn)
+ *   WAITING  yielded `future`; queued on the socket until woken, then
+ *            `woken` until it runs again
+ *   DONE     returned or raised; never runs again
+ *
+ * The cancellation contract: a message is only ever taken by op_run() in
+ * the task that returns it, so a task cancelled while WAITING has taken
+ * nothing; if it had already been woken, op_abandon() re-checks the socket
+ * so the wake-up passes to the next waiter. A send that never ran was not
+ * sent; a multipart send runs all its parts in one step.
+ */
+#include "kp.h"
+
+#include <errno.h>
+
+typedef enum op_state {
+    OP_INIT,
+    OP_YIELDED,
+    OP_WAITING,
+    OP_DONE,
+} op_state;
+
+struct kp_op {
+    PyObject_HEAD kp_socket *sock; /* strong reference */
+    kp_op *prev;                   /* in `queue` */
+    kp_op *next;                   /* in `queue` */
+    kp_queue *queue;               /* the socket queue we wait in, NULL if none */
+    PyObject *payload;             /* send: the data, or a list of parts; else NULL */
+    PyObject *future;              /* while WAITING */
+    kp_op_kind kind;
+    op_state state;
+    int flags; /* the caller's flags; DONTWAIT means "raise Again, never wait" */
+    int copy;  /* copy=True: bytes out, bytes copied in; False: Frames, lending */
+    int woken; /* our future was resolved by a wake-up we have not used yet */
+};
+
+/* ---- the queue ------------------------------------------------------------ */
+
+static void queue_push(kp_queue *q, kp_op *op, int front)
+{
+    Py_INCREF(op);
+    op->queue = q;
+    if (front) {
+        op->prev = NULL;
+        op->next = q->head;
+        if (q->head != NULL) {
+            q->head->prev = op;
+        } else {
+            q->tail = op;
+        }
+        q->head = op;
+    } else {
+        op->next = NULL;
+        op->prev = q->tail;
+        if (q->tail != NULL) {
+            q->tail->next = op;
+        } else {
+            q->head = op;
+        }
+        q->tail = op;
+    }
+    q->len++;
+}
+
+/* Unlinks `op`; the caller receives the queue's reference. */
+static void queue_unlink(kp_op *op)
+{
+    kp_queue *q = op->queue;
+    if (op->prev != NULL) {
+        op->prev->next = op->next;
+    } else {
+        q->head = op->next;
+    }
+    if (op->next != NULL) {
+        op->next->prev = op->prev;
+    } else {
+        q->tail = op->prev;
+    }
+    op->prev = op->next = NULL;
+    op->queue = NULL;
+    q->len--;
+}
+
+/* 1 if `future` is done, 0 if pending, -1 on error. */
+static int op_future_done(kp_state *st, PyObject *future)
+{
+    PyObject *done = PyObject_CallMethodNoArgs(future, st->str_done);
+    if (done == NULL) {
+        return -1;
+    }
+    int r = PyObject_IsTrue(done);
+    Py_DECREF(done);
+    return r;
+}
+
+int kp_queue_wake_first(kp_state *st, kp_queue *q)
+{
+    while (q->head != NULL) {
+        kp_op *op = q->head;
+        queue_unlink(op);
+        /* A future cancelled by its task is skipped: that task is leaving
+         * and will not consume anything. */
+        int done = op_future_done(st, op->future);
+        if (done == 0) {
+            PyObject *r = PyObject_CallMethodOneArg(op->future, st->str_set_result, Py_None);
+            if (r == NULL) {
+                Py_DECREF(op);
+                return -1;
+            }
+            Py_DECREF(r);
+            op->woken = 1;
+            Py_DECREF(op);
+            return 1;
+        }
+        Py_DECREF(op);
+        if (done < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int kp_queue_fail_all(kp_state *st, kp_queue *q, int err)
+{
+    int rc = 0;
+    while (q->head != NULL) {
+        kp_op *op = q->head;
+        queue_unlink(op);
+        int done = op_future_done(st, op->future);
+        if (done == 0) {
+            PyObject *exc = kp_error_new(st, err, err == ENOTSOCK ? "Socket closed" : NULL);
+            PyObject *r = exc == NULL
+                              ? NULL
+                              : PyObject_CallMethodOneArg(op->future, st->str_set_exception, exc);
+            Py_XDECREF(exc);
+            if (r == NULL) {
+                rc = -1;
+                PyErr_WriteUnraisable(op->future);
+            }
+            Py_XDECREF(r);
+        } else if (done < 0) {
+            rc = -1;
+            PyErr_WriteUnraisable(op->future);
+        }
+        Py_DECREF(op);
+    }
+    return rc;
+}
+
+int kp_queue_traverse(kp_queue *q, visitproc visit, void *arg)
+{
+    for (kp_op *op = q->head; op != NULL; op = op->next) {
+        Py_VISIT(op);
+    }
+    return 0;
+}
+
+void kp_queue_clear(kp_queue *q)
+{
+    while (q->head != NULL) {
+        kp_op *op = q->head;
+        queue_unlink(op);
+        Py_DECREF(op);
+    }
+}
+
+/* ---- running the operation ------------------------------------------------ */
+
+/* Each returns 0 with *out set, 1 for EAGAIN (nothing taken, nothing sent),
+ * or -1 with an exception set. */
+
+static int op_recv_part(kp_op *self, PyObject **out, int *more)
+{
+    kp_socket *sock = self->sock;
+    if (zmq_msg_recv(&sock->rmsg, sock->handle, ZMQ_DONTWAIT) < 0) {
+        int err = zmq_errno();
+        if (err == EAGAIN) {
+            return 1;
+        }
+        kp_error_set(sock->st, err);
+        return -1;
+    }
+    *more = zmq_msg_more(&sock->rmsg);
+    if (self->copy) {
+        *out = PyBytes_FromStringAndSize(zmq_msg_data(&sock->rmsg),
+                                         (Py_ssize_t)zmq_msg_size(&sock->rmsg));
+    } else {
+        kp_frame *frame = kp_frame_new(sock->st);
+        if (frame != NULL) {
+            zmq_msg_move(&frame->msg, &sock->rmsg);
+            frame->more = *more;
+        }
+        *out = (PyObject *)frame;
+    }
+    return *out == NULL ? -1 : 0;
+}
+
+static int op_recv_multipart(kp_op *self, PyObject **out)
+{
+    PyObject *part;
+    int more;
+    int rc = op_recv_part(self, &part, &more);
+    if (rc != 0) {
+        return rc;
+    }
+    PyObject *parts = PyList_New(1);
+    if (parts == NULL) {
+        Py_DECREF(part);
+        return -1;
+    }
+    PyList_SET_ITEM(parts, 0, part);
+    /* libzmq delivers multipart messages atomically: once the first part is
+     * here, all are, so the rest never sees EAGAIN. */
+    while (more) {
+        rc = op_recv_part(self, &part, &more);
+        if (rc == 0 && PyList_Append(parts, part) < 0) {
+            Py_DECREF(part);
+            rc = -1;
+        } else if (rc == 0) {
+            Py_DECREF(part);
+        }
+        if (rc != 0) {
+            if (rc == 1) {
+                PyErr_SetString(PyExc_RuntimeError, "libzmq delivered a partial multipart message");
+            }
+            Py_DECREF(parts);
+            return -1;
+        }
+    }
+    *out = parts;
+    return 0;
+}
+
+/* A part ready to hand to libzmq. Acquired for every part before the first
+ * is sent, so a bad part raises before anything leaves. */
+typedef struct op_part {
+    PyObject *obj;  /* borrowed */
+    Py_buffer view; /* valid when kind == PART_VIEW */
+    enum { PART_BYTES, PART_FRAME, PART_VIEW, PART_LEND } kind;
+} op_part;
+
+static int op_part_prepare(kp_op *self, PyObject *obj, op_part *part)
+{
+    part->obj = obj;
+    if (PyBytes_CheckExact(obj)) {
+        part->kind = PyBytes_GET_SIZE(obj) >= self->sock->copy_threshold && !self->copy
+                         ? PART_LEND
+                         : PART_BYTES;
+        return 0;
+    }
+    if (Py_IS_TYPE(obj, self->sock->st->frame_type)) {
+        part->kind = PART_FRAME;
+        return 0;
+    }
+    if (PyUnicode_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &part->view, PyBUF_SIMPLE) < 0) {
+        return -1;
+    }
+    part->kind = PART_VIEW;
+    if (!self->copy && part->view.len >= self->sock->copy_threshold) {
+        /* Lending takes its own view; this one was only the check. */
+        PyBuffer_Release(&part->view);
+        part->kind = PART_LEND;
+    }
+    return 0;
+}
+
+static void op_part_release(op_part *part)
+{
+    if (part->kind == PART_VIEW) {
+        PyBuffer_Release(&part->view);
+    }
+}
+
+/* Sends one prepared part: 0 sent, 1 EAGAIN, -1 error. */
+static int op_part_send(kp_op *self, op_part *part, int flags)
+{
+    kp_socket *sock = self->sock;
+    int rc;
+    switch (part->kind) {
+    case PART_BYTES:
+        rc = zmq_send(sock->handle, PyBytes_AS_STRING(part->obj),
+                      (size_t)PyBytes_GET_SIZE(part->obj), flags);
+        break;
+    case PART_VIEW:
+        rc = zmq_send(sock->handle, part->view.buf, (size_t)part->view.len, flags);
+        break;
+    case PART_FRAME: {
+        zmq_msg_t msg;
+        zmq_msg_init(&msg);
+        rc = zmq_msg_copy(&msg, &((kp_frame *)part->obj)->msg);
+        if (rc == 0) {
+            rc = zmq_msg_send(&msg, sock->handle, flags);
+        }
+        if (rc < 0) {
+            int err = zmq_errno();
+            zmq_msg_close(&msg);
+            errno = err;
+        }
+        break;
+    }
+    case PART_LEND: {
+        void *data;
+        size_t size;
+        kp_lent *hint;
+        if (kp_release_lend(part->obj, &data, &size, &hint) < 0) {
+            return -1;
+        }
+        zmq_msg_t msg;
+        if (zmq_msg_init_data(&msg, data, size, kp_release_free, hint) != 0) {
+            kp_release_free(data, hint);
+            PyErr_NoMemory();
+            return -1;
+        }
+        rc = zmq_msg_send(&msg, sock->handle, flags);
+        if (rc < 0) {
+            /* Not sent: closing hands the view straight back (queued, and
+             * released at the next drain). */
+            int err = zmq_errno();
+            zmq_msg_close(&msg);
+            errno = err;
+        }
+        if (!sock->release_watched && sock->loop != NULL) {
+            if (kp_release_watch(sock->st, sock->loop) < 0) {
+                /* Only promptness is lost; the next operation drains. */
+                PyErr_WriteUnraisable((PyObject *)sock);
+            }
+            sock->release_watched = 1;
+        }
+        break;
+    }
+    default:
+        errno = EINVAL;
+        rc = -1;
+        break;
+    }
+    if (rc < 0) {
+        int err = zmq_errno();
+        if (err == EAGAIN) {
+            return 1;
+        }
+        kp_error_set(sock->st, err);
+        return -1;
+    }
+    return 0;
+}
+
+static int op_send(kp_op *self)
+{
+    op_part part;
+    if (op_part_prepare(self, self->payload, &part) < 0) {
+        return -1;
+    }
+    int rc = op_part_send(self, &part, (self->flags & ~ZMQ_DONTWAIT) | ZMQ_DONTWAIT);
+    op_part_release(&part);
+    return rc;
+}
+
+static int op_send_multipart(kp_op *self)
+{
+    PyObject *list = self->payload;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    op_part stack[8];
+    op_part *parts = stack;
+    if (n > 8) {
+        parts = PyMem_Malloc(sizeof(op_part) * (size_t)n);
+        if (parts == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    Py_ssize_t ready = 0;
+    int rc = 0;
+    for (; ready < n; ready++) {
+        if (op_part_prepare(self, PyList_GET_ITEM(list, ready), &parts[ready]) < 0) {
+            rc = -1;
+            break;
+        }
+    }
+    int base = (self->flags & ~(ZMQ_DONTWAIT | ZMQ_SNDMORE)) | ZMQ_DONTWAIT;
+    /* Trying the first part is the POLLOUT check: if it is refused (EAGAIN)
+     * nothing was sent; once it is accepted, libzmq accepts the rest of the
+     * message whatever the high-water mark (it counts whole messages). */
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        int last = i == n - 1;
+        int flags = base | (last ? (self->flags & ZMQ_SNDMORE) : ZMQ_SNDMORE);
+        rc = op_part_send(self, &parts[i], flags);
+        if (rc == 1 && i > 0) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "libzmq refused a later part of a multipart message");
+            rc = -1;
+        }
+    }
+    for (Py_ssize_t i = 0; i < ready; i++) {
+        op_part_release(&parts[i]);
+    }
+    if (parts != stack) {
+        PyMem_Free(parts);
+    }
+    return rc;
+}
+
+static int op_run(kp_op *self, PyObject **out)
+{
+    int rc;
+    int more;
+    switch (self->kind) {
+    case KP_OP_RECV:
+        return op_recv_part(self, out, &more);
+    case KP_OP_RECV_MULTIPART:
+        return op_recv_multipart(self, out);
+    case KP_OP_SEND:
+        rc = op_send(self);
+        break;
+    case KP_OP_SEND_MULTIPART:
+        rc = op_send_multipart(self);
+        break;
+    default:
+        PyErr_SetString(PyExc_SystemError, "bad kelpie operation");
+        return -1;
+    }
+    if (rc == 0) {
+        *out = Py_NewRef(Py_None);
+    }
+    return rc;
+}
+
+/* ---- waiting ----------------------------------------------------------- */
+
+static int op_wait(kp_op *self, int front)
+{
+    kp_socket *sock = self->sock;
+    kp_state *st = sock->st;
+    if (kp_socket_check_loop(sock) < 0) {
+        return -1;
+    }
+    PyObject *future = PyObject_CallNoArgs(sock->create_future);
+    if (future == NULL) {
+        return -1;
+    }
+    /* What Future.__await__ sets before yielding itself: it tells the Task
+     * that a future was awaited, not bare-yielded. */
+    if (PyObject_SetAttr(future, st->str_blocking, Py_True) < 0) {
+        Py_DECREF(future);
+        return -1;
+    }
+    self->future = future;
+    kp_queue *q = (self->kind == KP_OP_RECV || self->kind == KP_OP_RECV_MULTIPART) ? &sock->recv_q
+                                                                                   : &sock->send_q;
+    queue_push(q, self, front);
+    /* Queue first, then look: the EAGAIN we just got may be stale already,
+     * and a recheck that finds us queued wakes us instead of losing it. */
+    if (kp_socket_recheck(sock) < 0 || kp_socket_watch(sock) < 0) {
+        if (self->queue != NULL) {
+            queue_unlink(self);
+            Py_DECREF(self);
+        }
+        Py_CLEAR(self->future);
+        if (self->woken) {
+            /* The recheck woke us but we are failing: pass it on. */
+            self->woken = 0;
+            kp_socket_recheck(sock);
+        }
+        return -1;
+    }
+    self->state = OP_WAITING;
+    return 0;
+}
+
+/* Leaves the socket's queue, passing on a wake-up we will not use. */
+static void op_abandon(kp_op *self)
+{
+    if (self->state != OP_WAITING) {
+        return;
+    }
+    kp_state *st = self->sock->st;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (self->queue != NULL) {
+        queue_unlink(self);
+        Py_DECREF(self);
+        int done = op_future_done(st, self->future);
+        if (done == 0) {
+            PyObject *r = PyObject_CallMethodNoArgs(self->future, st->str_cancel);
+            Py_XDECREF(r);
+        }
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    if (self->woken) {
+        self->woken = 0;
+        if (kp_socket_recheck(self->sock) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    PyErr_Restore(type, value, tb);
+    Py_CLEAR(self->future);
+    self->state = OP_DONE;
+}
+
+static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
+{
+    kp_socket *sock = self->sock;
+    int immediate = 1;
+    int front = 0;
+    switch (self->state) {
+    case OP_INIT:
+        kp_release_drain();
+        if (kp_socket_check_thread(sock) < 0) {
+            goto error;
+        }
+        int spent = kp_socket_budget_spent(sock);
+        if (spent < 0) {
+            goto error;
+        }
+        if (spent) {
+            self->state = OP_YIELDED;
+            *result = Py_NewRef(Py_None);
+            return PYGEN_NEXT;
+        }
+        break;
+    case OP_YIELDED:
+        /* A loop turn has passed; run now whatever the budget says, so a
+         * yielded operation always makes progress. */
+        if (kp_socket_check_thread(sock) < 0 || kp_socket_budget_spent(sock) < 0) {
+            goto error;
+        }
+        break;
+    case OP_WAITING:
+        if (self->queue != NULL) {
+            /* Driven by hand (op.send()) before being woken: leave the
+             * queue, we are about to look for ourselves. */
+            queue_unlink(self);
+            Py_DECREF(self);
+        }
+        Py_CLEAR(self->future);
+        front = self->woken;
+        self->woken = 0;
+        immediate = 0;
+        if (kp_socket_check_thread(sock) < 0) {
+            goto error;
+        }
+        break;
+    case OP_DONE:
+    default:
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an already awaited kelpie operation");
+        *result = NULL;
+        return PYGEN_ERROR;
+    }
+
+    PyObject *value = NULL;
+    int rc = op_run(self, &value);
+    if (rc == 0) {
+        if (immediate) {
+            kp_socket_budget_use(sock);
+        }
+        kp_socket_recheck(sock);
+        self->state = OP_DONE;
+        Py_CLEAR(self->payload);
+        *result = value;
+        return PYGEN_RETURN;
+    }
+    if (rc == 1) {
+        if (self->flags & ZMQ_DONTWAIT) {
+            kp_socket_recheck(sock);
+            kp_error_set(sock->st, EAGAIN);
+            goto error;
+        }
+        if (op_wait(self, front) < 0) {
+            goto error;
+        }
+        *result = Py_NewRef(self->future);
+        return PYGEN_NEXT;
+    }
+    kp_socket_recheck(sock);
+error:
+    self->state = OP_DONE;
+    Py_CLEAR(self->payload);
+    *result = NULL;
+    return PYGEN_ERROR;
+}
+
+/* ---- the Python-visible protocol ------------------------------------------ */
+
+static PyObject *op_await(PyObject *self)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *op_stop_iteration(PyObject *value)
+{
+    PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, exc);
+        Py_DECREF(exc);
+    }
+    Py_DECREF(value);
+    return NULL;
+}
+
+static PyObject *op_iternext(kp_op *self)
+{
+    PyObject *result;
+    PySendResult r = op_am_send(self, Py_None, &result);
+    if (r == PYGEN_NEXT) {
+        return result;
+    }
+    if (r == PYGEN_RETURN) {
+        if (result == Py_None) {
+            Py_DECREF(result);
+            return NULL; /* StopIteration without a value */
+        }
+        return op_stop_iteration(result);
+    }
+    return NULL;
+}
+
+static PyObject *op_send_method(kp_op *self, PyObject *arg)
+{
+    PyObject *result;
+    PySendResult r = op_am_send(self, arg, &result);
+    if (r == PYGEN_NEXT) {
+        return result;
+    }
+    if (r == PYGEN_RETURN) {
+        return op_stop_iteration(result);
+    }
+    return NULL;
+}
+
+static PyObject *op_throw(kp_op *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
+        return NULL;
+    }
+    PyObject *typ = args[0];
+    PyObject *val = nargs > 1 ? args[1] : Py_None;
+    PyObject *tb = nargs > 2 ? args[2] : Py_None;
+    op_abandon(self);
+    self->state = OP_DONE;
+    Py_CLEAR(self->payload);
+    if (PyExceptionInstance_Check(typ)) {
+        if (val != Py_None) {
+            PyErr_SetString(PyExc_TypeError, "instance exception may not have a separate value");
+            return NULL;
+        }
+        PyErr_SetObject((PyObject *)Py_TYPE(typ), typ);
+    } else if (PyExceptionClass_Check(typ)) {
+        PyErr_SetObject(typ, val);
+    } else {
+        PyErr_SetString(PyExc_TypeError, "exceptions must be classes or instances");
+        return NULL;
+    }
+    if (tb != Py_None) {
+        PyObject *type, *value, *old_tb;
+        PyErr_Fetch(&type, &value, &old_tb);
+        PyErr_NormalizeException(&type, &value, &old_tb);
+        Py_XDECREF(old_tb);
+        PyErr_Restore(type, value, Py_NewRef(tb));
+    }
+    return NULL;
+}
+
+static PyObject *op_close(kp_op *self, PyObject *unused)
+{
+    op_abandon(self);
+    self->state = OP_DONE;
+    Py_CLEAR(self->payload);
+    Py_RETURN_NONE;
+}
+
+static void op_finalize(kp_op *self)
+{
+    /* A task dropped while woken must not keep the wake-up to itself. */
+    op_abandon(self);
+}
+
+static int op_traverse(kp_op *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->sock);
+    Py_VISIT(self->payload);
+    Py_VISIT(self->future);
+    return 0;
+}
+
+static int op_clear(kp_op *self)
+{
+    Py_CLEAR(self->payload);
+    Py_CLEAR(self->future);
+    return 0;
+}
+
+static void op_dealloc(kp_op *self)
+{
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return; /* resurrected */
+    }
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->payload);
+    Py_CLEAR(self->future);
+    Py_CLEAR(self->sock);
+    PyObject_GC_Del(self);
+    Py_DECREF(tp);
+}
+
+PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy)
+{
+    kp_op *self = PyObject_GC_New(kp_op, sock->st->awaitable_type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->sock = (kp_socket *)Py_NewRef(sock);
+    self->prev = self->next = NULL;
+    self->queue = NULL;
+    self->payload = Py_XNewRef(payload);
+    self->future = NULL;
+    self->kind = kind;
+    self->state = OP_INIT;
+    self->flags = flags;
+    self->copy = copy;
+    self->woken = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyMethodDef op_methods[] = {
+    {"send", (PyCFunction)op_send_method, METH_O, "Run or resume the operation."},
+    {"throw", (PyCFunction)(void (*)(void))op_throw, METH_FASTCALL,
+     "Abandon the operation (passing on a wake-up) and raise the exception."},
+    {"close", (PyCFunction)op_close, METH_NOARGS, "Abandon the operation."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot op_slots[] = {
+    {Py_tp_doc, "The awaitable returned by Socket.send/recv/send_multipart/recv_multipart."},
+    {Py_tp_dealloc, op_dealloc},
+    {Py_tp_finalize, op_finalize},
+    {Py_tp_traverse, op_traverse},
+    {Py_tp_clear, op_clear},
+    {Py_tp_iter, PyObject_SelfIter},
+    {Py_tp_iternext, op_iternext},
+    {Py_tp_methods, op_methods},
+    {Py_am_await, op_await},
+    {Py_am_send, op_am_send},
+    {0, NULL},
+};
+
+static PyType_Spec op_spec = {
+    .name = "kelpie._kelpie.Operation",
+    .basicsize = sizeof(kp_op),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = op_slots,
+};
+
+int kp_awaitable_init(PyObject *module, kp_state *st)
+{
+    st->awaitable_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &op_spec, NULL);
+    if (st->awaitable_type == NULL) {
+        return -1;
+    }
+    return PyModule_AddType(module, st->awaitable_type);
+}

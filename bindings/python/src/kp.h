@@ -1,0 +1,224 @@
+/*
+ * kp.h: the internal header of the kelpie._kelpie extension module.
+ *
+ * Naming tiers: `kp_` for anything shared between the extension's files
+ * (declared here), plain `static` helpers named after their file
+ * (`socket_recheck` in socket.c), `Py*`/`zmq_*` are the libraries'. Nothing
+ * here is installed; the public surface is the Python module only.
+ *
+ * Files, one noun each:
+ *   module.c     multi-phase init, module state, constants
+ *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
+ *   release.c    zero-copy buffers handed back from libzmq's threads
+ *   context.c    kelpie.Context
+ *   socket.c     kelpie.Socket: options, bind/connect, waiter queues, loop glue
+ *   option.c     the socket option table (which options are int, int64, bytes)
+ *   awaitable.c  the C awaitable behind send/recv/send_multipart/recv_multipart
+ *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
+ *
+ * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here
+ * and call it from module_exec() in module.c.
+ */
+#ifndef KP_H
+#define KP_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <zmq.h>
+
+#include <stdint.h>
+
+/* Per-module state: every type and exception the module creates, and the
+ * interned names the hot path uses instead of building strings per call. */
+typedef struct kp_state {
+    PyTypeObject *context_type;   /* kelpie.Context */
+    PyTypeObject *socket_type;    /* kelpie.Socket */
+    PyTypeObject *frame_type;     /* kelpie.Frame */
+    PyTypeObject *awaitable_type; /* the object send()/recv() return */
+    PyObject *zmq_error;          /* kelpie.ZMQError (an OSError) */
+    PyObject *again;              /* kelpie.Again, errno EAGAIN */
+    PyObject *context_terminated; /* kelpie.ContextTerminated, errno ETERM */
+    PyObject *affinity_error;     /* kelpie.AffinityError (a RuntimeError) */
+    PyObject *get_running_loop;   /* asyncio.get_running_loop */
+    PyObject *drain_callback;     /* module function _drain, the eventfd reader */
+    PyObject *drain_loops;        /* set of loops the release eventfd is registered with */
+    PyObject *instance;           /* Context.instance() singleton, or NULL */
+    PyObject *str_add_reader;
+    PyObject *str_remove_reader;
+    PyObject *str_create_future;
+    PyObject *str_call_soon;
+    PyObject *str_set_result;
+    PyObject *str_set_exception;
+    PyObject *str_cancel;
+    PyObject *str_done;
+    PyObject *str_is_closed;
+    PyObject *str_blocking; /* "_asyncio_future_blocking" */
+    PyObject *str_on_fd;    /* "_on_fd", the socket's reader callback */
+    PyObject *str_budget_reset;
+} kp_state;
+
+extern PyModuleDef kp_module_def;
+
+/* The state of the module that defined `type` (or a base of it). Never fails
+ * for our own types and their subclasses. */
+kp_state *kp_state_from_type(PyTypeObject *type);
+
+/* ---- error.c ---------------------------------------------------------- */
+
+int kp_error_init(PyObject *module, kp_state *st);
+/* Raises the ZMQError subclass matching `err` (Again for EAGAIN, ...) and
+ * returns NULL, so callers can `return kp_error_set(st, errno);`. */
+PyObject *kp_error_set(kp_state *st, int err);
+/* Same, reading zmq_errno(). */
+PyObject *kp_error_from_zmq(kp_state *st);
+/* A new ZMQError instance (not raised), or NULL with an exception set. */
+PyObject *kp_error_new(kp_state *st, int err, const char *msg);
+
+/* ---- release.c -------------------------------------------------------- */
+
+/* A Python buffer lent to libzmq for a zero-copy send. */
+typedef struct kp_lent kp_lent;
+
+int kp_release_init(PyObject *module, kp_state *st);
+/* Takes a new buffer view on `obj` for zmq_msg_init_data(). On success
+ * `*data` and `*size` describe the bytes and *hint is to be passed with
+ * kp_release_free as the free function. Returns -1 with an exception set. */
+int kp_release_lend(PyObject *obj, void **data, size_t *size, kp_lent **hint);
+/* libzmq's free function for lent buffers. Runs on any thread, never takes
+ * the GIL: it only queues the view for the loop thread to release. */
+void kp_release_free(void *data, void *hint);
+/* Releases every queued view. Needs the GIL. Cheap when nothing is queued
+ * (one atomic load), so every socket operation calls it. */
+void kp_release_drain(void);
+/* The eventfd reader: clears the eventfd, then drains. Always reading the
+ * eventfd here (not only when the queue is non-empty) is what keeps a
+ * level-triggered loop from spinning on a wake-up whose buffers an earlier
+ * drain already released. */
+void kp_release_on_eventfd(void);
+/* Registers the release eventfd with `loop` once, so lent buffers are
+ * released promptly even when no socket operation follows. */
+int kp_release_watch(kp_state *st, PyObject *loop);
+/* Buffers lent and not yet released (for tests). */
+Py_ssize_t kp_release_outstanding(void);
+
+/* ---- context.c -------------------------------------------------------- */
+
+typedef struct kp_socket kp_socket;
+
+typedef struct kp_context {
+    PyObject_HEAD void *handle; /* the zmq context, NULL once terminated */
+    kp_socket *sockets;         /* open sockets, linked through kp_socket.next */
+    PyObject *weakrefs;         /* weak references to this context */
+} kp_context;
+
+int kp_context_init(PyObject *module, kp_state *st);
+/* Unlinks a closing socket from its context's list. */
+void kp_context_forget(kp_context *ctx, kp_socket *sock);
+
+/* ---- awaitable.c -------------------------------------------------------- */
+
+/* What an awaitable does when it runs. */
+typedef enum kp_op_kind {
+    KP_OP_RECV,
+    KP_OP_RECV_MULTIPART,
+    KP_OP_SEND,
+    KP_OP_SEND_MULTIPART,
+} kp_op_kind;
+
+typedef struct kp_op kp_op;
+
+/* An intrusive FIFO of waiting awaitables; the queue owns a reference to
+ * each member. */
+typedef struct kp_queue {
+    kp_op *head;
+    kp_op *tail;
+    Py_ssize_t len;
+} kp_queue;
+
+int kp_awaitable_init(PyObject *module, kp_state *st);
+/* A new awaitable for `sock`. `payload` (borrowed, may be NULL) is the data
+ * to send. */
+PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy);
+/* Wakes the first waiter of `q` whose future is still pending by setting its
+ * result to None; returns 1 if one was woken, 0 if none, -1 on error. */
+int kp_queue_wake_first(kp_state *st, kp_queue *q);
+/* Fails every waiter of `q` with a new ZMQError(err) each and empties it;
+ * returns -1 on error. */
+int kp_queue_fail_all(kp_state *st, kp_queue *q, int err);
+/* Visits / drops the queue's references for GC. */
+int kp_queue_traverse(kp_queue *q, visitproc visit, void *arg);
+void kp_queue_clear(kp_queue *q);
+
+/* ---- socket.c --------------------------------------------------------- */
+
+struct kp_socket {
+    PyObject_HEAD void *handle; /* the zmq socket, NULL once closed */
+    kp_state *st;               /* state of the module that made our type */
+    kp_context *context;        /* strong reference */
+    kp_socket *prev;            /* in context->sockets */
+    kp_socket *next;            /* in context->sockets */
+    int fd;                     /* ZMQ_FD, read once at creation */
+    int type;                   /* ZMQ_TYPE */
+    PyObject *loop;             /* the loop we are bound to, NULL until first await */
+    unsigned long thread;       /* PyThread_get_thread_ident() of that loop's thread */
+    PyObject *on_fd;            /* cached bound method _on_fd (reader callback) */
+    PyObject *budget_cb;        /* cached bound method _budget_reset */
+    PyObject *create_future;    /* cached loop.create_future */
+    PyObject *call_soon;        /* cached loop.call_soon */
+    int reader;                 /* 1 while on_fd is registered with loop.add_reader */
+    int budget_armed;           /* 1 while a _budget_reset call is scheduled */
+    int release_watched;        /* 1 once the release eventfd is watched by loop */
+    Py_ssize_t budget;          /* immediate completions allowed per loop turn */
+    Py_ssize_t used;            /* immediate completions in this loop turn */
+    Py_ssize_t copy_threshold;  /* copy=False sends at least this big are zero-copy */
+    kp_queue recv_q;            /* awaitables waiting for POLLIN */
+    kp_queue send_q;            /* awaitables waiting for POLLOUT */
+    zmq_msg_t rmsg;             /* reused for copying receives */
+    PyObject *weakrefs;
+};
+
+int kp_socket_init(PyObject *module, kp_state *st);
+/* A new open socket of `type` in `ctx`. */
+PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type);
+/* Closes `sock` in the order waiters, reader, zmq_close. linger < -1 keeps
+ * the socket's own. Returns -1 with an exception set (the socket is still
+ * closed unless the error is an AffinityError). */
+int kp_socket_close(kp_socket *sock, int linger);
+/* Binds the socket to the running loop and this thread, or checks it is
+ * used from them. Returns -1 with AffinityError (or "no running loop"). */
+int kp_socket_check_loop(kp_socket *sock);
+/* The cheap per-operation check: raises if the socket is closed or bound to
+ * another thread. */
+int kp_socket_check_thread(kp_socket *sock);
+/* After every libzmq operation: if anyone waits, read ZMQ_EVENTS and wake
+ * the first receiver (POLLIN) and first sender (POLLOUT). */
+int kp_socket_recheck(kp_socket *sock);
+/* Before an immediate attempt: arms the per-turn reset (checking the loop)
+ * if this is the turn's first, then returns 1 if the budget for this loop
+ * turn is spent (the caller yields once), 0 if not, -1 on error. */
+int kp_socket_budget_spent(kp_socket *sock);
+/* Counts one immediate completion against the turn's budget. */
+void kp_socket_budget_use(kp_socket *sock);
+/* Makes sure the reader callback is registered with the bound loop. */
+int kp_socket_watch(kp_socket *sock);
+
+/* ---- option.c --------------------------------------------------------- */
+
+int kp_option_init(PyObject *module, kp_state *st);
+PyObject *kp_option_get(kp_socket *sock, int option);
+int kp_option_set(kp_socket *sock, int option, PyObject *value);
+
+/* ---- frame.c ---------------------------------------------------------- */
+
+typedef struct kp_frame {
+    PyObject_HEAD zmq_msg_t msg; /* owned; closed in dealloc */
+    int more;                    /* ZMQ_RCVMORE at receive time */
+    Py_ssize_t exports;          /* live buffer exports */
+} kp_frame;
+
+int kp_frame_init(PyObject *module, kp_state *st);
+/* A new Frame with a freshly initialised empty message; the caller fills
+ * frame->msg (e.g. by zmq_msg_recv). */
+kp_frame *kp_frame_new(kp_state *st);
+
+#endif /* KP_H */

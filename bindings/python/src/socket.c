@@ -1,0 +1,752 @@
+/*
+ * socket.c: kelpie.Socket, a zmq socket glued to one asyncio loop.
+ *
+ * The glue, in one paragraph (docs/binding.md has the long form): an
+ * operation first runs non-blocking; only when libzmq says EAGAIN does the
+ * awaitable queue itself here (recv_q or send_q) with a real asyncio Future
+ * and, the first time anyone waits, register ZMQ_FD with loop.add_reader.
+ * ZMQ_FD is edge-triggered in effect: any libzmq call on the socket may
+ * process the command that made it readable. So after every operation, and
+ * in the reader callback, socket_recheck() reads ZMQ_EVENTS whenever anyone
+ * waits and wakes the first waiter of each ready direction by resolving its
+ * future with None. The woken task takes the message itself (wake-then-pull),
+ * so a message is never taken for a task that is no longer there.
+ *
+ * A socket belongs to the loop and thread of its first awaited operation:
+ * its futures, reader and budget callback live in that loop. Other threads
+ * get AffinityError (checked by comparing one integer per operation).
+ */
+#include "kp.h"
+
+#include <errno.h>
+#include <structmember.h>
+#include <string.h>
+
+#include "pythread.h"
+
+PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
+{
+    PyTypeObject *tp = st->socket_type;
+    kp_socket *self = (kp_socket *)tp->tp_alloc(tp, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->st = st;
+    self->context = (kp_context *)Py_NewRef(ctx);
+    self->budget = 64;
+    self->copy_threshold = 65536;
+    zmq_msg_init(&self->rmsg);
+    self->handle = zmq_socket(ctx->handle, type);
+    if (self->handle == NULL) {
+        Py_DECREF(self);
+        return kp_error_from_zmq(st);
+    }
+    size_t len = sizeof(self->fd);
+    if (zmq_getsockopt(self->handle, ZMQ_FD, &self->fd, &len) != 0) {
+        PyObject *r = kp_error_from_zmq(st);
+        zmq_close(self->handle);
+        self->handle = NULL;
+        Py_DECREF(self);
+        return r;
+    }
+    self->type = type;
+    self->on_fd = PyObject_GetAttr((PyObject *)self, st->str_on_fd);
+    self->budget_cb = PyObject_GetAttr((PyObject *)self, st->str_budget_reset);
+    if (self->on_fd == NULL || self->budget_cb == NULL) {
+        zmq_close(self->handle);
+        self->handle = NULL;
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->next = ctx->sockets;
+    if (ctx->sockets != NULL) {
+        ctx->sockets->prev = self;
+    }
+    ctx->sockets = self;
+    return (PyObject *)self;
+}
+
+static PyObject *socket_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"context", "socket_type", NULL};
+    PyObject *ctx;
+    int socket_type;
+    kp_state *st = kp_state_from_type(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i:Socket", kwlist, st->context_type, &ctx,
+                                     &socket_type)) {
+        return NULL;
+    }
+    if (((kp_context *)ctx)->handle == NULL) {
+        return kp_error_set(st, ETERM);
+    }
+    return kp_socket_new(st, (kp_context *)ctx, socket_type);
+}
+
+/* Forgets the bound loop (it was closed): its reader and budget callback
+ * went with its selector. */
+static void socket_unbind(kp_socket *self)
+{
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->create_future);
+    Py_CLEAR(self->call_soon);
+    self->reader = 0;
+    self->budget_armed = 0;
+    self->used = 0;
+    self->release_watched = 0;
+}
+
+/* 1 if the bound loop is closed and nothing waits in it, so the socket may
+ * move to a new loop; 0 if not; -1 on error. */
+static int socket_may_rebind(kp_socket *self)
+{
+    if (self->recv_q.len != 0 || self->send_q.len != 0) {
+        return 0;
+    }
+    PyObject *closed = PyObject_CallMethodNoArgs(self->loop, self->st->str_is_closed);
+    if (closed == NULL) {
+        return -1;
+    }
+    int r = PyObject_IsTrue(closed);
+    Py_DECREF(closed);
+    return r;
+}
+
+static PyObject *socket_affinity_error(kp_socket *self, const char *what)
+{
+    PyErr_Format(self->st->affinity_error,
+                 "kelpie socket used from another %s: a socket belongs to the event loop and "
+                 "thread of its first awaited operation",
+                 what);
+    return NULL;
+}
+
+int kp_socket_check_thread(kp_socket *self)
+{
+    if (self->handle == NULL) {
+        kp_error_set(self->st, ENOTSOCK);
+        return -1;
+    }
+    if (self->loop == NULL || self->thread == PyThread_get_thread_ident()) {
+        return 0;
+    }
+    int may = socket_may_rebind(self);
+    if (may <= 0) {
+        if (may == 0) {
+            socket_affinity_error(self, "thread");
+        }
+        return -1;
+    }
+    socket_unbind(self);
+    return 0;
+}
+
+int kp_socket_check_loop(kp_socket *self)
+{
+    kp_state *st = self->st;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL) {
+        return -1;
+    }
+    if (loop == self->loop) {
+        Py_DECREF(loop);
+        return 0;
+    }
+    if (self->loop != NULL) {
+        int may = socket_may_rebind(self);
+        if (may <= 0) {
+            Py_DECREF(loop);
+            if (may == 0) {
+                socket_affinity_error(self, "event loop");
+            }
+            return -1;
+        }
+        socket_unbind(self);
+    }
+    self->create_future = PyObject_GetAttr(loop, st->str_create_future);
+    self->call_soon = PyObject_GetAttr(loop, st->str_call_soon);
+    if (self->create_future == NULL || self->call_soon == NULL) {
+        Py_CLEAR(self->create_future);
+        Py_CLEAR(self->call_soon);
+        Py_DECREF(loop);
+        return -1;
+    }
+    self->loop = loop;
+    self->thread = PyThread_get_thread_ident();
+    return 0;
+}
+
+int kp_socket_budget_spent(kp_socket *self)
+{
+    if (!self->budget_armed) {
+        /* First immediate completion this loop turn: schedule the reset for
+         * the next turn. Done before the operation so that a failure here
+         * can never lose a message already taken. */
+        if (kp_socket_check_loop(self) < 0) {
+            return -1;
+        }
+        PyObject *r = PyObject_CallOneArg(self->call_soon, self->budget_cb);
+        if (r == NULL) {
+            return -1;
+        }
+        Py_DECREF(r);
+        self->budget_armed = 1;
+        self->used = 0;
+    }
+    return self->used >= self->budget;
+}
+
+void kp_socket_budget_use(kp_socket *self)
+{
+    self->used++;
+}
+
+int kp_socket_watch(kp_socket *self)
+{
+    if (self->reader) {
+        return 0;
+    }
+    PyObject *fd = PyLong_FromLong(self->fd);
+    if (fd == NULL) {
+        return -1;
+    }
+    PyObject *args[] = {self->loop, fd, self->on_fd};
+    PyObject *r = PyObject_VectorcallMethod(self->st->str_add_reader, args,
+                                            3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(fd);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    self->reader = 1;
+    return 0;
+}
+
+/* Fails every waiter with a fresh ZMQError(err). */
+static int socket_fail_waiters(kp_socket *self, int err)
+{
+    int rc = 0;
+    if (kp_queue_fail_all(self->st, &self->recv_q, err) < 0) {
+        rc = -1;
+    }
+    if (kp_queue_fail_all(self->st, &self->send_q, err) < 0) {
+        rc = -1;
+    }
+    return rc;
+}
+
+/* Reads ZMQ_EVENTS and wakes one receiver and one sender as they are ready.
+ * `always` reads the events even when nobody waits (the reader callback
+ * must, to consume the FD's signal). */
+static int socket_poll_events(kp_socket *self, int always)
+{
+    if (self->handle == NULL || (!always && self->recv_q.len == 0 && self->send_q.len == 0)) {
+        return 0;
+    }
+    int events;
+    size_t len = sizeof(events);
+    if (zmq_getsockopt(self->handle, ZMQ_EVENTS, &events, &len) != 0) {
+        /* ETERM: the context is going away; nobody will ever be woken by
+         * this socket again, so tell the waiters now. */
+        return socket_fail_waiters(self, zmq_errno());
+    }
+    if ((events & ZMQ_POLLIN) && self->recv_q.len != 0 &&
+        kp_queue_wake_first(self->st, &self->recv_q) < 0) {
+        return -1;
+    }
+    if ((events & ZMQ_POLLOUT) && self->send_q.len != 0 &&
+        kp_queue_wake_first(self->st, &self->send_q) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+int kp_socket_recheck(kp_socket *self)
+{
+    if (self->recv_q.len == 0 && self->send_q.len == 0) {
+        return 0;
+    }
+    /* Waking runs Python code; keep an exception the caller is raising. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int rc = socket_poll_events(self, 0);
+    if (type != NULL) {
+        if (rc < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        PyErr_Restore(type, value, tb);
+    }
+    return rc;
+}
+
+/* The reader callback registered for ZMQ_FD. */
+static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
+{
+    kp_release_drain();
+    if (socket_poll_events(self, 1) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* call_soon'd at the first immediate completion of a loop turn. */
+static PyObject *socket_budget_reset(kp_socket *self, PyObject *unused)
+{
+    self->used = 0;
+    self->budget_armed = 0;
+    Py_RETURN_NONE;
+}
+
+int kp_socket_close(kp_socket *self, int linger)
+{
+    if (self->handle == NULL) {
+        return 0;
+    }
+    if (self->loop != NULL && self->thread != PyThread_get_thread_ident()) {
+        int may = socket_may_rebind(self);
+        if (may <= 0) {
+            if (may == 0) {
+                socket_affinity_error(self, "thread");
+            }
+            return -1;
+        }
+    }
+    int rc = 0;
+    /* 1. Waiters first: their futures fail with ENOTSOCK (the task sees a
+     *    ZMQError from its await), while the socket still exists. */
+    if (socket_fail_waiters(self, ENOTSOCK) < 0) {
+        rc = -1;
+    }
+    /* 2. Then the reader, before zmq_close frees the FD (whose number the
+     *    kernel may then reuse for something else). A closed loop has
+     *    already dropped its registrations. */
+    if (self->reader) {
+        PyObject *fd = PyLong_FromLong(self->fd);
+        PyObject *r = NULL;
+        if (fd != NULL) {
+            PyObject *args[] = {self->loop, fd};
+            r = PyObject_VectorcallMethod(self->st->str_remove_reader, args,
+                                          2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+            Py_DECREF(fd);
+        }
+        if (r == NULL) {
+            int closed = socket_may_rebind(self);
+            if (closed > 0) {
+                PyErr_Clear();
+            } else {
+                rc = -1;
+            }
+        }
+        Py_XDECREF(r);
+        self->reader = 0;
+    }
+    /* 3. Then the socket itself. */
+    if (linger >= -1) {
+        zmq_setsockopt(self->handle, ZMQ_LINGER, &linger, sizeof(linger));
+    }
+    zmq_close(self->handle);
+    self->handle = NULL;
+    zmq_msg_close(&self->rmsg);
+    zmq_msg_init(&self->rmsg);
+    kp_context_forget(self->context, self);
+    socket_unbind(self);
+    kp_release_drain();
+    return rc;
+}
+
+static void socket_dealloc(kp_socket *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    /* No reader can be registered here (the loop would hold on_fd and thus
+     * us) and no waiter queued (each holds us), so closing is plain. */
+    if (self->handle != NULL) {
+        zmq_close(self->handle);
+        self->handle = NULL;
+        kp_context_forget(self->context, self);
+    }
+    zmq_msg_close(&self->rmsg);
+    kp_queue_clear(&self->recv_q);
+    kp_queue_clear(&self->send_q);
+    Py_CLEAR(self->on_fd);
+    Py_CLEAR(self->budget_cb);
+    Py_CLEAR(self->create_future);
+    Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->context);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static int socket_traverse(kp_socket *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->context);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->on_fd);
+    Py_VISIT(self->budget_cb);
+    Py_VISIT(self->create_future);
+    Py_VISIT(self->call_soon);
+    int rc = kp_queue_traverse(&self->recv_q, visit, arg);
+    if (rc == 0) {
+        rc = kp_queue_traverse(&self->send_q, visit, arg);
+    }
+    return rc;
+}
+
+static int socket_clear(kp_socket *self)
+{
+    kp_queue_clear(&self->recv_q);
+    kp_queue_clear(&self->send_q);
+    Py_CLEAR(self->on_fd);
+    Py_CLEAR(self->budget_cb);
+    Py_CLEAR(self->create_future);
+    Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->loop);
+    self->reader = 0;
+    return 0;
+}
+
+/* ---- synchronous methods ------------------------------------------------ */
+
+typedef int (*socket_endpoint_fn)(void *, const char *);
+
+static PyObject *socket_endpoint(kp_socket *self, PyObject *arg, socket_endpoint_fn fn)
+{
+    if (kp_socket_check_thread(self) < 0) {
+        return NULL;
+    }
+    const char *addr = PyUnicode_AsUTF8(arg);
+    if (addr == NULL) {
+        return NULL;
+    }
+    int rc = fn(self->handle, addr);
+    int err = zmq_errno();
+    if (kp_socket_recheck(self) < 0) {
+        return NULL;
+    }
+    if (rc != 0) {
+        return kp_error_set(self->st, err);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *socket_bind(kp_socket *self, PyObject *arg)
+{
+    return socket_endpoint(self, arg, zmq_bind);
+}
+
+static PyObject *socket_connect(kp_socket *self, PyObject *arg)
+{
+    return socket_endpoint(self, arg, zmq_connect);
+}
+
+static PyObject *socket_unbind_ep(kp_socket *self, PyObject *arg)
+{
+    return socket_endpoint(self, arg, zmq_unbind);
+}
+
+static PyObject *socket_disconnect(kp_socket *self, PyObject *arg)
+{
+    return socket_endpoint(self, arg, zmq_disconnect);
+}
+
+static PyObject *socket_close(kp_socket *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"linger", NULL};
+    PyObject *linger_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &linger_obj)) {
+        return NULL;
+    }
+    int linger = -2;
+    if (linger_obj != Py_None) {
+        linger = _PyLong_AsInt(linger_obj);
+        if (linger == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (kp_socket_close(self, linger) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *socket_setsockopt(kp_socket *self, PyObject *args)
+{
+    int option;
+    PyObject *value;
+    if (!PyArg_ParseTuple(args, "iO:setsockopt", &option, &value)) {
+        return NULL;
+    }
+    if (kp_socket_check_thread(self) < 0 || kp_option_set(self, option, value) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *socket_getsockopt(kp_socket *self, PyObject *arg)
+{
+    int option = _PyLong_AsInt(arg);
+    if (option == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (kp_socket_check_thread(self) < 0) {
+        return NULL;
+    }
+    return kp_option_get(self, option);
+}
+
+static PyObject *socket_enter(PyObject *self, PyObject *unused)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *socket_exit(kp_socket *self, PyObject *args)
+{
+    if (kp_socket_close(self, -2) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---- awaitable methods -------------------------------------------------- */
+
+/* Parses the (flags=0, copy=True) tail shared by send/recv and their
+ * multipart forms; `skip` positional arguments come before it. */
+static int socket_parse_tail(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                             Py_ssize_t skip, const char *fname, int *flags, int *copy)
+{
+    PyObject *flags_obj = nargs > skip ? args[skip] : NULL;
+    PyObject *copy_obj = nargs > skip + 1 ? args[skip + 1] : NULL;
+    if (nargs < skip || nargs > skip + 2) {
+        PyErr_Format(PyExc_TypeError, "%s() takes from %zd to %zd positional arguments", fname,
+                     skip, skip + 2);
+        return -1;
+    }
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        PyObject *value = args[nargs + i];
+        if (PyUnicode_CompareWithASCIIString(name, "flags") == 0 && flags_obj == NULL) {
+            flags_obj = value;
+        } else if (PyUnicode_CompareWithASCIIString(name, "copy") == 0 && copy_obj == NULL) {
+            copy_obj = value;
+        } else {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected or repeated argument '%U'", fname,
+                         name);
+            return -1;
+        }
+    }
+    *flags = 0;
+    *copy = 1;
+    if (flags_obj != NULL) {
+        *flags = _PyLong_AsInt(flags_obj);
+        if (*flags == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    if (copy_obj != NULL) {
+        *copy = PyObject_IsTrue(copy_obj);
+        if (*copy < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *socket_recv(kp_socket *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    int flags, copy;
+    if (socket_parse_tail(args, nargs, kwnames, 0, "recv", &flags, &copy) < 0) {
+        return NULL;
+    }
+    return kp_op_new(self, KP_OP_RECV, NULL, flags, copy);
+}
+
+static PyObject *socket_recv_multipart(kp_socket *self, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames)
+{
+    int flags, copy;
+    if (socket_parse_tail(args, nargs, kwnames, 0, "recv_multipart", &flags, &copy) < 0) {
+        return NULL;
+    }
+    return kp_op_new(self, KP_OP_RECV_MULTIPART, NULL, flags, copy);
+}
+
+static PyObject *socket_send(kp_socket *self, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    int flags, copy;
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "send() missing required argument 'data'");
+        return NULL;
+    }
+    if (socket_parse_tail(args, nargs, kwnames, 1, "send", &flags, &copy) < 0) {
+        return NULL;
+    }
+    PyObject *data = args[0];
+    if (PyUnicode_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
+        return NULL;
+    }
+    return kp_op_new(self, KP_OP_SEND, data, flags, copy);
+}
+
+static PyObject *socket_send_multipart(kp_socket *self, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames)
+{
+    int flags, copy;
+    if (nargs < 1) {
+        PyErr_SetString(PyExc_TypeError, "send_multipart() missing required argument 'msg_parts'");
+        return NULL;
+    }
+    if (socket_parse_tail(args, nargs, kwnames, 1, "send_multipart", &flags, &copy) < 0) {
+        return NULL;
+    }
+    /* A private list: the caller may mutate theirs while we wait. */
+    PyObject *parts = PySequence_List(args[0]);
+    if (parts == NULL) {
+        return NULL;
+    }
+    if (PyList_GET_SIZE(parts) == 0) {
+        Py_DECREF(parts);
+        PyErr_SetString(PyExc_ValueError, "send_multipart() needs at least one part");
+        return NULL;
+    }
+    PyObject *op = kp_op_new(self, KP_OP_SEND_MULTIPART, parts, flags, copy);
+    Py_DECREF(parts);
+    return op;
+}
+
+/* ---- properties ----------------------------------------------------------- */
+
+static PyObject *socket_get_closed(kp_socket *self, void *closure)
+{
+    return PyBool_FromLong(self->handle == NULL);
+}
+
+static PyObject *socket_get_context(kp_socket *self, void *closure)
+{
+    return Py_NewRef(self->context);
+}
+
+static PyObject *socket_get_last_endpoint(kp_socket *self, void *closure)
+{
+    if (kp_socket_check_thread(self) < 0) {
+        return NULL;
+    }
+    return kp_option_get(self, ZMQ_LAST_ENDPOINT);
+}
+
+static PyObject *socket_get_type(kp_socket *self, void *closure)
+{
+    return PyLong_FromLong(self->type);
+}
+
+static PyObject *socket_get_fd(kp_socket *self, void *closure)
+{
+    return PyLong_FromLong(self->fd);
+}
+
+static PyObject *socket_get_loop(kp_socket *self, void *closure)
+{
+    return Py_NewRef(self->loop != NULL ? self->loop : Py_None);
+}
+
+static PyObject *socket_get_waiters(kp_socket *self, void *closure)
+{
+    return Py_BuildValue("(nn)", self->recv_q.len, self->send_q.len);
+}
+
+static PyObject *socket_repr(kp_socket *self)
+{
+    return PyUnicode_FromFormat("<kelpie.Socket type=%d%s>", self->type,
+                                self->handle == NULL ? " closed" : "");
+}
+
+static PyMethodDef socket_methods[] = {
+    {"bind", (PyCFunction)socket_bind, METH_O, "bind(addr)\n\nBind to an endpoint."},
+    {"connect", (PyCFunction)socket_connect, METH_O, "connect(addr)\n\nConnect to an endpoint."},
+    {"unbind", (PyCFunction)socket_unbind_ep, METH_O, "unbind(addr)\n\nUndo a bind."},
+    {"disconnect", (PyCFunction)socket_disconnect, METH_O, "disconnect(addr)\n\nUndo a connect."},
+    {"close", (PyCFunction)(void (*)(void))socket_close, METH_VARARGS | METH_KEYWORDS,
+     "close(linger=None)\n\nFail pending waiters, stop watching the FD, close the socket."},
+    {"setsockopt", (PyCFunction)socket_setsockopt, METH_VARARGS,
+     "setsockopt(option, value)\n\nSet a socket option (int or bytes, by option)."},
+    {"getsockopt", (PyCFunction)socket_getsockopt, METH_O,
+     "getsockopt(option) -> int | bytes\n\nRead a socket option."},
+    {"set", (PyCFunction)socket_setsockopt, METH_VARARGS, "Alias of setsockopt."},
+    {"get", (PyCFunction)socket_getsockopt, METH_O, "Alias of getsockopt."},
+    {"send", (PyCFunction)(void (*)(void))socket_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(data, flags=0, copy=True) -> awaitable None"},
+    {"recv", (PyCFunction)(void (*)(void))socket_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv(flags=0, copy=True) -> awaitable bytes | Frame"},
+    {"send_multipart", (PyCFunction)(void (*)(void))socket_send_multipart,
+     METH_FASTCALL | METH_KEYWORDS, "send_multipart(msg_parts, flags=0, copy=True) -> awaitable"},
+    {"recv_multipart", (PyCFunction)(void (*)(void))socket_recv_multipart,
+     METH_FASTCALL | METH_KEYWORDS,
+     "recv_multipart(flags=0, copy=True) -> awaitable list[bytes] | list[Frame]"},
+    {"_on_fd", (PyCFunction)socket_on_fd, METH_NOARGS, "The loop's reader callback for ZMQ_FD."},
+    {"_budget_reset", (PyCFunction)socket_budget_reset, METH_NOARGS,
+     "Starts a new loop turn's budget of immediate completions."},
+    {"__enter__", socket_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)socket_exit, METH_VARARGS, "close() on leaving the block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef socket_getset[] = {
+    {"closed", (getter)socket_get_closed, NULL, "True once closed.", NULL},
+    {"context", (getter)socket_get_context, NULL, "The Context that made this socket.", NULL},
+    {"last_endpoint", (getter)socket_get_last_endpoint, NULL,
+     "The endpoint of the last bind or connect, as bytes (pyzmq's type).", NULL},
+    {"socket_type", (getter)socket_get_type, NULL, "The socket type (kelpie.PUSH, ...).", NULL},
+    {"fd", (getter)socket_get_fd, NULL, "ZMQ_FD, the descriptor registered with the loop.", NULL},
+    {"loop", (getter)socket_get_loop, NULL, "The event loop the socket is bound to, or None.",
+     NULL},
+    {"_waiters", (getter)socket_get_waiters, NULL, "(receivers, senders) waiting.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef socket_members[] = {
+    {"budget", T_PYSSIZET, offsetof(kp_socket, budget), 0,
+     "Immediate completions allowed per loop turn before one yield (default 64)."},
+    {"copy_threshold", T_PYSSIZET, offsetof(kp_socket, copy_threshold), 0,
+     "copy=False sends of at least this many bytes are zero-copy (default 65536)."},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(kp_socket, weakrefs), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot socket_slots[] = {
+    {Py_tp_doc, "Socket(context, socket_type)\n--\n\nAn asyncio ZeroMQ socket."},
+    {Py_tp_new, socket_tp_new},
+    {Py_tp_dealloc, socket_dealloc},
+    {Py_tp_traverse, socket_traverse},
+    {Py_tp_clear, socket_clear},
+    {Py_tp_repr, socket_repr},
+    {Py_tp_methods, socket_methods},
+    {Py_tp_getset, socket_getset},
+    {Py_tp_members, socket_members},
+    {0, NULL},
+};
+
+static PyType_Spec socket_spec = {
+    .name = "kelpie.Socket",
+    .basicsize = sizeof(kp_socket),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = socket_slots,
+};
+
+int kp_socket_init(PyObject *module, kp_state *st)
+{
+    st->socket_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &socket_spec, NULL);
+    if (st->socket_type == NULL) {
+        return -1;
+    }
+    return PyModule_AddType(module, st->socket_type);
+}
