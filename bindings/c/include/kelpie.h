@@ -1,0 +1,320 @@
+/*
+ * kelpie.h: the Kelpie C client/worker library (KLP/1, docs/protocol.md).
+ *
+ * A client calls services through the broker's frontend; a worker serves
+ * them on the broker's backend. Both are plain libzmq DEALER sockets with the
+ * protocol's header frame in front of the payload. The library never installs
+ * signal handlers, never reads the environment and owns no global state: each
+ * client and worker has its own ZeroMQ context.
+ *
+ * Naming: `kelpie_` is public (this header), `kp_` is internal to the library,
+ * plain statics are named after their module (client.c, worker.c, wire.c).
+ *
+ * Errors: every function that can fail returns a kelpie_status. Codes 0..16
+ * are gRPC's status codes exactly as they travel on the wire (kelpie.v1.Code);
+ * codes from 100 up are local library errors that never travel.
+ *
+ * Ownership, one rule for the whole API: the library never keeps a pointer
+ * the caller passed in after the call returns (payloads, strings and metadata
+ * are copied or sent before returning), and whatever the library hands out
+ * (a kelpie_reply's payload and message) belongs to the caller until the
+ * caller gives it back with the matching release function
+ * (kelpie_reply_fini). Objects made by `_new` are released with
+ * `_destroy(&p)`, which is idempotent and sets *p to NULL. The one exception
+ * is a worker's kelpie_call: the library owns it, and it stays valid from the
+ * handler's invocation until the call is answered (kelpie_call_reply, _end,
+ * _error) or the worker is destroyed.
+ *
+ * Threads: a client or a worker is used from one thread at a time. The only
+ * exception is kelpie_worker_stop(), which any thread (or a signal handler)
+ * may call.
+ */
+#ifndef KELPIE_H
+#define KELPIE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(KELPIE_BUILDING)
+#define KELPIE_EXPORT __attribute__((visibility("default")))
+#else
+#define KELPIE_EXPORT
+#endif
+
+/* X(name, number, description). 0..16 are gRPC's codes (kelpie.v1.Code). */
+#define KELPIE_STATUS_LIST(X)                                                                      \
+    X(OK, 0, "ok")                                                                                 \
+    X(CANCELLED, 1, "the call was cancelled")                                                      \
+    X(UNKNOWN, 2, "unknown error")                                                                 \
+    X(INVALID_ARGUMENT, 3, "invalid argument")                                                     \
+    X(DEADLINE_EXCEEDED, 4, "deadline exceeded")                                                   \
+    X(NOT_FOUND, 5, "not found")                                                                   \
+    X(ALREADY_EXISTS, 6, "already exists")                                                         \
+    X(PERMISSION_DENIED, 7, "permission denied")                                                   \
+    X(RESOURCE_EXHAUSTED, 8, "resource exhausted")                                                 \
+    X(FAILED_PRECONDITION, 9, "failed precondition")                                               \
+    X(ABORTED, 10, "aborted")                                                                      \
+    X(OUT_OF_RANGE, 11, "out of range")                                                            \
+    X(UNIMPLEMENTED, 12, "unimplemented")                                                          \
+    X(INTERNAL, 13, "internal error")                                                              \
+    X(UNAVAILABLE, 14, "unavailable")                                                              \
+    X(DATA_LOSS, 15, "data loss")                                                                  \
+    X(UNAUTHENTICATED, 16, "unauthenticated")                                                      \
+    X(ERR_TIMEOUT, 100, "nothing arrived within the local wait time")                              \
+    X(ERR_NOMEM, 101, "out of memory")                                                             \
+    X(ERR_INVAL, 102, "invalid argument to a library function")                                    \
+    X(ERR_ZMQ, 103, "ZeroMQ call failed (see zmq_errno)")                                          \
+    X(ERR_PROTOCOL, 104, "the peer sent a message that breaks KLP/1")                              \
+    X(ERR_STOPPED, 105, "the worker was stopped")                                                  \
+    X(ERR_BUSY, 106, "no room: too many outstanding calls or no stream window")
+
+typedef enum kelpie_status {
+#define KELPIE_STATUS_ENUM(name, num, desc) KELPIE_##name = num,
+    KELPIE_STATUS_LIST(KELPIE_STATUS_ENUM)
+#undef KELPIE_STATUS_ENUM
+} kelpie_status;
+
+/* A sentence describing the status ("deadline exceeded"). Never NULL. */
+KELPIE_EXPORT const char *kelpie_strerror(kelpie_status status);
+/* The status's name as on the wire ("DEADLINE_EXCEEDED", "ERR_TIMEOUT"). */
+KELPIE_EXPORT const char *kelpie_status_name(kelpie_status status);
+
+/* Request flags (Header.flags bits). */
+enum {
+    KELPIE_IDEMPOTENT = 1, /* the broker may re-send it to another worker */
+    KELPIE_STREAM = 2,     /* answered by CHUNK* then END, not one REPLY */
+};
+
+/* Message kinds a client receives (kelpie.v1.Kind numbers). */
+typedef enum kelpie_kind {
+    KELPIE_KIND_REPLY = 3,
+    KELPIE_KIND_CHUNK = 4,
+    KELPIE_KIND_END = 5,
+    KELPIE_KIND_ERROR = 6,
+} kelpie_kind;
+
+/* A client's call, as the client numbered it. A struct rather than a bare
+ * integer so that the compiler refuses a sequence number or a count where a
+ * request id belongs. Valid ids are nonzero. */
+typedef struct kelpie_request_id {
+    uint64_t id;
+} kelpie_request_id;
+
+/* One metadata entry. Keys are lower-case ASCII; keys ending in "-bin" carry
+ * binary values, others UTF-8 text (docs/protocol.md §3.1). */
+typedef struct kelpie_metadata {
+    const char *key;
+    const void *value;
+    size_t len;
+} kelpie_metadata;
+
+/* ---------------------------------------------------------------- client -- */
+
+typedef struct kelpie_client kelpie_client;
+
+/* What to call and how. Zero-initialise, then set what you need. */
+typedef struct kelpie_call_opts {
+    const char *service;             /* required */
+    const char *method;              /* may be NULL (empty method) */
+    uint32_t timeout_ms;             /* 0: no deadline */
+    uint32_t flags;                  /* KELPIE_IDEMPOTENT | KELPIE_STREAM */
+    uint32_t window;                 /* STREAM: initial CHUNK window; 0: broker default */
+    const kelpie_metadata *metadata; /* n_metadata entries, may be NULL */
+    size_t n_metadata;
+} kelpie_call_opts;
+
+/* One answer. Filled by kelpie_client_call / kelpie_client_recv; the caller
+ * owns payload and message and releases both with kelpie_reply_fini. */
+typedef struct kelpie_reply {
+    kelpie_request_id request_id; /* the call it answers; 0 for protocol errors */
+    kelpie_kind kind;             /* REPLY, CHUNK, END or ERROR */
+    kelpie_status status;         /* OK for REPLY and CHUNK; the code of END and ERROR */
+    char *message;                /* ERROR/END status message, NUL-terminated, never NULL */
+    uint64_t sequence;            /* CHUNK: 0-based position in the stream */
+    void *payload;                /* all payload frames, concatenated; NULL when len is 0 */
+    size_t len;
+} kelpie_reply;
+
+/* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
+KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply);
+
+/* Connects a client to a broker frontend ("tcp://127.0.0.1:5555"). The
+ * connection is made in the background and re-made after a loss. Returns NULL
+ * on a malformed endpoint or out of memory. */
+KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint);
+
+/* Closes the client at once (unsent messages are dropped) and sets *client to
+ * NULL. Outstanding calls are abandoned: the broker cancels them when it sees
+ * the connection go. Idempotent. */
+KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client);
+
+/* A unary call: sends a REQUEST and waits for its answer. Returns the call's
+ * status: KELPIE_OK with *reply holding the REPLY, or the status of the ERROR
+ * (then *reply holds the ERROR and its message). When nothing arrives by
+ * timeout_ms (plus a grace of KELPIE_CLIENT_GRACE_MS for the broker's own
+ * deadline answer) the call is cancelled and KELPIE_DEADLINE_EXCEEDED
+ * returned. timeout_ms 0 waits for ever. *reply must be released with
+ * kelpie_reply_fini in every case. Answers to other pipelined calls that
+ * arrive meanwhile are kept and returned by later kelpie_client_recv calls. */
+KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *client, const char *service,
+                                               const char *method, const void *payload, size_t len,
+                                               uint32_t timeout_ms, kelpie_reply *reply);
+
+/* How long past a call's own deadline the client waits for the broker's
+ * DEADLINE_EXCEEDED before making one up locally. */
+#define KELPIE_CLIENT_GRACE_MS 1000
+
+/* Pipelined: sends a REQUEST without waiting and stores the id picked for it.
+ * Never blocks for long: KELPIE_ERR_BUSY when the socket's send queue is full
+ * (ZMQ_SNDHWM) or too many calls are outstanding (2^20). */
+KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelpie_call_opts *opts,
+                                               const void *payload, size_t len,
+                                               kelpie_request_id *request_id);
+
+/* Pipelined: waits up to timeout_ms (-1: for ever, 0: poll) for the next
+ * answer to any outstanding call: REPLY, CHUNK, END or ERROR. Returns KELPIE_OK
+ * with *reply filled (check reply->status for the call's own outcome),
+ * KELPIE_ERR_TIMEOUT when nothing arrived. Calls whose deadline passed by more
+ * than KELPIE_CLIENT_GRACE_MS, or that the broker dropped when it sent
+ * DISCONNECT, are answered here with a locally made ERROR (DEADLINE_EXCEEDED,
+ * UNAVAILABLE). Answers for ids that are not outstanding are dropped. */
+KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *client, kelpie_reply *reply,
+                                               int timeout_ms);
+
+/* Sends CANCEL for an outstanding call. The call still ends with one terminal
+ * answer (ERROR CANCELLED from the broker, or the worker's answer if it won
+ * the race) that kelpie_client_recv returns. KELPIE_NOT_FOUND if the id is not
+ * outstanding. */
+KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *client,
+                                                 kelpie_request_id request_id);
+
+/* Stream flow control: lets the worker send n more CHUNKs of a STREAM call
+ * (CREDIT). A reader typically returns one credit per CHUNK it has consumed. */
+KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *client,
+                                                 kelpie_request_id request_id, uint32_t n);
+
+/* How many calls are outstanding (sent, terminal answer not yet received). */
+KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *client);
+
+/* ---------------------------------------------------------------- worker -- */
+
+typedef struct kelpie_worker kelpie_worker;
+/* A request being served. Owned by the library; valid until answered. */
+typedef struct kelpie_call kelpie_call;
+
+/* Called on the thread running kelpie_worker_run for each REQUEST to a
+ * registered service/method. payload (len bytes, all payload frames
+ * concatenated) is valid only during the handler. The handler answers the call
+ * exactly once, either before returning (a synchronous handler) or later from
+ * a tick or another handler on the same thread (a deferred answer: this is how
+ * a single-threaded worker keeps up to `capacity` calls in flight). */
+typedef void (*kelpie_handler)(kelpie_call *call, const void *payload, size_t len, void *arg);
+
+/* Called on the run thread every interval set by kelpie_worker_set_tick. */
+typedef void (*kelpie_tick_fn)(kelpie_worker *worker, void *arg);
+
+/* Called on the run thread when a CANCEL arrives for a call still held. The
+ * call must still be answered (kelpie_call_error(call, KELPIE_CANCELLED, ...)
+ * is usual); the broker drops that answer but it returns the slot. */
+typedef void (*kelpie_cancel_fn)(kelpie_call *call, void *arg);
+
+/* Makes a worker for the backend at endpoint. name is for logs (NULL:
+ * "host:pid"); capacity is how many calls it runs at once (its credits, >= 1).
+ * Nothing is connected until kelpie_worker_run. NULL on bad arguments or out
+ * of memory. */
+KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char *name,
+                                               uint32_t capacity);
+
+/* Answers still held are discarded; closes everything; sets *worker to NULL.
+ * Must not be called while kelpie_worker_run is running. Idempotent. */
+KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker);
+
+/* Registers handler for service/method; method NULL serves every method of
+ * the service that has no handler of its own. Calls to a registered service
+ * with no matching handler are answered UNIMPLEMENTED. Before run only. */
+KELPIE_EXPORT kelpie_status kelpie_worker_handle(kelpie_worker *worker, const char *service,
+                                                 const char *method, kelpie_handler handler,
+                                                 void *arg);
+
+/* Heartbeat interval and liveness (defaults 1000 ms and 3). The worker sends
+ * HEARTBEAT after heartbeat_ms without sending anything, and reconnects (new
+ * socket, READY again) after liveness * heartbeat_ms without hearing from the
+ * broker. Before run only. */
+KELPIE_EXPORT kelpie_status kelpie_worker_set_heartbeat(kelpie_worker *worker,
+                                                        uint32_t heartbeat_ms, uint32_t liveness);
+
+/* Calls fn(worker, arg) every interval_ms on the run thread (0 disables). */
+KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32_t interval_ms,
+                                                   kelpie_tick_fn fn, void *arg);
+
+/* Calls fn(call, arg) when a held call is cancelled by its client. */
+KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpie_cancel_fn fn,
+                                                    void *arg);
+
+/* Connects, sends READY, and serves until kelpie_worker_stop. On stop it
+ * sends DISCONNECT (the broker fails or re-dispatches whatever is still
+ * running) and returns KELPIE_OK; it returns another status only when it
+ * cannot run at all (no handler registered, a ZeroMQ failure). */
+KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
+
+/* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
+ * flag and a byte written to a pipe). Sticky: a later run returns at once. */
+KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *worker);
+
+/* How many calls are held (received, not yet answered). */
+KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
+
+/* The worker serving a call, its service and method names, its flags. */
+KELPIE_EXPORT kelpie_worker *kelpie_call_worker(const kelpie_call *call);
+KELPIE_EXPORT const char *kelpie_call_service(const kelpie_call *call);
+KELPIE_EXPORT const char *kelpie_call_method(const kelpie_call *call);
+KELPIE_EXPORT uint32_t kelpie_call_flags(const kelpie_call *call);
+
+/* Milliseconds left before the call's deadline; UINT32_MAX when it has none,
+ * 0 once passed. */
+KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call);
+
+/* Looks up request metadata; NULL when absent. *len gets the value length. */
+KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,
+                                               size_t *len);
+
+/* True once the client cancelled the call or the worker lost the broker (then
+ * nobody waits for the answer). A synchronous handler that runs for a while
+ * should call this now and then: it also reads what the broker sent meanwhile
+ * (CANCEL, CREDIT, heartbeats; new requests wait) and sends heartbeats. */
+KELPIE_EXPORT bool kelpie_call_cancelled(kelpie_call *call);
+
+/* Answers with REPLY and releases the call (the pointer is invalid after). */
+KELPIE_EXPORT kelpie_status kelpie_call_reply(kelpie_call *call, const void *payload, size_t len);
+
+/* Answers with ERROR(code, message) and releases the call. code is one of the
+ * gRPC codes 1..16; message may be NULL. */
+KELPIE_EXPORT kelpie_status kelpie_call_error(kelpie_call *call, kelpie_status code,
+                                              const char *message);
+
+/* STREAM calls: CHUNKs the worker may still send before the reader grants
+ * more (the window from the REQUEST plus every CREDIT since, minus CHUNKs
+ * sent). */
+KELPIE_EXPORT uint32_t kelpie_call_window(const kelpie_call *call);
+
+/* Sends one CHUNK. When the window is empty it waits (reading the socket, as
+ * kelpie_call_cancelled does) until the reader grants credit, for at most
+ * wait_ms (-1: until the call's deadline or for ever). KELPIE_ERR_BUSY when
+ * the window stayed empty, KELPIE_CANCELLED when the call was cancelled
+ * meanwhile; the call stays held either way. */
+KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void *payload,
+                                                   size_t len, int wait_ms);
+
+/* Ends a stream with END (code OK) and releases the call. */
+KELPIE_EXPORT kelpie_status kelpie_call_end(kelpie_call *call);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KELPIE_H */

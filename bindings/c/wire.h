@@ -1,0 +1,52 @@
+/*
+ * wire.h: KLP/1 messages on a DEALER socket, shared by the client and the
+ * worker. A message is one header frame (a packed kelpie.v1.Header) followed
+ * by zero or more payload frames (docs/protocol.md §3). This module packs and
+ * sends a header with at most one payload frame, and receives a whole
+ * message, decoding its header and gathering its payload.
+ */
+#ifndef KP_WIRE_H
+#define KP_WIRE_H
+
+#include <stddef.h>
+#include <zmq.h>
+
+#include "kelpie.h"
+#include "kelpie/v1/header.pb-c.h"
+
+/* The protocol version this library speaks. */
+#define KP_VERSION 1
+
+/* One received message. The payload points into the received frame when
+ * there was exactly one payload frame (no copy), into a joined buffer when
+ * there were several. */
+typedef struct kp_msg {
+    Kelpie__V1__Header *header; /* decoded header, NULL when it did not decode */
+    const void *data;           /* payload bytes, NULL when len is 0 */
+    size_t len;                 /* payload length */
+    zmq_msg_t frame;            /* the single payload frame (valid if has_frame) */
+    int has_frame;              /* frame holds the payload */
+    void *joined;               /* malloc'd concatenation of several payload frames */
+} kp_msg;
+
+/* Sends header (version is set here) and, when len > 0, one payload frame.
+ * zmq_flags is 0 or ZMQ_DONTWAIT. Returns KELPIE_OK, KELPIE_ERR_BUSY when the
+ * socket would block, KELPIE_ERR_ZMQ or KELPIE_ERR_NOMEM. The caller keeps
+ * ownership of header and payload (both are copied into frames). */
+kelpie_status kp_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
+                           int zmq_flags);
+
+/* Receives one whole message into *msg. zmq_flags is 0 or ZMQ_DONTWAIT.
+ * Returns KELPIE_OK (msg->header may still be NULL if the header frame did
+ * not decode: the message was consumed), KELPIE_ERR_TIMEOUT when nothing was
+ * waiting (ZMQ_DONTWAIT), KELPIE_ERR_ZMQ or KELPIE_ERR_NOMEM. On any result
+ * kp_msg_fini must be called on *msg. */
+kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags);
+
+/* Releases the header and payload of a received message. Idempotent. */
+void kp_msg_fini(kp_msg *msg);
+
+/* Copies n bytes into a fresh NUL-terminated string; NULL on out of memory. */
+char *kp_strndup(const char *s, size_t n);
+
+#endif /* KP_WIRE_H */

@@ -1,0 +1,740 @@
+/*
+ * worker.c: the KLP/1 worker, one DEALER socket to the broker's backend.
+ *
+ * Concurrency model: one thread, the one in kelpie_worker_run, runs every
+ * handler, tick and cancel callback; there is no thread pool and no lock.
+ * A handler either answers before returning (synchronous) or keeps the
+ * kelpie_call and answers later from a tick or another callback (deferred).
+ * Deferred answers are how one thread keeps up to `capacity` calls in
+ * flight, which is what the broker's credits count. A synchronous handler
+ * that runs long calls kelpie_call_cancelled() now and then; that "pumps"
+ * the socket: CANCEL, CREDIT and heartbeats are handled at once, REQUESTs
+ * that arrive meanwhile are parked and run after the handler returns, and
+ * cancel callbacks are deferred to the same point so no callback ever runs
+ * inside another one.
+ *
+ * Liveness (docs/protocol.md §7.2): the worker sends HEARTBEAT after
+ * heartbeat_ms without sending, and when it has heard nothing from the
+ * broker for liveness * heartbeat_ms it throws the socket away, opens a new
+ * one (a new routing identity) and sends READY again. Calls held from the
+ * old connection become "orphans": marked cancelled, and their answers are
+ * discarded instead of being sent to a broker that no longer knows them.
+ */
+#include "kelpie.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "clock.h"
+#include "wire.h"
+
+/* Messages handled per wake-up before timers get a look in. */
+#define WORKER_BATCH 256
+/* Send high-water mark: answers are never dropped for want of queue room in
+ * normal operation (capacity bounds them). */
+#define WORKER_HWM 100000
+/* Broker default for a stream window of 0 (docs/protocol.md §5.3). */
+#define WORKER_DEFAULT_WINDOW 16
+
+typedef struct worker_handler {
+    char *service;               /* service name */
+    char *method;                /* method name, NULL: any method */
+    kelpie_handler fn;           /* the handler */
+    void *arg;                   /* its argument */
+    struct worker_handler *next; /* registration order */
+} worker_handler;
+
+struct kelpie_call {
+    kelpie_worker *worker;      /* the worker serving it */
+    Kelpie__V1__Header *header; /* the REQUEST's header (service, method, metadata) */
+    uint64_t id;                /* the broker's dispatch id */
+    uint32_t epoch;             /* connection it arrived on (see worker.epoch) */
+    int64_t deadline;           /* kp_now_ms() deadline, 0: none */
+    uint32_t window;            /* STREAM: CHUNKs still allowed */
+    uint64_t sequence;          /* STREAM: next CHUNK's sequence number */
+    bool cancelled;             /* CANCEL arrived, or the connection was lost */
+    bool notify;                /* cancel callback still to run */
+    void *payload;              /* parked REQUEST only: a copy of its payload */
+    size_t len;                 /* parked REQUEST only: payload length */
+    struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
+    struct kelpie_call *next;
+};
+
+struct kelpie_worker {
+    char *endpoint;           /* the broker's backend */
+    char *name;               /* READY.name */
+    uint32_t capacity;        /* READY.credits */
+    uint32_t heartbeat_ms;    /* heartbeat interval */
+    uint32_t liveness;        /* missed intervals before reconnecting */
+    void *ctx;                /* this worker's own ZeroMQ context */
+    void *sock;               /* DEALER to the backend, NULL when not running */
+    uint32_t epoch;           /* bumped on every (re)connect */
+    worker_handler *handlers; /* registrations */
+    kelpie_call *held;        /* calls received and not answered */
+    uint32_t in_flight;       /* length of held */
+    kelpie_call *parked;      /* REQUESTs that arrived during a pump */
+    kelpie_call *parked_tail;
+    int pumping;         /* >0 while a handler pumps the socket */
+    bool pending_notify; /* some held call has notify set */
+    int64_t last_sent;   /* when we last sent anything */
+    int64_t last_heard;  /* when the broker last sent anything */
+    int64_t last_ready;  /* when READY was last sent */
+    uint32_t tick_ms;    /* tick interval, 0: none */
+    kelpie_tick_fn tick_fn;
+    void *tick_arg;
+    int64_t next_tick;
+    kelpie_cancel_fn cancel_fn;
+    void *cancel_arg;
+    int wake[2];         /* self-pipe that kelpie_worker_stop writes to */
+    atomic_int stopping; /* set by kelpie_worker_stop */
+};
+
+/* --- sending ------------------------------------------------------------- */
+
+static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const void *payload,
+                                 size_t len)
+{
+    if (!w->sock)
+        return KELPIE_UNAVAILABLE;
+    kelpie_status rc = kp_wire_send(w->sock, h, payload, len, ZMQ_DONTWAIT);
+    if (rc == KELPIE_OK)
+        w->last_sent = kp_now_ms();
+    return rc;
+}
+
+static void worker_send_ready(kelpie_worker *w)
+{
+    size_t n = 0;
+    for (worker_handler *h = w->handlers; h; h = h->next)
+        n++;
+    char **services = calloc(n ? n : 1, sizeof *services);
+    if (!services)
+        return;
+    size_t unique = 0;
+    for (worker_handler *h = w->handlers; h; h = h->next) {
+        size_t i = 0;
+        while (i < unique && strcmp(services[i], h->service) != 0)
+            i++;
+        if (i == unique)
+            services[unique++] = h->service;
+    }
+    Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+    hdr.kind = KELPIE__V1__KIND__READY;
+    hdr.credits = w->capacity;
+    hdr.n_services = unique;
+    hdr.services = services;
+    hdr.heartbeat_ms = w->heartbeat_ms;
+    hdr.name = w->name;
+    worker_send(w, &hdr, NULL, 0);
+    w->last_ready = kp_now_ms();
+    free(services);
+}
+
+static void worker_send_simple(kelpie_worker *w, Kelpie__V1__Kind kind)
+{
+    Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+    hdr.kind = kind;
+    hdr.heartbeat_ms = kind == KELPIE__V1__KIND__HEARTBEAT ? w->heartbeat_ms : 0;
+    worker_send(w, &hdr, NULL, 0);
+}
+
+/* --- calls --------------------------------------------------------------- */
+
+static void worker_hold(kelpie_worker *w, kelpie_call *call)
+{
+    call->prev = NULL;
+    call->next = w->held;
+    if (w->held)
+        w->held->prev = call;
+    w->held = call;
+    w->in_flight++;
+}
+
+static void call_free(kelpie_call *call)
+{
+    if (call->header)
+        kelpie__v1__header__free_unpacked(call->header, NULL);
+    free(call->payload);
+    free(call);
+}
+
+/* Unlinks a held call and frees it. */
+static void worker_release(kelpie_worker *w, kelpie_call *call)
+{
+    if (call->prev)
+        call->prev->next = call->next;
+    else
+        w->held = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    w->in_flight--;
+    call_free(call);
+}
+
+static kelpie_call *worker_find(kelpie_worker *w, uint64_t id)
+{
+    for (kelpie_call *c = w->held; c; c = c->next)
+        if (c->id == id && c->epoch == w->epoch)
+            return c;
+    return NULL;
+}
+
+static void worker_mark_cancelled(kelpie_worker *w, kelpie_call *call)
+{
+    if (call->cancelled)
+        return;
+    call->cancelled = true;
+    if (w->cancel_fn) {
+        call->notify = true;
+        w->pending_notify = true;
+    }
+}
+
+/* Runs the cancel callbacks that were deferred. A callback may answer (and
+ * so free) any held call, so the walk restarts after each one. */
+static void worker_flush_cancels(kelpie_worker *w)
+{
+    while (w->pending_notify) {
+        w->pending_notify = false;
+        for (kelpie_call *c = w->held; c; c = c->next) {
+            if (c->notify) {
+                c->notify = false;
+                w->pending_notify = true;
+                w->cancel_fn(c, w->cancel_arg);
+                break;
+            }
+        }
+    }
+}
+
+static const worker_handler *worker_route(const kelpie_worker *w, const char *service,
+                                          const char *method)
+{
+    const worker_handler *any = NULL;
+    for (const worker_handler *h = w->handlers; h; h = h->next) {
+        if (strcmp(h->service, service) != 0)
+            continue;
+        if (h->method && strcmp(h->method, method) == 0)
+            return h;
+        if (!h->method && !any)
+            any = h;
+    }
+    return any;
+}
+
+/* Holds a new call and runs its handler. */
+static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *payload, size_t len)
+{
+    worker_hold(w, call);
+    const worker_handler *h = worker_route(w, call->header->service, call->header->method);
+    if (!h) {
+        kelpie_call_error(call, KELPIE_UNIMPLEMENTED, "no handler for this service/method");
+        return;
+    }
+    h->fn(call, payload, len, h->arg);
+}
+
+/* Makes a call from a REQUEST, taking over its header. */
+static kelpie_call *worker_new_call(kelpie_worker *w, kp_msg *m)
+{
+    kelpie_call *call = calloc(1, sizeof *call);
+    if (!call)
+        return NULL;
+    Kelpie__V1__Header *h = m->header;
+    call->worker = w;
+    call->header = h;
+    m->header = NULL;
+    call->id = h->request_id;
+    call->epoch = w->epoch;
+    call->deadline = h->timeout_ms ? kp_now_ms() + (int64_t)h->timeout_ms : 0;
+    call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
+    return call;
+}
+
+/* --- receiving ----------------------------------------------------------- */
+
+static void worker_handle(kelpie_worker *w, kp_msg *m)
+{
+    Kelpie__V1__Header *h = m->header;
+    if (!h || h->version != KP_VERSION)
+        return; /* a broker never sends this; nothing useful to answer */
+    w->last_heard = kp_now_ms();
+    switch (h->kind) {
+    case KELPIE__V1__KIND__REQUEST: {
+        kelpie_call *call = worker_new_call(w, m);
+        if (!call)
+            return; /* out of memory: the broker times the call out */
+        if (w->pumping) {
+            /* Inside a handler: park it, copying the payload out of the frame. */
+            if (m->len) {
+                call->payload = malloc(m->len);
+                if (!call->payload) {
+                    call_free(call);
+                    return;
+                }
+                memcpy(call->payload, m->data, m->len);
+                call->len = m->len;
+            }
+            if (w->parked_tail)
+                w->parked_tail->next = call;
+            else
+                w->parked = call;
+            w->parked_tail = call;
+            return;
+        }
+        worker_dispatch(w, call, m->data, m->len);
+        return;
+    }
+    case KELPIE__V1__KIND__CANCEL: {
+        kelpie_call *call = worker_find(w, h->request_id);
+        if (call)
+            worker_mark_cancelled(w, call);
+        return;
+    }
+    case KELPIE__V1__KIND__CREDIT: {
+        kelpie_call *call = worker_find(w, h->request_id);
+        if (call)
+            call->window += h->credits;
+        return;
+    }
+    case KELPIE__V1__KIND__ERROR:
+        if (h->request_id == 0 && h->code == KELPIE__V1__CODE__FAILED_PRECONDITION &&
+            w->last_heard - w->last_ready >= (int64_t)w->heartbeat_ms) {
+            /* The broker does not know us (it restarted, or dropped us):
+             * register again, at most once per heartbeat interval. */
+            worker_send_ready(w);
+        } else if (h->request_id) {
+            kelpie_call *call = worker_find(w, h->request_id);
+            if (call)
+                worker_mark_cancelled(w, call);
+        }
+        return;
+    case KELPIE__V1__KIND__DISCONNECT:
+        /* The broker is going away: behave as if it went silent. */
+        w->last_heard = 0;
+        return;
+    default:
+        return; /* HEARTBEAT and the rest: a sign of life */
+    }
+}
+
+/* Reads and handles up to WORKER_BATCH waiting messages. */
+static void worker_read(kelpie_worker *w)
+{
+    for (int i = 0; i < WORKER_BATCH && w->sock; i++) {
+        kp_msg m;
+        kelpie_status rc = kp_wire_recv(w->sock, &m, ZMQ_DONTWAIT);
+        if (rc == KELPIE_OK)
+            worker_handle(w, &m);
+        kp_msg_fini(&m);
+        if (rc == KELPIE_ERR_TIMEOUT || rc == KELPIE_ERR_ZMQ)
+            return;
+    }
+}
+
+/* --- connection ---------------------------------------------------------- */
+
+static void worker_close(kelpie_worker *w)
+{
+    if (w->sock) {
+        zmq_close(w->sock);
+        w->sock = NULL;
+    }
+    /* Every held call is now an orphan: nobody waits for its answer. */
+    for (kelpie_call *c = w->held; c; c = c->next)
+        worker_mark_cancelled(w, c);
+    w->epoch++;
+}
+
+static kelpie_status worker_connect(kelpie_worker *w)
+{
+    w->sock = zmq_socket(w->ctx, ZMQ_DEALER);
+    if (!w->sock)
+        return KELPIE_ERR_ZMQ;
+    int linger = 0, hwm = WORKER_HWM;
+    zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(w->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(w->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    if (zmq_connect(w->sock, w->endpoint) != 0) {
+        zmq_close(w->sock);
+        w->sock = NULL;
+        return KELPIE_ERR_ZMQ;
+    }
+    w->last_heard = kp_now_ms();
+    worker_send_ready(w);
+    return KELPIE_OK;
+}
+
+/* Heartbeat and liveness; reconnects when the broker has gone silent. */
+static void worker_timers(kelpie_worker *w, int64_t now)
+{
+    if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
+        worker_close(w);
+        worker_connect(w);
+        now = kp_now_ms();
+    }
+    if (w->sock && now - w->last_sent >= (int64_t)w->heartbeat_ms)
+        worker_send_simple(w, KELPIE__V1__KIND__HEARTBEAT);
+}
+
+/* Milliseconds until the next timer is due (never negative). */
+static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_tick)
+{
+    int64_t due = w->last_sent + w->heartbeat_ms;
+    int64_t dead = w->last_heard + (int64_t)w->heartbeat_ms * w->liveness;
+    if (dead < due)
+        due = dead;
+    if (with_tick && w->tick_ms && w->next_tick < due)
+        due = w->next_tick;
+    return due > now ? (long)(due - now) : 0;
+}
+
+/* Waits for the socket or the stop pipe, at most wait_ms. */
+static void worker_poll(kelpie_worker *w, long wait_ms)
+{
+    zmq_pollitem_t items[2] = {{NULL, w->wake[0], ZMQ_POLLIN, 0}, {w->sock, 0, ZMQ_POLLIN, 0}};
+    zmq_poll(items, w->sock ? 2 : 1, wait_ms);
+}
+
+/* A handler's look at the socket (kelpie_call_cancelled, send_chunk). */
+static void worker_pump(kelpie_worker *w, long wait_ms)
+{
+    w->pumping++;
+    if (wait_ms > 0) {
+        long next = worker_next_timeout(w, kp_now_ms(), 0);
+        worker_poll(w, next < wait_ms ? next : wait_ms);
+    }
+    worker_read(w);
+    worker_timers(w, kp_now_ms());
+    w->pumping--;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
+{
+    if (!w || !w->handlers)
+        return KELPIE_ERR_INVAL;
+    if (atomic_load(&w->stopping))
+        return KELPIE_OK;
+    kelpie_status rc = worker_connect(w);
+    if (rc != KELPIE_OK)
+        return rc;
+    w->next_tick = kp_now_ms() + w->tick_ms;
+    while (!atomic_load(&w->stopping)) {
+        /* 1. requests parked while a handler pumped the socket */
+        while (w->parked && !atomic_load(&w->stopping)) {
+            kelpie_call *call = w->parked;
+            w->parked = call->next;
+            if (!w->parked)
+                w->parked_tail = NULL;
+            if (call->epoch != w->epoch) {
+                call_free(call); /* from a connection we gave up */
+                continue;
+            }
+            worker_dispatch(w, call, call->payload, call->len);
+        }
+        /* 2. cancel callbacks deferred during handlers */
+        worker_flush_cancels(w);
+        /* 3. timers: tick, heartbeat, liveness */
+        int64_t now = kp_now_ms();
+        if (w->tick_ms && now >= w->next_tick) {
+            w->next_tick = now + w->tick_ms;
+            w->tick_fn(w, w->tick_arg);
+            worker_flush_cancels(w);
+        }
+        worker_timers(w, kp_now_ms());
+        /* 4. wait, then handle what arrived */
+        worker_poll(w, worker_next_timeout(w, kp_now_ms(), 1));
+        worker_read(w);
+    }
+    worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
+    worker_close(w);
+    w->pending_notify = false;
+    for (kelpie_call *c = w->held; c; c = c->next)
+        c->notify = false;
+    char drain[64];
+    while (read(w->wake[0], drain, sizeof drain) > 0)
+        ;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
+{
+    if (!w)
+        return;
+    atomic_store(&w->stopping, 1);
+    ssize_t n = write(w->wake[1], "s", 1);
+    (void)n; /* a full pipe already wakes the loop */
+}
+
+/* --- answering ----------------------------------------------------------- */
+
+/* Sends a terminal answer (unless the call is an orphan) and frees the call. */
+static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
+                                 size_t len)
+{
+    kelpie_worker *w = call->worker;
+    kelpie_status rc = KELPIE_OK;
+    h->request_id = call->id;
+    if (call->epoch == w->epoch)
+        rc = worker_send(w, h, payload, len);
+    worker_release(w, call);
+    return rc;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_reply(kelpie_call *call, const void *payload, size_t len)
+{
+    if (!call || (len && !payload))
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__REPLY;
+    return call_finish(call, &h, payload, len);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_error(kelpie_call *call, kelpie_status code,
+                                              const char *message)
+{
+    if (!call || code <= KELPIE_OK || code > KELPIE_UNAUTHENTICATED)
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__ERROR;
+    h.code = (Kelpie__V1__Code)code;
+    h.message = (char *)(message ? message : "");
+    return call_finish(call, &h, NULL, 0);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_end(kelpie_call *call)
+{
+    if (!call)
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__END;
+    h.code = KELPIE__V1__CODE__OK;
+    return call_finish(call, &h, NULL, 0);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void *payload,
+                                                   size_t len, int wait_ms)
+{
+    if (!call || (len && !payload))
+        return KELPIE_ERR_INVAL;
+    kelpie_worker *w = call->worker;
+    int64_t end = -1;
+    if (wait_ms >= 0)
+        end = kp_now_ms() + wait_ms;
+    else if (call->deadline)
+        end = call->deadline;
+    while (call->window == 0 && !call->cancelled) {
+        if (atomic_load(&w->stopping))
+            return KELPIE_ERR_STOPPED;
+        int64_t now = kp_now_ms();
+        if (end >= 0 && now >= end)
+            return KELPIE_ERR_BUSY;
+        worker_pump(w, end < 0 ? 1000 : (long)(end - now));
+    }
+    if (call->cancelled)
+        return KELPIE_CANCELLED;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__CHUNK;
+    h.request_id = call->id;
+    h.sequence = call->sequence;
+    kelpie_status rc = worker_send(w, &h, payload, len);
+    if (rc == KELPIE_OK) {
+        call->sequence++;
+        call->window--;
+    }
+    return rc;
+}
+
+KELPIE_EXPORT bool kelpie_call_cancelled(kelpie_call *call)
+{
+    if (!call)
+        return true;
+    if (!call->cancelled)
+        worker_pump(call->worker, 0);
+    return call->cancelled;
+}
+
+KELPIE_EXPORT uint32_t kelpie_call_window(const kelpie_call *call)
+{
+    return call ? call->window : 0;
+}
+
+KELPIE_EXPORT kelpie_worker *kelpie_call_worker(const kelpie_call *call)
+{
+    return call ? call->worker : NULL;
+}
+
+KELPIE_EXPORT const char *kelpie_call_service(const kelpie_call *call)
+{
+    return call ? call->header->service : NULL;
+}
+
+KELPIE_EXPORT const char *kelpie_call_method(const kelpie_call *call)
+{
+    return call ? call->header->method : NULL;
+}
+
+KELPIE_EXPORT uint32_t kelpie_call_flags(const kelpie_call *call)
+{
+    return call ? call->header->flags : 0;
+}
+
+KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call)
+{
+    if (!call || !call->deadline)
+        return UINT32_MAX;
+    int64_t left = call->deadline - kp_now_ms();
+    return left > 0 ? (uint32_t)left : 0;
+}
+
+KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,
+                                               size_t *len)
+{
+    if (!call || !key)
+        return NULL;
+    for (size_t i = 0; i < call->header->n_metadata; i++) {
+        const Kelpie__V1__Header__MetadataEntry *e = call->header->metadata[i];
+        if (e->key && strcmp(e->key, key) == 0) {
+            if (len)
+                *len = e->value.len;
+            return e->value.data ? (const void *)e->value.data : (const void *)"";
+        }
+    }
+    return NULL;
+}
+
+/* --- set-up -------------------------------------------------------------- */
+
+KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char *name,
+                                               uint32_t capacity)
+{
+    if (!endpoint || capacity == 0)
+        return NULL;
+    kelpie_worker *w = calloc(1, sizeof *w);
+    if (!w)
+        return NULL;
+    w->wake[0] = w->wake[1] = -1;
+    atomic_init(&w->stopping, 0);
+    w->capacity = capacity;
+    w->heartbeat_ms = 1000;
+    w->liveness = 3;
+    w->endpoint = kp_strndup(endpoint, strlen(endpoint));
+    char host[256] = "localhost";
+    char fallback[300];
+    if (!name) {
+        gethostname(host, sizeof host - 1);
+        snprintf(fallback, sizeof fallback, "%s:%ld", host, (long)getpid());
+        name = fallback;
+    }
+    w->name = kp_strndup(name, strlen(name));
+    w->ctx = zmq_ctx_new();
+    if (!w->endpoint || !w->name || !w->ctx || pipe(w->wake) != 0)
+        goto fail;
+    for (int i = 0; i < 2; i++) {
+        fcntl(w->wake[i], F_SETFL, fcntl(w->wake[i], F_GETFL) | O_NONBLOCK);
+        fcntl(w->wake[i], F_SETFD, FD_CLOEXEC);
+    }
+    return w;
+fail:
+    kelpie_worker_destroy(&w);
+    return NULL;
+}
+
+KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker)
+{
+    if (!worker || !*worker)
+        return;
+    kelpie_worker *w = *worker;
+    if (w->sock)
+        zmq_close(w->sock);
+    while (w->held)
+        worker_release(w, w->held);
+    while (w->parked) {
+        kelpie_call *c = w->parked;
+        w->parked = c->next;
+        call_free(c);
+    }
+    while (w->handlers) {
+        worker_handler *h = w->handlers;
+        w->handlers = h->next;
+        free(h->service);
+        free(h->method);
+        free(h);
+    }
+    if (w->ctx)
+        zmq_ctx_term(w->ctx);
+    for (int i = 0; i < 2; i++)
+        if (w->wake[i] >= 0)
+            close(w->wake[i]);
+    free(w->endpoint);
+    free(w->name);
+    free(w);
+    *worker = NULL;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_handle(kelpie_worker *w, const char *service,
+                                                 const char *method, kelpie_handler fn, void *arg)
+{
+    if (!w || !service || !*service || !fn || w->sock)
+        return KELPIE_ERR_INVAL;
+    worker_handler *h = calloc(1, sizeof *h);
+    if (!h)
+        return KELPIE_ERR_NOMEM;
+    h->service = kp_strndup(service, strlen(service));
+    h->method = method ? kp_strndup(method, strlen(method)) : NULL;
+    if (!h->service || (method && !h->method)) {
+        free(h->service);
+        free(h->method);
+        free(h);
+        return KELPIE_ERR_NOMEM;
+    }
+    h->fn = fn;
+    h->arg = arg;
+    worker_handler **tail = &w->handlers;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = h;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_set_heartbeat(kelpie_worker *w, uint32_t heartbeat_ms,
+                                                        uint32_t liveness)
+{
+    if (!w || heartbeat_ms == 0 || liveness == 0 || w->sock)
+        return KELPIE_ERR_INVAL;
+    w->heartbeat_ms = heartbeat_ms;
+    w->liveness = liveness;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *w, uint32_t interval_ms,
+                                                   kelpie_tick_fn fn, void *arg)
+{
+    if (!w || (interval_ms && !fn))
+        return KELPIE_ERR_INVAL;
+    w->tick_ms = interval_ms;
+    w->tick_fn = fn;
+    w->tick_arg = arg;
+    w->next_tick = kp_now_ms() + interval_ms;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *w, kelpie_cancel_fn fn,
+                                                    void *arg)
+{
+    if (!w)
+        return KELPIE_ERR_INVAL;
+    w->cancel_fn = fn;
+    w->cancel_arg = arg;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
+{
+    return w ? w->in_flight : 0;
+}
