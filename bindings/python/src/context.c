@@ -119,15 +119,9 @@ static int context_parse_linger(PyObject *arg, int *linger)
     return (*linger == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
-static PyObject *context_destroy(kp_context *self, PyObject *args, PyObject *kwds)
+/* Closes every open socket with `linger` (-2: their own), then terminates. */
+static PyObject *context_close_all(kp_context *self, int linger)
 {
-    static char *kwlist[] = {"linger", NULL};
-    PyObject *linger_obj = Py_None;
-    int linger;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:destroy", kwlist, &linger_obj) ||
-        context_parse_linger(linger_obj, &linger) < 0) {
-        return NULL;
-    }
     /* Closing runs Python code (waking waiters, remove_reader), so take a
      * strong snapshot of the list before walking it. */
     PyObject *open = PyList_New(0);
@@ -152,6 +146,18 @@ static PyObject *context_destroy(kp_context *self, PyObject *args, PyObject *kwd
         return NULL;
     }
     return context_term(self, NULL);
+}
+
+static PyObject *context_destroy(kp_context *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"linger", NULL};
+    PyObject *linger_obj = Py_None;
+    int linger;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:destroy", kwlist, &linger_obj) ||
+        context_parse_linger(linger_obj, &linger) < 0) {
+        return NULL;
+    }
+    return context_close_all(self, linger);
 }
 
 static PyObject *context_instance(PyTypeObject *cls, PyObject *args, PyObject *kwds)
@@ -217,7 +223,7 @@ static PyObject *context_enter(PyObject *self, PyObject *unused)
 
 static PyObject *context_exit(kp_context *self, PyObject *args)
 {
-    return context_destroy(self, NULL, NULL);
+    return context_close_all(self, -2);
 }
 
 static PyObject *context_get_closed(kp_context *self, void *closure)

@@ -139,7 +139,6 @@ static PyObject *module_drain(PyObject *module, PyObject *unused)
 
 static PyObject *module_outstanding(PyObject *module, PyObject *unused)
 {
-    kp_release_drain();
     return PyLong_FromSsize_t(kp_release_outstanding());
 }
 
@@ -154,7 +153,7 @@ static PyMethodDef module_methods[] = {
     {"_drain", module_drain, METH_NOARGS,
      "Release the buffers libzmq has finished with (the release eventfd's reader)."},
     {"_outstanding_buffers", module_outstanding, METH_NOARGS,
-     "Number of zero-copy send buffers libzmq still holds (after draining)."},
+     "Zero-copy send buffers not yet released (held by libzmq or queued for release)."},
     {"zmq_version_info", module_zmq_version_info, METH_NOARGS,
      "The libzmq version as a (major, minor, patch) tuple."},
     {NULL, NULL, 0, NULL},
