@@ -1,0 +1,136 @@
+/* backend: traffic from workers (ROUTER).
+ *
+ * A worker must register with READY before anything else; READY again
+ * replaces its services and capacity. Answers (REPLY, CHUNK, END, ERROR) go
+ * to kp_broker_on_answer, which checks that the dispatch id is live and was
+ * sent to this very worker before anything reaches a client. Any message,
+ * even a malformed one, counts as a sign of life.
+ */
+#include <string.h>
+
+#include "alloc.h"
+#include "broker_impl.h"
+#include "log.h"
+
+/* Most services one READY may name; more are ignored (and logged). */
+#define BACKEND_MAX_SERVICES 256
+/* Largest heartbeat interval a worker may announce (one hour). */
+#define BACKEND_MAX_HEARTBEAT_MS 3600000u
+
+static void backend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err err)
+{
+    kp_broker_count_error(b, err);
+    if (h && h->kind == KELPIE__V1__KIND__ERROR) {
+        b->stats.errors_dropped++;
+        return;
+    }
+    kp_broker_send_error(b, b->backend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
+                         h ? h->request_id : 0, err, NULL);
+}
+
+static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    if (w && w->gone) {
+        kp_broker_reap_worker(b, w);
+        w = NULL;
+    }
+    bool fresh = w == NULL;
+    if (fresh) {
+        w = kp_worker_new(&b->workers, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
+                          b->now);
+        b->stats.workers_registered++;
+    }
+    w->heartbeat_ms =
+        h->heartbeat_ms > BACKEND_MAX_HEARTBEAT_MS ? BACKEND_MAX_HEARTBEAT_MS : h->heartbeat_ms;
+    kp_free(w->name);
+    w->name = kp_strdup(h->name);
+    if (strlen(w->name) > 255)
+        w->name[255] = '\0';
+    kp_worker_set_credits(w, h->credits);
+
+    /* The new service list, deduplicated, without the broker's own name. */
+    size_t n = 0, cap = h->n_services < BACKEND_MAX_SERVICES ? h->n_services : BACKEND_MAX_SERVICES;
+    struct kp_service **services = kp_malloc((cap ? cap : 1) * sizeof *services);
+    for (size_t i = 0; i < h->n_services && n < cap; i++) {
+        const char *name = h->services[i];
+        if (name[0] == '\0' || strcmp(name, KP_BROKER_SERVICE) == 0)
+            continue;
+        struct kp_service *s = kp_services_get(&b->services, name, b->now);
+        bool dup = false;
+        for (size_t k = 0; k < n && !dup; k++)
+            dup = services[k] == s;
+        if (!dup)
+            services[n++] = s;
+    }
+    if (h->n_services > BACKEND_MAX_SERVICES)
+        kp_log_warn("worker '%s' offered %zu services; only the first %d are used", w->name,
+                    h->n_services, BACKEND_MAX_SERVICES);
+    for (size_t i = 0; i < w->nservices; i++) {
+        bool kept = false;
+        for (size_t k = 0; k < n && !kept; k++)
+            kept = services[k] == w->services[i];
+        if (!kept)
+            kp_service_remove_worker(w->services[i], w, b->now);
+    }
+    kp_free(w->services);
+    w->services = services;
+    w->nservices = n;
+    for (size_t i = 0; i < n; i++) {
+        kp_service_add_worker(services[i], w);
+        kp_broker_mark_pending(b, services[i]);
+    }
+    kp_log_info("worker '%s' %s: %u credits, %zu services%s%s", w->name,
+                fresh ? "registered" : "updated", w->credits, n, n ? ", first " : "",
+                n ? services[0]->name : "");
+}
+
+void kp_backend_on_message(struct kp_broker *b)
+{
+    kp_header *h;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_WORKER, 1, &h);
+    struct kp_worker *w =
+        kp_workers_find(&b->workers, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]));
+    if (w)
+        w->last_recv = b->now;
+    if (err != KP_OK) {
+        backend_refuse(b, h, err);
+        return;
+    }
+    if (w == NULL && h->kind != KELPIE__V1__KIND__READY) {
+        if (h->kind == KELPIE__V1__KIND__DISCONNECT)
+            return; /* leaving anyway; nothing to undo */
+        backend_refuse(b, h, KP_ENOTREADY);
+        return;
+    }
+    switch (h->kind) {
+    case KELPIE__V1__KIND__READY:
+        backend_ready(b, w, h);
+        break;
+    case KELPIE__V1__KIND__REPLY:
+    case KELPIE__V1__KIND__CHUNK:
+    case KELPIE__V1__KIND__END:
+    case KELPIE__V1__KIND__ERROR:
+        kp_broker_on_answer(b, w, h, 1);
+        break;
+    case KELPIE__V1__KIND__HEARTBEAT:
+        b->stats.heartbeats_received++;
+        break;
+    case KELPIE__V1__KIND__DISCONNECT:
+        b->stats.worker_disconnects++;
+        kp_broker_reap_worker(b, w);
+        break;
+    case KELPIE__V1__KIND__CREDIT:
+        kp_worker_add_credits(w, h->credits);
+        for (size_t i = 0; i < w->nservices; i++)
+            kp_broker_mark_pending(b, w->services[i]);
+        break;
+    case KELPIE__V1__KIND__STATUS:
+        w->stalled = (h->flags & KP_FLAG_STALLED) != 0;
+        for (size_t i = 0; !w->stalled && i < w->nservices; i++)
+            kp_broker_mark_pending(b, w->services[i]);
+        break;
+    default: /* PROGRESS, OUTPUT, RESULT, NACK: durable jobs are a later release */
+        backend_refuse(b, h, KP_EUNIMPLEMENTED);
+        break;
+    }
+}

@@ -1,0 +1,44 @@
+/* broker: kelpied's event loop.
+ *
+ * One thread, one loop (see docs/architecture.md): poll the three sockets
+ * and a wake pipe, read each socket under a budget, expire deadlines, send
+ * heartbeats and check liveness, then, before sleeping, reap departed peers
+ * and dispatch queued calls to free workers. kp_broker_run() is that loop;
+ * it returns when a stop request has been served (drained or forced).
+ *
+ * Naming: kp_ is the broker's internal prefix throughout broker/; static
+ * helpers are named after their module (broker_, frontend_, ...).
+ */
+#ifndef KP_BROKER_H
+#define KP_BROKER_H
+
+#include <stdint.h>
+
+#include "config.h"
+#include "error.h"
+#include "stats.h"
+
+struct kp_broker;
+
+/* Creates a broker: copies what it needs from cfg, creates --data-dir if
+ * missing, binds the three sockets. zmq_ctx may be NULL (the broker makes
+ * its own) or a context shared with in-process peers (inproc:// endpoints).
+ * Returns KP_OK and *out, or an error after logging why (nothing leaks). */
+enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_broker **out);
+
+/* Closes the sockets and frees everything; *bp = NULL. Idempotent. */
+void kp_broker_destroy(struct kp_broker **bp);
+
+/* Runs the loop until a stop request has been served. Returns KP_OK, or
+ * KP_ESYS if polling failed for a reason other than a signal. */
+enum kp_err kp_broker_run(struct kp_broker *b);
+
+/* Asks the loop to stop: the first request drains (new calls refused, running
+ * ones get --shutdown-grace-ms), the second stops at once. Async-signal-safe
+ * (one write() to a pipe) and callable from any thread. */
+void kp_broker_stop(struct kp_broker *b);
+
+/* Returns a snapshot of the counters (for tests; Stats is the wire way). */
+struct kp_stats kp_broker_stats(const struct kp_broker *b);
+
+#endif

@@ -1,0 +1,175 @@
+/* broker_impl: the broker's state and the helpers its handlers share.
+ *
+ * Private to broker.c (loop, dispatch, call lifecycle, kelpie.broker),
+ * frontend.c (client and intake traffic) and backend.c (worker traffic).
+ * Nothing outside broker/ includes it.
+ *
+ * Message ownership, the one rule: a function that sends frames takes them
+ * over when it returns KP_OK (ZeroMQ has them); when it returns an error
+ * nothing was sent and the caller still owns every frame it passed. The
+ * receive array b->frames belongs to the loop: handlers move frames out of it
+ * (to a send or into a call) and the loop closes whatever is left.
+ */
+#ifndef KP_BROKER_IMPL_H
+#define KP_BROKER_IMPL_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#include "broker.h"
+#include "call.h"
+#include "client.h"
+#include "list.h"
+#include "service.h"
+#include "stats.h"
+#include "timer.h"
+#include "wire.h"
+#include "worker.h"
+
+/* Most frames in one message (routing id + header + payload); more is refused. */
+#define KP_MAX_FRAMES 64
+/* Messages read from one socket per loop iteration (fairness between sockets). */
+#define KP_READ_BUDGET 256
+/* Default stream window when a STREAM REQUEST carries credits 0 (§5.3). */
+#define KP_STREAM_WINDOW 16
+/* Idle clients and worker-less empty services are forgotten after this. */
+#define KP_FORGET_MS 60000
+/* Name of the broker's own service (§10). */
+#define KP_BROKER_SERVICE "kelpie.broker"
+
+enum kp_broker_state {
+    KP_BROKER_RUNNING,  /* normal service */
+    KP_BROKER_DRAINING, /* stop requested: no new calls, running ones finish */
+    KP_BROKER_STOPPED,  /* everything failed/disconnected; loop exits */
+};
+
+struct kp_broker {
+    /* configuration (copied from struct kp_config) */
+    uint32_t heartbeat_ms;        /* our heartbeat interval */
+    uint32_t liveness;            /* missed intervals before a worker is lost */
+    uint32_t queue_limit;         /* per-service queue bound */
+    uint32_t client_max_inflight; /* per-client outstanding calls bound */
+    uint64_t max_message_size;    /* all frames of one message */
+    uint64_t max_header_size;     /* the header frame */
+    uint32_t shutdown_grace_ms;   /* drain time on the first stop request */
+
+    /* sockets */
+    void *ctx;      /* ZeroMQ context */
+    bool own_ctx;   /* we created ctx and terminate it */
+    void *frontend; /* ROUTER, clients */
+    void *backend;  /* ROUTER, workers */
+    void *intake;   /* PULL, one-way producers */
+    int wake[2];    /* self-pipe: kp_broker_stop() writes, the loop reads */
+
+    /* state */
+    enum kp_broker_state state;  /* see above */
+    uint64_t now;                /* monotonic ms, refreshed once per iteration */
+    uint64_t started;            /* monotonic ms at start */
+    uint64_t drain_deadline;     /* when DRAINING ends at the latest */
+    uint64_t next_sweep;         /* next heartbeat/liveness sweep */
+    uint64_t pick_seq;           /* dispatch sequence for least-loaded ties */
+    unsigned stop_requests;      /* stop requests seen */
+    size_t orphans;              /* calls in KP_CALL_ORPHANED */
+    struct kp_calls calls;       /* every live call */
+    struct kp_services services; /* registry and queues */
+    struct kp_workers workers;   /* backend peers after READY */
+    struct kp_clients clients;   /* frontend peers */
+    struct kp_timers timers;     /* call deadlines */
+    struct kp_list pending;      /* services that may be able to dispatch */
+    struct kp_list gone_workers; /* workers to reap before sleeping */
+    struct kp_list gone_clients; /* clients to reap before sleeping */
+    struct kp_stats stats;       /* counters */
+
+    /* the message being handled */
+    struct kp_arena arena;           /* decoded headers; reset per message */
+    zmq_msg_t frames[KP_MAX_FRAMES]; /* received frames, [rid] header payload */
+    size_t nframes;                  /* frames received */
+    uint64_t msg_size;               /* bytes in all frames received */
+    bool too_many;                   /* frames beyond KP_MAX_FRAMES were discarded */
+};
+
+/* ---- broker.c: sending ------------------------------------------------- */
+
+/* Encodes h and sends [rid] h payload[0..n) on sock without blocking.
+ * Ownership: see the rule above (payload frames consumed only on KP_OK).
+ * rid may be NULL (no routing frame). Returns KP_EUNREACHABLE if the peer is
+ * gone (ROUTER_MANDATORY), KP_EAGAIN if its queue is full. Counts failures. */
+enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
+                           const kp_header *h, zmq_msg_t *payload, size_t n);
+
+/* Sends a header-only message of kind to a backend worker (HEARTBEAT,
+ * CANCEL, CREDIT, DISCONNECT, ERROR); updates its last_send. Marks the
+ * worker gone if it is unreachable. */
+enum kp_err kp_broker_send_worker(struct kp_broker *b, struct kp_worker *w, kp_header *h);
+
+/* Sends ERROR(err, request_id) to a frontend/backend peer; never to intake.
+ * detail, if not NULL, replaces kp_strerror(err) as the message. */
+void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
+                          uint64_t request_id, enum kp_err err, const char *detail);
+
+/* Sends ERROR(err) for call c to its client (if any) and detaches the client
+ * side (map entry, timer). The call itself is not freed. */
+void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err);
+
+/* ---- broker.c: call lifecycle ----------------------------------------- */
+
+/* Accepts a new call for service s: arms its deadline, and either
+ * dispatches it now (queue empty and a worker free; h and payload frames
+ * from b->frames are used directly) or holds its frames and queues it.
+ * hdr_index is the header frame's index in b->frames. Cannot fail. */
+void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index);
+
+/* Marks s as having queued calls that a freed worker might take. */
+void kp_broker_mark_pending(struct kp_broker *b, struct kp_service *s);
+
+/* Handles a worker's answer (REPLY, CHUNK, END, ERROR) to dispatch id in h;
+ * payload frames follow the header in b->frames at hdr_index+1. */
+void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_t hdr_index);
+
+/* Ends a client's call on its CANCEL: ERROR CANCELLED to the client, and
+ * CANCEL to the worker if dispatched. */
+void kp_broker_cancel(struct kp_broker *b, struct kp_call *c);
+
+/* Schedules w's removal before the loop sleeps (idempotent). */
+void kp_broker_worker_gone(struct kp_broker *b, struct kp_worker *w);
+
+/* Removes w now: its calls are re-queued (idempotent, deadline not passed)
+ * or failed UNAVAILABLE; it leaves its services and is freed. */
+void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
+
+/* Schedules c's removal before the loop sleeps (idempotent). */
+void kp_broker_client_gone(struct kp_broker *b, struct kp_client *c);
+
+/* Removes c now: its queued calls are dropped, dispatched ones cancelled at
+ * their workers; no message goes to c. */
+void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
+
+/* Answers a call to kelpie.broker (Ping, Stats) on the frontend. */
+void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h);
+
+/* Returns true if the broker started less than liveness x heartbeat ago. */
+bool kp_broker_in_grace(const struct kp_broker *b);
+
+/* Validates the message in b->frames as coming from dir with its header at
+ * hdr_index: frame count, total size, header decode and check. Returns KP_OK
+ * with *h set, or the reason (*h set if the header decoded at least). */
+enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h);
+
+/* Increments the counter that records err as a reason for refusing input. */
+void kp_broker_count_error(struct kp_broker *b, enum kp_err err);
+
+/* ---- frontend.c / backend.c ------------------------------------------- */
+
+/* Handles one message from a client; frames in b->frames ([rid] header ...). */
+void kp_frontend_on_message(struct kp_broker *b);
+
+/* Handles one message from the intake; frames in b->frames (header ...). */
+void kp_intake_on_message(struct kp_broker *b);
+
+/* Handles one message from a worker; frames in b->frames ([rid] header ...). */
+void kp_backend_on_message(struct kp_broker *b);
+
+#endif

@@ -1,0 +1,79 @@
+/* config: kelpied's options from flags, environment and a ZPL file.
+ *
+ * Every option is one line of KP_OPTIONS: its struct field, flag, environment
+ * variable, config-file key, kind, default and help text; parsing, --help and
+ * docs/operations.md follow that list. Precedence: flags > environment >
+ * config file (--config FILE or KELPIED_CONFIG, czmq zconfig, keys
+ * "broker/<flag name>") > defaults. Parsing has no side effects: it does not
+ * create --data-dir (the broker does) and does not touch signals.
+ */
+#ifndef KP_CONFIG_H
+#define KP_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "log.h"
+
+/* XX(field, flag, env, kind, default, help); kind is STR, U32, SIZE or LEVEL. */
+#define KP_OPTIONS(XX)                                                                             \
+    XX(frontend, "frontend", "KELPIED_FRONTEND", STR, "tcp://127.0.0.1:5555",                      \
+       "ROUTER endpoint for clients")                                                              \
+    XX(backend, "backend", "KELPIED_BACKEND", STR, "tcp://127.0.0.1:5556",                         \
+       "ROUTER endpoint for workers")                                                              \
+    XX(intake, "intake", "KELPIED_INTAKE", STR, "tcp://127.0.0.1:5557",                            \
+       "PULL endpoint for one-way requests")                                                       \
+    XX(data_dir, "data-dir", "KELPIED_DATA_DIR", STR, "./kelpie-data",                             \
+       "directory for durable state (created if missing; used by durable jobs, not yet by 0.1)")   \
+    XX(log_level, "log-level", "KELPIED_LOG_LEVEL", LEVEL, "info", "error, warn, info or debug")   \
+    XX(heartbeat_ms, "heartbeat-ms", "KELPIED_HEARTBEAT_MS", U32, "1000",                          \
+       "heartbeat interval in ms (10..3600000)")                                                   \
+    XX(heartbeat_liveness, "heartbeat-liveness", "KELPIED_HEARTBEAT_LIVENESS", U32, "3",           \
+       "missed heartbeats before a worker is lost (1..100)")                                       \
+    XX(queue_limit, "queue-limit", "KELPIED_QUEUE_LIMIT", U32, "10000",                            \
+       "most calls waiting per service (1..10000000)")                                             \
+    XX(client_max_inflight, "client-max-inflight", "KELPIED_CLIENT_MAX_INFLIGHT", U32, "10000",    \
+       "most outstanding calls per client (1..10000000)")                                          \
+    XX(max_message_size, "max-message-size", "KELPIED_MAX_MESSAGE_SIZE", SIZE, "16777216",         \
+       "largest message in bytes, all frames (1024..2147483647)")                                  \
+    XX(max_header_size, "max-header-size", "KELPIED_MAX_HEADER_SIZE", SIZE, "65536",               \
+       "largest header frame in bytes (64..max-message-size)")                                     \
+    XX(shutdown_grace_ms, "shutdown-grace-ms", "KELPIED_SHUTDOWN_GRACE_MS", U32, "5000",           \
+       "time calls get to finish on SIGINT/SIGTERM (0..3600000)")
+
+#define KP_CONFIG_STR   char *
+#define KP_CONFIG_U32   uint32_t
+#define KP_CONFIG_SIZE  uint64_t
+#define KP_CONFIG_LEVEL enum kp_log_level
+
+struct kp_config {
+#define XX(field, flag, env, kind, def, help) KP_CONFIG_##kind field;
+    KP_OPTIONS(XX)
+#undef XX
+    char *config_file; /* --config / KELPIED_CONFIG, NULL if none */
+};
+
+enum kp_config_result {
+    KP_CONFIG_RUN,     /* options parsed; run the broker */
+    KP_CONFIG_HELP,    /* --help given */
+    KP_CONFIG_VERSION, /* --version given */
+    KP_CONFIG_ERROR,   /* bad option; message in err */
+};
+
+/* Fills c with the defaults. Cannot fail. */
+void kp_config_init(struct kp_config *c);
+
+/* Frees the strings c holds; c must be init'ed again before reuse. */
+void kp_config_fini(struct kp_config *c);
+
+/* Applies the config file, the environment and argv[1..argc) over c (which
+ * holds the defaults) in precedence order. On KP_CONFIG_ERROR, err holds a
+ * one-line message naming the option and where it came from. */
+enum kp_config_result kp_config_load(struct kp_config *c, int argc, char **argv, char *err,
+                                     size_t errlen);
+
+/* Prints the --help text. */
+void kp_config_usage(FILE *out);
+
+#endif

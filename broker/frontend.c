@@ -1,0 +1,188 @@
+/* frontend: traffic from clients (ROUTER) and producers (intake PULL).
+ *
+ * Each handler starts from a message in b->frames that the loop received,
+ * validates it (kp_broker_parse), and either refuses it — ERROR to the
+ * client plus a counter, or only a counter on the intake, which has no
+ * return path — or turns it into broker state: a new call, a cancel, a
+ * stream credit. See docs/protocol.md §4-§10 for every rule applied here.
+ */
+#include <string.h>
+
+#include "alloc.h"
+#include "broker_impl.h"
+#include "log.h"
+
+/* Refuses a client message: counter and ERROR (never an ERROR for an ERROR). */
+static void frontend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err err)
+{
+    kp_broker_count_error(b, err);
+    if (h && h->kind == KELPIE__V1__KIND__ERROR) {
+        b->stats.errors_dropped++;
+        return;
+    }
+    kp_broker_send_error(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
+                         h ? h->request_id : 0, err, NULL);
+}
+
+/* Finds the service for a new call, creating it during the start-up grace
+ * period; NULL if nobody serves it. */
+static struct kp_service *frontend_route(struct kp_broker *b, const char *name)
+{
+    struct kp_service *s = kp_services_find(&b->services, name);
+    if (s == NULL && kp_broker_in_grace(b))
+        s = kp_services_get(&b->services, name, b->now);
+    return s;
+}
+
+static void frontend_request(struct kp_broker *b, kp_header *h)
+{
+    const void *rid = zmq_msg_data(&b->frames[0]);
+    size_t rid_len = zmq_msg_size(&b->frames[0]);
+    if (b->state != KP_BROKER_RUNNING) {
+        frontend_refuse(b, h, KP_ESHUTDOWN);
+        return;
+    }
+    if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
+        kp_broker_self(b, rid, rid_len, h);
+        return;
+    }
+    struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
+    cl->last_seen = b->now;
+    if (kp_idmap_get(&cl->calls, h->request_id) != NULL) {
+        frontend_refuse(b, h, KP_EDUPLICATE);
+        return;
+    }
+    if (kp_client_inflight(cl) >= b->client_max_inflight) {
+        frontend_refuse(b, h, KP_ECLIENTLIMIT);
+        return;
+    }
+    struct kp_service *s = frontend_route(b, h->service);
+    if (s == NULL) {
+        frontend_refuse(b, h, KP_ENOTFOUND);
+        return;
+    }
+    if (s->queued >= b->queue_limit) {
+        frontend_refuse(b, h, KP_EQUEUEFULL);
+        return;
+    }
+    struct kp_call *c = kp_call_new(&b->calls);
+    c->flags = h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM);
+    c->client = cl;
+    c->client_request_id = h->request_id;
+    c->service = s;
+    kp_idmap_put(&cl->calls, h->request_id, c);
+    b->stats.requests++;
+    kp_broker_accept(b, c, h, 1);
+}
+
+/* Finds the caller's outstanding call named by h->request_id, or NULL. */
+static struct kp_call *frontend_find_call(struct kp_broker *b, const kp_header *h)
+{
+    struct kp_client *cl =
+        kp_clients_find(&b->clients, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]));
+    if (cl == NULL)
+        return NULL;
+    cl->last_seen = b->now;
+    return kp_idmap_get(&cl->calls, h->request_id);
+}
+
+static void frontend_credit(struct kp_broker *b, kp_header *h)
+{
+    struct kp_call *c = frontend_find_call(b, h);
+    if (c == NULL || h->credits == 0) {
+        b->stats.cancel_unknown++;
+        return;
+    }
+    if (c->state == KP_CALL_QUEUED) {
+        uint64_t sum = (uint64_t)c->window_bonus + h->credits;
+        c->window_bonus = sum > UINT32_MAX ? UINT32_MAX : (uint32_t)sum;
+    } else if (c->state == KP_CALL_DISPATCHED) {
+        kp_header fwd = KELPIE__V1__HEADER__INIT;
+        fwd.version = KP_PROTOCOL_VERSION;
+        fwd.kind = KELPIE__V1__KIND__CREDIT;
+        fwd.request_id = kp_call_dispatch_id(c).v;
+        fwd.credits = h->credits;
+        if (kp_broker_send_worker(b, c->worker, &fwd) == KP_OK)
+            b->stats.credits_forwarded++;
+    }
+}
+
+void kp_frontend_on_message(struct kp_broker *b)
+{
+    kp_header *h;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_CLIENT, 1, &h);
+    if (err != KP_OK) {
+        frontend_refuse(b, h, err);
+        return;
+    }
+    switch (h->kind) {
+    case KELPIE__V1__KIND__REQUEST:
+        frontend_request(b, h);
+        break;
+    case KELPIE__V1__KIND__CANCEL: {
+        struct kp_call *c = frontend_find_call(b, h);
+        if (c == NULL)
+            b->stats.cancel_unknown++;
+        else
+            kp_broker_cancel(b, c);
+        break;
+    }
+    case KELPIE__V1__KIND__CREDIT:
+        frontend_credit(b, h);
+        break;
+    case KELPIE__V1__KIND__HEARTBEAT: {
+        b->stats.heartbeats_received++;
+        kp_header pong = KELPIE__V1__HEADER__INIT;
+        pong.version = KP_PROTOCOL_VERSION;
+        pong.kind = KELPIE__V1__KIND__HEARTBEAT;
+        pong.heartbeat_ms = b->heartbeat_ms;
+        if (kp_broker_send(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
+                           &pong, NULL, 0) == KP_OK)
+            b->stats.heartbeats_sent++;
+        break;
+    }
+    case KELPIE__V1__KIND__DISCONNECT: {
+        b->stats.client_disconnects++;
+        struct kp_client *cl =
+            kp_clients_find(&b->clients, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]));
+        if (cl)
+            kp_broker_reap_client(b, cl);
+        break;
+    }
+    default: /* SUBMIT, WATCH: durable jobs are a later release */
+        frontend_refuse(b, h, KP_EUNIMPLEMENTED);
+        break;
+    }
+}
+
+void kp_intake_on_message(struct kp_broker *b)
+{
+    kp_header *h;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_INTAKE, 0, &h);
+    if (err == KP_OK && h->kind != KELPIE__V1__KIND__REQUEST)
+        err = KP_EUNIMPLEMENTED; /* SUBMIT */
+    else if (err == KP_OK && b->state != KP_BROKER_RUNNING)
+        err = KP_ESHUTDOWN;
+    else if (err == KP_OK && strcmp(h->service, KP_BROKER_SERVICE) == 0)
+        err = KP_ENOSERVICE; /* the broker's own calls need a reply path */
+    struct kp_service *s = NULL;
+    if (err == KP_OK) {
+        s = frontend_route(b, h->service);
+        if (s == NULL)
+            err = KP_ENOTFOUND;
+        else if (s->queued >= b->queue_limit)
+            err = KP_EQUEUEFULL;
+    }
+    if (err != KP_OK) {
+        kp_broker_count_error(b, err);
+        b->stats.intake_dropped++;
+        kp_log_debug("intake: dropped message: %s", kp_strerror(err));
+        return;
+    }
+    struct kp_call *c = kp_call_new(&b->calls);
+    c->flags = (h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM)) | KP_FLAG_ONEWAY;
+    c->client_request_id = h->request_id;
+    c->service = s;
+    b->stats.intake_requests++;
+    kp_broker_accept(b, c, h, 0);
+}

@@ -1,0 +1,38 @@
+/* log: leveled log lines to stderr.
+ *
+ * One line per event: "2026-11-25T08:53:56.123Z kelpied[pid] LEVEL message".
+ * The level is process-wide (set once from --log-level); lines below it cost
+ * one comparison. Logging never allocates.
+ */
+#ifndef KP_LOG_H
+#define KP_LOG_H
+
+#include <stdbool.h>
+
+enum kp_log_level { KP_LOG_ERROR, KP_LOG_WARN, KP_LOG_INFO, KP_LOG_DEBUG };
+
+/* Sets the lowest level that is printed. */
+void kp_log_set_level(enum kp_log_level level);
+
+/* Parses "error", "warn", "info" or "debug"; returns false on anything else. */
+bool kp_log_parse_level(const char *s, enum kp_log_level *out);
+
+/* Returns the level's lower-case name. */
+const char *kp_log_level_name(enum kp_log_level level);
+
+/* Returns true if a line at this level would be printed. */
+bool kp_log_enabled(enum kp_log_level level);
+
+/* Prints one line at the given level (printf-style format). */
+void kp_log(enum kp_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define kp_log_error(...) kp_log(KP_LOG_ERROR, __VA_ARGS__)
+#define kp_log_warn(...)  kp_log(KP_LOG_WARN, __VA_ARGS__)
+#define kp_log_info(...)  kp_log(KP_LOG_INFO, __VA_ARGS__)
+#define kp_log_debug(...)                                                                          \
+    do {                                                                                           \
+        if (kp_log_enabled(KP_LOG_DEBUG))                                                          \
+            kp_log(KP_LOG_DEBUG, __VA_ARGS__);                                                     \
+    } while (0)
+
+#endif

@@ -1,0 +1,71 @@
+/* main: kelpied's entry point. Options into a config, signals into the
+ * broker's wake pipe, then the loop; nothing else lives here. */
+#include <czmq.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "broker.h"
+#include "config.h"
+#include "log.h"
+
+#ifndef KELPIE_VERSION
+#define KELPIE_VERSION "0.0.0"
+#endif
+
+static struct kp_broker *main_broker;
+
+static void main_on_signal(int sig)
+{
+    (void)sig;
+    if (main_broker)
+        kp_broker_stop(main_broker);
+}
+
+int main(int argc, char **argv)
+{
+    /* czmq must never install its own SIGINT/SIGTERM handlers. */
+    zsys_handler_set(NULL);
+
+    struct kp_config cfg;
+    kp_config_init(&cfg);
+    char err[512] = "";
+    switch (kp_config_load(&cfg, argc, argv, err, sizeof err)) {
+    case KP_CONFIG_HELP:
+        kp_config_usage(stdout);
+        kp_config_fini(&cfg);
+        return 0;
+    case KP_CONFIG_VERSION:
+        printf("kelpied %s (protocol KLP/1)\n", KELPIE_VERSION);
+        kp_config_fini(&cfg);
+        return 0;
+    case KP_CONFIG_ERROR:
+        fprintf(stderr, "kelpied: %s\n", err);
+        kp_config_fini(&cfg);
+        return 2;
+    case KP_CONFIG_RUN:
+        break;
+    }
+    kp_log_set_level(cfg.log_level);
+
+    struct kp_broker *b;
+    if (kp_broker_new(&cfg, NULL, &b) != KP_OK) {
+        kp_config_fini(&cfg);
+        return 1;
+    }
+    kp_config_fini(&cfg);
+
+    main_broker = b;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = main_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    enum kp_err rc = kp_broker_run(b);
+    main_broker = NULL;
+    kp_broker_destroy(&b);
+    return rc == KP_OK ? 0 : 1;
+}

@@ -1,0 +1,98 @@
+/* stats: the broker's counters, and a small JSON writer for the Stats call.
+ *
+ * Every drop, refusal and notable event increments one counter of
+ * KP_COUNTERS; the list generates the struct and the JSON, so a new counter is
+ * one line. Counters are plain uint64_t owned by the single loop thread (no
+ * atomics needed). kelpie.broker/Stats returns them, flat, beside gauges and
+ * per-service figures (see docs/operations.md for the meaning of each).
+ */
+#ifndef KP_STATS_H
+#define KP_STATS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define KP_COUNTERS(XX)                                                                            \
+    XX(requests)                  /* REQUESTs accepted from clients */                             \
+    XX(intake_requests)           /* REQUESTs accepted from the intake */                          \
+    XX(dispatched)                /* REQUESTs sent to workers (incl. re-sends) */                  \
+    XX(replies)                   /* REPLYs forwarded to clients */                                \
+    XX(chunks)                    /* CHUNKs forwarded to clients */                                \
+    XX(ends)                      /* ENDs forwarded to clients */                                  \
+    XX(errors_forwarded)          /* worker ERRORs forwarded to clients */                         \
+    XX(errors_sent)               /* ERRORs the broker itself sent */                              \
+    XX(bad_frames)                /* no header frame / too many frames */                          \
+    XX(bad_header)                /* header did not decode */                                      \
+    XX(oversized)                 /* header or message over the limit */                           \
+    XX(bad_version)               /* version != 1 */                                               \
+    XX(bad_kind)                  /* unknown kind or kind not allowed here */                      \
+    XX(bad_request)               /* request_id 0 or reused, missing service */                    \
+    XX(not_ready)                 /* worker traffic before READY */                                \
+    XX(unimplemented)             /* job kinds (not served in 0.1) */                              \
+    XX(replies_dropped_unknown)   /* answer for an unknown id or from the wrong worker */          \
+    XX(replies_dropped_cancelled) /* answer for a cancelled or timed-out call */                   \
+    XX(oneway_answers)            /* answers to intake requests, discarded */                      \
+    XX(unroutable)                /* NOT_FOUND: no worker ever registered the service */           \
+    XX(queue_full)                /* service queue full */                                         \
+    XX(client_limit)              /* client in-flight limit reached */                             \
+    XX(deadline_expired_queued)   /* deadline passed before dispatch */                            \
+    XX(deadline_expired_inflight) /* deadline passed while a worker had it */                      \
+    XX(cancelled)                 /* CANCELs that ended a call */                                  \
+    XX(cancel_unknown)            /* CANCEL/CREDIT for no outstanding call */                      \
+    XX(credits_forwarded)         /* stream CREDITs forwarded to workers */                        \
+    XX(workers_registered)        /* READYs from new workers */                                    \
+    XX(worker_disconnects)        /* DISCONNECTs from workers */                                   \
+    XX(worker_expired)            /* workers removed for silence */                                \
+    XX(worker_lost)               /* calls failed UNAVAILABLE because their worker left */         \
+    XX(redispatched)              /* idempotent calls re-queued after worker loss */               \
+    XX(client_disconnects)        /* DISCONNECTs from clients */                                   \
+    XX(client_gone)               /* clients found unreachable on send */                          \
+    XX(intake_dropped)            /* intake messages dropped (malformed or refused) */             \
+    XX(errors_dropped)            /* incoming ERRORs that could not be used */                     \
+    XX(send_unreachable)          /* sends that failed EHOSTUNREACH */                             \
+    XX(send_failed)               /* sends that failed otherwise (HWM) */                          \
+    XX(heartbeats_sent)           /* HEARTBEATs sent */                                            \
+    XX(heartbeats_received)       /* HEARTBEATs received */                                        \
+    XX(broker_calls)              /* calls to kelpie.broker */                                     \
+    XX(shutdown_rejected)         /* REQUESTs refused while shutting down */
+
+struct kp_stats {
+#define XX(name) uint64_t name;
+    KP_COUNTERS(XX)
+#undef XX
+};
+
+#define KP_JSON_DEPTH 8
+
+/* A growable JSON text with automatic commas. */
+struct kp_json {
+    char *data;                    /* NUL-terminated text */
+    size_t len;                    /* bytes used, excluding the NUL */
+    size_t cap;                    /* bytes allocated */
+    int depth;                     /* open objects */
+    bool first[KP_JSON_DEPTH + 1]; /* next member at this depth is the first */
+};
+
+/* Sets up an empty text. */
+void kp_json_init(struct kp_json *j);
+
+/* Frees the text. */
+void kp_json_fini(struct kp_json *j);
+
+/* Opens an object: as a member named key, or the top-level value if key is NULL. */
+void kp_json_object_begin(struct kp_json *j, const char *key);
+
+/* Closes the innermost object. */
+void kp_json_object_end(struct kp_json *j);
+
+/* Adds a member "key": value. */
+void kp_json_u64(struct kp_json *j, const char *key, uint64_t value);
+
+/* Adds a member "key": "value" (value escaped as JSON). */
+void kp_json_str(struct kp_json *j, const char *key, const char *value);
+
+/* Adds every counter of s as members of the current object. */
+void kp_stats_json(const struct kp_stats *s, struct kp_json *j);
+
+#endif

@@ -1,0 +1,139 @@
+/* wire: decode/validate/encode the KLP/1 header; see wire.h. */
+#include "wire.h"
+
+#include <string.h>
+
+#include "alloc.h"
+
+#define ARENA_ALIGN sizeof(max_align_t)
+
+static void *arena_alloc(void *data, size_t n)
+{
+    struct kp_arena *a = data;
+    size_t rounded = (n + ARENA_ALIGN - 1) & ~(ARENA_ALIGN - 1);
+    if (rounded >= n && rounded <= a->size - a->used) {
+        void *p = a->block + a->used;
+        a->used += rounded;
+        return p;
+    }
+    /* Headers up to max-header-size can unpack into more than the block
+     * (many tiny metadata entries); those rare messages spill to malloc. */
+    struct kp_arena_spill *s = kp_malloc(sizeof *s + n);
+    s->next = a->spill;
+    a->spill = s;
+    return s->data;
+}
+
+static void arena_free(void *data, void *p)
+{
+    /* Everything is released at once by kp_arena_reset(). */
+    (void)data;
+    (void)p;
+}
+
+void kp_arena_init(struct kp_arena *a, size_t size)
+{
+    a->pb.alloc = arena_alloc;
+    a->pb.free = arena_free;
+    a->pb.allocator_data = a;
+    a->block = kp_malloc(size);
+    a->size = size;
+    a->used = 0;
+    a->spill = NULL;
+}
+
+void kp_arena_reset(struct kp_arena *a)
+{
+    while (a->spill) {
+        struct kp_arena_spill *next = a->spill->next;
+        kp_free(a->spill);
+        a->spill = next;
+    }
+    a->used = 0;
+}
+
+void kp_arena_fini(struct kp_arena *a)
+{
+    kp_arena_reset(a);
+    kp_free(a->block);
+    a->block = NULL;
+    a->size = 0;
+}
+
+enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
+                           kp_header **out)
+{
+    *out = NULL;
+    if (len > max_header)
+        return KP_EOVERSIZED;
+    if (len == 0)
+        return KP_EBADHEADER;
+    kp_header *h = kelpie__v1__header__unpack(&a->pb, len, data);
+    if (h == NULL)
+        return KP_EBADHEADER;
+    *out = h;
+    return KP_OK;
+}
+
+/* Bit per kind: may it arrive on this socket? Indexed by enum kp_dir. */
+#define K(kind) (1u << KELPIE__V1__KIND__##kind)
+static const uint32_t wire_allowed[] = {
+    [KP_FROM_CLIENT] =
+        K(REQUEST) | K(CANCEL) | K(HEARTBEAT) | K(DISCONNECT) | K(CREDIT) | K(SUBMIT) | K(WATCH),
+    [KP_FROM_WORKER] = K(READY) | K(REPLY) | K(CHUNK) | K(END) | K(ERROR) | K(HEARTBEAT) |
+                       K(DISCONNECT) | K(CREDIT) | K(STATUS) | K(PROGRESS) | K(OUTPUT) | K(RESULT) |
+                       K(NACK),
+    [KP_FROM_INTAKE] = K(REQUEST) | K(SUBMIT),
+};
+#undef K
+
+bool kp_wire_kind_known(uint32_t kind)
+{
+    return (kind >= KELPIE__V1__KIND__READY && kind <= KELPIE__V1__KIND__STATUS) ||
+           (kind >= KELPIE__V1__KIND__SUBMIT && kind <= KELPIE__V1__KIND__WATCH);
+}
+
+const char *kp_wire_kind_name(uint32_t kind)
+{
+    if (!kp_wire_kind_known(kind))
+        return "UNKNOWN";
+    const ProtobufCEnumValue *v =
+        protobuf_c_enum_descriptor_get_value(&kelpie__v1__kind__descriptor, (int)kind);
+    return v ? v->name : "UNKNOWN";
+}
+
+enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir)
+{
+    if (h->version != KP_PROTOCOL_VERSION)
+        return KP_EVERSION;
+    uint32_t kind = (uint32_t)h->kind;
+    if (!kp_wire_kind_known(kind))
+        return KP_EUNKNOWNKIND;
+    if ((unsigned)dir > KP_FROM_INTAKE || !(wire_allowed[dir] & (1u << kind)))
+        return KP_EDIRECTION;
+    if (h->kind == KELPIE__V1__KIND__REQUEST) {
+        if (dir == KP_FROM_CLIENT && h->request_id == 0)
+            return KP_ENOREQUESTID;
+        if (h->service == NULL || h->service[0] == '\0')
+            return KP_ENOSERVICE;
+    }
+    return KP_OK;
+}
+
+enum kp_err kp_wire_parse(struct kp_arena *a, const void *data, size_t len, size_t max_header,
+                          enum kp_dir dir, kp_header **out)
+{
+    enum kp_err err = kp_wire_decode(a, data, len, max_header, out);
+    if (err != KP_OK)
+        return err;
+    return kp_wire_check(*out, dir);
+}
+
+enum kp_err kp_wire_encode(const kp_header *h, zmq_msg_t *out)
+{
+    size_t n = kelpie__v1__header__get_packed_size(h);
+    if (zmq_msg_init_size(out, n) != 0)
+        return KP_ESYS;
+    kelpie__v1__header__pack(h, zmq_msg_data(out));
+    return KP_OK;
+}

@@ -1,0 +1,99 @@
+/* wire: the KLP/1 header frame, decoded, validated and encoded.
+ *
+ * This is the only module that touches protobuf-c. Decoding unpacks into an
+ * arena (struct kp_arena, a bump allocator handed to protobuf-c) that the
+ * broker resets after every message, so decoding a header costs no malloc in
+ * the steady state; the decoded struct lives until the next reset.
+ *
+ * Validation is split from decoding so that the rules of docs/protocol.md §4
+ * and §9 live in one place: kp_wire_check() knows which kinds exist, which
+ * direction may carry which kind, and what a REQUEST must contain. The fuzz
+ * target (tests/fuzz/fuzz_header.c) drives kp_wire_parse(), i.e. both.
+ */
+#ifndef KP_WIRE_H
+#define KP_WIRE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#include "error.h"
+#include "kelpie/v1/header.pb-c.h"
+
+#define KP_PROTOCOL_VERSION 1u
+
+typedef Kelpie__V1__Header kp_header;
+typedef Kelpie__V1__Kind kp_kind;
+
+/* Where a message came from; decides which kinds are allowed (§4). */
+enum kp_dir {
+    KP_FROM_CLIENT, /* frontend ROUTER */
+    KP_FROM_WORKER, /* backend ROUTER */
+    KP_FROM_INTAKE, /* intake PULL */
+};
+
+/* A ZeroMQ routing id, as a ROUTER socket reports it (1..255 bytes). */
+struct kp_rid {
+    uint8_t len;        /* bytes used */
+    uint8_t bytes[255]; /* the id */
+};
+
+/* Header flag bits (kelpie.v1.Flag). */
+#define KP_FLAG_IDEMPOTENT 1u
+#define KP_FLAG_STREAM     2u
+#define KP_FLAG_ONEWAY     4u
+#define KP_FLAG_STALLED    8u
+
+/* An allocation that did not fit the arena's block; freed on reset. */
+struct kp_arena_spill {
+    struct kp_arena_spill *next; /* older spills */
+    max_align_t data[];          /* the caller's bytes */
+};
+
+/* Bump allocator for protobuf-c. Embed it; init once, reset per message. */
+struct kp_arena {
+    ProtobufCAllocator pb;        /* handed to protobuf-c; allocator_data = this */
+    unsigned char *block;         /* fixed block, reused across resets */
+    size_t size;                  /* bytes in block */
+    size_t used;                  /* bytes handed out since the last reset */
+    struct kp_arena_spill *spill; /* allocations that did not fit */
+};
+
+/* Sets up an arena with a block of `size` bytes. */
+void kp_arena_init(struct kp_arena *a, size_t size);
+
+/* Forgets every allocation since the last reset; frees spills. Cannot fail. */
+void kp_arena_reset(struct kp_arena *a);
+
+/* Frees everything the arena holds; it must be init'ed again before use. */
+void kp_arena_fini(struct kp_arena *a);
+
+/* Decodes a header frame of len bytes into *out (allocated in a).
+ * Returns KP_EOVERSIZED if len > max_header, KP_EBADHEADER if the frame is
+ * empty or does not decode. *out is valid until the arena's next reset. */
+enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
+                           kp_header **out);
+
+/* Checks a decoded header against §4/§9 for a message arriving from dir:
+ * version (KP_EVERSION), known kind (KP_EUNKNOWNKIND), kind allowed in that
+ * direction (KP_EDIRECTION), and a REQUEST's request_id (frontend only) and
+ * service (KP_ENOREQUESTID, KP_ENOSERVICE). Returns KP_OK if acceptable. */
+enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir);
+
+/* kp_wire_decode() then kp_wire_check(); *out is set whenever decoding
+ * succeeded, even if the check failed (so the caller can echo request_id). */
+enum kp_err kp_wire_parse(struct kp_arena *a, const void *data, size_t len, size_t max_header,
+                          enum kp_dir dir, kp_header **out);
+
+/* Returns true if kind is a kind of KLP/1 (§4). */
+bool kp_wire_kind_known(uint32_t kind);
+
+/* Returns the kind's name ("REQUEST", ...) or "UNKNOWN". */
+const char *kp_wire_kind_name(uint32_t kind);
+
+/* Encodes h into a fresh message *out (which must not be initialised).
+ * Returns KP_OK, or KP_ESYS if zmq_msg_init_size failed (out untouched). */
+enum kp_err kp_wire_encode(const kp_header *h, zmq_msg_t *out);
+
+#endif

@@ -1,0 +1,114 @@
+/* worker: worker table, credits, least-loaded pick, liveness; see worker.h. */
+#include "worker.h"
+
+#include <string.h>
+
+#include "alloc.h"
+
+void kp_workers_init(struct kp_workers *t)
+{
+    kp_bmap_init(&t->by_rid);
+}
+
+void kp_workers_fini(struct kp_workers *t)
+{
+    kp_bmap_fini(&t->by_rid);
+}
+
+struct kp_worker *kp_workers_find(const struct kp_workers *t, const void *rid, size_t len)
+{
+    return kp_bmap_get(&t->by_rid, rid, len);
+}
+
+struct kp_worker *kp_worker_new(struct kp_workers *t, const void *rid, size_t len, uint64_t now)
+{
+    struct kp_worker *w = kp_calloc(1, sizeof *w);
+    w->rid.len = (uint8_t)(len > sizeof w->rid.bytes ? sizeof w->rid.bytes : len);
+    memcpy(w->rid.bytes, rid, w->rid.len);
+    w->name = kp_strdup("");
+    w->last_recv = now;
+    w->last_send = now;
+    kp_list_init(&w->calls);
+    kp_list_init(&w->gone_link);
+    kp_bmap_put(&t->by_rid, w->rid.bytes, w->rid.len, w);
+    return w;
+}
+
+void kp_worker_destroy(struct kp_workers *t, struct kp_worker **wp)
+{
+    struct kp_worker *w = *wp;
+    if (w == NULL)
+        return;
+    if (kp_bmap_get(&t->by_rid, w->rid.bytes, w->rid.len) == w)
+        kp_bmap_del(&t->by_rid, w->rid.bytes, w->rid.len);
+    kp_list_remove(&w->gone_link);
+    kp_free(w->services);
+    kp_free(w->name);
+    kp_free(w);
+    *wp = NULL;
+}
+
+size_t kp_workers_count(const struct kp_workers *t)
+{
+    return kp_bmap_count(&t->by_rid);
+}
+
+uint32_t kp_worker_free_slots(const struct kp_worker *w)
+{
+    if (w->gone || w->stalled || w->in_flight >= w->credits)
+        return 0;
+    return w->credits - w->in_flight;
+}
+
+void kp_worker_set_credits(struct kp_worker *w, uint32_t credits)
+{
+    w->credits = credits > KP_WORKER_MAX_CREDITS ? KP_WORKER_MAX_CREDITS : credits;
+}
+
+void kp_worker_add_credits(struct kp_worker *w, uint32_t n)
+{
+    uint64_t sum = (uint64_t)w->credits + n;
+    w->credits = sum > KP_WORKER_MAX_CREDITS ? KP_WORKER_MAX_CREDITS : (uint32_t)sum;
+}
+
+void kp_worker_take_slot(struct kp_worker *w, uint64_t pick_seq)
+{
+    w->in_flight++;
+    w->last_pick = pick_seq;
+}
+
+void kp_worker_return_slot(struct kp_worker *w)
+{
+    if (w->in_flight > 0)
+        w->in_flight--;
+}
+
+/* Is a strictly less loaded than b? in_flight/credits compared exactly. */
+static bool worker_less_loaded(const struct kp_worker *a, const struct kp_worker *b)
+{
+    uint64_t la = (uint64_t)a->in_flight * b->credits;
+    uint64_t lb = (uint64_t)b->in_flight * a->credits;
+    if (la != lb)
+        return la < lb;
+    return a->last_pick < b->last_pick;
+}
+
+struct kp_worker *kp_worker_pick(struct kp_worker *const *ws, size_t n)
+{
+    struct kp_worker *best = NULL;
+    for (size_t i = 0; i < n; i++) {
+        struct kp_worker *w = ws[i];
+        if (kp_worker_free_slots(w) == 0)
+            continue;
+        if (best == NULL || worker_less_loaded(w, best))
+            best = w;
+    }
+    return best;
+}
+
+bool kp_worker_expired(const struct kp_worker *w, uint64_t now, uint32_t default_hb_ms,
+                       uint32_t liveness)
+{
+    uint64_t hb = w->heartbeat_ms ? w->heartbeat_ms : default_hb_ms;
+    return now > w->last_recv && now - w->last_recv > hb * liveness;
+}
