@@ -1,0 +1,357 @@
+"""The ``kelpie`` command-line tool (also ``python3 -m kelpie``).
+
+    kelpie call SERVICE METHOD [--data JSON|@FILE|-] [--proto MOD[:Type]]
+                [--reply-proto MOD:Type] [--timeout S] [--metadata K=V]... [--stream]
+    kelpie worker MODULE:ATTR [--processes N] [--concurrency N] [--grace S]
+    kelpie ping [--count N]
+    kelpie stats
+
+Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
+``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
+
+``kelpie worker`` is a small supervisor: it starts N child processes
+(``python -m kelpie worker TARGET --child``: fresh interpreters, so no libzmq
+context ever crosses a fork), restarts a child that dies unexpectedly, and on
+SIGTERM or SIGINT forwards SIGTERM to every child — each drains (READY with 0
+credits, finish running calls for ``--grace`` seconds, DISCONNECT) — then
+kills what is left after the grace period.
+"""
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .client import DEFAULT_FRONTEND, Client
+from .errors import RpcError
+from .worker import DEFAULT_BACKEND, Worker
+
+__all__ = ["main"]
+
+
+def _run(coro, loop_name):
+    if loop_name == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
+
+
+def _import(spec, what):
+    """Import ``module:attr`` (attr may be dotted); cwd is on the path like ``python -m``."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"kelpie: cannot import {module_name!r} for {what}: {exc}")
+    if attr:
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise SystemExit(f"kelpie: {module_name!r} has no {attr!r} ({what})")
+    return obj
+
+
+# -- call ---------------------------------------------------------------------
+
+def _read_data(data):
+    if data is None:
+        return b""
+    if data == "-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        with open(data[1:], "rb") as f:
+            return f.read()
+    return data.encode()
+
+
+def _message_types(args):
+    """(request class or None, reply class or None) from --proto / --reply-proto."""
+    from .stubs import message_class
+    request_cls = reply_cls = None
+    if args.proto:
+        module_name, _, type_name = args.proto.partition(":")
+        module = _import(module_name, "--proto")
+        if type_name:
+            request_cls = _import(args.proto, "--proto")
+        else:
+            # A module with a service: the method says which types to use.
+            services = module.DESCRIPTOR.services_by_name
+            service = services.get(args.service) or next(
+                (s for s in services.values() if s.full_name == args.service), None)
+            if service is None:
+                raise SystemExit(f"kelpie: {module_name} defines no service {args.service!r} "
+                                 f"(it has {sorted(services)}); use --proto MODULE:Type")
+            method = service.methods_by_name.get(args.method)
+            if method is None:
+                raise SystemExit(f"kelpie: {service.full_name} has no method {args.method!r}")
+            request_cls = message_class(method.input_type)
+            reply_cls = message_class(method.output_type)
+    if args.reply_proto:
+        reply_cls = _import(args.reply_proto, "--reply-proto")
+    return request_cls, reply_cls
+
+
+def _encode(raw, request_cls):
+    if request_cls is None:
+        return raw
+    from google.protobuf import json_format
+    message = request_cls()
+    try:
+        json_format.Parse(raw.decode() or "{}", message)
+    except json_format.ParseError as exc:
+        raise SystemExit(f"kelpie: --data does not fit {request_cls.__name__}: {exc}")
+    return message.SerializeToString()
+
+
+def _output(data, reply_cls):
+    if reply_cls is not None:
+        from google.protobuf import json_format
+        text = json_format.MessageToJson(reply_cls.FromString(data), indent=2,
+                                         preserving_proto_field_name=True)
+        sys.stdout.write(text + "\n")
+    else:
+        sys.stdout.buffer.write(bytes(data))
+        if sys.stdout.isatty() and not bytes(data).endswith(b"\n"):
+            sys.stdout.buffer.write(b"\n")
+    sys.stdout.flush()
+
+
+def _metadata(pairs):
+    md = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"kelpie: --metadata wants KEY=VALUE, got {pair!r}")
+        md[key.lower()] = value.encode()
+    return md or None
+
+
+async def _call(args):
+    request_cls, reply_cls = _message_types(args)
+    payload = _encode(_read_data(args.data), request_cls)
+    async with Client(args.frontend, heartbeat=0) as client:
+        if args.stream:
+            async with client.stream(args.service, args.method, payload, timeout=args.timeout,
+                                     metadata=_metadata(args.metadata)) as stream:
+                async for chunk in stream:
+                    _output(chunk, reply_cls)
+                    if reply_cls is None and not bytes(chunk).endswith(b"\n"):
+                        sys.stdout.write("\n")
+        else:
+            reply, md = await client.call(args.service, args.method, payload,
+                                          timeout=args.timeout,
+                                          metadata=_metadata(args.metadata),
+                                          idempotent=args.idempotent, with_metadata=True)
+            if args.verbose:
+                for key, value in sorted(md.items()):
+                    print(f"< {key}: {value!r}", file=sys.stderr)
+            _output(reply, reply_cls)
+
+
+def cmd_call(args):
+    try:
+        _run(_call(args), args.loop)
+    except RpcError as exc:
+        print(f"kelpie: {args.service}/{args.method}: {exc.code.name}: {exc.message}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_ping(args):
+    async def ping():
+        async with Client(args.frontend, heartbeat=0) as client:
+            for i in range(args.count):
+                rtt = await client.ping(timeout=args.timeout)
+                print(f"kelpie.broker/Ping from {client.frontend}: {rtt * 1e6:.0f} µs")
+                if i + 1 < args.count:
+                    await asyncio.sleep(args.interval)
+    try:
+        _run(ping(), args.loop)
+    except RpcError as exc:
+        print(f"kelpie: ping {args.frontend}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_stats(args):
+    async def stats():
+        async with Client(args.frontend, heartbeat=0) as client:
+            return await client.stats(timeout=args.timeout)
+    try:
+        data = _run(stats(), args.loop)
+    except RpcError as exc:
+        print(f"kelpie: stats {args.frontend}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(data, indent=2, sort_keys=True))
+    return 0
+
+
+# -- worker -------------------------------------------------------------------
+
+def _load_worker(target):
+    obj = _import(target, "worker")
+    if not isinstance(obj, Worker) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, Worker):
+        raise SystemExit(f"kelpie: {target} is a {type(obj).__name__}, not a kelpie.Worker "
+                         "(or a function returning one)")
+    return obj
+
+
+def _run_child(args):
+    worker = _load_worker(args.target)
+    if args.backend:
+        worker.backend = args.backend
+    if args.concurrency:
+        worker.concurrency = args.concurrency
+
+    async def serve():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: loop.create_task(worker.stop(args.grace)))
+        await worker.run()
+
+    _run(serve(), args.loop)
+    return 0
+
+
+class _Supervisor:
+    """N worker processes, restarted when they die, drained on SIGTERM."""
+
+    def __init__(self, args):
+        self.args = args
+        self.children = [None] * args.processes
+        self.stopping = False
+        self.restarts = 0
+
+    def command(self):
+        a = self.args
+        cmd = [sys.executable, "-m", "kelpie", "--loop", a.loop, "--log-level", a.log_level,
+               "worker", a.target, "--child", "--grace", str(a.grace)]
+        if a.backend:
+            cmd += ["--backend", a.backend]
+        if a.concurrency:
+            cmd += ["--concurrency", str(a.concurrency)]
+        return cmd
+
+    def start(self, i):
+        env = dict(os.environ)
+        # The child imports the target the way this process would.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self.children[i] = subprocess.Popen(self.command(), env=env)
+
+    def on_signal(self, signum, frame):
+        if self.stopping:
+            return
+        self.stopping = True
+        for child in self.children:
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self.on_signal)
+        signal.signal(signal.SIGINT, self.on_signal)
+        for i in range(len(self.children)):
+            self.start(i)
+        logging.getLogger("kelpie").info("started %d worker processes: %s", len(self.children),
+                                         " ".join(str(c.pid) for c in self.children))
+        recent = []
+        while not self.stopping:
+            time.sleep(0.2)
+            for i, child in enumerate(self.children):
+                if self.stopping or child.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in recent if now - t < 10.0] + [now]
+                logging.getLogger("kelpie").warning(
+                    "worker process %d exited with %s; restarting", child.pid, child.returncode)
+                if len(recent) > 5 * len(self.children):
+                    time.sleep(1.0)  # crashing in a loop: slow down
+                if not self.stopping:
+                    self.restarts += 1
+                    self.start(i)
+        deadline = time.monotonic() + self.args.grace + 2.0
+        for child in self.children:
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        return 0
+
+
+def cmd_worker(args):
+    if args.child:
+        return _run_child(args)
+    if args.processes < 1:
+        raise SystemExit("kelpie: --processes must be at least 1")
+    _load_worker(args.target)  # fail early, in the parent, on a bad target
+    return _Supervisor(args).run()
+
+
+# -- main ---------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(prog="kelpie", description="Kelpie RPC command-line tool.")
+    p.add_argument("--frontend", default=os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND,
+                   help="broker frontend endpoint (env KELPIE_FRONTEND; default %(default)s)")
+    p.add_argument("--backend", default=os.environ.get("KELPIE_BACKEND"),
+                   help=f"broker backend endpoint for workers (env KELPIE_BACKEND; "
+                        f"default {DEFAULT_BACKEND})")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    p.add_argument("--log-level", default="warning",
+                   choices=("debug", "info", "warning", "error"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("call", help="call SERVICE METHOD and print the reply")
+    c.add_argument("service")
+    c.add_argument("method")
+    c.add_argument("--data", "-d", help="request: JSON or text, @FILE, or - for stdin")
+    c.add_argument("--proto", help="MODULE (a *_pb2 with the service) or MODULE:Type: "
+                                   "encode --data (JSON) through protobuf")
+    c.add_argument("--reply-proto", help="MODULE:Type to decode the reply to JSON")
+    c.add_argument("--timeout", "-t", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
+    c.add_argument("--stream", action="store_true", help="server-streaming call")
+    c.add_argument("--idempotent", action="store_true")
+    c.add_argument("--verbose", "-v", action="store_true", help="print reply metadata")
+    c.set_defaults(fn=cmd_call)
+
+    w = sub.add_parser("worker", help="run N worker processes serving MODULE:ATTR")
+    w.add_argument("target", help="MODULE:ATTR, a kelpie.Worker or a function returning one")
+    w.add_argument("--processes", "-n", type=int, default=1)
+    w.add_argument("--backend", dest="backend_w", default=None)
+    w.add_argument("--concurrency", type=int, default=0, help="override Worker(concurrency=)")
+    w.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    w.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    w.set_defaults(fn=cmd_worker)
+
+    for name, fn in (("ping", cmd_ping), ("stats", cmd_stats)):
+        s = sub.add_parser(name, help=f"kelpie.broker/{name.capitalize()}")
+        s.add_argument("--timeout", "-t", type=float, default=2.0)
+        if name == "ping":
+            s.add_argument("--count", "-c", type=int, default=1)
+            s.add_argument("--interval", type=float, default=1.0)
+        s.set_defaults(fn=fn)
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    if getattr(args, "backend_w", None):
+        args.backend = args.backend_w
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    return args.fn(args)

@@ -1,0 +1,515 @@
+"""The Kelpie RPC client: calls services through the broker's frontend.
+
+One :class:`Client` owns one DEALER socket connected to ``kelpied``'s frontend
+and one reader task. Every call picks the next request id (a counter, never
+reused), parks a future (unary) or a stream state (streamed reply) in
+``_pending`` under that id, and sends a REQUEST. The reader task decodes each
+answer's header and hands it to the entry for its request id. An entry leaves
+``_pending`` on every terminal path — REPLY, END, ERROR, local deadline,
+cancellation of the caller, client close — so nothing grows per call.
+
+A unary call costs the caller two awaits (send, then the future) and no task
+of its own; the reader wakes it with ``set_result``. Hundreds of thousands of
+calls can be outstanding at once; the limit is the broker's
+``--client-max-inflight`` (answered RESOURCE_EXHAUSTED beyond it).
+
+Deadlines: ``timeout=`` travels as the REQUEST's ``timeout_ms`` (the broker
+and worker enforce it) and also arms a local timer, so a call finishes with
+:class:`kelpie.DeadlineExceeded` on time even if the broker is gone. When the
+local timer fires first the client sends CANCEL.
+
+Cancellation: cancelling the task awaiting a call (or leaving a stream early)
+sends CANCEL; the broker answers ERROR CANCELLED, which the client drops
+because the entry is already gone.
+"""
+
+import asyncio
+import collections
+import os
+
+from . import _wire, _zmq
+from ._status import StatusCode
+from .errors import DeadlineExceeded, RpcError, Unavailable, from_status
+
+__all__ = ["Client", "Stream", "DEFAULT_FRONTEND"]
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+
+_REQUEST = _wire.REQUEST
+_REPLY = _wire.REPLY
+_ERROR = _wire.ERROR
+_CHUNK = _wire.CHUNK
+_END = _wire.END
+
+
+def _payload(frames):
+    n = len(frames)
+    if n == 2:
+        return frames[1]
+    if n < 2:
+        return b""
+    return b"".join(frames[1:])
+
+
+def _timeout_ms(timeout):
+    # At least 1 ms: 0 would mean "no deadline" on the wire.
+    return max(1, int(timeout * 1000.0 + 0.5))
+
+
+class Client:
+    """A connection to the broker's frontend, usable from one event loop.
+
+    ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
+    liveness=3, context=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    or ``tcp://127.0.0.1:5555``. ``timeout`` and ``metadata`` are defaults for
+    every call. While calls are outstanding the client pings the broker every
+    ``heartbeat`` seconds; if the broker stays silent for ``liveness``
+    intervals, every outstanding call fails with :class:`kelpie.Unavailable`.
+    Use it as ``async with kelpie.Client() as client:`` or call
+    :meth:`connect` and :meth:`close` yourself.
+    """
+
+    def __init__(self, frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
+                 liveness=3, context=None):
+        self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        self.timeout = timeout
+        self.metadata = dict(metadata) if metadata else None
+        self.heartbeat = heartbeat
+        self.liveness = liveness
+        self._context = context
+        self._own_context = False
+        self._sock = None
+        self._loop = None
+        self._reader = None
+        self._pinger = None
+        self._pending = {}
+        self._next_id = 1
+        self._background = set()
+        self._last_recv = 0.0
+        self._closed = False
+
+    # -- lifetime ---------------------------------------------------------
+
+    async def connect(self):
+        """Open the socket and start the reader task (idempotent)."""
+        if self._sock is not None:
+            return self
+        if self._closed:
+            raise RuntimeError("client is closed")
+        self._loop = asyncio.get_running_loop()
+        if self._context is None:
+            self._context = _zmq.Context()
+            self._own_context = True
+        sock = self._context.socket(_zmq.DEALER)
+        sock.setsockopt(_zmq.LINGER, 0)
+        # Calls are bounded by the broker's per-client limit and by their
+        # deadlines, not by the pipe: never block a caller on the socket HWM.
+        sock.setsockopt(_zmq.SNDHWM, 0)
+        sock.setsockopt(_zmq.RCVHWM, 0)
+        sock.connect(self.frontend)
+        self._sock = sock
+        self._last_recv = self._loop.time()
+        self._reader = self._loop.create_task(self._read_loop())
+        if self.heartbeat:
+            self._pinger = self._loop.create_task(self._ping_loop())
+        return self
+
+    async def close(self):
+        """Fail outstanding calls with CANCELLED locally, stop the reader, close."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._reader, self._pinger):
+            if task is not None:
+                task.cancel()
+        for task in (self._reader, self._pinger):
+            if task is not None:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        pending, self._pending = self._pending, {}
+        for rid, entry in pending.items():
+            _fail(entry, RpcError(StatusCode.CANCELLED, "client closed"))
+        for task in list(self._background):
+            task.cancel()
+        if self._sock is not None:
+            if pending:
+                # Tell the broker we give up these calls (it cancels them at
+                # their workers); best effort, the socket closes right after.
+                try:
+                    await asyncio.wait_for(self._sock.send_multipart(
+                        [_wire.DISCONNECT_FRAME]), 0.1)
+                except (asyncio.TimeoutError, Exception):
+                    pass
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._own_context:
+            self._context.term()
+            self._context = None
+
+    async def __aenter__(self):
+        return await self.connect()
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    @property
+    def outstanding(self):
+        """How many calls and streams are waiting for their answer."""
+        return len(self._pending)
+
+    # -- unary calls ------------------------------------------------------
+
+    async def call(self, service, method, payload=b"", *, timeout=None, metadata=None,
+                   idempotent=False, with_metadata=False):
+        """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
+
+        ``timeout`` (seconds; default the client's) becomes the call's
+        deadline. ``metadata`` (``dict[str, bytes|str]``) is sent as request
+        metadata. ``idempotent=True`` lets the broker run the call again on
+        another worker if its worker dies. With ``with_metadata=True`` the
+        result is ``(reply, metadata)`` where metadata is the reply's
+        ``dict[str, bytes]``. Failures raise :class:`kelpie.RpcError`.
+        """
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
+        if timeout is None:
+            timeout = self.timeout
+        if metadata is None:
+            metadata = self.metadata
+        rid = self._next_id
+        self._next_id = rid + 1
+        loop = self._loop
+        fut = loop.create_future()
+        handle = None
+        if timeout is not None:
+            header = _wire.request(service, method, rid, _timeout_ms(timeout),
+                                   1 if idempotent else 0, 0, metadata)
+            handle = loop.call_later(timeout, self._expire, rid)
+        else:
+            header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
+        self._pending[rid] = fut
+        sent = False
+        try:
+            await sock.send_multipart((header, payload))
+            sent = True
+            header, frames = await fut
+        except asyncio.CancelledError:
+            if self._pending.pop(rid, None) is not None and sent:
+                self._send_later(_wire.cancel(rid))
+            raise
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+        if with_metadata:
+            return _payload(frames), dict(header.metadata)
+        return _payload(frames)
+
+    def _expire(self, rid):
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return
+        _fail(entry, DeadlineExceeded("deadline exceeded"))
+        self._send_later(_wire.cancel(rid))
+
+    # -- streamed replies -------------------------------------------------
+
+    def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
+               window=16, idempotent=False):
+        """Start a server-streaming call; return a :class:`Stream` to iterate.
+
+        ``window`` is how many chunks the worker may send ahead of the
+        reader; the client returns window as chunks are consumed, so a slow
+        reader holds at most ``window`` chunks in flight end to end.
+        """
+        if self._sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
+        if timeout is None:
+            timeout = self.timeout
+        if metadata is None:
+            metadata = self.metadata
+        state = _StreamState(self, service, method, payload, timeout, metadata,
+                             max(1, int(window)), idempotent)
+        return Stream(state)
+
+    # -- convenience ------------------------------------------------------
+
+    def stub(self, service_descriptor, *, idempotent=(), timeout=None, metadata=None):
+        """A typed stub for a protobuf service: see :mod:`kelpie.stubs`."""
+        from .stubs import Stub
+        return Stub(self, service_descriptor, idempotent=idempotent, timeout=timeout,
+                    metadata=metadata)
+
+    async def ping(self, timeout=2.0):
+        """Round-trip ``kelpie.broker/Ping``; return the time it took in seconds."""
+        start = self._loop.time()
+        await self.call("kelpie.broker", "Ping", b"", timeout=timeout)
+        return self._loop.time() - start
+
+    async def stats(self, timeout=2.0):
+        """``kelpie.broker/Stats`` decoded from JSON."""
+        import json
+        return json.loads(await self.call("kelpie.broker", "Stats", b"", timeout=timeout))
+
+    # -- internals --------------------------------------------------------
+
+    def _send_later(self, *frames):
+        """Send a control message from synchronous code (timer, cancel path)."""
+        if self._sock is None:
+            return
+        task = asyncio.ensure_future(self._sock.send_multipart(list(frames)), loop=self._loop)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read_loop(self):
+        recv = self._sock.recv_multipart
+        pending = self._pending
+        parse = _wire.parse
+        loop = self._loop
+        while True:
+            frames = await recv()
+            self._last_recv = loop.time()
+            try:
+                header = parse(frames[0])
+            except Exception:
+                continue  # garbage from the peer: nothing to route it to
+            rid = header.request_id
+            entry = pending.get(rid)
+            if entry is None:
+                # HEARTBEAT, DISCONNECT, or a late answer to a call already
+                # finished locally (cancelled, timed out): nothing to do.
+                if header.kind == _wire.DISCONNECT and pending:
+                    self._fail_all(Unavailable("broker is shutting down"))
+                continue
+            kind = header.kind
+            if entry.__class__ is _StreamState:
+                entry.deliver(kind, header, frames)
+            elif kind == _REPLY:
+                del pending[rid]
+                if not entry.done():
+                    entry.set_result((header, frames))
+            elif kind == _ERROR:
+                del pending[rid]
+                if not entry.done():
+                    entry.set_exception(from_status(header.code, header.message,
+                                                    header.metadata))
+            # Anything else for a unary call (a CHUNK...) is a protocol
+            # violation by the worker; the call still ends with its terminal.
+
+    def _fail_all(self, exc):
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            _fail(entry, exc)
+
+    async def _ping_loop(self):
+        loop = self._loop
+        interval = self.heartbeat
+        while True:
+            await asyncio.sleep(interval)
+            if not self._pending:
+                self._last_recv = loop.time()
+                continue
+            silent = loop.time() - self._last_recv
+            if silent >= self.liveness * interval:
+                self._fail_all(Unavailable("broker did not answer for %.1f s" % silent))
+                self._last_recv = loop.time()
+            elif silent >= interval:
+                await self._sock.send_multipart([_wire.HEARTBEAT_FRAME])
+
+
+def _fail(entry, exc):
+    if entry.__class__ is _StreamState:
+        entry.fail(exc)
+    elif not entry.done():
+        entry.set_exception(exc)
+        # The caller may be gone (its task was cancelled in the same turn).
+        entry.exception()
+
+
+class _StreamState:
+    """One streamed call: chunks received, window granted, terminal status."""
+
+    __slots__ = ("client", "service", "method", "payload", "timeout", "metadata", "window",
+                 "idempotent", "rid", "chunks", "waiter", "finished", "error", "trailing",
+                 "consumed", "started", "handle", "next_seq")
+
+    def __init__(self, client, service, method, payload, timeout, metadata, window,
+                 idempotent):
+        self.client = client
+        self.service = service
+        self.method = method
+        self.payload = payload
+        self.timeout = timeout
+        self.metadata = metadata
+        self.window = window
+        self.idempotent = idempotent
+        self.rid = 0
+        self.chunks = collections.deque()
+        self.waiter = None
+        self.finished = False
+        self.error = None
+        self.trailing = {}
+        self.consumed = 0
+        self.started = False
+        self.handle = None
+        self.next_seq = 0
+
+    async def start(self):
+        client = self.client
+        self.started = True
+        rid = client._next_id
+        client._next_id = rid + 1
+        self.rid = rid
+        flags = _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0)
+        timeout_ms = _timeout_ms(self.timeout) if self.timeout is not None else 0
+        header = _wire.request(self.service, self.method, rid, timeout_ms, flags,
+                               self.window, self.metadata)
+        client._pending[rid] = self
+        if self.timeout is not None:
+            self.handle = client._loop.call_later(self.timeout, client._expire, rid)
+        try:
+            await client._sock.send_multipart((header, self.payload))
+        except BaseException:
+            client._pending.pop(rid, None)
+            self._disarm()
+            self.finished = True
+            raise
+
+    def deliver(self, kind, header, frames):
+        if kind == _CHUNK:
+            self.chunks.append(_payload(frames))
+        elif kind == _END:
+            self.client._pending.pop(self.rid, None)
+            self.trailing = dict(header.metadata)
+            self.finished = True
+            self._disarm()
+        elif kind == _ERROR:
+            self.client._pending.pop(self.rid, None)
+            self.error = from_status(header.code, header.message, header.metadata)
+            self.trailing = self.error.metadata
+            self.finished = True
+            self._disarm()
+        else:
+            return
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc):
+        if self.finished:
+            return
+        self.error = exc
+        self.finished = True
+        self._disarm()
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _disarm(self):
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    async def next(self):
+        if not self.started:
+            await self.start()
+        while not self.chunks:
+            if self.finished:
+                if self.error is not None:
+                    raise self.error
+                raise StopAsyncIteration
+            self.waiter = self.client._loop.create_future()
+            try:
+                await self.waiter
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+            finally:
+                self.waiter = None
+        chunk = self.chunks.popleft()
+        self.next_seq += 1
+        if not self.finished:
+            # Return window in batches of half the window: fewer CREDIT
+            # messages, and the worker never runs dry while we read.
+            self.consumed += 1
+            if self.consumed * 2 >= self.window:
+                grant, self.consumed = self.consumed, 0
+                await self.client._sock.send_multipart([_wire.credit(grant, self.rid)])
+        return chunk
+
+    def cancel(self):
+        """Stop the stream: send CANCEL (if it is running) and forget it."""
+        if self.finished:
+            return False
+        client = self.client
+        self.finished = True
+        self._disarm()
+        if self.error is None:
+            self.error = asyncio.CancelledError()
+        if self.started and client._pending.pop(self.rid, None) is not None:
+            client._send_later(_wire.cancel(self.rid))
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        return True
+
+
+class Stream:
+    """The chunks of a server-streamed reply, as an async iterator.
+
+    ``async for chunk in client.stream(...)`` yields each chunk (bytes). The
+    call starts on the first iteration. Leaving the loop early, cancelling
+    the iterating task, or calling :meth:`cancel` sends CANCEL to the worker.
+    Use ``async with client.stream(...) as s:`` to make sure a stream left
+    early is cancelled at once rather than when the Stream is collected.
+    After the end, ``metadata`` holds the trailing metadata.
+    """
+
+    __slots__ = ("_state", "__weakref__")
+
+    def __init__(self, state):
+        self._state = state
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        return self._state.next()
+
+    async def __aenter__(self):
+        if not self._state.started:
+            await self._state.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        self._state.cancel()
+
+    def cancel(self):
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    @property
+    def done(self):
+        return self._state.finished
+
+    @property
+    def metadata(self):
+        """Trailing metadata (``dict[str, bytes]``), once the stream has ended."""
+        return self._state.trailing
+
+    @property
+    def request_id(self):
+        return self._state.rid
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass

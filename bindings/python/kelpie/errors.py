@@ -1,0 +1,105 @@
+"""Errors of Kelpie RPC calls.
+
+Every failed call raises :class:`RpcError` (or one of its subclasses, one per
+common status code), whether the failure came from the handler, from the
+broker or from the client itself (a local deadline). A handler raises
+``RpcError`` to answer with a chosen code; any other exception becomes
+``INTERNAL`` with the exception's text as message.
+
+``RpcError(code, message, metadata)`` always builds the subclass that matches
+``code``, so ``except kelpie.NotFound`` catches ``RpcError(StatusCode.NOT_FOUND)``
+raised by a handler in another process.
+
+Cancellation of the calling task is *not* an RpcError: it stays
+``asyncio.CancelledError``, as everywhere in asyncio. A call cancelled by
+someone else (``CANCELLED`` from the broker for a call this client did not
+cancel) raises :class:`Cancelled`.
+"""
+
+from ._status import StatusCode
+
+__all__ = [
+    "RpcError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded",
+    "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
+    "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
+    "Unavailable", "DataLoss", "Unauthenticated",
+]
+
+_BY_CODE = {}
+
+
+class RpcError(Exception):
+    """A call ended with a status other than OK.
+
+    Attributes: ``code`` (:class:`StatusCode`), ``message`` (human-readable
+    text, never to be parsed) and ``metadata`` (the trailing metadata of the
+    answer, a ``dict[str, bytes]``; empty when the error was raised locally).
+    """
+
+    code = StatusCode.UNKNOWN
+
+    def __new__(cls, *args, **kwargs):
+        # RpcError(StatusCode.NOT_FOUND, ...) builds a NotFound.
+        if cls is RpcError:
+            code = kwargs.get("code", args[0] if args else StatusCode.UNKNOWN)
+            sub = _BY_CODE.get(StatusCode.coerce(code))
+            if sub is not None:
+                obj = Exception.__new__(sub)
+                return obj
+        return Exception.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        # Two forms: RpcError(code, message="", metadata=None), and on a
+        # subclass, which knows its code, NotFound(message="", metadata=None).
+        if type(self) is RpcError or "code" in kwargs or (args and isinstance(args[0], int)):
+            self._set(*args, **kwargs)
+        else:
+            self._set(type(self).code, *args, **kwargs)
+        super().__init__(self.code, self.message)
+
+    def _set(self, code=StatusCode.UNKNOWN, message="", metadata=None):
+        self.code = StatusCode.coerce(code)
+        self.message = str(message) if message else ""
+        self.metadata = dict(metadata) if metadata else {}
+
+    def __str__(self):
+        if self.message:
+            return f"{self.code.name}: {self.message}"
+        return self.code.name
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.code.name}, {self.message!r})"
+
+    def __reduce__(self):
+        return (RpcError, (int(self.code), self.message, self.metadata))
+
+
+def _sub(name, code):
+    cls = type(name, (RpcError,), {"code": code, "__doc__": f"Status {code.name}."})
+    cls.__module__ = "kelpie"
+    _BY_CODE[code] = cls
+    return cls
+
+
+Cancelled = _sub("Cancelled", StatusCode.CANCELLED)
+Unknown = _sub("Unknown", StatusCode.UNKNOWN)
+InvalidArgument = _sub("InvalidArgument", StatusCode.INVALID_ARGUMENT)
+DeadlineExceeded = _sub("DeadlineExceeded", StatusCode.DEADLINE_EXCEEDED)
+NotFound = _sub("NotFound", StatusCode.NOT_FOUND)
+AlreadyExists = _sub("AlreadyExists", StatusCode.ALREADY_EXISTS)
+PermissionDenied = _sub("PermissionDenied", StatusCode.PERMISSION_DENIED)
+ResourceExhausted = _sub("ResourceExhausted", StatusCode.RESOURCE_EXHAUSTED)
+FailedPrecondition = _sub("FailedPrecondition", StatusCode.FAILED_PRECONDITION)
+Aborted = _sub("Aborted", StatusCode.ABORTED)
+OutOfRange = _sub("OutOfRange", StatusCode.OUT_OF_RANGE)
+Unimplemented = _sub("Unimplemented", StatusCode.UNIMPLEMENTED)
+Internal = _sub("Internal", StatusCode.INTERNAL)
+Unavailable = _sub("Unavailable", StatusCode.UNAVAILABLE)
+DataLoss = _sub("DataLoss", StatusCode.DATA_LOSS)
+Unauthenticated = _sub("Unauthenticated", StatusCode.UNAUTHENTICATED)
+RpcError.__module__ = "kelpie"
+
+
+def from_status(code, message="", metadata=None):
+    """The RpcError subclass instance for a status received on the wire."""
+    return RpcError(StatusCode.coerce(code), message, metadata)

@@ -1,0 +1,143 @@
+"""Typed stubs and servicers built from protobuf service descriptors.
+
+No code generator beyond ``protoc --python_out``: the ``*_pb2`` module of a
+``.proto`` with a ``service`` block carries the service's descriptor
+(``greeter_pb2.DESCRIPTOR.services_by_name["Greeter"]``), and everything a
+stub or a servicer needs is read from it at run time.
+
+Naming on the wire: the service is the descriptor's full name
+(``package.Service``, as in gRPC) and the method its simple name.
+
+Idempotency: a method is called with the IDEMPOTENT flag when the ``.proto``
+says so (``option idempotency_level = IDEMPOTENT;`` or ``NO_SIDE_EFFECTS``,
+protobuf's standard method option) or when its name is in the stub's
+``idempotent=`` set. The flag is on the REQUEST because the broker, which
+re-dispatches the call when a worker dies, only sees requests.
+"""
+
+from google.protobuf import descriptor_pb2, symbol_database
+
+__all__ = ["Stub", "message_class", "is_idempotent", "method_kind"]
+
+_IDEMPOTENT_LEVELS = (descriptor_pb2.MethodOptions.IDEMPOTENT,
+                      descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS)
+
+
+def message_class(descriptor):
+    """The Python class for a message descriptor (the generated one if imported)."""
+    return symbol_database.Default().GetPrototype(descriptor)
+
+
+def is_idempotent(method_descriptor):
+    """True when the .proto marks the method idempotent or side-effect free."""
+    return method_descriptor.GetOptions().idempotency_level in _IDEMPOTENT_LEVELS
+
+
+def method_kind(method_descriptor):
+    """"unary", "server_stream", or "client_stream"/"bidi" (not supported by KLP/1)."""
+    if method_descriptor.client_streaming:
+        return "bidi" if method_descriptor.server_streaming else "client_stream"
+    return "server_stream" if method_descriptor.server_streaming else "unary"
+
+
+class _TypedStream:
+    """A Stream whose chunks are decoded into a protobuf message class."""
+
+    __slots__ = ("_stream", "_decode")
+
+    def __init__(self, stream, decode):
+        self._stream = stream
+        self._decode = decode
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return self._decode(await self._stream.__anext__())
+
+    async def __aenter__(self):
+        await self._stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._stream.__aexit__(*exc)
+
+    def cancel(self):
+        return self._stream.cancel()
+
+    @property
+    def metadata(self):
+        return self._stream.metadata
+
+
+def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    async def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
+        if not isinstance(request, request_cls):
+            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                            f"not {type(request).__name__}")
+        data = await client.call(service, name, request.SerializeToString(), timeout=timeout,
+                                 metadata=metadata, idempotent=idempotent,
+                                 with_metadata=with_metadata)
+        if with_metadata:
+            return decode(data[0]), data[1]
+        return decode(data)
+    method.__name__ = name
+    method.__qualname__ = f"{service}.{name}"
+    return method
+
+
+def _server_stream(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    def method(request, *, timeout=timeout, metadata=metadata, window=16):
+        if not isinstance(request, request_cls):
+            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                            f"not {type(request).__name__}")
+        stream = client.stream(service, name, request.SerializeToString(), timeout=timeout,
+                               metadata=metadata, window=window, idempotent=idempotent)
+        return _TypedStream(stream, decode)
+    method.__name__ = name
+    method.__qualname__ = f"{service}.{name}"
+    return method
+
+
+def _unsupported(service, name, kind):
+    def method(*args, **kwargs):
+        raise NotImplementedError(f"{service}/{name} is {kind.replace('_', '-')}ing; "
+                                  "KLP/1 serves unary and server-streaming methods only")
+    method.__name__ = name
+    return method
+
+
+class Stub:
+    """One attribute per RPC method of a protobuf service.
+
+    Unary methods are coroutines: ``await stub.SayHello(req, timeout=1.0)``
+    returns the reply message (``with_metadata=True``: ``(reply, metadata)``).
+    Server-streaming methods return an async iterator of reply messages
+    (``async for reply in stub.Tail(req)``), with ``window=`` and
+    ``cancel()`` as for :meth:`kelpie.Client.stream`.
+    """
+
+    def __init__(self, client, service_descriptor, *, idempotent=(), timeout=None,
+                 metadata=None):
+        self._service = service_descriptor.full_name
+        idempotent = set(idempotent)
+        unknown = idempotent - {m.name for m in service_descriptor.methods}
+        if unknown:
+            raise ValueError(f"{self._service} has no method(s) {sorted(unknown)}")
+        for m in service_descriptor.methods:
+            request_cls = message_class(m.input_type)
+            decode = message_class(m.output_type).FromString
+            idem = m.name in idempotent or is_idempotent(m)
+            kind = method_kind(m)
+            if kind == "unary":
+                fn = _unary(client, self._service, m.name, request_cls, decode, idem, timeout,
+                            metadata)
+            elif kind == "server_stream":
+                fn = _server_stream(client, self._service, m.name, request_cls, decode, idem,
+                                    timeout, metadata)
+            else:
+                fn = _unsupported(self._service, m.name, kind)
+            setattr(self, m.name, fn)
+
+    def __repr__(self):
+        return f"<kelpie.Stub {self._service}>"

@@ -1,0 +1,610 @@
+"""The Kelpie RPC worker: serves handlers on the broker's backend.
+
+A :class:`Worker` holds a table of handlers keyed by (service, method) and,
+while :meth:`Worker.run` runs, one *session*: a DEALER socket connected to
+``kelpied``'s backend, registered with READY (services, ``credits`` =
+``concurrency``, heartbeat interval, name), a reader task and a heartbeat task.
+
+Each REQUEST runs its handler in a task of its own, so a slow call never
+holds up another, and the broker never sends more than ``concurrency`` calls
+at once (credit-based: a slot comes back with each answer). As an
+optimisation, a unary handler's coroutine is first stepped inside the reader:
+if it finishes without suspending (an echo, a lookup in memory) the reply goes
+out at once and no task is created — the "eager task" of Python 3.12, done by
+hand. A handler that suspends continues in its own task exactly where it
+stopped. Consequence for handlers: code before a handler's first ``await`` of
+something not ready runs in the reader's context (``asyncio.current_task()``
+is the reader there).
+
+Every call ends with exactly one answer (REPLY, END or ERROR) in the session
+it arrived on, which returns its slot: CANCEL from the broker cancels the
+handler's task and answers CANCELLED; a deadline (the REQUEST's
+``timeout_ms``, armed on this worker's clock) cancels it and answers
+DEADLINE_EXCEEDED; an exception answers INTERNAL with its text; a
+:class:`kelpie.RpcError` answers its own code and metadata.
+
+Liveness: the worker sends HEARTBEAT when it has sent nothing for a
+heartbeat interval, and counts any message from the broker as a sign of life.
+If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, or
+says it does not know this worker (ERROR FAILED_PRECONDITION), the session
+ends: running calls are cancelled (the broker has already answered or
+re-dispatched them), the socket is closed and a new one registers again
+(with a new routing identity), backing off up to 1 s between attempts.
+
+Streaming handlers are async generators. Flow control is end to end
+(protocol.md §5.3): the generator is advanced only while the reader's window
+is open, so a slow reader bounds what this worker holds to one chunk.
+"""
+
+import asyncio
+import inspect
+import logging
+import os
+import socket as _socket
+
+from . import _wire, _zmq
+from ._status import StatusCode
+from .errors import RpcError
+from .stubs import message_class, method_kind
+
+__all__ = ["Worker", "CallContext", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+
+log = logging.getLogger("kelpie.worker")
+
+_REQUEST = _wire.REQUEST
+_CANCEL = _wire.CANCEL
+_CREDIT = _wire.CREDIT
+
+# Why a call's task was cancelled, so its answer carries the right code.
+_BY_CLIENT = 1
+_BY_DEADLINE = 2
+_BY_SHUTDOWN = 3
+_BY_SESSION_END = 4
+
+
+class CallContext:
+    """What a handler knows about its call, and what it can add to the answer.
+
+    ``service``, ``method``, ``request_id`` (the broker's dispatch id),
+    ``metadata`` (request metadata, ``dict[str, bytes]``), ``deadline`` (in
+    ``loop.time()`` seconds, or None), ``idempotent`` (the caller's flag).
+    """
+
+    __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
+                 "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
+                 "_credit_waiter", "_stream")
+
+    def __init__(self, worker, session, header):
+        self._worker = worker
+        self._session = session
+        self.service = header.service
+        self.method = header.method
+        self.request_id = header.request_id
+        md = header.metadata
+        self.metadata = dict(md) if md else {}
+        self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
+        self._stream = bool(header.flags & _wire.STREAM)
+        self.deadline = None
+        self._task = None
+        self._timer = None
+        self._reason = 0
+        self._trailing = None
+        self._window = header.credits or _wire.DEFAULT_WINDOW
+        self._credit_waiter = None
+
+    def time_remaining(self):
+        """Seconds left before the deadline (never negative), or None."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - self._worker._loop.time())
+
+    def set_trailing_metadata(self, metadata):
+        """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error."""
+        self._trailing = dict(metadata)
+
+    def add_trailing_metadata(self, key, value):
+        if self._trailing is None:
+            self._trailing = {}
+        self._trailing[key] = value
+
+    def cancelled(self):
+        """True once the call was cancelled (by the client, its deadline or shutdown)."""
+        return self._reason != 0
+
+    # Stream flow control ------------------------------------------------
+
+    def _grant(self, n):
+        self._window += n
+        waiter = self._credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_window(self):
+        while self._window <= 0:
+            self._credit_waiter = self._worker._loop.create_future()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
+
+    def _cancel(self, reason):
+        if self._reason == 0:
+            self._reason = reason
+        if self._task is not None:
+            self._task.cancel()
+
+
+class _Handler:
+    __slots__ = ("fn", "stream", "name")
+
+    def __init__(self, fn, stream, name):
+        self.fn = fn
+        self.stream = stream
+        self.name = name
+
+
+def _resume(coro, yielded):
+    """Continue driving ``coro``, which already yielded ``yielded`` to its caller.
+
+    Used to move a coroutine that was stepped outside of any task into a task
+    of its own without losing its place (eager start). Values and exceptions
+    the task sends in are passed through, so cancellation reaches ``coro``.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # noqa: B036 - forwarded to the coroutine
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+_resume_coro = __import__("types").coroutine(_resume)
+
+
+def _as_bytes(value, what):
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    raise TypeError(f"{what} returned {type(value).__name__}, expected bytes")
+
+
+class _Session:
+    """One registration with the broker: a socket and what runs on it."""
+
+    __slots__ = ("sock", "calls", "ending", "last_recv", "last_send", "reader")
+
+    def __init__(self, sock, now):
+        self.sock = sock
+        self.calls = {}
+        self.ending = False
+        self.last_recv = now
+        self.last_send = now
+        self.reader = None
+
+
+class Worker:
+    """Serves handlers through the broker's backend.
+
+    ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
+    liveness=3, context=None)``. ``backend`` defaults to
+    ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
+    credit announced in READY (calls run at once); ``name`` shows in the
+    broker's logs and stats (default ``host:pid``). Register handlers, then
+    ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
+    is created before :meth:`run`, so a Worker can be built at import time
+    (``kelpie worker module:worker`` imports it in each child process).
+    """
+
+    def __init__(self, backend=None, *, concurrency=64, name=None, heartbeat=1.0, liveness=3,
+                 context=None):
+        self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.concurrency = int(concurrency)
+        self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
+        self.heartbeat = float(heartbeat)
+        self.liveness = int(liveness)
+        self._context = context
+        self._handlers = {}
+        self._loop = None
+        self._session = None
+        self._stopping = False
+        self._stop_event = None
+        self._drained = None
+        self._running = False
+        self._background = set()
+        # The broker's heartbeat interval, learned from its HEARTBEATs; until
+        # then kelpied's default, so a worker with a shorter interval than
+        # the broker's does not give up on it between two heartbeats.
+        self._broker_heartbeat = 1.0
+        self.served = 0
+
+    # -- registration -----------------------------------------------------
+
+    def handler(self, service, method, *, stream=None):
+        """Decorator: serve ``service``/``method`` with an async function.
+
+        ``async def h(payload: bytes, ctx: CallContext) -> bytes`` for unary
+        calls; an async generator ``async def h(payload, ctx): yield chunk``
+        for server streaming (detected, or forced with ``stream=True``).
+        """
+        def register(fn):
+            self.add_handler(service, method, fn, stream=stream)
+            return fn
+        return register
+
+    def add_handler(self, service, method, fn, *, stream=None):
+        """Register ``fn`` for ``service``/``method`` (see :meth:`handler`)."""
+        if stream is None:
+            stream = inspect.isasyncgenfunction(fn)
+        if not stream and not inspect.iscoroutinefunction(fn) and not callable(fn):
+            raise TypeError("handler must be an async function or async generator")
+        if self._running:
+            raise RuntimeError("register handlers before run()")
+        self._handlers[(service, method)] = _Handler(fn, bool(stream), f"{service}/{method}")
+
+    def add_servicer(self, service_descriptor, impl):
+        """Serve a protobuf service with the methods of ``impl``.
+
+        Each RPC method ``M`` of the service maps to ``impl.M(request, ctx)``:
+        an async function returning the reply message (unary) or an async
+        generator yielding reply messages (server streaming). Requests are
+        decoded and replies encoded with the service's message classes.
+        Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
+        """
+        service = service_descriptor.full_name
+        count = 0
+        for m in service_descriptor.methods:
+            fn = getattr(impl, m.name, None)
+            if fn is None:
+                continue
+            kind = method_kind(m)
+            decode = message_class(m.input_type).FromString
+            reply_cls = message_class(m.output_type)
+            if kind == "unary":
+                self.add_handler(service, m.name, _typed_unary(fn, decode, reply_cls),
+                                 stream=False)
+            elif kind == "server_stream":
+                self.add_handler(service, m.name, _typed_stream(fn, decode, reply_cls),
+                                 stream=True)
+            else:
+                raise ValueError(f"{service}/{m.name}: {kind} methods are not supported")
+            count += 1
+        if count == 0:
+            raise ValueError(f"{type(impl).__name__} implements no method of {service}")
+
+    @property
+    def services(self):
+        return sorted({service for service, _ in self._handlers})
+
+    # -- running ----------------------------------------------------------
+
+    async def run(self):
+        """Register with the broker and serve until :meth:`stop` (or cancellation)."""
+        if not self._handlers:
+            raise RuntimeError("no handlers registered")
+        if self._running:
+            raise RuntimeError("worker is already running")
+        self._running = True
+        self._loop = loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        own_context = self._context is None
+        context = _zmq.Context() if own_context else self._context
+        backoff = 0.0
+        try:
+            while not self._stopping:
+                session = self._open(context)
+                reader = session.reader = loop.create_task(self._read_loop(session))
+                pulse = loop.create_task(self._pulse_loop(session, reader))
+                registered_at = loop.time()
+                try:
+                    await reader
+                except asyncio.CancelledError:
+                    if not session.ending:
+                        raise  # run() itself was cancelled
+                finally:
+                    pulse.cancel()
+                    reader.cancel()
+                    await self._end_session(session)
+                if self._stopping:
+                    break
+                # Back off only when sessions keep failing quickly.
+                backoff = 0.0 if loop.time() - registered_at > 5 * self.heartbeat else \
+                    min(1.0, backoff * 2 or 0.05)
+                await asyncio.sleep(backoff)
+        finally:
+            self._running = False
+            if own_context:
+                context.term()
+            self._stop_event.set()
+
+    def _open(self, context):
+        sock = context.socket(_zmq.DEALER)
+        sock.setsockopt(_zmq.LINGER, 0)
+        sock.setsockopt(_zmq.SNDHWM, 0)
+        sock.setsockopt(_zmq.RCVHWM, 0)
+        sock.connect(self.backend)
+        session = _Session(sock, self._loop.time())
+        self._session = session
+        self._send_ready(session, 0 if self._stopping else self.concurrency)
+        log.debug("registered with %s as %s", self.backend, self.name)
+        return session
+
+    def _send_ready(self, session, credits):
+        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name)
+        self._spawn(self._send(session, header))
+
+    async def _end_session(self, session):
+        session.ending = True
+        calls = list(session.calls.values())
+        for ctx in calls:
+            ctx._cancel(_BY_SESSION_END)
+        tasks = [ctx._task for ctx in calls if ctx._task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        session.calls.clear()
+        if self._session is session:
+            self._session = None
+        session.sock.close(linger=0)
+
+    async def stop(self, grace=10.0):
+        """Drain: announce 0 credits, let calls finish for ``grace`` s, then leave.
+
+        Calls still running after ``grace`` are cancelled and answered
+        UNAVAILABLE. Returns once :meth:`run` has returned.
+        """
+        if self._stop_event is None:
+            self._stopping = True
+            return
+        if self._stopping:
+            await self._stop_event.wait()
+            return
+        self._stopping = True
+        session = self._session
+        loop = self._loop
+        if session is not None and not session.ending:
+            self._send_ready(session, 0)
+            end = loop.time() + grace
+            while session.calls and loop.time() < end and not session.ending:
+                self._drained = loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._drained), end - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            for ctx in list(session.calls.values()):
+                ctx._cancel(_BY_SHUTDOWN)
+            tasks = [c._task for c in session.calls.values() if c._task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            if not session.ending:
+                await self._send(session, _wire.DISCONNECT_FRAME)
+                session.ending = True
+                if session.reader is not None:
+                    session.reader.cancel()
+        await self._stop_event.wait()
+
+    # -- internals --------------------------------------------------------
+
+    def _spawn(self, coro):
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _send(self, session, *frames):
+        if session.ending and frames[0] is not _wire.DISCONNECT_FRAME:
+            return
+        session.last_send = self._loop.time()
+        await session.sock.send_multipart(frames)
+
+    async def _pulse_loop(self, session, reader):
+        loop = self._loop
+        interval = self.heartbeat
+        heartbeat = _wire.heartbeat(int(interval * 1000))
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = loop.time()
+            if now - session.last_send >= interval:
+                await self._send(session, heartbeat)
+            silent_limit = self.liveness * max(interval, self._broker_heartbeat)
+            if now - session.last_recv > silent_limit:
+                log.warning("broker silent for %.1f s: reconnecting", now - session.last_recv)
+                session.ending = True
+                reader.cancel()
+                return
+
+    async def _read_loop(self, session):
+        recv = session.sock.recv_multipart
+        parse = _wire.parse
+        loop = self._loop
+        calls = session.calls
+        while True:
+            frames = await recv()
+            session.last_recv = loop.time()
+            try:
+                header = parse(frames[0])
+            except Exception:
+                log.warning("undecodable header from the broker; dropped")
+                continue
+            kind = header.kind
+            if kind == _REQUEST:
+                if header.version != _wire.VERSION:
+                    await self._send(session, _wire.error(
+                        header.request_id, StatusCode.FAILED_PRECONDITION,
+                        f"worker speaks KLP version {_wire.VERSION}, not {header.version}"))
+                    continue
+                await self._on_request(session, header, frames)
+            elif kind == _CANCEL:
+                ctx = calls.get(header.request_id)
+                if ctx is not None:
+                    ctx._cancel(_BY_CLIENT)
+            elif kind == _CREDIT:
+                ctx = calls.get(header.request_id)
+                if ctx is not None:
+                    ctx._grant(header.credits)
+            elif kind == _wire.HEARTBEAT:
+                if header.heartbeat_ms:
+                    self._broker_heartbeat = header.heartbeat_ms / 1000.0
+            elif kind == _wire.DISCONNECT:
+                log.info("broker sent DISCONNECT: reconnecting")
+                session.ending = True
+                return
+            elif kind == _wire.ERROR:
+                if header.code == StatusCode.FAILED_PRECONDITION and header.request_id == 0:
+                    # The broker does not know us (it restarted): register again.
+                    log.info("broker does not know this worker: registering again")
+                    self._send_ready(session, 0 if self._stopping else self.concurrency)
+                else:
+                    log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
+                                header.message)
+
+    async def _on_request(self, session, header, frames):
+        rid = header.request_id
+        handler = self._handlers.get((header.service, header.method))
+        if handler is None:
+            await self._send(session, _wire.error(
+                rid, StatusCode.UNIMPLEMENTED,
+                f"{header.service}/{header.method} is not served by {self.name}"))
+            return
+        n = len(frames)
+        payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
+        ctx = CallContext(self, session, header)
+        if header.timeout_ms:
+            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
+        if handler.stream:
+            ctx._task = self._loop.create_task(self._run_stream(session, ctx, handler, payload))
+            session.calls[rid] = ctx
+            return
+        # Eager start: step the coroutine here; most handlers finish at once.
+        try:
+            coro = handler.fn(payload, ctx)
+            if not inspect.iscoroutine(coro):
+                result = coro
+            else:
+                yielded = coro.send(None)
+                session.calls[rid] = ctx
+                ctx._task = self._loop.create_task(
+                    self._finish_unary(session, ctx, handler, coro, yielded))
+                if ctx.deadline is not None:
+                    ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+                return
+        except StopIteration as stop:
+            result = stop.value
+        except BaseException as exc:  # noqa: B036 - every failure is answered
+            await self._answer_error(session, ctx, exc, handler)
+            return
+        try:
+            body = _as_bytes(result, handler.name)
+        except TypeError as exc:
+            await self._answer_error(session, ctx, exc, handler)
+            return
+        self.served += 1
+        await self._send(session, _wire.reply(rid, ctx._trailing), body)
+
+    async def _finish_unary(self, session, ctx, handler, coro, yielded):
+        try:
+            result = await _resume_coro(coro, yielded)
+            body = _as_bytes(result, handler.name)
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            self.served += 1
+            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+        finally:
+            self._forget(session, ctx)
+
+    async def _run_stream(self, session, ctx, handler, payload):
+        rid = ctx.request_id
+        if ctx.deadline is not None:
+            ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+        agen = None
+        try:
+            agen = handler.fn(payload, ctx)
+            seq = 0
+            while True:
+                if ctx._window <= 0:
+                    await ctx._wait_window()
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    break
+                ctx._window -= 1
+                await self._send(session, _wire.chunk(rid, seq), _as_bytes(item, handler.name))
+                seq += 1
+        except BaseException as exc:  # noqa: B036
+            if agen is not None:
+                try:
+                    await agen.aclose()
+                except BaseException:  # noqa: B036
+                    pass
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            self.served += 1
+            await self._send(session, _wire.end(rid, ctx._trailing))
+        finally:
+            self._forget(session, ctx)
+
+    def _forget(self, session, ctx):
+        if ctx._timer is not None:
+            ctx._timer.cancel()
+        session.calls.pop(ctx.request_id, None)
+        if self._drained is not None and not session.calls and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _answer_error(self, session, ctx, exc, handler):
+        if isinstance(exc, asyncio.CancelledError):
+            reason = ctx._reason
+            if reason == _BY_DEADLINE:
+                code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (worker)"
+            elif reason == _BY_SHUTDOWN:
+                code, message = StatusCode.UNAVAILABLE, "worker shutting down"
+            elif reason == _BY_SESSION_END:
+                return  # the broker already forgot this call
+            else:
+                code, message = StatusCode.CANCELLED, "cancelled"
+            metadata = ctx._trailing
+        elif isinstance(exc, RpcError):
+            code, message = exc.code, exc.message
+            metadata = dict(ctx._trailing or {}, **exc.metadata) if exc.metadata \
+                else ctx._trailing
+        elif isinstance(exc, Exception):
+            log.exception("%s raised", handler.name, exc_info=exc)
+            code, message = StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            metadata = ctx._trailing
+        else:
+            raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
+        await self._send(session, _wire.error(ctx.request_id, code, message, metadata))
+
+
+def _typed_unary(fn, decode, reply_cls):
+    async def handler(payload, ctx):
+        reply = await fn(decode(payload), ctx)
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        return reply.SerializeToString()
+    return handler
+
+
+def _typed_stream(fn, decode, reply_cls):
+    async def handler(payload, ctx):
+        agen = fn(decode(payload), ctx)
+        try:
+            async for reply in agen:
+                if not isinstance(reply, reply_cls):
+                    raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                                    f"expected {reply_cls.__name__}")
+                yield reply.SerializeToString()
+        finally:
+            await agen.aclose()
+    return handler

@@ -1,0 +1,118 @@
+"""The worker application the RPC tests run in real worker processes.
+
+Started as ``python3 -m kelpie worker app:worker ...`` (see conftest.py).
+Handlers that tests observe from outside write small marker files into the
+directory named by the request's ``marker-dir`` metadata: ``<tag>.started``
+when they start, ``<tag>.<outcome>`` when they end (``done``, ``cancelled``,
+``deadline``), so a test in another process can see what happened inside.
+"""
+
+import asyncio
+import os
+
+import kelpie
+
+worker = kelpie.Worker(concurrency=int(os.environ.get("APP_CONCURRENCY", "16")),
+                       heartbeat=float(os.environ.get("APP_HEARTBEAT", "0.2")))
+
+_inflight = 0
+_max_inflight = 0
+
+
+def _mark(ctx, suffix, text=""):
+    directory = ctx.metadata.get("marker-dir")
+    tag = ctx.metadata.get("tag", b"call").decode()
+    if directory:
+        path = os.path.join(directory.decode(), f"{tag}.{suffix}")
+        with open(path + ".tmp", "w") as f:
+            f.write(text or str(os.getpid()))
+        os.replace(path + ".tmp", path)
+
+
+@worker.handler("echo", "Echo")
+async def echo(payload, ctx):
+    return payload
+
+
+@worker.handler("echo", "Meta")
+async def meta(payload, ctx):
+    # Request metadata comes back as trailing metadata, plus the deadline.
+    md = dict(ctx.metadata)
+    remaining = ctx.time_remaining()
+    md["remaining-ms"] = b"none" if remaining is None else str(int(remaining * 1000)).encode()
+    md["idempotent"] = b"1" if ctx.idempotent else b"0"
+    ctx.set_trailing_metadata(md)
+    return payload
+
+
+@worker.handler("echo", "Pid")
+async def pid(payload, ctx):
+    """Sleep ``payload`` seconds; reply "pid max-concurrent-calls-seen"."""
+    global _inflight, _max_inflight
+    _inflight += 1
+    _max_inflight = max(_max_inflight, _inflight)
+    try:
+        await asyncio.sleep(float(payload or b"0"))
+    finally:
+        _inflight -= 1
+    return f"{os.getpid()} {_max_inflight}".encode()
+
+
+@worker.handler("echo", "Sleep")
+async def sleep(payload, ctx):
+    _mark(ctx, "started")
+    try:
+        await asyncio.sleep(float(payload))
+    except asyncio.CancelledError:
+        remaining = ctx.time_remaining()
+        _mark(ctx, "deadline" if remaining is not None and remaining <= 0.05 else "cancelled")
+        raise
+    _mark(ctx, "done")
+    return str(os.getpid()).encode()
+
+
+@worker.handler("echo", "Fail")
+async def fail(payload, ctx):
+    if payload == b"notfound":
+        raise kelpie.NotFound("no such thing", {"detail-bin": b"\x00\x01"})
+    if payload == b"rpcerror":
+        raise kelpie.RpcError(kelpie.StatusCode.PERMISSION_DENIED, "go away")
+    if payload == b"later":
+        await asyncio.sleep(0.01)
+    raise ValueError("boom: " + payload.decode())
+
+
+@worker.handler("echo", "Count")
+async def count(payload, ctx):
+    """Stream ``payload`` chunks; write how many were produced to a marker."""
+    n = int(payload)
+    try:
+        for i in range(n):
+            _mark(ctx, "produced", str(i + 1))
+            yield b"%d" % i
+    except (asyncio.CancelledError, GeneratorExit):
+        _mark(ctx, "cancelled")
+        raise
+    _mark(ctx, "done")
+
+
+try:
+    import greeter_pb2
+except ImportError:  # the tests that need it put it on the path
+    greeter_pb2 = None
+
+if greeter_pb2 is not None:
+    class Greeter:
+        async def SayHello(self, request, ctx):
+            return greeter_pb2.HelloReply(message=f"hello {request.name}",
+                                          idempotent=ctx.idempotent)
+
+        async def Lookup(self, request, ctx):
+            return greeter_pb2.HelloReply(message=request.name.upper(),
+                                          idempotent=ctx.idempotent)
+
+        async def CountTo(self, request, ctx):
+            for i in range(request.count):
+                yield greeter_pb2.HelloReply(message=request.name, index=i)
+
+    worker.add_servicer(greeter_pb2.DESCRIPTOR.services_by_name["Greeter"], Greeter())

@@ -1,0 +1,201 @@
+"""Fixtures for the RPC tests: a real kelpied, real worker processes.
+
+Environment (set by ctest, tests/rpc/CMakeLists.txt):
+  KELPIED     path of the kelpied binary (required)
+  PYTHONPATH  the build tree's package directory (kelpie with _kelpie and
+              kelpie/v1/header_pb2.py)
+
+Every process a test starts runs in its own process group and is killed
+(SIGKILL to the group) at teardown, whatever the test's outcome. Every wait
+is bounded. Tests run their coroutines with ``run(coro, loop, timeout)``
+(no pytest-asyncio), on stdlib asyncio or uvloop.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+
+import kelpie  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(coro, loop="asyncio", timeout=30.0):
+    """Run ``coro`` to completion on a fresh loop, failing after ``timeout`` s."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    if loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(bounded())
+
+
+def _kill_group(proc):
+    if proc is None or proc.poll() is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AttributeError, OSError):
+            pass
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+class Broker:
+    """A kelpied on free loopback ports; can be killed and started again."""
+
+    def __init__(self, tmp_path, heartbeat_ms=200, extra=()):
+        self.binary = os.environ.get("KELPIED")
+        if not self.binary or not os.path.exists(self.binary):
+            pytest.fail("KELPIED must name the kelpied binary (ctest sets it)")
+        ports = [free_port() for _ in range(3)]
+        self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
+        self.heartbeat_ms = heartbeat_ms
+        self.extra = list(extra)
+        self.log_path = os.path.join(str(tmp_path), "kelpied.log")
+        self.proc = None
+
+    def start(self, wait=True):
+        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
+               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
+               "--client-max-inflight", "200000", *self.extra]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=10.0):
+        async def ping():
+            deadline = time.monotonic() + timeout
+            async with kelpie.Client(self.frontend, heartbeat=0) as client:
+                while True:
+                    try:
+                        await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
+                        return
+                    except kelpie.RpcError:
+                        if time.monotonic() > deadline or self.proc.poll() is not None:
+                            raise
+        try:
+            run(ping(), timeout=timeout + 2)
+        except Exception as exc:
+            pytest.fail(f"kelpied did not answer Ping: {exc!r}\n{self.log()}")
+
+    def kill(self):
+        _kill_group(self.proc)
+        self.proc = None
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+
+def worker_env(broker, extra_path=(), **env):
+    e = dict(os.environ)
+    path = [HERE, *extra_path] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]
+    e["PYTHONPATH"] = os.pathsep.join(path)
+    e["KELPIE_BACKEND"] = broker.backend
+    e["KELPIE_FRONTEND"] = broker.frontend
+    e.update({k: str(v) for k, v in env.items()})
+    return e
+
+
+class Processes:
+    """Worker processes started by a test, killed (by group) at teardown."""
+
+    def __init__(self, tmp_path):
+        self.procs = []
+        self.tmp_path = tmp_path
+
+    def worker(self, broker, processes=1, loop="asyncio", child=False, extra_path=(),
+               args=(), **env):
+        """``python -m kelpie worker app:worker``: a supervisor with N children,
+        or (``child=True``) one worker process without supervisor."""
+        cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "worker", "app:worker",
+               "--backend", broker.backend, "--grace", "2", *args]
+        cmd += ["--child"] if child else ["--processes", str(processes)]
+        log = open(os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log"), "ab")
+        proc = subprocess.Popen(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def kill_all(self):
+        for proc in self.procs:
+            _kill_group(proc)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request):
+    return request.param
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.kill()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+@pytest.fixture(scope="session")
+def greeter_path(tmp_path_factory):
+    """protoc-compiled tests/rpc/protos/greeter.proto, on sys.path."""
+    out = tmp_path_factory.mktemp("protos")
+    subprocess.run(["protoc", f"-I{HERE}/protos", f"--python_out={out}", "greeter.proto"],
+                   check=True, timeout=60)
+    sys.path.insert(0, str(out))
+    return str(out)
+
+
+async def wait_served(client, service="echo", method="Echo", timeout=15.0):
+    """Call until a worker answers (workers register asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await client.call(service, method, b"", timeout=0.5)
+        except (kelpie.NotFound, kelpie.DeadlineExceeded, kelpie.Unavailable):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def wait_file(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        await asyncio.sleep(0.02)
+    with open(path) as f:
+        return f.read()

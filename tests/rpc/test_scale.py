@@ -1,0 +1,27 @@
+"""50,000 concurrent calls from one client, each answered exactly once."""
+
+import asyncio
+import collections
+import time
+
+import kelpie
+from conftest import run, wait_served
+
+
+def test_50k_concurrent_calls(broker, procs):
+    procs.worker(broker, processes=2, APP_CONCURRENCY=512)
+    n = 50_000
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            t0 = time.monotonic()
+            calls = [client.call("echo", "Echo", b"%d" % i, timeout=60) for i in range(n)]
+            replies = await asyncio.gather(*calls)
+            elapsed = time.monotonic() - t0
+            counts = collections.Counter(replies)
+            assert len(counts) == n and set(counts.values()) == {1}
+            assert all(r == b"%d" % i for i, r in enumerate(replies))
+            assert client.outstanding == 0
+            print(f"50k calls in {elapsed:.2f} s ({n / elapsed:.0f}/s)")
+    run(main(), timeout=60)

@@ -1,0 +1,65 @@
+"""The hand-written header encoders against the generated protobuf class."""
+
+import pytest
+
+from kelpie import _wire
+from kelpie.v1 import header_pb2
+
+H = header_pb2.Header
+
+
+def parse(data):
+    h = H()
+    h.ParseFromString(data)
+    return h
+
+
+@pytest.mark.parametrize("rid", [1, 127, 128, 300, 2**32 + 5, 2**64 - 1])
+def test_request(rid):
+    got = parse(_wire.request("svc.Name", "Méthode", rid, 1500, _wire.IDEMPOTENT | _wire.STREAM,
+                              16, {"a": b"\x00\xff", "text": "héllo"}))
+    want = H(version=1, kind=_wire.REQUEST, request_id=rid, service="svc.Name", method="Méthode", timeout_ms=1500,
+        flags=3, credits=16)
+    want.metadata["a"] = b"\x00\xff"
+    want.metadata["text"] = "héllo".encode()
+    assert got == want
+
+
+def test_request_minimal_is_cached():
+    a = _wire.request("s", "m", 5)
+    assert parse(a) == H(version=1, kind=_wire.REQUEST, request_id=5, service="s", method="m")
+    assert ("s", "m", 0, 0) in _wire._request_prefixes
+
+
+def test_answers():
+    assert parse(_wire.reply(2**40, {"k": b"v"})) == H(
+        version=1, kind=_wire.REPLY, request_id=2**40, metadata={"k": b"v"})
+    assert parse(_wire.chunk(9, 0)) == H(version=1, kind=_wire.CHUNK, request_id=9)
+    assert parse(_wire.chunk(9, 300)) == H(version=1, kind=_wire.CHUNK, request_id=9,
+                                           sequence=300)
+    assert parse(_wire.end(9)) == H(version=1, kind=_wire.END, request_id=9)
+    assert parse(_wire.error(9, 13, "boom ✗", {"x-bin": b"\x01"})) == H(
+        version=1, kind=_wire.ERROR, request_id=9, code=13, message="boom ✗",
+        metadata={"x-bin": b"\x01"})
+    assert parse(_wire.cancel(77)) == H(version=1, kind=_wire.CANCEL, request_id=77)
+    assert parse(_wire.credit(8, 77)) == H(version=1, kind=_wire.CREDIT, request_id=77,
+                                           credits=8)
+    assert parse(_wire.heartbeat(250)) == H(version=1, kind=_wire.HEARTBEAT, heartbeat_ms=250)
+    ready = parse(_wire.ready(["a", "b"], 64, 1000, "host:1"))
+    assert (list(ready.services), ready.credits, ready.heartbeat_ms, ready.name) == (
+        ["a", "b"], 64, 1000, "host:1")
+
+
+def test_status_codes_match_proto():
+    import kelpie
+    for value in header_pb2.Code.DESCRIPTOR.values:
+        assert kelpie.StatusCode[value.name] == value.number
+
+
+def test_errors_map_codes():
+    import kelpie
+    e = kelpie.RpcError(kelpie.StatusCode.NOT_FOUND, "x", {"k": b"v"})
+    assert isinstance(e, kelpie.NotFound) and e.message == "x" and e.metadata == {"k": b"v"}
+    assert kelpie.DeadlineExceeded().code == kelpie.StatusCode.DEADLINE_EXCEEDED
+    assert kelpie.Unavailable("gone").message == "gone"
+    assert isinstance(kelpie.RpcError(99), kelpie.Unknown)
