@@ -17,7 +17,8 @@
 /* Largest heartbeat interval a worker may announce (one hour). */
 #define BACKEND_MAX_HEARTBEAT_MS 3600000u
 
-static void backend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err err)
+static void backend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                           enum kp_err err)
 {
     kp_broker_count_error(b, err);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
@@ -25,7 +26,7 @@ static void backend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err 
         return;
     }
     kp_broker_send_error(b, b->backend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                         h ? h->request_id : 0, err, NULL);
+                         request_id, err, NULL);
 }
 
 static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
@@ -87,19 +88,20 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
 void kp_backend_on_message(struct kp_broker *b)
 {
     kp_header *h;
-    enum kp_err err = kp_broker_parse(b, KP_FROM_WORKER, 1, &h);
+    uint64_t request_id;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_WORKER, 1, &h, &request_id);
     struct kp_worker *w =
         kp_workers_find(&b->workers, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]));
     if (w)
         w->last_recv = b->now;
     if (err != KP_OK) {
-        backend_refuse(b, h, err);
+        backend_refuse(b, h, request_id, err);
         return;
     }
     if (w == NULL && h->kind != KELPIE__V1__KIND__READY) {
         if (h->kind == KELPIE__V1__KIND__DISCONNECT)
             return; /* leaving anyway; nothing to undo */
-        backend_refuse(b, h, KP_ENOTREADY);
+        backend_refuse(b, h, h->request_id, KP_ENOTREADY);
         return;
     }
     switch (h->kind) {
@@ -130,7 +132,7 @@ void kp_backend_on_message(struct kp_broker *b)
             kp_broker_mark_pending(b, w->services[i]);
         break;
     default: /* PROGRESS, OUTPUT, RESULT, NACK: durable jobs are a later release */
-        backend_refuse(b, h, KP_EUNIMPLEMENTED);
+        backend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
     }
 }

@@ -60,6 +60,8 @@ void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
         s->bad_frames++;
         break;
     case KP_EBADHEADER:
+    case KP_ENOREQUESTID:
+    case KP_ENOSERVICE:
         s->bad_header++;
         break;
     case KP_EOVERSIZED:
@@ -72,8 +74,6 @@ void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
     case KP_EDIRECTION:
         s->bad_kind++;
         break;
-    case KP_ENOREQUESTID:
-    case KP_ENOSERVICE:
     case KP_EDUPLICATE:
         s->bad_request++;
         break;
@@ -108,17 +108,26 @@ void kp_broker_mark_pending(struct kp_broker *b, struct kp_service *s)
     }
 }
 
-enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h)
+enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h,
+                            uint64_t *request_id)
 {
     *h = NULL;
-    if (b->too_many)
-        return KP_ETOOMANYFRAMES;
+    *request_id = 0;
     if (b->nframes <= hdr_index)
         return KP_ENOHEADER;
+    zmq_msg_t *f = &b->frames[hdr_index];
+    enum kp_err err =
+        kp_wire_parse(&b->arena, zmq_msg_data(f), zmq_msg_size(f), b->max_header_size, dir, h);
+    if (*h)
+        *request_id = (*h)->request_id;
+    else if (err == KP_EOVERSIZED || err == KP_EBADHEADER)
+        *request_id = kp_wire_peek_request_id(zmq_msg_data(f), zmq_msg_size(f));
+    /* Frame-level problems outrank what the header says. */
+    if (b->too_many)
+        return KP_ETOOMANYFRAMES;
     if (b->msg_size > b->max_message_size)
         return KP_EOVERSIZED;
-    zmq_msg_t *f = &b->frames[hdr_index];
-    return kp_wire_parse(&b->arena, zmq_msg_data(f), zmq_msg_size(f), b->max_header_size, dir, h);
+    return err;
 }
 
 /* ---- sending ------------------------------------------------------------ */

@@ -155,8 +155,11 @@ bool kp_broker_in_grace(const struct kp_broker *b);
 
 /* Validates the message in b->frames as coming from dir with its header at
  * hdr_index: frame count, total size, header decode and check. Returns KP_OK
- * with *h set, or the reason (*h set if the header decoded at least). */
-enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h);
+ * with *h set, or the reason; then *h is set if the header decoded, and
+ * *request_id is the id to echo in the ERROR (read from the header, or
+ * peeked from an undecodable/oversized one, or 0). */
+enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h,
+                            uint64_t *request_id);
 
 /* Increments the counter that records err as a reason for refusing input. */
 void kp_broker_count_error(struct kp_broker *b, enum kp_err err);

@@ -13,7 +13,8 @@
 #include "log.h"
 
 /* Refuses a client message: counter and ERROR (never an ERROR for an ERROR). */
-static void frontend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err err)
+static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                            enum kp_err err)
 {
     kp_broker_count_error(b, err);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
@@ -21,7 +22,7 @@ static void frontend_refuse(struct kp_broker *b, const kp_header *h, enum kp_err
         return;
     }
     kp_broker_send_error(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                         h ? h->request_id : 0, err, NULL);
+                         request_id, err, NULL);
 }
 
 /* Finds the service for a new call, creating it during the start-up grace
@@ -39,7 +40,7 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
     const void *rid = zmq_msg_data(&b->frames[0]);
     size_t rid_len = zmq_msg_size(&b->frames[0]);
     if (b->state != KP_BROKER_RUNNING) {
-        frontend_refuse(b, h, KP_ESHUTDOWN);
+        frontend_refuse(b, h, h->request_id, KP_ESHUTDOWN);
         return;
     }
     if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
@@ -49,20 +50,20 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
     struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
     cl->last_seen = b->now;
     if (kp_idmap_get(&cl->calls, h->request_id) != NULL) {
-        frontend_refuse(b, h, KP_EDUPLICATE);
+        frontend_refuse(b, h, h->request_id, KP_EDUPLICATE);
         return;
     }
     if (kp_client_inflight(cl) >= b->client_max_inflight) {
-        frontend_refuse(b, h, KP_ECLIENTLIMIT);
+        frontend_refuse(b, h, h->request_id, KP_ECLIENTLIMIT);
         return;
     }
     struct kp_service *s = frontend_route(b, h->service);
     if (s == NULL) {
-        frontend_refuse(b, h, KP_ENOTFOUND);
+        frontend_refuse(b, h, h->request_id, KP_ENOTFOUND);
         return;
     }
     if (s->queued >= b->queue_limit) {
-        frontend_refuse(b, h, KP_EQUEUEFULL);
+        frontend_refuse(b, h, h->request_id, KP_EQUEUEFULL);
         return;
     }
     struct kp_call *c = kp_call_new(&b->calls);
@@ -110,9 +111,10 @@ static void frontend_credit(struct kp_broker *b, kp_header *h)
 void kp_frontend_on_message(struct kp_broker *b)
 {
     kp_header *h;
-    enum kp_err err = kp_broker_parse(b, KP_FROM_CLIENT, 1, &h);
+    uint64_t request_id;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_CLIENT, 1, &h, &request_id);
     if (err != KP_OK) {
-        frontend_refuse(b, h, err);
+        frontend_refuse(b, h, request_id, err);
         return;
     }
     switch (h->kind) {
@@ -150,7 +152,7 @@ void kp_frontend_on_message(struct kp_broker *b)
         break;
     }
     default: /* SUBMIT, WATCH: durable jobs are a later release */
-        frontend_refuse(b, h, KP_EUNIMPLEMENTED);
+        frontend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
     }
 }
@@ -158,7 +160,8 @@ void kp_frontend_on_message(struct kp_broker *b)
 void kp_intake_on_message(struct kp_broker *b)
 {
     kp_header *h;
-    enum kp_err err = kp_broker_parse(b, KP_FROM_INTAKE, 0, &h);
+    uint64_t request_id;
+    enum kp_err err = kp_broker_parse(b, KP_FROM_INTAKE, 0, &h, &request_id);
     if (err == KP_OK && h->kind != KELPIE__V1__KIND__REQUEST)
         err = KP_EUNIMPLEMENTED; /* SUBMIT */
     else if (err == KP_OK && b->state != KP_BROKER_RUNNING)

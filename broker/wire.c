@@ -67,7 +67,7 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
     if (len > max_header)
         return KP_EOVERSIZED;
     if (len == 0)
-        return KP_EBADHEADER;
+        return KP_ENOHEADER; /* an empty frame is no header (§3: 1*OCTET) */
     kp_header *h = kelpie__v1__header__unpack(&a->pb, len, data);
     if (h == NULL)
         return KP_EBADHEADER;
@@ -127,6 +127,56 @@ enum kp_err kp_wire_parse(struct kp_arena *a, const void *data, size_t len, size
     if (err != KP_OK)
         return err;
     return kp_wire_check(*out, dir);
+}
+
+static bool wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t byte = *(*p)++;
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) {
+            *out = v;
+            return true;
+        }
+    }
+    return false;
+}
+
+uint64_t kp_wire_peek_request_id(const void *data, size_t len)
+{
+    const uint8_t *p = data, *end = p + len;
+    while (p < end) {
+        uint64_t key, v;
+        if (!wire_varint(&p, end, &key))
+            return 0;
+        switch (key & 7) {
+        case 0: /* varint */
+            if (!wire_varint(&p, end, &v))
+                return 0;
+            if (key >> 3 == 3)
+                return v;
+            break;
+        case 1: /* 64-bit */
+            if ((size_t)(end - p) < 8)
+                return 0;
+            p += 8;
+            break;
+        case 2: /* length-delimited */
+            if (!wire_varint(&p, end, &v) || v > (uint64_t)(end - p))
+                return 0;
+            p += v;
+            break;
+        case 5: /* 32-bit */
+            if ((size_t)(end - p) < 4)
+                return 0;
+            p += 4;
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 0;
 }
 
 enum kp_err kp_wire_encode(const kp_header *h, zmq_msg_t *out)

@@ -70,8 +70,8 @@ void kp_arena_reset(struct kp_arena *a);
 void kp_arena_fini(struct kp_arena *a);
 
 /* Decodes a header frame of len bytes into *out (allocated in a).
- * Returns KP_EOVERSIZED if len > max_header, KP_EBADHEADER if the frame is
- * empty or does not decode. *out is valid until the arena's next reset. */
+ * Returns KP_EOVERSIZED if len > max_header, KP_ENOHEADER if the frame is
+ * empty, KP_EBADHEADER if it does not decode. *out is valid until the arena's next reset. */
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out);
 
@@ -91,6 +91,11 @@ bool kp_wire_kind_known(uint32_t kind);
 
 /* Returns the kind's name ("REQUEST", ...) or "UNKNOWN". */
 const char *kp_wire_kind_name(uint32_t kind);
+
+/* Finds field 3 (request_id) in a header frame that cannot or must not be
+ * decoded in full (oversized, truncated) by walking its top-level fields,
+ * without allocating. Returns 0 if it is absent or unreadable. */
+uint64_t kp_wire_peek_request_id(const void *data, size_t len);
 
 /* Encodes h into a fresh message *out (which must not be initialised).
  * Returns KP_OK, or KP_ESYS if zmq_msg_init_size failed (out untouched). */
