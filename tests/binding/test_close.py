@@ -1,0 +1,81 @@
+"""Closing with waiters: they raise, nothing hangs, the FD is unregistered."""
+
+import asyncio
+import errno
+
+import pytest
+
+import kelpie
+
+
+def test_close_with_pending_waiters(run, pair, loop):
+    idle_tx, idle_rx = pair()  # nothing is ever sent: receivers wait
+    full_tx, full_rx = pair(hwm=1)  # nothing is ever received: senders wait
+
+    async def main():
+        receivers = [asyncio.ensure_future(idle_rx.recv()) for _ in range(3)]
+        receivers.append(asyncio.ensure_future(idle_rx.recv_multipart(copy=False)))
+        while True:
+            try:
+                await full_tx.send(b"fill", kelpie.NOBLOCK)
+            except kelpie.Again:
+                break
+        senders = [asyncio.ensure_future(full_tx.send(b"blocked")),
+                   asyncio.ensure_future(full_tx.send_multipart([b"a", b"b"]))]
+        await asyncio.sleep(0.01)
+        assert idle_rx._waiters == (4, 0)
+        assert full_tx._waiters == (0, 2)
+        idle_rx.close(linger=0)
+        full_tx.close(linger=0)
+        results = await asyncio.wait_for(
+            asyncio.gather(*receivers, *senders, return_exceptions=True), 1.0)
+        for r in results:
+            assert isinstance(r, kelpie.ZMQError) and r.errno == errno.ENOTSOCK, r
+        assert idle_rx._waiters == (0, 0) and full_tx._waiters == (0, 0)
+        with pytest.raises(kelpie.ZMQError):
+            await idle_rx.recv()
+        with pytest.raises(kelpie.ZMQError):
+            await full_tx.send(b"closed")
+
+    run(main())
+    if hasattr(loop, "_selector"):  # stdlib asyncio: the readers are gone
+        fds = [key.fd for key in loop._selector.get_map().values()]
+        assert idle_rx.fd not in fds and full_tx.fd not in fds
+
+
+def test_destroy_context_with_waiters(run, ctx):
+    async def main():
+        socks = [ctx.socket(kelpie.PULL) for _ in range(3)]
+        for i, s in enumerate(socks):
+            s.bind("inproc://d%d" % i)
+        waiters = [asyncio.ensure_future(s.recv()) for s in socks]
+        await asyncio.sleep(0.01)
+        ctx.destroy(linger=0)
+        results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 1)
+        assert all(isinstance(r, kelpie.ZMQError) for r in results)
+        assert all(s.closed for s in socks)
+        assert ctx.closed
+
+    run(main())
+
+
+def test_close_from_reader_of_another_socket(run, pair):
+    """Closing a socket from a task woken by another socket is fine."""
+    tx, rx = pair()
+    tx2, rx2 = pair()
+
+    async def main():
+        w = asyncio.ensure_future(rx2.recv())
+        await asyncio.sleep(0.01)
+
+        async def closer():
+            await rx.recv()
+            rx2.close()
+
+        c = asyncio.ensure_future(closer())
+        await tx.send(b"go")
+        await asyncio.wait_for(c, 1)
+        with pytest.raises(kelpie.ZMQError):
+            await asyncio.wait_for(w, 1)
+
+    run(main())

@@ -1,0 +1,118 @@
+"""No per-message growth (pyzmq #968, #1361, #1928): references, GC-tracked
+objects, traced Python memory and RSS stay flat."""
+
+import asyncio
+import gc
+import sys
+import tracemalloc
+
+import psutil
+import pytest
+from conftest import scale
+
+import kelpie
+
+
+def _count_ops():
+    return sum(1 for o in gc.get_objects() if type(o).__name__ == "Operation")
+
+
+def test_refcounts_flat_on_both_paths(run, pair):
+    """The payload, the socket and the loop lose no reference over many
+    immediate and waited operations, including cancelled and failed ones."""
+    tx, rx = pair(transport="tcp")
+    payload = b"refcount-probe" * 3
+    n = 5_000
+
+    async def traffic():
+        for _ in range(n):
+            await tx.send(payload)  # immediate
+        for _ in range(n):
+            await rx.recv()
+        for _ in range(200):  # waited: recv first, send later
+            waiter = asyncio.ensure_future(rx.recv())
+            await asyncio.sleep(0)
+            await tx.send_multipart([payload, payload])
+            await waiter
+            await rx.recv()
+        for _ in range(200):  # cancelled while waiting
+            waiter = asyncio.ensure_future(rx.recv())
+            await asyncio.sleep(0)
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        for _ in range(200):  # failed
+            try:
+                await rx.recv(kelpie.NOBLOCK)
+            except kelpie.Again:
+                pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        await traffic()  # warm up: first-use bindings and caches
+        gc.collect()
+        before = (sys.getrefcount(payload), sys.getrefcount(tx), sys.getrefcount(rx),
+                  sys.getrefcount(loop), _count_ops())
+        await traffic()
+        gc.collect()
+        after = (sys.getrefcount(payload), sys.getrefcount(tx), sys.getrefcount(rx),
+                 sys.getrefcount(loop), _count_ops())
+        assert after == before
+
+    run(main(), timeout=60)
+
+
+def test_tracemalloc_flat(run, pair):
+    tx, rx = pair()
+
+    async def round(n):
+        for i in range(n):
+            await tx.send_multipart([b"a", b"b" * 100])
+            parts = await rx.recv_multipart(copy=i % 2 == 0)
+            assert len(parts) == 2
+
+    async def main():
+        await round(10_000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            snap0 = tracemalloc.take_snapshot()
+            await round(50_000)
+            gc.collect()
+            snap1 = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        growth = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
+        assert growth < 64 * 1024, growth
+
+    run(main(), timeout=60)
+
+
+@pytest.mark.slow
+def test_rss_flat_over_a_million_messages(run, pair):
+    """1,000,000 messages through a tcp pair, half of them waited for (the
+    receiver is ahead of the sender), RSS sampled along the way."""
+    n = scale(1_000_000, 100_000)
+    tx, rx = pair(transport="tcp", hwm=1000)
+    proc = psutil.Process()
+    samples = []
+
+    async def producer():
+        for i in range(n):
+            await tx.send(b"m" * (i % 64))
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # the receiver catches up and waits
+
+    async def consumer():
+        for i in range(n):
+            await rx.recv(copy=i % 3 != 0)
+            if i % (n // 20) == 0:
+                gc.collect()
+                samples.append(proc.memory_info().rss)
+
+    async def main():
+        await asyncio.gather(producer(), consumer())
+
+    run(main(), timeout=120)
+    # Ignore the first samples (allocator warm-up); afterwards flat.
+    steady = samples[3:]
+    assert max(steady) - min(steady) < 4 * 1024 * 1024, [s >> 10 for s in samples]
