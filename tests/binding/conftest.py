@@ -18,6 +18,9 @@ import kelpie
 
 # Set by the ASan ctest run: soak tests shrink their counts.
 QUICK = bool(os.environ.get("KELPIE_TEST_QUICK"))
+# Set by the ASan run: ASan's quarantine holds freed memory, so RSS is not
+# a leak signal there (leaks are the normal run's job).
+ASAN = bool(os.environ.get("KELPIE_TEST_ASAN"))
 
 
 def scale(full, quick):

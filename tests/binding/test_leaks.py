@@ -8,7 +8,7 @@ import tracemalloc
 
 import psutil
 import pytest
-from conftest import scale
+from conftest import ASAN, scale
 
 import kelpie
 
@@ -88,6 +88,7 @@ def test_tracemalloc_flat(run, pair):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(ASAN, reason="ASan's quarantine keeps freed memory resident")
 def test_rss_flat_over_a_million_messages(run, pair):
     """1,000,000 messages through a tcp pair, half of them waited for (the
     receiver is ahead of the sender), RSS sampled along the way."""
