@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# benchmarks/broker/run.sh: the whole broker benchmark in one command.
+#
+#   benchmarks/broker/run.sh            (from anywhere; env: BUILD, SECONDS_PER_CASE, CONNS)
+#
+# 1. Throughput and latency: bench_client -> kelpied -> bench_worker (kelpie),
+#    and the same load through a bare zmq_proxy hop (bench_proxy, bare echo),
+#    64 B and 1 KiB payloads, 1 and 100 calls in flight. Kelpie's figure is
+#    printed beside the bare hop's as a ratio.
+# 2. Connection capacity: CONNS idle connections (half workers, half clients)
+#    against one kelpied, with its RSS growth per connection.
+#
+# Prints a table, writes benchmarks/results/broker.md and docs/img/broker.png.
+# Every process it starts is killed on exit; every case is bounded by timeout.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=${BUILD:-$ROOT/build}
+SECS=${SECONDS_PER_CASE:-4}
+CONNS=${CONNS:-10000}
+PY=/usr/bin/python3
+RESULTS=$ROOT/benchmarks/results
+mkdir -p "$RESULTS" "$ROOT/docs/img"
+
+# --- build ------------------------------------------------------------------
+if [ ! -f "$BUILD/CMakeCache.txt" ]; then
+    cmake -S "$ROOT" -B "$BUILD" -DPython3_EXECUTABLE=$PY >/dev/null
+fi
+cmake --build "$BUILD" -j2 --target kelpied bench_client bench_worker bench_proxy bench_conns \
+    >/dev/null
+KELPIED=$BUILD/broker/kelpied
+B=$BUILD/benchmarks/broker
+
+# --- process bookkeeping ----------------------------------------------------
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+stop_all() {
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
+    done
+    sleep 0.3
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    PIDS=()
+}
+
+free_ports() { # prints N free TCP ports on 127.0.0.1
+    $PY - "$1" <<'EOF'
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[1])):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# Runs bench_client with a time bound; prints its result line or "fail".
+# The *_case functions leave that line in RESULT.
+client() { # mode endpoint size depth
+    timeout $((SECS + 30)) "$B/bench_client" "$1" "$2" "$3" "$4" "$SECS" 2>/dev/null || echo fail
+}
+
+bare_case() { # size depth
+    read -r pf pb < <(free_ports 2)
+    "$B/bench_proxy" "tcp://127.0.0.1:$pf" "tcp://127.0.0.1:$pb" >/dev/null & PIDS+=($!)
+    "$B/bench_worker" bare "tcp://127.0.0.1:$pb" >/dev/null & PIDS+=($!)
+    sleep 0.3
+    RESULT=$(client bare "tcp://127.0.0.1:$pf" "$1" "$2")
+    stop_all
+}
+
+kelpie_case() { # size depth
+    read -r pf pb pi < <(free_ports 3)
+    "$KELPIED" --frontend "tcp://127.0.0.1:$pf" --backend "tcp://127.0.0.1:$pb" \
+        --intake "tcp://127.0.0.1:$pi" --log-level warn >/dev/null 2>&1 & PIDS+=($!)
+    sleep 0.3
+    "$B/bench_worker" kelpie "tcp://127.0.0.1:$pb" 256 >/dev/null & PIDS+=($!)
+    sleep 0.5
+    RESULT=$(client kelpie "tcp://127.0.0.1:$pf" "$1" "$2")
+    stop_all
+}
+
+field() { # line key
+    sed -n "s/.*$2=\([0-9.]*\).*/\1/p" <<<"$1"
+}
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "kelpie broker benchmark: ${SECS}s per case, load average $LOAD_BEFORE, $(nproc) cores"
+ROWS=()
+printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s\n' size depth \
+    "kelpie req/s" "p50 us" "p99 us" "bare req/s" "p50 us" "p99 us" ratio
+for size in 64 1024; do
+    for depth in 1 100; do
+        kelpie_case $size $depth
+        k=$RESULT
+        bare_case $size $depth
+        r=$RESULT
+        kr=$(field "$k" rps); k50=$(field "$k" p50_us); k99=$(field "$k" p99_us)
+        br=$(field "$r" rps); b50=$(field "$r" p50_us); b99=$(field "$r" p99_us)
+        ratio=$($PY -c "print(f'{float(\"${kr:-0}\")/float(\"${br:-0}\"):.2f}' if '${br}' and float('${br}') else 'n/a')")
+        printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s\n' $size $depth \
+            "${kr:-fail}" "${k50:--}" "${k99:--}" "${br:-fail}" "${b50:--}" "${b99:--}" "$ratio"
+        ROWS+=("$size $depth ${kr:-0} ${k50:-0} ${k99:-0} ${br:-0} ${b50:-0} ${b99:-0} $ratio")
+    done
+done
+
+# --- connection capacity ----------------------------------------------------
+read -r pf pb pi < <(free_ports 3)
+CONN_LINE=fail
+(
+    ulimit -n "$(ulimit -Hn)"
+    exec "$KELPIED" --frontend "tcp://127.0.0.1:$pf" --backend "tcp://127.0.0.1:$pb" \
+        --intake "tcp://127.0.0.1:$pi" --heartbeat-ms 600000 --log-level warn >/dev/null 2>&1
+) & KPID=$!
+PIDS+=($KPID)
+sleep 0.5
+HALF=$((CONNS / 2))
+CONN_LINE=$(
+    ulimit -n "$(ulimit -Hn)"
+    timeout 120 "$B/bench_conns" "$KPID" "tcp://127.0.0.1:$pf" "tcp://127.0.0.1:$pb" \
+        $HALF $((CONNS - HALF)) 4 2>&1 | tail -1
+) || true
+stop_all
+echo "connections: $CONN_LINE"
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- report -----------------------------------------------------------------
+{
+    echo "# Broker benchmark results"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load average before $LOAD_BEFORE," \
+        "after $LOAD_AFTER, ${SECS} s per case. Command: \`benchmarks/broker/run.sh\`."
+    echo
+    echo "| payload | in flight | Kelpie req/s | p50 µs | p99 µs | bare zmq_proxy req/s | p50 µs | p99 µs | Kelpie / bare |"
+    echo "|--------:|----------:|-------------:|-------:|-------:|---------------------:|-------:|-------:|--------------:|"
+    for row in "${ROWS[@]}"; do
+        read -r s d kr k50 k99 br b50 b99 ratio <<<"$row"
+        echo "| $s B | $d | $kr | $k50 | $k99 | $br | $b50 | $b99 | $ratio |"
+    done
+    echo
+    echo "Connection capacity ($CONNS requested, half workers, half clients): \`$CONN_LINE\`"
+} >"$RESULTS/broker.md"
+
+printf '%s\n' "${ROWS[@]}" | $PY - "$ROOT/docs/img/broker.png" <<'EOF'
+import sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = [l.split() for l in sys.stdin if l.strip()]
+labels = [f"{r[0]} B\n{r[1]} in flight" for r in rows]
+kelpie = [float(r[2]) / 1000 for r in rows]
+bare = [float(r[5]) / 1000 for r in rows]
+x = range(len(rows))
+fig, ax = plt.subplots(figsize=(7, 3.6))
+ax.bar([i - 0.2 for i in x], bare, 0.4, label="bare zmq_proxy hop", color="#bbbbbb")
+ax.bar([i + 0.2 for i in x], kelpie, 0.4, label="kelpied", color="#2a7f62")
+for i, r in enumerate(rows):
+    ax.text(i + 0.2, kelpie[i], r[8], ha="center", va="bottom", fontsize=8)
+ax.set_xticks(list(x))
+ax.set_xticklabels(labels, fontsize=8)
+ax.set_ylabel("thousand requests/s")
+ax.set_title("Kelpie vs a bare zmq_proxy hop (one run, 2 cores; label = ratio)", fontsize=9)
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(sys.argv[1], dpi=110)
+EOF
+echo "wrote $RESULTS/broker.md and docs/img/broker.png"
