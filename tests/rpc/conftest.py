@@ -116,7 +116,8 @@ class Broker:
 
 def worker_env(broker, extra_path=(), **env):
     e = dict(os.environ)
-    path = [HERE, *extra_path] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p]
+    path = [HERE, *extra_path] + [os.path.abspath(p) for p in
+                                  e.get("PYTHONPATH", "").split(os.pathsep) if p]
     e["PYTHONPATH"] = os.pathsep.join(path)
     e["KELPIE_BACKEND"] = broker.backend
     e["KELPIE_FRONTEND"] = broker.frontend

@@ -23,3 +23,30 @@ __version__ = "0.1.0"
 def zmq_version() -> str:
     """The libzmq version as "major.minor.patch"."""
     return "%d.%d.%d" % zmq_version_info()
+
+
+# --- RPC over the broker: Client, Worker, stubs, errors (docs/python.md) ----
+# Status codes and errors are plain Python and load at once. Client, Worker
+# and the rest load on first use (PEP 562), so that code using only the
+# sockets above never imports protobuf.
+from kelpie._status import StatusCode  # noqa: E402
+from kelpie.errors import *  # noqa: E402,F401,F403
+from kelpie.errors import RpcError  # noqa: E402,F401
+
+_RPC_NAMES = {
+    "Client": "kelpie.client",
+    "Stream": "kelpie.client",
+    "Worker": "kelpie.worker",
+    "CallContext": "kelpie.worker",
+    "Stub": "kelpie.stubs",
+}
+
+
+def __getattr__(name):
+    module = _RPC_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kelpie' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
