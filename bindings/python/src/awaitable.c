@@ -454,7 +454,7 @@ static int op_wait(kp_op *self, int front)
     if (kp_socket_check_loop(sock) < 0) {
         return -1;
     }
-    PyObject *future = PyObject_CallNoArgs(sock->create_future);
+    PyObject *future = kp_socket_new_future(sock);
     if (future == NULL) {
         return -1;
     }
@@ -484,6 +484,8 @@ static int op_wait(kp_op *self, int front)
         return -1;
     }
     self->state = OP_WAITING;
+    /* Waiting gives the loop a turn: the socket's burst ends here. */
+    sock->used = 0;
     return 0;
 }
 
@@ -527,23 +529,23 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     switch (self->state) {
     case OP_INIT:
         kp_release_drain();
-        if (kp_socket_check_thread(sock) < 0) {
+        if (kp_socket_check_thread(sock) < 0 ||
+            (sock->loop == NULL && kp_socket_check_loop(sock) < 0)) {
             goto error;
         }
-        int spent = kp_socket_budget_spent(sock);
-        if (spent < 0) {
-            goto error;
-        }
-        if (spent) {
+        if (sock->used >= sock->budget) {
+            /* Fairness: this socket has completed `budget` operations
+             * without giving the loop a turn. One bare yield lets the Task
+             * reschedule itself behind everything already ready (timers,
+             * I/O callbacks, other tasks). */
+            sock->used = 0;
             self->state = OP_YIELDED;
             *result = Py_NewRef(Py_None);
             return PYGEN_NEXT;
         }
         break;
     case OP_YIELDED:
-        /* A loop turn has passed; run now whatever the budget says, so a
-         * yielded operation always makes progress. */
-        if (kp_socket_check_thread(sock) < 0 || kp_socket_budget_spent(sock) < 0) {
+        if (kp_socket_check_thread(sock) < 0) {
             goto error;
         }
         break;
@@ -573,7 +575,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     int rc = op_run(self, &value);
     if (rc == 0) {
         if (immediate) {
-            kp_socket_budget_use(sock);
+            sock->used++;
         }
         kp_socket_recheck(sock);
         self->state = OP_DONE;

@@ -46,15 +46,16 @@ typedef struct kp_state {
     PyObject *str_add_reader;
     PyObject *str_remove_reader;
     PyObject *str_create_future;
-    PyObject *str_call_soon;
     PyObject *str_set_result;
     PyObject *str_set_exception;
     PyObject *str_cancel;
     PyObject *str_done;
     PyObject *str_is_closed;
-    PyObject *str_blocking; /* "_asyncio_future_blocking" */
-    PyObject *str_on_fd;    /* "_on_fd", the socket's reader callback */
-    PyObject *str_budget_reset;
+    PyObject *str_blocking;       /* "_asyncio_future_blocking" */
+    PyObject *str_on_fd;          /* "_on_fd", the socket's reader callback */
+    PyObject *future_type;        /* asyncio.Future */
+    PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
+    PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
 } kp_state;
 
 extern PyModuleDef kp_module_def;
@@ -162,14 +163,13 @@ struct kp_socket {
     PyObject *loop;             /* the loop we are bound to, NULL until first await */
     unsigned long thread;       /* PyThread_get_thread_ident() of that loop's thread */
     PyObject *on_fd;            /* cached bound method _on_fd (reader callback) */
-    PyObject *budget_cb;        /* cached bound method _budget_reset */
-    PyObject *create_future;    /* cached loop.create_future */
-    PyObject *call_soon;        /* cached loop.call_soon */
+    PyObject *create_future;    /* cached loop.create_future, NULL if plain_future */
+    int plain_future;           /* the loop's create_future is asyncio's own: call
+                                   asyncio.Future(loop=loop) directly */
     int reader;                 /* 1 while on_fd is registered with loop.add_reader */
-    int budget_armed;           /* 1 while a _budget_reset call is scheduled */
     int release_watched;        /* 1 once the release eventfd is watched by loop */
-    Py_ssize_t budget;          /* immediate completions allowed per loop turn */
-    Py_ssize_t used;            /* immediate completions in this loop turn */
+    Py_ssize_t budget;          /* immediate completions allowed between yields */
+    Py_ssize_t used;            /* immediate completions since the socket last yielded */
     Py_ssize_t copy_threshold;  /* copy=False sends at least this big are zero-copy */
     kp_queue recv_q;            /* awaitables waiting for POLLIN */
     kp_queue send_q;            /* awaitables waiting for POLLOUT */
@@ -193,12 +193,9 @@ int kp_socket_check_thread(kp_socket *sock);
 /* After every libzmq operation: if anyone waits, read ZMQ_EVENTS and wake
  * the first receiver (POLLIN) and first sender (POLLOUT). */
 int kp_socket_recheck(kp_socket *sock);
-/* Before an immediate attempt: arms the per-turn reset (checking the loop)
- * if this is the turn's first, then returns 1 if the budget for this loop
- * turn is spent (the caller yields once), 0 if not, -1 on error. */
-int kp_socket_budget_spent(kp_socket *sock);
-/* Counts one immediate completion against the turn's budget. */
-void kp_socket_budget_use(kp_socket *sock);
+/* A new pending future of the bound loop (what loop.create_future()
+ * returns), or NULL with an exception set. */
+PyObject *kp_socket_new_future(kp_socket *sock);
 /* Makes sure the reader callback is registered with the bound loop. */
 int kp_socket_watch(kp_socket *sock);
 

@@ -171,14 +171,12 @@ static int module_exec(PyObject *module)
     if (module_intern(&st->str_add_reader, "add_reader") < 0 ||
         module_intern(&st->str_remove_reader, "remove_reader") < 0 ||
         module_intern(&st->str_create_future, "create_future") < 0 ||
-        module_intern(&st->str_call_soon, "call_soon") < 0 ||
         module_intern(&st->str_set_result, "set_result") < 0 ||
         module_intern(&st->str_set_exception, "set_exception") < 0 ||
         module_intern(&st->str_cancel, "cancel") < 0 || module_intern(&st->str_done, "done") < 0 ||
         module_intern(&st->str_is_closed, "is_closed") < 0 ||
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
-        module_intern(&st->str_on_fd, "_on_fd") < 0 ||
-        module_intern(&st->str_budget_reset, "_budget_reset") < 0) {
+        module_intern(&st->str_on_fd, "_on_fd") < 0) {
         return -1;
     }
 
@@ -187,8 +185,20 @@ static int module_exec(PyObject *module)
         return -1;
     }
     st->get_running_loop = PyObject_GetAttrString(asyncio, "get_running_loop");
+    st->future_type = PyObject_GetAttrString(asyncio, "Future");
+    PyObject *base_loop = PyObject_GetAttrString(asyncio, "BaseEventLoop");
     Py_DECREF(asyncio);
-    if (st->get_running_loop == NULL) {
+    if (st->get_running_loop == NULL || st->future_type == NULL || base_loop == NULL) {
+        Py_XDECREF(base_loop);
+        return -1;
+    }
+    st->base_create_future = PyObject_GetAttr(base_loop, st->str_create_future);
+    Py_DECREF(base_loop);
+    if (st->base_create_future == NULL) {
+        return -1;
+    }
+    st->loop_kwnames = Py_BuildValue("(s)", "loop");
+    if (st->loop_kwnames == NULL) {
         return -1;
     }
     st->drain_callback = PyObject_GetAttrString(module, "_drain");
@@ -229,6 +239,9 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->context_terminated);
     Py_VISIT(st->affinity_error);
     Py_VISIT(st->get_running_loop);
+    Py_VISIT(st->future_type);
+    Py_VISIT(st->base_create_future);
+    Py_VISIT(st->loop_kwnames);
     Py_VISIT(st->drain_callback);
     Py_VISIT(st->drain_loops);
     Py_VISIT(st->instance);
@@ -248,12 +261,14 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->context_terminated);
     Py_CLEAR(st->affinity_error);
     Py_CLEAR(st->get_running_loop);
+    Py_CLEAR(st->future_type);
+    Py_CLEAR(st->base_create_future);
+    Py_CLEAR(st->loop_kwnames);
     Py_CLEAR(st->drain_callback);
     Py_CLEAR(st->drain_loops);
     Py_CLEAR(st->str_add_reader);
     Py_CLEAR(st->str_remove_reader);
     Py_CLEAR(st->str_create_future);
-    Py_CLEAR(st->str_call_soon);
     Py_CLEAR(st->str_set_result);
     Py_CLEAR(st->str_set_exception);
     Py_CLEAR(st->str_cancel);
@@ -261,7 +276,6 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_is_closed);
     Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_on_fd);
-    Py_CLEAR(st->str_budget_reset);
     return 0;
 }
 

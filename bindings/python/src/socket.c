@@ -13,7 +13,7 @@
  * so a message is never taken for a task that is no longer there.
  *
  * A socket belongs to the loop and thread of its first awaited operation:
- * its futures, reader and budget callback live in that loop. Other threads
+ * its futures and reader live in that loop. Other threads
  * get AffinityError (checked by comparing one integer per operation).
  */
 #include "kp.h"
@@ -51,8 +51,7 @@ PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
     }
     self->type = type;
     self->on_fd = PyObject_GetAttr((PyObject *)self, st->str_on_fd);
-    self->budget_cb = PyObject_GetAttr((PyObject *)self, st->str_budget_reset);
-    if (self->on_fd == NULL || self->budget_cb == NULL) {
+    if (self->on_fd == NULL) {
         zmq_close(self->handle);
         self->handle = NULL;
         Py_DECREF(self);
@@ -85,15 +84,14 @@ static PyObject *socket_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     return kp_socket_new(st, (kp_context *)ctx, socket_type);
 }
 
-/* Forgets the bound loop (it was closed): its reader and budget callback
- * went with its selector. */
+/* Forgets the bound loop (it was closed): its reader went with its
+ * selector. */
 static void socket_unbind(kp_socket *self)
 {
     Py_CLEAR(self->loop);
     Py_CLEAR(self->create_future);
-    Py_CLEAR(self->call_soon);
+    self->plain_future = 0;
     self->reader = 0;
-    self->budget_armed = 0;
     self->used = 0;
     self->release_watched = 0;
 }
@@ -165,42 +163,37 @@ int kp_socket_check_loop(kp_socket *self)
         }
         socket_unbind(self);
     }
-    self->create_future = PyObject_GetAttr(loop, st->str_create_future);
-    self->call_soon = PyObject_GetAttr(loop, st->str_call_soon);
-    if (self->create_future == NULL || self->call_soon == NULL) {
-        Py_CLEAR(self->create_future);
-        Py_CLEAR(self->call_soon);
+    /* loop.create_future() is the documented way to make a future, so that
+     * a loop can supply its own Future type. When the loop's method is
+     * asyncio's own (stdlib loops, uvloop's is its own C method) we call
+     * asyncio.Future(loop=loop) directly and skip a Python-level frame on
+     * every wait. */
+    PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->str_create_future);
+    if (method == NULL) {
         Py_DECREF(loop);
         return -1;
+    }
+    self->plain_future = method == st->base_create_future;
+    Py_DECREF(method);
+    if (!self->plain_future) {
+        self->create_future = PyObject_GetAttr(loop, st->str_create_future);
+        if (self->create_future == NULL) {
+            Py_DECREF(loop);
+            return -1;
+        }
     }
     self->loop = loop;
     self->thread = PyThread_get_thread_ident();
     return 0;
 }
 
-int kp_socket_budget_spent(kp_socket *self)
+PyObject *kp_socket_new_future(kp_socket *self)
 {
-    if (!self->budget_armed) {
-        /* First immediate completion this loop turn: schedule the reset for
-         * the next turn. Done before the operation so that a failure here
-         * can never lose a message already taken. */
-        if (kp_socket_check_loop(self) < 0) {
-            return -1;
-        }
-        PyObject *r = PyObject_CallOneArg(self->call_soon, self->budget_cb);
-        if (r == NULL) {
-            return -1;
-        }
-        Py_DECREF(r);
-        self->budget_armed = 1;
-        self->used = 0;
+    if (self->plain_future) {
+        PyObject *args[] = {self->loop};
+        return PyObject_Vectorcall(self->st->future_type, args, 0, self->st->loop_kwnames);
     }
-    return self->used >= self->budget;
-}
-
-void kp_socket_budget_use(kp_socket *self)
-{
-    self->used++;
+    return PyObject_CallNoArgs(self->create_future);
 }
 
 int kp_socket_watch(kp_socket *self)
@@ -291,14 +284,6 @@ static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* call_soon'd at the first immediate completion of a loop turn. */
-static PyObject *socket_budget_reset(kp_socket *self, PyObject *unused)
-{
-    self->used = 0;
-    self->budget_armed = 0;
-    Py_RETURN_NONE;
-}
-
 int kp_socket_close(kp_socket *self, int linger)
 {
     if (self->handle == NULL) {
@@ -374,9 +359,7 @@ static void socket_dealloc(kp_socket *self)
     kp_queue_clear(&self->recv_q);
     kp_queue_clear(&self->send_q);
     Py_CLEAR(self->on_fd);
-    Py_CLEAR(self->budget_cb);
     Py_CLEAR(self->create_future);
-    Py_CLEAR(self->call_soon);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->context);
     tp->tp_free((PyObject *)self);
@@ -389,9 +372,7 @@ static int socket_traverse(kp_socket *self, visitproc visit, void *arg)
     Py_VISIT(self->context);
     Py_VISIT(self->loop);
     Py_VISIT(self->on_fd);
-    Py_VISIT(self->budget_cb);
     Py_VISIT(self->create_future);
-    Py_VISIT(self->call_soon);
     int rc = kp_queue_traverse(&self->recv_q, visit, arg);
     if (rc == 0) {
         rc = kp_queue_traverse(&self->send_q, visit, arg);
@@ -404,9 +385,7 @@ static int socket_clear(kp_socket *self)
     kp_queue_clear(&self->recv_q);
     kp_queue_clear(&self->send_q);
     Py_CLEAR(self->on_fd);
-    Py_CLEAR(self->budget_cb);
     Py_CLEAR(self->create_future);
-    Py_CLEAR(self->call_soon);
     Py_CLEAR(self->loop);
     self->reader = 0;
     return 0;
@@ -693,8 +672,6 @@ static PyMethodDef socket_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "recv_multipart(flags=0, copy=True) -> awaitable list[bytes] | list[Frame]"},
     {"_on_fd", (PyCFunction)socket_on_fd, METH_NOARGS, "The loop's reader callback for ZMQ_FD."},
-    {"_budget_reset", (PyCFunction)socket_budget_reset, METH_NOARGS,
-     "Starts a new loop turn's budget of immediate completions."},
     {"__enter__", socket_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)socket_exit, METH_VARARGS, "close() on leaving the block."},
     {NULL, NULL, 0, NULL},
@@ -715,7 +692,7 @@ static PyGetSetDef socket_getset[] = {
 
 static PyMemberDef socket_members[] = {
     {"budget", T_PYSSIZET, offsetof(kp_socket, budget), 0,
-     "Immediate completions allowed per loop turn before one yield (default 64)."},
+     "Immediate completions allowed before the socket yields to the loop once (default 64)."},
     {"copy_threshold", T_PYSSIZET, offsetof(kp_socket, copy_threshold), 0,
      "copy=False sends of at least this many bytes are zero-copy (default 65536)."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(kp_socket, weakrefs), READONLY, NULL},
