@@ -154,30 +154,17 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
         echo "| $s B | $d | $kr | $k50 | $k99 | $br | $b50 | $b99 | $ratio |"
     done
     echo
-    echo "Connection capacity ($CONNS requested, half workers, half clients): \`$CONN_LINE\`"
+    echo "Connection capacity ($CONNS requested: half idle workers, half idle clients):"
+    echo
+    echo "| workers | clients | broker RSS before | RSS after | RSS growth per connection | time to open |"
+    echo "|--------:|--------:|------------------:|----------:|--------------------------:|-------------:|"
+    echo "| $(field "$CONN_LINE" workers) | $(field "$CONN_LINE" clients) |" \
+        "$(field "$CONN_LINE" rss_before_kb) KiB | $(field "$CONN_LINE" rss_after_kb) KiB |" \
+        "$(field "$CONN_LINE" per_conn_bytes) B | $(field "$CONN_LINE" open_s) s |"
+    echo
+    echo "Raw: \`$CONN_LINE\`"
 } >"$RESULTS/broker.md"
 
-printf '%s\n' "${ROWS[@]}" | $PY - "$ROOT/docs/img/broker.png" <<'EOF'
-import sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-rows = [l.split() for l in sys.stdin if l.strip()]
-labels = [f"{r[0]} B\n{r[1]} in flight" for r in rows]
-kelpie = [float(r[2]) / 1000 for r in rows]
-bare = [float(r[5]) / 1000 for r in rows]
-x = range(len(rows))
-fig, ax = plt.subplots(figsize=(7, 3.6))
-ax.bar([i - 0.2 for i in x], bare, 0.4, label="bare zmq_proxy hop", color="#bbbbbb")
-ax.bar([i + 0.2 for i in x], kelpie, 0.4, label="kelpied", color="#2a7f62")
-for i, r in enumerate(rows):
-    ax.text(i + 0.2, kelpie[i], r[8], ha="center", va="bottom", fontsize=8)
-ax.set_xticks(list(x))
-ax.set_xticklabels(labels, fontsize=8)
-ax.set_ylabel("thousand requests/s")
-ax.set_title("Kelpie vs a bare zmq_proxy hop (one run, 2 cores; label = ratio)", fontsize=9)
-ax.legend(fontsize=8)
-fig.tight_layout()
-fig.savefig(sys.argv[1], dpi=110)
-EOF
+printf '%s\n' "${ROWS[@]}" >"$RESULTS/broker.rows"
+$PY "$ROOT/benchmarks/broker/plot.py" "$RESULTS/broker.rows" "$ROOT/docs/img/broker.png"
 echo "wrote $RESULTS/broker.md and docs/img/broker.png"

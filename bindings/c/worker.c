@@ -38,6 +38,8 @@
 /* Send high-water mark: answers are never dropped for want of queue room in
  * normal operation (capacity bounds them). */
 #define WORKER_HWM 100000
+/* How long closing the socket may wait for DISCONNECT to be sent (ms). */
+#define WORKER_DISCONNECT_LINGER_MS 200
 /* Broker default for a stream window of 0 (docs/protocol.md §5.3). */
 #define WORKER_DEFAULT_WINDOW 16
 
@@ -452,6 +454,9 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         worker_read(w);
     }
     worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
+    /* Give DISCONNECT a moment to leave; a dead broker cannot hold us longer. */
+    int linger = WORKER_DISCONNECT_LINGER_MS;
+    zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
     worker_close(w);
     w->pending_notify = false;
     for (kelpie_call *c = w->held; c; c = c->next)
