@@ -255,6 +255,7 @@ Test(bad_input, worker_message_before_ready)
     cr_assert(kt_raw_send_header(&raw, &h, "x", 1));
     expect_error(&raw, KELPIE__V1__CODE__FAILED_PRECONDITION, 77);
     kt_raw_close(&raw);
+    cr_assert(kt_wait_stat(b, "not_ready", 1, 2000));
     assert_still_serving(b);
     kt_broker_stop(&b, 3000);
 }
@@ -302,6 +303,7 @@ Test(bad_input, flood_beyond_queue_limit)
     int refused = flood(c1, 4, ids1);
     refused += flood(c2, 6, ids2);
     cr_assert_eq(refused, 4, "%d refused, expected 10 - 1 running - 5 queued = 4", refused);
+    cr_assert_eq(kt_stat(b, "queue_full"), 4);
     cr_assert_leq(kt_stat(b, "queued"), 5);
     cr_assert_eq(atomic_load(&slot->received), 1);
     cancel_all(c1, ids1, 4);
@@ -321,6 +323,7 @@ Test(bad_input, flood_beyond_client_max_inflight)
     kelpie_request_id ids[12];
     int refused = flood(c, 12, ids);
     cr_assert_eq(refused, 4, "%d refused, expected 12 - 8 (--client-max-inflight)", refused);
+    cr_assert_eq(kt_stat(b, "client_limit"), 4);
     cr_assert_eq(atomic_load(&slot->received), 8);
     cancel_all(c, ids, 12);
     kelpie_client_destroy(&c);

@@ -50,10 +50,11 @@ Test(failure, worker_killed_mid_request_gives_unavailable)
     cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
     cr_assert_eq(r.request_id.id, id.id);
     cr_assert_eq(r.status, KELPIE_UNAVAILABLE, "got %s", kelpie_status_name(r.status));
-    /* Found by missed heartbeats: 3 x 100 ms, with room for a slow box. */
+    /* Found by the dropped connection or, at worst, missed heartbeats (3 x 100 ms). */
     cr_assert_lt(kt_now_ms() - t0, 2000);
     kelpie_reply_fini(&r);
     cr_assert(kt_wait_stat_le(b, "workers", 0, 2000));
+    cr_assert_eq(kt_stat(b, "worker_lost"), 1, "the failed call was not counted");
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
@@ -94,6 +95,7 @@ Test(failure, idempotent_call_redispatched_after_worker_death)
     cr_assert_eq(memcmp(r.payload, "again", 5), 0);
     kelpie_reply_fini(&r);
     cr_assert_eq(atomic_load(&slots[1].received), 1, "not re-sent to the other worker");
+    cr_assert_eq(kt_stat(b, "redispatched"), 1);
     cr_assert_eq(kelpie_client_recv(c, &r, 200), KELPIE_ERR_TIMEOUT, "a second answer came");
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
@@ -117,6 +119,7 @@ Test(failure, stopped_worker_expires_and_comes_back)
     int64_t took = kt_now_ms() - t0;
     cr_assert_geq(took, 200, "removed after %ld ms, before liveness x heartbeat", (long)took);
     cr_assert_lt(took, 1500, "removed after %ld ms", (long)took);
+    cr_assert_eq(kt_stat(b, "worker_expired"), 1);
     /* Woken up, it finds the broker silent too, reconnects and registers. */
     kt_signal(w, SIGCONT);
     cr_assert(kt_wait_stat(b, "workers", 1, 3000), "the worker never came back");
@@ -166,5 +169,7 @@ Test(failure, worker_leaving_sends_disconnect)
     int status = kt_reap(w, 3000);
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "worker did not stop cleanly");
     cr_assert(kt_wait_stat_le(b, "workers", 0, 1000), "DISCONNECT did not remove the worker");
+    cr_assert_eq(kt_stat(b, "worker_disconnects"), 1);
+    cr_assert_eq(kt_stat(b, "worker_expired"), 0);
     kt_broker_stop(&b, 3000);
 }

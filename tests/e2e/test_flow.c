@@ -160,6 +160,7 @@ Test(flow, deadline_expires_while_queued)
     cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "ok", 2, 5000, &r), KELPIE_OK);
     kelpie_reply_fini(&r);
     cr_assert_eq(atomic_load(&slot->received), 2, "the expired call reached the worker");
+    cr_assert_eq(kt_stat(b, "deadline_expired_queued"), 1);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
@@ -186,6 +187,7 @@ Test(flow, deadline_expires_while_running)
         kt_sleep_ms(5);
     cr_assert_eq(atomic_load(&slot->cancels), 1);
     cr_assert(kt_wait_stat(b, "replies_dropped_cancelled", 1, 3000));
+    cr_assert_eq(kt_stat(b, "deadline_expired_inflight"), 1);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
@@ -214,6 +216,7 @@ Test(flow, cancel_reaches_the_worker)
     while (atomic_load(&slot->cancels) < 1 && kt_now_ms() < end)
         kt_sleep_ms(5);
     cr_assert_eq(atomic_load(&slot->cancels), 1, "CANCEL never reached the worker");
+    cr_assert_eq(kt_stat(b, "cancelled"), 1);
     /* The worker's late answer is dropped, never forwarded. */
     cr_assert(kt_wait_stat(b, "replies_dropped_cancelled", 1, 3000));
     cr_assert_eq(kelpie_client_recv(c, &r, 200), KELPIE_ERR_TIMEOUT);
@@ -246,6 +249,8 @@ Test(flow, intake_is_one_way)
         cr_assert(kt_raw_send_header(&push, &h, "one-way", 7));
     }
     cr_assert(wait_received(slot, 1, 10, 5000), "intake requests did not reach the worker");
+    cr_assert_eq(kt_stat(b, "intake_requests"), 10);
+    cr_assert(kt_wait_stat(b, "oneway_answers", 10, 3000), "one-way answers not discarded");
     /* Malformed intake traffic cannot be answered: dropped and counted. */
     double before = kt_stat(b, "bad_header");
     cr_assert_geq(before, 0, "Stats has no bad_header counter");
