@@ -41,6 +41,18 @@ void kt_sleep_ms(int ms)
 #define KT_MAX_CHILDREN 256
 static pid_t kt_children[KT_MAX_CHILDREN];
 static int kt_nchildren;
+/* Every child of this test joins one process group (the first child leads
+ * it), so teardown can kill the group and nothing escapes. */
+static pid_t kt_pgid;
+
+/* Puts pid (a fresh child) into the test's group, or makes it the leader of
+ * a new one. Called in both parent and child, as setpgid must be, to close
+ * the race between fork and exec. */
+static void kt_join_group(pid_t pid)
+{
+    if (kt_pgid == 0 || setpgid(pid, kt_pgid) != 0)
+        setpgid(pid, pid);
+}
 
 static void kt_track(pid_t pid)
 {
@@ -87,10 +99,14 @@ pid_t kt_spawn(void (*fn)(void *arg), void *arg)
     if (pid < 0)
         return -1;
     if (pid == 0) {
+        kt_join_group(0);
         kt_child_setup(parent);
         fn(arg);
         _exit(0); /* no atexit: the parent's state is not ours to tear down */
     }
+    kt_join_group(pid);
+    if (kt_pgid == 0 || getpgid(pid) != kt_pgid)
+        kt_pgid = getpgid(pid);
     kt_track(pid);
     return pid;
 }
@@ -126,6 +142,9 @@ int kt_reap(pid_t pid, int timeout_ms)
 
 void kt_teardown(void)
 {
+    if (kt_pgid > 0)
+        kill(-kt_pgid, SIGKILL);
+    kt_pgid = 0;
     for (int i = 0; i < kt_nchildren; i++) {
         pid_t pid = kt_children[i];
         if (pid > 0) {
@@ -228,11 +247,15 @@ kt_broker *kt_broker_start(const char *const *args)
         if (pid < 0)
             break;
         if (pid == 0) {
+            kt_join_group(0);
             kt_child_setup(parent);
             execv(path, (char *const *)argv);
             fprintf(stderr, "kt_broker_start: exec %s: %s\n", path, strerror(errno));
             _exit(127);
         }
+        kt_join_group(pid);
+        if (kt_pgid == 0 || getpgid(pid) != kt_pgid)
+            kt_pgid = getpgid(pid);
         kt_track(pid);
         b->pid = pid;
         if (kt_wait_ping(b, 15000))
