@@ -5,10 +5,22 @@ import collections
 import time
 
 import kelpie
-from conftest import run, wait_served
+import pytest
+
+from conftest import Broker, run, wait_served
 
 
-def test_50k_concurrent_calls(broker, procs):
+@pytest.fixture
+def big_broker(tmp_path):
+    # All 50,000 calls may be queued at once: raise the per-service queue
+    # limit (and the per-client in-flight limit, conftest) above that.
+    b = Broker(tmp_path, extra=["--queue-limit", "100000"]).start()
+    yield b
+    b.kill()
+
+
+def test_50k_concurrent_calls(big_broker, procs):
+    broker = big_broker
     procs.worker(broker, processes=2, APP_CONCURRENCY=512)
     n = 50_000
 
