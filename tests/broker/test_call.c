@@ -1,0 +1,98 @@
+/* test_call: the call table, dispatch ids with attempts, held frames and
+ * the free list. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "call.h"
+
+static struct kp_calls calls;
+
+static void setup(void)
+{
+    kp_calls_init(&calls);
+}
+
+static void teardown(void)
+{
+    kp_calls_fini(&calls);
+}
+
+TestSuite(call, .init = setup, .fini = teardown);
+
+Test(call, dispatch_ids_find_the_current_attempt_only)
+{
+    struct kp_call *a = kp_call_new(&calls);
+    struct kp_call *b = kp_call_new(&calls);
+    cr_assert_neq(a->serial, b->serial);
+    cr_assert_neq(a->serial, 0);
+    kp_dispatch_id first = kp_call_dispatch_id(a);
+    cr_assert_eq(kp_calls_find(&calls, first), a);
+    kp_call_next_attempt(a);
+    kp_dispatch_id second = kp_call_dispatch_id(a);
+    cr_assert_neq(first.v, second.v);
+    cr_assert_null(kp_calls_find(&calls, first), "an old attempt's answer must not match");
+    cr_assert_eq(kp_calls_find(&calls, second), a);
+    cr_assert_null(kp_calls_find(&calls, (kp_dispatch_id){0}));
+    cr_assert_null(kp_calls_find(&calls, (kp_dispatch_id){0xffffffffffffffffull}));
+    cr_assert_eq(kp_calls_count(&calls), 2);
+    kp_call_free(&calls, a);
+    cr_assert_null(kp_calls_find(&calls, second), "a freed call is unknown");
+    cr_assert_eq(kp_calls_count(&calls), 1);
+}
+
+Test(call, freed_calls_are_reused_with_fresh_serials)
+{
+    struct kp_call *a = kp_call_new(&calls);
+    uint64_t serial = a->serial;
+    kp_call_free(&calls, a);
+    struct kp_call *b = kp_call_new(&calls);
+    cr_assert_eq(b, a, "the free list hands the same memory back");
+    cr_assert_neq(b->serial, serial);
+    cr_assert_eq(b->attempt, 0);
+    cr_assert_eq(b->state, KP_CALL_QUEUED);
+    cr_assert(!kp_timer_armed(&b->timer));
+}
+
+Test(call, holds_any_number_of_payload_frames_without_copying)
+{
+    struct kp_call *c = kp_call_new(&calls);
+    enum { N = 7 };
+    zmq_msg_t frames[N];
+    void *data[N];
+    for (int i = 0; i < N; i++) {
+        zmq_msg_init_size(&frames[i], 100); /* over the inline size: a real buffer */
+        memset(zmq_msg_data(&frames[i]), 'a' + i, 100);
+        data[i] = zmq_msg_data(&frames[i]);
+    }
+    kp_call_hold_payload(c, frames, 2);
+    kp_call_hold_payload(c, frames + 2, N - 2);
+    cr_assert_eq(c->npayload, N);
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(zmq_msg_data(&c->payload[i]), data[i], "frame %d was copied", i);
+        cr_assert_eq(zmq_msg_size(&frames[i]), 0, "frame %d was not moved out", i);
+        zmq_msg_close(&frames[i]);
+    }
+    zmq_msg_t header;
+    zmq_msg_init_size(&header, 10);
+    kp_call_hold_header(c, &header);
+    cr_assert(c->has_header);
+    zmq_msg_close(&header);
+    kp_call_drop_frames(c);
+    cr_assert_eq(c->npayload, 0);
+    cr_assert(!c->has_header);
+    cr_assert_eq(c->payload, c->inline_payload);
+    kp_call_free(&calls, c);
+}
+
+Test(call, fini_releases_live_calls_and_their_frames)
+{
+    for (int i = 0; i < 10; i++) {
+        struct kp_call *c = kp_call_new(&calls);
+        zmq_msg_t f;
+        zmq_msg_init_size(&f, 1000);
+        kp_call_hold_payload(c, &f, 1);
+        zmq_msg_close(&f);
+    }
+    cr_assert_eq(kp_calls_count(&calls), 10);
+    /* teardown's kp_calls_fini must free them; ASan's leak check verifies. */
+}

@@ -1,0 +1,318 @@
+/* test_wire: decoding, validation and encoding of the KLP/1 header, for
+ * every kind and every class of bad input (docs/protocol.md §4, §9). */
+#include <criterion/criterion.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "wire.h"
+
+static struct kp_arena arena;
+
+static void setup(void)
+{
+    kp_arena_init(&arena, 4096);
+}
+
+static void teardown(void)
+{
+    kp_arena_fini(&arena);
+}
+
+TestSuite(wire, .init = setup, .fini = teardown);
+
+/* Packs h into a malloc'd buffer; *len gets its size. */
+static uint8_t *tw_pack(const kp_header *h, size_t *len)
+{
+    *len = kelpie__v1__header__get_packed_size(h);
+    uint8_t *buf = malloc(*len ? *len : 1);
+    kelpie__v1__header__pack(h, buf);
+    return buf;
+}
+
+static kp_header tw_header(kp_kind kind, uint64_t id)
+{
+    kp_header h = KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = kind;
+    h.request_id = id;
+    return h;
+}
+
+static enum kp_err tw_parse(const kp_header *h, enum kp_dir dir)
+{
+    size_t len;
+    uint8_t *buf = tw_pack(h, &len);
+    kp_header *out;
+    kp_arena_reset(&arena);
+    enum kp_err err = kp_wire_parse(&arena, buf, len, 65536, dir, &out);
+    free(buf);
+    return err;
+}
+
+Test(wire, request_round_trip_keeps_every_field)
+{
+    kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 42);
+    h.service = "echo";
+    h.method = "Echo";
+    h.timeout_ms = 1500;
+    h.flags = KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM;
+    h.credits = 8;
+    Kelpie__V1__Header__MetadataEntry e = KELPIE__V1__HEADER__METADATA_ENTRY__INIT;
+    e.key = "trace-id";
+    e.value.data = (uint8_t *)"abc";
+    e.value.len = 3;
+    Kelpie__V1__Header__MetadataEntry *entries[] = {&e};
+    h.metadata = entries;
+    h.n_metadata = 1;
+
+    zmq_msg_t msg;
+    cr_assert_eq(kp_wire_encode(&h, &msg), KP_OK);
+    kp_header *out;
+    cr_assert_eq(
+        kp_wire_parse(&arena, zmq_msg_data(&msg), zmq_msg_size(&msg), 65536, KP_FROM_CLIENT, &out),
+        KP_OK);
+    cr_assert_eq(out->request_id, 42);
+    cr_assert_str_eq(out->service, "echo");
+    cr_assert_str_eq(out->method, "Echo");
+    cr_assert_eq(out->timeout_ms, 1500);
+    cr_assert_eq(out->flags, KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM);
+    cr_assert_eq(out->credits, 8);
+    cr_assert_eq(out->n_metadata, 1);
+    cr_assert_str_eq(out->metadata[0]->key, "trace-id");
+    cr_assert_eq(out->metadata[0]->value.len, 3);
+    zmq_msg_close(&msg);
+}
+
+Test(wire, every_known_kind_is_accepted_in_its_directions_only)
+{
+    /* §4's table, row by row: client, worker, intake. */
+    static const struct {
+        kp_kind kind;
+        bool client, worker, intake;
+    } table[] = {
+        {KELPIE__V1__KIND__READY, false, true, false},
+        {KELPIE__V1__KIND__REQUEST, true, false, true},
+        {KELPIE__V1__KIND__REPLY, false, true, false},
+        {KELPIE__V1__KIND__CHUNK, false, true, false},
+        {KELPIE__V1__KIND__END, false, true, false},
+        {KELPIE__V1__KIND__ERROR, false, true, false},
+        {KELPIE__V1__KIND__CANCEL, true, false, false},
+        {KELPIE__V1__KIND__HEARTBEAT, true, true, false},
+        {KELPIE__V1__KIND__DISCONNECT, true, true, false},
+        {KELPIE__V1__KIND__CREDIT, true, true, false},
+        {KELPIE__V1__KIND__STATUS, false, true, false},
+        {KELPIE__V1__KIND__SUBMIT, true, false, true},
+        {KELPIE__V1__KIND__ACCEPTED, false, false, false},
+        {KELPIE__V1__KIND__JOB, false, false, false},
+        {KELPIE__V1__KIND__PROGRESS, false, true, false},
+        {KELPIE__V1__KIND__OUTPUT, false, true, false},
+        {KELPIE__V1__KIND__RESULT, false, true, false},
+        {KELPIE__V1__KIND__ACK, false, false, false},
+        {KELPIE__V1__KIND__NACK, false, true, false},
+        {KELPIE__V1__KIND__WATCH, true, false, false},
+    };
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
+        kp_header h = tw_header(table[i].kind, 9);
+        h.service = "svc";
+        bool allowed[] = {table[i].client, table[i].worker, table[i].intake};
+        for (int dir = KP_FROM_CLIENT; dir <= KP_FROM_INTAKE; dir++) {
+            enum kp_err want = allowed[dir] ? KP_OK : KP_EDIRECTION;
+            cr_assert_eq(tw_parse(&h, (enum kp_dir)dir), want, "kind %s from dir %d: got %s",
+                         kp_wire_kind_name(table[i].kind), dir,
+                         kp_err_name(tw_parse(&h, (enum kp_dir)dir)));
+        }
+    }
+}
+
+Test(wire, unknown_kinds_are_unimplemented)
+{
+    static const int kinds[] = {0, 12, 13, 14, 15, 25, 99, 100000, -1};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+        kp_header h = tw_header((kp_kind)kinds[i], 3);
+        cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EUNKNOWNKIND, "kind %d", kinds[i]);
+        cr_assert_eq(kp_err_code(KP_EUNKNOWNKIND), KELPIE__V1__CODE__UNIMPLEMENTED);
+        cr_assert_str_eq(kp_wire_kind_name((uint32_t)kinds[i]), "UNKNOWN");
+    }
+}
+
+Test(wire, wrong_version_is_a_failed_precondition)
+{
+    static const uint32_t versions[] = {0, 2, 7, UINT32_MAX};
+    for (size_t i = 0; i < sizeof versions / sizeof versions[0]; i++) {
+        kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 3);
+        h.service = "svc";
+        h.version = versions[i];
+        cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EVERSION);
+    }
+    cr_assert_eq(kp_err_code(KP_EVERSION), KELPIE__V1__CODE__FAILED_PRECONDITION);
+}
+
+Test(wire, version_is_checked_before_kind)
+{
+    kp_header h = tw_header((kp_kind)99, 3);
+    h.version = 2;
+    cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EVERSION);
+}
+
+Test(wire, request_needs_an_id_from_clients_and_a_service_everywhere)
+{
+    kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 0);
+    h.service = "svc";
+    cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_ENOREQUESTID);
+    cr_assert_eq(tw_parse(&h, KP_FROM_INTAKE), KP_OK, "intake requests need no id");
+    h.request_id = 5;
+    h.service = "";
+    cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_ENOSERVICE);
+    cr_assert_eq(tw_parse(&h, KP_FROM_INTAKE), KP_ENOSERVICE);
+}
+
+Test(wire, empty_frame_is_a_missing_header)
+{
+    kp_header *out = (kp_header *)1;
+    cr_assert_eq(kp_wire_decode(&arena, "", 0, 65536, &out), KP_ENOHEADER);
+    cr_assert_null(out);
+}
+
+Test(wire, garbage_does_not_decode)
+{
+    static const struct {
+        const char *bytes;
+        size_t len;
+    } garbage[] = {
+        {"\xff\xff\xff\xff\xff\xff\xff", 7}, /* endless varint */
+        {"\x0f", 1},                         /* wire type 7 */
+        {"\x22\x10"
+         "abc",
+         5}, /* length beyond the end */
+        {"\x1a\x05"
+         "echo",
+         6},                     /* field 3 as bytes: wrong wire type */
+        {"\x08", 1},             /* tag without value */
+        {"\x0b\x0c", 2},         /* group start: not in proto3 */
+        {"\x5a\x02\x0a\x80", 4}, /* metadata entry with a truncated key */
+    };
+    for (size_t i = 0; i < sizeof garbage / sizeof garbage[0]; i++) {
+        kp_header *out;
+        kp_arena_reset(&arena);
+        cr_assert_eq(kp_wire_decode(&arena, garbage[i].bytes, garbage[i].len, 65536, &out),
+                     KP_EBADHEADER, "garbage #%zu decoded", i);
+        cr_assert_null(out);
+    }
+}
+
+Test(wire, every_truncation_of_a_valid_header_fails_or_decodes_cleanly)
+{
+    kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 123456789);
+    h.service = "a-service-name";
+    h.method = "AMethod";
+    h.timeout_ms = 99999;
+    size_t len;
+    uint8_t *buf = tw_pack(&h, &len);
+    size_t failures = 0;
+    for (size_t cut = 1; cut < len; cut++) {
+        kp_header *out;
+        kp_arena_reset(&arena);
+        enum kp_err err = kp_wire_decode(&arena, buf, cut, 65536, &out);
+        cr_assert(err == KP_OK || err == KP_EBADHEADER);
+        failures += err != KP_OK;
+    }
+    /* Cuts inside a field must fail; cuts between fields decode a prefix. */
+    cr_assert_gt(failures, len / 2);
+    free(buf);
+}
+
+Test(wire, oversized_header_is_refused_before_decoding)
+{
+    kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 77);
+    char method[2000];
+    memset(method, 'm', sizeof method - 1);
+    method[sizeof method - 1] = '\0';
+    h.service = "svc";
+    h.method = method;
+    size_t len;
+    uint8_t *buf = tw_pack(&h, &len);
+    kp_header *out;
+    cr_assert_eq(kp_wire_decode(&arena, buf, len, 1024, &out), KP_EOVERSIZED);
+    cr_assert_null(out);
+    cr_assert_eq(kp_wire_decode(&arena, buf, len, len, &out), KP_OK);
+    cr_assert_eq(kp_err_code(KP_EOVERSIZED), KELPIE__V1__CODE__RESOURCE_EXHAUSTED);
+    /* The id can still be read for the ERROR. */
+    cr_assert_eq(kp_wire_peek_request_id(buf, len), 77);
+    free(buf);
+}
+
+Test(wire, peek_request_id_walks_fields_and_gives_up_on_garbage)
+{
+    kp_header h = tw_header(KELPIE__V1__KIND__REPLY, 0x123456789abcull);
+    h.service = "before-and-after";
+    size_t len;
+    uint8_t *buf = tw_pack(&h, &len);
+    cr_assert_eq(kp_wire_peek_request_id(buf, len), 0x123456789abcull);
+    cr_assert_eq(kp_wire_peek_request_id(buf, 3), 0, "cut inside the id");
+    free(buf);
+    cr_assert_eq(kp_wire_peek_request_id("\xff\xff\xff", 3), 0);
+    cr_assert_eq(kp_wire_peek_request_id("", 0), 0);
+    /* Field 3 after a string field. */
+    cr_assert_eq(kp_wire_peek_request_id("\x22\x01x\x18\x07", 5), 7);
+}
+
+Test(wire, many_metadata_entries_spill_out_of_the_arena_block)
+{
+    enum { N = 2000 };
+    static Kelpie__V1__Header__MetadataEntry entries[N];
+    static Kelpie__V1__Header__MetadataEntry *ptrs[N];
+    for (int i = 0; i < N; i++) {
+        kelpie__v1__header__metadata_entry__init(&entries[i]);
+        entries[i].key = "k";
+        ptrs[i] = &entries[i];
+    }
+    kp_header h = tw_header(KELPIE__V1__KIND__HEARTBEAT, 0);
+    h.metadata = ptrs;
+    h.n_metadata = N;
+    size_t len;
+    uint8_t *buf = tw_pack(&h, &len);
+    kp_header *out;
+    cr_assert_eq(kp_wire_parse(&arena, buf, len, 65536, KP_FROM_CLIENT, &out), KP_OK);
+    cr_assert_eq(out->n_metadata, N);
+    cr_assert_not_null(arena.spill, "4 KiB block cannot hold 2000 entries");
+    kp_arena_reset(&arena);
+    cr_assert_null(arena.spill);
+    cr_assert_eq(arena.used, 0);
+    free(buf);
+}
+
+Test(wire, unknown_fields_survive_a_re_encode)
+{
+    /* Field 99 (varint 5) appended to a valid header: a newer minor version. */
+    kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 1);
+    h.service = "svc";
+    size_t len;
+    uint8_t *buf = tw_pack(&h, &len);
+    uint8_t *ext = malloc(len + 3);
+    memcpy(ext, buf, len);
+    ext[len] = 0x98; /* (99 << 3) | 0, varint-encoded: 0x98 0x06 */
+    ext[len + 1] = 0x06;
+    ext[len + 2] = 0x05;
+    kp_header *out;
+    cr_assert_eq(kp_wire_parse(&arena, ext, len + 3, 65536, KP_FROM_CLIENT, &out), KP_OK);
+    out->request_id = 2;
+    zmq_msg_t msg;
+    cr_assert_eq(kp_wire_encode(out, &msg), KP_OK);
+    cr_assert_eq(zmq_msg_size(&msg), len + 3, "the unknown field was dropped");
+    zmq_msg_close(&msg);
+    free(buf);
+    free(ext);
+}
+
+Test(wire, error_table_is_complete)
+{
+    for (int e = 0; e < KP_ERR_COUNT; e++) {
+        cr_assert_neq(strcmp(kp_strerror((enum kp_err)e), "unknown error"), 0);
+        cr_assert_neq(strcmp(kp_err_name((enum kp_err)e), "EUNKNOWN"), 0);
+    }
+    cr_assert_str_eq(kp_err_name(KP_EBADHEADER), "EBADHEADER");
+    cr_assert_str_eq(kp_strerror((enum kp_err)1000), "unknown error");
+    cr_assert_eq(kp_err_code((enum kp_err)1000), KELPIE__V1__CODE__INTERNAL);
+    cr_assert_eq(kp_err_code(KP_ECANCELLED), KELPIE__V1__CODE__CANCELLED);
+    cr_assert_eq(kp_err_code(KP_EWORKERLOST), KELPIE__V1__CODE__UNAVAILABLE);
+}

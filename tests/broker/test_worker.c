@@ -1,0 +1,139 @@
+/* test_worker: credit accounting, the least-loaded pick and liveness. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "worker.h"
+
+static struct kp_workers table;
+
+static void setup(void)
+{
+    kp_workers_init(&table);
+}
+
+static void teardown(void)
+{
+    size_t pos = 0;
+    struct kp_worker *w;
+    /* Destroying during iteration reorders; restart each time. */
+    while ((pos = 0, w = kp_bmap_next(&table.by_rid, &pos)) != NULL)
+        kp_worker_destroy(&table, &w);
+    kp_workers_fini(&table);
+}
+
+TestSuite(worker, .init = setup, .fini = teardown);
+
+static struct kp_worker *tw_worker(int id, uint32_t credits, uint32_t in_flight)
+{
+    char rid[5] = {0, 0, 0, 0, (char)id};
+    struct kp_worker *w = kp_worker_new(&table, rid, sizeof rid, 1000);
+    kp_worker_set_credits(w, credits);
+    w->in_flight = in_flight;
+    return w;
+}
+
+Test(worker, table_finds_by_routing_id)
+{
+    struct kp_worker *w = tw_worker(1, 1, 0);
+    char rid[5] = {0, 0, 0, 0, 1};
+    cr_assert_eq(kp_workers_find(&table, rid, 5), w);
+    rid[4] = 2;
+    cr_assert_null(kp_workers_find(&table, rid, 5));
+    cr_assert_eq(kp_workers_count(&table), 1);
+    kp_worker_destroy(&table, &w);
+    cr_assert_null(w);
+    cr_assert_eq(kp_workers_count(&table), 0);
+}
+
+Test(worker, credits_bound_dispatch)
+{
+    struct kp_worker *w = tw_worker(1, 2, 0);
+    cr_assert_eq(kp_worker_free_slots(w), 2);
+    kp_worker_take_slot(w, 1);
+    kp_worker_take_slot(w, 2);
+    cr_assert_eq(kp_worker_free_slots(w), 0);
+    cr_assert_null(kp_worker_pick(&w, 1), "a full worker is never picked");
+    kp_worker_return_slot(w);
+    cr_assert_eq(kp_worker_free_slots(w), 1);
+    kp_worker_return_slot(w);
+    kp_worker_return_slot(w); /* an extra return does not underflow */
+    cr_assert_eq(w->in_flight, 0);
+    /* READY with fewer credits than in flight: nothing new until below. */
+    w->in_flight = 3;
+    kp_worker_set_credits(w, 1);
+    cr_assert_eq(kp_worker_free_slots(w), 0);
+    /* READY 0 drains. */
+    w->in_flight = 0;
+    kp_worker_set_credits(w, 0);
+    cr_assert_eq(kp_worker_free_slots(w), 0);
+    /* CREDIT adds, saturating. */
+    kp_worker_add_credits(w, 5);
+    cr_assert_eq(w->credits, 5);
+    kp_worker_add_credits(w, UINT32_MAX);
+    cr_assert_eq(w->credits, KP_WORKER_MAX_CREDITS);
+    kp_worker_set_credits(w, UINT32_MAX);
+    cr_assert_eq(w->credits, KP_WORKER_MAX_CREDITS);
+}
+
+Test(worker, pick_prefers_the_lowest_load_ratio)
+{
+    struct kp_worker *ws[3];
+    ws[0] = tw_worker(1, 10, 5); /* 0.5 */
+    ws[1] = tw_worker(2, 4, 1);  /* 0.25 */
+    ws[2] = tw_worker(3, 2, 1);  /* 0.5 */
+    cr_assert_eq(kp_worker_pick(ws, 3), ws[1]);
+    ws[1]->in_flight = 3; /* 0.75 */
+    /* ws[0] and ws[2] tie at 0.5: the one picked longest ago wins. */
+    ws[0]->last_pick = 10;
+    ws[2]->last_pick = 4;
+    cr_assert_eq(kp_worker_pick(ws, 3), ws[2]);
+    ws[2]->last_pick = 11;
+    cr_assert_eq(kp_worker_pick(ws, 3), ws[0]);
+}
+
+Test(worker, pick_skips_gone_stalled_and_full_workers)
+{
+    struct kp_worker *ws[3];
+    ws[0] = tw_worker(1, 10, 0);
+    ws[1] = tw_worker(2, 10, 0);
+    ws[2] = tw_worker(3, 10, 9);
+    ws[0]->gone = true;
+    ws[1]->stalled = true;
+    cr_assert_eq(kp_worker_pick(ws, 3), ws[2]);
+    ws[2]->in_flight = 10;
+    cr_assert_null(kp_worker_pick(ws, 3));
+    cr_assert_null(kp_worker_pick(ws, 0));
+}
+
+Test(worker, round_robin_emerges_among_equal_idle_workers)
+{
+    struct kp_worker *ws[3];
+    for (int i = 0; i < 3; i++)
+        ws[i] = tw_worker(i + 1, 1, 0);
+    uint64_t seq = 0;
+    int hits[3] = {0};
+    for (int round = 0; round < 30; round++) {
+        struct kp_worker *w = kp_worker_pick(ws, 3);
+        cr_assert_not_null(w);
+        kp_worker_take_slot(w, ++seq);
+        kp_worker_return_slot(w);
+        for (int i = 0; i < 3; i++)
+            hits[i] += ws[i] == w;
+    }
+    cr_assert(hits[0] == 10 && hits[1] == 10 && hits[2] == 10, "%d %d %d", hits[0], hits[1],
+              hits[2]);
+}
+
+Test(worker, silence_beyond_liveness_expires)
+{
+    struct kp_worker *w = tw_worker(1, 1, 0);
+    w->last_recv = 1000;
+    cr_assert(!kp_worker_expired(w, 4000, 1000, 3));
+    cr_assert(kp_worker_expired(w, 4001, 1000, 3));
+    /* A worker that announced its own interval is judged by it. */
+    w->heartbeat_ms = 100;
+    cr_assert(kp_worker_expired(w, 1301, 1000, 3));
+    cr_assert(!kp_worker_expired(w, 1300, 1000, 3));
+    /* A clock before last_recv never expires anyone. */
+    cr_assert(!kp_worker_expired(w, 10, 1000, 3));
+}
