@@ -37,6 +37,7 @@ class build_py_with_proto(build_py):
 
 setup(
     cmdclass={"build_py": build_py_with_proto},
+    entry_points={"console_scripts": ["kelpie = kelpie.cli:main"]},
     ext_modules=[
         Extension(
             "kelpie._kelpie",

@@ -51,6 +51,10 @@ def varint(n):
     """The protobuf varint encoding of a non-negative int."""
     if n < 0x80:
         return bytes((n,))
+    if n < 0x4000:  # request ids up to 16383: the common case, inline
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if n < 0x200000:
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

@@ -110,6 +110,7 @@ class Client:
         self._sock = sock
         self._last_recv = self._loop.time()
         self._reader = self._loop.create_task(self._read_loop())
+        self._reader.add_done_callback(self._reader_done)
         if self.heartbeat:
             self._pinger = self._loop.create_task(self._ping_loop())
         return self
@@ -300,6 +301,12 @@ class Client:
                                                     header.metadata))
             # Anything else for a unary call (a CHUNK...) is a protocol
             # violation by the worker; the call still ends with its terminal.
+
+    def _reader_done(self, task):
+        # The reader only ends by close() (cancelled) or by a bug or a closed
+        # socket; then nothing will ever answer the outstanding calls.
+        if not task.cancelled() and task.exception() is not None:
+            self._fail_all(Unavailable(f"client reader failed: {task.exception()!r}"))
 
     def _fail_all(self, exc):
         pending, self._pending = self._pending, {}

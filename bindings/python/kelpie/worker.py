@@ -312,6 +312,8 @@ class Worker:
                 except asyncio.CancelledError:
                     if not session.ending:
                         raise  # run() itself was cancelled
+                except Exception:
+                    log.exception("worker session failed; registering again")
                 finally:
                     pulse.cancel()
                     reader.cancel()
