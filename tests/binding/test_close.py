@@ -79,3 +79,36 @@ def test_close_from_reader_of_another_socket(run, pair):
             await asyncio.wait_for(w, 1)
 
     run(main())
+
+
+def test_term_from_another_thread_fails_waiters(run, loop):
+    """Context.term() in another thread (it blocks until sockets close):
+    waiting tasks get ContextTerminated at once, the loop does not spin on
+    the terminating socket's descriptor, and closing lets term() finish."""
+    import resource
+    import threading
+    import time
+
+    ctx = kelpie.Context()
+    rx = ctx.socket(kelpie.PULL)
+    rx.bind("inproc://term")
+
+    async def main():
+        waiter = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0.01)
+        term = threading.Thread(target=ctx.term)
+        term.start()
+        with pytest.raises(kelpie.ContextTerminated):
+            await asyncio.wait_for(waiter, 2)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        spun = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
+        assert spun < 0.15, "loop spun for %.2fs of %.2fs" % (spun, time.monotonic() - t0)
+        with pytest.raises(kelpie.ContextTerminated):
+            await rx.recv()
+        rx.close()
+        term.join(2)
+        assert not term.is_alive()
+
+    run(main())

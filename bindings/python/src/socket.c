@@ -232,7 +232,8 @@ static int socket_fail_waiters(kp_socket *self, int err)
 
 /* Reads ZMQ_EVENTS and wakes one receiver and one sender as they are ready.
  * `always` reads the events even when nobody waits (the reader callback
- * must, to consume the FD's signal). */
+ * must, to consume the FD's signal). Returns 0, 1 if libzmq refused to
+ * report events (the waiters have been failed), or -1 on error. */
 static int socket_poll_events(kp_socket *self, int always)
 {
     if (self->handle == NULL || (!always && self->recv_q.len == 0 && self->send_q.len == 0)) {
@@ -243,7 +244,7 @@ static int socket_poll_events(kp_socket *self, int always)
     if (zmq_getsockopt(self->handle, ZMQ_EVENTS, &events, &len) != 0) {
         /* ETERM: the context is going away; nobody will ever be woken by
          * this socket again, so tell the waiters now. */
-        return socket_fail_waiters(self, zmq_errno());
+        return socket_fail_waiters(self, zmq_errno()) < 0 ? -1 : 1;
     }
     if ((events & ZMQ_POLLIN) && self->recv_q.len != 0 &&
         kp_queue_wake_first(self->st, &self->recv_q) < 0) {
@@ -264,7 +265,7 @@ int kp_socket_recheck(kp_socket *self)
     /* Waking runs Python code; keep an exception the caller is raising. */
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    int rc = socket_poll_events(self, 0);
+    int rc = socket_poll_events(self, 0) < 0 ? -1 : 0;
     if (type != NULL) {
         if (rc < 0) {
             PyErr_WriteUnraisable((PyObject *)self);
@@ -274,11 +275,45 @@ int kp_socket_recheck(kp_socket *self)
     return rc;
 }
 
+/* Removes the reader if registered. A closed loop has already dropped its
+ * registrations, so failing there is fine. */
+static int socket_unwatch(kp_socket *self)
+{
+    if (!self->reader) {
+        return 0;
+    }
+    self->reader = 0;
+    PyObject *fd = PyLong_FromLong(self->fd);
+    PyObject *r = NULL;
+    if (fd != NULL) {
+        PyObject *args[] = {self->loop, fd};
+        r = PyObject_VectorcallMethod(self->st->str_remove_reader, args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(fd);
+    }
+    if (r == NULL) {
+        if (socket_may_rebind(self) > 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
 /* The reader callback registered for ZMQ_FD. */
 static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
 {
     kp_release_drain();
-    if (socket_poll_events(self, 1) < 0) {
+    int rc = socket_poll_events(self, 1);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (rc > 0 && socket_unwatch(self) < 0) {
+        /* The context is terminating and this socket will never report
+         * events again: stop watching a descriptor that libzmq is about to
+         * tear down. An operation now fails at once with ETERM. */
         return NULL;
     }
     Py_RETURN_NONE;
@@ -305,27 +340,9 @@ int kp_socket_close(kp_socket *self, int linger)
         rc = -1;
     }
     /* 2. Then the reader, before zmq_close frees the FD (whose number the
-     *    kernel may then reuse for something else). A closed loop has
-     *    already dropped its registrations. */
-    if (self->reader) {
-        PyObject *fd = PyLong_FromLong(self->fd);
-        PyObject *r = NULL;
-        if (fd != NULL) {
-            PyObject *args[] = {self->loop, fd};
-            r = PyObject_VectorcallMethod(self->st->str_remove_reader, args,
-                                          2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-            Py_DECREF(fd);
-        }
-        if (r == NULL) {
-            int closed = socket_may_rebind(self);
-            if (closed > 0) {
-                PyErr_Clear();
-            } else {
-                rc = -1;
-            }
-        }
-        Py_XDECREF(r);
-        self->reader = 0;
+     *    kernel may then reuse for something else). */
+    if (socket_unwatch(self) < 0) {
+        rc = -1;
     }
     /* 3. Then the socket itself. */
     if (linger >= -1) {
