@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/broker/run.sh: the whole broker benchmark in one command.
 #
-#   benchmarks/broker/run.sh            (from anywhere; env: BUILD, SECONDS_PER_CASE, CONNS)
+#   benchmarks/broker/run.sh    (from anywhere; env: BUILD, SECONDS_PER_CASE, REPS, CONNS)
 #
 # 1. Throughput and latency: bench_client -> kelpied -> bench_worker (kelpie),
 #    and the same load through a bare zmq_proxy hop (bench_proxy, bare echo),
@@ -16,7 +16,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=${BUILD:-$ROOT/build}
-SECS=${SECONDS_PER_CASE:-4}
+SECS=${SECONDS_PER_CASE:-3}
+REPS=${REPS:-3}
 CONNS=${CONNS:-10000}
 PY=/usr/bin/python3
 RESULTS=$ROOT/benchmarks/results
@@ -101,22 +102,35 @@ field() { # line key
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "kelpie broker benchmark: ${SECS}s per case, load average $LOAD_BEFORE, $(nproc) cores"
+echo "kelpie broker benchmark: ${SECS}s per case x $REPS, load average $LOAD_BEFORE, $(nproc) cores"
 ROWS=()
+RUNS=()
 printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s\n' size depth \
     "kelpie req/s" "p50 us" "p99 us" "bare req/s" "p50 us" "p99 us" ratio
+# Each case runs REPS times, Kelpie and bare interleaved so that a burst of
+# load from elsewhere hits both; the table shows the median of each figure.
+median() { # numbers...
+    printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]}'
+}
 for size in 64 1024; do
     for depth in 1 100; do
-        kelpie_case $size $depth
-        k=$RESULT
-        bare_case $size $depth
-        r=$RESULT
-        kr=$(field "$k" rps); k50=$(field "$k" p50_us); k99=$(field "$k" p99_us)
-        br=$(field "$r" rps); b50=$(field "$r" p50_us); b99=$(field "$r" p99_us)
+        KR=(); K50=(); K99=(); BR=(); B50=(); B99=()
+        for _ in $(seq "$REPS"); do
+            kelpie_case $size $depth
+            KR+=("$(field "$RESULT" rps)"); K50+=("$(field "$RESULT" p50_us)")
+            K99+=("$(field "$RESULT" p99_us)")
+            bare_case $size $depth
+            BR+=("$(field "$RESULT" rps)"); B50+=("$(field "$RESULT" p50_us)")
+            B99+=("$(field "$RESULT" p99_us)")
+        done
+        kr=$(median "${KR[@]}"); k50=$(median "${K50[@]}"); k99=$(median "${K99[@]}")
+        br=$(median "${BR[@]}"); b50=$(median "${B50[@]}"); b99=$(median "${B99[@]}")
         ratio=$($PY -c "print(f'{float(\"${kr:-0}\")/float(\"${br:-0}\"):.2f}' if '${br}' and float('${br}') else 'n/a')")
-        printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s\n' $size $depth \
-            "${kr:-fail}" "${k50:--}" "${k99:--}" "${br:-fail}" "${b50:--}" "${b99:--}" "$ratio"
+        printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s   (kelpie req/s runs: %s; bare: %s)\n' \
+            $size $depth "${kr:-fail}" "${k50:--}" "${k99:--}" "${br:-fail}" "${b50:--}" \
+            "${b99:--}" "$ratio" "${KR[*]}" "${BR[*]}"
         ROWS+=("$size $depth ${kr:-0} ${k50:-0} ${k99:-0} ${br:-0} ${b50:-0} ${b99:-0} $ratio")
+        RUNS+=("| $size B | $depth | ${KR[*]} | ${BR[*]} |")
     done
 done
 
@@ -145,7 +159,8 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "# Broker benchmark results"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load average before $LOAD_BEFORE," \
-        "after $LOAD_AFTER, ${SECS} s per case. Command: \`benchmarks/broker/run.sh\`."
+        "after $LOAD_AFTER; each case ${SECS} s, run $REPS times interleaved with the bare hop;" \
+        "medians shown. Command: \`benchmarks/broker/run.sh\`."
     echo
     echo "| payload | in flight | Kelpie req/s | p50 µs | p99 µs | bare zmq_proxy req/s | p50 µs | p99 µs | Kelpie / bare |"
     echo "|--------:|----------:|-------------:|-------:|-------:|---------------------:|-------:|-------:|--------------:|"
@@ -153,6 +168,12 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
         read -r s d kr k50 k99 br b50 b99 ratio <<<"$row"
         echo "| $s B | $d | $kr | $k50 | $k99 | $br | $b50 | $b99 | $ratio |"
     done
+    echo
+    echo "Every run's requests/s (Kelpie; bare):"
+    echo
+    echo "| payload | in flight | Kelpie runs | bare runs |"
+    echo "|--------:|----------:|------------:|----------:|"
+    printf '%s\n' "${RUNS[@]}"
     echo
     echo "Connection capacity ($CONNS requested: half idle workers, half idle clients):"
     echo
