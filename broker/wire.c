@@ -60,6 +60,20 @@ void kp_arena_fini(struct kp_arena *a)
     a->size = 0;
 }
 
+/* protobuf-c accepts field number 0 when the tag is spelled in more than
+ * one byte (0x80 0x00) and keeps it as an unknown field, but re-encodes it
+ * in one byte, which it then refuses to decode: a header the broker would
+ * forward in a form no peer can read. Field 0 is invalid protobuf; refuse it
+ * here. (Found by tests/fuzz.) */
+static bool wire_unknown_fields_ok(const ProtobufCMessage *m)
+{
+    for (unsigned i = 0; i < m->n_unknown_fields; i++) {
+        if (m->unknown_fields[i].tag == 0)
+            return false;
+    }
+    return true;
+}
+
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out)
 {
@@ -69,8 +83,12 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
     if (len == 0)
         return KP_ENOHEADER; /* an empty frame is no header (§3: 1*OCTET) */
     kp_header *h = kelpie__v1__header__unpack(&a->pb, len, data);
-    if (h == NULL)
+    if (h == NULL || !wire_unknown_fields_ok(&h->base))
         return KP_EBADHEADER;
+    for (size_t i = 0; i < h->n_metadata; i++) {
+        if (!wire_unknown_fields_ok(&h->metadata[i]->base))
+            return KP_EBADHEADER;
+    }
     *out = h;
     return KP_OK;
 }

@@ -316,3 +316,15 @@ Test(wire, error_table_is_complete)
     cr_assert_eq(kp_err_code(KP_ECANCELLED), KELPIE__V1__CODE__CANCELLED);
     cr_assert_eq(kp_err_code(KP_EWORKERLOST), KELPIE__V1__CODE__UNAVAILABLE);
 }
+
+Test(wire, field_number_zero_is_refused_even_in_a_long_tag)
+{
+    /* Found by the fuzzer: protobuf-c keeps field 0 spelled 0x80 0x00 as an
+     * unknown field and re-encodes it as 0x00, which nobody can decode. */
+    kp_header *out;
+    cr_assert_eq(kp_wire_decode(&arena, "\x80\x00\xf6\x04", 4, 65536, &out), KP_EBADHEADER);
+    cr_assert_eq(kp_wire_decode(&arena, "\x08\x01\x80\x00\x05", 5, 65536, &out), KP_EBADHEADER);
+    /* Inside a metadata entry too. */
+    cr_assert_eq(kp_wire_decode(&arena, "\x08\x01\x5a\x05\x0a\x00\x80\x00\x00", 9, 65536, &out),
+                 KP_EBADHEADER);
+}
