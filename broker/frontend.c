@@ -39,12 +39,12 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
 {
     const void *rid = zmq_msg_data(&b->frames[0]);
     size_t rid_len = zmq_msg_size(&b->frames[0]);
-    if (b->state != KP_BROKER_RUNNING) {
-        frontend_refuse(b, h, h->request_id, KP_ESHUTDOWN);
+    if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
+        kp_broker_self(b, rid, rid_len, h); /* still answered while draining */
         return;
     }
-    if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
-        kp_broker_self(b, rid, rid_len, h);
+    if (b->state != KP_BROKER_RUNNING) {
+        frontend_refuse(b, h, h->request_id, KP_ESHUTDOWN);
         return;
     }
     struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
@@ -167,7 +167,7 @@ void kp_intake_on_message(struct kp_broker *b)
     else if (err == KP_OK && b->state != KP_BROKER_RUNNING)
         err = KP_ESHUTDOWN;
     else if (err == KP_OK && strcmp(h->service, KP_BROKER_SERVICE) == 0)
-        err = KP_ENOSERVICE; /* the broker's own calls need a reply path */
+        err = KP_ENOTFOUND; /* the broker's own calls need a reply path */
     struct kp_service *s = NULL;
     if (err == KP_OK) {
         s = frontend_route(b, h->service);

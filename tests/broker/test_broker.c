@@ -923,6 +923,7 @@ Test(broker, intake_requests_are_one_way)
     tb_request(push, 0, "kelpie.broker", "Ping", 0, 0, NULL);
     tb_request(push, 0, "nobody", "X", 0, 0, NULL); /* in grace: queued, not dropped */
     tb_wait_stat("intake_dropped", 1);
+    cr_assert_eq(tb_stat("unroutable"), 1);
     tb_free(r);
 }
 
@@ -939,6 +940,9 @@ Test(broker, shutdown_drains_running_calls_then_disconnects)
     tb_sleep_ms(100);
     tb_request(c, 2, "echo", "Hold", 0, 0, "refused");
     tb_expect_error(c, KELPIE__V1__CODE__UNAVAILABLE, 2);
+    tb_request(c, 3, "kelpie.broker", "Stats", 0, 0, NULL);
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 3));
+    cr_assert(strstr(tb_payload, "\"state\":\"draining\""), "%s", tb_payload);
     tb_answer(w, KELPIE__V1__KIND__REPLY, r->request_id, "finished");
     tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 1));
     tb_free(r);
