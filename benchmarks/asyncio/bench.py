@@ -387,10 +387,12 @@ def report(results, quick):
     lines = []
     meta = results["meta"]
     lines.append("One run (median of %d repetitions each) on %s (%d cores), Python %s, "
-                 "libzmq %s, pyzmq %s, uvloop %s%s." % (
+                 "libzmq %s, pyzmq %s, uvloop %s%s; load average %.1f at the start, "
+                 "%.1f at the end." % (
                      meta["repeat"], meta["machine"], meta["cpus"], meta["python"],
                      meta["libzmq"], meta["pyzmq"], meta["uvloop"],
-                     ", --quick" if quick else ""))
+                     ", --quick" if quick else "", meta["loadavg_start"],
+                     meta["loadavg_end"]))
     lines.append("")
     for scenario in SCENARIOS:
         rows = results["runs"][scenario]
@@ -499,6 +501,7 @@ def main():
             "uvloop": uvloop.__version__,
             "quick": args.quick,
             "repeat": repeat,
+            "loadavg_start": os.getloadavg()[0],
         },
         "runs": {s: {} for s in SCENARIOS},
         "blocking": {},
@@ -530,6 +533,7 @@ def main():
                 results["blocking"][scenario] = med
             else:
                 results["runs"][scenario][key] = med
+    results["meta"]["loadavg_end"] = os.getloadavg()[0]
     print()
     for scenario in SCENARIOS:
         for lp in LOOPS:
