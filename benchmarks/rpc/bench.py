@@ -14,8 +14,10 @@ The same echo service, all Python asyncio, same machine, same run:
 
 For each (system, loop, worker processes, payload, depth) it runs ``depth``
 caller tasks, each calling in a loop, for ``--seconds`` after a warm-up, and
-reports requests/s and the p50/p99 latency of single calls. Kelpie and grpc
-run on the same loop implementation (asyncio or uvloop) on both sides. The
+reports requests/s and the p50/p99 latency of single calls. Each case runs
+on Kelpie and then at once on grpc, so that both see the same load on a
+shared machine. Kelpie and grpc run on the same loop implementation (asyncio
+or uvloop) on both sides, client and servers. The
 results go to stdout, to benchmarks/results/rpc.md and (with matplotlib) to
 docs/img/rpc.png.
 
@@ -126,13 +128,16 @@ async def measure(call, payload, depth, seconds):
     return n / elapsed, latencies[n // 2], latencies[min(n - 1, int(n * 0.99))]
 
 
-async def bench_kelpie(frontend, cases, seconds):
+async def bench_pair(frontend, grpc_ports, cases, seconds):
+    """Each case on Kelpie then on grpc, back to back, so both see the same
+    machine load (other work on a shared box shifts over minutes)."""
+    import grpc
     import kelpie
     out = {}
     async with kelpie.Client(frontend) as client:
         call = client.call
 
-        async def echo(payload):
+        async def kelpie_echo(payload):
             return await call("bench", "Echo", payload)
         deadline = time.monotonic() + 10
         while True:
@@ -142,31 +147,26 @@ async def bench_kelpie(frontend, cases, seconds):
             except kelpie.RpcError:
                 if time.monotonic() > deadline:
                     raise
-        for size, depth in cases:
-            out[(size, depth)] = await measure(echo, os.urandom(size), depth, seconds)
-    return out
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in grpc_ports]
+        stubs = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
+        try:
+            for ch in channels:
+                await asyncio.wait_for(ch.channel_ready(), 10)
+            if len(stubs) == 1:
+                grpc_echo = stubs[0]
+            else:
+                turn = [0]
 
-
-async def bench_grpc(ports, cases, seconds):
-    import grpc
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
-    stubs = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
-    for ch in channels:
-        await asyncio.wait_for(ch.channel_ready(), 10)
-    turn = [0]
-    if len(stubs) == 1:
-        echo = stubs[0]
-    else:
-        def echo(payload):
-            turn[0] ^= 1
-            return stubs[turn[0]](payload)
-    out = {}
-    try:
-        for size, depth in cases:
-            out[(size, depth)] = await measure(echo, os.urandom(size), depth, seconds)
-    finally:
-        for ch in channels:
-            await ch.close()
+                def grpc_echo(payload):
+                    turn[0] ^= 1
+                    return stubs[turn[0]](payload)
+            for size, depth in cases:
+                payload = os.urandom(size)
+                out[("kelpie", size, depth)] = await measure(kelpie_echo, payload, depth, seconds)
+                out[("grpc", size, depth)] = await measure(grpc_echo, payload, depth, seconds)
+        finally:
+            for ch in channels:
+                await ch.close()
     return out
 
 
@@ -215,17 +215,20 @@ def kelpie_env():
     return env
 
 
-def run_kelpie(kelpied, loop_name, nproc, cases, seconds):
+def run_pair(kelpied, loop_name, nproc, cases, seconds):
+    """kelpied + ``nproc`` Kelpie workers, and ``nproc`` grpc.aio servers."""
     ports = [free_port() for _ in range(3)]
     fe, be, intake = (f"tcp://127.0.0.1:{p}" for p in ports)
+    grpc_ports = [free_port() for _ in range(nproc)]
     broker = subprocess.Popen([kelpied, "--frontend", fe, "--backend", be, "--intake", intake,
                                "--log-level", "warn", "--client-max-inflight", "100000"],
                               start_new_session=True)
     procs = Procs()
     try:
-        for _ in range(nproc):
+        for i in range(nproc):
             procs.start(["--serve", "kelpie", be, "--loop", loop_name], env=kelpie_env())
-        return run(bench_kelpie(fe, cases, seconds), loop_name)
+            procs.start(["--serve", "grpc", str(grpc_ports[i]), "--loop", loop_name])
+        return run(bench_pair(fe, grpc_ports, cases, seconds), loop_name)
     finally:
         procs.stop()
         broker.send_signal(signal.SIGTERM)
@@ -234,17 +237,6 @@ def run_kelpie(kelpied, loop_name, nproc, cases, seconds):
         except subprocess.TimeoutExpired:
             broker.kill()
             broker.wait()
-
-
-def run_grpc(loop_name, nproc, cases, seconds):
-    ports = [free_port() for _ in range(nproc)]
-    procs = Procs()
-    try:
-        for port in ports:
-            procs.start(["--serve", "grpc", str(port), "--loop", loop_name])
-        return run(bench_grpc(ports, cases, seconds), loop_name)
-    finally:
-        procs.stop()
 
 
 def fmt_us(seconds):
@@ -283,20 +275,12 @@ def main():
     started = time.time()
     for loop_name in loops:
         for nproc in nprocs:
-            for system in ("kelpie", "grpc"):
-                if system == "kelpie":
-                    res = run_kelpie(kelpied, loop_name, nproc, cases, seconds)
-                else:
-                    try:
-                        res = run_grpc(loop_name, nproc, cases, seconds)
-                    except Exception as exc:  # grpc.aio on uvloop may refuse
-                        print(f"grpc on {loop_name}: {exc!r}", file=sys.stderr)
-                        continue
-                for (size, depth), (rps, p50, p99) in res.items():
-                    results.append((system, loop_name, nproc, size, depth, rps, p50, p99))
-                    print(f"{system:7s} {loop_name:8s} procs={nproc} {size:5d} B depth={depth:3d}"
-                          f"  {rps:9,.0f} req/s  p50 {fmt_us(p50):>7s} us  p99 {fmt_us(p99):>7s} us",
-                          flush=True)
+            res = run_pair(kelpied, loop_name, nproc, cases, seconds)
+            for (system, size, depth), (rps, p50, p99) in res.items():
+                results.append((system, loop_name, nproc, size, depth, rps, p50, p99))
+                print(f"{system:7s} {loop_name:8s} procs={nproc} {size:5d} B depth={depth:3d}"
+                      f"  {rps:9,.0f} req/s  p50 {fmt_us(p50):>7s} us  p99 {fmt_us(p99):>7s} us",
+                      flush=True)
 
     lines = report(results, seconds, time.time() - started)
     text = "\n".join(lines) + "\n"

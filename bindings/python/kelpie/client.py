@@ -143,7 +143,8 @@ class Client:
                         [_wire.DISCONNECT_FRAME]), 0.1)
                 except (asyncio.TimeoutError, Exception):
                     pass
-            self._sock.close(linger=0)
+            # Linger a little so that the DISCONNECT is not dropped unsent.
+            self._sock.close(linger=100 if pending else 0)
             self._sock = None
         if self._own_context:
             self._context.term()

@@ -357,7 +357,10 @@ class Worker:
         session.calls.clear()
         if self._session is session:
             self._session = None
-        session.sock.close(linger=0)
+        # Leaving on purpose: give the DISCONNECT a moment to reach the wire
+        # (linger 0 would drop it and the broker would wait out the
+        # heartbeats). A lost session has nothing worth flushing.
+        session.sock.close(linger=200 if self._stopping else 0)
 
     async def stop(self, grace=10.0):
         """Drain: announce 0 credits, let calls finish for ``grace`` s, then leave.
