@@ -144,3 +144,22 @@ def test_supervisor_restarts_crashed_child(broker, procs):
                     break
             assert sup.poll() is None
     run(main(), timeout=30)
+
+
+def test_client_notices_a_dead_broker(broker, procs, loop):
+    procs.worker(broker, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend, heartbeat=0.2, liveness=3) as client:
+            await wait_served(client)
+            # No timeout: only the client's own liveness check can end these.
+            calls = [asyncio.ensure_future(client.call("echo", "Sleep", b"30"))
+                     for _ in range(5)]
+            await asyncio.sleep(0.3)
+            broker.kill()
+            t0 = time.monotonic()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(r, kelpie.Unavailable) for r in results), results
+            assert time.monotonic() - t0 < 3.0
+            assert client.outstanding == 0
+    run(main(), loop, timeout=20)
