@@ -53,7 +53,12 @@ struct kelpie_client {
     int64_t next_scan;    /* when to look for expired calls next */
     client_node *head;    /* answers received or made up, not yet returned */
     client_node *tail;
+    kp_arena arena; /* the header being read (one at a time) */
 };
+
+/* The message of answers that carry none: shared, never freed, so that the
+ * common case costs no allocation. */
+static char client_no_message[1];
 
 /* --- the outstanding-call table ------------------------------------------ */
 
@@ -285,7 +290,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kp_msg *m)
                       : KELPIE_OK;
     out->sequence = h->sequence;
     const char *text = h->message ? h->message : "";
-    out->message = kp_strndup(text, strlen(text));
+    out->message = *text ? kp_strndup(text, strlen(text)) : client_no_message;
     if (m->len) {
         out->payload = malloc(m->len);
         if (out->payload) {
@@ -306,7 +311,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kp_msg *m)
 static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
 {
     kp_msg m;
-    kelpie_status rc = kp_wire_recv(c->sock, &m, ZMQ_DONTWAIT);
+    kelpie_status rc = kp_wire_recv(c->sock, &m, ZMQ_DONTWAIT, &c->arena);
     if (rc != KELPIE_OK) {
         kp_msg_fini(&m);
         return rc == KELPIE_ERR_TIMEOUT ? rc : KELPIE_ABORTED;
@@ -470,7 +475,8 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply)
     if (!reply)
         return;
     free(reply->payload);
-    free(reply->message);
+    if (reply->message != client_no_message)
+        free(reply->message);
     memset(reply, 0, sizeof *reply);
 }
 

@@ -9,6 +9,7 @@
 #define KP_WIRE_H
 
 #include <stddef.h>
+#include <stdalign.h>
 #include <zmq.h>
 
 #include "kelpie.h"
@@ -16,6 +17,21 @@
 
 /* The protocol version this library speaks. */
 #define KP_VERSION 1
+
+/* Decoded headers are small (a few hundred bytes with their strings), so
+ * they are unpacked into a fixed buffer instead of a malloc per field; a
+ * header that does not fit spills to malloc. */
+#define KP_ARENA_SIZE 1024
+
+typedef struct kp_arena {
+    ProtobufCAllocator allocator; /* protobuf-c's view of this arena */
+    size_t used;                  /* bytes handed out */
+    _Alignas(max_align_t) unsigned char buf[KP_ARENA_SIZE];
+} kp_arena;
+
+/* Makes the arena empty and ready (its allocator points at itself, so the
+ * arena must not move while a header decoded into it is alive). */
+void kp_arena_init(kp_arena *arena);
 
 /* One received message. The payload points into the received frame when
  * there was exactly one payload frame (no copy), into a joined buffer when
@@ -27,6 +43,7 @@ typedef struct kp_msg {
     zmq_msg_t frame;            /* the single payload frame (valid if has_frame) */
     int has_frame;              /* frame holds the payload */
     void *joined;               /* malloc'd concatenation of several payload frames */
+    kp_arena *arena;            /* where header lives; NULL: protobuf-c's malloc */
 } kp_msg;
 
 /* Sends header (version is set here) and, when len > 0, one payload frame.
@@ -36,15 +53,19 @@ typedef struct kp_msg {
 kelpie_status kp_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
                            int zmq_flags);
 
-/* Receives one whole message into *msg. zmq_flags is 0 or ZMQ_DONTWAIT.
+/* Receives one whole message into *msg, decoding its header into arena
+ * (reset first; NULL: malloc). zmq_flags is 0 or ZMQ_DONTWAIT.
  * Returns KELPIE_OK (msg->header may still be NULL if the header frame did
  * not decode: the message was consumed), KELPIE_ERR_TIMEOUT when nothing was
  * waiting (ZMQ_DONTWAIT), KELPIE_ERR_ZMQ or KELPIE_ERR_NOMEM. On any result
  * kp_msg_fini must be called on *msg. */
-kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags);
+kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags, kp_arena *arena);
 
 /* Releases the header and payload of a received message. Idempotent. */
 void kp_msg_fini(kp_msg *msg);
+
+/* Frees a header decoded into arena (NULL: by malloc). */
+void kp_header_free(Kelpie__V1__Header *header, kp_arena *arena);
 
 /* Copies n bytes into a fresh NUL-terminated string; NULL on out of memory. */
 char *kp_strndup(const char *s, size_t n);

@@ -25,6 +25,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,6 +62,7 @@ struct kelpie_call {
     uint64_t sequence;          /* STREAM: next CHUNK's sequence number */
     bool cancelled;             /* CANCEL arrived, or the connection was lost */
     bool notify;                /* cancel callback still to run */
+    kp_arena arena;             /* where header was decoded */
     void *payload;              /* parked REQUEST only: a copy of its payload */
     size_t len;                 /* parked REQUEST only: payload length */
     struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
@@ -79,6 +81,7 @@ struct kelpie_worker {
     worker_handler *handlers; /* registrations */
     kelpie_call *held;        /* calls received and not answered */
     uint32_t in_flight;       /* length of held */
+    kelpie_call *spare;       /* the next call, whose arena the next message is read into */
     kelpie_call *parked;      /* REQUESTs that arrived during a pump */
     kelpie_call *parked_tail;
     int pumping;         /* >0 while a handler pumps the socket */
@@ -159,8 +162,7 @@ static void worker_hold(kelpie_worker *w, kelpie_call *call)
 
 static void call_free(kelpie_call *call)
 {
-    if (call->header)
-        kelpie__v1__header__free_unpacked(call->header, NULL);
+    kp_header_free(call->header, &call->arena);
     free(call->payload);
     free(call);
 }
@@ -241,12 +243,17 @@ static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *pay
     h->fn(call, payload, len, h->arg);
 }
 
-/* Makes a call from a REQUEST, taking over its header. */
+/* Makes a call from a REQUEST, taking over its header and the spare call
+ * whose arena holds it. */
 static kelpie_call *worker_new_call(kelpie_worker *w, kp_msg *m)
 {
-    kelpie_call *call = calloc(1, sizeof *call);
-    if (!call)
+    kelpie_call *call = w->spare;
+    if (!call || m->arena != &call->arena)
         return NULL;
+    w->spare = NULL;
+    /* Everything but the arena (which holds the header) starts zeroed. */
+    memset(call, 0, offsetof(kelpie_call, arena));
+    memset(&call->payload, 0, sizeof *call - offsetof(kelpie_call, payload));
     Kelpie__V1__Header *h = m->header;
     call->worker = w;
     call->header = h;
@@ -329,8 +336,10 @@ static void worker_handle(kelpie_worker *w, kp_msg *m)
 static void worker_read(kelpie_worker *w)
 {
     for (int i = 0; i < WORKER_BATCH && w->sock; i++) {
+        if (!w->spare && !(w->spare = malloc(sizeof *w->spare)))
+            return; /* out of memory: leave the message queued */
         kp_msg m;
-        kelpie_status rc = kp_wire_recv(w->sock, &m, ZMQ_DONTWAIT);
+        kelpie_status rc = kp_wire_recv(w->sock, &m, ZMQ_DONTWAIT, &w->spare->arena);
         if (rc == KELPIE_OK)
             worker_handle(w, &m);
         kp_msg_fini(&m);
@@ -664,6 +673,7 @@ KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker)
         w->parked = c->next;
         call_free(c);
     }
+    free(w->spare);
     while (w->handlers) {
         worker_handler *h = w->handlers;
         w->handlers = h->next;
