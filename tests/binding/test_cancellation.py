@@ -113,3 +113,48 @@ def test_cancelled_send_was_not_sent(run, pair):
             await rx.recv(kelpie.NOBLOCK)
 
     run(main())
+
+
+def test_woken_sender_cancelled_passes_the_wakeup(run, pair):
+    tx, rx = pair(hwm=1)
+
+    async def main():
+        while True:
+            try:
+                await tx.send(b"fill", kelpie.NOBLOCK)
+            except kelpie.Again:
+                break
+        first = asyncio.ensure_future(tx.send(b"first"))
+        second = asyncio.ensure_future(tx.send(b"second"))
+        await asyncio.sleep(0.01)
+        assert tx._waiters == (0, 2)
+        drained = []
+        # Make room, then have an operation on tx wake the first sender.
+        while True:
+            try:
+                drained.append(await rx.recv(kelpie.NOBLOCK))
+            except kelpie.Again:
+                break
+        for _ in range(100):
+            tx.getsockopt(kelpie.EVENTS)
+            if tx._waiters[1] < 2:
+                break
+            await asyncio.sleep(0.001)
+        assert tx._waiters == (0, 1)
+        first.cancel()
+        await asyncio.wait_for(second, 2)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        rest = []
+        while True:
+            try:
+                rest.append(await rx.recv(kelpie.NOBLOCK))
+            except kelpie.Again:
+                if not rest or rest[-1] != b"second":
+                    await asyncio.sleep(0.01)
+                    continue
+                break
+        assert b"first" not in drained + rest
+        assert rest[-1] == b"second"
+
+    run(main())

@@ -75,3 +75,27 @@ def test_multipart_atomic_both_ways(run, ctx):
 
     run(main(), timeout=60)
     assert len(seen) == total
+
+
+def test_multipart_many_parts_of_every_kind(run, pair):
+    """More parts than the stack array (heap path), mixing bytes, bytearray,
+    memoryview, Frames and zero-copy buffers in one atomic message."""
+    tx, rx = pair(transport="tcp")
+    big = bytes(range(256)) * 400  # 100 KiB: lent to libzmq with copy=False
+
+    async def main():
+        await tx.send_multipart([b"f"])
+        frame = (await rx.recv_multipart(copy=False))[0]
+        parts = []
+        for i in range(30):
+            parts += [b"b%d" % i, bytearray(b"ba%d" % i), memoryview(b"mv%d" % i), frame]
+        parts.append(big)
+        await tx.send_multipart(parts, copy=False)
+        got = await rx.recv_multipart()
+        assert got == [bytes(p) for p in parts]
+        frames = await asyncio.gather(tx.send_multipart(parts), rx.recv_multipart(copy=False))
+        got = frames[1]
+        assert [f.more for f in got] == [True] * (len(parts) - 1) + [False]
+        assert [bytes(f) for f in got] == [bytes(p) for p in parts]
+
+    run(main())
