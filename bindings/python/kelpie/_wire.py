@@ -55,6 +55,9 @@ def varint(n):
         return bytes(((n & 0x7F) | 0x80, n >> 7))
     if n < 0x200000:
         return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
+    if n < 0x10000000:  # kelpied's dispatch ids (serial << 8 | attempt) for a long while
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, ((n >> 14) & 0x7F) | 0x80,
+                      n >> 21))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

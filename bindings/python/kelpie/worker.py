@@ -514,7 +514,9 @@ class Worker:
             await self._answer_error(session, ctx, exc, handler)
             return
         self.served += 1
-        await self._send(session, _wire.reply(rid, ctx._trailing), body)
+        # The hot path: _send inlined (the reader runs, so the session is live).
+        session.last_send = self._loop.time()
+        await session.sock.send_multipart((_wire.reply(rid, ctx._trailing), body))
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
