@@ -87,7 +87,7 @@ def test_deadline_while_queued(broker, procs, tmp_path, loop):
             with pytest.raises(kelpie.DeadlineExceeded):
                 await client.call("echo", "Sleep", b"0", timeout=0.3,
                                   metadata=dict(md, tag="queued"))
-            assert 0.25 < time.monotonic() - t0 < 1.0
+            assert 0.25 < time.monotonic() - t0 < 2.0
             assert await busy  # the running call was not disturbed
             # Expired while queued: never dispatched.
             await asyncio.sleep(0.2)
@@ -106,7 +106,7 @@ def test_deadline_while_running(broker, procs, tmp_path, loop):
             with pytest.raises(kelpie.DeadlineExceeded):
                 await client.call("echo", "Sleep", b"10", timeout=0.4,
                                   metadata={"marker-dir": str(tmp_path), "tag": "run"})
-            assert 0.35 < time.monotonic() - t0 < 1.5
+            assert 0.35 < time.monotonic() - t0 < 2.5
             # The handler was stopped, not left running for 10 s.
             await wait_file(tmp_path / "run.started")
             deadline = time.monotonic() + 3
@@ -190,6 +190,6 @@ def test_client_local_deadline_without_broker(tmp_path):
                 *[client.call("echo", "Echo", b"", timeout=0.2) for _ in range(100)],
                 return_exceptions=True)
             assert all(isinstance(r, kelpie.DeadlineExceeded) for r in results)
-            assert time.monotonic() - t0 < 1.0
+            assert time.monotonic() - t0 < 2.0
             assert client.outstanding == 0
     run(main())

