@@ -13,9 +13,10 @@
  *
  * States:
  *   INIT     not run yet
- *   YIELDED  did one bare `yield None` because the socket's budget for this
- *            loop turn was spent (asyncio's Task reschedules a task that
- *            yields None for the next turn)
+ *   YIELDED  did one bare `yield None` because its socket had completed
+ *            `budget` operations without the loop getting a turn (asyncio's
+ *            Task reschedules a task that yields None behind everything
+ *            already ready)
  *   WAITING  yielded `future`; queued on the socket until woken, then
  *            `woken` until it runs again
  *   DONE     returned or raised; never runs again
@@ -38,12 +39,13 @@ typedef enum op_state {
 } op_state;
 
 struct kp_op {
-    PyObject_HEAD kp_socket *sock; /* strong reference */
-    kp_op *prev;                   /* in `queue` */
-    kp_op *next;                   /* in `queue` */
-    kp_queue *queue;               /* the socket queue we wait in, NULL if none */
-    PyObject *payload;             /* send: the data, or a list of parts; else NULL */
-    PyObject *future;              /* while WAITING */
+    PyObject ob_base;  /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    kp_socket *sock;   /* strong reference */
+    kp_op *prev;       /* in `queue` */
+    kp_op *next;       /* in `queue` */
+    kp_queue *queue;   /* the socket queue we wait in, NULL if none */
+    PyObject *payload; /* send: the data, or a list of parts; else NULL */
+    PyObject *future;  /* while WAITING */
     kp_op_kind kind;
     op_state state;
     int flags; /* the caller's flags; DONTWAIT means "raise Again, never wait" */

@@ -107,9 +107,10 @@ Py_ssize_t kp_release_outstanding(void);
 typedef struct kp_socket kp_socket;
 
 typedef struct kp_context {
-    PyObject_HEAD void *handle; /* the zmq context, NULL once terminated */
-    kp_socket *sockets;         /* open sockets, linked through kp_socket.next */
-    PyObject *weakrefs;         /* weak references to this context */
+    PyObject ob_base;   /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    void *handle;       /* the zmq context, NULL once terminated */
+    kp_socket *sockets; /* open sockets, linked through kp_socket.next */
+    PyObject *weakrefs; /* weak references to this context */
 } kp_context;
 
 int kp_context_init(PyObject *module, kp_state *st);
@@ -153,27 +154,28 @@ void kp_queue_clear(kp_queue *q);
 /* ---- socket.c --------------------------------------------------------- */
 
 struct kp_socket {
-    PyObject_HEAD void *handle; /* the zmq socket, NULL once closed */
-    kp_state *st;               /* state of the module that made our type */
-    kp_context *context;        /* strong reference */
-    kp_socket *prev;            /* in context->sockets */
-    kp_socket *next;            /* in context->sockets */
-    int fd;                     /* ZMQ_FD, read once at creation */
-    int type;                   /* ZMQ_TYPE */
-    PyObject *loop;             /* the loop we are bound to, NULL until first await */
-    unsigned long thread;       /* PyThread_get_thread_ident() of that loop's thread */
-    PyObject *on_fd;            /* cached bound method _on_fd (reader callback) */
-    PyObject *create_future;    /* cached loop.create_future, NULL if plain_future */
-    int plain_future;           /* the loop's create_future is asyncio's own: call
-                                   asyncio.Future(loop=loop) directly */
-    int reader;                 /* 1 while on_fd is registered with loop.add_reader */
-    int release_watched;        /* 1 once the release eventfd is watched by loop */
-    Py_ssize_t budget;          /* immediate completions allowed between yields */
-    Py_ssize_t used;            /* immediate completions since the socket last yielded */
-    Py_ssize_t copy_threshold;  /* copy=False sends at least this big are zero-copy */
-    kp_queue recv_q;            /* awaitables waiting for POLLIN */
-    kp_queue send_q;            /* awaitables waiting for POLLOUT */
-    zmq_msg_t rmsg;             /* reused for copying receives */
+    PyObject ob_base;          /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    void *handle;              /* the zmq socket, NULL once closed */
+    kp_state *st;              /* state of the module that made our type */
+    kp_context *context;       /* strong reference */
+    kp_socket *prev;           /* in context->sockets */
+    kp_socket *next;           /* in context->sockets */
+    int fd;                    /* ZMQ_FD, read once at creation */
+    int type;                  /* ZMQ_TYPE */
+    PyObject *loop;            /* the loop we are bound to, NULL until first await */
+    unsigned long thread;      /* PyThread_get_thread_ident() of that loop's thread */
+    PyObject *on_fd;           /* cached bound method _on_fd (reader callback) */
+    PyObject *create_future;   /* cached loop.create_future, NULL if plain_future */
+    int plain_future;          /* the loop's create_future is asyncio's own: call
+                                  asyncio.Future(loop=loop) directly */
+    int reader;                /* 1 while on_fd is registered with loop.add_reader */
+    int release_watched;       /* 1 once the release eventfd is watched by loop */
+    Py_ssize_t budget;         /* immediate completions allowed between yields */
+    Py_ssize_t used;           /* immediate completions since the socket last yielded */
+    Py_ssize_t copy_threshold; /* copy=False sends at least this big are zero-copy */
+    kp_queue recv_q;           /* awaitables waiting for POLLIN */
+    kp_queue send_q;           /* awaitables waiting for POLLOUT */
+    zmq_msg_t rmsg;            /* reused for copying receives */
     PyObject *weakrefs;
 };
 
@@ -208,9 +210,10 @@ int kp_option_set(kp_socket *sock, int option, PyObject *value);
 /* ---- frame.c ---------------------------------------------------------- */
 
 typedef struct kp_frame {
-    PyObject_HEAD zmq_msg_t msg; /* owned; closed in dealloc */
-    int more;                    /* ZMQ_RCVMORE at receive time */
-    Py_ssize_t exports;          /* live buffer exports */
+    PyObject ob_base;   /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    zmq_msg_t msg;      /* owned; closed in dealloc */
+    int more;           /* ZMQ_RCVMORE at receive time */
+    Py_ssize_t exports; /* live buffer exports */
 } kp_frame;
 
 int kp_frame_init(PyObject *module, kp_state *st);
