@@ -80,9 +80,9 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
         kp_service_add_worker(services[i], w);
         kp_broker_mark_pending(b, services[i]);
     }
-    kp_log_info("worker '%s' %s: %u credits, %zu services%s%s", w->name,
-                fresh ? "registered" : "updated", w->credits, n, n ? ", first " : "",
-                n ? services[0]->name : "");
+    kp_log(fresh ? KP_LOG_INFO : KP_LOG_DEBUG, "worker '%s' %s: %u credits, %zu services%s%s",
+           w->name, fresh ? "registered" : "updated", w->credits, n, n ? ", first " : "",
+           n ? services[0]->name : "");
 }
 
 void kp_backend_on_message(struct kp_broker *b)

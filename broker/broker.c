@@ -258,9 +258,10 @@ static void broker_orphan(struct kp_broker *b, struct kp_call *c)
 /* Sends c to w. h is c's decoded header from the current message, or NULL
  * to decode the header c holds. frames/n are the payload in b->frames for a
  * call dispatched straight from the receive array, or NULL to send what c
- * holds (copies if c is idempotent, so it can be sent again). Returns KP_OK
- * with c DISPATCHED on w; otherwise nothing was sent, w is marked gone if it
- * was unreachable, and c (and its frames) are as before. */
+ * holds (copies if c is idempotent, so it can be sent again). Ownership:
+ * returns KP_OK with c DISPATCHED on w and the frames sent; otherwise nothing
+ * was sent, the caller keeps c and its frames, and w is marked gone
+ * (unreachable) or has no free slot any more (pipe full). */
 static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                    kp_header *h, zmq_msg_t *frames, size_t n)
 {
@@ -303,7 +304,15 @@ static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struc
             for (size_t i = 0; i < n; i++)
                 zmq_msg_close(&copies[i]);
         }
-        kp_broker_worker_gone(b, w);
+        if (err == KP_EAGAIN) {
+            /* Its pipe is full (it announced more credits than it reads):
+             * treat what it holds as its capacity until READY or CREDIT. */
+            kp_log_warn("worker '%s' is not reading; capacity cut from %u to %u", w->name,
+                        w->credits, w->in_flight);
+            w->credits = w->in_flight;
+        } else {
+            kp_broker_worker_gone(b, w);
+        }
         return err;
     }
     if (frames == NULL && !copied) {
