@@ -497,20 +497,14 @@ static void op_abandon(kp_op *self)
     if (self->state != OP_WAITING) {
         return;
     }
-    kp_state *st = self->sock->st;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    /* Leaving the queue is enough: nobody else resolves our future, and
+     * whoever abandons us (the Task, delivering an exception; the
+     * finaliser) no longer waits on it. */
     if (self->queue != NULL) {
         queue_unlink(self);
         Py_DECREF(self);
-        int done = op_future_done(st, self->future);
-        if (done == 0) {
-            PyObject *r = PyObject_CallMethodNoArgs(self->future, st->str_cancel);
-            Py_XDECREF(r);
-        }
-        if (PyErr_Occurred()) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
     }
     if (self->woken) {
         self->woken = 0;

@@ -48,7 +48,6 @@ typedef struct kp_state {
     PyObject *str_create_future;
     PyObject *str_set_result;
     PyObject *str_set_exception;
-    PyObject *str_cancel;
     PyObject *str_done;
     PyObject *str_is_closed;
     PyObject *str_blocking;       /* "_asyncio_future_blocking" */

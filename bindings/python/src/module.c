@@ -173,7 +173,7 @@ static int module_exec(PyObject *module)
         module_intern(&st->str_create_future, "create_future") < 0 ||
         module_intern(&st->str_set_result, "set_result") < 0 ||
         module_intern(&st->str_set_exception, "set_exception") < 0 ||
-        module_intern(&st->str_cancel, "cancel") < 0 || module_intern(&st->str_done, "done") < 0 ||
+        module_intern(&st->str_done, "done") < 0 ||
         module_intern(&st->str_is_closed, "is_closed") < 0 ||
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
         module_intern(&st->str_on_fd, "_on_fd") < 0) {
@@ -271,7 +271,6 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_create_future);
     Py_CLEAR(st->str_set_result);
     Py_CLEAR(st->str_set_exception);
-    Py_CLEAR(st->str_cancel);
     Py_CLEAR(st->str_done);
     Py_CLEAR(st->str_is_closed);
     Py_CLEAR(st->str_blocking);
