@@ -24,6 +24,7 @@
 #include <czmq.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -565,7 +566,10 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
         kp_json_init(&j);
         broker_stats_json(b, &j);
         zmq_msg_t payload;
-        zmq_msg_init_size(&payload, j.len);
+        if (zmq_msg_init_size(&payload, j.len) != 0) {
+            kp_log_error("out of memory for a %zu-byte Stats reply, aborting", j.len);
+            abort(); /* the daemon's OOM policy (alloc.h) */
+        }
         memcpy(zmq_msg_data(&payload), j.data, j.len);
         kp_json_fini(&j);
         err = kp_broker_send(b, b->frontend, rid, rid_len, &h, &payload, 1);
