@@ -28,6 +28,14 @@
 
 #include <stdint.h>
 
+/* Defaults of Socket.budget and Socket.copy_threshold, also exported as
+ * kelpie.BUDGET and kelpie.COPY_THRESHOLD. 64 immediate completions cost a
+ * few microseconds, well under a timer's tolerance; 64 KiB is where lending
+ * a buffer (an allocation, a callback from another thread, a deferred
+ * release) becomes cheaper than copying it. */
+#define KP_DEFAULT_BUDGET         64
+#define KP_DEFAULT_COPY_THRESHOLD 65536
+
 /* Per-module state: every type and exception the module creates, and the
  * interned names the hot path uses instead of building strings per call. */
 typedef struct kp_state {

@@ -118,8 +118,8 @@ static const module_constant module_constants[] = {
     {"EFSM", EFSM},
     {"EMTHREAD", EMTHREAD},
     /* binding defaults */
-    {"COPY_THRESHOLD", 65536},
-    {"BUDGET", 64},
+    {"COPY_THRESHOLD", KP_DEFAULT_COPY_THRESHOLD},
+    {"BUDGET", KP_DEFAULT_BUDGET},
 };
 
 kp_state *kp_state_from_type(PyTypeObject *type)

@@ -33,8 +33,8 @@ PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
     }
     self->st = st;
     self->context = (kp_context *)Py_NewRef(ctx);
-    self->budget = 64;
-    self->copy_threshold = 65536;
+    self->budget = KP_DEFAULT_BUDGET;
+    self->copy_threshold = KP_DEFAULT_COPY_THRESHOLD;
     zmq_msg_init(&self->rmsg);
     self->handle = zmq_socket(ctx->handle, type);
     if (self->handle == NULL) {
