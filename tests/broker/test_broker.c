@@ -652,11 +652,12 @@ Test(broker, full_queue_and_client_limit_are_resource_exhausted)
 
 Test(broker, unknown_service_is_not_found_after_the_grace_period)
 {
+    tb_cfg.heartbeat_liveness = 10;
     tb_start();
     void *c = tb_socket(ZMQ_DEALER, tb.fe);
-    /* Within liveness x heartbeat (150 ms) of start-up the call waits. */
-    tb_request(c, 1, "late", "Do", 2000, 0, "x");
-    tb_sleep_ms(300);
+    /* Within liveness x heartbeat (500 ms) of start-up the call waits. */
+    tb_request(c, 1, "late", "Do", 3000, 0, "x");
+    tb_sleep_ms(800);
     tb_request(c, 2, "never", "Do", 2000, 0, "x");
     tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 2);
     cr_assert_eq(tb_stat("unroutable"), 1);
@@ -818,10 +819,10 @@ Test(broker, silent_worker_expires_and_idle_worker_gets_heartbeats)
     ready.services = services;
     ready.n_services = 1;
     ready.credits = 1;
-    ready.heartbeat_ms = 50;
+    ready.heartbeat_ms = 100; /* judged by 3 x 100 ms */
     tb_send(w, &ready, NULL);
     tb_wait_stat("workers", 1);
-    /* Idle: the broker heartbeats it (every 50 ms). */
+    /* Idle: the broker heartbeats it (every 50 ms, its own interval). */
     tb_header *hb = tb_recv_ex(w, 1000, true);
     cr_assert_not_null(hb);
     cr_assert_eq(hb->kind, KELPIE__V1__KIND__HEARTBEAT);
@@ -837,7 +838,7 @@ Test(broker, silent_worker_expires_and_idle_worker_gets_heartbeats)
         tb_sleep_ms(30);
     }
     cr_assert_eq(tb_stat("workers"), 1, "a heartbeating worker was removed");
-    /* Then silence: gone after 3 x 50 ms, its call failed UNAVAILABLE. */
+    /* Then silence: gone after 3 x 100 ms, its call failed UNAVAILABLE. */
     tb_expect_error(c, KELPIE__V1__CODE__UNAVAILABLE, 1);
     cr_assert_eq(tb_stat("worker_expired"), 1);
     cr_assert_eq(tb_stat("workers"), 0);
@@ -909,6 +910,7 @@ Test(broker, stream_chunks_credits_and_end)
 
 Test(broker, intake_requests_are_one_way)
 {
+    tb_cfg.heartbeat_liveness = 60; /* 3 s start-up grace: "nobody" below waits */
     tb_start();
     void *w = tb_worker("echo", 1);
     void *push = tb_socket(ZMQ_PUSH, tb.in);
