@@ -39,6 +39,8 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
 {
     const void *rid = zmq_msg_data(&b->frames[0]);
     size_t rid_len = zmq_msg_size(&b->frames[0]);
+    struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
+    cl->last_seen = b->now;
     if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
         kp_broker_self(b, rid, rid_len, h); /* still answered while draining */
         return;
@@ -47,8 +49,6 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
         frontend_refuse(b, h, h->request_id, KP_ESHUTDOWN);
         return;
     }
-    struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
-    cl->last_seen = b->now;
     if (kp_idmap_get(&cl->calls, h->request_id) != NULL) {
         frontend_refuse(b, h, h->request_id, KP_EDUPLICATE);
         return;
@@ -134,6 +134,9 @@ void kp_frontend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__HEARTBEAT: {
         b->stats.heartbeats_received++;
+        kp_clients_get(&b->clients, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
+                       b->now)
+            ->last_seen = b->now;
         kp_header pong = KELPIE__V1__HEADER__INIT;
         pong.version = KP_PROTOCOL_VERSION;
         pong.kind = KELPIE__V1__KIND__HEARTBEAT;
