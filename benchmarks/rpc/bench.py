@@ -27,6 +27,7 @@ Server processes are started with this same file (``--serve``).
 import argparse
 import asyncio
 import glob
+import json
 import os
 import platform
 import signal
@@ -253,7 +254,15 @@ def main():
     p.add_argument("--serve", nargs=2, metavar=("SYSTEM", "ADDRESS"), help=argparse.SUPPRESS)
     p.add_argument("--loop", default="asyncio", help=argparse.SUPPRESS)
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw docs/img/rpc.png from benchmarks/results/rpc.json")
     args = p.parse_args()
+
+    if args.replot:
+        with open(os.path.join(ROOT, "benchmarks", "results", "rpc.json")) as f:
+            data = json.load(f)
+        plot([tuple(r) for r in data["results"]], os.path.join(ROOT, "docs", "img", "rpc.png"))
+        return 0
 
     if args.serve:
         system, address = args.serve
@@ -290,6 +299,8 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "rpc.md"), "w") as f:
         f.write(text)
+    with open(os.path.join(out_dir, "rpc.json"), "w") as f:
+        json.dump({"seconds": seconds, "results": results}, f)
     if not args.no_plot:
         plot(results, os.path.join(ROOT, "docs", "img", "rpc.png"))
     return 0
@@ -347,16 +358,19 @@ def plot(results, path):
     for ax, depth, title in ((axes[0], 100, "100 in flight: requests/s"),
                              (axes[1], 1, "1 in flight: p50 / p99 latency (µs)")):
         width = 0.38
+        colors = {"kelpie": ("#1f77b4", "#9ec5e8"), "grpc": ("#ff7f0e", "#ffc999")}
         for i, system in enumerate(("kelpie", "grpc")):
+            dark, light = colors[system]
             if depth == 100:
                 vals = [by.get((system,) + k + (100,), (0,) * 8)[5] for k in keys]
-                ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=system)
+                ax.bar([x + (i - 0.5) * width for x in xs], vals, width, label=system,
+                       color=dark)
             else:
                 p50 = [by.get((system,) + k + (1,), (0,) * 8)[6] * 1e6 for k in keys]
                 p99 = [by.get((system,) + k + (1,), (0,) * 8)[7] * 1e6 for k in keys]
                 pos = [x + (i - 0.5) * width for x in xs]
-                ax.bar(pos, p99, width, label=f"{system} p99", alpha=0.45)
-                ax.bar(pos, p50, width, label=f"{system} p50")
+                ax.bar(pos, p99, width, label=f"{system} p99", color=light)
+                ax.bar(pos, p50, width, label=f"{system} p50", color=dark)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(title)
