@@ -488,6 +488,7 @@ static int op_wait(kp_op *self, int front)
     self->state = OP_WAITING;
     /* Waiting gives the loop a turn: the socket's burst ends here. */
     sock->used = 0;
+    sock->n_waited++;
     return 0;
 }
 
@@ -535,6 +536,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
              * reschedule itself behind everything already ready (timers,
              * I/O callbacks, other tasks). */
             sock->used = 0;
+            sock->n_yielded++;
             self->state = OP_YIELDED;
             *result = Py_NewRef(Py_None);
             return PYGEN_NEXT;
@@ -572,6 +574,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     if (rc == 0) {
         if (immediate) {
             sock->used++;
+            sock->n_immediate++;
         }
         kp_socket_recheck(sock);
         self->state = OP_DONE;

@@ -180,6 +180,9 @@ struct kp_socket {
     Py_ssize_t budget;         /* immediate completions allowed between yields */
     Py_ssize_t used;           /* immediate completions since the socket last yielded */
     Py_ssize_t copy_threshold; /* copy=False sends at least this big are zero-copy */
+    Py_ssize_t n_immediate;    /* operations that completed without waiting */
+    Py_ssize_t n_waited;       /* times an operation waited on a future */
+    Py_ssize_t n_yielded;      /* bare fairness yields */
     kp_queue recv_q;           /* awaitables waiting for POLLIN */
     kp_queue send_q;           /* awaitables waiting for POLLOUT */
     zmq_msg_t rmsg;            /* reused for copying receives */

@@ -660,6 +660,12 @@ static PyObject *socket_get_waiters(kp_socket *self, void *closure)
     return Py_BuildValue("(nn)", self->recv_q.len, self->send_q.len);
 }
 
+static PyObject *socket_get_stats(kp_socket *self, void *closure)
+{
+    return Py_BuildValue("{snsnsn}", "immediate", self->n_immediate, "waited", self->n_waited,
+                         "yielded", self->n_yielded);
+}
+
 static PyObject *socket_repr(kp_socket *self)
 {
     return PyUnicode_FromFormat("<kelpie.Socket type=%d%s>", self->type,
@@ -704,6 +710,8 @@ static PyGetSetDef socket_getset[] = {
     {"loop", (getter)socket_get_loop, NULL, "The event loop the socket is bound to, or None.",
      NULL},
     {"_waiters", (getter)socket_get_waiters, NULL, "(receivers, senders) waiting.", NULL},
+    {"_stats", (getter)socket_get_stats, NULL,
+     "Counts of operations that completed at once, waits on a future and fairness yields.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
