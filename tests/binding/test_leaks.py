@@ -129,3 +129,35 @@ def test_rss_flat_over_a_million_messages(run, pair):
     # Ignore the first samples (allocator warm-up); afterwards flat.
     steady = samples[3:]
     assert max(steady) - min(steady) < 4 * 1024 * 1024, [s >> 10 for s in samples]
+
+
+def test_abandoned_socket_and_waiting_task_are_collected():
+    """A socket left with a waiting task and a registered reader, in a loop
+    that is then closed without cleanup: the GC (Socket and the awaitable
+    implement traverse/clear) frees the socket, which closes it, so the
+    context can terminate."""
+    import weakref
+
+    import uvloop
+
+    for make in (asyncio.new_event_loop, uvloop.new_event_loop):
+        ctx = kelpie.Context()
+        loop = make()
+        sock = ctx.socket(kelpie.PULL)
+        sock.bind("inproc://abandoned")
+
+        async def start():
+            return asyncio.ensure_future(sock.recv())
+
+        task = loop.run_until_complete(start())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert sock._waiters == (1, 0)
+        ref = weakref.ref(sock)
+        task._log_destroy_pending = False  # abandoned on purpose
+        del task, sock, start
+        loop.close()
+        del loop
+        gc.collect()
+        gc.collect()
+        assert ref() is None
+        ctx.term()  # would block forever if the socket were still open
