@@ -27,7 +27,6 @@ static PyObject *frame_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->more = 0;
-    self->exports = 0;
     if (zmq_msg_init_size(&self->msg, (size_t)view.len) != 0) {
         /* Leave a valid empty message for dealloc to close. */
         zmq_msg_init(&self->msg);
@@ -51,7 +50,6 @@ kp_frame *kp_frame_new(kp_state *st)
     }
     zmq_msg_init(&self->msg);
     self->more = 0;
-    self->exports = 0;
     return self;
 }
 
@@ -71,13 +69,9 @@ static int frame_getbuffer(kp_frame *self, Py_buffer *view, int flags)
                           (Py_ssize_t)zmq_msg_size(&self->msg), 1, flags) < 0) {
         return -1;
     }
-    self->exports++;
+    /* The view holds a reference to the Frame, and nothing ever changes a
+     * Frame's message, so there is nothing to release. */
     return 0;
-}
-
-static void frame_releasebuffer(kp_frame *self, Py_buffer *view)
-{
-    self->exports--;
 }
 
 static Py_ssize_t frame_length(kp_frame *self)
@@ -134,7 +128,6 @@ static PyType_Slot frame_slots[] = {
     {Py_tp_getset, frame_getset},
     {Py_tp_methods, frame_methods},
     {Py_bf_getbuffer, frame_getbuffer},
-    {Py_bf_releasebuffer, frame_releasebuffer},
     {Py_sq_length, frame_length},
     {Py_mp_length, frame_length},
     {0, NULL},

@@ -213,17 +213,15 @@ int kp_socket_watch(kp_socket *sock);
 
 /* ---- option.c --------------------------------------------------------- */
 
-int kp_option_init(PyObject *module, kp_state *st);
 PyObject *kp_option_get(kp_socket *sock, int option);
 int kp_option_set(kp_socket *sock, int option, PyObject *value);
 
 /* ---- frame.c ---------------------------------------------------------- */
 
 typedef struct kp_frame {
-    PyObject ob_base;   /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    zmq_msg_t msg;      /* owned; closed in dealloc */
-    int more;           /* ZMQ_RCVMORE at receive time */
-    Py_ssize_t exports; /* live buffer exports */
+    PyObject ob_base; /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    zmq_msg_t msg;    /* owned; closed in dealloc */
+    int more;         /* ZMQ_RCVMORE at receive time */
 } kp_frame;
 
 int kp_frame_init(PyObject *module, kp_state *st);

@@ -220,8 +220,7 @@ static int module_exec(PyObject *module)
     /* Each file adds its own types; a new file is one line here. */
     if (kp_error_init(module, st) < 0 || kp_release_init(module, st) < 0 ||
         kp_frame_init(module, st) < 0 || kp_awaitable_init(module, st) < 0 ||
-        kp_socket_init(module, st) < 0 || kp_option_init(module, st) < 0 ||
-        kp_context_init(module, st) < 0) {
+        kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0) {
         return -1;
     }
     return 0;

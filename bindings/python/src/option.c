@@ -45,11 +45,6 @@ static option_kind option_kind_of(int option)
     return OPTION_INT;
 }
 
-int kp_option_init(PyObject *module, kp_state *st)
-{
-    return 0;
-}
-
 /* Bytes read back from libzmq; string options carry a trailing NUL that
  * Python callers do not want. */
 static PyObject *option_bytes(const char *buf, size_t len, int strip_nul)
