@@ -164,10 +164,10 @@ int kp_socket_check_loop(kp_socket *self)
         socket_unbind(self);
     }
     /* loop.create_future() is the documented way to make a future, so that
-     * a loop can supply its own Future type. When the loop's method is
-     * asyncio's own (stdlib loops, uvloop's is its own C method) we call
-     * asyncio.Future(loop=loop) directly and skip a Python-level frame on
-     * every wait. */
+     * a loop can supply its own Future type. When the loop inherits
+     * asyncio.BaseEventLoop's method (every stdlib loop; uvloop has its
+     * own) that method is just asyncio.Future(loop=self), so we make the
+     * call ourselves and skip a Python-level frame on every wait. */
     PyObject *method = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->str_create_future);
     if (method == NULL) {
         Py_DECREF(loop);
