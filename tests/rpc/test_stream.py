@@ -100,3 +100,19 @@ def test_stream_deadline(broker, procs, tmp_path):
             assert got and got == [b"%d" % i for i in range(len(got))]
             assert client.outstanding == 0
     run(main())
+
+
+def test_stream_abandoned_is_cancelled(broker, procs, tmp_path):
+    procs.worker(broker, APP_CONCURRENCY=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            md = {"marker-dir": str(tmp_path), "tag": "left"}
+            async for chunk in client.stream("echo", "Count", b"1000000", window=4, metadata=md):
+                if chunk == b"5":
+                    break  # no 'async with': the Stream is cancelled when collected
+            await wait_file(tmp_path / "left.cancelled", timeout=3)
+            assert client.outstanding == 0
+            assert await client.call("echo", "Echo", b"free", timeout=3) == b"free"
+    run(main())
