@@ -79,13 +79,21 @@ class KelpieLib:
 
     def __init__(self):
         self.ctx = kelpie.Context()
+        self.sockets = []
 
     async def pair(self, a_type, b_type, transport="tcp"):
         a = self.ctx.socket(a_type)
         a.bind(endpoint(transport))
         b = self.ctx.socket(b_type)
         b.connect(a.last_endpoint.decode())
+        self.sockets += [a, b]
         return Socket(a), Socket(b)
+
+    def immediate_share(self):
+        """Share of operations that completed without waiting on a Future."""
+        immediate = sum(s._stats["immediate"] for s in self.sockets)
+        waited = sum(s._stats["waited"] for s in self.sockets)
+        return immediate / max(1, immediate + waited)
 
     def close(self):
         self.ctx.destroy(linger=0)
@@ -309,6 +317,8 @@ def run_async(libname, loopkind, scenario, n, count_iterations):
             result["iterations_per_msg"] = it.count / result["messages"]
         else:
             result = loop.run_until_complete(go())
+        if hasattr(lib, "immediate_share"):
+            result["immediate_share"] = lib.immediate_share()
         return result
     finally:
         lib.close()
@@ -404,8 +414,8 @@ def report(results, quick):
         if latency:
             head += " p50 µs | p99 µs |"
             sep += "---:|---:|"
-        head += " loop iterations/msg |"
-        sep += "---:|"
+        head += " loop iterations/msg | completed without waiting |"
+        sep += "---:|---:|"
         lines += [head, sep]
         for lib in LIBS:
             for lp in LOOPS:
@@ -416,6 +426,8 @@ def report(results, quick):
                     line += " %.0f | %.0f |" % (r["p50_us"], r["p99_us"])
                 it = r.get("iterations_per_msg")
                 line += (" %.2f |" % it) if it is not None else " — |"
+                share = r.get("immediate_share")
+                line += (" %.1f%% |" % (100 * share)) if share is not None else " — |"
                 lines.append(line)
         b = results["blocking"].get(scenario)
         if b:
@@ -423,7 +435,7 @@ def report(results, quick):
                 fmt_rate(b["rate"]), b["rate"] / rows["zmq.asyncio/asyncio"]["rate"])
             if latency:
                 line += " %.0f | %.0f |" % (b["p50_us"], b["p99_us"])
-            line += " — |"
+            line += " — | — |"
             lines.append(line)
         lines.append("")
     return "\n".join(lines)
@@ -518,6 +530,8 @@ def main():
                     extra = ""
                     if "p99_us" in r:
                         extra = "  p50 %.0f µs  p99 %.0f µs" % (r["p50_us"], r["p99_us"])
+                    if "immediate_share" in r:
+                        extra += "  %.1f%% immediate" % (100 * r["immediate_share"])
                     print("%-9s %-12s %-8s %10.0f msg/s  %s it/msg%s" % (
                         scenario, lib, lp, r["rate"],
                         "%5.2f" % it if it is not None else "    -", extra), flush=True)
