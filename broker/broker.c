@@ -816,6 +816,56 @@ enum kp_err kp_broker_run(struct kp_broker *b)
     return KP_OK;
 }
 
+/* ---- driving the loop by hand (tests, fuzzing) ------------------------- */
+
+bool kp_broker_tick(struct kp_broker *b, uint64_t now)
+{
+    if (now > b->now)
+        b->now = now;
+    broker_on_stop_requests(b);
+    if (b->state != KP_BROKER_STOPPED) {
+        broker_expire(b);
+        broker_sweep(b);
+    }
+    if (b->state != KP_BROKER_STOPPED)
+        broker_before_sleep(b);
+    return b->state != KP_BROKER_STOPPED;
+}
+
+bool kp_broker_inject(struct kp_broker *b, enum kp_dir dir, zmq_msg_t *frames, size_t n,
+                      uint64_t now)
+{
+    if (b->state == KP_BROKER_STOPPED)
+        return false;
+    if (now > b->now)
+        b->now = now;
+    b->nframes = 0;
+    b->msg_size = 0;
+    b->too_many = n > KP_MAX_FRAMES;
+    for (size_t i = 0; i < n; i++) {
+        b->msg_size += zmq_msg_size(&frames[i]);
+        if (i < KP_MAX_FRAMES) {
+            zmq_msg_move(&b->frames[i], &frames[i]);
+            b->nframes++;
+        }
+    }
+    kp_arena_reset(&b->arena);
+    if (dir == KP_FROM_CLIENT)
+        kp_frontend_on_message(b);
+    else if (dir == KP_FROM_WORKER)
+        kp_backend_on_message(b);
+    else
+        kp_intake_on_message(b);
+    broker_release_frames(b);
+    kp_arena_reset(&b->arena);
+    return kp_broker_tick(b, now);
+}
+
+uint64_t kp_broker_now(const struct kp_broker *b)
+{
+    return b->now;
+}
+
 /* ---- life cycle --------------------------------------------------------- */
 
 void kp_broker_stop(struct kp_broker *b)

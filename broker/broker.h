@@ -12,11 +12,14 @@
 #ifndef KP_BROKER_H
 #define KP_BROKER_H
 
+#include <stdbool.h>
 #include <stdint.h>
+#include <zmq.h>
 
 #include "config.h"
 #include "error.h"
 #include "stats.h"
+#include "wire.h"
 
 struct kp_broker;
 
@@ -40,5 +43,29 @@ void kp_broker_stop(struct kp_broker *b);
 
 /* Returns a snapshot of the counters (for tests; Stats is the wire way). */
 struct kp_stats kp_broker_stats(const struct kp_broker *b);
+
+/* ---- driving the loop by hand, for tests and fuzzing ---------------------
+ * Never mixed with kp_broker_run() on the same broker. Time only moves
+ * forward: a `now` earlier than the broker's clock is ignored. */
+
+/* Handles one message as if the loop had just read it from dir's socket —
+ * frames[0..n) are moved out (for frontend and backend, frames[0] is the
+ * peer's routing id) — at monotonic time now, then runs the expire, sweep
+ * and before-sleep phases. Returns false once the broker has stopped. */
+bool kp_broker_inject(struct kp_broker *b, enum kp_dir dir, zmq_msg_t *frames, size_t n,
+                      uint64_t now);
+
+/* Runs the stop-request, expire, sweep and before-sleep phases at time now.
+ * Returns false once the broker has stopped. */
+bool kp_broker_tick(struct kp_broker *b, uint64_t now);
+
+/* Returns the broker's clock (monotonic ms). */
+uint64_t kp_broker_now(const struct kp_broker *b);
+
+/* Checks every internal invariant (credit accounting, queue lengths, maps
+ * pointing at live calls in the right state, timers armed exactly for the
+ * calls a client waits on, ...). O(everything): tests and fuzzing only.
+ * Returns NULL, or a sentence naming the first invariant that does not hold. */
+const char *kp_broker_check(const struct kp_broker *b);
 
 #endif

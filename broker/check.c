@@ -1,0 +1,122 @@
+/* check: kp_broker_check(), the broker's invariants written down as code.
+ *
+ * Walks every structure and cross-checks the redundant counts and links the
+ * hot paths maintain incrementally: a worker's in_flight is the number of
+ * calls on its list, a service's queued/in_flight match its queue and the
+ * calls held for it, every client map entry names a live call of that
+ * client, ORPHANED calls are counted, deadlines are armed exactly while a
+ * client (or intake producer) still waits. The in-process tests and the
+ * broker fuzzer (tests/fuzz/fuzz_broker.c) call it after every step.
+ */
+#include "broker_impl.h"
+
+static const char *check_call(const struct kp_broker *b, const struct kp_call *c)
+{
+    if (kp_idmap_get(&b->calls.by_serial, c->serial) != c)
+        return "a call is not in the call table under its serial";
+    bool waiting = c->state != KP_CALL_ORPHANED;
+    bool stopped = b->state == KP_BROKER_STOPPED; /* clients were all answered */
+    if (!stopped && kp_timer_armed(&c->timer) != (waiting && c->deadline != 0))
+        return "a call's timer is armed iff someone waits on it and it has a deadline";
+    if (c->client) {
+        if (!waiting)
+            return "an ORPHANED call still has a client";
+        if (kp_idmap_get(&c->client->calls, c->client_request_id) != c)
+            return "a call's client does not map its request_id to it";
+    }
+    if ((c->state == KP_CALL_QUEUED) == (c->worker != NULL))
+        return "a call has a worker iff it is not QUEUED";
+    if (c->state == KP_CALL_QUEUED && kp_list_empty(&c->queue_link))
+        return "a QUEUED call is in no queue";
+    if (c->state != KP_CALL_QUEUED && !kp_list_empty(&c->queue_link))
+        return "a dispatched call is still in a queue";
+    if (c->service == NULL)
+        return "a call has no service";
+    if ((c->flags & KP_FLAG_IDEMPOTENT) && waiting && !c->has_header)
+        return "an idempotent call lost the header it needs to be sent again";
+    return NULL;
+}
+
+const char *kp_broker_check(const struct kp_broker *b)
+{
+    size_t pos = 0, orphans = 0;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL) {
+        const char *why = check_call(b, c);
+        if (why)
+            return why;
+        orphans += c->state == KP_CALL_ORPHANED;
+    }
+    if (orphans != b->orphans)
+        return "the ORPHANED count is wrong";
+
+    pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        size_t held = 0;
+        for (struct kp_list *l = w->calls.next; l != &w->calls; l = l->next) {
+            c = kp_container_of(l, struct kp_call, worker_link);
+            if (c->worker != w || c->state == KP_CALL_QUEUED)
+                return "a worker's call list holds a call that is not its own";
+            held++;
+        }
+        if (held != w->in_flight)
+            return "a worker's in_flight differs from the calls it holds";
+        if (w->credits > KP_WORKER_MAX_CREDITS)
+            return "a worker has more credits than allowed";
+        for (size_t i = 0; i < w->nservices; i++) {
+            bool listed = false;
+            for (size_t k = 0; k < w->services[i]->nworkers && !listed; k++)
+                listed = w->services[i]->workers[k] == w;
+            if (!listed)
+                return "a worker's service does not list the worker";
+        }
+    }
+
+    pos = 0;
+    struct kp_service *s;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        size_t queued = 0;
+        for (struct kp_list *l = s->queue.next; l != &s->queue; l = l->next) {
+            c = kp_container_of(l, struct kp_call, queue_link);
+            if (c->service != s || c->state != KP_CALL_QUEUED)
+                return "a service queue holds a call that is not its QUEUED call";
+            queued++;
+        }
+        if (queued != s->queued)
+            return "a service's queued count differs from its queue";
+        for (size_t i = 0; i < s->nworkers; i++) {
+            if (kp_workers_find(&b->workers, s->workers[i]->rid.bytes, s->workers[i]->rid.len) !=
+                s->workers[i])
+                return "a service lists a worker that is not registered";
+        }
+        size_t in_flight = 0;
+        size_t cpos = 0;
+        while ((c = kp_idmap_next(&b->calls.by_serial, &cpos, NULL)) != NULL)
+            in_flight += c->service == s && c->worker != NULL;
+        if (in_flight != s->in_flight)
+            return "a service's in_flight differs from its calls held by workers";
+        if (s->pending && b->state != KP_BROKER_STOPPED && kp_list_empty(&s->pending_link))
+            return "a pending service is not on the pending list";
+    }
+
+    pos = 0;
+    struct kp_client *cl;
+    while ((cl = kp_bmap_next(&b->clients.by_rid, &pos)) != NULL) {
+        size_t rpos = 0;
+        uint64_t id;
+        while ((c = kp_idmap_next(&cl->calls, &rpos, &id)) != NULL) {
+            if (kp_idmap_get(&b->calls.by_serial, c->serial) != c)
+                return "a client maps a request_id to a call that is not live";
+            if (c->client != cl || c->client_request_id != id)
+                return "a client maps a request_id to another client's call";
+        }
+        if (kp_idmap_count(&cl->calls) > b->client_max_inflight)
+            return "a client has more calls than --client-max-inflight";
+    }
+    if (b->state != KP_BROKER_STOPPED &&
+        (!kp_list_empty(&b->pending) || !kp_list_empty(&b->gone_workers) ||
+         !kp_list_empty(&b->gone_clients)))
+        return "work was left for the next iteration after before-sleep";
+    return NULL;
+}
