@@ -740,16 +740,20 @@ static void broker_finish(struct kp_broker *b)
 
 static void broker_before_sleep(struct kp_broker *b)
 {
+    /* Each step can feed the others (reaping a worker fails calls whose
+     * clients may turn out unreachable; dispatching can find a worker gone),
+     * so repeat until all three lists are empty. */
     for (;;) {
-        while (!kp_list_empty(&b->gone_clients))
+        if (!kp_list_empty(&b->gone_clients))
             kp_broker_reap_client(
                 b, kp_container_of(b->gone_clients.next, struct kp_client, gone_link));
-        while (!kp_list_empty(&b->gone_workers))
+        else if (!kp_list_empty(&b->gone_workers))
             kp_broker_reap_worker(
                 b, kp_container_of(b->gone_workers.next, struct kp_worker, gone_link));
-        if (kp_list_empty(&b->pending))
+        else if (!kp_list_empty(&b->pending))
+            broker_dispatch_pending(b);
+        else
             break;
-        broker_dispatch_pending(b);
     }
     if (b->state == KP_BROKER_DRAINING &&
         (kp_calls_count(&b->calls) == b->orphans || b->now >= b->drain_deadline))
