@@ -152,6 +152,9 @@ def test_client_notices_a_dead_broker(broker, procs, loop):
     async def main():
         async with kelpie.Client(broker.frontend, heartbeat=0.2, liveness=3) as client:
             await wait_served(client)
+            # A live broker answers the client's pings: a call longer than
+            # liveness x heartbeat is not given up.
+            assert int(await client.call("echo", "Sleep", b"1.2"))
             # No timeout: only the client's own liveness check can end these.
             calls = [asyncio.ensure_future(client.call("echo", "Sleep", b"30"))
                      for _ in range(5)]
