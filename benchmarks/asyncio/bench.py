@@ -25,7 +25,7 @@ such hook; the usual substitute, a callback that re-schedules itself with
 call_soon, keeps the loop from ever sleeping and so counts idle spins, not
 the iterations the work needs, so uvloop rows show no figure.
 
-Usage: /usr/bin/python3 benchmarks/asyncio/bench.py [--quick] [--no-plot]
+Usage: /usr/bin/python3 benchmarks/asyncio/bench.py [--quick] [--no-plot] [--replot JSON]
 Writes benchmarks/results/asyncio-<time>.{json,md} and docs/img/asyncio.png.
 """
 
@@ -467,7 +467,7 @@ def plot(results, path):
     ax.set_ylabel("messages / s (log)")
     ax.set_yscale("log")
     ax.set_title("Throughput (one thread, one loop, tcp loopback)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     for ax, scenario, title in ((axes[1], "pingpong", "ping-pong over tcp"),
                                 (axes[2], "pingpong-inproc", "ping-pong over inproc")):
         labels, p50, p99 = [], [], []
@@ -484,7 +484,7 @@ def plot(results, path):
         ax.bar([x - 0.2 for x in xs], p50, 0.4, label="p50", color="#8fbc8f")
         ax.bar([x + 0.2 for x in xs], p99, 0.4, label="p99", color="#2f4f4f")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_xticklabels(labels, fontsize=6, rotation=35, ha="right")
         ax.set_ylabel("round trip, µs")
         ax.set_title("DEALER/ROUTER " + title)
         ax.legend(fontsize=7)
@@ -497,9 +497,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a quarter of the messages")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--replot", metavar="JSON",
+                    help="only redraw docs/img/asyncio.png from an earlier result file")
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs per configuration, median reported (default 3, 1 with --quick)")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads(pathlib.Path(args.replot).read_text()), ROOT / "docs" / "img" / "asyncio.png")
+        return
     repeat = args.repeat or (1 if args.quick else 3)
     started = time.monotonic()
     results = {
