@@ -473,11 +473,11 @@ def plot(results, path):
         labels, p50, p99 = [], [], []
         for lib, lp in combos:
             r = results["runs"][scenario]["%s/%s" % (lib, lp)]
-            labels.append("%s\n%s" % (lib, lp))
+            labels.append("%s %s" % (lib, lp))
             p50.append(r["p50_us"])
             p99.append(r["p99_us"])
         b = results["blocking"][scenario]
-        labels.append("blocking\npyzmq")
+        labels.append("blocking pyzmq")
         p50.append(b["p50_us"])
         p99.append(b["p99_us"])
         xs = range(len(labels))
