@@ -86,6 +86,7 @@ async def fail(payload, ctx):
 async def count(payload, ctx):
     """Stream ``payload`` chunks; write how many were produced to a marker."""
     n = int(payload)
+    _mark(ctx, "started")
     try:
         for i in range(n):
             _mark(ctx, "produced", str(i + 1))

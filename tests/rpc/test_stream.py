@@ -116,3 +116,32 @@ def test_stream_abandoned_is_cancelled(broker, procs, tmp_path):
             assert client.outstanding == 0
             assert await client.call("echo", "Echo", b"free", timeout=3) == b"free"
     run(main())
+
+
+def test_idempotent_stream_survives_its_worker(broker, procs, tmp_path):
+    import os
+    import signal
+    a = procs.worker(broker, child=True)
+    b = procs.worker(broker, child=True)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            pids = set()
+            deadline = time.monotonic() + 15
+            while len(pids) < 2:
+                assert time.monotonic() < deadline
+                pids |= {r.split()[0] for r in await asyncio.gather(
+                    *[client.call("echo", "Pid", b"0.05", timeout=2) for _ in range(6)])}
+            md = {"marker-dir": str(tmp_path), "tag": "idem"}
+            async with client.stream("echo", "Count", b"300", window=4, idempotent=True,
+                                     timeout=20, metadata=md) as stream:
+                got = [await stream.__anext__() for _ in range(20)]
+                victim = int((tmp_path / "idem.started").read_text())
+                assert victim in (a.pid, b.pid)
+                os.kill(victim, signal.SIGKILL)
+                # The broker re-runs the call on the survivor, which starts
+                # again at chunk 0; the client drops what it already had.
+                got += [chunk async for chunk in stream]
+            assert got == [b"%d" % i for i in range(300)]
+            assert client.outstanding == 0
+    run(main(), timeout=40)

@@ -29,13 +29,12 @@ import os
 
 from . import _wire, _zmq
 from ._status import StatusCode
-from .errors import DeadlineExceeded, RpcError, Unavailable, from_status
+from .errors import DataLoss, DeadlineExceeded, RpcError, Unavailable, from_status
 
 __all__ = ["Client", "Stream", "DEFAULT_FRONTEND"]
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
-_REQUEST = _wire.REQUEST
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
 _CHUNK = _wire.CHUNK
@@ -344,7 +343,7 @@ class _StreamState:
 
     __slots__ = ("client", "service", "method", "payload", "timeout", "metadata", "window",
                  "idempotent", "rid", "chunks", "waiter", "finished", "error", "trailing",
-                 "consumed", "started", "handle", "next_seq")
+                 "consumed", "started", "handle", "expected")
 
     def __init__(self, client, service, method, payload, timeout, metadata, window,
                  idempotent):
@@ -365,7 +364,7 @@ class _StreamState:
         self.consumed = 0
         self.started = False
         self.handle = None
-        self.next_seq = 0
+        self.expected = 0  # the sequence number of the next CHUNK
 
     async def start(self):
         client = self.client
@@ -390,6 +389,11 @@ class _StreamState:
 
     def deliver(self, kind, header, frames):
         if kind == _CHUNK:
+            seq = header.sequence
+            if seq != self.expected:
+                self._out_of_sequence(seq)
+                return
+            self.expected = seq + 1
             self.chunks.append(_payload(frames))
         elif kind == _END:
             self.client._pending.pop(self.rid, None)
@@ -407,6 +411,19 @@ class _StreamState:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _out_of_sequence(self, seq):
+        client = self.client
+        if seq < self.expected:
+            # A replay: the broker re-dispatched this idempotent stream after
+            # its worker died, and the new worker starts again at 0. The
+            # reader already has these chunks; drop them, return their window.
+            client._send_later(_wire.credit(1, self.rid))
+            return
+        # A gap: chunks were lost. Nothing downstream can repair that.
+        client._pending.pop(self.rid, None)
+        client._send_later(_wire.cancel(self.rid))
+        self.fail(DataLoss(f"stream chunk {seq} arrived, {self.expected} expected"))
 
     def fail(self, exc):
         if self.finished:
@@ -440,7 +457,6 @@ class _StreamState:
             finally:
                 self.waiter = None
         chunk = self.chunks.popleft()
-        self.next_seq += 1
         if not self.finished:
             # Return window in batches of half the window: fewer CREDIT
             # messages, and the worker never runs dry while we read.

@@ -74,7 +74,7 @@ class CallContext:
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_stream")
+                 "_credit_waiter")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -85,7 +85,6 @@ class CallContext:
         md = header.metadata
         self.metadata = dict(md) if md else {}
         self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
-        self._stream = bool(header.flags & _wire.STREAM)
         self.deadline = None
         self._task = None
         self._timer = None
@@ -247,8 +246,8 @@ class Worker:
         """Register ``fn`` for ``service``/``method`` (see :meth:`handler`)."""
         if stream is None:
             stream = inspect.isasyncgenfunction(fn)
-        if not stream and not inspect.iscoroutinefunction(fn) and not callable(fn):
-            raise TypeError("handler must be an async function or async generator")
+        if not callable(fn):
+            raise TypeError("handler must be an async function or async generator function")
         if self._running:
             raise RuntimeError("register handlers before run()")
         self._handlers[(service, method)] = _Handler(fn, bool(stream), f"{service}/{method}")
