@@ -124,12 +124,11 @@ static bool fz_raw(struct kp_broker *b, struct fz_in *in, uint64_t now)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static void *ctx;
+    /* A context per input: zmq_ctx_term() waits until every socket is gone,
+     * so sockets and their descriptors cannot pile up across inputs. */
     static unsigned instance;
-    if (ctx == NULL) {
-        ctx = zmq_ctx_new();
-        kp_log_set_level(KP_LOG_ERROR);
-    }
+    void *ctx = zmq_ctx_new();
+    kp_log_set_level(KP_LOG_ERROR);
     struct kp_config cfg;
     kp_config_init(&cfg);
     char ep[64];
@@ -207,5 +206,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int i = 0; i < 6; i++)
         zmq_close(peers[i]);
     kp_broker_destroy(&b);
+    zmq_ctx_term(ctx);
     return 0;
 }
