@@ -2,7 +2,8 @@
  * bench_client: a pipelined caller that keeps DEPTH calls in flight for
  * SECONDS and prints one line of plain numbers:
  *
- *   rps=<replies per second> p50_us=<median latency> p99_us=<99th pct> n=<replies>
+ *   rps=<replies/s> p50_us=<median latency> p99_us=<99th pct> n=<replies counted>
+ *   all=<replies, warm-up included> cpu_us=<this process's user+system CPU time>
  *
  *   bench_client kelpie ENDPOINT SIZE DEPTH SECONDS   calls bench/Echo through
  *                                                     kelpied (kelpie client)
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <zmq.h>
 
@@ -42,6 +44,7 @@ typedef struct bench {
     int64_t sent_at[RING];
     int64_t *lat; /* latencies of counted replies (ns) */
     size_t nlat;
+    size_t all; /* every reply, warm-up included */
     size_t cap;
     int64_t start; /* end of warm-up */
     int64_t end;
@@ -49,6 +52,7 @@ typedef struct bench {
 
 static void record(bench *b, uint64_t seq, int64_t t)
 {
+    b->all++;
     if (t < b->start)
         return;
     if (b->nlat == b->cap) {
@@ -164,8 +168,13 @@ int main(int argc, char **argv)
     }
     qsort(b->lat, b->nlat, sizeof *b->lat, cmp_i64);
     double elapsed = (double)(b->end - b->start) / 1e9;
-    printf("rps=%.0f p50_us=%.1f p99_us=%.1f n=%zu\n", (double)b->nlat / elapsed,
-           (double)b->lat[b->nlat / 2] / 1e3, (double)b->lat[b->nlat * 99 / 100] / 1e3, b->nlat);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu_us = (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1e6 +
+                    (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+    printf("rps=%.0f p50_us=%.1f p99_us=%.1f n=%zu all=%zu cpu_us=%.0f\n",
+           (double)b->nlat / elapsed, (double)b->lat[b->nlat / 2] / 1e3,
+           (double)b->lat[b->nlat * 99 / 100] / 1e3, b->nlat, b->all, cpu_us);
     free(b->lat);
     free(b);
     free(payload);

@@ -86,12 +86,33 @@ retry() { # case size depth
     done
 }
 
+# CPU time (user+system, clock ticks) a process has used so far.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+HZ=$(getconf CLK_TCK)
+
+# Runs the client and appends cpu_req_us: CPU time of all three processes
+# (client, hop, echo server) per request. Unlike requests/s this hardly
+# depends on what else the machine is doing.
+measured() { # hop_pid worker_pid mode endpoint size depth
+    local h0 w0 h1 w1 line cpu all
+    h0=$(ticks "$1"); w0=$(ticks "$2")
+    line=$(client "$3" "$4" "$5" "$6")
+    h1=$(ticks "$1"); w1=$(ticks "$2")
+    cpu=$(field "$line" cpu_us); all=$(field "$line" all)
+    if [ -n "$cpu" ] && [ -n "$all" ] && [ "$all" != 0 ]; then
+        line="$line cpu_req_us=$($PY -c "print(f'{($cpu + ($h1 - $h0 + $w1 - $w0) * 1e6 / $HZ) / $all:.2f}')")"
+    fi
+    echo "$line"
+}
+
 bare_case() { # size depth
     read -r pf pb < <(free_ports 2)
     "$B/bench_proxy" "tcp://127.0.0.1:$pf" "tcp://127.0.0.1:$pb" >/dev/null & PIDS+=($!)
+    local hop=$!
     "$B/bench_worker" bare "tcp://127.0.0.1:$pb" >/dev/null & PIDS+=($!)
+    local worker=$!
     sleep 0.3
-    RESULT=$(client bare "tcp://127.0.0.1:$pf" "$1" "$2")
+    RESULT=$(measured $hop $worker bare "tcp://127.0.0.1:$pf" "$1" "$2")
     stop_all
 }
 
@@ -99,10 +120,12 @@ kelpie_case() { # size depth
     read -r pf pb pi < <(free_ports 3)
     "$KELPIED" --frontend "tcp://127.0.0.1:$pf" --backend "tcp://127.0.0.1:$pb" \
         --intake "tcp://127.0.0.1:$pi" --log-level warn >/dev/null 2>&1 & PIDS+=($!)
+    local hop=$!
     sleep 0.3
     "$B/bench_worker" kelpie "tcp://127.0.0.1:$pb" 256 >/dev/null & PIDS+=($!)
+    local worker=$!
     sleep 0.5
-    RESULT=$(client kelpie "tcp://127.0.0.1:$pf" "$1" "$2")
+    RESULT=$(measured $hop $worker kelpie "tcp://127.0.0.1:$pf" "$1" "$2")
     stop_all
 }
 
@@ -114,8 +137,8 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "kelpie broker benchmark: ${SECS}s per case x $REPS, load average $LOAD_BEFORE, $(nproc) cores"
 ROWS=()
 RUNS=()
-printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s\n' size depth \
-    "kelpie req/s" "p50 us" "p99 us" "bare req/s" "p50 us" "p99 us" ratio
+printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s | %13s\n' size depth \
+    "kelpie req/s" "p50 us" "p99 us" "bare req/s" "p50 us" "p99 us" ratio "CPU us/req k b"
 # Each case runs REPS times, Kelpie and bare interleaved so that a burst of
 # load from elsewhere hits both; the table shows the median of each figure.
 median() { # numbers...
@@ -123,22 +146,23 @@ median() { # numbers...
 }
 for size in 64 1024; do
     for depth in 1 100; do
-        KR=(); K50=(); K99=(); BR=(); B50=(); B99=()
+        KR=(); K50=(); K99=(); BR=(); B50=(); B99=(); KC=(); BC=()
         for _ in $(seq "$REPS"); do
             retry kelpie_case $size $depth
             KR+=("$(field "$RESULT" rps)"); K50+=("$(field "$RESULT" p50_us)")
-            K99+=("$(field "$RESULT" p99_us)")
+            K99+=("$(field "$RESULT" p99_us)"); KC+=("$(field "$RESULT" cpu_req_us)")
             retry bare_case $size $depth
             BR+=("$(field "$RESULT" rps)"); B50+=("$(field "$RESULT" p50_us)")
-            B99+=("$(field "$RESULT" p99_us)")
+            B99+=("$(field "$RESULT" p99_us)"); BC+=("$(field "$RESULT" cpu_req_us)")
         done
         kr=$(median "${KR[@]}"); k50=$(median "${K50[@]}"); k99=$(median "${K99[@]}")
         br=$(median "${BR[@]}"); b50=$(median "${B50[@]}"); b99=$(median "${B99[@]}")
+        kc=$(median "${KC[@]}"); bc=$(median "${BC[@]}")
         ratio=$($PY -c "print(f'{float(\"${kr:-0}\")/float(\"${br:-0}\"):.2f}' if '${br}' and float('${br}') else 'n/a')")
-        printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s   (kelpie req/s runs: %s; bare: %s)\n' \
+        printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s | %6s %6s  (req/s runs: kelpie %s; bare %s)\n' \
             $size $depth "${kr:-fail}" "${k50:--}" "${k99:--}" "${br:-fail}" "${b50:--}" \
-            "${b99:--}" "$ratio" "${KR[*]}" "${BR[*]}"
-        ROWS+=("$size $depth ${kr:-0} ${k50:-0} ${k99:-0} ${br:-0} ${b50:-0} ${b99:-0} $ratio")
+            "${b99:--}" "$ratio" "${kc:--}" "${bc:--}" "${KR[*]}" "${BR[*]}"
+        ROWS+=("$size $depth ${kr:-0} ${k50:-0} ${k99:-0} ${br:-0} ${b50:-0} ${b99:-0} $ratio ${kc:-0} ${bc:-0}")
         RUNS+=("| $size B | $depth | ${KR[*]} | ${BR[*]} |")
     done
 done
@@ -171,12 +195,16 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
         "after $LOAD_AFTER; each case ${SECS} s, run $REPS times interleaved with the bare hop;" \
         "medians shown. Command: \`benchmarks/broker/run.sh\`."
     echo
-    echo "| payload | in flight | Kelpie req/s | p50 µs | p99 µs | bare zmq_proxy req/s | p50 µs | p99 µs | Kelpie / bare |"
-    echo "|--------:|----------:|-------------:|-------:|-------:|---------------------:|-------:|-------:|--------------:|"
+    echo "| payload | in flight | Kelpie req/s | p50 µs | p99 µs | bare zmq_proxy req/s | p50 µs | p99 µs | Kelpie / bare | CPU µs/req Kelpie | CPU µs/req bare |"
+    echo "|--------:|----------:|-------------:|-------:|-------:|---------------------:|-------:|-------:|--------------:|------------------:|----------------:|"
     for row in "${ROWS[@]}"; do
-        read -r s d kr k50 k99 br b50 b99 ratio <<<"$row"
-        echo "| $s B | $d | $kr | $k50 | $k99 | $br | $b50 | $b99 | $ratio |"
+        read -r s d kr k50 k99 br b50 b99 ratio kc bc <<<"$row"
+        echo "| $s B | $d | $kr | $k50 | $k99 | $br | $b50 | $b99 | $ratio | $kc | $bc |"
     done
+    echo
+    echo "CPU µs/req: user+system time of all three processes (client, hop, echo server)"
+    echo "divided by the requests they carried; unlike requests/s it hardly depends on"
+    echo "what else the machine runs."
     echo
     echo "Every run's requests/s (Kelpie; bare):"
     echo
