@@ -5,7 +5,7 @@ beside the bare zmq_proxy hop. Run by run.sh with Debian's /usr/bin/python3
     plot.py ROWS_FILE OUT_PNG
 
 ROWS_FILE has one line per case:
-size depth kelpie_rps kelpie_p50 kelpie_p99 bare_rps bare_p50 bare_p99 ratio
+size depth kelpie_rps kelpie_p50 kelpie_p99 bare_rps bare_p50 bare_p99 ratio kelpie_cpu bare_cpu
 """
 import sys
 
@@ -19,7 +19,7 @@ def main(rows_file, out_png):
     rows = [line.split() for line in open(rows_file) if line.strip()]
     labels = [f"{r[0]} B\n{r[1]} in flight" for r in rows]
     x = list(range(len(rows)))
-    fig, (thr, lat) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (thr, lat, cpu) = plt.subplots(1, 3, figsize=(14, 3.8))
 
     kelpie = [float(r[2]) / 1000 for r in rows]
     bare = [float(r[5]) / 1000 for r in rows]
@@ -47,6 +47,15 @@ def main(rows_file, out_png):
     lat.set_yscale("log")
     lat.set_title("latency: p50 in front of p99", fontsize=9)
     lat.legend(fontsize=7)
+
+    cpu.bar([i - 0.2 for i in x], [float(r[10]) for r in rows], 0.4, label="bare", color="#bbbbbb")
+    cpu.bar([i + 0.2 for i in x], [float(r[9]) for r in rows], 0.4, label="kelpied", color="#2a7f62")
+    cpu.set_xticks(x)
+    cpu.set_xticklabels(labels, fontsize=8)
+    cpu.set_ylabel("CPU µs per request (log)")
+    cpu.set_yscale("log")
+    cpu.set_title("CPU time per request, client + hop + server", fontsize=9)
+    cpu.legend(fontsize=8)
 
     fig.suptitle("kelpied vs a bare zmq_proxy hop, one run on a 2-core machine", fontsize=10)
     fig.tight_layout()
