@@ -112,3 +112,45 @@ def test_term_from_another_thread_fails_waiters(run, loop):
         assert not term.is_alive()
 
     run(main())
+
+
+def test_one_reader_per_socket_never_a_writer(pair):
+    """Many waits, sends that wait for POLLOUT, and wake-ups cost exactly one
+    add_reader per socket, no add_writer, and close removes that reader."""
+    calls = []
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        def add_reader(self, fd, *args):
+            calls.append(("add_reader", fd))
+            return super().add_reader(fd, *args)
+
+        def remove_reader(self, fd):
+            calls.append(("remove_reader", fd))
+            return super().remove_reader(fd)
+
+        def add_writer(self, fd, *args):  # pragma: no cover - must not happen
+            calls.append(("add_writer", fd))
+            return super().add_writer(fd, *args)
+
+    loop = CountingLoop()
+    try:
+        tx, rx = pair(hwm=2)
+
+        async def main():
+            for i in range(200):
+                waiter = asyncio.ensure_future(rx.recv())
+                await asyncio.sleep(0)
+                await tx.send(b"%d" % i)
+                assert await waiter == b"%d" % i
+            for _ in range(20):  # senders wait for room
+                await asyncio.gather(*(tx.send(b"x") for _ in range(10)),
+                                     *(rx.recv() for _ in range(10)))
+            assert rx._stats["waited"] >= 200 and tx._stats["waited"] > 0
+
+        loop.run_until_complete(asyncio.wait_for(main(), 10))
+        assert sorted(calls) == sorted([("add_reader", rx.fd), ("add_reader", tx.fd)])
+        rx.close()
+        tx.close()
+        assert sorted(calls[2:]) == sorted([("remove_reader", rx.fd), ("remove_reader", tx.fd)])
+    finally:
+        loop.close()
