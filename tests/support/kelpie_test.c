@@ -492,6 +492,14 @@ static void kt_hold(kt_worker_state *st, kelpie_call *call, int64_t due, long st
     }
 }
 
+/* A decimal number sent as a payload. */
+static long kt_number(const void *payload, size_t len)
+{
+    char buf[32] = {0};
+    memcpy(buf, payload, len < sizeof buf - 1 ? len : sizeof buf - 1);
+    return strtol(buf, NULL, 10);
+}
+
 static void kt_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
 {
     kt_worker_state *st = arg;
@@ -514,6 +522,36 @@ static void kt_handler(kelpie_call *call, const void *payload, size_t len, void 
     } else if (strcmp(m, "Name") == 0) {
         const char *name = st->opts->name ? st->opts->name : "worker";
         kelpie_call_reply(call, name, strlen(name));
+    } else if (strcmp(m, "Spin") == 0) {
+        /* Synchronous and busy for the payload's milliseconds, looking for a
+         * cancel every millisecond (which also keeps heartbeats going). */
+        int64_t end = kt_now_ms() + kt_number(payload, len);
+        bool cancelled = false;
+        while (kt_now_ms() < end && !(cancelled = kelpie_call_cancelled(call)))
+            kt_sleep_ms(1);
+        if (cancelled) {
+            if (s)
+                atomic_fetch_add(&s->cancels, 1);
+            kelpie_call_error(call, KELPIE_CANCELLED, "cancelled while spinning");
+        } else {
+            kelpie_call_reply(call, "spun", 4);
+        }
+    } else if (strcmp(m, "SyncStream") == 0) {
+        /* Synchronous stream: send_chunk blocks until the reader grants. */
+        long n = kt_number(payload, len);
+        kelpie_status rc = KELPIE_OK;
+        for (long i = 0; i < n && rc == KELPIE_OK; i++) {
+            char buf[32];
+            int k = snprintf(buf, sizeof buf, "%ld", i);
+            rc = kelpie_call_send_chunk(call, buf, (size_t)k, 5000);
+            if (rc == KELPIE_OK && s)
+                atomic_fetch_add(&s->chunks, 1);
+        }
+        if (rc == KELPIE_OK)
+            kelpie_call_end(call);
+        else
+            kelpie_call_error(call, rc == KELPIE_CANCELLED ? KELPIE_CANCELLED : KELPIE_ABORTED,
+                              kelpie_strerror(rc));
     } else {
         kelpie_call_error(call, strcmp(m, "Fail") == 0 ? KELPIE_INTERNAL : KELPIE_UNIMPLEMENTED,
                           "failed on purpose");

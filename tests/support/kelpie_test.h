@@ -97,6 +97,10 @@ kt_slot *kt_slots_new(int n);
  *   Name     reply with the worker's name
  *   Stream   payload is a decimal count N: N CHUNKs "0".."N-1" then END,
  *            sent as the window allows (one per tick)
+ *   Spin     synchronous: busy for payload (decimal) ms, checking
+ *            kelpie_call_cancelled every ms; "spun" or ERROR CANCELLED
+ *   SyncStream  synchronous: N CHUNKs, each kelpie_call_send_chunk waiting
+ *            (up to 5 s) for window; then END
  */
 typedef struct kt_worker_opts {
     const char *endpoint;  /* the broker's backend */
