@@ -90,7 +90,7 @@ static PyObject *context_socket(kp_context *self, PyObject *arg)
     if (st == NULL) {
         return NULL;
     }
-    int type = _PyLong_AsInt(arg);
+    int type = kp_as_int(arg);
     if (type == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -115,7 +115,7 @@ static int context_parse_linger(PyObject *arg, int *linger)
     if (arg == NULL || arg == Py_None) {
         return 0;
     }
-    *linger = _PyLong_AsInt(arg);
+    *linger = kp_as_int(arg);
     return (*linger == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
@@ -202,7 +202,7 @@ static PyObject *context_get(kp_context *self, PyObject *arg)
     if (st == NULL) {
         return NULL;
     }
-    int option = _PyLong_AsInt(arg);
+    int option = kp_as_int(arg);
     if (option == -1 && PyErr_Occurred()) {
         return NULL;
     }

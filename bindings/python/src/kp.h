@@ -67,6 +67,11 @@ typedef struct kp_state {
 
 extern PyModuleDef kp_module_def;
 
+/* `obj` as a C int: -1 with OverflowError/TypeError set on failure (check
+ * PyErr_Occurred() when -1 is a valid value). The public spelling of
+ * CPython's private _PyLong_AsInt, which 3.13 removes. */
+int kp_as_int(PyObject *obj);
+
 /* The state of the module that defined `type` (or a base of it). Never fails
  * for our own types and their subclasses. */
 kp_state *kp_state_from_type(PyTypeObject *type);

@@ -8,6 +8,7 @@
 #include "kp.h"
 
 #include <errno.h>
+#include <limits.h>
 
 /* Constants users import by pyzmq's names, so `import kelpie as zmq` works
  * for the async subset. */
@@ -121,6 +122,19 @@ static const module_constant module_constants[] = {
     {"COPY_THRESHOLD", KP_DEFAULT_COPY_THRESHOLD},
     {"BUDGET", KP_DEFAULT_BUDGET},
 };
+
+int kp_as_int(PyObject *obj)
+{
+    long value = PyLong_AsLong(obj);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value > INT_MAX || value < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to C int");
+        return -1;
+    }
+    return (int)value;
+}
 
 kp_state *kp_state_from_type(PyTypeObject *type)
 {

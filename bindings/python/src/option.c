@@ -128,7 +128,7 @@ int kp_option_set(kp_socket *sock, int option, PyObject *value)
     int rc;
     switch (kind) {
     case OPTION_INT: {
-        int v = _PyLong_AsInt(value);
+        int v = kp_as_int(value);
         if (v == -1 && PyErr_Occurred()) {
             return -1;
         }

@@ -461,7 +461,7 @@ static PyObject *socket_close(kp_socket *self, PyObject *args, PyObject *kwds)
     }
     int linger = -2;
     if (linger_obj != Py_None) {
-        linger = _PyLong_AsInt(linger_obj);
+        linger = kp_as_int(linger_obj);
         if (linger == -1 && PyErr_Occurred()) {
             return NULL;
         }
@@ -487,7 +487,7 @@ static PyObject *socket_setsockopt(kp_socket *self, PyObject *args)
 
 static PyObject *socket_getsockopt(kp_socket *self, PyObject *arg)
 {
-    int option = _PyLong_AsInt(arg);
+    int option = kp_as_int(arg);
     if (option == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -541,7 +541,7 @@ static int socket_parse_tail(PyObject *const *args, Py_ssize_t nargs, PyObject *
     *flags = 0;
     *copy = 1;
     if (flags_obj != NULL) {
-        *flags = _PyLong_AsInt(flags_obj);
+        *flags = kp_as_int(flags_obj);
         if (*flags == -1 && PyErr_Occurred()) {
             return -1;
         }
