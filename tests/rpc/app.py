@@ -45,6 +45,13 @@ async def meta(payload, ctx):
     return payload
 
 
+@worker.handler("echo", "BadMeta")
+async def bad_meta(payload, ctx):
+    if payload == b"set":
+        ctx.set_trailing_metadata({"Upper": b"x"})  # raises ValueError here
+    raise kelpie.NotFound("with bad metadata", {"n": 1})
+
+
 @worker.handler("echo", "Pid")
 async def pid(payload, ctx):
     """Sleep ``payload`` seconds; reply "pid max-concurrent-calls-seen"."""

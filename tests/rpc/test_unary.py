@@ -53,6 +53,16 @@ def test_handler_errors(broker, procs, loop):
                 await client.call("echo", "Fail", b"rpcerror")
             with pytest.raises(kelpie.Unimplemented):
                 await client.call("echo", "NoSuchMethod", b"")
+            # Metadata KLP cannot carry fails where it is made...
+            with pytest.raises(kelpie.Internal, match="ValueError.*lower-case"):
+                await client.call("echo", "BadMeta", b"set")
+            # ...and an error whose metadata cannot be sent is still answered.
+            with pytest.raises(kelpie.Internal, match="unsendable error metadata"):
+                await client.call("echo", "BadMeta", b"raise")
+            for bad, error in (({"Key": "v"}, ValueError), ({"kelpie-x": "v"}, ValueError),
+                               ({"n": 1}, TypeError)):
+                with pytest.raises(error):
+                    await client.call("echo", "Echo", b"", metadata=bad)
             # The worker is fine after all that.
             assert await client.call("echo", "Echo", b"ok") == b"ok"
             assert client.outstanding == 0

@@ -70,13 +70,35 @@ def _ldelim(field, data):
     return bytes(((field << 3) | 2,)) + varint(len(data)) + data
 
 
-def _metadata(metadata):
-    """Encode a metadata mapping as repeated map entries (field 11)."""
-    out = b""
+def check_metadata(metadata):
+    """Validate application metadata; return it as a new ``dict[str, bytes]``.
+
+    Keys are non-empty lower-case ASCII strings not starting with
+    ``kelpie-`` (reserved for the protocol); values are ``str`` (sent as
+    UTF-8) or bytes-like. Raises ValueError or TypeError otherwise.
+    """
+    out = {}
     for key, value in metadata.items():
+        if not isinstance(key, str) or not key or not key.isascii() or key != key.lower():
+            raise ValueError(f"metadata key {key!r}: keys are non-empty lower-case ASCII")
+        if key.startswith("kelpie-"):
+            raise ValueError(f"metadata key {key!r}: the kelpie- prefix is reserved")
         if isinstance(value, str):
             value = value.encode()
-        entry = _ldelim(1, key.encode()) + _ldelim(2, bytes(value))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            value = bytes(value)
+        else:
+            raise TypeError(f"metadata {key!r}: values are str or bytes, not "
+                            f"{type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def _metadata(metadata):
+    """Encode a metadata mapping as repeated map entries (field 11); validates it."""
+    out = b""
+    for key, value in check_metadata(metadata).items():
+        entry = _ldelim(1, key.encode()) + _ldelim(2, value)
         out += _ldelim(11, entry)
     return out
 

@@ -100,13 +100,18 @@ class CallContext:
         return max(0.0, self.deadline - self._worker._loop.time())
 
     def set_trailing_metadata(self, metadata):
-        """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error."""
-        self._trailing = dict(metadata)
+        """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error.
+
+        Raises ValueError/TypeError at once for keys or values KLP cannot carry.
+        """
+        self._trailing = _wire.check_metadata(metadata)
 
     def add_trailing_metadata(self, key, value):
+        """Add one trailing metadata entry (checked like set_trailing_metadata)."""
+        entry = _wire.check_metadata({key: value})
         if self._trailing is None:
             self._trailing = {}
-        self._trailing[key] = value
+        self._trailing.update(entry)
 
     def cancelled(self):
         """True once the call was cancelled (by the client, its deadline or shutdown)."""
@@ -581,7 +586,7 @@ class Worker:
             metadata = ctx._trailing
         elif isinstance(exc, RpcError):
             code, message = exc.code, exc.message
-            metadata = dict(ctx._trailing or {}, **exc.metadata) if exc.metadata \
+            metadata = {**(ctx._trailing or {}), **exc.metadata} if exc.metadata \
                 else ctx._trailing
         elif isinstance(exc, Exception):
             log.exception("%s raised", handler.name, exc_info=exc)
@@ -589,7 +594,14 @@ class Worker:
             metadata = ctx._trailing
         else:
             raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
-        await self._send(session, _wire.error(ctx.request_id, code, message, metadata))
+        try:
+            frame = _wire.error(ctx.request_id, code, message, metadata)
+        except (TypeError, ValueError) as bad:
+            # Metadata that cannot be encoded (an RpcError's): the call must
+            # still be answered, or its slot would never come back.
+            frame = _wire.error(ctx.request_id, StatusCode.INTERNAL,
+                                f"{handler.name}: unsendable error metadata: {bad}")
+        await self._send(session, frame)
 
 
 def _typed_unary(fn, decode, reply_cls):
