@@ -330,3 +330,44 @@ Test(bad_input, flood_beyond_client_max_inflight)
     assert_still_serving(b);
     kt_broker_stop(&b, 3000);
 }
+
+Test(bad_input, stray_answers_and_cancels_are_dropped_and_counted)
+{
+    kt_broker *b = start(NULL, 1);
+    /* A worker answering a dispatch id it was never given. */
+    kt_raw worker;
+    cr_assert(kt_raw_open(&worker, b->backend, ZMQ_DEALER));
+    char *services[1] = {"stray"};
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = KELPIE__V1__KIND__READY;
+    h.credits = 1;
+    h.heartbeat_ms = 100;
+    h.n_services = 1;
+    h.services = services;
+    cr_assert(kt_raw_send_header(&worker, &h, NULL, 0));
+    cr_assert(kt_wait_stat(b, "workers", 2, 3000));
+    h = (Kelpie__V1__Header)KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = KELPIE__V1__KIND__REPLY;
+    h.request_id = 999999;
+    cr_assert(kt_raw_send_header(&worker, &h, "stray", 5));
+    cr_assert(kt_wait_stat(b, "replies_dropped_unknown", 1, 2000));
+    kt_raw_close(&worker);
+
+    /* A client cancelling a call it never made: ignored (no answer), counted. */
+    kt_raw client;
+    cr_assert(kt_raw_open(&client, b->frontend, ZMQ_DEALER));
+    h = (Kelpie__V1__Header)KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = KELPIE__V1__KIND__CANCEL;
+    h.request_id = 4242;
+    cr_assert(kt_raw_send_header(&client, &h, NULL, 0));
+    cr_assert(kt_wait_stat(b, "cancel_unknown", 1, 2000));
+    Kelpie__V1__Header *answer = kt_raw_recv_header(&client, 300);
+    cr_assert_null(answer, "a CANCEL of an unknown id was answered (kind %d)",
+                   answer ? (int)answer->kind : 0);
+    kt_raw_close(&client);
+    assert_still_serving(b);
+    kt_broker_stop(&b, 3000);
+}
