@@ -925,7 +925,10 @@ static void *broker_socket(struct kp_broker *b, int type, const char *name, cons
         zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
         zmq_setsockopt(s, ZMQ_SNDHWM, &sndhwm, sizeof sndhwm);
     }
-    if (zmq_bind(s, ep) != 0) {
+    int rc;
+    while ((rc = zmq_bind(s, ep)) != 0 && errno == EINTR)
+        ; /* a signal during start-up (found by fuzz_broker under SIGALRM) */
+    if (rc != 0) {
         kp_log_error("%s: cannot bind %s: %s", name, ep, zmq_strerror(errno));
         zmq_close(s);
         return NULL;
