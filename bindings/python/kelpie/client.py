@@ -23,9 +23,14 @@ sends CANCEL; the broker answers ERROR CANCELLED, which the client drops
 because the entry is already gone.
 """
 
+from __future__ import annotations
+
 import asyncio
 import collections
 import os
+from typing import Any, Mapping, Optional, Union
+
+_Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 from . import _wire, _zmq
 from ._status import StatusCode
@@ -68,8 +73,9 @@ class Client:
     :meth:`connect` and :meth:`close` yourself.
     """
 
-    def __init__(self, frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-                 liveness=3, context=None):
+    def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
+                 metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
+                 context: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         self.timeout = timeout
         self.metadata = dict(metadata) if metadata else None
@@ -89,7 +95,7 @@ class Client:
 
     # -- lifetime ---------------------------------------------------------
 
-    async def connect(self):
+    async def connect(self) -> "Client":
         """Open the socket and start the reader task (idempotent)."""
         if self._sock is not None:
             return self
@@ -114,7 +120,7 @@ class Client:
             self._pinger = self._loop.create_task(self._ping_loop())
         return self
 
-    async def close(self):
+    async def close(self) -> None:
         """Fail outstanding calls with CANCELLED locally, stop the reader, close."""
         if self._closed:
             return
@@ -149,21 +155,22 @@ class Client:
             self._context.term()
             self._context = None
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "Client":
         return await self.connect()
 
     async def __aexit__(self, *exc):
         await self.close()
 
     @property
-    def outstanding(self):
+    def outstanding(self) -> int:
         """How many calls and streams are waiting for their answer."""
         return len(self._pending)
 
     # -- unary calls ------------------------------------------------------
 
-    async def call(self, service, method, payload=b"", *, timeout=None, metadata=None,
-                   idempotent=False, with_metadata=False):
+    async def call(self, service: str, method: str, payload: Any = b"", *,
+                   timeout: Optional[float] = None, metadata: _Metadata = None,
+                   idempotent: bool = False, with_metadata: bool = False) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         ``timeout`` (seconds; default the client's) becomes the call's
@@ -220,8 +227,9 @@ class Client:
 
     # -- streamed replies -------------------------------------------------
 
-    def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
-               window=16, idempotent=False):
+    def stream(self, service: str, method: str, payload: Any = b"", *,
+               timeout: Optional[float] = None, metadata: _Metadata = None, window: int = 16,
+               idempotent: bool = False) -> "Stream":
         """Start a server-streaming call; return a :class:`Stream` to iterate.
 
         ``window`` is how many chunks the worker may send ahead of the
@@ -240,19 +248,20 @@ class Client:
 
     # -- convenience ------------------------------------------------------
 
-    def stub(self, service_descriptor, *, idempotent=(), timeout=None, metadata=None):
+    def stub(self, service_descriptor: Any, *, idempotent: Any = (),
+             timeout: Optional[float] = None, metadata: _Metadata = None) -> Any:
         """A typed stub for a protobuf service: see :mod:`kelpie.stubs`."""
         from .stubs import Stub
         return Stub(self, service_descriptor, idempotent=idempotent, timeout=timeout,
                     metadata=metadata)
 
-    async def ping(self, timeout=2.0):
+    async def ping(self, timeout: float = 2.0) -> float:
         """Round-trip ``kelpie.broker/Ping``; return the time it took in seconds."""
         start = self._loop.time()
         await self.call("kelpie.broker", "Ping", b"", timeout=timeout)
         return self._loop.time() - start
 
-    async def stats(self, timeout=2.0):
+    async def stats(self, timeout: float = 2.0) -> dict:
         """``kelpie.broker/Stats`` decoded from JSON."""
         import json
         return json.loads(await self.call("kelpie.broker", "Stats", b"", timeout=timeout))
@@ -513,21 +522,21 @@ class Stream:
     async def __aexit__(self, *exc):
         self._state.cancel()
 
-    def cancel(self):
+    def cancel(self) -> bool:
         """Cancel the call if it has not finished; True if it was running."""
         return self._state.cancel()
 
     @property
-    def done(self):
+    def done(self) -> bool:
         return self._state.finished
 
     @property
-    def metadata(self):
+    def metadata(self) -> dict:
         """Trailing metadata (``dict[str, bytes]``), once the stream has ended."""
         return self._state.trailing
 
     @property
-    def request_id(self):
+    def request_id(self) -> int:
         return self._state.rid
 
     def __del__(self):

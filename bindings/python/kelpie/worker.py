@@ -36,11 +36,14 @@ Streaming handlers are async generators. Flow control is end to end
 is open, so a slow reader bounds what this worker holds to one chunk.
 """
 
+from __future__ import annotations
+
 import asyncio
 import inspect
 import logging
 import os
 import socket as _socket
+from typing import Any, Callable, Mapping, Optional, Union
 
 from . import _wire, _zmq
 from ._status import StatusCode
@@ -93,27 +96,27 @@ class CallContext:
         self._window = header.credits or _wire.DEFAULT_WINDOW
         self._credit_waiter = None
 
-    def time_remaining(self):
+    def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - self._worker._loop.time())
 
-    def set_trailing_metadata(self, metadata):
+    def set_trailing_metadata(self, metadata: Mapping[str, Union[bytes, str]]) -> None:
         """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error.
 
         Raises ValueError/TypeError at once for keys or values KLP cannot carry.
         """
         self._trailing = _wire.check_metadata(metadata)
 
-    def add_trailing_metadata(self, key, value):
+    def add_trailing_metadata(self, key: str, value: Union[bytes, str]) -> None:
         """Add one trailing metadata entry (checked like set_trailing_metadata)."""
         entry = _wire.check_metadata({key: value})
         if self._trailing is None:
             self._trailing = {}
         self._trailing.update(entry)
 
-    def cancelled(self):
+    def cancelled(self) -> bool:
         """True once the call was cancelled (by the client, its deadline or shutdown)."""
         return self._reason != 0
 
@@ -209,8 +212,9 @@ class Worker:
     (``kelpie worker module:worker`` imports it in each child process).
     """
 
-    def __init__(self, backend=None, *, concurrency=64, name=None, heartbeat=1.0, liveness=3,
-                 context=None):
+    def __init__(self, backend: Optional[str] = None, *, concurrency: int = 64,
+                 name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
+                 context: Any = None) -> None:
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -235,7 +239,8 @@ class Worker:
 
     # -- registration -----------------------------------------------------
 
-    def handler(self, service, method, *, stream=None):
+    def handler(self, service: str, method: str, *,
+                stream: Optional[bool] = None) -> Callable[[Callable], Callable]:
         """Decorator: serve ``service``/``method`` with an async function.
 
         ``async def h(payload: bytes, ctx: CallContext) -> bytes`` for unary
@@ -247,7 +252,8 @@ class Worker:
             return fn
         return register
 
-    def add_handler(self, service, method, fn, *, stream=None):
+    def add_handler(self, service: str, method: str, fn: Callable, *,
+                    stream: Optional[bool] = None) -> None:
         """Register ``fn`` for ``service``/``method`` (see :meth:`handler`)."""
         if stream is None:
             stream = inspect.isasyncgenfunction(fn)
@@ -257,7 +263,7 @@ class Worker:
             raise RuntimeError("register handlers before run()")
         self._handlers[(service, method)] = _Handler(fn, bool(stream), f"{service}/{method}")
 
-    def add_servicer(self, service_descriptor, impl):
+    def add_servicer(self, service_descriptor: Any, impl: Any) -> None:
         """Serve a protobuf service with the methods of ``impl``.
 
         Each RPC method ``M`` of the service maps to ``impl.M(request, ctx)``:
@@ -288,12 +294,12 @@ class Worker:
             raise ValueError(f"{type(impl).__name__} implements no method of {service}")
 
     @property
-    def services(self):
+    def services(self) -> list:
         return sorted({service for service, _ in self._handlers})
 
     # -- running ----------------------------------------------------------
 
-    async def run(self):
+    async def run(self) -> None:
         """Register with the broker and serve until :meth:`stop` (or cancellation)."""
         if not self._handlers:
             raise RuntimeError("no handlers registered")
@@ -366,7 +372,7 @@ class Worker:
         # heartbeats). A lost session has nothing worth flushing.
         session.sock.close(linger=200 if self._stopping else 0)
 
-    async def stop(self, grace=10.0):
+    async def stop(self, grace: float = 10.0) -> None:
         """Drain: announce 0 credits, let calls finish for ``grace`` s, then leave.
 
         Calls still running after ``grace`` are cancelled and answered
