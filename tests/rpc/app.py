@@ -45,6 +45,13 @@ async def meta(payload, ctx):
     return payload
 
 
+@worker.handler("echo", "Inflight")
+async def inflight(payload, ctx):
+    """How many calls this worker is tracking (this one never suspends, so it is
+    answered inline and is not among them): 0 unless something leaked."""
+    return str(len(worker._session.calls)).encode()
+
+
 @worker.handler("echo", "BadMeta")
 async def bad_meta(payload, ctx):
     if payload == b"set":

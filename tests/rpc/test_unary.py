@@ -156,6 +156,11 @@ def test_cancel_reaches_handler(broker, procs, tmp_path, loop):
             await asyncio.gather(*calls, return_exceptions=True)
             assert client.outstanding == 0
             assert await client.call("echo", "Echo", b"still", timeout=3) == b"still"
+            # ...on the worker's side either: every cancelled call was forgotten.
+            deadline = time.monotonic() + 3
+            while await client.call("echo", "Inflight", b"", timeout=2) != b"0":
+                assert time.monotonic() < deadline, "worker still tracks cancelled calls"
+                await asyncio.sleep(0.05)
     run(main(), loop)
 
 
