@@ -47,15 +47,13 @@ def run(coro, loop="asyncio", timeout=30.0):
 
 
 def _kill_group(proc):
-    if proc is None or proc.poll() is not None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, AttributeError, OSError):
-            pass
+    """SIGKILL a process started with start_new_session and everything in its
+    group (a supervisor's children), even if the leader already exited."""
+    if proc is None:
         return
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
     proc.wait(timeout=10)
 
