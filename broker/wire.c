@@ -74,6 +74,62 @@ static bool wire_unknown_fields_ok(const ProtobufCMessage *m)
     return true;
 }
 
+/* Is s valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF)? */
+static bool wire_utf8_ok(const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    while (*p) {
+        unsigned char c = *p++;
+        if (c < 0x80)
+            continue;
+        int more;
+        uint32_t cp;
+        if (c >= 0xc2 && c <= 0xdf) {
+            more = 1;
+            cp = c & 0x1f;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            more = 2;
+            cp = c & 0x0f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            more = 3;
+            cp = c & 0x07;
+        } else {
+            return false;
+        }
+        for (int i = 0; i < more; i++, p++) {
+            if ((*p & 0xc0) != 0x80)
+                return false;
+            cp = (cp << 6) | (*p & 0x3f);
+        }
+        if ((more == 2 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+            (more == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+            return false;
+    }
+    return true;
+}
+
+/* proto3 string fields must hold UTF-8; peers such as Python's protobuf
+ * refuse to decode a header that does not, so the broker must not forward
+ * one. */
+static bool wire_strings_ok(const kp_header *h)
+{
+    const char *fields[] = {h->service, h->method,          h->message, h->name,
+                            h->job_id,  h->idempotency_key, h->stream};
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        if (fields[i] && !wire_utf8_ok(fields[i]))
+            return false;
+    }
+    for (size_t i = 0; i < h->n_services; i++) {
+        if (!wire_utf8_ok(h->services[i]))
+            return false;
+    }
+    for (size_t i = 0; i < h->n_metadata; i++) {
+        if (h->metadata[i]->key && !wire_utf8_ok(h->metadata[i]->key))
+            return false;
+    }
+    return true;
+}
+
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out)
 {
@@ -89,6 +145,8 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
         if (!wire_unknown_fields_ok(&h->metadata[i]->base))
             return KP_EBADHEADER;
     }
+    if (!wire_strings_ok(h))
+        return KP_EBADHEADER;
     *out = h;
     return KP_OK;
 }

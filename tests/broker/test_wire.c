@@ -328,3 +328,34 @@ Test(wire, field_number_zero_is_refused_even_in_a_long_tag)
     cr_assert_eq(kp_wire_decode(&arena, "\x08\x01\x5a\x05\x0a\x00\x80\x00\x00", 9, 65536, &out),
                  KP_EBADHEADER);
 }
+
+Test(wire, strings_must_be_utf8)
+{
+    static const char *const bad[] = {
+        "\xff",         "caf\xc3",
+        "\xc0\xaf",                                         /* overlong '/' */
+        "\xed\xa0\x80", /* surrogate */ "\xf4\x90\x80\x80", /* > U+10FFFF */
+        "\x80",         "\xe2\x82",
+    };
+    static const char *const good[] = {"echo", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x90\xb4",
+                                       ""};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 1);
+        h.service = (char *)bad[i];
+        cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EBADHEADER, "service #%zu", i);
+        h.service = "svc";
+        h.method = (char *)bad[i];
+        cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EBADHEADER, "method #%zu", i);
+        kp_header r = tw_header(KELPIE__V1__KIND__READY, 0);
+        char *services[] = {"ok", (char *)bad[i]};
+        r.services = services;
+        r.n_services = 2;
+        cr_assert_eq(tw_parse(&r, KP_FROM_WORKER), KP_EBADHEADER, "services #%zu", i);
+    }
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 1);
+        h.service = "svc";
+        h.method = (char *)good[i];
+        cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_OK, "good #%zu", i);
+    }
+}
