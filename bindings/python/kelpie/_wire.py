@@ -9,7 +9,8 @@ Writing the few headers that are sent once per call (REQUEST, REPLY, CHUNK,
 END, CREDIT, CANCEL) is done here by hand from the protobuf wire format: the
 fields fixed for a (service, method) pair are encoded once and cached, and
 only the varints that change (request id, deadline) are appended. This is
-~10x cheaper than filling and serialising a message object per call, and the
+several times cheaper (0.6 µs against 3.9 µs for a REQUEST with the C++
+backend) than filling and serialising a message object per call, and the
 output is an ordinary, valid encoding of the same message (field order does
 not matter to a protobuf parser); ``tests/rpc/test_wire.py`` checks every
 encoder against the generated class. Rarely sent headers (READY, ERROR with
