@@ -19,9 +19,9 @@ def big_broker(tmp_path):
     b.kill()
 
 
-def test_50k_concurrent_calls(big_broker, procs):
+def test_50k_concurrent_calls(big_broker, procs, loop):
     broker = big_broker
-    procs.worker(broker, processes=2, APP_CONCURRENCY=512)
+    procs.worker(broker, processes=2, loop=loop, APP_CONCURRENCY=512)
     n = 50_000
 
     async def main():
@@ -36,4 +36,4 @@ def test_50k_concurrent_calls(big_broker, procs):
             assert all(r == b"%d" % i for i, r in enumerate(replies))
             assert client.outstanding == 0
             print(f"50k calls in {elapsed:.2f} s ({n / elapsed:.0f}/s)")
-    run(main(), timeout=60)
+    run(main(), loop, timeout=60)
