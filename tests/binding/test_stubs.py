@@ -46,7 +46,7 @@ def test_stub_names_match_module():
 
 def test_stub_members_match_classes():
     _, classes = _stub()
-    for name in ("Context", "Socket", "Frame", "Operation"):
+    for name in ("Context", "Socket", "Frame", "Operation", "Pulse", "BlockingSocket"):
         cls = getattr(_kelpie, name)
         stub = classes[name]
         live = _public(cls) | {n for n in dir(cls) if n in SPECIAL}

@@ -191,8 +191,11 @@ void kp_queue_clear(kp_queue *q)
 static int op_recv_part(kp_op *self, PyObject **out, int *more)
 {
     kp_socket *sock = self->sock;
-    if (zmq_msg_recv(&sock->rmsg, sock->handle, ZMQ_DONTWAIT) < 0) {
-        int err = zmq_errno();
+    int locked = kp_socket_lock(sock);
+    int rc = zmq_msg_recv(&sock->rmsg, sock->handle, ZMQ_DONTWAIT);
+    int err = rc < 0 ? zmq_errno() : 0;
+    kp_socket_unlock(sock, locked);
+    if (rc < 0) {
         if (err == EAGAIN) {
             return 1;
         }
@@ -294,6 +297,25 @@ static void op_part_release(op_part *part)
     }
 }
 
+/* zmq_send under the socket's mutex (when a Pulse shares the socket),
+ * keeping `sndmore` up to date: the Pulse thread never sends into the middle
+ * of a multipart message. Returns zmq_send's result with errno set. */
+static int op_zmq_send(kp_socket *sock, const void *buf, size_t len, zmq_msg_t *msg, int flags)
+{
+    int locked = kp_socket_lock(sock);
+    int rc = msg != NULL ? zmq_msg_send(msg, sock->handle, flags)
+                         : zmq_send(sock->handle, buf, len, flags);
+    if (rc < 0) {
+        int err = zmq_errno();
+        kp_socket_unlock(sock, locked);
+        errno = err;
+        return rc;
+    }
+    sock->sndmore = (flags & ZMQ_SNDMORE) != 0;
+    kp_socket_unlock(sock, locked);
+    return rc;
+}
+
 /* Sends one prepared part: 0 sent, 1 EAGAIN, -1 error. */
 static int op_part_send(kp_op *self, op_part *part, int flags)
 {
@@ -301,18 +323,18 @@ static int op_part_send(kp_op *self, op_part *part, int flags)
     int rc;
     switch (part->kind) {
     case PART_BYTES:
-        rc = zmq_send(sock->handle, PyBytes_AS_STRING(part->obj),
-                      (size_t)PyBytes_GET_SIZE(part->obj), flags);
+        rc = op_zmq_send(sock, PyBytes_AS_STRING(part->obj), (size_t)PyBytes_GET_SIZE(part->obj),
+                         NULL, flags);
         break;
     case PART_VIEW:
-        rc = zmq_send(sock->handle, part->view.buf, (size_t)part->view.len, flags);
+        rc = op_zmq_send(sock, part->view.buf, (size_t)part->view.len, NULL, flags);
         break;
     case PART_FRAME: {
         zmq_msg_t msg;
         zmq_msg_init(&msg);
         rc = zmq_msg_copy(&msg, &((kp_frame *)part->obj)->msg);
         if (rc == 0) {
-            rc = zmq_msg_send(&msg, sock->handle, flags);
+            rc = op_zmq_send(sock, NULL, 0, &msg, flags);
         }
         if (rc < 0) {
             int err = zmq_errno();
@@ -334,7 +356,7 @@ static int op_part_send(kp_op *self, op_part *part, int flags)
             PyErr_NoMemory();
             return -1;
         }
-        rc = zmq_msg_send(&msg, sock->handle, flags);
+        rc = op_zmq_send(sock, NULL, 0, &msg, flags);
         if (rc < 0) {
             /* Not sent: closing hands the view straight back (queued, and
              * released at the next drain). */

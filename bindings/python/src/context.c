@@ -29,6 +29,7 @@ static PyObject *context_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->sockets = NULL;
+    self->blocking = NULL;
     self->weakrefs = NULL;
     self->handle = zmq_ctx_new();
     if (self->handle == NULL) {
@@ -144,6 +145,13 @@ static PyObject *context_close_all(kp_context *self, int linger)
     Py_DECREF(open);
     if (failed) {
         return NULL;
+    }
+    /* BlockingSockets in use by another thread cannot be closed from here
+     * (libzmq sockets are not thread-safe). Shutting the context down ends
+     * their waits with ETERM, and the thread using each closes it; term()
+     * then returns once they have. */
+    if (kp_blocking_close_idle(self, linger) > 0 && self->handle != NULL) {
+        zmq_ctx_shutdown(self->handle);
     }
     return context_term(self, NULL);
 }

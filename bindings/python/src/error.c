@@ -7,7 +7,9 @@
  * called, so ZMQError(EAGAIN, ...) stays a ZMQError; we pick Again and
  * ContextTerminated ourselves. AffinityError is a RuntimeError: using a
  * socket from the wrong thread or loop is a programming error, not an I/O
- * condition to retry.
+ * condition to retry. Timeout, raised by BlockingSocket when its timeout
+ * passes, is both an Again (errno EAGAIN, what pyzmq raises on RCVTIMEO) and
+ * a TimeoutError, so `except TimeoutError` works as for any blocking call.
  */
 #include "kp.h"
 
@@ -33,6 +35,18 @@ int kp_error_init(PyObject *module, kp_state *st)
     if (st->context_terminated == NULL) {
         return -1;
     }
+    PyObject *bases = PyTuple_Pack(2, st->again, PyExc_TimeoutError);
+    if (bases == NULL) {
+        return -1;
+    }
+    st->timeout = PyErr_NewExceptionWithDoc(
+        "kelpie.Timeout",
+        "A BlockingSocket's timeout passed (errno EAGAIN); both an Again and a TimeoutError.",
+        bases, NULL);
+    Py_DECREF(bases);
+    if (st->timeout == NULL) {
+        return -1;
+    }
     st->affinity_error = PyErr_NewExceptionWithDoc(
         "kelpie.AffinityError",
         "A socket was used from a thread or event loop other than the one it is bound to.",
@@ -43,6 +57,7 @@ int kp_error_init(PyObject *module, kp_state *st)
     if (PyModule_AddObjectRef(module, "ZMQError", st->zmq_error) < 0 ||
         PyModule_AddObjectRef(module, "Again", st->again) < 0 ||
         PyModule_AddObjectRef(module, "ContextTerminated", st->context_terminated) < 0 ||
+        PyModule_AddObjectRef(module, "Timeout", st->timeout) < 0 ||
         PyModule_AddObjectRef(module, "AffinityError", st->affinity_error) < 0) {
         return -1;
     }

@@ -15,6 +15,8 @@
  *   option.c     the socket option table (which options are int, int64, bytes)
  *   awaitable.c  the C awaitable behind send/recv/send_multipart/recv_multipart
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
+ *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ *   blocking.c   kelpie.BlockingSocket: a synchronous socket that waits without the GIL
  *
  * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here
  * and call it from module_exec() in module.c.
@@ -26,6 +28,7 @@
 #include <Python.h>
 #include <zmq.h>
 
+#include <pthread.h>
 #include <stdint.h>
 
 /* Defaults of Socket.budget and Socket.copy_threshold, also exported as
@@ -43,10 +46,13 @@ typedef struct kp_state {
     PyTypeObject *socket_type;    /* kelpie.Socket */
     PyTypeObject *frame_type;     /* kelpie.Frame */
     PyTypeObject *awaitable_type; /* the object send()/recv() return */
+    PyTypeObject *pulse_type;     /* kelpie.Pulse */
+    PyTypeObject *blocking_type;  /* kelpie.BlockingSocket */
     PyObject *zmq_error;          /* kelpie.ZMQError (an OSError) */
     PyObject *again;              /* kelpie.Again, errno EAGAIN */
     PyObject *context_terminated; /* kelpie.ContextTerminated, errno ETERM */
     PyObject *affinity_error;     /* kelpie.AffinityError (a RuntimeError) */
+    PyObject *timeout;            /* kelpie.Timeout (Again and TimeoutError) */
     PyObject *get_running_loop;   /* asyncio.get_running_loop */
     PyObject *drain_callback;     /* module function _drain, the eventfd reader */
     PyObject *drain_loops;        /* set of loops the release eventfd is registered with */
@@ -60,6 +66,7 @@ typedef struct kp_state {
     PyObject *str_is_closed;
     PyObject *str_blocking;       /* "_asyncio_future_blocking" */
     PyObject *str_on_fd;          /* "_on_fd", the socket's reader callback */
+    PyObject *str_on_nudge;       /* "_on_nudge", a Pulse's eventfd reader */
     PyObject *future_type;        /* asyncio.Future */
     PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
     PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
@@ -71,6 +78,15 @@ extern PyModuleDef kp_module_def;
  * PyErr_Occurred() when -1 is a valid value). The public spelling of
  * CPython's private _PyLong_AsInt, which 3.13 removes. */
 int kp_as_int(PyObject *obj);
+
+/* Locks `mutex` from a thread that holds the GIL, without ever blocking on
+ * the mutex while holding the GIL: if the mutex is busy, waits for it with
+ * the GIL released, then retakes the GIL and tries again. With the rule
+ * that no thread waits for the GIL while holding one of the extension's
+ * mutexes, this keeps the GIL and those mutexes from ever deadlocking, and
+ * keeps a thread that holds the GIL for long (a blocked loop, a C
+ * extension) from delaying a Pulse thread. */
+void kp_mutex_lock(pthread_mutex_t *mutex);
 
 /* The state of the module that defined `type` (or a base of it). Never fails
  * for our own types and their subclasses. */
@@ -117,12 +133,15 @@ Py_ssize_t kp_release_outstanding(void);
 /* ---- context.c -------------------------------------------------------- */
 
 typedef struct kp_socket kp_socket;
+typedef struct kp_blocking kp_blocking;
+typedef struct kp_pulse kp_pulse;
 
 typedef struct kp_context {
-    PyObject ob_base;   /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    void *handle;       /* the zmq context, NULL once terminated */
-    kp_socket *sockets; /* open sockets, linked through kp_socket.next */
-    PyObject *weakrefs; /* weak references to this context */
+    PyObject ob_base;      /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    void *handle;          /* the zmq context, NULL once terminated */
+    kp_socket *sockets;    /* open sockets, linked through kp_socket.next */
+    kp_blocking *blocking; /* open BlockingSockets, linked through kp_blocking.next */
+    PyObject *weakrefs;    /* weak references to this context */
 } kp_context;
 
 int kp_context_init(PyObject *module, kp_state *st);
@@ -192,7 +211,35 @@ struct kp_socket {
     kp_queue send_q;           /* awaitables waiting for POLLOUT */
     zmq_msg_t rmsg;            /* reused for copying receives */
     PyObject *weakrefs;
+    /* Sharing with a Pulse thread (pulse.c). `shared` is 1 exactly while a
+     * Pulse's thread runs; only then does any libzmq call on `handle` take
+     * `lock`. It changes only with the GIL held and while that thread is
+     * not running, so the loop thread's read of it needs no barrier. */
+    kp_pulse *pulse;      /* attached Pulse (it holds a strong reference to
+                             us), or NULL */
+    int shared;           /* 1 while the Pulse's thread may use `handle` */
+    int sndmore;          /* a message is half sent (last send had SNDMORE);
+                             under `lock` when shared */
+    pthread_mutex_t lock; /* serialises libzmq calls on `handle` when shared */
 };
+
+/* Takes the socket's mutex if a Pulse thread shares the socket (see
+ * kp_mutex_lock); returns whether it did, for kp_socket_unlock. Nothing
+ * between lock and unlock may run Python code or release the GIL. */
+static inline int kp_socket_lock(kp_socket *sock)
+{
+    if (!sock->shared) {
+        return 0;
+    }
+    kp_mutex_lock(&sock->lock);
+    return 1;
+}
+static inline void kp_socket_unlock(kp_socket *sock, int locked)
+{
+    if (locked) {
+        pthread_mutex_unlock(&sock->lock);
+    }
+}
 
 int kp_socket_init(PyObject *module, kp_state *st);
 /* A new open socket of `type` in `ctx`. */
@@ -215,11 +262,47 @@ int kp_socket_recheck(kp_socket *sock);
 PyObject *kp_socket_new_future(kp_socket *sock);
 /* Makes sure the reader callback is registered with the bound loop. */
 int kp_socket_watch(kp_socket *sock);
+/* What the reader callback does: release lent buffers, read ZMQ_EVENTS
+ * (even when nobody waits) and wake the first ready waiters. Returns -1
+ * with an exception set. A Pulse's nudge runs it too. */
+int kp_socket_on_events(kp_socket *sock);
 
 /* ---- option.c --------------------------------------------------------- */
 
-PyObject *kp_option_get(kp_socket *sock, int option);
-int kp_option_set(kp_socket *sock, int option, PyObject *value);
+/* Read / write option `option` of the zmq socket `handle`, converting by the
+ * option table. `shared` is the asyncio Socket that owns `handle` (its
+ * mutex is taken around the libzmq call and it is re-checked afterwards) or
+ * NULL for a BlockingSocket. Return NULL / -1 with an exception set. */
+PyObject *kp_option_get(kp_state *st, void *handle, kp_socket *shared, int option);
+int kp_option_set(kp_state *st, void *handle, kp_socket *shared, int option, PyObject *value);
+
+/* ---- pulse.c ---------------------------------------------------------- */
+
+struct kp_pulse {
+    PyObject ob_base; /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    kp_socket *sock;  /* strong reference; NULL once detached (socket closed) */
+    int efd;          /* eventfd the thread writes after each send (the nudge) */
+    int watched;      /* 1 while efd is registered with sock->loop */
+    /* the rest is private to pulse.c */
+};
+
+int kp_pulse_init(PyObject *module, kp_state *st);
+/* Registers / unregisters the pulse's nudge eventfd with its socket's loop
+ * (the socket calls these beside its own add_reader/remove_reader). */
+int kp_pulse_watch(kp_pulse *pulse);
+int kp_pulse_unwatch(kp_pulse *pulse);
+/* Called by Socket.close() before anything else: stops the thread (joins
+ * it), removes the nudge reader and drops the pulse's reference to the
+ * socket. The caller must hold its own reference to `sock`. */
+int kp_pulse_detach(kp_socket *sock);
+
+/* ---- blocking.c ------------------------------------------------------- */
+
+int kp_blocking_init(PyObject *module, kp_state *st);
+/* Context.destroy(): closes every BlockingSocket of `ctx` that no thread is
+ * using right now and returns how many are in use (their waits end with
+ * ETERM once the context shuts down, and the thread using each closes it). */
+Py_ssize_t kp_blocking_close_idle(kp_context *ctx, int linger);
 
 /* ---- frame.c ---------------------------------------------------------- */
 

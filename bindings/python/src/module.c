@@ -136,6 +136,19 @@ int kp_as_int(PyObject *obj)
     return (int)value;
 }
 
+void kp_mutex_lock(pthread_mutex_t *mutex)
+{
+    while (pthread_mutex_trylock(mutex) != 0) {
+        /* Busy: a Pulse thread is sending, which takes microseconds. Wait
+         * for it without the GIL and without holding the mutex while the
+         * GIL is retaken (another thread may keep the GIL for long). */
+        Py_BEGIN_ALLOW_THREADS;
+        pthread_mutex_lock(mutex);
+        pthread_mutex_unlock(mutex);
+        Py_END_ALLOW_THREADS;
+    }
+}
+
 kp_state *kp_state_from_type(PyTypeObject *type)
 {
     PyObject *module = PyType_GetModuleByDef(type, &kp_module_def);
@@ -190,7 +203,8 @@ static int module_exec(PyObject *module)
         module_intern(&st->str_done, "done") < 0 ||
         module_intern(&st->str_is_closed, "is_closed") < 0 ||
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
-        module_intern(&st->str_on_fd, "_on_fd") < 0) {
+        module_intern(&st->str_on_fd, "_on_fd") < 0 ||
+        module_intern(&st->str_on_nudge, "_on_nudge") < 0) {
         return -1;
     }
 
@@ -234,7 +248,8 @@ static int module_exec(PyObject *module)
     /* Each file adds its own types; a new file is one line here. */
     if (kp_error_init(module, st) < 0 || kp_release_init(module, st) < 0 ||
         kp_frame_init(module, st) < 0 || kp_awaitable_init(module, st) < 0 ||
-        kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0) {
+        kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
+        kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -247,6 +262,9 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->socket_type);
     Py_VISIT(st->frame_type);
     Py_VISIT(st->awaitable_type);
+    Py_VISIT(st->pulse_type);
+    Py_VISIT(st->blocking_type);
+    Py_VISIT(st->timeout);
     Py_VISIT(st->zmq_error);
     Py_VISIT(st->again);
     Py_VISIT(st->context_terminated);
@@ -269,6 +287,9 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->socket_type);
     Py_CLEAR(st->frame_type);
     Py_CLEAR(st->awaitable_type);
+    Py_CLEAR(st->pulse_type);
+    Py_CLEAR(st->blocking_type);
+    Py_CLEAR(st->timeout);
     Py_CLEAR(st->zmq_error);
     Py_CLEAR(st->again);
     Py_CLEAR(st->context_terminated);
@@ -288,6 +309,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_is_closed);
     Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_on_fd);
+    Py_CLEAR(st->str_on_nudge);
     return 0;
 }
 

@@ -55,136 +55,136 @@ static PyObject *option_bytes(const char *buf, size_t len, int strip_nul)
     return PyBytes_FromStringAndSize(buf, (Py_ssize_t)len);
 }
 
-PyObject *kp_option_get(kp_socket *sock, int option)
+/* One libzmq option call on `handle`, under `shared`'s mutex when a Pulse
+ * shares it. Returns 0 or the zmq errno. */
+static int option_call(void *handle, kp_socket *shared, int get, int option, void *buf, size_t *len)
 {
-    option_kind kind = option_kind_of(option);
-    PyObject *result = NULL;
-    int rc;
-    switch (kind) {
-    case OPTION_INT: {
-        int value;
-        size_t len = sizeof(value);
-        rc = zmq_getsockopt(sock->handle, option, &value, &len);
-        if (rc == 0) {
-            result = PyLong_FromLong(value);
-        }
-        break;
+    int locked = shared != NULL ? kp_socket_lock(shared) : 0;
+    int rc =
+        get ? zmq_getsockopt(handle, option, buf, len) : zmq_setsockopt(handle, option, buf, *len);
+    int err = rc == 0 ? 0 : zmq_errno();
+    if (shared != NULL) {
+        kp_socket_unlock(shared, locked);
     }
-    case OPTION_INT64: {
-        int64_t value;
-        size_t len = sizeof(value);
-        rc = zmq_getsockopt(sock->handle, option, &value, &len);
-        if (rc == 0) {
-            result = PyLong_FromLongLong(value);
-        }
-        break;
-    }
-    case OPTION_UINT64: {
-        uint64_t value;
-        size_t len = sizeof(value);
-        rc = zmq_getsockopt(sock->handle, option, &value, &len);
-        if (rc == 0) {
-            result = PyLong_FromUnsignedLongLong(value);
-        }
-        break;
-    }
-    case OPTION_BYTES: {
-        char buf[1024];
-        size_t len = sizeof(buf);
-        rc = zmq_getsockopt(sock->handle, option, buf, &len);
-        if (rc == 0) {
-            result = option_bytes(buf, len, option != ZMQ_ROUTING_ID);
-        }
-        break;
-    }
-    case OPTION_CURVE: {
-        char buf[41]; /* 40 Z85 characters and a NUL selects the Z85 form */
-        size_t len = sizeof(buf);
-        rc = zmq_getsockopt(sock->handle, option, buf, &len);
-        if (rc == 0) {
-            result = option_bytes(buf, len, 1);
-        }
-        break;
-    }
-    default:
-        rc = -1;
-        errno = EINVAL;
-        break;
-    }
-    int err = zmq_errno();
-    if (kp_socket_recheck(sock) < 0) {
-        Py_XDECREF(result);
-        return NULL;
-    }
-    if (rc != 0) {
-        return kp_error_set(sock->st, err);
-    }
-    return result;
+    return err;
 }
 
-int kp_option_set(kp_socket *sock, int option, PyObject *value)
+/* After the call: re-check the asyncio socket (the call may have consumed
+ * its FD's edge), then raise `err` if the call failed. */
+static int option_finish(kp_state *st, kp_socket *shared, int err)
+{
+    if (shared != NULL && kp_socket_recheck(shared) < 0) {
+        return -1;
+    }
+    if (err != 0) {
+        kp_error_set(st, err);
+        return -1;
+    }
+    return 0;
+}
+
+PyObject *kp_option_get(kp_state *st, void *handle, kp_socket *shared, int option)
+{
+    union {
+        int i;
+        int64_t i64;
+        uint64_t u64;
+        char buf[1024];
+    } value;
+    size_t len;
+    option_kind kind = option_kind_of(option);
+    switch (kind) {
+    case OPTION_INT:
+        len = sizeof(value.i);
+        break;
+    case OPTION_INT64:
+        len = sizeof(value.i64);
+        break;
+    case OPTION_UINT64:
+        len = sizeof(value.u64);
+        break;
+    case OPTION_CURVE:
+        len = 41; /* 40 Z85 characters and a NUL selects the Z85 form */
+        break;
+    case OPTION_BYTES:
+    default:
+        len = sizeof(value.buf);
+        break;
+    }
+    int err = option_call(handle, shared, 1, option, &value, &len);
+    if (option_finish(st, shared, err) < 0) {
+        return NULL;
+    }
+    switch (kind) {
+    case OPTION_INT:
+        return PyLong_FromLong(value.i);
+    case OPTION_INT64:
+        return PyLong_FromLongLong(value.i64);
+    case OPTION_UINT64:
+        return PyLong_FromUnsignedLongLong(value.u64);
+    case OPTION_CURVE:
+        return option_bytes(value.buf, len, 1);
+    case OPTION_BYTES:
+    default:
+        return option_bytes(value.buf, len, option != ZMQ_ROUTING_ID);
+    }
+}
+
+int kp_option_set(kp_state *st, void *handle, kp_socket *shared, int option, PyObject *value)
 {
     option_kind kind = option_kind_of(option);
-    int rc;
+    union {
+        int i;
+        int64_t i64;
+        uint64_t u64;
+    } v;
+    const void *buf = &v;
+    size_t len;
     switch (kind) {
-    case OPTION_INT: {
-        int v = kp_as_int(value);
-        if (v == -1 && PyErr_Occurred()) {
+    case OPTION_INT:
+        v.i = kp_as_int(value);
+        if (v.i == -1 && PyErr_Occurred()) {
             return -1;
         }
-        rc = zmq_setsockopt(sock->handle, option, &v, sizeof(v));
+        len = sizeof(v.i);
         break;
-    }
-    case OPTION_INT64: {
-        int64_t v = PyLong_AsLongLong(value);
-        if (v == -1 && PyErr_Occurred()) {
+    case OPTION_INT64:
+        v.i64 = PyLong_AsLongLong(value);
+        if (v.i64 == -1 && PyErr_Occurred()) {
             return -1;
         }
-        rc = zmq_setsockopt(sock->handle, option, &v, sizeof(v));
+        len = sizeof(v.i64);
         break;
-    }
-    case OPTION_UINT64: {
-        uint64_t v = PyLong_AsUnsignedLongLong(value);
-        if (v == (uint64_t)-1 && PyErr_Occurred()) {
+    case OPTION_UINT64:
+        v.u64 = PyLong_AsUnsignedLongLong(value);
+        if (v.u64 == (uint64_t)-1 && PyErr_Occurred()) {
             return -1;
         }
-        rc = zmq_setsockopt(sock->handle, option, &v, sizeof(v));
+        len = sizeof(v.u64);
         break;
-    }
     case OPTION_BYTES:
-    case OPTION_CURVE: {
+    case OPTION_CURVE:
+    default: {
         /* str is accepted and encoded as UTF-8: endpoints, domains and Z85
          * keys are text in practice. */
-        const char *buf;
-        Py_ssize_t len;
+        Py_ssize_t n;
         if (PyUnicode_Check(value)) {
-            buf = PyUnicode_AsUTF8AndSize(value, &len);
+            buf = PyUnicode_AsUTF8AndSize(value, &n);
             if (buf == NULL) {
                 return -1;
             }
         } else if (PyBytes_Check(value)) {
             buf = PyBytes_AS_STRING(value);
-            len = PyBytes_GET_SIZE(value);
+            n = PyBytes_GET_SIZE(value);
         } else {
             PyErr_Format(PyExc_TypeError, "option %d takes bytes, not %.100s", option,
                          Py_TYPE(value)->tp_name);
             return -1;
         }
-        rc = zmq_setsockopt(sock->handle, option, buf, (size_t)len);
+        len = (size_t)n;
         break;
     }
-    default:
-        rc = -1;
-        errno = EINVAL;
-        break;
     }
-    int err = zmq_errno();
-    if (kp_socket_recheck(sock) < 0) {
-        return -1;
-    }
-    if (rc != 0) {
-        kp_error_set(sock->st, err);
-        return -1;
-    }
-    return 0;
+    int err = option_call(handle, shared, 0, option, (void *)buf, &len);
+    return option_finish(st, shared, err);
 }

@@ -15,6 +15,11 @@
  * A socket belongs to the loop and thread of its first awaited operation:
  * its futures and reader live in that loop. Other threads
  * get AffinityError (checked by comparing one integer per operation).
+ *
+ * The one exception is a Pulse (pulse.c), whose C thread sends heartbeats
+ * on the socket. While it runs, `shared` is set and every libzmq call on the
+ * socket is made under the socket's mutex (kp_socket_lock); without a Pulse
+ * that costs one predictable branch per call.
  */
 #include "kp.h"
 
@@ -31,6 +36,7 @@ PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
     if (self == NULL) {
         return NULL;
     }
+    pthread_mutex_init(&self->lock, NULL);
     self->st = st;
     self->context = (kp_context *)Py_NewRef(ctx);
     self->budget = KP_DEFAULT_BUDGET;
@@ -94,6 +100,9 @@ static void socket_unbind(kp_socket *self)
     self->reader = 0;
     self->used = 0;
     self->release_watched = 0;
+    if (self->pulse != NULL) {
+        self->pulse->watched = 0; /* went with the old loop's selector too */
+    }
 }
 
 /* 1 if the bound loop is closed and nothing waits in it, so the socket may
@@ -214,6 +223,10 @@ int kp_socket_watch(kp_socket *self)
     }
     Py_DECREF(r);
     self->reader = 1;
+    /* A running Pulse's nudge is watched exactly while the reader is. */
+    if (self->pulse != NULL && kp_pulse_watch(self->pulse) < 0) {
+        return -1;
+    }
     return 0;
 }
 
@@ -241,10 +254,14 @@ static int socket_poll_events(kp_socket *self, int always)
     }
     int events;
     size_t len = sizeof(events);
-    if (zmq_getsockopt(self->handle, ZMQ_EVENTS, &events, &len) != 0) {
+    int locked = kp_socket_lock(self);
+    int rc = zmq_getsockopt(self->handle, ZMQ_EVENTS, &events, &len);
+    int err = zmq_errno();
+    kp_socket_unlock(self, locked);
+    if (rc != 0) {
         /* ETERM: the context is going away; nobody will ever be woken by
          * this socket again, so tell the waiters now. */
-        return socket_fail_waiters(self, zmq_errno()) < 0 ? -1 : 1;
+        return socket_fail_waiters(self, err) < 0 ? -1 : 1;
     }
     if ((events & ZMQ_POLLIN) && self->recv_q.len != 0 &&
         kp_queue_wake_first(self->st, &self->recv_q) < 0) {
@@ -279,6 +296,9 @@ int kp_socket_recheck(kp_socket *self)
  * registrations, so failing there is fine. */
 static int socket_unwatch(kp_socket *self)
 {
+    if (self->pulse != NULL && kp_pulse_unwatch(self->pulse) < 0) {
+        return -1;
+    }
     if (!self->reader) {
         return 0;
     }
@@ -302,18 +322,26 @@ static int socket_unwatch(kp_socket *self)
     return 0;
 }
 
-/* The reader callback registered for ZMQ_FD. */
-static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
+int kp_socket_on_events(kp_socket *self)
 {
     kp_release_drain();
     int rc = socket_poll_events(self, 1);
     if (rc < 0) {
-        return NULL;
+        return -1;
     }
     if (rc > 0 && socket_unwatch(self) < 0) {
         /* The context is terminating and this socket will never report
          * events again: stop watching a descriptor that libzmq is about to
          * tear down. An operation now fails at once with ETERM. */
+        return -1;
+    }
+    return 0;
+}
+
+/* The reader callback registered for ZMQ_FD. */
+static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
+{
+    if (kp_socket_on_events(self) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -334,7 +362,12 @@ int kp_socket_close(kp_socket *self, int linger)
         }
     }
     int rc = 0;
-    /* 1. Waiters first: their futures fail with ENOTSOCK (the task sees a
+    /* 0. A Pulse first: its thread is joined (so nothing else touches the
+     *    handle from here on) and its nudge reader removed. */
+    if (self->pulse != NULL && kp_pulse_detach(self) < 0) {
+        rc = -1;
+    }
+    /* 1. Waiters next: their futures fail with ENOTSOCK (the task sees a
      *    ZMQError from its await), while the socket still exists. */
     if (socket_fail_waiters(self, ENOTSOCK) < 0) {
         rc = -1;
@@ -379,6 +412,8 @@ static void socket_dealloc(kp_socket *self)
     Py_CLEAR(self->create_future);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->context);
+    /* A Pulse holds a reference to its socket, so none is attached here. */
+    pthread_mutex_destroy(&self->lock);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -421,8 +456,10 @@ static PyObject *socket_endpoint(kp_socket *self, PyObject *arg, socket_endpoint
     if (addr == NULL) {
         return NULL;
     }
+    int locked = kp_socket_lock(self);
     int rc = fn(self->handle, addr);
     int err = zmq_errno();
+    kp_socket_unlock(self, locked);
     if (kp_socket_recheck(self) < 0) {
         return NULL;
     }
@@ -479,7 +516,8 @@ static PyObject *socket_setsockopt(kp_socket *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iO:setsockopt", &option, &value)) {
         return NULL;
     }
-    if (kp_socket_check_thread(self) < 0 || kp_option_set(self, option, value) < 0) {
+    if (kp_socket_check_thread(self) < 0 ||
+        kp_option_set(self->st, self->handle, self, option, value) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -494,7 +532,7 @@ static PyObject *socket_getsockopt(kp_socket *self, PyObject *arg)
     if (kp_socket_check_thread(self) < 0) {
         return NULL;
     }
-    return kp_option_get(self, option);
+    return kp_option_get(self->st, self->handle, self, option);
 }
 
 static PyObject *socket_enter(PyObject *self, PyObject *unused)
@@ -637,7 +675,7 @@ static PyObject *socket_get_last_endpoint(kp_socket *self, void *closure)
     if (kp_socket_check_thread(self) < 0) {
         return NULL;
     }
-    return kp_option_get(self, ZMQ_LAST_ENDPOINT);
+    return kp_option_get(self->st, self->handle, self, ZMQ_LAST_ENDPOINT);
 }
 
 static PyObject *socket_get_type(kp_socket *self, void *closure)

@@ -1,0 +1,579 @@
+/*
+ * blocking.c: kelpie.BlockingSocket, a synchronous socket for code that
+ * has no event loop (kelpie.sync.Client, scripts, WSGI apps, worker threads).
+ *
+ * Every wait releases the GIL: an operation first runs non-blocking with the
+ * GIL held (as the asyncio Socket does); on EAGAIN it waits in zmq_poll with
+ * the GIL released, in slices of at most BLOCKING_SLICE_MS, and between
+ * slices retakes the GIL to run PyErr_CheckSignals(), so Ctrl-C interrupts
+ * a wait within a slice even when the signal was delivered to another
+ * thread. A timeout raises kelpie.Timeout (an Again and a TimeoutError).
+ *
+ * A libzmq socket must not be used by two threads at once. The sync client
+ * keeps one BlockingSocket per thread; a second thread using a socket while
+ * another waits in it (the only moment it can: otherwise the GIL orders
+ * them) gets AffinityError instead of corrupting libzmq's state. The check
+ * is a plain int read and written with the GIL held, so it is free.
+ *
+ * The context keeps a list of its BlockingSockets so Context.destroy() can
+ * close the idle ones; one that a thread is waiting in is closed by that
+ * thread when its wait ends with ETERM (see kp_blocking_close_idle).
+ */
+#include "kp.h"
+
+#include <errno.h>
+#include <structmember.h>
+#include <time.h>
+
+/* Longest stretch spent in zmq_poll without checking for signals. */
+#define BLOCKING_SLICE_MS 100
+
+struct kp_blocking {
+    PyObject ob_base;    /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    void *handle;        /* the zmq socket, NULL once closed */
+    kp_state *st;        /* state of the module that made our type */
+    kp_context *context; /* strong reference */
+    kp_blocking *prev;   /* in context->blocking */
+    kp_blocking *next;   /* in context->blocking */
+    int type;            /* ZMQ_TYPE */
+    int busy;            /* a thread is inside a method that releases the GIL */
+    PyObject *weakrefs;
+};
+
+static int64_t blocking_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void blocking_unlink(kp_blocking *self)
+{
+    kp_context *ctx = self->context;
+    if (self->prev != NULL) {
+        self->prev->next = self->next;
+    } else if (ctx->blocking == self) {
+        ctx->blocking = self->next;
+    }
+    if (self->next != NULL) {
+        self->next->prev = self->prev;
+    }
+    self->prev = self->next = NULL;
+}
+
+/* Closes the zmq socket (linger < -1 keeps the socket's own). Never fails. */
+static void blocking_close_handle(kp_blocking *self, int linger)
+{
+    if (self->handle == NULL) {
+        return;
+    }
+    if (linger >= -1) {
+        zmq_setsockopt(self->handle, ZMQ_LINGER, &linger, sizeof(linger));
+    }
+    zmq_close(self->handle);
+    self->handle = NULL;
+    blocking_unlink(self);
+}
+
+Py_ssize_t kp_blocking_close_idle(kp_context *ctx, int linger)
+{
+    Py_ssize_t busy = 0;
+    kp_blocking *s = ctx->blocking;
+    while (s != NULL) {
+        kp_blocking *next = s->next;
+        if (s->busy) {
+            busy++;
+        } else {
+            blocking_close_handle(s, linger);
+        }
+        s = next;
+    }
+    return busy;
+}
+
+static PyObject *blocking_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"context", "socket_type", NULL};
+    PyObject *ctx_obj;
+    int socket_type;
+    kp_state *st = kp_state_from_type(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!i:BlockingSocket", kwlist, st->context_type,
+                                     &ctx_obj, &socket_type)) {
+        return NULL;
+    }
+    kp_context *ctx = (kp_context *)ctx_obj;
+    if (ctx->handle == NULL) {
+        return kp_error_set(st, ETERM);
+    }
+    kp_blocking *self = (kp_blocking *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->st = st;
+    self->context = (kp_context *)Py_NewRef(ctx);
+    self->type = socket_type;
+    self->handle = zmq_socket(ctx->handle, socket_type);
+    if (self->handle == NULL) {
+        Py_DECREF(self);
+        return kp_error_from_zmq(st);
+    }
+    self->next = ctx->blocking;
+    if (ctx->blocking != NULL) {
+        ctx->blocking->prev = self;
+    }
+    ctx->blocking = self;
+    return (PyObject *)self;
+}
+
+static void blocking_dealloc(kp_blocking *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    blocking_close_handle(self, -2);
+    Py_CLEAR(self->context);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* The per-call check: open, and no other thread inside the socket. */
+static int blocking_check(kp_blocking *self)
+{
+    if (self->busy) {
+        PyErr_SetString(self->st->affinity_error,
+                        "kelpie.BlockingSocket used by two threads at once: a BlockingSocket "
+                        "belongs to one thread at a time (keep one per thread)");
+        return -1;
+    }
+    if (self->handle == NULL) {
+        kp_error_set(self->st, ENOTSOCK);
+        return -1;
+    }
+    return 0;
+}
+
+/* A libzmq failure `err` of a socket operation. ETERM means the context is
+ * shutting down (Context.destroy() from another thread, or term()): close
+ * the socket now, since only this thread may, and term() waits for it. */
+static void blocking_fail(kp_blocking *self, int err)
+{
+    if (err == ETERM) {
+        blocking_close_handle(self, 0);
+    }
+    kp_error_set(self->st, err);
+}
+
+/* Parses a timeout in seconds (None: forever) into a monotonic deadline in
+ * ns, or -1 for none. Returns -1 with an exception set. */
+static int blocking_deadline(PyObject *timeout, int64_t *deadline)
+{
+    *deadline = -1;
+    if (timeout == NULL || timeout == Py_None) {
+        return 0;
+    }
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (!(t >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "timeout must be a non-negative number or None");
+        return -1;
+    }
+    if (t > 1e9) {
+        return 0; /* decades: the same as forever */
+    }
+    *deadline = blocking_now() + (int64_t)(t * 1e9);
+    return 0;
+}
+
+/* Waits until `events` is possible or the deadline passes, with the GIL
+ * released in slices. Returns 0 ready, 1 timed out, -1 with an exception
+ * set (a signal handler raised, or libzmq failed). */
+static int blocking_wait(kp_blocking *self, short events, int64_t deadline)
+{
+    for (;;) {
+        long slice = BLOCKING_SLICE_MS;
+        if (deadline >= 0) {
+            int64_t left = deadline - blocking_now();
+            if (left <= 0) {
+                return 1;
+            }
+            int64_t left_ms = (left + 999999) / 1000000;
+            if (left_ms < slice) {
+                slice = (long)left_ms;
+            }
+        }
+        zmq_pollitem_t item = {.socket = self->handle, .events = events};
+        int rc, err = 0;
+        Py_BEGIN_ALLOW_THREADS;
+        rc = zmq_poll(&item, 1, slice);
+        if (rc < 0) {
+            err = zmq_errno();
+        }
+        Py_END_ALLOW_THREADS;
+        if (rc < 0 && err != EINTR) {
+            blocking_fail(self, err);
+            return -1;
+        }
+        if (rc > 0 && (item.revents & events)) {
+            return 0;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
+}
+
+static PyObject *blocking_timeout_error(kp_blocking *self)
+{
+    PyObject *args = Py_BuildValue("(is)", EAGAIN, "timed out waiting for the socket");
+    if (args != NULL) {
+        PyErr_SetObject(self->st->timeout, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static PyObject *blocking_recv_multipart(kp_blocking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *timeout = Py_None;
+    int64_t deadline;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:recv_multipart", kwlist, &timeout) ||
+        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0) {
+        return NULL;
+    }
+    self->busy = 1;
+    PyObject *parts = NULL;
+    zmq_msg_t msg;
+    zmq_msg_init(&msg);
+    for (;;) {
+        if (zmq_msg_recv(&msg, self->handle, ZMQ_DONTWAIT) >= 0) {
+            break;
+        }
+        int err = zmq_errno();
+        if (err != EAGAIN) {
+            blocking_fail(self, err);
+            goto done;
+        }
+        int w = blocking_wait(self, ZMQ_POLLIN, deadline);
+        if (w != 0) {
+            if (w > 0) {
+                blocking_timeout_error(self);
+            }
+            goto done;
+        }
+    }
+    parts = PyList_New(0);
+    /* libzmq delivers a multipart message atomically: once the first part
+     * is here, all are. */
+    for (;;) {
+        int more = zmq_msg_more(&msg);
+        PyObject *part =
+            PyBytes_FromStringAndSize(zmq_msg_data(&msg), (Py_ssize_t)zmq_msg_size(&msg));
+        if (parts == NULL || part == NULL || PyList_Append(parts, part) < 0) {
+            Py_XDECREF(part);
+            Py_CLEAR(parts);
+            /* Drain the rest so the next receive starts at a message. */
+            while (more && zmq_msg_recv(&msg, self->handle, ZMQ_DONTWAIT) >= 0) {
+                more = zmq_msg_more(&msg);
+            }
+            goto done;
+        }
+        Py_DECREF(part);
+        if (!more) {
+            break;
+        }
+        if (zmq_msg_recv(&msg, self->handle, ZMQ_DONTWAIT) < 0) {
+            Py_CLEAR(parts);
+            blocking_fail(self, zmq_errno());
+            goto done;
+        }
+    }
+done:
+    zmq_msg_close(&msg);
+    self->busy = 0;
+    return parts;
+}
+
+static PyObject *blocking_send_multipart(kp_blocking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"msg_parts", "timeout", NULL};
+    PyObject *seq, *timeout = Py_None;
+    int64_t deadline;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:send_multipart", kwlist, &seq, &timeout) ||
+        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0) {
+        return NULL;
+    }
+    /* Our own list and a view of every part before anything is sent: a bad
+     * part raises with nothing sent, and no part can change while we wait. */
+    PyObject *list = PySequence_List(seq);
+    if (list == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if (n == 0) {
+        Py_DECREF(list);
+        PyErr_SetString(PyExc_ValueError, "send_multipart() needs at least one part");
+        return NULL;
+    }
+    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    if (views == NULL) {
+        Py_DECREF(list);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t ready = 0;
+    PyObject *result = NULL;
+    for (; ready < n; ready++) {
+        PyObject *part = PyList_GET_ITEM(list, ready);
+        if (PyUnicode_Check(part)) {
+            PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
+            goto out;
+        }
+        if (PyObject_GetBuffer(part, &views[ready], PyBUF_SIMPLE) < 0) {
+            goto out;
+        }
+    }
+    self->busy = 1;
+    /* Trying the first part is the POLLOUT check; once libzmq takes it, it
+     * takes the rest of the message whatever the high-water mark. */
+    for (;;) {
+        int flags = ZMQ_DONTWAIT | (n > 1 ? ZMQ_SNDMORE : 0);
+        if (zmq_send(self->handle, views[0].buf, (size_t)views[0].len, flags) >= 0) {
+            break;
+        }
+        int err = zmq_errno();
+        if (err != EAGAIN) {
+            blocking_fail(self, err);
+            goto unbusy;
+        }
+        int w = blocking_wait(self, ZMQ_POLLOUT, deadline);
+        if (w != 0) {
+            if (w > 0) {
+                blocking_timeout_error(self);
+            }
+            goto unbusy;
+        }
+    }
+    for (Py_ssize_t i = 1; i < n; i++) {
+        int flags = ZMQ_DONTWAIT | (i < n - 1 ? ZMQ_SNDMORE : 0);
+        if (zmq_send(self->handle, views[i].buf, (size_t)views[i].len, flags) < 0) {
+            int err = zmq_errno();
+            if (err == EAGAIN) {
+                PyErr_SetString(PyExc_RuntimeError,
+                                "libzmq refused a later part of a multipart message");
+            } else {
+                blocking_fail(self, err);
+            }
+            goto unbusy;
+        }
+    }
+    result = Py_NewRef(Py_None);
+unbusy:
+    self->busy = 0;
+out:
+    for (Py_ssize_t i = 0; i < ready; i++) {
+        PyBuffer_Release(&views[i]);
+    }
+    PyMem_Free(views);
+    Py_DECREF(list);
+    return result;
+}
+
+/* ---- the rest of the socket API ----------------------------------------- */
+
+typedef int (*blocking_endpoint_fn)(void *, const char *);
+
+static PyObject *blocking_endpoint(kp_blocking *self, PyObject *arg, blocking_endpoint_fn fn)
+{
+    if (blocking_check(self) < 0) {
+        return NULL;
+    }
+    const char *addr = PyUnicode_AsUTF8(arg);
+    if (addr == NULL) {
+        return NULL;
+    }
+    if (fn(self->handle, addr) != 0) {
+        return kp_error_from_zmq(self->st);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *blocking_bind(kp_blocking *self, PyObject *arg)
+{
+    return blocking_endpoint(self, arg, zmq_bind);
+}
+
+static PyObject *blocking_connect(kp_blocking *self, PyObject *arg)
+{
+    return blocking_endpoint(self, arg, zmq_connect);
+}
+
+static PyObject *blocking_unbind(kp_blocking *self, PyObject *arg)
+{
+    return blocking_endpoint(self, arg, zmq_unbind);
+}
+
+static PyObject *blocking_disconnect(kp_blocking *self, PyObject *arg)
+{
+    return blocking_endpoint(self, arg, zmq_disconnect);
+}
+
+static PyObject *blocking_close(kp_blocking *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"linger", NULL};
+    PyObject *linger_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &linger_obj)) {
+        return NULL;
+    }
+    int linger = -2;
+    if (linger_obj != Py_None) {
+        linger = kp_as_int(linger_obj);
+        if (linger == -1 && PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    if (self->handle == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (blocking_check(self) < 0) {
+        return NULL;
+    }
+    blocking_close_handle(self, linger);
+    Py_RETURN_NONE;
+}
+
+static PyObject *blocking_setsockopt(kp_blocking *self, PyObject *args)
+{
+    int option;
+    PyObject *value;
+    if (!PyArg_ParseTuple(args, "iO:setsockopt", &option, &value)) {
+        return NULL;
+    }
+    if (blocking_check(self) < 0 ||
+        kp_option_set(self->st, self->handle, NULL, option, value) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *blocking_getsockopt(kp_blocking *self, PyObject *arg)
+{
+    int option = kp_as_int(arg);
+    if ((option == -1 && PyErr_Occurred()) || blocking_check(self) < 0) {
+        return NULL;
+    }
+    return kp_option_get(self->st, self->handle, NULL, option);
+}
+
+static PyObject *blocking_enter(PyObject *self, PyObject *unused)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *blocking_exit(kp_blocking *self, PyObject *args)
+{
+    return blocking_close(self, NULL, NULL);
+}
+
+static PyObject *blocking_get_closed(kp_blocking *self, void *closure)
+{
+    return PyBool_FromLong(self->handle == NULL);
+}
+
+static PyObject *blocking_get_context(kp_blocking *self, void *closure)
+{
+    return Py_NewRef(self->context);
+}
+
+static PyObject *blocking_get_type(kp_blocking *self, void *closure)
+{
+    return PyLong_FromLong(self->type);
+}
+
+static PyObject *blocking_get_last_endpoint(kp_blocking *self, void *closure)
+{
+    if (blocking_check(self) < 0) {
+        return NULL;
+    }
+    return kp_option_get(self->st, self->handle, NULL, ZMQ_LAST_ENDPOINT);
+}
+
+static PyObject *blocking_repr(kp_blocking *self)
+{
+    return PyUnicode_FromFormat("<kelpie.BlockingSocket type=%d%s>", self->type,
+                                self->handle == NULL ? " closed" : "");
+}
+
+static PyMethodDef blocking_methods[] = {
+    {"bind", (PyCFunction)blocking_bind, METH_O, "bind(addr)\n\nBind to an endpoint."},
+    {"connect", (PyCFunction)blocking_connect, METH_O, "connect(addr)\n\nConnect to an endpoint."},
+    {"unbind", (PyCFunction)blocking_unbind, METH_O, "unbind(addr)\n\nUndo a bind."},
+    {"disconnect", (PyCFunction)blocking_disconnect, METH_O, "disconnect(addr)\n\nUndo a connect."},
+    {"close", (PyCFunction)(void (*)(void))blocking_close, METH_VARARGS | METH_KEYWORDS,
+     "close(linger=None)\n\nClose the socket (idempotent)."},
+    {"setsockopt", (PyCFunction)blocking_setsockopt, METH_VARARGS,
+     "setsockopt(option, value)\n\nSet a socket option (int or bytes, by option)."},
+    {"getsockopt", (PyCFunction)blocking_getsockopt, METH_O,
+     "getsockopt(option) -> int | bytes\n\nRead a socket option."},
+    {"set", (PyCFunction)blocking_setsockopt, METH_VARARGS, "Alias of setsockopt."},
+    {"get", (PyCFunction)blocking_getsockopt, METH_O, "Alias of getsockopt."},
+    {"send_multipart", (PyCFunction)(void (*)(void))blocking_send_multipart,
+     METH_VARARGS | METH_KEYWORDS,
+     "send_multipart(msg_parts, timeout=None)\n\nSend a multipart message, waiting (without the "
+     "GIL) while the socket cannot take it; kelpie.Timeout after `timeout` seconds, with nothing "
+     "sent."},
+    {"recv_multipart", (PyCFunction)(void (*)(void))blocking_recv_multipart,
+     METH_VARARGS | METH_KEYWORDS,
+     "recv_multipart(timeout=None) -> list[bytes]\n\nReceive a multipart message, waiting "
+     "(without the GIL); kelpie.Timeout after `timeout` seconds, with nothing taken."},
+    {"__enter__", blocking_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)blocking_exit, METH_VARARGS, "close() on leaving the block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef blocking_getset[] = {
+    {"closed", (getter)blocking_get_closed, NULL, "True once closed.", NULL},
+    {"context", (getter)blocking_get_context, NULL, "The Context of this socket.", NULL},
+    {"socket_type", (getter)blocking_get_type, NULL, "The socket type (kelpie.DEALER, ...).", NULL},
+    {"last_endpoint", (getter)blocking_get_last_endpoint, NULL,
+     "The endpoint of the last bind or connect, as bytes.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef blocking_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(kp_blocking, weakrefs), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot blocking_slots[] = {
+    {Py_tp_doc, "BlockingSocket(context, socket_type)\n--\n\nA synchronous ZeroMQ socket whose "
+                "waits release the GIL; used by one thread at a time."},
+    {Py_tp_new, blocking_new},
+    {Py_tp_dealloc, blocking_dealloc},
+    {Py_tp_repr, blocking_repr},
+    {Py_tp_methods, blocking_methods},
+    {Py_tp_getset, blocking_getset},
+    {Py_tp_members, blocking_members},
+    {0, NULL},
+};
+
+static PyType_Spec blocking_spec = {
+    .name = "kelpie.BlockingSocket",
+    .basicsize = sizeof(kp_blocking),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = blocking_slots,
+};
+
+int kp_blocking_init(PyObject *module, kp_state *st)
+{
+    st->blocking_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &blocking_spec, NULL);
+    if (st->blocking_type == NULL) {
+        return -1;
+    }
+    return PyModule_AddType(module, st->blocking_type);
+}

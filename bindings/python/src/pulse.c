@@ -1,0 +1,682 @@
+/*
+ * pulse.c: kelpie.Pulse, a worker's sign of life that a blocked loop cannot
+ * silence.
+ *
+ * The broker declares a worker lost when it hears nothing from it for
+ * liveness x heartbeat_ms (protocol.md section 7.2). A worker that sends its
+ * HEARTBEATs from its asyncio loop goes silent whenever a handler blocks the
+ * loop, and is declared lost although it is alive. A Pulse sends them from a
+ * small C thread instead, on the worker's own socket, and never takes the
+ * GIL: a loop blocked by time.sleep() or by a C extension holding the GIL
+ * does not stop it, while a dead process (its connection closes) and a
+ * frozen one (SIGSTOP stops this thread too) still fall silent.
+ *
+ * The same thread watches the loop: the worker calls tick() from the loop
+ * every fraction of a second, and when no tick came for stall_threshold the
+ * thread declares the loop stalled, counts it, sends the worker's pre-encoded
+ * STATUS(STALLED) message so the broker sends no new work, and writes one
+ * line to stderr. The next tick() returns how long the stall lasted.
+ *
+ * Sharing the socket with the loop thread: libzmq sockets may be used from
+ * several threads if every use is separated by a full memory barrier. While
+ * the thread runs, sock->shared is 1 and every libzmq call the extension
+ * makes on the socket is made under sock->lock (kp_socket_lock). The thread
+ * never sends into the middle of a multipart message (sock->sndmore), and
+ * after each send it writes `efd`, registered with the socket's loop, so the
+ * loop re-reads ZMQ_EVENTS: the thread's zmq_send may have processed the
+ * command that made ZMQ_FD readable (the edge-triggered trap of
+ * docs/binding.md section 4), and without the nudge a waiting recv could
+ * sleep on a message that is already there.
+ *
+ * Locks: `mu` guards the pulse's own state and is held across the thread's
+ * sends (so a tick() that ends a stall is ordered after the STALLED message
+ * it cancels); the thread takes mu, then sock->lock, never the GIL. Threads
+ * holding the GIL take either mutex with kp_mutex_lock, which never blocks
+ * on a mutex while holding the GIL.
+ */
+#include "kp.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <structmember.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pythread.h"
+
+typedef struct pulse_obj {
+    kp_pulse pub;            /* ob_base, sock, efd, watched (kp.h) */
+    pthread_t thread;        /* valid while `started` */
+    int started;             /* 1 from pthread_create until joined */
+    pid_t pid;               /* the process that started the thread */
+    pthread_mutex_t mu;      /* guards everything below */
+    pthread_cond_t cv;       /* signalled by stop() */
+    int stop;                /* ask the thread to exit */
+    char *beat;              /* the heartbeat message (PyMem_Raw) */
+    size_t beat_len;         /* its length */
+    char *stall_msg;         /* the STALLED message, or NULL (PyMem_Raw) */
+    size_t stall_len;        /* its length */
+    double interval;         /* seconds between heartbeats */
+    double threshold;        /* seconds without tick() that make a stall; 0 = off */
+    int64_t interval_ns;     /* the same in nanoseconds */
+    int64_t threshold_ns;    /* the same in nanoseconds */
+    int64_t last_tick;       /* monotonic ns of the last tick() (or creation) */
+    int stalled;             /* the thread declared a stall tick() has not ended */
+    int stall_pending;       /* the STALLED message is still to be sent */
+    long long stalls;        /* stalls declared */
+    long long sent;          /* heartbeats sent */
+    int error;               /* zmq errno that ended the thread (ETERM), or 0 */
+    PyObject *heartbeat_obj; /* the bytes given, for the attribute */
+    PyObject *weakrefs;
+} pulse_obj;
+
+static int64_t pulse_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* ---- the thread (no GIL, no Python API) ----------------------------------- */
+
+/* Sends one single-frame message without blocking. Called with mu held.
+ * Returns 0 if sent, 1 if skipped (a multipart message is half sent, or
+ * EAGAIN: the peer's queue is full or there is no peer yet), or a zmq errno. */
+static int pulse_send(pulse_obj *p, const char *buf, size_t len)
+{
+    kp_socket *sock = p->pub.sock;
+    int rc = 1;
+    pthread_mutex_lock(&sock->lock);
+    if (!sock->sndmore) {
+        if (zmq_send(sock->handle, buf, len, ZMQ_DONTWAIT) >= 0) {
+            rc = 0;
+        } else if (zmq_errno() != EAGAIN) {
+            rc = zmq_errno();
+        }
+    }
+    pthread_mutex_unlock(&sock->lock);
+    return rc;
+}
+
+/* One write(2), so the line is not interleaved with other output. */
+static void pulse_log_stall(pulse_obj *p)
+{
+    char line[160];
+    int n = snprintf(line, sizeof(line),
+                     "kelpie: event loop stalled for more than %.1fs (pid %ld); Python stack "
+                     "follows\n",
+                     p->threshold, (long)getpid());
+    if (n > 0) {
+        ssize_t w = write(STDERR_FILENO, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line));
+        (void)w; /* nowhere to report a failed log write */
+    }
+}
+
+static void *pulse_main(void *arg)
+{
+    pulse_obj *p = arg;
+    pthread_mutex_lock(&p->mu);
+    /* Stalls are checked four times per threshold, so one is noticed at
+     * most threshold/4 late; a skipped heartbeat is retried as often. */
+    int64_t check_ns = p->interval_ns;
+    if (p->threshold_ns > 0 && p->threshold_ns < check_ns) {
+        check_ns = p->threshold_ns;
+    }
+    check_ns /= 4;
+    if (check_ns < 25000) {
+        check_ns = 25000;
+    }
+    int64_t start = pulse_now();
+    int64_t next_beat = start + p->interval_ns;
+    int64_t next_check = start + check_ns;
+    while (!p->stop) {
+        int64_t now = pulse_now();
+        int64_t wake = next_beat;
+        if (p->threshold_ns > 0 && next_check < wake) {
+            wake = next_check;
+        }
+        if (wake > now) {
+            struct timespec ts = {.tv_sec = (time_t)(wake / 1000000000),
+                                  .tv_nsec = (long)(wake % 1000000000)};
+            pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+            continue; /* re-read the clock and the stop flag */
+        }
+        int sent_any = 0;
+        int log_stall = 0;
+        if (p->threshold_ns > 0 && now >= next_check) {
+            next_check = now + check_ns;
+            if (!p->stalled && now - p->last_tick > p->threshold_ns) {
+                p->stalled = 1;
+                p->stalls++;
+                p->stall_pending = p->stall_msg != NULL;
+                log_stall = 1;
+            }
+        }
+        if (p->stall_pending) {
+            int rc = pulse_send(p, p->stall_msg, p->stall_len);
+            if (rc == 0) {
+                p->stall_pending = 0;
+                sent_any = 1;
+            } else if (rc != 1) {
+                p->error = rc;
+                break;
+            }
+        }
+        if (now >= next_beat) {
+            int rc = pulse_send(p, p->beat, p->beat_len);
+            if (rc == 0) {
+                p->sent++;
+                sent_any = 1;
+                /* After a long pause (SIGSTOP, a suspended VM) the rhythm
+                 * restarts from now instead of sending missed beats in a
+                 * burst. */
+                next_beat += p->interval_ns;
+                if (next_beat <= now) {
+                    next_beat = now + p->interval_ns;
+                }
+            } else if (rc == 1) {
+                next_beat = now + check_ns; /* skipped: retry soon */
+            } else {
+                p->error = rc;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&p->mu);
+        if (sent_any) {
+            uint64_t one = 1;
+            /* Fails only when the counter would overflow (2^64 unread
+             * nudges); the loop has plenty of pending wake-ups then. */
+            ssize_t w = write(p->pub.efd, &one, sizeof(one));
+            (void)w;
+        }
+        if (log_stall) {
+            pulse_log_stall(p);
+        }
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
+/* ---- life cycle (GIL held) ------------------------------------------------ */
+
+/* Stops and joins the thread; idempotent. The thread holds mu only across
+ * a non-blocking send and never waits for the GIL, so joining with the GIL
+ * held is safe and short. In a forked child there is no thread to join
+ * (fork copies only the calling thread): the Pulse is simply dead there. */
+static void pulse_stop_thread(pulse_obj *p)
+{
+    if (!p->started) {
+        return;
+    }
+    p->started = 0;
+    if (p->pid == getpid()) {
+        kp_mutex_lock(&p->mu);
+        p->stop = 1;
+        pthread_cond_signal(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+        pthread_join(p->thread, NULL);
+    }
+    /* No other user of the handle is left: plain sockets again. No Python
+     * thread is inside a socket's critical section now (those run with
+     * the GIL held throughout, and we hold it). */
+    if (p->pub.sock != NULL) {
+        p->pub.sock->shared = 0;
+    }
+}
+
+int kp_pulse_watch(kp_pulse *pub)
+{
+    pulse_obj *p = (pulse_obj *)pub;
+    kp_socket *sock = pub->sock;
+    if (pub->watched || !p->started || sock == NULL || sock->loop == NULL) {
+        return 0;
+    }
+    PyObject *fd = PyLong_FromLong(pub->efd);
+    PyObject *cb = PyObject_GetAttr((PyObject *)p, sock->st->str_on_nudge);
+    PyObject *r = NULL;
+    if (fd != NULL && cb != NULL) {
+        PyObject *args[] = {sock->loop, fd, cb};
+        r = PyObject_VectorcallMethod(sock->st->str_add_reader, args,
+                                      3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(fd);
+    Py_XDECREF(cb);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    pub->watched = 1;
+    return 0;
+}
+
+int kp_pulse_unwatch(kp_pulse *pub)
+{
+    kp_socket *sock = pub->sock;
+    if (!pub->watched || sock == NULL || sock->loop == NULL) {
+        pub->watched = 0;
+        return 0;
+    }
+    pub->watched = 0;
+    PyObject *fd = PyLong_FromLong(pub->efd);
+    PyObject *r = NULL;
+    if (fd != NULL) {
+        PyObject *args[] = {sock->loop, fd};
+        r = PyObject_VectorcallMethod(sock->st->str_remove_reader, args,
+                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(fd);
+    }
+    if (r == NULL) {
+        /* A closed loop has dropped its registrations already. */
+        PyObject *closed = PyObject_CallMethodNoArgs(sock->loop, sock->st->str_is_closed);
+        int is_closed = closed != NULL && PyObject_IsTrue(closed) > 0;
+        Py_XDECREF(closed);
+        if (is_closed) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "kelpie.Pulse: cannot remove the nudge reader");
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* Unlinks the pulse from its socket (thread already stopped) and returns
+ * the reference the pulse held, for the caller to drop. */
+static kp_socket *pulse_unlink(pulse_obj *p)
+{
+    kp_socket *sock = p->pub.sock;
+    if (sock == NULL) {
+        return NULL;
+    }
+    sock->shared = 0;
+    if (sock->pulse == &p->pub) {
+        sock->pulse = NULL;
+    }
+    p->pub.sock = NULL;
+    p->pub.watched = 0;
+    return sock;
+}
+
+int kp_pulse_detach(kp_socket *sock)
+{
+    pulse_obj *p = (pulse_obj *)sock->pulse;
+    Py_INCREF(p);
+    pulse_stop_thread(p);
+    int rc = kp_pulse_unwatch(&p->pub);
+    kp_socket *held = pulse_unlink(p);
+    Py_DECREF(p);
+    Py_XDECREF(held); /* the caller holds its own reference */
+    return rc;
+}
+
+static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"socket",        "heartbeat",       "interval",
+                             "stall_message", "stall_threshold", NULL};
+    kp_state *st = kp_state_from_type(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    PyObject *sock_obj, *stall_obj = Py_None, *threshold_obj = NULL;
+    Py_buffer beat = {0};
+    double interval;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!y*d|$OO:Pulse", kwlist, st->socket_type,
+                                     &sock_obj, &beat, &interval, &stall_obj, &threshold_obj)) {
+        return NULL;
+    }
+    kp_socket *sock = (kp_socket *)sock_obj;
+    double threshold = 1.0;
+    Py_buffer stall = {0};
+    int have_stall = 0;
+    pulse_obj *p = NULL;
+    if (threshold_obj == Py_None) {
+        threshold = 0.0;
+    } else if (threshold_obj != NULL) {
+        threshold = PyFloat_AsDouble(threshold_obj);
+        if (threshold == -1.0 && PyErr_Occurred()) {
+            goto fail;
+        }
+        if (!(threshold > 0.0 && threshold < 1e9)) {
+            PyErr_SetString(PyExc_ValueError, "stall_threshold must be a positive number or None");
+            goto fail;
+        }
+    }
+    if (!(interval > 0.0 && interval < 1e9)) {
+        PyErr_SetString(PyExc_ValueError, "interval must be a positive number of seconds");
+        goto fail;
+    }
+    if (stall_obj != Py_None) {
+        if (PyObject_GetBuffer(stall_obj, &stall, PyBUF_SIMPLE) < 0) {
+            goto fail;
+        }
+        have_stall = 1;
+    }
+    if (kp_socket_check_thread(sock) < 0) {
+        goto fail;
+    }
+    if (sock->pulse != NULL) {
+        if (((pulse_obj *)sock->pulse)->started) {
+            PyErr_SetString(PyExc_RuntimeError, "the socket already has a running Pulse");
+            goto fail;
+        }
+        /* A stopped Pulse gives its place to the new one. */
+        if (kp_pulse_detach(sock) < 0) {
+            goto fail;
+        }
+    }
+
+    p = (pulse_obj *)type->tp_alloc(type, 0);
+    if (p == NULL) {
+        goto fail;
+    }
+    p->pub.efd = -1;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    p->interval = interval;
+    p->threshold = threshold;
+    p->interval_ns = (int64_t)(interval * 1e9);
+    p->threshold_ns = (int64_t)(threshold * 1e9);
+    if (p->interval_ns < 100000) {
+        p->interval_ns = 100000; /* 0.1 ms: a floor that keeps the thread sane */
+    }
+    p->beat_len = (size_t)beat.len;
+    p->beat = PyMem_RawMalloc(p->beat_len > 0 ? p->beat_len : 1);
+    if (p->beat == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    memcpy(p->beat, beat.buf, p->beat_len);
+    p->heartbeat_obj = PyBytes_FromStringAndSize(beat.buf, beat.len);
+    if (p->heartbeat_obj == NULL) {
+        goto fail;
+    }
+    if (have_stall) {
+        p->stall_len = (size_t)stall.len;
+        p->stall_msg = PyMem_RawMalloc(p->stall_len > 0 ? p->stall_len : 1);
+        if (p->stall_msg == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        memcpy(p->stall_msg, stall.buf, p->stall_len);
+    }
+    p->pub.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (p->pub.efd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    p->last_tick = pulse_now();
+    p->pid = getpid();
+
+    /* Attach, then start: `shared` is set before the thread exists. */
+    p->pub.sock = (kp_socket *)Py_NewRef(sock);
+    sock->pulse = &p->pub;
+    sock->shared = 1;
+    /* Every signal blocked in the thread, so the kernel delivers them to
+     * threads that run Python (CPython handles signals in the main thread;
+     * a pulse thread interrupted by EINTR would gain nothing). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = pthread_create(&p->thread, NULL, pulse_main, p);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        Py_XDECREF(pulse_unlink(p));
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    p->started = 1;
+    /* If the socket already watches its FD, the nudge must be watched now;
+     * otherwise kp_socket_watch registers it with the socket's reader. */
+    if (sock->reader && kp_pulse_watch(&p->pub) < 0) {
+        pulse_stop_thread(p);
+        Py_XDECREF(pulse_unlink(p));
+        goto fail;
+    }
+    PyBuffer_Release(&beat);
+    if (have_stall) {
+        PyBuffer_Release(&stall);
+    }
+    return (PyObject *)p;
+
+fail:
+    PyBuffer_Release(&beat);
+    if (have_stall) {
+        PyBuffer_Release(&stall);
+    }
+    Py_XDECREF(p);
+    return NULL;
+}
+
+static int pulse_traverse(pulse_obj *p, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(p));
+    Py_VISIT(p->pub.sock);
+    return 0;
+}
+
+static int pulse_clear(pulse_obj *p)
+{
+    pulse_stop_thread(p);
+    kp_socket *sock = pulse_unlink(p);
+    Py_XDECREF(sock);
+    return 0;
+}
+
+static void pulse_dealloc(pulse_obj *p)
+{
+    PyTypeObject *tp = Py_TYPE(p);
+    PyObject_GC_UnTrack(p);
+    if (p->weakrefs != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)p);
+    }
+    /* Registered with a loop, the nudge callback would hold us: so no
+     * reader is left, only (possibly) a thread. */
+    pulse_stop_thread(p);
+    Py_XDECREF(pulse_unlink(p));
+    if (p->pub.efd >= 0) {
+        close(p->pub.efd);
+    }
+    PyMem_RawFree(p->beat);
+    PyMem_RawFree(p->stall_msg);
+    Py_CLEAR(p->heartbeat_obj);
+    pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->mu);
+    tp->tp_free((PyObject *)p);
+    Py_DECREF(tp);
+}
+
+/* ---- Python methods --------------------------------------------------------- */
+
+static PyObject *pulse_tick(pulse_obj *p, PyObject *unused)
+{
+    int64_t now = pulse_now();
+    kp_mutex_lock(&p->mu);
+    int64_t prev = p->last_tick;
+    int was_stalled = p->stalled;
+    p->last_tick = now;
+    p->stalled = 0;
+    /* A STALLED message not sent yet must not follow the worker's resume. */
+    p->stall_pending = 0;
+    pthread_mutex_unlock(&p->mu);
+    if (was_stalled) {
+        return PyFloat_FromDouble((double)(now - prev) / 1e9);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pulse_stop(pulse_obj *p, PyObject *unused)
+{
+    pulse_stop_thread(p);
+    /* The nudge reader can only be removed from the loop's own thread;
+     * from elsewhere it stays until the socket closes (a nudge never
+     * comes again, and a stray one only re-reads ZMQ_EVENTS). */
+    kp_socket *sock = p->pub.sock;
+    if (sock != NULL && p->pub.watched && sock->thread == PyThread_get_thread_ident() &&
+        kp_pulse_unwatch(&p->pub) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* The loop's reader for efd: clear the eventfd, then do what the socket's
+ * own reader does (read ZMQ_EVENTS, wake the first ready waiters). */
+static PyObject *pulse_on_nudge(pulse_obj *p, PyObject *unused)
+{
+    uint64_t count;
+    ssize_t n = read(p->pub.efd, &count, sizeof(count));
+    (void)n; /* EAGAIN: nothing new since the last nudge */
+    kp_socket *sock = p->pub.sock;
+    if (sock != NULL && sock->handle != NULL && sock->thread == PyThread_get_thread_ident() &&
+        kp_socket_on_events(sock) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *pulse_enter(PyObject *self, PyObject *unused)
+{
+    return Py_NewRef(self);
+}
+
+static PyObject *pulse_exit(pulse_obj *p, PyObject *args)
+{
+    return pulse_stop(p, NULL);
+}
+
+static long long pulse_read(pulse_obj *p, const long long *field)
+{
+    kp_mutex_lock(&p->mu);
+    long long v = *field;
+    pthread_mutex_unlock(&p->mu);
+    return v;
+}
+
+static PyObject *pulse_get_stalls(pulse_obj *p, void *closure)
+{
+    return PyLong_FromLongLong(pulse_read(p, &p->stalls));
+}
+
+static PyObject *pulse_get_sent(pulse_obj *p, void *closure)
+{
+    return PyLong_FromLongLong(pulse_read(p, &p->sent));
+}
+
+static PyObject *pulse_get_stalled(pulse_obj *p, void *closure)
+{
+    kp_mutex_lock(&p->mu);
+    int v = p->stalled;
+    pthread_mutex_unlock(&p->mu);
+    return PyBool_FromLong(v);
+}
+
+static PyObject *pulse_get_running(pulse_obj *p, void *closure)
+{
+    kp_mutex_lock(&p->mu);
+    int v = p->started && p->error == 0 && p->pid == getpid();
+    pthread_mutex_unlock(&p->mu);
+    return PyBool_FromLong(v);
+}
+
+static PyObject *pulse_get_interval(pulse_obj *p, void *closure)
+{
+    return PyFloat_FromDouble(p->interval);
+}
+
+static PyObject *pulse_get_threshold(pulse_obj *p, void *closure)
+{
+    if (p->threshold_ns == 0) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(p->threshold);
+}
+
+static PyObject *pulse_get_socket(pulse_obj *p, void *closure)
+{
+    return Py_NewRef(p->pub.sock != NULL ? (PyObject *)p->pub.sock : Py_None);
+}
+
+static PyObject *pulse_get_heartbeat(pulse_obj *p, void *closure)
+{
+    return Py_NewRef(p->heartbeat_obj);
+}
+
+static PyObject *pulse_repr(pulse_obj *p)
+{
+    return PyUnicode_FromFormat("<kelpie.Pulse interval=%dms%s>", (int)(p->interval * 1000),
+                                p->started ? "" : " stopped");
+}
+
+static PyMethodDef pulse_methods[] = {
+    {"tick", (PyCFunction)pulse_tick, METH_NOARGS,
+     "tick() -> float | None\n\nRecord that the loop ran. Returns how long the stall that just "
+     "ended lasted (seconds) if the thread declared one since the last tick, else None."},
+    {"stop", (PyCFunction)pulse_stop, METH_NOARGS,
+     "stop()\n\nStop and join the thread; idempotent. Socket.close() does it first."},
+    {"_on_nudge", (PyCFunction)pulse_on_nudge, METH_NOARGS,
+     "The loop's reader for the nudge eventfd: re-reads the socket's ZMQ_EVENTS."},
+    {"__enter__", pulse_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)pulse_exit, METH_VARARGS, "stop() on leaving the block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pulse_getset[] = {
+    {"stalls", (getter)pulse_get_stalls, NULL, "Loop stalls declared so far.", NULL},
+    {"stalled", (getter)pulse_get_stalled, NULL,
+     "True while a declared stall has not been ended by tick().", NULL},
+    {"sent", (getter)pulse_get_sent, NULL, "Heartbeats sent so far.", NULL},
+    {"running", (getter)pulse_get_running, NULL, "True while the thread runs.", NULL},
+    {"interval", (getter)pulse_get_interval, NULL, "Seconds between heartbeats.", NULL},
+    {"stall_threshold", (getter)pulse_get_threshold, NULL,
+     "Seconds without tick() that make a stall (None: no stall detection).", NULL},
+    {"socket", (getter)pulse_get_socket, NULL, "The socket, or None once it was closed.", NULL},
+    {"heartbeat", (getter)pulse_get_heartbeat, NULL, "The heartbeat message.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef pulse_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(pulse_obj, weakrefs), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot pulse_slots[] = {
+    {Py_tp_doc, "Pulse(socket, heartbeat, interval, *, stall_message=None, stall_threshold=1.0)\n"
+                "--\n\nSends `heartbeat` on `socket` every `interval` seconds from a C thread "
+                "that never takes the GIL, and detects loop stalls (see tick())."},
+    {Py_tp_new, pulse_new},
+    {Py_tp_dealloc, pulse_dealloc},
+    {Py_tp_traverse, pulse_traverse},
+    {Py_tp_clear, pulse_clear},
+    {Py_tp_repr, pulse_repr},
+    {Py_tp_methods, pulse_methods},
+    {Py_tp_getset, pulse_getset},
+    {Py_tp_members, pulse_members},
+    {0, NULL},
+};
+
+static PyType_Spec pulse_spec = {
+    .name = "kelpie.Pulse",
+    .basicsize = sizeof(pulse_obj),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = pulse_slots,
+};
+
+int kp_pulse_init(PyObject *module, kp_state *st)
+{
+    st->pulse_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &pulse_spec, NULL);
+    if (st->pulse_type == NULL) {
+        return -1;
+    }
+    return PyModule_AddType(module, st->pulse_type);
+}
