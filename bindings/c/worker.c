@@ -86,6 +86,7 @@ struct kelpie_worker {
     kelpie_call *parked_tail;
     int pumping;         /* >0 while a handler pumps the socket */
     bool pending_notify; /* some held call has notify set */
+    int64_t now;         /* kp_now_ms(), read once per batch of messages */
     int64_t last_sent;   /* when we last sent anything */
     int64_t last_heard;  /* when the broker last sent anything */
     int64_t last_ready;  /* when READY was last sent */
@@ -108,7 +109,7 @@ static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const 
         return KELPIE_UNAVAILABLE;
     kelpie_status rc = kp_wire_send(w->sock, h, payload, len, ZMQ_DONTWAIT);
     if (rc == KELPIE_OK)
-        w->last_sent = kp_now_ms();
+        w->last_sent = w->now;
     return rc;
 }
 
@@ -136,7 +137,7 @@ static void worker_send_ready(kelpie_worker *w)
     hdr.heartbeat_ms = w->heartbeat_ms;
     hdr.name = w->name;
     worker_send(w, &hdr, NULL, 0);
-    w->last_ready = kp_now_ms();
+    w->last_ready = w->now;
     free(services);
 }
 
@@ -241,6 +242,9 @@ static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *pay
         return;
     }
     h->fn(call, payload, len, h->arg);
+    /* A handler may have run for a while: later messages of the batch must
+     * not be stamped with the time from before it. */
+    w->now = kp_now_ms();
 }
 
 /* Makes a call from a REQUEST, taking over its header and the spare call
@@ -260,7 +264,7 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kp_msg *m)
     m->header = NULL;
     call->id = h->request_id;
     call->epoch = w->epoch;
-    call->deadline = h->timeout_ms ? kp_now_ms() + (int64_t)h->timeout_ms : 0;
+    call->deadline = h->timeout_ms ? w->now + (int64_t)h->timeout_ms : 0;
     call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
     return call;
 }
@@ -272,7 +276,7 @@ static void worker_handle(kelpie_worker *w, kp_msg *m)
     Kelpie__V1__Header *h = m->header;
     if (!h || h->version != KP_VERSION)
         return; /* a broker never sends this; nothing useful to answer */
-    w->last_heard = kp_now_ms();
+    w->last_heard = w->now;
     switch (h->kind) {
     case KELPIE__V1__KIND__REQUEST: {
         kelpie_call *call = worker_new_call(w, m);
@@ -376,7 +380,7 @@ static kelpie_status worker_connect(kelpie_worker *w)
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
-    w->last_heard = kp_now_ms();
+    w->now = w->last_heard = kp_now_ms();
     worker_send_ready(w);
     return KELPIE_OK;
 }
@@ -420,8 +424,9 @@ static void worker_pump(kelpie_worker *w, long wait_ms)
         long next = worker_next_timeout(w, kp_now_ms(), 0);
         worker_poll(w, next < wait_ms ? next : wait_ms);
     }
+    w->now = kp_now_ms();
     worker_read(w);
-    worker_timers(w, kp_now_ms());
+    worker_timers(w, w->now);
     w->pumping--;
 }
 
@@ -451,15 +456,17 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         /* 2. cancel callbacks deferred during handlers */
         worker_flush_cancels(w);
         /* 3. timers: tick, heartbeat, liveness */
-        int64_t now = kp_now_ms();
+        int64_t now = w->now = kp_now_ms();
         if (w->tick_ms && now >= w->next_tick) {
             w->next_tick = now + w->tick_ms;
             w->tick_fn(w, w->tick_arg);
             worker_flush_cancels(w);
+            now = w->now = kp_now_ms();
         }
-        worker_timers(w, kp_now_ms());
-        /* 4. wait, then handle what arrived */
-        worker_poll(w, worker_next_timeout(w, kp_now_ms(), 1));
+        worker_timers(w, now);
+        /* 4. wait, then handle what arrived (one clock read per batch) */
+        worker_poll(w, worker_next_timeout(w, now, 1));
+        w->now = kp_now_ms();
         worker_read(w);
     }
     worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
