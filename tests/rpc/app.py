@@ -9,6 +9,7 @@ when they start, ``<tag>.<outcome>`` when they end (``done``, ``cancelled``,
 
 import asyncio
 import os
+import time
 
 import kelpie
 
@@ -43,6 +44,13 @@ async def meta(payload, ctx):
     md["idempotent"] = b"1" if ctx.idempotent else b"0"
     ctx.set_trailing_metadata(md)
     return payload
+
+
+@worker.handler("echo", "Block")
+async def block(payload, ctx):
+    """Block the whole event loop (a handler doing blocking work by mistake)."""
+    time.sleep(float(payload))
+    return b"unblocked"
 
 
 @worker.handler("echo", "Inflight")

@@ -166,3 +166,26 @@ def test_client_notices_a_dead_broker(broker, procs, loop):
             assert time.monotonic() - t0 < 3.0
             assert client.outstanding == 0
     run(main(), loop, timeout=20)
+
+
+def test_worker_with_a_blocked_loop_comes_back(broker, procs):
+    procs.worker(broker, child=True)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            # The loop blocks for 5 heartbeats: the broker gives the worker up
+            # (the call fails UNAVAILABLE, or succeeds if the reply wins)...
+            try:
+                assert await client.call("echo", "Block", b"1.0", timeout=5) == b"unblocked"
+            except kelpie.Unavailable:
+                pass
+            # ...and once unblocked the worker registers again by itself.
+            t0 = time.monotonic()
+            while True:
+                try:
+                    assert await client.call("echo", "Echo", b"back", timeout=0.5) == b"back"
+                    break
+                except (kelpie.DeadlineExceeded, kelpie.NotFound, kelpie.Unavailable):
+                    assert time.monotonic() - t0 < 5, "worker did not come back"
+    run(main(), timeout=30)

@@ -188,7 +188,7 @@ def _as_bytes(value, what):
 class _Session:
     """One registration with the broker: a socket and what runs on it."""
 
-    __slots__ = ("sock", "calls", "ending", "last_recv", "last_send", "reader")
+    __slots__ = ("sock", "calls", "ending", "last_recv", "last_send", "last_ready", "reader")
 
     def __init__(self, sock, now):
         self.sock = sock
@@ -197,6 +197,7 @@ class _Session:
         self.last_recv = now
         self.last_send = now
         self.reader = None
+        self.last_ready = 0.0
 
 
 class Worker:
@@ -353,6 +354,7 @@ class Worker:
         return session
 
     def _send_ready(self, session, credits):
+        session.last_ready = self._loop.time()
         header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name)
         self._spawn(self._send(session, header))
 
@@ -475,10 +477,15 @@ class Worker:
                 session.ending = True
                 return
             elif kind == _wire.ERROR:
-                if header.code == StatusCode.FAILED_PRECONDITION and header.request_id == 0:
-                    # The broker does not know us (it restarted): register again.
-                    log.info("broker does not know this worker: registering again")
-                    self._send_ready(session, 0 if self._stopping else self.concurrency)
+                if header.code == StatusCode.FAILED_PRECONDITION:
+                    # The broker does not know us (it restarted, or gave us up
+                    # while our loop was blocked): register again. It answers
+                    # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
+                    # its id); at most once per 0.2 s, so a broker refusing
+                    # our READY too (another protocol version) is not flooded.
+                    if loop.time() - session.last_ready >= 0.2:
+                        log.info("broker: %s; registering again", header.message)
+                        self._send_ready(session, 0 if self._stopping else self.concurrency)
                 else:
                     log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
                                 header.message)
