@@ -25,11 +25,13 @@ DEADLINE_EXCEEDED; an exception answers INTERNAL with its text; a
 
 Liveness: the worker sends HEARTBEAT when it has sent nothing for a
 heartbeat interval, and counts any message from the broker as a sign of life.
-If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, or
-says it does not know this worker (ERROR FAILED_PRECONDITION), the session
-ends: running calls are cancelled (the broker has already answered or
+If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, the
+session ends: running calls are cancelled (the broker has already answered or
 re-dispatched them), the socket is closed and a new one registers again
-(with a new routing identity), backing off up to 1 s between attempts.
+(with a new routing identity), backing off up to 1 s between attempts. If the
+broker says it does not know this worker (ERROR FAILED_PRECONDITION: it
+restarted and the socket reconnected by itself, or it gave the worker up
+while a handler blocked the loop), the worker sends READY again at once.
 
 Streaming handlers are async generators. Flow control is end to end
 (protocol.md §5.3): the generator is advanced only while the reader's window
