@@ -630,9 +630,11 @@ static void broker_release_frames(struct kp_broker *b)
     b->nframes = 0;
 }
 
-static void broker_read(struct kp_broker *b, void *sock, void (*handler)(struct kp_broker *))
+/* Handles up to KP_READ_BUDGET messages from sock; returns how many. */
+static int broker_read(struct kp_broker *b, void *sock, void (*handler)(struct kp_broker *))
 {
-    for (int i = 0; i < KP_READ_BUDGET && b->state != KP_BROKER_STOPPED; i++) {
+    int i;
+    for (i = 0; i < KP_READ_BUDGET && b->state != KP_BROKER_STOPPED; i++) {
         if (!broker_recv(b, sock))
             break;
         kp_arena_reset(&b->arena);
@@ -640,6 +642,7 @@ static void broker_read(struct kp_broker *b, void *sock, void (*handler)(struct 
         broker_release_frames(b);
     }
     kp_arena_reset(&b->arena);
+    return i;
 }
 
 static void broker_expire(struct kp_broker *b)
@@ -808,7 +811,8 @@ enum kp_err kp_broker_run(struct kp_broker *b)
             return KP_ESYS;
         }
         b->now = (uint64_t)zclock_mono();
-        broker_on_stop_requests(b);
+        if (items[3].revents & ZMQ_POLLIN)
+            broker_on_stop_requests(b);
         broker_read(b, b->backend, kp_backend_on_message);
         broker_read(b, b->frontend, kp_frontend_on_message);
         broker_read(b, b->intake, kp_intake_on_message);
