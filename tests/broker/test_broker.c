@@ -108,6 +108,10 @@ static void tb_join(void)
 static void tb_teardown(void)
 {
     tb_join();
+    if (tb.broker) {
+        const char *why = kp_broker_check(tb.broker);
+        cr_assert_null(why, "broker invariant broken at the end: %s", why);
+    }
     for (int i = 0; i < tb.nsockets; i++) {
         int zero = 0;
         zmq_setsockopt(tb.sockets[i], ZMQ_LINGER, &zero, sizeof zero);
