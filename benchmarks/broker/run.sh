@@ -100,7 +100,9 @@ measured() { # hop_pid worker_pid mode endpoint size depth
     h1=$(ticks "$1"); w1=$(ticks "$2")
     cpu=$(field "$line" cpu_us); all=$(field "$line" all)
     if [ -n "$cpu" ] && [ -n "$all" ] && [ "$all" != 0 ]; then
-        line="$line cpu_req_us=$($PY -c "print(f'{($cpu + ($h1 - $h0 + $w1 - $w0) * 1e6 / $HZ) / $all:.2f}')")"
+        line="$line $($PY -c "
+c, h, w, n = $cpu, ($h1 - $h0) * 1e6 / $HZ, ($w1 - $w0) * 1e6 / $HZ, $all
+print(f'cpu_req_us={(c + h + w) / n:.2f} cpu_client={c / n:.2f} cpu_hop={h / n:.2f} cpu_server={w / n:.2f}')")"
     fi
     echo "$line"
 }
@@ -137,6 +139,7 @@ LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "kelpie broker benchmark: ${SECS}s per case x $REPS, load average $LOAD_BEFORE, $(nproc) cores"
 ROWS=()
 RUNS=()
+SPLIT=()
 printf '%-6s %-6s | %12s %9s %9s | %12s %9s %9s | %6s | %13s\n' size depth \
     "kelpie req/s" "p50 us" "p99 us" "bare req/s" "p50 us" "p99 us" ratio "CPU us/req k b"
 # Each case runs REPS times, Kelpie and bare interleaved so that a burst of
@@ -146,14 +149,16 @@ median() { # numbers...
 }
 for size in 64 1024; do
     for depth in 1 100; do
-        KR=(); K50=(); K99=(); BR=(); B50=(); B99=(); KC=(); BC=()
+        KR=(); K50=(); K99=(); BR=(); B50=(); B99=(); KC=(); BC=(); KS=(); BS=()
         for _ in $(seq "$REPS"); do
             retry kelpie_case $size $depth
             KR+=("$(field "$RESULT" rps)"); K50+=("$(field "$RESULT" p50_us)")
             K99+=("$(field "$RESULT" p99_us)"); KC+=("$(field "$RESULT" cpu_req_us)")
+            KS+=("$(field "$RESULT" cpu_client) $(field "$RESULT" cpu_hop) $(field "$RESULT" cpu_server)")
             retry bare_case $size $depth
             BR+=("$(field "$RESULT" rps)"); B50+=("$(field "$RESULT" p50_us)")
             B99+=("$(field "$RESULT" p99_us)"); BC+=("$(field "$RESULT" cpu_req_us)")
+            BS+=("$(field "$RESULT" cpu_client) $(field "$RESULT" cpu_hop) $(field "$RESULT" cpu_server)")
         done
         kr=$(median "${KR[@]}"); k50=$(median "${K50[@]}"); k99=$(median "${K99[@]}")
         br=$(median "${BR[@]}"); b50=$(median "${B50[@]}"); b99=$(median "${B99[@]}")
@@ -164,6 +169,7 @@ for size in 64 1024; do
             "${b99:--}" "$ratio" "${kc:--}" "${bc:--}" "${KR[*]}" "${BR[*]}"
         ROWS+=("$size $depth ${kr:-0} ${k50:-0} ${k99:-0} ${br:-0} ${b50:-0} ${b99:-0} $ratio ${kc:-0} ${bc:-0}")
         RUNS+=("| $size B | $depth | ${KR[*]} | ${BR[*]} |")
+        SPLIT+=("| $size B | $depth | $(printf '%s; ' "${KS[@]}") | $(printf '%s; ' "${BS[@]}") |")
     done
 done
 
@@ -211,6 +217,12 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "| payload | in flight | Kelpie runs | bare runs |"
     echo "|--------:|----------:|------------:|----------:|"
     printf '%s\n' "${RUNS[@]}"
+    echo
+    echo "CPU µs per request by process, each run (client hop server):"
+    echo
+    echo "| payload | in flight | Kelpie: client kelpied worker | bare: client zmq_proxy echo |"
+    echo "|--------:|----------:|------------------------------:|----------------------------:|"
+    printf '%s\n' "${SPLIT[@]}"
     echo
     echo "Connection capacity ($CONNS requested: half idle workers, half idle clients):"
     echo
