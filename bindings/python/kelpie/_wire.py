@@ -195,6 +195,13 @@ def ready(services, credits, heartbeat_ms, name):
     return h.SerializeToString()
 
 
+def status(flags=0):
+    """A STATUS header: ``flags`` STALLED (the loop is stuck) or 0 (running again)."""
+    if flags:
+        return _kind_prefix(STATUS) + b"\x60" + varint(flags)
+    return _kind_prefix(STATUS)
+
+
 def heartbeat(heartbeat_ms=0):
     if heartbeat_ms:
         return HEARTBEAT_FRAME + b"\x70" + varint(heartbeat_ms)

@@ -12,3 +12,4 @@ DEALER = _k.DEALER
 LINGER = _k.LINGER
 SNDHWM = _k.SNDHWM
 RCVHWM = _k.RCVHWM
+Pulse = _k.Pulse

@@ -23,9 +23,14 @@ handler's task and answers CANCELLED; a deadline (the REQUEST's
 DEADLINE_EXCEEDED; an exception answers INTERNAL with its text; a
 :class:`kelpie.RpcError` answers its own code and metadata.
 
-Liveness: the worker sends HEARTBEAT when it has sent nothing for a
-heartbeat interval, and counts any message from the broker as a sign of life.
-If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, the
+Liveness: HEARTBEATs go out every heartbeat interval from a C thread
+(``kelpie.Pulse``, docs/binding.md) that never takes the GIL, so a handler
+that blocks the event loop does not make the broker give the worker up. The
+loop ticks the Pulse a few times per ``stall_threshold``; when the ticks stop
+for that long, the thread sends STATUS(STALLED) and the broker sends this
+worker nothing new until the loop runs again and the worker sends STATUS
+without the flag. The worker counts any message from the broker as a sign of
+life. If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, the
 session ends: running calls are cancelled (the broker has already answered or
 re-dispatched them), the socket is closed and a new one registers again
 (with a new routing identity), backing off up to 1 s between attempts. If the
@@ -190,26 +195,28 @@ def _as_bytes(value, what):
 class _Session:
     """One registration with the broker: a socket and what runs on it."""
 
-    __slots__ = ("sock", "calls", "ending", "last_recv", "last_send", "last_ready", "reader")
+    __slots__ = ("sock", "calls", "ending", "last_recv", "last_ready", "reader", "pulse")
 
     def __init__(self, sock, now):
         self.sock = sock
         self.calls = {}
         self.ending = False
         self.last_recv = now
-        self.last_send = now
         self.reader = None
         self.last_ready = 0.0
+        self.pulse = None
 
 
 class Worker:
     """Serves handlers through the broker's backend.
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
-    liveness=3, context=None)``. ``backend`` defaults to
+    liveness=3, stall_threshold=1.0, context=None)``. ``backend`` defaults to
     ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
     credit announced in READY (calls run at once); ``name`` shows in the
-    broker's logs and stats (default ``host:pid``). Register handlers, then
+    broker's logs and stats (default ``host:pid``); ``stall_threshold``
+    (seconds, None: off) is how long the event loop may be blocked before the
+    broker is told to send no new work. Register handlers, then
     ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
     is created before :meth:`run`, so a Worker can be built at import time
     (``kelpie worker module:worker`` imports it in each child process).
@@ -217,7 +224,7 @@ class Worker:
 
     def __init__(self, backend: Optional[str] = None, *, concurrency: int = 64,
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None) -> None:
+                 stall_threshold: Optional[float] = 1.0, context: Any = None) -> None:
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -225,6 +232,7 @@ class Worker:
         self.name = name or f"{_socket.gethostname()}:{os.getpid()}"
         self.heartbeat = float(heartbeat)
         self.liveness = int(liveness)
+        self.stall_threshold = stall_threshold
         self._context = context
         self._handlers = {}
         self._loop = None
@@ -316,7 +324,7 @@ class Worker:
         backoff = 0.0
         try:
             while not self._stopping:
-                session = self._open(context)
+                session = await self._open(context)
                 reader = session.reader = loop.create_task(self._read_loop(session))
                 pulse = loop.create_task(self._pulse_loop(session, reader))
                 registered_at = loop.time()
@@ -343,7 +351,7 @@ class Worker:
                 context.term()
             self._stop_event.set()
 
-    def _open(self, context):
+    async def _open(self, context):
         sock = context.socket(_zmq.DEALER)
         sock.setsockopt(_zmq.LINGER, 0)
         sock.setsockopt(_zmq.SNDHWM, 0)
@@ -351,7 +359,14 @@ class Worker:
         sock.connect(self.backend)
         session = _Session(sock, self._loop.time())
         self._session = session
-        self._send_ready(session, 0 if self._stopping else self.concurrency)
+        # READY goes first (nothing may precede it), then the heartbeat thread.
+        session.last_ready = self._loop.time()
+        await self._send(session, _wire.ready(self.services,
+                                              0 if self._stopping else self.concurrency,
+                                              int(self.heartbeat * 1000), self.name))
+        session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
+                                   self.heartbeat, stall_message=_wire.status(_wire.STALLED),
+                                   stall_threshold=self.stall_threshold)
         log.debug("registered with %s as %s", self.backend, self.name)
         return session
 
@@ -371,6 +386,8 @@ class Worker:
         session.calls.clear()
         if self._session is session:
             self._session = None
+        if session.pulse is not None:
+            session.pulse.stop()  # before the socket it sends on goes away
         # Leaving on purpose: give the DISCONNECT a moment to reach the wire
         # (linger 0 would drop it and the broker would wait out the
         # heartbeats). A lost session has nothing worth flushing.
@@ -423,18 +440,35 @@ class Worker:
     async def _send(self, session, *frames):
         if session.ending and frames[0] is not _wire.DISCONNECT_FRAME:
             return
-        session.last_send = self._loop.time()
         await session.sock.send_multipart(frames)
 
     async def _pulse_loop(self, session, reader):
+        # HEARTBEATs come from session.pulse's C thread, which keeps them going
+        # while a handler blocks this loop; here the loop proves it runs
+        # (tick), and judges the broker's liveness.
         loop = self._loop
         interval = self.heartbeat
-        heartbeat = _wire.heartbeat(int(interval * 1000))
+        pulse = session.pulse
+        period = interval / 2
+        if self.stall_threshold:
+            period = min(period, self.stall_threshold / 4)
+        last = loop.time()
         while True:
-            await asyncio.sleep(interval / 2)
+            await asyncio.sleep(period)
             now = loop.time()
-            if now - session.last_send >= interval:
-                await self._send(session, heartbeat)
+            late, last = now - last - period, now
+            stalled = pulse.tick()
+            if stalled is not None:
+                # The thread told the broker we were stuck (STATUS STALLED);
+                # tell it we run again so that it sends work again.
+                log.warning("event loop blocked for %.2f s (a handler doing blocking work?)",
+                            stalled)
+                await self._send(session, _wire.status(0))
+            if late > interval:
+                # This loop was blocked itself: what the broker sent meanwhile
+                # may still be unread, so last_recv says nothing yet.
+                session.last_recv = now
+                continue
             silent_limit = self.liveness * max(interval, self._broker_heartbeat)
             if now - session.last_recv > silent_limit:
                 log.warning("broker silent for %.1f s: reconnecting", now - session.last_recv)
@@ -534,7 +568,6 @@ class Worker:
             return
         self.served += 1
         # The hot path: _send inlined (the reader runs, so the session is live).
-        session.last_send = self._loop.time()
         await session.sock.send_multipart((_wire.reply(rid, ctx._trailing), body))
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
