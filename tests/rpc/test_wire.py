@@ -45,6 +45,9 @@ def test_answers():
     assert parse(_wire.credit(8, 77)) == H(version=1, kind=_wire.CREDIT, request_id=77,
                                            credits=8)
     assert parse(_wire.heartbeat(250)) == H(version=1, kind=_wire.HEARTBEAT, heartbeat_ms=250)
+    assert parse(_wire.status(_wire.STALLED)) == H(version=1, kind=_wire.STATUS,
+                                                   flags=_wire.STALLED)
+    assert parse(_wire.status()) == H(version=1, kind=_wire.STATUS)
     ready = parse(_wire.ready(["a", "b"], 64, 1000, "host:1"))
     assert (list(ready.services), ready.credits, ready.heartbeat_ms, ready.name) == (
         ["a", "b"], 64, 1000, "host:1")
