@@ -423,6 +423,7 @@ class Worker:
             if tasks:
                 await asyncio.wait(tasks, timeout=1.0)
             if not session.ending:
+                session.pulse.stop()  # no HEARTBEAT after DISCONNECT
                 await self._send(session, _wire.DISCONNECT_FRAME)
                 session.ending = True
                 if session.reader is not None:
