@@ -423,6 +423,19 @@ static PyObject *blocking_disconnect(kp_blocking *self, PyObject *arg)
     return blocking_endpoint(self, arg, zmq_disconnect);
 }
 
+/* close(): idempotent; refused while another thread waits in the socket. */
+static PyObject *blocking_do_close(kp_blocking *self, int linger)
+{
+    if (self->handle == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (blocking_check(self) < 0) {
+        return NULL;
+    }
+    blocking_close_handle(self, linger);
+    Py_RETURN_NONE;
+}
+
 static PyObject *blocking_close(kp_blocking *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"linger", NULL};
@@ -437,14 +450,7 @@ static PyObject *blocking_close(kp_blocking *self, PyObject *args, PyObject *kwd
             return NULL;
         }
     }
-    if (self->handle == NULL) {
-        Py_RETURN_NONE;
-    }
-    if (blocking_check(self) < 0) {
-        return NULL;
-    }
-    blocking_close_handle(self, linger);
-    Py_RETURN_NONE;
+    return blocking_do_close(self, linger);
 }
 
 static PyObject *blocking_setsockopt(kp_blocking *self, PyObject *args)
@@ -477,7 +483,7 @@ static PyObject *blocking_enter(PyObject *self, PyObject *unused)
 
 static PyObject *blocking_exit(kp_blocking *self, PyObject *args)
 {
-    return blocking_close(self, NULL, NULL);
+    return blocking_do_close(self, -2);
 }
 
 static PyObject *blocking_get_closed(kp_blocking *self, void *closure)

@@ -218,6 +218,10 @@ struct kp_socket {
     kp_pulse *pulse;      /* attached Pulse (it holds a strong reference to
                              us), or NULL */
     int shared;           /* 1 while the Pulse's thread may use `handle` */
+    int nudge_fd;         /* eventfd a Pulse thread writes after each send,
+                             made with the first Pulse; -1 before */
+    int nudge_watched;    /* 1 while nudge_fd is registered with `loop` */
+    PyObject *on_nudge;   /* cached bound method _on_nudge, with nudge_fd */
     int sndmore;          /* a message is half sent (last send had SNDMORE);
                              under `lock` when shared */
     pthread_mutex_t lock; /* serialises libzmq calls on `handle` when shared */
@@ -260,8 +264,12 @@ int kp_socket_recheck(kp_socket *sock);
 /* A new pending future of the bound loop (what loop.create_future()
  * returns), or NULL with an exception set. */
 PyObject *kp_socket_new_future(kp_socket *sock);
-/* Makes sure the reader callback is registered with the bound loop. */
+/* Makes sure the reader callback (and the nudge eventfd's, if the socket
+ * has one) is registered with the bound loop. */
 int kp_socket_watch(kp_socket *sock);
+/* Gives the socket its nudge eventfd (for a Pulse), registered with the
+ * loop at once if the socket's reader is. Returns -1 with an exception. */
+int kp_socket_nudge_init(kp_socket *sock);
 /* What the reader callback does: release lent buffers, read ZMQ_EVENTS
  * (even when nobody waits) and wake the first ready waiters. Returns -1
  * with an exception set. A Pulse's nudge runs it too. */
@@ -278,23 +286,11 @@ int kp_option_set(kp_state *st, void *handle, kp_socket *shared, int option, PyO
 
 /* ---- pulse.c ---------------------------------------------------------- */
 
-struct kp_pulse {
-    PyObject ob_base; /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    kp_socket *sock;  /* strong reference; NULL once detached (socket closed) */
-    int efd;          /* eventfd the thread writes after each send (the nudge) */
-    int watched;      /* 1 while efd is registered with sock->loop */
-    /* the rest is private to pulse.c */
-};
-
 int kp_pulse_init(PyObject *module, kp_state *st);
-/* Registers / unregisters the pulse's nudge eventfd with its socket's loop
- * (the socket calls these beside its own add_reader/remove_reader). */
-int kp_pulse_watch(kp_pulse *pulse);
-int kp_pulse_unwatch(kp_pulse *pulse);
-/* Called by Socket.close() before anything else: stops the thread (joins
- * it), removes the nudge reader and drops the pulse's reference to the
- * socket. The caller must hold its own reference to `sock`. */
-int kp_pulse_detach(kp_socket *sock);
+/* Called by Socket.close() before anything else: stops the socket's Pulse
+ * thread (joins it) and drops the pulse's reference to the socket. The
+ * caller must hold its own reference to `sock`. Cannot fail. */
+void kp_pulse_detach(kp_socket *sock);
 
 /* ---- blocking.c ------------------------------------------------------- */
 

@@ -22,11 +22,10 @@
  * the thread runs, sock->shared is 1 and every libzmq call the extension
  * makes on the socket is made under sock->lock (kp_socket_lock). The thread
  * never sends into the middle of a multipart message (sock->sndmore), and
- * after each send it writes `efd`, registered with the socket's loop, so the
- * loop re-reads ZMQ_EVENTS: the thread's zmq_send may have processed the
- * command that made ZMQ_FD readable (the edge-triggered trap of
- * docs/binding.md section 4), and without the nudge a waiting recv could
- * sleep on a message that is already there.
+ * after each send it writes the socket's nudge eventfd, which the loop
+ * watches beside ZMQ_FD, so the loop re-reads ZMQ_EVENTS: the thread's zmq_send may have processed
+ * the command that made ZMQ_FD readable (the edge-triggered trap of docs/binding.md section 4), and
+ * without the nudge a waiting recv could sleep on a message that is already there.
  *
  * Locks: `mu` guards the pulse's own state and is held across the thread's
  * sends (so a tick() that ends a stall is ordered after the STALLED message
@@ -41,14 +40,14 @@
 #include <stdio.h>
 #include <string.h>
 #include <structmember.h>
-#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
-#include "pythread.h"
+typedef struct kp_pulse pulse_obj;
 
-typedef struct pulse_obj {
-    kp_pulse pub;            /* ob_base, sock, efd, watched (kp.h) */
+struct kp_pulse {
+    PyObject ob_base;        /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    kp_socket *sock;         /* strong reference; NULL once detached (socket closed) */
     pthread_t thread;        /* valid while `started` */
     int started;             /* 1 from pthread_create until joined */
     pid_t pid;               /* the process that started the thread */
@@ -71,7 +70,7 @@ typedef struct pulse_obj {
     int error;               /* zmq errno that ended the thread (ETERM), or 0 */
     PyObject *heartbeat_obj; /* the bytes given, for the attribute */
     PyObject *weakrefs;
-} pulse_obj;
+};
 
 static int64_t pulse_now(void)
 {
@@ -87,7 +86,7 @@ static int64_t pulse_now(void)
  * EAGAIN: the peer's queue is full or there is no peer yet), or a zmq errno. */
 static int pulse_send(pulse_obj *p, const char *buf, size_t len)
 {
-    kp_socket *sock = p->pub.sock;
+    kp_socket *sock = p->sock;
     int rc = 1;
     pthread_mutex_lock(&sock->lock);
     if (!sock->sndmore) {
@@ -189,7 +188,7 @@ static void *pulse_main(void *arg)
             uint64_t one = 1;
             /* Fails only when the counter would overflow (2^64 unread
              * nudges); the loop has plenty of pending wake-ups then. */
-            ssize_t w = write(p->pub.efd, &one, sizeof(one));
+            ssize_t w = write(p->sock->nudge_fd, &one, sizeof(one));
             (void)w;
         }
         if (log_stall) {
@@ -223,97 +222,32 @@ static void pulse_stop_thread(pulse_obj *p)
     /* No other user of the handle is left: plain sockets again. No Python
      * thread is inside a socket's critical section now (those run with
      * the GIL held throughout, and we hold it). */
-    if (p->pub.sock != NULL) {
-        p->pub.sock->shared = 0;
+    if (p->sock != NULL) {
+        p->sock->shared = 0;
     }
-}
-
-int kp_pulse_watch(kp_pulse *pub)
-{
-    pulse_obj *p = (pulse_obj *)pub;
-    kp_socket *sock = pub->sock;
-    if (pub->watched || !p->started || sock == NULL || sock->loop == NULL) {
-        return 0;
-    }
-    PyObject *fd = PyLong_FromLong(pub->efd);
-    PyObject *cb = PyObject_GetAttr((PyObject *)p, sock->st->str_on_nudge);
-    PyObject *r = NULL;
-    if (fd != NULL && cb != NULL) {
-        PyObject *args[] = {sock->loop, fd, cb};
-        r = PyObject_VectorcallMethod(sock->st->str_add_reader, args,
-                                      3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    }
-    Py_XDECREF(fd);
-    Py_XDECREF(cb);
-    if (r == NULL) {
-        return -1;
-    }
-    Py_DECREF(r);
-    pub->watched = 1;
-    return 0;
-}
-
-int kp_pulse_unwatch(kp_pulse *pub)
-{
-    kp_socket *sock = pub->sock;
-    if (!pub->watched || sock == NULL || sock->loop == NULL) {
-        pub->watched = 0;
-        return 0;
-    }
-    pub->watched = 0;
-    PyObject *fd = PyLong_FromLong(pub->efd);
-    PyObject *r = NULL;
-    if (fd != NULL) {
-        PyObject *args[] = {sock->loop, fd};
-        r = PyObject_VectorcallMethod(sock->st->str_remove_reader, args,
-                                      2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        Py_DECREF(fd);
-    }
-    if (r == NULL) {
-        /* A closed loop has dropped its registrations already. */
-        PyObject *closed = PyObject_CallMethodNoArgs(sock->loop, sock->st->str_is_closed);
-        int is_closed = closed != NULL && PyObject_IsTrue(closed) > 0;
-        Py_XDECREF(closed);
-        if (is_closed) {
-            PyErr_Clear();
-            return 0;
-        }
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_RuntimeError, "kelpie.Pulse: cannot remove the nudge reader");
-        }
-        return -1;
-    }
-    Py_DECREF(r);
-    return 0;
 }
 
 /* Unlinks the pulse from its socket (thread already stopped) and returns
  * the reference the pulse held, for the caller to drop. */
 static kp_socket *pulse_unlink(pulse_obj *p)
 {
-    kp_socket *sock = p->pub.sock;
+    kp_socket *sock = p->sock;
     if (sock == NULL) {
         return NULL;
     }
     sock->shared = 0;
-    if (sock->pulse == &p->pub) {
+    if (sock->pulse == p) {
         sock->pulse = NULL;
     }
-    p->pub.sock = NULL;
-    p->pub.watched = 0;
+    p->sock = NULL;
     return sock;
 }
 
-int kp_pulse_detach(kp_socket *sock)
+void kp_pulse_detach(kp_socket *sock)
 {
-    pulse_obj *p = (pulse_obj *)sock->pulse;
-    Py_INCREF(p);
+    pulse_obj *p = sock->pulse;
     pulse_stop_thread(p);
-    int rc = kp_pulse_unwatch(&p->pub);
-    kp_socket *held = pulse_unlink(p);
-    Py_DECREF(p);
-    Py_XDECREF(held); /* the caller holds its own reference */
-    return rc;
+    Py_XDECREF(pulse_unlink(p)); /* the caller holds its own reference */
 }
 
 static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -362,21 +296,18 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto fail;
     }
     if (sock->pulse != NULL) {
-        if (((pulse_obj *)sock->pulse)->started) {
+        if (sock->pulse->started) {
             PyErr_SetString(PyExc_RuntimeError, "the socket already has a running Pulse");
             goto fail;
         }
         /* A stopped Pulse gives its place to the new one. */
-        if (kp_pulse_detach(sock) < 0) {
-            goto fail;
-        }
+        kp_pulse_detach(sock);
     }
 
     p = (pulse_obj *)type->tp_alloc(type, 0);
     if (p == NULL) {
         goto fail;
     }
-    p->pub.efd = -1;
     pthread_mutex_init(&p->mu, NULL);
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
@@ -410,17 +341,17 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         memcpy(p->stall_msg, stall.buf, p->stall_len);
     }
-    p->pub.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (p->pub.efd < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
+    /* The nudge eventfd belongs to the socket and is watched with its
+     * reader (registered now if the socket already waits). */
+    if (kp_socket_nudge_init(sock) < 0) {
         goto fail;
     }
     p->last_tick = pulse_now();
     p->pid = getpid();
 
     /* Attach, then start: `shared` is set before the thread exists. */
-    p->pub.sock = (kp_socket *)Py_NewRef(sock);
-    sock->pulse = &p->pub;
+    p->sock = (kp_socket *)Py_NewRef(sock);
+    sock->pulse = p;
     sock->shared = 1;
     /* Every signal blocked in the thread, so the kernel delivers them to
      * threads that run Python (CPython handles signals in the main thread;
@@ -437,13 +368,6 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         goto fail;
     }
     p->started = 1;
-    /* If the socket already watches its FD, the nudge must be watched now;
-     * otherwise kp_socket_watch registers it with the socket's reader. */
-    if (sock->reader && kp_pulse_watch(&p->pub) < 0) {
-        pulse_stop_thread(p);
-        Py_XDECREF(pulse_unlink(p));
-        goto fail;
-    }
     PyBuffer_Release(&beat);
     if (have_stall) {
         PyBuffer_Release(&stall);
@@ -462,7 +386,7 @@ fail:
 static int pulse_traverse(pulse_obj *p, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(p));
-    Py_VISIT(p->pub.sock);
+    Py_VISIT(p->sock);
     return 0;
 }
 
@@ -481,13 +405,8 @@ static void pulse_dealloc(pulse_obj *p)
     if (p->weakrefs != NULL) {
         PyObject_ClearWeakRefs((PyObject *)p);
     }
-    /* Registered with a loop, the nudge callback would hold us: so no
-     * reader is left, only (possibly) a thread. */
     pulse_stop_thread(p);
     Py_XDECREF(pulse_unlink(p));
-    if (p->pub.efd >= 0) {
-        close(p->pub.efd);
-    }
     PyMem_RawFree(p->beat);
     PyMem_RawFree(p->stall_msg);
     Py_CLEAR(p->heartbeat_obj);
@@ -519,29 +438,6 @@ static PyObject *pulse_tick(pulse_obj *p, PyObject *unused)
 static PyObject *pulse_stop(pulse_obj *p, PyObject *unused)
 {
     pulse_stop_thread(p);
-    /* The nudge reader can only be removed from the loop's own thread;
-     * from elsewhere it stays until the socket closes (a nudge never
-     * comes again, and a stray one only re-reads ZMQ_EVENTS). */
-    kp_socket *sock = p->pub.sock;
-    if (sock != NULL && p->pub.watched && sock->thread == PyThread_get_thread_ident() &&
-        kp_pulse_unwatch(&p->pub) < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-/* The loop's reader for efd: clear the eventfd, then do what the socket's
- * own reader does (read ZMQ_EVENTS, wake the first ready waiters). */
-static PyObject *pulse_on_nudge(pulse_obj *p, PyObject *unused)
-{
-    uint64_t count;
-    ssize_t n = read(p->pub.efd, &count, sizeof(count));
-    (void)n; /* EAGAIN: nothing new since the last nudge */
-    kp_socket *sock = p->pub.sock;
-    if (sock != NULL && sock->handle != NULL && sock->thread == PyThread_get_thread_ident() &&
-        kp_socket_on_events(sock) < 0) {
-        return NULL;
-    }
     Py_RETURN_NONE;
 }
 
@@ -604,7 +500,7 @@ static PyObject *pulse_get_threshold(pulse_obj *p, void *closure)
 
 static PyObject *pulse_get_socket(pulse_obj *p, void *closure)
 {
-    return Py_NewRef(p->pub.sock != NULL ? (PyObject *)p->pub.sock : Py_None);
+    return Py_NewRef(p->sock != NULL ? (PyObject *)p->sock : Py_None);
 }
 
 static PyObject *pulse_get_heartbeat(pulse_obj *p, void *closure)
@@ -624,8 +520,6 @@ static PyMethodDef pulse_methods[] = {
      "ended lasted (seconds) if the thread declared one since the last tick, else None."},
     {"stop", (PyCFunction)pulse_stop, METH_NOARGS,
      "stop()\n\nStop and join the thread; idempotent. Socket.close() does it first."},
-    {"_on_nudge", (PyCFunction)pulse_on_nudge, METH_NOARGS,
-     "The loop's reader for the nudge eventfd: re-reads the socket's ZMQ_EVENTS."},
     {"__enter__", pulse_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)pulse_exit, METH_VARARGS, "stop() on leaving the block."},
     {NULL, NULL, 0, NULL},

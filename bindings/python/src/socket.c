@@ -26,6 +26,8 @@
 #include <errno.h>
 #include <structmember.h>
 #include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include "pythread.h"
 
@@ -37,6 +39,7 @@ PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
         return NULL;
     }
     pthread_mutex_init(&self->lock, NULL);
+    self->nudge_fd = -1;
     self->st = st;
     self->context = (kp_context *)Py_NewRef(ctx);
     self->budget = KP_DEFAULT_BUDGET;
@@ -100,9 +103,7 @@ static void socket_unbind(kp_socket *self)
     self->reader = 0;
     self->used = 0;
     self->release_watched = 0;
-    if (self->pulse != NULL) {
-        self->pulse->watched = 0; /* went with the old loop's selector too */
-    }
+    self->nudge_watched = 0; /* went with the old loop's selector too */
 }
 
 /* 1 if the bound loop is closed and nothing waits in it, so the socket may
@@ -205,6 +206,29 @@ PyObject *kp_socket_new_future(kp_socket *self)
     return PyObject_CallNoArgs(self->create_future);
 }
 
+/* Registers the nudge eventfd's reader (the bound method _on_nudge) with
+ * the bound loop, if the socket has one and it is not registered yet. */
+static int socket_watch_nudge(kp_socket *self)
+{
+    if (self->nudge_fd < 0 || self->nudge_watched) {
+        return 0;
+    }
+    PyObject *fd = PyLong_FromLong(self->nudge_fd);
+    if (fd == NULL) {
+        return -1;
+    }
+    PyObject *args[] = {self->loop, fd, self->on_nudge};
+    PyObject *r = PyObject_VectorcallMethod(self->st->str_add_reader, args,
+                                            3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    Py_DECREF(fd);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    self->nudge_watched = 1;
+    return 0;
+}
+
 int kp_socket_watch(kp_socket *self)
 {
     if (self->reader) {
@@ -223,11 +247,27 @@ int kp_socket_watch(kp_socket *self)
     }
     Py_DECREF(r);
     self->reader = 1;
-    /* A running Pulse's nudge is watched exactly while the reader is. */
-    if (self->pulse != NULL && kp_pulse_watch(self->pulse) < 0) {
-        return -1;
+    /* The nudge eventfd is watched exactly while the reader is. */
+    return socket_watch_nudge(self);
+}
+
+int kp_socket_nudge_init(kp_socket *self)
+{
+    if (self->on_nudge == NULL) {
+        /* Cached like on_fd, so registering it costs nothing later. */
+        self->on_nudge = PyObject_GetAttr((PyObject *)self, self->st->str_on_nudge);
+        if (self->on_nudge == NULL) {
+            return -1;
+        }
     }
-    return 0;
+    if (self->nudge_fd < 0) {
+        self->nudge_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (self->nudge_fd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    return self->reader ? socket_watch_nudge(self) : 0;
 }
 
 /* Fails every waiter with a fresh ZMQError(err). */
@@ -292,18 +332,9 @@ int kp_socket_recheck(kp_socket *self)
     return rc;
 }
 
-/* Removes the reader if registered. A closed loop has already dropped its
- * registrations, so failing there is fine. */
-static int socket_unwatch(kp_socket *self)
+static int socket_remove_reader(kp_socket *self, int fdnum)
 {
-    if (self->pulse != NULL && kp_pulse_unwatch(self->pulse) < 0) {
-        return -1;
-    }
-    if (!self->reader) {
-        return 0;
-    }
-    self->reader = 0;
-    PyObject *fd = PyLong_FromLong(self->fd);
+    PyObject *fd = PyLong_FromLong(fdnum);
     PyObject *r = NULL;
     if (fd != NULL) {
         PyObject *args[] = {self->loop, fd};
@@ -320,6 +351,24 @@ static int socket_unwatch(kp_socket *self)
     }
     Py_DECREF(r);
     return 0;
+}
+
+/* Removes the reader (and the nudge eventfd's) if registered. A closed loop
+ * has already dropped its registrations, so failing there is fine. */
+static int socket_unwatch(kp_socket *self)
+{
+    int rc = 0;
+    if (self->nudge_watched) {
+        self->nudge_watched = 0;
+        rc = socket_remove_reader(self, self->nudge_fd);
+    }
+    if (self->reader) {
+        self->reader = 0;
+        if (socket_remove_reader(self, self->fd) < 0) {
+            rc = -1;
+        }
+    }
+    return rc;
 }
 
 int kp_socket_on_events(kp_socket *self)
@@ -347,6 +396,21 @@ static PyObject *socket_on_fd(kp_socket *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* The reader callback registered for the nudge eventfd: a Pulse thread sent
+ * on the socket, and its zmq_send may have consumed ZMQ_FD's edge. Clear the
+ * eventfd (a level-triggered loop would spin otherwise), then do what the
+ * FD's reader does. */
+static PyObject *socket_on_nudge(kp_socket *self, PyObject *unused)
+{
+    uint64_t count;
+    ssize_t n = read(self->nudge_fd, &count, sizeof(count));
+    (void)n; /* EAGAIN: an earlier callback already cleared it */
+    if (kp_socket_on_events(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 int kp_socket_close(kp_socket *self, int linger)
 {
     if (self->handle == NULL) {
@@ -364,8 +428,8 @@ int kp_socket_close(kp_socket *self, int linger)
     int rc = 0;
     /* 0. A Pulse first: its thread is joined (so nothing else touches the
      *    handle from here on) and its nudge reader removed. */
-    if (self->pulse != NULL && kp_pulse_detach(self) < 0) {
-        rc = -1;
+    if (self->pulse != NULL) {
+        kp_pulse_detach(self);
     }
     /* 1. Waiters next: their futures fail with ENOTSOCK (the task sees a
      *    ZMQError from its await), while the socket still exists. */
@@ -383,6 +447,10 @@ int kp_socket_close(kp_socket *self, int linger)
     }
     zmq_close(self->handle);
     self->handle = NULL;
+    if (self->nudge_fd >= 0) {
+        close(self->nudge_fd);
+        self->nudge_fd = -1;
+    }
     zmq_msg_close(&self->rmsg);
     zmq_msg_init(&self->rmsg);
     kp_context_forget(self->context, self);
@@ -409,10 +477,15 @@ static void socket_dealloc(kp_socket *self)
     kp_queue_clear(&self->recv_q);
     kp_queue_clear(&self->send_q);
     Py_CLEAR(self->on_fd);
+    Py_CLEAR(self->on_nudge);
     Py_CLEAR(self->create_future);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->context);
-    /* A Pulse holds a reference to its socket, so none is attached here. */
+    /* A Pulse holds a reference to its socket, so none is attached here,
+     * and a registered nudge reader would hold us too. */
+    if (self->nudge_fd >= 0) {
+        close(self->nudge_fd);
+    }
     pthread_mutex_destroy(&self->lock);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -424,6 +497,7 @@ static int socket_traverse(kp_socket *self, visitproc visit, void *arg)
     Py_VISIT(self->context);
     Py_VISIT(self->loop);
     Py_VISIT(self->on_fd);
+    Py_VISIT(self->on_nudge);
     Py_VISIT(self->create_future);
     int rc = kp_queue_traverse(&self->recv_q, visit, arg);
     if (rc == 0) {
@@ -437,9 +511,11 @@ static int socket_clear(kp_socket *self)
     kp_queue_clear(&self->recv_q);
     kp_queue_clear(&self->send_q);
     Py_CLEAR(self->on_fd);
+    Py_CLEAR(self->on_nudge);
     Py_CLEAR(self->create_future);
     Py_CLEAR(self->loop);
     self->reader = 0;
+    self->nudge_watched = 0;
     return 0;
 }
 
@@ -733,6 +809,8 @@ static PyMethodDef socket_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "recv_multipart(flags=0, copy=True) -> awaitable list[bytes] | list[Frame]"},
     {"_on_fd", (PyCFunction)socket_on_fd, METH_NOARGS, "The loop's reader callback for ZMQ_FD."},
+    {"_on_nudge", (PyCFunction)socket_on_nudge, METH_NOARGS,
+     "The loop's reader callback for the eventfd a Pulse thread writes after sending."},
     {"__enter__", socket_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)socket_exit, METH_VARARGS, "close() on leaving the block."},
     {NULL, NULL, 0, NULL},
