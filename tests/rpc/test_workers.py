@@ -187,3 +187,20 @@ def test_worker_with_a_blocked_loop_stays(broker, procs):
             assert 0.3 < time.monotonic() - t0 < 3.0
             assert await client.call("echo", "Echo", b"after", timeout=2) == b"after"
     run(main(), timeout=30)
+
+
+def test_client_with_a_blocked_loop_keeps_its_calls(broker, procs, loop):
+    procs.worker(broker, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend, heartbeat=0.2, liveness=3) as client:
+            await wait_served(client)
+            calls = [asyncio.ensure_future(client.call("echo", "Sleep", b"0.2", timeout=10))
+                     for _ in range(5)]
+            await asyncio.sleep(0.05)
+            time.sleep(1.5)  # the client's own loop blocks for 7 heartbeats
+            # The answers arrived meanwhile; the liveness check must not
+            # give the calls up before the reader has read them.
+            assert all(int(r) > 0 for r in await asyncio.gather(*calls))
+            assert client.outstanding == 0
+    run(main(), loop, timeout=20)

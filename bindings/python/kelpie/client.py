@@ -325,12 +325,17 @@ class Client:
     async def _ping_loop(self):
         loop = self._loop
         interval = self.heartbeat
+        last = loop.time()
         while True:
             await asyncio.sleep(interval)
-            if not self._pending:
-                self._last_recv = loop.time()
+            now = loop.time()
+            late, last = now - last - interval, now
+            if not self._pending or late > interval:
+                # Nothing to watch, or this loop was blocked itself and the
+                # broker's answers may be waiting unread: judge next time.
+                self._last_recv = now
                 continue
-            silent = loop.time() - self._last_recv
+            silent = now - self._last_recv
             if silent >= self.liveness * interval:
                 self._fail_all(Unavailable("broker did not answer for %.1f s" % silent))
                 self._last_recv = loop.time()
