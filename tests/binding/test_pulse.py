@@ -309,20 +309,24 @@ def test_multipart_sends_are_never_split_by_a_heartbeat(run, ctx):
 
     async def main():
         pulse = kelpie.Pulse(d, HB, 0.0002, stall_threshold=None)
-        for i in range(n):
+        i = 0
+        deadline = time.monotonic() + 20
+        # At least n messages, and on until the pulse has really raced them.
+        while i < n or (pulse.sent < 50 and time.monotonic() < deadline):
             # A ROUTER sees [ident, a, b]; a heartbeat inside would make
             # [ident, a, HB] and [ident, b].
             await d.send(b"a", flags=kelpie.SNDMORE)
             await d.send(b"b")
+            i += 1
             if i % 100 == 0:
                 await asyncio.sleep(0)
         pulse.stop()
-        return pulse.sent
+        return i, pulse.sent
 
-    sent = run(main(), timeout=60)
-    assert sent > 10, sent
+    count, sent = run(main(), timeout=60)
+    assert sent >= 50, sent
     pairs = 0
-    while pairs < n:
+    while pairs < count:
         msg = router.recv_multipart(timeout=5.0)
         if msg[1:] == [HB]:
             continue
