@@ -209,8 +209,8 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
     done
     echo
     echo "CPU µs/req: user+system time of all three processes (client, hop, echo server)"
-    echo "divided by the requests they carried; unlike requests/s it hardly depends on"
-    echo "what else the machine runs."
+    echo "divided by the requests they carried. It moves with batching (a busier machine"
+    echo "batches more), but the Kelpie/bare CPU ratio is steadier than the throughput ratio."
     echo
     echo "Every run's requests/s (Kelpie; bare):"
     echo
