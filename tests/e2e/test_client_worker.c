@@ -213,3 +213,43 @@ Test(client_worker, status_names_and_bad_arguments)
     cr_assert_eq(kelpie_client_cancel(c, (kelpie_request_id){42}), KELPIE_NOT_FOUND);
     kelpie_client_destroy(&c);
 }
+
+Test(client_worker, metadata_deadline_and_flags_reach_the_worker)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    kt_worker_opts o = {.endpoint = b->backend, .heartbeat_ms = 100};
+    cr_assert_gt(kt_worker_spawn(&o), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_metadata md[2] = {{"x-trace", "abc", 3}, {"x-echo-bin", "v\0w", 3}};
+    kelpie_call_opts opts = {.service = "echo",
+                             .method = "Meta",
+                             .timeout_ms = 5000,
+                             .flags = KELPIE_IDEMPOTENT,
+                             .metadata = md,
+                             .n_metadata = 2};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &opts, NULL, 0, &id), KELPIE_OK);
+    kelpie_reply r;
+    cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+    cr_assert_eq(r.status, KELPIE_OK, "%s: %s", kelpie_status_name(r.status), r.message);
+    /* Binary value, NUL included, then the budget left and the flags. */
+    cr_assert_geq(r.len, 4);
+    cr_assert_eq(memcmp(r.payload, "v\0w|", 4), 0);
+    char text[64] = {0};
+    memcpy(text, (char *)r.payload + 4, r.len - 4 < sizeof text - 1 ? r.len - 4 : sizeof text - 1);
+    unsigned left = 0, flags = 0;
+    cr_assert_eq(sscanf(text, "%u|%u", &left, &flags), 2, "reply %s", text);
+    cr_assert_gt(left, 3000, "the worker saw %u ms left of 5000", left);
+    cr_assert_leq(left, 5000);
+    cr_assert_eq(flags & KELPIE_IDEMPOTENT, KELPIE_IDEMPOTENT);
+    kelpie_reply_fini(&r);
+    /* Without metadata or deadline. */
+    cr_assert_eq(kelpie_client_call(c, "echo", "Meta", NULL, 0, 0, &r), KELPIE_OK);
+    cr_assert_eq(r.len, strlen("(none)|4294967295|0"));
+    cr_assert_eq(memcmp(r.payload, "(none)|4294967295|0", r.len), 0);
+    kelpie_reply_fini(&r);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}

@@ -522,6 +522,20 @@ static void kt_handler(kelpie_call *call, const void *payload, size_t len, void 
     } else if (strcmp(m, "Name") == 0) {
         const char *name = st->opts->name ? st->opts->name : "worker";
         kelpie_call_reply(call, name, strlen(name));
+    } else if (strcmp(m, "Meta") == 0) {
+        /* Reply "<value of x-echo-bin>|<ms left>|<flags>" (the value may hold NULs). */
+        size_t vlen = 0;
+        const void *v = kelpie_call_metadata(call, "x-echo-bin", &vlen);
+        if (!v) {
+            v = "(none)";
+            vlen = 6;
+        }
+        char buf[256];
+        size_t n = vlen < 128 ? vlen : 128;
+        memcpy(buf, v, n);
+        n += (size_t)snprintf(buf + n, sizeof buf - n, "|%u|%u", kelpie_call_remaining_ms(call),
+                              kelpie_call_flags(call));
+        kelpie_call_reply(call, buf, n);
     } else if (strcmp(m, "Spin") == 0) {
         /* Synchronous and busy for the payload's milliseconds, looking for a
          * cancel every millisecond (which also keeps heartbeats going). */

@@ -95,6 +95,7 @@ kt_slot *kt_slots_new(int n);
  *   Forever  never answer until cancelled, then ERROR CANCELLED
  *   Fail     ERROR INTERNAL "failed on purpose"
  *   Name     reply with the worker's name
+ *   Meta     reply "<metadata x-echo-bin>|<remaining ms>|<flags>"
  *   Stream   payload is a decimal count N: N CHUNKs "0".."N-1" then END,
  *            sent as the window allows (one per tick)
  *   Spin     synchronous: busy for payload (decimal) ms, checking
