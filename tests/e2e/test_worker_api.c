@@ -3,9 +3,12 @@
  * kelpied: a handler that stays busy (kelpie_call_cancelled pumps the socket,
  * keeps heartbeats going and parks new requests until it returns), sees a
  * cancel while busy, and a stream whose kelpie_call_send_chunk waits for the
- * reader's credit.
+ * reader's credit. Also: a worker run on a thread of the test process and
+ * stopped from another thread.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,6 +125,60 @@ Test(worker_api, blocking_send_chunk_waits_for_credit)
     cr_assert_eq(r.kind, KELPIE_KIND_END);
     cr_assert_eq(r.status, KELPIE_OK);
     kelpie_reply_fini(&r);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+static void echo_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    kelpie_call_reply(call, payload, len);
+}
+
+typedef struct runner {
+    kelpie_worker *worker;
+    kelpie_status rc;
+    atomic_int done;
+} runner;
+
+static void *run_worker(void *arg)
+{
+    runner *r = arg;
+    r->rc = kelpie_worker_run(r->worker);
+    atomic_store(&r->done, 1);
+    return NULL;
+}
+
+Test(worker_api, stop_from_another_thread)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    runner r = {.worker = kelpie_worker_new(b->backend, "threaded", 4)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "t", 1, 3000, &reply), KELPIE_OK);
+    kelpie_reply_fini(&reply);
+    /* Only Echo has a handler: the service's other methods are UNIMPLEMENTED. */
+    cr_assert_eq(kelpie_client_call(c, "echo", "Other", NULL, 0, 3000, &reply),
+                 KELPIE_UNIMPLEMENTED);
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(r.worker);
+    int64_t end = kt_now_ms() + 3000;
+    while (!atomic_load(&r.done) && kt_now_ms() < end)
+        kt_sleep_ms(5);
+    cr_assert(atomic_load(&r.done), "kelpie_worker_run did not return after stop");
+    pthread_join(thread, NULL);
+    cr_assert_eq(r.rc, KELPIE_OK);
+    cr_assert(kt_wait_stat_le(b, "workers", 0, 1000), "no DISCONNECT after stop");
+    /* Stop is sticky: run returns at once. */
+    cr_assert_eq(kelpie_worker_run(r.worker), KELPIE_OK);
+    kelpie_worker_destroy(&r.worker);
+    cr_assert_null(r.worker);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
