@@ -568,3 +568,42 @@ def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+
+
+def test_a_pulse_does_not_survive_fork(run, ctx, pair):
+    """In a forked child the thread is gone: the Pulse reports it, and its
+    methods neither hang (on a lock the vanished thread may have held) nor
+    try to join it. (The child must not use the libzmq socket either.)"""
+    tx, rx = pair(kelpie.PAIR, kelpie.PAIR)
+
+    async def main():
+        pulse = kelpie.Pulse(tx, HB, 0.0002, stall_threshold=0.001)
+        await asyncio.sleep(0.01)
+        for _ in range(scale(20, 5)):
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    ok = not pulse.running
+                    pulse.tick()
+                    ok = ok and pulse.stalls >= 0 and pulse.sent >= 0
+                    pulse.stop()
+                    pulse.stop()
+                    code = 0 if ok else 2
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 10
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung")
+                time.sleep(0.005)
+            assert os.waitstatus_to_exitcode(status) == 0
+        assert pulse.running  # the parent's thread is untouched
+        pulse.stop()
+
+    run(main(), timeout=60)

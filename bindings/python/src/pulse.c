@@ -117,6 +117,8 @@ static void pulse_log_stall(pulse_obj *p)
 static void *pulse_main(void *arg)
 {
     pulse_obj *p = arg;
+    /* Shown by ps -L, top -H and gdb; truncated to 15 characters. */
+    pthread_setname_np(pthread_self(), "kelpie-pulse");
     pthread_mutex_lock(&p->mu);
     /* Stalls are checked four times per threshold, so one is noticed at
      * most threshold/4 late; a skipped heartbeat is retried as often. */
@@ -416,19 +418,39 @@ static void pulse_dealloc(pulse_obj *p)
     Py_DECREF(tp);
 }
 
+/* Locks mu from a thread holding the GIL. In a forked child the thread
+ * does not exist (and may have held mu at the fork, which would then stay
+ * locked forever), so there the state is frozen and read without the lock.
+ * Returns whether mu was taken, for pulse_unlock. */
+static int pulse_lock(pulse_obj *p)
+{
+    if (p->pid != getpid()) {
+        return 0;
+    }
+    kp_mutex_lock(&p->mu);
+    return 1;
+}
+
+static void pulse_unlock(pulse_obj *p, int locked)
+{
+    if (locked) {
+        pthread_mutex_unlock(&p->mu);
+    }
+}
+
 /* ---- Python methods --------------------------------------------------------- */
 
 static PyObject *pulse_tick(pulse_obj *p, PyObject *unused)
 {
     int64_t now = pulse_now();
-    kp_mutex_lock(&p->mu);
+    int locked = pulse_lock(p);
     int64_t prev = p->last_tick;
     int was_stalled = p->stalled;
     p->last_tick = now;
     p->stalled = 0;
     /* A STALLED message not sent yet must not follow the worker's resume. */
     p->stall_pending = 0;
-    pthread_mutex_unlock(&p->mu);
+    pulse_unlock(p, locked);
     if (was_stalled) {
         return PyFloat_FromDouble((double)(now - prev) / 1e9);
     }
@@ -453,9 +475,9 @@ static PyObject *pulse_exit(pulse_obj *p, PyObject *args)
 
 static long long pulse_read(pulse_obj *p, const long long *field)
 {
-    kp_mutex_lock(&p->mu);
+    int locked = pulse_lock(p);
     long long v = *field;
-    pthread_mutex_unlock(&p->mu);
+    pulse_unlock(p, locked);
     return v;
 }
 
@@ -471,17 +493,17 @@ static PyObject *pulse_get_sent(pulse_obj *p, void *closure)
 
 static PyObject *pulse_get_stalled(pulse_obj *p, void *closure)
 {
-    kp_mutex_lock(&p->mu);
+    int locked = pulse_lock(p);
     int v = p->stalled;
-    pthread_mutex_unlock(&p->mu);
+    pulse_unlock(p, locked);
     return PyBool_FromLong(v);
 }
 
 static PyObject *pulse_get_running(pulse_obj *p, void *closure)
 {
-    kp_mutex_lock(&p->mu);
+    int locked = pulse_lock(p);
     int v = p->started && p->error == 0 && p->pid == getpid();
-    pthread_mutex_unlock(&p->mu);
+    pulse_unlock(p, locked);
     return PyBool_FromLong(v);
 }
 
