@@ -519,8 +519,10 @@ KELPIE_EXPORT kelpie_status kelpie_call_reply(kelpie_call *call, const void *pay
 KELPIE_EXPORT kelpie_status kelpie_call_error(kelpie_call *call, kelpie_status code,
                                               const char *message)
 {
-    if (!call || code <= KELPIE_OK || code > KELPIE_UNAUTHENTICATED)
+    if (!call)
         return KELPIE_ERR_INVAL;
+    if (code <= KELPIE_OK || code > KELPIE_UNAUTHENTICATED)
+        code = KELPIE_UNKNOWN; /* an ERROR must carry an error, and only a wire code */
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__ERROR;
     h.code = (Kelpie__V1__Code)code;

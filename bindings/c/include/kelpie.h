@@ -293,7 +293,8 @@ KELPIE_EXPORT bool kelpie_call_cancelled(kelpie_call *call);
 KELPIE_EXPORT kelpie_status kelpie_call_reply(kelpie_call *call, const void *payload, size_t len);
 
 /* Answers with ERROR(code, message) and releases the call. code is one of the
- * gRPC codes 1..16; message may be NULL. */
+ * gRPC codes 1..16 (anything else, OK or a local ERR_ code, is sent as
+ * UNKNOWN); message may be NULL. */
 KELPIE_EXPORT kelpie_status kelpie_call_error(kelpie_call *call, kelpie_status code,
                                               const char *message);
 
