@@ -607,3 +607,18 @@ def test_a_pulse_does_not_survive_fork(run, ctx, pair):
         pulse.stop()
 
     run(main(), timeout=60)
+
+
+def test_stop_is_prompt_whatever_the_interval(run, ctx, pair):
+    tx, rx = pair(kelpie.PAIR, kelpie.PAIR)
+
+    async def main():
+        for threshold in (None, 3600.0):
+            with kelpie.Pulse(tx, HB, 3600.0, stall_threshold=threshold) as pulse:
+                await asyncio.sleep(0.01)  # the thread is in its timed wait
+                start = time.monotonic()
+            took = time.monotonic() - start  # __exit__ -> stop() -> join
+            assert took < 0.1, took
+            assert not pulse.running and pulse.sent == 0
+
+    run(main())
