@@ -117,6 +117,11 @@ class Stub:
     ``cancel()`` as for :meth:`kelpie.Client.stream`.
     """
 
+    # How a method is built from its descriptor; kelpie.sync.Stub swaps in
+    # blocking ones and shares the rest.
+    _make_unary = staticmethod(_unary)
+    _make_server_stream = staticmethod(_server_stream)
+
     def __init__(self, client, service_descriptor, *, idempotent=(), timeout=None,
                  metadata=None):
         self._service = service_descriptor.full_name
@@ -130,11 +135,11 @@ class Stub:
             idem = m.name in idempotent or is_idempotent(m)
             kind = method_kind(m)
             if kind == "unary":
-                fn = _unary(client, self._service, m.name, request_cls, decode, idem, timeout,
-                            metadata)
+                fn = self._make_unary(client, self._service, m.name, request_cls, decode, idem,
+                                      timeout, metadata)
             elif kind == "server_stream":
-                fn = _server_stream(client, self._service, m.name, request_cls, decode, idem,
-                                    timeout, metadata)
+                fn = self._make_server_stream(client, self._service, m.name, request_cls,
+                                              decode, idem, timeout, metadata)
             else:
                 fn = _unsupported(self._service, m.name, kind)
             setattr(self, m.name, fn)
