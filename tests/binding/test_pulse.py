@@ -466,6 +466,9 @@ def test_argument_and_affinity_errors(run, ctx):
         kelpie.Pulse(d, HB, 0)
     with pytest.raises(ValueError):
         kelpie.Pulse(d, HB, 1.0, stall_threshold=-1)
+    p = kelpie.Pulse(d, HB, 1.0, stall_threshold=0)  # 0, like None: no stall detection
+    assert p.stall_threshold is None
+    p.stop()
     with pytest.raises(TypeError):
         kelpie.Pulse(d, "text", 1.0)
     with pytest.raises(TypeError):

@@ -273,14 +273,15 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int have_stall = 0;
     pulse_obj *p = NULL;
     if (threshold_obj == Py_None) {
-        threshold = 0.0;
+        threshold = 0.0; /* no stall detection; 0 means the same */
     } else if (threshold_obj != NULL) {
         threshold = PyFloat_AsDouble(threshold_obj);
         if (threshold == -1.0 && PyErr_Occurred()) {
             goto fail;
         }
-        if (!(threshold > 0.0 && threshold < 1e9)) {
-            PyErr_SetString(PyExc_ValueError, "stall_threshold must be a positive number or None");
+        if (!(threshold >= 0.0 && threshold < 1e9)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "stall_threshold must be a non-negative number (0: off) or None");
             goto fail;
         }
     }
