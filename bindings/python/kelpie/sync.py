@@ -1,0 +1,703 @@
+"""The synchronous Kelpie client: calls from plain threads, WSGI apps, scripts.
+
+``kelpie.sync.Client`` speaks the same KLP/1 as :class:`kelpie.Client`, with
+the same deadlines, metadata, status codes and exceptions, but every method
+blocks the calling thread instead of returning an awaitable. It needs no event
+loop and works beside one: a handler running in a worker thread while an
+asyncio loop runs on the main thread can use it.
+
+Threads. The client gives each thread that uses it a connection of its own:
+a :class:`kelpie.BlockingSocket` (DEALER) to the broker's frontend, kept in a
+``threading.local``. A call sends its REQUEST on its own thread's socket and
+waits on that socket with the GIL released (docs/binding.md §13), so threads
+never wait on each other or on a lock for I/O, and a reply can only ever
+reach the thread that asked. The one lock is taken when a thread opens or
+loses its connection, not per call.
+
+Request ids are per connection (a counter, never reused). A call that ends
+locally before its answer arrives (deadline, Ctrl-C) leaves that answer to
+arrive later on the same socket; the next wait reads it, sees an id nobody
+waits for, and drops it. A thread that reads a stream and makes unary calls
+in between is served by the same socket: whatever arrives for the stream
+while a unary call waits is queued on the stream (at most its window).
+
+Liveness, as in the async client: while a call waits longer than
+``heartbeat`` seconds without hearing from the broker, the thread pings it
+(HEARTBEAT; the broker answers HEARTBEAT); after ``liveness`` silent intervals
+the call fails with :class:`kelpie.Unavailable` and the thread's socket is
+closed, so the next call starts with a new one. libzmq reconnects a DEALER by
+itself when a broker comes back on the same endpoint, so after a broker
+restart the next call works on the same socket; calls that were in the old
+broker are lost with it and end at their deadline (or by liveness, if the
+broker stays away).
+
+Lifetime: a thread's connection is closed when the thread exits (its
+``threading.local`` slot is dropped and a finaliser closes the socket) or by
+:meth:`Client.close`, which closes every thread's connection; a thread
+waiting in a call at that moment gets ``RpcError(CANCELLED, "client
+closed")``.
+
+A stream (:meth:`Client.stream`) belongs to the thread that started it: it
+reads that thread's socket. Dropping or closing it early sends CANCEL; if the
+last reference goes away on another thread (garbage collection can run
+anywhere), the CANCEL is queued and sent by the owning thread on its next
+call.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import weakref
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from . import _kelpie, _wire
+from ._status import StatusCode
+from .errors import DataLoss, DeadlineExceeded, RpcError, Unavailable, from_status
+from .stubs import Stub as _AsyncStub
+
+__all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND"]
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+
+_Metadata = Optional[Mapping[str, Union[bytes, str]]]
+
+_REPLY = _wire.REPLY
+_ERROR = _wire.ERROR
+_CHUNK = _wire.CHUNK
+_END = _wire.END
+_DISCONNECT = _wire.DISCONNECT
+_Timeout = _kelpie.Timeout
+_ContextTerminated = _kelpie.ContextTerminated
+_monotonic = time.monotonic
+_parse = _wire.parse
+_POLLIN = _kelpie.POLLIN
+_EVENTS = _kelpie.EVENTS
+
+
+def _payload(frames):
+    n = len(frames)
+    if n == 2:
+        return frames[1]
+    if n < 2:
+        return b""
+    return b"".join(frames[1:])
+
+
+def _timeout_ms(timeout):
+    # At least 1 ms: 0 would mean "no deadline" on the wire.
+    return max(1, int(timeout * 1000.0 + 0.5))
+
+
+def _closed_error():
+    return RpcError(StatusCode.CANCELLED, "client closed")
+
+
+def _close_socket(sock, streams):
+    """Close a connection's socket (finaliser and close(); never raises).
+
+    If streams are still open, DISCONNECT first so that the broker cancels
+    them at their workers instead of waiting for their deadlines.
+    """
+    try:
+        if sock.closed:
+            return
+        if streams:
+            sock.send_multipart([_wire.DISCONNECT_FRAME], 0.1)
+            sock.close(100)
+        else:
+            sock.close(0)
+    except Exception:
+        # Busy in another thread's wait (close() then destroys the context,
+        # which ends that wait) or the context is already gone.
+        pass
+
+
+class _Conn:
+    """One thread's connection: its socket, request ids, open streams."""
+
+    __slots__ = ("sock", "next_id", "streams", "last_recv", "cancels", "dead", "owner",
+                 "_finalizer", "__weakref__")
+
+    def __init__(self, client):
+        sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
+        sock.setsockopt(_kelpie.LINGER, 0)
+        # Calls are bounded by the broker's per-client limit and their
+        # deadlines; never block a send on the socket's high-water mark.
+        sock.setsockopt(_kelpie.SNDHWM, 0)
+        sock.setsockopt(_kelpie.RCVHWM, 0)
+        sock.connect(client.frontend)
+        self.sock = sock
+        self.next_id = 1
+        self.streams = {}  # request id -> _StreamState
+        self.last_recv = _monotonic()
+        # CANCELs for streams dropped on another thread (deque: append and
+        # popleft are atomic), sent by the owner before its next message.
+        self.cancels = collections.deque()
+        self.dead = False
+        self.owner = threading.get_ident()
+        self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
+
+    def close(self):
+        self.dead = True
+        self._finalizer()
+
+    def send(self, frames):
+        if self.cancels:
+            self._flush_cancels()
+        self.sock.send_multipart(frames)
+
+    def _flush_cancels(self):
+        cancels = self.cancels
+        while cancels:
+            try:
+                rid = cancels.popleft()
+            except IndexError:
+                return
+            self.sock.send_multipart([_wire.cancel(rid)])
+
+    def take_id(self):
+        rid = self.next_id
+        self.next_id = rid + 1
+        return rid
+
+    def drain_stale(self):
+        """Read what arrived while the thread was idle (late answers,
+        HEARTBEAT, a DISCONNECT from a broker that since went away) so that
+        it is not mistaken for news about the next call."""
+        sock = self.sock
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            try:
+                frames = sock.recv_multipart(0)
+            except _Timeout:
+                return
+            self.last_recv = _monotonic()
+            self.route(frames, 0)
+
+    def route(self, frames, rid):
+        """Handle one message; return its header if it is about call ``rid``.
+
+        Messages for an open stream of this thread are queued on it; anything
+        else (late answers to abandoned calls, HEARTBEAT) is dropped.
+        """
+        try:
+            header = _parse(frames[0])
+        except Exception:
+            return None  # garbage from the peer: nothing to route it to
+        hid = header.request_id
+        if rid and hid == rid:
+            return header
+        if hid:
+            state = self.streams.get(hid)
+            if state is not None:
+                state.deliver(header.kind, header, frames)
+        elif header.kind == _DISCONNECT:
+            # The broker is shutting down: nothing it holds will be answered.
+            for state in list(self.streams.values()):
+                state.fail(Unavailable("broker is shutting down"))
+            if rid:
+                return header
+        return None
+
+    def wait(self, client, rid, deadline):
+        """Receive until a message about ``rid`` arrives; return (header, frames).
+
+        ``rid`` 0 returns after the first message (stream reads). Raises
+        DeadlineExceeded at ``deadline`` (monotonic seconds or None),
+        Unavailable when the broker stays silent, RpcError(CANCELLED) when the
+        client is closed meanwhile.
+        """
+        sock = self.sock
+        heartbeat = client.heartbeat
+        # Silence is judged from the start of this wait: an idle thread's
+        # socket hears nothing, and that says nothing about the broker.
+        self.last_recv = _monotonic()
+        while True:
+            if deadline is None:
+                wait = heartbeat or None
+            else:
+                wait = deadline - _monotonic()
+                if wait <= 0:
+                    raise DeadlineExceeded("deadline exceeded")
+                if heartbeat and wait > heartbeat:
+                    wait = heartbeat
+            try:
+                frames = sock.recv_multipart(wait)
+            except _Timeout:
+                now = _monotonic()
+                if deadline is not None and now >= deadline:
+                    raise DeadlineExceeded("deadline exceeded") from None
+                if heartbeat:
+                    silent = now - self.last_recv
+                    if silent >= client.liveness * heartbeat:
+                        self.close()
+                        raise Unavailable("broker did not answer for %.1f s" % silent) from None
+                    if silent >= heartbeat:
+                        sock.send_multipart([_wire.HEARTBEAT_FRAME])
+                continue
+            except _ContextTerminated:
+                self.dead = True
+                raise _closed_error() from None
+            self.last_recv = _monotonic()
+            if rid == 0:
+                return self.route(frames, 0), frames
+            header = self.route(frames, rid)
+            if header is not None:
+                return header, frames
+
+
+class Client:
+    """A blocking, thread-safe client of the broker's frontend.
+
+    ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
+    liveness=3, context=None)``, the same arguments as :class:`kelpie.Client`:
+    ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
+    ``timeout`` and ``metadata`` are defaults for every call; a call that
+    hears nothing from the broker for ``liveness`` × ``heartbeat`` seconds
+    fails with :class:`kelpie.Unavailable` (``heartbeat=0``: never). Share
+    one Client between all the threads of a process; use it as ``with
+    kelpie.sync.Client() as client:`` or call :meth:`close`.
+    """
+
+    def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
+                 metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
+                 context: Any = None) -> None:
+        self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        self.timeout = timeout
+        self.metadata = dict(metadata) if metadata else None
+        self.heartbeat = float(heartbeat or 0)
+        self.liveness = int(liveness)
+        self._own_context = context is None
+        self._context = _kelpie.Context() if context is None else context
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns = weakref.WeakSet()
+        self._closed = False
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every thread's connection (idempotent).
+
+        Calls waiting in other threads end with ``RpcError(CANCELLED)``.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns = list(self._conns)
+            self._conns = weakref.WeakSet()
+        for conn in conns:
+            conn.close()
+        if self._own_context:
+            # Ends the waits of other threads (their sockets close
+            # themselves) and returns once they have.
+            self._context.destroy(0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def connections(self) -> int:
+        """How many threads have an open connection."""
+        return sum(1 for c in list(self._conns) if not c.dead)
+
+    def _conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and not conn.dead:
+            return conn
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("client is closed")
+            conn = _Conn(self)
+            self._conns.add(conn)
+        self._local.conn = conn
+        return conn
+
+    # -- unary calls ------------------------------------------------------
+
+    def call(self, service: str, method: str, payload: Any = b"", *,
+             timeout: Optional[float] = None, metadata: _Metadata = None,
+             idempotent: bool = False, with_metadata: bool = False) -> Any:
+        """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
+
+        As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
+        client's) is the call's deadline, sent to the broker and enforced
+        here (:class:`kelpie.DeadlineExceeded` on time even if the broker is
+        gone); ``metadata`` is sent as request metadata; ``idempotent=True``
+        lets the broker re-send the call to another worker if its worker
+        dies; ``with_metadata=True`` returns ``(reply, metadata)``. Failures
+        raise :class:`kelpie.RpcError`.
+        """
+        conn = self._conn()
+        if timeout is None:
+            timeout = self.timeout
+        if metadata is None:
+            metadata = self.metadata
+        if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+            conn.drain_stale()
+        rid = conn.take_id()
+        if timeout is not None:
+            deadline = _monotonic() + timeout
+            header = _wire.request(service, method, rid, _timeout_ms(timeout),
+                                   1 if idempotent else 0, 0, metadata)
+        else:
+            deadline = None
+            header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
+        try:
+            conn.send((header, payload))
+        except _ContextTerminated:
+            conn.dead = True
+            raise _closed_error() from None
+        try:
+            header, frames = conn.wait(self, rid, deadline)
+        except RpcError as exc:
+            if exc.code == StatusCode.DEADLINE_EXCEEDED and not conn.dead:
+                self._cancel(conn, rid)
+            raise
+        except BaseException:
+            # KeyboardInterrupt or another signal handler's exception: the
+            # call is abandoned; tell the broker.
+            if not conn.dead:
+                self._cancel(conn, rid)
+            raise
+        if header.kind == _REPLY:
+            if with_metadata:
+                return _payload(frames), dict(header.metadata)
+            return _payload(frames)
+        if header.kind == _ERROR:
+            raise from_status(header.code, header.message, header.metadata)
+        if header.kind == _DISCONNECT:
+            raise Unavailable("broker is shutting down")
+        # A CHUNK or END for a unary call is the worker's protocol violation.
+        raise RpcError(StatusCode.INTERNAL, f"unexpected {header.kind} answer to a unary call")
+
+    @staticmethod
+    def _cancel(conn, rid):
+        try:
+            conn.send([_wire.cancel(rid)])
+        except Exception:
+            pass
+
+    # -- streamed replies -------------------------------------------------
+
+    def stream(self, service: str, method: str, payload: Any = b"", *,
+               timeout: Optional[float] = None, metadata: _Metadata = None, window: int = 16,
+               idempotent: bool = False) -> "Stream":
+        """Start a server-streaming call; return a :class:`Stream` (an iterator of chunks).
+
+        The call starts on the first ``next()`` (or ``with``). ``window`` is
+        how many chunks the worker may send ahead of the reader; window is
+        returned (CREDIT) as chunks are consumed. Closing the stream early
+        (``close()``, leaving a ``with`` block, or dropping it) sends CANCEL.
+        """
+        if timeout is None:
+            timeout = self.timeout
+        if metadata is None:
+            metadata = self.metadata
+        return Stream(_StreamState(self, service, method, payload, timeout, metadata,
+                                   max(1, int(window)), idempotent))
+
+    # -- convenience ------------------------------------------------------
+
+    def stub(self, service_descriptor: Any, *, idempotent: Any = (),
+             timeout: Optional[float] = None, metadata: _Metadata = None) -> "Stub":
+        """A blocking typed stub for a protobuf service (see :class:`Stub`)."""
+        return Stub(self, service_descriptor, idempotent=idempotent, timeout=timeout,
+                    metadata=metadata)
+
+    def ping(self, timeout: float = 2.0) -> float:
+        """Round-trip ``kelpie.broker/Ping``; return the time it took in seconds."""
+        start = _monotonic()
+        self.call("kelpie.broker", "Ping", b"", timeout=timeout)
+        return _monotonic() - start
+
+    def stats(self, timeout: float = 2.0) -> dict:
+        """``kelpie.broker/Stats`` decoded from JSON."""
+        import json
+        return json.loads(self.call("kelpie.broker", "Stats", b"", timeout=timeout))
+
+
+class _StreamState:
+    """One streamed call on one thread's connection."""
+
+    __slots__ = ("client", "service", "method", "payload", "timeout", "metadata", "window",
+                 "idempotent", "conn", "rid", "chunks", "finished", "error", "trailing",
+                 "consumed", "started", "deadline", "expected")
+
+    def __init__(self, client, service, method, payload, timeout, metadata, window,
+                 idempotent):
+        self.client = client
+        self.service = service
+        self.method = method
+        self.payload = payload
+        self.timeout = timeout
+        self.metadata = metadata
+        self.window = window
+        self.idempotent = idempotent
+        self.conn = None
+        self.rid = 0
+        self.chunks = collections.deque()
+        self.finished = False
+        self.error = None
+        self.trailing = {}
+        self.consumed = 0
+        self.started = False
+        self.deadline = None
+        self.expected = 0
+
+    def start(self):
+        if self.started:
+            return
+        conn = self.client._conn()
+        if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+            conn.drain_stale()
+        self.started = True
+        self.conn = conn
+        rid = self.rid = conn.take_id()
+        flags = _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0)
+        timeout_ms = 0
+        if self.timeout is not None:
+            self.deadline = _monotonic() + self.timeout
+            timeout_ms = _timeout_ms(self.timeout)
+        header = _wire.request(self.service, self.method, rid, timeout_ms, flags, self.window,
+                               self.metadata)
+        conn.streams[rid] = self
+        try:
+            conn.send((header, self.payload))
+        except BaseException as exc:
+            conn.streams.pop(rid, None)
+            self.finished = True
+            if isinstance(exc, _ContextTerminated):
+                conn.dead = True
+                self.error = _closed_error()
+                raise self.error from None
+            raise
+
+    def deliver(self, kind, header, frames):
+        if kind == _CHUNK:
+            seq = header.sequence
+            if seq != self.expected:
+                self._out_of_sequence(seq)
+                return
+            self.expected = seq + 1
+            self.chunks.append(_payload(frames))
+        elif kind == _END:
+            self.conn.streams.pop(self.rid, None)
+            self.trailing = dict(header.metadata)
+            self.finished = True
+        elif kind == _ERROR:
+            self.conn.streams.pop(self.rid, None)
+            self.error = from_status(header.code, header.message, header.metadata)
+            self.trailing = self.error.metadata
+            self.finished = True
+
+    def _out_of_sequence(self, seq):
+        conn = self.conn
+        if seq < self.expected:
+            # A replay after the broker re-dispatched an idempotent stream:
+            # drop the chunk, return its window.
+            conn.send([_wire.credit(1, self.rid)])
+            return
+        conn.streams.pop(self.rid, None)
+        Client._cancel(conn, self.rid)
+        self.fail(DataLoss(f"stream chunk {seq} arrived, {self.expected} expected"))
+
+    def fail(self, exc):
+        if self.finished:
+            return
+        if self.conn is not None:
+            self.conn.streams.pop(self.rid, None)
+        self.error = exc
+        self.finished = True
+
+    def next(self):
+        if not self.started:
+            self.start()
+        conn = self.conn
+        if not self.chunks and not self.finished:
+            if conn.owner != threading.get_ident():
+                raise RuntimeError("a kelpie.sync stream is read by the thread that started it")
+            try:
+                while not self.chunks and not self.finished:
+                    conn.wait(self.client, 0, self.deadline)
+            except RpcError as exc:
+                if not self.finished:
+                    if exc.code == StatusCode.DEADLINE_EXCEEDED and not conn.dead:
+                        Client._cancel(conn, self.rid)
+                    self.fail(exc)
+                raise
+            except BaseException:
+                self.cancel()
+                raise
+        if not self.chunks:
+            if self.error is not None:
+                raise self.error
+            raise StopIteration
+        chunk = self.chunks.popleft()
+        if not self.finished:
+            # Window goes back in batches of half the window: fewer CREDIT
+            # messages, and the worker never runs dry while we read.
+            self.consumed += 1
+            if self.consumed * 2 >= self.window:
+                grant, self.consumed = self.consumed, 0
+                conn.send([_wire.credit(grant, self.rid)])
+        return chunk
+
+    def cancel(self):
+        if self.finished:
+            return False
+        # Like a closed generator: the stream just ends for its reader.
+        self.finished = True
+        conn = self.conn
+        if conn is not None and conn.streams.pop(self.rid, None) is not None and not conn.dead:
+            if conn.owner == threading.get_ident():
+                Client._cancel(conn, self.rid)
+            else:
+                conn.cancels.append(self.rid)
+        return True
+
+
+class Stream:
+    """The chunks of a server-streamed reply, as a blocking iterator.
+
+    ``for chunk in client.stream(...)`` yields each chunk (bytes). The call
+    starts on the first ``next()``; read it on the thread that started it.
+    Leaving early: ``close()`` (or ``with client.stream(...) as s:``) sends
+    CANCEL at once; a Stream dropped unfinished sends it when collected.
+    After the end, ``metadata`` holds the trailing metadata.
+    """
+
+    __slots__ = ("_state", "__weakref__")
+
+    def __init__(self, state):
+        self._state = state
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> bytes:
+        return self._state.next()
+
+    def __enter__(self) -> "Stream":
+        self._state.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._state.cancel()
+
+    def close(self) -> bool:
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    cancel = close
+
+    @property
+    def done(self) -> bool:
+        return self._state.finished
+
+    @property
+    def metadata(self) -> dict:
+        """Trailing metadata (``dict[str, bytes]``), once the stream has ended."""
+        return self._state.trailing
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass
+
+
+# -- typed stubs ----------------------------------------------------------
+
+class _TypedStream:
+    """A Stream whose chunks are decoded into a protobuf message class."""
+
+    __slots__ = ("_stream", "_decode")
+
+    def __init__(self, stream, decode):
+        self._stream = stream
+        self._decode = decode
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._decode(next(self._stream))
+
+    def __enter__(self):
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.__exit__(*exc)
+
+    def close(self):
+        return self._stream.close()
+
+    cancel = close
+
+    @property
+    def metadata(self):
+        return self._stream.metadata
+
+
+def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
+        if not isinstance(request, request_cls):
+            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                            f"not {type(request).__name__}")
+        data = client.call(service, name, request.SerializeToString(), timeout=timeout,
+                           metadata=metadata, idempotent=idempotent,
+                           with_metadata=with_metadata)
+        if with_metadata:
+            return decode(data[0]), data[1]
+        return decode(data)
+    method.__name__ = name
+    method.__qualname__ = f"{service}.{name}"
+    return method
+
+
+def _server_stream(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    def method(request, *, timeout=timeout, metadata=metadata, window=16):
+        if not isinstance(request, request_cls):
+            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                            f"not {type(request).__name__}")
+        stream = client.stream(service, name, request.SerializeToString(), timeout=timeout,
+                               metadata=metadata, window=window, idempotent=idempotent)
+        return _TypedStream(stream, decode)
+    method.__name__ = name
+    method.__qualname__ = f"{service}.{name}"
+    return method
+
+
+class Stub(_AsyncStub):
+    """One blocking method per RPC of a protobuf service.
+
+    ``stub.SayHello(req, timeout=1.0)`` returns the reply message
+    (``with_metadata=True``: ``(reply, metadata)``); a server-streaming
+    method returns an iterator of reply messages with ``close()`` and
+    ``metadata``. Idempotency and naming as :class:`kelpie.Stub`
+    (:mod:`kelpie.stubs`), from whose descriptor logic this is built.
+    """
+
+    _make_unary = staticmethod(_unary)
+    _make_server_stream = staticmethod(_server_stream)
+
+    def __repr__(self):
+        return f"<kelpie.sync.Stub {self._service}>"

@@ -1,0 +1,356 @@
+"""Test kit for Kelpie services: a real broker and an in-process worker in pytest.
+
+Use it from a ``conftest.py``::
+
+    pytest_plugins = ["kelpie.testing"]
+
+and a test is five lines::
+
+    from myservice import worker          # a kelpie.Worker with handlers
+
+    def test_say_hello(kelpie_worker):
+        client = kelpie_worker(worker).client
+        assert client.call("greeter", "SayHello", b"Ada") == b"Hello, Ada"
+
+Fixtures (all function-scoped, everything stopped at teardown whatever the
+test's outcome):
+
+``kelpied``
+    A :class:`Kelpied`: a real ``kelpied`` on free loopback ports
+    (``.frontend``, ``.backend``, ``.intake``; ``.restart()``, ``.stop()``).
+    The binary is ``$KELPIED``, else ``kelpied`` on ``PATH``, else the one in
+    a build tree next to this package (``build/broker/kelpied``).
+``kelpie_client``
+    A :class:`kelpie.sync.Client` connected to ``kelpied``.
+``kelpie_worker``
+    A function ``kelpie_worker(worker, **options)`` that serves a
+    :class:`kelpie.Worker` in this process, connected to ``kelpied``, and
+    returns a :class:`Served` (``.client``, ``.frontend``, ``.worker``,
+    ``.stop()``) once the broker knows every service of the worker.
+
+Without pytest, :func:`serve` and :class:`Kelpied` work as context managers.
+
+How the worker runs: in a background thread with an event loop of its own,
+so a test body can be plain synchronous code calling it through
+``kelpie.sync.Client``, and an ``async`` test on another loop can call it with
+``kelpie.Client`` without sharing that loop. Handlers run in the same
+process as the test, so they can share state with it (counters, fakes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_kelpied() -> str:
+    """The kelpied binary: ``$KELPIED``, ``PATH``, or a build tree nearby."""
+    path = os.environ.get("KELPIED")
+    if path:
+        if not os.access(path, os.X_OK):
+            raise FileNotFoundError(f"KELPIED={path!r} is not an executable")
+        return path
+    path = shutil.which("kelpied")
+    if path:
+        return path
+    # Running from the build tree (build/python/kelpie/testing.py) or the
+    # source tree (bindings/python/kelpie/testing.py).
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in (os.path.join(here, "..", ".."), os.path.join(here, "..", "..", "..")):
+        for build in ("build", "."):
+            candidate = os.path.normpath(os.path.join(up, build, "broker", "kelpied"))
+            if os.access(candidate, os.X_OK) and os.path.isfile(candidate):
+                return candidate
+    raise FileNotFoundError("kelpied not found: set KELPIED, put it on PATH, or build it")
+
+
+class Kelpied:
+    """A ``kelpied`` process on free loopback ports.
+
+    ``Kelpied(binary=None, *, heartbeat_ms=200, args=(), log_dir=None)``.
+    :meth:`start` waits until it answers ``kelpie.broker/Ping``; :meth:`stop`
+    kills it (SIGKILL; ``graceful=True``: SIGTERM, then wait); :meth:`restart`
+    starts it again on the same ports. Its log is ``.log_path``,
+    readable with :meth:`log`. A short heartbeat (200 ms) makes lost workers
+    and reconnections quick in tests.
+    """
+
+    def __init__(self, binary: Optional[str] = None, *, heartbeat_ms: int = 200,
+                 args: Sequence[str] = (), log_dir: Optional[str] = None) -> None:
+        self.binary = binary or find_kelpied()
+        ports = [free_port() for _ in range(3)]
+        self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
+        self.heartbeat_ms = heartbeat_ms
+        self.args = list(args)
+        self._tmp = None
+        if log_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kelpied-")
+            log_dir = self._tmp.name
+        self.log_dir = log_dir
+        self.log_path = os.path.join(log_dir, "kelpied.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 10.0) -> "Kelpied":
+        if self.proc is not None:
+            raise RuntimeError("kelpied is already running")
+        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
+               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
+               "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        from .sync import Client
+        deadline = time.monotonic() + timeout
+        with Client(self.frontend, heartbeat=0) as client:
+            while True:
+                try:
+                    client.call("kelpie.broker", "Ping", b"", timeout=0.2)
+                    return
+                except Exception as exc:
+                    if self.proc is None or self.proc.poll() is not None:
+                        raise RuntimeError(f"kelpied exited:\n{self.log()}") from exc
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"kelpied did not answer Ping within {timeout} s:"
+                                           f"\n{self.log()}") from exc
+
+    def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
+        """Stop the broker (idempotent). SIGKILL, or SIGTERM with ``graceful``."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            if graceful:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                    return
+                except subprocess.TimeoutExpired:
+                    pass
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout)
+
+    def restart(self, timeout: float = 10.0) -> "Kelpied":
+        self.stop()
+        return self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def client(self, **options: Any):
+        """A new :class:`kelpie.sync.Client` for this broker (close it yourself)."""
+        from .sync import Client
+        return Client(self.frontend, **options)
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Kelpied":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Served:
+    """A Worker running in a background thread of this process (see :func:`serve`)."""
+
+    def __init__(self, worker: Any, frontend: str, grace: float) -> None:
+        self.worker = worker
+        self.frontend = frontend
+        self.grace = grace
+        self.error: Optional[BaseException] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="kelpie-testing-worker",
+                                        daemon=True)
+        self._client = None
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._task = None
+        try:
+            self._task = loop.create_task(self.worker.run())
+            self._started.set()
+            loop.run_until_complete(self._task)
+        except BaseException as exc:  # reported by stop() and wait_registered()
+            self.error = exc
+        finally:
+            self._started.set()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def start(self, timeout: float = 10.0) -> "Served":
+        self._thread.start()
+        self._started.wait(timeout)
+        self.wait_registered(timeout)
+        return self
+
+    def wait_registered(self, timeout: float = 10.0) -> None:
+        """Wait until the broker lists every service of the worker."""
+        from .sync import Client
+        wanted = set(self.worker.services)
+        deadline = time.monotonic() + timeout
+        with Client(self.frontend, heartbeat=0) as client:
+            while True:
+                if self.error is not None or not self._thread.is_alive():
+                    raise RuntimeError(f"the worker stopped: {self.error!r}") from self.error
+                try:
+                    services = client.stats(timeout=0.5).get("services", {})
+                    if all(_has_worker(services.get(name)) for name in wanted):
+                        return
+                except Exception:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker did not register {sorted(wanted)} "
+                                       f"within {timeout} s")
+                time.sleep(0.02)
+
+    @property
+    def client(self):
+        """A :class:`kelpie.sync.Client` to the broker, closed by :meth:`stop`."""
+        if self._client is None:
+            from .sync import Client
+            self._client = Client(self.frontend)
+        return self._client
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Drain the worker (``Worker.stop(grace)``) and join its thread."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        loop = self._loop
+        if self._thread.is_alive() and loop is not None:
+            async def _stop():
+                await self.worker.stop(self.grace)
+            try:
+                fut = asyncio.run_coroutine_threadsafe(_stop(), loop)
+                fut.result(timeout)
+            except Exception:
+                # A worker that does not drain in time is cancelled.
+                if self._task is not None:
+                    loop.call_soon_threadsafe(self._task.cancel)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("the worker thread did not stop")
+        # Let the same Worker object be served again by a later test.
+        if hasattr(self.worker, "_stopping"):
+            self.worker._stopping = False
+
+    def __enter__(self) -> "Served":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _has_worker(entry: Any) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    return int(entry.get("workers", 0) or 0) > 0
+
+
+def serve(worker: Any, broker: Any, *, grace: float = 2.0, timeout: float = 10.0) -> Served:
+    """Run ``worker`` (a :class:`kelpie.Worker`) in a background thread, connected to
+    ``broker`` (a :class:`Kelpied`, or an object with ``.frontend`` and ``.backend``).
+
+    Returns once the broker lists the worker's services. Use as a context
+    manager, or call ``.stop()``; ``grace`` is passed to ``Worker.stop``.
+    """
+    worker.backend = broker.backend
+    served = Served(worker, broker.frontend, grace)
+    try:
+        return served.start(timeout)
+    except BaseException:
+        served.stop()
+        raise
+
+
+# -- pytest plugin ------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # the module also works without pytest
+    pytest = None
+
+if pytest is not None:
+    @pytest.fixture
+    def kelpied() -> Iterator[Kelpied]:
+        """A real kelpied on free loopback ports, killed after the test."""
+        broker = Kelpied()
+        try:
+            broker.start()
+            yield broker
+        finally:
+            broker.close()
+
+    @pytest.fixture
+    def kelpie_client(kelpied: Kelpied):
+        """A kelpie.sync.Client connected to the ``kelpied`` fixture."""
+        client = kelpied.client()
+        try:
+            yield client
+        finally:
+            client.close()
+
+    @pytest.fixture
+    def kelpie_worker(kelpied: Kelpied):
+        """``kelpie_worker(worker, grace=2.0)`` serves a Worker in-process; returns a Served."""
+        served = []
+
+        def start(worker: Any, *, grace: float = 2.0, timeout: float = 10.0) -> Served:
+            s = serve(worker, kelpied, grace=grace, timeout=timeout)
+            served.append(s)
+            return s
+
+        try:
+            yield start
+        finally:
+            errors = []
+            for s in reversed(served):
+                try:
+                    s.stop()
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]

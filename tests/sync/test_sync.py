@@ -1,0 +1,424 @@
+"""kelpie.sync.Client against a real kelpied: many threads, beside asyncio,
+deadlines, errors, metadata, streams, stubs, broker restarts."""
+
+import asyncio
+import gc
+import threading
+import time
+
+import pytest
+
+import kelpie
+import kelpie.sync
+import kelpie.testing
+
+from conftest import wait_served
+
+
+# -- an in-process worker for the tests that look inside handlers ------------
+
+def make_worker():
+    w = kelpie.Worker(concurrency=32, heartbeat=0.2)
+    w.seen = {}  # what handlers observed, for the test to check
+
+    @w.handler("t", "Echo")
+    async def echo(payload, ctx):
+        return payload
+
+    @w.handler("t", "Meta")
+    async def meta(payload, ctx):
+        md = dict(ctx.metadata)
+        # ctx.deadline is on the worker loop's clock (None: no deadline).
+        if ctx.deadline is None:
+            md["remaining-ms"] = b"none"
+        else:
+            remaining = ctx.deadline - asyncio.get_running_loop().time()
+            md["remaining-ms"] = str(int(remaining * 1000)).encode()
+        md["idempotent"] = b"1" if ctx.idempotent else b"0"
+        ctx.set_trailing_metadata(md)
+        return payload
+
+    @w.handler("t", "Fail")
+    async def fail(payload, ctx):
+        if payload == b"notfound":
+            raise kelpie.RpcError(kelpie.StatusCode.NOT_FOUND, "no such thing", {"key": "k1"})
+        raise ValueError("handler blew up")
+
+    @w.handler("t", "Sleep")
+    async def sleep(payload, ctx):
+        try:
+            await asyncio.sleep(float(payload))
+        except asyncio.CancelledError:
+            w.seen["sleep-cancelled"] = time.monotonic()
+            raise
+        return b"late:" + payload
+
+    @w.handler("t", "Count")
+    async def count(payload, ctx):
+        n = int(payload)
+        ctx.set_trailing_metadata({"total": str(n)})
+        for i in range(n):
+            yield b"%d" % i
+
+    @w.handler("t", "Endless")
+    async def endless(payload, ctx):
+        w.seen["endless-started"] = threading.Event()
+        w.seen["endless-started"].set()
+        i = 0
+        try:
+            while True:
+                yield b"%d" % i
+                i += 1
+                await asyncio.sleep(0)
+        except (asyncio.CancelledError, GeneratorExit):
+            w.seen["endless-cancelled"] = i
+            raise
+
+    return w
+
+
+@pytest.fixture
+def served(kelpie_worker):
+    return kelpie_worker(make_worker())
+
+
+# -- many threads -----------------------------------------------------------
+
+def test_16_threads_1000_calls_each_answered_once(app_worker, kelpied):
+    client = kelpie.sync.Client(kelpied.frontend, timeout=30)
+    try:
+        answers = [[] for _ in range(16)]
+        errors = []
+
+        def run(k):
+            try:
+                for i in range(1000):
+                    payload = b"%d:%d" % (k, i)
+                    answers[k].append((payload, client.call("echo", "Echo", payload)))
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        before = int(client.call("echo", "Count", b""))
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert errors == []
+        for k in range(16):
+            assert len(answers[k]) == 1000
+            assert all(sent == got for sent, got in answers[k])
+            assert [p for p, _ in answers[k]] == [b"%d:%d" % (k, i) for i in range(1000)]
+        # The worker ran each call exactly once (the handler counts them).
+        assert int(client.call("echo", "Count", b"")) - before == 16000
+        # Each thread had its own socket; the exited threads' ones are closed.
+        gc.collect()
+        assert client.connections == 1  # this thread's
+    finally:
+        client.close()
+
+
+def test_thread_beside_asyncio_loop(app_worker, kelpied):
+    """A worker thread calls with the sync client while the main thread's loop
+    makes async calls through kelpie.Client at the same time."""
+    sync_client = kelpie.sync.Client(kelpied.frontend, timeout=20)
+
+    def blocking_part(n):
+        return [sync_client.call("echo", "Echo", b"s%d" % i) for i in range(n)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        async with kelpie.Client(kelpied.frontend, timeout=20) as aclient:
+            in_thread = loop.run_in_executor(None, blocking_part, 2000)
+            ticks = 0
+            async_answers = []
+            while not in_thread.done():
+                batch = await asyncio.gather(*(aclient.call("echo", "Echo", b"a%d" % i)
+                                               for i in range(ticks * 10, ticks * 10 + 10)))
+                async_answers += batch
+                ticks += 1
+            sync_answers = await in_thread
+            return ticks, async_answers, sync_answers
+
+    try:
+        ticks, async_answers, sync_answers = asyncio.run(asyncio.wait_for(main(), 60))
+        assert sync_answers == [b"s%d" % i for i in range(2000)]
+        assert async_answers == [b"a%d" % i for i in range(ticks * 10)]
+        # The loop kept running (and calling) while the thread waited.
+        assert ticks >= 5
+    finally:
+        sync_client.close()
+
+
+# -- deadlines, errors, metadata --------------------------------------------
+
+def test_deadline_exceeded_on_time(served):
+    client = served.client
+    start = time.monotonic()
+    with pytest.raises(kelpie.DeadlineExceeded):
+        client.call("t", "Sleep", b"5", timeout=0.3)
+    took = time.monotonic() - start
+    assert 0.25 <= took < 1.0, took
+    # The handler was cancelled (broker CANCEL or the worker's own deadline).
+    deadline = time.monotonic() + 3
+    while "sleep-cancelled" not in served.worker.seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "sleep-cancelled" in served.worker.seen
+    # The same thread's next call gets its own answer, not the late one.
+    assert client.call("t", "Echo", b"fresh", timeout=5) == b"fresh"
+
+
+def test_default_timeout_and_late_answer_dropped(kelpie_worker, kelpied):
+    served = kelpie_worker(make_worker())
+    with kelpie.sync.Client(kelpied.frontend, timeout=0.2) as client:
+        with pytest.raises(kelpie.DeadlineExceeded):
+            client.call("t", "Sleep", b"0.3")
+        time.sleep(0.4)  # the broker's ERROR for that call arrives meanwhile
+        assert client.call("t", "Sleep", b"0", timeout=5) == b"late:0"
+        assert client.call("t", "Echo", b"x") == b"x"
+
+
+def test_local_deadline_without_broker(kelpied):
+    kelpied.stop()
+    with kelpie.sync.Client(kelpied.frontend, heartbeat=0) as client:
+        start = time.monotonic()
+        with pytest.raises(kelpie.DeadlineExceeded):
+            client.call("t", "Echo", b"x", timeout=0.3)
+        assert 0.25 <= time.monotonic() - start < 1.0
+
+
+def test_status_codes_and_exceptions(served):
+    client = served.client
+    with pytest.raises(kelpie.Internal) as info:
+        client.call("t", "Fail", b"boom", timeout=5)
+    assert info.value.code == kelpie.StatusCode.INTERNAL
+    assert "handler blew up" in info.value.message
+    with pytest.raises(kelpie.RpcError) as info:
+        client.call("t", "Fail", b"notfound", timeout=5)
+    assert isinstance(info.value, kelpie.NotFound)
+    assert info.value.code == kelpie.StatusCode.NOT_FOUND
+    assert info.value.message == "no such thing"
+    assert info.value.metadata == {"key": b"k1"}
+    # An unknown service is NOT_FOUND once the broker is past its start-up
+    # grace (liveness x heartbeat, while workers may still be reconnecting).
+    while client.stats()["uptime_ms"] < 3 * 200 + 50:
+        time.sleep(0.05)
+    with pytest.raises(kelpie.NotFound):
+        client.call("no.such.service", "X", b"", timeout=5)
+    # Bad metadata is refused before anything is sent.
+    with pytest.raises(ValueError):
+        client.call("t", "Echo", b"", metadata={"Upper": "x"})
+    assert client.call("t", "Echo", b"ok", timeout=5) == b"ok"
+
+
+def test_metadata_both_ways(served):
+    client = served.client
+    reply, md = client.call("t", "Meta", b"p", timeout=2.0, idempotent=True,
+                            metadata={"user": "ada", "blob": b"\x00\xff"}, with_metadata=True)
+    assert reply == b"p"
+    assert md["user"] == b"ada" and md["blob"] == b"\x00\xff"
+    assert md["idempotent"] == b"1"
+    assert 1000 <= int(md["remaining-ms"]) <= 2000
+    # Client defaults apply when a call gives none.
+    with kelpie.sync.Client(served.frontend, metadata={"tenant": "t1"}) as c2:
+        reply, md = c2.call("t", "Meta", b"q", with_metadata=True)
+        assert md["tenant"] == b"t1" and md["remaining-ms"] == b"none"
+        assert md["idempotent"] == b"0"
+
+
+# -- streams ----------------------------------------------------------------
+
+def test_stream_all_chunks_with_small_window(served):
+    client = served.client
+    stream = client.stream("t", "Count", b"200", window=4, timeout=10)
+    assert list(stream) == [b"%d" % i for i in range(200)]
+    assert stream.done and stream.metadata == {"total": b"200"}
+    # Unary calls between reads of a stream on the same thread.
+    out = []
+    with client.stream("t", "Count", b"20", window=2, timeout=10) as s:
+        for chunk in s:
+            out.append(chunk)
+            assert client.call("t", "Echo", chunk, timeout=5) == chunk
+    assert out == [b"%d" % i for i in range(20)]
+
+
+def test_stream_error_and_deadline(served):
+    client = served.client
+    while client.stats()["uptime_ms"] < 3 * 200 + 50:  # see above
+        time.sleep(0.05)
+    with pytest.raises(kelpie.NotFound):
+        list(client.stream("nope", "Nope", b"", timeout=5))
+    start = time.monotonic()
+    with pytest.raises(kelpie.DeadlineExceeded):
+        for _ in client.stream("t", "Sleep", b"5", timeout=0.3):
+            pass
+    assert time.monotonic() - start < 1.0
+
+
+def _wait_seen(served, key, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while key not in served.worker.seen:
+        assert time.monotonic() < deadline, f"handler never saw {key}"
+        time.sleep(0.01)
+    return served.worker.seen[key]
+
+
+def test_stream_early_close_cancels_handler(served):
+    client = served.client
+    stream = client.stream("t", "Endless", b"", window=8)
+    got = [next(stream) for _ in range(30)]
+    assert got == [b"%d" % i for i in range(30)]
+    assert stream.close() is True
+    sent = _wait_seen(served, "endless-cancelled")
+    # The worker stopped within its window of the reader.
+    assert 30 <= sent <= 30 + 8 + 1
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert client.call("t", "Echo", b"after", timeout=5) == b"after"
+
+
+def test_stream_dropped_sends_cancel(served):
+    client = served.client
+    stream = client.stream("t", "Endless", b"", window=4)
+    assert next(stream) == b"0"
+    del stream
+    gc.collect()
+    _wait_seen(served, "endless-cancelled")
+    assert client.call("t", "Echo", b"after", timeout=5) == b"after"
+
+
+def test_stream_dropped_on_another_thread(served):
+    """GC may drop a stream on any thread: its CANCEL waits for the owner."""
+    client = served.client
+    box = {}
+
+    def owner():
+        box["stream"] = client.stream("t", "Endless", b"", window=4)
+        box["first"] = next(box["stream"])
+
+    owner()  # this thread owns the stream; another one drops it
+    assert box["first"] == b"0"
+
+    def dropper():
+        box.pop("stream").close()
+
+    t = threading.Thread(target=dropper)
+    t.start()
+    t.join(5)
+    # Nothing was sent on this thread's socket from the other thread.
+    time.sleep(0.2)
+    assert "endless-cancelled" not in served.worker.seen
+    # The owner's next message carries the queued CANCEL.
+    assert client.call("t", "Echo", b"x", timeout=5) == b"x"
+    _wait_seen(served, "endless-cancelled")
+
+
+# -- stubs ------------------------------------------------------------------
+
+class ShopServicer:
+    def __init__(self, pb):
+        self.pb = pb
+
+    async def Buy(self, item, ctx):
+        ctx.set_trailing_metadata({"idempotent": "1" if ctx.idempotent else "0"})
+        return self.pb.Receipt(text=f"{item.quantity} x {item.name}")
+
+    async def Price(self, item, ctx):
+        return self.pb.Receipt(text="idempotent" if ctx.idempotent else "not")
+
+    async def Unpack(self, item, ctx):
+        for i in range(item.quantity):
+            yield self.pb.Receipt(text=item.name, index=i)
+
+
+def test_stub_with_protobuf(kelpie_worker, shop_pb2):
+    service = shop_pb2.DESCRIPTOR.services_by_name["Shop"]
+    worker = kelpie.Worker(heartbeat=0.2)
+    worker.add_servicer(service, ShopServicer(shop_pb2))
+    served = kelpie_worker(worker)
+    shop = served.client.stub(service, timeout=5)
+    assert isinstance(shop, kelpie.sync.Stub)
+    receipt = shop.Buy(shop_pb2.Item(name="kelp", quantity=3))
+    assert isinstance(receipt, shop_pb2.Receipt) and receipt.text == "3 x kelp"
+    receipt, md = shop.Buy(shop_pb2.Item(name="x", quantity=1), with_metadata=True)
+    assert md == {"idempotent": b"0"}
+    assert shop.Price(shop_pb2.Item(name="x")).text == "idempotent"  # from the .proto
+    receipts = list(shop.Unpack(shop_pb2.Item(name="box", quantity=5), window=2))
+    assert [(r.text, r.index) for r in receipts] == [("box", i) for i in range(5)]
+    with pytest.raises(kelpie.Unimplemented):
+        shop.Refund(shop_pb2.Item(name="x"))
+    with pytest.raises(TypeError):
+        shop.Buy(shop_pb2.Receipt())
+    # The idempotent= set marks methods too, as for the async stub.
+    shop2 = served.client.stub(service, idempotent={"Buy"})
+    _, md = shop2.Buy(shop_pb2.Item(name="y", quantity=1), with_metadata=True)
+    assert md == {"idempotent": b"1"}
+    with pytest.raises(ValueError):
+        served.client.stub(service, idempotent={"Nope"})
+
+
+# -- broker restarts, liveness, close ---------------------------------------
+
+def test_broker_restart_then_calls_work(app_worker, kelpied):
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=3)
+    try:
+        assert client.call("echo", "Echo", b"before", timeout=5) == b"before"
+        kelpied.stop()
+        # Broker gone: a call without a deadline fails by liveness, on time.
+        start = time.monotonic()
+        with pytest.raises(kelpie.Unavailable):
+            client.call("echo", "Echo", b"lost")
+        assert 0.5 <= time.monotonic() - start < 2.0
+        kelpied.start()
+        # The worker process re-registers by itself; the client's next calls
+        # work (the thread's socket was replaced after Unavailable).
+        assert wait_served(client) == b""
+        assert client.call("echo", "Echo", b"after", timeout=5) == b"after"
+        # A restart the client did not notice (no call in flight): the same
+        # socket reconnects by itself.
+        kelpied.restart()
+        assert wait_served(client) == b""
+        assert client.call("echo", "Echo", b"again", timeout=5) == b"again"
+    finally:
+        client.close()
+
+
+def test_close_ends_waits_in_other_threads(served):
+    client = kelpie.sync.Client(served.frontend)
+    result = {}
+
+    def waiter():
+        try:
+            client.call("t", "Sleep", b"10")
+        except BaseException as exc:
+            result["exc"] = exc
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    client.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert time.monotonic() - start < 2.0
+    assert isinstance(result["exc"], kelpie.Cancelled)
+    with pytest.raises(RuntimeError):
+        client.call("t", "Echo", b"")
+    client.close()  # idempotent
+
+
+def test_thread_exit_closes_its_socket(served):
+    client = served.client
+    assert client.call("t", "Echo", b"main", timeout=5) == b"main"
+
+    def use():
+        assert client.call("t", "Echo", b"t", timeout=5) == b"t"
+
+    threads = [threading.Thread(target=use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    gc.collect()
+    assert client.connections == 1
