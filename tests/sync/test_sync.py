@@ -422,3 +422,27 @@ def test_thread_exit_closes_its_socket(served):
         t.join(10)
     gc.collect()
     assert client.connections == 1
+
+
+def test_long_call_kept_alive_by_pings(served):
+    """A call that takes longer than liveness x heartbeat is not given up:
+    the waiting thread pings the broker, which answers."""
+    with kelpie.sync.Client(served.frontend, heartbeat=0.1, liveness=2) as client:
+        assert client.call("t", "Sleep", b"0.8") == b"late:0.8"
+        # A stream with no deadline either.
+        assert list(client.stream("t", "Count", b"3")) == [b"0", b"1", b"2"]
+
+
+def test_liveness_fails_open_streams(kelpied, kelpie_worker):
+    served = kelpie_worker(make_worker())
+    with kelpie.sync.Client(served.frontend, heartbeat=0.1, liveness=3) as client:
+        stream = client.stream("t", "Endless", b"", window=2)
+        assert next(stream) == b"0"
+        kelpied.stop()
+        start = time.monotonic()
+        with pytest.raises(kelpie.Unavailable):
+            for _ in range(100):  # the window's chunks, then silence
+                next(stream)
+        assert time.monotonic() - start < 2.0
+        with pytest.raises(kelpie.Unavailable):
+            next(stream)

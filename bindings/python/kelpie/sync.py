@@ -51,7 +51,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from . import _kelpie, _wire
 from ._status import StatusCode
@@ -70,7 +70,7 @@ _CHUNK = _wire.CHUNK
 _END = _wire.END
 _DISCONNECT = _wire.DISCONNECT
 _Timeout = _kelpie.Timeout
-_ContextTerminated = _kelpie.ContextTerminated
+_ZMQError = _kelpie.ZMQError
 _monotonic = time.monotonic
 _parse = _wire.parse
 _POLLIN = _kelpie.POLLIN
@@ -140,8 +140,14 @@ class _Conn:
         self.owner = threading.get_ident()
         self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
 
-    def close(self):
+    def close(self, exc=None):
+        """Close the socket. From the owning thread, ``exc`` ends its open
+        streams; from another thread (Client.close) the owner finds ``dead``
+        at its next step."""
         self.dead = True
+        if exc is not None:
+            for state in list(self.streams.values()):
+                state.fail(exc)
         self._finalizer()
 
     def send(self, frames):
@@ -232,12 +238,17 @@ class _Conn:
                 if heartbeat:
                     silent = now - self.last_recv
                     if silent >= client.liveness * heartbeat:
-                        self.close()
-                        raise Unavailable("broker did not answer for %.1f s" % silent) from None
+                        exc = Unavailable("broker did not answer for %.1f s" % silent)
+                        self.close(exc)
+                        raise exc from None
                     if silent >= heartbeat:
                         sock.send_multipart([_wire.HEARTBEAT_FRAME])
                 continue
-            except _ContextTerminated:
+            except _ZMQError:
+                # ContextTerminated (Client.close destroyed the context) or
+                # ENOTSOCK (it closed this idle socket between two waits).
+                if not self.dead and not client._closed:
+                    raise
                 self.dead = True
                 raise _closed_error() from None
             self.last_recv = _monotonic()
@@ -355,7 +366,9 @@ class Client:
             header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
         try:
             conn.send((header, payload))
-        except _ContextTerminated:
+        except _ZMQError:
+            if not conn.dead and not self._closed:
+                raise
             conn.dead = True
             raise _closed_error() from None
         try:
@@ -477,7 +490,7 @@ class _StreamState:
         except BaseException as exc:
             conn.streams.pop(rid, None)
             self.finished = True
-            if isinstance(exc, _ContextTerminated):
+            if isinstance(exc, _ZMQError) and (conn.dead or self.client._closed):
                 conn.dead = True
                 self.error = _closed_error()
                 raise self.error from None
@@ -524,6 +537,8 @@ class _StreamState:
         if not self.started:
             self.start()
         conn = self.conn
+        if conn.dead and not self.finished:
+            self.fail(_closed_error())
         if not self.chunks and not self.finished:
             if conn.owner != threading.get_ident():
                 raise RuntimeError("a kelpie.sync stream is read by the thread that started it")
