@@ -38,6 +38,24 @@ broker says it does not know this worker (ERROR FAILED_PRECONDITION: it
 restarted and the socket reconnected by itself, or it gave the worker up
 while a handler blocked the loop), the worker sends READY again at once.
 
+Handlers of three kinds (docs/python.md, "Handlers of every kind"): an
+``async def`` runs on the loop as above; a plain ``def`` runs in a bounded
+thread pool (``threads``), its call answered when the thread returns (so the
+slot, and the credit, stay taken while the thread runs, even past a deadline
+or a CANCEL: the broker has answered the caller already), and it sees
+``ctx.cancelled()`` / ``ctx.time_remaining()``; a handler registered with
+``executor="process"`` runs in a child process of a pool (``processes``,
+kelpie._executors), killed with SIGKILL and replaced when its call is
+cancelled or passes its deadline.
+
+Stalls: every tick re-arms ``faulthandler.dump_traceback_later`` (at most
+every threshold/2, with a timeout of 1.5 thresholds), so a stall longer than
+that prints the Python stack of the blocking code once, below the Pulse's
+own stderr line. Handler steps on the loop record the handler whose step
+blocked; when the loop runs again the worker logs one line naming it and the
+running handlers, sends STATUS without STALLED and counts the stall
+(``worker.stats``).
+
 Streaming handlers are async generators. Flow control is end to end
 (protocol.md §5.3): the generator is advanced only while the reader's window
 is open, so a slow reader bounds what this worker holds to one chunk.
@@ -46,18 +64,24 @@ is open, so a slow reader bounds what this worker holds to one chunk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import faulthandler
+import functools
 import inspect
 import logging
 import os
 import socket as _socket
+import time
 from typing import Any, Callable, Mapping, Optional, Union
 
-from . import _wire, _zmq
+from . import _executors, _wire, _zmq
 from ._status import StatusCode
 from .errors import RpcError
 from .stubs import message_class, method_kind
 
-__all__ = ["Worker", "CallContext", "DEFAULT_BACKEND"]
+__all__ = ["Worker", "CallContext", "ProcessContext", "DEFAULT_BACKEND"]
+
+ProcessContext = _executors.ProcessContext
 
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
@@ -73,6 +97,12 @@ _BY_DEADLINE = 2
 _BY_SHUTDOWN = 3
 _BY_SESSION_END = 4
 
+# Where a handler runs (_Handler.kind).
+_ON_LOOP = 0
+_IN_THREAD = 1
+_IN_PROCESS = 2
+_EXECUTORS = {None: None, "loop": _ON_LOOP, "thread": _IN_THREAD, "process": _IN_PROCESS}
+
 
 class CallContext:
     """What a handler knows about its call, and what it can add to the answer.
@@ -80,11 +110,13 @@ class CallContext:
     ``service``, ``method``, ``request_id`` (the broker's dispatch id),
     ``metadata`` (request metadata, ``dict[str, bytes]``), ``deadline`` (in
     ``loop.time()`` seconds, or None), ``idempotent`` (the caller's flag).
+    ``cancelled()`` and ``time_remaining()`` may be called from any thread
+    (a ``def`` handler polls them to stop early).
     """
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter")
+                 "_credit_waiter", "_mono_deadline", "_in_thread")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -96,6 +128,8 @@ class CallContext:
         self.metadata = dict(md) if md else {}
         self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
         self.deadline = None
+        self._mono_deadline = None
+        self._in_thread = False
         self._task = None
         self._timer = None
         self._reason = 0
@@ -105,9 +139,11 @@ class CallContext:
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
-        if self.deadline is None:
+        # time.monotonic(), not loop.time(): uvloop's clock is a per-iteration
+        # cache that a thread must not read.
+        if self._mono_deadline is None:
             return None
-        return max(0.0, self.deadline - self._worker._loop.time())
+        return max(0.0, self._mono_deadline - time.monotonic())
 
     def set_trailing_metadata(self, metadata: Mapping[str, Union[bytes, str]]) -> None:
         """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error.
@@ -146,42 +182,73 @@ class CallContext:
     def _cancel(self, reason):
         if self._reason == 0:
             self._reason = reason
-        if self._task is not None:
+        # A thread cannot be interrupted: it sees cancelled() and its call is
+        # answered when it returns (that is when its slot is free again).
+        if self._task is not None and not self._in_thread:
             self._task.cancel()
 
 
 class _Handler:
-    __slots__ = ("fn", "stream", "name")
+    __slots__ = ("fn", "stream", "name", "kind")
 
-    def __init__(self, fn, stream, name):
+    def __init__(self, fn, stream, name, kind=_ON_LOOP):
         self.fn = fn
         self.stream = stream
         self.name = name
+        self.kind = kind
 
 
-def _resume(coro, yielded):
-    """Continue driving ``coro``, which already yielded ``yielded`` to its caller.
+_FRESH = object()  # _drive: the coroutine has not been started yet
+_clock = time.monotonic
 
-    Used to move a coroutine that was stepped outside of any task into a task
-    of its own without losing its place (eager start). Values and exceptions
-    the task sends in are passed through, so cancellation reaches ``coro``.
+
+def _drive(coro, yielded, worker, name):
+    """Drive ``coro`` step by step, timing each step on the loop.
+
+    ``yielded`` is what ``coro`` already yielded to its caller (it was
+    stepped outside of any task: the eager start), or _FRESH. Values and
+    exceptions the task sends in are passed through, so cancellation reaches
+    ``coro``. A step that holds the loop longer than the worker's stall
+    threshold is reported to the worker under ``name`` (the handler that
+    blocked the loop), two clock reads per step.
     """
+    slow = worker._slow_step
+    if yielded is _FRESH:
+        t0 = _clock()
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if _clock() - t0 > slow:
+                worker._blocked_in(name, _clock() - t0)
     while True:
         try:
             sent = yield yielded
         except BaseException as exc:  # noqa: B036 - forwarded to the coroutine
+            t0 = _clock()
             try:
                 yielded = coro.throw(exc)
             except StopIteration as stop:
                 return stop.value
+            finally:
+                if _clock() - t0 > slow:
+                    worker._blocked_in(name, _clock() - t0)
         else:
+            t0 = _clock()
             try:
                 yielded = coro.send(sent)
             except StopIteration as stop:
                 return stop.value
+            finally:
+                if _clock() - t0 > slow:
+                    worker._blocked_in(name, _clock() - t0)
 
 
-_resume_coro = __import__("types").coroutine(_resume)
+_drive_coro = __import__("types").coroutine(_drive)
+
+# faulthandler's watchdog is one per process: the running workers share it.
+_watchdog_users = 0
 
 
 def _as_bytes(value, what):
@@ -211,12 +278,17 @@ class Worker:
     """Serves handlers through the broker's backend.
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
-    liveness=3, stall_threshold=1.0, context=None)``. ``backend`` defaults to
+    liveness=3, stall_threshold=1.0, threads=None, processes=None,
+    context=None)``. ``backend`` defaults to
     ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
-    credit announced in READY (calls run at once); ``name`` shows in the
-    broker's logs and stats (default ``host:pid``); ``stall_threshold``
-    (seconds, None: off) is how long the event loop may be blocked before the
-    broker is told to send no new work. Register handlers, then
+    credit announced in READY (calls run at once, whatever runs them);
+    ``name`` shows in the broker's logs and stats (default ``host:pid``);
+    ``stall_threshold`` (seconds, None: off) is how long the event loop may
+    be blocked before the broker is told to send no new work; ``threads``
+    bounds the pool that runs ``def`` handlers (default
+    ``min(32, cpu + 4)``); ``processes`` sizes the pool of child processes
+    for ``executor="process"`` handlers (default: the CPU count; started by
+    :meth:`run` only if such a handler is registered). Register handlers, then
     ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
     is created before :meth:`run`, so a Worker can be built at import time
     (``kelpie worker module:worker`` imports it in each child process).
@@ -224,7 +296,8 @@ class Worker:
 
     def __init__(self, backend: Optional[str] = None, *, concurrency: int = 64,
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
-                 stall_threshold: Optional[float] = 1.0, context: Any = None) -> None:
+                 stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
+                 processes: Optional[int] = None, context: Any = None) -> None:
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -233,6 +306,20 @@ class Worker:
         self.heartbeat = float(heartbeat)
         self.liveness = int(liveness)
         self.stall_threshold = stall_threshold
+        cpus = os.cpu_count() or 1
+        self.threads = int(threads) if threads is not None else min(32, cpus + 4)
+        self.processes = int(processes) if processes is not None else cpus
+        if self.threads < 1 or self.processes < 1:
+            raise ValueError("threads and processes must be at least 1")
+        self._thread_pool = None
+        self._process_pool = None
+        self._threads_busy = 0
+        # A handler step longer than this is reported as having blocked the loop.
+        self._slow_step = float(stall_threshold) if stall_threshold else float("inf")
+        self._blockers = []
+        self._watchdog_armed = 0.0
+        self.stalls = 0
+        self.stalled_seconds = 0.0
         self._context = context
         self._handlers = {}
         self._loop = None
@@ -250,31 +337,57 @@ class Worker:
 
     # -- registration -----------------------------------------------------
 
-    def handler(self, service: str, method: str, *,
-                stream: Optional[bool] = None) -> Callable[[Callable], Callable]:
-        """Decorator: serve ``service``/``method`` with an async function.
+    def handler(self, service: str, method: str, *, stream: Optional[bool] = None,
+                executor: Optional[str] = None) -> Callable[[Callable], Callable]:
+        """Decorator: serve ``service``/``method`` with ``fn(payload, ctx)``.
 
-        ``async def h(payload: bytes, ctx: CallContext) -> bytes`` for unary
-        calls; an async generator ``async def h(payload, ctx): yield chunk``
-        for server streaming (detected, or forced with ``stream=True``).
+        ``async def h(payload: bytes, ctx: CallContext) -> bytes`` runs on the
+        loop; an async generator ``async def h(payload, ctx): yield chunk``
+        serves a stream (detected, or forced with ``stream=True``); a plain
+        ``def h(payload, ctx) -> bytes`` runs in the thread pool; with
+        ``executor="process"`` a plain, module-level ``def`` runs in the
+        process pool and gets a :class:`ProcessContext`.
         """
         def register(fn):
-            self.add_handler(service, method, fn, stream=stream)
+            self.add_handler(service, method, fn, stream=stream, executor=executor)
             return fn
         return register
 
     def add_handler(self, service: str, method: str, fn: Callable, *,
-                    stream: Optional[bool] = None) -> None:
-        """Register ``fn`` for ``service``/``method`` (see :meth:`handler`)."""
-        if stream is None:
-            stream = inspect.isasyncgenfunction(fn)
+                    stream: Optional[bool] = None, executor: Optional[str] = None) -> None:
+        """Register ``fn`` for ``service``/``method`` (see :meth:`handler`).
+
+        ``executor``: None (by the function's kind), ``"loop"``, ``"thread"``
+        or ``"process"``.
+        """
         if not callable(fn):
-            raise TypeError("handler must be an async function or async generator function")
+            raise TypeError("handler must be callable")
+        if executor not in _EXECUTORS:
+            raise ValueError(f"executor must be one of None, 'loop', 'thread', 'process', "
+                             f"not {executor!r}")
         if self._running:
             raise RuntimeError("register handlers before run()")
-        self._handlers[(service, method)] = _Handler(fn, bool(stream), f"{service}/{method}")
+        name = f"{service}/{method}"
+        is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \
+            inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        if stream is None:
+            stream = inspect.isasyncgenfunction(fn)
+        kind = _EXECUTORS[executor]
+        if kind is None:
+            kind = _ON_LOOP if is_async else _IN_THREAD
+        if kind != _ON_LOOP:
+            if is_async:
+                raise ValueError(f"{name}: executor={executor!r} needs a plain def, "
+                                 "not an async function")
+            if stream or inspect.isgeneratorfunction(fn):
+                raise ValueError(f"{name}: streaming handlers must be async generators "
+                                 "(on the loop)")
+        if kind == _IN_PROCESS:
+            _executors.check_picklable(fn, name)
+        self._handlers[(service, method)] = _Handler(fn, bool(stream), name, kind)
 
-    def add_servicer(self, service_descriptor: Any, impl: Any) -> None:
+    def add_servicer(self, service_descriptor: Any, impl: Any, *,
+                     executor: Optional[str] = None) -> None:
         """Serve a protobuf service with the methods of ``impl``.
 
         Each RPC method ``M`` of the service maps to ``impl.M(request, ctx)``:
@@ -282,6 +395,10 @@ class Worker:
         generator yielding reply messages (server streaming). Requests are
         decoded and replies encoded with the service's message classes.
         Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
+        Plain ``def`` methods run in the thread pool; with
+        ``executor="process"`` every unary method runs in the process pool
+        (``impl`` is pickled with each call: an instance of a module-level
+        class with picklable state).
         """
         service = service_descriptor.full_name
         count = 0
@@ -292,7 +409,15 @@ class Worker:
             kind = method_kind(m)
             decode = message_class(m.input_type).FromString
             reply_cls = message_class(m.output_type)
-            if kind == "unary":
+            if kind == "unary" and executor == "process":
+                self.add_handler(service, m.name,
+                                 functools.partial(_typed_call, fn, message_class(m.input_type),
+                                                   reply_cls),
+                                 stream=False, executor="process")
+            elif kind == "unary" and not inspect.iscoroutinefunction(fn):
+                self.add_handler(service, m.name, _typed_sync(fn, decode, reply_cls),
+                                 stream=False, executor=executor or "thread")
+            elif kind == "unary":
                 self.add_handler(service, m.name, _typed_unary(fn, decode, reply_cls),
                                  stream=False)
             elif kind == "server_stream":
@@ -321,6 +446,16 @@ class Worker:
         self._stop_event = asyncio.Event()
         own_context = self._context is None
         context = _zmq.Context() if own_context else self._context
+        kinds = {h.kind for h in self._handlers.values()}
+        if _IN_THREAD in kinds:
+            self._thread_pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="kelpie-handler")
+        if _IN_PROCESS in kinds:
+            self._process_pool = _executors.ProcessPool(self.processes, loop)
+            self._process_pool.start()
+        global _watchdog_users
+        watchdog = bool(self.stall_threshold)
+        _watchdog_users += watchdog
         backoff = 0.0
         try:
             while not self._stopping:
@@ -347,6 +482,15 @@ class Worker:
                 await asyncio.sleep(backoff)
         finally:
             self._running = False
+            _watchdog_users -= watchdog
+            if watchdog and _watchdog_users == 0:
+                faulthandler.cancel_dump_traceback_later()
+            if self._process_pool is not None:
+                await self._process_pool.close()
+            if self._thread_pool is not None:
+                # Threads still running a handler that ignores ctx.cancelled()
+                # finish on their own; the process exits once they have.
+                self._thread_pool.shutdown(wait=False, cancel_futures=True)
             if own_context:
                 context.term()
             self._stop_event.set()
@@ -411,6 +555,10 @@ class Worker:
         if session is not None and not session.ending:
             self._send_ready(session, 0)
             end = loop.time() + grace
+            # A REQUEST the broker sent before it read our READY(0) may still
+            # be on its way: wait a moment (KLP has no acknowledgement of
+            # READY) so that it is run, not lost with the DISCONNECT.
+            await asyncio.sleep(min(grace, self._SETTLE))
             while session.calls and loop.time() < end and not session.ending:
                 self._drained = loop.create_future()
                 try:
@@ -429,6 +577,29 @@ class Worker:
                 if session.reader is not None:
                     session.reader.cancel()
         await self._stop_event.wait()
+
+    _SETTLE = 0.2
+
+    @property
+    def stats(self) -> dict:
+        """Counters and gauges of this worker (plain numbers, for logs and metrics).
+
+        ``served`` (calls answered OK), ``running`` (calls holding a slot),
+        ``stalls`` / ``stalled_seconds`` (event loop stalls past
+        ``stall_threshold`` and their total length), ``threads_busy``,
+        ``process_pool`` (pids, busy, started, killed, died) when there is one.
+        """
+        session = self._session
+        out = {"served": self.served, "running": len(session.calls) if session else 0,
+               "concurrency": self.concurrency, "stalls": self.stalls,
+               "stalled_seconds": round(self.stalled_seconds, 3),
+               "threads": self.threads, "threads_busy": self._threads_busy}
+        pool = self._process_pool
+        if pool is not None:
+            out["process_pool"] = {"pids": pool.pids(), "busy": pool.busy,
+                                   "started": pool.started, "killed": pool.killed,
+                                   "died": pool.died}
+        return out
 
     # -- internals --------------------------------------------------------
 
@@ -454,6 +625,7 @@ class Worker:
         if self.stall_threshold:
             period = min(period, self.stall_threshold / 4)
         last = loop.time()
+        self._arm_watchdog(last)  # a handler may block before the first tick
         while True:
             await asyncio.sleep(period)
             now = loop.time()
@@ -462,9 +634,12 @@ class Worker:
             if stalled is not None:
                 # The thread told the broker we were stuck (STATUS STALLED);
                 # tell it we run again so that it sends work again.
-                log.warning("event loop blocked for %.2f s (a handler doing blocking work?)",
-                            stalled)
                 await self._send(session, _wire.status(0))
+                self._report_stall(session, stalled)
+            elif self._blockers and self.stall_threshold:
+                self._blockers.clear()  # slow, but not long enough for the Pulse
+            if now - self._watchdog_armed >= 0.45 * self._slow_step:
+                self._arm_watchdog(now)
             if late > interval:
                 # This loop was blocked itself: what the broker sent meanwhile
                 # may still be unread, so last_recv says nothing yet.
@@ -476,6 +651,32 @@ class Worker:
                 session.ending = True
                 reader.cancel()
                 return
+
+    def _arm_watchdog(self, now):
+        # One stack per stall, printed only when the loop is blocked past the
+        # Pulse's threshold: faulthandler's watchdog is armed for 1.5
+        # thresholds and re-armed at most every half threshold (each call
+        # stops and starts its thread). It writes to fd 2, beside the Pulse's
+        # line.
+        if self.stall_threshold:
+            self._watchdog_armed = now
+            faulthandler.dump_traceback_later(1.5 * self.stall_threshold, repeat=False, file=2)
+
+    def _blocked_in(self, name, seconds):
+        self._blockers.append((name, seconds))
+
+    def _report_stall(self, session, stalled):
+        self.stalls += 1
+        self.stalled_seconds += stalled
+        culprits = sorted({name for name, _ in self._blockers})
+        self._blockers.clear()
+        running = sorted({ctx.service + "/" + ctx.method for ctx in session.calls.values()}
+                         | set(culprits))
+        log.warning("event loop was blocked for %.1f s%s; running handlers: %s "
+                    "(stall %d of this worker; the stack was printed above if it "
+                    "lasted over %.1f s)", stalled,
+                    f" by {', '.join(culprits)}" if culprits else " outside any handler",
+                    ", ".join(running) or "none", self.stalls, 1.5 * self.stall_threshold)
 
     async def _read_loop(self, session):
         recv = session.sock.recv_multipart
@@ -540,17 +741,34 @@ class Worker:
         ctx = CallContext(self, session, header)
         if header.timeout_ms:
             ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        if handler.kind != _ON_LOOP:
+            session.calls[rid] = ctx
+            if handler.kind == _IN_THREAD:
+                ctx._in_thread = True
+                ctx._task = self._loop.create_task(
+                    self._run_in_thread(session, ctx, handler, payload))
+            else:
+                ctx._task = self._loop.create_task(
+                    self._run_in_process(session, ctx, handler, payload))
+            if ctx.deadline is not None:
+                ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+            return
         if handler.stream:
-            ctx._task = self._loop.create_task(self._run_stream(session, ctx, handler, payload))
+            ctx._task = self._loop.create_task(_drive_coro(
+                self._run_stream(session, ctx, handler, payload), _FRESH, self, handler.name))
             session.calls[rid] = ctx
             return
         # Eager start: step the coroutine here; most handlers finish at once.
+        t0 = _clock()
         try:
             coro = handler.fn(payload, ctx)
             if not inspect.iscoroutine(coro):
                 result = coro
             else:
                 yielded = coro.send(None)
+                if _clock() - t0 > self._slow_step:
+                    self._blocked_in(handler.name, _clock() - t0)
                 session.calls[rid] = ctx
                 ctx._task = self._loop.create_task(
                     self._finish_unary(session, ctx, handler, coro, yielded))
@@ -560,8 +778,12 @@ class Worker:
         except StopIteration as stop:
             result = stop.value
         except BaseException as exc:  # noqa: B036 - every failure is answered
+            if _clock() - t0 > self._slow_step:
+                self._blocked_in(handler.name, _clock() - t0)
             await self._answer_error(session, ctx, exc, handler)
             return
+        if _clock() - t0 > self._slow_step:
+            self._blocked_in(handler.name, _clock() - t0)
         try:
             body = _as_bytes(result, handler.name)
         except TypeError as exc:
@@ -573,8 +795,62 @@ class Worker:
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
-            result = await _resume_coro(coro, yielded)
+            result = await _drive_coro(coro, yielded, self, handler.name)
             body = _as_bytes(result, handler.name)
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            self.served += 1
+            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+        finally:
+            self._forget(session, ctx)
+
+    async def _run_in_thread(self, session, ctx, handler, payload):
+        # Not cancelled by ctx._cancel (a thread cannot be interrupted): the
+        # call is answered when the thread returns, with what _cancel
+        # decided if it was cancelled meanwhile (the broker has answered the
+        # caller already and drops ours, which only returns the slot).
+        self._threads_busy += 1
+        try:
+            result = await self._loop.run_in_executor(self._thread_pool, handler.fn, payload, ctx)
+            if inspect.iscoroutine(result):
+                result.close()
+                raise TypeError(f"{handler.name} returned a coroutine from a thread: "
+                                "register it as an async function")
+            body = _as_bytes(result, handler.name)
+            if ctx._reason:
+                raise asyncio.CancelledError()
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            self.served += 1
+            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+        finally:
+            self._threads_busy -= 1
+            self._forget(session, ctx)
+
+    async def _run_in_process(self, session, ctx, handler, payload):
+        pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
+                                         ctx.idempotent, ctx._mono_deadline)
+        try:
+            answer = await self._process_pool.run(handler.fn, payload, pctx)
+            if answer[0] == "ok":
+                _, body, trailing = answer
+                if trailing:
+                    ctx._trailing = trailing
+            elif answer[0] == "error":
+                _, code, message, metadata = answer
+                raise RpcError(code, message, metadata)
+            else:
+                _, message, text, trailing = answer
+                if trailing:
+                    ctx._trailing = trailing
+                log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
+                raise RpcError(StatusCode.INTERNAL, message)
+        except _executors.ChildDied as exc:
+            log.error("%s: %s while running the call", handler.name, exc)
+            await self._answer_error(session, ctx, RpcError(
+                StatusCode.INTERNAL, f"{handler.name}: {exc}"), handler)
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
@@ -661,6 +937,25 @@ def _typed_unary(fn, decode, reply_cls):
                             f"expected {reply_cls.__name__}")
         return reply.SerializeToString()
     return handler
+
+
+def _typed_sync(fn, decode, reply_cls):
+    def handler(payload, ctx):
+        reply = fn(decode(payload), ctx)
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        return reply.SerializeToString()
+    return handler
+
+
+def _typed_call(fn, request_cls, reply_cls, payload, ctx):
+    """A servicer method in a pool process (module level: it is pickled by name)."""
+    reply = fn(request_cls.FromString(payload), ctx)
+    if not isinstance(reply, reply_cls):
+        raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                        f"expected {reply_cls.__name__}")
+    return reply.SerializeToString()
 
 
 def _typed_stream(fn, decode, reply_cls):

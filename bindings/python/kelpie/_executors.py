@@ -1,0 +1,364 @@
+"""Where a Worker's non-async handlers run: threads, and a pool of child processes.
+
+Plain ``def`` handlers run in a :class:`concurrent.futures.ThreadPoolExecutor`
+(``Worker(threads=N)``); nothing here is needed for them beyond the context
+they see. Handlers registered with ``executor="process"`` run in a
+:class:`ProcessPool`: child interpreters started with multiprocessing's
+*spawn* method (a fresh ``python`` that imports what it needs: no libzmq
+context, no Pulse thread and no event loop of the worker is ever copied into
+a child by ``fork()``), one duplex pipe each, one call at a time per child.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot stop one task.
+A CPU-bound handler past its deadline must stop using the CPU and give its
+slot back, and the only way to stop arbitrary Python (or C holding the GIL)
+in another process is to kill the process. Here each call owns its child
+while it runs, so the worker can SIGKILL exactly that child, reap it, and
+start a fresh one in its place; the other children carry on.
+
+Results are awaited with ``loop.add_reader`` on the pipe (readable when the
+child answered or died: EOF), and dead children are reaped with
+``add_reader`` on their process sentinel, so nothing polls and nothing
+blocks the loop for longer than a pipe write.
+
+The handler and its payload cross the pipe pickled: the function by
+reference (module and qualified name), so it must be importable in a fresh
+interpreter: defined at module level, not a lambda or a closure. A handler
+in the ``__main__`` script works too, provided the script starts the worker
+under ``if __name__ == "__main__":`` (spawn imports it again as
+``__mp_main__``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import time
+import traceback
+from typing import Any, Mapping, Optional, Union
+
+from . import _wire
+
+__all__ = ["ProcessContext", "ProcessPool", "ChildDied", "check_picklable"]
+
+log = logging.getLogger("kelpie.worker")
+
+
+class ChildDied(Exception):
+    """The pool child running a call ended before answering."""
+
+
+class ProcessContext:
+    """What a process handler knows about its call (a picklable CallContext).
+
+    ``service``, ``method``, ``request_id``, ``metadata`` (``dict[str, bytes]``),
+    ``idempotent``, ``deadline`` (``time.monotonic()`` seconds in this child,
+    the same clock as the worker's on Linux, or None), ``pid`` (this child).
+    There is no ``cancelled()`` that could become true: a call that is
+    cancelled or passes its deadline has its child killed.
+    """
+
+    __slots__ = ("service", "method", "request_id", "metadata", "idempotent", "deadline",
+                 "_trailing")
+
+    def __init__(self, service, method, request_id, metadata, idempotent, deadline):
+        self.service = service
+        self.method = method
+        self.request_id = request_id
+        self.metadata = metadata
+        self.idempotent = idempotent
+        self.deadline = deadline
+        self._trailing = None
+
+    def __getstate__(self):
+        return (self.service, self.method, self.request_id, self.metadata, self.idempotent,
+                self.deadline)
+
+    def __setstate__(self, state):
+        (self.service, self.method, self.request_id, self.metadata, self.idempotent,
+         self.deadline) = state
+        self._trailing = None
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def time_remaining(self) -> Optional[float]:
+        """Seconds left before the deadline (never negative), or None."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    def cancelled(self) -> bool:
+        """Always False: a cancelled process call is ended by killing its child."""
+        return False
+
+    def set_trailing_metadata(self, metadata: Mapping[str, Union[bytes, str]]) -> None:
+        """Metadata sent with the answer (checked like CallContext's)."""
+        self._trailing = _wire.check_metadata(metadata)
+
+    def add_trailing_metadata(self, key: str, value: Union[bytes, str]) -> None:
+        entry = _wire.check_metadata({key: value})
+        if self._trailing is None:
+            self._trailing = {}
+        self._trailing.update(entry)
+
+
+def check_picklable(fn, name):
+    """Raise ValueError unless ``fn`` can be sent to a spawned child."""
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:  # PicklingError, AttributeError, TypeError
+        raise ValueError(
+            f"{name}: a process handler must be importable by a fresh interpreter "
+            f"(a module-level function, or functools.partial of one): {exc}") from None
+
+
+# -- the child --------------------------------------------------------------
+
+def _child_main(conn):
+    """A pool child: run one call at a time until the pipe closes."""
+    # Ctrl-C in a terminal reaches the whole process group; the worker
+    # decides what happens to calls, so a child ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the worker closed the pipe (or died): nothing left to do
+        except Exception as exc:  # the handler could not be unpickled here
+            conn.send(("error", 13, f"cannot load the handler in a pool process: "
+                       f"{type(exc).__name__}: {exc}", None))
+            continue
+        fn, payload, ctx = message
+        try:
+            result = fn(payload, ctx)
+            if result is None:
+                result = b""
+            elif not isinstance(result, (bytes, bytearray, memoryview)):
+                raise TypeError(f"returned {type(result).__name__}, expected bytes")
+            answer = ("ok", bytes(result), ctx._trailing)
+        except BaseException as exc:  # noqa: B036 - every failure is answered
+            code = getattr(exc, "code", None)
+            from .errors import RpcError  # imported once, on the first error
+            if isinstance(exc, RpcError):
+                metadata = {**(ctx._trailing or {}), **(exc.metadata or {})}
+                answer = ("error", int(code), exc.message, metadata or None)
+            else:
+                text = "".join(traceback.format_exception(exc))
+                answer = ("raised", f"{type(exc).__name__}: {exc}", text, ctx._trailing)
+        try:
+            conn.send(answer)
+        except (BrokenPipeError, OSError):
+            return
+        except Exception as exc:  # unpicklable metadata, say
+            conn.send(("raised", f"unsendable answer: {exc}", "", None))
+
+
+# -- the pool ---------------------------------------------------------------
+
+class _Child:
+    __slots__ = ("proc", "conn", "future", "calls")
+
+    def __init__(self, proc, conn):
+        self.proc = proc
+        self.conn = conn
+        self.future = None
+        self.calls = 0
+
+
+class ProcessPool:
+    """``size`` spawned child processes; :meth:`run` runs one call in an idle one.
+
+    Not thread-safe: used from the worker's loop only. :meth:`run` cancelled
+    (deadline, CANCEL, shutdown) kills the call's child with SIGKILL and starts
+    a replacement. Counters: ``started``, ``killed`` (by us), ``died``
+    (ended on their own while running a call).
+    """
+
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
+        if size < 1:
+            raise ValueError("processes must be at least 1")
+        self.size = size
+        self._loop = loop
+        self._mp = multiprocessing.get_context("spawn")
+        self._idle = collections.deque()
+        self._waiters = collections.deque()
+        self._children = set()
+        self._dying = set()
+        self._closed = False
+        self.started = 0
+        self.killed = 0
+        self.died = 0
+
+    # Children ---------------------------------------------------------------
+
+    def start(self) -> None:
+        for _ in range(self.size - len(self._children)):
+            self._start_child()
+
+    def _start_child(self):
+        parent_end, child_end = self._mp.Pipe(duplex=True)
+        proc = self._mp.Process(target=_child_main, args=(child_end,), daemon=True,
+                                name="kelpie-pool")
+        proc.start()
+        child_end.close()
+        child = _Child(proc, parent_end)
+        self._children.add(child)
+        self.started += 1
+        self._give_back(child)
+
+    def pids(self) -> list:
+        return sorted(c.proc.pid for c in self._children)
+
+    @property
+    def busy(self) -> int:
+        return len(self._children) - len(self._idle)
+
+    def _give_back(self, child):
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(child)
+                return
+        self._idle.append(child)
+
+    async def _acquire(self):
+        if self._idle:
+            return self._idle.popleft()
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._give_back(waiter.result())  # handed over as we were cancelled
+            raise
+
+    def _retire(self, child, kill):
+        """Stop using ``child``; kill it if asked; reap it without blocking."""
+        self._children.discard(child)
+        try:
+            self._idle.remove(child)
+        except ValueError:
+            pass
+        try:
+            child.conn.close()  # EOF for a live child: it exits by itself
+        except OSError:
+            pass
+        proc = child.proc
+        if kill:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._dying.add(proc)
+        fd = proc.sentinel
+
+        def reap():
+            # The sentinel is readable once the process has ended.
+            proc.join(0)
+            if proc.exitcode is None:
+                return
+            try:
+                self._loop.remove_reader(fd)
+            except (ValueError, OSError, RuntimeError):
+                pass
+            self._dying.discard(proc)
+            proc.close()
+        try:
+            self._loop.add_reader(fd, reap)
+        except (RuntimeError, OSError):  # loop closing: reap synchronously later
+            pass
+
+    # Calls ------------------------------------------------------------------
+
+    async def run(self, fn, payload, ctx: ProcessContext) -> Any:
+        """Run ``fn(payload, ctx)`` in a child; returns ``("ok", bytes, md)`` or an error tuple.
+
+        Raises ChildDied when the child ends without answering.
+        """
+        if self._closed:
+            raise RuntimeError("process pool closed")
+        child = await self._acquire()
+        loop = self._loop
+        future = child.future = loop.create_future()
+        fd = child.conn.fileno()
+
+        def readable():
+            if future.done():
+                return
+            try:
+                future.set_result(child.conn.recv())
+            except (EOFError, OSError):
+                child.proc.join(0.05)  # it is exiting: at most a moment
+                future.set_exception(ChildDied(_describe_exit(child.proc)))
+            except Exception as exc:  # an answer that does not unpickle here
+                future.set_result(("raised", f"undecodable answer from a pool process: {exc}",
+                                   "", None))
+        ok = False
+        try:
+            child.conn.send((fn, bytes(payload), ctx))
+            loop.add_reader(fd, readable)
+            try:
+                answer = await future
+            finally:
+                loop.remove_reader(fd)
+            ok = True
+            child.calls += 1
+            return answer
+        except asyncio.CancelledError:
+            self.killed += 1
+            log.info("%s/%s: killed pool process %d (%s)", ctx.service, ctx.method,
+                     child.proc.pid, "call cancelled or past its deadline")
+            raise
+        except ChildDied:
+            self.died += 1
+            raise
+        finally:
+            child.future = None
+            if ok:
+                self._give_back(child)
+            else:
+                self._retire(child, kill=True)
+                if not self._closed:
+                    self._start_child()
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """End every child: idle ones exit on EOF, the rest are killed after ``timeout``."""
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.cancel()
+        busy = {c for c in self._children if c.future is not None}
+        for child in list(self._children):
+            self._retire(child, kill=child in busy)
+        end = time.monotonic() + timeout
+        while self._dying and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        for proc in list(self._dying):
+            if proc.exitcode is None:
+                proc.kill()
+            proc.join(1.0)
+            try:
+                self._loop.remove_reader(proc.sentinel)
+            except (ValueError, OSError, RuntimeError):
+                pass
+            self._dying.discard(proc)
+
+
+def _describe_exit(proc):
+    code = proc.exitcode
+    if code is None:
+        return f"pool process {proc.pid} closed its pipe"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"pool process {proc.pid} was killed by {name}"
+    return f"pool process {proc.pid} exited with code {code}"

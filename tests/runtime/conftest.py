@@ -1,0 +1,183 @@
+"""Fixtures for the worker-runtime tests: a real kelpied, real worker processes.
+
+Environment (set by ctest, tests/runtime/CMakeLists.txt):
+  KELPIED     path of the kelpied binary (required)
+  PYTHONPATH  the build tree's package directory
+
+Every process a test starts runs in its own process group and is killed
+(SIGKILL to the group) at teardown. Worker processes write their stderr to a
+file the test reads (``Processes.output``). Every wait is bounded.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+
+import kelpie  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(coro, timeout=30.0):
+    """Run ``coro`` on a fresh loop, failing after ``timeout`` s."""
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+    return asyncio.run(bounded())
+
+
+def kill_group(proc):
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)  # a stopped group cannot die otherwise...
+        os.killpg(proc.pid, signal.SIGKILL)  # ...before it is continued
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class Broker:
+    """A kelpied on free loopback ports (heartbeat 200 ms x 3 by default)."""
+
+    def __init__(self, tmp_path, heartbeat_ms=200):
+        self.binary = os.environ.get("KELPIED")
+        if not self.binary or not os.path.exists(self.binary):
+            pytest.fail("KELPIED must name the kelpied binary (ctest sets it)")
+        ports = [free_port() for _ in range(3)]
+        self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
+        self.heartbeat_ms = heartbeat_ms
+        self.log_path = os.path.join(str(tmp_path), "kelpied.log")
+        self.proc = None
+
+    def start(self):
+        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
+               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
+               "--client-max-inflight", "200000"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 10
+
+        async def ping():
+            async with kelpie.Client(self.frontend, heartbeat=0) as client:
+                while True:
+                    try:
+                        return await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
+                    except kelpie.RpcError:
+                        if time.monotonic() > deadline or self.proc.poll() is not None:
+                            raise
+        run(ping(), timeout=12)
+        return self
+
+    def kill(self):
+        kill_group(self.proc)
+
+
+async def stats(client):
+    reply = await client.call("kelpie.broker", "Stats", b"", timeout=2)
+    return json.loads(reply)
+
+
+def worker_env(broker, **env):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join(
+        [HERE] + [os.path.abspath(p) for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    e["KELPIE_BACKEND"] = broker.backend
+    e["KELPIE_FRONTEND"] = broker.frontend
+    e.update({k: str(v) for k, v in env.items()})
+    return e
+
+
+class Processes:
+    """Processes started by a test (own process group each), killed at teardown."""
+
+    def __init__(self, tmp_path):
+        self.procs = []
+        self.logs = {}
+        self.tmp_path = tmp_path
+
+    def start(self, cmd, broker, **env):
+        path = os.path.join(str(self.tmp_path), f"proc{len(self.procs)}.log")
+        with open(path, "ab") as log:
+            proc = subprocess.Popen(cmd, env=worker_env(broker, **env), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        self.procs.append(proc)
+        self.logs[proc.pid] = path
+        return proc
+
+    def worker(self, broker, *args, target="rt_app:worker", child=True, **env):
+        """One worker process (``--child``), or a supervisor (child=False)."""
+        cmd = [PYTHON, "-m", "kelpie", "--log-level", "info", "worker", target,
+               "--backend", broker.backend, *args]
+        if child:
+            cmd.append("--child")
+        return self.start(cmd, broker, **env)
+
+    def output(self, proc):
+        with open(self.logs[proc.pid], errors="replace") as f:
+            return f.read()
+
+    def kill_all(self):
+        for proc in self.procs:
+            kill_group(proc)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path).start()
+    yield b
+    b.kill()
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Processes(tmp_path)
+    yield p
+    p.kill_all()
+
+
+async def wait_served(client, service="rt", method="Echo", timeout=15.0):
+    """Call until a worker answers (workers register asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await client.call(service, method, b"", timeout=0.5)
+        except (kelpie.NotFound, kelpie.DeadlineExceeded, kelpie.Unavailable):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def wait_for(predicate, timeout, what):
+    """Poll ``predicate()`` (sync) every 20 ms until true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def pid_alive(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,134 @@
+"""The worker application the runtime tests run in real worker processes.
+
+``python3 -m kelpie worker rt_app:worker ...``. Settings come from the
+environment (RT_THREADS, RT_PROCESSES, RT_CONCURRENCY, RT_HEARTBEAT); handlers
+that tests observe from outside write files into ``$RT_DIR``.
+"""
+
+import asyncio
+import os
+import threading
+import time
+
+import kelpie
+
+worker = kelpie.Worker(concurrency=int(os.environ.get("RT_CONCURRENCY", "64")),
+                       heartbeat=float(os.environ.get("RT_HEARTBEAT", "0.2")),
+                       threads=int(os.environ.get("RT_THREADS", "8")),
+                       processes=int(os.environ.get("RT_PROCESSES", "2")))
+
+RT_DIR = os.environ.get("RT_DIR", ".")
+
+
+def _append(name, text):
+    with open(os.path.join(RT_DIR, name), "a") as f:
+        f.write(text + "\n")
+
+
+def _write(name, text):
+    path = os.path.join(RT_DIR, name)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+# -- on the loop ----------------------------------------------------------------
+
+@worker.handler("rt", "Echo")
+async def echo(payload, ctx):
+    return payload
+
+
+@worker.handler("rt", "Block")
+async def block(payload, ctx):
+    """Block the event loop (blocking work on the loop, by mistake)."""
+    _append("block.runs", str(os.getpid()))
+    time.sleep(float(payload))  # BLOCKING-LINE (test_stall looks for this line's number)
+    return b"unblocked"
+
+
+@worker.handler("rt", "Hold")
+async def hold(payload, ctx):
+    """Hold a slot for a while; say who runs it."""
+    _append("hold.started", str(os.getpid()))
+    await asyncio.sleep(float(payload))
+    return str(os.getpid()).encode()
+
+
+@worker.handler("rt", "Stats")
+async def stats(payload, ctx):
+    import json
+    return json.dumps(worker.stats).encode()
+
+
+# -- in threads -----------------------------------------------------------------
+
+_lock = threading.Lock()
+_running = 0
+_max_running = 0
+
+
+@worker.handler("rt", "Slow")
+def slow(payload, ctx):
+    global _running, _max_running
+    with _lock:
+        _running += 1
+        _max_running = max(_max_running, _running)
+    try:
+        time.sleep(float(payload))
+    finally:
+        with _lock:
+            _running -= 1
+    return threading.current_thread().name.encode()
+
+
+@worker.handler("rt", "MaxRunning")
+def max_running(payload, ctx):
+    return str(_max_running).encode()
+
+
+@worker.handler("rt", "Spin")
+def spin(payload, ctx):
+    """Work in slices until cancelled (or 10 s), then tell the test what it saw."""
+    t0 = time.monotonic()
+    remaining = ctx.time_remaining()
+    while not ctx.cancelled() and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    _write("spin.result", f"cancelled={ctx.cancelled()} after={time.monotonic() - t0:.3f} "
+                          f"remaining_at_start={remaining:.3f} now={ctx.time_remaining():.3f}")
+    return b"spun"
+
+
+# -- in processes (module-level functions: pickled by name) ---------------------
+
+def cpu(payload, ctx):
+    """Burn CPU for ``payload`` seconds; answer pid, start and end (monotonic)."""
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < float(payload):
+        n += sum(i * i for i in range(1000))
+    return f"{os.getpid()} {t0:.6f} {time.monotonic():.6f}".encode()
+
+
+def cpu_forever(payload, ctx):
+    _write("forever.pid", str(os.getpid()))
+    while True:
+        sum(i * i for i in range(10000))
+
+
+def proc_pid(payload, ctx):
+    ctx.set_trailing_metadata({"remaining": str(ctx.time_remaining())})
+    return str(os.getpid()).encode()
+
+
+def proc_fail(payload, ctx):
+    if payload == b"rpc":
+        raise kelpie.NotFound("no such thing", {"why": b"test"})
+    raise ValueError("bad payload")
+
+
+if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
+    worker.add_handler("rt", "Cpu", cpu, executor="process")
+    worker.add_handler("rt", "CpuForever", cpu_forever, executor="process")
+    worker.add_handler("rt", "ProcPid", proc_pid, executor="process")
+    worker.add_handler("rt", "ProcFail", proc_fail, executor="process")

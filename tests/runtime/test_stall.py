@@ -1,0 +1,117 @@
+"""Liveness that a blocked loop cannot break, and that a frozen process cannot fake.
+
+The broker runs with a 200 ms heartbeat and liveness 3, and the workers
+announce 200 ms: a worker silent for 0.6 s is gone. A handler that blocks
+the loop for 10 s (16 windows) must not be declared lost; a SIGSTOPped
+process must be, within the window.
+"""
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import kelpie
+from conftest import HERE, run, stats, wait_for, wait_served
+
+
+def _blocking_line():
+    with open(os.path.join(HERE, "rt_app.py")) as f:
+        for number, line in enumerate(f, 1):
+            if "BLOCKING-LINE" in line and "time.sleep" in line:
+                return number
+    raise AssertionError("rt_app.py lost its BLOCKING-LINE")
+
+
+def test_blocked_loop_is_not_lost_and_is_logged_once(broker, procs, tmp_path):
+    worker = procs.worker(broker, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            before = await stats(client)
+            block = asyncio.ensure_future(client.call("rt", "Block", b"10", timeout=30))
+            await wait_for(lambda: os.path.exists(tmp_path / "block.runs"), 5, "Block started")
+            # A call made during the block waits (the worker said STALLED)...
+            meanwhile = asyncio.ensure_future(client.call("rt", "Echo", b"meanwhile",
+                                                          timeout=30))
+            # ...and for the whole block the broker keeps the worker.
+            t0 = time.monotonic()
+            while not block.done():
+                assert time.monotonic() - t0 < 15, "Block did not finish"
+                s = await stats(client)
+                assert s["workers"] == 1, s
+                assert s["worker_expired"] == before["worker_expired"], s
+                assert s["worker_lost"] == before["worker_lost"], s
+                await asyncio.sleep(0.5)
+            assert await block == b"unblocked"
+            assert await meanwhile == b"meanwhile"
+            # Other calls run again at once.
+            t1 = time.monotonic()
+            for _ in range(20):
+                assert await client.call("rt", "Echo", b"after", timeout=2) == b"after"
+            assert time.monotonic() - t1 < 2.0
+            after = await stats(client)
+            assert after["worker_expired"] == before["worker_expired"]
+            assert after["worker_lost"] == before["worker_lost"]
+            assert after["redispatched"] == before["redispatched"]
+            assert after["workers_registered"] == before["workers_registered"], \
+                "the worker registered again: the broker had given it up"
+            import json
+            return json.loads(await client.call("rt", "Stats", b"", timeout=2))
+    wstats = run(main(), timeout=60)
+    # The call ran exactly once.
+    assert (tmp_path / "block.runs").read_text().split() == [str(worker.pid)]
+    assert wstats["stalls"] == 1 and 9.0 < wstats["stalled_seconds"] < 12.0, wstats
+    out = procs.output(worker)
+    # Logged once: the Pulse's line, faulthandler's stack with the blocking
+    # line, and the worker's summary naming the handler.
+    assert out.count("event loop stalled for more than") == 1, out
+    assert out.count("Timeout (") == 1, out
+    assert re.search(rf'File ".*rt_app\.py", line {_blocking_line()} in block', out), out
+    summary = [line for line in out.splitlines() if "event loop was blocked for" in line]
+    assert len(summary) == 1, out
+    assert "by rt/Block" in summary[0] and re.search(r"blocked for (9|10|11)\.\d s", summary[0])
+    # The stack comes after the Pulse's announcement, whole.
+    assert out.index("event loop stalled for more than") < out.index("Timeout (")
+
+
+def test_sigstopped_worker_is_lost_and_idempotent_call_resent(broker, procs, tmp_path):
+    first = procs.worker(broker, RT_DIR=tmp_path)
+    second = procs.worker(broker, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            deadline = time.monotonic() + 15
+            while (await stats(client))["workers"] < 2:
+                assert time.monotonic() < deadline, "two workers did not register"
+                await asyncio.sleep(0.05)
+            before = await stats(client)
+            call = asyncio.ensure_future(client.call("rt", "Hold", b"1.0", timeout=10,
+                                                     idempotent=True))
+            started = tmp_path / "hold.started"
+            await wait_for(started.exists, 5, "Hold started")
+            victim = int(started.read_text().split()[0])
+            assert victim in (first.pid, second.pid)
+            os.kill(victim, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                while (await stats(client))["worker_expired"] == before["worker_expired"]:
+                    assert time.monotonic() - t0 < 3.0, "frozen worker not declared lost"
+                    await asyncio.sleep(0.05)
+                lost_after = time.monotonic() - t0
+                answer = int(await call)
+            finally:
+                os.kill(victim, signal.SIGCONT)
+            s = await stats(client)
+            return victim, answer, lost_after, before, s
+    victim, answer, lost_after, before, after = run(main(), timeout=40)
+    # 0.6 s of silence, judged every 100 ms: declared lost within ~1 s.
+    assert lost_after < 1.5, lost_after
+    assert answer != victim and answer in (first.pid, second.pid)
+    assert after["redispatched"] == before["redispatched"] + 1
+    assert after["worker_lost"] == before["worker_lost"]  # re-sent, not failed
+    starts = (tmp_path / "hold.started").read_text().split()
+    assert starts == [str(victim), str(answer)], starts
