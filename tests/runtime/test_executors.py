@@ -1,0 +1,150 @@
+"""Handlers of every kind: def handlers in threads, executor="process" in a pool."""
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+
+import kelpie
+from conftest import run, pid_alive, wait_for, wait_served
+
+
+def test_64_slow_def_calls_on_8_threads(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path, RT_THREADS=8, RT_CONCURRENCY=64)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            t0 = time.monotonic()
+            names = await asyncio.gather(*(client.call("rt", "Slow", b"0.25", timeout=20)
+                                           for _ in range(64)))
+            elapsed = time.monotonic() - t0
+            most = int(await client.call("rt", "MaxRunning", b"", timeout=5))
+            return names, elapsed, most
+    names, elapsed, most = run(main(), timeout=40)
+    assert len(names) == 64
+    assert all(n.startswith(b"kelpie-handler") for n in names), set(names)
+    assert len(set(names)) == 8
+    assert most == 8, most  # never more than 8 at once, and the pool was used
+    assert elapsed >= 8 * 0.25 * 0.95, elapsed  # 64 calls / 8 threads x 0.25 s
+    assert elapsed < 8.0, elapsed
+
+
+def test_deadline_reaches_a_thread_handler(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            t0 = time.monotonic()
+            with pytest.raises(kelpie.DeadlineExceeded):
+                await client.call("rt", "Spin", b"", timeout=0.5)
+            took = time.monotonic() - t0
+            result = tmp_path / "spin.result"
+            await wait_for(result.exists, 3, "the thread noticed the cancellation")
+            # Its slot comes back once the thread has returned: a next call is served.
+            assert await client.call("rt", "Echo", b"x", timeout=2) == b"x"
+            return took, result.read_text()
+    took, result = run(main(), timeout=30)
+    assert 0.45 < took < 0.8, took
+    assert result.startswith("cancelled=True"), result
+    fields = dict(f.split("=") for f in result.split())
+    assert 0.3 < float(fields["remaining_at_start"]) <= 0.5
+    assert float(fields["now"]) == 0.0
+    assert float(fields["after"]) < 1.0  # stopped promptly once cancelled
+
+
+def test_thread_handler_keeps_its_slot_until_it_returns(broker, procs, tmp_path):
+    # concurrency=1: a deadline answers the caller, but the worker is sent
+    # nothing new until the thread (which sleeps on, ignoring the
+    # cancellation) returns, so credits count the running thread.
+    procs.worker(broker, RT_DIR=tmp_path, RT_CONCURRENCY=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            t0 = time.monotonic()
+            with pytest.raises(kelpie.DeadlineExceeded):
+                await client.call("rt", "Slow", b"1.5", timeout=0.3)
+            assert time.monotonic() - t0 < 0.6
+            assert await client.call("rt", "Echo", b"x", timeout=5) == b"x"
+            return time.monotonic() - t0
+    waited = run(main(), timeout=30)
+    assert waited > 1.4, waited
+
+
+def test_process_handlers_use_both_cores(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=2)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            # Warm up: both children started (spawn takes a moment).
+            await asyncio.gather(*(client.call("rt", "ProcPid", b"", timeout=20)
+                                   for _ in range(2)))
+            replies = await asyncio.gather(*(client.call("rt", "Cpu", b"1.0", timeout=20)
+                                             for _ in range(2)))
+            return [r.decode().split() for r in replies]
+    (pid1, s1, e1), (pid2, s2, e2) = run(main(), timeout=60)
+    assert pid1 != pid2
+    overlap = min(float(e1), float(e2)) - max(float(s1), float(s2))
+    assert overlap > 0.8, (s1, e1, s2, e2)  # both burned CPU at the same time
+
+
+def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            first = int(await client.call("rt", "ProcPid", b"", timeout=20))
+            t0 = time.monotonic()
+            with pytest.raises(kelpie.DeadlineExceeded):
+                await client.call("rt", "CpuForever", b"", timeout=0.5)
+            assert time.monotonic() - t0 < 0.8
+            victim = int((tmp_path / "forever.pid").read_text())
+            assert victim == first
+            await wait_for(lambda: not pid_alive(victim), 3, "killed child gone")
+            # The pool's one slot has a fresh child: calls work again.
+            later = int(await client.call("rt", "ProcPid", b"", timeout=20))
+            reply, md = await client.call("rt", "ProcPid", b"", timeout=20, with_metadata=True)
+            ws = json.loads(await client.call("rt", "Stats", b"", timeout=5))
+            return victim, later, int(reply), md, ws
+    victim, later, again, md, ws = run(main(), timeout=60)
+    assert later != victim and again == later
+    assert 0 < float(md["remaining"]) <= 20  # the deadline reached the child
+    assert ws["process_pool"]["killed"] == 1 and ws["process_pool"]["pids"] == [later], ws
+    assert ws["running"] == 0
+
+
+def test_process_handler_errors(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            with pytest.raises(kelpie.NotFound) as nf:
+                await client.call("rt", "ProcFail", b"rpc", timeout=20)
+            assert nf.value.message == "no such thing" and nf.value.metadata["why"] == b"test"
+            with pytest.raises(kelpie.Internal) as internal:
+                await client.call("rt", "ProcFail", b"x", timeout=20)
+            assert "ValueError: bad payload" in internal.value.message
+            # The child survived both: same pid as before.
+            return await client.call("rt", "ProcPid", b"", timeout=20)
+    run(main(), timeout=40)
+    assert "ValueError: bad payload" in procs.output(procs.procs[0])  # with its traceback
+
+
+def test_process_handler_must_be_importable():
+    w = kelpie.Worker()
+    with pytest.raises(ValueError, match="importable"):
+        w.add_handler("s", "m", lambda payload, ctx: b"", executor="process")
+
+    async def coro(payload, ctx):
+        return b""
+    with pytest.raises(ValueError, match="plain def"):
+        w.add_handler("s", "m", coro, executor="thread")
+    with pytest.raises(ValueError):
+        w.add_handler("s", "m", os.getpid, executor="fibre")
