@@ -446,3 +446,87 @@ def test_liveness_fails_open_streams(kelpied, kelpie_worker):
         assert time.monotonic() - start < 2.0
         with pytest.raises(kelpie.Unavailable):
             next(stream)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_signal_handler_exception_abandons_call(served):
+    """An exception from a signal handler (Ctrl-C is one) ends the wait at once;
+    the call is cancelled at the worker and the thread's next call works."""
+    import signal
+    client = served.client
+
+    def on_alarm(signum, frame):
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        start = time.monotonic()
+        with pytest.raises(_Interrupted):
+            client.call("t", "Sleep", b"5")
+        assert time.monotonic() - start < 1.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    _wait_seen(served, "sleep-cancelled")
+    assert client.call("t", "Echo", b"next", timeout=5) == b"next"
+
+
+def test_wsgi_app_with_threads(served):
+    """A threaded WSGI server whose app calls the service with one shared client."""
+    import json
+    import socketserver
+    import urllib.request
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    client = kelpie.sync.Client(served.frontend, timeout=10)
+
+    def app(environ, start_response):
+        name = environ["PATH_INFO"].strip("/").encode()
+        reply = client.call("t", "Echo", name)
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [json.dumps({"echo": reply.decode(),
+                            "thread": threading.get_ident()}).encode()]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    server = make_server("127.0.0.1", 0, app, server_class=ThreadingWSGIServer,
+                         handler_class=Quiet)
+    port = server.server_address[1]
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    t.start()
+    results, errors = [], []
+
+    def fetch(i):
+        try:
+            for j in range(20):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/u{i}-{j}",
+                                            timeout=10) as r:
+                    results.append((f"u{i}-{j}", json.loads(r.read())))
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        fetchers = [threading.Thread(target=fetch, args=(i,)) for i in range(8)]
+        for f in fetchers:
+            f.start()
+        for f in fetchers:
+            f.join(30)
+        assert errors == []
+        assert len(results) == 160
+        assert all(sent == got["echo"] for sent, got in results)
+        # Requests were served on many threads (one per connection).
+        assert len({got["thread"] for _, got in results}) > 8
+    finally:
+        server.shutdown()
+        server.server_close()
+        t.join(5)
+        client.close()
