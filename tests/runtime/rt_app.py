@@ -55,6 +55,24 @@ async def hold(payload, ctx):
     return str(os.getpid()).encode()
 
 
+@worker.handler("rt", "Pid")
+async def pid(payload, ctx):
+    return str(os.getpid()).encode()
+
+
+_kept = []
+
+
+@worker.handler("rt", "Alloc")
+async def alloc(payload, ctx):
+    """Allocate ``payload`` bytes (and touch them); keep them if metadata says so."""
+    block = bytearray(int(payload))
+    block[::4096] = b"x" * len(block[::4096])
+    if ctx.metadata.get("keep"):
+        _kept.append(block)
+    return str(os.getpid()).encode()
+
+
 @worker.handler("rt", "Stats")
 async def stats(payload, ctx):
     import json

@@ -3,18 +3,22 @@
     kelpie call SERVICE METHOD [--data JSON|@FILE|-] [--proto MOD[:Type]]
                 [--reply-proto MOD:Type] [--timeout S] [--metadata K=V]... [--stream]
     kelpie worker MODULE:ATTR [--processes N] [--concurrency N] [--grace S]
+                  [--max-jobs-per-process N] [--max-memory-per-process SIZE]
+                  [--memory-limit-per-process SIZE]
     kelpie ping [--count N]
     kelpie stats
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
 
-``kelpie worker`` is a small supervisor: it starts N child processes
-(``python -m kelpie worker TARGET --child``: fresh interpreters, so no libzmq
-context ever crosses a fork), restarts a child that dies unexpectedly, and on
-SIGTERM or SIGINT forwards SIGTERM to every child — each drains (READY with 0
-credits, finish running calls for ``--grace`` seconds, DISCONNECT) — then
-kills what is left after the grace period.
+``kelpie worker`` is a small supervisor (kelpie._supervisor): it starts N
+child processes (``python -m kelpie worker TARGET --child``: fresh
+interpreters, so no libzmq context ever crosses a fork), restarts a child
+that dies with back-off and logs why it died, recycles children after
+``--max-jobs-per-process`` calls or past ``--max-memory-per-process`` of RSS,
+and on SIGTERM or SIGINT forwards SIGTERM to every child — each drains
+(READY with 0 credits, finish running calls for ``--grace`` seconds,
+DISCONNECT) — then kills what is left; a second signal kills at once.
 """
 
 import argparse
@@ -24,10 +28,9 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 
+from . import _supervisor
 from .client import DEFAULT_FRONTEND, Client
 from .errors import RpcError
 from .worker import DEFAULT_BACKEND, Worker
@@ -210,86 +213,70 @@ def _load_worker(target):
 
 
 def _run_child(args):
+    if args.memory_limit:
+        # A hard cap on the address space: an allocation past it raises
+        # MemoryError (the process is not killed); see _child_watch.
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     worker = _load_worker(args.target)
     if args.backend:
         worker.backend = args.backend
     if args.concurrency:
         worker.concurrency = args.concurrency
+    outcome = {"code": 0}
 
     async def serve():
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: loop.create_task(worker.stop(args.grace)))
-        await worker.run()
+        watch = loop.create_task(_child_watch(worker, args, outcome))
+        try:
+            await worker.run()
+        finally:
+            watch.cancel()
 
-    _run(serve(), args.loop)
-    return 0
+    try:
+        _run(serve(), args.loop)
+    except MemoryError:
+        logging.getLogger("kelpie.worker").error("out of memory outside any handler: exiting")
+        return _supervisor.EXIT_OUT_OF_MEMORY
+    return outcome["code"]
 
 
-class _Supervisor:
-    """N worker processes, restarted when they die, drained on SIGTERM."""
-
-    def __init__(self, args):
-        self.args = args
-        self.children = [None] * args.processes
-        self.stopping = False
-        self.restarts = 0
-
-    def command(self):
-        a = self.args
-        cmd = [sys.executable, "-m", "kelpie", "--loop", a.loop, "--log-level", a.log_level,
-               "worker", a.target, "--child", "--grace", str(a.grace)]
-        if a.backend:
-            cmd += ["--backend", a.backend]
-        if a.concurrency:
-            cmd += ["--concurrency", str(a.concurrency)]
-        return cmd
-
-    def start(self, i):
-        env = dict(os.environ)
-        # The child imports the target the way this process would.
-        env["PYTHONPATH"] = os.pathsep.join(
-            [os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        self.children[i] = subprocess.Popen(self.command(), env=env)
-
-    def on_signal(self, signum, frame):
-        if self.stopping:
+async def _child_watch(worker, args, outcome):
+    """Retire this worker process after --max-jobs-per-process calls, or after a
+    MemoryError (its memory may be in any state): drain and exit."""
+    log = logging.getLogger("kelpie.worker")
+    while True:
+        await asyncio.sleep(0.02)
+        if worker.memory_errors:
+            log.error("out of memory (MemoryError in a handler%s): draining and exiting with "
+                      "status %d", f", address-space limit {args.memory_limit} bytes"
+                      if args.memory_limit else "", _supervisor.EXIT_OUT_OF_MEMORY)
+            outcome["code"] = _supervisor.EXIT_OUT_OF_MEMORY
+            _supervisor.notify_retiring("out of memory")
+            await worker.stop(args.grace)
             return
-        self.stopping = True
-        for child in self.children:
-            if child is not None and child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        if args.max_jobs and worker.answered >= args.max_jobs:
+            log.info("served %d calls (--max-jobs-per-process %d): retiring", worker.answered,
+                     args.max_jobs)
+            _supervisor.notify_retiring("max jobs")  # the supervisor starts our replacement now
+            await worker.stop(args.grace)
+            return
 
-    def run(self):
-        signal.signal(signal.SIGTERM, self.on_signal)
-        signal.signal(signal.SIGINT, self.on_signal)
-        for i in range(len(self.children)):
-            self.start(i)
-        logging.getLogger("kelpie").info("started %d worker processes: %s", len(self.children),
-                                         " ".join(str(c.pid) for c in self.children))
-        recent = []
-        while not self.stopping:
-            time.sleep(0.2)
-            for i, child in enumerate(self.children):
-                if self.stopping or child.poll() is None:
-                    continue
-                now = time.monotonic()
-                recent = [t for t in recent if now - t < 10.0] + [now]
-                logging.getLogger("kelpie").warning(
-                    "worker process %d exited with %s; restarting", child.pid, child.returncode)
-                if len(recent) > 5 * len(self.children):
-                    time.sleep(1.0)  # crashing in a loop: slow down
-                if not self.stopping:
-                    self.restarts += 1
-                    self.start(i)
-        deadline = time.monotonic() + self.args.grace + 2.0
-        for child in self.children:
-            try:
-                child.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        return 0
+
+def _child_command(args):
+    cmd = [sys.executable, "-m", "kelpie", "--loop", args.loop, "--log-level", args.log_level,
+           "worker", args.target, "--child", "--grace", str(args.grace)]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    if args.concurrency:
+        cmd += ["--concurrency", str(args.concurrency)]
+    if args.max_jobs:
+        cmd += ["--max-jobs-per-process", str(args.max_jobs)]
+    if args.memory_limit:
+        cmd += ["--memory-limit-per-process", str(args.memory_limit)]
+    return cmd
 
 
 def cmd_worker(args):
@@ -298,7 +285,20 @@ def cmd_worker(args):
     if args.processes < 1:
         raise SystemExit("kelpie: --processes must be at least 1")
     _load_worker(args.target)  # fail early, in the parent, on a bad target
-    return _Supervisor(args).run()
+    env = dict(os.environ)
+    # The children import the target the way this process did.
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return _supervisor.Supervisor(_child_command(args), args.processes, grace=args.grace,
+                                  max_memory=args.max_memory, memory_limit=args.memory_limit,
+                                  env=env).run()
+
+
+def _size(text):
+    try:
+        return _supervisor.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
 
 
 # -- main ---------------------------------------------------------------------
@@ -335,6 +335,15 @@ def _parser():
     w.add_argument("--backend", dest="backend_w", default=None)
     w.add_argument("--concurrency", type=int, default=0, help="override Worker(concurrency=)")
     w.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    w.add_argument("--max-jobs-per-process", dest="max_jobs", type=int, default=0,
+                   metavar="N", help="replace a process gracefully after N calls")
+    w.add_argument("--max-memory-per-process", dest="max_memory", type=_size, default=None,
+                   metavar="SIZE", help="replace a process gracefully when its RSS passes "
+                                        "SIZE (bytes, or 100M, 1G)")
+    w.add_argument("--memory-limit-per-process", dest="memory_limit", type=_size,
+                   default=None, metavar="SIZE",
+                   help="hard address-space limit (RLIMIT_AS): allocations past it raise "
+                        "MemoryError, and the process drains and is replaced")
     w.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(fn=cmd_worker)
 

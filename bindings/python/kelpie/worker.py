@@ -334,6 +334,8 @@ class Worker:
         # the broker's does not give up on it between two heartbeats.
         self._broker_heartbeat = 1.0
         self.served = 0
+        self.failed = 0  # calls answered with an error
+        self.memory_errors = 0  # handlers that raised MemoryError
 
     # -- registration -----------------------------------------------------
 
@@ -581,6 +583,11 @@ class Worker:
     _SETTLE = 0.2
 
     @property
+    def answered(self) -> int:
+        """Calls answered so far, successfully or not."""
+        return self.served + self.failed
+
+    @property
     def stats(self) -> dict:
         """Counters and gauges of this worker (plain numbers, for logs and metrics).
 
@@ -590,7 +597,9 @@ class Worker:
         ``process_pool`` (pids, busy, started, killed, died) when there is one.
         """
         session = self._session
-        out = {"served": self.served, "running": len(session.calls) if session else 0,
+        out = {"served": self.served, "failed": self.failed,
+               "memory_errors": self.memory_errors,
+               "running": len(session.calls) if session else 0,
                "concurrency": self.concurrency, "stalls": self.stalls,
                "stalled_seconds": round(self.stalled_seconds, 3),
                "threads": self.threads, "threads_busy": self._threads_busy}
@@ -914,11 +923,14 @@ class Worker:
             metadata = {**(ctx._trailing or {}), **exc.metadata} if exc.metadata \
                 else ctx._trailing
         elif isinstance(exc, Exception):
+            if isinstance(exc, MemoryError):
+                self.memory_errors += 1
             log.exception("%s raised", handler.name, exc_info=exc)
             code, message = StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
             metadata = ctx._trailing
         else:
             raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
+        self.failed += 1
         try:
             frame = _wire.error(ctx.request_id, code, message, metadata)
         except (TypeError, ValueError) as bad:
