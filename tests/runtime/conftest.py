@@ -122,9 +122,9 @@ class Processes:
         self.logs[proc.pid] = path
         return proc
 
-    def worker(self, broker, *args, target="rt_app:worker", child=True, **env):
+    def worker(self, broker, *args, target="rt_app:worker", child=True, loop="asyncio", **env):
         """One worker process (``--child``), or a supervisor (child=False)."""
-        cmd = [PYTHON, "-m", "kelpie", "--log-level", "info", "worker", target,
+        cmd = [PYTHON, "-m", "kelpie", "--log-level", "info", "--loop", loop, "worker", target,
                "--backend", broker.backend, *args]
         if child:
             cmd.append("--child")
@@ -137,6 +137,11 @@ class Processes:
     def kill_all(self):
         for proc in self.procs:
             kill_group(proc)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request):
+    return request.param
 
 
 @pytest.fixture

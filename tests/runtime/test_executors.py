@@ -32,8 +32,8 @@ def test_64_slow_def_calls_on_8_threads(broker, procs, tmp_path):
     assert elapsed < 8.0, elapsed
 
 
-def test_deadline_reaches_a_thread_handler(broker, procs, tmp_path):
-    procs.worker(broker, RT_DIR=tmp_path)
+def test_deadline_reaches_a_thread_handler(broker, procs, tmp_path, loop):
+    procs.worker(broker, RT_DIR=tmp_path, loop=loop)
 
     async def main():
         async with kelpie.Client(broker.frontend) as client:
@@ -93,8 +93,8 @@ def test_process_handlers_use_both_cores(broker, procs, tmp_path):
     assert overlap > 0.8, (s1, e1, s2, e2)  # both burned CPU at the same time
 
 
-def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp_path):
-    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1)
+def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp_path, loop):
+    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1, loop=loop)
 
     async def main():
         async with kelpie.Client(broker.frontend) as client:
@@ -117,6 +117,23 @@ def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp
     assert 0 < float(md["remaining"]) <= 20  # the deadline reached the child
     assert ws["process_pool"]["killed"] == 1 and ws["process_pool"]["pids"] == [later], ws
     assert ws["running"] == 0
+
+
+def test_pool_child_dies_with_its_worker(broker, procs, tmp_path):
+    worker = procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            call = asyncio.ensure_future(client.call("rt", "CpuForever", b"", timeout=30))
+            pidfile = tmp_path / "forever.pid"
+            await wait_for(pidfile.exists, 20, "CpuForever started")
+            child = int(pidfile.read_text())
+            assert pid_alive(child)
+            os.kill(worker.pid, 9)
+            await wait_for(lambda: not pid_alive(child), 5, "pool child gone with its worker")
+            call.cancel()
+    run(main(), timeout=40)
 
 
 def test_process_handler_errors(broker, procs, tmp_path):

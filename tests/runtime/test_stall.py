@@ -24,8 +24,8 @@ def _blocking_line():
     raise AssertionError("rt_app.py lost its BLOCKING-LINE")
 
 
-def test_blocked_loop_is_not_lost_and_is_logged_once(broker, procs, tmp_path):
-    worker = procs.worker(broker, RT_DIR=tmp_path)
+def test_blocked_loop_is_not_lost_and_is_logged_once(broker, procs, tmp_path, loop):
+    worker = procs.worker(broker, RT_DIR=tmp_path, loop=loop)
 
     async def main():
         async with kelpie.Client(broker.frontend) as client:

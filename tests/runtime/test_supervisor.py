@@ -200,3 +200,22 @@ def test_supervisor_needs_no_broker_and_never_blocks(broker, procs, tmp_path):
                          timeout=10).stdout
     assert "socket:" not in out, out
     assert sup.poll() is None
+
+
+def test_children_leave_when_the_supervisor_is_killed(broker, procs, tmp_path):
+    sup = procs.worker(broker, "--processes", "2", child=False, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            pids = await serving_pids(client, 2)
+            before = await stats(client)
+            os.kill(sup.pid, signal.SIGKILL)  # only the supervisor, not its group
+            await wait_for(lambda: not any(pid_alive(p) for p in pids), 5,
+                           "children gone with their supervisor")
+            after = await stats(client)
+            return before, after
+    before, after = run(main(), timeout=40)
+    # They drained and said goodbye (SIGTERM from the kernel), not just vanished.
+    assert after["worker_disconnects"] == before["worker_disconnects"] + 2
+    assert after["worker_expired"] == before["worker_expired"]

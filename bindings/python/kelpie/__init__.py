@@ -38,6 +38,7 @@ _RPC_NAMES = {
     "Stream": "kelpie.client",
     "Worker": "kelpie.worker",
     "CallContext": "kelpie.worker",
+    "ProcessContext": "kelpie.worker",
     "Stub": "kelpie.stubs",
 }
 

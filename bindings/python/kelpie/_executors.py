@@ -120,8 +120,28 @@ def check_picklable(fn, name):
 
 # -- the child --------------------------------------------------------------
 
-def _child_main(conn):
+def die_with_parent(signum, parent_pid):
+    """Have the kernel send ``signum`` to this process when its parent dies (Linux).
+
+    Without it, a child busy in a CPU-bound handler when its worker is
+    SIGKILLed would run on as an orphan. Returns False where unavailable.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # the parent died before prctl: act now
+        os.kill(os.getpid(), signum)
+    return True
+
+
+def _child_main(conn, parent_pid):
     """A pool child: run one call at a time until the pipe closes."""
+    die_with_parent(signal.SIGKILL, parent_pid)
     # Ctrl-C in a terminal reaches the whole process group; the worker
     # decides what happens to calls, so a child ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,16 +161,17 @@ def _child_main(conn):
                 result = b""
             elif not isinstance(result, (bytes, bytearray, memoryview)):
                 raise TypeError(f"returned {type(result).__name__}, expected bytes")
-            answer = ("ok", bytes(result), ctx._trailing)
+            answer = ("ok", bytes(result), getattr(ctx, "_trailing", None))
         except BaseException as exc:  # noqa: B036 - every failure is answered
             code = getattr(exc, "code", None)
             from .errors import RpcError  # imported once, on the first error
             if isinstance(exc, RpcError):
-                metadata = {**(ctx._trailing or {}), **(exc.metadata or {})}
+                metadata = {**(getattr(ctx, "_trailing", None) or {}), **(exc.metadata or {})}
                 answer = ("error", int(code), exc.message, metadata or None)
             else:
                 text = "".join(traceback.format_exception(exc))
-                answer = ("raised", f"{type(exc).__name__}: {exc}", text, ctx._trailing)
+                answer = ("raised", f"{type(exc).__name__}: {exc}", text,
+                          getattr(ctx, "_trailing", None))
         try:
             conn.send(answer)
         except (BrokenPipeError, OSError):
@@ -203,7 +224,7 @@ class ProcessPool:
 
     def _start_child(self):
         parent_end, child_end = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=_child_main, args=(child_end,), daemon=True,
+        proc = self._mp.Process(target=_child_main, args=(child_end, os.getpid()), daemon=True,
                                 name="kelpie-pool")
         proc.start()
         child_end.close()

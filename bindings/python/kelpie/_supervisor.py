@@ -172,6 +172,7 @@ class Supervisor:
     def _start(self, slot, now):
         env = dict(self.env)
         env["KELPIE_SUPERVISOR_FD"] = str(self._note_w)
+        env["KELPIE_SUPERVISOR_PID"] = str(os.getpid())
         proc = subprocess.Popen(self.command, env=env, pass_fds=(self._note_w,))
         self.slots[slot] = _Child(proc, slot, now)
         self.restart_at[slot] = None

@@ -213,6 +213,12 @@ def _load_worker(target):
 
 
 def _run_child(args):
+    supervisor = os.environ.get("KELPIE_SUPERVISOR_PID")
+    if supervisor and supervisor.isdigit():
+        # A supervisor that dies (even by SIGKILL) takes its children with it:
+        # they drain as on SIGTERM instead of serving on as orphans.
+        from ._executors import die_with_parent
+        die_with_parent(signal.SIGTERM, int(supervisor))
     if args.memory_limit:
         # A hard cap on the address space: an allocation past it raises
         # MemoryError (the process is not killed); see _child_watch.
