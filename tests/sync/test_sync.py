@@ -530,3 +530,53 @@ def test_wsgi_app_with_threads(served):
         server.server_close()
         t.join(5)
         client.close()
+
+
+def test_broker_restart_during_call_fails_it(app_worker, kelpied):
+    """A call without a deadline inside a broker that restarts would never be
+    answered; the probes' uptime tells the new broker from the old one."""
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=3)
+    result = {}
+
+    def waiter():
+        start = time.monotonic()
+        try:
+            client.call("echo", "Sleep", b"30")
+        except BaseException as exc:
+            result["exc"] = exc
+        result["took"] = time.monotonic() - start
+
+    try:
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.7)  # a few probes answered by this broker
+        kelpied.stop()
+        kelpied.start()  # same ports, at once: liveness alone would not trip
+        restarted = time.monotonic()
+        t.join(10)
+        assert not t.is_alive()
+        assert isinstance(result.get("exc"), kelpie.Unavailable), result
+        assert "restarted" in result["exc"].message
+        assert time.monotonic() - restarted < 3.0
+        # A call sent while the broker is down reaches the next one and is
+        # answered, even though the restart is detected during its wait.
+        wait_served(client)
+        assert client.call("echo", "Sleep", b"0.5") == b"slept"  # probes: instance B
+        stopped = threading.Event()
+
+        def restart():
+            kelpied.stop()
+            stopped.set()
+            time.sleep(0.1)
+            kelpied.start()
+
+        helper = threading.Thread(target=restart)
+        helper.start()
+        assert stopped.wait(10)
+        # Same thread as the call above: it knows instance B, and sees C.
+        lost_before = client._local.conn.lost_before
+        assert client.call("echo", "Sleep", b"0.5") == b"slept"
+        assert client._local.conn.lost_before > lost_before  # C was told from B
+        helper.join(10)
+    finally:
+        client.close()

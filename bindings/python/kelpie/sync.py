@@ -21,15 +21,18 @@ waits for, and drops it. A thread that reads a stream and makes unary calls
 in between is served by the same socket: whatever arrives for the stream
 while a unary call waits is queued on the stream (at most its window).
 
-Liveness, as in the async client: while a call waits longer than
-``heartbeat`` seconds without hearing from the broker, the thread pings it
-(HEARTBEAT; the broker answers HEARTBEAT); after ``liveness`` silent intervals
-the call fails with :class:`kelpie.Unavailable` and the thread's socket is
-closed, so the next call starts with a new one. libzmq reconnects a DEALER by
-itself when a broker comes back on the same endpoint, so after a broker
-restart the next call works on the same socket; calls that were in the old
-broker are lost with it and end at their deadline (or by liveness, if the
-broker stays away).
+Liveness: while a call (or a stream read) waits longer than ``heartbeat``
+seconds without hearing from the broker, the thread probes it with
+``kelpie.broker/Stats`` (one at a time, at most one per interval); after
+``liveness`` silent intervals the call fails with :class:`kelpie.Unavailable`
+and the thread's socket is closed, so the next call starts with a new one. The
+probe's ``uptime_ms`` also tells one broker instance from the next: libzmq
+reconnects a DEALER by itself when a broker comes back on the same endpoint,
+and the new broker answers probes, but the calls the old one held are gone.
+When a probe shows a newer instance, the calls this thread sent before the
+old instance's last answer fail with Unavailable at once instead of waiting
+for a deadline they may not have (the async client's plain HEARTBEAT ping
+cannot tell). Calls sent afterwards, and the next call, go to the new broker.
 
 Lifetime: a thread's connection is closed when the thread exits (its
 ``threading.local`` slot is dropped and a finaliser closes the socket) or by
@@ -47,6 +50,7 @@ call.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import threading
 import time
@@ -119,6 +123,7 @@ class _Conn:
     """One thread's connection: its socket, request ids, open streams."""
 
     __slots__ = ("sock", "next_id", "streams", "last_recv", "cancels", "dead", "owner",
+                 "probe_rid", "probe_sent", "boot", "boot_rid", "lost_before",
                  "_finalizer", "__weakref__")
 
     def __init__(self, client):
@@ -138,6 +143,12 @@ class _Conn:
         self.cancels = collections.deque()
         self.dead = False
         self.owner = threading.get_ident()
+        # Broker restart detection (see _on_probe).
+        self.probe_rid = 0
+        self.probe_sent = 0.0
+        self.boot = None      # (earliest, latest) estimate of the broker's start, monotonic
+        self.boot_rid = 0     # id of the last probe that instance answered
+        self.lost_before = 0  # calls with smaller ids went down with a broker
         self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
 
     def close(self, exc=None):
@@ -195,7 +206,9 @@ class _Conn:
         hid = header.request_id
         if rid and hid == rid:
             return header
-        if hid:
+        if hid and hid == self.probe_rid:
+            self._on_probe(header, frames)
+        elif hid:
             state = self.streams.get(hid)
             if state is not None:
                 state.deliver(header.kind, header, frames)
@@ -241,8 +254,9 @@ class _Conn:
                         exc = Unavailable("broker did not answer for %.1f s" % silent)
                         self.close(exc)
                         raise exc from None
-                    if silent >= heartbeat:
-                        sock.send_multipart([_wire.HEARTBEAT_FRAME])
+                    if silent >= heartbeat and (not self.probe_rid
+                                                or now - self.probe_sent >= heartbeat):
+                        self._probe(client, now)
                 continue
             except _ZMQError:
                 # ContextTerminated (Client.close destroyed the context) or
@@ -257,6 +271,50 @@ class _Conn:
             header = self.route(frames, rid)
             if header is not None:
                 return header, frames
+            if rid < self.lost_before:
+                raise Unavailable("the broker restarted; the call was lost with it")
+
+    def _probe(self, client, now):
+        """Ping the broker while a call waits: ``kelpie.broker/Stats``, whose
+        ``uptime_ms`` tells one broker instance from the next.
+
+        Any answer is a sign of life (as a HEARTBEAT's would be). The uptime
+        also catches what liveness cannot: a broker that restarted on the
+        same endpoint while this thread waited answers the probes, but the
+        calls the old one held are gone and nothing will ever answer them.
+        """
+        rid = self.take_id()
+        self.probe_rid = rid
+        self.probe_sent = now
+        self.sock.send_multipart([_wire.request(
+            "kelpie.broker", "Stats", rid, _timeout_ms(client.liveness * client.heartbeat))])
+
+    def _on_probe(self, header, frames):
+        self.probe_rid = 0
+        if header.kind != _REPLY:
+            return
+        try:
+            uptime = json.loads(_payload(frames))["uptime_ms"] / 1000.0
+        except Exception:
+            return
+        # The broker started between (probe sent - uptime) and (answer
+        # received - uptime); the broker's clock is coarse (ms, a few ms
+        # of granularity), hence the slack.
+        lo, hi = self.probe_sent - uptime, _monotonic() - uptime
+        old = self.boot
+        if old is not None and lo > old[1] + 0.02:
+            # Another instance. Every call sent before the last probe the
+            # old one answered reached the old one (one pipe, in order), and
+            # died with it; calls sent after may have reached this one.
+            self.lost_before = self.boot_rid
+            exc = Unavailable("the broker restarted; the call was lost with it")
+            for state in list(self.streams.values()):
+                if state.rid < self.boot_rid:
+                    state.fail(exc)
+        elif old is not None and lo <= old[1] and hi >= old[0]:
+            lo, hi = max(lo, old[0]), min(hi, old[1])
+        self.boot = (lo, hi)
+        self.boot_rid = header.request_id
 
 
 class Client:
