@@ -95,10 +95,11 @@ async def stats(client):
     return json.loads(reply)
 
 
-def worker_env(broker, **env):
+def worker_env(broker, extra_path=(), **env):
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join(
-        [HERE] + [os.path.abspath(p) for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [HERE, *extra_path] +
+        [os.path.abspath(p) for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
     e["KELPIE_BACKEND"] = broker.backend
     e["KELPIE_FRONTEND"] = broker.frontend
     e.update({k: str(v) for k, v in env.items()})
@@ -113,22 +114,23 @@ class Processes:
         self.logs = {}
         self.tmp_path = tmp_path
 
-    def start(self, cmd, broker, **env):
+    def start(self, cmd, broker, extra_path=(), **env):
         path = os.path.join(str(self.tmp_path), f"proc{len(self.procs)}.log")
         with open(path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=worker_env(broker, **env), stdout=log,
+            proc = subprocess.Popen(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
         self.procs.append(proc)
         self.logs[proc.pid] = path
         return proc
 
-    def worker(self, broker, *args, target="rt_app:worker", child=True, loop="asyncio", **env):
+    def worker(self, broker, *args, target="rt_app:worker", child=True, loop="asyncio",
+               extra_path=(), **env):
         """One worker process (``--child``), or a supervisor (child=False)."""
         cmd = [PYTHON, "-m", "kelpie", "--log-level", "info", "--loop", loop, "worker", target,
                "--backend", broker.backend, *args]
         if child:
             cmd.append("--child")
-        return self.start(cmd, broker, **env)
+        return self.start(cmd, broker, extra_path, **env)
 
     def output(self, proc):
         with open(self.logs[proc.pid], errors="replace") as f:
@@ -156,6 +158,17 @@ def procs(tmp_path):
     p = Processes(tmp_path)
     yield p
     p.kill_all()
+
+
+@pytest.fixture(scope="session")
+def greeter_path(tmp_path_factory):
+    """protoc-compiled tests/rpc/protos/greeter.proto, on sys.path."""
+    out = tmp_path_factory.mktemp("protos")
+    protos = os.path.join(os.path.dirname(HERE), "rpc", "protos")
+    subprocess.run(["protoc", f"-I{protos}", f"--python_out={out}", "greeter.proto"],
+                   check=True, timeout=60)
+    sys.path.insert(0, str(out))
+    return str(out)
 
 
 async def wait_served(client, service="rt", method="Echo", timeout=15.0):

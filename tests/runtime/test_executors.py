@@ -165,3 +165,29 @@ def test_process_handler_must_be_importable():
         w.add_handler("s", "m", coro, executor="thread")
     with pytest.raises(ValueError):
         w.add_handler("s", "m", os.getpid, executor="fibre")
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_servicer_methods_in_threads_and_processes(broker, procs, greeter_path, executor):
+    import greeter_pb2
+    worker = procs.worker(broker, target="rt_greeter:worker", extra_path=[greeter_path],
+                          RT_GREETER=executor)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            stub = client.stub(greeter_pb2.DESCRIPTOR.services_by_name["Greeter"])
+            reply = await stub.SayHello(greeter_pb2.HelloRequest(name="ann"), timeout=20)
+            with pytest.raises(kelpie.Internal, match="expected HelloReply"):
+                await stub.Lookup(greeter_pb2.HelloRequest(name="x"), timeout=20)
+            chunks = [r.index async for r in stub.CountTo(greeter_pb2.HelloRequest(name="c",
+                                                                                    count=3))]
+            return reply, chunks
+    reply, chunks = run(main(), timeout=40)
+    greeting, name, pid, thread = reply.message.split()
+    assert (greeting, name) == ("hi", "ann")
+    if executor == "thread":
+        assert int(pid) == worker.pid and thread.startswith("kelpie-handler")
+    else:
+        assert int(pid) != worker.pid and thread == "MainThread"
+    assert chunks == [0, 1, 2]
