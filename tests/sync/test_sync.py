@@ -580,3 +580,56 @@ def test_broker_restart_during_call_fails_it(app_worker, kelpied):
         helper.join(10)
     finally:
         client.close()
+
+
+def test_def_handler_calls_through_sync_client(kelpie_worker, kelpied):
+    """A Worker's plain ``def`` handler (run in its thread pool, while the
+    worker's asyncio loop runs on another thread) calls a second service with
+    the sync client; many such calls at once."""
+    kelpie_worker(make_worker())  # serves t/Echo
+    inner = kelpie.sync.Client(kelpied.frontend, timeout=5)
+    front = kelpie.Worker(heartbeat=0.2, threads=4)
+    seen_threads = set()
+
+    @front.handler("front", "Relay")
+    def relay(payload, ctx):
+        seen_threads.add(threading.current_thread().name)
+        return inner.call("t", "Echo", payload + b"!")
+
+    served = kelpie_worker(front)
+    results, errors = [], []
+
+    def caller(k):
+        try:
+            for i in range(50):
+                payload = b"%d-%d" % (k, i)
+                results.append((payload + b"!", served.client.call("front", "Relay", payload,
+                                                                   timeout=10)))
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len(results) == 400 and all(a == b for a, b in results)
+        assert threading.main_thread().name not in seen_threads
+        assert 1 < len(seen_threads) <= 4  # the pool's threads, each with its own socket
+    finally:
+        inner.close()
+
+
+def test_async_test_against_kit_broker(kelpie_worker, kelpied):
+    """kelpie.testing's broker and in-process worker also serve asyncio callers."""
+    kelpie_worker(make_worker())
+
+    async def main():
+        async with kelpie.Client(kelpied.frontend, timeout=5) as client:
+            replies = await asyncio.gather(*(client.call("t", "Echo", b"%d" % i)
+                                             for i in range(100)))
+            assert replies == [b"%d" % i for i in range(100)]
+
+    asyncio.run(asyncio.wait_for(main(), 20))
