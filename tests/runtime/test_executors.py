@@ -191,3 +191,21 @@ def test_servicer_methods_in_threads_and_processes(broker, procs, greeter_path, 
     else:
         assert int(pid) != worker.pid and thread == "MainThread"
     assert chunks == [0, 1, 2]
+
+
+def test_thread_call_past_its_deadline_in_the_queue_is_not_started(broker, procs, tmp_path):
+    procs.worker(broker, RT_DIR=tmp_path, RT_THREADS=1, RT_CONCURRENCY=4)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            busy = asyncio.ensure_future(client.call("rt", "Slow", b"1.0", timeout=10))
+            await asyncio.sleep(0.1)  # the only thread is taken
+            with pytest.raises(kelpie.DeadlineExceeded):
+                await client.call("rt", "Spin", b"", timeout=0.3)
+            assert await busy == b"kelpie-handler_0"
+            await asyncio.sleep(0.3)  # time for Spin to run, were it started
+            return json.loads(await client.call("rt", "Stats", b"", timeout=5))
+    ws = run(main(), timeout=30)
+    assert not (tmp_path / "spin.result").exists()
+    assert ws["running"] == 0 and ws["threads_busy"] == 0 and ws["stalled"] is False

@@ -251,6 +251,17 @@ _drive_coro = __import__("types").coroutine(_drive)
 _watchdog_users = 0
 
 
+_SKIPPED = object()
+
+
+def _thread_entry(fn, payload, ctx):
+    # A call that waited for a free thread past its deadline (or was
+    # cancelled meanwhile) is not started at all.
+    if ctx._reason:
+        return _SKIPPED
+    return fn(payload, ctx)
+
+
 def _as_bytes(value, what):
     if value is None:
         return b""
@@ -600,7 +611,9 @@ class Worker:
         out = {"served": self.served, "failed": self.failed,
                "memory_errors": self.memory_errors,
                "running": len(session.calls) if session else 0,
-               "concurrency": self.concurrency, "stalls": self.stalls,
+               "concurrency": self.concurrency,
+               "stalled": bool(session and session.pulse and session.pulse.stalled),
+               "stalls": self.stalls,
                "stalled_seconds": round(self.stalled_seconds, 3),
                "threads": self.threads, "threads_busy": self._threads_busy}
         pool = self._process_pool
@@ -684,7 +697,9 @@ class Worker:
         log.warning("event loop was blocked for %.1f s%s; running handlers: %s "
                     "(stall %d of this worker; the stack was printed above if it "
                     "lasted over %.1f s)", stalled,
-                    f" by {', '.join(culprits)}" if culprits else " outside any handler",
+                    f" by {', '.join(culprits)}" if culprits else
+                    " (not by a step of an async handler: other code on the loop, or a thread "
+                    "holding the GIL)",
                     ", ".join(running) or "none", self.stalls, 1.5 * self.stall_threshold)
 
     async def _read_loop(self, session):
@@ -821,14 +836,15 @@ class Worker:
         # caller already and drops ours, which only returns the slot).
         self._threads_busy += 1
         try:
-            result = await self._loop.run_in_executor(self._thread_pool, handler.fn, payload, ctx)
+            result = await self._loop.run_in_executor(self._thread_pool, _thread_entry, handler.fn,
+                                                      payload, ctx)
             if inspect.iscoroutine(result):
                 result.close()
                 raise TypeError(f"{handler.name} returned a coroutine from a thread: "
                                 "register it as an async function")
-            body = _as_bytes(result, handler.name)
             if ctx._reason:
                 raise asyncio.CancelledError()
+            body = _as_bytes(result, handler.name)
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
