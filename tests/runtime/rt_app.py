@@ -140,6 +140,9 @@ def proc_pid(payload, ctx):
 
 
 def proc_fail(payload, ctx):
+    if payload == b"crash":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
     if payload == b"rpc":
         raise kelpie.NotFound("no such thing", {"why": b"test"})
     raise ValueError("bad payload")

@@ -148,8 +148,17 @@ def test_process_handler_errors(broker, procs, tmp_path):
             with pytest.raises(kelpie.Internal) as internal:
                 await client.call("rt", "ProcFail", b"x", timeout=20)
             assert "ValueError: bad payload" in internal.value.message
-            # The child survived both: same pid as before.
-            return await client.call("rt", "ProcPid", b"", timeout=20)
+            # The child survived both.
+            survivor = int(await client.call("rt", "ProcPid", b"", timeout=20))
+            # A child that dies under a call: that call fails INTERNAL with the cause,
+            # and the pool's slot gets a fresh child.
+            with pytest.raises(kelpie.Internal) as died:
+                await client.call("rt", "ProcFail", b"crash", timeout=20)
+            assert f"pool process {survivor} was killed by SIGKILL" in died.value.message
+            fresh = int(await client.call("rt", "ProcPid", b"", timeout=20))
+            assert fresh != survivor
+            ws = json.loads(await client.call("rt", "Stats", b"", timeout=5))
+            assert ws["process_pool"]["died"] == 1 and ws["process_pool"]["pids"] == [fresh]
     run(main(), timeout=40)
     assert "ValueError: bad payload" in procs.output(procs.procs[0])  # with its traceback
 
