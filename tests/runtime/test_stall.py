@@ -115,3 +115,20 @@ def test_sigstopped_worker_is_lost_and_idempotent_call_resent(broker, procs, tmp
     assert after["worker_lost"] == before["worker_lost"]  # re-sent, not failed
     starts = (tmp_path / "hold.started").read_text().split()
     assert starts == [str(victim), str(answer)], starts
+
+
+def test_short_block_is_not_a_stall(broker, procs, tmp_path):
+    # 0.7 s is below stall_threshold (1.0 s): no STALLED, no stack, no report.
+    worker = procs.worker(broker, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            assert await client.call("rt", "Block", b"0.7", timeout=10) == b"unblocked"
+            await asyncio.sleep(1.0)  # a late faulthandler would have fired by now
+            import json
+            return json.loads(await client.call("rt", "Stats", b"", timeout=2))
+    wstats = run(main(), timeout=30)
+    assert wstats["stalls"] == 0, wstats
+    out = procs.output(worker)
+    assert "stalled" not in out and "Timeout (" not in out and "was blocked" not in out, out
