@@ -633,3 +633,44 @@ def test_async_test_against_kit_broker(kelpie_worker, kelpied):
             assert replies == [b"%d" % i for i in range(100)]
 
     asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_fork_child_makes_its_own_connection(served):
+    """A Client built (and used) before fork() works in the child, which gets
+    a new context and socket, and still works in the parent."""
+    import os
+    client = kelpie.sync.Client(served.frontend, timeout=5)
+    try:
+        assert client.call("t", "Echo", b"parent-before") == b"parent-before"
+        pid = os.fork()
+        if pid == 0:  # the child: only this thread exists here
+            code = 1
+            try:
+                ok = client.call("t", "Echo", b"child") == b"child"
+                ok = ok and list(client.stream("t", "Count", b"3")) == [b"0", b"1", b"2"]
+                client.close()
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child did not finish")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client.call("t", "Echo", b"parent-after") == b"parent-after"
+    finally:
+        client.close()
+
+
+def test_context_is_made_on_first_call(served):
+    client = kelpie.sync.Client(served.frontend)
+    assert client._context is None  # building a Client opens nothing
+    assert client.call("t", "Echo", b"x", timeout=5) == b"x"
+    client.close()
+    assert client._context is None

@@ -299,10 +299,11 @@ class _Conn:
             return
         # The broker started between (probe sent - uptime) and (answer
         # received - uptime); the broker's clock is coarse (ms, a few ms
-        # of granularity), hence the slack.
+        # of granularity), hence the slack; no broker restarts and is
+        # reconnected to in 50 ms (libzmq's reconnect interval is 100 ms).
         lo, hi = self.probe_sent - uptime, _monotonic() - uptime
         old = self.boot
-        if old is not None and lo > old[1] + 0.02:
+        if old is not None and lo > old[1] + 0.05:
             # Another instance. Every call sent before the last probe the
             # old one answered reached the old one (one pipe, in order), and
             # died with it; calls sent after may have reached this one.
@@ -338,12 +339,17 @@ class Client:
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
         self.liveness = int(liveness)
+        # Our own context is made on first use (so that a Client built at
+        # import time in a pre-forking server's master costs nothing there)
+        # and made again in a forked child (see _after_fork_in_child).
         self._own_context = context is None
-        self._context = _kelpie.Context() if context is None else context
+        self._context = context
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns = weakref.WeakSet()
         self._closed = False
+        self._forked = False
+        _CLIENTS.add(self)
 
     # -- lifetime ---------------------------------------------------------
 
@@ -360,10 +366,11 @@ class Client:
             self._conns = weakref.WeakSet()
         for conn in conns:
             conn.close()
-        if self._own_context:
+        if self._own_context and self._context is not None:
             # Ends the waits of other threads (their sockets close
             # themselves) and returns once they have.
             self._context.destroy(0)
+            self._context = None
 
     def __enter__(self) -> "Client":
         return self
@@ -380,6 +387,21 @@ class Client:
         """How many threads have an open connection."""
         return sum(1 for c in list(self._conns) if not c.dead)
 
+    def _after_fork_in_child(self):
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        for conn in list(self._conns):
+            conn._finalizer.detach()
+            conn.dead = True
+            _INHERITED.append(conn.sock)
+        self._conns = weakref.WeakSet()
+        if self._own_context:
+            if self._context is not None:
+                _INHERITED.append(self._context)
+                self._context = None
+        else:
+            self._forked = True  # the caller's context is the parent's
+
     def _conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.dead:
@@ -387,6 +409,11 @@ class Client:
         with self._lock:
             if self._closed:
                 raise RuntimeError("client is closed")
+            if self._forked:
+                raise RuntimeError("this kelpie.sync.Client was given a context= before "
+                                   "fork(); make a new Client in the child")
+            if self._context is None:
+                self._context = _kelpie.Context()
             conn = _Conn(self)
             self._conns.add(conn)
         self._local.conn = conn
@@ -496,6 +523,22 @@ class Client:
         """``kelpie.broker/Stats`` decoded from JSON."""
         import json
         return json.loads(self.call("kelpie.broker", "Stats", b"", timeout=timeout))
+
+
+def _after_fork_in_child():
+    """A libzmq context does not survive fork(): in the child, every Client
+    forgets the parent's sockets and (if it made it) context, and makes new
+    ones on its next call. The parent's objects are kept referenced for the
+    rest of the child's life, never closed or freed there: closing them would
+    reach into a context whose I/O thread only exists in the parent."""
+    for client in list(_CLIENTS):
+        client._after_fork_in_child()
+
+
+_CLIENTS = weakref.WeakSet()
+_INHERITED = []  # the parent's sockets and contexts, in a forked child
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _StreamState:
