@@ -169,9 +169,9 @@ def test_deadline_exceeded_on_time(served):
     assert client.call("t", "Echo", b"fresh", timeout=5) == b"fresh"
 
 
-def test_default_timeout_and_late_answer_dropped(kelpie_worker, kelpied):
+def test_default_timeout_and_late_answer_dropped(kelpie_worker):
     served = kelpie_worker(make_worker())
-    with kelpie.sync.Client(kelpied.frontend, timeout=0.2) as client:
+    with kelpie.sync.Client(served.frontend, timeout=0.2) as client:
         with pytest.raises(kelpie.DeadlineExceeded):
             client.call("t", "Sleep", b"0.3")
         time.sleep(0.4)  # the broker's ERROR for that call arrives meanwhile
