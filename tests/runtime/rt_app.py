@@ -153,3 +153,11 @@ if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
     worker.add_handler("rt", "CpuForever", cpu_forever, executor="process")
     worker.add_handler("rt", "ProcPid", proc_pid, executor="process")
     worker.add_handler("rt", "ProcFail", proc_fail, executor="process")
+
+
+def crashing():
+    """A target whose worker processes die at start (exit 3); the supervisor's
+    own check of the target (no KELPIE_SUPERVISOR_PID there) succeeds."""
+    if os.environ.get("KELPIE_SUPERVISOR_PID"):
+        os._exit(3)
+    return worker

@@ -219,3 +219,16 @@ def test_children_leave_when_the_supervisor_is_killed(broker, procs, tmp_path):
     # They drained and said goodbye (SIGTERM from the kernel), not just vanished.
     assert after["worker_disconnects"] == before["worker_disconnects"] + 2
     assert after["worker_expired"] == before["worker_expired"]
+
+
+def test_crash_loop_backs_off(broker, procs, tmp_path):
+    sup = procs.worker(broker, "--processes", "1", target="rt_app:crashing", child=False)
+    deadline = time.monotonic() + 20
+    while len(log_lines(procs, sup, r"died: exit code 3")) < 5:
+        assert time.monotonic() < deadline, procs.output(sup)
+        time.sleep(0.05)
+    delays = [float(re.search(r"restarting in ([\d.]+) s", line).group(1))
+              for line in log_lines(procs, sup, r"died: exit code 3")]
+    assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 1.6], delays
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=10) == 0
