@@ -49,12 +49,12 @@ kelpie._executors), killed with SIGKILL and replaced when its call is
 cancelled or passes its deadline.
 
 Stalls: every tick re-arms ``faulthandler.dump_traceback_later``, with a
-timeout just past the moment the Pulse thread declares a stall (1.5
-thresholds at the defaults), so a stall prints the Python stack of the
-blocking code once, below the Pulse's own stderr line. Handler steps on the loop record the handler whose step
-blocked; when the loop runs again the worker logs one line naming it and the
-running handlers, sends STATUS without STALLED and counts the stall
-(``worker.stats``).
+timeout just past the moment the Pulse thread declares a stall (1.55 s at
+the defaults), so a stall prints the Python stack of the blocking code once,
+below the Pulse's own stderr line. Each step of a handler on the loop is
+timed, so the one that blocked is known; when the loop runs again the worker
+logs one line naming it and the running handlers, sends STATUS without
+STALLED and counts the stall (``worker.stats``).
 
 Streaming handlers are async generators. Flow control is end to end
 (protocol.md §5.3): the generator is advanced only while the reader's window
