@@ -460,18 +460,18 @@ class Worker:
         self._stop_event = asyncio.Event()
         own_context = self._context is None
         context = _zmq.Context() if own_context else self._context
-        kinds = {h.kind for h in self._handlers.values()}
-        if _IN_THREAD in kinds:
-            self._thread_pool = concurrent.futures.ThreadPoolExecutor(
-                self.threads, thread_name_prefix="kelpie-handler")
-        if _IN_PROCESS in kinds:
-            self._process_pool = _executors.ProcessPool(self.processes, loop)
-            self._process_pool.start()
         global _watchdog_users
         watchdog = bool(self.stall_threshold)
         _watchdog_users += watchdog
         backoff = 0.0
         try:
+            kinds = {h.kind for h in self._handlers.values()}
+            if _IN_THREAD in kinds:
+                self._thread_pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="kelpie-handler")
+            if _IN_PROCESS in kinds:
+                self._process_pool = _executors.ProcessPool(self.processes, loop)
+                self._process_pool.start()
             while not self._stopping:
                 session = await self._open(context)
                 reader = session.reader = loop.create_task(self._read_loop(session))
