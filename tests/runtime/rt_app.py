@@ -117,6 +117,15 @@ def spin(payload, ctx):
     return b"spun"
 
 
+@worker.handler("rt", "GilHog")
+def gil_hog(payload, ctx):
+    """C code that holds the GIL in a thread (catastrophic regex backtracking): the
+    loop cannot run although no async handler blocks it."""
+    import re
+    re.match(r"(a+)+$", "a" * int(payload) + "b")  # GIL-LINE
+    return b"done"
+
+
 # -- in processes (module-level functions: pickled by name) ---------------------
 
 def cpu(payload, ctx):

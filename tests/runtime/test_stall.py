@@ -16,12 +16,12 @@ import kelpie
 from conftest import HERE, run, stats, wait_for, wait_served
 
 
-def _blocking_line():
+def _blocking_line(marker="BLOCKING-LINE"):
     with open(os.path.join(HERE, "rt_app.py")) as f:
         for number, line in enumerate(f, 1):
-            if "BLOCKING-LINE" in line and "time.sleep" in line:
+            if marker in line:
                 return number
-    raise AssertionError("rt_app.py lost its BLOCKING-LINE")
+    raise AssertionError(f"rt_app.py lost its {marker}")
 
 
 def test_blocked_loop_is_not_lost_and_is_logged_once(broker, procs, tmp_path, loop):
@@ -132,3 +132,34 @@ def test_short_block_is_not_a_stall(broker, procs, tmp_path):
     assert wstats["stalls"] == 0, wstats
     out = procs.output(worker)
     assert "stalled" not in out and "Timeout (" not in out and "was blocked" not in out, out
+
+
+def test_thread_holding_the_gil_stalls_the_loop_but_not_liveness(broker, procs, tmp_path):
+    # A def handler in C code that never releases the GIL (the regex engine
+    # backtracking for ~3 s): the loop cannot run, the Pulse thread (no GIL)
+    # keeps the worker registered and reports the stall; the stack shows the
+    # handler's thread at its line.
+    worker = procs.worker(broker, RT_DIR=tmp_path)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            before = await stats(client)
+            t0 = time.monotonic()
+            assert await client.call("rt", "GilHog", b"27", timeout=60) == b"done"
+            took = time.monotonic() - t0
+            after = await stats(client)
+            import json
+            return took, before, after, json.loads(await client.call("rt", "Stats", b"",
+                                                                     timeout=2))
+    took, before, after, wstats = run(main(), timeout=90)
+    assert took > 1.6, took  # long enough to be a stall
+    assert after["worker_expired"] == before["worker_expired"]
+    assert after["workers_registered"] == before["workers_registered"]
+    assert wstats["stalls"] == 1, wstats
+    out = procs.output(worker)
+    assert out.count("event loop stalled for more than") == 1, out
+    assert re.search(rf'File ".*rt_app\.py", line {_blocking_line("GIL-LINE")} in gil_hog',
+                     out), out
+    summary = [line for line in out.splitlines() if "event loop was blocked for" in line]
+    assert len(summary) == 1 and "not by a step of an async handler" in summary[0], summary
