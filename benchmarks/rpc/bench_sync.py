@@ -21,10 +21,12 @@ process, each calling back to back, same machine, same run:
 
 For each (system, threads) the threads call for ``--seconds`` after a
 warm-up; the result is requests/s and the p50/p99 latency of single calls.
-Cases run interleaved (all systems at 1 thread, then all at 16) so that all
-see the same machine load. Results go to stdout, to docs/benchmarks-sync.md
+Cases run interleaved (all systems at 1 thread, then all at 16), three
+rounds of all of them, and each case reports its median round, so that all
+systems see the same (shared, noisy) machine load. Results go to stdout, to docs/benchmarks-sync.md
 and (with matplotlib) to docs/img/sync.png. Servers are started with this
-same file (``--serve``). Bounded: about 40 s (``--quick``: about 15 s).
+same file (``--serve``). Bounded: about 60 s (``--quick``: one round of 1 s,
+about 15 s).
 """
 
 import argparse
@@ -255,7 +257,7 @@ def wait_kelpie(client, service, timeout=15.0):
             time.sleep(0.05)
 
 
-def run_all(kelpied, seconds, with_def):
+def run_all(kelpied, seconds, with_def, rounds):
     import grpc
     import zmq
 
@@ -288,16 +290,19 @@ def run_all(kelpied, seconds, with_def):
             systems += [("grpc", grpc_factory(channel)),
                         ("zmq-req", zmq_factory(zctx, f"tcp://127.0.0.1:{zmq_port}", zsockets))]
             try:
-                for nthreads in THREADS:
-                    for name, make in systems:
-                        r = results[(name, nthreads)] = measure(make, nthreads, seconds)
-                        print(f"{name:10s} threads={nthreads:2d}  {r[0]:9,.0f} req/s  "
-                              f"p50 {r[1] * 1e6:7,.0f} us  p99 {r[2] * 1e6:7,.0f} us  "
-                              f"client CPU {r[3] * 1e6:5.1f} us/call",
-                              flush=True)
-                        for s in zsockets:
-                            s.close()
-                        zsockets.clear()
+                for rnd in range(rounds):
+                    for nthreads in THREADS:
+                        for name, make in systems:
+                            r = measure(make, nthreads, seconds)
+                            results.setdefault((name, nthreads), []).append(r)
+                            print(f"round {rnd + 1} {name:10s} threads={nthreads:2d}  "
+                                  f"{r[0]:9,.0f} req/s  "
+                                  f"p50 {r[1] * 1e6:7,.0f} us  p99 {r[2] * 1e6:7,.0f} us  "
+                                  f"client CPU {r[3] * 1e6:5.1f} us/call",
+                                  flush=True)
+                            for sock in zsockets:
+                                sock.close()
+                            zsockets.clear()
             finally:
                 channel.close()
     finally:
@@ -312,7 +317,18 @@ def run_all(kelpied, seconds, with_def):
     return results
 
 
-def report(results, seconds, wall, load, with_def, command, worker_note):
+def median_runs(runs):
+    """Per case, the round with the median throughput, and the (min, max) req/s."""
+    out, spread = {}, {}
+    for key, rs in runs.items():
+        ordered = sorted(rs, key=lambda r: r[0])
+        out[key] = ordered[len(ordered) // 2]
+        spread[key] = (ordered[0][0], ordered[-1][0])
+    return out, spread
+
+
+def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
+    results, spread = median_runs(runs)
     us = lambda s: f"{s * 1e6:,.0f}"  # noqa: E731
     names = ["kelpie"] + (["kelpie-def"] if with_def else []) + ["grpc", "zmq-req"]
     lines = [
@@ -320,7 +336,9 @@ def report(results, seconds, wall, load, with_def, command, worker_note):
         "",
         f"One run on this {os.cpu_count()}-core machine ({platform.python_implementation()} "
         f"{platform.python_version()}, grpcio {_version('grpc')}, pyzmq {_version('zmq')}), "
-        f"16-byte echo, {seconds:g} s per case after a warm-up, {wall:.0f} s in all. "
+        f"16-byte echo, {rounds} rounds of every case ({seconds:g} s each after a warm-up, "
+        f"cases interleaved), {wall:.0f} s in all; each row is the round with the median "
+        f"throughput, and the req/s range over the rounds. "
         f"Load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
         f"after: {load[3]:.2f}.",
         "",
@@ -331,15 +349,17 @@ def report(results, seconds, wall, load, with_def, command, worker_note):
         "`zmq-req` is a REQ socket per thread to a REP echo loop: no headers, no "
         "deadlines, no routing — the floor, not a competitor.",
         "",
-        "| system | threads | req/s | p50 µs | p99 µs | client CPU µs/call |",
-        "|---|---|---|---|---|---|",
+        "| system | threads | req/s (median) | req/s range | p50 µs | p99 µs "
+        "| client CPU µs/call |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in THREADS:
         for name in names:
             r = results.get((name, n))
             if r:
-                lines.append(f"| {name} | {n} | {r[0]:,.0f} | {us(r[1])} | {us(r[2])} "
-                             f"| {r[3] * 1e6:.1f} |")
+                lo, hi = spread[(name, n)]
+                lines.append(f"| {name} | {n} | {r[0]:,.0f} | {lo:,.0f}–{hi:,.0f} "
+                             f"| {us(r[1])} | {us(r[2])} | {r[3] * 1e6:.1f} |")
     lines += ["", "Ratios (throughput):", ""]
     for n in THREADS:
         k, g, z = (results.get((s, n)) for s in ("kelpie", "grpc", "zmq-req"))
@@ -423,7 +443,8 @@ def plot(results, with_def, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 s per case")
-    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--seconds", type=float, default=None, help="per case and round (1.5)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of every case (3)")
     p.add_argument("--kelpied", default=None)
     p.add_argument("--no-def", action="store_true", help="skip the def-handler worker")
     p.add_argument("--no-write", action="store_true",
@@ -447,15 +468,19 @@ def main():
             serve_kelpie(address, "def" if system == "kelpie-def" else "async")
         return 0
 
-    seconds = args.seconds or (1.0 if args.quick else 4.0)
+    seconds = args.seconds or (1.0 if args.quick else 1.5)
+    rounds = args.rounds or (1 if args.quick else 3)
     with_def = not args.no_def and def_handlers_supported()
     load_before = os.getloadavg()
     started = time.time()
-    results = run_all(kelpied, seconds, with_def)
+    runs = run_all(kelpied, seconds, with_def, rounds)
     wall = time.time() - started
     load = (*load_before, os.getloadavg()[0])
-    command = "/usr/bin/python3 benchmarks/rpc/bench_sync.py" + (
-        " --quick" if args.quick else (f" --seconds {args.seconds:g}" if args.seconds else ""))
+    command = "/usr/bin/python3 benchmarks/rpc/bench_sync.py" + (" --quick" if args.quick else "")
+    if args.seconds:
+        command += f" --seconds {args.seconds:g}"
+    if args.rounds:
+        command += f" --rounds {args.rounds}"
     worker_note = ""
     try:
         dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--",
@@ -468,13 +493,14 @@ def main():
             else ".")
     except Exception:
         pass
-    text = "\n".join(report(results, seconds, wall, load, with_def, command, worker_note))
+    text = "\n".join(report(runs, seconds, rounds, wall, load, with_def, command,
+                            worker_note))
     print()
     print(text)
     if not args.no_write:
         with open(os.path.join(ROOT, "docs", "benchmarks-sync.md"), "w") as f:
             f.write(text + "\n![sync benchmark](img/sync.png)\n")
-        plot(results, with_def, os.path.join(ROOT, "docs", "img", "sync.png"))
+        plot(median_runs(runs)[0], with_def, os.path.join(ROOT, "docs", "img", "sync.png"))
     return 0
 
 
