@@ -390,7 +390,8 @@ class Client:
     @property
     def connections(self) -> int:
         """How many threads have an open connection."""
-        return sum(1 for c in list(self._conns) if not c.dead)
+        with self._lock:
+            return sum(1 for c in list(self._conns) if not c.dead)
 
     def _after_fork_in_child(self):
         self._lock = threading.Lock()
