@@ -26,12 +26,17 @@ static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t re
 }
 
 /* Finds the service for a new call, creating it during the start-up grace
- * period; NULL if nobody serves it. */
+ * period; NULL if no worker has ever served it and the grace period is over.
+ * Calls accepted during grace keep waiting for their deadline, but a service
+ * made for them does not take new calls after grace until a worker serves it. */
 static struct kp_service *frontend_route(struct kp_broker *b, const char *name)
 {
+    bool grace = kp_broker_in_grace(b);
     struct kp_service *s = kp_services_find(&b->services, name);
-    if (s == NULL && kp_broker_in_grace(b))
+    if (s == NULL && grace)
         s = kp_services_get(&b->services, name, b->now);
+    if (s != NULL && !s->served && !grace)
+        return NULL;
     return s;
 }
 

@@ -98,6 +98,7 @@ void kp_service_add_worker(struct kp_service *s, struct kp_worker *w)
         s->workers = kp_realloc(s->workers, s->workers_cap * sizeof *s->workers);
     }
     s->workers[s->nworkers++] = w;
+    s->served = true;
     s->idle_since = 0;
 }
 

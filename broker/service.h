@@ -32,6 +32,7 @@ struct kp_service {
     size_t queued;               /* calls in queue */
     size_t in_flight;            /* its calls held by workers */
     uint64_t idle_since;         /* monotonic ms it became empty and worker-less, 0 = busy */
+    bool served;                 /* a worker has registered it at some point */
     bool pending;                /* in the broker's dispatch list */
     struct kp_list pending_link; /* link in that list */
 };

@@ -665,6 +665,10 @@ Test(broker, unknown_service_is_not_found_after_the_grace_period)
     tb_request(c, 2, "never", "Do", 2000, 0, "x");
     tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 2);
     cr_assert_eq(tb_stat("unroutable"), 1);
+    /* The service made for the early call takes no new calls after grace. */
+    tb_request(c, 3, "late", "Do", 2000, 0, "x");
+    tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 3);
+    cr_assert_eq(tb_stat("unroutable"), 2);
     /* The early call is served by a worker that registers later. */
     void *w = tb_worker("late", 1);
     tb_header *r = tb_work(w);
