@@ -67,24 +67,38 @@ class Broker:
         self.proc = None
 
     def start(self):
-        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
-               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
-               "--client-max-inflight", "200000"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        deadline = time.monotonic() + 10
+        # A free port can be taken by another process between free_port() and
+        # kelpied's bind: a broker that exits at once is retried on new ports.
+        for attempt in range(3):
+            if attempt:
+                ports = [free_port() for _ in range(3)]
+                self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}"
+                                                            for p in ports)
+            cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
+                   "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
+                   "--client-max-inflight", "200000"]
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            if self._ready():
+                return self
+            self.kill()
+        with open(self.log_path, errors="replace") as f:
+            pytest.fail(f"kelpied did not start:\n{f.read()[-3000:]}")
+
+    def _ready(self, timeout=10.0):
+        deadline = time.monotonic() + timeout
 
         async def ping():
             async with kelpie.Client(self.frontend, heartbeat=0) as client:
-                while True:
+                while self.proc.poll() is None and time.monotonic() < deadline:
                     try:
-                        return await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
+                        await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
+                        return True
                     except kelpie.RpcError:
-                        if time.monotonic() > deadline or self.proc.poll() is not None:
-                            raise
-        run(ping(), timeout=12)
-        return self
+                        await asyncio.sleep(0.01)
+                return False
+        return run(ping(), timeout=timeout + 2)
 
     def kill(self):
         kill_group(self.proc)
