@@ -48,7 +48,7 @@ def test_deadline_reaches_a_thread_handler(broker, procs, tmp_path, loop):
             assert await client.call("rt", "Echo", b"x", timeout=2) == b"x"
             return took, result.read_text()
     took, result = run(main(), timeout=30)
-    assert 0.45 < took < 0.8, took
+    assert 0.45 < took < 1.0, took  # the deadline, plus scheduling slack
     assert result.startswith("cancelled=True"), result
     fields = dict(f.split("=") for f in result.split())
     assert 0.3 < float(fields["remaining_at_start"]) <= 0.5
@@ -68,7 +68,7 @@ def test_thread_handler_keeps_its_slot_until_it_returns(broker, procs, tmp_path)
             t0 = time.monotonic()
             with pytest.raises(kelpie.DeadlineExceeded):
                 await client.call("rt", "Slow", b"1.5", timeout=0.3)
-            assert time.monotonic() - t0 < 0.6
+            assert time.monotonic() - t0 < 0.8
             assert await client.call("rt", "Echo", b"x", timeout=5) == b"x"
             return time.monotonic() - t0
     waited = run(main(), timeout=30)
@@ -103,7 +103,7 @@ def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp
             t0 = time.monotonic()
             with pytest.raises(kelpie.DeadlineExceeded):
                 await client.call("rt", "CpuForever", b"", timeout=0.5)
-            assert time.monotonic() - t0 < 0.8
+            assert time.monotonic() - t0 < 1.0
             victim = int((tmp_path / "forever.pid").read_text())
             assert victim == first
             await wait_for(lambda: not pid_alive(victim), 3, "killed child gone")
