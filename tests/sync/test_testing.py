@@ -70,9 +70,15 @@ def test_users_conftest_in_a_fresh_pytest(tmp_path):
             with open("kelpied.pid", "w") as f:
                 f.write(str(kelpied.proc.pid))
     """))
+    # The user's run starts in its own directory: make inherited paths absolute.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in
+                                        env.get("PYTHONPATH", "").split(os.pathsep) if p)
+    if env.get("KELPIED"):
+        env["KELPIED"] = os.path.abspath(env["KELPIED"])
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            str(tmp_path)], cwd=str(tmp_path), capture_output=True, text=True,
-                          timeout=60, env=dict(os.environ))
+                          timeout=60, env=env)
     assert "1 failed, 2 passed" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 1
     # The plugin killed the broker it started (and reaped it: no zombie).
