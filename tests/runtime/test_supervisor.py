@@ -168,10 +168,12 @@ def test_second_sigterm_kills_at_once(broker, procs, tmp_path):
         async with kelpie.Client(broker.frontend) as client:
             await wait_served(client)
             pids = await serving_pids(client, 2)
+            started = tmp_path / "hold.started"
+            already = len(started.read_text().split())
             calls = [asyncio.ensure_future(client.call("rt", "Hold", b"20", timeout=30))
                      for _ in range(4)]
-            started = tmp_path / "hold.started"
-            await wait_for(lambda: len(started.read_text().split()) >= 4 + 4, 5, "calls running")
+            await wait_for(lambda: len(started.read_text().split()) == already + 4, 5,
+                           "calls running")
             sup.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.5)
             assert sup.poll() is None  # draining: 30 s of grace
