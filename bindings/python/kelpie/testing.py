@@ -66,7 +66,7 @@ def find_kelpied() -> str:
     if path:
         if not os.access(path, os.X_OK):
             raise FileNotFoundError(f"KELPIED={path!r} is not an executable")
-        return path
+        return os.path.abspath(path)
     path = shutil.which("kelpied")
     if path:
         return path
