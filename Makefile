@@ -5,13 +5,15 @@
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 60
 JOBS       ?= $(shell nproc)
 CMAKE_ARGS ?=
 CTEST_ARGS ?=
 PYTHON     := /usr/bin/python3
 
 # Debian 12 packages the build, the tests and the benchmarks need.
-DEB_PACKAGES := build-essential cmake pkg-config git clang clang-format \
+DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev clang-format \
 	libzmq3-dev libczmq-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
 	libcriterion-dev libsodium-dev \
 	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
@@ -58,6 +60,26 @@ asan: deps
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ctest --output-on-failure -j $(JOBS) -L asan $(CTEST_ARGS)
 
+# libFuzzer on the header decoder and on the broker's state machine, FUZZ_SECONDS
+# each. New inputs go to a scratch corpus in the fuzz build tree; copy the
+# interesting ones into tests/fuzz/corpus*/ and commit them.
+fuzz: deps
+	CC=clang cmake -S . -B $(FUZZ_BUILD) -DKELPIE_FUZZ=ON -DKELPIE_PYTHON=OFF $(CMAKE_ARGS)
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_header fuzz_broker
+	mkdir -p $(FUZZ_BUILD)/new-header $(FUZZ_BUILD)/new-broker
+	$(FUZZ_BUILD)/tests/fuzz/fuzz_header -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		$(FUZZ_BUILD)/new-header tests/fuzz/corpus
+	$(FUZZ_BUILD)/tests/fuzz/fuzz_broker -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		$(FUZZ_BUILD)/new-broker tests/fuzz/corpus-broker
+
+# Every benchmark, each against its anchor in the same run (several minutes;
+# figures in docs/benchmarks.md).
+bench: bench-deps build
+	BUILD=$(BUILD) benchmarks/broker/run.sh
+	$(PYTHON) benchmarks/asyncio/bench.py
+	$(PYTHON) benchmarks/rpc/bench.py
+	$(PYTHON) benchmarks/rpc/bench_sync.py
+
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format:
 	clang-format -i $(FORMAT_FILES)
@@ -65,4 +87,4 @@ format-check:
 	clang-format --dry-run --Werror $(FORMAT_FILES)
 
 clean:
-	rm -rf $(BUILD) $(ASAN_BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
