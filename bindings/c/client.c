@@ -34,7 +34,7 @@
 
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
-    int64_t deadline; /* local give-up time (kp_now_ms), 0: none */
+    int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
 } client_slot;
 
 typedef struct client_node {
@@ -53,7 +53,7 @@ struct kelpie_client {
     int64_t next_scan;    /* when to look for expired calls next */
     client_node *head;    /* answers received or made up, not yet returned */
     client_node *tail;
-    kp_arena arena; /* the header being read (one at a time) */
+    kpc_arena arena; /* the header being read (one at a time) */
 };
 
 /* The message of answers that carry none: shared, never freed, so that the
@@ -162,7 +162,7 @@ static int client_pop(kelpie_client *c, kelpie_reply *out)
 static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code, const char *why)
 {
     client_node *node = calloc(1, sizeof *node);
-    char *message = kp_strndup(why, strlen(why));
+    char *message = kpc_strndup(why, strlen(why));
     if (!node || !message) {
         /* Out of memory: the call is dropped silently rather than aborting
          * the application; its caller sees no answer for it. */
@@ -187,7 +187,7 @@ static kelpie_status client_send_control(kelpie_client *c, Kelpie__V1__Kind kind
     h.kind = kind;
     h.request_id = id;
     h.credits = credits;
-    return kp_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT);
+    return kpc_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT);
 }
 
 /* Ends every outstanding call with a local ERROR whose deadline has passed
@@ -254,11 +254,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     h.n_metadata = opts->n_metadata;
     h.metadata = ptrs;
 
-    rc = kp_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
+    rc = kpc_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
     if (rc != KELPIE_OK)
         goto cleanup;
     int64_t deadline =
-        opts->timeout_ms ? kp_now_ms() + (int64_t)opts->timeout_ms + KELPIE_CLIENT_GRACE_MS : 0;
+        opts->timeout_ms ? kpc_now_ms() + (int64_t)opts->timeout_ms + KELPIE_CLIENT_GRACE_MS : 0;
     rc = client_add(c, h.request_id, deadline);
     if (rc != KELPIE_OK) {
         /* Sent but cannot be tracked: cancel it so nothing is left behind. */
@@ -279,7 +279,7 @@ cleanup:
 /* --- receiving ----------------------------------------------------------- */
 
 /* Fills *out from a received message. */
-static kelpie_status client_fill(kelpie_reply *out, const kp_msg *m)
+static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
 {
     const Kelpie__V1__Header *h = m->header;
     memset(out, 0, sizeof *out);
@@ -290,7 +290,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kp_msg *m)
                       : KELPIE_OK;
     out->sequence = h->sequence;
     const char *text = h->message ? h->message : "";
-    out->message = *text ? kp_strndup(text, strlen(text)) : client_no_message;
+    out->message = *text ? kpc_strndup(text, strlen(text)) : client_no_message;
     if (m->len) {
         out->payload = malloc(m->len);
         if (out->payload) {
@@ -310,15 +310,15 @@ static kelpie_status client_fill(kelpie_reply *out, const kp_msg *m)
  * (used internally as "consumed, nothing to deliver") otherwise. */
 static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
 {
-    kp_msg m;
-    kelpie_status rc = kp_wire_recv(c->sock, &m, ZMQ_DONTWAIT, &c->arena);
+    kpc_msg m;
+    kelpie_status rc = kpc_wire_recv(c->sock, &m, ZMQ_DONTWAIT, &c->arena);
     if (rc != KELPIE_OK) {
-        kp_msg_fini(&m);
+        kpc_msg_fini(&m);
         return rc == KELPIE_ERR_TIMEOUT ? rc : KELPIE_ABORTED;
     }
     const Kelpie__V1__Header *h = m.header;
     rc = KELPIE_ABORTED;
-    if (!h || h->version != KP_VERSION)
+    if (!h || h->version != KPC_VERSION)
         goto done; /* nothing sensible to answer a broker with */
     switch (h->kind) {
     case KELPIE__V1__KIND__REPLY:
@@ -336,13 +336,13 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         break;
     }
     case KELPIE__V1__KIND__DISCONNECT:
-        client_expire(c, kp_now_ms(), 1, KELPIE_UNAVAILABLE, "the broker disconnected");
+        client_expire(c, kpc_now_ms(), 1, KELPIE_UNAVAILABLE, "the broker disconnected");
         break;
     default:
         break; /* HEARTBEAT and anything else: a sign of life, nothing more */
     }
 done:
-    kp_msg_fini(&m);
+    kpc_msg_fini(&m);
     return rc;
 }
 
@@ -359,7 +359,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
     if (!c || !reply)
         return KELPIE_ERR_INVAL;
     memset(reply, 0, sizeof *reply);
-    int64_t end = timeout_ms < 0 ? -1 : kp_now_ms() + timeout_ms;
+    int64_t end = timeout_ms < 0 ? -1 : kpc_now_ms() + timeout_ms;
     for (;;) {
         if (client_pop(c, reply))
             return KELPIE_OK;
@@ -368,7 +368,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             return KELPIE_OK;
         if (rc == KELPIE_ABORTED)
             continue;
-        int64_t now = kp_now_ms();
+        int64_t now = kpc_now_ms();
         client_expire(c, now, 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
         if (c->head)
             continue;
@@ -393,7 +393,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
     kelpie_status rc = kelpie_client_send(c, &opts, payload, len, &id);
     if (rc != KELPIE_OK)
         return rc;
-    int64_t give_up = timeout_ms ? kp_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
+    int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
     for (;;) {
         kelpie_reply r;
         rc = client_read(c, &r);
@@ -432,14 +432,14 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
             }
             return KELPIE_UNAVAILABLE;
         }
-        int64_t now = kp_now_ms();
+        int64_t now = kpc_now_ms();
         if (give_up >= 0 && now >= give_up) {
             client_remove_at(c, client_find(c, id.id));
             client_send_control(c, KELPIE__V1__KIND__CANCEL, id.id, 0);
             reply->request_id = id;
             reply->kind = KELPIE_KIND_ERROR;
             reply->status = KELPIE_DEADLINE_EXCEEDED;
-            reply->message = kp_strndup("no answer by the call's deadline", 32);
+            reply->message = kpc_strndup("no answer by the call's deadline", 32);
             return KELPIE_DEADLINE_EXCEEDED;
         }
         client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));

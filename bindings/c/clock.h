@@ -8,17 +8,17 @@
  * read: about 3 ns against 20 ns here, on a path taken per message (the
  * benchmark profile showed clock reads at 3 % of the client's time).
  */
-#ifndef KP_CLOCK_H
-#define KP_CLOCK_H
+#ifndef KPC_CLOCK_H
+#define KPC_CLOCK_H
 
 #include <stdint.h>
 #include <time.h>
 
-static inline int64_t kp_now_ms(void)
+static inline int64_t kpc_now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-#endif /* KP_CLOCK_H */
+#endif /* KPC_CLOCK_H */

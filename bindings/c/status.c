@@ -7,11 +7,11 @@
 const char *kelpie_strerror(kelpie_status status)
 {
     switch (status) {
-#define KP_STATUS_DESC(name, num, desc)                                                            \
+#define KPC_STATUS_DESC(name, num, desc)                                                           \
     case KELPIE_##name:                                                                            \
         return desc;
-        KELPIE_STATUS_LIST(KP_STATUS_DESC)
-#undef KP_STATUS_DESC
+        KELPIE_STATUS_LIST(KPC_STATUS_DESC)
+#undef KPC_STATUS_DESC
     }
     return "unknown status";
 }
@@ -19,11 +19,11 @@ const char *kelpie_strerror(kelpie_status status)
 const char *kelpie_status_name(kelpie_status status)
 {
     switch (status) {
-#define KP_STATUS_NAME(name, num, desc)                                                            \
+#define KPC_STATUS_NAME(name, num, desc)                                                           \
     case KELPIE_##name:                                                                            \
         return #name;
-        KELPIE_STATUS_LIST(KP_STATUS_NAME)
-#undef KP_STATUS_NAME
+        KELPIE_STATUS_LIST(KPC_STATUS_NAME)
+#undef KPC_STATUS_NAME
     }
     return "UNKNOWN_STATUS";
 }

@@ -4,7 +4,7 @@
  * The header is packed straight into the data of a zmq_msg_t, so sending
  * costs one protobuf pack and no extra copy; a single payload frame is
  * received into a zmq_msg_t and exposed in place. Headers are decoded into a
- * caller-provided arena (kp_arena): protobuf-c otherwise makes one malloc
+ * caller-provided arena (kpc_arena): protobuf-c otherwise makes one malloc
  * per string and per struct, which showed up in the benchmark's profile.
  */
 #include "wire.h"
@@ -16,9 +16,9 @@
 
 static void *arena_alloc(void *data, size_t size)
 {
-    kp_arena *a = data;
+    kpc_arena *a = data;
     size_t aligned = (size + alignof(max_align_t) - 1) & ~(alignof(max_align_t) - 1);
-    if (aligned <= KP_ARENA_SIZE - a->used) {
+    if (aligned <= KPC_ARENA_SIZE - a->used) {
         void *p = a->buf + a->used;
         a->used += aligned;
         return p;
@@ -28,13 +28,13 @@ static void *arena_alloc(void *data, size_t size)
 
 static void arena_free(void *data, void *p)
 {
-    kp_arena *a = data;
+    kpc_arena *a = data;
     uintptr_t at = (uintptr_t)p, lo = (uintptr_t)a->buf;
-    if (at < lo || at >= lo + KP_ARENA_SIZE)
+    if (at < lo || at >= lo + KPC_ARENA_SIZE)
         free(p); /* spilled to malloc */
 }
 
-void kp_arena_init(kp_arena *arena)
+void kpc_arena_init(kpc_arena *arena)
 {
     arena->allocator.alloc = arena_alloc;
     arena->allocator.free = arena_free;
@@ -42,13 +42,13 @@ void kp_arena_init(kp_arena *arena)
     arena->used = 0;
 }
 
-void kp_header_free(Kelpie__V1__Header *header, kp_arena *arena)
+void kpc_header_free(Kelpie__V1__Header *header, kpc_arena *arena)
 {
     if (header)
         kelpie__v1__header__free_unpacked(header, arena ? &arena->allocator : NULL);
 }
 
-char *kp_strndup(const char *s, size_t n)
+char *kpc_strndup(const char *s, size_t n)
 {
     char *p = malloc(n + 1);
     if (p) {
@@ -59,10 +59,10 @@ char *kp_strndup(const char *s, size_t n)
     return p;
 }
 
-kelpie_status kp_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
-                           int zmq_flags)
+kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
+                            int zmq_flags)
 {
-    header->version = KP_VERSION;
+    header->version = KPC_VERSION;
     size_t size = kelpie__v1__header__get_packed_size(header);
     zmq_msg_t frame;
     if (zmq_msg_init_size(&frame, size) != 0)
@@ -81,7 +81,7 @@ kelpie_status kp_wire_send(void *sock, Kelpie__V1__Header *header, const void *p
 }
 
 /* Appends a frame to msg's joined buffer. */
-static kelpie_status wire_join(kp_msg *msg, const void *data, size_t len)
+static kelpie_status wire_join(kpc_msg *msg, const void *data, size_t len)
 {
     void *grown = realloc(msg->joined, msg->len + len);
     if (!grown && msg->len + len > 0)
@@ -110,12 +110,12 @@ static void wire_drain(void *sock)
     }
 }
 
-kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags, kp_arena *arena)
+kelpie_status kpc_wire_recv(void *sock, kpc_msg *msg, int zmq_flags, kpc_arena *arena)
 {
     memset(msg, 0, sizeof *msg);
     msg->arena = arena;
     if (arena)
-        kp_arena_init(arena);
+        kpc_arena_init(arena);
     zmq_msg_t head;
     zmq_msg_init(&head);
     if (zmq_msg_recv(&head, sock, zmq_flags) < 0) {
@@ -168,9 +168,9 @@ kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags, kp_arena *are
     return KELPIE_OK;
 }
 
-void kp_msg_fini(kp_msg *msg)
+void kpc_msg_fini(kpc_msg *msg)
 {
-    kp_header_free(msg->header, msg->arena);
+    kpc_header_free(msg->header, msg->arena);
     if (msg->has_frame)
         zmq_msg_close(&msg->frame);
     free(msg->joined);

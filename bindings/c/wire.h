@@ -5,8 +5,8 @@
  * sends a header with at most one payload frame, and receives a whole
  * message, decoding its header and gathering its payload.
  */
-#ifndef KP_WIRE_H
-#define KP_WIRE_H
+#ifndef KPC_WIRE_H
+#define KPC_WIRE_H
 
 #include <stddef.h>
 #include <stdalign.h>
@@ -16,58 +16,58 @@
 #include "kelpie/v1/header.pb-c.h"
 
 /* The protocol version this library speaks. */
-#define KP_VERSION 1
+#define KPC_VERSION 1
 
 /* Decoded headers are small (a few hundred bytes with their strings), so
  * they are unpacked into a fixed buffer instead of a malloc per field; a
  * header that does not fit spills to malloc. */
-#define KP_ARENA_SIZE 1024
+#define KPC_ARENA_SIZE 1024
 
-typedef struct kp_arena {
+typedef struct kpc_arena {
     ProtobufCAllocator allocator; /* protobuf-c's view of this arena */
     size_t used;                  /* bytes handed out */
-    _Alignas(max_align_t) unsigned char buf[KP_ARENA_SIZE];
-} kp_arena;
+    _Alignas(max_align_t) unsigned char buf[KPC_ARENA_SIZE];
+} kpc_arena;
 
 /* Makes the arena empty and ready (its allocator points at itself, so the
  * arena must not move while a header decoded into it is alive). */
-void kp_arena_init(kp_arena *arena);
+void kpc_arena_init(kpc_arena *arena);
 
 /* One received message. The payload points into the received frame when
  * there was exactly one payload frame (no copy), into a joined buffer when
  * there were several. */
-typedef struct kp_msg {
+typedef struct kpc_msg {
     Kelpie__V1__Header *header; /* decoded header, NULL when it did not decode */
     const void *data;           /* payload bytes, NULL when len is 0 */
     size_t len;                 /* payload length */
     zmq_msg_t frame;            /* the single payload frame (valid if has_frame) */
     int has_frame;              /* frame holds the payload */
     void *joined;               /* malloc'd concatenation of several payload frames */
-    kp_arena *arena;            /* where header lives; NULL: protobuf-c's malloc */
-} kp_msg;
+    kpc_arena *arena;           /* where header lives; NULL: protobuf-c's malloc */
+} kpc_msg;
 
 /* Sends header (version is set here) and, when len > 0, one payload frame.
  * zmq_flags is 0 or ZMQ_DONTWAIT. Returns KELPIE_OK, KELPIE_ERR_BUSY when the
  * socket would block, KELPIE_ERR_ZMQ or KELPIE_ERR_NOMEM. The caller keeps
  * ownership of header and payload (both are copied into frames). */
-kelpie_status kp_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
-                           int zmq_flags);
+kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
+                            int zmq_flags);
 
 /* Receives one whole message into *msg, decoding its header into arena
  * (reset first; NULL: malloc). zmq_flags is 0 or ZMQ_DONTWAIT.
  * Returns KELPIE_OK (msg->header may still be NULL if the header frame did
  * not decode: the message was consumed), KELPIE_ERR_TIMEOUT when nothing was
  * waiting (ZMQ_DONTWAIT), KELPIE_ERR_ZMQ or KELPIE_ERR_NOMEM. On any result
- * kp_msg_fini must be called on *msg. */
-kelpie_status kp_wire_recv(void *sock, kp_msg *msg, int zmq_flags, kp_arena *arena);
+ * kpc_msg_fini must be called on *msg. */
+kelpie_status kpc_wire_recv(void *sock, kpc_msg *msg, int zmq_flags, kpc_arena *arena);
 
 /* Releases the header and payload of a received message. Idempotent. */
-void kp_msg_fini(kp_msg *msg);
+void kpc_msg_fini(kpc_msg *msg);
 
 /* Frees a header decoded into arena (NULL: by malloc). */
-void kp_header_free(Kelpie__V1__Header *header, kp_arena *arena);
+void kpc_header_free(Kelpie__V1__Header *header, kpc_arena *arena);
 
 /* Copies n bytes into a fresh NUL-terminated string; NULL on out of memory. */
-char *kp_strndup(const char *s, size_t n);
+char *kpc_strndup(const char *s, size_t n);
 
-#endif /* KP_WIRE_H */
+#endif /* KPC_WIRE_H */

@@ -57,12 +57,12 @@ struct kelpie_call {
     Kelpie__V1__Header *header; /* the REQUEST's header (service, method, metadata) */
     uint64_t id;                /* the broker's dispatch id */
     uint32_t epoch;             /* connection it arrived on (see worker.epoch) */
-    int64_t deadline;           /* kp_now_ms() deadline, 0: none */
+    int64_t deadline;           /* kpc_now_ms() deadline, 0: none */
     uint32_t window;            /* STREAM: CHUNKs still allowed */
     uint64_t sequence;          /* STREAM: next CHUNK's sequence number */
     bool cancelled;             /* CANCEL arrived, or the connection was lost */
     bool notify;                /* cancel callback still to run */
-    kp_arena arena;             /* where header was decoded */
+    kpc_arena arena;            /* where header was decoded */
     void *payload;              /* parked REQUEST only: a copy of its payload */
     size_t len;                 /* parked REQUEST only: payload length */
     struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
@@ -86,7 +86,7 @@ struct kelpie_worker {
     kelpie_call *parked_tail;
     int pumping;         /* >0 while a handler pumps the socket */
     bool pending_notify; /* some held call has notify set */
-    int64_t now;         /* kp_now_ms(), read once per batch of messages */
+    int64_t now;         /* kpc_now_ms(), read once per batch of messages */
     int64_t last_sent;   /* when we last sent anything */
     int64_t last_heard;  /* when the broker last sent anything */
     int64_t last_ready;  /* when READY was last sent */
@@ -107,7 +107,7 @@ static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const 
 {
     if (!w->sock)
         return KELPIE_UNAVAILABLE;
-    kelpie_status rc = kp_wire_send(w->sock, h, payload, len, ZMQ_DONTWAIT);
+    kelpie_status rc = kpc_wire_send(w->sock, h, payload, len, ZMQ_DONTWAIT);
     if (rc == KELPIE_OK)
         w->last_sent = w->now;
     return rc;
@@ -163,7 +163,7 @@ static void worker_hold(kelpie_worker *w, kelpie_call *call)
 
 static void call_free(kelpie_call *call)
 {
-    kp_header_free(call->header, &call->arena);
+    kpc_header_free(call->header, &call->arena);
     free(call->payload);
     free(call);
 }
@@ -244,12 +244,12 @@ static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *pay
     h->fn(call, payload, len, h->arg);
     /* A handler may have run for a while: later messages of the batch must
      * not be stamped with the time from before it. */
-    w->now = kp_now_ms();
+    w->now = kpc_now_ms();
 }
 
 /* Makes a call from a REQUEST, taking over its header and the spare call
  * whose arena holds it. */
-static kelpie_call *worker_new_call(kelpie_worker *w, kp_msg *m)
+static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
 {
     kelpie_call *call = w->spare;
     if (!call || m->arena != &call->arena)
@@ -271,10 +271,10 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kp_msg *m)
 
 /* --- receiving ----------------------------------------------------------- */
 
-static void worker_handle(kelpie_worker *w, kp_msg *m)
+static void worker_handle(kelpie_worker *w, kpc_msg *m)
 {
     Kelpie__V1__Header *h = m->header;
-    if (!h || h->version != KP_VERSION)
+    if (!h || h->version != KPC_VERSION)
         return; /* a broker never sends this; nothing useful to answer */
     w->last_heard = w->now;
     switch (h->kind) {
@@ -342,11 +342,11 @@ static void worker_read(kelpie_worker *w)
     for (int i = 0; i < WORKER_BATCH && w->sock; i++) {
         if (!w->spare && !(w->spare = malloc(sizeof *w->spare)))
             return; /* out of memory: leave the message queued */
-        kp_msg m;
-        kelpie_status rc = kp_wire_recv(w->sock, &m, ZMQ_DONTWAIT, &w->spare->arena);
+        kpc_msg m;
+        kelpie_status rc = kpc_wire_recv(w->sock, &m, ZMQ_DONTWAIT, &w->spare->arena);
         if (rc == KELPIE_OK)
             worker_handle(w, &m);
-        kp_msg_fini(&m);
+        kpc_msg_fini(&m);
         if (rc == KELPIE_ERR_TIMEOUT || rc == KELPIE_ERR_ZMQ)
             return;
     }
@@ -380,7 +380,7 @@ static kelpie_status worker_connect(kelpie_worker *w)
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
-    w->now = w->last_heard = kp_now_ms();
+    w->now = w->last_heard = kpc_now_ms();
     worker_send_ready(w);
     return KELPIE_OK;
 }
@@ -391,7 +391,7 @@ static void worker_timers(kelpie_worker *w, int64_t now)
     if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
         worker_close(w);
         worker_connect(w);
-        now = kp_now_ms();
+        now = kpc_now_ms();
     }
     if (w->sock && now - w->last_sent >= (int64_t)w->heartbeat_ms)
         worker_send_simple(w, KELPIE__V1__KIND__HEARTBEAT);
@@ -421,10 +421,10 @@ static void worker_pump(kelpie_worker *w, long wait_ms)
 {
     w->pumping++;
     if (wait_ms > 0) {
-        long next = worker_next_timeout(w, kp_now_ms(), 0);
+        long next = worker_next_timeout(w, kpc_now_ms(), 0);
         worker_poll(w, next < wait_ms ? next : wait_ms);
     }
-    w->now = kp_now_ms();
+    w->now = kpc_now_ms();
     worker_read(w);
     worker_timers(w, w->now);
     w->pumping--;
@@ -439,7 +439,7 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
     kelpie_status rc = worker_connect(w);
     if (rc != KELPIE_OK)
         return rc;
-    w->next_tick = kp_now_ms() + w->tick_ms;
+    w->next_tick = kpc_now_ms() + w->tick_ms;
     while (!atomic_load(&w->stopping)) {
         /* 1. requests parked while a handler pumped the socket */
         while (w->parked && !atomic_load(&w->stopping)) {
@@ -456,17 +456,17 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         /* 2. cancel callbacks deferred during handlers */
         worker_flush_cancels(w);
         /* 3. timers: tick, heartbeat, liveness */
-        int64_t now = w->now = kp_now_ms();
+        int64_t now = w->now = kpc_now_ms();
         if (w->tick_ms && now >= w->next_tick) {
             w->next_tick = now + w->tick_ms;
             w->tick_fn(w, w->tick_arg);
             worker_flush_cancels(w);
-            now = w->now = kp_now_ms();
+            now = w->now = kpc_now_ms();
         }
         worker_timers(w, now);
         /* 4. wait, then handle what arrived (one clock read per batch) */
         worker_poll(w, worker_next_timeout(w, now, 1));
-        w->now = kp_now_ms();
+        w->now = kpc_now_ms();
         worker_read(w);
     }
     worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
@@ -548,13 +548,13 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
     kelpie_worker *w = call->worker;
     int64_t end = -1;
     if (wait_ms >= 0)
-        end = kp_now_ms() + wait_ms;
+        end = kpc_now_ms() + wait_ms;
     else if (call->deadline)
         end = call->deadline;
     while (call->window == 0 && !call->cancelled) {
         if (atomic_load(&w->stopping))
             return KELPIE_ERR_STOPPED;
-        int64_t now = kp_now_ms();
+        int64_t now = kpc_now_ms();
         if (end >= 0 && now >= end)
             return KELPIE_ERR_BUSY;
         worker_pump(w, end < 0 ? 1000 : (long)(end - now));
@@ -611,7 +611,7 @@ KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call)
 {
     if (!call || !call->deadline)
         return UINT32_MAX;
-    int64_t left = call->deadline - kp_now_ms();
+    int64_t left = call->deadline - kpc_now_ms();
     return left > 0 ? (uint32_t)left : 0;
 }
 
@@ -646,7 +646,7 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
     w->capacity = capacity;
     w->heartbeat_ms = 1000;
     w->liveness = 3;
-    w->endpoint = kp_strndup(endpoint, strlen(endpoint));
+    w->endpoint = kpc_strndup(endpoint, strlen(endpoint));
     char host[256] = "localhost";
     char fallback[300];
     if (!name) {
@@ -654,7 +654,7 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
         snprintf(fallback, sizeof fallback, "%s:%ld", host, (long)getpid());
         name = fallback;
     }
-    w->name = kp_strndup(name, strlen(name));
+    w->name = kpc_strndup(name, strlen(name));
     w->ctx = zmq_ctx_new();
     if (!w->endpoint || !w->name || !w->ctx || pipe(w->wake) != 0)
         goto fail;
@@ -709,8 +709,8 @@ KELPIE_EXPORT kelpie_status kelpie_worker_handle(kelpie_worker *w, const char *s
     worker_handler *h = calloc(1, sizeof *h);
     if (!h)
         return KELPIE_ERR_NOMEM;
-    h->service = kp_strndup(service, strlen(service));
-    h->method = method ? kp_strndup(method, strlen(method)) : NULL;
+    h->service = kpc_strndup(service, strlen(service));
+    h->method = method ? kpc_strndup(method, strlen(method)) : NULL;
     if (!h->service || (method && !h->method)) {
         free(h->service);
         free(h->method);
@@ -744,7 +744,7 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *w, uint32_t in
     w->tick_ms = interval_ms;
     w->tick_fn = fn;
     w->tick_arg = arg;
-    w->next_tick = kp_now_ms() + interval_ms;
+    w->next_tick = kpc_now_ms() + interval_ms;
     return KELPIE_OK;
 }
 

@@ -7,7 +7,8 @@
  * signal handlers, never reads the environment and owns no global state: each
  * client and worker has its own ZeroMQ context.
  *
- * Naming: `kelpie_` is public (this header), `kp_` is internal to the library,
+ * Naming: `kelpie_` is public (this header), `kpc_` is internal to the library
+ * (not the broker's `kp_`, so a program may link both),
  * plain statics are named after their module (client.c, worker.c, wire.c).
  *
  * Errors: every function that can fail returns a kelpie_status. Codes 0..16
