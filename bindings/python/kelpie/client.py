@@ -26,15 +26,14 @@ because the entry is already gone.
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _wire, _zmq
+from . import _calls, _wire, _zmq
 from ._status import StatusCode
-from .errors import DataLoss, DeadlineExceeded, RpcError, Unavailable, from_status
+from .errors import DeadlineExceeded, RpcError, Unavailable
 
 __all__ = ["Client", "Stream", "DEFAULT_FRONTEND"]
 
@@ -42,22 +41,8 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
-_CHUNK = _wire.CHUNK
-_END = _wire.END
-
-
-def _payload(frames):
-    n = len(frames)
-    if n == 2:
-        return frames[1]
-    if n < 2:
-        return b""
-    return b"".join(frames[1:])
-
-
-def _timeout_ms(timeout):
-    # At least 1 ms: 0 would mean "no deadline" on the wire.
-    return max(1, int(timeout * 1000.0 + 0.5))
+_payload = _calls.payload
+_timeout_ms = _calls.timeout_ms
 
 
 class Client:
@@ -306,8 +291,7 @@ class Client:
             elif kind == _ERROR:
                 del pending[rid]
                 if not entry.done():
-                    entry.set_exception(from_status(header.code, header.message,
-                                                    header.metadata))
+                    entry.set_exception(_calls.error_from(header))
             # Anything else for a unary call (a CHUNK...) is a protocol
             # violation by the worker; the call still ends with its terminal.
 
@@ -352,33 +336,17 @@ def _fail(entry, exc):
         entry.exception()
 
 
-class _StreamState:
-    """One streamed call: chunks received, window granted, terminal status."""
+class _StreamState(_calls.StreamCore):
+    """One streamed call: the shared state plus its timer and waiting reader."""
 
-    __slots__ = ("client", "service", "method", "payload", "timeout", "metadata", "window",
-                 "idempotent", "rid", "chunks", "waiter", "finished", "error", "trailing",
-                 "consumed", "started", "handle", "expected")
+    __slots__ = ("waiter", "handle")
 
     def __init__(self, client, service, method, payload, timeout, metadata, window,
                  idempotent):
-        self.client = client
-        self.service = service
-        self.method = method
-        self.payload = payload
-        self.timeout = timeout
-        self.metadata = metadata
-        self.window = window
-        self.idempotent = idempotent
-        self.rid = 0
-        self.chunks = collections.deque()
+        _calls.StreamCore.__init__(self, client, service, method, payload, timeout, metadata,
+                                   window, idempotent)
         self.waiter = None
-        self.finished = False
-        self.error = None
-        self.trailing = {}
-        self.consumed = 0
-        self.started = False
         self.handle = None
-        self.expected = 0  # the sequence number of the next CHUNK
 
     async def start(self):
         client = self.client
@@ -386,10 +354,9 @@ class _StreamState:
         rid = client._next_id
         client._next_id = rid + 1
         self.rid = rid
-        flags = _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0)
         timeout_ms = _timeout_ms(self.timeout) if self.timeout is not None else 0
-        header = _wire.request(self.service, self.method, rid, timeout_ms, flags,
-                               self.window, self.metadata)
+        header = _wire.request(self.service, self.method, rid, timeout_ms,
+                               self.request_flags(), self.window, self.metadata)
         client._pending[rid] = self
         if self.timeout is not None:
             self.handle = client._loop.call_later(self.timeout, client._expire, rid)
@@ -401,58 +368,26 @@ class _StreamState:
             self.finished = True
             raise
 
-    def deliver(self, kind, header, frames):
-        if kind == _CHUNK:
-            seq = header.sequence
-            if seq != self.expected:
-                self._out_of_sequence(seq)
-                return
-            self.expected = seq + 1
-            self.chunks.append(_payload(frames))
-        elif kind == _END:
-            self.client._pending.pop(self.rid, None)
-            self.trailing = dict(header.metadata)
-            self.finished = True
-            self._disarm()
-        elif kind == _ERROR:
-            self.client._pending.pop(self.rid, None)
-            self.error = from_status(header.code, header.message, header.metadata)
-            self.trailing = self.error.metadata
-            self.finished = True
-            self._disarm()
-        else:
-            return
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _forget(self):
+        self.client._pending.pop(self.rid, None)
 
-    def _out_of_sequence(self, seq):
-        client = self.client
-        if seq < self.expected:
-            # A replay: the broker re-dispatched this idempotent stream after
-            # its worker died, and the new worker starts again at 0. The
-            # reader already has these chunks; drop them, return their window.
-            client._send_later(_wire.credit(1, self.rid))
-            return
-        # A gap: chunks were lost. Nothing downstream can repair that.
-        client._pending.pop(self.rid, None)
-        client._send_later(_wire.cancel(self.rid))
-        self.fail(DataLoss(f"stream chunk {seq} arrived, {self.expected} expected"))
+    def _send_credit(self, n):
+        self.client._send_later(_wire.credit(n, self.rid))
 
-    def fail(self, exc):
-        if self.finished:
-            return
-        self.error = exc
-        self.finished = True
-        self._disarm()
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _send_cancel(self):
+        self.client._send_later(_wire.cancel(self.rid))
 
-    def _disarm(self):
+    def _ended(self):
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
+
+    _disarm = _ended
+
+    def _wake(self):
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self):
         if not self.started:
@@ -470,14 +405,9 @@ class _StreamState:
                 raise
             finally:
                 self.waiter = None
-        chunk = self.chunks.popleft()
-        if not self.finished:
-            # Return window in batches of half the window: fewer CREDIT
-            # messages, and the worker never runs dry while we read.
-            self.consumed += 1
-            if self.consumed * 2 >= self.window:
-                grant, self.consumed = self.consumed, 0
-                await self.client._sock.send_multipart([_wire.credit(grant, self.rid)])
+        chunk, grant = self.consume()
+        if grant:
+            await self.client._sock.send_multipart([_wire.credit(grant, self.rid)])
         return chunk
 
     def cancel(self):
@@ -491,9 +421,7 @@ class _StreamState:
             self.error = asyncio.CancelledError()
         if self.started and client._pending.pop(self.rid, None) is not None:
             client._send_later(_wire.cancel(self.rid))
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
         return True
 
 

@@ -86,17 +86,25 @@ def _unary(client, service, name, request_cls, decode, idempotent, timeout, meta
     return method
 
 
-def _server_stream(client, service, name, request_cls, decode, idempotent, timeout, metadata):
-    def method(request, *, timeout=timeout, metadata=metadata, window=16):
-        if not isinstance(request, request_cls):
-            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                            f"not {type(request).__name__}")
-        stream = client.stream(service, name, request.SerializeToString(), timeout=timeout,
-                               metadata=metadata, window=window, idempotent=idempotent)
-        return _TypedStream(stream, decode)
-    method.__name__ = name
-    method.__qualname__ = f"{service}.{name}"
-    return method
+def _server_stream_maker(typed_stream):
+    """How a server-streaming method is built, its chunks decoded by ``typed_stream``
+    (shared with kelpie.sync, whose streams iterate blocking)."""
+    def make(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+        def method(request, *, timeout=timeout, metadata=metadata, window=16):
+            if not isinstance(request, request_cls):
+                raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                                f"not {type(request).__name__}")
+            stream = client.stream(service, name, request.SerializeToString(),
+                                   timeout=timeout, metadata=metadata, window=window,
+                                   idempotent=idempotent)
+            return typed_stream(stream, decode)
+        method.__name__ = name
+        method.__qualname__ = f"{service}.{name}"
+        return method
+    return make
+
+
+_server_stream = _server_stream_maker(_TypedStream)
 
 
 def _unsupported(service, name, kind):

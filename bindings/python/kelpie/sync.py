@@ -62,10 +62,10 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _kelpie, _wire
+from . import _calls, _kelpie, _wire
 from ._status import StatusCode
-from .errors import DataLoss, DeadlineExceeded, RpcError, Unavailable, from_status
-from .stubs import Stub as _AsyncStub
+from .errors import DeadlineExceeded, RpcError, Unavailable
+from .stubs import Stub as _AsyncStub, _server_stream_maker
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND"]
 
@@ -74,9 +74,6 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 _REPLY = _wire.REPLY
-_ERROR = _wire.ERROR
-_CHUNK = _wire.CHUNK
-_END = _wire.END
 _DISCONNECT = _wire.DISCONNECT
 _Timeout = _kelpie.Timeout
 _ZMQError = _kelpie.ZMQError
@@ -86,18 +83,8 @@ _POLLIN = _kelpie.POLLIN
 _EVENTS = _kelpie.EVENTS
 
 
-def _payload(frames):
-    n = len(frames)
-    if n == 2:
-        return frames[1]
-    if n < 2:
-        return b""
-    return b"".join(frames[1:])
-
-
-def _timeout_ms(timeout):
-    # At least 1 ms: 0 would mean "no deadline" on the wire.
-    return max(1, int(timeout * 1000.0 + 0.5))
+_payload = _calls.payload
+_timeout_ms = _calls.timeout_ms
 
 
 def _closed_error():
@@ -478,12 +465,7 @@ class Client:
             if with_metadata:
                 return _payload(frames), dict(header.metadata)
             return _payload(frames)
-        if header.kind == _ERROR:
-            raise from_status(header.code, header.message, header.metadata)
-        if header.kind == _DISCONNECT:
-            raise Unavailable("broker is shutting down")
-        # A CHUNK or END for a unary call is the worker's protocol violation.
-        raise RpcError(StatusCode.INTERNAL, f"unexpected {header.kind} answer to a unary call")
+        raise _calls.unary_failure(header)
 
     @staticmethod
     def _cancel(conn, rid):
@@ -547,33 +529,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class _StreamState:
+class _StreamState(_calls.StreamCore):
     """One streamed call on one thread's connection."""
 
-    __slots__ = ("client", "service", "method", "payload", "timeout", "metadata", "window",
-                 "idempotent", "conn", "rid", "chunks", "finished", "error", "trailing",
-                 "consumed", "started", "deadline", "expected")
+    __slots__ = ("conn", "deadline")
 
     def __init__(self, client, service, method, payload, timeout, metadata, window,
                  idempotent):
-        self.client = client
-        self.service = service
-        self.method = method
-        self.payload = payload
-        self.timeout = timeout
-        self.metadata = metadata
-        self.window = window
-        self.idempotent = idempotent
+        _calls.StreamCore.__init__(self, client, service, method, payload, timeout, metadata,
+                                   window, idempotent)
         self.conn = None
-        self.rid = 0
-        self.chunks = collections.deque()
-        self.finished = False
-        self.error = None
-        self.trailing = {}
-        self.consumed = 0
-        self.started = False
         self.deadline = None
-        self.expected = 0
 
     def start(self):
         if self.started:
@@ -584,13 +550,12 @@ class _StreamState:
         self.started = True
         self.conn = conn
         rid = self.rid = conn.take_id()
-        flags = _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0)
         timeout_ms = 0
         if self.timeout is not None:
             self.deadline = _monotonic() + self.timeout
             timeout_ms = _timeout_ms(self.timeout)
-        header = _wire.request(self.service, self.method, rid, timeout_ms, flags, self.window,
-                               self.metadata)
+        header = _wire.request(self.service, self.method, rid, timeout_ms, self.request_flags(),
+                               self.window, self.metadata)
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))
@@ -603,42 +568,15 @@ class _StreamState:
                 raise self.error from None
             raise
 
-    def deliver(self, kind, header, frames):
-        if kind == _CHUNK:
-            seq = header.sequence
-            if seq != self.expected:
-                self._out_of_sequence(seq)
-                return
-            self.expected = seq + 1
-            self.chunks.append(_payload(frames))
-        elif kind == _END:
-            self.conn.streams.pop(self.rid, None)
-            self.trailing = dict(header.metadata)
-            self.finished = True
-        elif kind == _ERROR:
-            self.conn.streams.pop(self.rid, None)
-            self.error = from_status(header.code, header.message, header.metadata)
-            self.trailing = self.error.metadata
-            self.finished = True
-
-    def _out_of_sequence(self, seq):
-        conn = self.conn
-        if seq < self.expected:
-            # A replay after the broker re-dispatched an idempotent stream:
-            # drop the chunk, return its window.
-            conn.send([_wire.credit(1, self.rid)])
-            return
-        conn.streams.pop(self.rid, None)
-        Client._cancel(conn, self.rid)
-        self.fail(DataLoss(f"stream chunk {seq} arrived, {self.expected} expected"))
-
-    def fail(self, exc):
-        if self.finished:
-            return
+    def _forget(self):
         if self.conn is not None:
             self.conn.streams.pop(self.rid, None)
-        self.error = exc
-        self.finished = True
+
+    def _send_credit(self, n):
+        self.conn.send([_wire.credit(n, self.rid)])
+
+    def _send_cancel(self):
+        Client._cancel(self.conn, self.rid)
 
     def next(self):
         if not self.started:
@@ -665,14 +603,9 @@ class _StreamState:
             if self.error is not None:
                 raise self.error
             raise StopIteration
-        chunk = self.chunks.popleft()
-        if not self.finished:
-            # Window goes back in batches of half the window: fewer CREDIT
-            # messages, and the worker never runs dry while we read.
-            self.consumed += 1
-            if self.consumed * 2 >= self.window:
-                grant, self.consumed = self.consumed, 0
-                conn.send([_wire.credit(grant, self.rid)])
+        chunk, grant = self.consume()
+        if grant:
+            conn.send([_wire.credit(grant, self.rid)])
         return chunk
 
     def cancel(self):
@@ -795,17 +728,7 @@ def _unary(client, service, name, request_cls, decode, idempotent, timeout, meta
     return method
 
 
-def _server_stream(client, service, name, request_cls, decode, idempotent, timeout, metadata):
-    def method(request, *, timeout=timeout, metadata=metadata, window=16):
-        if not isinstance(request, request_cls):
-            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                            f"not {type(request).__name__}")
-        stream = client.stream(service, name, request.SerializeToString(), timeout=timeout,
-                               metadata=metadata, window=window, idempotent=idempotent)
-        return _TypedStream(stream, decode)
-    method.__name__ = name
-    method.__qualname__ = f"{service}.{name}"
-    return method
+_server_stream = _server_stream_maker(_TypedStream)
 
 
 class Stub(_AsyncStub):
