@@ -14,7 +14,6 @@ is bounded. Tests run their coroutines with ``run(coro, loop, timeout)``
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,12 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
 import kelpie  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kelpie.testing import Kelpied, free_port  # noqa: E402,F401 (free_port: for tests)
 
 
 def run(coro, loop="asyncio", timeout=30.0):
@@ -58,58 +52,16 @@ def _kill_group(proc):
     proc.wait(timeout=10)
 
 
-class Broker:
-    """A kelpied on free loopback ports; can be killed and started again."""
+class Broker(Kelpied):
+    """A kelpied on free loopback ports, logging to the test's tmp_path; can be
+    killed (``kill()``) and started again on the same ports."""
 
     def __init__(self, tmp_path, heartbeat_ms=200, extra=()):
-        self.binary = os.environ.get("KELPIED")
-        if not self.binary or not os.path.exists(self.binary):
-            pytest.fail("KELPIED must name the kelpied binary (ctest sets it)")
-        ports = [free_port() for _ in range(3)]
-        self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
-        self.heartbeat_ms = heartbeat_ms
-        self.extra = list(extra)
-        self.log_path = os.path.join(str(tmp_path), "kelpied.log")
-        self.proc = None
-
-    def start(self, wait=True):
-        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
-               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
-               "--client-max-inflight", "200000", *self.extra]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-        if wait:
-            self.wait_ready()
-        return self
-
-    def wait_ready(self, timeout=10.0):
-        async def ping():
-            deadline = time.monotonic() + timeout
-            async with kelpie.Client(self.frontend, heartbeat=0) as client:
-                while True:
-                    try:
-                        await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
-                        return
-                    except kelpie.RpcError:
-                        if time.monotonic() > deadline or self.proc.poll() is not None:
-                            raise
-        try:
-            run(ping(), timeout=timeout + 2)
-        except Exception as exc:
-            pytest.fail(f"kelpied did not answer Ping: {exc!r}\n{self.log()}")
+        super().__init__(heartbeat_ms=heartbeat_ms, log_dir=str(tmp_path),
+                         args=["--client-max-inflight", "200000", *extra])
 
     def kill(self):
-        _kill_group(self.proc)
-        self.proc = None
-
-    def log(self):
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return ""
+        self.stop()
 
 
 def worker_env(broker, extra_path=(), **env):

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,12 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
 import kelpie  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from kelpie.testing import Kelpied  # noqa: E402
 
 
 def run(coro, timeout=30.0):
@@ -53,55 +47,19 @@ def kill_group(proc):
         pass
 
 
-class Broker:
-    """A kelpied on free loopback ports (heartbeat 200 ms x 3 by default)."""
+class Broker(Kelpied):
+    """A kelpied on free loopback ports (heartbeat 200 ms x 3 by default),
+    logging to the test's tmp_path; retried on new ports if it does not come up."""
 
     def __init__(self, tmp_path, heartbeat_ms=200):
-        self.binary = os.environ.get("KELPIED")
-        if not self.binary or not os.path.exists(self.binary):
-            pytest.fail("KELPIED must name the kelpied binary (ctest sets it)")
-        ports = [free_port() for _ in range(3)]
-        self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
-        self.heartbeat_ms = heartbeat_ms
-        self.log_path = os.path.join(str(tmp_path), "kelpied.log")
-        self.proc = None
+        super().__init__(heartbeat_ms=heartbeat_ms, log_dir=str(tmp_path),
+                         args=["--client-max-inflight", "200000"])
 
     def start(self):
-        # A free port can be taken by another process between free_port() and
-        # kelpied's bind: a broker that exits at once is retried on new ports.
-        for attempt in range(3):
-            if attempt:
-                ports = [free_port() for _ in range(3)]
-                self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}"
-                                                            for p in ports)
-            cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
-                   "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
-                   "--client-max-inflight", "200000"]
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
-            if self._ready():
-                return self
-            self.kill()
-        with open(self.log_path, errors="replace") as f:
-            pytest.fail(f"kelpied did not start:\n{f.read()[-3000:]}")
-
-    def _ready(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
-
-        async def ping():
-            async with kelpie.Client(self.frontend, heartbeat=0) as client:
-                while self.proc.poll() is None and time.monotonic() < deadline:
-                    try:
-                        await client.call("kelpie.broker", "Ping", b"", timeout=0.2)
-                        return True
-                    except kelpie.RpcError:
-                        await asyncio.sleep(0.01)
-                return False
-        return run(ping(), timeout=timeout + 2)
+        return super().start(retries=2)
 
     def kill(self):
-        kill_group(self.proc)
+        self.stop()
 
 
 async def stats(client):

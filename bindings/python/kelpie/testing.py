@@ -85,7 +85,10 @@ class Kelpied:
     """A ``kelpied`` process on free loopback ports.
 
     ``Kelpied(binary=None, *, heartbeat_ms=200, args=(), log_dir=None)``.
-    :meth:`start` waits until it answers ``kelpie.broker/Ping``; :meth:`stop`
+    :meth:`start` waits until it answers ``kelpie.broker/Ping`` (``wait=False``:
+    returns at once; ``retries=N``: a broker that does not come up, say
+    because another process took one of its ports, is tried again up to N
+    times on new ports); :meth:`stop`
     kills it (SIGKILL; ``graceful=True``: SIGTERM, then wait); :meth:`restart`
     starts it again on the same ports. Its log is ``.log_path``,
     readable with :meth:`log`. A short heartbeat (200 ms) makes lost workers
@@ -107,16 +110,32 @@ class Kelpied:
         self.log_path = os.path.join(log_dir, "kelpied.log")
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self, timeout: float = 10.0) -> "Kelpied":
+    def start(self, timeout: float = 10.0, *, wait: bool = True,
+              retries: int = 0) -> "Kelpied":
         if self.proc is not None:
             raise RuntimeError("kelpied is already running")
-        cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
-               "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
-               "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
-        self.wait_ready(timeout)
+        for attempt in range(retries + 1):
+            if attempt:
+                # A free port can be taken by another process between
+                # free_port() and kelpied's bind: try again on new ports.
+                ports = [free_port() for _ in range(3)]
+                self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}"
+                                                            for p in ports)
+            cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
+                   "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
+                   "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            if not wait:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except RuntimeError:
+                if attempt == retries:
+                    raise
+                self.stop()
         return self
 
     def wait_ready(self, timeout: float = 10.0) -> None:
