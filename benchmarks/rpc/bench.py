@@ -26,7 +26,6 @@ Server processes are started with this same file (``--serve``).
 
 import argparse
 import asyncio
-import glob
 import json
 import os
 import platform
@@ -201,11 +200,12 @@ def find_kelpied(explicit):
         return explicit
     if os.environ.get("KELPIED"):
         return os.environ["KELPIED"]
-    found = sorted(glob.glob(os.path.join(ROOT, "build*", "broker", "kelpied")),
-                   key=os.path.getmtime)
-    if not found:
-        raise SystemExit("bench: no kelpied found; build first (make build) or pass --kelpied")
-    return found[-1]
+    # The Makefile's build tree, never "the newest build*": that may be the
+    # ASan tree, which measures the sanitizer rather than Kelpie.
+    path = os.path.join(ROOT, os.environ.get("BUILD", "build"), "broker", "kelpied")
+    if not os.path.exists(path):
+        raise SystemExit("bench: no %s; build first (make build) or pass --kelpied" % path)
+    return path
 
 
 def kelpie_env():

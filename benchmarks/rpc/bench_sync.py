@@ -30,7 +30,6 @@ about 15 s).
 """
 
 import argparse
-import glob
 import inspect
 import os
 import platform
@@ -214,11 +213,12 @@ def find_kelpied(explicit):
         return explicit
     if os.environ.get("KELPIED"):
         return os.environ["KELPIED"]
-    found = sorted(glob.glob(os.path.join(ROOT, "build*", "broker", "kelpied")),
-                   key=os.path.getmtime)
-    if not found:
-        raise SystemExit("bench_sync: no kelpied found; build first or pass --kelpied")
-    return found[-1]
+    # The Makefile's build tree, never "the newest build*": that may be the
+    # ASan tree, which measures the sanitizer rather than Kelpie.
+    path = os.path.join(ROOT, os.environ.get("BUILD", "build"), "broker", "kelpied")
+    if not os.path.exists(path):
+        raise SystemExit("bench_sync: no %s; build first (make build) or pass --kelpied" % path)
+    return path
 
 
 class Procs:
