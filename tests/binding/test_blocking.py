@@ -80,14 +80,14 @@ def test_timeout_is_on_time_and_a_timeout_error(bctx):
         with pytest.raises(kelpie.Timeout) as e:
             router.recv_multipart(timeout=t)
         took = time.monotonic() - start
-        assert t <= took < t + 0.15, took
+        assert t <= took < t + 0.5, took  # on time; slack for a loaded 2-core CI box
     assert isinstance(e.value, TimeoutError)
     assert isinstance(e.value, kelpie.Again)
     assert e.value.errno == kelpie.EAGAIN
     start = time.monotonic()
     with pytest.raises(TimeoutError):
         router.recv_multipart(timeout=0)  # a non-blocking try
-    assert time.monotonic() - start < 0.05
+    assert time.monotonic() - start < 0.25
     # Nothing was lost by timing out.
     dealer.send_multipart([b"late"])
     assert router.recv_multipart(timeout=5)[1:] == [b"late"]
@@ -99,7 +99,7 @@ def test_send_waits_and_times_out_without_a_peer(bctx):
     start = time.monotonic()
     with pytest.raises(kelpie.Timeout):
         lonely.send_multipart([b"x", b"y"], timeout=0.2)  # a DEALER with no peer blocks
-    assert 0.2 <= time.monotonic() - start < 0.4
+    assert 0.2 <= time.monotonic() - start < 0.8
     # A peer appears: the same socket sends, whole.
     router = kelpie.BlockingSocket(bctx, kelpie.ROUTER)
     router.setsockopt(kelpie.LINGER, 0)
