@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,11 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
+from harness import Procs, find_kelpied, free_port  # noqa: E402  (beside this file)
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def new_loop(name):
@@ -172,10 +168,6 @@ async def bench_pair(frontend, grpc_ports, cases, seconds):
 
 # -- orchestration -------------------------------------------------------------
 
-class Procs:
-    def __init__(self):
-        self.procs = []
-
     def start(self, args, env=None):
         p = subprocess.Popen([PYTHON, os.path.abspath(__file__), *args], env=env,
                              start_new_session=True)
@@ -195,18 +187,6 @@ class Procs:
         self.procs = []
 
 
-def find_kelpied(explicit):
-    if explicit:
-        return explicit
-    if os.environ.get("KELPIED"):
-        return os.environ["KELPIED"]
-    # The Makefile's build tree, never "the newest build*": that may be the
-    # ASan tree, which measures the sanitizer rather than Kelpie.
-    path = os.path.join(ROOT, os.environ.get("BUILD", "build"), "broker", "kelpied")
-    if not os.path.exists(path):
-        raise SystemExit("bench: no %s; build first (make build) or pass --kelpied" % path)
-    return path
-
 
 def kelpie_env():
     env = dict(os.environ)
@@ -224,7 +204,7 @@ def run_pair(kelpied, loop_name, nproc, cases, seconds):
     broker = subprocess.Popen([kelpied, "--frontend", fe, "--backend", be, "--intake", intake,
                                "--log-level", "warn", "--client-max-inflight", "100000"],
                               start_new_session=True)
-    procs = Procs()
+    procs = Procs(__file__)
     try:
         for i in range(nproc):
             procs.start(["--serve", "kelpie", be, "--loop", loop_name], env=kelpie_env())

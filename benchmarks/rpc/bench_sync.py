@@ -34,7 +34,6 @@ import inspect
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -43,14 +42,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
+
+from harness import Procs, find_kelpied, free_port  # noqa: E402  (beside this file)
 PAYLOAD = b"0123456789abcdef"
 THREADS = (1, 16)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- servers (child processes) -------------------------------------------------
@@ -208,22 +204,6 @@ def zmq_factory(ctx, endpoint, sockets):
 
 # -- orchestration -------------------------------------------------------------
 
-def find_kelpied(explicit):
-    if explicit:
-        return explicit
-    if os.environ.get("KELPIED"):
-        return os.environ["KELPIED"]
-    # The Makefile's build tree, never "the newest build*": that may be the
-    # ASan tree, which measures the sanitizer rather than Kelpie.
-    path = os.path.join(ROOT, os.environ.get("BUILD", "build"), "broker", "kelpied")
-    if not os.path.exists(path):
-        raise SystemExit("bench_sync: no %s; build first (make build) or pass --kelpied" % path)
-    return path
-
-
-class Procs:
-    def __init__(self):
-        self.procs = []
 
     def start(self, args, env=None):
         p = subprocess.Popen([PYTHON, os.path.abspath(__file__), *args], env=env,
@@ -268,7 +248,7 @@ def run_all(kelpied, seconds, with_def, rounds):
     grpc_port, zmq_port = ports[3], ports[4]
     broker = subprocess.Popen([kelpied, "--frontend", fe, "--backend", be, "--intake", intake,
                                "--log-level", "warn"], start_new_session=True)
-    procs = Procs()
+    procs = Procs(__file__)
     results = {}
     zctx = zmq.Context()
     zsockets = []

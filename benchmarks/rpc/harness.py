@@ -1,0 +1,56 @@
+"""What the RPC benchmarks share: free ports, which kelpied to run, and the
+server processes each benchmark starts from its own file (``--serve``)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_kelpied(explicit):
+    if explicit:
+        return explicit
+    if os.environ.get("KELPIED"):
+        return os.environ["KELPIED"]
+    # The Makefile's build tree, never "the newest build*": that may be the
+    # ASan tree, which measures the sanitizer rather than Kelpie.
+    path = os.path.join(ROOT, os.environ.get("BUILD", "build"), "broker", "kelpied")
+    if not os.path.exists(path):
+        raise SystemExit("no %s; build first (make build) or pass --kelpied" % path)
+    return path
+
+
+class Procs:
+    """Child processes running ``script`` (a benchmark's own file), each in its
+    own session so that stop() can kill what it started, and nothing else."""
+
+    def __init__(self, script):
+        self.script = os.path.abspath(script)
+        self.procs = []
+
+    def start(self, args, env=None):
+        p = subprocess.Popen([sys.executable, self.script, *args], env=env,
+                             start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
