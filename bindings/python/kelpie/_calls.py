@@ -163,3 +163,39 @@ class StreamCore:
                 grant, self.consumed = self.consumed, 0
                 return chunk, grant
         return chunk, 0
+
+
+class StreamHandle:
+    """What the async and sync ``Stream`` objects share: a handle on one
+    streamed call's state, its status, and cancel-on-collection. Each
+    subclass adds only its own way of iterating and waiting."""
+
+    __slots__ = ("_state", "__weakref__")
+
+    def __init__(self, state):
+        self._state = state
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self._state.finished
+
+    @property
+    def metadata(self) -> dict:
+        """Trailing metadata (``dict[str, bytes]``), once the stream has ended."""
+        return self._state.trailing
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass

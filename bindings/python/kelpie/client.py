@@ -425,7 +425,7 @@ class _StreamState(_calls.StreamCore):
         return True
 
 
-class Stream:
+class Stream(_calls.StreamHandle):
     """The chunks of a server-streamed reply, as an async iterator.
 
     ``async for chunk in client.stream(...)`` yields each chunk (bytes). The
@@ -436,10 +436,7 @@ class Stream:
     After the end, ``metadata`` holds the trailing metadata.
     """
 
-    __slots__ = ("_state", "__weakref__")
-
-    def __init__(self, state):
-        self._state = state
+    __slots__ = ()
 
     def __aiter__(self):
         return self
@@ -454,28 +451,3 @@ class Stream:
 
     async def __aexit__(self, *exc):
         self._state.cancel()
-
-    def cancel(self) -> bool:
-        """Cancel the call if it has not finished; True if it was running."""
-        return self._state.cancel()
-
-    @property
-    def done(self) -> bool:
-        return self._state.finished
-
-    @property
-    def metadata(self) -> dict:
-        """Trailing metadata (``dict[str, bytes]``), once the stream has ended."""
-        return self._state.trailing
-
-    @property
-    def request_id(self) -> int:
-        return self._state.rid
-
-    def __del__(self):
-        state = self._state
-        if state.started and not state.finished:
-            try:
-                state.cancel()
-            except Exception:
-                pass
