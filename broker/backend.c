@@ -80,6 +80,11 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
         kp_service_add_worker(services[i], w);
         kp_broker_mark_pending(b, services[i]);
     }
+    /* The welcome: the worker learns this broker's id (a restart shows as a
+     * new id) and its size limit before it is sent any work. */
+    kp_header hello = kp_broker_heartbeat(b);
+    if (kp_broker_send_worker(b, w, &hello) == KP_OK)
+        b->stats.heartbeats_sent++;
     kp_log(fresh ? KP_LOG_INFO : KP_LOG_DEBUG, "worker '%s' %s: %u credits, %zu services%s%s",
            w->name, fresh ? "registered" : "updated", w->credits, n, n ? ", first " : "",
            n ? services[0]->name : "");

@@ -26,6 +26,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -44,6 +45,15 @@ static kp_header broker_header(kp_kind kind, uint64_t request_id)
     h.version = KP_PROTOCOL_VERSION;
     h.kind = kind;
     h.request_id = request_id;
+    return h;
+}
+
+kp_header kp_broker_heartbeat(const struct kp_broker *b)
+{
+    kp_header h = broker_header(KELPIE__V1__KIND__HEARTBEAT, 0);
+    h.heartbeat_ms = b->heartbeat_ms;
+    h.broker_id = b->broker_id;
+    h.max_message_size = b->max_message_size;
     return h;
 }
 
@@ -669,8 +679,7 @@ static void broker_sweep(struct kp_broker *b)
                         (unsigned long long)(b->now - w->last_recv));
             kp_broker_worker_gone(b, w);
         } else if (b->now - w->last_send >= b->heartbeat_ms) {
-            kp_header h = broker_header(KELPIE__V1__KIND__HEARTBEAT, 0);
-            h.heartbeat_ms = b->heartbeat_ms;
+            kp_header h = kp_broker_heartbeat(b);
             if (kp_broker_send_worker(b, w, &h) == KP_OK)
                 b->stats.heartbeats_sent++;
         }
@@ -914,6 +923,16 @@ static bool broker_mkdirs(const char *path)
     return ok;
 }
 
+/* A nonzero random 64-bit id; getrandom() cannot fail for 8 bytes once the
+ * pool is initialised, and the clock mix only guards a kernel without it. */
+static uint64_t broker_random_id(void)
+{
+    uint64_t id = 0;
+    if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
+        id = (uint64_t)zclock_usecs() * 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid();
+    return id ? id : 1;
+}
+
 static void *broker_socket(struct kp_broker *b, int type, const char *name, const char *ep)
 {
     void *s = zmq_socket(b->ctx, type);
@@ -968,6 +987,11 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     kp_arena_init(&b->arena, 16384);
     for (size_t i = 0; i < KP_MAX_FRAMES; i++)
         zmq_msg_init(&b->frames[i]);
+    b->broker_id = broker_random_id();
+    /* Dispatch ids start at a random point so that a restarted broker never
+     * reuses an id a worker may still be answering from before the restart
+     * (serials have 56 bits; 48 random ones leave 2^55 dispatches of room). */
+    b->calls.next_serial = (b->broker_id >> 16) | 1;
     b->now = b->started = (uint64_t)zclock_mono();
     b->next_sweep = b->now;
 

@@ -71,6 +71,7 @@ struct kp_broker {
     uint64_t drain_deadline;     /* when DRAINING ends at the latest */
     uint64_t next_sweep;         /* next heartbeat/liveness sweep */
     uint64_t pick_seq;           /* dispatch sequence for least-loaded ties */
+    uint64_t broker_id;          /* random per process; tells peers of a restart */
     unsigned stop_requests;      /* stop requests seen */
     size_t orphans;              /* calls in KP_CALL_ORPHANED */
     struct kp_calls calls;       /* every live call */
@@ -99,6 +100,10 @@ struct kp_broker {
  * gone (ROUTER_MANDATORY), KP_EAGAIN if its queue is full. Counts failures. */
 enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
                            const kp_header *h, zmq_msg_t *payload, size_t n);
+
+/* Fills what every broker HEARTBEAT carries (kind, heartbeat_ms, broker_id,
+ * max_message_size): peers learn the broker's limits and notice a restart. */
+kp_header kp_broker_heartbeat(const struct kp_broker *b);
 
 /* Sends a header-only message of kind to a backend worker (HEARTBEAT,
  * CANCEL, CREDIT, DISCONNECT, ERROR); updates its last_send. Marks the

@@ -142,10 +142,7 @@ void kp_frontend_on_message(struct kp_broker *b)
         kp_clients_get(&b->clients, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
                        b->now)
             ->last_seen = b->now;
-        kp_header pong = KELPIE__V1__HEADER__INIT;
-        pong.version = KP_PROTOCOL_VERSION;
-        pong.kind = KELPIE__V1__KIND__HEARTBEAT;
-        pong.heartbeat_ms = b->heartbeat_ms;
+        kp_header pong = kp_broker_heartbeat(b);
         if (kp_broker_send(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
                            &pong, NULL, 0) == KP_OK)
             b->stats.heartbeats_sent++;

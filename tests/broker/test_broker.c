@@ -320,6 +320,14 @@ static void *tb_worker(const char *service, uint32_t credits)
     long before = tb_stat("workers_registered");
     tb_send(w, &h, NULL);
     tb_wait_stat("workers_registered", before + 1);
+    /* Every READY is answered with the broker's welcome HEARTBEAT (its id and
+     * size limit); consume it so tests see only what they ask for. */
+    tb_header *hello = tb_recv_ex(w, 1000, true);
+    cr_assert_not_null(hello, "no welcome HEARTBEAT after READY");
+    cr_assert_eq(hello->kind, KELPIE__V1__KIND__HEARTBEAT);
+    cr_assert_neq(hello->broker_id, 0);
+    cr_assert_gt(hello->max_message_size, 0);
+    tb_free(hello);
     return w;
 }
 
@@ -695,6 +703,49 @@ Test(broker, ping_and_stats)
     cr_assert(strstr(tb_payload, "\"state\":\"running\""), "%s", tb_payload);
 }
 
+/* A restarted broker must be recognisable (a new broker_id on every
+ * HEARTBEAT, the client's pong included) and must not reuse the dispatch ids
+ * of its previous life: a worker may still answer one of those. */
+static void tb_identity(uint64_t *broker_id, uint64_t *dispatch_id)
+{
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_header ping = tb_hdr(KELPIE__V1__KIND__HEARTBEAT, 0);
+    tb_send(c, &ping, NULL);
+    tb_header *pong = tb_recv_ex(c, 2000, true);
+    cr_assert_not_null(pong, "no answer to a client HEARTBEAT");
+    cr_assert_eq(pong->kind, KELPIE__V1__KIND__HEARTBEAT);
+    cr_assert_eq(pong->max_message_size, tb_cfg.max_message_size);
+    *broker_id = pong->broker_id;
+    tb_free(pong);
+    void *w = tb_worker("echo", 1);
+    tb_request(c, 1, "echo", "Echo", 0, 0, "x");
+    tb_header *r = tb_work(w);
+    *dispatch_id = r->request_id;
+    tb_answer(w, KELPIE__V1__KIND__REPLY, r->request_id, "x");
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 1));
+    tb_free(r);
+}
+
+Test(broker, restart_shows_a_new_id_and_reuses_no_dispatch_id)
+{
+    uint64_t id1, d1, id2, d2;
+    tb_start();
+    tb_identity(&id1, &d1);
+    tb_join();
+    kp_broker_destroy(&tb.broker);
+    /* inproc names are released asynchronously: the new life binds new ones. */
+    strcat(tb.fe, "-again");
+    strcat(tb.be, "-again");
+    strcat(tb.in, "-again");
+    tb.stats = NULL; /* connected to the old life; closed at teardown */
+    tb_start();
+    tb_identity(&id2, &d2);
+    cr_assert_neq(id1, 0);
+    cr_assert_neq(id2, 0);
+    cr_assert_neq(id1, id2, "a restarted broker kept its id");
+    cr_assert_neq(d1, d2, "a restarted broker reused dispatch id %llu", (unsigned long long)d1);
+}
+
 /* ---- deadlines and cancel ---------------------------------------------- */
 
 Test(broker, queued_call_expires_and_is_never_dispatched)
@@ -830,11 +881,17 @@ Test(broker, silent_worker_expires_and_idle_worker_gets_heartbeats)
     ready.heartbeat_ms = 100; /* judged by 3 x 100 ms */
     tb_send(w, &ready, NULL);
     tb_wait_stat("workers", 1);
-    /* Idle: the broker heartbeats it (every 50 ms, its own interval). */
+    /* The welcome, then idle heartbeats (every 50 ms, its own interval), all
+     * carrying the same broker id. */
+    tb_header *hello = tb_recv_ex(w, 1000, true);
+    cr_assert_not_null(hello);
+    uint64_t id = hello->broker_id;
+    tb_free(hello);
     tb_header *hb = tb_recv_ex(w, 1000, true);
     cr_assert_not_null(hb);
     cr_assert_eq(hb->kind, KELPIE__V1__KIND__HEARTBEAT);
     cr_assert_eq(hb->heartbeat_ms, 50);
+    cr_assert_eq(hb->broker_id, id);
     tb_free(hb);
     /* Keep it alive by heartbeating for a while, with a call running. */
     void *c = tb_socket(ZMQ_DEALER, tb.fe);

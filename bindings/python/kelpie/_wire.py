@@ -59,6 +59,10 @@ def varint(n):
     if n < 0x10000000:  # kelpied's dispatch ids (serial << 8 | attempt) for a long while
         return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, ((n >> 14) & 0x7F) | 0x80,
                       n >> 21))
+    if 0x2000000000000 <= n < 0x100000000000000:  # kelpied's dispatch ids: a random 48-bit serial << 8
+        return bytes(((n & 0x7F) | 0x80, (n >> 7 & 0x7F) | 0x80, (n >> 14 & 0x7F) | 0x80,
+                      (n >> 21 & 0x7F) | 0x80, (n >> 28 & 0x7F) | 0x80, (n >> 35 & 0x7F) | 0x80,
+                      (n >> 42 & 0x7F) | 0x80, n >> 49))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
