@@ -44,6 +44,7 @@ void kp_worker_destroy(struct kp_workers *t, struct kp_worker **wp)
     kp_list_remove(&w->gone_link);
     kp_free(w->services);
     kp_free(w->name);
+    kp_budget_release(&w->queued);
     kp_free(w);
     *wp = NULL;
 }

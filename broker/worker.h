@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "budget.h"
 #include "idmap.h"
 #include "list.h"
 #include "wire.h"
@@ -44,6 +45,7 @@ struct kp_worker {
     size_t nservices;             /* entries in services */
     struct kp_list calls;         /* its dispatched and orphaned calls */
     struct kp_list gone_link;     /* in the broker's removal list once gone */
+    struct kp_budget *queued;     /* bytes queued to it (budget.h); NULL until the first send */
 };
 
 struct kp_workers {
