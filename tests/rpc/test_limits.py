@@ -165,3 +165,112 @@ def test_sync_client_refuses_oversized_requests(tmp_path, procs, threads):
             assert client.stats()["client_gone"] == 0
     finally:
         broker.stop()
+
+
+# -- a client that never reads its replies (issue 12, fault 4) ---------------
+
+def _rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+# kelpied's resident memory must stay under this while one client leaves
+# 20,000 replies of 64 KiB (1.25 GiB) unread: the default --peer-max-queued
+# (64 MiB) plus the broker's own few MiB, plus slack for what libzmq and the
+# allocator hold around it. Before the byte budget it grew past 1.2 GB.
+RSS_CEILING_KB = 160 * 1024
+
+
+def test_client_that_never_reads_cannot_take_the_brokers_memory(tmp_path, procs, loop):
+    """A raw DEALER sends 20,000 REQUESTs answered with 64 KiB each and never
+    reads: kelpied's VmRSS stays under RSS_CEILING_KB, answers beyond the
+    client's budget become small ERRORs, its later REQUESTs are refused, and
+    another client is served all along."""
+    from kelpie import _kelpie, _wire
+    broker = Broker(tmp_path, extra=["--queue-limit", "100000"]).start()
+    peak = [0]
+    give_up = threading.Event()     # unfixed broker: stop before the box runs out
+    over_budget = threading.Event()  # the broker started replacing answers
+    extra_sent = threading.Event()   # the flooder sent its last 100 REQUESTs
+    stop_sampling = threading.Event()
+    try:
+        procs.worker(broker, child=True, loop=loop, APP_CONCURRENCY="64")
+        pid = broker.proc.pid
+        base_kb = _rss_kb(pid)
+
+        def sample():
+            while not stop_sampling.is_set():
+                peak[0] = max(peak[0], _rss_kb(pid))
+                if peak[0] > 3 * RSS_CEILING_KB:
+                    give_up.set()
+                    return
+                time.sleep(0.02)
+
+        def flood():
+            ctx = _kelpie.Context()
+            sock = _kelpie.BlockingSocket(ctx, _kelpie.DEALER)
+            sock.setsockopt(_kelpie.LINGER, 0)
+            sock.connect(broker.frontend)
+            try:
+                for rid in range(1, 20001):
+                    if give_up.is_set():
+                        return
+                    sock.send_multipart([_wire.request("echo", "Big", rid, 120000), b"65536"])
+                # Once over its budget, more REQUESTs from it are refused.
+                if over_budget.wait(20):
+                    for rid in range(20001, 20101):
+                        sock.send_multipart([_wire.request("echo", "Big", rid, 120000),
+                                             b"65536"])
+            finally:
+                extra_sent.set()
+                give_up.wait(30)  # keep the connection (and its unread queue) open
+                sock.close(0)
+                ctx.destroy(0)
+
+        sampler = threading.Thread(target=sample)
+        flooder = threading.Thread(target=flood)
+        sampler.start()
+
+        async def main():
+            async with kelpie.Client(broker.frontend, timeout=20) as client:
+                await wait_served(client)
+                flooder.start()
+                served, worst_ping = 0, 0.0
+                t_end = time.monotonic() + 25
+                extra_at = None
+                while time.monotonic() < t_end and not give_up.is_set():
+                    worst_ping = max(worst_ping, await client.ping(timeout=5))
+                    assert await client.call("echo", "Echo", b"%d" % served) == b"%d" % served
+                    served += 1
+                    if served % 10 == 0 and not over_budget.is_set():
+                        if (await client.stats()).get("answers_replaced", 0) > 0:
+                            over_budget.set()
+                    if extra_at is None and extra_sent.is_set():
+                        extra_at = time.monotonic()
+                    if extra_at is not None and time.monotonic() - extra_at > 1.0:
+                        break
+                    await asyncio.sleep(0.01)
+                return served, worst_ping, await client.stats()
+
+        served, worst_ping, stats = run(main(), loop, timeout=60)
+        give_up.set()
+        flooder.join(30)
+        stop_sampling.set()
+        sampler.join(5)
+        print(f"kelpied VmRSS {base_kb} kB before, peak {peak[0]} kB with a client not "
+              f"reading 20,000 x 64 KiB; other client: {served} calls, slowest Ping "
+              f"{worst_ping * 1e3:.0f} ms; answers_replaced {stats.get('answers_replaced')}, "
+              f"not_reading {stats.get('not_reading')}, queued_bytes {stats.get('queued_bytes')}")
+        assert peak[0] < RSS_CEILING_KB, (peak[0], stats)
+        assert served > 20, served  # the other client was served all along
+        assert worst_ping < 2.0, worst_ping
+        assert stats["answers_replaced"] > 0
+        assert stats["not_reading"] >= 100
+        assert stats["queued_bytes"] < 64 * MIB + 17 * MIB
+    finally:
+        give_up.set()
+        stop_sampling.set()
+        broker.stop()
