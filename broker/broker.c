@@ -310,10 +310,18 @@ static void broker_orphan(struct kp_broker *b, struct kp_call *c)
  * holds (copies if c is idempotent, so it can be sent again). Ownership:
  * returns KP_OK with c DISPATCHED on w and the frames sent; otherwise nothing
  * was sent, the caller keeps c and its frames, and w is marked gone
- * (unreachable) or has no free slot any more (pipe full). */
+ * (unreachable) or has no free slot any more (pipe full, or more than
+ * --peer-max-queued bytes waiting for it). */
 static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                    kp_header *h, zmq_msg_t *frames, size_t n)
 {
+    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
+        /* Its pipe holds more than --peer-max-queued (it is not reading):
+         * it takes nothing new until the sweep finds the bytes gone. */
+        w->lagging = true;
+        b->stats.worker_not_reading++;
+        return KP_EAGAIN;
+    }
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
@@ -347,15 +355,8 @@ static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struc
             copied = true;
         }
     }
-    struct kp_budget *acct = kp_broker_account(b, &w->queued);
-    enum kp_err err;
-    if (kp_budget_queued(acct) >= b->peer_max_queued) {
-        /* Its pipe holds more than --peer-max-queued: as for a full pipe. */
-        b->stats.worker_not_reading++;
-        err = KP_EAGAIN;
-    } else {
-        err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, acct, h, payload, n);
-    }
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, h, payload, n);
     if (err != KP_OK) {
         if (copied) {
             for (size_t i = 0; i < n; i++)
@@ -737,6 +738,11 @@ static void broker_sweep(struct kp_broker *b)
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
         if (w->gone)
             continue;
+        if (w->lagging && kp_budget_queued(w->queued) < b->peer_max_queued) {
+            w->lagging = false;
+            for (size_t i = 0; i < w->nservices; i++)
+                kp_broker_mark_pending(b, w->services[i]);
+        }
         if (kp_worker_expired(w, b->now, b->heartbeat_ms, b->liveness)) {
             b->stats.worker_expired++;
             kp_log_warn("worker '%s' silent for %llu ms, removing", w->name,

@@ -37,6 +37,7 @@ struct kp_worker {
     uint32_t in_flight;           /* slots taken by dispatched calls */
     uint32_t heartbeat_ms;        /* the worker's interval (READY), 0 = ours */
     bool stalled;                 /* STATUS(STALLED): send nothing new */
+    bool lagging;                 /* over --peer-max-queued: nothing new until it drains */
     bool gone;                    /* being removed; never picked again */
     uint64_t last_recv;           /* monotonic ms of its last message */
     uint64_t last_send;           /* monotonic ms of our last message to it */
