@@ -274,3 +274,48 @@ def test_client_that_never_reads_cannot_take_the_brokers_memory(tmp_path, procs,
         give_up.set()
         stop_sampling.set()
         broker.stop()
+
+
+def test_worker_that_stops_reading_is_sent_nothing_more(tmp_path, procs, loop):
+    """A stopped worker (SIGSTOP) with 64 free slots: once more than
+    --peer-max-queued bytes wait in its pipe it is sent nothing new (the rest
+    stays queued at the broker); resumed, it is sent the rest, and every call
+    succeeds."""
+    import os
+    import signal
+    broker = Broker(tmp_path, extra=["--peer-max-queued", str(2 * MIB)]).start()
+    try:
+        # A 5 s heartbeat: the broker keeps the stopped worker for 15 s.
+        proc = procs.worker(broker, child=True, loop=loop, APP_CONCURRENCY="64",
+                            APP_HEARTBEAT="5")
+
+        async def main():
+            async with kelpie.Client(broker.frontend, timeout=60) as client:
+                await wait_served(client)
+                os.kill(proc.pid, signal.SIGSTOP)
+                try:
+                    payload = b"p" * MIB
+                    calls = [asyncio.ensure_future(client.call("echo", "Echo", payload))
+                             for _ in range(40)]
+                    deadline = time.monotonic() + 10
+                    while True:
+                        stats = await client.stats()
+                        if stats["worker_not_reading"] > 0 and stats["queued"] > 0:
+                            break
+                        assert time.monotonic() < deadline, stats
+                        await asyncio.sleep(0.1)
+                    # Not all 40 MiB went into the stopped worker's pipe.
+                    assert stats["in_flight"] < 40, stats
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+                for c in calls:
+                    assert await c == payload
+                stats = await client.stats()
+                assert stats["worker_lost"] == 0 and stats["workers"] == 1, stats
+                return stats
+
+        stats = run(main(), loop, timeout=60)
+        print(f"stopped worker: worker_not_reading {stats['worker_not_reading']}, "
+              f"dispatched {stats['dispatched']}")
+    finally:
+        broker.stop()
