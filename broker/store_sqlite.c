@@ -20,10 +20,12 @@
  * migrated by guesswork.
  */
 #include <errno.h>
+#include <limits.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "alloc.h"
 #include "store.h"
@@ -193,6 +195,10 @@ static enum kp_err sq_fail(struct sq_store *q, int rc, const char *what)
         break;
     }
     int sys = q->db ? sqlite3_system_errno(q->db) : 0;
+    /* A full disk can also surface as an I/O error (the -shm file failing
+     * to grow); the OS's errno says which it is. */
+    if (sys == ENOSPC || sys == EDQUOT)
+        err = KP_ESTOREFULL;
     const char *msg = q->db ? sqlite3_errmsg(q->db) : sqlite3_errstr(rc);
     if (sys)
         return kp_store_fail(&q->base, err, "%s: %s: %s (%s)", q->path, what, msg, strerror(sys));
@@ -820,8 +826,20 @@ static enum kp_err sq_query_text(struct sq_store *q, const char *sql, char *buf,
 static enum kp_err sq_setup(struct sq_store *q, const char *vfs)
 {
     int rc = sqlite3_open_v2(q->path, &q->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs);
-    if (rc != SQLITE_OK)
+    if (rc != SQLITE_OK) {
+        /* SQLite retries read-only after a failed read-write open, so its
+         * errno would be that retry's (ENOENT). Name the real cause when it
+         * is the directory. */
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s", q->path);
+        char *slash = strrchr(dir, '/');
+        if (slash)
+            *slash = '\0';
+        if (access(slash ? dir : ".", W_OK) != 0)
+            return kp_store_fail(&q->base, KP_ESTOREIO, "%s: open: directory %s: %s", q->path,
+                                 slash ? dir : ".", strerror(errno));
         return sq_fail(q, rc, "open");
+    }
     sqlite3_extended_result_codes(q->db, 1);
     /* A reader such as `sqlite3 .backup` may hold a lock for a moment. */
     sqlite3_busy_timeout(q->db, 5000);

@@ -113,6 +113,8 @@ static struct kp_journal_req *tj_next(struct kp_journal *j)
 
 /* ---- tests ------------------------------------------------------------------- */
 
+TestSuite(journal, .fini = st_teardown);
+
 Test(journal, group_commit_never_blocks_put_and_acks_only_after_commit)
 {
     struct kp_store *s = gate_store(false);

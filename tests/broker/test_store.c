@@ -78,6 +78,8 @@ static size_t ts_count(struct kp_store *s, int state, const char *queue)
 
 /* ---- the table ------------------------------------------------------------ */
 
+TestSuite(store_sqlite, .fini = st_teardown);
+
 static void t_insert_and_get(struct kp_store *s)
 {
     kp_job_id a = ts_insert(s, ts_job("thumbs", 5, "img-1"), T0);
