@@ -9,9 +9,20 @@
  * Every query the broker makes on the hot path is served by an index, not a
  * scan: the next job to claim by jobs_ready (queue, priority DESC, seq) over
  * ready jobs only, due delayed jobs by jobs_sched (run_at) over scheduled
- * jobs only, lookups by id by its UNIQUE index, listings by jobs_state and
- * jobs_queue, expiry by jobs_done and idem_expiry. The partial indexes keep
- * finished jobs (the bulk of the table) out of the claim path.
+ * jobs only, lookups by id by its UNIQUE index, leased jobs (recovery) and
+ * the DLQ by jobs_leased and jobs_dead, expiry by jobs_done and idem_expiry.
+ * The partial indexes keep finished jobs (the bulk of the table) out of the
+ * claim path, and cost an insert nothing when the job is not in their state.
+ *
+ * Listing queued, scheduled or finished jobs walks the id index and filters
+ * (a page stops at its limit). Full (state, id) and (queue, state, id)
+ * indexes would serve those pages directly but cost every insert dearly
+ * (store_bench, 100 rows per transaction on a loaded 2-core VM: ~52k rows/s
+ * with them, 90k-140k without), for an admin command. Revisit if listing large queues by state
+ * becomes routine.
+ *
+ * The connection is opened without SQLite's own mutexes (SQLITE_OPEN_NOMUTEX):
+ * one thread uses it at a time, the journal thread once it has started.
  *
  * Each operation runs inside its own SAVEPOINT, so a failing one undoes only
  * itself inside a group commit, and commits by itself outside one. All
@@ -60,8 +71,8 @@ static const char sq_schema[] =
     " result BLOB);"
     "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 1;"
     "CREATE INDEX jobs_sched ON jobs(run_at) WHERE state = 0;"
-    "CREATE INDEX jobs_state ON jobs(state, id);"
-    "CREATE INDEX jobs_queue ON jobs(queue, state, id);"
+    "CREATE INDEX jobs_leased ON jobs(id) WHERE state = 2;"
+    "CREATE INDEX jobs_dead ON jobs(id) WHERE state = 4;"
     "CREATE INDEX jobs_done ON jobs(expires_at) WHERE state IN (3, 5);"
     "CREATE TABLE attempts("
     " job_seq INTEGER NOT NULL,"
@@ -110,13 +121,12 @@ static const char sq_schema[] =
                  "result = ?5, expires_at = ?6 WHERE seq = ?1")                                    \
     XX(history, "SELECT n, outcome, started_at, ended_at, message FROM attempts "                  \
                 "WHERE job_seq = ?1 ORDER BY n")                                                   \
-    XX(list_all, "SELECT " SQ_JOB_COLS " FROM jobs WHERE id > ?3 ORDER BY id LIMIT ?4")            \
-    XX(list_state, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = ?1 AND id > ?3 "                \
-                   "ORDER BY id LIMIT ?4")                                                         \
-    XX(list_queue, "SELECT " SQ_JOB_COLS " FROM jobs WHERE queue = ?2 AND id > ?3 "                \
-                   "ORDER BY id LIMIT ?4")                                                         \
-    XX(list_both, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = ?1 AND queue = ?2 "              \
-                  "AND id > ?3 ORDER BY id LIMIT ?4")                                              \
+    XX(list_any, "SELECT " SQ_JOB_COLS " FROM jobs WHERE (?1 < 0 OR state = ?1) "                  \
+                 "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")                \
+    XX(list_leased, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = 2 "                            \
+                    "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")             \
+    XX(list_dead, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = 4 "                              \
+                  "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")               \
     XX(dead, "SELECT seq FROM jobs WHERE state = 4 AND (?1 IS NULL OR queue = ?1) "                \
              "AND (?2 IS NULL OR id = ?2)")                                                        \
     XX(revive, "UPDATE jobs SET state = 1, run_at = ?2, updated_at = ?2, attempt_base = attempts " \
@@ -630,11 +640,11 @@ static enum kp_err sq_get(struct kp_store *s, const kp_job_id *id, struct kp_job
 static enum kp_err sq_list(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out)
 {
     struct sq_store *q = sq(s);
-    enum sq_stmt_id which = f->state >= 0 ? (f->queue ? SQ_list_both : SQ_list_state)
-                                          : (f->queue ? SQ_list_queue : SQ_list_all);
+    enum sq_stmt_id which = f->state == KP_JOB_DEAD     ? SQ_list_dead
+                            : f->state == KP_JOB_LEASED ? SQ_list_leased
+                                                        : SQ_list_any;
     sqlite3_stmt *st = sq_stmt(q, which);
-    if (f->state >= 0)
-        sqlite3_bind_int(st, 1, f->state);
+    sqlite3_bind_int(st, 1, f->state);
     sq_bind_text(st, 2, f->queue);
     sq_bind_text(st, 3, f->after ? f->after->s : "");
     sqlite3_bind_int64(st, 4, (sqlite3_int64)f->limit);
@@ -825,7 +835,8 @@ static enum kp_err sq_query_text(struct sq_store *q, const char *sql, char *buf,
 
 static enum kp_err sq_setup(struct sq_store *q, const char *vfs)
 {
-    int rc = sqlite3_open_v2(q->path, &q->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, vfs);
+    int rc = sqlite3_open_v2(q->path, &q->db,
+                             SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, vfs);
     if (rc != SQLITE_OK) {
         /* SQLite retries read-only after a failed read-write open, so its
          * errno would be that retry's (ENOENT). Name the real cause when it

@@ -577,9 +577,10 @@ Test(store_sqlite, refuses_another_programs_database)
     st_dir_remove(&d);
 }
 
-/* The claim path must be served by the partial indexes, not a scan of the
- * table: with 20,000 finished jobs and 3 ready ones, picking and promoting
- * touch only the index entries of ready/scheduled jobs. Measured through
+/* The claim path, the DLQ and recovery must be served by indexes, not a scan
+ * of the table: with 20,000 leased jobs, picking, promoting and listing the
+ * DLQ touch no row outside their partial index; the leased page stops at its
+ * limit. Measured through
  * SQLite's own counter of rows a full scan steps over (SQLITE_STMTSTATUS_
  * FULLSCAN_STEP) on the very file the store wrote. */
 Test(store_sqlite, claim_is_served_by_an_index)
@@ -605,8 +606,10 @@ Test(store_sqlite, claim_is_served_by_an_index)
         "SELECT seq FROM jobs WHERE queue = 'q' AND state = 1 ORDER BY priority DESC, seq LIMIT 5",
         "UPDATE jobs SET state = 1 WHERE state = 0 AND run_at <= 5",
         "SELECT min(run_at) FROM jobs WHERE state = 0",
+        "SELECT id FROM jobs WHERE state = 4 AND id > '' ORDER BY id LIMIT 5",
+        "SELECT id FROM jobs WHERE state = 2 AND id > '' ORDER BY id LIMIT 5",
     };
-    for (size_t i = 0; i < 3; i++) {
+    for (size_t i = 0; i < sizeof plans / sizeof *plans; i++) {
         sqlite3_stmt *st;
         cr_assert_eq(sqlite3_prepare_v2(db, plans[i], -1, &st, NULL), SQLITE_OK);
         while (sqlite3_step(st) == SQLITE_ROW)
