@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <zmq.h>
 
 #include "journal.h"
 #include "store.h"
@@ -92,10 +93,12 @@ static struct kp_journal_req *tj_submit(uint64_t tag)
     return r;
 }
 
+/* Waits as the broker's loop will: zmq_poll with the journal's fd as a raw
+ * item beside the sockets. */
 static bool tj_readable(struct kp_journal *j, int timeout_ms)
 {
-    struct pollfd p = {.fd = kp_journal_fd(j), .events = POLLIN};
-    return poll(&p, 1, timeout_ms) == 1;
+    zmq_pollitem_t item = {NULL, kp_journal_fd(j), ZMQ_POLLIN, 0};
+    return zmq_poll(&item, 1, timeout_ms) == 1 && (item.revents & ZMQ_POLLIN);
 }
 
 /* Waits (bounded) for the next completion, as the broker's loop would. */
