@@ -633,3 +633,26 @@ Test(store_sqlite, queries_are_served_by_their_indexes)
     sqlite3_close(db);
     st_dir_remove(&d);
 }
+
+/* Ids made in one millisecond still sort in creation order and parse; ids
+ * of different milliseconds sort by time; nothing else parses. */
+Test(store_ids, ulids_sort_by_time_and_parse)
+{
+    kp_job_id prev, id, back;
+    kp_job_id_new(T0, &prev);
+    for (int i = 0; i < 10000; i++) {
+        kp_job_id_new(T0, &id);
+        cr_assert_gt(strcmp(id.s, prev.s), 0, "same millisecond, made later, sorts later");
+        cr_assert(kp_job_id_parse(id.s, &back));
+        cr_assert_str_eq(back.s, id.s);
+        prev = id;
+    }
+    kp_job_id_new(T0 + 1, &id);
+    cr_assert_gt(strcmp(id.s, prev.s), 0);
+    cr_assert_eq(strlen(id.s), KP_JOB_ID_LEN);
+    cr_assert(!kp_job_id_parse("", &back));
+    cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAVX", &back), "27 characters");
+    cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAU", &back), "U is not Crockford");
+    cr_assert(!kp_job_id_parse("81ARZ3NDEKTSV4RRFFQ69G5FAV", &back), "over 128 bits");
+    cr_assert(kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAV", &back));
+}
