@@ -81,7 +81,8 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
         size_t nn = 0;
         for (size_t i = 0; i < nm; i++) {
             const char *slash = strrchr(h->methods[i], '/');
-            if (slash && (size_t)(slash - h->methods[i]) == services[k]->name_len &&
+            if (slash && slash[1] != '\0' &&
+                (size_t)(slash - h->methods[i]) == services[k]->name_len &&
                 memcmp(h->methods[i], services[k]->name, services[k]->name_len) == 0)
                 names[nn++] = slash + 1;
         }

@@ -835,11 +835,11 @@ Test(broker, ready_again_replaces_the_method_sets)
     tb_expect_error(c, KELPIE__V1__CODE__UNIMPLEMENTED, 1);
     tb_header h = tb_hdr(KELPIE__V1__KIND__READY, 0);
     char *services[] = {"echo"};
-    char *methods[] = {"echo/A", "echo/B", "nosuch/X", "noslash"};
+    char *methods[] = {"echo/A", "echo/B", "nosuch/X", "noslash", "echo/"};
     h.services = services;
     h.n_services = 1;
     h.methods = methods;
-    h.n_methods = 4;
+    h.n_methods = 5;
     h.credits = 10;
     h.heartbeat_ms = 60000;
     tb_send(w, &h, NULL);
@@ -849,6 +849,18 @@ Test(broker, ready_again_replaces_the_method_sets)
     tb_request(c, 2, "echo", "B", 5000, 0, "x");
     tb_header *r = tb_work(w);
     cr_assert_str_eq(r->method, "B");
+    tb_free(r);
+    /* Only malformed entries for the service: it is served in full. */
+    char *junk[] = {"echo/", "echo"};
+    h.methods = junk;
+    h.n_methods = 2;
+    tb_send(w, &h, NULL);
+    hello = tb_recv_ex(w, 1000, true);
+    cr_assert_not_null(hello);
+    tb_free(hello);
+    tb_request(c, 3, "echo", "Z", 5000, 0, "x");
+    r = tb_work(w);
+    cr_assert_str_eq(r->method, "Z");
     tb_free(r);
 }
 
