@@ -9,6 +9,8 @@
  *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
  *               flood on one socket cannot starve the others
  *   expire      call deadlines that came due (timer heap)
+ *   grace end   once, when the start-up grace is over: calls still waiting
+ *               for a service no worker has registered get NOT_FOUND
  *   sweep       every heartbeat/2: heartbeats to quiet workers, silent
  *               workers marked gone, idle clients and services forgotten
  *   before sleep  reap departed workers and clients (their calls re-queued or
@@ -27,7 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "alloc.h"
@@ -57,9 +58,22 @@ kp_header kp_broker_heartbeat(const struct kp_broker *b)
     return h;
 }
 
+uint64_t kp_broker_grace_ms(const struct kp_broker *b)
+{
+    return (uint64_t)b->liveness * b->heartbeat_ms;
+}
+
 bool kp_broker_in_grace(const struct kp_broker *b)
 {
-    return b->now - b->started < (uint64_t)b->liveness * b->heartbeat_ms;
+    return b->now - b->started < kp_broker_grace_ms(b);
+}
+
+void kp_broker_unserved_message(const struct kp_broker *b, const char *service, char *buf,
+                                size_t len)
+{
+    size_t n = kp_workers_count(&b->workers);
+    snprintf(buf, len, "no worker serves %.200s%s; %zu worker%s connected", service,
+             strlen(service) > 200 ? "..." : "", n, n == 1 ? "" : "s");
 }
 
 void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
@@ -403,7 +417,7 @@ void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     if (s->queued == 0) {
-        struct kp_worker *w = kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
+        struct kp_worker *w = kp_service_pick(s, h->method);
         if (w) {
             enum kp_err err;
             if (c->flags & KP_FLAG_IDEMPOTENT) {
@@ -511,7 +525,15 @@ static void broker_expire_call(struct kp_broker *b, struct kp_call *c)
 {
     if (c->state == KP_CALL_QUEUED) {
         b->stats.deadline_expired_queued++;
-        kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
+        if (c->service->nworkers == 0) {
+            /* The usual cause of a long wait: say it, not just "deadline". */
+            char msg[320], why[288];
+            kp_broker_unserved_message(b, c->service->name, why, sizeof why);
+            snprintf(msg, sizeof msg, "deadline exceeded while queued: %s", why);
+            kp_broker_fail_client_side(b, c, KP_EDEADLINE, msg);
+        } else {
+            kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
+        }
         kp_service_unqueue(c->service, c, b->now);
         broker_free_call(b, c);
     } else if (c->state == KP_CALL_DISPATCHED) {
@@ -758,35 +780,115 @@ static void broker_sweep(struct kp_broker *b)
     kp_services_sweep(&b->services, b->now, KP_FORGET_MS);
 }
 
+/* Fails queued call c of s with err and detail and frees it. */
+static void broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                               const char *detail)
+{
+    kp_broker_fail_client_side(b, c, err, detail);
+    kp_service_unqueue(c->service, c, b->now);
+    broker_free_call(b, c);
+}
+
+/* Sends s's queued calls to free workers that implement their methods, in
+ * FIFO order. With one method set for all workers (s->uniform) the first
+ * call that finds no worker ends the pass, as no later one can find one
+ * either. With mixed sets a call whose workers are busy does not hold up
+ * later calls for other methods: the pass goes on while any worker of s has
+ * a free slot, so it may walk the whole queue (O(queued) per pass). Revisit
+ * with a queue per (service, method) if mixed services queue deeply. */
+static void broker_dispatch_service(struct kp_broker *b, struct kp_service *s)
+{
+    struct kp_list *l = s->queue.next;
+    while (l != &s->queue) {
+        struct kp_call *c = kp_container_of(l, struct kp_call, queue_link);
+        struct kp_list *next = l->next;
+        if (c->deadline && c->deadline <= b->now) {
+            kp_timers_disarm(&b->timers, &c->timer);
+            broker_expire_call(b, c);
+            l = next;
+            continue;
+        }
+        kp_header *h = NULL;
+        kp_arena_reset(&b->arena);
+        if (!c->has_header || kp_wire_decode(&b->arena, zmq_msg_data(&c->header),
+                                             zmq_msg_size(&c->header), SIZE_MAX, &h) != KP_OK) {
+            b->stats.send_failed++;
+            broker_fail_queued(b, c, KP_ESYS, NULL);
+            l = next;
+            continue;
+        }
+        if (s->nworkers > 0 && !kp_service_implements(s, h->method)) {
+            /* Accepted while nobody (or someone else) served the service;
+             * the workers it has now cannot run it. */
+            char msg[512];
+            snprintf(msg, sizeof msg, "no worker of %.200s implements method %.200s", s->name,
+                     h->method);
+            kp_broker_count_error(b, KP_EUNIMPLEMENTED);
+            broker_fail_queued(b, c, KP_EUNIMPLEMENTED, msg);
+            l = next;
+            continue;
+        }
+        struct kp_worker *w = kp_service_pick(s, h->method);
+        if (w == NULL) {
+            if (s->uniform ||
+                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers) == NULL)
+                break;
+            l = next;
+            continue;
+        }
+        enum kp_err err = broker_dispatch(b, c, w, h, NULL, 0);
+        if (err == KP_OK) {
+            kp_service_unqueue(s, c, b->now); /* DISPATCHED now; leaves its queue */
+            l = next;
+        } else if (err == KP_ESYS) {
+            b->stats.send_failed++;
+            broker_fail_queued(b, c, KP_ESYS, NULL);
+            l = next;
+        }
+        /* Otherwise w is gone or full now: the same call tries another. */
+    }
+    kp_arena_reset(&b->arena);
+}
+
 static void broker_dispatch_pending(struct kp_broker *b)
 {
     while (!kp_list_empty(&b->pending)) {
         struct kp_service *s = kp_container_of(b->pending.next, struct kp_service, pending_link);
         kp_list_remove(&s->pending_link);
         s->pending = false;
+        broker_dispatch_service(b, s);
+    }
+}
+
+/* The start-up grace ends: calls that waited for a service no worker has
+ * registered since start are answered NOT_FOUND, as calls made after the
+ * grace are; they would otherwise wait without bound (those without a
+ * deadline, forever). Runs once. */
+static void broker_end_grace(struct kp_broker *b)
+{
+    if (b->grace_ended || kp_broker_in_grace(b))
+        return;
+    b->grace_ended = true;
+    size_t pos = 0, failed = 0;
+    struct kp_service *s;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        if (s->served)
+            continue;
+        char msg[288];
+        kp_broker_unserved_message(b, s->name, msg, sizeof msg);
         struct kp_call *c;
         while ((c = kp_service_peek(s)) != NULL) {
-            if (c->deadline && c->deadline <= b->now) {
-                kp_timers_disarm(&b->timers, &c->timer);
-                broker_expire_call(b, c);
-                continue;
-            }
-            struct kp_worker *w =
-                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
-            if (w == NULL)
-                break;
-            kp_service_unqueue(s, c, b->now);
-            enum kp_err err = broker_dispatch(b, c, w, NULL, NULL, 0);
-            if (err == KP_ESYS) {
-                b->stats.send_failed++;
-                kp_broker_fail_client_side(b, c, KP_ESYS, NULL);
-                broker_free_call(b, c);
-            } else if (err != KP_OK) {
-                kp_service_push_front(s, c); /* w is gone now; try the next one */
-            }
+            kp_broker_count_error(b, KP_ENOTFOUND);
+            if (c->client == NULL)
+                b->stats.intake_dropped++;
+            broker_fail_queued(b, c, KP_ENOTFOUND, msg);
+            failed++;
         }
-        kp_arena_reset(&b->arena);
     }
+    if (failed)
+        kp_log_info("start-up grace over: %zu calls for services no worker serves answered "
+                    "NOT_FOUND",
+                    failed);
 }
 
 /* Ends the broker: every call still waiting is failed UNAVAILABLE, every
@@ -872,6 +974,8 @@ static long broker_poll_timeout(const struct kp_broker *b)
         next = t;
     if (b->state == KP_BROKER_DRAINING && b->drain_deadline < next)
         next = b->drain_deadline;
+    if (!b->grace_ended && b->started + kp_broker_grace_ms(b) < next)
+        next = b->started + kp_broker_grace_ms(b);
     return next > b->now ? (long)(next - b->now) : 0;
 }
 
@@ -896,6 +1000,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         broker_read(b, b->frontend, kp_frontend_on_message);
         broker_read(b, b->intake, kp_intake_on_message);
         broker_expire(b);
+        broker_end_grace(b);
         broker_sweep(b);
         if (b->state != KP_BROKER_STOPPED)
             broker_before_sleep(b);
@@ -912,6 +1017,7 @@ bool kp_broker_tick(struct kp_broker *b, uint64_t now)
     broker_on_stop_requests(b);
     if (b->state != KP_BROKER_STOPPED) {
         broker_expire(b);
+        broker_end_grace(b);
         broker_sweep(b);
     }
     if (b->state != KP_BROKER_STOPPED)
@@ -968,31 +1074,6 @@ struct kp_stats kp_broker_stats(const struct kp_broker *b)
     return b->stats;
 }
 
-/* mkdir -p; returns false (errno set) on failure. */
-static bool broker_mkdirs(const char *path)
-{
-    char *p = kp_strdup(path);
-    bool ok = true;
-    for (char *s = p + 1;; s++) {
-        if (*s == '/' || *s == '\0') {
-            char saved = *s;
-            *s = '\0';
-            if (mkdir(p, 0750) != 0 && errno != EEXIST)
-                ok = false;
-            *s = saved;
-            if (!ok || saved == '\0')
-                break;
-        }
-    }
-    struct stat st;
-    if (ok && (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))) {
-        errno = ENOTDIR;
-        ok = false;
-    }
-    kp_free(p);
-    return ok;
-}
-
 /* A nonzero random 64-bit id; getrandom() cannot fail for 8 bytes once the
  * pool is initialised, and the clock mix only guards a kernel without it. */
 static uint64_t broker_random_id(void)
@@ -1033,10 +1114,9 @@ static void *broker_socket(struct kp_broker *b, int type, const char *name, cons
 enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_broker **out)
 {
     *out = NULL;
-    if (!broker_mkdirs(cfg->data_dir)) {
-        kp_log_error("--data-dir %s: %s", cfg->data_dir, strerror(errno));
-        return KP_ESYS;
-    }
+    /* --data-dir is not created here: nothing in 0.1 uses it, and a broker
+     * run from any directory must not leave ./kelpie-data behind. The
+     * durable-jobs store will create it when it first opens it. */
     struct kp_broker *b = kp_calloc(1, sizeof *b);
     b->heartbeat_ms = cfg->heartbeat_ms;
     b->liveness = cfg->heartbeat_liveness;
@@ -1119,7 +1199,7 @@ void kp_broker_destroy(struct kp_broker **bp)
     size_t pos = 0;
     struct kp_worker *w;
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
-        kp_free(w->services);
+        kp_worker_clear_services(w);
         kp_free(w->name);
         kp_budget_release(&w->queued);
         kp_free(w);

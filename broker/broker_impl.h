@@ -75,6 +75,7 @@ struct kp_broker {
     uint64_t next_sweep;         /* next heartbeat/liveness sweep */
     uint64_t pick_seq;           /* dispatch sequence for least-loaded ties */
     uint64_t broker_id;          /* random per process; tells peers of a restart */
+    bool grace_ended;            /* the start-up grace is over and its calls were settled */
     unsigned stop_requests;      /* stop requests seen */
     size_t orphans;              /* calls in KP_CALL_ORPHANED */
     struct kp_calls calls;       /* every live call */
@@ -139,6 +140,11 @@ void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size
 void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
                                 const char *detail);
 
+/* Writes "no worker serves <service>; N workers connected" into buf: the
+ * message of every answer that exists because nobody serves the service. */
+void kp_broker_unserved_message(const struct kp_broker *b, const char *service, char *buf,
+                                size_t len);
+
 /* ---- broker.c: call lifecycle ----------------------------------------- */
 
 /* Accepts a new call for service s: arms its deadline, and either
@@ -177,6 +183,9 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
 
 /* Returns true if the broker started less than liveness x heartbeat ago. */
 bool kp_broker_in_grace(const struct kp_broker *b);
+
+/* Length of the start-up grace in ms (liveness x heartbeat). */
+uint64_t kp_broker_grace_ms(const struct kp_broker *b);
 
 /* Validates the message in b->frames as coming from dir with its header at
  * hdr_index: frame count, total size, header decode and check. Returns KP_OK

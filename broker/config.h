@@ -3,9 +3,10 @@
  * Every option is one line of KP_OPTIONS: its struct field, flag, environment
  * variable, config-file key, kind, default and help text; parsing, --help and
  * docs/operations.md follow that list. Precedence: flags > environment >
- * config file (--config FILE or KELPIED_CONFIG, czmq zconfig, keys
- * "broker/<flag name>") > defaults. Parsing has no side effects: it does not
- * create --data-dir (the broker does) and does not touch signals.
+ * config file (--config FILE or KELPIED_CONFIG: the subset of ZPL that
+ * holds one section "broker" of "key = value" lines, keys the flag names;
+ * anything else in it is refused with its line number) > defaults. Parsing has no side effects: it
+ * does not create --data-dir (the broker does) and does not touch signals.
  */
 #ifndef KP_CONFIG_H
 #define KP_CONFIG_H

@@ -115,15 +115,20 @@ static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const 
     return rc;
 }
 
+/* READY: the services of every handler, and "service/method" for each
+ * per-method handler of a service that has no catch-all handler (a service
+ * with one is served in full, so it lists no methods), so that the broker
+ * sends this worker only calls it has a handler for (protocol.md §7). */
 static void worker_send_ready(kelpie_worker *w)
 {
     size_t n = 0;
     for (worker_handler *h = w->handlers; h; h = h->next)
         n++;
     char **services = calloc(n ? n : 1, sizeof *services);
-    if (!services)
-        return;
-    size_t unique = 0;
+    char **methods = calloc(n ? n : 1, sizeof *methods);
+    if (!services || !methods)
+        goto done;
+    size_t unique = 0, nmethods = 0;
     for (worker_handler *h = w->handlers; h; h = h->next) {
         size_t i = 0;
         while (i < unique && strcmp(services[i], h->service) != 0)
@@ -131,15 +136,36 @@ static void worker_send_ready(kelpie_worker *w)
         if (i == unique)
             services[unique++] = h->service;
     }
+    for (worker_handler *h = w->handlers; h; h = h->next) {
+        if (!h->method)
+            continue;
+        bool catch_all = false;
+        for (worker_handler *o = w->handlers; o && !catch_all; o = o->next)
+            catch_all = !o->method && strcmp(o->service, h->service) == 0;
+        if (catch_all)
+            continue;
+        size_t len = strlen(h->service) + 1 + strlen(h->method) + 1;
+        char *m = malloc(len);
+        if (!m)
+            goto done;
+        snprintf(m, len, "%s/%s", h->service, h->method);
+        methods[nmethods++] = m;
+    }
     Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
     hdr.kind = KELPIE__V1__KIND__READY;
     hdr.credits = w->capacity;
     hdr.n_services = unique;
     hdr.services = services;
+    hdr.n_methods = nmethods;
+    hdr.methods = methods;
     hdr.heartbeat_ms = w->heartbeat_ms;
     hdr.name = w->name;
     worker_send(w, &hdr, NULL, 0);
     w->last_ready = w->now;
+done:
+    for (size_t i = 0; methods && i < n; i++)
+        free(methods[i]);
+    free(methods);
     free(services);
 }
 

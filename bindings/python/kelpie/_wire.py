@@ -219,11 +219,12 @@ def credit(credits, request_id=0):
     return out
 
 
-def ready(services, credits, heartbeat_ms, name):
-    """A READY header (credits absolute)."""
+def ready(services, credits, heartbeat_ms, name, methods=()):
+    """A READY header (credits absolute); ``methods`` as "service/method"."""
     h = Header(version=VERSION, kind=READY, credits=credits, heartbeat_ms=heartbeat_ms,
                name=name)
     h.services.extend(services)
+    h.methods.extend(methods)
     return h.SerializeToString()
 
 

@@ -77,7 +77,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from . import _executors, _wire, _zmq
 from ._status import StatusCode
 from .errors import ResourceExhausted, RpcError
-from .stubs import message_class, method_kind
+from .stubs import decode_request, message_class, method_kind
 
 __all__ = ["Worker", "CallContext", "ProcessContext", "DEFAULT_BACKEND"]
 
@@ -430,7 +430,7 @@ class Worker:
             if fn is None:
                 continue
             kind = method_kind(m)
-            decode = message_class(m.input_type).FromString
+            decode = functools.partial(decode_request, message_class(m.input_type))
             reply_cls = message_class(m.output_type)
             if kind == "unary" and executor == "process":
                 self.add_handler(service, m.name,
@@ -455,6 +455,13 @@ class Worker:
     @property
     def services(self) -> list:
         return sorted({service for service, _ in self._handlers})
+
+    @property
+    def methods(self) -> list:
+        """What READY lists as ``methods``: ``"service/method"`` for every
+        handler, so that the broker routes a call only to a worker that has
+        its method (two workers may serve different methods of a service)."""
+        return sorted(f"{service}/{method}" for service, method in self._handlers)
 
     # -- running ----------------------------------------------------------
 
@@ -530,7 +537,8 @@ class Worker:
         session.last_ready = self._loop.time()
         await self._send(session, _wire.ready(self.services,
                                               0 if self._stopping else self.concurrency,
-                                              int(self.heartbeat * 1000), self.name))
+                                              int(self.heartbeat * 1000), self.name,
+                                              self.methods))
         session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
                                    self.heartbeat, stall_message=_wire.status(_wire.STALLED),
                                    stall_threshold=self.stall_threshold)
@@ -539,7 +547,8 @@ class Worker:
 
     def _send_ready(self, session, credits):
         session.last_ready = self._loop.time()
-        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name)
+        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name,
+                             self.methods)
         self._spawn(self._send(session, header))
 
     async def _end_session(self, session):
@@ -1030,7 +1039,7 @@ def _typed_sync(fn, decode, reply_cls):
 
 def _typed_call(fn, request_cls, reply_cls, payload, ctx):
     """A servicer method in a pool process (module level: it is pickled by name)."""
-    reply = fn(request_cls.FromString(payload), ctx)
+    reply = fn(decode_request(request_cls, payload), ctx)
     if not isinstance(reply, reply_cls):
         raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
                         f"expected {reply_cls.__name__}")
