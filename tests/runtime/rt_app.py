@@ -105,6 +105,32 @@ def max_running(payload, ctx):
     return str(_max_running).encode()
 
 
+_occupying = 0
+_max_occupying = 0
+
+
+@worker.handler("rt", "Occupy")
+def occupy(payload, ctx):
+    """Hold a slot (in a thread: cancellation cannot stop it) for ``payload``
+    seconds; record how many run at once (test_recovery)."""
+    global _occupying, _max_occupying
+    with _lock:
+        _occupying += 1
+        _max_occupying = max(_max_occupying, _occupying)
+    _append("occupy.started", str(ctx.request_id))
+    try:
+        time.sleep(float(payload))
+    finally:
+        with _lock:
+            _occupying -= 1
+    return b"occupied"
+
+
+@worker.handler("rt", "MaxOccupying")
+async def max_occupying(payload, ctx):
+    return str(_max_occupying).encode()
+
+
 @worker.handler("rt", "Spin")
 def spin(payload, ctx):
     """Work in slices until cancelled (or 10 s), then tell the test what it saw."""

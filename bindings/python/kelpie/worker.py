@@ -31,12 +31,22 @@ for that long, the thread sends STATUS(STALLED) and the broker sends this
 worker nothing new until the loop runs again and the worker sends STATUS
 without the flag. The worker counts any message from the broker as a sign of
 life. If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, the
-session ends: running calls are cancelled (the broker has already answered or
-re-dispatched them), the socket is closed and a new one registers again
-(with a new routing identity), backing off up to 1 s between attempts. If the
-broker says it does not know this worker (ERROR FAILED_PRECONDITION: it
-restarted and the socket reconnected by itself, or it gave the worker up
-while a handler blocked the loop), the worker sends READY again at once.
+session ends, the socket is closed and a new one registers again (with a new
+routing identity), backing off up to 1 s between attempts. If the broker says
+it does not know this worker (ERROR FAILED_PRECONDITION: it restarted and the
+socket reconnected by itself, or it gave the worker up while a handler
+blocked the loop), the worker sends READY again at once.
+
+Orphans (docs/protocol.md §7.2). The calls running when a session ends, when
+the broker says it does not know this worker, or when a HEARTBEAT shows a
+new ``broker_id`` (the broker restarted) belong to a registration the broker
+no longer has: it has answered or re-dispatched them, or died with them.
+They are *orphaned*: cancelled, their answers dropped here (one log line,
+counted in ``stats``), and their slots withheld: READY offers ``concurrency``
+minus the orphans still running (a thread cannot be interrupted), and each
+orphan that ends gives its slot back with CREDIT(1). So the worker never
+runs more than ``concurrency`` calls across a restart, and an orphan's
+answer never reaches the new broker.
 
 Handlers of three kinds (docs/python.md, "Handlers of every kind"): an
 ``async def`` runs on the loop as above; a plain ``def`` runs in a bounded
@@ -116,7 +126,7 @@ class CallContext:
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_mono_deadline", "_in_thread")
+                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -136,6 +146,8 @@ class CallContext:
         self._trailing = None
         self._window = header.credits or _wire.DEFAULT_WINDOW
         self._credit_waiter = None
+        self._orphan = False    # its registration is gone: its answer is dropped
+        self._withheld = False  # its slot was left out of a READY: CREDIT it back
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
@@ -348,6 +360,13 @@ class Worker:
         self.served = 0
         self.failed = 0  # calls answered with an error
         self.memory_errors = 0  # handlers that raised MemoryError
+        # The broker instance this worker serves (its HEARTBEATs' broker_id).
+        self._broker_id = 0
+        self.broker_restarts = 0
+        # Calls still running whose registration is gone (see the module doc).
+        self._orphans = set()
+        self.orphaned = 0
+        self.orphan_answers_dropped = 0
 
     # -- registration -----------------------------------------------------
 
@@ -519,14 +538,37 @@ class Worker:
         self._session = session
         # READY goes first (nothing may precede it), then the heartbeat thread.
         session.last_ready = self._loop.time()
-        await self._send(session, _wire.ready(self.services,
-                                              0 if self._stopping else self.concurrency,
+        await self._send(session, _wire.ready(self.services, self._offer(),
                                               int(self.heartbeat * 1000), self.name))
         session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
                                    self.heartbeat, stall_message=_wire.status(_wire.STALLED),
                                    stall_threshold=self.stall_threshold)
         log.debug("registered with %s as %s", self.backend, self.name)
         return session
+
+    def _offer(self):
+        """The credits a READY offers: ``concurrency`` minus the orphans still
+        running (each gives its slot back with CREDIT when it ends)."""
+        if self._stopping:
+            return 0
+        for ctx in self._orphans:
+            ctx._withheld = True
+        return max(0, self.concurrency - len(self._orphans))
+
+    def _orphan_calls(self, session, why):
+        """Orphan every call of ``session``: the broker no longer knows them."""
+        calls = list(session.calls.values())
+        session.calls.clear()
+        if not calls:
+            return
+        self.orphaned += len(calls)
+        for ctx in calls:
+            ctx._orphan = True
+            self._orphans.add(ctx)
+            ctx._cancel(_BY_SESSION_END)
+        log.warning("%s: %d running call%s orphaned (cancelled; %s answer%s will be dropped)",
+                    why, len(calls), "" if len(calls) == 1 else "s",
+                    "its" if len(calls) == 1 else "their", "" if len(calls) == 1 else "s")
 
     def _send_ready(self, session, credits):
         session.last_ready = self._loop.time()
@@ -536,12 +578,12 @@ class Worker:
     async def _end_session(self, session):
         session.ending = True
         calls = list(session.calls.values())
-        for ctx in calls:
-            ctx._cancel(_BY_SESSION_END)
+        self._orphan_calls(session, "session ended")
         tasks = [ctx._task for ctx in calls if ctx._task is not None]
         if tasks:
+            # Those still running after this (threads) stay orphans: the
+            # next READY leaves their slots out.
             await asyncio.wait(tasks, timeout=1.0)
-        session.calls.clear()
         if self._session is session:
             self._session = None
         if session.pulse is not None:
@@ -604,6 +646,10 @@ class Worker:
         """Counters and gauges of this worker (plain numbers, for logs and metrics).
 
         ``served`` (calls answered OK), ``running`` (calls holding a slot),
+        ``orphaned`` (calls whose registration went away while they ran:
+        broker restart, lost session), ``orphans_running``,
+        ``orphan_answers_dropped`` (orphans that ended, their answers
+        dropped), ``broker_restarts`` (new ``broker_id`` seen),
         ``stalls`` / ``stalled_seconds`` (event loop stalls past
         ``stall_threshold`` and their total length), ``threads_busy``,
         ``process_pool`` (pids, busy, started, killed, died) when there is one.
@@ -613,6 +659,9 @@ class Worker:
                "memory_errors": self.memory_errors,
                "running": len(session.calls) if session else 0,
                "concurrency": self.concurrency,
+               "orphaned": self.orphaned, "orphans_running": len(self._orphans),
+               "orphan_answers_dropped": self.orphan_answers_dropped,
+               "broker_restarts": self.broker_restarts,
                "stalled": bool(session and session.pulse and session.pulse.stalled),
                "stalls": self.stalls,
                "stalled_seconds": round(self.stalled_seconds, 3),
@@ -743,6 +792,8 @@ class Worker:
             elif kind == _wire.HEARTBEAT:
                 if header.heartbeat_ms:
                     self._broker_heartbeat = header.heartbeat_ms / 1000.0
+                if header.broker_id and header.broker_id != self._broker_id:
+                    self._on_new_broker(session, header.broker_id)
             elif kind == _wire.DISCONNECT:
                 log.info("broker sent DISCONNECT: reconnecting")
                 session.ending = True
@@ -754,12 +805,30 @@ class Worker:
                     # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
                     # its id); at most once per 0.2 s, so a broker refusing
                     # our READY too (another protocol version) is not flooded.
+                    # Whatever we were running was dispatched before the
+                    # broker forgot us (the pipe is ordered): orphans.
+                    self._orphan_calls(session, "the broker does not know this worker")
                     if loop.time() - session.last_ready >= 0.2:
                         log.info("broker: %s; registering again", header.message)
-                        self._send_ready(session, 0 if self._stopping else self.concurrency)
+                        self._send_ready(session, self._offer())
                 else:
                     log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
                                 header.message)
+
+    def _on_new_broker(self, session, broker_id):
+        """A HEARTBEAT with a new ``broker_id``. The first one from an
+        instance is its welcome, sent before it dispatches anything to us, so
+        every call running now came from the previous instance."""
+        known, self._broker_id = self._broker_id, broker_id
+        if not known:
+            return
+        self.broker_restarts += 1
+        log.warning("broker at %s restarted (broker_id %016x -> %016x)", self.backend, known,
+                    broker_id)
+        if session.calls:
+            self._orphan_calls(session, "broker restarted")
+            # Our READY offered those slots: offer them again, less the orphans.
+            self._send_ready(session, self._offer())
 
     async def _on_request(self, session, header, frames):
         rid = header.request_id
@@ -833,8 +902,7 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
         finally:
             self._forget(session, ctx)
 
@@ -857,8 +925,7 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
         finally:
             self._threads_busy -= 1
             self._forget(session, ctx)
@@ -888,8 +955,7 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
         finally:
             self._forget(session, ctx)
 
@@ -909,7 +975,8 @@ class Worker:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                await self._send(session, _wire.chunk(rid, seq), _as_bytes(item, handler.name))
+                await self._answer(session, ctx, _wire.chunk(rid, seq),
+                                   _as_bytes(item, handler.name))
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
@@ -919,19 +986,37 @@ class Worker:
                     pass
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.end(rid, ctx._trailing))
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
         finally:
             self._forget(session, ctx)
+
+    async def _answer(self, session, ctx, *frames):
+        if not ctx._orphan:  # an orphan's answer is dropped (module doc, "Orphans")
+            await self._send(session, *frames)
+
+    async def _answer_ok(self, session, ctx, *frames):
+        if not ctx._orphan:
+            self.served += 1
+            await self._send(session, *frames)
 
     def _forget(self, session, ctx):
         if ctx._timer is not None:
             ctx._timer.cancel()
+        if ctx._orphan:
+            self._orphans.discard(ctx)
+            self.orphan_answers_dropped += 1
+            current = self._session
+            if ctx._withheld and current is not None and not current.ending \
+                    and not self._stopping:
+                self._spawn(self._send(current, _wire.credit(1)))
+            return
         session.calls.pop(ctx.request_id, None)
         if self._drained is not None and not session.calls and not self._drained.done():
             self._drained.set_result(None)
 
     async def _answer_error(self, session, ctx, exc, handler):
+        if ctx._orphan and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return  # nobody waits for it any more (the module doc, "Orphans")
         if isinstance(exc, asyncio.CancelledError):
             reason = ctx._reason
             if reason == _BY_DEADLINE:
