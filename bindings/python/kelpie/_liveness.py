@@ -1,30 +1,32 @@
 """One judgement of the broker's health, shared by the async and the sync client.
 
 A client connection (the async client's socket, each thread's socket of the
-sync client) keeps a :class:`BrokerWatch`. The client does the I/O (it sends
-a HEARTBEAT when :meth:`BrokerWatch.ping_due` says so and hands every
-HEARTBEAT it receives to :meth:`BrokerWatch.on_heartbeat`); the watch
-decides two things (docs/protocol.md §7.2):
+sync client) keeps a :class:`BrokerWatch`. The client does the I/O: it sends
+a ping (HEARTBEAT whose ``request_id`` is taken from its call ids) when the
+watch says so, and hands every HEARTBEAT it receives to
+:meth:`BrokerWatch.on_heartbeat`. The broker answers a ping with a HEARTBEAT
+carrying the same ``request_id`` and its ``broker_id`` (docs/protocol.md
+§7.2). The watch decides two things:
 
 * *Silence*: the broker said nothing for ``liveness`` × ``heartbeat``
   seconds while calls waited: they fail UNAVAILABLE. The watch then forgets
   the broker's id, so that whatever answers next (the same broker after a
   pause, or a new one after an outage) is learned without failing the calls
   made since.
-* *Restart*: a HEARTBEAT carries a ``broker_id`` other than the one known.
-  The broker restarted on the same endpoint (libzmq reconnected the socket
-  by itself) and nothing the old instance held will be answered. The pipe
-  to the broker is ordered, so every call sent before the ping that the new
-  instance answered may have gone down with the old one; calls with an id
-  below :attr:`BrokerWatch.mark` (the next request id when the latest ping
-  was sent) fail with :class:`BrokerRestarted`. A call that in fact reached
-  the new instance in that interval is failed too (and cancelled there):
-  UNAVAILABLE says "may not have run", and failing at once beats waiting
-  for a deadline. Idempotent unary calls are sent again.
+* *Restart*: an answer carries a ``broker_id`` other than the one known: the
+  broker restarted on the same endpoint (libzmq reconnected the socket by
+  itself) and nothing the old instance held will be answered. The pipe to
+  the broker is ordered, so every call with an id below that of the last
+  ping the *old* instance answered was read by the old instance and died
+  with it: those calls fail at once with :class:`BrokerRestarted`
+  (idempotent unary calls are sent again). Calls sent after that ping may
+  have reached the new instance (those sent while the broker was down are
+  queued in the socket and do), which then answers them; they keep waiting,
+  bounded by their deadline.
 
-While calls wait the client pings every ``heartbeat`` seconds whether or not
-other answers arrive: replies from the new broker must not hide that the
-old one took some calls with it.
+To keep that last group small the client pings soon after it sends calls
+(at most ``FOLLOW`` seconds later, one ping per burst), and every
+``heartbeat`` seconds while calls wait.
 """
 
 from __future__ import annotations
@@ -74,11 +76,17 @@ def check_timeout(timeout):
     return timeout
 
 
+# After sending calls, a ping follows within this many seconds (one per
+# burst): the calls a crashing broker takes with it are then the ones it had
+# read before answering that ping, known for sure.
+FOLLOW = 0.05
+
+
 class BrokerWatch:
     """One connection's view of the broker: alive? the same instance?"""
 
     __slots__ = ("heartbeat", "liveness", "broker_id", "max_message_size", "last_recv",
-                 "last_ping", "mark", "restarts")
+                 "last_ping", "owed", "answered", "restarts")
 
     def __init__(self, heartbeat, liveness, now):
         self.heartbeat = float(heartbeat or 0)
@@ -87,21 +95,29 @@ class BrokerWatch:
         self.max_message_size = 0  # 0: not known yet
         self.last_recv = now
         self.last_ping = -math.inf
-        self.mark = 0              # next request id when the latest ping was sent
+        self.owed = False          # calls were sent since the last ping
+        self.answered = 0          # id of the last ping the known instance answered
         self.restarts = 0          # restarts seen by this connection
 
     def heard(self, now):
         """Anything arrived from the broker."""
         self.last_recv = now
 
-    def ping_due(self, now):
-        """True if a HEARTBEAT should go out now (calls are waiting)."""
-        return bool(self.heartbeat) and now - self.last_ping >= self.heartbeat
+    def sent_call(self):
+        """A call went out: a ping should follow it."""
+        self.owed = True
 
-    def pinged(self, now, next_id):
-        """A HEARTBEAT was sent; ``next_id`` is the id the next call will get."""
+    def next_ping(self):
+        """When the next ping is due (monotonic seconds), calls waiting."""
+        return self.last_ping + (min(FOLLOW, self.heartbeat) if self.owed else self.heartbeat)
+
+    def ping_due(self, now):
+        """True if a ping should go out now (calls are waiting)."""
+        return bool(self.heartbeat) and now >= self.next_ping()
+
+    def pinged(self, now):
         self.last_ping = now
-        self.mark = next_id
+        self.owed = False
 
     def silence(self, now):
         """Seconds of silence if the broker counts as gone, else 0."""
@@ -113,8 +129,8 @@ class BrokerWatch:
     def gone(self, now):
         """The calls waiting were failed for silence: start afresh."""
         self.broker_id = 0
+        self.answered = 0
         self.last_recv = now
-        self.last_ping = -math.inf
 
     def on_heartbeat(self, header):
         """A HEARTBEAT from the broker: return the id below which calls were
@@ -122,13 +138,19 @@ class BrokerWatch:
         if header.max_message_size:
             self.max_message_size = header.max_message_size
         new = header.broker_id
-        if not new or new == self.broker_id:
+        if not new:
             return 0
-        old, self.broker_id = self.broker_id, new
+        rid = header.request_id
+        if new == self.broker_id:
+            if rid > self.answered:
+                self.answered = rid
+            return 0
+        old, lost = self.broker_id, self.answered
+        self.broker_id, self.answered = new, rid
         if not old:
             return 0
         self.restarts += 1
-        return self.mark
+        return lost
 
 
 def restarted_error():

@@ -217,11 +217,6 @@ class Client:
     async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
                     with_metadata):
         loop = self._loop
-        if self._watch.ping_due(loop.time()):
-            # Ping ahead of the call: if the broker restarted while this
-            # client was idle, the new one's answer shows that this call
-            # (sent after the ping, on the same ordered pipe) went to it.
-            await self._ping(loop.time())
         rid = self._next_id
         self._next_id = rid + 1
         fut = loop.create_future()
@@ -237,6 +232,7 @@ class Client:
         try:
             await sock.send_multipart((header, payload))
             sent = True
+            self._follow()
             header, frames = await fut
         except asyncio.CancelledError:
             if self._pending.pop(rid, None) is not None and sent:
@@ -313,12 +309,30 @@ class Client:
         task.add_done_callback(self._background.discard)
 
     async def _ping(self, now):
-        """Send a HEARTBEAT (the broker answers with one carrying its id).
+        """Send a ping: a HEARTBEAT with the next call id, which the broker
+        echoes with its broker_id. Every call with a smaller id was sent
+        before it on the ordered pipe (kelpie._liveness)."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        self._watch.pinged(now)
+        await self._sock.send_multipart([_wire.ping(rid)])
 
-        Calls take their ids after this, so each call with an id below the
-        mark was queued before the ping on the ordered pipe."""
-        self._watch.pinged(now, self._next_id)
-        await self._sock.send_multipart([_wire.HEARTBEAT_FRAME])
+    def _follow(self):
+        """A call was sent: make sure a ping follows it soon (one per burst)."""
+        watch = self._watch
+        if watch.owed or not watch.heartbeat:
+            return
+        watch.sent_call()
+        loop = self._loop
+        loop.call_at(max(loop.time(), watch.next_ping()), self._ping_soon)
+
+    def _ping_soon(self):
+        if self._sock is not None and self._watch.owed:
+            now = self._loop.time()
+            rid = self._next_id
+            self._next_id = rid + 1
+            self._watch.pinged(now)
+            self._send_later(_wire.ping(rid))
 
     async def _read_loop(self):
         recv = self._sock.recv_multipart
@@ -402,7 +416,7 @@ class Client:
             if silent:
                 self._fail_all(Unavailable("broker did not answer for %.1f s" % silent))
                 watch.gone(loop.time())
-            elif watch.ping_due(now + 0.01):
+            elif now + 0.01 >= watch.last_ping + watch.heartbeat:
                 await self._ping(now)
 
 
@@ -430,8 +444,6 @@ class _StreamState(_calls.StreamCore):
     async def start(self):
         client = self.client
         self.started = True
-        if client._watch.ping_due(client._loop.time()):
-            await client._ping(client._loop.time())
         rid = client._next_id
         client._next_id = rid + 1
         self.rid = rid
@@ -443,6 +455,7 @@ class _StreamState(_calls.StreamCore):
             self.handle = client._loop.call_later(self.timeout, client._expire, rid)
         try:
             await client._sock.send_multipart((header, self.payload))
+            client._follow()
         except BaseException:
             client._pending.pop(rid, None)
             self._disarm()

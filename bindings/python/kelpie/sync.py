@@ -192,14 +192,14 @@ class _Conn:
         hid = header.request_id
         if rid and hid == rid:
             return header
-        if hid:
-            state = self.streams.get(hid)
-            if state is not None:
-                state.deliver(header.kind, header, frames)
-        elif header.kind == _HEARTBEAT:
+        if header.kind == _HEARTBEAT:
             lost_below = self.watch.on_heartbeat(header)
             if lost_below:
                 self._restarted(lost_below)
+        elif hid:
+            state = self.streams.get(hid)
+            if state is not None:
+                state.deliver(header.kind, header, frames)
         elif header.kind == _DISCONNECT:
             # The broker is shutting down: nothing it holds will be answered.
             for state in list(self.streams.values()):
@@ -231,6 +231,9 @@ class _Conn:
                     raise DeadlineExceeded("deadline exceeded")
                 if heartbeat and wait > heartbeat:
                     wait = heartbeat
+            if heartbeat:
+                # Wake for the next ping (soon after a call was sent).
+                wait = max(0.0, min(wait, watch.next_ping() - _monotonic()))
             try:
                 frames = sock.recv_multipart(wait)
             except _Timeout:
@@ -267,11 +270,11 @@ class _Conn:
                 raise _liveness.restarted_error()
 
     def ping(self, now):
-        """HEARTBEAT to the broker, whose answer carries its ``broker_id``.
-        Calls take their ids after this: each call with an id below the mark
-        was sent before the ping on this socket's ordered pipe."""
-        self.watch.pinged(now, self.next_id)
-        self.sock.send_multipart([_wire.HEARTBEAT_FRAME])
+        """A ping: HEARTBEAT with the next call id, which the broker echoes
+        with its ``broker_id``; every call with a smaller id was sent before
+        it on this socket's ordered pipe (kelpie._liveness)."""
+        self.watch.pinged(now)
+        self.sock.send_multipart([_wire.ping(self.take_id())])
 
     def _restarted(self, lost_below):
         """The broker restarted: calls sent before the ping the new instance
@@ -430,10 +433,6 @@ class Client:
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         now = _monotonic()
-        if conn.watch.ping_due(now):
-            # Ping ahead of the call: if the broker restarted while this
-            # thread was idle, the new one's answer shows this call went to it.
-            conn.ping(now)
         rid = conn.take_id()
         if deadline is not None:
             header = _wire.request(service, method, rid, _timeout_ms(max(0.001, deadline - now)),
@@ -447,6 +446,7 @@ class Client:
                 raise
             conn.dead = True
             raise _closed_error() from None
+        conn.watch.sent_call()
         try:
             header, frames = conn.wait(self, rid, deadline)
         except RpcError as exc:
@@ -551,9 +551,6 @@ class _StreamState(_calls.StreamCore):
             conn.drain_stale()
         self.started = True
         self.conn = conn
-        now = _monotonic()
-        if conn.watch.ping_due(now):
-            conn.ping(now)
         rid = self.rid = conn.take_id()
         timeout_ms = 0
         if self.timeout is not None:
@@ -564,6 +561,7 @@ class _StreamState(_calls.StreamCore):
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))
+            conn.watch.sent_call()
         except BaseException as exc:
             conn.streams.pop(rid, None)
             self.finished = True
