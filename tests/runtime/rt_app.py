@@ -47,6 +47,17 @@ async def block(payload, ctx):
     return b"unblocked"
 
 
+@worker.handler("rt", "BlockInSelect")
+async def block_in_select(payload, ctx):
+    """Block the event loop in select() (a blocking socket call, by mistake)."""
+    import selectors
+    if ctx.metadata.get("later"):
+        await asyncio.sleep(0)  # block on a later step, in the handler's own task
+    with selectors.DefaultSelector() as sel:
+        sel.select(float(payload))  # SELECT-LINE (test_stall looks for this line's number)
+    return b"unblocked"
+
+
 @worker.handler("rt", "Hold")
 async def hold(payload, ctx):
     """Hold a slot for a while; say who runs it."""

@@ -7,7 +7,6 @@ that the test need not wait the built-in 30 s; that the built-in default is
 """
 
 import asyncio
-import os
 import subprocess
 import sys
 import threading

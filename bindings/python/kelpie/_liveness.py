@@ -18,15 +18,20 @@ carrying the same ``request_id`` and its ``broker_id`` (docs/protocol.md
   itself) and nothing the old instance held will be answered. The pipe to
   the broker is ordered, so every call with an id below that of the last
   ping the *old* instance answered was read by the old instance and died
-  with it: those calls fail at once with :class:`BrokerRestarted`
-  (idempotent unary calls are sent again). Calls sent after that ping may
-  have reached the new instance (those sent while the broker was down are
-  queued in the socket and do), which then answers them; they keep waiting,
-  bounded by their deadline.
+  with it. Calls sent between that ping and the one the *new* instance
+  answered may have died too (read by the old one, or lost in its socket
+  buffer) or may have reached the new one (those sent while the broker was
+  down are queued in the socket and do); nothing tells which. All of them
+  fail at once with :class:`BrokerRestarted`, so that none waits for a
+  deadline it may not have; the uncertain ones are also cancelled at the
+  new broker (CANCEL for an id it never had is ignored). UNAVAILABLE means
+  "may or may not have run"; idempotent unary calls are sent again.
 
-To keep that last group small the client pings soon after it sends calls
-(at most ``FOLLOW`` seconds later, one ping per burst), and every
-``heartbeat`` seconds while calls wait.
+To keep the uncertain group small the client pings soon after it sends
+calls (at most ``FOLLOW`` seconds later, one ping per burst), every
+``heartbeat`` seconds while calls wait, and before a call when it has not
+pinged for a heartbeat (after idleness: the call must not be counted among
+those the old instance might have had).
 """
 
 from __future__ import annotations
@@ -115,6 +120,12 @@ class BrokerWatch:
         """True if a ping should go out now (calls are waiting)."""
         return bool(self.heartbeat) and now >= self.next_ping()
 
+    def stale(self, now):
+        """True when no ping went out for a heartbeat (the client was idle):
+        a call should be preceded by one, so that if the broker restarted
+        meanwhile the call is known to have gone to the new instance."""
+        return bool(self.heartbeat) and now - self.last_ping >= self.heartbeat
+
     def pinged(self, now):
         self.last_ping = now
         self.owed = False
@@ -132,25 +143,28 @@ class BrokerWatch:
         self.answered = 0
         self.last_recv = now
 
-    def on_heartbeat(self, header):
-        """A HEARTBEAT from the broker: return the id below which calls were
-        lost with a restarted broker, or 0."""
+    def on_heartbeat(self, header, next_id):
+        """A HEARTBEAT from the broker. Returns ``(lost_below, read_below)``
+        after a restart (calls with ids below ``lost_below`` fail; those below
+        ``read_below`` were certainly read by the old instance, the others
+        are cancelled at the new one), else None. ``next_id`` is the id the
+        next call would get (for an answer that names no ping)."""
         if header.max_message_size:
             self.max_message_size = header.max_message_size
         new = header.broker_id
         if not new:
-            return 0
+            return None
         rid = header.request_id
         if new == self.broker_id:
             if rid > self.answered:
                 self.answered = rid
-            return 0
-        old, lost = self.broker_id, self.answered
+            return None
+        old, read = self.broker_id, self.answered
         self.broker_id, self.answered = new, rid
         if not old:
-            return 0
+            return None
         self.restarts += 1
-        return lost
+        return (rid or next_id), read
 
 
 def restarted_error():

@@ -21,11 +21,11 @@ with :class:`kelpie.DeadlineExceeded` on time even if the broker is gone.
 When the local timer fires first the client sends CANCEL.
 
 Liveness and restarts (kelpie._liveness, shared with the sync client): while
-calls wait, the client pings the broker every ``heartbeat`` seconds; silence
-for ``liveness`` intervals fails them UNAVAILABLE, and a HEARTBEAT with a new
-``broker_id`` (the broker restarted on the same endpoint) fails the calls
-that went down with the old instance at once, sending the idempotent unary
-ones again. Either way the client stays usable: the next calls go to
+calls wait, the client pings the broker every ``heartbeat`` seconds (and soon
+after sending calls); silence for ``liveness`` intervals fails them
+UNAVAILABLE, and an answer with a new ``broker_id`` (the broker restarted on
+the same endpoint) fails the calls that went down with the old instance at
+once, sending the idempotent unary ones again. Either way the client stays usable: the next calls go to
 whatever broker answers on the endpoint.
 
 Cancellation: cancelling the task awaiting a call (or leaving a stream early)
@@ -217,6 +217,8 @@ class Client:
     async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
                     with_metadata):
         loop = self._loop
+        if self._watch.stale(loop.time()):
+            await self._ping(loop.time())
         rid = self._next_id
         self._next_id = rid + 1
         fut = loop.create_future()
@@ -355,9 +357,9 @@ class Client:
                 # finished locally (cancelled, timed out): nothing to do.
                 kind = header.kind
                 if kind == _wire.HEARTBEAT:
-                    lost_below = watch.on_heartbeat(header)
-                    if lost_below:
-                        self._fail_restarted(lost_below)
+                    lost = watch.on_heartbeat(header, self._next_id)
+                    if lost is not None:
+                        self._fail_restarted(*lost)
                 elif kind == _wire.DISCONNECT and pending:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
@@ -388,15 +390,16 @@ class Client:
         for entry in entries:
             _fail(entry, exc)
 
-    def _fail_restarted(self, lost_below):
-        """The broker restarted: fail the calls sent before the new instance
-        answered (they may have gone down with the old one) and tell the new
-        one to drop any of them it did get."""
+    def _fail_restarted(self, lost_below, read_below):
+        """The broker restarted: fail the calls sent before the ping the new
+        instance answered; cancel at the new one those the old one may not
+        have read (kelpie._liveness)."""
         pending = self._pending
         lost = [rid for rid in pending if rid < lost_below]
         for rid in lost:
             _fail(pending.pop(rid), _liveness.restarted_error())
-            self._send_later(_wire.cancel(rid))
+            if rid >= read_below:
+                self._send_later(_wire.cancel(rid))
 
     async def _ping_loop(self):
         loop = self._loop
@@ -444,6 +447,8 @@ class _StreamState(_calls.StreamCore):
     async def start(self):
         client = self.client
         self.started = True
+        if client._watch.stale(client._loop.time()):
+            await client._ping(client._loop.time())
         rid = client._next_id
         client._next_id = rid + 1
         self.rid = rid

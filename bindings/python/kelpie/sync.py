@@ -28,9 +28,9 @@ fails with :class:`kelpie.Unavailable` and the thread's socket is closed, so
 the next call starts with a new one. The broker's answer carries its
 ``broker_id``: libzmq reconnects a DEALER by itself when a broker comes back
 on the same endpoint, and the new broker answers pings, but the calls the
-old one held are gone. When the id changes, the calls this thread sent
-before the ping the new instance answered fail with Unavailable at once
-(idempotent unary calls are sent again); the next calls go to the new broker.
+old one held are gone. When the id changes, the calls sent before the ping
+the new instance answered fail with Unavailable at once (kelpie._liveness;
+idempotent unary calls are sent again); the next calls go to the new broker.
 
 Lifetime: a thread's connection is closed when the thread exits (its
 ``threading.local`` slot is dropped and a finaliser closes the socket) or by
@@ -53,7 +53,6 @@ call.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 import time
@@ -115,7 +114,7 @@ class _Conn:
     """One thread's connection: its socket, request ids, open streams."""
 
     __slots__ = ("sock", "next_id", "streams", "watch", "cancels", "dead", "owner",
-                 "lost_before", "_finalizer", "__weakref__")
+                 "lost_before", "read_before", "_finalizer", "__weakref__")
 
     def __init__(self, client):
         sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
@@ -134,7 +133,8 @@ class _Conn:
         self.cancels = collections.deque()
         self.dead = False
         self.owner = threading.get_ident()
-        self.lost_before = 0  # calls with smaller ids went down with a restarted broker
+        self.lost_before = 0  # calls with smaller ids fail: the broker restarted
+        self.read_before = 0  # ...and those with smaller ids the old one had read
         self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
 
     def close(self, exc=None):
@@ -193,9 +193,9 @@ class _Conn:
         if rid and hid == rid:
             return header
         if header.kind == _HEARTBEAT:
-            lost_below = self.watch.on_heartbeat(header)
-            if lost_below:
-                self._restarted(lost_below)
+            lost = self.watch.on_heartbeat(header, self.next_id)
+            if lost is not None:
+                self._restarted(*lost)
         elif hid:
             state = self.streams.get(hid)
             if state is not None:
@@ -276,16 +276,20 @@ class _Conn:
         self.watch.pinged(now)
         self.sock.send_multipart([_wire.ping(self.take_id())])
 
-    def _restarted(self, lost_below):
+    def _restarted(self, lost_below, read_below):
         """The broker restarted: calls sent before the ping the new instance
-        answered may have gone down with the old one (kelpie._liveness)."""
+        answered fail; those the old one may not have read are cancelled at
+        the new one (kelpie._liveness). ``read_below`` is kept to tell which
+        a failing call is (wait())."""
         if lost_below > self.lost_before:
             self.lost_before = lost_below
+            self.read_before = read_below
         exc = _liveness.restarted_error()
         for state in list(self.streams.values()):
             if state.rid < lost_below:
                 state.fail(exc)
-                Client._cancel(self, state.rid)
+                if state.rid >= read_below:
+                    Client._cancel(self, state.rid)
 
 
 class Client:
@@ -433,6 +437,8 @@ class Client:
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         now = _monotonic()
+        if conn.watch.stale(now):
+            conn.ping(now)
         rid = conn.take_id()
         if deadline is not None:
             header = _wire.request(service, method, rid, _timeout_ms(max(0.001, deadline - now)),
@@ -450,9 +456,9 @@ class Client:
         try:
             header, frames = conn.wait(self, rid, deadline)
         except RpcError as exc:
-            if not conn.dead and (exc.code == StatusCode.DEADLINE_EXCEEDED
-                                  or isinstance(exc, BrokerRestarted)):
-                # The new broker may have it after all: it drops it.
+            if not conn.dead and (exc.code == StatusCode.DEADLINE_EXCEEDED or (
+                    isinstance(exc, BrokerRestarted) and rid >= conn.read_before)):
+                # The (new) broker may hold it: it drops it.
                 self._cancel(conn, rid)
             raise
         except BaseException:
@@ -551,6 +557,8 @@ class _StreamState(_calls.StreamCore):
             conn.drain_stale()
         self.started = True
         self.conn = conn
+        if conn.watch.stale(_monotonic()):
+            conn.ping(_monotonic())
         rid = self.rid = conn.take_id()
         timeout_ms = 0
         if self.timeout is not None:

@@ -58,10 +58,16 @@ or a CANCEL: the broker has answered the caller already), and it sees
 kelpie._executors), killed with SIGKILL and replaced when its call is
 cancelled or passes its deadline.
 
-Stalls: every tick re-arms ``faulthandler.dump_traceback_later``, with a
-timeout just past the moment the Pulse thread declares a stall (1.55 s at
-the defaults), so a stall prints the Python stack of the blocking code once,
-below the Pulse's own stderr line. Each step of a handler on the loop is
+Stalls: a watcher thread (:class:`_StackWatch`) prints the event loop
+thread's Python stack, read under the GIL and formatted like a traceback
+(file, line, function, source line), once per stall, when the loop has not
+ticked for just past the moment the Pulse thread declares a stall (1.2 s at
+the defaults), below the Pulse's own stderr line. It is disarmed between
+sessions, so an idle loop (waiting in ``select``) is never reported. A
+thread that holds the GIL in C code keeps the watcher from running: for
+that case every tick also re-arms ``faulthandler.dump_traceback_later`` half
+a second later, which reads the stacks without the GIL (safe then: every
+other thread waits for it) and which the watcher cancels when it reports. Each step of a handler on the loop is
 timed, so the one that blocked is known; when the loop runs again the worker
 logs one line naming it and the running handlers, sends STATUS without
 STALLED and counts the stall (``worker.stats``).
@@ -81,7 +87,10 @@ import inspect
 import logging
 import os
 import socket as _socket
+import sys
+import threading
 import time
+import traceback
 from typing import Any, Callable, Mapping, Optional, Union
 
 from . import _executors, _wire, _zmq
@@ -261,6 +270,64 @@ _drive_coro = __import__("types").coroutine(_drive)
 
 # faulthandler's watchdog is one per process: the running workers share it.
 _watchdog_users = 0
+# How much later than the watcher faulthandler fires (the GIL-held fallback).
+_FALLBACK_DELAY = 0.5
+
+
+class _StackWatch:
+    """Prints the event loop thread's stack once per stall, readable.
+
+    faulthandler's watchdog reads other threads' frames without the GIL, while
+    they may be changing: a report taken while Python runs elsewhere can show
+    freed frames (``File "__doc__", line ??? in Selectors module``). This
+    thread takes the GIL like any Python thread, so the frames it formats are
+    the loop thread's real ones, handler on top, with their source lines.
+    """
+
+    def __init__(self, thread_id, timeout):
+        self.thread_id = thread_id  # the event loop's thread
+        self.timeout = timeout
+        self.ticked = _clock()
+        self.armed = False          # False between sessions: nothing to watch
+        self.reported = False       # this stall's stack was printed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kelpie-stack-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def tick(self, now):
+        self.ticked = now
+        self.reported = False
+        self.armed = True
+
+    def disarm(self):
+        self.armed = False
+
+    def stop(self):
+        self.armed = False
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.timeout / 8):
+            if not self.armed or self.reported:
+                continue
+            stuck = _clock() - self.ticked
+            if stuck < self.timeout:
+                continue
+            self.reported = True
+            if stuck >= self.timeout + _FALLBACK_DELAY:
+                continue  # the GIL was held in C: faulthandler has printed it
+            faulthandler.cancel_dump_traceback_later()
+            frame = sys._current_frames().get(self.thread_id)
+            lines = traceback.format_stack(frame) if frame is not None else ["  (no frame)\n"]
+            del frame
+            text = (f"kelpie: event loop blocked for {stuck:.1f} s (pid {os.getpid()}); "
+                    f"stack of the loop thread, most recent call last:\n"
+                    + "".join(lines))
+            try:
+                os.write(2, text.encode("utf-8", "replace"))
+            except OSError:
+                pass
 
 
 _SKIPPED = object()
@@ -342,6 +409,7 @@ class Worker:
         self._blockers = []
         self._watchdog_armed = 0.0
         self._watchdog_timeout = 1.5 * self._slow_step
+        self._stack_watch = None
         self.stalls = 0
         self.stalled_seconds = 0.0
         self._context = context
@@ -482,6 +550,8 @@ class Worker:
         global _watchdog_users
         watchdog = bool(self.stall_threshold)
         _watchdog_users += watchdog
+        if watchdog:
+            self._stack_watch = _StackWatch(threading.get_ident(), self._watchdog_timeout)
         backoff = 0.0
         try:
             kinds = {h.kind for h in self._handlers.values()}
@@ -518,6 +588,9 @@ class Worker:
             _watchdog_users -= watchdog
             if watchdog and _watchdog_users == 0:
                 faulthandler.cancel_dump_traceback_later()
+            if self._stack_watch is not None:
+                self._stack_watch.stop()
+                self._stack_watch = None
             if self._process_pool is not None:
                 await self._process_pool.close()
             if self._thread_pool is not None:
@@ -561,6 +634,8 @@ class Worker:
         session.calls.clear()
         if not calls:
             return
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # stop() waits for these no more
         self.orphaned += len(calls)
         for ctx in calls:
             ctx._orphan = True
@@ -704,8 +779,19 @@ class Worker:
             # So the stack always follows the Pulse's line, and only for stalls.
             self._watchdog_timeout = (self.stall_threshold * 1.05 + period
                                       + min(interval, self.stall_threshold) / 4)
+            if self._stack_watch is not None:
+                self._stack_watch.timeout = self._watchdog_timeout
         last = loop.time()
         self._arm_watchdog(last)  # a handler may block before the first tick
+        try:
+            await self._pulse_ticks(session, reader, loop, interval, pulse, period, last)
+        finally:
+            # Between sessions the loop idles (in select, say): not a stall.
+            if self._stack_watch is not None:
+                self._stack_watch.disarm()
+                faulthandler.cancel_dump_traceback_later()
+
+    async def _pulse_ticks(self, session, reader, loop, interval, pulse, period, last):
         while True:
             await asyncio.sleep(period)
             now = loop.time()
@@ -740,7 +826,10 @@ class Worker:
         # before the Pulse's line.
         if self.stall_threshold:
             self._watchdog_armed = now
-            faulthandler.dump_traceback_later(self._watchdog_timeout, repeat=False, file=2)
+            if self._stack_watch is not None:
+                self._stack_watch.tick(_clock())
+            faulthandler.dump_traceback_later(self._watchdog_timeout + _FALLBACK_DELAY,
+                                              repeat=False, file=2)
 
     def _blocked_in(self, name, seconds):
         self._blockers.append((name, seconds))
@@ -753,7 +842,7 @@ class Worker:
         running = sorted({ctx.service + "/" + ctx.method for ctx in session.calls.values()}
                          | set(culprits))
         log.warning("event loop was blocked for %.1f s%s; running handlers: %s "
-                    "(stall %d of this worker; the stack was printed above if it "
+                    "(stall %d of this worker; the loop's stack was printed above if it "
                     "lasted over %.2f s)", stalled,
                     f" by {', '.join(culprits)}" if culprits else
                     " (not by a step of an async handler: other code on the loop, or a thread "
