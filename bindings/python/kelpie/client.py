@@ -406,10 +406,15 @@ class Client:
         interval = self.heartbeat
         watch = self._watch
         last = loop.time()
+        nap = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(nap)
             now = loop.time()
-            late, last = now - last - interval, now
+            late, last = now - last - nap, now
+            # Wake when the next ping is due (a heartbeat after the last
+            # one, which may have followed a call), so that a restart is
+            # seen within a heartbeat; never later than a heartbeat.
+            nap = min(interval, max(0.01, watch.last_ping + interval - now))
             if not self._pending or late > interval:
                 # Nothing to watch, or this loop was blocked itself and the
                 # broker's answers may be waiting unread: judge next time.
