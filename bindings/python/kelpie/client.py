@@ -25,8 +25,8 @@ calls wait, the client pings the broker every ``heartbeat`` seconds (and soon
 after sending calls); silence for ``liveness`` intervals fails them
 UNAVAILABLE, and an answer with a new ``broker_id`` (the broker restarted on
 the same endpoint) fails the calls that went down with the old instance at
-once, sending the idempotent unary ones again. Either way the client stays usable: the next calls go to
-whatever broker answers on the endpoint.
+once, sending the idempotent unary ones again. Either way the client stays
+usable: the next calls go to whatever broker answers on the endpoint.
 
 Cancellation: cancelling the task awaiting a call (or leaving a stream early)
 sends CANCEL; the broker answers ERROR CANCELLED, which the client drops

@@ -67,10 +67,11 @@ sessions, so an idle loop (waiting in ``select``) is never reported. A
 thread that holds the GIL in C code keeps the watcher from running: for
 that case every tick also re-arms ``faulthandler.dump_traceback_later`` half
 a second later, which reads the stacks without the GIL (safe then: every
-other thread waits for it) and which the watcher cancels when it reports. Each step of a handler on the loop is
-timed, so the one that blocked is known; when the loop runs again the worker
-logs one line naming it and the running handlers, sends STATUS without
-STALLED and counts the stall (``worker.stats``).
+other thread waits for it) and which the watcher cancels when it reports.
+Each step of a handler on the loop is timed, so the one that blocked is
+known; when the loop runs again the worker logs one line naming it and the
+running handlers, sends STATUS without STALLED and counts the stall
+(``worker.stats``).
 
 Streaming handlers are async generators. Flow control is end to end
 (protocol.md §5.3): the generator is advanced only while the reader's window
