@@ -90,14 +90,13 @@ FOLLOW = 0.05
 class BrokerWatch:
     """One connection's view of the broker: alive? the same instance?"""
 
-    __slots__ = ("heartbeat", "liveness", "broker_id", "max_message_size", "last_recv",
+    __slots__ = ("heartbeat", "liveness", "broker_id", "last_recv",
                  "last_ping", "owed", "answered", "restarts")
 
     def __init__(self, heartbeat, liveness, now):
         self.heartbeat = float(heartbeat or 0)
         self.liveness = int(liveness)
         self.broker_id = 0         # 0: not known yet
-        self.max_message_size = 0  # 0: not known yet
         self.last_recv = now
         self.last_ping = -math.inf
         self.owed = False          # calls were sent since the last ping
@@ -149,8 +148,6 @@ class BrokerWatch:
         ``read_below`` were certainly read by the old instance, the others
         are cancelled at the new one), else None. ``next_id`` is the id the
         next call would get (for an answer that names no ping)."""
-        if header.max_message_size:
-            self.max_message_size = header.max_message_size
         new = header.broker_id
         if not new:
             return None

@@ -62,7 +62,7 @@ from typing import Any, Mapping, Optional, Union
 from . import _calls, _kelpie, _liveness, _wire
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
-from .errors import DeadlineExceeded, RpcError, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 from .stubs import Stub as _AsyncStub, _server_stream_maker
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
@@ -84,6 +84,7 @@ _EVENTS = _kelpie.EVENTS
 
 _payload = _calls.payload
 _timeout_ms = _calls.timeout_ms
+_oversize = _wire.oversize
 
 
 def _closed_error():
@@ -114,7 +115,7 @@ class _Conn:
     """One thread's connection: its socket, request ids, open streams."""
 
     __slots__ = ("sock", "next_id", "streams", "watch", "cancels", "dead", "owner",
-                 "lost_before", "read_before", "_finalizer", "__weakref__")
+                 "lost_before", "read_before", "max_message_size", "_finalizer", "__weakref__")
 
     def __init__(self, client):
         sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
@@ -124,6 +125,10 @@ class _Conn:
         sock.setsockopt(_kelpie.SNDHWM, 0)
         sock.setsockopt(_kelpie.RCVHWM, 0)
         sock.connect(client.frontend)
+        # The broker answers a HEARTBEAT with its own, which carries its
+        # max_message_size; the protocol default until it is read.
+        sock.send_multipart([_wire.HEARTBEAT_FRAME])
+        self.max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
         self.sock = sock
         self.next_id = 1
         self.streams = {}  # request id -> _StreamState
@@ -193,6 +198,8 @@ class _Conn:
         if rid and hid == rid:
             return header
         if header.kind == _HEARTBEAT:
+            if header.max_message_size:
+                self.max_message_size = header.max_message_size
             lost = self.watch.on_heartbeat(header, self.next_id)
             if lost is not None:
                 self._restarted(*lost)
@@ -445,6 +452,9 @@ class Client:
                                    1 if idempotent else 0, 0, metadata)
         else:
             header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
+        too_big = _oversize("request", header, payload, conn.max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
         try:
             conn.send((header, payload))
         except _ZMQError:
@@ -566,6 +576,11 @@ class _StreamState(_calls.StreamCore):
             timeout_ms = _timeout_ms(self.timeout)
         header = _wire.request(self.service, self.method, rid, timeout_ms, self.request_flags(),
                                self.window, self.metadata)
+        too_big = _oversize("request", header, self.payload, conn.max_message_size)
+        if too_big is not None:
+            self.finished = True
+            self.error = ResourceExhausted(too_big)
+            raise self.error
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))

@@ -96,7 +96,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from . import _executors, _wire, _zmq
 from ._status import StatusCode
-from .errors import RpcError
+from .errors import ResourceExhausted, RpcError
 from .stubs import message_class, method_kind
 
 __all__ = ["Worker", "CallContext", "ProcessContext", "DEFAULT_BACKEND"]
@@ -108,6 +108,7 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 log = logging.getLogger("kelpie.worker")
 
 _REQUEST = _wire.REQUEST
+_oversize = _wire.oversize
 _CANCEL = _wire.CANCEL
 _CREDIT = _wire.CREDIT
 
@@ -342,6 +343,11 @@ def _thread_entry(fn, payload, ctx):
     return fn(payload, ctx)
 
 
+class _Oversized(ResourceExhausted):
+    """An answer over the broker's message size limit, refused before sending:
+    the call ends with ERROR RESOURCE_EXHAUSTED flagged OVERSIZED instead."""
+
+
 def _as_bytes(value, what):
     if value is None:
         return b""
@@ -426,6 +432,9 @@ class Worker:
         # then kelpied's default, so a worker with a shorter interval than
         # the broker's does not give up on it between two heartbeats.
         self._broker_heartbeat = 1.0
+        # The broker's message size limit, from its HEARTBEATs (it sends one
+        # right after READY, before any work); the protocol default until then.
+        self._max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
         self.served = 0
         self.failed = 0  # calls answered with an error
         self.memory_errors = 0  # handlers that raised MemoryError
@@ -884,6 +893,8 @@ class Worker:
                     self._broker_heartbeat = header.heartbeat_ms / 1000.0
                 if header.broker_id and header.broker_id != self._broker_id:
                     self._on_new_broker(session, header.broker_id)
+                if header.max_message_size:
+                    self._max_message_size = header.max_message_size
             elif kind == _wire.DISCONNECT:
                 log.info("broker sent DISCONNECT: reconnecting")
                 session.ending = True
@@ -981,9 +992,13 @@ class Worker:
         except TypeError as exc:
             await self._answer_error(session, ctx, exc, handler)
             return
+        header = _wire.reply(rid, ctx._trailing)
+        if _oversize("reply", header, body, self._max_message_size) is not None:
+            await self._send_answer(session, ctx, header, body, "reply")
+            return
         self.served += 1
         # The hot path: _send inlined (the reader runs, so the session is live).
-        await session.sock.send_multipart((_wire.reply(rid, ctx._trailing), body))
+        await session.sock.send_multipart((header, body))
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
@@ -992,7 +1007,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._forget(session, ctx)
 
@@ -1015,7 +1032,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._threads_busy -= 1
             self._forget(session, ctx)
@@ -1045,7 +1064,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            await self._answer_ok(session, ctx, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._forget(session, ctx)
 
@@ -1065,8 +1086,13 @@ class Worker:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                await self._answer(session, ctx, _wire.chunk(rid, seq),
-                                   _as_bytes(item, handler.name))
+                header, body = _wire.chunk(rid, seq), _as_bytes(item, handler.name)
+                too_big = _oversize("chunk", header, body, self._max_message_size)
+                if too_big is not None:
+                    log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
+                                too_big)
+                    raise _Oversized(too_big)
+                await self._answer(session, ctx, header, body)
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
@@ -1088,6 +1114,25 @@ class Worker:
         if not ctx._orphan:
             self.served += 1
             await self._send(session, *frames)
+
+    async def _send_answer(self, session, ctx, header, body, what):
+        """Send a REPLY, unless it is over the broker's message size limit:
+        the broker's socket would drop this worker's connection for it, and
+        every other call on it. Then the call ends with ERROR
+        RESOURCE_EXHAUSTED flagged OVERSIZED instead (the broker counts it).
+        Returns whether the answer itself went."""
+        if ctx._orphan:
+            return False  # dropped: nobody waits for it (module doc, "Orphans")
+        too_big = _oversize(what, header, body, self._max_message_size)
+        if too_big is None:
+            await self._send(session, header, body)
+            return True
+        self.failed += 1
+        log.warning("%s/%s: %s; answered RESOURCE_EXHAUSTED instead", ctx.service, ctx.method,
+                    too_big)
+        await self._send(session, _wire.error(ctx.request_id, StatusCode.RESOURCE_EXHAUSTED,
+                                              too_big, flags=_wire.OVERSIZED))
+        return False
 
     def _forget(self, session, ctx):
         if ctx._timer is not None:
@@ -1132,7 +1177,8 @@ class Worker:
             raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
         self.failed += 1
         try:
-            frame = _wire.error(ctx.request_id, code, message, metadata)
+            frame = _wire.error(ctx.request_id, code, message, metadata,
+                                _wire.OVERSIZED if isinstance(exc, _Oversized) else 0)
         except (TypeError, ValueError) as bad:
             # Metadata that cannot be encoded (an RpcError's): the call must
             # still be answered, or its slot would never come back.
