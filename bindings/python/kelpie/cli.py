@@ -1,7 +1,7 @@
 """The ``kelpie`` command-line tool (also ``python3 -m kelpie``).
 
     kelpie call SERVICE METHOD [--data JSON|@FILE|-] [--proto MOD[:Type]]
-                [--reply-proto MOD:Type] [--timeout S] [--metadata K=V]... [--stream]
+                [--reply-proto MOD:Type] [--timeout S|none] [--metadata K=V]... [--stream]
     kelpie worker MODULE:ATTR [--processes N] [--concurrency N] [--grace S]
                   [--max-jobs-per-process N] [--max-memory-per-process SIZE]
                   [--memory-limit-per-process SIZE]
@@ -31,6 +31,7 @@ import signal
 import sys
 
 from . import _supervisor
+from ._liveness import parse_timeout
 from .client import DEFAULT_FRONTEND, Client
 from .errors import RpcError
 from .worker import DEFAULT_BACKEND, Worker
@@ -127,6 +128,14 @@ def _output(data, reply_cls):
         if sys.stdout.isatty() and not bytes(data).endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
+
+
+def _timeout(text):
+    """``--timeout``: the same values as ``timeout=`` and $KELPIE_TIMEOUT."""
+    try:
+        return parse_timeout(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds > 0, or 'none' for no deadline")
 
 
 def _metadata(pairs):
@@ -328,7 +337,9 @@ def _parser():
     c.add_argument("--proto", help="MODULE (a *_pb2 with the service) or MODULE:Type: "
                                    "encode --data (JSON) through protobuf")
     c.add_argument("--reply-proto", help="MODULE:Type to decode the reply to JSON")
-    c.add_argument("--timeout", "-t", type=float, default=10.0, help="seconds (default 10)")
+    c.add_argument("--timeout", "-t", type=_timeout, default=None,
+                   help="deadline in seconds, or 'none' for no deadline "
+                        "(default $KELPIE_TIMEOUT, else 30)")
     c.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
     c.add_argument("--stream", action="store_true", help="server-streaming call")
     c.add_argument("--idempotent", action="store_true")
