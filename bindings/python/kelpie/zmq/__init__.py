@@ -30,7 +30,7 @@ import time as _time
 from .. import _kelpie
 from ._constants import *  # noqa: F401,F403
 from ._constants import (
-    DONTWAIT, EADDRINUSE, EVENT_ALL, EVENTS, PAIR, POLLERR, POLLIN, POLLOUT, RCVHWM,
+    DONTWAIT, EADDRINUSE, EVENT_ALL, EVENTS, HWM, PAIR, POLLERR, POLLIN, POLLOUT, RCVHWM,
     SNDHWM, SNDMORE, SOCKET_OPTIONS, SUBSCRIBE, UNSUBSCRIBE,
 )
 
@@ -195,6 +195,19 @@ class Socket(_kelpie.Socket):
                 self.setsockopt(opt, value)
         else:
             object.__setattr__(self, name, value)
+
+    def setsockopt(self, option, value):
+        if option == HWM:  # pyzmq's: both high-water marks
+            _kelpie.Socket.setsockopt(self, SNDHWM, value)
+            _kelpie.Socket.setsockopt(self, RCVHWM, value)
+        else:
+            _kelpie.Socket.setsockopt(self, option, value)
+
+    def getsockopt(self, option):
+        return _kelpie.Socket.getsockopt(self, SNDHWM if option == HWM else option)
+
+    set = setsockopt
+    get = getsockopt
 
     @property
     def hwm(self):
@@ -490,3 +503,13 @@ class Poller:
 
 from . import _constants as _constants_mod  # noqa: E402
 from . import asyncio  # noqa: E402,F401  (kelpie.zmq.asyncio, as zmq.asyncio)
+
+
+def __getattr__(name):
+    # kelpie.zmq.auth needs pyzmq (its ZAP handling and certificates), so it
+    # loads on first use: `zmq.auth.asyncio.AsyncioAuthenticator` works as
+    # after pyzmq's `import zmq.auth.asyncio`.
+    if name == "auth":
+        import importlib
+        return importlib.import_module("kelpie.zmq.auth")
+    raise AttributeError(f"module 'kelpie.zmq' has no attribute {name!r}")

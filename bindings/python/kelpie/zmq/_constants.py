@@ -237,9 +237,24 @@ ZERO_COPY_RECV = 10
 NOBLOCK = DONTWAIT
 IDENTITY = ROUTING_ID
 CONNECT_RID = CONNECT_ROUTING_ID
+# ... and the older names pyzmq keeps.
+DELAY_ATTACH_ON_CONNECT = IMMEDIATE
+FAIL_UNROUTABLE = ROUTER_BEHAVIOR = ROUTER_MANDATORY
+XREP = ROUTER
+XREQ = DEALER
+EVENT_ALL_V1 = EVENT_ALL
+EVENT_ALL_V2 = 131071
+# pyzmq's own option: SNDHWM and RCVHWM at once (kelpie.zmq.Socket handles it).
+HWM = 1
 
 # Every socket option by name (pyzmq's attribute-style options: sock.linger).
 SOCKET_OPTIONS = frozenset({
+    "HWM",
+    "IPC_FILTER_GID",
+    "IPC_FILTER_PID",
+    "IPC_FILTER_UID",
+    "IPV4ONLY",
+    "TCP_ACCEPT_FILTER",
     "AFFINITY",
     "BACKLOG",
     "BINDTODEVICE",
