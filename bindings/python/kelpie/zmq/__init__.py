@@ -28,6 +28,7 @@ import select as _select
 import time as _time
 
 from .. import _kelpie
+from . import _constants as _constants_mod
 from ._constants import *  # noqa: F401,F403
 from ._constants import (
     DONTWAIT, EADDRINUSE, EVENT_ALL, EVENTS, HWM, PAIR, POLLERR, POLLIN, POLLOUT, RCVHWM,
@@ -164,9 +165,6 @@ def _chain(inner, convert):
 
 # ---- Socket -------------------------------------------------------------------
 
-_OPTION_ATTRS = {name.lower() for name in SOCKET_OPTIONS}
-
-
 class Socket(_kelpie.Socket):
     """A Kelpie socket with pyzmq's asyncio API (docs/binding.md, "Coming from pyzmq").
 
@@ -179,22 +177,6 @@ class Socket(_kelpie.Socket):
     def __init__(self, context=None, socket_type=None, **kwargs):
         # kelpie.Socket.__new__ has made the socket already.
         self._eager = 1
-
-    # attribute-style options: sock.linger = 0, sock.rcvtimeo
-    def __getattr__(self, name):
-        if name in _OPTION_ATTRS:
-            return self.getsockopt(getattr(_constants_mod, name.upper()))
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _OPTION_ATTRS:
-            opt = getattr(_constants_mod, name.upper())
-            if isinstance(value, str):
-                self.setsockopt_string(opt, value)
-            else:
-                self.setsockopt(opt, value)
-        else:
-            object.__setattr__(self, name, value)
 
     def setsockopt(self, option, value):
         if option == HWM:  # pyzmq's: both high-water marks
@@ -308,12 +290,12 @@ class Socket(_kelpie.Socket):
         self.monitor(addr, events)
         mon = self.context.socket(PAIR)
         mon.connect(addr)
-        object.__setattr__(self, "_monitor_socket", mon)
+        self._monitor_socket = mon
         return mon
 
     def disable_monitor(self):
         self.monitor(None, 0)
-        object.__setattr__(self, "_monitor_socket", None)
+        self._monitor_socket = None
 
 
 # ---- Context ----------------------------------------------------------------
@@ -325,7 +307,7 @@ class Context(_kelpie.Context):
     _socket_class = Socket
 
     def __init__(self, io_threads=1, **kwargs):
-        object.__setattr__(self, "_sockopts", {})
+        self._sockopts = {}
 
     @classmethod
     def instance(cls, io_threads=1):
@@ -345,18 +327,6 @@ class Context(_kelpie.Context):
                 pass  # as pyzmq: a default that does not apply to this type
         return sock
 
-    # Default socket options for new sockets (ctx.linger = 0), as pyzmq's.
-    def __getattr__(self, name):
-        if name in _OPTION_ATTRS:
-            return self._sockopts[getattr(_constants_mod, name.upper())]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name, value):
-        if name in _OPTION_ATTRS:
-            self._sockopts[getattr(_constants_mod, name.upper())] = value
-        else:
-            object.__setattr__(self, name, value)
-
     def setsockopt(self, option, value):
         self._sockopts[option] = value
 
@@ -364,27 +334,70 @@ class Context(_kelpie.Context):
         return self._sockopts[option]
 
 
+# Attribute-style options (sock.linger = 0, ctx.linger = 0 for new sockets),
+# one property per option name, rather than __getattr__/__setattr__ hooks:
+# a hook on the class would take send/recv off CPython's method-cache fast
+# path, which costs the at-once path more than anything else here.
+
+def _socket_option(opt):
+    def get(self):
+        return self.getsockopt(opt)
+
+    def set(self, value):
+        if isinstance(value, str):
+            self.setsockopt_string(opt, value)
+        else:
+            self.setsockopt(opt, value)
+
+    return property(get, set, doc=f"The socket option {opt} (getsockopt/setsockopt).")
+
+
+def _context_option(opt):
+    def get(self):
+        return self._sockopts[opt]
+
+    def set(self, value):
+        self._sockopts[opt] = value
+
+    return property(get, set, doc=f"Default of socket option {opt} for new sockets.")
+
+
+for _name in sorted(SOCKET_OPTIONS):
+    if _name == "HWM":
+        continue  # Socket.hwm above; pyzmq's Context has none either
+    _opt = getattr(_constants_mod, _name)
+    if not hasattr(_kelpie.Socket, _name.lower()):
+        setattr(Socket, _name.lower(), _socket_option(_opt))
+    setattr(Context, _name.lower(), _context_option(_opt))
+del _name, _opt
+
+
 # ---- Poller -------------------------------------------------------------------
 
 class Poller:
     """pyzmq's asyncio Poller: poll() returns a future of [(socket, events)].
 
-    Registers kelpie.zmq sockets, plain pyzmq sockets (``zmq.Socket``, also
-    ``zmq.asyncio.Socket``), and raw descriptors (ints or objects with
-    ``fileno()``).
+    Registers kelpie.zmq sockets (and kelpie.Sockets), plain pyzmq sockets
+    (``zmq.Socket``, also ``zmq.asyncio.Socket``), and raw descriptors (ints
+    or objects with ``fileno()``).
     """
 
     def __init__(self):
         self.sockets = []
         self._map = {}
+        self._kelpie = []   # (socket, mask) of Kelpie sockets, checked in C
+        self._pyzmq = []    # (socket, mask) of pyzmq sockets
+        self._raw = []      # (socket, fd, mask) of descriptors
 
     def register(self, socket, flags=POLLIN | POLLOUT):
+        flags = int(flags)
         if flags:
             if socket in self._map:
                 self.sockets[self._map[socket]] = (socket, flags)
             else:
                 self._map[socket] = len(self.sockets)
                 self.sockets.append((socket, flags))
+            self._sort()
         elif socket in self._map:
             self.unregister(socket)
 
@@ -396,32 +409,42 @@ class Poller:
         for s, i in self._map.items():
             if i > idx:
                 self._map[s] = i - 1
+        self._sort()
+
+    def _sort(self):
+        self._kelpie, self._pyzmq, self._raw = [], [], []
+        for sock, mask in self.sockets:
+            if isinstance(sock, _kelpie.Socket):
+                self._kelpie.append((sock, mask))
+            elif _pyzmq is not None and isinstance(sock, _pyzmq.Socket):
+                self._pyzmq.append((sock, mask))
+            else:
+                self._raw.append((sock, sock if isinstance(sock, int) else sock.fileno(), mask))
 
     def _ready(self):
         """[(socket, events)] ready now, without waiting."""
-        out = []
-        raw = None
-        for sock, mask in self.sockets:
-            if isinstance(sock, _kelpie.Socket) or (_pyzmq is not None and isinstance(sock, _pyzmq.Socket)):
-                ev = sock.getsockopt(EVENTS) & mask
-                if ev:
-                    out.append((sock, ev))
-            else:
-                if raw is None:
-                    raw = _select.poll()
-                    raw_socks = {}
-                fd = sock if isinstance(sock, int) else sock.fileno()
+        get = _kelpie.Socket.getsockopt  # the C method, even under a subclass
+        out = [(sock, ev) for sock, mask in self._kelpie if (ev := get(sock, EVENTS) & mask)]
+        for sock, mask in self._pyzmq:
+            ev = sock.getsockopt(EVENTS) & mask
+            if ev:
+                out.append((sock, ev))
+        if self._raw:
+            raw = _select.poll()
+            for _sock, fd, mask in self._raw:
                 raw.register(fd, (_select.POLLIN if mask & POLLIN else 0)
                              | (_select.POLLOUT if mask & POLLOUT else 0))
-                raw_socks[fd] = (sock, mask)
-        if raw is not None:
-            for fd, rev in raw.poll(0):
-                sock, mask = raw_socks[fd]
+            revents = dict(raw.poll(0))
+            for sock, fd, mask in self._raw:
+                rev = revents.get(fd, 0)
                 ev = ((POLLIN if rev & (_select.POLLIN | _select.POLLHUP) else 0)
                       | (POLLOUT if rev & _select.POLLOUT else 0)
                       | (POLLERR if rev & _select.POLLERR else 0)) & (mask | POLLERR)
                 if ev:
                     out.append((sock, ev))
+        if len(out) > 1 and (self._pyzmq or self._raw):
+            order = self._map
+            out.sort(key=lambda item: order[item[0]])
         return out
 
     def poll(self, timeout=None):
@@ -452,37 +475,35 @@ class Poller:
         pending = []   # kelpie futures and pyzmq asyncio futures to cancel
         readers, writers = [], []
         try:
-            for sock, mask in self.sockets:
-                if isinstance(sock, _kelpie.Socket):
-                    for direction in (POLLIN, POLLOUT):
-                        if mask & direction:
-                            f = sock._poll(direction)
-                            if type(f) is _kelpie.Operation:
-                                on_ready()  # ready meanwhile
-                            else:
-                                f.add_done_callback(on_ready)
-                                pending.append(f)
-                elif _pyzmq is not None and isinstance(sock, _pyzmq.Socket):
-                    if hasattr(sock, "_add_recv_event"):  # zmq.asyncio.Socket: its own reader
-                        f = sock.poll(None, mask)
-                        f.add_done_callback(on_ready)
-                        pending.append(f)
-                    else:
-                        # A plain pyzmq socket: its FD is edge-triggered, so
-                        # register, then look at EVENTS once more.
-                        fd = sock.getsockopt(_pyzmq.FD)
-                        loop.add_reader(fd, on_ready)
-                        readers.append(fd)
-                        if sock.getsockopt(EVENTS) & mask:
-                            on_ready()
+            for sock, mask in self._kelpie:
+                for direction in (POLLIN, POLLOUT):
+                    if mask & direction:
+                        f = sock._poll(direction)
+                        if type(f) is _kelpie.Operation:
+                            on_ready()  # ready meanwhile
+                        else:
+                            f.add_done_callback(on_ready)
+                            pending.append(f)
+            for sock, mask in self._pyzmq:
+                if hasattr(sock, "_add_recv_event"):  # zmq.asyncio.Socket: its own reader
+                    f = sock.poll(None, mask)
+                    f.add_done_callback(on_ready)
+                    pending.append(f)
                 else:
-                    fd = sock if isinstance(sock, int) else sock.fileno()
-                    if mask & POLLIN:
-                        loop.add_reader(fd, on_ready)
-                        readers.append(fd)
-                    if mask & POLLOUT:
-                        loop.add_writer(fd, on_ready)
-                        writers.append(fd)
+                    # A plain pyzmq socket: its FD is edge-triggered, so
+                    # register, then look at EVENTS once more.
+                    fd = sock.getsockopt(_pyzmq.FD)
+                    loop.add_reader(fd, on_ready)
+                    readers.append(fd)
+                    if sock.getsockopt(EVENTS) & mask:
+                        on_ready()
+            for sock, fd, mask in self._raw:
+                if mask & POLLIN:
+                    loop.add_reader(fd, on_ready)
+                    readers.append(fd)
+                if mask & POLLOUT:
+                    loop.add_writer(fd, on_ready)
+                    writers.append(fd)
             if deadline is None:
                 await wake
             else:
@@ -501,7 +522,6 @@ class Poller:
         return self._ready()
 
 
-from . import _constants as _constants_mod  # noqa: E402
 from . import asyncio  # noqa: E402,F401  (kelpie.zmq.asyncio, as zmq.asyncio)
 
 
