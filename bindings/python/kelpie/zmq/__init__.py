@@ -366,7 +366,7 @@ for _name in sorted(SOCKET_OPTIONS):
     if _name == "HWM":
         continue  # Socket.hwm above; pyzmq's Context has none either
     _opt = getattr(_constants_mod, _name)
-    if not hasattr(_kelpie.Socket, _name.lower()):
+    if not hasattr(Socket, _name.lower()):  # methods (subscribe) and C properties win
         setattr(Socket, _name.lower(), _socket_option(_opt))
     setattr(Context, _name.lower(), _context_option(_opt))
 del _name, _opt
