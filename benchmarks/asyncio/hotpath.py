@@ -9,7 +9,9 @@ binding's hot path and libzmq's, nothing else. "pulse" attaches a Pulse
 libzmq call take the socket's mutex (docs/binding.md section 12). "zmq"
 makes the same two sockets with kelpie.zmq (pyzmq's semantics: operations
 run when made, and the returned object is a done future), which is what the
-compatibility layer costs on the at-once path.
+compatibility layer costs on the at-once path; "eager" sets the same
+semantics on plain kelpie.Sockets (`_eager = 1`), which separates the C
+side's cost from the Python subclass's.
 
 Each figure is the median of --runs fresh processes, the two modes
 interleaved, which is what makes a few-nanosecond difference visible on a
@@ -26,7 +28,7 @@ import sys
 import time
 
 
-async def measure(n, pulse, compat=False):
+async def measure(n, pulse, compat=False, eager=False):
     import kelpie
 
     if compat:
@@ -39,6 +41,8 @@ async def measure(n, pulse, compat=False):
     tx = ctx.socket(kelpie.PAIR)
     tx.connect("inproc://hotpath")
     rx.budget = tx.budget = 1 << 30
+    if eager:
+        rx._eager = tx._eager = 1
     pulses = [kelpie.Pulse(s, b"HB", 3600.0, stall_threshold=None) for s in (tx, rx)] if pulse else []
     for _ in range(10_000):
         await tx.send(b"x")
@@ -58,12 +62,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300_000, help="send+recv pairs per run")
     ap.add_argument("--runs", type=int, default=9, help="processes per mode")
-    ap.add_argument("--one", choices=["plain", "pulse", "zmq"], help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=["plain", "pulse", "zmq", "eager"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(asyncio.run(measure(args.n, args.one == "pulse", args.one == "zmq")))
+        print(asyncio.run(measure(args.n, args.one == "pulse", args.one == "zmq",
+                                  args.one == "eager")))
         return
-    results = {"plain": [], "pulse": [], "zmq": []}
+    results = {"plain": [], "pulse": [], "zmq": [], "eager": []}
     for _ in range(args.runs):
         for mode in results:
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--n", str(args.n)],
@@ -76,6 +81,9 @@ def main():
     compat = statistics.median(results["zmq"])
     print("zmq    %6.1f ns per send+recv (%+.1f ns: kelpie.zmq, operations run when made)" % (
         compat, compat - plain))
+    eager = statistics.median(results["eager"])
+    print("eager  %6.1f ns per send+recv (%+.1f ns: kelpie.Socket with kelpie.zmq's semantics)" % (
+        eager, eager - plain))
 
 
 if __name__ == "__main__":
