@@ -516,3 +516,44 @@ def test_destroy_closes_sockets(loop):
     s = c.socket(kzmq.PAIR)
     c.destroy(linger=0)
     assert s.closed and c.closed
+
+
+# ---- leaks -----------------------------------------------------------------------
+
+def test_no_leak_across_paths(run, pair):
+    """At-once results, waits completed on the future's behalf, cancelled
+    waits, timed-out waits and polls leave nothing behind."""
+    import gc
+    import sys
+
+    a, b = pair()
+
+    async def rounds(n):
+        for i in range(n):
+            await a.send(b"x")
+            assert await b.recv() == b"x"          # at once
+            f = b.recv()                           # waits, completed by the socket
+            a.send(b"y")
+            assert await f == b"y"
+            f = b.recv()                           # waits, cancelled
+            f.cancel()
+            await asyncio.sleep(0)
+            assert await b.poll(0) == 0
+            if i % 50 == 0:
+                b.rcvtimeo = 1                     # waits, times out
+                with pytest.raises(kzmq.Again):
+                    await b.recv()
+                b.rcvtimeo = -1
+
+    async def go():
+        await rounds(200)  # warm up caches and free lists
+        gc.collect()
+        before = len(gc.get_objects())
+        refs = sys.getrefcount(b)
+        await rounds(2000)
+        gc.collect()
+        assert b._waiters == (0, 0)
+        assert sys.getrefcount(b) == refs
+        assert len(gc.get_objects()) - before < 200
+
+    run(go(), timeout=60)
