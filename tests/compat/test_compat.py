@@ -557,3 +557,42 @@ def test_no_leak_across_paths(run, pair):
         assert len(gc.get_objects()) - before < 200
 
     run(go(), timeout=60)
+
+
+def test_term_with_leaked_socket_interrupted_by_signal():
+    """pyzmq's term() is interrupted by a signal whose handler raises; so is
+    kelpie.zmq's (the C fix is tested in tests/binding/test_timeouts.py)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    child = textwrap.dedent("""
+        import signal, sys
+        impl = sys.argv[1]
+        if impl == "kelpie":
+            from kelpie import zmq
+        else:
+            import zmq, zmq.asyncio
+        class Alarm(Exception):
+            pass
+        def on_alarm(signum, frame):
+            raise Alarm()
+        signal.signal(signal.SIGALRM, on_alarm)
+        ctx = zmq.asyncio.Context()
+        leaked = ctx.socket(zmq.PUSH)
+        leaked.linger = -1
+        leaked.connect("tcp://127.0.0.1:9")
+        leaked.send(b"stuck")
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            ctx.term()
+        except Alarm:
+            print("Alarm")
+        leaked.close(linger=0)
+        ctx.term()
+        print("closed")
+    """)
+    for impl in ("pyzmq", "kelpie"):
+        proc = subprocess.run([sys.executable, "-c", child, impl], capture_output=True, text=True,
+                              timeout=20)
+        assert proc.stdout.split() == ["Alarm", "closed"], (impl, proc.stdout, proc.stderr)

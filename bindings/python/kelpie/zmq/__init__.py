@@ -72,7 +72,7 @@ def curve_keypair():
     lib = ctypes.CDLL("libzmq.so.5")
     public, secret = ctypes.create_string_buffer(41), ctypes.create_string_buffer(41)
     if lib.zmq_curve_keypair(public, secret) != 0:
-        raise ZMQError(ctypes.get_errno(), "zmq_curve_keypair failed")
+        raise ZMQError(lib.zmq_errno(), "zmq_curve_keypair failed")
     return public.value, secret.value
 
 
@@ -82,7 +82,7 @@ def curve_public(secret_key):
     lib = ctypes.CDLL("libzmq.so.5")
     public = ctypes.create_string_buffer(41)
     if lib.zmq_curve_public(public, bytes(secret_key)) != 0:
-        raise ZMQError(ctypes.get_errno(), "zmq_curve_public failed")
+        raise ZMQError(lib.zmq_errno(), "zmq_curve_public failed")
     return public.value
 
 
