@@ -100,6 +100,9 @@ void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
     case KP_ECLIENTLIMIT:
         s->client_limit++;
         break;
+    case KP_EBACKLOG:
+        s->not_reading++;
+        break;
     case KP_EUNIMPLEMENTED:
         s->unimplemented++;
         break;
@@ -136,18 +139,50 @@ enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_ind
     /* Frame-level problems outrank what the header says. */
     if (b->too_many)
         return KP_ETOOMANYFRAMES;
-    if (b->msg_size > b->max_message_size)
+    /* The limit is on what the peer sent: its routing id is the broker's. */
+    uint64_t size = b->msg_size - (hdr_index > 0 ? zmq_msg_size(&b->frames[0]) : 0);
+    if (size > b->max_message_size)
         return KP_EOVERSIZED;
     return err;
 }
 
 /* ---- sending ------------------------------------------------------------ */
 
-enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
-                           const kp_header *h, zmq_msg_t *payload, size_t n)
+struct kp_budget *kp_broker_account(struct kp_broker *b, struct kp_budget **slot)
 {
+    if (*slot == NULL)
+        *slot = kp_budget_new(b->queued);
+    return *slot;
+}
+
+bool kp_broker_lagging(const struct kp_broker *b, const struct kp_budget *acct, char *buf,
+                       size_t len)
+{
+    uint64_t mine = acct ? kp_budget_queued(acct) : 0, all = kp_budget_queued(b->queued);
+    if (mine >= b->peer_max_queued) {
+        snprintf(buf, len, "client is not reading its replies: %llu bytes queued (limit %llu)",
+                 (unsigned long long)mine, (unsigned long long)b->peer_max_queued);
+        return true;
+    }
+    if (all >= b->max_queued && mine > 0) {
+        snprintf(buf, len,
+                 "broker's send queues are full: %llu bytes queued to all peers (limit %llu), "
+                 "%llu to this client",
+                 (unsigned long long)all, (unsigned long long)b->max_queued,
+                 (unsigned long long)mine);
+        return true;
+    }
+    return false;
+}
+
+enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
+                           struct kp_budget *acct, const kp_header *h, zmq_msg_t *payload, size_t n)
+{
+    uint64_t size = rid ? rid_len : 0;
+    for (size_t i = 0; i < n; i++)
+        size += zmq_msg_size(&payload[i]);
     zmq_msg_t header;
-    if (kp_wire_encode(h, &header) != KP_OK) {
+    if (kp_budget_frame(acct ? acct : b->queued, h, size, &header) != KP_OK) {
         b->stats.send_failed++;
         return KP_ESYS;
     }
@@ -184,7 +219,8 @@ enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, siz
 
 enum kp_err kp_broker_send_worker(struct kp_broker *b, struct kp_worker *w, kp_header *h)
 {
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, h, NULL, 0);
+    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len,
+                                     kp_broker_account(b, &w->queued), h, NULL, 0);
     if (err == KP_OK)
         w->last_send = b->now;
     else if (err == KP_EUNREACHABLE)
@@ -198,7 +234,7 @@ void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size
     kp_header h = broker_header(KELPIE__V1__KIND__ERROR, request_id);
     h.code = kp_err_code(err);
     h.message = (char *)(detail ? detail : kp_strerror(err));
-    if (kp_broker_send(b, sock, rid, rid_len, &h, NULL, 0) == KP_OK)
+    if (kp_broker_send(b, sock, rid, rid_len, NULL, &h, NULL, 0) == KP_OK)
         b->stats.errors_sent++;
 }
 
@@ -214,14 +250,16 @@ static void broker_detach_client(struct kp_broker *b, struct kp_call *c)
     }
 }
 
-void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err)
+void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                                const char *detail)
 {
     struct kp_client *cl = c->client;
     if (cl && !cl->gone) {
         kp_header h = broker_header(KELPIE__V1__KIND__ERROR, c->client_request_id);
         h.code = kp_err_code(err);
-        h.message = (char *)kp_strerror(err);
-        enum kp_err serr = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, &h, NULL, 0);
+        h.message = (char *)(detail ? detail : kp_strerror(err));
+        enum kp_err serr = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len,
+                                          kp_broker_account(b, &cl->queued), &h, NULL, 0);
         if (serr == KP_OK)
             b->stats.errors_sent++;
         else if (serr == KP_EUNREACHABLE)
@@ -272,10 +310,18 @@ static void broker_orphan(struct kp_broker *b, struct kp_call *c)
  * holds (copies if c is idempotent, so it can be sent again). Ownership:
  * returns KP_OK with c DISPATCHED on w and the frames sent; otherwise nothing
  * was sent, the caller keeps c and its frames, and w is marked gone
- * (unreachable) or has no free slot any more (pipe full). */
+ * (unreachable) or has no free slot any more (pipe full, or more than
+ * --peer-max-queued bytes waiting for it). */
 static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                    kp_header *h, zmq_msg_t *frames, size_t n)
 {
+    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
+        /* Its pipe holds more than --peer-max-queued (it is not reading):
+         * it takes nothing new until the sweep finds the bytes gone. */
+        w->lagging = true;
+        b->stats.worker_not_reading++;
+        return KP_EAGAIN;
+    }
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
@@ -309,7 +355,8 @@ static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struc
             copied = true;
         }
     }
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, h, payload, n);
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, h, payload, n);
     if (err != KP_OK) {
         if (copied) {
             for (size_t i = 0; i < n; i++)
@@ -401,8 +448,25 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
         return;
     }
     struct kp_client *cl = c->client;
+    if (h->kind == KELPIE__V1__KIND__ERROR && (h->flags & KP_FLAG_OVERSIZED))
+        b->stats.answers_oversized++; /* the worker refused to send its answer */
+    struct kp_budget *acct = kp_broker_account(b, &cl->queued);
+    char why[160];
+    if (kp_broker_lagging(b, acct, why, sizeof why)) {
+        /* The client is not reading: a small ERROR takes the answer's place
+         * (its payload is freed now) and a stream is cancelled at its worker. */
+        b->stats.answers_replaced++;
+        kp_broker_fail_client_side(b, c, KP_EBACKLOG, why);
+        if (terminal) {
+            broker_release(b, c);
+            broker_free_call(b, c);
+        } else {
+            broker_orphan(b, c);
+        }
+        return;
+    }
     h->request_id = c->client_request_id;
-    enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, h,
+    enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, acct, h,
                                      &b->frames[hdr_index + 1], b->nframes - hdr_index - 1);
     if (err == KP_OK) {
         switch (h->kind) {
@@ -432,7 +496,7 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
 void kp_broker_cancel(struct kp_broker *b, struct kp_call *c)
 {
     b->stats.cancelled++;
-    kp_broker_fail_client_side(b, c, KP_ECANCELLED);
+    kp_broker_fail_client_side(b, c, KP_ECANCELLED, NULL);
     if (c->state == KP_CALL_QUEUED) {
         kp_service_unqueue(c->service, c, b->now);
         broker_free_call(b, c);
@@ -447,12 +511,12 @@ static void broker_expire_call(struct kp_broker *b, struct kp_call *c)
 {
     if (c->state == KP_CALL_QUEUED) {
         b->stats.deadline_expired_queued++;
-        kp_broker_fail_client_side(b, c, KP_EDEADLINE);
+        kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
         kp_service_unqueue(c->service, c, b->now);
         broker_free_call(b, c);
     } else if (c->state == KP_CALL_DISPATCHED) {
         b->stats.deadline_expired_inflight++;
-        kp_broker_fail_client_side(b, c, KP_EDEADLINE);
+        kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
         broker_orphan(b, c);
     }
 }
@@ -483,7 +547,7 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w)
             requeued++;
         } else {
             b->stats.worker_lost++;
-            kp_broker_fail_client_side(b, c, KP_EWORKERLOST);
+            kp_broker_fail_client_side(b, c, KP_EWORKERLOST, NULL);
             broker_free_call(b, c);
             lost++;
         }
@@ -546,6 +610,7 @@ static void broker_stats_json(struct kp_broker *b, struct kp_json *j)
     kp_json_u64(j, "calls", kp_calls_count(&b->calls));
     kp_json_u64(j, "queued", queued);
     kp_json_u64(j, "in_flight", in_flight);
+    kp_json_u64(j, "queued_bytes", kp_budget_queued(b->queued));
     kp_stats_json(&b->stats, j);
     kp_json_object_begin(j, "services");
     pos = 0;
@@ -570,7 +635,7 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
     kp_header h = broker_header(KELPIE__V1__KIND__REPLY, req->request_id);
     enum kp_err err = KP_OK;
     if (strcmp(req->method, "Ping") == 0) {
-        err = kp_broker_send(b, b->frontend, rid, rid_len, &h, NULL, 0);
+        err = kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, NULL, 0);
     } else if (strcmp(req->method, "Stats") == 0) {
         struct kp_json j;
         kp_json_init(&j);
@@ -582,7 +647,7 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
         }
         memcpy(zmq_msg_data(&payload), j.data, j.len);
         kp_json_fini(&j);
-        err = kp_broker_send(b, b->frontend, rid, rid_len, &h, &payload, 1);
+        err = kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, &payload, 1);
         if (err != KP_OK)
             zmq_msg_close(&payload);
     } else {
@@ -673,6 +738,11 @@ static void broker_sweep(struct kp_broker *b)
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
         if (w->gone)
             continue;
+        if (w->lagging && kp_budget_queued(w->queued) < b->peer_max_queued) {
+            w->lagging = false;
+            for (size_t i = 0; i < w->nservices; i++)
+                kp_broker_mark_pending(b, w->services[i]);
+        }
         if (kp_worker_expired(w, b->now, b->heartbeat_ms, b->liveness)) {
             b->stats.worker_expired++;
             kp_log_warn("worker '%s' silent for %llu ms, removing", w->name,
@@ -709,7 +779,7 @@ static void broker_dispatch_pending(struct kp_broker *b)
             enum kp_err err = broker_dispatch(b, c, w, NULL, NULL, 0);
             if (err == KP_ESYS) {
                 b->stats.send_failed++;
-                kp_broker_fail_client_side(b, c, KP_ESYS);
+                kp_broker_fail_client_side(b, c, KP_ESYS, NULL);
                 broker_free_call(b, c);
             } else if (err != KP_OK) {
                 kp_service_push_front(s, c); /* w is gone now; try the next one */
@@ -730,7 +800,7 @@ static void broker_finish(struct kp_broker *b)
         calls[i++] = c;
     for (i = 0; i < n; i++) {
         if (calls[i]->client) {
-            kp_broker_fail_client_side(b, calls[i], KP_ESHUTDOWN);
+            kp_broker_fail_client_side(b, calls[i], KP_ESHUTDOWN, NULL);
             failed++;
         }
     }
@@ -739,11 +809,11 @@ static void broker_finish(struct kp_broker *b)
     pos = 0;
     struct kp_worker *w;
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL)
-        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, &h, NULL, 0);
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, NULL, 0);
     pos = 0;
     struct kp_client *cl;
     while ((cl = kp_bmap_next(&b->clients.by_rid, &pos)) != NULL)
-        kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, &h, NULL, 0);
+        kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, cl->queued, &h, NULL, 0);
     kp_log_info("stopped: %zu calls failed UNAVAILABLE, %zu workers and %zu clients sent "
                 "DISCONNECT",
                 failed, kp_workers_count(&b->workers), kp_clients_count(&b->clients));
@@ -974,6 +1044,9 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     b->client_max_inflight = cfg->client_max_inflight;
     b->max_message_size = cfg->max_message_size;
     b->max_header_size = cfg->max_header_size;
+    b->peer_max_queued = cfg->peer_max_queued;
+    b->max_queued = cfg->max_queued;
+    b->queued = kp_budget_new(NULL);
     b->shutdown_grace_ms = cfg->shutdown_grace_ms;
     b->wake[0] = b->wake[1] = -1;
     kp_calls_init(&b->calls);
@@ -1048,6 +1121,7 @@ void kp_broker_destroy(struct kp_broker **bp)
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
         kp_free(w->services);
         kp_free(w->name);
+        kp_budget_release(&w->queued);
         kp_free(w);
     }
     kp_workers_fini(&b->workers);
@@ -1056,6 +1130,8 @@ void kp_broker_destroy(struct kp_broker **bp)
     kp_calls_fini(&b->calls);
     kp_services_fini(&b->services);
     kp_arena_fini(&b->arena);
+    /* Messages libzmq still holds keep the account alive until they go. */
+    kp_budget_release(&b->queued);
     for (int i = 0; i < 2; i++) {
         if (b->wake[i] >= 0)
             close(b->wake[i]);

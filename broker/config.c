@@ -40,7 +40,8 @@ static bool config_range(const char *flag, uint64_t *lo, uint64_t *hi)
         {"heartbeat-ms", 10, 3600000},         {"heartbeat-liveness", 1, 100},
         {"queue-limit", 1, 10000000},          {"client-max-inflight", 1, 10000000},
         {"max-message-size", 1024, INT32_MAX}, {"max-header-size", 64, INT32_MAX},
-        {"shutdown-grace-ms", 0, 3600000},
+        {"shutdown-grace-ms", 0, 3600000},     {"peer-max-queued", 65536, 1ull << 62},
+        {"max-queued", 65536, 1ull << 62},
     };
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
         if (strcmp(ranges[i].flag, flag) == 0) {

@@ -39,6 +39,12 @@
        "largest message in bytes, all frames (1024..2147483647)")                                  \
     XX(max_header_size, "max-header-size", "KELPIED_MAX_HEADER_SIZE", SIZE, "65536",               \
        "largest header frame in bytes (64..max-message-size)")                                     \
+    XX(peer_max_queued, "peer-max-queued", "KELPIED_PEER_MAX_QUEUED", SIZE, "67108864",            \
+       "bytes queued to one client or worker that does not read before its answers become "        \
+       "errors and it gets no new calls (65536..2^62)")                                            \
+    XX(max_queued, "max-queued", "KELPIED_MAX_QUEUED", SIZE, "1073741824",                         \
+       "bytes queued to all peers together before new calls are refused and answers to "           \
+       "lagging clients become errors (65536..2^62)")                                              \
     XX(shutdown_grace_ms, "shutdown-grace-ms", "KELPIED_SHUTDOWN_GRACE_MS", U32, "5000",           \
        "time calls get to finish on SIGINT/SIGTERM (0..3600000)")
 

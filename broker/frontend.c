@@ -12,9 +12,10 @@
 #include "broker_impl.h"
 #include "log.h"
 
-/* Refuses a client message: counter and ERROR (never an ERROR for an ERROR). */
-static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
-                            enum kp_err err)
+/* Refuses a client message: counter and ERROR (never an ERROR for an ERROR).
+ * detail, if not NULL, replaces kp_strerror(err) as the message. */
+static void frontend_refuse_why(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                                enum kp_err err, const char *detail)
 {
     kp_broker_count_error(b, err);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
@@ -22,7 +23,13 @@ static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t re
         return;
     }
     kp_broker_send_error(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                         request_id, err, NULL);
+                         request_id, err, detail);
+}
+
+static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                            enum kp_err err)
+{
+    frontend_refuse_why(b, h, request_id, err, NULL);
 }
 
 /* Finds the service for a new call, creating it during the start-up grace
@@ -60,6 +67,12 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
     }
     if (kp_client_inflight(cl) >= b->client_max_inflight) {
         frontend_refuse(b, h, h->request_id, KP_ECLIENTLIMIT);
+        return;
+    }
+    char why[160];
+    if (kp_broker_lagging(b, cl->queued, why, sizeof why)) {
+        /* Its answers would only pile up in its pipe (--peer-max-queued). */
+        frontend_refuse_why(b, h, h->request_id, KP_EBACKLOG, why);
         return;
     }
     struct kp_service *s = frontend_route(b, h->service);
@@ -144,7 +157,7 @@ void kp_frontend_on_message(struct kp_broker *b)
             ->last_seen = b->now;
         kp_header pong = kp_broker_heartbeat(b);
         if (kp_broker_send(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                           &pong, NULL, 0) == KP_OK)
+                           NULL, &pong, NULL, 0) == KP_OK)
             b->stats.heartbeats_sent++;
         break;
     }

@@ -44,6 +44,7 @@ void kp_worker_destroy(struct kp_workers *t, struct kp_worker **wp)
     kp_list_remove(&w->gone_link);
     kp_free(w->services);
     kp_free(w->name);
+    kp_budget_release(&w->queued);
     kp_free(w);
     *wp = NULL;
 }
@@ -55,7 +56,7 @@ size_t kp_workers_count(const struct kp_workers *t)
 
 uint32_t kp_worker_free_slots(const struct kp_worker *w)
 {
-    if (w->gone || w->stalled || w->in_flight >= w->credits)
+    if (w->gone || w->stalled || w->lagging || w->in_flight >= w->credits)
         return 0;
     return w->credits - w->in_flight;
 }

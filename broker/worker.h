@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "budget.h"
 #include "idmap.h"
 #include "list.h"
 #include "wire.h"
@@ -36,6 +37,7 @@ struct kp_worker {
     uint32_t in_flight;           /* slots taken by dispatched calls */
     uint32_t heartbeat_ms;        /* the worker's interval (READY), 0 = ours */
     bool stalled;                 /* STATUS(STALLED): send nothing new */
+    bool lagging;                 /* over --peer-max-queued: nothing new until it drains */
     bool gone;                    /* being removed; never picked again */
     uint64_t last_recv;           /* monotonic ms of its last message */
     uint64_t last_send;           /* monotonic ms of our last message to it */
@@ -44,6 +46,7 @@ struct kp_worker {
     size_t nservices;             /* entries in services */
     struct kp_list calls;         /* its dispatched and orphaned calls */
     struct kp_list gone_link;     /* in the broker's removal list once gone */
+    struct kp_budget *queued;     /* bytes queued to it (budget.h); NULL until the first send */
 };
 
 struct kp_workers {
