@@ -31,8 +31,8 @@ from .. import _kelpie
 from . import _constants as _constants_mod
 from ._constants import *  # noqa: F401,F403
 from ._constants import (
-    DONTWAIT, EADDRINUSE, EVENT_ALL, EVENTS, HWM, PAIR, POLLERR, POLLIN, POLLOUT, RCVHWM,
-    SNDHWM, SNDMORE, SOCKET_OPTIONS, SUBSCRIBE, UNSUBSCRIBE,
+    EADDRINUSE, EVENT_ALL, EVENTS, HWM, PAIR, POLLERR, POLLIN, POLLOUT, RCVHWM, SNDHWM,
+    SOCKET_OPTIONS, SUBSCRIBE, UNSUBSCRIBE,
 )
 
 try:

@@ -11,7 +11,7 @@ import asyncio as _asyncio
 import zmq.auth.asyncio as _pyzmq_auth_asyncio
 from zmq.auth.base import Authenticator
 
-from .. import Context, REP
+from .. import Context
 
 
 class AsyncioAuthenticator(_pyzmq_auth_asyncio.AsyncioAuthenticator):
