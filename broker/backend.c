@@ -22,7 +22,7 @@
 static void backend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
                            enum kp_err err)
 {
-    kp_broker_count_error(b, err);
+    kp_err_count(err, &b->stats);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
         b->stats.errors_dropped++;
         return;

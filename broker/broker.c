@@ -76,58 +76,6 @@ void kp_broker_unserved_message(const struct kp_broker *b, const char *service, 
              strlen(service) > 200 ? "..." : "", n, n == 1 ? "" : "s");
 }
 
-void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
-{
-    struct kp_stats *s = &b->stats;
-    switch (err) {
-    case KP_ENOHEADER:
-    case KP_ETOOMANYFRAMES:
-        s->bad_frames++;
-        break;
-    case KP_EBADHEADER:
-    case KP_ENOREQUESTID:
-    case KP_ENOSERVICE:
-        s->bad_header++;
-        break;
-    case KP_EOVERSIZED:
-        s->oversized++;
-        break;
-    case KP_EVERSION:
-        s->bad_version++;
-        break;
-    case KP_EUNKNOWNKIND:
-    case KP_EDIRECTION:
-        s->bad_kind++;
-        break;
-    case KP_EDUPLICATE:
-        s->bad_request++;
-        break;
-    case KP_ENOTREADY:
-        s->not_ready++;
-        break;
-    case KP_ENOTFOUND:
-        s->unroutable++;
-        break;
-    case KP_EQUEUEFULL:
-        s->queue_full++;
-        break;
-    case KP_ECLIENTLIMIT:
-        s->client_limit++;
-        break;
-    case KP_EBACKLOG:
-        s->not_reading++;
-        break;
-    case KP_EUNIMPLEMENTED:
-        s->unimplemented++;
-        break;
-    case KP_ESHUTDOWN:
-        s->shutdown_rejected++;
-        break;
-    default:
-        break;
-    }
-}
-
 void kp_broker_mark_pending(struct kp_broker *b, struct kp_service *s)
 {
     if (!s->pending && s->queued > 0) {
@@ -823,7 +771,7 @@ static void broker_dispatch_service(struct kp_broker *b, struct kp_service *s)
             char msg[512];
             snprintf(msg, sizeof msg, "no worker of %.200s implements method %.200s", s->name,
                      h->method);
-            kp_broker_count_error(b, KP_EUNIMPLEMENTED);
+            kp_err_count(KP_EUNIMPLEMENTED, &b->stats);
             broker_fail_queued(b, c, KP_EUNIMPLEMENTED, msg);
             l = next;
             continue;
@@ -878,7 +826,7 @@ static void broker_end_grace(struct kp_broker *b)
         kp_broker_unserved_message(b, s->name, msg, sizeof msg);
         struct kp_call *c;
         while ((c = kp_service_peek(s)) != NULL) {
-            kp_broker_count_error(b, KP_ENOTFOUND);
+            kp_err_count(KP_ENOTFOUND, &b->stats);
             if (c->client == NULL)
                 b->stats.intake_dropped++;
             broker_fail_queued(b, c, KP_ENOTFOUND, msg);

@@ -195,9 +195,6 @@ uint64_t kp_broker_grace_ms(const struct kp_broker *b);
 enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h,
                             uint64_t *request_id);
 
-/* Increments the counter that records err as a reason for refusing input. */
-void kp_broker_count_error(struct kp_broker *b, enum kp_err err);
-
 /* ---- frontend.c / backend.c ------------------------------------------- */
 
 /* Handles one message from a client; frames in b->frames ([rid] header ...). */

@@ -18,7 +18,7 @@
 static void frontend_refuse_detail(struct kp_broker *b, const kp_header *h, uint64_t request_id,
                                    enum kp_err err, const char *detail)
 {
-    kp_broker_count_error(b, err);
+    kp_err_count(err, &b->stats);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
         b->stats.errors_dropped++;
         return;
@@ -222,7 +222,7 @@ void kp_intake_on_message(struct kp_broker *b)
             err = KP_EQUEUEFULL;
     }
     if (err != KP_OK) {
-        kp_broker_count_error(b, err);
+        kp_err_count(err, &b->stats);
         b->stats.intake_dropped++;
         kp_log_debug("intake: dropped message: %s", kp_strerror(err));
         return;
