@@ -146,14 +146,6 @@ void kp_broker_destroy(struct kp_broker **bp)
     if (b->own_ctx && b->ctx)
         zmq_ctx_term(b->ctx);
     /* Workers and clients first (they only point at calls), then calls. */
-    size_t pos = 0;
-    struct kp_worker *w;
-    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
-        kp_worker_clear_services(w);
-        kp_free(w->name);
-        kp_budget_release(&w->queued);
-        kp_free(w);
-    }
     kp_workers_fini(&b->workers);
     kp_clients_fini(&b->clients);
     kp_timers_fini(&b->timers);

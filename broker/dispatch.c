@@ -109,7 +109,7 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
  * (unreachable) or has no free slot any more (pipe full, or more than
  * --peer-max-queued bytes waiting for it). */
 static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
-                                   kp_header *h, zmq_msg_t *frames, size_t n)
+                                 kp_header *h, zmq_msg_t *frames, size_t n)
 {
     if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
         /* Its pipe holds more than --peer-max-queued (it is not reading):
@@ -327,7 +327,7 @@ void kp_broker_expire(struct kp_broker *b, struct kp_call *c)
 
 /* Fails queued call c of s with err and detail and frees it. */
 void kp_broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err err,
-                               const char *detail)
+                           const char *detail)
 {
     kp_broker_fail_client_side(b, c, err, detail);
     kp_service_unqueue(c->service, c, b->now);

@@ -2,6 +2,7 @@
 #include <criterion/criterion.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "worker.h"
 
 static struct kp_workers table;
@@ -136,4 +137,20 @@ Test(worker, silence_beyond_liveness_expires)
     cr_assert(!kp_worker_expired(w, 1300, 1000, 3));
     /* A clock before last_recv never expires anyone. */
     cr_assert(!kp_worker_expired(w, 10, 1000, 3));
+}
+
+/* kp_workers_fini frees the workers it still holds (the broker's teardown
+ * relies on it); under ASan a leak here fails the test. */
+Test(worker_table, fini_frees_remaining_workers)
+{
+    struct kp_workers t;
+    kp_workers_init(&t);
+    for (int i = 0; i < 3; i++) {
+        char rid[5] = {0, 0, 0, 0, (char)i};
+        struct kp_worker *w = kp_worker_new(&t, rid, sizeof rid, 1000);
+        w->name = kp_strdup("leaky");
+        kp_worker_set_credits(w, 2);
+    }
+    cr_assert_eq(kp_workers_count(&t), 3);
+    kp_workers_fini(&t);
 }
