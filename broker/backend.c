@@ -155,7 +155,14 @@ void kp_backend_on_message(struct kp_broker *b)
         if (!w->stalled)
             kp_broker_mark_worker_pending(b, w);
         break;
-    default: /* PROGRESS, OUTPUT, RESULT, NACK: durable jobs are a later release */
+    case KELPIE__V1__KIND__PROGRESS:
+    case KELPIE__V1__KIND__OUTPUT:
+    case KELPIE__V1__KIND__RESULT:
+    case KELPIE__V1__KIND__NACK:
+        /* Durable jobs: the job engine (jobs.c, next release) takes these
+         * cases over; RESULT and NACK end a job's dispatch the way an
+         * answer ends a call's (docs/architecture.md §10). */
+    default:
         backend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
     }

@@ -176,7 +176,12 @@ void kp_frontend_on_message(struct kp_broker *b)
             kp_broker_reap_client(b, cl);
         break;
     }
-    default: /* SUBMIT, WATCH: durable jobs are a later release */
+    case KELPIE__V1__KIND__SUBMIT:
+    case KELPIE__V1__KIND__WATCH:
+        /* Durable jobs: the job engine (jobs.c, next release) takes these
+         * two cases over; a committed SUBMIT enters the call path through
+         * kp_broker_accept like a REQUEST (docs/architecture.md §10). */
+    default:
         frontend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
     }
@@ -189,7 +194,7 @@ void kp_intake_on_message(struct kp_broker *b)
     enum kp_err err = kp_message_parse(&b->in, KP_FROM_INTAKE, 0, b->max_header_size,
                                        b->max_message_size, &h, &request_id);
     if (err == KP_OK && h->kind != KELPIE__V1__KIND__REQUEST)
-        err = KP_EUNIMPLEMENTED; /* SUBMIT */
+        err = KP_EUNIMPLEMENTED; /* SUBMIT: the job engine's (jobs.c), as on the frontend */
     else if (err == KP_OK && b->state != KP_BROKER_RUNNING)
         err = KP_ESHUTDOWN;
     else if (err == KP_OK && strcmp(h->service, KP_BROKER_SERVICE) == 0)

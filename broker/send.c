@@ -19,7 +19,7 @@
 kp_header kp_broker_header(kp_kind kind, uint64_t request_id)
 {
     kp_header h = KELPIE__V1__HEADER__INIT;
-    h.version = KP_PROTOCOL_VERSION;
+    h.version = KELPIE__V1__VERSION__VERSION_1;
     h.kind = kind;
     h.request_id = request_id;
     return h;
