@@ -616,7 +616,7 @@ def _parser():
     s.add_argument("--json", action="store_true",
                    help="print the raw JSON instead of the summary (default: summary)")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
-                   metavar="SECONDS", help="show it again every SECONDS (2 if not given) "
+                   metavar="SECONDS", help="show it again every SECONDS seconds (2 if not given) "
                                            "until Ctrl-C (default: once)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_stats)
