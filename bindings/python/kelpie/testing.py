@@ -34,9 +34,10 @@ default deadline (``CALL_TIMEOUT``, 10 s), so a call to a service nobody
 serves fails with ``DeadlineExceeded`` instead of waiting forever; every wait
 of the kit is bounded and says what it waited for. A ``kelpied`` the kit
 starts dies with the process that started it, even when that process is
-SIGKILLed (``PR_SET_PDEATHSIG``, set in the child before ``exec``; the thread
-that calls ``start()`` must outlive the broker, as the main thread does), and
-is killed with its process group at teardown and at interpreter exit.
+SIGKILLed (``PR_SET_PDEATHSIG``, set in the child before ``exec``; a broker
+started from another thread than the main one is forked by a long-lived
+thread of the kit, since the signal follows the forking thread), and is
+killed with its process group at teardown and at interpreter exit.
 
 Without pytest, :func:`serve` and :class:`Kelpied` work as context managers.
 
@@ -83,6 +84,28 @@ def _kill_running() -> None:
 
 
 atexit.register(_kill_running)
+
+
+_spawner = None
+_spawner_lock = threading.Lock()
+
+
+def _popen(cmd, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` from a thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+    the process: a broker restarted from a short-lived helper thread would be
+    killed as that thread ends. The main thread forks directly; any other
+    thread hands the fork to one long-lived thread of the kit's."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(cmd, **kwargs)
+    with _spawner_lock:
+        if _spawner is None:
+            import concurrent.futures
+            _spawner = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="kelpie-testing-spawner")
+    return _spawner.submit(subprocess.Popen, cmd, **kwargs).result()
 
 
 def _pdeathsig_preexec():
@@ -178,9 +201,9 @@ class Kelpied:
                    "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
                    "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                             preexec_fn=_pdeathsig_preexec())
+                self.proc = _popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=_pdeathsig_preexec())
             _running.add(self)
             if not wait:
                 return self
