@@ -168,25 +168,6 @@ async def bench_pair(frontend, grpc_ports, cases, seconds):
 
 # -- orchestration -------------------------------------------------------------
 
-    def start(self, args, env=None):
-        p = subprocess.Popen([PYTHON, os.path.abspath(__file__), *args], env=env,
-                             start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs = []
-
-
 
 def kelpie_env():
     env = dict(os.environ)

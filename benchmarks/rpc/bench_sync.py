@@ -205,24 +205,6 @@ def zmq_factory(ctx, endpoint, sockets):
 # -- orchestration -------------------------------------------------------------
 
 
-    def start(self, args, env=None):
-        p = subprocess.Popen([PYTHON, os.path.abspath(__file__), *args], env=env,
-                             start_new_session=True)
-        self.procs.append(p)
-        return p
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(3)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        self.procs = []
-
 
 def wait_kelpie(client, service, timeout=15.0):
     import kelpie
@@ -375,8 +357,7 @@ def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
                              f"(+{(d[1] - a[1]) * 1e6:,.0f} µs per call).")
         lines.append("")
     else:
-        lines += ["- `def` handlers: not measured — this Worker has no `threads=` (the "
-                  "thread-pool handler support had not landed); `async def` only.", ""]
+        lines += ["- `def` handlers: not measured in this run (`--no-def`); `async def` only.", ""]
     if worker_note:
         lines += [worker_note, ""]
     return lines
