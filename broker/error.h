@@ -37,6 +37,12 @@
     XX(EUNREACHABLE, UNAVAILABLE, "peer is not connected")                                         \
     XX(EAGAIN, UNAVAILABLE, "peer's queue is full")                                                \
     XX(EINVAL, INVALID_ARGUMENT, "invalid value")                                                  \
+    XX(ESTOREFULL, RESOURCE_EXHAUSTED, "job store is out of disk space")                           \
+    XX(ESTOREIO, UNAVAILABLE, "job store cannot be opened or written")                             \
+    XX(ESTORECORRUPT, UNAVAILABLE, "job store file is damaged or not a job store")                 \
+    XX(EJOURNALFULL, RESOURCE_EXHAUSTED, "too many job store requests in flight")                  \
+    XX(ENOJOB, NOT_FOUND, "no such job")                                                           \
+    XX(EJOBSTATE, FAILED_PRECONDITION, "the job is not in a state that allows this")               \
     XX(ESYS, INTERNAL, "system call failed")
 
 enum kp_err {

@@ -1,0 +1,237 @@
+/* store: the calls through the vtable and the helpers every store shares;
+ * see store.h. */
+#include "store.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "alloc.h"
+
+static const char store_crockford[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+
+void kp_job_id_new(uint64_t now, kp_job_id *out)
+{
+    /* Per-thread monotonic ULID: in the same millisecond the random part is
+     * incremented instead of drawn again, so ids keep their creation order. */
+    static _Thread_local uint64_t last_ms;
+    static _Thread_local uint8_t last_rand[10];
+    uint8_t b[16];
+    if (now <= last_ms) {
+        now = last_ms;
+        for (int i = 9; i >= 0 && ++last_rand[i] == 0; i--)
+            ;
+    } else {
+        /* getrandom() of 10 bytes does not fail or return short once the
+         * pool is initialised, which it is long before a broker runs. */
+        if (getrandom(last_rand, sizeof last_rand, 0) != (ssize_t)sizeof last_rand)
+            memset(last_rand, 0, sizeof last_rand);
+        last_ms = now;
+    }
+    for (int i = 0; i < 6; i++)
+        b[i] = (uint8_t)(now >> (8 * (5 - i)));
+    memcpy(b + 6, last_rand, 10);
+    /* 128 bits as 26 base32 digits, most significant first (the first digit
+     * carries the top 3 bits). */
+    for (int i = 0; i < KP_JOB_ID_LEN; i++) {
+        int bit = i == 0 ? 0 : 3 + (i - 1) * 5;
+        int width = i == 0 ? 3 : 5;
+        unsigned v = 0;
+        for (int k = 0; k < width; k++, bit++)
+            v = (v << 1) | ((b[bit / 8] >> (7 - bit % 8)) & 1u);
+        out->s[i] = store_crockford[v];
+    }
+    out->s[KP_JOB_ID_LEN] = '\0';
+}
+
+bool kp_job_id_parse(const char *s, kp_job_id *out)
+{
+    if (!s || strlen(s) != KP_JOB_ID_LEN || !strchr("01234567", s[0]))
+        return false;
+    for (size_t i = 0; i < KP_JOB_ID_LEN; i++)
+        if (s[i] == '\0' || !strchr(store_crockford, s[i]))
+            return false;
+    memcpy(out->s, s, KP_JOB_ID_LEN + 1);
+    return true;
+}
+
+const char *kp_job_state_name(enum kp_job_state st)
+{
+    static const char *const names[] = {
+#define XX(name, str) str,
+        KP_JOB_STATES(XX)
+#undef XX
+    };
+    return (unsigned)st < KP_JOB_STATE_COUNT ? names[st] : "unknown";
+}
+
+const char *kp_job_outcome_name(enum kp_job_outcome o)
+{
+    static const char *const names[] = {
+#define XX(name, str) str,
+        KP_JOB_OUTCOMES(XX)
+#undef XX
+    };
+    return (unsigned)o < KP_OUTCOME_COUNT ? names[o] : "unknown";
+}
+
+void kp_job_clear(struct kp_job *job)
+{
+    kp_free(job->queue);
+    kp_free(job->idempotency_key);
+    kp_free(job->payload);
+    kp_free(job->result);
+    for (size_t i = 0; i < job->nhistory; i++)
+        kp_free(job->history[i].message);
+    kp_free(job->history);
+    memset(job, 0, sizeof *job);
+}
+
+struct kp_job *kp_jobs_push(struct kp_jobs *jobs)
+{
+    if (jobs->n == jobs->cap) {
+        jobs->cap = jobs->cap ? jobs->cap * 2 : 16;
+        jobs->v = kp_realloc(jobs->v, jobs->cap * sizeof *jobs->v);
+    }
+    struct kp_job *j = &jobs->v[jobs->n++];
+    memset(j, 0, sizeof *j);
+    return j;
+}
+
+void kp_jobs_clear(struct kp_jobs *jobs)
+{
+    for (size_t i = 0; i < jobs->n; i++)
+        kp_job_clear(&jobs->v[i]);
+    kp_free(jobs->v);
+    memset(jobs, 0, sizeof *jobs);
+}
+
+enum kp_err kp_store_fail(struct kp_store *s, enum kp_err err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->errmsg, sizeof s->errmsg, fmt, ap);
+    va_end(ap);
+    return err;
+}
+
+uint64_t kp_store_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- the vtable calls --------------------------------------------------- */
+
+void kp_store_destroy(struct kp_store **s)
+{
+    if (!*s)
+        return;
+    (*s)->ops->close(*s);
+    *s = NULL;
+}
+
+const char *kp_store_errmsg(const struct kp_store *s)
+{
+    return s->errmsg;
+}
+
+const char *kp_store_name(const struct kp_store *s)
+{
+    return s->ops->name;
+}
+
+enum kp_err kp_store_begin(struct kp_store *s)
+{
+    return s->ops->begin(s);
+}
+
+enum kp_err kp_store_commit(struct kp_store *s)
+{
+    return s->ops->commit(s);
+}
+
+void kp_store_rollback(struct kp_store *s)
+{
+    s->ops->rollback(s);
+}
+
+enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
+                            uint64_t now, struct kp_job_ref *out)
+{
+    for (size_t i = 0; i < n; i++) {
+        const struct kp_job_new *j = &jobs[i];
+        if (!j->queue || !*j->queue)
+            return kp_store_fail(s, KP_EINVAL, "job %zu: empty queue name", i);
+        if (j->priority > KP_JOB_PRIORITY_MAX)
+            return kp_store_fail(s, KP_EINVAL, "job %zu: priority %u over %d", i, j->priority,
+                                 KP_JOB_PRIORITY_MAX);
+        if (j->max_attempts == 0)
+            return kp_store_fail(s, KP_EINVAL, "job %zu: max_attempts must be at least 1", i);
+    }
+    return s->ops->insert(s, jobs, n, now, out);
+}
+
+enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
+                           uint64_t now, struct kp_jobs *out)
+{
+    if (max == 0)
+        return KP_OK;
+    return s->ops->claim(s, queue, max, owner, now, out);
+}
+
+enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
+                         const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
+{
+    if ((unsigned)e->outcome >= KP_OUTCOME_COUNT || e->outcome == KP_OUTCOME_NONE)
+        return kp_store_fail(s, KP_EINVAL, "job %s: attempt outcome %d is not an outcome", id->s,
+                             (int)e->outcome);
+    return s->ops->end(s, id, attempt, e, now, state);
+}
+
+enum kp_err kp_store_cancel(struct kp_store *s, const kp_job_id *id, uint64_t now)
+{
+    return s->ops->cancel(s, id, now);
+}
+
+enum kp_err kp_store_get(struct kp_store *s, const kp_job_id *id, struct kp_job *out)
+{
+    return s->ops->get(s, id, out);
+}
+
+enum kp_err kp_store_list(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out)
+{
+    if (f->limit == 0)
+        return kp_store_fail(s, KP_EINVAL, "list: limit must be at least 1");
+    return s->ops->list(s, f, out);
+}
+
+enum kp_err kp_store_dlq_retry(struct kp_store *s, const char *queue, const kp_job_id *id,
+                               uint64_t now, size_t *n)
+{
+    return s->ops->dlq_retry(s, queue, id, now, n);
+}
+
+enum kp_err kp_store_dlq_purge(struct kp_store *s, const char *queue, const kp_job_id *id,
+                               size_t *n)
+{
+    return s->ops->dlq_purge(s, queue, id, n);
+}
+
+enum kp_err kp_store_expire(struct kp_store *s, uint64_t now, size_t *jobs, size_t *keys)
+{
+    return s->ops->expire(s, now, jobs, keys);
+}
+
+enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n)
+{
+    return s->ops->recover(s, now, n);
+}
+
+enum kp_err kp_store_next_run_at(struct kp_store *s, uint64_t *when)
+{
+    return s->ops->next_run_at(s, when);
+}

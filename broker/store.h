@@ -1,0 +1,323 @@
+/* store: where durable jobs live, behind one small interface.
+ *
+ * A vtable, because the variation is real: the memory store (tests), the
+ * SQLite store (the embedded default, store_sqlite.c) and, later, a
+ * PostgreSQL store shared by several brokers. Every function below calls
+ * through s->ops; an implementation embeds struct kp_store as its first
+ * member.
+ *
+ * The store is not thread-safe and never talks to the network: one thread
+ * owns it (the journal thread, journal.h). It does not know about clients,
+ * workers or credits; it keeps jobs, their attempts, results and idempotency
+ * keys, and answers "which job is next". Times are wall-clock milliseconds
+ * since the epoch passed in by the caller (`now`), because they outlive the
+ * process; nothing in here reads a clock except for job ids.
+ *
+ * Job life:
+ *
+ *   insert ──> SCHEDULED (run_at in the future) ──> QUEUED ──claim──> LEASED
+ *                                                    ^                  │ end
+ *                    retry (not before retry_at) ───┘<─────────────────┤
+ *   SUCCEEDED (result kept result_ttl_ms) <── outcome succeeded ────────┤
+ *   DEAD (the DLQ, full attempt history) <── attempts used up ──────────┤
+ *   CANCELLED <── cancel while queued, or outcome cancelled ────────────┘
+ *
+ * Transactions: every operation is atomic on its own (it commits by itself
+ * when no transaction is open). Between begin() and commit() operations are
+ * grouped so one fsync covers them all (group commit, journal.c); an
+ * operation that fails inside the group undoes only itself. A commit that
+ * fails undoes the whole group. Errors come back as enum kp_err; the text
+ * naming the file and the cause is in kp_store_errmsg().
+ */
+#ifndef KP_STORE_H
+#define KP_STORE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "error.h"
+
+#define KP_JOB_PRIORITY_MAX 9
+#define KP_STORE_ERRMSG_MAX 512
+/* retry_at meaning "do not retry": the job goes to the DLQ now. */
+#define KP_NO_RETRY UINT64_MAX
+
+/* A job id: 26 characters of Crockford base32, a ULID (48 bits of
+ * milliseconds, 80 random bits), so ids sort by creation time and are unique
+ * across restarts and brokers without coordination. Opaque to everyone else. */
+#define KP_JOB_ID_LEN 26
+typedef struct {
+    char s[KP_JOB_ID_LEN + 1]; /* NUL-terminated */
+} kp_job_id;
+
+#define KP_JOB_STATES(XX)                                                                          \
+    XX(SCHEDULED, "scheduled")                                                                     \
+    XX(QUEUED, "queued")                                                                           \
+    XX(LEASED, "leased")                                                                           \
+    XX(SUCCEEDED, "succeeded")                                                                     \
+    XX(DEAD, "dead")                                                                               \
+    XX(CANCELLED, "cancelled")
+
+enum kp_job_state {
+#define XX(name, str) KP_JOB_##name,
+    KP_JOB_STATES(XX)
+#undef XX
+        KP_JOB_STATE_COUNT
+};
+
+#define KP_JOB_OUTCOMES(XX)                                                                        \
+    XX(NONE, "running")                                                                            \
+    XX(SUCCEEDED, "succeeded")                                                                     \
+    XX(FAILED, "failed")                                                                           \
+    XX(WORKER_LOST, "worker_lost")                                                                 \
+    XX(TIMEOUT, "timeout")                                                                         \
+    XX(CANCELLED, "cancelled")                                                                     \
+    XX(REJECTED, "rejected")
+
+enum kp_job_outcome {
+#define XX(name, str) KP_OUTCOME_##name,
+    KP_JOB_OUTCOMES(XX)
+#undef XX
+        KP_OUTCOME_COUNT
+};
+
+/* A job to insert. Pointers are borrowed for the call. */
+struct kp_job_new {
+    const char *queue;           /* non-empty */
+    const void *payload;         /* may be NULL when payload_len is 0 */
+    size_t payload_len;          /* bytes */
+    const char *idempotency_key; /* NULL or "" for none; scoped to the queue */
+    uint64_t key_ttl_ms;         /* how long the key keeps answering with this job */
+    uint64_t result_ttl_ms;      /* how long a finished job (and its result) is kept */
+    uint64_t run_at;             /* not before (ms since epoch); <= now means at once */
+    uint64_t timeout_ms;         /* the job's own run-time limit, kept for the engine */
+    uint32_t max_attempts;       /* deliveries before the DLQ, >= 1 */
+    uint8_t priority;            /* 0..9, higher first */
+};
+
+/* What insert says about each job. */
+struct kp_job_ref {
+    kp_job_id id;
+    bool existed; /* the idempotency key named a job inserted before */
+};
+
+/* One delivery of a job. */
+struct kp_attempt {
+    uint32_t n;                  /* 1 for the first delivery */
+    enum kp_job_outcome outcome; /* KP_OUTCOME_NONE while it runs */
+    uint64_t started_at;
+    uint64_t ended_at; /* 0 while it runs */
+    char *message;     /* owned; NULL when none */
+};
+
+/* A job as read back. Owned strings and buffers; kp_job_clear() frees them. */
+struct kp_job {
+    kp_job_id id;
+    char *queue;
+    char *idempotency_key; /* NULL when none */
+    enum kp_job_state state;
+    uint8_t priority;
+    uint32_t attempts;     /* deliveries so far (the last attempt's number) */
+    uint32_t max_attempts; /* deliveries allowed since insert or the last DLQ retry */
+    uint64_t created_at, updated_at, run_at, timeout_ms;
+    void *payload; /* claim and get; NULL from list */
+    size_t payload_len;
+    void *result; /* get, once SUCCEEDED; NULL otherwise */
+    size_t result_len;
+    bool has_result;
+    struct kp_attempt *history; /* get only: every attempt, oldest first */
+    size_t nhistory;
+};
+
+/* A growable array of jobs (claim, list). */
+struct kp_jobs {
+    struct kp_job *v;
+    size_t n, cap;
+};
+
+/* How an attempt ended and what to do next. */
+struct kp_job_end {
+    enum kp_job_outcome outcome; /* not KP_OUTCOME_NONE */
+    const char *message;         /* NULL or a human-readable reason, kept in the history */
+    uint64_t retry_at;           /* when not succeeded/cancelled: re-queue not before this;
+                                    KP_NO_RETRY dead-letters now */
+    const void *result;          /* when succeeded: the result to keep */
+    size_t result_len;
+};
+
+/* Listing: jobs in id (creation) order, after a cursor. */
+struct kp_job_filter {
+    int state;              /* an enum kp_job_state, or -1 for any */
+    const char *queue;      /* NULL for any */
+    const kp_job_id *after; /* NULL for the first page; else the last id of the previous page */
+    size_t limit;           /* most jobs in the page, >= 1 */
+};
+
+struct kp_store;
+
+/* The implementation's side of the functions below; same contracts. */
+struct kp_store_ops {
+    const char *name;
+    enum kp_err (*begin)(struct kp_store *s);
+    enum kp_err (*commit)(struct kp_store *s);
+    void (*rollback)(struct kp_store *s);
+    enum kp_err (*insert)(struct kp_store *s, const struct kp_job_new *jobs, size_t n, uint64_t now,
+                          struct kp_job_ref *out);
+    enum kp_err (*claim)(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
+                         uint64_t now, struct kp_jobs *out);
+    enum kp_err (*end)(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
+                       const struct kp_job_end *e, uint64_t now, enum kp_job_state *state);
+    enum kp_err (*cancel)(struct kp_store *s, const kp_job_id *id, uint64_t now);
+    enum kp_err (*get)(struct kp_store *s, const kp_job_id *id, struct kp_job *out);
+    enum kp_err (*list)(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out);
+    enum kp_err (*dlq_retry)(struct kp_store *s, const char *queue, const kp_job_id *id,
+                             uint64_t now, size_t *n);
+    enum kp_err (*dlq_purge)(struct kp_store *s, const char *queue, const kp_job_id *id, size_t *n);
+    enum kp_err (*expire)(struct kp_store *s, uint64_t now, size_t *jobs, size_t *keys);
+    enum kp_err (*recover)(struct kp_store *s, uint64_t now, size_t *n);
+    enum kp_err (*next_run_at)(struct kp_store *s, uint64_t *when);
+    void (*close)(struct kp_store *s);
+};
+
+/* The part every implementation shares; embedded first. */
+struct kp_store {
+    const struct kp_store_ops *ops;
+    char errmsg[KP_STORE_ERRMSG_MAX]; /* the last failure: file and cause */
+};
+
+/* ---- opening ------------------------------------------------------------- */
+
+/* Returns a new, empty memory store (tests). Nothing survives destroy. Its
+ * queries scan (O(jobs)); only the SQLite store is built for volume. */
+struct kp_store *kp_store_memory_new(void);
+
+/* Opens (creating if missing) the SQLite store at `path` (a file, usually
+ * DATA_DIR/jobs.db): WAL mode, synchronous=FULL, schema version checked, an
+ * integrity check, then recover() of jobs left LEASED by a broker that died
+ * (counted in *recovered). `vfs` is NULL for SQLite's default (tests pass a
+ * fault-injecting one). On failure returns KP_ESTOREIO (cannot open or
+ * write), KP_ESTORECORRUPT (not a database, damaged, or a schema version this
+ * broker does not know) or KP_ESTOREFULL, with the file and cause in errmsg
+ * (KP_STORE_ERRMSG_MAX bytes), and *out stays NULL. */
+enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now,
+                                 struct kp_store **out, size_t *recovered, char *errmsg);
+
+/* Closes the store (idempotent, nulls *s). Nothing uncommitted survives. */
+void kp_store_destroy(struct kp_store **s);
+
+/* The text of the last failure: names the file and the cause. */
+const char *kp_store_errmsg(const struct kp_store *s);
+
+/* The implementation's name ("memory", "sqlite"). */
+const char *kp_store_name(const struct kp_store *s);
+
+/* ---- transactions ------------------------------------------------------- */
+
+/* Opens a transaction that groups the following operations into one commit.
+ * Fails with KP_ESTOREIO/KP_ESTOREFULL (errmsg set). */
+enum kp_err kp_store_begin(struct kp_store *s);
+
+/* Makes everything since begin() durable (fsync'd for SQLite). On failure the
+ * whole group is undone, the store is still usable, and the error is
+ * KP_ESTOREFULL (disk full) or KP_ESTOREIO (write or fsync failed). */
+enum kp_err kp_store_commit(struct kp_store *s);
+
+/* Undoes everything since begin(). Cannot fail. The memory store cannot undo
+ * and keeps what was done (its commit never fails, so the journal never asks). */
+void kp_store_rollback(struct kp_store *s);
+
+/* ---- jobs --------------------------------------------------------------- */
+
+/* Inserts n jobs, all or none. A job whose idempotency key (per queue) is
+ * still retained is not inserted: out[i] names the existing job with
+ * existed = true. Others get a new id. KP_EINVAL for an empty queue name, a
+ * priority over 9 or max_attempts 0 (nothing inserted). */
+enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
+                            uint64_t now, struct kp_job_ref *out);
+
+/* Leases up to `max` ready jobs of `queue` (QUEUED, or SCHEDULED with
+ * run_at <= now): highest priority first, FIFO within a priority, served by
+ * an index. Each becomes LEASED to `owner` (a broker id), its attempt count
+ * goes up by one and an attempt starts in the history. The jobs (with
+ * payload) are appended to *out; none ready is KP_OK with nothing appended.
+ * Shaped for a PostgreSQL "FOR UPDATE SKIP LOCKED LIMIT max" batch. */
+enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
+                           uint64_t now, struct kp_jobs *out);
+
+/* Ends attempt `attempt` of a LEASED job, recording outcome, message and
+ * time. Then: succeeded → SUCCEEDED with the result, kept result_ttl_ms;
+ * cancelled → CANCELLED; otherwise QUEUED again not before retry_at, or DEAD
+ * (the DLQ) when its attempts are used up or retry_at is KP_NO_RETRY. The new
+ * state is put in *state. A succeeded outcome repeated for the attempt that
+ * already succeeded is KP_OK (a worker resending its RESULT). KP_ENOJOB if
+ * there is no such job; KP_EJOBSTATE if it is not leased in that attempt. */
+enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
+                         const struct kp_job_end *e, uint64_t now, enum kp_job_state *state);
+
+/* Cancels a job that is not running (SCHEDULED or QUEUED) → CANCELLED.
+ * KP_ENOJOB if unknown; KP_EJOBSTATE if leased (the engine must stop the
+ * worker and end the attempt as cancelled) or already finished. */
+enum kp_err kp_store_cancel(struct kp_store *s, const kp_job_id *id, uint64_t now);
+
+/* Reads one job with payload, result (if SUCCEEDED) and its whole attempt
+ * history into *out (kp_job_clear() it). KP_ENOJOB if unknown or expired. */
+enum kp_err kp_store_get(struct kp_store *s, const kp_job_id *id, struct kp_job *out);
+
+/* Appends one page of jobs matching f to *out, in id order, without payload,
+ * result or history. The DLQ is state KP_JOB_DEAD. KP_EINVAL if limit is 0. */
+enum kp_err kp_store_list(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out);
+
+/* Re-queues DEAD jobs (one by id, or all of a queue, or all when both are
+ * NULL) with a fresh allowance of max_attempts, keeping their history; *n
+ * says how many. KP_ENOJOB if an id was given and it names no DEAD job. */
+enum kp_err kp_store_dlq_retry(struct kp_store *s, const char *queue, const kp_job_id *id,
+                               uint64_t now, size_t *n);
+
+/* Deletes DEAD jobs (same selection as dlq_retry) with their history. */
+enum kp_err kp_store_dlq_purge(struct kp_store *s, const char *queue, const kp_job_id *id,
+                               size_t *n);
+
+/* Deletes finished jobs (SUCCEEDED, CANCELLED) whose result_ttl_ms has passed
+ * and idempotency keys whose retention has passed; counts in *jobs, *keys. */
+enum kp_err kp_store_expire(struct kp_store *s, uint64_t now, size_t *jobs, size_t *keys);
+
+/* Puts every LEASED job back (a broker that died held them): its running
+ * attempt ends as worker_lost, and it becomes QUEUED at once or DEAD if that
+ * used up its attempts. *n says how many. The SQLite store runs it on open. */
+enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n);
+
+/* The earliest run_at of a SCHEDULED job (when the engine should look again),
+ * or UINT64_MAX when none is scheduled. */
+enum kp_err kp_store_next_run_at(struct kp_store *s, uint64_t *when);
+
+/* ---- helpers shared by the implementations ------------------------------- */
+
+/* Makes a new job id for time now (ms). Within one thread, ids made in the
+ * same millisecond still sort in the order they were made. */
+void kp_job_id_new(uint64_t now, kp_job_id *out);
+
+/* Copies a string into a job id; false if it is not 26 Crockford characters. */
+bool kp_job_id_parse(const char *s, kp_job_id *out);
+
+/* Names of states and outcomes as the protocol and CLI spell them. */
+const char *kp_job_state_name(enum kp_job_state st);
+const char *kp_job_outcome_name(enum kp_job_outcome o);
+
+/* Frees what a job owns and zeroes it. */
+void kp_job_clear(struct kp_job *job);
+
+/* Appends a zeroed job and returns it. */
+struct kp_job *kp_jobs_push(struct kp_jobs *jobs);
+
+/* Frees every job and the array; the array may be used again. */
+void kp_jobs_clear(struct kp_jobs *jobs);
+
+/* Sets s->errmsg (printf-style) and returns err, for implementations. */
+enum kp_err kp_store_fail(struct kp_store *s, enum kp_err err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Wall-clock milliseconds since the epoch (for callers that need `now`). */
+uint64_t kp_store_now(void);
+
+#endif

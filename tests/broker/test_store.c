@@ -1,0 +1,658 @@
+/* test_store: one table of tests run against every store implementation
+ * (memory and SQLite), so both keep the contract in store.h; then what only
+ * a file can do (reopen, recovery after a crash, schema version). Faults are
+ * in test_store_faults.c. */
+#include <criterion/criterion.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "store.h"
+#include "store_test.h"
+
+#define T0 1700000000000ull /* a fixed "now": the store never reads the clock */
+
+static struct kp_job_new ts_job(const char *queue, uint8_t prio, const char *payload)
+{
+    struct kp_job_new j = {.queue = queue,
+                           .payload = payload,
+                           .payload_len = payload ? strlen(payload) : 0,
+                           .key_ttl_ms = 60000,
+                           .result_ttl_ms = 60000,
+                           .max_attempts = 3,
+                           .priority = prio};
+    return j;
+}
+
+static kp_job_id ts_insert(struct kp_store *s, struct kp_job_new j, uint64_t now)
+{
+    struct kp_job_ref ref;
+    cr_assert_eq(kp_store_insert(s, &j, 1, now, &ref), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert(!ref.existed);
+    return ref.id;
+}
+
+/* Claims one job of queue; returns false if none was ready. */
+static bool ts_claim(struct kp_store *s, const char *queue, uint64_t now, struct kp_job *out)
+{
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(s, queue, 1, 42, now, &jobs), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_leq(jobs.n, 1);
+    bool got = jobs.n == 1;
+    if (got) {
+        *out = jobs.v[0];
+        jobs.n = 0;
+    }
+    kp_jobs_clear(&jobs);
+    return got;
+}
+
+static enum kp_job_state ts_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
+                                enum kp_job_outcome o, uint64_t retry_at, uint64_t now)
+{
+    struct kp_job_end e = {.outcome = o, .message = kp_job_outcome_name(o), .retry_at = retry_at};
+    enum kp_job_state st = KP_JOB_STATE_COUNT;
+    cr_assert_eq(kp_store_end(s, id, attempt, &e, now, &st), KP_OK, "%s", kp_store_errmsg(s));
+    return st;
+}
+
+static enum kp_job_state ts_state(struct kp_store *s, const kp_job_id *id)
+{
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, id, &j), KP_OK, "%s", kp_store_errmsg(s));
+    enum kp_job_state st = j.state;
+    kp_job_clear(&j);
+    return st;
+}
+
+static size_t ts_count(struct kp_store *s, int state, const char *queue)
+{
+    struct kp_jobs jobs = {0};
+    struct kp_job_filter f = {.state = state, .queue = queue, .limit = 100000};
+    cr_assert_eq(kp_store_list(s, &f, &jobs), KP_OK);
+    size_t n = jobs.n;
+    kp_jobs_clear(&jobs);
+    return n;
+}
+
+/* ---- the table ------------------------------------------------------------ */
+
+TestSuite(store_sqlite, .fini = st_teardown);
+
+static void t_insert_and_get(struct kp_store *s)
+{
+    kp_job_id a = ts_insert(s, ts_job("thumbs", 5, "img-1"), T0);
+    kp_job_id b = ts_insert(s, ts_job("thumbs", 5, ""), T0);
+    cr_assert_str_neq(a.s, b.s);
+    cr_assert_lt(strcmp(a.s, b.s), 0, "ids sort in creation order");
+    kp_job_id parsed;
+    cr_assert(kp_job_id_parse(a.s, &parsed));
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, &a, &j), KP_OK);
+    cr_assert_str_eq(j.id.s, a.s);
+    cr_assert_str_eq(j.queue, "thumbs");
+    cr_assert_eq(j.state, KP_JOB_QUEUED);
+    cr_assert_eq(j.priority, 5);
+    cr_assert_eq(j.attempts, 0);
+    cr_assert_eq(j.max_attempts, 3);
+    cr_assert_eq(j.created_at, T0);
+    cr_assert_eq(j.payload_len, 5);
+    cr_assert_eq(memcmp(j.payload, "img-1", 5), 0);
+    cr_assert_eq(j.nhistory, 0);
+    cr_assert(!j.has_result);
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_get(s, &b, &j), KP_OK);
+    cr_assert_eq(j.payload_len, 0, "an empty payload stays empty");
+    kp_job_clear(&j);
+    kp_job_id none;
+    kp_job_id_new(T0, &none);
+    cr_assert_eq(kp_store_get(s, &none, &j), KP_ENOJOB);
+}
+
+static void t_insert_refuses_bad_jobs_whole_batch(struct kp_store *s)
+{
+    struct kp_job_new jobs[3] = {ts_job("q", 1, "a"), ts_job("q", 10, "b"), ts_job("q", 1, "c")};
+    struct kp_job_ref refs[3];
+    cr_assert_eq(kp_store_insert(s, jobs, 3, T0, refs), KP_EINVAL);
+    cr_assert(strstr(kp_store_errmsg(s), "priority"), "%s", kp_store_errmsg(s));
+    jobs[1].priority = 9;
+    jobs[2].max_attempts = 0;
+    cr_assert_eq(kp_store_insert(s, jobs, 3, T0, refs), KP_EINVAL);
+    jobs[2].max_attempts = 1;
+    jobs[0].queue = "";
+    cr_assert_eq(kp_store_insert(s, jobs, 3, T0, refs), KP_EINVAL);
+    cr_assert_eq(ts_count(s, -1, NULL), 0, "nothing of a refused batch is kept");
+    jobs[0].queue = "q";
+    cr_assert_eq(kp_store_insert(s, jobs, 3, T0, refs), KP_OK);
+    cr_assert_eq(ts_count(s, -1, NULL), 3);
+}
+
+static void t_idempotency_key_returns_the_existing_job(struct kp_store *s)
+{
+    struct kp_job_new j = ts_job("mail", 0, "hello");
+    j.idempotency_key = "order-42";
+    j.key_ttl_ms = 1000;
+    struct kp_job_ref first, again, twice[2];
+    cr_assert_eq(kp_store_insert(s, &j, 1, T0, &first), KP_OK);
+    cr_assert(!first.existed);
+    cr_assert_eq(kp_store_insert(s, &j, 1, T0 + 999, &again), KP_OK);
+    cr_assert(again.existed);
+    cr_assert_str_eq(again.id.s, first.id.s);
+    struct kp_job_new other = j;
+    other.queue = "sms";
+    cr_assert_eq(kp_store_insert(s, &other, 1, T0 + 1, &again), KP_OK);
+    cr_assert(!again.existed, "keys are scoped to their queue");
+    /* The same key twice in one batch: the second names the first. */
+    struct kp_job_new pair[2] = {ts_job("batch", 0, "x"), ts_job("batch", 0, "y")};
+    pair[0].idempotency_key = pair[1].idempotency_key = "k";
+    cr_assert_eq(kp_store_insert(s, pair, 2, T0, twice), KP_OK);
+    cr_assert(!twice[0].existed);
+    cr_assert(twice[1].existed);
+    cr_assert_str_eq(twice[1].id.s, twice[0].id.s);
+    cr_assert_eq(ts_count(s, -1, NULL), 3);
+    /* Past its retention the key is forgotten and a new job is made. */
+    size_t jobs, keys;
+    cr_assert_eq(kp_store_expire(s, T0 + 1001, &jobs, &keys), KP_OK);
+    cr_assert_eq(keys, 2, "order-42 in mail and in sms; k in batch is retained");
+    cr_assert_eq(kp_store_insert(s, &j, 1, T0 + 1001, &again), KP_OK);
+    cr_assert(!again.existed);
+    cr_assert_str_neq(again.id.s, first.id.s);
+}
+
+static void t_claim_priority_then_fifo(struct kp_store *s)
+{
+    const uint8_t prio[] = {1, 5, 5, 9, 1, 0, 9};
+    kp_job_id ids[7];
+    for (int i = 0; i < 7; i++)
+        ids[i] = ts_insert(s, ts_job("q", prio[i], "p"), T0 + (uint64_t)i);
+    ts_insert(s, ts_job("other", 9, "p"), T0);
+    const int order[] = {3, 6, 1, 2, 0, 4, 5};
+    for (int k = 0; k < 7; k++) {
+        struct kp_job j;
+        cr_assert(ts_claim(s, "q", T0 + 10, &j), "claim %d", k);
+        cr_assert_str_eq(j.id.s, ids[order[k]].s, "claim %d", k);
+        cr_assert_eq(j.state, KP_JOB_LEASED);
+        cr_assert_eq(j.attempts, 1);
+        cr_assert_eq(j.payload_len, 1);
+        kp_job_clear(&j);
+    }
+    struct kp_job j;
+    cr_assert(!ts_claim(s, "q", T0 + 10, &j), "another queue's job is not claimed");
+    cr_assert_eq(ts_count(s, KP_JOB_LEASED, "q"), 7);
+}
+
+static void t_claim_batch(struct kp_store *s)
+{
+    for (int i = 0; i < 5; i++)
+        ts_insert(s, ts_job("q", 0, "p"), T0);
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(s, "q", 3, 7, T0, &jobs), KP_OK);
+    cr_assert_eq(jobs.n, 3);
+    cr_assert_eq(kp_store_claim(s, "q", 3, 7, T0, &jobs), KP_OK);
+    cr_assert_eq(jobs.n, 5, "claims append; two were left");
+    for (size_t i = 1; i < jobs.n; i++)
+        cr_assert_lt(strcmp(jobs.v[i - 1].id.s, jobs.v[i].id.s), 0, "FIFO");
+    kp_jobs_clear(&jobs);
+    cr_assert_eq(kp_store_claim(s, "q", 3, 7, T0, &jobs), KP_OK);
+    cr_assert_eq(jobs.n, 0);
+}
+
+static void t_delayed_job_waits_for_run_at(struct kp_store *s)
+{
+    uint64_t when;
+    cr_assert_eq(kp_store_next_run_at(s, &when), KP_OK);
+    cr_assert_eq(when, UINT64_MAX);
+    struct kp_job_new d = ts_job("q", 9, "later");
+    d.run_at = T0 + 1000;
+    kp_job_id late = ts_insert(s, d, T0);
+    kp_job_id now = ts_insert(s, ts_job("q", 0, "now"), T0);
+    cr_assert_eq(ts_state(s, &late), KP_JOB_SCHEDULED);
+    cr_assert_eq(kp_store_next_run_at(s, &when), KP_OK);
+    cr_assert_eq(when, T0 + 1000);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0 + 999, &j));
+    cr_assert_str_eq(j.id.s, now.s, "the delayed job is not ready, even at priority 9");
+    kp_job_clear(&j);
+    cr_assert(!ts_claim(s, "q", T0 + 999, &j));
+    cr_assert(ts_claim(s, "q", T0 + 1000, &j));
+    cr_assert_str_eq(j.id.s, late.s);
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_next_run_at(s, &when), KP_OK);
+    cr_assert_eq(when, UINT64_MAX);
+}
+
+static void t_success_keeps_result_for_its_ttl(struct kp_store *s)
+{
+    struct kp_job_new n = ts_job("q", 0, "in");
+    n.result_ttl_ms = 5000;
+    kp_job_id id = ts_insert(s, n, T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    struct kp_job_end e = {.outcome = KP_OUTCOME_SUCCEEDED, .result = "out!", .result_len = 4};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0 + 10, &st), KP_OK);
+    cr_assert_eq(st, KP_JOB_SUCCEEDED);
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0 + 20, &st), KP_OK,
+                 "a resent RESULT for the same attempt is accepted");
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    cr_assert(j.has_result);
+    cr_assert_eq(j.result_len, 4);
+    cr_assert_eq(memcmp(j.result, "out!", 4), 0);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].n, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_SUCCEEDED);
+    cr_assert_eq(j.history[0].started_at, T0);
+    cr_assert_eq(j.history[0].ended_at, T0 + 10);
+    kp_job_clear(&j);
+    size_t jobs, keys;
+    cr_assert_eq(kp_store_expire(s, T0 + 5009, &jobs, &keys), KP_OK);
+    cr_assert_eq(jobs, 0);
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_expire(s, T0 + 5010, &jobs, &keys), KP_OK);
+    cr_assert_eq(jobs, 1);
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_ENOJOB);
+}
+
+static void t_retries_with_backoff_then_dlq_with_history(struct kp_store *s)
+{
+    kp_job_id id = ts_insert(s, ts_job("q", 0, "poison"), T0);
+    const enum kp_job_outcome outs[] = {KP_OUTCOME_FAILED, KP_OUTCOME_WORKER_LOST,
+                                        KP_OUTCOME_TIMEOUT};
+    uint64_t now = T0;
+    for (uint32_t a = 1; a <= 3; a++) {
+        struct kp_job j;
+        cr_assert(ts_claim(s, "q", now, &j), "attempt %u", a);
+        cr_assert_eq(j.attempts, a);
+        kp_job_clear(&j);
+        enum kp_job_state st = ts_end(s, &id, a, outs[a - 1], now + 100, now + 1);
+        if (a < 3) {
+            cr_assert_eq(st, KP_JOB_SCHEDULED, "backoff: not before retry_at");
+            cr_assert(!ts_claim(s, "q", now + 99, &j));
+            now += 100;
+        } else {
+            cr_assert_eq(st, KP_JOB_DEAD, "max_attempts used up");
+        }
+    }
+    struct kp_job j;
+    cr_assert(!ts_claim(s, "q", now + 1000, &j), "a dead job is not delivered");
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_DEAD);
+    cr_assert_eq(j.nhistory, 3);
+    for (size_t i = 0; i < 3; i++) {
+        cr_assert_eq(j.history[i].n, i + 1);
+        cr_assert_eq(j.history[i].outcome, outs[i]);
+        cr_assert_str_eq(j.history[i].message, kp_job_outcome_name(outs[i]));
+    }
+    kp_job_clear(&j);
+    cr_assert_eq(ts_count(s, KP_JOB_DEAD, NULL), 1, "the DLQ lists it");
+    /* Retried from the DLQ: a fresh allowance, the history kept. */
+    size_t n;
+    cr_assert_eq(kp_store_dlq_retry(s, NULL, &id, now, &n), KP_OK);
+    cr_assert_eq(n, 1);
+    cr_assert(ts_claim(s, "q", now, &j));
+    cr_assert_eq(j.attempts, 4);
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &id, 4, KP_OUTCOME_FAILED, now, now), KP_JOB_QUEUED);
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    cr_assert_eq(j.nhistory, 4);
+    kp_job_clear(&j);
+}
+
+static void t_no_retry_dead_letters_at_once(struct kp_store *s)
+{
+    kp_job_id id = ts_insert(s, ts_job("q", 0, "x"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &id, 1, KP_OUTCOME_REJECTED, KP_NO_RETRY, T0), KP_JOB_DEAD);
+}
+
+static void t_end_checks_job_and_attempt(struct kp_store *s)
+{
+    kp_job_id id = ts_insert(s, ts_job("q", 0, "x"), T0);
+    struct kp_job_end e = {.outcome = KP_OUTCOME_FAILED, .retry_at = T0};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0, &st), KP_EJOBSTATE, "not leased");
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_end(s, &id, 2, &e, T0, &st), KP_EJOBSTATE, "another attempt");
+    cr_assert(strstr(kp_store_errmsg(s), id.s), "%s", kp_store_errmsg(s));
+    e.outcome = KP_OUTCOME_NONE;
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0, &st), KP_EINVAL);
+    kp_job_id none;
+    kp_job_id_new(T0, &none);
+    e.outcome = KP_OUTCOME_FAILED;
+    cr_assert_eq(kp_store_end(s, &none, 1, &e, T0, &st), KP_ENOJOB);
+    cr_assert_eq(ts_state(s, &id), KP_JOB_LEASED, "failed calls changed nothing");
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0, &st), KP_OK);
+}
+
+static void t_cancel(struct kp_store *s)
+{
+    kp_job_id queued = ts_insert(s, ts_job("q", 0, "a"), T0);
+    struct kp_job_new d = ts_job("q", 0, "b");
+    d.run_at = T0 + 60000;
+    kp_job_id delayed = ts_insert(s, d, T0);
+    kp_job_id running = ts_insert(s, ts_job("r", 0, "c"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "r", T0, &j));
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_cancel(s, &queued, T0), KP_OK);
+    cr_assert_eq(kp_store_cancel(s, &delayed, T0), KP_OK);
+    cr_assert_eq(kp_store_cancel(s, &running, T0), KP_EJOBSTATE,
+                 "a running job is stopped at its worker first");
+    cr_assert_eq(kp_store_cancel(s, &queued, T0), KP_EJOBSTATE, "already cancelled");
+    cr_assert(!ts_claim(s, "q", T0 + 60000, &j), "cancelled jobs are never delivered");
+    cr_assert_eq(ts_end(s, &running, 1, KP_OUTCOME_CANCELLED, T0, T0), KP_JOB_CANCELLED);
+    cr_assert_eq(ts_state(s, &queued), KP_JOB_CANCELLED);
+    kp_job_id none;
+    kp_job_id_new(T0, &none);
+    cr_assert_eq(kp_store_cancel(s, &none, T0), KP_ENOJOB);
+}
+
+static void t_list_pages_by_state_and_queue(struct kp_store *s)
+{
+    kp_job_id ids[25];
+    for (int i = 0; i < 25; i++)
+        ids[i] = ts_insert(s, ts_job(i % 2 ? "odd" : "even", 0, "x"), T0 + (uint64_t)i);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "even", T0 + 100, &j)); /* ids[0] leased */
+    kp_job_clear(&j);
+    /* Pages of 5 of the even queue, then the odd one, then by state. */
+    struct kp_jobs page = {0};
+    kp_job_id last;
+    size_t seen = 0;
+    struct kp_job_filter f = {.state = -1, .queue = "even", .limit = 5};
+    for (int p = 0; p < 4; p++) {
+        cr_assert_eq(kp_store_list(s, &f, &page), KP_OK);
+        for (size_t i = 0; i < page.n; i++, seen++) {
+            cr_assert_str_eq(page.v[i].id.s, ids[2 * seen].s);
+            cr_assert_str_eq(page.v[i].queue, "even");
+            cr_assert_null(page.v[i].payload, "lists carry no payload");
+        }
+        if (page.n)
+            last = page.v[page.n - 1].id;
+        kp_jobs_clear(&page);
+        f.after = &last;
+    }
+    cr_assert_eq(seen, 13);
+    cr_assert_eq(ts_count(s, -1, "odd"), 12);
+    cr_assert_eq(ts_count(s, KP_JOB_QUEUED, NULL), 24);
+    cr_assert_eq(ts_count(s, KP_JOB_LEASED, "even"), 1);
+    cr_assert_eq(ts_count(s, KP_JOB_LEASED, "odd"), 0);
+    f.limit = 0;
+    cr_assert_eq(kp_store_list(s, &f, &page), KP_EINVAL);
+}
+
+static void t_dlq_purge_and_retry_select(struct kp_store *s)
+{
+    kp_job_id ids[4];
+    const char *queues[] = {"a", "a", "b", "b"};
+    for (int i = 0; i < 4; i++) {
+        ids[i] = ts_insert(s, ts_job(queues[i], 0, "x"), T0);
+        struct kp_job j;
+        cr_assert(ts_claim(s, queues[i], T0, &j));
+        kp_job_clear(&j);
+        ts_end(s, &ids[i], 1, KP_OUTCOME_FAILED, KP_NO_RETRY, T0);
+    }
+    ts_insert(s, ts_job("a", 0, "alive"), T0);
+    size_t n;
+    cr_assert_eq(kp_store_dlq_purge(s, NULL, &ids[0], &n), KP_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(kp_store_dlq_purge(s, NULL, &ids[0], &n), KP_ENOJOB);
+    cr_assert_eq(kp_store_dlq_retry(s, "b", NULL, T0, &n), KP_OK);
+    cr_assert_eq(n, 2);
+    cr_assert_eq(ts_count(s, KP_JOB_DEAD, NULL), 1);
+    cr_assert_eq(kp_store_dlq_purge(s, NULL, NULL, &n), KP_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(ts_count(s, -1, NULL), 3, "purge touches only the DLQ");
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, &ids[1], &j), KP_ENOJOB);
+}
+
+static void t_recover_returns_leased_jobs(struct kp_store *s)
+{
+    kp_job_id a = ts_insert(s, ts_job("q", 0, "a"), T0);
+    struct kp_job_new last = ts_job("q", 0, "b");
+    last.max_attempts = 1;
+    kp_job_id b = ts_insert(s, last, T0);
+    kp_job_id c = ts_insert(s, ts_job("q", 0, "c"), T0);
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(s, "q", 2, 1, T0, &jobs), KP_OK);
+    kp_jobs_clear(&jobs);
+    size_t n;
+    cr_assert_eq(kp_store_recover(s, T0 + 5, &n), KP_OK);
+    cr_assert_eq(n, 2);
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, &a, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_QUEUED);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_WORKER_LOST);
+    cr_assert_eq(j.history[0].ended_at, T0 + 5);
+    kp_job_clear(&j);
+    cr_assert_eq(ts_state(s, &b), KP_JOB_DEAD, "its only attempt was lost");
+    cr_assert_eq(ts_state(s, &c), KP_JOB_QUEUED, "never leased, untouched");
+    cr_assert(ts_claim(s, "q", T0 + 5, &j));
+    cr_assert_str_eq(j.id.s, a.s, "the recovered job keeps its place");
+    cr_assert_eq(j.attempts, 2);
+    kp_job_clear(&j);
+}
+
+static void t_failed_op_in_a_group_undoes_only_itself(struct kp_store *s)
+{
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    kp_job_id a = ts_insert(s, ts_job("q", 0, "a"), T0);
+    kp_job_id none;
+    kp_job_id_new(T0, &none);
+    cr_assert_eq(kp_store_cancel(s, &none, T0), KP_ENOJOB);
+    struct kp_job_new bad[2] = {ts_job("q", 0, "b"), ts_job("q", 0, "c")};
+    bad[1].max_attempts = 0;
+    struct kp_job_ref refs[2];
+    cr_assert_eq(kp_store_insert(s, bad, 2, T0, refs), KP_EINVAL);
+    kp_job_id d = ts_insert(s, ts_job("q", 0, "d"), T0);
+    cr_assert_eq(kp_store_commit(s), KP_OK);
+    cr_assert_eq(ts_count(s, -1, NULL), 2);
+    cr_assert_eq(ts_state(s, &a), KP_JOB_QUEUED);
+    cr_assert_eq(ts_state(s, &d), KP_JOB_QUEUED);
+}
+
+#define STORE_TESTS(XX)                                                                            \
+    XX(insert_and_get)                                                                             \
+    XX(insert_refuses_bad_jobs_whole_batch)                                                        \
+    XX(idempotency_key_returns_the_existing_job)                                                   \
+    XX(claim_priority_then_fifo)                                                                   \
+    XX(claim_batch)                                                                                \
+    XX(delayed_job_waits_for_run_at)                                                               \
+    XX(success_keeps_result_for_its_ttl)                                                           \
+    XX(retries_with_backoff_then_dlq_with_history)                                                 \
+    XX(no_retry_dead_letters_at_once)                                                              \
+    XX(end_checks_job_and_attempt)                                                                 \
+    XX(cancel)                                                                                     \
+    XX(list_pages_by_state_and_queue)                                                              \
+    XX(dlq_purge_and_retry_select)                                                                 \
+    XX(recover_returns_leased_jobs)                                                                \
+    XX(failed_op_in_a_group_undoes_only_itself)
+
+#define XX(name)                                                                                   \
+    Test(store_memory, name)                                                                       \
+    {                                                                                              \
+        struct kp_store *s = kp_store_memory_new();                                                \
+        t_##name(s);                                                                               \
+        kp_store_destroy(&s);                                                                      \
+        cr_assert_null(s);                                                                         \
+    }                                                                                              \
+    Test(store_sqlite, name)                                                                       \
+    {                                                                                              \
+        struct st_dir d = st_dir_new();                                                            \
+        struct kp_store *s = st_open(&d);                                                          \
+        t_##name(s);                                                                               \
+        kp_store_destroy(&s);                                                                      \
+        st_dir_remove(&d);                                                                         \
+    }
+STORE_TESTS(XX)
+#undef XX
+
+/* ---- only a file ----------------------------------------------------------- */
+
+Test(store_sqlite, reopen_keeps_jobs_and_recovers_leases)
+{
+    struct st_dir d = st_dir_new();
+    struct kp_store *s = st_open(&d);
+    kp_job_id done = ts_insert(s, ts_job("q", 0, "done"), T0);
+    kp_job_id leased = ts_insert(s, ts_job("q", 0, "leased"), T0);
+    kp_job_id waiting = ts_insert(s, ts_job("q", 0, "waiting"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    struct kp_job_end e = {.outcome = KP_OUTCOME_SUCCEEDED, .result = "r", .result_len = 1};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(s, &done, 1, &e, T0, &st), KP_OK);
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    kp_store_destroy(&s); /* as if the broker died: leased stays leased on disk */
+
+    char err[KP_STORE_ERRMSG_MAX];
+    size_t recovered;
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0 + 50, &s, &recovered, err), KP_OK, "%s", err);
+    cr_assert_eq(recovered, 1);
+    cr_assert_eq(ts_state(s, &done), KP_JOB_SUCCEEDED);
+    cr_assert_eq(ts_state(s, &waiting), KP_JOB_QUEUED);
+    cr_assert_eq(kp_store_get(s, &leased, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_QUEUED);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_WORKER_LOST);
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_get(s, &done, &j), KP_OK);
+    cr_assert(j.has_result && j.result_len == 1);
+    kp_job_clear(&j);
+    kp_store_destroy(&s);
+    st_dir_remove(&d);
+}
+
+Test(store_sqlite, rollback_undoes_the_group)
+{
+    struct st_dir d = st_dir_new();
+    struct kp_store *s = st_open(&d);
+    ts_insert(s, ts_job("q", 0, "kept"), T0);
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    ts_insert(s, ts_job("q", 0, "undone"), T0);
+    kp_store_rollback(s);
+    cr_assert_eq(ts_count(s, -1, NULL), 1);
+    kp_store_destroy(&s);
+    st_dir_remove(&d);
+}
+
+Test(store_sqlite, refuses_an_unknown_schema_version)
+{
+    struct st_dir d = st_dir_new();
+    struct kp_store *s = st_open(&d);
+    kp_store_destroy(&s);
+    sqlite3 *db;
+    cr_assert_eq(sqlite3_open(d.db, &db), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA user_version = 7", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    char err[KP_STORE_ERRMSG_MAX];
+    size_t n;
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert_null(s);
+    cr_assert(strstr(err, d.db) && strstr(err, "schema version 7"), "%s", err);
+    st_dir_remove(&d);
+}
+
+Test(store_sqlite, refuses_another_programs_database)
+{
+    struct st_dir d = st_dir_new();
+    sqlite3 *db;
+    cr_assert_eq(sqlite3_open(d.db, &db), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, "CREATE TABLE t(x)", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    struct kp_store *s;
+    char err[KP_STORE_ERRMSG_MAX];
+    size_t n;
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert(strstr(err, "not a Kelpie job store"), "%s", err);
+    st_dir_remove(&d);
+}
+
+/* The claim path, the DLQ and recovery must be served by their indexes, not
+ * a scan of the table: SQLite's own query plan for each of the store's query
+ * shapes, on the very file the store wrote (20,000 jobs, analysed), must
+ * name the index meant for it. */
+Test(store_sqlite, queries_are_served_by_their_indexes)
+{
+    struct st_dir d = st_dir_new();
+    struct kp_store *s = st_open(&d);
+    enum { N = 20000 };
+    struct kp_job_new *many = calloc(N, sizeof *many);
+    struct kp_job_ref *refs = calloc(N, sizeof *refs);
+    for (int i = 0; i < N; i++)
+        many[i] = ts_job(i % 2 ? "a" : "b", (uint8_t)(i % 10), "x");
+    cr_assert_eq(kp_store_insert(s, many, N, T0, refs), KP_OK);
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(s, "a", N / 4, 1, T0, &jobs), KP_OK);
+    kp_jobs_clear(&jobs);
+    free(many);
+    free(refs);
+    kp_store_destroy(&s);
+    sqlite3 *db;
+    cr_assert_eq(sqlite3_open(d.db, &db), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, "ANALYZE", NULL, NULL, NULL), SQLITE_OK);
+    const char *plans[][2] = {
+        {"SELECT seq FROM jobs WHERE queue = 'a' AND state = 1 ORDER BY priority DESC, seq "
+         "LIMIT 5",
+         "jobs_ready"},
+        {"UPDATE jobs SET state = 1 WHERE state = 0 AND run_at <= 5", "jobs_sched"},
+        {"SELECT min(run_at) FROM jobs WHERE state = 0", "jobs_sched"},
+        {"SELECT id FROM jobs WHERE state = 4 AND (NULL IS NULL OR queue = NULL) AND id > '' "
+         "ORDER BY id LIMIT 5",
+         "jobs_dead"},
+        {"SELECT id FROM jobs WHERE state = 2", "jobs_leased"},
+        {"DELETE FROM jobs WHERE state IN (3, 5) AND expires_at <= 5", "jobs_done"},
+        {"SELECT job_id FROM idem WHERE queue = 'a' AND key = 'k' AND expires_at > 5",
+         "PRIMARY KEY"},
+        {"SELECT id FROM jobs WHERE id = 'x'", "sqlite_autoindex_jobs"},
+    };
+    for (size_t i = 0; i < sizeof plans / sizeof *plans; i++) {
+        char sql[512];
+        snprintf(sql, sizeof sql, "EXPLAIN QUERY PLAN %s", plans[i][0]);
+        sqlite3_stmt *st;
+        cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK, "%s",
+                     sqlite3_errmsg(db));
+        char plan[1024] = "";
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            strncat(plan, (const char *)sqlite3_column_text(st, 3), sizeof plan - strlen(plan) - 2);
+            strcat(plan, ";");
+        }
+        sqlite3_finalize(st);
+        cr_assert(strstr(plan, plans[i][1]), "%s\n  plan: %s\n  wanted: %s", plans[i][0], plan,
+                  plans[i][1]);
+    }
+    sqlite3_close(db);
+    st_dir_remove(&d);
+}
+
+/* Ids made in one millisecond still sort in creation order and parse; ids
+ * of different milliseconds sort by time; nothing else parses. */
+Test(store_ids, ulids_sort_by_time_and_parse)
+{
+    kp_job_id prev, id, back;
+    kp_job_id_new(T0, &prev);
+    for (int i = 0; i < 10000; i++) {
+        kp_job_id_new(T0, &id);
+        cr_assert_gt(strcmp(id.s, prev.s), 0, "same millisecond, made later, sorts later");
+        cr_assert(kp_job_id_parse(id.s, &back));
+        cr_assert_str_eq(back.s, id.s);
+        prev = id;
+    }
+    kp_job_id_new(T0 + 1, &id);
+    cr_assert_gt(strcmp(id.s, prev.s), 0);
+    cr_assert_eq(strlen(id.s), KP_JOB_ID_LEN);
+    cr_assert(!kp_job_id_parse("", &back));
+    cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAVX", &back), "27 characters");
+    cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAU", &back), "U is not Crockford");
+    cr_assert(!kp_job_id_parse("81ARZ3NDEKTSV4RRFFQ69G5FAV", &back), "over 128 bits");
+    cr_assert(kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAV", &back));
+}
