@@ -257,3 +257,28 @@ def test_cli_stats_summary_json_and_watch(broker, procs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_worker_says_when_the_broker_does_not_answer(tmp_path):
+    """A worker pointed at a port where no kelpied listens says so (and where
+    it is trying) instead of waiting in silence."""
+    from conftest import free_port
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    log = tmp_path / "worker.log"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE] + [os.path.abspath(p) for p in
+                                         env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([PYTHON, "-m", "kelpie", "worker", "app:worker",
+                                 "--backend", backend], env=env, cwd=HERE, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "no answer yet" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert f"no answer yet from the broker at {backend}" in log.read_text()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
