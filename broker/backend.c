@@ -1,7 +1,7 @@
 /* backend: traffic from workers (ROUTER).
  *
  * A worker must register with READY before anything else; READY again
- * replaces its services and capacity. Answers (REPLY, CHUNK, END, ERROR) go
+ * replaces its services, their method sets and its capacity. Answers (REPLY, CHUNK, END, ERROR) go
  * to kp_broker_on_answer, which checks that the dispatch id is live and was
  * sent to this very worker before anything reaches a client. Any message,
  * even a malformed one, counts as a sign of life.
@@ -14,6 +14,8 @@
 
 /* Most services one READY may name; more are ignored (and logged). */
 #define BACKEND_MAX_SERVICES 256
+/* Most "service/method" entries one READY may list; more are ignored (and logged). */
+#define BACKEND_MAX_METHODS 4096
 /* Largest heartbeat interval a worker may announce (one hour). */
 #define BACKEND_MAX_HEARTBEAT_MS 3600000u
 
@@ -66,6 +68,28 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     if (h->n_services > BACKEND_MAX_SERVICES)
         kp_log_warn("worker '%s' offered %zu services; only the first %d are used", w->name,
                     h->n_services, BACKEND_MAX_SERVICES);
+    /* Each service's method set from READY's "service/method" entries; a
+     * service with no entry is served in full (set NULL). Method names hold
+     * no '/', so the last one splits: service names may contain it. */
+    struct kp_methods **methods = kp_calloc(cap ? cap : 1, sizeof *methods);
+    size_t nm = h->n_methods < BACKEND_MAX_METHODS ? h->n_methods : BACKEND_MAX_METHODS;
+    if (h->n_methods > BACKEND_MAX_METHODS)
+        kp_log_warn("worker '%s' listed %zu methods; only the first %d are used", w->name,
+                    h->n_methods, BACKEND_MAX_METHODS);
+    const char **names = kp_malloc((nm ? nm : 1) * sizeof *names);
+    for (size_t k = 0; k < n; k++) {
+        size_t nn = 0;
+        for (size_t i = 0; i < nm; i++) {
+            const char *slash = strrchr(h->methods[i], '/');
+            if (slash && slash[1] != '\0' &&
+                (size_t)(slash - h->methods[i]) == services[k]->name_len &&
+                memcmp(h->methods[i], services[k]->name, services[k]->name_len) == 0)
+                names[nn++] = slash + 1;
+        }
+        if (nn > 0)
+            methods[k] = kp_methods_new(names, nn);
+    }
+    kp_free(names);
     for (size_t i = 0; i < w->nservices; i++) {
         bool kept = false;
         for (size_t k = 0; k < n && !kept; k++)
@@ -73,11 +97,13 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
         if (!kept)
             kp_service_remove_worker(w->services[i], w, b->now);
     }
-    kp_free(w->services);
+    /* The services still point at the old sets until re-added just below. */
+    kp_worker_clear_services(w);
     w->services = services;
+    w->methods = methods;
     w->nservices = n;
     for (size_t i = 0; i < n; i++) {
-        kp_service_add_worker(services[i], w);
+        kp_service_add_worker(services[i], w, methods[i]);
         kp_broker_mark_pending(b, services[i]);
     }
     /* The welcome: the worker learns this broker's id (a restart shows as a

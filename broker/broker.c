@@ -9,6 +9,8 @@
  *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
  *               flood on one socket cannot starve the others
  *   expire      call deadlines that came due (timer heap)
+ *   grace end   once, when the start-up grace is over: calls still waiting
+ *               for a service no worker has registered get NOT_FOUND
  *   sweep       every heartbeat/2: heartbeats to quiet workers, silent
  *               workers marked gone, idle clients and services forgotten
  *   before sleep  reap departed workers and clients (their calls re-queued or
@@ -27,7 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "alloc.h"
@@ -57,9 +58,22 @@ kp_header kp_broker_heartbeat(const struct kp_broker *b)
     return h;
 }
 
+uint64_t kp_broker_grace_ms(const struct kp_broker *b)
+{
+    return (uint64_t)b->liveness * b->heartbeat_ms;
+}
+
 bool kp_broker_in_grace(const struct kp_broker *b)
 {
-    return b->now - b->started < (uint64_t)b->liveness * b->heartbeat_ms;
+    return b->now - b->started < kp_broker_grace_ms(b);
+}
+
+void kp_broker_unserved_message(const struct kp_broker *b, const char *service, char *buf,
+                                size_t len)
+{
+    size_t n = kp_workers_count(&b->workers);
+    snprintf(buf, len, "no worker serves %.200s%s; %zu worker%s connected", service,
+             strlen(service) > 200 ? "..." : "", n, n == 1 ? "" : "s");
 }
 
 void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
@@ -100,6 +114,9 @@ void kp_broker_count_error(struct kp_broker *b, enum kp_err err)
     case KP_ECLIENTLIMIT:
         s->client_limit++;
         break;
+    case KP_EBACKLOG:
+        s->not_reading++;
+        break;
     case KP_EUNIMPLEMENTED:
         s->unimplemented++;
         break;
@@ -136,18 +153,50 @@ enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_ind
     /* Frame-level problems outrank what the header says. */
     if (b->too_many)
         return KP_ETOOMANYFRAMES;
-    if (b->msg_size > b->max_message_size)
+    /* The limit is on what the peer sent: its routing id is the broker's. */
+    uint64_t size = b->msg_size - (hdr_index > 0 ? zmq_msg_size(&b->frames[0]) : 0);
+    if (size > b->max_message_size)
         return KP_EOVERSIZED;
     return err;
 }
 
 /* ---- sending ------------------------------------------------------------ */
 
-enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
-                           const kp_header *h, zmq_msg_t *payload, size_t n)
+struct kp_budget *kp_broker_account(struct kp_broker *b, struct kp_budget **slot)
 {
+    if (*slot == NULL)
+        *slot = kp_budget_new(b->queued);
+    return *slot;
+}
+
+bool kp_broker_lagging(const struct kp_broker *b, const struct kp_budget *acct, char *buf,
+                       size_t len)
+{
+    uint64_t mine = acct ? kp_budget_queued(acct) : 0, all = kp_budget_queued(b->queued);
+    if (mine >= b->peer_max_queued) {
+        snprintf(buf, len, "client is not reading its replies: %llu bytes queued (limit %llu)",
+                 (unsigned long long)mine, (unsigned long long)b->peer_max_queued);
+        return true;
+    }
+    if (all >= b->max_queued && mine > 0) {
+        snprintf(buf, len,
+                 "broker's send queues are full: %llu bytes queued to all peers (limit %llu), "
+                 "%llu to this client",
+                 (unsigned long long)all, (unsigned long long)b->max_queued,
+                 (unsigned long long)mine);
+        return true;
+    }
+    return false;
+}
+
+enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
+                           struct kp_budget *acct, const kp_header *h, zmq_msg_t *payload, size_t n)
+{
+    uint64_t size = rid ? rid_len : 0;
+    for (size_t i = 0; i < n; i++)
+        size += zmq_msg_size(&payload[i]);
     zmq_msg_t header;
-    if (kp_wire_encode(h, &header) != KP_OK) {
+    if (kp_budget_frame(acct ? acct : b->queued, h, size, &header) != KP_OK) {
         b->stats.send_failed++;
         return KP_ESYS;
     }
@@ -184,7 +233,8 @@ enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, siz
 
 enum kp_err kp_broker_send_worker(struct kp_broker *b, struct kp_worker *w, kp_header *h)
 {
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, h, NULL, 0);
+    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len,
+                                     kp_broker_account(b, &w->queued), h, NULL, 0);
     if (err == KP_OK)
         w->last_send = b->now;
     else if (err == KP_EUNREACHABLE)
@@ -198,7 +248,7 @@ void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size
     kp_header h = broker_header(KELPIE__V1__KIND__ERROR, request_id);
     h.code = kp_err_code(err);
     h.message = (char *)(detail ? detail : kp_strerror(err));
-    if (kp_broker_send(b, sock, rid, rid_len, &h, NULL, 0) == KP_OK)
+    if (kp_broker_send(b, sock, rid, rid_len, NULL, &h, NULL, 0) == KP_OK)
         b->stats.errors_sent++;
 }
 
@@ -214,14 +264,16 @@ static void broker_detach_client(struct kp_broker *b, struct kp_call *c)
     }
 }
 
-void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err)
+void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                                const char *detail)
 {
     struct kp_client *cl = c->client;
     if (cl && !cl->gone) {
         kp_header h = broker_header(KELPIE__V1__KIND__ERROR, c->client_request_id);
         h.code = kp_err_code(err);
-        h.message = (char *)kp_strerror(err);
-        enum kp_err serr = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, &h, NULL, 0);
+        h.message = (char *)(detail ? detail : kp_strerror(err));
+        enum kp_err serr = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len,
+                                          kp_broker_account(b, &cl->queued), &h, NULL, 0);
         if (serr == KP_OK)
             b->stats.errors_sent++;
         else if (serr == KP_EUNREACHABLE)
@@ -272,10 +324,18 @@ static void broker_orphan(struct kp_broker *b, struct kp_call *c)
  * holds (copies if c is idempotent, so it can be sent again). Ownership:
  * returns KP_OK with c DISPATCHED on w and the frames sent; otherwise nothing
  * was sent, the caller keeps c and its frames, and w is marked gone
- * (unreachable) or has no free slot any more (pipe full). */
+ * (unreachable) or has no free slot any more (pipe full, or more than
+ * --peer-max-queued bytes waiting for it). */
 static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                    kp_header *h, zmq_msg_t *frames, size_t n)
 {
+    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
+        /* Its pipe holds more than --peer-max-queued (it is not reading):
+         * it takes nothing new until the sweep finds the bytes gone. */
+        w->lagging = true;
+        b->stats.worker_not_reading++;
+        return KP_EAGAIN;
+    }
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
@@ -309,7 +369,8 @@ static enum kp_err broker_dispatch(struct kp_broker *b, struct kp_call *c, struc
             copied = true;
         }
     }
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, h, payload, n);
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, h, payload, n);
     if (err != KP_OK) {
         if (copied) {
             for (size_t i = 0; i < n; i++)
@@ -356,7 +417,7 @@ void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     if (s->queued == 0) {
-        struct kp_worker *w = kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
+        struct kp_worker *w = kp_service_pick(s, h->method);
         if (w) {
             enum kp_err err;
             if (c->flags & KP_FLAG_IDEMPOTENT) {
@@ -401,8 +462,25 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
         return;
     }
     struct kp_client *cl = c->client;
+    if (h->kind == KELPIE__V1__KIND__ERROR && (h->flags & KP_FLAG_OVERSIZED))
+        b->stats.answers_oversized++; /* the worker refused to send its answer */
+    struct kp_budget *acct = kp_broker_account(b, &cl->queued);
+    char why[160];
+    if (kp_broker_lagging(b, acct, why, sizeof why)) {
+        /* The client is not reading: a small ERROR takes the answer's place
+         * (its payload is freed now) and a stream is cancelled at its worker. */
+        b->stats.answers_replaced++;
+        kp_broker_fail_client_side(b, c, KP_EBACKLOG, why);
+        if (terminal) {
+            broker_release(b, c);
+            broker_free_call(b, c);
+        } else {
+            broker_orphan(b, c);
+        }
+        return;
+    }
     h->request_id = c->client_request_id;
-    enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, h,
+    enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, acct, h,
                                      &b->frames[hdr_index + 1], b->nframes - hdr_index - 1);
     if (err == KP_OK) {
         switch (h->kind) {
@@ -432,7 +510,7 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
 void kp_broker_cancel(struct kp_broker *b, struct kp_call *c)
 {
     b->stats.cancelled++;
-    kp_broker_fail_client_side(b, c, KP_ECANCELLED);
+    kp_broker_fail_client_side(b, c, KP_ECANCELLED, NULL);
     if (c->state == KP_CALL_QUEUED) {
         kp_service_unqueue(c->service, c, b->now);
         broker_free_call(b, c);
@@ -447,12 +525,20 @@ static void broker_expire_call(struct kp_broker *b, struct kp_call *c)
 {
     if (c->state == KP_CALL_QUEUED) {
         b->stats.deadline_expired_queued++;
-        kp_broker_fail_client_side(b, c, KP_EDEADLINE);
+        if (c->service->nworkers == 0) {
+            /* The usual cause of a long wait: say it, not just "deadline". */
+            char msg[320], why[288];
+            kp_broker_unserved_message(b, c->service->name, why, sizeof why);
+            snprintf(msg, sizeof msg, "deadline exceeded while queued: %s", why);
+            kp_broker_fail_client_side(b, c, KP_EDEADLINE, msg);
+        } else {
+            kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
+        }
         kp_service_unqueue(c->service, c, b->now);
         broker_free_call(b, c);
     } else if (c->state == KP_CALL_DISPATCHED) {
         b->stats.deadline_expired_inflight++;
-        kp_broker_fail_client_side(b, c, KP_EDEADLINE);
+        kp_broker_fail_client_side(b, c, KP_EDEADLINE, NULL);
         broker_orphan(b, c);
     }
 }
@@ -483,7 +569,7 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w)
             requeued++;
         } else {
             b->stats.worker_lost++;
-            kp_broker_fail_client_side(b, c, KP_EWORKERLOST);
+            kp_broker_fail_client_side(b, c, KP_EWORKERLOST, NULL);
             broker_free_call(b, c);
             lost++;
         }
@@ -586,6 +672,7 @@ static void broker_stats_json(struct kp_broker *b, struct kp_json *j)
     kp_json_u64(j, "calls", kp_calls_count(&b->calls));
     kp_json_u64(j, "queued", queued);
     kp_json_u64(j, "in_flight", in_flight);
+    kp_json_u64(j, "queued_bytes", kp_budget_queued(b->queued));
     kp_stats_json(&b->stats, j);
     kp_json_object_begin(j, "services");
     pos = 0;
@@ -611,7 +698,7 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
     kp_header h = broker_header(KELPIE__V1__KIND__REPLY, req->request_id);
     enum kp_err err = KP_OK;
     if (strcmp(req->method, "Ping") == 0) {
-        err = kp_broker_send(b, b->frontend, rid, rid_len, &h, NULL, 0);
+        err = kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, NULL, 0);
     } else if (strcmp(req->method, "Stats") == 0) {
         struct kp_json j;
         kp_json_init(&j);
@@ -623,7 +710,7 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
         }
         memcpy(zmq_msg_data(&payload), j.data, j.len);
         kp_json_fini(&j);
-        err = kp_broker_send(b, b->frontend, rid, rid_len, &h, &payload, 1);
+        err = kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, &payload, 1);
         if (err != KP_OK)
             zmq_msg_close(&payload);
     } else {
@@ -714,6 +801,11 @@ static void broker_sweep(struct kp_broker *b)
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
         if (w->gone)
             continue;
+        if (w->lagging && kp_budget_queued(w->queued) < b->peer_max_queued) {
+            w->lagging = false;
+            for (size_t i = 0; i < w->nservices; i++)
+                kp_broker_mark_pending(b, w->services[i]);
+        }
         if (kp_worker_expired(w, b->now, b->heartbeat_ms, b->liveness)) {
             b->stats.worker_expired++;
             kp_log_warn("worker '%s' silent for %llu ms, removing", w->name,
@@ -729,35 +821,115 @@ static void broker_sweep(struct kp_broker *b)
     kp_services_sweep(&b->services, b->now, KP_FORGET_MS);
 }
 
+/* Fails queued call c of s with err and detail and frees it. */
+static void broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                               const char *detail)
+{
+    kp_broker_fail_client_side(b, c, err, detail);
+    kp_service_unqueue(c->service, c, b->now);
+    broker_free_call(b, c);
+}
+
+/* Sends s's queued calls to free workers that implement their methods, in
+ * FIFO order. With one method set for all workers (s->uniform) the first
+ * call that finds no worker ends the pass, as no later one can find one
+ * either. With mixed sets a call whose workers are busy does not hold up
+ * later calls for other methods: the pass goes on while any worker of s has
+ * a free slot, so it may walk the whole queue (O(queued) per pass). Revisit
+ * with a queue per (service, method) if mixed services queue deeply. */
+static void broker_dispatch_service(struct kp_broker *b, struct kp_service *s)
+{
+    struct kp_list *l = s->queue.next;
+    while (l != &s->queue) {
+        struct kp_call *c = kp_container_of(l, struct kp_call, queue_link);
+        struct kp_list *next = l->next;
+        if (c->deadline && c->deadline <= b->now) {
+            kp_timers_disarm(&b->timers, &c->timer);
+            broker_expire_call(b, c);
+            l = next;
+            continue;
+        }
+        kp_header *h = NULL;
+        kp_arena_reset(&b->arena);
+        if (!c->has_header || kp_wire_decode(&b->arena, zmq_msg_data(&c->header),
+                                             zmq_msg_size(&c->header), SIZE_MAX, &h) != KP_OK) {
+            b->stats.send_failed++;
+            broker_fail_queued(b, c, KP_ESYS, NULL);
+            l = next;
+            continue;
+        }
+        if (s->nworkers > 0 && !kp_service_implements(s, h->method)) {
+            /* Accepted while nobody (or someone else) served the service;
+             * the workers it has now cannot run it. */
+            char msg[512];
+            snprintf(msg, sizeof msg, "no worker of %.200s implements method %.200s", s->name,
+                     h->method);
+            kp_broker_count_error(b, KP_EUNIMPLEMENTED);
+            broker_fail_queued(b, c, KP_EUNIMPLEMENTED, msg);
+            l = next;
+            continue;
+        }
+        struct kp_worker *w = kp_service_pick(s, h->method);
+        if (w == NULL) {
+            if (s->uniform ||
+                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers) == NULL)
+                break;
+            l = next;
+            continue;
+        }
+        enum kp_err err = broker_dispatch(b, c, w, h, NULL, 0);
+        if (err == KP_OK) {
+            kp_service_unqueue(s, c, b->now); /* DISPATCHED now; leaves its queue */
+            l = next;
+        } else if (err == KP_ESYS) {
+            b->stats.send_failed++;
+            broker_fail_queued(b, c, KP_ESYS, NULL);
+            l = next;
+        }
+        /* Otherwise w is gone or full now: the same call tries another. */
+    }
+    kp_arena_reset(&b->arena);
+}
+
 static void broker_dispatch_pending(struct kp_broker *b)
 {
     while (!kp_list_empty(&b->pending)) {
         struct kp_service *s = kp_container_of(b->pending.next, struct kp_service, pending_link);
         kp_list_remove(&s->pending_link);
         s->pending = false;
+        broker_dispatch_service(b, s);
+    }
+}
+
+/* The start-up grace ends: calls that waited for a service no worker has
+ * registered since start are answered NOT_FOUND, as calls made after the
+ * grace are; they would otherwise wait without bound (those without a
+ * deadline, forever). Runs once. */
+static void broker_end_grace(struct kp_broker *b)
+{
+    if (b->grace_ended || kp_broker_in_grace(b))
+        return;
+    b->grace_ended = true;
+    size_t pos = 0, failed = 0;
+    struct kp_service *s;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        if (s->served)
+            continue;
+        char msg[288];
+        kp_broker_unserved_message(b, s->name, msg, sizeof msg);
         struct kp_call *c;
         while ((c = kp_service_peek(s)) != NULL) {
-            if (c->deadline && c->deadline <= b->now) {
-                kp_timers_disarm(&b->timers, &c->timer);
-                broker_expire_call(b, c);
-                continue;
-            }
-            struct kp_worker *w =
-                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
-            if (w == NULL)
-                break;
-            kp_service_unqueue(s, c, b->now);
-            enum kp_err err = broker_dispatch(b, c, w, NULL, NULL, 0);
-            if (err == KP_ESYS) {
-                b->stats.send_failed++;
-                kp_broker_fail_client_side(b, c, KP_ESYS);
-                broker_free_call(b, c);
-            } else if (err != KP_OK) {
-                kp_service_push_front(s, c); /* w is gone now; try the next one */
-            }
+            kp_broker_count_error(b, KP_ENOTFOUND);
+            if (c->client == NULL)
+                b->stats.intake_dropped++;
+            broker_fail_queued(b, c, KP_ENOTFOUND, msg);
+            failed++;
         }
-        kp_arena_reset(&b->arena);
     }
+    if (failed)
+        kp_log_info("start-up grace over: %zu calls for services no worker serves answered "
+                    "NOT_FOUND",
+                    failed);
 }
 
 /* Ends the broker: every call still waiting is failed UNAVAILABLE, every
@@ -771,7 +943,7 @@ static void broker_finish(struct kp_broker *b)
         calls[i++] = c;
     for (i = 0; i < n; i++) {
         if (calls[i]->client) {
-            kp_broker_fail_client_side(b, calls[i], KP_ESHUTDOWN);
+            kp_broker_fail_client_side(b, calls[i], KP_ESHUTDOWN, NULL);
             failed++;
         }
     }
@@ -780,11 +952,11 @@ static void broker_finish(struct kp_broker *b)
     pos = 0;
     struct kp_worker *w;
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL)
-        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, &h, NULL, 0);
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, NULL, 0);
     pos = 0;
     struct kp_client *cl;
     while ((cl = kp_bmap_next(&b->clients.by_rid, &pos)) != NULL)
-        kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, &h, NULL, 0);
+        kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, cl->queued, &h, NULL, 0);
     kp_log_info("stopped: %zu calls failed UNAVAILABLE, %zu workers and %zu clients sent "
                 "DISCONNECT",
                 failed, kp_workers_count(&b->workers), kp_clients_count(&b->clients));
@@ -843,6 +1015,8 @@ static long broker_poll_timeout(const struct kp_broker *b)
         next = t;
     if (b->state == KP_BROKER_DRAINING && b->drain_deadline < next)
         next = b->drain_deadline;
+    if (!b->grace_ended && b->started + kp_broker_grace_ms(b) < next)
+        next = b->started + kp_broker_grace_ms(b);
     return next > b->now ? (long)(next - b->now) : 0;
 }
 
@@ -867,6 +1041,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         broker_read(b, b->frontend, kp_frontend_on_message);
         broker_read(b, b->intake, kp_intake_on_message);
         broker_expire(b);
+        broker_end_grace(b);
         broker_sweep(b);
         if (b->state != KP_BROKER_STOPPED)
             broker_before_sleep(b);
@@ -883,6 +1058,7 @@ bool kp_broker_tick(struct kp_broker *b, uint64_t now)
     broker_on_stop_requests(b);
     if (b->state != KP_BROKER_STOPPED) {
         broker_expire(b);
+        broker_end_grace(b);
         broker_sweep(b);
     }
     if (b->state != KP_BROKER_STOPPED)
@@ -939,31 +1115,6 @@ struct kp_stats kp_broker_stats(const struct kp_broker *b)
     return b->stats;
 }
 
-/* mkdir -p; returns false (errno set) on failure. */
-static bool broker_mkdirs(const char *path)
-{
-    char *p = kp_strdup(path);
-    bool ok = true;
-    for (char *s = p + 1;; s++) {
-        if (*s == '/' || *s == '\0') {
-            char saved = *s;
-            *s = '\0';
-            if (mkdir(p, 0750) != 0 && errno != EEXIST)
-                ok = false;
-            *s = saved;
-            if (!ok || saved == '\0')
-                break;
-        }
-    }
-    struct stat st;
-    if (ok && (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))) {
-        errno = ENOTDIR;
-        ok = false;
-    }
-    kp_free(p);
-    return ok;
-}
-
 /* A nonzero random 64-bit id; getrandom() cannot fail for 8 bytes once the
  * pool is initialised, and the clock mix only guards a kernel without it. */
 static uint64_t broker_random_id(void)
@@ -1004,10 +1155,9 @@ static void *broker_socket(struct kp_broker *b, int type, const char *name, cons
 enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_broker **out)
 {
     *out = NULL;
-    if (!broker_mkdirs(cfg->data_dir)) {
-        kp_log_error("--data-dir %s: %s", cfg->data_dir, strerror(errno));
-        return KP_ESYS;
-    }
+    /* --data-dir is not created here: nothing in 0.1 uses it, and a broker
+     * run from any directory must not leave ./kelpie-data behind. The
+     * durable-jobs store will create it when it first opens it. */
     struct kp_broker *b = kp_calloc(1, sizeof *b);
     b->heartbeat_ms = cfg->heartbeat_ms;
     b->liveness = cfg->heartbeat_liveness;
@@ -1015,6 +1165,9 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     b->client_max_inflight = cfg->client_max_inflight;
     b->max_message_size = cfg->max_message_size;
     b->max_header_size = cfg->max_header_size;
+    b->peer_max_queued = cfg->peer_max_queued;
+    b->max_queued = cfg->max_queued;
+    b->queued = kp_budget_new(NULL);
     b->shutdown_grace_ms = cfg->shutdown_grace_ms;
     b->wake[0] = b->wake[1] = -1;
     kp_calls_init(&b->calls);
@@ -1087,8 +1240,9 @@ void kp_broker_destroy(struct kp_broker **bp)
     size_t pos = 0;
     struct kp_worker *w;
     while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
-        kp_free(w->services);
+        kp_worker_clear_services(w);
         kp_free(w->name);
+        kp_budget_release(&w->queued);
         kp_free(w);
     }
     kp_workers_fini(&b->workers);
@@ -1097,6 +1251,8 @@ void kp_broker_destroy(struct kp_broker **bp)
     kp_calls_fini(&b->calls);
     kp_services_fini(&b->services);
     kp_arena_fini(&b->arena);
+    /* Messages libzmq still holds keep the account alive until they go. */
+    kp_budget_release(&b->queued);
     for (int i = 0; i < 2; i++) {
         if (b->wake[i] >= 0)
             close(b->wake[i]);

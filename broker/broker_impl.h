@@ -20,6 +20,7 @@
 #include <zmq.h>
 
 #include "broker.h"
+#include "budget.h"
 #include "call.h"
 #include "client.h"
 #include "list.h"
@@ -54,6 +55,8 @@ struct kp_broker {
     uint32_t client_max_inflight; /* per-client outstanding calls bound */
     uint64_t max_message_size;    /* all frames of one message */
     uint64_t max_header_size;     /* the header frame */
+    uint64_t peer_max_queued;     /* bytes queued to one peer before it counts as lagging */
+    uint64_t max_queued;          /* bytes queued to all peers before new calls are refused */
     uint32_t shutdown_grace_ms;   /* drain time on the first stop request */
 
     /* sockets */
@@ -72,6 +75,7 @@ struct kp_broker {
     uint64_t next_sweep;         /* next heartbeat/liveness sweep */
     uint64_t pick_seq;           /* dispatch sequence for least-loaded ties */
     uint64_t broker_id;          /* random per process; tells peers of a restart */
+    bool grace_ended;            /* the start-up grace is over and its calls were settled */
     unsigned stop_requests;      /* stop requests seen */
     size_t orphans;              /* calls in KP_CALL_ORPHANED */
     struct kp_calls calls;       /* every live call */
@@ -83,6 +87,7 @@ struct kp_broker {
     struct kp_list gone_workers; /* workers to reap before sleeping */
     struct kp_list gone_clients; /* clients to reap before sleeping */
     struct kp_stats stats;       /* counters */
+    struct kp_budget *queued;    /* bytes queued to all peers (budget.h) */
 
     /* the message being handled */
     struct kp_arena arena;           /* decoded headers; reset per message */
@@ -96,10 +101,24 @@ struct kp_broker {
 
 /* Encodes h and sends [rid] h payload[0..n) on sock without blocking.
  * Ownership: see the rule above (payload frames consumed only on KP_OK).
- * rid may be NULL (no routing frame). Returns KP_EUNREACHABLE if the peer is
- * gone (ROUTER_MANDATORY), KP_EAGAIN if its queue is full. Counts failures. */
+ * rid may be NULL (no routing frame). The message's bytes are charged to acct
+ * (the peer's account, see kp_broker_account; NULL: the broker-wide one only)
+ * until libzmq has taken it out of the pipe. Returns KP_EUNREACHABLE if the
+ * peer is gone (ROUTER_MANDATORY), KP_EAGAIN if its queue is full. Counts
+ * failures. */
 enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
-                           const kp_header *h, zmq_msg_t *payload, size_t n);
+                           struct kp_budget *acct, const kp_header *h, zmq_msg_t *payload,
+                           size_t n);
+
+/* Returns the byte account *slot (a client's or worker's), making it on first
+ * use; it adds to the broker-wide account. */
+struct kp_budget *kp_broker_account(struct kp_broker *b, struct kp_budget **slot);
+
+/* If the peer with account acct (NULL: none yet) has more bytes queued than
+ * --peer-max-queued, or the broker more than --max-queued while this peer
+ * has any, writes why into buf and returns true. */
+bool kp_broker_lagging(const struct kp_broker *b, const struct kp_budget *acct, char *buf,
+                       size_t len);
 
 /* Fills what every broker HEARTBEAT carries (kind, heartbeat_ms, broker_id,
  * max_message_size): peers learn the broker's limits and notice a restart. */
@@ -116,8 +135,15 @@ void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size
                           uint64_t request_id, enum kp_err err, const char *detail);
 
 /* Sends ERROR(err) for call c to its client (if any) and detaches the client
- * side (map entry, timer). The call itself is not freed. */
-void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err);
+ * side (map entry, timer). The call itself is not freed. detail, if not
+ * NULL, replaces kp_strerror(err) as the message. */
+void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                                const char *detail);
+
+/* Writes "no worker serves <service>; N workers connected" into buf: the
+ * message of every answer that exists because nobody serves the service. */
+void kp_broker_unserved_message(const struct kp_broker *b, const char *service, char *buf,
+                                size_t len);
 
 /* ---- broker.c: call lifecycle ----------------------------------------- */
 
@@ -157,6 +183,9 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
 
 /* Returns true if the broker started less than liveness x heartbeat ago. */
 bool kp_broker_in_grace(const struct kp_broker *b);
+
+/* Length of the start-up grace in ms (liveness x heartbeat). */
+uint64_t kp_broker_grace_ms(const struct kp_broker *b);
 
 /* Validates the message in b->frames as coming from dir with its header at
  * hdr_index: frame count, total size, header decode and check. Returns KP_OK

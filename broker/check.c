@@ -5,9 +5,13 @@
  * calls on its list, a service's queued/in_flight match its queue and the
  * calls held for it, every client map entry names a live call of that
  * client, ORPHANED calls are counted, deadlines are armed exactly while a
- * client (or intake producer) still waits. The in-process tests and the
+ * client (or intake producer) still waits, a service's method sets are its
+ * workers' own and its `uniform` flag is true exactly when they are all
+ * equal. The in-process tests and the
  * broker fuzzer (tests/fuzz/fuzz_broker.c) call it after every step.
  */
+#include <string.h>
+
 #include "broker_impl.h"
 
 static const char *check_call(const struct kp_broker *b, const struct kp_call *c)
@@ -65,11 +69,21 @@ const char *kp_broker_check(const struct kp_broker *b)
         if (w->credits > KP_WORKER_MAX_CREDITS)
             return "a worker has more credits than allowed";
         for (size_t i = 0; i < w->nservices; i++) {
-            bool listed = false;
-            for (size_t k = 0; k < w->services[i]->nworkers && !listed; k++)
-                listed = w->services[i]->workers[k] == w;
-            if (!listed)
+            const struct kp_service *s = w->services[i];
+            size_t k = 0;
+            while (k < s->nworkers && s->workers[k] != w)
+                k++;
+            if (k == s->nworkers)
                 return "a worker's service does not list the worker";
+            if (s->wmethods[k] != w->methods[i])
+                return "a service holds another method set for a worker than the worker's own";
+            const struct kp_methods *m = w->methods[i];
+            for (size_t j = 1; m && j < m->n; j++) {
+                if (strcmp(m->names[j - 1], m->names[j]) >= 0)
+                    return "a method set is not sorted and unique";
+            }
+            if (m && m->n == 0)
+                return "an empty method set (it would serve nothing; NULL means all)";
         }
     }
 
@@ -90,6 +104,13 @@ const char *kp_broker_check(const struct kp_broker *b)
                 s->workers[i])
                 return "a service lists a worker that is not registered";
         }
+        bool uniform = true;
+        for (size_t i = 1; i < s->nworkers; i++)
+            uniform = uniform && kp_methods_equal(s->wmethods[0], s->wmethods[i]);
+        if (uniform != s->uniform)
+            return "a service's uniform flag does not match its workers' method sets";
+        if (b->grace_ended && !s->served && s->queued > 0)
+            return "a call waits for a service nobody registered after the start-up grace";
         size_t in_flight = 0;
         size_t cpos = 0;
         while ((c = kp_idmap_next(&b->calls.by_serial, &cpos, NULL)) != NULL)

@@ -14,6 +14,7 @@ static void client_free(struct kp_client *c)
 {
     kp_idmap_fini(&c->calls);
     kp_list_remove(&c->gone_link);
+    kp_budget_release(&c->queued);
     kp_free(c);
 }
 
@@ -73,8 +74,11 @@ size_t kp_clients_sweep(struct kp_clients *t, uint64_t now, uint64_t idle_ms)
     size_t n = 0, pos = 0;
     struct kp_client **victims = NULL, *c;
     while ((c = kp_bmap_next(&t->by_rid, &pos)) != NULL) {
+        /* A client with bytes still queued is kept: forgetting it would
+         * forget what it owes against --peer-max-queued. */
         if (kp_idmap_count(&c->calls) == 0 && kp_list_empty(&c->gone_link) && now >= c->last_seen &&
-            now - c->last_seen >= idle_ms) {
+            now - c->last_seen >= idle_ms &&
+            (c->queued == NULL || kp_budget_queued(c->queued) == 0)) {
             if (victims == NULL)
                 victims = kp_malloc(kp_bmap_count(&t->by_rid) * sizeof *victims);
             victims[n++] = c;

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "budget.h"
 #include "call.h"
 #include "idmap.h"
 #include "list.h"
@@ -24,6 +25,7 @@ struct kp_client {
     struct kp_idmap calls;    /* request_id -> outstanding call */
     uint64_t last_seen;       /* monotonic ms of its last message */
     bool gone;                /* unreachable or disconnected: end its calls */
+    struct kp_budget *queued; /* bytes queued to it (budget.h); NULL until the first send */
     struct kp_list gone_link; /* in the broker's removal list once gone */
 };
 
@@ -52,8 +54,8 @@ size_t kp_clients_count(const struct kp_clients *t);
 /* Number of c's outstanding calls. */
 size_t kp_client_inflight(const struct kp_client *c);
 
-/* Forgets clients without calls that were silent for idle_ms and are not
- * scheduled for removal; returns how many. */
+/* Forgets clients without calls and without bytes queued to them that were
+ * silent for idle_ms and are not scheduled for removal; returns how many. */
 size_t kp_clients_sweep(struct kp_clients *t, uint64_t now, uint64_t idle_ms);
 
 #endif

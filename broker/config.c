@@ -1,10 +1,10 @@
 /* config: flags > environment > ZPL file > defaults; see config.h. */
 #include "config.h"
 
-#include <czmq.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,7 +40,8 @@ static bool config_range(const char *flag, uint64_t *lo, uint64_t *hi)
         {"heartbeat-ms", 10, 3600000},         {"heartbeat-liveness", 1, 100},
         {"queue-limit", 1, 10000000},          {"client-max-inflight", 1, 10000000},
         {"max-message-size", 1024, INT32_MAX}, {"max-header-size", 64, INT32_MAX},
-        {"shutdown-grace-ms", 0, 3600000},
+        {"shutdown-grace-ms", 0, 3600000},     {"peer-max-queued", 65536, 1ull << 62},
+        {"max-queued", 65536, 1ull << 62},
     };
     for (size_t i = 0; i < sizeof ranges / sizeof ranges[0]; i++) {
         if (strcmp(ranges[i].flag, flag) == 0) {
@@ -142,30 +143,155 @@ struct config_arg {
     const char *value;                  /* its value */
 };
 
-static bool config_load_file(struct kp_config *c, const char *path, char *err, size_t errlen)
+/* Largest config file read; a bigger one is refused, not truncated. */
+#define CONFIG_MAX_FILE (1u << 20)
+
+/* Reads the whole file at path; on failure err says why ("cannot read"). */
+static char *config_read_file(const char *path, char *err, size_t errlen)
 {
-    zconfig_t *root = zconfig_load(path);
-    if (root == NULL) {
-        snprintf(err, errlen, "--config: cannot read or parse ZPL file '%s'", path);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        snprintf(err, errlen, "--config %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    char *text = kp_malloc(CONFIG_MAX_FILE + 1);
+    size_t len = fread(text, 1, CONFIG_MAX_FILE + 1, f);
+    bool bad = ferror(f) != 0;
+    fclose(f);
+    if (bad || len > CONFIG_MAX_FILE) {
+        snprintf(err, errlen, "--config %s: %s", path,
+                 bad ? "read error" : "larger than 1 MiB, not a config file");
+        kp_free(text);
+        return NULL;
+    }
+    text[len] = '\0';
+    return text;
+}
+
+static bool config_name_char(char c, bool first)
+{
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'))
+        return true;
+    return !first && c != '\0' && strchr("$-_@.&+/", c) != NULL;
+}
+
+/* Parses one ZPL line (the subset kelpied reads: "name" or "name = value",
+ * indented by 4 spaces per level, '#' comments, values bare or in quotes).
+ * Returns false with why set on a syntax error; *depth < 0 for a blank or
+ * comment line. The line is modified in place: name and value point into it. */
+static bool config_parse_line(char *line, int *depth, char **name, char **value, const char **why)
+{
+    size_t indent = 0;
+    while (line[indent] == ' ')
+        indent++;
+    char *p = line + indent;
+    *depth = -1;
+    *value = NULL;
+    if (*p == '\0' || *p == '#' || *p == '\r')
+        return true;
+    if (*p == '\t' || indent % 4 != 0) {
+        *why = "indent by multiples of 4 spaces (no tabs)";
         return false;
     }
-    bool ok = true;
-    char source[512];
-    snprintf(source, sizeof source, "config file %s", path);
-    zconfig_t *broker = zconfig_locate(root, "broker");
-    for (zconfig_t *item = broker ? zconfig_child(broker) : NULL; item && ok;
-         item = zconfig_next(item)) {
-        const char *name = zconfig_name(item);
-        const struct config_option *o = config_find(name, strlen(name));
-        if (o == NULL) {
-            snprintf(err, errlen, "%s: unknown key 'broker/%s'", source, name);
-            ok = false;
+    *depth = (int)(indent / 4);
+    if (!config_name_char(*p, true)) {
+        *why = "a name must start with a letter or digit";
+        return false;
+    }
+    *name = p;
+    while (config_name_char(*p, false))
+        p++;
+    char *end = p;
+    while (*p == ' ')
+        p++;
+    if (*p == '=') {
+        p++;
+        while (*p == ' ')
+            p++;
+        if (*p == '"' || *p == '\'') {
+            char quote = *p++;
+            *value = p;
+            while (*p && *p != quote)
+                p++;
+            if (*p != quote) {
+                *why = "missing closing quote";
+                return false;
+            }
+            *p++ = '\0';
         } else {
-            const char *value = zconfig_value(item);
-            ok = config_set(c, o, value ? value : "", source, err, errlen);
+            *value = p;
+            while (*p && *p != ' ' && *p != '#' && *p != '\r')
+                p++;
+            char stop = *p;
+            *p = '\0';
+            if (stop == '#') {
+                *end = '\0';
+                return true; /* the rest is a comment */
+            }
+            if (stop)
+                p++;
+        }
+        while (*p == ' ' || *p == '\r')
+            p++;
+    }
+    if (*p != '\0' && *p != '#') {
+        *why = *value ? "unexpected text after the value" : "expected 'name = value'";
+        return false;
+    }
+    *end = '\0';
+    return true;
+}
+
+/* Applies the config file: a missing or unreadable file, a syntax error,
+ * an unknown section or key and a bad value are each refused with the
+ * file's name and, for what is in it, the line number. */
+static bool config_load_file(struct kp_config *c, const char *path, char *err, size_t errlen)
+{
+    char *text = config_read_file(path, err, errlen);
+    if (text == NULL)
+        return false;
+    bool ok = true, in_broker = false;
+    unsigned lineno = 0;
+    char *next = text;
+    while (ok && next) {
+        char *line = next;
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = '\0';
+        lineno++;
+        int depth;
+        char *name, *value;
+        const char *why = NULL;
+        char source[600];
+        snprintf(source, sizeof source, "config file %.500s line %u", path, lineno);
+        if (!config_parse_line(line, &depth, &name, &value, &why)) {
+            snprintf(err, errlen, "%s: syntax error: %s", source, why);
+            ok = false;
+        } else if (depth < 0) {
+            continue;
+        } else if (depth == 0) {
+            in_broker = strcmp(name, "broker") == 0 && value == NULL;
+            if (!in_broker) {
+                snprintf(err, errlen, "%s: unknown section '%.100s' (the only one is 'broker')",
+                         source, name);
+                ok = false;
+            }
+        } else if (depth == 1 && value != NULL) {
+            const struct config_option *o = config_find(name, strlen(name));
+            if (o == NULL) {
+                snprintf(err, errlen, "%s: unknown key 'broker/%.100s' (see --help)", source, name);
+                ok = false;
+            } else {
+                ok = config_set(c, o, value, source, err, errlen);
+            }
+        } else {
+            snprintf(err, errlen, "%s: '%.100s' %s", source, name,
+                     depth == 1 ? "needs a value ('name = value')"
+                                : "is nested too deep (keys go directly under 'broker')");
+            ok = false;
         }
     }
-    zconfig_destroy(&root);
+    kp_free(text);
     return ok;
 }
 
@@ -234,6 +360,21 @@ enum kp_config_result kp_config_load(struct kp_config *c, int argc, char **argv,
     for (size_t i = 0; i < nargs; i++) {
         if (!config_set(c, args[i].option, args[i].value, "command line", err, errlen))
             goto done;
+    }
+    const struct {
+        const char *flag;
+        const char *ep;
+    } eps[] = {{"frontend", c->frontend}, {"backend", c->backend}, {"intake", c->intake}};
+    for (size_t i = 0; i < sizeof eps / sizeof eps[0]; i++) {
+        /* "127.0.0.1:5555" would reach zmq_bind as an invalid endpoint after
+         * the sockets before it were bound; say what is missing instead. */
+        if (strstr(eps[i].ep, "://") == NULL) {
+            snprintf(err, errlen,
+                     "--%s '%.200s' has no transport: write tcp://%.200s (or ipc://PATH, "
+                     "inproc://NAME)",
+                     eps[i].flag, eps[i].ep, eps[i].ep);
+            goto done;
+        }
     }
     if (c->max_header_size > c->max_message_size) {
         snprintf(err, errlen,

@@ -3,9 +3,10 @@
  * Every option is one line of KP_OPTIONS: its struct field, flag, environment
  * variable, config-file key, kind, default and help text; parsing, --help and
  * docs/operations.md follow that list. Precedence: flags > environment >
- * config file (--config FILE or KELPIED_CONFIG, czmq zconfig, keys
- * "broker/<flag name>") > defaults. Parsing has no side effects: it does not
- * create --data-dir (the broker does) and does not touch signals.
+ * config file (--config FILE or KELPIED_CONFIG: the subset of ZPL that
+ * holds one section "broker" of "key = value" lines, keys the flag names;
+ * anything else in it is refused with its line number) > defaults. Parsing has no side effects: it
+ * does not create --data-dir (the broker does) and does not touch signals.
  */
 #ifndef KP_CONFIG_H
 #define KP_CONFIG_H
@@ -39,6 +40,12 @@
        "largest message in bytes, all frames (1024..2147483647)")                                  \
     XX(max_header_size, "max-header-size", "KELPIED_MAX_HEADER_SIZE", SIZE, "65536",               \
        "largest header frame in bytes (64..max-message-size)")                                     \
+    XX(peer_max_queued, "peer-max-queued", "KELPIED_PEER_MAX_QUEUED", SIZE, "67108864",            \
+       "bytes queued to one client or worker that does not read before its answers become "        \
+       "errors and it gets no new calls (65536..2^62)")                                            \
+    XX(max_queued, "max-queued", "KELPIED_MAX_QUEUED", SIZE, "1073741824",                         \
+       "bytes queued to all peers together before new calls are refused and answers to "           \
+       "lagging clients become errors (65536..2^62)")                                              \
     XX(shutdown_grace_ms, "shutdown-grace-ms", "KELPIED_SHUTDOWN_GRACE_MS", U32, "5000",           \
        "time calls get to finish on SIGINT/SIGTERM (0..3600000)")
 

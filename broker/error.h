@@ -29,6 +29,7 @@
     XX(ENOMETHOD, UNIMPLEMENTED, "unknown method of kelpie.broker")                                \
     XX(EQUEUEFULL, RESOURCE_EXHAUSTED, "service queue is full")                                    \
     XX(ECLIENTLIMIT, RESOURCE_EXHAUSTED, "too many calls in flight for this client")               \
+    XX(EBACKLOG, RESOURCE_EXHAUSTED, "client is not reading its replies")                          \
     XX(EUNIMPLEMENTED, UNIMPLEMENTED, "durable jobs are not served by this broker version")        \
     XX(ECANCELLED, CANCELLED, "cancelled by the client")                                           \
     XX(EDEADLINE, DEADLINE_EXCEEDED, "deadline exceeded")                                          \

@@ -6,15 +6,17 @@
  * return path — or turns it into broker state: a new call, a cancel, a
  * stream credit. See docs/protocol.md §4-§10 for every rule applied here.
  */
+#include <stdio.h>
 #include <string.h>
 
 #include "alloc.h"
 #include "broker_impl.h"
 #include "log.h"
 
-/* Refuses a client message: counter and ERROR (never an ERROR for an ERROR). */
-static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
-                            enum kp_err err)
+/* Refuses a client message: counter and ERROR (never an ERROR for an ERROR);
+ * detail, if not NULL, is the message instead of kp_strerror(err). */
+static void frontend_refuse_detail(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                                   enum kp_err err, const char *detail)
 {
     kp_broker_count_error(b, err);
     if (h && h->kind == KELPIE__V1__KIND__ERROR) {
@@ -22,13 +24,33 @@ static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t re
         return;
     }
     kp_broker_send_error(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                         request_id, err, NULL);
+                         request_id, err, detail);
+}
+
+static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
+                            enum kp_err err)
+{
+    frontend_refuse_detail(b, h, request_id, err, NULL);
+}
+
+/* Why s cannot take a call for method, or KP_OK: some worker serves s but
+ * none implements method (routing is by service and method, §7). */
+static enum kp_err frontend_check_method(const struct kp_service *s, const char *method, char *msg,
+                                         size_t len)
+{
+    if (s->nworkers == 0 || kp_service_implements(s, method))
+        return KP_OK;
+    snprintf(msg, len, "no worker of %.200s implements method %.200s (%zu worker%s serve%s it)",
+             s->name, method, s->nworkers, s->nworkers == 1 ? "" : "s",
+             s->nworkers == 1 ? "s" : "");
+    return KP_EUNIMPLEMENTED;
 }
 
 /* Finds the service for a new call, creating it during the start-up grace
  * period; NULL if no worker has ever served it and the grace period is over.
- * Calls accepted during grace keep waiting for their deadline, but a service
- * made for them does not take new calls after grace until a worker serves it. */
+ * Calls accepted during grace wait at most until their deadline or the end
+ * of the grace (then NOT_FOUND, broker_end_grace), and a service made for
+ * them takes no new calls after grace until a worker serves it. */
 static struct kp_service *frontend_route(struct kp_broker *b, const char *name)
 {
     bool grace = kp_broker_in_grace(b);
@@ -62,9 +84,21 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
         frontend_refuse(b, h, h->request_id, KP_ECLIENTLIMIT);
         return;
     }
+    char why[160];
+    if (kp_broker_lagging(b, cl->queued, why, sizeof why)) {
+        /* Its answers would only pile up in its pipe (--peer-max-queued). */
+        frontend_refuse_detail(b, h, h->request_id, KP_EBACKLOG, why);
+        return;
+    }
     struct kp_service *s = frontend_route(b, h->service);
+    char msg[512];
     if (s == NULL) {
-        frontend_refuse(b, h, h->request_id, KP_ENOTFOUND);
+        kp_broker_unserved_message(b, h->service, msg, sizeof msg);
+        frontend_refuse_detail(b, h, h->request_id, KP_ENOTFOUND, msg);
+        return;
+    }
+    if (frontend_check_method(s, h->method, msg, sizeof msg) != KP_OK) {
+        frontend_refuse_detail(b, h, h->request_id, KP_EUNIMPLEMENTED, msg);
         return;
     }
     if (s->queued >= b->queue_limit) {
@@ -144,7 +178,7 @@ void kp_frontend_on_message(struct kp_broker *b)
             ->last_seen = b->now;
         kp_header pong = kp_broker_heartbeat(b);
         if (kp_broker_send(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                           &pong, NULL, 0) == KP_OK)
+                           NULL, &pong, NULL, 0) == KP_OK)
             b->stats.heartbeats_sent++;
         break;
     }
@@ -175,9 +209,12 @@ void kp_intake_on_message(struct kp_broker *b)
         err = KP_ENOTFOUND; /* the broker's own calls need a reply path */
     struct kp_service *s = NULL;
     if (err == KP_OK) {
+        char msg[512];
         s = frontend_route(b, h->service);
         if (s == NULL)
             err = KP_ENOTFOUND;
+        else if (frontend_check_method(s, h->method, msg, sizeof msg) != KP_OK)
+            err = KP_EUNIMPLEMENTED;
         else if (s->queued >= b->queue_limit)
             err = KP_EQUEUEFULL;
     }

@@ -3,7 +3,10 @@
 
 #include <string.h>
 
+#include <stdlib.h>
+
 #include "alloc.h"
+#include "worker.h"
 
 void kp_services_init(struct kp_services *r)
 {
@@ -12,6 +15,7 @@ void kp_services_init(struct kp_services *r)
 
 static void service_destroy(struct kp_service *s)
 {
+    kp_free(s->wmethods);
     kp_free(s->workers);
     kp_free(s->name);
     kp_free(s);
@@ -42,6 +46,7 @@ struct kp_service *kp_services_get(struct kp_services *r, const char *name, uint
     kp_list_init(&s->queue);
     kp_list_init(&s->pending_link);
     s->idle_since = now ? now : 1;
+    s->uniform = true;
     kp_bmap_put(&r->by_name, s->name, s->name_len, s);
     return s;
 }
@@ -87,17 +92,85 @@ void kp_service_update_idle(struct kp_service *s, uint64_t now)
     }
 }
 
-void kp_service_add_worker(struct kp_service *s, struct kp_worker *w)
+static int methods_cmp(const void *a, const void *b)
 {
-    for (size_t i = 0; i < s->nworkers; i++) {
-        if (s->workers[i] == w)
-            return;
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+struct kp_methods *kp_methods_new(const char *const *names, size_t n)
+{
+    struct kp_methods *m = kp_malloc(sizeof *m + (n ? n : 1) * sizeof m->names[0]);
+    m->n = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (names[i][0] != '\0')
+            m->names[m->n++] = kp_strdup(names[i]);
     }
-    if (s->nworkers == s->workers_cap) {
-        s->workers_cap = s->workers_cap ? s->workers_cap * 2 : 4;
-        s->workers = kp_realloc(s->workers, s->workers_cap * sizeof *s->workers);
+    qsort(m->names, m->n, sizeof m->names[0], methods_cmp);
+    size_t k = 0;
+    for (size_t i = 0; i < m->n; i++) {
+        if (k > 0 && strcmp(m->names[k - 1], m->names[i]) == 0)
+            kp_free(m->names[i]);
+        else
+            m->names[k++] = m->names[i];
     }
-    s->workers[s->nworkers++] = w;
+    m->n = k;
+    return m;
+}
+
+void kp_methods_destroy(struct kp_methods **mp)
+{
+    struct kp_methods *m = *mp;
+    if (m == NULL)
+        return;
+    for (size_t i = 0; i < m->n; i++)
+        kp_free(m->names[i]);
+    kp_free(m);
+    *mp = NULL;
+}
+
+bool kp_methods_has(const struct kp_methods *m, const char *method)
+{
+    if (m == NULL)
+        return true;
+    return bsearch(&method, m->names, m->n, sizeof m->names[0], methods_cmp) != NULL;
+}
+
+bool kp_methods_equal(const struct kp_methods *a, const struct kp_methods *b)
+{
+    if (a == b)
+        return true;
+    if (a == NULL || b == NULL || a->n != b->n)
+        return false;
+    for (size_t i = 0; i < a->n; i++) {
+        if (strcmp(a->names[i], b->names[i]) != 0)
+            return false;
+    }
+    return true;
+}
+
+/* Recomputes s->uniform; O(workers x methods), only on registration changes. */
+static void service_update_uniform(struct kp_service *s)
+{
+    s->uniform = true;
+    for (size_t i = 1; i < s->nworkers && s->uniform; i++)
+        s->uniform = kp_methods_equal(s->wmethods[0], s->wmethods[i]);
+}
+
+void kp_service_add_worker(struct kp_service *s, struct kp_worker *w, const struct kp_methods *m)
+{
+    size_t i = 0;
+    while (i < s->nworkers && s->workers[i] != w)
+        i++;
+    if (i == s->nworkers) {
+        if (s->nworkers == s->workers_cap) {
+            s->workers_cap = s->workers_cap ? s->workers_cap * 2 : 4;
+            s->workers = kp_realloc(s->workers, s->workers_cap * sizeof *s->workers);
+            s->wmethods = kp_realloc(s->wmethods, s->workers_cap * sizeof *s->wmethods);
+        }
+        s->workers[s->nworkers++] = w;
+    }
+    s->wmethods[i] = m;
+    service_update_uniform(s);
     s->served = true;
     s->idle_since = 0;
 }
@@ -106,12 +179,46 @@ void kp_service_remove_worker(struct kp_service *s, struct kp_worker *w, uint64_
 {
     for (size_t i = 0; i < s->nworkers; i++) {
         if (s->workers[i] == w) {
-            memmove(&s->workers[i], &s->workers[i + 1], (s->nworkers - i - 1) * sizeof *s->workers);
+            size_t after = s->nworkers - i - 1;
+            memmove(&s->workers[i], &s->workers[i + 1], after * sizeof *s->workers);
+            memmove(&s->wmethods[i], &s->wmethods[i + 1], after * sizeof *s->wmethods);
             s->nworkers--;
+            service_update_uniform(s);
             break;
         }
     }
     kp_service_update_idle(s, now);
+}
+
+bool kp_service_implements(const struct kp_service *s, const char *method)
+{
+    if (s->nworkers == 0)
+        return false;
+    if (s->uniform)
+        return kp_methods_has(s->wmethods[0], method);
+    for (size_t i = 0; i < s->nworkers; i++) {
+        if (kp_methods_has(s->wmethods[i], method))
+            return true;
+    }
+    return false;
+}
+
+struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method)
+{
+    if (s->uniform) {
+        if (s->nworkers == 0 || !kp_methods_has(s->wmethods[0], method))
+            return NULL;
+        return kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
+    }
+    struct kp_worker *best = NULL;
+    for (size_t i = 0; i < s->nworkers; i++) {
+        struct kp_worker *w = s->workers[i];
+        if (kp_worker_free_slots(w) == 0 || !kp_methods_has(s->wmethods[i], method))
+            continue;
+        if (best == NULL || kp_worker_less_loaded(w, best))
+            best = w;
+    }
+    return best;
 }
 
 void kp_service_push_back(struct kp_service *s, struct kp_call *c)

@@ -8,6 +8,15 @@
  * goes to the head, ahead of newer calls. A service with no workers keeps
  * its queue; one that stays without workers and calls is forgotten after an
  * idle period (kp_services_sweep).
+ *
+ * Routing is by (service, method): each worker of a service comes with the
+ * set of its methods it implements (struct kp_methods, from READY's
+ * `methods`), or NULL for "every method" (a worker that listed none: older
+ * peers, catch-all handlers). The service keeps whether all its workers have
+ * the same set (`uniform`, the common case): then a pick is one membership
+ * test plus the plain least-loaded scan, as fast as routing by service alone.
+ * Otherwise the scan skips workers that lack the method; still one pass over
+ * the service's workers.
  */
 #ifndef KP_SERVICE_H
 #define KP_SERVICE_H
@@ -22,12 +31,21 @@
 
 struct kp_worker;
 
+/* The methods of one service that one worker implements: sorted by strcmp,
+ * no duplicates. A NULL set means every method. */
+struct kp_methods {
+    size_t n;      /* entries in names */
+    char *names[]; /* owned */
+};
+
 struct kp_service {
-    char *name;                  /* key in the registry */
-    size_t name_len;             /* strlen(name) */
-    struct kp_worker **workers;  /* workers serving it */
-    size_t nworkers;             /* entries in workers */
-    size_t workers_cap;          /* slots in workers */
+    char *name;                         /* key in the registry */
+    size_t name_len;                    /* strlen(name) */
+    struct kp_worker **workers;         /* workers serving it */
+    size_t nworkers;                    /* entries in workers */
+    size_t workers_cap;                 /* slots in workers and wmethods */
+    const struct kp_methods **wmethods; /* wmethods[i]: workers[i]'s set (its own), NULL = all */
+    bool uniform;                /* every worker has the same set (true with 0 or 1 workers) */
     struct kp_list queue;        /* QUEUED calls, oldest first */
     size_t queued;               /* calls in queue */
     size_t in_flight;            /* its calls held by workers */
@@ -63,11 +81,32 @@ struct kp_service *kp_services_next(const struct kp_services *r, size_t *pos);
  * returns how many were forgotten. */
 size_t kp_services_sweep(struct kp_services *r, uint64_t now, uint64_t idle_ms);
 
-/* Adds w to s's workers (no-op if present). */
-void kp_service_add_worker(struct kp_service *s, struct kp_worker *w);
+/* Returns a new set of the n method names (copied, sorted, deduplicated);
+ * empty names are skipped. Cannot fail. */
+struct kp_methods *kp_methods_new(const char *const *names, size_t n);
+
+/* Frees a set (NULL is fine) and sets *mp = NULL. */
+void kp_methods_destroy(struct kp_methods **mp);
+
+/* Returns true if m contains method; a NULL m contains every method. */
+bool kp_methods_has(const struct kp_methods *m, const char *method);
+
+/* Returns true if a and b hold the same names (NULL equals only NULL). */
+bool kp_methods_equal(const struct kp_methods *a, const struct kp_methods *b);
+
+/* Adds w to s's workers with its method set m (NULL = all; w keeps owning
+ * it), or replaces the set if w is already there. */
+void kp_service_add_worker(struct kp_service *s, struct kp_worker *w, const struct kp_methods *m);
 
 /* Removes w from s's workers (no-op if absent). */
 void kp_service_remove_worker(struct kp_service *s, struct kp_worker *w, uint64_t now);
+
+/* Returns true if some worker of s implements method. */
+bool kp_service_implements(const struct kp_service *s, const char *method);
+
+/* Returns the least-loaded worker of s with a free slot that implements
+ * method (kp_worker_pick's order), or NULL. O(workers of s). */
+struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method);
 
 /* Appends c at the tail of the queue; c must be QUEUED and unlinked. */
 void kp_service_push_back(struct kp_service *s, struct kp_call *c);

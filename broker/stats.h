@@ -36,6 +36,10 @@
     XX(unroutable)                /* NOT_FOUND: no worker ever registered the service */           \
     XX(queue_full)                /* service queue full */                                         \
     XX(client_limit)              /* client in-flight limit reached */                             \
+    XX(not_reading)               /* REQUESTs refused: the client's queued bytes over the limit */ \
+    XX(answers_replaced)          /* answers replaced by ERROR: the client is not reading */       \
+    XX(answers_oversized)         /* worker ERRORs flagged OVERSIZED (answer over the limit) */    \
+    XX(worker_not_reading)        /* dispatches held back: the worker's queued bytes over limit */ \
     XX(deadline_expired_queued)   /* deadline passed before dispatch */                            \
     XX(deadline_expired_inflight) /* deadline passed while a worker had it */                      \
     XX(cancelled)                 /* CANCELs that ended a call */                                  \

@@ -123,6 +123,10 @@ static bool wire_strings_ok(const kp_header *h)
         if (!wire_utf8_ok(h->services[i]))
             return false;
     }
+    for (size_t i = 0; i < h->n_methods; i++) {
+        if (!wire_utf8_ok(h->methods[i]))
+            return false;
+    }
     for (size_t i = 0; i < h->n_metadata; i++) {
         if (h->metadata[i]->key && !wire_utf8_ok(h->metadata[i]->key))
             return false;

@@ -44,6 +44,7 @@ struct kp_rid {
 #define KP_FLAG_STREAM     2u
 #define KP_FLAG_ONEWAY     4u
 #define KP_FLAG_STALLED    8u
+#define KP_FLAG_OVERSIZED  16u
 
 /* An allocation that did not fit the arena's block; freed on reset. */
 struct kp_arena_spill {

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "service.h"
 
 void kp_workers_init(struct kp_workers *t)
 {
@@ -42,10 +43,22 @@ void kp_worker_destroy(struct kp_workers *t, struct kp_worker **wp)
     if (kp_bmap_get(&t->by_rid, w->rid.bytes, w->rid.len) == w)
         kp_bmap_del(&t->by_rid, w->rid.bytes, w->rid.len);
     kp_list_remove(&w->gone_link);
-    kp_free(w->services);
+    kp_worker_clear_services(w);
     kp_free(w->name);
+    kp_budget_release(&w->queued);
     kp_free(w);
     *wp = NULL;
+}
+
+void kp_worker_clear_services(struct kp_worker *w)
+{
+    for (size_t i = 0; i < w->nservices; i++)
+        kp_methods_destroy(&w->methods[i]);
+    kp_free(w->methods);
+    kp_free(w->services);
+    w->methods = NULL;
+    w->services = NULL;
+    w->nservices = 0;
 }
 
 size_t kp_workers_count(const struct kp_workers *t)
@@ -55,7 +68,7 @@ size_t kp_workers_count(const struct kp_workers *t)
 
 uint32_t kp_worker_free_slots(const struct kp_worker *w)
 {
-    if (w->gone || w->stalled || w->in_flight >= w->credits)
+    if (w->gone || w->stalled || w->lagging || w->in_flight >= w->credits)
         return 0;
     return w->credits - w->in_flight;
 }
@@ -83,8 +96,7 @@ void kp_worker_return_slot(struct kp_worker *w)
         w->in_flight--;
 }
 
-/* Is a strictly less loaded than b? in_flight/credits compared exactly. */
-static bool worker_less_loaded(const struct kp_worker *a, const struct kp_worker *b)
+bool kp_worker_less_loaded(const struct kp_worker *a, const struct kp_worker *b)
 {
     uint64_t la = (uint64_t)a->in_flight * b->credits;
     uint64_t lb = (uint64_t)b->in_flight * a->credits;
@@ -100,7 +112,7 @@ struct kp_worker *kp_worker_pick(struct kp_worker *const *ws, size_t n)
         struct kp_worker *w = ws[i];
         if (kp_worker_free_slots(w) == 0)
             continue;
-        if (best == NULL || worker_less_loaded(w, best))
+        if (best == NULL || kp_worker_less_loaded(w, best))
             best = w;
     }
     return best;

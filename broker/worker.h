@@ -20,10 +20,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "budget.h"
 #include "idmap.h"
 #include "list.h"
 #include "wire.h"
 
+struct kp_methods;
 struct kp_service;
 
 /* Largest capacity a worker may announce; more is clamped. */
@@ -36,14 +38,17 @@ struct kp_worker {
     uint32_t in_flight;           /* slots taken by dispatched calls */
     uint32_t heartbeat_ms;        /* the worker's interval (READY), 0 = ours */
     bool stalled;                 /* STATUS(STALLED): send nothing new */
+    bool lagging;                 /* over --peer-max-queued: nothing new until it drains */
     bool gone;                    /* being removed; never picked again */
     uint64_t last_recv;           /* monotonic ms of its last message */
     uint64_t last_send;           /* monotonic ms of our last message to it */
     uint64_t last_pick;           /* dispatch sequence at its last pick */
     struct kp_service **services; /* services it serves */
-    size_t nservices;             /* entries in services */
+    struct kp_methods **methods;  /* methods[i]: what it implements of services[i], NULL = all */
+    size_t nservices;             /* entries in services and methods */
     struct kp_list calls;         /* its dispatched and orphaned calls */
     struct kp_list gone_link;     /* in the broker's removal list once gone */
+    struct kp_budget *queued;     /* bytes queued to it (budget.h); NULL until the first send */
 };
 
 struct kp_workers {
@@ -83,6 +88,13 @@ void kp_worker_take_slot(struct kp_worker *w, uint64_t pick_seq);
 
 /* Returns one slot (the worker's terminal answer, or loss). */
 void kp_worker_return_slot(struct kp_worker *w);
+
+/* Frees w's service list and method sets (it must have left the services). */
+void kp_worker_clear_services(struct kp_worker *w);
+
+/* Is a strictly less loaded than b (in_flight/credits compared exactly),
+ * ties to the one picked longer ago? */
+bool kp_worker_less_loaded(const struct kp_worker *a, const struct kp_worker *b);
 
 /* Returns the worker among ws[0..n) with a free slot and the lowest load
  * (in_flight/credits), ties to the smallest last_pick; NULL if none is free. */

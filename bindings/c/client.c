@@ -53,7 +53,8 @@ struct kelpie_client {
     int64_t next_scan;    /* when to look for expired calls next */
     client_node *head;    /* answers received or made up, not yet returned */
     client_node *tail;
-    kpc_arena arena; /* the header being read (one at a time) */
+    kpc_arena arena;           /* the header being read (one at a time) */
+    uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
 };
 
 /* The message of answers that carry none: shared, never freed, so that the
@@ -254,6 +255,9 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     h.n_metadata = opts->n_metadata;
     h.metadata = ptrs;
 
+    rc = kpc_wire_check(&h, len, c->max_message_size, "request", NULL, 0);
+    if (rc != KELPIE_OK)
+        goto cleanup;
     rc = kpc_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
     if (rc != KELPIE_OK)
         goto cleanup;
@@ -338,8 +342,12 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     case KELPIE__V1__KIND__DISCONNECT:
         client_expire(c, kpc_now_ms(), 1, KELPIE_UNAVAILABLE, "the broker disconnected");
         break;
+    case KELPIE__V1__KIND__HEARTBEAT:
+        if (h->max_message_size)
+            c->max_message_size = h->max_message_size;
+        break;
     default:
-        break; /* HEARTBEAT and anything else: a sign of life, nothing more */
+        break; /* anything else: a sign of life, nothing more */
     }
 done:
     kpc_msg_fini(&m);
@@ -391,6 +399,23 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
     kelpie_call_opts opts = {.service = service, .method = method, .timeout_ms = timeout_ms};
     kelpie_request_id id;
     kelpie_status rc = kelpie_client_send(c, &opts, payload, len, &id);
+    if (rc == KELPIE_RESOURCE_EXHAUSTED) {
+        /* Refused before sending: say why, as the broker would. */
+        Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+        h.kind = KELPIE__V1__KIND__REQUEST;
+        h.request_id = c->next_id + 1;
+        h.service = (char *)service;
+        h.method = (char *)(method ? method : "");
+        h.timeout_ms = timeout_ms;
+        char why[128];
+        kpc_wire_check(&h, len, c->max_message_size, "request", why, sizeof why);
+        reply->kind = KELPIE_KIND_ERROR;
+        reply->status = rc;
+        reply->message = kpc_strndup(why, strlen(why));
+        if (!reply->message)
+            reply->message = client_no_message;
+        return rc;
+    }
     if (rc != KELPIE_OK)
         return rc;
     int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
@@ -465,6 +490,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *c, kelpie_reques
     return client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
 }
 
+KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *c)
+{
+    return c ? c->max_message_size : 0;
+}
+
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *c)
 {
     return c ? c->count : 0;
@@ -503,6 +533,12 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint)
     zmq_setsockopt(c->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
     if (zmq_connect(c->sock, endpoint) != 0)
         goto fail;
+    /* The broker answers a HEARTBEAT with its own, which carries its
+     * max_message_size; queued until the connection is up. */
+    c->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
+    Kelpie__V1__Header hello = KELPIE__V1__HEADER__INIT;
+    hello.kind = KELPIE__V1__KIND__HEARTBEAT;
+    kpc_wire_send(c->sock, &hello, NULL, 0, ZMQ_DONTWAIT);
     return c;
 fail:
     kelpie_client_destroy(&c);

@@ -10,6 +10,7 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +79,19 @@ kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *
     if (len > 0 && zmq_send(sock, payload, len, 0) < 0)
         return KELPIE_ERR_ZMQ;
     return KELPIE_OK;
+}
+
+kelpie_status kpc_wire_check(Kelpie__V1__Header *header, size_t len, uint64_t limit,
+                             const char *what, char *why, size_t why_len)
+{
+    header->version = KPC_VERSION;
+    uint64_t size = (uint64_t)kelpie__v1__header__get_packed_size(header) + len;
+    if (size <= limit)
+        return KELPIE_OK;
+    if (why)
+        snprintf(why, why_len, "%s of %llu bytes exceeds the broker's limit of %llu", what,
+                 (unsigned long long)size, (unsigned long long)limit);
+    return KELPIE_RESOURCE_EXHAUSTED;
 }
 
 /* Appends a frame to msg's joined buffer. */

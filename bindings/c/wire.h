@@ -18,6 +18,13 @@
 /* The protocol version this library speaks. */
 #define KPC_VERSION 1
 
+/* The largest whole message a peer sends before it has heard the broker's
+ * own limit (HEARTBEAT.max_message_size): kelpied's default. */
+#define KPC_DEFAULT_MAX_MESSAGE_SIZE (16u << 20)
+
+/* Header.flags bit on a worker's ERROR: it refused an answer over the limit. */
+#define KPC_FLAG_OVERSIZED 16u
+
 /* Decoded headers are small (a few hundred bytes with their strings), so
  * they are unpacked into a fixed buffer instead of a malloc per field; a
  * header that does not fit spills to malloc. */
@@ -52,6 +59,15 @@ typedef struct kpc_msg {
  * ownership of header and payload (both are copied into frames). */
 kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
                             int zmq_flags);
+
+/* The one size check of the library, made before every REQUEST, REPLY and
+ * CHUNK: libzmq drops the whole connection (and every other call on it) when
+ * a frame is over the broker's ZMQ_MAXMSGSIZE. Returns KELPIE_OK when header
+ * (version set here) plus len payload bytes fit in limit; otherwise
+ * KELPIE_RESOURCE_EXHAUSTED with "<what> of N bytes exceeds the broker's
+ * limit of M" in why (why may be NULL). */
+kelpie_status kpc_wire_check(Kelpie__V1__Header *header, size_t len, uint64_t limit,
+                             const char *what, char *why, size_t why_len);
 
 /* Receives one whole message into *msg, decoding its header into arena
  * (reset first; NULL: malloc). zmq_flags is 0 or ZMQ_DONTWAIT.

@@ -61,6 +61,7 @@ struct kelpie_call {
     uint32_t window;            /* STREAM: CHUNKs still allowed */
     uint64_t sequence;          /* STREAM: next CHUNK's sequence number */
     bool cancelled;             /* CANCEL arrived, or the connection was lost */
+    char *oversized;            /* STREAM: why a CHUNK was refused (then the call ends so) */
     bool notify;                /* cancel callback still to run */
     kpc_arena arena;            /* where header was decoded */
     void *payload;              /* parked REQUEST only: a copy of its payload */
@@ -96,8 +97,9 @@ struct kelpie_worker {
     int64_t next_tick;
     kelpie_cancel_fn cancel_fn;
     void *cancel_arg;
-    int wake[2];         /* self-pipe that kelpie_worker_stop writes to */
-    atomic_int stopping; /* set by kelpie_worker_stop */
+    int wake[2];               /* self-pipe that kelpie_worker_stop writes to */
+    uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
+    atomic_int stopping;       /* set by kelpie_worker_stop */
 };
 
 /* --- sending ------------------------------------------------------------- */
@@ -113,15 +115,20 @@ static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const 
     return rc;
 }
 
+/* READY: the services of every handler, and "service/method" for each
+ * per-method handler of a service that has no catch-all handler (a service
+ * with one is served in full, so it lists no methods), so that the broker
+ * sends this worker only calls it has a handler for (protocol.md §7). */
 static void worker_send_ready(kelpie_worker *w)
 {
     size_t n = 0;
     for (worker_handler *h = w->handlers; h; h = h->next)
         n++;
     char **services = calloc(n ? n : 1, sizeof *services);
-    if (!services)
-        return;
-    size_t unique = 0;
+    char **methods = calloc(n ? n : 1, sizeof *methods);
+    if (!services || !methods)
+        goto done;
+    size_t unique = 0, nmethods = 0;
     for (worker_handler *h = w->handlers; h; h = h->next) {
         size_t i = 0;
         while (i < unique && strcmp(services[i], h->service) != 0)
@@ -129,15 +136,36 @@ static void worker_send_ready(kelpie_worker *w)
         if (i == unique)
             services[unique++] = h->service;
     }
+    for (worker_handler *h = w->handlers; h; h = h->next) {
+        if (!h->method)
+            continue;
+        bool catch_all = false;
+        for (worker_handler *o = w->handlers; o && !catch_all; o = o->next)
+            catch_all = !o->method && strcmp(o->service, h->service) == 0;
+        if (catch_all)
+            continue;
+        size_t len = strlen(h->service) + 1 + strlen(h->method) + 1;
+        char *m = malloc(len);
+        if (!m)
+            goto done;
+        snprintf(m, len, "%s/%s", h->service, h->method);
+        methods[nmethods++] = m;
+    }
     Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
     hdr.kind = KELPIE__V1__KIND__READY;
     hdr.credits = w->capacity;
     hdr.n_services = unique;
     hdr.services = services;
+    hdr.n_methods = nmethods;
+    hdr.methods = methods;
     hdr.heartbeat_ms = w->heartbeat_ms;
     hdr.name = w->name;
     worker_send(w, &hdr, NULL, 0);
     w->last_ready = w->now;
+done:
+    for (size_t i = 0; methods && i < n; i++)
+        free(methods[i]);
+    free(methods);
     free(services);
 }
 
@@ -165,6 +193,7 @@ static void call_free(kelpie_call *call)
 {
     kpc_header_free(call->header, &call->arena);
     free(call->payload);
+    free(call->oversized);
     free(call);
 }
 
@@ -331,8 +360,13 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         /* The broker is going away: behave as if it went silent. */
         w->last_heard = 0;
         return;
+    case KELPIE__V1__KIND__HEARTBEAT:
+        /* The welcome after READY carries the broker's limit. */
+        if (h->max_message_size)
+            w->max_message_size = h->max_message_size;
+        return;
     default:
-        return; /* HEARTBEAT and the rest: a sign of life */
+        return; /* the rest: a sign of life */
     }
 }
 
@@ -494,15 +528,37 @@ KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
 
 /* --- answering ----------------------------------------------------------- */
 
-/* Sends a terminal answer (unless the call is an orphan) and frees the call. */
+/* Sends a terminal answer (unless the call is an orphan) and frees the call.
+ * An answer over the broker's size limit, or any answer after a CHUNK was
+ * refused for its size, goes as ERROR RESOURCE_EXHAUSTED flagged OVERSIZED
+ * instead (the broker counts those); KELPIE_RESOURCE_EXHAUSTED then. */
 static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
                                  size_t len)
 {
     kelpie_worker *w = call->worker;
     kelpie_status rc = KELPIE_OK;
+    char why[128];
+    const char *refused = call->oversized;
     h->request_id = call->id;
-    if (call->epoch == w->epoch)
+    if (!refused &&
+        kpc_wire_check(h, len, w->max_message_size, "reply", why, sizeof why) != KELPIE_OK)
+        refused = why;
+    if (refused) {
+        Kelpie__V1__Header err = KELPIE__V1__HEADER__INIT;
+        err.kind = KELPIE__V1__KIND__ERROR;
+        err.request_id = call->id;
+        err.code = KELPIE__V1__CODE__RESOURCE_EXHAUSTED;
+        err.message = (char *)refused;
+        err.flags = KPC_FLAG_OVERSIZED;
+        h = &err;
+        payload = NULL;
+        len = 0;
+        if (call->epoch == w->epoch)
+            worker_send(w, h, NULL, 0);
+        rc = KELPIE_RESOURCE_EXHAUSTED;
+    } else if (call->epoch == w->epoch) {
         rc = worker_send(w, h, payload, len);
+    }
     worker_release(w, call);
     return rc;
 }
@@ -565,6 +621,14 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
     h.kind = KELPIE__V1__KIND__CHUNK;
     h.request_id = call->id;
     h.sequence = call->sequence;
+    char why[128];
+    if (kpc_wire_check(&h, len, w->max_message_size, "chunk", why, sizeof why) != KELPIE_OK) {
+        /* The stream cannot go on without this chunk: whatever ends the
+         * call now sends this refusal instead (call_finish). */
+        if (!call->oversized)
+            call->oversized = kpc_strndup(why, strlen(why));
+        return KELPIE_RESOURCE_EXHAUSTED;
+    }
     kelpie_status rc = worker_send(w, &h, payload, len);
     if (rc == KELPIE_OK) {
         call->sequence++;
@@ -646,6 +710,7 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
     w->capacity = capacity;
     w->heartbeat_ms = 1000;
     w->liveness = 3;
+    w->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
     w->endpoint = kpc_strndup(endpoint, strlen(endpoint));
     char host[256] = "localhost";
     char fallback[300];

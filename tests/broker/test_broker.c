@@ -89,7 +89,8 @@ static void tb_start(void)
     tb_set(&tb_cfg.data_dir, data);
     kp_log_set_level(tb_cfg.log_level);
     cr_assert_eq(kp_broker_new(&tb_cfg, tb.ctx, &tb.broker), KP_OK);
-    cr_assert_eq(access(data, F_OK), 0, "--data-dir was not created");
+    /* Nothing in 0.1 uses --data-dir: the broker must not create it. */
+    cr_assert_neq(access(data, F_OK), 0, "--data-dir was created although nothing uses it");
     cr_assert_eq(pthread_create(&tb.thread, NULL, tb_run, NULL), 0);
     tb.running = true;
 }
@@ -306,14 +307,18 @@ static void tb_wait_stat(const char *path, long want)
     cr_assert_eq(v, want, "Stats %s is %ld, expected %ld", path, v, want);
 }
 
-/* A worker socket that has registered service with credits. */
-static void *tb_worker(const char *service, uint32_t credits)
+/* A worker socket that has registered service with credits, implementing
+ * the n methods given as "service/method" (n 0: every method). */
+static void *tb_worker_methods(const char *service, uint32_t credits, const char *const *methods,
+                               size_t n)
 {
     void *w = tb_socket(ZMQ_DEALER, tb.be);
     tb_header h = tb_hdr(KELPIE__V1__KIND__READY, 0);
     char *services[] = {(char *)service};
     h.services = services;
     h.n_services = 1;
+    h.methods = (char **)methods;
+    h.n_methods = n;
     h.credits = credits;
     h.heartbeat_ms = 60000; /* judged by its own long interval: never expires here */
     h.name = "test-worker";
@@ -329,6 +334,12 @@ static void *tb_worker(const char *service, uint32_t credits)
     cr_assert_gt(hello->max_message_size, 0);
     tb_free(hello);
     return w;
+}
+
+/* A worker socket that has registered service with credits (every method). */
+static void *tb_worker(const char *service, uint32_t credits)
+{
+    return tb_worker_methods(service, credits, NULL, 0);
 }
 
 /* Receives a REQUEST on a worker; returns its header (caller frees). */
@@ -667,21 +678,189 @@ Test(broker, unknown_service_is_not_found_after_the_grace_period)
     tb_cfg.heartbeat_liveness = 10;
     tb_start();
     void *c = tb_socket(ZMQ_DEALER, tb.fe);
-    /* Within liveness x heartbeat (500 ms) of start-up the call waits. */
+    /* Within liveness x heartbeat (500 ms) of start-up the calls wait: one is
+     * served by a worker that registers within the grace. */
     tb_request(c, 1, "late", "Do", 3000, 0, "x");
-    tb_sleep_ms(800);
-    tb_request(c, 2, "never", "Do", 2000, 0, "x");
-    tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 2);
-    cr_assert_eq(tb_stat("unroutable"), 1);
-    /* The service made for the early call takes no new calls after grace. */
-    tb_request(c, 3, "late", "Do", 2000, 0, "x");
-    tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 3);
-    cr_assert_eq(tb_stat("unroutable"), 2);
-    /* The early call is served by a worker that registers later. */
     void *w = tb_worker("late", 1);
     tb_header *r = tb_work(w);
     tb_answer(w, KELPIE__V1__KIND__REPLY, r->request_id, "done");
     tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 1));
+    tb_free(r);
+    tb_sleep_ms(800);
+    tb_request(c, 2, "never", "Do", 2000, 0, "x");
+    tb_header *e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__NOT_FOUND, 2);
+    cr_assert_str_eq(e->message, "no worker serves never; 1 worker connected");
+    tb_free(e);
+    cr_assert_eq(tb_stat("unroutable"), 1);
+}
+
+Test(broker, calls_waiting_in_the_grace_get_not_found_when_it_ends)
+{
+    tb_cfg.heartbeat_liveness = 10; /* grace 500 ms */
+    tb_start();
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    tb_request(c, 1, "echo", "Echo", 0, 0, "no deadline");
+    tb_request(c, 2, "echo", "Echo", 30000, 0, "a long one");
+    /* Without the fix both waited for ever (1) and for 30 s (2). */
+    for (uint64_t id = 1; id <= 2; id++) {
+        tb_header *e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__NOT_FOUND, id);
+        cr_assert_str_eq(e->message, "no worker serves echo; 0 workers connected");
+        tb_free(e);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    long ms = (t1.tv_sec - t0.tv_sec) * 1000L + (t1.tv_nsec - t0.tv_nsec) / 1000000L;
+    cr_assert_geq(ms, 400, "answered before the grace ended (%ld ms)", ms);
+    cr_assert_eq(tb_stat("unroutable"), 2);
+    cr_assert_eq(tb_stat("queued"), 0);
+    /* The service made for them takes no new calls either. */
+    tb_request(c, 3, "echo", "Echo", 2000, 0, "x");
+    tb_expect_error(c, KELPIE__V1__CODE__NOT_FOUND, 3);
+}
+
+Test(broker, a_queued_deadline_without_workers_says_nobody_serves_the_service)
+{
+    tb_cfg.heartbeat_liveness = 40; /* grace 2 s: the call below waits in it */
+    tb_start();
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_request(c, 1, "echo", "Echo", 100, 0, "x");
+    tb_header *e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__DEADLINE_EXCEEDED, 1);
+    cr_assert(strstr(e->message, "no worker serves echo; 0 workers connected"), "%s", e->message);
+    tb_free(e);
+    /* A service whose last worker left: the same reason. */
+    void *w = tb_worker("gone", 1);
+    tb_header bye = tb_hdr(KELPIE__V1__KIND__DISCONNECT, 0);
+    tb_send(w, &bye, NULL);
+    tb_wait_stat("workers", 0);
+    tb_request(c, 2, "gone", "Do", 100, 0, "x");
+    e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__DEADLINE_EXCEEDED, 2);
+    cr_assert(strstr(e->message, "no worker serves gone; 0 workers connected"), "%s", e->message);
+    tb_free(e);
+    /* With a busy worker the deadline is only a deadline. */
+    void *busy = tb_worker("busy", 1);
+    tb_request(c, 3, "busy", "Hold", 0, 0, "x");
+    tb_header *r = tb_work(busy);
+    tb_request(c, 4, "busy", "Hold", 100, 0, "x");
+    e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__DEADLINE_EXCEEDED, 4);
+    cr_assert_null(strstr(e->message, "no worker serves"), "%s", e->message);
+    tb_free(e);
+    tb_free(r);
+}
+
+/* ---- routing by method -------------------------------------------------- */
+
+Test(broker, calls_go_only_to_workers_that_implement_their_method)
+{
+    tb_start();
+    const char *ma[] = {"echo/A"}, *mb[] = {"echo/B", "other/A"};
+    void *wa = tb_worker_methods("echo", 100, ma, 1);
+    void *wb = tb_worker_methods("echo", 100, mb, 2);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    for (uint64_t id = 1; id <= 20; id++)
+        tb_request(c, id, "echo", id <= 10 ? "A" : "B", 5000, 0, "x");
+    /* Before routing by method, half the A calls reached wb (and half the B
+     * calls wa): least-loaded alone alternates between the two. */
+    for (int i = 0; i < 10; i++) {
+        tb_header *r = tb_work(wa);
+        cr_assert_str_eq(r->method, "A");
+        tb_free(r);
+        r = tb_work(wb);
+        cr_assert_str_eq(r->method, "B");
+        tb_free(r);
+    }
+    tb_expect_silence(wa, 100);
+    tb_expect_silence(wb, 50);
+    /* A method nobody implements: UNIMPLEMENTED from the broker, at once. */
+    long before = tb_stat("unimplemented");
+    tb_request(c, 21, "echo", "C", 5000, 0, "x");
+    tb_header *e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__UNIMPLEMENTED, 21);
+    cr_assert_str_eq(e->message, "no worker of echo implements method C (2 workers serve it)");
+    tb_free(e);
+    cr_assert_eq(tb_stat("unimplemented"), before + 1);
+    /* A worker that lists no methods serves every method of its service. */
+    void *wall = tb_worker("echo", 1);
+    tb_request(c, 22, "echo", "C", 5000, 0, "x");
+    tb_header *r = tb_work(wall);
+    cr_assert_str_eq(r->method, "C");
+    tb_free(r);
+}
+
+Test(broker, a_busy_method_does_not_hold_up_calls_for_another)
+{
+    tb_start();
+    const char *ma[] = {"echo/A"}, *mb[] = {"echo/B"};
+    void *wa = tb_worker_methods("echo", 1, ma, 1);
+    void *wb = tb_worker_methods("echo", 1, mb, 1);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_request(c, 1, "echo", "A", 5000, 0, "a1");
+    tb_header *r1 = tb_work(wa);
+    tb_request(c, 2, "echo", "A", 5000, 0, "a2"); /* queued: wa is full */
+    tb_request(c, 3, "echo", "B", 5000, 0, "b1"); /* behind it, but wb is free */
+    tb_header *r3 = tb_work(wb);
+    cr_assert_str_eq(r3->method, "B");
+    tb_answer(wa, KELPIE__V1__KIND__REPLY, r1->request_id, "ok");
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 1));
+    tb_header *r2 = tb_work(wa);
+    cr_assert_str_eq(tb_payload, "a2");
+    tb_free(r1);
+    tb_free(r2);
+    tb_free(r3);
+}
+
+Test(broker, a_call_queued_in_the_grace_for_a_method_nobody_has_is_unimplemented)
+{
+    tb_cfg.heartbeat_liveness = 60; /* grace 3 s */
+    tb_start();
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_request(c, 1, "echo", "Z", 0, 0, "z");
+    tb_request(c, 2, "echo", "A", 0, 0, "a");
+    const char *ma[] = {"echo/A"};
+    void *wa = tb_worker_methods("echo", 10, ma, 1);
+    tb_header *e = tb_expect(c, KELPIE__V1__KIND__ERROR, KELPIE__V1__CODE__UNIMPLEMENTED, 1);
+    cr_assert_str_eq(e->message, "no worker of echo implements method Z");
+    tb_free(e);
+    tb_header *r = tb_work(wa);
+    cr_assert_str_eq(r->method, "A");
+    tb_free(r);
+}
+
+Test(broker, ready_again_replaces_the_method_sets)
+{
+    tb_start();
+    const char *ma[] = {"echo/A"};
+    void *w = tb_worker_methods("echo", 10, ma, 1);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_request(c, 1, "echo", "B", 5000, 0, "x");
+    tb_expect_error(c, KELPIE__V1__CODE__UNIMPLEMENTED, 1);
+    tb_header h = tb_hdr(KELPIE__V1__KIND__READY, 0);
+    char *services[] = {"echo"};
+    char *methods[] = {"echo/A", "echo/B", "nosuch/X", "noslash", "echo/"};
+    h.services = services;
+    h.n_services = 1;
+    h.methods = methods;
+    h.n_methods = 5;
+    h.credits = 10;
+    h.heartbeat_ms = 60000;
+    tb_send(w, &h, NULL);
+    tb_header *hello = tb_recv_ex(w, 1000, true);
+    cr_assert_not_null(hello);
+    tb_free(hello);
+    tb_request(c, 2, "echo", "B", 5000, 0, "x");
+    tb_header *r = tb_work(w);
+    cr_assert_str_eq(r->method, "B");
+    tb_free(r);
+    /* Only malformed entries for the service: it is served in full. */
+    char *junk[] = {"echo/", "echo"};
+    h.methods = junk;
+    h.n_methods = 2;
+    tb_send(w, &h, NULL);
+    hello = tb_recv_ex(w, 1000, true);
+    cr_assert_not_null(hello);
+    tb_free(hello);
+    tb_request(c, 3, "echo", "Z", 5000, 0, "x");
+    r = tb_work(w);
+    cr_assert_str_eq(r->method, "Z");
     tb_free(r);
 }
 

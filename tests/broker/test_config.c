@@ -139,6 +139,76 @@ Test(config, bad_config_files_are_refused)
     cr_assert_eq(TC_LOAD("--config", "/nonexistent/kelpied.cfg"), KP_CONFIG_ERROR);
 }
 
+/* Writes text to a config file, loads it, expects an error containing each
+ * of want[] (NULL-terminated). */
+static void tc_refused(const char *text, const char *const *want)
+{
+    const char *path = tc_file(text);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    err[0] = '\0';
+    cr_assert_eq(TC_LOAD("--config", (char *)path), KP_CONFIG_ERROR, "accepted: %s", text);
+    unlink(path);
+    cr_assert_null(strchr(err, '\n'), "not one line: %s", err);
+    for (size_t i = 0; want[i]; i++)
+        cr_assert(strstr(err, want[i]), "'%s' not in: %s", want[i], err);
+}
+
+Test(config, unknown_sections_and_nested_keys_are_refused_with_their_line)
+{
+    /* A typo in the section name used to be ignored silently. */
+    tc_refused("# kelpied\nbrokr\n    queue-limit = 5\n",
+               (const char *[]){"line 2", "unknown section 'brokr'", NULL});
+    tc_refused("broker\n    queue-limit = 5\nlogging\n    level = debug\n",
+               (const char *[]){"line 3", "unknown section 'logging'", NULL});
+    tc_refused("broker\n    queue-limit = 5\n        deeper = 1\n",
+               (const char *[]){"line 3", "deeper", NULL});
+    tc_refused("broker\n    queue-limit\n", (const char *[]){"line 2", "needs a value", NULL});
+    tc_refused("broker\n\n    queu-limit = 5\n",
+               (const char *[]){"line 3", "unknown key 'broker/queu-limit'", NULL});
+    tc_refused("broker\n    heartbeat-ms = 5\n",
+               (const char *[]){"line 2", "heartbeat-ms", "10..3600000", NULL});
+}
+
+Test(config, a_missing_file_and_a_syntax_error_are_told_apart)
+{
+    cr_assert_eq(TC_LOAD("--config", "/nonexistent/kelpied.cfg"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "/nonexistent/kelpied.cfg") && strstr(err, "No such file"), "%s", err);
+    cr_assert_null(strstr(err, "syntax"), "%s", err);
+    tc_refused("broker\n    frontend = \"tcp://127.0.0.1:1\n",
+               (const char *[]){"line 2", "syntax error", "quote", NULL});
+    tc_refused("broker\n  queue-limit = 5\n",
+               (const char *[]){"line 2", "syntax error", "4 spaces", NULL});
+    tc_refused("broker\n    queue-limit = 5 6\n", (const char *[]){"line 2", "syntax error", NULL});
+}
+
+Test(config, comments_quotes_and_blank_lines_are_read)
+{
+    const char *path = tc_file("# kelpied.cfg\n\nbroker   # the only section\n"
+                               "    frontend = \"tcp://127.0.0.1:7001\"  # clients\n"
+                               "    backend = 'tcp://127.0.0.1:7002'\n"
+                               "    queue-limit = 44# no space before the comment\n"
+                               "\n    shutdown-grace-ms = 10\n");
+    cr_assert_eq(TC_LOAD("--config", (char *)path), KP_CONFIG_RUN, "%s", err);
+    unlink(path);
+    cr_assert_str_eq(cfg.frontend, "tcp://127.0.0.1:7001");
+    cr_assert_str_eq(cfg.backend, "tcp://127.0.0.1:7002");
+    cr_assert_eq(cfg.queue_limit, 44);
+    cr_assert_eq(cfg.shutdown_grace_ms, 10);
+}
+
+Test(config, an_endpoint_without_a_transport_is_refused)
+{
+    cr_assert_eq(TC_LOAD("--frontend", "127.0.0.1:5555"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "--frontend") && strstr(err, "tcp://127.0.0.1:5555"), "%s", err);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    setenv("KELPIED_BACKEND", "localhost:5556", 1);
+    cr_assert_eq(TC_LOAD("--frontend", "ipc:///tmp/x"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "--backend") && strstr(err, "tcp://localhost:5556"), "%s", err);
+    unsetenv("KELPIED_BACKEND");
+}
+
 Test(config, bad_values_name_the_option_and_the_source)
 {
     static const char *const bad[][2] = {

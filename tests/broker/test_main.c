@@ -135,6 +135,19 @@ Test(main, bad_option_exits_2_with_a_message)
     cr_assert(strstr(out, "heartbeat-ms"), "%s", out);
 }
 
+Test(main, an_endpoint_without_tcp_is_one_line_and_exit_2)
+{
+    const char *out;
+    char data[128];
+    snprintf(data, sizeof data, "%s/d", tm_dir);
+    cr_assert_eq(tm_run((char *[]){"--frontend", "127.0.0.1:5555", "--data-dir", data, NULL}, &out),
+                 2);
+    cr_assert(strstr(out, "tcp://127.0.0.1:5555"), "%s", out);
+    cr_assert_null(strstr(out, "listening"), "something was bound: %s", out);
+    const char *nl = strchr(out, '\n');
+    cr_assert(nl && nl[1] == '\0', "not one line: %s", out);
+}
+
 Test(main, bad_environment_exits_2)
 {
     setenv("KELPIED_QUEUE_LIMIT", "-1", 1);
@@ -226,7 +239,7 @@ Test(main, sigterm_drains_then_exits_0_and_a_second_sigterm_stops_at_once)
     Kelpie__V1__Header *r = tm_recv(w, 5000);
     cr_assert_not_null(r, "the call never reached the worker: %s", tm_output(fd));
     kelpie__v1__header__free_unpacked(r, NULL);
-    cr_assert_eq(access(tm_data, F_OK), 0, "--data-dir was not created");
+    cr_assert_neq(access(tm_data, F_OK), 0, "--data-dir was created although nothing uses it");
 
     kill(pid, SIGTERM);
     tm_sleep_ms(300);

@@ -3,6 +3,7 @@
 #include <criterion/criterion.h>
 
 #include "service.h"
+#include "worker.h"
 
 static struct kp_services reg;
 static struct kp_calls calls;
@@ -62,9 +63,9 @@ Test(service, workers_are_added_once_and_removed)
 {
     struct kp_service *s = kp_services_get(&reg, "w", 1);
     struct kp_worker *a = (struct kp_worker *)0x10, *b = (struct kp_worker *)0x20;
-    kp_service_add_worker(s, a);
-    kp_service_add_worker(s, b);
-    kp_service_add_worker(s, a);
+    kp_service_add_worker(s, a, NULL);
+    kp_service_add_worker(s, b, NULL);
+    kp_service_add_worker(s, a, NULL);
     cr_assert_eq(s->nworkers, 2);
     kp_service_remove_worker(s, a, 5);
     cr_assert_eq(s->nworkers, 1);
@@ -72,7 +73,7 @@ Test(service, workers_are_added_once_and_removed)
     kp_service_remove_worker(s, a, 5);
     cr_assert_eq(s->nworkers, 1);
     for (int i = 0; i < 100; i++)
-        kp_service_add_worker(s, (struct kp_worker *)(uintptr_t)(0x100 + 16 * i));
+        kp_service_add_worker(s, (struct kp_worker *)(uintptr_t)(0x100 + 16 * i), NULL);
     cr_assert_eq(s->nworkers, 101);
 }
 
@@ -84,7 +85,7 @@ Test(service, only_idle_worker_less_empty_services_are_forgotten)
     struct kp_service *pending = kp_services_get(&reg, "pending", 100);
     struct kp_call *c = kp_call_new(&calls);
     kp_service_push_back(busy, c);
-    kp_service_add_worker(served, (struct kp_worker *)0x10);
+    kp_service_add_worker(served, (struct kp_worker *)0x10, NULL);
     pending->pending = true;
     cr_assert_eq(kp_services_sweep(&reg, 150, 100), 0, "not idle long enough");
     cr_assert_eq(kp_services_sweep(&reg, 200, 100), 1);
@@ -100,4 +101,64 @@ Test(service, only_idle_worker_less_empty_services_are_forgotten)
     cr_assert_eq(kp_services_sweep(&reg, 399, 100), 0);
     cr_assert_eq(kp_services_sweep(&reg, 400, 100), 2);
     cr_assert_eq(kp_services_count(&reg), 1);
+}
+
+Test(service, method_sets_are_sorted_unique_and_compared_by_content)
+{
+    const char *names[] = {"B", "A", "", "B", "C"};
+    struct kp_methods *m = kp_methods_new(names, 5);
+    cr_assert_eq(m->n, 3);
+    cr_assert_str_eq(m->names[0], "A");
+    cr_assert_str_eq(m->names[2], "C");
+    cr_assert(kp_methods_has(m, "B"));
+    cr_assert_not(kp_methods_has(m, "D"));
+    cr_assert_not(kp_methods_has(m, ""));
+    cr_assert(kp_methods_has(NULL, "anything"), "no set means every method");
+    const char *same[] = {"C", "A", "B"};
+    struct kp_methods *m2 = kp_methods_new(same, 3);
+    cr_assert(kp_methods_equal(m, m2));
+    cr_assert_not(kp_methods_equal(m, NULL));
+    cr_assert(kp_methods_equal(NULL, NULL));
+    kp_methods_destroy(&m);
+    kp_methods_destroy(&m2);
+    cr_assert_null(m);
+}
+
+Test(service, pick_skips_workers_without_the_method)
+{
+    struct kp_workers t;
+    kp_workers_init(&t);
+    struct kp_worker *a = kp_worker_new(&t, "a", 1, 1), *b = kp_worker_new(&t, "b", 1, 1);
+    kp_worker_set_credits(a, 10);
+    kp_worker_set_credits(b, 10);
+    const char *an[] = {"A"}, *bn[] = {"B"};
+    struct kp_methods *ma = kp_methods_new(an, 1), *mb = kp_methods_new(bn, 1);
+    struct kp_service *s = kp_services_get(&reg, "mixed", 1);
+    kp_service_add_worker(s, a, ma);
+    cr_assert(s->uniform, "one worker is one method set");
+    cr_assert_eq(kp_service_pick(s, "A"), a);
+    cr_assert_null(kp_service_pick(s, "B"));
+    kp_service_add_worker(s, b, mb);
+    cr_assert_not(s->uniform);
+    for (int i = 0; i < 5; i++) {
+        struct kp_worker *w = kp_service_pick(s, "A");
+        cr_assert_eq(w, a, "a call for A went to the worker that has only B");
+        kp_worker_take_slot(w, (uint64_t)i + 1);
+    }
+    cr_assert_eq(kp_service_pick(s, "B"), b);
+    cr_assert(kp_service_implements(s, "B"));
+    cr_assert_not(kp_service_implements(s, "C"));
+    /* A worker with no set serves every method, and makes the service mixed. */
+    kp_service_add_worker(s, a, NULL);
+    cr_assert(kp_service_implements(s, "C"));
+    cr_assert_eq(kp_service_pick(s, "C"), a);
+    kp_service_remove_worker(s, b, 2);
+    cr_assert(s->uniform, "back to one set");
+    kp_service_remove_worker(s, a, 2);
+    cr_assert_not(kp_service_implements(s, "A"), "no workers implement nothing");
+    kp_methods_destroy(&ma);
+    kp_methods_destroy(&mb);
+    kp_worker_destroy(&t, &a);
+    kp_worker_destroy(&t, &b);
+    kp_workers_fini(&t);
 }

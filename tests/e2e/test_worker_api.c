@@ -182,3 +182,53 @@ Test(worker_api, stop_from_another_thread)
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
+
+static void name_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    const char *name = arg;
+    kelpie_call_reply(call, name, strlen(name));
+}
+
+Test(worker_api, workers_with_different_methods_of_one_service_each_get_their_own)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    runner ra = {.worker = kelpie_worker_new(b->backend, "has-A", 4)};
+    runner rb = {.worker = kelpie_worker_new(b->backend, "has-B", 4)};
+    cr_assert(ra.worker && rb.worker);
+    cr_assert_eq(kelpie_worker_handle(ra.worker, "split", "A", name_handler, "has-A"), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(rb.worker, "split", "B", name_handler, "has-B"), KELPIE_OK);
+    /* A catch-all handler of another service: that service lists no methods. */
+    cr_assert_eq(kelpie_worker_handle(rb.worker, "any", NULL, name_handler, "any"), KELPIE_OK);
+    pthread_t ta, tb;
+    cr_assert_eq(pthread_create(&ta, NULL, run_worker, &ra), 0);
+    cr_assert_eq(pthread_create(&tb, NULL, run_worker, &rb), 0);
+    cr_assert(kt_wait_stat(b, "workers", 2, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    /* Before READY listed methods, least-loaded sent every other A call to
+     * the worker that only has B, which answered UNIMPLEMENTED. */
+    for (int i = 0; i < 20; i++) {
+        kelpie_reply reply;
+        const char *method = i % 4 < 2 ? "A" : "B";
+        cr_assert_eq(kelpie_client_call(c, "split", method, NULL, 0, 3000, &reply), KELPIE_OK,
+                     "call %d to %s failed: %s", i, method, reply.message);
+        cr_assert_eq(reply.len, 5);
+        cr_assert_eq(memcmp(reply.payload, method[0] == 'A' ? "has-A" : "has-B", 5), 0);
+        kelpie_reply_fini(&reply);
+    }
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_call(c, "split", "C", NULL, 0, 3000, &reply), KELPIE_UNIMPLEMENTED);
+    kelpie_reply_fini(&reply);
+    cr_assert_eq(kelpie_client_call(c, "any", "Whatever", NULL, 0, 3000, &reply), KELPIE_OK);
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(ra.worker);
+    kelpie_worker_stop(rb.worker);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    kelpie_worker_destroy(&ra.worker);
+    kelpie_worker_destroy(&rb.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}

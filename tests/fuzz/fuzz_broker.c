@@ -6,8 +6,8 @@
  * never connects, so sends to it fail unreachable and exercise the loss
  * paths. The script is a sequence of steps decoded from the input
  * bytes: a structured message from one of four clients, four workers or the
- * intake (a header built from the bytes: kind, ids, service, flags, deadline,
- * credits, services, payload frames), raw frames, the passing of time, or a
+ * intake (a header built from the bytes: kind, ids, service, method, flags,
+ * deadline, credits, services and methods, payload frames), raw frames, the passing of time, or a
  * stop request. Ids are drawn from small ranges so that answers, cancels and
  * duplicates hit live calls. After every step kp_broker_check() must hold;
  * the sanitizers catch the rest, including leaks when the broker is freed.
@@ -82,6 +82,15 @@ static bool fz_message(struct kp_broker *b, struct fz_in *in, enum kp_dir dir, u
             services[h.n_services++] = fz_services[i];
     }
     h.services = services;
+    /* The high bits of the same byte pick READY's methods: some for
+     * services listed, one for a service not listed, one malformed. */
+    static char *methods[] = {"echo/Echo", "echo/Ping", "other/Nope", "junk"};
+    char *chosen[4];
+    for (int i = 0; i < 4; i++) {
+        if (mask & (0x10u << i))
+            chosen[h.n_methods++] = methods[i];
+    }
+    h.methods = chosen;
     h.name = "fuzz";
     size_t npayload = fz_byte(in) % 3;
 

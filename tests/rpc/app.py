@@ -119,6 +119,19 @@ async def count(payload, ctx):
     _mark(ctx, "done")
 
 
+@worker.handler("echo", "Big")
+async def big(payload, ctx):
+    """Reply with ``int(payload)`` bytes (over the broker's limit on purpose)."""
+    return b"b" * int(payload)
+
+
+@worker.handler("echo", "BigStream")
+async def big_stream(payload, ctx):
+    """Stream one small chunk, then one of ``int(payload)`` bytes."""
+    yield b"small"
+    yield b"b" * int(payload)
+
+
 try:
     import greeter_pb2
 except ImportError:  # the tests that need it put it on the path

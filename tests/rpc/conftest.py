@@ -83,10 +83,11 @@ class Processes:
         self.tmp_path = tmp_path
 
     def worker(self, broker, processes=1, loop="asyncio", child=False, extra_path=(),
-               args=(), **env):
-        """``python -m kelpie worker app:worker``: a supervisor with N children,
-        or (``child=True``) one worker process without supervisor."""
-        cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "worker", "app:worker",
+               args=(), target="app:worker", **env):
+        """``python -m kelpie worker app:worker`` (or ``target``): a supervisor
+        with N children, or (``child=True``) one worker process without
+        supervisor."""
+        cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "worker", target,
                "--backend", broker.backend, "--grace", "2", *args]
         cmd += ["--child"] if child else ["--processes", str(processes)]
         log = open(os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log"), "ab")

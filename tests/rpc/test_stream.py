@@ -126,6 +126,7 @@ def test_idempotent_stream_survives_its_worker(broker, procs, tmp_path):
 
     async def main():
         async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
             pids = set()
             deadline = time.monotonic() + 15
             while len(pids) < 2:

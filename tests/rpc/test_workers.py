@@ -18,7 +18,10 @@ def test_four_processes_share_by_credits(broker, procs):
 
     async def main():
         async with kelpie.Client(broker.frontend, timeout=20) as client:
-            # Wait until all four processes have registered.
+            # Wait until all four processes have registered (the first call
+            # waits for the service: calls made in the broker's start-up
+            # grace are answered NOT_FOUND when it ends, as no worker was there).
+            await wait_served(client)
             pids = set()
             deadline = time.monotonic() + 15
             while len(pids) < 4:
@@ -72,6 +75,7 @@ def test_worker_killed_mid_call(broker, procs, tmp_path, idempotent):
     async def main():
         async with kelpie.Client(broker.frontend) as client:
             # Both registered.
+            await wait_served(client)
             pids = set()
             deadline = time.monotonic() + 15
             while len(pids) < 2:

@@ -566,6 +566,22 @@ static void kt_handler(kelpie_call *call, const void *payload, size_t len, void 
         else
             kelpie_call_error(call, rc == KELPIE_CANCELLED ? KELPIE_CANCELLED : KELPIE_ABORTED,
                               kelpie_strerror(rc));
+    } else if (strcmp(m, "Big") == 0 || strcmp(m, "BigStream") == 0) {
+        /* Answers of payload (decimal) bytes, over the broker's limit on
+         * purpose; last_value gets the library's status for the big one. */
+        size_t n = (size_t)kt_number(payload, len);
+        char *big = calloc(1, n ? n : 1);
+        kelpie_status rc;
+        if (strcmp(m, "Big") == 0) {
+            rc = kelpie_call_reply(call, big, n);
+        } else {
+            kelpie_call_send_chunk(call, "small", 5, 5000);
+            rc = kelpie_call_send_chunk(call, big, n, 5000);
+            kelpie_call_end(call);
+        }
+        if (s)
+            atomic_store(&s->last_value, (long)rc);
+        free(big);
     } else {
         kelpie_call_error(call, strcmp(m, "Fail") == 0 ? KELPIE_INTERNAL : KELPIE_UNIMPLEMENTED,
                           "failed on purpose");

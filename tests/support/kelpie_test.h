@@ -102,6 +102,10 @@ kt_slot *kt_slots_new(int n);
  *            kelpie_call_cancelled every ms; "spun" or ERROR CANCELLED
  *   SyncStream  synchronous: N CHUNKs, each kelpie_call_send_chunk waiting
  *            (up to 5 s) for window; then END
+ *   Big      reply with payload (decimal) zero bytes; the library's status
+ *            goes to slot->last_value
+ *   BigStream  CHUNK "small", then a CHUNK of payload (decimal) bytes, then
+ *            END; the big CHUNK's status goes to slot->last_value
  */
 typedef struct kt_worker_opts {
     const char *endpoint;  /* the broker's backend */

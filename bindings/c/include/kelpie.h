@@ -159,7 +159,9 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client);
  * (then *reply holds the ERROR and its message). When nothing arrives by
  * timeout_ms (plus a grace of KELPIE_CLIENT_GRACE_MS for the broker's own
  * deadline answer) the call is cancelled and KELPIE_DEADLINE_EXCEEDED
- * returned. timeout_ms 0 waits for ever. *reply must be released with
+ * returned. timeout_ms 0 waits for ever. A request larger than the broker
+ * accepts is not sent: KELPIE_RESOURCE_EXHAUSTED, and reply->message says
+ * "request of N bytes exceeds the broker's limit of M". *reply must be released with
  * kelpie_reply_fini in every case. Answers to other pipelined calls that
  * arrive meanwhile are kept and returned by later kelpie_client_recv calls. */
 KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *client, const char *service,
@@ -172,7 +174,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *client, const char
 
 /* Pipelined: sends a REQUEST without waiting and stores the id picked for it.
  * Never blocks for long: KELPIE_ERR_BUSY when the socket's send queue is full
- * (ZMQ_SNDHWM) or too many calls are outstanding (2^20). */
+ * (ZMQ_SNDHWM) or too many calls are outstanding (2^20).
+ * KELPIE_RESOURCE_EXHAUSTED, with nothing sent, when the whole message is
+ * larger than the broker accepts (kelpie_client_max_message_size): libzmq
+ * would drop the connection for it, and every other call with it. */
 KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelpie_call_opts *opts,
                                                const void *payload, size_t len,
                                                kelpie_request_id *request_id);
@@ -198,6 +203,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *client,
  * (CREDIT). A reader typically returns one credit per CHUNK it has consumed. */
 KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *client,
                                                  kelpie_request_id request_id, uint32_t n);
+
+/* The largest whole message (header and payload) the broker accepts, as its
+ * HEARTBEAT said (the client asks for one on connecting), or the protocol
+ * default of 16 MiB until that answer has been read. */
+KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *client);
 
 /* How many calls are outstanding (sent, terminal answer not yet received). */
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *client);
@@ -290,7 +300,11 @@ KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const ch
  * (CANCEL, CREDIT, heartbeats; new requests wait) and sends heartbeats. */
 KELPIE_EXPORT bool kelpie_call_cancelled(kelpie_call *call);
 
-/* Answers with REPLY and releases the call (the pointer is invalid after). */
+/* Answers with REPLY and releases the call (the pointer is invalid after).
+ * A reply larger than the broker accepts (its HEARTBEAT after READY says how
+ * much) is not sent: the call is answered ERROR RESOURCE_EXHAUSTED ("reply of
+ * N bytes exceeds the broker's limit of M") instead, and this returns
+ * KELPIE_RESOURCE_EXHAUSTED. */
 KELPIE_EXPORT kelpie_status kelpie_call_reply(kelpie_call *call, const void *payload, size_t len);
 
 /* Answers with ERROR(code, message) and releases the call. code is one of the
@@ -308,7 +322,10 @@ KELPIE_EXPORT uint32_t kelpie_call_window(const kelpie_call *call);
  * kelpie_call_cancelled does) until the reader grants credit, for at most
  * wait_ms (-1: until the call's deadline or for ever). KELPIE_ERR_BUSY when
  * the window stayed empty, KELPIE_CANCELLED when the call was cancelled
- * meanwhile; the call stays held either way. */
+ * meanwhile, KELPIE_RESOURCE_EXHAUSTED when the CHUNK is larger than the
+ * broker accepts (nothing sent); the call stays held either way. After a
+ * refused CHUNK the call's terminal answer (kelpie_call_end or _error) goes
+ * as ERROR RESOURCE_EXHAUSTED naming the chunk's size. */
 KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void *payload,
                                                    size_t len, int wait_ms);
 

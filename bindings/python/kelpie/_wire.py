@@ -41,6 +41,12 @@ IDEMPOTENT = 1
 STREAM = 2
 ONEWAY = 4
 STALLED = 8
+OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
+
+# The largest whole message (header and payload frames) a peer may send
+# before it has heard the broker's own limit (HEARTBEAT.max_message_size):
+# kelpied's default --max-message-size (docs/protocol.md §3).
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 # Default stream window when REQUEST.credits is 0 (protocol.md §5.3).
 DEFAULT_WINDOW = 16
@@ -69,6 +75,26 @@ def varint(n):
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def oversize(what, header, payload, limit):
+    """The refusal text when ``header`` + ``payload`` exceed ``limit`` bytes, else None.
+
+    Every sender checks here before sending a REQUEST, REPLY or CHUNK: libzmq
+    drops the whole connection (and every other call on it) when a frame is
+    over the broker's ZMQ_MAXMSGSIZE, so a message over the limit must never
+    leave. ``what`` names it in the text ("request", "reply", "chunk").
+    """
+    if payload.__class__ is bytes:
+        n = len(header) + len(payload)
+    else:
+        try:
+            n = len(header) + memoryview(payload).nbytes
+        except TypeError:
+            return None  # not a buffer: the send itself will refuse it
+    if n <= limit:
+        return None
+    return f"{what} of {n} bytes exceeds the broker's limit of {limit}"
 
 
 def _ldelim(field, data):
@@ -166,11 +192,13 @@ def end(request_id, metadata=None):
     return out
 
 
-def error(request_id, code, message="", metadata=None):
+def error(request_id, code, message="", metadata=None, flags=0):
     """An ERROR header with status ``code`` and a human-readable message."""
     out = _ERROR + varint(request_id)
     if code:
         out += b"\x38" + varint(int(code))
+    if flags:
+        out += b"\x60" + varint(flags)
     if message:
         out += _ldelim(8, message.encode("utf-8", "replace"))
     if metadata:
@@ -191,11 +219,12 @@ def credit(credits, request_id=0):
     return out
 
 
-def ready(services, credits, heartbeat_ms, name):
-    """A READY header (credits absolute)."""
+def ready(services, credits, heartbeat_ms, name, methods=()):
+    """A READY header (credits absolute); ``methods`` as "service/method"."""
     h = Header(version=VERSION, kind=READY, credits=credits, heartbeat_ms=heartbeat_ms,
                name=name)
     h.services.extend(services)
+    h.methods.extend(methods)
     return h.SerializeToString()
 
 

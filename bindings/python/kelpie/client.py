@@ -33,7 +33,7 @@ _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 from . import _calls, _wire, _zmq
 from ._status import StatusCode
-from .errors import DeadlineExceeded, RpcError, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 
 __all__ = ["Client", "Stream", "DEFAULT_FRONTEND"]
 
@@ -43,6 +43,7 @@ _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
 _payload = _calls.payload
 _timeout_ms = _calls.timeout_ms
+_oversize = _wire.oversize
 
 
 class Client:
@@ -77,6 +78,9 @@ class Client:
         self._background = set()
         self._last_recv = 0.0
         self._closed = False
+        # The broker's message size limit, from its HEARTBEAT (connect asks
+        # for one); the protocol default until then.
+        self._max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
 
     # -- lifetime ---------------------------------------------------------
 
@@ -97,6 +101,9 @@ class Client:
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
         sock.connect(self.frontend)
+        # The broker answers a HEARTBEAT with its own, which carries its
+        # max_message_size; queued until the connection is up.
+        await sock.send_multipart([_wire.HEARTBEAT_FRAME])
         self._sock = sock
         self._last_recv = self._loop.time()
         self._reader = self._loop.create_task(self._read_loop())
@@ -177,12 +184,14 @@ class Client:
         loop = self._loop
         fut = loop.create_future()
         handle = None
+        header = _wire.request(service, method, rid,
+                               _timeout_ms(timeout) if timeout is not None else 0,
+                               1 if idempotent else 0, 0, metadata)
+        too_big = _oversize("request", header, payload, self._max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
         if timeout is not None:
-            header = _wire.request(service, method, rid, _timeout_ms(timeout),
-                                   1 if idempotent else 0, 0, metadata)
             handle = loop.call_later(timeout, self._expire, rid)
-        else:
-            header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
         self._pending[rid] = fut
         sent = False
         try:
@@ -308,6 +317,8 @@ class Client:
             if entry is None:
                 # HEARTBEAT, DISCONNECT, or a late answer to a call already
                 # finished locally (cancelled, timed out): nothing to do.
+                if header.max_message_size:
+                    self._max_message_size = header.max_message_size
                 if header.kind == _wire.DISCONNECT and pending:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
@@ -387,6 +398,11 @@ class _StreamState(_calls.StreamCore):
         timeout_ms = _timeout_ms(self.timeout) if self.timeout is not None else 0
         header = _wire.request(self.service, self.method, rid, timeout_ms,
                                self.request_flags(), self.window, self.metadata)
+        too_big = _oversize("request", header, self.payload, client._max_message_size)
+        if too_big is not None:
+            self.finished = True
+            self.error = ResourceExhausted(too_big)
+            raise self.error
         client._pending[rid] = self
         if self.timeout is not None:
             self.handle = client._loop.call_later(self.timeout, client._expire, rid)

@@ -16,8 +16,12 @@ re-dispatches the call when a worker dies, only sees requests.
 """
 
 from google.protobuf import descriptor_pb2, symbol_database
+from google.protobuf.message import DecodeError
 
-__all__ = ["Stub", "message_class", "is_idempotent", "method_kind"]
+from ._status import StatusCode
+from .errors import RpcError
+
+__all__ = ["Stub", "message_class", "is_idempotent", "method_kind", "decode_request"]
 
 _IDEMPOTENT_LEVELS = (descriptor_pb2.MethodOptions.IDEMPOTENT,
                       descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS)
@@ -26,6 +30,20 @@ _IDEMPOTENT_LEVELS = (descriptor_pb2.MethodOptions.IDEMPOTENT,
 def message_class(descriptor):
     """The Python class for a message descriptor (the generated one if imported)."""
     return symbol_database.Default().GetPrototype(descriptor)
+
+
+def decode_request(cls, payload):
+    """``payload`` decoded as ``cls`` for a servicer method.
+
+    A request that does not decode is the caller's error, not the server's:
+    it raises :class:`RpcError` INVALID_ARGUMENT (the worker answers with it)
+    instead of letting protobuf's DecodeError become INTERNAL.
+    """
+    try:
+        return cls.FromString(payload)
+    except DecodeError as exc:
+        raise RpcError(StatusCode.INVALID_ARGUMENT,
+                       f"request does not decode as {cls.DESCRIPTOR.full_name}: {exc}") from None
 
 
 def is_idempotent(method_descriptor):

@@ -64,7 +64,7 @@ from typing import Any, Mapping, Optional, Union
 
 from . import _calls, _kelpie, _wire
 from ._status import StatusCode
-from .errors import DeadlineExceeded, RpcError, Unavailable
+from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 from .stubs import Stub as _AsyncStub, _server_stream_maker
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND"]
@@ -85,6 +85,7 @@ _EVENTS = _kelpie.EVENTS
 
 _payload = _calls.payload
 _timeout_ms = _calls.timeout_ms
+_oversize = _wire.oversize
 
 
 def _closed_error():
@@ -116,7 +117,7 @@ class _Conn:
 
     __slots__ = ("sock", "next_id", "streams", "last_recv", "cancels", "dead", "owner",
                  "probe_rid", "probe_sent", "boot", "boot_rid", "lost_before",
-                 "_finalizer", "__weakref__")
+                 "max_message_size", "_finalizer", "__weakref__")
 
     def __init__(self, client):
         sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
@@ -126,6 +127,10 @@ class _Conn:
         sock.setsockopt(_kelpie.SNDHWM, 0)
         sock.setsockopt(_kelpie.RCVHWM, 0)
         sock.connect(client.frontend)
+        # The broker answers a HEARTBEAT with its own, which carries its
+        # max_message_size; the protocol default until it is read.
+        sock.send_multipart([_wire.HEARTBEAT_FRAME])
+        self.max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
         self.sock = sock
         self.next_id = 1
         self.streams = {}  # request id -> _StreamState
@@ -204,6 +209,8 @@ class _Conn:
             state = self.streams.get(hid)
             if state is not None:
                 state.deliver(header.kind, header, frames)
+        elif header.max_message_size:
+            self.max_message_size = header.max_message_size  # a broker HEARTBEAT
         elif header.kind == _DISCONNECT:
             # The broker is shutting down: nothing it holds will be answered.
             for state in list(self.streams.values()):
@@ -442,6 +449,9 @@ class Client:
         else:
             deadline = None
             header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
+        too_big = _oversize("request", header, payload, conn.max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
         try:
             conn.send((header, payload))
         except _ZMQError:
@@ -582,6 +592,11 @@ class _StreamState(_calls.StreamCore):
             timeout_ms = _timeout_ms(self.timeout)
         header = _wire.request(self.service, self.method, rid, timeout_ms, self.request_flags(),
                                self.window, self.metadata)
+        too_big = _oversize("request", header, self.payload, conn.max_message_size)
+        if too_big is not None:
+            self.finished = True
+            self.error = ResourceExhausted(too_big)
+            raise self.error
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))

@@ -76,8 +76,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 from . import _executors, _wire, _zmq
 from ._status import StatusCode
-from .errors import RpcError
-from .stubs import message_class, method_kind
+from .errors import ResourceExhausted, RpcError
+from .stubs import decode_request, message_class, method_kind
 
 __all__ = ["Worker", "CallContext", "ProcessContext", "DEFAULT_BACKEND"]
 
@@ -88,6 +88,7 @@ DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 log = logging.getLogger("kelpie.worker")
 
 _REQUEST = _wire.REQUEST
+_oversize = _wire.oversize
 _CANCEL = _wire.CANCEL
 _CREDIT = _wire.CREDIT
 
@@ -262,6 +263,11 @@ def _thread_entry(fn, payload, ctx):
     return fn(payload, ctx)
 
 
+class _Oversized(ResourceExhausted):
+    """An answer over the broker's message size limit, refused before sending:
+    the call ends with ERROR RESOURCE_EXHAUSTED flagged OVERSIZED instead."""
+
+
 def _as_bytes(value, what):
     if value is None:
         return b""
@@ -345,6 +351,9 @@ class Worker:
         # then kelpied's default, so a worker with a shorter interval than
         # the broker's does not give up on it between two heartbeats.
         self._broker_heartbeat = 1.0
+        # The broker's message size limit, from its HEARTBEATs (it sends one
+        # right after READY, before any work); the protocol default until then.
+        self._max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
         self.served = 0
         self.failed = 0  # calls answered with an error
         self.memory_errors = 0  # handlers that raised MemoryError
@@ -421,7 +430,7 @@ class Worker:
             if fn is None:
                 continue
             kind = method_kind(m)
-            decode = message_class(m.input_type).FromString
+            decode = functools.partial(decode_request, message_class(m.input_type))
             reply_cls = message_class(m.output_type)
             if kind == "unary" and executor == "process":
                 self.add_handler(service, m.name,
@@ -446,6 +455,13 @@ class Worker:
     @property
     def services(self) -> list:
         return sorted({service for service, _ in self._handlers})
+
+    @property
+    def methods(self) -> list:
+        """What READY lists as ``methods``: ``"service/method"`` for every
+        handler, so that the broker routes a call only to a worker that has
+        its method (two workers may serve different methods of a service)."""
+        return sorted(f"{service}/{method}" for service, method in self._handlers)
 
     # -- running ----------------------------------------------------------
 
@@ -521,7 +537,8 @@ class Worker:
         session.last_ready = self._loop.time()
         await self._send(session, _wire.ready(self.services,
                                               0 if self._stopping else self.concurrency,
-                                              int(self.heartbeat * 1000), self.name))
+                                              int(self.heartbeat * 1000), self.name,
+                                              self.methods))
         session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
                                    self.heartbeat, stall_message=_wire.status(_wire.STALLED),
                                    stall_threshold=self.stall_threshold)
@@ -530,7 +547,8 @@ class Worker:
 
     def _send_ready(self, session, credits):
         session.last_ready = self._loop.time()
-        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name)
+        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name,
+                             self.methods)
         self._spawn(self._send(session, header))
 
     async def _end_session(self, session):
@@ -743,6 +761,8 @@ class Worker:
             elif kind == _wire.HEARTBEAT:
                 if header.heartbeat_ms:
                     self._broker_heartbeat = header.heartbeat_ms / 1000.0
+                if header.max_message_size:
+                    self._max_message_size = header.max_message_size
             elif kind == _wire.DISCONNECT:
                 log.info("broker sent DISCONNECT: reconnecting")
                 session.ending = True
@@ -822,9 +842,13 @@ class Worker:
         except TypeError as exc:
             await self._answer_error(session, ctx, exc, handler)
             return
+        header = _wire.reply(rid, ctx._trailing)
+        if _oversize("reply", header, body, self._max_message_size) is not None:
+            await self._send_answer(session, ctx, header, body, "reply")
+            return
         self.served += 1
         # The hot path: _send inlined (the reader runs, so the session is live).
-        await session.sock.send_multipart((_wire.reply(rid, ctx._trailing), body))
+        await session.sock.send_multipart((header, body))
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
@@ -833,8 +857,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._forget(session, ctx)
 
@@ -857,8 +882,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._threads_busy -= 1
             self._forget(session, ctx)
@@ -888,8 +914,9 @@ class Worker:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.reply(ctx.request_id, ctx._trailing), body)
+            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                       body, "reply"):
+                self.served += 1
         finally:
             self._forget(session, ctx)
 
@@ -909,7 +936,13 @@ class Worker:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                await self._send(session, _wire.chunk(rid, seq), _as_bytes(item, handler.name))
+                header, body = _wire.chunk(rid, seq), _as_bytes(item, handler.name)
+                too_big = _oversize("chunk", header, body, self._max_message_size)
+                if too_big is not None:
+                    log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
+                                too_big)
+                    raise _Oversized(too_big)
+                await self._send(session, header, body)
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
@@ -923,6 +956,23 @@ class Worker:
             await self._send(session, _wire.end(rid, ctx._trailing))
         finally:
             self._forget(session, ctx)
+
+    async def _send_answer(self, session, ctx, header, body, what):
+        """Send a REPLY, unless it is over the broker's message size limit:
+        the broker's socket would drop this worker's connection for it, and
+        every other call on it. Then the call ends with ERROR
+        RESOURCE_EXHAUSTED flagged OVERSIZED instead (the broker counts it).
+        Returns whether the answer itself went."""
+        too_big = _oversize(what, header, body, self._max_message_size)
+        if too_big is None:
+            await self._send(session, header, body)
+            return True
+        self.failed += 1
+        log.warning("%s/%s: %s; answered RESOURCE_EXHAUSTED instead", ctx.service, ctx.method,
+                    too_big)
+        await self._send(session, _wire.error(ctx.request_id, StatusCode.RESOURCE_EXHAUSTED,
+                                              too_big, flags=_wire.OVERSIZED))
+        return False
 
     def _forget(self, session, ctx):
         if ctx._timer is not None:
@@ -957,7 +1007,8 @@ class Worker:
             raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
         self.failed += 1
         try:
-            frame = _wire.error(ctx.request_id, code, message, metadata)
+            frame = _wire.error(ctx.request_id, code, message, metadata,
+                                _wire.OVERSIZED if isinstance(exc, _Oversized) else 0)
         except (TypeError, ValueError) as bad:
             # Metadata that cannot be encoded (an RpcError's): the call must
             # still be answered, or its slot would never come back.
@@ -988,7 +1039,7 @@ def _typed_sync(fn, decode, reply_cls):
 
 def _typed_call(fn, request_cls, reply_cls, payload, ctx):
     """A servicer method in a pool process (module level: it is pickled by name)."""
-    reply = fn(request_cls.FromString(payload), ctx)
+    reply = fn(decode_request(request_cls, payload), ctx)
     if not isinstance(reply, reply_cls):
         raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
                         f"expected {reply_cls.__name__}")
