@@ -177,6 +177,9 @@ void kp_frontend_on_message(struct kp_broker *b)
                        b->now)
             ->last_seen = b->now;
         kp_header pong = kp_broker_heartbeat(b);
+        /* Echoed so that a client can tell which of its pings a broker
+         * answered, and so which of its calls that broker had (§7.2). */
+        pong.request_id = h->request_id;
         if (kp_broker_send(b, b->frontend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
                            NULL, &pong, NULL, 0) == KP_OK)
             b->stats.heartbeats_sent++;

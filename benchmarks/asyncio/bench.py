@@ -11,6 +11,13 @@ Scenarios (all over tcp://127.0.0.1, every socket in one thread and one loop):
             and the kernel out of the round trip and leaves the binding's
             own cost (and the loop's)
   pipeline  DEALER -> ROUTER echo with 100 requests in flight
+  poller10  ten PUSH/PULL pairs; one task sends round-robin, the reader waits
+            on a Poller over the ten PULLs and takes one message from each
+            ready socket (libraries with a Poller: kelpie.zmq, zmq.asyncio)
+  poller10-inproc  the same over inproc://
+
+"kelpie" is the core socket (kelpie.Socket), "kelpie.zmq" the pyzmq-compatible
+module over it (docs/binding.md, "Coming from pyzmq").
 
 Each runs with Kelpie, pyzmq's zmq.asyncio and aiozmq on stdlib asyncio and
 on uvloop, beside synchronous blocking pyzmq as the ceiling (threads for the
@@ -56,9 +63,10 @@ for candidate in (os.environ.get("KELPIE_PYTHONPATH"), ROOT / "build" / "python"
         sys.path.insert(0, str(candidate))
         break
 import kelpie  # noqa: E402
+import kelpie.zmq  # noqa: E402
 
 PAYLOAD = b"Hello 0123456789"
-LIBS = ["kelpie", "zmq.asyncio", "aiozmq"]
+LIBS = ["kelpie", "kelpie.zmq", "zmq.asyncio", "aiozmq"]
 LOOPS = ["asyncio", "uvloop"]
 
 
@@ -99,8 +107,18 @@ class KelpieLib:
         self.ctx.destroy(linger=0)
 
 
+class KelpieZmqLib(KelpieLib):
+    name = "kelpie.zmq"
+    Poller = kelpie.zmq.Poller
+
+    def __init__(self):
+        self.ctx = kelpie.zmq.Context()
+        self.sockets = []
+
+
 class PyzmqLib:
     name = "zmq.asyncio"
+    Poller = zmq.asyncio.Poller
 
     def __init__(self):
         self.ctx = zmq.asyncio.Context()
@@ -167,7 +185,8 @@ class AiozmqSocket:
         return await self.stream.read()
 
 
-LIB_CLASSES = {"kelpie": KelpieLib, "zmq.asyncio": PyzmqLib, "aiozmq": AiozmqLib}
+LIB_CLASSES = {"kelpie": KelpieLib, "kelpie.zmq": KelpieZmqLib, "zmq.asyncio": PyzmqLib,
+               "aiozmq": AiozmqLib}
 
 
 # ---- the scenarios --------------------------------------------------------
@@ -254,23 +273,55 @@ async def pipeline(lib, n, inflight=100):
     return {"messages": n, "seconds": elapsed, "rate": n / elapsed}
 
 
+async def poller10(lib, n, transport="tcp", width=10):
+    pairs = [await lib.pair(zmq.PULL, zmq.PUSH, transport) for _ in range(width)]
+    poller = lib.Poller()
+    reader = {}
+    for rx, tx in pairs:
+        poller.register(rx.sock, zmq.POLLIN)
+        reader[rx.sock] = rx
+    await asyncio.sleep(0.05)
+
+    async def push():
+        for i in range(n):
+            await pairs[i % width][1].send(PAYLOAD)
+
+    t0 = time.perf_counter()
+    pusher = asyncio.ensure_future(push())
+    count = 0
+    while count < n:
+        for sock, _events in await poller.poll():
+            await reader[sock].recv()
+            count += 1
+    await pusher
+    elapsed = time.perf_counter() - t0
+    return {"messages": n, "seconds": elapsed, "rate": n / elapsed}
+
+
+# Scenarios a library cannot run (no Poller) show no row.
+SKIP = {("poller10", "kelpie"), ("poller10", "aiozmq"), ("poller10-inproc", "kelpie"),
+        ("poller10-inproc", "aiozmq")}
+
 SCENARIOS = {
     "race1": lambda lib, n: race(lib, 1, n),
     "race4": lambda lib, n: race(lib, 4, n // 4),
     "pingpong": pingpong,
     "pingpong-inproc": lambda lib, n: pingpong(lib, n, "inproc"),
     "pipeline": pipeline,
+    "poller10": poller10,
+    "poller10-inproc": lambda lib, n: poller10(lib, n, "inproc"),
 }
 
 # Messages per run: enough for ~0.5-1 s with the slower libraries; Kelpie
 # gets more so that its runs are not dominated by timer resolution.
 BASE = {"race1": 20_000, "race4": 40_000, "pingpong": 8_000, "pingpong-inproc": 10_000,
-        "pipeline": 20_000}
-KELPIE_FACTOR = {"race1": 10, "race4": 10, "pingpong": 1, "pingpong-inproc": 1, "pipeline": 5}
+        "pipeline": 20_000, "poller10": 20_000, "poller10-inproc": 20_000}
+KELPIE_FACTOR = {"race1": 10, "race4": 10, "pingpong": 1, "pingpong-inproc": 1, "pipeline": 5,
+                 "poller10": 5, "poller10-inproc": 5}
 
 
 def count_for(scenario, libname, quick):
-    n = BASE[scenario] * (KELPIE_FACTOR[scenario] if libname == "kelpie" else 1)
+    n = BASE[scenario] * (KELPIE_FACTOR[scenario] if libname.startswith("kelpie") else 1)
     return n // 4 if quick else n
 
 
@@ -419,7 +470,9 @@ def report(results, quick):
         lines += [head, sep]
         for lib in LIBS:
             for lp in LOOPS:
-                r = rows["%s/%s" % (lib, lp)]
+                r = rows.get("%s/%s" % (lib, lp))
+                if r is None:
+                    continue
                 base = rows["zmq.asyncio/%s" % lp]["rate"]
                 line = "| %s | %s | %s | %.2f× |" % (lib, lp, fmt_rate(r["rate"]), r["rate"] / base)
                 if latency:
@@ -451,11 +504,12 @@ def plot(results, path):
                              gridspec_kw={"width_ratios": [2.6, 1.3, 1.3]})
     scen = ["race1", "race4", "pipeline"]
     combos = [(lib, lp) for lib in LIBS for lp in LOOPS]
-    colors = {"kelpie": "#1b7f5f", "zmq.asyncio": "#c0504d", "aiozmq": "#4f81bd"}
+    colors = {"kelpie": "#1b7f5f", "kelpie.zmq": "#7fbf3f", "zmq.asyncio": "#c0504d",
+              "aiozmq": "#4f81bd"}
     width = 0.8 / (len(combos) + 1)
     ax = axes[0]
     for i, (lib, lp) in enumerate(combos):
-        vals = [results["runs"][s]["%s/%s" % (lib, lp)]["rate"] for s in scen]
+        vals = [results["runs"][s].get("%s/%s" % (lib, lp), {}).get("rate", 0) for s in scen]
         ax.bar([x + i * width for x in range(len(scen))], vals, width, color=colors[lib],
                alpha=1.0 if lp == "uvloop" else 0.6, hatch="" if lp == "uvloop" else "//",
                label="%s (%s)" % (lib, lp))
@@ -499,6 +553,8 @@ def main():
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--replot", metavar="JSON",
                     help="only redraw docs/img/asyncio.png from an earlier result file")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="comma-separated subset of: " + ", ".join(SCENARIOS))
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs per configuration, median reported (default 3, 1 with --quick)")
     args = ap.parse_args()
@@ -506,6 +562,10 @@ def main():
         plot(json.loads(pathlib.Path(args.replot).read_text()), ROOT / "docs" / "img" / "asyncio.png")
         return
     repeat = args.repeat or (1 if args.quick else 3)
+    chosen = args.scenarios.split(",")
+    for name in list(SCENARIOS):
+        if name not in chosen:
+            del SCENARIOS[name]
     started = time.monotonic()
     results = {
         "meta": {
@@ -527,6 +587,8 @@ def main():
         samples = {}
         for _ in range(repeat):
             for lib in LIBS:
+                if (scenario, lib) in SKIP:
+                    continue
                 for lp in LOOPS:
                     n = count_for(scenario, lib, args.quick)
                     r = run_async(lib, lp, scenario, n, count_iterations=True)
@@ -556,11 +618,17 @@ def main():
     print()
     for scenario in SCENARIOS:
         for lp in LOOPS:
-            k = results["runs"][scenario]["kelpie/%s" % lp]["rate"]
-            z = results["runs"][scenario]["zmq.asyncio/%s" % lp]["rate"]
-            a = results["runs"][scenario]["aiozmq/%s" % lp]["rate"]
-            print("%-9s %-8s kelpie/zmq.asyncio %6.2fx   kelpie/aiozmq %6.2fx" % (
-                scenario, lp, k / z, k / a))
+            rows = results["runs"][scenario]
+            z = rows["zmq.asyncio/%s" % lp]["rate"]
+            line = "%-9s %-8s" % (scenario, lp)
+            for lib in ("kelpie", "kelpie.zmq", "aiozmq"):
+                r = rows.get("%s/%s" % (lib, lp))
+                if r is not None:
+                    line += "  %s/zmq.asyncio %6.2fx" % (lib, r["rate"] / z)
+            k, kz = rows.get("kelpie/%s" % lp), rows.get("kelpie.zmq/%s" % lp)
+            if k and kz:
+                line += "  kelpie.zmq/kelpie %5.2f" % (kz["rate"] / k["rate"])
+            print(line)
     md = report(results, args.quick)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = ROOT / "benchmarks" / "results"

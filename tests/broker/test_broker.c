@@ -888,11 +888,12 @@ Test(broker, ping_and_stats)
 static void tb_identity(uint64_t *broker_id, uint64_t *dispatch_id)
 {
     void *c = tb_socket(ZMQ_DEALER, tb.fe);
-    tb_header ping = tb_hdr(KELPIE__V1__KIND__HEARTBEAT, 0);
+    tb_header ping = tb_hdr(KELPIE__V1__KIND__HEARTBEAT, 77);
     tb_send(c, &ping, NULL);
     tb_header *pong = tb_recv_ex(c, 2000, true);
     cr_assert_not_null(pong, "no answer to a client HEARTBEAT");
     cr_assert_eq(pong->kind, KELPIE__V1__KIND__HEARTBEAT);
+    cr_assert_eq(pong->request_id, 77, "the pong names the ping it answers");
     cr_assert_eq(pong->max_message_size, tb_cfg.max_message_size);
     *broker_id = pong->broker_id;
     tb_free(pong);

@@ -28,8 +28,13 @@ def test_unary_bytes_and_metadata(broker, procs, loop):
             assert md["idempotent"] == b"0"
             # The deadline travels: the handler sees what is left of 3 s.
             assert 1000 < int(md["remaining-ms"]) <= 3000
+            # No timeout: the default deadline (30 s) travels.
             _, md = await client.call("echo", "Meta", b"", idempotent=True, with_metadata=True)
-            assert md["remaining-ms"] == b"none" and md["idempotent"] == b"1"
+            assert 25000 < int(md["remaining-ms"]) <= 30000 and md["idempotent"] == b"1"
+            # No deadline, asked for.
+            _, md = await client.call("echo", "Meta", b"", timeout=kelpie.NO_DEADLINE,
+                                      with_metadata=True)
+            assert md["remaining-ms"] == b"none"
             assert client.outstanding == 0
     run(main(), loop)
 

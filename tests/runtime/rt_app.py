@@ -47,6 +47,17 @@ async def block(payload, ctx):
     return b"unblocked"
 
 
+@worker.handler("rt", "BlockInSelect")
+async def block_in_select(payload, ctx):
+    """Block the event loop in select() (a blocking socket call, by mistake)."""
+    import selectors
+    if ctx.metadata.get("later"):
+        await asyncio.sleep(0)  # block on a later step, in the handler's own task
+    with selectors.DefaultSelector() as sel:
+        sel.select(float(payload))  # SELECT-LINE (test_stall looks for this line's number)
+    return b"unblocked"
+
+
 @worker.handler("rt", "Hold")
 async def hold(payload, ctx):
     """Hold a slot for a while; say who runs it."""
@@ -103,6 +114,32 @@ def slow(payload, ctx):
 @worker.handler("rt", "MaxRunning")
 def max_running(payload, ctx):
     return str(_max_running).encode()
+
+
+_occupying = 0
+_max_occupying = 0
+
+
+@worker.handler("rt", "Occupy")
+def occupy(payload, ctx):
+    """Hold a slot (in a thread: cancellation cannot stop it) for ``payload``
+    seconds; record how many run at once (test_recovery)."""
+    global _occupying, _max_occupying
+    with _lock:
+        _occupying += 1
+        _max_occupying = max(_max_occupying, _occupying)
+    _append("occupy.started", str(ctx.request_id))
+    try:
+        time.sleep(float(payload))
+    finally:
+        with _lock:
+            _occupying -= 1
+    return b"occupied"
+
+
+@worker.handler("rt", "MaxOccupying")
+async def max_occupying(payload, ctx):
+    return str(_max_occupying).encode()
 
 
 @worker.handler("rt", "Spin")

@@ -12,6 +12,8 @@ import re
 import signal
 import time
 
+import pytest
+
 import kelpie
 from conftest import HERE, run, stats, wait_for, wait_served
 
@@ -65,16 +67,54 @@ def test_blocked_loop_is_not_lost_and_is_logged_once(broker, procs, tmp_path, lo
     assert (tmp_path / "block.runs").read_text().split() == [str(worker.pid)]
     assert wstats["stalls"] == 1 and 9.0 < wstats["stalled_seconds"] < 12.0, wstats
     out = procs.output(worker)
-    # Logged once: the Pulse's line, faulthandler's stack with the blocking
-    # line, and the worker's summary naming the handler.
+    # Logged once: the Pulse's line, the loop thread's stack with the
+    # blocking line (read under the GIL, with its source), and the worker's
+    # summary naming the handler. faulthandler (the fallback for a GIL held
+    # in C) stays silent.
     assert out.count("event loop stalled for more than") == 1, out
-    assert out.count("Timeout (") == 1, out
-    assert re.search(rf'File ".*rt_app\.py", line {_blocking_line()} in block', out), out
+    assert out.count(STACK_HEADER) == 1, out
+    assert "Timeout (" not in out, out
+    assert re.search(rf'File ".*rt_app\.py", line {_blocking_line()}, in block\n'
+                     r'\s+time\.sleep\(float\(payload\)\)', out), out
     summary = [line for line in out.splitlines() if "event loop was blocked for" in line]
     assert len(summary) == 1, out
     assert "by rt/Block" in summary[0] and re.search(r"blocked for (9|10|11)\.\d s", summary[0])
     # The stack comes after the Pulse's announcement, whole.
-    assert out.index("event loop stalled for more than") < out.index("Timeout (")
+    assert out.index("event loop stalled for more than") < out.index(STACK_HEADER)
+
+
+STACK_HEADER = "kelpie: event loop blocked for"
+
+
+@pytest.mark.parametrize("step", ["eager", "later"])
+def test_stack_of_a_loop_blocked_in_select_is_readable(broker, procs, tmp_path, loop, step):
+    # A handler blocking the loop in select() (a blocking socket call), on its
+    # first step (run inside the reader) or a later one (its own task): the
+    # report is the loop thread's real stack, the handler's frame on top with
+    # its source line, never freed frames ('File "__doc__", line ???').
+    worker = procs.worker(broker, RT_DIR=tmp_path, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            md = {"later": "1"} if step == "later" else None
+            assert await client.call("rt", "BlockInSelect", b"2.5", timeout=10,
+                                     metadata=md) == b"unblocked"
+            await asyncio.sleep(0.5)
+    run(main(), timeout=30)
+    out = procs.output(worker)
+    assert out.count(STACK_HEADER) == 1, out
+    report = out[out.index(STACK_HEADER):]
+    report = report[:report.index("event loop was blocked for")]
+    assert "???" not in report and '"__doc__"' not in report, report
+    line = _blocking_line("SELECT-LINE")
+    assert re.search(rf'File ".*rt_app\.py", line {line}, in block_in_select\n'
+                     r'\s+sel\.select\(float\(payload\)\)', report), report
+    # Most recent call last, as in a traceback: the handler's frame closes it
+    # (below it only the selector's own select()).
+    frames = re.findall(r'File "([^"]+)", line \d+, in (\S+)', report)
+    assert frames[-2][1] == "block_in_select" and frames[-1][0].endswith("selectors.py"), frames
+    assert "kelpie: event loop stalled for more than" in out
 
 
 def test_sigstopped_worker_is_lost_and_idempotent_call_resent(broker, procs, tmp_path):

@@ -40,6 +40,8 @@ _RPC_NAMES = {
     "CallContext": "kelpie.worker",
     "ProcessContext": "kelpie.worker",
     "Stub": "kelpie.stubs",
+    "NO_DEADLINE": "kelpie._liveness",
+    "DEFAULT_TIMEOUT": "kelpie._liveness",
 }
 
 

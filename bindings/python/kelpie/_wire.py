@@ -235,6 +235,11 @@ def status(flags=0):
     return _kind_prefix(STATUS)
 
 
+def ping(request_id):
+    """A client's HEARTBEAT; the broker echoes ``request_id`` in its answer."""
+    return HEARTBEAT_FRAME + b"\x18" + varint(request_id)
+
+
 def heartbeat(heartbeat_ms=0):
     if heartbeat_ms:
         return HEARTBEAT_FRAME + b"\x70" + varint(heartbeat_ms)

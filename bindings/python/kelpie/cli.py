@@ -1,7 +1,7 @@
 """The ``kelpie`` command-line tool (also ``python3 -m kelpie``).
 
     kelpie call SERVICE METHOD [--data TEXT|@FILE|-] [--proto MOD[:Type]]
-                [--reply-proto MOD:Type] [--timeout S] [--metadata K=V]... [--stream]
+                [--reply-proto MOD:Type] [--timeout S|none] [--metadata K=V]... [--stream]
     kelpie worker MODULE:ATTR [--processes N] [--concurrency N] [--grace S]
                   [--max-jobs-per-process N] [--max-memory-per-process SIZE]
                   [--memory-limit-per-process SIZE]
@@ -46,6 +46,7 @@ import sys
 import time
 
 from . import _supervisor, _waiting
+from ._liveness import parse_timeout
 from .client import DEFAULT_FRONTEND, Client
 from ._kelpie import ZMQError
 from .errors import DeadlineExceeded, RpcError
@@ -174,6 +175,14 @@ def _output(data, reply_cls):
         if sys.stdout.isatty() and not bytes(data).endswith(b"\n"):
             sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
+
+
+def _timeout(text):
+    """``--timeout``: the same values as ``timeout=`` and $KELPIE_TIMEOUT."""
+    try:
+        return parse_timeout(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds > 0, or 'none' for no deadline")
 
 
 def _metadata(pairs):
@@ -551,8 +560,9 @@ def _parser():
     c.add_argument("--reply-proto", metavar="MODULE:Type",
                    help="decode the reply with this type and print it as JSON "
                         "(default: from --proto MODULE, else raw bytes)")
-    c.add_argument("--timeout", "-t", type=float, default=10.0, metavar="SECONDS",
-                   help="the call's deadline, in seconds (default 10)")
+    c.add_argument("--timeout", "-t", type=_timeout, default=None, metavar="SECONDS",
+                   help="the call's deadline, in seconds, or 'none' for no deadline "
+                        "(default $KELPIE_TIMEOUT, else 30)")
     c.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE",
                    help="request metadata; repeat for several (default: none)")
     c.add_argument("--stream", action="store_true",

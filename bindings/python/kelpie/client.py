@@ -13,10 +13,20 @@ of its own; the reader wakes it with ``set_result``. Hundreds of thousands of
 calls can be outstanding at once; the limit is the broker's
 ``--client-max-inflight`` (answered RESOURCE_EXHAUSTED beyond it).
 
-Deadlines: ``timeout=`` travels as the REQUEST's ``timeout_ms`` (the broker
-and worker enforce it) and also arms a local timer, so a call finishes with
-:class:`kelpie.DeadlineExceeded` on time even if the broker is gone. When the
-local timer fires first the client sends CANCEL.
+Deadlines: every call has one unless it asks for none. ``timeout=`` (the
+call's, else the client's, else $KELPIE_TIMEOUT, else 30 s;
+``kelpie.NO_DEADLINE`` for none) travels as the REQUEST's ``timeout_ms`` (the
+broker and worker enforce it) and also arms a local timer, so a call finishes
+with :class:`kelpie.DeadlineExceeded` on time even if the broker is gone.
+When the local timer fires first the client sends CANCEL.
+
+Liveness and restarts (kelpie._liveness, shared with the sync client): while
+calls wait, the client pings the broker every ``heartbeat`` seconds (and soon
+after sending calls); silence for ``liveness`` intervals fails them
+UNAVAILABLE, and an answer with a new ``broker_id`` (the broker restarted on
+the same endpoint) fails the calls that went down with the old instance at
+once, sending the idempotent unary ones again. Either way the client stays
+usable: the next calls go to whatever broker answers on the endpoint.
 
 Cancellation: cancelling the task awaiting a call (or leaving a stream early)
 sends CANCEL; the broker answers ERROR CANCELLED, which the client drops
@@ -31,11 +41,12 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _wire, _zmq
+from . import _calls, _liveness, _wire, _zmq
+from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 
-__all__ = ["Client", "Stream", "DEFAULT_FRONTEND"]
+__all__ = ["Client", "Stream", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
@@ -51,10 +62,15 @@ class Client:
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
     liveness=3, context=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
-    or ``tcp://127.0.0.1:5555``. ``timeout`` and ``metadata`` are defaults for
-    every call. While calls are outstanding the client pings the broker every
-    ``heartbeat`` seconds; if the broker stays silent for ``liveness``
-    intervals, every outstanding call fails with :class:`kelpie.Unavailable`.
+    or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
+    that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
+    ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
+    with every call. While calls are outstanding the client pings the broker
+    every ``heartbeat`` seconds; if the broker stays silent for ``liveness``
+    intervals, every outstanding call fails with :class:`kelpie.Unavailable`;
+    if it answers as a new instance (it restarted), the calls the old one
+    held fail with :class:`kelpie.Unavailable` at once (idempotent unary
+    calls are sent again). The client stays usable after both.
     Use it as ``async with kelpie.Client() as client:`` or call
     :meth:`connect` and :meth:`close` yourself.
     """
@@ -63,20 +79,22 @@ class Client:
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
-        self.timeout = timeout
+        self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
         self.liveness = liveness
+        self._watch = _liveness.BrokerWatch(heartbeat, liveness, 0.0)
         self._context = context
         self._own_context = False
         self._sock = None
         self._loop = None
         self._reader = None
         self._pinger = None
+        # One table for the client's whole life: emptied in place, never
+        # replaced, so the reader (which holds it) always sees the live one.
         self._pending = {}
         self._next_id = 1
         self._background = set()
-        self._last_recv = 0.0
         self._closed = False
         # The broker's message size limit, from its HEARTBEAT (connect asks
         # for one); the protocol default until then.
@@ -105,10 +123,12 @@ class Client:
         # max_message_size; queued until the connection is up.
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])
         self._sock = sock
-        self._last_recv = self._loop.time()
+        self._watch.heard(self._loop.time())
         self._reader = self._loop.create_task(self._read_loop())
         self._reader.add_done_callback(self._reader_done)
         if self.heartbeat:
+            # Learn the broker's id (and limits) before the first call.
+            await self._ping(self._loop.time())
             self._pinger = self._loop.create_task(self._ping_loop())
         return self
 
@@ -126,8 +146,9 @@ class Client:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-        pending, self._pending = self._pending, {}
-        for rid, entry in pending.items():
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for entry in pending:
             _fail(entry, RpcError(StatusCode.CANCELLED, "client closed"))
         for task in list(self._background):
             task.cancel()
@@ -165,10 +186,12 @@ class Client:
                    idempotent: bool = False, with_metadata: bool = False) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
-        ``timeout`` (seconds; default the client's) becomes the call's
-        deadline. ``metadata`` (``dict[str, bytes|str]``) is sent as request
-        metadata. ``idempotent=True`` lets the broker run the call again on
-        another worker if its worker dies. With ``with_metadata=True`` the
+        ``timeout`` (seconds; default the client's; ``kelpie.NO_DEADLINE``:
+        none) becomes the call's deadline. ``metadata``
+        (``dict[str, bytes|str]``) is sent as request metadata.
+        ``idempotent=True`` lets the broker run the call again on another
+        worker if its worker dies, and this client send it again if the
+        broker restarts while it runs. With ``with_metadata=True`` the
         result is ``(reply, metadata)`` where metadata is the reply's
         ``dict[str, bytes]``. Failures raise :class:`kelpie.RpcError`.
         """
@@ -179,9 +202,32 @@ class Client:
             timeout = self.timeout
         if metadata is None:
             metadata = self.metadata
+        loop = self._loop
+        if timeout == NO_DEADLINE:
+            timeout = None
+        retries = _liveness.RESTART_RETRIES if idempotent else 0
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                return await self._call(sock, service, method, payload, timeout, metadata,
+                                        idempotent, with_metadata)
+            except BrokerRestarted:
+                # Lost with a broker that restarted: an idempotent call may
+                # safely run again, on the new one, within its deadline.
+                if not retries or self._sock is None or \
+                        (end is not None and end - loop.time() <= 0.001):
+                    raise
+                retries -= 1
+                if end is not None:
+                    timeout = end - loop.time()
+
+    async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
+                    with_metadata):
+        loop = self._loop
+        if self._watch.stale(loop.time()):
+            await self._ping(loop.time())
         rid = self._next_id
         self._next_id = rid + 1
-        loop = self._loop
         fut = loop.create_future()
         handle = None
         header = _wire.request(service, method, rid,
@@ -197,6 +243,7 @@ class Client:
         try:
             await sock.send_multipart((header, payload))
             sent = True
+            self._follow()
             header, frames = await fut
         except asyncio.CancelledError:
             if self._pending.pop(rid, None) is not None and sent:
@@ -234,6 +281,8 @@ class Client:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         if timeout is None:
             timeout = self.timeout
+        if timeout == NO_DEADLINE:
+            timeout = None
         if metadata is None:
             metadata = self.metadata
         state = _StreamState(self, service, method, payload, timeout, metadata,
@@ -300,14 +349,42 @@ class Client:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _ping(self, now):
+        """Send a ping: a HEARTBEAT with the next call id, which the broker
+        echoes with its broker_id. Every call with a smaller id was sent
+        before it on the ordered pipe (kelpie._liveness)."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        self._watch.pinged(now)
+        await self._sock.send_multipart([_wire.ping(rid)])
+
+    def _follow(self):
+        """A call was sent: make sure a ping follows it soon (one per burst)."""
+        watch = self._watch
+        if watch.owed or not watch.heartbeat:
+            return
+        watch.sent_call()
+        loop = self._loop
+        loop.call_at(max(loop.time(), watch.next_ping()), self._ping_soon)
+
+    def _ping_soon(self):
+        if self._sock is not None and self._watch.owed:
+            now = self._loop.time()
+            rid = self._next_id
+            self._next_id = rid + 1
+            self._watch.pinged(now)
+            self._send_later(_wire.ping(rid))
+
     async def _read_loop(self):
         recv = self._sock.recv_multipart
+        # The one table of the client's life (see __init__): never stale.
         pending = self._pending
         parse = _wire.parse
         loop = self._loop
+        watch = self._watch
         while True:
             frames = await recv()
-            self._last_recv = loop.time()
+            watch.last_recv = loop.time()
             try:
                 header = parse(frames[0])
             except Exception:
@@ -319,7 +396,12 @@ class Client:
                 # finished locally (cancelled, timed out): nothing to do.
                 if header.max_message_size:
                     self._max_message_size = header.max_message_size
-                if header.kind == _wire.DISCONNECT and pending:
+                kind = header.kind
+                if kind == _wire.HEARTBEAT:
+                    lost = watch.on_heartbeat(header, self._next_id)
+                    if lost is not None:
+                        self._fail_restarted(*lost)
+                elif kind == _wire.DISCONNECT and pending:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
             kind = header.kind
@@ -343,29 +425,48 @@ class Client:
             self._fail_all(Unavailable(f"client reader failed: {task.exception()!r}"))
 
     def _fail_all(self, exc):
-        pending, self._pending = self._pending, {}
-        for entry in pending.values():
+        pending = self._pending
+        entries = list(pending.values())
+        pending.clear()
+        for entry in entries:
             _fail(entry, exc)
+
+    def _fail_restarted(self, lost_below, read_below):
+        """The broker restarted: fail the calls sent before the ping the new
+        instance answered; cancel at the new one those the old one may not
+        have read (kelpie._liveness)."""
+        pending = self._pending
+        lost = [rid for rid in pending if rid < lost_below]
+        for rid in lost:
+            _fail(pending.pop(rid), _liveness.restarted_error())
+            if rid >= read_below:
+                self._send_later(_wire.cancel(rid))
 
     async def _ping_loop(self):
         loop = self._loop
         interval = self.heartbeat
+        watch = self._watch
         last = loop.time()
+        nap = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(nap)
             now = loop.time()
-            late, last = now - last - interval, now
+            late, last = now - last - nap, now
+            # Wake when the next ping is due (a heartbeat after the last
+            # one, which may have followed a call), so that a restart is
+            # seen within a heartbeat; never later than a heartbeat.
+            nap = min(interval, max(0.01, watch.last_ping + interval - now))
             if not self._pending or late > interval:
                 # Nothing to watch, or this loop was blocked itself and the
                 # broker's answers may be waiting unread: judge next time.
-                self._last_recv = now
+                watch.heard(now)
                 continue
-            silent = now - self._last_recv
-            if silent >= self.liveness * interval:
+            silent = watch.silence(now)
+            if silent:
                 self._fail_all(Unavailable("broker did not answer for %.1f s" % silent))
-                self._last_recv = loop.time()
-            elif silent >= interval:
-                await self._sock.send_multipart([_wire.HEARTBEAT_FRAME])
+                watch.gone(loop.time())
+            elif now + 0.01 >= watch.last_ping + watch.heartbeat:
+                await self._ping(now)
 
 
 def _fail(entry, exc):
@@ -392,6 +493,8 @@ class _StreamState(_calls.StreamCore):
     async def start(self):
         client = self.client
         self.started = True
+        if client._watch.stale(client._loop.time()):
+            await client._ping(client._loop.time())
         rid = client._next_id
         client._next_id = rid + 1
         self.rid = rid
@@ -408,6 +511,7 @@ class _StreamState(_calls.StreamCore):
             self.handle = client._loop.call_later(self.timeout, client._expire, rid)
         try:
             await client._sock.send_multipart((header, self.payload))
+            client._follow()
         except BaseException:
             client._pending.pop(rid, None)
             self._disarm()

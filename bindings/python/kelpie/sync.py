@@ -21,18 +21,16 @@ waits for, and drops it. A thread that reads a stream and makes unary calls
 in between is served by the same socket: whatever arrives for the stream
 while a unary call waits is queued on the stream (at most its window).
 
-Liveness: while a call (or a stream read) waits longer than ``heartbeat``
-seconds without hearing from the broker, the thread probes it with
-``kelpie.broker/Stats`` (one at a time, at most one per interval); after
-``liveness`` silent intervals the call fails with :class:`kelpie.Unavailable`
-and the thread's socket is closed, so the next call starts with a new one. The
-probe's ``uptime_ms`` also tells one broker instance from the next: libzmq
-reconnects a DEALER by itself when a broker comes back on the same endpoint,
-and the new broker answers probes, but the calls the old one held are gone.
-When a probe shows a newer instance, the calls this thread sent before the
-old instance's last answer fail with Unavailable at once instead of waiting
-for a deadline they may not have (the async client's plain HEARTBEAT ping
-cannot tell). Calls sent afterwards, and the next call, go to the new broker.
+Liveness, the same judgement as the async client's (kelpie._liveness): while
+a call (or a stream read) waits, the thread pings the broker with HEARTBEAT
+every ``heartbeat`` seconds; after ``liveness`` silent intervals the call
+fails with :class:`kelpie.Unavailable` and the thread's socket is closed, so
+the next call starts with a new one. The broker's answer carries its
+``broker_id``: libzmq reconnects a DEALER by itself when a broker comes back
+on the same endpoint, and the new broker answers pings, but the calls the
+old one held are gone. When the id changes, the calls sent before the ping
+the new instance answered fail with Unavailable at once (kelpie._liveness;
+idempotent unary calls are sent again); the next calls go to the new broker.
 
 Lifetime: a thread's connection is closed when the thread exits (its
 ``threading.local`` slot is dropped and a finaliser closes the socket) or by
@@ -55,19 +53,19 @@ call.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _kelpie, _wire
+from . import _calls, _kelpie, _liveness, _wire
+from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 from .stubs import Stub as _AsyncStub, _server_stream_maker
 
-__all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND"]
+__all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
@@ -75,6 +73,7 @@ _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 _REPLY = _wire.REPLY
 _DISCONNECT = _wire.DISCONNECT
+_HEARTBEAT = _wire.HEARTBEAT
 _Timeout = _kelpie.Timeout
 _ZMQError = _kelpie.ZMQError
 _monotonic = time.monotonic
@@ -115,9 +114,8 @@ def _close_socket(sock, streams):
 class _Conn:
     """One thread's connection: its socket, request ids, open streams."""
 
-    __slots__ = ("sock", "next_id", "streams", "last_recv", "cancels", "dead", "owner",
-                 "probe_rid", "probe_sent", "boot", "boot_rid", "lost_before",
-                 "max_message_size", "_finalizer", "__weakref__")
+    __slots__ = ("sock", "next_id", "streams", "watch", "cancels", "dead", "owner",
+                 "lost_before", "read_before", "max_message_size", "_finalizer", "__weakref__")
 
     def __init__(self, client):
         sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
@@ -134,18 +132,14 @@ class _Conn:
         self.sock = sock
         self.next_id = 1
         self.streams = {}  # request id -> _StreamState
-        self.last_recv = _monotonic()
+        self.watch = _liveness.BrokerWatch(client.heartbeat, client.liveness, _monotonic())
         # CANCELs for streams dropped on another thread (deque: append and
         # popleft are atomic), sent by the owner before its next message.
         self.cancels = collections.deque()
         self.dead = False
         self.owner = threading.get_ident()
-        # Broker restart detection (see _on_probe).
-        self.probe_rid = 0
-        self.probe_sent = 0.0
-        self.boot = None      # (earliest, latest) estimate of the broker's start, monotonic
-        self.boot_rid = 0     # id of the last probe that instance answered
-        self.lost_before = 0  # calls with smaller ids went down with a broker
+        self.lost_before = 0  # calls with smaller ids fail: the broker restarted
+        self.read_before = 0  # ...and those with smaller ids the old one had read
         self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
 
     def close(self, exc=None):
@@ -187,7 +181,7 @@ class _Conn:
                 frames = sock.recv_multipart(0)
             except _Timeout:
                 return
-            self.last_recv = _monotonic()
+            self.watch.heard(_monotonic())
             self.route(frames, 0)
 
     def route(self, frames, rid):
@@ -203,14 +197,16 @@ class _Conn:
         hid = header.request_id
         if rid and hid == rid:
             return header
-        if hid and hid == self.probe_rid:
-            self._on_probe(header, frames)
+        if header.kind == _HEARTBEAT:
+            if header.max_message_size:
+                self.max_message_size = header.max_message_size
+            lost = self.watch.on_heartbeat(header, self.next_id)
+            if lost is not None:
+                self._restarted(*lost)
         elif hid:
             state = self.streams.get(hid)
             if state is not None:
                 state.deliver(header.kind, header, frames)
-        elif header.max_message_size:
-            self.max_message_size = header.max_message_size  # a broker HEARTBEAT
         elif header.kind == _DISCONNECT:
             # The broker is shutting down: nothing it holds will be answered.
             for state in list(self.streams.values()):
@@ -229,9 +225,10 @@ class _Conn:
         """
         sock = self.sock
         heartbeat = client.heartbeat
+        watch = self.watch
         # Silence is judged from the start of this wait: an idle thread's
         # socket hears nothing, and that says nothing about the broker.
-        self.last_recv = _monotonic()
+        watch.heard(_monotonic())
         while True:
             if deadline is None:
                 wait = heartbeat or None
@@ -241,21 +238,22 @@ class _Conn:
                     raise DeadlineExceeded("deadline exceeded")
                 if heartbeat and wait > heartbeat:
                     wait = heartbeat
+            if heartbeat:
+                # Wake for the next ping (soon after a call was sent).
+                wait = max(0.0, min(wait, watch.next_ping() - _monotonic()))
             try:
                 frames = sock.recv_multipart(wait)
             except _Timeout:
                 now = _monotonic()
                 if deadline is not None and now >= deadline:
                     raise DeadlineExceeded("deadline exceeded") from None
-                if heartbeat:
-                    silent = now - self.last_recv
-                    if silent >= client.liveness * heartbeat:
-                        exc = Unavailable("broker did not answer for %.1f s" % silent)
-                        self.close(exc)
-                        raise exc from None
-                    if silent >= heartbeat and (not self.probe_rid
-                                                or now - self.probe_sent >= heartbeat):
-                        self._probe(client, now)
+                silent = watch.silence(now)
+                if silent:
+                    exc = Unavailable("broker did not answer for %.1f s" % silent)
+                    self.close(exc)
+                    raise exc from None
+                if watch.ping_due(now):
+                    self.ping(now)
                 continue
             except _ZMQError:
                 # ContextTerminated (Client.close destroyed the context) or
@@ -264,57 +262,41 @@ class _Conn:
                     raise
                 self.dead = True
                 raise _closed_error() from None
-            self.last_recv = _monotonic()
+            now = _monotonic()
+            watch.heard(now)
+            # Ping on schedule even while answers flow: answers from a new
+            # broker must not hide that the old one took this call with it.
+            if watch.ping_due(now):
+                self.ping(now)
             if rid == 0:
                 return self.route(frames, 0), frames
             header = self.route(frames, rid)
             if header is not None:
                 return header, frames
             if rid < self.lost_before:
-                raise Unavailable("the broker restarted; the call was lost with it")
+                raise _liveness.restarted_error()
 
-    def _probe(self, client, now):
-        """Ping the broker while a call waits: ``kelpie.broker/Stats``, whose
-        ``uptime_ms`` tells one broker instance from the next.
+    def ping(self, now):
+        """A ping: HEARTBEAT with the next call id, which the broker echoes
+        with its ``broker_id``; every call with a smaller id was sent before
+        it on this socket's ordered pipe (kelpie._liveness)."""
+        self.watch.pinged(now)
+        self.sock.send_multipart([_wire.ping(self.take_id())])
 
-        Any answer is a sign of life (as a HEARTBEAT's would be). The uptime
-        also catches what liveness cannot: a broker that restarted on the
-        same endpoint while this thread waited answers the probes, but the
-        calls the old one held are gone and nothing will ever answer them.
-        """
-        rid = self.take_id()
-        self.probe_rid = rid
-        self.probe_sent = now
-        self.sock.send_multipart([_wire.request(
-            "kelpie.broker", "Stats", rid, _timeout_ms(client.liveness * client.heartbeat))])
-
-    def _on_probe(self, header, frames):
-        self.probe_rid = 0
-        if header.kind != _REPLY:
-            return
-        try:
-            uptime = json.loads(_payload(frames))["uptime_ms"] / 1000.0
-        except Exception:
-            return
-        # The broker started between (probe sent - uptime) and (answer
-        # received - uptime); the broker's clock is coarse (ms, a few ms
-        # of granularity), hence the slack; no broker restarts and is
-        # reconnected to in 50 ms (libzmq's reconnect interval is 100 ms).
-        lo, hi = self.probe_sent - uptime, _monotonic() - uptime
-        old = self.boot
-        if old is not None and lo > old[1] + 0.05:
-            # Another instance. Every call sent before the last probe the
-            # old one answered reached the old one (one pipe, in order), and
-            # died with it; calls sent after may have reached this one.
-            self.lost_before = self.boot_rid
-            exc = Unavailable("the broker restarted; the call was lost with it")
-            for state in list(self.streams.values()):
-                if state.rid < self.boot_rid:
-                    state.fail(exc)
-        elif old is not None and lo <= old[1] and hi >= old[0]:
-            lo, hi = max(lo, old[0]), min(hi, old[1])
-        self.boot = (lo, hi)
-        self.boot_rid = header.request_id
+    def _restarted(self, lost_below, read_below):
+        """The broker restarted: calls sent before the ping the new instance
+        answered fail; those the old one may not have read are cancelled at
+        the new one (kelpie._liveness). ``read_below`` is kept to tell which
+        a failing call is (wait())."""
+        if lost_below > self.lost_before:
+            self.lost_before = lost_below
+            self.read_before = read_below
+        exc = _liveness.restarted_error()
+        for state in list(self.streams.values()):
+            if state.rid < lost_below:
+                state.fail(exc)
+                if state.rid >= read_below:
+                    Client._cancel(self, state.rid)
 
 
 class Client:
@@ -323,9 +305,12 @@ class Client:
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
     liveness=3, context=None)``, the same arguments as :class:`kelpie.Client`:
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
-    ``timeout`` and ``metadata`` are defaults for every call; a call that
-    hears nothing from the broker for ``liveness`` × ``heartbeat`` seconds
-    fails with :class:`kelpie.Unavailable` (``heartbeat=0``: never). Share
+    ``timeout`` is the deadline of every call that sets none (seconds; None:
+    ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
+    is sent with every call; a call that hears nothing from the broker for
+    ``liveness`` × ``heartbeat`` seconds fails with :class:`kelpie.Unavailable`
+    (``heartbeat=0``: never), and so do, at once, the calls a restarted broker
+    lost (idempotent unary calls are sent again). Share
     one Client between all the threads of a process; use it as ``with
     kelpie.sync.Client() as client:`` or call :meth:`close`.
     """
@@ -334,7 +319,7 @@ class Client:
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
-        self.timeout = timeout
+        self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
         self.liveness = int(liveness)
@@ -427,27 +412,45 @@ class Client:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
-        client's) is the call's deadline, sent to the broker and enforced
-        here (:class:`kelpie.DeadlineExceeded` on time even if the broker is
-        gone); ``metadata`` is sent as request metadata; ``idempotent=True``
-        lets the broker re-send the call to another worker if its worker
-        dies; ``with_metadata=True`` returns ``(reply, metadata)``. Failures
-        raise :class:`kelpie.RpcError`.
+        client's; ``kelpie.NO_DEADLINE``: none) is the call's deadline, sent to
+        the broker and enforced here (:class:`kelpie.DeadlineExceeded` on time
+        even if the broker is gone); ``metadata`` is sent as request metadata;
+        ``idempotent=True`` lets the broker re-send the call to another worker
+        if its worker dies, and this client send it again if the broker
+        restarts; ``with_metadata=True`` returns ``(reply, metadata)``.
+        Failures raise :class:`kelpie.RpcError`.
         """
-        conn = self._conn()
         if timeout is None:
             timeout = self.timeout
         if metadata is None:
             metadata = self.metadata
+        if timeout == NO_DEADLINE:
+            timeout = None
+        retries = _liveness.RESTART_RETRIES if idempotent else 0
+        deadline = None if timeout is None else _monotonic() + timeout
+        while True:
+            try:
+                return self._call(service, method, payload, deadline, metadata, idempotent,
+                                  with_metadata)
+            except BrokerRestarted:
+                # Lost with a broker that restarted: an idempotent call may
+                # safely run again, on the new one, within its deadline.
+                if not retries or (deadline is not None and deadline - _monotonic() <= 0.001):
+                    raise
+                retries -= 1
+
+    def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata):
+        conn = self._conn()
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
+        now = _monotonic()
+        if conn.watch.stale(now):
+            conn.ping(now)
         rid = conn.take_id()
-        if timeout is not None:
-            deadline = _monotonic() + timeout
-            header = _wire.request(service, method, rid, _timeout_ms(timeout),
+        if deadline is not None:
+            header = _wire.request(service, method, rid, _timeout_ms(max(0.001, deadline - now)),
                                    1 if idempotent else 0, 0, metadata)
         else:
-            deadline = None
             header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
         too_big = _oversize("request", header, payload, conn.max_message_size)
         if too_big is not None:
@@ -459,10 +462,13 @@ class Client:
                 raise
             conn.dead = True
             raise _closed_error() from None
+        conn.watch.sent_call()
         try:
             header, frames = conn.wait(self, rid, deadline)
         except RpcError as exc:
-            if exc.code == StatusCode.DEADLINE_EXCEEDED and not conn.dead:
+            if not conn.dead and (exc.code == StatusCode.DEADLINE_EXCEEDED or (
+                    isinstance(exc, BrokerRestarted) and rid >= conn.read_before)):
+                # The (new) broker may hold it: it drops it.
                 self._cancel(conn, rid)
             raise
         except BaseException:
@@ -498,6 +504,8 @@ class Client:
         """
         if timeout is None:
             timeout = self.timeout
+        if timeout == NO_DEADLINE:
+            timeout = None
         if metadata is None:
             metadata = self.metadata
         return Stream(_StreamState(self, service, method, payload, timeout, metadata,
@@ -585,6 +593,8 @@ class _StreamState(_calls.StreamCore):
             conn.drain_stale()
         self.started = True
         self.conn = conn
+        if conn.watch.stale(_monotonic()):
+            conn.ping(_monotonic())
         rid = self.rid = conn.take_id()
         timeout_ms = 0
         if self.timeout is not None:
@@ -600,6 +610,7 @@ class _StreamState(_calls.StreamCore):
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))
+            conn.watch.sent_call()
         except BaseException as exc:
             conn.streams.pop(rid, None)
             self.finished = True

@@ -31,12 +31,22 @@ for that long, the thread sends STATUS(STALLED) and the broker sends this
 worker nothing new until the loop runs again and the worker sends STATUS
 without the flag. The worker counts any message from the broker as a sign of
 life. If the broker is silent for ``liveness`` intervals, or sends DISCONNECT, the
-session ends: running calls are cancelled (the broker has already answered or
-re-dispatched them), the socket is closed and a new one registers again
-(with a new routing identity), backing off up to 1 s between attempts. If the
-broker says it does not know this worker (ERROR FAILED_PRECONDITION: it
-restarted and the socket reconnected by itself, or it gave the worker up
-while a handler blocked the loop), the worker sends READY again at once.
+session ends, the socket is closed and a new one registers again (with a new
+routing identity), backing off up to 1 s between attempts. If the broker says
+it does not know this worker (ERROR FAILED_PRECONDITION: it restarted and the
+socket reconnected by itself, or it gave the worker up while a handler
+blocked the loop), the worker sends READY again at once.
+
+Orphans (docs/protocol.md §7.2). The calls running when a session ends, when
+the broker says it does not know this worker, or when a HEARTBEAT shows a
+new ``broker_id`` (the broker restarted) belong to a registration the broker
+no longer has: it has answered or re-dispatched them, or died with them.
+They are *orphaned*: cancelled, their answers dropped here (one log line,
+counted in ``stats``), and their slots withheld: READY offers ``concurrency``
+minus the orphans still running (a thread cannot be interrupted), and each
+orphan that ends gives its slot back with CREDIT(1). So the worker never
+runs more than ``concurrency`` calls across a restart, and an orphan's
+answer never reaches the new broker.
 
 Handlers of three kinds (docs/python.md, "Handlers of every kind"): an
 ``async def`` runs on the loop as above; a plain ``def`` runs in a bounded
@@ -48,13 +58,20 @@ or a CANCEL: the broker has answered the caller already), and it sees
 kelpie._executors), killed with SIGKILL and replaced when its call is
 cancelled or passes its deadline.
 
-Stalls: every tick re-arms ``faulthandler.dump_traceback_later``, with a
-timeout just past the moment the Pulse thread declares a stall (1.55 s at
-the defaults), so a stall prints the Python stack of the blocking code once,
-below the Pulse's own stderr line. Each step of a handler on the loop is
-timed, so the one that blocked is known; when the loop runs again the worker
-logs one line naming it and the running handlers, sends STATUS without
-STALLED and counts the stall (``worker.stats``).
+Stalls: a watcher thread (:class:`_StackWatch`) prints the event loop
+thread's Python stack, read under the GIL and formatted like a traceback
+(file, line, function, source line), once per stall, when the loop has not
+ticked for just past the moment the Pulse thread declares a stall (1.2 s at
+the defaults), below the Pulse's own stderr line. It is disarmed between
+sessions, so an idle loop (waiting in ``select``) is never reported. A
+thread that holds the GIL in C code keeps the watcher from running: for
+that case every tick also re-arms ``faulthandler.dump_traceback_later`` half
+a second later, which reads the stacks without the GIL (safe then: every
+other thread waits for it) and which the watcher cancels when it reports.
+Each step of a handler on the loop is timed, so the one that blocked is
+known; when the loop runs again the worker logs one line naming it and the
+running handlers, sends STATUS without STALLED and counts the stall
+(``worker.stats``).
 
 Streaming handlers are async generators. Flow control is end to end
 (protocol.md §5.3): the generator is advanced only while the reader's window
@@ -71,7 +88,10 @@ import inspect
 import logging
 import os
 import socket as _socket
+import sys
+import threading
 import time
+import traceback
 from typing import Any, Callable, Mapping, Optional, Union
 
 from . import _executors, _wire, _zmq
@@ -117,7 +137,7 @@ class CallContext:
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_mono_deadline", "_in_thread")
+                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -137,6 +157,8 @@ class CallContext:
         self._trailing = None
         self._window = header.credits or _wire.DEFAULT_WINDOW
         self._credit_waiter = None
+        self._orphan = False    # its registration is gone: its answer is dropped
+        self._withheld = False  # its slot was left out of a READY: CREDIT it back
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
@@ -250,6 +272,64 @@ _drive_coro = __import__("types").coroutine(_drive)
 
 # faulthandler's watchdog is one per process: the running workers share it.
 _watchdog_users = 0
+# How much later than the watcher faulthandler fires (the GIL-held fallback).
+_FALLBACK_DELAY = 0.5
+
+
+class _StackWatch:
+    """Prints the event loop thread's stack once per stall, readable.
+
+    faulthandler's watchdog reads other threads' frames without the GIL, while
+    they may be changing: a report taken while Python runs elsewhere can show
+    freed frames (``File "__doc__", line ??? in Selectors module``). This
+    thread takes the GIL like any Python thread, so the frames it formats are
+    the loop thread's real ones, handler on top, with their source lines.
+    """
+
+    def __init__(self, thread_id, timeout):
+        self.thread_id = thread_id  # the event loop's thread
+        self.timeout = timeout
+        self.ticked = _clock()
+        self.armed = False          # False between sessions: nothing to watch
+        self.reported = False       # this stall's stack was printed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kelpie-stack-watch",
+                                        daemon=True)
+        self._thread.start()
+
+    def tick(self, now):
+        self.ticked = now
+        self.reported = False
+        self.armed = True
+
+    def disarm(self):
+        self.armed = False
+
+    def stop(self):
+        self.armed = False
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.timeout / 8):
+            if not self.armed or self.reported:
+                continue
+            stuck = _clock() - self.ticked
+            if stuck < self.timeout:
+                continue
+            self.reported = True
+            if stuck >= self.timeout + _FALLBACK_DELAY:
+                continue  # the GIL was held in C: faulthandler has printed it
+            faulthandler.cancel_dump_traceback_later()
+            frame = sys._current_frames().get(self.thread_id)
+            lines = traceback.format_stack(frame) if frame is not None else ["  (no frame)\n"]
+            del frame
+            text = (f"kelpie: event loop blocked for {stuck:.1f} s (pid {os.getpid()}); "
+                    f"stack of the loop thread, most recent call last:\n"
+                    + "".join(lines))
+            try:
+                os.write(2, text.encode("utf-8", "replace"))
+            except OSError:
+                pass
 
 
 _SKIPPED = object()
@@ -336,6 +416,7 @@ class Worker:
         self._blockers = []
         self._watchdog_armed = 0.0
         self._watchdog_timeout = 1.5 * self._slow_step
+        self._stack_watch = None
         self.stalls = 0
         self.stalled_seconds = 0.0
         self._context = context
@@ -357,6 +438,13 @@ class Worker:
         self.served = 0
         self.failed = 0  # calls answered with an error
         self.memory_errors = 0  # handlers that raised MemoryError
+        # The broker instance this worker serves (its HEARTBEATs' broker_id).
+        self._broker_id = 0
+        self.broker_restarts = 0
+        # Calls still running whose registration is gone (see the module doc).
+        self._orphans = set()
+        self.orphaned = 0
+        self.orphan_answers_dropped = 0
 
     # -- registration -----------------------------------------------------
 
@@ -479,6 +567,8 @@ class Worker:
         global _watchdog_users
         watchdog = bool(self.stall_threshold)
         _watchdog_users += watchdog
+        if watchdog:
+            self._stack_watch = _StackWatch(threading.get_ident(), self._watchdog_timeout)
         backoff = 0.0
         try:
             kinds = {h.kind for h in self._handlers.values()}
@@ -515,6 +605,9 @@ class Worker:
             _watchdog_users -= watchdog
             if watchdog and _watchdog_users == 0:
                 faulthandler.cancel_dump_traceback_later()
+            if self._stack_watch is not None:
+                self._stack_watch.stop()
+                self._stack_watch = None
             if self._process_pool is not None:
                 await self._process_pool.close()
             if self._thread_pool is not None:
@@ -535,8 +628,7 @@ class Worker:
         self._session = session
         # READY goes first (nothing may precede it), then the heartbeat thread.
         session.last_ready = self._loop.time()
-        await self._send(session, _wire.ready(self.services,
-                                              0 if self._stopping else self.concurrency,
+        await self._send(session, _wire.ready(self.services, self._offer(),
                                               int(self.heartbeat * 1000), self.name,
                                               self.methods))
         session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
@@ -544,6 +636,32 @@ class Worker:
                                    stall_threshold=self.stall_threshold)
         log.debug("registered with %s as %s", self.backend, self.name)
         return session
+
+    def _offer(self):
+        """The credits a READY offers: ``concurrency`` minus the orphans still
+        running (each gives its slot back with CREDIT when it ends)."""
+        if self._stopping:
+            return 0
+        for ctx in self._orphans:
+            ctx._withheld = True
+        return max(0, self.concurrency - len(self._orphans))
+
+    def _orphan_calls(self, session, why):
+        """Orphan every call of ``session``: the broker no longer knows them."""
+        calls = list(session.calls.values())
+        session.calls.clear()
+        if not calls:
+            return
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # stop() waits for these no more
+        self.orphaned += len(calls)
+        for ctx in calls:
+            ctx._orphan = True
+            self._orphans.add(ctx)
+            ctx._cancel(_BY_SESSION_END)
+        log.warning("%s: %d running call%s orphaned (cancelled; %s answer%s will be dropped)",
+                    why, len(calls), "" if len(calls) == 1 else "s",
+                    "its" if len(calls) == 1 else "their", "" if len(calls) == 1 else "s")
 
     def _send_ready(self, session, credits):
         session.last_ready = self._loop.time()
@@ -554,12 +672,12 @@ class Worker:
     async def _end_session(self, session):
         session.ending = True
         calls = list(session.calls.values())
-        for ctx in calls:
-            ctx._cancel(_BY_SESSION_END)
+        self._orphan_calls(session, "session ended")
         tasks = [ctx._task for ctx in calls if ctx._task is not None]
         if tasks:
+            # Those still running after this (threads) stay orphans: the
+            # next READY leaves their slots out.
             await asyncio.wait(tasks, timeout=1.0)
-        session.calls.clear()
         if self._session is session:
             self._session = None
         if session.pulse is not None:
@@ -622,6 +740,10 @@ class Worker:
         """Counters and gauges of this worker (plain numbers, for logs and metrics).
 
         ``served`` (calls answered OK), ``running`` (calls holding a slot),
+        ``orphaned`` (calls whose registration went away while they ran:
+        broker restart, lost session), ``orphans_running``,
+        ``orphan_answers_dropped`` (orphans that ended, their answers
+        dropped), ``broker_restarts`` (new ``broker_id`` seen),
         ``stalls`` / ``stalled_seconds`` (event loop stalls past
         ``stall_threshold`` and their total length), ``threads_busy``,
         ``process_pool`` (pids, busy, started, killed, died) when there is one.
@@ -631,6 +753,9 @@ class Worker:
                "memory_errors": self.memory_errors,
                "running": len(session.calls) if session else 0,
                "concurrency": self.concurrency,
+               "orphaned": self.orphaned, "orphans_running": len(self._orphans),
+               "orphan_answers_dropped": self.orphan_answers_dropped,
+               "broker_restarts": self.broker_restarts,
                "stalled": bool(session and session.pulse and session.pulse.stalled),
                "stalls": self.stalls,
                "stalled_seconds": round(self.stalled_seconds, 3),
@@ -673,8 +798,19 @@ class Worker:
             # So the stack always follows the Pulse's line, and only for stalls.
             self._watchdog_timeout = (self.stall_threshold * 1.05 + period
                                       + min(interval, self.stall_threshold) / 4)
+            if self._stack_watch is not None:
+                self._stack_watch.timeout = self._watchdog_timeout
         last = loop.time()
         self._arm_watchdog(last)  # a handler may block before the first tick
+        try:
+            await self._pulse_ticks(session, reader, loop, interval, pulse, period, last)
+        finally:
+            # Between sessions the loop idles (in select, say): not a stall.
+            if self._stack_watch is not None:
+                self._stack_watch.disarm()
+                faulthandler.cancel_dump_traceback_later()
+
+    async def _pulse_ticks(self, session, reader, loop, interval, pulse, period, last):
         while True:
             await asyncio.sleep(period)
             now = loop.time()
@@ -709,7 +845,10 @@ class Worker:
         # before the Pulse's line.
         if self.stall_threshold:
             self._watchdog_armed = now
-            faulthandler.dump_traceback_later(self._watchdog_timeout, repeat=False, file=2)
+            if self._stack_watch is not None:
+                self._stack_watch.tick(_clock())
+            faulthandler.dump_traceback_later(self._watchdog_timeout + _FALLBACK_DELAY,
+                                              repeat=False, file=2)
 
     def _blocked_in(self, name, seconds):
         self._blockers.append((name, seconds))
@@ -722,7 +861,7 @@ class Worker:
         running = sorted({ctx.service + "/" + ctx.method for ctx in session.calls.values()}
                          | set(culprits))
         log.warning("event loop was blocked for %.1f s%s; running handlers: %s "
-                    "(stall %d of this worker; the stack was printed above if it "
+                    "(stall %d of this worker; the loop's stack was printed above if it "
                     "lasted over %.2f s)", stalled,
                     f" by {', '.join(culprits)}" if culprits else
                     " (not by a step of an async handler: other code on the loop, or a thread "
@@ -761,6 +900,8 @@ class Worker:
             elif kind == _wire.HEARTBEAT:
                 if header.heartbeat_ms:
                     self._broker_heartbeat = header.heartbeat_ms / 1000.0
+                if header.broker_id and header.broker_id != self._broker_id:
+                    self._on_new_broker(session, header.broker_id)
                 if header.max_message_size:
                     self._max_message_size = header.max_message_size
             elif kind == _wire.DISCONNECT:
@@ -774,12 +915,30 @@ class Worker:
                     # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
                     # its id); at most once per 0.2 s, so a broker refusing
                     # our READY too (another protocol version) is not flooded.
+                    # Whatever we were running was dispatched before the
+                    # broker forgot us (the pipe is ordered): orphans.
+                    self._orphan_calls(session, "the broker does not know this worker")
                     if loop.time() - session.last_ready >= 0.2:
                         log.info("broker: %s; registering again", header.message)
-                        self._send_ready(session, 0 if self._stopping else self.concurrency)
+                        self._send_ready(session, self._offer())
                 else:
                     log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
                                 header.message)
+
+    def _on_new_broker(self, session, broker_id):
+        """A HEARTBEAT with a new ``broker_id``. The first one from an
+        instance is its welcome, sent before it dispatches anything to us, so
+        every call running now came from the previous instance."""
+        known, self._broker_id = self._broker_id, broker_id
+        if not known:
+            return
+        self.broker_restarts += 1
+        log.warning("broker at %s restarted (broker_id %016x -> %016x)", self.backend, known,
+                    broker_id)
+        if session.calls:
+            self._orphan_calls(session, "broker restarted")
+            # Our READY offered those slots: offer them again, less the orphans.
+            self._send_ready(session, self._offer())
 
     async def _on_request(self, session, header, frames):
         rid = header.request_id
@@ -942,7 +1101,7 @@ class Worker:
                     log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
                                 too_big)
                     raise _Oversized(too_big)
-                await self._send(session, header, body)
+                await self._answer(session, ctx, header, body)
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
@@ -952,10 +1111,18 @@ class Worker:
                     pass
             await self._answer_error(session, ctx, exc, handler)
         else:
-            self.served += 1
-            await self._send(session, _wire.end(rid, ctx._trailing))
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
         finally:
             self._forget(session, ctx)
+
+    async def _answer(self, session, ctx, *frames):
+        if not ctx._orphan:  # an orphan's answer is dropped (module doc, "Orphans")
+            await self._send(session, *frames)
+
+    async def _answer_ok(self, session, ctx, *frames):
+        if not ctx._orphan:
+            self.served += 1
+            await self._send(session, *frames)
 
     async def _send_answer(self, session, ctx, header, body, what):
         """Send a REPLY, unless it is over the broker's message size limit:
@@ -963,6 +1130,8 @@ class Worker:
         every other call on it. Then the call ends with ERROR
         RESOURCE_EXHAUSTED flagged OVERSIZED instead (the broker counts it).
         Returns whether the answer itself went."""
+        if ctx._orphan:
+            return False  # dropped: nobody waits for it (module doc, "Orphans")
         too_big = _oversize(what, header, body, self._max_message_size)
         if too_big is None:
             await self._send(session, header, body)
@@ -977,11 +1146,21 @@ class Worker:
     def _forget(self, session, ctx):
         if ctx._timer is not None:
             ctx._timer.cancel()
+        if ctx._orphan:
+            self._orphans.discard(ctx)
+            self.orphan_answers_dropped += 1
+            current = self._session
+            if ctx._withheld and current is not None and not current.ending \
+                    and not self._stopping:
+                self._spawn(self._send(current, _wire.credit(1)))
+            return
         session.calls.pop(ctx.request_id, None)
         if self._drained is not None and not session.calls and not self._drained.done():
             self._drained.set_result(None)
 
     async def _answer_error(self, session, ctx, exc, handler):
+        if ctx._orphan and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return  # nobody waits for it any more (the module doc, "Orphans")
         if isinstance(exc, asyncio.CancelledError):
             reason = ctx._reason
             if reason == _BY_DEADLINE:

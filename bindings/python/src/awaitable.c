@@ -35,6 +35,7 @@ typedef enum op_state {
     OP_INIT,
     OP_YIELDED,
     OP_WAITING,
+    OP_READY, /* eager (kelpie.zmq): completed when made; `value` is the result */
     OP_DONE,
 } op_state;
 
@@ -48,10 +49,76 @@ struct kp_op {
     PyObject *future;  /* while WAITING */
     kp_op_kind kind;
     op_state state;
-    int flags; /* the caller's flags; DONTWAIT means "raise Again, never wait" */
-    int copy;  /* copy=True: bytes out, bytes copied in; False: Frames, lending */
-    int woken; /* our future was resolved by a wake-up we have not used yet */
+    int flags;       /* the caller's flags; DONTWAIT means "raise Again, never wait" */
+    int copy;        /* copy=True: bytes out, bytes copied in; False: Frames, lending */
+    int woken;       /* our future was resolved by a wake-up we have not used yet */
+    int eager;       /* made by kp_op_start: completes its own `future` (active) */
+    int yielded;     /* OP_READY: the fairness yield was done */
+    int timed_out;   /* RCVTIMEO/SNDTIMEO passed while waiting */
+    PyObject *value; /* OP_READY: the result, kept so it can be read again */
+    PyObject *timer; /* the loop's TimerHandle for RCVTIMEO/SNDTIMEO, or NULL */
 };
+
+static int op_run(kp_op *self, PyObject **out);
+
+/* Cancels the RCVTIMEO/SNDTIMEO timer (which holds a reference to us). */
+static void op_disarm(kp_op *self)
+{
+    if (self->timer == NULL) {
+        return;
+    }
+    PyObject *timer = self->timer;
+    self->timer = NULL;
+    PyObject *r = PyObject_CallMethod(timer, "cancel", NULL);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(timer);
+    }
+    Py_XDECREF(r);
+    Py_DECREF(timer);
+}
+
+/* Arms RCVTIMEO (receives, polls for input) or SNDTIMEO (sends) for a
+ * wait: 0 armed or no timeout, 1 the timeout is 0 or has passed already
+ * (raise Again now), -1 error. The deadline runs from the first wait, not
+ * from each re-wait after a wake-up somebody else used. */
+static int op_arm(kp_op *self)
+{
+    if (self->timed_out) {
+        return 1;
+    }
+    if (self->timer != NULL) {
+        return 0;
+    }
+    kp_socket *sock = self->sock;
+    int recv = self->kind == KP_OP_RECV || self->kind == KP_OP_RECV_MULTIPART ||
+               (self->kind == KP_OP_POLL && (self->flags & ZMQ_POLLIN));
+    if (self->kind == KP_OP_POLL) {
+        return 0; /* a poll's timeout is its own argument */
+    }
+    int ms;
+    size_t len = sizeof(ms);
+    int locked = kp_socket_lock(sock);
+    int rc = zmq_getsockopt(sock->handle, recv ? ZMQ_RCVTIMEO : ZMQ_SNDTIMEO, &ms, &len);
+    int err = zmq_errno();
+    kp_socket_unlock(sock, locked);
+    if (rc != 0) {
+        kp_error_set(sock->st, err);
+        return -1;
+    }
+    if (ms < 0) {
+        return 0;
+    }
+    if (ms == 0) {
+        return 1;
+    }
+    PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_expire");
+    if (cb == NULL) {
+        return -1;
+    }
+    self->timer = PyObject_CallMethod(sock->loop, "call_later", "dO", ms / 1000.0, cb);
+    Py_DECREF(cb);
+    return self->timer == NULL ? -1 : 0;
+}
 
 /* ---- the queue ------------------------------------------------------------ */
 
@@ -120,6 +187,44 @@ int kp_queue_wake_first(kp_state *st, kp_queue *q)
         /* A future cancelled by its task is skipped: that task is leaving
          * and will not consume anything. */
         int done = op_future_done(st, op->future);
+        if (done == 0 && op->eager) {
+            /* kelpie.zmq: the operation runs here, for its future, as
+             * pyzmq's do. It only takes a message for a future that is
+             * still pending and resolves it at once, so a cancelled one
+             * never loses a message. Nothing new wakes us for messages
+             * queued behind this one, so go on to the next waiter; a poll
+             * takes nothing, so its readiness is the next one's too. */
+            PyObject *value = NULL;
+            int rc = op_run(op, &value);
+            if (rc == 1) {
+                queue_push(q, op, 1); /* not ready after all: keep its place */
+                Py_DECREF(op);
+                return 0;
+            }
+            op_disarm(op);
+            op->state = OP_DONE;
+            Py_CLEAR(op->payload);
+            PyObject *r;
+            if (rc == 0) {
+                r = PyObject_CallMethodOneArg(op->future, st->str_set_result, value);
+                Py_DECREF(value);
+            } else {
+                PyObject *type, *exc, *tb;
+                PyErr_Fetch(&type, &exc, &tb);
+                PyErr_NormalizeException(&type, &exc, &tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                r = exc == NULL ? NULL
+                                : PyObject_CallMethodOneArg(op->future, st->str_set_exception, exc);
+                Py_XDECREF(exc);
+            }
+            Py_DECREF(op);
+            if (r == NULL) {
+                return -1;
+            }
+            Py_DECREF(r);
+            continue;
+        }
         if (done == 0) {
             PyObject *r = PyObject_CallMethodOneArg(op->future, st->str_set_result, Py_None);
             if (r == NULL) {
@@ -459,6 +564,23 @@ static int op_run(kp_op *self, PyObject **out)
     case KP_OP_SEND_MULTIPART:
         rc = op_send_multipart(self);
         break;
+    case KP_OP_POLL: {
+        int events;
+        size_t len = sizeof(events);
+        int locked = kp_socket_lock(self->sock);
+        rc = zmq_getsockopt(self->sock->handle, ZMQ_EVENTS, &events, &len);
+        int err = zmq_errno();
+        kp_socket_unlock(self->sock, locked);
+        if (rc != 0) {
+            kp_error_set(self->sock->st, err);
+            return -1;
+        }
+        if ((events & self->flags) == 0) {
+            return 1;
+        }
+        *out = PyLong_FromLong(events & self->flags);
+        return *out == NULL ? -1 : 0;
+    }
     default:
         PyErr_SetString(PyExc_SystemError, "bad kelpie operation");
         return -1;
@@ -476,6 +598,13 @@ static int op_wait(kp_op *self, int front)
     kp_socket *sock = self->sock;
     kp_state *st = sock->st;
     if (kp_socket_check_loop(sock) < 0) {
+        return -1;
+    }
+    int armed = op_arm(self);
+    if (armed != 0) {
+        if (armed > 0) {
+            kp_error_set(st, EAGAIN);
+        }
         return -1;
     }
     PyObject *future = kp_socket_new_future(sock);
@@ -517,9 +646,10 @@ static int op_wait(kp_op *self, int front)
 /* Leaves the socket's queue, passing on a wake-up we will not use. */
 static void op_abandon(kp_op *self)
 {
-    if (self->state != OP_WAITING) {
+    if (self->state != OP_WAITING || self->eager) {
         return;
     }
+    op_disarm(self);
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     /* Leaving the queue is enough: nobody else resolves our future, and
@@ -584,6 +714,18 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
             goto error;
         }
         break;
+    case OP_READY:
+        /* kelpie.zmq's at-once result. Fairness as for INIT: the count was
+         * taken when the operation ran. */
+        if (!self->yielded && sock->used >= sock->budget) {
+            sock->used = 0;
+            sock->n_yielded++;
+            self->yielded = 1;
+            *result = Py_NewRef(Py_None);
+            return PYGEN_NEXT;
+        }
+        *result = Py_NewRef(self->value);
+        return PYGEN_RETURN;
     case OP_DONE:
     default:
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse an already awaited kelpie operation");
@@ -599,6 +741,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
             sock->n_immediate++;
         }
         kp_socket_recheck(sock);
+        op_disarm(self);
         self->state = OP_DONE;
         Py_CLEAR(self->payload);
         *result = value;
@@ -618,6 +761,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     }
     kp_socket_recheck(sock);
 error:
+    op_disarm(self);
     self->state = OP_DONE;
     Py_CLEAR(self->payload);
     *result = NULL;
@@ -726,6 +870,8 @@ static int op_traverse(kp_op *self, visitproc visit, void *arg)
     Py_VISIT(self->sock);
     Py_VISIT(self->payload);
     Py_VISIT(self->future);
+    Py_VISIT(self->value);
+    Py_VISIT(self->timer);
     return 0;
 }
 
@@ -733,6 +879,8 @@ static int op_clear(kp_op *self)
 {
     Py_CLEAR(self->payload);
     Py_CLEAR(self->future);
+    Py_CLEAR(self->value);
+    Py_CLEAR(self->timer);
     return 0;
 }
 
@@ -745,6 +893,8 @@ static void op_dealloc(kp_op *self)
     PyObject_GC_UnTrack(self);
     Py_CLEAR(self->payload);
     Py_CLEAR(self->future);
+    Py_CLEAR(self->value);
+    Py_CLEAR(self->timer);
     Py_CLEAR(self->sock);
     PyObject_GC_Del(self);
     Py_DECREF(tp);
@@ -766,11 +916,258 @@ PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int fla
     self->flags = flags;
     self->copy = copy;
     self->woken = 0;
+    self->eager = 0;
+    self->yielded = 0;
+    self->timed_out = 0;
+    self->value = NULL;
+    self->timer = NULL;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
 
+/* ---- kelpie.zmq: operations that start when made ---------------------- */
+
+PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy)
+{
+    kp_state *st = sock->st;
+    kp_release_drain();
+    if (kp_socket_check_thread(sock) < 0) {
+        return NULL;
+    }
+    int in = kind == KP_OP_RECV || kind == KP_OP_RECV_MULTIPART ||
+             (kind == KP_OP_POLL && (flags & ZMQ_POLLIN));
+    kp_queue *q = in ? &sock->recv_q : &sock->send_q;
+    kp_op *self = (kp_op *)kp_op_new(sock, kind, payload, flags, copy);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->eager = 1;
+    /* pyzmq's order: operations complete in the order they were made, so
+     * one made while others wait queues behind them. */
+    if (q->len == 0 || kind == KP_OP_POLL) {
+        PyObject *value = NULL;
+        int rc = op_run(self, &value);
+        if (rc == 0) {
+            if (kind != KP_OP_POLL) {
+                sock->used++;
+                sock->n_immediate++;
+            }
+            kp_socket_recheck(sock);
+            self->state = OP_READY;
+            self->value = value;
+            Py_CLEAR(self->payload);
+            return (PyObject *)self;
+        }
+        if (rc < 0) {
+            kp_socket_recheck(sock);
+            goto fail;
+        }
+    }
+    if (self->flags & ZMQ_DONTWAIT && kind != KP_OP_POLL) {
+        kp_socket_recheck(sock);
+        kp_error_set(st, EAGAIN);
+        goto fail;
+    }
+    if (kp_socket_check_loop(sock) < 0) {
+        goto fail;
+    }
+    int armed = op_arm(self);
+    if (armed != 0) {
+        if (armed > 0) {
+            kp_error_set(st, EAGAIN);
+        }
+        goto fail;
+    }
+    PyObject *future = kp_socket_new_future(sock);
+    if (future == NULL) {
+        goto fail;
+    }
+    self->future = future;
+    /* A future cancelled or failed by someone else leaves the queue at
+     * once, so abandoned waits (wait_for timeouts) do not pile up. */
+    PyObject *cb = PyObject_GetAttrString((PyObject *)self, "_on_done");
+    PyObject *r = cb == NULL ? NULL : PyObject_CallMethod(future, "add_done_callback", "O", cb);
+    Py_XDECREF(cb);
+    if (r == NULL) {
+        goto fail;
+    }
+    Py_DECREF(r);
+    queue_push(q, self, 0);
+    self->state = OP_WAITING;
+    sock->n_waited++;
+    sock->used = 0;
+    Py_INCREF(future);
+    if (kp_socket_recheck(sock) < 0 || kp_socket_watch(sock) < 0) {
+        if (self->queue != NULL) {
+            queue_unlink(self);
+            Py_DECREF(self);
+        }
+        Py_DECREF(future);
+        goto fail;
+    }
+    Py_DECREF(self);
+    return future;
+fail:
+    op_disarm(self);
+    self->state = OP_DONE;
+    Py_DECREF(self);
+    return NULL;
+}
+
+/* The timer of RCVTIMEO/SNDTIMEO fired: a waiting operation fails with
+ * Again (a lazy one through its task, which throws it into us). */
+static PyObject *op_expire(kp_op *self, PyObject *unused)
+{
+    Py_CLEAR(self->timer);
+    self->timed_out = 1;
+    if (self->future == NULL || self->queue == NULL) {
+        Py_RETURN_NONE; /* woken already: the retry sees timed_out */
+    }
+    Py_INCREF(self);
+    queue_unlink(self);
+    Py_DECREF(self); /* the queue's reference; we hold our own */
+    kp_state *st = self->sock->st;
+    int done = op_future_done(st, self->future);
+    PyObject *r = NULL;
+    if (done == 0) {
+        PyObject *exc = kp_error_new(st, EAGAIN, NULL);
+        r = exc == NULL ? NULL
+                        : PyObject_CallMethodOneArg(self->future, st->str_set_exception, exc);
+        Py_XDECREF(exc);
+    } else if (done > 0) {
+        r = Py_NewRef(Py_None);
+    }
+    Py_DECREF(self);
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+/* Done callback of an eager operation's future. */
+static PyObject *op_on_done(kp_op *self, PyObject *future)
+{
+    op_disarm(self);
+    if (self->queue != NULL) {
+        queue_unlink(self);
+        self->state = OP_DONE;
+        Py_CLEAR(self->payload);
+        Py_DECREF(self); /* the bound method holds another reference */
+        Py_RETURN_NONE;
+    }
+    self->state = OP_DONE;
+    Py_CLEAR(self->payload);
+    Py_RETURN_NONE;
+}
+
+/* The asyncio.Future methods of an at-once result, so code that treats
+ * pyzmq's return values as futures works on it unchanged. A lazy
+ * operation (kelpie.Socket's) is not a future and says so. */
+static int op_check_ready(kp_op *self)
+{
+    if (self->state != OP_READY) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a kelpie.Socket operation is not a Future: await it, or use "
+                        "kelpie.zmq for pyzmq's futures");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *op_f_done(kp_op *self, PyObject *unused)
+{
+    return op_check_ready(self) < 0 ? NULL : Py_NewRef(Py_True);
+}
+
+static PyObject *op_f_false(kp_op *self, PyObject *unused)
+{
+    return op_check_ready(self) < 0 ? NULL : Py_NewRef(Py_False);
+}
+
+static PyObject *op_f_result(kp_op *self, PyObject *unused)
+{
+    return op_check_ready(self) < 0 ? NULL : Py_NewRef(self->value);
+}
+
+static PyObject *op_f_exception(kp_op *self, PyObject *unused)
+{
+    return op_check_ready(self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *op_f_get_loop(kp_op *self, PyObject *unused)
+{
+    if (op_check_ready(self) < 0) {
+        return NULL;
+    }
+    if (self->sock->loop != NULL) {
+        return Py_NewRef(self->sock->loop);
+    }
+    return PyObject_CallNoArgs(self->sock->st->get_running_loop);
+}
+
+static PyObject *op_f_add_done_callback(kp_op *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"fn", "context", NULL};
+    PyObject *fn, *context = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$O:add_done_callback", kwlist, &fn, &context) ||
+        op_check_ready(self) < 0) {
+        return NULL;
+    }
+    PyObject *loop = op_f_get_loop(self, NULL);
+    if (loop == NULL) {
+        return NULL;
+    }
+    /* Done already: asyncio.Future schedules the callback at once. */
+    PyObject *call_soon = PyObject_GetAttrString(loop, "call_soon");
+    Py_DECREF(loop);
+    if (call_soon == NULL) {
+        return NULL;
+    }
+    PyObject *pargs = PyTuple_Pack(2, fn, (PyObject *)self);
+    PyObject *kw = context == Py_None ? NULL : Py_BuildValue("{sO}", "context", context);
+    PyObject *r = pargs == NULL || (context != Py_None && kw == NULL)
+                      ? NULL
+                      : PyObject_Call(call_soon, pargs, kw);
+    Py_DECREF(call_soon);
+    Py_XDECREF(pargs);
+    Py_XDECREF(kw);
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *op_f_remove_done_callback(kp_op *self, PyObject *fn)
+{
+    return op_check_ready(self) < 0 ? NULL : PyLong_FromLong(0);
+}
+
+static PyObject *op_f_blocking(kp_op *self, void *closure)
+{
+    /* asyncio.isfuture() is true exactly for at-once results. */
+    return Py_NewRef(self->state == OP_READY ? Py_False : Py_None);
+}
+
+static PyGetSetDef op_getset[] = {
+    {"_asyncio_future_blocking", (getter)op_f_blocking, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMethodDef op_methods[] = {
+    {"_expire", (PyCFunction)op_expire, METH_NOARGS, "RCVTIMEO/SNDTIMEO timer callback."},
+    {"_on_done", (PyCFunction)op_on_done, METH_O, "Done callback of an eager future."},
+    {"done", (PyCFunction)op_f_done, METH_NOARGS, "Future.done() of an at-once result."},
+    {"cancelled", (PyCFunction)op_f_false, METH_NOARGS, "Future.cancelled(): False."},
+    {"cancel", (PyCFunction)op_f_false, METH_NOARGS, "Future.cancel(): False, it is done."},
+    {"result", (PyCFunction)op_f_result, METH_NOARGS, "Future.result() of an at-once result."},
+    {"exception", (PyCFunction)op_f_exception, METH_NOARGS, "Future.exception(): None."},
+    {"get_loop", (PyCFunction)op_f_get_loop, METH_NOARGS, "Future.get_loop()."},
+    {"add_done_callback", (PyCFunction)(void (*)(void))op_f_add_done_callback,
+     METH_VARARGS | METH_KEYWORDS, "Future.add_done_callback(): scheduled at once."},
+    {"remove_done_callback", (PyCFunction)op_f_remove_done_callback, METH_O,
+     "Future.remove_done_callback(): 0."},
     {"send", (PyCFunction)op_send_method, METH_O, "Run or resume the operation."},
     {"throw", (PyCFunction)(void (*)(void))op_throw, METH_FASTCALL,
      "Abandon the operation (passing on a wake-up) and raise the exception."},
@@ -787,6 +1184,7 @@ static PyType_Slot op_slots[] = {
     {Py_tp_iter, PyObject_SelfIter},
     {Py_tp_iternext, op_iternext},
     {Py_tp_methods, op_methods},
+    {Py_tp_getset, op_getset},
     {Py_am_await, op_await},
     {Py_am_send, op_am_send},
     {0, NULL},

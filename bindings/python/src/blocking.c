@@ -190,6 +190,27 @@ static int blocking_deadline(PyObject *timeout, int64_t *deadline)
     return 0;
 }
 
+/* timeout=None means the socket's own RCVTIMEO / SNDTIMEO (`option`), as
+ * in libzmq and pyzmq: -1 (the default) waits forever, n >= 0 gives up after
+ * n ms. Returns -1 with an exception set. */
+static int blocking_option_deadline(kp_blocking *self, PyObject *timeout, int option,
+                                    int64_t *deadline)
+{
+    if (timeout != Py_None) {
+        return 0;
+    }
+    int ms;
+    size_t len = sizeof(ms);
+    if (zmq_getsockopt(self->handle, option, &ms, &len) != 0) {
+        kp_error_from_zmq(self->st);
+        return -1;
+    }
+    if (ms >= 0) {
+        *deadline = blocking_now() + (int64_t)ms * 1000000;
+    }
+    return 0;
+}
+
 /* Waits until `events` is possible or the deadline passes, with the GIL
  * released in slices. Returns 0 ready, 1 timed out, -1 with an exception
  * set (a signal handler raised, or libzmq failed). */
@@ -244,7 +265,8 @@ static PyObject *blocking_recv_multipart(kp_blocking *self, PyObject *args, PyOb
     PyObject *timeout = Py_None;
     int64_t deadline;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:recv_multipart", kwlist, &timeout) ||
-        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0) {
+        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0 ||
+        blocking_option_deadline(self, timeout, ZMQ_RCVTIMEO, &deadline) < 0) {
         return NULL;
     }
     self->busy = 1;
@@ -306,7 +328,8 @@ static PyObject *blocking_send_multipart(kp_blocking *self, PyObject *args, PyOb
     PyObject *seq, *timeout = Py_None;
     int64_t deadline;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:send_multipart", kwlist, &seq, &timeout) ||
-        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0) {
+        blocking_deadline(timeout, &deadline) < 0 || blocking_check(self) < 0 ||
+        blocking_option_deadline(self, timeout, ZMQ_SNDTIMEO, &deadline) < 0) {
         return NULL;
     }
     /* Our own list and a view of every part before anything is sent: a bad

@@ -56,21 +56,40 @@ void kp_context_forget(kp_context *ctx, kp_socket *sock)
     sock->prev = sock->next = NULL;
 }
 
-/* zmq_ctx_term with the GIL released: it waits for lingering messages. */
+/* zmq_ctx_term with the GIL released: it waits for lingering messages.
+ * libzmq returns EINTR when a signal arrives; Python's handler only sets a
+ * flag then, so we retake the GIL and run it: if it raises (Ctrl-C's
+ * KeyboardInterrupt, SIGALRM's handler), that is term()'s exception and the
+ * context stays open (term() may be called again), as pyzmq does. Returns 0,
+ * or -1 with an exception set. */
 static int context_terminate(kp_context *self)
 {
     if (self->handle == NULL) {
         return 0;
     }
-    int rc;
-    Py_BEGIN_ALLOW_THREADS;
-    do {
+    int rc, err;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS;
         rc = zmq_ctx_term(self->handle);
-    } while (rc != 0 && zmq_errno() == EINTR);
-    Py_END_ALLOW_THREADS;
+        err = rc != 0 ? zmq_errno() : 0;
+        Py_END_ALLOW_THREADS;
+        if (rc == 0 || err != EINTR) {
+            break;
+        }
+        if (PyErr_CheckSignals() < 0) {
+            return -1;
+        }
+    }
     self->handle = NULL;
     kp_release_drain();
-    return rc;
+    if (rc != 0) {
+        kp_state *st = kp_state_from_type(Py_TYPE(self));
+        if (st != NULL) {
+            kp_error_set(st, err);
+        }
+        return -1;
+    }
+    return 0;
 }
 
 static void context_dealloc(kp_context *self)
@@ -80,7 +99,9 @@ static void context_dealloc(kp_context *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     }
     /* Every socket holds a reference to us, so none is open here. */
-    context_terminate(self);
+    if (context_terminate(self) < 0) {
+        PyErr_WriteUnraisable(NULL);
+    }
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
@@ -104,8 +125,7 @@ static PyObject *context_socket(kp_context *self, PyObject *arg)
 static PyObject *context_term(kp_context *self, PyObject *unused)
 {
     if (context_terminate(self) != 0) {
-        kp_state *st = kp_state_from_type(Py_TYPE(self));
-        return st == NULL ? NULL : kp_error_from_zmq(st);
+        return NULL;
     }
     Py_RETURN_NONE;
 }

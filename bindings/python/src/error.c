@@ -92,3 +92,27 @@ PyObject *kp_error_from_zmq(kp_state *st)
 {
     return kp_error_set(st, zmq_errno());
 }
+
+/* _use_errors(zmq_error, again, context_terminated): kelpie.zmq installs
+ * classes that are also pyzmq's, so `except zmq.Again` catches what the
+ * binding raises. Each must subclass the one it replaces, so `except
+ * kelpie.Again` keeps working. */
+PyObject *kp_error_use(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    kp_state *st = PyModule_GetState(module);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_use_errors() takes 3 classes");
+        return NULL;
+    }
+    PyObject **slots[] = {&st->zmq_error, &st->again, &st->context_terminated};
+    for (int i = 0; i < 3; i++) {
+        if (!PyType_Check(args[i]) || !PyObject_IsSubclass(args[i], *slots[i])) {
+            PyErr_SetString(PyExc_TypeError, "_use_errors(): each class must subclass kelpie's");
+            return NULL;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        Py_SETREF(*slots[i], Py_NewRef(args[i]));
+    }
+    Py_RETURN_NONE;
+}

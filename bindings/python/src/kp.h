@@ -98,6 +98,8 @@ int kp_error_init(PyObject *module, kp_state *st);
 /* Raises the ZMQError subclass matching `err` (Again for EAGAIN, ...) and
  * returns NULL, so callers can `return kp_error_set(st, errno);`. */
 PyObject *kp_error_set(kp_state *st, int err);
+/* Module function _use_errors (see error.c). */
+PyObject *kp_error_use(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 /* Same, reading zmq_errno(). */
 PyObject *kp_error_from_zmq(kp_state *st);
 /* A new ZMQError instance (not raised), or NULL with an exception set. */
@@ -156,6 +158,7 @@ typedef enum kp_op_kind {
     KP_OP_RECV_MULTIPART,
     KP_OP_SEND,
     KP_OP_SEND_MULTIPART,
+    KP_OP_POLL, /* kelpie.zmq's poll: waits for ZMQ_EVENTS & flags, takes nothing */
 } kp_op_kind;
 
 typedef struct kp_op kp_op;
@@ -172,6 +175,13 @@ int kp_awaitable_init(PyObject *module, kp_state *st);
 /* A new awaitable for `sock`. `payload` (borrowed, may be NULL) is the data
  * to send. */
 PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy);
+/* kelpie.zmq's (pyzmq's) form of an operation: it runs at once, in the
+ * order operations are made. Returns the operation, already done, when it
+ * completed at once (await it, or use its Future methods); otherwise an
+ * asyncio Future queued on the socket that the operation completes itself
+ * when the socket is ready (receiving or sending on the future's behalf),
+ * or fails with Again after RCVTIMEO/SNDTIMEO. Raises at once on errors. */
+PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy);
 /* Wakes the first waiter of `q` whose future is still pending by setting its
  * result to None; returns 1 if one was woken, 0 if none, -1 on error. */
 int kp_queue_wake_first(kp_state *st, kp_queue *q);
@@ -225,6 +235,8 @@ struct kp_socket {
     int sndmore;          /* a message is half sent (last send had SNDMORE);
                              under `lock` when shared */
     pthread_mutex_t lock; /* serialises libzmq calls on `handle` when shared */
+    int eager;            /* kelpie.zmq socket: operations start when made
+                             (kp_op_start) rather than when awaited */
 };
 
 /* Takes the socket's mutex if a Pulse thread shares the socket (see

@@ -177,6 +177,8 @@ static PyObject *module_zmq_version_info(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef module_methods[] = {
+    {"_use_errors", (PyCFunction)(void (*)(void))kp_error_use, METH_FASTCALL,
+     "_use_errors(zmq_error, again, context_terminated): raise these subclasses instead."},
     {"_drain", module_drain, METH_NOARGS,
      "Release the buffers libzmq has finished with (the release eventfd's reader)."},
     {"_outstanding_buffers", module_outstanding, METH_NOARGS,

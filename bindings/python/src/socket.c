@@ -31,9 +31,9 @@
 
 #include "pythread.h"
 
-PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
+/* Makes a socket of Python type `tp` (kelpie.Socket or a subclass). */
+static PyObject *socket_make(kp_state *st, PyTypeObject *tp, kp_context *ctx, int type)
 {
-    PyTypeObject *tp = st->socket_type;
     kp_socket *self = (kp_socket *)tp->tp_alloc(tp, 0);
     if (self == NULL) {
         return NULL;
@@ -74,6 +74,11 @@ PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
     return (PyObject *)self;
 }
 
+PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type)
+{
+    return socket_make(st, st->socket_type, ctx, type);
+}
+
 static PyObject *socket_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"context", "socket_type", NULL};
@@ -90,7 +95,7 @@ static PyObject *socket_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     if (((kp_context *)ctx)->handle == NULL) {
         return kp_error_set(st, ETERM);
     }
-    return kp_socket_new(st, (kp_context *)ctx, socket_type);
+    return socket_make(st, type, (kp_context *)ctx, socket_type);
 }
 
 /* Forgets the bound loop (it was closed): its reader went with its
@@ -676,6 +681,9 @@ static PyObject *socket_recv(kp_socket *self, PyObject *const *args, Py_ssize_t 
     if (socket_parse_tail(args, nargs, kwnames, 0, "recv", &flags, &copy) < 0) {
         return NULL;
     }
+    if (self->eager) {
+        return kp_op_start(self, KP_OP_RECV, NULL, flags, copy);
+    }
     return kp_op_new(self, KP_OP_RECV, NULL, flags, copy);
 }
 
@@ -685,6 +693,9 @@ static PyObject *socket_recv_multipart(kp_socket *self, PyObject *const *args, P
     int flags, copy;
     if (socket_parse_tail(args, nargs, kwnames, 0, "recv_multipart", &flags, &copy) < 0) {
         return NULL;
+    }
+    if (self->eager) {
+        return kp_op_start(self, KP_OP_RECV_MULTIPART, NULL, flags, copy);
     }
     return kp_op_new(self, KP_OP_RECV_MULTIPART, NULL, flags, copy);
 }
@@ -704,6 +715,9 @@ static PyObject *socket_send(kp_socket *self, PyObject *const *args, Py_ssize_t 
     if (PyUnicode_Check(data)) {
         PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
         return NULL;
+    }
+    if (self->eager) {
+        return kp_op_start(self, KP_OP_SEND, data, flags, copy);
     }
     return kp_op_new(self, KP_OP_SEND, data, flags, copy);
 }
@@ -729,9 +743,47 @@ static PyObject *socket_send_multipart(kp_socket *self, PyObject *const *args, P
         PyErr_SetString(PyExc_ValueError, "send_multipart() needs at least one part");
         return NULL;
     }
-    PyObject *op = kp_op_new(self, KP_OP_SEND_MULTIPART, parts, flags, copy);
+    PyObject *op = self->eager ? kp_op_start(self, KP_OP_SEND_MULTIPART, parts, flags, copy)
+                               : kp_op_new(self, KP_OP_SEND_MULTIPART, parts, flags, copy);
     Py_DECREF(parts);
     return op;
+}
+
+/* _poll(events): kelpie.zmq's readiness wait, which takes nothing. Returns
+ * an already-done operation whose result is the ready subset of `events`,
+ * or a Future resolved with it when the socket becomes ready. */
+static PyObject *socket_poll(kp_socket *self, PyObject *arg)
+{
+    int events = kp_as_int(arg);
+    if (events == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (events != ZMQ_POLLIN && events != ZMQ_POLLOUT) {
+        PyErr_SetString(PyExc_ValueError, "_poll() takes POLLIN or POLLOUT");
+        return NULL;
+    }
+    return kp_op_start(self, KP_OP_POLL, NULL, events, 1);
+}
+
+/* monitor(addr, events): zmq_socket_monitor; addr None stops monitoring. */
+static PyObject *socket_monitor(kp_socket *self, PyObject *args)
+{
+    const char *addr;
+    int events;
+    if (!PyArg_ParseTuple(args, "zi:monitor", &addr, &events) || kp_socket_check_thread(self) < 0) {
+        return NULL;
+    }
+    int locked = kp_socket_lock(self);
+    int rc = zmq_socket_monitor(self->handle, addr, events);
+    int err = zmq_errno();
+    kp_socket_unlock(self, locked);
+    if (kp_socket_recheck(self) < 0) {
+        return NULL;
+    }
+    if (rc != 0) {
+        return kp_error_set(self->st, err);
+    }
+    Py_RETURN_NONE;
 }
 
 /* ---- properties ----------------------------------------------------------- */
@@ -809,6 +861,9 @@ static PyMethodDef socket_methods[] = {
      METH_FASTCALL | METH_KEYWORDS,
      "recv_multipart(flags=0, copy=True) -> awaitable list[bytes] | list[Frame]"},
     {"_on_fd", (PyCFunction)socket_on_fd, METH_NOARGS, "The loop's reader callback for ZMQ_FD."},
+    {"_poll", (PyCFunction)socket_poll, METH_O, "kelpie.zmq's wait for POLLIN or POLLOUT."},
+    {"monitor", (PyCFunction)socket_monitor, METH_VARARGS,
+     "monitor(addr, events)\n\nPublish socket events on a PAIR endpoint (None: stop)."},
     {"_on_nudge", (PyCFunction)socket_on_nudge, METH_NOARGS,
      "The loop's reader callback for the eventfd a Pulse thread writes after sending."},
     {"__enter__", socket_enter, METH_NOARGS, NULL},
@@ -837,6 +892,8 @@ static PyMemberDef socket_members[] = {
     {"copy_threshold", T_PYSSIZET, offsetof(kp_socket, copy_threshold), 0,
      "copy=False sends of at least this many bytes are zero-copy (default 65536)."},
     {"__weaklistoffset__", T_PYSSIZET, offsetof(kp_socket, weakrefs), READONLY, NULL},
+    {"_eager", T_INT, offsetof(kp_socket, eager), 0,
+     "1: operations start when made and return futures (kelpie.zmq, pyzmq's semantics)."},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -856,7 +913,8 @@ static PyType_Slot socket_slots[] = {
 static PyType_Spec socket_spec = {
     .name = "kelpie.Socket",
     .basicsize = sizeof(kp_socket),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_BASETYPE, /* kelpie.zmq.Socket adds pyzmq's helpers */
     .slots = socket_slots,
 };
 
