@@ -63,7 +63,8 @@ import time
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port", "CALL_TIMEOUT"]
+__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port", "free_ports",
+           "CALL_TIMEOUT"]
 
 # The default deadline of the clients the kit hands out: a test that calls a
 # service nobody serves fails in seconds, naming the service, not after
@@ -131,9 +132,25 @@ def _pdeathsig_preexec():
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All ``n`` sockets stay bound until every port is chosen: asked one at a
+    time, the kernel may hand out the same ephemeral port twice (seen in CI:
+    a broker's frontend and backend given one port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def find_kelpied() -> str:
@@ -174,7 +191,7 @@ class Kelpied:
     def __init__(self, binary: Optional[str] = None, *, heartbeat_ms: int = 200,
                  args: Sequence[str] = (), log_dir: Optional[str] = None) -> None:
         self.binary = binary or find_kelpied()
-        ports = [free_port() for _ in range(3)]
+        ports = free_ports(3)
         self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
         self.heartbeat_ms = heartbeat_ms
         self.args = list(args)
@@ -194,7 +211,7 @@ class Kelpied:
             if attempt:
                 # A free port can be taken by another process between
                 # free_port() and kelpied's bind: try again on new ports.
-                ports = [free_port() for _ in range(3)]
+                ports = free_ports(3)
                 self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}"
                                                             for p in ports)
             cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
