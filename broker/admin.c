@@ -1,19 +1,61 @@
 /* admin: kelpie.broker, the broker's own service (docs/protocol.md §10).
  *
  * Ping and Stats, answered on the frontend from the broker's own state
- * (counters, gauges, per-service figures) and still answered while the
- * broker drains. Called by the frontend handler; calls down into send.c.
+ * (counters, gauges, per-service and per-worker figures) and still answered
+ * while the broker drains. Called by the frontend handler; calls down into send.c.
  */
 #include "broker_impl.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "log.h"
 
 #ifndef KELPIE_VERSION
 #define KELPIE_VERSION "0.0.0"
 #endif
+
+/* One member of Stats' "worker_detail" object per registered worker, keyed by
+ * its routing id in hex (unique, unlike names): what `kelpie stats` shows per
+ * worker. JSON has no arrays here, so services are one comma-joined string. */
+static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
+{
+    kp_json_object_begin(j, "worker_detail");
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        if (w->gone)
+            continue;
+        char key[2 * sizeof w->rid.bytes + 1];
+        for (size_t i = 0; i < w->rid.len; i++)
+            snprintf(key + 2 * i, 3, "%02x", w->rid.bytes[i]);
+        key[2 * w->rid.len] = '\0';
+        size_t need = 1;
+        for (size_t i = 0; i < w->nservices; i++)
+            need += strlen(w->services[i]->name) + 1;
+        char *services = kp_malloc(need);
+        size_t used = 0;
+        for (size_t i = 0; i < w->nservices; i++) {
+            size_t n = strlen(w->services[i]->name);
+            if (i)
+                services[used++] = ',';
+            memcpy(services + used, w->services[i]->name, n);
+            used += n;
+        }
+        services[used] = '\0';
+        kp_json_object_begin(j, key);
+        kp_json_str(j, "name", w->name ? w->name : "");
+        kp_json_u64(j, "credits", w->credits);
+        kp_json_u64(j, "in_flight", w->in_flight);
+        kp_json_u64(j, "stalled", w->stalled);
+        kp_json_str(j, "services", services);
+        kp_json_object_end(j);
+        kp_free(services);
+    }
+    kp_json_object_end(j);
+}
 
 static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
 {
@@ -50,6 +92,7 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_object_end(j);
     }
     kp_json_object_end(j);
+    admin_workers_json(b, j);
     kp_json_object_end(j);
 }
 
