@@ -249,7 +249,7 @@ static int module_exec(PyObject *module)
 
     /* Each file adds its own types; a new file is one line here. */
     if (kp_error_init(module, st) < 0 || kp_release_init(module, st) < 0 ||
-        kp_frame_init(module, st) < 0 || kp_awaitable_init(module, st) < 0 ||
+        kp_frame_init(module, st) < 0 || kp_op_init(module, st) < 0 ||
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0) {
         return -1;
@@ -263,7 +263,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->context_type);
     Py_VISIT(st->socket_type);
     Py_VISIT(st->frame_type);
-    Py_VISIT(st->awaitable_type);
+    Py_VISIT(st->op_type);
     Py_VISIT(st->pulse_type);
     Py_VISIT(st->blocking_type);
     Py_VISIT(st->timeout);
@@ -288,7 +288,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->context_type);
     Py_CLEAR(st->socket_type);
     Py_CLEAR(st->frame_type);
-    Py_CLEAR(st->awaitable_type);
+    Py_CLEAR(st->op_type);
     Py_CLEAR(st->pulse_type);
     Py_CLEAR(st->blocking_type);
     Py_CLEAR(st->timeout);
