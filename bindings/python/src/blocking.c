@@ -18,6 +18,11 @@
  * The context keeps a list of its BlockingSockets so Context.destroy() can
  * close the idle ones; one that a thread is waiting in is closed by that
  * thread when its wait ends with ETERM (see kp_blocking_close_idle).
+ *
+ * What it shares with kelpie.Socket (the head, bind/connect, close, options,
+ * repr, properties) is core.c's, and how a message's parts are made ready
+ * and sent is part.c's; this file owns only the waiting. Calls go down:
+ * blocking.c calls core.c and part.c; context.c and module.c call it.
  */
 #include "kp.h"
 

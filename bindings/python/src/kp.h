@@ -3,23 +3,33 @@
  *
  * Naming tiers: `kp_` for anything shared between the extension's files
  * (declared here), plain `static` helpers named after their file
- * (`socket_recheck` in socket.c), `Py*`/`zmq_*` are the libraries'. Nothing
+ * (`op_wake_first` in op.c), `Py*`/`zmq_*` are the libraries'. Nothing
  * here is installed; the public surface is the Python module only.
  *
- * Files, one noun each:
- *   module.c     multi-phase init, module state, constants
- *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
- *   release.c    zero-copy buffers handed back from libzmq's threads
- *   context.c    kelpie.Context
- *   socket.c     kelpie.Socket: options, bind/connect, waiter queues, loop glue
- *   option.c     the socket option table (which options are int, int64, bytes)
- *   awaitable.c  the C awaitable behind send/recv/send_multipart/recv_multipart
- *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
- *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ * Files, one noun each, from the top of the call graph down (a file calls
+ * only files below it; tests/binding/test_layering.py checks it, and
+ * docs/binding.md's module map says the same at more length):
+ *   module.c     the module: definition, state, constants; calls every init
+ *   context.c    kelpie.Context and its lists of open sockets
+ *   socket.c     kelpie.Socket: construction, close order, operations' methods
  *   blocking.c   kelpie.BlockingSocket: a synchronous socket that waits without the GIL
+ *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ *   core.c       the socket core both socket types share (KP_CORE_HEAD)
+ *   option.c     the socket option table (which options are int, int64, bytes)
+ *   op.c         Operation: the awaitable's state machine; waking a socket's queues
+ *   part.c       the parts of an outgoing message, for both send paths
+ *   loop.c       a Socket's tie to its loop and thread: affinity, futures, readers
+ *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
+ *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
+ *   release.c    zero-copy buffers handed back from libzmq's threads
+ *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
+ *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
+ * This header has one section per file (in the order its types need) and
+ * calls nothing but util.c's kp_mutex_lock from kp_socket_lock, so it adds
+ * no edge a file could not have.
  *
- * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here
- * and call it from module_exec() in module.c.
+ * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here,
+ * call it from module_exec() in module.c and place it in the order above.
  */
 #ifndef KP_H
 #define KP_H
@@ -74,7 +84,13 @@ typedef struct kp_state {
     PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
 } kp_state;
 
+/* ---- module.c ---------------------------------------------------------- */
+
+/* The module's definition (module.c); its address is what
+ * kp_state_from_type looks a type's module up by. */
 extern PyModuleDef kp_module_def;
+
+/* ---- util.c ----------------------------------------------------------- */
 
 /* `obj` as a C int: -1 with OverflowError/TypeError set on failure (check
  * PyErr_Occurred() when -1 is a valid value). The public spelling of

@@ -4,11 +4,14 @@
  * reloaded module never share Python objects through C globals. The only
  * process-wide C state is release.c's queue of lent buffers, which libzmq's
  * threads reach without any module at hand.
+ *
+ * The top of the call graph: module_exec() calls every file's
+ * kp_<noun>_init(), and nothing calls into module.c (util.c reads the
+ * address of kp_module_def to find a type's module).
  */
 #include "kp.h"
 
 #include <errno.h>
-#include <limits.h>
 
 /* Constants users import by pyzmq's names, so `import kelpie as zmq` works
  * for the async subset. */
@@ -122,41 +125,6 @@ static const module_constant module_constants[] = {
     {"COPY_THRESHOLD", KP_DEFAULT_COPY_THRESHOLD},
     {"BUDGET", KP_DEFAULT_BUDGET},
 };
-
-int kp_as_int(PyObject *obj)
-{
-    long value = PyLong_AsLong(obj);
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (value > INT_MAX || value < INT_MIN) {
-        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to C int");
-        return -1;
-    }
-    return (int)value;
-}
-
-void kp_mutex_lock(pthread_mutex_t *mutex)
-{
-    while (pthread_mutex_trylock(mutex) != 0) {
-        /* Busy: a Pulse thread is sending, which takes microseconds. Wait
-         * for it without the GIL and without holding the mutex while the
-         * GIL is retaken (another thread may keep the GIL for long). */
-        Py_BEGIN_ALLOW_THREADS;
-        pthread_mutex_lock(mutex);
-        pthread_mutex_unlock(mutex);
-        Py_END_ALLOW_THREADS;
-    }
-}
-
-kp_state *kp_state_from_type(PyTypeObject *type)
-{
-    PyObject *module = PyType_GetModuleByDef(type, &kp_module_def);
-    if (module == NULL) {
-        return NULL;
-    }
-    return (kp_state *)PyModule_GetState(module);
-}
 
 static PyObject *module_drain(PyObject *module, PyObject *unused)
 {
