@@ -21,8 +21,6 @@
  */
 #include "kp.h"
 
-#include <errno.h>
-
 /* The asyncio Socket behind `self` (locked around libzmq calls, re-checked
  * after them), or NULL for a BlockingSocket. */
 static kp_socket *core_shared(kp_core *self)

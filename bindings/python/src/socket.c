@@ -28,11 +28,7 @@
 
 #include <errno.h>
 #include <structmember.h>
-#include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
-
-#include "pythread.h"
 
 static int socket_check(kp_core *self)
 {
