@@ -22,13 +22,7 @@
 static void backend_refuse(struct kp_broker *b, const kp_header *h, uint64_t request_id,
                            enum kp_err err)
 {
-    kp_broker_count_error(b, err);
-    if (h && h->kind == KELPIE__V1__KIND__ERROR) {
-        b->stats.errors_dropped++;
-        return;
-    }
-    kp_broker_send_error(b, b->backend, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                         request_id, err, NULL);
+    kp_broker_refuse(b, b->backend, h, request_id, err, NULL);
 }
 
 static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
@@ -39,8 +33,8 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     }
     bool fresh = w == NULL;
     if (fresh) {
-        w = kp_worker_new(&b->workers, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]),
-                          b->now);
+        w = kp_worker_new(&b->workers, zmq_msg_data(&b->in.frames[0]),
+                          zmq_msg_size(&b->in.frames[0]), b->now);
         b->stats.workers_registered++;
     }
     w->heartbeat_ms =
@@ -102,10 +96,9 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     w->services = services;
     w->methods = methods;
     w->nservices = n;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++)
         kp_service_add_worker(services[i], w, methods[i]);
-        kp_broker_mark_pending(b, services[i]);
-    }
+    kp_broker_mark_worker_pending(b, w);
     /* The welcome: the worker learns this broker's id (a restart shows as a
      * new id) and its size limit before it is sent any work. */
     kp_header hello = kp_broker_heartbeat(b);
@@ -120,9 +113,10 @@ void kp_backend_on_message(struct kp_broker *b)
 {
     kp_header *h;
     uint64_t request_id;
-    enum kp_err err = kp_broker_parse(b, KP_FROM_WORKER, 1, &h, &request_id);
-    struct kp_worker *w =
-        kp_workers_find(&b->workers, zmq_msg_data(&b->frames[0]), zmq_msg_size(&b->frames[0]));
+    enum kp_err err = kp_message_parse(&b->in, KP_FROM_WORKER, 1, b->max_header_size,
+                                       b->max_message_size, &h, &request_id);
+    struct kp_worker *w = kp_workers_find(&b->workers, zmq_msg_data(&b->in.frames[0]),
+                                          zmq_msg_size(&b->in.frames[0]));
     if (w)
         w->last_recv = b->now;
     if (err != KP_OK) {
@@ -154,15 +148,21 @@ void kp_backend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__CREDIT:
         kp_worker_add_credits(w, h->credits);
-        for (size_t i = 0; i < w->nservices; i++)
-            kp_broker_mark_pending(b, w->services[i]);
+        kp_broker_mark_worker_pending(b, w);
         break;
     case KELPIE__V1__KIND__STATUS:
         w->stalled = (h->flags & KP_FLAG_STALLED) != 0;
-        for (size_t i = 0; !w->stalled && i < w->nservices; i++)
-            kp_broker_mark_pending(b, w->services[i]);
+        if (!w->stalled)
+            kp_broker_mark_worker_pending(b, w);
         break;
-    default: /* PROGRESS, OUTPUT, RESULT, NACK: durable jobs are a later release */
+    case KELPIE__V1__KIND__PROGRESS:
+    case KELPIE__V1__KIND__OUTPUT:
+    case KELPIE__V1__KIND__RESULT:
+    case KELPIE__V1__KIND__NACK:
+        /* Durable jobs: the job engine (jobs.c, next release) takes these
+         * cases over; RESULT and NACK end a job's dispatch the way an
+         * answer ends a call's (docs/architecture.md §10). */
+    default:
         backend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
     }

@@ -6,6 +6,10 @@
  * and dispatch queued calls to free workers. kp_broker_run() is that loop;
  * it returns when a stop request has been served (drained or forced).
  *
+ * This header is the broker's public face; behind it loop.c runs the loop
+ * and broker.c builds and frees the broker (docs/architecture.md opens with
+ * the map of every file).
+ *
  * Naming: kp_ is the broker's internal prefix throughout broker/; static
  * helpers are named after their module (broker_, frontend_, ...).
  */

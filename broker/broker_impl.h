@@ -1,13 +1,21 @@
 /* broker_impl: the broker's state and the helpers its handlers share.
  *
- * Private to broker.c (loop, dispatch, call lifecycle, kelpie.broker),
- * frontend.c (client and intake traffic) and backend.c (worker traffic).
+ * Private to the broker's modules, listed top (the loop) to bottom
+ * (sending); calls go down this list, never up (docs/architecture.md):
+ *   loop.c      the loop and its phases
+ *   frontend.c  client and intake traffic;  backend.c  worker traffic
+ *   admin.c     kelpie.broker (Ping, Stats)
+ *   dispatch.c  the life of a call
+ *   send.c      sending, errors and refusals
+ *   broker.c    construction and teardown;  check.c  the invariant checker
+ * Below them are the data modules (message, wire, call, service, worker,
+ * client, timer, budget, stats), which know nothing of struct kp_broker.
  * Nothing outside broker/ includes it.
  *
  * Message ownership, the one rule: a function that sends frames takes them
  * over when it returns KP_OK (ZeroMQ has them); when it returns an error
  * nothing was sent and the caller still owns every frame it passed. The
- * receive array b->frames belongs to the loop: handlers move frames out of it
+ * receive array b->in.frames belongs to the loop: handlers move frames out of it
  * (to a send or into a call) and the loop closes whatever is left.
  */
 #ifndef KP_BROKER_IMPL_H
@@ -24,14 +32,13 @@
 #include "call.h"
 #include "client.h"
 #include "list.h"
+#include "message.h"
 #include "service.h"
 #include "stats.h"
 #include "timer.h"
 #include "wire.h"
 #include "worker.h"
 
-/* Most frames in one message (routing id + header + payload); more is refused. */
-#define KP_MAX_FRAMES 64
 /* Messages read from one socket per loop iteration (fairness between sockets). */
 #define KP_READ_BUDGET 256
 /* Default stream window when a STREAM REQUEST carries credits 0 (§5.3). */
@@ -89,15 +96,30 @@ struct kp_broker {
     struct kp_stats stats;       /* counters */
     struct kp_budget *queued;    /* bytes queued to all peers (budget.h) */
 
-    /* the message being handled */
-    struct kp_arena arena;           /* decoded headers; reset per message */
-    zmq_msg_t frames[KP_MAX_FRAMES]; /* received frames, [rid] header payload */
-    size_t nframes;                  /* frames received */
-    uint64_t msg_size;               /* bytes in all frames received */
-    bool too_many;                   /* frames beyond KP_MAX_FRAMES were discarded */
+    /* the message being handled (message.h); its arena also decodes the
+     * headers of queued calls on their way to a worker */
+    struct kp_message in;
 };
 
-/* ---- broker.c: sending ------------------------------------------------- */
+/* ---- the start-up grace (used by the loop and the frontend) ----------- */
+
+/* Length of the start-up grace in ms (liveness x heartbeat). */
+static inline uint64_t kp_broker_grace_ms(const struct kp_broker *b)
+{
+    return (uint64_t)b->liveness * b->heartbeat_ms;
+}
+
+/* Returns true if the broker started less than liveness x heartbeat ago. */
+static inline bool kp_broker_in_grace(const struct kp_broker *b)
+{
+    return b->now - b->started < kp_broker_grace_ms(b);
+}
+
+/* ---- send.c: sending, errors and refusals ----------------------------- */
+
+/* Returns a header of kind for request_id with the protocol version set:
+ * the start of every message the broker writes itself. */
+kp_header kp_broker_header(kp_kind kind, uint64_t request_id);
 
 /* Encodes h and sends [rid] h payload[0..n) on sock without blocking.
  * Ownership: see the rule above (payload frames consumed only on KP_OK).
@@ -134,79 +156,90 @@ enum kp_err kp_broker_send_worker(struct kp_broker *b, struct kp_worker *w, kp_h
 void kp_broker_send_error(struct kp_broker *b, void *sock, const void *rid, size_t rid_len,
                           uint64_t request_id, enum kp_err err, const char *detail);
 
-/* Sends ERROR(err) for call c to its client (if any) and detaches the client
- * side (map entry, timer). The call itself is not freed. detail, if not
- * NULL, replaces kp_strerror(err) as the message. */
-void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
-                                const char *detail);
+/* Refuses the message in b->in (routing id in frames[0]) that arrived on
+ * sock (frontend or backend): increments err's counter (KP_ERRORS) and sends
+ * ERROR(err, request_id), or counts errors_dropped instead if h is itself an
+ * ERROR (never an ERROR for an ERROR). detail, if not NULL, replaces
+ * kp_strerror(err) as the message. */
+void kp_broker_refuse(struct kp_broker *b, void *sock, const kp_header *h, uint64_t request_id,
+                      enum kp_err err, const char *detail);
 
 /* Writes "no worker serves <service>; N workers connected" into buf: the
  * message of every answer that exists because nobody serves the service. */
 void kp_broker_unserved_message(const struct kp_broker *b, const char *service, char *buf,
                                 size_t len);
 
-/* ---- broker.c: call lifecycle ----------------------------------------- */
+/* Schedules w's removal before the loop sleeps (idempotent). */
+void kp_broker_worker_gone(struct kp_broker *b, struct kp_worker *w);
+
+/* Schedules c's removal before the loop sleeps (idempotent). */
+void kp_broker_client_gone(struct kp_broker *b, struct kp_client *c);
+
+/* ---- dispatch.c: the life of a call ----------------------------------- */
 
 /* Accepts a new call for service s: arms its deadline, and either
  * dispatches it now (queue empty and a worker free; h and payload frames
- * from b->frames are used directly) or holds its frames and queues it.
- * hdr_index is the header frame's index in b->frames. Cannot fail. */
+ * from b->in.frames are used directly) or holds its frames and queues it.
+ * hdr_index is the header frame's index in b->in.frames. Cannot fail. */
 void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index);
 
 /* Marks s as having queued calls that a freed worker might take. */
 void kp_broker_mark_pending(struct kp_broker *b, struct kp_service *s);
 
+/* Marks every service of w as pending: w may take a call again (a slot came
+ * back, it sent CREDIT, stopped stalling or lagging, registered). */
+void kp_broker_mark_worker_pending(struct kp_broker *b, struct kp_worker *w);
+
 /* Handles a worker's answer (REPLY, CHUNK, END, ERROR) to dispatch id in h;
- * payload frames follow the header in b->frames at hdr_index+1. */
+ * payload frames follow the header in b->in.frames at hdr_index+1. */
 void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_t hdr_index);
 
 /* Ends a client's call on its CANCEL: ERROR CANCELLED to the client, and
  * CANCEL to the worker if dispatched. */
 void kp_broker_cancel(struct kp_broker *b, struct kp_call *c);
 
-/* Schedules w's removal before the loop sleeps (idempotent). */
-void kp_broker_worker_gone(struct kp_broker *b, struct kp_worker *w);
+/* A call's deadline passed (its timer is no longer armed): queued calls are
+ * never dispatched; running ones are answered DEADLINE_EXCEEDED and
+ * cancelled at their worker. */
+void kp_broker_expire(struct kp_broker *b, struct kp_call *c);
+
+/* Sends ERROR(err) for call c to its client (if any) and detaches the client
+ * side (map entry, timer). The call itself is not freed. detail, if not
+ * NULL, replaces kp_strerror(err) as the message. */
+void kp_broker_fail_client_side(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                                const char *detail);
+
+/* Fails queued call c with err and detail (ERROR to its client, if any),
+ * takes it off its service's queue and frees it. */
+void kp_broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                           const char *detail);
+
+/* Sends the queued calls of every pending service to free workers, in FIFO
+ * order per service; empties the pending list. */
+void kp_broker_dispatch_pending(struct kp_broker *b);
 
 /* Removes w now: its calls are re-queued (idempotent, deadline not passed)
  * or failed UNAVAILABLE; it leaves its services and is freed. */
 void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
 
-/* Schedules c's removal before the loop sleeps (idempotent). */
-void kp_broker_client_gone(struct kp_broker *b, struct kp_client *c);
-
 /* Removes c now: its queued calls are dropped, dispatched ones cancelled at
  * their workers; no message goes to c. */
 void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
 
+/* ---- admin.c: kelpie.broker ------------------------------------------- */
+
 /* Answers a call to kelpie.broker (Ping, Stats) on the frontend. */
 void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h);
 
-/* Returns true if the broker started less than liveness x heartbeat ago. */
-bool kp_broker_in_grace(const struct kp_broker *b);
-
-/* Length of the start-up grace in ms (liveness x heartbeat). */
-uint64_t kp_broker_grace_ms(const struct kp_broker *b);
-
-/* Validates the message in b->frames as coming from dir with its header at
- * hdr_index: frame count, total size, header decode and check. Returns KP_OK
- * with *h set, or the reason; then *h is set if the header decoded, and
- * *request_id is the id to echo in the ERROR (read from the header, or
- * peeked from an undecodable/oversized one, or 0). */
-enum kp_err kp_broker_parse(struct kp_broker *b, enum kp_dir dir, size_t hdr_index, kp_header **h,
-                            uint64_t *request_id);
-
-/* Increments the counter that records err as a reason for refusing input. */
-void kp_broker_count_error(struct kp_broker *b, enum kp_err err);
-
 /* ---- frontend.c / backend.c ------------------------------------------- */
 
-/* Handles one message from a client; frames in b->frames ([rid] header ...). */
+/* Handles one message from a client; frames in b->in.frames ([rid] header ...). */
 void kp_frontend_on_message(struct kp_broker *b);
 
-/* Handles one message from the intake; frames in b->frames (header ...). */
+/* Handles one message from the intake; frames in b->in.frames (header ...). */
 void kp_intake_on_message(struct kp_broker *b);
 
-/* Handles one message from a worker; frames in b->frames ([rid] header ...). */
+/* Handles one message from a worker; frames in b->in.frames ([rid] header ...). */
 void kp_backend_on_message(struct kp_broker *b);
 
 #endif

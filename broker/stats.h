@@ -27,7 +27,7 @@
     XX(oversized)                 /* header or message over the limit */                           \
     XX(bad_version)               /* version != 1 */                                               \
     XX(bad_kind)                  /* unknown kind or kind not allowed here */                      \
-    XX(bad_request)               /* request_id 0 or reused, missing service */                    \
+    XX(bad_request)               /* request_id already outstanding */                             \
     XX(not_ready)                 /* worker traffic before READY */                                \
     XX(unimplemented)             /* job kinds (not served in 0.1) */                              \
     XX(replies_dropped_unknown)   /* answer for an unknown id or from the wrong worker */          \

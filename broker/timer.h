@@ -9,7 +9,7 @@
  * fire in the order they were armed.
  *
  * Liveness and heartbeats do not use the heap: one periodic sweep over the
- * workers does them (see broker.c); only per-call deadlines live here.
+ * workers does them (see loop.c); only per-call deadlines live here.
  */
 #ifndef KP_TIMER_H
 #define KP_TIMER_H

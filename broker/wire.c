@@ -184,7 +184,7 @@ const char *kp_wire_kind_name(uint32_t kind)
 
 enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir)
 {
-    if (h->version != KP_PROTOCOL_VERSION)
+    if (h->version != KELPIE__V1__VERSION__VERSION_1)
         return KP_EVERSION;
     uint32_t kind = (uint32_t)h->kind;
     if (!kp_wire_kind_known(kind))

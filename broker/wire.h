@@ -21,7 +21,8 @@
 #include "error.h"
 #include "kelpie/v1/header.pb-c.h"
 
-#define KP_PROTOCOL_VERSION 1u
+/* The protocol version is the proto's own: KELPIE__V1__VERSION__VERSION_1
+ * (enum Version in header.proto), shared with the C library; no copy here. */
 
 typedef Kelpie__V1__Header kp_header;
 typedef Kelpie__V1__Kind kp_kind;

@@ -13,6 +13,16 @@ void kp_workers_init(struct kp_workers *t)
 
 void kp_workers_fini(struct kp_workers *t)
 {
+    /* Destroying during iteration reorders the map: free in place, then
+     * drop the map whole. */
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&t->by_rid, &pos)) != NULL) {
+        kp_worker_clear_services(w);
+        kp_free(w->name);
+        kp_budget_release(&w->queued);
+        kp_free(w);
+    }
     kp_bmap_fini(&t->by_rid);
 }
 

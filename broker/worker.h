@@ -58,7 +58,9 @@ struct kp_workers {
 /* Sets up an empty table. */
 void kp_workers_init(struct kp_workers *t);
 
-/* Frees the table; workers must have been destroyed already. */
+/* Frees the table and every worker still in it (name, service and method
+ * sets, byte account) without touching the services they served: call it
+ * when the whole broker goes, before the services are freed. */
 void kp_workers_fini(struct kp_workers *t);
 
 /* Returns the worker with this routing id, or NULL. */

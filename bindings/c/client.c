@@ -322,7 +322,7 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     }
     const Kelpie__V1__Header *h = m.header;
     rc = KELPIE_ABORTED;
-    if (!h || h->version != KPC_VERSION)
+    if (!h || h->version != KELPIE__V1__VERSION__VERSION_1)
         goto done; /* nothing sensible to answer a broker with */
     switch (h->kind) {
     case KELPIE__V1__KIND__REPLY:

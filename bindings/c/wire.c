@@ -63,7 +63,7 @@ char *kpc_strndup(const char *s, size_t n)
 kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *payload, size_t len,
                             int zmq_flags)
 {
-    header->version = KPC_VERSION;
+    header->version = KELPIE__V1__VERSION__VERSION_1;
     size_t size = kelpie__v1__header__get_packed_size(header);
     zmq_msg_t frame;
     if (zmq_msg_init_size(&frame, size) != 0)
@@ -84,7 +84,7 @@ kelpie_status kpc_wire_send(void *sock, Kelpie__V1__Header *header, const void *
 kelpie_status kpc_wire_check(Kelpie__V1__Header *header, size_t len, uint64_t limit,
                              const char *what, char *why, size_t why_len)
 {
-    header->version = KPC_VERSION;
+    header->version = KELPIE__V1__VERSION__VERSION_1;
     uint64_t size = (uint64_t)kelpie__v1__header__get_packed_size(header) + len;
     if (size <= limit)
         return KELPIE_OK;

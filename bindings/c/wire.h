@@ -15,8 +15,8 @@
 #include "kelpie.h"
 #include "kelpie/v1/header.pb-c.h"
 
-/* The protocol version this library speaks. */
-#define KPC_VERSION 1
+/* The protocol version this library speaks is the proto's own,
+ * KELPIE__V1__VERSION__VERSION_1 (header.proto), as the broker's is. */
 
 /* The largest whole message a peer sends before it has heard the broker's
  * own limit (HEARTBEAT.max_message_size): kelpied's default. */

@@ -303,7 +303,7 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
 static void worker_handle(kelpie_worker *w, kpc_msg *m)
 {
     Kelpie__V1__Header *h = m->header;
-    if (!h || h->version != KPC_VERSION)
+    if (!h || h->version != KELPIE__V1__VERSION__VERSION_1)
         return; /* a broker never sends this; nothing useful to answer */
     w->last_heard = w->now;
     switch (h->kind) {

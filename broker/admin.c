@@ -1,0 +1,123 @@
+/* admin: kelpie.broker, the broker's own service (docs/protocol.md §10).
+ *
+ * Ping and Stats, answered on the frontend from the broker's own state
+ * (counters, gauges, per-service and per-worker figures) and still answered
+ * while the broker drains. Called by the frontend handler; calls down into send.c.
+ */
+#include "broker_impl.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "log.h"
+
+#ifndef KELPIE_VERSION
+#define KELPIE_VERSION "0.0.0"
+#endif
+
+/* One member of Stats' "worker_detail" object per registered worker, keyed by
+ * its routing id in hex (unique, unlike names): what `kelpie stats` shows per
+ * worker. JSON has no arrays here, so services are one comma-joined string. */
+static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
+{
+    kp_json_object_begin(j, "worker_detail");
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        if (w->gone)
+            continue;
+        char key[2 * sizeof w->rid.bytes + 1];
+        for (size_t i = 0; i < w->rid.len; i++)
+            snprintf(key + 2 * i, 3, "%02x", w->rid.bytes[i]);
+        key[2 * w->rid.len] = '\0';
+        size_t need = 1;
+        for (size_t i = 0; i < w->nservices; i++)
+            need += strlen(w->services[i]->name) + 1;
+        char *services = kp_malloc(need);
+        size_t used = 0;
+        for (size_t i = 0; i < w->nservices; i++) {
+            size_t n = strlen(w->services[i]->name);
+            if (i)
+                services[used++] = ',';
+            memcpy(services + used, w->services[i]->name, n);
+            used += n;
+        }
+        services[used] = '\0';
+        kp_json_object_begin(j, key);
+        kp_json_str(j, "name", w->name ? w->name : "");
+        kp_json_u64(j, "credits", w->credits);
+        kp_json_u64(j, "in_flight", w->in_flight);
+        kp_json_u64(j, "stalled", w->stalled);
+        kp_json_str(j, "services", services);
+        kp_json_object_end(j);
+        kp_free(services);
+    }
+    kp_json_object_end(j);
+}
+
+static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
+{
+    static const char *const states[] = {"running", "draining", "stopped"};
+    uint64_t queued = 0, in_flight = 0;
+    size_t pos = 0;
+    struct kp_service *s;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        queued += s->queued;
+        in_flight += s->in_flight;
+    }
+    kp_json_object_begin(j, NULL);
+    kp_json_str(j, "version", KELPIE_VERSION);
+    kp_json_str(j, "state", states[b->state]);
+    kp_json_u64(j, "uptime_ms", b->now - b->started);
+    kp_json_u64(j, "workers", kp_workers_count(&b->workers));
+    kp_json_u64(j, "clients", kp_clients_count(&b->clients));
+    kp_json_u64(j, "calls", kp_calls_count(&b->calls));
+    kp_json_u64(j, "queued", queued);
+    kp_json_u64(j, "in_flight", in_flight);
+    kp_json_u64(j, "queued_bytes", kp_budget_queued(b->queued));
+    kp_stats_json(&b->stats, j);
+    kp_json_object_begin(j, "services");
+    pos = 0;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        uint64_t capacity = 0;
+        for (size_t i = 0; i < s->nworkers; i++)
+            capacity += s->workers[i]->credits;
+        kp_json_object_begin(j, s->name);
+        kp_json_u64(j, "workers", s->nworkers);
+        kp_json_u64(j, "queued", s->queued);
+        kp_json_u64(j, "in_flight", s->in_flight);
+        kp_json_u64(j, "capacity", capacity);
+        kp_json_object_end(j);
+    }
+    kp_json_object_end(j);
+    admin_workers_json(b, j);
+    kp_json_object_end(j);
+}
+
+void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *req)
+{
+    b->stats.broker_calls++;
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__REPLY, req->request_id);
+    /* A reply that cannot be sent is counted by kp_broker_send; the caller's
+     * deadline or its next Ping tells it, so there is nothing to undo here. */
+    if (strcmp(req->method, "Ping") == 0) {
+        kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, NULL, 0);
+    } else if (strcmp(req->method, "Stats") == 0) {
+        struct kp_json j;
+        kp_json_init(&j);
+        admin_stats_json(b, &j);
+        zmq_msg_t payload;
+        if (zmq_msg_init_size(&payload, j.len) != 0) {
+            kp_log_error("out of memory for a %zu-byte Stats reply, aborting", j.len);
+            abort(); /* the daemon's OOM policy (alloc.h) */
+        }
+        memcpy(zmq_msg_data(&payload), j.data, j.len);
+        kp_json_fini(&j);
+        if (kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, &payload, 1) != KP_OK)
+            zmq_msg_close(&payload);
+    } else {
+        kp_broker_send_error(b, b->frontend, rid, rid_len, req->request_id, KP_ENOMETHOD, NULL);
+    }
+}

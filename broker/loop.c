@@ -1,0 +1,279 @@
+/* loop: kelpied's event loop, a list of phases (libuv's uv_run).
+ *
+ *   poll        zmq_poll over frontend, backend, intake and the wake pipe,
+ *               with a timeout from the next deadline or sweep
+ *   signals     stop requests from the wake pipe (drain, then force)
+ *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
+ *               flood on one socket cannot starve the others
+ *   expire      call deadlines that came due (timer heap)
+ *   grace end   once, when the start-up grace is over: calls still waiting
+ *               for a service no worker has registered get NOT_FOUND
+ *   sweep       every heartbeat/2: heartbeats to quiet workers, silent
+ *               workers marked gone, idle clients and services forgotten
+ *   before sleep  reap departed workers and clients (their calls re-queued or
+ *               failed), dispatch queued calls of services that may have a
+ *               free worker, end a drain that is complete
+ *
+ * The loop owns time (b->now), the receive array (message.h) and the
+ * broker's state (running, draining, stopped). It decides when things
+ * happen and calls down for what happens: the handlers (frontend.c,
+ * backend.c) for each message, dispatch.c for a call's state, send.c for
+ * what goes out. Nothing calls back up into it. kp_broker_inject() and
+ * kp_broker_tick() drive the same phases by hand for tests and the fuzzer.
+ */
+#include "broker_impl.h"
+
+#include <czmq.h>
+#include <errno.h>
+#include <unistd.h>
+
+#include "alloc.h"
+#include "log.h"
+
+/* Handles up to KP_READ_BUDGET messages from sock; returns how many. */
+static int loop_read(struct kp_broker *b, void *sock, void (*handler)(struct kp_broker *))
+{
+    int i;
+    for (i = 0; i < KP_READ_BUDGET && b->state != KP_BROKER_STOPPED; i++) {
+        if (!kp_message_recv(&b->in, sock))
+            break;
+        kp_arena_reset(&b->in.arena);
+        handler(b);
+        kp_message_release(&b->in);
+    }
+    kp_arena_reset(&b->in.arena);
+    return i;
+}
+
+static void loop_expire(struct kp_broker *b)
+{
+    struct kp_timer *t;
+    while ((t = kp_timers_pop_due(&b->timers, b->now)) != NULL)
+        kp_broker_expire(b, kp_container_of(t, struct kp_call, timer));
+}
+
+static void loop_sweep(struct kp_broker *b)
+{
+    if (b->now < b->next_sweep)
+        return;
+    uint32_t step = b->heartbeat_ms / 2 ? b->heartbeat_ms / 2 : 1;
+    b->next_sweep = b->now + step;
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        if (w->gone)
+            continue;
+        if (w->lagging && kp_budget_queued(w->queued) < b->peer_max_queued) {
+            w->lagging = false;
+            kp_broker_mark_worker_pending(b, w);
+        }
+        if (kp_worker_expired(w, b->now, b->heartbeat_ms, b->liveness)) {
+            b->stats.worker_expired++;
+            kp_log_warn("worker '%s' silent for %llu ms, removing", w->name,
+                        (unsigned long long)(b->now - w->last_recv));
+            kp_broker_worker_gone(b, w);
+        } else if (b->now - w->last_send >= b->heartbeat_ms) {
+            kp_header h = kp_broker_heartbeat(b);
+            if (kp_broker_send_worker(b, w, &h) == KP_OK)
+                b->stats.heartbeats_sent++;
+        }
+    }
+    kp_clients_sweep(&b->clients, b->now, KP_FORGET_MS);
+    kp_services_sweep(&b->services, b->now, KP_FORGET_MS);
+}
+
+/* The start-up grace ends: calls that waited for a service no worker has
+ * registered since start are answered NOT_FOUND, as calls made after the
+ * grace are; they would otherwise wait without bound (those without a
+ * deadline, forever). Runs once. */
+static void loop_end_grace(struct kp_broker *b)
+{
+    if (b->grace_ended || kp_broker_in_grace(b))
+        return;
+    b->grace_ended = true;
+    size_t pos = 0, failed = 0;
+    struct kp_service *s;
+    while ((s = kp_services_next(&b->services, &pos)) != NULL) {
+        if (s->served)
+            continue;
+        char msg[288];
+        kp_broker_unserved_message(b, s->name, msg, sizeof msg);
+        struct kp_call *c;
+        while ((c = kp_service_peek(s)) != NULL) {
+            kp_err_count(KP_ENOTFOUND, &b->stats);
+            if (c->client == NULL)
+                b->stats.intake_dropped++;
+            kp_broker_fail_queued(b, c, KP_ENOTFOUND, msg);
+            failed++;
+        }
+    }
+    if (failed)
+        kp_log_info("start-up grace over: %zu calls for services no worker serves answered "
+                    "NOT_FOUND",
+                    failed);
+}
+
+/* Ends the broker: every call still waiting is failed UNAVAILABLE, every
+ * worker and client is sent DISCONNECT. */
+static void loop_finish(struct kp_broker *b)
+{
+    size_t n = kp_calls_count(&b->calls), pos = 0, i = 0, failed = 0;
+    struct kp_call **calls = n ? kp_malloc(n * sizeof *calls) : NULL;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL && i < n)
+        calls[i++] = c;
+    for (i = 0; i < n; i++) {
+        if (calls[i]->client) {
+            kp_broker_fail_client_side(b, calls[i], KP_ESHUTDOWN, NULL);
+            failed++;
+        }
+    }
+    kp_free(calls);
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__DISCONNECT, 0);
+    pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL)
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, NULL, 0);
+    pos = 0;
+    struct kp_client *cl;
+    while ((cl = kp_bmap_next(&b->clients.by_rid, &pos)) != NULL)
+        kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len, cl->queued, &h, NULL, 0);
+    kp_log_info("stopped: %zu calls failed UNAVAILABLE, %zu workers and %zu clients sent "
+                "DISCONNECT",
+                failed, kp_workers_count(&b->workers), kp_clients_count(&b->clients));
+    b->state = KP_BROKER_STOPPED;
+}
+
+static void loop_before_sleep(struct kp_broker *b)
+{
+    /* Each step can feed the others (reaping a worker fails calls whose
+     * clients may turn out unreachable; dispatching can find a worker gone),
+     * so repeat until all three lists are empty. */
+    for (;;) {
+        if (!kp_list_empty(&b->gone_clients))
+            kp_broker_reap_client(
+                b, kp_container_of(b->gone_clients.next, struct kp_client, gone_link));
+        else if (!kp_list_empty(&b->gone_workers))
+            kp_broker_reap_worker(
+                b, kp_container_of(b->gone_workers.next, struct kp_worker, gone_link));
+        else if (!kp_list_empty(&b->pending))
+            kp_broker_dispatch_pending(b);
+        else
+            break;
+    }
+    if (b->state == KP_BROKER_DRAINING &&
+        (kp_calls_count(&b->calls) == b->orphans || b->now >= b->drain_deadline))
+        loop_finish(b);
+}
+
+static void loop_on_stop_requests(struct kp_broker *b)
+{
+    char buf[64];
+    ssize_t r;
+    while ((r = read(b->wake[0], buf, sizeof buf)) > 0)
+        b->stop_requests += (unsigned)r;
+    if (b->stop_requests == 0 || b->state == KP_BROKER_STOPPED)
+        return;
+    if (b->stop_requests >= 2) {
+        kp_log_info("second stop request: stopping now");
+        loop_finish(b);
+    } else if (b->state == KP_BROKER_RUNNING) {
+        b->state = KP_BROKER_DRAINING;
+        b->drain_deadline = b->now + b->shutdown_grace_ms;
+        kp_log_info("stop requested: draining %zu calls for up to %u ms",
+                    kp_calls_count(&b->calls) - b->orphans, b->shutdown_grace_ms);
+    }
+}
+
+static long loop_poll_timeout(const struct kp_broker *b)
+{
+    if (!kp_list_empty(&b->pending) || !kp_list_empty(&b->gone_workers) ||
+        !kp_list_empty(&b->gone_clients))
+        return 0;
+    uint64_t next = b->next_sweep;
+    uint64_t t = kp_timers_next(&b->timers);
+    if (t < next)
+        next = t;
+    if (b->state == KP_BROKER_DRAINING && b->drain_deadline < next)
+        next = b->drain_deadline;
+    if (!b->grace_ended && b->started + kp_broker_grace_ms(b) < next)
+        next = b->started + kp_broker_grace_ms(b);
+    return next > b->now ? (long)(next - b->now) : 0;
+}
+
+enum kp_err kp_broker_run(struct kp_broker *b)
+{
+    zmq_pollitem_t items[] = {
+        {b->frontend, 0, ZMQ_POLLIN, 0},
+        {b->backend, 0, ZMQ_POLLIN, 0},
+        {b->intake, 0, ZMQ_POLLIN, 0},
+        {NULL, b->wake[0], ZMQ_POLLIN, 0},
+    };
+    b->now = (uint64_t)zclock_mono();
+    while (b->state != KP_BROKER_STOPPED) {
+        if (zmq_poll(items, 4, loop_poll_timeout(b)) < 0 && errno != EINTR) {
+            kp_log_error("zmq_poll: %s", zmq_strerror(errno));
+            return KP_ESYS;
+        }
+        b->now = (uint64_t)zclock_mono();
+        if (items[3].revents & ZMQ_POLLIN)
+            loop_on_stop_requests(b);
+        loop_read(b, b->backend, kp_backend_on_message);
+        loop_read(b, b->frontend, kp_frontend_on_message);
+        loop_read(b, b->intake, kp_intake_on_message);
+        loop_expire(b);
+        loop_end_grace(b);
+        loop_sweep(b);
+        if (b->state != KP_BROKER_STOPPED)
+            loop_before_sleep(b);
+    }
+    return KP_OK;
+}
+
+bool kp_broker_tick(struct kp_broker *b, uint64_t now)
+{
+    if (now > b->now)
+        b->now = now;
+    loop_on_stop_requests(b);
+    if (b->state != KP_BROKER_STOPPED) {
+        loop_expire(b);
+        loop_end_grace(b);
+        loop_sweep(b);
+    }
+    if (b->state != KP_BROKER_STOPPED)
+        loop_before_sleep(b);
+    return b->state != KP_BROKER_STOPPED;
+}
+
+bool kp_broker_inject(struct kp_broker *b, enum kp_dir dir, zmq_msg_t *frames, size_t n,
+                      uint64_t now)
+{
+    if (b->state == KP_BROKER_STOPPED)
+        return false;
+    if (now > b->now)
+        b->now = now;
+    kp_message_load(&b->in, frames, n);
+    kp_arena_reset(&b->in.arena);
+    if (dir == KP_FROM_CLIENT)
+        kp_frontend_on_message(b);
+    else if (dir == KP_FROM_WORKER)
+        kp_backend_on_message(b);
+    else
+        kp_intake_on_message(b);
+    kp_message_release(&b->in);
+    kp_arena_reset(&b->in.arena);
+    return kp_broker_tick(b, now);
+}
+
+uint64_t kp_broker_now(const struct kp_broker *b)
+{
+    return b->now;
+}
+
+void kp_broker_stop(struct kp_broker *b)
+{
+    int saved = errno;
+    ssize_t r = write(b->wake[1], "s", 1);
+    (void)r;
+    errno = saved;
+}
