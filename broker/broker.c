@@ -613,6 +613,46 @@ void kp_broker_reap_client(struct kp_broker *b, struct kp_client *cl)
 
 /* ---- kelpie.broker ------------------------------------------------------ */
 
+/* One member of Stats' "worker_detail" object per registered worker, keyed by
+ * its routing id in hex (unique, unlike names): what `kelpie stats` shows per
+ * worker. JSON has no arrays here, so services are one comma-joined string. */
+static void broker_workers_json(struct kp_broker *b, struct kp_json *j)
+{
+    kp_json_object_begin(j, "worker_detail");
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        if (w->gone)
+            continue;
+        char key[2 * sizeof w->rid.bytes + 1];
+        for (size_t i = 0; i < w->rid.len; i++)
+            snprintf(key + 2 * i, 3, "%02x", w->rid.bytes[i]);
+        key[2 * w->rid.len] = '\0';
+        size_t need = 1;
+        for (size_t i = 0; i < w->nservices; i++)
+            need += strlen(w->services[i]->name) + 1;
+        char *services = kp_malloc(need);
+        size_t used = 0;
+        for (size_t i = 0; i < w->nservices; i++) {
+            size_t n = strlen(w->services[i]->name);
+            if (i)
+                services[used++] = ',';
+            memcpy(services + used, w->services[i]->name, n);
+            used += n;
+        }
+        services[used] = '\0';
+        kp_json_object_begin(j, key);
+        kp_json_str(j, "name", w->name ? w->name : "");
+        kp_json_u64(j, "credits", w->credits);
+        kp_json_u64(j, "in_flight", w->in_flight);
+        kp_json_u64(j, "stalled", w->stalled);
+        kp_json_str(j, "services", services);
+        kp_json_object_end(j);
+        kp_free(services);
+    }
+    kp_json_object_end(j);
+}
+
 static void broker_stats_json(struct kp_broker *b, struct kp_json *j)
 {
     static const char *const states[] = {"running", "draining", "stopped"};
@@ -648,6 +688,7 @@ static void broker_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_object_end(j);
     }
     kp_json_object_end(j);
+    broker_workers_json(b, j);
     kp_json_object_end(j);
 }
 

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
-from harness import Procs, find_kelpied, free_port  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
 
 
 
@@ -179,9 +179,9 @@ def kelpie_env():
 
 def run_pair(kelpied, loop_name, nproc, cases, seconds):
     """kelpied + ``nproc`` Kelpie workers, and ``nproc`` grpc.aio servers."""
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     fe, be, intake = (f"tcp://127.0.0.1:{p}" for p in ports)
-    grpc_ports = [free_port() for _ in range(nproc)]
+    grpc_ports = free_ports(nproc)
     broker = subprocess.Popen([kelpied, "--frontend", fe, "--backend", be, "--intake", intake,
                                "--log-level", "warn", "--client-max-inflight", "100000"],
                               start_new_session=True)

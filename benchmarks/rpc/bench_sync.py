@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
-from harness import Procs, find_kelpied, free_port  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
 PAYLOAD = b"0123456789abcdef"
 THREADS = (1, 16)
 
@@ -225,7 +225,7 @@ def run_all(kelpied, seconds, with_def, rounds):
 
     import kelpie.sync
 
-    ports = [free_port() for _ in range(5)]
+    ports = free_ports(5)
     fe, be, intake = (f"tcp://127.0.0.1:{p}" for p in ports[:3])
     grpc_port, zmq_port = ports[3], ports[4]
     broker = subprocess.Popen([kelpied, "--frontend", fe, "--backend", be, "--intake", intake,

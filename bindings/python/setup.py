@@ -3,16 +3,54 @@
 CMake is the primary build; this mirrors it for
 `pip install --no-build-isolation ./bindings/python`: every src/*.c, C11,
 linked against the system libzmq.
+
+The build writes nothing into the source tree: setuptools' defaults
+(``build/`` and ``kelpie.egg-info/`` next to this file) are moved to a
+temporary directory removed when the build process exits, so a checkout
+stays as it was (``git status --ignored`` shows nothing new).
 """
 
+import atexit
+import shutil
+import tempfile
 from glob import glob
 from os import path
 
 from setuptools import Extension, setup
+from setuptools.command.build import build
 from setuptools.command.build_py import build_py
+from setuptools.command.egg_info import egg_info
 
 here = path.dirname(path.abspath(__file__))
 sources = sorted(path.relpath(p, here) for p in glob(path.join(here, "src", "*.c")))
+
+_scratch = None
+
+
+def scratch(name):
+    """A directory for build outputs outside the source tree, per build process."""
+    global _scratch
+    if _scratch is None:
+        _scratch = tempfile.mkdtemp(prefix="kelpie-pip-build-")
+        atexit.register(shutil.rmtree, _scratch, ignore_errors=True)
+    return path.join(_scratch, name)
+
+
+class build_elsewhere(build):
+    """build/ (objects, the wheel's staging tree) in the scratch directory."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.build_base = scratch("build")
+
+
+class egg_info_elsewhere(egg_info):
+    """kelpie.egg-info in the scratch directory (pip's dist_info step still
+    points it at pip's own metadata directory)."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        self.egg_base = scratch("")
 
 
 
@@ -36,7 +74,8 @@ class build_py_with_proto(build_py):
 
 
 setup(
-    cmdclass={"build_py": build_py_with_proto},
+    cmdclass={"build": build_elsewhere, "build_py": build_py_with_proto,
+              "egg_info": egg_info_elsewhere},
     entry_points={"console_scripts": ["kelpie = kelpie.cli:main"]},
     ext_modules=[
         Extension(

@@ -45,8 +45,10 @@ def test_cli_call_bytes(broker, procs, tmp_path):
     assert r.returncode == 1 and b"NOT_FOUND" in r.stderr and b"no such thing" in r.stderr
     r = kelpie_cli(broker, "ping")
     assert r.returncode == 0 and b"Ping" in r.stdout
-    r = kelpie_cli(broker, "stats")
+    r = kelpie_cli(broker, "stats", "--json")
     assert r.returncode == 0 and isinstance(json.loads(r.stdout), dict)
+    r = kelpie_cli(broker, "stats")
+    assert r.returncode == 0 and b"SERVICE" in r.stdout
 
 
 def test_cli_call_proto(broker, procs, greeter_path):

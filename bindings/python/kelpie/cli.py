@@ -1,15 +1,28 @@
 """The ``kelpie`` command-line tool (also ``python3 -m kelpie``).
 
-    kelpie call SERVICE METHOD [--data JSON|@FILE|-] [--proto MOD[:Type]]
+    kelpie call SERVICE METHOD [--data TEXT|@FILE|-] [--proto MOD[:Type]]
                 [--reply-proto MOD:Type] [--timeout S|none] [--metadata K=V]... [--stream]
     kelpie worker MODULE:ATTR [--processes N] [--concurrency N] [--grace S]
                   [--max-jobs-per-process N] [--max-memory-per-process SIZE]
                   [--memory-limit-per-process SIZE]
     kelpie ping [--count N]
-    kelpie stats
+    kelpie stats [--json] [--watch [S]]
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
+The options common to every command (``--frontend``, ``--backend``,
+``--loop``, ``--log-level``) may come before or after the command.
+
+``--data`` is the request payload as raw bytes: the text as typed (UTF-8),
+``@FILE`` for a file's contents, ``-`` for stdin. It is read as JSON only for
+a typed method (``--proto``), where it is the request message in protobuf's
+JSON mapping. So ``--data hi`` sends the two bytes ``hi``, and
+``--data '"hi"'`` sends four, quotes included.
+
+Exit status: 0 on success, 1 when the call (or ping, stats) failed, with
+``CODE: message`` on stderr, 2 for a usage error (a bad option, an endpoint
+without its ``tcp://``, an unreadable ``@FILE``): always one line, never a
+traceback.
 
 ``kelpie worker`` is a small supervisor (kelpie._supervisor): it starts N
 child processes (``python -m kelpie worker TARGET --child``: fresh
@@ -27,16 +40,42 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import time
 
-from . import _supervisor
+from . import _supervisor, _waiting
 from ._liveness import parse_timeout
 from .client import DEFAULT_FRONTEND, Client
-from .errors import RpcError
+from ._kelpie import ZMQError
+from .errors import DeadlineExceeded, RpcError
 from .worker import DEFAULT_BACKEND, Worker
 
 __all__ = ["main"]
+
+EXIT_FAILED = 1  # the call, ping or stats failed
+EXIT_USAGE = 2   # as argparse: the command line cannot be acted on
+
+# The transports libzmq knows; an endpoint is TRANSPORT://ADDRESS.
+_ENDPOINT = re.compile(r"^(tcp|ipc|inproc|pgm|epgm|norm|ws|wss|tipc|vmci|udp)://.+")
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on: one line on stderr, exit 2."""
+
+
+def _check_endpoint(option, endpoint):
+    if endpoint is None:
+        return
+    if endpoint.startswith("tcp://") and not re.match(r"^tcp://.+:\d+$", endpoint):
+        raise UsageError(f"{option} {endpoint!r} has no port (tcp://HOST:PORT, e.g. "
+                         f"tcp://127.0.0.1:5555)")
+    if _ENDPOINT.match(endpoint):
+        return
+    hint = f"; did you mean tcp://{endpoint}?" if "://" not in endpoint else ""
+    raise UsageError(f"{option} {endpoint!r} is not a ZeroMQ endpoint (TRANSPORT://ADDRESS, "
+                     f"e.g. tcp://127.0.0.1:5555){hint}")
 
 
 def _run(coro, loop_name):
@@ -55,26 +94,31 @@ def _import(spec, what):
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"kelpie: cannot import {module_name!r} for {what}: {exc}")
+        raise UsageError(f"cannot import {module_name!r} for {what}: {exc}")
     if attr:
         for part in attr.split("."):
             try:
                 obj = getattr(obj, part)
             except AttributeError:
-                raise SystemExit(f"kelpie: {module_name!r} has no {attr!r} ({what})")
+                raise UsageError(f"{module_name!r} has no {attr!r} ({what})")
     return obj
 
 
 # -- call ---------------------------------------------------------------------
 
 def _read_data(data):
+    """--data as bytes: the text itself (UTF-8), @FILE's contents, or stdin for -."""
     if data is None:
         return b""
     if data == "-":
         return sys.stdin.buffer.read()
     if data.startswith("@"):
-        with open(data[1:], "rb") as f:
-            return f.read()
+        try:
+            with open(data[1:], "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise UsageError(f"--data {data}: cannot read {data[1:]!r}: "
+                             f"{exc.strerror or exc}")
     return data.encode()
 
 
@@ -93,11 +137,11 @@ def _message_types(args):
             service = services.get(args.service) or next(
                 (s for s in services.values() if s.full_name == args.service), None)
             if service is None:
-                raise SystemExit(f"kelpie: {module_name} defines no service {args.service!r} "
+                raise UsageError(f"{module_name} defines no service {args.service!r} "
                                  f"(it has {sorted(services)}); use --proto MODULE:Type")
             method = service.methods_by_name.get(args.method)
             if method is None:
-                raise SystemExit(f"kelpie: {service.full_name} has no method {args.method!r}")
+                raise UsageError(f"{service.full_name} has no method {args.method!r}")
             request_cls = message_class(method.input_type)
             reply_cls = message_class(method.output_type)
     if args.reply_proto:
@@ -113,7 +157,10 @@ def _encode(raw, request_cls):
     try:
         json_format.Parse(raw.decode() or "{}", message)
     except json_format.ParseError as exc:
-        raise SystemExit(f"kelpie: --data does not fit {request_cls.__name__}: {exc}")
+        raise UsageError(f"--data does not fit {request_cls.__name__}: {exc}")
+    except UnicodeDecodeError:
+        raise UsageError(f"--data is not UTF-8 JSON (it is read as JSON for "
+                         f"{request_cls.__name__})")
     return message.SerializeToString()
 
 
@@ -143,7 +190,7 @@ def _metadata(pairs):
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"kelpie: --metadata wants KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--metadata wants KEY=VALUE, got {pair!r}")
         md[key.lower()] = value.encode()
     return md or None
 
@@ -151,23 +198,46 @@ def _metadata(pairs):
 async def _call(args):
     request_cls, reply_cls = _message_types(args)
     payload = _encode(_read_data(args.data), request_cls)
+    metadata = _metadata(args.metadata)
     async with Client(args.frontend, heartbeat=0) as client:
-        if args.stream:
-            async with client.stream(args.service, args.method, payload, timeout=args.timeout,
-                                     metadata=_metadata(args.metadata)) as stream:
-                async for chunk in stream:
-                    _output(chunk, reply_cls)
-                    if reply_cls is None and not bytes(chunk).endswith(b"\n"):
-                        sys.stdout.write("\n")
-        else:
-            reply, md = await client.call(args.service, args.method, payload,
-                                          timeout=args.timeout,
-                                          metadata=_metadata(args.metadata),
-                                          idempotent=args.idempotent, with_metadata=True)
-            if args.verbose:
-                for key, value in sorted(md.items()):
-                    print(f"< {key}: {value!r}", file=sys.stderr)
-            _output(reply, reply_cls)
+        try:
+            if args.stream:
+                async with client.stream(args.service, args.method, payload,
+                                         timeout=args.timeout, metadata=metadata) as stream:
+                    async for chunk in stream:
+                        _output(chunk, reply_cls)
+                        if reply_cls is None and not bytes(chunk).endswith(b"\n"):
+                            sys.stdout.write("\n")
+            else:
+                reply, md = await client.call(args.service, args.method, payload,
+                                              timeout=args.timeout, metadata=metadata,
+                                              idempotent=args.idempotent, with_metadata=True)
+                if args.verbose:
+                    for key, value in sorted(md.items()):
+                        print(f"< {key}: {value!r}", file=sys.stderr)
+                _output(reply, reply_cls)
+        except DeadlineExceeded as exc:
+            raise await _explain_deadline(client, args.service, exc) from None
+
+
+async def _explain_deadline(client, service, exc):
+    """A DeadlineExceeded that says why when the client's own timer ended the
+    call before the broker's answer (which names the cause) arrived: ask the
+    broker whether anyone serves the service at all."""
+    if exc.message and exc.message != "deadline exceeded":
+        return exc  # the broker's (or a handler's) own words
+    try:
+        stats = await client.stats(timeout=1.0)
+    except RpcError:
+        return DeadlineExceeded(f"no answer from {client.frontend}: "
+                                f"is kelpied running at {client.frontend}?")
+    n = _waiting.serving_workers(stats, service)
+    if n == 0:
+        workers = int(stats.get("workers") or 0)
+        return DeadlineExceeded(f"no worker serves {service}; {workers} "
+                                f"worker{'' if workers == 1 else 's'} connected")
+    return DeadlineExceeded(f"no answer within the call's --timeout "
+                            f"({n} worker{'' if n == 1 else 's'} serve {service})")
 
 
 def cmd_call(args):
@@ -176,8 +246,16 @@ def cmd_call(args):
     except RpcError as exc:
         print(f"kelpie: {args.service}/{args.method}: {exc.code.name}: {exc.message}",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0
+
+
+def _dead_broker(frontend, what, exc, timeout):
+    """The line for a ping or stats that got no answer."""
+    if isinstance(exc, DeadlineExceeded) and exc.message == "deadline exceeded":
+        return (f"kelpie: {what}: no answer from {frontend} within {timeout:g} s: "
+                f"is kelpied running at {frontend}?")
+    return f"kelpie: {what} {frontend}: {exc}"
 
 
 def cmd_ping(args):
@@ -185,27 +263,103 @@ def cmd_ping(args):
         async with Client(args.frontend, heartbeat=0) as client:
             for i in range(args.count):
                 rtt = await client.ping(timeout=args.timeout)
-                print(f"kelpie.broker/Ping from {client.frontend}: {rtt * 1e6:.0f} µs")
+                print(f"kelpie.broker/Ping from {client.frontend}: {rtt * 1e6:.0f} µs",
+                      flush=True)
                 if i + 1 < args.count:
                     await asyncio.sleep(args.interval)
     try:
         _run(ping(), args.loop)
     except RpcError as exc:
-        print(f"kelpie: ping {args.frontend}: {exc}", file=sys.stderr)
-        return 1
+        print(_dead_broker(args.frontend, "ping", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
     return 0
 
 
+def _table(rows, header):
+    """Rows of strings as left-aligned text columns (numbers right-aligned)."""
+    rows = [header] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    numeric = [len(rows) > 1 and all(r[i].rstrip("%").isdigit() or r[i] == "-"
+                                     for r in rows[1:]) for i in range(len(header))]
+    out = []
+    for r in rows:
+        cells = [c.rjust(w) if numeric[i] else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _load(busy, capacity):
+    return f"{100 * busy / capacity:.0f}%" if capacity else "-"
+
+
+def format_stats(stats, frontend):
+    """``kelpie.broker/Stats`` as a short human-readable summary."""
+    uptime = int(stats.get("uptime_ms") or 0) / 1000
+    lines = [f"kelpied {stats.get('version', '?')} at {frontend}: {stats.get('state', '?')}, "
+             f"up {uptime:.0f} s; {stats.get('workers', 0)} workers, "
+             f"{stats.get('clients', 0)} clients, {stats.get('calls', 0)} calls "
+             f"({stats.get('queued', 0)} queued, {stats.get('in_flight', 0)} running)",
+             f"requests {stats.get('requests', 0)}, replies {stats.get('replies', 0)}, "
+             f"errors sent {stats.get('errors_sent', 0)}, "
+             f"not found {stats.get('unroutable', 0)}"]
+    services = stats.get("services") or {}
+    lines.append("")
+    if services:
+        rows = []
+        for name in sorted(services):
+            entry = services[name]
+            cap = int(entry.get("capacity") or 0)
+            busy = int(entry.get("in_flight") or 0)
+            rows.append([name, str(entry.get("workers", 0)), str(busy), str(cap),
+                         _load(busy, cap), str(entry.get("queued", 0))])
+        lines += _table(rows, ["SERVICE", "WORKERS", "RUNNING", "CREDITS", "LOAD", "QUEUED"])
+    else:
+        lines.append("no services: no worker has registered")
+    workers = stats.get("worker_detail")  # {routing id: {name, credits, ...}}
+    if workers:
+        rows = []
+        for wid, w in sorted(workers.items(), key=lambda kv: (kv[1].get("name") or "", kv[0])):
+            cap = int(w.get("credits") or 0)
+            busy = int(w.get("in_flight") or 0)
+            rows.append([w.get("name") or wid, str(busy), str(cap), _load(busy, cap),
+                         "stalled" if w.get("stalled") else "ok",
+                         w.get("services") or "-"])
+        lines.append("")
+        lines += _table(rows, ["WORKER", "RUNNING", "CREDITS", "LOAD", "STATE", "SERVICES"])
+    return "\n".join(lines)
+
+
 def cmd_stats(args):
-    async def stats():
+    async def stats(client):
+        return await client.stats(timeout=args.timeout)
+
+    async def main():
         async with Client(args.frontend, heartbeat=0) as client:
-            return await client.stats(timeout=args.timeout)
+            shown = 0
+            while True:
+                data = await stats(client)
+                if args.json:
+                    text = json.dumps(data, indent=2, sort_keys=True)
+                else:
+                    text = format_stats(data, args.frontend)
+                if args.watch is not None and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")  # redraw in place
+                elif shown:
+                    sys.stdout.write("\n")
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+                shown += 1
+                if args.watch is None:
+                    return
+                await asyncio.sleep(args.watch)
     try:
-        data = _run(stats(), args.loop)
+        _run(main(), args.loop)
     except RpcError as exc:
-        print(f"kelpie: stats {args.frontend}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(data, indent=2, sort_keys=True))
+        print(_dead_broker(args.frontend, "stats", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 0  # the way out of --watch
     return 0
 
 
@@ -216,7 +370,7 @@ def _load_worker(target):
     if not isinstance(obj, Worker) and callable(obj):
         obj = obj()
     if not isinstance(obj, Worker):
-        raise SystemExit(f"kelpie: {target} is a {type(obj).__name__}, not a kelpie.Worker "
+        raise UsageError(f"{target} is a {type(obj).__name__}, not a kelpie.Worker "
                          "(or a function returning one)")
     return obj
 
@@ -258,12 +412,36 @@ def _run_child(args):
     return outcome["code"]
 
 
+def _services_text(worker):
+    return ", ".join(worker.services) or "no services"
+
+
 async def _child_watch(worker, args, outcome):
-    """Retire this worker process after --max-jobs-per-process calls, or after a
-    MemoryError (its memory may be in any state): drain and exit."""
+    """Say when the broker first answers this worker; retire this worker
+    process after --max-jobs-per-process calls, or after a MemoryError (its
+    memory may be in any state): drain and exit."""
     log = logging.getLogger("kelpie.worker")
+    opened = time.monotonic()
+    announced = warned = False
+    seen_session = seen_at = None
     while True:
         await asyncio.sleep(0.02)
+        if not announced:
+            # The broker answers READY at once (a HEARTBEAT): the first thing
+            # heard on a session means the broker has this worker's services.
+            session = getattr(worker, "_session", None)
+            if session is not None and session is not seen_session:
+                seen_session, seen_at = session, session.last_recv
+            elif session is not None and session.last_recv > seen_at:
+                announced = True
+                print(f"kelpie worker[{os.getpid()}]: connected to the broker at "
+                      f"{worker.backend}; serving {_services_text(worker)} "
+                      f"(concurrency {worker.concurrency})", file=sys.stderr, flush=True)
+            elif not warned and time.monotonic() - opened > 5.0:
+                warned = True
+                print(f"kelpie worker[{os.getpid()}]: no answer yet from the broker at "
+                      f"{worker.backend} (is kelpied running there? its backend, not its "
+                      f"frontend); still trying", file=sys.stderr, flush=True)
         if worker.memory_errors:
             log.error("out of memory (MemoryError in a handler%s): draining and exiting with "
                       "status %d", f", address-space limit {args.memory_limit} bytes"
@@ -299,7 +477,10 @@ def cmd_worker(args):
         return _run_child(args)
     if args.processes < 1:
         raise SystemExit("kelpie: --processes must be at least 1")
-    _load_worker(args.target)  # fail early, in the parent, on a bad target
+    worker = _load_worker(args.target)  # fail early, in the parent, on a bad target
+    print(f"kelpie worker: {args.processes} process{'' if args.processes == 1 else 'es'} "
+          f"of {args.target} serving {_services_text(worker)}, for the broker at "
+          f"{args.backend or worker.backend}", file=sys.stderr, flush=True)
     env = dict(os.environ)
     # The children import the target the way this process did.
     env["PYTHONPATH"] = os.pathsep.join(
@@ -318,71 +499,159 @@ def _size(text):
 
 # -- main ---------------------------------------------------------------------
 
-def _parser():
-    p = argparse.ArgumentParser(prog="kelpie", description="Kelpie RPC command-line tool.")
-    p.add_argument("--frontend", default=os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND,
-                   help="broker frontend endpoint (env KELPIE_FRONTEND; default %(default)s)")
-    p.add_argument("--backend", default=os.environ.get("KELPIE_BACKEND"),
-                   help=f"broker backend endpoint for workers (env KELPIE_BACKEND; "
-                        f"default {DEFAULT_BACKEND})")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    p.add_argument("--log-level", default="warning",
-                   choices=("debug", "info", "warning", "error"))
-    sub = p.add_subparsers(dest="command", required=True)
+def _common(parser, top):
+    """The options every command takes, before or after its name. On the
+    subcommands they default to SUPPRESS so a value given before the command
+    is not overwritten by the subcommand's default."""
+    def default(value):
+        return value if top else argparse.SUPPRESS
+    parser.add_argument("--frontend", metavar="ENDPOINT",
+                        default=default(os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND),
+                        help="the broker's frontend, where clients connect (env "
+                             f"KELPIE_FRONTEND; default {DEFAULT_FRONTEND})")
+    parser.add_argument("--backend", metavar="ENDPOINT",
+                        default=default(os.environ.get("KELPIE_BACKEND")),
+                        help="the broker's backend, where workers connect (env "
+                             f"KELPIE_BACKEND; default {DEFAULT_BACKEND})")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default=default("asyncio"),
+                        help="event loop implementation (default asyncio)")
+    parser.add_argument("--log-level", default=default("warning"),
+                        choices=("debug", "info", "warning", "error"),
+                        help="log messages from this level up, on stderr (default warning)")
 
-    c = sub.add_parser("call", help="call SERVICE METHOD and print the reply")
-    c.add_argument("service")
-    c.add_argument("method")
-    c.add_argument("--data", "-d", help="request: JSON or text, @FILE, or - for stdin")
-    c.add_argument("--proto", help="MODULE (a *_pb2 with the service) or MODULE:Type: "
-                                   "encode --data (JSON) through protobuf")
-    c.add_argument("--reply-proto", help="MODULE:Type to decode the reply to JSON")
-    c.add_argument("--timeout", "-t", type=_timeout, default=None,
-                   help="deadline in seconds, or 'none' for no deadline "
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line and exit 2, as argparse does, without the usage block
+        # repeated for every mistake (-h shows it).
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} -h)\n")
+
+
+def _parser():
+    p = _Parser(prog="kelpie", description="Kelpie RPC command-line tool: call services, "
+                "run workers, ask the broker (kelpied) how it is doing.")
+    _common(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
+
+    c = sub.add_parser(
+        "call", help="call SERVICE METHOD and print the reply",
+        description="Call SERVICE METHOD with --data and print the reply on stdout "
+                    "(raw bytes, or JSON with --proto / --reply-proto).",
+        epilog="--data is raw bytes: --data hi sends the two bytes 'hi', and "
+               "--data '\"hi\"' sends four, quotes included. It is parsed as JSON only "
+               "with --proto, as the request message (protobuf's JSON mapping). "
+               "Examples: kelpie call echo Echo --data hi;  "
+               "kelpie call echo Echo --data @request.bin;  "
+               "echo hi | kelpie call echo Echo --data -;  "
+               "kelpie call demo.Greeter SayHello --proto greeter_pb2 --data '{\"name\": \"ann\"}'. "
+               "Exit status 1 when the call fails (CODE: message on stderr), 2 on a "
+               "usage error.")
+    c.add_argument("service", help="service name, e.g. echo or demo.Greeter")
+    c.add_argument("method", help="method name, e.g. Echo or SayHello")
+    c.add_argument("--data", "-d", metavar="TEXT|@FILE|-",
+                   help="the request payload, sent as raw bytes: TEXT as typed (UTF-8), "
+                        "@FILE for a file's contents, - for stdin; JSON only with --proto "
+                        "(default: empty)")
+    c.add_argument("--proto", metavar="MODULE[:Type]",
+                   help="a *_pb2 module defining the service (request and reply types "
+                        "from the method), or MODULE:Type naming the request type: "
+                        "--data is then JSON (default: none, raw bytes)")
+    c.add_argument("--reply-proto", metavar="MODULE:Type",
+                   help="decode the reply with this type and print it as JSON "
+                        "(default: from --proto MODULE, else raw bytes)")
+    c.add_argument("--timeout", "-t", type=_timeout, default=None, metavar="SECONDS",
+                   help="the call's deadline, in seconds, or 'none' for no deadline "
                         "(default $KELPIE_TIMEOUT, else 30)")
-    c.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE")
-    c.add_argument("--stream", action="store_true", help="server-streaming call")
-    c.add_argument("--idempotent", action="store_true")
-    c.add_argument("--verbose", "-v", action="store_true", help="print reply metadata")
+    c.add_argument("--metadata", "-m", action="append", metavar="KEY=VALUE",
+                   help="request metadata; repeat for several (default: none)")
+    c.add_argument("--stream", action="store_true",
+                   help="server-streaming call: print each chunk as it arrives "
+                        "(default: unary)")
+    c.add_argument("--idempotent", action="store_true",
+                   help="mark the call idempotent: the broker may run it again on another "
+                        "worker if its worker dies (default: not idempotent)")
+    c.add_argument("--verbose", "-v", action="store_true",
+                   help="print the reply's metadata on stderr (default: off)")
+    _common(c, top=False)
     c.set_defaults(fn=cmd_call)
 
-    w = sub.add_parser("worker", help="run N worker processes serving MODULE:ATTR")
-    w.add_argument("target", help="MODULE:ATTR, a kelpie.Worker or a function returning one")
-    w.add_argument("--processes", "-n", type=int, default=1)
-    w.add_argument("--backend", dest="backend_w", default=None)
-    w.add_argument("--concurrency", type=int, default=0, help="override Worker(concurrency=)")
-    w.add_argument("--grace", type=float, default=10.0, help="drain time on SIGTERM (s)")
+    w = sub.add_parser(
+        "worker", help="run N worker processes serving MODULE:ATTR",
+        description="Run N supervised worker processes serving MODULE:ATTR, connected to "
+                    "the broker's backend. SIGTERM or Ctrl-C drains them (up to --grace); "
+                    "a second signal kills them.")
+    w.add_argument("target", help="MODULE:ATTR, a kelpie.Worker or a function returning one "
+                                  "(imported from the current directory and PYTHONPATH)")
+    w.add_argument("--processes", "-n", type=int, default=1, metavar="N",
+                   help="worker processes to run (default 1)")
+    w.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="calls each process runs at once, its credits at the broker "
+                        "(default: the Worker's own concurrency=, 64 unless set)")
+    w.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running calls may finish before they are "
+                        "cancelled, in seconds (default 10)")
     w.add_argument("--max-jobs-per-process", dest="max_jobs", type=int, default=0,
-                   metavar="N", help="replace a process gracefully after N calls")
+                   metavar="N", help="replace a process gracefully after it answered N calls "
+                                     "(default 0: never)")
     w.add_argument("--max-memory-per-process", dest="max_memory", type=_size, default=None,
-                   metavar="SIZE", help="replace a process gracefully when its RSS passes "
-                                        "SIZE (bytes, or 100M, 1G)")
+                   metavar="SIZE", help="replace a process gracefully when its resident "
+                                        "memory passes SIZE (bytes, or 100M, 1G; default: "
+                                        "no limit)")
     w.add_argument("--memory-limit-per-process", dest="memory_limit", type=_size,
                    default=None, metavar="SIZE",
-                   help="hard address-space limit (RLIMIT_AS): allocations past it raise "
-                        "MemoryError, and the process drains and is replaced")
+                   help="hard address-space limit (RLIMIT_AS; bytes, or 100M, 1G): "
+                        "allocations past it raise MemoryError, and the process drains and "
+                        "is replaced (default: no limit)")
     w.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    _common(w, top=False)
     w.set_defaults(fn=cmd_worker)
 
-    for name, fn in (("ping", cmd_ping), ("stats", cmd_stats)):
-        s = sub.add_parser(name, help=f"kelpie.broker/{name.capitalize()}")
-        s.add_argument("--timeout", "-t", type=float, default=2.0)
-        if name == "ping":
-            s.add_argument("--count", "-c", type=int, default=1)
-            s.add_argument("--interval", type=float, default=1.0)
-        s.set_defaults(fn=fn)
+    s = sub.add_parser("ping", help="round trip of kelpie.broker/Ping",
+                       description="Measure the round trip of kelpie.broker/Ping.")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for each answer, in seconds (default 2)")
+    s.add_argument("--count", "-c", type=int, default=1, metavar="N",
+                   help="pings to send (default 1)")
+    s.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                   help="pause between pings, in seconds (default 1)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_ping)
+
+    s = sub.add_parser("stats", help="the broker's services, workers and counters",
+                       description="Show kelpie.broker/Stats: a summary per service (workers, "
+                                   "calls running, credits, load, queue) and per worker.")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for the answer, in seconds (default 2)")
+    s.add_argument("--json", action="store_true",
+                   help="print the raw JSON instead of the summary (default: summary)")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
+                   metavar="SECONDS", help="show it again every SECONDS seconds (2 if not given) "
+                                           "until Ctrl-C (default: once)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_stats)
     return p
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if getattr(args, "backend_w", None):
-        args.backend = args.backend_w
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
+        _check_endpoint("--frontend", args.frontend)
+        _check_endpoint("--backend", args.backend)
         return args.fn(args)
+    except UsageError as exc:
+        print(f"kelpie: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ZMQError as exc:
+        # libzmq refused the endpoint itself (an unknown host name, say).
+        endpoint = args.backend if args.command == "worker" else args.frontend
+        print(f"kelpie: cannot connect to {endpoint}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         # stdout closed early (kelpie stats | head): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

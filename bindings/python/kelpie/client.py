@@ -286,6 +286,36 @@ class Client:
         import json
         return json.loads(await self.call("kelpie.broker", "Stats", b"", timeout=timeout))
 
+    async def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
+        """Wait until at least one worker serves ``service``; return how many do.
+
+        Polls ``kelpie.broker/Stats`` (every 50 ms) and returns as soon as the
+        broker lists a worker for the service, so a call made next is neither
+        answered NOT_FOUND nor parked waiting for a worker. After ``timeout``
+        seconds raises :class:`kelpie.DeadlineExceeded` naming the service
+        and the number of workers connected (or saying the broker never
+        answered).
+        """
+        from . import _waiting
+        _waiting.check_args(service, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        stats = last_error = None
+        while True:
+            left = deadline - loop.time()
+            try:
+                stats = await self.stats(
+                    timeout=max(0.05, min(_waiting.PROBE_TIMEOUT, left)))
+                n = _waiting.serving_workers(stats, service)
+                if n > 0:
+                    return n
+            except RpcError as exc:
+                last_error = exc
+            left = deadline - loop.time()
+            if left <= 0:
+                raise _waiting.not_served(service, timeout, self.frontend, stats, last_error)
+            await asyncio.sleep(min(_waiting.POLL_INTERVAL, left))
+
     # -- internals --------------------------------------------------------
 
     def _send_later(self, *frames):

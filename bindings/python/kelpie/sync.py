@@ -497,6 +497,32 @@ class Client:
         import json
         return json.loads(self.call("kelpie.broker", "Stats", b"", timeout=timeout))
 
+    def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
+        """Block until at least one worker serves ``service``; return how many do.
+
+        Polls ``kelpie.broker/Stats`` (every 50 ms) and returns as soon as the
+        broker lists a worker for the service. After ``timeout`` seconds
+        raises :class:`kelpie.DeadlineExceeded` naming the service and the
+        number of workers connected (or saying the broker never answered).
+        """
+        from . import _waiting
+        _waiting.check_args(service, timeout)
+        deadline = _monotonic() + timeout
+        stats = last_error = None
+        while True:
+            left = deadline - _monotonic()
+            try:
+                stats = self.stats(timeout=max(0.05, min(_waiting.PROBE_TIMEOUT, left)))
+                n = _waiting.serving_workers(stats, service)
+                if n > 0:
+                    return n
+            except RpcError as exc:
+                last_error = exc
+            left = deadline - _monotonic()
+            if left <= 0:
+                raise _waiting.not_served(service, timeout, self.frontend, stats, last_error)
+            time.sleep(min(_waiting.POLL_INTERVAL, left))
+
 
 def _after_fork_in_child():
     """A libzmq context does not survive fork(): in the child, every Client

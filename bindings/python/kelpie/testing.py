@@ -26,7 +26,18 @@ test's outcome):
     A function ``kelpie_worker(worker, **options)`` that serves a
     :class:`kelpie.Worker` in this process, connected to ``kelpied``, and
     returns a :class:`Served` (``.client``, ``.frontend``, ``.worker``,
-    ``.stop()``) once the broker knows every service of the worker.
+    ``.stop()``) once the broker knows every service of the worker
+    (``Client.wait_for_service``).
+
+Nothing hangs and nothing leaks. The clients the kit hands out have a
+default deadline (``CALL_TIMEOUT``, 10 s), so a call to a service nobody
+serves fails with ``DeadlineExceeded`` instead of waiting forever; every wait
+of the kit is bounded and says what it waited for. A ``kelpied`` the kit
+starts dies with the process that started it, even when that process is
+SIGKILLed (``PR_SET_PDEATHSIG``, set in the child before ``exec``; a broker
+started from another thread than the main one is forked by a long-lived
+thread of the kit, since the signal follows the forking thread), and is
+killed with its process group at teardown and at interpreter exit.
 
 Without pytest, :func:`serve` and :class:`Kelpied` work as context managers.
 
@@ -40,6 +51,7 @@ process as the test, so they can share state with it (counters, fakes).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
@@ -48,16 +60,97 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port"]
+__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port", "free_ports",
+           "CALL_TIMEOUT"]
+
+# The default deadline of the clients the kit hands out: a test that calls a
+# service nobody serves fails in seconds, naming the service, not after
+# minutes (or never).
+CALL_TIMEOUT = 10.0
+
+# Brokers started and not yet stopped, killed at interpreter exit in case a
+# test's teardown never ran (a KeyboardInterrupt between start and fixture).
+_running: "weakref.WeakSet[Kelpied]" = weakref.WeakSet()
+
+
+def _kill_running() -> None:
+    for broker in list(_running):
+        try:
+            broker.stop()
+        except Exception:
+            pass
+
+
+atexit.register(_kill_running)
+
+
+_spawner = None
+_spawner_lock = threading.Lock()
+
+
+def _popen(cmd, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` from a thread that lives as long as the process.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not
+    the process: a broker restarted from a short-lived helper thread would be
+    killed as that thread ends. The main thread forks directly; any other
+    thread hands the fork to one long-lived thread of the kit's."""
+    global _spawner
+    if threading.current_thread() is threading.main_thread():
+        return subprocess.Popen(cmd, **kwargs)
+    with _spawner_lock:
+        if _spawner is None:
+            import concurrent.futures
+            _spawner = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="kelpie-testing-spawner")
+    return _spawner.submit(subprocess.Popen, cmd, **kwargs).result()
+
+
+def _pdeathsig_preexec():
+    """A ``preexec_fn`` that makes the child get SIGKILL when this process
+    dies, however it dies (Linux ``prctl(PR_SET_PDEATHSIG)``). Everything is
+    resolved here, in the parent: after fork only the prctl call itself and
+    getppid run."""
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+    sigkill = int(signal.SIGKILL)
+
+    def preexec():
+        prctl(pr_set_pdeathsig, sigkill, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: go now
+            os.kill(os.getpid(), sigkill)
+    return preexec
 
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago.
+
+    All ``n`` sockets stay bound until every port is chosen: asked one at a
+    time, the kernel may hand out the same ephemeral port twice (seen in CI:
+    a broker's frontend and backend given one port)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def find_kelpied() -> str:
@@ -98,7 +191,7 @@ class Kelpied:
     def __init__(self, binary: Optional[str] = None, *, heartbeat_ms: int = 200,
                  args: Sequence[str] = (), log_dir: Optional[str] = None) -> None:
         self.binary = binary or find_kelpied()
-        ports = [free_port() for _ in range(3)]
+        ports = free_ports(3)
         self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
         self.heartbeat_ms = heartbeat_ms
         self.args = list(args)
@@ -118,15 +211,17 @@ class Kelpied:
             if attempt:
                 # A free port can be taken by another process between
                 # free_port() and kelpied's bind: try again on new ports.
-                ports = [free_port() for _ in range(3)]
+                ports = free_ports(3)
                 self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}"
                                                             for p in ports)
             cmd = [self.binary, "--frontend", self.frontend, "--backend", self.backend,
                    "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
                    "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
             with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                self.proc = _popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                   preexec_fn=_pdeathsig_preexec())
+            _running.add(self)
             if not wait:
                 return self
             try:
@@ -156,6 +251,7 @@ class Kelpied:
     def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
         """Stop the broker (idempotent). SIGKILL, or SIGTERM with ``graceful``."""
         proc, self.proc = self.proc, None
+        _running.discard(self)
         if proc is None:
             return
         try:
@@ -180,8 +276,10 @@ class Kelpied:
         return self.proc is not None and self.proc.poll() is None
 
     def client(self, **options: Any):
-        """A new :class:`kelpie.sync.Client` for this broker (close it yourself)."""
+        """A new :class:`kelpie.sync.Client` for this broker (close it yourself);
+        its default deadline is :data:`CALL_TIMEOUT` unless ``timeout=`` says."""
         from .sync import Client
+        options.setdefault("timeout", CALL_TIMEOUT)
         return Client(self.frontend, **options)
 
     def log(self) -> str:
@@ -236,37 +334,47 @@ class Served:
                 loop.close()
 
     def start(self, timeout: float = 10.0) -> "Served":
+        if not self.worker.services:
+            raise RuntimeError("the worker has no handlers: register some with "
+                               "@worker.handler or worker.add_servicer before serving it")
         self._thread.start()
-        self._started.wait(timeout)
+        if not self._started.wait(timeout):
+            raise RuntimeError(f"the worker thread did not start within {timeout} s")
         self.wait_registered(timeout)
         return self
 
     def wait_registered(self, timeout: float = 10.0) -> None:
-        """Wait until the broker lists every service of the worker."""
+        """Wait until the broker lists a worker for every service of the worker
+        (``Client.wait_for_service``); raise RuntimeError saying which service
+        is missing and why (the worker stopped, or what the broker sees)."""
+        from .errors import DeadlineExceeded
         from .sync import Client
-        wanted = set(self.worker.services)
         deadline = time.monotonic() + timeout
         with Client(self.frontend, heartbeat=0) as client:
-            while True:
-                if self.error is not None or not self._thread.is_alive():
-                    raise RuntimeError(f"the worker stopped: {self.error!r}") from self.error
-                try:
-                    services = client.stats(timeout=0.5).get("services", {})
-                    if all(_has_worker(services.get(name)) for name in wanted):
-                        return
-                except Exception:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the worker did not register {sorted(wanted)} "
-                                       f"within {timeout} s")
-                time.sleep(0.02)
+            for name in self.worker.services:
+                while True:
+                    if self.error is not None or not self._thread.is_alive():
+                        raise RuntimeError(f"the worker stopped before it registered "
+                                           f"{name}: {self.error!r}") from self.error
+                    left = deadline - time.monotonic()
+                    try:
+                        # Short slices, so a worker that dies is noticed at once.
+                        client.wait_for_service(name, timeout=max(0.0, min(0.5, left)))
+                        break
+                    except DeadlineExceeded as exc:
+                        if left <= 0.5:
+                            raise RuntimeError(
+                                f"the worker did not register with the broker within "
+                                f"{timeout:g} s (its backend: {self.worker.backend}): "
+                                f"{exc.message}") from None
 
     @property
     def client(self):
-        """A :class:`kelpie.sync.Client` to the broker, closed by :meth:`stop`."""
+        """A :class:`kelpie.sync.Client` to the broker (default deadline
+        :data:`CALL_TIMEOUT`), closed by :meth:`stop`."""
         if self._client is None:
             from .sync import Client
-            self._client = Client(self.frontend)
+            self._client = Client(self.frontend, timeout=CALL_TIMEOUT)
         return self._client
 
     @property
@@ -301,12 +409,6 @@ class Served:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _has_worker(entry: Any) -> bool:
-    if not isinstance(entry, dict):
-        return False
-    return int(entry.get("workers", 0) or 0) > 0
 
 
 def serve(worker: Any, broker: Any, *, grace: float = 2.0, timeout: float = 10.0) -> Served:
