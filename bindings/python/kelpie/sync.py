@@ -63,7 +63,7 @@ from . import _calls, _core, _liveness, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
-from .stubs import Stub as _AsyncStub, _server_stream_maker
+from .stubs import Stub as _AsyncStub, _blocking_server_stream, _blocking_unary
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
 
@@ -667,58 +667,7 @@ class Stream(_calls.StreamHandle):
     close = _calls.StreamHandle.cancel
 
 
-# -- typed stubs ----------------------------------------------------------
-
-class _TypedStream:
-    """A Stream whose chunks are decoded into a protobuf message class."""
-
-    __slots__ = ("_stream", "_decode")
-
-    def __init__(self, stream, decode):
-        self._stream = stream
-        self._decode = decode
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self._decode(next(self._stream))
-
-    def __enter__(self):
-        self._stream.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._stream.__exit__(*exc)
-
-    def close(self):
-        return self._stream.close()
-
-    cancel = close
-
-    @property
-    def metadata(self):
-        return self._stream.metadata
-
-
-def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
-    def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
-        if not isinstance(request, request_cls):
-            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                            f"not {type(request).__name__}")
-        data = client.call(service, name, request.SerializeToString(), timeout=timeout,
-                           metadata=metadata, idempotent=idempotent,
-                           with_metadata=with_metadata)
-        if with_metadata:
-            return decode(data[0]), data[1]
-        return decode(data)
-    method.__name__ = name
-    method.__qualname__ = f"{service}.{name}"
-    return method
-
-
-_server_stream = _server_stream_maker(_TypedStream)
-
+# -- typed stubs (built in kelpie.stubs) --------------------------------
 
 class Stub(_AsyncStub):
     """One blocking method per RPC of a protobuf service.
@@ -730,8 +679,8 @@ class Stub(_AsyncStub):
     (:mod:`kelpie.stubs`), from whose descriptor logic this is built.
     """
 
-    _make_unary = staticmethod(_unary)
-    _make_server_stream = staticmethod(_server_stream)
+    _make_unary = staticmethod(_blocking_unary)
+    _make_server_stream = staticmethod(_blocking_server_stream)
 
     def __repr__(self):
         return f"<kelpie.sync.Stub {self._service}>"
