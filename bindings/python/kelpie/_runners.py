@@ -179,9 +179,7 @@ class Runners:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
-                                       body, "reply"):
-                self.served += 1
+            await self._reply(session, ctx, body)
         finally:
             self._forget(session, ctx)
 
@@ -204,9 +202,7 @@ class Runners:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
-                                       body, "reply"):
-                self.served += 1
+            await self._reply(session, ctx, body)
         finally:
             self._threads_busy -= 1
             self._forget(session, ctx)
@@ -236,9 +232,7 @@ class Runners:
         except BaseException as exc:  # noqa: B036
             await self._answer_error(session, ctx, exc, handler)
         else:
-            if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
-                                       body, "reply"):
-                self.served += 1
+            await self._reply(session, ctx, body)
         finally:
             self._forget(session, ctx)
 
@@ -277,6 +271,12 @@ class Runners:
             await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
         finally:
             self._forget(session, ctx)
+
+    async def _reply(self, session, ctx, body):
+        """Answer a unary call that ran to the end (counted if it went)."""
+        if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                   body, "reply"):
+            self.served += 1
 
     async def _answer(self, session, ctx, *frames):
         if not ctx._orphan:  # an orphan's answer is dropped (module doc, "Orphans")
