@@ -2,7 +2,8 @@
 
 CMake is the primary build; this mirrors it for
 `pip install --no-build-isolation ./bindings/python`: every src/*.c, C11,
-linked against the system libzmq.
+hidden visibility, linked against the system libzmq and nothing else.
+tests/binding/test_layering.py checks that CMakeLists.txt says the same.
 
 The build writes nothing into the source tree: setuptools' defaults
 (``build/`` and ``kelpie.egg-info/`` next to this file) are moved to a

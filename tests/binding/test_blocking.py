@@ -322,4 +322,7 @@ def test_used_from_a_thread_while_a_loop_runs(bctx, loop_kind):
         lp.close()
         echo.close()
     assert len(results) == scale(500, 100)
-    assert worst < 0.1, worst
+    # The thread's 0.3 s timed-out wait and its recvs must not hold the loop:
+    # blocked, the loop would be late by >= 0.3 s. 0.1 s was passed (0.112 s)
+    # on a 2-core box at load average 8; 0.25 s keeps the meaning.
+    assert worst < 0.25, worst

@@ -119,6 +119,12 @@ async def count(payload, ctx):
     _mark(ctx, "done")
 
 
+@worker.handler("echo", "Len")
+async def length(payload, ctx):
+    """Reply with the payload's length: large requests, small answers."""
+    return b"%d" % len(payload)
+
+
 @worker.handler("echo", "Big")
 async def big(payload, ctx):
     """Reply with ``int(payload)`` bytes (over the broker's limit on purpose)."""

@@ -18,6 +18,11 @@
  * The context keeps a list of its BlockingSockets so Context.destroy() can
  * close the idle ones; one that a thread is waiting in is closed by that
  * thread when its wait ends with ETERM (see kp_blocking_close_idle).
+ *
+ * What it shares with kelpie.Socket (the head, bind/connect, close, options,
+ * repr, properties) is core.c's, and how a message's parts are made ready
+ * and sent is part.c's; this file owns only the waiting. Calls go down:
+ * blocking.c calls core.c and part.c; context.c and module.c call it.
  */
 #include "kp.h"
 
@@ -29,15 +34,8 @@
 #define BLOCKING_SLICE_MS 100
 
 struct kp_blocking {
-    PyObject ob_base;    /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    void *handle;        /* the zmq socket, NULL once closed */
-    kp_state *st;        /* state of the module that made our type */
-    kp_context *context; /* strong reference */
-    kp_blocking *prev;   /* in context->blocking */
-    kp_blocking *next;   /* in context->blocking */
-    int type;            /* ZMQ_TYPE */
-    int busy;            /* a thread is inside a method that releases the GIL */
-    PyObject *weakrefs;
+    KP_CORE_HEAD
+    int busy; /* a thread is inside a method that releases the GIL */
 };
 
 static int64_t blocking_now(void)
@@ -47,49 +45,23 @@ static int64_t blocking_now(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void blocking_unlink(kp_blocking *self)
-{
-    kp_context *ctx = self->context;
-    if (self->prev != NULL) {
-        self->prev->next = self->next;
-    } else if (ctx->blocking == self) {
-        ctx->blocking = self->next;
-    }
-    if (self->next != NULL) {
-        self->next->prev = self->prev;
-    }
-    self->prev = self->next = NULL;
-}
-
-/* Closes the zmq socket (linger < -1 keeps the socket's own). Never fails. */
-static void blocking_close_handle(kp_blocking *self, int linger)
-{
-    if (self->handle == NULL) {
-        return;
-    }
-    if (linger >= -1) {
-        zmq_setsockopt(self->handle, ZMQ_LINGER, &linger, sizeof(linger));
-    }
-    zmq_close(self->handle);
-    self->handle = NULL;
-    blocking_unlink(self);
-}
-
 Py_ssize_t kp_blocking_close_idle(kp_context *ctx, int linger)
 {
     Py_ssize_t busy = 0;
-    kp_blocking *s = ctx->blocking;
+    kp_blocking *s = (kp_blocking *)ctx->blocking;
     while (s != NULL) {
-        kp_blocking *next = s->next;
+        kp_blocking *next = (kp_blocking *)s->next;
         if (s->busy) {
             busy++;
         } else {
-            blocking_close_handle(s, linger);
+            kp_core_close_handle((kp_core *)s, linger);
         }
         s = next;
     }
     return busy;
 }
+
+static const kp_core_ops blocking_ops;
 
 static PyObject *blocking_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -112,19 +84,10 @@ static PyObject *blocking_new(PyTypeObject *type, PyObject *args, PyObject *kwds
     if (self == NULL) {
         return NULL;
     }
-    self->st = st;
-    self->context = (kp_context *)Py_NewRef(ctx);
-    self->type = socket_type;
-    self->handle = zmq_socket(ctx->handle, socket_type);
-    if (self->handle == NULL) {
+    if (kp_core_open((kp_core *)self, &blocking_ops, st, ctx, socket_type, &ctx->blocking) < 0) {
         Py_DECREF(self);
-        return kp_error_from_zmq(st);
+        return NULL;
     }
-    self->next = ctx->blocking;
-    if (ctx->blocking != NULL) {
-        ctx->blocking->prev = self;
-    }
-    ctx->blocking = self;
     return (PyObject *)self;
 }
 
@@ -134,7 +97,7 @@ static void blocking_dealloc(kp_blocking *self)
     if (self->weakrefs != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
     }
-    blocking_close_handle(self, -2);
+    kp_core_close_handle((kp_core *)self, -2);
     Py_CLEAR(self->context);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
@@ -162,7 +125,7 @@ static int blocking_check(kp_blocking *self)
 static void blocking_fail(kp_blocking *self, int err)
 {
     if (err == ETERM) {
-        blocking_close_handle(self, 0);
+        kp_core_close_handle((kp_core *)self, 0);
     }
     kp_error_set(self->st, err);
 }
@@ -332,8 +295,9 @@ static PyObject *blocking_send_multipart(kp_blocking *self, PyObject *args, PyOb
         blocking_option_deadline(self, timeout, ZMQ_SNDTIMEO, &deadline) < 0) {
         return NULL;
     }
-    /* Our own list and a view of every part before anything is sent: a bad
-     * part raises with nothing sent, and no part can change while we wait. */
+    /* Our own list, and every part made ready before anything is sent: a
+     * bad part raises with nothing sent, and no part can change while we
+     * wait. */
     PyObject *list = PySequence_List(seq);
     if (list == NULL) {
         return NULL;
@@ -344,34 +308,22 @@ static PyObject *blocking_send_multipart(kp_blocking *self, PyObject *args, PyOb
         PyErr_SetString(PyExc_ValueError, "send_multipart() needs at least one part");
         return NULL;
     }
-    Py_buffer *views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
-    if (views == NULL) {
-        Py_DECREF(list);
-        return PyErr_NoMemory();
-    }
-    Py_ssize_t ready = 0;
     PyObject *result = NULL;
-    for (; ready < n; ready++) {
-        PyObject *part = PyList_GET_ITEM(list, ready);
-        if (PyUnicode_Check(part)) {
-            PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
-            goto out;
-        }
-        if (PyObject_GetBuffer(part, &views[ready], PyBUF_SIMPLE) < 0) {
-            goto out;
-        }
+    kp_parts parts;
+    if (kp_parts_prepare(&parts, self->st, PySequence_Fast_ITEMS(list), n, 1, PY_SSIZE_T_MAX) < 0) {
+        goto out;
     }
     self->busy = 1;
-    /* Trying the first part is the POLLOUT check; once libzmq takes it, it
-     * takes the rest of the message whatever the high-water mark. */
     for (;;) {
-        int flags = ZMQ_DONTWAIT | (n > 1 ? ZMQ_SNDMORE : 0);
-        if (zmq_send(self->handle, views[0].buf, (size_t)views[0].len, flags) >= 0) {
+        int err;
+        int rc = kp_parts_send(&parts, self->handle, NULL, 0, &err);
+        if (rc == 0) {
             break;
         }
-        int err = zmq_errno();
-        if (err != EAGAIN) {
-            blocking_fail(self, err);
+        if (rc < 0) {
+            if (err != 0) {
+                blocking_fail(self, err);
+            }
             goto unbusy;
         }
         int w = blocking_wait(self, ZMQ_POLLOUT, deadline);
@@ -382,175 +334,46 @@ static PyObject *blocking_send_multipart(kp_blocking *self, PyObject *args, PyOb
             goto unbusy;
         }
     }
-    for (Py_ssize_t i = 1; i < n; i++) {
-        int flags = ZMQ_DONTWAIT | (i < n - 1 ? ZMQ_SNDMORE : 0);
-        if (zmq_send(self->handle, views[i].buf, (size_t)views[i].len, flags) < 0) {
-            int err = zmq_errno();
-            if (err == EAGAIN) {
-                PyErr_SetString(PyExc_RuntimeError,
-                                "libzmq refused a later part of a multipart message");
-            } else {
-                blocking_fail(self, err);
-            }
-            goto unbusy;
-        }
-    }
     result = Py_NewRef(Py_None);
 unbusy:
     self->busy = 0;
 out:
-    for (Py_ssize_t i = 0; i < ready; i++) {
-        PyBuffer_Release(&views[i]);
-    }
-    PyMem_Free(views);
+    kp_parts_release(&parts);
     Py_DECREF(list);
     return result;
 }
 
-/* ---- the rest of the socket API ----------------------------------------- */
+/* ---- what the socket core needs ------------------------------------------ */
 
-typedef int (*blocking_endpoint_fn)(void *, const char *);
-
-static PyObject *blocking_endpoint(kp_blocking *self, PyObject *arg, blocking_endpoint_fn fn)
+static int blocking_core_check(kp_core *self)
 {
-    if (blocking_check(self) < 0) {
-        return NULL;
-    }
-    const char *addr = PyUnicode_AsUTF8(arg);
-    if (addr == NULL) {
-        return NULL;
-    }
-    if (fn(self->handle, addr) != 0) {
-        return kp_error_from_zmq(self->st);
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *blocking_bind(kp_blocking *self, PyObject *arg)
-{
-    return blocking_endpoint(self, arg, zmq_bind);
-}
-
-static PyObject *blocking_connect(kp_blocking *self, PyObject *arg)
-{
-    return blocking_endpoint(self, arg, zmq_connect);
-}
-
-static PyObject *blocking_unbind(kp_blocking *self, PyObject *arg)
-{
-    return blocking_endpoint(self, arg, zmq_unbind);
-}
-
-static PyObject *blocking_disconnect(kp_blocking *self, PyObject *arg)
-{
-    return blocking_endpoint(self, arg, zmq_disconnect);
+    return blocking_check((kp_blocking *)self);
 }
 
 /* close(): idempotent; refused while another thread waits in the socket. */
-static PyObject *blocking_do_close(kp_blocking *self, int linger)
+static int blocking_core_close(kp_core *self, int linger)
 {
     if (self->handle == NULL) {
-        Py_RETURN_NONE;
+        return 0;
     }
-    if (blocking_check(self) < 0) {
-        return NULL;
+    if (blocking_check((kp_blocking *)self) < 0) {
+        return -1;
     }
-    blocking_close_handle(self, linger);
-    Py_RETURN_NONE;
+    kp_core_close_handle(self, linger);
+    return 0;
 }
 
-static PyObject *blocking_close(kp_blocking *self, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"linger", NULL};
-    PyObject *linger_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:close", kwlist, &linger_obj)) {
-        return NULL;
-    }
-    int linger = -2;
-    if (linger_obj != Py_None) {
-        linger = kp_as_int(linger_obj);
-        if (linger == -1 && PyErr_Occurred()) {
-            return NULL;
-        }
-    }
-    return blocking_do_close(self, linger);
-}
-
-static PyObject *blocking_setsockopt(kp_blocking *self, PyObject *args)
-{
-    int option;
-    PyObject *value;
-    if (!PyArg_ParseTuple(args, "iO:setsockopt", &option, &value)) {
-        return NULL;
-    }
-    if (blocking_check(self) < 0 ||
-        kp_option_set(self->st, self->handle, NULL, option, value) < 0) {
-        return NULL;
-    }
-    Py_RETURN_NONE;
-}
-
-static PyObject *blocking_getsockopt(kp_blocking *self, PyObject *arg)
-{
-    int option = kp_as_int(arg);
-    if ((option == -1 && PyErr_Occurred()) || blocking_check(self) < 0) {
-        return NULL;
-    }
-    return kp_option_get(self->st, self->handle, NULL, option);
-}
-
-static PyObject *blocking_enter(PyObject *self, PyObject *unused)
-{
-    return Py_NewRef(self);
-}
-
-static PyObject *blocking_exit(kp_blocking *self, PyObject *args)
-{
-    return blocking_do_close(self, -2);
-}
-
-static PyObject *blocking_get_closed(kp_blocking *self, void *closure)
-{
-    return PyBool_FromLong(self->handle == NULL);
-}
-
-static PyObject *blocking_get_context(kp_blocking *self, void *closure)
-{
-    return Py_NewRef(self->context);
-}
-
-static PyObject *blocking_get_type(kp_blocking *self, void *closure)
-{
-    return PyLong_FromLong(self->type);
-}
-
-static PyObject *blocking_get_last_endpoint(kp_blocking *self, void *closure)
-{
-    if (blocking_check(self) < 0) {
-        return NULL;
-    }
-    return kp_option_get(self->st, self->handle, NULL, ZMQ_LAST_ENDPOINT);
-}
-
-static PyObject *blocking_repr(kp_blocking *self)
-{
-    return PyUnicode_FromFormat("<kelpie.BlockingSocket type=%d%s>", self->type,
-                                self->handle == NULL ? " closed" : "");
-}
+static const kp_core_ops blocking_ops = {
+    .name = "kelpie.BlockingSocket",
+    .asyncio = 0,
+    .check = blocking_core_check,
+    .close = blocking_core_close,
+};
 
 static PyMethodDef blocking_methods[] = {
-    {"bind", (PyCFunction)blocking_bind, METH_O, "bind(addr)\n\nBind to an endpoint."},
-    {"connect", (PyCFunction)blocking_connect, METH_O, "connect(addr)\n\nConnect to an endpoint."},
-    {"unbind", (PyCFunction)blocking_unbind, METH_O, "unbind(addr)\n\nUndo a bind."},
-    {"disconnect", (PyCFunction)blocking_disconnect, METH_O, "disconnect(addr)\n\nUndo a connect."},
-    {"close", (PyCFunction)(void (*)(void))blocking_close, METH_VARARGS | METH_KEYWORDS,
+    KP_CORE_METHODS,
+    {"close", (PyCFunction)(void (*)(void))kp_core_close, METH_VARARGS | METH_KEYWORDS,
      "close(linger=None)\n\nClose the socket (idempotent)."},
-    {"setsockopt", (PyCFunction)blocking_setsockopt, METH_VARARGS,
-     "setsockopt(option, value)\n\nSet a socket option (int or bytes, by option)."},
-    {"getsockopt", (PyCFunction)blocking_getsockopt, METH_O,
-     "getsockopt(option) -> int | bytes\n\nRead a socket option."},
-    {"set", (PyCFunction)blocking_setsockopt, METH_VARARGS, "Alias of setsockopt."},
-    {"get", (PyCFunction)blocking_getsockopt, METH_O, "Alias of getsockopt."},
     {"send_multipart", (PyCFunction)(void (*)(void))blocking_send_multipart,
      METH_VARARGS | METH_KEYWORDS,
      "send_multipart(msg_parts, timeout=None)\n\nSend a multipart message, waiting (without the "
@@ -560,17 +383,11 @@ static PyMethodDef blocking_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "recv_multipart(timeout=None) -> list[bytes]\n\nReceive a multipart message, waiting "
      "(without the GIL); kelpie.Timeout after `timeout` seconds, with nothing taken."},
-    {"__enter__", blocking_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)blocking_exit, METH_VARARGS, "close() on leaving the block."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef blocking_getset[] = {
-    {"closed", (getter)blocking_get_closed, NULL, "True once closed.", NULL},
-    {"context", (getter)blocking_get_context, NULL, "The Context of this socket.", NULL},
-    {"socket_type", (getter)blocking_get_type, NULL, "The socket type (kelpie.DEALER, ...).", NULL},
-    {"last_endpoint", (getter)blocking_get_last_endpoint, NULL,
-     "The endpoint of the last bind or connect, as bytes.", NULL},
+    KP_CORE_GETSET,
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -584,7 +401,7 @@ static PyType_Slot blocking_slots[] = {
                 "waits release the GIL; used by one thread at a time."},
     {Py_tp_new, blocking_new},
     {Py_tp_dealloc, blocking_dealloc},
-    {Py_tp_repr, blocking_repr},
+    {Py_tp_repr, kp_core_repr},
     {Py_tp_methods, blocking_methods},
     {Py_tp_getset, blocking_getset},
     {Py_tp_members, blocking_members},

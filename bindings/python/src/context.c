@@ -43,19 +43,6 @@ static PyObject *context_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return (PyObject *)self;
 }
 
-void kp_context_forget(kp_context *ctx, kp_socket *sock)
-{
-    if (sock->prev != NULL) {
-        sock->prev->next = sock->next;
-    } else if (ctx->sockets == sock) {
-        ctx->sockets = sock->next;
-    }
-    if (sock->next != NULL) {
-        sock->next->prev = sock->prev;
-    }
-    sock->prev = sock->next = NULL;
-}
-
 /* zmq_ctx_term with the GIL released: it waits for lingering messages.
  * libzmq returns EINTR when a signal arrives; Python's handler only sets a
  * flag then, so we retake the GIL and run it: if it raises (Ctrl-C's
@@ -149,7 +136,7 @@ static PyObject *context_close_all(kp_context *self, int linger)
     if (open == NULL) {
         return NULL;
     }
-    for (kp_socket *s = self->sockets; s != NULL; s = s->next) {
+    for (kp_core *s = self->sockets; s != NULL; s = s->next) {
         if (PyList_Append(open, (PyObject *)s) < 0) {
             Py_DECREF(open);
             return NULL;

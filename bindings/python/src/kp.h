@@ -3,23 +3,33 @@
  *
  * Naming tiers: `kp_` for anything shared between the extension's files
  * (declared here), plain `static` helpers named after their file
- * (`socket_recheck` in socket.c), `Py*`/`zmq_*` are the libraries'. Nothing
+ * (`op_wake_first` in op.c), `Py*`/`zmq_*` are the libraries'. Nothing
  * here is installed; the public surface is the Python module only.
  *
- * Files, one noun each:
- *   module.c     multi-phase init, module state, constants
- *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
- *   release.c    zero-copy buffers handed back from libzmq's threads
- *   context.c    kelpie.Context
- *   socket.c     kelpie.Socket: options, bind/connect, waiter queues, loop glue
- *   option.c     the socket option table (which options are int, int64, bytes)
- *   awaitable.c  the C awaitable behind send/recv/send_multipart/recv_multipart
- *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
- *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ * Files, one noun each, from the top of the call graph down (a file calls
+ * only files below it; tests/binding/test_layering.py checks it, and
+ * docs/binding.md's module map says the same at more length):
+ *   module.c     the module: definition, state, constants; calls every init
+ *   context.c    kelpie.Context and its lists of open sockets
+ *   socket.c     kelpie.Socket: construction, close order, operations' methods
  *   blocking.c   kelpie.BlockingSocket: a synchronous socket that waits without the GIL
+ *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ *   core.c       the socket core both socket types share (KP_CORE_HEAD)
+ *   option.c     the socket option table (which options are int, int64, bytes)
+ *   op.c         Operation: the awaitable's state machine; waking a socket's queues
+ *   part.c       the parts of an outgoing message, for both send paths
+ *   loop.c       a Socket's tie to its loop and thread: affinity, futures, readers
+ *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
+ *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
+ *   release.c    zero-copy buffers handed back from libzmq's threads
+ *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
+ *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
+ * This header has one section per file (in the order its types need) and
+ * calls nothing but util.c's kp_mutex_lock from kp_socket_lock, so it adds
+ * no edge a file could not have.
  *
- * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here
- * and call it from module_exec() in module.c.
+ * Adding a file: write its `kp_<noun>_init(module, state)`, declare it here,
+ * call it from module_exec() in module.c and place it in the order above.
  */
 #ifndef KP_H
 #define KP_H
@@ -27,6 +37,8 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <zmq.h>
+
+#include "queue.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -45,7 +57,7 @@ typedef struct kp_state {
     PyTypeObject *context_type;   /* kelpie.Context */
     PyTypeObject *socket_type;    /* kelpie.Socket */
     PyTypeObject *frame_type;     /* kelpie.Frame */
-    PyTypeObject *awaitable_type; /* the object send()/recv() return */
+    PyTypeObject *op_type;        /* Operation, what send()/recv() return */
     PyTypeObject *pulse_type;     /* kelpie.Pulse */
     PyTypeObject *blocking_type;  /* kelpie.BlockingSocket */
     PyObject *zmq_error;          /* kelpie.ZMQError (an OSError) */
@@ -72,7 +84,13 @@ typedef struct kp_state {
     PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
 } kp_state;
 
+/* ---- module.c ---------------------------------------------------------- */
+
+/* The module's definition (module.c); its address is what
+ * kp_state_from_type looks a type's module up by. */
 extern PyModuleDef kp_module_def;
+
+/* ---- util.c ----------------------------------------------------------- */
 
 /* `obj` as a C int: -1 with OverflowError/TypeError set on failure (check
  * PyErr_Occurred() when -1 is a valid value). The public spelling of
@@ -137,22 +155,111 @@ Py_ssize_t kp_release_outstanding(void);
 typedef struct kp_socket kp_socket;
 typedef struct kp_blocking kp_blocking;
 typedef struct kp_pulse kp_pulse;
+typedef struct kp_core kp_core;
 
 typedef struct kp_context {
-    PyObject ob_base;      /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    void *handle;          /* the zmq context, NULL once terminated */
-    kp_socket *sockets;    /* open sockets, linked through kp_socket.next */
-    kp_blocking *blocking; /* open BlockingSockets, linked through kp_blocking.next */
-    PyObject *weakrefs;    /* weak references to this context */
+    PyObject ob_base;   /* PyObject_HEAD, spelled out so clang-format keeps its line */
+    void *handle;       /* the zmq context, NULL once terminated */
+    kp_core *sockets;   /* open kelpie.Sockets, linked through kp_core.next */
+    kp_core *blocking;  /* open BlockingSockets, linked through kp_core.next */
+    PyObject *weakrefs; /* weak references to this context */
 } kp_context;
 
 int kp_context_init(PyObject *module, kp_state *st);
-/* Unlinks a closing socket from its context's list. */
-void kp_context_forget(kp_context *ctx, kp_socket *sock);
 
-/* ---- awaitable.c -------------------------------------------------------- */
+/* ---- core.c ----------------------------------------------------------- */
 
-/* What an awaitable does when it runs. */
+/* What differs between the two socket types that share the core. */
+typedef struct kp_core_ops {
+    const char *name; /* for repr: "kelpie.Socket", "kelpie.BlockingSocket" */
+    int asyncio;      /* 1: a kp_socket (mutex around libzmq calls, re-check
+                         after them); 0: a kp_blocking */
+    /* Before every call on the socket: raises (-1) if it is closed or used
+     * from the wrong thread. */
+    int (*check)(kp_core *self);
+    /* close(linger) (linger < -1: the socket's own); -1 with an exception. */
+    int (*close)(kp_core *self, int linger);
+} kp_core_ops;
+
+/* The head kelpie.Socket and kelpie.BlockingSocket share (as
+ * _asynciomodule.c's FutureObj_HEAD): a kp_socket or kp_blocking may be
+ * used as a kp_core. */
+#define KP_CORE_HEAD                                                                               \
+    PyObject ob_base;       /* PyObject_HEAD */                                                    \
+    const kp_core_ops *ops; /* the type's differences */                                           \
+    void *handle;           /* the zmq socket, NULL once closed */                                 \
+    kp_state *st;           /* state of the module that made our type */                           \
+    kp_context *context;    /* strong reference */                                                 \
+    kp_core **list;         /* the context's list we are in, NULL once out */                      \
+    kp_core *prev;          /* in *list */                                                         \
+    kp_core *next;          /* in *list */                                                         \
+    int type;               /* ZMQ_TYPE */                                                         \
+    PyObject *weakrefs;     /* weak references to this socket */
+
+struct kp_core {
+    KP_CORE_HEAD
+};
+
+/* Opens the zmq socket of `type` in `ctx` for a freshly allocated `self`
+ * and links it at the head of `list` (one of ctx's). Returns -1 with an
+ * exception set; `self` is then unlinked and its handle NULL. */
+int kp_core_open(kp_core *self, const kp_core_ops *ops, kp_state *st, kp_context *ctx, int type,
+                 kp_core **list);
+/* Closes the zmq handle (linger < -1 keeps the socket's own) and unlinks
+ * `self` from its context's list. Idempotent; cannot fail. */
+void kp_core_close_handle(kp_core *self, int linger);
+
+/* The shared methods and getters, for KP_CORE_METHODS / KP_CORE_GETSET
+ * only: each is the Python method of the same name (bind, connect, unbind,
+ * disconnect, close, setsockopt/set, getsockopt/get, __enter__, __exit__,
+ * repr; the properties closed, context, socket_type, last_endpoint), and
+ * returns NULL with an exception set on failure. */
+PyObject *kp_core_bind(kp_core *self, PyObject *arg);
+PyObject *kp_core_connect(kp_core *self, PyObject *arg);
+PyObject *kp_core_unbind(kp_core *self, PyObject *arg);
+PyObject *kp_core_disconnect(kp_core *self, PyObject *arg);
+PyObject *kp_core_close(kp_core *self, PyObject *args, PyObject *kwds);
+PyObject *kp_core_setsockopt(kp_core *self, PyObject *args);
+PyObject *kp_core_getsockopt(kp_core *self, PyObject *arg);
+PyObject *kp_core_enter(PyObject *self, PyObject *unused);
+PyObject *kp_core_exit(kp_core *self, PyObject *args);
+PyObject *kp_core_repr(kp_core *self);
+PyObject *kp_core_get_closed(kp_core *self, void *closure);
+PyObject *kp_core_get_context(kp_core *self, void *closure);
+PyObject *kp_core_get_type(kp_core *self, void *closure);
+PyObject *kp_core_get_last_endpoint(kp_core *self, void *closure);
+
+/* Entries for a socket type's PyMethodDef / PyGetSetDef arrays. */
+/* clang-format off */
+#define KP_CORE_METHODS                                                              \
+    {"bind", (PyCFunction)kp_core_bind, METH_O, "bind(addr)\n\nBind to an endpoint."}, \
+    {"connect", (PyCFunction)kp_core_connect, METH_O,                                \
+     "connect(addr)\n\nConnect to an endpoint."},                                    \
+    {"unbind", (PyCFunction)kp_core_unbind, METH_O, "unbind(addr)\n\nUndo a bind."}, \
+    {"disconnect", (PyCFunction)kp_core_disconnect, METH_O,                          \
+     "disconnect(addr)\n\nUndo a connect."},                                         \
+    {"setsockopt", (PyCFunction)kp_core_setsockopt, METH_VARARGS,                    \
+     "setsockopt(option, value)\n\nSet a socket option (int or bytes, by option)."}, \
+    {"getsockopt", (PyCFunction)kp_core_getsockopt, METH_O,                          \
+     "getsockopt(option) -> int | bytes\n\nRead a socket option."},                  \
+    {"set", (PyCFunction)kp_core_setsockopt, METH_VARARGS, "Alias of setsockopt."},  \
+    {"get", (PyCFunction)kp_core_getsockopt, METH_O, "Alias of getsockopt."},        \
+    {"__enter__", kp_core_enter, METH_NOARGS, NULL},                                 \
+    {"__exit__", (PyCFunction)kp_core_exit, METH_VARARGS, "close() on leaving the block."}
+
+#define KP_CORE_GETSET                                                               \
+    {"closed", (getter)kp_core_get_closed, NULL, "True once closed.", NULL},         \
+    {"context", (getter)kp_core_get_context, NULL,                                   \
+     "The Context that made this socket.", NULL},                                    \
+    {"socket_type", (getter)kp_core_get_type, NULL,                                  \
+     "The socket type (kelpie.PUSH, ...).", NULL},                                   \
+    {"last_endpoint", (getter)kp_core_get_last_endpoint, NULL,                       \
+     "The endpoint of the last bind or connect, as bytes (pyzmq's type).", NULL}
+/* clang-format on */
+
+/* ---- op.c ------------------------------------------------------------- */
+
+/* What an operation does when it runs. */
 typedef enum kp_op_kind {
     KP_OP_RECV,
     KP_OP_RECV_MULTIPART,
@@ -161,19 +268,13 @@ typedef enum kp_op_kind {
     KP_OP_POLL, /* kelpie.zmq's poll: waits for ZMQ_EVENTS & flags, takes nothing */
 } kp_op_kind;
 
+/* An Operation (kelpie._kelpie.Operation): what send()/recv() and their
+ * multipart forms return, and what waits in a socket's kp_queue. */
 typedef struct kp_op kp_op;
 
-/* An intrusive FIFO of waiting awaitables; the queue owns a reference to
- * each member. */
-typedef struct kp_queue {
-    kp_op *head;
-    kp_op *tail;
-    Py_ssize_t len;
-} kp_queue;
-
-int kp_awaitable_init(PyObject *module, kp_state *st);
-/* A new awaitable for `sock`. `payload` (borrowed, may be NULL) is the data
- * to send. */
+int kp_op_init(PyObject *module, kp_state *st);
+/* A new Operation on `sock`, run when awaited. `payload` (borrowed, may be
+ * NULL) is the data to send. */
 PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy);
 /* kelpie.zmq's (pyzmq's) form of an operation: it runs at once, in the
  * order operations are made. Returns the operation, already done, when it
@@ -182,27 +283,27 @@ PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int fla
  * when the socket is ready (receiving or sending on the future's behalf),
  * or fails with Again after RCVTIMEO/SNDTIMEO. Raises at once on errors. */
 PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy);
-/* Wakes the first waiter of `q` whose future is still pending by setting its
- * result to None; returns 1 if one was woken, 0 if none, -1 on error. */
-int kp_queue_wake_first(kp_state *st, kp_queue *q);
-/* Fails every waiter of `q` with a new ZMQError(err) each and empties it;
- * returns -1 on error. */
-int kp_queue_fail_all(kp_state *st, kp_queue *q, int err);
-/* Visits / drops the queue's references for GC. */
-int kp_queue_traverse(kp_queue *q, visitproc visit, void *arg);
-void kp_queue_clear(kp_queue *q);
+/* After every libzmq operation on `sock`: if anyone waits, read ZMQ_EVENTS
+ * and wake the first receiver (POLLIN) and first sender (POLLOUT). Keeps an
+ * exception the caller is raising. Returns -1 with an exception set. */
+int kp_op_recheck(kp_socket *sock);
+/* What the reader callback does: release lent buffers, read ZMQ_EVENTS
+ * (even when nobody waits) and wake the first ready waiters; on ETERM fail
+ * every waiter and stop watching the socket. Returns -1 with an exception
+ * set. A Pulse's nudge runs it too. */
+int kp_op_on_events(kp_socket *sock);
+/* Fails every waiter of `sock` with a fresh ZMQError(err) each and empties
+ * both queues; returns -1 on error (the queues are emptied regardless). */
+int kp_op_fail_waiters(kp_socket *sock, int err);
+/* Visits / drops the references a queue of Operations holds, for GC. */
+int kp_op_traverse_queue(kp_queue *q, visitproc visit, void *arg);
+void kp_op_clear_queue(kp_queue *q);
 
 /* ---- socket.c --------------------------------------------------------- */
 
 struct kp_socket {
-    PyObject ob_base;          /* PyObject_HEAD, spelled out so clang-format keeps its line */
-    void *handle;              /* the zmq socket, NULL once closed */
-    kp_state *st;              /* state of the module that made our type */
-    kp_context *context;       /* strong reference */
-    kp_socket *prev;           /* in context->sockets */
-    kp_socket *next;           /* in context->sockets */
+    KP_CORE_HEAD
     int fd;                    /* ZMQ_FD, read once at creation */
-    int type;                  /* ZMQ_TYPE */
     PyObject *loop;            /* the loop we are bound to, NULL until first await */
     unsigned long thread;      /* PyThread_get_thread_ident() of that loop's thread */
     PyObject *on_fd;           /* cached bound method _on_fd (reader callback) */
@@ -220,7 +321,6 @@ struct kp_socket {
     kp_queue recv_q;           /* awaitables waiting for POLLIN */
     kp_queue send_q;           /* awaitables waiting for POLLOUT */
     zmq_msg_t rmsg;            /* reused for copying receives */
-    PyObject *weakrefs;
     /* Sharing with a Pulse thread (pulse.c). `shared` is 1 exactly while a
      * Pulse's thread runs; only then does any libzmq call on `handle` take
      * `lock`. It changes only with the GIL held and while that thread is
@@ -260,32 +360,41 @@ static inline void kp_socket_unlock(kp_socket *sock, int locked)
 int kp_socket_init(PyObject *module, kp_state *st);
 /* A new open socket of `type` in `ctx`. */
 PyObject *kp_socket_new(kp_state *st, kp_context *ctx, int type);
-/* Closes `sock` in the order waiters, reader, zmq_close. linger < -1 keeps
- * the socket's own. Returns -1 with an exception set (the socket is still
- * closed unless the error is an AffinityError). */
+/* Closes `sock` in the order Pulse, waiters, reader, zmq_close. linger < -1
+ * keeps the socket's own. Returns -1 with an exception set (the socket is
+ * still closed unless the error is an AffinityError). */
 int kp_socket_close(kp_socket *sock, int linger);
+
+/* ---- loop.c ----------------------------------------------------------- */
+
 /* Binds the socket to the running loop and this thread, or checks it is
  * used from them. Returns -1 with AffinityError (or "no running loop"). */
-int kp_socket_check_loop(kp_socket *sock);
+int kp_loop_check(kp_socket *sock);
 /* The cheap per-operation check: raises if the socket is closed or bound to
- * another thread. */
-int kp_socket_check_thread(kp_socket *sock);
-/* After every libzmq operation: if anyone waits, read ZMQ_EVENTS and wake
- * the first receiver (POLLIN) and first sender (POLLOUT). */
-int kp_socket_recheck(kp_socket *sock);
+ * another thread (a socket whose loop is closed and has no waiters is
+ * unbound instead). Returns -1 with an exception set. */
+int kp_loop_check_thread(kp_socket *sock);
+/* Whether this thread may close the socket: its loop's thread, or any
+ * thread once that loop is closed and nothing waits. Returns -1 with
+ * AffinityError set otherwise. */
+int kp_loop_check_owner(kp_socket *sock);
+/* Forgets the bound loop (closed, or the socket is): its reader went with
+ * its selector. Cannot fail. */
+void kp_loop_forget(kp_socket *sock);
 /* A new pending future of the bound loop (what loop.create_future()
  * returns), or NULL with an exception set. */
-PyObject *kp_socket_new_future(kp_socket *sock);
+PyObject *kp_loop_new_future(kp_socket *sock);
 /* Makes sure the reader callback (and the nudge eventfd's, if the socket
- * has one) is registered with the bound loop. */
-int kp_socket_watch(kp_socket *sock);
+ * has one) is registered with the bound loop. Returns -1 with an
+ * exception set. */
+int kp_loop_watch(kp_socket *sock);
+/* Removes the reader (and the nudge eventfd's) if registered. A closed
+ * loop has already dropped its registrations, so failing there is not an
+ * error. Returns -1 with an exception set. */
+int kp_loop_unwatch(kp_socket *sock);
 /* Gives the socket its nudge eventfd (for a Pulse), registered with the
  * loop at once if the socket's reader is. Returns -1 with an exception. */
-int kp_socket_nudge_init(kp_socket *sock);
-/* What the reader callback does: release lent buffers, read ZMQ_EVENTS
- * (even when nobody waits) and wake the first ready waiters. Returns -1
- * with an exception set. A Pulse's nudge runs it too. */
-int kp_socket_on_events(kp_socket *sock);
+int kp_loop_nudge_init(kp_socket *sock);
 
 /* ---- option.c --------------------------------------------------------- */
 
@@ -295,6 +404,41 @@ int kp_socket_on_events(kp_socket *sock);
  * NULL for a BlockingSocket. Return NULL / -1 with an exception set. */
 PyObject *kp_option_get(kp_state *st, void *handle, kp_socket *shared, int option);
 int kp_option_set(kp_state *st, void *handle, kp_socket *shared, int option, PyObject *value);
+
+/* ---- part.c ----------------------------------------------------------- */
+
+/* One part of an outgoing message, ready to hand to libzmq. */
+typedef struct kp_part {
+    PyObject *obj;  /* borrowed from the caller's list */
+    Py_buffer view; /* valid when kind == KP_PART_VIEW */
+    enum { KP_PART_BYTES, KP_PART_FRAME, KP_PART_VIEW, KP_PART_LEND } kind;
+} kp_part;
+
+/* The parts of one message; up to 8 without an allocation. */
+typedef struct kp_parts {
+    kp_part *v;       /* `stack` or PyMem */
+    Py_ssize_t n;     /* parts in the message */
+    Py_ssize_t ready; /* parts prepared (to release) */
+    Py_ssize_t lent;  /* parts handed to libzmq lent (zero-copy) */
+    kp_part stack[8];
+} kp_parts;
+
+/* Makes all `n` (>= 1) parts `items` (borrowed, kept alive by the caller
+ * until kp_parts_release) ready to send: copy=False parts of at least
+ * `threshold` bytes are to be lent. Returns -1 with an exception set (a
+ * str, a non-buffer, no memory). Either way the caller then calls
+ * kp_parts_release. */
+int kp_parts_prepare(kp_parts *ps, kp_state *st, PyObject *const *items, Py_ssize_t n, int copy,
+                     Py_ssize_t threshold);
+/* Sends the parts on `handle`, never blocking: the last with `flags`'
+ * SNDMORE, the others with SNDMORE. `shared` is the asyncio Socket that
+ * owns `handle` (its mutex is taken around each call and its `sndmore`
+ * kept) or NULL for a BlockingSocket. Returns 0 sent; 1 the first part was
+ * refused with EAGAIN and nothing was sent; -1 failed with *err the zmq
+ * errno to raise, or *err 0 and a Python exception set. */
+int kp_parts_send(kp_parts *ps, void *handle, kp_socket *shared, int flags, int *err);
+/* Releases the views kp_parts_prepare took. Cannot fail. */
+void kp_parts_release(kp_parts *ps);
 
 /* ---- pulse.c ---------------------------------------------------------- */
 

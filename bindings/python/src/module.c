@@ -4,11 +4,14 @@
  * reloaded module never share Python objects through C globals. The only
  * process-wide C state is release.c's queue of lent buffers, which libzmq's
  * threads reach without any module at hand.
+ *
+ * The top of the call graph: module_exec() calls every file's
+ * kp_<noun>_init(), and nothing calls into module.c (util.c reads the
+ * address of kp_module_def to find a type's module).
  */
 #include "kp.h"
 
 #include <errno.h>
-#include <limits.h>
 
 /* Constants users import by pyzmq's names, so `import kelpie as zmq` works
  * for the async subset. */
@@ -123,41 +126,6 @@ static const module_constant module_constants[] = {
     {"BUDGET", KP_DEFAULT_BUDGET},
 };
 
-int kp_as_int(PyObject *obj)
-{
-    long value = PyLong_AsLong(obj);
-    if (value == -1 && PyErr_Occurred()) {
-        return -1;
-    }
-    if (value > INT_MAX || value < INT_MIN) {
-        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to C int");
-        return -1;
-    }
-    return (int)value;
-}
-
-void kp_mutex_lock(pthread_mutex_t *mutex)
-{
-    while (pthread_mutex_trylock(mutex) != 0) {
-        /* Busy: a Pulse thread is sending, which takes microseconds. Wait
-         * for it without the GIL and without holding the mutex while the
-         * GIL is retaken (another thread may keep the GIL for long). */
-        Py_BEGIN_ALLOW_THREADS;
-        pthread_mutex_lock(mutex);
-        pthread_mutex_unlock(mutex);
-        Py_END_ALLOW_THREADS;
-    }
-}
-
-kp_state *kp_state_from_type(PyTypeObject *type)
-{
-    PyObject *module = PyType_GetModuleByDef(type, &kp_module_def);
-    if (module == NULL) {
-        return NULL;
-    }
-    return (kp_state *)PyModule_GetState(module);
-}
-
 static PyObject *module_drain(PyObject *module, PyObject *unused)
 {
     kp_release_on_eventfd();
@@ -249,7 +217,7 @@ static int module_exec(PyObject *module)
 
     /* Each file adds its own types; a new file is one line here. */
     if (kp_error_init(module, st) < 0 || kp_release_init(module, st) < 0 ||
-        kp_frame_init(module, st) < 0 || kp_awaitable_init(module, st) < 0 ||
+        kp_frame_init(module, st) < 0 || kp_op_init(module, st) < 0 ||
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0) {
         return -1;
@@ -263,7 +231,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->context_type);
     Py_VISIT(st->socket_type);
     Py_VISIT(st->frame_type);
-    Py_VISIT(st->awaitable_type);
+    Py_VISIT(st->op_type);
     Py_VISIT(st->pulse_type);
     Py_VISIT(st->blocking_type);
     Py_VISIT(st->timeout);
@@ -288,7 +256,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->context_type);
     Py_CLEAR(st->socket_type);
     Py_CLEAR(st->frame_type);
-    Py_CLEAR(st->awaitable_type);
+    Py_CLEAR(st->op_type);
     Py_CLEAR(st->pulse_type);
     Py_CLEAR(st->blocking_type);
     Py_CLEAR(st->timeout);

@@ -73,7 +73,7 @@ static int option_call(void *handle, kp_socket *shared, int get, int option, voi
  * its FD's edge), then raise `err` if the call failed. */
 static int option_finish(kp_state *st, kp_socket *shared, int err)
 {
-    if (shared != NULL && kp_socket_recheck(shared) < 0) {
+    if (shared != NULL && kp_op_recheck(shared) < 0) {
         return -1;
     }
     if (err != 0) {

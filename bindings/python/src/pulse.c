@@ -295,7 +295,7 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         have_stall = 1;
     }
-    if (kp_socket_check_thread(sock) < 0) {
+    if (kp_loop_check_thread(sock) < 0) {
         goto fail;
     }
     if (sock->pulse != NULL) {
@@ -346,7 +346,7 @@ static PyObject *pulse_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     /* The nudge eventfd belongs to the socket and is watched with its
      * reader (registered now if the socket already waits). */
-    if (kp_socket_nudge_init(sock) < 0) {
+    if (kp_loop_nudge_init(sock) < 0) {
         goto fail;
     }
     p->last_tick = pulse_now();

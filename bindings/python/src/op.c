@@ -1,6 +1,7 @@
 /*
- * awaitable.c: the object send(), recv(), send_multipart() and
- * recv_multipart() return.
+ * op.c: Operation (kelpie._kelpie.Operation), the object send(), recv(),
+ * send_multipart() and recv_multipart() return, and the waking of the
+ * Operations that wait in a socket's queues.
  *
  * It is its own iterator (am_await returns self) and implements am_send, so
  * `await sock.recv()` in a coroutine reaches op_am_send through PyIter_Send
@@ -9,7 +10,7 @@
  * PYGEN_RETURN and the coroutine continues in the same step: no Future, no
  * callback, no trip through the loop. Only EAGAIN creates a Future (with
  * loop.create_future(), so the C Task's fast path for real Futures applies)
- * and yields it, after queueing the awaitable on its socket.
+ * and yields it, after queueing the operation on its socket.
  *
  * States:
  *   INIT     not run yet
@@ -26,6 +27,10 @@
  * nothing; if it had already been woken, op_abandon() re-checks the socket
  * so the wake-up passes to the next waiter. A send that never ran was not
  * sent; a multipart send runs all its parts in one step.
+ *
+ * Calls go down: op.c calls loop.c (the socket's loop, its futures and its
+ * reader), queue.c, frame.c, release.c and error.c; socket.c and option.c
+ * call it (make operations, re-check after a libzmq call).
  */
 #include "kp.h"
 
@@ -42,9 +47,7 @@ typedef enum op_state {
 struct kp_op {
     PyObject ob_base;  /* PyObject_HEAD, spelled out so clang-format keeps its line */
     kp_socket *sock;   /* strong reference */
-    kp_op *prev;       /* in `queue` */
-    kp_op *next;       /* in `queue` */
-    kp_queue *queue;   /* the socket queue we wait in, NULL if none */
+    kp_waiter link;    /* in the socket queue we wait in (link.queue), if any */
     PyObject *payload; /* send: the data, or a list of parts; else NULL */
     PyObject *future;  /* while WAITING */
     kp_op_kind kind;
@@ -122,49 +125,17 @@ static int op_arm(kp_op *self)
 
 /* ---- the queue ------------------------------------------------------------ */
 
-static void queue_push(kp_queue *q, kp_op *op, int front)
+/* The operation whose link `w` is. */
+static kp_op *op_of(kp_waiter *w)
 {
-    Py_INCREF(op);
-    op->queue = q;
-    if (front) {
-        op->prev = NULL;
-        op->next = q->head;
-        if (q->head != NULL) {
-            q->head->prev = op;
-        } else {
-            q->tail = op;
-        }
-        q->head = op;
-    } else {
-        op->next = NULL;
-        op->prev = q->tail;
-        if (q->tail != NULL) {
-            q->tail->next = op;
-        } else {
-            q->head = op;
-        }
-        q->tail = op;
-    }
-    q->len++;
+    return (kp_op *)((char *)w - offsetof(kp_op, link));
 }
 
-/* Unlinks `op`; the caller receives the queue's reference. */
-static void queue_unlink(kp_op *op)
+/* Queues `op` on `q`; the queue's link holds a reference to it. */
+static void op_enqueue(kp_queue *q, kp_op *op, int front)
 {
-    kp_queue *q = op->queue;
-    if (op->prev != NULL) {
-        op->prev->next = op->next;
-    } else {
-        q->head = op->next;
-    }
-    if (op->next != NULL) {
-        op->next->prev = op->prev;
-    } else {
-        q->tail = op->prev;
-    }
-    op->prev = op->next = NULL;
-    op->queue = NULL;
-    q->len--;
+    Py_INCREF(op);
+    kp_queue_push(q, &op->link, front);
 }
 
 /* 1 if `future` is done, 0 if pending, -1 on error. */
@@ -179,11 +150,10 @@ static int op_future_done(kp_state *st, PyObject *future)
     return r;
 }
 
-int kp_queue_wake_first(kp_state *st, kp_queue *q)
+static int op_wake_first(kp_state *st, kp_queue *q)
 {
     while (q->head != NULL) {
-        kp_op *op = q->head;
-        queue_unlink(op);
+        kp_op *op = op_of(kp_queue_pop(q));
         /* A future cancelled by its task is skipped: that task is leaving
          * and will not consume anything. */
         int done = op_future_done(st, op->future);
@@ -197,7 +167,7 @@ int kp_queue_wake_first(kp_state *st, kp_queue *q)
             PyObject *value = NULL;
             int rc = op_run(op, &value);
             if (rc == 1) {
-                queue_push(q, op, 1); /* not ready after all: keep its place */
+                op_enqueue(q, op, 1); /* not ready after all: keep its place */
                 Py_DECREF(op);
                 return 0;
             }
@@ -244,12 +214,11 @@ int kp_queue_wake_first(kp_state *st, kp_queue *q)
     return 0;
 }
 
-int kp_queue_fail_all(kp_state *st, kp_queue *q, int err)
+static int op_fail_all(kp_state *st, kp_queue *q, int err)
 {
     int rc = 0;
     while (q->head != NULL) {
-        kp_op *op = q->head;
-        queue_unlink(op);
+        kp_op *op = op_of(kp_queue_pop(q));
         int done = op_future_done(st, op->future);
         if (done == 0) {
             PyObject *exc = kp_error_new(st, err, err == ENOTSOCK ? "Socket closed" : NULL);
@@ -271,21 +240,100 @@ int kp_queue_fail_all(kp_state *st, kp_queue *q, int err)
     return rc;
 }
 
-int kp_queue_traverse(kp_queue *q, visitproc visit, void *arg)
+int kp_op_traverse_queue(kp_queue *q, visitproc visit, void *arg)
 {
-    for (kp_op *op = q->head; op != NULL; op = op->next) {
-        Py_VISIT(op);
+    for (kp_waiter *w = q->head; w != NULL; w = w->next) {
+        Py_VISIT(op_of(w));
     }
     return 0;
 }
 
-void kp_queue_clear(kp_queue *q)
+void kp_op_clear_queue(kp_queue *q)
 {
     while (q->head != NULL) {
-        kp_op *op = q->head;
-        queue_unlink(op);
+        kp_op *op = op_of(kp_queue_pop(q));
         Py_DECREF(op);
     }
+}
+
+/* ---- waking the waiters of a socket ------------------------------------- */
+
+/* Fails every waiter with a fresh ZMQError(err). */
+int kp_op_fail_waiters(kp_socket *sock, int err)
+{
+    int rc = 0;
+    if (op_fail_all(sock->st, &sock->recv_q, err) < 0) {
+        rc = -1;
+    }
+    if (op_fail_all(sock->st, &sock->send_q, err) < 0) {
+        rc = -1;
+    }
+    return rc;
+}
+
+/* Reads ZMQ_EVENTS and wakes one receiver and one sender as they are ready.
+ * `always` reads the events even when nobody waits (the reader callback
+ * must, to consume the FD's signal). Returns 0, 1 if libzmq refused to
+ * report events (the waiters have been failed), or -1 on error. */
+static int op_poll_events(kp_socket *sock, int always)
+{
+    if (sock->handle == NULL || (!always && sock->recv_q.len == 0 && sock->send_q.len == 0)) {
+        return 0;
+    }
+    int events;
+    size_t len = sizeof(events);
+    int locked = kp_socket_lock(sock);
+    int rc = zmq_getsockopt(sock->handle, ZMQ_EVENTS, &events, &len);
+    int err = zmq_errno();
+    kp_socket_unlock(sock, locked);
+    if (rc != 0) {
+        /* ETERM: the context is going away; nobody will ever be woken by
+         * this socket again, so tell the waiters now. */
+        return kp_op_fail_waiters(sock, err) < 0 ? -1 : 1;
+    }
+    if ((events & ZMQ_POLLIN) && sock->recv_q.len != 0 &&
+        op_wake_first(sock->st, &sock->recv_q) < 0) {
+        return -1;
+    }
+    if ((events & ZMQ_POLLOUT) && sock->send_q.len != 0 &&
+        op_wake_first(sock->st, &sock->send_q) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+int kp_op_recheck(kp_socket *sock)
+{
+    if (sock->recv_q.len == 0 && sock->send_q.len == 0) {
+        return 0;
+    }
+    /* Waking runs Python code; keep an exception the caller is raising. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int rc = op_poll_events(sock, 0) < 0 ? -1 : 0;
+    if (type != NULL) {
+        if (rc < 0) {
+            PyErr_WriteUnraisable((PyObject *)sock);
+        }
+        PyErr_Restore(type, value, tb);
+    }
+    return rc;
+}
+
+int kp_op_on_events(kp_socket *sock)
+{
+    kp_release_drain();
+    int rc = op_poll_events(sock, 1);
+    if (rc < 0) {
+        return -1;
+    }
+    if (rc > 0 && kp_loop_unwatch(sock) < 0) {
+        /* The context is terminating and this socket will never report
+         * events again: stop watching a descriptor that libzmq is about to
+         * tear down. An operation now fails at once with ETERM. */
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- running the operation ------------------------------------------------ */
@@ -358,195 +406,45 @@ static int op_recv_multipart(kp_op *self, PyObject **out)
     return 0;
 }
 
-/* A part ready to hand to libzmq. Acquired for every part before the first
- * is sent, so a bad part raises before anything leaves. */
-typedef struct op_part {
-    PyObject *obj;  /* borrowed */
-    Py_buffer view; /* valid when kind == PART_VIEW */
-    enum { PART_BYTES, PART_FRAME, PART_VIEW, PART_LEND } kind;
-} op_part;
-
-static int op_part_prepare(kp_op *self, PyObject *obj, op_part *part)
-{
-    part->obj = obj;
-    if (PyBytes_CheckExact(obj)) {
-        part->kind = PyBytes_GET_SIZE(obj) >= self->sock->copy_threshold && !self->copy
-                         ? PART_LEND
-                         : PART_BYTES;
-        return 0;
-    }
-    if (Py_IS_TYPE(obj, self->sock->st->frame_type)) {
-        part->kind = PART_FRAME;
-        return 0;
-    }
-    if (PyUnicode_Check(obj)) {
-        PyErr_SetString(PyExc_TypeError, "str cannot be sent; encode it to bytes first");
-        return -1;
-    }
-    if (PyObject_GetBuffer(obj, &part->view, PyBUF_SIMPLE) < 0) {
-        return -1;
-    }
-    part->kind = PART_VIEW;
-    if (!self->copy && part->view.len >= self->sock->copy_threshold) {
-        /* Lending takes its own view; this one was only the check. */
-        PyBuffer_Release(&part->view);
-        part->kind = PART_LEND;
-    }
-    return 0;
-}
-
-static void op_part_release(op_part *part)
-{
-    if (part->kind == PART_VIEW) {
-        PyBuffer_Release(&part->view);
-    }
-}
-
-/* zmq_send under the socket's mutex (when a Pulse shares the socket),
- * keeping `sndmore` up to date: the Pulse thread never sends into the middle
- * of a multipart message. Returns zmq_send's result with errno set. */
-static int op_zmq_send(kp_socket *sock, const void *buf, size_t len, zmq_msg_t *msg, int flags)
-{
-    int locked = kp_socket_lock(sock);
-    int rc = msg != NULL ? zmq_msg_send(msg, sock->handle, flags)
-                         : zmq_send(sock->handle, buf, len, flags);
-    if (rc < 0) {
-        int err = zmq_errno();
-        kp_socket_unlock(sock, locked);
-        errno = err;
-        return rc;
-    }
-    sock->sndmore = (flags & ZMQ_SNDMORE) != 0;
-    kp_socket_unlock(sock, locked);
-    return rc;
-}
-
-/* Sends one prepared part: 0 sent, 1 EAGAIN, -1 error. */
-static int op_part_send(kp_op *self, op_part *part, int flags)
+/* Sends the prepared parts (single or multipart, by `flags`): 0 sent, 1
+ * EAGAIN (nothing sent), -1 with an exception set. */
+static int op_send_parts(kp_op *self, PyObject *const *items, Py_ssize_t n, int flags)
 {
     kp_socket *sock = self->sock;
-    int rc;
-    switch (part->kind) {
-    case PART_BYTES:
-        rc = op_zmq_send(sock, PyBytes_AS_STRING(part->obj), (size_t)PyBytes_GET_SIZE(part->obj),
-                         NULL, flags);
-        break;
-    case PART_VIEW:
-        rc = op_zmq_send(sock, part->view.buf, (size_t)part->view.len, NULL, flags);
-        break;
-    case PART_FRAME: {
-        zmq_msg_t msg;
-        zmq_msg_init(&msg);
-        rc = zmq_msg_copy(&msg, &((kp_frame *)part->obj)->msg);
-        if (rc == 0) {
-            rc = op_zmq_send(sock, NULL, 0, &msg, flags);
+    kp_parts parts;
+    int err = 0;
+    int rc = kp_parts_prepare(&parts, sock->st, items, n, self->copy, sock->copy_threshold);
+    if (rc == 0) {
+        rc = kp_parts_send(&parts, sock->handle, sock, flags, &err);
+        if (rc < 0 && err != 0) {
+            kp_error_set(sock->st, err);
         }
-        if (rc < 0) {
-            int err = zmq_errno();
-            zmq_msg_close(&msg);
-            errno = err;
-        }
-        break;
     }
-    case PART_LEND: {
-        void *data;
-        size_t size;
-        kp_lent *hint;
-        if (kp_release_lend(part->obj, &data, &size, &hint) < 0) {
-            return -1;
+    if (parts.lent > 0 && !sock->release_watched && sock->loop != NULL) {
+        /* Lent buffers come back through the release eventfd: watch it so
+         * they are released promptly even when no operation follows. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (kp_release_watch(sock->st, sock->loop) < 0) {
+            /* Only promptness is lost; the next operation drains. */
+            PyErr_WriteUnraisable((PyObject *)sock);
         }
-        zmq_msg_t msg;
-        if (zmq_msg_init_data(&msg, data, size, kp_release_free, hint) != 0) {
-            kp_release_free(data, hint);
-            PyErr_NoMemory();
-            return -1;
-        }
-        rc = op_zmq_send(sock, NULL, 0, &msg, flags);
-        if (rc < 0) {
-            /* Not sent: closing hands the view straight back (queued, and
-             * released at the next drain). */
-            int err = zmq_errno();
-            zmq_msg_close(&msg);
-            errno = err;
-        }
-        if (!sock->release_watched && sock->loop != NULL) {
-            if (kp_release_watch(sock->st, sock->loop) < 0) {
-                /* Only promptness is lost; the next operation drains. */
-                PyErr_WriteUnraisable((PyObject *)sock);
-            }
-            sock->release_watched = 1;
-        }
-        break;
+        PyErr_Restore(type, value, tb);
+        sock->release_watched = 1;
     }
-    default:
-        errno = EINVAL;
-        rc = -1;
-        break;
-    }
-    if (rc < 0) {
-        int err = zmq_errno();
-        if (err == EAGAIN) {
-            return 1;
-        }
-        kp_error_set(sock->st, err);
-        return -1;
-    }
-    return 0;
+    kp_parts_release(&parts);
+    return rc;
 }
 
 static int op_send(kp_op *self)
 {
-    op_part part;
-    if (op_part_prepare(self, self->payload, &part) < 0) {
-        return -1;
-    }
-    int rc = op_part_send(self, &part, (self->flags & ~ZMQ_DONTWAIT) | ZMQ_DONTWAIT);
-    op_part_release(&part);
-    return rc;
+    return op_send_parts(self, &self->payload, 1, self->flags);
 }
 
 static int op_send_multipart(kp_op *self)
 {
     PyObject *list = self->payload;
-    Py_ssize_t n = PyList_GET_SIZE(list);
-    op_part stack[8];
-    op_part *parts = stack;
-    if (n > 8) {
-        parts = PyMem_Malloc(sizeof(op_part) * (size_t)n);
-        if (parts == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-    }
-    Py_ssize_t ready = 0;
-    int rc = 0;
-    for (; ready < n; ready++) {
-        if (op_part_prepare(self, PyList_GET_ITEM(list, ready), &parts[ready]) < 0) {
-            rc = -1;
-            break;
-        }
-    }
-    int base = (self->flags & ~(ZMQ_DONTWAIT | ZMQ_SNDMORE)) | ZMQ_DONTWAIT;
-    /* Trying the first part is the POLLOUT check: if it is refused (EAGAIN)
-     * nothing was sent; once it is accepted, libzmq accepts the rest of the
-     * message whatever the high-water mark (it counts whole messages). */
-    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
-        int last = i == n - 1;
-        int flags = base | (last ? (self->flags & ZMQ_SNDMORE) : ZMQ_SNDMORE);
-        rc = op_part_send(self, &parts[i], flags);
-        if (rc == 1 && i > 0) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "libzmq refused a later part of a multipart message");
-            rc = -1;
-        }
-    }
-    for (Py_ssize_t i = 0; i < ready; i++) {
-        op_part_release(&parts[i]);
-    }
-    if (parts != stack) {
-        PyMem_Free(parts);
-    }
-    return rc;
+    return op_send_parts(self, PySequence_Fast_ITEMS(list), PyList_GET_SIZE(list), self->flags);
 }
 
 static int op_run(kp_op *self, PyObject **out)
@@ -597,7 +495,7 @@ static int op_wait(kp_op *self, int front)
 {
     kp_socket *sock = self->sock;
     kp_state *st = sock->st;
-    if (kp_socket_check_loop(sock) < 0) {
+    if (kp_loop_check(sock) < 0) {
         return -1;
     }
     int armed = op_arm(self);
@@ -607,7 +505,7 @@ static int op_wait(kp_op *self, int front)
         }
         return -1;
     }
-    PyObject *future = kp_socket_new_future(sock);
+    PyObject *future = kp_loop_new_future(sock);
     if (future == NULL) {
         return -1;
     }
@@ -620,19 +518,19 @@ static int op_wait(kp_op *self, int front)
     self->future = future;
     kp_queue *q = (self->kind == KP_OP_RECV || self->kind == KP_OP_RECV_MULTIPART) ? &sock->recv_q
                                                                                    : &sock->send_q;
-    queue_push(q, self, front);
+    op_enqueue(q, self, front);
     /* Queue first, then look: the EAGAIN we just got may be stale already,
      * and a recheck that finds us queued wakes us instead of losing it. */
-    if (kp_socket_recheck(sock) < 0 || kp_socket_watch(sock) < 0) {
-        if (self->queue != NULL) {
-            queue_unlink(self);
+    if (kp_op_recheck(sock) < 0 || kp_loop_watch(sock) < 0) {
+        if (self->link.queue != NULL) {
+            kp_queue_unlink(&self->link);
             Py_DECREF(self);
         }
         Py_CLEAR(self->future);
         if (self->woken) {
             /* The recheck woke us but we are failing: pass it on. */
             self->woken = 0;
-            kp_socket_recheck(sock);
+            kp_op_recheck(sock);
         }
         return -1;
     }
@@ -655,13 +553,13 @@ static void op_abandon(kp_op *self)
     /* Leaving the queue is enough: nobody else resolves our future, and
      * whoever abandons us (the Task, delivering an exception; the
      * finaliser) no longer waits on it. */
-    if (self->queue != NULL) {
-        queue_unlink(self);
+    if (self->link.queue != NULL) {
+        kp_queue_unlink(&self->link);
         Py_DECREF(self);
     }
     if (self->woken) {
         self->woken = 0;
-        if (kp_socket_recheck(self->sock) < 0) {
+        if (kp_op_recheck(self->sock) < 0) {
             PyErr_WriteUnraisable((PyObject *)self);
         }
     }
@@ -678,8 +576,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     switch (self->state) {
     case OP_INIT:
         kp_release_drain();
-        if (kp_socket_check_thread(sock) < 0 ||
-            (sock->loop == NULL && kp_socket_check_loop(sock) < 0)) {
+        if (kp_loop_check_thread(sock) < 0 || (sock->loop == NULL && kp_loop_check(sock) < 0)) {
             goto error;
         }
         if (sock->used >= sock->budget) {
@@ -695,22 +592,22 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
         }
         break;
     case OP_YIELDED:
-        if (kp_socket_check_thread(sock) < 0) {
+        if (kp_loop_check_thread(sock) < 0) {
             goto error;
         }
         break;
     case OP_WAITING:
-        if (self->queue != NULL) {
+        if (self->link.queue != NULL) {
             /* Driven by hand (op.send()) before being woken: leave the
              * queue, we are about to look for ourselves. */
-            queue_unlink(self);
+            kp_queue_unlink(&self->link);
             Py_DECREF(self);
         }
         Py_CLEAR(self->future);
         front = self->woken;
         self->woken = 0;
         immediate = 0;
-        if (kp_socket_check_thread(sock) < 0) {
+        if (kp_loop_check_thread(sock) < 0) {
             goto error;
         }
         break;
@@ -740,7 +637,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
             sock->used++;
             sock->n_immediate++;
         }
-        kp_socket_recheck(sock);
+        kp_op_recheck(sock);
         op_disarm(self);
         self->state = OP_DONE;
         Py_CLEAR(self->payload);
@@ -749,7 +646,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
     }
     if (rc == 1) {
         if (self->flags & ZMQ_DONTWAIT) {
-            kp_socket_recheck(sock);
+            kp_op_recheck(sock);
             kp_error_set(sock->st, EAGAIN);
             goto error;
         }
@@ -759,7 +656,7 @@ static PySendResult op_am_send(kp_op *self, PyObject *arg, PyObject **result)
         *result = Py_NewRef(self->future);
         return PYGEN_NEXT;
     }
-    kp_socket_recheck(sock);
+    kp_op_recheck(sock);
 error:
     op_disarm(self);
     self->state = OP_DONE;
@@ -902,13 +799,12 @@ static void op_dealloc(kp_op *self)
 
 PyObject *kp_op_new(kp_socket *sock, kp_op_kind kind, PyObject *payload, int flags, int copy)
 {
-    kp_op *self = PyObject_GC_New(kp_op, sock->st->awaitable_type);
+    kp_op *self = PyObject_GC_New(kp_op, sock->st->op_type);
     if (self == NULL) {
         return NULL;
     }
     self->sock = (kp_socket *)Py_NewRef(sock);
-    self->prev = self->next = NULL;
-    self->queue = NULL;
+    self->link = (kp_waiter){NULL, NULL, NULL};
     self->payload = Py_XNewRef(payload);
     self->future = NULL;
     self->kind = kind;
@@ -931,7 +827,7 @@ PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int f
 {
     kp_state *st = sock->st;
     kp_release_drain();
-    if (kp_socket_check_thread(sock) < 0) {
+    if (kp_loop_check_thread(sock) < 0) {
         return NULL;
     }
     int in = kind == KP_OP_RECV || kind == KP_OP_RECV_MULTIPART ||
@@ -952,23 +848,23 @@ PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int f
                 sock->used++;
                 sock->n_immediate++;
             }
-            kp_socket_recheck(sock);
+            kp_op_recheck(sock);
             self->state = OP_READY;
             self->value = value;
             Py_CLEAR(self->payload);
             return (PyObject *)self;
         }
         if (rc < 0) {
-            kp_socket_recheck(sock);
+            kp_op_recheck(sock);
             goto fail;
         }
     }
     if (self->flags & ZMQ_DONTWAIT && kind != KP_OP_POLL) {
-        kp_socket_recheck(sock);
+        kp_op_recheck(sock);
         kp_error_set(st, EAGAIN);
         goto fail;
     }
-    if (kp_socket_check_loop(sock) < 0) {
+    if (kp_loop_check(sock) < 0) {
         goto fail;
     }
     int armed = op_arm(self);
@@ -978,7 +874,7 @@ PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int f
         }
         goto fail;
     }
-    PyObject *future = kp_socket_new_future(sock);
+    PyObject *future = kp_loop_new_future(sock);
     if (future == NULL) {
         goto fail;
     }
@@ -992,14 +888,14 @@ PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int f
         goto fail;
     }
     Py_DECREF(r);
-    queue_push(q, self, 0);
+    op_enqueue(q, self, 0);
     self->state = OP_WAITING;
     sock->n_waited++;
     sock->used = 0;
     Py_INCREF(future);
-    if (kp_socket_recheck(sock) < 0 || kp_socket_watch(sock) < 0) {
-        if (self->queue != NULL) {
-            queue_unlink(self);
+    if (kp_op_recheck(sock) < 0 || kp_loop_watch(sock) < 0) {
+        if (self->link.queue != NULL) {
+            kp_queue_unlink(&self->link);
             Py_DECREF(self);
         }
         Py_DECREF(future);
@@ -1020,11 +916,11 @@ static PyObject *op_expire(kp_op *self, PyObject *unused)
 {
     Py_CLEAR(self->timer);
     self->timed_out = 1;
-    if (self->future == NULL || self->queue == NULL) {
+    if (self->future == NULL || self->link.queue == NULL) {
         Py_RETURN_NONE; /* woken already: the retry sees timed_out */
     }
     Py_INCREF(self);
-    queue_unlink(self);
+    kp_queue_unlink(&self->link);
     Py_DECREF(self); /* the queue's reference; we hold our own */
     kp_state *st = self->sock->st;
     int done = op_future_done(st, self->future);
@@ -1049,8 +945,8 @@ static PyObject *op_expire(kp_op *self, PyObject *unused)
 static PyObject *op_on_done(kp_op *self, PyObject *future)
 {
     op_disarm(self);
-    if (self->queue != NULL) {
-        queue_unlink(self);
+    if (self->link.queue != NULL) {
+        kp_queue_unlink(&self->link);
         self->state = OP_DONE;
         Py_CLEAR(self->payload);
         Py_DECREF(self); /* the bound method holds another reference */
@@ -1198,11 +1094,11 @@ static PyType_Spec op_spec = {
     .slots = op_slots,
 };
 
-int kp_awaitable_init(PyObject *module, kp_state *st)
+int kp_op_init(PyObject *module, kp_state *st)
 {
-    st->awaitable_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &op_spec, NULL);
-    if (st->awaitable_type == NULL) {
+    st->op_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &op_spec, NULL);
+    if (st->op_type == NULL) {
         return -1;
     }
-    return PyModule_AddType(module, st->awaitable_type);
+    return PyModule_AddType(module, st->op_type);
 }
