@@ -147,10 +147,10 @@ def test_abandoned_socket_and_waiting_task_are_collected():
         sock = ctx.socket(kelpie.PULL)
         sock.bind("inproc://abandoned")
 
-        async def start():
+        async def start(sock):
             return asyncio.ensure_future(sock.recv())
 
-        task = loop.run_until_complete(start())
+        task = loop.run_until_complete(start(sock))
         loop.run_until_complete(asyncio.sleep(0.01))
         assert sock._waiters == (1, 0)
         ref = weakref.ref(sock)

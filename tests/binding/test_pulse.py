@@ -377,9 +377,10 @@ def test_stop_twice_then_a_new_pulse_replaces_it(run, ctx, recorder):
         await d.send(b"still works")
         return p2
 
-    p2 = run(main())
+    p2 = run(main())  # kept alive, stopped, while the recorder is read
     _wait_for(lambda: rec.bodies(b"still works"))
     assert rec.bodies(b"HB2")
+    assert not p2.running
 
 
 def test_dealloc_without_stop_joins_the_thread(run, ctx, recorder):
@@ -418,7 +419,9 @@ def test_a_cycle_through_the_loop_is_collected():
     d = ctx.socket(kelpie.DEALER)
     d.connect("inproc://cycle")
 
-    async def main():
+    # d and lp reach main as arguments, not closure cells, so that the
+    # del below drops the last references the test holds.
+    async def main(d, lp):
         pulse = kelpie.Pulse(d, HB, 0.01)
         lp.call_later(1000, pulse.tick)
         w = asyncio.ensure_future(d.recv())  # binds the socket to the loop
@@ -427,7 +430,7 @@ def test_a_cycle_through_the_loop_is_collected():
         await asyncio.sleep(0)
         return weakref.ref(pulse)
 
-    ref = lp.run_until_complete(main())
+    ref = lp.run_until_complete(main(d, lp))
     dref = weakref.ref(d)
     assert ref() is not None and ref().running  # kept alive by the loop
     assert _threads() == threads + 1

@@ -22,11 +22,11 @@ def test_frames_outlive_socket_and_context(run, loop):
     tx.connect(rx.last_endpoint.decode())
     big = bytes(range(256)) * 1024  # 256 KiB, beyond the VSM inline size
 
-    async def main():
+    async def main(tx, rx):
         await tx.send_multipart([b"small", big], copy=False)
         return await rx.recv_multipart(copy=False)
 
-    frames = run(main())
+    frames = run(main(tx, rx))
     views = [memoryview(f) for f in frames]
     tx.close(linger=0)
     rx.close(linger=0)
@@ -52,11 +52,11 @@ def test_inproc_zero_copy_frame_keeps_sender_buffer(run, ctx):
     alive = weakref.ref(buf)
     baseline = _kelpie._outstanding_buffers()
 
-    async def main():
+    async def main(buf):
         await tx.send(buf, copy=False)
         return await rx.recv(copy=False)
 
-    frame = run(main())
+    frame = run(main(buf))
     del buf
     gc.collect()
     assert alive() is not None  # the frame still points into it

@@ -24,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
 import kelpie  # noqa: E402
-from kelpie.testing import Kelpied, free_port  # noqa: E402,F401 (free_port: for tests)
+from kelpie.testing import Kelpied  # noqa: E402
 
 
 def run(coro, loop="asyncio", timeout=30.0):

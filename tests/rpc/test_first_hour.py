@@ -72,7 +72,7 @@ def test_wait_for_service_times_out_clearly(broker, procs, loop):
 
 
 def test_wait_for_service_no_broker(loop):
-    from conftest import free_port
+    from kelpie.testing import free_port
     frontend = f"tcp://127.0.0.1:{free_port()}"
 
     async def go():
@@ -165,7 +165,7 @@ def test_cli_usage_errors_are_one_line_exit_2(broker):
 
 
 def test_cli_dead_broker_says_what_to_do():
-    from conftest import free_port
+    from kelpie.testing import free_port
     frontend = f"tcp://127.0.0.1:{free_port()}"
     for command in ("ping", "stats"):
         r = cli(command, "--frontend", frontend, "--timeout", "0.3")
@@ -262,7 +262,7 @@ def test_cli_stats_summary_json_and_watch(broker, procs):
 def test_cli_worker_says_when_the_broker_does_not_answer(tmp_path):
     """A worker pointed at a port where no kelpied listens says so (and where
     it is trying) instead of waiting in silence."""
-    from conftest import free_port
+    from kelpie.testing import free_port
     backend = f"tcp://127.0.0.1:{free_port()}"
     log = tmp_path / "worker.log"
     env = dict(os.environ)

@@ -201,7 +201,7 @@ def test_protobuf_stub(broker, procs, greeter_path, loop):
 
 def test_client_local_deadline_without_broker(tmp_path):
     # Nothing listens: the local timer ends the call, and nothing leaks.
-    from conftest import free_port
+    from kelpie.testing import free_port
 
     async def main():
         async with kelpie.Client(f"tcp://127.0.0.1:{free_port()}") as client:

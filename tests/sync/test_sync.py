@@ -151,10 +151,70 @@ def test_thread_beside_asyncio_loop(app_worker, kelpied):
         sync_client.close()
 
 
-# -- deadlines, errors, metadata --------------------------------------------
+# -- deadlines, errors, metadata: both transports ----------------------------
+#
+# The unary path, its errors, deadlines and metadata are the protocol core's
+# (kelpie._core) and must behave the same over either transport: each test
+# below runs on kelpie.sync.Client and on kelpie.Client (on asyncio and on
+# uvloop), through the same blocking calls.
 
-def test_deadline_exceeded_on_time(served):
-    client = served.client
+class Transport:
+    """One client of either transport behind the same blocking calls."""
+
+    def __init__(self, name, frontend, **kwargs):
+        self.loop = None
+        if name == "sync":
+            self.client = kelpie.sync.Client(frontend, **kwargs)
+            return
+        import uvloop
+        self.loop = uvloop.new_event_loop() if name == "uvloop" else asyncio.new_event_loop()
+        self.client = kelpie.Client(frontend, **kwargs)
+        self._run(self.client.connect())
+
+    def _run(self, coro):
+        return self.loop.run_until_complete(asyncio.wait_for(coro, 30))
+
+    def call(self, *args, **kwargs):
+        if self.loop is None:
+            return self.client.call(*args, **kwargs)
+        return self._run(self.client.call(*args, **kwargs))
+
+    def stats(self):
+        if self.loop is None:
+            return self.client.stats()
+        return self._run(self.client.stats())
+
+    def close(self):
+        if self.loop is None:
+            self.client.close()
+            return
+        self._run(self.client.close())
+        self.loop.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.fixture(params=["sync", "asyncio", "uvloop"])
+def transport(request):
+    """Opens clients of one transport; closes them at teardown."""
+    opened = []
+
+    def open_client(frontend, **kwargs):
+        client = Transport(request.param, frontend, **kwargs)
+        opened.append(client)
+        return client
+    yield open_client
+    for client in opened:
+        if client.loop is None or not client.loop.is_closed():
+            client.close()
+
+
+def test_deadline_exceeded_on_time(served, transport):
+    client = transport(served.frontend)
     start = time.monotonic()
     with pytest.raises(kelpie.DeadlineExceeded):
         client.call("t", "Sleep", b"5", timeout=0.3)
@@ -165,13 +225,13 @@ def test_deadline_exceeded_on_time(served):
     while "sleep-cancelled" not in served.worker.seen and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "sleep-cancelled" in served.worker.seen
-    # The same thread's next call gets its own answer, not the late one.
+    # The client's next call gets its own answer, not the late one.
     assert client.call("t", "Echo", b"fresh", timeout=5) == b"fresh"
 
 
-def test_default_timeout_and_late_answer_dropped(kelpie_worker):
+def test_default_timeout_and_late_answer_dropped(kelpie_worker, transport):
     served = kelpie_worker(make_worker())
-    with kelpie.sync.Client(served.frontend, timeout=0.2) as client:
+    with transport(served.frontend, timeout=0.2) as client:
         with pytest.raises(kelpie.DeadlineExceeded):
             client.call("t", "Sleep", b"0.3")
         time.sleep(0.4)  # the broker's ERROR for that call arrives meanwhile
@@ -179,17 +239,17 @@ def test_default_timeout_and_late_answer_dropped(kelpie_worker):
         assert client.call("t", "Echo", b"x") == b"x"
 
 
-def test_local_deadline_without_broker(kelpied):
+def test_local_deadline_without_broker(kelpied, transport):
     kelpied.stop()
-    with kelpie.sync.Client(kelpied.frontend, heartbeat=0) as client:
+    with transport(kelpied.frontend, heartbeat=0) as client:
         start = time.monotonic()
         with pytest.raises(kelpie.DeadlineExceeded):
             client.call("t", "Echo", b"x", timeout=0.3)
         assert 0.25 <= time.monotonic() - start < 1.0
 
 
-def test_status_codes_and_exceptions(served):
-    client = served.client
+def test_status_codes_and_exceptions(served, transport):
+    client = transport(served.frontend)
     with pytest.raises(kelpie.Internal) as info:
         client.call("t", "Fail", b"boom", timeout=5)
     assert info.value.code == kelpie.StatusCode.INTERNAL
@@ -212,8 +272,8 @@ def test_status_codes_and_exceptions(served):
     assert client.call("t", "Echo", b"ok", timeout=5) == b"ok"
 
 
-def test_metadata_both_ways(served):
-    client = served.client
+def test_metadata_both_ways(served, transport):
+    client = transport(served.frontend)
     reply, md = client.call("t", "Meta", b"p", timeout=2.0, idempotent=True,
                             metadata={"user": "ada", "blob": b"\x00\xff"}, with_metadata=True)
     assert reply == b"p"
@@ -221,7 +281,7 @@ def test_metadata_both_ways(served):
     assert md["idempotent"] == b"1"
     assert 1000 <= int(md["remaining-ms"]) <= 2000
     # Client defaults apply when a call gives none.
-    with kelpie.sync.Client(served.frontend, metadata={"tenant": "t1"}) as c2:
+    with transport(served.frontend, metadata={"tenant": "t1"}) as c2:
         reply, md = c2.call("t", "Meta", b"q", with_metadata=True)
         assert md["tenant"] == b"t1" and 25000 < int(md["remaining-ms"]) <= 30000
         assert md["idempotent"] == b"0"

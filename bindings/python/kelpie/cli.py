@@ -48,7 +48,7 @@ import time
 from . import _supervisor, _waiting
 from ._liveness import parse_timeout
 from .client import DEFAULT_FRONTEND, Client
-from ._kelpie import ZMQError
+from ._zmq import ZMQError
 from .errors import DeadlineExceeded, RpcError
 from .worker import DEFAULT_BACKEND, Worker
 

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _liveness, _wire, _zmq
+from . import _calls, _core, _liveness, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -52,9 +52,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
-_payload = _calls.payload
-_timeout_ms = _calls.timeout_ms
-_oversize = _wire.oversize
+_unary_result = _core.unary_result
 
 
 class Client:
@@ -83,7 +81,9 @@ class Client:
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
         self.liveness = liveness
-        self._watch = _liveness.BrokerWatch(heartbeat, liveness, 0.0)
+        # The protocol state (ids, limits, liveness): kelpie._core.
+        self._conn = _core.Conn(heartbeat, liveness, 0.0)
+        self._watch = self._conn.watch
         self._context = context
         self._own_context = False
         self._sock = None
@@ -93,12 +93,8 @@ class Client:
         # One table for the client's whole life: emptied in place, never
         # replaced, so the reader (which holds it) always sees the live one.
         self._pending = {}
-        self._next_id = 1
         self._background = set()
         self._closed = False
-        # The broker's message size limit, from its HEARTBEAT (connect asks
-        # for one); the protocol default until then.
-        self._max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
 
     # -- lifetime ---------------------------------------------------------
 
@@ -198,14 +194,9 @@ class Client:
         sock = self._sock
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
-        if timeout is None:
-            timeout = self.timeout
-        if metadata is None:
-            metadata = self.metadata
+        timeout, metadata = _core.options(self, timeout, metadata)
         loop = self._loop
-        if timeout == NO_DEADLINE:
-            timeout = None
-        retries = _liveness.RESTART_RETRIES if idempotent else 0
+        retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
         while True:
             try:
@@ -214,8 +205,7 @@ class Client:
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
-                if not retries or self._sock is None or \
-                        (end is not None and end - loop.time() <= 0.001):
+                if self._sock is None or not _core.may_retry(retries, end, loop.time()):
                     raise
                 retries -= 1
                 if end is not None:
@@ -226,16 +216,10 @@ class Client:
         loop = self._loop
         if self._watch.stale(loop.time()):
             await self._ping(loop.time())
-        rid = self._next_id
-        self._next_id = rid + 1
+        rid, header = self._conn.request(service, method, payload, timeout,
+                                         1 if idempotent else 0, 0, metadata)
         fut = loop.create_future()
         handle = None
-        header = _wire.request(service, method, rid,
-                               _timeout_ms(timeout) if timeout is not None else 0,
-                               1 if idempotent else 0, 0, metadata)
-        too_big = _oversize("request", header, payload, self._max_message_size)
-        if too_big is not None:
-            raise ResourceExhausted(too_big)
         if timeout is not None:
             handle = loop.call_later(timeout, self._expire, rid)
         self._pending[rid] = fut
@@ -255,9 +239,7 @@ class Client:
         finally:
             if handle is not None:
                 handle.cancel()
-        if with_metadata:
-            return _payload(frames), dict(header.metadata)
-        return _payload(frames)
+        return _unary_result(header, frames, with_metadata)
 
     def _expire(self, rid):
         entry = self._pending.pop(rid, None)
@@ -279,12 +261,7 @@ class Client:
         """
         if self._sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
-        if timeout is None:
-            timeout = self.timeout
-        if timeout == NO_DEADLINE:
-            timeout = None
-        if metadata is None:
-            metadata = self.metadata
+        timeout, metadata = _core.options(self, timeout, metadata)
         state = _StreamState(self, service, method, payload, timeout, metadata,
                              max(1, int(window)), idempotent)
         return Stream(state)
@@ -353,10 +330,7 @@ class Client:
         """Send a ping: a HEARTBEAT with the next call id, which the broker
         echoes with its broker_id. Every call with a smaller id was sent
         before it on the ordered pipe (kelpie._liveness)."""
-        rid = self._next_id
-        self._next_id = rid + 1
-        self._watch.pinged(now)
-        await self._sock.send_multipart([_wire.ping(rid)])
+        await self._sock.send_multipart([self._conn.ping_frame(now)])
 
     def _follow(self):
         """A call was sent: make sure a ping follows it soon (one per burst)."""
@@ -369,11 +343,7 @@ class Client:
 
     def _ping_soon(self):
         if self._sock is not None and self._watch.owed:
-            now = self._loop.time()
-            rid = self._next_id
-            self._next_id = rid + 1
-            self._watch.pinged(now)
-            self._send_later(_wire.ping(rid))
+            self._send_later(self._conn.ping_frame(self._loop.time()))
 
     async def _read_loop(self):
         recv = self._sock.recv_multipart
@@ -382,6 +352,7 @@ class Client:
         parse = _wire.parse
         loop = self._loop
         watch = self._watch
+        conn = self._conn
         while True:
             frames = await recv()
             watch.last_recv = loop.time()
@@ -394,13 +365,13 @@ class Client:
             if entry is None:
                 # HEARTBEAT, DISCONNECT, or a late answer to a call already
                 # finished locally (cancelled, timed out): nothing to do.
-                if header.max_message_size:
-                    self._max_message_size = header.max_message_size
                 kind = header.kind
                 if kind == _wire.HEARTBEAT:
-                    lost = watch.on_heartbeat(header, self._next_id)
+                    lost = conn.heartbeat(header)
                     if lost is not None:
                         self._fail_restarted(*lost)
+                elif header.max_message_size:
+                    conn.max_message_size = header.max_message_size
                 elif kind == _wire.DISCONNECT and pending:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
@@ -495,17 +466,15 @@ class _StreamState(_calls.StreamCore):
         self.started = True
         if client._watch.stale(client._loop.time()):
             await client._ping(client._loop.time())
-        rid = client._next_id
-        client._next_id = rid + 1
-        self.rid = rid
-        timeout_ms = _timeout_ms(self.timeout) if self.timeout is not None else 0
-        header = _wire.request(self.service, self.method, rid, timeout_ms,
-                               self.request_flags(), self.window, self.metadata)
-        too_big = _oversize("request", header, self.payload, client._max_message_size)
-        if too_big is not None:
+        try:
+            rid, header = client._conn.request(self.service, self.method, self.payload,
+                                               self.timeout, self.request_flags(), self.window,
+                                               self.metadata)
+        except ResourceExhausted as exc:
             self.finished = True
-            self.error = ResourceExhausted(too_big)
-            raise self.error
+            self.error = exc
+            raise
+        self.rid = rid
         client._pending[rid] = self
         if self.timeout is not None:
             self.handle = client._loop.call_later(self.timeout, client._expire, rid)

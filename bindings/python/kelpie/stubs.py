@@ -88,20 +88,76 @@ class _TypedStream:
         return self._stream.metadata
 
 
-def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
-    async def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
-        if not isinstance(request, request_cls):
-            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                            f"not {type(request).__name__}")
-        data = await client.call(service, name, request.SerializeToString(), timeout=timeout,
-                                 metadata=metadata, idempotent=idempotent,
-                                 with_metadata=with_metadata)
-        if with_metadata:
-            return decode(data[0]), data[1]
-        return decode(data)
+class _BlockingTypedStream:
+    """A blocking Stream (kelpie.sync) whose chunks are decoded into a message class."""
+
+    __slots__ = ("_stream", "_decode")
+
+    def __init__(self, stream, decode):
+        self._stream = stream
+        self._decode = decode
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._decode(next(self._stream))
+
+    def __enter__(self):
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.__exit__(*exc)
+
+    def close(self):
+        return self._stream.close()
+
+    cancel = close
+
+    @property
+    def metadata(self):
+        return self._stream.metadata
+
+
+def _encode(service, name, request_cls, request):
+    """A typed method's request as bytes, after checking its type."""
+    if not isinstance(request, request_cls):
+        raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
+                        f"not {type(request).__name__}")
+    return request.SerializeToString()
+
+
+def _decoded(data, decode, with_metadata):
+    """A typed unary method's result: the reply message (and metadata)."""
+    if with_metadata:
+        return decode(data[0]), data[1]
+    return decode(data)
+
+
+def _named(method, service, name):
     method.__name__ = name
     method.__qualname__ = f"{service}.{name}"
     return method
+
+
+def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    async def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
+        data = await client.call(service, name, _encode(service, name, request_cls, request),
+                                 timeout=timeout, metadata=metadata, idempotent=idempotent,
+                                 with_metadata=with_metadata)
+        return _decoded(data, decode, with_metadata)
+    return _named(method, service, name)
+
+
+def _blocking_unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    """As _unary, for kelpie.sync.Client (whose call blocks)."""
+    def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
+        data = client.call(service, name, _encode(service, name, request_cls, request),
+                           timeout=timeout, metadata=metadata, idempotent=idempotent,
+                           with_metadata=with_metadata)
+        return _decoded(data, decode, with_metadata)
+    return _named(method, service, name)
 
 
 def _server_stream_maker(typed_stream):
@@ -109,20 +165,16 @@ def _server_stream_maker(typed_stream):
     (shared with kelpie.sync, whose streams iterate blocking)."""
     def make(client, service, name, request_cls, decode, idempotent, timeout, metadata):
         def method(request, *, timeout=timeout, metadata=metadata, window=16):
-            if not isinstance(request, request_cls):
-                raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                                f"not {type(request).__name__}")
-            stream = client.stream(service, name, request.SerializeToString(),
+            stream = client.stream(service, name, _encode(service, name, request_cls, request),
                                    timeout=timeout, metadata=metadata, window=window,
                                    idempotent=idempotent)
             return typed_stream(stream, decode)
-        method.__name__ = name
-        method.__qualname__ = f"{service}.{name}"
-        return method
+        return _named(method, service, name)
     return make
 
 
 _server_stream = _server_stream_maker(_TypedStream)
+_blocking_server_stream = _server_stream_maker(_BlockingTypedStream)
 
 
 def _unsupported(service, name, kind):

@@ -59,11 +59,11 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _kelpie, _liveness, _wire
+from . import _calls, _core, _liveness, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
-from .stubs import Stub as _AsyncStub, _server_stream_maker
+from .stubs import Stub as _AsyncStub, _blocking_server_stream, _blocking_unary
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
 
@@ -71,20 +71,16 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-_REPLY = _wire.REPLY
 _DISCONNECT = _wire.DISCONNECT
 _HEARTBEAT = _wire.HEARTBEAT
-_Timeout = _kelpie.Timeout
-_ZMQError = _kelpie.ZMQError
+_Timeout = _zmq.Timeout
+_ZMQError = _zmq.ZMQError
 _monotonic = time.monotonic
 _parse = _wire.parse
-_POLLIN = _kelpie.POLLIN
-_EVENTS = _kelpie.EVENTS
+_POLLIN = _zmq.POLLIN
+_EVENTS = _zmq.EVENTS
 
 
-_payload = _calls.payload
-_timeout_ms = _calls.timeout_ms
-_oversize = _wire.oversize
 
 
 def _closed_error():
@@ -111,28 +107,27 @@ def _close_socket(sock, streams):
         pass
 
 
-class _Conn:
-    """One thread's connection: its socket, request ids, open streams."""
+class _Conn(_core.Conn):
+    """One thread's connection: its socket and open streams, over the
+    protocol state (request ids, limits, liveness) of kelpie._core."""
 
-    __slots__ = ("sock", "next_id", "streams", "watch", "cancels", "dead", "owner",
-                 "lost_before", "read_before", "max_message_size", "_finalizer", "__weakref__")
+    __slots__ = ("sock", "streams", "cancels", "dead", "owner", "lost_before", "read_before",
+                 "_finalizer", "__weakref__")
 
     def __init__(self, client):
-        sock = _kelpie.BlockingSocket(client._context, _kelpie.DEALER)
-        sock.setsockopt(_kelpie.LINGER, 0)
+        _core.Conn.__init__(self, client.heartbeat, client.liveness, _monotonic())
+        sock = _zmq.BlockingSocket(client._context, _zmq.DEALER)
+        sock.setsockopt(_zmq.LINGER, 0)
         # Calls are bounded by the broker's per-client limit and their
         # deadlines; never block a send on the socket's high-water mark.
-        sock.setsockopt(_kelpie.SNDHWM, 0)
-        sock.setsockopt(_kelpie.RCVHWM, 0)
+        sock.setsockopt(_zmq.SNDHWM, 0)
+        sock.setsockopt(_zmq.RCVHWM, 0)
         sock.connect(client.frontend)
         # The broker answers a HEARTBEAT with its own, which carries its
         # max_message_size; the protocol default until it is read.
         sock.send_multipart([_wire.HEARTBEAT_FRAME])
-        self.max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
         self.sock = sock
-        self.next_id = 1
         self.streams = {}  # request id -> _StreamState
-        self.watch = _liveness.BrokerWatch(client.heartbeat, client.liveness, _monotonic())
         # CANCELs for streams dropped on another thread (deque: append and
         # popleft are atomic), sent by the owner before its next message.
         self.cancels = collections.deque()
@@ -166,11 +161,6 @@ class _Conn:
                 return
             self.sock.send_multipart([_wire.cancel(rid)])
 
-    def take_id(self):
-        rid = self.next_id
-        self.next_id = rid + 1
-        return rid
-
     def drain_stale(self):
         """Read what arrived while the thread was idle (late answers,
         HEARTBEAT, a DISCONNECT from a broker that since went away) so that
@@ -198,9 +188,7 @@ class _Conn:
         if rid and hid == rid:
             return header
         if header.kind == _HEARTBEAT:
-            if header.max_message_size:
-                self.max_message_size = header.max_message_size
-            lost = self.watch.on_heartbeat(header, self.next_id)
+            lost = self.heartbeat(header)
             if lost is not None:
                 self._restarted(*lost)
         elif hid:
@@ -280,8 +268,7 @@ class _Conn:
         """A ping: HEARTBEAT with the next call id, which the broker echoes
         with its ``broker_id``; every call with a smaller id was sent before
         it on this socket's ordered pipe (kelpie._liveness)."""
-        self.watch.pinged(now)
-        self.sock.send_multipart([_wire.ping(self.take_id())])
+        self.sock.send_multipart([self.ping_frame(now)])
 
     def _restarted(self, lost_below, read_below):
         """The broker restarted: calls sent before the ping the new instance
@@ -398,7 +385,7 @@ class Client:
                 raise RuntimeError("this kelpie.sync.Client was given a context= before "
                                    "fork(); make a new Client in the child")
             if self._context is None:
-                self._context = _kelpie.Context()
+                self._context = _zmq.Context()
             conn = _Conn(self)
             self._conns.add(conn)
         self._local.conn = conn
@@ -420,13 +407,8 @@ class Client:
         restarts; ``with_metadata=True`` returns ``(reply, metadata)``.
         Failures raise :class:`kelpie.RpcError`.
         """
-        if timeout is None:
-            timeout = self.timeout
-        if metadata is None:
-            metadata = self.metadata
-        if timeout == NO_DEADLINE:
-            timeout = None
-        retries = _liveness.RESTART_RETRIES if idempotent else 0
+        timeout, metadata = _core.options(self, timeout, metadata)
+        retries = _core.retries(idempotent)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             try:
@@ -435,7 +417,7 @@ class Client:
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
-                if not retries or (deadline is not None and deadline - _monotonic() <= 0.001):
+                if not _core.may_retry(retries, deadline, _monotonic()):
                     raise
                 retries -= 1
 
@@ -446,15 +428,9 @@ class Client:
         now = _monotonic()
         if conn.watch.stale(now):
             conn.ping(now)
-        rid = conn.take_id()
-        if deadline is not None:
-            header = _wire.request(service, method, rid, _timeout_ms(max(0.001, deadline - now)),
+        rid, header = conn.request(service, method, payload,
+                                   None if deadline is None else max(0.001, deadline - now),
                                    1 if idempotent else 0, 0, metadata)
-        else:
-            header = _wire.request(service, method, rid, 0, 1 if idempotent else 0, 0, metadata)
-        too_big = _oversize("request", header, payload, conn.max_message_size)
-        if too_big is not None:
-            raise ResourceExhausted(too_big)
         try:
             conn.send((header, payload))
         except _ZMQError:
@@ -477,11 +453,7 @@ class Client:
             if not conn.dead:
                 self._cancel(conn, rid)
             raise
-        if header.kind == _REPLY:
-            if with_metadata:
-                return _payload(frames), dict(header.metadata)
-            return _payload(frames)
-        raise _calls.unary_failure(header)
+        return _core.unary_result(header, frames, with_metadata)
 
     @staticmethod
     def _cancel(conn, rid):
@@ -502,12 +474,7 @@ class Client:
         returned (CREDIT) as chunks are consumed. Closing the stream early
         (``close()``, leaving a ``with`` block, or dropping it) sends CANCEL.
         """
-        if timeout is None:
-            timeout = self.timeout
-        if timeout == NO_DEADLINE:
-            timeout = None
-        if metadata is None:
-            metadata = self.metadata
+        timeout, metadata = _core.options(self, timeout, metadata)
         return Stream(_StreamState(self, service, method, payload, timeout, metadata,
                                    max(1, int(window)), idempotent))
 
@@ -595,18 +562,16 @@ class _StreamState(_calls.StreamCore):
         self.conn = conn
         if conn.watch.stale(_monotonic()):
             conn.ping(_monotonic())
-        rid = self.rid = conn.take_id()
-        timeout_ms = 0
         if self.timeout is not None:
             self.deadline = _monotonic() + self.timeout
-            timeout_ms = _timeout_ms(self.timeout)
-        header = _wire.request(self.service, self.method, rid, timeout_ms, self.request_flags(),
-                               self.window, self.metadata)
-        too_big = _oversize("request", header, self.payload, conn.max_message_size)
-        if too_big is not None:
+        try:
+            rid, header = conn.request(self.service, self.method, self.payload, self.timeout,
+                                       self.request_flags(), self.window, self.metadata)
+        except ResourceExhausted as exc:
             self.finished = True
-            self.error = ResourceExhausted(too_big)
-            raise self.error
+            self.error = exc
+            raise
+        self.rid = rid
         conn.streams[rid] = self
         try:
             conn.send((header, self.payload))
@@ -702,58 +667,7 @@ class Stream(_calls.StreamHandle):
     close = _calls.StreamHandle.cancel
 
 
-# -- typed stubs ----------------------------------------------------------
-
-class _TypedStream:
-    """A Stream whose chunks are decoded into a protobuf message class."""
-
-    __slots__ = ("_stream", "_decode")
-
-    def __init__(self, stream, decode):
-        self._stream = stream
-        self._decode = decode
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self._decode(next(self._stream))
-
-    def __enter__(self):
-        self._stream.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._stream.__exit__(*exc)
-
-    def close(self):
-        return self._stream.close()
-
-    cancel = close
-
-    @property
-    def metadata(self):
-        return self._stream.metadata
-
-
-def _unary(client, service, name, request_cls, decode, idempotent, timeout, metadata):
-    def method(request, *, timeout=timeout, metadata=metadata, with_metadata=False):
-        if not isinstance(request, request_cls):
-            raise TypeError(f"{service}/{name} takes {request_cls.__name__}, "
-                            f"not {type(request).__name__}")
-        data = client.call(service, name, request.SerializeToString(), timeout=timeout,
-                           metadata=metadata, idempotent=idempotent,
-                           with_metadata=with_metadata)
-        if with_metadata:
-            return decode(data[0]), data[1]
-        return decode(data)
-    method.__name__ = name
-    method.__qualname__ = f"{service}.{name}"
-    return method
-
-
-_server_stream = _server_stream_maker(_TypedStream)
-
+# -- typed stubs (built in kelpie.stubs) --------------------------------
 
 class Stub(_AsyncStub):
     """One blocking method per RPC of a protobuf service.
@@ -765,8 +679,8 @@ class Stub(_AsyncStub):
     (:mod:`kelpie.stubs`), from whose descriptor logic this is built.
     """
 
-    _make_unary = staticmethod(_unary)
-    _make_server_stream = staticmethod(_server_stream)
+    _make_unary = staticmethod(_blocking_unary)
+    _make_server_stream = staticmethod(_blocking_server_stream)
 
     def __repr__(self):
         return f"<kelpie.sync.Stub {self._service}>"

@@ -1,0 +1,108 @@
+"""A call as its handler sees it: :class:`CallContext` (kelpie.worker).
+
+Owns one call's identity, deadline, cancellation reason, trailing metadata
+and stream window. The session creates it (kelpie._runners) and cancels it
+(kelpie._session); the handler reads it and adds trailing metadata. It calls
+nothing but the loop (to wait for window) and its own task.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping, Optional, Union
+
+from . import _wire
+
+__all__ = ["CallContext"]
+
+# Why a call's task was cancelled, so its answer carries the right code.
+_BY_CLIENT = 1
+_BY_DEADLINE = 2
+_BY_SHUTDOWN = 3
+_BY_SESSION_END = 4
+
+
+class CallContext:
+    """What a handler knows about its call, and what it can add to the answer.
+
+    ``service``, ``method``, ``request_id`` (the broker's dispatch id),
+    ``metadata`` (request metadata, ``dict[str, bytes]``), ``deadline`` (in
+    ``loop.time()`` seconds, or None), ``idempotent`` (the caller's flag).
+    ``cancelled()`` and ``time_remaining()`` may be called from any thread
+    (a ``def`` handler polls them to stop early).
+    """
+
+    __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
+                 "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
+                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld")
+
+    def __init__(self, worker, session, header):
+        self._worker = worker
+        self._session = session
+        self.service = header.service
+        self.method = header.method
+        self.request_id = header.request_id
+        md = header.metadata
+        self.metadata = dict(md) if md else {}
+        self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
+        self.deadline = None
+        self._mono_deadline = None
+        self._in_thread = False
+        self._task = None
+        self._timer = None
+        self._reason = 0
+        self._trailing = None
+        self._window = header.credits or _wire.DEFAULT_WINDOW
+        self._credit_waiter = None
+        self._orphan = False    # its registration is gone: its answer is dropped
+        self._withheld = False  # its slot was left out of a READY: CREDIT it back
+
+    def time_remaining(self) -> Optional[float]:
+        """Seconds left before the deadline (never negative), or None."""
+        # time.monotonic(), not loop.time(): uvloop's clock is a per-iteration
+        # cache that a thread must not read.
+        if self._mono_deadline is None:
+            return None
+        return max(0.0, self._mono_deadline - time.monotonic())
+
+    def set_trailing_metadata(self, metadata: Mapping[str, Union[bytes, str]]) -> None:
+        """Metadata (``dict[str, bytes|str]``) sent with the answer, success or error.
+
+        Raises ValueError/TypeError at once for keys or values KLP cannot carry.
+        """
+        self._trailing = _wire.check_metadata(metadata)
+
+    def add_trailing_metadata(self, key: str, value: Union[bytes, str]) -> None:
+        """Add one trailing metadata entry (checked like set_trailing_metadata)."""
+        entry = _wire.check_metadata({key: value})
+        if self._trailing is None:
+            self._trailing = {}
+        self._trailing.update(entry)
+
+    def cancelled(self) -> bool:
+        """True once the call was cancelled (by the client, its deadline or shutdown)."""
+        return self._reason != 0
+
+    # Stream flow control ------------------------------------------------
+
+    def _grant(self, n):
+        self._window += n
+        waiter = self._credit_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_window(self):
+        while self._window <= 0:
+            self._credit_waiter = self._worker._loop.create_future()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
+
+    def _cancel(self, reason):
+        if self._reason == 0:
+            self._reason = reason
+        # A thread cannot be interrupted: it sees cancelled() and its call is
+        # answered when it returns (that is when its slot is free again).
+        if self._task is not None and not self._in_thread:
+            self._task.cancel()

@@ -1,0 +1,108 @@
+"""The protocol core of both clients: one connection's state, no I/O.
+
+A client connection (the async client's socket, each thread's socket of the
+sync client) keeps one :class:`Conn`: the next request id, the broker's
+message size limit and the broker's health (a :class:`kelpie._liveness.
+BrokerWatch`). It builds what goes out (a REQUEST, size-checked; a ping)
+and judges what comes in that is not an answer to a call (a HEARTBEAT:
+limits, pings answered, a restarted broker). The functions below resolve a
+call's options, decide whether a call lost to a restart may be sent again,
+and turn a unary call's answer into its result or exception.
+
+The transports (kelpie.client with futures on an event loop, kelpie.sync
+with blocking sockets) do the sending, the waiting and the timers, and call
+down into this module, kelpie._calls (a call's state, error mapping) and
+kelpie._liveness; nothing here calls back up.
+"""
+
+from __future__ import annotations
+
+from . import _liveness, _wire
+from ._calls import payload as _payload
+from ._calls import timeout_ms as _timeout_ms
+from ._calls import unary_failure
+from ._liveness import NO_DEADLINE
+from .errors import ResourceExhausted
+
+_REPLY = _wire.REPLY
+_oversize = _wire.oversize
+
+
+class Conn:
+    """One connection's protocol state: request ids, limits, liveness."""
+
+    __slots__ = ("next_id", "max_message_size", "watch")
+
+    def __init__(self, heartbeat, liveness, now):
+        self.next_id = 1
+        # The broker's message size limit, from its HEARTBEAT (the client
+        # asks for one on connecting); the protocol default until then.
+        self.max_message_size = _wire.DEFAULT_MAX_MESSAGE_SIZE
+        self.watch = _liveness.BrokerWatch(heartbeat, liveness, now)
+
+    def take_id(self):
+        """The next request id (a counter, never reused)."""
+        rid = self.next_id
+        self.next_id = rid + 1
+        return rid
+
+    def request(self, service, method, payload, timeout, flags, window, metadata):
+        """A new call: ``(rid, header)``. ``timeout`` is seconds or None.
+
+        Raises :class:`kelpie.ResourceExhausted` (nothing taken but the id)
+        when the message would exceed the broker's size limit.
+        """
+        rid = self.take_id()
+        header = _wire.request(service, method, rid,
+                               _timeout_ms(timeout) if timeout is not None else 0,
+                               flags, window, metadata)
+        too_big = _oversize("request", header, payload, self.max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
+        return rid, header
+
+    def ping_frame(self, now):
+        """A ping to send now: a HEARTBEAT with the next call id, which the
+        broker echoes with its broker_id. Every call with a smaller id was
+        sent before it on the ordered pipe (kelpie._liveness)."""
+        self.watch.pinged(now)
+        return _wire.ping(self.take_id())
+
+    def heartbeat(self, header):
+        """A HEARTBEAT from the broker. Returns ``(lost_below, read_below)``
+        when it shows the broker restarted (kelpie._liveness), else None."""
+        if header.max_message_size:
+            self.max_message_size = header.max_message_size
+        return self.watch.on_heartbeat(header, self.next_id)
+
+
+def options(client, timeout, metadata):
+    """A call's ``(timeout, metadata)``: the client's where the call sets
+    none; ``timeout`` None when the call may wait forever."""
+    if timeout is None:
+        timeout = client.timeout
+    if metadata is None:
+        metadata = client.metadata
+    if timeout == NO_DEADLINE:
+        timeout = None
+    return timeout, metadata
+
+
+def retries(idempotent):
+    """How many times a call lost to a broker restart may be sent again."""
+    return _liveness.RESTART_RETRIES if idempotent else 0
+
+
+def may_retry(retries_left, deadline, now):
+    """Whether a call lost to a restart is sent again: it is idempotent
+    (``retries_left``) and its deadline (None: none) is not (nearly) past."""
+    return bool(retries_left) and (deadline is None or deadline - now > 0.001)
+
+
+def unary_result(header, frames, with_metadata):
+    """A unary call's answer as its result (REPLY) or raised exception."""
+    if header.kind == _REPLY:
+        if with_metadata:
+            return _payload(frames), dict(header.metadata)
+        return _payload(frames)
+    raise unary_failure(header)

@@ -1,0 +1,185 @@
+"""The handler table of a worker: what runs for each (service, method).
+
+Owns registration (``handler``, ``add_handler``, ``add_servicer``), where
+each handler runs (on the loop, in a thread, in a process: ``_Handler.kind``)
+and the protobuf wrappers that decode requests and encode replies. The
+session reads the table to build READY (``services``, ``methods``); the
+runners (kelpie._runners) look handlers up in it. It calls nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Optional
+
+from . import _executors
+from .stubs import decode_request, message_class, method_kind
+
+# Where a handler runs (_Handler.kind).
+_ON_LOOP = 0
+_IN_THREAD = 1
+_IN_PROCESS = 2
+_EXECUTORS = {None: None, "loop": _ON_LOOP, "thread": _IN_THREAD, "process": _IN_PROCESS}
+
+
+class _Handler:
+    __slots__ = ("fn", "stream", "name", "kind")
+
+    def __init__(self, fn, stream, name, kind=_ON_LOOP):
+        self.fn = fn
+        self.stream = stream
+        self.name = name
+        self.kind = kind
+
+
+class HandlerTable:
+    """Worker's registration methods (a mixin of :class:`kelpie.Worker`,
+    which owns ``_handlers`` and ``_running``)."""
+
+
+    def handler(self, service: str, method: str, *, stream: Optional[bool] = None,
+                executor: Optional[str] = None) -> Callable[[Callable], Callable]:
+        """Decorator: serve ``service``/``method`` with ``fn(payload, ctx)``.
+
+        ``async def h(payload: bytes, ctx: CallContext) -> bytes`` runs on the
+        loop; an async generator ``async def h(payload, ctx): yield chunk``
+        serves a stream (detected, or forced with ``stream=True``); a plain
+        ``def h(payload, ctx) -> bytes`` runs in the thread pool; with
+        ``executor="process"`` a plain, module-level ``def`` runs in the
+        process pool and gets a :class:`ProcessContext`.
+        """
+        def register(fn):
+            self.add_handler(service, method, fn, stream=stream, executor=executor)
+            return fn
+        return register
+
+    def add_handler(self, service: str, method: str, fn: Callable, *,
+                    stream: Optional[bool] = None, executor: Optional[str] = None) -> None:
+        """Register ``fn`` for ``service``/``method`` (see :meth:`handler`).
+
+        ``executor``: None (by the function's kind), ``"loop"``, ``"thread"``
+        or ``"process"``.
+        """
+        if not callable(fn):
+            raise TypeError("handler must be callable")
+        if executor not in _EXECUTORS:
+            raise ValueError(f"executor must be one of None, 'loop', 'thread', 'process', "
+                             f"not {executor!r}")
+        if self._running:
+            raise RuntimeError("register handlers before run()")
+        name = f"{service}/{method}"
+        is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \
+            inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+        if stream is None:
+            stream = inspect.isasyncgenfunction(fn)
+        kind = _EXECUTORS[executor]
+        if kind is None:
+            kind = _ON_LOOP if is_async else _IN_THREAD
+        if kind != _ON_LOOP:
+            if is_async:
+                raise ValueError(f"{name}: executor={executor!r} needs a plain def, "
+                                 "not an async function")
+            if stream or inspect.isgeneratorfunction(fn):
+                raise ValueError(f"{name}: streaming handlers must be async generators "
+                                 "(on the loop)")
+        if kind == _IN_PROCESS:
+            _executors.check_picklable(fn, name)
+        self._handlers[(service, method)] = _Handler(fn, bool(stream), name, kind)
+
+    def add_servicer(self, service_descriptor: Any, impl: Any, *,
+                     executor: Optional[str] = None) -> None:
+        """Serve a protobuf service with the methods of ``impl``.
+
+        Each RPC method ``M`` of the service maps to ``impl.M(request, ctx)``:
+        an async function returning the reply message (unary) or an async
+        generator yielding reply messages (server streaming). Requests are
+        decoded and replies encoded with the service's message classes.
+        Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
+        Plain ``def`` methods run in the thread pool; with
+        ``executor="process"`` every unary method runs in the process pool
+        (``impl`` is pickled with each call: an instance of a module-level
+        class with picklable state).
+        """
+        service = service_descriptor.full_name
+        count = 0
+        for m in service_descriptor.methods:
+            fn = getattr(impl, m.name, None)
+            if fn is None:
+                continue
+            kind = method_kind(m)
+            decode = functools.partial(decode_request, message_class(m.input_type))
+            reply_cls = message_class(m.output_type)
+            if kind == "unary" and executor == "process":
+                self.add_handler(service, m.name,
+                                 functools.partial(_typed_call, fn, message_class(m.input_type),
+                                                   reply_cls),
+                                 stream=False, executor="process")
+            elif kind == "unary" and not inspect.iscoroutinefunction(fn):
+                self.add_handler(service, m.name, _typed_sync(fn, decode, reply_cls),
+                                 stream=False, executor=executor or "thread")
+            elif kind == "unary":
+                self.add_handler(service, m.name, _typed_unary(fn, decode, reply_cls),
+                                 stream=False)
+            elif kind == "server_stream":
+                self.add_handler(service, m.name, _typed_stream(fn, decode, reply_cls),
+                                 stream=True)
+            else:
+                raise ValueError(f"{service}/{m.name}: {kind} methods are not supported")
+            count += 1
+        if count == 0:
+            raise ValueError(f"{type(impl).__name__} implements no method of {service}")
+
+    @property
+    def services(self) -> list:
+        return sorted({service for service, _ in self._handlers})
+
+    @property
+    def methods(self) -> list:
+        """What READY lists as ``methods``: ``"service/method"`` for every
+        handler, so that the broker routes a call only to a worker that has
+        its method (two workers may serve different methods of a service)."""
+        return sorted(f"{service}/{method}" for service, method in self._handlers)
+
+
+def _typed_unary(fn, decode, reply_cls):
+    async def handler(payload, ctx):
+        reply = await fn(decode(payload), ctx)
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        return reply.SerializeToString()
+    return handler
+
+
+def _typed_sync(fn, decode, reply_cls):
+    def handler(payload, ctx):
+        reply = fn(decode(payload), ctx)
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        return reply.SerializeToString()
+    return handler
+
+
+def _typed_call(fn, request_cls, reply_cls, payload, ctx):
+    """A servicer method in a pool process (module level: it is pickled by name)."""
+    reply = fn(decode_request(request_cls, payload), ctx)
+    if not isinstance(reply, reply_cls):
+        raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                        f"expected {reply_cls.__name__}")
+    return reply.SerializeToString()
+
+
+def _typed_stream(fn, decode, reply_cls):
+    async def handler(payload, ctx):
+        agen = fn(decode(payload), ctx)
+        try:
+            async for reply in agen:
+                if not isinstance(reply, reply_cls):
+                    raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                                    f"expected {reply_cls.__name__}")
+                yield reply.SerializeToString()
+        finally:
+            await agen.aclose()
+    return handler

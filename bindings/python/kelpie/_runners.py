@@ -1,0 +1,360 @@
+"""Running a call: the three executors, the answer and its error mapping.
+
+Owns what happens to a REQUEST once the session has read it: the eager
+start of an ``async def`` handler and the task that finishes it, stepping
+its coroutine with each step timed (``_drive``), the thread pool and process
+pool runs, streams and their window, the REPLY / END / ERROR that ends every
+call (size-checked; an orphan's dropped), and the mapping of a handler's
+exception or cancellation reason to a status code. Calls go down: to the
+call's context, the executors (kelpie._executors) and the session's send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import types
+
+from . import _executors, _wire
+from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
+from ._handlers import _IN_THREAD, _ON_LOOP
+from ._status import StatusCode
+from .errors import ResourceExhausted, RpcError
+
+log = logging.getLogger("kelpie.worker")
+
+_oversize = _wire.oversize
+_FRESH = object()  # _drive: the coroutine has not been started yet
+_clock = time.monotonic
+
+
+def _drive(coro, yielded, worker, name):
+    """Drive ``coro`` step by step, timing each step on the loop.
+
+    ``yielded`` is what ``coro`` already yielded to its caller (it was
+    stepped outside of any task: the eager start), or _FRESH. Values and
+    exceptions the task sends in are passed through, so cancellation reaches
+    ``coro``. A step that holds the loop longer than the worker's stall
+    threshold is reported to the worker under ``name`` (the handler that
+    blocked the loop), two clock reads per step.
+    """
+    slow = worker._slow_step
+    if yielded is _FRESH:
+        t0 = _clock()
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            if _clock() - t0 > slow:
+                worker._blocked_in(name, _clock() - t0)
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # noqa: B036 - forwarded to the coroutine
+            t0 = _clock()
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                if _clock() - t0 > slow:
+                    worker._blocked_in(name, _clock() - t0)
+        else:
+            t0 = _clock()
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            finally:
+                if _clock() - t0 > slow:
+                    worker._blocked_in(name, _clock() - t0)
+
+
+_drive_coro = types.coroutine(_drive)
+
+
+_SKIPPED = object()
+
+
+def _thread_entry(fn, payload, ctx):
+    # A call that waited for a free thread past its deadline (or was
+    # cancelled meanwhile) is not started at all.
+    if ctx._reason:
+        return _SKIPPED
+    return fn(payload, ctx)
+
+
+class _Oversized(ResourceExhausted):
+    """An answer over the broker's message size limit, refused before sending:
+    the call ends with ERROR RESOURCE_EXHAUSTED flagged OVERSIZED instead."""
+
+
+def _as_bytes(value, what):
+    if value is None:
+        return b""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return value
+    raise TypeError(f"{what} returned {type(value).__name__}, expected bytes")
+
+
+class Runners:
+    """Worker's call-running methods (a mixin of :class:`kelpie.Worker`)."""
+
+    async def _on_request(self, session, header, frames):
+        rid = header.request_id
+        handler = self._handlers.get((header.service, header.method))
+        if handler is None:
+            await self._send(session, _wire.error(
+                rid, StatusCode.UNIMPLEMENTED,
+                f"{header.service}/{header.method} is not served by {self.name}"))
+            return
+        n = len(frames)
+        payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
+        ctx = CallContext(self, session, header)
+        if header.timeout_ms:
+            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        if handler.kind != _ON_LOOP:
+            session.calls[rid] = ctx
+            if handler.kind == _IN_THREAD:
+                ctx._in_thread = True
+                ctx._task = self._loop.create_task(
+                    self._run_in_thread(session, ctx, handler, payload))
+            else:
+                ctx._task = self._loop.create_task(
+                    self._run_in_process(session, ctx, handler, payload))
+            if ctx.deadline is not None:
+                ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+            return
+        if handler.stream:
+            ctx._task = self._loop.create_task(_drive_coro(
+                self._run_stream(session, ctx, handler, payload), _FRESH, self, handler.name))
+            session.calls[rid] = ctx
+            return
+        # Eager start: step the coroutine here; most handlers finish at once.
+        t0 = _clock()
+        try:
+            coro = handler.fn(payload, ctx)
+            if not inspect.iscoroutine(coro):
+                result = coro
+            else:
+                yielded = coro.send(None)
+                if _clock() - t0 > self._slow_step:
+                    self._blocked_in(handler.name, _clock() - t0)
+                session.calls[rid] = ctx
+                ctx._task = self._loop.create_task(
+                    self._finish_unary(session, ctx, handler, coro, yielded))
+                if ctx.deadline is not None:
+                    ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+                return
+        except StopIteration as stop:
+            result = stop.value
+        except BaseException as exc:  # noqa: B036 - every failure is answered
+            if _clock() - t0 > self._slow_step:
+                self._blocked_in(handler.name, _clock() - t0)
+            await self._answer_error(session, ctx, exc, handler)
+            return
+        if _clock() - t0 > self._slow_step:
+            self._blocked_in(handler.name, _clock() - t0)
+        try:
+            body = _as_bytes(result, handler.name)
+        except TypeError as exc:
+            await self._answer_error(session, ctx, exc, handler)
+            return
+        header = _wire.reply(rid, ctx._trailing)
+        if _oversize("reply", header, body, self._max_message_size) is not None:
+            await self._send_answer(session, ctx, header, body, "reply")
+            return
+        self.served += 1
+        # The hot path: _send inlined (the reader runs, so the session is live).
+        await session.sock.send_multipart((header, body))
+
+    async def _finish_unary(self, session, ctx, handler, coro, yielded):
+        try:
+            result = await _drive_coro(coro, yielded, self, handler.name)
+            body = _as_bytes(result, handler.name)
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            await self._reply(session, ctx, body)
+        finally:
+            self._forget(session, ctx)
+
+    async def _run_in_thread(self, session, ctx, handler, payload):
+        # Not cancelled by ctx._cancel (a thread cannot be interrupted): the
+        # call is answered when the thread returns, with what _cancel
+        # decided if it was cancelled meanwhile (the broker has answered the
+        # caller already and drops ours, which only returns the slot).
+        self._threads_busy += 1
+        try:
+            result = await self._loop.run_in_executor(self._thread_pool, _thread_entry, handler.fn,
+                                                      payload, ctx)
+            if inspect.iscoroutine(result):
+                result.close()
+                raise TypeError(f"{handler.name} returned a coroutine from a thread: "
+                                "register it as an async function")
+            if ctx._reason:
+                raise asyncio.CancelledError()
+            body = _as_bytes(result, handler.name)
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            await self._reply(session, ctx, body)
+        finally:
+            self._threads_busy -= 1
+            self._forget(session, ctx)
+
+    async def _run_in_process(self, session, ctx, handler, payload):
+        pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
+                                         ctx.idempotent, ctx._mono_deadline)
+        try:
+            answer = await self._process_pool.run(handler.fn, payload, pctx)
+            if answer[0] == "ok":
+                _, body, trailing = answer
+                if trailing:
+                    ctx._trailing = trailing
+            elif answer[0] == "error":
+                _, code, message, metadata = answer
+                raise RpcError(code, message, metadata)
+            else:
+                _, message, text, trailing = answer
+                if trailing:
+                    ctx._trailing = trailing
+                log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
+                raise RpcError(StatusCode.INTERNAL, message)
+        except _executors.ChildDied as exc:
+            log.error("%s: %s while running the call", handler.name, exc)
+            await self._answer_error(session, ctx, RpcError(
+                StatusCode.INTERNAL, f"{handler.name}: {exc}"), handler)
+        except BaseException as exc:  # noqa: B036
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            await self._reply(session, ctx, body)
+        finally:
+            self._forget(session, ctx)
+
+    async def _run_stream(self, session, ctx, handler, payload):
+        rid = ctx.request_id
+        if ctx.deadline is not None:
+            ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+        agen = None
+        try:
+            agen = handler.fn(payload, ctx)
+            seq = 0
+            while True:
+                if ctx._window <= 0:
+                    await ctx._wait_window()
+                try:
+                    item = await agen.__anext__()
+                except StopAsyncIteration:
+                    break
+                ctx._window -= 1
+                header, body = _wire.chunk(rid, seq), _as_bytes(item, handler.name)
+                too_big = _oversize("chunk", header, body, self._max_message_size)
+                if too_big is not None:
+                    log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
+                                too_big)
+                    raise _Oversized(too_big)
+                await self._answer(session, ctx, header, body)
+                seq += 1
+        except BaseException as exc:  # noqa: B036
+            if agen is not None:
+                try:
+                    await agen.aclose()
+                except BaseException:  # noqa: B036
+                    pass
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
+        finally:
+            self._forget(session, ctx)
+
+    async def _reply(self, session, ctx, body):
+        """Answer a unary call that ran to the end (counted if it went)."""
+        if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+                                   body, "reply"):
+            self.served += 1
+
+    async def _answer(self, session, ctx, *frames):
+        if not ctx._orphan:  # an orphan's answer is dropped (module doc, "Orphans")
+            await self._send(session, *frames)
+
+    async def _answer_ok(self, session, ctx, *frames):
+        if not ctx._orphan:
+            self.served += 1
+            await self._send(session, *frames)
+
+    async def _send_answer(self, session, ctx, header, body, what):
+        """Send a REPLY, unless it is over the broker's message size limit:
+        the broker's socket would drop this worker's connection for it, and
+        every other call on it. Then the call ends with ERROR
+        RESOURCE_EXHAUSTED flagged OVERSIZED instead (the broker counts it).
+        Returns whether the answer itself went."""
+        if ctx._orphan:
+            return False  # dropped: nobody waits for it (module doc, "Orphans")
+        too_big = _oversize(what, header, body, self._max_message_size)
+        if too_big is None:
+            await self._send(session, header, body)
+            return True
+        self.failed += 1
+        log.warning("%s/%s: %s; answered RESOURCE_EXHAUSTED instead", ctx.service, ctx.method,
+                    too_big)
+        await self._send(session, _wire.error(ctx.request_id, StatusCode.RESOURCE_EXHAUSTED,
+                                              too_big, flags=_wire.OVERSIZED))
+        return False
+
+    def _forget(self, session, ctx):
+        if ctx._timer is not None:
+            ctx._timer.cancel()
+        if ctx._orphan:
+            self._orphans.discard(ctx)
+            self.orphan_answers_dropped += 1
+            current = self._session
+            if ctx._withheld and current is not None and not current.ending \
+                    and not self._stopping:
+                self._spawn(self._send(current, _wire.credit(1)))
+            return
+        session.calls.pop(ctx.request_id, None)
+        if self._drained is not None and not session.calls and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def _answer_error(self, session, ctx, exc, handler):
+        if ctx._orphan and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return  # nobody waits for it any more (the module doc, "Orphans")
+        if isinstance(exc, asyncio.CancelledError):
+            reason = ctx._reason
+            if reason == _BY_DEADLINE:
+                code, message = StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (worker)"
+            elif reason == _BY_SHUTDOWN:
+                code, message = StatusCode.UNAVAILABLE, "worker shutting down"
+            elif reason == _BY_SESSION_END:
+                return  # the broker already forgot this call
+            else:
+                code, message = StatusCode.CANCELLED, "cancelled"
+            metadata = ctx._trailing
+        elif isinstance(exc, RpcError):
+            code, message = exc.code, exc.message
+            metadata = {**(ctx._trailing or {}), **exc.metadata} if exc.metadata \
+                else ctx._trailing
+        elif isinstance(exc, Exception):
+            if isinstance(exc, MemoryError):
+                self.memory_errors += 1
+            log.exception("%s raised", handler.name, exc_info=exc)
+            code, message = StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            metadata = ctx._trailing
+        else:
+            raise exc  # KeyboardInterrupt, SystemExit: not ours to swallow
+        self.failed += 1
+        try:
+            frame = _wire.error(ctx.request_id, code, message, metadata,
+                                _wire.OVERSIZED if isinstance(exc, _Oversized) else 0)
+        except (TypeError, ValueError) as bad:
+            # Metadata that cannot be encoded (an RpcError's): the call must
+            # still be answered, or its slot would never come back.
+            frame = _wire.error(ctx.request_id, StatusCode.INTERNAL,
+                                f"{handler.name}: unsendable error metadata: {bad}")
+        await self._send(session, frame)
+

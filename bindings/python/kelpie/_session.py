@@ -1,0 +1,305 @@
+"""A worker's registration with the broker: the session and its reconnects.
+
+Owns :meth:`Worker.run` (one session after another, backing off when they
+keep failing), opening a session (socket, READY, Pulse), the read loop that
+routes what the broker sends (REQUEST to the runners, CANCEL and CREDIT to
+the call's context, HEARTBEAT, DISCONNECT, ERROR), a broker restart
+(``broker_id``), orphaning the calls a session loses, and :meth:`Worker.stop`.
+Calls go down: to kelpie._runners for a REQUEST, to kelpie._context to
+cancel or grant window, to kelpie._stalls for the Pulse ticks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+
+from . import _executors, _stalls, _wire, _zmq
+from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
+from ._handlers import _IN_PROCESS, _IN_THREAD
+from ._stalls import _StackWatch
+from ._status import StatusCode
+
+log = logging.getLogger("kelpie.worker")
+
+_REQUEST = _wire.REQUEST
+_CANCEL = _wire.CANCEL
+_CREDIT = _wire.CREDIT
+
+
+class _Session:
+    """One registration with the broker: a socket and what runs on it."""
+
+    __slots__ = ("sock", "calls", "ending", "last_recv", "last_ready", "reader", "pulse")
+
+    def __init__(self, sock, now):
+        self.sock = sock
+        self.calls = {}
+        self.ending = False
+        self.last_recv = now
+        self.reader = None
+        self.last_ready = 0.0
+        self.pulse = None
+
+
+class Session:
+    """Worker's session methods (a mixin of :class:`kelpie.Worker`)."""
+
+
+    async def run(self) -> None:
+        """Register with the broker and serve until :meth:`stop` (or cancellation)."""
+        if not self._handlers:
+            raise RuntimeError("no handlers registered")
+        if self._running:
+            raise RuntimeError("worker is already running")
+        self._running = True
+        self._loop = loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        own_context = self._context is None
+        context = _zmq.Context() if own_context else self._context
+        watchdog = bool(self.stall_threshold)
+        if watchdog:
+            _stalls.watchdog_start()
+        if watchdog:
+            self._stack_watch = _StackWatch(threading.get_ident(), self._watchdog_timeout)
+        backoff = 0.0
+        try:
+            kinds = {h.kind for h in self._handlers.values()}
+            if _IN_THREAD in kinds:
+                self._thread_pool = concurrent.futures.ThreadPoolExecutor(
+                    self.threads, thread_name_prefix="kelpie-handler")
+            if _IN_PROCESS in kinds:
+                self._process_pool = _executors.ProcessPool(self.processes, loop)
+                self._process_pool.start()
+            while not self._stopping:
+                session = await self._open(context)
+                reader = session.reader = loop.create_task(self._read_loop(session))
+                pulse = loop.create_task(self._pulse_loop(session, reader))
+                registered_at = loop.time()
+                try:
+                    await reader
+                except asyncio.CancelledError:
+                    if not session.ending:
+                        raise  # run() itself was cancelled
+                except Exception:
+                    log.exception("worker session failed; registering again")
+                finally:
+                    pulse.cancel()
+                    reader.cancel()
+                    await self._end_session(session)
+                if self._stopping:
+                    break
+                # Back off only when sessions keep failing quickly.
+                backoff = 0.0 if loop.time() - registered_at > 5 * self.heartbeat else \
+                    min(1.0, backoff * 2 or 0.05)
+                await asyncio.sleep(backoff)
+        finally:
+            self._running = False
+            if watchdog:
+                _stalls.watchdog_end()
+            if self._stack_watch is not None:
+                self._stack_watch.stop()
+                self._stack_watch = None
+            if self._process_pool is not None:
+                await self._process_pool.close()
+            if self._thread_pool is not None:
+                # Threads still running a handler that ignores ctx.cancelled()
+                # finish on their own; the process exits once they have.
+                self._thread_pool.shutdown(wait=False, cancel_futures=True)
+            if own_context:
+                context.term()
+            self._stop_event.set()
+
+    async def _open(self, context):
+        sock = context.socket(_zmq.DEALER)
+        sock.setsockopt(_zmq.LINGER, 0)
+        sock.setsockopt(_zmq.SNDHWM, 0)
+        sock.setsockopt(_zmq.RCVHWM, 0)
+        sock.connect(self.backend)
+        session = _Session(sock, self._loop.time())
+        self._session = session
+        # READY goes first (nothing may precede it), then the heartbeat thread.
+        session.last_ready = self._loop.time()
+        await self._send(session, _wire.ready(self.services, self._offer(),
+                                              int(self.heartbeat * 1000), self.name,
+                                              self.methods))
+        session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
+                                   self.heartbeat, stall_message=_wire.status(_wire.STALLED),
+                                   stall_threshold=self.stall_threshold)
+        log.debug("registered with %s as %s", self.backend, self.name)
+        return session
+
+    def _offer(self):
+        """The credits a READY offers: ``concurrency`` minus the orphans still
+        running (each gives its slot back with CREDIT when it ends)."""
+        if self._stopping:
+            return 0
+        for ctx in self._orphans:
+            ctx._withheld = True
+        return max(0, self.concurrency - len(self._orphans))
+
+    def _orphan_calls(self, session, why):
+        """Orphan every call of ``session``: the broker no longer knows them."""
+        calls = list(session.calls.values())
+        session.calls.clear()
+        if not calls:
+            return
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # stop() waits for these no more
+        self.orphaned += len(calls)
+        for ctx in calls:
+            ctx._orphan = True
+            self._orphans.add(ctx)
+            ctx._cancel(_BY_SESSION_END)
+        log.warning("%s: %d running call%s orphaned (cancelled; %s answer%s will be dropped)",
+                    why, len(calls), "" if len(calls) == 1 else "s",
+                    "its" if len(calls) == 1 else "their", "" if len(calls) == 1 else "s")
+
+    def _send_ready(self, session, credits):
+        session.last_ready = self._loop.time()
+        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name,
+                             self.methods)
+        self._spawn(self._send(session, header))
+
+    async def _end_session(self, session):
+        session.ending = True
+        calls = list(session.calls.values())
+        self._orphan_calls(session, "session ended")
+        tasks = [ctx._task for ctx in calls if ctx._task is not None]
+        if tasks:
+            # Those still running after this (threads) stay orphans: the
+            # next READY leaves their slots out.
+            await asyncio.wait(tasks, timeout=1.0)
+        if self._session is session:
+            self._session = None
+        if session.pulse is not None:
+            session.pulse.stop()  # before the socket it sends on goes away
+        # Leaving on purpose: give the DISCONNECT a moment to reach the wire
+        # (linger 0 would drop it and the broker would wait out the
+        # heartbeats). A lost session has nothing worth flushing.
+        session.sock.close(linger=200 if self._stopping else 0)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain: announce 0 credits, let calls finish for ``grace`` s, then leave.
+
+        Calls still running after ``grace`` are cancelled and answered
+        UNAVAILABLE. Returns once :meth:`run` has returned.
+        """
+        if self._stop_event is None:
+            self._stopping = True
+            return
+        if self._stopping:
+            await self._stop_event.wait()
+            return
+        self._stopping = True
+        session = self._session
+        loop = self._loop
+        if session is not None and not session.ending:
+            self._send_ready(session, 0)
+            end = loop.time() + grace
+            # A REQUEST the broker sent before it read our READY(0) may still
+            # be on its way: wait a moment (KLP has no acknowledgement of
+            # READY) so that it is run, not lost with the DISCONNECT.
+            await asyncio.sleep(min(grace, self._SETTLE))
+            while session.calls and loop.time() < end and not session.ending:
+                self._drained = loop.create_future()
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._drained), end - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            for ctx in list(session.calls.values()):
+                ctx._cancel(_BY_SHUTDOWN)
+            tasks = [c._task for c in session.calls.values() if c._task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            if not session.ending:
+                session.pulse.stop()  # no HEARTBEAT after DISCONNECT
+                await self._send(session, _wire.DISCONNECT_FRAME)
+                session.ending = True
+                if session.reader is not None:
+                    session.reader.cancel()
+        await self._stop_event.wait()
+
+    _SETTLE = 0.2
+
+
+    async def _send(self, session, *frames):
+        if session.ending and frames[0] is not _wire.DISCONNECT_FRAME:
+            return
+        await session.sock.send_multipart(frames)
+
+
+    async def _read_loop(self, session):
+        recv = session.sock.recv_multipart
+        parse = _wire.parse
+        loop = self._loop
+        calls = session.calls
+        while True:
+            frames = await recv()
+            session.last_recv = loop.time()
+            try:
+                header = parse(frames[0])
+            except Exception:
+                log.warning("undecodable header from the broker; dropped")
+                continue
+            kind = header.kind
+            if kind == _REQUEST:
+                if header.version != _wire.VERSION:
+                    await self._send(session, _wire.error(
+                        header.request_id, StatusCode.FAILED_PRECONDITION,
+                        f"worker speaks KLP version {_wire.VERSION}, not {header.version}"))
+                    continue
+                await self._on_request(session, header, frames)
+            elif kind == _CANCEL:
+                ctx = calls.get(header.request_id)
+                if ctx is not None:
+                    ctx._cancel(_BY_CLIENT)
+            elif kind == _CREDIT:
+                ctx = calls.get(header.request_id)
+                if ctx is not None:
+                    ctx._grant(header.credits)
+            elif kind == _wire.HEARTBEAT:
+                if header.heartbeat_ms:
+                    self._broker_heartbeat = header.heartbeat_ms / 1000.0
+                if header.broker_id and header.broker_id != self._broker_id:
+                    self._on_new_broker(session, header.broker_id)
+                if header.max_message_size:
+                    self._max_message_size = header.max_message_size
+            elif kind == _wire.DISCONNECT:
+                log.info("broker sent DISCONNECT: reconnecting")
+                session.ending = True
+                return
+            elif kind == _wire.ERROR:
+                if header.code == StatusCode.FAILED_PRECONDITION:
+                    # The broker does not know us (it restarted, or gave us up
+                    # while our loop was blocked): register again. It answers
+                    # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
+                    # its id); at most once per 0.2 s, so a broker refusing
+                    # our READY too (another protocol version) is not flooded.
+                    # Whatever we were running was dispatched before the
+                    # broker forgot us (the pipe is ordered): orphans.
+                    self._orphan_calls(session, "the broker does not know this worker")
+                    if loop.time() - session.last_ready >= 0.2:
+                        log.info("broker: %s; registering again", header.message)
+                        self._send_ready(session, self._offer())
+                else:
+                    log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
+                                header.message)
+
+    def _on_new_broker(self, session, broker_id):
+        """A HEARTBEAT with a new ``broker_id``. The first one from an
+        instance is its welcome, sent before it dispatches anything to us, so
+        every call running now came from the previous instance."""
+        known, self._broker_id = self._broker_id, broker_id
+        if not known:
+            return
+        self.broker_restarts += 1
+        log.warning("broker at %s restarted (broker_id %016x -> %016x)", self.backend, known,
+                    broker_id)
+        if session.calls:
+            self._orphan_calls(session, "broker restarted")
+            # Our READY offered those slots: offer them again, less the orphans.
+            self._send_ready(session, self._offer())
+
