@@ -149,18 +149,15 @@ PyObject *kp_loop_new_future(kp_socket *self)
     return PyObject_CallNoArgs(self->create_future);
 }
 
-/* Registers the nudge eventfd's reader (the bound method _on_nudge) with
- * the bound loop, if the socket has one and it is not registered yet. */
-static int loop_watch_nudge(kp_socket *self)
+/* loop.add_reader(fdnum, callback) on the bound loop. Returns 0, or -1
+ * with an exception set. */
+static int loop_add_reader(kp_socket *self, int fdnum, PyObject *callback)
 {
-    if (self->nudge_fd < 0 || self->nudge_watched) {
-        return 0;
-    }
-    PyObject *fd = PyLong_FromLong(self->nudge_fd);
+    PyObject *fd = PyLong_FromLong(fdnum);
     if (fd == NULL) {
         return -1;
     }
-    PyObject *args[] = {self->loop, fd, self->on_nudge};
+    PyObject *args[] = {self->loop, fd, callback};
     PyObject *r = PyObject_VectorcallMethod(self->st->str_add_reader, args,
                                             3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     Py_DECREF(fd);
@@ -168,6 +165,19 @@ static int loop_watch_nudge(kp_socket *self)
         return -1;
     }
     Py_DECREF(r);
+    return 0;
+}
+
+/* Registers the nudge eventfd's reader (the bound method _on_nudge) with
+ * the bound loop, if the socket has one and it is not registered yet. */
+static int loop_watch_nudge(kp_socket *self)
+{
+    if (self->nudge_fd < 0 || self->nudge_watched) {
+        return 0;
+    }
+    if (loop_add_reader(self, self->nudge_fd, self->on_nudge) < 0) {
+        return -1;
+    }
     self->nudge_watched = 1;
     return 0;
 }
@@ -177,18 +187,9 @@ int kp_loop_watch(kp_socket *self)
     if (self->reader) {
         return 0;
     }
-    PyObject *fd = PyLong_FromLong(self->fd);
-    if (fd == NULL) {
+    if (loop_add_reader(self, self->fd, self->on_fd) < 0) {
         return -1;
     }
-    PyObject *args[] = {self->loop, fd, self->on_fd};
-    PyObject *r = PyObject_VectorcallMethod(self->st->str_add_reader, args,
-                                            3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    Py_DECREF(fd);
-    if (r == NULL) {
-        return -1;
-    }
-    Py_DECREF(r);
     self->reader = 1;
     /* The nudge eventfd is watched exactly while the reader is. */
     return loop_watch_nudge(self);
