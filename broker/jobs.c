@@ -870,13 +870,13 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     b->stats.jobs_dispatched++;
-    struct watch *wt = zhashx_lookup(engine(b)->watches, r->id.s);
-    if (wt) {
-        r->watch = wt;
-        wt->run = r;
-        wt->tail_len = 0;
-        watch_notice(b, wt, "running", r->attempt, NULL, NULL);
-    }
+    /* Every attempt's start is an event, so a watcher who comes late
+     * still sees which attempt the events that follow belong to. */
+    struct watch *wt = watch_get(b, &r->id);
+    r->watch = wt;
+    wt->run = r;
+    wt->tail_len = 0;
+    watch_notice(b, wt, "running", r->attempt, NULL, NULL);
     return true;
 }
 
