@@ -194,7 +194,8 @@ struct kp_engine {
     uint64_t next_look, next_expire;
     struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng; /* backoff jitter */
+    uint64_t rng;       /* backoff jitter */
+    size_t outstanding; /* requests in the journal */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -509,6 +510,7 @@ static bool op_put(struct kp_broker *b, struct op *o)
         return false;
     }
     o->req = NULL; /* the journal's until take() */
+    e->outstanding++;
     return true;
 }
 
@@ -1306,6 +1308,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
     struct kp_journal_req *r;
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
+        e->outstanding--;
         switch (o->kind) {
         case OP_SUBMIT:
             done_submit(b, o, r);
@@ -2027,6 +2030,75 @@ uint64_t kp_jobs_next_wake(struct kp_broker *b)
 bool kp_jobs_busy(const struct kp_broker *b)
 {
     return b->jobs && (!kp_list_empty(&b->jobs->pending) || !kp_list_empty(&b->job_pending));
+}
+
+void kp_jobs_settle(struct kp_broker *b, int timeout_ms)
+{
+    struct kp_engine *e = engine(b);
+    uint64_t end = (uint64_t)zclock_mono() + (uint64_t)timeout_ms;
+    while (e && e->journal && e->outstanding > 0 && (uint64_t)zclock_mono() < end) {
+        zmq_pollitem_t item = {NULL, kp_journal_fd(e->journal), ZMQ_POLLIN, 0};
+        zmq_poll(&item, 1, 10);
+        kp_jobs_on_completions(b);
+    }
+}
+
+const char *kp_jobs_check(const struct kp_broker *b)
+{
+    const struct kp_engine *e = b->jobs;
+    if (e == NULL)
+        return NULL;
+    void *it;
+    size_t claims = 0;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        const struct jobq *q = it;
+        size_t held = 0;
+        for (const struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
+            const struct run *r = kp_container_of(l, struct run, held_link);
+            if (r->q != q || r->call != NULL || r->ended)
+                return "a held job is another queue's, dispatched or ended";
+            held++;
+        }
+        if (held != q->nheld)
+            return "a job queue's held count differs from its held list";
+        if (q->running < q->nheld)
+            return "a job queue runs fewer jobs than it holds";
+        if (q->claims_out > JOBS_CLAIMS_OUT || (q->claims_out == 0) != (q->claiming == 0))
+            return "a job queue's claims in the journal are miscounted";
+        if (q->svc != kp_services_find(&b->queues, q->name))
+            return "a job queue is not its own service in the queue registry";
+        claims += q->claims_out;
+    }
+    if (claims > e->outstanding)
+        return "more claims than requests in the journal";
+    size_t pos = 0;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL) {
+        if (c->job == NULL)
+            continue;
+        const struct run *r = c->job;
+        if (r->call != c || c->service != r->q->svc || c->client != NULL)
+            return "a job's call does not point back at its attempt";
+        if (c->state == KP_CALL_ORPHANED && !r->ended)
+            return "an orphaned job call's attempt was not ended";
+        if (r->watch && r->watch->run == r && r->ended)
+            return "a watch follows an attempt that has ended";
+    }
+    for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+        const struct watch *w = it;
+        if (w->run && (w->run->watch != w || w->run->call == NULL))
+            return "a watch's running attempt is not its own or not dispatched";
+        if (w->nevents > JOBS_EVENTS_MAX || w->bytes > JOBS_EVENTS_BYTES)
+            return "a job's event buffer is over its bounds";
+        if (w->tail_len > JOBS_TAIL_BYTES)
+            return "a job's output tail is over its bound";
+        for (const struct kp_list *l = w->watchers.next; l != &w->watchers; l = l->next) {
+            const struct watcher *wr = kp_container_of(l, struct watcher, link);
+            if (wr->w != w || zhashx_lookup(e->watchers, wr->key) != wr)
+                return "a watcher is not in the index or not its watch's";
+        }
+    }
+    return NULL;
 }
 
 int kp_jobs_fd(struct kp_broker *b)
