@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "auth.h"
 #include "broker.h"
 #include "budget.h"
 #include "call.h"
@@ -67,12 +68,13 @@ struct kp_broker {
     uint32_t shutdown_grace_ms;   /* drain time on the first stop request */
 
     /* sockets */
-    void *ctx;      /* ZeroMQ context */
-    bool own_ctx;   /* we created ctx and terminate it */
-    void *frontend; /* ROUTER, clients */
-    void *backend;  /* ROUTER, workers */
-    void *intake;   /* PULL, one-way producers */
-    int wake[2];    /* self-pipe: kp_broker_stop() writes, the loop reads */
+    void *ctx;            /* ZeroMQ context */
+    bool own_ctx;         /* we created ctx and terminate it */
+    void *frontend;       /* ROUTER, clients */
+    void *backend;        /* ROUTER, workers */
+    void *intake;         /* PULL, one-way producers */
+    int wake[2];          /* self-pipe: kp_broker_stop() and kp_broker_reload() write */
+    struct kp_auth *auth; /* CURVE and allow-lists (--key); NULL: no authentication */
 
     /* state */
     enum kp_broker_state state;  /* see above */
@@ -113,6 +115,16 @@ static inline uint64_t kp_broker_grace_ms(const struct kp_broker *b)
 static inline bool kp_broker_in_grace(const struct kp_broker *b)
 {
     return b->now - b->started < kp_broker_grace_ms(b);
+}
+
+/* Returns the z85 public key of the peer that sent the message being
+ * handled (ZAP's User-Id on its header frame hdr_index), or NULL without
+ * CURVE. */
+static inline const char *kp_broker_peer_key(struct kp_broker *b, size_t hdr_index)
+{
+    if (b->auth == NULL || b->in.nframes <= hdr_index)
+        return NULL;
+    return kp_auth_peer_key(&b->in.frames[hdr_index]);
 }
 
 /* ---- send.c: sending, errors and refusals ----------------------------- */

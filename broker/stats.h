@@ -59,7 +59,16 @@
     XX(heartbeats_sent)           /* HEARTBEATs sent */                                            \
     XX(heartbeats_received)       /* HEARTBEATs received */                                        \
     XX(broker_calls)              /* calls to kelpie.broker */                                     \
-    XX(shutdown_rejected)         /* REQUESTs refused while shutting down */
+    XX(shutdown_rejected)         /* REQUESTs refused while shutting down */                       \
+    XX(auth_accepted)             /* CURVE handshakes ZAP accepted */                              \
+    XX(auth_denied_unknown)       /* handshakes refused: key on no allow-list of that socket */    \
+    XX(auth_denied_role)          /* handshakes refused: key allowed in another role only */       \
+    XX(auth_denied_removed)       /* messages refused: the key left its allow-list (reload) */     \
+    XX(auth_denied_admin)         /* admin-only kelpie.broker calls from a non-admin key */        \
+    XX(auth_denied_service)       /* READYs refused: a service the worker key may not serve */     \
+    XX(auth_handshake_failed) /* handshakes failed before ZAP (plain text, wrong server key) */    \
+    XX(auth_reloads)          /* allow-lists reloaded on SIGHUP */                                 \
+    XX(auth_reload_failed)    /* reloads refused (bad file): the old lists stay */
 
 struct kp_stats {
 #define XX(name) uint64_t name;

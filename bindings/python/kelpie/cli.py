@@ -47,6 +47,7 @@ import time
 
 from . import _supervisor, _waiting
 from ._liveness import parse_timeout
+from ._security import KeyFileError
 from .client import DEFAULT_FRONTEND, Client
 from ._zmq import ZMQError
 from .errors import DeadlineExceeded, RpcError
@@ -513,6 +514,12 @@ def _common(parser, top):
                         default=default(os.environ.get("KELPIE_BACKEND")),
                         help="the broker's backend, where workers connect (env "
                              f"KELPIE_BACKEND; default {DEFAULT_BACKEND})")
+    parser.add_argument("--key", metavar="FILE", default=default(None),
+                        help="our CURVE secret key file, from `kelpie keygen` (env KELPIE_KEY; "
+                             "default: none, plain text)")
+    parser.add_argument("--server-key", metavar="FILE", default=default(None),
+                        help="the broker's public key: kelpied's KEYFILE.pub, or its 40 "
+                             "characters (env KELPIE_SERVER_KEY)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default=default("asyncio"),
                         help="event loop implementation (default asyncio)")
     parser.add_argument("--log-level", default=default("warning"),
@@ -618,6 +625,17 @@ def _parser():
     _common(s, top=False)
     s.set_defaults(fn=cmd_ping)
 
+    k = sub.add_parser("keygen", help="write a CURVE key pair: PATH (secret) and PATH.pub",
+                       description="Write a new CURVE key pair: PATH, the secret key (mode "
+                                   "0600), and PATH.pub, the public key to put on kelpied's "
+                                   "--allow-clients/--allow-workers/--allow-admins lists (or "
+                                   "to give clients as --server-key, for kelpied's own key).")
+    k.add_argument("path", help="where to write the secret key; the public one goes to PATH.pub")
+    k.add_argument("--force", action="store_true",
+                   help="overwrite existing files (default: refuse)")
+    _common(k, top=False)
+    k.set_defaults(fn=cmd_keygen)
+
     s = sub.add_parser("stats", help="the broker's services, workers and counters",
                        description="Show kelpie.broker/Stats: a summary per service (workers, "
                                    "calls running, credits, load, queue) and per worker.")
@@ -633,8 +651,27 @@ def _parser():
     return p
 
 
+def cmd_keygen(args):
+    from ._security import keygen
+    try:
+        public = keygen(args.path, force=args.force)
+    except FileExistsError as exc:
+        raise UsageError(f"{exc.filename} exists (--force overwrites it)")
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or args.path}: {exc.strerror}")
+    print(f"secret key: {args.path} (mode 0600; keep it private)")
+    print(f"public key: {args.path}.pub  {public.decode()}")
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    # --key/--server-key reach Client and Worker (and the worker's child
+    # processes) the way their environment variables do.
+    if getattr(args, "key", None):
+        os.environ["KELPIE_KEY"] = args.key
+    if getattr(args, "server_key", None):
+        os.environ["KELPIE_SERVER_KEY"] = args.server_key
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
@@ -642,6 +679,9 @@ def main(argv=None):
         _check_endpoint("--backend", args.backend)
         return args.fn(args)
     except UsageError as exc:
+        print(f"kelpie: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyFileError as exc:
         print(f"kelpie: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ZMQError as exc:
