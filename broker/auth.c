@@ -34,14 +34,14 @@ struct auth_watch {
 };
 
 struct kp_auth {
-    void *ctx;                    /* the broker's context */
-    void *zap;                    /* REP on inproc://zeromq.zap.01 */
-    char secret[KP_KEY_Z85];      /* the broker's secret key */
-    char public_key[KP_KEY_Z85];  /* and its public half (logged at start) */
-    struct kp_auth_files files;   /* copies of the paths, for reloads */
-    struct auth_list clients;     /* --allow-clients */
-    struct auth_list workers;     /* --allow-workers */
-    struct auth_list admins;      /* --allow-admins */
+    void *ctx;                   /* the broker's context */
+    void *zap;                   /* REP on inproc://zeromq.zap.01 */
+    char secret[KP_KEY_Z85];     /* the broker's secret key */
+    char public_key[KP_KEY_Z85]; /* and its public half (logged at start) */
+    struct kp_auth_files files;  /* copies of the paths, for reloads */
+    struct auth_list clients;    /* --allow-clients */
+    struct auth_list workers;    /* --allow-workers */
+    struct auth_list admins;     /* --allow-admins */
     struct auth_watch watch[AUTH_MAX_WATCH];
     size_t nwatch;
     struct kp_stats *stats; /* the broker's counters */
@@ -123,8 +123,10 @@ static bool auth_read_key(const char *path, char out[KP_KEY_Z85], char *err, siz
         if (*line == '\0')
             continue;
         if (!auth_is_z85_key(line, strlen(line))) {
-            snprintf(err, errlen, "%s: not a CURVE key file (expected 40 z85 characters, as "
-                     "`kelpie keygen` writes)", path);
+            snprintf(err, errlen,
+                     "%s: not a CURVE key file (expected 40 z85 characters, as "
+                     "`kelpie keygen` writes)",
+                     path);
             break;
         }
         memcpy(out, line, KP_KEY_Z85);
@@ -176,8 +178,10 @@ static bool auth_load_list(const char *path, bool services, struct auth_list *ou
             continue;
         size_t klen = strcspn(line, " \t,");
         if (!auth_is_z85_key(line, klen)) {
-            snprintf(err, errlen, "%s line %u: expected a z85 public key (40 characters, a "
-                     "`kelpie keygen` .pub file's content)", path, lineno);
+            snprintf(err, errlen,
+                     "%s line %u: expected a z85 public key (40 characters, a "
+                     "`kelpie keygen` .pub file's content)",
+                     path, lineno);
             ok = false;
             break;
         }
@@ -206,8 +210,7 @@ static bool auth_load_list(const char *path, bool services, struct auth_list *ou
         qsort(out->entries, out->n, sizeof *out->entries, auth_entry_cmp);
         for (size_t i = 1; i < out->n && ok; i++) {
             if (strcmp(out->entries[i - 1].key, out->entries[i].key) == 0) {
-                snprintf(err, errlen, "%s: key %.12s… is listed twice", path,
-                         out->entries[i].key);
+                snprintf(err, errlen, "%s: key %.12s… is listed twice", path, out->entries[i].key);
                 ok = false;
             }
         }
@@ -344,9 +347,11 @@ enum kp_err kp_auth_secure(struct kp_auth *a, void *sock, const char *name)
         return KP_OK;
     char ep[96];
     snprintf(ep, sizeof ep, "inproc://kelpied-auth-monitor-%s-%p", name, (void *)a);
-    /* PROTOCOL only: NO_DETAIL follows it for the same peer (EPIPE), and
-     * AUTH refusals are ZAP's, logged there. */
-    int events = ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL;
+    /* Not AUTH: those refusals are ZAP's, logged there. A plain-text peer
+     * shows as PROTOCOL (mechanism mismatch) or, when it notices first and
+     * hangs up, as NO_DETAIL: the event depends on who reads the greeting
+     * first. */
+    int events = ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL;
     void *pair = zmq_socket(a->ctx, ZMQ_PAIR);
     if (pair == NULL || zmq_socket_monitor(sock, ep, events) != 0 || zmq_connect(pair, ep) != 0) {
         kp_log_error("%s: cannot monitor handshakes: %s", name, zmq_strerror(errno));
@@ -383,7 +388,8 @@ static const char *auth_judge(const struct kp_auth *a, const char *domain, const
         if (worker)
             return NULL;
         *counter = client ? &a->stats->auth_denied_role : &a->stats->auth_denied_unknown;
-        return client ? "a client key, not in the worker allow-list" : "not in the worker allow-list";
+        return client ? "a client key, not in the worker allow-list"
+                      : "not in the worker allow-list";
     }
     if (client)
         return NULL;
@@ -493,7 +499,8 @@ static void auth_on_monitor(struct kp_auth *a, struct auth_watch *w)
         else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL)
             why = "handshake protocol error";
         else
-            why = "handshake failed";
+            why = "the peer hung up during the handshake (a plain-text peer, or one using "
+                  "another server key?)";
         a->stats->auth_handshake_failed++;
         kp_log_warn("auth: %s refused a connection on %.*s: %s (0x%x)", w->name,
                     (int)zmq_msg_size(&addr), (const char *)zmq_msg_data(&addr), why, value);
@@ -509,8 +516,7 @@ void kp_auth_on_ready(struct kp_auth *a, size_t i)
         for (int budget = 0; budget < 256; budget++) {
             int events = 0;
             size_t len = sizeof events;
-            if (zmq_getsockopt(a->zap, ZMQ_EVENTS, &events, &len) != 0 ||
-                !(events & ZMQ_POLLIN))
+            if (zmq_getsockopt(a->zap, ZMQ_EVENTS, &events, &len) != 0 || !(events & ZMQ_POLLIN))
                 break;
             auth_on_zap(a);
         }

@@ -213,6 +213,12 @@ class Handshake:
                    else f"ZAP status {value}")
             key = f"key {self.keys.fingerprint}" if self.keys else "connection"
             return self._fail(f"server rejected our {key} ({why}) at {self.endpoint}")
+        elif event == _EVENT_FAILED_NO_DETAIL and self.keys is None and self.connected:
+            # The broker noticed the mechanism mismatch first and hung up.
+            return self._fail(f"the broker at {self.endpoint} hung up during the handshake: "
+                              f"it requires CURVE? Give this {self.role} a key (--key / "
+                              "KELPIE_KEY) and the broker's public key (--server-key / "
+                              "KELPIE_SERVER_KEY)")
         elif event == _EVENT_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
             if self.keys is None:
                 return self._fail(f"the broker at {self.endpoint} requires CURVE: give this "
@@ -228,7 +234,8 @@ class Handshake:
         elif event == _EVENT_FAILED_NO_DETAIL and self.keys is not None:
             return self._fail(f"the broker at {self.endpoint} dropped our CURVE handshake: "
                               f"the server key ({fingerprint(self.keys.server)}) is not the "
-                              f"broker's public key ({ours})")
+                              f"broker's public key, or the broker does not use CURVE "
+                              f"({ours})")
         return None
 
     @staticmethod

@@ -50,7 +50,7 @@ from ._liveness import parse_timeout
 from ._security import KeyFileError
 from .client import DEFAULT_FRONTEND, Client
 from ._zmq import ZMQError
-from .errors import DeadlineExceeded, RpcError
+from .errors import AuthenticationError, DeadlineExceeded, PermissionDenied, RpcError
 from .worker import DEFAULT_BACKEND, Worker
 
 __all__ = ["main"]
@@ -407,6 +407,9 @@ def _run_child(args):
 
     try:
         _run(serve(), args.loop)
+    except (AuthenticationError, PermissionDenied) as exc:
+        logging.getLogger("kelpie.worker").error("%s: %s", exc.code.name, exc.message)
+        return _supervisor.EXIT_REFUSED
     except MemoryError:
         logging.getLogger("kelpie.worker").error("out of memory outside any handler: exiting")
         return _supervisor.EXIT_OUT_OF_MEMORY
