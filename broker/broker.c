@@ -137,6 +137,13 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
         kp_log_warn("--insecure: no authentication, no encryption; anyone who reaches the "
                     "sockets may call any service and serve any service");
     }
+    if (cfg->http) {
+        char err[512];
+        if (kp_http_new(cfg->http, &b->http, err, sizeof err) != KP_OK) {
+            kp_log_error("%s", err);
+            goto fail;
+        }
+    }
     b->frontend = broker_socket(b, ZMQ_ROUTER, "frontend", cfg->frontend);
     b->backend = broker_socket(b, ZMQ_ROUTER, "backend", cfg->backend);
     b->intake = broker_socket(b, ZMQ_PULL, "intake", cfg->intake);
@@ -166,6 +173,7 @@ void kp_broker_destroy(struct kp_broker **bp)
             zmq_close(socks[i]);
         }
     }
+    kp_http_destroy(&b->http); /* its thread reads only its own snapshot */
     kp_auth_destroy(&b->auth);
     if (b->own_ctx && b->ctx)
         zmq_ctx_term(b->ctx);

@@ -30,6 +30,7 @@
 #include "auth.h"
 #include "broker.h"
 #include "budget.h"
+#include "http.h"
 #include "call.h"
 #include "client.h"
 #include "list.h"
@@ -46,6 +47,8 @@
 #define KP_STREAM_WINDOW 16
 /* Idle clients and worker-less empty services are forgotten after this. */
 #define KP_FORGET_MS 60000
+/* How often the loop publishes the --http snapshot (metrics.c). */
+#define KP_METRICS_INTERVAL_MS 1000
 /* Name of the broker's own service (§10). */
 #define KP_BROKER_SERVICE "kelpie.broker"
 
@@ -68,13 +71,15 @@ struct kp_broker {
     uint32_t shutdown_grace_ms;   /* drain time on the first stop request */
 
     /* sockets */
-    void *ctx;            /* ZeroMQ context */
-    bool own_ctx;         /* we created ctx and terminate it */
-    void *frontend;       /* ROUTER, clients */
-    void *backend;        /* ROUTER, workers */
-    void *intake;         /* PULL, one-way producers */
-    int wake[2];          /* self-pipe: kp_broker_stop() and kp_broker_reload() write */
-    struct kp_auth *auth; /* CURVE and allow-lists (--key); NULL: no authentication */
+    void *ctx;             /* ZeroMQ context */
+    bool own_ctx;          /* we created ctx and terminate it */
+    void *frontend;        /* ROUTER, clients */
+    void *backend;         /* ROUTER, workers */
+    void *intake;          /* PULL, one-way producers */
+    int wake[2];           /* self-pipe: kp_broker_stop() and kp_broker_reload() write */
+    struct kp_auth *auth;  /* CURVE and allow-lists (--key); NULL: no authentication */
+    struct kp_http *http;  /* --http server (its own thread); NULL: none */
+    uint64_t next_publish; /* when the loop next publishes the metrics snapshot */
 
     /* state */
     enum kp_broker_state state;  /* see above */
@@ -237,6 +242,12 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
 /* Removes c now: its queued calls are dropped, dispatched ones cancelled at
  * their workers; no message goes to c. */
 void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
+
+/* ---- metrics.c: --http's snapshot -------------------------------------- */
+
+/* Renders the metrics and readiness and hands them to the HTTP thread, at
+ * most every KP_METRICS_INTERVAL_MS; nothing without --http. */
+void kp_broker_publish_metrics(struct kp_broker *b);
 
 /* ---- admin.c: kelpie.broker ------------------------------------------- */
 

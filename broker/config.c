@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "http.h"
 
 enum config_kind { CONFIG_STR, CONFIG_U32, CONFIG_SIZE, CONFIG_LEVEL, CONFIG_BOOL };
 
@@ -336,6 +337,13 @@ static bool config_check_security(const struct kp_config *c, char *err, size_t e
             return false;
         }
     }
+    if (c->http && !c->insecure && !kp_http_loopback(c->http)) {
+        snprintf(err, errlen,
+                 "refusing --http %.200s: not a loopback HOST:PORT, and the metrics endpoint has "
+                 "no authentication (put a proxy in front of it, or give --insecure)",
+                 c->http);
+        return false;
+    }
     if (c->key || c->insecure)
         return true;
     const struct {
@@ -470,7 +478,8 @@ void kp_config_usage(FILE *out)
                           : strcmp(o->flag, "data-dir") == 0 ? "DIR"
                           : strcmp(o->flag, "key") == 0 || strncmp(o->flag, "allow-", 6) == 0
                               ? "FILE"
-                              : "EP";
+                          : strcmp(o->flag, "http") == 0 ? "HOST:PORT"
+                                                         : "EP";
         snprintf(flag, sizeof flag, "%s %s", o->flag, arg);
         fprintf(out, "  --%-22s %s\n  %-24s   (default %s, env %s)\n", flag, o->help, "", o->def,
                 o->env);

@@ -59,6 +59,8 @@
        "worker public keys, each optionally followed by the only services it may serve")           \
     XX(allow_admins, "allow-admins", "KELPIED_ALLOW_ADMINS", STR, "",                              \
        "admin public keys: clients that may also call Stats and the other admin methods")          \
+    XX(http, "http", "KELPIED_HTTP", STR, "",                                                      \
+       "HOST:PORT for /metrics (Prometheus), /healthz and /readyz, e.g. 127.0.0.1:9464")           \
     XX(insecure, "insecure", "KELPIED_INSECURE", BOOL, "false",                                    \
        "allow binding a non-loopback tcp address without --key (anyone who reaches it is "         \
        "trusted)")

@@ -13,6 +13,8 @@
  *   before sleep  reap departed workers and clients (their calls re-queued or
  *               failed), dispatch queued calls of services that may have a
  *               free worker, end a drain that is complete
+ *   publish     once a second with --http: the metrics snapshot for the
+ *               HTTP thread (metrics.c)
  *
  * The loop owns time (b->now), the receive array (message.h) and the
  * broker's state (running, draining, stopped). It decides when things
@@ -207,6 +209,8 @@ static long loop_poll_timeout(const struct kp_broker *b)
         next = b->drain_deadline;
     if (!b->grace_ended && b->started + kp_broker_grace_ms(b) < next)
         next = b->started + kp_broker_grace_ms(b);
+    if (b->http && b->next_publish < next)
+        next = b->next_publish;
     return next > b->now ? (long)(next - b->now) : 0;
 }
 
@@ -246,6 +250,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         loop_sweep(b);
         if (b->state != KP_BROKER_STOPPED)
             loop_before_sleep(b);
+        kp_broker_publish_metrics(b);
     }
     return KP_OK;
 }

@@ -50,8 +50,10 @@ static kelpie_status curve_read(const char *path, char out[41], char *why, size_
             out[40] = '\0';
             rc = KELPIE_OK;
         } else {
-            snprintf(why, why_len, "%s: not a CURVE key file (expected 40 z85 characters, as "
-                     "`kelpie keygen` writes)", path);
+            snprintf(why, why_len,
+                     "%s: not a CURVE key file (expected 40 z85 characters, as "
+                     "`kelpie keygen` writes)",
+                     path);
         }
         break;
     }
@@ -59,8 +61,7 @@ static kelpie_status curve_read(const char *path, char out[41], char *why, size_
     return rc;
 }
 
-kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why,
-                             size_t why_len)
+kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why, size_t why_len)
 {
     if (!curve || !curve->key_file || !curve->server_key) {
         snprintf(why, why_len, "CURVE needs both our key file and the broker's public key");
@@ -145,11 +146,15 @@ static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const 
         return -1;
     case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
         if (value == CURVE_MECHANISM_MISMATCH && !keys)
-            snprintf(why, why_len, "the broker at %s requires CURVE: give this %s a key (kelpie "
-                     "keygen) and the broker's public key", endpoint, role);
+            snprintf(why, why_len,
+                     "the broker at %s requires CURVE: give this %s a key (kelpie "
+                     "keygen) and the broker's public key",
+                     endpoint, role);
         else if (value == CURVE_MECHANISM_MISMATCH)
-            snprintf(why, why_len, "the broker at %s does not use CURVE, but this %s has a key "
-                     "(%s)", endpoint, role, ours);
+            snprintf(why, why_len,
+                     "the broker at %s does not use CURVE, but this %s has a key "
+                     "(%s)",
+                     endpoint, role, ours);
         else
             snprintf(why, why_len, "CURVE handshake with %s failed (%s; %s)", endpoint,
                      value == CURVE_CRYPTOGRAPHIC ? "does not decrypt" : "protocol error", ours);
@@ -158,12 +163,16 @@ static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const 
         if (!hs->connected)
             return 0;
         if (keys)
-            snprintf(why, why_len, "the broker at %s dropped our CURVE handshake: the server key "
+            snprintf(why, why_len,
+                     "the broker at %s dropped our CURVE handshake: the server key "
                      "(%.12s…) is not the broker's public key, or the broker does not use "
-                     "CURVE (%s)", endpoint, keys->server_key, ours);
+                     "CURVE (%s)",
+                     endpoint, keys->server_key, ours);
         else
-            snprintf(why, why_len, "the broker at %s hung up during the handshake: it requires "
-                     "CURVE? Give this %s a key and the broker's public key", endpoint, role);
+            snprintf(why, why_len,
+                     "the broker at %s hung up during the handshake: it requires "
+                     "CURVE? Give this %s a key and the broker's public key",
+                     endpoint, role);
         return -1;
     default:
         return 0;

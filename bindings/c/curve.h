@@ -28,8 +28,7 @@ typedef struct kpc_keys {
 
 /* Reads curve's files into keys; KELPIE_ERR_INVAL with why on an unreadable
  * file or one that holds no key. */
-kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why,
-                             size_t why_len);
+kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why, size_t why_len);
 
 /* Makes sock a CURVE client with keys. */
 kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys);

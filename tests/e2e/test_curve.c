@@ -60,9 +60,10 @@ static void make_keys(void)
 static kt_broker *start_secure(void)
 {
     make_keys();
-    const char *args[] = {"--key",          paths[BROKER][0], "--allow-clients", lists[0],
-                          "--allow-workers", lists[1],        "--allow-admins",  lists[2],
-                          "--heartbeat-ms", "100",            NULL};
+    const char *args[] = {
+        "--key",  paths[BROKER][0], "--allow-clients", lists[0],         "--allow-workers",
+        lists[1], "--allow-admins", lists[2],          "--heartbeat-ms", "100",
+        NULL};
     kt_use_curve(&curves[ADMIN]);
     kt_broker *b = kt_broker_start(args);
     cr_assert_not_null(b);
