@@ -23,8 +23,8 @@ struct kp_http {
     pthread_mutex_t lock;      /* guards the three fields below */
     char *text;                /* the last /metrics snapshot (NULL: none yet) */
     size_t len;
-    char why[160];       /* "" when ready, else the reason */
-    uint64_t published;  /* monotonic ms of the last publish; 0: never */
+    char why[160];      /* "" when ready, else the reason */
+    uint64_t published; /* monotonic ms of the last publish; 0: never */
 };
 
 void kp_text_printf(struct kp_text *t, const char *fmt, ...)
@@ -132,9 +132,8 @@ static enum MHD_Result http_reply(struct MHD_Connection *conn, unsigned status, 
 
 /* The HTTP thread: reads only the snapshot, under the lock. */
 static enum MHD_Result http_handle(void *cls, struct MHD_Connection *conn, const char *url,
-                                   const char *method, const char *version,
-                                   const char *upload_data, size_t *upload_data_size,
-                                   void **con_cls)
+                                   const char *method, const char *version, const char *upload_data,
+                                   size_t *upload_data_size, void **con_cls)
 {
     (void)version, (void)upload_data, (void)upload_data_size, (void)con_cls;
     struct kp_http *h = cls;
@@ -185,8 +184,7 @@ enum kp_err kp_http_new(const char *addr, struct kp_http **out, char *err, size_
     struct sockaddr_storage ss;
     socklen_t len;
     if (!http_parse(addr, &ss, &len)) {
-        snprintf(err, errlen, "--http '%s': expected HOST:PORT (127.0.0.1:9464, [::1]:9464)",
-                 addr);
+        snprintf(err, errlen, "--http '%s': expected HOST:PORT (127.0.0.1:9464, [::1]:9464)", addr);
         return KP_EINVAL;
     }
     struct kp_http *h = kp_calloc(1, sizeof *h);

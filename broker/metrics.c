@@ -50,7 +50,7 @@ static void metrics_broker(struct kp_broker *b, struct kp_text *t)
     kp_text_printf(t, "kelpie_queued_bytes %llu\n",
                    (unsigned long long)kp_budget_queued(b->queued));
 #define XX(name)                                                                                   \
-    metrics_head(t, "kelpie_" #name "_total", "counter", "kelpie.broker/Stats counter " #name);  \
+    metrics_head(t, "kelpie_" #name "_total", "counter", "kelpie.broker/Stats counter " #name);    \
     kp_text_printf(t, "kelpie_" #name "_total %llu\n", (unsigned long long)b->stats.name);
     KP_COUNTERS(XX)
 #undef XX
@@ -78,19 +78,33 @@ static void metrics_services(struct kp_broker *b, struct kp_text *t)
         while ((s = kp_services_next(&b->services, &pos)) != NULL) {
             uint64_t v = 0;
             switch (f) {
-            case 0: v = s->queued; break;
-            case 1: v = s->in_flight; break;
-            case 2: v = s->nworkers; break;
+            case 0:
+                v = s->queued;
+                break;
+            case 1:
+                v = s->in_flight;
+                break;
+            case 2:
+                v = s->nworkers;
+                break;
             case 3:
                 for (size_t i = 0; i < s->nworkers; i++)
                     v += s->workers[i]->credits > s->workers[i]->in_flight
                              ? s->workers[i]->credits - s->workers[i]->in_flight
                              : 0;
                 break;
-            case 4: v = s->dispatched; break;
-            case 5: v = s->completed; break;
-            case 6: v = s->failed; break;
-            default: v = s->expired; break;
+            case 4:
+                v = s->dispatched;
+                break;
+            case 5:
+                v = s->completed;
+                break;
+            case 6:
+                v = s->failed;
+                break;
+            default:
+                v = s->expired;
+                break;
             }
             kp_text_printf(t, "%s{service=", families[f].name);
             metrics_label(t, s->name);
@@ -114,8 +128,8 @@ static void metrics_workers(struct kp_broker *b, struct kp_text *t)
             for (size_t i = 0; i < w->rid.len; i++)
                 snprintf(id + 2 * i, 3, "%02x", w->rid.bytes[i]);
             id[2 * w->rid.len] = '\0';
-            uint32_t v = f ? (w->credits > w->in_flight ? w->credits - w->in_flight : 0)
-                           : w->credits;
+            uint32_t v =
+                f ? (w->credits > w->in_flight ? w->credits - w->in_flight : 0) : w->credits;
             kp_text_printf(t, "%s{worker=", name);
             metrics_label(t, w->name ? w->name : "");
             kp_text_printf(t, ",id=\"%s\"} %u\n", id, v);
@@ -130,16 +144,14 @@ static void metrics_reasons(struct kp_broker *b, struct kp_text *t)
     const struct {
         const char *reason;
         uint64_t v;
-    } bad[] = {{"bad_frames", s->bad_frames},   {"bad_header", s->bad_header},
-               {"oversized", s->oversized},     {"bad_version", s->bad_version},
-               {"bad_kind", s->bad_kind},       {"bad_request", s->bad_request},
-               {"not_ready", s->not_ready},     {"unimplemented", s->unimplemented}},
-      auth[] = {{"unknown_key", s->auth_denied_unknown},
-                {"wrong_role", s->auth_denied_role},
-                {"removed_key", s->auth_denied_removed},
-                {"not_admin", s->auth_denied_admin},
-                {"service_not_allowed", s->auth_denied_service},
-                {"handshake", s->auth_handshake_failed}};
+    } bad[] = {{"bad_frames", s->bad_frames}, {"bad_header", s->bad_header},
+               {"oversized", s->oversized},   {"bad_version", s->bad_version},
+               {"bad_kind", s->bad_kind},     {"bad_request", s->bad_request},
+               {"not_ready", s->not_ready},   {"unimplemented", s->unimplemented}},
+      auth[] = {
+          {"unknown_key", s->auth_denied_unknown},         {"wrong_role", s->auth_denied_role},
+          {"removed_key", s->auth_denied_removed},         {"not_admin", s->auth_denied_admin},
+          {"service_not_allowed", s->auth_denied_service}, {"handshake", s->auth_handshake_failed}};
     metrics_head(t, "kelpie_bad_messages_total", "counter", "messages refused as malformed");
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
         kp_text_printf(t, "kelpie_bad_messages_total{reason=\"%s\"} %llu\n", bad[i].reason,
