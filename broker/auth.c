@@ -579,8 +579,7 @@ bool kp_auth_may_serve(const struct kp_auth *a, const char *key, const char *ser
 bool kp_auth_admin_only(const char *method)
 {
     /* Reads and a client's own job: open to every client key. */
-    static const char *const open_methods[] = {"Ping", "GetJob", "ListJobs", "WatchJob",
-                                               "CancelJob"};
+    static const char *const open_methods[] = {"Ping", "GetJob", "ListJobs", "CancelJob"};
     for (size_t i = 0; i < sizeof open_methods / sizeof open_methods[0]; i++) {
         if (strcmp(method, open_methods[i]) == 0)
             return false;

@@ -96,11 +96,11 @@ bool kp_auth_allows(const struct kp_auth *a, const char *key, int roles);
 bool kp_auth_may_serve(const struct kp_auth *a, const char *key, const char *service, char *buf,
                        size_t len);
 
-/* Returns true if method of kelpie.broker is admin-only. Reads (Ping, and
- * job reads such as GetJob/ListJobs, and CancelJob on one's own job) are
- * open to clients; everything else (Stats, DlqRetry, DlqPurge, Drain and any
- * method not listed) needs an admin key. The admin dispatcher calls this
- * with every method name, so a new method is admin-only until listed. */
+/* Returns true if method of kelpie.broker is admin-only. Reads (Ping,
+ * GetJob, ListJobs) and CancelJob are open to clients; everything else
+ * (Stats, RetryDead, PurgeDead, Drain and any method not listed) needs an
+ * admin key. The dispatcher calls this with every method name, so a new
+ * method is admin-only until listed. */
 bool kp_auth_admin_only(const char *method);
 
 /* Writes the fingerprint of key ("AbCdEfGhIjKl…", or "(none)") into buf

@@ -45,17 +45,19 @@ static bool backend_key_allowed(struct kp_broker *b, struct kp_worker *w, const 
     return false;
 }
 
-/* With CURVE, whether the sender's key may serve every service READY names;
- * if not, READY is refused PERMISSION_DENIED naming the first that it may
- * not, and nothing about the worker changes. */
+/* With CURVE, whether the sender's key may serve every service and job
+ * queue READY names (one list covers both); if not, READY is refused
+ * PERMISSION_DENIED naming the first that it may not, and nothing about the
+ * worker changes. */
 static bool backend_services_allowed(struct kp_broker *b, const kp_header *h)
 {
     if (b->auth == NULL)
         return true;
     const char *key = kp_broker_peer_key(b, 1);
-    for (size_t i = 0; i < h->n_services; i++) {
+    for (size_t i = 0; i < h->n_services + h->n_queues; i++) {
+        const char *name = i < h->n_services ? h->services[i] : h->queues[i - h->n_services];
         char why[512];
-        if (!kp_auth_may_serve(b->auth, key, h->services[i], why, sizeof why)) {
+        if (!kp_auth_may_serve(b->auth, key, name, why, sizeof why)) {
             kp_log_warn("auth: backend refused READY of '%.100s': %s", h->name, why);
             kp_broker_refuse(b, b->backend, h, h->request_id, KP_ESERVICEDENIED, why);
             return false;
@@ -69,7 +71,7 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     if (!backend_services_allowed(b, h))
         return;
     if (w && w->gone) {
-        kp_broker_reap_worker(b, w);
+        kp_jobs_reap_worker(b, w);
         w = NULL;
     }
     bool fresh = w == NULL;
@@ -139,6 +141,7 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     w->nservices = n;
     for (size_t i = 0; i < n; i++)
         kp_service_add_worker(services[i], w, methods[i]);
+    kp_jobs_on_ready(b, w, h);
     kp_broker_mark_worker_pending(b, w);
     /* The welcome: the worker learns this broker's id (a restart shows as a
      * new id) and its size limit before it is sent any work. */
@@ -187,13 +190,24 @@ void kp_backend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__DISCONNECT:
         b->stats.worker_disconnects++;
-        kp_broker_reap_worker(b, w);
+        kp_jobs_reap_worker(b, w);
         break;
     case KELPIE__V1__KIND__CREDIT:
         kp_worker_add_credits(w, h->credits);
         kp_broker_mark_worker_pending(b, w);
         break;
     case KELPIE__V1__KIND__STATUS:
+        if (h->flags & KP_FLAG_DRAINING) {
+            /* Nothing new goes to it from now; DRAINED says so, and that
+             * everything sent before is already on its way (§11.3). */
+            if (!w->draining)
+                b->stats.workers_drained++;
+            w->draining = true;
+            kp_header ack = kp_broker_header(KELPIE__V1__KIND__STATUS, h->request_id);
+            ack.flags = KP_FLAG_DRAINED;
+            kp_broker_send_worker(b, w, &ack);
+            break;
+        }
         w->stalled = (h->flags & KP_FLAG_STALLED) != 0;
         if (!w->stalled)
             kp_broker_mark_worker_pending(b, w);
@@ -202,9 +216,8 @@ void kp_backend_on_message(struct kp_broker *b)
     case KELPIE__V1__KIND__OUTPUT:
     case KELPIE__V1__KIND__RESULT:
     case KELPIE__V1__KIND__NACK:
-        /* Durable jobs: the job engine (jobs.c, next release) takes these
-         * cases over; RESULT and NACK end a job's dispatch the way an
-         * answer ends a call's (docs/architecture.md §10). */
+        kp_jobs_on_worker_message(b, w, h, 1);
+        break;
     default:
         backend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;

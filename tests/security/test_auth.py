@@ -197,18 +197,21 @@ def test_worker_may_serve_only_its_listed_services(broker, keys, workers):
 
 
 def test_admin_methods_are_classified_by_name(broker, keys):
-    """Job reads are open to clients; DLQ purge/retry, drain and any method
-    not listed need an admin key (answered UNIMPLEMENTED by this broker
-    once the key may ask)."""
+    """Job reads are open to clients; the dead-letter queue's RetryDead and
+    PurgeDead, Drain and any method not listed need an admin key."""
     with kelpie.sync.Client(broker.frontend, **keys.client_kwargs("client")) as c:
-        for method in ("DlqPurge", "DlqRetry", "Drain", "NoSuchMethod"):
+        for method in ("RetryDead", "PurgeDead", "Drain", "NoSuchMethod"):
             with pytest.raises(kelpie.PermissionDenied, match="admin-only"):
                 c.call("kelpie.broker", method, b"", timeout=5)
-        with pytest.raises(kelpie.Unimplemented):
-            c.call("kelpie.broker", "ListJobs", b"", timeout=5)
+        for method in ("ListJobs", "GetJob"):
+            try:
+                c.call("kelpie.broker", method, b"", timeout=5)
+            except kelpie.RpcError as exc:
+                assert not isinstance(exc, kelpie.PermissionDenied), exc
     with kelpie.sync.Client(broker.frontend, **keys.client_kwargs("admin")) as c:
         with pytest.raises(kelpie.Unimplemented):
-            c.call("kelpie.broker", "DlqPurge", b"", timeout=5)
+            c.call("kelpie.broker", "NoSuchMethod", b"", timeout=5)
+        c.call("kelpie.broker", "Stats", b"", timeout=5)
     assert broker.stats()["auth_denied_admin"] == 4
 
 
