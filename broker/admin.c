@@ -89,6 +89,10 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "queued", s->queued);
         kp_json_u64(j, "in_flight", s->in_flight);
         kp_json_u64(j, "capacity", capacity);
+        kp_json_u64(j, "dispatched", s->dispatched);
+        kp_json_u64(j, "completed", s->completed);
+        kp_json_u64(j, "failed", s->failed);
+        kp_json_u64(j, "expired", s->expired);
         kp_json_object_end(j);
     }
     kp_json_object_end(j);

@@ -7,6 +7,8 @@
                   [--memory-limit-per-process SIZE]
     kelpie ping [--count N]
     kelpie stats [--json] [--watch [S]]
+    kelpie status [--once] [--interval S]
+    kelpie keygen PATH
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
@@ -628,6 +630,19 @@ def _parser():
     _common(s, top=False)
     s.set_defaults(fn=cmd_ping)
 
+    st = sub.add_parser("status", help="live view of services, job queues and workers",
+                        description="A live view of the broker (kelpie.broker/Stats, an admin "
+                                    "call: with CURVE it needs an admin key): services with "
+                                    "their rates, job queues, workers. Ctrl-C ends it.")
+    st.add_argument("--once", action="store_true",
+                    help="print one plain-text snapshot and exit, for scripts (default: live)")
+    st.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                    help="redraw every SECONDS seconds (default 1)")
+    st.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                    help="wait this long for each answer, in seconds (default 2)")
+    _common(st, top=False)
+    st.set_defaults(fn=cmd_status)
+
     k = sub.add_parser("keygen", help="write a CURVE key pair: PATH (secret) and PATH.pub",
                        description="Write a new CURVE key pair: PATH, the secret key (mode "
                                    "0600), and PATH.pub, the public key to put on kelpied's "
@@ -652,6 +667,27 @@ def _parser():
     _common(s, top=False)
     s.set_defaults(fn=cmd_stats)
     return p
+
+
+def cmd_status(args):
+    from . import _dashboard
+    from .sync import Client as SyncClient
+
+    try:
+        with SyncClient(args.frontend, heartbeat=0) as client:
+            def fetch():
+                return json.loads(client.call("kelpie.broker", "Stats", b"",
+                                              timeout=args.timeout))
+            if args.once:
+                print(_dashboard.plain(_dashboard.Snapshot(fetch(), time.monotonic())))
+            else:
+                _dashboard.live(fetch, args.interval)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "status", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def cmd_keygen(args):
