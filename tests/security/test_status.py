@@ -1,7 +1,6 @@
 """`kelpie status` (issue 16): a live rich view and a --once plain table,
 fed by kelpie.broker/Stats (an admin call), against a real broker and worker."""
 
-import asyncio
 import os
 import signal
 import subprocess
