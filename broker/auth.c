@@ -303,8 +303,6 @@ enum kp_err kp_auth_new(void *ctx, const struct kp_auth_files *files, struct kp_
         snprintf(err, errlen, "cannot bind the ZAP handler: %s", zmq_strerror(errno));
         goto fail;
     }
-    char fp[32];
-    kp_auth_fingerprint(a->public_key, fp, sizeof fp);
     kp_log_info("CURVE on: broker public key %s", a->public_key);
     *out = a;
     return KP_OK;

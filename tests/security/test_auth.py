@@ -320,3 +320,35 @@ def test_kelpied_refuses_a_non_loopback_bind_without_curve():
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "without CURVE" in out.stderr and "--insecure" in out.stderr
+
+
+def test_a_worker_keys_list_covers_job_queues(broker, keys):
+    """READY's job queues are checked against the same list as its services:
+    echo_only may take JOBs from queue "echo", not from "billing"."""
+    import zmq
+    from kelpie.v1 import header_pb2 as pb
+    from kelpie.zmq import curve_public
+
+    secret = _security.read_key(keys.path("echo_only"))
+    ctx = zmq.Context()
+    try:
+        for queue, refused in (("billing", True), ("echo", False)):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, curve_public(secret))
+            sock.setsockopt(zmq.CURVE_SERVERKEY, keys.public("broker").encode())
+            sock.connect(broker.backend)
+            sock.send(pb.Header(version=1, kind=pb.Kind.READY, queues=[queue], credits=1,
+                                heartbeat_ms=1000, name="raw").SerializeToString())
+            assert sock.poll(5000), f"no answer to READY for queue {queue}"
+            h = pb.Header.FromString(sock.recv_multipart()[0])
+            if refused:
+                assert h.kind == pb.Kind.ERROR and h.code == pb.Code.PERMISSION_DENIED, h
+                assert "may not serve 'billing'" in h.message
+            else:
+                assert h.kind == pb.Kind.HEARTBEAT, h  # the welcome: registered
+            sock.close()
+    finally:
+        ctx.term()
+    assert broker.stats()["auth_denied_service"] == 1
