@@ -123,8 +123,8 @@ enum {
 struct pg_store {
     struct kp_store base;
     PGconn *conn;
-    char *where;      /* host/db for messages, never the password */
-    uint64_t broker;  /* this broker's id: its heartbeat row */
+    char *where;       /* host/db for messages, never the password */
+    uint64_t broker;   /* this broker's id: its heartbeat row */
     uint64_t lease_ms; /* a broker without a heartbeat for this long is dead */
     bool in_txn;
     enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
@@ -199,8 +199,8 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
 static enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_args *a,
                           const char *what, PGresult **out)
 {
-    PGresult *r = PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL,
-                               a ? a->len : NULL, a ? a->fmt : NULL, 0);
+    PGresult *r = PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL, a ? a->len : NULL,
+                               a ? a->fmt : NULL, 0);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         enum kp_err err = pg_fail(q, r, what);
@@ -221,8 +221,7 @@ static enum kp_err pg_exec(struct pg_store *q, const char *sql, const char *what
 {
     PGresult *r = PQexec(q->conn, sql);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
-    enum kp_err err =
-        st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? KP_OK : pg_fail(q, r, what);
+    enum kp_err err = st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK ? KP_OK : pg_fail(q, r, what);
     PQclear(r);
     return err;
 }
@@ -587,8 +586,8 @@ static enum kp_err pg_late_success(struct pg_store *q, PGresult *row, uint32_t a
                           "result arrived after the attempt was ended")) != KP_OK)
         return err;
     *state = KP_JOB_SUCCEEDED;
-    return pg_move(q, seq, KP_JOB_SUCCEEDED, run_at, now, e->result, e->result_len, true,
-                   now + ttl, e->output, e->output_len);
+    return pg_move(q, seq, KP_JOB_SUCCEEDED, run_at, now, e->result, e->result_len, true, now + ttl,
+                   e->output, e->output_len);
 }
 
 /* Reads job id (locked FOR UPDATE when `lock`) into *out; KP_ENOJOB if none. */
@@ -753,13 +752,14 @@ static enum kp_err pg_dlq(struct kp_store *s, const char *queue, const kp_job_id
         if (!purge)
             arg_i64(&a, (int64_t)now);
         PGresult *r;
-        err = pg_run(q,
-                     purge ? "DELETE FROM jobs WHERE state = 4 AND ($1::text IS NULL OR queue = $1) "
-                             "AND ($2::text IS NULL OR id = $2)"
-                           : "UPDATE jobs SET state = 1, run_at = $3, updated_at = $3, "
-                             "attempt_base = attempts WHERE state = 4 "
-                             "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2)",
-                     &a, purge ? "purge DLQ" : "retry DLQ", &r);
+        err =
+            pg_run(q,
+                   purge ? "DELETE FROM jobs WHERE state = 4 AND ($1::text IS NULL OR queue = $1) "
+                           "AND ($2::text IS NULL OR id = $2)"
+                         : "UPDATE jobs SET state = 1, run_at = $3, updated_at = $3, "
+                           "attempt_base = attempts WHERE state = 4 "
+                           "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2)",
+                   &a, purge ? "purge DLQ" : "retry DLQ", &r);
         if (err == KP_OK) {
             *n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
             PQclear(r);
@@ -799,9 +799,8 @@ static enum kp_err pg_expire(struct kp_store *s, uint64_t now, size_t *jobs, siz
         *jobs = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
         PQclear(r);
     }
-    if (err == KP_OK &&
-        (err = pg_run(q, "DELETE FROM idem WHERE expires_at <= $1", &a, "expire keys", &r)) ==
-            KP_OK) {
+    if (err == KP_OK && (err = pg_run(q, "DELETE FROM idem WHERE expires_at <= $1", &a,
+                                      "expire keys", &r)) == KP_OK) {
         *keys = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
         PQclear(r);
     }
@@ -849,10 +848,11 @@ static enum kp_err pg_beat(struct pg_store *q, uint64_t now)
     struct pg_args a = {0};
     arg_i64(&a, (int64_t)q->broker);
     arg_i64(&a, (int64_t)now);
-    return pg_run(q,
-                  "INSERT INTO brokers(id, heartbeat_at, started_at) VALUES($1, $2, $2) "
-                  "ON CONFLICT (id) DO UPDATE SET heartbeat_at = GREATEST(brokers.heartbeat_at, $2)",
-                  &a, "heartbeat", NULL);
+    return pg_run(
+        q,
+        "INSERT INTO brokers(id, heartbeat_at, started_at) VALUES($1, $2, $2) "
+        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = GREATEST(brokers.heartbeat_at, $2)",
+        &a, "heartbeat", NULL);
 }
 
 static enum kp_err pg_recover_at(struct pg_store *q, uint64_t now, uint64_t retry_at, size_t *n)
@@ -885,9 +885,8 @@ static enum kp_err pg_next_run_at(struct kp_store *s, uint64_t *when)
     *when = UINT64_MAX;
     enum kp_err err = q->in_txn ? KP_OK : pg_alive(q);
     PGresult *r;
-    if (err == KP_OK &&
-        (err = pg_run(q, "SELECT min(run_at) FROM jobs WHERE state = 0", NULL, "next run time",
-                      &r)) == KP_OK) {
+    if (err == KP_OK && (err = pg_run(q, "SELECT min(run_at) FROM jobs WHERE state = 0", NULL,
+                                      "next run time", &r)) == KP_OK) {
         if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
             *when = (uint64_t)col_i64(r, 0, 0);
         PQclear(r);
@@ -936,8 +935,10 @@ static enum kp_err pg_schema_setup(struct pg_store *q)
     snprintf(lock, sizeof lock, "SELECT pg_advisory_xact_lock(%lld)", PG_SCHEMA_LOCK);
     PGresult *r = NULL;
     if ((err = pg_exec(q, lock, "schema lock")) == KP_OK)
-        err = pg_run(q, "SELECT to_regclass('kelpie_meta') IS NOT NULL, "
-                        "to_regclass('jobs') IS NOT NULL", NULL, "read schema", &r);
+        err = pg_run(q,
+                     "SELECT to_regclass('kelpie_meta') IS NOT NULL, "
+                     "to_regclass('jobs') IS NOT NULL",
+                     NULL, "read schema", &r);
     if (err == KP_OK) {
         bool meta = PQgetvalue(r, 0, 0)[0] == 't', jobs = PQgetvalue(r, 0, 1)[0] == 't';
         PQclear(r);
@@ -953,9 +954,10 @@ static enum kp_err pg_schema_setup(struct pg_store *q)
             long v = PQgetisnull(r, 0, 0) ? 0 : strtol(PQgetvalue(r, 0, 0), NULL, 10);
             PQclear(r);
             if (v != PG_SCHEMA_VERSION)
-                err = kp_store_fail(&q->base, KP_ESTORECORRUPT,
-                                    "postgresql %s: schema version %ld, this broker knows version %d",
-                                    q->where, v, PG_SCHEMA_VERSION);
+                err =
+                    kp_store_fail(&q->base, KP_ESTORECORRUPT,
+                                  "postgresql %s: schema version %ld, this broker knows version %d",
+                                  q->where, v, PG_SCHEMA_VERSION);
         }
     }
     if (err == KP_OK)
