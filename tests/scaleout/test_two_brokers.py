@@ -118,3 +118,32 @@ def test_kill_9_of_a_broker_gets_its_leases_reclaimed_by_the_other(tmp_path, pos
         wb.kill_all()
         a.stop()
         b.stop()
+
+
+def test_a_job_submitted_where_no_worker_is_runs_on_the_other_broker(tmp_path, postgres):
+    """Broker a has no worker: its job is found by broker b (whose worker is
+    idle) within the engine's periodic look (1 s; no LISTEN/NOTIFY yet), and
+    broker a reads its result from the shared store."""
+    url, _ = postgres.new_db()
+    a = start_broker(tmp_path, "a", url)
+    b = start_broker(tmp_path, "b", url)
+    wb = Workers(tmp_path, b)
+    ca = Client(a.frontend)
+    try:
+        pb = wb.start("wb", credits=2)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        job = ca.submit(json.dumps({"sleep": 0.2}).encode())
+        wait_for(lambda: ca.job(job)["state"] == "succeeded", timeout=10,
+                 what="the job ran on broker b's worker")
+        took = time.monotonic() - t0
+        print(f"\nsubmitted on a, run on b, seen succeeded on a after {took:.2f} s")
+        assert [j for j, _ in worker_runs(pb)] == [job]
+        h, _ = ca.result(job, timeout=5)  # a WATCH of a finished job answers from the store
+        assert h.job_id == job
+        assert took < 5.0, took
+    finally:
+        ca.close()
+        wb.kill_all()
+        a.stop()
+        b.stop()
