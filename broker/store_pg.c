@@ -333,6 +333,18 @@ static enum kp_err pg_op_end(struct pg_store *q, enum kp_err err)
     return err;
 }
 
+/* Reads need no transaction of their own, but inside a group a failing one
+ * would abort the group's transaction: there they get a savepoint. */
+static enum kp_err pg_read_begin(struct pg_store *q)
+{
+    return q->in_txn ? pg_op_begin(q) : pg_alive(q);
+}
+
+static enum kp_err pg_read_end(struct pg_store *q, enum kp_err err)
+{
+    return q->in_txn ? pg_op_end(q, err) : err;
+}
+
 static enum kp_err pg_begin(struct kp_store *s)
 {
     struct pg_store *q = pg(s);
@@ -356,8 +368,19 @@ static enum kp_err pg_commit(struct kp_store *s)
         return err;
     }
     /* A COMMIT that fails (or whose answer is lost with the connection)
-     * reports failure: the journal then fails the whole group. */
-    return pg_exec(q, "COMMIT", "COMMIT");
+     * reports failure: the journal then fails the whole group. PostgreSQL
+     * answers COMMIT of an aborted transaction with a successful ROLLBACK,
+     * so the tag is checked too: an undone group never reads as committed. */
+    PGresult *r = PQexec(q->conn, "COMMIT");
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        err = pg_fail(q, r, "COMMIT");
+    } else if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
+        err = kp_store_fail(&q->base, KP_ESTOREIO,
+                            "postgresql %s: COMMIT: the transaction was rolled back (%s)", q->where,
+                            PQcmdStatus(r));
+    }
+    PQclear(r);
+    return err;
 }
 
 static void pg_rollback(struct kp_store *s)
@@ -670,14 +693,22 @@ static enum kp_err pg_cancel(struct kp_store *s, const kp_job_id *id, uint64_t n
     return pg_op_end(q, err);
 }
 
+static enum kp_err pg_get_inner(struct pg_store *q, const kp_job_id *id, struct kp_job *out);
+
 static enum kp_err pg_get(struct kp_store *s, const kp_job_id *id, struct kp_job *out)
 {
     struct pg_store *q = pg(s);
     memset(out, 0, sizeof *out);
-    enum kp_err err = q->in_txn ? KP_OK : pg_alive(q);
-    PGresult *row;
+    enum kp_err err = pg_read_begin(q);
     if (err == KP_OK)
-        err = pg_find(q, id, false, &row);
+        err = pg_read_end(q, pg_get_inner(q, id, out));
+    return err;
+}
+
+static enum kp_err pg_get_inner(struct pg_store *q, const kp_job_id *id, struct kp_job *out)
+{
+    PGresult *row;
+    enum kp_err err = pg_find(q, id, false, &row);
     if (err != KP_OK)
         return err;
     row_job(row, 0, out);
@@ -718,7 +749,7 @@ static enum kp_err pg_get(struct kp_store *s, const kp_job_id *id, struct kp_job
 static enum kp_err pg_list(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out)
 {
     struct pg_store *q = pg(s);
-    enum kp_err err = q->in_txn ? KP_OK : pg_alive(q);
+    enum kp_err err = pg_read_begin(q);
     if (err != KP_OK)
         return err;
     struct pg_args a = {0};
@@ -731,12 +762,12 @@ static enum kp_err pg_list(struct kp_store *s, const struct kp_job_filter *f, st
                  "SELECT " PG_JOB_COLS " FROM jobs WHERE ($1 < 0 OR state = $1) "
                  "AND ($2::text IS NULL OR queue = $2) AND id > $3 ORDER BY id LIMIT $4",
                  &a, "list jobs", &r);
-    if (err != KP_OK)
-        return err;
-    for (int i = 0; i < PQntuples(r); i++)
-        row_job(r, i, kp_jobs_push(out));
-    PQclear(r);
-    return KP_OK;
+    if (err == KP_OK) {
+        for (int i = 0; i < PQntuples(r); i++)
+            row_job(r, i, kp_jobs_push(out));
+        PQclear(r);
+    }
+    return pg_read_end(q, err);
 }
 
 static enum kp_err pg_dlq(struct kp_store *s, const char *queue, const kp_job_id *id, uint64_t now,
@@ -883,7 +914,7 @@ static enum kp_err pg_next_run_at(struct kp_store *s, uint64_t *when)
 {
     struct pg_store *q = pg(s);
     *when = UINT64_MAX;
-    enum kp_err err = q->in_txn ? KP_OK : pg_alive(q);
+    enum kp_err err = pg_read_begin(q);
     PGresult *r;
     if (err == KP_OK && (err = pg_run(q, "SELECT min(run_at) FROM jobs WHERE state = 0", NULL,
                                       "next run time", &r)) == KP_OK) {
@@ -891,7 +922,7 @@ static enum kp_err pg_next_run_at(struct kp_store *s, uint64_t *when)
             *when = (uint64_t)col_i64(r, 0, 0);
         PQclear(r);
     }
-    return err;
+    return pg_read_end(q, err);
 }
 
 static void pg_close(struct kp_store *s)
