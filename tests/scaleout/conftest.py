@@ -23,7 +23,7 @@ _spec = importlib.util.spec_from_file_location(
     "jobengine_conftest", os.path.join(HERE, "..", "jobengine", "conftest.py"))
 _je = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_je)
-Client, Workers, wait_for = _je.Client, _je.Workers, _je.wait_for
+Client, Workers, wait_for, K = _je.Client, _je.Workers, _je.wait_for, _je.K
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
 
@@ -44,6 +44,9 @@ class Postgres:
                                        "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                        timeout=120)
+        return self.start_server()
+
+    def start_server(self):
         opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' "
                 f"-p {self.port} -c fsync=on -c synchronous_commit=on")
         subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
@@ -53,6 +56,13 @@ class Postgres:
         with open(f"{self.dir}/data/postmaster.pid") as f:
             self.pid = int(f.readline())
         return self
+
+    def stop_server(self):
+        """A fast shutdown (connections are cut), the data kept for start_server()."""
+        subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-m", "fast",
+                                       "-w", "-t", "60", "stop"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=90)
+        self.pid = None
 
     def psql(self, sql, db="postgres"):
         return subprocess.run([f"{PG_BIN}/psql" if os.path.exists(f"{PG_BIN}/psql") else "psql",
