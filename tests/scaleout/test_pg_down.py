@@ -2,7 +2,6 @@
 UNAVAILABLE meanwhile (never ACCEPTED), the broker reconnects by itself, and
 nothing it accepted before is lost."""
 import json
-import time
 
 from conftest import Client, K, Postgres, Workers, wait_for
 from kelpie.testing import Kelpied
