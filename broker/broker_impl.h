@@ -277,10 +277,13 @@ struct kp_json;
 
 /* Sets up the engine: queue settings (--queues text, may be NULL), and the
  * store at data_dir/jobs.db if one exists (recovering its leased jobs);
- * otherwise the store and data_dir are made on first use. KP_EINVAL with a
- * message in err if settings is malformed. */
-enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *settings, char *err,
-                        size_t errlen);
+ * otherwise the store and data_dir are made on first use. With `store` a
+ * postgresql:// URI (NULL or "" for none) the shared PostgreSQL store is used
+ * instead, opened now (recovering the jobs of silent brokers) and retried
+ * while it cannot be. KP_EINVAL with a message in err if settings is
+ * malformed or store is not such a URI. */
+enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *store,
+                        const char *settings, char *err, size_t errlen);
 
 /* Stops the journal (committing what was put), frees the engine's state. */
 void kp_jobs_destroy(struct kp_broker *b);
