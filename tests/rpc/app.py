@@ -138,6 +138,72 @@ async def big_stream(payload, ctx):
     yield b"b" * int(payload)
 
 
+# -- client-streamed calls (protocol.md §5.6) ------------------------------
+
+@worker.handler("echo", "Sum", client_stream=True)
+async def sum_(requests, ctx):
+    """Sum of the integers streamed in; the reply says how many came."""
+    total = n = 0
+    async for request in requests:
+        total += int(request)
+        n += 1
+    return b"%d %d" % (total, n)
+
+
+@worker.handler("echo", "Upper", client_stream=True)
+async def upper(requests, ctx):
+    """Bidirectional: each request back upper-cased, as it arrives."""
+    async for request in requests:
+        yield request.upper()
+
+
+@worker.handler("echo", "ThreadSum", client_stream=True)
+def thread_sum(requests, ctx):
+    """Sum in a pool thread, reading a blocking iterator."""
+    return b"%d" % sum(int(r) for r in requests)
+
+
+@worker.handler("echo", "SlowRead", client_stream=True)
+async def slow_read(requests, ctx):
+    """Read one request per ``pace`` seconds (metadata), writing how many were
+    read to a marker; the marker files tell the test how far input got."""
+    pace = float(ctx.metadata.get("pace", b"0.05"))
+    n = 0
+    _mark(ctx, "started")
+    try:
+        async for _ in requests:
+            n += 1
+            _mark(ctx, "read", str(n))
+            await asyncio.sleep(pace)
+    except asyncio.CancelledError:
+        remaining = ctx.time_remaining()
+        _mark(ctx, "deadline" if remaining is not None and remaining <= 0.05 else "cancelled")
+        raise
+    _mark(ctx, "done")
+    return b"%d" % n
+
+
+@worker.handler("echo", "ThreadWait", client_stream=True)
+def thread_wait(requests, ctx):
+    """A thread blocked reading input that never comes: woken by cancellation."""
+    _mark(ctx, "started")
+    try:
+        for _ in requests:
+            pass
+    except kelpie.RpcError:
+        _mark(ctx, "woken")
+        raise
+    return b"end"
+
+
+@worker.handler("echo", "EarlyReply", client_stream=True)
+async def early_reply(requests, ctx):
+    """Answer after the first request, without reading the rest."""
+    async for request in requests:
+        return b"first " + request
+    return b"none"
+
+
 try:
     import greeter_pb2
 except ImportError:  # the tests that need it put it on the path
@@ -156,5 +222,19 @@ if greeter_pb2 is not None:
         async def CountTo(self, request, ctx):
             for i in range(request.count):
                 yield greeter_pb2.HelloReply(message=request.name, index=i)
+
+        async def JoinNames(self, request_iterator, ctx):
+            names = [request.name async for request in request_iterator]
+            return greeter_pb2.HelloReply(message=",".join(names), index=len(names))
+
+        async def Chat(self, request_iterator, ctx):
+            i = 0
+            async for request in request_iterator:
+                yield greeter_pb2.HelloReply(message=f"hi {request.name}", index=i)
+                i += 1
+
+        def CountNames(self, request_iterator, ctx):
+            n = sum(1 for _ in request_iterator)
+            return greeter_pb2.HelloReply(message="counted in a thread", index=n)
 
     worker.add_servicer(greeter_pb2.DESCRIPTOR.services_by_name["Greeter"], Greeter())

@@ -44,6 +44,11 @@ def test_answers():
     assert parse(_wire.cancel(77)) == H(version=1, kind=_wire.CANCEL, request_id=77)
     assert parse(_wire.credit(8, 77)) == H(version=1, kind=_wire.CREDIT, request_id=77,
                                            credits=8)
+    assert parse(_wire.input_credit(8, 2**40)) == H(version=1, kind=_wire.CREDIT,
+                                                    request_id=2**40, credits=8,
+                                                    flags=_wire.CLIENT_STREAM)
+    assert _wire.CLIENT_STREAM == header_pb2.CLIENT_STREAM
+    assert _wire.INPUT_WINDOW == 16  # the broker's KP_INPUT_WINDOW (protocol.md §5.6)
     assert parse(_wire.heartbeat(250)) == H(version=1, kind=_wire.HEARTBEAT, heartbeat_ms=250)
     assert parse(_wire.status(_wire.STALLED)) == H(version=1, kind=_wire.STATUS,
                                                    flags=_wire.STALLED)

@@ -34,7 +34,8 @@ class CallContext:
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld")
+                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
+                 "_input")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -56,6 +57,7 @@ class CallContext:
         self._credit_waiter = None
         self._orphan = False    # its registration is gone: its answer is dropped
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
+        self._input = None  # a client-streamed call's request stream (kelpie._input)
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
@@ -102,6 +104,8 @@ class CallContext:
     def _cancel(self, reason):
         if self._reason == 0:
             self._reason = reason
+        if self._input is not None:
+            self._input.cancel()  # wakes a thread waiting for input
         # A thread cannot be interrupted: it sees cancelled() and its call is
         # answered when it returns (that is when its slot is free again).
         if self._task is not None and not self._in_thread:

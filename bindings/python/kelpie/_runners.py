@@ -20,6 +20,7 @@ import types
 from . import _executors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._handlers import _IN_THREAD, _ON_LOOP
+from ._input import Input, ThreadInput
 from ._status import StatusCode
 from .errors import ResourceExhausted, RpcError
 
@@ -28,6 +29,7 @@ log = logging.getLogger("kelpie.worker")
 _oversize = _wire.oversize
 _FRESH = object()  # _drive: the coroutine has not been started yet
 _clock = time.monotonic
+_CLIENT_STREAM = _wire.CLIENT_STREAM
 
 
 def _drive(coro, yielded, worker, name):
@@ -111,6 +113,9 @@ class Runners:
                 rid, StatusCode.UNIMPLEMENTED,
                 f"{header.service}/{header.method} is not served by {self.name}"))
             return
+        if (header.flags & _CLIENT_STREAM) or handler.client_stream:
+            await self._on_streamed_request(session, header, handler)
+            return
         n = len(frames)
         payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
         ctx = CallContext(self, session, header)
@@ -172,6 +177,46 @@ class Runners:
         # The hot path: _send inlined (the reader runs, so the session is live).
         await session.sock.send_multipart((header, body))
 
+    async def _on_streamed_request(self, session, header, handler):
+        """A call whose request is a stream (CLIENT_STREAM, protocol.md §5.6):
+        the handler gets the input iterator the session feeds, and runs in a
+        task (on the loop) or a thread; never started eagerly."""
+        rid = header.request_id
+        if not (header.flags & _CLIENT_STREAM) or not handler.client_stream:
+            how = "streams its request: call it with stream_unary or stream_stream" \
+                if handler.client_stream else "takes one request: call it with call or stream"
+            await self._send(session, _wire.error(rid, StatusCode.FAILED_PRECONDITION,
+                                                  f"{handler.name} {how}"))
+            return
+        ctx = CallContext(self, session, header)
+        if header.timeout_ms:
+            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+
+        def grant(n):
+            # Window goes back only while the call runs in this session.
+            if session.calls.get(rid) is ctx and not session.ending:
+                self._spawn(self._send(session, _wire.input_credit(n, rid)))
+
+        session.calls[rid] = ctx
+        if handler.kind == _IN_THREAD:
+            ctx._input = ThreadInput(grant, self._loop, handler.decode)
+            ctx._in_thread = True
+            ctx._task = self._loop.create_task(
+                self._run_in_thread(session, ctx, handler, ctx._input))
+        elif handler.stream:
+            ctx._input = Input(grant, handler.decode)
+            ctx._task = self._loop.create_task(_drive_coro(
+                self._run_stream(session, ctx, handler, ctx._input), _FRESH, self,
+                handler.name))
+            return  # _run_stream arms the deadline
+        else:
+            ctx._input = Input(grant, handler.decode)
+            ctx._task = self._loop.create_task(
+                self._finish_unary(session, ctx, handler, handler.fn(ctx._input, ctx), _FRESH))
+        if ctx.deadline is not None:
+            ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
             result = await _drive_coro(coro, yielded, self, handler.name)
@@ -200,6 +245,10 @@ class Runners:
                 raise asyncio.CancelledError()
             body = _as_bytes(result, handler.name)
         except BaseException as exc:  # noqa: B036
+            if ctx._reason and ctx._input is not None and isinstance(exc, RpcError):
+                # Woken from reading its input by the cancellation: answer
+                # with the cancellation's reason (deadline, client, shutdown).
+                exc = asyncio.CancelledError()
             await self._answer_error(session, ctx, exc, handler)
         else:
             await self._reply(session, ctx, body)

@@ -42,6 +42,7 @@ STREAM = 2
 ONEWAY = 4
 STALLED = 8
 OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
+CLIENT_STREAM = 32  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):
@@ -50,6 +51,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 # Default stream window when REQUEST.credits is 0 (protocol.md §5.3).
 DEFAULT_WINDOW = 16
+
+# CHUNKs a caller may send on a CLIENT_STREAM call before any CREDIT: the
+# protocol's fixed initial input window (protocol.md §5.6).
+INPUT_WINDOW = 16
 
 _VERSION = b"\x08\x01"  # field 1 (version), varint 1
 
@@ -217,6 +222,13 @@ def credit(credits, request_id=0):
     if request_id:
         out += b"\x18" + varint(request_id)
     return out
+
+
+def input_credit(credits, request_id):
+    """A CREDIT with the CLIENT_STREAM flag: ``credits`` more input CHUNKs
+    the caller of ``request_id`` may send (protocol.md §5.6)."""
+    return _CREDIT + b"\x48" + varint(credits) + b"\x18" + varint(request_id) + b"\x60" + \
+        varint(CLIENT_STREAM)
 
 
 def ready(services, credits, heartbeat_ms, name, methods=()):

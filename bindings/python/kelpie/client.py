@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _liveness, _wire, _zmq
+from . import _calls, _core, _liveness, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -266,6 +266,42 @@ class Client:
                              max(1, int(window)), idempotent)
         return Stream(state)
 
+    # -- client-streamed calls (kelpie._streaming) ---------------------------
+
+    def stream_unary(self, service: str, method: str, requests: Any = None, *,
+                     timeout: Optional[float] = None,
+                     metadata: _Metadata = None) -> "_streaming.StreamUnaryCall":
+        """Start a client-streaming call; ``await`` the result for the reply bytes.
+
+        ``requests`` (an async or plain iterable of bytes) is written for
+        you, then END; without it, ``await call.write(b)`` and ``await
+        call.done_writing()`` yourself. Writes wait while the worker's input
+        window (protocol.md §5.6) is shut, so a slow handler back-pressures
+        the writer. ``timeout`` and ``metadata`` as for :meth:`call`.
+        """
+        return _streaming.StreamUnaryCall(self._duplex(service, method, timeout, metadata, 16,
+                                                       False), requests)
+
+    def stream_stream(self, service: str, method: str, requests: Any = None, *,
+                      timeout: Optional[float] = None, metadata: _Metadata = None,
+                      window: int = 16) -> "_streaming.StreamStreamCall":
+        """Start a bidirectional call; return a call to write to and iterate.
+
+        ``await call.write(b)``, ``await call.done_writing()``, ``async for
+        reply in call`` (or ``requests``, an async or plain iterable of
+        bytes, written for you). ``window`` is the reply window as for
+        :meth:`stream`; the input window is the worker's (protocol.md §5.6).
+        """
+        return _streaming.StreamStreamCall(self._duplex(service, method, timeout, metadata,
+                                                        window, True), requests)
+
+    def _duplex(self, service, method, timeout, metadata, window, server_streaming):
+        if self._sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
+        timeout, metadata = _core.options(self, timeout, metadata)
+        return _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
+                            server_streaming)
+
     # -- convenience ------------------------------------------------------
 
     def stub(self, service_descriptor: Any, *, idempotent: Any = (),
@@ -376,7 +412,8 @@ class Client:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
             kind = header.kind
-            if entry.__class__ is _StreamState:
+            cls = entry.__class__
+            if cls is _StreamState or cls is _DuplexState:
                 entry.deliver(kind, header, frames)
             elif kind == _REPLY:
                 del pending[rid]
@@ -441,7 +478,7 @@ class Client:
 
 
 def _fail(entry, exc):
-    if entry.__class__ is _StreamState:
+    if isinstance(entry, _calls.StreamCore):
         entry.fail(exc)
     elif not entry.done():
         entry.set_exception(exc)
@@ -542,6 +579,25 @@ class _StreamState(_calls.StreamCore):
             client._send_later(_wire.cancel(self.rid))
         self._wake()
         return True
+
+
+class _DuplexState(_streaming.AsyncDuplex, _StreamState):
+    """A client-streamed call (kelpie._streaming): a stream state plus its input."""
+
+    __slots__ = _streaming.DUPLEX_SLOTS + ("write_waiter", "writer")
+
+    def __init__(self, client, service, method, timeout, metadata, window, server_streaming):
+        _StreamState.__init__(self, client, service, method, b"", timeout, metadata, window,
+                              False)
+        self._init_async(server_streaming)
+
+    def _wake(self):
+        _StreamState._wake(self)
+        self._wake_writer()
+
+    def cancel(self):
+        self.stop_writer()
+        return _StreamState.cancel(self)
 
 
 class Stream(_calls.StreamHandle):
