@@ -27,9 +27,10 @@ import asyncio
 
 from . import _calls, _wire
 from ._calls import payload as _payload
-from .errors import ResourceExhausted
+from .errors import ResourceExhausted, RpcError
 
-__all__ = ["DuplexCore", "AsyncDuplex", "StreamStreamCall", "StreamUnaryCall"]
+__all__ = ["DuplexCore", "AsyncDuplex", "SyncDuplex", "StreamStreamCall", "StreamUnaryCall",
+           "BlockingStreamStreamCall"]
 
 _CREDIT = _wire.CREDIT
 _REPLY = _wire.REPLY
@@ -186,6 +187,72 @@ class AsyncDuplex(DuplexCore):
                 self.error = exc
 
 
+class SyncDuplex(DuplexCore):
+    """kelpie.sync's I/O for a client-streamed call, mixed in before
+    ``kelpie.sync._StreamState`` (combined there as ``_DuplexState``, whose
+    ``wait_once`` reads one message from the thread's socket). Writes and
+    reads happen on the thread that started the call; a request iterator
+    given to ``stream_stream`` is pulled on that thread, as the input window
+    allows, whenever the reader waits for a reply."""
+
+    __slots__ = ()
+
+    def write(self, message):
+        if not self.started:
+            self.start()
+        self.check_write()
+        while self.input_window <= 0:
+            self.wait_once()
+            self.check_write()
+        self.conn.send(self.chunk_frames(message, self.conn.max_message_size))
+
+    def done_writing(self):
+        if not self.started:
+            self.start()
+        if self.writes_done or self.finished:
+            return
+        self.writes_done = True
+        self.conn.send([_wire.end(self.rid)])
+
+    def wait_reply(self):
+        if not self.started:
+            self.start()
+        while not self.finished:
+            self.wait_once()
+        return self.result()
+
+    def pump(self):
+        """Write from the request iterator while the window is open; END
+        when it is exhausted. An iterator that raises cancels the call."""
+        requests = self.requests
+        try:
+            while self.input_window > 0 and not self.finished:
+                try:
+                    request = next(requests)
+                except StopIteration:
+                    self.requests = None
+                    self.done_writing()
+                    return
+                self.write(self.encode(request))
+        except RpcError:
+            raise
+        except Exception as exc:
+            self.requests = None
+            self.cancel()
+            self.error = exc
+            raise
+
+    def next(self):
+        if not self.started:
+            self.start()
+        while not self.chunks and not self.finished:
+            if self.requests is not None and self.input_window > 0:
+                self.pump()
+                continue
+            self.wait_once()
+        return self.next_ready()
+
+
 def _identity(value):
     return value
 
@@ -193,18 +260,19 @@ def _identity(value):
 class _CallBase:
     """What both async client-streamed call objects share."""
 
-    __slots__ = ("_state", "_decode", "__weakref__")
+    __slots__ = ("_state", "_encode", "_decode", "__weakref__")
 
     def __init__(self, state, requests=None, encode=None, decode=None):
         self._state = state
+        self._encode = encode or _identity
         self._decode = decode or _identity
         if requests is not None:
             state.writer = asyncio.get_running_loop().create_task(
-                state.pump(requests, encode or _identity))
+                state.pump(requests, self._encode))
 
     async def write(self, message) -> None:
         """Send one request; waits while the worker's input window is shut."""
-        await self._state.write(message)
+        await self._state.write(self._encode(message))
 
     async def done_writing(self) -> None:
         """Tell the worker no more requests follow (END); idempotent."""
@@ -282,3 +350,60 @@ class StreamStreamCall(_CallBase):
 
     async def __aexit__(self, *exc):
         self._state.cancel()
+
+
+class BlockingStreamStreamCall:
+    """A bidirectional call of kelpie.sync: ``write``, ``done_writing`` and
+    ``for reply in call``, all on the thread that started it; ``close()``
+    (or leaving a ``with`` block, or dropping the call) cancels it."""
+
+    __slots__ = ("_state", "_encode", "_decode", "__weakref__")
+
+    def __init__(self, state, encode=None, decode=None):
+        self._state = state
+        self._encode = encode or _identity
+        self._decode = decode or _identity
+
+    def write(self, message) -> None:
+        """Send one request; blocks while the worker's input window is shut."""
+        self._state.write(self._encode(message))
+
+    def done_writing(self) -> None:
+        """Tell the worker no more requests follow (END); idempotent."""
+        self._state.done_writing()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._decode(self._state.next())
+
+    def __enter__(self):
+        self._state.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._state.cancel()
+
+    def close(self) -> bool:
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    cancel = close
+
+    @property
+    def done(self) -> bool:
+        return self._state.finished
+
+    @property
+    def metadata(self) -> dict:
+        """Trailing metadata (``dict[str, bytes]``), once the call has ended."""
+        return self._state.trailing
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass

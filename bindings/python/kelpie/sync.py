@@ -59,11 +59,12 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _liveness, _wire, _zmq
+from . import _calls, _core, _liveness, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
-from .stubs import Stub as _AsyncStub, _blocking_server_stream, _blocking_unary
+from .stubs import Stub as _AsyncStub, _blocking_bidi, _blocking_client_stream
+from .stubs import _blocking_server_stream, _blocking_unary
 
 __all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
 
@@ -478,6 +479,58 @@ class Client:
         return Stream(_StreamState(self, service, method, payload, timeout, metadata,
                                    max(1, int(window)), idempotent))
 
+    # -- client-streamed calls (kelpie._streaming) ---------------------------
+
+    def stream_unary(self, service: str, method: str, requests: Any, *,
+                     timeout: Optional[float] = None, metadata: _Metadata = None,
+                     with_metadata: bool = False) -> Any:
+        """Call a client-streaming method: send every payload of ``requests``
+        (an iterable of bytes), then END; return the reply bytes
+        (``with_metadata=True``: ``(reply, metadata)``).
+
+        Sending blocks while the worker's input window (protocol.md §5.6)
+        is shut, so a slow handler back-pressures this thread. ``timeout``
+        and ``metadata`` as for :meth:`call`.
+        """
+        return self._stream_unary(service, method, requests, timeout, metadata, with_metadata)
+
+    def _stream_unary(self, service, method, requests, timeout, metadata, with_metadata,
+                      encode=None):
+        timeout, metadata = _core.options(self, timeout, metadata)
+        state = _DuplexState(self, service, method, timeout, metadata, 16, False)
+        try:
+            state.start()
+            for request in requests:
+                state.write(encode(request) if encode is not None else request)
+                if state.finished:
+                    break  # answered early: the rest is not wanted
+            state.done_writing()
+            reply = state.wait_reply()
+        except BaseException:
+            state.cancel()
+            raise
+        return (reply, state.trailing) if with_metadata else reply
+
+    def stream_stream(self, service: str, method: str, requests: Any = None, *,
+                      timeout: Optional[float] = None, metadata: _Metadata = None,
+                      window: int = 16) -> "_streaming.BlockingStreamStreamCall":
+        """Start a bidirectional call; return a call to write to and iterate.
+
+        ``call.write(b)``, ``call.done_writing()``, ``for reply in call``, all
+        on this thread. With ``requests`` (an iterable of bytes) the call
+        pulls requests from it itself, as the input window allows, whenever
+        the reader waits for a reply, and sends END when it is exhausted.
+        ``window`` is the reply window as for :meth:`stream`.
+        """
+        return self._stream_stream(service, method, requests, timeout, metadata, window)
+
+    def _stream_stream(self, service, method, requests, timeout, metadata, window,
+                       encode=None, decode=None):
+        timeout, metadata = _core.options(self, timeout, metadata)
+        state = _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
+                             True, requests, encode)
+        return _streaming.BlockingStreamStreamCall(state, encode, decode)
+
     # -- convenience ------------------------------------------------------
 
     def stub(self, service_descriptor: Any, *, idempotent: Any = (),
@@ -598,6 +651,9 @@ class _StreamState(_calls.StreamCore):
     def next(self):
         if not self.started:
             self.start()
+        return self.next_ready()
+
+    def next_ready(self):
         conn = self.conn
         if conn.dead and not self.finished:
             self.fail(_closed_error())
@@ -639,6 +695,45 @@ class _StreamState(_calls.StreamCore):
         return True
 
 
+class _DuplexState(_streaming.SyncDuplex, _StreamState):
+    """A client-streamed call on one thread's connection (kelpie._streaming)."""
+
+    __slots__ = _streaming.DUPLEX_SLOTS + ("requests", "encode")
+
+    def __init__(self, client, service, method, timeout, metadata, window, server_streaming,
+                 requests=None, encode=None):
+        _StreamState.__init__(self, client, service, method, b"", timeout, metadata, window,
+                              False)
+        self._init_input(server_streaming)
+        self.requests = None if requests is None else iter(requests)
+        self.encode = encode or _identity
+
+    def wait_once(self):
+        """Read one message for this thread's calls, failing the call as a
+        stream read does (deadline, broker silence, client closed)."""
+        conn = self.conn
+        if conn.dead and not self.finished:
+            self.fail(_closed_error())
+            return
+        if conn.owner != threading.get_ident():
+            raise RuntimeError("a kelpie.sync call is used by the thread that started it")
+        try:
+            conn.wait(self.client, 0, self.deadline)
+        except RpcError as exc:
+            if not self.finished:
+                if exc.code == StatusCode.DEADLINE_EXCEEDED and not conn.dead:
+                    Client._cancel(conn, self.rid)
+                self.fail(exc)
+            raise
+        except BaseException:
+            self.cancel()
+            raise
+
+
+def _identity(value):
+    return value
+
+
 class Stream(_calls.StreamHandle):
     """The chunks of a server-streamed reply, as a blocking iterator.
 
@@ -675,12 +770,18 @@ class Stub(_AsyncStub):
     ``stub.SayHello(req, timeout=1.0)`` returns the reply message
     (``with_metadata=True``: ``(reply, metadata)``); a server-streaming
     method returns an iterator of reply messages with ``close()`` and
-    ``metadata``. Idempotency and naming as :class:`kelpie.Stub`
+    ``metadata``; a client-streaming method takes an iterable of request
+    messages and returns the reply (``stub.Join(iter(reqs))``); a
+    bidirectional one returns a call with ``write``, ``done_writing`` and
+    iteration over reply messages (``stub.Chat(reqs)`` pulls requests from
+    an iterable itself). Idempotency and naming as :class:`kelpie.Stub`
     (:mod:`kelpie.stubs`), from whose descriptor logic this is built.
     """
 
     _make_unary = staticmethod(_blocking_unary)
     _make_server_stream = staticmethod(_blocking_server_stream)
+    _make_client_stream = staticmethod(_blocking_client_stream)
+    _make_bidi = staticmethod(_blocking_bidi)
 
     def __repr__(self):
         return f"<kelpie.sync.Stub {self._service}>"
