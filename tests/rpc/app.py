@@ -104,6 +104,15 @@ async def fail(payload, ctx):
     raise ValueError("boom: " + payload.decode())
 
 
+@worker.handler("echo", "Flaky")
+async def flaky(payload, ctx):
+    """UNAVAILABLE unless the ``attempt`` metadata is at least ``payload``."""
+    attempt = int(ctx.metadata.get("attempt", b"1"))
+    if attempt < int(payload):
+        raise kelpie.Unavailable(f"attempt {attempt} failed")
+    return b"attempt %d" % attempt
+
+
 @worker.handler("echo", "Count")
 async def count(payload, ctx):
     """Stream ``payload`` chunks; write how many were produced to a marker."""

@@ -40,6 +40,11 @@ _RPC_NAMES = {
     "CallContext": "kelpie.worker",
     "ProcessContext": "kelpie.worker",
     "Stub": "kelpie.stubs",
+    "StreamUnaryCall": "kelpie._streaming",
+    "StreamStreamCall": "kelpie._streaming",
+    "ClientInterceptor": "kelpie._interceptors",
+    "ServerInterceptor": "kelpie._interceptors",
+    "CallDetails": "kelpie._interceptors",
     "NO_DEADLINE": "kelpie._liveness",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
 }

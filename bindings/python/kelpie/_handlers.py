@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
-from . import _executors
+from . import _executors, _interceptors
 from .stubs import decode_request, message_class, method_kind
 
 # Where a handler runs (_Handler.kind).
@@ -24,9 +24,10 @@ _EXECUTORS = {None: None, "loop": _ON_LOOP, "thread": _IN_THREAD, "process": _IN
 
 
 class _Handler:
-    __slots__ = ("fn", "stream", "name", "kind", "client_stream", "decode")
+    __slots__ = ("fn", "stream", "name", "kind", "client_stream", "decode", "intercept")
 
-    def __init__(self, fn, stream, name, kind=_ON_LOOP, client_stream=False, decode=None):
+    def __init__(self, fn, stream, name, kind=_ON_LOOP, client_stream=False, decode=None,
+                 intercept=None):
         self.fn = fn
         self.stream = stream
         self.name = name
@@ -35,6 +36,9 @@ class _Handler:
         # fn gets an iterator of requests, each decoded by decode if set.
         self.client_stream = client_stream
         self.decode = decode
+        # Interceptors the runner puts around a thread or process handler
+        # (a loop handler's fn is wrapped at registration instead).
+        self.intercept = intercept
 
 
 class HandlerTable:
@@ -104,8 +108,13 @@ class HandlerTable:
                 raise ValueError(f"{name}: client-streaming handlers run on the loop or in "
                                  "threads, not in the process pool")
             _executors.check_picklable(fn, name)
+        interceptors = getattr(self, "_interceptors", None) or None
+        if interceptors and kind == _ON_LOOP:
+            fn = (_interceptors.wrap_loop_stream if stream else _interceptors.wrap_loop_unary)(
+                interceptors, fn)
+            interceptors = None
         self._handlers[(service, method)] = _Handler(fn, bool(stream), name, kind,
-                                                     bool(client_stream), _decode)
+                                                     bool(client_stream), _decode, interceptors)
 
     def add_servicer(self, service_descriptor: Any, impl: Any, *,
                      executor: Optional[str] = None) -> None:

@@ -17,7 +17,7 @@ import logging
 import time
 import types
 
-from . import _executors, _wire
+from . import _executors, _interceptors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._handlers import _IN_THREAD, _ON_LOOP
 from ._input import Input, ThreadInput
@@ -235,8 +235,14 @@ class Runners:
         # caller already and drops ours, which only returns the slot).
         self._threads_busy += 1
         try:
-            result = await self._loop.run_in_executor(self._thread_pool, _thread_entry, handler.fn,
-                                                      payload, ctx)
+            if handler.intercept:
+                result = await _interceptors.server_unary(
+                    handler.intercept, payload, ctx,
+                    lambda p: self._loop.run_in_executor(self._thread_pool, _thread_entry,
+                                                         handler.fn, p, ctx))
+            else:
+                result = await self._loop.run_in_executor(self._thread_pool, _thread_entry,
+                                                          handler.fn, payload, ctx)
             if inspect.iscoroutine(result):
                 result.close()
                 raise TypeError(f"{handler.name} returned a coroutine from a thread: "
@@ -259,21 +265,29 @@ class Runners:
     async def _run_in_process(self, session, ctx, handler, payload):
         pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
                                          ctx.idempotent, ctx._mono_deadline)
-        try:
-            answer = await self._process_pool.run(handler.fn, payload, pctx)
+
+        async def in_pool(request):
+            answer = await self._process_pool.run(handler.fn, request, pctx)
             if answer[0] == "ok":
                 _, body, trailing = answer
-                if trailing:
-                    ctx._trailing = trailing
-            elif answer[0] == "error":
+                if trailing:  # beside what interceptors added on the loop
+                    ctx._trailing = {**(ctx._trailing or {}), **trailing}
+                return body
+            if answer[0] == "error":
                 _, code, message, metadata = answer
                 raise RpcError(code, message, metadata)
+            _, message, text, trailing = answer
+            if trailing:
+                ctx._trailing = {**(ctx._trailing or {}), **trailing}
+            log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
+            raise RpcError(StatusCode.INTERNAL, message)
+
+        try:
+            if handler.intercept:
+                body = _as_bytes(await _interceptors.server_unary(handler.intercept, payload, ctx,
+                                                                  in_pool), handler.name)
             else:
-                _, message, text, trailing = answer
-                if trailing:
-                    ctx._trailing = trailing
-                log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
-                raise RpcError(StatusCode.INTERNAL, message)
+                body = await in_pool(payload)
         except _executors.ChildDied as exc:
             log.error("%s: %s while running the call", handler.name, exc)
             await self._answer_error(session, ctx, RpcError(

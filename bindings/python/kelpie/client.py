@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _liveness, _streaming, _wire, _zmq
+from . import _calls, _core, _interceptors, _liveness, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -59,7 +59,9 @@ class Client:
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    liveness=3, context=None, interceptors=None)``; ``interceptors``: a
+    list of :class:`kelpie.ClientInterceptor` run around every call, the
+    first outermost (kelpie._interceptors). ``frontend`` defaults to ``$KELPIE_FRONTEND``
     or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
     that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
     ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
@@ -75,8 +77,10 @@ class Client:
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None) -> None:
+                 context: Any = None, interceptors: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        # Around every call (kelpie._interceptors), the first outermost.
+        self._interceptors = _interceptors.check_client(interceptors)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
@@ -179,7 +183,8 @@ class Client:
 
     async def call(self, service: str, method: str, payload: Any = b"", *,
                    timeout: Optional[float] = None, metadata: _Metadata = None,
-                   idempotent: bool = False, with_metadata: bool = False) -> Any:
+                   idempotent: bool = False, with_metadata: bool = False,
+                   _intercepted: bool = False) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         ``timeout`` (seconds; default the client's; ``kelpie.NO_DEADLINE``:
@@ -195,6 +200,11 @@ class Client:
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         timeout, metadata = _core.options(self, timeout, metadata)
+        if self._interceptors and not _intercepted:
+            return await _interceptors.client_unary(
+                self._interceptors, _interceptors.CallDetails(
+                    service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
+                    with_metadata=with_metadata), self._call_details)
         loop = self._loop
         retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
@@ -241,6 +251,22 @@ class Client:
                 handle.cancel()
         return _unary_result(header, frames, with_metadata)
 
+    def _call_details(self, d):
+        """The innermost step of the interceptor chain: the call as ``d`` says."""
+        return self.call(d.service, d.method, d.payload,
+                         timeout=NO_DEADLINE if d.timeout is None else d.timeout,
+                         metadata=d.metadata or {}, idempotent=d.idempotent,
+                         with_metadata=d.with_metadata, _intercepted=True)
+
+    def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
+                          idempotent, make):
+        """A streamed call through the interceptor chain; ``make(details)``
+        builds the call object at its end."""
+        timeout, metadata = _core.options(self, timeout, metadata)
+        details = _interceptors.CallDetails(service, method, timeout, metadata, idempotent,
+                                            kind, payload, window)
+        return _interceptors.client_stream(self._interceptors, details, make)
+
     def _expire(self, rid):
         entry = self._pending.pop(rid, None)
         if entry is None:
@@ -261,6 +287,13 @@ class Client:
         """
         if self._sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.SERVER_STREAM, service, method, payload, timeout, metadata,
+                window, idempotent,
+                lambda d: Stream(_StreamState(self, d.service, d.method, d.payload,
+                                              d.timeout, d.metadata, max(1, int(d.window)),
+                                              d.idempotent)))
         timeout, metadata = _core.options(self, timeout, metadata)
         state = _StreamState(self, service, method, payload, timeout, metadata,
                              max(1, int(window)), idempotent)
@@ -279,8 +312,18 @@ class Client:
         window (protocol.md §5.6) is shut, so a slow handler back-pressures
         the writer. ``timeout`` and ``metadata`` as for :meth:`call`.
         """
+        return self._stream_unary(service, method, requests, timeout, metadata)
+
+    def _stream_unary(self, service, method, requests, timeout, metadata, encode=None,
+                      decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.CLIENT_STREAM, service, method, None, timeout, metadata, 16, False,
+                lambda d: _streaming.StreamUnaryCall(self._duplex_resolved(
+                    d.service, d.method, d.timeout, d.metadata, 16, False), requests, encode,
+                    decode))
         return _streaming.StreamUnaryCall(self._duplex(service, method, timeout, metadata, 16,
-                                                       False), requests)
+                                                       False), requests, encode, decode)
 
     def stream_stream(self, service: str, method: str, requests: Any = None, *,
                       timeout: Optional[float] = None, metadata: _Metadata = None,
@@ -292,13 +335,29 @@ class Client:
         bytes, written for you). ``window`` is the reply window as for
         :meth:`stream`; the input window is the worker's (protocol.md §5.6).
         """
+        return self._stream_stream(service, method, requests, timeout, metadata, window)
+
+    def _stream_stream(self, service, method, requests, timeout, metadata, window, encode=None,
+                       decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.BIDI, service, method, None, timeout, metadata, window, False,
+                lambda d: _streaming.StreamStreamCall(self._duplex_resolved(
+                    d.service, d.method, d.timeout, d.metadata, d.window, True), requests,
+                    encode, decode))
         return _streaming.StreamStreamCall(self._duplex(service, method, timeout, metadata,
-                                                        window, True), requests)
+                                                        window, True), requests, encode, decode)
 
     def _duplex(self, service, method, timeout, metadata, window, server_streaming):
         if self._sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         timeout, metadata = _core.options(self, timeout, metadata)
+        return self._duplex_resolved(service, method, timeout, metadata, window,
+                                     server_streaming)
+
+    def _duplex_resolved(self, service, method, timeout, metadata, window, server_streaming):
+        if self._sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
         return _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
                             server_streaming)
 

@@ -187,24 +187,18 @@ def _client_stream(client, service, name, request_cls, decode, idempotent, timeo
     """A client-streaming method: ``await stub.M(request_iterator)`` (async or
     plain iterable of request messages), or ``call = stub.M()`` then
     ``await call.write(req)``, ``await call.done_writing()``, ``await call``."""
-    from ._streaming import StreamUnaryCall
-
     def method(request_iterator=None, *, timeout=timeout, metadata=metadata):
-        state = client._duplex(service, name, timeout, metadata, 16, False)
-        return StreamUnaryCall(state, request_iterator, _encoder(service, name, request_cls),
-                               decode)
+        return client._stream_unary(service, name, request_iterator, timeout, metadata,
+                                    _encoder(service, name, request_cls), decode)
     return _named(method, service, name)
 
 
 def _bidi(client, service, name, request_cls, decode, idempotent, timeout, metadata):
     """A bidirectional method: ``stub.M(request_iterator)`` or ``stub.M()``
     then ``write``/``done_writing``; ``async for reply in call``."""
-    from ._streaming import StreamStreamCall
-
     def method(request_iterator=None, *, timeout=timeout, metadata=metadata, window=16):
-        state = client._duplex(service, name, timeout, metadata, window, True)
-        return StreamStreamCall(state, request_iterator, _encoder(service, name, request_cls),
-                                decode)
+        return client._stream_stream(service, name, request_iterator, timeout, metadata,
+                                     window, _encoder(service, name, request_cls), decode)
     return _named(method, service, name)
 
 

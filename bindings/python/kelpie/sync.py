@@ -59,7 +59,7 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _liveness, _streaming, _wire, _zmq
+from . import _calls, _core, _interceptors, _liveness, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -291,7 +291,8 @@ class Client:
     """A blocking, thread-safe client of the broker's frontend.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None)``, the same arguments as :class:`kelpie.Client`:
+    liveness=3, context=None, interceptors=None)``, the same arguments as
+    :class:`kelpie.Client` (interceptors' methods are called without await):
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
     ``timeout`` is the deadline of every call that sets none (seconds; None:
     ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
@@ -305,8 +306,11 @@ class Client:
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None) -> None:
+                 context: Any = None, interceptors: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        # Around every call, the first outermost; their methods are called
+        # without await here (kelpie._interceptors).
+        self._interceptors = _interceptors.check_client(interceptors)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
@@ -396,7 +400,8 @@ class Client:
 
     def call(self, service: str, method: str, payload: Any = b"", *,
              timeout: Optional[float] = None, metadata: _Metadata = None,
-             idempotent: bool = False, with_metadata: bool = False) -> Any:
+             idempotent: bool = False, with_metadata: bool = False,
+             _intercepted: bool = False) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
@@ -409,6 +414,11 @@ class Client:
         Failures raise :class:`kelpie.RpcError`.
         """
         timeout, metadata = _core.options(self, timeout, metadata)
+        if self._interceptors and not _intercepted:
+            return _interceptors.client_unary_sync(
+                self._interceptors, _interceptors.CallDetails(
+                    service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
+                    with_metadata=with_metadata), self._call_details)
         retries = _core.retries(idempotent)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
@@ -456,6 +466,22 @@ class Client:
             raise
         return _core.unary_result(header, frames, with_metadata)
 
+    def _call_details(self, d):
+        """The innermost step of the interceptor chain: the call as ``d`` says."""
+        return self.call(d.service, d.method, d.payload,
+                         timeout=NO_DEADLINE if d.timeout is None else d.timeout,
+                         metadata=d.metadata or {}, idempotent=d.idempotent,
+                         with_metadata=d.with_metadata, _intercepted=True)
+
+    def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
+                          idempotent, make):
+        """A streamed call through the interceptor chain; ``make(details)``
+        builds the call object (or, for stream_unary, makes the call)."""
+        timeout, metadata = _core.options(self, timeout, metadata)
+        details = _interceptors.CallDetails(service, method, timeout, metadata, idempotent,
+                                            kind, payload, window)
+        return _interceptors.client_stream(self._interceptors, details, make)
+
     @staticmethod
     def _cancel(conn, rid):
         try:
@@ -475,6 +501,12 @@ class Client:
         returned (CREDIT) as chunks are consumed. Closing the stream early
         (``close()``, leaving a ``with`` block, or dropping it) sends CANCEL.
         """
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.SERVER_STREAM, service, method, payload, timeout, metadata, window,
+                idempotent,
+                lambda d: Stream(_StreamState(self, d.service, d.method, d.payload, d.timeout,
+                                              d.metadata, max(1, int(d.window)), d.idempotent)))
         timeout, metadata = _core.options(self, timeout, metadata)
         return Stream(_StreamState(self, service, method, payload, timeout, metadata,
                                    max(1, int(window)), idempotent))
@@ -496,7 +528,19 @@ class Client:
 
     def _stream_unary(self, service, method, requests, timeout, metadata, with_metadata,
                       encode=None):
+        if self._interceptors:
+            # A blocking client-streaming call is made inside the chain:
+            # what intercept_stream's proceed returns is its outcome.
+            return self._intercept_stream(
+                _interceptors.CLIENT_STREAM, service, method, None, timeout, metadata, 16,
+                False, lambda d: self._stream_unary_resolved(
+                    d.service, d.method, requests, d.timeout, d.metadata, with_metadata, encode))
         timeout, metadata = _core.options(self, timeout, metadata)
+        return self._stream_unary_resolved(service, method, requests, timeout, metadata,
+                                           with_metadata, encode)
+
+    def _stream_unary_resolved(self, service, method, requests, timeout, metadata,
+                               with_metadata, encode):
         state = _DuplexState(self, service, method, timeout, metadata, 16, False)
         try:
             state.start()
@@ -526,6 +570,12 @@ class Client:
 
     def _stream_stream(self, service, method, requests, timeout, metadata, window,
                        encode=None, decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.BIDI, service, method, None, timeout, metadata, window, False,
+                lambda d: _streaming.BlockingStreamStreamCall(_DuplexState(
+                    self, d.service, d.method, d.timeout, d.metadata, max(1, int(d.window)),
+                    True, requests, encode), encode, decode))
         timeout, metadata = _core.options(self, timeout, metadata)
         state = _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
                              True, requests, encode)

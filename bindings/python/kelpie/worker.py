@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _executors, _wire
+from . import _executors, _interceptors, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._runners import Runners
@@ -109,7 +109,7 @@ class Worker(HandlerTable, Session, Stalls, Runners):
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
     liveness=3, stall_threshold=1.0, threads=None, processes=None,
-    context=None)``. ``backend`` defaults to
+    context=None, interceptors=None)``. ``backend`` defaults to
     ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
     credit announced in READY (calls run at once, whatever runs them);
     ``name`` shows in the broker's logs and stats (default ``host:pid``);
@@ -118,7 +118,9 @@ class Worker(HandlerTable, Session, Stalls, Runners):
     bounds the pool that runs ``def`` handlers (default
     ``min(32, cpu + 4)``); ``processes`` sizes the pool of child processes
     for ``executor="process"`` handlers (default: the CPU count; started by
-    :meth:`run` only if such a handler is registered). Register handlers, then
+    :meth:`run` only if such a handler is registered); ``interceptors``, a
+    list of :class:`kelpie.ServerInterceptor`, run around every handler
+    (the first outermost). Register handlers, then
     ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
     is created before :meth:`run`, so a Worker can be built at import time
     (``kelpie worker module:worker`` imports it in each child process).
@@ -127,7 +129,11 @@ class Worker(HandlerTable, Session, Stalls, Runners):
     def __init__(self, backend: Optional[str] = None, *, concurrency: int = 64,
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
-                 processes: Optional[int] = None, context: Any = None) -> None:
+                 processes: Optional[int] = None, context: Any = None,
+                 interceptors: Any = None) -> None:
+        # Around every handler (kelpie._interceptors); set before any
+        # handler is registered, since registration wraps the handler.
+        self._interceptors = _interceptors.check_server(interceptors)
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
