@@ -13,7 +13,7 @@ import pytest
 import kelpie
 import kelpie.sync
 from conftest import run, wait_file, wait_served
-from kelpie import _wire
+from kelpie import _input, _wire
 
 
 async def _agen(items, pause=0.0):
@@ -121,10 +121,10 @@ def test_slow_handler_backpressures_the_writer(broker, procs, tmp_path, loop):
                 await asyncio.sleep(0.3)
                 snapshot = written
                 read = int(await wait_file(tmp_path / "slow.read"))
-                # Never more than the input window ahead of the handler.
-                assert read - 1 <= snapshot <= read + _wire.INPUT_WINDOW, (read, snapshot)
+                # Never more than the worker's input window ahead of the handler.
+                assert read - 1 <= snapshot <= read + _input.WINDOW, (read, snapshot)
                 stats = await client.stats()
-                assert stats["queued_bytes"] < 2 * _wire.INPUT_WINDOW * 1100, stats
+                assert stats["queued_bytes"] < 2 * _input.WINDOW * 1100, stats
             assert not task.done()
             task.cancel()
             call.cancel()

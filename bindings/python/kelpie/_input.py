@@ -7,9 +7,10 @@ as ``async for request in requests`` (:class:`Input`, on the loop) or
 ``for request in requests`` (:class:`ThreadInput`, a ``def`` handler in the
 thread pool). The caller may send :data:`kelpie._wire.INPUT_WINDOW` CHUNKs
 before it hears from us; as the handler consumes them, window goes back
-with CREDIT(CLIENT_STREAM) in batches of half the window, so a slow handler
-holds at most one window of input here, and the broker and the caller hold
-nothing more.
+with CREDIT(CLIENT_STREAM), the first one widening it to :data:`WINDOW`,
+then in batches of half of that, so a slow handler holds at most
+:data:`WINDOW` requests here, and the broker and the caller hold nothing
+more.
 
 Calls go down only: to the session's send (through ``grant``, a callable
 the runner supplies) and, for threads, the loop's ``call_soon_threadsafe``.
@@ -29,7 +30,14 @@ __all__ = ["Input", "ThreadInput"]
 
 _CHUNK = _wire.CHUNK
 _END = _wire.END
-_HALF = max(1, _wire.INPUT_WINDOW // 2)
+# The most input this worker holds per call. The caller starts with the
+# protocol's window (16); the first CREDIT widens it to WINDOW, so that a
+# fast stream is not held to one round trip per 8 requests, and after that
+# window goes back in batches of half of it. The broker holds none of it:
+# after dispatch it forwards input as it comes (protocol.md §5.6).
+WINDOW = 64
+_FIRST = _wire.INPUT_WINDOW // 2
+_HALF = WINDOW // 2
 
 
 def _payload(frames):
@@ -42,7 +50,7 @@ def _payload(frames):
 class _InputCore:
     """What both inputs share: arrival order, sequence check, credit batches."""
 
-    __slots__ = ("items", "ended", "error", "expected", "consumed", "grant", "decode")
+    __slots__ = ("items", "ended", "error", "expected", "consumed", "grant", "decode", "widened")
 
     def __init__(self, grant, decode=None):
         self.items = collections.deque()
@@ -53,6 +61,7 @@ class _InputCore:
         # grant(n): send CREDIT(CLIENT_STREAM, n) for this call (loop thread).
         self.grant = grant
         self.decode = decode
+        self.widened = False  # the first CREDIT (which widens the window) has gone
 
     def _accept(self, kind, header, frames):
         """Apply one CHUNK or END; return False if nothing changed."""
@@ -76,8 +85,14 @@ class _InputCore:
         if self.ended:
             return 0  # the caller sends nothing more: no window needed
         self.consumed += 1
-        if self.consumed >= _HALF:
-            n, self.consumed = self.consumed, 0
+        if self.widened:
+            if self.consumed >= _HALF:
+                n, self.consumed = self.consumed, 0
+                return n
+            return 0
+        if self.consumed >= _FIRST:
+            self.widened = True
+            n, self.consumed = self.consumed + WINDOW - _wire.INPUT_WINDOW, 0
             return n
         return 0
 
