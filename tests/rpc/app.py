@@ -113,6 +113,54 @@ async def flaky(payload, ctx):
     return b"attempt %d" % attempt
 
 
+_failures = {}
+
+
+@worker.handler("echo", "FailTimes")
+async def fail_times(payload, ctx):
+    """``key:n:code``: fail with status ``code`` the first ``n`` times a key is
+    called, then reply with how many calls the key took."""
+    key, n, code = payload.decode().split(":")
+    _failures[key] = _failures.get(key, 0) + 1
+    if _failures[key] <= int(n):
+        raise kelpie.RpcError(int(code), f"failure {_failures[key]} of {key}")
+    return b"%d" % _failures[key]
+
+
+@worker.handler("echo", "SlowFirst")
+async def slow_first(payload, ctx):
+    """The first call of a key (the payload) is slow (2 s), later ones are
+    not: a slow replica, for hedging. Markers ``<key>.cancelled``."""
+    key = payload.decode()
+    _failures[key] = _failures.get(key, 0) + 1
+    if _failures[key] == 1:
+        try:
+            await asyncio.sleep(2)
+        except asyncio.CancelledError:
+            _mark(ctx, "cancelled")
+            raise
+        return b"slow"
+    return b"fast"
+
+
+@worker.handler("echo", "Relay")
+async def relay(payload, ctx):
+    """Call echo/Meta from inside a handler with a long timeout of its own:
+    the reply is the deadline (ms) Meta saw, which must be this call's."""
+    async with kelpie.Client(timeout=float(payload or b"60")) as client:
+        _, md = await client.call("echo", "Meta", b"", with_metadata=True)
+    return md["remaining-ms"]
+
+
+@worker.handler("echo", "ThreadRelay")
+def thread_relay(payload, ctx):
+    """As Relay, from a def handler in a thread with kelpie.sync.Client."""
+    import kelpie.sync
+    with kelpie.sync.Client(timeout=60) as client:
+        _, md = client.call("echo", "Meta", b"", with_metadata=True)
+    return md["remaining-ms"]
+
+
 @worker.handler("echo", "Count")
 async def count(payload, ctx):
     """Stream ``payload`` chunks; write how many were produced to a marker."""

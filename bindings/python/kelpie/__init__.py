@@ -45,6 +45,9 @@ _RPC_NAMES = {
     "ClientInterceptor": "kelpie._interceptors",
     "ServerInterceptor": "kelpie._interceptors",
     "CallDetails": "kelpie._interceptors",
+    "RetryPolicy": "kelpie._retry",
+    "HedgingPolicy": "kelpie._retry",
+    "RetryThrottle": "kelpie._retry",
     "NO_DEADLINE": "kelpie._liveness",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
 }

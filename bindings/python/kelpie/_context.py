@@ -8,12 +8,19 @@ nothing but the loop (to wait for window) and its own task.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from typing import Mapping, Optional, Union
 
 from . import _wire
 
-__all__ = ["CallContext"]
+__all__ = ["CallContext", "current_call"]
+
+# The call whose handler is running here (its task, the tasks it starts, its
+# thread): a client call made from a handler inherits its remaining deadline
+# (kelpie._core.options), as gRPC propagates deadlines. The worker's reader
+# sets it before it starts each handler; tasks copy it when they are made.
+current_call = contextvars.ContextVar("kelpie_current_call", default=None)
 
 # Why a call's task was cancelled, so its answer carries the right code.
 _BY_CLIENT = 1

@@ -19,6 +19,7 @@ import types
 
 from . import _executors, _interceptors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
+from ._context import current_call as _current_call
 from ._handlers import _IN_THREAD, _ON_LOOP
 from ._input import Input, ThreadInput
 from ._status import StatusCode
@@ -86,7 +87,11 @@ def _thread_entry(fn, payload, ctx):
     # cancelled meanwhile) is not started at all.
     if ctx._reason:
         return _SKIPPED
-    return fn(payload, ctx)
+    token = _current_call.set(ctx)  # its outgoing calls inherit its deadline
+    try:
+        return fn(payload, ctx)
+    finally:
+        _current_call.reset(token)
 
 
 class _Oversized(ResourceExhausted):
@@ -122,6 +127,10 @@ class Runners:
         if header.timeout_ms:
             ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
             ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        # The handler's outgoing calls inherit its deadline: its eager step
+        # runs in this (the reader's) context, and the tasks made below copy
+        # it. Not reset: the next request sets its own.
+        _current_call.set(ctx)
         if handler.kind != _ON_LOOP:
             session.calls[rid] = ctx
             if handler.kind == _IN_THREAD:
@@ -192,6 +201,7 @@ class Runners:
         if header.timeout_ms:
             ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
             ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        _current_call.set(ctx)  # as in _on_request: outgoing calls inherit the deadline
 
         def grant(n):
             # Window goes back only while the call runs in this session.

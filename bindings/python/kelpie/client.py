@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _interceptors, _liveness, _streaming, _wire, _zmq
+from . import _calls, _core, _interceptors, _liveness, _retry, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -61,7 +61,11 @@ class Client:
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
     liveness=3, context=None, interceptors=None)``; ``interceptors``: a
     list of :class:`kelpie.ClientInterceptor` run around every call, the
-    first outermost (kelpie._interceptors). ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    first outermost (kelpie._interceptors); ``retry`` (a
+    :class:`kelpie.RetryPolicy`), ``hedging`` (a :class:`kelpie.HedgingPolicy`,
+    idempotent calls only) and ``throttle`` (a :class:`kelpie.RetryThrottle`,
+    one per client by default) for unary calls (kelpie._retry); a call may
+    override them with ``retry=``/``hedging=`` (False: none). ``frontend`` defaults to ``$KELPIE_FRONTEND``
     or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
     that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
     ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
@@ -77,10 +81,18 @@ class Client:
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None, interceptors: Any = None) -> None:
+                 context: Any = None, interceptors: Any = None, retry: Any = None,
+                 hedging: Any = None, throttle: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         # Around every call (kelpie._interceptors), the first outermost.
         self._interceptors = _interceptors.check_client(interceptors)
+        # Unary calls' retry and hedging policies and their budget (kelpie._retry).
+        _retry.check(retry, hedging)
+        self.retry = retry or None
+        self.hedging = hedging or None
+        self._policies = bool(retry or hedging)
+        self._throttle = throttle or _retry.RetryThrottle()
+        self.retry_stats = _retry.new_stats()
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
@@ -184,7 +196,7 @@ class Client:
     async def call(self, service: str, method: str, payload: Any = b"", *,
                    timeout: Optional[float] = None, metadata: _Metadata = None,
                    idempotent: bool = False, with_metadata: bool = False,
-                   _intercepted: bool = False) -> Any:
+                   retry: Any = None, hedging: Any = None, _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         ``timeout`` (seconds; default the client's; ``kelpie.NO_DEADLINE``:
@@ -200,11 +212,14 @@ class Client:
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         timeout, metadata = _core.options(self, timeout, metadata)
-        if self._interceptors and not _intercepted:
+        if _stage == 0 and self._interceptors:
             return await _interceptors.client_unary(
                 self._interceptors, _interceptors.CallDetails(
                     service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
                     with_metadata=with_metadata), self._call_details)
+        if _stage < 2 and (self._policies or retry is not None or hedging is not None):
+            return await self._call_with_policy(service, method, payload, timeout, metadata,
+                                                idempotent, with_metadata, retry, hedging)
         loop = self._loop
         retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
@@ -256,7 +271,25 @@ class Client:
         return self.call(d.service, d.method, d.payload,
                          timeout=NO_DEADLINE if d.timeout is None else d.timeout,
                          metadata=d.metadata or {}, idempotent=d.idempotent,
-                         with_metadata=d.with_metadata, _intercepted=True)
+                         with_metadata=d.with_metadata, _stage=1)
+
+    async def _call_with_policy(self, service, method, payload, timeout, metadata, idempotent,
+                                with_metadata, retry, hedging):
+        """A unary call under its retry or hedging policy (kelpie._retry)."""
+        retry = _retry.pick(retry, self.retry)
+        hedging = _retry.pick(hedging, self.hedging) if idempotent else None
+        _retry.check(retry, hedging)
+
+        def attempt(left):
+            return self.call(service, method, payload,
+                             timeout=NO_DEADLINE if left is None else max(0.001, left),
+                             metadata=metadata or {}, idempotent=idempotent,
+                             with_metadata=with_metadata, _stage=2)
+
+        if not retry and not hedging:
+            return await attempt(timeout)
+        return await _retry.run(attempt, timeout, retry, hedging, self._throttle,
+                                self.retry_stats)
 
     def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
                           idempotent, make):

@@ -59,7 +59,7 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _interceptors, _liveness, _streaming, _wire, _zmq
+from . import _calls, _core, _interceptors, _liveness, _retry, _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -292,7 +292,8 @@ class Client:
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
     liveness=3, context=None, interceptors=None)``, the same arguments as
-    :class:`kelpie.Client` (interceptors' methods are called without await):
+    :class:`kelpie.Client` (interceptors' methods are called without await;
+    ``retry`` and ``throttle`` as there, no hedging):
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
     ``timeout`` is the deadline of every call that sets none (seconds; None:
     ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
@@ -306,11 +307,18 @@ class Client:
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None, interceptors: Any = None) -> None:
+                 context: Any = None, interceptors: Any = None, retry: Any = None,
+                 throttle: Any = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         # Around every call, the first outermost; their methods are called
         # without await here (kelpie._interceptors).
         self._interceptors = _interceptors.check_client(interceptors)
+        # Unary calls' retry policy and its budget (kelpie._retry); a thread
+        # waits for one answer at a time, so this client does not hedge.
+        _retry.check(retry, None)
+        self.retry = retry or None
+        self._throttle = throttle or _retry.RetryThrottle()
+        self.retry_stats = _retry.new_stats()
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
@@ -401,7 +409,7 @@ class Client:
     def call(self, service: str, method: str, payload: Any = b"", *,
              timeout: Optional[float] = None, metadata: _Metadata = None,
              idempotent: bool = False, with_metadata: bool = False,
-             _intercepted: bool = False) -> Any:
+             retry: Any = None, _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
@@ -414,11 +422,22 @@ class Client:
         Failures raise :class:`kelpie.RpcError`.
         """
         timeout, metadata = _core.options(self, timeout, metadata)
-        if self._interceptors and not _intercepted:
+        if _stage == 0 and self._interceptors:
             return _interceptors.client_unary_sync(
                 self._interceptors, _interceptors.CallDetails(
                     service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
                     with_metadata=with_metadata), self._call_details)
+        if _stage < 2 and (self.retry is not None or retry is not None):
+            policy = _retry.pick(retry, self.retry)
+            _retry.check(policy, None)
+            if policy:
+                return _retry.run_sync(
+                    lambda left: self.call(
+                        service, method, payload,
+                        timeout=NO_DEADLINE if left is None else max(0.001, left),
+                        metadata=metadata or {}, idempotent=idempotent,
+                        with_metadata=with_metadata, _stage=2),
+                    timeout, policy, self._throttle, self.retry_stats)
         retries = _core.retries(idempotent)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
@@ -471,7 +490,7 @@ class Client:
         return self.call(d.service, d.method, d.payload,
                          timeout=NO_DEADLINE if d.timeout is None else d.timeout,
                          metadata=d.metadata or {}, idempotent=d.idempotent,
-                         with_metadata=d.with_metadata, _intercepted=True)
+                         with_metadata=d.with_metadata, _stage=1)
 
     def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
                           idempotent, make):
