@@ -75,12 +75,13 @@ void kp_call_drop_frames(struct kp_call *c)
         kp_input_free(in);
 }
 
-void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint64_t sequence, zmq_msg_t *frames,
-                        size_t n)
+void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint32_t flags, uint64_t sequence,
+                        zmq_msg_t *frames, size_t n)
 {
     struct kp_input *in = kp_malloc(sizeof *in + n * sizeof in->frames[0]);
     in->next = NULL;
     in->kind = kind;
+    in->flags = flags;
     in->sequence = sequence;
     in->n = n;
     for (size_t i = 0; i < n; i++) {

@@ -103,11 +103,12 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
 /* Sends one input message of c (CHUNK or END, payload frames/n) to w under
  * c's dispatch id. Ownership as kp_broker_send. */
 static enum kp_err dispatch_send_input(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
-                                       uint32_t kind, uint64_t sequence, zmq_msg_t *frames,
-                                       size_t n)
+                                       uint32_t kind, uint32_t flags, uint64_t sequence,
+                                       zmq_msg_t *frames, size_t n)
 {
     kp_header h = kp_broker_header((kp_kind)kind, kp_call_dispatch_id(c).v);
     h.sequence = sequence;
+    h.flags = flags & KP_FLAG_COMPRESSED; /* §5.7: how the payload is encoded */
     enum kp_err err =
         kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, frames, n);
     if (err == KP_OK)
@@ -124,8 +125,8 @@ static void dispatch_flush_input(struct kp_broker *b, struct kp_call *c, struct 
     struct kp_input *in;
     bool failed = false;
     while ((in = kp_call_take_input(c)) != NULL) {
-        if (!failed &&
-            dispatch_send_input(b, c, w, in->kind, in->sequence, in->frames, in->n) != KP_OK) {
+        if (!failed && dispatch_send_input(b, c, w, in->kind, in->flags, in->sequence, in->frames,
+                                           in->n) != KP_OK) {
             failed = true;
             kp_broker_worker_gone(b, w);
         }
@@ -359,11 +360,11 @@ void kp_broker_on_input(struct kp_broker *b, struct kp_call *c, kp_header *h, si
     zmq_msg_t *payload = &b->in.frames[hdr_index + 1];
     size_t n = b->in.nframes - hdr_index - 1;
     if (c->state == KP_CALL_QUEUED) {
-        kp_call_hold_input(c, (uint32_t)h->kind, h->sequence, payload, n);
+        kp_call_hold_input(c, (uint32_t)h->kind, h->flags, h->sequence, payload, n);
         return;
     }
     struct kp_worker *w = c->worker;
-    if (dispatch_send_input(b, c, w, (uint32_t)h->kind, h->sequence, payload, n) != KP_OK)
+    if (dispatch_send_input(b, c, w, (uint32_t)h->kind, h->flags, h->sequence, payload, n) != KP_OK)
         kp_broker_worker_gone(b, w); /* as dispatch_flush_input: never a gap in the input */
 }
 

@@ -91,7 +91,7 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
         return;
     }
     struct kp_call *c = kp_call_new(&b->calls);
-    c->flags = h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM);
+    c->flags = h->flags & KP_FLAG_CALL_MASK;
     if (c->flags & KP_FLAG_CLIENT_STREAM) {
         /* Its input is consumed as it is forwarded: never re-sent (§5.6). */
         c->flags &= ~KP_FLAG_IDEMPOTENT;
@@ -235,7 +235,7 @@ void kp_intake_on_message(struct kp_broker *b)
         return;
     }
     struct kp_call *c = kp_call_new(&b->calls);
-    c->flags = (h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM)) | KP_FLAG_ONEWAY;
+    c->flags = (h->flags & KP_FLAG_CALL_MASK) | KP_FLAG_ONEWAY;
     c->client_request_id = h->request_id;
     c->service = s;
     b->stats.intake_requests++;

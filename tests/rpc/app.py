@@ -14,7 +14,8 @@ import time
 import kelpie
 
 worker = kelpie.Worker(concurrency=int(os.environ.get("APP_CONCURRENCY", "16")),
-                       heartbeat=float(os.environ.get("APP_HEARTBEAT", "0.2")))
+                       heartbeat=float(os.environ.get("APP_HEARTBEAT", "0.2")),
+                       compression=os.environ.get("APP_COMPRESSION") or None)
 
 _inflight = 0
 _max_inflight = 0

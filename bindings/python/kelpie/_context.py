@@ -42,7 +42,7 @@ class CallContext:
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
                  "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
-                 "_input")
+                 "_input", "_zip")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -65,6 +65,10 @@ class CallContext:
         self._orphan = False    # its registration is gone: its answer is dropped
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
         self._input = None  # a client-streamed call's request stream (kelpie._input)
+        # Answers may be compressed: this worker compresses and the caller
+        # reads zstd (kelpie._compression).
+        self._zip = worker._compression is not None and bool(
+            header.flags & _wire.ACCEPTS_COMPRESSED)
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""

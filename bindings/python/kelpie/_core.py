@@ -17,7 +17,7 @@ kelpie._liveness; nothing here calls back up.
 
 from __future__ import annotations
 
-from . import _liveness, _wire
+from . import _compression, _liveness, _wire
 from ._calls import payload as _payload
 from ._calls import timeout_ms as _timeout_ms
 from ._calls import unary_failure
@@ -26,6 +26,7 @@ from ._context import current_call as _current_call
 from .errors import DeadlineExceeded, ResourceExhausted
 
 _REPLY = _wire.REPLY
+_COMPRESSED = _wire.COMPRESSED
 _oversize = _wire.oversize
 
 
@@ -114,7 +115,10 @@ def may_retry(retries_left, deadline, now):
 def unary_result(header, frames, with_metadata):
     """A unary call's answer as its result (REPLY) or raised exception."""
     if header.kind == _REPLY:
+        data = _payload(frames)
+        if header.flags & _COMPRESSED:
+            data = _compression.decompress(data)
         if with_metadata:
-            return _payload(frames), dict(header.metadata)
-        return _payload(frames)
+            return data, dict(header.metadata)
+        return data
     raise unary_failure(header)

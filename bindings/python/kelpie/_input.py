@@ -22,7 +22,7 @@ import asyncio
 import collections
 import threading
 
-from . import _wire
+from . import _compression, _wire
 from ._status import StatusCode
 from .errors import DataLoss, RpcError
 
@@ -30,6 +30,7 @@ __all__ = ["Input", "ThreadInput"]
 
 _CHUNK = _wire.CHUNK
 _END = _wire.END
+_COMPRESSED = _wire.COMPRESSED
 # The most input this worker holds per call. The caller starts with the
 # protocol's window (16); the first CREDIT widens it to WINDOW, so that a
 # fast stream is not held to one round trip per 8 requests, and after that
@@ -73,7 +74,14 @@ class _InputCore:
                                       f"{self.expected} expected")
                 return True
             self.expected += 1
-            self.items.append(_payload(frames))
+            data = _payload(frames)
+            if header.flags & _COMPRESSED:
+                try:
+                    data = _compression.decompress(data)
+                except RpcError as exc:
+                    self.error = exc
+                    return True
+            self.items.append(data)
             return True
         if kind == _END:
             self.ended = True

@@ -51,10 +51,10 @@ class CallDetails:
     """
 
     __slots__ = ("service", "method", "timeout", "metadata", "idempotent", "kind", "payload",
-                 "window", "with_metadata")
+                 "window", "with_metadata", "compression")
 
     def __init__(self, service, method, timeout, metadata, idempotent=False, kind=UNARY,
-                 payload=b"", window=16, with_metadata=False):
+                 payload=b"", window=16, with_metadata=False, compression=None):
         self.service = service
         self.method = method
         self.timeout = timeout
@@ -64,6 +64,7 @@ class CallDetails:
         self.payload = payload
         self.window = window
         self.with_metadata = with_metadata
+        self.compression = compression
 
     def add_metadata(self, key: str, value: Any) -> None:
         """Add one request metadata entry (checked when the call is sent)."""

@@ -17,7 +17,7 @@ import logging
 import time
 import types
 
-from . import _executors, _interceptors, _wire
+from . import _compression, _executors, _interceptors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._context import current_call as _current_call
 from ._handlers import _IN_THREAD, _ON_LOOP
@@ -31,6 +31,9 @@ _oversize = _wire.oversize
 _FRESH = object()  # _drive: the coroutine has not been started yet
 _clock = time.monotonic
 _CLIENT_STREAM = _wire.CLIENT_STREAM
+_COMPRESSED = _wire.COMPRESSED
+_ACCEPT = _compression.ACCEPT_FLAG
+_maybe_compress = _compression.maybe_compress
 
 
 def _drive(coro, yielded, worker, name):
@@ -123,6 +126,12 @@ class Runners:
             return
         n = len(frames)
         payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
+        if header.flags & _COMPRESSED:
+            try:
+                payload = _compression.decompress(payload)
+            except RpcError as exc:
+                await self._send(session, _wire.error(rid, exc.code, exc.message))
+                return
         ctx = CallContext(self, session, header)
         if header.timeout_ms:
             ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
@@ -178,7 +187,10 @@ class Runners:
         except TypeError as exc:
             await self._answer_error(session, ctx, exc, handler)
             return
-        header = _wire.reply(rid, ctx._trailing)
+        z = 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        header = _wire.reply(rid, ctx._trailing, _ACCEPT | z)
         if _oversize("reply", header, body, self._max_message_size) is not None:
             await self._send_answer(session, ctx, header, body, "reply")
             return
@@ -325,7 +337,10 @@ class Runners:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                header, body = _wire.chunk(rid, seq), _as_bytes(item, handler.name)
+                body, z = _as_bytes(item, handler.name), 0
+                if ctx._zip:
+                    body, z = _maybe_compress(body, self._zthreshold)
+                header = _wire.chunk(rid, seq, _ACCEPT | z)
                 too_big = _oversize("chunk", header, body, self._max_message_size)
                 if too_big is not None:
                     log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
@@ -341,13 +356,17 @@ class Runners:
                     pass
             await self._answer_error(session, ctx, exc, handler)
         else:
-            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing, _ACCEPT))
         finally:
             self._forget(session, ctx)
 
     async def _reply(self, session, ctx, body):
         """Answer a unary call that ran to the end (counted if it went)."""
-        if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+        z = 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        if await self._send_answer(session, ctx,
+                                   _wire.reply(ctx.request_id, ctx._trailing, _ACCEPT | z),
                                    body, "reply"):
             self.served += 1
 

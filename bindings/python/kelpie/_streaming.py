@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 
-from . import _calls, _wire
+from . import _calls, _compression, _wire
 from ._calls import payload as _payload
 from .errors import ResourceExhausted, RpcError
 
@@ -60,6 +60,8 @@ class DuplexCore:
         return flags
 
     def deliver(self, kind, header, frames):
+        if kind != _CREDIT and self.client._zip.setting:
+            self.client._zip.learn(self.service, header)
         if kind == _CREDIT:
             if header.flags & _CLIENT_STREAM:
                 self.input_window += header.credits
@@ -67,7 +69,13 @@ class DuplexCore:
             return
         if kind == _REPLY and not self.server_streaming:
             self._forget()
-            self.reply = _payload(frames)
+            data = _payload(frames)
+            if header.flags & _wire.COMPRESSED:
+                try:
+                    data = _compression.decompress(data)
+                except RpcError as exc:
+                    self.error = exc
+            self.reply = data
             self.trailing = dict(header.metadata)
             self.finished = True
             self._ended()
@@ -85,8 +93,13 @@ class DuplexCore:
             raise RuntimeError("the call has ended; nothing more can be written")
 
     def chunk_frames(self, message, max_message_size):
-        """The next CHUNK as (header, payload), size-checked; takes window."""
-        header = _wire.chunk(self.rid, self.input_seq)
+        """The next CHUNK as (header, payload), size-checked, compressed when
+        the client compresses and the service's workers read zstd; takes window."""
+        zip_ = self.client._zip
+        flags = 0
+        if zip_.setting:
+            message, flags = zip_.request(self.service, message)
+        header = _wire.chunk(self.rid, self.input_seq, flags)
         too_big = _wire.oversize("request chunk", header, message, max_message_size)
         if too_big is not None:
             raise ResourceExhausted(too_big)

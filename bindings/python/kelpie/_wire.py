@@ -43,6 +43,8 @@ ONEWAY = 4
 STALLED = 8
 OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
 CLIENT_STREAM = 32  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
+COMPRESSED = 64  # the payload is one zstd frame (protocol.md §5.7)
+ACCEPTS_COMPRESSED = 128  # the sender reads compressed payloads (protocol.md §5.7)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):
@@ -175,23 +177,31 @@ def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metad
     return out
 
 
-def reply(request_id, metadata=None):
+def reply(request_id, metadata=None, flags=0):
     """A REPLY header for ``request_id``."""
+    out = _REPLY + varint(request_id)
+    if flags:
+        out += b"\x60" + varint(flags)
     if metadata:
-        return _REPLY + varint(request_id) + _metadata(metadata)
-    return _REPLY + varint(request_id)
+        out += _metadata(metadata)
+    return out
 
 
-def chunk(request_id, sequence):
+def chunk(request_id, sequence, flags=0):
     """A CHUNK header, ``sequence`` 0-based."""
+    out = _CHUNK + varint(request_id)
     if sequence:
-        return _CHUNK + varint(request_id) + b"\x68" + varint(sequence)
-    return _CHUNK + varint(request_id)
+        out += b"\x68" + varint(sequence)
+    if flags:
+        out += b"\x60" + varint(flags)
+    return out
 
 
-def end(request_id, metadata=None):
+def end(request_id, metadata=None, flags=0):
     """An END header (status OK) with optional trailing metadata."""
     out = _END + varint(request_id)
+    if flags:
+        out += b"\x60" + varint(flags)
     if metadata:
         out += _metadata(metadata)
     return out

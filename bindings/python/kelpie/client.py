@@ -41,7 +41,8 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _interceptors, _liveness, _retry, _streaming, _wire, _zmq
+from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _streaming, _wire
+from . import _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -53,6 +54,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
 _unary_result = _core.unary_result
+_ACCEPT = _compression.ACCEPT_FLAG
 
 
 class Client:
@@ -65,7 +67,10 @@ class Client:
     :class:`kelpie.RetryPolicy`), ``hedging`` (a :class:`kelpie.HedgingPolicy`,
     idempotent calls only) and ``throttle`` (a :class:`kelpie.RetryThrottle`,
     one per client by default) for unary calls (kelpie._retry); a call may
-    override them with ``retry=``/``hedging=`` (False: none). ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    override them with ``retry=``/``hedging=`` (False: none);
+    ``compression="zstd"`` compresses requests of at least
+    ``compression_threshold`` bytes to workers that read zstd
+    (kelpie._compression; answers are read compressed either way). ``frontend`` defaults to ``$KELPIE_FRONTEND``
     or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
     that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
     ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
@@ -82,7 +87,8 @@ class Client:
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None, interceptors: Any = None, retry: Any = None,
-                 hedging: Any = None, throttle: Any = None) -> None:
+                 hedging: Any = None, throttle: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         # Around every call (kelpie._interceptors), the first outermost.
         self._interceptors = _interceptors.check_client(interceptors)
@@ -93,6 +99,9 @@ class Client:
         self._policies = bool(retry or hedging)
         self._throttle = throttle or _retry.RetryThrottle()
         self.retry_stats = _retry.new_stats()
+        # zstd for requests of at least compression_threshold bytes, to
+        # services whose workers read it (kelpie._compression).
+        self._zip = _compression.ClientSide(compression, compression_threshold)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
@@ -196,7 +205,8 @@ class Client:
     async def call(self, service: str, method: str, payload: Any = b"", *,
                    timeout: Optional[float] = None, metadata: _Metadata = None,
                    idempotent: bool = False, with_metadata: bool = False,
-                   retry: Any = None, hedging: Any = None, _stage: int = 0) -> Any:
+                   retry: Any = None, hedging: Any = None, compression: Any = None,
+                   _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         ``timeout`` (seconds; default the client's; ``kelpie.NO_DEADLINE``:
@@ -206,7 +216,10 @@ class Client:
         worker if its worker dies, and this client send it again if the
         broker restarts while it runs. With ``with_metadata=True`` the
         result is ``(reply, metadata)`` where metadata is the reply's
-        ``dict[str, bytes]``. Failures raise :class:`kelpie.RpcError`.
+        ``dict[str, bytes]``. ``retry``/``hedging``: this call's policies
+        (False: none; default the client's). ``compression``: "zstd" or
+        False for this call (default the client's). Failures raise
+        :class:`kelpie.RpcError`.
         """
         sock = self._sock
         if sock is None:
@@ -216,17 +229,18 @@ class Client:
             return await _interceptors.client_unary(
                 self._interceptors, _interceptors.CallDetails(
                     service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
-                    with_metadata=with_metadata), self._call_details)
+                    with_metadata=with_metadata, compression=compression), self._call_details)
         if _stage < 2 and (self._policies or retry is not None or hedging is not None):
             return await self._call_with_policy(service, method, payload, timeout, metadata,
-                                                idempotent, with_metadata, retry, hedging)
+                                                idempotent, with_metadata, retry, hedging,
+                                                compression)
         loop = self._loop
         retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
         while True:
             try:
                 return await self._call(sock, service, method, payload, timeout, metadata,
-                                        idempotent, with_metadata)
+                                        idempotent, with_metadata, compression)
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
@@ -237,12 +251,16 @@ class Client:
                     timeout = end - loop.time()
 
     async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
-                    with_metadata):
+                    with_metadata, compression=None):
         loop = self._loop
         if self._watch.stale(loop.time()):
             await self._ping(loop.time())
-        rid, header = self._conn.request(service, method, payload, timeout,
-                                         1 if idempotent else 0, 0, metadata)
+        flags = _ACCEPT | (1 if idempotent else 0)
+        zip_ = self._zip
+        if zip_.setting or compression:
+            payload, z = zip_.request(service, payload, compression)
+            flags |= z
+        rid, header = self._conn.request(service, method, payload, timeout, flags, 0, metadata)
         fut = loop.create_future()
         handle = None
         if timeout is not None:
@@ -264,6 +282,8 @@ class Client:
         finally:
             if handle is not None:
                 handle.cancel()
+        if zip_.setting or compression:
+            zip_.learn(service, header)
         return _unary_result(header, frames, with_metadata)
 
     def _call_details(self, d):
@@ -271,10 +291,10 @@ class Client:
         return self.call(d.service, d.method, d.payload,
                          timeout=NO_DEADLINE if d.timeout is None else d.timeout,
                          metadata=d.metadata or {}, idempotent=d.idempotent,
-                         with_metadata=d.with_metadata, _stage=1)
+                         with_metadata=d.with_metadata, compression=d.compression, _stage=1)
 
     async def _call_with_policy(self, service, method, payload, timeout, metadata, idempotent,
-                                with_metadata, retry, hedging):
+                                with_metadata, retry, hedging, compression=None):
         """A unary call under its retry or hedging policy (kelpie._retry)."""
         retry = _retry.pick(retry, self.retry)
         hedging = _retry.pick(hedging, self.hedging) if idempotent else None
@@ -284,7 +304,7 @@ class Client:
             return self.call(service, method, payload,
                              timeout=NO_DEADLINE if left is None else max(0.001, left),
                              metadata=metadata or {}, idempotent=idempotent,
-                             with_metadata=with_metadata, _stage=2)
+                             with_metadata=with_metadata, compression=compression, _stage=2)
 
         if not retry and not hedging:
             return await attempt(timeout)

@@ -59,7 +59,8 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _interceptors, _liveness, _retry, _streaming, _wire, _zmq
+from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _streaming, _wire
+from . import _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -73,6 +74,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 _DISCONNECT = _wire.DISCONNECT
+_ACCEPT = _compression.ACCEPT_FLAG
 _HEARTBEAT = _wire.HEARTBEAT
 _Timeout = _zmq.Timeout
 _ZMQError = _zmq.ZMQError
@@ -308,7 +310,8 @@ class Client:
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None, interceptors: Any = None, retry: Any = None,
-                 throttle: Any = None) -> None:
+                 throttle: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         # Around every call, the first outermost; their methods are called
         # without await here (kelpie._interceptors).
@@ -319,6 +322,8 @@ class Client:
         self.retry = retry or None
         self._throttle = throttle or _retry.RetryThrottle()
         self.retry_stats = _retry.new_stats()
+        # As kelpie.Client's (kelpie._compression); shared by all threads.
+        self._zip = _compression.ClientSide(compression, compression_threshold)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
@@ -409,7 +414,7 @@ class Client:
     def call(self, service: str, method: str, payload: Any = b"", *,
              timeout: Optional[float] = None, metadata: _Metadata = None,
              idempotent: bool = False, with_metadata: bool = False,
-             retry: Any = None, _stage: int = 0) -> Any:
+             retry: Any = None, compression: Any = None, _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
@@ -426,7 +431,7 @@ class Client:
             return _interceptors.client_unary_sync(
                 self._interceptors, _interceptors.CallDetails(
                     service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
-                    with_metadata=with_metadata), self._call_details)
+                    with_metadata=with_metadata, compression=compression), self._call_details)
         if _stage < 2 and (self.retry is not None or retry is not None):
             policy = _retry.pick(retry, self.retry)
             _retry.check(policy, None)
@@ -436,14 +441,14 @@ class Client:
                         service, method, payload,
                         timeout=NO_DEADLINE if left is None else max(0.001, left),
                         metadata=metadata or {}, idempotent=idempotent,
-                        with_metadata=with_metadata, _stage=2),
+                        with_metadata=with_metadata, compression=compression, _stage=2),
                     timeout, policy, self._throttle, self.retry_stats)
         retries = _core.retries(idempotent)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             try:
                 return self._call(service, method, payload, deadline, metadata, idempotent,
-                                  with_metadata)
+                                  with_metadata, compression)
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
@@ -451,16 +456,22 @@ class Client:
                     raise
                 retries -= 1
 
-    def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata):
+    def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata,
+              compression=None):
         conn = self._conn()
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         now = _monotonic()
         if conn.watch.stale(now):
             conn.ping(now)
+        flags = _ACCEPT | (1 if idempotent else 0)
+        zip_ = self._zip
+        if zip_.setting or compression:
+            payload, z = zip_.request(service, payload, compression)
+            flags |= z
         rid, header = conn.request(service, method, payload,
                                    None if deadline is None else max(0.001, deadline - now),
-                                   1 if idempotent else 0, 0, metadata)
+                                   flags, 0, metadata)
         try:
             conn.send((header, payload))
         except _ZMQError:
@@ -483,6 +494,8 @@ class Client:
             if not conn.dead:
                 self._cancel(conn, rid)
             raise
+        if zip_.setting or compression:
+            zip_.learn(service, header)
         return _core.unary_result(header, frames, with_metadata)
 
     def _call_details(self, d):
@@ -490,7 +503,7 @@ class Client:
         return self.call(d.service, d.method, d.payload,
                          timeout=NO_DEADLINE if d.timeout is None else d.timeout,
                          metadata=d.metadata or {}, idempotent=d.idempotent,
-                         with_metadata=d.with_metadata, _stage=1)
+                         with_metadata=d.with_metadata, compression=d.compression, _stage=1)
 
     def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
                           idempotent, make):

@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _executors, _interceptors, _wire
+from . import _compression, _executors, _interceptors, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._runners import Runners
@@ -120,7 +120,9 @@ class Worker(HandlerTable, Session, Stalls, Runners):
     for ``executor="process"`` handlers (default: the CPU count; started by
     :meth:`run` only if such a handler is registered); ``interceptors``, a
     list of :class:`kelpie.ServerInterceptor`, run around every handler
-    (the first outermost). Register handlers, then
+    (the first outermost); ``compression="zstd"`` compresses answers of at
+    least ``compression_threshold`` bytes for callers that read zstd.
+    Register handlers, then
     ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
     is created before :meth:`run`, so a Worker can be built at import time
     (``kelpie worker module:worker`` imports it in each child process).
@@ -130,10 +132,16 @@ class Worker(HandlerTable, Session, Stalls, Runners):
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
                  processes: Optional[int] = None, context: Any = None,
-                 interceptors: Any = None) -> None:
+                 interceptors: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         # Around every handler (kelpie._interceptors); set before any
         # handler is registered, since registration wraps the handler.
         self._interceptors = _interceptors.check_server(interceptors)
+        # zstd for answers of at least compression_threshold bytes to
+        # callers that read it (kelpie._compression); requests are read
+        # compressed either way.
+        self._compression = _compression.check(compression)
+        self._zthreshold = int(compression_threshold)
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
