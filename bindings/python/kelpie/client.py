@@ -434,6 +434,19 @@ class Client:
         import json
         return json.loads(await self.call("kelpie.broker", "Stats", b"", timeout=timeout))
 
+    async def health(self, service: str = "", timeout: float = 2.0) -> dict:
+        """``kelpie.broker/Health`` of ``service`` (the broker if empty):
+        ``{"status": "SERVING"|"NOT_SERVING"|"SERVICE_UNKNOWN", "workers",
+        "capacity"}`` (kelpie._health)."""
+        from . import _health
+        return await _health.check(self, service, timeout)
+
+    def watch_health(self, service: str = "", interval: float = 0.5, timeout: float = 2.0):
+        """An async iterator of ``service``'s health status, now and at each
+        change (polled every ``interval`` seconds)."""
+        from . import _health
+        return _health.watch(self, service, interval, timeout)
+
     async def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
         """Wait until at least one worker serves ``service``; return how many do.
 

@@ -632,6 +632,12 @@ class Client:
         import json
         return json.loads(self.call("kelpie.broker", "Stats", b"", timeout=timeout))
 
+    def health(self, service: str = "", timeout: float = 2.0) -> dict:
+        """``kelpie.broker/Health`` of ``service`` (the broker if empty), as
+        :meth:`kelpie.Client.health`."""
+        from . import _health
+        return _health.check_sync(self, service, timeout)
+
     def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
         """Block until at least one worker serves ``service``; return how many do.
 
