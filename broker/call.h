@@ -29,6 +29,7 @@
 #include "timer.h"
 
 struct kp_client;
+struct run;
 struct kp_service;
 struct kp_worker;
 
@@ -68,6 +69,7 @@ struct kp_call {
     struct kp_worker *worker;     /* while DISPATCHED/ORPHANED */
     uint64_t deadline;            /* monotonic ms, 0 = none */
     uint32_t window_bonus;        /* stream CREDIT granted while still queued */
+    struct run *job;              /* a durable job's attempt (jobs.c); NULL for a REQUEST */
     uint32_t input_window;        /* CLIENT_STREAM: CHUNKs the client may still send */
     bool input_closed;            /* CLIENT_STREAM: the client's END has arrived */
     struct kp_input *input;       /* CLIENT_STREAM input held while QUEUED, oldest first */

@@ -46,9 +46,11 @@ struct kp_rid {
 #define KP_FLAG_ONEWAY             4u
 #define KP_FLAG_STALLED            8u
 #define KP_FLAG_OVERSIZED          16u
-#define KP_FLAG_CLIENT_STREAM      32u
-#define KP_FLAG_COMPRESSED         64u
-#define KP_FLAG_ACCEPTS_COMPRESSED 128u
+#define KP_FLAG_DRAINING           32u
+#define KP_FLAG_DRAINED            64u
+#define KP_FLAG_CLIENT_STREAM      128u
+#define KP_FLAG_COMPRESSED         256u
+#define KP_FLAG_ACCEPTS_COMPRESSED 512u
 /* REQUEST flags a call keeps and sends on to its worker. */
 #define KP_FLAG_CALL_MASK                                                                          \
     (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM | KP_FLAG_COMPRESSED |            \

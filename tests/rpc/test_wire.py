@@ -50,13 +50,14 @@ def test_answers():
     assert _wire.CLIENT_STREAM == header_pb2.CLIENT_STREAM
     assert (_wire.COMPRESSED, _wire.ACCEPTS_COMPRESSED) == (header_pb2.COMPRESSED,
                                                              header_pb2.ACCEPTS_COMPRESSED)
-    assert parse(_wire.reply(5, {"k": b"v"}, 192)) == H(version=1, kind=_wire.REPLY,
-                                                        request_id=5, flags=192,
-                                                        metadata={"k": b"v"})
-    assert parse(_wire.chunk(5, 3, 64)) == H(version=1, kind=_wire.CHUNK, request_id=5,
-                                             sequence=3, flags=64)
-    assert parse(_wire.end(5, None, 128)) == H(version=1, kind=_wire.END, request_id=5,
-                                               flags=128)
+    both = _wire.COMPRESSED | _wire.ACCEPTS_COMPRESSED
+    assert parse(_wire.reply(5, {"k": b"v"}, both)) == H(version=1, kind=_wire.REPLY,
+                                                         request_id=5, flags=both,
+                                                         metadata={"k": b"v"})
+    assert parse(_wire.chunk(5, 3, _wire.COMPRESSED)) == H(
+        version=1, kind=_wire.CHUNK, request_id=5, sequence=3, flags=_wire.COMPRESSED)
+    assert parse(_wire.end(5, None, _wire.ACCEPTS_COMPRESSED)) == H(
+        version=1, kind=_wire.END, request_id=5, flags=_wire.ACCEPTS_COMPRESSED)
     assert _wire.INPUT_WINDOW == 16  # the broker's KP_INPUT_WINDOW (protocol.md §5.6)
     assert parse(_wire.heartbeat(250)) == H(version=1, kind=_wire.HEARTBEAT, heartbeat_ms=250)
     assert parse(_wire.status(_wire.STALLED)) == H(version=1, kind=_wire.STATUS,

@@ -2,9 +2,9 @@
 
 Two header flags carry it (the broker forwards them untouched):
 
-* COMPRESSED (64) on a REQUEST, REPLY or CHUNK: its payload is one zstd
+* COMPRESSED (256) on a REQUEST, REPLY or CHUNK: its payload is one zstd
   frame; the receiver decompresses it before anything else sees it.
-* ACCEPTS_COMPRESSED (128): on a REQUEST, the caller can read compressed
+* ACCEPTS_COMPRESSED (512): on a REQUEST, the caller can read compressed
   answers; on an answer, the worker can read compressed requests.
 
 A sender compresses only for a peer that said it can read it, and only a

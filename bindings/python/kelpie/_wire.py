@@ -42,9 +42,9 @@ STREAM = 2
 ONEWAY = 4
 STALLED = 8
 OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
-CLIENT_STREAM = 32  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
-COMPRESSED = 64  # the payload is one zstd frame (protocol.md §5.7)
-ACCEPTS_COMPRESSED = 128  # the sender reads compressed payloads (protocol.md §5.7)
+CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
+COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
+ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):
