@@ -221,6 +221,27 @@ def thread_sum(requests, ctx):
     return b"%d" % sum(int(r) for r in requests)
 
 
+@worker.handler("echo", "ThreadCount")
+def thread_count(payload, ctx):
+    """As Count, from a plain generator in a pool thread."""
+    _mark(ctx, "started")
+    try:
+        for i in range(int(payload)):
+            _mark(ctx, "produced", str(i + 1))
+            yield b"%d" % i
+    except GeneratorExit:
+        _mark(ctx, "cancelled")
+        raise
+    _mark(ctx, "done")
+
+
+@worker.handler("echo", "ThreadUpper", client_stream=True)
+def thread_upper(requests, ctx):
+    """Bidirectional, in a pool thread: each request back upper-cased."""
+    for request in requests:
+        yield request.upper()
+
+
 @worker.handler("echo", "SlowRead", client_stream=True)
 async def slow_read(requests, ctx):
     """Read one request per ``pace`` seconds (metadata), writing how many were

@@ -378,3 +378,34 @@ def _get_reply(sock, rid, timeout=5.0):
             if h.request_id == rid and h.kind == _wire.REPLY:
                 return frames[1]
     raise AssertionError(f"no reply for {rid}")
+
+
+def test_streaming_handlers_in_threads(broker, procs, tmp_path, loop):
+    """Server-streaming and bidirectional ``def`` generators run in the
+    thread pool under the same flow control and cancellation."""
+    procs.worker(broker, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend, timeout=20) as client:
+            await wait_served(client)
+            chunks = [c async for c in client.stream("echo", "ThreadCount", b"300", window=2)]
+            assert chunks == [b"%d" % i for i in range(300)]
+            call = client.stream_stream("echo", "ThreadUpper", window=1)
+            for i in range(20):
+                await call.write(b"t%d" % i)
+                assert await call.read() == b"T%d" % i
+            await call.done_writing()
+            assert await call.read() is None
+            # A slow reader holds the thread to the window; leaving early
+            # stops the generator.
+            md = {"marker-dir": str(tmp_path), "tag": "thr"}
+            async with client.stream("echo", "ThreadCount", b"100000", window=4,
+                                     metadata=md) as stream:
+                for i in range(3):
+                    assert await stream.__anext__() == b"%d" % i
+                    await asyncio.sleep(0.3)
+                    produced = int(await wait_file(tmp_path / "thr.produced"))
+                    assert i + 1 <= produced <= i + 1 + 4 + 1, (i, produced)
+            await wait_file(tmp_path / "thr.cancelled", timeout=5)
+            assert await client.call("echo", "Inflight", b"", timeout=5) == b"0"
+    run(main(), loop)

@@ -92,7 +92,7 @@ class HandlerTable:
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \
             inspect.iscoroutinefunction(getattr(fn, "__call__", None))
         if stream is None:
-            stream = inspect.isasyncgenfunction(fn)
+            stream = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
         kind = _EXECUTORS[executor]
         if kind is None:
             kind = _ON_LOOP if is_async else _IN_THREAD
@@ -100,9 +100,9 @@ class HandlerTable:
             if is_async:
                 raise ValueError(f"{name}: executor={executor!r} needs a plain def, "
                                  "not an async function")
-            if stream or inspect.isgeneratorfunction(fn):
-                raise ValueError(f"{name}: streaming handlers must be async generators "
-                                 "(on the loop)")
+            if (stream or inspect.isgeneratorfunction(fn)) and kind == _IN_PROCESS:
+                raise ValueError(f"{name}: streaming handlers run on the loop or in threads, "
+                                 "not in the process pool")
         if kind == _IN_PROCESS:
             if client_stream:
                 raise ValueError(f"{name}: client-streaming handlers run on the loop or in "
@@ -155,6 +155,9 @@ class HandlerTable:
             elif kind == "unary":
                 self.add_handler(service, m.name, _typed_unary(fn, decode, reply_cls),
                                  stream=False)
+            elif kind == "server_stream" and inspect.isgeneratorfunction(fn):
+                self.add_handler(service, m.name, _typed_thread_stream(fn, decode, reply_cls),
+                                 stream=True, executor="thread")
             elif kind == "server_stream":
                 self.add_handler(service, m.name, _typed_stream(fn, decode, reply_cls),
                                  stream=True)
@@ -165,6 +168,10 @@ class HandlerTable:
             elif kind == "client_stream":
                 self.add_handler(service, m.name, _typed_unary(fn, None, reply_cls),
                                  stream=False, client_stream=True, _decode=decode)
+            elif inspect.isgeneratorfunction(fn):  # bidi in a thread
+                self.add_handler(service, m.name, _typed_thread_stream(fn, None, reply_cls),
+                                 stream=True, executor="thread", client_stream=True,
+                                 _decode=decode)
             else:  # bidi: an async generator reading the request stream
                 self.add_handler(service, m.name, _typed_stream(fn, None, reply_cls),
                                  stream=True, client_stream=True, _decode=decode)
@@ -235,4 +242,17 @@ def _typed_stream(fn, decode, reply_cls):
                 yield reply.SerializeToString()
         finally:
             await agen.aclose()
+    return handler
+
+
+def _typed_thread_stream(fn, decode, reply_cls):
+    """A plain ``def`` generator servicer method, run in the thread pool."""
+    decode = decode or _same
+
+    def handler(payload, ctx):
+        for reply in fn(decode(payload), ctx):
+            if not isinstance(reply, reply_cls):
+                raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                                f"expected {reply_cls.__name__}")
+            yield reply.SerializeToString()
     return handler

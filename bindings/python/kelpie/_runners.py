@@ -12,6 +12,7 @@ call's context, the executors (kelpie._executors) and the session's send.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import time
@@ -30,6 +31,7 @@ log = logging.getLogger("kelpie.worker")
 _oversize = _wire.oversize
 _FRESH = object()  # _drive: the coroutine has not been started yet
 _clock = time.monotonic
+_FutureTimeout = concurrent.futures.TimeoutError
 _CLIENT_STREAM = _wire.CLIENT_STREAM
 _COMPRESSED = _wire.COMPRESSED
 _ACCEPT = _compression.ACCEPT_FLAG
@@ -97,6 +99,10 @@ def _thread_entry(fn, payload, ctx):
         _current_call.reset(token)
 
 
+class _ThreadCancelled(Exception):
+    """A streaming thread stopped because its call was cancelled."""
+
+
 class _Oversized(ResourceExhausted):
     """An answer over the broker's message size limit, refused before sending:
     the call ends with ERROR RESOURCE_EXHAUSTED flagged OVERSIZED instead."""
@@ -144,8 +150,8 @@ class Runners:
             session.calls[rid] = ctx
             if handler.kind == _IN_THREAD:
                 ctx._in_thread = True
-                ctx._task = self._loop.create_task(
-                    self._run_in_thread(session, ctx, handler, payload))
+                run = self._run_stream_in_thread if handler.stream else self._run_in_thread
+                ctx._task = self._loop.create_task(run(session, ctx, handler, payload))
             else:
                 ctx._task = self._loop.create_task(
                     self._run_in_process(session, ctx, handler, payload))
@@ -224,8 +230,8 @@ class Runners:
         if handler.kind == _IN_THREAD:
             ctx._input = ThreadInput(grant, self._loop, handler.decode)
             ctx._in_thread = True
-            ctx._task = self._loop.create_task(
-                self._run_in_thread(session, ctx, handler, ctx._input))
+            run = self._run_stream_in_thread if handler.stream else self._run_in_thread
+            ctx._task = self._loop.create_task(run(session, ctx, handler, ctx._input))
         elif handler.stream:
             ctx._input = Input(grant, handler.decode)
             ctx._task = self._loop.create_task(_drive_coro(
@@ -283,6 +289,72 @@ class Runners:
         finally:
             self._threads_busy -= 1
             self._forget(session, ctx)
+
+    async def _run_stream_in_thread(self, session, ctx, handler, payload):
+        """A streaming ``def`` generator in the thread pool: the thread hands
+        each chunk to the loop and waits until it is sent, so the reader's
+        window (protocol.md §5.3) holds the generator back, as on the loop."""
+        self._threads_busy += 1
+        try:
+            if ctx.deadline is not None and ctx._timer is None:
+                ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+            result = await self._loop.run_in_executor(
+                self._thread_pool, self._thread_stream, session, ctx, handler, payload,
+                self._loop)
+            if ctx._reason:
+                raise asyncio.CancelledError()
+        except BaseException as exc:  # noqa: B036
+            if ctx._reason and isinstance(exc, (RpcError, _ThreadCancelled)):
+                exc = asyncio.CancelledError()  # answered with the cancellation's reason
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            if result is not _SKIPPED:
+                await self._answer_ok(session, ctx, _wire.end(ctx.request_id, ctx._trailing,
+                                                              _ACCEPT))
+        finally:
+            self._threads_busy -= 1
+            self._forget(session, ctx)
+
+    def _thread_stream(self, session, ctx, handler, payload, loop):
+        """In a pool thread: run the generator, each chunk sent by the loop."""
+        if ctx._reason:
+            return _SKIPPED
+        token = _current_call.set(ctx)
+        gen = handler.fn(payload, ctx)
+        try:
+            seq = 0
+            for item in gen:
+                if ctx._reason:
+                    raise _ThreadCancelled()
+                fut = asyncio.run_coroutine_threadsafe(
+                    self._thread_chunk(session, ctx, handler, seq, item), loop)
+                while True:
+                    try:
+                        fut.result(0.1)
+                        break
+                    except _FutureTimeout:
+                        if ctx._reason:  # waiting for window, and the call ended
+                            fut.cancel()
+                            raise _ThreadCancelled() from None
+                seq += 1
+        finally:
+            gen.close()
+            _current_call.reset(token)
+        return None
+
+    async def _thread_chunk(self, session, ctx, handler, seq, item):
+        if ctx._window <= 0:
+            await ctx._wait_window()
+        ctx._window -= 1
+        body, z = _as_bytes(item, handler.name), 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        header = _wire.chunk(ctx.request_id, seq, _ACCEPT | z)
+        too_big = _oversize("chunk", header, body, self._max_message_size)
+        if too_big is not None:
+            log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name, too_big)
+            raise _Oversized(too_big)
+        await self._answer(session, ctx, header, body)
 
     async def _run_in_process(self, session, ctx, handler, payload):
         pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
