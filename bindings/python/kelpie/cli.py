@@ -683,7 +683,8 @@ def _parser():
                    help="wait this long for each answer, in seconds (default 2)")
     s.add_argument("--watch", type=float, nargs="?", const=0.5, default=None,
                    metavar="SECONDS", help="print each change, checking every SECONDS seconds "
-                                           "(0.5 if not given), until Ctrl-C")
+                                           "(0.5 if not given), until Ctrl-C (default: "
+                                           "check once)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_health)
 
