@@ -50,6 +50,7 @@ _RPC_NAMES = {
     "RetryThrottle": "kelpie._retry",
     "NO_DEADLINE": "kelpie._liveness",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
+    "keygen": "kelpie._security",
 }
 
 

@@ -41,8 +41,8 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _streaming, _wire
-from . import _zmq
+from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
+from . import _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
@@ -61,8 +61,9 @@ class Client:
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None, interceptors=None)``; ``interceptors``: a
-    list of :class:`kelpie.ClientInterceptor` run around every call, the
+    liveness=3, context=None, key=None, server_key=None, interceptors=None, retry=None,
+    hedging=None, throttle=None, compression=None, compression_threshold=1024)``;
+    ``interceptors``: a list of :class:`kelpie.ClientInterceptor` run around every call, the
     first outermost (kelpie._interceptors); ``retry`` (a
     :class:`kelpie.RetryPolicy`), ``hedging`` (a :class:`kelpie.HedgingPolicy`,
     idempotent calls only) and ``throttle`` (a :class:`kelpie.RetryThrottle`,
@@ -80,16 +81,22 @@ class Client:
     if it answers as a new instance (it restarted), the calls the old one
     held fail with :class:`kelpie.Unavailable` at once (idempotent unary
     calls are sent again). The client stays usable after both.
+    ``key`` (our secret key file, ``kelpie keygen``) and ``server_key`` (the
+    broker's ``.pub`` file), else ``$KELPIE_KEY`` / ``$KELPIE_SERVER_KEY``,
+    turn CURVE on; :meth:`connect` raises :class:`kelpie.AuthenticationError`
+    if the broker refuses the handshake (kelpie._security).
     Use it as ``async with kelpie.Client() as client:`` or call
     :meth:`connect` and :meth:`close` yourself.
     """
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None, interceptors: Any = None, retry: Any = None,
+                 context: Any = None, key: Optional[str] = None,
+                 server_key: Optional[str] = None, interceptors: Any = None, retry: Any = None,
                  hedging: Any = None, throttle: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        self._keys = _security.load_keys(key, server_key)
         # Around every call (kelpie._interceptors), the first outermost.
         self._interceptors = _interceptors.check_client(interceptors)
         # Unary calls' retry and hedging policies and their budget (kelpie._retry).
@@ -139,7 +146,12 @@ class Client:
         # deadlines, not by the pipe: never block a caller on the socket HWM.
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
-        sock.connect(self.frontend)
+        handshake = _security.connect(sock, self.frontend, "client", self._keys)
+        try:
+            await handshake.await_(self._context)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # The broker answers a HEARTBEAT with its own, which carries its
         # max_message_size; queued until the connection is up.
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])

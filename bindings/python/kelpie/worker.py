@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _compression, _executors, _interceptors, _wire
+from . import _compression, _executors, _interceptors, _security, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._runners import Runners
@@ -109,7 +109,8 @@ class Worker(HandlerTable, Session, Stalls, Runners):
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
     liveness=3, stall_threshold=1.0, threads=None, processes=None,
-    context=None, interceptors=None)``. ``backend`` defaults to
+    context=None, key=None, server_key=None, interceptors=None, compression=None,
+    compression_threshold=1024)``. ``backend`` defaults to
     ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
     credit announced in READY (calls run at once, whatever runs them);
     ``name`` shows in the broker's logs and stats (default ``host:pid``);
@@ -132,6 +133,7 @@ class Worker(HandlerTable, Session, Stalls, Runners):
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
                  processes: Optional[int] = None, context: Any = None,
+                 key: Optional[str] = None, server_key: Optional[str] = None,
                  interceptors: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         # Around every handler (kelpie._interceptors); set before any
@@ -143,6 +145,8 @@ class Worker(HandlerTable, Session, Stalls, Runners):
         self._compression = _compression.check(compression)
         self._zthreshold = int(compression_threshold)
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
+        # CURVE (kelpie._security): key files, else $KELPIE_KEY / $KELPIE_SERVER_KEY.
+        self._keys = _security.load_keys(key, server_key)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.concurrency = int(concurrency)
