@@ -127,6 +127,7 @@ struct watch {
     struct run *run; /* the attempt running now */
     char *tail;      /* the running attempt's output tail */
     size_t tail_len;
+    bool polling; /* an OP_POLL for it is in the journal */
 };
 
 struct watcher {
@@ -145,6 +146,7 @@ enum op_kind {
     OP_CANCEL,
     OP_WATCH,  /* GET for a new watcher */
     OP_FINAL,  /* GET for the watchers of a job that just finished */
+    OP_POLL,   /* GET for the watchers of a job not running here (another broker's) */
     OP_GETJOB, /* admin */
     OP_LIST,
     OP_RETRY,
@@ -1201,6 +1203,21 @@ static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req 
     watch_finish(b, w, &r->out.jobs.v[0]);
 }
 
+/* A watched job that is not running here (queued, or run by another broker
+ * sharing the store) ends without this broker seeing its END: the store is
+ * asked about it now and then, and its watchers get its RESULT once it is
+ * finished. */
+static void done_poll(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct watch *w = zhashx_lookup(engine(b)->watches, o->id.s);
+    if (w == NULL)
+        return;
+    w->polling = false;
+    if (r->out.err == KP_ENOJOB ||
+        (r->out.err == KP_OK && r->out.jobs.n == 1 && state_final(r->out.jobs.v[0].state)))
+        done_final(b, o, r);
+}
+
 /* Sends a new streaming watcher the events its job has had so far. */
 static void watcher_replay(struct kp_broker *b, struct watcher *wr)
 {
@@ -1345,6 +1362,9 @@ void kp_jobs_on_completions(struct kp_broker *b)
             break;
         case OP_FINAL:
             done_final(b, o, r);
+            break;
+        case OP_POLL:
+            done_poll(b, o, r);
             break;
         case OP_WATCH:
             done_watch(b, o, r);
@@ -1989,6 +2009,15 @@ void kp_jobs_tick(struct kp_broker *b)
                 q->maybe_ready = true;
                 queue_mark(b, q);
             }
+        }
+        for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+            struct watch *w = it;
+            if (w->run || w->polling || kp_list_empty(&w->watchers))
+                continue;
+            struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+            g->id = w->id;
+            g->req->in.id = w->id;
+            w->polling = op_put(b, g);
         }
     }
     if (e->journal && e->store_url && b->now >= e->next_beat) {

@@ -147,3 +147,30 @@ def test_a_job_submitted_where_no_worker_is_runs_on_the_other_broker(tmp_path, p
         wb.kill_all()
         a.stop()
         b.stop()
+
+
+def test_a_watch_on_one_broker_ends_when_another_broker_runs_the_job(tmp_path, postgres):
+    """The job runs on broker b; a WATCH sent to broker a gets its RESULT:
+    a asks the shared store about watched jobs it does not run (every 1 s)."""
+    url, _ = postgres.new_db()
+    a = start_broker(tmp_path, "a", url)
+    b = start_broker(tmp_path, "b", url)
+    wb = Workers(tmp_path, b)
+    ca, cb = Client(a.frontend), Client(b.frontend)
+    try:
+        wb.start("wb", credits=1)
+        time.sleep(0.5)
+        job = cb.submit(json.dumps({"sleep": 1.0}).encode())
+        wait_for(lambda: cb.job(job)["state"] == "leased", timeout=5, what="running on b")
+        t0 = time.monotonic()
+        h, p = ca.result(job, timeout=10)
+        assert h.job_id == job and h.code == 0, (h.kind, h.code, h.message)
+        assert p == [json.dumps({"sleep": 1.0}).encode()]
+        print(f"\nwatch on a answered {time.monotonic() - t0:.2f} s after b started the job")
+    finally:
+        ca.close()
+        cb.close()
+        wb.kill_all()
+        a.stop()
+        b.stop()
+
