@@ -249,16 +249,16 @@ class Sandbox:
     # -- the end ----------------------------------------------------------
 
     def kill(self):
-        """SIGKILL the namespace's init (the kernel then kills every process
-        of the namespace) and, as a backstop, everything in the cgroup."""
-        for fd in (self.init_pidfd, self.pidfd):
-            if fd >= 0:
-                try:
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        if self.group:
-            self.group.kill()
+        """SIGKILL the namespace's init: the kernel then kills every process
+        of the namespace, and bwrap's monitor reaps the init and exits. (Not
+        the monitor itself: the init would be orphaned to the host's pid 1,
+        which may be slow to reap it.) Without a known init, the monitor."""
+        fd = self.init_pidfd if self.init_pidfd >= 0 else self.pidfd
+        if fd >= 0:
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     async def tree_dead(self):
         """Wait (bounded) until the namespace's init has exited. The kernel
@@ -278,23 +278,29 @@ class Sandbox:
             loop.remove_reader(self.init_pidfd)
 
     async def reap(self):
-        """Wait (bounded) until bwrap has exited and the cgroup is empty."""
+        """Wait (bounded) until bwrap has exited and the cgroup is empty; past
+        the bound, kill the monitor and everything in the cgroup."""
         if self.proc is None:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + REAP_TIMEOUT
         fut = loop.create_future()
         loop.add_reader(self.pidfd, lambda: fut.done() or fut.set_result(None))
         try:
             await asyncio.wait_for(fut, REAP_TIMEOUT)
         except asyncio.TimeoutError:
-            self.kill()
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.group:
+                self.group.kill()
         finally:
             loop.remove_reader(self.pidfd)
         try:
-            self.proc.wait(timeout=max(0.1, deadline - loop.time()))
+            self.proc.wait(timeout=REAP_TIMEOUT)
         except subprocess.TimeoutExpired:
             pass
+        deadline = loop.time() + REAP_TIMEOUT
         while self.group and not self.group.empty() and loop.time() < deadline:
             self.group.kill()
             await asyncio.sleep(0.002)
