@@ -91,15 +91,14 @@ def test_output_streams_live(run, pool):
         async def on_output(stream, data):
             arrivals.append((time.monotonic(), data))
 
-        t0 = time.monotonic()
         v = await pool.run(py("import time\nprint('a', flush=True)\ntime.sleep(0.5)\n"
                               "print('b', flush=True)"), on_output=on_output)
-        return t0, v, arrivals
+        return time.monotonic(), v, arrivals
 
-    t0, v, arrivals = run(go())
+    end, v, arrivals = run(go())
     assert v.status == "ok" and v.stdout == b"a\nb\n"
     first = [t for t, d in arrivals if b"a" in d][0]
-    assert first - t0 < v.wall_time - 0.3, "first line arrived only at the end"
+    assert end - first > 0.4, "the first line arrived only at the end"
 
 
 def test_environment_is_allow_list(run, pool):

@@ -29,7 +29,8 @@ class SlotPool:
     """Run sandboxed jobs on ``slots`` slots at once.
 
     ``limits`` are a job's defaults, ``max_limits`` the ceiling a job's own
-    may not pass. ``warm=False`` creates each sandbox when its job arrives
+    may not pass; ``tmp_size`` is the pool's alone (each /tmp is mounted
+    before its job is known). ``warm=False`` creates each sandbox when its job arrives
     (the cold path, for comparison). ``mode`` is "auto" (per-slot uids when
     root, rootless otherwise), "uid" or "rootless"; ``cgroups`` "auto", "v2",
     "v1" or "none" (rlimits only)."""
@@ -72,7 +73,7 @@ class SlotPool:
         return self.host.enforcement()
 
     async def _create(self, slot):
-        sb = Sandbox(self.host, slot.uid, self.max_limits)
+        sb = Sandbox(self.host, slot.uid, self.max_limits, self.limits.tmp_size)
         await sb.create()
         return sb
 
@@ -83,7 +84,8 @@ class SlotPool:
             return self.limits
         if isinstance(limits, dict):
             limits = Limits.from_dict(limits, self.limits)
-        return limits.clamp(self.max_limits)
+        # /tmp is mounted with the sandbox, before its job is known.
+        return limits.clamp(self.max_limits).replace(tmp_size=self.limits.tmp_size)
 
     async def execute(self, spec, limits=None, on_output=None):
         """Start ``spec`` on the next free slot (waiting for one) and return

@@ -109,10 +109,11 @@ class Sandbox:
     """A single-use sandbox for one slot. ``create`` it, then ``release`` a
     job into it (or ``destroy`` it unused)."""
 
-    def __init__(self, host, uid, max_limits):
+    def __init__(self, host, uid, max_limits, tmp_size):
         self.host = host
         self.uid = uid
         self.max_limits = max_limits
+        self.tmp_size = tmp_size  # mounted before the job is known: the pool's
         self.name = f"s{next(_names)}"
         self.group = Group(host.layout, host.pool_id, self.name) if host.layout.version else None
         self.dir_fd = -1
@@ -146,7 +147,6 @@ class Sandbox:
         global _TOP_LINKS
         if _TOP_LINKS is None:
             _TOP_LINKS = _top_links()
-        lim = self.max_limits
         return [
             self.host.bwrap,
             "--unshare-all", "--unshare-user", "--disable-userns",
@@ -154,7 +154,7 @@ class Sandbox:
             "--cap-drop", "ALL", "--hostname", "sandbox",
             "--ro-bind", "/usr", "/usr", *_TOP_LINKS,
             "--proc", "/proc", "--dev", "/dev",
-            "--size", str(lim.tmp_size), "--tmpfs", "/tmp",
+            "--size", str(self.tmp_size), "--tmpfs", "/tmp",
             "--bind", os.path.join(self.host.dir, self.name), "/work",
             "--ro-bind", self.host.init, "/.kelpie-init",
             "--remount-ro", "/",
@@ -375,6 +375,10 @@ class Execution:
     def _spec_bytes(self):
         lim, host = self.limits, self.sandbox.host
         cpu = max(1, int(lim.cpu + 0.999))
+        if host.layout.controls("cpu"):
+            # The cgroup's total is the limit; the per-process rlimit is
+            # only a backstop, a second behind it.
+            cpu += 1
         rl = [(RLIMIT_CORE, 0, 0), (RLIMIT_CPU, cpu, cpu + 1),
               (RLIMIT_FSIZE, lim.file_size, lim.file_size),
               (RLIMIT_NOFILE, lim.open_files, lim.open_files)]
