@@ -54,6 +54,7 @@ class SlotPool:
         self.host = Host(self._mode, self._cgroups)
         uids = self.host.claim_uids(self.size)
         self._free = asyncio.Queue()
+        self._creating = asyncio.Semaphore(2 * (os.cpu_count() or 1))
         for i, uid in enumerate(uids):
             slot = _Slot(i, uid)
             if self.warm:
@@ -73,9 +74,12 @@ class SlotPool:
         return self.host.enforcement()
 
     async def _create(self, slot):
-        sb = Sandbox(self.host, slot.uid, self.max_limits, self.limits.tmp_size)
-        await sb.create()
-        return sb
+        # A few at a time: the kernel serialises namespace and cgroup set-up
+        # anyway, and a queue in order makes the first slots warm first.
+        async with self._creating:
+            sb = Sandbox(self.host, slot.uid, self.max_limits, self.limits.tmp_size)
+            await sb.create()
+            return sb
 
     def job_limits(self, limits=None):
         """A job's limits: its own (a Limits or a mapping) over the pool's
@@ -154,14 +158,17 @@ class SlotPool:
         for ex in running:
             if ex.cleanup is not None:
                 await asyncio.shield(ex.cleanup)
+        async def drop(task):
+            try:
+                sb = await task
+            except (SandboxError, asyncio.CancelledError):
+                return
+            await sb.destroy()
+
+        tasks = [slot.next for slot in self._slots if slot.next is not None]
         for slot in self._slots:
-            if slot.next is not None:
-                task, slot.next = slot.next, None
-                try:
-                    sb = await task
-                except (SandboxError, asyncio.CancelledError):
-                    continue
-                await sb.destroy()
+            slot.next = None
+        await asyncio.gather(*(drop(t) for t in tasks))
         self.host.close()
 
 

@@ -20,7 +20,9 @@ from ._cgroup import Group
 from ._verdict import Verdict
 
 MARKER = b"\n[kelpie: output truncated at %d bytes]\n"
-READY_TIMEOUT = 20.0
+# Generous: under a hundred concurrent creations on two busy cores the
+# kernel's namespace and cgroup locks make each wait its turn.
+READY_TIMEOUT = 60.0
 REAP_TIMEOUT = 10.0
 CHUNK = 65536
 _names = iter(range(1, 1 << 62))
@@ -139,8 +141,11 @@ class Sandbox:
                 except OSError:
                     pass
             await self.destroy()
-            if isinstance(e, (OSError, SandboxError, asyncio.TimeoutError, ValueError)):
-                raise SandboxError(f"{e}: {err.decode(errors='replace').strip()}") from e
+            if isinstance(e, asyncio.TimeoutError):
+                e = SandboxError(f"not ready within {READY_TIMEOUT:g}s")
+            if isinstance(e, (OSError, SandboxError, ValueError)):
+                text = err.decode(errors="replace").strip()
+                raise SandboxError(f"{e}: {text}" if text else str(e)) from e
             raise
 
     def _bwrap_args(self, seccomp_fd, info_fd, spec_fd, status_fd):
