@@ -107,6 +107,8 @@ class Layout:
                 _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids +cpu")
             except OSError:
                 continue
+            if not os.access(base, os.W_OK | os.X_OK):
+                continue
             return cls("v2", {"": base})
         return None
 
@@ -121,7 +123,10 @@ class Layout:
                         _mkdir(base)
                     except OSError:
                         break
-                    bases[ctrl] = base
+                    # Made by root earlier, it exists for a non-root worker
+                    # too, but is not its to use.
+                    if os.access(base, os.W_OK | os.X_OK):
+                        bases[ctrl] = base
                     break
         if not bases:
             return None

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from . import _cgroup
+from ._safefs import remove_tree
 
 UID_BASE = 1_900_000_000
 UID_COUNT = 65536
@@ -113,11 +114,14 @@ class Host:
         self.uid_base = uid_base
         self.helper = helper_path()
         self.bwrap = bwrap_path()
-        self.layout = _cgroup.Layout.detect(cgroups if self.root or cgroups == "none"
-                                            else cgroups)
+        self.layout = _cgroup.Layout.detect(cgroups)
         self.pool_id = f"{os.getpid()}-{next(_pool_ids)}"
         sweep_stale(self.layout)
-        self.layout.make_pool(self.pool_id)
+        try:
+            self.layout.make_pool(self.pool_id)
+        except OSError:
+            self.layout.remove_pool(self.pool_id)
+            self.layout = _cgroup.Layout(None, {})
         # 0711: slot uids may reach their own job directory (0700, theirs)
         # by name but list nothing; the helper copy inside is 0755.
         self.dir = os.path.join(tempfile.gettempdir(), DIR_PREFIX + self.pool_id)
@@ -157,7 +161,14 @@ class Host:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
-            shutil.rmtree(self.dir, ignore_errors=True)
+            parent = os.open(os.path.dirname(self.dir), os.O_RDONLY | os.O_DIRECTORY
+                             | os.O_CLOEXEC)
+            try:
+                remove_tree(parent, os.path.basename(self.dir))
+            except OSError:
+                pass
+            finally:
+                os.close(parent)
         try:
             self.layout.remove_pool(self.pool_id)
         except OSError:
@@ -175,7 +186,6 @@ def sweep_stale(layout):
         if owner.isdigit() and not _cgroup._alive(int(owner)):
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                from ._safefs import remove_tree
                 remove_tree(fd, name)
             except OSError:
                 pass

@@ -39,7 +39,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define HELPER_SPEC_MAX (4 << 20)
+#define HELPER_SPEC_MAX   (4 << 20)
 #define HELPER_TOKENS_MAX 65536
 
 static int helper_fail(const char *what)
@@ -238,8 +238,8 @@ static int helper_init(int spec_fd, int status_fd)
             continue;
         long long user = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
         long long sys = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-        int n = snprintf(line, sizeof line, "X %d %lld %lld %ld\n", status, user, sys,
-                         ru.ru_maxrss);
+        int n =
+            snprintf(line, sizeof line, "X %d %lld %lld %ld\n", status, user, sys, ru.ru_maxrss);
         helper_write_all(status_fd, line, (size_t)n);
         return 0;
     }
