@@ -4,7 +4,9 @@ For `true` and `python3 -c pass`, each iteration runs the command once by
 every method, interleaved so outside load hits all of them alike:
 
   subprocess   subprocess.run(argv): no isolation, the floor
-  bwrap        subprocess.run(["bwrap", "--unshare-all", <minimal ro root>, argv])
+  bwrap        subprocess.run(["bwrap", "--unshare-all", <minimal ro root>, argv]) as root
+  bwrap-uid    the same as an unprivileged uid (setpriv; bwrap then needs a user
+               namespace): the floor for per-slot uids, which kelpie's sandboxes use
   firejail     subprocess.run(["firejail", "--quiet", "--noprofile", "--net=none", argv])
   cold         SlotPool(1, warm=False).run: the sandbox is made when the job arrives
   warm         SlotPool(1).run, with a pause before each job long enough for the
@@ -73,13 +75,17 @@ async def latency(iterations, pause):
     results = {}
     try:
         for name, argv in COMMANDS.items():
-            r = {k: [] for k in ("subprocess", "bwrap", "firejail", "cold", "warm")}
+            r = {k: [] for k in ("subprocess", "bwrap", "bwrap-uid", "firejail", "cold",
+                                 "warm")}
+            uid = str(cold._slots[0].uid)
+            as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
             not_warm = 0
             for i in range(iterations + 5):
-                sample = {"subprocess": timed_sync(argv), "bwrap": timed_sync(BWRAP + argv)}
+                sample = {"subprocess": timed_sync(argv), "bwrap": timed_sync(BWRAP + argv),
+                          "bwrap-uid": timed_sync(as_uid + BWRAP + argv)}
                 if have_firejail:
                     sample["firejail"] = timed_sync(FIREJAIL + argv)
-                sample["cold"] = (await timed_pool(cold, argv, 0))[0]
+                sample["cold"] = (await timed_pool(cold, argv, pause))[0]
                 dt, was_warm = await timed_pool(warm, argv, pause)
                 sample["warm"] = dt
                 not_warm += not was_warm
@@ -117,8 +123,9 @@ async def throughput(seconds, warm, argv):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--pause", type=float, default=0.06,
-                    help="seconds before each warm job (lets the next sandbox get ready)")
+    ap.add_argument("--pause", type=float, default=0.1,
+                    help="seconds before each pool job (lets the slot's last sandbox go "
+                         "and its next get ready)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput case")
     args = ap.parse_args()
     print(f"# kelpie.sandbox overhead, {args.iterations} iterations, "
@@ -134,7 +141,9 @@ def main():
         sub, bw = pct(r["subprocess"], 0.5), pct(r["bwrap"], 0.5)
         print(f"warm overhead over subprocess, p50: {pct(r['warm'], 0.5) - sub:.2f} ms "
               f"(goal < 3 ms); cold overhead: {pct(r['cold'], 0.5) - sub:.2f} ms")
+        bu = pct(r["bwrap-uid"], 0.5)
         print(f"cold / bare bwrap, p50: {pct(r['cold'], 0.5) / bw:.2f} (goal <= 1.20); "
+              f"cold / bwrap-uid: {pct(r['cold'], 0.5) / bu:.2f}; "
               f"warm / bare bwrap: {pct(r['warm'], 0.5) / bw:.2f}")
         if r["firejail"]:
             print(f"firejail / cold, p50: {pct(r['firejail'], 0.5) / pct(r['cold'], 0.5):.2f}")

@@ -18,6 +18,9 @@ MAX_LIMITS = Limits(wall=600.0, cpu=600.0, memory=4 * GiB, pids=1024, output=16 
                     cpus=float(os.cpu_count() or 1))
 
 
+REFILL_DELAY = 0.02  # seconds into a job before its slot's next sandbox is made
+
+
 class _Slot:
     def __init__(self, index, uid):
         self.index = index
@@ -114,10 +117,14 @@ class SlotPool:
             self._refill(slot)
             self._free.put_nowait(slot)
             raise
-        # Pipelining: the slot's next sandbox is made while this job runs.
-        self._refill(slot)
         ex = Execution(sb, spec, lim, on_output, warm=warm,
                        on_done=lambda: self._release(slot, ex))
+        # Pipelining: the slot's next sandbox is made while this job runs,
+        # but not in its first REFILL_DELAY: making one blocks the loop for
+        # a fork and takes CPU, which a job that short would pay for.
+        if self.warm:
+            later = asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, slot)
+            ex.on_verdict = lambda: (later.cancel(), self._refill(slot))
         self._running.add(ex)
         try:
             await ex.start()

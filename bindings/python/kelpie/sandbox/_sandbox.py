@@ -326,6 +326,11 @@ class Sandbox:
             if fd >= 0:
                 os.close(fd)
                 setattr(self, name, -1)
+        # rmdir of a memory cgroup and a deep job tree take milliseconds of
+        # plain syscalls: off the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self._remove)
+
+    def _remove(self):
         if self.group:
             self.group.remove()
         try:
@@ -356,6 +361,7 @@ class Execution:
         self._truncated = {"stdout": False, "stderr": False}
         self._task = None
         self.cleanup = None  # the task destroying the sandbox after the verdict
+        self.on_verdict = None  # called once the verdict is known
         self._started = None
         self._ended = None
 
@@ -543,6 +549,8 @@ class Execution:
                 t.cancel()
             await asyncio.gather(*pumps, *helpers, report_task, killed,
                                  return_exceptions=True)
+            if self.on_verdict is not None:
+                self.on_verdict()
             # Reaping bwrap's monitor and removing the cgroup and directory
             # happen after the verdict is out, before the slot takes a job.
             self.cleanup = asyncio.ensure_future(self._cleanup())
