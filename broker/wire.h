@@ -46,6 +46,8 @@ struct kp_rid {
 #define KP_FLAG_ONEWAY     4u
 #define KP_FLAG_STALLED    8u
 #define KP_FLAG_OVERSIZED  16u
+#define KP_FLAG_DRAINING   32u
+#define KP_FLAG_DRAINED    64u
 
 /* An allocation that did not fit the arena's block; freed on reset. */
 struct kp_arena_spill {
