@@ -280,18 +280,21 @@ def test_orphans_and_setsid_do_not_survive(run, pool):
     uids = {s.uid for s in pool._slots}
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        alive = [p for p in processes_of(uids)
-                 if b"sleep" in open(f"/proc/{p}/cmdline", "rb").read()]
+        alive = [p for p in processes_of(uids) if b"sleep" in cmdline(p)]
         if not alive:
             break
         time.sleep(0.05)
     assert not alive, alive
-    for p in os.listdir("/proc"):
-        try:
-            cmd = open(f"/proc/{p}/cmdline", "rb").read()
-        except OSError:
-            continue
-        assert b"sleep\x00100" not in cmd, cmd
+
+
+def cmdline(pid):
+    """A process's command line; b"" once it has gone (it may go between
+    listing /proc and reading it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 # -- the kernel's surface -------------------------------------------------------
