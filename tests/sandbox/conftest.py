@@ -35,8 +35,12 @@ def processes_of(uids):
 
 
 def mounts():
+    """The host's mounts that could be a sandbox's: anything under a pool's
+    directory or cgroups, or of bwrap's. (Not all of them: other suites on
+    this host mount and unmount tmpfs while this one runs.)"""
     with open("/proc/self/mountinfo") as f:
-        return sorted(line.split(" ", 4)[4] for line in f)
+        return sorted(line.split(" ", 4)[4] for line in f
+                      if "kelpie-sandbox" in line or "bwrap" in line or "/work " in line)
 
 
 def pool_leftovers(pool_id):
