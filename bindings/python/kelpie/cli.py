@@ -278,6 +278,50 @@ def cmd_ping(args):
     return 0
 
 
+def cmd_health(args):
+    """`kelpie health [SERVICE] [--watch]`: exit 0 when SERVING, 1 otherwise."""
+    from . import _health
+
+    async def main():
+        async with Client(args.frontend, heartbeat=0) as client:
+            if args.watch is None:
+                status = (await _health.check(client, args.service, args.timeout))["status"]
+                print(status, flush=True)
+                return status
+            async for status in _health.watch(client, args.service, args.watch, args.timeout):
+                print(f"{time.strftime('%H:%M:%S')} {args.service or 'kelpied'} {status}",
+                      flush=True)
+    try:
+        status = _run(main(), args.loop)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "health", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 0
+    return 0 if status == _health.SERVING else EXIT_FAILED
+
+
+def cmd_ls(args):
+    """`kelpie ls`: services, their workers and capacity, and their methods."""
+    from . import _health
+
+    async def main():
+        async with Client(args.frontend, heartbeat=0) as client:
+            return await client.stats(timeout=args.timeout)
+    try:
+        stats = _run(main(), args.loop)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "ls", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    rows = [[name, str(n), str(cap), methods]
+            for name, n, cap, methods in _health.listing(stats)]
+    if not rows:
+        print("no services registered")
+        return 0
+    print("\n".join(_table(rows, ["SERVICE", "WORKERS", "CREDITS", "METHODS"])))
+    return 0
+
+
 def _table(rows, header):
     """Rows of strings as left-aligned text columns (numbers right-aligned)."""
     rows = [header] + rows
@@ -666,6 +710,27 @@ def _parser():
                                            "until Ctrl-C (default: once)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("health", help="a service's health (SERVING, NOT_SERVING, ...)",
+                       description="Ask kelpie.broker/Health about SERVICE (the broker itself "
+                                   "if none); exit 0 when SERVING, 1 otherwise.")
+    s.add_argument("service", nargs="?", default="", metavar="SERVICE")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for each answer, in seconds (default 2)")
+    s.add_argument("--watch", type=float, nargs="?", const=0.5, default=None,
+                   metavar="SECONDS", help="print each change, checking every SECONDS seconds "
+                                           "(0.5 if not given), until Ctrl-C (default: "
+                                           "check once)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_health)
+
+    s = sub.add_parser("ls", help="services, their workers and methods",
+                       description="List the services workers registered, with their workers, "
+                                   "credits and the methods they implement.")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for the answer, in seconds (default 2)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_ls)
     return p
 
 
