@@ -95,7 +95,7 @@ class Dashboard:
 
     def csrf(self, page="/dlq"):
         """The CSRF token as a page carries it (what a same-origin form sends)."""
-        m = re.search(r'name="csrf" value="([^"]+)"', self.get(page).text)
+        m = re.search(r'name="kelpie-csrf" content="([^"]+)"', self.get(page).text)
         return m.group(1) if m else None
 
     def events(self, path, until, timeout=15.0):

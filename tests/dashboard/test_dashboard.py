@@ -53,9 +53,13 @@ def test_queues_count_states(client, workers, dashboard):
     view = dashboard.json("/api/queues")
     (q,) = view["queues"]
     assert q["name"] == "q" and q["workers"] == 1 and q["capacity"] == 1
-    assert q["leased"] == 1 and q["running"] == 1
-    assert q["queued"] == 1 and q["scheduled"] == 1
-    assert q["dead"] == 0  # the dead one waits behind the running job
+    # Leased: running at the worker, or claimed and held for its next slot.
+    assert q["running"] == 1 and q["leased"] == 1 + q["held"]
+    # Both wait behind the running job (one credit): the one that will fail too.
+    assert q["queued"] == 2 and q["scheduled"] == 1 and q["dead"] == 0
+    client.wait_state(dead, ("dead",))
+    (q,) = dashboard.json("/api/queues")["queues"]
+    assert q["dead"] == 1 and q["queued"] == 0 and q["scheduled"] == 1
     page = dashboard.get("/queues").text
     assert 'href="/dlq?queue=q"' in page
     listed = {j["id"] for j in dashboard.json("/api/jobs?queue=q")["jobs"]}
@@ -63,13 +67,16 @@ def test_queues_count_states(client, workers, dashboard):
 
 
 def test_workers(client, workers, dashboard):
-    workers.start("alpha", credits=3, queues=("q", "q2"))
+    workers.start("alpha", credits=3, queues=("q2",))
     workers.start("beta", credits=1, queues=("q",))
     wait_for(lambda: len(dashboard.json("/api/workers")["workers"]) == 2, what="2 workers")
-    rows = dashboard.json("/api/workers")["workers"]
+    job = client.submit(spec(sleep=3), queue="q2")
+    client.wait_state(job, ("leased",))
+    rows = wait_for(lambda: (lambda r: r if r[0]["in_flight"] == 1 else None)(
+        dashboard.json("/api/workers")["workers"]), what="alpha busy")
     assert [w["name"] for w in rows] == ["alpha", "beta"]
-    assert set(rows[0]["services"]) == {"q", "q2"} and rows[0]["credits"] == 3
-    assert rows[1]["stalled"] is False
+    assert rows[0]["credits"] == 3 and rows[1]["credits"] == 1
+    assert rows[1]["in_flight"] == 0 and rows[1]["stalled"] is False
     page = dashboard.get("/workers").text
     assert "alpha" in page and "beta" in page
 

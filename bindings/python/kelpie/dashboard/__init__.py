@@ -305,7 +305,7 @@ async def refuse_post(request):
 
 # -- static files ---------------------------------------------------------------
 
-async def chart_js(request):
+async def chart_script(request):
     ctx = request.app[CTX]
     if not ctx.chart_js:
         raise web.HTTPNotFound()
@@ -350,7 +350,7 @@ def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=
     app.router.add_post("/api/jobs/{id}/cancel", cancel)
     app.router.add_post("/api/dlq/retry", retry)
     app.router.add_post("/api/dlq/purge", purge)
-    app.router.add_get("/static/chart.js", chart_js)
+    app.router.add_get("/static/chart.js", chart_script)
     app.router.add_static("/static", STATIC)
     app.router.add_route("POST", "/{tail:.*}", refuse_post)
     return app
