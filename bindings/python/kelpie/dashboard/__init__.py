@@ -12,6 +12,7 @@ actions are same-origin POSTs carrying the CSRF token of the pages.
 """
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -199,8 +200,8 @@ async def overview_events(request):
             except RpcError as exc:
                 await _sse_send(response, "broker-error", {"error": str(exc)})
             await asyncio.sleep(ctx.refresh)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the viewer left
     return response
 
 
@@ -215,8 +216,10 @@ async def job_events(request):
         await _sse_send(response, "record", record)
         if record.get("state") not in _views.FINISHED:
             if ctx.broker.streams_events:
-                async for ev in ctx.broker.events(job_id):
-                    await _sse_send(response, "job", ev)
+                # aclosing: a viewer who leaves ends the WATCH at once.
+                async with contextlib.aclosing(ctx.broker.events(job_id)) as events:
+                    async for ev in events:
+                        await _sse_send(response, "job", ev)
             else:
                 last = record
                 for _ in range(int(24 * 3600 / ctx.refresh)):
@@ -231,8 +234,8 @@ async def job_events(request):
         await _sse_send(response, "end", view)
     except RpcError as exc:
         await _sse_send(response, "broker-error", {"error": str(exc)})
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the viewer left (the watch ends with the generator)
     return response
 
 
@@ -379,4 +382,5 @@ def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), ref
                    timeout=timeout)
     mode = "admin" if admin else "read-only"
     print(f"kelpie dashboard ({mode}) for {frontend} on http://{listen}/", flush=True)
-    web.run_app(app, host=host, port=int(port), print=None, access_log=None, loop=loop)
+    web.run_app(app, host=host, port=int(port), print=None, access_log=None, loop=loop,
+                shutdown_timeout=1.0)

@@ -10,6 +10,7 @@ job API is there; without it a job's page follows it by polling GetJob.
 """
 
 import asyncio
+import contextlib
 import json
 
 from ..client import Client
@@ -91,8 +92,9 @@ class Broker:
     async def events(self, job_id):
         """The job's live events as dicts (needs the job API); ends with the job."""
         job = await self.client.job(job_id)
-        async for ev in job.events():
-            yield {"kind": ev.kind, "sequence": ev.sequence, "attempt": ev.attempt,
-                   "progress": ev.progress, "message": ev.message, "stream": ev.stream,
-                   "data": ev.data.decode("utf-8", "replace"), "outcome": ev.outcome,
-                   "reason": ev.reason}
+        async with contextlib.aclosing(job.events()) as events:
+            async for ev in events:
+                yield {"kind": ev.kind, "sequence": ev.sequence, "attempt": ev.attempt,
+                       "progress": ev.progress, "message": ev.message, "stream": ev.stream,
+                       "data": ev.data.decode("utf-8", "replace"), "outcome": ev.outcome,
+                       "reason": ev.reason}
