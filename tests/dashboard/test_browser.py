@@ -18,6 +18,7 @@ from conftest import spec, wait_for
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 if not os.path.exists(CHROMEDRIVER):
@@ -37,7 +38,7 @@ def browser(tmp_path):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}"):
         opts.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    service = Service(executable_path=CHROMEDRIVER)
     drv = webdriver.Chrome(options=opts, service=service)
     drv.set_page_load_timeout(20)
     yield drv
