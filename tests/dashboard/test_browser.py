@@ -88,6 +88,9 @@ def test_live_output_streams_into_the_job_page(client, workers, dashboard, brows
     job = client.submit(spec(out="streamed line", sleep=4))
     client.wait_state(job, ("leased",))
     browser.get(f"http://{dashboard.host}/jobs/{job}")
+    # The page is loaded while the job still runs (its event stream does
+    # not hold the page's load event).
+    assert client.job(job)["state"] == "leased"
     if hasattr(kelpie.Client, "submit"):
         # WATCH with STREAM: the output is on the page while the job runs.
         until(browser, lambda d: "streamed line" in d.find_element(By.ID, "output").text,

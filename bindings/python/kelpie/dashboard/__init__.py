@@ -315,6 +315,10 @@ async def chart_script(request):
     return web.FileResponse(ctx.chart_js, headers={"Content-Type": "text/javascript"})
 
 
+async def no_icon(request):
+    return web.Response(status=204)
+
+
 def find_chart_js():
     for p in CHART_JS_PATHS:
         if os.path.isfile(p):
@@ -354,6 +358,7 @@ def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=
     app.router.add_post("/api/dlq/retry", retry)
     app.router.add_post("/api/dlq/purge", purge)
     app.router.add_get("/static/chart.js", chart_script)
+    app.router.add_get("/favicon.ico", no_icon)
     app.router.add_static("/static", STATIC)
     app.router.add_route("POST", "/{tail:.*}", refuse_post)
     return app

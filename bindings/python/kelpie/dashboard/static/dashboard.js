@@ -91,10 +91,14 @@
     es.addEventListener("broker-error", function () { es.close(); });
   }
 
-  document.addEventListener("DOMContentLoaded", function () {
-    localTimes(document);
-    var live = document.body.getAttribute("data-live");
-    if (!live) return;
-    if (live === "/api/overview/events") overview(live); else job(live);
+  document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
+  // Streams start after "load": an EventSource opened before it keeps the
+  // page loading (spinner, load event) for as long as the stream lasts.
+  window.addEventListener("load", function () {
+    setTimeout(function () {
+      var live = document.body.getAttribute("data-live");
+      if (!live) return;
+      if (live === "/api/overview/events") overview(live); else job(live);
+    }, 0);
   });
 })();
