@@ -61,16 +61,18 @@ def until(drv, pred, timeout=15.0, what="condition"):
 
 def test_overview_loads_and_chart_draws(client, workers, dashboard, browser, shots):
     workers.start("w1", queues=("q",))
+    client.wait_state(client.submit(spec(x=0)), ("succeeded",))
     browser.get(f"http://{dashboard.host}/")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Overview"
+    assert "/jobs?queue=q" in browser.page_source
     until(browser, lambda d: d.execute_script(
         "return document.getElementById('rates').dataset.drawn === '1'"), what="chart made")
-    for i in range(3):
+    for i in range(1, 4):
         client.wait_state(client.submit(spec(x=i)), ("succeeded",))
     # Live counters (SSE) reach the page without a reload, and the chart
     # gets points from them.
     until(browser, lambda d: int(d.find_element(
-        By.CSS_SELECTOR, '[data-stat="counters.jobs_succeeded"]').text) >= 3,
+        By.CSS_SELECTOR, '[data-stat="counters.jobs_succeeded"]').text) >= 4,
         what="live counter")
     until(browser, lambda d: d.execute_script(
         "var c = Chart.getChart('rates'); return c && c.data.labels.length >= 2 && "
@@ -85,7 +87,8 @@ def test_overview_loads_and_chart_draws(client, workers, dashboard, browser, sho
 
 def test_live_output_streams_into_the_job_page(client, workers, dashboard, browser, shots):
     workers.start("w1", queues=("q",))
-    job = client.submit(spec(out="streamed line", sleep=4))
+    browser.get(f"http://{dashboard.host}/jobs")  # a fresh Chromium's first load is slow
+    job = client.submit(spec(out="streamed line", sleep=6))
     client.wait_state(job, ("leased",))
     browser.get(f"http://{dashboard.host}/jobs/{job}")
     # The page is loaded while the job still runs (its event stream does

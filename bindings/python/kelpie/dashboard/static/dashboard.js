@@ -25,12 +25,19 @@
 
   function overview(url) {
     var chart = null, last = null, canvas = document.getElementById("rates");
-    var series = [["submitted", "jobs_submitted"], ["succeeded", "jobs_succeeded"],
-                  ["failed", "jobs_failed"], ["dead", "jobs_dead"]];
+    // Chart.js 3 (Debian's) has no default palette; these stay apart for
+    // the common colour-vision deficiencies, and each line has its own dash.
+    var series = [["submitted", "jobs_submitted", "#0b5cad", []],
+                  ["succeeded", "jobs_succeeded", "#1a7f37", [6, 3]],
+                  ["failed", "jobs_failed", "#d4a017", [2, 2]],
+                  ["dead", "jobs_dead", "#b00020", [8, 3, 2, 3]]];
     if (canvas && window.Chart) {
       chart = new window.Chart(canvas, {
         type: "line",
-        data: { labels: [], datasets: series.map(function (s) { return { label: s[0], data: [] }; }) },
+        data: { labels: [], datasets: series.map(function (s) {
+          return { label: s[0], data: [], borderColor: s[2], backgroundColor: s[2],
+                   borderDash: s[3], pointRadius: 2 };
+        }) },
         options: { animation: false, maintainAspectRatio: false,
                    scales: { y: { beginAtZero: true, title: { display: true, text: "per second" } } } }
       });
