@@ -100,6 +100,8 @@ def test_jobs_list_filter_and_find(client, workers, dashboard):
     assert page["jobs"][0]["id"] not in [j["id"] for j in rest["jobs"]]
     found = dashboard.get(f"/jobs?id={b}")
     assert found.status == 303 and found.headers["location"] == f"/jobs/{b}"
+    odd = dashboard.get("/jobs?id=a/../../x%3Fy")
+    assert odd.status == 303 and odd.headers["location"] == "/jobs/a%2F..%2F..%2Fx%3Fy"
     html = dashboard.get("/jobs?queue=q2").text
     assert f'href="/jobs/{b}"' in html and f'href="/jobs/{a}"' not in html
     assert dashboard.get("/api/jobs?limit=lots").status == 400
@@ -234,6 +236,10 @@ def test_admin_actions_need_csrf_and_same_origin(client, workers, admin_dashboar
     job = client.wait_state(dead, ("dead",), timeout=10)  # fails once more (max 1)
     assert [a["outcome"] for a in job["history"]] == ["failed", "failed"]
     # A script: the header and a JSON answer; redirects only to this site.
+    r = d.post("/api/dlq/retry", {"id": dead, "next": "/\\evil.example/"},
+               {"X-Kelpie-CSRF": token})
+    assert r.status == 200 and r.json() == {"count": 1}
+    client.wait_state(dead, ("dead",))
     r = d.post("/api/dlq/purge", {"id": dead, "next": "//evil.example/"},
                {"X-Kelpie-CSRF": token})
     assert r.status == 200 and r.json() == {"count": 1}

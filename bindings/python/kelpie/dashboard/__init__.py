@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import secrets
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -146,7 +146,7 @@ async def jobs(request):
     if job_id:
         # Find by id: the job's page (or its JSON).
         raise web.HTTPSeeOther(("/api/jobs/" if not _wants_html(request) else "/jobs/")
-                               + job_id)
+                               + quote(job_id, safe=""))
     query = _list_query(request, dlq=False)
     view = await ctx.broker.jobs(**query)
     if _wants_html(request):
@@ -272,7 +272,9 @@ async def _check_post(request):
 def _done(request, form, answer):
     """A form goes back to its page (303); a script gets the JSON answer."""
     back = str(form.get("next") or "")
-    if back.startswith("/") and not back.startswith("//"):
+    # Only a path of this site: not //host, nor /\host (browsers read it as //host).
+    if back.startswith("/") and back[1:2] not in ("/", "\\") and "\r" not in back \
+            and "\n" not in back:
         raise web.HTTPSeeOther(back)
     return web.json_response(answer)
 
