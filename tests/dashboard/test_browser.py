@@ -78,6 +78,10 @@ def test_overview_loads_and_chart_draws(client, workers, dashboard, browser, sho
         "var c = Chart.getChart('rates'); return c && c.data.labels.length >= 2 && "
         "c.data.datasets[1].data.some(function (v) { return v > 0; });"), what="chart points")
     assert not browser.find_elements(By.CSS_SELECTOR, ".nojs:not([hidden])")[0].is_displayed()
+    # A queue that appears after the page loaded shows up in its table.
+    workers.start("w2", queues=("later",))
+    until(browser, lambda d: d.find_elements(
+        By.CSS_SELECTOR, '#live-queues a[href="/jobs?queue=later"]'), what="live queue row")
     shots(browser, "overview")
     for path, name in (("/queues", "queues"), ("/workers", "workers"), ("/jobs", "jobs")):
         browser.get(f"http://{dashboard.host}{path}")

@@ -105,13 +105,13 @@ def overview(ctx, view):
               else "degraded")
     body = f"""<p class="health health-{health}" role="status">Broker {esc(b.get('state'))},
 store {esc(store.get('store', 'closed'))}{esc(': ' + store['store_error']) if store.get('store_error') else ''},
-{esc(view['stalled_workers'])} stalled worker(s).</p>
+<span data-stat="stalled_workers">{esc(view['stalled_workers'])}</span> stalled worker(s).</p>
 <section aria-labelledby="h-broker"><h2 id="h-broker">Broker</h2><dl class="cards">{cards}</dl></section>
 <section aria-labelledby="h-rates"><h2 id="h-rates">Jobs per second</h2>
 <div class="chart"><canvas id="rates" role="img" aria-label="Jobs submitted, succeeded and failed per second"></canvas>
 <p class="nojs">Live chart needs JavaScript and Chart.js (Debian's libjs-chart.js).</p></div></section>
 <section aria-labelledby="h-queues"><h2 id="h-queues">Job queues</h2>
-{table(("queue", "workers", "running", "held", "capacity"), rows, "Job queues")}</section>
+<div id="live-queues">{table(("queue", "workers", "running", "held", "capacity"), rows, "Job queues")}</div></section>
 <section aria-labelledby="h-store"><h2 id="h-store">Job store</h2><dl class="cards">{store_cards}</dl></section>
 <section aria-labelledby="h-counters"><h2 id="h-counters">Job counters</h2><dl class="cards">{counters}</dl></section>"""
     return page(ctx, "Overview", body, "/", live="/api/overview/events")

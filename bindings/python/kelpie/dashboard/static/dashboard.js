@@ -23,6 +23,34 @@
     return path.split(".").reduce(function (o, k) { return o == null ? o : o[k]; }, obj);
   }
 
+  // The overview's job queue table, rebuilt from each update (DOM nodes
+  // and textContent only: names come from the broker).
+  function queueTable(queues) {
+    var box = document.getElementById("live-queues");
+    var names = Object.keys(queues || {}).sort();
+    if (!box || !names.length) return;
+    var cols = ["workers", "running", "held", "capacity"];
+    var table = document.createElement("table"), head = table.createTHead().insertRow();
+    ["queue"].concat(cols).forEach(function (c) {
+      var th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = c;
+      head.appendChild(th);
+    });
+    var body = table.createTBody();
+    names.forEach(function (n) {
+      var row = body.insertRow(), a = document.createElement("a");
+      a.href = "/jobs?queue=" + encodeURIComponent(n);
+      a.textContent = n;
+      row.insertCell().appendChild(a);
+      cols.forEach(function (c) { row.insertCell().textContent = queues[n][c]; });
+    });
+    var wrap = document.createElement("div");
+    wrap.className = "scroll";
+    wrap.appendChild(table);
+    box.replaceChildren(wrap);
+  }
+
   function overview(url) {
     var chart = null, last = null, canvas = document.getElementById("rates");
     // Chart.js 3 (Debian's) has no default palette; these stay apart for
@@ -50,6 +78,7 @@
         var v = get(view, el.getAttribute("data-stat"));
         if (v !== undefined) el.textContent = v;
       });
+      queueTable(view.queues);
       if (chart && last) {
         var dt = (now - last.t) / 1000;
         chart.data.labels.push(new Date(now).toLocaleTimeString());
