@@ -48,6 +48,13 @@ def test_pip_install_leaves_no_build_litter(tmp_path):
                        timeout=60, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(str(venv)), r.stdout
+    # The dashboard and its static files (package data) came along.
+    r = subprocess.run([str(venv / "bin" / "python"), "-c",
+                        "import os, kelpie.dashboard as d; "
+                        "print(sorted(os.listdir(d.STATIC)), d.__file__)"],
+                       capture_output=True, text=True, timeout=60, cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("['dashboard.css', 'dashboard.js'] " + str(venv)), r.stdout
     r = subprocess.run([str(venv / "bin" / "kelpie"), "call", "--help"], capture_output=True,
                        text=True, timeout=60, cwd=str(tmp_path), env=env)
     assert r.returncode == 0 and "raw bytes" in r.stdout, r.stderr

@@ -9,6 +9,7 @@
     kelpie stats [--json] [--watch [S]]
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
+    kelpie dashboard [--listen HOST:PORT] [--admin] [--allow-host NAME]...
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
@@ -412,6 +413,29 @@ def cmd_stats(args):
 
 # -- worker -------------------------------------------------------------------
 
+def cmd_dashboard(args):
+    try:
+        from . import dashboard
+    except ImportError as exc:
+        raise UsageError(f"the dashboard needs aiohttp (apt-get install python3-aiohttp): {exc}")
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    if args.refresh <= 0:
+        raise UsageError("--refresh must be more than 0 seconds")
+    dashboard.serve(args.frontend, args.listen, admin=args.admin,
+                    allow_hosts=tuple(args.allow_host or ()), refresh=args.refresh,
+                    timeout=args.timeout, loop=_new_loop(args.loop))
+    return 0
+
+
+def _new_loop(name):
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def _load_worker(target):
     obj = _import(target, "worker")
     if not isinstance(obj, Worker) and callable(obj):
@@ -731,6 +755,27 @@ def _parser():
                    help="wait this long for the answer, in seconds (default 2)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_ls)
+    d = sub.add_parser(
+        "dashboard", help="a web dashboard for jobs, queues and workers",
+        description="Serve a web dashboard (overview, queues, workers, jobs, dead letters) "
+                    "fed by the broker's admin requests. Read-only unless --admin. It binds "
+                    "to loopback by default: reach it from elsewhere through an SSH tunnel "
+                    "or a reverse proxy with TLS and authentication (docs/dashboard.md).")
+    d.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="where to serve HTTP (default 127.0.0.1:8080)")
+    d.add_argument("--admin", action="store_true",
+                   help="allow actions: cancel jobs, retry and purge dead ones "
+                        "(default: read-only)")
+    d.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer requests for this Host name (a reverse proxy's); "
+                        "repeat for several (default: loopback names only when listening "
+                        "on loopback)")
+    d.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between live updates of the overview (default 2)")
+    d.add_argument("--timeout", "-t", type=float, default=5.0, metavar="SECONDS",
+                   help="deadline of each admin request, in seconds (default 5)")
+    _common(d, top=False)
+    d.set_defaults(fn=cmd_dashboard)
     return p
 
 
