@@ -939,12 +939,22 @@ static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
     if (q->claims_out >= JOBS_CLAIMS_OUT || !q->maybe_ready || b->state != KP_BROKER_RUNNING ||
         e->journal == NULL)
         return 0;
-    uint64_t free = 0;
-    for (size_t i = 0; i < q->svc->nworkers; i++)
+    /* Free slots, plus a lookahead of one slot per offered slot: jobs
+     * leased to this broker and held in its memory, ready for the next slot
+     * that frees, so a slot does not wait a claim's fsync between jobs. They
+     * are held here, never in a worker, so a slow job still holds none back:
+     * whichever slot frees first takes the next. */
+    uint64_t free = 0, capacity = 0;
+    for (size_t i = 0; i < q->svc->nworkers; i++) {
         free += kp_worker_free_slots(q->svc->workers[i]);
-    if (free <= (uint64_t)q->nheld + q->claiming)
+        capacity += q->svc->workers[i]->credits;
+    }
+    if (free == 0 && q->nheld > 0)
         return 0;
-    uint64_t want = free - q->nheld - q->claiming;
+    uint64_t ahead = capacity < JOBS_CLAIM_MAX ? capacity : JOBS_CLAIM_MAX;
+    if (free == 0 || free + ahead <= (uint64_t)q->nheld + q->claiming)
+        return 0;
+    uint64_t want = free + ahead - q->nheld - q->claiming;
     if (q->set.concurrency) {
         uint64_t busy = (uint64_t)q->running + q->claiming;
         uint64_t cap = q->set.concurrency > busy ? q->set.concurrency - busy : 0;
