@@ -60,21 +60,21 @@
 #define WORKER_MAX_STREAM_NAME 32
 
 typedef struct worker_queue {
-    char *queue;                /* the job queue */
-    kelpie_job_handler fn;      /* its handler */
-    void *arg;                  /* its argument */
-    struct worker_queue *next;  /* registration order */
+    char *queue;               /* the job queue */
+    kelpie_job_handler fn;     /* its handler */
+    void *arg;                 /* its argument */
+    struct worker_queue *next; /* registration order */
 } worker_queue;
 
 /* A RESULT or NACK sent and not yet ACKed, kept packed for re-sending. */
 typedef struct worker_unacked {
-    char *job_id;                /* what the ACK names, with attempt */
+    char *job_id; /* what the ACK names, with attempt */
     uint32_t attempt;
-    void *header;                /* the packed header */
+    void *header; /* the packed header */
     size_t header_len;
-    void *payload;               /* the result, NULL when len is 0 */
+    void *payload; /* the result, NULL when len is 0 */
     size_t len;
-    int64_t sent;                /* when it was last sent (kpc_now_ms) */
+    int64_t sent; /* when it was last sent (kpc_now_ms) */
     struct worker_unacked *next;
 } worker_unacked;
 
@@ -972,8 +972,7 @@ KELPIE_EXPORT kelpie_status kelpie_job_fail(kelpie_job *job, kelpie_status code,
     return job_finish(&job->call, &h, NULL, 0);
 }
 
-KELPIE_EXPORT kelpie_status kelpie_job_nack(kelpie_job *job, uint64_t delay_ms,
-                                            const char *message)
+KELPIE_EXPORT kelpie_status kelpie_job_nack(kelpie_job *job, uint64_t delay_ms, const char *message)
 {
     if (!job)
         return KELPIE_ERR_INVAL;
@@ -985,8 +984,7 @@ KELPIE_EXPORT kelpie_status kelpie_job_nack(kelpie_job *job, uint64_t delay_ms,
 }
 
 KELPIE_EXPORT kelpie_status kelpie_job_progress(kelpie_job *job, float progress,
-                                                const char *message, const void *detail,
-                                                size_t len)
+                                                const char *message, const void *detail, size_t len)
 {
     if (!job || (len && !detail) || !(progress >= 0.0f && progress <= 1.0f))
         return KELPIE_ERR_INVAL;
@@ -997,8 +995,8 @@ KELPIE_EXPORT kelpie_status kelpie_job_progress(kelpie_job *job, float progress,
     return job_event(&job->call, &h, detail, len);
 }
 
-KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream,
-                                              const void *data, size_t len)
+KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream, const void *data,
+                                              size_t len)
 {
     if (!job || !stream || !*stream || strlen(stream) > WORKER_MAX_STREAM_NAME || (len && !data))
         return KELPIE_ERR_INVAL;

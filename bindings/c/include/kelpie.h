@@ -99,7 +99,7 @@ typedef enum kelpie_kind {
     KELPIE_KIND_CHUNK = 4,
     KELPIE_KIND_END = 5,
     KELPIE_KIND_ERROR = 6,
-    KELPIE_KIND_STATUS = 11,   /* a watched job's state changed (message: "running", "queued", ...) */
+    KELPIE_KIND_STATUS = 11, /* a watched job's state changed (message: "running", "queued", ...) */
     KELPIE_KIND_ACCEPTED = 17, /* a SUBMIT is durable: job_id names it */
     KELPIE_KIND_PROGRESS = 19, /* a watched job's progress event */
     KELPIE_KIND_OUTPUT = 20,   /* a watched job's output bytes (stream names which) */
@@ -153,10 +153,10 @@ typedef struct kelpie_reply {
     void *payload;                /* all payload frames, concatenated; NULL when len is 0 */
     size_t len;
     /* Jobs only (zero elsewhere): */
-    char job_id[KELPIE_JOB_ID_SIZE];          /* ACCEPTED, STATUS, PROGRESS, OUTPUT, RESULT */
-    uint32_t attempt;                         /* STATUS "running": the attempt that started */
-    float progress;                           /* PROGRESS: 0..1 */
-    char stream[KELPIE_STREAM_NAME_SIZE];     /* OUTPUT: "stdout", "stderr", ... */
+    char job_id[KELPIE_JOB_ID_SIZE];      /* ACCEPTED, STATUS, PROGRESS, OUTPUT, RESULT */
+    uint32_t attempt;                     /* STATUS "running": the attempt that started */
+    float progress;                       /* PROGRESS: 0..1 */
+    char stream[KELPIE_STREAM_NAME_SIZE]; /* OUTPUT: "stdout", "stderr", ... */
 } kelpie_reply;
 
 /* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
@@ -481,8 +481,8 @@ KELPIE_EXPORT kelpie_status kelpie_job_progress(kelpie_job *job, float progress,
 
 /* Sends OUTPUT: len bytes of stream ("stdout", "stderr" or the
  * application's name, at most 32 bytes). */
-KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream,
-                                              const void *data, size_t len);
+KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream, const void *data,
+                                              size_t len);
 
 /* Finishes the job with RESULT OK and the result bytes, and releases it
  * (the pointer is invalid after). The RESULT is kept until the broker ACKs
