@@ -2,7 +2,8 @@
  * (bindings/c). benchmarks/jobs/bench.py runs it beside Celery and RQ; each
  * command prints one JSON line and measures, never asserts.
  *
- *   job_bench worker BACKEND CAPACITY   jobs of queue "bench" and RPC "echo"
+ *   job_bench worker BACKEND CAPACITY [jobs|rpc]
+ *       jobs of queue "bench", RPC service "echo", or (no mode) both
  *       noop        succeed at once, no result
  *       sleep:MS    succeed after MS (deferred: the slot stays busy)
  *       fast:US     succeed with now - US (µs, CLOCK_REALTIME): the job's
@@ -122,13 +123,15 @@ static void bench_echo(kelpie_call *call, const void *payload, size_t len, void 
     kelpie_call_reply(call, payload, len);
 }
 
-static int cmd_worker(const char *backend, uint32_t capacity)
+static int cmd_worker(const char *backend, uint32_t capacity, const char *mode)
 {
     bench_worker = kelpie_worker_new(backend, NULL, capacity);
     if (!bench_worker)
         return 1;
-    kelpie_worker_handle_jobs(bench_worker, "bench", bench_job, NULL);
-    kelpie_worker_handle(bench_worker, "echo", NULL, bench_echo, NULL);
+    if (strcmp(mode, "rpc") != 0)
+        kelpie_worker_handle_jobs(bench_worker, "bench", bench_job, NULL);
+    if (strcmp(mode, "jobs") != 0)
+        kelpie_worker_handle(bench_worker, "echo", NULL, bench_echo, NULL);
     kelpie_worker_set_tick(bench_worker, 1, bench_tick, NULL);
     signal(SIGTERM, bench_on_term);
     signal(SIGINT, bench_on_term);
@@ -357,7 +360,7 @@ static int cmd_stream(const char *frontend, double rate, double seconds)
 int main(int argc, char **argv)
 {
     if (argc >= 4 && strcmp(argv[1], "worker") == 0)
-        return cmd_worker(argv[2], (uint32_t)atoi(argv[3]));
+        return cmd_worker(argv[2], (uint32_t)atoi(argv[3]), argc >= 5 ? argv[4] : "both");
     if (argc >= 5 && strcmp(argv[1], "e2e") == 0)
         return cmd_e2e(argv[2], (size_t)atol(argv[3]), (size_t)atol(argv[4]));
     if (argc >= 4 && strcmp(argv[1], "rtt") == 0)
