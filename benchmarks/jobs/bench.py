@@ -335,6 +335,15 @@ def run_kelpie(children, kelpied, job_bench, workdir, a):
             stream.wait(5)
         out["rpc_p50_ms"], out["rpc_p99_ms"] = alone["rpc_p50_ms"], alone["rpc_p99_ms"]
         out["rpc_jobs_p50_ms"], out["rpc_jobs_p99_ms"] = beside["rpc_p50_ms"], beside["rpc_p99_ms"]
+
+        # The same N jobs to one worker with 64 slots: the broker claims
+        # jobs for free slots only, one fsync'd claim per batch, so the
+        # slots a worker offers set how many jobs share a commit.
+        children.stop(jobs)
+        jobs = children.start("kelpie-jobs64", [job_bench, "worker", be, "64", "jobs"])
+        time.sleep(0.5)
+        e = bench("e2e", fe, a.n, a.window)
+        out["slots64_enqueue_s"], out["slots64_e2e_s"] = e["enqueue_s"], e["e2e_s"]
         return out
     finally:
         for p in (rpc, jobs, broker):
@@ -357,6 +366,7 @@ def report(res, a):
         r["e2e_per_s"] = a.n / r["e2e_s"]
         r["enqueue_per_s"] = a.n / r["enqueue_s"]
     k = res["kelpie"]
+    k64 = {"e2e_per_s": a.n / k["slots64_e2e_s"], "enqueue_per_s": a.n / k["slots64_enqueue_s"]}
     lines.append("| system | end to end jobs/s | enqueue jobs/s | round trip p50 / p99 ms "
                  "| fast-job p50 / p99 ms beside a %d ms job |" % a.slow_ms)
     lines.append("|---|---:|---:|---:|---:|")
@@ -367,15 +377,20 @@ def report(res, a):
         lines.append("| %s | %.0f | %.0f | %.2f / %.2f | %.2f / %.2f |" % (
             label, r["e2e_per_s"], r["enqueue_per_s"], r["rtt_p50_ms"], r["rtt_p99_ms"],
             r["fast_p50_ms"], r["fast_p99_ms"]))
+        if key == "kelpie":
+            lines.append("| Kelpie, one worker with 64 slots | %.0f | %.0f | | |" % (
+                k64["e2e_per_s"], k64["enqueue_per_s"]))
     lines.append("")
-    lines.append("| Kelpie against | end to end | enqueue | round trip p50 | fast-job p99 |")
+    lines.append("| Kelpie against | end to end (2 slots; 64 slots) | enqueue | round trip p50 "
+                 "| fast-job p99 |")
     lines.append("|---|---:|---:|---:|---:|")
     for key, label in SYSTEMS[1:]:
         r = res.get(key)
         if not r:
             continue
-        lines.append("| %s | %.1f× | %.1f× | %.1f× faster | %.1f× lower |" % (
-            label, k["e2e_per_s"] / r["e2e_per_s"], k["enqueue_per_s"] / r["enqueue_per_s"],
+        lines.append("| %s | %.2f×; %.1f× | %.1f× | %.2f× faster | %.2f× lower |" % (
+            label, k["e2e_per_s"] / r["e2e_per_s"], k64["e2e_per_s"] / r["e2e_per_s"],
+            k["enqueue_per_s"] / r["enqueue_per_s"],
             r["rtt_p50_ms"] / k["rtt_p50_ms"], r["fast_p99_ms"] / k["fast_p99_ms"]))
     lines.append("")
     lines.append("Kelpie SUBMIT → ACCEPTED (committed and fsync'd): p50 %.2f ms, p99 %.2f ms one at "
@@ -389,8 +404,11 @@ def report(res, a):
     goals = []
     for key in ("celery-prefork", "celery-threads"):
         if key in res:
-            goals.append("end to end ≥ 30× %s: %s" % (key, "met" if k["e2e_per_s"] >= 30 * res[key]["e2e_per_s"] else "NOT met"))
-            goals.append("enqueue ≥ 30× %s: %s" % (key, "met" if k["enqueue_per_s"] >= 30 * res[key]["enqueue_per_s"] else "NOT met"))
+            goals.append("end to end ≥ 30× %s: %s (64 slots: %s)" % (
+                key, "met" if k["e2e_per_s"] >= 30 * res[key]["e2e_per_s"] else "NOT met",
+                "met" if k64["e2e_per_s"] >= 30 * res[key]["e2e_per_s"] else "NOT met"))
+            goals.append("enqueue ≥ 30× %s: %s" % (
+                key, "met" if k["enqueue_per_s"] >= 30 * res[key]["enqueue_per_s"] else "NOT met"))
     goals.append("round trip p50 < 1 ms: %s" % ("met" if k["rtt_p50_ms"] < 1 else "NOT met"))
     goals.append("fast-job p99 < 10 ms beside a slow job: %s" % ("met" if k["fast_p99_ms"] < 10 else "NOT met"))
     lines.append("")
@@ -411,11 +429,17 @@ def plot(res, a, path):
               ("fast_p99_ms", "fast-job p99, ms, beside one %d s job\n(lower is better)" % (a.slow_ms // 1000))]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
     for ax, (metric, title) in zip(axes, panels):
+        ks, ls, cs = list(keys), list(labels), list(colors)
         vals = [res[k][metric] for k in keys]
-        bars = ax.bar(range(len(keys)), vals, color=colors)
+        if metric in ("e2e_per_s", "enqueue_per_s"):
+            ks.insert(1, "kelpie64")
+            ls.insert(1, "Kelpie\n(64 slots)")
+            cs.insert(1, "#7fb3d5")
+            vals.insert(1, a.n / res["kelpie"]["slots64_" + metric.replace("_per_s", "_s")])
+        bars = ax.bar(range(len(ks)), vals, color=cs)
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(len(keys)), labels, fontsize=8)
+        ax.set_xticks(range(len(ks)), ls, fontsize=7)
         for b, v in zip(bars, vals):
             ax.annotate("%.3g" % v, (b.get_x() + b.get_width() / 2, v), ha="center",
                         va="bottom", fontsize=8)
