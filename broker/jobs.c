@@ -36,25 +36,25 @@
 #include "log.h"
 #include "store.h"
 
-#define JOBS_MAX_INFLIGHT 65536 /* journal requests put and not taken */
-#define JOBS_MAX_BATCH 4096     /* requests per transaction */
-#define JOBS_CLAIM_MAX 256      /* jobs per CLAIM */
-#define JOBS_EVENTS_MAX 1000    /* events kept per job for late watchers ... */
-#define JOBS_EVENTS_BYTES (1u << 20) /* ... and their payload bytes */
-#define JOBS_TAIL_BYTES 65536        /* output tail stored with the result */
-#define JOBS_KEY_MAX 256             /* idempotency key bytes */
-#define JOBS_MAX_ATTEMPTS 100
-#define JOBS_MAX_DELAY_MS (366ull * 24 * 3600 * 1000)
-#define JOBS_MAX_TIMEOUT_MS (366ull * 24 * 3600 * 1000)
+#define JOBS_MAX_INFLIGHT     65536      /* journal requests put and not taken */
+#define JOBS_MAX_BATCH        4096       /* requests per transaction */
+#define JOBS_CLAIM_MAX        256        /* jobs per CLAIM */
+#define JOBS_EVENTS_MAX       1000       /* events kept per job for late watchers ... */
+#define JOBS_EVENTS_BYTES     (1u << 20) /* ... and their payload bytes */
+#define JOBS_TAIL_BYTES       65536      /* output tail stored with the result */
+#define JOBS_KEY_MAX          256        /* idempotency key bytes */
+#define JOBS_MAX_ATTEMPTS     100
+#define JOBS_MAX_DELAY_MS     (366ull * 24 * 3600 * 1000)
+#define JOBS_MAX_TIMEOUT_MS   (366ull * 24 * 3600 * 1000)
 #define JOBS_TIMEOUT_GRACE_MS 2000 /* past timeout_ms before the broker ends an attempt */
-#define JOBS_CANCEL_GRACE_MS 5000  /* after CANCEL before the broker ends it cancelled */
-#define JOBS_BACKOFF_CAP_MS 3600000
-#define JOBS_KEY_TTL_MS (24ull * 3600 * 1000)
-#define JOBS_EXPIRE_EVERY_MS 1000 /* an indexed delete of what is due; cheap */
-#define JOBS_REOPEN_MS 5000 /* retry a store that failed to open */
-#define JOBS_LOOK_MS 1000   /* look for due scheduled jobs at least this often */
-#define JOBS_MAX_QUEUES 10000
-#define JOBS_LIST_MAX 1000
+#define JOBS_CANCEL_GRACE_MS  5000 /* after CANCEL before the broker ends it cancelled */
+#define JOBS_BACKOFF_CAP_MS   3600000
+#define JOBS_KEY_TTL_MS       (24ull * 3600 * 1000)
+#define JOBS_EXPIRE_EVERY_MS  1000 /* an indexed delete of what is due; cheap */
+#define JOBS_REOPEN_MS        5000 /* retry a store that failed to open */
+#define JOBS_LOOK_MS          1000 /* look for due scheduled jobs at least this often */
+#define JOBS_MAX_QUEUES       10000
+#define JOBS_LIST_MAX         1000
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -70,19 +70,19 @@ struct queue_settings {
 /* One job queue. Never freed before the engine: runs and ops point at it. */
 struct jobq {
     char *name;
-    struct kp_service *svc;   /* in b->queues: the workers that take its jobs */
+    struct kp_service *svc; /* in b->queues: the workers that take its jobs */
     struct queue_settings set;
-    uint32_t running;         /* attempts leased here and not yet ended */
-    uint32_t claiming;        /* jobs asked for by the CLAIM in the journal */
-    bool claim_out;           /* a CLAIM is in the journal */
-    bool maybe_ready;         /* the store may hold ready jobs */
-    uint64_t gen, claim_gen;  /* bumped when jobs may have become ready */
-    uint64_t next_due;        /* wall ms of the earliest known scheduled job */
-    double tokens;            /* rate limit's bucket */
-    uint64_t tokens_at;       /* monotonic ms of the last refill */
-    struct kp_list held;      /* claimed runs waiting for a slot */
+    uint32_t running;        /* attempts leased here and not yet ended */
+    uint32_t claiming;       /* jobs asked for by the CLAIM in the journal */
+    bool claim_out;          /* a CLAIM is in the journal */
+    bool maybe_ready;        /* the store may hold ready jobs */
+    uint64_t gen, claim_gen; /* bumped when jobs may have become ready */
+    uint64_t next_due;       /* wall ms of the earliest known scheduled job */
+    double tokens;           /* rate limit's bucket */
+    uint64_t tokens_at;      /* monotonic ms of the last refill */
+    struct kp_list held;     /* claimed runs waiting for a slot */
     size_t nheld;
-    bool pending;             /* in the engine's pump list */
+    bool pending; /* in the engine's pump list */
     struct kp_list pending_link;
 };
 
@@ -95,12 +95,12 @@ struct run {
     uint8_t priority;
     uint64_t timeout_ms, backoff_ms;
     struct jobq *q;
-    zmq_msg_t payload;       /* until sent */
-    struct kp_call *call;    /* once dispatched */
+    zmq_msg_t payload;    /* until sent */
+    struct kp_call *call; /* once dispatched */
     struct kp_list held_link;
-    bool ended;              /* its attempt was ended by the broker (timeout, cancel) */
+    bool ended; /* its attempt was ended by the broker (timeout, cancel) */
     bool cancel_requested;
-    struct watch *watch;     /* its job's events, if any */
+    struct watch *watch; /* its job's events, if any */
 };
 
 /* One event kept for late watchers. */
@@ -122,19 +122,19 @@ struct watch {
     struct kp_list watchers;
     struct kp_list events;
     size_t nevents, bytes;
-    uint64_t seq;            /* next event's sequence */
-    struct run *run;         /* the attempt running now */
-    char *tail;              /* the running attempt's output tail */
+    uint64_t seq;    /* next event's sequence */
+    struct run *run; /* the attempt running now */
+    char *tail;      /* the running attempt's output tail */
     size_t tail_len;
 };
 
 struct watcher {
     struct kp_list link;
-    struct watch *w;         /* NULL until the job's state is known */
+    struct watch *w; /* NULL until the job's state is known */
     struct kp_rid rid;
     uint64_t request_id;
     bool stream;
-    char key[2 * 255 + 24];  /* in engine->watchers */
+    char key[2 * 255 + 24]; /* in engine->watchers */
 };
 
 enum op_kind {
@@ -155,17 +155,17 @@ struct op {
     enum op_kind kind;
     struct kp_list link; /* in retry_ends while waiting to be put again */
     struct kp_journal_req *req;
-    bool has_peer;           /* answer to a frontend peer ... */
-    struct kp_rid rid;       /* ... with this routing id */
-    uint64_t request_id;     /* ... and request id */
-    struct jobq *q;          /* SUBMIT, CLAIM, END */
-    struct kp_job_new job;   /* SUBMIT (points at the copies below) */
+    bool has_peer;         /* answer to a frontend peer ... */
+    struct kp_rid rid;     /* ... with this routing id */
+    uint64_t request_id;   /* ... and request id */
+    struct jobq *q;        /* SUBMIT, CLAIM, END */
+    struct kp_job_new job; /* SUBMIT (points at the copies below) */
     char *queue, *key, *message, *s1, *s2;
-    zmq_msg_t payload;       /* SUBMIT payload, END result */
+    zmq_msg_t payload; /* SUBMIT payload, END result */
     bool has_payload;
-    char *output;            /* END output tail */
+    char *output; /* END output tail */
     size_t output_len;
-    struct kp_rid worker;    /* END: whom to ACK */
+    struct kp_rid worker; /* END: whom to ACK */
     bool ack;
     uint64_t ack_request_id;
     Kelpie__V1__Kind ack_kind;
@@ -179,19 +179,19 @@ struct kp_engine {
     struct kp_journal *journal; /* NULL until the store opens */
     enum kp_err open_err;       /* why it did not, KP_OK if not tried */
     char open_msg[KP_STORE_ERRMSG_MAX];
-    uint64_t open_tried;        /* monotonic ms of the last try */
+    uint64_t open_tried; /* monotonic ms of the last try */
     char *data_dir;
     uint64_t hold_ms;
     struct queue_settings defaults;
-    struct kp_list pending;     /* queues to pump */
-    zhashx_t *queues;           /* name -> struct jobq */
-    zhashx_t *watches;          /* job id -> struct watch */
-    zhashx_t *watchers;         /* "rid-hex/request_id" -> struct watcher */
-    char *settings;             /* --queues text, applied to queues as they appear */
+    struct kp_list pending; /* queues to pump */
+    zhashx_t *queues;       /* name -> struct jobq */
+    zhashx_t *watches;      /* job id -> struct watch */
+    zhashx_t *watchers;     /* "rid-hex/request_id" -> struct watcher */
+    char *settings;         /* --queues text, applied to queues as they appear */
     uint64_t next_look, next_expire;
-    struct kp_list retry_ends;  /* END ops whose commit failed, put again later */
+    struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng;               /* backoff jitter */
+    uint64_t rng; /* backoff jitter */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -426,8 +426,8 @@ static bool jobs_store(struct kp_broker *b)
     }
     struct kp_store *s = NULL;
     size_t recovered = 0;
-    enum kp_err err = kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered,
-                                           e->open_msg);
+    enum kp_err err =
+        kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered, e->open_msg);
     if (err == KP_OK)
         err = kp_journal_new(&s, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal);
     if (err != KP_OK) {
@@ -590,7 +590,8 @@ static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, 
 }
 
 static void event_header(const struct watch *w, const struct event *ev, kp_header *h,
-                         Kelpie__V1__Header__MetadataEntry *md, Kelpie__V1__Header__MetadataEntry **mdp)
+                         Kelpie__V1__Header__MetadataEntry *md,
+                         Kelpie__V1__Header__MetadataEntry **mdp)
 {
     *h = kp_broker_header(ev->kind, 0);
     h->job_id = (char *)w->id.s;
@@ -742,8 +743,7 @@ static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
             snprintf(msg, sizeof msg, "job failed after %u attempt%s; last: %s%s%.400s",
                      job->attempts, job->attempts == 1 ? "" : "s",
                      last ? kp_job_outcome_name(last->outcome) : "none",
-                     last && last->message ? ": " : "",
-                     last && last->message ? last->message : "");
+                     last && last->message ? ": " : "", last && last->message ? last->message : "");
         }
         struct kp_json j;
         kp_json_init(&j);
@@ -848,8 +848,8 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     h.max_attempts = r->max_attempts;
     h.priority = r->priority;
     h.timeout_ms = r->timeout_ms;
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h,
-                                     &r->payload, 1);
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, &r->payload, 1);
     if (err != KP_OK) {
         c->job = NULL;
         kp_broker_free_call(b, c);
@@ -1005,8 +1005,8 @@ static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req 
         run->backoff_ms = job->backoff_ms ? job->backoff_ms : q->set.backoff_ms;
         run->q = q;
         /* The claimed buffer becomes the frame: no copy. */
-        if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len,
-                              free_payload, NULL) != 0) {
+        if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len, free_payload, NULL) !=
+            0) {
             msg_from(&run->payload, job->payload, job->payload_len);
             kp_free(job->payload);
         }
@@ -1044,8 +1044,8 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
     }
     if (r->out.err != KP_OK) {
         b->stats.jobs_store_errors++;
-        kp_log_warn("job %s: could not record the end of attempt %u: %s", o->id.s,
-                    r->in.attempt, r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        kp_log_warn("job %s: could not record the end of attempt %u: %s", o->id.s, r->in.attempt,
+                    r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
         if (!o->ack) {
             /* The broker's own decision (worker lost, timeout): try again,
              * or the job stays leased until a restart recovers it. */
@@ -1287,8 +1287,8 @@ void kp_jobs_on_completions(struct kp_broker *b)
             break;
         case OP_EXPIRE:
             if (r->out.err == KP_OK && (r->out.count || r->out.count2))
-                kp_log_debug("expired %zu finished jobs and %zu idempotency keys",
-                             r->out.count, r->out.count2);
+                kp_log_debug("expired %zu finished jobs and %zu idempotency keys", r->out.count,
+                             r->out.count2);
             break;
         default:
             done_admin(b, o, r);
@@ -1392,7 +1392,7 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
                          "WATCH needs a request_id and a job_id (26 characters)");
         return;
     }
-    char key[sizeof ((struct watcher *)0)->key];
+    char key[sizeof((struct watcher *)0)->key];
     watcher_key(key, sizeof key, rid, rid_len, h->request_id);
     if (zhashx_lookup(e->watchers, key)) {
         kp_broker_refuse(b, b->frontend, h, h->request_id, KP_EDUPLICATE, NULL);
@@ -1425,14 +1425,14 @@ bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h)
     struct kp_engine *e = engine(b);
     if (e == NULL)
         return false;
-    char key[sizeof ((struct watcher *)0)->key];
+    char key[sizeof((struct watcher *)0)->key];
     watcher_key(key, sizeof key, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
                 h->request_id);
     struct watcher *wr = zhashx_lookup(e->watchers, key);
     if (wr == NULL || wr->w == NULL)
         return false; /* unknown, or its GET is in flight (its answer comes anyway) */
-    kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
-                         KP_ECANCELLED, "watch cancelled");
+    kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id, KP_ECANCELLED,
+                         "watch cancelled");
     struct watch *w = wr->w;
     watcher_free(b, wr);
     watch_release(b, w, false);
@@ -1464,7 +1464,8 @@ static bool jobs_cancel_running(struct kp_broker *b, struct op *o)
         reply_state(b, o, "cancelling");
         if (!r->cancel_requested) {
             r->cancel_requested = true;
-            kp_header c = kp_broker_header(KELPIE__V1__KIND__CANCEL, kp_call_dispatch_id(r->call).v);
+            kp_header c =
+                kp_broker_header(KELPIE__V1__KIND__CANCEL, kp_call_dispatch_id(r->call).v);
             kp_broker_send_worker(b, r->call->worker, &c);
             kp_timers_disarm(&b->timers, &r->call->timer);
             r->call->deadline = b->now + JOBS_CANCEL_GRACE_MS;
@@ -1500,8 +1501,10 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         enum op_kind kind;
         enum kp_journal_op jop;
     } methods[] = {
-        {"GetJob", OP_GETJOB, KP_JOURNAL_GET},     {"ListJobs", OP_LIST, KP_JOURNAL_LIST},
-        {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL}, {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
+        {"GetJob", OP_GETJOB, KP_JOURNAL_GET},
+        {"ListJobs", OP_LIST, KP_JOURNAL_LIST},
+        {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL},
+        {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
         {"PurgeDead", OP_PURGE, KP_JOURNAL_DLQ_PURGE},
     };
     if (strcmp(h->method, "Drain") == 0) {
@@ -1566,8 +1569,9 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
             if (state < 0 && strcmp(buf, "running") == 0)
                 state = KP_JOB_LEASED;
             if (state < 0) {
-                op_error(b, o, KP_EINVAL, "unknown state (scheduled, queued, leased, succeeded, "
-                                          "dead, cancelled)");
+                op_error(b, o, KP_EINVAL,
+                         "unknown state (scheduled, queued, leased, succeeded, "
+                         "dead, cancelled)");
                 op_free(o);
                 return true;
             }
@@ -1720,8 +1724,8 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
     else if (nack)
         o->retry_at = now + (h->delay_ms > JOBS_MAX_DELAY_MS ? JOBS_MAX_DELAY_MS : h->delay_ms);
     else
-        o->retry_at = now + backoff(&engine(b)->rng, r ? r->backoff_ms : engine(b)->defaults.backoff_ms,
-                                    h->attempt);
+        o->retry_at = now + backoff(&engine(b)->rng,
+                                    r ? r->backoff_ms : engine(b)->defaults.backoff_ms, h->attempt);
     if (outcome == KP_OUTCOME_SUCCEEDED && n >= 1) {
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
         o->has_payload = true;
@@ -1856,8 +1860,7 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
         run_end(b, r, KP_OUTCOME_CANCELLED, "cancelled; the worker did not answer in time", false);
     } else {
         char msg[96];
-        snprintf(msg, sizeof msg, "ran past its %llu ms limit",
-                 (unsigned long long)r->timeout_ms);
+        snprintf(msg, sizeof msg, "ran past its %llu ms limit", (unsigned long long)r->timeout_ms);
         run_end(b, r, KP_OUTCOME_TIMEOUT, msg, true);
     }
     /* CANCEL to the worker; its slot comes back with its answer. */
@@ -1984,9 +1987,8 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     e->data_dir = kp_strdup(data_dir);
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
-    e->defaults = (struct queue_settings){.max_attempts = 3,
-                                          .backoff_ms = 1000,
-                                          .result_ttl_ms = 86400ull * 1000};
+    e->defaults = (struct queue_settings){
+        .max_attempts = 3, .backoff_ms = 1000, .result_ttl_ms = 86400ull * 1000};
     e->settings = dup_or_null(settings);
     kp_list_init(&e->pending);
     kp_list_init(&e->retry_ends);

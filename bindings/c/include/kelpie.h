@@ -22,9 +22,10 @@
  * caller gives it back with the matching release function
  * (kelpie_reply_fini). Objects made by `_new` are released with
  * `_destroy(&p)`, which is idempotent and sets *p to NULL. The one exception
- * is a worker's kelpie_call: the library owns it, and it stays valid from the
- * handler's invocation until the call is answered (kelpie_call_reply, _end,
- * _error) or the worker is destroyed.
+ * is a worker's kelpie_call and kelpie_job: the library owns them, and each
+ * stays valid from the handler's invocation until it is answered
+ * (kelpie_call_reply, _end, _error; kelpie_job_succeed, _fail, _nack) or the
+ * worker is destroyed.
  *
  * Threads: a client or a worker is used from one thread at a time. The only
  * exception is kelpie_worker_stop(), which any thread (or a signal handler)
