@@ -151,6 +151,9 @@ struct kelpie_worker {
     uint32_t n_unacked;        /* length of unacked */
     bool resend_on_welcome;    /* re-send unacked when the broker welcomes us */
     uint64_t broker_id;        /* the broker's id (its HEARTBEAT), 0 until heard */
+    atomic_int drain;          /* set by kelpie_worker_drain or the broker's STATUS DRAINING */
+    bool drain_sent;           /* STATUS DRAINING sent on this registration */
+    bool drained;              /* the broker answered DRAINED: nothing more is coming */
     int wake[2];               /* self-pipe that kelpie_worker_stop writes to */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     atomic_int stopping;       /* set by kelpie_worker_stop */
@@ -523,6 +526,7 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             if (w->held)
                 worker_send_ready(w); /* with the orphans' slots left out */
             w->resend_on_welcome = true;
+            w->drain_sent = w->drained = false; /* the new broker must be told again */
         }
         if (h->broker_id)
             w->broker_id = h->broker_id;
@@ -536,7 +540,11 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             worker_acked(w, h->job_id, h->attempt);
         return;
     case KELPIE__V1__KIND__STATUS:
-        return; /* DRAINING/DRAINED: this worker does not drain by itself */
+        if (h->flags & KPC_FLAG_DRAINING)
+            atomic_store(&w->drain, 1); /* the broker's Drain: do the same (§11.3) */
+        if ((h->flags & KPC_FLAG_DRAINED) && w->drain_sent)
+            w->drained = true;
+        return;
     default:
         return; /* the rest: a sign of life */
     }
@@ -589,6 +597,8 @@ static kelpie_status worker_connect(kelpie_worker *w)
     w->now = w->last_heard = kpc_now_ms();
     worker_send_ready(w);
     w->resend_on_welcome = w->unacked != NULL;
+    /* A new registration takes work again until told otherwise. */
+    w->drain_sent = w->drained = false;
     return KELPIE_OK;
 }
 
@@ -667,6 +677,17 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         }
         /* 2. cancel callbacks deferred during handlers */
         worker_flush_cancels(w);
+        /* 2b. draining: ask for nothing more; leave once the broker has said
+         * nothing more is coming, everything held is answered and every
+         * RESULT is ACKed. */
+        if (atomic_load(&w->drain) && !w->drain_sent && w->sock) {
+            Kelpie__V1__Header st = KELPIE__V1__HEADER__INIT;
+            st.kind = KELPIE__V1__KIND__STATUS;
+            st.flags = KPC_FLAG_DRAINING;
+            w->drain_sent = worker_send(w, &st, NULL, 0) == KELPIE_OK;
+        }
+        if (w->drained && w->in_flight == 0 && w->n_unacked == 0 && !w->parked)
+            break;
         /* 3. timers: tick, heartbeat, liveness */
         int64_t now = w->now = kpc_now_ms();
         if (w->tick_ms && now >= w->next_tick) {
@@ -693,6 +714,15 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
     while (read(w->wake[0], drain, sizeof drain) > 0)
         ;
     return KELPIE_OK;
+}
+
+KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *w)
+{
+    if (!w)
+        return;
+    atomic_store(&w->drain, 1);
+    ssize_t n = write(w->wake[1], "d", 1);
+    (void)n; /* a full pipe already wakes the loop */
 }
 
 KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
@@ -1092,6 +1122,7 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
         return NULL;
     w->wake[0] = w->wake[1] = -1;
     atomic_init(&w->stopping, 0);
+    atomic_init(&w->drain, 0);
     w->capacity = capacity;
     w->heartbeat_ms = 1000;
     w->liveness = 3;

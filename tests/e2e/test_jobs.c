@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "kelpie_test.h"
@@ -65,6 +66,7 @@ static kt_broker *start_broker(void)
 
 typedef struct jw_opts {
     const char *endpoint;
+    const char *name; /* NULL: host:pid */
     uint32_t capacity;
     kt_slot *slots;
 } jw_opts;
@@ -76,6 +78,12 @@ static void jw_on_term(int sig)
 {
     (void)sig;
     kelpie_worker_stop(jw_current);
+}
+
+static void jw_on_usr1(int sig)
+{
+    (void)sig;
+    kelpie_worker_drain(jw_current);
 }
 
 static void jw_done(kt_slot *s)
@@ -163,7 +171,7 @@ static void jw_tick(kelpie_worker *w, void *arg)
 static void jw_main(void *arg)
 {
     jw_opts *o = arg;
-    kelpie_worker *w = kelpie_worker_new(o->endpoint, NULL, o->capacity ? o->capacity : 1);
+    kelpie_worker *w = kelpie_worker_new(o->endpoint, o->name, o->capacity ? o->capacity : 1);
     if (!w)
         return;
     kelpie_worker_handle_jobs(w, "work", jw_handler, o->slots);
@@ -172,6 +180,7 @@ static void jw_main(void *arg)
     jw_current = w;
     signal(SIGTERM, jw_on_term);
     signal(SIGINT, jw_on_term);
+    signal(SIGUSR1, jw_on_usr1);
     atomic_store(&o->slots[0].running, 1);
     kelpie_worker_run(w);
     jw_current = NULL;
@@ -179,14 +188,22 @@ static void jw_main(void *arg)
 }
 
 static jw_opts jw;
+static pid_t jw_pid;
+
+static kt_slot *spawn_named_worker(kt_broker *b, uint32_t capacity, const char *name)
+{
+    kt_slot *slots = kt_slots_new(1 + ORDER_MAX);
+    jw = (jw_opts){.endpoint = b->backend, .name = name, .capacity = capacity, .slots = slots};
+    double before = kt_stat(b, "workers");
+    jw_pid = kt_spawn(jw_main, &jw);
+    cr_assert_gt(jw_pid, 0);
+    cr_assert(kt_wait_stat(b, "workers", before + 1, 5000), "the job worker did not register");
+    return slots;
+}
 
 static kt_slot *spawn_worker(kt_broker *b, uint32_t capacity)
 {
-    kt_slot *slots = kt_slots_new(1 + ORDER_MAX);
-    jw = (jw_opts){.endpoint = b->backend, .capacity = capacity, .slots = slots};
-    cr_assert_gt(kt_spawn(jw_main, &jw), 0);
-    cr_assert(kt_wait_stat(b, "workers", 1, 5000), "the job worker did not register");
-    return slots;
+    return spawn_named_worker(b, capacity, NULL);
 }
 
 static bool wait_long(atomic_long *v, long want, int timeout_ms)
@@ -480,6 +497,64 @@ Test(jobs, result_reaches_a_restarted_broker_and_the_job_is_not_rerun)
     /* Past the recovery window: still run once. */
     kt_sleep_ms(1000);
     cr_assert_eq(atomic_load(&s[0].received), 1, "the job ran again after the restart");
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+Test(jobs, drained_worker_finishes_its_job_takes_nothing_new_and_leaves)
+{
+    kt_broker *b = start_broker();
+    kt_slot *s = spawn_worker(b, 2);
+    pid_t pid = jw_pid;
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    char held[KELPIE_JOB_ID_SIZE], later[KELPIE_JOB_ID_SIZE];
+    submit(c, NULL, "hold", held);
+    cr_assert(wait_long(&s[0].received, 1, 5000), "the job never started");
+    kt_signal(pid, SIGUSR1); /* kelpie_worker_drain */
+    kt_sleep_ms(300);
+    submit(c, NULL, "echo:later", later);
+    kt_sleep_ms(500);
+    cr_assert_eq(atomic_load(&s[0].received), 1, "a draining worker was given a new job");
+    /* It finishes what it holds, gets its ACK, and leaves by itself. */
+    atomic_store(&s[0].last_value, 1);
+    kelpie_reply r;
+    cr_assert_eq(kelpie_client_wait(c, held, 10000, &r), KELPIE_OK);
+    kelpie_reply_fini(&r);
+    int status = kt_reap(pid, 5000);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "the drained worker did not leave by itself (status %d)", status);
+    /* The job it declined waits for another worker. */
+    kt_slot *s2 = spawn_worker(b, 1);
+    cr_assert_eq(kelpie_client_wait(c, later, 10000, &r), KELPIE_OK);
+    kelpie_reply_fini(&r);
+    cr_assert_eq(atomic_load(&s2[0].received), 1);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+Test(jobs, broker_drain_method_makes_the_worker_leave)
+{
+    kt_broker *b = start_broker();
+    spawn_named_worker(b, 1, "drain-me");
+    pid_t pid = jw_pid;
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_metadata md = {.key = "worker", .value = "drain-me", .len = 8};
+    kelpie_call_opts o = {.service = "kelpie.broker",
+                          .method = "Drain",
+                          .timeout_ms = 5000,
+                          .metadata = &md,
+                          .n_metadata = 1};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    kelpie_reply r;
+    cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+    cr_assert_eq(r.status, KELPIE_OK, "%s: %s", kelpie_status_name(r.status), r.message);
+    cr_assert(payload_has(&r, "\"workers\":1"), "%.*s", (int)r.len, (char *)r.payload);
+    kelpie_reply_fini(&r);
+    int status = kt_reap(pid, 5000);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "the worker did not leave after the broker's Drain (status %d)", status);
+    cr_assert(kt_wait_stat_le(b, "workers", 0, 3000));
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }

@@ -355,15 +355,23 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32
 KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpie_cancel_fn fn,
                                                     void *arg);
 
-/* Connects, sends READY, and serves until kelpie_worker_stop. On stop it
- * sends DISCONNECT (the broker fails or re-dispatches whatever is still
- * running) and returns KELPIE_OK; it returns another status only when it
- * cannot run at all (no handler registered, a ZeroMQ failure). */
+/* Connects, sends READY, and serves until kelpie_worker_stop, or until it
+ * has drained (kelpie_worker_drain, or the broker's kelpie.broker/Drain). On
+ * stop it sends DISCONNECT (the broker fails or re-dispatches whatever is
+ * still running) and returns KELPIE_OK; it returns another status only when
+ * it cannot run at all (no handler or queue registered, a ZeroMQ failure). */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
  * flag and a byte written to a pipe). Sticky: a later run returns at once. */
 KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *worker);
+
+/* Asks the worker to leave gracefully (protocol.md §11.3): it sends STATUS
+ * DRAINING, takes nothing new once the broker answers DRAINED, finishes and
+ * answers what it holds, waits for every RESULT's ACK, then sends
+ * DISCONNECT and kelpie_worker_run returns KELPIE_OK. A STATUS DRAINING from
+ * the broker does the same. Thread-safe and async-signal-safe, like stop. */
+KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *worker);
 
 /* How many calls are held (received, not yet answered). */
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
