@@ -19,7 +19,8 @@ DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev cl
 	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
 	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil python3-venv pyflakes3
 
-BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib
+BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib \
+	redis-server python3-celery python3-rq python3-redis
 
 .PHONY: all deps bench-deps configure build run test asan fuzz format format-check lint bench clean
 
@@ -79,6 +80,7 @@ bench: bench-deps build
 	$(PYTHON) benchmarks/asyncio/bench.py
 	$(PYTHON) benchmarks/rpc/bench.py
 	$(PYTHON) benchmarks/rpc/bench_sync.py
+	BUILD=$(BUILD) $(PYTHON) benchmarks/jobs/bench.py
 
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format:

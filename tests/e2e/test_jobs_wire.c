@@ -744,3 +744,71 @@ Test(jobs_wire, nack_and_jobs_from_unknown_queues_are_given_back)
     kelpie_worker_destroy(&w);
     fake_close(&f);
 }
+
+typedef struct run_rc {
+    kelpie_worker *w;
+    atomic_int done;
+} run_rc;
+
+static void *drain_thread(void *arg)
+{
+    run_rc *r = arg;
+    kelpie_worker_run(r->w);
+    atomic_store(&r->done, 1);
+    return NULL;
+}
+
+Test(jobs_wire, drain_waits_for_drained_held_jobs_and_acks)
+{
+    fake f;
+    fake_open(&f);
+    static job_seen seen;
+    memset(&seen, 0, sizeof seen);
+    kelpie_worker *w = kelpie_worker_new(f.endpoint, "jw", 2);
+    kelpie_worker_handle_jobs(w, "thumbs", hold_job, &seen);
+    kelpie_worker_set_tick(w, 5, seen_tick, &seen);
+    run_rc run = {.w = w};
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, drain_thread, &run), 0);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
+    cr_assert_not_null(h);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    fake_welcome(&f, 111);
+    send_job(&f, 5);
+    cr_assert(wait_atomic(&seen.jobs, 1, 3000));
+
+    /* The broker's Drain: the worker answers STATUS DRAINING. */
+    Kelpie__V1__Header st = KELPIE__V1__HEADER__INIT;
+    st.kind = KELPIE__V1__KIND__STATUS;
+    st.flags = 32; /* DRAINING */
+    fake_send(&f, &st, NULL, 0);
+    h = fake_expect(&f, KELPIE__V1__KIND__STATUS, 3000, NULL, NULL);
+    cr_assert_not_null(h, "no STATUS DRAINING from the worker");
+    cr_assert_eq(h->flags & 32, 32);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    st.flags = 64; /* DRAINED */
+    fake_send(&f, &st, NULL, 0);
+    kt_sleep_ms(200);
+    cr_assert_eq(atomic_load(&run.done), 0, "left with a job still held");
+
+    /* The job ends; its RESULT still waits for the ACK. */
+    atomic_store(&seen.finish, 1);
+    h = fake_expect(&f, KELPIE__V1__KIND__RESULT, 3000, NULL, NULL);
+    cr_assert_not_null(h);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    kt_sleep_ms(200);
+    cr_assert_eq(atomic_load(&run.done), 0, "left with a RESULT not yet ACKed");
+    Kelpie__V1__Header ack = KELPIE__V1__HEADER__INIT;
+    ack.kind = KELPIE__V1__KIND__ACK;
+    ack.request_id = 5;
+    ack.job_id = (char *)JOB_ID;
+    ack.attempt = 2;
+    fake_send(&f, &ack, NULL, 0);
+    h = fake_expect(&f, KELPIE__V1__KIND__DISCONNECT, 3000, NULL, NULL);
+    cr_assert_not_null(h, "the drained worker did not leave");
+    kelpie__v1__header__free_unpacked(h, NULL);
+    pthread_join(t, NULL);
+    cr_assert_eq(atomic_load(&run.done), 1);
+    kelpie_worker_destroy(&w);
+    fake_close(&f);
+}
