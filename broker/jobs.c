@@ -39,6 +39,7 @@
 #define JOBS_MAX_INFLIGHT     65536      /* journal requests put and not taken */
 #define JOBS_MAX_BATCH        4096       /* requests per transaction */
 #define JOBS_CLAIM_MAX        256        /* jobs per CLAIM */
+#define JOBS_CLAIMS_OUT       4          /* claims per queue in the journal at once (pipelining) */
 #define JOBS_EVENTS_MAX       1000       /* events kept per job for late watchers ... */
 #define JOBS_EVENTS_BYTES     (1u << 20) /* ... and their payload bytes */
 #define JOBS_TAIL_BYTES       65536      /* output tail stored with the result */
@@ -72,15 +73,15 @@ struct jobq {
     char *name;
     struct kp_service *svc; /* in b->queues: the workers that take its jobs */
     struct queue_settings set;
-    uint32_t running;        /* attempts leased here and not yet ended */
-    uint32_t claiming;       /* jobs asked for by the CLAIM in the journal */
-    bool claim_out;          /* a CLAIM is in the journal */
-    bool maybe_ready;        /* the store may hold ready jobs */
-    uint64_t gen, claim_gen; /* bumped when jobs may have become ready */
-    uint64_t next_due;       /* wall ms of the earliest known scheduled job */
-    double tokens;           /* rate limit's bucket */
-    uint64_t tokens_at;      /* monotonic ms of the last refill */
-    struct kp_list held;     /* claimed runs waiting for a slot */
+    uint32_t running;    /* attempts leased here and not yet ended */
+    uint32_t claiming;   /* jobs asked for by claims in the journal */
+    uint32_t claims_out; /* claims in the journal (at most JOBS_CLAIMS_OUT) */
+    bool maybe_ready;    /* the store may hold ready jobs */
+    uint64_t gen;        /* bumped when jobs may have become ready */
+    uint64_t next_due;   /* wall ms of the earliest known scheduled job */
+    double tokens;       /* rate limit's bucket */
+    uint64_t tokens_at;  /* monotonic ms of the last refill */
+    struct kp_list held; /* claimed runs waiting for a slot */
     size_t nheld;
     bool pending; /* in the engine's pump list */
     struct kp_list pending_link;
@@ -173,6 +174,8 @@ struct op {
     struct watcher *watcher; /* OP_WATCH */
     uint64_t retry_at;       /* END: for the watchers' notice */
     kp_job_id id;
+    uint32_t claim_max; /* CLAIM, or SUBMIT with a claim riding on it */
+    uint64_t claim_gen; /* the queue's gen when the claim was put */
 };
 
 struct kp_engine {
@@ -191,7 +194,8 @@ struct kp_engine {
     uint64_t next_look, next_expire;
     struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng; /* backoff jitter */
+    uint64_t rng;       /* backoff jitter */
+    size_t outstanding; /* requests in the journal */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -483,6 +487,8 @@ static void op_error(struct kp_broker *b, struct op *o, enum kp_err err, const c
         kp_broker_send_error(b, b->frontend, o->rid.bytes, o->rid.len, o->request_id, err, detail);
 }
 
+static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r);
+
 /* Hands o to the journal; on failure answers its peer and frees it. */
 static bool op_put(struct kp_broker *b, struct op *o)
 {
@@ -490,6 +496,7 @@ static bool op_put(struct kp_broker *b, struct op *o)
     if (!jobs_store(b)) {
         b->stats.jobs_store_errors++;
         op_error(b, o, e->open_err, e->open_msg);
+        claim_done(b, o, NULL);
         op_free(o);
         return false;
     }
@@ -498,10 +505,12 @@ static bool op_put(struct kp_broker *b, struct op *o)
     if (err != KP_OK) {
         b->stats.jobs_store_errors++;
         op_error(b, o, err, NULL);
+        claim_done(b, o, NULL);
         op_free(o);
         return false;
     }
     o->req = NULL; /* the journal's until take() */
+    e->outstanding++;
     return true;
 }
 
@@ -895,21 +904,24 @@ static void queue_dispatch(struct kp_broker *b, struct jobq *q)
     }
 }
 
-/* Claims as many ready jobs of q as its workers have free slots for, within
- * its concurrency and rate limits. */
-static void queue_claim(struct kp_broker *b, struct jobq *q)
+/* How many ready jobs of q to claim now: as many as its workers have free
+ * slots for, less what is held or being claimed, within its concurrency and
+ * rate limits. Takes the tokens it counts on. */
+static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
 {
     struct kp_engine *e = engine(b);
-    if (q->claim_out || !q->maybe_ready || b->state != KP_BROKER_RUNNING || e->journal == NULL)
-        return;
+    if (q->claims_out >= JOBS_CLAIMS_OUT || !q->maybe_ready || b->state != KP_BROKER_RUNNING ||
+        e->journal == NULL)
+        return 0;
     uint64_t free = 0;
     for (size_t i = 0; i < q->svc->nworkers; i++)
         free += kp_worker_free_slots(q->svc->workers[i]);
-    if (free <= q->nheld)
-        return;
-    uint64_t want = free - q->nheld;
+    if (free <= (uint64_t)q->nheld + q->claiming)
+        return 0;
+    uint64_t want = free - q->nheld - q->claiming;
     if (q->set.concurrency) {
-        uint64_t cap = q->set.concurrency > q->running ? q->set.concurrency - q->running : 0;
+        uint64_t busy = (uint64_t)q->running + q->claiming;
+        uint64_t cap = q->set.concurrency > busy ? q->set.concurrency - busy : 0;
         if (want > cap)
             want = cap;
     }
@@ -924,28 +936,40 @@ static void queue_claim(struct kp_broker *b, struct jobq *q)
     }
     if (want > JOBS_CLAIM_MAX)
         want = JOBS_CLAIM_MAX;
+    if (q->set.rate)
+        q->tokens -= (double)want;
+    return (uint32_t)want;
+}
+
+/* Notes that op o carries a claim of want jobs of q. */
+static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
+{
+    o->claim_max = want;
+    o->claim_gen = q->gen;
+    o->req->in.queue = q->name;
+    o->req->in.max = want;
+    q->claims_out++;
+    q->claiming += want;
+}
+
+/* Claims what queue_want says, in a CLAIM of its own. */
+static void queue_claim(struct kp_broker *b, struct jobq *q)
+{
+    uint32_t want = queue_want(b, q);
     if (want == 0)
         return;
     struct op *o = op_new(OP_CLAIM, KP_JOURNAL_CLAIM);
     o->q = q;
-    o->req->in.queue = q->name;
-    o->req->in.max = want;
     o->req->in.owner = b->broker_id;
-    q->claim_out = true;
-    q->claiming = (uint32_t)want;
-    q->claim_gen = q->gen;
-    if (q->set.rate)
-        q->tokens -= (double)want;
-    if (!op_put(b, o)) {
-        q->claim_out = false;
-        q->claiming = 0;
-    }
+    claim_attach(q, o, want);
+    op_put(b, o); /* a put that fails undoes the claim (claim_done) */
 }
 
 /* ---- completions ---------------------------------------------------------- */
 
 static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
+    claim_done(b, o, r);
     if (r->out.err != KP_OK) {
         b->stats.jobs_submit_failed++;
         if (!o->has_peer)
@@ -977,13 +1001,22 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
     }
 }
 
-static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+/* The claim op o carried came back (jobs in r->out.jobs), or could not be
+ * put (r NULL). */
+static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
     struct jobq *q = o->q;
-    q->claim_out = false;
-    uint32_t asked = q->claiming;
-    q->claiming = 0;
-    if (r->out.err != KP_OK) {
+    if (o->claim_max == 0 || q == NULL)
+        return;
+    uint32_t asked = o->claim_max;
+    o->claim_max = 0;
+    q->claims_out--;
+    q->claiming -= asked;
+    if (r == NULL || r->out.err != KP_OK) {
+        if (q->set.rate)
+            q->tokens += (double)asked;
+        if (r == NULL)
+            return;
         b->stats.jobs_store_errors++;
         kp_log_warn("claim from %s failed: %s", q->name,
                     r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
@@ -992,7 +1025,7 @@ static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req 
     size_t n = r->out.jobs.n;
     if (q->set.rate && n < asked)
         q->tokens += (double)(asked - n); /* not used */
-    if (n < asked && q->claim_gen == q->gen)
+    if (n < asked && o->claim_gen == q->gen)
         q->maybe_ready = false;
     for (size_t i = 0; i < n; i++) {
         struct kp_job *job = &r->out.jobs.v[i];
@@ -1144,6 +1177,21 @@ static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req 
     watch_finish(b, w, &r->out.jobs.v[0]);
 }
 
+/* Sends a new streaming watcher the events its job has had so far. */
+static void watcher_replay(struct kp_broker *b, struct watcher *wr)
+{
+    struct watch *w = wr->w;
+    kp_header h;
+    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
+    struct kp_list *l = w->events.next;
+    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
+        struct event *ev = kp_container_of(l, struct event, link);
+        l = l->next;
+        event_header(w, ev, &h, md, mdp);
+        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+    }
+}
+
 static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
     struct watcher *wr = o->watcher;
@@ -1165,17 +1213,8 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
         watch_release(b, w, true);
         return;
     }
-    if (!wr->stream)
-        return;
-    kp_header h;
-    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
-    struct kp_list *l = w->events.next;
-    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
-        struct event *ev = kp_container_of(l, struct event, link);
-        l = l->next;
-        event_header(w, ev, &h, md, mdp);
-        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
-    }
+    if (wr->stream)
+        watcher_replay(b, wr);
 }
 
 static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq_msg_t *more,
@@ -1269,12 +1308,13 @@ void kp_jobs_on_completions(struct kp_broker *b)
     struct kp_journal_req *r;
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
+        e->outstanding--;
         switch (o->kind) {
         case OP_SUBMIT:
             done_submit(b, o, r);
             break;
         case OP_CLAIM:
-            done_claim(b, o, r);
+            claim_done(b, o, r);
             break;
         case OP_END:
             done_end(b, o, r);
@@ -1372,13 +1412,18 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
     };
     o->req->in.jobs = &o->job;
     o->req->in.njobs = 1;
-    if (op_put(b, o) && q && o->job.run_at == 0) {
-        /* Claim in the same breath: if the journal takes both at once, the
-         * job is stored and leased in one transaction (one fsync). */
+    if (q && o->job.run_at == 0) {
+        /* A claim rides on the SUBMIT when workers have room: the job is
+         * stored and leased in one transaction, one fsync for both. */
         q->gen++;
         q->maybe_ready = true;
-        queue_claim(b, q);
+        uint32_t want = queue_want(b, q);
+        if (want) {
+            o->req->in.owner = b->broker_id;
+            claim_attach(q, o, want);
+        }
     }
+    op_put(b, o);
 }
 
 void kp_jobs_watch(struct kp_broker *b, kp_header *h)
@@ -1407,6 +1452,15 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
     kp_list_init(&wr->link);
     zhashx_insert(e->watchers, wr->key, wr);
     b->stats.job_watches++;
+    struct watch *running = zhashx_lookup(e->watches, id.s);
+    if (running && running->run) {
+        /* Leased and running here: no need to ask the store. */
+        wr->w = running;
+        kp_list_push_back(&running->watchers, &wr->link);
+        if (wr->stream)
+            watcher_replay(b, wr);
+        return;
+    }
     struct op *o = op_new(OP_WATCH, KP_JOURNAL_GET);
     o->has_peer = true;
     o->rid = wr->rid;
@@ -1731,6 +1785,25 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         o->has_payload = true;
     }
     struct watch *wt = r ? r->watch : NULL;
+    if (wt && outcome == KP_OUTCOME_SUCCEEDED && !kp_list_empty(&wt->watchers)) {
+        /* Watchers get a success at once, before it is on disk: the worker
+         * holds its RESULT until the ACK, so a broker that dies now still
+         * learns it (§11.3). One fsync less on every job's round trip. */
+        kp_header res = kp_broker_header(KELPIE__V1__KIND__RESULT, 0);
+        res.job_id = id.s;
+        res.attempt = h->attempt;
+        res.code = KELPIE__V1__CODE__OK;
+        zmq_msg_t empty;
+        zmq_msg_init(&empty);
+        while (!kp_list_empty(&wt->watchers)) {
+            struct watcher *wr = kp_container_of(wt->watchers.next, struct watcher, link);
+            watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1);
+            if (!kp_list_empty(&wt->watchers) &&
+                kp_container_of(wt->watchers.next, struct watcher, link) == wr)
+                watcher_free(b, wr);
+        }
+        zmq_msg_close(&empty);
+    }
     if (wt && wt->tail_len) {
         o->output = kp_malloc(wt->tail_len);
         memcpy(o->output, wt->tail, wt->tail_len);
@@ -1957,6 +2030,75 @@ uint64_t kp_jobs_next_wake(struct kp_broker *b)
 bool kp_jobs_busy(const struct kp_broker *b)
 {
     return b->jobs && (!kp_list_empty(&b->jobs->pending) || !kp_list_empty(&b->job_pending));
+}
+
+void kp_jobs_settle(struct kp_broker *b, int timeout_ms)
+{
+    struct kp_engine *e = engine(b);
+    uint64_t end = (uint64_t)zclock_mono() + (uint64_t)timeout_ms;
+    while (e && e->journal && e->outstanding > 0 && (uint64_t)zclock_mono() < end) {
+        zmq_pollitem_t item = {NULL, kp_journal_fd(e->journal), ZMQ_POLLIN, 0};
+        zmq_poll(&item, 1, 10);
+        kp_jobs_on_completions(b);
+    }
+}
+
+const char *kp_jobs_check(const struct kp_broker *b)
+{
+    const struct kp_engine *e = b->jobs;
+    if (e == NULL)
+        return NULL;
+    void *it;
+    size_t claims = 0;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        const struct jobq *q = it;
+        size_t held = 0;
+        for (const struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
+            const struct run *r = kp_container_of(l, struct run, held_link);
+            if (r->q != q || r->call != NULL || r->ended)
+                return "a held job is another queue's, dispatched or ended";
+            held++;
+        }
+        if (held != q->nheld)
+            return "a job queue's held count differs from its held list";
+        if (q->running < q->nheld)
+            return "a job queue runs fewer jobs than it holds";
+        if (q->claims_out > JOBS_CLAIMS_OUT || (q->claims_out == 0) != (q->claiming == 0))
+            return "a job queue's claims in the journal are miscounted";
+        if (q->svc != kp_services_find(&b->queues, q->name))
+            return "a job queue is not its own service in the queue registry";
+        claims += q->claims_out;
+    }
+    if (claims > e->outstanding)
+        return "more claims than requests in the journal";
+    size_t pos = 0;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL) {
+        if (c->job == NULL)
+            continue;
+        const struct run *r = c->job;
+        if (r->call != c || c->service != r->q->svc || c->client != NULL)
+            return "a job's call does not point back at its attempt";
+        if (c->state == KP_CALL_ORPHANED && !r->ended)
+            return "an orphaned job call's attempt was not ended";
+        if (r->watch && r->watch->run == r && r->ended)
+            return "a watch follows an attempt that has ended";
+    }
+    for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+        const struct watch *w = it;
+        if (w->run && (w->run->watch != w || w->run->call == NULL))
+            return "a watch's running attempt is not its own or not dispatched";
+        if (w->nevents > JOBS_EVENTS_MAX || w->bytes > JOBS_EVENTS_BYTES)
+            return "a job's event buffer is over its bounds";
+        if (w->tail_len > JOBS_TAIL_BYTES)
+            return "a job's output tail is over its bound";
+        for (const struct kp_list *l = w->watchers.next; l != &w->watchers; l = l->next) {
+            const struct watcher *wr = kp_container_of(l, struct watcher, link);
+            if (wr->w != w || zhashx_lookup(e->watchers, wr->key) != wr)
+                return "a watcher is not in the index or not its watch's";
+        }
+    }
+    return NULL;
 }
 
 int kp_jobs_fd(struct kp_broker *b)
