@@ -293,17 +293,26 @@ def run_rq(children, url, a):
 
 # -- Kelpie --------------------------------------------------------------------
 
-def run_kelpie(children, kelpied, job_bench, workdir, a):
+def run_kelpie(children, kelpied, job_bench, workdir, a, python_path=None):
+    """Kelpie's cases through job_bench (the C library), or with python_path
+    (a PYTHONPATH holding the kelpie package) through kelpie_py.py, the
+    public Python API; the RPC cases only through job_bench."""
     data = tempfile.mkdtemp(prefix="jobs-bench-data.", dir=workdir)
     fe, be, ik = ("tcp://127.0.0.1:%d" % p for p in free_ports(3))
     broker = children.start("kelpied", [kelpied, "--frontend", fe, "--backend", be,
                                         "--intake", ik, "--data-dir", data])
-    jobs = children.start("kelpie-jobs", [job_bench, "worker", be, "2", "jobs"])
+    if python_path:
+        driver = [PYTHON, os.path.join(HERE, "kelpie_py.py")]
+        env = dict(os.environ, PYTHONPATH=python_path)
+    else:
+        driver, env = [job_bench], None
+    jobs = children.start("kelpie-jobs", [*driver, "worker", be, "2"] + ([] if python_path else ["jobs"]),
+                          env=env)
     rpc = children.start("kelpie-rpc", [job_bench, "worker", be, "1", "rpc"])
 
     def bench(*args, timeout=CASE_LIMIT_S + 60):
-        p = subprocess.run([job_bench, *map(str, args)], capture_output=True, text=True,
-                           timeout=timeout)
+        argv = ([job_bench] if args[0] in ("rpc", "stream") else driver) + [str(x) for x in args]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         if p.returncode != 0:
             raise RuntimeError("job_bench %s failed: %s%s" % (args[0], p.stdout, p.stderr))
         return json.loads(p.stdout.strip().splitlines()[-1])
@@ -322,6 +331,14 @@ def run_kelpie(children, kelpied, job_bench, workdir, a):
         out["accepted_p50_ms"], out["accepted_p99_ms"] = r["accepted_p50_ms"], r["accepted_p99_ms"]
         c = bench("convoy", fe, a.convoy, a.rate, a.slow_ms)
         out.update({k: c[k] for k in ("fast_p50_ms", "fast_p99_ms", "fast_max_ms")})
+
+        if python_path:
+            children.stop(jobs)
+            jobs = children.start("kelpie-jobs64", [*driver, "worker", be, "64"], env=env)
+            time.sleep(1.0)
+            e = bench("e2e", fe, a.n, a.window)
+            out["slots64_enqueue_s"], out["slots64_e2e_s"] = e["enqueue_s"], e["e2e_s"]
+            return out
 
         alone = bench("rpc", fe, a.rpc)
         seconds = 60  # the stream outlasts the RPCs; stopped when they are done
@@ -353,66 +370,74 @@ def run_kelpie(children, kelpied, job_bench, workdir, a):
 
 # -- report --------------------------------------------------------------------
 
-SYSTEMS = [("kelpie", "Kelpie (fsync, C library)"), ("celery-prefork", "Celery prefork c=2"),
+SYSTEMS = [("kelpie", "Kelpie (fsync, C library)"), ("kelpie-py", "Kelpie (fsync, Python API)"),
+           ("celery-prefork", "Celery prefork c=2"),
            ("celery-threads", "Celery threads c=2"), ("rq", "RQ SimpleWorker x2")]
 
 
+KELPIES = ("kelpie", "kelpie-py")
+OTHERS = ("celery-prefork", "celery-threads", "rq")
+
+
 def report(res, a):
-    lines = []
-    for key, label in SYSTEMS:
-        r = res.get(key)
-        if not r:
-            continue
+    label = dict(SYSTEMS)
+    for r in res.values():
         r["e2e_per_s"] = a.n / r["e2e_s"]
         r["enqueue_per_s"] = a.n / r["enqueue_s"]
-    k = res["kelpie"]
-    k64 = {"e2e_per_s": a.n / k["slots64_e2e_s"], "enqueue_per_s": a.n / k["slots64_enqueue_s"]}
-    lines.append("| system | end to end jobs/s | enqueue jobs/s | round trip p50 / p99 ms "
-                 "| fast-job p50 / p99 ms beside a %d ms job |" % a.slow_ms)
-    lines.append("|---|---:|---:|---:|---:|")
-    for key, label in SYSTEMS:
+        if "slots64_e2e_s" in r:
+            r["e2e64_per_s"] = a.n / r["slots64_e2e_s"]
+            r["enqueue64_per_s"] = a.n / r["slots64_enqueue_s"]
+    lines = ["| system | end to end jobs/s | enqueue jobs/s | round trip p50 / p99 ms "
+             "| fast-job p50 / p99 ms beside a %d ms job |" % a.slow_ms,
+             "|---|---:|---:|---:|---:|"]
+    for key, _ in SYSTEMS:
         r = res.get(key)
         if not r:
             continue
         lines.append("| %s | %.0f | %.0f | %.2f / %.2f | %.2f / %.2f |" % (
-            label, r["e2e_per_s"], r["enqueue_per_s"], r["rtt_p50_ms"], r["rtt_p99_ms"],
+            label[key], r["e2e_per_s"], r["enqueue_per_s"], r["rtt_p50_ms"], r["rtt_p99_ms"],
             r["fast_p50_ms"], r["fast_p99_ms"]))
-        if key == "kelpie":
-            lines.append("| Kelpie, one worker with 64 slots | %.0f | %.0f | | |" % (
-                k64["e2e_per_s"], k64["enqueue_per_s"]))
-    lines.append("")
-    lines.append("| Kelpie against | end to end (2 slots; 64 slots) | enqueue | round trip p50 "
-                 "| fast-job p99 |")
-    lines.append("|---|---:|---:|---:|---:|")
-    for key, label in SYSTEMS[1:]:
-        r = res.get(key)
-        if not r:
-            continue
-        lines.append("| %s | %.2f×; %.1f× | %.1f× | %.2f× faster | %.2f× lower |" % (
-            label, k["e2e_per_s"] / r["e2e_per_s"], k64["e2e_per_s"] / r["e2e_per_s"],
-            k["enqueue_per_s"] / r["enqueue_per_s"],
-            r["rtt_p50_ms"] / k["rtt_p50_ms"], r["fast_p99_ms"] / k["fast_p99_ms"]))
-    lines.append("")
-    lines.append("Kelpie SUBMIT → ACCEPTED (committed and fsync'd): p50 %.2f ms, p99 %.2f ms one at "
-                 "a time; p50 %.2f ms, p99 %.2f ms with %d submitted at once (window %d)." % (
-                     k["accepted_p50_ms"], k["accepted_p99_ms"], k["accepted_load_p50_ms"],
-                     k["accepted_load_p99_ms"], a.n, a.window))
-    lines.append("Kelpie echo RPC one at a time: p50 %.3f ms, p99 %.3f ms alone; p50 %.3f ms, "
-                 "p99 %.3f ms beside a stream of %d jobs/s." % (
-                     k["rpc_p50_ms"], k["rpc_p99_ms"], k["rpc_jobs_p50_ms"], k["rpc_jobs_p99_ms"],
-                     a.stream_rate))
+        if "e2e64_per_s" in r:
+            lines.append("| %s, one worker with 64 slots | %.0f | %.0f | | |" % (
+                label[key],
+                r["e2e64_per_s"], r["enqueue64_per_s"]))
     goals = []
-    for key in ("celery-prefork", "celery-threads"):
-        if key in res:
-            goals.append("end to end ≥ 30× %s: %s (64 slots: %s)" % (
-                key, "met" if k["e2e_per_s"] >= 30 * res[key]["e2e_per_s"] else "NOT met",
-                "met" if k64["e2e_per_s"] >= 30 * res[key]["e2e_per_s"] else "NOT met"))
-            goals.append("enqueue ≥ 30× %s: %s" % (
-                key, "met" if k["enqueue_per_s"] >= 30 * res[key]["enqueue_per_s"] else "NOT met"))
-    goals.append("round trip p50 < 1 ms: %s" % ("met" if k["rtt_p50_ms"] < 1 else "NOT met"))
-    goals.append("fast-job p99 < 10 ms beside a slow job: %s" % ("met" if k["fast_p99_ms"] < 10 else "NOT met"))
-    lines.append("")
-    lines.append("Goals (issue 14): " + "; ".join(goals) + ".")
+    for kk in KELPIES:
+        k = res.get(kk)
+        if not k:
+            continue
+        lines += ["", "| %s against | end to end (2 slots; 64 slots) | enqueue | round trip p50 "
+                      "| fast-job p99 |" % label[kk], "|---|---:|---:|---:|---:|"]
+        for key in OTHERS:
+            r = res.get(key)
+            if not r:
+                continue
+            lines.append("| %s | %.2f×; %.1f× | %.1f× | %.2f× | %.2f× lower |" % (
+                label[key], k["e2e_per_s"] / r["e2e_per_s"], k["e2e64_per_s"] / r["e2e_per_s"],
+                k["enqueue_per_s"] / r["enqueue_per_s"], r["rtt_p50_ms"] / k["rtt_p50_ms"],
+                r["fast_p99_ms"] / k["fast_p99_ms"]))
+        for key in ("celery-prefork", "celery-threads"):
+            if key in res:
+                c = res[key]
+                goals.append("%s end to end ≥ 30× %s: %s (64 slots: %s)" % (
+                    kk, key, "met" if k["e2e_per_s"] >= 30 * c["e2e_per_s"] else "NOT met",
+                    "met" if k["e2e64_per_s"] >= 30 * c["e2e_per_s"] else "NOT met"))
+                goals.append("%s enqueue ≥ 30× %s: %s" % (
+                    kk, key, "met" if k["enqueue_per_s"] >= 30 * c["enqueue_per_s"] else "NOT met"))
+        goals.append("%s round trip p50 < 1 ms: %s" % (kk, "met" if k["rtt_p50_ms"] < 1 else "NOT met"))
+        goals.append("%s fast-job p99 < 10 ms beside a slow job: %s" % (
+            kk, "met" if k["fast_p99_ms"] < 10 else "NOT met"))
+        lines.append("")
+        lines.append("%s SUBMIT → ACCEPTED (committed and fsync'd): p50 %.2f ms, p99 %.2f ms one "
+                     "at a time; p50 %.2f ms, p99 %.2f ms with %d submitted (window %d)." % (
+                         label[kk], k["accepted_p50_ms"], k["accepted_p99_ms"],
+                         k["accepted_load_p50_ms"], k["accepted_load_p99_ms"], a.n, a.window))
+        if "rpc_p50_ms" in k:
+            lines.append("Kelpie echo RPC (C client) one at a time: p50 %.3f ms, p99 %.3f ms alone; "
+                         "p50 %.3f ms, p99 %.3f ms beside a stream of %d jobs/s." % (
+                             k["rpc_p50_ms"], k["rpc_p99_ms"], k["rpc_jobs_p50_ms"],
+                             k["rpc_jobs_p99_ms"], a.stream_rate))
+    lines += ["", "Goals (issue 14): " + "; ".join(goals) + "."]
     return "\n".join(lines)
 
 
@@ -420,30 +445,32 @@ def plot(res, a, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = [k for k, _ in SYSTEMS if k in res]
-    labels = [dict(SYSTEMS)[k].replace(" (", "\n(").replace(" c=", "\nc=") for k in keys]
-    colors = ["#2a7ab0" if k == "kelpie" else "#999999" for k in keys]
+    label = dict(SYSTEMS)
+    bars = []  # (key, label, color, result, 64 slots)
+    for key, _ in SYSTEMS:
+        if key in res:
+            kelpie = key in KELPIES
+            name = label[key].replace(" (", "\n(").replace(" c=", "\nc=")
+            bars.append((name, "#2a7ab0" if kelpie else "#999999", res[key], False))
+            if kelpie and "e2e64_per_s" in res[key]:
+                bars.append((name + "\n64 slots", "#7fb3d5", res[key], True))
     panels = [("e2e_per_s", "no-op jobs/s end to end\n(%d jobs; higher is better)" % a.n),
               ("enqueue_per_s", "enqueue jobs/s\n(higher is better)"),
               ("rtt_p50_ms", "one job's round trip p50, ms\n(lower is better)"),
-              ("fast_p99_ms", "fast-job p99, ms, beside one %d s job\n(lower is better)" % (a.slow_ms // 1000))]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+              ("fast_p99_ms", "fast-job p99, ms, beside one %d s job\n(lower is better)"
+               % (a.slow_ms // 1000))]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
     for ax, (metric, title) in zip(axes, panels):
-        ks, ls, cs = list(keys), list(labels), list(colors)
-        vals = [res[k][metric] for k in keys]
-        if metric in ("e2e_per_s", "enqueue_per_s"):
-            ks.insert(1, "kelpie64")
-            ls.insert(1, "Kelpie\n(64 slots)")
-            cs.insert(1, "#7fb3d5")
-            vals.insert(1, a.n / res["kelpie"]["slots64_" + metric.replace("_per_s", "_s")])
-        bars = ax.bar(range(len(ks)), vals, color=cs)
+        rows = [(n, c, (r[metric.replace("_per_s", "64_per_s")] if wide else r[metric]))
+                for n, c, r, wide in bars if not wide or metric.endswith("_per_s")]
+        drawn = ax.bar(range(len(rows)), [v for _, _, v in rows], color=[c for _, c, _ in rows])
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(len(ks)), ls, fontsize=7)
-        for b, v in zip(bars, vals):
+        ax.set_xticks(range(len(rows)), [n for n, _, _ in rows], fontsize=6.5)
+        for b, (_, _, v) in zip(drawn, rows):
             ax.annotate("%.3g" % v, (b.get_x() + b.get_width() / 2, v), ha="center",
-                        va="bottom", fontsize=8)
-    fig.suptitle("Durable jobs on one shared 2-core machine, one run (%s): Kelpie with fsync'd "
+                        va="bottom", fontsize=7)
+    fig.suptitle("Durable jobs, one run on a shared 2-core machine (%s): Kelpie with fsync'd "
                  "SQLite; Celery and RQ on Redis without persistence" % time.strftime("%Y-%m-%d"),
                  fontsize=10)
     fig.tight_layout()
@@ -456,7 +483,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer jobs (2,000), for a smoke run")
     ap.add_argument("--kelpied")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--only", help="comma-separated subset: kelpie,celery-prefork,celery-threads,rq")
+    ap.add_argument("--only", help="comma-separated subset: "
+                    "kelpie,kelpie-py,celery-prefork,celery-threads,rq")
+    ap.add_argument("--kelpie-pythonpath", help="PYTHONPATH with the kelpie package for the "
+                    "Python API case (default: the build tree's)")
     ap.add_argument("--case", help=argparse.SUPPRESS)   # a child: run one Redis-based case
     ap.add_argument("--redis", help=argparse.SUPPRESS)  # ... against this Redis
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -505,6 +535,15 @@ def main():
     if "kelpie" in only:
         res["kelpie"] = run_kelpie(children, kelpied, job_bench, workdir, a)
         print("kelpie", json.dumps(res["kelpie"]), flush=True)
+    pypath = a.kelpie_pythonpath or os.path.join(build, "python")
+    has_jobs = subprocess.run([PYTHON, "-c", "import kelpie, sys; "
+                               "sys.exit(0 if hasattr(kelpie.Client, 'submit') else 1)"],
+                              env=dict(os.environ, PYTHONPATH=pypath)).returncode == 0
+    if "kelpie-py" in only and not has_jobs:
+        print("kelpie-py: skipped, the kelpie package in %s has no job API" % pypath)
+    elif "kelpie-py" in only:
+        res["kelpie-py"] = run_kelpie(children, kelpied, job_bench, workdir, a, pypath)
+        print("kelpie-py", json.dumps(res["kelpie-py"]), flush=True)
     if only & {"celery-prefork", "celery-threads", "rq"}:
         url = start_redis(children, workdir)
         for case in ("celery-prefork", "celery-threads", "rq"):
@@ -523,7 +562,7 @@ def main():
             res[case] = json.loads(out.decode().strip().splitlines()[-1])
             print(case, json.dumps(res[case]), flush=True)
     children.stop_all()
-    if "kelpie" not in res:
+    if not any(k in res for k in KELPIES):
         print(json.dumps(res, indent=1))
         return
     text = report(res, a)
