@@ -511,7 +511,7 @@ Test(jobs, drained_worker_finishes_its_job_takes_nothing_new_and_leaves)
     submit(c, NULL, "hold", held);
     cr_assert(wait_long(&s[0].received, 1, 5000), "the job never started");
     kt_signal(pid, SIGUSR1); /* kelpie_worker_drain */
-    kt_sleep_ms(300);
+    cr_assert(kt_wait_stat(b, "workers_drained", 1, 5000), "the broker never saw DRAINING");
     submit(c, NULL, "echo:later", later);
     kt_sleep_ms(500);
     cr_assert_eq(atomic_load(&s[0].received), 1, "a draining worker was given a new job");
