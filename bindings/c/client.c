@@ -371,7 +371,8 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
              * still hears the end of what it asked. */
             if (!terminal)
                 goto done;
-            client_remove_at(c, i);
+            if (i != SIZE_MAX)
+                client_remove_at(c, i);
             client_push_error(c, h->request_id, KELPIE_ERR_PROTOCOL,
                               "the broker's answer names a job id longer than any it makes");
             goto done;
