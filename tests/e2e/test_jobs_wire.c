@@ -812,3 +812,30 @@ Test(jobs_wire, drain_waits_for_drained_held_jobs_and_acks)
     kelpie_worker_destroy(&w);
     fake_close(&f);
 }
+
+Test(jobs_wire, error_without_request_id_naming_a_long_job_id_is_survived)
+{
+    fake f;
+    fake_open(&f);
+    kelpie_client *c = kelpie_client_new(f.endpoint);
+    /* The client's hello HEARTBEAT gives the fake its routing id. */
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__HEARTBEAT, 3000, NULL, NULL);
+    cr_assert_not_null(h);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    char longid[100];
+    memset(longid, 'Z', sizeof longid - 1);
+    longid[sizeof longid - 1] = '\0';
+    Kelpie__V1__Header e = KELPIE__V1__HEADER__INIT;
+    e.kind = KELPIE__V1__KIND__ERROR;
+    e.code = KELPIE__V1__CODE__INVALID_ARGUMENT;
+    e.job_id = longid;
+    fake_send(&f, &e, NULL, 0);
+    kelpie_reply r;
+    cr_assert_eq(kelpie_client_recv(c, &r, 3000), KELPIE_OK);
+    cr_assert_eq(r.kind, KELPIE_KIND_ERROR);
+    cr_assert_eq(r.status, KELPIE_ERR_PROTOCOL);
+    cr_assert_eq(r.request_id.id, 0);
+    kelpie_reply_fini(&r);
+    kelpie_client_destroy(&c);
+    fake_close(&f);
+}
