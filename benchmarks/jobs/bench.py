@@ -376,6 +376,9 @@ SYSTEMS = [("kelpie", "Kelpie (fsync, C library)"), ("kelpie-py", "Kelpie (fsync
 
 
 KELPIES = ("kelpie", "kelpie-py")
+SHORT = {"kelpie": "Kelpie\nC library", "kelpie-py": "Kelpie\nPython API",
+         "celery-prefork": "Celery\nprefork c=2", "celery-threads": "Celery\nthreads c=2",
+         "rq": "RQ\nSimpleWorker x2"}
 OTHERS = ("celery-prefork", "celery-threads", "rq")
 
 
@@ -445,28 +448,27 @@ def plot(res, a, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    label = dict(SYSTEMS)
-    bars = []  # (key, label, color, result, 64 slots)
+    bars = []  # (label, color, result, whether the 64-slot figures)
     for key, _ in SYSTEMS:
         if key in res:
             kelpie = key in KELPIES
-            name = label[key].replace(" (", "\n(").replace(" c=", "\nc=")
+            name = SHORT[key]
             bars.append((name, "#2a7ab0" if kelpie else "#999999", res[key], False))
             if kelpie and "e2e64_per_s" in res[key]:
-                bars.append((name + "\n64 slots", "#7fb3d5", res[key], True))
+                bars.append((name + ",\n64 slots", "#7fb3d5", res[key], True))
     panels = [("e2e_per_s", "no-op jobs/s end to end\n(%d jobs; higher is better)" % a.n),
               ("enqueue_per_s", "enqueue jobs/s\n(higher is better)"),
               ("rtt_p50_ms", "one job's round trip p50, ms\n(lower is better)"),
               ("fast_p99_ms", "fast-job p99, ms, beside one %d s job\n(lower is better)"
                % (a.slow_ms // 1000))]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.6))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 5.6))
     for ax, (metric, title) in zip(axes, panels):
         rows = [(n, c, (r[metric.replace("_per_s", "64_per_s")] if wide else r[metric]))
                 for n, c, r, wide in bars if not wide or metric.endswith("_per_s")]
         drawn = ax.bar(range(len(rows)), [v for _, _, v in rows], color=[c for _, c, _ in rows])
         ax.set_yscale("log")
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(len(rows)), [n for n, _, _ in rows], fontsize=6.5)
+        ax.set_xticks(range(len(rows)), [n for n, _, _ in rows], fontsize=7, rotation=90)
         for b, (_, _, v) in zip(drawn, rows):
             ax.annotate("%.3g" % v, (b.get_x() + b.get_width() / 2, v), ha="center",
                         va="bottom", fontsize=7)
@@ -483,6 +485,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer jobs (2,000), for a smoke run")
     ap.add_argument("--kelpied")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw docs/img/jobs.png from benchmarks/results/jobs.json")
     ap.add_argument("--only", help="comma-separated subset: "
                     "kelpie,kelpie-py,celery-prefork,celery-threads,rq")
     ap.add_argument("--kelpie-pythonpath", help="PYTHONPATH with the kelpie package for the "
@@ -501,6 +505,12 @@ def main():
     a.stream_rate = 1000
     only = set(a.only.split(",")) if a.only else {k for k, _ in SYSTEMS}
 
+    if a.replot:
+        with open(os.path.join(ROOT, "benchmarks", "results", "jobs.json")) as f:
+            res = json.load(f)["results"]
+        report(res, a)  # fills the derived rates
+        plot(res, a, os.path.join(ROOT, "docs", "img", "jobs.png"))
+        return
     if a.case:
         children = Children(a.workdir)
         try:
