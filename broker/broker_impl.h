@@ -246,6 +246,10 @@ void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
 
 /* ---- jobs.c: the job engine (docs/protocol.md §11) -------------------- */
 
+/* --data-dir value that keeps jobs in memory (store_memory.c): for tests
+ * and the fuzzer only; nothing survives the process. */
+#define KP_JOBS_MEMORY ":memory:"
+
 struct kp_json;
 
 /* Sets up the engine: queue settings (--queues text, may be NULL), and the
