@@ -42,6 +42,7 @@ _RPC_NAMES = {
     "Stub": "kelpie.stubs",
     "NO_DEADLINE": "kelpie._liveness",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
+    "keygen": "kelpie._security",
 }
 
 
