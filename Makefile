@@ -21,7 +21,12 @@ DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev cl
 	python3-zstandard python3-prometheus-client python3-rich bubblewrap python3-seccomp \
 	python3-aiohttp libjs-chart.js chromium chromium-driver python3-selenium
 
+<<<<<<< HEAD
 BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib firejail
+=======
+BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib \
+	redis-server python3-celery python3-rq python3-redis
+>>>>>>> jobsaux
 
 .PHONY: all deps bench-deps configure build run test asan fuzz format format-check lint bench clean
 
@@ -81,6 +86,7 @@ bench: bench-deps build
 	$(PYTHON) benchmarks/asyncio/bench.py
 	$(PYTHON) benchmarks/rpc/bench.py
 	$(PYTHON) benchmarks/rpc/bench_sync.py
+	BUILD=$(BUILD) $(PYTHON) benchmarks/jobs/bench.py
 
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format:

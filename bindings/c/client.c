@@ -15,6 +15,7 @@
  */
 #include "kelpie.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -214,6 +215,36 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
     }
 }
 
+/* Sends h (a REQUEST, SUBMIT or WATCH; its request_id is picked here) with
+ * the payload, after the size check, and makes it outstanding with a local
+ * deadline of deadline_ms from now (0: none). */
+static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h,
+                                         const void *payload, size_t len, uint32_t deadline_ms,
+                                         kelpie_request_id *request_id)
+{
+    if (c->count >= CLIENT_MAX_OUTSTANDING)
+        return KELPIE_ERR_BUSY;
+    h->request_id = c->next_id + 1;
+    kelpie_status rc = kpc_wire_check(h, len, c->max_message_size, "request", NULL, 0);
+    if (rc != KELPIE_OK)
+        return rc;
+    rc = kpc_wire_send(c->sock, h, payload, len, ZMQ_DONTWAIT);
+    if (rc != KELPIE_OK)
+        return rc;
+    int64_t deadline =
+        deadline_ms ? kpc_now_ms() + (int64_t)deadline_ms + KELPIE_CLIENT_GRACE_MS : 0;
+    rc = client_add(c, h->request_id, deadline);
+    if (rc != KELPIE_OK) {
+        /* Sent but cannot be tracked: cancel it so nothing is left behind. */
+        client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
+        return rc;
+    }
+    c->next_id = h->request_id;
+    if (request_id)
+        request_id->id = h->request_id;
+    return KELPIE_OK;
+}
+
 KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_call_opts *opts,
                                                const void *payload, size_t len,
                                                kelpie_request_id *request_id)
@@ -255,24 +286,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     }
     h.n_metadata = opts->n_metadata;
     h.metadata = ptrs;
-
-    rc = kpc_wire_check(&h, len, c->max_message_size, "request", NULL, 0);
-    if (rc != KELPIE_OK)
-        goto cleanup;
-    rc = kpc_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
-    if (rc != KELPIE_OK)
-        goto cleanup;
-    int64_t deadline =
-        opts->timeout_ms ? kpc_now_ms() + (int64_t)opts->timeout_ms + KELPIE_CLIENT_GRACE_MS : 0;
-    rc = client_add(c, h.request_id, deadline);
-    if (rc != KELPIE_OK) {
-        /* Sent but cannot be tracked: cancel it so nothing is left behind. */
-        client_send_control(c, KELPIE__V1__KIND__CANCEL, h.request_id, 0);
-        goto cleanup;
-    }
-    c->next_id = h.request_id;
-    if (request_id)
-        request_id->id = h.request_id;
+    rc = client_send_tracked(c, &h, payload, len, opts->timeout_ms, request_id);
 cleanup:
     if (entries != stack_entries)
         free(entries);
@@ -283,6 +297,15 @@ cleanup:
 
 /* --- receiving ----------------------------------------------------------- */
 
+/* Whether a kind ends the call, watch or SUBMIT it answers. Its code is
+ * then the answer's status (ACCEPTED's is OK or ALREADY_EXISTS). */
+static bool client_terminal(int kind)
+{
+    return kind == KELPIE__V1__KIND__REPLY || kind == KELPIE__V1__KIND__END ||
+           kind == KELPIE__V1__KIND__ERROR || kind == KELPIE__V1__KIND__ACCEPTED ||
+           kind == KELPIE__V1__KIND__RESULT;
+}
+
 /* Fills *out from a received message. */
 static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
 {
@@ -290,10 +313,14 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
     memset(out, 0, sizeof *out);
     out->request_id.id = h->request_id;
     out->kind = (kelpie_kind)h->kind;
-    out->status = (h->kind == KELPIE__V1__KIND__ERROR || h->kind == KELPIE__V1__KIND__END)
-                      ? (kelpie_status)h->code
-                      : KELPIE_OK;
+    out->status = client_terminal(h->kind) ? (kelpie_status)h->code : KELPIE_OK;
     out->sequence = h->sequence;
+    if (h->job_id)
+        memcpy(out->job_id, h->job_id, strlen(h->job_id) + 1); /* length checked by the caller */
+    out->attempt = h->attempt;
+    out->progress = h->progress;
+    if (h->stream)
+        snprintf(out->stream, sizeof out->stream, "%s", h->stream);
     const char *text = h->message ? h->message : "";
     out->message = *text ? kpc_strndup(text, strlen(text)) : client_no_message;
     if (m->len) {
@@ -329,11 +356,29 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     case KELPIE__V1__KIND__REPLY:
     case KELPIE__V1__KIND__END:
     case KELPIE__V1__KIND__ERROR:
-    case KELPIE__V1__KIND__CHUNK: {
+    case KELPIE__V1__KIND__CHUNK:
+    case KELPIE__V1__KIND__ACCEPTED:
+    case KELPIE__V1__KIND__RESULT:
+    case KELPIE__V1__KIND__STATUS:
+    case KELPIE__V1__KIND__PROGRESS:
+    case KELPIE__V1__KIND__OUTPUT: {
         size_t i = h->request_id ? client_find(c, h->request_id) : SIZE_MAX;
         if (i == SIZE_MAX && !(h->request_id == 0 && h->kind == KELPIE__V1__KIND__ERROR))
             goto done; /* not ours (any more): drop */
-        if (i != SIZE_MAX && h->kind != KELPIE__V1__KIND__CHUNK)
+        bool terminal = client_terminal(h->kind);
+        if (h->job_id && strlen(h->job_id) >= KELPIE_JOB_ID_SIZE) {
+            /* Longer than any id the broker makes: an event is dropped, a
+             * terminal answer becomes a local protocol error, so the caller
+             * still hears the end of what it asked. */
+            if (!terminal)
+                goto done;
+            if (i != SIZE_MAX)
+                client_remove_at(c, i);
+            client_push_error(c, h->request_id, KELPIE_ERR_PROTOCOL,
+                              "the broker's answer names a job id longer than any it makes");
+            goto done;
+        }
+        if (i != SIZE_MAX && terminal)
             client_remove_at(c, i);
         rc = client_fill(out, &m);
         if (rc == KELPIE_ERR_NOMEM)
@@ -390,6 +435,73 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
     }
 }
 
+/* Waits until give_up (kpc_now_ms; -1: for ever) for the terminal answer to
+ * the outstanding id and returns its status with *reply filled; answers to
+ * other ids that arrive meanwhile are kept for kelpie_client_recv, and so
+ * are a watch's own events (they are not terminal). At give_up the id is
+ * forgotten (cancelled at the broker when cancel is set) and `code` is
+ * returned with `why` as the message. */
+static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_t give_up,
+                                  bool cancel, kelpie_status code, const char *why,
+                                  kelpie_reply *reply)
+{
+    kelpie_status rc;
+    for (;;) {
+        kelpie_reply r;
+        rc = client_read(c, &r);
+        if (rc == KELPIE_OK) {
+            if (r.request_id.id == id.id && client_terminal((int)r.kind)) {
+                *reply = r;
+                return r.status;
+            }
+            client_node *node = malloc(sizeof *node);
+            if (node) {
+                node->reply = r;
+                client_push(c, node);
+            } else {
+                kelpie_reply_fini(&r);
+            }
+            continue;
+        }
+        if (rc == KELPIE_ABORTED)
+            continue;
+        if (client_find(c, id.id) == SIZE_MAX) {
+            /* Our call ended without an answer (the broker disconnected):
+             * its made-up ERROR is in the FIFO; take it out. */
+            client_node **pp = &c->head, *prev = NULL;
+            while (*pp && ((*pp)->reply.request_id.id != id.id ||
+                           !client_terminal((int)(*pp)->reply.kind))) {
+                prev = *pp;
+                pp = &(*pp)->next;
+            }
+            if (*pp) {
+                client_node *node = *pp;
+                *pp = node->next;
+                if (c->tail == node)
+                    c->tail = prev;
+                *reply = node->reply;
+                free(node);
+                return reply->status;
+            }
+            return KELPIE_UNAVAILABLE;
+        }
+        int64_t now = kpc_now_ms();
+        if (give_up >= 0 && now >= give_up) {
+            client_remove_at(c, client_find(c, id.id));
+            if (cancel)
+                client_send_control(c, KELPIE__V1__KIND__CANCEL, id.id, 0);
+            reply->request_id = id;
+            reply->kind = KELPIE_KIND_ERROR;
+            reply->status = code;
+            reply->message = kpc_strndup(why, strlen(why));
+            if (!reply->message)
+                reply->message = client_no_message;
+            return code;
+        }
+        client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
+    }
+}
+
 KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *service,
                                                const char *method, const void *payload, size_t len,
                                                uint32_t timeout_ms, kelpie_reply *reply)
@@ -420,56 +532,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
     if (rc != KELPIE_OK)
         return rc;
     int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
-    for (;;) {
-        kelpie_reply r;
-        rc = client_read(c, &r);
-        if (rc == KELPIE_OK) {
-            if (r.request_id.id == id.id) {
-                *reply = r;
-                return r.status;
-            }
-            client_node *node = malloc(sizeof *node);
-            if (node) {
-                node->reply = r;
-                client_push(c, node);
-            } else {
-                kelpie_reply_fini(&r);
-            }
-            continue;
-        }
-        if (rc == KELPIE_ABORTED)
-            continue;
-        if (client_find(c, id.id) == SIZE_MAX) {
-            /* Our call ended without an answer (the broker disconnected):
-             * its made-up ERROR is in the FIFO; take it out. */
-            client_node **pp = &c->head, *prev = NULL;
-            while (*pp && (*pp)->reply.request_id.id != id.id) {
-                prev = *pp;
-                pp = &(*pp)->next;
-            }
-            if (*pp) {
-                client_node *node = *pp;
-                *pp = node->next;
-                if (c->tail == node)
-                    c->tail = prev;
-                *reply = node->reply;
-                free(node);
-                return reply->status;
-            }
-            return KELPIE_UNAVAILABLE;
-        }
-        int64_t now = kpc_now_ms();
-        if (give_up >= 0 && now >= give_up) {
-            client_remove_at(c, client_find(c, id.id));
-            client_send_control(c, KELPIE__V1__KIND__CANCEL, id.id, 0);
-            reply->request_id = id;
-            reply->kind = KELPIE_KIND_ERROR;
-            reply->status = KELPIE_DEADLINE_EXCEEDED;
-            reply->message = kpc_strndup("no answer by the call's deadline", 32);
-            return KELPIE_DEADLINE_EXCEEDED;
-        }
-        client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
-    }
+    return client_await(c, id, give_up, true, KELPIE_DEADLINE_EXCEEDED,
+                        "no answer by the call's deadline", reply);
 }
 
 KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *c, kelpie_request_id request_id)
@@ -509,6 +573,109 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply)
     if (reply->message != client_no_message)
         free(reply->message);
     memset(reply, 0, sizeof *reply);
+}
+
+/* --- jobs --------------------------------------------------------------- */
+
+/* Idempotency keys the broker accepts at most (protocol.md §11.2). */
+#define CLIENT_MAX_KEY 256
+
+KELPIE_EXPORT kelpie_status kelpie_client_submit_send(kelpie_client *c,
+                                                      const kelpie_submit_opts *opts,
+                                                      const void *payload, size_t len,
+                                                      kelpie_request_id *request_id)
+{
+    if (!c || !opts || !opts->queue || !*opts->queue || (len && !payload) || opts->priority > 9 ||
+        (opts->idempotency_key && strlen(opts->idempotency_key) > CLIENT_MAX_KEY))
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__SUBMIT;
+    h.service = (char *)opts->queue;
+    h.priority = (int32_t)opts->priority;
+    h.max_attempts = opts->max_attempts;
+    h.timeout_ms = opts->timeout_ms;
+    h.delay_ms = opts->delay_ms;
+    h.backoff_ms = opts->backoff_ms;
+    h.idempotency_key = (char *)(opts->idempotency_key ? opts->idempotency_key : "");
+    /* A SUBMIT's timeout_ms is the job's run-time limit, not a deadline for
+     * the answer: the client sets none of its own. */
+    return client_send_tracked(c, &h, payload, len, 0, request_id);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_submit(kelpie_client *c, const kelpie_submit_opts *opts,
+                                                 const void *payload, size_t len,
+                                                 uint32_t timeout_ms, kelpie_reply *reply)
+{
+    if (!c || !reply)
+        return KELPIE_ERR_INVAL;
+    memset(reply, 0, sizeof *reply);
+    reply->message = client_no_message;
+    kelpie_request_id id;
+    kelpie_status rc = kelpie_client_submit_send(c, opts, payload, len, &id);
+    if (rc != KELPIE_OK)
+        return rc;
+    int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms : -1;
+    /* No CANCEL at give-up: a SUBMIT cannot be called back once sent. */
+    rc = client_await(c, id, give_up, false, KELPIE_ERR_TIMEOUT,
+                      "no answer to the SUBMIT in time; the job may or may not be stored", reply);
+    if (reply->kind == KELPIE_KIND_ACCEPTED && (rc == KELPIE_OK || rc == KELPIE_ALREADY_EXISTS))
+        return KELPIE_OK;
+    return rc == KELPIE_OK ? KELPIE_ERR_PROTOCOL : rc;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_watch(kelpie_client *c, const char *job_id, bool events,
+                                                kelpie_request_id *request_id)
+{
+    if (!c || !job_id || !*job_id || strlen(job_id) >= KELPIE_JOB_ID_SIZE)
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__WATCH;
+    h.job_id = (char *)job_id;
+    h.flags = events ? KELPIE_STREAM : 0;
+    return client_send_tracked(c, &h, NULL, 0, 0, request_id);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_wait(kelpie_client *c, const char *job_id,
+                                               uint32_t timeout_ms, kelpie_reply *reply)
+{
+    if (!c || !reply)
+        return KELPIE_ERR_INVAL;
+    memset(reply, 0, sizeof *reply);
+    reply->message = client_no_message;
+    kelpie_request_id id;
+    kelpie_status rc = kelpie_client_watch(c, job_id, false, &id);
+    if (rc != KELPIE_OK)
+        return rc;
+    int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms : -1;
+    rc = client_await(c, id, give_up, true, KELPIE_ERR_TIMEOUT, "the job did not finish in time",
+                      reply);
+    if (rc == KELPIE_ERR_TIMEOUT && reply->kind == KELPIE_KIND_ERROR)
+        snprintf(reply->job_id, sizeof reply->job_id, "%s", job_id);
+    return rc;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_cancel_job(kelpie_client *c, const char *job_id,
+                                                     uint32_t timeout_ms, kelpie_reply *reply)
+{
+    if (!c || !reply)
+        return KELPIE_ERR_INVAL;
+    memset(reply, 0, sizeof *reply);
+    reply->message = client_no_message;
+    if (!job_id || !*job_id)
+        return KELPIE_ERR_INVAL;
+    kelpie_metadata md = {.key = "id", .value = job_id, .len = strlen(job_id)};
+    kelpie_call_opts opts = {.service = "kelpie.broker",
+                             .method = "CancelJob",
+                             .timeout_ms = timeout_ms,
+                             .metadata = &md,
+                             .n_metadata = 1};
+    kelpie_request_id id;
+    kelpie_status rc = kelpie_client_send(c, &opts, NULL, 0, &id);
+    if (rc != KELPIE_OK)
+        return rc;
+    int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
+    return client_await(c, id, give_up, true, KELPIE_DEADLINE_EXCEEDED,
+                        "no answer by the call's deadline", reply);
 }
 
 /* --- lifetime ------------------------------------------------------------ */

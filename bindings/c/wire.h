@@ -24,6 +24,9 @@
 
 /* Header.flags bit on a worker's ERROR: it refused an answer over the limit. */
 #define KPC_FLAG_OVERSIZED 16u
+/* Header.flags bits on STATUS: "send me nothing new" and its answer. */
+#define KPC_FLAG_DRAINING 32u
+#define KPC_FLAG_DRAINED  64u
 
 /* Decoded headers are small (a few hundred bytes with their strings), so
  * they are unpacked into a fixed buffer instead of a malloc per field; a

@@ -19,6 +19,19 @@
  * one (a new routing identity) and sends READY again. Calls held from the
  * old connection become "orphans": marked cancelled, and their answers are
  * discarded instead of being sent to a broker that no longer knows them.
+ * The same happens when a HEARTBEAT shows a new broker_id (the broker
+ * restarted under us). READY then offers the capacity minus the orphans
+ * still running, and a CREDIT(1) follows as each ends, so the worker never
+ * runs more than its capacity across a reconnect (protocol.md §7.2).
+ *
+ * Jobs (protocol.md §11.3) ride on the same machinery: a JOB is held as a
+ * kelpie_call marked is_job, so parking, cancelling and capacity are shared.
+ * What differs is the end: a job's RESULT or NACK is not dropped with its
+ * connection, because the broker still wants it (a late success saves a
+ * re-run). Each is kept, packed, on the `unacked` list until the broker's
+ * ACK names its job and attempt, and sent again every
+ * KELPIE_RESULT_RESEND_MS and at once after re-registering (a reconnect or a
+ * new broker_id).
  */
 #include "kelpie.h"
 
@@ -44,6 +57,27 @@
 #define WORKER_DISCONNECT_LINGER_MS 200
 /* Broker default for a stream window of 0 (docs/protocol.md §5.3). */
 #define WORKER_DEFAULT_WINDOW 16
+/* OUTPUT stream names at most (protocol.md §11.3). */
+#define WORKER_MAX_STREAM_NAME 32
+
+typedef struct worker_queue {
+    char *queue;               /* the job queue */
+    kelpie_job_handler fn;     /* its handler */
+    void *arg;                 /* its argument */
+    struct worker_queue *next; /* registration order */
+} worker_queue;
+
+/* A RESULT or NACK sent and not yet ACKed, kept packed for re-sending. */
+typedef struct worker_unacked {
+    char *job_id; /* what the ACK names, with attempt */
+    uint32_t attempt;
+    void *header; /* the packed header */
+    size_t header_len;
+    void *payload; /* the result, NULL when len is 0 */
+    size_t len;
+    int64_t sent; /* when it was last sent (kpc_now_ms) */
+    struct worker_unacked *next;
+} worker_unacked;
 
 typedef struct worker_handler {
     char *service;               /* service name */
@@ -64,12 +98,25 @@ struct kelpie_call {
     bool cancelled;             /* CANCEL arrived, or the connection was lost */
     char *oversized;            /* STREAM: why a CHUNK was refused (then the call ends so) */
     bool notify;                /* cancel callback still to run */
+    bool is_job;                /* a JOB, not a REQUEST (see kelpie_job) */
     kpc_arena arena;            /* where header was decoded */
     void *payload;              /* parked REQUEST only: a copy of its payload */
     size_t len;                 /* parked REQUEST only: payload length */
     struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
     struct kelpie_call *next;
 };
+
+/* A job is a held call whose header is a JOB: the public type only keeps
+ * the two APIs apart. Calls are allocated with the size of kelpie_job, so a
+ * kelpie_call that is a job may be seen through it. */
+struct kelpie_job {
+    kelpie_call call;
+};
+
+static kelpie_job *job_of(kelpie_call *call)
+{
+    return (kelpie_job *)call;
+}
 
 struct kelpie_worker {
     char *endpoint;           /* the broker's backend */
@@ -81,6 +128,7 @@ struct kelpie_worker {
     void *sock;               /* DEALER to the backend, NULL when not running */
     uint32_t epoch;           /* bumped on every (re)connect */
     worker_handler *handlers; /* registrations */
+    worker_queue *queues;     /* job queues taken */
     kelpie_call *held;        /* calls received and not answered */
     uint32_t in_flight;       /* length of held */
     kelpie_call *spare;       /* the next call, whose arena the next message is read into */
@@ -98,6 +146,15 @@ struct kelpie_worker {
     int64_t next_tick;
     kelpie_cancel_fn cancel_fn;
     void *cancel_arg;
+    kelpie_job_cancel_fn job_cancel_fn;
+    void *job_cancel_arg;
+    worker_unacked *unacked;   /* RESULTs/NACKs awaiting their ACK, oldest first */
+    uint32_t n_unacked;        /* length of unacked */
+    bool resend_on_welcome;    /* re-send unacked when the broker welcomes us */
+    uint64_t broker_id;        /* the broker's id (its HEARTBEAT), 0 until heard */
+    atomic_int drain;          /* set by kelpie_worker_drain or the broker's STATUS DRAINING */
+    bool drain_sent;           /* STATUS DRAINING sent on this registration */
+    bool drained;              /* the broker answered DRAINED: nothing more is coming */
     int wake[2];               /* self-pipe that kelpie_worker_stop writes to */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     atomic_int stopping;       /* set by kelpie_worker_stop */
@@ -120,19 +177,34 @@ static kelpie_status worker_send(kelpie_worker *w, Kelpie__V1__Header *h, const 
     return rc;
 }
 
+/* Held calls and jobs from an earlier connection or broker, still running. */
+static uint32_t worker_orphans(const kelpie_worker *w)
+{
+    uint32_t n = 0;
+    for (const kelpie_call *c = w->held; c; c = c->next)
+        n += c->epoch != w->epoch;
+    return n;
+}
+
 /* READY: the services of every handler, and "service/method" for each
  * per-method handler of a service that has no catch-all handler (a service
  * with one is served in full, so it lists no methods), so that the broker
  * sends this worker only calls it has a handler for (protocol.md §7). */
 static void worker_send_ready(kelpie_worker *w)
 {
-    size_t n = 0;
+    size_t n = 0, nqueues = 0;
     for (worker_handler *h = w->handlers; h; h = h->next)
         n++;
+    for (worker_queue *q = w->queues; q; q = q->next)
+        nqueues++;
     char **services = calloc(n ? n : 1, sizeof *services);
     char **methods = calloc(n ? n : 1, sizeof *methods);
-    if (!services || !methods)
+    char **queues = calloc(nqueues ? nqueues : 1, sizeof *queues);
+    if (!services || !methods || !queues)
         goto done;
+    nqueues = 0;
+    for (worker_queue *q = w->queues; q; q = q->next)
+        queues[nqueues++] = q->queue;
     size_t unique = 0, nmethods = 0;
     for (worker_handler *h = w->handlers; h; h = h->next) {
         size_t i = 0;
@@ -158,7 +230,10 @@ static void worker_send_ready(kelpie_worker *w)
     }
     Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
     hdr.kind = KELPIE__V1__KIND__READY;
-    hdr.credits = w->capacity;
+    uint32_t orphans = worker_orphans(w);
+    hdr.credits = orphans < w->capacity ? w->capacity - orphans : 0;
+    hdr.n_queues = nqueues;
+    hdr.queues = queues;
     hdr.n_services = unique;
     hdr.services = services;
     hdr.n_methods = nmethods;
@@ -172,6 +247,7 @@ done:
         free(methods[i]);
     free(methods);
     free(services);
+    free(queues);
 }
 
 static void worker_send_simple(kelpie_worker *w, Kelpie__V1__Kind kind)
@@ -202,9 +278,20 @@ static void call_free(kelpie_call *call)
     free(call);
 }
 
-/* Unlinks a held call and frees it. */
+static void worker_send_credit(kelpie_worker *w, uint32_t n)
+{
+    Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+    hdr.kind = KELPIE__V1__KIND__CREDIT;
+    hdr.credits = n;
+    worker_send(w, &hdr, NULL, 0);
+}
+
+/* Unlinks a held call and frees it. An orphan's slot was left out of the
+ * READY that followed its connection, so it is handed back now. */
 static void worker_release(kelpie_worker *w, kelpie_call *call)
 {
+    if (call->epoch != w->epoch && w->sock)
+        worker_send_credit(w, 1);
     if (call->prev)
         call->prev->next = call->next;
     else
@@ -228,7 +315,7 @@ static void worker_mark_cancelled(kelpie_worker *w, kelpie_call *call)
     if (call->cancelled)
         return;
     call->cancelled = true;
-    if (w->cancel_fn) {
+    if (call->is_job ? w->job_cancel_fn != NULL : w->cancel_fn != NULL) {
         call->notify = true;
         w->pending_notify = true;
     }
@@ -244,7 +331,10 @@ static void worker_flush_cancels(kelpie_worker *w)
             if (c->notify) {
                 c->notify = false;
                 w->pending_notify = true;
-                w->cancel_fn(c, w->cancel_arg);
+                if (c->is_job)
+                    w->job_cancel_fn(job_of(c), w->job_cancel_arg);
+                else
+                    w->cancel_fn(c, w->cancel_arg);
                 break;
             }
         }
@@ -266,10 +356,23 @@ static const worker_handler *worker_route(const kelpie_worker *w, const char *se
     return any;
 }
 
-/* Holds a new call and runs its handler. */
+/* Holds a new call or job and runs its handler. */
 static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *payload, size_t len)
 {
     worker_hold(w, call);
+    if (call->is_job) {
+        const worker_queue *q = w->queues;
+        while (q && strcmp(q->queue, call->header->service) != 0)
+            q = q->next;
+        if (!q) {
+            /* Not a queue we listed: give it back for another worker. */
+            kelpie_job_nack(job_of(call), 0, "this worker takes no jobs from that queue");
+            return;
+        }
+        q->fn(job_of(call), payload, len, q->arg);
+        w->now = kpc_now_ms();
+        return;
+    }
     const worker_handler *h = worker_route(w, call->header->service, call->header->method);
     if (!h) {
         kelpie_call_error(call, KELPIE_UNIMPLEMENTED, "no handler for this service/method");
@@ -300,10 +403,58 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
     call->epoch = w->epoch;
     call->deadline = h->timeout_ms ? w->now + (int64_t)h->timeout_ms : 0;
     call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
+    call->is_job = h->kind == KELPIE__V1__KIND__JOB;
     return call;
 }
 
 /* --- receiving ----------------------------------------------------------- */
+
+/* Sends one kept RESULT/NACK as it was first packed. */
+static void worker_send_unacked(kelpie_worker *w, worker_unacked *u)
+{
+    if (!w->sock)
+        return;
+    /* Stamped even when the send fails (a full queue), so that the next try
+     * waits its turn instead of spinning. */
+    u->sent = w->now;
+    int more = u->len ? ZMQ_SNDMORE : 0;
+    if (zmq_send(w->sock, u->header, u->header_len, ZMQ_DONTWAIT | more) < 0)
+        return;
+    if (u->len)
+        zmq_send(w->sock, u->payload, u->len, 0);
+    w->last_sent = w->now;
+}
+
+/* Sends again every kept RESULT/NACK (all: after re-registering), or those
+ * unACKed for KELPIE_RESULT_RESEND_MS. */
+static void worker_resend(kelpie_worker *w, bool all)
+{
+    for (worker_unacked *u = w->unacked; u; u = u->next)
+        if (all || w->now - u->sent >= KELPIE_RESULT_RESEND_MS)
+            worker_send_unacked(w, u);
+}
+
+static void unacked_free(worker_unacked *u)
+{
+    free(u->job_id);
+    free(u->header);
+    free(u->payload);
+    free(u);
+}
+
+/* The broker stored the end of job_id's attempt: forget its RESULT/NACK. */
+static void worker_acked(kelpie_worker *w, const char *job_id, uint32_t attempt)
+{
+    for (worker_unacked **pp = &w->unacked; *pp; pp = &(*pp)->next) {
+        worker_unacked *u = *pp;
+        if (u->attempt == attempt && strcmp(u->job_id, job_id) == 0) {
+            *pp = u->next;
+            unacked_free(u);
+            w->n_unacked--;
+            return;
+        }
+    }
+}
 
 static void worker_handle(kelpie_worker *w, kpc_msg *m)
 {
@@ -311,7 +462,10 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
     if (!h || h->version != KELPIE__V1__VERSION__VERSION_1)
         return; /* a broker never sends this; nothing useful to answer */
     w->last_heard = w->now;
+    if (h->kind == KELPIE__V1__KIND__JOB && (!h->job_id || !*h->job_id))
+        return; /* nothing to answer it with; the broker re-queues it */
     switch (h->kind) {
+    case KELPIE__V1__KIND__JOB: /* held and run like a REQUEST */
     case KELPIE__V1__KIND__REQUEST: {
         kelpie_call *call = worker_new_call(w, m);
         if (!call)
@@ -372,9 +526,35 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         w->last_heard = 0;
         return;
     case KELPIE__V1__KIND__HEARTBEAT:
-        /* The welcome after READY carries the broker's limit. */
+        /* The welcome after READY carries the broker's limit and id. */
         if (h->max_message_size)
             w->max_message_size = h->max_message_size;
+        if (h->broker_id && w->broker_id && h->broker_id != w->broker_id) {
+            /* A restarted broker: nothing held is known there. */
+            for (kelpie_call *c = w->held; c; c = c->next)
+                worker_mark_cancelled(w, c);
+            w->epoch++;
+            if (w->held)
+                worker_send_ready(w); /* with the orphans' slots left out */
+            w->resend_on_welcome = true;
+            w->drain_sent = w->drained = false; /* the new broker must be told again */
+        }
+        if (h->broker_id)
+            w->broker_id = h->broker_id;
+        if (h->broker_id && w->resend_on_welcome) {
+            w->resend_on_welcome = false;
+            worker_resend(w, true);
+        }
+        return;
+    case KELPIE__V1__KIND__ACK:
+        if (h->job_id)
+            worker_acked(w, h->job_id, h->attempt);
+        return;
+    case KELPIE__V1__KIND__STATUS:
+        if (h->flags & KPC_FLAG_DRAINING)
+            atomic_store(&w->drain, 1); /* the broker's Drain: do the same (§11.3) */
+        if ((h->flags & KPC_FLAG_DRAINED) && w->drain_sent)
+            w->drained = true;
         return;
     default:
         return; /* the rest: a sign of life */
@@ -385,7 +565,7 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
 static void worker_read(kelpie_worker *w)
 {
     for (int i = 0; i < WORKER_BATCH && w->sock; i++) {
-        if (!w->spare && !(w->spare = malloc(sizeof *w->spare)))
+        if (!w->spare && !(w->spare = malloc(sizeof(kelpie_job))))
             return; /* out of memory: leave the message queued */
         kpc_msg m;
         kelpie_status rc = kpc_wire_recv(w->sock, &m, ZMQ_DONTWAIT, &w->spare->arena);
@@ -442,6 +622,9 @@ static kelpie_status worker_connect(kelpie_worker *w)
     }
     w->now = w->last_heard = kpc_now_ms();
     worker_send_ready(w);
+    w->resend_on_welcome = w->unacked != NULL;
+    /* A new registration takes work again until told otherwise. */
+    w->drain_sent = w->drained = false;
     return KELPIE_OK;
 }
 
@@ -453,6 +636,8 @@ static void worker_timers(kelpie_worker *w, int64_t now)
         worker_connect(w);
         now = kpc_now_ms();
     }
+    if (w->sock && w->unacked)
+        worker_resend(w, false);
     if (w->sock && now - w->last_sent >= (int64_t)w->heartbeat_ms)
         worker_send_simple(w, KELPIE__V1__KIND__HEARTBEAT);
 }
@@ -466,6 +651,9 @@ static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_ti
         due = dead;
     if (with_tick && w->tick_ms && w->next_tick < due)
         due = w->next_tick;
+    for (const worker_unacked *u = w->unacked; u; u = u->next)
+        if (u->sent + KELPIE_RESULT_RESEND_MS < due)
+            due = u->sent + KELPIE_RESULT_RESEND_MS;
     return due > now ? (long)(due - now) : 0;
 }
 
@@ -492,7 +680,7 @@ static void worker_pump(kelpie_worker *w, long wait_ms)
 
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
 {
-    if (!w || !w->handlers)
+    if (!w || (!w->handlers && !w->queues))
         return KELPIE_ERR_INVAL;
     if (atomic_load(&w->stopping))
         return KELPIE_OK;
@@ -517,6 +705,17 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         }
         /* 2. cancel callbacks deferred during handlers */
         worker_flush_cancels(w);
+        /* 2b. draining: ask for nothing more; leave once the broker has said
+         * nothing more is coming, everything held is answered and every
+         * RESULT is ACKed. */
+        if (atomic_load(&w->drain) && !w->drain_sent && w->sock) {
+            Kelpie__V1__Header st = KELPIE__V1__HEADER__INIT;
+            st.kind = KELPIE__V1__KIND__STATUS;
+            st.flags = KPC_FLAG_DRAINING;
+            w->drain_sent = worker_send(w, &st, NULL, 0) == KELPIE_OK;
+        }
+        if (w->drained && w->in_flight == 0 && w->n_unacked == 0 && !w->parked)
+            break;
         /* 3. timers: tick, heartbeat, liveness */
         int64_t now = w->now = kpc_now_ms();
         if (w->tick_ms && now >= w->next_tick) {
@@ -560,6 +759,15 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *w, const kelp
 KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *w)
 {
     return w ? w->error : "";
+}
+
+KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *w)
+{
+    if (!w)
+        return;
+    atomic_store(&w->drain, 1);
+    ssize_t n = write(w->wake[1], "d", 1);
+    (void)n; /* a full pipe already wakes the loop */
 }
 
 KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
@@ -740,6 +948,213 @@ KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const ch
     return NULL;
 }
 
+/* --- jobs --------------------------------------------------------------- */
+
+/* Ends a job's attempt with h (RESULT or NACK; request_id, job_id and
+ * attempt are set here): the message is packed, kept until its ACK, sent now
+ * (on whatever connection is current: the broker wants a job's end even
+ * from an earlier connection) and the job released. */
+static kelpie_status job_finish(kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
+                                size_t len)
+{
+    kelpie_worker *w = call->worker;
+    kelpie_status rc = KELPIE_OK;
+    h->request_id = call->id;
+    h->job_id = call->header->job_id;
+    h->attempt = call->header->attempt;
+    char why[128];
+    if (kpc_wire_check(h, len, w->max_message_size, "result", why, sizeof why) != KELPIE_OK) {
+        h->code = KELPIE__V1__CODE__RESOURCE_EXHAUSTED;
+        h->message = why;
+        payload = NULL;
+        len = 0;
+        rc = KELPIE_RESOURCE_EXHAUSTED;
+    }
+    worker_unacked *u = calloc(1, sizeof *u);
+    if (u) {
+        u->attempt = h->attempt;
+        u->job_id = kpc_strndup(h->job_id, strlen(h->job_id));
+        u->header_len = kelpie__v1__header__get_packed_size(h);
+        u->header = malloc(u->header_len);
+        u->len = len;
+        u->payload = len ? malloc(len) : NULL;
+        if (!u->job_id || !u->header || (len && !u->payload)) {
+            unacked_free(u);
+            u = NULL;
+        }
+    }
+    if (u) {
+        kelpie__v1__header__pack(h, u->header);
+        if (len)
+            memcpy(u->payload, payload, len);
+        worker_unacked **tail = &w->unacked;
+        while (*tail)
+            tail = &(*tail)->next;
+        *tail = u;
+        w->n_unacked++;
+        w->now = kpc_now_ms();
+        worker_send_unacked(w, u);
+    } else {
+        /* Out of memory: send it once, unkept; if it is lost the broker runs
+         * the job again (at least once). */
+        rc = worker_send(w, h, payload, len);
+    }
+    worker_release(w, call);
+    return rc;
+}
+
+/* A job's event (PROGRESS, OUTPUT): only on the connection the job came on,
+ * since a broker that no longer knows the attempt has nobody to give it to. */
+static kelpie_status job_event(kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
+                               size_t len)
+{
+    kelpie_worker *w = call->worker;
+    if (call->epoch != w->epoch)
+        return KELPIE_UNAVAILABLE;
+    h->request_id = call->id;
+    h->job_id = call->header->job_id;
+    h->attempt = call->header->attempt;
+    h->sequence = call->sequence;
+    kelpie_status rc = kpc_wire_check(h, len, w->max_message_size, "event", NULL, 0);
+    if (rc == KELPIE_OK)
+        rc = worker_send(w, h, payload, len);
+    if (rc == KELPIE_OK)
+        call->sequence++;
+    return rc;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_job_succeed(kelpie_job *job, const void *result, size_t len)
+{
+    if (!job || (len && !result))
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__RESULT;
+    h.code = KELPIE__V1__CODE__OK;
+    return job_finish(&job->call, &h, result, len);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_job_fail(kelpie_job *job, kelpie_status code,
+                                            const char *message)
+{
+    if (!job)
+        return KELPIE_ERR_INVAL;
+    if (code <= KELPIE_OK || code > KELPIE_UNAUTHENTICATED)
+        code = KELPIE_UNKNOWN; /* a failure must carry an error, and only a wire code */
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__RESULT;
+    h.code = (Kelpie__V1__Code)code;
+    h.message = (char *)(message ? message : "");
+    return job_finish(&job->call, &h, NULL, 0);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_job_nack(kelpie_job *job, uint64_t delay_ms, const char *message)
+{
+    if (!job)
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__NACK;
+    h.delay_ms = delay_ms;
+    h.message = (char *)(message ? message : "");
+    return job_finish(&job->call, &h, NULL, 0);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_job_progress(kelpie_job *job, float progress,
+                                                const char *message, const void *detail, size_t len)
+{
+    if (!job || (len && !detail) || !(progress >= 0.0f && progress <= 1.0f))
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__PROGRESS;
+    h.progress = progress;
+    h.message = (char *)(message ? message : "");
+    return job_event(&job->call, &h, detail, len);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream, const void *data,
+                                              size_t len)
+{
+    if (!job || !stream || !*stream || strlen(stream) > WORKER_MAX_STREAM_NAME || (len && !data))
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__OUTPUT;
+    h.stream = (char *)stream;
+    return job_event(&job->call, &h, data, len);
+}
+
+KELPIE_EXPORT bool kelpie_job_cancelled(kelpie_job *job)
+{
+    return job ? kelpie_call_cancelled(&job->call) : true;
+}
+
+KELPIE_EXPORT const char *kelpie_job_id(const kelpie_job *job)
+{
+    return job ? job->call.header->job_id : NULL;
+}
+
+KELPIE_EXPORT const char *kelpie_job_queue(const kelpie_job *job)
+{
+    return job ? job->call.header->service : NULL;
+}
+
+KELPIE_EXPORT uint32_t kelpie_job_attempt(const kelpie_job *job)
+{
+    return job ? job->call.header->attempt : 0;
+}
+
+KELPIE_EXPORT uint32_t kelpie_job_max_attempts(const kelpie_job *job)
+{
+    return job ? job->call.header->max_attempts : 0;
+}
+
+KELPIE_EXPORT int32_t kelpie_job_priority(const kelpie_job *job)
+{
+    return job ? job->call.header->priority : 0;
+}
+
+KELPIE_EXPORT kelpie_worker *kelpie_job_worker(const kelpie_job *job)
+{
+    return job ? job->call.worker : NULL;
+}
+
+KELPIE_EXPORT uint32_t kelpie_job_remaining_ms(const kelpie_job *job)
+{
+    return job ? kelpie_call_remaining_ms(&job->call) : UINT32_MAX;
+}
+
+KELPIE_EXPORT uint32_t kelpie_worker_unacked(const kelpie_worker *w)
+{
+    return w ? w->n_unacked : 0;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_handle_jobs(kelpie_worker *w, const char *queue,
+                                                      kelpie_job_handler fn, void *arg)
+{
+    if (!w || !queue || !*queue || !fn || w->sock)
+        return KELPIE_ERR_INVAL;
+    worker_queue *q = calloc(1, sizeof *q);
+    if (!q || !(q->queue = kpc_strndup(queue, strlen(queue)))) {
+        free(q);
+        return KELPIE_ERR_NOMEM;
+    }
+    q->fn = fn;
+    q->arg = arg;
+    worker_queue **tail = &w->queues;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = q;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_on_job_cancel(kelpie_worker *w, kelpie_job_cancel_fn fn,
+                                                        void *arg)
+{
+    if (!w)
+        return KELPIE_ERR_INVAL;
+    w->job_cancel_fn = fn;
+    w->job_cancel_arg = arg;
+    return KELPIE_OK;
+}
+
 /* --- set-up -------------------------------------------------------------- */
 
 KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char *name,
@@ -752,6 +1167,7 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
         return NULL;
     w->wake[0] = w->wake[1] = -1;
     atomic_init(&w->stopping, 0);
+    atomic_init(&w->drain, 0);
     w->capacity = capacity;
     w->heartbeat_ms = 1000;
     w->liveness = 3;
@@ -793,6 +1209,17 @@ KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker)
         call_free(c);
     }
     free(w->spare);
+    while (w->queues) {
+        worker_queue *q = w->queues;
+        w->queues = q->next;
+        free(q->queue);
+        free(q);
+    }
+    while (w->unacked) {
+        worker_unacked *u = w->unacked;
+        w->unacked = u->next;
+        unacked_free(u);
+    }
     while (w->handlers) {
         worker_handler *h = w->handlers;
         w->handlers = h->next;

@@ -222,6 +222,45 @@ static bool kt_wait_ping(kt_broker *b, int timeout_ms)
     return ok;
 }
 
+/* Execs kelpied on b's endpoints with args and waits for its Ping (at most
+ * timeout_ms). True when it answered; b->pid is 0 when it exited. */
+static bool kt_broker_exec(kt_broker *b, const char *path, const char *const *args, int timeout_ms)
+{
+    const char *argv[64];
+    int n = 0;
+    argv[n++] = path;
+    argv[n++] = "--frontend";
+    argv[n++] = b->frontend;
+    argv[n++] = "--backend";
+    argv[n++] = b->backend;
+    argv[n++] = "--intake";
+    argv[n++] = b->intake;
+    for (int i = 0; args && args[i] && n < 63; i++)
+        argv[n++] = args[i];
+    argv[n] = NULL;
+
+    pid_t parent = getpid();
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        b->pid = 0;
+        return false;
+    }
+    if (pid == 0) {
+        kt_join_group(0);
+        kt_child_setup(parent);
+        execv(path, (char *const *)argv);
+        fprintf(stderr, "kt_broker_start: exec %s: %s\n", path, strerror(errno));
+        _exit(127);
+    }
+    kt_join_group(pid);
+    if (kt_pgid == 0 || getpgid(pid) != kt_pgid)
+        kt_pgid = getpgid(pid);
+    kt_track(pid);
+    b->pid = pid;
+    return kt_wait_ping(b, timeout_ms);
+}
+
 kt_broker *kt_broker_start(const char *const *args)
 {
     const char *path = getenv("KELPIED");
@@ -243,37 +282,7 @@ kt_broker *kt_broker_start(const char *const *args)
         snprintf(b->frontend, sizeof b->frontend, "tcp://127.0.0.1:%d", p[0]);
         snprintf(b->backend, sizeof b->backend, "tcp://127.0.0.1:%d", p[1]);
         snprintf(b->intake, sizeof b->intake, "tcp://127.0.0.1:%d", p[2]);
-        const char *argv[64];
-        int n = 0;
-        argv[n++] = path;
-        argv[n++] = "--frontend";
-        argv[n++] = b->frontend;
-        argv[n++] = "--backend";
-        argv[n++] = b->backend;
-        argv[n++] = "--intake";
-        argv[n++] = b->intake;
-        for (int i = 0; args && args[i] && n < 63; i++)
-            argv[n++] = args[i];
-        argv[n] = NULL;
-
-        pid_t parent = getpid();
-        fflush(NULL);
-        pid_t pid = fork();
-        if (pid < 0)
-            break;
-        if (pid == 0) {
-            kt_join_group(0);
-            kt_child_setup(parent);
-            execv(path, (char *const *)argv);
-            fprintf(stderr, "kt_broker_start: exec %s: %s\n", path, strerror(errno));
-            _exit(127);
-        }
-        kt_join_group(pid);
-        if (kt_pgid == 0 || getpgid(pid) != kt_pgid)
-            kt_pgid = getpgid(pid);
-        kt_track(pid);
-        b->pid = pid;
-        if (kt_wait_ping(b, 15000))
+        if (kt_broker_exec(b, path, args, 15000))
             return b;
         if (b->pid > 0) {
             /* Alive but silent for 15 s: give up, do not retry. */
@@ -283,6 +292,28 @@ kt_broker *kt_broker_start(const char *const *args)
     }
     free(b);
     return NULL;
+}
+
+bool kt_broker_restart(kt_broker *b, const char *const *args)
+{
+    const char *path = getenv("KELPIED");
+    if (!b || !path || !*path)
+        return false;
+    if (b->pid > 0) {
+        kill(b->pid, SIGKILL);
+        kt_reap(b->pid, 5000);
+        b->pid = 0;
+    }
+    /* The ports were ours a moment ago; a bind that still fails (a peer's
+     * connection lingering) is retried briefly. */
+    for (int attempt = 0; attempt < 5; attempt++) {
+        if (kt_broker_exec(b, path, args, 15000))
+            return true;
+        if (b->pid > 0)
+            break;
+        kt_sleep_ms(200);
+    }
+    return false;
 }
 
 int kt_broker_stop(kt_broker **bp, int grace_ms)

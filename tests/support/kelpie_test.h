@@ -50,6 +50,11 @@ typedef struct kt_broker {
  * early (a port taken between our probe and its bind). NULL on failure. */
 kt_broker *kt_broker_start(const char *const *args);
 
+/* SIGKILLs b's kelpied and starts a new one on the same endpoints with args
+ * (which should name the same --data-dir to find its jobs again), waiting
+ * for its Ping as kt_broker_start does. False when it did not come up. */
+bool kt_broker_restart(kt_broker *b, const char *const *args);
+
 /* SIGTERM, wait up to grace_ms, then SIGKILL. Returns the wait status.
  * Frees *b and sets it to NULL. Idempotent. */
 int kt_broker_stop(kt_broker **b, int grace_ms);

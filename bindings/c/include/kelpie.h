@@ -22,9 +22,10 @@
  * caller gives it back with the matching release function
  * (kelpie_reply_fini). Objects made by `_new` are released with
  * `_destroy(&p)`, which is idempotent and sets *p to NULL. The one exception
- * is a worker's kelpie_call: the library owns it, and it stays valid from the
- * handler's invocation until the call is answered (kelpie_call_reply, _end,
- * _error) or the worker is destroyed.
+ * is a worker's kelpie_call and kelpie_job: the library owns them, and each
+ * stays valid from the handler's invocation until it is answered
+ * (kelpie_call_reply, _end, _error; kelpie_job_succeed, _fail, _nack) or the
+ * worker is destroyed.
  *
  * Threads: a client or a worker is used from one thread at a time. The only
  * exception is kelpie_worker_stop(), which any thread (or a signal handler)
@@ -91,13 +92,26 @@ enum {
     KELPIE_STREAM = 2,     /* answered by CHUNK* then END, not one REPLY */
 };
 
-/* Message kinds a client receives (kelpie.v1.Kind numbers). */
+/* Message kinds a client receives (kelpie.v1.Kind numbers). The job kinds
+ * answer kelpie_client_submit_send (ACCEPTED) and kelpie_client_watch
+ * (STATUS, PROGRESS, OUTPUT events, then RESULT). */
 typedef enum kelpie_kind {
     KELPIE_KIND_REPLY = 3,
     KELPIE_KIND_CHUNK = 4,
     KELPIE_KIND_END = 5,
     KELPIE_KIND_ERROR = 6,
+    KELPIE_KIND_STATUS = 11, /* a watched job's state changed (message: "running", "queued", ...) */
+    KELPIE_KIND_ACCEPTED = 17, /* a SUBMIT is durable: job_id names it */
+    KELPIE_KIND_PROGRESS = 19, /* a watched job's progress event */
+    KELPIE_KIND_OUTPUT = 20,   /* a watched job's output bytes (stream names which) */
+    KELPIE_KIND_RESULT = 21,   /* a watched job finished (status: OK, CANCELLED or ABORTED) */
 } kelpie_kind;
+
+/* Room for a job id and its NUL. The broker's ids are ULIDs (26 characters);
+ * a longer id from a peer is refused as a protocol error. */
+#define KELPIE_JOB_ID_SIZE 64
+/* Room for an OUTPUT stream name ("stdout", at most 32 bytes) and its NUL. */
+#define KELPIE_STREAM_NAME_SIZE 33
 
 /* A client's call, as the client numbered it. A struct rather than a bare
  * integer so that the compiler refuses a sequence number or a count where a
@@ -156,6 +170,11 @@ typedef struct kelpie_reply {
     uint64_t sequence;            /* CHUNK: 0-based position in the stream */
     void *payload;                /* all payload frames, concatenated; NULL when len is 0 */
     size_t len;
+    /* Jobs only (zero elsewhere): */
+    char job_id[KELPIE_JOB_ID_SIZE];      /* ACCEPTED, STATUS, PROGRESS, OUTPUT, RESULT */
+    uint32_t attempt;                     /* STATUS "running": the attempt that started */
+    float progress;                       /* PROGRESS: 0..1 */
+    char stream[KELPIE_STREAM_NAME_SIZE]; /* OUTPUT: "stdout", "stderr", ... */
 } kelpie_reply;
 
 /* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
@@ -239,6 +258,75 @@ KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *clien
 /* How many calls are outstanding (sent, terminal answer not yet received). */
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *client);
 
+/* ------------------------------------------------------------ client jobs -- */
+
+/* A job to submit (docs/protocol.md §11.2). Zero-initialise, then set what
+ * you need; every 0 means "the queue's default". */
+typedef struct kelpie_submit_opts {
+    const char *queue;           /* required; not "kelpie.broker" */
+    uint32_t priority;           /* 0..9, higher runs first */
+    uint32_t max_attempts;       /* deliveries before the dead-letter queue (at most 100) */
+    uint64_t timeout_ms;         /* run-time limit per attempt (not a wait for the SUBMIT) */
+    uint64_t delay_ms;           /* not before now + delay (at most a year) */
+    uint64_t backoff_ms;         /* base of the retry backoff after a failure */
+    const char *idempotency_key; /* NULL: none; at most 256 bytes */
+} kelpie_submit_opts;
+
+/* Pipelined: sends a SUBMIT with the payload (the job's input) and stores
+ * the id picked for it. Its one answer comes from kelpie_client_recv: kind
+ * ACCEPTED (status OK, or ALREADY_EXISTS when the idempotency key named an
+ * earlier job; job_id set either way) once the broker has the job on disk,
+ * or ERROR (INVALID_ARGUMENT, RESOURCE_EXHAUSTED: disk full or the broker's
+ * journal is full, UNAVAILABLE: the store failed; nothing was stored).
+ * KELPIE_ERR_BUSY and KELPIE_RESOURCE_EXHAUSTED (nothing sent) as for
+ * kelpie_client_send. */
+KELPIE_EXPORT kelpie_status kelpie_client_submit_send(kelpie_client *client,
+                                                      const kelpie_submit_opts *opts,
+                                                      const void *payload, size_t len,
+                                                      kelpie_request_id *request_id);
+
+/* Submits a job and waits up to timeout_ms (0: for ever) for the broker to
+ * store it. Returns KELPIE_OK when the job is durable, with reply->job_id
+ * naming it and reply->status KELPIE_ALREADY_EXISTS (instead of KELPIE_OK)
+ * when the idempotency key named an earlier job, which is not an error;
+ * otherwise the ERROR's status, its message in reply->message. On a local
+ * timeout it returns KELPIE_ERR_TIMEOUT: the job may or may not have been
+ * stored (submit again with the same idempotency key to find out). *reply
+ * must be released with kelpie_reply_fini in every case. */
+KELPIE_EXPORT kelpie_status kelpie_client_submit(kelpie_client *client,
+                                                 const kelpie_submit_opts *opts,
+                                                 const void *payload, size_t len,
+                                                 uint32_t timeout_ms, kelpie_reply *reply);
+
+/* Pipelined: sends a WATCH for job_id. With events true the broker first
+ * sends the job's events so far and then the live ones (kinds STATUS,
+ * PROGRESS, OUTPUT; sequence counts them per job), always in order; either
+ * way the watch ends with one terminal answer: RESULT (status OK with the
+ * result as payload; CANCELLED; ABORTED when the job is dead, the payload
+ * then the job's JSON record with its attempt history) or ERROR (NOT_FOUND:
+ * no such job, or its result expired). kelpie_client_cancel(request_id) ends
+ * a watch early and leaves the job alone. A watch has no deadline. */
+KELPIE_EXPORT kelpie_status kelpie_client_watch(kelpie_client *client, const char *job_id,
+                                                bool events, kelpie_request_id *request_id);
+
+/* Waits up to timeout_ms (0: for ever) for job_id to finish (a WATCH
+ * without events). Returns the RESULT's status with *reply holding it (OK:
+ * the result is reply->payload; CANCELLED; ABORTED: dead, reply->payload is
+ * the job record and reply->message says why), or the ERROR's status
+ * (NOT_FOUND). KELPIE_ERR_TIMEOUT when the job did not finish in time: the
+ * watch is cancelled, the job is untouched. Release *reply in every case. */
+KELPIE_EXPORT kelpie_status kelpie_client_wait(kelpie_client *client, const char *job_id,
+                                               uint32_t timeout_ms, kelpie_reply *reply);
+
+/* Cancels job_id (kelpie.broker/CancelJob) and waits up to timeout_ms for
+ * the broker's answer. KELPIE_OK with reply->payload the JSON
+ * {"id": ..., "state": "cancelled"} when the job was not running, or
+ * "cancelling" when the CANCEL went to its worker (a watch's RESULT tells
+ * how it ended); FAILED_PRECONDITION when it had already finished,
+ * NOT_FOUND when there is no such job. Release *reply in every case. */
+KELPIE_EXPORT kelpie_status kelpie_client_cancel_job(kelpie_client *client, const char *job_id,
+                                                     uint32_t timeout_ms, kelpie_reply *reply);
+
 /* ---------------------------------------------------------------- worker -- */
 
 typedef struct kelpie_worker kelpie_worker;
@@ -305,12 +393,13 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32
 KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpie_cancel_fn fn,
                                                     void *arg);
 
-/* Connects, sends READY, and serves until kelpie_worker_stop. On stop it
- * sends DISCONNECT (the broker fails or re-dispatches whatever is still
- * running) and returns KELPIE_OK; it returns another status only when it
- * cannot run at all (no handler registered, a ZeroMQ failure) or the broker
- * refuses it: KELPIE_UNAUTHENTICATED (its key is not, or no longer, on the
- * worker allow-list; a handshake that cannot succeed) or
+/* Connects, sends READY, and serves until kelpie_worker_stop, or until it
+ * has drained (kelpie_worker_drain, or the broker's kelpie.broker/Drain). On
+ * stop it sends DISCONNECT (the broker fails or re-dispatches whatever is
+ * still running) and returns KELPIE_OK; it returns another status only when
+ * it cannot run at all (no handler or queue registered, a ZeroMQ failure) or
+ * the broker refuses it: KELPIE_UNAUTHENTICATED (its key is not, or no
+ * longer, on the worker allow-list; a handshake that cannot succeed) or
  * KELPIE_PERMISSION_DENIED (a service its key may not serve), with the
  * reason in kelpie_worker_error(). */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
@@ -318,6 +407,13 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
  * flag and a byte written to a pipe). Sticky: a later run returns at once. */
 KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *worker);
+
+/* Asks the worker to leave gracefully (protocol.md §11.3): it sends STATUS
+ * DRAINING, takes nothing new once the broker answers DRAINED, finishes and
+ * answers what it holds, waits for every RESULT's ACK, then sends
+ * DISCONNECT and kelpie_worker_run returns KELPIE_OK. A STATUS DRAINING from
+ * the broker does the same. Thread-safe and async-signal-safe, like stop. */
+KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *worker);
 
 /* How many calls are held (received, not yet answered). */
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
@@ -373,6 +469,92 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
 
 /* Ends a stream with END (code OK) and releases the call. */
 KELPIE_EXPORT kelpie_status kelpie_call_end(kelpie_call *call);
+
+/* ------------------------------------------------------------ worker jobs -- */
+
+/* A job being run (docs/protocol.md §11.3). Owned by the library; valid from
+ * the handler's invocation until it is finished (kelpie_job_succeed, _fail,
+ * _nack) or the worker is destroyed. A job shares the worker's capacity
+ * with calls: a slot runs one or the other. */
+typedef struct kelpie_job kelpie_job;
+
+/* Called on the run thread for each JOB from a registered queue. payload
+ * (the job's input) is valid only during the handler. As with calls, the
+ * handler finishes the job before returning or later from a tick or another
+ * callback on the same thread. */
+typedef void (*kelpie_job_handler)(kelpie_job *job, const void *payload, size_t len, void *arg);
+
+/* Called on the run thread when the broker cancels a held job (CancelJob, or
+ * its run-time limit passed) or the worker lost the broker. The job must
+ * still be finished; kelpie_job_fail(job, KELPIE_CANCELLED, ...) is usual. */
+typedef void (*kelpie_job_cancel_fn)(kelpie_job *job, void *arg);
+
+/* Takes jobs from queue (listed in READY's queues) with handler. A worker
+ * may serve services, queues or both. Before run only. */
+KELPIE_EXPORT kelpie_status kelpie_worker_handle_jobs(kelpie_worker *worker, const char *queue,
+                                                      kelpie_job_handler handler, void *arg);
+
+/* Calls fn(job, arg) when a held job is cancelled. */
+KELPIE_EXPORT kelpie_status kelpie_worker_on_job_cancel(kelpie_worker *worker,
+                                                        kelpie_job_cancel_fn fn, void *arg);
+
+/* RESULTs (and NACKs) sent and not yet ACKed by the broker. The worker keeps
+ * each until its ACK and sends it again every KELPIE_RESULT_RESEND_MS and
+ * at once when it finds itself talking to a restarted broker (a new
+ * broker_id), so that a job finished just before a broker restart is not
+ * run again. */
+KELPIE_EXPORT uint32_t kelpie_worker_unacked(const kelpie_worker *worker);
+#define KELPIE_RESULT_RESEND_MS 5000
+
+/* The JOB's fields: id (a ULID), queue, attempt (from 1), max_attempts,
+ * priority, and the worker running it. */
+KELPIE_EXPORT const char *kelpie_job_id(const kelpie_job *job);
+KELPIE_EXPORT const char *kelpie_job_queue(const kelpie_job *job);
+KELPIE_EXPORT uint32_t kelpie_job_attempt(const kelpie_job *job);
+KELPIE_EXPORT uint32_t kelpie_job_max_attempts(const kelpie_job *job);
+KELPIE_EXPORT int32_t kelpie_job_priority(const kelpie_job *job);
+KELPIE_EXPORT kelpie_worker *kelpie_job_worker(const kelpie_job *job);
+
+/* Milliseconds left of the attempt's run-time limit; UINT32_MAX when it has
+ * none, 0 once passed (the broker then cancels it). */
+KELPIE_EXPORT uint32_t kelpie_job_remaining_ms(const kelpie_job *job);
+
+/* True once the broker cancelled the job or the worker lost the broker
+ * (which re-queues the job, so another worker may run it). Like
+ * kelpie_call_cancelled it reads what the broker sent meanwhile. */
+KELPIE_EXPORT bool kelpie_job_cancelled(kelpie_job *job);
+
+/* Sends PROGRESS: progress (0..1), a short message (may be NULL) and an
+ * optional detail payload, to every client watching the job. */
+KELPIE_EXPORT kelpie_status kelpie_job_progress(kelpie_job *job, float progress,
+                                                const char *message, const void *detail,
+                                                size_t len);
+
+/* Sends OUTPUT: len bytes of stream ("stdout", "stderr" or the
+ * application's name, at most 32 bytes). */
+KELPIE_EXPORT kelpie_status kelpie_job_output(kelpie_job *job, const char *stream, const void *data,
+                                              size_t len);
+
+/* Finishes the job with RESULT OK and the result bytes, and releases it
+ * (the pointer is invalid after). The RESULT is kept until the broker ACKs
+ * it (kelpie_worker_unacked). A result larger than the broker accepts is
+ * not sent: the job fails with RESOURCE_EXHAUSTED ("result of N bytes
+ * exceeds ...") instead and this returns KELPIE_RESOURCE_EXHAUSTED. */
+KELPIE_EXPORT kelpie_status kelpie_job_succeed(kelpie_job *job, const void *result, size_t len);
+
+/* Finishes the job with RESULT code (1..16; anything else is sent as
+ * UNKNOWN) and message, and releases it. CANCELLED answers a cancel;
+ * DEADLINE_EXCEEDED reports a timeout; INVALID_ARGUMENT,
+ * FAILED_PRECONDITION, PERMISSION_DENIED, NOT_FOUND and UNIMPLEMENTED are
+ * permanent (the job is dead at once); any other code is retried with
+ * backoff until its attempts are used up. */
+KELPIE_EXPORT kelpie_status kelpie_job_fail(kelpie_job *job, kelpie_status code,
+                                            const char *message);
+
+/* Gives the job back (NACK): re-queued not before delay_ms; it still counts
+ * as an attempt. Releases the job. */
+KELPIE_EXPORT kelpie_status kelpie_job_nack(kelpie_job *job, uint64_t delay_ms,
+                                            const char *message);
 
 #ifdef __cplusplus
 }
