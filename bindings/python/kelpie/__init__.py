@@ -41,6 +41,12 @@ _RPC_NAMES = {
     "ProcessContext": "kelpie.worker",
     "Stub": "kelpie.stubs",
     "NO_DEADLINE": "kelpie._liveness",
+    "Job": "kelpie.jobs",
+    "JobEvent": "kelpie.jobs",
+    "JobInfo": "kelpie.jobs",
+    "Attempt": "kelpie.jobs",
+    "Producer": "kelpie.jobs",
+    "JobContext": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
 }
 

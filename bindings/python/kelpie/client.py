@@ -43,6 +43,7 @@ _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 from . import _calls, _core, _liveness, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
+from .jobs import ClientJobs, _Watch
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 
@@ -52,10 +53,11 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
+_ACCEPTED = _wire.ACCEPTED
 _unary_result = _core.unary_result
 
 
-class Client:
+class Client(ClientJobs):
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
@@ -69,7 +71,8 @@ class Client:
     if it answers as a new instance (it restarted), the calls the old one
     held fail with :class:`kelpie.Unavailable` at once (idempotent unary
     calls are sent again). The client stays usable after both.
-    Use it as ``async with kelpie.Client() as client:`` or call
+    Durable jobs (:meth:`submit`, :meth:`job`, :meth:`jobs`, ...) come
+    from kelpie.jobs. Use it as ``async with kelpie.Client() as client:`` or call
     :meth:`connect` and :meth:`close` yourself.
     """
 
@@ -376,7 +379,7 @@ class Client:
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
             kind = header.kind
-            if entry.__class__ is _StreamState:
+            if entry.__class__ is _StreamState or entry.__class__ is _Watch:
                 entry.deliver(kind, header, frames)
             elif kind == _REPLY:
                 del pending[rid]
@@ -386,6 +389,11 @@ class Client:
                 del pending[rid]
                 if not entry.done():
                     entry.set_exception(_calls.error_from(header))
+            elif kind == _ACCEPTED:
+                # A job's SUBMIT is durable (kelpie.jobs).
+                del pending[rid]
+                if not entry.done():
+                    entry.set_result((header, frames))
             # Anything else for a unary call (a CHUNK...) is a protocol
             # violation by the worker; the call still ends with its terminal.
 
@@ -441,7 +449,7 @@ class Client:
 
 
 def _fail(entry, exc):
-    if entry.__class__ is _StreamState:
+    if entry.__class__ is _StreamState or entry.__class__ is _Watch:
         entry.fail(exc)
     elif not entry.done():
         entry.set_exception(exc)
