@@ -217,7 +217,9 @@ class Session:
             # before is here and runs rather than being lost with the
             # DISCONNECT (protocol.md §11.3). A broker that does not answer
             # DRAINED within a moment is taken to know only READY 0.
-            self._send_ready(session, 0)
+            session.last_ready = loop.time()
+            await self._send(session, _wire.ready(self.services, 0, int(self.heartbeat * 1000),
+                                                  self.name, self.methods, self.queues))
             await self._ask_drain(session, min(grace, _DRAINED_WAIT))
             # Calls and jobs finish, and the broker ACKs the jobs' answers.
             while self._busy(session) and loop.time() < end and not session.ending:

@@ -1,0 +1,45 @@
+"""Module-level job handlers for the process pool (spawned children import them)."""
+
+import os
+import signal
+import time
+
+import kelpie
+
+
+def crunch(payload, ctx):
+    ctx.progress(0.5, "half")
+    ctx.output("stdout", b"from pid %d\n" % os.getpid())
+    return payload[::-1]
+
+
+def sleepy(payload, ctx):
+    # Writes its pid so a test can see it die; SIGTERM ends it with a marker.
+    marker = payload.decode()
+
+    def on_term(signum, frame):
+        with open(marker + ".term", "w") as f:
+            f.write(str(os.getpid()))
+        raise SystemExit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    with open(marker + ".pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return b"never"
+
+
+def stubborn(payload, ctx):
+    # Ignores SIGTERM: only SIGKILL ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(payload.decode() + ".pid", "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(60)
+    return b"never"
+
+
+def give_back(payload, ctx):
+    raise kelpie.Retry(2.5, "not now")
+
+
+def refuse(payload, ctx):
+    raise kelpie.InvalidArgument("bad payload")
