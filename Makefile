@@ -17,7 +17,8 @@ DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev cl
 	libzmq3-dev libczmq-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
 	libcriterion-dev libsodium-dev libsqlite3-dev sqlite3 \
 	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
-	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil python3-venv pyflakes3
+	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil python3-venv pyflakes3 \
+	python3-rich
 
 BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib
 

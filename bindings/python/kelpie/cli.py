@@ -7,6 +7,12 @@
                   [--memory-limit-per-process SIZE]
     kelpie ping [--count N]
     kelpie stats [--json] [--watch [S]]
+    kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--key K] [--wait]
+    kelpie job show|wait|cancel|events ID
+    kelpie jobs ls [--state S] [--queue Q]
+    kelpie dlq ls|retry|purge [--queue Q] [ID]
+
+(The job commands are in kelpie._cli_jobs.)
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
@@ -36,6 +42,7 @@ DISCONNECT) — then kills what is left; a second signal kills at once.
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -630,6 +637,10 @@ def _parser():
                                            "until Ctrl-C (default: once)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_stats)
+
+    from . import _cli_jobs
+    _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),
+                           lambda fn: functools.partial(fn, run=_run, read_data=_read_data))
     return p
 
 
