@@ -18,8 +18,9 @@ import time
 
 import pytest
 
-import kelpie  # noqa: F401
 from kelpie.testing import Kelpied
+
+pytest_plugins = ["kelpie.testing"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable

@@ -22,7 +22,6 @@ import datetime
 import json
 import sys
 
-from . import _jobs
 from .client import Client
 from .errors import JobFailed, RpcError
 

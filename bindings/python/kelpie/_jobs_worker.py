@@ -43,7 +43,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 from . import _executors, _jobs, _wire
 from ._context import _BY_CLIENT, _BY_DEADLINE, _BY_SHUTDOWN

@@ -26,8 +26,25 @@ test's outcome):
     A function ``kelpie_worker(worker, **options)`` that serves a
     :class:`kelpie.Worker` in this process, connected to ``kelpied``, and
     returns a :class:`Served` (``.client``, ``.frontend``, ``.worker``,
-    ``.stop()``) once the broker knows every service of the worker
-    (``Client.wait_for_service``).
+    ``.run_job()``, ``.submit()``, ``.stop()``) once the broker knows every
+    service of the worker (``Client.wait_for_service``) and has welcomed it
+    (so its job queues are registered too).
+
+Durable jobs: every ``kelpied`` the kit starts has its own ``--data-dir``
+(in a temporary directory), so jobs are stored as in production, and
+:meth:`Kelpied.restart` (SIGKILL, then start on the same ports and data)
+shows what survives a crash. A job handler test is as short::
+
+    from myservice import worker          # with @worker.job("thumbnails")
+
+    def test_thumbnail(kelpie_worker):
+        served = kelpie_worker(worker)
+        assert served.run_job("thumbnails", b"cat.jpg") == b"thumb of cat.jpg"
+
+        job = served.submit("thumbnails", b"bad", max_attempts=1)
+        with pytest.raises(kelpie.JobFailed) as failed:
+            job.result(timeout=10)
+        assert failed.value.history[-1].outcome == "failed"
 
 Nothing hangs and nothing leaks. The clients the kit hands out have a
 default deadline (``CALL_TIMEOUT``, 10 s), so a call to a service nobody
@@ -334,9 +351,10 @@ class Served:
                 loop.close()
 
     def start(self, timeout: float = 10.0) -> "Served":
-        if not self.worker.services:
+        if not self.worker.services and not getattr(self.worker, "queues", None):
             raise RuntimeError("the worker has no handlers: register some with "
-                               "@worker.handler or worker.add_servicer before serving it")
+                               "@worker.handler, @worker.job or worker.add_servicer "
+                               "before serving it")
         self._thread.start()
         if not self._started.wait(timeout):
             raise RuntimeError(f"the worker thread did not start within {timeout} s")
@@ -350,6 +368,16 @@ class Served:
         from .errors import DeadlineExceeded
         from .sync import Client
         deadline = time.monotonic() + timeout
+        # The broker's welcome (a HEARTBEAT answering READY) means it has
+        # every service and job queue of the worker.
+        while not getattr(self.worker, "_broker_id", 1):
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the worker stopped before it registered: "
+                                   f"{self.error!r}") from self.error
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not register with the broker within "
+                                   f"{timeout:g} s (its backend: {self.worker.backend})")
+            time.sleep(0.01)
         with Client(self.frontend, heartbeat=0) as client:
             for name in self.worker.services:
                 while True:
@@ -381,6 +409,17 @@ class Served:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def submit(self, queue: str, payload: Any = b"", **options: Any):
+        """Submit a job through :attr:`client`; returns a :class:`kelpie.sync.Job`
+        (options as :meth:`kelpie.sync.Client.submit`)."""
+        return self.client.submit(queue, payload, **options)
+
+    def run_job(self, queue: str, payload: Any = b"", *, timeout: float = CALL_TIMEOUT,
+                **options: Any) -> bytes:
+        """Submit a job and wait (at most ``timeout`` s) for its result; a job
+        that fails raises :class:`kelpie.JobFailed` with its attempt history."""
+        return self.submit(queue, payload, **options).result(timeout=timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Drain the worker (``Worker.stop(grace)``) and join its thread."""
         if self._client is not None:
@@ -403,6 +442,8 @@ class Served:
         # Let the same Worker object be served again by a later test.
         if hasattr(self.worker, "_stopping"):
             self.worker._stopping = False
+        if hasattr(self.worker, "_broker_id"):
+            self.worker._broker_id = 0  # the next serve learns its broker afresh
 
     def __enter__(self) -> "Served":
         return self
