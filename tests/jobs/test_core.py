@@ -189,3 +189,22 @@ def test_job_handlers_register_like_call_handlers():
         yield b""
     with pytest.raises(ValueError, match="returns its result"):
         worker.add_job_handler("c", agen)
+
+
+def test_watch_core_counts_events_per_broker_instance():
+    class W(_jobs.WatchCore):
+        __slots__ = ("bid",)
+
+        def _current_broker(self):
+            return self.bid
+    w = W("J", True)
+    w.bid = 11
+    for seq in range(3):
+        w.deliver(_wire.PROGRESS, _header(_wire.PROGRESS, sequence=seq), [b""])
+    # Watched again on the same broker: the replay is dropped.
+    w.deliver(_wire.PROGRESS, _header(_wire.PROGRESS, sequence=1), [b""])
+    # A broker that restarted while the client was cut off counts from 0 again.
+    w.bid = 12
+    w.deliver(_wire.PROGRESS, _header(_wire.PROGRESS, sequence=0), [b""])
+    w.deliver(_wire.PROGRESS, _header(_wire.PROGRESS, sequence=1), [b""])
+    assert [e.sequence for e in w.events] == [0, 1, 2, 0, 1]

@@ -337,13 +337,17 @@ class WatchCore:
     that is sent again (the same broker, after a lost connection) replays
     the events from the start of the broker's buffer, and those already seen
     are dropped. After a broker *restart* the new instance counts from 0
-    again (events live only in the broker's memory), so the transport calls
-    :meth:`restarted` before watching again. Each client subclasses it with
-    its I/O hooks (``_forget``, ``_ended``, ``_wake``), as with streams.
+    again (events live only in the broker's memory): the count is kept per
+    ``broker_id`` (``_current_broker``; the transport pings before it
+    watches again, so the new id is known before the first replayed event
+    arrives on the ordered pipe), and :meth:`restarted` resets it when the
+    transport was told of the restart directly. Each client subclasses it
+    with its I/O hooks (``_forget``, ``_ended``, ``_wake``,
+    ``_current_broker``), as with streams.
     """
 
     __slots__ = ("job_id", "stream", "rid", "events", "expected", "finished", "terminal",
-                 "error")
+                 "error", "broker")
 
     def __init__(self, job_id, stream):
         self.job_id = job_id
@@ -354,6 +358,7 @@ class WatchCore:
         self.finished = False
         self.terminal = None  # (code, message, payload) of the RESULT
         self.error = None
+        self.broker = 0  # the broker_id that sent the events counted in ``expected``
 
     # -- hooks ----------------------------------------------------------------
 
@@ -365,6 +370,10 @@ class WatchCore:
 
     def _wake(self):
         """Something changed for the reader."""
+
+    def _current_broker(self):
+        """The broker_id the connection knows now (0: not known)."""
+        return 0
 
     # -- decisions ------------------------------------------------------------
 
@@ -382,6 +391,11 @@ class WatchCore:
         if kind == PROGRESS or kind == OUTPUT or kind == STATUS:
             if not self.stream:
                 return
+            broker = self._current_broker()
+            if broker and broker != self.broker:
+                if self.broker:
+                    self.expected = 0  # another instance: its own count, from 0
+                self.broker = broker
             seq = header.sequence
             if seq < self.expected:
                 return  # seen before this watch was sent again

@@ -44,6 +44,9 @@ class _Watch(_jobs.WatchCore):
         if self.conn is not None:
             self.conn.streams.pop(self.rid, None)
 
+    def _current_broker(self):
+        return self.conn.watch.broker_id if self.conn is not None else 0
+
     def abandon(self):
         if self.finished:
             return
@@ -100,6 +103,8 @@ class Job:
         try:
             while True:
                 conn = client._fresh_conn()
+                if tries:
+                    conn.ping(_monotonic())  # learn the broker's id before its events
                 rid = conn.take_id()
                 state.rearm(rid)
                 state.conn = conn

@@ -60,12 +60,17 @@ class _Watch(_jobs.WatchCore):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def send(self):
+    def _current_broker(self):
+        return self.client._watch.broker_id
+
+    async def send(self, again=False):
+        """Send the WATCH; ``again`` (a re-watch) pings first, so the
+        broker's id is known before its events arrive (WatchCore)."""
         client = self.client
         if client._sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         loop = client._loop
-        if client._watch.stale(loop.time()):
+        if again or client._watch.stale(loop.time()):
             await client._ping(loop.time())
         rid = client._conn.take_id()
         self.rearm(rid)
@@ -159,7 +164,7 @@ class Job:
         tries = 0
         try:
             while True:
-                await state.send()
+                await state.send(again=tries > 0)
                 while True:
                     while state.events:
                         yield state.events.popleft()
