@@ -93,6 +93,7 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
     }
     kp_json_object_end(j);
     admin_workers_json(b, j);
+    kp_jobs_stats_json(b, j);
     kp_json_object_end(j);
 }
 

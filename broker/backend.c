@@ -28,7 +28,7 @@ static void backend_refuse(struct kp_broker *b, const kp_header *h, uint64_t req
 static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
 {
     if (w && w->gone) {
-        kp_broker_reap_worker(b, w);
+        kp_jobs_reap_worker(b, w);
         w = NULL;
     }
     bool fresh = w == NULL;
@@ -98,6 +98,7 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     w->nservices = n;
     for (size_t i = 0; i < n; i++)
         kp_service_add_worker(services[i], w, methods[i]);
+    kp_jobs_on_ready(b, w, h);
     kp_broker_mark_worker_pending(b, w);
     /* The welcome: the worker learns this broker's id (a restart shows as a
      * new id) and its size limit before it is sent any work. */
@@ -144,13 +145,24 @@ void kp_backend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__DISCONNECT:
         b->stats.worker_disconnects++;
-        kp_broker_reap_worker(b, w);
+        kp_jobs_reap_worker(b, w);
         break;
     case KELPIE__V1__KIND__CREDIT:
         kp_worker_add_credits(w, h->credits);
         kp_broker_mark_worker_pending(b, w);
         break;
     case KELPIE__V1__KIND__STATUS:
+        if (h->flags & KP_FLAG_DRAINING) {
+            /* Nothing new goes to it from now; DRAINED says so, and that
+             * everything sent before is already on its way (§11.3). */
+            if (!w->draining)
+                b->stats.workers_drained++;
+            w->draining = true;
+            kp_header ack = kp_broker_header(KELPIE__V1__KIND__STATUS, h->request_id);
+            ack.flags = KP_FLAG_DRAINED;
+            kp_broker_send_worker(b, w, &ack);
+            break;
+        }
         w->stalled = (h->flags & KP_FLAG_STALLED) != 0;
         if (!w->stalled)
             kp_broker_mark_worker_pending(b, w);
@@ -159,9 +171,8 @@ void kp_backend_on_message(struct kp_broker *b)
     case KELPIE__V1__KIND__OUTPUT:
     case KELPIE__V1__KIND__RESULT:
     case KELPIE__V1__KIND__NACK:
-        /* Durable jobs: the job engine (jobs.c, next release) takes these
-         * cases over; RESULT and NACK end a job's dispatch the way an
-         * answer ends a call's (docs/architecture.md §10). */
+        kp_jobs_on_worker_message(b, w, h, 1);
+        break;
     default:
         backend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;

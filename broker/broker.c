@@ -68,9 +68,9 @@ static void *broker_socket(struct kp_broker *b, int type, const char *name, cons
 enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_broker **out)
 {
     *out = NULL;
-    /* --data-dir is not created here: nothing in 0.1 uses it, and a broker
-     * run from any directory must not leave ./kelpie-data behind. The
-     * durable-jobs store will create it when it first opens it. */
+    /* --data-dir is not created here: a broker run from any directory that
+     * never sees a job must not leave ./kelpie-data behind. The job engine
+     * creates it when it first opens the store (jobs.c). */
     struct kp_broker *b = kp_calloc(1, sizeof *b);
     b->heartbeat_ms = cfg->heartbeat_ms;
     b->liveness = cfg->heartbeat_liveness;
@@ -91,6 +91,8 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     kp_list_init(&b->pending);
     kp_list_init(&b->gone_workers);
     kp_list_init(&b->gone_clients);
+    kp_services_init(&b->queues);
+    kp_list_init(&b->job_pending);
     kp_message_init(&b->in, 16384);
     b->broker_id = broker_random_id();
     /* Dispatch ids start at a random point so that a restarted broker never
@@ -119,6 +121,12 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     b->intake = broker_socket(b, ZMQ_PULL, "intake", cfg->intake);
     if (!b->frontend || !b->backend || !b->intake)
         goto fail;
+    char err[256];
+    if (kp_jobs_new(b, cfg->data_dir, cfg->queues, err, sizeof err) != KP_OK) {
+        kp_log_error("--queues: %s", err);
+        kp_broker_destroy(&b);
+        return KP_EINVAL;
+    }
     kp_log_info("kelpied %s ready (heartbeat %u ms x %u, queue limit %u, data dir %s)",
                 KELPIE_VERSION, b->heartbeat_ms, b->liveness, b->queue_limit, cfg->data_dir);
     *out = b;
@@ -145,12 +153,16 @@ void kp_broker_destroy(struct kp_broker **bp)
     }
     if (b->own_ctx && b->ctx)
         zmq_ctx_term(b->ctx);
-    /* Workers and clients first (they only point at calls), then calls. */
+    /* The job engine first: its journal commits what it was given, and its
+     * runs hang off calls. Then workers and clients (they only point at
+     * calls), then calls. */
+    kp_jobs_destroy(b);
     kp_workers_fini(&b->workers);
     kp_clients_fini(&b->clients);
     kp_timers_fini(&b->timers);
     kp_calls_fini(&b->calls);
     kp_services_fini(&b->services);
+    kp_services_fini(&b->queues);
     kp_message_fini(&b->in);
     /* Messages libzmq still holds keep the account alive until they go. */
     kp_budget_release(&b->queued);

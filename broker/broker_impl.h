@@ -5,6 +5,7 @@
  *   loop.c      the loop and its phases
  *   frontend.c  client and intake traffic;  backend.c  worker traffic
  *   admin.c     kelpie.broker (Ping, Stats)
+ *   jobs.c      the job engine: store, journal, claims, watchers
  *   dispatch.c  the life of a call
  *   send.c      sending, errors and refusals
  *   broker.c    construction and teardown;  check.c  the invariant checker
@@ -93,6 +94,9 @@ struct kp_broker {
     struct kp_list pending;      /* services that may be able to dispatch */
     struct kp_list gone_workers; /* workers to reap before sleeping */
     struct kp_list gone_clients; /* clients to reap before sleeping */
+    struct kp_services queues;   /* job queues: the workers that take each one's jobs */
+    struct kp_list job_pending;  /* job queues whose workers may have free slots */
+    struct kp_engine *jobs;      /* the job engine (jobs.c) */
     struct kp_stats stats;       /* counters */
     struct kp_budget *queued;    /* bytes queued to all peers (budget.h) */
 
@@ -218,6 +222,20 @@ void kp_broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err e
  * order per service; empties the pending list. */
 void kp_broker_dispatch_pending(struct kp_broker *b);
 
+/* Takes a slot for c on w after c was sent to it: c DISPATCHED, linked to w,
+ * counted in its service's in_flight. */
+void kp_broker_bind(struct kp_broker *b, struct kp_call *c, struct kp_worker *w);
+
+/* Gives back the slot c holds on its worker (if any); c stays alive. */
+void kp_broker_release(struct kp_broker *b, struct kp_call *c);
+
+/* Frees a call nothing refers to any more (unqueued, released, detached). */
+void kp_broker_free_call(struct kp_broker *b, struct kp_call *c);
+
+/* Marks dispatched c ORPHANED and sends CANCEL to its worker; the slot comes
+ * back with the worker's answer or its loss. */
+void kp_broker_orphan(struct kp_broker *b, struct kp_call *c);
+
 /* Removes w now: its calls are re-queued (idempotent, deadline not passed)
  * or failed UNAVAILABLE; it leaves its services and is freed. */
 void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
@@ -225,6 +243,67 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
 /* Removes c now: its queued calls are dropped, dispatched ones cancelled at
  * their workers; no message goes to c. */
 void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
+
+/* ---- jobs.c: the job engine (docs/protocol.md §11) -------------------- */
+
+struct kp_json;
+
+/* Sets up the engine: queue settings (--queues text, may be NULL), and the
+ * store at data_dir/jobs.db if one exists (recovering its leased jobs);
+ * otherwise the store and data_dir are made on first use. KP_EINVAL with a
+ * message in err if settings is malformed. */
+enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *settings, char *err,
+                        size_t errlen);
+
+/* Stops the journal (committing what was put), frees the engine's state. */
+void kp_jobs_destroy(struct kp_broker *b);
+
+/* The journal's completion fd for zmq_poll, or -1 while the store is closed. */
+int kp_jobs_fd(struct kp_broker *b);
+
+/* Handles every finished journal request: answers, dispatch, watchers. */
+void kp_jobs_on_completions(struct kp_broker *b);
+
+/* Periodic work (due schedules, expiry, failed ends put again). */
+void kp_jobs_tick(struct kp_broker *b);
+
+/* Claims and dispatches for job queues that may have work; empties the lists. */
+void kp_jobs_pump(struct kp_broker *b);
+
+/* True if kp_jobs_pump has something to do now. */
+bool kp_jobs_busy(const struct kp_broker *b);
+
+/* Monotonic ms when kp_jobs_tick has something to do, UINT64_MAX if never. */
+uint64_t kp_jobs_next_wake(struct kp_broker *b);
+
+/* SUBMIT from a client (hdr_index 1) or the intake (0). */
+void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index);
+
+/* WATCH from a client. */
+void kp_jobs_watch(struct kp_broker *b, kp_header *h);
+
+/* CANCEL naming one of the client's watches: ends it; false if none. */
+bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h);
+
+/* Answers a job method of kelpie.broker; false if h->method is not one. */
+bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h);
+
+/* PROGRESS, OUTPUT, RESULT or NACK from worker w. */
+void kp_jobs_on_worker_message(struct kp_broker *b, struct kp_worker *w, kp_header *h,
+                               size_t hdr_index);
+
+/* READY's queues for w (replacing what it took before). */
+void kp_jobs_on_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h);
+
+/* Removes w: its running jobs end worker_lost (re-queued), then as
+ * kp_broker_reap_worker. */
+void kp_jobs_reap_worker(struct kp_broker *b, struct kp_worker *w);
+
+/* A job call's timer: its run-time limit (or cancel grace) passed. */
+void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c);
+
+/* Adds the "jobs" member to Stats. */
+void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j);
 
 /* ---- admin.c: kelpie.broker ------------------------------------------- */
 

@@ -29,6 +29,7 @@
 #include "timer.h"
 
 struct kp_client;
+struct run;
 struct kp_service;
 struct kp_worker;
 
@@ -56,6 +57,7 @@ struct kp_call {
     struct kp_worker *worker;   /* while DISPATCHED/ORPHANED */
     uint64_t deadline;          /* monotonic ms, 0 = none */
     uint32_t window_bonus;      /* stream CREDIT granted while still queued */
+    struct run *job;            /* a durable job's attempt (jobs.c); NULL for a REQUEST */
     struct kp_timer timer;      /* armed at deadline while the client waits */
     struct kp_list queue_link;  /* in service->queue while QUEUED */
     struct kp_list worker_link; /* in worker->calls while DISPATCHED/ORPHANED */

@@ -26,7 +26,10 @@
     XX(intake, "intake", "KELPIED_INTAKE", STR, "tcp://127.0.0.1:5557",                            \
        "PULL endpoint for one-way requests")                                                       \
     XX(data_dir, "data-dir", "KELPIED_DATA_DIR", STR, "./kelpie-data",                             \
-       "directory for durable state (created if missing; used by durable jobs, not yet by 0.1)")   \
+       "directory of the job store, jobs.db (created when the first job arrives)")                 \
+    XX(queues, "queues", "KELPIED_QUEUES", STR, "",                                                \
+       "job queue settings: 'NAME key=value ...; ...' (concurrency, rate, max_attempts, "          \
+       "backoff_ms, timeout_ms, result_ttl_s; NAME * sets the defaults)")                          \
     XX(log_level, "log-level", "KELPIED_LOG_LEVEL", LEVEL, "info", "error, warn, info or debug")   \
     XX(heartbeat_ms, "heartbeat-ms", "KELPIED_HEARTBEAT_MS", U32, "1000",                          \
        "heartbeat interval in ms (10..3600000)")                                                   \

@@ -35,6 +35,14 @@ void kp_broker_mark_worker_pending(struct kp_broker *b, struct kp_worker *w)
 {
     for (size_t i = 0; i < w->nservices; i++)
         kp_broker_mark_pending(b, w->services[i]);
+    /* Its job queues may claim more: the job engine looks at this list. */
+    for (size_t i = 0; i < w->nqueues; i++) {
+        struct kp_service *q = w->queues[i];
+        if (!q->job_pending) {
+            q->job_pending = true;
+            kp_list_push_back(&b->job_pending, &q->job_link);
+        }
+    }
 }
 
 /* Removes the client side of c: its entry in the client's map and its
@@ -75,6 +83,11 @@ static void dispatch_free_call(struct kp_broker *b, struct kp_call *c)
     kp_call_free(&b->calls, c);
 }
 
+void kp_broker_free_call(struct kp_broker *b, struct kp_call *c)
+{
+    dispatch_free_call(b, c);
+}
+
 /* Gives the worker's slot back; the call stays alive. */
 static void dispatch_release(struct kp_broker *b, struct kp_call *c)
 {
@@ -89,6 +102,11 @@ static void dispatch_release(struct kp_broker *b, struct kp_call *c)
     kp_broker_mark_worker_pending(b, w);
 }
 
+void kp_broker_release(struct kp_broker *b, struct kp_call *c)
+{
+    dispatch_release(b, c);
+}
+
 /* The client's side of a dispatched call ended (cancel, deadline, client
  * gone): tell the worker and wait for its answer to free the slot. */
 static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
@@ -98,6 +116,11 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
     b->orphans++;
     kp_call_drop_frames(c);
     kp_broker_send_worker(b, c->worker, &h);
+}
+
+void kp_broker_orphan(struct kp_broker *b, struct kp_call *c)
+{
+    dispatch_orphan(b, c);
 }
 
 /* Sends c to w. h is c's decoded header from the current message, or NULL
@@ -175,6 +198,13 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
         c->npayload = 0;
         kp_call_drop_frames(c);
     }
+    kp_broker_bind(b, c, w);
+    b->stats.dispatched++;
+    return KP_OK;
+}
+
+void kp_broker_bind(struct kp_broker *b, struct kp_call *c, struct kp_worker *w)
+{
     w->last_send = b->now;
     kp_worker_take_slot(w, ++b->pick_seq);
     c->state = KP_CALL_DISPATCHED;
@@ -182,8 +212,6 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
     kp_list_push_back(&w->calls, &c->worker_link);
     c->service->in_flight++;
     c->service->idle_since = 0;
-    b->stats.dispatched++;
-    return KP_OK;
 }
 
 void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index)

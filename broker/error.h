@@ -34,8 +34,7 @@
     XX(EQUEUEFULL, RESOURCE_EXHAUSTED, queue_full, "service queue is full")                        \
     XX(ECLIENTLIMIT, RESOURCE_EXHAUSTED, client_limit, "too many calls in flight for this client") \
     XX(EBACKLOG, RESOURCE_EXHAUSTED, not_reading, "client is not reading its replies")             \
-    XX(EUNIMPLEMENTED, UNIMPLEMENTED, unimplemented,                                               \
-       "durable jobs are not served by this broker version")                                       \
+    XX(EUNIMPLEMENTED, UNIMPLEMENTED, unimplemented, "not implemented")                            \
     XX(ECANCELLED, CANCELLED, none, "cancelled by the client")                                     \
     XX(EDEADLINE, DEADLINE_EXCEEDED, none, "deadline exceeded")                                    \
     XX(EWORKERLOST, UNAVAILABLE, none, "the worker running the call was lost")                     \

@@ -54,7 +54,9 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
     struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
     cl->last_seen = b->now;
     if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
-        kp_broker_self(b, rid, rid_len, h); /* still answered while draining */
+        /* still answered while draining */
+        if (!kp_jobs_admin(b, rid, rid_len, h))
+            kp_broker_self(b, rid, rid_len, h);
         return;
     }
     if (b->state != KP_BROKER_RUNNING) {
@@ -145,10 +147,10 @@ void kp_frontend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__CANCEL: {
         struct kp_call *c = frontend_find_call(b, h);
-        if (c == NULL)
-            b->stats.cancel_unknown++;
-        else
+        if (c != NULL)
             kp_broker_cancel(b, c);
+        else if (!kp_jobs_cancel_watch(b, h))
+            b->stats.cancel_unknown++;
         break;
     }
     case KELPIE__V1__KIND__CREDIT:
@@ -177,10 +179,11 @@ void kp_frontend_on_message(struct kp_broker *b)
         break;
     }
     case KELPIE__V1__KIND__SUBMIT:
+        kp_jobs_submit(b, h, 1);
+        break;
     case KELPIE__V1__KIND__WATCH:
-        /* Durable jobs: the job engine (jobs.c, next release) takes these
-         * two cases over; a committed SUBMIT enters the call path through
-         * kp_broker_accept like a REQUEST (docs/architecture.md §10). */
+        kp_jobs_watch(b, h);
+        break;
     default:
         frontend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;
@@ -193,9 +196,11 @@ void kp_intake_on_message(struct kp_broker *b)
     uint64_t request_id;
     enum kp_err err = kp_message_parse(&b->in, KP_FROM_INTAKE, 0, b->max_header_size,
                                        b->max_message_size, &h, &request_id);
-    if (err == KP_OK && h->kind != KELPIE__V1__KIND__REQUEST)
-        err = KP_EUNIMPLEMENTED; /* SUBMIT: the job engine's (jobs.c), as on the frontend */
-    else if (err == KP_OK && b->state != KP_BROKER_RUNNING)
+    if (err == KP_OK && h->kind == KELPIE__V1__KIND__SUBMIT) {
+        kp_jobs_submit(b, h, 0);
+        return;
+    }
+    if (err == KP_OK && b->state != KP_BROKER_RUNNING)
         err = KP_ESHUTDOWN;
     else if (err == KP_OK && strcmp(h->service, KP_BROKER_SERVICE) == 0)
         err = KP_ENOTFOUND; /* the broker's own calls need a reply path */

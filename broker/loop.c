@@ -5,7 +5,9 @@
  *   signals     stop requests from the wake pipe (drain, then force)
  *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
  *               flood on one socket cannot starve the others
- *   expire      call deadlines that came due (timer heap)
+ *   jobs        the job store's finished requests (journal.h): ACCEPTED,
+ *               claimed jobs to dispatch, ACKs, watchers' events
+ *   expire      call deadlines and job time limits that came due (timer heap)
  *   grace end   once, when the start-up grace is over: calls still waiting
  *               for a service no worker has registered get NOT_FOUND
  *   sweep       every heartbeat/2: heartbeats to quiet workers, silent
@@ -48,8 +50,13 @@ static int loop_read(struct kp_broker *b, void *sock, void (*handler)(struct kp_
 static void loop_expire(struct kp_broker *b)
 {
     struct kp_timer *t;
-    while ((t = kp_timers_pop_due(&b->timers, b->now)) != NULL)
-        kp_broker_expire(b, kp_container_of(t, struct kp_call, timer));
+    while ((t = kp_timers_pop_due(&b->timers, b->now)) != NULL) {
+        struct kp_call *c = kp_container_of(t, struct kp_call, timer);
+        if (c->job)
+            kp_jobs_on_timer(b, c);
+        else
+            kp_broker_expire(b, c);
+    }
 }
 
 static void loop_sweep(struct kp_broker *b)
@@ -149,15 +156,18 @@ static void loop_before_sleep(struct kp_broker *b)
     /* Each step can feed the others (reaping a worker fails calls whose
      * clients may turn out unreachable; dispatching can find a worker gone),
      * so repeat until all three lists are empty. */
+    kp_jobs_tick(b);
     for (;;) {
         if (!kp_list_empty(&b->gone_clients))
             kp_broker_reap_client(
                 b, kp_container_of(b->gone_clients.next, struct kp_client, gone_link));
         else if (!kp_list_empty(&b->gone_workers))
-            kp_broker_reap_worker(
-                b, kp_container_of(b->gone_workers.next, struct kp_worker, gone_link));
+            kp_jobs_reap_worker(b,
+                                kp_container_of(b->gone_workers.next, struct kp_worker, gone_link));
         else if (!kp_list_empty(&b->pending))
             kp_broker_dispatch_pending(b);
+        else if (kp_jobs_busy(b))
+            kp_jobs_pump(b);
         else
             break;
     }
@@ -188,9 +198,12 @@ static void loop_on_stop_requests(struct kp_broker *b)
 static long loop_poll_timeout(const struct kp_broker *b)
 {
     if (!kp_list_empty(&b->pending) || !kp_list_empty(&b->gone_workers) ||
-        !kp_list_empty(&b->gone_clients))
+        !kp_list_empty(&b->gone_clients) || kp_jobs_busy(b))
         return 0;
     uint64_t next = b->next_sweep;
+    uint64_t j = kp_jobs_next_wake((struct kp_broker *)b);
+    if (j < next)
+        next = j;
     uint64_t t = kp_timers_next(&b->timers);
     if (t < next)
         next = t;
@@ -204,14 +217,16 @@ static long loop_poll_timeout(const struct kp_broker *b)
 enum kp_err kp_broker_run(struct kp_broker *b)
 {
     zmq_pollitem_t items[] = {
-        {b->frontend, 0, ZMQ_POLLIN, 0},
-        {b->backend, 0, ZMQ_POLLIN, 0},
-        {b->intake, 0, ZMQ_POLLIN, 0},
-        {NULL, b->wake[0], ZMQ_POLLIN, 0},
+        {b->frontend, 0, ZMQ_POLLIN, 0}, {b->backend, 0, ZMQ_POLLIN, 0},
+        {b->intake, 0, ZMQ_POLLIN, 0},   {NULL, b->wake[0], ZMQ_POLLIN, 0},
+        {NULL, -1, ZMQ_POLLIN, 0},
     };
     b->now = (uint64_t)zclock_mono();
     while (b->state != KP_BROKER_STOPPED) {
-        if (zmq_poll(items, 4, loop_poll_timeout(b)) < 0 && errno != EINTR) {
+        /* The journal's completions, once the job store is open. */
+        items[4].fd = kp_jobs_fd(b);
+        int nitems = items[4].fd >= 0 ? 5 : 4;
+        if (zmq_poll(items, nitems, loop_poll_timeout(b)) < 0 && errno != EINTR) {
             kp_log_error("zmq_poll: %s", zmq_strerror(errno));
             return KP_ESYS;
         }
@@ -221,6 +236,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         loop_read(b, b->backend, kp_backend_on_message);
         loop_read(b, b->frontend, kp_frontend_on_message);
         loop_read(b, b->intake, kp_intake_on_message);
+        kp_jobs_on_completions(b);
         loop_expire(b);
         loop_end_grace(b);
         loop_sweep(b);

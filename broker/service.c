@@ -45,6 +45,7 @@ struct kp_service *kp_services_get(struct kp_services *r, const char *name, uint
     s->name_len = strlen(name);
     kp_list_init(&s->queue);
     kp_list_init(&s->pending_link);
+    kp_list_init(&s->job_link);
     s->idle_since = now ? now : 1;
     s->uniform = true;
     kp_bmap_put(&r->by_name, s->name, s->name_len, s);

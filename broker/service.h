@@ -53,6 +53,8 @@ struct kp_service {
     bool served;                 /* a worker has registered it at some point */
     bool pending;                /* in the broker's dispatch list */
     struct kp_list pending_link; /* link in that list */
+    bool job_pending;            /* a job queue in the broker's job_pending list */
+    struct kp_list job_link;     /* link in that list */
 };
 
 struct kp_services {

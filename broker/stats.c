@@ -85,6 +85,28 @@ void kp_json_object_end(struct kp_json *j)
         j->depth--;
 }
 
+void kp_json_array_begin(struct kp_json *j, const char *key)
+{
+    json_member(j, key);
+    json_raw(j, "[", 1);
+    if (j->depth < KP_JSON_DEPTH)
+        j->depth++;
+    j->first[j->depth] = true;
+}
+
+void kp_json_array_end(struct kp_json *j)
+{
+    json_raw(j, "]", 1);
+    if (j->depth > 0)
+        j->depth--;
+}
+
+void kp_json_null(struct kp_json *j, const char *key)
+{
+    json_member(j, key);
+    json_raw(j, "null", 4);
+}
+
 void kp_json_u64(struct kp_json *j, const char *key, uint64_t value)
 {
     char num[32];

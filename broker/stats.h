@@ -59,7 +59,32 @@
     XX(heartbeats_sent)           /* HEARTBEATs sent */                                            \
     XX(heartbeats_received)       /* HEARTBEATs received */                                        \
     XX(broker_calls)              /* calls to kelpie.broker */                                     \
-    XX(shutdown_rejected)         /* REQUESTs refused while shutting down */
+    XX(shutdown_rejected)         /* REQUESTs refused while shutting down */                       \
+    XX(jobs_submitted)            /* SUBMITs taken to the store (frontend and intake) */           \
+    XX(intake_submits)            /* ... of which from the intake */                               \
+    XX(jobs_accepted)             /* new jobs committed (ACCEPTED) */                              \
+    XX(jobs_deduplicated)         /* SUBMITs whose idempotency key named an existing job */        \
+    XX(jobs_submit_failed)        /* SUBMITs the store refused (disk full, I/O) */                 \
+    XX(jobs_claimed)              /* jobs leased from the store */                                 \
+    XX(jobs_dispatched)           /* JOBs sent to workers */                                       \
+    XX(jobs_succeeded)            /* jobs finished SUCCEEDED */                                    \
+    XX(jobs_failed)               /* attempts the handler failed */                                \
+    XX(jobs_retried)              /* attempts ended with the job queued again */                   \
+    XX(jobs_dead)                 /* jobs moved to the dead-letter queue */                        \
+    XX(jobs_cancelled)            /* jobs or attempts cancelled */                                 \
+    XX(jobs_worker_lost)          /* attempts ended because their worker was lost */               \
+    XX(jobs_timeout)              /* attempts that ran past their time limit */                    \
+    XX(jobs_rejected)             /* attempts given back with NACK */                              \
+    XX(jobs_results_late)         /* successes taken after their attempt was ended */              \
+    XX(jobs_results_stale)        /* resent or stale RESULT/NACKs (ACKed, nothing changed) */      \
+    XX(jobs_rate_limited)         /* claims held back by a queue's rate limit */                   \
+    XX(jobs_recovered)            /* jobs found leased when the store opened */                    \
+    XX(jobs_store_errors)         /* store requests that failed or could not be made */            \
+    XX(job_events)                /* PROGRESS/OUTPUT/notices recorded for watchers */              \
+    XX(job_events_dropped)        /* old events dropped from a job's bounded buffer */             \
+    XX(job_watches)               /* WATCHes accepted */                                           \
+    XX(job_watchers_dropped)      /* watchers dropped: gone or not reading */                      \
+    XX(workers_drained)           /* workers that asked to drain */
 
 struct kp_stats {
 #define XX(name) uint64_t name;
@@ -95,6 +120,16 @@ void kp_json_u64(struct kp_json *j, const char *key, uint64_t value);
 
 /* Adds a member "key": "value" (value escaped as JSON). */
 void kp_json_str(struct kp_json *j, const char *key, const char *value);
+
+/* Opens an array: as a member named key, or an element (key NULL). Elements
+ * are added with key NULL. */
+void kp_json_array_begin(struct kp_json *j, const char *key);
+
+/* Closes the innermost array. */
+void kp_json_array_end(struct kp_json *j);
+
+/* Adds a member "key": null. */
+void kp_json_null(struct kp_json *j, const char *key);
 
 /* Adds every counter of s as members of the current object. */
 void kp_stats_json(const struct kp_stats *s, struct kp_json *j);

@@ -83,6 +83,7 @@ void kp_job_clear(struct kp_job *job)
     kp_free(job->idempotency_key);
     kp_free(job->payload);
     kp_free(job->result);
+    kp_free(job->output);
     for (size_t i = 0; i < job->nhistory; i++)
         kp_free(job->history[i].message);
     kp_free(job->history);

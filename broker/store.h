@@ -92,6 +92,7 @@ struct kp_job_new {
     uint64_t result_ttl_ms;      /* how long a finished job (and its result) is kept */
     uint64_t run_at;             /* not before (ms since epoch); <= now means at once */
     uint64_t timeout_ms;         /* the job's own run-time limit, kept for the engine */
+    uint64_t backoff_ms;         /* base of the retry backoff, kept for the engine */
     uint32_t max_attempts;       /* deliveries before the DLQ, >= 1 */
     uint8_t priority;            /* 0..9, higher first */
 };
@@ -120,12 +121,14 @@ struct kp_job {
     uint8_t priority;
     uint32_t attempts;     /* deliveries so far (the last attempt's number) */
     uint32_t max_attempts; /* deliveries allowed since insert or the last DLQ retry */
-    uint64_t created_at, updated_at, run_at, timeout_ms;
+    uint64_t created_at, updated_at, run_at, timeout_ms, backoff_ms;
     void *payload; /* claim and get; NULL from list */
     size_t payload_len;
     void *result; /* get, once SUCCEEDED; NULL otherwise */
     size_t result_len;
     bool has_result;
+    void *output; /* get only: the output tail stored by the last end; NULL if none */
+    size_t output_len;
     struct kp_attempt *history; /* get only: every attempt, oldest first */
     size_t nhistory;
 };
@@ -144,6 +147,8 @@ struct kp_job_end {
                                     KP_NO_RETRY dead-letters now */
     const void *result;          /* when succeeded: the result to keep */
     size_t result_len;
+    const void *output; /* the attempt's output tail, kept with the job; NULL/0 keeps the last */
+    size_t output_len;
 };
 
 /* Listing: jobs in id (creation) order, after a cursor. */
@@ -194,13 +199,14 @@ struct kp_store *kp_store_memory_new(void);
 
 /* Opens (creating if missing) the SQLite store at `path` (a file, usually
  * DATA_DIR/jobs.db): WAL mode, synchronous=FULL, schema version checked, an
- * integrity check, then recover() of jobs left LEASED by a broker that died
- * (counted in *recovered). `vfs` is NULL for SQLite's default (tests pass a
- * fault-injecting one). On failure returns KP_ESTOREIO (cannot open or
- * write), KP_ESTORECORRUPT (not a database, damaged, or a schema version this
- * broker does not know) or KP_ESTOREFULL, with the file and cause in errmsg
- * (KP_STORE_ERRMSG_MAX bytes), and *out stays NULL. */
-enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now,
+ * integrity check, then recovery of jobs left LEASED by a broker that died
+ * (counted in *recovered): like recover(), but they run again not before
+ * now + hold_ms, so workers that still hold their results can report first. `vfs` is NULL for
+ * SQLite's default (tests pass a fault-injecting one). On failure returns KP_ESTOREIO (cannot open
+ * or write), KP_ESTORECORRUPT (not a database, damaged, or a schema version this broker does not
+ * know) or KP_ESTOREFULL, with the file and cause in errmsg (KP_STORE_ERRMSG_MAX bytes), and *out
+ * stays NULL. */
+enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now, uint64_t hold_ms,
                                  struct kp_store **out, size_t *recovered, char *errmsg);
 
 /* Closes the store (idempotent, nulls *s). Nothing uncommitted survives. */
@@ -250,8 +256,12 @@ enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, ui
  * cancelled → CANCELLED; otherwise QUEUED again not before retry_at, or DEAD
  * (the DLQ) when its attempts are used up or retry_at is KP_NO_RETRY. The new
  * state is put in *state. A succeeded outcome repeated for the attempt that
- * already succeeded is KP_OK (a worker resending its RESULT). KP_ENOJOB if
- * there is no such job; KP_EJOBSTATE if it is not leased in that attempt. */
+ * already succeeded is KP_OK (a worker resending its RESULT). A success for
+ * an earlier attempt that was ended otherwise (worker thought lost, broker
+ * restarted) is taken late: the job becomes SUCCEEDED unless it was
+ * cancelled, that attempt's outcome becomes succeeded and an attempt still
+ * running is ended cancelled (superseded). KP_ENOJOB if there is no such
+ * job; KP_EJOBSTATE if it is not leased in that attempt (otherwise). */
 enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state);
 

@@ -81,6 +81,8 @@ static void mem_copy_out(const struct mem_job *mj, struct kp_job *out, bool payl
     out->result = NULL;
     out->result_len = 0;
     out->has_result = false;
+    out->output = NULL;
+    out->output_len = 0;
     out->history = NULL;
     out->nhistory = 0;
     if (payload || full) {
@@ -93,6 +95,10 @@ static void mem_copy_out(const struct mem_job *mj, struct kp_job *out, bool payl
         out->result = mem_dup(j->result, j->result_len);
         out->result_len = j->result_len;
         out->has_result = true;
+    }
+    if (j->output) {
+        out->output = mem_dup(j->output, j->output_len);
+        out->output_len = j->output_len;
     }
     if (j->nhistory) {
         out->history = kp_calloc(j->nhistory, sizeof *out->history);
@@ -163,6 +169,7 @@ static enum kp_err mem_insert(struct kp_store *s, const struct kp_job_new *jobs,
         j->created_at = j->updated_at = now;
         j->run_at = in->run_at > now ? in->run_at : now;
         j->timeout_ms = in->timeout_ms;
+        j->backoff_ms = in->backoff_ms;
         j->payload = mem_dup(in->payload, in->payload_len);
         j->payload_len = in->payload_len;
         mj->seq = ++m->seq;
@@ -236,6 +243,11 @@ static enum kp_job_state mem_settle(struct mem_job *mj, const struct kp_job_end 
     a->message = e->message && *e->message ? kp_strdup(e->message) : NULL;
     j->updated_at = now;
     mj->owner = 0;
+    if (e->output_len > 0) {
+        kp_free(j->output);
+        j->output = mem_dup(e->output, e->output_len);
+        j->output_len = e->output_len;
+    }
     if (e->outcome == KP_OUTCOME_SUCCEEDED) {
         j->state = KP_JOB_SUCCEEDED;
         j->result = mem_dup(e->result, e->result_len);
@@ -263,6 +275,38 @@ static enum kp_err mem_end(struct kp_store *s, const kp_job_id *id, uint32_t att
     struct kp_job *j = &mj->job;
     if (j->state == KP_JOB_SUCCEEDED && e->outcome == KP_OUTCOME_SUCCEEDED &&
         j->attempts == attempt) {
+        *state = j->state;
+        return KP_OK;
+    }
+    if (e->outcome == KP_OUTCOME_SUCCEEDED && attempt >= 1 && attempt <= j->attempts &&
+        (j->state != KP_JOB_LEASED || j->attempts != attempt) && j->state != KP_JOB_CANCELLED) {
+        /* Late success (see store.h): the work is done; do not run it again. */
+        if (j->state != KP_JOB_SUCCEEDED) {
+            if (j->state == KP_JOB_LEASED) {
+                struct kp_attempt *run = &j->history[j->nhistory - 1];
+                run->outcome = KP_OUTCOME_CANCELLED;
+                run->ended_at = now;
+                run->message = kp_strdup("superseded: an earlier attempt's result arrived late");
+            }
+            struct kp_attempt *a = &j->history[attempt - 1];
+            a->outcome = KP_OUTCOME_SUCCEEDED;
+            a->ended_at = now;
+            kp_free(a->message);
+            a->message = kp_strdup("result arrived after the attempt was ended");
+            j->state = KP_JOB_SUCCEEDED;
+            kp_free(j->result);
+            j->result = mem_dup(e->result, e->result_len);
+            j->result_len = e->result_len;
+            j->has_result = true;
+            if (e->output_len > 0) {
+                kp_free(j->output);
+                j->output = mem_dup(e->output, e->output_len);
+                j->output_len = e->output_len;
+            }
+            j->updated_at = now;
+            mj->owner = 0;
+            mj->expires_at = now + mj->result_ttl_ms;
+        }
         *state = j->state;
         return KP_OK;
     }

@@ -67,8 +67,10 @@ static const char sq_schema[] =
     " owner INTEGER NOT NULL DEFAULT 0," /* broker holding the lease */
     " expires_at INTEGER,"               /* finished jobs are deleted after */
     " idem_key TEXT,"
+    " backoff_ms INTEGER NOT NULL DEFAULT 0," /* base of the retry backoff */
     " payload BLOB NOT NULL,"
-    " result BLOB);"
+    " result BLOB,"
+    " output BLOB);" /* the last attempt's output tail */
     "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 1;"
     "CREATE INDEX jobs_sched ON jobs(run_at) WHERE state = 0;"
     "CREATE INDEX jobs_leased ON jobs(id) WHERE state = 2;"
@@ -93,7 +95,7 @@ static const char sq_schema[] =
 
 #define SQ_JOB_COLS                                                                                \
     "seq, id, queue, idem_key, state, priority, attempts, max_attempts, created_at, updated_at, "  \
-    "run_at, timeout_ms, attempt_base, result_ttl_ms"
+    "run_at, timeout_ms, attempt_base, result_ttl_ms, backoff_ms"
 
 /* XX(name, sql): every statement, prepared once at open. */
 #define SQ_STMTS(XX)                                                                               \
@@ -106,8 +108,8 @@ static const char sq_schema[] =
     XX(key_get, "SELECT job_id FROM idem WHERE queue = ?1 AND key = ?2 AND expires_at > ?3")       \
     XX(key_put, "INSERT OR REPLACE INTO idem(queue, key, job_id, expires_at) VALUES(?1,?2,?3,?4)") \
     XX(job_put, "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "    \
-                "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload) "                     \
-                "VALUES(?1,?2,?3,?4,?5,?6,?6,?7,?8,?9,?10,?11)")                                   \
+                "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms) "         \
+                "VALUES(?1,?2,?3,?4,?5,?6,?6,?7,?8,?9,?10,?11,?12)")                               \
     XX(promote, "UPDATE jobs SET state = 1 WHERE state = 0 AND run_at <= ?1")                      \
     XX(pick, "SELECT " SQ_JOB_COLS ", payload FROM jobs WHERE queue = ?1 AND state = 1 "           \
              "ORDER BY priority DESC, seq LIMIT ?2")                                               \
@@ -116,9 +118,10 @@ static const char sq_schema[] =
     XX(att_start, "INSERT INTO attempts(job_seq, n, outcome, started_at) VALUES(?1, ?2, 0, ?3)")   \
     XX(att_end, "UPDATE attempts SET outcome = ?3, ended_at = ?4, message = ?5 "                   \
                 "WHERE job_seq = ?1 AND n = ?2")                                                   \
-    XX(job_by_id, "SELECT " SQ_JOB_COLS ", payload, result FROM jobs WHERE id = ?1")               \
+    XX(job_by_id, "SELECT " SQ_JOB_COLS ", payload, result, output FROM jobs WHERE id = ?1")       \
     XX(job_move, "UPDATE jobs SET state = ?2, run_at = ?3, updated_at = ?4, owner = 0, "           \
-                 "result = ?5, expires_at = ?6 WHERE seq = ?1")                                    \
+                 "result = ?5, expires_at = ?6, output = coalesce(?7, output) WHERE seq = ?1")     \
+    XX(att_get, "SELECT outcome FROM attempts WHERE job_seq = ?1 AND n = ?2")                      \
     XX(history, "SELECT n, outcome, started_at, ended_at, message FROM attempts "                  \
                 "WHERE job_seq = ?1 ORDER BY n")                                                   \
     XX(list_any, "SELECT " SQ_JOB_COLS " FROM jobs WHERE (?1 < 0 OR state = ?1) "                  \
@@ -178,8 +181,10 @@ enum {
     C_TIMEOUT,
     C_BASE,
     C_TTL,
+    C_BACKOFF,
     C_PAYLOAD,
-    C_RESULT
+    C_RESULT,
+    C_OUTPUT
 };
 
 static struct sq_store *sq(struct kp_store *s)
@@ -273,6 +278,7 @@ static void sq_row_job(sqlite3_stmt *st, struct kp_job *j)
     j->updated_at = (uint64_t)sqlite3_column_int64(st, C_UPDATED);
     j->run_at = (uint64_t)sqlite3_column_int64(st, C_RUNAT);
     j->timeout_ms = (uint64_t)sqlite3_column_int64(st, C_TIMEOUT);
+    j->backoff_ms = (uint64_t)sqlite3_column_int64(st, C_BACKOFF);
 }
 
 /* ---- per-operation savepoints --------------------------------------------- */
@@ -379,6 +385,7 @@ static enum kp_err sq_insert_one(struct sq_store *q, const struct kp_job_new *in
     sqlite3_bind_int64(st, 9, (sqlite3_int64)in->result_ttl_ms);
     sq_bind_text(st, 10, keyed ? in->idempotency_key : NULL);
     sq_bind_blob(st, 11, in->payload, in->payload_len);
+    sqlite3_bind_int64(st, 12, (sqlite3_int64)in->backoff_ms);
     enum kp_err err = sq_exec(q, st, "insert job");
     if (err != KP_OK || !keyed)
         return err;
@@ -512,8 +519,59 @@ static enum kp_err sq_settle(struct sq_store *q, sqlite3_stmt *row, const struct
         sq_bind_blob(st, 5, e->result, e->result_len);
     if (finished)
         sqlite3_bind_int64(st, 6, (sqlite3_int64)(now + ttl));
+    if (e->output_len > 0)
+        sq_bind_blob(st, 7, e->output, e->output_len);
     *state = next;
     return sq_exec(q, st, "move job");
+}
+
+/* A success reported for an attempt that was already ended otherwise (its
+ * worker was thought lost, or the broker restarted): the work is done, so the
+ * job is SUCCEEDED rather than run again. The attempt's outcome becomes
+ * succeeded; an attempt still running is ended cancelled (the engine stops
+ * it). A job that already succeeded (by another attempt) stays as it is. */
+static enum kp_err sq_late_success(struct sq_store *q, sqlite3_stmt *row, uint32_t attempt,
+                                   const struct kp_job_end *e, uint64_t now,
+                                   enum kp_job_state *state)
+{
+    enum kp_job_state st = (enum kp_job_state)sqlite3_column_int(row, C_STATE);
+    sqlite3_int64 seq = sqlite3_column_int64(row, C_SEQ);
+    uint32_t attempts = (uint32_t)sqlite3_column_int64(row, C_ATT);
+    uint64_t ttl = (uint64_t)sqlite3_column_int64(row, C_TTL);
+    sqlite3_int64 run_at = sqlite3_column_int64(row, C_RUNAT);
+    if (st == KP_JOB_SUCCEEDED) {
+        *state = st;
+        return KP_OK;
+    }
+    sqlite3_stmt *at = sq_stmt(q, SQ_att_end);
+    enum kp_err err = KP_OK;
+    if (st == KP_JOB_LEASED) {
+        sqlite3_bind_int64(at, 1, seq);
+        sqlite3_bind_int64(at, 2, attempts);
+        sqlite3_bind_int(at, 3, KP_OUTCOME_CANCELLED);
+        sqlite3_bind_int64(at, 4, (sqlite3_int64)now);
+        sq_bind_text(at, 5, "superseded: an earlier attempt's result arrived late");
+        if ((err = sq_exec(q, at, "end superseded attempt")) != KP_OK)
+            return err;
+    }
+    sqlite3_bind_int64(at, 1, seq);
+    sqlite3_bind_int64(at, 2, attempt);
+    sqlite3_bind_int(at, 3, KP_OUTCOME_SUCCEEDED);
+    sqlite3_bind_int64(at, 4, (sqlite3_int64)now);
+    sq_bind_text(at, 5, "result arrived after the attempt was ended");
+    if ((err = sq_exec(q, at, "end attempt late")) != KP_OK)
+        return err;
+    sqlite3_stmt *mv = sq_stmt(q, SQ_job_move);
+    sqlite3_bind_int64(mv, 1, seq);
+    sqlite3_bind_int(mv, 2, KP_JOB_SUCCEEDED);
+    sqlite3_bind_int64(mv, 3, run_at);
+    sqlite3_bind_int64(mv, 4, (sqlite3_int64)now);
+    sq_bind_blob(mv, 5, e->result, e->result_len);
+    sqlite3_bind_int64(mv, 6, (sqlite3_int64)(now + ttl));
+    if (e->output_len > 0)
+        sq_bind_blob(mv, 7, e->output, e->output_len);
+    *state = KP_JOB_SUCCEEDED;
+    return sq_exec(q, mv, "move job");
 }
 
 /* Steps job_by_id for id; KP_OK with a row ready, or KP_ENOJOB/an I/O error
@@ -545,6 +603,9 @@ static enum kp_err sq_end_inner(struct sq_store *q, const kp_job_id *id, uint32_
     if (st == KP_JOB_SUCCEEDED && e->outcome == KP_OUTCOME_SUCCEEDED && attempts == attempt) {
         *state = st;
         err = KP_OK;
+    } else if (e->outcome == KP_OUTCOME_SUCCEEDED && attempt >= 1 && attempt <= attempts &&
+               (st != KP_JOB_LEASED || attempts != attempt) && st != KP_JOB_CANCELLED) {
+        err = sq_late_success(q, row, attempt, e, now, state);
     } else if (st != KP_JOB_LEASED || attempts != attempt) {
         err = kp_store_fail(&q->base, KP_EJOBSTATE, "job %s: attempt %u is not running (state %s)",
                             id->s, attempt, kp_job_state_name(st));
@@ -611,6 +672,8 @@ static enum kp_err sq_get(struct kp_store *s, const kp_job_id *id, struct kp_job
         out->result = sq_col_blob(row, C_RESULT, &out->result_len);
         out->has_result = true;
     }
+    if (sqlite3_column_type(row, C_OUTPUT) != SQLITE_NULL)
+        out->output = sq_col_blob(row, C_OUTPUT, &out->output_len);
     sqlite3_int64 seq = sqlite3_column_int64(row, C_SEQ);
     sqlite3_reset(row);
     sqlite3_stmt *st = sq_stmt(q, SQ_history);
@@ -742,12 +805,11 @@ static enum kp_err sq_expire(struct kp_store *s, uint64_t now, size_t *jobs, siz
     return err;
 }
 
-static enum kp_err sq_recover(struct kp_store *s, uint64_t now, size_t *n)
+static enum kp_err sq_recover_at(struct sq_store *q, uint64_t now, uint64_t retry_at, size_t *n)
 {
-    struct sq_store *q = sq(s);
     struct kp_job_end lost = {.outcome = KP_OUTCOME_WORKER_LOST,
                               .message = "broker restarted while the job was leased",
-                              .retry_at = now};
+                              .retry_at = retry_at};
     *n = 0;
     enum kp_err err = sq_op_begin(q);
     /* Settle one leased job per pass: the SELECT is restarted after each
@@ -773,6 +835,11 @@ static enum kp_err sq_recover(struct kp_store *s, uint64_t now, size_t *n)
     if (err != KP_OK)
         *n = 0;
     return err;
+}
+
+static enum kp_err sq_recover(struct kp_store *s, uint64_t now, size_t *n)
+{
+    return sq_recover_at(sq(s), now, now, n);
 }
 
 static enum kp_err sq_next_run_at(struct kp_store *s, uint64_t *when)
@@ -900,7 +967,7 @@ static enum kp_err sq_setup(struct sq_store *q, const char *vfs)
     return KP_OK;
 }
 
-enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now,
+enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now, uint64_t hold_ms,
                                  struct kp_store **out, size_t *recovered, char *errmsg)
 {
     struct sq_store *q = kp_calloc(1, sizeof *q);
@@ -910,7 +977,7 @@ enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now
     *recovered = 0;
     enum kp_err err = sq_setup(q, vfs);
     if (err == KP_OK)
-        err = sq_recover(&q->base, now, recovered);
+        err = sq_recover_at(q, now, now + hold_ms, recovered);
     if (err != KP_OK) {
         snprintf(errmsg, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
         sq_close(&q->base);

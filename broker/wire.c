@@ -127,6 +127,10 @@ static bool wire_strings_ok(const kp_header *h)
         if (!wire_utf8_ok(h->methods[i]))
             return false;
     }
+    for (size_t i = 0; i < h->n_queues; i++) {
+        if (!wire_utf8_ok(h->queues[i]))
+            return false;
+    }
     for (size_t i = 0; i < h->n_metadata; i++) {
         if (h->metadata[i]->key && !wire_utf8_ok(h->metadata[i]->key))
             return false;
@@ -191,7 +195,7 @@ enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir)
         return KP_EUNKNOWNKIND;
     if ((unsigned)dir > KP_FROM_INTAKE || !(wire_allowed[dir] & (1u << kind)))
         return KP_EDIRECTION;
-    if (h->kind == KELPIE__V1__KIND__REQUEST) {
+    if (h->kind == KELPIE__V1__KIND__REQUEST || h->kind == KELPIE__V1__KIND__SUBMIT) {
         if (dir == KP_FROM_CLIENT && h->request_id == 0)
             return KP_ENOREQUESTID;
         if (h->service == NULL || h->service[0] == '\0')

@@ -19,6 +19,7 @@ void kp_workers_fini(struct kp_workers *t)
     struct kp_worker *w;
     while ((w = kp_bmap_next(&t->by_rid, &pos)) != NULL) {
         kp_worker_clear_services(w);
+        kp_free(w->queues);
         kp_free(w->name);
         kp_budget_release(&w->queued);
         kp_free(w);
@@ -54,6 +55,7 @@ void kp_worker_destroy(struct kp_workers *t, struct kp_worker **wp)
         kp_bmap_del(&t->by_rid, w->rid.bytes, w->rid.len);
     kp_list_remove(&w->gone_link);
     kp_worker_clear_services(w);
+    kp_free(w->queues);
     kp_free(w->name);
     kp_budget_release(&w->queued);
     kp_free(w);
@@ -78,7 +80,7 @@ size_t kp_workers_count(const struct kp_workers *t)
 
 uint32_t kp_worker_free_slots(const struct kp_worker *w)
 {
-    if (w->gone || w->stalled || w->lagging || w->in_flight >= w->credits)
+    if (w->gone || w->stalled || w->lagging || w->draining || w->in_flight >= w->credits)
         return 0;
     return w->credits - w->in_flight;
 }

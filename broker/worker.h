@@ -40,12 +40,15 @@ struct kp_worker {
     bool stalled;                 /* STATUS(STALLED): send nothing new */
     bool lagging;                 /* over --peer-max-queued: nothing new until it drains */
     bool gone;                    /* being removed; never picked again */
+    bool draining;                /* STATUS(DRAINING): takes nothing new, finishes what it holds */
     uint64_t last_recv;           /* monotonic ms of its last message */
     uint64_t last_send;           /* monotonic ms of our last message to it */
     uint64_t last_pick;           /* dispatch sequence at its last pick */
     struct kp_service **services; /* services it serves */
     struct kp_methods **methods;  /* methods[i]: what it implements of services[i], NULL = all */
     size_t nservices;             /* entries in services and methods */
+    struct kp_service **queues;   /* job queues it takes JOBs from (in the broker's queues) */
+    size_t nqueues;               /* entries in queues */
     struct kp_list calls;         /* its dispatched and orphaned calls */
     struct kp_list gone_link;     /* in the broker's removal list once gone */
     struct kp_budget *queued;     /* bytes queued to it (budget.h); NULL until the first send */

@@ -42,7 +42,7 @@ static struct kp_store *bench_open(const char *dir, const char *name)
     struct kp_store *s;
     char err[KP_STORE_ERRMSG_MAX];
     size_t rec;
-    if (kp_store_sqlite_open(path, NULL, kp_store_now(), &s, &rec, err) != KP_OK) {
+    if (kp_store_sqlite_open(path, NULL, kp_store_now(), 0, &s, &rec, err) != KP_OK) {
         fprintf(stderr, "store_bench: %s\n", err);
         exit(1);
     }

@@ -57,7 +57,7 @@ static inline struct kp_store *st_open(const struct st_dir *d)
     struct kp_store *s = NULL;
     char err[KP_STORE_ERRMSG_MAX];
     size_t recovered;
-    enum kp_err rc = kp_store_sqlite_open(d->db, NULL, 1, &s, &recovered, err);
+    enum kp_err rc = kp_store_sqlite_open(d->db, NULL, 1, 0, &s, &recovered, err);
     cr_assert_eq(rc, KP_OK, "%s", err);
     return s;
 }

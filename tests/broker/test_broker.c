@@ -89,8 +89,9 @@ static void tb_start(void)
     tb_set(&tb_cfg.data_dir, data);
     kp_log_set_level(tb_cfg.log_level);
     cr_assert_eq(kp_broker_new(&tb_cfg, tb.ctx, &tb.broker), KP_OK);
-    /* Nothing in 0.1 uses --data-dir: the broker must not create it. */
-    cr_assert_neq(access(data, F_OK), 0, "--data-dir was created although nothing uses it");
+    /* --data-dir is made when the first job arrives, not before: a broker
+     * that never sees a job leaves nothing behind. */
+    cr_assert_neq(access(data, F_OK), 0, "--data-dir was created although no job came");
     cr_assert_eq(pthread_create(&tb.thread, NULL, tb_run, NULL), 0);
     tb.running = true;
 }
@@ -468,10 +469,14 @@ Test(broker, bad_input_matrix_gets_the_right_error_and_counter)
     h = tb_hdr(KELPIE__V1__KIND__REQUEST, 31);
     tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 31, "bad_header");
 
-    /* Job kinds are not served yet. */
+    /* A SUBMIT out of range never reaches the store: priority 0..9. */
     h = tb_hdr(KELPIE__V1__KIND__SUBMIT, 41);
     h.service = "jobs";
-    tb_bad_header(&h, KELPIE__V1__CODE__UNIMPLEMENTED, 41, "unimplemented");
+    h.priority = 12;
+    tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 41, "bad_header");
+    h = tb_hdr(KELPIE__V1__KIND__SUBMIT, 0);
+    h.service = "jobs";
+    tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 0, "bad_header");
 
     /* An ERROR from a client is not allowed, and never answered. */
     long before = tb_stat("bad_kind");
@@ -488,9 +493,9 @@ Test(broker, bad_input_matrix_gets_the_right_error_and_counter)
     tb_send(stranger, &h, "x");
     tb_expect_error(stranger, KELPIE__V1__CODE__FAILED_PRECONDITION, 77);
     cr_assert_eq(tb_stat("not_ready"), before + 1);
-    h = tb_hdr(KELPIE__V1__KIND__RESULT, 78);
+    h = tb_hdr(KELPIE__V1__KIND__RESULT, 78); /* no job_id, no attempt */
     tb_send(w, &h, NULL);
-    tb_expect_error(w, KELPIE__V1__CODE__UNIMPLEMENTED, 78);
+    tb_expect_error(w, KELPIE__V1__CODE__INVALID_ARGUMENT, 78);
     /* A CANCEL is a client's message, not a worker's. */
     h = tb_hdr(KELPIE__V1__KIND__CANCEL, 79);
     tb_send(w, &h, NULL);

@@ -324,7 +324,7 @@ static void tj_writer(const char *db, int ack)
     struct kp_store *s = NULL;
     char err[KP_STORE_ERRMSG_MAX];
     size_t rec;
-    if (kp_store_sqlite_open(db, NULL, kp_store_now(), &s, &rec, err) != KP_OK)
+    if (kp_store_sqlite_open(db, NULL, kp_store_now(), 0, &s, &rec, err) != KP_OK)
         _exit(3);
     struct kp_journal *j;
     if (kp_journal_new(&s, 512, 512, &j) != KP_OK)

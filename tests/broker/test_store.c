@@ -460,7 +460,74 @@ static void t_failed_op_in_a_group_undoes_only_itself(struct kp_store *s)
     cr_assert_eq(ts_state(s, &d), KP_JOB_QUEUED);
 }
 
+/* A worker's success that arrives after its attempt was ended otherwise (it
+ * was thought lost) is taken: the job is not run again, and the attempt
+ * running meanwhile is ended as superseded. */
+static void t_late_success_is_taken(struct kp_store *s)
+{
+    struct kp_job_new in = ts_job("q", 0, "x");
+    in.backoff_ms = 250;
+    kp_job_id id = ts_insert(s, in, T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    cr_assert_eq(j.backoff_ms, 250, "backoff is kept for the engine");
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &id, 1, KP_OUTCOME_WORKER_LOST, T0, T0 + 1), KP_JOB_QUEUED);
+    cr_assert(ts_claim(s, "q", T0 + 2, &j));
+    kp_job_clear(&j);
+    struct kp_job_end e = {.outcome = KP_OUTCOME_SUCCEEDED,
+                           .result = "late",
+                           .result_len = 4,
+                           .output = "tail",
+                           .output_len = 4};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0 + 3, &st), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(st, KP_JOB_SUCCEEDED);
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_SUCCEEDED);
+    cr_assert(j.has_result && j.result_len == 4 && memcmp(j.result, "late", 4) == 0);
+    cr_assert(j.output_len == 4 && memcmp(j.output, "tail", 4) == 0);
+    cr_assert_eq(j.nhistory, 2);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_SUCCEEDED);
+    cr_assert_eq(j.history[1].outcome, KP_OUTCOME_CANCELLED);
+    kp_job_clear(&j);
+    /* The superseded attempt's own answer changes nothing. */
+    e.outcome = KP_OUTCOME_FAILED;
+    e.retry_at = T0;
+    cr_assert_eq(kp_store_end(s, &id, 2, &e, T0 + 4, &st), KP_EJOBSTATE);
+    /* A late success for a job that is queued again also finishes it. */
+    kp_job_id id2 = ts_insert(s, ts_job("q", 0, "y"), T0);
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &id2, 1, KP_OUTCOME_WORKER_LOST, T0, T0 + 1), KP_JOB_QUEUED);
+    e.outcome = KP_OUTCOME_SUCCEEDED;
+    cr_assert_eq(kp_store_end(s, &id2, 1, &e, T0 + 2, &st), KP_OK);
+    cr_assert_eq(st, KP_JOB_SUCCEEDED);
+    cr_assert_not(ts_claim(s, "q", T0 + 3, &j), "a finished job is never claimed");
+}
+
+/* The output tail of the last attempt is kept with the job. */
+static void t_output_tail_is_kept(struct kp_store *s)
+{
+    kp_job_id id = ts_insert(s, ts_job("q", 0, "x"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    struct kp_job_end e = {.outcome = KP_OUTCOME_FAILED,
+                           .retry_at = KP_NO_RETRY,
+                           .output = "Traceback",
+                           .output_len = 9};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(s, &id, 1, &e, T0, &st), KP_OK);
+    cr_assert_eq(st, KP_JOB_DEAD);
+    cr_assert_eq(kp_store_get(s, &id, &j), KP_OK);
+    cr_assert(j.output_len == 9 && memcmp(j.output, "Traceback", 9) == 0);
+    kp_job_clear(&j);
+}
+
 #define STORE_TESTS(XX)                                                                            \
+    XX(late_success_is_taken)                                                                      \
+    XX(output_tail_is_kept)                                                                        \
     XX(insert_and_get)                                                                             \
     XX(insert_refuses_bad_jobs_whole_batch)                                                        \
     XX(idempotency_key_returns_the_existing_job)                                                   \
@@ -517,12 +584,19 @@ Test(store_sqlite, reopen_keeps_jobs_and_recovers_leases)
 
     char err[KP_STORE_ERRMSG_MAX];
     size_t recovered;
-    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0 + 50, &s, &recovered, err), KP_OK, "%s", err);
+    /* Held for 1 s so that workers still holding results can report first. */
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0 + 50, 1000, &s, &recovered, err), KP_OK, "%s",
+                 err);
     cr_assert_eq(recovered, 1);
     cr_assert_eq(ts_state(s, &done), KP_JOB_SUCCEEDED);
     cr_assert_eq(ts_state(s, &waiting), KP_JOB_QUEUED);
+    cr_assert(ts_claim(s, "q", T0 + 60, &j), "the waiting job");
+    kp_job_clear(&j);
+    cr_assert_not(ts_claim(s, "q", T0 + 60, &j), "the recovered job is held");
+    cr_assert(ts_claim(s, "q", T0 + 1050, &j), "and runs after the hold");
+    kp_job_clear(&j);
     cr_assert_eq(kp_store_get(s, &leased, &j), KP_OK);
-    cr_assert_eq(j.state, KP_JOB_QUEUED);
+    cr_assert_eq(j.state, KP_JOB_LEASED);
     cr_assert_eq(j.history[0].outcome, KP_OUTCOME_WORKER_LOST);
     kp_job_clear(&j);
     cr_assert_eq(kp_store_get(s, &done, &j), KP_OK);
@@ -556,7 +630,7 @@ Test(store_sqlite, refuses_an_unknown_schema_version)
     sqlite3_close(db);
     char err[KP_STORE_ERRMSG_MAX];
     size_t n;
-    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, 0, &s, &n, err), KP_ESTORECORRUPT);
     cr_assert_null(s);
     cr_assert(strstr(err, d.db) && strstr(err, "schema version 7"), "%s", err);
     st_dir_remove(&d);
@@ -572,7 +646,7 @@ Test(store_sqlite, refuses_another_programs_database)
     struct kp_store *s;
     char err[KP_STORE_ERRMSG_MAX];
     size_t n;
-    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert_eq(kp_store_sqlite_open(d.db, NULL, T0, 0, &s, &n, err), KP_ESTORECORRUPT);
     cr_assert(strstr(err, "not a Kelpie job store"), "%s", err);
     st_dir_remove(&d);
 }

@@ -36,7 +36,7 @@ static struct kp_job_new sf_job(const void *payload, size_t len)
 static enum kp_err sf_open(const char *path, const char *vfs, struct kp_store **s, char *err)
 {
     size_t n;
-    return kp_store_sqlite_open(path, vfs, T0, s, &n, err);
+    return kp_store_sqlite_open(path, vfs, T0, 0, s, &n, err);
 }
 
 static size_t sf_count(struct kp_store *s)

@@ -1,0 +1,2109 @@
+/* jobs: the job engine, durable jobs on top of the call machinery.
+ *
+ * The store (store.h) keeps jobs; the journal thread (journal.h) owns it and
+ * commits with group commit; this module is the loop's side of both. It
+ * turns SUBMITs into journal requests and answers ACCEPTED only when they
+ * come back committed; it claims jobs from the store when workers of their
+ * queue have free slots (never more: no prefetch) and sends each as a JOB on
+ * a kp_call, so a job shares the dispatch-id table, credits, slot
+ * accounting and liveness with calls; it ends attempts (RESULT, NACK, worker
+ * lost, timeout, cancel) through the journal and ACKs RESULTs once stored;
+ * and it fans PROGRESS/OUTPUT events out to watchers, keeping a bounded
+ * buffer per job for those who attach late.
+ *
+ * Three clocks stay apart: the lease follows the worker's liveness (a lost
+ * worker's attempts end worker_lost at once), the job's own run-time limit
+ * is a timer on its call, and schedules (delay, backoff) are wall-clock
+ * times in the store, looked for when they come due.
+ *
+ * Requests to the journal carry a `struct op` as their tag: what to do with
+ * the answer, and the inputs the request borrows (payload frames, copied
+ * strings), which stay alive until the answer is taken. Called by the loop,
+ * the frontend and the backend; calls down into dispatch.c and send.c.
+ * docs/protocol.md §11 is the contract.
+ */
+#include "broker_impl.h"
+
+#include <czmq.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "alloc.h"
+#include "journal.h"
+#include "log.h"
+#include "store.h"
+
+#define JOBS_MAX_INFLIGHT 65536 /* journal requests put and not taken */
+#define JOBS_MAX_BATCH 4096     /* requests per transaction */
+#define JOBS_CLAIM_MAX 256      /* jobs per CLAIM */
+#define JOBS_EVENTS_MAX 1000    /* events kept per job for late watchers ... */
+#define JOBS_EVENTS_BYTES (1u << 20) /* ... and their payload bytes */
+#define JOBS_TAIL_BYTES 65536        /* output tail stored with the result */
+#define JOBS_KEY_MAX 256             /* idempotency key bytes */
+#define JOBS_MAX_ATTEMPTS 100
+#define JOBS_MAX_DELAY_MS (366ull * 24 * 3600 * 1000)
+#define JOBS_MAX_TIMEOUT_MS (366ull * 24 * 3600 * 1000)
+#define JOBS_TIMEOUT_GRACE_MS 2000 /* past timeout_ms before the broker ends an attempt */
+#define JOBS_CANCEL_GRACE_MS 5000  /* after CANCEL before the broker ends it cancelled */
+#define JOBS_BACKOFF_CAP_MS 3600000
+#define JOBS_KEY_TTL_MS (24ull * 3600 * 1000)
+#define JOBS_EXPIRE_EVERY_MS 1000 /* an indexed delete of what is due; cheap */
+#define JOBS_REOPEN_MS 5000 /* retry a store that failed to open */
+#define JOBS_LOOK_MS 1000   /* look for due scheduled jobs at least this often */
+#define JOBS_MAX_QUEUES 10000
+#define JOBS_LIST_MAX 1000
+
+/* ---- state ------------------------------------------------------------- */
+
+struct queue_settings {
+    uint32_t concurrency;   /* running at once across workers, 0 = unlimited */
+    uint32_t rate;          /* starts per second, 0 = unlimited */
+    uint32_t max_attempts;  /* default for SUBMITs that give 0 */
+    uint64_t backoff_ms;    /* default retry backoff base */
+    uint64_t timeout_ms;    /* default run-time limit, 0 = none */
+    uint64_t result_ttl_ms; /* how long finished jobs are kept */
+};
+
+/* One job queue. Never freed before the engine: runs and ops point at it. */
+struct jobq {
+    char *name;
+    struct kp_service *svc;   /* in b->queues: the workers that take its jobs */
+    struct queue_settings set;
+    uint32_t running;         /* attempts leased here and not yet ended */
+    uint32_t claiming;        /* jobs asked for by the CLAIM in the journal */
+    bool claim_out;           /* a CLAIM is in the journal */
+    bool maybe_ready;         /* the store may hold ready jobs */
+    uint64_t gen, claim_gen;  /* bumped when jobs may have become ready */
+    uint64_t next_due;        /* wall ms of the earliest known scheduled job */
+    double tokens;            /* rate limit's bucket */
+    uint64_t tokens_at;       /* monotonic ms of the last refill */
+    struct kp_list held;      /* claimed runs waiting for a slot */
+    size_t nheld;
+    bool pending;             /* in the engine's pump list */
+    struct kp_list pending_link;
+};
+
+struct watch;
+
+/* One leased attempt, from its claim until its slot comes back. */
+struct run {
+    kp_job_id id;
+    uint32_t attempt, max_attempts;
+    uint8_t priority;
+    uint64_t timeout_ms, backoff_ms;
+    struct jobq *q;
+    zmq_msg_t payload;       /* until sent */
+    struct kp_call *call;    /* once dispatched */
+    struct kp_list held_link;
+    bool ended;              /* its attempt was ended by the broker (timeout, cancel) */
+    bool cancel_requested;
+    struct watch *watch;     /* its job's events, if any */
+};
+
+/* One event kept for late watchers. */
+struct event {
+    struct kp_list link;
+    Kelpie__V1__Kind kind;
+    uint64_t seq;
+    uint32_t attempt;
+    float progress;
+    char *message, *stream, *outcome, *reason;
+    zmq_msg_t payload;
+    bool has_payload;
+};
+
+/* A job's watchers and events; exists while the job is unfinished and has
+ * either watchers or events. */
+struct watch {
+    kp_job_id id;
+    struct kp_list watchers;
+    struct kp_list events;
+    size_t nevents, bytes;
+    uint64_t seq;            /* next event's sequence */
+    struct run *run;         /* the attempt running now */
+    char *tail;              /* the running attempt's output tail */
+    size_t tail_len;
+};
+
+struct watcher {
+    struct kp_list link;
+    struct watch *w;         /* NULL until the job's state is known */
+    struct kp_rid rid;
+    uint64_t request_id;
+    bool stream;
+    char key[2 * 255 + 24];  /* in engine->watchers */
+};
+
+enum op_kind {
+    OP_SUBMIT,
+    OP_CLAIM,
+    OP_END,
+    OP_CANCEL,
+    OP_WATCH,  /* GET for a new watcher */
+    OP_FINAL,  /* GET for the watchers of a job that just finished */
+    OP_GETJOB, /* admin */
+    OP_LIST,
+    OP_RETRY,
+    OP_PURGE,
+    OP_EXPIRE,
+};
+
+struct op {
+    enum op_kind kind;
+    struct kp_list link; /* in retry_ends while waiting to be put again */
+    struct kp_journal_req *req;
+    bool has_peer;           /* answer to a frontend peer ... */
+    struct kp_rid rid;       /* ... with this routing id */
+    uint64_t request_id;     /* ... and request id */
+    struct jobq *q;          /* SUBMIT, CLAIM, END */
+    struct kp_job_new job;   /* SUBMIT (points at the copies below) */
+    char *queue, *key, *message, *s1, *s2;
+    zmq_msg_t payload;       /* SUBMIT payload, END result */
+    bool has_payload;
+    char *output;            /* END output tail */
+    size_t output_len;
+    struct kp_rid worker;    /* END: whom to ACK */
+    bool ack;
+    uint64_t ack_request_id;
+    Kelpie__V1__Kind ack_kind;
+    enum kp_job_outcome outcome;
+    struct watcher *watcher; /* OP_WATCH */
+    uint64_t retry_at;       /* END: for the watchers' notice */
+    kp_job_id id;
+};
+
+struct kp_engine {
+    struct kp_journal *journal; /* NULL until the store opens */
+    enum kp_err open_err;       /* why it did not, KP_OK if not tried */
+    char open_msg[KP_STORE_ERRMSG_MAX];
+    uint64_t open_tried;        /* monotonic ms of the last try */
+    char *data_dir;
+    uint64_t hold_ms;
+    struct queue_settings defaults;
+    struct kp_list pending;     /* queues to pump */
+    zhashx_t *queues;           /* name -> struct jobq */
+    zhashx_t *watches;          /* job id -> struct watch */
+    zhashx_t *watchers;         /* "rid-hex/request_id" -> struct watcher */
+    char *settings;             /* --queues text, applied to queues as they appear */
+    uint64_t next_look, next_expire;
+    struct kp_list retry_ends;  /* END ops whose commit failed, put again later */
+    uint64_t retry_at;
+    uint64_t rng;               /* backoff jitter */
+};
+
+/* ---- small helpers ----------------------------------------------------- */
+
+static struct kp_engine *engine(struct kp_broker *b)
+{
+    return b->jobs;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s && *s ? kp_strdup(s) : NULL;
+}
+
+static void rid_set(struct kp_rid *r, const void *bytes, size_t len)
+{
+    r->len = (uint8_t)(len > sizeof r->bytes ? sizeof r->bytes : len);
+    memcpy(r->bytes, bytes, r->len);
+}
+
+static void watcher_key(char *out, size_t cap, const void *rid, size_t len, uint64_t request_id)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len && n + 3 < cap; i++)
+        n += (size_t)snprintf(out + n, cap - n, "%02x", ((const unsigned char *)rid)[i]);
+    snprintf(out + n, cap - n, "/%llu", (unsigned long long)request_id);
+}
+
+/* Metadata values are bytes, not strings: copy into buf with a NUL. */
+static bool meta_str(const kp_header *h, const char *key, char *buf, size_t cap)
+{
+    for (size_t i = 0; i < h->n_metadata; i++) {
+        const Kelpie__V1__Header__MetadataEntry *e = h->metadata[i];
+        if (e->key && strcmp(e->key, key) == 0) {
+            size_t n = e->value.len < cap - 1 ? e->value.len : cap - 1;
+            memcpy(buf, e->value.data, n);
+            buf[n] = '\0';
+            return n > 0;
+        }
+    }
+    buf[0] = '\0';
+    return false;
+}
+
+/* xorshift64: jitter needs spread, not secrecy. */
+static uint64_t jitter_next(uint64_t *state)
+{
+    uint64_t x = *state ? *state : 0x9e3779b97f4a7c15ull;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    return x;
+}
+
+/* Exponential backoff with ±25 % jitter, capped. attempt counts from 1. */
+static uint64_t backoff(uint64_t *rng, uint64_t base, uint32_t attempt)
+{
+    uint64_t d = base ? base : 1;
+    for (uint32_t i = 1; i < attempt && d < JOBS_BACKOFF_CAP_MS; i++)
+        d *= 2;
+    if (d > JOBS_BACKOFF_CAP_MS)
+        d = JOBS_BACKOFF_CAP_MS;
+    uint64_t span = d / 2;
+    if (span)
+        d = d - d / 4 + jitter_next(rng) % span;
+    return d;
+}
+
+/* The outcome a worker's RESULT code stands for, and whether to retry. */
+static enum kp_job_outcome outcome_of(Kelpie__V1__Code code, bool *permanent)
+{
+    *permanent = false;
+    switch (code) {
+    case KELPIE__V1__CODE__OK:
+        return KP_OUTCOME_SUCCEEDED;
+    case KELPIE__V1__CODE__CANCELLED:
+        return KP_OUTCOME_CANCELLED;
+    case KELPIE__V1__CODE__DEADLINE_EXCEEDED:
+        return KP_OUTCOME_TIMEOUT;
+    case KELPIE__V1__CODE__INVALID_ARGUMENT:
+    case KELPIE__V1__CODE__FAILED_PRECONDITION:
+    case KELPIE__V1__CODE__PERMISSION_DENIED:
+    case KELPIE__V1__CODE__NOT_FOUND:
+    case KELPIE__V1__CODE__UNIMPLEMENTED:
+        *permanent = true;
+        return KP_OUTCOME_FAILED;
+    default:
+        return KP_OUTCOME_FAILED;
+    }
+}
+
+/* ---- queue settings ---------------------------------------------------- */
+
+static bool settings_apply(struct queue_settings *s, const char *key, const char *val, char *err,
+                           size_t errlen)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(val, &end, 10);
+    if (errno || end == val) {
+        snprintf(err, errlen, "queue setting %s: '%s' is not a number", key, val);
+        return false;
+    }
+    if (strcmp(key, "rate") == 0 && (strcmp(end, "/s") == 0 || *end == '\0'))
+        s->rate = v > 1000000 ? 1000000 : (uint32_t)v;
+    else if (*end != '\0') {
+        snprintf(err, errlen, "queue setting %s: '%s' is not a number", key, val);
+        return false;
+    } else if (strcmp(key, "concurrency") == 0)
+        s->concurrency = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+    else if (strcmp(key, "max_attempts") == 0 && v >= 1 && v <= JOBS_MAX_ATTEMPTS)
+        s->max_attempts = (uint32_t)v;
+    else if (strcmp(key, "backoff_ms") == 0 && v >= 1 && v <= JOBS_BACKOFF_CAP_MS)
+        s->backoff_ms = v;
+    else if (strcmp(key, "timeout_ms") == 0 && v <= JOBS_MAX_TIMEOUT_MS)
+        s->timeout_ms = v;
+    else if (strcmp(key, "result_ttl_s") == 0 && v >= 1 && v <= 10ull * 365 * 86400)
+        s->result_ttl_ms = v * 1000;
+    else {
+        snprintf(err, errlen, "queue setting %s=%s: unknown key or out of range", key, val);
+        return false;
+    }
+    return true;
+}
+
+/* Applies the --queues text's entries for `name` (or "*" when name is NULL)
+ * to s. Returns false with err set when the text is malformed. */
+static bool settings_for(const char *text, const char *name, struct queue_settings *s, char *err,
+                         size_t errlen)
+{
+    if (text == NULL)
+        return true;
+    char *copy = kp_strdup(text), *save = NULL;
+    bool ok = true;
+    for (char *entry = strtok_r(copy, ";", &save); entry && ok;
+         entry = strtok_r(NULL, ";", &save)) {
+        char *save2 = NULL;
+        char *qname = strtok_r(entry, " \t\n", &save2);
+        if (qname == NULL)
+            continue;
+        bool mine = name ? strcmp(qname, name) == 0 : strcmp(qname, "*") == 0;
+        for (char *kv = strtok_r(NULL, " \t\n", &save2); kv; kv = strtok_r(NULL, " \t\n", &save2)) {
+            char *eq = strchr(kv, '=');
+            if (eq == NULL) {
+                snprintf(err, errlen, "queue %s: '%s' is not key=value", qname, kv);
+                ok = false;
+                break;
+            }
+            *eq = '\0';
+            struct queue_settings scratch = *s;
+            if (!settings_apply(mine ? s : &scratch, kv, eq + 1, err, errlen)) {
+                ok = false;
+                break;
+            }
+        }
+    }
+    kp_free(copy);
+    return ok;
+}
+
+/* ---- queues -------------------------------------------------------------- */
+
+static struct jobq *queue_find(struct kp_broker *b, const char *name)
+{
+    return zhashx_lookup(engine(b)->queues, name);
+}
+
+/* The queue named name, made on first use (NULL past JOBS_MAX_QUEUES: its
+ * jobs are still kept, and the queue appears when a worker takes it). */
+static struct jobq *queue_get(struct kp_broker *b, const char *name)
+{
+    struct kp_engine *e = engine(b);
+    struct jobq *q = zhashx_lookup(e->queues, name);
+    if (q || zhashx_size(e->queues) >= JOBS_MAX_QUEUES)
+        return q;
+    q = kp_calloc(1, sizeof *q);
+    q->name = kp_strdup(name);
+    q->svc = kp_services_get(&b->queues, name, b->now);
+    q->set = e->defaults;
+    char err[256];
+    settings_for(e->settings, name, &q->set, err, sizeof err); /* checked at start */
+    q->maybe_ready = true;
+    q->next_due = UINT64_MAX;
+    q->tokens = q->set.rate;
+    q->tokens_at = b->now;
+    kp_list_init(&q->held);
+    kp_list_init(&q->pending_link);
+    zhashx_insert(e->queues, name, q);
+    return q;
+}
+
+static void queue_mark(struct kp_broker *b, struct jobq *q)
+{
+    if (q && !q->pending) {
+        q->pending = true;
+        kp_list_push_back(&engine(b)->pending, &q->pending_link);
+    }
+}
+
+/* Jobs may have become ready in q (a submit, a retry, a schedule). */
+static void queue_poke(struct kp_broker *b, struct jobq *q)
+{
+    if (q == NULL)
+        return;
+    q->gen++;
+    q->maybe_ready = true;
+    queue_mark(b, q);
+}
+
+/* ---- the store and the journal ------------------------------------------ */
+
+/* Opens the store if it is not open, creating --data-dir; false (with the
+ * reason kept for answers) if it cannot be, retried at most every
+ * JOBS_REOPEN_MS so a full or read-only disk is not hammered. */
+static bool jobs_store(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e->journal)
+        return true;
+    if (e->open_err != KP_OK && b->now - e->open_tried < JOBS_REOPEN_MS)
+        return false;
+    e->open_tried = b->now;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/jobs.db", e->data_dir);
+    if (mkdir(e->data_dir, 0700) != 0 && errno != EEXIST) {
+        e->open_err = KP_ESTOREIO;
+        snprintf(e->open_msg, sizeof e->open_msg, "%s: cannot create the data directory: %s",
+                 e->data_dir, strerror(errno));
+        kp_log_error("job store: %s", e->open_msg);
+        return false;
+    }
+    struct kp_store *s = NULL;
+    size_t recovered = 0;
+    enum kp_err err = kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered,
+                                           e->open_msg);
+    if (err == KP_OK)
+        err = kp_journal_new(&s, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal);
+    if (err != KP_OK) {
+        if (e->open_msg[0] == '\0' || err == KP_ESYS)
+            snprintf(e->open_msg, sizeof e->open_msg, "%.400s: %s", path, kp_strerror(err));
+        e->open_err = err == KP_ESTORECORRUPT ? KP_ESTORECORRUPT : err;
+        kp_log_error("job store: %s", e->open_msg);
+        return false;
+    }
+    e->open_err = KP_OK;
+    e->open_msg[0] = '\0';
+    kp_log_info("job store %s open%s", path, recovered ? "" : " (nothing to recover)");
+    if (recovered)
+        kp_log_warn("job store: %zu jobs were running when the broker stopped; they run again "
+                    "after %llu ms (attempt ended worker_lost)",
+                    recovered, (unsigned long long)e->hold_ms);
+    b->stats.jobs_recovered += recovered;
+    /* Every queue may have jobs now; recovered ones come due after the hold. */
+    void *it;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues))
+        queue_poke(b, it);
+    e->next_look = b->now;
+    return true;
+}
+
+static struct op *op_new(enum op_kind kind, enum kp_journal_op jop)
+{
+    struct op *o = kp_calloc(1, sizeof *o);
+    o->kind = kind;
+    o->req = kp_journal_req_new(jop);
+    o->req->tag = (uint64_t)(uintptr_t)o;
+    zmq_msg_init(&o->payload);
+    return o;
+}
+
+static void op_free(struct op *o)
+{
+    kp_journal_req_destroy(&o->req);
+    kp_free(o->queue);
+    kp_free(o->key);
+    kp_free(o->message);
+    kp_free(o->s1);
+    kp_free(o->s2);
+    kp_free(o->output);
+    zmq_msg_close(&o->payload);
+    kp_free(o);
+}
+
+/* Sends ERROR(err, detail) to the op's peer, if it has one. */
+static void op_error(struct kp_broker *b, struct op *o, enum kp_err err, const char *detail)
+{
+    if (o->has_peer)
+        kp_broker_send_error(b, b->frontend, o->rid.bytes, o->rid.len, o->request_id, err, detail);
+}
+
+/* Hands o to the journal; on failure answers its peer and frees it. */
+static bool op_put(struct kp_broker *b, struct op *o)
+{
+    struct kp_engine *e = engine(b);
+    if (!jobs_store(b)) {
+        b->stats.jobs_store_errors++;
+        op_error(b, o, e->open_err, e->open_msg);
+        op_free(o);
+        return false;
+    }
+    struct kp_journal_req *r = o->req;
+    enum kp_err err = kp_journal_put(e->journal, &r);
+    if (err != KP_OK) {
+        b->stats.jobs_store_errors++;
+        op_error(b, o, err, NULL);
+        op_free(o);
+        return false;
+    }
+    o->req = NULL; /* the journal's until take() */
+    return true;
+}
+
+/* ---- watchers and events --------------------------------------------------- */
+
+static struct watch *watch_get(struct kp_broker *b, const kp_job_id *id)
+{
+    struct kp_engine *e = engine(b);
+    struct watch *w = zhashx_lookup(e->watches, id->s);
+    if (w == NULL) {
+        w = kp_calloc(1, sizeof *w);
+        w->id = *id;
+        kp_list_init(&w->watchers);
+        kp_list_init(&w->events);
+        zhashx_insert(e->watches, id->s, w);
+    }
+    return w;
+}
+
+static void event_free(struct event *ev)
+{
+    kp_free(ev->message);
+    kp_free(ev->stream);
+    kp_free(ev->outcome);
+    kp_free(ev->reason);
+    zmq_msg_close(&ev->payload);
+    kp_free(ev);
+}
+
+static void watcher_free(struct kp_broker *b, struct watcher *wr)
+{
+    kp_list_remove(&wr->link);
+    zhashx_delete(engine(b)->watchers, wr->key);
+    kp_free(wr);
+}
+
+/* Frees a watch once nobody needs it: no watcher, no running attempt; its
+ * events go with it unless the job is still unfinished and keep is set. */
+static void watch_release(struct kp_broker *b, struct watch *w, bool finished)
+{
+    if (!kp_list_empty(&w->watchers) || w->run)
+        return;
+    if (!finished && w->nevents > 0)
+        return; /* late watchers of an unfinished job still get its events */
+    while (!kp_list_empty(&w->events)) {
+        struct event *ev = kp_container_of(w->events.next, struct event, link);
+        kp_list_remove(&ev->link);
+        event_free(ev);
+    }
+    kp_free(w->tail);
+    zhashx_delete(engine(b)->watches, w->id.s);
+    kp_free(w);
+}
+
+/* Sends one message to a watcher; drops the watcher if its client is gone
+ * or not reading. Payload frames are copied (shared buffer), never moved. */
+static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, zmq_msg_t *payload,
+                         size_t n)
+{
+    struct kp_client *cl = kp_clients_find(&b->clients, wr->rid.bytes, wr->rid.len);
+    struct kp_budget *acct = cl ? kp_broker_account(b, &cl->queued) : NULL;
+    char why[160];
+    if (acct && kp_broker_lagging(b, acct, why, sizeof why)) {
+        b->stats.job_watchers_dropped++;
+        kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
+                             KP_EBACKLOG, why);
+        watcher_free(b, wr);
+        return;
+    }
+    zmq_msg_t copies[1];
+    if (n) {
+        zmq_msg_init(&copies[0]);
+        zmq_msg_copy(&copies[0], payload);
+    }
+    h->request_id = wr->request_id;
+    enum kp_err err =
+        kp_broker_send(b, b->frontend, wr->rid.bytes, wr->rid.len, acct, h, n ? copies : NULL, n);
+    if (err != KP_OK) {
+        if (n)
+            zmq_msg_close(&copies[0]);
+        if (err == KP_EUNREACHABLE) {
+            b->stats.job_watchers_dropped++;
+            watcher_free(b, wr);
+        }
+    }
+}
+
+static void event_header(const struct watch *w, const struct event *ev, kp_header *h,
+                         Kelpie__V1__Header__MetadataEntry *md, Kelpie__V1__Header__MetadataEntry **mdp)
+{
+    *h = kp_broker_header(ev->kind, 0);
+    h->job_id = (char *)w->id.s;
+    h->sequence = ev->seq;
+    h->attempt = ev->attempt;
+    h->progress = ev->progress;
+    h->message = ev->message ? ev->message : (char *)"";
+    h->stream = ev->stream ? ev->stream : (char *)"";
+    size_t n = 0;
+    const char *keys[] = {"outcome", "reason"};
+    const char *vals[] = {ev->outcome, ev->reason};
+    for (size_t i = 0; i < 2; i++) {
+        if (vals[i] == NULL)
+            continue;
+        kelpie__v1__header__metadata_entry__init(&md[n]);
+        md[n].key = (char *)keys[i];
+        md[n].value.data = (uint8_t *)vals[i];
+        md[n].value.len = strlen(vals[i]);
+        mdp[n] = &md[n];
+        n++;
+    }
+    h->n_metadata = n;
+    h->metadata = n ? mdp : NULL;
+}
+
+/* Records an event of job w and sends it to its streaming watchers. Takes
+ * ev. Old events go when the buffer is over its bounds. */
+static void watch_emit(struct kp_broker *b, struct watch *w, struct event *ev)
+{
+    ev->seq = w->seq++;
+    b->stats.job_events++;
+    kp_header h;
+    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
+    struct kp_list *l = w->watchers.next;
+    while (l != &w->watchers) {
+        struct watcher *wr = kp_container_of(l, struct watcher, link);
+        l = l->next;
+        if (!wr->stream)
+            continue;
+        event_header(w, ev, &h, md, mdp);
+        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+    }
+    kp_list_push_back(&w->events, &ev->link);
+    w->nevents++;
+    w->bytes += ev->has_payload ? zmq_msg_size(&ev->payload) : 0;
+    while (w->nevents > JOBS_EVENTS_MAX || w->bytes > JOBS_EVENTS_BYTES) {
+        struct event *old = kp_container_of(w->events.next, struct event, link);
+        kp_list_remove(&old->link);
+        w->nevents--;
+        w->bytes -= old->has_payload ? zmq_msg_size(&old->payload) : 0;
+        event_free(old);
+        b->stats.job_events_dropped++;
+    }
+}
+
+/* A broker notice (STATUS) about job w: an attempt started or ended. */
+static void watch_notice(struct kp_broker *b, struct watch *w, const char *state, uint32_t attempt,
+                         const char *outcome, const char *reason)
+{
+    struct event *ev = kp_calloc(1, sizeof *ev);
+    ev->kind = KELPIE__V1__KIND__STATUS;
+    ev->attempt = attempt;
+    ev->message = kp_strdup(state);
+    ev->outcome = dup_or_null(outcome);
+    ev->reason = dup_or_null(reason);
+    zmq_msg_init(&ev->payload);
+    watch_emit(b, w, ev);
+}
+
+static void json_job(struct kp_json *j, const struct kp_job *job, bool history)
+{
+    kp_json_object_begin(j, NULL);
+    kp_json_str(j, "id", job->id.s);
+    kp_json_str(j, "queue", job->queue ? job->queue : "");
+    kp_json_str(j, "state", kp_job_state_name(job->state));
+    kp_json_u64(j, "priority", job->priority);
+    kp_json_u64(j, "attempts", job->attempts);
+    kp_json_u64(j, "max_attempts", job->max_attempts);
+    kp_json_u64(j, "created_at", job->created_at);
+    kp_json_u64(j, "updated_at", job->updated_at);
+    kp_json_u64(j, "run_at", job->run_at);
+    kp_json_u64(j, "timeout_ms", job->timeout_ms);
+    if (job->idempotency_key)
+        kp_json_str(j, "idempotency_key", job->idempotency_key);
+    else
+        kp_json_null(j, "idempotency_key");
+    kp_json_u64(j, "has_result", job->has_result);
+    if (history) {
+        kp_json_array_begin(j, "history");
+        for (size_t i = 0; i < job->nhistory; i++) {
+            const struct kp_attempt *a = &job->history[i];
+            kp_json_object_begin(j, NULL);
+            kp_json_u64(j, "attempt", a->n);
+            kp_json_str(j, "outcome", kp_job_outcome_name(a->outcome));
+            kp_json_u64(j, "started_at", a->started_at);
+            kp_json_u64(j, "ended_at", a->ended_at);
+            if (a->message)
+                kp_json_str(j, "message", a->message);
+            else
+                kp_json_null(j, "message");
+            kp_json_object_end(j);
+        }
+        kp_json_array_end(j);
+    }
+    kp_json_object_end(j);
+}
+
+/* libzmq's free callback for a claimed payload handed over without a copy. */
+static void free_payload(void *data, void *hint)
+{
+    (void)hint;
+    kp_free(data);
+}
+
+static void msg_from(zmq_msg_t *m, const void *data, size_t len)
+{
+    if (zmq_msg_init_size(m, len) != 0) {
+        kp_log_error("out of memory for a %zu-byte job message, aborting", len);
+        abort(); /* the daemon's OOM policy (alloc.h) */
+    }
+    if (len)
+        memcpy(zmq_msg_data(m), data, len);
+}
+
+/* Whether a job in this state is finished (its watch ends). */
+static bool state_final(enum kp_job_state st)
+{
+    return st == KP_JOB_SUCCEEDED || st == KP_JOB_DEAD || st == KP_JOB_CANCELLED;
+}
+
+/* The terminal RESULT for a finished job, to one watcher. */
+static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct kp_job *job)
+{
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__RESULT, 0);
+    h.job_id = (char *)job->id.s;
+    h.attempt = job->attempts;
+    char msg[512] = "";
+    zmq_msg_t payload;
+    if (job->state == KP_JOB_SUCCEEDED) {
+        h.code = KELPIE__V1__CODE__OK;
+        msg_from(&payload, job->result, job->has_result ? job->result_len : 0);
+    } else {
+        const struct kp_attempt *last = job->nhistory ? &job->history[job->nhistory - 1] : NULL;
+        if (job->state == KP_JOB_CANCELLED) {
+            h.code = KELPIE__V1__CODE__CANCELLED;
+            snprintf(msg, sizeof msg, "job cancelled");
+        } else {
+            h.code = KELPIE__V1__CODE__ABORTED;
+            snprintf(msg, sizeof msg, "job failed after %u attempt%s; last: %s%s%.400s",
+                     job->attempts, job->attempts == 1 ? "" : "s",
+                     last ? kp_job_outcome_name(last->outcome) : "none",
+                     last && last->message ? ": " : "",
+                     last && last->message ? last->message : "");
+        }
+        struct kp_json j;
+        kp_json_init(&j);
+        json_job(&j, job, true);
+        msg_from(&payload, j.data, j.len);
+        kp_json_fini(&j);
+    }
+    h.message = msg;
+    watcher_send(b, wr, &h, &payload, 1);
+    zmq_msg_close(&payload);
+}
+
+/* Ends every watch of a finished job with its RESULT. */
+static void watch_finish(struct kp_broker *b, struct watch *w, const struct kp_job *job)
+{
+    while (!kp_list_empty(&w->watchers)) {
+        struct watcher *wr = kp_container_of(w->watchers.next, struct watcher, link);
+        watcher_finish(b, wr, job);
+        if (!kp_list_empty(&w->watchers) &&
+            kp_container_of(w->watchers.next, struct watcher, link) == wr)
+            watcher_free(b, wr);
+    }
+    watch_release(b, w, true);
+}
+
+/* ---- runs and dispatch ----------------------------------------------------- */
+
+static void run_free(struct run *r)
+{
+    zmq_msg_close(&r->payload);
+    kp_free(r);
+}
+
+/* Puts an END for r's attempt in the journal (the broker's own decision:
+ * worker lost, timeout, cancel); r's attempt counts as ended from now. */
+static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outcome,
+                    const char *message, bool retry)
+{
+    if (r->ended)
+        return;
+    r->ended = true;
+    if (r->q->running)
+        r->q->running--;
+    struct op *o = op_new(OP_END, KP_JOURNAL_END);
+    o->q = r->q;
+    o->id = r->id;
+    o->outcome = outcome;
+    o->message = dup_or_null(message);
+    uint64_t now = kp_store_now();
+    o->retry_at = !retry ? KP_NO_RETRY
+                  : outcome == KP_OUTCOME_WORKER_LOST
+                      ? now
+                      : now + backoff(&engine(b)->rng, r->backoff_ms, r->attempt);
+    if (r->watch && r->watch->tail_len) {
+        o->output = kp_malloc(r->watch->tail_len);
+        memcpy(o->output, r->watch->tail, r->watch->tail_len);
+        o->output_len = r->watch->tail_len;
+    }
+    o->req->in.id = r->id;
+    o->req->in.attempt = r->attempt;
+    o->req->in.end = (struct kp_job_end){.outcome = outcome,
+                                         .message = o->message,
+                                         .retry_at = o->retry_at,
+                                         .output = o->output,
+                                         .output_len = o->output_len};
+    if (r->watch) {
+        r->watch->run = NULL;
+        r->watch->tail_len = 0;
+    }
+    switch (outcome) {
+    case KP_OUTCOME_WORKER_LOST:
+        b->stats.jobs_worker_lost++;
+        break;
+    case KP_OUTCOME_TIMEOUT:
+        b->stats.jobs_timeout++;
+        break;
+    case KP_OUTCOME_CANCELLED:
+        b->stats.jobs_cancelled++;
+        break;
+    default:
+        break;
+    }
+    op_put(b, o);
+}
+
+/* Sends held run r to w as a JOB on a new call. false if it could not be
+ * sent (w is then gone or full) and r stays held. */
+static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
+{
+    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
+        w->lagging = true;
+        b->stats.worker_not_reading++;
+        return false;
+    }
+    struct kp_call *c = kp_call_new(&b->calls);
+    c->service = r->q->svc;
+    c->job = r;
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__JOB, kp_call_dispatch_id(c).v);
+    h.service = r->q->name;
+    h.job_id = r->id.s;
+    h.attempt = r->attempt;
+    h.max_attempts = r->max_attempts;
+    h.priority = r->priority;
+    h.timeout_ms = r->timeout_ms;
+    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h,
+                                     &r->payload, 1);
+    if (err != KP_OK) {
+        c->job = NULL;
+        kp_broker_free_call(b, c);
+        if (err == KP_EAGAIN) {
+            kp_log_warn("worker '%s' is not reading; capacity cut from %u to %u", w->name,
+                        w->credits, w->in_flight);
+            w->credits = w->in_flight;
+        } else {
+            kp_broker_worker_gone(b, w);
+        }
+        return false;
+    }
+    zmq_msg_init(&r->payload);
+    kp_broker_bind(b, c, w);
+    r->call = c;
+    if (r->timeout_ms) {
+        c->deadline = b->now + r->timeout_ms + JOBS_TIMEOUT_GRACE_MS;
+        kp_timers_arm(&b->timers, &c->timer, c->deadline);
+    }
+    b->stats.jobs_dispatched++;
+    struct watch *wt = zhashx_lookup(engine(b)->watches, r->id.s);
+    if (wt) {
+        r->watch = wt;
+        wt->run = r;
+        wt->tail_len = 0;
+        watch_notice(b, wt, "running", r->attempt, NULL, NULL);
+    }
+    return true;
+}
+
+/* Sends q's held runs to free workers, oldest first. */
+static void queue_dispatch(struct kp_broker *b, struct jobq *q)
+{
+    while (!kp_list_empty(&q->held)) {
+        struct kp_worker *w = kp_service_pick(q->svc, "");
+        if (w == NULL)
+            return;
+        struct run *r = kp_container_of(q->held.next, struct run, held_link);
+        if (!run_send(b, r, w))
+            continue; /* w is gone or full now; another may take it */
+        kp_list_remove(&r->held_link);
+        q->nheld--;
+    }
+}
+
+/* Claims as many ready jobs of q as its workers have free slots for, within
+ * its concurrency and rate limits. */
+static void queue_claim(struct kp_broker *b, struct jobq *q)
+{
+    struct kp_engine *e = engine(b);
+    if (q->claim_out || !q->maybe_ready || b->state != KP_BROKER_RUNNING || e->journal == NULL)
+        return;
+    uint64_t free = 0;
+    for (size_t i = 0; i < q->svc->nworkers; i++)
+        free += kp_worker_free_slots(q->svc->workers[i]);
+    if (free <= q->nheld)
+        return;
+    uint64_t want = free - q->nheld;
+    if (q->set.concurrency) {
+        uint64_t cap = q->set.concurrency > q->running ? q->set.concurrency - q->running : 0;
+        if (want > cap)
+            want = cap;
+    }
+    if (q->set.rate) {
+        double add = (double)(b->now - q->tokens_at) * q->set.rate / 1000.0;
+        q->tokens = q->tokens + add > q->set.rate ? q->set.rate : q->tokens + add;
+        q->tokens_at = b->now;
+        if (want > (uint64_t)q->tokens)
+            want = (uint64_t)q->tokens;
+        if (want == 0)
+            b->stats.jobs_rate_limited++;
+    }
+    if (want > JOBS_CLAIM_MAX)
+        want = JOBS_CLAIM_MAX;
+    if (want == 0)
+        return;
+    struct op *o = op_new(OP_CLAIM, KP_JOURNAL_CLAIM);
+    o->q = q;
+    o->req->in.queue = q->name;
+    o->req->in.max = want;
+    o->req->in.owner = b->broker_id;
+    q->claim_out = true;
+    q->claiming = (uint32_t)want;
+    q->claim_gen = q->gen;
+    if (q->set.rate)
+        q->tokens -= (double)want;
+    if (!op_put(b, o)) {
+        q->claim_out = false;
+        q->claiming = 0;
+    }
+}
+
+/* ---- completions ---------------------------------------------------------- */
+
+static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    if (r->out.err != KP_OK) {
+        b->stats.jobs_submit_failed++;
+        if (!o->has_peer)
+            kp_log_warn("intake SUBMIT to %s not stored: %s", o->queue,
+                        r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        op_error(b, o, r->out.err, r->out.errmsg);
+        return;
+    }
+    bool existed = r->out.refs[0].existed;
+    if (existed)
+        b->stats.jobs_deduplicated++;
+    else
+        b->stats.jobs_accepted++;
+    if (o->has_peer) {
+        kp_header h = kp_broker_header(KELPIE__V1__KIND__ACCEPTED, o->request_id);
+        h.job_id = r->out.refs[0].id.s;
+        h.code = existed ? KELPIE__V1__CODE__ALREADY_EXISTS : KELPIE__V1__CODE__OK;
+        kp_broker_send(b, b->frontend, o->rid.bytes, o->rid.len, NULL, &h, NULL, 0);
+    }
+    if (existed)
+        return;
+    struct jobq *q = o->q ? o->q : queue_get(b, o->queue);
+    if (q && o->job.run_at > kp_store_now()) {
+        if (o->job.run_at < q->next_due)
+            q->next_due = o->job.run_at;
+        queue_mark(b, q);
+    } else {
+        queue_poke(b, q);
+    }
+}
+
+static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct jobq *q = o->q;
+    q->claim_out = false;
+    uint32_t asked = q->claiming;
+    q->claiming = 0;
+    if (r->out.err != KP_OK) {
+        b->stats.jobs_store_errors++;
+        kp_log_warn("claim from %s failed: %s", q->name,
+                    r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        return;
+    }
+    size_t n = r->out.jobs.n;
+    if (q->set.rate && n < asked)
+        q->tokens += (double)(asked - n); /* not used */
+    if (n < asked && q->claim_gen == q->gen)
+        q->maybe_ready = false;
+    for (size_t i = 0; i < n; i++) {
+        struct kp_job *job = &r->out.jobs.v[i];
+        struct run *run = kp_calloc(1, sizeof *run);
+        run->id = job->id;
+        run->attempt = job->attempts;
+        run->max_attempts = job->max_attempts;
+        run->priority = job->priority;
+        run->timeout_ms = job->timeout_ms;
+        run->backoff_ms = job->backoff_ms ? job->backoff_ms : q->set.backoff_ms;
+        run->q = q;
+        /* The claimed buffer becomes the frame: no copy. */
+        if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len,
+                              free_payload, NULL) != 0) {
+            msg_from(&run->payload, job->payload, job->payload_len);
+            kp_free(job->payload);
+        }
+        job->payload = NULL;
+        kp_list_push_back(&q->held, &run->held_link);
+        q->nheld++;
+        q->running++;
+    }
+    b->stats.jobs_claimed += n;
+    queue_mark(b, q);
+}
+
+/* ACKs a RESULT or NACK now that its end is stored (or known stale). */
+static void op_ack(struct kp_broker *b, struct op *o, uint32_t attempt)
+{
+    if (!o->ack)
+        return;
+    struct kp_worker *w = kp_workers_find(&b->workers, o->worker.bytes, o->worker.len);
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__ACK, o->ack_request_id);
+    h.job_id = o->id.s;
+    h.attempt = attempt;
+    if (w)
+        kp_broker_send_worker(b, w, &h);
+}
+
+static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct kp_engine *e = engine(b);
+    if (r->out.err == KP_ENOJOB || r->out.err == KP_EJOBSTATE) {
+        /* A resent or stale answer: nothing to store, but the worker may
+         * drop what it holds. */
+        b->stats.jobs_results_stale++;
+        op_ack(b, o, r->in.attempt);
+        return;
+    }
+    if (r->out.err != KP_OK) {
+        b->stats.jobs_store_errors++;
+        kp_log_warn("job %s: could not record the end of attempt %u: %s", o->id.s,
+                    r->in.attempt, r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        if (!o->ack) {
+            /* The broker's own decision (worker lost, timeout): try again,
+             * or the job stays leased until a restart recovers it. */
+            struct op *again = op_new(OP_END, KP_JOURNAL_END);
+            again->q = o->q;
+            again->id = o->id;
+            again->outcome = o->outcome;
+            again->retry_at = o->retry_at;
+            again->message = o->message;
+            o->message = NULL;
+            again->output = o->output;
+            again->output_len = o->output_len;
+            o->output = NULL;
+            again->req->in.id = o->id;
+            again->req->in.attempt = r->in.attempt;
+            again->req->in.end = r->in.end;
+            again->req->in.end.message = again->message;
+            again->req->in.end.output = again->output;
+            kp_list_push_back(&e->retry_ends, &again->link);
+            if (e->retry_at == 0)
+                e->retry_at = b->now + JOBS_REOPEN_MS;
+        }
+        return;
+    }
+    op_ack(b, o, r->in.attempt);
+    enum kp_job_state st = r->out.state;
+    switch (st) {
+    case KP_JOB_SUCCEEDED:
+        b->stats.jobs_succeeded++;
+        break;
+    case KP_JOB_DEAD:
+        b->stats.jobs_dead++;
+        break;
+    case KP_JOB_QUEUED:
+    case KP_JOB_SCHEDULED:
+        b->stats.jobs_retried++;
+        break;
+    default:
+        break;
+    }
+    struct jobq *q = o->q ? o->q : NULL;
+    if (st == KP_JOB_QUEUED)
+        queue_poke(b, q);
+    else if (st == KP_JOB_SCHEDULED && q) {
+        if (o->retry_at < q->next_due)
+            q->next_due = o->retry_at;
+        queue_mark(b, q);
+    }
+    struct watch *w = zhashx_lookup(e->watches, o->id.s);
+    if (st == KP_JOB_SUCCEEDED && w && w->run && w->run->call) {
+        /* A late success finished the job while another attempt runs. */
+        struct run *other = w->run;
+        if (!other->ended && other->call->state == KP_CALL_DISPATCHED) {
+            other->ended = true;
+            if (other->q->running)
+                other->q->running--;
+            kp_timers_disarm(&b->timers, &other->call->timer);
+            kp_broker_orphan(b, other->call);
+        }
+        w->run = NULL;
+    }
+    if (w == NULL)
+        return;
+    if (state_final(st)) {
+        if (kp_list_empty(&w->watchers)) {
+            watch_release(b, w, true);
+            return;
+        }
+        /* The watchers' RESULT needs the stored job (result, history). */
+        struct op *g = op_new(OP_FINAL, KP_JOURNAL_GET);
+        g->id = o->id;
+        g->req->in.id = o->id;
+        op_put(b, g);
+    } else {
+        watch_notice(b, w, kp_job_state_name(st), r->in.attempt, kp_job_outcome_name(o->outcome),
+                     o->message);
+        watch_release(b, w, false);
+    }
+}
+
+static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct watch *w = zhashx_lookup(engine(b)->watches, o->id.s);
+    if (w == NULL)
+        return;
+    if (r->out.err != KP_OK || r->out.jobs.n != 1) {
+        while (!kp_list_empty(&w->watchers)) {
+            struct watcher *wr = kp_container_of(w->watchers.next, struct watcher, link);
+            kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
+                                 r->out.err ? r->out.err : KP_ENOJOB, r->out.errmsg);
+            watcher_free(b, wr);
+        }
+        watch_release(b, w, true);
+        return;
+    }
+    watch_finish(b, w, &r->out.jobs.v[0]);
+}
+
+static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct watcher *wr = o->watcher;
+    if (r->out.err != KP_OK || r->out.jobs.n != 1) {
+        kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
+                             r->out.err ? r->out.err : KP_ENOJOB, r->out.errmsg);
+        zhashx_delete(engine(b)->watchers, wr->key);
+        kp_free(wr);
+        return;
+    }
+    const struct kp_job *job = &r->out.jobs.v[0];
+    struct watch *w = watch_get(b, &job->id);
+    wr->w = w;
+    kp_list_push_back(&w->watchers, &wr->link);
+    if (state_final(job->state)) {
+        watcher_finish(b, wr, job);
+        if (zhashx_lookup(engine(b)->watchers, wr->key) == wr)
+            watcher_free(b, wr);
+        watch_release(b, w, true);
+        return;
+    }
+    if (!wr->stream)
+        return;
+    kp_header h;
+    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
+    struct kp_list *l = w->events.next;
+    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
+        struct event *ev = kp_container_of(l, struct event, link);
+        l = l->next;
+        event_header(w, ev, &h, md, mdp);
+        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+    }
+}
+
+static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq_msg_t *more,
+                       size_t nmore)
+{
+    kp_header h = kp_broker_header(KELPIE__V1__KIND__REPLY, o->request_id);
+    zmq_msg_t frames[3];
+    msg_from(&frames[0], j->data, j->len);
+    for (size_t i = 0; i < nmore; i++) {
+        zmq_msg_init(&frames[1 + i]);
+        zmq_msg_move(&frames[1 + i], &more[i]);
+    }
+    if (kp_broker_send(b, b->frontend, o->rid.bytes, o->rid.len, NULL, &h, frames, 1 + nmore) !=
+        KP_OK) {
+        for (size_t i = 0; i < 1 + nmore; i++)
+            zmq_msg_close(&frames[i]);
+    }
+}
+
+static void done_admin(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    if (r->out.err != KP_OK) {
+        op_error(b, o, r->out.err, r->out.errmsg);
+        return;
+    }
+    struct kp_json j;
+    kp_json_init(&j);
+    switch (o->kind) {
+    case OP_GETJOB: {
+        const struct kp_job *job = &r->out.jobs.v[0];
+        json_job(&j, job, true);
+        zmq_msg_t more[2];
+        msg_from(&more[0], job->result, job->has_result ? job->result_len : 0);
+        msg_from(&more[1], job->output, job->output_len);
+        reply_json(b, o, &j, more, 2);
+        break;
+    }
+    case OP_LIST:
+        kp_json_object_begin(&j, NULL);
+        kp_json_array_begin(&j, "jobs");
+        for (size_t i = 0; i < r->out.jobs.n; i++)
+            json_job(&j, &r->out.jobs.v[i], false);
+        kp_json_array_end(&j);
+        if (r->out.jobs.n == r->in.filter.limit && r->out.jobs.n > 0)
+            kp_json_str(&j, "next", r->out.jobs.v[r->out.jobs.n - 1].id.s);
+        else
+            kp_json_null(&j, "next");
+        kp_json_object_end(&j);
+        reply_json(b, o, &j, NULL, 0);
+        break;
+    case OP_CANCEL:
+        kp_json_object_begin(&j, NULL);
+        kp_json_str(&j, "id", o->id.s);
+        kp_json_str(&j, "state", "cancelled");
+        kp_json_object_end(&j);
+        reply_json(b, o, &j, NULL, 0);
+        b->stats.jobs_cancelled++;
+        break;
+    default: /* RETRY, PURGE */
+        kp_json_object_begin(&j, NULL);
+        kp_json_u64(&j, "count", r->out.count);
+        kp_json_object_end(&j);
+        reply_json(b, o, &j, NULL, 0);
+        if (o->kind == OP_RETRY && r->out.count) {
+            void *it;
+            for (it = zhashx_first(engine(b)->queues); it; it = zhashx_next(engine(b)->queues))
+                queue_poke(b, it);
+        }
+        break;
+    }
+    kp_json_fini(&j);
+    if (o->kind == OP_CANCEL) {
+        /* Watchers of a job cancelled while queued get their RESULT. */
+        struct watch *w = zhashx_lookup(engine(b)->watches, o->id.s);
+        if (w && !kp_list_empty(&w->watchers)) {
+            struct op *g = op_new(OP_FINAL, KP_JOURNAL_GET);
+            g->id = o->id;
+            g->req->in.id = o->id;
+            op_put(b, g);
+        } else if (w) {
+            watch_release(b, w, true);
+        }
+    }
+}
+
+void kp_jobs_on_completions(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL || e->journal == NULL)
+        return;
+    struct kp_journal_req *r;
+    while ((r = kp_journal_take(e->journal)) != NULL) {
+        struct op *o = (struct op *)(uintptr_t)r->tag;
+        switch (o->kind) {
+        case OP_SUBMIT:
+            done_submit(b, o, r);
+            break;
+        case OP_CLAIM:
+            done_claim(b, o, r);
+            break;
+        case OP_END:
+            done_end(b, o, r);
+            break;
+        case OP_FINAL:
+            done_final(b, o, r);
+            break;
+        case OP_WATCH:
+            done_watch(b, o, r);
+            break;
+        case OP_EXPIRE:
+            if (r->out.err == KP_OK && (r->out.count || r->out.count2))
+                kp_log_debug("expired %zu finished jobs and %zu idempotency keys",
+                             r->out.count, r->out.count2);
+            break;
+        default:
+            done_admin(b, o, r);
+            break;
+        }
+        kp_journal_req_destroy(&r);
+        op_free(o);
+    }
+}
+
+/* ---- frontend ------------------------------------------------------------- */
+
+void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
+{
+    bool intake = hdr_index == 0;
+    struct op *o = op_new(OP_SUBMIT, KP_JOURNAL_SUBMIT);
+    if (!intake) {
+        o->has_peer = true;
+        rid_set(&o->rid, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]));
+        o->request_id = h->request_id;
+    }
+    size_t npayload = b->in.nframes - hdr_index - 1;
+    const char *bad = NULL;
+    if (h->service == NULL || h->service[0] == '\0')
+        bad = "SUBMIT needs a queue (service)";
+    else if (strcmp(h->service, KP_BROKER_SERVICE) == 0)
+        bad = "kelpie.broker is not a job queue";
+    else if (h->priority < 0 || h->priority > KP_JOB_PRIORITY_MAX)
+        bad = "priority must be 0..9";
+    else if (npayload > 1)
+        bad = "a job has at most one payload frame";
+    else if (h->idempotency_key && strlen(h->idempotency_key) > JOBS_KEY_MAX)
+        bad = "idempotency_key is longer than 256 bytes";
+    else if (h->delay_ms > JOBS_MAX_DELAY_MS)
+        bad = "delay_ms is more than a year";
+    else if (h->max_attempts > JOBS_MAX_ATTEMPTS)
+        bad = "max_attempts is more than 100";
+    else if (h->timeout_ms > JOBS_MAX_TIMEOUT_MS || h->backoff_ms > JOBS_BACKOFF_CAP_MS)
+        bad = "timeout_ms or backoff_ms out of range";
+    if (bad == NULL && b->state != KP_BROKER_RUNNING) {
+        b->stats.shutdown_rejected++;
+        op_error(b, o, KP_ESHUTDOWN, NULL);
+        op_free(o);
+        return;
+    }
+    if (bad) {
+        b->stats.bad_header++;
+        if (intake)
+            b->stats.intake_dropped++;
+        op_error(b, o, KP_EINVAL, bad);
+        op_free(o);
+        return;
+    }
+    b->stats.jobs_submitted++;
+    if (intake)
+        b->stats.intake_submits++;
+    struct jobq *q = queue_get(b, h->service);
+    struct queue_settings set = q ? q->set : engine(b)->defaults;
+    if (q == NULL)
+        settings_for(engine(b)->settings, h->service, &set, (char[256]){0}, 256);
+    o->q = q;
+    o->queue = kp_strdup(h->service);
+    o->key = dup_or_null(h->idempotency_key);
+    if (npayload == 1) {
+        zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
+        o->has_payload = true;
+    }
+    uint64_t now = kp_store_now();
+    o->job = (struct kp_job_new){
+        .queue = o->queue,
+        .payload = o->has_payload ? zmq_msg_data(&o->payload) : NULL,
+        .payload_len = o->has_payload ? zmq_msg_size(&o->payload) : 0,
+        .idempotency_key = o->key,
+        .key_ttl_ms = JOBS_KEY_TTL_MS,
+        .result_ttl_ms = set.result_ttl_ms,
+        .run_at = h->delay_ms ? now + h->delay_ms : 0,
+        .timeout_ms = h->timeout_ms ? h->timeout_ms : set.timeout_ms,
+        .backoff_ms = h->backoff_ms ? h->backoff_ms : set.backoff_ms,
+        .max_attempts = h->max_attempts ? h->max_attempts : set.max_attempts,
+        .priority = (uint8_t)h->priority,
+    };
+    o->req->in.jobs = &o->job;
+    o->req->in.njobs = 1;
+    if (op_put(b, o) && q && o->job.run_at == 0) {
+        /* Claim in the same breath: if the journal takes both at once, the
+         * job is stored and leased in one transaction (one fsync). */
+        q->gen++;
+        q->maybe_ready = true;
+        queue_claim(b, q);
+    }
+}
+
+void kp_jobs_watch(struct kp_broker *b, kp_header *h)
+{
+    struct kp_engine *e = engine(b);
+    const void *rid = zmq_msg_data(&b->in.frames[0]);
+    size_t rid_len = zmq_msg_size(&b->in.frames[0]);
+    kp_job_id id;
+    if (h->request_id == 0 || !kp_job_id_parse(h->job_id ? h->job_id : "", &id)) {
+        kp_broker_refuse(b, b->frontend, h, h->request_id, KP_EINVAL,
+                         "WATCH needs a request_id and a job_id (26 characters)");
+        return;
+    }
+    char key[sizeof ((struct watcher *)0)->key];
+    watcher_key(key, sizeof key, rid, rid_len, h->request_id);
+    if (zhashx_lookup(e->watchers, key)) {
+        kp_broker_refuse(b, b->frontend, h, h->request_id, KP_EDUPLICATE, NULL);
+        return;
+    }
+    kp_clients_get(&b->clients, rid, rid_len, b->now)->last_seen = b->now;
+    struct watcher *wr = kp_calloc(1, sizeof *wr);
+    rid_set(&wr->rid, rid, rid_len);
+    wr->request_id = h->request_id;
+    wr->stream = (h->flags & KP_FLAG_STREAM) != 0;
+    snprintf(wr->key, sizeof wr->key, "%s", key);
+    kp_list_init(&wr->link);
+    zhashx_insert(e->watchers, wr->key, wr);
+    b->stats.job_watches++;
+    struct op *o = op_new(OP_WATCH, KP_JOURNAL_GET);
+    o->has_peer = true;
+    o->rid = wr->rid;
+    o->request_id = h->request_id;
+    o->watcher = wr;
+    o->id = id;
+    o->req->in.id = id;
+    if (!op_put(b, o)) {
+        zhashx_delete(e->watchers, wr->key);
+        kp_free(wr);
+    }
+}
+
+bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL)
+        return false;
+    char key[sizeof ((struct watcher *)0)->key];
+    watcher_key(key, sizeof key, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
+                h->request_id);
+    struct watcher *wr = zhashx_lookup(e->watchers, key);
+    if (wr == NULL || wr->w == NULL)
+        return false; /* unknown, or its GET is in flight (its answer comes anyway) */
+    kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
+                         KP_ECANCELLED, "watch cancelled");
+    struct watch *w = wr->w;
+    watcher_free(b, wr);
+    watch_release(b, w, false);
+    return true;
+}
+
+static void reply_state(struct kp_broker *b, struct op *o, const char *state)
+{
+    struct kp_json j;
+    kp_json_init(&j);
+    kp_json_object_begin(&j, NULL);
+    kp_json_str(&j, "id", o->id.s);
+    kp_json_str(&j, "state", state);
+    kp_json_object_end(&j);
+    reply_json(b, o, &j, NULL, 0);
+    kp_json_fini(&j);
+}
+
+/* CancelJob for a job this broker has leased: a held one ends cancelled at
+ * once; a running one is sent CANCEL and ends cancelled when its worker
+ * answers (or after a grace). Answers and frees o and returns true then;
+ * false if the job is not leased here (the store decides). */
+static bool jobs_cancel_running(struct kp_broker *b, struct op *o)
+{
+    struct kp_engine *e = engine(b);
+    struct watch *w = zhashx_lookup(e->watches, o->id.s);
+    struct run *r = w ? w->run : NULL;
+    if (r && r->call && !r->ended) {
+        reply_state(b, o, "cancelling");
+        if (!r->cancel_requested) {
+            r->cancel_requested = true;
+            kp_header c = kp_broker_header(KELPIE__V1__KIND__CANCEL, kp_call_dispatch_id(r->call).v);
+            kp_broker_send_worker(b, r->call->worker, &c);
+            kp_timers_disarm(&b->timers, &r->call->timer);
+            r->call->deadline = b->now + JOBS_CANCEL_GRACE_MS;
+            kp_timers_arm(&b->timers, &r->call->timer, r->call->deadline);
+        }
+        op_free(o);
+        return true;
+    }
+    void *it;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        struct jobq *q = it;
+        for (struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
+            struct run *hr = kp_container_of(l, struct run, held_link);
+            if (strcmp(hr->id.s, o->id.s) != 0)
+                continue;
+            kp_list_remove(&hr->held_link);
+            q->nheld--;
+            run_end(b, hr, KP_OUTCOME_CANCELLED, "cancelled before it started", false);
+            run_free(hr);
+            reply_state(b, o, "cancelling");
+            op_free(o);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The admin methods of kelpie.broker that concern jobs (§11.5). */
+bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h)
+{
+    static const struct {
+        const char *name;
+        enum op_kind kind;
+        enum kp_journal_op jop;
+    } methods[] = {
+        {"GetJob", OP_GETJOB, KP_JOURNAL_GET},     {"ListJobs", OP_LIST, KP_JOURNAL_LIST},
+        {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL}, {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
+        {"PurgeDead", OP_PURGE, KP_JOURNAL_DLQ_PURGE},
+    };
+    if (strcmp(h->method, "Drain") == 0) {
+        char name[256];
+        meta_str(h, "worker", name, sizeof name);
+        size_t pos = 0, n = 0;
+        struct kp_worker *w;
+        while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+            if (w->gone || strcmp(w->name ? w->name : "", name) != 0)
+                continue;
+            w->draining = true;
+            kp_header s = kp_broker_header(KELPIE__V1__KIND__STATUS, 0);
+            s.flags = KP_FLAG_DRAINING;
+            kp_broker_send_worker(b, w, &s);
+            n++;
+        }
+        struct kp_json j;
+        kp_json_init(&j);
+        kp_json_object_begin(&j, NULL);
+        kp_json_u64(&j, "workers", n);
+        kp_json_object_end(&j);
+        struct op tmp = {.has_peer = true, .request_id = h->request_id};
+        rid_set(&tmp.rid, rid, rid_len);
+        reply_json(b, &tmp, &j, NULL, 0);
+        kp_json_fini(&j);
+        return true;
+    }
+    size_t m = 0;
+    while (m < sizeof methods / sizeof methods[0] && strcmp(methods[m].name, h->method) != 0)
+        m++;
+    if (m == sizeof methods / sizeof methods[0])
+        return false;
+    b->stats.broker_calls++;
+    struct op *o = op_new(methods[m].kind, methods[m].jop);
+    o->has_peer = true;
+    rid_set(&o->rid, rid, rid_len);
+    o->request_id = h->request_id;
+    char idbuf[64], buf[256];
+    bool has_id = meta_str(h, "id", idbuf, sizeof idbuf);
+    if (has_id && !kp_job_id_parse(idbuf, &o->id)) {
+        op_error(b, o, KP_EINVAL, "id is not a job id (26 characters)");
+        op_free(o);
+        return true;
+    }
+    if ((o->kind == OP_GETJOB || o->kind == OP_CANCEL) && !has_id) {
+        op_error(b, o, KP_EINVAL, "metadata 'id' is required");
+        op_free(o);
+        return true;
+    }
+    o->req->in.id = o->id;
+    o->req->in.has_id = has_id;
+    if (meta_str(h, "queue", buf, sizeof buf))
+        o->queue = kp_strdup(buf);
+    o->req->in.queue = o->queue;
+    if (o->kind == OP_LIST) {
+        int state = -1;
+        if (meta_str(h, "state", buf, sizeof buf)) {
+            for (int s = 0; s < KP_JOB_STATE_COUNT; s++) {
+                if (strcmp(buf, kp_job_state_name((enum kp_job_state)s)) == 0)
+                    state = s;
+            }
+            if (state < 0 && strcmp(buf, "running") == 0)
+                state = KP_JOB_LEASED;
+            if (state < 0) {
+                op_error(b, o, KP_EINVAL, "unknown state (scheduled, queued, leased, succeeded, "
+                                          "dead, cancelled)");
+                op_free(o);
+                return true;
+            }
+        }
+        size_t limit = 100;
+        if (meta_str(h, "limit", buf, sizeof buf)) {
+            limit = (size_t)strtoull(buf, NULL, 10);
+            if (limit == 0 || limit > JOBS_LIST_MAX)
+                limit = JOBS_LIST_MAX;
+        }
+        o->req->in.filter = (struct kp_job_filter){
+            .state = state, .queue = o->queue, .after = NULL, .limit = limit};
+        if (meta_str(h, "after", buf, sizeof buf)) {
+            if (!kp_job_id_parse(buf, &o->id)) {
+                op_error(b, o, KP_EINVAL, "after is not a job id");
+                op_free(o);
+                return true;
+            }
+            o->req->in.filter.after = &o->id;
+        }
+    }
+    if (o->kind == OP_CANCEL && jobs_cancel_running(b, o))
+        return true;
+    op_put(b, o);
+    return true;
+}
+
+/* ---- backend ---------------------------------------------------------------- */
+
+/* Finds the run a worker message is about: its call must be live and sent
+ * to w. NULL otherwise (a stale or resent message). */
+static struct run *find_run(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    struct kp_call *c = kp_calls_find(&b->calls, (kp_dispatch_id){h->request_id});
+    if (c == NULL || c->job == NULL || c->worker != w)
+        return NULL;
+    return c->job;
+}
+
+static void on_event(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_t hdr_index)
+{
+    struct run *r = find_run(b, w, h);
+    if (r == NULL || r->ended) {
+        b->stats.replies_dropped_unknown++;
+        return;
+    }
+    size_t n = b->in.nframes - hdr_index - 1;
+    struct watch *wt = r->watch;
+    if (wt == NULL) {
+        wt = watch_get(b, &r->id);
+        r->watch = wt;
+        wt->run = r;
+    }
+    struct event *ev = kp_calloc(1, sizeof *ev);
+    ev->kind = h->kind;
+    ev->attempt = r->attempt;
+    ev->progress = h->progress;
+    ev->message = dup_or_null(h->message);
+    zmq_msg_init(&ev->payload);
+    if (n >= 1) {
+        zmq_msg_move(&ev->payload, &b->in.frames[hdr_index + 1]);
+        ev->has_payload = true;
+    }
+    if (h->kind == KELPIE__V1__KIND__OUTPUT) {
+        char stream[33];
+        snprintf(stream, sizeof stream, "%s", h->stream && *h->stream ? h->stream : "stdout");
+        ev->stream = kp_strdup(stream);
+        if (ev->has_payload) {
+            /* The tail: the last JOBS_TAIL_BYTES of output, all streams. */
+            size_t len = zmq_msg_size(&ev->payload);
+            const char *data = zmq_msg_data(&ev->payload);
+            if (len >= JOBS_TAIL_BYTES) {
+                data += len - JOBS_TAIL_BYTES;
+                len = JOBS_TAIL_BYTES;
+            }
+            if (wt->tail == NULL)
+                wt->tail = kp_malloc(JOBS_TAIL_BYTES);
+            if (wt->tail_len + len > JOBS_TAIL_BYTES) {
+                size_t drop = wt->tail_len + len - JOBS_TAIL_BYTES;
+                memmove(wt->tail, wt->tail + drop, wt->tail_len - drop);
+                wt->tail_len -= drop;
+            }
+            memcpy(wt->tail + wt->tail_len, data, len);
+            wt->tail_len += len;
+        }
+    }
+    watch_emit(b, wt, ev);
+}
+
+/* RESULT or NACK: the end of an attempt as the worker saw it. */
+static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_t hdr_index)
+{
+    kp_job_id id;
+    if (!kp_job_id_parse(h->job_id ? h->job_id : "", &id) || h->attempt == 0) {
+        kp_broker_refuse(b, b->backend, h, h->request_id, KP_EINVAL,
+                         "RESULT/NACK needs job_id and attempt");
+        return;
+    }
+    size_t n = b->in.nframes - hdr_index - 1;
+    bool nack = h->kind == KELPIE__V1__KIND__NACK;
+    bool permanent = false;
+    enum kp_job_outcome outcome = nack ? KP_OUTCOME_REJECTED : outcome_of(h->code, &permanent);
+    struct run *r = find_run(b, w, h);
+    if (r && (strcmp(r->id.s, id.s) != 0 || r->attempt != h->attempt))
+        r = NULL; /* not what this dispatch id was sent */
+    struct jobq *q = r ? r->q : queue_find(b, h->service ? h->service : "");
+    bool already_ended = r == NULL || r->ended;
+    if (r) {
+        /* The slot comes back whatever happens to the record. */
+        struct kp_call *c = r->call;
+        kp_timers_disarm(&b->timers, &c->timer);
+        kp_broker_release(b, c);
+        c->job = NULL;
+        kp_broker_free_call(b, c);
+        if (r->watch && r->watch->run == r)
+            r->watch->run = NULL;
+        if (!r->ended && r->q->running)
+            r->q->running--;
+    }
+    if (already_ended && outcome != KP_OUTCOME_SUCCEEDED) {
+        /* Its attempt was ended already (timeout, cancel, broker restart):
+         * a failure adds nothing; the worker may drop it. */
+        b->stats.jobs_results_stale++;
+        kp_header ack = kp_broker_header(KELPIE__V1__KIND__ACK, h->request_id);
+        ack.job_id = id.s;
+        ack.attempt = h->attempt;
+        kp_broker_send_worker(b, w, &ack);
+        if (r)
+            run_free(r);
+        if (q)
+            queue_mark(b, q);
+        return;
+    }
+    if (already_ended)
+        b->stats.jobs_results_late++;
+    struct op *o = op_new(OP_END, KP_JOURNAL_END);
+    o->q = q;
+    o->id = id;
+    o->ack = true;
+    o->ack_request_id = h->request_id;
+    o->ack_kind = h->kind;
+    rid_set(&o->worker, w->rid.bytes, w->rid.len);
+    o->outcome = outcome;
+    o->message = dup_or_null(h->message);
+    uint64_t now = kp_store_now();
+    if (outcome == KP_OUTCOME_SUCCEEDED || outcome == KP_OUTCOME_CANCELLED)
+        o->retry_at = 0;
+    else if (permanent)
+        o->retry_at = KP_NO_RETRY;
+    else if (nack)
+        o->retry_at = now + (h->delay_ms > JOBS_MAX_DELAY_MS ? JOBS_MAX_DELAY_MS : h->delay_ms);
+    else
+        o->retry_at = now + backoff(&engine(b)->rng, r ? r->backoff_ms : engine(b)->defaults.backoff_ms,
+                                    h->attempt);
+    if (outcome == KP_OUTCOME_SUCCEEDED && n >= 1) {
+        zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
+        o->has_payload = true;
+    }
+    struct watch *wt = r ? r->watch : NULL;
+    if (wt && wt->tail_len) {
+        o->output = kp_malloc(wt->tail_len);
+        memcpy(o->output, wt->tail, wt->tail_len);
+        o->output_len = wt->tail_len;
+        wt->tail_len = 0;
+    }
+    o->req->in.id = id;
+    o->req->in.attempt = h->attempt;
+    o->req->in.end = (struct kp_job_end){
+        .outcome = outcome,
+        .message = o->message,
+        .retry_at = o->retry_at,
+        .result = o->has_payload ? zmq_msg_data(&o->payload) : NULL,
+        .result_len = o->has_payload ? zmq_msg_size(&o->payload) : 0,
+        .output = o->output,
+        .output_len = o->output_len,
+    };
+    switch (outcome) {
+    case KP_OUTCOME_FAILED:
+        b->stats.jobs_failed++;
+        break;
+    case KP_OUTCOME_REJECTED:
+        b->stats.jobs_rejected++;
+        break;
+    case KP_OUTCOME_TIMEOUT:
+        b->stats.jobs_timeout++;
+        break;
+    case KP_OUTCOME_CANCELLED:
+        b->stats.jobs_cancelled++;
+        break;
+    default:
+        break;
+    }
+    if (r)
+        run_free(r);
+    op_put(b, o);
+    if (q)
+        queue_mark(b, q);
+}
+
+void kp_jobs_on_worker_message(struct kp_broker *b, struct kp_worker *w, kp_header *h,
+                               size_t hdr_index)
+{
+    switch (h->kind) {
+    case KELPIE__V1__KIND__PROGRESS:
+    case KELPIE__V1__KIND__OUTPUT:
+        on_event(b, w, h, hdr_index);
+        break;
+    default:
+        on_end(b, w, h, hdr_index);
+        break;
+    }
+}
+
+void kp_jobs_on_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    size_t cap = h->n_queues < 256 ? h->n_queues : 256;
+    struct kp_service **qs = kp_malloc((cap ? cap : 1) * sizeof *qs);
+    size_t n = 0;
+    for (size_t i = 0; i < cap; i++) {
+        const char *name = h->queues[i];
+        if (name[0] == '\0' || strcmp(name, KP_BROKER_SERVICE) == 0)
+            continue;
+        struct jobq *q = queue_get(b, name);
+        if (q == NULL)
+            continue;
+        bool dup = false;
+        for (size_t k = 0; k < n && !dup; k++)
+            dup = qs[k] == q->svc;
+        if (!dup)
+            qs[n++] = q->svc;
+    }
+    for (size_t i = 0; i < w->nqueues; i++) {
+        bool kept = false;
+        for (size_t k = 0; k < n && !kept; k++)
+            kept = qs[k] == w->queues[i];
+        if (!kept)
+            kp_service_remove_worker(w->queues[i], w, b->now);
+    }
+    for (size_t k = 0; k < n; k++) {
+        bool had = false;
+        for (size_t i = 0; i < w->nqueues && !had; i++)
+            had = w->queues[i] == qs[k];
+        if (!had)
+            kp_service_add_worker(qs[k], w, NULL);
+    }
+    kp_free(w->queues);
+    w->queues = qs;
+    w->nqueues = n;
+    if (n > 0)
+        jobs_store(b); /* a worker of jobs: recovered jobs need the store open */
+    kp_broker_mark_worker_pending(b, w);
+}
+
+void kp_jobs_reap_worker(struct kp_broker *b, struct kp_worker *w)
+{
+    struct kp_list *l = w->calls.next;
+    while (l != &w->calls) {
+        struct kp_call *c = kp_container_of(l, struct kp_call, worker_link);
+        l = l->next;
+        if (c->job == NULL)
+            continue;
+        struct run *r = c->job;
+        kp_timers_disarm(&b->timers, &c->timer);
+        kp_broker_release(b, c);
+        c->job = NULL;
+        kp_broker_free_call(b, c);
+        run_end(b, r, KP_OUTCOME_WORKER_LOST, "worker lost", true);
+        run_free(r);
+    }
+    for (size_t i = 0; i < w->nqueues; i++)
+        kp_service_remove_worker(w->queues[i], w, b->now);
+    kp_free(w->queues);
+    w->queues = NULL;
+    w->nqueues = 0;
+    kp_broker_reap_worker(b, w);
+}
+
+/* ---- the loop ----------------------------------------------------------------- */
+
+void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
+{
+    struct run *r = c->job;
+    if (r->ended || c->state != KP_CALL_DISPATCHED)
+        return;
+    if (r->cancel_requested) {
+        run_end(b, r, KP_OUTCOME_CANCELLED, "cancelled; the worker did not answer in time", false);
+    } else {
+        char msg[96];
+        snprintf(msg, sizeof msg, "ran past its %llu ms limit",
+                 (unsigned long long)r->timeout_ms);
+        run_end(b, r, KP_OUTCOME_TIMEOUT, msg, true);
+    }
+    /* CANCEL to the worker; its slot comes back with its answer. */
+    kp_broker_orphan(b, c);
+}
+
+void kp_jobs_tick(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL)
+        return;
+    if (e->journal && b->now >= e->next_look) {
+        /* Scheduled jobs nobody told us about (from before a restart, or
+         * retries of other brokers) are found by looking now and then. */
+        e->next_look = b->now + JOBS_LOOK_MS;
+        void *it;
+        for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+            struct jobq *q = it;
+            if (q->svc->nworkers > 0) {
+                q->maybe_ready = true;
+                queue_mark(b, q);
+            }
+        }
+    }
+    if (e->journal && b->now >= e->next_expire) {
+        e->next_expire = b->now + JOBS_EXPIRE_EVERY_MS;
+        op_put(b, op_new(OP_EXPIRE, KP_JOURNAL_EXPIRE));
+    }
+    if (e->retry_at && b->now >= e->retry_at) {
+        e->retry_at = 0;
+        while (!kp_list_empty(&e->retry_ends)) {
+            struct kp_list *l = e->retry_ends.next;
+            kp_list_remove(l);
+            op_put(b, kp_container_of(l, struct op, link));
+        }
+    }
+}
+
+void kp_jobs_pump(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    uint64_t wall = 0;
+    /* Queues whose workers got free slots (dispatch.c lists them). */
+    while (!kp_list_empty(&b->job_pending)) {
+        struct kp_service *s = kp_container_of(b->job_pending.next, struct kp_service, job_link);
+        kp_list_remove(&s->job_link);
+        s->job_pending = false;
+        queue_mark(b, queue_find(b, s->name));
+    }
+    while (!kp_list_empty(&e->pending)) {
+        struct jobq *q = kp_container_of(e->pending.next, struct jobq, pending_link);
+        kp_list_remove(&q->pending_link);
+        q->pending = false;
+        if (q->next_due != UINT64_MAX) {
+            if (wall == 0)
+                wall = kp_store_now();
+            if (wall >= q->next_due) {
+                q->next_due = UINT64_MAX;
+                q->maybe_ready = true;
+                q->gen++;
+            }
+        }
+        queue_dispatch(b, q);
+        queue_claim(b, q);
+    }
+}
+
+uint64_t kp_jobs_next_wake(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL || e->journal == NULL)
+        return UINT64_MAX;
+    uint64_t next = e->next_look;
+    if (e->retry_at && e->retry_at < next)
+        next = e->retry_at;
+    uint64_t wall = kp_store_now();
+    void *it;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        struct jobq *q = it;
+        if (q->next_due != UINT64_MAX) {
+            uint64_t t = q->next_due > wall ? b->now + (q->next_due - wall) : b->now;
+            if (t < next)
+                next = t;
+        }
+        if (q->set.rate && q->maybe_ready && q->svc->nworkers > 0 && q->tokens < 1.0) {
+            uint64_t t = b->now + (uint64_t)((1.0 - q->tokens) * 1000.0 / q->set.rate) + 1;
+            if (t < next)
+                next = t;
+        }
+    }
+    return next;
+}
+
+bool kp_jobs_busy(const struct kp_broker *b)
+{
+    return b->jobs && (!kp_list_empty(&b->jobs->pending) || !kp_list_empty(&b->job_pending));
+}
+
+int kp_jobs_fd(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    return e && e->journal ? kp_journal_fd(e->journal) : -1;
+}
+
+/* ---- construction ------------------------------------------------------------- */
+
+static void free_queue(void **item)
+{
+    struct jobq *q = *item;
+    while (!kp_list_empty(&q->held)) {
+        struct run *r = kp_container_of(q->held.next, struct run, held_link);
+        kp_list_remove(&r->held_link);
+        run_free(r);
+    }
+    kp_free(q->name);
+    kp_free(q);
+    *item = NULL;
+}
+
+enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *settings, char *err,
+                        size_t errlen)
+{
+    struct kp_engine *e = kp_calloc(1, sizeof *e);
+    e->data_dir = kp_strdup(data_dir);
+    e->rng = b->broker_id;
+    e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
+    e->defaults = (struct queue_settings){.max_attempts = 3,
+                                          .backoff_ms = 1000,
+                                          .result_ttl_ms = 86400ull * 1000};
+    e->settings = dup_or_null(settings);
+    kp_list_init(&e->pending);
+    kp_list_init(&e->retry_ends);
+    e->queues = zhashx_new();
+    zhashx_set_destructor(e->queues, free_queue);
+    e->watches = zhashx_new();
+    e->watchers = zhashx_new();
+    b->jobs = e;
+    struct queue_settings check = e->defaults;
+    if (!settings_for(e->settings, NULL, &check, err, errlen) ||
+        !settings_for(e->settings, "", &check, err, errlen))
+        return KP_EINVAL;
+    settings_for(e->settings, NULL, &e->defaults, err, errlen);
+    /* Validate every named entry's keys too (applied to queues later). */
+    if (e->settings) {
+        char *copy = kp_strdup(e->settings), *save = NULL;
+        for (char *entry = strtok_r(copy, ";", &save); entry; entry = strtok_r(NULL, ";", &save)) {
+            char name[256];
+            if (sscanf(entry, " %255s", name) == 1) {
+                struct queue_settings s = e->defaults;
+                if (!settings_for(e->settings, name, &s, err, errlen)) {
+                    kp_free(copy);
+                    return KP_EINVAL;
+                }
+            }
+        }
+        kp_free(copy);
+    }
+    /* A store left by an earlier run is opened now, so its jobs that were
+     * running are recovered; otherwise the store (and --data-dir) is made
+     * on first use, so a broker that never sees a job leaves nothing. */
+    char path[4096];
+    snprintf(path, sizeof path, "%s/jobs.db", data_dir);
+    struct stat st;
+    if (stat(path, &st) == 0)
+        jobs_store(b);
+    return KP_OK;
+}
+
+void kp_jobs_destroy(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL)
+        return;
+    /* The journal commits what was put before it stops. */
+    kp_journal_destroy(&e->journal);
+    /* Runs on calls: the calls themselves go with the call table. */
+    size_t pos = 0;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL) {
+        if (c->job) {
+            run_free(c->job);
+            c->job = NULL;
+        }
+    }
+    while (!kp_list_empty(&e->retry_ends)) {
+        struct kp_list *l = e->retry_ends.next;
+        kp_list_remove(l);
+        op_free(kp_container_of(l, struct op, link));
+    }
+    void *it;
+    for (it = zhashx_first(e->watchers); it; it = zhashx_next(e->watchers))
+        kp_free(it);
+    zhashx_destroy(&e->watchers);
+    for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+        struct watch *w = it;
+        while (!kp_list_empty(&w->events)) {
+            struct event *ev = kp_container_of(w->events.next, struct event, link);
+            kp_list_remove(&ev->link);
+            event_free(ev);
+        }
+        kp_free(w->tail);
+        kp_free(w);
+    }
+    zhashx_destroy(&e->watches);
+    zhashx_destroy(&e->queues);
+    kp_free(e->settings);
+    kp_free(e->data_dir);
+    kp_free(e);
+    b->jobs = NULL;
+}
+
+void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL)
+        return;
+    kp_json_object_begin(j, "jobs");
+    kp_json_str(j, "store", e->journal ? "open" : e->open_err ? "failed" : "closed");
+    if (e->open_err != KP_OK)
+        kp_json_str(j, "store_error", e->open_msg);
+    if (e->journal) {
+        struct kp_journal_stats js;
+        kp_journal_stats(e->journal, &js);
+        kp_json_u64(j, "journal_requests", js.requests);
+        kp_json_u64(j, "journal_commits", js.commits);
+        kp_json_u64(j, "journal_failed_commits", js.failed_commits);
+        kp_json_u64(j, "journal_largest_batch", js.largest_batch);
+        kp_json_u64(j, "journal_rejected_full", js.rejected_full);
+    }
+    kp_json_u64(j, "watches", zhashx_size(e->watchers));
+    kp_json_object_begin(j, "queues");
+    void *it;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        struct jobq *q = it;
+        uint64_t capacity = 0;
+        for (size_t i = 0; i < q->svc->nworkers; i++)
+            capacity += q->svc->workers[i]->credits;
+        kp_json_object_begin(j, q->name);
+        kp_json_u64(j, "workers", q->svc->nworkers);
+        kp_json_u64(j, "running", q->running);
+        kp_json_u64(j, "held", q->nheld);
+        kp_json_u64(j, "capacity", capacity);
+        kp_json_u64(j, "concurrency", q->set.concurrency);
+        kp_json_u64(j, "rate", q->set.rate);
+        kp_json_object_end(j);
+    }
+    kp_json_object_end(j);
+    kp_json_object_end(j);
+}
