@@ -1,5 +1,6 @@
 """kelpie.sync.Client's jobs, the CLI's job commands and kelpie.testing's job kit."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -22,14 +23,25 @@ def make_worker():
     async def echo(payload, ctx):
         await ctx.progress(0.5, "half way")
         await ctx.output("stdout", b"working on it\n")
+        # Still running when the watch arrives: a finished job's events are
+        # gone (protocol.md §11.4), a running one's are replayed.
+        await asyncio.sleep(0.5)
         return payload
 
     @worker.job("fail")
     async def fail(payload, ctx):
         raise RuntimeError("no luck")
 
+    @worker.job("ticker")
+    async def ticker(payload, ctx):
+        for i in range(4):
+            await ctx.progress(i / 4, f"tick {i}")
+            await asyncio.sleep(0.5)
+        return b"ticked"
+
     @worker.job("slow")
     def slow(payload, ctx):
+        ctx.progress(0.0, "started")
         end = time.monotonic() + 30
         while not ctx.cancelled() and time.monotonic() < end:
             time.sleep(0.01)
@@ -89,8 +101,12 @@ def test_cli_job_commands(broker):
         assert json.loads(p.stdout)["state"] == "succeeded"
         p = cli(broker, "job", "wait", job_id.decode())
         assert p.returncode == 0 and p.stdout == b"piped"
-        p = cli(broker, "job", "events", job_id.decode(), "--lines")
-        assert p.returncode == 0 and b"half way" in p.stdout
+        ticking = cli(broker, "submit", "ticker").stdout.strip().decode()
+        p = cli(broker, "job", "events", ticking, "--lines")
+        assert p.returncode == 0 and b"progress 75% tick 3" in p.stdout, p
+        # A finished job's events are gone: only its end remains (§11.4).
+        p = cli(broker, "job", "events", ticking, "--lines")
+        assert p.returncode == 0 and b"tick" not in p.stdout
         p = cli(broker, "submit", "fail", "--max-attempts", "1", "--wait")
         assert p.returncode == 1
         assert b"ABORTED" in p.stderr and b"attempt 1: failed - RuntimeError: no luck" in p.stderr
