@@ -478,3 +478,20 @@ def test_producer_fire_and_forget(loop, broker):
                         "20 intake jobs ran")
         assert sorted(e[1] for e in log) == sorted(b"p%d" % i for i in range(20))
     run(main(), loop)
+
+
+def test_the_broker_drains_a_worker_by_name(loop, broker):
+    async def main():
+        worker, log = make_worker(processes=False)
+        worker.name = "drain-me:1"
+        worker.backend = broker.backend
+        task = asyncio.ensure_future(worker.run())
+        async with kelpie.Client(broker.frontend) as client:
+            await until(lambda: worker._broker_id, 10, "registered")
+            job = await client.submit("order", b"0.3")
+            await until(lambda: log, 10, "the job started")
+            assert await client.drain_worker("drain-me:1") == 1
+            await asyncio.wait_for(task, 10)  # it drained and left on its own
+            assert await job.result(timeout=5) == b"0.3"  # after finishing its job
+            assert await client.drain_worker("drain-me:1") == 0
+    run(main(), loop)

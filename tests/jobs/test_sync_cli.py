@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -139,3 +141,18 @@ def test_testing_kit_serves_job_only_workers(kelpie_worker):
     with pytest.raises(kelpie.JobFailed):
         served.run_job("fail", b"", max_attempts=1)
 
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) for a terminal")
+def test_cli_wait_shows_a_progress_bar_on_a_terminal(broker):
+    with serve(make_worker(), broker):
+        cmd = f"{shlex.quote(sys.executable)} -m kelpie submit ticker --wait " \
+              f"--frontend {broker.frontend}"
+        p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True,
+                           timeout=30, env=worker_env(broker))
+        assert p.returncode == 0, p.stdout
+        out = p.stdout
+        # rich's bar: the handler's message, the fraction, redrawn in place.
+        assert b"tick 3" in out and b"75%" in out and b"\x1b[2K" in out
+        assert out.rstrip().endswith(b"ticked")
+        assert b"[3] progress" not in out  # not the plain lines of a pipe
