@@ -128,7 +128,7 @@ def _client(args):
     return Client(args.frontend, heartbeat=1.0)
 
 
-def cmd_submit(args, run, read_data):
+def cmd_submit(args, run, read_data, table):
     payload = read_data(args.data)
 
     async def main():
@@ -153,7 +153,7 @@ def cmd_submit(args, run, read_data):
     return 0
 
 
-def cmd_job(args, run, read_data):
+def cmd_job(args, run, read_data, table):
     async def main():
         async with _client(args) as client:
             job = _jobs_module().Job(client, args.id)
@@ -199,25 +199,24 @@ def _jobs_module():
     return jobs
 
 
-def _print_jobs(infos, as_json):
+def _print_jobs(infos, as_json, table):
     if as_json:
         print(json.dumps([i.record for i in infos], indent=2, sort_keys=True))
         return
     if not infos:
         print("no jobs")
         return
-    from .cli import _table
     rows = [[i.id, i.queue, i.state, str(i.priority), f"{i.attempts}/{i.max_attempts}",
              _when(i.created_at)] for i in infos]
-    for line in _table(rows, ["ID", "QUEUE", "STATE", "PRIORITY", "ATTEMPTS", "CREATED"]):
+    for line in table(rows, ["ID", "QUEUE", "STATE", "PRIORITY", "ATTEMPTS", "CREATED"]):
         print(line)
 
 
-def cmd_jobs(args, run, read_data):
+def cmd_jobs(args, run, read_data, table):
     async def main():
         async with _client(args) as client:
             _print_jobs(await client.jobs(state=args.state, queue=args.queue,
-                                          limit=args.limit), args.json)
+                                          limit=args.limit), args.json, table)
     try:
         run(main(), args.loop)
     except RpcError as exc:
@@ -225,14 +224,14 @@ def cmd_jobs(args, run, read_data):
     return 0
 
 
-def cmd_dlq(args, run, read_data):
+def cmd_dlq(args, run, read_data, table):
     async def main():
         async with _client(args) as client:
             if args.action == "ls":
                 if args.id:
                     raise ValueError("dlq ls takes no job id (see kelpie job show ID)")
                 _print_jobs(await client.jobs(state="dead", queue=args.queue,
-                                              limit=args.limit), args.json)
+                                              limit=args.limit), args.json, table)
             elif args.action == "retry":
                 n = await client.dlq_retry(args.id, queue=args.queue)
                 print(f"{n} job{'' if n == 1 else 's'} re-queued")
@@ -261,7 +260,9 @@ def _seconds(text):
 
 def add_commands(sub, common, bind):
     """Register submit, job, jobs and dlq on ``sub``; ``common(parser)`` adds
-    the shared options; ``bind(fn)`` makes a command function."""
+    the shared options; ``bind(fn)`` makes a command function (it passes
+    ``run``, ``read_data`` and ``table`` from kelpie.cli, so that nothing here
+    calls back up into it)."""
     s = sub.add_parser(
         "submit", help="submit a durable job to QUEUE and print its id",
         description="Submit a job to QUEUE; print its id once the broker stored it "

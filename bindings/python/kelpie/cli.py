@@ -640,7 +640,8 @@ def _parser():
 
     from . import _cli_jobs
     _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),
-                           lambda fn: functools.partial(fn, run=_run, read_data=_read_data))
+                           lambda fn: functools.partial(fn, run=_run, read_data=_read_data,
+                                                        table=_table))
     return p
 
 
