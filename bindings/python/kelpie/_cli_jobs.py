@@ -279,18 +279,19 @@ def add_commands(sub, common, bind):
     s.add_argument("--max-attempts", type=int, default=0, metavar="N",
                    help="deliveries before the dead-letter queue (default: the queue's, 3)")
     s.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                   help="run-time limit of each attempt (default: the queue's, none)")
+                   help="run-time limit of each attempt, in seconds (default: the queue's, none)")
     s.add_argument("--delay", type=_seconds, default=0, metavar="SECONDS",
                    help="do not run before this many seconds from now (default 0)")
     s.add_argument("--backoff", type=_seconds, default=None, metavar="SECONDS",
-                   help="base of the retry back-off (default: the queue's, 1)")
+                   help="base of the retry back-off, in seconds (default: the queue's, 1)")
     s.add_argument("--key", metavar="KEY",
-                   help="idempotency key: a second submit with it names the first job")
+                   help="idempotency key: a second submit with it names the first job "
+                        "(default: none)")
     s.add_argument("--wait", "-w", action="store_true",
                    help="wait for the job and print its result (default: print the id only)")
     s.add_argument("--wait-timeout", type=_seconds, default=None, metavar="SECONDS",
-                   help="with --wait, give up after this long (default: wait as long as "
-                        "it takes)")
+                   help="with --wait, give up after this many seconds (default: wait as long "
+                        "as it takes)")
     common(s)
     s.set_defaults(fn=bind(cmd_submit))
 
@@ -301,8 +302,9 @@ def add_commands(sub, common, bind):
     j.add_argument("action", choices=("show", "wait", "cancel", "events"))
     j.add_argument("id", help="the job id (as printed by kelpie submit)")
     j.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
-                   help="wait, events: give up after this long (default: no limit)")
-    j.add_argument("--json", action="store_true", help="show: the raw JSON record")
+                   help="wait, events: give up after this many seconds (default: no limit)")
+    j.add_argument("--json", action="store_true",
+                   help="show: the raw JSON record (default: a summary)")
     j.add_argument("--lines", action="store_true",
                    help="events: output as numbered lines too (default: output raw on stdout)")
     common(j)
@@ -311,11 +313,12 @@ def add_commands(sub, common, bind):
     ls = sub.add_parser("jobs", help="list jobs", description="List the jobs the broker "
                                                             "holds, oldest first.")
     ls.add_argument("action", choices=("ls",))
-    ls.add_argument("--state", help="only jobs in this state (queued, scheduled, running, "
-                                    "succeeded, dead, cancelled)")
-    ls.add_argument("--queue", help="only jobs of this queue")
+    ls.add_argument("--state", help="only jobs in this state: scheduled, queued, leased, "
+                                    "succeeded, dead, cancelled (default: any)")
+    ls.add_argument("--queue", help="only jobs of this queue (default: every queue)")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    ls.add_argument("--json", action="store_true", help="the raw JSON records")
+    ls.add_argument("--json", action="store_true",
+                    help="the raw JSON records (default: a table)")
     common(ls)
     ls.set_defaults(fn=bind(cmd_jobs))
 
@@ -325,8 +328,10 @@ def add_commands(sub, common, bind):
                                    "(--queue) or all of them.")
     d.add_argument("action", choices=("ls", "retry", "purge"))
     d.add_argument("id", nargs="?", help="one dead job (default: all, or --queue's)")
-    d.add_argument("--queue", help="only this queue's dead jobs")
-    d.add_argument("--limit", type=int, default=100, help="ls: at most this many")
-    d.add_argument("--json", action="store_true", help="ls: the raw JSON records")
+    d.add_argument("--queue", help="only this queue's dead jobs (default: every queue)")
+    d.add_argument("--limit", type=int, default=100,
+                   help="ls: at most this many (default 100)")
+    d.add_argument("--json", action="store_true",
+                   help="ls: the raw JSON records (default: a table)")
     common(d)
     d.set_defaults(fn=bind(cmd_dlq))
