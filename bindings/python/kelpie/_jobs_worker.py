@@ -403,11 +403,20 @@ class JobRunner:
         self._draining = True
         self._drained_ack = self._loop.create_future()
         await self._send(session, _wire.status(_wire.DRAINING))
+        return await self._until(self._drained_ack, wait)
+
+    async def _until(self, fut, timeout):
+        """Wait for ``fut`` (not cancelling it) at most ``timeout`` s, and no
+        longer than :meth:`run` runs: a session lost meanwhile (the broker went
+        silent) ends run() by itself once stopping, and the loop that runs
+        stop() may close right after it. True if ``fut`` is done."""
+        ended = self._loop.create_task(self._stop_event.wait())
         try:
-            await asyncio.wait_for(asyncio.shield(self._drained_ack), wait)
-            return True
-        except asyncio.TimeoutError:
-            return False
+            await asyncio.wait((fut, ended), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        return fut.done()
 
     def _busy(self, session):
         return bool(session.calls or self._jobs or self._held)

@@ -224,10 +224,7 @@ class Session:
             # Calls and jobs finish, and the broker ACKs the jobs' answers.
             while self._busy(session) and loop.time() < end and not session.ending:
                 self._drained = loop.create_future()
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._drained),
-                                           min(1.0, end - loop.time()))
-                except asyncio.TimeoutError:
+                if not await self._until(self._drained, min(1.0, end - loop.time())):
                     # Answers not ACKed within a second: send them again.
                     self._resend_held(session, 1.0)
             for ctx in list(session.calls.values()):

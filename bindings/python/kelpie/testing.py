@@ -331,6 +331,7 @@ class Served:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name="kelpie-testing-worker",
                                         daemon=True)
+        self._stop_task: Optional[asyncio.Task] = None
         self._client = None
 
     def _main(self) -> None:
@@ -346,6 +347,13 @@ class Served:
         finally:
             self._started.set()
             try:
+                # run() can end before a stop() that runs beside it has
+                # returned (the broker went away, so the session ended on its
+                # own): give that stop() the moment it needs to finish and
+                # hand its result to the thread waiting for it.
+                stopping = self._stop_task
+                if stopping is not None and not stopping.done():
+                    loop.run_until_complete(asyncio.wait([stopping], timeout=5.0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
@@ -428,6 +436,7 @@ class Served:
         loop = self._loop
         if self._thread.is_alive() and loop is not None:
             async def _stop():
+                self._stop_task = asyncio.current_task()
                 await self.worker.stop(self.grace)
             try:
                 fut = asyncio.run_coroutine_threadsafe(_stop(), loop)
