@@ -246,6 +246,10 @@ void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
 
 /* ---- jobs.c: the job engine (docs/protocol.md §11) -------------------- */
 
+/* --data-dir value that keeps jobs in memory (store_memory.c): for tests
+ * and the fuzzer only; nothing survives the process. */
+#define KP_JOBS_MEMORY ":memory:"
+
 struct kp_json;
 
 /* Sets up the engine: queue settings (--queues text, may be NULL), and the
@@ -301,6 +305,13 @@ void kp_jobs_reap_worker(struct kp_broker *b, struct kp_worker *w);
 
 /* A job call's timer: its run-time limit (or cancel grace) passed. */
 void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c);
+
+/* Waits up to timeout_ms for every request in the journal to come back and
+ * handles them (tests and the fuzzer, which drive the loop by hand). */
+void kp_jobs_settle(struct kp_broker *b, int timeout_ms);
+
+/* The job engine's invariants (check.c): NULL, or the one that fails. */
+const char *kp_jobs_check(const struct kp_broker *b);
 
 /* Adds the "jobs" member to Stats. */
 void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j);

@@ -139,5 +139,5 @@ const char *kp_broker_check(const struct kp_broker *b)
         (!kp_list_empty(&b->pending) || !kp_list_empty(&b->gone_workers) ||
          !kp_list_empty(&b->gone_clients)))
         return "work was left for the next iteration after before-sleep";
-    return NULL;
+    return kp_jobs_check(b);
 }

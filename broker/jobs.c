@@ -36,25 +36,26 @@
 #include "log.h"
 #include "store.h"
 
-#define JOBS_MAX_INFLIGHT 65536 /* journal requests put and not taken */
-#define JOBS_MAX_BATCH 4096     /* requests per transaction */
-#define JOBS_CLAIM_MAX 256      /* jobs per CLAIM */
-#define JOBS_EVENTS_MAX 1000    /* events kept per job for late watchers ... */
-#define JOBS_EVENTS_BYTES (1u << 20) /* ... and their payload bytes */
-#define JOBS_TAIL_BYTES 65536        /* output tail stored with the result */
-#define JOBS_KEY_MAX 256             /* idempotency key bytes */
-#define JOBS_MAX_ATTEMPTS 100
-#define JOBS_MAX_DELAY_MS (366ull * 24 * 3600 * 1000)
-#define JOBS_MAX_TIMEOUT_MS (366ull * 24 * 3600 * 1000)
+#define JOBS_MAX_INFLIGHT     65536      /* journal requests put and not taken */
+#define JOBS_MAX_BATCH        4096       /* requests per transaction */
+#define JOBS_CLAIM_MAX        256        /* jobs per CLAIM */
+#define JOBS_CLAIMS_OUT       4          /* claims per queue in the journal at once (pipelining) */
+#define JOBS_EVENTS_MAX       1000       /* events kept per job for late watchers ... */
+#define JOBS_EVENTS_BYTES     (1u << 20) /* ... and their payload bytes */
+#define JOBS_TAIL_BYTES       65536      /* output tail stored with the result */
+#define JOBS_KEY_MAX          256        /* idempotency key bytes */
+#define JOBS_MAX_ATTEMPTS     100
+#define JOBS_MAX_DELAY_MS     (366ull * 24 * 3600 * 1000)
+#define JOBS_MAX_TIMEOUT_MS   (366ull * 24 * 3600 * 1000)
 #define JOBS_TIMEOUT_GRACE_MS 2000 /* past timeout_ms before the broker ends an attempt */
-#define JOBS_CANCEL_GRACE_MS 5000  /* after CANCEL before the broker ends it cancelled */
-#define JOBS_BACKOFF_CAP_MS 3600000
-#define JOBS_KEY_TTL_MS (24ull * 3600 * 1000)
-#define JOBS_EXPIRE_EVERY_MS 1000 /* an indexed delete of what is due; cheap */
-#define JOBS_REOPEN_MS 5000 /* retry a store that failed to open */
-#define JOBS_LOOK_MS 1000   /* look for due scheduled jobs at least this often */
-#define JOBS_MAX_QUEUES 10000
-#define JOBS_LIST_MAX 1000
+#define JOBS_CANCEL_GRACE_MS  5000 /* after CANCEL before the broker ends it cancelled */
+#define JOBS_BACKOFF_CAP_MS   3600000
+#define JOBS_KEY_TTL_MS       (24ull * 3600 * 1000)
+#define JOBS_EXPIRE_EVERY_MS  1000 /* an indexed delete of what is due; cheap */
+#define JOBS_REOPEN_MS        5000 /* retry a store that failed to open */
+#define JOBS_LOOK_MS          1000 /* look for due scheduled jobs at least this often */
+#define JOBS_MAX_QUEUES       10000
+#define JOBS_LIST_MAX         1000
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -70,19 +71,19 @@ struct queue_settings {
 /* One job queue. Never freed before the engine: runs and ops point at it. */
 struct jobq {
     char *name;
-    struct kp_service *svc;   /* in b->queues: the workers that take its jobs */
+    struct kp_service *svc; /* in b->queues: the workers that take its jobs */
     struct queue_settings set;
-    uint32_t running;         /* attempts leased here and not yet ended */
-    uint32_t claiming;        /* jobs asked for by the CLAIM in the journal */
-    bool claim_out;           /* a CLAIM is in the journal */
-    bool maybe_ready;         /* the store may hold ready jobs */
-    uint64_t gen, claim_gen;  /* bumped when jobs may have become ready */
-    uint64_t next_due;        /* wall ms of the earliest known scheduled job */
-    double tokens;            /* rate limit's bucket */
-    uint64_t tokens_at;       /* monotonic ms of the last refill */
-    struct kp_list held;      /* claimed runs waiting for a slot */
+    uint32_t running;    /* attempts leased here and not yet ended */
+    uint32_t claiming;   /* jobs asked for by claims in the journal */
+    uint32_t claims_out; /* claims in the journal (at most JOBS_CLAIMS_OUT) */
+    bool maybe_ready;    /* the store may hold ready jobs */
+    uint64_t gen;        /* bumped when jobs may have become ready */
+    uint64_t next_due;   /* wall ms of the earliest known scheduled job */
+    double tokens;       /* rate limit's bucket */
+    uint64_t tokens_at;  /* monotonic ms of the last refill */
+    struct kp_list held; /* claimed runs waiting for a slot */
     size_t nheld;
-    bool pending;             /* in the engine's pump list */
+    bool pending; /* in the engine's pump list */
     struct kp_list pending_link;
 };
 
@@ -95,12 +96,12 @@ struct run {
     uint8_t priority;
     uint64_t timeout_ms, backoff_ms;
     struct jobq *q;
-    zmq_msg_t payload;       /* until sent */
-    struct kp_call *call;    /* once dispatched */
+    zmq_msg_t payload;    /* until sent */
+    struct kp_call *call; /* once dispatched */
     struct kp_list held_link;
-    bool ended;              /* its attempt was ended by the broker (timeout, cancel) */
+    bool ended; /* its attempt was ended by the broker (timeout, cancel) */
     bool cancel_requested;
-    struct watch *watch;     /* its job's events, if any */
+    struct watch *watch; /* its job's events, if any */
 };
 
 /* One event kept for late watchers. */
@@ -122,19 +123,19 @@ struct watch {
     struct kp_list watchers;
     struct kp_list events;
     size_t nevents, bytes;
-    uint64_t seq;            /* next event's sequence */
-    struct run *run;         /* the attempt running now */
-    char *tail;              /* the running attempt's output tail */
+    uint64_t seq;    /* next event's sequence */
+    struct run *run; /* the attempt running now */
+    char *tail;      /* the running attempt's output tail */
     size_t tail_len;
 };
 
 struct watcher {
     struct kp_list link;
-    struct watch *w;         /* NULL until the job's state is known */
+    struct watch *w; /* NULL until the job's state is known */
     struct kp_rid rid;
     uint64_t request_id;
     bool stream;
-    char key[2 * 255 + 24];  /* in engine->watchers */
+    char key[2 * 255 + 24]; /* in engine->watchers */
 };
 
 enum op_kind {
@@ -155,17 +156,17 @@ struct op {
     enum op_kind kind;
     struct kp_list link; /* in retry_ends while waiting to be put again */
     struct kp_journal_req *req;
-    bool has_peer;           /* answer to a frontend peer ... */
-    struct kp_rid rid;       /* ... with this routing id */
-    uint64_t request_id;     /* ... and request id */
-    struct jobq *q;          /* SUBMIT, CLAIM, END */
-    struct kp_job_new job;   /* SUBMIT (points at the copies below) */
+    bool has_peer;         /* answer to a frontend peer ... */
+    struct kp_rid rid;     /* ... with this routing id */
+    uint64_t request_id;   /* ... and request id */
+    struct jobq *q;        /* SUBMIT, CLAIM, END */
+    struct kp_job_new job; /* SUBMIT (points at the copies below) */
     char *queue, *key, *message, *s1, *s2;
-    zmq_msg_t payload;       /* SUBMIT payload, END result */
+    zmq_msg_t payload; /* SUBMIT payload, END result */
     bool has_payload;
-    char *output;            /* END output tail */
+    char *output; /* END output tail */
     size_t output_len;
-    struct kp_rid worker;    /* END: whom to ACK */
+    struct kp_rid worker; /* END: whom to ACK */
     bool ack;
     uint64_t ack_request_id;
     Kelpie__V1__Kind ack_kind;
@@ -173,25 +174,28 @@ struct op {
     struct watcher *watcher; /* OP_WATCH */
     uint64_t retry_at;       /* END: for the watchers' notice */
     kp_job_id id;
+    uint32_t claim_max; /* CLAIM, or SUBMIT with a claim riding on it */
+    uint64_t claim_gen; /* the queue's gen when the claim was put */
 };
 
 struct kp_engine {
     struct kp_journal *journal; /* NULL until the store opens */
     enum kp_err open_err;       /* why it did not, KP_OK if not tried */
     char open_msg[KP_STORE_ERRMSG_MAX];
-    uint64_t open_tried;        /* monotonic ms of the last try */
+    uint64_t open_tried; /* monotonic ms of the last try */
     char *data_dir;
     uint64_t hold_ms;
     struct queue_settings defaults;
-    struct kp_list pending;     /* queues to pump */
-    zhashx_t *queues;           /* name -> struct jobq */
-    zhashx_t *watches;          /* job id -> struct watch */
-    zhashx_t *watchers;         /* "rid-hex/request_id" -> struct watcher */
-    char *settings;             /* --queues text, applied to queues as they appear */
+    struct kp_list pending; /* queues to pump */
+    zhashx_t *queues;       /* name -> struct jobq */
+    zhashx_t *watches;      /* job id -> struct watch */
+    zhashx_t *watchers;     /* "rid-hex/request_id" -> struct watcher */
+    char *settings;         /* --queues text, applied to queues as they appear */
     uint64_t next_look, next_expire;
-    struct kp_list retry_ends;  /* END ops whose commit failed, put again later */
+    struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng;               /* backoff jitter */
+    uint64_t rng;       /* backoff jitter */
+    size_t outstanding; /* requests in the journal */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -415,6 +419,17 @@ static bool jobs_store(struct kp_broker *b)
     if (e->open_err != KP_OK && b->now - e->open_tried < JOBS_REOPEN_MS)
         return false;
     e->open_tried = b->now;
+    if (strcmp(e->data_dir, KP_JOBS_MEMORY) == 0) {
+        /* Tests and the fuzzer: nothing on disk, nothing survives. */
+        struct kp_store *m = kp_store_memory_new();
+        if (kp_journal_new(&m, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal) != KP_OK) {
+            e->open_err = KP_ESYS;
+            snprintf(e->open_msg, sizeof e->open_msg, "cannot start the journal thread");
+            return false;
+        }
+        e->open_err = KP_OK;
+        return true;
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/jobs.db", e->data_dir);
     if (mkdir(e->data_dir, 0700) != 0 && errno != EEXIST) {
@@ -426,8 +441,8 @@ static bool jobs_store(struct kp_broker *b)
     }
     struct kp_store *s = NULL;
     size_t recovered = 0;
-    enum kp_err err = kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered,
-                                           e->open_msg);
+    enum kp_err err =
+        kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered, e->open_msg);
     if (err == KP_OK)
         err = kp_journal_new(&s, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal);
     if (err != KP_OK) {
@@ -483,6 +498,8 @@ static void op_error(struct kp_broker *b, struct op *o, enum kp_err err, const c
         kp_broker_send_error(b, b->frontend, o->rid.bytes, o->rid.len, o->request_id, err, detail);
 }
 
+static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r);
+
 /* Hands o to the journal; on failure answers its peer and frees it. */
 static bool op_put(struct kp_broker *b, struct op *o)
 {
@@ -490,6 +507,7 @@ static bool op_put(struct kp_broker *b, struct op *o)
     if (!jobs_store(b)) {
         b->stats.jobs_store_errors++;
         op_error(b, o, e->open_err, e->open_msg);
+        claim_done(b, o, NULL);
         op_free(o);
         return false;
     }
@@ -498,10 +516,12 @@ static bool op_put(struct kp_broker *b, struct op *o)
     if (err != KP_OK) {
         b->stats.jobs_store_errors++;
         op_error(b, o, err, NULL);
+        claim_done(b, o, NULL);
         op_free(o);
         return false;
     }
     o->req = NULL; /* the journal's until take() */
+    e->outstanding++;
     return true;
 }
 
@@ -590,7 +610,8 @@ static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, 
 }
 
 static void event_header(const struct watch *w, const struct event *ev, kp_header *h,
-                         Kelpie__V1__Header__MetadataEntry *md, Kelpie__V1__Header__MetadataEntry **mdp)
+                         Kelpie__V1__Header__MetadataEntry *md,
+                         Kelpie__V1__Header__MetadataEntry **mdp)
 {
     *h = kp_broker_header(ev->kind, 0);
     h->job_id = (char *)w->id.s;
@@ -742,8 +763,7 @@ static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
             snprintf(msg, sizeof msg, "job failed after %u attempt%s; last: %s%s%.400s",
                      job->attempts, job->attempts == 1 ? "" : "s",
                      last ? kp_job_outcome_name(last->outcome) : "none",
-                     last && last->message ? ": " : "",
-                     last && last->message ? last->message : "");
+                     last && last->message ? ": " : "", last && last->message ? last->message : "");
         }
         struct kp_json j;
         kp_json_init(&j);
@@ -848,8 +868,8 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     h.max_attempts = r->max_attempts;
     h.priority = r->priority;
     h.timeout_ms = r->timeout_ms;
-    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h,
-                                     &r->payload, 1);
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, &r->payload, 1);
     if (err != KP_OK) {
         c->job = NULL;
         kp_broker_free_call(b, c);
@@ -870,13 +890,13 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     b->stats.jobs_dispatched++;
-    struct watch *wt = zhashx_lookup(engine(b)->watches, r->id.s);
-    if (wt) {
-        r->watch = wt;
-        wt->run = r;
-        wt->tail_len = 0;
-        watch_notice(b, wt, "running", r->attempt, NULL, NULL);
-    }
+    /* Every attempt's start is an event, so a watcher who comes late
+     * still sees which attempt the events that follow belong to. */
+    struct watch *wt = watch_get(b, &r->id);
+    r->watch = wt;
+    wt->run = r;
+    wt->tail_len = 0;
+    watch_notice(b, wt, "running", r->attempt, NULL, NULL);
     return true;
 }
 
@@ -895,21 +915,24 @@ static void queue_dispatch(struct kp_broker *b, struct jobq *q)
     }
 }
 
-/* Claims as many ready jobs of q as its workers have free slots for, within
- * its concurrency and rate limits. */
-static void queue_claim(struct kp_broker *b, struct jobq *q)
+/* How many ready jobs of q to claim now: as many as its workers have free
+ * slots for, less what is held or being claimed, within its concurrency and
+ * rate limits. Takes the tokens it counts on. */
+static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
 {
     struct kp_engine *e = engine(b);
-    if (q->claim_out || !q->maybe_ready || b->state != KP_BROKER_RUNNING || e->journal == NULL)
-        return;
+    if (q->claims_out >= JOBS_CLAIMS_OUT || !q->maybe_ready || b->state != KP_BROKER_RUNNING ||
+        e->journal == NULL)
+        return 0;
     uint64_t free = 0;
     for (size_t i = 0; i < q->svc->nworkers; i++)
         free += kp_worker_free_slots(q->svc->workers[i]);
-    if (free <= q->nheld)
-        return;
-    uint64_t want = free - q->nheld;
+    if (free <= (uint64_t)q->nheld + q->claiming)
+        return 0;
+    uint64_t want = free - q->nheld - q->claiming;
     if (q->set.concurrency) {
-        uint64_t cap = q->set.concurrency > q->running ? q->set.concurrency - q->running : 0;
+        uint64_t busy = (uint64_t)q->running + q->claiming;
+        uint64_t cap = q->set.concurrency > busy ? q->set.concurrency - busy : 0;
         if (want > cap)
             want = cap;
     }
@@ -924,28 +947,40 @@ static void queue_claim(struct kp_broker *b, struct jobq *q)
     }
     if (want > JOBS_CLAIM_MAX)
         want = JOBS_CLAIM_MAX;
+    if (q->set.rate)
+        q->tokens -= (double)want;
+    return (uint32_t)want;
+}
+
+/* Notes that op o carries a claim of want jobs of q. */
+static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
+{
+    o->claim_max = want;
+    o->claim_gen = q->gen;
+    o->req->in.queue = q->name;
+    o->req->in.max = want;
+    q->claims_out++;
+    q->claiming += want;
+}
+
+/* Claims what queue_want says, in a CLAIM of its own. */
+static void queue_claim(struct kp_broker *b, struct jobq *q)
+{
+    uint32_t want = queue_want(b, q);
     if (want == 0)
         return;
     struct op *o = op_new(OP_CLAIM, KP_JOURNAL_CLAIM);
     o->q = q;
-    o->req->in.queue = q->name;
-    o->req->in.max = want;
     o->req->in.owner = b->broker_id;
-    q->claim_out = true;
-    q->claiming = (uint32_t)want;
-    q->claim_gen = q->gen;
-    if (q->set.rate)
-        q->tokens -= (double)want;
-    if (!op_put(b, o)) {
-        q->claim_out = false;
-        q->claiming = 0;
-    }
+    claim_attach(q, o, want);
+    op_put(b, o); /* a put that fails undoes the claim (claim_done) */
 }
 
 /* ---- completions ---------------------------------------------------------- */
 
 static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
+    claim_done(b, o, r);
     if (r->out.err != KP_OK) {
         b->stats.jobs_submit_failed++;
         if (!o->has_peer)
@@ -977,13 +1012,22 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
     }
 }
 
-static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+/* The claim op o carried came back (jobs in r->out.jobs), or could not be
+ * put (r NULL). */
+static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
     struct jobq *q = o->q;
-    q->claim_out = false;
-    uint32_t asked = q->claiming;
-    q->claiming = 0;
-    if (r->out.err != KP_OK) {
+    if (o->claim_max == 0 || q == NULL)
+        return;
+    uint32_t asked = o->claim_max;
+    o->claim_max = 0;
+    q->claims_out--;
+    q->claiming -= asked;
+    if (r == NULL || r->out.err != KP_OK) {
+        if (q->set.rate)
+            q->tokens += (double)asked;
+        if (r == NULL)
+            return;
         b->stats.jobs_store_errors++;
         kp_log_warn("claim from %s failed: %s", q->name,
                     r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
@@ -992,7 +1036,7 @@ static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req 
     size_t n = r->out.jobs.n;
     if (q->set.rate && n < asked)
         q->tokens += (double)(asked - n); /* not used */
-    if (n < asked && q->claim_gen == q->gen)
+    if (n < asked && o->claim_gen == q->gen)
         q->maybe_ready = false;
     for (size_t i = 0; i < n; i++) {
         struct kp_job *job = &r->out.jobs.v[i];
@@ -1005,8 +1049,8 @@ static void done_claim(struct kp_broker *b, struct op *o, struct kp_journal_req 
         run->backoff_ms = job->backoff_ms ? job->backoff_ms : q->set.backoff_ms;
         run->q = q;
         /* The claimed buffer becomes the frame: no copy. */
-        if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len,
-                              free_payload, NULL) != 0) {
+        if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len, free_payload, NULL) !=
+            0) {
             msg_from(&run->payload, job->payload, job->payload_len);
             kp_free(job->payload);
         }
@@ -1044,8 +1088,8 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
     }
     if (r->out.err != KP_OK) {
         b->stats.jobs_store_errors++;
-        kp_log_warn("job %s: could not record the end of attempt %u: %s", o->id.s,
-                    r->in.attempt, r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        kp_log_warn("job %s: could not record the end of attempt %u: %s", o->id.s, r->in.attempt,
+                    r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
         if (!o->ack) {
             /* The broker's own decision (worker lost, timeout): try again,
              * or the job stays leased until a restart recovers it. */
@@ -1144,6 +1188,21 @@ static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req 
     watch_finish(b, w, &r->out.jobs.v[0]);
 }
 
+/* Sends a new streaming watcher the events its job has had so far. */
+static void watcher_replay(struct kp_broker *b, struct watcher *wr)
+{
+    struct watch *w = wr->w;
+    kp_header h;
+    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
+    struct kp_list *l = w->events.next;
+    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
+        struct event *ev = kp_container_of(l, struct event, link);
+        l = l->next;
+        event_header(w, ev, &h, md, mdp);
+        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+    }
+}
+
 static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
     struct watcher *wr = o->watcher;
@@ -1165,17 +1224,8 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
         watch_release(b, w, true);
         return;
     }
-    if (!wr->stream)
-        return;
-    kp_header h;
-    Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
-    struct kp_list *l = w->events.next;
-    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
-        struct event *ev = kp_container_of(l, struct event, link);
-        l = l->next;
-        event_header(w, ev, &h, md, mdp);
-        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
-    }
+    if (wr->stream)
+        watcher_replay(b, wr);
 }
 
 static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq_msg_t *more,
@@ -1269,12 +1319,13 @@ void kp_jobs_on_completions(struct kp_broker *b)
     struct kp_journal_req *r;
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
+        e->outstanding--;
         switch (o->kind) {
         case OP_SUBMIT:
             done_submit(b, o, r);
             break;
         case OP_CLAIM:
-            done_claim(b, o, r);
+            claim_done(b, o, r);
             break;
         case OP_END:
             done_end(b, o, r);
@@ -1287,8 +1338,8 @@ void kp_jobs_on_completions(struct kp_broker *b)
             break;
         case OP_EXPIRE:
             if (r->out.err == KP_OK && (r->out.count || r->out.count2))
-                kp_log_debug("expired %zu finished jobs and %zu idempotency keys",
-                             r->out.count, r->out.count2);
+                kp_log_debug("expired %zu finished jobs and %zu idempotency keys", r->out.count,
+                             r->out.count2);
             break;
         default:
             done_admin(b, o, r);
@@ -1372,13 +1423,18 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
     };
     o->req->in.jobs = &o->job;
     o->req->in.njobs = 1;
-    if (op_put(b, o) && q && o->job.run_at == 0) {
-        /* Claim in the same breath: if the journal takes both at once, the
-         * job is stored and leased in one transaction (one fsync). */
+    if (q && o->job.run_at == 0) {
+        /* A claim rides on the SUBMIT when workers have room: the job is
+         * stored and leased in one transaction, one fsync for both. */
         q->gen++;
         q->maybe_ready = true;
-        queue_claim(b, q);
+        uint32_t want = queue_want(b, q);
+        if (want) {
+            o->req->in.owner = b->broker_id;
+            claim_attach(q, o, want);
+        }
     }
+    op_put(b, o);
 }
 
 void kp_jobs_watch(struct kp_broker *b, kp_header *h)
@@ -1392,7 +1448,7 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
                          "WATCH needs a request_id and a job_id (26 characters)");
         return;
     }
-    char key[sizeof ((struct watcher *)0)->key];
+    char key[sizeof((struct watcher *)0)->key];
     watcher_key(key, sizeof key, rid, rid_len, h->request_id);
     if (zhashx_lookup(e->watchers, key)) {
         kp_broker_refuse(b, b->frontend, h, h->request_id, KP_EDUPLICATE, NULL);
@@ -1407,6 +1463,15 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
     kp_list_init(&wr->link);
     zhashx_insert(e->watchers, wr->key, wr);
     b->stats.job_watches++;
+    struct watch *running = zhashx_lookup(e->watches, id.s);
+    if (running && running->run) {
+        /* Leased and running here: no need to ask the store. */
+        wr->w = running;
+        kp_list_push_back(&running->watchers, &wr->link);
+        if (wr->stream)
+            watcher_replay(b, wr);
+        return;
+    }
     struct op *o = op_new(OP_WATCH, KP_JOURNAL_GET);
     o->has_peer = true;
     o->rid = wr->rid;
@@ -1425,14 +1490,14 @@ bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h)
     struct kp_engine *e = engine(b);
     if (e == NULL)
         return false;
-    char key[sizeof ((struct watcher *)0)->key];
+    char key[sizeof((struct watcher *)0)->key];
     watcher_key(key, sizeof key, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
                 h->request_id);
     struct watcher *wr = zhashx_lookup(e->watchers, key);
     if (wr == NULL || wr->w == NULL)
         return false; /* unknown, or its GET is in flight (its answer comes anyway) */
-    kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
-                         KP_ECANCELLED, "watch cancelled");
+    kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id, KP_ECANCELLED,
+                         "watch cancelled");
     struct watch *w = wr->w;
     watcher_free(b, wr);
     watch_release(b, w, false);
@@ -1464,7 +1529,8 @@ static bool jobs_cancel_running(struct kp_broker *b, struct op *o)
         reply_state(b, o, "cancelling");
         if (!r->cancel_requested) {
             r->cancel_requested = true;
-            kp_header c = kp_broker_header(KELPIE__V1__KIND__CANCEL, kp_call_dispatch_id(r->call).v);
+            kp_header c =
+                kp_broker_header(KELPIE__V1__KIND__CANCEL, kp_call_dispatch_id(r->call).v);
             kp_broker_send_worker(b, r->call->worker, &c);
             kp_timers_disarm(&b->timers, &r->call->timer);
             r->call->deadline = b->now + JOBS_CANCEL_GRACE_MS;
@@ -1500,8 +1566,10 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         enum op_kind kind;
         enum kp_journal_op jop;
     } methods[] = {
-        {"GetJob", OP_GETJOB, KP_JOURNAL_GET},     {"ListJobs", OP_LIST, KP_JOURNAL_LIST},
-        {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL}, {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
+        {"GetJob", OP_GETJOB, KP_JOURNAL_GET},
+        {"ListJobs", OP_LIST, KP_JOURNAL_LIST},
+        {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL},
+        {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
         {"PurgeDead", OP_PURGE, KP_JOURNAL_DLQ_PURGE},
     };
     if (strcmp(h->method, "Drain") == 0) {
@@ -1566,8 +1634,9 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
             if (state < 0 && strcmp(buf, "running") == 0)
                 state = KP_JOB_LEASED;
             if (state < 0) {
-                op_error(b, o, KP_EINVAL, "unknown state (scheduled, queued, leased, succeeded, "
-                                          "dead, cancelled)");
+                op_error(b, o, KP_EINVAL,
+                         "unknown state (scheduled, queued, leased, succeeded, "
+                         "dead, cancelled)");
                 op_free(o);
                 return true;
             }
@@ -1720,13 +1789,32 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
     else if (nack)
         o->retry_at = now + (h->delay_ms > JOBS_MAX_DELAY_MS ? JOBS_MAX_DELAY_MS : h->delay_ms);
     else
-        o->retry_at = now + backoff(&engine(b)->rng, r ? r->backoff_ms : engine(b)->defaults.backoff_ms,
-                                    h->attempt);
+        o->retry_at = now + backoff(&engine(b)->rng,
+                                    r ? r->backoff_ms : engine(b)->defaults.backoff_ms, h->attempt);
     if (outcome == KP_OUTCOME_SUCCEEDED && n >= 1) {
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
         o->has_payload = true;
     }
     struct watch *wt = r ? r->watch : NULL;
+    if (wt && outcome == KP_OUTCOME_SUCCEEDED && !kp_list_empty(&wt->watchers)) {
+        /* Watchers get a success at once, before it is on disk: the worker
+         * holds its RESULT until the ACK, so a broker that dies now still
+         * learns it (§11.3). One fsync less on every job's round trip. */
+        kp_header res = kp_broker_header(KELPIE__V1__KIND__RESULT, 0);
+        res.job_id = id.s;
+        res.attempt = h->attempt;
+        res.code = KELPIE__V1__CODE__OK;
+        zmq_msg_t empty;
+        zmq_msg_init(&empty);
+        while (!kp_list_empty(&wt->watchers)) {
+            struct watcher *wr = kp_container_of(wt->watchers.next, struct watcher, link);
+            watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1);
+            if (!kp_list_empty(&wt->watchers) &&
+                kp_container_of(wt->watchers.next, struct watcher, link) == wr)
+                watcher_free(b, wr);
+        }
+        zmq_msg_close(&empty);
+    }
     if (wt && wt->tail_len) {
         o->output = kp_malloc(wt->tail_len);
         memcpy(o->output, wt->tail, wt->tail_len);
@@ -1856,8 +1944,7 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
         run_end(b, r, KP_OUTCOME_CANCELLED, "cancelled; the worker did not answer in time", false);
     } else {
         char msg[96];
-        snprintf(msg, sizeof msg, "ran past its %llu ms limit",
-                 (unsigned long long)r->timeout_ms);
+        snprintf(msg, sizeof msg, "ran past its %llu ms limit", (unsigned long long)r->timeout_ms);
         run_end(b, r, KP_OUTCOME_TIMEOUT, msg, true);
     }
     /* CANCEL to the worker; its slot comes back with its answer. */
@@ -1956,6 +2043,75 @@ bool kp_jobs_busy(const struct kp_broker *b)
     return b->jobs && (!kp_list_empty(&b->jobs->pending) || !kp_list_empty(&b->job_pending));
 }
 
+void kp_jobs_settle(struct kp_broker *b, int timeout_ms)
+{
+    struct kp_engine *e = engine(b);
+    uint64_t end = (uint64_t)zclock_mono() + (uint64_t)timeout_ms;
+    while (e && e->journal && e->outstanding > 0 && (uint64_t)zclock_mono() < end) {
+        zmq_pollitem_t item = {NULL, kp_journal_fd(e->journal), ZMQ_POLLIN, 0};
+        zmq_poll(&item, 1, 10);
+        kp_jobs_on_completions(b);
+    }
+}
+
+const char *kp_jobs_check(const struct kp_broker *b)
+{
+    const struct kp_engine *e = b->jobs;
+    if (e == NULL)
+        return NULL;
+    void *it;
+    size_t claims = 0;
+    for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+        const struct jobq *q = it;
+        size_t held = 0;
+        for (const struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
+            const struct run *r = kp_container_of(l, struct run, held_link);
+            if (r->q != q || r->call != NULL || r->ended)
+                return "a held job is another queue's, dispatched or ended";
+            held++;
+        }
+        if (held != q->nheld)
+            return "a job queue's held count differs from its held list";
+        if (q->running < q->nheld)
+            return "a job queue runs fewer jobs than it holds";
+        if (q->claims_out > JOBS_CLAIMS_OUT || (q->claims_out == 0) != (q->claiming == 0))
+            return "a job queue's claims in the journal are miscounted";
+        if (q->svc != kp_services_find(&b->queues, q->name))
+            return "a job queue is not its own service in the queue registry";
+        claims += q->claims_out;
+    }
+    if (claims > e->outstanding)
+        return "more claims than requests in the journal";
+    size_t pos = 0;
+    struct kp_call *c;
+    while ((c = kp_idmap_next(&b->calls.by_serial, &pos, NULL)) != NULL) {
+        if (c->job == NULL)
+            continue;
+        const struct run *r = c->job;
+        if (r->call != c || c->service != r->q->svc || c->client != NULL)
+            return "a job's call does not point back at its attempt";
+        if (c->state == KP_CALL_ORPHANED && !r->ended)
+            return "an orphaned job call's attempt was not ended";
+        if (r->watch && r->watch->run == r && r->ended)
+            return "a watch follows an attempt that has ended";
+    }
+    for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+        const struct watch *w = it;
+        if (w->run && (w->run->watch != w || w->run->call == NULL))
+            return "a watch's running attempt is not its own or not dispatched";
+        if (w->nevents > JOBS_EVENTS_MAX || w->bytes > JOBS_EVENTS_BYTES)
+            return "a job's event buffer is over its bounds";
+        if (w->tail_len > JOBS_TAIL_BYTES)
+            return "a job's output tail is over its bound";
+        for (const struct kp_list *l = w->watchers.next; l != &w->watchers; l = l->next) {
+            const struct watcher *wr = kp_container_of(l, struct watcher, link);
+            if (wr->w != w || zhashx_lookup(e->watchers, wr->key) != wr)
+                return "a watcher is not in the index or not its watch's";
+        }
+    }
+    return NULL;
+}
+
 int kp_jobs_fd(struct kp_broker *b)
 {
     struct kp_engine *e = engine(b);
@@ -1984,9 +2140,8 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     e->data_dir = kp_strdup(data_dir);
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
-    e->defaults = (struct queue_settings){.max_attempts = 3,
-                                          .backoff_ms = 1000,
-                                          .result_ttl_ms = 86400ull * 1000};
+    e->defaults = (struct queue_settings){
+        .max_attempts = 3, .backoff_ms = 1000, .result_ttl_ms = 86400ull * 1000};
     e->settings = dup_or_null(settings);
     kp_list_init(&e->pending);
     kp_list_init(&e->retry_ends);
@@ -2021,7 +2176,7 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     char path[4096];
     snprintf(path, sizeof path, "%s/jobs.db", data_dir);
     struct stat st;
-    if (stat(path, &st) == 0)
+    if (strcmp(data_dir, KP_JOBS_MEMORY) != 0 && stat(path, &st) == 0)
         jobs_store(b);
     return KP_OK;
 }
@@ -2031,7 +2186,21 @@ void kp_jobs_destroy(struct kp_broker *b)
     struct kp_engine *e = engine(b);
     if (e == NULL)
         return;
-    /* The journal commits what was put before it stops. */
+    /* What was put is committed before the journal stops; the answers
+     * have nobody to go to now (the sockets are closed), so their ops are
+     * only freed. Bounded: a store that hangs is not waited for. */
+    uint64_t end = (uint64_t)zclock_mono() + 10000;
+    while (e->journal && e->outstanding > 0 && (uint64_t)zclock_mono() < end) {
+        zmq_pollitem_t item = {NULL, kp_journal_fd(e->journal), ZMQ_POLLIN, 0};
+        zmq_poll(&item, 1, 10);
+        struct kp_journal_req *r;
+        while ((r = kp_journal_take(e->journal)) != NULL) {
+            struct op *o = (struct op *)(uintptr_t)r->tag;
+            e->outstanding--;
+            kp_journal_req_destroy(&r);
+            op_free(o);
+        }
+    }
     kp_journal_destroy(&e->journal);
     /* Runs on calls: the calls themselves go with the call table. */
     size_t pos = 0;

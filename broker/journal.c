@@ -102,6 +102,11 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
     case KP_JOURNAL_SUBMIT:
         r->out.refs = kp_calloc(r->in.njobs ? r->in.njobs : 1, sizeof *r->out.refs);
         err = kp_store_insert(s, r->in.jobs, r->in.njobs, now, r->out.refs);
+        /* A claim may ride on a SUBMIT (same transaction, one fsync). Its
+         * failure leases nothing and does not fail the SUBMIT. */
+        if (err == KP_OK && r->in.queue && r->in.max > 0 &&
+            kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs) != KP_OK)
+            kp_jobs_clear(&r->out.jobs);
         break;
     case KP_JOURNAL_CLAIM:
         err = kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs);

@@ -41,7 +41,7 @@
 #include "store.h"
 
 enum kp_journal_op {
-    KP_JOURNAL_SUBMIT,    /* in.jobs/njobs → out.refs */
+    KP_JOURNAL_SUBMIT,    /* in.jobs/njobs → out.refs; with in.queue and in.max also a CLAIM */
     KP_JOURNAL_CLAIM,     /* in.queue, max, owner → out.jobs */
     KP_JOURNAL_END,       /* in.id, attempt, end → out.state */
     KP_JOURNAL_CANCEL,    /* in.id */

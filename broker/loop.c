@@ -250,6 +250,9 @@ bool kp_broker_tick(struct kp_broker *b, uint64_t now)
 {
     if (now > b->now)
         b->now = now;
+    /* Driven by hand: the journal's answers are waited for, so a step's
+     * effects are all visible when it returns. */
+    kp_jobs_settle(b, 2000);
     loop_on_stop_requests(b);
     if (b->state != KP_BROKER_STOPPED) {
         loop_expire(b);

@@ -49,10 +49,54 @@ static const kp_kind fz_kinds[] = {
     KELPIE__V1__KIND__CANCEL,  KELPIE__V1__KIND__HEARTBEAT, KELPIE__V1__KIND__DISCONNECT,
     KELPIE__V1__KIND__CREDIT,  KELPIE__V1__KIND__STATUS,    KELPIE__V1__KIND__SUBMIT,
     KELPIE__V1__KIND__RESULT,  KELPIE__V1__KIND__WATCH,     (kp_kind)99,
-    KELPIE__V1__KIND__REQUEST,
+    KELPIE__V1__KIND__REQUEST, KELPIE__V1__KIND__PROGRESS,  KELPIE__V1__KIND__OUTPUT,
+    KELPIE__V1__KIND__NACK,    KELPIE__V1__KIND__SUBMIT,    KELPIE__V1__KIND__RESULT,
+    KELPIE__V1__KIND__JOB,
 };
-static char *fz_services[] = {"echo", "other", "kelpie.broker", ""};
-static char *fz_methods[] = {"Echo", "Ping", "Stats", "Nope"};
+
+/* What the script's workers were last sent as a JOB, read back from their
+ * sockets, so their PROGRESS/OUTPUT/RESULT/NACK can name a live attempt. */
+static void *fz_peers[6];
+static struct {
+    uint64_t rid;
+    char job[27];
+    uint32_t attempt;
+} fz_last[3];
+static char *fz_jobs[] = {"", "01ARZ3NDEKTSV4RRFFQ69G5FAV", "not-a-job-id", NULL};
+
+static void fz_learn(int w)
+{
+    for (int i = 0; i < 64; i++) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, fz_peers[3 + w], ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        bool more = zmq_msg_more(&m);
+        Kelpie__V1__Header *h =
+            kelpie__v1__header__unpack(NULL, zmq_msg_size(&m), zmq_msg_data(&m));
+        if (h && h->kind == KELPIE__V1__KIND__JOB && h->job_id) {
+            fz_last[w].rid = h->request_id;
+            fz_last[w].attempt = h->attempt;
+            snprintf(fz_last[w].job, sizeof fz_last[w].job, "%s", h->job_id);
+        }
+        if (h)
+            kelpie__v1__header__free_unpacked(h, NULL);
+        zmq_msg_close(&m);
+        while (more) { /* the rest of a multipart message */
+            zmq_msg_init(&m);
+            if (zmq_msg_recv(&m, fz_peers[3 + w], ZMQ_DONTWAIT) < 0) {
+                zmq_msg_close(&m);
+                return;
+            }
+            more = zmq_msg_more(&m);
+            zmq_msg_close(&m);
+        }
+    }
+}
+static char *fz_services[] = {"echo", "q", "kelpie.broker", ""};
+static char *fz_methods[] = {"Echo", "Ping", "Stats", "GetJob"};
 
 /* One structured message from dir and peer, built from the input. */
 static bool fz_message(struct kp_broker *b, struct fz_in *in, enum kp_dir dir, uint64_t now)
@@ -92,6 +136,27 @@ static bool fz_message(struct kp_broker *b, struct fz_in *in, enum kp_dir dir, u
     }
     h.methods = chosen;
     h.name = "fuzz";
+    /* Job fields: queues from the same mask, an id (none, unknown,
+     * malformed, or the last one this worker was sent), an attempt, a
+     * priority that is sometimes out of range. */
+    char *queues[2];
+    if (mask & 1u)
+        queues[h.n_queues++] = "q";
+    if (mask & 2u)
+        queues[h.n_queues++] = "echo";
+    h.queues = queues;
+    uint8_t j = fz_byte(in);
+    fz_jobs[3] = fz_last[peer % 3].job;
+    h.job_id = fz_jobs[j % 4];
+    h.attempt = (j >> 2) % 4;
+    h.priority = (int32_t)((j >> 4) % 12);
+    h.delay_ms = (j & 0x80) ? 50 : 0;
+    h.max_attempts = (j >> 5) % 3;
+    if (dir == KP_FROM_WORKER && (j % 4) == 3) {
+        fz_learn(peer % 3);
+        h.request_id = fz_last[peer % 3].rid;
+        h.attempt = (j & 0x40) ? fz_last[peer % 3].attempt : h.attempt;
+    }
     size_t npayload = fz_byte(in) % 3;
 
     zmq_msg_t frames[6];
@@ -151,8 +216,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     free(cfg.intake);
     snprintf(ep, sizeof ep, "inproc://fz-in-%u", instance);
     cfg.intake = strdup(ep);
+    /* Jobs in memory: a fresh store per input, no disk in the loop (the
+     * SQLite store has its own tests, faults included). */
+    memset(fz_last, 0, sizeof fz_last);
     free(cfg.data_dir);
-    cfg.data_dir = strdup("/tmp/kelpie-fuzz-data");
+    cfg.data_dir = strdup(":memory:");
     cfg.heartbeat_ms = 100;
     cfg.queue_limit = 4;
     cfg.client_max_inflight = 5;
@@ -168,7 +236,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     void *peers[6];
     for (int i = 0; i < 6; i++) {
         char rid[2] = {i < 3 ? 'c' : 'w', (char)('0' + i % 3)};
-        peers[i] = zmq_socket(ctx, ZMQ_DEALER);
+        peers[i] = fz_peers[i] = zmq_socket(ctx, ZMQ_DEALER);
         int zero = 0;
         zmq_setsockopt(peers[i], ZMQ_LINGER, &zero, sizeof zero);
         zmq_setsockopt(peers[i], ZMQ_ROUTING_ID, rid, sizeof rid);
