@@ -190,9 +190,6 @@ def test_the_last_attempt_ends_with_a_notice(loop, broker):
     run(main(), loop)
 
 
-@pytest.mark.xfail(strict=True, reason="broker (jobs.c): the 'running' notice is recorded only "
-                   "when a watch exists at dispatch, so a watcher attaching later never gets it "
-                   "(protocol.md §11.4: the events so far, then the live ones)")
 def test_late_watcher_gets_the_running_notice(loop, broker):
     async def main():
         worker, log = make_worker(processes=False)
@@ -334,7 +331,7 @@ def test_cancel_a_running_job(loop, broker, queue, tmp_path):
         async with kelpie.Client(broker.frontend) as client:
             marker = str(tmp_path / "m")
             job = await client.submit(queue, marker.encode(), max_attempts=3)
-            # Watched before it starts (see the test below for why).
+            # Watched before it starts (the test below: nobody watches).
             watcher = asyncio.ensure_future(job.result(timeout=30))
             await asyncio.sleep(0.3)
             async with serving(worker, broker):
@@ -342,10 +339,6 @@ def test_cancel_a_running_job(loop, broker, queue, tmp_path):
     run(main(), loop, timeout=90)
 
 
-@pytest.mark.xfail(strict=True, reason="broker (jobs.c jobs_cancel_running): a running job "
-                   "that nobody watches and that has sent no event has no watch entry, so "
-                   "CancelJob falls through to the store: FAILED_PRECONDITION 'cannot cancel a "
-                   "leased job' (protocol.md §11.5: 'cancelling')")
 def test_cancel_a_running_job_nobody_watches(loop, broker, tmp_path):
     async def main():
         worker, log = make_worker(processes=False)
