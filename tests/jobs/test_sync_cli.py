@@ -36,8 +36,9 @@ def make_worker():
 
     @worker.job("ticker")
     async def ticker(payload, ctx):
-        for i in range(4):
-            await ctx.progress(i / 4, f"tick {i}")
+        n = int(payload or b"4")
+        for i in range(n):
+            await ctx.progress(i / n, f"tick {i}")
             await asyncio.sleep(0.5)
         return b"ticked"
 
@@ -89,7 +90,7 @@ def cli(broker, *args, data=None, timeout=30):
 
 
 def test_cli_job_commands(broker):
-    with serve(make_worker(), broker):
+    with serve(make_worker(), broker) as served:
         p = cli(broker, "submit", "echo", "--data", "-", "--wait", data=b"piped")
         assert p.returncode == 0, p.stderr
         job_id, rest = p.stdout.split(b"\n", 1)
@@ -103,9 +104,10 @@ def test_cli_job_commands(broker):
         assert json.loads(p.stdout)["state"] == "succeeded"
         p = cli(broker, "job", "wait", job_id.decode())
         assert p.returncode == 0 and p.stdout == b"piped"
-        ticking = cli(broker, "submit", "ticker").stdout.strip().decode()
+        # 4 s of ticks: the command starts (an interpreter) while they come.
+        ticking = served.submit("ticker", b"8").id
         p = cli(broker, "job", "events", ticking, "--lines")
-        assert p.returncode == 0 and b"progress 75% tick 3" in p.stdout, p
+        assert p.returncode == 0 and b"progress 88% tick 7" in p.stdout, p
         # A finished job's events are gone: only its end remains (§11.4).
         p = cli(broker, "job", "events", ticking, "--lines")
         assert p.returncode == 0 and b"tick" not in p.stdout
