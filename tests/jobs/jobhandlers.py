@@ -7,6 +7,13 @@ import time
 import kelpie
 
 
+def _write(path, text):
+    # Atomically: a test polls for the file and reads it at once.
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def crunch(payload, ctx):
     ctx.progress(0.5, "half")
     ctx.output("stdout", b"from pid %d\n" % os.getpid())
@@ -18,12 +25,10 @@ def sleepy(payload, ctx):
     marker = payload.decode()
 
     def on_term(signum, frame):
-        with open(marker + ".term", "w") as f:
-            f.write(str(os.getpid()))
+        _write(marker + ".term", str(os.getpid()))
         raise SystemExit(0)
     signal.signal(signal.SIGTERM, on_term)
-    with open(marker + ".pid", "w") as f:
-        f.write(str(os.getpid()))
+    _write(marker + ".pid", str(os.getpid()))
     time.sleep(60)
     return b"never"
 
@@ -31,8 +36,7 @@ def sleepy(payload, ctx):
 def stubborn(payload, ctx):
     # Ignores SIGTERM: only SIGKILL ends it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open(payload.decode() + ".pid", "w") as f:
-        f.write(str(os.getpid()))
+    _write(payload.decode() + ".pid", str(os.getpid()))
     time.sleep(60)
     return b"never"
 

@@ -364,3 +364,30 @@ def test_broker_asks_the_worker_to_drain(loop):
         await fake.send(_wire.Header(version=1, kind=_wire.STATUS, flags=_wire.DRAINED))
         await fake.recv(_wire.DISCONNECT)
     run(with_worker(body), loop)
+
+
+def test_stop_during_a_process_jobs_sigterm_grace(loop, tmp_path, caplog):
+    """The pool closes while a process job is in its SIGTERM grace:
+    the child is killed and nothing trips over the closed process object."""
+    marker = str(tmp_path / "s")
+    pid = []
+
+    async def body(fake, worker, ready):
+        await fake.job(60, "stubborn", marker.encode())
+        while not os.path.exists(marker + ".pid"):
+            await asyncio.sleep(0.02)
+        pid.append(int(open(marker + ".pid").read()))
+        # with_worker now stops the worker (grace 1 s): the job is cancelled
+        # for the shutdown (SIGTERM, ignored: a 2 s grace) and the pool
+        # closes within that grace.
+    run(with_worker(body), loop)
+    assert "process object is closed" not in caplog.text
+    end = time.monotonic() + 5
+    while time.monotonic() < end:
+        try:
+            os.kill(pid[0], 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the stubborn child outlived its worker")

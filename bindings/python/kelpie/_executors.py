@@ -328,6 +328,7 @@ class ProcessPool:
         if self._closed:
             raise RuntimeError("process pool closed")
         child = await self._acquire()
+        pid = child.proc.pid  # close() may close the process object while we wait
         loop = self._loop
         future = child.future = loop.create_future()
         fd = child.conn.fileno()
@@ -369,7 +370,7 @@ class ProcessPool:
             self.killed += 1
             if term_grace:
                 await self._terminate(child.proc, term_grace)
-            log.info("%s: killed pool process %d (%s)", _describe_call(ctx), child.proc.pid,
+            log.info("%s: killed pool process %d (%s)", _describe_call(ctx), pid,
                      "cancelled or past its deadline")
             raise
         except ChildDied:
@@ -379,7 +380,7 @@ class ProcessPool:
             child.future = None
             if ok:
                 self._give_back(child)
-            else:
+            elif child in self._children:  # close() may have retired it meanwhile
                 self._retire(child, kill=True)
                 if not self._closed:
                     self._start_child()
@@ -393,9 +394,12 @@ class ProcessPool:
             return
         end = time.monotonic() + grace
         while time.monotonic() < end:
-            proc.join(0)
-            if proc.exitcode is not None:
-                return
+            try:
+                proc.join(0)
+                if proc.exitcode is not None:
+                    return
+            except ValueError:
+                return  # close() closed it meanwhile (the pool is shutting down)
             try:
                 await asyncio.sleep(0.02)
             except asyncio.CancelledError:
