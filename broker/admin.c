@@ -89,12 +89,32 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "queued", s->queued);
         kp_json_u64(j, "in_flight", s->in_flight);
         kp_json_u64(j, "capacity", capacity);
+        kp_json_u64(j, "dispatched", s->dispatched);
+        kp_json_u64(j, "completed", s->completed);
+        kp_json_u64(j, "failed", s->failed);
+        kp_json_u64(j, "expired", s->expired);
         kp_json_object_end(j);
     }
     kp_json_object_end(j);
     admin_workers_json(b, j);
     kp_jobs_stats_json(b, j);
     kp_json_object_end(j);
+}
+
+bool kp_broker_admin_allowed(struct kp_broker *b, const kp_header *req)
+{
+    if (!kp_auth_admin_only(req->method))
+        return true;
+    const char *key = kp_broker_peer_key(b, 1);
+    if (kp_auth_allows(b->auth, key, KP_ROLE_ADMIN))
+        return true;
+    char fp[32], why[256];
+    kp_auth_fingerprint(key, fp, sizeof fp);
+    snprintf(why, sizeof why, "%s/%.100s is admin-only: key %s is not in the admin allow-list",
+             KP_BROKER_SERVICE, req->method, fp);
+    kp_log_warn("auth: %s", why);
+    kp_broker_refuse(b, b->frontend, req, req->request_id, KP_EADMINONLY, why);
+    return false;
 }
 
 void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *req)

@@ -6,6 +6,7 @@
  * sent to this very worker before anything reaches a client. Any message,
  * even a malformed one, counts as a sign of life.
  */
+#include <stdio.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -25,8 +26,50 @@ static void backend_refuse(struct kp_broker *b, const kp_header *h, uint64_t req
     kp_broker_refuse(b, b->backend, h, request_id, err, NULL);
 }
 
+/* With CURVE, whether the sender's key is still on the worker allow-list
+ * (a reload may have removed it since ZAP let it in). If not, the message is
+ * refused UNAUTHENTICATED and the worker, if registered, is removed (its
+ * calls re-queued or failed, as for a lost worker). */
+static bool backend_key_allowed(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    const char *key = kp_broker_peer_key(b, 1);
+    if (kp_auth_allows(b->auth, key, KP_ROLE_WORKER))
+        return true;
+    char fp[32], why[160];
+    kp_auth_fingerprint(key, fp, sizeof fp);
+    snprintf(why, sizeof why, "key %s is no longer in the worker allow-list", fp);
+    kp_log_warn("auth: backend refused worker '%s': %s", w && w->name ? w->name : "?", why);
+    kp_broker_refuse(b, b->backend, h, h->request_id, KP_EUNAUTHENTICATED, why);
+    if (w)
+        kp_broker_worker_gone(b, w);
+    return false;
+}
+
+/* With CURVE, whether the sender's key may serve every service and job
+ * queue READY names (one list covers both); if not, READY is refused
+ * PERMISSION_DENIED naming the first that it may not, and nothing about the
+ * worker changes. */
+static bool backend_services_allowed(struct kp_broker *b, const kp_header *h)
+{
+    if (b->auth == NULL)
+        return true;
+    const char *key = kp_broker_peer_key(b, 1);
+    for (size_t i = 0; i < h->n_services + h->n_queues; i++) {
+        const char *name = i < h->n_services ? h->services[i] : h->queues[i - h->n_services];
+        char why[512];
+        if (!kp_auth_may_serve(b->auth, key, name, why, sizeof why)) {
+            kp_log_warn("auth: backend refused READY of '%.100s': %s", h->name, why);
+            kp_broker_refuse(b, b->backend, h, h->request_id, KP_ESERVICEDENIED, why);
+            return false;
+        }
+    }
+    return true;
+}
+
 static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
 {
+    if (!backend_services_allowed(b, h))
+        return;
     if (w && w->gone) {
         kp_jobs_reap_worker(b, w);
         w = NULL;
@@ -124,6 +167,8 @@ void kp_backend_on_message(struct kp_broker *b)
         backend_refuse(b, h, request_id, err);
         return;
     }
+    if (b->auth && !backend_key_allowed(b, w, h))
+        return;
     if (w == NULL && h->kind != KELPIE__V1__KIND__READY) {
         if (h->kind == KELPIE__V1__KIND__DISCONNECT)
             return; /* leaving anyway; nothing to undo */

@@ -53,6 +53,10 @@ static void *broker_socket(struct kp_broker *b, int type, const char *name, cons
         zmq_setsockopt(s, ZMQ_ROUTER_MANDATORY, &one, sizeof one);
         zmq_setsockopt(s, ZMQ_SNDHWM, &sndhwm, sizeof sndhwm);
     }
+    if (b->auth && kp_auth_secure(b->auth, s, name) != KP_OK) {
+        zmq_close(s);
+        return NULL;
+    }
     int rc;
     while ((rc = zmq_bind(s, ep)) != 0 && errno == EINTR)
         ; /* a signal during start-up (found by fuzz_broker under SIGALRM) */
@@ -116,6 +120,32 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
         kp_log_error("zmq_ctx_new: %s", zmq_strerror(errno));
         goto fail;
     }
+    if (cfg->key) {
+        /* Before any socket exists: the ZAP handler must be there when the
+         * first handshake asks (libzmq lets every peer in without one). */
+        struct kp_auth_files files = {cfg->key, cfg->allow_clients, cfg->allow_workers,
+                                      cfg->allow_admins};
+        char err[512];
+        enum kp_err rc = kp_auth_new(b->ctx, &files, &b->stats, &b->auth, err, sizeof err);
+        if (rc != KP_OK) {
+            kp_log_error("%s", err);
+            goto fail;
+        }
+        if (!cfg->allow_workers)
+            kp_log_warn("--key without --allow-workers: no worker can register");
+        if (!cfg->allow_clients && !cfg->allow_admins)
+            kp_log_warn("--key without --allow-clients or --allow-admins: no client can call");
+    } else if (cfg->insecure) {
+        kp_log_warn("--insecure: no authentication, no encryption; anyone who reaches the "
+                    "sockets may call any service and serve any service");
+    }
+    if (cfg->http) {
+        char err[512];
+        if (kp_http_new(cfg->http, &b->http, err, sizeof err) != KP_OK) {
+            kp_log_error("%s", err);
+            goto fail;
+        }
+    }
     b->frontend = broker_socket(b, ZMQ_ROUTER, "frontend", cfg->frontend);
     b->backend = broker_socket(b, ZMQ_ROUTER, "backend", cfg->backend);
     b->intake = broker_socket(b, ZMQ_PULL, "intake", cfg->intake);
@@ -151,6 +181,8 @@ void kp_broker_destroy(struct kp_broker **bp)
             zmq_close(socks[i]);
         }
     }
+    kp_http_destroy(&b->http); /* its thread reads only its own snapshot */
+    kp_auth_destroy(&b->auth);
     if (b->own_ctx && b->ctx)
         zmq_ctx_term(b->ctx);
     /* The job engine first: its journal commits what it was given, and its

@@ -45,6 +45,10 @@ enum kp_err kp_broker_run(struct kp_broker *b);
  * (one write() to a pipe) and callable from any thread. */
 void kp_broker_stop(struct kp_broker *b);
 
+/* Asks the loop to reread the --allow-* files (SIGHUP). Async-signal-safe
+ * and callable from any thread; without --key it does nothing. */
+void kp_broker_reload(struct kp_broker *b);
+
 /* Returns a snapshot of the counters (for tests; Stats is the wire way). */
 struct kp_stats kp_broker_stats(const struct kp_broker *b);
 

@@ -28,8 +28,10 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "auth.h"
 #include "broker.h"
 #include "budget.h"
+#include "http.h"
 #include "call.h"
 #include "client.h"
 #include "list.h"
@@ -46,6 +48,8 @@
 #define KP_STREAM_WINDOW 16
 /* Idle clients and worker-less empty services are forgotten after this. */
 #define KP_FORGET_MS 60000
+/* How often the loop publishes the --http snapshot (metrics.c). */
+#define KP_METRICS_INTERVAL_MS 1000
 /* Name of the broker's own service (§10). */
 #define KP_BROKER_SERVICE "kelpie.broker"
 
@@ -68,12 +72,15 @@ struct kp_broker {
     uint32_t shutdown_grace_ms;   /* drain time on the first stop request */
 
     /* sockets */
-    void *ctx;      /* ZeroMQ context */
-    bool own_ctx;   /* we created ctx and terminate it */
-    void *frontend; /* ROUTER, clients */
-    void *backend;  /* ROUTER, workers */
-    void *intake;   /* PULL, one-way producers */
-    int wake[2];    /* self-pipe: kp_broker_stop() writes, the loop reads */
+    void *ctx;             /* ZeroMQ context */
+    bool own_ctx;          /* we created ctx and terminate it */
+    void *frontend;        /* ROUTER, clients */
+    void *backend;         /* ROUTER, workers */
+    void *intake;          /* PULL, one-way producers */
+    int wake[2];           /* self-pipe: kp_broker_stop() and kp_broker_reload() write */
+    struct kp_auth *auth;  /* CURVE and allow-lists (--key); NULL: no authentication */
+    struct kp_http *http;  /* --http server (its own thread); NULL: none */
+    uint64_t next_publish; /* when the loop next publishes the metrics snapshot */
 
     /* state */
     enum kp_broker_state state;  /* see above */
@@ -117,6 +124,16 @@ static inline uint64_t kp_broker_grace_ms(const struct kp_broker *b)
 static inline bool kp_broker_in_grace(const struct kp_broker *b)
 {
     return b->now - b->started < kp_broker_grace_ms(b);
+}
+
+/* Returns the z85 public key of the peer that sent the message being
+ * handled (ZAP's User-Id on its header frame hdr_index), or NULL without
+ * CURVE. */
+static inline const char *kp_broker_peer_key(struct kp_broker *b, size_t hdr_index)
+{
+    if (b->auth == NULL || b->in.nframes <= hdr_index)
+        return NULL;
+    return kp_auth_peer_key(&b->in.frames[hdr_index]);
 }
 
 /* ---- send.c: sending, errors and refusals ----------------------------- */
@@ -244,6 +261,12 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w);
  * their workers; no message goes to c. */
 void kp_broker_reap_client(struct kp_broker *b, struct kp_client *c);
 
+/* ---- metrics.c: --http's snapshot -------------------------------------- */
+
+/* Renders the metrics and readiness and hands them to the HTTP thread, at
+ * most every KP_METRICS_INTERVAL_MS; nothing without --http. */
+void kp_broker_publish_metrics(struct kp_broker *b);
+
 /* ---- jobs.c: the job engine (docs/protocol.md §11) -------------------- */
 
 /* --data-dir value that keeps jobs in memory (store_memory.c): for tests
@@ -317,6 +340,13 @@ const char *kp_jobs_check(const struct kp_broker *b);
 void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j);
 
 /* ---- admin.c: kelpie.broker ------------------------------------------- */
+
+/* With CURVE, whether the caller of kelpie.broker method req->method (the
+ * message in b->in) may call it: kp_auth_admin_only() classifies every
+ * method, the job engine's included; admin-only ones need a key from
+ * --allow-admins. If not, refuses the call PERMISSION_DENIED (counted in
+ * auth_denied_admin), logs why and returns false. Call before dispatching. */
+bool kp_broker_admin_allowed(struct kp_broker *b, const kp_header *req);
 
 /* Answers a call to kelpie.broker (Ping, Stats) on the frontend. */
 void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h);

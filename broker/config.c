@@ -9,8 +9,9 @@
 #include <string.h>
 
 #include "alloc.h"
+#include "http.h"
 
-enum config_kind { CONFIG_STR, CONFIG_U32, CONFIG_SIZE, CONFIG_LEVEL };
+enum config_kind { CONFIG_STR, CONFIG_U32, CONFIG_SIZE, CONFIG_LEVEL, CONFIG_BOOL };
 
 struct config_option {
     const char *flag;      /* without the leading "--" */
@@ -89,6 +90,18 @@ static bool config_set(struct kp_config *c, const struct config_option *o, const
         }
         kp_free(*(char **)field);
         *(char **)field = kp_strdup(value);
+        return true;
+    case CONFIG_BOOL:
+        if (strcmp(value, "true") == 0 || strcmp(value, "1") == 0 || strcmp(value, "yes") == 0) {
+            *(bool *)field = true;
+        } else if (strcmp(value, "false") == 0 || strcmp(value, "0") == 0 ||
+                   strcmp(value, "no") == 0) {
+            *(bool *)field = false;
+        } else {
+            snprintf(err, errlen, "%s: --%s must be true or false, not '%s'", source, o->flag,
+                     value);
+            return false;
+        }
         return true;
     case CONFIG_LEVEL:
         if (!kp_log_parse_level(value, field)) {
@@ -295,6 +308,63 @@ static bool config_load_file(struct kp_config *c, const char *path, char *err, s
     return ok;
 }
 
+/* Returns true if ep reaches only this host: ipc://, inproc://, or tcp:// on
+ * a loopback address (127.0.0.0/8, ::1, localhost). */
+static bool config_local_endpoint(const char *ep)
+{
+    if (strncmp(ep, "tcp://", 6) != 0)
+        return strncmp(ep, "ipc://", 6) == 0 || strncmp(ep, "inproc://", 9) == 0;
+    const char *host = ep + 6;
+    const char *semi = strchr(host, ';'); /* tcp://source;dest: the dest binds */
+    if (semi)
+        host = semi + 1;
+    return strncmp(host, "127.", 4) == 0 || strncmp(host, "localhost:", 10) == 0 ||
+           strncmp(host, "[::1]:", 6) == 0 || strncmp(host, "lo:", 3) == 0;
+}
+
+/* Secure by default: no non-loopback bind without CURVE unless --insecure,
+ * and allow-lists only with a key to check them against. */
+static bool config_check_security(const struct kp_config *c, char *err, size_t errlen)
+{
+    const char *lists[] = {c->allow_clients, c->allow_workers, c->allow_admins};
+    const char *names[] = {"allow-clients", "allow-workers", "allow-admins"};
+    for (size_t i = 0; i < 3; i++) {
+        if (lists[i] && c->key == NULL) {
+            snprintf(err, errlen,
+                     "--%s needs --key: allow-lists are checked by CURVE, which "
+                     "--key turns on",
+                     names[i]);
+            return false;
+        }
+    }
+    if (c->http && !c->insecure && !kp_http_loopback(c->http)) {
+        snprintf(err, errlen,
+                 "refusing --http %.200s: not a loopback HOST:PORT, and the metrics endpoint has "
+                 "no authentication (put a proxy in front of it, or give --insecure)",
+                 c->http);
+        return false;
+    }
+    if (c->key || c->insecure)
+        return true;
+    const struct {
+        const char *flag;
+        const char *ep;
+    } eps[] = {{"frontend", c->frontend}, {"backend", c->backend}, {"intake", c->intake}};
+    for (size_t i = 0; i < sizeof eps / sizeof eps[0]; i++) {
+        if (!config_local_endpoint(eps[i].ep)) {
+            snprintf(err, errlen,
+                     "refusing to bind --%s %.200s without CURVE: it is not a loopback address, "
+                     "and without --key anyone who reaches it can call any service and register "
+                     "as a worker for any service. Give --key FILE (kelpie keygen) with "
+                     "--allow-clients/--allow-workers/--allow-admins, or --insecure if the "
+                     "network itself is trusted",
+                     eps[i].flag, eps[i].ep);
+            return false;
+        }
+    }
+    return true;
+}
+
 enum kp_config_result kp_config_load(struct kp_config *c, int argc, char **argv, char *err,
                                      size_t errlen)
 {
@@ -330,6 +400,8 @@ enum kp_config_result kp_config_load(struct kp_config *c, int argc, char **argv,
         const char *value;
         if (eq) {
             value = eq + 1;
+        } else if (o != NULL && o->kind == CONFIG_BOOL) {
+            value = "true"; /* --insecure takes no value */
         } else if (i + 1 < argc) {
             value = argv[++i];
         } else {
@@ -376,6 +448,8 @@ enum kp_config_result kp_config_load(struct kp_config *c, int argc, char **argv,
             goto done;
         }
     }
+    if (!config_check_security(c, err, errlen))
+        goto done;
     if (c->max_header_size > c->max_message_size) {
         snprintf(err, errlen,
                  "--max-header-size (%" PRIu64 ") must not exceed --max-message-size (%" PRIu64 ")",
@@ -398,14 +472,21 @@ void kp_config_usage(FILE *out)
     for (size_t i = 0; i < CONFIG_NOPTIONS; i++) {
         const struct config_option *o = &config_options[i];
         char flag[64];
-        snprintf(flag, sizeof flag, "%s %s", o->flag,
-                 o->kind == CONFIG_STR ? (strcmp(o->flag, "data-dir") == 0 ? "DIR" : "EP")
-                                       : (o->kind == CONFIG_LEVEL ? "LEVEL" : "N"));
+        const char *arg = o->kind == CONFIG_LEVEL            ? "LEVEL"
+                          : o->kind == CONFIG_BOOL           ? ""
+                          : o->kind != CONFIG_STR            ? "N"
+                          : strcmp(o->flag, "data-dir") == 0 ? "DIR"
+                          : strcmp(o->flag, "key") == 0 || strncmp(o->flag, "allow-", 6) == 0
+                              ? "FILE"
+                          : strcmp(o->flag, "http") == 0 ? "HOST:PORT"
+                                                         : "EP";
+        snprintf(flag, sizeof flag, "%s %s", o->flag, arg);
         fprintf(out, "  --%-22s %s\n  %-24s   (default %s, env %s)\n", flag, o->help, "", o->def,
                 o->env);
     }
     fprintf(out, "  --%-22s %s\n  --%-22s %s\n", "help", "print this and exit", "version",
             "print the version and exit");
     fprintf(out, "\nSIGINT/SIGTERM: stop taking calls, let running ones finish within\n"
-                 "--shutdown-grace-ms, then exit 0; a second signal exits at once.\n");
+                 "--shutdown-grace-ms, then exit 0; a second signal exits at once.\n"
+                 "SIGHUP: reread the --allow-* files (connections are kept).\n");
 }

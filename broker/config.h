@@ -11,13 +11,16 @@
 #ifndef KP_CONFIG_H
 #define KP_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 
 #include "log.h"
 
-/* XX(field, flag, env, kind, default, help); kind is STR, U32, SIZE or LEVEL. */
+/* XX(field, flag, env, kind, default, help); kind is STR, U32, SIZE, LEVEL or
+ * BOOL (a flag without a value: --insecure; "true"/"false" elsewhere). A STR
+ * whose default is "" is NULL until set. */
 #define KP_OPTIONS(XX)                                                                             \
     XX(frontend, "frontend", "KELPIED_FRONTEND", STR, "tcp://127.0.0.1:5555",                      \
        "ROUTER endpoint for clients")                                                              \
@@ -50,12 +53,26 @@
        "bytes queued to all peers together before new calls are refused and answers to "           \
        "lagging clients become errors (65536..2^62)")                                              \
     XX(shutdown_grace_ms, "shutdown-grace-ms", "KELPIED_SHUTDOWN_GRACE_MS", U32, "5000",           \
-       "time calls get to finish on SIGINT/SIGTERM (0..3600000)")
+       "time calls get to finish on SIGINT/SIGTERM (0..3600000)")                                  \
+    XX(key, "key", "KELPIED_KEY", STR, "",                                                         \
+       "secret key file (kelpie keygen): CURVE on the three sockets, peers by allow-list")         \
+    XX(allow_clients, "allow-clients", "KELPIED_ALLOW_CLIENTS", STR, "",                           \
+       "client public keys, one per line (with --key; reread on SIGHUP)")                          \
+    XX(allow_workers, "allow-workers", "KELPIED_ALLOW_WORKERS", STR, "",                           \
+       "worker public keys, each optionally followed by the only services it may serve")           \
+    XX(allow_admins, "allow-admins", "KELPIED_ALLOW_ADMINS", STR, "",                              \
+       "admin public keys: clients that may also call Stats and the other admin methods")          \
+    XX(http, "http", "KELPIED_HTTP", STR, "",                                                      \
+       "HOST:PORT for /metrics (Prometheus), /healthz and /readyz, e.g. 127.0.0.1:9464")           \
+    XX(insecure, "insecure", "KELPIED_INSECURE", BOOL, "false",                                    \
+       "allow binding a non-loopback tcp address without --key (anyone who reaches it is "         \
+       "trusted)")
 
 #define KP_CONFIG_STR   char *
 #define KP_CONFIG_U32   uint32_t
 #define KP_CONFIG_SIZE  uint64_t
 #define KP_CONFIG_LEVEL enum kp_log_level
+#define KP_CONFIG_BOOL  bool
 
 struct kp_config {
 #define XX(field, flag, env, kind, def, help) KP_CONFIG_##kind field;

@@ -211,6 +211,7 @@ void kp_broker_bind(struct kp_broker *b, struct kp_call *c, struct kp_worker *w)
     c->worker = w;
     kp_list_push_back(&w->calls, &c->worker_link);
     c->service->in_flight++;
+    c->service->dispatched++;
     c->service->idle_since = 0;
 }
 
@@ -259,6 +260,12 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
         return;
     }
     bool terminal = h->kind != KELPIE__V1__KIND__CHUNK;
+    if (terminal && c->state != KP_CALL_ORPHANED) {
+        if (h->kind == KELPIE__V1__KIND__ERROR || h->code != KELPIE__V1__CODE__OK)
+            c->service->failed++;
+        else
+            c->service->completed++;
+    }
     if (c->state == KP_CALL_ORPHANED || c->client == NULL) {
         if (c->state == KP_CALL_ORPHANED)
             b->stats.replies_dropped_cancelled++;
@@ -333,6 +340,8 @@ void kp_broker_cancel(struct kp_broker *b, struct kp_call *c)
  * are answered DEADLINE_EXCEEDED and cancelled at their worker. */
 void kp_broker_expire(struct kp_broker *b, struct kp_call *c)
 {
+    if (c->state == KP_CALL_QUEUED || c->state == KP_CALL_DISPATCHED)
+        c->service->expired++;
     if (c->state == KP_CALL_QUEUED) {
         b->stats.deadline_expired_queued++;
         if (c->service->nworkers == 0) {

@@ -48,6 +48,11 @@
     XX(EJOURNALFULL, RESOURCE_EXHAUSTED, none, "too many job store requests in flight")            \
     XX(ENOJOB, NOT_FOUND, none, "no such job")                                                     \
     XX(EJOBSTATE, FAILED_PRECONDITION, none, "the job is not in a state that allows this")         \
+    XX(EUNAUTHENTICATED, UNAUTHENTICATED, auth_denied_removed,                                     \
+       "this key is no longer in the allow-list")                                                  \
+    XX(EADMINONLY, PERMISSION_DENIED, auth_denied_admin, "this method needs an admin key")         \
+    XX(ESERVICEDENIED, PERMISSION_DENIED, auth_denied_service,                                     \
+       "this worker key may not serve that service")                                               \
     XX(ESYS, INTERNAL, none, "system call failed")
 
 enum kp_err {

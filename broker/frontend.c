@@ -18,6 +18,29 @@ static void frontend_refuse(struct kp_broker *b, const kp_header *h, uint64_t re
     kp_broker_refuse(b, b->frontend, h, request_id, err, NULL);
 }
 
+/* With CURVE, whether the key that sent the message in b->in (its header at
+ * hdr_index) is still on the client or admin allow-list: ZAP let it in, but a
+ * reload (SIGHUP) may have removed it since. If not, refuses the message
+ * (UNAUTHENTICATED, counted; on the intake only counted) and logs why. */
+static bool frontend_key_allowed(struct kp_broker *b, const kp_header *h, size_t hdr_index,
+                                 const char *role)
+{
+    const char *key = kp_broker_peer_key(b, hdr_index);
+    if (kp_auth_allows(b->auth, key, KP_ROLE_CLIENT | KP_ROLE_ADMIN))
+        return true;
+    char fp[32], why[160];
+    kp_auth_fingerprint(key, fp, sizeof fp);
+    snprintf(why, sizeof why, "key %s is no longer in the %s allow-list", fp, role);
+    kp_log_warn("auth: %s refused a message: %s", hdr_index ? "frontend" : "intake", why);
+    if (hdr_index == 0) {
+        kp_err_count(KP_EUNAUTHENTICATED, &b->stats);
+        b->stats.intake_dropped++;
+    } else {
+        kp_broker_refuse(b, b->frontend, h, h->request_id, KP_EUNAUTHENTICATED, why);
+    }
+    return false;
+}
+
 /* Why s cannot take a call for method, or KP_OK: some worker serves s but
  * none implements method (routing is by service and method, §7). */
 static enum kp_err frontend_check_method(const struct kp_service *s, const char *method, char *msg,
@@ -54,7 +77,10 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
     struct kp_client *cl = kp_clients_get(&b->clients, rid, rid_len, b->now);
     cl->last_seen = b->now;
     if (strcmp(h->service, KP_BROKER_SERVICE) == 0) {
-        /* still answered while draining */
+        /* still answered while draining; with CURVE, admin-only methods
+         * (the job engine's too) need an admin key */
+        if (b->auth && !kp_broker_admin_allowed(b, h))
+            return;
         if (!kp_jobs_admin(b, rid, rid_len, h))
             kp_broker_self(b, rid, rid_len, h);
         return;
@@ -141,6 +167,8 @@ void kp_frontend_on_message(struct kp_broker *b)
         frontend_refuse(b, h, request_id, err);
         return;
     }
+    if (b->auth && !frontend_key_allowed(b, h, 1, "client"))
+        return;
     switch (h->kind) {
     case KELPIE__V1__KIND__REQUEST:
         frontend_request(b, h);
@@ -196,6 +224,8 @@ void kp_intake_on_message(struct kp_broker *b)
     uint64_t request_id;
     enum kp_err err = kp_message_parse(&b->in, KP_FROM_INTAKE, 0, b->max_header_size,
                                        b->max_message_size, &h, &request_id);
+    if (err == KP_OK && b->auth && !frontend_key_allowed(b, h, 0, "client"))
+        return;
     if (err == KP_OK && h->kind == KELPIE__V1__KIND__SUBMIT) {
         kp_jobs_submit(b, h, 0);
         return;

@@ -15,6 +15,8 @@
  *   before sleep  reap departed workers and clients (their calls re-queued or
  *               failed), dispatch queued calls of services that may have a
  *               free worker, end a drain that is complete
+ *   publish     once a second with --http: the metrics snapshot for the
+ *               HTTP thread (metrics.c)
  *
  * The loop owns time (b->now), the receive array (message.h) and the
  * broker's state (running, draining, stopped). It decides when things
@@ -180,8 +182,17 @@ static void loop_on_stop_requests(struct kp_broker *b)
 {
     char buf[64];
     ssize_t r;
-    while ((r = read(b->wake[0], buf, sizeof buf)) > 0)
-        b->stop_requests += (unsigned)r;
+    bool reload = false;
+    while ((r = read(b->wake[0], buf, sizeof buf)) > 0) {
+        for (ssize_t i = 0; i < r; i++) {
+            if (buf[i] == 'h')
+                reload = true;
+            else
+                b->stop_requests++;
+        }
+    }
+    if (reload && b->auth)
+        kp_auth_reload(b->auth);
     if (b->stop_requests == 0 || b->state == KP_BROKER_STOPPED)
         return;
     if (b->stop_requests >= 2) {
@@ -211,26 +222,42 @@ static long loop_poll_timeout(const struct kp_broker *b)
         next = b->drain_deadline;
     if (!b->grace_ended && b->started + kp_broker_grace_ms(b) < next)
         next = b->started + kp_broker_grace_ms(b);
+    if (b->http && b->next_publish < next)
+        next = b->next_publish;
     return next > b->now ? (long)(next - b->now) : 0;
 }
 
 enum kp_err kp_broker_run(struct kp_broker *b)
 {
-    zmq_pollitem_t items[] = {
-        {b->frontend, 0, ZMQ_POLLIN, 0}, {b->backend, 0, ZMQ_POLLIN, 0},
-        {b->intake, 0, ZMQ_POLLIN, 0},   {NULL, b->wake[0], ZMQ_POLLIN, 0},
-        {NULL, -1, ZMQ_POLLIN, 0},
+    enum { LOOP_FIXED = 4, LOOP_MAX_ITEMS = 16 };
+    zmq_pollitem_t items[LOOP_MAX_ITEMS] = {
+        {b->frontend, 0, ZMQ_POLLIN, 0},
+        {b->backend, 0, ZMQ_POLLIN, 0},
+        {b->intake, 0, ZMQ_POLLIN, 0},
+        {NULL, b->wake[0], ZMQ_POLLIN, 0},
     };
+    /* The ZAP handler and the handshake monitors (auth.h): a handshake
+     * waits for ZAP's answer, so they are served first each iteration. */
+    size_t nauth = kp_auth_poll_count(b->auth);
+    for (size_t i = 0; i < nauth && LOOP_FIXED + i + 1 < LOOP_MAX_ITEMS; i++)
+        items[LOOP_FIXED + i] = (zmq_pollitem_t){kp_auth_poll_socket(b->auth, i), 0, ZMQ_POLLIN, 0};
+    int nitems = LOOP_FIXED + (int)nauth;
+    items[nitems] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
     b->now = (uint64_t)zclock_mono();
     while (b->state != KP_BROKER_STOPPED) {
-        /* The journal's completions, once the job store is open. */
-        items[4].fd = kp_jobs_fd(b);
-        int nitems = items[4].fd >= 0 ? 5 : 4;
-        if (zmq_poll(items, nitems, loop_poll_timeout(b)) < 0 && errno != EINTR) {
+        /* The journal's completions, once the job store is open: last,
+         * so that the auth items keep their places. */
+        items[nitems].fd = kp_jobs_fd(b);
+        int npoll = items[nitems].fd >= 0 ? nitems + 1 : nitems;
+        if (zmq_poll(items, npoll, loop_poll_timeout(b)) < 0 && errno != EINTR) {
             kp_log_error("zmq_poll: %s", zmq_strerror(errno));
             return KP_ESYS;
         }
         b->now = (uint64_t)zclock_mono();
+        for (size_t i = 0; i < nauth; i++) {
+            if (items[LOOP_FIXED + i].revents & ZMQ_POLLIN)
+                kp_auth_on_ready(b->auth, i);
+        }
         if (items[3].revents & ZMQ_POLLIN)
             loop_on_stop_requests(b);
         loop_read(b, b->backend, kp_backend_on_message);
@@ -242,6 +269,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         loop_sweep(b);
         if (b->state != KP_BROKER_STOPPED)
             loop_before_sleep(b);
+        kp_broker_publish_metrics(b);
     }
     return KP_OK;
 }
@@ -287,6 +315,14 @@ bool kp_broker_inject(struct kp_broker *b, enum kp_dir dir, zmq_msg_t *frames, s
 uint64_t kp_broker_now(const struct kp_broker *b)
 {
     return b->now;
+}
+
+void kp_broker_reload(struct kp_broker *b)
+{
+    int saved = errno;
+    ssize_t r = write(b->wake[1], "h", 1);
+    (void)r;
+    errno = saved;
 }
 
 void kp_broker_stop(struct kp_broker *b)

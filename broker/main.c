@@ -17,8 +17,11 @@ static struct kp_broker *main_broker;
 
 static void main_on_signal(int sig)
 {
-    (void)sig;
-    if (main_broker)
+    if (main_broker == NULL)
+        return;
+    if (sig == SIGHUP)
+        kp_broker_reload(main_broker);
+    else
         kp_broker_stop(main_broker);
 }
 
@@ -62,6 +65,7 @@ int main(int argc, char **argv)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
 
     enum kp_err rc = kp_broker_run(b);

@@ -49,6 +49,10 @@ struct kp_service {
     struct kp_list queue;        /* QUEUED calls, oldest first */
     size_t queued;               /* calls in queue */
     size_t in_flight;            /* its calls held by workers */
+    uint64_t dispatched;         /* calls sent to a worker (re-sends included) */
+    uint64_t completed;          /* answered OK (REPLY, or END with OK) */
+    uint64_t failed;             /* answered with an error by a worker */
+    uint64_t expired;            /* deadline passed, queued or running */
     uint64_t idle_since;         /* monotonic ms it became empty and worker-less, 0 = busy */
     bool served;                 /* a worker has registered it at some point */
     bool pending;                /* in the broker's dispatch list */

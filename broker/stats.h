@@ -60,31 +60,40 @@
     XX(heartbeats_received)       /* HEARTBEATs received */                                        \
     XX(broker_calls)              /* calls to kelpie.broker */                                     \
     XX(shutdown_rejected)         /* REQUESTs refused while shutting down */                       \
-    XX(jobs_submitted)            /* SUBMITs taken to the store (frontend and intake) */           \
-    XX(intake_submits)            /* ... of which from the intake */                               \
-    XX(jobs_accepted)             /* new jobs committed (ACCEPTED) */                              \
-    XX(jobs_deduplicated)         /* SUBMITs whose idempotency key named an existing job */        \
-    XX(jobs_submit_failed)        /* SUBMITs the store refused (disk full, I/O) */                 \
-    XX(jobs_claimed)              /* jobs leased from the store */                                 \
-    XX(jobs_dispatched)           /* JOBs sent to workers */                                       \
-    XX(jobs_succeeded)            /* jobs finished SUCCEEDED */                                    \
-    XX(jobs_failed)               /* attempts the handler failed */                                \
-    XX(jobs_retried)              /* attempts ended with the job queued again */                   \
-    XX(jobs_dead)                 /* jobs moved to the dead-letter queue */                        \
-    XX(jobs_cancelled)            /* jobs or attempts cancelled */                                 \
-    XX(jobs_worker_lost)          /* attempts ended because their worker was lost */               \
-    XX(jobs_timeout)              /* attempts that ran past their time limit */                    \
-    XX(jobs_rejected)             /* attempts given back with NACK */                              \
-    XX(jobs_results_late)         /* successes taken after their attempt was ended */              \
-    XX(jobs_results_stale)        /* resent or stale RESULT/NACKs (ACKed, nothing changed) */      \
-    XX(jobs_rate_limited)         /* claims held back by a queue's rate limit */                   \
-    XX(jobs_recovered)            /* jobs found leased when the store opened */                    \
-    XX(jobs_store_errors)         /* store requests that failed or could not be made */            \
-    XX(job_events)                /* PROGRESS/OUTPUT/notices recorded for watchers */              \
-    XX(job_events_dropped)        /* old events dropped from a job's bounded buffer */             \
-    XX(job_watches)               /* WATCHes accepted */                                           \
-    XX(job_watchers_dropped)      /* watchers dropped: gone or not reading */                      \
-    XX(workers_drained)           /* workers that asked to drain */
+    XX(auth_accepted)             /* CURVE handshakes ZAP accepted */                              \
+    XX(auth_denied_unknown)       /* handshakes refused: key on no allow-list of that socket */    \
+    XX(auth_denied_role)          /* handshakes refused: key allowed in another role only */       \
+    XX(auth_denied_removed)       /* messages refused: the key left its allow-list (reload) */     \
+    XX(auth_denied_admin)         /* admin-only kelpie.broker calls from a non-admin key */        \
+    XX(auth_denied_service)       /* READYs refused: a service the worker key may not serve */     \
+    XX(auth_handshake_failed) /* handshakes failed before ZAP (plain text, wrong server key) */    \
+    XX(auth_reloads)          /* allow-lists reloaded on SIGHUP */                                 \
+    XX(auth_reload_failed)    /* reloads refused (bad file): the old lists stay */                 \
+    XX(jobs_submitted)        /* SUBMITs taken to the store (frontend and intake) */               \
+    XX(intake_submits)        /* ... of which from the intake */                                   \
+    XX(jobs_accepted)         /* new jobs committed (ACCEPTED) */                                  \
+    XX(jobs_deduplicated)     /* SUBMITs whose idempotency key named an existing job */            \
+    XX(jobs_submit_failed)    /* SUBMITs the store refused (disk full, I/O) */                     \
+    XX(jobs_claimed)          /* jobs leased from the store */                                     \
+    XX(jobs_dispatched)       /* JOBs sent to workers */                                           \
+    XX(jobs_succeeded)        /* jobs finished SUCCEEDED */                                        \
+    XX(jobs_failed)           /* attempts the handler failed */                                    \
+    XX(jobs_retried)          /* attempts ended with the job queued again */                       \
+    XX(jobs_dead)             /* jobs moved to the dead-letter queue */                            \
+    XX(jobs_cancelled)        /* jobs or attempts cancelled */                                     \
+    XX(jobs_worker_lost)      /* attempts ended because their worker was lost */                   \
+    XX(jobs_timeout)          /* attempts that ran past their time limit */                        \
+    XX(jobs_rejected)         /* attempts given back with NACK */                                  \
+    XX(jobs_results_late)     /* successes taken after their attempt was ended */                  \
+    XX(jobs_results_stale)    /* resent or stale RESULT/NACKs (ACKed, nothing changed) */          \
+    XX(jobs_rate_limited)     /* claims held back by a queue's rate limit */                       \
+    XX(jobs_recovered)        /* jobs found leased when the store opened */                        \
+    XX(jobs_store_errors)     /* store requests that failed or could not be made */                \
+    XX(job_events)            /* PROGRESS/OUTPUT/notices recorded for watchers */                  \
+    XX(job_events_dropped)    /* old events dropped from a job's bounded buffer */                 \
+    XX(job_watches)           /* WATCHes accepted */                                               \
+    XX(job_watchers_dropped)  /* watchers dropped: gone or not reading */                          \
+    XX(workers_drained)       /* workers that asked to drain */
 
 struct kp_stats {
 #define XX(name) uint64_t name;

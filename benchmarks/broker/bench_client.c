@@ -68,9 +68,15 @@ static void record(bench *b, uint64_t seq, int64_t t)
 
 static int run_kelpie(bench *b, const char *endpoint, const char *payload, size_t size, int depth)
 {
-    kelpie_client *c = kelpie_client_new(endpoint);
-    if (!c)
+    /* CURVE when KELPIE_KEY and KELPIE_SERVER_KEY are set (curve.sh). */
+    kelpie_curve curve = {getenv("KELPIE_KEY"), getenv("KELPIE_SERVER_KEY")};
+    kelpie_client *c = NULL;
+    char why[256] = "";
+    if (kelpie_client_open(endpoint, curve.key_file ? &curve : NULL, &c, why, sizeof why) !=
+        KELPIE_OK) {
+        fprintf(stderr, "bench_client: %s\n", why);
         return 1;
+    }
     kelpie_call_opts o = {.service = "bench", .method = "Echo", .timeout_ms = 60000};
     int outstanding = 0;
     while (now_ns() < b->end) {

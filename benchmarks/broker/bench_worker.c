@@ -38,6 +38,11 @@ static int run_kelpie(const char *endpoint, uint32_t capacity)
     kelpie_worker *w = kelpie_worker_new(endpoint, "bench", capacity);
     if (!w)
         return 1;
+    kelpie_curve curve = {getenv("KELPIE_KEY"), getenv("KELPIE_SERVER_KEY")};
+    if (curve.key_file && kelpie_worker_set_curve(w, &curve) != KELPIE_OK) {
+        fprintf(stderr, "bench_worker: %s\n", kelpie_worker_error(w));
+        return 1;
+    }
     kelpie_worker_handle(w, "bench", NULL, echo, NULL);
     current = w;
     kelpie_status rc = kelpie_worker_run(w);

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "curve.h"
 #include "wire.h"
 
 /* Outstanding calls at most; beyond this kelpie_client_send says ERR_BUSY. */
@@ -514,11 +515,33 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply)
 
 KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint)
 {
+    kelpie_client *c = NULL;
+    kelpie_client_open(endpoint, NULL, &c, NULL, 0);
+    return c;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
+                                               kelpie_client **out, char *why, size_t why_len)
+{
+    char scratch[8];
+    if (!why) {
+        why = scratch;
+        why_len = sizeof scratch;
+    }
+    why[0] = '\0';
+    if (!out)
+        return KELPIE_ERR_INVAL;
+    *out = NULL;
     if (!endpoint)
-        return NULL;
+        return KELPIE_ERR_INVAL;
+    kpc_keys keys;
+    kelpie_status rc = curve ? kpc_curve_load(curve, &keys, why, why_len) : KELPIE_OK;
+    if (rc != KELPIE_OK)
+        return rc;
+    rc = KELPIE_ERR_NOMEM;
     kelpie_client *c = calloc(1, sizeof *c);
     if (!c)
-        return NULL;
+        return rc;
     c->slots = calloc(64, sizeof *c->slots);
     c->mask = 63;
     c->ctx = zmq_ctx_new();
@@ -531,7 +554,18 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint)
     zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(c->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(c->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    if (zmq_connect(c->sock, endpoint) != 0)
+    rc = KELPIE_ERR_ZMQ;
+    kpc_handshake hs;
+    if ((curve && kpc_curve_apply(c->sock, &keys) != KELPIE_OK) ||
+        kpc_handshake_begin(&hs, c->ctx, c->sock, endpoint) != KELPIE_OK)
+        goto fail;
+    if (zmq_connect(c->sock, endpoint) != 0) {
+        kpc_handshake_wait(&hs, 0, "client", endpoint, NULL, why, why_len);
+        goto fail;
+    }
+    rc = kpc_handshake_wait(&hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "client", endpoint,
+                            curve ? &keys : NULL, why, why_len);
+    if (rc != KELPIE_OK)
         goto fail;
     /* The broker answers a HEARTBEAT with its own, which carries its
      * max_message_size; queued until the connection is up. */
@@ -539,10 +573,11 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint)
     Kelpie__V1__Header hello = KELPIE__V1__HEADER__INIT;
     hello.kind = KELPIE__V1__KIND__HEARTBEAT;
     kpc_wire_send(c->sock, &hello, NULL, 0, ZMQ_DONTWAIT);
-    return c;
+    *out = c;
+    return KELPIE_OK;
 fail:
     kelpie_client_destroy(&c);
-    return NULL;
+    return rc;
 }
 
 KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)

@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "curve.h"
 #include "wire.h"
 
 /* Messages handled per wake-up before timers get a look in. */
@@ -100,6 +101,10 @@ struct kelpie_worker {
     int wake[2];               /* self-pipe that kelpie_worker_stop writes to */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     atomic_int stopping;       /* set by kelpie_worker_stop */
+    bool curve;                /* keys are set: speak CURVE */
+    kpc_keys keys;             /* kelpie_worker_set_curve's */
+    kelpie_status refused;     /* the broker refused us: run returns this */
+    char error[512];           /* kelpie_worker_error() */
 };
 
 /* --- sending ------------------------------------------------------------- */
@@ -345,8 +350,14 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         return;
     }
     case KELPIE__V1__KIND__ERROR:
-        if (h->request_id == 0 && h->code == KELPIE__V1__CODE__FAILED_PRECONDITION &&
-            w->last_heard - w->last_ready >= (int64_t)w->heartbeat_ms) {
+        if (h->code == KELPIE__V1__CODE__UNAUTHENTICATED ||
+            h->code == KELPIE__V1__CODE__PERMISSION_DENIED) {
+            /* Our key left the allow-list, or may not serve what READY
+             * offered: retrying cannot help, so run() ends with it. */
+            w->refused = (kelpie_status)h->code;
+            snprintf(w->error, sizeof w->error, "%s", h->message ? h->message : "");
+        } else if (h->request_id == 0 && h->code == KELPIE__V1__CODE__FAILED_PRECONDITION &&
+                   w->last_heard - w->last_ready >= (int64_t)w->heartbeat_ms) {
             /* The broker does not know us (it restarted, or dropped us):
              * register again, at most once per heartbeat interval. */
             worker_send_ready(w);
@@ -409,10 +420,25 @@ static kelpie_status worker_connect(kelpie_worker *w)
     zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(w->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(w->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    if (zmq_connect(w->sock, w->endpoint) != 0) {
+    kpc_handshake hs;
+    if ((w->curve && kpc_curve_apply(w->sock, &w->keys) != KELPIE_OK) ||
+        kpc_handshake_begin(&hs, w->ctx, w->sock, w->endpoint) != KELPIE_OK) {
         zmq_close(w->sock);
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
+    }
+    if (zmq_connect(w->sock, w->endpoint) != 0) {
+        kpc_handshake_wait(&hs, 0, "worker", w->endpoint, NULL, w->error, sizeof w->error);
+        zmq_close(w->sock);
+        w->sock = NULL;
+        return KELPIE_ERR_ZMQ;
+    }
+    if (kpc_handshake_wait(&hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "worker", w->endpoint,
+                           w->curve ? &w->keys : NULL, w->error, sizeof w->error) != KELPIE_OK) {
+        zmq_close(w->sock);
+        w->sock = NULL;
+        w->refused = KELPIE_UNAUTHENTICATED;
+        return KELPIE_UNAUTHENTICATED;
     }
     w->now = w->last_heard = kpc_now_ms();
     worker_send_ready(w);
@@ -470,11 +496,13 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         return KELPIE_ERR_INVAL;
     if (atomic_load(&w->stopping))
         return KELPIE_OK;
+    w->refused = KELPIE_OK;
+    w->error[0] = '\0';
     kelpie_status rc = worker_connect(w);
     if (rc != KELPIE_OK)
         return rc;
     w->next_tick = kpc_now_ms() + w->tick_ms;
-    while (!atomic_load(&w->stopping)) {
+    while (!atomic_load(&w->stopping) && w->refused == KELPIE_OK) {
         /* 1. requests parked while a handler pumped the socket */
         while (w->parked && !atomic_load(&w->stopping)) {
             kelpie_call *call = w->parked;
@@ -503,10 +531,12 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         w->now = kpc_now_ms();
         worker_read(w);
     }
-    worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
-    /* Give DISCONNECT a moment to leave; a dead broker cannot hold us longer. */
-    int linger = WORKER_DISCONNECT_LINGER_MS;
-    zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
+    if (w->sock) {
+        worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
+        /* Give DISCONNECT a moment to leave; a dead broker cannot hold us longer. */
+        int linger = WORKER_DISCONNECT_LINGER_MS;
+        zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
+    }
     worker_close(w);
     w->pending_notify = false;
     for (kelpie_call *c = w->held; c; c = c->next)
@@ -514,7 +544,22 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
     char drain[64];
     while (read(w->wake[0], drain, sizeof drain) > 0)
         ;
-    return KELPIE_OK;
+    return w->refused;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *w, const kelpie_curve *curve)
+{
+    if (!w || !curve)
+        return KELPIE_ERR_INVAL;
+    w->error[0] = '\0';
+    kelpie_status rc = kpc_curve_load(curve, &w->keys, w->error, sizeof w->error);
+    w->curve = rc == KELPIE_OK;
+    return rc;
+}
+
+KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *w)
+{
+    return w ? w->error : "";
 }
 
 KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)

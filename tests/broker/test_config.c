@@ -22,6 +22,10 @@ static const char *const tc_env[] = {
     "KELPIED_MAX_MESSAGE_SIZE",
     "KELPIED_MAX_HEADER_SIZE",
     "KELPIED_SHUTDOWN_GRACE_MS",
+    "KELPIED_KEY",
+    "KELPIED_ALLOW_CLIENTS",
+    "KELPIED_INSECURE",
+    "KELPIED_HTTP",
 };
 
 static struct kp_config cfg;
@@ -284,4 +288,57 @@ Test(config, usage_lists_every_option)
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
         cr_assert(strstr(text, flags[i]), "--help does not mention %s", flags[i]);
     free(text);
+}
+
+/* Secure by default (issue 16): no public bind without CURVE unless
+ * --insecure; loopback, ipc:// and inproc:// need neither. */
+Test(config, public_bind_needs_key_or_insecure)
+{
+    cr_assert_eq(TC_LOAD("--frontend", "tcp://0.0.0.0:5555"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "refusing to bind --frontend tcp://0.0.0.0:5555 without CURVE"), "%s",
+              err);
+    cr_assert(strstr(err, "--insecure"), "%s", err);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    cr_assert_eq(TC_LOAD("--backend", "tcp://10.1.2.3:5556", "--insecure"), KP_CONFIG_RUN, "%s",
+                 err);
+    cr_assert(cfg.insecure);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    cr_assert_eq(TC_LOAD("--intake", "tcp://0.0.0.0:5557", "--key", "/etc/kelpie/broker.key"),
+                 KP_CONFIG_RUN, "%s", err);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    cr_assert_eq(TC_LOAD("--frontend", "tcp://localhost:5555", "--backend", "ipc:///tmp/kb",
+                         "--intake", "tcp://[::1]:5557"),
+                 KP_CONFIG_RUN, "%s", err);
+}
+
+Test(config, insecure_from_environment_and_file)
+{
+    setenv("KELPIED_INSECURE", "yes", 1);
+    cr_assert_eq(TC_LOAD("--frontend", "tcp://0.0.0.0:5555"), KP_CONFIG_RUN, "%s", err);
+    unsetenv("KELPIED_INSECURE");
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    char *path = (char *)tc_file("broker\n    insecure = maybe\n");
+    cr_assert_eq(TC_LOAD("--config", path), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "--insecure must be true or false, not 'maybe'"), "%s", err);
+    unlink(path);
+}
+
+Test(config, allow_lists_need_a_key)
+{
+    cr_assert_eq(TC_LOAD("--allow-clients", "/etc/kelpie/clients.allow"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "--allow-clients needs --key"), "%s", err);
+}
+
+Test(config, http_off_loopback_needs_insecure)
+{
+    cr_assert_eq(TC_LOAD("--http", "0.0.0.0:9464"), KP_CONFIG_ERROR);
+    cr_assert(strstr(err, "no authentication"), "%s", err);
+    kp_config_fini(&cfg);
+    kp_config_init(&cfg);
+    cr_assert_eq(TC_LOAD("--http", "127.0.0.1:9464"), KP_CONFIG_RUN, "%s", err);
+    cr_assert_str_eq(cfg.http, "127.0.0.1:9464");
 }

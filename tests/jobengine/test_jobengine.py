@@ -318,7 +318,6 @@ def test_intake_submit_is_journaled(client, broker, workers):
     push.close()
     workers.start(queues=["fire"])
     wait_for(lambda: len(workers.runs()) == 20, what="20 intake jobs run")
-    listed = client.admin("ListJobs", queue="fire", state="succeeded")[0]["jobs"]
     wait_for(lambda: len(client.admin("ListJobs", queue="fire", state="succeeded")[0]["jobs"])
              == 20, what="20 succeeded")
 

@@ -176,10 +176,25 @@ static int kt_free_port(void)
     return port;
 }
 
+static const kelpie_curve *kt_curve;
+
+void kt_use_curve(const kelpie_curve *admin)
+{
+    kt_curve = admin;
+}
+
+/* A client of b's frontend, with kt_use_curve's keys if set. */
+static kelpie_client *kt_client(const kt_broker *b)
+{
+    kelpie_client *c = NULL;
+    kelpie_client_open(b->frontend, kt_curve, &c, NULL, 0);
+    return c;
+}
+
 /* Waits until the broker at b answers Ping or exits; true when it answered. */
 static bool kt_wait_ping(kt_broker *b, int timeout_ms)
 {
-    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_client *c = kt_client(b);
     if (!c)
         return false;
     bool ok = false;
@@ -287,7 +302,7 @@ int kt_broker_stop(kt_broker **bp, int grace_ms)
 
 char *kt_broker_stats(const kt_broker *b)
 {
-    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_client *c = kt_client(b);
     if (!c)
         return NULL;
     kelpie_reply r;
@@ -662,6 +677,8 @@ void kt_worker_main(void *arg)
                                 opts->liveness ? opts->liveness : 3);
     kelpie_worker_set_tick(w, 2, kt_tick, st);
     kelpie_worker_on_cancel(w, kt_on_cancel, st);
+    if (opts->curve)
+        kelpie_worker_set_curve(w, opts->curve);
     kt_current_worker = w;
     signal(SIGTERM, kt_on_term);
     signal(SIGINT, kt_on_term);

@@ -54,6 +54,11 @@ kt_broker *kt_broker_start(const char *const *args);
  * Frees *b and sets it to NULL. Idempotent. */
 int kt_broker_stop(kt_broker **b, int grace_ms);
 
+/* The keys kt_broker_start's Ping and kt_broker_stats use from now on (a
+ * broker started with --key: an admin's; NULL: plain text). The pointer is
+ * kept: pass something that outlives the test. */
+void kt_use_curve(const kelpie_curve *admin);
+
 /* Calls kelpie.broker/Stats; returns the JSON (malloc'd) or NULL. */
 char *kt_broker_stats(const kt_broker *b);
 
@@ -108,14 +113,15 @@ kt_slot *kt_slots_new(int n);
  *            END; the big CHUNK's status goes to slot->last_value
  */
 typedef struct kt_worker_opts {
-    const char *endpoint;  /* the broker's backend */
-    const char *service;   /* NULL: "echo" */
-    const char *name;      /* NULL: "host:pid" */
-    uint32_t capacity;     /* credits (0: 1) */
-    uint32_t hold_ms;      /* Hold's delay */
-    uint32_t heartbeat_ms; /* 0: 1000 */
-    uint32_t liveness;     /* 0: 3 */
-    kt_slot *slot;         /* counters (may be NULL) */
+    const char *endpoint;      /* the broker's backend */
+    const char *service;       /* NULL: "echo" */
+    const char *name;          /* NULL: "host:pid" */
+    uint32_t capacity;         /* credits (0: 1) */
+    uint32_t hold_ms;          /* Hold's delay */
+    uint32_t heartbeat_ms;     /* 0: 1000 */
+    uint32_t liveness;         /* 0: 3 */
+    kt_slot *slot;             /* counters (may be NULL) */
+    const kelpie_curve *curve; /* CURVE keys (NULL: plain text) */
 } kt_worker_opts;
 
 /* Runs a worker until SIGTERM/SIGINT (meant as a kt_spawn body: the opts

@@ -114,6 +114,23 @@ typedef struct kelpie_metadata {
     size_t len;
 } kelpie_metadata;
 
+/* ----------------------------------------------------------------- CURVE -- */
+
+/* CURVE credentials (docs/operations.md, "Keys"): our secret key file, as
+ * `kelpie keygen PATH` writes it, and the broker's public key, its PATH.pub
+ * file or the 40 z85 characters themselves. The library reads no
+ * environment: a program that wants KELPIE_KEY / KELPIE_SERVER_KEY passes
+ * getenv()'s results here. */
+typedef struct kelpie_curve {
+    const char *key_file;
+    const char *server_key;
+} kelpie_curve;
+
+/* How long a connect waits to learn whether the broker accepted the
+ * handshake (a refusal is reported within it; a broker that is not there at
+ * all is not waited for). */
+#define KELPIE_HANDSHAKE_TIMEOUT_MS 5000
+
 /* ---------------------------------------------------------------- client -- */
 
 typedef struct kelpie_client kelpie_client;
@@ -148,6 +165,16 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply);
  * connection is made in the background and re-made after a loss. Returns NULL
  * on a malformed endpoint or out of memory. */
 KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint);
+
+/* Connects a client to a broker frontend, with CURVE when curve is not NULL,
+ * and waits (up to KELPIE_HANDSHAKE_TIMEOUT_MS) for the handshake's outcome.
+ * Returns KELPIE_OK and *out; KELPIE_UNAUTHENTICATED when the broker refused
+ * us, with the reason in why ("server rejected our key ... (not in the client
+ * allow-list)", "the broker ... requires CURVE", a wrong server key);
+ * KELPIE_ERR_INVAL for an unreadable key file (why says which). why may be
+ * NULL. */
+KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
+                                               kelpie_client **out, char *why, size_t why_len);
 
 /* Closes the client at once (unsent messages are dropped) and sets *client to
  * NULL. Outstanding calls are abandoned: the broker cancels them when it sees
@@ -259,6 +286,17 @@ KELPIE_EXPORT kelpie_status kelpie_worker_handle(kelpie_worker *worker, const ch
 KELPIE_EXPORT kelpie_status kelpie_worker_set_heartbeat(kelpie_worker *worker,
                                                         uint32_t heartbeat_ms, uint32_t liveness);
 
+/* Speaks CURVE with curve's keys (read now; the paths are not kept). Before
+ * run only. KELPIE_ERR_INVAL with kelpie_worker_error() saying why when a
+ * file cannot be read. */
+KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *worker,
+                                                    const kelpie_curve *curve);
+
+/* Why the last kelpie_worker_run or _set_curve failed ("" if it did not):
+ * for KELPIE_UNAUTHENTICATED and KELPIE_PERMISSION_DENIED, the broker's
+ * reason. Valid until the next call on the worker. */
+KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *worker);
+
 /* Calls fn(worker, arg) every interval_ms on the run thread (0 disables). */
 KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32_t interval_ms,
                                                    kelpie_tick_fn fn, void *arg);
@@ -270,7 +308,11 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpi
 /* Connects, sends READY, and serves until kelpie_worker_stop. On stop it
  * sends DISCONNECT (the broker fails or re-dispatches whatever is still
  * running) and returns KELPIE_OK; it returns another status only when it
- * cannot run at all (no handler registered, a ZeroMQ failure). */
+ * cannot run at all (no handler registered, a ZeroMQ failure) or the broker
+ * refuses it: KELPIE_UNAUTHENTICATED (its key is not, or no longer, on the
+ * worker allow-list; a handshake that cannot succeed) or
+ * KELPIE_PERMISSION_DENIED (a service its key may not serve), with the
+ * reason in kelpie_worker_error(). */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a

@@ -49,6 +49,7 @@ _RPC_NAMES = {
     "JobContext": "kelpie._jobs_worker",
     "ProcessJobContext": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
+    "keygen": "kelpie._security",
 }
 
 

@@ -17,12 +17,13 @@ import concurrent.futures
 import logging
 import threading
 
-from . import _executors, _stalls, _wire, _zmq
+from . import _executors, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
 from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
 from ._stalls import _StackWatch
 from ._status import StatusCode
+from .errors import AuthenticationError, PermissionDenied, RpcError
 
 log = logging.getLogger("kelpie.worker")
 
@@ -92,6 +93,8 @@ class Session:
                 except asyncio.CancelledError:
                     if not session.ending:
                         raise  # run() itself was cancelled
+                except (AuthenticationError, PermissionDenied):
+                    raise  # the broker refuses this key: retrying cannot help
                 except Exception:
                     log.exception("worker session failed; registering again")
                 finally:
@@ -128,7 +131,12 @@ class Session:
         sock.setsockopt(_zmq.LINGER, 0)
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
-        sock.connect(self.backend)
+        handshake = _security.connect(sock, self.backend, "worker", self._keys)
+        try:
+            await handshake.await_(context)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         session = _Session(sock, self._loop.time())
         self._session = session
         # READY goes first (nothing may precede it), then the heartbeat thread.
@@ -311,6 +319,10 @@ class Session:
                     if loop.time() - session.last_ready >= 0.2:
                         log.info("broker: %s; registering again", header.message)
                         self._send_ready(session, self._offer())
+                elif header.code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
+                    # Our key left the allow-list (reload), or may not serve
+                    # a service we offered: run() ends with this error.
+                    raise RpcError(header.code, header.message)
                 elif not self._on_job_error(header):
                     log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
                                 header.message)

@@ -42,12 +42,16 @@ import signal
 import subprocess
 import time
 
-__all__ = ["Supervisor", "EXIT_OUT_OF_MEMORY", "parse_size", "oom_kill_count", "notify_retiring"]
+__all__ = ["Supervisor", "EXIT_OUT_OF_MEMORY", "EXIT_REFUSED", "parse_size", "oom_kill_count", "notify_retiring"]
 
 log = logging.getLogger("kelpie.supervisor")
 
 # A child's exit status after a MemoryError (it drained and left).
 EXIT_OUT_OF_MEMORY = 86
+# A child whose key the broker refuses (kelpie.AuthenticationError or
+# PermissionDenied from Worker.run): restarting it cannot help, so the
+# supervisor stops every child and exits with this code (EX_NOPERM).
+EXIT_REFUSED = 77
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
@@ -169,6 +173,8 @@ class Supervisor:
 
     # -- children -------------------------------------------------------------
 
+    refused = False  # a child's key was refused: everything stops
+
     def _start(self, slot, now):
         env = dict(self.env)
         env["KELPIE_SUPERVISOR_FD"] = str(self._note_w)
@@ -202,6 +208,8 @@ class Supervisor:
 
     def _cause(self, child):
         code = child.proc.returncode
+        if code == EXIT_REFUSED:
+            return "the broker refused its key (see its log)"
         if code == EXIT_OUT_OF_MEMORY:
             limit = f" of {_mib(self.memory_limit)}" if self.memory_limit else ""
             return (f"out of memory: MemoryError under its address-space limit{limit} "
@@ -240,6 +248,12 @@ class Supervisor:
                 level = logging.INFO if child.proc.returncode == 0 else logging.WARNING
                 log.log(level, "worker process %d stopped: %s", child.proc.pid,
                         "drained, exit 0" if child.proc.returncode == 0 else cause)
+                continue
+            if child.proc.returncode == EXIT_REFUSED:
+                log.error("worker process %d: %s; stopping, not restarting", child.proc.pid,
+                          cause)
+                self.refused = True
+                self._stop(now)
                 continue
             if now - child.started >= STABLE_AFTER:
                 self.backoff[slot] = 0.0
@@ -379,6 +393,8 @@ class Supervisor:
                 except OSError as exc:
                     if exc.errno != errno.EBADF:
                         raise
+        if self.refused:
+            return EXIT_REFUSED
         return 0 if self.clean else 1
 
 

@@ -7,6 +7,8 @@
                   [--memory-limit-per-process SIZE]
     kelpie ping [--count N]
     kelpie stats [--json] [--watch [S]]
+    kelpie status [--once] [--interval S]
+    kelpie keygen PATH
     kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--key K] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
@@ -54,9 +56,10 @@ import time
 
 from . import _supervisor, _waiting
 from ._liveness import parse_timeout
+from ._security import KeyFileError
 from .client import DEFAULT_FRONTEND, Client
 from ._zmq import ZMQError
-from .errors import DeadlineExceeded, RpcError
+from .errors import AuthenticationError, DeadlineExceeded, PermissionDenied, RpcError
 from .worker import DEFAULT_BACKEND, Worker
 
 __all__ = ["main"]
@@ -413,6 +416,9 @@ def _run_child(args):
 
     try:
         _run(serve(), args.loop)
+    except (AuthenticationError, PermissionDenied) as exc:
+        logging.getLogger("kelpie.worker").error("%s: %s", exc.code.name, exc.message)
+        return _supervisor.EXIT_REFUSED
     except MemoryError:
         logging.getLogger("kelpie.worker").error("out of memory outside any handler: exiting")
         return _supervisor.EXIT_OUT_OF_MEMORY
@@ -520,6 +526,12 @@ def _common(parser, top):
                         default=default(os.environ.get("KELPIE_BACKEND")),
                         help="the broker's backend, where workers connect (env "
                              f"KELPIE_BACKEND; default {DEFAULT_BACKEND})")
+    parser.add_argument("--key", metavar="FILE", default=default(None),
+                        help="our CURVE secret key file, from `kelpie keygen` (env KELPIE_KEY; "
+                             "default: none, plain text)")
+    parser.add_argument("--server-key", metavar="FILE", default=default(None),
+                        help="the broker's public key: kelpied's KEYFILE.pub, or its 40 "
+                             "characters (env KELPIE_SERVER_KEY; default: none)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default=default("asyncio"),
                         help="event loop implementation (default asyncio)")
     parser.add_argument("--log-level", default=default("warning"),
@@ -625,6 +637,30 @@ def _parser():
     _common(s, top=False)
     s.set_defaults(fn=cmd_ping)
 
+    st = sub.add_parser("status", help="live view of services, job queues and workers",
+                        description="A live view of the broker (kelpie.broker/Stats, an admin "
+                                    "call: with CURVE it needs an admin key): services with "
+                                    "their rates, job queues, workers. Ctrl-C ends it.")
+    st.add_argument("--once", action="store_true",
+                    help="print one plain-text snapshot and exit, for scripts (default: live)")
+    st.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                    help="redraw every SECONDS seconds (default 1)")
+    st.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                    help="wait this long for each answer, in seconds (default 2)")
+    _common(st, top=False)
+    st.set_defaults(fn=cmd_status)
+
+    k = sub.add_parser("keygen", help="write a CURVE key pair: PATH (secret) and PATH.pub",
+                       description="Write a new CURVE key pair: PATH, the secret key (mode "
+                                   "0600), and PATH.pub, the public key to put on kelpied's "
+                                   "--allow-clients/--allow-workers/--allow-admins lists (or "
+                                   "to give clients as --server-key, for kelpied's own key).")
+    k.add_argument("path", help="where to write the secret key; the public one goes to PATH.pub")
+    k.add_argument("--force", action="store_true",
+                   help="overwrite existing files (default: refuse)")
+    _common(k, top=False)
+    k.set_defaults(fn=cmd_keygen)
+
     s = sub.add_parser("stats", help="the broker's services, workers and counters",
                        description="Show kelpie.broker/Stats: a summary per service (workers, "
                                    "calls running, credits, load, queue) and per worker.")
@@ -645,8 +681,48 @@ def _parser():
     return p
 
 
+def cmd_status(args):
+    from . import _dashboard
+    from .sync import Client as SyncClient
+
+    try:
+        with SyncClient(args.frontend, heartbeat=0) as client:
+            def fetch():
+                return json.loads(client.call("kelpie.broker", "Stats", b"",
+                                              timeout=args.timeout))
+            if args.once:
+                print(_dashboard.plain(_dashboard.Snapshot(fetch(), time.monotonic())))
+            else:
+                _dashboard.live(fetch, args.interval)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "status", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_keygen(args):
+    from ._security import keygen
+    try:
+        public = keygen(args.path, force=args.force)
+    except FileExistsError as exc:
+        raise UsageError(f"{exc.filename} exists (--force overwrites it)")
+    except OSError as exc:
+        raise UsageError(f"cannot write {exc.filename or args.path}: {exc.strerror}")
+    print(f"secret key: {args.path} (mode 0600; keep it private)")
+    print(f"public key: {args.path}.pub  {public.decode()}")
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    # --key/--server-key reach Client and Worker (and the worker's child
+    # processes) the way their environment variables do.
+    if getattr(args, "key", None):
+        os.environ["KELPIE_KEY"] = args.key
+    if getattr(args, "server_key", None):
+        os.environ["KELPIE_SERVER_KEY"] = args.server_key
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
@@ -654,6 +730,9 @@ def main(argv=None):
         _check_endpoint("--backend", args.backend)
         return args.fn(args)
     except UsageError as exc:
+        print(f"kelpie: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyFileError as exc:
         print(f"kelpie: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ZMQError as exc:

@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _liveness, _wire, _zmq
+from . import _calls, _core, _liveness, _security, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from .jobs import ClientJobs, _Watch
 from ._status import StatusCode
@@ -61,7 +61,7 @@ class Client(ClientJobs):
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    liveness=3, context=None, key=None, server_key=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
     or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
     that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
     ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
@@ -72,14 +72,21 @@ class Client(ClientJobs):
     held fail with :class:`kelpie.Unavailable` at once (idempotent unary
     calls are sent again). The client stays usable after both.
     Durable jobs (:meth:`submit`, :meth:`job`, :meth:`jobs`, ...) come
-    from kelpie.jobs. Use it as ``async with kelpie.Client() as client:`` or call
+    from kelpie.jobs.
+    ``key`` (our secret key file, ``kelpie keygen``) and ``server_key`` (the
+    broker's ``.pub`` file), else ``$KELPIE_KEY`` / ``$KELPIE_SERVER_KEY``,
+    turn CURVE on; :meth:`connect` raises :class:`kelpie.AuthenticationError`
+    if the broker refuses the handshake (kelpie._security).
+    Use it as ``async with kelpie.Client() as client:`` or call
     :meth:`connect` and :meth:`close` yourself.
     """
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None) -> None:
+                 context: Any = None, key: Optional[str] = None,
+                 server_key: Optional[str] = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        self._keys = _security.load_keys(key, server_key)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
@@ -117,7 +124,12 @@ class Client(ClientJobs):
         # deadlines, not by the pipe: never block a caller on the socket HWM.
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
-        sock.connect(self.frontend)
+        handshake = _security.connect(sock, self.frontend, "client", self._keys)
+        try:
+            await handshake.await_(self._context)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # The broker answers a HEARTBEAT with its own, which carries its
         # max_message_size; queued until the connection is up.
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])

@@ -22,7 +22,8 @@ __all__ = [
     "RpcError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded",
     "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
     "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
-    "Unavailable", "DataLoss", "Unauthenticated", "JobFailed", "JobCancelled", "Retry",
+    "Unavailable", "DataLoss", "Unauthenticated", "AuthenticationError", "JobFailed",
+    "JobCancelled", "Retry",
 ]
 
 _BY_CODE = {}
@@ -98,6 +99,22 @@ Unavailable = _sub("Unavailable", StatusCode.UNAVAILABLE)
 DataLoss = _sub("DataLoss", StatusCode.DATA_LOSS)
 Unauthenticated = _sub("Unauthenticated", StatusCode.UNAUTHENTICATED)
 RpcError.__module__ = "kelpie"
+
+
+class AuthenticationError(Unauthenticated):
+    """The broker refused this peer's CURVE key, or the handshake could not
+    succeed (no key where the broker requires one, a wrong server key), or a
+    reload removed the key from its allow-list. Raised within the handshake
+    deadline, never a silent wait; the message says which (docs/operations.md,
+    "Keys")."""
+
+    code = StatusCode.UNAUTHENTICATED
+
+
+AuthenticationError.__module__ = "kelpie"
+# An UNAUTHENTICATED answer from the broker (a key removed by a reload) is
+# this error too: except kelpie.AuthenticationError catches every refusal.
+_BY_CODE[StatusCode.UNAUTHENTICATED] = AuthenticationError
 
 
 def from_status(code, message="", metadata=None):

@@ -59,7 +59,7 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _liveness, _wire, _zmq
+from . import _calls, _core, _liveness, _security, _wire, _zmq
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
@@ -124,7 +124,12 @@ class _Conn(_core.Conn):
         # deadlines; never block a send on the socket's high-water mark.
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
-        sock.connect(client.frontend)
+        handshake = _security.connect(sock, client.frontend, "client", client._keys)
+        try:
+            handshake.wait(client._context, _zmq.BlockingSocket, _zmq.Timeout)
+        except BaseException:
+            sock.close(linger=0)
+            raise
         # The broker answers a HEARTBEAT with its own, which carries its
         # max_message_size; the protocol default until it is read.
         sock.send_multipart([_wire.HEARTBEAT_FRAME])
@@ -292,7 +297,8 @@ class Client(SyncClientJobs):
     """A blocking, thread-safe client of the broker's frontend.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None)``, the same arguments as :class:`kelpie.Client`:
+    liveness=3, context=None, key=None, server_key=None)``, the same arguments as
+    :class:`kelpie.Client` (``key``/``server_key``: CURVE, see there):
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
     ``timeout`` is the deadline of every call that sets none (seconds; None:
     ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
@@ -308,8 +314,10 @@ class Client(SyncClientJobs):
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
-                 context: Any = None) -> None:
+                 context: Any = None, key: Optional[str] = None,
+                 server_key: Optional[str] = None) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
+        self._keys = _security.load_keys(key, server_key)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)

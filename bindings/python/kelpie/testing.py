@@ -202,11 +202,16 @@ class Kelpied:
     kills it (SIGKILL; ``graceful=True``: SIGTERM, then wait); :meth:`restart`
     starts it again on the same ports. Its log is ``.log_path``,
     readable with :meth:`log`. A short heartbeat (200 ms) makes lost workers
-    and reconnections quick in tests.
+    and reconnections quick in tests. For a broker started with ``--key``,
+    ``key``/``server_key`` are the client key files :meth:`wait_ready` pings
+    with (kelpie._security).
     """
 
     def __init__(self, binary: Optional[str] = None, *, heartbeat_ms: int = 200,
-                 args: Sequence[str] = (), log_dir: Optional[str] = None) -> None:
+                 args: Sequence[str] = (), log_dir: Optional[str] = None,
+                 key: Optional[str] = None, server_key: Optional[str] = None) -> None:
+        self.key = key
+        self.server_key = server_key
         self.binary = binary or find_kelpied()
         ports = free_ports(3)
         self.frontend, self.backend, self.intake = (f"tcp://127.0.0.1:{p}" for p in ports)
@@ -253,7 +258,8 @@ class Kelpied:
     def wait_ready(self, timeout: float = 10.0) -> None:
         from .sync import Client
         deadline = time.monotonic() + timeout
-        with Client(self.frontend, heartbeat=0) as client:
+        with Client(self.frontend, heartbeat=0, key=self.key,
+                    server_key=self.server_key) as client:
             while True:
                 try:
                     client.call("kelpie.broker", "Ping", b"", timeout=0.2)

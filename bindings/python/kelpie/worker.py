@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _executors, _wire
+from . import _executors, _security, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._jobs_worker import JobContext, JobRunner, ProcessJobContext
@@ -129,8 +129,11 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
     def __init__(self, backend: Optional[str] = None, *, concurrency: int = 64,
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
-                 processes: Optional[int] = None, context: Any = None) -> None:
+                 processes: Optional[int] = None, context: Any = None,
+                 key: Optional[str] = None, server_key: Optional[str] = None) -> None:
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
+        # CURVE (kelpie._security): key files, else $KELPIE_KEY / $KELPIE_SERVER_KEY.
+        self._keys = _security.load_keys(key, server_key)
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.concurrency = int(concurrency)

@@ -166,6 +166,29 @@ PyObject *kp_core_getsockopt(kp_core *self, PyObject *arg)
     return kp_option_get(self->st, self->handle, core_shared(self), option);
 }
 
+PyObject *kp_core_monitor(kp_core *self, PyObject *args)
+{
+    const char *addr;
+    int events;
+    if (!PyArg_ParseTuple(args, "zi:monitor", &addr, &events) || self->ops->check(self) < 0) {
+        return NULL;
+    }
+    kp_socket *shared = core_shared(self);
+    int locked = shared != NULL ? kp_socket_lock(shared) : 0;
+    int rc = zmq_socket_monitor(self->handle, addr, events);
+    int err = zmq_errno();
+    if (shared != NULL) {
+        kp_socket_unlock(shared, locked);
+        if (kp_op_recheck(shared) < 0) {
+            return NULL;
+        }
+    }
+    if (rc != 0) {
+        return kp_error_set(self->st, err);
+    }
+    Py_RETURN_NONE;
+}
+
 PyObject *kp_core_enter(PyObject *self, PyObject *unused)
 {
     return Py_NewRef(self);

@@ -211,7 +211,7 @@ void kp_core_close_handle(kp_core *self, int linger);
 
 /* The shared methods and getters, for KP_CORE_METHODS / KP_CORE_GETSET
  * only: each is the Python method of the same name (bind, connect, unbind,
- * disconnect, close, setsockopt/set, getsockopt/get, __enter__, __exit__,
+ * disconnect, close, setsockopt/set, getsockopt/get, monitor, __enter__, __exit__,
  * repr; the properties closed, context, socket_type, last_endpoint), and
  * returns NULL with an exception set on failure. */
 PyObject *kp_core_bind(kp_core *self, PyObject *arg);
@@ -221,6 +221,7 @@ PyObject *kp_core_disconnect(kp_core *self, PyObject *arg);
 PyObject *kp_core_close(kp_core *self, PyObject *args, PyObject *kwds);
 PyObject *kp_core_setsockopt(kp_core *self, PyObject *args);
 PyObject *kp_core_getsockopt(kp_core *self, PyObject *arg);
+PyObject *kp_core_monitor(kp_core *self, PyObject *args);
 PyObject *kp_core_enter(PyObject *self, PyObject *unused);
 PyObject *kp_core_exit(kp_core *self, PyObject *args);
 PyObject *kp_core_repr(kp_core *self);
@@ -243,6 +244,8 @@ PyObject *kp_core_get_last_endpoint(kp_core *self, void *closure);
     {"getsockopt", (PyCFunction)kp_core_getsockopt, METH_O,                          \
      "getsockopt(option) -> int | bytes\n\nRead a socket option."},                  \
     {"set", (PyCFunction)kp_core_setsockopt, METH_VARARGS, "Alias of setsockopt."},  \
+    {"monitor", (PyCFunction)kp_core_monitor, METH_VARARGS,                          \
+     "monitor(addr, events)\n\nPublish socket events on a PAIR endpoint (None: stop)."}, \
     {"get", (PyCFunction)kp_core_getsockopt, METH_O, "Alias of getsockopt."},        \
     {"__enter__", kp_core_enter, METH_NOARGS, NULL},                                 \
     {"__exit__", (PyCFunction)kp_core_exit, METH_VARARGS, "close() on leaving the block."}

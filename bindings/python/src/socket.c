@@ -356,27 +356,6 @@ static PyObject *socket_poll(kp_socket *self, PyObject *arg)
     return kp_op_start(self, KP_OP_POLL, NULL, events, 1);
 }
 
-/* monitor(addr, events): zmq_socket_monitor; addr None stops monitoring. */
-static PyObject *socket_monitor(kp_socket *self, PyObject *args)
-{
-    const char *addr;
-    int events;
-    if (!PyArg_ParseTuple(args, "zi:monitor", &addr, &events) || kp_loop_check_thread(self) < 0) {
-        return NULL;
-    }
-    int locked = kp_socket_lock(self);
-    int rc = zmq_socket_monitor(self->handle, addr, events);
-    int err = zmq_errno();
-    kp_socket_unlock(self, locked);
-    if (kp_op_recheck(self) < 0) {
-        return NULL;
-    }
-    if (rc != 0) {
-        return kp_error_set(self->st, err);
-    }
-    Py_RETURN_NONE;
-}
-
 /* ---- properties ----------------------------------------------------------- */
 
 static PyObject *socket_get_fd(kp_socket *self, void *closure)
@@ -415,8 +394,6 @@ static PyMethodDef socket_methods[] = {
      "recv_multipart(flags=0, copy=True) -> awaitable list[bytes] | list[Frame]"},
     {"_on_fd", (PyCFunction)socket_on_fd, METH_NOARGS, "The loop's reader callback for ZMQ_FD."},
     {"_poll", (PyCFunction)socket_poll, METH_O, "kelpie.zmq's wait for POLLIN or POLLOUT."},
-    {"monitor", (PyCFunction)socket_monitor, METH_VARARGS,
-     "monitor(addr, events)\n\nPublish socket events on a PAIR endpoint (None: stop)."},
     {"_on_nudge", (PyCFunction)socket_on_nudge, METH_NOARGS,
      "The loop's reader callback for the eventfd a Pulse thread writes after sending."},
     {NULL, NULL, 0, NULL},

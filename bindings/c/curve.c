@@ -1,0 +1,221 @@
+/*
+ * curve.c: CURVE keys and the watched handshake; see curve.h.
+ */
+#include "curve.h"
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <zmq.h>
+
+#include "clock.h"
+
+#define CURVE_MECHANISM_MISMATCH 0x11000002u
+#define CURVE_CRYPTOGRAPHIC      0x11000001u
+
+static bool curve_is_key(const char *s, size_t len)
+{
+    uint8_t bin[32];
+    char tmp[41];
+    if (len != 40)
+        return false;
+    memcpy(tmp, s, 40);
+    tmp[40] = '\0';
+    return zmq_z85_decode(bin, tmp) != NULL;
+}
+
+/* The one key of a key file: lines starting with '#' are comments ('#' is
+ * also a z85 digit, so only there). */
+static kelpie_status curve_read(const char *path, char out[41], char *why, size_t why_len)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(why, why_len, "cannot read key file %s: %s", path, strerror(errno));
+        return KELPIE_ERR_INVAL;
+    }
+    char line[512];
+    kelpie_status rc = KELPIE_ERR_INVAL;
+    snprintf(why, why_len, "%s: no key in the file", path);
+    while (fgets(line, sizeof line, f)) {
+        char *p = line;
+        while (*p == ' ' || *p == '\t')
+            p++;
+        if (*p == '#' || *p == '\n' || *p == '\r' || *p == '\0')
+            continue;
+        size_t len = strcspn(p, " \t\r\n");
+        if (curve_is_key(p, len)) {
+            memcpy(out, p, 40);
+            out[40] = '\0';
+            rc = KELPIE_OK;
+        } else {
+            snprintf(why, why_len,
+                     "%s: not a CURVE key file (expected 40 z85 characters, as "
+                     "`kelpie keygen` writes)",
+                     path);
+        }
+        break;
+    }
+    fclose(f);
+    return rc;
+}
+
+kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why, size_t why_len)
+{
+    if (!curve || !curve->key_file || !curve->server_key) {
+        snprintf(why, why_len, "CURVE needs both our key file and the broker's public key");
+        return KELPIE_ERR_INVAL;
+    }
+    kelpie_status rc = curve_read(curve->key_file, keys->secret_key, why, why_len);
+    if (rc != KELPIE_OK)
+        return rc;
+    if (zmq_curve_public(keys->public_key, keys->secret_key) != 0) {
+        snprintf(why, why_len, "%s: not a CURVE secret key", curve->key_file);
+        return KELPIE_ERR_INVAL;
+    }
+    struct stat st;
+    const char *s = curve->server_key;
+    if (stat(s, &st) != 0 && curve_is_key(s, strlen(s))) {
+        memcpy(keys->server_key, s, 41);
+        return KELPIE_OK;
+    }
+    return curve_read(s, keys->server_key, why, why_len);
+}
+
+kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys)
+{
+    if (zmq_setsockopt(sock, ZMQ_CURVE_SERVERKEY, keys->server_key, 40) != 0 ||
+        zmq_setsockopt(sock, ZMQ_CURVE_PUBLICKEY, keys->public_key, 40) != 0 ||
+        zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, keys->secret_key, 40) != 0)
+        return KELPIE_ERR_ZMQ;
+    return KELPIE_OK;
+}
+
+kelpie_status kpc_handshake_begin(kpc_handshake *hs, void *ctx, void *sock, const char *endpoint)
+{
+    memset(hs, 0, sizeof *hs);
+    hs->sock = sock;
+    if (strncmp(endpoint, "inproc://", 9) == 0)
+        return KELPIE_OK;
+    char addr[96];
+    /* Unique within ctx while sock lives; the monitor is stopped (and the
+     * endpoint unbound) before sock can be closed. */
+    snprintf(addr, sizeof addr, "inproc://kelpie-handshake-%p", sock);
+    int events = ZMQ_EVENT_CONNECTED | ZMQ_EVENT_CONNECT_RETRIED | ZMQ_EVENT_CLOSED |
+                 ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
+                 ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
+    if (zmq_socket_monitor(sock, addr, events) != 0)
+        return KELPIE_ERR_ZMQ;
+    hs->pair = zmq_socket(ctx, ZMQ_PAIR);
+    if (!hs->pair || zmq_connect(hs->pair, addr) != 0) {
+        if (hs->pair)
+            zmq_close(hs->pair);
+        hs->pair = NULL;
+        zmq_socket_monitor(sock, NULL, 0);
+        return KELPIE_ERR_ZMQ;
+    }
+    return KELPIE_OK;
+}
+
+/* Judges one event: 1 decided OK, -1 refused (why set), 0 keep waiting. */
+static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const char *role,
+                       const char *endpoint, const kpc_keys *keys, char *why, size_t why_len)
+{
+    char ours[64];
+    if (keys)
+        snprintf(ours, sizeof ours, "our key %.12s…", keys->public_key);
+    else
+        snprintf(ours, sizeof ours, "no key (plain text)");
+    switch (event) {
+    case ZMQ_EVENT_CONNECTED:
+        hs->connected = true;
+        return 0;
+    case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
+        return 1;
+    case ZMQ_EVENT_CONNECT_RETRIED:
+    case ZMQ_EVENT_CLOSED:
+        return hs->connected ? 0 : 1; /* nobody listens: not ours to judge */
+    case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
+        if (value == 400)
+            snprintf(why, why_len, "server rejected %s (not in the %s allow-list) at %s", ours,
+                     role, endpoint);
+        else
+            snprintf(why, why_len, "server rejected %s (ZAP status %u) at %s", ours, value,
+                     endpoint);
+        return -1;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if (value == CURVE_MECHANISM_MISMATCH && !keys)
+            snprintf(why, why_len,
+                     "the broker at %s requires CURVE: give this %s a key (kelpie "
+                     "keygen) and the broker's public key",
+                     endpoint, role);
+        else if (value == CURVE_MECHANISM_MISMATCH)
+            snprintf(why, why_len,
+                     "the broker at %s does not use CURVE, but this %s has a key "
+                     "(%s)",
+                     endpoint, role, ours);
+        else
+            snprintf(why, why_len, "CURVE handshake with %s failed (%s; %s)", endpoint,
+                     value == CURVE_CRYPTOGRAPHIC ? "does not decrypt" : "protocol error", ours);
+        return -1;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        if (!hs->connected)
+            return 0;
+        if (keys)
+            snprintf(why, why_len,
+                     "the broker at %s dropped our CURVE handshake: the server key "
+                     "(%.12s…) is not the broker's public key, or the broker does not use "
+                     "CURVE (%s)",
+                     endpoint, keys->server_key, ours);
+        else
+            snprintf(why, why_len,
+                     "the broker at %s hung up during the handshake: it requires "
+                     "CURVE? Give this %s a key and the broker's public key",
+                     endpoint, role);
+        return -1;
+    default:
+        return 0;
+    }
+}
+
+kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *role,
+                                 const char *endpoint, const kpc_keys *keys, char *why,
+                                 size_t why_len)
+{
+    if (!hs->pair)
+        return KELPIE_OK;
+    int64_t end = kpc_now_ms() + timeout_ms;
+    int verdict = 0;
+    while (verdict == 0) {
+        int64_t left = end - kpc_now_ms();
+        if (left <= 0)
+            break;
+        zmq_pollitem_t item = {hs->pair, 0, ZMQ_POLLIN, 0};
+        int n = zmq_poll(&item, 1, (long)left);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        zmq_msg_t ev, addr;
+        zmq_msg_init(&ev);
+        zmq_msg_init(&addr);
+        if (zmq_msg_recv(&ev, hs->pair, 0) >= 0) {
+            if (zmq_msg_more(&ev))
+                zmq_msg_recv(&addr, hs->pair, 0);
+            if (zmq_msg_size(&ev) >= 6) {
+                uint16_t event;
+                uint32_t value;
+                memcpy(&event, zmq_msg_data(&ev), 2);
+                memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
+                verdict = curve_judge(hs, event, value, role, endpoint, keys, why, why_len);
+            }
+        }
+        zmq_msg_close(&ev);
+        zmq_msg_close(&addr);
+    }
+    zmq_socket_monitor(hs->sock, NULL, 0);
+    zmq_close(hs->pair);
+    hs->pair = NULL;
+    return verdict < 0 ? KELPIE_UNAUTHENTICATED : KELPIE_OK;
+}

@@ -1,0 +1,54 @@
+/*
+ * curve.h: CURVE keys for the C client and worker, and a handshake whose
+ * failure is visible (the C twin of kelpie/_security.py).
+ *
+ * ZeroMQ makes a refused handshake look like a broker that is down. A
+ * kpc_handshake watches the socket's monitor events while it connects and
+ * turns a refusal into KELPIE_UNAUTHENTICATED with the reason: the broker's
+ * ZAP handler refused the key (HANDSHAKE_FAILED_AUTH, status 400: not on the
+ * allow-list of the socket connected to, which names the role), CURVE on one
+ * side only (mechanism mismatch), or a server key that is not the broker's
+ * (it hangs up). A broker that is not there at all is not a refusal: the
+ * wait ends and the liveness rules apply as without CURVE.
+ */
+#ifndef KPC_CURVE_H
+#define KPC_CURVE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "kelpie.h"
+
+/* Keys read from a kelpie_curve, as z85 text. */
+typedef struct kpc_keys {
+    char public_key[41];
+    char secret_key[41];
+    char server_key[41];
+} kpc_keys;
+
+/* Reads curve's files into keys; KELPIE_ERR_INVAL with why on an unreadable
+ * file or one that holds no key. */
+kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why, size_t why_len);
+
+/* Makes sock a CURVE client with keys. */
+kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys);
+
+/* A connect being watched. */
+typedef struct kpc_handshake {
+    void *pair;     /* PAIR reading sock's monitor; NULL: nothing watched */
+    void *sock;     /* the socket connecting */
+    bool connected; /* TCP is up */
+} kpc_handshake;
+
+/* Starts watching sock (before zmq_connect). inproc:// is not watched. */
+kelpie_status kpc_handshake_begin(kpc_handshake *hs, void *ctx, void *sock, const char *endpoint);
+
+/* Waits up to timeout_ms for the outcome and stops watching. Returns
+ * KELPIE_OK (succeeded, or nobody listens there, or the time passed) or
+ * KELPIE_UNAUTHENTICATED with the reason in why. role names the allow-list
+ * ("client", "worker"); keys is NULL for a plain-text peer. */
+kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *role,
+                                 const char *endpoint, const kpc_keys *keys, char *why,
+                                 size_t why_len);
+
+#endif
