@@ -125,9 +125,9 @@ def test_cli_job_commands(broker):
         assert p.returncode == 1
         p = cli(broker, "dlq", "purge", "--queue", "fail")
         assert p.stdout.strip() == b"1 job purged"
-        p = cli(broker, "submit", "nobody-serves", "--key", "k1")
+        p = cli(broker, "submit", "nobody-serves", "--idempotency-key", "k1")
         queued = p.stdout.strip().decode()
-        p = cli(broker, "submit", "nobody-serves", "--key", "k1")
+        p = cli(broker, "submit", "nobody-serves", "--idempotency-key", "k1")
         assert p.stdout.strip().decode() == queued and b"existing job" in p.stderr
         p = cli(broker, "job", "cancel", queued)
         assert p.returncode == 0 and p.stdout.strip() == b"cancelled"

@@ -1,7 +1,7 @@
 """The ``kelpie`` commands for durable jobs (kelpie.cli registers them).
 
     kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--max-attempts N]
-                  [--timeout S] [--delay S] [--backoff S] [--key KEY] [--wait]
+                  [--timeout S] [--delay S] [--backoff S] [--idempotency-key KEY] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q] [--limit N] [--json]
     kelpie dlq ls|retry|purge [--queue Q] [ID]
@@ -136,11 +136,11 @@ def cmd_submit(args, run, read_data, table):
             job = await client.submit(args.queue, payload, priority=args.priority,
                                       max_attempts=args.max_attempts, timeout=args.timeout,
                                       delay=args.delay, backoff=args.backoff,
-                                      idempotency_key=args.key)
+                                      idempotency_key=args.idempotency_key)
             print(job.id, flush=True)
             if job.existed:
-                print(f"kelpie: {args.queue}: idempotency key {args.key!r} names the existing "
-                      f"job {job.id}", file=sys.stderr)
+                print(f"kelpie: {args.queue}: idempotency key {args.idempotency_key!r} names "
+                      f"the existing job {job.id}", file=sys.stderr)
             if args.wait:
                 _write_result(await _wait(job, args.wait_timeout))
     try:
@@ -284,7 +284,7 @@ def add_commands(sub, common, bind):
                    help="do not run before this many seconds from now (default 0)")
     s.add_argument("--backoff", type=_seconds, default=None, metavar="SECONDS",
                    help="base of the retry back-off, in seconds (default: the queue's, 1)")
-    s.add_argument("--key", metavar="KEY",
+    s.add_argument("--idempotency-key", metavar="KEY",
                    help="idempotency key: a second submit with it names the first job "
                         "(default: none)")
     s.add_argument("--wait", "-w", action="store_true",

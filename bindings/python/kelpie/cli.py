@@ -9,7 +9,7 @@
     kelpie stats [--json] [--watch [S]]
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
-    kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--key K] [--wait]
+    kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--idempotency-key K] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
     kelpie dlq ls|retry|purge [--queue Q] [ID]
