@@ -1,8 +1,9 @@
 /* admin: kelpie.broker, the broker's own service (docs/protocol.md §10).
  *
- * Ping and Stats, answered on the frontend from the broker's own state
- * (counters, gauges, per-service and per-worker figures) and still answered
- * while the broker drains. Called by the frontend handler; calls down into send.c.
+ * Ping, Stats and Health, answered on the frontend from the broker's own
+ * state (counters, gauges, per-service and per-worker figures, each
+ * service's methods; a service's health) and still answered while the
+ * broker drains. Called by the frontend handler; calls down into send.c.
  */
 #include "broker_impl.h"
 
@@ -57,6 +58,89 @@ static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
     kp_json_object_end(j);
 }
 
+/* Adds "methods": the union of what s's workers implement, sorted and
+ * comma-joined, or "*" when one of them serves the whole service (READY
+ * listed no method of it): what `kelpie ls` shows. */
+static void admin_methods_json(const struct kp_service *s, struct kp_json *j)
+{
+    size_t cap = 0;
+    for (size_t i = 0; i < s->nworkers; i++) {
+        if (s->wmethods[i] == NULL) {
+            kp_json_str(j, "methods", "*");
+            return;
+        }
+        cap += s->wmethods[i]->n;
+    }
+    const char **names = kp_malloc((cap ? cap : 1) * sizeof *names);
+    size_t n = 0, need = 1;
+    for (size_t i = 0; i < s->nworkers; i++) {
+        for (size_t k = 0; k < s->wmethods[i]->n; k++) {
+            const char *name = s->wmethods[i]->names[k];
+            bool dup = false;
+            for (size_t m = 0; m < n && !dup; m++)
+                dup = strcmp(names[m], name) == 0;
+            if (!dup) {
+                names[n++] = name;
+                need += strlen(name) + 1;
+            }
+        }
+    }
+    /* Few methods per service: insertion sort keeps the output stable. */
+    for (size_t i = 1; i < n; i++) {
+        for (size_t k = i; k > 0 && strcmp(names[k - 1], names[k]) > 0; k--) {
+            const char *t = names[k];
+            names[k] = names[k - 1];
+            names[k - 1] = t;
+        }
+    }
+    char *text = kp_malloc(need);
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(names[i]);
+        if (i)
+            text[used++] = ',';
+        memcpy(text + used, names[i], len);
+        used += len;
+    }
+    text[used] = '\0';
+    kp_json_str(j, "methods", text);
+    kp_free(text);
+    kp_free(names);
+}
+
+/* The Health reply for service name (empty: the broker itself), as gRPC's
+ * health service: SERVING when some worker of it is registered, not
+ * stalled and offers credits (a draining worker offers 0); NOT_SERVING when
+ * the service is known but has no such worker; SERVICE_UNKNOWN otherwise. */
+static void admin_health_json(struct kp_broker *b, const char *name, struct kp_json *j)
+{
+    const char *status;
+    uint64_t workers = 0, capacity = 0;
+    if (name[0] == '\0') {
+        status = b->state == KP_BROKER_RUNNING ? "SERVING" : "NOT_SERVING";
+    } else {
+        struct kp_service *s = kp_services_find(&b->services, name);
+        if (s == NULL) {
+            status = "SERVICE_UNKNOWN";
+        } else {
+            for (size_t i = 0; i < s->nworkers; i++) {
+                const struct kp_worker *w = s->workers[i];
+                if (!w->gone && !w->stalled && w->credits > 0) {
+                    workers++;
+                    capacity += w->credits;
+                }
+            }
+            status = workers > 0 && b->state == KP_BROKER_RUNNING ? "SERVING" : "NOT_SERVING";
+        }
+    }
+    kp_json_object_begin(j, NULL);
+    kp_json_str(j, "service", name);
+    kp_json_str(j, "status", status);
+    kp_json_u64(j, "workers", workers);
+    kp_json_u64(j, "capacity", capacity);
+    kp_json_object_end(j);
+}
+
 static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
 {
     static const char *const states[] = {"running", "draining", "stopped"};
@@ -93,6 +177,7 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "completed", s->completed);
         kp_json_u64(j, "failed", s->failed);
         kp_json_u64(j, "expired", s->expired);
+        admin_methods_json(s, j);
         kp_json_object_end(j);
     }
     kp_json_object_end(j);
@@ -125,10 +210,23 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
      * deadline or its next Ping tells it, so there is nothing to undo here. */
     if (strcmp(req->method, "Ping") == 0) {
         kp_broker_send(b, b->frontend, rid, rid_len, NULL, &h, NULL, 0);
-    } else if (strcmp(req->method, "Stats") == 0) {
+    } else if (strcmp(req->method, "Stats") == 0 || strcmp(req->method, "Health") == 0) {
         struct kp_json j;
         kp_json_init(&j);
-        admin_stats_json(b, &j);
+        if (req->method[0] == 'S') {
+            admin_stats_json(b, &j);
+        } else {
+            /* The payload names the service; NUL-terminated copy, bounded. */
+            char name[256] = "";
+            zmq_msg_t *p = b->in.nframes > 2 ? &b->in.frames[2] : NULL;
+            size_t len = p ? zmq_msg_size(p) : 0;
+            if (len >= sizeof name)
+                len = sizeof name - 1;
+            if (len)
+                memcpy(name, zmq_msg_data(p), len);
+            name[len] = '\0';
+            admin_health_json(b, name, &j);
+        }
         zmq_msg_t payload;
         if (zmq_msg_init_size(&payload, j.len) != 0) {
             kp_log_error("out of memory for a %zu-byte Stats reply, aborting", j.len);

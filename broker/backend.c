@@ -193,6 +193,10 @@ void kp_backend_on_message(struct kp_broker *b)
         kp_jobs_reap_worker(b, w);
         break;
     case KELPIE__V1__KIND__CREDIT:
+        if (h->flags & KP_FLAG_CLIENT_STREAM) {
+            kp_broker_on_input_credit(b, w, h); /* a call's input window (§5.6) */
+            break;
+        }
         kp_worker_add_credits(w, h->credits);
         kp_broker_mark_worker_pending(b, w);
         break;

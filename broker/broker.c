@@ -152,8 +152,8 @@ enum kp_err kp_broker_new(const struct kp_config *cfg, void *zmq_ctx, struct kp_
     if (!b->frontend || !b->backend || !b->intake)
         goto fail;
     char err[256];
-    if (kp_jobs_new(b, cfg->data_dir, cfg->queues, err, sizeof err) != KP_OK) {
-        kp_log_error("--queues: %s", err);
+    if (kp_jobs_new(b, cfg->data_dir, cfg->store, cfg->queues, err, sizeof err) != KP_OK) {
+        kp_log_error("%s", err);
         kp_broker_destroy(&b);
         return KP_EINVAL;
     }

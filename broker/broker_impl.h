@@ -219,6 +219,19 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
  * CANCEL to the worker if dispatched. */
 void kp_broker_cancel(struct kp_broker *b, struct kp_call *c);
 
+/* Handles a client's input message (CHUNK or END, header h at hdr_index in
+ * b->in.frames, payload after it) for its call c (§5.6): checks it against
+ * the call's flag and input window (a breach fails the call: ERROR to the
+ * client, CANCEL to a worker, counted), then holds it while c is queued or
+ * forwards it to c's worker under the dispatch id. */
+void kp_broker_on_input(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index);
+
+/* Handles a worker's input-window CREDIT (flag CLIENT_STREAM, §5.6) for the
+ * dispatch id in h: forwards it to the call's client and widens the window
+ * the broker enforces. Dropped and counted if the call is not w's, not
+ * client-streamed, or has no client waiting any more. */
+void kp_broker_on_input_credit(struct kp_broker *b, struct kp_worker *w, const kp_header *h);
+
 /* A call's deadline passed (its timer is no longer armed): queued calls are
  * never dispatched; running ones are answered DEADLINE_EXCEEDED and
  * cancelled at their worker. */
@@ -277,10 +290,13 @@ struct kp_json;
 
 /* Sets up the engine: queue settings (--queues text, may be NULL), and the
  * store at data_dir/jobs.db if one exists (recovering its leased jobs);
- * otherwise the store and data_dir are made on first use. KP_EINVAL with a
- * message in err if settings is malformed. */
-enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *settings, char *err,
-                        size_t errlen);
+ * otherwise the store and data_dir are made on first use. With `store` a
+ * postgresql:// URI (NULL or "" for none) the shared PostgreSQL store is used
+ * instead, opened now (recovering the jobs of silent brokers) and retried
+ * while it cannot be. KP_EINVAL with a message in err if settings is
+ * malformed or store is not such a URI. */
+enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *store,
+                        const char *settings, char *err, size_t errlen);
 
 /* Stops the journal (committing what was put), frees the engine's state. */
 void kp_jobs_destroy(struct kp_broker *b);

@@ -50,6 +50,7 @@ struct kp_call *kp_call_new(struct kp_calls *t)
     kp_list_init(&c->worker_link);
     c->payload = c->inline_payload;
     c->payload_cap = KP_CALL_INLINE_FRAMES;
+    c->input_tail = &c->input;
     c->next_free = NULL;
     kp_idmap_put(&t->by_serial, c->serial, c);
     return c;
@@ -69,6 +70,47 @@ void kp_call_drop_frames(struct kp_call *c)
         zmq_msg_close(&c->header);
         c->has_header = false;
     }
+    struct kp_input *in;
+    while ((in = kp_call_take_input(c)) != NULL)
+        kp_input_free(in);
+}
+
+void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint32_t flags, uint64_t sequence,
+                        zmq_msg_t *frames, size_t n)
+{
+    struct kp_input *in = kp_malloc(sizeof *in + n * sizeof in->frames[0]);
+    in->next = NULL;
+    in->kind = kind;
+    in->flags = flags;
+    in->sequence = sequence;
+    in->n = n;
+    for (size_t i = 0; i < n; i++) {
+        zmq_msg_init(&in->frames[i]);
+        zmq_msg_move(&in->frames[i], &frames[i]);
+    }
+    *c->input_tail = in;
+    c->input_tail = &in->next;
+}
+
+struct kp_input *kp_call_take_input(struct kp_call *c)
+{
+    struct kp_input *in = c->input;
+    if (in == NULL)
+        return NULL;
+    c->input = in->next;
+    if (c->input == NULL)
+        c->input_tail = &c->input;
+    in->next = NULL;
+    return in;
+}
+
+void kp_input_free(struct kp_input *in)
+{
+    if (in == NULL)
+        return;
+    for (size_t i = 0; i < in->n; i++)
+        zmq_msg_close(&in->frames[i]);
+    kp_free(in);
 }
 
 void kp_call_free(struct kp_calls *t, struct kp_call *c)

@@ -46,26 +46,42 @@ enum kp_call_state {
 
 #define KP_CALL_INLINE_FRAMES 2
 
+/* One message of a client-streamed call's input (CHUNK or END) that arrived
+ * while the call was queued, held until it is dispatched. The broker writes
+ * the header itself when it forwards it, so only kind and sequence are kept. */
+struct kp_input {
+    struct kp_input *next; /* the next held message, in arrival order */
+    uint32_t kind;         /* KELPIE__V1__KIND__CHUNK or __END */
+    uint32_t flags;        /* the message's COMPRESSED bit, forwarded with it */
+    uint64_t sequence;     /* CHUNK: its position in the input stream */
+    size_t n;              /* payload frames in frames[] */
+    zmq_msg_t frames[];    /* the payload, moved from the receive array */
+};
+
 struct kp_call {
-    uint64_t serial;            /* unique, nonzero; key in the call table */
-    uint8_t attempt;            /* dispatch attempt, low byte of the dispatch id */
-    enum kp_call_state state;   /* see above */
-    uint32_t flags;             /* REQUEST flags (KP_FLAG_*) */
-    uint64_t client_request_id; /* the client's request_id (0 for intake) */
-    struct kp_client *client;   /* who waits for the answer; NULL if ONEWAY */
-    struct kp_service *service; /* the service called */
-    struct kp_worker *worker;   /* while DISPATCHED/ORPHANED */
-    uint64_t deadline;          /* monotonic ms, 0 = none */
-    uint32_t window_bonus;      /* stream CREDIT granted while still queued */
-    struct run *job;            /* a durable job's attempt (jobs.c); NULL for a REQUEST */
-    struct kp_timer timer;      /* armed at deadline while the client waits */
-    struct kp_list queue_link;  /* in service->queue while QUEUED */
-    struct kp_list worker_link; /* in worker->calls while DISPATCHED/ORPHANED */
-    bool has_header;            /* header holds the original header frame */
-    zmq_msg_t header;           /* kept to re-encode a queued/re-sent call */
-    size_t npayload;            /* payload frames held */
-    size_t payload_cap;         /* slots in payload */
-    zmq_msg_t *payload;         /* inline_payload or a heap array */
+    uint64_t serial;              /* unique, nonzero; key in the call table */
+    uint8_t attempt;              /* dispatch attempt, low byte of the dispatch id */
+    enum kp_call_state state;     /* see above */
+    uint32_t flags;               /* REQUEST flags (KP_FLAG_*) */
+    uint64_t client_request_id;   /* the client's request_id (0 for intake) */
+    struct kp_client *client;     /* who waits for the answer; NULL if ONEWAY */
+    struct kp_service *service;   /* the service called */
+    struct kp_worker *worker;     /* while DISPATCHED/ORPHANED */
+    uint64_t deadline;            /* monotonic ms, 0 = none */
+    uint32_t window_bonus;        /* stream CREDIT granted while still queued */
+    struct run *job;              /* a durable job's attempt (jobs.c); NULL for a REQUEST */
+    uint32_t input_window;        /* CLIENT_STREAM: CHUNKs the client may still send */
+    bool input_closed;            /* CLIENT_STREAM: the client's END has arrived */
+    struct kp_input *input;       /* CLIENT_STREAM input held while QUEUED, oldest first */
+    struct kp_input **input_tail; /* where the next held message is linked */
+    struct kp_timer timer;        /* armed at deadline while the client waits */
+    struct kp_list queue_link;    /* in service->queue while QUEUED */
+    struct kp_list worker_link;   /* in worker->calls while DISPATCHED/ORPHANED */
+    bool has_header;              /* header holds the original header frame */
+    zmq_msg_t header;             /* kept to re-encode a queued/re-sent call */
+    size_t npayload;              /* payload frames held */
+    size_t payload_cap;           /* slots in payload */
+    zmq_msg_t *payload;           /* inline_payload or a heap array */
     zmq_msg_t inline_payload[KP_CALL_INLINE_FRAMES]; /* common case: 1-2 frames */
     struct kp_call *next_free;                       /* free-list link */
 };
@@ -112,7 +128,19 @@ void kp_call_hold_payload(struct kp_call *c, zmq_msg_t *frames, size_t n);
 /* Takes ownership of a header frame (moved; *frame is left empty). */
 void kp_call_hold_header(struct kp_call *c, zmq_msg_t *frame);
 
-/* Closes the payload and header frames the call holds. */
+/* Closes the payload and header frames the call holds, and its held input. */
 void kp_call_drop_frames(struct kp_call *c);
+
+/* Holds one input message (kind CHUNK or END, n payload frames moved out of
+ * frames[], which are left empty) at the end of c's input. Cannot fail. */
+void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint32_t flags, uint64_t sequence,
+                        zmq_msg_t *frames, size_t n);
+
+/* Detaches and returns the oldest held input message (NULL if none); the
+ * caller owns it and frees it with kp_input_free. */
+struct kp_input *kp_call_take_input(struct kp_call *c);
+
+/* Closes an input message's frames and frees it (NULL is fine). */
+void kp_input_free(struct kp_input *in);
 
 #endif

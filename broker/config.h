@@ -30,6 +30,8 @@
        "PULL endpoint for one-way requests")                                                       \
     XX(data_dir, "data-dir", "KELPIED_DATA_DIR", STR, "./kelpie-data",                             \
        "directory of the job store, jobs.db (created when the first job arrives)")                 \
+    XX(store, "store", "KELPIED_STORE", STR, "",                                                   \
+       "job store shared by several brokers: a postgresql:// URI (empty: SQLite in --data-dir)")   \
     XX(queues, "queues", "KELPIED_QUEUES", STR, "",                                                \
        "job queue settings: 'NAME key=value ...; ...' (concurrency, rate, max_attempts, "          \
        "backoff_ms, timeout_ms, result_ttl_s; NAME * sets the defaults)")                          \

@@ -118,6 +118,40 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
     kp_broker_send_worker(b, c->worker, &h);
 }
 
+/* Sends one input message of c (CHUNK or END, payload frames/n) to w under
+ * c's dispatch id. Ownership as kp_broker_send. */
+static enum kp_err dispatch_send_input(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
+                                       uint32_t kind, uint32_t flags, uint64_t sequence,
+                                       zmq_msg_t *frames, size_t n)
+{
+    kp_header h = kp_broker_header((kp_kind)kind, kp_call_dispatch_id(c).v);
+    h.sequence = sequence;
+    h.flags = flags & KP_FLAG_COMPRESSED; /* §5.7: how the payload is encoded */
+    enum kp_err err =
+        kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, frames, n);
+    if (err == KP_OK)
+        w->last_send = b->now;
+    return err;
+}
+
+/* Sends w the input c collected while queued, right behind its REQUEST.
+ * Input that cannot be sent would leave the call running on a truncated
+ * stream: w is removed instead (its calls fail UNAVAILABLE) and the rest of
+ * the input is dropped. */
+static void dispatch_flush_input(struct kp_broker *b, struct kp_call *c, struct kp_worker *w)
+{
+    struct kp_input *in;
+    bool failed = false;
+    while ((in = kp_call_take_input(c)) != NULL) {
+        if (!failed && dispatch_send_input(b, c, w, in->kind, in->flags, in->sequence, in->frames,
+                                           in->n) != KP_OK) {
+            failed = true;
+            kp_broker_worker_gone(b, w);
+        }
+        kp_input_free(in); /* sent frames are empty now; unsent ones are closed */
+    }
+}
+
 void kp_broker_orphan(struct kp_broker *b, struct kp_call *c)
 {
     dispatch_orphan(b, c);
@@ -192,6 +226,8 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
         }
         return err;
     }
+    if (c->input != NULL)
+        dispatch_flush_input(b, c, w);
     if (frames == NULL && !copied) {
         /* Sent by move: the held frames are empty now, and the header is
          * no longer needed (only idempotent calls are ever sent twice). */
@@ -322,6 +358,71 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
         dispatch_detach_client(b, c);
         dispatch_free_call(b, c);
     }
+}
+
+/* Ends c's client side with err (ERROR to the client) and the rest of the
+ * call: a queued call is freed, a dispatched one cancelled at its worker. */
+static void dispatch_abort(struct kp_broker *b, struct kp_call *c, enum kp_err err,
+                           const char *detail)
+{
+    kp_broker_fail_client_side(b, c, err, detail);
+    if (c->state == KP_CALL_QUEUED) {
+        kp_service_unqueue(c->service, c, b->now);
+        dispatch_free_call(b, c);
+    } else if (c->state == KP_CALL_DISPATCHED) {
+        dispatch_orphan(b, c);
+    }
+}
+
+void kp_broker_on_input(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index)
+{
+    bool chunk = h->kind == KELPIE__V1__KIND__CHUNK;
+    enum kp_err err = KP_OK;
+    if (!(c->flags & KP_FLAG_CLIENT_STREAM) || c->input_closed)
+        err = KP_EINPUT;
+    else if (chunk && c->input_window == 0)
+        err = KP_EINPUTWINDOW; /* the bound on what the broker may have to hold */
+    if (err != KP_OK) {
+        kp_err_count(err, &b->stats);
+        dispatch_abort(b, c, err, NULL);
+        return;
+    }
+    if (chunk)
+        c->input_window--;
+    else
+        c->input_closed = true;
+    b->stats.input_chunks++;
+    zmq_msg_t *payload = &b->in.frames[hdr_index + 1];
+    size_t n = b->in.nframes - hdr_index - 1;
+    if (c->state == KP_CALL_QUEUED) {
+        kp_call_hold_input(c, (uint32_t)h->kind, h->flags, h->sequence, payload, n);
+        return;
+    }
+    struct kp_worker *w = c->worker;
+    if (dispatch_send_input(b, c, w, (uint32_t)h->kind, h->flags, h->sequence, payload, n) != KP_OK)
+        kp_broker_worker_gone(b, w); /* as dispatch_flush_input: never a gap in the input */
+}
+
+void kp_broker_on_input_credit(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    struct kp_call *c = kp_calls_find(&b->calls, (kp_dispatch_id){h->request_id});
+    if (c == NULL || c->worker != w || c->state != KP_CALL_DISPATCHED || c->client == NULL ||
+        !(c->flags & KP_FLAG_CLIENT_STREAM) || h->credits == 0) {
+        b->stats.input_dropped++;
+        return;
+    }
+    uint64_t sum = (uint64_t)c->input_window + h->credits;
+    c->input_window = sum > UINT32_MAX ? UINT32_MAX : (uint32_t)sum;
+    struct kp_client *cl = c->client;
+    kp_header fwd = kp_broker_header(KELPIE__V1__KIND__CREDIT, c->client_request_id);
+    fwd.credits = h->credits;
+    fwd.flags = KP_FLAG_CLIENT_STREAM;
+    enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len,
+                                     kp_broker_account(b, &cl->queued), &fwd, NULL, 0);
+    if (err == KP_OK)
+        b->stats.input_credits++;
+    else if (err == KP_EUNREACHABLE)
+        kp_broker_client_gone(b, cl);
 }
 
 void kp_broker_cancel(struct kp_broker *b, struct kp_call *c)

@@ -35,6 +35,10 @@
     XX(ECLIENTLIMIT, RESOURCE_EXHAUSTED, client_limit, "too many calls in flight for this client") \
     XX(EBACKLOG, RESOURCE_EXHAUSTED, not_reading, "client is not reading its replies")             \
     XX(EUNIMPLEMENTED, UNIMPLEMENTED, unimplemented, "not implemented")                            \
+    XX(EINPUTWINDOW, RESOURCE_EXHAUSTED, input_overrun,                                            \
+       "client sent a CHUNK beyond the input window its worker granted")                           \
+    XX(EINPUT, INVALID_ARGUMENT, input_overrun,                                                    \
+       "CHUNK or END for a call that takes none (no CLIENT_STREAM flag, or after its END)")        \
     XX(ECANCELLED, CANCELLED, none, "cancelled by the client")                                     \
     XX(EDEADLINE, DEADLINE_EXCEEDED, none, "deadline exceeded")                                    \
     XX(EWORKERLOST, UNAVAILABLE, none, "the worker running the call was lost")                     \

@@ -119,7 +119,12 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
         return;
     }
     struct kp_call *c = kp_call_new(&b->calls);
-    c->flags = h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM);
+    c->flags = h->flags & KP_FLAG_CALL_MASK;
+    if (c->flags & KP_FLAG_CLIENT_STREAM) {
+        /* Its input is consumed as it is forwarded: never re-sent (§5.6). */
+        c->flags &= ~KP_FLAG_IDEMPOTENT;
+        c->input_window = KP_INPUT_WINDOW;
+    }
     c->client = cl;
     c->client_request_id = h->request_id;
     c->service = s;
@@ -184,6 +189,17 @@ void kp_frontend_on_message(struct kp_broker *b)
     case KELPIE__V1__KIND__CREDIT:
         frontend_credit(b, h);
         break;
+    case KELPIE__V1__KIND__CHUNK:
+    case KELPIE__V1__KIND__END: {
+        /* A client-streamed call's input (§5.6); input for a call that has
+         * ended (a race with its answer) is dropped. */
+        struct kp_call *c = frontend_find_call(b, h);
+        if (c == NULL)
+            b->stats.input_dropped++;
+        else
+            kp_broker_on_input(b, c, h, 1);
+        break;
+    }
     case KELPIE__V1__KIND__HEARTBEAT: {
         b->stats.heartbeats_received++;
         kp_clients_get(&b->clients, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
@@ -230,7 +246,9 @@ void kp_intake_on_message(struct kp_broker *b)
         kp_jobs_submit(b, h, 0);
         return;
     }
-    if (err == KP_OK && b->state != KP_BROKER_RUNNING)
+    if (err == KP_OK && (h->flags & KP_FLAG_CLIENT_STREAM))
+        err = KP_EINPUT; /* its input could not follow: the intake has no request ids */
+    else if (err == KP_OK && b->state != KP_BROKER_RUNNING)
         err = KP_ESHUTDOWN;
     else if (err == KP_OK && strcmp(h->service, KP_BROKER_SERVICE) == 0)
         err = KP_ENOTFOUND; /* the broker's own calls need a reply path */
@@ -252,7 +270,7 @@ void kp_intake_on_message(struct kp_broker *b)
         return;
     }
     struct kp_call *c = kp_call_new(&b->calls);
-    c->flags = (h->flags & (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM)) | KP_FLAG_ONEWAY;
+    c->flags = (h->flags & KP_FLAG_CALL_MASK) | KP_FLAG_ONEWAY;
     c->client_request_id = h->request_id;
     c->service = s;
     b->stats.intake_requests++;

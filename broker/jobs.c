@@ -127,6 +127,7 @@ struct watch {
     struct run *run; /* the attempt running now */
     char *tail;      /* the running attempt's output tail */
     size_t tail_len;
+    bool polling; /* an OP_POLL for it is in the journal */
 };
 
 struct watcher {
@@ -145,11 +146,13 @@ enum op_kind {
     OP_CANCEL,
     OP_WATCH,  /* GET for a new watcher */
     OP_FINAL,  /* GET for the watchers of a job that just finished */
+    OP_POLL,   /* GET for the watchers of a job not running here (another broker's) */
     OP_GETJOB, /* admin */
     OP_LIST,
     OP_RETRY,
     OP_PURGE,
     OP_EXPIRE,
+    OP_BEAT,
 };
 
 struct op {
@@ -184,6 +187,8 @@ struct kp_engine {
     char open_msg[KP_STORE_ERRMSG_MAX];
     uint64_t open_tried; /* monotonic ms of the last try */
     char *data_dir;
+    char *store_url; /* --store: the shared PostgreSQL store, or NULL for SQLite */
+    uint64_t next_beat;
     uint64_t hold_ms;
     struct queue_settings defaults;
     struct kp_list pending; /* queues to pump */
@@ -419,7 +424,7 @@ static bool jobs_store(struct kp_broker *b)
     if (e->open_err != KP_OK && b->now - e->open_tried < JOBS_REOPEN_MS)
         return false;
     e->open_tried = b->now;
-    if (strcmp(e->data_dir, KP_JOBS_MEMORY) == 0) {
+    if (!e->store_url && strcmp(e->data_dir, KP_JOBS_MEMORY) == 0) {
         /* Tests and the fuzzer: nothing on disk, nothing survives. */
         struct kp_store *m = kp_store_memory_new();
         if (kp_journal_new(&m, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal) != KP_OK) {
@@ -432,7 +437,7 @@ static bool jobs_store(struct kp_broker *b)
     }
     char path[4096];
     snprintf(path, sizeof path, "%s/jobs.db", e->data_dir);
-    if (mkdir(e->data_dir, 0700) != 0 && errno != EEXIST) {
+    if (!e->store_url && mkdir(e->data_dir, 0700) != 0 && errno != EEXIST) {
         e->open_err = KP_ESTOREIO;
         snprintf(e->open_msg, sizeof e->open_msg, "%s: cannot create the data directory: %s",
                  e->data_dir, strerror(errno));
@@ -441,8 +446,17 @@ static bool jobs_store(struct kp_broker *b)
     }
     struct kp_store *s = NULL;
     size_t recovered = 0;
-    enum kp_err err =
-        kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered, e->open_msg);
+    enum kp_err err;
+    if (e->store_url) {
+        /* Leases last a worker's liveness window after this broker's last
+         * heartbeat (kp_jobs_tick renews it every heartbeat_ms). */
+        snprintf(path, sizeof path, "postgresql (--store)");
+        err = kp_store_pg_open(e->store_url, b->broker_id, e->hold_ms, kp_store_now(), e->hold_ms,
+                               &s, &recovered, e->open_msg);
+    } else {
+        err = kp_store_sqlite_open(path, NULL, kp_store_now(), e->hold_ms, &s, &recovered,
+                                   e->open_msg);
+    }
     if (err == KP_OK)
         err = kp_journal_new(&s, JOBS_MAX_INFLIGHT, JOBS_MAX_BATCH, &e->journal);
     if (err != KP_OK) {
@@ -465,6 +479,7 @@ static bool jobs_store(struct kp_broker *b)
     for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues))
         queue_poke(b, it);
     e->next_look = b->now;
+    e->next_beat = b->now;
     return true;
 }
 
@@ -1188,6 +1203,21 @@ static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req 
     watch_finish(b, w, &r->out.jobs.v[0]);
 }
 
+/* A watched job that is not running here (queued, or run by another broker
+ * sharing the store) ends without this broker seeing its END: the store is
+ * asked about it now and then, and its watchers get its RESULT once it is
+ * finished. */
+static void done_poll(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct watch *w = zhashx_lookup(engine(b)->watches, o->id.s);
+    if (w == NULL)
+        return;
+    w->polling = false;
+    if (r->out.err == KP_ENOJOB ||
+        (r->out.err == KP_OK && r->out.jobs.n == 1 && state_final(r->out.jobs.v[0].state)))
+        done_final(b, o, r);
+}
+
 /* Sends a new streaming watcher the events its job has had so far. */
 static void watcher_replay(struct kp_broker *b, struct watcher *wr)
 {
@@ -1333,8 +1363,20 @@ void kp_jobs_on_completions(struct kp_broker *b)
         case OP_FINAL:
             done_final(b, o, r);
             break;
+        case OP_POLL:
+            done_poll(b, o, r);
+            break;
         case OP_WATCH:
             done_watch(b, o, r);
+            break;
+        case OP_BEAT:
+            if (r->out.err == KP_OK && r->out.count) {
+                kp_log_warn("job store: %zu jobs leased by brokers that stopped heartbeating "
+                            "were put back",
+                            r->out.count);
+                b->stats.jobs_recovered += r->out.count;
+                e->next_look = b->now;
+            }
             break;
         case OP_EXPIRE:
             if (r->out.err == KP_OK && (r->out.count || r->out.count2))
@@ -1968,6 +2010,22 @@ void kp_jobs_tick(struct kp_broker *b)
                 queue_mark(b, q);
             }
         }
+        for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches)) {
+            struct watch *w = it;
+            if (w->run || w->polling || kp_list_empty(&w->watchers))
+                continue;
+            struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+            g->id = w->id;
+            g->req->in.id = w->id;
+            w->polling = op_put(b, g);
+        }
+    }
+    if (e->journal && e->store_url && b->now >= e->next_beat) {
+        /* This broker's leases live on this heartbeat in the shared store. */
+        e->next_beat = b->now + b->heartbeat_ms;
+        op_put(b, op_new(OP_BEAT, KP_JOURNAL_HEARTBEAT));
+    } else if (e->store_url && !e->journal) {
+        jobs_store(b); /* the shared store was unreachable: try again */
     }
     if (e->journal && b->now >= e->next_expire) {
         e->next_expire = b->now + JOBS_EXPIRE_EVERY_MS;
@@ -2133,11 +2191,12 @@ static void free_queue(void **item)
     *item = NULL;
 }
 
-enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *settings, char *err,
-                        size_t errlen)
+enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *store,
+                        const char *settings, char *err, size_t errlen)
 {
     struct kp_engine *e = kp_calloc(1, sizeof *e);
     e->data_dir = kp_strdup(data_dir);
+    e->store_url = store && *store ? kp_strdup(store) : NULL;
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     e->defaults = (struct queue_settings){
@@ -2151,9 +2210,18 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     e->watchers = zhashx_new();
     b->jobs = e;
     struct queue_settings check = e->defaults;
-    if (!settings_for(e->settings, NULL, &check, err, errlen) ||
-        !settings_for(e->settings, "", &check, err, errlen))
+    if (e->store_url && strncmp(store, "postgresql://", 13) != 0 &&
+        strncmp(store, "postgres://", 11) != 0) {
+        snprintf(err, errlen, "--store: not a postgresql:// URI");
         return KP_EINVAL;
+    }
+    if (!settings_for(e->settings, NULL, &check, err, errlen) ||
+        !settings_for(e->settings, "", &check, err, errlen)) {
+        char why[256];
+        snprintf(why, sizeof why, "%s", err);
+        snprintf(err, errlen, "--queues: %s", why);
+        return KP_EINVAL;
+    }
     settings_for(e->settings, NULL, &e->defaults, err, errlen);
     /* Validate every named entry's keys too (applied to queues later). */
     if (e->settings) {
@@ -2164,6 +2232,9 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
                 struct queue_settings s = e->defaults;
                 if (!settings_for(e->settings, name, &s, err, errlen)) {
                     kp_free(copy);
+                    char why[256];
+                    snprintf(why, sizeof why, "%s", err);
+                    snprintf(err, errlen, "--queues: %s", why);
                     return KP_EINVAL;
                 }
             }
@@ -2176,7 +2247,7 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     char path[4096];
     snprintf(path, sizeof path, "%s/jobs.db", data_dir);
     struct stat st;
-    if (strcmp(data_dir, KP_JOBS_MEMORY) != 0 && stat(path, &st) == 0)
+    if (e->store_url || (strcmp(data_dir, KP_JOBS_MEMORY) != 0 && stat(path, &st) == 0))
         jobs_store(b);
     return KP_OK;
 }
@@ -2234,6 +2305,7 @@ void kp_jobs_destroy(struct kp_broker *b)
     zhashx_destroy(&e->queues);
     kp_free(e->settings);
     kp_free(e->data_dir);
+    kp_free(e->store_url);
     kp_free(e);
     b->jobs = NULL;
 }

@@ -134,6 +134,9 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
     case KP_JOURNAL_EXPIRE:
         err = kp_store_expire(s, now, &r->out.count, &r->out.count2);
         break;
+    case KP_JOURNAL_HEARTBEAT:
+        err = kp_store_heartbeat(s, now, &r->out.count);
+        break;
     }
     r->out.err = err;
     kp_free(r->out.errmsg);

@@ -50,6 +50,7 @@ enum kp_journal_op {
     KP_JOURNAL_DLQ_RETRY, /* in.queue, in.id (either may be unset) → out.count */
     KP_JOURNAL_DLQ_PURGE, /* same → out.count */
     KP_JOURNAL_EXPIRE,    /* → out.count (jobs), out.count2 (idempotency keys) */
+    KP_JOURNAL_HEARTBEAT, /* → out.count (jobs reclaimed from silent brokers); shared stores */
 };
 
 struct kp_journal_req {

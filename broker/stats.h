@@ -45,6 +45,10 @@
     XX(cancelled)                 /* CANCELs that ended a call */                                  \
     XX(cancel_unknown)            /* CANCEL/CREDIT for no outstanding call */                      \
     XX(credits_forwarded)         /* stream CREDITs forwarded to workers */                        \
+    XX(input_chunks)              /* client CHUNKs/ENDs of CLIENT_STREAM calls accepted */         \
+    XX(input_credits)             /* input-window CREDITs forwarded from workers to clients */     \
+    XX(input_dropped)             /* client input or input CREDIT for no live call */              \
+    XX(input_overrun)             /* calls failed: input past the window, after END, or unasked */ \
     XX(workers_registered)        /* READYs from new workers */                                    \
     XX(worker_disconnects)        /* DISCONNECTs from workers */                                   \
     XX(worker_expired)            /* workers removed for silence */                                \

@@ -232,6 +232,12 @@ enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n)
     return s->ops->recover(s, now, n);
 }
 
+enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n)
+{
+    *n = 0;
+    return s->ops->heartbeat ? s->ops->heartbeat(s, now, n) : KP_OK;
+}
+
 enum kp_err kp_store_next_run_at(struct kp_store *s, uint64_t *when)
 {
     return s->ops->next_run_at(s, when);

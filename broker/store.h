@@ -1,8 +1,8 @@
 /* store: where durable jobs live, behind one small interface.
  *
  * A vtable, because the variation is real: the memory store (tests), the
- * SQLite store (the embedded default, store_sqlite.c) and, later, a
- * PostgreSQL store shared by several brokers. Every function below calls
+ * SQLite store (the embedded default, store_sqlite.c) and the PostgreSQL
+ * store shared by several brokers (store_pg.c). Every function below calls
  * through s->ops; an implementation embeds struct kp_store as its first
  * member.
  *
@@ -181,6 +181,7 @@ struct kp_store_ops {
     enum kp_err (*dlq_purge)(struct kp_store *s, const char *queue, const kp_job_id *id, size_t *n);
     enum kp_err (*expire)(struct kp_store *s, uint64_t now, size_t *jobs, size_t *keys);
     enum kp_err (*recover)(struct kp_store *s, uint64_t now, size_t *n);
+    enum kp_err (*heartbeat)(struct kp_store *s, uint64_t now, size_t *n); /* NULL: one broker */
     enum kp_err (*next_run_at)(struct kp_store *s, uint64_t *when);
     void (*close)(struct kp_store *s);
 };
@@ -209,13 +210,28 @@ struct kp_store *kp_store_memory_new(void);
 enum kp_err kp_store_sqlite_open(const char *path, const char *vfs, uint64_t now, uint64_t hold_ms,
                                  struct kp_store **out, size_t *recovered, char *errmsg);
 
+/* Connects to the PostgreSQL store named by `conninfo` (a postgresql:// URI
+ * or libpq key=value string), shared by several brokers: creates the schema
+ * in an empty database, refuses another schema version or a database whose
+ * `jobs` table is not Kelpie's (KP_ESTORECORRUPT), sets synchronous_commit=on
+ * for the session, records this broker's heartbeat (`broker`, the id it
+ * claims with) and recovers the jobs leased by brokers whose heartbeat is
+ * older than `lease_ms` (counted in *recovered; they run again not before
+ * now + hold_ms, as with SQLite). A broker's jobs are reclaimed by the others
+ * lease_ms after its last heartbeat (kp_store_heartbeat), never while it
+ * beats. Connection failures are KP_ESTOREIO with the host, database and
+ * cause (never the password) in errmsg; *out stays NULL on failure. */
+enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lease_ms, uint64_t now,
+                             uint64_t hold_ms, struct kp_store **out, size_t *recovered,
+                             char *errmsg);
+
 /* Closes the store (idempotent, nulls *s). Nothing uncommitted survives. */
 void kp_store_destroy(struct kp_store **s);
 
 /* The text of the last failure: names the file and the cause. */
 const char *kp_store_errmsg(const struct kp_store *s);
 
-/* The implementation's name ("memory", "sqlite"). */
+/* The implementation's name ("memory", "sqlite", "postgresql"). */
 const char *kp_store_name(const struct kp_store *s);
 
 /* ---- transactions ------------------------------------------------------- */
@@ -294,8 +310,16 @@ enum kp_err kp_store_expire(struct kp_store *s, uint64_t now, size_t *jobs, size
 
 /* Puts every LEASED job back (a broker that died held them): its running
  * attempt ends as worker_lost, and it becomes QUEUED at once or DEAD if that
- * used up its attempts. *n says how many. The SQLite store runs it on open. */
+ * used up its attempts. *n says how many. The SQLite store runs it on open.
+ * A shared store (PostgreSQL) puts back only the jobs of brokers whose
+ * heartbeat is older than its lease window (this broker's is renewed first):
+ * the jobs of live brokers are theirs. */
 enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n);
+
+/* Shared stores (PostgreSQL): renews this broker's heartbeat at `now`, then
+ * does recover() for the brokers that stopped beating; *n says how many jobs
+ * came back. A store of one broker (memory, SQLite) does nothing: KP_OK, 0. */
+enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n);
 
 /* The earliest run_at of a SCHEDULED job (when the engine should look again),
  * or UINT64_MAX when none is scheduled. */

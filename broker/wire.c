@@ -162,8 +162,8 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
 /* Bit per kind: may it arrive on this socket? Indexed by enum kp_dir. */
 #define K(kind) (1u << KELPIE__V1__KIND__##kind)
 static const uint32_t wire_allowed[] = {
-    [KP_FROM_CLIENT] =
-        K(REQUEST) | K(CANCEL) | K(HEARTBEAT) | K(DISCONNECT) | K(CREDIT) | K(SUBMIT) | K(WATCH),
+    [KP_FROM_CLIENT] = K(REQUEST) | K(CANCEL) | K(HEARTBEAT) | K(DISCONNECT) | K(CREDIT) |
+                       K(SUBMIT) | K(WATCH) | K(CHUNK) | K(END),
     [KP_FROM_WORKER] = K(READY) | K(REPLY) | K(CHUNK) | K(END) | K(ERROR) | K(HEARTBEAT) |
                        K(DISCONNECT) | K(CREDIT) | K(STATUS) | K(PROGRESS) | K(OUTPUT) | K(RESULT) |
                        K(NACK),

@@ -41,13 +41,24 @@ struct kp_rid {
 };
 
 /* Header flag bits (kelpie.v1.Flag). */
-#define KP_FLAG_IDEMPOTENT 1u
-#define KP_FLAG_STREAM     2u
-#define KP_FLAG_ONEWAY     4u
-#define KP_FLAG_STALLED    8u
-#define KP_FLAG_OVERSIZED  16u
-#define KP_FLAG_DRAINING   32u
-#define KP_FLAG_DRAINED    64u
+#define KP_FLAG_IDEMPOTENT         1u
+#define KP_FLAG_STREAM             2u
+#define KP_FLAG_ONEWAY             4u
+#define KP_FLAG_STALLED            8u
+#define KP_FLAG_OVERSIZED          16u
+#define KP_FLAG_DRAINING           32u
+#define KP_FLAG_DRAINED            64u
+#define KP_FLAG_CLIENT_STREAM      128u
+#define KP_FLAG_COMPRESSED         256u
+#define KP_FLAG_ACCEPTS_COMPRESSED 512u
+/* REQUEST flags a call keeps and sends on to its worker. */
+#define KP_FLAG_CALL_MASK                                                                          \
+    (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM | KP_FLAG_COMPRESSED |            \
+     KP_FLAG_ACCEPTS_COMPRESSED)
+
+/* CHUNKs a client may send on a CLIENT_STREAM call before any CREDIT: the
+ * protocol's fixed initial input window (docs/protocol.md §5.6). */
+#define KP_INPUT_WINDOW 16u
 
 /* An allocation that did not fit the arena's block; freed on reset. */
 struct kp_arena_spill {

@@ -72,6 +72,19 @@ class build_py_with_proto(build_py):
             raise SystemExit("kelpie: protoc not found (apt-get install protobuf-compiler)")
         subprocess.run([protoc, f"-I{proto_root}", f"--python_out={self.build_lib}", proto],
                        check=True)
+        self.build_sandbox_helper()
+
+    def build_sandbox_helper(self):
+        """kelpie/sandbox/kelpie-sandbox-helper, a small executable (as
+        bindings/python/CMakeLists.txt builds it): the sandbox's init and the
+        pre-exec step Python cannot take safely."""
+        import subprocess
+        import sysconfig
+        cc = (sysconfig.get_config_var("CC") or "cc").split()
+        src = path.join(here, "kelpie", "sandbox", "helper.c")
+        out = path.join(self.build_lib, "kelpie", "sandbox", "kelpie-sandbox-helper")
+        subprocess.run(cc + ["-std=c11", "-O2", "-Wall", "-Wextra", "-o", out, src],
+                       check=True)
 
 
 setup(

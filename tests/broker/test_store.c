@@ -1,6 +1,8 @@
 /* test_store: one table of tests run against every store implementation
- * (memory and SQLite), so both keep the contract in store.h; then what only
- * a file can do (reopen, recovery after a crash, schema version). Faults are
+ * (memory, SQLite and PostgreSQL), so all keep the contract in store.h; then
+ * what only a file can do (reopen, recovery after a crash, schema version)
+ * and what only a shared database can do (several brokers at once, broker
+ * leases, a lost connection). Faults are
  * in test_store_faults.c. */
 #include <criterion/criterion.h>
 #include <sqlite3.h>
@@ -9,6 +11,7 @@
 #include <string.h>
 
 #include "store.h"
+#include "store_pg_test.h"
 #include "store_test.h"
 
 #define T0 1700000000000ull /* a fixed "now": the store never reads the clock */
@@ -559,6 +562,16 @@ static void t_output_tail_is_kept(struct kp_store *s)
         t_##name(s);                                                                               \
         kp_store_destroy(&s);                                                                      \
         st_dir_remove(&d);                                                                         \
+    }                                                                                              \
+    Test(store_pg, name)                                                                           \
+    {                                                                                              \
+        char db[512];                                                                              \
+        pgt_db_new(db, sizeof db);                                                                 \
+        struct kp_store *s = pgt_open(db, 7, 10000, T0);                                           \
+        cr_assert_str_eq(kp_store_name(s), "postgresql");                                          \
+        t_##name(s);                                                                               \
+        kp_store_destroy(&s);                                                                      \
+        cr_assert_null(s);                                                                         \
     }
 STORE_TESTS(XX)
 #undef XX
@@ -729,4 +742,151 @@ Test(store_ids, ulids_sort_by_time_and_parse)
     cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAU", &back), "U is not Crockford");
     cr_assert(!kp_job_id_parse("81ARZ3NDEKTSV4RRFFQ69G5FAV", &back), "over 128 bits");
     cr_assert(kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAV", &back));
+}
+
+/* ---- only a shared database ------------------------------------------------- */
+
+/* Two brokers claiming at once get disjoint jobs, and the second does not
+ * wait for the first's uncommitted claim (FOR UPDATE SKIP LOCKED). */
+Test(store_pg, brokers_claim_disjoint_jobs_without_waiting, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *a = pgt_open(db, 100, 10000, T0), *b = pgt_open(db, 200, 10000, T0);
+    for (int i = 0; i < 4; i++)
+        ts_insert(a, ts_job("q", 0, "x"), T0);
+    struct kp_jobs ja = {0}, jb = {0};
+    cr_assert_eq(kp_store_begin(a), KP_OK);
+    cr_assert_eq(kp_store_claim(a, "q", 2, 100, T0, &ja), KP_OK, "%s", kp_store_errmsg(a));
+    cr_assert_eq(ja.n, 2);
+    /* a's transaction is still open: its rows are locked, b skips them. */
+    cr_assert_eq(kp_store_claim(b, "q", 4, 200, T0, &jb), KP_OK, "%s", kp_store_errmsg(b));
+    cr_assert_eq(jb.n, 2, "b gets the two a did not lock");
+    cr_assert_eq(kp_store_commit(a), KP_OK);
+    for (size_t i = 0; i < 2; i++)
+        for (size_t k = 0; k < 2; k++)
+            cr_assert_str_neq(ja.v[i].id.s, jb.v[k].id.s);
+    cr_assert_eq(ts_count(a, KP_JOB_LEASED, "q"), 4);
+    cr_assert_eq(ts_count(b, KP_JOB_QUEUED, "q"), 0);
+    kp_jobs_clear(&ja);
+    kp_jobs_clear(&jb);
+    kp_store_destroy(&a);
+    kp_store_destroy(&b);
+}
+
+/* A broker's leases last while it heartbeats, however old the job; once it
+ * stops for the lease window another broker reclaims its jobs. A success the
+ * dead broker's worker reports later is still taken. */
+Test(store_pg, leases_are_reclaimed_only_from_silent_brokers, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *a = pgt_open(db, 100, 1000, T0), *b = pgt_open(db, 200, 1000, T0);
+    kp_job_id id = ts_insert(a, ts_job("q", 0, "x"), T0);
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(a, "q", 1, 100, T0, &jobs), KP_OK);
+    cr_assert_eq(jobs.n, 1);
+    kp_jobs_clear(&jobs);
+    size_t n = 99;
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 500, &n), KP_OK, "%s", kp_store_errmsg(b));
+    cr_assert_eq(n, 0, "a beat 500 ms ago");
+    cr_assert_eq(kp_store_heartbeat(a, T0 + 900, &n), KP_OK);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 1800, &n), KP_OK);
+    cr_assert_eq(n, 0, "a beat 900 ms ago: its job is still its own, though leased 1800 ms ago");
+    cr_assert_eq(kp_store_recover(b, T0 + 1800, &n), KP_OK);
+    cr_assert_eq(n, 0, "recover spares live brokers too");
+    cr_assert_eq(ts_state(b, &id), KP_JOB_LEASED);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 1901, &n), KP_OK);
+    cr_assert_eq(n, 1, "a silent for more than the window: reclaimed");
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(b, &id, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_QUEUED);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_WORKER_LOST);
+    kp_job_clear(&j);
+    cr_assert(ts_claim(b, "q", T0 + 1902, &j));
+    cr_assert_eq(j.attempts, 2);
+    kp_job_clear(&j);
+    /* a's worker finishes attempt 1 after all: taken, attempt 2 superseded. */
+    struct kp_job_end e = {.outcome = KP_OUTCOME_SUCCEEDED, .result = "r", .result_len = 1};
+    enum kp_job_state st;
+    cr_assert_eq(kp_store_end(a, &id, 1, &e, T0 + 2000, &st), KP_OK, "%s", kp_store_errmsg(a));
+    cr_assert_eq(st, KP_JOB_SUCCEEDED);
+    e.outcome = KP_OUTCOME_FAILED;
+    e.retry_at = T0;
+    cr_assert_eq(kp_store_end(b, &id, 2, &e, T0 + 2001, &st), KP_EJOBSTATE);
+    kp_store_destroy(&a);
+    kp_store_destroy(&b);
+}
+
+/* An idempotency key answers from any broker with the one job it names. */
+Test(store_pg, idempotency_key_holds_across_brokers, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *a = pgt_open(db, 100, 10000, T0), *b = pgt_open(db, 200, 10000, T0);
+    struct kp_job_new in = ts_job("q", 0, "x");
+    in.idempotency_key = "order-1";
+    struct kp_job_ref ra, rb;
+    cr_assert_eq(kp_store_insert(a, &in, 1, T0, &ra), KP_OK, "%s", kp_store_errmsg(a));
+    cr_assert_eq(kp_store_insert(b, &in, 1, T0 + 1, &rb), KP_OK, "%s", kp_store_errmsg(b));
+    cr_assert(!ra.existed && rb.existed);
+    cr_assert_str_eq(ra.id.s, rb.id.s);
+    cr_assert_eq(ts_count(b, -1, NULL), 1);
+    /* Past its retention the key is taken anew. */
+    cr_assert_eq(kp_store_insert(b, &in, 1, T0 + 60001, &rb), KP_OK);
+    cr_assert(!rb.existed);
+    kp_store_destroy(&a);
+    kp_store_destroy(&b);
+}
+
+/* A connection the server drops fails the operation (UNAVAILABLE for a
+ * SUBMIT: KP_ESTOREIO, never a false OK) and the next one reconnects. */
+Test(store_pg, lost_connection_fails_then_reconnects, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 100, 10000, T0);
+    ts_insert(s, ts_job("q", 0, "a"), T0);
+    pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    cr_assert_eq(kp_store_begin(s), KP_OK, "%s", kp_store_errmsg(s));
+    struct kp_job_new in = ts_job("q", 0, "b");
+    struct kp_job_ref ref;
+    (void)kp_store_insert(s, &in, 1, T0, &ref);
+    cr_assert_eq(kp_store_commit(s), KP_OK, "begin reconnected: %s", kp_store_errmsg(s));
+    pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    cr_assert_eq(kp_store_begin(s), KP_OK, "%s", kp_store_errmsg(s));
+    pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    in.payload = "c";
+    enum kp_err err = kp_store_insert(s, &in, 1, T0, &ref);
+    cr_assert_eq(err, KP_ESTOREIO);
+    cr_assert(strstr(kp_store_errmsg(s), "postgresql"), "%s", kp_store_errmsg(s));
+    cr_assert_eq(kp_store_commit(s), KP_ESTOREIO, "the group was lost with the connection");
+    cr_assert_eq(ts_count(s, -1, NULL), 2, "reconnected; the lost group left nothing");
+    kp_store_destroy(&s);
+}
+
+/* Another program's table named jobs, or another schema version, is refused. */
+Test(store_pg, refuses_foreign_tables_and_other_versions, .timeout = 60)
+{
+    char db[512], err[KP_STORE_ERRMSG_MAX];
+    struct kp_store *s = NULL;
+    size_t n;
+    pgt_db_new(db, sizeof db);
+    pgt_exec(db, "CREATE TABLE jobs(x int)");
+    cr_assert_eq(kp_store_pg_open(db, 1, 1000, T0, 0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert(strstr(err, "not a Kelpie job store"), "%s", err);
+    cr_assert_null(s);
+    pgt_db_new(db, sizeof db);
+    s = pgt_open(db, 1, 1000, T0);
+    kp_store_destroy(&s);
+    pgt_exec(db, "UPDATE kelpie_meta SET version = 99");
+    cr_assert_eq(kp_store_pg_open(db, 1, 1000, T0, 0, &s, &n, err), KP_ESTORECORRUPT);
+    cr_assert(strstr(err, "schema version 99"), "%s", err);
+    cr_assert_eq(kp_store_pg_open("host=/nonexistent-dir port=1 dbname=x connect_timeout=2", 1,
+                                  1000, T0, 0, &s, &n, err),
+                 KP_ESTOREIO);
+    cr_assert(strstr(err, "connect"), "%s", err);
 }

@@ -93,8 +93,8 @@ Test(wire, every_known_kind_is_accepted_in_its_directions_only)
         {KELPIE__V1__KIND__READY, false, true, false},
         {KELPIE__V1__KIND__REQUEST, true, false, true},
         {KELPIE__V1__KIND__REPLY, false, true, false},
-        {KELPIE__V1__KIND__CHUNK, false, true, false},
-        {KELPIE__V1__KIND__END, false, true, false},
+        {KELPIE__V1__KIND__CHUNK, true, true, false}, /* client: a streamed request (§5.6) */
+        {KELPIE__V1__KIND__END, true, true, false},
         {KELPIE__V1__KIND__ERROR, false, true, false},
         {KELPIE__V1__KIND__CANCEL, true, false, false},
         {KELPIE__V1__KIND__HEARTBEAT, true, true, false},

@@ -39,14 +39,22 @@ def test_pip_install_leaves_no_build_litter(tmp_path):
     assert not litter, f"pip install left these in {SOURCE}: {litter[:8]}"
     assert scratch_dirs() <= scratch_before
     # What it installed is complete: the extension, the generated header
-    # module, and the console script.
+    # module, the sandbox's helper executable, and the console script.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([str(venv / "bin" / "python"), "-c",
                         "import kelpie, kelpie._kelpie, kelpie.v1.header_pb2; "
+                        "import kelpie.sandbox._host as h; h.helper_path(); "
                         "print(kelpie.__file__)"], capture_output=True, text=True,
                        timeout=60, cwd=str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(str(venv)), r.stdout
+    # The dashboard and its static files (package data) came along.
+    r = subprocess.run([str(venv / "bin" / "python"), "-c",
+                        "import os, kelpie.dashboard as d; "
+                        "print(sorted(os.listdir(d.STATIC)), d.__file__)"],
+                       capture_output=True, text=True, timeout=60, cwd=str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("['dashboard.css', 'dashboard.js'] " + str(venv)), r.stdout
     r = subprocess.run([str(venv / "bin" / "kelpie"), "call", "--help"], capture_output=True,
                        text=True, timeout=60, cwd=str(tmp_path), env=env)
     assert r.returncode == 0 and "raw bytes" in r.stdout, r.stderr

@@ -44,6 +44,21 @@ def test_answers():
     assert parse(_wire.cancel(77)) == H(version=1, kind=_wire.CANCEL, request_id=77)
     assert parse(_wire.credit(8, 77)) == H(version=1, kind=_wire.CREDIT, request_id=77,
                                            credits=8)
+    assert parse(_wire.input_credit(8, 2**40)) == H(version=1, kind=_wire.CREDIT,
+                                                    request_id=2**40, credits=8,
+                                                    flags=_wire.CLIENT_STREAM)
+    assert _wire.CLIENT_STREAM == header_pb2.CLIENT_STREAM
+    assert (_wire.COMPRESSED, _wire.ACCEPTS_COMPRESSED) == (header_pb2.COMPRESSED,
+                                                             header_pb2.ACCEPTS_COMPRESSED)
+    both = _wire.COMPRESSED | _wire.ACCEPTS_COMPRESSED
+    assert parse(_wire.reply(5, {"k": b"v"}, both)) == H(version=1, kind=_wire.REPLY,
+                                                         request_id=5, flags=both,
+                                                         metadata={"k": b"v"})
+    assert parse(_wire.chunk(5, 3, _wire.COMPRESSED)) == H(
+        version=1, kind=_wire.CHUNK, request_id=5, sequence=3, flags=_wire.COMPRESSED)
+    assert parse(_wire.end(5, None, _wire.ACCEPTS_COMPRESSED)) == H(
+        version=1, kind=_wire.END, request_id=5, flags=_wire.ACCEPTS_COMPRESSED)
+    assert _wire.INPUT_WINDOW == 16  # the broker's KP_INPUT_WINDOW (protocol.md §5.6)
     assert parse(_wire.heartbeat(250)) == H(version=1, kind=_wire.HEARTBEAT, heartbeat_ms=250)
     assert parse(_wire.status(_wire.STALLED)) == H(version=1, kind=_wire.STATUS,
                                                    flags=_wire.STALLED)

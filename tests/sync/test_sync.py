@@ -598,7 +598,11 @@ def test_broker_restart_during_call_fails_it(app_worker, kelpied):
     """A call without a deadline inside a broker that restarts would never be
     answered; the broker_id in the answers to the thread's pings tells the new
     broker from the old one."""
-    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=3)
+    # liveness 5 (1 s): the restarts below are told by the broker_id, not by
+    # silence, and a client that also watches its reconnect's handshake
+    # (CURVE failures, kelpie._security) must not lose the call to a loaded
+    # machine's slow restart within a 0.6 s window.
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=5)
     result = {}
 
     def waiter():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 
-from . import _wire
+from . import _compression, _wire
 from ._status import StatusCode
 from .errors import DataLoss, RpcError, Unavailable, from_status
 
@@ -22,6 +22,8 @@ ERROR = _wire.ERROR
 CHUNK = _wire.CHUNK
 END = _wire.END
 DISCONNECT = _wire.DISCONNECT
+_COMPRESSED = _wire.COMPRESSED
+_ACCEPT = _compression.ACCEPT_FLAG
 
 
 def payload(frames):
@@ -102,7 +104,7 @@ class StreamCore:
     # -- decisions ------------------------------------------------------------
 
     def request_flags(self):
-        return _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0)
+        return _wire.STREAM | (_wire.IDEMPOTENT if self.idempotent else 0) | _ACCEPT
 
     def deliver(self, kind, header, frames):
         """Apply one answer (CHUNK, END or ERROR; anything else is ignored)."""
@@ -112,7 +114,16 @@ class StreamCore:
                 self._out_of_sequence(seq)
                 return
             self.expected = seq + 1
-            self.chunks.append(payload(frames))
+            data = payload(frames)
+            if header.flags & _COMPRESSED:
+                try:
+                    data = _compression.decompress(data)
+                except RpcError as exc:
+                    self._forget()
+                    self._send_cancel()
+                    self.fail(exc)
+                    return
+            self.chunks.append(data)
         elif kind == END:
             self._forget()
             self.trailing = dict(header.metadata)

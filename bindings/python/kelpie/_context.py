@@ -8,12 +8,19 @@ nothing but the loop (to wait for window) and its own task.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from typing import Mapping, Optional, Union
 
 from . import _wire
 
-__all__ = ["CallContext"]
+__all__ = ["CallContext", "current_call"]
+
+# The call whose handler is running here (its task, the tasks it starts, its
+# thread): a client call made from a handler inherits its remaining deadline
+# (kelpie._core.options), as gRPC propagates deadlines. The worker's reader
+# sets it before it starts each handler; tasks copy it when they are made.
+current_call = contextvars.ContextVar("kelpie_current_call", default=None)
 
 # Why a call's task was cancelled, so its answer carries the right code.
 _BY_CLIENT = 1
@@ -34,7 +41,8 @@ class CallContext:
 
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld")
+                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
+                 "_input", "_zip")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -56,6 +64,11 @@ class CallContext:
         self._credit_waiter = None
         self._orphan = False    # its registration is gone: its answer is dropped
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
+        self._input = None  # a client-streamed call's request stream (kelpie._input)
+        # Answers may be compressed: this worker compresses and the caller
+        # reads zstd (kelpie._compression).
+        self._zip = worker._compression is not None and bool(
+            header.flags & _wire.ACCEPTS_COMPRESSED)
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""
@@ -102,6 +115,8 @@ class CallContext:
     def _cancel(self, reason):
         if self._reason == 0:
             self._reason = reason
+        if self._input is not None:
+            self._input.cancel()  # wakes a thread waiting for input
         # A thread cannot be interrupted: it sees cancelled() and its call is
         # answered when it returns (that is when its slot is free again).
         if self._task is not None and not self._in_thread:

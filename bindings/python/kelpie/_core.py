@@ -17,14 +17,16 @@ kelpie._liveness; nothing here calls back up.
 
 from __future__ import annotations
 
-from . import _liveness, _wire
+from . import _compression, _liveness, _wire
 from ._calls import payload as _payload
 from ._calls import timeout_ms as _timeout_ms
 from ._calls import unary_failure
 from ._liveness import NO_DEADLINE
-from .errors import ResourceExhausted
+from ._context import current_call as _current_call
+from .errors import DeadlineExceeded, ResourceExhausted
 
 _REPLY = _wire.REPLY
+_COMPRESSED = _wire.COMPRESSED
 _oversize = _wire.oversize
 
 
@@ -78,13 +80,24 @@ class Conn:
 
 def options(client, timeout, metadata):
     """A call's ``(timeout, metadata)``: the client's where the call sets
-    none; ``timeout`` None when the call may wait forever."""
+    none; ``timeout`` None when the call may wait forever. A call made by a
+    handler (kelpie._context.current_call) gets no more than the handler's
+    remaining deadline; none at all left raises DeadlineExceeded."""
     if timeout is None:
         timeout = client.timeout
     if metadata is None:
         metadata = client.metadata
     if timeout == NO_DEADLINE:
         timeout = None
+    parent = _current_call.get()
+    if parent is not None:
+        left = parent.time_remaining()
+        if left is not None:
+            if left <= 0.0005:
+                raise DeadlineExceeded("deadline exceeded: the calling handler's deadline "
+                                       "has passed")
+            if timeout is None or left < timeout:
+                timeout = left
     return timeout, metadata
 
 
@@ -102,7 +115,10 @@ def may_retry(retries_left, deadline, now):
 def unary_result(header, frames, with_metadata):
     """A unary call's answer as its result (REPLY) or raised exception."""
     if header.kind == _REPLY:
+        data = _payload(frames)
+        if header.flags & _COMPRESSED:
+            data = _compression.decompress(data)
         if with_metadata:
-            return _payload(frames), dict(header.metadata)
-        return _payload(frames)
+            return data, dict(header.metadata)
+        return data
     raise unary_failure(header)

@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
-from . import _executors
+from . import _executors, _interceptors
 from .stubs import decode_request, message_class, method_kind
 
 # Where a handler runs (_Handler.kind).
@@ -24,13 +24,21 @@ _EXECUTORS = {None: None, "loop": _ON_LOOP, "thread": _IN_THREAD, "process": _IN
 
 
 class _Handler:
-    __slots__ = ("fn", "stream", "name", "kind")
+    __slots__ = ("fn", "stream", "name", "kind", "client_stream", "decode", "intercept")
 
-    def __init__(self, fn, stream, name, kind=_ON_LOOP):
+    def __init__(self, fn, stream, name, kind=_ON_LOOP, client_stream=False, decode=None,
+                 intercept=None):
         self.fn = fn
         self.stream = stream
         self.name = name
         self.kind = kind
+        # The request is a stream (CHUNKs after a CLIENT_STREAM REQUEST):
+        # fn gets an iterator of requests, each decoded by decode if set.
+        self.client_stream = client_stream
+        self.decode = decode
+        # Interceptors the runner puts around a thread or process handler
+        # (a loop handler's fn is wrapped at registration instead).
+        self.intercept = intercept
 
 
 class HandlerTable:
@@ -39,7 +47,8 @@ class HandlerTable:
 
 
     def handler(self, service: str, method: str, *, stream: Optional[bool] = None,
-                executor: Optional[str] = None) -> Callable[[Callable], Callable]:
+                executor: Optional[str] = None,
+                client_stream: bool = False) -> Callable[[Callable], Callable]:
         """Decorator: serve ``service``/``method`` with ``fn(payload, ctx)``.
 
         ``async def h(payload: bytes, ctx: CallContext) -> bytes`` runs on the
@@ -48,14 +57,25 @@ class HandlerTable:
         ``def h(payload, ctx) -> bytes`` runs in the thread pool; with
         ``executor="process"`` a plain, module-level ``def`` runs in the
         process pool and gets a :class:`ProcessContext`.
+
+        ``client_stream=True``: the caller streams its request
+        (``stream_unary``/``stream_stream``); ``fn(requests, ctx)`` gets an
+        iterator of request payloads instead of one payload: ``async for
+        request in requests`` on the loop (an ``async def`` returning the
+        reply, or an async generator for a bidirectional stream), ``for
+        request in requests`` in a ``def`` handler in the thread pool
+        (returning the reply). Input is flow-controlled end to end: a slow
+        handler back-pressures the caller.
         """
         def register(fn):
-            self.add_handler(service, method, fn, stream=stream, executor=executor)
+            self.add_handler(service, method, fn, stream=stream, executor=executor,
+                             client_stream=client_stream)
             return fn
         return register
 
     def add_handler(self, service: str, method: str, fn: Callable, *,
-                    stream: Optional[bool] = None, executor: Optional[str] = None) -> None:
+                    stream: Optional[bool] = None, executor: Optional[str] = None,
+                    client_stream: bool = False, _decode: Optional[Callable] = None) -> None:
         """Register ``fn`` for ``service``/``method`` (see :meth:`handler`).
 
         ``executor``: None (by the function's kind), ``"loop"``, ``"thread"``
@@ -72,7 +92,7 @@ class HandlerTable:
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \
             inspect.iscoroutinefunction(getattr(fn, "__call__", None))
         if stream is None:
-            stream = inspect.isasyncgenfunction(fn)
+            stream = inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn)
         kind = _EXECUTORS[executor]
         if kind is None:
             kind = _ON_LOOP if is_async else _IN_THREAD
@@ -80,12 +100,21 @@ class HandlerTable:
             if is_async:
                 raise ValueError(f"{name}: executor={executor!r} needs a plain def, "
                                  "not an async function")
-            if stream or inspect.isgeneratorfunction(fn):
-                raise ValueError(f"{name}: streaming handlers must be async generators "
-                                 "(on the loop)")
+            if (stream or inspect.isgeneratorfunction(fn)) and kind == _IN_PROCESS:
+                raise ValueError(f"{name}: streaming handlers run on the loop or in threads, "
+                                 "not in the process pool")
         if kind == _IN_PROCESS:
+            if client_stream:
+                raise ValueError(f"{name}: client-streaming handlers run on the loop or in "
+                                 "threads, not in the process pool")
             _executors.check_picklable(fn, name)
-        self._handlers[(service, method)] = _Handler(fn, bool(stream), name, kind)
+        interceptors = getattr(self, "_interceptors", None) or None
+        if interceptors and kind == _ON_LOOP:
+            fn = (_interceptors.wrap_loop_stream if stream else _interceptors.wrap_loop_unary)(
+                interceptors, fn)
+            interceptors = None
+        self._handlers[(service, method)] = _Handler(fn, bool(stream), name, kind,
+                                                     bool(client_stream), _decode, interceptors)
 
     def add_servicer(self, service_descriptor: Any, impl: Any, *,
                      executor: Optional[str] = None) -> None:
@@ -93,7 +122,12 @@ class HandlerTable:
 
         Each RPC method ``M`` of the service maps to ``impl.M(request, ctx)``:
         an async function returning the reply message (unary) or an async
-        generator yielding reply messages (server streaming). Requests are
+        generator yielding reply messages (server streaming). A
+        client-streaming method is ``impl.M(request_iterator, ctx)``, reading
+        ``async for request in request_iterator`` and returning the reply (a
+        plain ``def`` reads ``for request in request_iterator`` in the
+        thread pool); a bidirectional one is an async generator over
+        ``request_iterator``. Requests are
         decoded and replies encoded with the service's message classes.
         Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
         Plain ``def`` methods run in the thread pool; with
@@ -121,11 +155,26 @@ class HandlerTable:
             elif kind == "unary":
                 self.add_handler(service, m.name, _typed_unary(fn, decode, reply_cls),
                                  stream=False)
+            elif kind == "server_stream" and inspect.isgeneratorfunction(fn):
+                self.add_handler(service, m.name, _typed_thread_stream(fn, decode, reply_cls),
+                                 stream=True, executor="thread")
             elif kind == "server_stream":
                 self.add_handler(service, m.name, _typed_stream(fn, decode, reply_cls),
                                  stream=True)
-            else:
-                raise ValueError(f"{service}/{m.name}: {kind} methods are not supported")
+            elif kind == "client_stream" and not inspect.iscoroutinefunction(fn):
+                self.add_handler(service, m.name, _typed_sync(fn, None, reply_cls),
+                                 stream=False, executor=executor or "thread",
+                                 client_stream=True, _decode=decode)
+            elif kind == "client_stream":
+                self.add_handler(service, m.name, _typed_unary(fn, None, reply_cls),
+                                 stream=False, client_stream=True, _decode=decode)
+            elif inspect.isgeneratorfunction(fn):  # bidi in a thread
+                self.add_handler(service, m.name, _typed_thread_stream(fn, None, reply_cls),
+                                 stream=True, executor="thread", client_stream=True,
+                                 _decode=decode)
+            else:  # bidi: an async generator reading the request stream
+                self.add_handler(service, m.name, _typed_stream(fn, None, reply_cls),
+                                 stream=True, client_stream=True, _decode=decode)
             count += 1
         if count == 0:
             raise ValueError(f"{type(impl).__name__} implements no method of {service}")
@@ -143,6 +192,9 @@ class HandlerTable:
 
 
 def _typed_unary(fn, decode, reply_cls):
+    # decode None: the request is a stream, decoded item by item (_input.py).
+    decode = decode or _same
+
     async def handler(payload, ctx):
         reply = await fn(decode(payload), ctx)
         if not isinstance(reply, reply_cls):
@@ -152,7 +204,13 @@ def _typed_unary(fn, decode, reply_cls):
     return handler
 
 
+def _same(value):
+    return value
+
+
 def _typed_sync(fn, decode, reply_cls):
+    decode = decode or _same
+
     def handler(payload, ctx):
         reply = fn(decode(payload), ctx)
         if not isinstance(reply, reply_cls):
@@ -172,6 +230,8 @@ def _typed_call(fn, request_cls, reply_cls, payload, ctx):
 
 
 def _typed_stream(fn, decode, reply_cls):
+    decode = decode or _same
+
     async def handler(payload, ctx):
         agen = fn(decode(payload), ctx)
         try:
@@ -182,4 +242,17 @@ def _typed_stream(fn, decode, reply_cls):
                 yield reply.SerializeToString()
         finally:
             await agen.aclose()
+    return handler
+
+
+def _typed_thread_stream(fn, decode, reply_cls):
+    """A plain ``def`` generator servicer method, run in the thread pool."""
+    decode = decode or _same
+
+    def handler(payload, ctx):
+        for reply in fn(decode(payload), ctx):
+            if not isinstance(reply, reply_cls):
+                raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                                f"expected {reply_cls.__name__}")
+            yield reply.SerializeToString()
     return handler

@@ -12,14 +12,17 @@ call's context, the executors (kelpie._executors) and the session's send.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import time
 import types
 
-from . import _executors, _wire
+from . import _compression, _executors, _interceptors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
+from ._context import current_call as _current_call
 from ._handlers import _IN_THREAD, _ON_LOOP
+from ._input import Input, ThreadInput
 from ._status import StatusCode
 from .errors import ResourceExhausted, RpcError
 
@@ -28,6 +31,11 @@ log = logging.getLogger("kelpie.worker")
 _oversize = _wire.oversize
 _FRESH = object()  # _drive: the coroutine has not been started yet
 _clock = time.monotonic
+_FutureTimeout = concurrent.futures.TimeoutError
+_CLIENT_STREAM = _wire.CLIENT_STREAM
+_COMPRESSED = _wire.COMPRESSED
+_ACCEPT = _compression.ACCEPT_FLAG
+_maybe_compress = _compression.maybe_compress
 
 
 def _drive(coro, yielded, worker, name):
@@ -84,7 +92,15 @@ def _thread_entry(fn, payload, ctx):
     # cancelled meanwhile) is not started at all.
     if ctx._reason:
         return _SKIPPED
-    return fn(payload, ctx)
+    token = _current_call.set(ctx)  # its outgoing calls inherit its deadline
+    try:
+        return fn(payload, ctx)
+    finally:
+        _current_call.reset(token)
+
+
+class _ThreadCancelled(Exception):
+    """A streaming thread stopped because its call was cancelled."""
 
 
 class _Oversized(ResourceExhausted):
@@ -111,18 +127,31 @@ class Runners:
                 rid, StatusCode.UNIMPLEMENTED,
                 f"{header.service}/{header.method} is not served by {self.name}"))
             return
+        if (header.flags & _CLIENT_STREAM) or handler.client_stream:
+            await self._on_streamed_request(session, header, handler)
+            return
         n = len(frames)
         payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
+        if header.flags & _COMPRESSED:
+            try:
+                payload = _compression.decompress(payload)
+            except RpcError as exc:
+                await self._send(session, _wire.error(rid, exc.code, exc.message))
+                return
         ctx = CallContext(self, session, header)
         if header.timeout_ms:
             ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
             ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        # The handler's outgoing calls inherit its deadline: its eager step
+        # runs in this (the reader's) context, and the tasks made below copy
+        # it. Not reset: the next request sets its own.
+        _current_call.set(ctx)
         if handler.kind != _ON_LOOP:
             session.calls[rid] = ctx
             if handler.kind == _IN_THREAD:
                 ctx._in_thread = True
-                ctx._task = self._loop.create_task(
-                    self._run_in_thread(session, ctx, handler, payload))
+                run = self._run_stream_in_thread if handler.stream else self._run_in_thread
+                ctx._task = self._loop.create_task(run(session, ctx, handler, payload))
             else:
                 ctx._task = self._loop.create_task(
                     self._run_in_process(session, ctx, handler, payload))
@@ -164,13 +193,57 @@ class Runners:
         except TypeError as exc:
             await self._answer_error(session, ctx, exc, handler)
             return
-        header = _wire.reply(rid, ctx._trailing)
+        z = 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        header = _wire.reply(rid, ctx._trailing, _ACCEPT | z)
         if _oversize("reply", header, body, self._max_message_size) is not None:
             await self._send_answer(session, ctx, header, body, "reply")
             return
         self.served += 1
         # The hot path: _send inlined (the reader runs, so the session is live).
         await session.sock.send_multipart((header, body))
+
+    async def _on_streamed_request(self, session, header, handler):
+        """A call whose request is a stream (CLIENT_STREAM, protocol.md §5.6):
+        the handler gets the input iterator the session feeds, and runs in a
+        task (on the loop) or a thread; never started eagerly."""
+        rid = header.request_id
+        if not (header.flags & _CLIENT_STREAM) or not handler.client_stream:
+            how = "streams its request: call it with stream_unary or stream_stream" \
+                if handler.client_stream else "takes one request: call it with call or stream"
+            await self._send(session, _wire.error(rid, StatusCode.FAILED_PRECONDITION,
+                                                  f"{handler.name} {how}"))
+            return
+        ctx = CallContext(self, session, header)
+        if header.timeout_ms:
+            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        _current_call.set(ctx)  # as in _on_request: outgoing calls inherit the deadline
+
+        def grant(n):
+            # Window goes back only while the call runs in this session.
+            if session.calls.get(rid) is ctx and not session.ending:
+                self._spawn(self._send(session, _wire.input_credit(n, rid)))
+
+        session.calls[rid] = ctx
+        if handler.kind == _IN_THREAD:
+            ctx._input = ThreadInput(grant, self._loop, handler.decode)
+            ctx._in_thread = True
+            run = self._run_stream_in_thread if handler.stream else self._run_in_thread
+            ctx._task = self._loop.create_task(run(session, ctx, handler, ctx._input))
+        elif handler.stream:
+            ctx._input = Input(grant, handler.decode)
+            ctx._task = self._loop.create_task(_drive_coro(
+                self._run_stream(session, ctx, handler, ctx._input), _FRESH, self,
+                handler.name))
+            return  # _run_stream arms the deadline
+        else:
+            ctx._input = Input(grant, handler.decode)
+            ctx._task = self._loop.create_task(
+                self._finish_unary(session, ctx, handler, handler.fn(ctx._input, ctx), _FRESH))
+        if ctx.deadline is not None:
+            ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
 
     async def _finish_unary(self, session, ctx, handler, coro, yielded):
         try:
@@ -190,8 +263,14 @@ class Runners:
         # caller already and drops ours, which only returns the slot).
         self._threads_busy += 1
         try:
-            result = await self._loop.run_in_executor(self._thread_pool, _thread_entry, handler.fn,
-                                                      payload, ctx)
+            if handler.intercept:
+                result = await _interceptors.server_unary(
+                    handler.intercept, payload, ctx,
+                    lambda p: self._loop.run_in_executor(self._thread_pool, _thread_entry,
+                                                         handler.fn, p, ctx))
+            else:
+                result = await self._loop.run_in_executor(self._thread_pool, _thread_entry,
+                                                          handler.fn, payload, ctx)
             if inspect.iscoroutine(result):
                 result.close()
                 raise TypeError(f"{handler.name} returned a coroutine from a thread: "
@@ -200,6 +279,10 @@ class Runners:
                 raise asyncio.CancelledError()
             body = _as_bytes(result, handler.name)
         except BaseException as exc:  # noqa: B036
+            if ctx._reason and ctx._input is not None and isinstance(exc, RpcError):
+                # Woken from reading its input by the cancellation: answer
+                # with the cancellation's reason (deadline, client, shutdown).
+                exc = asyncio.CancelledError()
             await self._answer_error(session, ctx, exc, handler)
         else:
             await self._reply(session, ctx, body)
@@ -207,24 +290,98 @@ class Runners:
             self._threads_busy -= 1
             self._forget(session, ctx)
 
+    async def _run_stream_in_thread(self, session, ctx, handler, payload):
+        """A streaming ``def`` generator in the thread pool: the thread hands
+        each chunk to the loop and waits until it is sent, so the reader's
+        window (protocol.md §5.3) holds the generator back, as on the loop."""
+        self._threads_busy += 1
+        try:
+            if ctx.deadline is not None and ctx._timer is None:
+                ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+            result = await self._loop.run_in_executor(
+                self._thread_pool, self._thread_stream, session, ctx, handler, payload,
+                self._loop)
+            if ctx._reason:
+                raise asyncio.CancelledError()
+        except BaseException as exc:  # noqa: B036
+            if ctx._reason and isinstance(exc, (RpcError, _ThreadCancelled)):
+                exc = asyncio.CancelledError()  # answered with the cancellation's reason
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            if result is not _SKIPPED:
+                await self._answer_ok(session, ctx, _wire.end(ctx.request_id, ctx._trailing,
+                                                              _ACCEPT))
+        finally:
+            self._threads_busy -= 1
+            self._forget(session, ctx)
+
+    def _thread_stream(self, session, ctx, handler, payload, loop):
+        """In a pool thread: run the generator, each chunk sent by the loop."""
+        if ctx._reason:
+            return _SKIPPED
+        token = _current_call.set(ctx)
+        gen = handler.fn(payload, ctx)
+        try:
+            seq = 0
+            for item in gen:
+                if ctx._reason:
+                    raise _ThreadCancelled()
+                fut = asyncio.run_coroutine_threadsafe(
+                    self._thread_chunk(session, ctx, handler, seq, item), loop)
+                while True:
+                    try:
+                        fut.result(0.1)
+                        break
+                    except _FutureTimeout:
+                        if ctx._reason:  # waiting for window, and the call ended
+                            fut.cancel()
+                            raise _ThreadCancelled() from None
+                seq += 1
+        finally:
+            gen.close()
+            _current_call.reset(token)
+        return None
+
+    async def _thread_chunk(self, session, ctx, handler, seq, item):
+        if ctx._window <= 0:
+            await ctx._wait_window()
+        ctx._window -= 1
+        body, z = _as_bytes(item, handler.name), 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        header = _wire.chunk(ctx.request_id, seq, _ACCEPT | z)
+        too_big = _oversize("chunk", header, body, self._max_message_size)
+        if too_big is not None:
+            log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name, too_big)
+            raise _Oversized(too_big)
+        await self._answer(session, ctx, header, body)
+
     async def _run_in_process(self, session, ctx, handler, payload):
         pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
                                          ctx.idempotent, ctx._mono_deadline)
-        try:
-            answer = await self._process_pool.run(handler.fn, payload, pctx)
+
+        async def in_pool(request):
+            answer = await self._process_pool.run(handler.fn, request, pctx)
             if answer[0] == "ok":
                 _, body, trailing = answer
-                if trailing:
-                    ctx._trailing = trailing
-            elif answer[0] == "error":
+                if trailing:  # beside what interceptors added on the loop
+                    ctx._trailing = {**(ctx._trailing or {}), **trailing}
+                return body
+            if answer[0] == "error":
                 _, code, message, metadata = answer
                 raise RpcError(code, message, metadata)
+            _, message, text, trailing = answer
+            if trailing:
+                ctx._trailing = {**(ctx._trailing or {}), **trailing}
+            log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
+            raise RpcError(StatusCode.INTERNAL, message)
+
+        try:
+            if handler.intercept:
+                body = _as_bytes(await _interceptors.server_unary(handler.intercept, payload, ctx,
+                                                                  in_pool), handler.name)
             else:
-                _, message, text, trailing = answer
-                if trailing:
-                    ctx._trailing = trailing
-                log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
-                raise RpcError(StatusCode.INTERNAL, message)
+                body = await in_pool(payload)
         except _executors.ChildDied as exc:
             log.error("%s: %s while running the call", handler.name, exc)
             await self._answer_error(session, ctx, RpcError(
@@ -252,7 +409,10 @@ class Runners:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                header, body = _wire.chunk(rid, seq), _as_bytes(item, handler.name)
+                body, z = _as_bytes(item, handler.name), 0
+                if ctx._zip:
+                    body, z = _maybe_compress(body, self._zthreshold)
+                header = _wire.chunk(rid, seq, _ACCEPT | z)
                 too_big = _oversize("chunk", header, body, self._max_message_size)
                 if too_big is not None:
                     log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
@@ -268,13 +428,17 @@ class Runners:
                     pass
             await self._answer_error(session, ctx, exc, handler)
         else:
-            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing))
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing, _ACCEPT))
         finally:
             self._forget(session, ctx)
 
     async def _reply(self, session, ctx, body):
         """Answer a unary call that ran to the end (counted if it went)."""
-        if await self._send_answer(session, ctx, _wire.reply(ctx.request_id, ctx._trailing),
+        z = 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        if await self._send_answer(session, ctx,
+                                   _wire.reply(ctx.request_id, ctx._trailing, _ACCEPT | z),
                                    body, "reply"):
             self.served += 1
 

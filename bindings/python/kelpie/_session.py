@@ -32,6 +32,8 @@ _CANCEL = _wire.CANCEL
 _CREDIT = _wire.CREDIT
 _JOB = _wire.JOB
 _ACK = _wire.ACK
+_CHUNK = _wire.CHUNK
+_END = _wire.END
 
 
 class _Session:
@@ -295,6 +297,12 @@ class Session:
                 ctx = calls.get(header.request_id)
                 if ctx is not None:
                     ctx._grant(header.credits)
+            elif kind == _CHUNK or kind == _END:
+                # A client-streamed call's input (protocol.md §5.6); input
+                # for a call already answered is dropped.
+                ctx = calls.get(header.request_id)
+                if ctx is not None and ctx._input is not None:
+                    ctx._input.feed(kind, header, frames)
             elif kind == _wire.HEARTBEAT:
                 if header.heartbeat_ms:
                     self._broker_heartbeat = header.heartbeat_ms / 1000.0

@@ -54,6 +54,9 @@ STALLED = 8
 OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
 DRAINING = 32   # STATUS: "send me no new work" (worker), "please drain" (broker)
 DRAINED = 64    # STATUS from the broker: nothing more is on its way to this worker
+CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
+COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
+ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):
@@ -62,6 +65,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
 # Default stream window when REQUEST.credits is 0 (protocol.md §5.3).
 DEFAULT_WINDOW = 16
+
+# CHUNKs a caller may send on a CLIENT_STREAM call before any CREDIT: the
+# protocol's fixed initial input window (protocol.md §5.6).
+INPUT_WINDOW = 16
 
 _VERSION = b"\x08\x01"  # field 1 (version), varint 1
 
@@ -182,23 +189,31 @@ def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metad
     return out
 
 
-def reply(request_id, metadata=None):
+def reply(request_id, metadata=None, flags=0):
     """A REPLY header for ``request_id``."""
+    out = _REPLY + varint(request_id)
+    if flags:
+        out += b"\x60" + varint(flags)
     if metadata:
-        return _REPLY + varint(request_id) + _metadata(metadata)
-    return _REPLY + varint(request_id)
+        out += _metadata(metadata)
+    return out
 
 
-def chunk(request_id, sequence):
+def chunk(request_id, sequence, flags=0):
     """A CHUNK header, ``sequence`` 0-based."""
+    out = _CHUNK + varint(request_id)
     if sequence:
-        return _CHUNK + varint(request_id) + b"\x68" + varint(sequence)
-    return _CHUNK + varint(request_id)
+        out += b"\x68" + varint(sequence)
+    if flags:
+        out += b"\x60" + varint(flags)
+    return out
 
 
-def end(request_id, metadata=None):
+def end(request_id, metadata=None, flags=0):
     """An END header (status OK) with optional trailing metadata."""
     out = _END + varint(request_id)
+    if flags:
+        out += b"\x60" + varint(flags)
     if metadata:
         out += _metadata(metadata)
     return out
@@ -229,6 +244,13 @@ def credit(credits, request_id=0):
     if request_id:
         out += b"\x18" + varint(request_id)
     return out
+
+
+def input_credit(credits, request_id):
+    """A CREDIT with the CLIENT_STREAM flag: ``credits`` more input CHUNKs
+    the caller of ``request_id`` may send (protocol.md §5.6)."""
+    return _CREDIT + b"\x48" + varint(credits) + b"\x18" + varint(request_id) + b"\x60" + \
+        varint(CLIENT_STREAM)
 
 
 def ready(services, credits, heartbeat_ms, name, methods=(), queues=()):

@@ -9,6 +9,7 @@
     kelpie stats [--json] [--watch [S]]
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
+    kelpie dashboard [--listen HOST:PORT] [--admin] [--allow-host NAME]...
     kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--idempotency-key K] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
@@ -285,6 +286,50 @@ def cmd_ping(args):
     return 0
 
 
+def cmd_health(args):
+    """`kelpie health [SERVICE] [--watch]`: exit 0 when SERVING, 1 otherwise."""
+    from . import _health
+
+    async def main():
+        async with Client(args.frontend, heartbeat=0) as client:
+            if args.watch is None:
+                status = (await _health.check(client, args.service, args.timeout))["status"]
+                print(status, flush=True)
+                return status
+            async for status in _health.watch(client, args.service, args.watch, args.timeout):
+                print(f"{time.strftime('%H:%M:%S')} {args.service or 'kelpied'} {status}",
+                      flush=True)
+    try:
+        status = _run(main(), args.loop)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "health", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 0
+    return 0 if status == _health.SERVING else EXIT_FAILED
+
+
+def cmd_ls(args):
+    """`kelpie ls`: services, their workers and capacity, and their methods."""
+    from . import _health
+
+    async def main():
+        async with Client(args.frontend, heartbeat=0) as client:
+            return await client.stats(timeout=args.timeout)
+    try:
+        stats = _run(main(), args.loop)
+    except RpcError as exc:
+        print(_dead_broker(args.frontend, "ls", exc, args.timeout), file=sys.stderr)
+        return EXIT_FAILED
+    rows = [[name, str(n), str(cap), methods]
+            for name, n, cap, methods in _health.listing(stats)]
+    if not rows:
+        print("no services registered")
+        return 0
+    print("\n".join(_table(rows, ["SERVICE", "WORKERS", "CREDITS", "METHODS"])))
+    return 0
+
+
 def _table(rows, header):
     """Rows of strings as left-aligned text columns (numbers right-aligned)."""
     rows = [header] + rows
@@ -374,6 +419,29 @@ def cmd_stats(args):
 
 
 # -- worker -------------------------------------------------------------------
+
+def cmd_dashboard(args):
+    try:
+        from . import dashboard
+    except ImportError as exc:
+        raise UsageError(f"the dashboard needs aiohttp (apt-get install python3-aiohttp): {exc}")
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--listen {args.listen!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    if args.refresh <= 0:
+        raise UsageError("--refresh must be more than 0 seconds")
+    dashboard.serve(args.frontend, args.listen, admin=args.admin,
+                    allow_hosts=tuple(args.allow_host or ()), refresh=args.refresh,
+                    timeout=args.timeout, loop=_new_loop(args.loop))
+    return 0
+
+
+def _new_loop(name):
+    if name == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
 
 def _load_worker(target):
     obj = _import(target, "worker")
@@ -673,6 +741,48 @@ def _parser():
                                            "until Ctrl-C (default: once)")
     _common(s, top=False)
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("health", help="a service's health (SERVING, NOT_SERVING, ...)",
+                       description="Ask kelpie.broker/Health about SERVICE (the broker itself "
+                                   "if none); exit 0 when SERVING, 1 otherwise.")
+    s.add_argument("service", nargs="?", default="", metavar="SERVICE")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for each answer, in seconds (default 2)")
+    s.add_argument("--watch", type=float, nargs="?", const=0.5, default=None,
+                   metavar="SECONDS", help="print each change, checking every SECONDS seconds "
+                                           "(0.5 if not given), until Ctrl-C (default: "
+                                           "check once)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_health)
+
+    s = sub.add_parser("ls", help="services, their workers and methods",
+                       description="List the services workers registered, with their workers, "
+                                   "credits and the methods they implement.")
+    s.add_argument("--timeout", "-t", type=float, default=2.0, metavar="SECONDS",
+                   help="wait this long for the answer, in seconds (default 2)")
+    _common(s, top=False)
+    s.set_defaults(fn=cmd_ls)
+    d = sub.add_parser(
+        "dashboard", help="a web dashboard for jobs, queues and workers",
+        description="Serve a web dashboard (overview, queues, workers, jobs, dead letters) "
+                    "fed by the broker's admin requests. Read-only unless --admin. It binds "
+                    "to loopback by default: reach it from elsewhere through an SSH tunnel "
+                    "or a reverse proxy with TLS and authentication (docs/dashboard.md).")
+    d.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
+                   help="where to serve HTTP (default 127.0.0.1:8080)")
+    d.add_argument("--admin", action="store_true",
+                   help="allow actions: cancel jobs, retry and purge dead ones "
+                        "(default: read-only)")
+    d.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="also answer requests for this Host name (a reverse proxy's); "
+                        "repeat for several (default: loopback names only when listening "
+                        "on loopback)")
+    d.add_argument("--refresh", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between live updates of the overview (default 2)")
+    d.add_argument("--timeout", "-t", type=float, default=5.0, metavar="SECONDS",
+                   help="deadline of each admin request, in seconds (default 5)")
+    _common(d, top=False)
+    d.set_defaults(fn=cmd_dashboard)
 
     from . import _cli_jobs
     _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),

@@ -41,7 +41,8 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _core, _liveness, _security, _wire, _zmq
+from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
+from . import _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from .jobs import ClientJobs, _Watch
 from ._status import StatusCode
@@ -55,13 +56,24 @@ _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
 _unary_result = _core.unary_result
+_ACCEPT = _compression.ACCEPT_FLAG
 
 
 class Client(ClientJobs):
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None, key=None, server_key=None)``. ``frontend`` defaults to ``$KELPIE_FRONTEND``
+    liveness=3, context=None, key=None, server_key=None, interceptors=None, retry=None,
+    hedging=None, throttle=None, compression=None, compression_threshold=1024)``;
+    ``interceptors``: a list of :class:`kelpie.ClientInterceptor` run around every call, the
+    first outermost (kelpie._interceptors); ``retry`` (a
+    :class:`kelpie.RetryPolicy`), ``hedging`` (a :class:`kelpie.HedgingPolicy`,
+    idempotent calls only) and ``throttle`` (a :class:`kelpie.RetryThrottle`,
+    one per client by default) for unary calls (kelpie._retry); a call may
+    override them with ``retry=``/``hedging=`` (False: none);
+    ``compression="zstd"`` compresses requests of at least
+    ``compression_threshold`` bytes to workers that read zstd
+    (kelpie._compression; answers are read compressed either way). ``frontend`` defaults to ``$KELPIE_FRONTEND``
     or ``tcp://127.0.0.1:5555``. ``timeout`` is the deadline of every call
     that sets none (seconds; None: ``$KELPIE_TIMEOUT`` or 30 s;
     ``kelpie.NO_DEADLINE``: calls may wait forever); ``metadata`` is sent
@@ -84,9 +96,23 @@ class Client(ClientJobs):
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None, key: Optional[str] = None,
-                 server_key: Optional[str] = None) -> None:
+                 server_key: Optional[str] = None, interceptors: Any = None, retry: Any = None,
+                 hedging: Any = None, throttle: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         self._keys = _security.load_keys(key, server_key)
+        # Around every call (kelpie._interceptors), the first outermost.
+        self._interceptors = _interceptors.check_client(interceptors)
+        # Unary calls' retry and hedging policies and their budget (kelpie._retry).
+        _retry.check(retry, hedging)
+        self.retry = retry or None
+        self.hedging = hedging or None
+        self._policies = bool(retry or hedging)
+        self._throttle = throttle or _retry.RetryThrottle()
+        self.retry_stats = _retry.new_stats()
+        # zstd for requests of at least compression_threshold bytes, to
+        # services whose workers read it (kelpie._compression).
+        self._zip = _compression.ClientSide(compression, compression_threshold)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = heartbeat
@@ -194,7 +220,9 @@ class Client(ClientJobs):
 
     async def call(self, service: str, method: str, payload: Any = b"", *,
                    timeout: Optional[float] = None, metadata: _Metadata = None,
-                   idempotent: bool = False, with_metadata: bool = False) -> Any:
+                   idempotent: bool = False, with_metadata: bool = False,
+                   retry: Any = None, hedging: Any = None, compression: Any = None,
+                   _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         ``timeout`` (seconds; default the client's; ``kelpie.NO_DEADLINE``:
@@ -204,19 +232,31 @@ class Client(ClientJobs):
         worker if its worker dies, and this client send it again if the
         broker restarts while it runs. With ``with_metadata=True`` the
         result is ``(reply, metadata)`` where metadata is the reply's
-        ``dict[str, bytes]``. Failures raise :class:`kelpie.RpcError`.
+        ``dict[str, bytes]``. ``retry``/``hedging``: this call's policies
+        (False: none; default the client's). ``compression``: "zstd" or
+        False for this call (default the client's). Failures raise
+        :class:`kelpie.RpcError`.
         """
         sock = self._sock
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
         timeout, metadata = _core.options(self, timeout, metadata)
+        if _stage == 0 and self._interceptors:
+            return await _interceptors.client_unary(
+                self._interceptors, _interceptors.CallDetails(
+                    service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
+                    with_metadata=with_metadata, compression=compression), self._call_details)
+        if _stage < 2 and (self._policies or retry is not None or hedging is not None):
+            return await self._call_with_policy(service, method, payload, timeout, metadata,
+                                                idempotent, with_metadata, retry, hedging,
+                                                compression)
         loop = self._loop
         retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
         while True:
             try:
                 return await self._call(sock, service, method, payload, timeout, metadata,
-                                        idempotent, with_metadata)
+                                        idempotent, with_metadata, compression)
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
@@ -227,12 +267,16 @@ class Client(ClientJobs):
                     timeout = end - loop.time()
 
     async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
-                    with_metadata):
+                    with_metadata, compression=None):
         loop = self._loop
         if self._watch.stale(loop.time()):
             await self._ping(loop.time())
-        rid, header = self._conn.request(service, method, payload, timeout,
-                                         1 if idempotent else 0, 0, metadata)
+        flags = _ACCEPT | (1 if idempotent else 0)
+        zip_ = self._zip
+        if zip_.setting or compression:
+            payload, z = zip_.request(service, payload, compression)
+            flags |= z
+        rid, header = self._conn.request(service, method, payload, timeout, flags, 0, metadata)
         fut = loop.create_future()
         handle = None
         if timeout is not None:
@@ -254,7 +298,43 @@ class Client(ClientJobs):
         finally:
             if handle is not None:
                 handle.cancel()
+        if zip_.setting or compression:
+            zip_.learn(service, header)
         return _unary_result(header, frames, with_metadata)
+
+    def _call_details(self, d):
+        """The innermost step of the interceptor chain: the call as ``d`` says."""
+        return self.call(d.service, d.method, d.payload,
+                         timeout=NO_DEADLINE if d.timeout is None else d.timeout,
+                         metadata=d.metadata or {}, idempotent=d.idempotent,
+                         with_metadata=d.with_metadata, compression=d.compression, _stage=1)
+
+    async def _call_with_policy(self, service, method, payload, timeout, metadata, idempotent,
+                                with_metadata, retry, hedging, compression=None):
+        """A unary call under its retry or hedging policy (kelpie._retry)."""
+        retry = _retry.pick(retry, self.retry)
+        hedging = _retry.pick(hedging, self.hedging) if idempotent else None
+        _retry.check(retry, hedging)
+
+        def attempt(left):
+            return self.call(service, method, payload,
+                             timeout=NO_DEADLINE if left is None else max(0.001, left),
+                             metadata=metadata or {}, idempotent=idempotent,
+                             with_metadata=with_metadata, compression=compression, _stage=2)
+
+        if not retry and not hedging:
+            return await attempt(timeout)
+        return await _retry.run(attempt, timeout, retry, hedging, self._throttle,
+                                self.retry_stats)
+
+    def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
+                          idempotent, make):
+        """A streamed call through the interceptor chain; ``make(details)``
+        builds the call object at its end."""
+        timeout, metadata = _core.options(self, timeout, metadata)
+        details = _interceptors.CallDetails(service, method, timeout, metadata, idempotent,
+                                            kind, payload, window)
+        return _interceptors.client_stream(self._interceptors, details, make)
 
     def _expire(self, rid):
         entry = self._pending.pop(rid, None)
@@ -276,10 +356,79 @@ class Client(ClientJobs):
         """
         if self._sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.SERVER_STREAM, service, method, payload, timeout, metadata,
+                window, idempotent,
+                lambda d: Stream(_StreamState(self, d.service, d.method, d.payload,
+                                              d.timeout, d.metadata, max(1, int(d.window)),
+                                              d.idempotent)))
         timeout, metadata = _core.options(self, timeout, metadata)
         state = _StreamState(self, service, method, payload, timeout, metadata,
                              max(1, int(window)), idempotent)
         return Stream(state)
+
+    # -- client-streamed calls (kelpie._streaming) ---------------------------
+
+    def stream_unary(self, service: str, method: str, requests: Any = None, *,
+                     timeout: Optional[float] = None,
+                     metadata: _Metadata = None) -> "_streaming.StreamUnaryCall":
+        """Start a client-streaming call; ``await`` the result for the reply bytes.
+
+        ``requests`` (an async or plain iterable of bytes) is written for
+        you, then END; without it, ``await call.write(b)`` and ``await
+        call.done_writing()`` yourself. Writes wait while the worker's input
+        window (protocol.md §5.6) is shut, so a slow handler back-pressures
+        the writer. ``timeout`` and ``metadata`` as for :meth:`call`.
+        """
+        return self._stream_unary(service, method, requests, timeout, metadata)
+
+    def _stream_unary(self, service, method, requests, timeout, metadata, encode=None,
+                      decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.CLIENT_STREAM, service, method, None, timeout, metadata, 16, False,
+                lambda d: _streaming.StreamUnaryCall(self._duplex_resolved(
+                    d.service, d.method, d.timeout, d.metadata, 16, False), requests, encode,
+                    decode))
+        return _streaming.StreamUnaryCall(self._duplex(service, method, timeout, metadata, 16,
+                                                       False), requests, encode, decode)
+
+    def stream_stream(self, service: str, method: str, requests: Any = None, *,
+                      timeout: Optional[float] = None, metadata: _Metadata = None,
+                      window: int = 16) -> "_streaming.StreamStreamCall":
+        """Start a bidirectional call; return a call to write to and iterate.
+
+        ``await call.write(b)``, ``await call.done_writing()``, ``async for
+        reply in call`` (or ``requests``, an async or plain iterable of
+        bytes, written for you). ``window`` is the reply window as for
+        :meth:`stream`; the input window is the worker's (protocol.md §5.6).
+        """
+        return self._stream_stream(service, method, requests, timeout, metadata, window)
+
+    def _stream_stream(self, service, method, requests, timeout, metadata, window, encode=None,
+                       decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.BIDI, service, method, None, timeout, metadata, window, False,
+                lambda d: _streaming.StreamStreamCall(self._duplex_resolved(
+                    d.service, d.method, d.timeout, d.metadata, d.window, True), requests,
+                    encode, decode))
+        return _streaming.StreamStreamCall(self._duplex(service, method, timeout, metadata,
+                                                        window, True), requests, encode, decode)
+
+    def _duplex(self, service, method, timeout, metadata, window, server_streaming):
+        if self._sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
+        timeout, metadata = _core.options(self, timeout, metadata)
+        return self._duplex_resolved(service, method, timeout, metadata, window,
+                                     server_streaming)
+
+    def _duplex_resolved(self, service, method, timeout, metadata, window, server_streaming):
+        if self._sock is None:
+            raise RuntimeError("client is not connected (use 'async with Client()')")
+        return _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
+                            server_streaming)
 
     # -- convenience ------------------------------------------------------
 
@@ -300,6 +449,19 @@ class Client(ClientJobs):
         """``kelpie.broker/Stats`` decoded from JSON."""
         import json
         return json.loads(await self.call("kelpie.broker", "Stats", b"", timeout=timeout))
+
+    async def health(self, service: str = "", timeout: float = 2.0) -> dict:
+        """``kelpie.broker/Health`` of ``service`` (the broker if empty):
+        ``{"status": "SERVING"|"NOT_SERVING"|"SERVICE_UNKNOWN", "workers",
+        "capacity"}`` (kelpie._health)."""
+        from . import _health
+        return await _health.check(self, service, timeout)
+
+    def watch_health(self, service: str = "", interval: float = 0.5, timeout: float = 2.0):
+        """An async iterator of ``service``'s health status, now and at each
+        change (polled every ``interval`` seconds)."""
+        from . import _health
+        return _health.watch(self, service, interval, timeout)
 
     async def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
         """Wait until at least one worker serves ``service``; return how many do.
@@ -391,7 +553,8 @@ class Client(ClientJobs):
                     self._fail_all(Unavailable("broker is shutting down"))
                 continue
             kind = header.kind
-            if entry.__class__ is _StreamState or entry.__class__ is _Watch:
+            cls = entry.__class__
+            if cls is _StreamState or cls is _DuplexState or cls is _Watch:
                 entry.deliver(kind, header, frames)
             elif kind == _REPLY:
                 del pending[rid]
@@ -461,7 +624,7 @@ class Client(ClientJobs):
 
 
 def _fail(entry, exc):
-    if entry.__class__ is _StreamState or entry.__class__ is _Watch:
+    if isinstance(entry, _calls.StreamCore) or entry.__class__ is _Watch:
         entry.fail(exc)
     elif not entry.done():
         entry.set_exception(exc)
@@ -562,6 +725,25 @@ class _StreamState(_calls.StreamCore):
             client._send_later(_wire.cancel(self.rid))
         self._wake()
         return True
+
+
+class _DuplexState(_streaming.AsyncDuplex, _StreamState):
+    """A client-streamed call (kelpie._streaming): a stream state plus its input."""
+
+    __slots__ = _streaming.DUPLEX_SLOTS + ("write_waiter", "writer")
+
+    def __init__(self, client, service, method, timeout, metadata, window, server_streaming):
+        _StreamState.__init__(self, client, service, method, b"", timeout, metadata, window,
+                              False)
+        self._init_async(server_streaming)
+
+    def _wake(self):
+        _StreamState._wake(self)
+        self._wake_writer()
+
+    def cancel(self):
+        self.stop_writer()
+        return _StreamState.cancel(self)
 
 
 class Stream(_calls.StreamHandle):

@@ -15,6 +15,8 @@ protobuf's standard method option) or when its name is in the stub's
 re-dispatches the call when a worker dies, only sees requests.
 """
 
+import functools
+
 from google.protobuf import descriptor_pb2, symbol_database
 from google.protobuf.message import DecodeError
 
@@ -52,7 +54,7 @@ def is_idempotent(method_descriptor):
 
 
 def method_kind(method_descriptor):
-    """"unary", "server_stream", or "client_stream"/"bidi" (not supported by KLP/1)."""
+    """"unary", "server_stream", "client_stream" or "bidi"."""
     if method_descriptor.client_streaming:
         return "bidi" if method_descriptor.server_streaming else "client_stream"
     return "server_stream" if method_descriptor.server_streaming else "unary"
@@ -177,12 +179,46 @@ _server_stream = _server_stream_maker(_TypedStream)
 _blocking_server_stream = _server_stream_maker(_BlockingTypedStream)
 
 
-def _unsupported(service, name, kind):
-    def method(*args, **kwargs):
-        raise NotImplementedError(f"{service}/{name} is {kind.replace('_', '-')}ing; "
-                                  "KLP/1 serves unary and server-streaming methods only")
-    method.__name__ = name
-    return method
+def _encoder(service, name, request_cls):
+    return functools.partial(_encode, service, name, request_cls)
+
+
+def _client_stream(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    """A client-streaming method: ``await stub.M(request_iterator)`` (async or
+    plain iterable of request messages), or ``call = stub.M()`` then
+    ``await call.write(req)``, ``await call.done_writing()``, ``await call``."""
+    def method(request_iterator=None, *, timeout=timeout, metadata=metadata):
+        return client._stream_unary(service, name, request_iterator, timeout, metadata,
+                                    _encoder(service, name, request_cls), decode)
+    return _named(method, service, name)
+
+
+def _bidi(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    """A bidirectional method: ``stub.M(request_iterator)`` or ``stub.M()``
+    then ``write``/``done_writing``; ``async for reply in call``."""
+    def method(request_iterator=None, *, timeout=timeout, metadata=metadata, window=16):
+        return client._stream_stream(service, name, request_iterator, timeout, metadata,
+                                     window, _encoder(service, name, request_cls), decode)
+    return _named(method, service, name)
+
+
+def _blocking_client_stream(client, service, name, request_cls, decode, idempotent, timeout,
+                            metadata):
+    """As _client_stream, for kelpie.sync: ``stub.M(request_iterable)`` blocks
+    and returns the reply message (``with_metadata=True``: and metadata)."""
+    def method(request_iterator, *, timeout=timeout, metadata=metadata, with_metadata=False):
+        data = client._stream_unary(service, name, request_iterator, timeout, metadata,
+                                    with_metadata, _encoder(service, name, request_cls))
+        return _decoded(data, decode, with_metadata)
+    return _named(method, service, name)
+
+
+def _blocking_bidi(client, service, name, request_cls, decode, idempotent, timeout, metadata):
+    """As _bidi, for kelpie.sync: a blocking call to write to and iterate."""
+    def method(request_iterator=None, *, timeout=timeout, metadata=metadata, window=16):
+        return client._stream_stream(service, name, request_iterator, timeout, metadata,
+                                     window, _encoder(service, name, request_cls), decode)
+    return _named(method, service, name)
 
 
 class Stub:
@@ -192,13 +228,20 @@ class Stub:
     returns the reply message (``with_metadata=True``: ``(reply, metadata)``).
     Server-streaming methods return an async iterator of reply messages
     (``async for reply in stub.Tail(req)``), with ``window=`` and
-    ``cancel()`` as for :meth:`kelpie.Client.stream`.
+    ``cancel()`` as for :meth:`kelpie.Client.stream`. Client-streaming
+    methods take an (async) iterable of request messages and are awaited for
+    the reply (``await stub.Join(reqs)``), or are called bare and written to
+    (``call = stub.Join(); await call.write(req); await call.done_writing();
+    reply = await call``); bidirectional methods return a call to write to
+    and iterate (``async for reply in stub.Chat(reqs)``), as grpc.aio's.
     """
 
     # How a method is built from its descriptor; kelpie.sync.Stub swaps in
     # blocking ones and shares the rest.
     _make_unary = staticmethod(_unary)
     _make_server_stream = staticmethod(_server_stream)
+    _make_client_stream = staticmethod(_client_stream)
+    _make_bidi = staticmethod(_bidi)
 
     def __init__(self, client, service_descriptor, *, idempotent=(), timeout=None,
                  metadata=None):
@@ -218,8 +261,12 @@ class Stub:
             elif kind == "server_stream":
                 fn = self._make_server_stream(client, self._service, m.name, request_cls,
                                               decode, idem, timeout, metadata)
+            elif kind == "client_stream":
+                fn = self._make_client_stream(client, self._service, m.name, request_cls,
+                                              decode, idem, timeout, metadata)
             else:
-                fn = _unsupported(self._service, m.name, kind)
+                fn = self._make_bidi(client, self._service, m.name, request_cls, decode, idem,
+                                     timeout, metadata)
             setattr(self, m.name, fn)
 
     def __repr__(self):

@@ -59,12 +59,14 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _core, _liveness, _security, _wire, _zmq
+from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
+from . import _streaming, _wire, _zmq
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
-from .stubs import Stub as _AsyncStub, _blocking_server_stream, _blocking_unary
+from .stubs import Stub as _AsyncStub, _blocking_bidi, _blocking_client_stream
+from .stubs import _blocking_server_stream, _blocking_unary
 
 __all__ = ["Client", "Stream", "Stub", "Job", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT",
            "NO_DEADLINE"]
@@ -74,6 +76,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 _DISCONNECT = _wire.DISCONNECT
+_ACCEPT = _compression.ACCEPT_FLAG
 _HEARTBEAT = _wire.HEARTBEAT
 _Timeout = _zmq.Timeout
 _ZMQError = _zmq.ZMQError
@@ -297,8 +300,10 @@ class Client(SyncClientJobs):
     """A blocking, thread-safe client of the broker's frontend.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
-    liveness=3, context=None, key=None, server_key=None)``, the same arguments as
-    :class:`kelpie.Client` (``key``/``server_key``: CURVE, see there):
+    liveness=3, context=None, key=None, server_key=None, interceptors=None)``, the
+    same arguments as :class:`kelpie.Client` (``key``/``server_key``: CURVE, see
+    there; interceptors' methods are called without await; ``retry`` and
+    ``throttle`` as there, no hedging):
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
     ``timeout`` is the deadline of every call that sets none (seconds; None:
     ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
@@ -315,9 +320,22 @@ class Client(SyncClientJobs):
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None, key: Optional[str] = None,
-                 server_key: Optional[str] = None) -> None:
+                 server_key: Optional[str] = None, interceptors: Any = None, retry: Any = None,
+                 throttle: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         self._keys = _security.load_keys(key, server_key)
+        # Around every call, the first outermost; their methods are called
+        # without await here (kelpie._interceptors).
+        self._interceptors = _interceptors.check_client(interceptors)
+        # Unary calls' retry policy and its budget (kelpie._retry); a thread
+        # waits for one answer at a time, so this client does not hedge.
+        _retry.check(retry, None)
+        self.retry = retry or None
+        self._throttle = throttle or _retry.RetryThrottle()
+        self.retry_stats = _retry.new_stats()
+        # As kelpie.Client's (kelpie._compression); shared by all threads.
+        self._zip = _compression.ClientSide(compression, compression_threshold)
         self.timeout = _liveness.client_timeout(timeout)
         self.metadata = dict(metadata) if metadata else None
         self.heartbeat = float(heartbeat or 0)
@@ -407,7 +425,8 @@ class Client(SyncClientJobs):
 
     def call(self, service: str, method: str, payload: Any = b"", *,
              timeout: Optional[float] = None, metadata: _Metadata = None,
-             idempotent: bool = False, with_metadata: bool = False) -> Any:
+             idempotent: bool = False, with_metadata: bool = False,
+             retry: Any = None, compression: Any = None, _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
@@ -420,12 +439,28 @@ class Client(SyncClientJobs):
         Failures raise :class:`kelpie.RpcError`.
         """
         timeout, metadata = _core.options(self, timeout, metadata)
+        if _stage == 0 and self._interceptors:
+            return _interceptors.client_unary_sync(
+                self._interceptors, _interceptors.CallDetails(
+                    service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
+                    with_metadata=with_metadata, compression=compression), self._call_details)
+        if _stage < 2 and (self.retry is not None or retry is not None):
+            policy = _retry.pick(retry, self.retry)
+            _retry.check(policy, None)
+            if policy:
+                return _retry.run_sync(
+                    lambda left: self.call(
+                        service, method, payload,
+                        timeout=NO_DEADLINE if left is None else max(0.001, left),
+                        metadata=metadata or {}, idempotent=idempotent,
+                        with_metadata=with_metadata, compression=compression, _stage=2),
+                    timeout, policy, self._throttle, self.retry_stats)
         retries = _core.retries(idempotent)
         deadline = None if timeout is None else _monotonic() + timeout
         while True:
             try:
                 return self._call(service, method, payload, deadline, metadata, idempotent,
-                                  with_metadata)
+                                  with_metadata, compression)
             except BrokerRestarted:
                 # Lost with a broker that restarted: an idempotent call may
                 # safely run again, on the new one, within its deadline.
@@ -433,16 +468,22 @@ class Client(SyncClientJobs):
                     raise
                 retries -= 1
 
-    def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata):
+    def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata,
+              compression=None):
         conn = self._conn()
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         now = _monotonic()
         if conn.watch.stale(now):
             conn.ping(now)
+        flags = _ACCEPT | (1 if idempotent else 0)
+        zip_ = self._zip
+        if zip_.setting or compression:
+            payload, z = zip_.request(service, payload, compression)
+            flags |= z
         rid, header = conn.request(service, method, payload,
                                    None if deadline is None else max(0.001, deadline - now),
-                                   1 if idempotent else 0, 0, metadata)
+                                   flags, 0, metadata)
         try:
             conn.send((header, payload))
         except _ZMQError:
@@ -465,7 +506,25 @@ class Client(SyncClientJobs):
             if not conn.dead:
                 self._cancel(conn, rid)
             raise
+        if zip_.setting or compression:
+            zip_.learn(service, header)
         return _core.unary_result(header, frames, with_metadata)
+
+    def _call_details(self, d):
+        """The innermost step of the interceptor chain: the call as ``d`` says."""
+        return self.call(d.service, d.method, d.payload,
+                         timeout=NO_DEADLINE if d.timeout is None else d.timeout,
+                         metadata=d.metadata or {}, idempotent=d.idempotent,
+                         with_metadata=d.with_metadata, compression=d.compression, _stage=1)
+
+    def _intercept_stream(self, kind, service, method, payload, timeout, metadata, window,
+                          idempotent, make):
+        """A streamed call through the interceptor chain; ``make(details)``
+        builds the call object (or, for stream_unary, makes the call)."""
+        timeout, metadata = _core.options(self, timeout, metadata)
+        details = _interceptors.CallDetails(service, method, timeout, metadata, idempotent,
+                                            kind, payload, window)
+        return _interceptors.client_stream(self._interceptors, details, make)
 
     @staticmethod
     def _cancel(conn, rid):
@@ -486,9 +545,85 @@ class Client(SyncClientJobs):
         returned (CREDIT) as chunks are consumed. Closing the stream early
         (``close()``, leaving a ``with`` block, or dropping it) sends CANCEL.
         """
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.SERVER_STREAM, service, method, payload, timeout, metadata, window,
+                idempotent,
+                lambda d: Stream(_StreamState(self, d.service, d.method, d.payload, d.timeout,
+                                              d.metadata, max(1, int(d.window)), d.idempotent)))
         timeout, metadata = _core.options(self, timeout, metadata)
         return Stream(_StreamState(self, service, method, payload, timeout, metadata,
                                    max(1, int(window)), idempotent))
+
+    # -- client-streamed calls (kelpie._streaming) ---------------------------
+
+    def stream_unary(self, service: str, method: str, requests: Any, *,
+                     timeout: Optional[float] = None, metadata: _Metadata = None,
+                     with_metadata: bool = False) -> Any:
+        """Call a client-streaming method: send every payload of ``requests``
+        (an iterable of bytes), then END; return the reply bytes
+        (``with_metadata=True``: ``(reply, metadata)``).
+
+        Sending blocks while the worker's input window (protocol.md §5.6)
+        is shut, so a slow handler back-pressures this thread. ``timeout``
+        and ``metadata`` as for :meth:`call`.
+        """
+        return self._stream_unary(service, method, requests, timeout, metadata, with_metadata)
+
+    def _stream_unary(self, service, method, requests, timeout, metadata, with_metadata,
+                      encode=None):
+        if self._interceptors:
+            # A blocking client-streaming call is made inside the chain:
+            # what intercept_stream's proceed returns is its outcome.
+            return self._intercept_stream(
+                _interceptors.CLIENT_STREAM, service, method, None, timeout, metadata, 16,
+                False, lambda d: self._stream_unary_resolved(
+                    d.service, d.method, requests, d.timeout, d.metadata, with_metadata, encode))
+        timeout, metadata = _core.options(self, timeout, metadata)
+        return self._stream_unary_resolved(service, method, requests, timeout, metadata,
+                                           with_metadata, encode)
+
+    def _stream_unary_resolved(self, service, method, requests, timeout, metadata,
+                               with_metadata, encode):
+        state = _DuplexState(self, service, method, timeout, metadata, 16, False)
+        try:
+            state.start()
+            for request in requests:
+                state.write(encode(request) if encode is not None else request)
+                if state.finished:
+                    break  # answered early: the rest is not wanted
+            state.done_writing()
+            reply = state.wait_reply()
+        except BaseException:
+            state.cancel()
+            raise
+        return (reply, state.trailing) if with_metadata else reply
+
+    def stream_stream(self, service: str, method: str, requests: Any = None, *,
+                      timeout: Optional[float] = None, metadata: _Metadata = None,
+                      window: int = 16) -> "_streaming.BlockingStreamStreamCall":
+        """Start a bidirectional call; return a call to write to and iterate.
+
+        ``call.write(b)``, ``call.done_writing()``, ``for reply in call``, all
+        on this thread. With ``requests`` (an iterable of bytes) the call
+        pulls requests from it itself, as the input window allows, whenever
+        the reader waits for a reply, and sends END when it is exhausted.
+        ``window`` is the reply window as for :meth:`stream`.
+        """
+        return self._stream_stream(service, method, requests, timeout, metadata, window)
+
+    def _stream_stream(self, service, method, requests, timeout, metadata, window,
+                       encode=None, decode=None):
+        if self._interceptors:
+            return self._intercept_stream(
+                _interceptors.BIDI, service, method, None, timeout, metadata, window, False,
+                lambda d: _streaming.BlockingStreamStreamCall(_DuplexState(
+                    self, d.service, d.method, d.timeout, d.metadata, max(1, int(d.window)),
+                    True, requests, encode), encode, decode))
+        timeout, metadata = _core.options(self, timeout, metadata)
+        state = _DuplexState(self, service, method, timeout, metadata, max(1, int(window)),
+                             True, requests, encode)
+        return _streaming.BlockingStreamStreamCall(state, encode, decode)
 
     # -- convenience ------------------------------------------------------
 
@@ -508,6 +643,12 @@ class Client(SyncClientJobs):
         """``kelpie.broker/Stats`` decoded from JSON."""
         import json
         return json.loads(self.call("kelpie.broker", "Stats", b"", timeout=timeout))
+
+    def health(self, service: str = "", timeout: float = 2.0) -> dict:
+        """``kelpie.broker/Health`` of ``service`` (the broker if empty), as
+        :meth:`kelpie.Client.health`."""
+        from . import _health
+        return _health.check_sync(self, service, timeout)
 
     def wait_for_service(self, service: str, timeout: float = 10.0) -> int:
         """Block until at least one worker serves ``service``; return how many do.
@@ -610,6 +751,9 @@ class _StreamState(_calls.StreamCore):
     def next(self):
         if not self.started:
             self.start()
+        return self.next_ready()
+
+    def next_ready(self):
         conn = self.conn
         if conn.dead and not self.finished:
             self.fail(_closed_error())
@@ -651,6 +795,45 @@ class _StreamState(_calls.StreamCore):
         return True
 
 
+class _DuplexState(_streaming.SyncDuplex, _StreamState):
+    """A client-streamed call on one thread's connection (kelpie._streaming)."""
+
+    __slots__ = _streaming.DUPLEX_SLOTS + ("requests", "encode")
+
+    def __init__(self, client, service, method, timeout, metadata, window, server_streaming,
+                 requests=None, encode=None):
+        _StreamState.__init__(self, client, service, method, b"", timeout, metadata, window,
+                              False)
+        self._init_input(server_streaming)
+        self.requests = None if requests is None else iter(requests)
+        self.encode = encode or _identity
+
+    def wait_once(self):
+        """Read one message for this thread's calls, failing the call as a
+        stream read does (deadline, broker silence, client closed)."""
+        conn = self.conn
+        if conn.dead and not self.finished:
+            self.fail(_closed_error())
+            return
+        if conn.owner != threading.get_ident():
+            raise RuntimeError("a kelpie.sync call is used by the thread that started it")
+        try:
+            conn.wait(self.client, 0, self.deadline)
+        except RpcError as exc:
+            if not self.finished:
+                if exc.code == StatusCode.DEADLINE_EXCEEDED and not conn.dead:
+                    Client._cancel(conn, self.rid)
+                self.fail(exc)
+            raise
+        except BaseException:
+            self.cancel()
+            raise
+
+
+def _identity(value):
+    return value
+
+
 class Stream(_calls.StreamHandle):
     """The chunks of a server-streamed reply, as a blocking iterator.
 
@@ -687,12 +870,18 @@ class Stub(_AsyncStub):
     ``stub.SayHello(req, timeout=1.0)`` returns the reply message
     (``with_metadata=True``: ``(reply, metadata)``); a server-streaming
     method returns an iterator of reply messages with ``close()`` and
-    ``metadata``. Idempotency and naming as :class:`kelpie.Stub`
+    ``metadata``; a client-streaming method takes an iterable of request
+    messages and returns the reply (``stub.Join(iter(reqs))``); a
+    bidirectional one returns a call with ``write``, ``done_writing`` and
+    iteration over reply messages (``stub.Chat(reqs)`` pulls requests from
+    an iterable itself). Idempotency and naming as :class:`kelpie.Stub`
     (:mod:`kelpie.stubs`), from whose descriptor logic this is built.
     """
 
     _make_unary = staticmethod(_blocking_unary)
     _make_server_stream = staticmethod(_blocking_server_stream)
+    _make_client_stream = staticmethod(_blocking_client_stream)
+    _make_bidi = staticmethod(_blocking_bidi)
 
     def __repr__(self):
         return f"<kelpie.sync.Stub {self._service}>"

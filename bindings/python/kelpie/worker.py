@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _executors, _security, _wire
+from . import _compression, _executors, _interceptors, _security, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._jobs_worker import JobContext, JobRunner, ProcessJobContext
@@ -111,7 +111,8 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
     liveness=3, stall_threshold=1.0, threads=None, processes=None,
-    context=None)``. ``backend`` defaults to
+    context=None, key=None, server_key=None, interceptors=None, compression=None,
+    compression_threshold=1024)``. ``backend`` defaults to
     ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
     credit announced in READY (calls run at once, whatever runs them);
     ``name`` shows in the broker's logs and stats (default ``host:pid``);
@@ -120,7 +121,11 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
     bounds the pool that runs ``def`` handlers (default
     ``min(32, cpu + 4)``); ``processes`` sizes the pool of child processes
     for ``executor="process"`` handlers (default: the CPU count; started by
-    :meth:`run` only if such a handler is registered). Register handlers, then
+    :meth:`run` only if such a handler is registered); ``interceptors``, a
+    list of :class:`kelpie.ServerInterceptor`, run around every handler
+    (the first outermost); ``compression="zstd"`` compresses answers of at
+    least ``compression_threshold`` bytes for callers that read zstd.
+    Register handlers, then
     ``await worker.run()``; ``await worker.stop(grace)`` drains it. No socket
     is created before :meth:`run`, so a Worker can be built at import time
     (``kelpie worker module:worker`` imports it in each child process).
@@ -130,7 +135,17 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
                  name: Optional[str] = None, heartbeat: float = 1.0, liveness: int = 3,
                  stall_threshold: Optional[float] = 1.0, threads: Optional[int] = None,
                  processes: Optional[int] = None, context: Any = None,
-                 key: Optional[str] = None, server_key: Optional[str] = None) -> None:
+                 key: Optional[str] = None, server_key: Optional[str] = None,
+                 interceptors: Any = None, compression: Any = None,
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
+        # Around every handler (kelpie._interceptors); set before any
+        # handler is registered, since registration wraps the handler.
+        self._interceptors = _interceptors.check_server(interceptors)
+        # zstd for answers of at least compression_threshold bytes to
+        # callers that read it (kelpie._compression); requests are read
+        # compressed either way.
+        self._compression = _compression.check(compression)
+        self._zthreshold = int(compression_threshold)
         self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
         # CURVE (kelpie._security): key files, else $KELPIE_KEY / $KELPIE_SERVER_KEY.
         self._keys = _security.load_keys(key, server_key)

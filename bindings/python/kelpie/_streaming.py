@@ -1,0 +1,422 @@
+"""Client-streamed calls: ``stream_unary`` and ``stream_stream``.
+
+A call whose request is a stream (docs/protocol.md §5.6) sends a REQUEST
+with the CLIENT_STREAM flag, then each request as a CHUNK (``sequence`` 0,
+1, …) on the same request id, and END when the caller is done writing. The
+caller may have :data:`kelpie._wire.INPUT_WINDOW` CHUNKs unacknowledged;
+the worker returns window with CREDIT(CLIENT_STREAM) as its handler reads,
+so a slow handler makes :meth:`StreamStreamCall.write` wait and nothing is
+buffered without bound anywhere. The answer is one REPLY (stream-unary) or
+CHUNKs and END under the reply window of a server stream (stream-stream).
+
+:class:`DuplexCore` is the shared decision part (``kelpie._calls.StreamCore``
+plus the input side); the async call objects here and the blocking ones in
+:mod:`kelpie._sync_streaming` add their I/O and waiting. grpc.aio's shapes:
+
+    call = client.stream_stream("chat", "Talk")
+    await call.write(b"hi")
+    await call.done_writing()
+    async for reply in call: ...
+
+    reply = await client.stream_unary("sum", "Add", requests)  # async or plain iterable
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from . import _calls, _compression, _wire
+from ._calls import payload as _payload
+from .errors import ResourceExhausted, RpcError
+
+__all__ = ["DuplexCore", "AsyncDuplex", "SyncDuplex", "StreamStreamCall", "StreamUnaryCall",
+           "BlockingStreamStreamCall"]
+
+_CREDIT = _wire.CREDIT
+_REPLY = _wire.REPLY
+_CLIENT_STREAM = _wire.CLIENT_STREAM
+
+
+class DuplexCore:
+    """A client-streamed call's decisions, mixed in before a client's stream
+    state class (a ``kelpie._calls.StreamCore``): the input window, the next
+    input sequence, and the one REPLY of a stream-unary call. The state
+    class declares the slots (``server_streaming``, ``input_window``,
+    ``input_seq``, ``writes_done``, ``reply``)."""
+
+    __slots__ = ()
+
+    def _init_input(self, server_streaming):
+        self.server_streaming = server_streaming
+        self.input_window = _wire.INPUT_WINDOW
+        self.input_seq = 0
+        self.writes_done = False
+        self.reply = None
+
+    def request_flags(self):
+        flags = _CLIENT_STREAM
+        if self.server_streaming:
+            flags |= _wire.STREAM
+        return flags
+
+    def deliver(self, kind, header, frames):
+        if kind != _CREDIT and self.client._zip.setting:
+            self.client._zip.learn(self.service, header)
+        if kind == _CREDIT:
+            if header.flags & _CLIENT_STREAM:
+                self.input_window += header.credits
+                self._wake()
+            return
+        if kind == _REPLY and not self.server_streaming:
+            self._forget()
+            data = _payload(frames)
+            if header.flags & _wire.COMPRESSED:
+                try:
+                    data = _compression.decompress(data)
+                except RpcError as exc:
+                    self.error = exc
+            self.reply = data
+            self.trailing = dict(header.metadata)
+            self.finished = True
+            self._ended()
+            self._wake()
+            return
+        _calls.StreamCore.deliver(self, kind, header, frames)
+
+    def check_write(self):
+        """Raise if nothing may be written any more."""
+        if self.writes_done:
+            raise RuntimeError("write() after done_writing()")
+        if self.finished:
+            if self.error is not None and not isinstance(self.error, asyncio.CancelledError):
+                raise self.error
+            raise RuntimeError("the call has ended; nothing more can be written")
+
+    def chunk_frames(self, message, max_message_size):
+        """The next CHUNK as (header, payload), size-checked, compressed when
+        the client compresses and the service's workers read zstd; takes window."""
+        zip_ = self.client._zip
+        flags = 0
+        if zip_.setting:
+            message, flags = zip_.request(self.service, message)
+        header = _wire.chunk(self.rid, self.input_seq, flags)
+        too_big = _wire.oversize("request chunk", header, message, max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
+        self.input_seq += 1
+        self.input_window -= 1
+        return header, message
+
+    def result(self):
+        """A finished stream-unary call's reply, or its exception raised."""
+        if self.error is not None:
+            raise self.error
+        return self.reply
+
+
+DUPLEX_SLOTS = ("server_streaming", "input_window", "input_seq", "writes_done", "reply")
+
+
+class AsyncDuplex(DuplexCore):
+    """The async client's I/O for a client-streamed call, mixed in before
+    ``kelpie.client._StreamState`` (which kelpie.client combines with it as
+    ``_DuplexState``; its slots add ``write_waiter`` and ``writer``)."""
+
+    __slots__ = ()
+
+    def _init_async(self, server_streaming):
+        self._init_input(server_streaming)
+        self.write_waiter = None
+        self.writer = None
+
+    def _wake_writer(self):
+        waiter = self.write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def write(self, message):
+        if not self.started:
+            await self.start()
+        self.check_write()
+        while self.input_window <= 0:
+            self.write_waiter = self.client._loop.create_future()
+            try:
+                await self.write_waiter
+            finally:
+                self.write_waiter = None
+            self.check_write()
+        client = self.client
+        await client._sock.send_multipart(
+            self.chunk_frames(message, client._conn.max_message_size))
+
+    async def done_writing(self):
+        if not self.started:
+            await self.start()
+        if self.writes_done or self.finished:
+            return
+        self.writes_done = True
+        await self.client._sock.send_multipart([_wire.end(self.rid)])
+
+    async def wait_reply(self):
+        if not self.started:
+            await self.start()
+        while not self.finished:
+            self.waiter = self.client._loop.create_future()
+            try:
+                await self.waiter
+            except asyncio.CancelledError:
+                self.cancel()
+                raise
+            finally:
+                self.waiter = None
+        return self.result()
+
+    def stop_writer(self):
+        writer = self.writer
+        if writer is not None and not writer.done() and writer is not asyncio.current_task():
+            writer.cancel()
+
+    async def pump(self, requests, encode):
+        """Write every request of ``requests`` (async or plain iterable),
+        then END. Stops quietly when the call ends first; an iterator that
+        raises cancels the call, and its exception becomes the call's."""
+        try:
+            if hasattr(requests, "__aiter__"):
+                async for request in requests:
+                    if self.finished:
+                        return
+                    await self.write(encode(request))
+            else:
+                for request in requests:
+                    if self.finished:
+                        return
+                    await self.write(encode(request))
+            await self.done_writing()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: B036 - the call carries it
+            if not self.finished:
+                self.cancel()
+                self.error = exc
+
+
+class SyncDuplex(DuplexCore):
+    """kelpie.sync's I/O for a client-streamed call, mixed in before
+    ``kelpie.sync._StreamState`` (combined there as ``_DuplexState``, whose
+    ``wait_once`` reads one message from the thread's socket). Writes and
+    reads happen on the thread that started the call; a request iterator
+    given to ``stream_stream`` is pulled on that thread, as the input window
+    allows, whenever the reader waits for a reply."""
+
+    __slots__ = ()
+
+    def write(self, message):
+        if not self.started:
+            self.start()
+        self.check_write()
+        while self.input_window <= 0:
+            self.wait_once()
+            self.check_write()
+        self.conn.send(self.chunk_frames(message, self.conn.max_message_size))
+
+    def done_writing(self):
+        if not self.started:
+            self.start()
+        if self.writes_done or self.finished:
+            return
+        self.writes_done = True
+        self.conn.send([_wire.end(self.rid)])
+
+    def wait_reply(self):
+        if not self.started:
+            self.start()
+        while not self.finished:
+            self.wait_once()
+        return self.result()
+
+    def pump(self):
+        """Write from the request iterator while the window is open; END
+        when it is exhausted. An iterator that raises cancels the call."""
+        requests = self.requests
+        try:
+            while self.input_window > 0 and not self.finished:
+                try:
+                    request = next(requests)
+                except StopIteration:
+                    self.requests = None
+                    self.done_writing()
+                    return
+                self.write(self.encode(request))
+        except RpcError:
+            raise
+        except Exception as exc:
+            self.requests = None
+            self.cancel()
+            self.error = exc
+            raise
+
+    def next(self):
+        if not self.started:
+            self.start()
+        while not self.chunks and not self.finished:
+            if self.requests is not None and self.input_window > 0:
+                self.pump()
+                continue
+            self.wait_once()
+        return self.next_ready()
+
+
+def _identity(value):
+    return value
+
+
+class _CallBase:
+    """What both async client-streamed call objects share."""
+
+    __slots__ = ("_state", "_encode", "_decode", "__weakref__")
+
+    def __init__(self, state, requests=None, encode=None, decode=None):
+        self._state = state
+        self._encode = encode or _identity
+        self._decode = decode or _identity
+        if requests is not None:
+            state.writer = asyncio.get_running_loop().create_task(
+                state.pump(requests, self._encode))
+
+    async def write(self, message) -> None:
+        """Send one request; waits while the worker's input window is shut."""
+        await self._state.write(self._encode(message))
+
+    async def done_writing(self) -> None:
+        """Tell the worker no more requests follow (END); idempotent."""
+        await self._state.done_writing()
+
+    def cancel(self) -> bool:
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    def done(self) -> bool:
+        return self._state.finished
+
+    @property
+    def metadata(self) -> dict:
+        """Trailing metadata (``dict[str, bytes]``), once the call has ended."""
+        return self._state.trailing
+
+    @property
+    def request_id(self) -> int:
+        return self._state.rid
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass
+
+
+class StreamUnaryCall(_CallBase):
+    """A client-streaming call: write requests, then await the one reply.
+
+    ``reply = await call`` (after :meth:`done_writing`, or with ``requests``
+    given to :meth:`kelpie.Client.stream_unary`, which writes them itself).
+    """
+
+    __slots__ = ()
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self):
+        return self._decode(await self._state.wait_reply())
+
+
+class StreamStreamCall(_CallBase):
+    """A bidirectional call: write requests and read replies, in any order.
+
+    ``async for reply in call`` (or ``await call.read()``, which returns
+    None at the end) reads replies; ``write``/``done_writing`` send. Leaving
+    early (``cancel()``, ``async with`` exit, the iterating task cancelled)
+    sends CANCEL. After the end, ``metadata`` holds the trailing metadata.
+    """
+
+    __slots__ = ()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return self._decode(await self._state.next())
+
+    async def read(self):
+        """The next reply, or None once the stream has ended (as grpc.aio's EOF)."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def __aenter__(self):
+        if not self._state.started:
+            await self._state.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        self._state.cancel()
+
+
+class BlockingStreamStreamCall:
+    """A bidirectional call of kelpie.sync: ``write``, ``done_writing`` and
+    ``for reply in call``, all on the thread that started it; ``close()``
+    (or leaving a ``with`` block, or dropping the call) cancels it."""
+
+    __slots__ = ("_state", "_encode", "_decode", "__weakref__")
+
+    def __init__(self, state, encode=None, decode=None):
+        self._state = state
+        self._encode = encode or _identity
+        self._decode = decode or _identity
+
+    def write(self, message) -> None:
+        """Send one request; blocks while the worker's input window is shut."""
+        self._state.write(self._encode(message))
+
+    def done_writing(self) -> None:
+        """Tell the worker no more requests follow (END); idempotent."""
+        self._state.done_writing()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._decode(self._state.next())
+
+    def __enter__(self):
+        self._state.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._state.cancel()
+
+    def close(self) -> bool:
+        """Cancel the call if it has not finished; True if it was running."""
+        return self._state.cancel()
+
+    cancel = close
+
+    @property
+    def done(self) -> bool:
+        return self._state.finished
+
+    @property
+    def metadata(self) -> dict:
+        """Trailing metadata (``dict[str, bytes]``), once the call has ended."""
+        return self._state.trailing
+
+    def __del__(self):
+        state = self._state
+        if state.started and not state.finished:
+            try:
+                state.cancel()
+            except Exception:
+                pass

@@ -1,0 +1,393 @@
+"""``kelpie dashboard``: a small web UI for jobs and workers (aiohttp).
+
+It talks to the broker only through :class:`kelpie.Client` admin requests
+(kelpie.dashboard._broker). Pages are rendered on the server and work
+without JavaScript; ``/api/...`` returns the same data as JSON; live views
+(the overview's counters and chart, a running job's progress and output)
+are server-sent events. Read-only unless started with ``admin=True``: then
+actions are same-origin POSTs carrying the CSRF token of the pages.
+
+    app = make_app("tcp://127.0.0.1:5555", admin=False)
+    aiohttp.web.run_app(app, host="127.0.0.1", port=8080)
+"""
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+from urllib.parse import quote, urlsplit
+
+from aiohttp import web
+
+from ..errors import RpcError
+from ._broker import Broker
+from . import _html, _views
+
+__all__ = ["make_app", "serve", "CHART_JS_PATHS"]
+
+log = logging.getLogger("kelpie.dashboard")
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+# Debian's libjs-chart.js (served from the system path when present).
+CHART_JS_PATHS = ("/usr/share/javascript/chart.js/chart.umd.js",
+                  "/usr/share/javascript/chart.js/chart.min.js",
+                  "/usr/share/javascript/chart.js/Chart.min.js",
+                  "/usr/share/javascript/chart.js/chart.js")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_HTTP_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 409,
+                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "PERMISSION_DENIED": 403,
+                "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429}
+CTX = "kelpie.dashboard"
+
+
+class Context:
+    """What every handler needs: the broker, the mode, the CSRF token."""
+
+    def __init__(self, frontend, admin, allowed_hosts, refresh, chart_js, timeout):
+        self.frontend = frontend
+        self.admin = admin
+        self.allowed_hosts = allowed_hosts
+        self.refresh = refresh
+        self.chart_js = chart_js
+        self.broker = Broker(frontend, timeout=timeout)
+        # One token per dashboard process, only ever in its own pages: a
+        # page of another origin cannot read it, so cannot forge a POST.
+        self.csrf = secrets.token_urlsafe(32)
+
+
+def _wants_html(request):
+    return not request.path.startswith("/api/")
+
+
+def _fail(request, status, message):
+    ctx = request.app[CTX]
+    if _wants_html(request) and request.method == "GET":
+        return web.Response(status=status, text=_html.error(ctx, status, message),
+                            content_type="text/html")
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+@web.middleware
+async def guard(request, handler):
+    """Host check (DNS rebinding), broker errors as HTTP, security headers."""
+    ctx = request.app[CTX]
+    if ctx.allowed_hosts is not None:
+        host = (request.host or "").rsplit(":", 1)[0] if not (request.host or "").startswith("[") \
+            else request.host[1:].split("]")[0]
+        if host.lower() not in ctx.allowed_hosts:
+            return web.json_response({"error": f"host {request.host!r} not allowed "
+                                               "(see --allow-host)", "status": 421}, status=421)
+    try:
+        response = await handler(request)
+    except web.HTTPException:
+        raise
+    except RpcError as exc:
+        status = _HTTP_STATUS.get(getattr(exc.code, "name", str(exc.code)), 502)
+        response = _fail(request, status, f"{getattr(exc.code, 'name', exc.code)}: {exc.message}")
+    except (ValueError, KeyError) as exc:
+        response = _fail(request, 502, f"unexpected answer from the broker: {exc}")
+    if not response.prepared:
+        response.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; img-src 'self' data:; "
+                                    "frame-ancestors 'none'; form-action 'self'")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _html_response(text):
+    return web.Response(text=text, content_type="text/html")
+
+
+# -- read-only views ----------------------------------------------------------
+
+async def overview(request):
+    ctx = request.app[CTX]
+    view = _views.overview(await ctx.broker.stats())
+    if _wants_html(request):
+        return _html_response(_html.overview(ctx, view))
+    return web.json_response(view)
+
+
+async def queues(request):
+    ctx = request.app[CTX]
+    view = await _views.queues(ctx.broker)
+    if _wants_html(request):
+        return _html_response(_html.queues(ctx, view))
+    return web.json_response(view)
+
+
+async def workers(request):
+    ctx = request.app[CTX]
+    view = _views.workers(await ctx.broker.stats())
+    if _wants_html(request):
+        return _html_response(_html.workers(ctx, view))
+    return web.json_response(view)
+
+
+def _list_query(request, dlq):
+    q = request.query
+    query = {k: q[k] for k in ("queue", "state", "after", "limit") if q.get(k)}
+    if dlq:
+        query.pop("state", None)
+    if "limit" in query and not query["limit"].isdigit():
+        raise web.HTTPBadRequest(text="limit must be a number")
+    return query
+
+
+async def jobs(request):
+    ctx = request.app[CTX]
+    job_id = request.query.get("id", "").strip()
+    if job_id:
+        # Find by id: the job's page (or its JSON).
+        raise web.HTTPSeeOther(("/api/jobs/" if not _wants_html(request) else "/jobs/")
+                               + quote(job_id, safe=""))
+    query = _list_query(request, dlq=False)
+    view = await ctx.broker.jobs(**query)
+    if _wants_html(request):
+        return _html_response(_html.jobs(ctx, view, query))
+    return web.json_response(view)
+
+
+async def dlq(request):
+    ctx = request.app[CTX]
+    query = _list_query(request, dlq=True)
+    view = await ctx.broker.jobs(state="dead", **query)
+    if _wants_html(request):
+        return _html_response(_html.jobs(ctx, view, query, "Dead letters", "/dlq", dlq=True))
+    return web.json_response(view)
+
+
+async def job(request):
+    ctx = request.app[CTX]
+    job_id = request.match_info["id"]
+    view = _views.job_detail(*await ctx.broker.job(job_id))
+    if _wants_html(request):
+        live = ("" if view["job"].get("state") in _views.FINISHED
+                else f"/api/jobs/{job_id}/events")
+        return _html_response(_html.job(ctx, view, live))
+    return web.json_response(view)
+
+
+# -- live views (server-sent events) ------------------------------------------
+
+async def _sse_start(request):
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    return response
+
+
+async def _sse_send(response, event, data):
+    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+
+
+async def overview_events(request):
+    """The overview's data every ``refresh`` seconds, until the viewer leaves."""
+    ctx = request.app[CTX]
+    response = await _sse_start(request)
+    try:
+        while True:
+            try:
+                view = _views.overview(await ctx.broker.stats())
+                await _sse_send(response, "overview", view)
+            except RpcError as exc:
+                await _sse_send(response, "broker-error", {"error": str(exc)})
+            await asyncio.sleep(ctx.refresh)
+    except ConnectionResetError:
+        pass  # the viewer left
+    return response
+
+
+async def job_events(request):
+    """A job's events while it runs (a WATCH with STREAM), then its record
+    (``end``). Without the job API, its record whenever it changes."""
+    ctx = request.app[CTX]
+    job_id = request.match_info["id"]
+    record, _, _ = await ctx.broker.job(job_id)
+    response = await _sse_start(request)
+    try:
+        await _sse_send(response, "record", record)
+        if record.get("state") not in _views.FINISHED:
+            if ctx.broker.streams_events:
+                # aclosing: a viewer who leaves ends the WATCH at once.
+                async with contextlib.aclosing(ctx.broker.events(job_id)) as events:
+                    async for ev in events:
+                        await _sse_send(response, "job", ev)
+            else:
+                last = record
+                for _ in range(int(24 * 3600 / ctx.refresh)):
+                    await asyncio.sleep(ctx.refresh)
+                    record, _, tail = await ctx.broker.job(job_id)
+                    if record != last:
+                        await _sse_send(response, "record", record)
+                        last = record
+                    if record.get("state") in _views.FINISHED:
+                        break
+        view = _views.job_detail(*await ctx.broker.job(job_id))
+        await _sse_send(response, "end", view)
+    except RpcError as exc:
+        await _sse_send(response, "broker-error", {"error": str(exc)})
+    except ConnectionResetError:
+        pass  # the viewer left (the watch ends with the generator)
+    return response
+
+
+# -- actions (admin only) -----------------------------------------------------
+
+def _same_origin(request):
+    """False when the browser says the POST comes from another site."""
+    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin in (None, "null"):
+        return origin is None
+    return urlsplit(origin).netloc.lower() == (request.host or "").lower()
+
+
+async def _check_post(request):
+    """The request's form fields, once it passed the mode, origin and CSRF checks."""
+    ctx = request.app[CTX]
+    if not ctx.admin:
+        raise web.HTTPForbidden(text=json.dumps({"error": "read-only dashboard (start it "
+                                                 "with --admin to allow actions)",
+                                                 "status": 403}),
+                                content_type="application/json")
+    form = await request.post() if request.content_type in (
+        "application/x-www-form-urlencoded", "multipart/form-data") else {}
+    token = request.headers.get("X-Kelpie-CSRF") or form.get("csrf") or ""
+    if not _same_origin(request) or not hmac.compare_digest(str(token), ctx.csrf):
+        raise web.HTTPForbidden(text=json.dumps({"error": "cross-site request or missing "
+                                                 "CSRF token", "status": 403}),
+                                content_type="application/json")
+    return form
+
+
+def _done(request, form, answer):
+    """A form goes back to its page (303); a script gets the JSON answer."""
+    back = str(form.get("next") or "")
+    # Only a path of this site: not //host, nor /\host (browsers read it as //host).
+    if back.startswith("/") and back[1:2] not in ("/", "\\") and "\r" not in back \
+            and "\n" not in back:
+        raise web.HTTPSeeOther(back)
+    return web.json_response(answer)
+
+
+def _selector(request, form):
+    q = request.query
+    return {"job_id": form.get("id") or q.get("id") or None,
+            "queue": form.get("queue") or q.get("queue") or None}
+
+
+async def cancel(request):
+    form = await _check_post(request)
+    answer = await request.app[CTX].broker.cancel(request.match_info["id"])
+    return _done(request, form, answer)
+
+
+async def retry(request):
+    form = await _check_post(request)
+    answer = await request.app[CTX].broker.retry(**_selector(request, form))
+    return _done(request, form, answer)
+
+
+async def purge(request):
+    form = await _check_post(request)
+    answer = await request.app[CTX].broker.purge(**_selector(request, form))
+    return _done(request, form, answer)
+
+
+async def refuse_post(request):
+    await _check_post(request)
+    raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+
+
+# -- static files ---------------------------------------------------------------
+
+async def chart_script(request):
+    ctx = request.app[CTX]
+    if not ctx.chart_js:
+        raise web.HTTPNotFound()
+    return web.FileResponse(ctx.chart_js, headers={"Content-Type": "text/javascript"})
+
+
+async def no_icon(request):
+    return web.Response(status=204)
+
+
+def find_chart_js():
+    for p in CHART_JS_PATHS:
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=5.0,
+             chart_js="auto"):
+    """The aiohttp application. ``allowed_hosts``: the Host names it answers
+    (None: any); ``refresh``: seconds between the overview's live updates;
+    ``timeout``: of each admin request; ``chart_js``: a path, None, or "auto"
+    (Debian's libjs-chart.js if installed)."""
+    if chart_js == "auto":
+        chart_js = find_chart_js()
+    app = web.Application(middlewares=[guard])
+    ctx = Context(frontend, admin, allowed_hosts, refresh, chart_js, timeout)
+    app[CTX] = ctx
+
+    async def lifetime(app):
+        await ctx.broker.start()
+        yield
+        await ctx.broker.close()
+
+    app.cleanup_ctx.append(lifetime)
+    for prefix in ("", "/api"):
+        app.router.add_get(prefix + "/jobs", jobs)
+        app.router.add_get(prefix + "/jobs/{id}", job)
+        app.router.add_get(prefix + "/queues", queues)
+        app.router.add_get(prefix + "/workers", workers)
+        app.router.add_get(prefix + "/dlq", dlq)
+    app.router.add_get("/", overview)
+    app.router.add_get("/api/overview", overview)
+    app.router.add_get("/api/overview/events", overview_events)
+    app.router.add_get("/api/jobs/{id}/events", job_events)
+    app.router.add_post("/api/jobs/{id}/cancel", cancel)
+    app.router.add_post("/api/dlq/retry", retry)
+    app.router.add_post("/api/dlq/purge", purge)
+    app.router.add_get("/static/chart.js", chart_script)
+    app.router.add_get("/favicon.ico", no_icon)
+    app.router.add_static("/static", STATIC)
+    app.router.add_route("POST", "/{tail:.*}", refuse_post)
+    return app
+
+
+def loopback(host):
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), refresh=2.0,
+          timeout=5.0, loop=None):
+    """Run the dashboard until interrupted. On loopback it answers only
+    requests addressed to a loopback name (or an ``allow_hosts`` one), so a
+    web page cannot reach it through DNS rebinding."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    allowed = None
+    if loopback(host) or allow_hosts:
+        allowed = {h.lower() for h in LOOPBACK_NAMES + tuple(allow_hosts)}
+    app = make_app(frontend, admin=admin, allowed_hosts=allowed, refresh=refresh,
+                   timeout=timeout)
+    mode = "admin" if admin else "read-only"
+    print(f"kelpie dashboard ({mode}) for {frontend} on http://{listen}/", flush=True)
+    web.run_app(app, host=host, port=int(port), print=None, access_log=None, loop=loop,
+                shutdown_timeout=1.0)

@@ -1,0 +1,127 @@
+"""Nothing is left behind: a hundred sandboxes at once, a worker SIGKILLed in
+the middle of a run, and the rootless mode of a worker that is not root."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import kelpie.sandbox as ks
+from conftest import needs_root, pool_leftovers, processes_of, py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def live(pids):
+    """The pids that are not zombies."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_hundred_concurrent_sandboxes(run, pools):
+    import asyncio
+
+    async def go():
+        p = await pools.pool(100, limits=ks.Limits(wall=60.0, pids=16, memory=64 << 20))
+        jobs = [p.run(py(f"import time\ntime.sleep(0.3)\nprint({i})")) for i in range(100)]
+        return p, await asyncio.gather(*jobs)
+
+    p, verdicts = run(go(), timeout=300)
+    assert [v.status for v in verdicts] == ["ok"] * 100, [v for v in verdicts if not v.ok][:2]
+    assert sorted(int(v.stdout) for v in verdicts) == list(range(100))
+    if p.host.mode == "uid":
+        assert len({s.uid for s in p._slots}) == 100
+    # The pools fixture then closes the pool and checks: no process of the
+    # hundred uids, no mount, no cgroup, no directory left.
+
+
+WORKER = r"""
+import asyncio, json, sys
+import kelpie.sandbox as ks
+
+async def main():
+    pool = ks.SlotPool(2)
+    await pool.start()
+    ex = await pool.execute(ks.Spec(runtime="sh", code="setsid sleep 1000 & sleep 1000"))
+    await asyncio.sleep(0.5)
+    print(json.dumps({"pool": pool.host.pool_id, "uids": [s.uid for s in pool._slots],
+                      "dir": pool.host.dir}), flush=True)
+    await asyncio.sleep(1000)
+
+asyncio.run(main())
+"""
+
+
+@needs_root
+def test_sigkilled_worker_leaves_no_sandbox(run, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE,
+                            env=dict(os.environ), start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        state = json.loads(line)
+        uids = set(state["uids"])
+        assert live(processes_of(uids)), "the job was not running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while live(processes_of(uids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not live(processes_of(uids)), "a sandbox outlived its worker"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    # What the dead worker could not remove (its job directories and
+    # cgroups) goes when the next pool on the host starts.
+    assert pool_leftovers(state["pool"])
+
+    async def next_pool():
+        p = ks.SlotPool(1)
+        await p.start()
+        await p.close()
+
+    run(next_pool())
+    assert not pool_leftovers(state["pool"]), pool_leftovers(state["pool"])
+    assert not os.path.exists(state["dir"])
+
+
+ROOTLESS = r"""
+import asyncio, json
+import kelpie.sandbox as ks
+
+async def main():
+    v = await ks.run(ks.Spec(runtime="python3", code="import os; print(os.getuid())"))
+    hog = await ks.run(ks.Spec(runtime="python3", code="x = bytearray(b'x') * (300 << 20)"),
+                       limits={"memory": 128 << 20})
+    print(json.dumps([v.to_dict(with_output=True), hog.to_dict(with_output=True)]))
+
+asyncio.run(main())
+"""
+
+
+@needs_root
+def test_rootless_mode_for_a_non_root_worker(tmp_path):
+    """A worker that is not root runs its sandboxes in user namespaces as
+    itself, with rlimits, and says so in the verdict."""
+    path = os.pathsep.join(os.path.abspath(p) for p in sys.path if p and os.path.isdir(p))
+    env = dict(os.environ, HOME=str(tmp_path), TMPDIR=str(tmp_path), PYTHONPATH=path)
+    os.chmod(tmp_path, 0o777)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        sys.executable, "-c", ROOTLESS], capture_output=True, text=True,
+                       env=env, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr
+    v, hog = json.loads(r.stdout)
+    assert v["status"] == "ok" and v["stdout"] == "65534\n", v
+    assert v["enforcement"]["mode"] == "rootless"
+    assert v["enforcement"]["memory"] == "rlimit-as"
+    assert hog["status"] == "nonzero_exit" and "MemoryError" in hog["stderr"], hog
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("kelpie-sandbox-")]
