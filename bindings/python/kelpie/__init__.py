@@ -49,6 +49,13 @@ _RPC_NAMES = {
     "HedgingPolicy": "kelpie._retry",
     "RetryThrottle": "kelpie._retry",
     "NO_DEADLINE": "kelpie._liveness",
+    "Job": "kelpie.jobs",
+    "JobEvent": "kelpie.jobs",
+    "JobInfo": "kelpie.jobs",
+    "Attempt": "kelpie.jobs",
+    "Producer": "kelpie.jobs",
+    "JobContext": "kelpie._jobs_worker",
+    "ProcessJobContext": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
     "keygen": "kelpie._security",
 }

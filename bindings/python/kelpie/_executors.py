@@ -139,8 +139,22 @@ def die_with_parent(signum, parent_pid):
     return True
 
 
+# The pipe to the worker, in a pool child (set by _child_main).
+_child_conn = None
+
+
+def child_event(event):
+    """Send an event of the running call to the worker (a job's progress or
+    output, kelpie._jobs_worker); it arrives before the call's answer."""
+    if _child_conn is None:
+        raise RuntimeError("not in a kelpie pool process")
+    _child_conn.send(("event", event))
+
+
 def _child_main(conn, parent_pid):
     """A pool child: run one call at a time until the pipe closes."""
+    global _child_conn
+    _child_conn = conn
     die_with_parent(signal.SIGKILL, parent_pid)
     # Ctrl-C in a terminal reaches the whole process group; the worker
     # decides what happens to calls, so a child ignores SIGINT.
@@ -164,8 +178,10 @@ def _child_main(conn, parent_pid):
             answer = ("ok", bytes(result), getattr(ctx, "_trailing", None))
         except BaseException as exc:  # noqa: B036 - every failure is answered
             code = getattr(exc, "code", None)
-            from .errors import RpcError  # imported once, on the first error
-            if isinstance(exc, RpcError):
+            from .errors import Retry, RpcError  # imported once, on the first error
+            if isinstance(exc, Retry):  # a job handler gives its job back
+                answer = ("retry", exc.delay, exc.message)
+            elif isinstance(exc, RpcError):
                 metadata = {**(getattr(ctx, "_trailing", None) or {}), **(exc.metadata or {})}
                 answer = ("error", int(code), exc.message, metadata or None)
             else:
@@ -298,29 +314,47 @@ class ProcessPool:
 
     # Calls ------------------------------------------------------------------
 
-    async def run(self, fn, payload, ctx: ProcessContext) -> Any:
+    async def run(self, fn, payload, ctx: ProcessContext, *, on_event=None,
+                  term_grace: Optional[float] = None) -> Any:
         """Run ``fn(payload, ctx)`` in a child; returns ``("ok", bytes, md)`` or an error tuple.
 
-        Raises ChildDied when the child ends without answering.
+        Raises ChildDied when the child ends without answering. ``on_event``
+        is called on the loop with each event the call sends before its
+        answer (:func:`child_event`). Cancelled, the child is killed: with
+        SIGKILL at once, or with ``term_grace`` first SIGTERM and SIGKILL
+        only if it is still alive that many seconds later (a job handler may
+        clean up).
         """
         if self._closed:
             raise RuntimeError("process pool closed")
         child = await self._acquire()
+        pid = child.proc.pid  # close() may close the process object while we wait
         loop = self._loop
         future = child.future = loop.create_future()
         fd = child.conn.fileno()
 
         def readable():
-            if future.done():
-                return
-            try:
-                future.set_result(child.conn.recv())
-            except (EOFError, OSError):
-                child.proc.join(0.05)  # it is exiting: at most a moment
-                future.set_exception(ChildDied(_describe_exit(child.proc)))
-            except Exception as exc:  # an answer that does not unpickle here
-                future.set_result(("raised", f"undecodable answer from a pool process: {exc}",
-                                   "", None))
+            while not future.done():
+                try:
+                    if not child.conn.poll():
+                        return
+                    answer = child.conn.recv()
+                except (EOFError, OSError):
+                    child.proc.join(0.05)  # it is exiting: at most a moment
+                    future.set_exception(ChildDied(_describe_exit(child.proc)))
+                    return
+                except Exception as exc:  # an answer that does not unpickle here
+                    future.set_result(("raised", f"undecodable answer from a pool process: "
+                                       f"{exc}", "", None))
+                    return
+                if answer.__class__ is tuple and answer and answer[0] == "event":
+                    if on_event is not None:
+                        try:
+                            on_event(answer[1])
+                        except Exception:
+                            log.exception("event of a pool process call")
+                    continue
+                future.set_result(answer)
         ok = False
         try:
             child.conn.send((fn, bytes(payload), ctx))
@@ -334,8 +368,10 @@ class ProcessPool:
             return answer
         except asyncio.CancelledError:
             self.killed += 1
-            log.info("%s/%s: killed pool process %d (%s)", ctx.service, ctx.method,
-                     child.proc.pid, "call cancelled or past its deadline")
+            if term_grace:
+                await self._terminate(child.proc, term_grace)
+            log.info("%s: killed pool process %d (%s)", _describe_call(ctx), pid,
+                     "cancelled or past its deadline")
             raise
         except ChildDied:
             self.died += 1
@@ -344,10 +380,30 @@ class ProcessPool:
             child.future = None
             if ok:
                 self._give_back(child)
-            else:
+            elif child in self._children:  # close() may have retired it meanwhile
                 self._retire(child, kill=True)
                 if not self._closed:
                     self._start_child()
+
+    async def _terminate(self, proc, grace):
+        """SIGTERM ``proc`` and wait up to ``grace`` s for it to exit (the
+        caller SIGKILLs it if it has not)."""
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            try:
+                proc.join(0)
+                if proc.exitcode is not None:
+                    return
+            except ValueError:
+                return  # close() closed it meanwhile (the pool is shutting down)
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                return  # cancelled again (shutdown): SIGKILL now
 
     async def close(self, timeout: float = 1.0) -> None:
         """End every child: idle ones exit on EOF, the rest are killed after ``timeout``."""
@@ -370,6 +426,12 @@ class ProcessPool:
             except (ValueError, OSError, RuntimeError):
                 pass
             self._dying.discard(proc)
+
+
+def _describe_call(ctx):
+    if hasattr(ctx, "method"):
+        return f"{ctx.service}/{ctx.method}"
+    return f"job {getattr(ctx, 'queue', '?')} {getattr(ctx, 'job_id', '?')}"
 
 
 def _describe_exit(proc):

@@ -482,7 +482,8 @@ class Runners:
                 self._spawn(self._send(current, _wire.credit(1)))
             return
         session.calls.pop(ctx.request_id, None)
-        if self._drained is not None and not session.calls and not self._drained.done():
+        if self._drained is not None and not session.calls and not self._drained.done() \
+                and not self._jobs and not self._held:
             self._drained.set_result(None)
 
     async def _answer_error(self, session, ctx, exc, handler):

@@ -3,9 +3,10 @@
 Owns :meth:`Worker.run` (one session after another, backing off when they
 keep failing), opening a session (socket, READY, Pulse), the read loop that
 routes what the broker sends (REQUEST to the runners, CANCEL and CREDIT to
-the call's context, HEARTBEAT, DISCONNECT, ERROR), a broker restart
-(``broker_id``), orphaning the calls a session loses, and :meth:`Worker.stop`.
-Calls go down: to kelpie._runners for a REQUEST, to kelpie._context to
+the call's context, HEARTBEAT, DISCONNECT, ERROR; JOB, ACK and STATUS to the
+job runner), a broker restart (``broker_id``), orphaning the calls a
+session loses, and :meth:`Worker.stop`. Calls go down: to kelpie._runners
+for a REQUEST, to kelpie._jobs_worker for a JOB, to kelpie._context to
 cancel or grant window, to kelpie._stalls for the Pulse ticks.
 """
 
@@ -19,6 +20,7 @@ import threading
 from . import _executors, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
+from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
 from ._stalls import _StackWatch
 from ._status import StatusCode
 from .errors import AuthenticationError, PermissionDenied, RpcError
@@ -28,6 +30,8 @@ log = logging.getLogger("kelpie.worker")
 _REQUEST = _wire.REQUEST
 _CANCEL = _wire.CANCEL
 _CREDIT = _wire.CREDIT
+_JOB = _wire.JOB
+_ACK = _wire.ACK
 _CHUNK = _wire.CHUNK
 _END = _wire.END
 
@@ -53,12 +57,14 @@ class Session:
 
     async def run(self) -> None:
         """Register with the broker and serve until :meth:`stop` (or cancellation)."""
-        if not self._handlers:
+        if not self._handlers and not self._job_handlers:
             raise RuntimeError("no handlers registered")
         if self._running:
             raise RuntimeError("worker is already running")
         self._running = True
         self._loop = loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._draining = False
         self._stop_event = asyncio.Event()
         own_context = self._context is None
         context = _zmq.Context() if own_context else self._context
@@ -68,14 +74,17 @@ class Session:
         if watchdog:
             self._stack_watch = _StackWatch(threading.get_ident(), self._watchdog_timeout)
         backoff = 0.0
+        resender = None
         try:
-            kinds = {h.kind for h in self._handlers.values()}
+            kinds = {h.kind for h in self._handlers.values()} | \
+                {h.kind for h in self._job_handlers.values()}
             if _IN_THREAD in kinds:
                 self._thread_pool = concurrent.futures.ThreadPoolExecutor(
                     self.threads, thread_name_prefix="kelpie-handler")
             if _IN_PROCESS in kinds:
                 self._process_pool = _executors.ProcessPool(self.processes, loop)
                 self._process_pool.start()
+            resender = self._spawn(self._resend_loop()) if self._job_handlers else None
             while not self._stopping:
                 session = await self._open(context)
                 reader = session.reader = loop.create_task(self._read_loop(session))
@@ -102,6 +111,8 @@ class Session:
                 await asyncio.sleep(backoff)
         finally:
             self._running = False
+            if resender is not None:
+                resender.cancel()
             if watchdog:
                 _stalls.watchdog_end()
             if self._stack_watch is not None:
@@ -134,11 +145,13 @@ class Session:
         session.last_ready = self._loop.time()
         await self._send(session, _wire.ready(self.services, self._offer(),
                                               int(self.heartbeat * 1000), self.name,
-                                              self.methods))
+                                              self.methods, self.queues))
         session.pulse = _zmq.Pulse(sock, _wire.heartbeat(int(self.heartbeat * 1000)),
                                    self.heartbeat, stall_message=_wire.status(_wire.STALLED),
                                    stall_threshold=self.stall_threshold)
         log.debug("registered with %s as %s", self.backend, self.name)
+        # Answers of jobs that ended unACKed: report them to this registration.
+        self._resend_held(session)
         return session
 
     def _offer(self):
@@ -148,7 +161,7 @@ class Session:
             return 0
         for ctx in self._orphans:
             ctx._withheld = True
-        return max(0, self.concurrency - len(self._orphans))
+        return max(0, self.concurrency - len(self._orphans) - self._withhold_jobs())
 
     def _orphan_calls(self, session, why):
         """Orphan every call of ``session``: the broker no longer knows them."""
@@ -170,7 +183,7 @@ class Session:
     def _send_ready(self, session, credits):
         session.last_ready = self._loop.time()
         header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name,
-                             self.methods)
+                             self.methods, self.queues)
         self._spawn(self._send(session, header))
 
     async def _end_session(self, session):
@@ -207,21 +220,28 @@ class Session:
         session = self._session
         loop = self._loop
         if session is not None and not session.ending:
-            self._send_ready(session, 0)
             end = loop.time() + grace
-            # A REQUEST the broker sent before it read our READY(0) may still
-            # be on its way: wait a moment (KLP has no acknowledgement of
-            # READY) so that it is run, not lost with the DISCONNECT.
-            await asyncio.sleep(min(grace, self._SETTLE))
-            while session.calls and loop.time() < end and not session.ending:
+            # Take no new work (READY 0, which every broker knows), then ask
+            # the broker to drain us (STATUS DRAINING): its DRAINED answer
+            # says that nothing more is on its way, so whatever it sent
+            # before is here and runs rather than being lost with the
+            # DISCONNECT (protocol.md §11.3). A broker that does not answer
+            # DRAINED within a moment is taken to know only READY 0.
+            session.last_ready = loop.time()
+            await self._send(session, _wire.ready(self.services, 0, int(self.heartbeat * 1000),
+                                                  self.name, self.methods, self.queues))
+            await self._ask_drain(session, min(grace, _DRAINED_WAIT))
+            # Calls and jobs finish, and the broker ACKs the jobs' answers.
+            while self._busy(session) and loop.time() < end and not session.ending:
                 self._drained = loop.create_future()
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._drained), end - loop.time())
-                except asyncio.TimeoutError:
-                    break
+                if not await self._until(self._drained, min(1.0, end - loop.time())):
+                    # Answers not ACKed within a second: send them again.
+                    self._resend_held(session, 1.0)
             for ctx in list(session.calls.values()):
                 ctx._cancel(_BY_SHUTDOWN)
             tasks = [c._task for c in session.calls.values() if c._task is not None]
+            # Jobs still running are given back (NACK): they run elsewhere.
+            tasks += self._cancel_jobs_for_shutdown()
             if tasks:
                 await asyncio.wait(tasks, timeout=1.0)
             if not session.ending:
@@ -232,7 +252,6 @@ class Session:
                     session.reader.cancel()
         await self._stop_event.wait()
 
-    _SETTLE = 0.2
 
 
     async def _send(self, session, *frames):
@@ -266,6 +285,14 @@ class Session:
                 ctx = calls.get(header.request_id)
                 if ctx is not None:
                     ctx._cancel(_BY_CLIENT)
+                else:
+                    self._cancel_job(header.request_id)
+            elif kind == _JOB:
+                await self._on_job(session, header, frames)
+            elif kind == _ACK:
+                self._on_ack(header)
+            elif kind == _wire.STATUS:
+                self._on_status(session, header)
             elif kind == _CREDIT:
                 ctx = calls.get(header.request_id)
                 if ctx is not None:
@@ -304,7 +331,7 @@ class Session:
                     # Our key left the allow-list (reload), or may not serve
                     # a service we offered: run() ends with this error.
                     raise RpcError(header.code, header.message)
-                else:
+                elif not self._on_job_error(header):
                     log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
                                 header.message)
 
@@ -318,8 +345,11 @@ class Session:
         self.broker_restarts += 1
         log.warning("broker at %s restarted (broker_id %016x -> %016x)", self.backend, known,
                     broker_id)
-        if session.calls:
+        if session.calls or any(not ctx._withheld for ctx in self._jobs.values()):
             self._orphan_calls(session, "broker restarted")
-            # Our READY offered those slots: offer them again, less the orphans.
+            # Our READY offered those slots: offer them again, less the
+            # orphans and the jobs that run on (kelpie._jobs_worker).
             self._send_ready(session, self._offer())
+        # The answers of jobs that ended unACKed go to the new instance.
+        self._resend_held(session)
 

@@ -143,7 +143,8 @@ class Stalls:
             if stalled is not None:
                 # The thread told the broker we were stuck (STATUS STALLED);
                 # tell it we run again so that it sends work again.
-                await self._send(session, _wire.status(0))
+                await self._send(session, _wire.status(
+                    _wire.DRAINING if self._draining else 0))
                 self._report_stall(session, stalled)
             elif self._blockers and self.stall_threshold:
                 self._blockers.clear()  # slow, but not long enough for the Pulse

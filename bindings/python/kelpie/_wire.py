@@ -35,6 +35,16 @@ HEARTBEAT = 8
 DISCONNECT = 9
 CREDIT = 10
 STATUS = 11
+# Durable jobs (protocol.md §11).
+SUBMIT = 16
+ACCEPTED = 17
+JOB = 18
+PROGRESS = 19
+OUTPUT = 20
+RESULT = 21
+ACK = 22
+NACK = 23
+WATCH = 24
 
 # Flags (kelpie.v1.Flag).
 IDEMPOTENT = 1
@@ -42,6 +52,8 @@ STREAM = 2
 ONEWAY = 4
 STALLED = 8
 OVERSIZED = 16  # on a worker's ERROR: it refused an answer over the broker's limit
+DRAINING = 32   # STATUS: "send me no new work" (worker), "please drain" (broker)
+DRAINED = 64    # STATUS from the broker: nothing more is on its way to this worker
 CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
 COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
 ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
@@ -241,17 +253,21 @@ def input_credit(credits, request_id):
         varint(CLIENT_STREAM)
 
 
-def ready(services, credits, heartbeat_ms, name, methods=()):
-    """A READY header (credits absolute); ``methods`` as "service/method"."""
+def ready(services, credits, heartbeat_ms, name, methods=(), queues=()):
+    """A READY header (credits absolute); ``methods`` as "service/method";
+    ``queues`` the job queues taken (protocol.md §11.3)."""
     h = Header(version=VERSION, kind=READY, credits=credits, heartbeat_ms=heartbeat_ms,
                name=name)
     h.services.extend(services)
     h.methods.extend(methods)
+    if queues:
+        h.queues.extend(queues)
     return h.SerializeToString()
 
 
 def status(flags=0):
-    """A STATUS header: ``flags`` STALLED (the loop is stuck) or 0 (running again)."""
+    """A STATUS header: ``flags`` STALLED (the loop is stuck) or 0 (running
+    again), DRAINING (take no new work)."""
     if flags:
         return _kind_prefix(STATUS) + b"\x60" + varint(flags)
     return _kind_prefix(STATUS)

@@ -14,6 +14,7 @@ from . import _kelpie as _k
 Context = _k.Context
 BlockingSocket = _k.BlockingSocket
 DEALER = _k.DEALER
+PUSH = _k.PUSH  # kelpie.Producer, to the intake
 LINGER = _k.LINGER
 SNDHWM = _k.SNDHWM
 RCVHWM = _k.RCVHWM

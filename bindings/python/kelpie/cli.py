@@ -10,6 +10,12 @@
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
     kelpie dashboard [--listen HOST:PORT] [--admin] [--allow-host NAME]...
+    kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--idempotency-key K] [--wait]
+    kelpie job show|wait|cancel|events ID
+    kelpie jobs ls [--state S] [--queue Q]
+    kelpie dlq ls|retry|purge [--queue Q] [ID]
+
+(The job commands are in kelpie._cli_jobs.)
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
@@ -39,6 +45,7 @@ DISCONNECT) — then kills what is left; a second signal kills at once.
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -776,6 +783,11 @@ def _parser():
                    help="deadline of each admin request, in seconds (default 5)")
     _common(d, top=False)
     d.set_defaults(fn=cmd_dashboard)
+
+    from . import _cli_jobs
+    _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),
+                           lambda fn: functools.partial(fn, run=_run, read_data=_read_data,
+                                                        table=_table))
     return p
 
 

@@ -44,6 +44,7 @@ _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
 from . import _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
+from .jobs import ClientJobs, _Watch
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 
@@ -53,11 +54,12 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
+_ACCEPTED = _wire.ACCEPTED
 _unary_result = _core.unary_result
 _ACCEPT = _compression.ACCEPT_FLAG
 
 
-class Client:
+class Client(ClientJobs):
     """A connection to the broker's frontend, usable from one event loop.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
@@ -81,6 +83,8 @@ class Client:
     if it answers as a new instance (it restarted), the calls the old one
     held fail with :class:`kelpie.Unavailable` at once (idempotent unary
     calls are sent again). The client stays usable after both.
+    Durable jobs (:meth:`submit`, :meth:`job`, :meth:`jobs`, ...) come
+    from kelpie.jobs.
     ``key`` (our secret key file, ``kelpie keygen``) and ``server_key`` (the
     broker's ``.pub`` file), else ``$KELPIE_KEY`` / ``$KELPIE_SERVER_KEY``,
     turn CURVE on; :meth:`connect` raises :class:`kelpie.AuthenticationError`
@@ -550,7 +554,7 @@ class Client:
                 continue
             kind = header.kind
             cls = entry.__class__
-            if cls is _StreamState or cls is _DuplexState:
+            if cls is _StreamState or cls is _DuplexState or cls is _Watch:
                 entry.deliver(kind, header, frames)
             elif kind == _REPLY:
                 del pending[rid]
@@ -560,6 +564,11 @@ class Client:
                 del pending[rid]
                 if not entry.done():
                     entry.set_exception(_calls.error_from(header))
+            elif kind == _ACCEPTED:
+                # A job's SUBMIT is durable (kelpie.jobs).
+                del pending[rid]
+                if not entry.done():
+                    entry.set_result((header, frames))
             # Anything else for a unary call (a CHUNK...) is a protocol
             # violation by the worker; the call still ends with its terminal.
 
@@ -615,7 +624,7 @@ class Client:
 
 
 def _fail(entry, exc):
-    if isinstance(entry, _calls.StreamCore):
+    if isinstance(entry, _calls.StreamCore) or entry.__class__ is _Watch:
         entry.fail(exc)
     elif not entry.done():
         entry.set_exception(exc)

@@ -22,7 +22,8 @@ __all__ = [
     "RpcError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded",
     "NotFound", "AlreadyExists", "PermissionDenied", "ResourceExhausted",
     "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented", "Internal",
-    "Unavailable", "DataLoss", "Unauthenticated", "AuthenticationError",
+    "Unavailable", "DataLoss", "Unauthenticated", "AuthenticationError", "JobFailed",
+    "JobCancelled", "Retry",
 ]
 
 _BY_CODE = {}
@@ -119,3 +120,68 @@ _BY_CODE[StatusCode.UNAUTHENTICATED] = AuthenticationError
 def from_status(code, message="", metadata=None):
     """The RpcError subclass instance for a status received on the wire."""
     return RpcError(StatusCode.coerce(code), message, metadata)
+
+
+# -- durable jobs (docs/protocol.md §11) ---------------------------------------
+
+class JobFailed(RpcError):
+    """A job ended without success: ``await job.result()`` raises it.
+
+    ``code`` is the status of the job's terminal RESULT: ``ABORTED`` when it
+    went to the dead-letter queue (its attempts were used up, or a permanent
+    failure), ``CANCELLED`` for :class:`JobCancelled`. ``message`` says
+    after how many attempts and why. ``job_id``; ``state`` ("dead",
+    "cancelled"); ``history``, the attempts as :class:`kelpie.Attempt`
+    (attempt, outcome, started_at, ended_at, message); ``record``, the
+    broker's whole job record (a dict, docs/protocol.md §11.5).
+    """
+
+    code = StatusCode.ABORTED
+
+    def __init__(self, code=StatusCode.ABORTED, message="", job_id="", record=None,
+                 history=()):
+        self._set(code, message, None)
+        self.job_id = job_id
+        self.record = dict(record) if record else {}
+        self.history = list(history)
+        Exception.__init__(self, self.code, self.message)
+
+    @property
+    def state(self) -> str:
+        return str(self.record.get("state") or "")
+
+    @property
+    def last_outcome(self) -> str:
+        """The outcome of the last attempt ("failed", "worker_lost", ...), or ""."""
+        return self.history[-1].outcome if self.history else ""
+
+    def __reduce__(self):
+        return (type(self), (int(self.code), self.message, self.job_id, self.record,
+                             self.history))
+
+
+class JobCancelled(JobFailed):
+    """The job was cancelled (``job.cancel()``, ``kelpie job cancel``)."""
+
+    code = StatusCode.CANCELLED
+
+
+class Retry(Exception):
+    """Raise it in a job handler to give the job back (NACK): it runs again,
+    on any worker, no sooner than ``delay`` seconds from now. The attempt
+    counts (outcome ``rejected``), so a job that is always given back still
+    ends in the dead-letter queue after ``max_attempts``."""
+
+    def __init__(self, delay: float = 0.0, message: str = "") -> None:
+        if delay < 0:
+            raise ValueError("Retry delay must be >= 0 seconds")
+        self.delay = float(delay)
+        self.message = str(message)
+        super().__init__(self.delay, self.message)
+
+    def __reduce__(self):
+        return (Retry, (self.delay, self.message))
+
+
+for _cls in (JobFailed, JobCancelled, Retry):
+    _cls.__module__ = "kelpie"

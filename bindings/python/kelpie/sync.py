@@ -61,13 +61,15 @@ from typing import Any, Mapping, Optional, Union
 
 from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
 from . import _streaming, _wire, _zmq
+from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
 from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 from .stubs import Stub as _AsyncStub, _blocking_bidi, _blocking_client_stream
 from .stubs import _blocking_server_stream, _blocking_unary
 
-__all__ = ["Client", "Stream", "Stub", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLINE"]
+__all__ = ["Client", "Stream", "Stub", "Job", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT",
+           "NO_DEADLINE"]
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
@@ -294,7 +296,7 @@ class _Conn(_core.Conn):
                     Client._cancel(self, state.rid)
 
 
-class Client:
+class Client(SyncClientJobs):
     """A blocking, thread-safe client of the broker's frontend.
 
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
@@ -308,7 +310,9 @@ class Client:
     is sent with every call; a call that hears nothing from the broker for
     ``liveness`` × ``heartbeat`` seconds fails with :class:`kelpie.Unavailable`
     (``heartbeat=0``: never), and so do, at once, the calls a restarted broker
-    lost (idempotent unary calls are sent again). Share
+    lost (idempotent unary calls are sent again). Durable jobs
+    (:meth:`submit`, :meth:`job`, :meth:`result`, :meth:`jobs`, ...) come from
+    kelpie._jobs_sync. Share
     one Client between all the threads of a process; use it as ``with
     kelpie.sync.Client() as client:`` or call :meth:`close`.
     """

@@ -26,8 +26,25 @@ test's outcome):
     A function ``kelpie_worker(worker, **options)`` that serves a
     :class:`kelpie.Worker` in this process, connected to ``kelpied``, and
     returns a :class:`Served` (``.client``, ``.frontend``, ``.worker``,
-    ``.stop()``) once the broker knows every service of the worker
-    (``Client.wait_for_service``).
+    ``.run_job()``, ``.submit()``, ``.stop()``) once the broker knows every
+    service of the worker (``Client.wait_for_service``) and has welcomed it
+    (so its job queues are registered too).
+
+Durable jobs: every ``kelpied`` the kit starts has its own ``--data-dir``
+(in a temporary directory), so jobs are stored as in production, and
+:meth:`Kelpied.restart` (SIGKILL, then start on the same ports and data)
+shows what survives a crash. A job handler test is as short::
+
+    from myservice import worker          # with @worker.job("thumbnails")
+
+    def test_thumbnail(kelpie_worker):
+        served = kelpie_worker(worker)
+        assert served.run_job("thumbnails", b"cat.jpg") == b"thumb of cat.jpg"
+
+        job = served.submit("thumbnails", b"bad", max_attempts=1)
+        with pytest.raises(kelpie.JobFailed) as failed:
+            job.result(timeout=10)
+        assert failed.value.history[-1].outcome == "failed"
 
 Nothing hangs and nothing leaks. The clients the kit hands out have a
 default deadline (``CALL_TIMEOUT``, 10 s), so a call to a service nobody
@@ -320,6 +337,7 @@ class Served:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._main, name="kelpie-testing-worker",
                                         daemon=True)
+        self._stop_task: Optional[asyncio.Task] = None
         self._client = None
 
     def _main(self) -> None:
@@ -335,14 +353,22 @@ class Served:
         finally:
             self._started.set()
             try:
+                # run() can end before a stop() that runs beside it has
+                # returned (the broker went away, so the session ended on its
+                # own): give that stop() the moment it needs to finish and
+                # hand its result to the thread waiting for it.
+                stopping = self._stop_task
+                if stopping is not None and not stopping.done():
+                    loop.run_until_complete(asyncio.wait([stopping], timeout=5.0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
 
     def start(self, timeout: float = 10.0) -> "Served":
-        if not self.worker.services:
+        if not self.worker.services and not getattr(self.worker, "queues", None):
             raise RuntimeError("the worker has no handlers: register some with "
-                               "@worker.handler or worker.add_servicer before serving it")
+                               "@worker.handler, @worker.job or worker.add_servicer "
+                               "before serving it")
         self._thread.start()
         if not self._started.wait(timeout):
             raise RuntimeError(f"the worker thread did not start within {timeout} s")
@@ -356,6 +382,16 @@ class Served:
         from .errors import DeadlineExceeded
         from .sync import Client
         deadline = time.monotonic() + timeout
+        # The broker's welcome (a HEARTBEAT answering READY) means it has
+        # every service and job queue of the worker.
+        while not getattr(self.worker, "_broker_id", 1):
+            if self.error is not None or not self._thread.is_alive():
+                raise RuntimeError(f"the worker stopped before it registered: "
+                                   f"{self.error!r}") from self.error
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not register with the broker within "
+                                   f"{timeout:g} s (its backend: {self.worker.backend})")
+            time.sleep(0.01)
         with Client(self.frontend, heartbeat=0) as client:
             for name in self.worker.services:
                 while True:
@@ -387,6 +423,17 @@ class Served:
     def running(self) -> bool:
         return self._thread.is_alive()
 
+    def submit(self, queue: str, payload: Any = b"", **options: Any):
+        """Submit a job through :attr:`client`; returns a :class:`kelpie.sync.Job`
+        (options as :meth:`kelpie.sync.Client.submit`)."""
+        return self.client.submit(queue, payload, **options)
+
+    def run_job(self, queue: str, payload: Any = b"", *, timeout: float = CALL_TIMEOUT,
+                **options: Any) -> bytes:
+        """Submit a job and wait (at most ``timeout`` s) for its result; a job
+        that fails raises :class:`kelpie.JobFailed` with its attempt history."""
+        return self.submit(queue, payload, **options).result(timeout=timeout)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Drain the worker (``Worker.stop(grace)``) and join its thread."""
         if self._client is not None:
@@ -395,6 +442,7 @@ class Served:
         loop = self._loop
         if self._thread.is_alive() and loop is not None:
             async def _stop():
+                self._stop_task = asyncio.current_task()
                 await self.worker.stop(self.grace)
             try:
                 fut = asyncio.run_coroutine_threadsafe(_stop(), loop)
@@ -409,6 +457,8 @@ class Served:
         # Let the same Worker object be served again by a later test.
         if hasattr(self.worker, "_stopping"):
             self.worker._stopping = False
+        if hasattr(self.worker, "_broker_id"):
+            self.worker._broker_id = 0  # the next serve learns its broker afresh
 
     def __enter__(self) -> "Served":
         return self

@@ -93,18 +93,20 @@ from typing import Any, Optional
 from . import _compression, _executors, _interceptors, _security, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
+from ._jobs_worker import JobContext, JobRunner, ProcessJobContext
 from ._runners import Runners
 from ._session import Session
 from ._stalls import Stalls
 
-__all__ = ["Worker", "CallContext", "ProcessContext", "DEFAULT_BACKEND"]
+__all__ = ["Worker", "CallContext", "ProcessContext", "JobContext", "ProcessJobContext",
+           "DEFAULT_BACKEND"]
 
 ProcessContext = _executors.ProcessContext
 
 DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
 
 
-class Worker(HandlerTable, Session, Stalls, Runners):
+class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
     """Serves handlers through the broker's backend.
 
     ``Worker(backend=None, *, concurrency=64, name=None, heartbeat=1.0,
@@ -196,6 +198,8 @@ class Worker(HandlerTable, Session, Stalls, Runners):
         self._orphans = set()
         self.orphaned = 0
         self.orphan_answers_dropped = 0
+        # Durable jobs: handlers, running jobs, answers awaiting ACK.
+        self._init_jobs()
 
     @property
     def answered(self) -> int:
@@ -226,7 +230,10 @@ class Worker(HandlerTable, Session, Stalls, Runners):
                "stalled": bool(session and session.pulse and session.pulse.stalled),
                "stalls": self.stalls,
                "stalled_seconds": round(self.stalled_seconds, 3),
-               "threads": self.threads, "threads_busy": self._threads_busy}
+               "threads": self.threads, "threads_busy": self._threads_busy,
+               "jobs_running": len(self._jobs), "jobs_succeeded": self.jobs_succeeded,
+               "jobs_failed": self.jobs_failed, "results_held": len(self._held),
+               "results_resent": self.results_resent}
         pool = self._process_pool
         if pool is not None:
             out["process_pool"] = {"pids": pool.pids(), "busy": pool.busy,
