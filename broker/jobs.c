@@ -1183,6 +1183,10 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
             watch_release(b, w, true);
             return;
         }
+        /* The attempt's end is an event like any other (§11.4): a streaming
+         * watcher sees "dead" with its outcome before the RESULT. */
+        watch_notice(b, w, kp_job_state_name(st), r->in.attempt, kp_job_outcome_name(o->outcome),
+                     o->message);
         /* The watchers' RESULT needs the stored job (result, history). */
         struct op *g = op_new(OP_FINAL, KP_JOURNAL_GET);
         g->id = o->id;

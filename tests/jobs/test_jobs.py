@@ -168,9 +168,6 @@ def test_broker_notices_for_a_watcher_there_before_the_start(loop, broker):
     run(main(), loop)
 
 
-@pytest.mark.xfail(strict=True, reason="broker (jobs.c): the attempt that makes a job DEAD "
-                   "gets no STATUS notice ('dead' with its outcome) before the terminal "
-                   "RESULT (protocol.md §11.4)")
 def test_the_last_attempt_ends_with_a_notice(loop, broker):
     async def main():
         async with kelpie.Client(broker.frontend) as client:
