@@ -21,12 +21,8 @@ DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev cl
 	python3-zstandard python3-prometheus-client python3-rich bubblewrap python3-seccomp \
 	python3-aiohttp libjs-chart.js chromium chromium-driver python3-selenium
 
-<<<<<<< HEAD
-BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib firejail
-=======
-BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib \
+BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib firejail \
 	redis-server python3-celery python3-rq python3-redis
->>>>>>> jobsaux
 
 .PHONY: all deps bench-deps configure build run test asan fuzz format format-check lint bench clean
 
