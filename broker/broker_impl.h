@@ -259,6 +259,14 @@ void kp_broker_bind(struct kp_broker *b, struct kp_call *c, struct kp_worker *w)
 /* Gives back the slot c holds on its worker (if any); c stays alive. */
 void kp_broker_release(struct kp_broker *b, struct kp_call *c);
 
+/* True (and w marked lagging, counted) if more than --peer-max-queued bytes
+ * wait for w: it is sent nothing new until they drain. */
+bool kp_broker_worker_lagging(struct kp_broker *b, struct kp_worker *w);
+
+/* A send to w failed with err: a full pipe (KP_EAGAIN) cuts its capacity to
+ * what it holds; anything else means it is gone. */
+void kp_broker_worker_send_failed(struct kp_broker *b, struct kp_worker *w, enum kp_err err);
+
 /* Frees a call nothing refers to any more (unqueued, released, detached). */
 void kp_broker_free_call(struct kp_broker *b, struct kp_call *c);
 

@@ -165,16 +165,35 @@ void kp_broker_orphan(struct kp_broker *b, struct kp_call *c)
  * was sent, the caller keeps c and its frames, and w is marked gone
  * (unreachable) or has no free slot any more (pipe full, or more than
  * --peer-max-queued bytes waiting for it). */
+bool kp_broker_worker_lagging(struct kp_broker *b, struct kp_worker *w)
+{
+    if (kp_budget_queued(kp_broker_account(b, &w->queued)) < b->peer_max_queued)
+        return false;
+    /* Its pipe holds more than --peer-max-queued (it is not reading): it
+     * takes nothing new until the sweep finds the bytes gone. */
+    w->lagging = true;
+    b->stats.worker_not_reading++;
+    return true;
+}
+
+void kp_broker_worker_send_failed(struct kp_broker *b, struct kp_worker *w, enum kp_err err)
+{
+    if (err == KP_EAGAIN) {
+        /* Its pipe is full (it announced more credits than it reads):
+         * treat what it holds as its capacity until READY or CREDIT. */
+        kp_log_warn("worker '%s' is not reading; capacity cut from %u to %u", w->name, w->credits,
+                    w->in_flight);
+        w->credits = w->in_flight;
+    } else {
+        kp_broker_worker_gone(b, w);
+    }
+}
+
 static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                  kp_header *h, zmq_msg_t *frames, size_t n)
 {
-    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
-        /* Its pipe holds more than --peer-max-queued (it is not reading):
-         * it takes nothing new until the sweep finds the bytes gone. */
-        w->lagging = true;
-        b->stats.worker_not_reading++;
+    if (kp_broker_worker_lagging(b, w))
         return KP_EAGAIN;
-    }
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
@@ -215,15 +234,7 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
             for (size_t i = 0; i < n; i++)
                 zmq_msg_close(&copies[i]);
         }
-        if (err == KP_EAGAIN) {
-            /* Its pipe is full (it announced more credits than it reads):
-             * treat what it holds as its capacity until READY or CREDIT. */
-            kp_log_warn("worker '%s' is not reading; capacity cut from %u to %u", w->name,
-                        w->credits, w->in_flight);
-            w->credits = w->in_flight;
-        } else {
-            kp_broker_worker_gone(b, w);
-        }
+        kp_broker_worker_send_failed(b, w, err);
         return err;
     }
     if (c->input != NULL)

@@ -812,6 +812,30 @@ static void run_free(struct run *r)
     kp_free(r);
 }
 
+/* Counts how an attempt ended (successes are counted when stored). */
+static void count_outcome(struct kp_broker *b, enum kp_job_outcome outcome)
+{
+    switch (outcome) {
+    case KP_OUTCOME_FAILED:
+        b->stats.jobs_failed++;
+        break;
+    case KP_OUTCOME_REJECTED:
+        b->stats.jobs_rejected++;
+        break;
+    case KP_OUTCOME_WORKER_LOST:
+        b->stats.jobs_worker_lost++;
+        break;
+    case KP_OUTCOME_TIMEOUT:
+        b->stats.jobs_timeout++;
+        break;
+    case KP_OUTCOME_CANCELLED:
+        b->stats.jobs_cancelled++;
+        break;
+    default:
+        break;
+    }
+}
+
 /* Puts an END for r's attempt in the journal (the broker's own decision:
  * worker lost, timeout, cancel); r's attempt counts as ended from now. */
 static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outcome,
@@ -848,19 +872,7 @@ static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outc
         r->watch->run = NULL;
         r->watch->tail_len = 0;
     }
-    switch (outcome) {
-    case KP_OUTCOME_WORKER_LOST:
-        b->stats.jobs_worker_lost++;
-        break;
-    case KP_OUTCOME_TIMEOUT:
-        b->stats.jobs_timeout++;
-        break;
-    case KP_OUTCOME_CANCELLED:
-        b->stats.jobs_cancelled++;
-        break;
-    default:
-        break;
-    }
+    count_outcome(b, outcome);
     op_put(b, o);
 }
 
@@ -868,11 +880,8 @@ static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outc
  * sent (w is then gone or full) and r stays held. */
 static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
 {
-    if (kp_budget_queued(kp_broker_account(b, &w->queued)) >= b->peer_max_queued) {
-        w->lagging = true;
-        b->stats.worker_not_reading++;
+    if (kp_broker_worker_lagging(b, w))
         return false;
-    }
     struct kp_call *c = kp_call_new(&b->calls);
     c->service = r->q->svc;
     c->job = r;
@@ -888,13 +897,7 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     if (err != KP_OK) {
         c->job = NULL;
         kp_broker_free_call(b, c);
-        if (err == KP_EAGAIN) {
-            kp_log_warn("worker '%s' is not reading; capacity cut from %u to %u", w->name,
-                        w->credits, w->in_flight);
-            w->credits = w->in_flight;
-        } else {
-            kp_broker_worker_gone(b, w);
-        }
+        kp_broker_worker_send_failed(b, w, err);
         return false;
     }
     zmq_msg_init(&r->payload);
@@ -1888,22 +1891,7 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         .output = o->output,
         .output_len = o->output_len,
     };
-    switch (outcome) {
-    case KP_OUTCOME_FAILED:
-        b->stats.jobs_failed++;
-        break;
-    case KP_OUTCOME_REJECTED:
-        b->stats.jobs_rejected++;
-        break;
-    case KP_OUTCOME_TIMEOUT:
-        b->stats.jobs_timeout++;
-        break;
-    case KP_OUTCOME_CANCELLED:
-        b->stats.jobs_cancelled++;
-        break;
-    default:
-        break;
-    }
+    count_outcome(b, outcome);
     if (r)
         run_free(r);
     op_put(b, o);
