@@ -112,12 +112,28 @@ asyncio.run(main())
 def test_rootless_mode_for_a_non_root_worker(tmp_path):
     """A worker that is not root runs its sandboxes in user namespaces as
     itself, with rlimits, and says so in the verdict."""
-    path = os.pathsep.join(os.path.abspath(p) for p in sys.path if p and os.path.isdir(p))
+    # The unprivileged uid must be able to import kelpie: the tree it was
+    # built in may sit in a directory only root can enter (a mktemp -d
+    # clone), so it gets its own readable copy of the package.
+    # (pytest's tmp_path is under a root-only directory too: not there.)
+    import shutil
+    import tempfile
+    import kelpie
+    pkg = tempfile.mkdtemp(prefix="kelpie-rootless-")
+    pkg_copy = pkg  # removed below, whatever the outcome
+    shutil.copytree(os.path.dirname(kelpie.__file__), os.path.join(pkg, "kelpie"))
+    for root, _dirs, _files in os.walk(pkg):
+        os.chmod(root, 0o755)
+    path = os.pathsep.join([pkg] + [os.path.abspath(p) for p in sys.path
+                                    if p and os.path.isdir(p)])
     env = dict(os.environ, HOME=str(tmp_path), TMPDIR=str(tmp_path), PYTHONPATH=path)
     os.chmod(tmp_path, 0o777)
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-c", ROOTLESS], capture_output=True, text=True,
-                       env=env, timeout=120, cwd="/")
+    try:
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", ROOTLESS], capture_output=True, text=True,
+                           env=env, timeout=120, cwd="/")
+    finally:
+        shutil.rmtree(pkg_copy, ignore_errors=True)
     assert r.returncode == 0, r.stderr
     v, hog = json.loads(r.stdout)
     assert v["status"] == "ok" and v["stdout"] == "65534\n", v
