@@ -104,7 +104,25 @@ struct kelpie_call {
     size_t len;                 /* parked REQUEST only: payload length */
     struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
     struct kelpie_call *next;
+    /* Trailing metadata for the answer (kelpie_call_add_metadata). */
+    Kelpie__V1__Header__MetadataEntry **trailing;
+    size_t n_trailing;
+    /* CLIENT_STREAM input (protocol.md §5.6): what arrived and is unread. */
+    struct worker_input *input;      /* oldest first */
+    struct worker_input *input_tail; /* newest */
+    struct worker_input *last_read;  /* what kelpie_call_read handed out last */
+    uint64_t input_seq;              /* the sequence the next CHUNK must have */
+    uint32_t consumed;               /* read and not yet granted back */
+    bool input_ended;                /* END arrived */
+    bool input_lost;                 /* a CHUNK's sequence showed a gap */
 };
+
+/* One request message of a client-streamed call, payload inline. */
+typedef struct worker_input {
+    struct worker_input *next;
+    size_t len;
+    _Alignas(max_align_t) unsigned char data[];
+} worker_input;
 
 /* A job is a held call whose header is a JOB: the public type only keeps
  * the two APIs apart. Calls are allocated with the size of kelpie_job, so a
@@ -270,11 +288,14 @@ static void worker_hold(kelpie_worker *w, kelpie_call *call)
     w->in_flight++;
 }
 
+static void call_free_answer_state(kelpie_call *call);
+
 static void call_free(kelpie_call *call)
 {
     kpc_header_free(call->header, &call->arena);
     free(call->payload);
     free(call->oversized);
+    call_free_answer_state(call);
     free(call);
 }
 
@@ -456,6 +477,9 @@ static void worker_acked(kelpie_worker *w, const char *job_id, uint32_t attempt)
     }
 }
 
+static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, const void *data,
+                              size_t len);
+
 static void worker_handle(kelpie_worker *w, kpc_msg *m)
 {
     Kelpie__V1__Header *h = m->header;
@@ -497,6 +521,10 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             worker_mark_cancelled(w, call);
         return;
     }
+    case KELPIE__V1__KIND__CHUNK:
+    case KELPIE__V1__KIND__END:
+        worker_take_input(w, h, m->data, m->len);
+        return;
     case KELPIE__V1__KIND__CREDIT: {
         kelpie_call *call = worker_find(w, h->request_id);
         if (call)
@@ -793,6 +821,8 @@ static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const
     char why[128];
     const char *refused = call->oversized;
     h->request_id = call->id;
+    h->n_metadata = call->n_trailing;
+    h->metadata = call->trailing;
     if (!refused &&
         kpc_wire_check(h, len, w->max_message_size, "reply", why, sizeof why) != KELPIE_OK)
         refused = why;
@@ -1298,4 +1328,156 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *w, kelpie_can
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 {
     return w ? w->in_flight : 0;
+}
+
+/* --- trailing metadata and client-streamed input ------------------------- */
+
+/* Input of a call arrives in order, at most the window granted (a broker
+ * that forwarded more is not trusted to be right: a gap or a CHUNK after END
+ * ends the input with DATA_LOSS for the handler, never an assertion). */
+#define WORKER_INPUT_GRANT 8
+
+static void call_free_answer_state(kelpie_call *call)
+{
+    for (size_t i = 0; i < call->n_trailing; i++) {
+        free(call->trailing[i]->key);
+        free(call->trailing[i]->value.data);
+        free(call->trailing[i]);
+    }
+    free(call->trailing);
+    while (call->input) {
+        worker_input *in = call->input;
+        call->input = in->next;
+        free(in);
+    }
+    free(call->last_read);
+}
+
+static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, const void *data,
+                              size_t len)
+{
+    kelpie_call *call = worker_find(w, h->request_id);
+    /* Input may follow its REQUEST while that waits, parked, for a handler
+     * that pumps the socket to return. */
+    for (kelpie_call *p = w->parked; !call && p; p = p->next)
+        if (p->id == h->request_id && p->epoch == w->epoch)
+            call = p;
+    if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
+        return; /* answered already, or not a stream: dropped (§5.6) */
+    if (call->input_ended || call->input_lost)
+        return;
+    if (h->kind == KELPIE__V1__KIND__END) {
+        call->input_ended = true;
+        return;
+    }
+    if (h->sequence != call->input_seq) {
+        call->input_lost = true;
+        return;
+    }
+    worker_input *in = malloc(sizeof *in + len);
+    if (!in) {
+        call->input_lost = true; /* the handler hears DATA_LOSS, not a silent gap */
+        return;
+    }
+    in->next = NULL;
+    in->len = len;
+    if (len)
+        memcpy(in->data, data, len);
+    if (call->input_tail)
+        call->input_tail->next = in;
+    else
+        call->input = in;
+    call->input_tail = in;
+    call->input_seq++;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const char *key,
+                                                     const void *value, size_t len)
+{
+    if (!call || !key || !*key || (len && !value) || strncmp(key, "kelpie-", 7) == 0)
+        return KELPIE_ERR_INVAL;
+    for (const char *p = key; *p; p++)
+        if ((unsigned char)*p > 0x7f || (*p >= 'A' && *p <= 'Z'))
+            return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header__MetadataEntry **grown =
+        realloc(call->trailing, (call->n_trailing + 1) * sizeof *grown);
+    if (!grown)
+        return KELPIE_ERR_NOMEM;
+    call->trailing = grown;
+    Kelpie__V1__Header__MetadataEntry *e = malloc(sizeof *e);
+    char *k = kpc_strndup(key, strlen(key));
+    uint8_t *v = malloc(len ? len : 1);
+    if (!e || !k || !v) {
+        free(e);
+        free(k);
+        free(v);
+        return KELPIE_ERR_NOMEM;
+    }
+    kelpie__v1__header__metadata_entry__init(e);
+    if (len)
+        memcpy(v, value, len);
+    e->key = k;
+    e->value.data = v;
+    e->value.len = len;
+    call->trailing[call->n_trailing++] = e;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
+                                             int wait_ms)
+{
+    if (!call || !payload || !len || call->is_job ||
+        !(call->header->flags & KELPIE_CLIENT_STREAM))
+        return KELPIE_ERR_INVAL;
+    kelpie_worker *w = call->worker;
+    free(call->last_read);
+    call->last_read = NULL;
+    int64_t end = -1;
+    if (wait_ms >= 0)
+        end = kpc_now_ms() + wait_ms;
+    else if (call->deadline)
+        end = call->deadline;
+    for (;;) {
+        worker_input *in = call->input;
+        if (in) {
+            call->input = in->next;
+            if (!call->input)
+                call->input_tail = NULL;
+            call->last_read = in;
+            *payload = in->data;
+            *len = in->len;
+            /* Grant the window back in batches, while more may come. */
+            if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended &&
+                !call->input_lost && call->epoch == w->epoch && !call->cancelled) {
+                Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+                hdr.kind = KELPIE__V1__KIND__CREDIT;
+                hdr.request_id = call->id;
+                hdr.credits = call->consumed;
+                hdr.flags = KELPIE_CLIENT_STREAM;
+                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK)
+                    call->consumed = 0;
+            }
+            return KELPIE_OK;
+        }
+        *payload = NULL;
+        *len = 0;
+        if (call->input_lost)
+            return KELPIE_DATA_LOSS;
+        if (call->input_ended)
+            return KELPIE_OUT_OF_RANGE;
+        if (call->cancelled)
+            return KELPIE_CANCELLED;
+        if (atomic_load(&w->stopping))
+            return KELPIE_ERR_STOPPED;
+        int64_t now = kpc_now_ms();
+        if (end >= 0 && now >= end) {
+            if (wait_ms == 0 && !w->pumping) {
+                worker_pump(w, 0); /* a poll still reads what is waiting */
+                if (call->input || call->input_ended || call->input_lost)
+                    continue;
+            }
+            return KELPIE_ERR_BUSY;
+        }
+        worker_pump(w, end < 0 ? 1000 : (long)(end - now));
+    }
 }

@@ -90,6 +90,9 @@ KELPIE_EXPORT const char *kelpie_status_name(kelpie_status status);
 enum {
     KELPIE_IDEMPOTENT = 1, /* the broker may re-send it to another worker */
     KELPIE_STREAM = 2,     /* answered by CHUNK* then END, not one REPLY */
+    /* the request itself is a stream: kelpie_client_write, then
+     * kelpie_client_done_writing (client streaming; with STREAM, bidi) */
+    KELPIE_CLIENT_STREAM = 128,
 };
 
 /* Message kinds a client receives (kelpie.v1.Kind numbers). The job kinds
@@ -175,10 +178,20 @@ typedef struct kelpie_reply {
     uint32_t attempt;                     /* STATUS "running": the attempt that started */
     float progress;                       /* PROGRESS: 0..1 */
     char stream[KELPIE_STREAM_NAME_SIZE]; /* OUTPUT: "stdout", "stderr", ... */
+    /* The answer's metadata (a worker's trailing metadata on REPLY, END and
+     * ERROR): n_metadata entries, keys and values NUL-terminated copies
+     * owned by the reply (kelpie_reply_fini releases them). */
+    kelpie_metadata *metadata;
+    size_t n_metadata;
 } kelpie_reply;
 
 /* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
 KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply);
+
+/* Looks up the reply's metadata; NULL when absent. *len (len may be NULL)
+ * gets the value's length; the value stays valid until kelpie_reply_fini. */
+KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const char *key,
+                                                size_t *len);
 
 /* Connects a client to a broker frontend ("tcp://127.0.0.1:5555"). The
  * connection is made in the background and re-made after a loss. Returns NULL
@@ -257,6 +270,52 @@ KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *clien
 
 /* How many calls are outstanding (sent, terminal answer not yet received). */
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *client);
+
+/* Client liveness (docs/protocol.md §7.2), as the Python clients do it.
+ * While calls are outstanding the client pings the broker (a HEARTBEAT with
+ * a request id of its own) every heartbeat_ms, and within
+ * KELPIE_CLIENT_FOLLOW_MS after sending calls; the broker echoes each ping
+ * with its broker_id. When nothing arrives for liveness * heartbeat_ms
+ * while calls wait, they end with a local ERROR UNAVAILABLE ("the broker
+ * did not answer for N ms"); when an answer shows a new broker_id (the
+ * broker restarted), the calls the old instance may have had end at once
+ * with UNAVAILABLE ("broker restarted; the call was lost with it"), and
+ * those the new one may have are cancelled there. The client has no
+ * thread: all this happens while the application is inside
+ * kelpie_client_call, _recv or _write (time spent elsewhere is not held
+ * against the broker). Defaults 1000 ms and 3; heartbeat_ms 0 turns pings
+ * and the silence check off. */
+KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *client,
+                                                        uint32_t heartbeat_ms, uint32_t liveness);
+#define KELPIE_CLIENT_FOLLOW_MS 50
+
+/* Broker restarts this client has seen (a HEARTBEAT with a new broker_id). */
+KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client);
+
+/* Client-streamed calls (docs/protocol.md §5.6): kelpie_client_send with
+ * KELPIE_CLIENT_STREAM sends the REQUEST (service, method, deadline,
+ * metadata; its payload is ignored by workers), then each request message
+ * goes with kelpie_client_write and the input ends with
+ * kelpie_client_done_writing. Without KELPIE_STREAM the call is answered by
+ * one REPLY or ERROR; with it, it is bidirectional (CHUNKs then END, read
+ * with kelpie_client_recv and credited with kelpie_client_credit).
+ *
+ * kelpie_client_write sends one CHUNK under the input window (16 to start,
+ * widened by the worker as its handler reads). When the window is empty it
+ * waits (reading the socket; answers that arrive are kept for
+ * kelpie_client_recv) up to wait_ms (-1: for ever; 0: not at all):
+ * KELPIE_ERR_BUSY when the window stayed shut. KELPIE_NOT_FOUND when the
+ * call is no longer outstanding (it ended: its terminal answer waits in
+ * kelpie_client_recv), KELPIE_ERR_INVAL when it is not a CLIENT_STREAM call
+ * or its input was already ended, KELPIE_RESOURCE_EXHAUSTED (nothing sent)
+ * when the CHUNK is larger than the broker accepts. */
+KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *client,
+                                                kelpie_request_id request_id, const void *payload,
+                                                size_t len, int wait_ms);
+
+/* Ends a CLIENT_STREAM call's input (END, the half-close). Once only. */
+KELPIE_EXPORT kelpie_status kelpie_client_done_writing(kelpie_client *client,
+                                                       kelpie_request_id request_id);
 
 /* ------------------------------------------------------------ client jobs -- */
 
@@ -431,6 +490,27 @@ KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call);
 /* Looks up request metadata; NULL when absent. *len gets the value length. */
 KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,
                                                size_t *len);
+
+/* Adds one entry of trailing metadata to the call's answer (REPLY, END or
+ * ERROR, whichever ends it). key is lower-case ASCII (a "-bin" suffix for
+ * binary values) and must not start with "kelpie-"; key and value are copied.
+ * KELPIE_ERR_INVAL for a bad key. */
+KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const char *key,
+                                                     const void *value, size_t len);
+
+/* CLIENT_STREAM calls (kelpie_call_flags(call) & KELPIE_CLIENT_STREAM): the
+ * handler reads the request messages in order. Returns KELPIE_OK with
+ * *payload and *len (valid until the next read or the call's answer);
+ * KELPIE_OUT_OF_RANGE once the caller ended its input (and on every read
+ * after); KELPIE_ERR_BUSY when nothing arrived within wait_ms (-1: until the
+ * call's deadline or for ever); KELPIE_CANCELLED when the call was
+ * cancelled; KELPIE_DATA_LOSS when a message went missing (a gap in the
+ * sequence); KELPIE_ERR_INVAL for a call that is not client-streamed.
+ * While waiting it reads the socket as kelpie_call_cancelled does. Reading
+ * grants the caller more input window, so a handler that reads slowly
+ * back-pressures its caller. */
+KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
+                                             int wait_ms);
 
 /* True once the client cancelled the call or the worker lost the broker (then
  * nobody waits for the answer). A synchronous handler that runs for a while
