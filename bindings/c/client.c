@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "compress.h"
 #include "curve.h"
 #include "wire.h"
 
@@ -37,7 +38,18 @@
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
+    uint32_t svc;     /* the service called, index + 1 in services; 0: none */
 } client_slot;
+
+/* A service called, and whether its workers read compressed requests (the
+ * ACCEPTS_COMPRESSED flag on their last answer, protocol.md §5.7). */
+typedef struct client_service {
+    char *name;
+    bool accepts;
+} client_service;
+
+/* Services remembered for compression at most; calls to others go plain. */
+#define CLIENT_MAX_SERVICES 256
 
 typedef struct client_node {
     kelpie_reply reply;
@@ -70,6 +82,10 @@ struct kelpie_client {
     kpc_arena arena;           /* the header being read (one at a time) */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     client_input *inputs;      /* CLIENT_STREAM calls' input state */
+    bool zip;                  /* compress requests (kelpie_client_set_compression) */
+    size_t zthreshold;         /* ... of at least this many bytes */
+    client_service *services;  /* services called (compression), n_services of them */
+    uint32_t n_services;
     /* Liveness (kelpie_client_set_heartbeat; protocol.md §7.2). */
     uint32_t heartbeat_ms; /* 0: no pings, no silence check */
     uint32_t liveness;
@@ -132,7 +148,7 @@ static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline});
+    client_insert_slot(c, (client_slot){id, deadline, 0});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -160,7 +176,7 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0};
+    c->slots[hole] = (client_slot){0, 0, 0};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
@@ -208,6 +224,8 @@ static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code,
 }
 
 /* --- sending ------------------------------------------------------------- */
+
+static uint32_t client_service_index(kelpie_client *c, const char *service);
 
 /* Sends a header-only message about an outstanding call (CANCEL, CREDIT). */
 static kelpie_status client_send_control(kelpie_client *c, Kelpie__V1__Kind kind, uint64_t id,
@@ -274,8 +292,8 @@ static void client_before_send(kelpie_client *c)
  * else a heartbeat after the last. */
 static int64_t client_next_ping(const kelpie_client *c)
 {
-    uint32_t follow = c->heartbeat_ms < KELPIE_CLIENT_FOLLOW_MS ? c->heartbeat_ms
-                                                                : KELPIE_CLIENT_FOLLOW_MS;
+    uint32_t follow =
+        c->heartbeat_ms < KELPIE_CLIENT_FOLLOW_MS ? c->heartbeat_ms : KELPIE_CLIENT_FOLLOW_MS;
     return c->last_ping + (c->owed ? follow : c->heartbeat_ms);
 }
 
@@ -410,6 +428,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     h.flags = opts->flags & (KELPIE_IDEMPOTENT | KELPIE_STREAM | KELPIE_CLIENT_STREAM);
     h.credits = (opts->flags & KELPIE_STREAM) ? opts->window : 0;
 
+    void *zipped = NULL; /* the payload compressed, when it is */
     Kelpie__V1__Header__MetadataEntry stack_entries[CLIENT_STACK_METADATA];
     Kelpie__V1__Header__MetadataEntry *stack_ptrs[CLIENT_STACK_METADATA];
     Kelpie__V1__Header__MetadataEntry *entries = stack_entries;
@@ -433,6 +452,15 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     }
     h.n_metadata = opts->n_metadata;
     h.metadata = ptrs;
+    h.flags |= KPC_FLAG_ACCEPTS_COMPRESSED; /* this library reads zstd answers */
+    uint32_t svc = client_service_index(c, opts->service);
+    size_t zlen = 0;
+    if (c->zip && svc && c->services[svc - 1].accepts &&
+        kpc_compress(payload, len, c->zthreshold, &zipped, &zlen)) {
+        payload = zipped;
+        len = zlen;
+        h.flags |= KPC_FLAG_COMPRESSED;
+    }
     client_input *input = NULL;
     if (h.flags & KELPIE_CLIENT_STREAM) {
         input = calloc(1, sizeof *input);
@@ -442,6 +470,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
         }
     }
     rc = client_send_tracked(c, &h, payload, len, opts->timeout_ms, request_id);
+    if (rc == KELPIE_OK && svc)
+        c->slots[client_find(c, h.request_id)].svc = svc;
     if (input && rc == KELPIE_OK) {
         input->id = h.request_id;
         input->window = CLIENT_INPUT_WINDOW;
@@ -451,6 +481,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
         free(input);
     }
 cleanup:
+    free(zipped);
     if (entries != stack_entries)
         free(entries);
     if (ptrs != stack_ptrs)
@@ -501,7 +532,7 @@ static kelpie_status client_copy_metadata(kelpie_reply *out, const Kelpie__V1__H
 }
 
 /* Fills *out from a received message. */
-static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
+static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owned, size_t owned_len)
 {
     const Kelpie__V1__Header *h = m->header;
     memset(out, 0, sizeof *out);
@@ -509,6 +540,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
     out->kind = (kelpie_kind)h->kind;
     out->status = client_terminal(h->kind) ? (kelpie_status)h->code : KELPIE_OK;
     out->sequence = h->sequence;
+    out->flags = h->flags;
     if (h->job_id)
         memcpy(out->job_id, h->job_id, strlen(h->job_id) + 1); /* length checked by the caller */
     out->attempt = h->attempt;
@@ -517,15 +549,19 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
         snprintf(out->stream, sizeof out->stream, "%s", h->stream);
     const char *text = h->message ? h->message : "";
     out->message = *text ? kpc_strndup(text, strlen(text)) : client_no_message;
-    if (m->len) {
+    bool lost = false;
+    if (owned || owned_len) {
+        out->payload = owned; /* decompressed: handed over as it is */
+        out->len = owned_len;
+    } else if (m->len) {
         out->payload = malloc(m->len);
         if (out->payload) {
             memcpy(out->payload, m->data, m->len);
             out->len = m->len;
         }
+        lost = !out->payload;
     }
-    if (!out->message || (m->len && !out->payload) ||
-        (h->n_metadata && client_copy_metadata(out, h) != KELPIE_OK)) {
+    if (!out->message || lost || (h->n_metadata && client_copy_metadata(out, h) != KELPIE_OK)) {
         kelpie_reply_fini(out);
         return KELPIE_ERR_NOMEM;
     }
@@ -574,9 +610,26 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
                               "the broker's answer names a job id longer than any it makes");
             goto done;
         }
+        void *plain = NULL;
+        size_t plain_len = 0;
+        if (i != SIZE_MAX && c->slots[i].svc && h->kind != KELPIE__V1__KIND__ERROR)
+            c->services[c->slots[i].svc - 1].accepts = h->flags & KPC_FLAG_ACCEPTS_COMPRESSED;
+        if ((h->flags & KPC_FLAG_COMPRESSED) && m.len) {
+            char why[160];
+            if (kpc_decompress(m.data, m.len, &plain, &plain_len, why, sizeof why) != KELPIE_OK) {
+                /* The worker's mistake: the call fails with it (§5.7). */
+                if (i != SIZE_MAX) {
+                    if (!terminal)
+                        client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
+                    client_remove_at(c, i);
+                    client_push_error(c, h->request_id, KELPIE_INVALID_ARGUMENT, why);
+                }
+                goto done;
+            }
+        }
         if (i != SIZE_MAX && terminal)
             client_remove_at(c, i);
-        rc = client_fill(out, &m);
+        rc = client_fill(out, &m, plain, plain_len);
         if (rc == KELPIE_ERR_NOMEM)
             rc = KELPIE_ABORTED;
         break;
@@ -955,8 +1008,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
     c->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
     c->heartbeat_ms = 1000;
     c->liveness = 3;
-    c->last_recv = c->last_look = kpc_now_ms();
-    client_ping(c, c->last_recv);
+    c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
+    /* The hello: a ping with id 0 (nothing was sent before it). */
+    Kelpie__V1__Header hello = KELPIE__V1__HEADER__INIT;
+    hello.kind = KELPIE__V1__KIND__HEARTBEAT;
+    kpc_wire_send(c->sock, &hello, NULL, 0, ZMQ_DONTWAIT);
     *out = c;
     return KELPIE_OK;
 fail:
@@ -977,6 +1033,9 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
         c->inputs = in->next;
         free(in);
     }
+    for (uint32_t i = 0; i < c->n_services; i++)
+        free(c->services[i].name);
+    free(c->services);
     if (c->sock)
         zmq_close(c->sock);
     if (c->ctx)
@@ -1016,6 +1075,38 @@ KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const
             return reply->metadata[i].value;
         }
     return NULL;
+}
+
+/* --- compression (protocol.md §5.7) -------------------------------------- */
+
+KELPIE_EXPORT kelpie_status kelpie_client_set_compression(kelpie_client *c, bool enable,
+                                                          size_t threshold)
+{
+    if (!c)
+        return KELPIE_ERR_INVAL;
+    c->zip = enable;
+    c->zthreshold = threshold;
+    return KELPIE_OK;
+}
+
+/* The index + 1 of service in the table (added when new), 0 when the table
+ * is full or memory is short (then calls to it just go uncompressed). */
+static uint32_t client_service_index(kelpie_client *c, const char *service)
+{
+    for (uint32_t i = 0; i < c->n_services; i++)
+        if (strcmp(c->services[i].name, service) == 0)
+            return i + 1;
+    if (c->n_services >= CLIENT_MAX_SERVICES)
+        return 0;
+    client_service *grown = realloc(c->services, (c->n_services + 1) * sizeof *grown);
+    if (!grown)
+        return 0;
+    c->services = grown;
+    char *name = kpc_strndup(service, strlen(service));
+    if (!name)
+        return 0;
+    c->services[c->n_services] = (client_service){name, false};
+    return ++c->n_services;
 }
 
 static client_input *client_input_find(kelpie_client *c, uint64_t id)
@@ -1091,9 +1182,19 @@ KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *c, kelpie_request
     h.kind = KELPIE__V1__KIND__CHUNK;
     h.request_id = request_id.id;
     h.sequence = in->sequence;
+    uint32_t svc = c->slots[client_find(c, request_id.id)].svc;
+    void *zipped = NULL;
+    size_t zlen = 0;
+    if (c->zip && svc && c->services[svc - 1].accepts &&
+        kpc_compress(payload, len, c->zthreshold, &zipped, &zlen)) {
+        payload = zipped;
+        len = zlen;
+        h.flags = KPC_FLAG_COMPRESSED;
+    }
     kelpie_status rc = kpc_wire_check(&h, len, c->max_message_size, "request", NULL, 0);
     if (rc == KELPIE_OK)
         rc = kpc_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
+    free(zipped);
     if (rc == KELPIE_OK) {
         in->sequence++;
         in->window--;

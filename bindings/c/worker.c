@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "compress.h"
 #include "curve.h"
 #include "wire.h"
 
@@ -115,6 +116,7 @@ struct kelpie_call {
     uint32_t consumed;               /* read and not yet granted back */
     bool input_ended;                /* END arrived */
     bool input_lost;                 /* a CHUNK's sequence showed a gap */
+    bool input_bad;                  /* a COMPRESSED CHUNK did not decompress */
 };
 
 /* One request message of a client-streamed call, payload inline. */
@@ -179,6 +181,8 @@ struct kelpie_worker {
     bool curve;                /* keys are set: speak CURVE */
     kpc_keys keys;             /* kelpie_worker_set_curve's */
     kelpie_status refused;     /* the broker refused us: run returns this */
+    bool zip;                  /* compress answers (kelpie_worker_set_compression) */
+    size_t zthreshold;         /* ... of at least this many bytes */
     char error[512];           /* kelpie_worker_error() */
 };
 
@@ -399,7 +403,19 @@ static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *pay
         kelpie_call_error(call, KELPIE_UNIMPLEMENTED, "no handler for this service/method");
         return;
     }
+    void *plain = NULL;
+    if ((call->header->flags & KPC_FLAG_COMPRESSED) && len) {
+        char why[160];
+        kelpie_status rc = kpc_decompress(payload, len, &plain, &len, why, sizeof why);
+        if (rc != KELPIE_OK) {
+            /* The caller's mistake (§5.7). */
+            kelpie_call_error(call, rc == KELPIE_ERR_NOMEM ? KELPIE_RESOURCE_EXHAUSTED : rc, why);
+            return;
+        }
+        payload = plain;
+    }
     h->fn(call, payload, len, h->arg);
+    free(plain);
     /* A handler may have run for a while: later messages of the batch must
      * not be stamped with the time from before it. */
     w->now = kpc_now_ms();
@@ -809,6 +825,25 @@ KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
 
 /* --- answering ----------------------------------------------------------- */
 
+/* An answer's payload as it should go (§5.7): h says this worker reads zstd
+ * (ACCEPTS_COMPRESSED), and the payload is compressed (h gets COMPRESSED,
+ * *zipped the buffer to free) when compression is on, the caller reads it
+ * and it is large enough to gain. */
+static const void *worker_zip(const kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
+                              size_t *len, void **zipped)
+{
+    kelpie_worker *w = call->worker;
+    size_t zlen = 0;
+    h->flags |= KPC_FLAG_ACCEPTS_COMPRESSED;
+    if (w->zip && (call->header->flags & KPC_FLAG_ACCEPTS_COMPRESSED) &&
+        kpc_compress(payload, *len, w->zthreshold, zipped, &zlen)) {
+        h->flags |= KPC_FLAG_COMPRESSED;
+        *len = zlen;
+        return *zipped;
+    }
+    return payload;
+}
+
 /* Sends a terminal answer (unless the call is an orphan) and frees the call.
  * An answer over the broker's size limit, or any answer after a CHUNK was
  * refused for its size, goes as ERROR RESOURCE_EXHAUSTED flagged OVERSIZED
@@ -823,6 +858,9 @@ static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const
     h->request_id = call->id;
     h->n_metadata = call->n_trailing;
     h->metadata = call->trailing;
+    void *zipped = NULL;
+    if (h->kind != KELPIE__V1__KIND__ERROR)
+        payload = worker_zip(call, h, payload, &len, &zipped);
     if (!refused &&
         kpc_wire_check(h, len, w->max_message_size, "reply", why, sizeof why) != KELPIE_OK)
         refused = why;
@@ -842,6 +880,7 @@ static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const
     } else if (call->epoch == w->epoch) {
         rc = worker_send(w, h, payload, len);
     }
+    free(zipped);
     worker_release(w, call);
     return rc;
 }
@@ -904,15 +943,19 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
     h.kind = KELPIE__V1__KIND__CHUNK;
     h.request_id = call->id;
     h.sequence = call->sequence;
+    void *zipped = NULL;
+    payload = worker_zip(call, &h, payload, &len, &zipped);
     char why[128];
     if (kpc_wire_check(&h, len, w->max_message_size, "chunk", why, sizeof why) != KELPIE_OK) {
         /* The stream cannot go on without this chunk: whatever ends the
          * call now sends this refusal instead (call_finish). */
         if (!call->oversized)
             call->oversized = kpc_strndup(why, strlen(why));
+        free(zipped);
         return KELPIE_RESOURCE_EXHAUSTED;
     }
     kelpie_status rc = worker_send(w, &h, payload, len);
+    free(zipped);
     if (rc == KELPIE_OK) {
         call->sequence++;
         call->window--;
@@ -1364,7 +1407,7 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
             call = p;
     if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
         return; /* answered already, or not a stream: dropped (§5.6) */
-    if (call->input_ended || call->input_lost)
+    if (call->input_ended || call->input_lost || call->input_bad)
         return;
     if (h->kind == KELPIE__V1__KIND__END) {
         call->input_ended = true;
@@ -1374,8 +1417,18 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
         call->input_lost = true;
         return;
     }
+    void *plain = NULL;
+    if ((h->flags & KPC_FLAG_COMPRESSED) && len) {
+        char why[160];
+        if (kpc_decompress(data, len, &plain, &len, why, sizeof why) != KELPIE_OK) {
+            call->input_bad = true; /* the caller's mistake: INVALID_ARGUMENT (§5.7) */
+            return;
+        }
+        data = plain;
+    }
     worker_input *in = malloc(sizeof *in + len);
     if (!in) {
+        free(plain);
         call->input_lost = true; /* the handler hears DATA_LOSS, not a silent gap */
         return;
     }
@@ -1383,12 +1436,23 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
     in->len = len;
     if (len)
         memcpy(in->data, data, len);
+    free(plain);
     if (call->input_tail)
         call->input_tail->next = in;
     else
         call->input = in;
     call->input_tail = in;
     call->input_seq++;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_set_compression(kelpie_worker *w, bool enable,
+                                                          size_t threshold)
+{
+    if (!w)
+        return KELPIE_ERR_INVAL;
+    w->zip = enable;
+    w->zthreshold = threshold;
+    return KELPIE_OK;
 }
 
 KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const char *key,
@@ -1426,8 +1490,7 @@ KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const ch
 KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
                                              int wait_ms)
 {
-    if (!call || !payload || !len || call->is_job ||
-        !(call->header->flags & KELPIE_CLIENT_STREAM))
+    if (!call || !payload || !len || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
         return KELPIE_ERR_INVAL;
     kelpie_worker *w = call->worker;
     free(call->last_read);
@@ -1447,8 +1510,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             *payload = in->data;
             *len = in->len;
             /* Grant the window back in batches, while more may come. */
-            if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended &&
-                !call->input_lost && call->epoch == w->epoch && !call->cancelled) {
+            if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended && !call->input_lost &&
+                !call->input_bad && call->epoch == w->epoch && !call->cancelled) {
                 Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
                 hdr.kind = KELPIE__V1__KIND__CREDIT;
                 hdr.request_id = call->id;
@@ -1463,6 +1526,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
         *len = 0;
         if (call->input_lost)
             return KELPIE_DATA_LOSS;
+        if (call->input_bad)
+            return KELPIE_INVALID_ARGUMENT;
         if (call->input_ended)
             return KELPIE_OUT_OF_RANGE;
         if (call->cancelled)
@@ -1473,7 +1538,7 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
         if (end >= 0 && now >= end) {
             if (wait_ms == 0 && !w->pumping) {
                 worker_pump(w, 0); /* a poll still reads what is waiting */
-                if (call->input || call->input_ended || call->input_lost)
+                if (call->input || call->input_ended || call->input_lost || call->input_bad)
                     continue;
             }
             return KELPIE_ERR_BUSY;

@@ -17,6 +17,7 @@
  *   -t MS                  the call's timeout (0: none)
  *   -m KEY=VALUE           request metadata (repeatable)
  *   -H MS, -L N            client heartbeat interval (0: off) and liveness
+ *   --warm METHOD          a unary call to METHOD of the service first
  *   --cancel-after MS, --count N, --pause MS, --compress, --idempotent
  *
  * Every answer is printed as one JSON object per line: kind, status (the
@@ -70,7 +71,8 @@ static void print_reply(const kelpie_reply *r, double elapsed_ms)
     printf("{\"kind\": \"%s\", \"status\": \"%s\", \"message\": ", kind_name(r->kind),
            kelpie_status_name(r->status));
     json_bytes(r->message, strlen(r->message));
-    printf(", \"sequence\": %llu, \"payload\": ", (unsigned long long)r->sequence);
+    printf(", \"sequence\": %llu, \"flags\": %u, \"payload\": ", (unsigned long long)r->sequence,
+           r->flags);
     json_bytes(r->payload, r->len);
     printf(", \"elapsed_ms\": %.1f, \"metadata\": {", elapsed_ms);
     for (size_t i = 0; i < r->n_metadata; i++) {
@@ -131,6 +133,7 @@ int main(int argc, char **argv)
     int n_args = 0;
     long heartbeat = -1, liveness = 3, cancel_after = 100, count = 1, pause_ms = 0;
     bool compress = false;
+    const char *warm = NULL;
     for (int i = 5; i < argc; i++) {
         if (strcmp(argv[i], "-t") == 0 && i + 1 < argc) {
             opts.timeout_ms = (uint32_t)strtoul(argv[++i], NULL, 10);
@@ -151,6 +154,8 @@ int main(int argc, char **argv)
             count = strtol(argv[++i], NULL, 10);
         } else if (strcmp(argv[i], "--pause") == 0 && i + 1 < argc) {
             pause_ms = strtol(argv[++i], NULL, 10);
+        } else if (strcmp(argv[i], "--warm") == 0 && i + 1 < argc) {
+            warm = argv[++i];
         } else if (strcmp(argv[i], "--compress") == 0) {
             compress = true;
         } else if (strcmp(argv[i], "--idempotent") == 0) {
@@ -170,11 +175,19 @@ int main(int argc, char **argv)
     }
     if (heartbeat >= 0)
         kelpie_client_set_heartbeat(c, (uint32_t)heartbeat, (uint32_t)liveness);
-    /* COMPRESSION-OPTION */
-    (void)compress;
+    if (compress)
+        kelpie_client_set_compression(c, true, KELPIE_COMPRESS_THRESHOLD);
     int status = 0;
     double start = now_ms();
     kelpie_request_id id;
+    if (warm) {
+        /* One unary call first: its answer tells the client whether the
+         * service's workers read zstd. */
+        kelpie_call_opts w = {.service = opts.service, .method = warm, .timeout_ms = 10000};
+        if (kelpie_client_send(c, &w, "x", 1, &id) != KELPIE_OK)
+            return 1;
+        status = read_until_end(c, id, start, false);
+    }
     const char *payload = n_args ? args[0] : "";
     if (strcmp(mode, "unary") == 0 || strcmp(mode, "repeat") == 0) {
         for (long k = 0; k < count && status == 0; k++) {

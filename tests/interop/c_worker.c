@@ -19,7 +19,8 @@
  *   Sum    client stream: the decimal sum of the integers streamed in;
  *          trailing n = how many.
  *   Chat   bidi: each request upper-cased as a CHUNK, END after the input.
- *   Size   the request's size in bytes (compression tests).
+ *   Size   the request's size in bytes (compression tests); trailing
+ *          compressed = 1 when the request came compressed.
  *   Big    payload N: a reply of N bytes of 'a' (compression tests).
  * It prints "ready" on stdout once registered handlers are set and runs until
  * SIGTERM/SIGINT.
@@ -266,6 +267,9 @@ static void size_handler(kelpie_call *call, const void *payload, size_t len, voi
     (void)arg;
     char buf[32];
     int blen = snprintf(buf, sizeof buf, "%zu", len);
+    /* Whether it came compressed (handed to us decompressed either way). */
+    bool zipped = kelpie_call_flags(call) & KELPIE_COMPRESSED;
+    kelpie_call_add_metadata(call, "compressed", zipped ? "1" : "0", 1);
     kelpie_call_reply(call, buf, (size_t)blen);
 }
 
@@ -304,7 +308,9 @@ int main(int argc, char **argv)
     worker = kelpie_worker_new(argv[1], "c-interop", 16);
     if (!worker)
         return 1;
-    /* COMPRESSION-OPTION */
+    for (int i = 2; i < argc; i++)
+        if (strcmp(argv[i], "--compress") == 0)
+            kelpie_worker_set_compression(worker, true, KELPIE_COMPRESS_THRESHOLD);
     kelpie_worker_set_heartbeat(worker, 200, 3);
     kelpie_worker_handle(worker, "cworker", "Echo", echo, NULL);
     kelpie_worker_handle(worker, "cworker", "Fail", fail, NULL);

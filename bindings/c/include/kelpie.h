@@ -93,6 +93,10 @@ enum {
     /* the request itself is a stream: kelpie_client_write, then
      * kelpie_client_done_writing (client streaming; with STREAM, bidi) */
     KELPIE_CLIENT_STREAM = 128,
+    /* on a kelpie_reply's flags (and kelpie_call_flags): the payload came as
+     * zstd (it is handed over decompressed); the peer reads zstd (§5.7) */
+    KELPIE_COMPRESSED = 256,
+    KELPIE_ACCEPTS_COMPRESSED = 512,
 };
 
 /* Message kinds a client receives (kelpie.v1.Kind numbers). The job kinds
@@ -183,6 +187,7 @@ typedef struct kelpie_reply {
      * owned by the reply (kelpie_reply_fini releases them). */
     kelpie_metadata *metadata;
     size_t n_metadata;
+    uint32_t flags; /* the answer's header flags (KELPIE_COMPRESSED, ...) */
 } kelpie_reply;
 
 /* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
@@ -292,6 +297,17 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *client,
 /* Broker restarts this client has seen (a HEARTBEAT with a new broker_id). */
 KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client);
 
+/* zstd compression (docs/protocol.md §5.7). Answers are always read
+ * compressed (every REQUEST says ACCEPTS_COMPRESSED). With enable, requests
+ * (and client-streamed CHUNKs) of at least threshold bytes to a service whose
+ * last answer said its worker reads zstd are sent compressed when that makes
+ * them smaller; the first call to a service goes plain, and an answer
+ * without the flag (an older worker joined) stops it. Default: off;
+ * KELPIE_COMPRESS_THRESHOLD is the threshold the Python peers use. */
+KELPIE_EXPORT kelpie_status kelpie_client_set_compression(kelpie_client *client, bool enable,
+                                                          size_t threshold);
+#define KELPIE_COMPRESS_THRESHOLD 1024
+
 /* Client-streamed calls (docs/protocol.md §5.6): kelpie_client_send with
  * KELPIE_CLIENT_STREAM sends the REQUEST (service, method, deadline,
  * metadata; its payload is ignored by workers), then each request message
@@ -309,9 +325,8 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  * kelpie_client_recv), KELPIE_ERR_INVAL when it is not a CLIENT_STREAM call
  * or its input was already ended, KELPIE_RESOURCE_EXHAUSTED (nothing sent)
  * when the CHUNK is larger than the broker accepts. */
-KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *client,
-                                                kelpie_request_id request_id, const void *payload,
-                                                size_t len, int wait_ms);
+KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *client, kelpie_request_id request_id,
+                                                const void *payload, size_t len, int wait_ms);
 
 /* Ends a CLIENT_STREAM call's input (END, the half-close). Once only. */
 KELPIE_EXPORT kelpie_status kelpie_client_done_writing(kelpie_client *client,
@@ -444,6 +459,14 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *worker,
  * reason. Valid until the next call on the worker. */
 KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *worker);
 
+/* zstd compression of answers (docs/protocol.md §5.7). Requests and input
+ * CHUNKs are always read compressed (every answer says
+ * ACCEPTS_COMPRESSED). With enable, REPLYs and CHUNKs of at least threshold
+ * bytes to a caller that said it reads zstd go compressed when that makes
+ * them smaller. Default: off. */
+KELPIE_EXPORT kelpie_status kelpie_worker_set_compression(kelpie_worker *worker, bool enable,
+                                                          size_t threshold);
+
 /* Calls fn(worker, arg) every interval_ms on the run thread (0 disables). */
 KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32_t interval_ms,
                                                    kelpie_tick_fn fn, void *arg);
@@ -505,10 +528,10 @@ KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const ch
  * after); KELPIE_ERR_BUSY when nothing arrived within wait_ms (-1: until the
  * call's deadline or for ever); KELPIE_CANCELLED when the call was
  * cancelled; KELPIE_DATA_LOSS when a message went missing (a gap in the
- * sequence); KELPIE_ERR_INVAL for a call that is not client-streamed.
- * While waiting it reads the socket as kelpie_call_cancelled does. Reading
- * grants the caller more input window, so a handler that reads slowly
- * back-pressures its caller. */
+ * sequence); KELPIE_INVALID_ARGUMENT when a COMPRESSED message did not
+ * decompress (answer the call with that code); KELPIE_ERR_INVAL for a call that is not
+ * client-streamed. While waiting it reads the socket as kelpie_call_cancelled does. Reading grants
+ * the caller more input window, so a handler that reads slowly back-pressures its caller. */
 KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
                                              int wait_ms);
 
