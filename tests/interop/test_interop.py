@@ -268,3 +268,23 @@ def test_py_client_c_worker_sync_client(workers):
         assert client.call("cworker", "Echo", b"sync", timeout=5) == b"sync"
         assert list(client.stream("cworker", "Count", b"5", timeout=5)) == \
             [b"%d" % i for i in range(5)]
+
+
+def test_py_client_cancels_a_c_client_stream(workers, loop):
+    """A Python caller gives up on a client-streamed call whose C handler is
+    blocked reading input: the CANCEL wakes the read, the handler answers,
+    and the C worker's slot comes back (it keeps serving)."""
+    async def main():
+        import asyncio
+        async with kelpie.Client(workers.frontend) as client:
+            call = client.stream_unary("cworker", "Sum", timeout=30)
+            await call.write(b"1")
+            await asyncio.sleep(0.2)
+            call.cancel()
+            with pytest.raises((asyncio.CancelledError, kelpie.Cancelled)):
+                await call
+            # All 16 slots: none is left stuck in a read.
+            replies = await asyncio.gather(*(client.call("cworker", "Echo", b"%d" % i, timeout=5)
+                                             for i in range(20)))
+            return replies
+    assert run(main(), loop) == [b"%d" % i for i in range(20)]
