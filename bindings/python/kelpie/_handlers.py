@@ -178,6 +178,10 @@ class HandlerTable:
             count += 1
         if count == 0:
             raise ValueError(f"{type(impl).__name__} implements no method of {service}")
+        # Reflection (kelpie._reflection): the service describes its methods' types.
+        from . import _reflection
+        self.add_handler(service, _reflection.METHOD, _reflection.handler(service_descriptor),
+                         stream=False, executor="loop")
 
     @property
     def services(self) -> list:
