@@ -3,8 +3,9 @@
  *   poll        zmq_poll over frontend, backend, intake and the wake pipe,
  *               with a timeout from the next deadline or sweep
  *   signals     stop requests from the wake pipe (drain, then force)
- *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
- *               flood on one socket cannot starve the others
+ *   read        up to KP_READ_BUDGET messages from each socket the poll
+ *               found readable, in turn, so a flood on one socket cannot
+ *               starve the others
  *   jobs        the job store's finished requests (journal.h): ACCEPTED,
  *               claimed jobs to dispatch, ACKs, watchers' events
  *   expire      call deadlines and job time limits that came due (timer heap)
