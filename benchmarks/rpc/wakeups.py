@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench import kelpie_env, new_loop, run  # noqa: E402
+from bench import kelpie_env, run  # noqa: E402
 from harness import Procs, find_kelpied, free_ports  # noqa: E402
 
 
