@@ -225,6 +225,9 @@ def add_command(sub, common):
     p.add_argument("--cgroups", choices=("auto", "v2", "v1", "none"), default="auto",
                    help="how memory, processes and CPU are enforced (default auto; none: "
                         "rlimits only)")
+    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                   help="heartbeat interval; the broker counts the worker lost (and "
+                        "redelivers its jobs) after 3 silent intervals (default 1)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may finish before their "
                         "sandboxes are killed and the jobs given back (default 10)")
@@ -241,7 +244,8 @@ def cmd_sandbox_worker(args):
         return 2
     max_limits = args.max_limit or _sandbox.MAX_LIMITS
     sw = SandboxWorker(args.queue, args.slots, limits=args.limit, max_limits=max_limits,
-                       mode=args.mode, cgroups=args.cgroups, backend=args.backend)
+                       mode=args.mode, cgroups=args.cgroups, backend=args.backend,
+                       heartbeat=args.heartbeat)
 
     async def serve():
         loop = asyncio.get_running_loop()
