@@ -118,7 +118,8 @@ class SandboxWorker:
         for pid in leaks.processes_of(self.uids):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    left.append(f"process {pid}: {f.read().replace(b'\0', b' ')[:200]!r}")
+                    cmdline = f.read().replace(b"\0", b" ")[:200]
+                left.append(f"process {pid}: {cmdline!r}")
             except OSError:
                 pass
         return left + leaks.pool_leftovers(self.pool_id)

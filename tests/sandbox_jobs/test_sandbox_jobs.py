@@ -140,24 +140,28 @@ def test_bad_spec_is_dead_at_once(broker, workers):
     run(main())
 
 
-@pytest.mark.parametrize("argv,status,verdict", [
+EXIT_CASES = [
     (["sh", "-c", "echo hi"], 0, "ok"),
     (["sh", "-c", "exit 7"], 7, "nonzero_exit"),
     (["sh", "-c", "kill -TERM $$"], 128 + signal.SIGTERM, "signaled"),
     (["--limit", "time=1s", "--", "sleep", "30"], 124, "timeout"),
     (["--limit", "mem=64M", "--runtime", "python3", "-c", "x = bytearray(400 << 20)"], 122,
      "memory_limit"),
-])
-def test_kelpie_run_exit_status(broker, workers, argv, status, verdict):
+]
+
+
+def test_kelpie_run_exit_status(broker, workers):
+    """One worker for every case (a worker's start is the slow part)."""
     workers.start(slots=2)
-    args = argv if argv[0].startswith("--") else ["--", *argv]
-    code, out, err = kelpie_run(broker, "-v", *args)
-    assert code == status, err
-    assert f"kelpie run: {verdict}".encode() in err, err
-    if verdict == "ok":
-        assert out == b"hi\n"
-    if verdict == "memory_limit":
-        assert b"memory by cgroup" in err
+    for argv, status, verdict in EXIT_CASES:
+        args = argv if argv[0].startswith("--") else ["--", *argv]
+        code, out, err = kelpie_run(broker, "-v", *args)
+        assert code == status, (argv, err)
+        assert f"kelpie run: {verdict}".encode() in err, (argv, err)
+        if verdict == "ok":
+            assert out == b"hi\n"
+        if verdict == "memory_limit":
+            assert b"memory by cgroup" in err
 
 
 def test_kelpie_run_limits_and_interactive_stdin(broker, workers):
