@@ -1610,16 +1610,20 @@ void kp_jobs_input(struct kp_broker *b, kp_header *h)
         input_refuse(b, h, KP_EINVAL, "INPUT carries at most one payload frame");
         return;
     }
+    if (e == NULL) {
+        input_refuse(b, h, KP_EUNIMPLEMENTED, "this broker runs no job engine");
+        return;
+    }
     kp_clients_get(&b->clients, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
                    b->now)
         ->last_seen = b->now;
-    struct watch *wt = e ? zhashx_lookup(e->watches, id.s) : NULL;
+    struct watch *wt = zhashx_lookup(e->watches, id.s);
     struct run *r = wt ? wt->run : NULL;
     char msg[160];
     if (r == NULL || r->call == NULL || r->call->worker == NULL) {
         /* Held here for a slot, or not leased here at all: never buffered
          * (§11.7), so the bound on what the broker holds for input is zero. */
-        for (void *it = e ? zhashx_first(e->queues) : NULL; it; it = zhashx_next(e->queues)) {
+        for (void *it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
             struct jobq *q = it;
             for (struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
                 if (strcmp(kp_container_of(l, struct run, held_link)->id.s, id.s) == 0) {

@@ -124,7 +124,7 @@ class SandboxWorker:
                 pass
         return left + leaks.pool_leftovers(self.pool_id)
 
-    def stop(self, sig=signal.SIGTERM, timeout=20.0):
+    def stop(self, sig=signal.SIGTERM, timeout=30.0):
         if self.proc.poll() is None:
             try:
                 os.killpg(self.pid, sig)
