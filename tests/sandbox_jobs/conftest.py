@@ -70,11 +70,12 @@ def env_for(broker):
 class SandboxWorker:
     """One ``kelpie sandbox-worker`` process."""
 
-    def __init__(self, broker, tmp_path, index, slots, loop, args):
+    def __init__(self, broker, tmp_path, index, slots, loop, heartbeat, args):
         self.log_path = os.path.join(str(tmp_path), f"sandbox-worker{index}.log")
-        cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "--log-level", os.environ.get("SBX_LOG", "info"),
+        log_level = os.environ.get("SANDBOX_JOBS_LOG", "info")
+        cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "--log-level", log_level,
                "sandbox-worker", "--backend", broker.backend, "--slots", str(slots),
-               "--grace", "2", "--heartbeat", "0.3", *args]
+               "--grace", "2", "--heartbeat", str(heartbeat), *args]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, env=env_for(broker), stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -144,8 +145,11 @@ class Workers:
         self.tmp_path = tmp_path
         self.all = []
 
-    def start(self, slots=2, loop="asyncio", args=(), wait=True):
-        w = SandboxWorker(self.broker, self.tmp_path, len(self.all), slots, loop, list(args))
+    def start(self, slots=2, loop="asyncio", args=(), wait=True, heartbeat=1.0):
+        """A worker; ``heartbeat`` short only where a test wants a lost
+        worker noticed fast (a busy 2-core box can hold a loop up a while)."""
+        w = SandboxWorker(self.broker, self.tmp_path, len(self.all), slots, loop, heartbeat,
+                          list(args))
         self.all.append(w)
         if wait:
             w.wait_started()

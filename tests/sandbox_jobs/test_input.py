@@ -19,7 +19,7 @@ UNKNOWN = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 
 
 def echo_worker(broker):
-    w = kelpie.Worker(broker.backend, concurrency=2, heartbeat=0.3)
+    w = kelpie.Worker(broker.backend, concurrency=2)
 
     @w.job("echo")
     async def echo(payload, ctx):

@@ -161,30 +161,34 @@ def add_command(sub, common):
                "kelpie run --sandbox --limit mem=256M,time=5s --runtime sh -c 'echo hi';  "
                "kelpie run --sandbox -i -- python3 -i")
     p.add_argument("--sandbox", action="store_true",
-                   help="run it sandboxed (required: the only kind of run there is)")
+                   help="run it sandboxed (required, no default: the only kind of run there is)")
     p.add_argument("--queue", "-q", default=DEFAULT_QUEUE, metavar="NAME",
                    help=f"the queue a sandbox-worker serves (default {DEFAULT_QUEUE})")
     p.add_argument("--limit", type=_limit_mapping, default=None, metavar="K=V,...",
                    help="the job's limits, e.g. mem=256M,time=5s,cpu=2s,pids=64,output=64K "
                         "(capped by the worker's maximum; default: the worker's defaults)")
     p.add_argument("--runtime", choices=sorted(_sandbox.RUNTIMES), default=None,
-                   help="run -c CODE with this runtime instead of a command")
+                   help="run -c CODE with this runtime instead of a command (default: "
+                        "none, run the command)")
     p.add_argument("-c", "--code", default=None, metavar="CODE",
-                   help="the snippet --runtime runs")
+                   help="the snippet --runtime runs (default: none)")
     p.add_argument("--interactive", "-i", action="store_true",
                    help="forward this stdin to the program while it runs (default: its "
                         "stdin is empty)")
     p.add_argument("--file", action="append", metavar="NAME=PATH",
-                   help="put local file PATH in the sandbox's /work as NAME (repeatable)")
+                   help="put local file PATH in the sandbox's /work as NAME (repeatable; default: "
+                        "none)")
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
-                   help="an environment variable for the program (repeatable)")
+                   help="an environment variable for the program (repeatable; default: only the "
+                        "sandbox's own PATH, HOME, TMPDIR, LANG)")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="the job's run-time limit per attempt at the broker (default: the "
-                        "queue's); the sandbox's own wall limit is --limit time=")
+                   help="the job's run-time limit per attempt at the broker, in seconds "
+                        "(default: the queue's); the sandbox's own wall limit is --limit time=")
     p.add_argument("--max-attempts", type=int, default=0, metavar="N",
                    help="deliveries before the job is given up (default: the queue's, 3)")
     p.add_argument("--verbose", "-v", action="store_true",
-                   help="print the job id and the verdict on stderr")
+                   help="print the job id and the verdict on stderr (default: the verdict only "
+                        "when a limit ended the program)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                    help="the command to run (after --)")
     common(p)

@@ -218,7 +218,8 @@ def add_command(sub, common):
     p.add_argument("--max-limit", type=lambda t: _limits(t, _sandbox.MAX_LIMITS),
                    default=None, metavar="K=V,...",
                    help="the worker-wide maximum a job's own limits are clamped to, over "
-                        "the built-in maximum (wall 600 s, 4 GiB, 1024 processes, ...)")
+                        "the built-in maximum (default: wall 600 s, 4 GiB, 1024 processes, "
+                        "...)")
     p.add_argument("--mode", choices=("auto", "uid", "rootless"), default="auto",
                    help="uid: a host uid per slot (needs root); rootless: user namespaces; "
                         "auto: uid when root (default)")
@@ -226,11 +227,11 @@ def add_command(sub, common):
                    help="how memory, processes and CPU are enforced (default auto; none: "
                         "rlimits only)")
     p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
-                   help="heartbeat interval; the broker counts the worker lost (and "
+                   help="heartbeat interval in seconds; the broker counts the worker lost (and "
                         "redelivers its jobs) after 3 silent intervals (default 1)")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may finish before their "
-                        "sandboxes are killed and the jobs given back (default 10)")
+                        "sandboxes are killed and the jobs given back, in seconds (default 10)")
     common(p)
     p.set_defaults(fn=cmd_sandbox_worker)
 
