@@ -1,0 +1,140 @@
+"""Clients and workers with several brokers (docs/scale-out.md): three real
+kelpied share one real PostgreSQL; two worker processes are registered with
+all three; the client is given all three frontends. Killing one broker with
+SIGKILL in the middle of traffic loses no accepted job and stops no service:
+idempotent calls and keyed submits lost with it are sent once more to
+another broker and succeed, the others fail UNAVAILABLE (BrokerLost), every
+ACCEPTED job ends succeeded, and the broker is used again once restarted."""
+import asyncio
+import collections
+import json
+import time
+import uuid
+
+import kelpie
+import kelpie.sync
+from kelpie._brokers import BrokerLost
+from kelpie.testing import Kelpied
+
+from conftest import HEARTBEAT_MS, WorkerProc, run, wait_for
+
+SLOW = json.dumps({"sleep": 0.05}).encode()
+JOB = json.dumps({"sleep": 0.02}).encode()
+
+
+def start_brokers(tmp_path, url, names="abc"):
+    out = []
+    for name in names:
+        d = tmp_path / name
+        d.mkdir()
+        out.append(Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(d),
+                           args=["--store", url]).start())
+    return out
+
+
+def wait_workers(brokers, n):
+    """Every broker lists ``n`` workers serving mb."""
+    for b in brokers:
+        with b.client(heartbeat=0) as c:
+            assert c.wait_for_service("mb", timeout=15) >= 1
+            wait_for(lambda: c.stats()["workers"] >= n, 15, f"{n} workers at {b.frontend}")
+
+
+def test_endpoint_lists():
+    """The forms a list of brokers may take, and what each client becomes."""
+    from kelpie._brokers import endpoints
+    assert endpoints("tcp://a:1, tcp://b:2,,tcp://a:1", "X", "d") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(["tcp://a:1", "tcp://b:2"], "X", "d") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(None, "KELPIE_NO_SUCH_VAR", "tcp://d:3") == ["tcp://d:3"]
+    c = kelpie.Client("tcp://127.0.0.1:1,tcp://127.0.0.1:2")
+    assert isinstance(c, kelpie.Client) and len(c.brokers) == 2
+    assert c.frontend == "tcp://127.0.0.1:1,tcp://127.0.0.1:2"
+    assert not hasattr(kelpie.Client("tcp://127.0.0.1:1"), "brokers")
+    s = kelpie.sync.Client(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
+    assert isinstance(s, kelpie.sync.Client) and len(s.brokers) == 2
+    s.close()
+    w = kelpie.Worker(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
+    assert w.backend == "tcp://127.0.0.1:1,tcp://127.0.0.1:2"
+
+
+def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
+    url, _ = postgres.new_db()
+    brokers = start_brokers(tmp_path, url)
+    cleanup.extend(brokers)
+    backends = [b.backend for b in brokers]
+    workers = [WorkerProc(tmp_path, f"w{i}", backends) for i in range(2)]
+    cleanup.extend(workers)
+    wait_workers(brokers, 2)
+    victim = brokers[0]
+
+    async def main():
+        outcome = collections.defaultdict(collections.Counter)
+        accepted = []
+        stop = asyncio.Event()
+        async with kelpie.Client([b.frontend for b in brokers], heartbeat=0.2,
+                                 timeout=15) as client:
+            async def traffic(kind):
+                while not stop.is_set():
+                    try:
+                        if kind == "idempotent":
+                            assert await client.call("mb", "Echo", SLOW,
+                                                     idempotent=True) == SLOW
+                        elif kind == "plain":
+                            assert await client.call("mb", "Echo", SLOW) == SLOW
+                        elif kind == "keyed":
+                            job = await client.submit("work", JOB,
+                                                      idempotency_key=uuid.uuid4().hex)
+                            accepted.append(job.id)
+                        else:
+                            accepted.append((await client.submit("work", JOB)).id)
+                        outcome[kind]["ok"] += 1
+                    except kelpie.Unavailable as exc:
+                        outcome[kind][type(exc).__name__] += 1
+                    except Exception as exc:  # anything else fails the test below
+                        outcome[kind][f"{type(exc).__name__}: {exc}"] += 1
+
+            kinds = ("idempotent", "plain", "keyed", "unkeyed")
+            tasks = [asyncio.create_task(traffic(k)) for k in kinds for _ in range(4)]
+            await asyncio.sleep(1.5)
+            before = {k: outcome[k]["ok"] for k in kinds}
+            assert all(before.values()), dict(outcome)
+            t_kill = time.monotonic()
+            victim.stop()  # SIGKILL
+            await asyncio.sleep(0.5)
+            down_after = time.monotonic() - t_kill
+            assert [b["up"] for b in client.brokers] == [False, True, True], client.brokers
+            mid = {k: outcome[k]["ok"] for k in kinds}
+            await asyncio.sleep(1.0)
+            # Traffic goes on through the others.
+            assert all(outcome[k]["ok"] > mid[k] for k in kinds), dict(outcome)
+            await asyncio.get_running_loop().run_in_executor(None, victim.start)
+            t0 = time.monotonic()
+            while not client.brokers[0]["up"]:
+                assert time.monotonic() - t0 < 10, "the restarted broker is not used again"
+                await asyncio.sleep(0.05)
+            rejoin = time.monotonic() - t0
+            await asyncio.sleep(1.5)
+            stop.set()
+            await asyncio.gather(*tasks)
+            moved, lost = client.moved, client.lanes_lost
+            # Every ACCEPTED job completes (read through any broker).
+            for jid in accepted:
+                assert await (await client.job(jid)).result(timeout=30) == JOB
+        return outcome, accepted, moved, lost, down_after, rejoin
+
+    outcome, accepted, moved, lost, down_after, rejoin = run(main(), loop, timeout=80)
+    print(f"\n[{loop}] {dict((k, dict(v)) for k, v in outcome.items())}; {len(accepted)} "
+          f"jobs accepted, all succeeded; {moved} requests moved to another broker; lanes "
+          f"lost {lost}; restarted broker up again after {rejoin:.2f} s")
+    for kind in ("idempotent", "keyed"):
+        assert set(outcome[kind]) == {"ok"}, (kind, dict(outcome[kind]))
+    for kind in ("plain", "unkeyed"):
+        # Only what was in flight at the broker when it died (4 tasks each):
+        # UNAVAILABLE, never another error.
+        assert set(outcome[kind]) <= {"ok", "BrokerLost"}, (kind, dict(outcome[kind]))
+        assert outcome[kind]["BrokerLost"] <= 8, (kind, dict(outcome[kind]))
+    assert lost == 1
+    # The restarted broker served calls and accepted jobs again.
+    with victim.client(heartbeat=0) as c:
+        stats = c.stats()
+    assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
