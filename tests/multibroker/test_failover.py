@@ -118,8 +118,13 @@ def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
             await asyncio.gather(*tasks)
             moved, lost = client.moved, client.lanes_lost
             # Every ACCEPTED job completes (read through any broker).
-            for jid in accepted:
-                assert await (await client.job(jid)).result(timeout=30) == JOB
+            async def result(jid):
+                return await (await client.job(jid)).result(timeout=30)
+
+            results = await asyncio.gather(*(result(j) for j in accepted),
+                                           return_exceptions=True)
+            bad = [(j, r) for j, r in zip(accepted, results) if r != JOB]
+            assert not bad, bad[:10]
         return outcome, accepted, moved, lost, down_after, rejoin
 
     outcome, accepted, moved, lost, down_after, rejoin = run(main(), loop, timeout=80)
@@ -136,5 +141,86 @@ def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
     assert lost == 1
     # The restarted broker served calls and accepted jobs again.
     with victim.client(heartbeat=0) as c:
+        stats = c.stats()
+    assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
+
+
+def worker_credits(broker, name):
+    with broker.client(heartbeat=0) as c:
+        detail = c.stats().get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values() if w["name"] == name)
+
+
+def test_sync_client_and_worker_slots_across_a_broker_kill(tmp_path, postgres, cleanup):
+    """The blocking client moves off a killed broker the same way (threads
+    making idempotent and plain calls and keyed submits); the worker's
+    slots (MB_CONCURRENCY 8 over two brokers: 4 each) all go to the broker
+    left, and are split again when the other comes back."""
+    import threading
+    url, _ = postgres.new_db()
+    a, b = start_brokers(tmp_path, url, "ab")
+    cleanup.extend([a, b])
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend], env={"MB_CONCURRENCY": "8"})
+    cleanup.append(w)
+    wait_workers([a, b], 1)
+    wait_for(lambda: worker_credits(a, "w") == 4 and worker_credits(b, "w") == 4, 10,
+             "the worker's 8 slots split 4 + 4")
+    outcome = collections.defaultdict(collections.Counter)
+    accepted = []
+    stop = threading.Event()
+    client = kelpie.sync.Client([a.frontend, b.frontend], heartbeat=0.2, timeout=15)
+
+    def traffic(kind):
+        while not stop.is_set():
+            try:
+                if kind == "idempotent":
+                    assert client.call("mb", "Echo", SLOW, idempotent=True) == SLOW
+                elif kind == "plain":
+                    assert client.call("mb", "Echo", SLOW) == SLOW
+                else:
+                    accepted.append(client.submit("work", JOB,
+                                                  idempotency_key=uuid.uuid4().hex).id)
+                outcome[kind]["ok"] += 1
+            except kelpie.Unavailable as exc:
+                outcome[kind][type(exc).__name__] += 1
+            except Exception as exc:
+                outcome[kind][f"{type(exc).__name__}: {exc}"] += 1
+
+    threads = [threading.Thread(target=traffic, args=(k,))
+               for k in ("idempotent", "plain", "keyed") for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        a.stop()  # SIGKILL
+        t_kill = time.monotonic()
+        wait_for(lambda: worker_credits(b, "w") == 8, 10, "all 8 slots offered to broker b")
+        moved_slots = time.monotonic() - t_kill
+        mid = {k: outcome[k]["ok"] for k in outcome}
+        time.sleep(1.0)
+        assert all(outcome[k]["ok"] > mid[k] for k in mid), dict(outcome)
+        a.start()
+        wait_for(lambda: worker_credits(a, "w") == 4 and worker_credits(b, "w") == 4, 10,
+                 "the slots split 4 + 4 again")
+        wait_for(lambda: all(x["up"] for x in client.brokers), 10, "broker a up again")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    try:
+        for jid in accepted:
+            assert client.result(jid, timeout=30) == JOB
+        moved = client.moved
+    finally:
+        client.close()
+    print(f"\n[sync] {dict((k, dict(v)) for k, v in outcome.items())}; {len(accepted)} jobs "
+          f"accepted, all succeeded; {moved} moved; worker slots moved to b "
+          f"{moved_slots:.2f} s after the kill")
+    for kind in ("idempotent", "keyed"):
+        assert set(outcome[kind]) == {"ok"}, (kind, dict(outcome[kind]))
+    assert set(outcome["plain"]) <= {"ok", "Unavailable", "BrokerLost"}, dict(outcome["plain"])
+    assert outcome["plain"]["Unavailable"] + outcome["plain"]["BrokerLost"] <= 6
+    with a.client(heartbeat=0) as c:
         stats = c.stats()
     assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
