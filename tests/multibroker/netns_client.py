@@ -8,6 +8,7 @@ waits for every ACCEPTED job's result and prints the final JSON line."""
 import asyncio
 import collections
 import json
+import os
 import sys
 import uuid
 
@@ -58,11 +59,9 @@ async def main():
                 break
         stop.set()
         await asyncio.gather(*tasks)
-        async def result(jid):
-            return await (await client.job(jid)).result(timeout=30)
-
-        results = await asyncio.gather(*(result(j) for j in accepted), return_exceptions=True)
-        bad = [f"{j}: {r!r}" for j, r in zip(accepted, results) if r != JOB]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from jobcheck import all_succeeded
+        bad = sorted(await all_succeeded(client, accepted))
         print(json.dumps({"outcome": {k: dict(v) for k, v in outcome.items()},
                           "accepted": len(accepted), "bad": bad[:10], "moved": client.moved,
                           "lost": client.lanes_lost}), flush=True)

@@ -16,7 +16,7 @@ import kelpie.sync
 from kelpie._brokers import BrokerLost
 from kelpie.testing import Kelpied
 
-from conftest import HEARTBEAT_MS, WorkerProc, run, wait_for
+from conftest import HEARTBEAT_MS, WorkerProc, all_succeeded, run, wait_for
 
 SLOW = json.dumps({"sleep": 0.05}).encode()
 JOB = json.dumps({"sleep": 0.02}).encode()
@@ -118,13 +118,8 @@ def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
             await asyncio.gather(*tasks)
             moved, lost = client.moved, client.lanes_lost
             # Every ACCEPTED job completes (read through any broker).
-            async def result(jid):
-                return await (await client.job(jid)).result(timeout=30)
-
-            results = await asyncio.gather(*(result(j) for j in accepted),
-                                           return_exceptions=True)
-            bad = [(j, r) for j, r in zip(accepted, results) if r != JOB]
-            assert not bad, bad[:10]
+            missing = await all_succeeded(client, accepted)
+            assert not missing, sorted(missing)[:10]
         return outcome, accepted, moved, lost, down_after, rejoin
 
     outcome, accepted, moved, lost, down_after, rejoin = run(main(), loop, timeout=80)
@@ -209,11 +204,19 @@ def test_sync_client_and_worker_slots_across_a_broker_kill(tmp_path, postgres, c
         for t in threads:
             t.join(20)
     try:
-        for jid in accepted:
-            assert client.result(jid, timeout=30) == JOB
         moved = client.moved
     finally:
         client.close()
+
+    async def check():
+        async with kelpie.Client([a.frontend, b.frontend], timeout=20) as c:
+            return await all_succeeded(c, accepted)
+
+    missing = run(check(), "asyncio")
+    assert not missing, sorted(missing)[:10]
+    with kelpie.sync.Client([a.frontend, b.frontend], timeout=20) as c:
+        for jid in accepted[-10:]:  # read through the blocking client's watch too
+            assert c.result(jid, timeout=20) == JOB
     print(f"\n[sync] {dict((k, dict(v)) for k, v in outcome.items())}; {len(accepted)} jobs "
           f"accepted, all succeeded; {moved} moved; worker slots moved to b "
           f"{moved_slots:.2f} s after the kill")

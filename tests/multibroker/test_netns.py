@@ -13,7 +13,9 @@ reason, only where namespaces cannot be made."""
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -49,7 +51,7 @@ class Net:
     the roles has 10.A.B.(i+1)."""
 
     def __init__(self):
-        self.tag = f"kmb{os.getpid() % 100000}"
+        self.tag = f"kmb{os.getpid()}"
         self.subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
         self.made = []
         self.addr = {}
@@ -89,16 +91,47 @@ class Net:
         self.made = []
 
 
+def sweep_stale():
+    """Delete the namespaces of an earlier run of this test that was killed
+    before its own clean-up (SIGKILL from a timeout): ``kmb<pid>-*`` whose
+    pid is gone, with whatever still runs in them."""
+    for line in ip("netns", "list").stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(r"kmb(\d+)-\w+", name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its test still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        for pid in ip("netns", "pids", name, check=False).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        ip("netns", "del", name, check=False)
+
+
 @pytest.fixture
 def net():
     why = netns_unavailable()
     if why:
         pytest.skip(f"network namespaces unavailable: {why}")
+    sweep_stale()
     n = Net()
+
+    def on_term(signum, frame):
+        raise SystemExit(f"signal {signum}")  # so that the finally below runs
+
+    old = signal.signal(signal.SIGTERM, on_term)
     try:
         yield n.up()
     finally:
         n.down()
+        signal.signal(signal.SIGTERM, old)
 
 
 def keys(tmp_path):

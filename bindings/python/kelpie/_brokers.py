@@ -154,11 +154,6 @@ def _lane_options(kwargs):
 
 # -- the asyncio client ------------------------------------------------------
 
-def _async_client_class():
-    from .client import Client
-    return Client
-
-
 def make_async(base):
     """Build the multi-broker subclass of kelpie.client.Client (``base``)."""
 
@@ -173,6 +168,19 @@ def make_async(base):
             self._interceptors = ()
             opts = _lane_options(kwargs)
             self._init_lanes([_Lane(base(ep, **opts), ep, 0.0) for ep in eps])
+            for lane in self._lanes:
+                # Whatever makes a lane give up all its calls at once (its
+                # own silence check, a DISCONNECT, a dead reader, _lose
+                # below) loses the lane, and marks the exception so that
+                # each call it fails knows (_lost).
+                lane.client._fail_all = self._lane_failer(lane, lane.client._fail_all)
+
+        def _lane_failer(self, lane, fail_all):
+            def failed(exc):
+                exc._kelpie_lane_lost = True
+                self._mark_down(lane, str(exc))
+                fail_all(exc)
+            return failed
 
         async def connect(self) -> "MultiClient":
             if self._loop is not None:
@@ -187,7 +195,12 @@ def make_async(base):
                 lane.client._context = self._context
             # A broker that is down now does not stop the others: its lane
             # connects when it comes back (libzmq retries by itself).
-            await asyncio.gather(*(lane.client.connect() for lane in self._lanes))
+            try:
+                await asyncio.gather(*(lane.client.connect() for lane in self._lanes))
+            except BaseException:
+                # A refused key, say: leave nothing open behind the error.
+                await self.close()
+                raise
             now = loop.time()
             for lane in self._lanes:
                 lane.heard_at = now
@@ -216,7 +229,7 @@ def make_async(base):
         # -- liveness ----------------------------------------------------
 
         def _lose(self, lane, why):
-            if self._mark_down(lane, why):
+            if not lane.down:
                 client = lane.client
                 client._fail_all(BrokerLost(f"broker at {lane.endpoint} lost: {why}"))
                 if client._loop is not None:
@@ -270,7 +283,8 @@ def make_async(base):
                 await asyncio.sleep(interval)
 
         def _lost(self, lane, exc):
-            return lane.down or isinstance(exc, (BrokerLost, BrokerRestarted))
+            return (getattr(exc, "_kelpie_lane_lost", False)
+                    or isinstance(exc, (BrokerLost, BrokerRestarted)))
 
         # -- calls -------------------------------------------------------
 
