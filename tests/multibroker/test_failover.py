@@ -227,3 +227,65 @@ def test_sync_client_and_worker_slots_across_a_broker_kill(tmp_path, postgres, c
     with a.client(heartbeat=0) as c:
         stats = c.stats()
     assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
+
+
+APP = '''
+import kelpie
+worker = kelpie.Worker(concurrency=4, heartbeat=0.2)
+
+@worker.handler("mbcli", "Echo")
+async def echo(payload, ctx):
+    return payload
+'''
+
+
+def test_cli_with_two_brokers(tmp_path, cleanup):
+    """`kelpie worker --backend a,b` registers with both brokers (2 slots
+    each); `kelpie --frontend a,b call` is served, also with the first
+    broker killed (it never answers a ping, so no call goes there)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import kill_group
+    (tmp_path / "mbapp.py").write_text(APP)
+    a = Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(tmp_path)).start()
+    d = tmp_path / "b"
+    d.mkdir()
+    b = Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(d)).start()
+    cleanup.extend([a, b])
+    env = {**os.environ, "KELPIE_FRONTEND": f"{a.frontend},{b.frontend}"}
+    kelpie_cmd = [sys.executable, "-m", "kelpie"]
+    worker = subprocess.Popen([*kelpie_cmd, "worker", "mbapp:worker", "--backend",
+                               f"{a.backend},{b.backend}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+
+    class W:
+        def kill(self):
+            kill_group(worker)
+    cleanup.append(W())
+    for broker in (a, b):
+        wait_for(lambda: _any_credits(broker) == 2, 15,
+                 f"the worker's 2 slots at {broker.frontend}")
+
+    def call():
+        return subprocess.run([*kelpie_cmd, "call", "mbcli", "Echo", "--data", "hi"], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    for _ in range(2):
+        out = call()
+        assert out.returncode == 0 and out.stdout.strip() == "hi", out
+    a.stop()
+    t0 = time.monotonic()
+    out = call()
+    took = time.monotonic() - t0
+    assert out.returncode == 0 and out.stdout.strip() == "hi", out
+    wait_for(lambda: _any_credits(b) == 4, 10, "all 4 slots at the broker left")
+    print(f"\n[cli] a call with the first broker dead took {took:.2f} s (process start "
+          f"included)")
+
+
+def _any_credits(broker):
+    with broker.client(heartbeat=0) as c:
+        detail = c.stats().get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values())

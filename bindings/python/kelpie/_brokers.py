@@ -49,6 +49,12 @@ from .errors import Unavailable
 
 log = logging.getLogger("kelpie.brokers")
 
+# A client waits this long at connect() for the first broker to answer
+# (seconds); after that it goes on with none known to be up.
+_FIRST_ANSWER = 2.0
+# How often a lane that is down is looked at (its answers to the pings).
+_DOWN_CHECK = 0.02
+
 _EVENT_CONNECTED = 0x0001
 _EVENT_DISCONNECTED = 0x0200
 _PAIR = 0
@@ -139,7 +145,8 @@ class _Picker:
     def _mark_up(self, lane):
         if lane.down:
             lane.down = False
-            log.info("broker at %s answers again: calls go to it again", lane.endpoint)
+            if lane.heard_at and self.lanes_lost:
+                log.info("broker at %s answers again: calls go to it again", lane.endpoint)
 
 
 def _lane_options(kwargs):
@@ -203,9 +210,16 @@ def make_async(base):
                 raise
             now = loop.time()
             for lane in self._lanes:
+                # Not used before its broker answers a ping (at once when
+                # it is up), so a broker that is down when the client
+                # starts costs no call anything.
+                lane.down = True
                 lane.heard_at = now
                 lane.monitor = loop.create_task(self._watch_socket(lane))
                 lane.prober = loop.create_task(self._probe(lane))
+            end = now + _FIRST_ANSWER
+            while all(lane.down for lane in self._lanes) and loop.time() < end:
+                await asyncio.sleep(_DOWN_CHECK)
             return self
 
         async def close(self) -> None:
@@ -263,11 +277,14 @@ def make_async(base):
                         pass
 
         async def _probe(self, lane):
-            """Ping the broker every heartbeat; judge the answers."""
+            """Ping the broker every heartbeat; judge the answers (often
+            while it is down, so that it is used again soon after it
+            answers)."""
             loop = self._loop
             client = lane.client
             interval = self.heartbeat or 1.0
             limit = self.liveness * interval
+            next_ping = 0.0
             while True:
                 now = loop.time()
                 watch = client._watch
@@ -278,9 +295,10 @@ def make_async(base):
                     self._mark_up(lane)
                 elif not lane.down and now - lane.heard_at >= limit:
                     self._lose(lane, f"no answer for {now - lane.heard_at:.1f} s")
-                if client._sock is not None:
+                if now >= next_ping and client._sock is not None:
+                    next_ping = now + interval
                     await client._ping(now)
-                await asyncio.sleep(interval)
+                await asyncio.sleep(min(interval, _DOWN_CHECK) if lane.down else interval)
 
         def _lost(self, lane, exc):
             return (getattr(exc, "_kelpie_lane_lost", False)

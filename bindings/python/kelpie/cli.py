@@ -518,7 +518,10 @@ async def _child_watch(worker, args, outcome):
         if not announced:
             # The broker answers READY at once (a HEARTBEAT): the first thing
             # heard on a session means the broker has this worker's services.
-            session = getattr(worker, "_session", None)
+            # Several brokers: the first of its lanes (kelpie._brokers) to register.
+            lanes = getattr(worker, "_lanes", None) or [worker]
+            session = next((lane._session for lane in lanes
+                            if getattr(lane, "_session", None) is not None), None)
             if session is not None and session is not seen_session:
                 seen_session, seen_at = session, session.last_recv
             elif session is not None and session.last_recv > seen_at:

@@ -211,8 +211,21 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
 
     @property
     def answered(self) -> int:
-        """Calls answered so far, successfully or not."""
+        """Calls answered so far, successfully or not (over every broker)."""
+        if self._lanes:
+            return sum(lane.answered for lane in self._lanes)
         return self.served + self.failed
+
+    @property
+    def memory_errors(self) -> int:
+        """Handlers that raised MemoryError (over every broker)."""
+        if self._lanes:
+            return sum(lane.memory_errors for lane in self._lanes)
+        return self._memory_errors
+
+    @memory_errors.setter
+    def memory_errors(self, value: int) -> None:
+        self._memory_errors = value
 
     @property
     def stats(self) -> dict:
