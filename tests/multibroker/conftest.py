@@ -14,8 +14,6 @@ import time
 
 import pytest
 
-from jobcheck import all_succeeded  # noqa: F401  (the tests import it from here)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 _spec = importlib.util.spec_from_file_location(

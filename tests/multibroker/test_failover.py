@@ -16,7 +16,8 @@ import kelpie.sync
 from kelpie._brokers import BrokerLost
 from kelpie.testing import Kelpied
 
-from conftest import HEARTBEAT_MS, WorkerProc, all_succeeded, run, wait_for
+from conftest import HEARTBEAT_MS, WorkerProc, run, wait_for
+from jobcheck import all_succeeded
 
 SLOW = json.dumps({"sleep": 0.05}).encode()
 JOB = json.dumps({"sleep": 0.02}).encode()
@@ -55,6 +56,7 @@ def test_endpoint_lists():
     s.close()
     w = kelpie.Worker(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
     assert w.backend == "tcp://127.0.0.1:1,tcp://127.0.0.1:2"
+    assert kelpie.BrokerLost is BrokerLost and issubclass(BrokerLost, kelpie.Unavailable)
 
 
 def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
