@@ -8,6 +8,10 @@ job runner), a broker restart (``broker_id``), orphaning the calls a
 session loses, and :meth:`Worker.stop`. Calls go down: to kelpie._runners
 for a REQUEST, to kelpie._jobs_worker for a JOB, to kelpie._context to
 cancel or grant window, to kelpie._stalls for the Pulse ticks.
+
+A worker given several backends runs none of this itself: ``run`` starts
+one lane per broker (a single-broker Worker with the same handlers and
+pools, kelpie._brokers) and ``stop`` stops them all.
 """
 
 from __future__ import annotations
