@@ -422,6 +422,11 @@ def make_async(base):
             lane = self._pick()
             return lane.client
 
+        async def _exchange(self, build, payload, timeout, what):
+            # A job's INPUT (Job.write_stdin): only the broker running the
+            # job forwards it; its retry on UNAVAILABLE takes the next lane.
+            return await self._pick().client._exchange(build, payload, timeout, what)
+
     return MultiClient
 
 
@@ -606,6 +611,10 @@ def make_sync(base):
 
         def _watcher(self):
             return self._pick().client
+
+        def _exchange(self, build, payload, deadline, what):
+            # A job's INPUT (Job.write_stdin), as the async client's.
+            return self._pick().client._exchange(build, payload, deadline, what)
 
         def _lane_failed(self, client, exc):
             """A watch through ``client`` (a lane's) failed with ``exc``."""
