@@ -21,6 +21,8 @@
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
+Several brokers sharing one store: endpoints separated by commas
+(``--frontend tcp://a:5555,tcp://b:5555``; docs/scale-out.md).
 The options common to every command (``--frontend``, ``--backend``,
 ``--loop``, ``--log-level``) may come before or after the command.
 
@@ -81,6 +83,12 @@ class UsageError(Exception):
 def _check_endpoint(option, endpoint):
     if endpoint is None:
         return
+    # Several brokers: endpoints separated by commas (kelpie._brokers).
+    for one in endpoint.split(","):
+        _check_one_endpoint(option, one.strip())
+
+
+def _check_one_endpoint(option, endpoint):
     if endpoint.startswith("tcp://") and not re.match(r"^tcp://.+:\d+$", endpoint):
         raise UsageError(f"{option} {endpoint!r} has no port (tcp://HOST:PORT, e.g. "
                          f"tcp://127.0.0.1:5555)")
@@ -539,7 +547,10 @@ async def _child_watch(worker, args, outcome):
         if not announced:
             # The broker answers READY at once (a HEARTBEAT): the first thing
             # heard on a session means the broker has this worker's services.
-            session = getattr(worker, "_session", None)
+            # Several brokers: the first of its lanes (kelpie._brokers) to register.
+            lanes = getattr(worker, "_lanes", None) or [worker]
+            session = next((lane._session for lane in lanes
+                            if getattr(lane, "_session", None) is not None), None)
             if session is not None and session is not seen_session:
                 seen_session, seen_at = session, session.last_recv
             elif session is not None and session.last_recv > seen_at:
@@ -617,12 +628,14 @@ def _common(parser, top):
         return value if top else argparse.SUPPRESS
     parser.add_argument("--frontend", metavar="ENDPOINT",
                         default=default(os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND),
-                        help="the broker's frontend, where clients connect (env "
+                        help="the broker's frontend, where clients connect; several "
+                             "brokers: separated by commas (env "
                              f"KELPIE_FRONTEND; default {DEFAULT_FRONTEND})")
     parser.add_argument("--backend", metavar="ENDPOINT",
                         default=default(os.environ.get("KELPIE_BACKEND")),
-                        help="the broker's backend, where workers connect (env "
-                             f"KELPIE_BACKEND; default {DEFAULT_BACKEND})")
+                        help="the broker's backend, where workers connect; several "
+                             "brokers: separated by commas, the worker registers with "
+                             f"each (env KELPIE_BACKEND; default {DEFAULT_BACKEND})")
     parser.add_argument("--key", metavar="FILE", default=default(None),
                         help="our CURVE secret key file, from `kelpie keygen` (env KELPIE_KEY; "
                              "default: none, plain text)")

@@ -59,8 +59,8 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
-from . import _streaming, _wire, _zmq
+from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
+from . import _security, _streaming, _wire, _zmq
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
@@ -316,7 +316,20 @@ class Client(SyncClientJobs):
     kelpie._jobs_sync. Share
     one Client between all the threads of a process; use it as ``with
     kelpie.sync.Client() as client:`` or call :meth:`close`.
+
+    Several brokers: ``frontend`` may be a list of endpoints or one string
+    with commas (so may ``$KELPIE_FRONTEND``), as for :class:`kelpie.Client`
+    (kelpie._brokers).
     """
+
+    def __new__(cls, frontend: Any = None, *args: Any, **kwargs: Any) -> "Client":
+        if cls is Client and len(_brokers.endpoints(frontend, "KELPIE_FRONTEND",
+                                                    DEFAULT_FRONTEND)) > 1:
+            global _MULTI
+            if _MULTI is None:
+                _MULTI = _brokers.make_sync(Client)
+            return object.__new__(_MULTI)
+        return object.__new__(cls)
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
@@ -404,6 +417,10 @@ class Client(SyncClientJobs):
                 self._context = None
         else:
             self._forked = True  # the caller's context is the parent's
+
+    def _watcher(self):
+        """The client a job's watch is sent through (a lane of several brokers)."""
+        return self
 
     def _conn(self):
         conn = getattr(self._local, "conn", None)
@@ -771,6 +788,9 @@ class Client(SyncClientJobs):
             if left <= 0:
                 raise _waiting.not_served(service, timeout, self.frontend, stats, last_error)
             time.sleep(min(_waiting.POLL_INTERVAL, left))
+
+
+_MULTI = None  # the Client over several brokers (kelpie._brokers), made once
 
 
 def _after_fork_in_child():
