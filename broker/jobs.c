@@ -54,8 +54,12 @@
 #define JOBS_EXPIRE_EVERY_MS  1000 /* an indexed delete of what is due; cheap */
 #define JOBS_REOPEN_MS        5000 /* retry a store that failed to open */
 #define JOBS_LOOK_MS          1000 /* look for due scheduled jobs at least this often */
-#define JOBS_MAX_QUEUES       10000
-#define JOBS_LIST_MAX         1000
+/* With a shared store, other brokers' submits, retries, freed leases and
+ * finished jobs arrive as notifications (LISTEN): the look is only a safety
+ * net then, for a notification lost with a connection. */
+#define JOBS_LOOK_SLOW_MS 5000
+#define JOBS_MAX_QUEUES   10000
+#define JOBS_LIST_MAX     1000
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -179,6 +183,7 @@ struct op {
     kp_job_id id;
     uint32_t claim_max; /* CLAIM, or SUBMIT with a claim riding on it */
     uint64_t claim_gen; /* the queue's gen when the claim was put */
+    uint64_t note_mark; /* OP_WATCH: engine->ended_notes when it was put */
 };
 
 struct kp_engine {
@@ -199,8 +204,10 @@ struct kp_engine {
     uint64_t next_look, next_expire;
     struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng;       /* backoff jitter */
-    size_t outstanding; /* requests in the journal */
+    uint64_t rng;                    /* backoff jitter */
+    size_t outstanding;              /* requests in the journal */
+    struct kp_pg_listener *listener; /* --store: what the other brokers say */
+    uint64_t ended_notes;            /* "job finished" notifications so far */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -987,6 +994,8 @@ static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
     o->claim_gen = q->gen;
     o->req->in.queue = q->name;
     o->req->in.max = want;
+    /* A shared store holds them across brokers; SQLite ignores them. */
+    o->req->in.limits = (struct kp_claim_limits){q->set.rate, q->set.concurrency};
     q->claims_out++;
     q->claiming += want;
 }
@@ -1066,6 +1075,17 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         q->tokens += (double)(asked - n); /* not used */
     if (n < asked && o->claim_gen == q->gen)
         q->maybe_ready = false;
+    if (r->out.wait_ms) {
+        /* The rate shared by every broker cut it short: look again when
+         * the next token is due. A concurrency limit waits instead for a
+         * lease to be freed (here, or a notification from another broker). */
+        b->stats.jobs_limited_global++;
+        uint64_t due = kp_store_now() + r->out.wait_ms;
+        if (due < q->next_due)
+            q->next_due = due;
+    } else if (n < asked && q->set.concurrency && engine(b)->store_url) {
+        b->stats.jobs_limited_global++;
+    }
     for (size_t i = 0; i < n; i++) {
         struct kp_job *job = &r->out.jobs.v[i];
         struct run *run = kp_calloc(1, sizeof *run);
@@ -1159,8 +1179,8 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
         break;
     }
     struct jobq *q = o->q ? o->q : NULL;
-    if (st == KP_JOB_QUEUED)
-        queue_poke(b, q);
+    if (st == KP_JOB_QUEUED || (q && q->set.concurrency && e->store_url))
+        queue_poke(b, q); /* a job, or a lease under the shared limit, is free */
     else if (st == KP_JOB_SCHEDULED && q) {
         if (o->retry_at < q->next_due)
             q->next_due = o->retry_at;
@@ -1273,6 +1293,14 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
     }
     if (wr->stream)
         watcher_replay(b, wr);
+    /* A job finished elsewhere while this read was out may have been
+     * announced before the read's snapshot saw it: read once more. */
+    if (engine(b)->ended_notes != o->note_mark && !w->run && !w->polling) {
+        struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+        g->id = w->id;
+        g->req->in.id = w->id;
+        w->polling = op_put(b, g);
+    }
 }
 
 static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq_msg_t *more,
@@ -1537,6 +1565,7 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
     o->request_id = h->request_id;
     o->watcher = wr;
     o->id = id;
+    o->note_mark = e->ended_notes;
     o->req->in.id = id;
     if (!op_put(b, o)) {
         zhashx_delete(e->watchers, wr->key);
@@ -1995,15 +2024,83 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
     kp_broker_orphan(b, c);
 }
 
+/* What another broker on the shared store announced (store.h,
+ * kp_pg_listener): jobs ready or due in a queue this broker may serve, or a
+ * job finished that this broker's clients watch. */
+static void jobs_note(void *arg, const char *text)
+{
+    struct kp_broker *b = arg;
+    struct kp_engine *e = engine(b);
+    char kind = text[0];
+    char *rest = NULL;
+    if (kind == '\0' || text[1] != ' ')
+        return;
+    unsigned long long from = strtoull(text + 2, &rest, 16);
+    if (rest == NULL || *rest != ' ')
+        return;
+    rest++;
+    b->stats.jobs_notes++;
+    if (kind == 'e') {
+        e->ended_notes++;
+        kp_job_id id;
+        struct watch *w = kp_job_id_parse(rest, &id) ? zhashx_lookup(e->watches, id.s) : NULL;
+        if (w == NULL || w->run || w->polling || kp_list_empty(&w->watchers))
+            return;
+        struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+        g->id = w->id;
+        g->req->in.id = w->id;
+        w->polling = op_put(b, g);
+        return;
+    }
+    if (from == b->broker_id)
+        return; /* this broker's own submits and retries poke their queues */
+    if (kind == 'r') {
+        struct jobq *q = queue_find(b, rest);
+        if (q && q->svc->nworkers > 0)
+            queue_poke(b, q);
+    } else if (kind == 'd') {
+        unsigned long long due = strtoull(rest, &rest, 10);
+        struct jobq *q = rest && *rest == ' ' ? queue_find(b, rest + 1) : NULL;
+        if (q && q->svc->nworkers > 0) {
+            if (due < q->next_due)
+                q->next_due = due;
+            queue_mark(b, q);
+        }
+    }
+}
+
+int kp_jobs_listen_fd(struct kp_broker *b, short *events)
+{
+    struct kp_engine *e = engine(b);
+    *events = 0;
+    return e && e->listener ? kp_pg_listener_fd(e->listener, events) : -1;
+}
+
+void kp_jobs_on_listen(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL || e->listener == NULL)
+        return;
+    if (kp_pg_listener_step(e->listener, b->now, JOBS_REOPEN_MS / 5, jobs_note, b)) {
+        /* Listening (again): what was announced before is not heard, so
+         * look at every queue and watched job once. */
+        kp_log_info("job store: listening for the other brokers' notifications");
+        e->next_look = b->now;
+    }
+}
+
 void kp_jobs_tick(struct kp_broker *b)
 {
     struct kp_engine *e = engine(b);
     if (e == NULL)
         return;
+    if (e->listener && !kp_pg_listener_listening(e->listener))
+        kp_jobs_on_listen(b); /* connecting or waiting to: a lost one goes back to this */
     if (e->journal && b->now >= e->next_look) {
         /* Scheduled jobs nobody told us about (from before a restart, or
          * retries of other brokers) are found by looking now and then. */
-        e->next_look = b->now + JOBS_LOOK_MS;
+        e->next_look =
+            b->now + (kp_pg_listener_listening(e->listener) ? JOBS_LOOK_SLOW_MS : JOBS_LOOK_MS);
         void *it;
         for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
             struct jobq *q = it;
@@ -2199,6 +2296,8 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     struct kp_engine *e = kp_calloc(1, sizeof *e);
     e->data_dir = kp_strdup(data_dir);
     e->store_url = store && *store ? kp_strdup(store) : NULL;
+    if (e->store_url)
+        e->listener = kp_pg_listener_new(e->store_url);
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     e->defaults = (struct queue_settings){
@@ -2275,6 +2374,7 @@ void kp_jobs_destroy(struct kp_broker *b)
         }
     }
     kp_journal_destroy(&e->journal);
+    kp_pg_listener_destroy(&e->listener);
     /* Runs on calls: the calls themselves go with the call table. */
     size_t pos = 0;
     struct kp_call *c;

@@ -73,6 +73,7 @@ static void journal_clear_out(struct kp_journal_req *r)
     r->out.refs = NULL;
     kp_jobs_clear(&r->out.jobs);
     r->out.count = r->out.count2 = 0;
+    r->out.wait_ms = 0;
 }
 
 void kp_journal_req_destroy(struct kp_journal_req **req)
@@ -105,11 +106,13 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
         /* A claim may ride on a SUBMIT (same transaction, one fsync). Its
          * failure leases nothing and does not fail the SUBMIT. */
         if (err == KP_OK && r->in.queue && r->in.max > 0 &&
-            kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs) != KP_OK)
+            kp_store_claim_limited(s, r->in.queue, r->in.max, r->in.owner, now, &r->in.limits,
+                                   &r->out.jobs, &r->out.wait_ms) != KP_OK)
             kp_jobs_clear(&r->out.jobs);
         break;
     case KP_JOURNAL_CLAIM:
-        err = kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs);
+        err = kp_store_claim_limited(s, r->in.queue, r->in.max, r->in.owner, now, &r->in.limits,
+                                     &r->out.jobs, &r->out.wait_ms);
         break;
     case KP_JOURNAL_END:
         err = kp_store_end(s, &r->in.id, r->in.attempt, &r->in.end, now, &r->out.state);
