@@ -58,6 +58,7 @@
  * finished jobs arrive as notifications (LISTEN): the look is only a safety
  * net then, for a notification lost with a connection. */
 #define JOBS_LOOK_SLOW_MS 5000
+#define JOBS_DUES         32 /* due times remembered per queue */
 #define JOBS_MAX_QUEUES   10000
 #define JOBS_LIST_MAX     1000
 
@@ -77,12 +78,14 @@ struct jobq {
     char *name;
     struct kp_service *svc; /* in b->queues: the workers that take its jobs */
     struct queue_settings set;
-    uint32_t running;    /* attempts leased here and not yet ended */
-    uint32_t claiming;   /* jobs asked for by claims in the journal */
-    uint32_t claims_out; /* claims in the journal (at most JOBS_CLAIMS_OUT) */
-    bool maybe_ready;    /* the store may hold ready jobs */
-    uint64_t gen;        /* bumped when jobs may have become ready */
-    uint64_t next_due;   /* wall ms of the earliest known scheduled job */
+    uint32_t running;         /* attempts leased here and not yet ended */
+    uint32_t claiming;        /* jobs asked for by claims in the journal */
+    uint32_t claims_out;      /* claims in the journal (at most JOBS_CLAIMS_OUT) */
+    bool maybe_ready;         /* the store may hold ready jobs */
+    uint64_t gen;             /* bumped when jobs may have become ready */
+    uint64_t dues[JOBS_DUES]; /* wall ms when known scheduled jobs come due, earliest first */
+    size_t ndues;
+    bool dues_lost;      /* a due time did not fit: look at every queue when they run out */
     double tokens;       /* rate limit's bucket */
     uint64_t tokens_at;  /* monotonic ms of the last refill */
     struct kp_list held; /* claimed runs waiting for a slot */
@@ -391,7 +394,6 @@ static struct jobq *queue_get(struct kp_broker *b, const char *name)
     char err[256];
     settings_for(e->settings, name, &q->set, err, sizeof err); /* checked at start */
     q->maybe_ready = true;
-    q->next_due = UINT64_MAX;
     q->tokens = q->set.rate;
     q->tokens_at = b->now;
     kp_list_init(&q->held);
@@ -416,6 +418,45 @@ static void queue_poke(struct kp_broker *b, struct jobq *q)
     q->gen++;
     q->maybe_ready = true;
     queue_mark(b, q);
+}
+
+/* A job of q comes due at `when` (wall ms): q is looked at then. */
+static void queue_due(struct kp_broker *b, struct jobq *q, uint64_t when)
+{
+    if (q == NULL)
+        return;
+    size_t i = q->ndues;
+    if (i == JOBS_DUES) {
+        q->dues_lost = true; /* the latest is dropped (this one, or the last kept) */
+        if (when >= q->dues[JOBS_DUES - 1])
+            return;
+        i--;
+    } else {
+        q->ndues++;
+    }
+    while (i > 0 && q->dues[i - 1] > when) {
+        q->dues[i] = q->dues[i - 1];
+        i--;
+    }
+    q->dues[i] = when;
+    queue_mark(b, q);
+}
+
+/* Takes q's due times that have passed; true if there were any. */
+static bool queue_take_due(struct kp_broker *b, struct jobq *q, uint64_t wall)
+{
+    size_t n = 0;
+    while (n < q->ndues && q->dues[n] <= wall)
+        n++;
+    if (n == 0)
+        return false;
+    memmove(q->dues, q->dues + n, (q->ndues - n) * sizeof q->dues[0]);
+    q->ndues -= n;
+    if (q->ndues == 0 && q->dues_lost) {
+        q->dues_lost = false;
+        engine(b)->next_look = b->now; /* what did not fit is found by looking */
+    }
+    return true;
 }
 
 /* ---- the store and the journal ------------------------------------------ */
@@ -1041,9 +1082,7 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
         return;
     struct jobq *q = o->q ? o->q : queue_get(b, o->queue);
     if (q && o->job.run_at > kp_store_now()) {
-        if (o->job.run_at < q->next_due)
-            q->next_due = o->job.run_at;
-        queue_mark(b, q);
+        queue_due(b, q, o->job.run_at);
     } else {
         queue_poke(b, q);
     }
@@ -1080,9 +1119,7 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
          * the next token is due. A concurrency limit waits instead for a
          * lease to be freed (here, or a notification from another broker). */
         b->stats.jobs_limited_global++;
-        uint64_t due = kp_store_now() + r->out.wait_ms;
-        if (due < q->next_due)
-            q->next_due = due;
+        queue_due(b, q, kp_store_now() + r->out.wait_ms);
     } else if (n < asked && q->set.concurrency && engine(b)->store_url) {
         b->stats.jobs_limited_global++;
     }
@@ -1181,11 +1218,8 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
     struct jobq *q = o->q ? o->q : NULL;
     if (st == KP_JOB_QUEUED || (q && q->set.concurrency && e->store_url))
         queue_poke(b, q); /* a job, or a lease under the shared limit, is free */
-    else if (st == KP_JOB_SCHEDULED && q) {
-        if (o->retry_at < q->next_due)
-            q->next_due = o->retry_at;
-        queue_mark(b, q);
-    }
+    if (st == KP_JOB_SCHEDULED && q)
+        queue_due(b, q, o->retry_at);
     struct watch *w = zhashx_lookup(e->watches, o->id.s);
     if (st == KP_JOB_SUCCEEDED && w && w->run && w->run->call) {
         /* A late success finished the job while another attempt runs. */
@@ -2061,11 +2095,8 @@ static void jobs_note(void *arg, const char *text)
     } else if (kind == 'd') {
         unsigned long long due = strtoull(rest, &rest, 10);
         struct jobq *q = rest && *rest == ' ' ? queue_find(b, rest + 1) : NULL;
-        if (q && q->svc->nworkers > 0) {
-            if (due < q->next_due)
-                q->next_due = due;
-            queue_mark(b, q);
-        }
+        if (q && q->svc->nworkers > 0)
+            queue_due(b, q, due);
     }
 }
 
@@ -2096,6 +2127,19 @@ void kp_jobs_tick(struct kp_broker *b)
         return;
     if (e->listener && !kp_pg_listener_listening(e->listener))
         kp_jobs_on_listen(b); /* connecting or waiting to: a lost one goes back to this */
+    /* Queues whose known scheduled jobs came due (kp_jobs_next_wake woke
+     * the loop for the earliest). */
+    uint64_t wall = 0;
+    void *qit;
+    for (qit = zhashx_first(e->queues); qit; qit = zhashx_next(e->queues)) {
+        struct jobq *q = qit;
+        if (q->ndues && !q->pending) {
+            if (wall == 0)
+                wall = kp_store_now();
+            if (q->dues[0] <= wall)
+                queue_mark(b, q);
+        }
+    }
     if (e->journal && b->now >= e->next_look) {
         /* Scheduled jobs nobody told us about (from before a restart, or
          * retries of other brokers) are found by looking now and then. */
@@ -2155,11 +2199,10 @@ void kp_jobs_pump(struct kp_broker *b)
         struct jobq *q = kp_container_of(e->pending.next, struct jobq, pending_link);
         kp_list_remove(&q->pending_link);
         q->pending = false;
-        if (q->next_due != UINT64_MAX) {
+        if (q->ndues) {
             if (wall == 0)
                 wall = kp_store_now();
-            if (wall >= q->next_due) {
-                q->next_due = UINT64_MAX;
+            if (queue_take_due(b, q, wall)) {
                 q->maybe_ready = true;
                 q->gen++;
             }
@@ -2181,8 +2224,8 @@ uint64_t kp_jobs_next_wake(struct kp_broker *b)
     void *it;
     for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
         struct jobq *q = it;
-        if (q->next_due != UINT64_MAX) {
-            uint64_t t = q->next_due > wall ? b->now + (q->next_due - wall) : b->now;
+        if (q->ndues) {
+            uint64_t t = q->dues[0] > wall ? b->now + (q->dues[0] - wall) : b->now;
             if (t < next)
                 next = t;
         }
