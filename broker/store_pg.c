@@ -143,9 +143,11 @@ enum {
 struct pg_store {
     struct kp_store base;
     PGconn *conn;
-    char *where;       /* host/db for messages, never the password */
-    uint64_t broker;   /* this broker's id: its heartbeat row */
-    uint64_t lease_ms; /* a broker without a heartbeat for this long is dead */
+    char *where;           /* host/db for messages, never the password */
+    uint64_t broker;       /* this broker's id: its heartbeat row */
+    uint64_t lease_ms;     /* a broker without a heartbeat for this long is dead */
+    uint64_t last_beat;    /* when this broker's last heartbeat went through */
+    uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
     bool in_txn;
     enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
     /* Notifications of the open transaction, sent with its COMMIT: a
@@ -1147,9 +1149,28 @@ static enum kp_err pg_recover(struct kp_store *s, uint64_t now, size_t *n)
     return pg_recover_at(pg(s), now, now, n);
 }
 
+/* A broker that could not beat for a lease window (the database was down or
+ * out of reach) finds every other broker's row just as old as its own: they
+ * could not beat either. It beats, but reclaims nothing until they have had
+ * a window to beat again, so a database restart reruns no live broker's jobs. */
 static enum kp_err pg_heartbeat(struct kp_store *s, uint64_t now, size_t *n)
 {
-    return pg_recover_at(pg(s), now, now, n);
+    struct pg_store *q = pg(s);
+    *n = 0;
+    if (q->last_beat && now > q->last_beat + q->lease_ms)
+        q->reclaim_from = now + q->lease_ms;
+    enum kp_err err;
+    if (now < q->reclaim_from) {
+        err = pg_op_begin(q);
+        if (err == KP_OK)
+            err = pg_beat(q, now);
+        err = pg_op_end(q, err);
+    } else {
+        err = pg_recover_at(q, now, now, n);
+    }
+    if (err == KP_OK)
+        q->last_beat = now;
+    return err;
 }
 
 static enum kp_err pg_next_run_at(struct kp_store *s, uint64_t *when)
@@ -1274,6 +1295,7 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
         err = pg_schema_setup(q);
     if (err == KP_OK)
         err = pg_recover_at(q, now, now + hold_ms, recovered);
+    q->last_beat = now;
     if (err != KP_OK) {
         snprintf(errmsg, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
         pg_close(&q->base);
