@@ -2166,6 +2166,9 @@ void kp_jobs_tick(struct kp_broker *b)
     if (e->journal && e->store_url && b->now >= e->next_beat) {
         /* This broker's leases live on this heartbeat in the shared store. */
         e->next_beat = b->now + b->heartbeat_ms;
+        /* Twice: on the loop's own connection, which nothing queues behind,
+         * and through the journal, which also reclaims silent brokers' jobs. */
+        kp_pg_listener_beat(e->listener, b->broker_id, kp_store_now());
         op_put(b, op_new(OP_BEAT, KP_JOURNAL_HEARTBEAT));
     } else if (e->store_url && !e->journal) {
         jobs_store(b); /* the shared store was unreachable: try again */

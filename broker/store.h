@@ -262,6 +262,12 @@ int kp_pg_listener_fd(const struct kp_pg_listener *l, short *events);
 bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms,
                          void (*note)(void *arg, const char *text), void *arg);
 
+/* Renews this broker's heartbeat row at `now` (wall ms) over the listener's
+ * connection, without waiting: leases then follow the liveness of the loop
+ * thread, not how long the journal's current group takes. Does nothing
+ * while not listening or while the last beat is unanswered. */
+void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now);
+
 /* True while LISTENing (notifications arrive). */
 bool kp_pg_listener_listening(const struct kp_pg_listener *l);
 

@@ -1318,6 +1318,7 @@ struct kp_pg_listener {
     PostgresPollingStatusType poll; /* while connecting: what the socket waits for */
     uint64_t retry_at;              /* monotonic ms: the next connect, while idle */
     uint64_t started;               /* monotonic ms the connect began */
+    bool busy;                      /* a heartbeat was sent and is not answered yet */
 };
 
 struct kp_pg_listener *kp_pg_listener_new(const char *conninfo)
@@ -1332,6 +1333,7 @@ static void listener_drop(struct kp_pg_listener *l, uint64_t now, uint64_t retry
     PQfinish(l->conn);
     l->conn = NULL;
     l->st = L_IDLE;
+    l->busy = false;
     l->retry_at = now + retry_ms;
 }
 
@@ -1413,6 +1415,12 @@ bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_
             }
         }
     }
+    while (l->st == L_LISTENING && l->busy && !PQisBusy(l->conn)) {
+        PGresult *r = PQgetResult(l->conn);
+        if (r == NULL)
+            l->busy = false; /* a failed beat is not retried: the next one is due soon */
+        PQclear(r);
+    }
     PGnotify *n;
     while ((n = PQnotifies(l->conn)) != NULL) {
         if (l->st == L_LISTENING || started)
@@ -1420,4 +1428,22 @@ bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_
         PQfreemem(n);
     }
     return started;
+}
+
+void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now)
+{
+    if (!l || l->st != L_LISTENING || l->busy)
+        return;
+    char id[24], at[24];
+    snprintf(id, sizeof id, "%lld", (long long)broker);
+    snprintf(at, sizeof at, "%lld", (long long)now);
+    const char *v[2] = {id, at};
+    if (PQsendQueryParams(l->conn,
+                          "INSERT INTO brokers(id, heartbeat_at, started_at) VALUES($1, $2, $2) "
+                          "ON CONFLICT (id) DO UPDATE SET heartbeat_at = "
+                          "GREATEST(brokers.heartbeat_at, $2)",
+                          2, NULL, v, NULL, NULL, 0)) {
+        l->busy = true;
+        PQflush(l->conn);
+    }
 }
