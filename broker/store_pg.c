@@ -41,8 +41,9 @@
 /* The channel every broker LISTENs on (store.h, kp_pg_listener). */
 #define PG_CHANNEL "kelpie"
 /* pg_notify refuses payloads of 8000 bytes or more. */
-#define PG_NOTE_MAX    7900
-#define PG_LIMITED_MAX 256
+#define PG_NOTE_MAX     7900
+#define PG_LIMITED_MAX  256
+#define PG_PREPARED_MAX 64 /* distinct statements run through pg_run (all literals) */
 /* Any constant: serialises schema creation between brokers starting at once. */
 #define PG_SCHEMA_LOCK 0x4b656c706965ll
 
@@ -149,6 +150,10 @@ struct pg_store {
     uint64_t last_beat;    /* when this broker's last heartbeat went through */
     uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
     bool in_txn;
+    /* The savepoint of the last operation that succeeded in the group is
+     * still open: released in the same round trip as the next one's is
+     * taken (or by COMMIT), one round trip per operation fewer. */
+    bool sp_open;
     enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
     /* Notifications of the open transaction, sent with its COMMIT: a
      * "SELECT pg_notify(...), ..." prefix, and its length when the running
@@ -159,6 +164,11 @@ struct pg_store {
      * frees a lease, which other brokers waiting on the limit are told. */
     char *limited[PG_LIMITED_MAX];
     size_t nlimited;
+    /* Statements prepared on this connection, by the address of their
+     * text (every statement pg_run runs is a string literal): parsed and
+     * planned once per connection instead of at every call. */
+    const char *prepared[PG_PREPARED_MAX];
+    size_t nprepared;
 };
 
 /* Statement parameters: text for numbers and strings, binary for bytea. */
@@ -227,11 +237,37 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
 
 /* Runs a statement; *out gets the result when it returns rows (the caller
  * PQclear()s it), otherwise it is cleared here. */
+/* The name sql is prepared under on this connection, preparing it first;
+ * NULL when the table is full or preparing failed (then it runs unprepared). */
+static const char *pg_prepared(struct pg_store *q, const char *sql, int nparams, char *name,
+                               size_t cap)
+{
+    size_t i = 0;
+    while (i < q->nprepared && q->prepared[i] != sql)
+        i++;
+    snprintf(name, cap, "k%zu", i);
+    if (i < q->nprepared)
+        return name;
+    if (i == PG_PREPARED_MAX)
+        return NULL;
+    PGresult *r = PQprepare(q->conn, name, sql, nparams, NULL);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    if (!ok)
+        return NULL; /* in a transaction this aborted it: the run below fails too */
+    q->prepared[q->nprepared++] = sql;
+    return name;
+}
+
 static enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_args *a,
                           const char *what, PGresult **out)
 {
-    PGresult *r = PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL, a ? a->len : NULL,
-                               a ? a->fmt : NULL, 0);
+    char name[16];
+    const char *stmt = pg_prepared(q, sql, a ? a->n : 0, name, sizeof name);
+    PGresult *r = stmt ? PQexecPrepared(q->conn, stmt, a ? a->n : 0, a ? a->v : NULL,
+                                        a ? a->len : NULL, a ? a->fmt : NULL, 0)
+                       : PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL,
+                                      a ? a->len : NULL, a ? a->fmt : NULL, 0);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         enum kp_err err = pg_fail(q, r, what);
@@ -371,6 +407,7 @@ static enum kp_err pg_alive(struct pg_store *q)
     if (PQstatus(q->conn) == CONNECTION_OK)
         return KP_OK;
     PQreset(q->conn);
+    q->nprepared = 0; /* a new session: nothing is prepared in it */
     if (PQstatus(q->conn) != CONNECTION_OK)
         return pg_fail(q, NULL, "reconnect");
     return pg_session(q);
@@ -396,7 +433,14 @@ static enum kp_err pg_op_begin(struct pg_store *q)
         if (q->txn_err)
             return kp_store_fail(&q->base, q->txn_err,
                                  "postgresql %s: the transaction was already lost", q->where);
-        return pg_exec(q, "SAVEPOINT op", "SAVEPOINT");
+        enum kp_err err = pg_exec(
+            q, q->sp_open ? "RELEASE SAVEPOINT op; SAVEPOINT op" : "SAVEPOINT op", "SAVEPOINT");
+        /* Failed: which savepoint is open is unknown, so nothing in the
+         * group can be trusted any more. */
+        if (err != KP_OK)
+            q->txn_err = err;
+        q->sp_open = err == KP_OK;
+        return err;
     }
     return pg_start(q);
 }
@@ -444,11 +488,9 @@ static enum kp_err pg_finish(struct pg_store *q)
 static enum kp_err pg_op_end(struct pg_store *q, enum kp_err err)
 {
     if (err == KP_OK) {
-        err = q->in_txn ? pg_exec(q, "RELEASE SAVEPOINT op", "RELEASE") : pg_finish(q);
-        if (err == KP_OK)
-            return KP_OK;
-        if (!q->in_txn)
-            return err;
+        if (q->in_txn)
+            return KP_OK; /* its savepoint goes with the next operation's */
+        return pg_finish(q);
     }
     q->notes_len = q->notes_mark; /* undone: its notifications too */
     char keep[KP_STORE_ERRMSG_MAX];
@@ -457,6 +499,7 @@ static enum kp_err pg_op_end(struct pg_store *q, enum kp_err err)
         if (!q->txn_err &&
             pg_exec(q, "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op", "ROLLBACK TO") != KP_OK)
             q->txn_err = err;
+        q->sp_open = false;
     } else if (PQstatus(q->conn) == CONNECTION_OK) {
         pg_exec(q, "ROLLBACK", "ROLLBACK");
     }
@@ -482,6 +525,7 @@ static enum kp_err pg_begin(struct kp_store *s)
     enum kp_err err = pg_start(q);
     if (err == KP_OK) {
         q->in_txn = true;
+        q->sp_open = false;
         q->txn_err = KP_OK;
         q->notes_len = q->notes_mark = 0;
     }
