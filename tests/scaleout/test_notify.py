@@ -9,7 +9,7 @@ import json
 import statistics
 import time
 
-from conftest import Client, Workers, broker_stats, start_broker, wait_for
+from conftest import Client, Workers, broker_stats, start_broker
 
 
 def test_a_job_submitted_on_a_runs_on_b_and_its_result_reaches_a_watcher_on_a_at_once(
