@@ -2073,7 +2073,9 @@ static void jobs_note(void *arg, const char *text)
     if (rest == NULL || *rest != ' ')
         return;
     rest++;
-    b->stats.jobs_notes++;
+    bool own = from == b->broker_id;
+    if (!own)
+        b->stats.jobs_notes++;
     if (kind == 'e') {
         e->ended_notes++;
         kp_job_id id;
@@ -2086,7 +2088,7 @@ static void jobs_note(void *arg, const char *text)
         w->polling = op_put(b, g);
         return;
     }
-    if (from == b->broker_id)
+    if (own)
         return; /* this broker's own submits and retries poke their queues */
     if (kind == 'r') {
         struct jobq *q = queue_find(b, rest);
