@@ -182,13 +182,15 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
                 killed = True
                 t_kill_wall = time.time()
                 brokers["a"].stop()  # SIGKILL
-                # What a had handed its worker so far: the only jobs that may run twice.
-                with open(workers["a"].procs[0].runs_log) as f:
-                    a_ran = {line.split()[0] for line in f if line.strip()}
                 stream.paused.add("a")
                 t_kill = time.monotonic()
             if killed and not restarted and time.monotonic() - t_kill >= 2.0:
                 restarted = True
+                # What the dead a had handed its worker (the worker logs a job as
+                # it receives it; nothing new reaches it until a is back): the
+                # only jobs that may run twice.
+                with open(workers["a"].procs[0].runs_log) as f:
+                    a_ran = {line.split()[0] for line in f if line.strip()}
                 brokers["a"].restart()
                 stream.reconnect("a")
                 stream.paused.discard("a")
