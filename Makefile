@@ -83,6 +83,7 @@ bench: bench-deps build
 	$(PYTHON) benchmarks/rpc/bench.py
 	$(PYTHON) benchmarks/rpc/bench_sync.py
 	BUILD=$(BUILD) $(PYTHON) benchmarks/jobs/bench.py
+	$(PYTHON) benchmarks/jobs/pg_bench.py --build $(BUILD)
 
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format:

@@ -60,10 +60,11 @@ struct kp_journal_req {
     struct {
         const struct kp_job_new *jobs; /* SUBMIT: borrowed */
         size_t njobs;
-        const char *queue; /* CLAIM (required), DLQ_* (NULL for all queues): borrowed */
-        size_t max;        /* CLAIM: most jobs to lease */
-        uint64_t owner;    /* CLAIM: the broker's id */
-        kp_job_id id;      /* END, CANCEL, GET; DLQ_* when has_id */
+        const char *queue;             /* CLAIM (required), DLQ_* (NULL for all queues): borrowed */
+        size_t max;                    /* CLAIM: most jobs to lease */
+        uint64_t owner;                /* CLAIM: the broker's id */
+        struct kp_claim_limits limits; /* CLAIM: the queue's global limits (shared stores) */
+        kp_job_id id;                  /* END, CANCEL, GET; DLQ_* when has_id */
         bool has_id;
         uint32_t attempt;            /* END */
         struct kp_job_end end;       /* END: its pointers borrowed */
@@ -76,6 +77,7 @@ struct kp_journal_req {
         struct kp_jobs jobs;     /* CLAIM, GET, LIST */
         enum kp_job_state state; /* END */
         size_t count, count2;    /* DLQ_*, EXPIRE */
+        uint64_t wait_ms;        /* CLAIM: the global rate cut it short; one more start then */
         uint64_t commit;         /* number of the transaction that carried it */
     } out;
     struct kp_journal_req *next; /* the journal's queue link */
