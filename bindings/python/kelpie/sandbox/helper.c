@@ -2,14 +2,19 @@
  * take safely.
  *
  *   helper exec [--procs FILE]... [--rlimit RES:SOFT:HARD]... [--uid U --gid G]
- *               -- PROGRAM ARGS...
- *     Runs on the host between fork and exec of bubblewrap: joins the job's
- *     cgroups (writing "0" to each cgroup.procs file moves this process, so
- *     every process bwrap creates is born inside them), sets the worker-wide
- *     rlimits, drops to the slot's unprivileged uid with no supplementary
- *     groups, then execs PROGRAM. Python's only way to do this in the child is
- *     preexec_fn, which is unsafe in a threaded process and forces a full
- *     fork instead of vfork.
+ *               [--keep FD]... -- PROGRAM ARGS...
+ *     Runs on the host between the worker's posix_spawn and bubblewrap:
+ *     closes every descriptor above 2 but the --keep ones (the worker's
+ *     other descriptors, even those a library opened without O_CLOEXEC,
+ *     never reach the sandbox), puts every signal back to its default and
+ *     unblocks them, joins the job's cgroups (writing "0" to each
+ *     cgroup.procs file moves this process, so every process bwrap creates
+ *     is born inside them), sets the worker-wide rlimits, drops to the slot's
+ *     unprivileged uid with no supplementary groups, then execs PROGRAM.
+ *     Python's only way to do this in the child is preexec_fn, which is unsafe
+ *     in a threaded process and forces a full fork instead of vfork; doing it
+ *     here also keeps the worker's event loop stopped only until this
+ *     program's exec.
  *
  *   helper init SPEC_FD STATUS_FD
  *     Runs inside the sandbox as the pid namespace's init (bwrap --as-pid-1).
@@ -41,6 +46,7 @@
 
 #define HELPER_SPEC_MAX   (4 << 20)
 #define HELPER_TOKENS_MAX 65536
+#define HELPER_KEEP_MAX   16
 
 static int helper_fail(const char *what)
 {
@@ -78,9 +84,47 @@ static int helper_parse_rlimit(const char *text, char sep)
     return setrlimit((int)res, &rl);
 }
 
+static int helper_int_cmp(const void *a, const void *b)
+{
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+/* Closes every descriptor from 3 up except the n in keep; 0 or -1. */
+static int helper_close_others(int *keep, int n)
+{
+    unsigned int from = 3;
+    qsort(keep, (size_t)n, sizeof *keep, helper_int_cmp);
+    for (int k = 0; k < n; k++) {
+        if (keep[k] < (int)from)
+            continue;
+        if ((unsigned int)keep[k] > from && close_range(from, (unsigned int)keep[k] - 1, 0) < 0)
+            return -1;
+        from = (unsigned int)keep[k] + 1;
+    }
+    return close_range(from, ~0U, 0);
+}
+
+/* Default disposition for every signal and none blocked: the worker may
+ * ignore some (Python ignores SIGPIPE and SIGXFSZ), and ignored signals
+ * survive exec into the job. */
+static int helper_reset_signals(void)
+{
+    sigset_t none;
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        /* Numbers glibc keeps for itself answer EINVAL: nothing to reset. */
+        if (signal(sig, SIG_DFL) == SIG_ERR && errno != EINVAL)
+            return -1;
+    }
+    sigemptyset(&none);
+    return sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 static int helper_exec(int argc, char **argv)
 {
     long uid = -1, gid = -1;
+    int keep[HELPER_KEEP_MAX], nkeep = 0;
     int i;
     for (i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -102,6 +146,14 @@ static int helper_exec(int argc, char **argv)
             uid = strtol(value, NULL, 10);
         } else if (strcmp(argv[i - 1], "--gid") == 0) {
             gid = strtol(value, NULL, 10);
+        } else if (strcmp(argv[i - 1], "--keep") == 0) {
+            char *end;
+            long fd = strtol(value, &end, 10);
+            if (*end != '\0' || fd < 3 || fd > 1 << 20 || nkeep == HELPER_KEEP_MAX) {
+                fprintf(stderr, "kelpie-sandbox-helper: bad --keep %s\n", value);
+                return 125;
+            }
+            keep[nkeep++] = (int)fd;
         } else {
             fprintf(stderr, "kelpie-sandbox-helper: unknown option %s\n", argv[i - 1]);
             return 125;
@@ -111,6 +163,12 @@ static int helper_exec(int argc, char **argv)
         fprintf(stderr, "kelpie-sandbox-helper: no program after --\n");
         return 125;
     }
+    if (helper_close_others(keep, nkeep) < 0)
+        return helper_fail("close_range");
+    if (helper_reset_signals() < 0)
+        return helper_fail("signals");
+    if (chdir("/") < 0)
+        return helper_fail("chdir");
     if (gid >= 0) {
         /* Order matters: groups and gid need the privilege that setuid
          * gives up. */
