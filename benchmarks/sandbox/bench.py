@@ -13,8 +13,14 @@ every method, interleaved so outside load hits all of them alike:
                slot's next sandbox to be ready (jobs that do not arrive back to back)
 
 and prints p50/p99 latency (ms), the warm overhead over subprocess and the
-cold/bwrap ratio (issue 15's goals: < 3 ms p50; within 20 %). Then jobs/s on
-two slots, back to back, warm against cold.
+cold/bwrap ratio (issue 15's goals: < 3 ms p50; within 20 %), the worker's
+own CPU time per job (RUSAGE_SELF: the part of the overhead that load does
+not inflate much) and the median of each phase of a pool job from its
+Execution.timings (create -> spawned -> ready -> released -> ended ->
+verdict; "wait" is released -> ended: spec delivery, the job, the init's
+report and the namespace's end). Then jobs/s on two slots, back to back,
+warm against cold. The load average is printed at start and end: figures
+taken beside other work are ratios from one interleaved run, nothing more.
 
     sudo /usr/bin/python3 benchmarks/sandbox/bench.py [--iterations N]
 
@@ -25,6 +31,7 @@ for per-slot uids and cgroups, as a worker would run.
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,14 +64,32 @@ def timed_sync(argv):
     return dt
 
 
-async def timed_pool(pool, argv, pause):
+PHASES = (("prepare", "create", "spawned"), ("start-up", "spawned", "ready"),
+          ("release", "ready", "released"), ("wait", "released", "ended"),
+          ("verdict", "ended", "verdict"))
+
+
+def cpu_self():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def timed_pool(pool, argv, pause, phases, cpu):
     if pause:
         await asyncio.sleep(pause)
+    c = cpu_self()
     t = time.perf_counter()
-    v = await pool.run(ks.Spec(argv=argv))
+    ex = await pool.execute(ks.Spec(argv=argv))
+    v = await ex.wait()
     dt = time.perf_counter() - t
+    cpu.append((cpu_self() - c) * 1000)
     if not v.ok:
         raise RuntimeError(f"{argv}: {v.summary()}")
+    tm = ex.timings
+    tm["job"] = t
+    for name, a, b in PHASES + (("to verdict", "job", "verdict"),):
+        if a in tm and b in tm and (pool.warm is False or name not in ("prepare", "start-up")):
+            phases.setdefault(name, []).append((tm[b] - tm[a]) * 1000)
     return dt, v.warm
 
 
@@ -80,19 +105,25 @@ async def latency(iterations, pause):
             uid = str(cold._slots[0].uid)
             as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
             not_warm = 0
+            phases = {"cold": {}, "warm": {}}
+            cpu = {"cold": [], "warm": []}
             for i in range(iterations + 5):
                 sample = {"subprocess": timed_sync(argv), "bwrap": timed_sync(BWRAP + argv),
                           "bwrap-uid": timed_sync(as_uid + BWRAP + argv)}
                 if have_firejail:
                     sample["firejail"] = timed_sync(FIREJAIL + argv)
-                sample["cold"] = (await timed_pool(cold, argv, pause))[0]
-                dt, was_warm = await timed_pool(warm, argv, pause)
+                if i == 5:
+                    phases = {"cold": {}, "warm": {}}
+                    cpu = {"cold": [], "warm": []}
+                sample["cold"] = (await timed_pool(cold, argv, pause, phases["cold"],
+                                                   cpu["cold"]))[0]
+                dt, was_warm = await timed_pool(warm, argv, pause, phases["warm"], cpu["warm"])
                 sample["warm"] = dt
                 not_warm += not was_warm
                 if i >= 5:  # warm-up rounds are not counted
                     for k, v in sample.items():
                         r[k].append(v * 1000)
-            results[name] = (r, not_warm)
+            results[name] = (r, not_warm, phases, cpu)
     finally:
         await cold.close()
         await warm.close()
@@ -131,7 +162,7 @@ def main():
     print(f"# kelpie.sandbox overhead, {args.iterations} iterations, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
     results = asyncio.run(latency(args.iterations, args.pause))
-    for name, (r, not_warm) in results.items():
+    for name, (r, not_warm, phases, cpu) in results.items():
         print(f"\n## {name}")
         print(f"{'method':<12} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
         for k, xs in r.items():
@@ -147,6 +178,10 @@ def main():
               f"warm / bare bwrap: {pct(r['warm'], 0.5) / bw:.2f}")
         if r["firejail"]:
             print(f"firejail / cold, p50: {pct(r['firejail'], 0.5) / pct(r['cold'], 0.5):.2f}")
+        for kind in ("cold", "warm"):
+            parts = [f"{k} {pct(v, 0.5):.2f}" for k, v in phases[kind].items()]
+            print(f"{kind} phases, p50 ms: " + ", ".join(parts))
+            print(f"{kind} worker CPU per job, p50: {pct(cpu[kind], 0.5):.2f} ms")
         if not_warm:
             print(f"({not_warm} warm-pool jobs found no warm sandbox)")
     print("\n## jobs/s on two slots, back to back, `true`")

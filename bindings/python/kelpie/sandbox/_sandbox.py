@@ -139,6 +139,7 @@ class Sandbox:
         self.timings = {}  # phase -> time.perf_counter()
         self.destroyed = False
         self._status_buf = b""
+        self.status_eof = False
 
     # -- creation ---------------------------------------------------------
 
@@ -285,8 +286,8 @@ class Sandbox:
         return line
 
     def status_lines(self):
-        """Every complete line the init has written and nobody read yet
-        (without waiting: called once the init is dead, so nothing more comes)."""
+        """Every complete line the init has written and nobody read yet,
+        without waiting (``status_eof`` tells when no writer is left)."""
         buf = self._status_buf
         while len(buf) <= 4096:
             try:
@@ -294,6 +295,7 @@ class Sandbox:
             except BlockingIOError:
                 break
             if not chunk:
+                self.status_eof = True
                 break
             buf += chunk
         lines = buf.split(b"\n")
@@ -389,11 +391,13 @@ class Execution:
     ``write_stdin``/``close_stdin`` feed an interactive job; ``cancel`` ends
     it (the whole tree).
 
-    Its end is one event: the namespace's init exits (its pidfd becomes
-    readable) once the job's own process has ended and the init has written
-    its report, and the kernel lets a namespace's init finish exiting only
-    when every other process in it is gone. Limits stop it by SIGKILL to that
-    init. Timers (wall, CPU poll) are loop timers, not tasks."""
+    Its end is the first of two events: the init's "X" report, which it
+    writes only once the job's process has ended and every other process of
+    the namespace is killed and reaped; or the init's own death (its pidfd
+    turns readable; the kernel lets a namespace's init finish exiting only
+    when every other process in it is gone), when a limit or a cancel killed
+    it. Either way nothing of the job runs any more. Timers (wall, CPU poll)
+    are loop timers, not tasks."""
 
     def __init__(self, sandbox, spec, limits, on_output=None, warm=False, on_done=None):
         self.sandbox = sandbox
@@ -416,6 +420,7 @@ class Execution:
         self._timers = []
         self._fallback = False
         self._waiters = []
+        self._lines = []  # the init's status lines read so far
         self._result = None
         self.cleanup = None  # the task destroying the sandbox after the verdict
         self.on_verdict = None  # called once the verdict is out (after its waiters)
@@ -449,6 +454,7 @@ class Execution:
         self._started = time.monotonic()
         self.timings["released"] = time.perf_counter()
         loop.add_reader(sb.init_pidfd, self._init_exited)
+        loop.add_reader(sb.status.fd, self._status_ready)
         self._timers.append(loop.call_later(lim.wall, self._stop, "timeout",
                                             f"wall time passed {lim.wall:g}s"))
         if sb.group is not None and sb.host.layout.accounts_cpu():
@@ -546,6 +552,14 @@ class Execution:
         if not self._end.done():
             self._end.set_result(True)
 
+    def _status_ready(self):
+        lines = self.sandbox.status_lines()
+        self._lines += lines
+        if self.sandbox.status_eof:  # init and monitor gone: the pidfd says so too
+            asyncio.get_running_loop().remove_reader(self.sandbox.status.fd)
+        if any(line.startswith(b"X ") for line in lines) and not self._end.done():
+            self._end.set_result(True)
+
     def _check_cpu(self):
         if self._end.done():
             return
@@ -595,7 +609,7 @@ class Execution:
         """(wait status, user s, sys s, maxrss bytes, exec errno) from the
         init, or None if it never reported (killed first)."""
         exec_errno = None
-        for line in self.sandbox.status_lines():
+        for line in self._lines + self.sandbox.status_lines():
             if line.startswith(b"E "):
                 exec_errno = int(line[2:])
             elif line.startswith(b"X "):
@@ -612,6 +626,7 @@ class Execution:
                 self._ended = time.monotonic()
             self.timings["ended"] = time.perf_counter()
             loop.remove_reader(sb.init_pidfd)
+            loop.remove_reader(sb.status.fd)
             for t in self._timers:
                 t.cancel()
             report = self._exit_report()

@@ -20,10 +20,15 @@
  *     Runs inside the sandbox as the pid namespace's init (bwrap --as-pid-1).
  *     Writes "R\n" to STATUS_FD when the sandbox is ready, reads the job spec
  *     from SPEC_FD until EOF, forks and execs the job, reaps every process until the
- *     job's own process has exited, then writes its wait status and rusage to
- *     STATUS_FD and exits: the kernel then kills whatever is left in the
- *     namespace. The spec is a sequence of NUL-terminated tokens, each tagged
- *     by its first byte: L<res>,<soft>,<hard> (an rlimit), E<name=value> (an
+ *     job's own process has exited, then kills and reaps every process left
+ *     in the namespace (orphans, setsid daemons) and only then writes the
+ *     job's wait status and rusage to STATUS_FD, so "X" means nothing of the
+ *     job runs any more: the host gives its verdict on it without waiting
+ *     for this process's own exit, in which the kernel tears down the
+ *     sandbox's mount namespace (an RCU grace period, milliseconds). It is
+ *     not dumpable, so the job (same uid, no capabilities) cannot reach its
+ *     status pipe through /proc/1/fd to forge that line. The spec is a sequence of NUL-terminated
+ * tokens, each tagged by its first byte: L<res>,<soft>,<hard> (an rlimit), E<name=value> (an
  *     environment entry), C<dir> (working directory), A<arg> (argv, in
  *     order). An empty spec (EOF at once) means the host gave the sandbox up:
  *     exit 0 without running anything.
@@ -38,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/time.h>
 #include <sys/types.h>
@@ -222,6 +228,26 @@ fail:
     return -1;
 }
 
+/* Kills every other process of the pid namespace (kill(-1) from its init
+ * reaches all of them and never the init) and reaps them, until none is left:
+ * a dying process hands its children to the init before it can be reaped,
+ * and one killed in fork() creates no child, so ECHILD after a kill that
+ * found nobody (ESRCH) means the namespace holds the init alone. */
+static void helper_end_namespace(void)
+{
+    for (;;) {
+        int found = kill(-1, SIGKILL) == 0;
+        for (;;) {
+            pid_t pid = waitpid(-1, NULL, __WALL);
+            if (pid > 0 || (pid < 0 && errno == EINTR))
+                continue;
+            break;
+        }
+        if (!found)
+            return;
+    }
+}
+
 static int helper_init(int spec_fd, int status_fd)
 {
     char *spec = NULL;
@@ -230,9 +256,13 @@ static int helper_init(int spec_fd, int status_fd)
     const char *cwd = NULL;
     char line[256];
 
-    /* The job must not inherit the spec or status pipes. */
+    /* The job must not inherit the spec or status pipes, nor reopen them
+     * through /proc/1/fd (which needs ptrace access to a non-dumpable
+     * process: CAP_SYS_PTRACE, which nothing in the sandbox has). */
     if (fcntl(spec_fd, F_SETFD, FD_CLOEXEC) < 0 || fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0)
         return helper_fail("spec and status fds");
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return helper_fail("dumpable");
     if (helper_write_all(status_fd, "R\n", 2) < 0)
         return helper_fail("ready");
     ssize_t len = helper_read_spec(spec_fd, &spec);
@@ -294,6 +324,7 @@ static int helper_init(int spec_fd, int status_fd)
             return helper_fail("wait");
         if (pid != job)
             continue;
+        helper_end_namespace();
         long long user = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
         long long sys = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
         int n =
