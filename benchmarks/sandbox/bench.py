@@ -48,6 +48,7 @@ BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/u
          "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
          "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--"]
 FIREJAIL = ["firejail", "--quiet", "--noprofile", "--net=none", "--"]
+CGROUPS = "auto"
 
 
 def pct(xs, q):
@@ -95,8 +96,8 @@ async def timed_pool(pool, argv, pause, phases, cpu):
 
 async def latency(iterations, pause):
     have_firejail = shutil.which("firejail") is not None
-    cold = await ks.SlotPool(1, warm=False).start()
-    warm = await ks.SlotPool(1).start()
+    cold = await ks.SlotPool(1, warm=False, cgroups=CGROUPS).start()
+    warm = await ks.SlotPool(1, cgroups=CGROUPS).start()
     results = {}
     try:
         for name, argv in COMMANDS.items():
@@ -131,7 +132,7 @@ async def latency(iterations, pause):
 
 
 async def throughput(seconds, warm, argv):
-    pool = await ks.SlotPool(2, warm=warm).start()
+    pool = await ks.SlotPool(2, warm=warm, cgroups=CGROUPS).start()
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -158,9 +159,17 @@ def main():
                     help="seconds before each pool job (lets the slot's last sandbox go "
                          "and its next get ready)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput case")
+    ap.add_argument("--cgroups", default="auto", choices=("auto", "v1", "v2", "none"),
+                    help="the pools' cgroup layout (under chrt -f, v1's cpu controller "
+                         "refuses real-time tasks: use v2 or none there)")
     args = ap.parse_args()
+    global CGROUPS
+    CGROUPS = args.cgroups
+    policy = {os.SCHED_OTHER: "normal", os.SCHED_FIFO: "SCHED_FIFO",
+              os.SCHED_RR: "SCHED_RR"}.get(os.sched_getscheduler(0), "other")
     print(f"# kelpie.sandbox overhead, {args.iterations} iterations, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start, "
+          f"scheduling {policy}, cgroups {args.cgroups}")
     results = asyncio.run(latency(args.iterations, args.pause))
     for name, (r, not_warm, phases, cpu) in results.items():
         print(f"\n## {name}")

@@ -119,6 +119,9 @@ class SlotPool:
             self._free.put_nowait(slot)
             raise
         warm = slot.next is not None
+        # A job that finds its sandbox still being made is part of a stream
+        # that outruns the pool: its slot's next sandbox is started at once.
+        saturated = slot.next is None or not slot.next.done()
         task = slot.next or asyncio.ensure_future(self._create(slot))
         slot.next = None
         try:
@@ -136,10 +139,12 @@ class SlotPool:
         # Pipelining: the slot's next sandbox is made while this job runs,
         # but not in its first REFILL_DELAY: making one takes a spawn on the
         # loop and CPU, which a job that short would pay for. A shorter job
-        # starts it after its verdict is out.
+        # starts it after its verdict is out; in a saturated stream it starts
+        # with the job.
         later = None
         if self.warm:
-            later = asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, slot)
+            later = asyncio.get_running_loop().call_later(0 if saturated else REFILL_DELAY,
+                                                          self._refill, slot)
         ex.on_verdict = lambda: self._after_verdict(slot, ex, later)
         self._running.add(ex)
         try:

@@ -613,7 +613,12 @@ class Execution:
             if line.startswith(b"E "):
                 exec_errno = int(line[2:])
             elif line.startswith(b"X "):
-                st, user, sys_, rss = (int(x) for x in line[2:].split())
+                # status, user us, sys us, maxrss KiB, then the init's
+                # CLOCK_MONOTONIC ns (time.perf_counter's clock) at: spec
+                # read, fork of the job, its exit, the namespace emptied.
+                st, user, sys_, rss, *at = (int(x) for x in line[2:].split())
+                for name, ns in zip(("init_spec", "init_fork", "init_exit", "init_end"), at):
+                    self.timings[name] = ns / 1e9
                 return st, user / 1e6, sys_ / 1e6, rss * 1024, exec_errno
         return None
 

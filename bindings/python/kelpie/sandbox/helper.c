@@ -22,7 +22,8 @@
  *     from SPEC_FD until EOF, forks and execs the job, reaps every process until the
  *     job's own process has exited, then kills and reaps every process left
  *     in the namespace (orphans, setsid daemons) and only then writes the
- *     job's wait status and rusage to STATUS_FD, so "X" means nothing of the
+ *     job's wait status, rusage and the CLOCK_MONOTONIC times of its phases
+ *     to STATUS_FD, so "X" means nothing of the
  *     job runs any more: the host gives its verdict on it without waiting
  *     for this process's own exit, in which the kernel tears down the
  *     sandbox's mount namespace (an RCU grace period, milliseconds). It is
@@ -48,6 +49,7 @@
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HELPER_SPEC_MAX   (4 << 20)
@@ -228,6 +230,15 @@ fail:
     return -1;
 }
 
+/* CLOCK_MONOTONIC in ns: the same clock as the host's (bwrap makes no time
+ * namespace), so the host can place the init's phases beside its own. */
+static long long helper_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
 /* Kills every other process of the pid namespace (kill(-1) from its init
  * reaches all of them and never the init) and reaps them, until none is left:
  * a dying process hands its children to the init before it can be reaped,
@@ -268,6 +279,7 @@ static int helper_init(int spec_fd, int status_fd)
     ssize_t len = helper_read_spec(spec_fd, &spec);
     if (len < 0)
         return helper_fail("spec");
+    long long t_spec = helper_now_ns();
     close(spec_fd);
     if (len == 0)
         return 0;
@@ -302,6 +314,7 @@ static int helper_init(int spec_fd, int status_fd)
     if (cwd && chdir(cwd) < 0)
         return helper_fail(cwd);
 
+    long long t_fork = helper_now_ns();
     pid_t job = fork();
     if (job < 0)
         return helper_fail("fork");
@@ -324,11 +337,13 @@ static int helper_init(int spec_fd, int status_fd)
             return helper_fail("wait");
         if (pid != job)
             continue;
+        long long t_exit = helper_now_ns();
         helper_end_namespace();
+        long long t_end = helper_now_ns();
         long long user = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
         long long sys = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-        int n =
-            snprintf(line, sizeof line, "X %d %lld %lld %ld\n", status, user, sys, ru.ru_maxrss);
+        int n = snprintf(line, sizeof line, "X %d %lld %lld %ld %lld %lld %lld %lld\n", status,
+                         user, sys, ru.ru_maxrss, t_spec, t_fork, t_exit, t_end);
         helper_write_all(status_fd, line, (size_t)n);
         return 0;
     }
