@@ -17,8 +17,9 @@ cold/bwrap ratio (issue 15's goals: < 3 ms p50; within 20 %), the worker's
 own CPU time per job (RUSAGE_SELF: the part of the overhead that load does
 not inflate much) and the median of each phase of a pool job from its
 Execution.timings (create -> spawned -> ready -> released -> ended ->
-verdict; "wait" is released -> ended: spec delivery, the job, the init's
-report and the namespace's end). Then jobs/s on two slots, back to back,
+verdict, with the init's own stamps between released and ended: spec
+delivery, its fork, the job, ending the namespace, the report reaching the
+host). Then jobs/s on two slots, back to back,
 warm against cold. The load average is printed at start and end: figures
 taken beside other work are ratios from one interleaved run, nothing more.
 
@@ -65,9 +66,13 @@ def timed_sync(argv):
     return dt
 
 
+# (name, from, to) over Execution.timings; "arrival" is when the job was
+# handed to the pool, "start" the later of that and the sandbox being ready.
 PHASES = (("prepare", "create", "spawned"), ("start-up", "spawned", "ready"),
-          ("release", "ready", "released"), ("wait", "released", "ended"),
-          ("verdict", "ended", "verdict"))
+          ("release", "start", "released"), ("spec delivery", "released", "init_spec"),
+          ("init fork", "init_spec", "init_fork"), ("job", "init_fork", "init_exit"),
+          ("namespace end", "init_exit", "init_end"), ("report", "init_end", "ended"),
+          ("verdict", "ended", "verdict"), ("arrival to verdict", "arrival", "verdict"))
 
 
 def cpu_self():
@@ -86,9 +91,9 @@ async def timed_pool(pool, argv, pause, phases, cpu):
     cpu.append((cpu_self() - c) * 1000)
     if not v.ok:
         raise RuntimeError(f"{argv}: {v.summary()}")
-    tm = ex.timings
-    tm["job"] = t
-    for name, a, b in PHASES + (("to verdict", "job", "verdict"),):
+    tm = dict(ex.timings, arrival=t)
+    tm["start"] = max(t, tm["ready"])
+    for name, a, b in PHASES:
         if a in tm and b in tm and (pool.warm is False or name not in ("prepare", "start-up")):
             phases.setdefault(name, []).append((tm[b] - tm[a]) * 1000)
     return dt, v.warm
