@@ -25,7 +25,7 @@ MAX_LIMITS = Limits(wall=600.0, cpu=600.0, memory=4 * GiB, pids=1024, output=16 
                     cpus=float(os.cpu_count() or 1))
 
 
-REFILL_DELAY = 0.05  # seconds into a job before its slot's next sandbox is made
+REFILL_DELAY = 0.25  # seconds into a job before its slot's next sandbox is made
 
 
 class _Slot:

@@ -669,6 +669,12 @@ class Execution:
 
     def _task_done(self, task):
         if self._result is None:  # _run itself was cancelled (loop shutdown)
+            loop = task.get_loop()
+            for fd in (self.sandbox.init_pidfd, self.sandbox.status.fd):
+                if fd >= 0:
+                    loop.remove_reader(fd)
+            for t in self._timers:
+                t.cancel()
             self.sandbox.kill_all()
             for w in self._waiters:
                 if not w.done():
