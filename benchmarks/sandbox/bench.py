@@ -13,8 +13,15 @@ every method, interleaved so outside load hits all of them alike:
                slot's next sandbox to be ready (jobs that do not arrive back to back)
 
 and prints p50/p99 latency (ms), the warm overhead over subprocess and the
-cold/bwrap ratio (issue 15's goals: < 3 ms p50; within 20 %). Then jobs/s on
-two slots, back to back, warm against cold.
+cold/bwrap ratio (issue 15's goals: < 3 ms p50; within 20 %), the worker's
+own CPU time per job (RUSAGE_SELF: the part of the overhead that load does
+not inflate much) and the median of each phase of a pool job from its
+Execution.timings (create -> spawned -> ready -> released -> ended ->
+verdict, with the init's own stamps between released and ended: spec
+delivery, its fork, the job, ending the namespace, the report reaching the
+host). Then jobs/s on two slots, back to back,
+warm against cold. The load average is printed at start and end: figures
+taken beside other work are ratios from one interleaved run, nothing more.
 
     sudo /usr/bin/python3 benchmarks/sandbox/bench.py [--iterations N]
 
@@ -25,6 +32,7 @@ for per-slot uids and cgroups, as a worker would run.
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,6 +49,7 @@ BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/usr", "/u
          "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
          "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--"]
 FIREJAIL = ["firejail", "--quiet", "--noprofile", "--net=none", "--"]
+CGROUPS = "auto"
 
 
 def pct(xs, q):
@@ -57,21 +66,43 @@ def timed_sync(argv):
     return dt
 
 
-async def timed_pool(pool, argv, pause):
+# (name, from, to) over Execution.timings; "arrival" is when the job was
+# handed to the pool, "start" the later of that and the sandbox being ready.
+PHASES = (("prepare", "create", "spawned"), ("start-up", "spawned", "ready"),
+          ("release", "start", "released"), ("spec delivery", "released", "init_spec"),
+          ("init fork", "init_spec", "init_fork"), ("job", "init_fork", "init_exit"),
+          ("namespace end", "init_exit", "init_end"), ("report", "init_end", "ended"),
+          ("verdict", "ended", "verdict"), ("arrival to verdict", "arrival", "verdict"))
+
+
+def cpu_self():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def timed_pool(pool, argv, pause, phases, cpu):
     if pause:
         await asyncio.sleep(pause)
+    c = cpu_self()
     t = time.perf_counter()
-    v = await pool.run(ks.Spec(argv=argv))
+    ex = await pool.execute(ks.Spec(argv=argv))
+    v = await ex.wait()
     dt = time.perf_counter() - t
+    cpu.append((cpu_self() - c) * 1000)
     if not v.ok:
         raise RuntimeError(f"{argv}: {v.summary()}")
+    tm = dict(ex.timings, arrival=t)
+    tm["start"] = max(t, tm["ready"])
+    for name, a, b in PHASES:
+        if a in tm and b in tm and (pool.warm is False or name not in ("prepare", "start-up")):
+            phases.setdefault(name, []).append((tm[b] - tm[a]) * 1000)
     return dt, v.warm
 
 
 async def latency(iterations, pause):
     have_firejail = shutil.which("firejail") is not None
-    cold = await ks.SlotPool(1, warm=False).start()
-    warm = await ks.SlotPool(1).start()
+    cold = await ks.SlotPool(1, warm=False, cgroups=CGROUPS).start()
+    warm = await ks.SlotPool(1, cgroups=CGROUPS).start()
     results = {}
     try:
         for name, argv in COMMANDS.items():
@@ -80,19 +111,25 @@ async def latency(iterations, pause):
             uid = str(cold._slots[0].uid)
             as_uid = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
             not_warm = 0
+            phases = {"cold": {}, "warm": {}}
+            cpu = {"cold": [], "warm": []}
             for i in range(iterations + 5):
                 sample = {"subprocess": timed_sync(argv), "bwrap": timed_sync(BWRAP + argv),
                           "bwrap-uid": timed_sync(as_uid + BWRAP + argv)}
                 if have_firejail:
                     sample["firejail"] = timed_sync(FIREJAIL + argv)
-                sample["cold"] = (await timed_pool(cold, argv, pause))[0]
-                dt, was_warm = await timed_pool(warm, argv, pause)
+                if i == 5:
+                    phases = {"cold": {}, "warm": {}}
+                    cpu = {"cold": [], "warm": []}
+                sample["cold"] = (await timed_pool(cold, argv, pause, phases["cold"],
+                                                   cpu["cold"]))[0]
+                dt, was_warm = await timed_pool(warm, argv, pause, phases["warm"], cpu["warm"])
                 sample["warm"] = dt
                 not_warm += not was_warm
                 if i >= 5:  # warm-up rounds are not counted
                     for k, v in sample.items():
                         r[k].append(v * 1000)
-            results[name] = (r, not_warm)
+            results[name] = (r, not_warm, phases, cpu)
     finally:
         await cold.close()
         await warm.close()
@@ -100,7 +137,7 @@ async def latency(iterations, pause):
 
 
 async def throughput(seconds, warm, argv):
-    pool = await ks.SlotPool(2, warm=warm).start()
+    pool = await ks.SlotPool(2, warm=warm, cgroups=CGROUPS).start()
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -127,11 +164,19 @@ def main():
                     help="seconds before each pool job (lets the slot's last sandbox go "
                          "and its next get ready)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput case")
+    ap.add_argument("--cgroups", default="auto", choices=("auto", "v1", "v2", "none"),
+                    help="the pools' cgroup layout (under chrt -f, v1's cpu controller "
+                         "refuses real-time tasks: use v2 or none there)")
     args = ap.parse_args()
+    global CGROUPS
+    CGROUPS = args.cgroups
+    policy = {os.SCHED_OTHER: "normal", os.SCHED_FIFO: "SCHED_FIFO",
+              os.SCHED_RR: "SCHED_RR"}.get(os.sched_getscheduler(0), "other")
     print(f"# kelpie.sandbox overhead, {args.iterations} iterations, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start, "
+          f"scheduling {policy}, cgroups {args.cgroups}")
     results = asyncio.run(latency(args.iterations, args.pause))
-    for name, (r, not_warm) in results.items():
+    for name, (r, not_warm, phases, cpu) in results.items():
         print(f"\n## {name}")
         print(f"{'method':<12} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
         for k, xs in r.items():
@@ -147,6 +192,10 @@ def main():
               f"warm / bare bwrap: {pct(r['warm'], 0.5) / bw:.2f}")
         if r["firejail"]:
             print(f"firejail / cold, p50: {pct(r['firejail'], 0.5) / pct(r['cold'], 0.5):.2f}")
+        for kind in ("cold", "warm"):
+            parts = [f"{k} {pct(v, 0.5):.2f}" for k, v in phases[kind].items()]
+            print(f"{kind} phases, p50 ms: " + ", ".join(parts))
+            print(f"{kind} worker CPU per job, p50: {pct(cpu[kind], 0.5):.2f} ms")
         if not_warm:
             print(f"({not_warm} warm-pool jobs found no warm sandbox)")
     print("\n## jobs/s on two slots, back to back, `true`")

@@ -34,6 +34,18 @@ def processes_of(uids):
     return out
 
 
+def describe(pids):
+    """What each of ``pids`` is, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out.append(f.read()[:60])
+        except OSError:
+            out.append(f"{pid} (gone)")
+    return out
+
+
 def mounts():
     """The host's mounts that could be a sandbox's: anything under a pool's
     directory or cgroups, or of bwrap's. (Not all of them: other suites on
@@ -72,7 +84,8 @@ class Checked:
             self.loop.run_until_complete(asyncio.wait_for(p.close(), 60))
         for p in self.pools:
             uids = {s.uid for s in p._slots} if p.host.mode == "uid" else set()
-            assert not processes_of(uids), f"processes left running as {uids}"
+            left = processes_of(uids)
+            assert not left, f"processes left running as {uids}: {describe(left)}"
             assert not pool_leftovers(p.host.pool_id), pool_leftovers(p.host.pool_id)
         assert mounts() == mounts_before, "the host's mounts changed"
 

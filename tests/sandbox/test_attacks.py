@@ -287,6 +287,34 @@ def test_orphans_and_setsid_do_not_survive(run, pool):
     assert not alive, alive
 
 
+@needs_root
+def test_job_cannot_forge_the_init_report(run, pool):
+    """The init's "X" report (written once the namespace holds nothing else)
+    ends a job's wait; the job cannot write it early: the init's pipes are
+    close-on-exec, and /proc/1/fd of the non-dumpable init is closed to it."""
+    v = run(pool.run(py("import os, time\nopened = []\n"
+                        "for n in range(64):\n"
+                        "    try:\n"
+                        "        fd = os.open(f'/proc/1/fd/{n}', os.O_WRONLY)\n"
+                        "    except OSError:\n"
+                        "        continue\n"
+                        "    opened.append(n)\n"
+                        "    os.write(fd, b'X 0 0 0 0\\n')\n"
+                        "print(opened, flush=True)\n"
+                        "time.sleep(0.5)\nraise SystemExit(3)")))
+    assert (v.status, v.exit_code, v.stdout) == ("nonzero_exit", 3, b"[]\n"), v
+    assert v.wall_time >= 0.5
+
+
+@needs_root
+def test_nothing_of_the_job_runs_at_its_verdict(run, pool):
+    """Background processes are dead when the verdict is out, not later."""
+    v = run(pool.run(sh("setsid sleep 1000 & (sleep 1001 &) ; sleep 0.2; echo started")))
+    assert (v.status, v.stdout) == ("ok", b"started\n"), v
+    uids = {s.uid for s in pool._slots}
+    assert not [p for p in processes_of(uids) if b"sleep" in cmdline(p)]
+
+
 def cmdline(pid):
     """A process's command line; b"" once it has gone (it may go between
     listing /proc and reading it)."""

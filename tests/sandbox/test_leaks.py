@@ -139,5 +139,8 @@ def test_rootless_mode_for_a_non_root_worker(tmp_path):
     assert v["status"] == "ok" and v["stdout"] == "65534\n", v
     assert v["enforcement"]["mode"] == "rootless"
     assert v["enforcement"]["memory"] == "rlimit-as"
+    # No pids cgroup of its own and no RLIMIT_NPROC (it would count the
+    # worker's own uid): nothing limits processes, and the verdict says so.
+    assert v["enforcement"]["pids"] == "none"
     assert hog["status"] == "nonzero_exit" and "MemoryError" in hog["stderr"], hog
     assert not [n for n in os.listdir(tmp_path) if n.startswith("kelpie-sandbox-")]

@@ -228,3 +228,48 @@ def test_rlimit_fallback_without_cgroups(run, pools):
 def test_bad_spec_payload_rejected(run, pool):
     with pytest.raises(ValueError):
         run(pool.run({"argv": ["true"], "unknown": 1}))
+
+
+def test_verdict_goes_out_before_the_slot_refills(run, pools, monkeypatch):
+    """The warm pool's critical path: when a short job's verdict reaches its
+    waiter, neither the slot's next sandbox (a spawn that would stop the
+    loop) nor the removal of the used one has begun; both follow it."""
+    from kelpie.sandbox import _pool
+    monkeypatch.setattr(_pool, "REFILL_DELAY", 60.0)  # only the verdict refills
+
+    async def go():
+        p = await pools.pool(1)
+        slot = p._slots[0]
+        await slot.next
+        ex = await p.execute(ks.Spec(argv=["true"]))
+        v = await ex.wait()
+        at_verdict = (slot.next, ex.sandbox.destroyed)
+        await ex.cleanup
+        await slot.next
+        return v, at_verdict, ex.timings
+
+    v, (nxt, destroyed), timings = run(go())
+    assert v.status == "ok" and v.warm, v
+    assert nxt is None and not destroyed
+    assert (timings["create"] <= timings["spawned"] <= timings["ready"] <= timings["released"]
+            <= timings["ended"] <= timings["verdict"])
+
+
+def test_worker_descriptors_do_not_reach_the_sandbox(run, pools, tmp_path):
+    """A descriptor the worker left inheritable (a library that forgot
+    O_CLOEXEC) is closed by the helper before bwrap: the job cannot use it."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret")
+    fd = os.open(secret, os.O_RDONLY)
+    os.set_inheritable(fd, True)
+    try:
+        async def go():
+            p = await pools.pool(1)
+            return await p.run(py(f"import os\ntry: print(os.read({fd}, 100))\n"
+                                  f"except OSError as e: print('closed', e.errno)\n"
+                                  f"print(sorted(os.listdir('/proc/self/fd')))"))
+        v = run(go())
+    finally:
+        os.close(fd)
+    assert v.status == "ok", v
+    assert b"s3cret" not in v.stdout and v.stdout.startswith(b"closed 9"), v.stdout

@@ -142,14 +142,28 @@ class Host:
         return list(self.uid_claim.uids)
 
     def enforcement(self):
-        """resource -> the mechanism that enforces it for this host."""
-        v = self.layout.version
+        """resource -> the mechanism that enforces it for this host.
+
+        ``memory``/``pids``/``cpu_bandwidth``: the cgroup version whose
+        controller the kernel enforces, else the rlimit (or "none"); ``cpu``
+        (the CPU-time limit): the group's CPU total read by the host, with a
+        per-process RLIMIT_CPU behind it, else that rlimit alone;
+        ``tree_kill``: how a whole job is ended (always its pid namespace's
+        init; a v2 group adds cgroup.kill as the last resort)."""
+        lay = self.layout
+        v = lay.version
         cg = f"cgroup-{v}" if v else None
         e = {"mode": self.mode,
-             "memory": cg if self.layout.controls("memory") else "rlimit-as",
-             "pids": cg if self.layout.controls("pids") else "rlimit-nproc",
-             "cpu": (cg + "+rlimit") if self.layout.controls("cpu") else "rlimit",
-             "cgroup": v or "none"}
+             "memory": cg if lay.controls("memory") else "rlimit-as",
+             # RLIMIT_NPROC counts per uid: only a slot's own uid can carry it.
+             "pids": cg if lay.controls("pids") else ("rlimit-nproc" if self.mode == "uid"
+                                                      else "none"),
+             "cpu": (cg + "+rlimit") if lay.accounts_cpu() else "rlimit",
+             "cpu_bandwidth": cg if lay.controls("cpu") else "none",
+             "cgroup": v or "none",
+             "cgroup_controllers": (sorted(lay.controllers) if v == "v2"
+                                    else sorted(lay.bases)),
+             "tree_kill": "pid-namespace+cgroup.kill" if v == "v2" else "pid-namespace"}
         e.update({"file_size": "rlimit", "open_files": "rlimit", "core": "rlimit",
                   "wall": "host-timer", "output": "host"})
         return e

@@ -1,6 +1,13 @@
 """SlotPool: N slots, each with its own host uid, each keeping its next
 sandbox created and waiting (warm), so bwrap's start-up is paid while the
-previous job runs. Every job still gets a brand-new sandbox, used once."""
+previous job runs. Every job still gets a brand-new sandbox, used once.
+
+A slot's pipeline: job N runs in sandbox N while sandbox N+1 is made (from
+REFILL_DELAY into the job, or at its verdict if it ends sooner); the verdict
+goes to its waiter first, then sandbox N is reaped and removed while the
+slot already takes job N+1 (which waits only for sandbox N+1 to be ready
+and, to bound what a slot holds, for the slot's previous removal to have
+finished)."""
 
 import asyncio
 import os
@@ -18,7 +25,7 @@ MAX_LIMITS = Limits(wall=600.0, cpu=600.0, memory=4 * GiB, pids=1024, output=16 
                     cpus=float(os.cpu_count() or 1))
 
 
-REFILL_DELAY = 0.02  # seconds into a job before its slot's next sandbox is made
+REFILL_DELAY = 0.25  # seconds into a job before its slot's next sandbox is made
 
 
 class _Slot:
@@ -26,6 +33,7 @@ class _Slot:
         self.index = index
         self.uid = uid
         self.next = None  # Task -> Sandbox, the warm one
+        self.destroying = None  # Task: the slot's last sandbox going away
 
 
 class SlotPool:
@@ -80,7 +88,8 @@ class SlotPool:
         # A few at a time: the kernel serialises namespace and cgroup set-up
         # anyway, and a queue in order makes the first slots warm first.
         async with self._creating:
-            sb = Sandbox(self.host, slot.uid, self.max_limits, self.limits.tmp_size)
+            sb = Sandbox(self.host, slot.uid, self.max_limits, self.limits.tmp_size,
+                         self.limits)
             await sb.create()
             return sb
 
@@ -103,7 +112,16 @@ class SlotPool:
             spec = Spec.from_dict(spec)
         lim = self.job_limits(limits)
         slot = await self._free.get()
+        try:
+            if slot.destroying is not None and not slot.destroying.done():
+                await asyncio.wait([slot.destroying])  # its failure is not this job's
+        except BaseException:
+            self._free.put_nowait(slot)
+            raise
         warm = slot.next is not None
+        # A job that finds its sandbox still being made is part of a stream
+        # that outruns the pool: its slot's next sandbox is started at once.
+        saturated = slot.next is None or not slot.next.done()
         task = slot.next or asyncio.ensure_future(self._create(slot))
         slot.next = None
         try:
@@ -117,32 +135,44 @@ class SlotPool:
             self._refill(slot)
             self._free.put_nowait(slot)
             raise
-        ex = Execution(sb, spec, lim, on_output, warm=warm,
-                       on_done=lambda: self._release(slot, ex))
+        ex = Execution(sb, spec, lim, on_output, warm=warm)
         # Pipelining: the slot's next sandbox is made while this job runs,
-        # but not in its first REFILL_DELAY: making one blocks the loop for
-        # a fork and takes CPU, which a job that short would pay for.
+        # but not in its first REFILL_DELAY: making one takes a spawn on the
+        # loop and CPU, which a job that short would pay for. A shorter job
+        # starts it after its verdict is out; in a saturated stream it starts
+        # with the job.
+        later = None
         if self.warm:
-            later = asyncio.get_running_loop().call_later(REFILL_DELAY, self._refill, slot)
-            ex.on_verdict = lambda: (later.cancel(), self._refill(slot))
+            later = asyncio.get_running_loop().call_later(0 if saturated else REFILL_DELAY,
+                                                          self._refill, slot)
+        ex.on_verdict = lambda: self._after_verdict(slot, ex, later)
         self._running.add(ex)
         try:
             await ex.start()
         except BaseException:
-            await sb.destroy()
-            self._release(slot, ex)
+            if later is not None:
+                later.cancel()
+            self._running.discard(ex)
+            slot.destroying = asyncio.ensure_future(sb.destroy())
+            self._refill(slot)
+            self._free.put_nowait(slot)
             raise
         return ex
+
+    def _after_verdict(self, slot, ex, later):
+        """The job's verdict is out (its tree is dead; ex.cleanup now reaps
+        and removes its sandbox): the slot takes the next job."""
+        if later is not None:
+            later.cancel()
+        self._refill(slot)
+        slot.destroying = ex.cleanup
+        if ex in self._running:
+            self._running.discard(ex)
+            self._free.put_nowait(slot)
 
     def _refill(self, slot):
         if self.warm and not self._closed and slot.next is None:
             slot.next = asyncio.ensure_future(self._create(slot))
-
-    def _release(self, slot, ex):
-        """The job's sandbox is gone: the slot takes the next job."""
-        if ex in self._running:
-            self._running.discard(ex)
-            self._free.put_nowait(slot)
 
     async def run(self, spec, limits=None, on_output=None):
         """Run ``spec`` to its end: the Verdict."""
@@ -162,9 +192,9 @@ class SlotPool:
         running = list(self._running)
         for ex in running:
             await ex.cancel()
-        for ex in running:
-            if ex.cleanup is not None:
-                await asyncio.shield(ex.cleanup)
+        pending = [ex.cleanup for ex in running if ex.cleanup is not None]
+        pending += [slot.destroying for slot in self._slots if slot.destroying is not None]
+        await asyncio.gather(*pending, return_exceptions=True)
         async def drop(task):
             try:
                 sb = await task

@@ -2,23 +2,34 @@
  * take safely.
  *
  *   helper exec [--procs FILE]... [--rlimit RES:SOFT:HARD]... [--uid U --gid G]
- *               -- PROGRAM ARGS...
- *     Runs on the host between fork and exec of bubblewrap: joins the job's
- *     cgroups (writing "0" to each cgroup.procs file moves this process, so
- *     every process bwrap creates is born inside them), sets the worker-wide
- *     rlimits, drops to the slot's unprivileged uid with no supplementary
- *     groups, then execs PROGRAM. Python's only way to do this in the child is
- *     preexec_fn, which is unsafe in a threaded process and forces a full
- *     fork instead of vfork.
+ *               [--keep FD]... -- PROGRAM ARGS...
+ *     Runs on the host between the worker's posix_spawn and bubblewrap:
+ *     closes every descriptor above 2 but the --keep ones (the worker's
+ *     other descriptors, even those a library opened without O_CLOEXEC,
+ *     never reach the sandbox), puts every signal back to its default and
+ *     unblocks them, joins the job's cgroups (writing "0" to each
+ *     cgroup.procs file moves this process, so every process bwrap creates
+ *     is born inside them), sets the worker-wide rlimits, drops to the slot's
+ *     unprivileged uid with no supplementary groups, then execs PROGRAM.
+ *     Python's only way to do this in the child is preexec_fn, which is unsafe
+ *     in a threaded process and forces a full fork instead of vfork; doing it
+ *     here also keeps the worker's event loop stopped only until this
+ *     program's exec.
  *
  *   helper init SPEC_FD STATUS_FD
  *     Runs inside the sandbox as the pid namespace's init (bwrap --as-pid-1).
  *     Writes "R\n" to STATUS_FD when the sandbox is ready, reads the job spec
- *     from SPEC_FD until EOF, forks and execs the job, reaps every process until the
- *     job's own process has exited, then writes its wait status and rusage to
- *     STATUS_FD and exits: the kernel then kills whatever is left in the
- *     namespace. The spec is a sequence of NUL-terminated tokens, each tagged
- *     by its first byte: L<res>,<soft>,<hard> (an rlimit), E<name=value> (an
+ *     from SPEC_FD until EOF, vforks and execs the job, reaps every process until the
+ *     job's own process has exited, then kills and reaps every process left
+ *     in the namespace (orphans, setsid daemons) and only then writes the
+ *     job's wait status, rusage and the CLOCK_MONOTONIC times of its phases
+ *     to STATUS_FD, so "X" means nothing of the
+ *     job runs any more: the host gives its verdict on it without waiting
+ *     for this process's own exit, in which the kernel tears down the
+ *     sandbox's mount namespace (an RCU grace period, milliseconds). It is
+ *     not dumpable, so the job (same uid, no capabilities) cannot reach its
+ *     status pipe through /proc/1/fd to forge that line. The spec is a sequence of NUL-terminated
+ * tokens, each tagged by its first byte: L<res>,<soft>,<hard> (an rlimit), E<name=value> (an
  *     environment entry), C<dir> (working directory), A<arg> (argv, in
  *     order). An empty spec (EOF at once) means the host gave the sandbox up:
  *     exit 0 without running anything.
@@ -33,14 +44,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/time.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define HELPER_SPEC_MAX   (4 << 20)
 #define HELPER_TOKENS_MAX 65536
+#define HELPER_KEEP_MAX   16
 
 static int helper_fail(const char *what)
 {
@@ -78,9 +92,47 @@ static int helper_parse_rlimit(const char *text, char sep)
     return setrlimit((int)res, &rl);
 }
 
+static int helper_int_cmp(const void *a, const void *b)
+{
+    return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b);
+}
+
+/* Closes every descriptor from 3 up except the n in keep; 0 or -1. */
+static int helper_close_others(int *keep, int n)
+{
+    unsigned int from = 3;
+    qsort(keep, (size_t)n, sizeof *keep, helper_int_cmp);
+    for (int k = 0; k < n; k++) {
+        if (keep[k] < (int)from)
+            continue;
+        if ((unsigned int)keep[k] > from && close_range(from, (unsigned int)keep[k] - 1, 0) < 0)
+            return -1;
+        from = (unsigned int)keep[k] + 1;
+    }
+    return close_range(from, ~0U, 0);
+}
+
+/* Default disposition for every signal and none blocked: the worker may
+ * ignore some (Python ignores SIGPIPE and SIGXFSZ), and ignored signals
+ * survive exec into the job. */
+static int helper_reset_signals(void)
+{
+    sigset_t none;
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        /* Numbers glibc keeps for itself answer EINVAL: nothing to reset. */
+        if (signal(sig, SIG_DFL) == SIG_ERR && errno != EINVAL)
+            return -1;
+    }
+    sigemptyset(&none);
+    return sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 static int helper_exec(int argc, char **argv)
 {
     long uid = -1, gid = -1;
+    int keep[HELPER_KEEP_MAX], nkeep = 0;
     int i;
     for (i = 2; i < argc; i++) {
         if (strcmp(argv[i], "--") == 0)
@@ -102,6 +154,14 @@ static int helper_exec(int argc, char **argv)
             uid = strtol(value, NULL, 10);
         } else if (strcmp(argv[i - 1], "--gid") == 0) {
             gid = strtol(value, NULL, 10);
+        } else if (strcmp(argv[i - 1], "--keep") == 0) {
+            char *end;
+            long fd = strtol(value, &end, 10);
+            if (*end != '\0' || fd < 3 || fd > 1 << 20 || nkeep == HELPER_KEEP_MAX) {
+                fprintf(stderr, "kelpie-sandbox-helper: bad --keep %s\n", value);
+                return 125;
+            }
+            keep[nkeep++] = (int)fd;
         } else {
             fprintf(stderr, "kelpie-sandbox-helper: unknown option %s\n", argv[i - 1]);
             return 125;
@@ -111,6 +171,12 @@ static int helper_exec(int argc, char **argv)
         fprintf(stderr, "kelpie-sandbox-helper: no program after --\n");
         return 125;
     }
+    if (helper_close_others(keep, nkeep) < 0)
+        return helper_fail("close_range");
+    if (helper_reset_signals() < 0)
+        return helper_fail("signals");
+    if (chdir("/") < 0)
+        return helper_fail("chdir");
     if (gid >= 0) {
         /* Order matters: groups and gid need the privilege that setuid
          * gives up. */
@@ -164,6 +230,39 @@ fail:
     return -1;
 }
 
+/* CLOCK_MONOTONIC in ns: the same clock as the host's (bwrap makes no time
+ * namespace), so the host can place the init's phases beside its own. */
+static long long helper_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Kills every other process of the pid namespace (kill(-1) from its init
+ * reaches all of them and never the init) and reaps them, until none is left:
+ * a dying process hands its children to the init before it can be reaped,
+ * and one killed in fork() creates no child, so ECHILD after a kill that
+ * found nobody (ESRCH) means the namespace holds the init alone. */
+static void helper_end_namespace(void)
+{
+    for (;;) {
+        int found = kill(-1, SIGKILL) == 0;
+        for (;;) {
+            pid_t pid = waitpid(-1, NULL, __WALL);
+            if (pid > 0 || (pid < 0 && errno == EINTR))
+                continue;
+            break;
+        }
+        if (!found)
+            return;
+    }
+}
+
+/* Set by the vforked job when its exec fails (the parent resumes only after
+ * the child's exec or exit, so it reads the value the child left). */
+static volatile int helper_exec_errno;
+
 static int helper_init(int spec_fd, int status_fd)
 {
     char *spec = NULL;
@@ -172,14 +271,19 @@ static int helper_init(int spec_fd, int status_fd)
     const char *cwd = NULL;
     char line[256];
 
-    /* The job must not inherit the spec or status pipes. */
+    /* The job must not inherit the spec or status pipes, nor reopen them
+     * through /proc/1/fd (which needs ptrace access to a non-dumpable
+     * process: CAP_SYS_PTRACE, which nothing in the sandbox has). */
     if (fcntl(spec_fd, F_SETFD, FD_CLOEXEC) < 0 || fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0)
         return helper_fail("spec and status fds");
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return helper_fail("dumpable");
     if (helper_write_all(status_fd, "R\n", 2) < 0)
         return helper_fail("ready");
     ssize_t len = helper_read_spec(spec_fd, &spec);
     if (len < 0)
         return helper_fail("spec");
+    long long t_spec = helper_now_ns();
     close(spec_fd);
     if (len == 0)
         return 0;
@@ -214,17 +318,25 @@ static int helper_init(int spec_fd, int status_fd)
     if (cwd && chdir(cwd) < 0)
         return helper_fail(cwd);
 
-    pid_t job = fork();
+    long long t_fork = helper_now_ns();
+    /* vfork, not fork: the child only execs, and copying this process's
+     * page tables (its token tables are a MiB of static memory) for it took
+     * 2 ms of every job's start. The child shares our memory until its exec
+     * and touches nothing but the variable below. environ is what execvpe
+     * searches PATH in; the init needs no environment of its own. */
+    environ = envs;
+    helper_exec_errno = 0;
+    pid_t job = vfork();
     if (job < 0)
         return helper_fail("fork");
     if (job == 0) {
-        /* environ is what execvpe searches PATH in. */
-        environ = envs;
         execvpe(args[0], args, envs);
-        int err = errno;
-        int n = snprintf(line, sizeof line, "E %d\n", err);
-        helper_write_all(status_fd, line, (size_t)n);
+        helper_exec_errno = errno;
         _exit(127);
+    }
+    if (helper_exec_errno != 0) {
+        int n = snprintf(line, sizeof line, "E %d\n", helper_exec_errno);
+        helper_write_all(status_fd, line, (size_t)n);
     }
     for (;;) {
         int status;
@@ -236,10 +348,13 @@ static int helper_init(int spec_fd, int status_fd)
             return helper_fail("wait");
         if (pid != job)
             continue;
+        long long t_exit = helper_now_ns();
+        helper_end_namespace();
+        long long t_end = helper_now_ns();
         long long user = (long long)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
         long long sys = (long long)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-        int n =
-            snprintf(line, sizeof line, "X %d %lld %lld %ld\n", status, user, sys, ru.ru_maxrss);
+        int n = snprintf(line, sizeof line, "X %d %lld %lld %ld %lld %lld %lld %lld\n", status,
+                         user, sys, ru.ru_maxrss, t_spec, t_fork, t_exit, t_end);
         helper_write_all(status_fd, line, (size_t)n);
         return 0;
     }
