@@ -177,6 +177,7 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "completed", s->completed);
         kp_json_u64(j, "failed", s->failed);
         kp_json_u64(j, "expired", s->expired);
+        kp_json_u64(j, "redelivered", s->redelivered);
         admin_methods_json(s, j);
         kp_json_object_end(j);
     }
