@@ -211,26 +211,75 @@ static void metrics_store(struct kp_broker *b, struct kp_text *t)
     metrics_histo(t, "kelpie_store_batch_size", "", &js.batch, 0, 1.0);
 }
 
-/* Per worker: credits offered and free. */
+/* Per worker: credits offered and free, heartbeat age, and what it says of
+ * itself (HEARTBEAT.worker_stats: host, pid, memory, busy, stalls,
+ * restarts). Labelled by READY name and routing id; its own figures also by
+ * host and pid. */
 static void metrics_workers(struct kp_broker *b, struct kp_text *t)
 {
-    for (int f = 0; f < 2; f++) {
-        const char *name = f ? "kelpie_worker_free_credits" : "kelpie_worker_credits";
-        metrics_head(t, name, "gauge", f ? "slots of the worker not in use" : "slots offered");
+    static const struct {
+        const char *name, *type, *help;
+        bool own; /* only for workers that sent worker_stats */
+    } families[] = {
+        {"kelpie_worker_credits", "gauge", "slots offered", false},
+        {"kelpie_worker_free_credits", "gauge", "slots of the worker not in use", false},
+        {"kelpie_worker_last_heartbeat_seconds", "gauge", "seconds since its last HEARTBEAT",
+         false},
+        {"kelpie_worker_rss_bytes", "gauge", "resident memory it reported", true},
+        {"kelpie_worker_busy", "gauge", "calls and jobs it reported running", true},
+        {"kelpie_worker_threads", "gauge", "threads in its process", true},
+        {"kelpie_worker_stalls_total", "counter", "event-loop stalls it reported", true},
+        {"kelpie_worker_restarts", "gauge", "processes its supervisor restarted before it", true},
+    };
+    for (size_t f = 0; f < sizeof families / sizeof families[0]; f++) {
+        metrics_head(t, families[f].name, families[f].type, families[f].help);
         size_t pos = 0;
         struct kp_worker *w;
         while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
-            if (w->gone)
+            if (w->gone || (families[f].own && !w->stats.has))
                 continue;
             char id[2 * sizeof w->rid.bytes + 1];
             for (size_t i = 0; i < w->rid.len; i++)
                 snprintf(id + 2 * i, 3, "%02x", w->rid.bytes[i]);
             id[2 * w->rid.len] = '\0';
-            uint32_t v =
-                f ? (w->credits > w->in_flight ? w->credits - w->in_flight : 0) : w->credits;
-            kp_text_printf(t, "%s{worker=", name);
+            kp_text_printf(t, "%s{worker=", families[f].name);
             metrics_label(t, w->name ? w->name : "");
-            kp_text_printf(t, ",id=\"%s\"} %u\n", id, v);
+            kp_text_printf(t, ",id=\"%s\"", id);
+            if (families[f].own) {
+                kp_text_printf(t, ",host=");
+                metrics_label(t, w->stats.host);
+                kp_text_printf(t, ",pid=\"%u\"", w->stats.pid);
+            }
+            switch (f) {
+            case 0:
+                kp_text_printf(t, "} %u\n", w->credits);
+                break;
+            case 1:
+                kp_text_printf(t, "} %u\n",
+                               w->credits > w->in_flight ? w->credits - w->in_flight : 0);
+                break;
+            case 2:
+                kp_text_printf(
+                    t, "} %.3f\n",
+                    (double)(b->now - (w->last_heartbeat ? w->last_heartbeat : w->last_recv)) /
+                        1000.0);
+                break;
+            case 3:
+                kp_text_printf(t, "} %llu\n", (unsigned long long)w->stats.rss);
+                break;
+            case 4:
+                kp_text_printf(t, "} %u\n", w->stats.busy);
+                break;
+            case 5:
+                kp_text_printf(t, "} %u\n", w->stats.threads);
+                break;
+            case 6:
+                kp_text_printf(t, "} %llu\n", (unsigned long long)w->stats.stalls);
+                break;
+            default:
+                kp_text_printf(t, "} %llu\n", (unsigned long long)w->stats.restarts);
+                break;
+            }
         }
     }
 }

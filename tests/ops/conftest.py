@@ -113,15 +113,15 @@ class Workers:
         self.tmp_path = tmp_path
         self.procs = []
 
-    def start(self, broker, app="ops_app:worker", loop="asyncio", env=(), args=()):
+    def start(self, broker, app="ops_app:worker", loop="asyncio", env=(), args=(), child=True):
         e = dict(os.environ)
         e["PYTHONPATH"] = os.pathsep.join([HERE, e.get("PYTHONPATH", "")])
         e.update(dict(env))
         log_path = os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log")
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [PYTHON, "-m", "kelpie", "--loop", loop, "worker", app, "--child",
-                 "--backend", broker.backend, "--frontend", broker.frontend, "--grace", "1",
+                [PYTHON, "-m", "kelpie", "--loop", loop, "worker", app,
+                 *(["--child"] if child else []), "--backend", broker.backend, "--frontend", broker.frontend, "--grace", "1",
                  *args],
                 env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
         proc.log_path = log_path

@@ -284,6 +284,16 @@ def heartbeat(heartbeat_ms=0):
     return HEARTBEAT_FRAME
 
 
+def heartbeat_stats(heartbeat_ms, host, pid, rss_bytes, busy, threads, stalls, restarts):
+    """A worker's HEARTBEAT carrying its own figures (``worker_stats``,
+    protocol.md §10): the broker keeps the latest per worker."""
+    h = Header(version=VERSION, kind=HEARTBEAT, heartbeat_ms=heartbeat_ms)
+    ws = h.worker_stats
+    ws.host, ws.pid, ws.rss_bytes, ws.busy = host[:255], pid, rss_bytes, busy
+    ws.threads, ws.stalls, ws.restarts = threads, stalls, restarts
+    return h.SerializeToString()
+
+
 def parse(data):
     """Decode a header frame (bytes or a buffer); raises DecodeError on garbage."""
     h = Header()
