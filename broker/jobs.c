@@ -103,6 +103,7 @@ struct run {
     bool cancel_requested;
     struct watch *watch; /* its job's events, if any */
     uint64_t due;        /* wall ms it could first run this attempt (metrics' queue wait) */
+    char *trace;         /* the traceparent it was submitted with, or NULL */
 };
 
 /* One event kept for late watchers. */
@@ -810,6 +811,7 @@ static void watch_finish(struct kp_broker *b, struct watch *w, const struct kp_j
 static void run_free(struct run *r)
 {
     zmq_msg_close(&r->payload);
+    kp_free(r->trace);
     kp_free(r);
 }
 
@@ -893,6 +895,18 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     h.max_attempts = r->max_attempts;
     h.priority = r->priority;
     h.timeout_ms = r->timeout_ms;
+    /* The submitter's traceparent goes with every attempt (§11.3). */
+    Kelpie__V1__Header__MetadataEntry trace = KELPIE__V1__HEADER__METADATA_ENTRY__INIT;
+    Kelpie__V1__Header__MetadataEntry *md[1] = {&trace};
+    if (r->trace) {
+        trace.key = "traceparent";
+        trace.value.data = (uint8_t *)r->trace;
+        trace.value.len = strlen(r->trace);
+        h.metadata = md;
+        h.n_metadata = 1;
+        kp_log_debug("job %s attempt %u to worker '%s' traceparent=%s", r->id.s, r->attempt,
+                     w->name ? w->name : "", r->trace);
+    }
     enum kp_err err =
         kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, &r->payload, 1);
     if (err != KP_OK) {
@@ -1023,6 +1037,8 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
         return;
     }
     bool existed = r->out.refs[0].existed;
+    kp_log_debug("job %s %s in %s%s%s", r->out.refs[0].id.s, existed ? "existed" : "accepted",
+                 o->queue, o->s1 ? " traceparent=" : "", o->s1 ? o->s1 : "");
     if (existed)
         b->stats.jobs_deduplicated++;
     else
@@ -1082,6 +1098,8 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         run->backoff_ms = job->backoff_ms ? job->backoff_ms : q->set.backoff_ms;
         run->q = q;
         run->due = job->run_at > job->created_at ? job->run_at : job->created_at;
+        run->trace = job->trace; /* taken over */
+        job->trace = NULL;
         /* The claimed buffer becomes the frame: no copy. */
         if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len, free_payload, NULL) !=
             0) {
@@ -1380,6 +1398,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
         e->outstanding--;
+        kp_log_set_job(o->id.s[0] ? o->id.s : NULL);
         switch (o->kind) {
         case OP_SUBMIT:
             done_submit(b, o, r);
@@ -1417,6 +1436,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
             done_admin(b, o, r);
             break;
         }
+        kp_log_set_job(NULL);
         kp_journal_req_destroy(&r);
         op_free(o);
     }
@@ -1475,6 +1495,9 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
     o->q = q;
     o->queue = kp_strdup(h->service);
     o->key = dup_or_null(h->idempotency_key);
+    char trace[64];
+    if (meta_str(h, "traceparent", trace, sizeof trace))
+        o->s1 = kp_strdup(trace); /* kept with the job, sent with each JOB */
     if (npayload == 1) {
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
         o->has_payload = true;
@@ -1492,6 +1515,7 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
         .backoff_ms = h->backoff_ms ? h->backoff_ms : set.backoff_ms,
         .max_attempts = h->max_attempts ? h->max_attempts : set.max_attempts,
         .priority = (uint8_t)h->priority,
+        .trace = o->s1,
     };
     o->req->in.jobs = &o->job;
     o->req->in.njobs = 1;
