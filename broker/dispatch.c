@@ -197,6 +197,7 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
+        kp_log_set_header(NULL); /* it lived in the arena (log.h) */
         kp_arena_reset(&b->in.arena);
         enum kp_err err = kp_wire_decode(&b->in.arena, zmq_msg_data(&c->header),
                                          zmq_msg_size(&c->header), SIZE_MAX, &h);
@@ -509,6 +510,7 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
             continue;
         }
         kp_header *h = NULL;
+        kp_log_set_header(NULL); /* it lived in the arena (log.h) */
         kp_arena_reset(&b->in.arena);
         if (!c->has_header || kp_wire_decode(&b->in.arena, zmq_msg_data(&c->header),
                                              zmq_msg_size(&c->header), SIZE_MAX, &h) != KP_OK) {
@@ -547,6 +549,7 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
         }
         /* Otherwise w is gone or full now: the same call tries another. */
     }
+    kp_log_set_header(NULL);
     kp_arena_reset(&b->in.arena);
 }
 
