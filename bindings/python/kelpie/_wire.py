@@ -144,8 +144,17 @@ def check_metadata(metadata):
     return out
 
 
+# Field 11, one map entry of 70 bytes: key "traceparent", a 55-byte value.
+_TRACEPARENT_ENTRY = b"\x5a\x46\x0a\x0btraceparent\x12\x37"
+
+
 def _metadata(metadata):
     """Encode a metadata mapping as repeated map entries (field 11); validates it."""
+    if len(metadata) == 1:
+        # The common case, a traceparent alone (kelpie._trace): one concatenation.
+        tp = metadata.get("traceparent")
+        if type(tp) is str and len(tp) == 55 and tp.isascii():
+            return _TRACEPARENT_ENTRY + tp.encode()
     out = b""
     for key, value in check_metadata(metadata).items():
         entry = _ldelim(1, key.encode()) + _ldelim(2, value)
