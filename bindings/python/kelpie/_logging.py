@@ -19,8 +19,6 @@ import logging
 import os
 import time
 
-from ._context import current_call, current_job
-
 FORMATS = ("text", "json")
 
 _IDS = ("request_id", "job_id", "service", "method", "queue", "traceparent")
@@ -29,6 +27,8 @@ _IDS = ("request_id", "job_id", "service", "method", "queue", "traceparent")
 def _ids(record):
     """The ids of what is being handled, for ``record``: its own ``extra``
     first, then the current handler context's."""
+    # Imported here: the CLI configures logging before it needs protobuf.
+    from ._context import current_call, current_job
     ctx = current_call.get() or current_job.get()
     out = {}
     for name in _IDS:
