@@ -14,6 +14,8 @@
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
     kelpie dlq ls|retry|purge [--queue Q] [ID]
+    kelpie sandbox-worker [--queue exec] [--slots N] [--limit K=V,...] [--max-limit K=V,...]
+    kelpie run --sandbox [--queue exec] [--limit K=V,...] [-v] [-i] -- CMD ARGS...
 
 (The job commands are in kelpie._cli_jobs.)
 
@@ -207,10 +209,25 @@ def _metadata(pairs):
 
 
 async def _call(args):
+    if args.request is not None:
+        if args.data is not None:
+            raise UsageError("give the request once: as REQUEST or with --data, not both")
+        args.data = args.request
     request_cls, reply_cls = _message_types(args)
-    payload = _encode(_read_data(args.data), request_cls)
     metadata = _metadata(args.metadata)
     async with Client(args.frontend, heartbeat=0) as client:
+        if request_cls is None and reply_cls is None and not args.raw:
+            # A typed service describes itself (kelpie._reflection): then the
+            # request is JSON for its request type and the reply prints as JSON.
+            from . import _reflection
+            described = await _reflection.fetch(client, args.service, min(2.0, args.timeout
+                                                                          or 2.0))
+            if described is not None and args.method in described.methods:
+                request_cls, reply_cls = described.classes(args.method)
+            elif described is not None:
+                raise UsageError(f"{described.service} has no method {args.method!r} "
+                                 f"(it has {', '.join(sorted(described.methods))})")
+        payload = _encode(_read_data(args.data), request_cls)
         try:
             if args.stream:
                 async with client.stream(args.service, args.method, payload,
@@ -313,11 +330,19 @@ def cmd_ls(args):
     """`kelpie ls`: services, their workers and capacity, and their methods."""
     from . import _health
 
+    from . import _reflection
+
     async def main():
         async with Client(args.frontend, heartbeat=0) as client:
-            return await client.stats(timeout=args.timeout)
+            stats = await client.stats(timeout=args.timeout)
+            names = [name for name, s in sorted(stats.get("services", {}).items())
+                     if s.get("workers") and name != "kelpie.broker"]
+            # Typed services describe their methods (kelpie._reflection).
+            found = await asyncio.gather(*(_reflection.fetch(client, name, args.timeout)
+                                           for name in names))
+            return stats, [d for d in found if d is not None]
     try:
-        stats = _run(main(), args.loop)
+        stats, described = _run(main(), args.loop)
     except RpcError as exc:
         print(_dead_broker(args.frontend, "ls", exc, args.timeout), file=sys.stderr)
         return EXIT_FAILED
@@ -327,6 +352,10 @@ def cmd_ls(args):
         print("no services registered")
         return 0
     print("\n".join(_table(rows, ["SERVICE", "WORKERS", "CREDITS", "METHODS"])))
+    for d in described:
+        print(f"\nservice {d.service}")
+        for name in d.methods:
+            print(f"  rpc {d.signature(name)}")
     return 0
 
 
@@ -639,10 +668,19 @@ def _parser():
                "kelpie call echo Echo --data @request.bin;  "
                "echo hi | kelpie call echo Echo --data -;  "
                "kelpie call demo.Greeter SayHello --proto greeter_pb2 --data '{\"name\": \"ann\"}'. "
+               "A service served with Worker.add_servicer describes its types itself "
+               "(reflection), so there --proto is not needed: "
+               "kelpie call demo.Greeter SayHello '{\"name\": \"ann\"}'. "
                "Exit status 1 when the call fails (CODE: message on stderr), 2 on a "
                "usage error.")
     c.add_argument("service", help="service name, e.g. echo or demo.Greeter")
     c.add_argument("method", help="method name, e.g. Echo or SayHello")
+    c.add_argument("request", nargs="?", default=None, metavar="REQUEST",
+                   help="the request, as --data takes it: JSON for a typed method "
+                        "(default: --data, else empty)")
+    c.add_argument("--raw", action="store_true",
+                   help="send --data as raw bytes and print the reply raw even when the "
+                        "service describes its types (default: JSON for typed services)")
     c.add_argument("--data", "-d", metavar="TEXT|@FILE|-",
                    help="the request payload, sent as raw bytes: TEXT as typed (UTF-8), "
                         "@FILE for a file's contents, - for stdin; JSON only with --proto "
@@ -791,6 +829,9 @@ def _parser():
     _common(d, top=False)
     d.set_defaults(fn=cmd_dashboard)
 
+    from . import _cli_run, _sandbox_worker
+    _cli_run.add_command(sub, lambda parser: _common(parser, top=False))
+    _sandbox_worker.add_command(sub, lambda parser: _common(parser, top=False))
     from . import _cli_jobs
     _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),
                            lambda fn: functools.partial(fn, run=_run, read_data=_read_data,
