@@ -52,6 +52,21 @@ static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "in_flight", w->in_flight);
         kp_json_u64(j, "stalled", w->stalled);
         kp_json_str(j, "services", services);
+        /* Liveness and the worker's own report (HEARTBEAT.worker_stats). */
+        if (w->last_heartbeat)
+            kp_json_u64(j, "heartbeat_age_ms", b->now - w->last_heartbeat);
+        else
+            kp_json_null(j, "heartbeat_age_ms");
+        if (w->stats.has) {
+            kp_json_str(j, "host", w->stats.host);
+            kp_json_u64(j, "pid", w->stats.pid);
+            kp_json_u64(j, "rss_bytes", w->stats.rss);
+            kp_json_u64(j, "busy", w->stats.busy);
+            kp_json_u64(j, "threads", w->stats.threads);
+            kp_json_u64(j, "stalls", w->stats.stalls);
+            kp_json_u64(j, "restarts", w->stats.restarts);
+            kp_json_u64(j, "stats_age_ms", b->now - w->stats.at);
+        }
         kp_json_object_end(j);
         kp_free(services);
     }
@@ -177,6 +192,7 @@ static void admin_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "completed", s->completed);
         kp_json_u64(j, "failed", s->failed);
         kp_json_u64(j, "expired", s->expired);
+        kp_json_u64(j, "redelivered", s->redelivered);
         admin_methods_json(s, j);
         kp_json_object_end(j);
     }

@@ -66,6 +66,23 @@ static bool backend_services_allowed(struct kp_broker *b, const kp_header *h)
     return true;
 }
 
+/* Keeps a worker's report of itself (HEARTBEAT.worker_stats), the latest
+ * only; the host name is cut to what fits. */
+static void backend_worker_stats(struct kp_broker *b, struct kp_worker *w,
+                                 const Kelpie__V1__WorkerStats *ws)
+{
+    struct kp_worker_stats *st = &w->stats;
+    st->has = true;
+    st->at = b->now;
+    snprintf(st->host, sizeof st->host, "%s", ws->host ? ws->host : "");
+    st->pid = ws->pid;
+    st->rss = ws->rss_bytes;
+    st->busy = ws->busy;
+    st->threads = ws->threads;
+    st->stalls = ws->stalls;
+    st->restarts = ws->restarts;
+}
+
 static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
 {
     if (!backend_services_allowed(b, h))
@@ -187,6 +204,9 @@ void kp_backend_on_message(struct kp_broker *b)
         break;
     case KELPIE__V1__KIND__HEARTBEAT:
         b->stats.heartbeats_received++;
+        w->last_heartbeat = b->now;
+        if (h->worker_stats)
+            backend_worker_stats(b, w, h->worker_stats);
         break;
     case KELPIE__V1__KIND__DISCONNECT:
         b->stats.worker_disconnects++;

@@ -376,6 +376,17 @@ const char *kp_jobs_check(const struct kp_broker *b);
 /* Adds the "jobs" member to Stats. */
 void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j);
 
+/* NULL while the job store is usable (open and its last write commit
+ * healthy, or not needed yet); else writes why into buf and returns it
+ * (/readyz). */
+const char *kp_jobs_health(struct kp_broker *b, char *buf, size_t len);
+
+struct kp_journal_stats;
+
+/* Copies the journal's counters and histograms; false while the store is
+ * closed. */
+bool kp_jobs_journal_stats(struct kp_broker *b, struct kp_journal_stats *out);
+
 /* ---- admin.c: kelpie.broker ------------------------------------------- */
 
 /* With CURVE, whether the caller of kelpie.broker method req->method (the

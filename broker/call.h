@@ -68,6 +68,8 @@ struct kp_call {
     struct kp_service *service;   /* the service called */
     struct kp_worker *worker;     /* while DISPATCHED/ORPHANED */
     uint64_t deadline;            /* monotonic ms, 0 = none */
+    uint64_t accepted_us;         /* monotonic us it was accepted (metrics' queue wait) */
+    uint64_t dispatched_us;       /* monotonic us of its last dispatch (metrics' run time) */
     uint32_t window_bonus;        /* stream CREDIT granted while still queued */
     struct run *job;              /* a durable job's attempt (jobs.c); NULL for a REQUEST */
     uint32_t input_window;        /* CLIENT_STREAM: CHUNKs the client may still send */

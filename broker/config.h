@@ -36,6 +36,8 @@
        "job queue settings: 'NAME key=value ...; ...' (concurrency, rate, max_attempts, "          \
        "backoff_ms, timeout_ms, result_ttl_s; NAME * sets the defaults)")                          \
     XX(log_level, "log-level", "KELPIED_LOG_LEVEL", LEVEL, "info", "error, warn, info or debug")   \
+    XX(log_format, "log-format", "KELPIED_LOG_FORMAT", STR, "text",                                \
+       "text, or json (one object per line, with request_id, job_id, traceparent when known)")     \
     XX(heartbeat_ms, "heartbeat-ms", "KELPIED_HEARTBEAT_MS", U32, "1000",                          \
        "heartbeat interval in ms (10..3600000)")                                                   \
     XX(heartbeat_liveness, "heartbeat-liveness", "KELPIED_HEARTBEAT_LIVENESS", U32, "3",           \

@@ -197,6 +197,7 @@ static enum kp_err dispatch_send(struct kp_broker *b, struct kp_call *c, struct 
     if (h == NULL) {
         if (!c->has_header)
             return KP_ESYS;
+        kp_log_set_header(NULL); /* it lived in the arena (log.h) */
         kp_arena_reset(&b->in.arena);
         enum kp_err err = kp_wire_decode(&b->in.arena, zmq_msg_data(&c->header),
                                          zmq_msg_size(&c->header), SIZE_MAX, &h);
@@ -260,6 +261,10 @@ void kp_broker_bind(struct kp_broker *b, struct kp_call *c, struct kp_worker *w)
     c->service->in_flight++;
     c->service->dispatched++;
     c->service->idle_since = 0;
+    c->dispatched_us = kp_histo_now_us();
+    /* A job's wait runs from when it came due, which jobs.c knows. */
+    if (c->job == NULL && c->dispatched_us >= c->accepted_us)
+        kp_histo_observe(&c->service->wait_us, c->dispatched_us - c->accepted_us, KP_HISTO_US);
 }
 
 void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index)
@@ -267,6 +272,7 @@ void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size
     struct kp_service *s = c->service;
     zmq_msg_t *payload = &b->in.frames[hdr_index + 1];
     size_t n = b->in.nframes - hdr_index - 1;
+    c->accepted_us = kp_histo_now_us();
 
     if (h->timeout_ms) {
         /* Cap absurd budgets (a century) so the sum cannot wrap. */
@@ -312,6 +318,7 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
             c->service->failed++;
         else
             c->service->completed++;
+        kp_histo_observe(&c->service->run_us, kp_histo_now_us() - c->dispatched_us, KP_HISTO_US);
     }
     if (c->state == KP_CALL_ORPHANED || c->client == NULL) {
         if (c->state == KP_CALL_ORPHANED)
@@ -503,6 +510,7 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
             continue;
         }
         kp_header *h = NULL;
+        kp_log_set_header(NULL); /* it lived in the arena (log.h) */
         kp_arena_reset(&b->in.arena);
         if (!c->has_header || kp_wire_decode(&b->in.arena, zmq_msg_data(&c->header),
                                              zmq_msg_size(&c->header), SIZE_MAX, &h) != KP_OK) {
@@ -541,6 +549,7 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
         }
         /* Otherwise w is gone or full now: the same call tries another. */
     }
+    kp_log_set_header(NULL);
     kp_arena_reset(&b->in.arena);
 }
 
@@ -570,6 +579,7 @@ void kp_broker_reap_worker(struct kp_broker *b, struct kp_worker *w)
             kp_service_push_front(c->service, c);
             kp_broker_mark_pending(b, c->service);
             b->stats.redispatched++;
+            c->service->redelivered++;
             requeued++;
         } else {
             b->stats.worker_lost++;

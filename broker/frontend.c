@@ -104,6 +104,8 @@ static void frontend_request(struct kp_broker *b, kp_header *h)
         return;
     }
     struct kp_service *s = frontend_route(b, h->service);
+    /* The line carries the request's ids and traceparent (log.h). */
+    kp_log_debug("call from a client");
     char msg[512];
     if (s == NULL) {
         kp_broker_unserved_message(b, h->service, msg, sizeof msg);

@@ -23,7 +23,7 @@ struct kp_http {
     pthread_mutex_t lock;      /* guards the three fields below */
     char *text;                /* the last /metrics snapshot (NULL: none yet) */
     size_t len;
-    char why[160];      /* "" when ready, else the reason */
+    char why[400];      /* "" when ready, else the reason */
     uint64_t published; /* monotonic ms of the last publish; 0: never */
 };
 
@@ -154,7 +154,7 @@ static enum MHD_Result http_handle(void *cls, struct MHD_Connection *conn, const
     }
     bool health = strcmp(url, "/healthz") == 0;
     if (health || strcmp(url, "/readyz") == 0) {
-        char body[256];
+        char body[512];
         unsigned status = 200;
         uint64_t now = http_now_ms();
         pthread_mutex_lock(&h->lock);

@@ -109,6 +109,8 @@ struct run {
     bool ended; /* its attempt was ended by the broker (timeout, cancel) */
     bool cancel_requested;
     struct watch *watch; /* its job's events, if any */
+    uint64_t due;        /* wall ms it could first run this attempt (metrics' queue wait) */
+    char *trace;         /* the traceparent it was submitted with, or NULL */
 };
 
 /* One event kept for late watchers. */
@@ -858,6 +860,7 @@ static void watch_finish(struct kp_broker *b, struct watch *w, const struct kp_j
 static void run_free(struct run *r)
 {
     zmq_msg_close(&r->payload);
+    kp_free(r->trace);
     kp_free(r);
 }
 
@@ -941,6 +944,18 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     h.max_attempts = r->max_attempts;
     h.priority = r->priority;
     h.timeout_ms = r->timeout_ms;
+    /* The submitter's traceparent goes with every attempt (§11.3). */
+    Kelpie__V1__Header__MetadataEntry trace = KELPIE__V1__HEADER__METADATA_ENTRY__INIT;
+    Kelpie__V1__Header__MetadataEntry *md[1] = {&trace};
+    if (r->trace) {
+        trace.key = "traceparent";
+        trace.value.data = (uint8_t *)r->trace;
+        trace.value.len = strlen(r->trace);
+        h.metadata = md;
+        h.n_metadata = 1;
+        kp_log_debug("job %s attempt %u to worker '%s' traceparent=%s", r->id.s, r->attempt,
+                     w->name ? w->name : "", r->trace);
+    }
     enum kp_err err =
         kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, &r->payload, 1);
     if (err != KP_OK) {
@@ -957,6 +972,8 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     b->stats.jobs_dispatched++;
+    uint64_t wall = kp_store_now();
+    kp_histo_observe(&r->q->svc->wait_us, wall > r->due ? (wall - r->due) * 1000 : 0, KP_HISTO_US);
     /* Every attempt's start is an event, so a watcher who comes late
      * still sees which attempt the events that follow belong to. */
     struct watch *wt = watch_get(b, &r->id);
@@ -1019,8 +1036,10 @@ static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
         q->tokens_at = b->now;
         if (want > (uint64_t)q->tokens)
             want = (uint64_t)q->tokens;
-        if (want == 0)
+        if (want == 0) {
             b->stats.jobs_rate_limited++;
+            q->svc->rate_limited++;
+        }
     }
     if (want > JOBS_CLAIM_MAX)
         want = JOBS_CLAIM_MAX;
@@ -1069,6 +1088,8 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
         return;
     }
     bool existed = r->out.refs[0].existed;
+    kp_log_debug("job %s %s in %s%s%s", r->out.refs[0].id.s, existed ? "existed" : "accepted",
+                 o->queue, o->s1 ? " traceparent=" : "", o->s1 ? o->s1 : "");
     if (existed)
         b->stats.jobs_deduplicated++;
     else
@@ -1134,6 +1155,9 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         run->timeout_ms = job->timeout_ms;
         run->backoff_ms = job->backoff_ms ? job->backoff_ms : q->set.backoff_ms;
         run->q = q;
+        run->due = job->run_at > job->created_at ? job->run_at : job->created_at;
+        run->trace = job->trace; /* taken over */
+        job->trace = NULL;
         /* The claimed buffer becomes the frame: no copy. */
         if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len, free_payload, NULL) !=
             0) {
@@ -1202,16 +1226,23 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
     }
     op_ack(b, o, r->in.attempt);
     enum kp_job_state st = r->out.state;
+    struct kp_service *qs = o->q ? o->q->svc : NULL;
     switch (st) {
     case KP_JOB_SUCCEEDED:
         b->stats.jobs_succeeded++;
+        if (qs)
+            qs->completed++;
         break;
     case KP_JOB_DEAD:
         b->stats.jobs_dead++;
+        if (qs)
+            qs->dead_lettered++;
         break;
     case KP_JOB_QUEUED:
     case KP_JOB_SCHEDULED:
         b->stats.jobs_retried++;
+        if (qs)
+            qs->redelivered++;
         break;
     default:
         break;
@@ -1453,6 +1484,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
         e->outstanding--;
+        kp_log_set_job(o->id.s[0] ? o->id.s : NULL);
         switch (o->kind) {
         case OP_SUBMIT:
             done_submit(b, o, r);
@@ -1493,6 +1525,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
             done_admin(b, o, r);
             break;
         }
+        kp_log_set_job(NULL);
         kp_journal_req_destroy(&r);
         op_free(o);
     }
@@ -1551,6 +1584,9 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
     o->q = q;
     o->queue = kp_strdup(h->service);
     o->key = dup_or_null(h->idempotency_key);
+    char trace[64];
+    if (meta_str(h, "traceparent", trace, sizeof trace))
+        o->s1 = kp_strdup(trace); /* kept with the job, sent with each JOB */
     if (npayload == 1) {
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
         o->has_payload = true;
@@ -1568,6 +1604,7 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
         .backoff_ms = h->backoff_ms ? h->backoff_ms : set.backoff_ms,
         .max_attempts = h->max_attempts ? h->max_attempts : set.max_attempts,
         .priority = (uint8_t)h->priority,
+        .trace = o->s1,
     };
     o->req->in.jobs = &o->job;
     o->req->in.njobs = 1;
@@ -1990,6 +2027,9 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
     if (r) {
         /* The slot comes back whatever happens to the record. */
         struct kp_call *c = r->call;
+        kp_histo_observe(&r->q->svc->run_us, kp_histo_now_us() - c->dispatched_us, KP_HISTO_US);
+        if (outcome == KP_OUTCOME_FAILED)
+            r->q->svc->failed++;
         kp_timers_disarm(&b->timers, &c->timer);
         kp_broker_release(b, c);
         c->job = NULL;
@@ -2173,6 +2213,7 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
     } else {
         char msg[96];
         snprintf(msg, sizeof msg, "ran past its %llu ms limit", (unsigned long long)r->timeout_ms);
+        r->q->svc->expired++;
         run_end(b, r, KP_OUTCOME_TIMEOUT, msg, true);
     }
     /* CANCEL to the worker; its slot comes back with its answer. */
@@ -2598,6 +2639,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "journal_failed_commits", js.failed_commits);
         kp_json_u64(j, "journal_largest_batch", js.largest_batch);
         kp_json_u64(j, "journal_rejected_full", js.rejected_full);
+        kp_json_str(j, "store_health", js.unhealthy ? js.error : "ok");
     }
     kp_json_u64(j, "watches", zhashx_size(e->watchers));
     kp_json_object_begin(j, "queues");
@@ -2614,8 +2656,43 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "capacity", capacity);
         kp_json_u64(j, "concurrency", q->set.concurrency);
         kp_json_u64(j, "rate", q->set.rate);
+        kp_json_u64(j, "dispatched", q->svc->dispatched);
+        kp_json_u64(j, "succeeded", q->svc->completed);
+        kp_json_u64(j, "failed", q->svc->failed);
+        kp_json_u64(j, "timed_out", q->svc->expired);
+        kp_json_u64(j, "dead_lettered", q->svc->dead_lettered);
+        kp_json_u64(j, "redelivered", q->svc->redelivered);
+        kp_json_u64(j, "rate_limited", q->svc->rate_limited);
         kp_json_object_end(j);
     }
     kp_json_object_end(j);
     kp_json_object_end(j);
+}
+
+const char *kp_jobs_health(struct kp_broker *b, char *buf, size_t len)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL)
+        return NULL;
+    if (e->journal == NULL) {
+        if (e->open_err == KP_OK)
+            return NULL; /* not opened yet: opened on first use */
+        snprintf(buf, len, "job store cannot be opened: %s", e->open_msg);
+        return buf;
+    }
+    struct kp_journal_stats js;
+    kp_journal_stats(e->journal, &js);
+    if (!js.unhealthy)
+        return NULL;
+    snprintf(buf, len, "job store: %s", js.error);
+    return buf;
+}
+
+bool kp_jobs_journal_stats(struct kp_broker *b, struct kp_journal_stats *out)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL || e->journal == NULL)
+        return false;
+    kp_journal_stats(e->journal, out);
+    return true;
 }

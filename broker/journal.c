@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -148,6 +149,46 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
         journal_clear_out(r);
 }
 
+/* Did r change the store (so its commit proves the store takes writes)? */
+static bool journal_wrote(const struct kp_journal_req *r)
+{
+    if (r->out.err != KP_OK || journal_is_read(r) || r->op == KP_JOURNAL_EXPIRE)
+        return false;
+    return r->op != KP_JOURNAL_CLAIM || r->out.jobs.n > 0;
+}
+
+/* After a batch: the store's health as /readyz reports it (see journal.h).
+ * Called with j->mu held. */
+static void journal_health(struct kp_journal *j, struct kp_journal_req *batch, bool committed)
+{
+    if (!committed) {
+        /* Every write of the group carries the commit's error. */
+        const char *why = "transaction failed";
+        for (struct kp_journal_req *r = batch; r; r = r->next)
+            if (!journal_is_read(r) && r->out.errmsg) {
+                why = r->out.errmsg;
+                break;
+            }
+        j->stats.unhealthy = true;
+        snprintf(j->stats.error, sizeof j->stats.error, "commit failed: %s", why);
+        return;
+    }
+    bool wrote = false;
+    for (struct kp_journal_req *r = batch; r; r = r->next) {
+        if (r->out.err == KP_ESTOREFULL || r->out.err == KP_ESTOREIO) {
+            j->stats.unhealthy = true;
+            snprintf(j->stats.error, sizeof j->stats.error, "%s",
+                     r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+            return;
+        }
+        wrote = wrote || journal_wrote(r);
+    }
+    if (wrote) {
+        j->stats.unhealthy = false;
+        j->stats.error[0] = '\0';
+    }
+}
+
 /* Runs a batch in one transaction. Returns false if the commit failed. */
 static bool journal_run_batch(struct kp_journal *j, struct kp_journal_req *batch, uint64_t commit)
 {
@@ -244,9 +285,14 @@ static void *journal_main(void *arg)
             j->inbound.tail = NULL;
         pthread_mutex_unlock(&j->mu);
 
+        uint64_t began = kp_histo_now_us();
         bool ok = journal_run_split(j, &batch, n, &commit);
+        uint64_t took = kp_histo_now_us() - began;
 
         pthread_mutex_lock(&j->mu);
+        kp_histo_observe(&j->stats.commit_us, took, KP_HISTO_US);
+        kp_histo_observe(&j->stats.batch, n, 0);
+        journal_health(j, batch.head, ok);
         j->stats.requests += n;
         if (ok)
             j->stats.commits++;

@@ -38,6 +38,7 @@
 #include <stdint.h>
 
 #include "error.h"
+#include "histo.h"
 #include "store.h"
 
 enum kp_journal_op {
@@ -84,11 +85,18 @@ struct kp_journal_req {
 };
 
 struct kp_journal_stats {
-    uint64_t requests;       /* requests run */
-    uint64_t commits;        /* transactions committed */
-    uint64_t failed_commits; /* transactions that failed to commit */
-    uint64_t largest_batch;  /* most requests in one transaction */
-    uint64_t rejected_full;  /* puts refused with KP_EJOURNALFULL */
+    uint64_t requests;         /* requests run */
+    uint64_t commits;          /* transactions committed */
+    uint64_t failed_commits;   /* transactions that failed to commit */
+    uint64_t largest_batch;    /* most requests in one transaction */
+    uint64_t rejected_full;    /* puts refused with KP_EJOURNALFULL */
+    struct kp_histo commit_us; /* begin to commit (fsync) of each transaction, us */
+    struct kp_histo batch;     /* requests per transaction (shift 0) */
+    /* Health (for /readyz): false from a transaction that failed to commit or
+     * whose requests failed for lack of disk or I/O, until one that wrote
+     * something commits. `error` says what failed ("" while healthy). */
+    bool unhealthy;
+    char error[256];
 };
 
 struct kp_journal;

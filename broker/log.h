@@ -1,7 +1,13 @@
-/* log: leveled log lines to stderr.
+/* log: leveled log lines to stderr, as text or JSON lines.
  *
- * One line per event: "2026-11-25T08:53:56.123Z kelpied[pid] LEVEL message".
- * The level is process-wide (set once from --log-level); lines below it cost
+ * One line per event: "2026-11-25T08:53:56.123Z kelpied[pid] LEVEL message"
+ * followed by the ids of what the loop is handling (" request_id=7
+ * service=echo method=Echo job_id=... traceparent=..."), or with
+ * --log-format json one object per line: {"ts", "level", "pid", "msg", and
+ * those ids as members}. The ids come from the message being handled (set
+ * by kp_message_parse, cleared on release), read only when a line is
+ * printed, so handling a message costs one pointer store. The level and
+ * format are process-wide (set once at start-up); lines below the level cost
  * one comparison. Logging never allocates.
  */
 #ifndef KP_LOG_H
@@ -16,6 +22,19 @@ void kp_log_set_level(enum kp_log_level level);
 
 /* Parses "error", "warn", "info" or "debug"; returns false on anything else. */
 bool kp_log_parse_level(const char *s, enum kp_log_level *out);
+
+/* Sets the format from "text" or "json"; false on anything else. */
+bool kp_log_set_format(const char *s);
+
+struct Kelpie__V1__Header;
+
+/* The message the calling thread handles now (its ids go on every line),
+ * or NULL when none. h must stay valid until cleared. */
+void kp_log_set_header(const struct Kelpie__V1__Header *h);
+
+/* The job the calling thread works on outside a message (a journal answer),
+ * or NULL. Its text must stay valid until cleared. */
+void kp_log_set_job(const char *job_id);
 
 /* Returns the level's lower-case name. */
 const char *kp_log_level_name(enum kp_log_level level);

@@ -50,6 +50,11 @@ int main(int argc, char **argv)
         break;
     }
     kp_log_set_level(cfg.log_level);
+    if (!kp_log_set_format(cfg.log_format)) {
+        fprintf(stderr, "kelpied: --log-format '%s': expected text or json\n", cfg.log_format);
+        kp_config_fini(&cfg);
+        return 2;
+    }
 
     struct kp_broker *b;
     if (kp_broker_new(&cfg, NULL, &b) != KP_OK) {

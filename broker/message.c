@@ -1,5 +1,6 @@
 /* message: receiving and parsing the message being handled; see message.h. */
 #include "message.h"
+#include "log.h"
 
 void kp_message_init(struct kp_message *m, size_t arena_size)
 {
@@ -70,6 +71,7 @@ void kp_message_load(struct kp_message *m, zmq_msg_t *frames, size_t n)
 
 void kp_message_release(struct kp_message *m)
 {
+    kp_log_set_header(NULL);
     for (size_t i = 0; i < m->nframes; i++) {
         zmq_msg_close(&m->frames[i]);
         zmq_msg_init(&m->frames[i]);
@@ -88,9 +90,10 @@ enum kp_err kp_message_parse(struct kp_message *m, enum kp_dir dir, size_t hdr_i
     zmq_msg_t *f = &m->frames[hdr_index];
     enum kp_err err =
         kp_wire_parse(&m->arena, zmq_msg_data(f), zmq_msg_size(f), max_header, dir, h);
-    if (*h)
+    if (*h) {
         *request_id = (*h)->request_id;
-    else if (err == KP_EOVERSIZED || err == KP_EBADHEADER)
+        kp_log_set_header(*h); /* its ids go on the lines logged while it is handled */
+    } else if (err == KP_EOVERSIZED || err == KP_EBADHEADER)
         *request_id = kp_wire_peek_request_id(zmq_msg_data(f), zmq_msg_size(f));
     /* Frame-level problems outrank what the header says. */
     if (m->too_many)

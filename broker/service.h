@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "call.h"
+#include "histo.h"
 #include "idmap.h"
 #include "list.h"
 
@@ -53,6 +54,11 @@ struct kp_service {
     uint64_t completed;          /* answered OK (REPLY, or END with OK) */
     uint64_t failed;             /* answered with an error by a worker */
     uint64_t expired;            /* deadline passed, queued or running */
+    uint64_t redelivered;        /* sent again: re-queued idempotent calls, retried jobs */
+    uint64_t dead_lettered;      /* job queues: jobs moved to the DLQ */
+    uint64_t rate_limited;       /* job queues: claims held back by the rate limit */
+    struct kp_histo wait_us;     /* queue wait before dispatch (us, KP_HISTO_US) */
+    struct kp_histo run_us;      /* dispatch to answer (us, KP_HISTO_US) */
     uint64_t idle_since;         /* monotonic ms it became empty and worker-less, 0 = busy */
     bool served;                 /* a worker has registered it at some point */
     bool pending;                /* in the broker's dispatch list */

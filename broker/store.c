@@ -81,6 +81,7 @@ void kp_job_clear(struct kp_job *job)
 {
     kp_free(job->queue);
     kp_free(job->idempotency_key);
+    kp_free(job->trace);
     kp_free(job->payload);
     kp_free(job->result);
     kp_free(job->output);

@@ -95,6 +95,7 @@ struct kp_job_new {
     uint64_t backoff_ms;         /* base of the retry backoff, kept for the engine */
     uint32_t max_attempts;       /* deliveries before the DLQ, >= 1 */
     uint8_t priority;            /* 0..9, higher first */
+    const char *trace;           /* W3C traceparent to send with each JOB; NULL for none */
 };
 
 /* What insert says about each job. */
@@ -131,6 +132,8 @@ struct kp_job {
     size_t output_len;
     struct kp_attempt *history; /* get only: every attempt, oldest first */
     size_t nhistory;
+    char *trace; /* claim: the traceparent it was submitted with; NULL when none (or a store
+                    that does not keep it: PostgreSQL) */
 };
 
 /* A growable array of jobs (claim, list). */

@@ -76,6 +76,7 @@ static void mem_copy_out(const struct mem_job *mj, struct kp_job *out, bool payl
     *out = *j;
     out->queue = kp_strdup(j->queue);
     out->idempotency_key = j->idempotency_key ? kp_strdup(j->idempotency_key) : NULL;
+    out->trace = j->trace ? kp_strdup(j->trace) : NULL;
     out->payload = NULL;
     out->payload_len = 0;
     out->result = NULL;
@@ -163,6 +164,7 @@ static enum kp_err mem_insert(struct kp_store *s, const struct kp_job_new *jobs,
         kp_job_id_new(now, &j->id);
         j->queue = kp_strdup(in->queue);
         j->idempotency_key = keyed ? kp_strdup(in->idempotency_key) : NULL;
+        j->trace = in->trace && *in->trace ? kp_strdup(in->trace) : NULL;
         j->state = in->run_at > now ? KP_JOB_SCHEDULED : KP_JOB_QUEUED;
         j->priority = in->priority;
         j->max_attempts = in->max_attempts;

@@ -68,6 +68,7 @@ static const char sq_schema[] =
     " expires_at INTEGER,"               /* finished jobs are deleted after */
     " idem_key TEXT,"
     " backoff_ms INTEGER NOT NULL DEFAULT 0," /* base of the retry backoff */
+    " trace TEXT," /* W3C traceparent it was submitted with (added to version 1 files on open) */
     " payload BLOB NOT NULL,"
     " result BLOB,"
     " output BLOB);" /* the last attempt's output tail */
@@ -108,10 +109,10 @@ static const char sq_schema[] =
     XX(key_get, "SELECT job_id FROM idem WHERE queue = ?1 AND key = ?2 AND expires_at > ?3")       \
     XX(key_put, "INSERT OR REPLACE INTO idem(queue, key, job_id, expires_at) VALUES(?1,?2,?3,?4)") \
     XX(job_put, "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "    \
-                "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms) "         \
-                "VALUES(?1,?2,?3,?4,?5,?6,?6,?7,?8,?9,?10,?11,?12)")                               \
+                "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms, trace) "  \
+                "VALUES(?1,?2,?3,?4,?5,?6,?6,?7,?8,?9,?10,?11,?12,?13)")                           \
     XX(promote, "UPDATE jobs SET state = 1 WHERE state = 0 AND run_at <= ?1")                      \
-    XX(pick, "SELECT " SQ_JOB_COLS ", payload FROM jobs WHERE queue = ?1 AND state = 1 "           \
+    XX(pick, "SELECT " SQ_JOB_COLS ", payload, trace FROM jobs WHERE queue = ?1 AND state = 1 "    \
              "ORDER BY priority DESC, seq LIMIT ?2")                                               \
     XX(lease, "UPDATE jobs SET state = 2, attempts = attempts + 1, owner = ?2, updated_at = ?3 "   \
               "WHERE seq = ?1")                                                                    \
@@ -386,6 +387,7 @@ static enum kp_err sq_insert_one(struct sq_store *q, const struct kp_job_new *in
     sq_bind_text(st, 10, keyed ? in->idempotency_key : NULL);
     sq_bind_blob(st, 11, in->payload, in->payload_len);
     sqlite3_bind_int64(st, 12, (sqlite3_int64)in->backoff_ms);
+    sq_bind_text(st, 13, in->trace && *in->trace ? in->trace : NULL);
     enum kp_err err = sq_exec(q, st, "insert job");
     if (err != KP_OK || !keyed)
         return err;
@@ -424,6 +426,7 @@ static enum kp_err sq_claim_inner(struct sq_store *q, const char *queue, size_t 
         struct kp_job *j = kp_jobs_push(out);
         sq_row_job(st, j);
         j->payload = sq_col_blob(st, C_PAYLOAD, &j->payload_len);
+        j->trace = sq_col_text(st, C_PAYLOAD + 1); /* pick's last column */
         size_t k = out->n - 1 - first;
         if (k == cap) {
             cap = cap ? cap * 2 : 16;
@@ -950,6 +953,18 @@ static enum kp_err sq_setup(struct sq_store *q, const char *vfs)
         rc = sqlite3_exec(q->db, sq_schema, NULL, NULL, NULL);
         if (rc != SQLITE_OK)
             return sq_fail(q, rc, "create schema");
+    }
+    /* Version 1 files made before jobs kept their traceparent get the column:
+     * an addition older brokers ignore (they name their columns), so the
+     * version stays 1. */
+    if ((err =
+             sq_query_text(q, "SELECT count(*) FROM pragma_table_info('jobs') WHERE name = 'trace'",
+                           buf, sizeof buf)) != KP_OK)
+        return err;
+    if (strcmp(buf, "0") == 0) {
+        rc = sqlite3_exec(q->db, "ALTER TABLE jobs ADD COLUMN trace TEXT", NULL, NULL, NULL);
+        if (rc != SQLITE_OK)
+            return sq_fail(q, rc, "add the trace column");
     }
     /* quick_check reads every page once (O(file size), ~1 s per GB): the
      * price of refusing a damaged or truncated file at start rather than

@@ -31,6 +31,19 @@ struct kp_service;
 /* Largest capacity a worker may announce; more is clamped. */
 #define KP_WORKER_MAX_CREDITS 1000000u
 
+/* What a worker last said of itself (HEARTBEAT.worker_stats). */
+struct kp_worker_stats {
+    bool has;          /* it sent some */
+    uint64_t at;       /* monotonic ms it came */
+    char host[256];    /* NUL-terminated, truncated */
+    uint32_t pid;      /* on that host */
+    uint64_t rss;      /* bytes */
+    uint32_t busy;     /* calls and jobs running */
+    uint32_t threads;  /* in its process */
+    uint64_t stalls;   /* loop stalls since it started */
+    uint64_t restarts; /* processes its supervisor restarted before it */
+};
+
 struct kp_worker {
     struct kp_rid rid;            /* backend routing id; key in the table */
     char *name;                   /* READY name, for logs ("" if none) */
@@ -52,6 +65,8 @@ struct kp_worker {
     struct kp_list calls;         /* its dispatched and orphaned calls */
     struct kp_list gone_link;     /* in the broker's removal list once gone */
     struct kp_budget *queued;     /* bytes queued to it (budget.h); NULL until the first send */
+    uint64_t last_heartbeat;      /* monotonic ms of its last HEARTBEAT, 0 = none yet */
+    struct kp_worker_stats stats; /* its latest report of itself */
 };
 
 struct kp_workers {

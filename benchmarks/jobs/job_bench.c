@@ -134,6 +134,11 @@ static int cmd_worker(const char *backend, uint32_t capacity, const char *mode)
     bench_worker = kelpie_worker_new(backend, NULL, capacity);
     if (!bench_worker)
         return 1;
+    kelpie_curve curve = {getenv("KELPIE_KEY"), getenv("KELPIE_SERVER_KEY")};
+    if (curve.key_file && kelpie_worker_set_curve(bench_worker, &curve) != KELPIE_OK) {
+        fprintf(stderr, "job_bench: CURVE: %s\n", kelpie_worker_error(bench_worker));
+        return 1;
+    }
     if (strcmp(mode, "rpc") != 0)
         kelpie_worker_handle_jobs(bench_worker, "bench", bench_job, NULL);
     if (strcmp(mode, "jobs") != 0)
@@ -150,9 +155,13 @@ static int cmd_worker(const char *backend, uint32_t capacity, const char *mode)
 
 static kelpie_client *bench_connect(const char *frontend)
 {
-    kelpie_client *c = kelpie_client_new(frontend);
-    if (!c) {
-        fprintf(stderr, "job_bench: cannot connect to %s\n", frontend);
+    /* CURVE when KELPIE_KEY and KELPIE_SERVER_KEY are set (curve.sh). */
+    kelpie_curve curve = {getenv("KELPIE_KEY"), getenv("KELPIE_SERVER_KEY")};
+    kelpie_client *c = NULL;
+    char why[256] = "";
+    if (kelpie_client_open(frontend, curve.key_file ? &curve : NULL, &c, why, sizeof why) !=
+        KELPIE_OK) {
+        fprintf(stderr, "job_bench: cannot connect to %s: %s\n", frontend, why);
         exit(1);
     }
     /* Wait for the broker (a Ping) so that connecting is not measured. */

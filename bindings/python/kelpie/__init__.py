@@ -60,6 +60,7 @@ _RPC_NAMES = {
     "ProcessJobContext": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
     "keygen": "kelpie._security",
+    "configure_logging": "kelpie._logging",
 }
 
 

@@ -12,7 +12,7 @@ import contextvars
 import time
 from typing import Mapping, Optional, Union
 
-from . import _wire
+from . import _trace, _wire
 
 __all__ = ["CallContext", "current_call"]
 
@@ -21,6 +21,9 @@ __all__ = ["CallContext", "current_call"]
 # (kelpie._core.options), as gRPC propagates deadlines. The worker's reader
 # sets it before it starts each handler; tasks copy it when they are made.
 current_call = contextvars.ContextVar("kelpie_current_call", default=None)
+# The JobContext of the job handler running in this task or thread: its
+# traceparent and ids for outgoing calls and log lines (not its deadline).
+current_job = contextvars.ContextVar("kelpie_current_job", default=None)
 
 # Why a call's task was cancelled, so its answer carries the right code.
 _BY_CLIENT = 1
@@ -42,7 +45,7 @@ class CallContext:
     __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
                  "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
-                 "_input", "_zip")
+                 "_input", "_zip", "_tp")
 
     def __init__(self, worker, session, header):
         self._worker = worker
@@ -65,10 +68,22 @@ class CallContext:
         self._orphan = False    # its registration is gone: its answer is dropped
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
         self._input = None  # a client-streamed call's request stream (kelpie._input)
+        self._tp = None  # its own traceparent, made on first use
         # Answers may be compressed: this worker compresses and the caller
         # reads zstd (kelpie._compression).
         self._zip = worker._compression is not None and bool(
             header.flags & _wire.ACCEPTS_COMPRESSED)
+
+    @property
+    def traceparent(self) -> Optional[str]:
+        """This handler's span (W3C traceparent): the caller's trace id and a
+        span id of its own, a child of the caller's span; None if the call
+        came without one. Calls the handler makes carry a child of it."""
+        tp = self._tp
+        if tp is None:
+            incoming = self.metadata.get("traceparent")
+            tp = self._tp = _trace.child(incoming) if incoming else ""
+        return tp or None
 
     def time_remaining(self) -> Optional[float]:
         """Seconds left before the deadline (never negative), or None."""

@@ -17,12 +17,13 @@ kelpie._liveness; nothing here calls back up.
 
 from __future__ import annotations
 
-from . import _compression, _liveness, _wire
+from . import _compression, _liveness, _trace, _wire
 from ._calls import payload as _payload
 from ._calls import timeout_ms as _timeout_ms
 from ._calls import unary_failure
 from ._liveness import NO_DEADLINE
 from ._context import current_call as _current_call
+from ._context import current_job as _current_job
 from .errors import DeadlineExceeded, ResourceExhausted
 
 _REPLY = _wire.REPLY
@@ -98,6 +99,8 @@ def options(client, timeout, metadata):
                                        "has passed")
             if timeout is None or left < timeout:
                 timeout = left
+    # W3C traceparent: the handler's trace continues, or a new one starts.
+    metadata = _trace.outgoing(metadata, parent or _current_job.get())
     return timeout, metadata
 
 

@@ -79,12 +79,19 @@ class Snapshot:
         rows = []
         for wid, w in sorted(workers.items(), key=lambda kv: (kv[1].get("name") or "", kv[0])):
             credits, busy = int(w.get("credits") or 0), int(w.get("in_flight") or 0)
+            # The worker's own report (HEARTBEAT.worker_stats), if it sends one.
+            rss, hb = w.get("rss_bytes"), w.get("heartbeat_age_ms")
             rows.append([w.get("name") or wid, str(busy), str(credits),
                          str(max(0, credits - busy)),
-                         "stalled" if w.get("stalled") else "ok", w.get("services") or "-"])
+                         "stalled" if w.get("stalled") else "ok", w.get("services") or "-",
+                         f"{w['host']}:{w.get('pid', 0)}" if w.get("host") else "-",
+                         f"{rss / (1 << 20):.0f}M" if rss is not None else "-",
+                         str(w["restarts"]) if "restarts" in w else "-",
+                         f"{hb / 1000:.1f}s" if hb is not None else "-"])
         return rows
 
-    WORKER_COLUMNS = ["WORKER", "RUNNING", "CREDITS", "FREE", "STATE", "SERVICES"]
+    WORKER_COLUMNS = ["WORKER", "RUNNING", "CREDITS", "FREE", "STATE", "SERVICES", "HOST:PID",
+                      "RSS", "RESTARTS", "HEARTBEAT"]
 
 
 def _table(rows, columns):

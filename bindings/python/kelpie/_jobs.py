@@ -74,7 +74,7 @@ def _ms(seconds, what):
 
 
 def submit(request_id, queue, *, priority=0, max_attempts=0, timeout=None, delay=0,
-           backoff=None, idempotency_key=None, flags=0):
+           backoff=None, idempotency_key=None, flags=0, traceparent=None):
     """A SUBMIT header (the payload goes in its own frame). Raises ValueError
     for options outside §11.2's limits. ``timeout`` is the job's run-time
     limit per attempt (seconds, None: the queue's); ``delay`` and
@@ -105,6 +105,10 @@ def submit(request_id, queue, *, priority=0, max_attempts=0, timeout=None, delay
         if len(key.encode()) > MAX_KEY_BYTES:
             raise ValueError(f"idempotency_key is over {MAX_KEY_BYTES} bytes")
         h.idempotency_key = key
+    if traceparent:
+        # Kept with the job and sent with each JOB (protocol.md §11.2).
+        h.metadata["traceparent"] = traceparent.encode() if isinstance(traceparent, str) \
+            else bytes(traceparent)
     return h.SerializeToString()
 
 

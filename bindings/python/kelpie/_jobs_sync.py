@@ -197,6 +197,8 @@ class SyncClientJobs:
         """Submit a job; return its :class:`Job` once durable (as
         :meth:`kelpie.Client.submit`)."""
         timeout_s = self._timeout_of(submit_timeout)
+        from . import _core
+        tp = _core.options(self, submit_timeout, None)[1].get("traceparent")
         deadline = None if timeout_s is None else _monotonic() + timeout_s
         retries = 3 if idempotency_key is not None else 0
         while True:
@@ -205,7 +207,8 @@ class SyncClientJobs:
                     lambda rid: _jobs.submit(rid, queue, priority=priority,
                                              max_attempts=max_attempts, timeout=timeout,
                                              delay=delay, backoff=backoff,
-                                             idempotency_key=idempotency_key),
+                                             idempotency_key=idempotency_key,
+                                             traceparent=tp),
                     payload, deadline, "submission")
                 job_id, existed = _jobs.accepted(header)
                 return Job(self, job_id, existed)

@@ -46,8 +46,10 @@ import threading
 import time
 from typing import Callable, Optional, Union
 
-from . import _executors, _jobs, _wire
+from . import _executors, _jobs, _trace, _wire
 from ._context import _BY_CLIENT, _BY_DEADLINE, _BY_SHUTDOWN
+from ._context import current_call as _current_call
+from ._context import current_job as _current_job
 from ._handlers import _EXECUTORS, _IN_PROCESS, _IN_THREAD, _ON_LOOP, _Handler
 from ._runners import _FRESH, _as_bytes, _drive_coro
 from ._status import StatusCode
@@ -165,8 +167,8 @@ class JobContext:
     """
 
     __slots__ = ("job_id", "queue", "attempt", "max_attempts", "priority", "request_id",
-                 "deadline", "timeout", "_worker", "_task", "_timer", "_reason", "_seq",
-                 "_tail", "_withheld", "_in_thread", "stdin")
+                 "deadline", "timeout", "traceparent", "_worker", "_task", "_timer", "_reason",
+                 "_seq", "_tail", "_withheld", "_in_thread", "stdin")
 
     def __init__(self, worker, header):
         self._worker = worker
@@ -176,6 +178,10 @@ class JobContext:
         self.max_attempts = header.max_attempts
         self.priority = header.priority
         self.request_id = header.request_id
+        # This attempt's span (W3C traceparent): a child of the submitter's,
+        # which the broker keeps with the job; None if it came without one.
+        incoming = header.metadata.get("traceparent") if header.metadata else None
+        self.traceparent = _trace.child(incoming) if incoming else None
         self.timeout = header.timeout_ms / 1000.0 if header.timeout_ms else None
         self.deadline = _clock() + self.timeout if self.timeout else None
         self._task = None
@@ -310,7 +316,11 @@ class ProcessJobContext:
 def _thread_job(fn, payload, ctx):
     if ctx._reason:
         return None  # cancelled (or out of time) before a thread was free
-    return fn(payload, ctx)
+    token = _current_job.set(ctx)
+    try:
+        return fn(payload, ctx)
+    finally:
+        _current_job.reset(token)
 
 
 class _Held:
@@ -511,6 +521,10 @@ class JobRunner:
 
     async def _run_job(self, ctx, handler, payload):
         code, message, body, retry = StatusCode.OK, "", b"", None
+        # This task's own context: its log lines and calls carry the job's ids
+        # and trace, not those of the call the reader handled last.
+        _current_job.set(ctx)
+        _current_call.set(None)
         try:
             if handler.kind == _ON_LOOP:
                 result = handler.fn(payload, ctx)

@@ -14,6 +14,7 @@ import asyncio
 import faulthandler
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -29,6 +30,22 @@ _clock = time.monotonic
 _watchdog_users = 0
 # How much later than the watcher faulthandler fires (the GIL-held fallback).
 _FALLBACK_DELAY = 0.5
+
+# Seconds between the HEARTBEATs that carry the worker's own figures (at
+# least one heartbeat interval); the Pulse thread's plain ones go between.
+STATS_EVERY = 1.0
+_HOST = socket.gethostname()
+# Set by the supervisor (kelpie._supervisor) for each process it starts.
+_RESTARTS = int(os.environ.get("KELPIE_WORKER_RESTARTS", "0") or 0)
+
+
+def _rss():
+    """Resident memory of this process in bytes (0 if /proc cannot say)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _StackWatch:
@@ -134,10 +151,24 @@ class Stalls:
                 self._stack_watch.disarm()
                 faulthandler.cancel_dump_traceback_later()
 
+    async def _send_stats(self, session):
+        """A HEARTBEAT with this worker's own figures (host, pid, memory,
+        busy, threads, stalls, restarts) for the broker's Stats and /metrics."""
+        busy = len(session.calls) + len(getattr(self, "_jobs", ()))
+        await self._send(session, _wire.heartbeat_stats(
+            int(self.heartbeat * 1000), _HOST, os.getpid(), _rss(), busy,
+            threading.active_count(), self.stalls, _RESTARTS))
+
     async def _pulse_ticks(self, session, reader, loop, interval, pulse, period, last):
+        stats_every = max(interval, STATS_EVERY)
+        stats_at = loop.time()
+        await self._send_stats(session)
         while True:
             await asyncio.sleep(period)
             now = loop.time()
+            if now - stats_at >= stats_every:
+                stats_at = now
+                await self._send_stats(session)
             late, last = now - last - period, now
             stalled = pulse.tick()
             if stalled is not None:

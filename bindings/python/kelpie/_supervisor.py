@@ -179,6 +179,7 @@ class Supervisor:
         env = dict(self.env)
         env["KELPIE_SUPERVISOR_FD"] = str(self._note_w)
         env["KELPIE_SUPERVISOR_PID"] = str(os.getpid())
+        env["KELPIE_WORKER_RESTARTS"] = str(self.restarts)  # its HEARTBEAT reports it
         proc = subprocess.Popen(self.command, env=env, pass_fds=(self._note_w,))
         self.slots[slot] = _Child(proc, slot, now)
         self.restart_at[slot] = None

@@ -146,8 +146,17 @@ def check_metadata(metadata):
     return out
 
 
+# Field 11, one map entry of 70 bytes: key "traceparent", a 55-byte value.
+_TRACEPARENT_ENTRY = b"\x5a\x46\x0a\x0btraceparent\x12\x37"
+
+
 def _metadata(metadata):
     """Encode a metadata mapping as repeated map entries (field 11); validates it."""
+    if len(metadata) == 1:
+        # The common case, a traceparent alone (kelpie._trace): one concatenation.
+        tp = metadata.get("traceparent")
+        if type(tp) is str and len(tp) == 55 and tp.isascii():
+            return _TRACEPARENT_ENTRY + tp.encode()
     out = b""
     for key, value in check_metadata(metadata).items():
         entry = _ldelim(1, key.encode()) + _ldelim(2, value)
@@ -284,6 +293,16 @@ def heartbeat(heartbeat_ms=0):
     if heartbeat_ms:
         return HEARTBEAT_FRAME + b"\x70" + varint(heartbeat_ms)
     return HEARTBEAT_FRAME
+
+
+def heartbeat_stats(heartbeat_ms, host, pid, rss_bytes, busy, threads, stalls, restarts):
+    """A worker's HEARTBEAT carrying its own figures (``worker_stats``,
+    protocol.md §10): the broker keeps the latest per worker."""
+    h = Header(version=VERSION, kind=HEARTBEAT, heartbeat_ms=heartbeat_ms)
+    ws = h.worker_stats
+    ws.host, ws.pid, ws.rss_bytes, ws.busy = host[:255], pid, rss_bytes, busy
+    ws.threads, ws.stalls, ws.restarts = threads, stalls, restarts
+    return h.SerializeToString()
 
 
 def parse(data):

@@ -581,7 +581,7 @@ async def _child_watch(worker, args, outcome):
 
 def _child_command(args):
     cmd = [sys.executable, "-m", "kelpie", "--loop", args.loop, "--log-level", args.log_level,
-           "worker", args.target, "--child", "--grace", str(args.grace)]
+           "--log-format", args.log_format, "worker", args.target, "--child", "--grace", str(args.grace)]
     if args.backend:
         cmd += ["--backend", args.backend]
     if args.concurrency:
@@ -647,6 +647,13 @@ def _common(parser, top):
     parser.add_argument("--log-level", default=default("warning"),
                         choices=("debug", "info", "warning", "error"),
                         help="log messages from this level up, on stderr (default warning)")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        default=default(os.environ.get("KELPIE_LOG_FORMAT", "text").lower()
+                                        if os.environ.get("KELPIE_LOG_FORMAT", "text").lower()
+                                        in ("text", "json") else "text"),
+                        help="log lines as text or JSON objects, with the request id, job id "
+                             "and traceparent of what is being handled (env KELPIE_LOG_FORMAT; "
+                             "default text)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -887,8 +894,8 @@ def main(argv=None):
         os.environ["KELPIE_KEY"] = args.key
     if getattr(args, "server_key", None):
         os.environ["KELPIE_SERVER_KEY"] = args.server_key
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    from . import _logging
+    _logging.configure_logging(args.log_level, args.log_format)
     try:
         _check_endpoint("--frontend", args.frontend)
         _check_endpoint("--backend", args.backend)

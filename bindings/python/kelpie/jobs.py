@@ -276,7 +276,8 @@ class ClientJobs:
         (safe), else raises :class:`kelpie.Unavailable` (it may or may not
         have been stored).
         """
-        timeout_s, _ = _core_options(self, submit_timeout)
+        timeout_s, md = _core_options(self, submit_timeout)
+        tp = md.get("traceparent")
         loop = self._loop
         end = None if timeout_s is None else loop.time() + timeout_s
         retries = 3 if idempotency_key is not None else 0
@@ -286,7 +287,7 @@ class ClientJobs:
                     lambda rid: _jobs.submit(rid, queue, priority=priority,
                                              max_attempts=max_attempts, timeout=timeout,
                                              delay=delay, backoff=backoff,
-                                             idempotency_key=idempotency_key),
+                                             idempotency_key=idempotency_key, traceparent=tp),
                     payload, timeout_s, "submission")
                 job_id, existed = _jobs.accepted(header)
                 return Job(self, job_id, existed)
@@ -445,9 +446,12 @@ class Producer:
                 raise RuntimeError("producer is closed")
             rid = self._next_id
             self._next_id += 1
+            from . import _context, _trace
+            tp = _trace.outgoing(None, _context.current_call.get()
+                                 or _context.current_job.get())["traceparent"]
             header = _jobs.submit(rid, queue, priority=priority, max_attempts=max_attempts,
                                   timeout=timeout, delay=delay, backoff=backoff,
-                                  idempotency_key=idempotency_key)
+                                  idempotency_key=idempotency_key, traceparent=tp)
             too_big = _wire.oversize("submission", header, payload,
                                      _wire.DEFAULT_MAX_MESSAGE_SIZE)
             if too_big is not None:
