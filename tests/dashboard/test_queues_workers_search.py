@@ -71,7 +71,7 @@ def test_queues_depth_by_priority_delayed_dlq_and_limits(tmp_path, loop):
         assert dl["dead"] == 1 and dl["queued"] == 0 and dl["workers"] == 1
         assert dl["concurrency"] == 0
         page = d.get("/queues").text
-        assert "p9 3 · p5 1 · p0 2" in page
+        assert "p9\u00a03 · p5\u00a01 · p0\u00a02" in page
         assert "queued by priority" in page and "rate limit" in page and "50/s" in page
         assert 'href="/dlq?queue=dl">1</a>' in page
     finally:

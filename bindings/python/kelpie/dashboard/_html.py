@@ -168,8 +168,8 @@ def overview(ctx, view):
                   f'<section aria-labelledby="h-brokers"><h2 id="h-brokers">Brokers</h2>'
                   f"{brokers_table(view)}</section>")
     else:
-        status = f"""<p class="health health-{health}" role="status">Broker {esc(b.get('state'))},
-store {esc(store.get('store', 'closed'))}{esc(': ' + store['store_error']) if store.get('store_error') else ''},
+        status = f"""<p class="health health-{health}" role="status">Broker <span data-stat="broker.state">{esc(b.get('state'))}</span>,
+store <span data-stat="store.store">{esc(store.get('store', 'closed'))}</span>{esc(': ' + store['store_error']) if store.get('store_error') else ''},
 <span data-stat="stalled_workers">{esc(view['stalled_workers'])}</span> stalled worker(s).</p>"""
     body = f"""{status}
 <section aria-labelledby="h-broker"><h2 id="h-broker">Broker{"s (summed)" if len(view["brokers"]) > 1 else ""}</h2><dl class="cards">{cards}</dl></section>
@@ -185,8 +185,9 @@ store {esc(store.get('store', 'closed'))}{esc(': ' + store['store_error']) if st
 
 
 def priorities(by_priority):
-    """Queued jobs by priority, highest first, e.g. "p9 3 · p0 12"."""
-    parts = [f"p{p} {n}" for p, n in reversed(list(enumerate(by_priority or ()))) if n]
+    """Queued jobs by priority, highest first, e.g. "p9 3 · p0 12" (each
+    pair kept on one line)."""
+    parts = [f"p{p}\u00a0{n}" for p, n in reversed(list(enumerate(by_priority or ()))) if n]
     return " · ".join(parts) if parts else "—"
 
 

@@ -59,6 +59,8 @@
   // the common colour-vision deficiencies, and each line has its own dash.
   var SERIES = [["submitted", "#0b5cad", []], ["succeeded", "#1a7f37", [6, 3]],
                 ["failed", "#d4a017", [2, 2]], ["dead", "#b00020", [8, 3, 2, 3]]];
+  // A queue's small chart (title: its name) has no legend of its own: its
+  // lines look as in the all-queues chart above it.
   function rateChart(canvas, title) {
     var c = new window.Chart(canvas, {
       type: "line",
@@ -67,8 +69,10 @@
                  borderDash: s[2], pointRadius: 1 };
       }) },
       options: { animation: false, maintainAspectRatio: false,
-                 plugins: { title: { display: !!title, text: title } },
-                 scales: { y: { beginAtZero: true, title: { display: true, text: "per second" } } } }
+                 plugins: { title: { display: !!title, text: title },
+                            legend: { display: !title } },
+                 scales: { x: { ticks: { maxTicksLimit: title ? 3 : 6, maxRotation: 0 } },
+                           y: { beginAtZero: true, title: { display: true, text: "per second" } } } }
     });
     canvas.dataset.drawn = "1";
     return c;
