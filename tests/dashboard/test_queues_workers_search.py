@@ -220,3 +220,59 @@ def test_several_brokers(tmp_path, loop):
 def test_frontends_split(spec_):
     from kelpie.dashboard import split_frontends
     assert split_frontends(spec_) == ["a", "b"]
+
+
+def _postgres():
+    """tests/scaleout's PostgreSQL 15 fixture class (initdb in a temp dir, a
+    unix socket, stopped by PID), loaded under another name."""
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec_ = importlib.util.spec_from_file_location(
+        "kelpie_scaleout_support", os.path.join(here, "..", "scaleout", "conftest.py"))
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    return mod.Postgres()
+
+
+def test_several_brokers_sharing_postgres(tmp_path):
+    pg = _postgres().start()
+    url, _ = pg.new_db()
+    dirs = [tmp_path / n for n in ("one", "two", "w")]
+    for p in dirs:
+        os.makedirs(p)
+    one = Kelpied(heartbeat_ms=200, log_dir=str(dirs[0]), args=["--store", url]).start()
+    two = Kelpied(heartbeat_ms=200, log_dir=str(dirs[1]), args=["--store", url]).start()
+    ws = support.Workers(dirs[2], two)
+    c1 = support.Client(one.frontend)
+    d = Dashboard(tmp_path, f"{one.frontend},{two.frontend}", True, "asyncio")
+    try:
+        waiting = [c1.submit(spec(x=i), queue="idle", priority=i % 2) for i in range(3)]
+        ws.start("beta", queues=("q",))
+        done = c1.submit(spec(x=9))   # stored by one, run by two's worker
+        c1.wait_state(done, ("succeeded",))
+        view = d.json("/api/overview")
+        assert view["shared_store"] is True
+        assert [b["store_kind"] for b in view["brokers"]] == ["postgresql", "postgresql"]
+        assert "one shared job store" in d.get("/").text
+        # Both brokers list the same jobs: each shows once.
+        jobs = d.json("/api/jobs")["jobs"]
+        assert [j["id"] for j in jobs] == sorted(waiting + [done])
+        # Depths come from the one store, not once per broker.
+        rows = {q["name"]: q for q in d.json("/api/queues")["queues"]}
+        assert rows["idle"]["queued"] == 3 and rows["idle"]["queued_by_priority"][:2] == [2, 1]
+        assert rows["q"]["succeeded"] == 1
+        # The job is found through either broker; a running job is cancelled
+        # by the broker running it, whichever the dashboard asks first.
+        running = c1.submit(spec(sleep=10))
+        c1.wait_state(running, ("leased",))
+        token = d.csrf("/dlq")
+        r = d.post(f"/api/jobs/{running}/cancel", {}, {"X-Kelpie-CSRF": token})
+        assert r.status == 200 and r.json()["state"] == "cancelling", r.body
+        c1.wait_state(running, ("cancelled",))
+    finally:
+        d.stop()
+        ws.kill_all()
+        c1.close()
+        one.stop()
+        two.stop()
+        pg.stop()
