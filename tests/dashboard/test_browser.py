@@ -20,6 +20,7 @@ from conftest import spec, wait_for
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -58,7 +59,21 @@ def shots(tmp_path, request):
 
 
 def until(drv, pred, timeout=15.0, what="condition"):
-    return wait_for(lambda: pred(drv), timeout, what)
+    """pred(drv) true within timeout. A renderer that does not answer one
+    call in time (a loaded machine) is asked again; the last error is kept
+    in the failure."""
+    errors = []
+
+    def check():
+        try:
+            return pred(drv)
+        except TimeoutException as exc:
+            errors.append(exc)
+            return None
+    try:
+        return wait_for(check, timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (last renderer error: {errors[-1:]})") from None
 
 
 def test_overview_loads_and_chart_draws(client, workers, dashboard, browser, shots):
@@ -258,6 +273,9 @@ def test_queue_charts_draw_per_queue(client, workers, dashboard, browser, shots)
     shots(browser, "overview-queues")
     browser.set_window_size(390, 844)
     browser.get(f"http://{dashboard.host}/")
+    # A queue's chart comes with its activity in the last minute of samples
+    # (the test may have taken longer): a little more of it.
+    client.wait_state(client.submit(spec(x=9), queue="emails"), ("succeeded",))
     until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#queue-charts canvas"),
           what="queue charts at a phone's width")
     assert browser.execute_script(

@@ -15,7 +15,8 @@ brokers that know it until one takes it; an action on many goes to all.
 Rates are differences of counters over time: the sampler asks every broker
 for Stats every ``interval`` seconds and keeps the last ``keep`` samples,
 each with the per-queue rates since the one before, summed over brokers
-(a broker that restarted or did not answer adds nothing to that step).
+(a broker that restarted or did not answer adds nothing to that step); a
+sample lists only the queues whose rates are not all zero.
 """
 
 import asyncio
@@ -237,9 +238,12 @@ class Sampler:
                         # A counter that went down: the broker restarted.
                         row[k] += max(0, c[k] - prev[k]) / dt if dt > 0 else 0.0
             total = {k: sum(q[k] for q in queues.values()) for k in RATE_KEYS}
+            # Only the queues that moved: a broker with many idle queues
+            # keeps its samples (and the page's first event) small.
             self.history.append({"t": int(time.time() * 1000), "seq": self.seq + 1,
                                  "total": _round(total),
-                                 "queues": {n: _round(q) for n, q in sorted(queues.items())}})
+                                 "queues": {n: _round(q) for n, q in sorted(queues.items())
+                                            if any(q.values())}})
         self.last = (now, counters, answers)
         self.seq += 1
         self.changed.set()

@@ -86,14 +86,17 @@
     }
   }
 
+  var MAX_QUEUE_CHARTS = 24;
   function overview(url) {
     var total = null, perQueue = {}, lastT = 0, box = document.getElementById("queue-charts");
     var canvas = document.getElementById("rates");
     if (canvas && window.Chart) total = rateChart(canvas, "");
-    // One small chart per queue, made when the queue first shows up; a
+    // One small chart per queue, made when the queue first shows activity
+    // (up to MAX_QUEUE_CHARTS; the table has every queue's rates); a
     // queue's points before that are zeros, so every chart shares one axis.
     function queueChart(name, labels) {
       if (perQueue[name] || !box || !window.Chart) return perQueue[name];
+      if (Object.keys(perQueue).length >= MAX_QUEUE_CHARTS) return null;
       var fig = document.createElement("figure"), c = document.createElement("canvas");
       fig.className = "chart small";
       c.setAttribute("role", "img");
