@@ -88,10 +88,11 @@ def test_workers_queues_and_last_heartbeat(client, workers, dashboard):
     assert w["name"] == "alpha" and w["queues"] == ["q", "q2"] and w["credits"] == 3
     # Heartbeats every 200 ms: last heard from well within a second.
     assert w["last_seen_ms"] is not None and 0 <= w["last_seen_ms"] < 2000
+    assert w["last_heartbeat_ms"] is not None and 0 <= w["last_heartbeat_ms"] < 2000
     assert w["draining"] is False
     # Figures the worker's own heartbeat reports, when the broker has them;
     # "—" on the page when it does not.
-    for k in ("host", "rss", "busy_threads", "stalls", "restarts"):
+    for k in ("host", "pid", "rss", "busy_threads", "threads", "stalls", "restarts"):
         assert k in w
     page = dashboard.get("/workers").text
     assert "jobs:q, jobs:q2" in page and " ago" in page and "last heartbeat" in page

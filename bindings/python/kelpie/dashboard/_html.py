@@ -227,10 +227,13 @@ def workers(ctx, view):
             row.append(f'<code>{esc(w["broker"])}</code>')
         row += [opt(w["host"]) + (f' <small>pid {esc(w["pid"])}</small>' if w.get("pid") else ""),
                 esc(", ".join(w["services"] + [f"jobs:{q}" for q in w["queues"]]) or "—"),
-                esc(w["credits"]), esc(w["in_flight"]), opt(w["busy_threads"]),
+                esc(w["credits"]), esc(w["in_flight"]),
+                (f'{esc(w["busy_threads"])} of {esc(w["threads"])}'
+                 if w["busy_threads"] is not None and w["threads"] is not None
+                 else opt(w["busy_threads"])),
                 opt(w["stalls"]), opt(w["restarts"]),
                 size(w["rss"]) if w["rss"] not in (None, "") else "—",
-                age(w["last_seen_ms"]), health]
+                age(w["last_heartbeat_ms"]), health]
         rows.append(row)
     head = ["name"] + (["broker"] if several else []) + [
         "host", "services", "credits", "busy", "busy threads", "stalls", "restarts", "RSS",

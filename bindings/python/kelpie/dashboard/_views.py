@@ -19,7 +19,8 @@ QUEUE_SETTINGS = ("concurrency", "rate")
 # the dashboard's name -> the names a broker may use for it.
 WORKER_REPORTED = {"host": ("host", "hostname"), "pid": ("pid",),
                    "rss": ("rss_bytes", "rss"), "busy_threads": ("busy_threads", "busy"),
-                   "stalls": ("stalls",), "restarts": ("restarts",)}
+                   "threads": ("threads",), "stalls": ("stalls",), "restarts": ("restarts",),
+                   "heartbeat_age_ms": ("heartbeat_age_ms",)}
 
 
 def broker_health(answer):
@@ -130,6 +131,12 @@ def workers(answers):
                          "queues": [q for q in str(queues).split(",") if q],
                          "last_seen_ms": w.get("last_seen_ms"),
                          **_reported(w)})
+            # Its last HEARTBEAT when the broker tells it, else its last
+            # message of any kind (which the broker also counts as one).
+            row = rows[-1]
+            row["last_heartbeat_ms"] = (row["heartbeat_age_ms"]
+                                        if row["heartbeat_age_ms"] is not None
+                                        else row["last_seen_ms"])
     rows.sort(key=lambda r: (str(r["name"]), r["broker"], r["id"]))
     return {"workers": rows, "brokers": [broker_health(a) for a in answers]}
 
