@@ -48,6 +48,9 @@ class Fleet:
 
     def __init__(self, frontends, timeout=5.0):
         self.brokers = [Broker(f, timeout=timeout) for f in frontends]
+        # Frontends the sampler's last Stats found unreachable: job pages
+        # do not wait out their timeout (health still asks every broker).
+        self.down = set()
 
     @property
     def frontend(self):
@@ -81,6 +84,10 @@ class Fleet:
         kinds = [((a.stats.get("jobs") or {}).get("store_kind")) for a in answers if a.stats]
         return len(kinds) > 1 and all(k == "postgresql" for k in kinds)
 
+    def _usable(self):
+        """The brokers to ask for jobs: those not known to be down (all, if none)."""
+        return [b for b in self.brokers if b.frontend not in self.down] or list(self.brokers)
+
     def _live(self, answers=None):
         if answers is None:
             return list(self.brokers)
@@ -103,7 +110,7 @@ class Fleet:
         limit = int(limit) if limit else 100
         if not self.several:
             return await self.brokers[0].jobs(limit=limit, **query)
-        pages = await self._each(self.brokers, lambda b: b.jobs(limit=limit, **query))
+        pages = await self._each(self._usable(), lambda b: b.jobs(limit=limit, **query))
         merged, more = {}, False
         for b, page in pages:
             more = more or bool(page.get("next"))
@@ -118,10 +125,10 @@ class Fleet:
         """The brokers that know the job, and the first one's GetJob answer."""
         if not self.several:
             return [self.brokers[0]], await self.brokers[0].job(job_id)
-        got = await asyncio.gather(*(b.job(job_id) for b in self.brokers),
-                                   return_exceptions=True)
+        usable = self._usable()
+        got = await asyncio.gather(*(b.job(job_id) for b in usable), return_exceptions=True)
         holders, first, error = [], None, None
-        for b, g in zip(self.brokers, got):
+        for b, g in zip(usable, got):
             if isinstance(g, BaseException) and not isinstance(g, Exception):
                 raise g
             if isinstance(g, Exception):
@@ -156,7 +163,7 @@ class Fleet:
         if job_id:
             holders, _ = await self._holders(job_id)
             return await getattr(holders[0], method)(job_id=job_id, queue=queue)
-        done = await self._each(self.brokers, lambda b: getattr(b, method)(queue=queue))
+        done = await self._each(self._usable(), lambda b: getattr(b, method)(queue=queue))
         return {"count": sum(int(a.get("count") or 0) for _, a in done)}
 
     async def retry(self, job_id=None, queue=None):
@@ -221,6 +228,7 @@ class Sampler:
 
     async def sample(self):
         answers = await self.fleet.stats()
+        self.fleet.down = {a.frontend for a in answers if a.stats is None}
         now = time.monotonic()
         counters = {a.frontend: queue_counters(a) for a in answers if a.stats is not None}
         if self.last is not None:
