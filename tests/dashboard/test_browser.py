@@ -352,8 +352,8 @@ def test_several_brokers_overview(tmp_path, loop, browser, shots):
     from kelpie.testing import Kelpied
     for sub in ("one", "two"):
         os.makedirs(tmp_path / sub)
-    one = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "one")).start()
-    two = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "two")).start()
+    one = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "one")).start(retries=2)
+    two = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "two")).start(retries=2)
     w1, w2 = support.Workers(tmp_path / "one", one), support.Workers(tmp_path / "two", two)
     c1 = support.Client(one.frontend)
     d = Dashboard(tmp_path, f"{one.frontend},{two.frontend}", False, loop)

@@ -52,7 +52,7 @@ def test_overview_rates_per_queue(client, workers, dashboard):
 
 def test_queues_depth_by_priority_delayed_dlq_and_limits(tmp_path, loop):
     broker = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path),
-                     args=["--queues", "p concurrency=3 rate=50/s"]).start()
+                     args=["--queues", "p concurrency=3 rate=50/s"]).start(retries=2)
     ws = support.Workers(tmp_path, broker)
     c = support.Client(broker.frontend)
     d = Dashboard(tmp_path, broker.frontend, False, loop)
@@ -147,8 +147,8 @@ def test_jobs_search_by_key_and_time(client, workers, dashboard):
 def test_several_brokers(tmp_path, loop):
     for sub in ("one", "two", "w1", "w2"):
         os.makedirs(tmp_path / sub)
-    one = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "one")).start()
-    two = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "two")).start()
+    one = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "one")).start(retries=2)
+    two = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "two")).start(retries=2)
     w1, w2 = support.Workers(tmp_path / "w1", one), support.Workers(tmp_path / "w2", two)
     c1, c2 = support.Client(one.frontend), support.Client(two.frontend)
     d = Dashboard(tmp_path, f"{one.frontend},{two.frontend}", True, loop)
@@ -245,8 +245,8 @@ def test_several_brokers_sharing_postgres(tmp_path):
     dirs = [tmp_path / n for n in ("one", "two", "w")]
     for p in dirs:
         os.makedirs(p)
-    one = Kelpied(heartbeat_ms=200, log_dir=str(dirs[0]), args=["--store", url]).start()
-    two = Kelpied(heartbeat_ms=200, log_dir=str(dirs[1]), args=["--store", url]).start()
+    one = Kelpied(heartbeat_ms=200, log_dir=str(dirs[0]), args=["--store", url]).start(retries=2)
+    two = Kelpied(heartbeat_ms=200, log_dir=str(dirs[1]), args=["--store", url]).start(retries=2)
     ws = support.Workers(dirs[2], two)
     c1 = support.Client(one.frontend)
     d = Dashboard(tmp_path, f"{one.frontend},{two.frontend}", True, "asyncio")
