@@ -2443,7 +2443,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "submitted", q->submitted);
         kp_json_u64(j, "succeeded", q->succeeded);
         kp_json_u64(j, "failed", q->failed);
-        kp_json_u64(j, "dead", q->dead);
+        kp_json_u64(j, "dead_lettered", q->dead);
         kp_json_object_end(j);
     }
     kp_json_object_end(j);

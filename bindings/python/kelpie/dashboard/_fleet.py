@@ -26,8 +26,17 @@ import time
 from ..errors import RpcError
 from ._broker import Broker
 
-# The per-queue counters of Stats ("jobs" "queues"), in the charts' order.
+# The rates of the charts, in their order, and the per-queue counters of
+# Stats ("jobs" "queues") each is the sum of: "failed" counts attempts that
+# failed or timed out, "dead" jobs dead-lettered.
 RATE_KEYS = ("submitted", "succeeded", "failed", "dead")
+COUNTERS = {"submitted": ("submitted",), "succeeded": ("succeeded",),
+            "failed": ("failed", "timed_out"), "dead": ("dead_lettered",)}
+
+
+def counters_of(q):
+    """A Stats job queue's counters under the charts' names."""
+    return {k: sum(int(q.get(c) or 0) for c in COUNTERS[k]) for k in RATE_KEYS}
 
 
 class Answer:
@@ -204,7 +213,7 @@ def _why(exc):
 def queue_counters(answer):
     """{queue: {counter: value}} of one broker's Stats."""
     queues = ((answer.stats or {}).get("jobs") or {}).get("queues") or {}
-    return {name: {k: int(q.get(k) or 0) for k in RATE_KEYS} for name, q in queues.items()}
+    return {name: counters_of(q) for name, q in queues.items()}
 
 
 class Sampler:

@@ -5,7 +5,7 @@ or several merged (kelpie.dashboard._fleet)."""
 
 import datetime
 
-from ._fleet import RATE_KEYS, Fleet
+from ._fleet import RATE_KEYS, Fleet, counters_of
 
 # Broker-wide gauges shown on the overview, in this order.
 BROKER_GAUGES = ("state", "version", "uptime_ms", "workers", "clients", "calls", "queued",
@@ -13,7 +13,8 @@ BROKER_GAUGES = ("state", "version", "uptime_ms", "workers", "clients", "calls",
 JOB_STATES = ("scheduled", "queued", "leased", "succeeded", "dead", "cancelled")
 FINISHED = ("succeeded", "dead", "cancelled")
 # A queue's live figures (Stats) summed over brokers; its limits are settings.
-QUEUE_SUMS = ("workers", "running", "held", "capacity") + RATE_KEYS
+LIVE_SUMS = ("workers", "running", "held", "capacity")
+QUEUE_SUMS = LIVE_SUMS + RATE_KEYS
 QUEUE_SETTINGS = ("concurrency", "rate")
 # Worker figures its own heartbeat reports, when the broker passes them on:
 # the dashboard's name -> the names a broker may use for it.
@@ -58,8 +59,10 @@ def merged_queues(answers):
     for a in answers:
         for name, q in (((a.stats or {}).get("jobs") or {}).get("queues") or {}).items():
             row = out.setdefault(name, dict.fromkeys(QUEUE_SUMS, 0))
-            for k in QUEUE_SUMS:
+            for k in LIVE_SUMS:
                 row[k] += int(q.get(k) or 0)
+            for k, v in counters_of(q).items():
+                row[k] += v
             for k in QUEUE_SETTINGS:
                 if q.get(k):
                     row[k] = max(row.get(k) or 0, int(q[k]))
