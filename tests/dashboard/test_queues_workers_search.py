@@ -281,3 +281,36 @@ def test_several_brokers_sharing_postgres(tmp_path):
         one.stop()
         two.stop()
         pg.stop()
+
+
+def test_worker_self_reported_fields_render():
+    """The fields a worker's heartbeat reports (worker_stats: host, pid,
+    rss_bytes, busy, threads, stalls, restarts) and the broker's
+    heartbeat_age_ms, as Stats' worker_detail carries them once the broker
+    passes them on, reach the workers page; absent ones are "—"."""
+    from kelpie.dashboard import _html, _views
+    from kelpie.dashboard._fleet import Answer
+
+    class B:
+        frontend = "tcp://127.0.0.1:5555"
+
+    class Ctx:
+        frontend, admin, csrf, chart_js = B.frontend, False, "", None
+    stats = {"worker_detail": {
+        "00aa": {"name": "img", "credits": 8, "in_flight": 3, "stalled": 0, "services": "",
+                 "queues": "thumbs", "last_seen_ms": 40, "heartbeat_age_ms": 900,
+                 "host": "node-7", "pid": 4242, "rss_bytes": 3 * 1024 * 1024, "busy": 3,
+                 "threads": 9, "stalls": 2, "restarts": 1},
+        "00bb": {"name": "old", "credits": 1, "in_flight": 0, "stalled": 1, "services": "echo",
+                 "last_seen_ms": 120}}}
+    view = _views.workers([Answer(B(), stats)])
+    img, old = view["workers"]
+    assert (img["host"], img["pid"], img["rss"], img["busy_threads"], img["threads"],
+            img["stalls"], img["restarts"], img["last_heartbeat_ms"]) == (
+        "node-7", 4242, 3 * 1024 * 1024, 3, 9, 2, 1, 900)
+    assert old["host"] is None and old["last_heartbeat_ms"] == 120 and old["stalled"]
+    page = _html.workers(Ctx(), view)
+    assert "node-7 <small>pid 4242</small>" in page and "3.0 MiB" in page
+    assert "3 of 9" in page and "900 ms ago" in page and "120 ms ago" in page
+    assert "jobs:thumbs" in page and '<strong class="bad">stalled</strong>' in page
+    assert page.count("<td>—</td>") == 5  # old: host, busy threads, stalls, restarts, RSS
