@@ -336,6 +336,11 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h);
 /* CANCEL naming one of the client's watches: ends it; false if none. */
 bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h);
 
+/* INPUT from a frontend client (b->in: [rid] [header] [payload]?): forwards
+ * it to the worker running the job's attempt and ACKs the client, or
+ * answers ERROR (protocol.md §11.7). Holds none of it. */
+void kp_jobs_input(struct kp_broker *b, kp_header *h);
+
 /* Answers a job method of kelpie.broker; false if h->method is not one. */
 bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h);
 

@@ -52,6 +52,7 @@
     XX(EJOURNALFULL, RESOURCE_EXHAUSTED, none, "too many job store requests in flight")            \
     XX(ENOJOB, NOT_FOUND, none, "no such job")                                                     \
     XX(EJOBSTATE, FAILED_PRECONDITION, none, "the job is not in a state that allows this")         \
+    XX(EJOBNOTRUNNING, UNAVAILABLE, none, "the job is not running now")                            \
     XX(EUNAUTHENTICATED, UNAUTHENTICATED, auth_denied_removed,                                     \
        "this key is no longer in the allow-list")                                                  \
     XX(EADMINONLY, PERMISSION_DENIED, auth_denied_admin, "this method needs an admin key")         \

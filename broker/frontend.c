@@ -228,6 +228,9 @@ void kp_frontend_on_message(struct kp_broker *b)
     case KELPIE__V1__KIND__WATCH:
         kp_jobs_watch(b, h);
         break;
+    case KELPIE__V1__KIND__INPUT:
+        kp_jobs_input(b, h);
+        break;
     default:
         frontend_refuse(b, h, h->request_id, KP_EUNIMPLEMENTED);
         break;

@@ -159,6 +159,7 @@ enum op_kind {
     OP_PURGE,
     OP_EXPIRE,
     OP_BEAT,
+    OP_INPUT, /* GET for an INPUT whose job is not running here: why not */
     OP_COUNT, /* admin */
 };
 
@@ -1419,6 +1420,29 @@ static void done_admin(struct kp_broker *b, struct op *o, struct kp_journal_req 
     }
 }
 
+/* An INPUT's job was not running here: the store says whether it exists and
+ * in which state, so the client learns whether to wait (§11.7). */
+static void done_input(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    b->stats.job_inputs_refused++;
+    if (r->out.err != KP_OK || r->out.jobs.n != 1) {
+        op_error(b, o, r->out.err ? r->out.err : KP_ENOJOB, r->out.errmsg);
+        return;
+    }
+    const struct kp_job *job = &r->out.jobs.v[0];
+    char msg[160];
+    if (state_final(job->state)) {
+        snprintf(msg, sizeof msg, "job %s is %s: it takes no more input", o->id.s,
+                 kp_job_state_name(job->state));
+        op_error(b, o, KP_EJOBSTATE, msg);
+    } else {
+        snprintf(msg, sizeof msg,
+                 "job %s is %s, not running on this broker: send its input once it runs", o->id.s,
+                 job->state == KP_JOB_LEASED ? "leased" : kp_job_state_name(job->state));
+        op_error(b, o, KP_EJOBNOTRUNNING, msg);
+    }
+}
+
 void kp_jobs_on_completions(struct kp_broker *b)
 {
     struct kp_engine *e = engine(b);
@@ -1446,6 +1470,9 @@ void kp_jobs_on_completions(struct kp_broker *b)
             break;
         case OP_WATCH:
             done_watch(b, o, r);
+            break;
+        case OP_INPUT:
+            done_input(b, o, r);
             break;
         case OP_BEAT:
             if (r->out.err == KP_OK && r->out.count) {
@@ -1622,6 +1649,100 @@ bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h)
     watcher_free(b, wr);
     watch_release(b, w, false);
     return true;
+}
+
+/* Refuses the INPUT in b->in with err and counts it. */
+static void input_refuse(struct kp_broker *b, kp_header *h, enum kp_err err, const char *detail)
+{
+    b->stats.job_inputs_refused++;
+    kp_broker_refuse(b, b->frontend, h, h->request_id, err, detail);
+}
+
+void kp_jobs_input(struct kp_broker *b, kp_header *h)
+{
+    struct kp_engine *e = engine(b);
+    size_t n = b->in.nframes - 2; /* frames after [rid] [header] */
+    kp_job_id id;
+    if (h->request_id == 0 || !kp_job_id_parse(h->job_id ? h->job_id : "", &id)) {
+        input_refuse(b, h, KP_EINVAL, "INPUT needs a request_id and a job_id (26 characters)");
+        return;
+    }
+    if (n > 1) {
+        input_refuse(b, h, KP_EINVAL, "INPUT carries at most one payload frame");
+        return;
+    }
+    if (e == NULL) {
+        input_refuse(b, h, KP_EUNIMPLEMENTED, "this broker runs no job engine");
+        return;
+    }
+    kp_clients_get(&b->clients, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
+                   b->now)
+        ->last_seen = b->now;
+    struct watch *wt = zhashx_lookup(e->watches, id.s);
+    struct run *r = wt ? wt->run : NULL;
+    char msg[160];
+    if (r == NULL || r->call == NULL || r->call->worker == NULL) {
+        /* Held here for a slot, or not leased here at all: never buffered
+         * (§11.7), so the bound on what the broker holds for input is zero. */
+        for (void *it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
+            struct jobq *q = it;
+            for (struct kp_list *l = q->held.next; l != &q->held; l = l->next) {
+                if (strcmp(kp_container_of(l, struct run, held_link)->id.s, id.s) == 0) {
+                    snprintf(msg, sizeof msg, "job %s is waiting for a free worker slot", id.s);
+                    input_refuse(b, h, KP_EJOBNOTRUNNING, msg);
+                    return;
+                }
+            }
+        }
+        struct op *o = op_new(OP_INPUT, KP_JOURNAL_GET);
+        o->has_peer = true;
+        rid_set(&o->rid, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]));
+        o->request_id = h->request_id;
+        o->id = id;
+        o->req->in.id = id;
+        if (!op_put(b, o))
+            b->stats.job_inputs_refused++;
+        return;
+    }
+    if (r->ended || r->cancel_requested) {
+        snprintf(msg, sizeof msg, "job %s attempt %u is ending", id.s, r->attempt);
+        input_refuse(b, h, KP_EJOBNOTRUNNING, msg);
+        return;
+    }
+    if (h->attempt != 0 && h->attempt != r->attempt) {
+        snprintf(msg, sizeof msg, "job %s attempt %u is not running (attempt %u is)", id.s,
+                 h->attempt, r->attempt);
+        input_refuse(b, h, KP_EJOBSTATE, msg);
+        return;
+    }
+    struct kp_worker *w = r->call->worker;
+    if (kp_broker_worker_lagging(b, w)) {
+        snprintf(msg, sizeof msg, "the worker running job %s is not reading: input refused", id.s);
+        input_refuse(b, h, KP_EAGAIN, msg);
+        return;
+    }
+    kp_header fwd = kp_broker_header(KELPIE__V1__KIND__INPUT, kp_call_dispatch_id(r->call).v);
+    fwd.job_id = r->id.s;
+    fwd.attempt = r->attempt;
+    fwd.sequence = h->sequence;
+    fwd.flags = h->flags & KP_FLAG_END_OF_INPUT;
+    enum kp_err err = kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len,
+                                     kp_broker_account(b, &w->queued), &fwd, &b->in.frames[2], n);
+    if (err != KP_OK) {
+        kp_broker_worker_send_failed(b, w, err);
+        snprintf(msg, sizeof msg, "the worker running job %s could not be reached", id.s);
+        input_refuse(b, h, KP_EJOBNOTRUNNING, msg);
+        return;
+    }
+    w->last_send = b->now;
+    b->stats.job_inputs++;
+    kp_header ack = kp_broker_header(KELPIE__V1__KIND__ACK, h->request_id);
+    ack.job_id = r->id.s;
+    ack.attempt = r->attempt;
+    struct kp_client *cl = kp_clients_find(&b->clients, zmq_msg_data(&b->in.frames[0]),
+                                           zmq_msg_size(&b->in.frames[0]));
+    kp_broker_send(b, b->frontend, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
+                   cl ? kp_broker_account(b, &cl->queued) : NULL, &ack, NULL, 0);
 }
 
 static void reply_state(struct kp_broker *b, struct op *o, const char *state)

@@ -97,7 +97,9 @@
     XX(job_events_dropped)    /* old events dropped from a job's bounded buffer */                 \
     XX(job_watches)           /* WATCHes accepted */                                               \
     XX(job_watchers_dropped)  /* watchers dropped: gone or not reading */                          \
-    XX(workers_drained)       /* workers that asked to drain */
+    XX(job_inputs)            /* INPUTs forwarded to the worker running their job */               \
+    XX(job_inputs_refused) /* INPUTs refused: no such job, not running, malformed, worker full */  \
+    XX(workers_drained)    /* workers that asked to drain */
 
 struct kp_stats {
 #define XX(name) uint64_t name;

@@ -163,7 +163,7 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
 #define K(kind) (1u << KELPIE__V1__KIND__##kind)
 static const uint32_t wire_allowed[] = {
     [KP_FROM_CLIENT] = K(REQUEST) | K(CANCEL) | K(HEARTBEAT) | K(DISCONNECT) | K(CREDIT) |
-                       K(SUBMIT) | K(WATCH) | K(CHUNK) | K(END),
+                       K(SUBMIT) | K(WATCH) | K(CHUNK) | K(END) | K(INPUT),
     [KP_FROM_WORKER] = K(READY) | K(REPLY) | K(CHUNK) | K(END) | K(ERROR) | K(HEARTBEAT) |
                        K(DISCONNECT) | K(CREDIT) | K(STATUS) | K(PROGRESS) | K(OUTPUT) | K(RESULT) |
                        K(NACK),
@@ -174,7 +174,7 @@ static const uint32_t wire_allowed[] = {
 bool kp_wire_kind_known(uint32_t kind)
 {
     return (kind >= KELPIE__V1__KIND__READY && kind <= KELPIE__V1__KIND__STATUS) ||
-           (kind >= KELPIE__V1__KIND__SUBMIT && kind <= KELPIE__V1__KIND__WATCH);
+           (kind >= KELPIE__V1__KIND__SUBMIT && kind <= KELPIE__V1__KIND__INPUT);
 }
 
 const char *kp_wire_kind_name(uint32_t kind)

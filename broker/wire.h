@@ -51,6 +51,7 @@ struct kp_rid {
 #define KP_FLAG_CLIENT_STREAM      128u
 #define KP_FLAG_COMPRESSED         256u
 #define KP_FLAG_ACCEPTS_COMPRESSED 512u
+#define KP_FLAG_END_OF_INPUT       1024u
 /* REQUEST flags a call keeps and sends on to its worker. */
 #define KP_FLAG_CALL_MASK                                                                          \
     (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM | KP_FLAG_COMPRESSED |            \

@@ -110,6 +110,7 @@ Test(wire, every_known_kind_is_accepted_in_its_directions_only)
         {KELPIE__V1__KIND__ACK, false, false, false},
         {KELPIE__V1__KIND__NACK, false, true, false},
         {KELPIE__V1__KIND__WATCH, true, false, false},
+        {KELPIE__V1__KIND__INPUT, true, false, false}, /* client -> job stdin (§11.7) */
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
         kp_header h = tw_header(table[i].kind, 9);
@@ -126,7 +127,7 @@ Test(wire, every_known_kind_is_accepted_in_its_directions_only)
 
 Test(wire, unknown_kinds_are_unimplemented)
 {
-    static const int kinds[] = {0, 12, 13, 14, 15, 25, 99, 100000, -1};
+    static const int kinds[] = {0, 12, 13, 14, 15, 26, 99, 100000, -1};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         kp_header h = tw_header((kp_kind)kinds[i], 3);
         cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_EUNKNOWNKIND, "kind %d", kinds[i]);

@@ -14,7 +14,8 @@ word, the language; the rest is for this test):
 ``sh run``
     Each command line is run with ``bash`` and must exit 0; a ``kelpie
     worker`` line is started in the background (it serves until the end of
-    the document), as a reader runs it in another terminal.
+    the document), as a reader runs it in another terminal; so is a ``kelpie
+    sandbox-worker`` line.
 ``sh``
     Not run (builds, installs, starting kelpied: things this test provides).
 
@@ -240,7 +241,8 @@ def test_doc_blocks_run_as_written(doc, tmp_path):
                 ran += 1
             elif b.kind == "run":
                 for command in command_lines(rewrite(b.text, broker)):
-                    if shlex.split(command, comments=True)[:2] == ["kelpie", "worker"]:
+                    if shlex.split(command, comments=True)[:2] in (["kelpie", "worker"],
+                                                                   ["kelpie", "sandbox-worker"]):
                         session.start_background(b, command)
                     else:
                         session.run(b, ["bash", "-c", command])

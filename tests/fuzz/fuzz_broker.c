@@ -51,7 +51,7 @@ static const kp_kind fz_kinds[] = {
     KELPIE__V1__KIND__RESULT,  KELPIE__V1__KIND__WATCH,     (kp_kind)99,
     KELPIE__V1__KIND__REQUEST, KELPIE__V1__KIND__PROGRESS,  KELPIE__V1__KIND__OUTPUT,
     KELPIE__V1__KIND__NACK,    KELPIE__V1__KIND__SUBMIT,    KELPIE__V1__KIND__RESULT,
-    KELPIE__V1__KIND__JOB,
+    KELPIE__V1__KIND__JOB,     KELPIE__V1__KIND__INPUT,
 };
 
 /* What the script's workers were last sent as a JOB, read back from their

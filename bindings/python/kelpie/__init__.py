@@ -55,6 +55,7 @@ _RPC_NAMES = {
     "Attempt": "kelpie.jobs",
     "Producer": "kelpie.jobs",
     "JobContext": "kelpie._jobs_worker",
+    "JobStdin": "kelpie._jobs_worker",
     "ProcessJobContext": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
     "keygen": "kelpie._security",

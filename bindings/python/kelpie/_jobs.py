@@ -33,6 +33,7 @@ RESULT = _wire.RESULT
 ACK = _wire.ACK
 NACK = _wire.NACK
 WATCH = _wire.WATCH
+INPUT = _wire.INPUT
 STATUS = _wire.STATUS
 ERROR = _wire.ERROR
 
@@ -51,6 +52,12 @@ MAX_STREAM_NAME = 32
 # OUTPUT data is sent in pieces of at most this many bytes, far below any
 # broker's message size limit, so one big write never costs a connection.
 OUTPUT_CHUNK = 64 * 1024
+# INPUT data goes in pieces of at most this many bytes (§11.7).
+INPUT_CHUNK = 64 * 1024
+# Input a job handler has not read yet that a worker keeps for it; more is
+# discarded and counted (ctx.stdin.dropped): the broker forwards INPUT as
+# it comes and holds none of it (§11.7).
+STDIN_BUFFER = 1024 * 1024
 # A worker sends an unACKed RESULT again this often (§11.3).
 RESEND_INTERVAL = 5.0
 
@@ -106,6 +113,23 @@ def watch(request_id, job_id, stream):
     h = _Header(version=_wire.VERSION, kind=WATCH, request_id=request_id, job_id=job_id,
                 flags=_wire.STREAM if stream else 0)
     return h.SerializeToString()
+
+
+def stdin_header(request_id, job_id, sequence, end, attempt=0):
+    """An INPUT header: bytes (the payload frame) for the standard input of
+    the job's running attempt (``attempt`` 0: whichever runs); ``end`` sets
+    END_OF_INPUT."""
+    return _Header(version=_wire.VERSION, kind=INPUT, request_id=request_id, job_id=job_id,
+                   sequence=sequence, attempt=attempt,
+                   flags=_wire.END_OF_INPUT if end else 0).SerializeToString()
+
+
+def stdin_pieces(data):
+    """``data`` (bytes or str) as the INPUT payloads it is sent in."""
+    if isinstance(data, str):
+        data = data.encode()
+    data = bytes(data)
+    return [data[at:at + INPUT_CHUNK] for at in range(0, len(data), INPUT_CHUNK)]
 
 
 def progress(request_id, job_id, attempt, sequence, fraction, message):

@@ -28,7 +28,7 @@ __all__ = ["Job"]
 
 _monotonic = time.monotonic
 _ADMIN = "kelpie.broker"
-_OK_KINDS = (_wire.REPLY, _wire.ACCEPTED)
+_OK_KINDS = (_wire.REPLY, _wire.ACCEPTED, _wire.ACK)
 
 
 class _Watch(_jobs.WatchCore):
@@ -65,13 +65,14 @@ class _Watch(_jobs.WatchCore):
 class Job:
     """A durable job, by id, for blocking code (see :class:`kelpie.Job`)."""
 
-    __slots__ = ("client", "id", "existed", "_terminal")
+    __slots__ = ("client", "id", "existed", "_terminal", "_stdin")
 
     def __init__(self, client: Any, job_id: str, existed: bool = False) -> None:
         self.client = client
         self.id = job_id
         self.existed = existed
         self._terminal = None
+        self._stdin = [threading.Lock(), 0, False]  # order, next sequence, closed
 
     def __repr__(self):
         return f"<kelpie.sync.Job {self.id}>"
@@ -138,6 +139,40 @@ class Job:
                 time.sleep(pause)
         finally:
             state.abandon()
+
+    def write_stdin(self, data: Any, timeout: Optional[float] = None) -> None:
+        """Send ``data`` to the job's standard input (see :meth:`kelpie.Job.write_stdin`)."""
+        for piece in _jobs.stdin_pieces(data):
+            self._input(piece, False, timeout)
+
+    def close_stdin(self, timeout: Optional[float] = None) -> None:
+        """End the job's standard input (see :meth:`kelpie.Job.close_stdin`)."""
+        self._input(b"", True, timeout)
+
+    def _input(self, data, end, timeout):
+        state = self._stdin
+        with state[0]:
+            if state[2]:
+                raise ValueError(f"the standard input of job {self.id} is closed")
+            timeout_s = self.client._timeout_of(timeout)
+            deadline = None if timeout_s is None else _monotonic() + timeout_s
+            seq, tries = state[1], 0
+            while True:
+                try:
+                    self.client._exchange(
+                        lambda rid: _jobs.stdin_header(rid, self.id, seq, end), data, deadline,
+                        "input")
+                    break
+                except RpcError as exc:
+                    if exc.code != StatusCode.UNAVAILABLE:
+                        raise
+                    pause = _jobs.rewatch_pause(tries)  # not running yet: try again
+                    tries += 1
+                    if deadline is not None and _monotonic() + pause >= deadline:
+                        raise
+                    time.sleep(pause)
+            state[1] = seq + 1
+            state[2] = end
 
     def cancel(self, timeout: Optional[float] = None) -> str:
         """Cancel the job (see :meth:`kelpie.Job.cancel`)."""

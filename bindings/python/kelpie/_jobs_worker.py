@@ -38,6 +38,7 @@ still runs at the end of ``stop(grace)``  NACK (given back at once)
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import os
@@ -52,7 +53,7 @@ from ._runners import _FRESH, _as_bytes, _drive_coro
 from ._status import StatusCode
 from .errors import Retry, RpcError
 
-__all__ = ["JobContext", "ProcessJobContext"]
+__all__ = ["JobContext", "JobStdin", "ProcessJobContext"]
 
 log = logging.getLogger("kelpie.worker")
 
@@ -77,6 +78,72 @@ class _Done:
 _DONE = _Done()
 
 
+class JobStdin:
+    """The standard input a client sends a running job (``job.write_stdin``,
+    protocol.md §11.7), as ``ctx.stdin`` of an ``async def`` handler.
+
+    ``await ctx.stdin.read()`` returns the next piece of bytes as it came,
+    ``b""`` once the client closed the input (``job.close_stdin()``);
+    ``async for data in ctx.stdin`` reads pieces until then. ``closed`` is
+    True once the end arrived; ``dropped`` counts bytes discarded because
+    the handler left more than 1 MiB unread (the broker forwards input as
+    it comes and holds none; this is the worker's bound on it).
+    """
+
+    __slots__ = ("_pieces", "_size", "_waiter", "closed", "dropped", "received")
+
+    def __init__(self):
+        self._pieces = collections.deque()
+        self._size = 0
+        self._waiter = None
+        self.closed = False
+        self.dropped = 0
+        self.received = 0
+
+    def __repr__(self):
+        return (f"<kelpie.JobStdin {self._size} bytes unread"
+                f"{', closed' if self.closed else ''}>")
+
+    def _feed(self, data, end):
+        if self.closed:
+            return
+        if data:
+            self.received += len(data)
+            if self._size + len(data) > _jobs.STDIN_BUFFER:
+                self.dropped += len(data)
+            else:
+                self._pieces.append(data)
+                self._size += len(data)
+        if end:
+            self.closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next piece of input; ``b""`` at its end."""
+        while not self._pieces:
+            if self.closed:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = self._pieces.popleft()
+        self._size -= len(data)
+        return data
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.read()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+
 class JobContext:
     """What a job handler knows about its job, and how it reports progress.
 
@@ -87,6 +154,9 @@ class JobContext:
     the broker cancelled the job or its time ran out (a ``def`` handler in a
     thread polls it to stop early; an ``async def`` is cancelled outright).
 
+    ``stdin`` (:class:`kelpie.JobStdin`) is what clients send the job's
+    standard input (``job.write_stdin``), for an interactive job.
+
     ``progress(fraction, message)``, ``output(stream, data)`` and
     ``log(line)`` send events to everyone watching the job, in order. In an
     ``async def`` handler ``await`` them (they return once the event is on
@@ -96,7 +166,7 @@ class JobContext:
 
     __slots__ = ("job_id", "queue", "attempt", "max_attempts", "priority", "request_id",
                  "deadline", "timeout", "_worker", "_task", "_timer", "_reason", "_seq",
-                 "_tail", "_withheld", "_in_thread")
+                 "_tail", "_withheld", "_in_thread", "stdin")
 
     def __init__(self, worker, header):
         self._worker = worker
@@ -115,6 +185,7 @@ class JobContext:
         self._tail = None       # the last event's send, which the answer waits for
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
         self._in_thread = False
+        self.stdin = JobStdin()
 
     def __repr__(self):
         return f"<kelpie.JobContext {self.queue} {self.job_id} attempt {self.attempt}>"
@@ -354,6 +425,15 @@ class JobRunner:
             return False
         ctx._cancel(_BY_CLIENT)
         return True
+
+    def _on_job_input(self, header, frames):
+        """INPUT for a running job (§11.7): to its ctx.stdin. Input for a job
+        that has ended here (a race with its answer) is dropped."""
+        ctx = self._jobs.get(header.request_id)
+        if ctx is None or (header.attempt and header.attempt != ctx.attempt):
+            return
+        data = b"".join(bytes(f) for f in frames[1:])
+        ctx.stdin._feed(data, bool(header.flags & _wire.END_OF_INPUT))
 
     def _on_ack(self, header):
         self._held.pop((header.job_id, header.attempt), None)

@@ -291,6 +291,8 @@ class Session:
                 await self._on_job(session, header, frames)
             elif kind == _ACK:
                 self._on_ack(header)
+            elif kind == _wire.INPUT:
+                self._on_job_input(header, frames)
             elif kind == _wire.STATUS:
                 self._on_status(session, header)
             elif kind == _CREDIT:

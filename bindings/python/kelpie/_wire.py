@@ -45,6 +45,7 @@ RESULT = 21
 ACK = 22
 NACK = 23
 WATCH = 24
+INPUT = 25  # client -> job's standard input (protocol.md §11.7)
 
 # Flags (kelpie.v1.Flag).
 IDEMPOTENT = 1
@@ -57,6 +58,7 @@ DRAINED = 64    # STATUS from the broker: nothing more is on its way to this wor
 CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.md §5.6)
 COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
 ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
+END_OF_INPUT = 1024  # INPUT: the job's input ends here (protocol.md §11.7)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):

@@ -14,6 +14,8 @@
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
     kelpie dlq ls|retry|purge [--queue Q] [ID]
+    kelpie sandbox-worker [--queue exec] [--slots N] [--limit K=V,...] [--max-limit K=V,...]
+    kelpie run --sandbox [--queue exec] [--limit K=V,...] [-v] [-i] -- CMD ARGS...
 
 (The job commands are in kelpie._cli_jobs.)
 
@@ -785,6 +787,9 @@ def _parser():
     _common(d, top=False)
     d.set_defaults(fn=cmd_dashboard)
 
+    from . import _cli_run, _sandbox_worker
+    _cli_run.add_command(sub, lambda parser: _common(parser, top=False))
+    _sandbox_worker.add_command(sub, lambda parser: _common(parser, top=False))
     from . import _cli_jobs
     _cli_jobs.add_commands(sub, lambda parser: _common(parser, top=False),
                            lambda fn: functools.partial(fn, run=_run, read_data=_read_data,

@@ -55,6 +55,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 _REPLY = _wire.REPLY
 _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
+_ACK = _wire.ACK
 _unary_result = _core.unary_result
 _ACCEPT = _compression.ACCEPT_FLAG
 
@@ -564,8 +565,8 @@ class Client(ClientJobs):
                 del pending[rid]
                 if not entry.done():
                     entry.set_exception(_calls.error_from(header))
-            elif kind == _ACCEPTED:
-                # A job's SUBMIT is durable (kelpie.jobs).
+            elif kind == _ACCEPTED or kind == _ACK:
+                # A job's SUBMIT is durable, or its INPUT forwarded (kelpie.jobs).
                 del pending[rid]
                 if not entry.done():
                     entry.set_result((header, frames))

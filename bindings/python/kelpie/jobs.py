@@ -34,7 +34,7 @@ from ._calls import timeout_ms as _timeout_ms
 from ._jobs import Attempt, JobEvent, JobInfo
 from ._liveness import BrokerRestarted
 from ._status import StatusCode
-from .errors import DeadlineExceeded, ResourceExhausted, RpcError
+from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
 
 __all__ = ["Job", "JobEvent", "JobInfo", "Attempt", "Producer", "DEFAULT_INTAKE"]
 
@@ -117,13 +117,14 @@ class Job:
     :meth:`kelpie.Client.job`. Cheap: it holds the id and the client.
     """
 
-    __slots__ = ("client", "id", "existed", "_terminal")
+    __slots__ = ("client", "id", "existed", "_terminal", "_stdin")
 
     def __init__(self, client: Any, job_id: str, existed: bool = False) -> None:
         self.client = client
         self.id = job_id
         self.existed = existed
         self._terminal = None
+        self._stdin = None  # (lock, next sequence, closed) once used
 
     def __repr__(self):
         return f"<kelpie.Job {self.id}>"
@@ -187,6 +188,55 @@ class Job:
                 await asyncio.sleep(pause)
         finally:
             state.abandon()
+
+    async def write_stdin(self, data: Any, timeout: Optional[float] = None) -> None:
+        """Send ``data`` (bytes, or str as UTF-8) to the standard input of the
+        job's running attempt (an interactive job, protocol.md §11.7).
+
+        Returns once the broker has handed it to the job's worker. A job
+        that is not running yet (queued, waiting for a slot) is waited for,
+        at most ``timeout`` seconds (default: the client's timeout; then
+        :class:`kelpie.Unavailable`). Raises :class:`kelpie.NotFound` for
+        an unknown job and :class:`kelpie.FailedPrecondition` for one that
+        has finished. Writes of one Job object are delivered in order.
+        """
+        for piece in _jobs.stdin_pieces(data):
+            await self._input(piece, False, timeout)
+
+    async def close_stdin(self, timeout: Optional[float] = None) -> None:
+        """End the job's standard input (its program reads end-of-file);
+        waits for a job not running yet as :meth:`write_stdin` does."""
+        await self._input(b"", True, timeout)
+
+    async def _input(self, data, end, timeout):
+        if self._stdin is None:
+            self._stdin = [asyncio.Lock(), 0, False]
+        state = self._stdin
+        client = self.client
+        async with state[0]:
+            if state[2]:
+                raise ValueError(f"the standard input of job {self.id} is closed")
+            timeout_s, _ = _core_options(client, timeout)
+            loop = client._loop
+            deadline = None if timeout_s is None else loop.time() + timeout_s
+            seq, tries = state[1], 0
+            while True:
+                left = None if deadline is None else max(0.001, deadline - loop.time())
+                try:
+                    await client._exchange(
+                        lambda rid: _jobs.stdin_header(rid, self.id, seq, end), data, left,
+                        "input")
+                    break
+                except Unavailable:
+                    # Not running yet (or between attempts, or the broker
+                    # restarted): nothing was delivered; try again.
+                    pause = _jobs.rewatch_pause(tries)
+                    tries += 1
+                    if deadline is not None and loop.time() + pause >= deadline:
+                        raise
+                    await asyncio.sleep(pause)
+            state[1] = seq + 1
+            state[2] = end
 
     async def cancel(self, timeout: Optional[float] = None) -> str:
         """Cancel the job: "cancelled" when it was not running, "cancelling"

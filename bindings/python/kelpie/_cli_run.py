@@ -1,0 +1,320 @@
+"""``kelpie run --sandbox``: run a command or a snippet in a sandbox, through the broker.
+
+    kelpie run --sandbox [--queue exec] [--limit mem=256M,time=5s] [-v] [-i] -- CMD ARGS...
+    kelpie run --sandbox --runtime python3 -c 'print(1)'
+
+Submits an ``exec`` job (the JSON spec of kelpie._sandbox_worker) to the
+queue a ``kelpie sandbox-worker`` serves, follows its events and writes the
+program's stdout and stderr to its own as they stream in. With
+``-i``/``--interactive`` its own stdin is forwarded to the program (INPUT,
+docs/protocol.md §11.7) and closed at its end of file. ``--verbose`` prints
+the job id and, at the end, the verdict on stderr. Ctrl-C cancels the job.
+
+The exit status is the program's, so that ``kelpie run`` stands in for the
+command in a script:
+
+=======================================  ====================================
+the verdict                              exit status
+=======================================  ====================================
+``ok``, ``nonzero_exit``                 the program's exit code
+``signaled``                             128 + the signal's number
+``timeout`` (wall time)                  124 (as coreutils ``timeout``)
+``cpu_limit``                            123
+``memory_limit``                         122
+``output_limit``                         121
+``sandbox_error``; the job failed        125 (as ``docker run``): no verdict
+without a verdict (dead, refused spec);  about the program
+the broker could not be reached
+cancelled (Ctrl-C, ``kelpie job cancel``)  130
+a usage error                            2
+=======================================  ====================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import threading
+
+from . import sandbox as _sandbox
+from ._sandbox_worker import DEFAULT_QUEUE
+from .client import Client
+from .errors import JobCancelled, JobFailed, RpcError
+
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_CPU = 123
+EXIT_MEMORY = 122
+EXIT_OUTPUT = 121
+EXIT_NO_VERDICT = 125
+EXIT_CANCELLED = 130
+
+_LIMIT_EXITS = {"timeout": EXIT_TIMEOUT, "cpu_limit": EXIT_CPU, "memory_limit": EXIT_MEMORY,
+                "output_limit": EXIT_OUTPUT, "sandbox_error": EXIT_NO_VERDICT,
+                "cancelled": EXIT_CANCELLED}
+
+
+def exit_status(verdict: dict) -> int:
+    """The exit status for a verdict (a job result's JSON, decoded)."""
+    status = verdict.get("status")
+    if status in _LIMIT_EXITS:
+        return _LIMIT_EXITS[status]
+    if verdict.get("signal") is not None:
+        return 128 + int(verdict["signal"])
+    code = verdict.get("exit_code")
+    return int(code) if code is not None else EXIT_NO_VERDICT
+
+
+def summary(verdict: dict) -> str:
+    """One line on the verdict, as the sandbox's Verdict.summary() gives it."""
+    names = {f.name for f in dataclasses.fields(_sandbox.Verdict)}
+    try:
+        return _sandbox.Verdict(**{k: v for k, v in verdict.items() if k in names}).summary()
+    except TypeError:
+        return json.dumps(verdict, sort_keys=True)
+
+
+def build_spec(args) -> dict:
+    """The job's JSON spec from the command line; argparse.ArgumentTypeError
+    (a usage error) when it cannot be one."""
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    spec = {}
+    if args.runtime is not None:
+        if command:
+            raise argparse.ArgumentTypeError("give --runtime with -c CODE, or a command, "
+                                             "not both")
+        if args.code is None:
+            raise argparse.ArgumentTypeError(f"--runtime {args.runtime} needs -c CODE")
+        spec.update(runtime=args.runtime, code=args.code)
+    elif args.code is not None:
+        raise argparse.ArgumentTypeError("-c CODE needs --runtime (python3 or sh)")
+    elif not command:
+        raise argparse.ArgumentTypeError("nothing to run: give -- CMD ARGS... or "
+                                         "--runtime NAME -c CODE")
+    else:
+        spec["argv"] = command
+    if args.interactive:
+        spec["interactive"] = True
+    if args.limit:
+        spec["limits"] = args.limit
+    files = {}
+    for item in args.file or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--file {item!r} is not NAME=PATH")
+        try:
+            with open(path, "rb") as f:
+                import base64
+                files[name] = base64.b64encode(f.read()).decode()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"--file {name}: {exc.strerror}: {path}")
+    if files:
+        spec["files_b64"] = files
+    env = {}
+    for item in args.env or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--env {item!r} is not KEY=VALUE")
+        env[key] = value
+    if env:
+        spec["env"] = env
+    try:  # the worker checks it again; a mistake is said here, before submitting
+        _sandbox.Spec.from_dict({k: v for k, v in spec.items() if k != "limits"})
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return spec
+
+
+def _limit_mapping(text):
+    """--limit's K=V,... as the spec's limits mapping (only the keys given)."""
+    try:
+        parsed = _sandbox.Limits.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    given = _given_keys(text)
+    return {k: v for k, v in parsed.to_dict().items() if k in given}
+
+
+def _given_keys(text):
+    aliases = {"mem": "memory", "time": "wall", "procs": "pids", "fsize": "file_size",
+               "nofile": "open_files", "tmp": "tmp_size", "out": "output"}
+    return {aliases.get(p.split("=")[0].strip(), p.split("=")[0].strip())
+            for p in text.split(",") if "=" in p}
+
+
+def add_command(sub, common):
+    """Register ``kelpie run`` on ``sub``."""
+    p = sub.add_parser(
+        "run", help="run a command or snippet in a sandbox on a sandbox-worker",
+        description="Run CMD (or a --runtime snippet) as an exec job on the queue a "
+                    "`kelpie sandbox-worker` serves: its output streams to this terminal, "
+                    "with -i this stdin goes to it, and the exit status is its own (128+N "
+                    "for signal N; 124 timeout, 123 CPU, 122 memory, 121 output limit, "
+                    "125 no verdict, 130 cancelled).",
+        epilog="Examples: kelpie run --sandbox -- python3 -c 'print(1)';  "
+               "kelpie run --sandbox --limit mem=256M,time=5s --runtime sh -c 'echo hi';  "
+               "kelpie run --sandbox -i -- python3 -i")
+    p.add_argument("--sandbox", action="store_true",
+                   help="run it sandboxed (required, no default: the only kind of run there is)")
+    p.add_argument("--queue", "-q", default=DEFAULT_QUEUE, metavar="NAME",
+                   help=f"the queue a sandbox-worker serves (default {DEFAULT_QUEUE})")
+    p.add_argument("--limit", type=_limit_mapping, default=None, metavar="K=V,...",
+                   help="the job's limits, e.g. mem=256M,time=5s,cpu=2s,pids=64,output=64K "
+                        "(capped by the worker's maximum; default: the worker's defaults)")
+    p.add_argument("--runtime", choices=sorted(_sandbox.RUNTIMES), default=None,
+                   help="run -c CODE with this runtime instead of a command (default: "
+                        "none, run the command)")
+    p.add_argument("-c", "--code", default=None, metavar="CODE",
+                   help="the snippet --runtime runs (default: none)")
+    p.add_argument("--interactive", "-i", action="store_true",
+                   help="forward this stdin to the program while it runs (default: its "
+                        "stdin is empty)")
+    p.add_argument("--file", action="append", metavar="NAME=PATH",
+                   help="put local file PATH in the sandbox's /work as NAME (repeatable; default: "
+                        "none)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="an environment variable for the program (repeatable; default: only the "
+                        "sandbox's own PATH, HOME, TMPDIR, LANG)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="the job's run-time limit per attempt at the broker, in seconds "
+                        "(default: the queue's); the sandbox's own wall limit is --limit time=")
+    p.add_argument("--max-attempts", type=int, default=0, metavar="N",
+                   help="deliveries before the job is given up (default: the queue's, 3)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print the job id and the verdict on stderr (default: the verdict only "
+                        "when a limit ended the program)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                   help="the command to run (after --)")
+    common(p)
+    p.set_defaults(fn=cmd_run)
+
+
+def cmd_run(args):
+    if not args.sandbox:
+        print("kelpie run: only sandboxed runs exist: give --sandbox", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        spec = build_spec(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"kelpie run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    runner = _new_runner(args.loop)
+    with runner:
+        return runner.run(_run(args, spec))
+
+
+def _new_runner(name):
+    if name == "uvloop":
+        import uvloop
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
+
+
+class _StdinPump:
+    """Reads this process's stdin on a daemon thread (a blocking read works
+    for a TTY, a pipe and a file alike, and never holds up exit) and hands
+    each piece to the loop."""
+
+    def __init__(self, loop):
+        self.queue = asyncio.Queue()
+        self._loop = loop
+        threading.Thread(target=self._read, name="kelpie-run-stdin", daemon=True).start()
+
+    def _read(self):
+        fd = sys.stdin.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            try:
+                self._loop.call_soon_threadsafe(self.queue.put_nowait, data)
+            except RuntimeError:
+                return  # the loop is closed: we are exiting
+            if not data:
+                return
+
+
+async def _forward_stdin(job, pump):
+    try:
+        while True:
+            data = await pump.queue.get()
+            if not data:
+                await job.close_stdin(timeout=None)
+                return
+            await job.write_stdin(data, timeout=None)
+    except RpcError:
+        return  # the job ended (FailedPrecondition) or the broker went away: its end says
+
+
+async def _run(args, spec):
+    out, err = sys.stdout.buffer, sys.stderr.buffer
+    try:
+        async with Client(args.frontend) as client:
+            job = await client.submit(args.queue, json.dumps(spec).encode(),
+                                      timeout=args.timeout, max_attempts=args.max_attempts)
+            if args.verbose:
+                print(f"kelpie run: job {job.id} on queue {args.queue}", file=sys.stderr,
+                      flush=True)
+            feeder = None
+            if args.interactive:
+                feeder = asyncio.ensure_future(
+                    _forward_stdin(job, _StdinPump(asyncio.get_running_loop())))
+            try:
+                return await _follow(job, args, out, err)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                try:
+                    await asyncio.wait_for(job.cancel(), 2.0)
+                except (RpcError, asyncio.TimeoutError):
+                    pass
+                print("kelpie run: cancelled", file=sys.stderr)
+                return EXIT_CANCELLED
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
+    except RpcError as exc:
+        print(f"kelpie run: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return EXIT_NO_VERDICT
+
+
+async def _follow(job, args, out, err):
+    attempt = 0
+    try:
+        async for ev in job.events():
+            if ev.kind == "output":
+                sink = err if ev.stream == "stderr" else out
+                sink.write(ev.data)
+                sink.flush()
+            elif ev.kind == "status" and ev.message == "running":
+                if attempt and ev.attempt > attempt:
+                    print(f"kelpie run: attempt {attempt} ended ({ev.reason or 'lost'}); "
+                          f"running again as attempt {ev.attempt}: its output follows",
+                          file=sys.stderr, flush=True)
+                attempt = ev.attempt
+        result = await job.result()
+    except JobCancelled:
+        print("kelpie run: the job was cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    except JobFailed as exc:
+        print(f"kelpie run: the job failed without a verdict: {exc.message}", file=sys.stderr)
+        for a in exc.history:
+            print(f"  attempt {a.attempt}: {a.outcome}"
+                  f"{' - ' + a.message if a.message else ''}", file=sys.stderr)
+        return EXIT_NO_VERDICT
+    try:
+        verdict = json.loads(result)
+        if not isinstance(verdict, dict):
+            raise ValueError
+    except ValueError:
+        print("kelpie run: the job's result is not a verdict (is the queue served by a "
+              "sandbox-worker?)", file=sys.stderr)
+        return EXIT_NO_VERDICT
+    if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
+        print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
+    return exit_status(verdict)

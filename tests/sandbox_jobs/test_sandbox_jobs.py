@@ -1,0 +1,245 @@
+"""Sandboxed jobs end to end: a real kelpied, real ``kelpie sandbox-worker``
+processes, clients and ``kelpie run --sandbox``. Output streams while the job
+runs; an interactive job is driven with write_stdin/close_stdin; the CLI's
+exit status is the program's; limits from the CLI are in force; a hundred
+jobs at once leave nothing behind; a worker SIGKILLed mid-run leaves no
+sandbox alive and its job is redelivered and completes. Root only (per-slot
+uids and cgroups, as tests/sandbox)."""
+
+import asyncio
+import json
+import signal
+import time
+
+import pytest
+
+import kelpie
+
+from conftest import counters, kelpie_run, leaks, needs_root, run, wait_queue_workers
+
+pytestmark = needs_root
+
+
+def spec(**kw):
+    return json.dumps(kw).encode()
+
+
+async def collect(job, running=None, first_output=None):
+    """(outputs by stream, attempts seen) of a job's events until it ends."""
+    out = {"stdout": b"", "stderr": b""}
+    attempts = []
+    async for ev in job.events(timeout=40):
+        if ev.kind == "status" and ev.message == "running":
+            attempts.append(ev.attempt)
+            if running is not None:
+                running.set()
+        elif ev.kind == "output":
+            out[ev.stream] = out.get(ev.stream, b"") + ev.data
+            if first_output is not None and not first_output.done():
+                first_output.set_result(ev.data)
+    return out, attempts
+
+
+def test_exec_job_streams_output_before_it_ends(broker, workers, loop):
+    workers.start(slots=2, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c",
+                                                    "echo first; echo oops >&2; sleep 2; "
+                                                    "echo second; exit 3"]))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            assert await asyncio.wait_for(first, 15) in (b"first\n", b"oops\n")
+            info = await job.info()
+            assert info.state == "leased", "the output came while the job ran"
+            verdict = json.loads(await job.result(timeout=20))
+            return verdict, await watcher
+    verdict, (out, attempts) = run(main(), loop)
+    assert out == {"stdout": b"first\nsecond\n", "stderr": b"oops\n"}
+    assert attempts == [1]
+    # The program's own failure is a job that ran: its verdict is the result.
+    assert verdict["status"] == "nonzero_exit" and verdict["exit_code"] == 3
+    assert verdict["enforcement"]["mode"] == "uid"
+    assert verdict["stdout_bytes"] == 13 and verdict["stderr_bytes"] == 5
+
+
+def test_interactive_job_driven_with_write_and_close_stdin(broker, workers, loop):
+    workers.start(slots=1, loop=loop)
+    code = ("import sys\n"
+            "line = sys.stdin.readline()\n"
+            "print('got', line.strip(), flush=True)\n"
+            "print('rest', sys.stdin.read().strip())\n")
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(runtime="python3", code=code, interactive=True))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            await job.write_stdin(b"hello\n")
+            # The program answered the first line while its stdin is still open.
+            assert await asyncio.wait_for(first, 15) == b"got hello\n"
+            await job.write_stdin("more ")
+            await job.write_stdin(b"input")
+            await job.close_stdin()
+            verdict = json.loads(await job.result(timeout=20))
+            return verdict, await watcher
+    verdict, (out, _) = run(main(), loop)
+    assert verdict["status"] == "ok", verdict
+    assert out["stdout"] == b"got hello\nrest more input\n"
+
+
+def running(uids, text):
+    """pids of processes of ``uids`` whose command line contains ``text`` (the
+    slot's next sandbox, warm and waiting, runs as the slot's uid too)."""
+    out = []
+    for pid in leaks.processes_of(uids):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read().replace(b"\0", b" "):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_cancel_kills_the_sandbox(broker, workers, loop):
+    w = workers.start(slots=1, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c", "echo up; sleep 60.123"]))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            await asyncio.wait_for(first, 15)
+            assert running(w.uids, "sleep 60.123"), "the job runs as its slot's uid"
+            assert await job.cancel() == "cancelling"
+            with pytest.raises(kelpie.JobCancelled):
+                await job.result(timeout=15)
+            await watcher
+    t0 = time.monotonic()
+    run(main(), loop)
+    assert time.monotonic() - t0 < 20
+    deadline = time.monotonic() + 5
+    while running(w.uids, "sleep 60.123") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(w.uids, "sleep 60.123"), "a cancelled job's processes outlived it"
+
+
+def test_bad_spec_is_dead_at_once(broker, workers):
+    workers.start(slots=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            for payload in (b"not json", spec(argv=[]), spec(runtime="cobol", code="x"),
+                            spec(argv=["true"], limits={"wall": -1})):
+                job = await c.submit("exec", payload)
+                with pytest.raises(kelpie.JobFailed) as e:
+                    await job.result(timeout=15)
+                assert [a.outcome for a in e.value.history] == ["failed"], payload
+    run(main())
+
+
+EXIT_CASES = [
+    (["sh", "-c", "echo hi"], 0, "ok"),
+    (["sh", "-c", "exit 7"], 7, "nonzero_exit"),
+    (["sh", "-c", "kill -TERM $$"], 128 + signal.SIGTERM, "signaled"),
+    (["--limit", "time=1s", "--", "sleep", "30"], 124, "timeout"),
+    (["--limit", "mem=64M", "--runtime", "python3", "-c", "x = bytearray(400 << 20)"], 122,
+     "memory_limit"),
+]
+
+
+def test_kelpie_run_exit_status(broker, workers):
+    """One worker for every case (a worker's start is the slow part)."""
+    workers.start(slots=2)
+    for argv, status, verdict in EXIT_CASES:
+        args = argv if argv[0].startswith("--") else ["--", *argv]
+        code, out, err = kelpie_run(broker, "-v", *args)
+        assert code == status, (argv, err)
+        assert f"kelpie run: {verdict}".encode() in err, (argv, err)
+        if verdict == "ok":
+            assert out == b"hi\n"
+        if verdict == "memory_limit":
+            assert b"memory by cgroup" in err
+
+
+def test_kelpie_run_limits_and_interactive_stdin(broker, workers):
+    workers.start(slots=2, args=["--max-limit", "mem=300M"])
+    # -i: this process's stdin goes to the program, then its end of file.
+    code, out, err = kelpie_run(broker, "-i", "--", "python3", "-c",
+                                "import sys; print(sys.stdin.read().upper(), end='')",
+                                stdin=b"line one\nline two\n")
+    assert (code, out) == (0, b"LINE ONE\nLINE TWO\n"), err
+    # Limits from the CLI reach the sandbox, capped at the worker's maximum.
+    code, _, err = kelpie_run(broker, "-v", "--limit", "mem=1G,pids=16,time=7s", "--", "true")
+    assert code == 0, err
+    job_id = err.split(b"job ", 1)[1].split()[0].decode()
+
+    async def verdict_of():
+        async with kelpie.Client(broker.frontend) as c:
+            return json.loads(await kelpie.Job(c, job_id).result(timeout=10))
+    limits = run(verdict_of())["limits"]
+    assert limits["memory"] == 300 << 20  # 1G asked, the worker's maximum is 300M
+    assert limits["pids"] == 16 and limits["wall"] == 7.0
+
+
+def test_hundred_jobs_at_once_leave_nothing_behind(broker, workers):
+    mounts_before = leaks.mounts()
+    ws = [workers.start(slots=4, loop=lp) for lp in ("asyncio", "uvloop")]
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            jobs = await asyncio.gather(*(
+                c.submit("exec", spec(argv=["sh", "-c", f"echo job {i}"])) for i in range(100)))
+            return await asyncio.gather(*(j.result(timeout=50) for j in jobs))
+    t0 = time.monotonic()
+    results = [json.loads(r) for r in run(main(), timeout=55)]
+    elapsed = time.monotonic() - t0
+    assert [r["status"] for r in results] == ["ok"] * 100
+    assert all(r["stdout_bytes"] == len(f"job {i}\n") for i, r in enumerate(results))
+    assert counters(broker)["jobs_dead"] == 0
+    for w in ws:
+        assert w.stop(signal.SIGTERM) == 0, w.log()
+    for w in ws:
+        assert w.uids and not w.leftovers(), w.leftovers()
+    assert leaks.mounts() == mounts_before
+    print(f"100 sandboxed jobs through the broker on 2x4 slots: {elapsed:.2f} s")
+
+
+def test_sigkilled_worker_leaves_no_sandbox_and_the_job_is_redelivered(broker, workers):
+    a = workers.start(slots=1, loop="uvloop", heartbeat=0.3)
+
+    async def start():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c",
+                                                    "echo started; sleep 2; echo finished"]))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            await asyncio.wait_for(first, 15)
+            watcher.cancel()
+            return job.id
+    job_id = run(start())
+    sandboxed = leaks.processes_of(a.uids)
+    assert sandboxed, "the job's sandbox runs"
+    a.stop(signal.SIGKILL)
+    # bwrap's --die-with-parent: the whole sandbox goes with its worker.
+    deadline = time.monotonic() + 5
+    while leaks.processes_of(a.uids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not leaks.processes_of(a.uids), "a sandbox outlived its SIGKILLed worker"
+    b = workers.start(slots=1, wait=False)
+    b.wait_started()
+    # The next pool on the host sweeps what the dead one could not remove.
+    assert not leaks.pool_leftovers(a.pool_id)
+
+    async def finish():
+        async with kelpie.Client(broker.frontend) as c:
+            job = kelpie.Job(c, job_id)
+            verdict = json.loads(await job.result(timeout=30))
+            return verdict, await job.info()
+    verdict, info = run(finish())
+    assert verdict["status"] == "ok"
+    assert [h.outcome for h in info.history] == ["worker_lost", "succeeded"]
+    assert b"finished" in info.output
+    wait_queue_workers(broker, 1)
