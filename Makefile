@@ -15,7 +15,7 @@ PYTHON     := /usr/bin/python3
 # Debian 12 packages the build, the tests and the benchmarks need.
 DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev clang-format \
 	libzmq3-dev libczmq-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler \
-	libcriterion-dev libsodium-dev libsqlite3-dev sqlite3 libmicrohttpd-dev systemd libpq-dev postgresql-15 \
+	libcriterion-dev libsodium-dev libsqlite3-dev sqlite3 libmicrohttpd-dev libzstd-dev systemd libpq-dev postgresql-15 \
 	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
 	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil python3-venv pyflakes3 \
 	python3-zstandard python3-prometheus-client python3-rich bubblewrap python3-seccomp \
@@ -83,6 +83,7 @@ bench: bench-deps build
 	$(PYTHON) benchmarks/rpc/bench.py
 	$(PYTHON) benchmarks/rpc/bench_sync.py
 	BUILD=$(BUILD) $(PYTHON) benchmarks/jobs/bench.py
+	$(PYTHON) benchmarks/jobs/pg_bench.py --build $(BUILD)
 
 FORMAT_FILES = $(shell git ls-files '*.c' '*.h' 2>/dev/null)
 format:

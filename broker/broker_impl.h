@@ -312,6 +312,14 @@ void kp_jobs_destroy(struct kp_broker *b);
 /* The journal's completion fd for zmq_poll, or -1 while the store is closed. */
 int kp_jobs_fd(struct kp_broker *b);
 
+/* With --store, the socket of the connection that LISTENs for the other
+ * brokers' notifications and the zmq_poll events it waits for; -1 when
+ * there is none. Call kp_jobs_on_listen when it polls ready. */
+int kp_jobs_listen_fd(struct kp_broker *b, short *events);
+
+/* Reads the notifications waiting (or advances the connection). */
+void kp_jobs_on_listen(struct kp_broker *b);
+
 /* Handles every finished journal request: answers, dispatch, watchers. */
 void kp_jobs_on_completions(struct kp_broker *b);
 

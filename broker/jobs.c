@@ -54,8 +54,13 @@
 #define JOBS_EXPIRE_EVERY_MS  1000 /* an indexed delete of what is due; cheap */
 #define JOBS_REOPEN_MS        5000 /* retry a store that failed to open */
 #define JOBS_LOOK_MS          1000 /* look for due scheduled jobs at least this often */
-#define JOBS_MAX_QUEUES       10000
-#define JOBS_LIST_MAX         1000
+/* With a shared store, other brokers' submits, retries, freed leases and
+ * finished jobs arrive as notifications (LISTEN): the look is only a safety
+ * net then, for a notification lost with a connection. */
+#define JOBS_LOOK_SLOW_MS 5000
+#define JOBS_DUES         32 /* due times remembered per queue */
+#define JOBS_MAX_QUEUES   10000
+#define JOBS_LIST_MAX     1000
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -73,12 +78,14 @@ struct jobq {
     char *name;
     struct kp_service *svc; /* in b->queues: the workers that take its jobs */
     struct queue_settings set;
-    uint32_t running;    /* attempts leased here and not yet ended */
-    uint32_t claiming;   /* jobs asked for by claims in the journal */
-    uint32_t claims_out; /* claims in the journal (at most JOBS_CLAIMS_OUT) */
-    bool maybe_ready;    /* the store may hold ready jobs */
-    uint64_t gen;        /* bumped when jobs may have become ready */
-    uint64_t next_due;   /* wall ms of the earliest known scheduled job */
+    uint32_t running;         /* attempts leased here and not yet ended */
+    uint32_t claiming;        /* jobs asked for by claims in the journal */
+    uint32_t claims_out;      /* claims in the journal (at most JOBS_CLAIMS_OUT) */
+    bool maybe_ready;         /* the store may hold ready jobs */
+    uint64_t gen;             /* bumped when jobs may have become ready */
+    uint64_t dues[JOBS_DUES]; /* wall ms when known scheduled jobs come due, earliest first */
+    size_t ndues;
+    bool dues_lost;      /* a due time did not fit: look at every queue when they run out */
     double tokens;       /* rate limit's bucket */
     uint64_t tokens_at;  /* monotonic ms of the last refill */
     struct kp_list held; /* claimed runs waiting for a slot */
@@ -189,6 +196,7 @@ struct op {
     uint64_t claim_gen; /* the queue's gen when the claim was put */
     kp_job_id until;    /* LIST with until: ids from this one on are left out */
     bool has_until;
+    uint64_t note_mark; /* OP_WATCH: engine->ended_notes when it was put */
 };
 
 struct kp_engine {
@@ -209,8 +217,10 @@ struct kp_engine {
     uint64_t next_look, next_expire;
     struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
-    uint64_t rng;       /* backoff jitter */
-    size_t outstanding; /* requests in the journal */
+    uint64_t rng;                    /* backoff jitter */
+    size_t outstanding;              /* requests in the journal */
+    struct kp_pg_listener *listener; /* --store: what the other brokers say */
+    uint64_t ended_notes;            /* "job finished" notifications so far */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -409,7 +419,6 @@ static struct jobq *queue_get(struct kp_broker *b, const char *name)
     char err[256];
     settings_for(e->settings, name, &q->set, err, sizeof err); /* checked at start */
     q->maybe_ready = true;
-    q->next_due = UINT64_MAX;
     q->tokens = q->set.rate;
     q->tokens_at = b->now;
     kp_list_init(&q->held);
@@ -434,6 +443,45 @@ static void queue_poke(struct kp_broker *b, struct jobq *q)
     q->gen++;
     q->maybe_ready = true;
     queue_mark(b, q);
+}
+
+/* A job of q comes due at `when` (wall ms): q is looked at then. */
+static void queue_due(struct kp_broker *b, struct jobq *q, uint64_t when)
+{
+    if (q == NULL)
+        return;
+    size_t i = q->ndues;
+    if (i == JOBS_DUES) {
+        q->dues_lost = true; /* the latest is dropped (this one, or the last kept) */
+        if (when >= q->dues[JOBS_DUES - 1])
+            return;
+        i--;
+    } else {
+        q->ndues++;
+    }
+    while (i > 0 && q->dues[i - 1] > when) {
+        q->dues[i] = q->dues[i - 1];
+        i--;
+    }
+    q->dues[i] = when;
+    queue_mark(b, q);
+}
+
+/* Takes q's due times that have passed; true if there were any. */
+static bool queue_take_due(struct kp_broker *b, struct jobq *q, uint64_t wall)
+{
+    size_t n = 0;
+    while (n < q->ndues && q->dues[n] <= wall)
+        n++;
+    if (n == 0)
+        return false;
+    memmove(q->dues, q->dues + n, (q->ndues - n) * sizeof q->dues[0]);
+    q->ndues -= n;
+    if (q->ndues == 0 && q->dues_lost) {
+        q->dues_lost = false;
+        engine(b)->next_look = b->now; /* what did not fit is found by looking */
+    }
+    return true;
 }
 
 /* ---- the store and the journal ------------------------------------------ */
@@ -1016,6 +1064,8 @@ static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
     o->claim_gen = q->gen;
     o->req->in.queue = q->name;
     o->req->in.max = want;
+    /* A shared store holds them across brokers; SQLite ignores them. */
+    o->req->in.limits = (struct kp_claim_limits){q->set.rate, q->set.concurrency};
     q->claims_out++;
     q->claiming += want;
 }
@@ -1063,9 +1113,7 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
     if (q)
         q->submitted++;
     if (q && o->job.run_at > kp_store_now()) {
-        if (o->job.run_at < q->next_due)
-            q->next_due = o->job.run_at;
-        queue_mark(b, q);
+        queue_due(b, q, o->job.run_at);
     } else {
         queue_poke(b, q);
     }
@@ -1097,6 +1145,15 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         q->tokens += (double)(asked - n); /* not used */
     if (n < asked && o->claim_gen == q->gen)
         q->maybe_ready = false;
+    if (r->out.wait_ms) {
+        /* The rate shared by every broker cut it short: look again when
+         * the next token is due. A concurrency limit waits instead for a
+         * lease to be freed (here, or a notification from another broker). */
+        b->stats.jobs_limited_global++;
+        queue_due(b, q, kp_store_now() + r->out.wait_ms);
+    } else if (n < asked && q->set.concurrency && engine(b)->store_url) {
+        b->stats.jobs_limited_global++;
+    }
     for (size_t i = 0; i < n; i++) {
         struct kp_job *job = &r->out.jobs.v[i];
         struct run *run = kp_calloc(1, sizeof *run);
@@ -1194,13 +1251,10 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
         break;
     }
     struct jobq *q = o->q ? o->q : NULL;
-    if (st == KP_JOB_QUEUED)
-        queue_poke(b, q);
-    else if (st == KP_JOB_SCHEDULED && q) {
-        if (o->retry_at < q->next_due)
-            q->next_due = o->retry_at;
-        queue_mark(b, q);
-    }
+    if (st == KP_JOB_QUEUED || (q && q->set.concurrency && e->store_url))
+        queue_poke(b, q); /* a job, or a lease under the shared limit, is free */
+    if (st == KP_JOB_SCHEDULED && q)
+        queue_due(b, q, o->retry_at);
     struct watch *w = zhashx_lookup(e->watches, o->id.s);
     if (st == KP_JOB_SUCCEEDED && w && w->run && w->run->call) {
         /* A late success finished the job while another attempt runs. */
@@ -1308,6 +1362,14 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
     }
     if (wr->stream)
         watcher_replay(b, wr);
+    /* A job finished elsewhere while this read was out may have been
+     * announced before the read's snapshot saw it: read once more. */
+    if (engine(b)->ended_notes != o->note_mark && !w->run && !w->polling) {
+        struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+        g->id = w->id;
+        g->req->in.id = w->id;
+        w->polling = op_put(b, g);
+    }
 }
 
 static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq_msg_t *more,
@@ -1625,6 +1687,7 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
     o->request_id = h->request_id;
     o->watcher = wr;
     o->id = id;
+    o->note_mark = e->ended_notes;
     o->req->in.id = id;
     if (!op_put(b, o)) {
         zhashx_delete(e->watchers, wr->key);
@@ -2207,15 +2270,95 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
     kp_broker_orphan(b, c);
 }
 
+/* What another broker on the shared store announced (store.h,
+ * kp_pg_listener): jobs ready or due in a queue this broker may serve, or a
+ * job finished that this broker's clients watch. */
+static void jobs_note(void *arg, const char *text)
+{
+    struct kp_broker *b = arg;
+    struct kp_engine *e = engine(b);
+    char kind = text[0];
+    char *rest = NULL;
+    if (kind == '\0' || text[1] != ' ')
+        return;
+    unsigned long long from = strtoull(text + 2, &rest, 16);
+    if (rest == NULL || *rest != ' ')
+        return;
+    rest++;
+    bool own = from == b->broker_id;
+    if (!own)
+        b->stats.jobs_notes++;
+    if (kind == 'e') {
+        e->ended_notes++;
+        kp_job_id id;
+        struct watch *w = kp_job_id_parse(rest, &id) ? zhashx_lookup(e->watches, id.s) : NULL;
+        if (w == NULL || w->run || w->polling || kp_list_empty(&w->watchers))
+            return;
+        struct op *g = op_new(OP_POLL, KP_JOURNAL_GET);
+        g->id = w->id;
+        g->req->in.id = w->id;
+        w->polling = op_put(b, g);
+        return;
+    }
+    if (own)
+        return; /* this broker's own submits and retries poke their queues */
+    if (kind == 'r') {
+        struct jobq *q = queue_find(b, rest);
+        if (q && q->svc->nworkers > 0)
+            queue_poke(b, q);
+    } else if (kind == 'd') {
+        unsigned long long due = strtoull(rest, &rest, 10);
+        struct jobq *q = rest && *rest == ' ' ? queue_find(b, rest + 1) : NULL;
+        if (q && q->svc->nworkers > 0)
+            queue_due(b, q, due);
+    }
+}
+
+int kp_jobs_listen_fd(struct kp_broker *b, short *events)
+{
+    struct kp_engine *e = engine(b);
+    *events = 0;
+    return e && e->listener ? kp_pg_listener_fd(e->listener, events) : -1;
+}
+
+void kp_jobs_on_listen(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    if (e == NULL || e->listener == NULL)
+        return;
+    if (kp_pg_listener_step(e->listener, b->now, JOBS_REOPEN_MS / 5, jobs_note, b)) {
+        /* Listening (again): what was announced before is not heard, so
+         * look at every queue and watched job once. */
+        kp_log_info("job store: listening for the other brokers' notifications");
+        e->next_look = b->now;
+    }
+}
+
 void kp_jobs_tick(struct kp_broker *b)
 {
     struct kp_engine *e = engine(b);
     if (e == NULL)
         return;
+    if (e->listener && !kp_pg_listener_listening(e->listener))
+        kp_jobs_on_listen(b); /* connecting or waiting to: a lost one goes back to this */
+    /* Queues whose known scheduled jobs came due (kp_jobs_next_wake woke
+     * the loop for the earliest). */
+    uint64_t wall = 0;
+    void *qit;
+    for (qit = zhashx_first(e->queues); qit; qit = zhashx_next(e->queues)) {
+        struct jobq *q = qit;
+        if (q->ndues && !q->pending) {
+            if (wall == 0)
+                wall = kp_store_now();
+            if (q->dues[0] <= wall)
+                queue_mark(b, q);
+        }
+    }
     if (e->journal && b->now >= e->next_look) {
         /* Scheduled jobs nobody told us about (from before a restart, or
          * retries of other brokers) are found by looking now and then. */
-        e->next_look = b->now + JOBS_LOOK_MS;
+        e->next_look =
+            b->now + (kp_pg_listener_listening(e->listener) ? JOBS_LOOK_SLOW_MS : JOBS_LOOK_MS);
         void *it;
         for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
             struct jobq *q = it;
@@ -2237,6 +2380,9 @@ void kp_jobs_tick(struct kp_broker *b)
     if (e->journal && e->store_url && b->now >= e->next_beat) {
         /* This broker's leases live on this heartbeat in the shared store. */
         e->next_beat = b->now + b->heartbeat_ms;
+        /* Twice: on the loop's own connection, which nothing queues behind,
+         * and through the journal, which also reclaims silent brokers' jobs. */
+        kp_pg_listener_beat(e->listener, b->broker_id, kp_store_now());
         op_put(b, op_new(OP_BEAT, KP_JOURNAL_HEARTBEAT));
     } else if (e->store_url && !e->journal) {
         jobs_store(b); /* the shared store was unreachable: try again */
@@ -2270,11 +2416,10 @@ void kp_jobs_pump(struct kp_broker *b)
         struct jobq *q = kp_container_of(e->pending.next, struct jobq, pending_link);
         kp_list_remove(&q->pending_link);
         q->pending = false;
-        if (q->next_due != UINT64_MAX) {
+        if (q->ndues) {
             if (wall == 0)
                 wall = kp_store_now();
-            if (wall >= q->next_due) {
-                q->next_due = UINT64_MAX;
+            if (queue_take_due(b, q, wall)) {
                 q->maybe_ready = true;
                 q->gen++;
             }
@@ -2296,8 +2441,8 @@ uint64_t kp_jobs_next_wake(struct kp_broker *b)
     void *it;
     for (it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
         struct jobq *q = it;
-        if (q->next_due != UINT64_MAX) {
-            uint64_t t = q->next_due > wall ? b->now + (q->next_due - wall) : b->now;
+        if (q->ndues) {
+            uint64_t t = q->dues[0] > wall ? b->now + (q->dues[0] - wall) : b->now;
             if (t < next)
                 next = t;
         }
@@ -2411,6 +2556,8 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     struct kp_engine *e = kp_calloc(1, sizeof *e);
     e->data_dir = kp_strdup(data_dir);
     e->store_url = store && *store ? kp_strdup(store) : NULL;
+    if (e->store_url)
+        e->listener = kp_pg_listener_new(e->store_url);
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     e->defaults = (struct queue_settings){
@@ -2487,6 +2634,7 @@ void kp_jobs_destroy(struct kp_broker *b)
         }
     }
     kp_journal_destroy(&e->journal);
+    kp_pg_listener_destroy(&e->listener);
     /* Runs on calls: the calls themselves go with the call table. */
     size_t pos = 0;
     struct kp_call *c;

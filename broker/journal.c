@@ -74,6 +74,7 @@ static void journal_clear_out(struct kp_journal_req *r)
     kp_jobs_clear(&r->out.jobs);
     kp_queue_counts_clear(&r->out.counts);
     r->out.count = r->out.count2 = 0;
+    r->out.wait_ms = 0;
 }
 
 void kp_journal_req_destroy(struct kp_journal_req **req)
@@ -106,11 +107,13 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
         /* A claim may ride on a SUBMIT (same transaction, one fsync). Its
          * failure leases nothing and does not fail the SUBMIT. */
         if (err == KP_OK && r->in.queue && r->in.max > 0 &&
-            kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs) != KP_OK)
+            kp_store_claim_limited(s, r->in.queue, r->in.max, r->in.owner, now, &r->in.limits,
+                                   &r->out.jobs, &r->out.wait_ms) != KP_OK)
             kp_jobs_clear(&r->out.jobs);
         break;
     case KP_JOURNAL_CLAIM:
-        err = kp_store_claim(s, r->in.queue, r->in.max, r->in.owner, now, &r->out.jobs);
+        err = kp_store_claim_limited(s, r->in.queue, r->in.max, r->in.owner, now, &r->in.limits,
+                                     &r->out.jobs, &r->out.wait_ms);
         break;
     case KP_JOURNAL_END:
         err = kp_store_end(s, &r->in.id, r->in.attempt, &r->in.end, now, &r->out.state);
@@ -184,6 +187,42 @@ static bool journal_run_batch(struct kp_journal *j, struct kp_journal_req *batch
     return false;
 }
 
+/* Runs a batch; heartbeats (shared stores) first, in a transaction of their
+ * own, so a broker's lease is renewed on time however long the group it
+ * arrived with takes to run. The batch keeps its put order. Returns false if
+ * a commit failed. */
+static bool journal_run_split(struct kp_journal *j, struct journal_list *batch, size_t n,
+                              uint64_t *commit)
+{
+    struct kp_journal_req *beats = NULL, **beat_tail = &beats, *rest = NULL, **rest_tail = &rest;
+    struct kp_journal_req **order = kp_malloc(n * sizeof *order);
+    size_t k = 0, nbeats = 0;
+    for (struct kp_journal_req *r = batch->head; r; r = r->next)
+        order[k++] = r;
+    for (size_t i = 0; i < k; i++) {
+        struct kp_journal_req *r = order[i];
+        r->next = NULL;
+        if (r->op == KP_JOURNAL_HEARTBEAT) {
+            *beat_tail = r;
+            beat_tail = &r->next;
+            nbeats++;
+        } else {
+            *rest_tail = r;
+            rest_tail = &r->next;
+        }
+    }
+    bool ok = true;
+    if (beats && nbeats < k)
+        ok = journal_run_batch(j, beats, ++*commit);
+    ok = journal_run_batch(j, nbeats < k ? rest : beats, ++*commit) && ok;
+    for (size_t i = 0; i < k; i++)
+        order[i]->next = i + 1 < k ? order[i + 1] : NULL;
+    batch->head = order[0];
+    batch->tail = order[k - 1];
+    kp_free(order);
+    return ok;
+}
+
 static void *journal_main(void *arg)
 {
     struct kp_journal *j = arg;
@@ -209,7 +248,7 @@ static void *journal_main(void *arg)
             j->inbound.tail = NULL;
         pthread_mutex_unlock(&j->mu);
 
-        bool ok = journal_run_batch(j, batch.head, ++commit);
+        bool ok = journal_run_split(j, &batch, n, &commit);
 
         pthread_mutex_lock(&j->mu);
         j->stats.requests += n;

@@ -64,7 +64,8 @@ struct kp_journal_req {
         const char *queue; /* CLAIM (required), DLQ_*, COUNT (NULL for all queues): borrowed */
         size_t max;        /* CLAIM: most jobs to lease */
         uint64_t owner;    /* CLAIM: the broker's id */
-        kp_job_id id;      /* END, CANCEL, GET; DLQ_* when has_id */
+        struct kp_claim_limits limits; /* CLAIM: the queue's global limits (shared stores) */
+        kp_job_id id;                  /* END, CANCEL, GET; DLQ_* when has_id */
         bool has_id;
         uint32_t attempt;            /* END */
         struct kp_job_end end;       /* END: its pointers borrowed */
@@ -78,7 +79,8 @@ struct kp_journal_req {
         struct kp_queue_counts counts; /* COUNT */
         enum kp_job_state state;       /* END */
         size_t count, count2;          /* DLQ_*, EXPIRE */
-        uint64_t commit;               /* number of the transaction that carried it */
+        uint64_t wait_ms; /* CLAIM: the global rate cut it short; one more start then */
+        uint64_t commit;  /* number of the transaction that carried it */
     } out;
     struct kp_journal_req *next; /* the journal's queue link */
 };

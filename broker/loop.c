@@ -3,8 +3,9 @@
  *   poll        zmq_poll over frontend, backend, intake and the wake pipe,
  *               with a timeout from the next deadline or sweep
  *   signals     stop requests from the wake pipe (drain, then force)
- *   read        up to KP_READ_BUDGET messages from each socket in turn, so a
- *               flood on one socket cannot starve the others
+ *   read        up to KP_READ_BUDGET messages from each socket the poll
+ *               found readable, in turn, so a flood on one socket cannot
+ *               starve the others
  *   jobs        the job store's finished requests (journal.h): ACCEPTED,
  *               claimed jobs to dispatch, ACKs, watchers' events
  *   expire      call deadlines and job time limits that came due (timer heap)
@@ -239,16 +240,25 @@ enum kp_err kp_broker_run(struct kp_broker *b)
     /* The ZAP handler and the handshake monitors (auth.h): a handshake
      * waits for ZAP's answer, so they are served first each iteration. */
     size_t nauth = kp_auth_poll_count(b->auth);
-    for (size_t i = 0; i < nauth && LOOP_FIXED + i + 1 < LOOP_MAX_ITEMS; i++)
+    for (size_t i = 0; i < nauth && LOOP_FIXED + i + 2 < LOOP_MAX_ITEMS; i++)
         items[LOOP_FIXED + i] = (zmq_pollitem_t){kp_auth_poll_socket(b->auth, i), 0, ZMQ_POLLIN, 0};
     int nitems = LOOP_FIXED + (int)nauth;
     items[nitems] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
+    items[nitems + 1] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
     b->now = (uint64_t)zclock_mono();
     while (b->state != KP_BROKER_STOPPED) {
         /* The journal's completions, once the job store is open: last,
          * so that the auth items keep their places. */
         items[nitems].fd = kp_jobs_fd(b);
         int npoll = items[nitems].fd >= 0 ? nitems + 1 : nitems;
+        /* The shared store's notifications, after the journal's item. */
+        short listen_events = 0;
+        int listen_fd = kp_jobs_listen_fd(b, &listen_events);
+        int listen_at = -1;
+        if (listen_fd >= 0) {
+            listen_at = npoll++;
+            items[listen_at] = (zmq_pollitem_t){NULL, listen_fd, listen_events, 0};
+        }
         if (zmq_poll(items, npoll, loop_poll_timeout(b)) < 0 && errno != EINTR) {
             kp_log_error("zmq_poll: %s", zmq_strerror(errno));
             return KP_ESYS;
@@ -260,9 +270,20 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         }
         if (items[3].revents & ZMQ_POLLIN)
             loop_on_stop_requests(b);
-        loop_read(b, b->backend, kp_backend_on_message);
-        loop_read(b, b->frontend, kp_frontend_on_message);
-        loop_read(b, b->intake, kp_intake_on_message);
+        /* Only the sockets zmq_poll found readable: each read that finds
+         * nothing still costs libzmq a poll() and a getpid() on the socket's
+         * mailbox (two syscalls per socket per wake-up, a third of the
+         * broker's syscalls at one call in flight). zmq_poll checks
+         * ZMQ_EVENTS itself, so a message left behind by the read budget
+         * (or arriving meanwhile) makes the next poll return at once. */
+        if (items[1].revents & ZMQ_POLLIN)
+            loop_read(b, b->backend, kp_backend_on_message);
+        if (items[0].revents & ZMQ_POLLIN)
+            loop_read(b, b->frontend, kp_frontend_on_message);
+        if (items[2].revents & ZMQ_POLLIN)
+            loop_read(b, b->intake, kp_intake_on_message);
+        if (listen_at >= 0 && items[listen_at].revents)
+            kp_jobs_on_listen(b);
         kp_jobs_on_completions(b);
         loop_expire(b);
         loop_end_grace(b);

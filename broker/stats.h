@@ -92,6 +92,8 @@
     XX(jobs_results_stale)    /* resent or stale RESULT/NACKs (ACKed, nothing changed) */          \
     XX(jobs_rate_limited)     /* claims held back by a queue's rate limit */                       \
     XX(jobs_recovered)        /* jobs found leased when the store opened */                        \
+    XX(jobs_notes)            /* notifications from brokers sharing the store (LISTEN) */          \
+    XX(jobs_limited_global)   /* claims cut short by a queue's limit shared across brokers */      \
     XX(jobs_store_errors)     /* store requests that failed or could not be made */                \
     XX(job_events)            /* PROGRESS/OUTPUT/notices recorded for watchers */                  \
     XX(job_events_dropped)    /* old events dropped from a job's bounded buffer */                 \

@@ -223,6 +223,18 @@ enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, ui
     return s->ops->claim(s, queue, max, owner, now, out);
 }
 
+enum kp_err kp_store_claim_limited(struct kp_store *s, const char *queue, size_t max,
+                                   uint64_t owner, uint64_t now, const struct kp_claim_limits *lim,
+                                   struct kp_jobs *out, uint64_t *wait_ms)
+{
+    *wait_ms = 0;
+    if (max == 0)
+        return KP_OK;
+    if (!s->ops->claim_limited || !lim || (lim->rate == 0 && lim->concurrency == 0))
+        return s->ops->claim(s, queue, max, owner, now, out);
+    return s->ops->claim_limited(s, queue, max, owner, now, lim, out, wait_ms);
+}
+
 enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
 {

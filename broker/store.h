@@ -151,6 +151,12 @@ struct kp_job_end {
     size_t output_len;
 };
 
+/* A queue's limits that hold across every broker sharing the store. */
+struct kp_claim_limits {
+    uint32_t rate;        /* starts per second, 0 = none; a burst of one second's worth */
+    uint32_t concurrency; /* leased at once, 0 = none */
+};
+
 /* Listing: jobs in id (creation) order, after a cursor. */
 struct kp_job_filter {
     int state;              /* an enum kp_job_state, or -1 for any */
@@ -198,6 +204,10 @@ struct kp_store_ops {
     enum kp_err (*recover)(struct kp_store *s, uint64_t now, size_t *n);
     enum kp_err (*heartbeat)(struct kp_store *s, uint64_t now, size_t *n); /* NULL: one broker */
     enum kp_err (*next_run_at)(struct kp_store *s, uint64_t *when);
+    /* NULL: limits are the engine's alone (one broker). */
+    enum kp_err (*claim_limited)(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
+                                 uint64_t now, const struct kp_claim_limits *lim,
+                                 struct kp_jobs *out, uint64_t *wait_ms);
     void (*close)(struct kp_store *s);
 };
 
@@ -240,6 +250,42 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
                              uint64_t hold_ms, struct kp_store **out, size_t *recovered,
                              char *errmsg);
 
+/* A connection that LISTENs for what other brokers sharing a PostgreSQL
+ * store tell each other, owned by the loop thread and never blocking it
+ * (libpq's non-blocking connect and reads). The store's writes NOTIFY, in
+ * their transaction (so only once committed), one text per event:
+ *   "r <broker-hex> <queue>"          jobs of queue became ready
+ *   "d <broker-hex> <run_at> <queue>" a job of queue comes due at run_at (ms)
+ *   "e <broker-hex> <job id>"         a job finished (succeeded, dead, cancelled)
+ * where broker is the id of the broker whose transaction sent it. */
+struct kp_pg_listener;
+
+/* A listener for conninfo (not connected yet: kp_pg_listener_step does). */
+struct kp_pg_listener *kp_pg_listener_new(const char *conninfo);
+
+/* Closes the connection and frees; idempotent, nulls *l. */
+void kp_pg_listener_destroy(struct kp_pg_listener **l);
+
+/* The socket to poll (-1 while there is none) and the events to poll it
+ * for (POLLIN/POLLOUT bits as zmq_poll's ZMQ_POLLIN/ZMQ_POLLOUT). */
+int kp_pg_listener_fd(const struct kp_pg_listener *l, short *events);
+
+/* Advances the connection (connect, LISTEN, reconnect at most every
+ * retry_ms after a loss, monotonic `now`) and hands each notification's
+ * text to note(). Returns true when it has just started listening: anything
+ * sent while it was not is lost, so the caller looks at everything once. */
+bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms,
+                         void (*note)(void *arg, const char *text), void *arg);
+
+/* Renews this broker's heartbeat row at `now` (wall ms) over the listener's
+ * connection, without waiting: leases then follow the liveness of the loop
+ * thread, not how long the journal's current group takes. Does nothing
+ * while not listening or while the last beat is unanswered. */
+void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now);
+
+/* True while LISTENing (notifications arrive). */
+bool kp_pg_listener_listening(const struct kp_pg_listener *l);
+
 /* Closes the store (idempotent, nulls *s). Nothing uncommitted survives. */
 void kp_store_destroy(struct kp_store **s);
 
@@ -281,6 +327,17 @@ enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, s
  * Shaped for a PostgreSQL "FOR UPDATE SKIP LOCKED LIMIT max" batch. */
 enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
                            uint64_t now, struct kp_jobs *out);
+
+/* claim() within limits shared by every broker on the store: a shared store
+ * (PostgreSQL) leases no more than the queue's global token bucket (`rate`
+ * per second, refilled on the database server's clock) and its concurrency
+ * (jobs of the queue LEASED by any broker) allow; claims of a limited queue
+ * take turns on the queue's limits row. *wait_ms is how long until the rate
+ * allows one more start when the rate cut the claim short, else 0. A store of
+ * one broker (memory, SQLite) ignores lim: the engine enforces limits itself. */
+enum kp_err kp_store_claim_limited(struct kp_store *s, const char *queue, size_t max,
+                                   uint64_t owner, uint64_t now, const struct kp_claim_limits *lim,
+                                   struct kp_jobs *out, uint64_t *wait_ms);
 
 /* Ends attempt `attempt` of a LEASED job, recording outcome, message and
  * time. Then: succeeded → SUCCEEDED with the result, kept result_ttl_ms;

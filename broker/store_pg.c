@@ -37,7 +37,13 @@
 #include "alloc.h"
 #include "store.h"
 
-#define PG_SCHEMA_VERSION 1
+#define PG_SCHEMA_VERSION 2
+/* The channel every broker LISTENs on (store.h, kp_pg_listener). */
+#define PG_CHANNEL "kelpie"
+/* pg_notify refuses payloads of 8000 bytes or more. */
+#define PG_NOTE_MAX     7900
+#define PG_LIMITED_MAX  256
+#define PG_PREPARED_MAX 64 /* distinct statements run through pg_run (all literals) */
 /* Any constant: serialises schema creation between brokers starting at once. */
 #define PG_SCHEMA_LOCK 0x4b656c706965ll
 
@@ -47,7 +53,7 @@ _Static_assert(KP_JOB_SCHEDULED == 0 && KP_JOB_QUEUED == 1 && KP_JOB_LEASED == 2
 
 static const char pg_schema[] =
     "CREATE TABLE kelpie_meta(version integer NOT NULL);"
-    "INSERT INTO kelpie_meta VALUES (1);"
+    "INSERT INTO kelpie_meta VALUES (2);"
     "CREATE TABLE brokers("
     " id bigint PRIMARY KEY,"
     " heartbeat_at bigint NOT NULL," /* ms since epoch, the broker's clock */
@@ -92,7 +98,22 @@ static const char pg_schema[] =
     " job_id text NOT NULL,"
     " expires_at bigint NOT NULL,"
     " PRIMARY KEY(queue, key));"
-    "CREATE INDEX idem_expiry ON idem(expires_at);";
+    "CREATE INDEX idem_expiry ON idem(expires_at);"
+    /* version 2 */
+    "CREATE TABLE queue_limits("
+    " queue text PRIMARY KEY,"
+    " tokens double precision NOT NULL," /* the global rate's bucket */
+    " at bigint NOT NULL);"              /* its last refill, ms on the server's clock */
+    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;";
+
+/* From version 1 (no global limits) to 2: additive, nothing rewritten. */
+static const char pg_migrate_1_2[] =
+    "CREATE TABLE queue_limits("
+    " queue text PRIMARY KEY,"
+    " tokens double precision NOT NULL,"
+    " at bigint NOT NULL);"
+    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
+    "UPDATE kelpie_meta SET version = 2;";
 
 #define PG_JOB_COLS                                                                                \
     "seq, id, queue, idem_key, state, priority, attempts, max_attempts, created_at, updated_at, "  \
@@ -123,11 +144,31 @@ enum {
 struct pg_store {
     struct kp_store base;
     PGconn *conn;
-    char *where;       /* host/db for messages, never the password */
-    uint64_t broker;   /* this broker's id: its heartbeat row */
-    uint64_t lease_ms; /* a broker without a heartbeat for this long is dead */
+    char *where;           /* host/db for messages, never the password */
+    uint64_t broker;       /* this broker's id: its heartbeat row */
+    uint64_t lease_ms;     /* a broker without a heartbeat for this long is dead */
+    uint64_t last_beat;    /* when this broker's last heartbeat went through */
+    uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
     bool in_txn;
+    /* The savepoint of the last operation that succeeded in the group is
+     * still open: released in the same round trip as the next one's is
+     * taken (or by COMMIT), one round trip per operation fewer. */
+    bool sp_open;
     enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
+    /* Notifications of the open transaction, sent with its COMMIT: a
+     * "SELECT pg_notify(...), ..." prefix, and its length when the running
+     * operation began (an operation undone takes its own back). */
+    char *notes;
+    size_t notes_len, notes_cap, notes_mark;
+    /* Queues claimed with a concurrency limit: ending one of their jobs
+     * frees a lease, which other brokers waiting on the limit are told. */
+    char *limited[PG_LIMITED_MAX];
+    size_t nlimited;
+    /* Statements prepared on this connection, by the address of their
+     * text (every statement pg_run runs is a string literal): parsed and
+     * planned once per connection instead of at every call. */
+    const char *prepared[PG_PREPARED_MAX];
+    size_t nprepared;
 };
 
 /* Statement parameters: text for numbers and strings, binary for bytea. */
@@ -196,11 +237,37 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
 
 /* Runs a statement; *out gets the result when it returns rows (the caller
  * PQclear()s it), otherwise it is cleared here. */
+/* The name sql is prepared under on this connection, preparing it first;
+ * NULL when the table is full or preparing failed (then it runs unprepared). */
+static const char *pg_prepared(struct pg_store *q, const char *sql, int nparams, char *name,
+                               size_t cap)
+{
+    size_t i = 0;
+    while (i < q->nprepared && q->prepared[i] != sql)
+        i++;
+    snprintf(name, cap, "k%zu", i);
+    if (i < q->nprepared)
+        return name;
+    if (i == PG_PREPARED_MAX)
+        return NULL;
+    PGresult *r = PQprepare(q->conn, name, sql, nparams, NULL);
+    bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    PQclear(r);
+    if (!ok)
+        return NULL; /* in a transaction this aborted it: the run below fails too */
+    q->prepared[q->nprepared++] = sql;
+    return name;
+}
+
 static enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_args *a,
                           const char *what, PGresult **out)
 {
-    PGresult *r = PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL, a ? a->len : NULL,
-                               a ? a->fmt : NULL, 0);
+    char name[16];
+    const char *stmt = pg_prepared(q, sql, a ? a->n : 0, name, sizeof name);
+    PGresult *r = stmt ? PQexecPrepared(q->conn, stmt, a ? a->n : 0, a ? a->v : NULL,
+                                        a ? a->len : NULL, a ? a->fmt : NULL, 0)
+                       : PQexecParams(q->conn, sql, a ? a->n : 0, NULL, a ? a->v : NULL,
+                                      a ? a->len : NULL, a ? a->fmt : NULL, 0);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         enum kp_err err = pg_fail(q, r, what);
@@ -264,6 +331,67 @@ static void row_job(PGresult *r, int i, struct kp_job *j)
     j->backoff_ms = (uint64_t)col_i64(r, i, C_BACKOFF);
 }
 
+/* ---- notifications ---------------------------------------------------------- */
+
+/* Adds one notification (store.h's texts) to the open transaction. They are
+ * hints to the other brokers, never needed for correctness (each broker also
+ * looks now and then), so one that cannot be sent is dropped. */
+static void pg_note(struct pg_store *q, char kind, const char *arg, const char *rest)
+{
+    char text[PG_NOTE_MAX + 1];
+    int n = snprintf(text, sizeof text, "%c %llx %s%s%s", kind, (unsigned long long)q->broker,
+                     arg ? arg : "", arg && rest ? " " : "", rest ? rest : "");
+    if (n < 0 || n >= (int)sizeof text)
+        return;
+    char *lit = PQescapeLiteral(q->conn, text, (size_t)n);
+    if (!lit)
+        return;
+    size_t need = strlen(lit) + 32;
+    if (q->notes_len + need + 1 > q->notes_cap) {
+        q->notes_cap = (q->notes_len + need + 1) * 2;
+        q->notes = kp_realloc(q->notes, q->notes_cap);
+    }
+    q->notes_len +=
+        (size_t)snprintf(q->notes + q->notes_len, q->notes_cap - q->notes_len,
+                         "%spg_notify('" PG_CHANNEL "', %s)", q->notes_len ? ", " : "SELECT ", lit);
+    PQfreemem(lit);
+}
+
+static bool pg_is_limited(const struct pg_store *q, const char *queue)
+{
+    for (size_t i = 0; i < q->nlimited; i++)
+        if (strcmp(q->limited[i], queue) == 0)
+            return true;
+    return false;
+}
+
+/* What the others are told when a job of `queue` moves to `next`: ready,
+ * due at run_at, or finished; and when a lease of a queue with a global
+ * concurrency limit is freed, that it has room again. */
+static void pg_note_move(struct pg_store *q, const char *queue, const char *id,
+                         enum kp_job_state next, uint64_t run_at, bool freed_lease)
+{
+    char when[24];
+    switch (next) {
+    case KP_JOB_QUEUED:
+        pg_note(q, 'r', queue, NULL);
+        return;
+    case KP_JOB_SCHEDULED:
+        snprintf(when, sizeof when, "%llu", (unsigned long long)run_at);
+        pg_note(q, 'd', when, queue);
+        break;
+    case KP_JOB_SUCCEEDED:
+    case KP_JOB_DEAD:
+    case KP_JOB_CANCELLED:
+        pg_note(q, 'e', id, NULL);
+        break;
+    default:
+        return;
+    }
+    if (freed_lease && pg_is_limited(q, queue))
+        pg_note(q, 'r', queue, NULL);
+}
+
 /* ---- connection and per-operation transactions ---------------------------- */
 
 static enum kp_err pg_session(struct pg_store *q)
@@ -279,6 +407,7 @@ static enum kp_err pg_alive(struct pg_store *q)
     if (PQstatus(q->conn) == CONNECTION_OK)
         return KP_OK;
     PQreset(q->conn);
+    q->nprepared = 0; /* a new session: nothing is prepared in it */
     if (PQstatus(q->conn) != CONNECTION_OK)
         return pg_fail(q, NULL, "reconnect");
     return pg_session(q);
@@ -299,13 +428,59 @@ static enum kp_err pg_start(struct pg_store *q)
 
 static enum kp_err pg_op_begin(struct pg_store *q)
 {
+    q->notes_mark = q->notes_len;
     if (q->in_txn) {
         if (q->txn_err)
             return kp_store_fail(&q->base, q->txn_err,
                                  "postgresql %s: the transaction was already lost", q->where);
-        return pg_exec(q, "SAVEPOINT op", "SAVEPOINT");
+        enum kp_err err = pg_exec(
+            q, q->sp_open ? "RELEASE SAVEPOINT op; SAVEPOINT op" : "SAVEPOINT op", "SAVEPOINT");
+        /* Failed: which savepoint is open is unknown, so nothing in the
+         * group can be trusted any more. */
+        if (err != KP_OK)
+            q->txn_err = err;
+        q->sp_open = err == KP_OK;
+        return err;
     }
     return pg_start(q);
+}
+
+/* COMMITs the open transaction with its notifications in the same round
+ * trip. A COMMIT that fails (or whose answer is lost with the connection)
+ * reports failure. PostgreSQL answers COMMIT of an aborted transaction with
+ * a successful ROLLBACK, so the tag is checked too: an undone transaction
+ * never reads as committed. */
+static enum kp_err pg_finish(struct pg_store *q)
+{
+    enum kp_err err = KP_OK;
+    PGresult *r;
+    if (q->notes_len) {
+        size_t need = q->notes_len + 16;
+        if (need > q->notes_cap) {
+            q->notes_cap = need;
+            q->notes = kp_realloc(q->notes, q->notes_cap);
+        }
+        memcpy(q->notes + q->notes_len, "; COMMIT", sizeof "; COMMIT");
+        r = PQexec(q->conn, q->notes);
+    } else {
+        r = PQexec(q->conn, "COMMIT");
+    }
+    q->notes_len = q->notes_mark = 0;
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        err = pg_fail(q, r, "COMMIT");
+    } else if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
+        err = kp_store_fail(&q->base, KP_ESTOREIO,
+                            "postgresql %s: COMMIT: the transaction was rolled back (%s)", q->where,
+                            PQcmdStatus(r));
+    }
+    PQclear(r);
+    /* A statement before COMMIT failed: the transaction is still open. */
+    if (err != KP_OK && PQstatus(q->conn) == CONNECTION_OK &&
+        PQtransactionStatus(q->conn) != PQTRANS_IDLE) {
+        PGresult *rb = PQexec(q->conn, "ROLLBACK");
+        PQclear(rb);
+    }
+    return err;
 }
 
 /* Ends an operation: keeps it (committing it when no group is open) or
@@ -313,19 +488,18 @@ static enum kp_err pg_op_begin(struct pg_store *q)
 static enum kp_err pg_op_end(struct pg_store *q, enum kp_err err)
 {
     if (err == KP_OK) {
-        err = pg_exec(q, q->in_txn ? "RELEASE SAVEPOINT op" : "COMMIT",
-                      q->in_txn ? "RELEASE" : "COMMIT");
-        if (err == KP_OK)
-            return KP_OK;
-        if (!q->in_txn)
-            return err;
+        if (q->in_txn)
+            return KP_OK; /* its savepoint goes with the next operation's */
+        return pg_finish(q);
     }
+    q->notes_len = q->notes_mark; /* undone: its notifications too */
     char keep[KP_STORE_ERRMSG_MAX];
     memcpy(keep, q->base.errmsg, sizeof keep);
     if (q->in_txn) {
         if (!q->txn_err &&
             pg_exec(q, "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op", "ROLLBACK TO") != KP_OK)
             q->txn_err = err;
+        q->sp_open = false;
     } else if (PQstatus(q->conn) == CONNECTION_OK) {
         pg_exec(q, "ROLLBACK", "ROLLBACK");
     }
@@ -351,7 +525,9 @@ static enum kp_err pg_begin(struct kp_store *s)
     enum kp_err err = pg_start(q);
     if (err == KP_OK) {
         q->in_txn = true;
+        q->sp_open = false;
         q->txn_err = KP_OK;
+        q->notes_len = q->notes_mark = 0;
     }
     return err;
 }
@@ -363,24 +539,13 @@ static enum kp_err pg_commit(struct kp_store *s)
     q->in_txn = false;
     q->txn_err = KP_OK;
     if (err != KP_OK) {
+        q->notes_len = q->notes_mark = 0;
         if (PQstatus(q->conn) == CONNECTION_OK)
             pg_exec(q, "ROLLBACK", "ROLLBACK");
         return err;
     }
-    /* A COMMIT that fails (or whose answer is lost with the connection)
-     * reports failure: the journal then fails the whole group. PostgreSQL
-     * answers COMMIT of an aborted transaction with a successful ROLLBACK,
-     * so the tag is checked too: an undone group never reads as committed. */
-    PGresult *r = PQexec(q->conn, "COMMIT");
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-        err = pg_fail(q, r, "COMMIT");
-    } else if (strcmp(PQcmdStatus(r), "COMMIT") != 0) {
-        err = kp_store_fail(&q->base, KP_ESTOREIO,
-                            "postgresql %s: COMMIT: the transaction was rolled back (%s)", q->where,
-                            PQcmdStatus(r));
-    }
-    PQclear(r);
-    return err;
+    /* The journal fails the whole group when this fails. */
+    return pg_finish(q);
 }
 
 static void pg_rollback(struct kp_store *s)
@@ -390,6 +555,7 @@ static void pg_rollback(struct kp_store *s)
         pg_exec(q, "ROLLBACK", "ROLLBACK");
     q->in_txn = false;
     q->txn_err = KP_OK;
+    q->notes_len = q->notes_mark = 0;
 }
 
 /* ---- operations ------------------------------------------------------------ */
@@ -454,11 +620,15 @@ static enum kp_err pg_insert_one(struct pg_store *q, const struct kp_job_new *in
     arg_text(&a, keyed ? in->idempotency_key : NULL);
     arg_bytea(&a, in->payload, in->payload_len);
     arg_i64(&a, (int64_t)in->backoff_ms);
-    return pg_run(q,
-                  "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
-                  "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms) "
-                  "VALUES($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12)",
-                  &a, "insert job", NULL);
+    err = pg_run(q,
+                 "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+                 "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms) "
+                 "VALUES($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12)",
+                 &a, "insert job", NULL);
+    if (err == KP_OK)
+        pg_note_move(q, in->queue, out->id.s, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
+                     false);
+    return err;
 }
 
 static enum kp_err pg_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
@@ -504,6 +674,111 @@ static enum kp_err pg_claim(struct kp_store *s, const char *queue, size_t max, u
             row_job(r, i, j);
             j->payload = col_bytea(r, i, C_PAYLOAD, &j->payload_len);
         }
+    }
+    PQclear(r);
+    return err;
+}
+
+/* Where a limited claim stands: how many the limits allow now, and what a
+ * short claim waits for. */
+struct pg_allow {
+    size_t n;
+    double tokens; /* the bucket after refill, when rate-limited */
+};
+
+/* Takes the queue's limits row (claims of a limited queue take turns on it
+ * until commit), refills its bucket on the server's clock, and counts the
+ * queue's leases: statements after the lock see every claim committed
+ * before it, so two brokers never both take the last slot or token. */
+static enum kp_err pg_limits(struct pg_store *q, const char *queue, size_t max,
+                             const struct kp_claim_limits *lim, struct pg_allow *allow)
+{
+    allow->n = max;
+    allow->tokens = 0;
+    struct pg_args a = {0};
+    arg_text(&a, queue);
+    arg_i64(&a, lim->rate);
+    PGresult *r;
+    enum kp_err err = pg_run(
+        q,
+        "WITH t AS (SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS ms) "
+        "INSERT INTO queue_limits AS l(queue, tokens, at) SELECT $1, $2, ms FROM t "
+        "ON CONFLICT (queue) DO UPDATE SET "
+        "tokens = least($2::float8, l.tokens + greatest(0, EXCLUDED.at - l.at) * $2 / 1000.0),"
+        " at = greatest(l.at, EXCLUDED.at) RETURNING tokens",
+        &a, "take queue limits", &r);
+    if (err != KP_OK)
+        return err;
+    if (lim->rate) {
+        allow->tokens = strtod(PQgetvalue(r, 0, 0), NULL);
+        double whole = allow->tokens < 0 ? 0 : allow->tokens;
+        if ((double)allow->n > whole)
+            allow->n = (size_t)whole;
+    }
+    PQclear(r);
+    if (lim->concurrency == 0)
+        return KP_OK;
+    a.n = 0;
+    arg_text(&a, queue);
+    err = pg_run(q, "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 2", &a, "count leases",
+                 &r);
+    if (err != KP_OK)
+        return err;
+    uint64_t leased = (uint64_t)col_i64(r, 0, 0);
+    PQclear(r);
+    uint64_t room = leased < lim->concurrency ? lim->concurrency - leased : 0;
+    if (allow->n > room)
+        allow->n = (size_t)room;
+    return KP_OK;
+}
+
+static void pg_remember_limited(struct pg_store *q, const char *queue)
+{
+    if (q->nlimited < PG_LIMITED_MAX && !pg_is_limited(q, queue))
+        q->limited[q->nlimited++] = kp_strdup(queue);
+}
+
+static enum kp_err pg_claim_limited(struct kp_store *s, const char *queue, size_t max,
+                                    uint64_t owner, uint64_t now, const struct kp_claim_limits *lim,
+                                    struct kp_jobs *out, uint64_t *wait_ms)
+{
+    struct pg_store *q = pg(s);
+    *wait_ms = 0;
+    if (lim->concurrency)
+        pg_remember_limited(q, queue);
+    enum kp_err err = pg_op_begin(q);
+    struct pg_allow allow = {0};
+    if (err == KP_OK)
+        err = pg_limits(q, queue, max, lim, &allow);
+    PGresult *r = NULL;
+    if (err == KP_OK && allow.n > 0) {
+        struct pg_args a = {0};
+        arg_text(&a, queue);
+        arg_i64(&a, (int64_t)allow.n);
+        arg_i64(&a, (int64_t)owner);
+        arg_i64(&a, (int64_t)now);
+        err = pg_run(q, pg_claim_sql, &a, "claim jobs", &r);
+        if (err == KP_OK && lim->rate && PQntuples(r) > 0) {
+            a.n = 0;
+            arg_text(&a, queue);
+            arg_i64(&a, PQntuples(r));
+            err = pg_run(q, "UPDATE queue_limits SET tokens = tokens - $2 WHERE queue = $1", &a,
+                         "spend tokens", NULL);
+        }
+    }
+    err = pg_op_end(q, err);
+    if (err == KP_OK) {
+        size_t got = r ? (size_t)PQntuples(r) : 0;
+        for (size_t i = 0; i < got; i++) {
+            struct kp_job *j = kp_jobs_push(out);
+            row_job(r, (int)i, j);
+            j->payload = col_bytea(r, (int)i, C_PAYLOAD, &j->payload_len);
+        }
+        /* The rate, not a lack of ready jobs, cut it short: the next token
+         * is due in this long. */
+        double left = allow.tokens - (double)got;
+        if (lim->rate && got == allow.n && allow.n < max && left < 1.0)
+            *wait_ms = (uint64_t)((1.0 - left) * 1000.0 / lim->rate) + 1;
     }
     PQclear(r);
     return err;
@@ -582,8 +857,11 @@ static enum kp_err pg_settle(struct pg_store *q, PGresult *row, int i, const str
         run_at = e->retry_at > now ? e->retry_at : now;
     }
     *state = next;
-    return pg_move(q, seq, next, run_at, now, e->result, e->result_len, next == KP_JOB_SUCCEEDED,
-                   finished ? now + ttl : 0, e->output, e->output_len);
+    err = pg_move(q, seq, next, run_at, now, e->result, e->result_len, next == KP_JOB_SUCCEEDED,
+                  finished ? now + ttl : 0, e->output, e->output_len);
+    if (err == KP_OK)
+        pg_note_move(q, PQgetvalue(row, i, C_QUEUE), PQgetvalue(row, i, C_ID), next, run_at, true);
+    return err;
 }
 
 /* A success for an attempt already ended otherwise: taken, as store.h says. */
@@ -609,8 +887,12 @@ static enum kp_err pg_late_success(struct pg_store *q, PGresult *row, uint32_t a
                           "result arrived after the attempt was ended")) != KP_OK)
         return err;
     *state = KP_JOB_SUCCEEDED;
-    return pg_move(q, seq, KP_JOB_SUCCEEDED, run_at, now, e->result, e->result_len, true, now + ttl,
-                   e->output, e->output_len);
+    err = pg_move(q, seq, KP_JOB_SUCCEEDED, run_at, now, e->result, e->result_len, true, now + ttl,
+                  e->output, e->output_len);
+    if (err == KP_OK)
+        pg_note_move(q, PQgetvalue(row, 0, C_QUEUE), PQgetvalue(row, 0, C_ID), KP_JOB_SUCCEEDED,
+                     run_at, st == KP_JOB_LEASED);
+    return err;
 }
 
 /* Reads job id (locked FOR UPDATE when `lock`) into *out; KP_ENOJOB if none. */
@@ -681,7 +963,10 @@ static enum kp_err pg_cancel_inner(struct pg_store *q, const kp_job_id *id, uint
     if (st != KP_JOB_QUEUED && st != KP_JOB_SCHEDULED)
         return kp_store_fail(&q->base, KP_EJOBSTATE, "job %s: cannot cancel a %s job", id->s,
                              kp_job_state_name(st));
-    return pg_move(q, seq, KP_JOB_CANCELLED, run_at, now, NULL, 0, false, now + ttl, NULL, 0);
+    err = pg_move(q, seq, KP_JOB_CANCELLED, run_at, now, NULL, 0, false, now + ttl, NULL, 0);
+    if (err == KP_OK)
+        pg_note_move(q, "", id->s, KP_JOB_CANCELLED, run_at, false);
+    return err;
 }
 
 static enum kp_err pg_cancel(struct kp_store *s, const kp_job_id *id, uint64_t now)
@@ -818,10 +1103,13 @@ static enum kp_err pg_dlq(struct kp_store *s, const char *queue, const kp_job_id
                            "AND ($2::text IS NULL OR id = $2)"
                          : "UPDATE jobs SET state = 1, run_at = $3, updated_at = $3, "
                            "attempt_base = attempts WHERE state = 4 "
-                           "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2)",
+                           "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2) "
+                           "RETURNING queue",
                    &a, purge ? "purge DLQ" : "retry DLQ", &r);
         if (err == KP_OK) {
             *n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+            for (int i = 0; !purge && i < PQntuples(r); i++)
+                pg_note(q, 'r', PQgetvalue(r, i, 0), NULL); /* the server folds repeats */
             PQclear(r);
             if (id && *n == 0)
                 err = kp_store_fail(&q->base, KP_ENOJOB, "job %s: no such job in the DLQ", id->s);
@@ -934,9 +1222,28 @@ static enum kp_err pg_recover(struct kp_store *s, uint64_t now, size_t *n)
     return pg_recover_at(pg(s), now, now, n);
 }
 
+/* A broker that could not beat for a lease window (the database was down or
+ * out of reach) finds every other broker's row just as old as its own: they
+ * could not beat either. It beats, but reclaims nothing until they have had
+ * a window to beat again, so a database restart reruns no live broker's jobs. */
 static enum kp_err pg_heartbeat(struct kp_store *s, uint64_t now, size_t *n)
 {
-    return pg_recover_at(pg(s), now, now, n);
+    struct pg_store *q = pg(s);
+    *n = 0;
+    if (q->last_beat && now > q->last_beat + q->lease_ms)
+        q->reclaim_from = now + q->lease_ms;
+    enum kp_err err;
+    if (now < q->reclaim_from) {
+        err = pg_op_begin(q);
+        if (err == KP_OK)
+            err = pg_beat(q, now);
+        err = pg_op_end(q, err);
+    } else {
+        err = pg_recover_at(q, now, now, n);
+    }
+    if (err == KP_OK)
+        q->last_beat = now;
+    return err;
 }
 
 static enum kp_err pg_next_run_at(struct kp_store *s, uint64_t *when)
@@ -959,6 +1266,9 @@ static void pg_close(struct kp_store *s)
     struct pg_store *q = pg(s);
     PQfinish(q->conn);
     kp_free(q->where);
+    kp_free(q->notes);
+    for (size_t i = 0; i < q->nlimited; i++)
+        kp_free(q->limited[i]);
     kp_free(q);
 }
 
@@ -980,6 +1290,7 @@ static const struct kp_store_ops pg_ops = {
     .recover = pg_recover,
     .heartbeat = pg_heartbeat,
     .next_run_at = pg_next_run_at,
+    .claim_limited = pg_claim_limited,
     .close = pg_close,
 };
 
@@ -1014,7 +1325,9 @@ static enum kp_err pg_schema_setup(struct pg_store *q)
                                  &r)) == KP_OK) {
             long v = PQgetisnull(r, 0, 0) ? 0 : strtol(PQgetvalue(r, 0, 0), NULL, 10);
             PQclear(r);
-            if (v != PG_SCHEMA_VERSION)
+            if (v == 1 && (err = pg_exec(q, pg_migrate_1_2, "migrate schema 1 to 2")) == KP_OK)
+                v = 2;
+            if (err == KP_OK && v != PG_SCHEMA_VERSION)
                 err =
                     kp_store_fail(&q->base, KP_ESTORECORRUPT,
                                   "postgresql %s: schema version %ld, this broker knows version %d",
@@ -1056,6 +1369,7 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
         err = pg_schema_setup(q);
     if (err == KP_OK)
         err = pg_recover_at(q, now, now + hold_ms, recovered);
+    q->last_beat = now;
     if (err != KP_OK) {
         snprintf(errmsg, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
         pg_close(&q->base);
@@ -1063,4 +1377,147 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
     }
     *out = &q->base;
     return KP_OK;
+}
+
+/* ---- the listener ----------------------------------------------------------- */
+
+#define PG_CONNECT_LIMIT_MS 10000 /* a connect that has not finished by then starts over */
+
+enum pg_listen_state { L_IDLE, L_CONNECTING, L_LISTEN_SENT, L_LISTENING };
+
+struct kp_pg_listener {
+    char *conninfo;
+    PGconn *conn;
+    enum pg_listen_state st;
+    PostgresPollingStatusType poll; /* while connecting: what the socket waits for */
+    uint64_t retry_at;              /* monotonic ms: the next connect, while idle */
+    uint64_t started;               /* monotonic ms the connect began */
+    bool busy;                      /* a heartbeat was sent and is not answered yet */
+};
+
+struct kp_pg_listener *kp_pg_listener_new(const char *conninfo)
+{
+    struct kp_pg_listener *l = kp_calloc(1, sizeof *l);
+    l->conninfo = kp_strdup(conninfo);
+    return l;
+}
+
+static void listener_drop(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms)
+{
+    PQfinish(l->conn);
+    l->conn = NULL;
+    l->st = L_IDLE;
+    l->busy = false;
+    l->retry_at = now + retry_ms;
+}
+
+void kp_pg_listener_destroy(struct kp_pg_listener **lp)
+{
+    struct kp_pg_listener *l = *lp;
+    if (!l)
+        return;
+    PQfinish(l->conn);
+    kp_free(l->conninfo);
+    kp_free(l);
+    *lp = NULL;
+}
+
+int kp_pg_listener_fd(const struct kp_pg_listener *l, short *events)
+{
+    *events = 0;
+    if (!l || !l->conn || l->st == L_IDLE)
+        return -1;
+    /* POLLIN/POLLOUT as zmq_poll spells them (ZMQ_POLLIN 1, ZMQ_POLLOUT 2). */
+    *events = l->st == L_CONNECTING && l->poll == PGRES_POLLING_WRITING ? 2 : 1;
+    return PQsocket(l->conn);
+}
+
+bool kp_pg_listener_listening(const struct kp_pg_listener *l)
+{
+    return l && l->st == L_LISTENING;
+}
+
+bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms,
+                         void (*note)(void *arg, const char *text), void *arg)
+{
+    if (l->st == L_IDLE) {
+        if (now < l->retry_at)
+            return false;
+        l->conn = PQconnectStart(l->conninfo);
+        if (!l->conn || PQstatus(l->conn) == CONNECTION_BAD) {
+            listener_drop(l, now, retry_ms);
+            return false;
+        }
+        l->st = L_CONNECTING;
+        l->poll = PGRES_POLLING_WRITING;
+        l->started = now;
+    }
+    if (l->st == L_CONNECTING) {
+        l->poll = PQconnectPoll(l->conn);
+        if (l->poll == PGRES_POLLING_FAILED ||
+            (l->poll != PGRES_POLLING_OK && now - l->started > PG_CONNECT_LIMIT_MS)) {
+            listener_drop(l, now, retry_ms);
+            return false;
+        }
+        if (l->poll != PGRES_POLLING_OK)
+            return false;
+        if (PQsetnonblocking(l->conn, 1) != 0 || !PQsendQuery(l->conn, "LISTEN " PG_CHANNEL)) {
+            listener_drop(l, now, retry_ms);
+            return false;
+        }
+        PQflush(l->conn); /* a few bytes: they fit the socket buffer */
+        l->st = L_LISTEN_SENT;
+    }
+    if (!PQconsumeInput(l->conn)) {
+        listener_drop(l, now, retry_ms);
+        return false;
+    }
+    bool started = false;
+    if (l->st == L_LISTEN_SENT) {
+        while (l->st == L_LISTEN_SENT && !PQisBusy(l->conn)) {
+            PGresult *r = PQgetResult(l->conn);
+            if (r == NULL) {
+                l->st = L_LISTENING;
+                started = true;
+                break;
+            }
+            bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+            PQclear(r);
+            if (!ok) {
+                listener_drop(l, now, retry_ms);
+                return false;
+            }
+        }
+    }
+    while (l->st == L_LISTENING && l->busy && !PQisBusy(l->conn)) {
+        PGresult *r = PQgetResult(l->conn);
+        if (r == NULL)
+            l->busy = false; /* a failed beat is not retried: the next one is due soon */
+        PQclear(r);
+    }
+    PGnotify *n;
+    while ((n = PQnotifies(l->conn)) != NULL) {
+        if (l->st == L_LISTENING || started)
+            note(arg, n->extra);
+        PQfreemem(n);
+    }
+    return started;
+}
+
+void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now)
+{
+    if (!l || l->st != L_LISTENING || l->busy)
+        return;
+    char id[24], at[24];
+    snprintf(id, sizeof id, "%lld", (long long)broker);
+    snprintf(at, sizeof at, "%lld", (long long)now);
+    const char *v[2] = {id, at};
+    if (PQsendQueryParams(l->conn,
+                          "INSERT INTO brokers(id, heartbeat_at, started_at) VALUES($1, $2, $2) "
+                          "ON CONFLICT (id) DO UPDATE SET heartbeat_at = "
+                          "GREATEST(brokers.heartbeat_at, $2)",
+                          2, NULL, v, NULL, NULL, 0)) {
+        l->busy = true;
+        PQflush(l->conn);
+    }
 }

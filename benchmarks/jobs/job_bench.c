@@ -14,6 +14,11 @@
  *       enqueue time (first SUBMIT to last ACCEPTED), end-to-end time (to
  *       the broker's Stats counting N more jobs_succeeded: every success
  *       stored), and the SUBMIT -> ACCEPTED (durable) latency under load
+ *   job_bench e2e FRONTEND N WINDOW FRONTENDS TARGET
+ *       the same, several brokers on one shared store (pg_bench.py runs
+ *       one per broker at once): done when jobs_succeeded summed over the
+ *       comma-separated FRONTENDS reaches TARGET (whichever broker's
+ *       worker ran each job)
  *   job_bench rtt FRONTEND N            one job at a time: submit, wait;
  *       round trip and SUBMIT -> ACCEPTED latency
  *   job_bench convoy FRONTEND FAST RATE SLOW_MS
@@ -179,11 +184,39 @@ static double bench_succeeded(kelpie_client *c)
     return v;
 }
 
-static int cmd_e2e(const char *frontend, size_t n, size_t window)
+/* jobs_succeeded summed over every broker in stats[0..nstats). */
+static double bench_succeeded_sum(kelpie_client **stats, size_t nstats)
+{
+    double sum = 0;
+    for (size_t i = 0; i < nstats; i++) {
+        double v = bench_succeeded(stats[i]);
+        if (v < 0)
+            return -1;
+        sum += v;
+    }
+    return sum;
+}
+
+#define BENCH_BROKERS_MAX 8
+
+/* frontends: NULL for this broker alone, else a comma-separated list whose
+ * summed jobs_succeeded must reach target (absolute). */
+static int cmd_e2e(const char *frontend, size_t n, size_t window, const char *frontends,
+                   double target)
 {
     kelpie_client *c = bench_connect(frontend);
-    kelpie_client *stats = bench_connect(frontend);
-    double base = bench_succeeded(stats);
+    kelpie_client *stats[BENCH_BROKERS_MAX];
+    size_t nstats = 0;
+    if (frontends) {
+        char *list = strdup(frontends), *save = NULL;
+        for (char *f = strtok_r(list, ",", &save); f && nstats < BENCH_BROKERS_MAX;
+             f = strtok_r(NULL, ",", &save))
+            stats[nstats++] = bench_connect(f);
+        free(list);
+    } else {
+        stats[nstats++] = bench_connect(frontend);
+    }
+    double base = frontends ? target - (double)n : bench_succeeded_sum(stats, nstats);
     /* Request ids are handed out in order from 1, so n + a few index every
      * SUBMIT's send time. */
     size_t ids = n + 16;
@@ -224,7 +257,7 @@ static int cmd_e2e(const char *frontend, size_t n, size_t window)
      * are measured: by their result store). */
     double done = 0;
     while (bench_mono() < limit) {
-        done = bench_succeeded(stats) - base;
+        done = bench_succeeded_sum(stats, nstats) - base;
         if (done >= (double)accepted)
             break;
         struct timespec ts = {0, 5 * 1000000};
@@ -237,7 +270,8 @@ static int cmd_e2e(const char *frontend, size_t n, size_t window)
            bench_pct(accept_ms, accepted, 0.99));
     free(sent_at);
     free(accept_ms);
-    kelpie_client_destroy(&stats);
+    for (size_t i = 0; i < nstats; i++)
+        kelpie_client_destroy(&stats[i]);
     kelpie_client_destroy(&c);
     return accepted == n && done >= (double)n ? 0 : 1;
 }
@@ -389,7 +423,8 @@ int main(int argc, char **argv)
     if (argc >= 4 && strcmp(argv[1], "worker") == 0)
         return cmd_worker(argv[2], (uint32_t)atoi(argv[3]), argc >= 5 ? argv[4] : "both");
     if (argc >= 5 && strcmp(argv[1], "e2e") == 0)
-        return cmd_e2e(argv[2], (size_t)atol(argv[3]), (size_t)atol(argv[4]));
+        return cmd_e2e(argv[2], (size_t)atol(argv[3]), (size_t)atol(argv[4]),
+                       argc >= 7 ? argv[5] : NULL, argc >= 7 ? atof(argv[6]) : 0);
     if (argc >= 4 && strcmp(argv[1], "rtt") == 0)
         return cmd_rtt(argv[2], (size_t)atol(argv[3]));
     if (argc >= 6 && strcmp(argv[1], "convoy") == 0)

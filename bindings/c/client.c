@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "clock.h"
+#include "compress.h"
 #include "curve.h"
 #include "wire.h"
 
@@ -37,12 +38,35 @@
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
+    uint32_t svc;     /* the service called, index + 1 in services; 0: none */
 } client_slot;
+
+/* A service called, and whether its workers read compressed requests (the
+ * ACCEPTS_COMPRESSED flag on their last answer, protocol.md §5.7). */
+typedef struct client_service {
+    char *name;
+    bool accepts;
+} client_service;
+
+/* Services remembered for compression at most; calls to others go plain. */
+#define CLIENT_MAX_SERVICES 256
 
 typedef struct client_node {
     kelpie_reply reply;
     struct client_node *next;
 } client_node;
+
+/* The input side of a CLIENT_STREAM call (protocol.md §5.6). */
+typedef struct client_input {
+    uint64_t id;       /* the call */
+    uint32_t window;   /* CHUNKs the broker allows before more CREDIT */
+    uint64_t sequence; /* the next CHUNK's */
+    bool ended;        /* END sent */
+    struct client_input *next;
+} client_input;
+
+/* The protocol's fixed initial input window (§5.6). */
+#define CLIENT_INPUT_WINDOW 16
 
 struct kelpie_client {
     void *ctx;            /* this client's own ZeroMQ context */
@@ -57,6 +81,21 @@ struct kelpie_client {
     client_node *tail;
     kpc_arena arena;           /* the header being read (one at a time) */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
+    client_input *inputs;      /* CLIENT_STREAM calls' input state */
+    bool zip;                  /* compress requests (kelpie_client_set_compression) */
+    size_t zthreshold;         /* ... of at least this many bytes */
+    client_service *services;  /* services called (compression), n_services of them */
+    uint32_t n_services;
+    /* Liveness (kelpie_client_set_heartbeat; protocol.md §7.2). */
+    uint32_t heartbeat_ms; /* 0: no pings, no silence check */
+    uint32_t liveness;
+    uint64_t broker_id; /* the instance we talk to, 0 until heard */
+    uint64_t answered;  /* id of the last ping that instance answered */
+    int64_t last_recv;  /* when the broker last said anything */
+    int64_t last_ping;  /* when we last pinged */
+    int64_t last_look;  /* when the client was last watching (or will wake) */
+    bool owed;          /* calls sent since the last ping */
+    uint32_t restarts;  /* broker restarts seen */
 };
 
 /* The message of answers that carry none: shared, never freed, so that the
@@ -109,7 +148,7 @@ static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline});
+    client_insert_slot(c, (client_slot){id, deadline, 0});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -118,8 +157,12 @@ static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
 
 /* Removes slot i, shifting later members of its probe run back so that
  * lookups never need tombstones. */
+static void client_input_drop(kelpie_client *c, uint64_t id);
+
 static void client_remove_at(kelpie_client *c, size_t i)
 {
+    if (c->inputs)
+        client_input_drop(c, c->slots[i].id);
     if (c->slots[i].deadline)
         c->with_deadline--;
     c->count--;
@@ -133,7 +176,7 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0};
+    c->slots[hole] = (client_slot){0, 0, 0};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
@@ -182,6 +225,8 @@ static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code,
 
 /* --- sending ------------------------------------------------------------- */
 
+static uint32_t client_service_index(kelpie_client *c, const char *service);
+
 /* Sends a header-only message about an outstanding call (CANCEL, CREDIT). */
 static kelpie_status client_send_control(kelpie_client *c, Kelpie__V1__Kind kind, uint64_t id,
                                          uint32_t credits)
@@ -215,6 +260,124 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
     }
 }
 
+/* --- liveness (protocol.md §7.2) ----------------------------------------- */
+
+/* Pings: a HEARTBEAT whose request_id is a fresh call id, so that every call
+ * with a smaller id went out before it on the ordered pipe. */
+static void client_ping(kelpie_client *c, int64_t now)
+{
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__HEARTBEAT;
+    h.request_id = c->next_id + 1;
+    if (kpc_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT) != KELPIE_OK)
+        return;
+    c->next_id = h.request_id;
+    c->last_ping = now;
+    c->owed = false;
+}
+
+/* Before a call: after a heartbeat without pinging (the client was idle),
+ * ping first, so that if the broker restarted meanwhile the call is known to
+ * have gone to the new instance. */
+static void client_before_send(kelpie_client *c)
+{
+    if (!c->heartbeat_ms)
+        return;
+    int64_t now = kpc_now_ms();
+    if (now - c->last_ping >= (int64_t)c->heartbeat_ms)
+        client_ping(c, now);
+}
+
+/* When the next ping is due while calls wait: soon after sending calls,
+ * else a heartbeat after the last. */
+static int64_t client_next_ping(const kelpie_client *c)
+{
+    uint32_t follow =
+        c->heartbeat_ms < KELPIE_CLIENT_FOLLOW_MS ? c->heartbeat_ms : KELPIE_CLIENT_FOLLOW_MS;
+    return c->last_ping + (c->owed ? follow : c->heartbeat_ms);
+}
+
+/* How long the client may wait before client_liveness must run again
+ * (-1: no limit). */
+static long client_liveness_wait(const kelpie_client *c, int64_t now)
+{
+    if (!c->heartbeat_ms || c->count == 0)
+        return -1;
+    int64_t due = client_next_ping(c);
+    int64_t dead = c->last_recv + (int64_t)c->heartbeat_ms * c->liveness;
+    if (dead < due)
+        due = dead;
+    return due > now ? (long)(due - now) : 0;
+}
+
+static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_status code,
+                          const char *why);
+
+/* Judges the broker while calls wait: pings when due; after liveness
+ * heartbeats of silence fails every call UNAVAILABLE and forgets the
+ * broker's id, so that whoever answers next is learned, not judged. Time
+ * the application spent away from the client (no wait was planned for it)
+ * does not count as the broker's silence. */
+static void client_liveness(kelpie_client *c, int64_t now)
+{
+    if (!c->heartbeat_ms)
+        return;
+    if (c->count == 0 || now - c->last_look > (int64_t)c->heartbeat_ms)
+        c->last_recv = now;
+    c->last_look = now;
+    if (c->count == 0)
+        return;
+    int64_t silent = now - c->last_recv;
+    if (silent >= (int64_t)c->heartbeat_ms * c->liveness) {
+        char why[80];
+        snprintf(why, sizeof why, "the broker did not answer for %lld ms", (long long)silent);
+        client_expire(c, now, 1, KELPIE_UNAVAILABLE, why);
+        c->broker_id = 0;
+        c->answered = 0;
+        c->last_recv = now;
+        return;
+    }
+    if (now >= client_next_ping(c))
+        client_ping(c, now);
+}
+
+static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code, const char *why);
+
+/* A HEARTBEAT carrying a broker_id. On a new id (not the first learned)
+ * the calls sent before the ping the new instance answered (rid; an answer
+ * naming no ping: all calls) end UNAVAILABLE; those sent after the last
+ * ping the old instance answered may have reached the new one, so they are
+ * cancelled there too (protocol.md §7.2). */
+static void client_heartbeat(kelpie_client *c, const Kelpie__V1__Header *h)
+{
+    uint64_t rid = h->request_id;
+    if (h->broker_id == c->broker_id) {
+        if (rid > c->answered)
+            c->answered = rid;
+        return;
+    }
+    uint64_t old = c->broker_id, read_below = c->answered;
+    c->broker_id = h->broker_id;
+    c->answered = rid;
+    if (!old)
+        return;
+    c->restarts++;
+    uint64_t lost_below = rid ? rid : c->next_id + 1;
+    size_t i = 0;
+    while (i <= c->mask) {
+        uint64_t id = c->slots[i].id;
+        if (id && id < lost_below) {
+            if (id >= read_below)
+                client_send_control(c, KELPIE__V1__KIND__CANCEL, id, 0);
+            client_push_error(c, id, KELPIE_UNAVAILABLE,
+                              "broker restarted; the call was lost with it");
+            client_remove_at(c, i);
+            continue;
+        }
+        i++;
+    }
+}
+
 /* Sends h (a REQUEST, SUBMIT or WATCH; its request_id is picked here) with
  * the payload, after the size check, and makes it outstanding with a local
  * deadline of deadline_ms from now (0: none). */
@@ -224,6 +387,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
 {
     if (c->count >= CLIENT_MAX_OUTSTANDING)
         return KELPIE_ERR_BUSY;
+    client_before_send(c);
     h->request_id = c->next_id + 1;
     kelpie_status rc = kpc_wire_check(h, len, c->max_message_size, "request", NULL, 0);
     if (rc != KELPIE_OK)
@@ -240,6 +404,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
         return rc;
     }
     c->next_id = h->request_id;
+    c->owed = true;
     if (request_id)
         request_id->id = h->request_id;
     return KELPIE_OK;
@@ -260,9 +425,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     h.service = (char *)opts->service;
     h.method = (char *)(opts->method ? opts->method : "");
     h.timeout_ms = opts->timeout_ms;
-    h.flags = opts->flags & (KELPIE_IDEMPOTENT | KELPIE_STREAM);
+    h.flags = opts->flags & (KELPIE_IDEMPOTENT | KELPIE_STREAM | KELPIE_CLIENT_STREAM);
     h.credits = (opts->flags & KELPIE_STREAM) ? opts->window : 0;
 
+    void *zipped = NULL; /* the payload compressed, when it is */
     Kelpie__V1__Header__MetadataEntry stack_entries[CLIENT_STACK_METADATA];
     Kelpie__V1__Header__MetadataEntry *stack_ptrs[CLIENT_STACK_METADATA];
     Kelpie__V1__Header__MetadataEntry *entries = stack_entries;
@@ -286,8 +452,36 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
     }
     h.n_metadata = opts->n_metadata;
     h.metadata = ptrs;
+    h.flags |= KPC_FLAG_ACCEPTS_COMPRESSED; /* this library reads zstd answers */
+    uint32_t svc = client_service_index(c, opts->service);
+    size_t zlen = 0;
+    if (c->zip && svc && c->services[svc - 1].accepts &&
+        kpc_compress(payload, len, c->zthreshold, &zipped, &zlen)) {
+        payload = zipped;
+        len = zlen;
+        h.flags |= KPC_FLAG_COMPRESSED;
+    }
+    client_input *input = NULL;
+    if (h.flags & KELPIE_CLIENT_STREAM) {
+        input = calloc(1, sizeof *input);
+        if (!input) {
+            rc = KELPIE_ERR_NOMEM;
+            goto cleanup;
+        }
+    }
     rc = client_send_tracked(c, &h, payload, len, opts->timeout_ms, request_id);
+    if (rc == KELPIE_OK && svc)
+        c->slots[client_find(c, h.request_id)].svc = svc;
+    if (input && rc == KELPIE_OK) {
+        input->id = h.request_id;
+        input->window = CLIENT_INPUT_WINDOW;
+        input->next = c->inputs;
+        c->inputs = input;
+    } else {
+        free(input);
+    }
 cleanup:
+    free(zipped);
     if (entries != stack_entries)
         free(entries);
     if (ptrs != stack_ptrs)
@@ -306,8 +500,39 @@ static bool client_terminal(int kind)
            kind == KELPIE__V1__KIND__RESULT;
 }
 
+/* Copies h's metadata into out, in one allocation: the entries, then each
+ * key and value NUL-terminated. */
+static kelpie_status client_copy_metadata(kelpie_reply *out, const Kelpie__V1__Header *h)
+{
+    size_t n = h->n_metadata, size = n * sizeof(kelpie_metadata);
+    for (size_t i = 0; i < n; i++)
+        size += strlen(h->metadata[i]->key ? h->metadata[i]->key : "") + 1 +
+                h->metadata[i]->value.len + 1;
+    kelpie_metadata *md = malloc(size);
+    if (!md)
+        return KELPIE_ERR_NOMEM;
+    char *at = (char *)(md + n);
+    for (size_t i = 0; i < n; i++) {
+        const Kelpie__V1__Header__MetadataEntry *e = h->metadata[i];
+        const char *key = e->key ? e->key : "";
+        size_t klen = strlen(key) + 1;
+        memcpy(at, key, klen);
+        md[i].key = at;
+        at += klen;
+        if (e->value.len)
+            memcpy(at, e->value.data, e->value.len);
+        at[e->value.len] = '\0';
+        md[i].value = at;
+        md[i].len = e->value.len;
+        at += e->value.len + 1;
+    }
+    out->metadata = md;
+    out->n_metadata = n;
+    return KELPIE_OK;
+}
+
 /* Fills *out from a received message. */
-static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
+static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owned, size_t owned_len)
 {
     const Kelpie__V1__Header *h = m->header;
     memset(out, 0, sizeof *out);
@@ -315,6 +540,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
     out->kind = (kelpie_kind)h->kind;
     out->status = client_terminal(h->kind) ? (kelpie_status)h->code : KELPIE_OK;
     out->sequence = h->sequence;
+    out->flags = h->flags;
     if (h->job_id)
         memcpy(out->job_id, h->job_id, strlen(h->job_id) + 1); /* length checked by the caller */
     out->attempt = h->attempt;
@@ -323,14 +549,19 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m)
         snprintf(out->stream, sizeof out->stream, "%s", h->stream);
     const char *text = h->message ? h->message : "";
     out->message = *text ? kpc_strndup(text, strlen(text)) : client_no_message;
-    if (m->len) {
+    bool lost = false;
+    if (owned || owned_len) {
+        out->payload = owned; /* decompressed: handed over as it is */
+        out->len = owned_len;
+    } else if (m->len) {
         out->payload = malloc(m->len);
         if (out->payload) {
             memcpy(out->payload, m->data, m->len);
             out->len = m->len;
         }
+        lost = !out->payload;
     }
-    if (!out->message || (m->len && !out->payload)) {
+    if (!out->message || lost || (h->n_metadata && client_copy_metadata(out, h) != KELPIE_OK)) {
         kelpie_reply_fini(out);
         return KELPIE_ERR_NOMEM;
     }
@@ -350,6 +581,7 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     }
     const Kelpie__V1__Header *h = m.header;
     rc = KELPIE_ABORTED;
+    c->last_recv = kpc_now_ms();
     if (!h || h->version != KELPIE__V1__VERSION__VERSION_1)
         goto done; /* nothing sensible to answer a broker with */
     switch (h->kind) {
@@ -378,9 +610,26 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
                               "the broker's answer names a job id longer than any it makes");
             goto done;
         }
+        void *plain = NULL;
+        size_t plain_len = 0;
+        if (i != SIZE_MAX && c->slots[i].svc && h->kind != KELPIE__V1__KIND__ERROR)
+            c->services[c->slots[i].svc - 1].accepts = h->flags & KPC_FLAG_ACCEPTS_COMPRESSED;
+        if ((h->flags & KPC_FLAG_COMPRESSED) && m.len) {
+            char why[160];
+            if (kpc_decompress(m.data, m.len, &plain, &plain_len, why, sizeof why) != KELPIE_OK) {
+                /* The worker's mistake: the call fails with it (§5.7). */
+                if (i != SIZE_MAX) {
+                    if (!terminal)
+                        client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
+                    client_remove_at(c, i);
+                    client_push_error(c, h->request_id, KELPIE_INVALID_ARGUMENT, why);
+                }
+                goto done;
+            }
+        }
         if (i != SIZE_MAX && terminal)
             client_remove_at(c, i);
-        rc = client_fill(out, &m);
+        rc = client_fill(out, &m, plain, plain_len);
         if (rc == KELPIE_ERR_NOMEM)
             rc = KELPIE_ABORTED;
         break;
@@ -391,6 +640,17 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     case KELPIE__V1__KIND__HEARTBEAT:
         if (h->max_message_size)
             c->max_message_size = h->max_message_size;
+        if (h->broker_id)
+            client_heartbeat(c, h);
+        break;
+    case KELPIE__V1__KIND__CREDIT:
+        /* The worker read input: the broker widened the window (§5.6). */
+        if (h->flags & KELPIE_CLIENT_STREAM)
+            for (client_input *in = c->inputs; in; in = in->next)
+                if (in->id == h->request_id) {
+                    in->window += h->credits;
+                    break;
+                }
         break;
     default:
         break; /* anything else: a sign of life, nothing more */
@@ -403,6 +663,13 @@ done:
 /* Waits until the socket is readable or wait_ms passes (-1: for ever). */
 static void client_wait(kelpie_client *c, long wait_ms)
 {
+    int64_t now = kpc_now_ms();
+    client_liveness(c, now);
+    long live = client_liveness_wait(c, now);
+    if (live >= 0 && (wait_ms < 0 || live < wait_ms))
+        wait_ms = live;
+    /* A wait we planned is time spent watching (client_liveness). */
+    c->last_look = now + (wait_ms < 0 ? 0 : wait_ms);
     zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
     zmq_poll(&item, 1, wait_ms);
 }
@@ -424,6 +691,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             continue;
         int64_t now = kpc_now_ms();
         client_expire(c, now, 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
+        client_liveness(c, now);
         if (c->head)
             continue;
         if (end >= 0 && now >= end)
@@ -572,6 +840,7 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply)
     free(reply->payload);
     if (reply->message != client_no_message)
         free(reply->message);
+    free(reply->metadata);
     memset(reply, 0, sizeof *reply);
 }
 
@@ -737,6 +1006,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
     /* The broker answers a HEARTBEAT with its own, which carries its
      * max_message_size; queued until the connection is up. */
     c->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
+    c->heartbeat_ms = 1000;
+    c->liveness = 3;
+    c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
+    /* The hello: a ping with id 0 (nothing was sent before it). */
     Kelpie__V1__Header hello = KELPIE__V1__HEADER__INIT;
     hello.kind = KELPIE__V1__KIND__HEARTBEAT;
     kpc_wire_send(c->sock, &hello, NULL, 0, ZMQ_DONTWAIT);
@@ -755,6 +1028,14 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
     kelpie_reply r;
     while (client_pop(c, &r))
         kelpie_reply_fini(&r);
+    while (c->inputs) {
+        client_input *in = c->inputs;
+        c->inputs = in->next;
+        free(in);
+    }
+    for (uint32_t i = 0; i < c->n_services; i++)
+        free(c->services[i].name);
+    free(c->services);
     if (c->sock)
         zmq_close(c->sock);
     if (c->ctx)
@@ -762,4 +1043,181 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
     free(c->slots);
     free(c);
     *client = NULL;
+}
+
+/* --- liveness settings, reply metadata, client-streamed input ------------ */
+
+KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *c, uint32_t heartbeat_ms,
+                                                        uint32_t liveness)
+{
+    if (!c || (heartbeat_ms && liveness == 0))
+        return KELPIE_ERR_INVAL;
+    c->heartbeat_ms = heartbeat_ms;
+    c->liveness = liveness;
+    c->last_recv = c->last_look = kpc_now_ms();
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *c)
+{
+    return c ? c->restarts : 0;
+}
+
+KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const char *key,
+                                                size_t *len)
+{
+    if (!reply || !key)
+        return NULL;
+    for (size_t i = 0; i < reply->n_metadata; i++)
+        if (strcmp(reply->metadata[i].key, key) == 0) {
+            if (len)
+                *len = reply->metadata[i].len;
+            return reply->metadata[i].value;
+        }
+    return NULL;
+}
+
+/* --- compression (protocol.md §5.7) -------------------------------------- */
+
+KELPIE_EXPORT kelpie_status kelpie_client_set_compression(kelpie_client *c, bool enable,
+                                                          size_t threshold)
+{
+    if (!c)
+        return KELPIE_ERR_INVAL;
+    c->zip = enable;
+    c->zthreshold = threshold;
+    return KELPIE_OK;
+}
+
+/* The index + 1 of service in the table (added when new), 0 when the table
+ * is full or memory is short (then calls to it just go uncompressed). */
+static uint32_t client_service_index(kelpie_client *c, const char *service)
+{
+    for (uint32_t i = 0; i < c->n_services; i++)
+        if (strcmp(c->services[i].name, service) == 0)
+            return i + 1;
+    if (c->n_services >= CLIENT_MAX_SERVICES)
+        return 0;
+    client_service *grown = realloc(c->services, (c->n_services + 1) * sizeof *grown);
+    if (!grown)
+        return 0;
+    c->services = grown;
+    char *name = kpc_strndup(service, strlen(service));
+    if (!name)
+        return 0;
+    c->services[c->n_services] = (client_service){name, false};
+    return ++c->n_services;
+}
+
+static client_input *client_input_find(kelpie_client *c, uint64_t id)
+{
+    for (client_input *in = c->inputs; in; in = in->next)
+        if (in->id == id)
+            return in;
+    return NULL;
+}
+
+/* Forgets the input state of a call that ended. */
+static void client_input_drop(kelpie_client *c, uint64_t id)
+{
+    for (client_input **pp = &c->inputs; *pp; pp = &(*pp)->next)
+        if ((*pp)->id == id) {
+            client_input *in = *pp;
+            *pp = in->next;
+            free(in);
+            return;
+        }
+}
+
+/* Reads what is waiting, keeping answers for kelpie_client_recv, then waits
+ * up to wait_ms for more (a writer waiting for input window). */
+static void client_pump(kelpie_client *c, long wait_ms)
+{
+    for (;;) {
+        kelpie_reply r;
+        kelpie_status rc = client_read(c, &r);
+        if (rc == KELPIE_ERR_TIMEOUT || rc == KELPIE_ERR_ZMQ)
+            break;
+        if (rc != KELPIE_OK)
+            continue;
+        client_node *node = malloc(sizeof *node);
+        if (node) {
+            node->reply = r;
+            client_push(c, node);
+        } else {
+            kelpie_reply_fini(&r);
+        }
+    }
+    client_expire(c, kpc_now_ms(), 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
+    if (wait_ms)
+        client_wait(c, wait_ms);
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *c, kelpie_request_id request_id,
+                                                const void *payload, size_t len, int wait_ms)
+{
+    if (!c || request_id.id == 0 || (len && !payload))
+        return KELPIE_ERR_INVAL;
+    int64_t end = wait_ms < 0 ? -1 : kpc_now_ms() + wait_ms;
+    for (;;) {
+        if (client_find(c, request_id.id) == SIZE_MAX)
+            return KELPIE_NOT_FOUND;
+        client_input *in = client_input_find(c, request_id.id);
+        if (!in || in->ended)
+            return KELPIE_ERR_INVAL;
+        if (in->window > 0)
+            break;
+        int64_t now = kpc_now_ms();
+        if (end >= 0 && now >= end) {
+            client_pump(c, 0); /* a CREDIT may be waiting unread */
+            in = client_input_find(c, request_id.id);
+            if (in && in->window > 0)
+                continue;
+            return KELPIE_ERR_BUSY;
+        }
+        client_pump(c, end < 0 ? 1000 : (long)(end - now));
+    }
+    client_input *in = client_input_find(c, request_id.id);
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__CHUNK;
+    h.request_id = request_id.id;
+    h.sequence = in->sequence;
+    uint32_t svc = c->slots[client_find(c, request_id.id)].svc;
+    void *zipped = NULL;
+    size_t zlen = 0;
+    if (c->zip && svc && c->services[svc - 1].accepts &&
+        kpc_compress(payload, len, c->zthreshold, &zipped, &zlen)) {
+        payload = zipped;
+        len = zlen;
+        h.flags = KPC_FLAG_COMPRESSED;
+    }
+    kelpie_status rc = kpc_wire_check(&h, len, c->max_message_size, "request", NULL, 0);
+    if (rc == KELPIE_OK)
+        rc = kpc_wire_send(c->sock, &h, payload, len, ZMQ_DONTWAIT);
+    free(zipped);
+    if (rc == KELPIE_OK) {
+        in->sequence++;
+        in->window--;
+        c->owed = true;
+    }
+    return rc;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_client_done_writing(kelpie_client *c,
+                                                       kelpie_request_id request_id)
+{
+    if (!c || request_id.id == 0)
+        return KELPIE_ERR_INVAL;
+    if (client_find(c, request_id.id) == SIZE_MAX)
+        return KELPIE_NOT_FOUND;
+    client_input *in = client_input_find(c, request_id.id);
+    if (!in || in->ended)
+        return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = KELPIE__V1__KIND__END;
+    h.request_id = request_id.id;
+    kelpie_status rc = kpc_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT);
+    if (rc == KELPIE_OK)
+        in->ended = true;
+    return rc;
 }

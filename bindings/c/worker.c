@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "clock.h"
+#include "compress.h"
 #include "curve.h"
 #include "wire.h"
 
@@ -104,7 +105,26 @@ struct kelpie_call {
     size_t len;                 /* parked REQUEST only: payload length */
     struct kelpie_call *prev;   /* held calls (or the parked FIFO: next only) */
     struct kelpie_call *next;
+    /* Trailing metadata for the answer (kelpie_call_add_metadata). */
+    Kelpie__V1__Header__MetadataEntry **trailing;
+    size_t n_trailing;
+    /* CLIENT_STREAM input (protocol.md §5.6): what arrived and is unread. */
+    struct worker_input *input;      /* oldest first */
+    struct worker_input *input_tail; /* newest */
+    struct worker_input *last_read;  /* what kelpie_call_read handed out last */
+    uint64_t input_seq;              /* the sequence the next CHUNK must have */
+    uint32_t consumed;               /* read and not yet granted back */
+    bool input_ended;                /* END arrived */
+    bool input_lost;                 /* a CHUNK's sequence showed a gap */
+    bool input_bad;                  /* a COMPRESSED CHUNK did not decompress */
 };
+
+/* One request message of a client-streamed call, payload inline. */
+typedef struct worker_input {
+    struct worker_input *next;
+    size_t len;
+    _Alignas(max_align_t) unsigned char data[];
+} worker_input;
 
 /* A job is a held call whose header is a JOB: the public type only keeps
  * the two APIs apart. Calls are allocated with the size of kelpie_job, so a
@@ -161,6 +181,8 @@ struct kelpie_worker {
     bool curve;                /* keys are set: speak CURVE */
     kpc_keys keys;             /* kelpie_worker_set_curve's */
     kelpie_status refused;     /* the broker refused us: run returns this */
+    bool zip;                  /* compress answers (kelpie_worker_set_compression) */
+    size_t zthreshold;         /* ... of at least this many bytes */
     char error[512];           /* kelpie_worker_error() */
 };
 
@@ -270,11 +292,14 @@ static void worker_hold(kelpie_worker *w, kelpie_call *call)
     w->in_flight++;
 }
 
+static void call_free_answer_state(kelpie_call *call);
+
 static void call_free(kelpie_call *call)
 {
     kpc_header_free(call->header, &call->arena);
     free(call->payload);
     free(call->oversized);
+    call_free_answer_state(call);
     free(call);
 }
 
@@ -378,7 +403,19 @@ static void worker_dispatch(kelpie_worker *w, kelpie_call *call, const void *pay
         kelpie_call_error(call, KELPIE_UNIMPLEMENTED, "no handler for this service/method");
         return;
     }
+    void *plain = NULL;
+    if ((call->header->flags & KPC_FLAG_COMPRESSED) && len) {
+        char why[160];
+        kelpie_status rc = kpc_decompress(payload, len, &plain, &len, why, sizeof why);
+        if (rc != KELPIE_OK) {
+            /* The caller's mistake (§5.7). */
+            kelpie_call_error(call, rc == KELPIE_ERR_NOMEM ? KELPIE_RESOURCE_EXHAUSTED : rc, why);
+            return;
+        }
+        payload = plain;
+    }
     h->fn(call, payload, len, h->arg);
+    free(plain);
     /* A handler may have run for a while: later messages of the batch must
      * not be stamped with the time from before it. */
     w->now = kpc_now_ms();
@@ -456,6 +493,9 @@ static void worker_acked(kelpie_worker *w, const char *job_id, uint32_t attempt)
     }
 }
 
+static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, const void *data,
+                              size_t len);
+
 static void worker_handle(kelpie_worker *w, kpc_msg *m)
 {
     Kelpie__V1__Header *h = m->header;
@@ -497,6 +537,10 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             worker_mark_cancelled(w, call);
         return;
     }
+    case KELPIE__V1__KIND__CHUNK:
+    case KELPIE__V1__KIND__END:
+        worker_take_input(w, h, m->data, m->len);
+        return;
     case KELPIE__V1__KIND__CREDIT: {
         kelpie_call *call = worker_find(w, h->request_id);
         if (call)
@@ -781,6 +825,25 @@ KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *w)
 
 /* --- answering ----------------------------------------------------------- */
 
+/* An answer's payload as it should go (§5.7): h says this worker reads zstd
+ * (ACCEPTS_COMPRESSED), and the payload is compressed (h gets COMPRESSED,
+ * *zipped the buffer to free) when compression is on, the caller reads it
+ * and it is large enough to gain. */
+static const void *worker_zip(const kelpie_call *call, Kelpie__V1__Header *h, const void *payload,
+                              size_t *len, void **zipped)
+{
+    kelpie_worker *w = call->worker;
+    size_t zlen = 0;
+    h->flags |= KPC_FLAG_ACCEPTS_COMPRESSED;
+    if (w->zip && (call->header->flags & KPC_FLAG_ACCEPTS_COMPRESSED) &&
+        kpc_compress(payload, *len, w->zthreshold, zipped, &zlen)) {
+        h->flags |= KPC_FLAG_COMPRESSED;
+        *len = zlen;
+        return *zipped;
+    }
+    return payload;
+}
+
 /* Sends a terminal answer (unless the call is an orphan) and frees the call.
  * An answer over the broker's size limit, or any answer after a CHUNK was
  * refused for its size, goes as ERROR RESOURCE_EXHAUSTED flagged OVERSIZED
@@ -793,6 +856,11 @@ static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const
     char why[128];
     const char *refused = call->oversized;
     h->request_id = call->id;
+    h->n_metadata = call->n_trailing;
+    h->metadata = call->trailing;
+    void *zipped = NULL;
+    if (h->kind != KELPIE__V1__KIND__ERROR)
+        payload = worker_zip(call, h, payload, &len, &zipped);
     if (!refused &&
         kpc_wire_check(h, len, w->max_message_size, "reply", why, sizeof why) != KELPIE_OK)
         refused = why;
@@ -812,6 +880,7 @@ static kelpie_status call_finish(kelpie_call *call, Kelpie__V1__Header *h, const
     } else if (call->epoch == w->epoch) {
         rc = worker_send(w, h, payload, len);
     }
+    free(zipped);
     worker_release(w, call);
     return rc;
 }
@@ -874,15 +943,19 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
     h.kind = KELPIE__V1__KIND__CHUNK;
     h.request_id = call->id;
     h.sequence = call->sequence;
+    void *zipped = NULL;
+    payload = worker_zip(call, &h, payload, &len, &zipped);
     char why[128];
     if (kpc_wire_check(&h, len, w->max_message_size, "chunk", why, sizeof why) != KELPIE_OK) {
         /* The stream cannot go on without this chunk: whatever ends the
          * call now sends this refusal instead (call_finish). */
         if (!call->oversized)
             call->oversized = kpc_strndup(why, strlen(why));
+        free(zipped);
         return KELPIE_RESOURCE_EXHAUSTED;
     }
     kelpie_status rc = worker_send(w, &h, payload, len);
+    free(zipped);
     if (rc == KELPIE_OK) {
         call->sequence++;
         call->window--;
@@ -1298,4 +1371,178 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *w, kelpie_can
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 {
     return w ? w->in_flight : 0;
+}
+
+/* --- trailing metadata and client-streamed input ------------------------- */
+
+/* Input of a call arrives in order, at most the window granted (a broker
+ * that forwarded more is not trusted to be right: a gap or a CHUNK after END
+ * ends the input with DATA_LOSS for the handler, never an assertion). */
+#define WORKER_INPUT_GRANT 8
+
+static void call_free_answer_state(kelpie_call *call)
+{
+    for (size_t i = 0; i < call->n_trailing; i++) {
+        free(call->trailing[i]->key);
+        free(call->trailing[i]->value.data);
+        free(call->trailing[i]);
+    }
+    free(call->trailing);
+    while (call->input) {
+        worker_input *in = call->input;
+        call->input = in->next;
+        free(in);
+    }
+    free(call->last_read);
+}
+
+static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, const void *data,
+                              size_t len)
+{
+    kelpie_call *call = worker_find(w, h->request_id);
+    /* Input may follow its REQUEST while that waits, parked, for a handler
+     * that pumps the socket to return. */
+    for (kelpie_call *p = w->parked; !call && p; p = p->next)
+        if (p->id == h->request_id && p->epoch == w->epoch)
+            call = p;
+    if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
+        return; /* answered already, or not a stream: dropped (§5.6) */
+    if (call->input_ended || call->input_lost || call->input_bad)
+        return;
+    if (h->kind == KELPIE__V1__KIND__END) {
+        call->input_ended = true;
+        return;
+    }
+    if (h->sequence != call->input_seq) {
+        call->input_lost = true;
+        return;
+    }
+    void *plain = NULL;
+    if ((h->flags & KPC_FLAG_COMPRESSED) && len) {
+        char why[160];
+        if (kpc_decompress(data, len, &plain, &len, why, sizeof why) != KELPIE_OK) {
+            call->input_bad = true; /* the caller's mistake: INVALID_ARGUMENT (§5.7) */
+            return;
+        }
+        data = plain;
+    }
+    worker_input *in = malloc(sizeof *in + len);
+    if (!in) {
+        free(plain);
+        call->input_lost = true; /* the handler hears DATA_LOSS, not a silent gap */
+        return;
+    }
+    in->next = NULL;
+    in->len = len;
+    if (len)
+        memcpy(in->data, data, len);
+    free(plain);
+    if (call->input_tail)
+        call->input_tail->next = in;
+    else
+        call->input = in;
+    call->input_tail = in;
+    call->input_seq++;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_worker_set_compression(kelpie_worker *w, bool enable,
+                                                          size_t threshold)
+{
+    if (!w)
+        return KELPIE_ERR_INVAL;
+    w->zip = enable;
+    w->zthreshold = threshold;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const char *key,
+                                                     const void *value, size_t len)
+{
+    if (!call || !key || !*key || (len && !value) || strncmp(key, "kelpie-", 7) == 0)
+        return KELPIE_ERR_INVAL;
+    for (const char *p = key; *p; p++)
+        if ((unsigned char)*p > 0x7f || (*p >= 'A' && *p <= 'Z'))
+            return KELPIE_ERR_INVAL;
+    Kelpie__V1__Header__MetadataEntry **grown =
+        realloc(call->trailing, (call->n_trailing + 1) * sizeof *grown);
+    if (!grown)
+        return KELPIE_ERR_NOMEM;
+    call->trailing = grown;
+    Kelpie__V1__Header__MetadataEntry *e = malloc(sizeof *e);
+    char *k = kpc_strndup(key, strlen(key));
+    uint8_t *v = malloc(len ? len : 1);
+    if (!e || !k || !v) {
+        free(e);
+        free(k);
+        free(v);
+        return KELPIE_ERR_NOMEM;
+    }
+    kelpie__v1__header__metadata_entry__init(e);
+    if (len)
+        memcpy(v, value, len);
+    e->key = k;
+    e->value.data = v;
+    e->value.len = len;
+    call->trailing[call->n_trailing++] = e;
+    return KELPIE_OK;
+}
+
+KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
+                                             int wait_ms)
+{
+    if (!call || !payload || !len || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
+        return KELPIE_ERR_INVAL;
+    kelpie_worker *w = call->worker;
+    free(call->last_read);
+    call->last_read = NULL;
+    int64_t end = -1;
+    if (wait_ms >= 0)
+        end = kpc_now_ms() + wait_ms;
+    else if (call->deadline)
+        end = call->deadline;
+    for (;;) {
+        worker_input *in = call->input;
+        if (in) {
+            call->input = in->next;
+            if (!call->input)
+                call->input_tail = NULL;
+            call->last_read = in;
+            *payload = in->data;
+            *len = in->len;
+            /* Grant the window back in batches, while more may come. */
+            if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended && !call->input_lost &&
+                !call->input_bad && call->epoch == w->epoch && !call->cancelled) {
+                Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+                hdr.kind = KELPIE__V1__KIND__CREDIT;
+                hdr.request_id = call->id;
+                hdr.credits = call->consumed;
+                hdr.flags = KELPIE_CLIENT_STREAM;
+                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK)
+                    call->consumed = 0;
+            }
+            return KELPIE_OK;
+        }
+        *payload = NULL;
+        *len = 0;
+        if (call->input_lost)
+            return KELPIE_DATA_LOSS;
+        if (call->input_bad)
+            return KELPIE_INVALID_ARGUMENT;
+        if (call->input_ended)
+            return KELPIE_OUT_OF_RANGE;
+        if (call->cancelled)
+            return KELPIE_CANCELLED;
+        if (atomic_load(&w->stopping))
+            return KELPIE_ERR_STOPPED;
+        int64_t now = kpc_now_ms();
+        if (end >= 0 && now >= end) {
+            if (wait_ms == 0 && !w->pumping) {
+                worker_pump(w, 0); /* a poll still reads what is waiting */
+                if (call->input || call->input_ended || call->input_lost || call->input_bad)
+                    continue;
+            }
+            return KELPIE_ERR_BUSY;
+        }
+        worker_pump(w, end < 0 ? 1000 : (long)(end - now));
+    }
 }

@@ -887,6 +887,7 @@ Test(store_pg, leases_are_reclaimed_only_from_silent_brokers, .timeout = 60)
     cr_assert_eq(kp_store_heartbeat(b, T0 + 500, &n), KP_OK, "%s", kp_store_errmsg(b));
     cr_assert_eq(n, 0, "a beat 500 ms ago");
     cr_assert_eq(kp_store_heartbeat(a, T0 + 900, &n), KP_OK);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 1300, &n), KP_OK);
     cr_assert_eq(kp_store_heartbeat(b, T0 + 1800, &n), KP_OK);
     cr_assert_eq(n, 0, "a beat 900 ms ago: its job is still its own, though leased 1800 ms ago");
     cr_assert_eq(kp_store_recover(b, T0 + 1800, &n), KP_OK);
@@ -910,6 +911,37 @@ Test(store_pg, leases_are_reclaimed_only_from_silent_brokers, .timeout = 60)
     e.outcome = KP_OUTCOME_FAILED;
     e.retry_at = T0;
     cr_assert_eq(kp_store_end(b, &id, 2, &e, T0 + 2001, &st), KP_EJOBSTATE);
+    kp_store_destroy(&a);
+    kp_store_destroy(&b);
+}
+
+/* When the database was out of reach for longer than the lease window, no
+ * broker could beat: the first one back must not take the others' jobs
+ * before they have had a window to beat again. A broker that stays silent
+ * after that is reclaimed as usual. */
+Test(store_pg, a_broker_back_from_an_outage_waits_a_window_before_reclaiming, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *a = pgt_open(db, 100, 1000, T0), *b = pgt_open(db, 200, 1000, T0);
+    kp_job_id id = ts_insert(a, ts_job("q", 0, "x"), T0);
+    struct kp_jobs jobs = {0};
+    cr_assert_eq(kp_store_claim(a, "q", 1, 100, T0, &jobs), KP_OK);
+    cr_assert_eq(jobs.n, 1);
+    kp_jobs_clear(&jobs);
+    size_t n = 99;
+    /* Nobody beat from T0 to T0 + 5000 (the outage). */
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 5000, &n), KP_OK, "%s", kp_store_errmsg(b));
+    cr_assert_eq(n, 0, "b is just back: a may be too");
+    cr_assert_eq(kp_store_heartbeat(a, T0 + 5100, &n), KP_OK);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 5400, &n), KP_OK);
+    cr_assert_eq(n, 0);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 6001, &n), KP_OK);
+    cr_assert_eq(n, 0, "a beat 901 ms ago");
+    cr_assert_eq(ts_state(b, &id), KP_JOB_LEASED);
+    cr_assert_eq(kp_store_heartbeat(b, T0 + 6400, &n), KP_OK);
+    cr_assert_eq(n, 1, "a silent since T0 + 5100, b beating since T0 + 5000: reclaimed");
     kp_store_destroy(&a);
     kp_store_destroy(&b);
 }

@@ -116,6 +116,45 @@ def test_hedging_beats_a_slow_replica_and_cancels_the_loser(broker, procs, tmp_p
     run(main(), loop)
 
 
+def test_sync_client_hedges(broker, procs, tmp_path):
+    """kelpie.sync hedges as the async client does: the copies share the
+    thread's connection, the first answer wins, the loser is cancelled."""
+    procs.worker(broker)
+    hedging = kelpie.HedgingPolicy(max_attempts=2, delay=0.1)
+    md = {"marker-dir": str(tmp_path), "tag": "s1"}
+    with kelpie.sync.Client(broker.frontend, timeout=10, hedging=hedging) as client:
+        client.wait_for_service("echo")
+        start = time.monotonic()
+        reply, trailing = client.call("echo", "SlowFirst", b"s1", idempotent=True, metadata=md,
+                                      with_metadata=True)
+        assert reply == b"fast" and trailing == {}
+        assert time.monotonic() - start < 1.0  # the slow copy takes 2 s
+        assert client.retry_stats["hedges"] == 1, client.retry_stats
+        run(wait_file(tmp_path / "s1.cancelled", timeout=5))
+        # Not idempotent: never hedged.
+        start = time.monotonic()
+        assert client.call("echo", "SlowFirst", b"s2") == b"slow"
+        assert time.monotonic() - start >= 1.9
+        assert client.retry_stats["hedges"] == 1
+        # A non-fatal failure sends the next copy at once.
+        slow = kelpie.HedgingPolicy(max_attempts=3, delay=5.0)
+        start = time.monotonic()
+        assert client.call("echo", "FailTimes", b"s3:1:%d" % UNAVAILABLE, idempotent=True,
+                           hedging=slow) == b"2"
+        assert time.monotonic() - start < 2.0
+        # A fatal one is the call's.
+        with pytest.raises(kelpie.NotFound):
+            client.call("echo", "FailTimes", b"s4:1:%d" % NOT_FOUND, idempotent=True,
+                        hedging=slow)
+        # The deadline still holds with every copy slow.
+        with pytest.raises(kelpie.DeadlineExceeded):
+            client.call("echo", "Sleep", b"5", idempotent=True, timeout=0.5)
+        # hedging=False turns it off for a call.
+        start = time.monotonic()
+        assert client.call("echo", "SlowFirst", b"s5", idempotent=True, hedging=False) == b"slow"
+        assert client.retry_stats["hedges"] == 3  # s1 and the Sleep's copy
+
+
 def test_deadline_propagates_from_handler_to_its_calls(broker, procs, loop):
     procs.worker(broker, loop=loop)
 

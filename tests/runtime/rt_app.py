@@ -194,7 +194,31 @@ def proc_fail(payload, ctx):
     raise ValueError("bad payload")
 
 
+def proc_count(payload, ctx):
+    """A server stream from a pool process: "i pid" for i < payload, then
+    trailing metadata; payload "fail": two chunks, then NotFound."""
+    n = 2 if payload == b"fail" else int(payload)
+    for i in range(n):
+        yield b"%d %d" % (i, os.getpid())
+    if payload == b"fail":
+        raise kelpie.NotFound("ran out", {"after": b"2"})
+    ctx.set_trailing_metadata({"produced": str(n)})
+
+
+def proc_count_forever(payload, ctx):
+    """Yields for ever, writing how many it produced (the test reads it to
+    see back-pressure reach the child)."""
+    _write("stream.pid", str(os.getpid()))
+    i = 0
+    while True:
+        i += 1
+        _write("stream.produced", str(i))
+        yield b"%d" % i
+
+
 if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
+    worker.add_handler("rt", "ProcCount", proc_count, executor="process")
+    worker.add_handler("rt", "ProcCountForever", proc_count_forever, executor="process")
     worker.add_handler("rt", "Cpu", cpu, executor="process")
     worker.add_handler("rt", "CpuForever", cpu_forever, executor="process")
     worker.add_handler("rt", "ProcPid", proc_pid, executor="process")

@@ -119,6 +119,51 @@ def test_process_handler_past_deadline_is_killed_and_replaced(broker, procs, tmp
     assert ws["running"] == 0
 
 
+def test_process_stream_handlers(broker, procs, tmp_path, loop):
+    """A server-streaming handler (a plain generator) in the process pool:
+    chunks in order from the child, trailing metadata, an error after some
+    chunks, back-pressure reaching the child, and a cancel killing it."""
+    worker = procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as client:
+            await wait_served(client)
+            stream = client.stream("rt", "ProcCount", b"25", timeout=20, window=2)
+            chunks = [c async for c in stream]
+            assert [int(c.split()[0]) for c in chunks] == list(range(25))
+            pids = {int(c.split()[1]) for c in chunks}
+            assert len(pids) == 1 and pids != {worker.pid}
+            assert stream.metadata == {"produced": b"25"}
+            stream = client.stream("rt", "ProcCount", b"fail", timeout=20)
+            got = []
+            with pytest.raises(kelpie.NotFound) as err:
+                async for c in stream:
+                    got.append(c)
+            assert len(got) == 2 and err.value.metadata == {"after": b"2"}
+            # A reader that stops: the child stops too, a few chunks on.
+            stream = client.stream("rt", "ProcCountForever", b"", timeout=30, window=2)
+            it = stream.__aiter__()
+            for _ in range(3):
+                await it.__anext__()
+            await asyncio.sleep(0.5)
+            produced = int((tmp_path / "stream.produced").read_text())
+            await asyncio.sleep(0.5)
+            assert int((tmp_path / "stream.produced").read_text()) == produced
+            # read 3, window 2 at the broker/client, 4 ahead in the worker,
+            # and the one the child is blocked on handing over.
+            assert produced <= 3 + 2 + 4 + 1, produced
+            child = int((tmp_path / "stream.pid").read_text())
+            stream.cancel()
+            await wait_for(lambda: not pid_alive(child), 5, "the streaming child killed")
+            # The pool's slot has a fresh child.
+            again = [c async for c in client.stream("rt", "ProcCount", b"2", timeout=20)]
+            ws = json.loads(await client.call("rt", "Stats", b"", timeout=5))
+            return again, ws, child
+    again, ws, child = run(main(), timeout=60)
+    assert len(again) == 2 and int(again[0].split()[1]) != child
+    assert ws["process_pool"]["killed"] == 1 and ws["running"] == 0, ws
+
+
 def test_pool_child_dies_with_its_worker(broker, procs, tmp_path):
     worker = procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1)
 

@@ -97,3 +97,17 @@ def postgres():
         yield pg.start()
     finally:
         pg.stop()
+
+
+def start_broker(tmp_path, name, url, heartbeat_ms=200, args=()):
+    """A kelpied on the shared store, its log in tmp_path/name."""
+    from kelpie.testing import Kelpied
+    d = tmp_path / name
+    d.mkdir(exist_ok=True)
+    return Kelpied(heartbeat_ms=heartbeat_ms, log_dir=str(d),
+                   args=["--store", url, *args]).start()
+
+
+def broker_stats(client):
+    """The broker's Stats counters (kelpie.broker/Stats)."""
+    return client.admin("Stats")[0]

@@ -122,8 +122,8 @@ def test_kill_9_of_a_broker_gets_its_leases_reclaimed_by_the_other(tmp_path, pos
 
 def test_a_job_submitted_where_no_worker_is_runs_on_the_other_broker(tmp_path, postgres):
     """Broker a has no worker: its job is found by broker b (whose worker is
-    idle) within the engine's periodic look (1 s; no LISTEN/NOTIFY yet), and
-    broker a reads its result from the shared store."""
+    idle), woken by a's notification (test_notify.py times it), and broker a
+    reads its result from the shared store."""
     url, _ = postgres.new_db()
     a = start_broker(tmp_path, "a", url)
     b = start_broker(tmp_path, "b", url)
@@ -151,7 +151,7 @@ def test_a_job_submitted_where_no_worker_is_runs_on_the_other_broker(tmp_path, p
 
 def test_a_watch_on_one_broker_ends_when_another_broker_runs_the_job(tmp_path, postgres):
     """The job runs on broker b; a WATCH sent to broker a gets its RESULT:
-    a asks the shared store about watched jobs it does not run (every 1 s)."""
+    b announces the job's end and a reads it from the shared store."""
     url, _ = postgres.new_db()
     a = start_broker(tmp_path, "a", url)
     b = start_broker(tmp_path, "b", url)

@@ -90,6 +90,13 @@ KELPIE_EXPORT const char *kelpie_status_name(kelpie_status status);
 enum {
     KELPIE_IDEMPOTENT = 1, /* the broker may re-send it to another worker */
     KELPIE_STREAM = 2,     /* answered by CHUNK* then END, not one REPLY */
+    /* the request itself is a stream: kelpie_client_write, then
+     * kelpie_client_done_writing (client streaming; with STREAM, bidi) */
+    KELPIE_CLIENT_STREAM = 128,
+    /* on a kelpie_reply's flags (and kelpie_call_flags): the payload came as
+     * zstd (it is handed over decompressed); the peer reads zstd (§5.7) */
+    KELPIE_COMPRESSED = 256,
+    KELPIE_ACCEPTS_COMPRESSED = 512,
 };
 
 /* Message kinds a client receives (kelpie.v1.Kind numbers). The job kinds
@@ -175,10 +182,21 @@ typedef struct kelpie_reply {
     uint32_t attempt;                     /* STATUS "running": the attempt that started */
     float progress;                       /* PROGRESS: 0..1 */
     char stream[KELPIE_STREAM_NAME_SIZE]; /* OUTPUT: "stdout", "stderr", ... */
+    /* The answer's metadata (a worker's trailing metadata on REPLY, END and
+     * ERROR): n_metadata entries, keys and values NUL-terminated copies
+     * owned by the reply (kelpie_reply_fini releases them). */
+    kelpie_metadata *metadata;
+    size_t n_metadata;
+    uint32_t flags; /* the answer's header flags (KELPIE_COMPRESSED, ...) */
 } kelpie_reply;
 
 /* Releases what a reply owns and zeroes it. Safe on a zeroed reply. */
 KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply);
+
+/* Looks up the reply's metadata; NULL when absent. *len (len may be NULL)
+ * gets the value's length; the value stays valid until kelpie_reply_fini. */
+KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const char *key,
+                                                size_t *len);
 
 /* Connects a client to a broker frontend ("tcp://127.0.0.1:5555"). The
  * connection is made in the background and re-made after a loss. Returns NULL
@@ -257,6 +275,62 @@ KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *clien
 
 /* How many calls are outstanding (sent, terminal answer not yet received). */
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *client);
+
+/* Client liveness (docs/protocol.md §7.2), as the Python clients do it.
+ * While calls are outstanding the client pings the broker (a HEARTBEAT with
+ * a request id of its own) every heartbeat_ms, and within
+ * KELPIE_CLIENT_FOLLOW_MS after sending calls; the broker echoes each ping
+ * with its broker_id. When nothing arrives for liveness * heartbeat_ms
+ * while calls wait, they end with a local ERROR UNAVAILABLE ("the broker
+ * did not answer for N ms"); when an answer shows a new broker_id (the
+ * broker restarted), the calls the old instance may have had end at once
+ * with UNAVAILABLE ("broker restarted; the call was lost with it"), and
+ * those the new one may have are cancelled there. The client has no
+ * thread: all this happens while the application is inside
+ * kelpie_client_call, _recv or _write (time spent elsewhere is not held
+ * against the broker). Defaults 1000 ms and 3; heartbeat_ms 0 turns pings
+ * and the silence check off. */
+KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *client,
+                                                        uint32_t heartbeat_ms, uint32_t liveness);
+#define KELPIE_CLIENT_FOLLOW_MS 50
+
+/* Broker restarts this client has seen (a HEARTBEAT with a new broker_id). */
+KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client);
+
+/* zstd compression (docs/protocol.md §5.7). Answers are always read
+ * compressed (every REQUEST says ACCEPTS_COMPRESSED). With enable, requests
+ * (and client-streamed CHUNKs) of at least threshold bytes to a service whose
+ * last answer said its worker reads zstd are sent compressed when that makes
+ * them smaller; the first call to a service goes plain, and an answer
+ * without the flag (an older worker joined) stops it. Default: off;
+ * KELPIE_COMPRESS_THRESHOLD is the threshold the Python peers use. */
+KELPIE_EXPORT kelpie_status kelpie_client_set_compression(kelpie_client *client, bool enable,
+                                                          size_t threshold);
+#define KELPIE_COMPRESS_THRESHOLD 1024
+
+/* Client-streamed calls (docs/protocol.md §5.6): kelpie_client_send with
+ * KELPIE_CLIENT_STREAM sends the REQUEST (service, method, deadline,
+ * metadata; its payload is ignored by workers), then each request message
+ * goes with kelpie_client_write and the input ends with
+ * kelpie_client_done_writing. Without KELPIE_STREAM the call is answered by
+ * one REPLY or ERROR; with it, it is bidirectional (CHUNKs then END, read
+ * with kelpie_client_recv and credited with kelpie_client_credit).
+ *
+ * kelpie_client_write sends one CHUNK under the input window (16 to start,
+ * widened by the worker as its handler reads). When the window is empty it
+ * waits (reading the socket; answers that arrive are kept for
+ * kelpie_client_recv) up to wait_ms (-1: for ever; 0: not at all):
+ * KELPIE_ERR_BUSY when the window stayed shut. KELPIE_NOT_FOUND when the
+ * call is no longer outstanding (it ended: its terminal answer waits in
+ * kelpie_client_recv), KELPIE_ERR_INVAL when it is not a CLIENT_STREAM call
+ * or its input was already ended, KELPIE_RESOURCE_EXHAUSTED (nothing sent)
+ * when the CHUNK is larger than the broker accepts. */
+KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *client, kelpie_request_id request_id,
+                                                const void *payload, size_t len, int wait_ms);
+
+/* Ends a CLIENT_STREAM call's input (END, the half-close). Once only. */
+KELPIE_EXPORT kelpie_status kelpie_client_done_writing(kelpie_client *client,
+                                                       kelpie_request_id request_id);
 
 /* ------------------------------------------------------------ client jobs -- */
 
@@ -385,6 +459,14 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *worker,
  * reason. Valid until the next call on the worker. */
 KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *worker);
 
+/* zstd compression of answers (docs/protocol.md §5.7). Requests and input
+ * CHUNKs are always read compressed (every answer says
+ * ACCEPTS_COMPRESSED). With enable, REPLYs and CHUNKs of at least threshold
+ * bytes to a caller that said it reads zstd go compressed when that makes
+ * them smaller. Default: off. */
+KELPIE_EXPORT kelpie_status kelpie_worker_set_compression(kelpie_worker *worker, bool enable,
+                                                          size_t threshold);
+
 /* Calls fn(worker, arg) every interval_ms on the run thread (0 disables). */
 KELPIE_EXPORT kelpie_status kelpie_worker_set_tick(kelpie_worker *worker, uint32_t interval_ms,
                                                    kelpie_tick_fn fn, void *arg);
@@ -431,6 +513,27 @@ KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call);
 /* Looks up request metadata; NULL when absent. *len gets the value length. */
 KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,
                                                size_t *len);
+
+/* Adds one entry of trailing metadata to the call's answer (REPLY, END or
+ * ERROR, whichever ends it). key is lower-case ASCII (a "-bin" suffix for
+ * binary values) and must not start with "kelpie-"; key and value are copied.
+ * KELPIE_ERR_INVAL for a bad key. */
+KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const char *key,
+                                                     const void *value, size_t len);
+
+/* CLIENT_STREAM calls (kelpie_call_flags(call) & KELPIE_CLIENT_STREAM): the
+ * handler reads the request messages in order. Returns KELPIE_OK with
+ * *payload and *len (valid until the next read or the call's answer);
+ * KELPIE_OUT_OF_RANGE once the caller ended its input (and on every read
+ * after); KELPIE_ERR_BUSY when nothing arrived within wait_ms (-1: until the
+ * call's deadline or for ever); KELPIE_CANCELLED when the call was
+ * cancelled; KELPIE_DATA_LOSS when a message went missing (a gap in the
+ * sequence); KELPIE_INVALID_ARGUMENT when a COMPRESSED message did not
+ * decompress (answer the call with that code); KELPIE_ERR_INVAL for a call that is not
+ * client-streamed. While waiting it reads the socket as kelpie_call_cancelled does. Reading grants
+ * the caller more input window, so a handler that reads slowly back-pressures its caller. */
+KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
+                                             int wait_ms);
 
 /* True once the client cancelled the call or the worker lost the broker (then
  * nobody waits for the answer). A synchronous handler that runs for a while

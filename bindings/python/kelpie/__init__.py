@@ -49,6 +49,7 @@ _RPC_NAMES = {
     "HedgingPolicy": "kelpie._retry",
     "RetryThrottle": "kelpie._retry",
     "NO_DEADLINE": "kelpie._liveness",
+    "BrokerLost": "kelpie._brokers",
     "Job": "kelpie.jobs",
     "JobEvent": "kelpie.jobs",
     "JobInfo": "kelpie.jobs",

@@ -168,9 +168,26 @@ def _child_main(conn, parent_pid):
             conn.send(("error", 13, f"cannot load the handler in a pool process: "
                        f"{type(exc).__name__}: {exc}", None))
             continue
-        fn, payload, ctx = message
+        if message[0] == "credit":
+            continue  # window granted after a stream ended: nothing to do
+        fn, payload, ctx = message[:3]
+        window = message[3] if len(message) > 3 else None
         try:
             result = fn(payload, ctx)
+            if window is not None:
+                # A streaming handler (a generator): each item goes to the
+                # worker as a chunk, within the window it grants, so a slow
+                # reader stops this child instead of filling the worker.
+                for item in result:
+                    if not isinstance(item, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"yielded {type(item).__name__}, expected bytes")
+                    while window <= 0:
+                        granted = conn.recv()
+                        if granted[0] == "credit":
+                            window += granted[1]
+                    conn.send(("chunk", bytes(item)))
+                    window -= 1
+                result = b""
             if result is None:
                 result = b""
             elif not isinstance(result, (bytes, bytearray, memoryview)):
@@ -315,7 +332,8 @@ class ProcessPool:
     # Calls ------------------------------------------------------------------
 
     async def run(self, fn, payload, ctx: ProcessContext, *, on_event=None,
-                  term_grace: Optional[float] = None) -> Any:
+                  term_grace: Optional[float] = None, stream: Optional[int] = None,
+                  on_chunk=None) -> Any:
         """Run ``fn(payload, ctx)`` in a child; returns ``("ok", bytes, md)`` or an error tuple.
 
         Raises ChildDied when the child ends without answering. ``on_event``
@@ -324,6 +342,11 @@ class ProcessPool:
         SIGKILL at once, or with ``term_grace`` first SIGTERM and SIGKILL
         only if it is still alive that many seconds later (a job handler may
         clean up).
+
+        ``stream`` (a window, > 0): ``fn`` is a generator; each item it yields
+        is handed to ``on_chunk(data, grant)`` on the loop, in order, before
+        the final answer (``("ok", b"", md)``); the child sends at most
+        ``stream`` items before ``grant(n)`` lets it send n more.
         """
         if self._closed:
             raise RuntimeError("process pool closed")
@@ -347,6 +370,9 @@ class ProcessPool:
                     future.set_result(("raised", f"undecodable answer from a pool process: "
                                        f"{exc}", "", None))
                     return
+                if answer.__class__ is tuple and answer and answer[0] == "chunk":
+                    on_chunk(answer[1], grant)
+                    continue
                 if answer.__class__ is tuple and answer and answer[0] == "event":
                     if on_event is not None:
                         try:
@@ -355,9 +381,19 @@ class ProcessPool:
                             log.exception("event of a pool process call")
                     continue
                 future.set_result(answer)
+        def grant(n):
+            if not future.done():
+                try:
+                    child.conn.send(("credit", n))
+                except OSError:
+                    pass  # it died: readable() reports that
+
         ok = False
         try:
-            child.conn.send((fn, bytes(payload), ctx))
+            if stream is None:
+                child.conn.send((fn, bytes(payload), ctx))
+            else:
+                child.conn.send((fn, bytes(payload), ctx, int(stream)))
             loop.add_reader(fd, readable)
             try:
                 answer = await future

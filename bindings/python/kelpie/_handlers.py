@@ -100,9 +100,10 @@ class HandlerTable:
             if is_async:
                 raise ValueError(f"{name}: executor={executor!r} needs a plain def, "
                                  "not an async function")
-            if (stream or inspect.isgeneratorfunction(fn)) and kind == _IN_PROCESS:
-                raise ValueError(f"{name}: streaming handlers run on the loop or in threads, "
-                                 "not in the process pool")
+            if stream and kind == _IN_PROCESS and not inspect.isgeneratorfunction(
+                    getattr(fn, "func", fn)):
+                raise ValueError(f"{name}: a streaming handler in the process pool is a "
+                                 "plain generator function (def with yield)")
         if kind == _IN_PROCESS:
             if client_stream:
                 raise ValueError(f"{name}: client-streaming handlers run on the loop or in "
@@ -149,6 +150,12 @@ class HandlerTable:
                                  functools.partial(_typed_call, fn, message_class(m.input_type),
                                                    reply_cls),
                                  stream=False, executor="process")
+            elif kind == "server_stream" and executor == "process" and \
+                    inspect.isgeneratorfunction(fn):
+                self.add_handler(service, m.name,
+                                 functools.partial(_typed_stream_call, fn,
+                                                   message_class(m.input_type), reply_cls),
+                                 stream=True, executor="process")
             elif kind == "unary" and not inspect.iscoroutinefunction(fn):
                 self.add_handler(service, m.name, _typed_sync(fn, decode, reply_cls),
                                  stream=False, executor=executor or "thread")
@@ -178,6 +185,10 @@ class HandlerTable:
             count += 1
         if count == 0:
             raise ValueError(f"{type(impl).__name__} implements no method of {service}")
+        # Reflection (kelpie._reflection): the service describes its methods' types.
+        from . import _reflection
+        self.add_handler(service, _reflection.METHOD, _reflection.handler(service_descriptor),
+                         stream=False, executor="loop")
 
     @property
     def services(self) -> list:
@@ -227,6 +238,16 @@ def _typed_call(fn, request_cls, reply_cls, payload, ctx):
         raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
                         f"expected {reply_cls.__name__}")
     return reply.SerializeToString()
+
+
+def _typed_stream_call(fn, request_cls, reply_cls, payload, ctx):
+    """A server-streaming servicer method in a pool process (module level: it
+    is pickled by name); a generator of serialised replies."""
+    for reply in fn(decode_request(request_cls, payload), ctx):
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        yield reply.SerializeToString()
 
 
 def _typed_stream(fn, decode, reply_cls):

@@ -62,7 +62,9 @@ def listing(stats):
     """``kelpie ls``'s rows from Stats: (service, workers, capacity, methods)."""
     rows = []
     for name, s in sorted(stats.get("services", {}).items()):
-        methods = s.get("methods", "")
+        # The reserved reflection method is the protocol's, not the service's.
+        methods = ",".join(m for m in s.get("methods", "").split(",")
+                           if m != "kelpie.Reflect") if s.get("methods") != "*" else "*"
         rows.append((name, s.get("workers", 0), s.get("capacity", 0),
                      "(any)" if methods == "*" else (methods.replace(",", " ") or "-")))
     return rows

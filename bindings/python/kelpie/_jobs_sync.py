@@ -96,13 +96,14 @@ class Job:
         return self._watch(True, timeout)
 
     def _watch(self, stream, timeout):
-        client = self.client
         timeout = _jobs.optional_timeout(timeout)
         deadline = None if timeout is None else _monotonic() + timeout
         state = _Watch(self.id, stream)
         tries = 0
         try:
             while True:
+                # Through one broker; after a loss, maybe another (kelpie._brokers).
+                client = self.client._watcher()
                 conn = client._fresh_conn()
                 if tries:
                     conn.ping(_monotonic())  # learn the broker's id before its events
@@ -129,6 +130,8 @@ class Job:
                 exc = state.error
                 if not _jobs.rewatchable(exc) or client._closed:
                     raise exc
+                if client is not self.client:
+                    self.client._lane_failed(client, exc)
                 if isinstance(exc, BrokerRestarted):
                     state.restarted()
                 pause = _jobs.rewatch_pause(tries)

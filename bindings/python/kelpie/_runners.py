@@ -12,6 +12,7 @@ call's context, the executors (kelpie._executors) and the session's send.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import inspect
 import logging
@@ -36,6 +37,9 @@ _CLIENT_STREAM = _wire.CLIENT_STREAM
 _COMPRESSED = _wire.COMPRESSED
 _ACCEPT = _compression.ACCEPT_FLAG
 _maybe_compress = _compression.maybe_compress
+# Chunks a pool process's streaming handler may produce ahead of those sent
+# on to the caller (each sent one lets it make one more).
+PROCESS_STREAM_WINDOW = 4
 
 
 def _drive(coro, yielded, worker, name):
@@ -153,8 +157,8 @@ class Runners:
                 run = self._run_stream_in_thread if handler.stream else self._run_in_thread
                 ctx._task = self._loop.create_task(run(session, ctx, handler, payload))
             else:
-                ctx._task = self._loop.create_task(
-                    self._run_in_process(session, ctx, handler, payload))
+                run = self._run_stream_in_process if handler.stream else self._run_in_process
+                ctx._task = self._loop.create_task(run(session, ctx, handler, payload))
             if ctx.deadline is not None:
                 ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
             return
@@ -390,6 +394,80 @@ class Runners:
             await self._answer_error(session, ctx, exc, handler)
         else:
             await self._reply(session, ctx, body)
+        finally:
+            self._forget(session, ctx)
+
+    async def _run_stream_in_process(self, session, ctx, handler, payload):
+        """A server-streaming handler (a plain generator) in a pool process:
+        the child yields chunks over its pipe, at most PROCESS_STREAM_WINDOW
+        ahead of what went to the caller, and each goes out as a CHUNK
+        under the caller's window, so a slow reader stops the child. A
+        cancel or the deadline cancels this task, which kills the child."""
+        pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
+                                         ctx.idempotent, ctx._mono_deadline)
+        chunks = collections.deque()
+        arrived = asyncio.Event()
+
+        def on_chunk(data, grant):
+            chunks.append((data, grant))
+            arrived.set()
+
+        pool = self._loop.create_task(self._process_pool.run(
+            handler.fn, payload, pctx, stream=PROCESS_STREAM_WINDOW, on_chunk=on_chunk))
+        pool.add_done_callback(lambda _: arrived.set())
+        rid = ctx.request_id
+        seq = 0
+        try:
+            while True:
+                while chunks:
+                    body, grant = chunks.popleft()
+                    if ctx._window <= 0:
+                        await ctx._wait_window()
+                    ctx._window -= 1
+                    z = 0
+                    if ctx._zip:
+                        body, z = _maybe_compress(body, self._zthreshold)
+                    header = _wire.chunk(rid, seq, _ACCEPT | z)
+                    too_big = _oversize("chunk", header, body, self._max_message_size)
+                    if too_big is not None:
+                        log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
+                                    too_big)
+                        raise _Oversized(too_big)
+                    await self._answer(session, ctx, header, body)
+                    seq += 1
+                    grant(1)
+                if pool.done():
+                    break
+                arrived.clear()
+                if not chunks and not pool.done():
+                    await arrived.wait()
+            answer = pool.result()
+            if answer[0] == "ok":
+                if answer[2]:
+                    ctx._trailing = {**(ctx._trailing or {}), **answer[2]}
+            elif answer[0] == "error":
+                _, code, message, metadata = answer
+                raise RpcError(code, message, metadata)
+            else:
+                _, message, text, trailing = answer
+                if trailing:
+                    ctx._trailing = {**(ctx._trailing or {}), **trailing}
+                log.error("%s raised in pool process:\n%s", handler.name, text.rstrip())
+                raise RpcError(StatusCode.INTERNAL, message)
+        except _executors.ChildDied as exc:
+            log.error("%s: %s while running the call", handler.name, exc)
+            await self._answer_error(session, ctx, RpcError(
+                StatusCode.INTERNAL, f"{handler.name}: {exc}"), handler)
+        except BaseException as exc:  # noqa: B036
+            if not pool.done():
+                pool.cancel()  # kills the child
+                try:
+                    await pool
+                except BaseException:  # noqa: B036 - the call's outcome is exc
+                    pass
+            await self._answer_error(session, ctx, exc, handler)
+        else:
+            await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing, _ACCEPT))
         finally:
             self._forget(session, ctx)
 

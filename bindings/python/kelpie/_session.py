@@ -8,6 +8,10 @@ job runner), a broker restart (``broker_id``), orphaning the calls a
 session loses, and :meth:`Worker.stop`. Calls go down: to kelpie._runners
 for a REQUEST, to kelpie._jobs_worker for a JOB, to kelpie._context to
 cancel or grant window, to kelpie._stalls for the Pulse ticks.
+
+A worker given several backends runs none of this itself: ``run`` starts
+one lane per broker (a single-broker Worker with the same handlers and
+pools, kelpie._brokers) and ``stop`` stops them all.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import concurrent.futures
 import logging
 import threading
 
-from . import _executors, _security, _stalls, _wire, _zmq
+from . import _brokers, _executors, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
 from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
@@ -61,6 +65,9 @@ class Session:
             raise RuntimeError("no handlers registered")
         if self._running:
             raise RuntimeError("worker is already running")
+        backends = _brokers.endpoints(self.backend, "KELPIE_BACKEND", self.backend)
+        if len(backends) > 1:
+            return await self._run_lanes(backends)
         self._running = True
         self._loop = loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -71,19 +78,13 @@ class Session:
         watchdog = bool(self.stall_threshold)
         if watchdog:
             _stalls.watchdog_start()
-        if watchdog:
+        if watchdog and self._report_stacks:
             self._stack_watch = _StackWatch(threading.get_ident(), self._watchdog_timeout)
         backoff = 0.0
         resender = None
         try:
-            kinds = {h.kind for h in self._handlers.values()} | \
-                {h.kind for h in self._job_handlers.values()}
-            if _IN_THREAD in kinds:
-                self._thread_pool = concurrent.futures.ThreadPoolExecutor(
-                    self.threads, thread_name_prefix="kelpie-handler")
-            if _IN_PROCESS in kinds:
-                self._process_pool = _executors.ProcessPool(self.processes, loop)
-                self._process_pool.start()
+            if not self._shared_pools:
+                self._start_pools(loop)
             resender = self._spawn(self._resend_loop()) if self._job_handlers else None
             while not self._stopping:
                 session = await self._open(context)
@@ -118,14 +119,68 @@ class Session:
             if self._stack_watch is not None:
                 self._stack_watch.stop()
                 self._stack_watch = None
-            if self._process_pool is not None:
-                await self._process_pool.close()
-            if self._thread_pool is not None:
-                # Threads still running a handler that ignores ctx.cancelled()
-                # finish on their own; the process exits once they have.
-                self._thread_pool.shutdown(wait=False, cancel_futures=True)
+            if not self._shared_pools:
+                await self._stop_pools()
             if own_context:
                 context.term()
+            self._stop_event.set()
+
+    def _start_pools(self, loop):
+        """The thread and process pools the registered handlers need."""
+        kinds = {h.kind for h in self._handlers.values()} | \
+            {h.kind for h in self._job_handlers.values()}
+        if _IN_THREAD in kinds:
+            self._thread_pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="kelpie-handler")
+        if _IN_PROCESS in kinds:
+            self._process_pool = _executors.ProcessPool(self.processes, loop)
+            self._process_pool.start()
+
+    async def _stop_pools(self):
+        if self._process_pool is not None:
+            await self._process_pool.close()
+        if self._thread_pool is not None:
+            # Threads still running a handler that ignores ctx.cancelled()
+            # finish on their own; the process exits once they have.
+            self._thread_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run_lanes(self, backends):
+        """Serve several brokers: one lane (a single-broker Worker with
+        these handlers, kelpie._brokers) per backend, all on this loop and
+        sharing the pools, ``concurrency`` split over the brokers that are
+        up. Runs until :meth:`stop` stops every lane."""
+        self._running = True
+        self._loop = loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        own_context = self._context is None
+        if own_context:
+            self._context = _zmq.Context()
+        lanes = self._lanes = _brokers.worker_lanes(self, backends)
+        balancer = None
+        try:
+            self._start_pools(loop)
+            for lane in lanes:
+                lane._thread_pool = self._thread_pool
+                lane._process_pool = self._process_pool
+                if self._stopping:
+                    lane._stopping = True
+            balancer = loop.create_task(_brokers.balance(self, lanes))
+            runs = [loop.create_task(lane.run()) for lane in lanes]
+            try:
+                await asyncio.gather(*runs)
+            except BaseException:
+                for task in runs:
+                    task.cancel()
+                await asyncio.gather(*runs, return_exceptions=True)
+                raise
+        finally:
+            if balancer is not None:
+                balancer.cancel()
+            self._running = False
+            await self._stop_pools()
+            if own_context:
+                self._context.term()
+                self._context = None
             self._stop_event.set()
 
     async def _open(self, context):
@@ -212,6 +267,11 @@ class Session:
         """
         if self._stop_event is None:
             self._stopping = True
+            return
+        if self._lanes:
+            self._stopping = True
+            await asyncio.gather(*(lane.stop(grace) for lane in self._lanes))
+            await self._stop_event.wait()
             return
         if self._stopping:
             await self._stop_event.wait()

@@ -15,6 +15,7 @@ Context = _k.Context
 BlockingSocket = _k.BlockingSocket
 DEALER = _k.DEALER
 PUSH = _k.PUSH  # kelpie.Producer, to the intake
+IMMEDIATE = _k.IMMEDIATE  # kelpie.Producer over several intakes
 LINGER = _k.LINGER
 SNDHWM = _k.SNDHWM
 RCVHWM = _k.RCVHWM

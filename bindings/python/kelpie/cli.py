@@ -21,6 +21,8 @@
 
 Endpoints: ``--frontend`` / ``--backend``, else ``$KELPIE_FRONTEND`` /
 ``$KELPIE_BACKEND``, else kelpied's defaults (tcp://127.0.0.1:5555 / 5556).
+Several brokers sharing one store: endpoints separated by commas
+(``--frontend tcp://a:5555,tcp://b:5555``; docs/scale-out.md).
 The options common to every command (``--frontend``, ``--backend``,
 ``--loop``, ``--log-level``) may come before or after the command.
 
@@ -81,6 +83,12 @@ class UsageError(Exception):
 def _check_endpoint(option, endpoint):
     if endpoint is None:
         return
+    # Several brokers: endpoints separated by commas (kelpie._brokers).
+    for one in endpoint.split(","):
+        _check_one_endpoint(option, one.strip())
+
+
+def _check_one_endpoint(option, endpoint):
     if endpoint.startswith("tcp://") and not re.match(r"^tcp://.+:\d+$", endpoint):
         raise UsageError(f"{option} {endpoint!r} has no port (tcp://HOST:PORT, e.g. "
                          f"tcp://127.0.0.1:5555)")
@@ -209,10 +217,25 @@ def _metadata(pairs):
 
 
 async def _call(args):
+    if args.request is not None:
+        if args.data is not None:
+            raise UsageError("give the request once: as REQUEST or with --data, not both")
+        args.data = args.request
     request_cls, reply_cls = _message_types(args)
-    payload = _encode(_read_data(args.data), request_cls)
     metadata = _metadata(args.metadata)
     async with Client(args.frontend, heartbeat=0) as client:
+        if request_cls is None and reply_cls is None and not args.raw:
+            # A typed service describes itself (kelpie._reflection): then the
+            # request is JSON for its request type and the reply prints as JSON.
+            from . import _reflection
+            described = await _reflection.fetch(client, args.service, min(2.0, args.timeout
+                                                                          or 2.0))
+            if described is not None and args.method in described.methods:
+                request_cls, reply_cls = described.classes(args.method)
+            elif described is not None:
+                raise UsageError(f"{described.service} has no method {args.method!r} "
+                                 f"(it has {', '.join(sorted(described.methods))})")
+        payload = _encode(_read_data(args.data), request_cls)
         try:
             if args.stream:
                 async with client.stream(args.service, args.method, payload,
@@ -315,11 +338,19 @@ def cmd_ls(args):
     """`kelpie ls`: services, their workers and capacity, and their methods."""
     from . import _health
 
+    from . import _reflection
+
     async def main():
         async with Client(args.frontend, heartbeat=0) as client:
-            return await client.stats(timeout=args.timeout)
+            stats = await client.stats(timeout=args.timeout)
+            names = [name for name, s in sorted(stats.get("services", {}).items())
+                     if s.get("workers") and name != "kelpie.broker"]
+            # Typed services describe their methods (kelpie._reflection).
+            found = await asyncio.gather(*(_reflection.fetch(client, name, args.timeout)
+                                           for name in names))
+            return stats, [d for d in found if d is not None]
     try:
-        stats = _run(main(), args.loop)
+        stats, described = _run(main(), args.loop)
     except RpcError as exc:
         print(_dead_broker(args.frontend, "ls", exc, args.timeout), file=sys.stderr)
         return EXIT_FAILED
@@ -329,6 +360,10 @@ def cmd_ls(args):
         print("no services registered")
         return 0
     print("\n".join(_table(rows, ["SERVICE", "WORKERS", "CREDITS", "METHODS"])))
+    for d in described:
+        print(f"\nservice {d.service}")
+        for name in d.methods:
+            print(f"  rpc {d.signature(name)}")
     return 0
 
 
@@ -512,7 +547,10 @@ async def _child_watch(worker, args, outcome):
         if not announced:
             # The broker answers READY at once (a HEARTBEAT): the first thing
             # heard on a session means the broker has this worker's services.
-            session = getattr(worker, "_session", None)
+            # Several brokers: the first of its lanes (kelpie._brokers) to register.
+            lanes = getattr(worker, "_lanes", None) or [worker]
+            session = next((lane._session for lane in lanes
+                            if getattr(lane, "_session", None) is not None), None)
             if session is not None and session is not seen_session:
                 seen_session, seen_at = session, session.last_recv
             elif session is not None and session.last_recv > seen_at:
@@ -590,12 +628,14 @@ def _common(parser, top):
         return value if top else argparse.SUPPRESS
     parser.add_argument("--frontend", metavar="ENDPOINT",
                         default=default(os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND),
-                        help="the broker's frontend, where clients connect (env "
+                        help="the broker's frontend, where clients connect; several "
+                             "brokers: separated by commas (env "
                              f"KELPIE_FRONTEND; default {DEFAULT_FRONTEND})")
     parser.add_argument("--backend", metavar="ENDPOINT",
                         default=default(os.environ.get("KELPIE_BACKEND")),
-                        help="the broker's backend, where workers connect (env "
-                             f"KELPIE_BACKEND; default {DEFAULT_BACKEND})")
+                        help="the broker's backend, where workers connect; several "
+                             "brokers: separated by commas, the worker registers with "
+                             f"each (env KELPIE_BACKEND; default {DEFAULT_BACKEND})")
     parser.add_argument("--key", metavar="FILE", default=default(None),
                         help="our CURVE secret key file, from `kelpie keygen` (env KELPIE_KEY; "
                              "default: none, plain text)")
@@ -634,10 +674,19 @@ def _parser():
                "kelpie call echo Echo --data @request.bin;  "
                "echo hi | kelpie call echo Echo --data -;  "
                "kelpie call demo.Greeter SayHello --proto greeter_pb2 --data '{\"name\": \"ann\"}'. "
+               "A service served with Worker.add_servicer describes its types itself "
+               "(reflection), so there --proto is not needed: "
+               "kelpie call demo.Greeter SayHello '{\"name\": \"ann\"}'. "
                "Exit status 1 when the call fails (CODE: message on stderr), 2 on a "
                "usage error.")
     c.add_argument("service", help="service name, e.g. echo or demo.Greeter")
     c.add_argument("method", help="method name, e.g. Echo or SayHello")
+    c.add_argument("request", nargs="?", default=None, metavar="REQUEST",
+                   help="the request, as --data takes it: JSON for a typed method "
+                        "(default: --data, else empty)")
+    c.add_argument("--raw", action="store_true",
+                   help="send --data as raw bytes and print the reply raw even when the "
+                        "service describes its types (default: JSON for typed services)")
     c.add_argument("--data", "-d", metavar="TEXT|@FILE|-",
                    help="the request payload, sent as raw bytes: TEXT as typed (UTF-8), "
                         "@FILE for a file's contents, - for stdin; JSON only with --proto "

@@ -41,7 +41,8 @@ from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
-from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
+from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
+from . import _security
 from . import _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from .jobs import ClientJobs, _Watch
@@ -92,7 +93,18 @@ class Client(ClientJobs):
     if the broker refuses the handshake (kelpie._security).
     Use it as ``async with kelpie.Client() as client:`` or call
     :meth:`connect` and :meth:`close` yourself.
+
+    Several brokers (docs/scale-out.md): ``frontend`` may be a list of
+    endpoints or one string with commas (so may ``$KELPIE_FRONTEND``); the
+    client then keeps a connection to each, spreads calls and submits over
+    the live ones and moves off a lost one at once (kelpie._brokers).
     """
+
+    def __new__(cls, frontend: Any = None, *args: Any, **kwargs: Any) -> "Client":
+        if cls is Client and len(_brokers.endpoints(frontend, "KELPIE_FRONTEND",
+                                                    DEFAULT_FRONTEND)) > 1:
+            return object.__new__(_multi_class())
+        return object.__new__(cls)
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
@@ -496,6 +508,10 @@ class Client(ClientJobs):
 
     # -- internals --------------------------------------------------------
 
+    def _watcher(self):
+        """The client a job's watch is sent through (a lane of several brokers)."""
+        return self
+
     def _send_later(self, *frames):
         """Send a control message from synchronous code (timer, cancel path)."""
         if self._sock is None:
@@ -622,6 +638,17 @@ class Client(ClientJobs):
                 watch.gone(loop.time())
             elif now + 0.01 >= watch.last_ping + watch.heartbeat:
                 await self._ping(now)
+
+
+_MULTI = None
+
+
+def _multi_class():
+    """The Client over several brokers (kelpie._brokers), made once."""
+    global _MULTI
+    if _MULTI is None:
+        _MULTI = _brokers.make_async(Client)
+    return _MULTI
 
 
 def _fail(entry, exc):

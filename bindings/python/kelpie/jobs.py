@@ -29,7 +29,7 @@ import os
 import threading
 from typing import Any, AsyncIterator, Mapping, Optional
 
-from . import _jobs, _wire, _zmq
+from . import _brokers, _jobs, _wire, _zmq
 from ._calls import timeout_ms as _timeout_ms
 from ._jobs import Attempt, JobEvent, JobInfo
 from ._liveness import BrokerRestarted
@@ -157,7 +157,8 @@ class Job:
         return self._watch(True, timeout)
 
     async def _watch(self, stream, timeout):
-        client = self.client
+        # Through one broker; after a loss, maybe another (kelpie._brokers).
+        client = self.client._watcher()
         timeout = _jobs.optional_timeout(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -186,6 +187,7 @@ class Job:
                     raise DeadlineExceeded(f"job {self.id} did not finish in time "
                                            f"(last: {exc})")
                 await asyncio.sleep(pause)
+                client = state.client = self.client._watcher()
         finally:
             state.abandon()
 
@@ -394,7 +396,9 @@ class Producer:
     """Fire-and-forget submissions to the broker's intake (PULL) socket.
 
     ``Producer(intake=None)``: ``intake`` defaults to ``$KELPIE_INTAKE`` or
-    ``tcp://127.0.0.1:5557``. :meth:`submit` takes the same options as
+    ``tcp://127.0.0.1:5557``; several brokers' intakes: a list or one string
+    with commas (submissions go round-robin to the connected ones).
+    :meth:`submit` takes the same options as
     :meth:`kelpie.Client.submit` and returns as soon as the message is
     queued on the socket: nothing answers, so there is no job id and no
     error (a submission the broker cannot store is dropped and counted,
@@ -411,14 +415,22 @@ class Producer:
 
     def __init__(self, intake: Optional[str] = None, *, hwm: int = 100_000,
                  send_timeout: float = 5.0, linger: float = 5.0, context: Any = None) -> None:
-        self.intake = intake or os.environ.get("KELPIE_INTAKE") or DEFAULT_INTAKE
+        intake = intake or os.environ.get("KELPIE_INTAKE") or DEFAULT_INTAKE
+        self.intake = intake if isinstance(intake, str) else ",".join(intake)
         self.send_timeout = float(send_timeout)
         self.linger = float(linger)
         self._own_context = context is None
         self._context = context if context is not None else _zmq.Context()
         sock = _zmq.BlockingSocket(self._context, _zmq.PUSH)
         sock.setsockopt(_zmq.SNDHWM, int(hwm))
-        sock.connect(self.intake)
+        intakes = _brokers.endpoints(intake, "KELPIE_INTAKE", DEFAULT_INTAKE)
+        if len(intakes) > 1:
+            # Several brokers: PUSH deals submissions round-robin to the
+            # intakes it is connected to now, none to one that is down
+            # (its queue would be lost with it).
+            sock.setsockopt(_zmq.IMMEDIATE, 1)
+        for endpoint in intakes:
+            sock.connect(endpoint)
         self._sock = sock
         self._lock = threading.Lock()
         self._next_id = 1

@@ -59,8 +59,8 @@ import time
 import weakref
 from typing import Any, Mapping, Optional, Union
 
-from . import _calls, _compression, _core, _interceptors, _liveness, _retry, _security
-from . import _streaming, _wire, _zmq
+from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
+from . import _security, _streaming, _wire, _zmq
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
@@ -302,8 +302,9 @@ class Client(SyncClientJobs):
     ``Client(frontend=None, *, timeout=None, metadata=None, heartbeat=1.0,
     liveness=3, context=None, key=None, server_key=None, interceptors=None)``, the
     same arguments as :class:`kelpie.Client` (``key``/``server_key``: CURVE, see
-    there; interceptors' methods are called without await; ``retry`` and
-    ``throttle`` as there, no hedging):
+    there; interceptors' methods are called without await; ``retry``,
+    ``hedging`` and ``throttle`` as there: a hedged call's copies go out on
+    the calling thread's connection and it waits for whichever answers first):
     ``frontend`` defaults to ``$KELPIE_FRONTEND`` or ``tcp://127.0.0.1:5555``;
     ``timeout`` is the deadline of every call that sets none (seconds; None:
     ``$KELPIE_TIMEOUT`` or 30 s; ``kelpie.NO_DEADLINE``: none); ``metadata``
@@ -315,23 +316,36 @@ class Client(SyncClientJobs):
     kelpie._jobs_sync. Share
     one Client between all the threads of a process; use it as ``with
     kelpie.sync.Client() as client:`` or call :meth:`close`.
+
+    Several brokers: ``frontend`` may be a list of endpoints or one string
+    with commas (so may ``$KELPIE_FRONTEND``), as for :class:`kelpie.Client`
+    (kelpie._brokers).
     """
+
+    def __new__(cls, frontend: Any = None, *args: Any, **kwargs: Any) -> "Client":
+        if cls is Client and len(_brokers.endpoints(frontend, "KELPIE_FRONTEND",
+                                                    DEFAULT_FRONTEND)) > 1:
+            global _MULTI
+            if _MULTI is None:
+                _MULTI = _brokers.make_sync(Client)
+            return object.__new__(_MULTI)
+        return object.__new__(cls)
 
     def __init__(self, frontend: Optional[str] = None, *, timeout: Optional[float] = None,
                  metadata: _Metadata = None, heartbeat: float = 1.0, liveness: int = 3,
                  context: Any = None, key: Optional[str] = None,
                  server_key: Optional[str] = None, interceptors: Any = None, retry: Any = None,
-                 throttle: Any = None, compression: Any = None,
+                 hedging: Any = None, throttle: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         self._keys = _security.load_keys(key, server_key)
         # Around every call, the first outermost; their methods are called
         # without await here (kelpie._interceptors).
         self._interceptors = _interceptors.check_client(interceptors)
-        # Unary calls' retry policy and its budget (kelpie._retry); a thread
-        # waits for one answer at a time, so this client does not hedge.
-        _retry.check(retry, None)
+        # Unary calls' retry and hedging policies and their budget (kelpie._retry).
+        _retry.check(retry, hedging)
         self.retry = retry or None
+        self.hedging = hedging or None
         self._throttle = throttle or _retry.RetryThrottle()
         self.retry_stats = _retry.new_stats()
         # As kelpie.Client's (kelpie._compression); shared by all threads.
@@ -404,6 +418,10 @@ class Client(SyncClientJobs):
         else:
             self._forked = True  # the caller's context is the parent's
 
+    def _watcher(self):
+        """The client a job's watch is sent through (a lane of several brokers)."""
+        return self
+
     def _conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.dead:
@@ -426,7 +444,8 @@ class Client(SyncClientJobs):
     def call(self, service: str, method: str, payload: Any = b"", *,
              timeout: Optional[float] = None, metadata: _Metadata = None,
              idempotent: bool = False, with_metadata: bool = False,
-             retry: Any = None, compression: Any = None, _stage: int = 0) -> Any:
+             retry: Any = None, hedging: Any = None, compression: Any = None,
+             _stage: int = 0) -> Any:
         """Call ``service``/``method`` with ``payload`` (bytes); return the reply bytes.
 
         As :meth:`kelpie.Client.call`: ``timeout`` (seconds; default the
@@ -444,6 +463,12 @@ class Client(SyncClientJobs):
                 self._interceptors, _interceptors.CallDetails(
                     service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
                     with_metadata=with_metadata, compression=compression), self._call_details)
+        if _stage < 2 and idempotent and (self.hedging is not None or hedging is not None):
+            policy = _retry.pick(hedging, self.hedging)
+            _retry.check(None, policy)
+            if policy:
+                return self._hedged(service, method, payload, timeout, metadata or {},
+                                    with_metadata, policy, compression)
         if _stage < 2 and (self.retry is not None or retry is not None):
             policy = _retry.pick(retry, self.retry)
             _retry.check(policy, None)
@@ -509,6 +534,94 @@ class Client(SyncClientJobs):
         if zip_.setting or compression:
             zip_.learn(service, header)
         return _core.unary_result(header, frames, with_metadata)
+
+    def _hedged(self, service, method, payload, timeout, metadata, with_metadata, policy,
+                compression):
+        """An idempotent unary call under a hedging policy (kelpie._retry):
+        a copy goes out, another after ``policy.delay`` with no answer (or at
+        once after a non-fatal failure), up to ``max_attempts``, within the
+        retry budget; the first success wins and the others are cancelled at
+        their workers. All copies share this thread's connection; their
+        answers are told apart by request id."""
+        conn = self._conn()
+        if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+            conn.drain_stale()
+        stats, throttle = self.retry_stats, self._throttle
+        deadline = None if timeout is None else _monotonic() + timeout
+        flags = _ACCEPT | 1
+        zip_ = self._zip
+        if zip_.setting or compression:
+            payload, z = zip_.request(service, payload, compression)
+            flags |= z
+        live = {}  # request id -> _Copy, the copies still running
+
+        def launch():
+            now = _monotonic()
+            if conn.watch.stale(now):
+                conn.ping(now)
+            rid, header = conn.request(service, method, payload,
+                                       None if deadline is None else max(0.001, deadline - now),
+                                       flags, 0, metadata)
+            copy = _Copy(rid)
+            conn.streams[rid] = copy  # conn.wait routes its answer to it
+            live[rid] = copy
+            conn.send((header, payload))
+            conn.watch.sent_call()
+            stats["attempts"] += 1
+
+        try:
+            launch()
+            sent, last = 1, None
+            next_copy = _monotonic() + policy.delay
+            while live:
+                until = deadline
+                if sent < policy.max_attempts and (until is None or next_copy < until):
+                    until = next_copy
+                more = False
+                try:
+                    conn.wait(self, 0, until)
+                except DeadlineExceeded:
+                    if until is deadline:
+                        raise
+                    more = True  # the delay passed with no answer: hedge
+                for rid, copy in list(live.items()):
+                    if copy.outcome is None:
+                        continue
+                    del live[rid]
+                    conn.streams.pop(rid, None)
+                    header, frames = copy.outcome
+                    if isinstance(header, BaseException):
+                        exc = header
+                    elif header.kind == _wire.REPLY:
+                        throttle.success()
+                        if zip_.setting or compression:
+                            zip_.learn(service, header)
+                        return _core.unary_result(header, frames, with_metadata)
+                    else:
+                        exc = _calls.error_from(header)
+                    if not isinstance(exc, RpcError) or exc.code not in policy.non_fatal:
+                        raise exc
+                    throttle.failure()
+                    last, more = exc, True
+                if more and sent < policy.max_attempts:
+                    if not throttle.allows():
+                        stats["throttled"] += 1
+                        if not live:
+                            raise last
+                        sent = policy.max_attempts  # no more copies; wait for those out
+                        continue
+                    launch()
+                    sent += 1
+                    stats["hedges"] += 1
+                    next_copy = _monotonic() + policy.delay
+            raise last
+        finally:
+            # The losers (or every copy, on a failure or an interrupt): the
+            # broker cancels them at their workers.
+            for rid in live:
+                conn.streams.pop(rid, None)
+                if not conn.dead:
+                    self._cancel(conn, rid)
 
     def _call_details(self, d):
         """The innermost step of the interceptor chain: the call as ``d`` says."""
@@ -677,6 +790,9 @@ class Client(SyncClientJobs):
             time.sleep(min(_waiting.POLL_INTERVAL, left))
 
 
+_MULTI = None  # the Client over several brokers (kelpie._brokers), made once
+
+
 def _after_fork_in_child():
     """A libzmq context does not survive fork(): in the child, every Client
     forgets the parent's sockets and (if it made it) context, and makes new
@@ -691,6 +807,26 @@ _CLIENTS = weakref.WeakSet()
 _INHERITED = []  # the parent's sockets and contexts, in a forked child
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Copy:
+    """One copy of a hedged call, as conn.wait routes its answer: the
+    terminal (header, frames), or (exception, None) when it failed locally
+    (a restarted broker, a DISCONNECT)."""
+
+    __slots__ = ("rid", "outcome")
+
+    def __init__(self, rid):
+        self.rid = rid
+        self.outcome = None
+
+    def deliver(self, kind, header, frames):
+        if kind in (_wire.REPLY, _wire.ERROR) and self.outcome is None:
+            self.outcome = (header, frames)
+
+    def fail(self, exc):
+        if self.outcome is None:
+            self.outcome = (exc, None)
 
 
 class _StreamState(_calls.StreamCore):

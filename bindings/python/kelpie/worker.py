@@ -90,7 +90,7 @@ import os
 import socket as _socket
 from typing import Any, Optional
 
-from . import _compression, _executors, _interceptors, _security, _wire
+from . import _brokers, _compression, _executors, _interceptors, _security, _wire
 from ._context import CallContext
 from ._handlers import HandlerTable
 from ._jobs_worker import JobContext, JobRunner, ProcessJobContext
@@ -113,7 +113,9 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
     liveness=3, stall_threshold=1.0, threads=None, processes=None,
     context=None, key=None, server_key=None, interceptors=None, compression=None,
     compression_threshold=1024)``. ``backend`` defaults to
-    ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; ``concurrency`` is the
+    ``$KELPIE_BACKEND`` or ``tcp://127.0.0.1:5556``; a list of endpoints (or
+    one string with commas) registers with every broker named, the
+    ``concurrency`` split over those that are up (kelpie._brokers); ``concurrency`` is the
     credit announced in READY (calls run at once, whatever runs them);
     ``name`` shows in the broker's logs and stats (default ``host:pid``);
     ``stall_threshold`` (seconds, None: off) is how long the event loop may
@@ -146,7 +148,8 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         # compressed either way.
         self._compression = _compression.check(compression)
         self._zthreshold = int(compression_threshold)
-        self.backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
+        backend = backend or os.environ.get("KELPIE_BACKEND") or DEFAULT_BACKEND
+        self.backend = backend if isinstance(backend, str) else ",".join(backend)
         # CURVE (kelpie._security): key files, else $KELPIE_KEY / $KELPIE_SERVER_KEY.
         self._keys = _security.load_keys(key, server_key)
         if concurrency < 1:
@@ -163,6 +166,11 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
             raise ValueError("threads and processes must be at least 1")
         self._thread_pool = None
         self._process_pool = None
+        # Several brokers (kelpie._brokers): the lanes while run() runs; a
+        # lane uses its parent's pools and only the first reports stacks.
+        self._lanes = None
+        self._shared_pools = False
+        self._report_stacks = True
         self._threads_busy = 0
         # A handler step longer than this is reported as having blocked the loop.
         self._slow_step = float(stall_threshold) if stall_threshold else float("inf")
@@ -203,8 +211,21 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
 
     @property
     def answered(self) -> int:
-        """Calls answered so far, successfully or not."""
+        """Calls answered so far, successfully or not (over every broker)."""
+        if self._lanes:
+            return sum(lane.answered for lane in self._lanes)
         return self.served + self.failed
+
+    @property
+    def memory_errors(self) -> int:
+        """Handlers that raised MemoryError (over every broker)."""
+        if self._lanes:
+            return sum(lane.memory_errors for lane in self._lanes)
+        return self._memory_errors
+
+    @memory_errors.setter
+    def memory_errors(self, value: int) -> None:
+        self._memory_errors = value
 
     @property
     def stats(self) -> dict:
@@ -218,7 +239,12 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         ``stalls`` / ``stalled_seconds`` (event loop stalls past
         ``stall_threshold`` and their total length), ``threads_busy``,
         ``process_pool`` (pids, busy, started, killed, died) when there is one.
+        With several brokers the counters are summed over them and
+        ``brokers`` lists each (``backend``, ``up``, ``concurrency``: its
+        share of the slots now, ``served``).
         """
+        if self._lanes:
+            return _brokers.lane_stats(self, self._lanes)
         session = self._session
         out = {"served": self.served, "failed": self.failed,
                "memory_errors": self.memory_errors,

@@ -1,0 +1,383 @@
+"""Durable jobs on several brokers sharing one PostgreSQL store, against one
+broker on SQLite, same machine, one run.
+
+    /usr/bin/python3 benchmarks/jobs/pg_bench.py [--quick] [--n N] [--slots S]
+
+Cases, each on fresh state (a new database, a new data dir):
+
+* ``sqlite x1``: one ``kelpied --data-dir`` (SQLite, WAL, synchronous=FULL);
+* ``pg xK`` for K = 1, 2, 3: K ``kelpied --store postgresql://...`` on one
+  PostgreSQL 15 that this script starts itself (initdb into a scratch dir on
+  the build tree's disk, ``fsync=on``, ``synchronous_commit=on``, a unix
+  socket, stopped by its pid at exit).
+
+Every broker has one ``job_bench worker`` (the C library) with S slots on
+queue "bench". N no-op jobs end to end: K ``job_bench e2e`` producers at
+once, one per broker, N/K jobs each with at most WINDOW SUBMITs awaiting
+ACCEPTED; done when the brokers' jobs_succeeded counters summed have grown
+by N (each job counted once, by the broker whose worker ran it). Then one job
+at a time on the first broker (round trip and SUBMIT -> ACCEPTED p50/p99).
+For ``pg x3``: the recovery time after ``kill -9`` of a broker holding
+leases (48 jobs of 3 s submitted to it), from the kill to every job it held
+being leased again by another broker (polled in the database every ~20 ms),
+with ``--heartbeat-ms`` as given (lease window = 3 x heartbeat).
+
+Scaling efficiency = jobs/s with K brokers / (K x jobs/s with 1 broker).
+Prints a table with the load average before and after; writes
+benchmarks/results/pg.md and pg.json (not committed).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+PG_BIN = "/usr/lib/postgresql/15/bin"
+LIMIT_S = 300
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Children:
+    """Processes started here, each the leader of its own session, stopped by pid."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        self.procs = []
+
+    def start(self, name, argv, **kw):
+        log = open(os.path.join(self.logdir, name + ".log"), "ab")
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True, **kw)
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, sig=signal.SIGTERM, grace=10.0):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+                p.wait(grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(5)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self):
+        for p in list(reversed(self.procs)):
+            self.stop(p, grace=5.0)
+
+
+class Postgres:
+    """A PostgreSQL 15 of this script's own: initdb, a unix socket, stopped by pid."""
+
+    def __init__(self, workdir):
+        self.dir = tempfile.mkdtemp(prefix="pg.", dir=workdir)
+        self.port = free_ports(1)[0]
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.pid = None
+        self.n = 0
+
+    def start(self):
+        if not os.access(f"{PG_BIN}/initdb", os.X_OK):
+            sys.exit(f"{PG_BIN}/initdb is missing: apt-get install postgresql-15 (make deps)")
+        if os.geteuid() == 0:
+            os.chmod(os.path.dirname(self.dir), 0o755)
+            shutil.chown(self.dir, "postgres")
+        subprocess.run(self.as_user + [f"{PG_BIN}/initdb", "-D", f"{self.dir}/data", "-U",
+                                       "postgres", "-A", "trust", "-E", "UTF8"],
+                       check=True, stdout=subprocess.DEVNULL, timeout=180)
+        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -p {self.port} "
+                f"-c fsync=on -c synchronous_commit=on -c max_connections=50")
+        subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
+                                       f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
+                                       "start"], check=True, stdout=subprocess.DEVNULL, timeout=90)
+        with open(f"{self.dir}/data/postmaster.pid") as f:
+            self.pid = int(f.readline())
+        return self
+
+    def psql(self, sql, db="postgres"):
+        return subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres",
+                               "-d", db, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                              check=True, capture_output=True, text=True, timeout=30).stdout
+
+    def new_db(self):
+        self.n += 1
+        name = f"bench{self.n}"
+        self.psql(f"CREATE DATABASE {name} TEMPLATE template0")
+        return f"postgresql://postgres@/{name}?host={self.dir}&port={self.port}", name
+
+    def stop(self):
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def bench_json(argv, timeout=LIMIT_S + 60):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:2])} failed: {p.stdout}{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def stats(frontend, job_bench):
+    """jobs_succeeded of one broker, through job_bench's Stats reader."""
+    import zmq
+    sys.path.insert(0, os.path.join(ROOT, "build", "python"))
+    from kelpie.v1 import header_pb2 as pb
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(frontend)
+    try:
+        s.send_multipart([pb.Header(version=1, kind=pb.Kind.REQUEST, request_id=1,
+                                    service="kelpie.broker", method="Stats").SerializeToString()])
+        if not s.poll(10000):
+            raise RuntimeError(f"no Stats from {frontend}")
+        frames = s.recv_multipart()
+        return json.loads(frames[1])
+    finally:
+        s.close()
+
+
+def submit_raw(frontend, payloads, queue="bench"):
+    """SUBMITs payloads to one broker; returns the job ids."""
+    import zmq
+    from kelpie.v1 import header_pb2 as pb
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(frontend)
+    ids = []
+    try:
+        for i, p in enumerate(payloads):
+            s.send_multipart([pb.Header(version=1, kind=pb.Kind.SUBMIT, request_id=i + 1,
+                                        service=queue).SerializeToString(), p])
+        while len(ids) < len(payloads):
+            if not s.poll(10000):
+                raise RuntimeError("SUBMITs not answered")
+            h = pb.Header()
+            h.ParseFromString(s.recv_multipart()[0])
+            if h.kind != pb.Kind.ACCEPTED:
+                raise RuntimeError(f"SUBMIT answered {h.kind} {h.message}")
+            ids.append(h.job_id)
+    finally:
+        s.close()
+    return ids
+
+
+def run_case(children, a, name, k, pg, workdir):
+    brokers, workers, fes, data = [], [], [], None
+    db = None
+    try:
+        if pg:
+            url, db = pg.new_db()
+            store = ["--store", url]
+        else:
+            data = tempfile.mkdtemp(prefix="data.", dir=workdir)
+            store = ["--data-dir", data]
+        for i in range(k):
+            fe, be, ik = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
+            brokers.append(children.start(f"{name}-kelpied{i}", [
+                a.kelpied, "--frontend", fe, "--backend", be, "--intake", ik,
+                "--heartbeat-ms", str(a.heartbeat_ms), *store]))
+            workers.append(children.start(f"{name}-worker{i}",
+                                          [a.job_bench, "worker", be, str(a.slots), "jobs"]))
+            fes.append(fe)
+        for fe in fes:
+            bench_json([a.job_bench, "rtt", fe, "20"])  # waits for the broker; warms up
+        time.sleep(0.5)
+        base = sum(stats(fe, a.job_bench)["jobs_succeeded"] for fe in fes)
+        per = a.n // k
+        total = per * k
+        t0 = time.monotonic()
+        procs = [subprocess.Popen([a.job_bench, "e2e", fe, str(per), str(a.window), ",".join(fes),
+                                   str(base + total)], stdout=subprocess.PIPE, text=True)
+                 for fe in fes]
+        outs = []
+        for p in procs:
+            out, _ = p.communicate(timeout=LIMIT_S + 60)
+            if p.returncode != 0:
+                raise RuntimeError(f"e2e failed: {out}")
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+        wall = time.monotonic() - t0
+        e2e = max(o["e2e_s"] for o in outs)
+        enq = max(o["enqueue_s"] for o in outs)
+        res = {"brokers": k, "store": "postgresql" if pg else "sqlite", "n": total,
+               "jobs_per_s": total / e2e, "enqueue_per_s": total / enq, "e2e_s": e2e,
+               "wall_s": wall,
+               "accepted_load_p50_ms": sum(o["accepted_p50_ms"] for o in outs) / k,
+               "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs)}
+        r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
+        res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
+                                      "accepted_p99_ms")})
+        if pg and k >= 2 and a.recovery:
+            res.update(recovery(children, a, pg, db, brokers, workers, fes))
+        return res
+    finally:
+        for p in workers + brokers:
+            children.stop(p)
+        if data:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def recovery(children, a, pg, db, brokers, workers, fes):
+    """kill -9 of a broker holding leases: until all of them are leased again elsewhere."""
+    # Only the first broker has a worker while the jobs are leased, so it
+    # holds them all; the others' workers come back (idle) before the kill.
+    for w in workers[1:]:
+        children.stop(w)
+    jobs = submit_raw(fes[0], [b"sleep:3000"] * 48)
+    ids = ",".join(f"'{j}'" for j in jobs)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        rows = pg.psql(f"SELECT owner, count(*) FROM jobs WHERE state = 2 AND id IN ({ids}) "
+                       "GROUP BY owner", db=db).split()
+        if len(rows) == 1 and int(rows[0].split("|")[1]) == len(jobs):
+            break
+        time.sleep(0.05)
+    owner = rows[0].split("|")[0]
+    held = len(jobs)
+    for i, fe in enumerate(fes[1:], 1):
+        be = brokers[i].args[4]  # [kelpied, --frontend, fe, --backend, be, ...]
+        workers[i] = children.start(f"recovery-worker{i}",
+                                    [a.job_bench, "worker", be, str(a.slots), "jobs"])
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    children.stop(brokers[0], sig=signal.SIGKILL, grace=0)
+    put_back = again = None
+    end = t0 + 30
+    while time.monotonic() < end and again is None:
+        left, rerun = pg.psql(
+            f"SELECT count(*) FILTER (WHERE state = 2 AND owner = {owner}), "
+            f"count(*) FILTER (WHERE attempts >= 2 AND state IN (2, 3)) FROM jobs "
+            f"WHERE id IN ({ids})", db=db).strip().split("|")
+        now = time.monotonic() - t0
+        if put_back is None and int(left) == 0:
+            put_back = now
+        if int(rerun) >= held:
+            again = now
+        time.sleep(0.02)
+    if again is None:
+        raise RuntimeError(f"recovery: {held} held by {owner}, {left} still held and {rerun} "
+                           f"running again after 30 s")
+    return {"recovery_held": held, "recovery_put_back_s": put_back, "recovery_rerun_s": again,
+            "lease_window_ms": 3 * a.heartbeat_ms}
+
+
+def report(res, a, before, after):
+    one = next((r for r in res if r["store"] == "postgresql" and r["brokers"] == 1), None)
+    sqlite = next((r for r in res if r["store"] == "sqlite"), None)
+    lines = [f"# Jobs on PostgreSQL, 1-3 brokers, against SQLite ({a.n} no-op jobs, "
+             f"{a.slots} slots per broker's worker, window {a.window})", "",
+             f"load average before: {before}; after: {after}; {os.cpu_count()} CPUs", "",
+             "| store | brokers | jobs/s end to end | enqueue/s | scaling efficiency | "
+             "x SQLite | round trip p50/p99 ms | ACCEPTED p50/p99 ms (one at a time) | "
+             "ACCEPTED p50/p99 ms (under load) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        eff = (f"{r['jobs_per_s'] / (r['brokers'] * one['jobs_per_s']) * 100:.0f} %"
+               if one and r["store"] == "postgresql" else "")
+        vs = f"{r['jobs_per_s'] / sqlite['jobs_per_s']:.2f}" if sqlite else ""
+        lines.append(
+            f"| {r['store']} | {r['brokers']} | {r['jobs_per_s']:.0f} | {r['enqueue_per_s']:.0f} | "
+            f"{eff} | {vs} | {r['rtt_p50_ms']:.2f} / {r['rtt_p99_ms']:.2f} | "
+            f"{r['accepted_p50_ms']:.2f} / {r['accepted_p99_ms']:.2f} | "
+            f"{r['accepted_load_p50_ms']:.2f} / {r['accepted_load_p99_ms']:.2f} |")
+    for r in res:
+        if "recovery_held" in r:
+            lines += ["", f"Recovery after kill -9 of one of {r['brokers']} brokers holding "
+                      f"{r['recovery_held']} leases (lease window {r['lease_window_ms']} ms): "
+                      f"all put back after {r['recovery_put_back_s']:.2f} s, all running again "
+                      f"elsewhere after {r['recovery_rerun_s']:.2f} s"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = os.path.join(ROOT, "benchmarks", "results")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "pg.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "pg.json"), "w") as f:
+        json.dump({"results": res, "load_before": before, "load_after": after}, f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="5,000 jobs, for a smoke run")
+    ap.add_argument("--n", type=int, default=30000)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--rtt", type=int, default=300)
+    ap.add_argument("--heartbeat-ms", type=int, default=1000)
+    ap.add_argument("--no-recovery", dest="recovery", action="store_false")
+    ap.add_argument("--brokers", default="1,2,3")
+    ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--kelpied")
+    ap.add_argument("--job-bench")
+    a = ap.parse_args()
+    if a.quick:
+        a.n, a.rtt = 5000, 100
+    a.kelpied = a.kelpied or os.path.join(a.build, "broker", "kelpied")
+    a.job_bench = a.job_bench or os.path.join(a.build, "benchmarks", "jobs", "job_bench")
+    sys.path.insert(0, os.path.join(a.build, "python"))
+    workdir = tempfile.mkdtemp(prefix="pg-bench.", dir=a.build)
+    children = Children(workdir)
+    pg = None
+    try:
+        pg = Postgres(workdir).start()
+        before = loadavg()
+        res = [] if a.no_sqlite else [run_case(children, a, "sqlite", 1, None, workdir)]
+        for k in (int(x) for x in a.brokers.split(",")):
+            res.append(run_case(children, a, f"pg{k}", k, pg, workdir))
+        report(res, a, before, loadavg())
+    except BaseException:
+        for name in sorted(os.listdir(workdir)):
+            if name.endswith(".log"):
+                with open(os.path.join(workdir, name), errors="replace") as f:
+                    tail = f.read()[-2000:]
+                if tail.strip():
+                    print(f"--- {name} ---\n{tail}")
+        raise
+    finally:
+        children.stop_all()
+        if pg:
+            pg.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

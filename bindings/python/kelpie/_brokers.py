@@ -1,0 +1,730 @@
+"""Several brokers: endpoint lists, and the clients that spread over them.
+
+Brokers that share one PostgreSQL store (docs/scale-out.md) are equals: a
+call or a job may go to any of them, a job submitted to one runs on the
+workers of any and can be watched or read through any. A client or worker
+given several endpoints (a list, or one string with commas, as
+``--frontend tcp://a:5555,tcp://b:5555`` or ``$KELPIE_FRONTEND``) keeps one
+*lane* per broker: a complete single-broker client (kelpie.client,
+kelpie.sync) or worker (kelpie._session) with its own socket, liveness and
+restart handling. This module decides which lane a call takes and what
+happens to a call whose lane is lost.
+
+Liveness of a lane (async client). Every ``heartbeat`` seconds the client
+pings every broker, busy or idle, and a broker that answered no ping for
+``liveness`` heartbeats is *down*; a socket monitor also marks it down the
+moment libzmq sees its TCP connection close (a killed broker: no heartbeat
+needs to be missed). Losing a lane fails every call, stream and watch
+waiting there at once with :class:`BrokerLost` (UNAVAILABLE). The lane is
+*up* again as soon as a ping is answered (the broker came back, or the link
+did). The sync client has no thread of its own while idle: a lane is marked
+down when a call on it hears nothing for ``liveness`` heartbeats (or its
+broker restarted under the call), and a small prober thread pings the down
+lanes until they answer.
+
+Routing. Calls, streams and submits go round-robin over the lanes that are
+up (all lanes down: round-robin over all, and the call waits as it would
+with one broker). A unary call or a submit whose lane is lost is sent once
+more, on another lane that is up, when that is safe: an ``idempotent=True``
+call, a submit with an ``idempotency_key`` (the key holds across brokers, so
+both attempts make one job), an admin read. Anything else fails with
+:class:`kelpie.Unavailable` ("may or may not have run"). Streams are not
+re-sent. A job's watch (``Job.result``/``events``) moves to another lane
+when its lane is lost: the brokers answer a watch of a job run elsewhere
+from the shared store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any, Optional
+
+from . import _core, _zmq
+from ._liveness import NO_DEADLINE, BrokerRestarted
+from .errors import Unavailable
+
+log = logging.getLogger("kelpie.brokers")
+
+# A client waits this long at connect() for the first broker to answer
+# (seconds); after that it goes on with none known to be up.
+_FIRST_ANSWER = 2.0
+# How often a lane that is down is looked at (its answers to the pings).
+_DOWN_CHECK = 0.02
+
+_EVENT_CONNECTED = 0x0001
+_EVENT_DISCONNECTED = 0x0200
+_PAIR = 0
+
+
+def endpoints(value: Any, env: str, default: str) -> list:
+    """The broker endpoints named by ``value`` (None: ``$env``, else
+    ``default``): a list of strings, or one string with commas. Duplicates
+    are dropped, order is kept; raises ValueError if none is left."""
+    if value is None or value == "":
+        value = os.environ.get(env) or default
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"a broker endpoint is a string, not {item!r}")
+        item = item.strip()
+        if item and item not in out:
+            out.append(item)
+    if not out:
+        raise ValueError(f"no broker endpoint in {value!r}")
+    return out
+
+
+class BrokerLost(Unavailable):
+    """UNAVAILABLE: the connection to the broker that held the call was lost
+    (it died, or the link to it did); the call may or may not have run."""
+
+
+def _left(end, now):
+    """A deadline as the ``timeout=`` of an attempt (NO_DEADLINE: none)."""
+    return NO_DEADLINE if end is None else max(0.001, end - now)
+
+
+class _Lane:
+    """One broker of a client: its single-broker client and its health."""
+
+    __slots__ = ("client", "endpoint", "down", "seen", "heard_at", "monitor", "prober",
+                 "retry_at")
+
+    def __init__(self, client, endpoint, now):
+        self.client = client
+        self.endpoint = endpoint
+        self.down = False
+        self.seen = (0, 0)      # (broker_id, last ping answered): changes when one is
+        self.heard_at = now
+        self.monitor = None     # async: the task reading the socket's events
+        self.prober = None      # async: the task pinging the broker
+        self.retry_at = 0.0     # sync: when a down lane is probed next
+
+
+class _Picker:
+    """Round-robin over the lanes that are up (all of them when none is)."""
+
+    def _init_lanes(self, lanes):
+        self._lanes = lanes
+        self._next = 0
+        self.lanes_lost = 0  # how many times a lane went down
+        self.moved = 0       # requests sent again on another lane after a loss
+
+    @property
+    def brokers(self) -> list:
+        """``[{"endpoint", "up"}]`` for every broker of this client, in order."""
+        return [{"endpoint": lane.endpoint, "up": not lane.down} for lane in self._lanes]
+
+    def _pick(self, avoid=None):
+        lanes = self._lanes
+        n = len(lanes)
+        start = self._next
+        for i in range(n):
+            lane = lanes[(start + i) % n]
+            if not lane.down and lane is not avoid:
+                self._next = (start + i + 1) % n
+                return lane
+        if avoid is not None:
+            return None  # nowhere else to go
+        self._next = (start + 1) % n
+        return lanes[start % n]
+
+    def _mark_down(self, lane, why):
+        if lane.down:
+            return False
+        lane.down = True
+        self.lanes_lost += 1
+        log.warning("broker at %s lost (%s): calls go to the other brokers", lane.endpoint, why)
+        return True
+
+    def _mark_up(self, lane):
+        if lane.down:
+            lane.down = False
+            if lane.heard_at and self.lanes_lost:
+                log.info("broker at %s answers again: calls go to it again", lane.endpoint)
+
+
+def _lane_options(kwargs):
+    """A lane's constructor arguments: the client's, without what the
+    multi-broker client does once above its lanes (retry and hedging
+    policies, whose attempts may each take another lane)."""
+    lane = dict(kwargs)
+    for name in ("retry", "hedging", "throttle"):
+        lane.pop(name, None)
+    return lane
+
+
+# -- the asyncio client ------------------------------------------------------
+
+def make_async(base):
+    """Build the multi-broker subclass of kelpie.client.Client (``base``)."""
+
+    class MultiClient(_Picker, base):
+        """A :class:`kelpie.Client` over several brokers (kelpie._brokers)."""
+
+        def __init__(self, frontend: Any = None, **kwargs: Any) -> None:
+            eps = endpoints(frontend, "KELPIE_FRONTEND", "")
+            base.__init__(self, ",".join(eps), **kwargs)
+            # Interceptors run on the lane, once per attempt; retry and
+            # hedging run here, so that an attempt may take another lane.
+            self._interceptors = ()
+            opts = _lane_options(kwargs)
+            self._init_lanes([_Lane(base(ep, **opts), ep, 0.0) for ep in eps])
+            for lane in self._lanes:
+                # Whatever makes a lane give up all its calls at once (its
+                # own silence check, a DISCONNECT, a dead reader, _lose
+                # below) loses the lane, and marks the exception so that
+                # each call it fails knows (_lost).
+                lane.client._fail_all = self._lane_failer(lane, lane.client._fail_all)
+
+        def _lane_failer(self, lane, fail_all):
+            def failed(exc):
+                exc._kelpie_lane_lost = True
+                self._mark_down(lane, str(exc))
+                fail_all(exc)
+            return failed
+
+        async def connect(self) -> "MultiClient":
+            if self._loop is not None:
+                return self
+            if self._closed:
+                raise RuntimeError("client is closed")
+            self._loop = loop = asyncio.get_running_loop()
+            if self._context is None:
+                self._context = _zmq.Context()
+                self._own_context = True
+            for lane in self._lanes:
+                lane.client._context = self._context
+            # A broker that is down now does not stop the others: its lane
+            # connects when it comes back (libzmq retries by itself).
+            try:
+                await asyncio.gather(*(lane.client.connect() for lane in self._lanes))
+            except BaseException:
+                # A refused key, say: leave nothing open behind the error.
+                await self.close()
+                raise
+            now = loop.time()
+            for lane in self._lanes:
+                # Not used before its broker answers a ping (at once when
+                # it is up), so a broker that is down when the client
+                # starts costs no call anything.
+                lane.down = True
+                lane.heard_at = now
+                lane.monitor = loop.create_task(self._watch_socket(lane))
+                lane.prober = loop.create_task(self._probe(lane))
+            end = now + _FIRST_ANSWER
+            while all(lane.down for lane in self._lanes) and loop.time() < end:
+                await asyncio.sleep(_DOWN_CHECK)
+            return self
+
+        async def close(self) -> None:
+            if self._closed:
+                return
+            self._closed = True
+            tasks = [t for lane in self._lanes for t in (lane.monitor, lane.prober) if t]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(lane.client.close() for lane in self._lanes),
+                                 return_exceptions=True)
+            if self._own_context and self._context is not None:
+                self._context.term()
+                self._context = None
+
+        @property
+        def outstanding(self) -> int:
+            return sum(lane.client.outstanding for lane in self._lanes)
+
+        # -- liveness ----------------------------------------------------
+
+        def _lose(self, lane, why):
+            if not lane.down:
+                client = lane.client
+                client._fail_all(BrokerLost(f"broker at {lane.endpoint} lost: {why}"))
+                if client._loop is not None:
+                    # Whatever answers next is learned afresh, not taken
+                    # for a restart of the broker that failed these calls.
+                    client._watch.gone(client._loop.time())
+
+        async def _watch_socket(self, lane):
+            """Mark the lane down when libzmq sees its connection close."""
+            sock = lane.client._sock
+            addr = f"inproc://kelpie-lane-{os.getpid()}-{id(lane)}"
+            sock.monitor(addr, _EVENT_DISCONNECTED | _EVENT_CONNECTED)
+            pair = self._context.socket(_PAIR)
+            try:
+                pair.connect(addr)
+                while True:
+                    frames = await pair.recv_multipart()
+                    data = bytes(frames[0])
+                    event = int.from_bytes(data[0:2], "little") if len(data) >= 2 else 0
+                    if event == _EVENT_DISCONNECTED:
+                        self._lose(lane, "its connection closed")
+                    elif event == _EVENT_CONNECTED and lane.down:
+                        # Ask at once whether a broker answers there again.
+                        await lane.client._ping(self._loop.time())
+            finally:
+                pair.close(linger=0)
+                if lane.client._sock is not None:
+                    try:
+                        sock.monitor(None, 0)
+                    except Exception:
+                        pass
+
+        async def _probe(self, lane):
+            """Ping the broker every heartbeat; judge the answers (often
+            while it is down, so that it is used again soon after it
+            answers)."""
+            loop = self._loop
+            client = lane.client
+            interval = self.heartbeat or 1.0
+            limit = self.liveness * interval
+            next_ping = 0.0
+            while True:
+                now = loop.time()
+                watch = client._watch
+                seen = (watch.broker_id, watch.answered)
+                if seen != lane.seen and watch.broker_id:
+                    lane.seen = seen
+                    lane.heard_at = now
+                    self._mark_up(lane)
+                elif not lane.down and now - lane.heard_at >= limit:
+                    self._lose(lane, f"no answer for {now - lane.heard_at:.1f} s")
+                if now >= next_ping and client._sock is not None:
+                    next_ping = now + interval
+                    await client._ping(now)
+                await asyncio.sleep(min(interval, _DOWN_CHECK) if lane.down else interval)
+
+        def _lost(self, lane, exc):
+            return (getattr(exc, "_kelpie_lane_lost", False)
+                    or isinstance(exc, (BrokerLost, BrokerRestarted)))
+
+        # -- calls -------------------------------------------------------
+
+        async def call(self, service: str, method: str, payload: Any = b"", *,
+                       timeout: Optional[float] = None, metadata: Any = None,
+                       idempotent: bool = False, with_metadata: bool = False,
+                       retry: Any = None, hedging: Any = None, compression: Any = None,
+                       _stage: int = 0) -> Any:
+            if self._loop is None:
+                raise RuntimeError("client is not connected (use 'async with Client()')")
+            timeout, metadata = _core.options(self, timeout, metadata)
+            if _stage < 2 and (self._policies or retry is not None or hedging is not None):
+                return await self._call_with_policy(service, method, payload, timeout,
+                                                    metadata, idempotent, with_metadata,
+                                                    retry, hedging, compression)
+            loop = self._loop
+            end = None if timeout is None else loop.time() + timeout
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    return await lane.client.call(
+                        service, method, payload, timeout=_left(end, loop.time()),
+                        metadata=metadata or {}, idempotent=idempotent,
+                        with_metadata=with_metadata, compression=compression)
+                except Unavailable as exc:
+                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved), True
+
+        def _after_loss(self, lane, exc, safe, end, moved):
+            """The lane to send a request to again after ``exc``, or raise:
+            only when its lane was lost, the request is safe to repeat, it
+            has not moved before (two attempts at most), another lane is up
+            and the deadline allows."""
+            if not self._lost(lane, exc):
+                raise exc
+            other = self._pick(avoid=lane) if safe and not moved else None
+            if other is None or (end is not None and end - self._loop.time() < 0.001):
+                raise exc
+            self.moved += 1
+            return other
+
+        def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
+                   window=16, idempotent=False):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream(
+                service, method, payload, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {}, window=window, idempotent=idempotent)
+
+        def stream_unary(self, service, method, requests=None, *, timeout=None,
+                         metadata=None):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream_unary(
+                service, method, requests, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {})
+
+        def stream_stream(self, service, method, requests=None, *, timeout=None,
+                          metadata=None, window=16):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream_stream(
+                service, method, requests, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {}, window=window)
+
+        def _stream_unary(self, service, method, requests, timeout, metadata, encode=None,
+                          decode=None):
+            return self._pick().client._stream_unary(service, method, requests, timeout,
+                                                     metadata, encode, decode)
+
+        def _stream_stream(self, service, method, requests, timeout, metadata, window,
+                           encode=None, decode=None):
+            return self._pick().client._stream_stream(service, method, requests, timeout,
+                                                      metadata, window, encode, decode)
+
+        # -- jobs --------------------------------------------------------
+
+        async def submit(self, queue: str, payload: Any = b"", *,
+                         idempotency_key: Optional[str] = None,
+                         submit_timeout: Optional[float] = None, **options: Any):
+            from .jobs import Job
+            if self._loop is None:
+                raise RuntimeError("client is not connected (use 'async with Client()')")
+            timeout_s, _ = _core.options(self, submit_timeout, None)
+            loop = self._loop
+            end = None if timeout_s is None else loop.time() + timeout_s
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    job = await lane.client.submit(
+                        queue, payload, idempotency_key=idempotency_key,
+                        submit_timeout=_left(end, loop.time()), **options)
+                    return Job(self, job.id, job.existed)
+                except Unavailable as exc:
+                    safe = idempotency_key is not None
+                    lane, moved = self._after_loss(lane, exc, safe, end, moved), True
+
+        async def _admin(self, method, metadata, timeout):
+            timeout_s, _ = _core.options(self, timeout, None)
+            loop = self._loop
+            end = None if timeout_s is None else loop.time() + timeout_s
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    return await lane.client._admin(method, metadata, _left(end, loop.time()))
+                except Unavailable as exc:
+                    # Reads and job commands by id are safe to repeat.
+                    lane, moved = self._after_loss(lane, exc, True, end, moved), True
+
+        async def drain_worker(self, name: str, timeout: Optional[float] = None) -> int:
+            """Ask every broker that is up to drain the workers called ``name``."""
+            counts = await asyncio.gather(
+                *(lane.client.drain_worker(name, timeout) for lane in self._lanes
+                  if not lane.down), return_exceptions=True)
+            ok = [n for n in counts if isinstance(n, int)]
+            if not ok and counts:
+                raise counts[0]
+            return sum(ok)
+
+        def _watcher(self):
+            lane = self._pick()
+            return lane.client
+
+        async def _exchange(self, build, payload, timeout, what):
+            # A job's INPUT (Job.write_stdin): only the broker running the
+            # job forwards it; its retry on UNAVAILABLE takes the next lane.
+            return await self._pick().client._exchange(build, payload, timeout, what)
+
+    return MultiClient
+
+
+
+# -- the blocking client -----------------------------------------------------
+
+def make_sync(base):
+    """Build the multi-broker subclass of kelpie.sync.Client (``base``)."""
+
+    class MultiSyncClient(_Picker, base):
+        """A :class:`kelpie.sync.Client` over several brokers (kelpie._brokers)."""
+
+        def __init__(self, frontend: Any = None, **kwargs: Any) -> None:
+            eps = endpoints(frontend, "KELPIE_FRONTEND", "")
+            base.__init__(self, ",".join(eps), **kwargs)
+            self._interceptors = ()
+            opts = _lane_options(kwargs)
+            self._init_lanes([_Lane(base(ep, **opts), ep, 0.0) for ep in eps])
+            self._prober = None
+            self._prober_lock = threading.Lock()
+            self._stop_probing = threading.Event()
+
+        def close(self) -> None:
+            if self._closed:
+                return
+            self._stop_probing.set()
+            for lane in self._lanes:
+                lane.client.close()
+            base.close(self)
+
+        @property
+        def connections(self) -> int:
+            return sum(lane.client.connections for lane in self._lanes)
+
+        # -- liveness ----------------------------------------------------
+
+        def _lost(self, lane, exc):
+            if isinstance(exc, (BrokerLost, BrokerRestarted)):
+                lost = True
+            else:
+                # The thread's connection closes itself when the broker
+                # stays silent under a call (kelpie.sync); an UNAVAILABLE
+                # the broker sent leaves it open.
+                conn = getattr(lane.client._local, "conn", None)
+                lost = conn is None or conn.dead
+            if lost:
+                self._lose(lane, str(exc))
+            return lost
+
+        def _lose(self, lane, why):
+            if self._mark_down(lane, why):
+                lane.retry_at = time.monotonic()
+                self._start_prober()
+
+        def _start_prober(self):
+            with self._prober_lock:
+                if self._prober is not None and self._prober.is_alive():
+                    return
+                self._prober = threading.Thread(target=self._probe_down, daemon=True,
+                                                name="kelpie-broker-probe")
+                self._prober.start()
+
+        def _probe_down(self):
+            """Ping the lanes that are down, every heartbeat, until all answer
+            (each ping waits at most a heartbeat); then end."""
+            interval = self.heartbeat or 1.0
+            while not self._stop_probing.is_set() and not self._closed:
+                down = [lane for lane in self._lanes if lane.down]
+                if not down:
+                    return
+                for lane in down:
+                    try:
+                        lane.client.ping(timeout=interval)
+                        self._mark_up(lane)
+                    except Exception:
+                        pass
+                self._stop_probing.wait(interval)
+
+        # -- calls -------------------------------------------------------
+
+        def call(self, service: str, method: str, payload: Any = b"", *,
+                 timeout: Optional[float] = None, metadata: Any = None,
+                 idempotent: bool = False, with_metadata: bool = False, retry: Any = None,
+                 compression: Any = None, _stage: int = 0) -> Any:
+            timeout, metadata = _core.options(self, timeout, metadata)
+            if _stage < 2 and (self.retry is not None or retry is not None):
+                return base.call(self, service, method, payload,
+                                 timeout=NO_DEADLINE if timeout is None else timeout,
+                                 metadata=metadata or {}, idempotent=idempotent,
+                                 with_metadata=with_metadata, retry=retry,
+                                 compression=compression, _stage=1)
+            end = None if timeout is None else time.monotonic() + timeout
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    return lane.client.call(
+                        service, method, payload, timeout=_left(end, time.monotonic()),
+                        metadata=metadata or {}, idempotent=idempotent,
+                        with_metadata=with_metadata, compression=compression)
+                except Unavailable as exc:
+                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved), True
+
+        def _after_loss(self, lane, exc, safe, end, moved):
+            """As the async client's: another lane for a safe request, once."""
+            if not self._lost(lane, exc):
+                raise exc
+            other = self._pick(avoid=lane) if safe and not moved else None
+            if other is None or (end is not None and end - time.monotonic() < 0.001):
+                raise exc
+            self.moved += 1
+            return other
+
+        def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
+                   window=16, idempotent=False):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream(
+                service, method, payload, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {}, window=window, idempotent=idempotent)
+
+        def stream_unary(self, service, method, requests, *, timeout=None, metadata=None,
+                         **kw):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream_unary(
+                service, method, requests, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {}, **kw)
+
+        def stream_stream(self, service, method, requests=None, *, timeout=None,
+                          metadata=None, **kw):
+            timeout, metadata = _core.options(self, timeout, metadata)
+            return self._pick().client.stream_stream(
+                service, method, requests, timeout=NO_DEADLINE if timeout is None else timeout,
+                metadata=metadata or {}, **kw)
+
+        def _stream_unary(self, *args, **kw):
+            return self._pick().client._stream_unary(*args, **kw)
+
+        def _stream_stream(self, *args, **kw):
+            return self._pick().client._stream_stream(*args, **kw)
+
+        # -- jobs --------------------------------------------------------
+
+        def submit(self, queue: str, payload: Any = b"", *,
+                   idempotency_key: Optional[str] = None,
+                   submit_timeout: Optional[float] = None, **options: Any):
+            from ._jobs_sync import Job
+            timeout_s = self._timeout_of(submit_timeout)
+            end = None if timeout_s is None else time.monotonic() + timeout_s
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    job = lane.client.submit(queue, payload, idempotency_key=idempotency_key,
+                                             submit_timeout=_left(end, time.monotonic()),
+                                             **options)
+                    return Job(self, job.id, job.existed)
+                except Unavailable as exc:
+                    safe = idempotency_key is not None
+                    lane, moved = self._after_loss(lane, exc, safe, end, moved), True
+
+        def _admin(self, method, metadata, timeout):
+            timeout_s = self._timeout_of(timeout)
+            end = None if timeout_s is None else time.monotonic() + timeout_s
+            lane, moved = self._pick(), False
+            while True:
+                try:
+                    return lane.client._admin(method, metadata, _left(end, time.monotonic()))
+                except Unavailable as exc:
+                    lane, moved = self._after_loss(lane, exc, True, end, moved), True
+
+        def drain_worker(self, name: str, timeout: Optional[float] = None) -> int:
+            """Ask every broker that is up to drain the workers called ``name``."""
+            total, first = 0, None
+            for lane in self._lanes:
+                if lane.down:
+                    continue
+                try:
+                    total += lane.client.drain_worker(name, timeout)
+                except Unavailable as exc:
+                    first = first or exc
+            if first is not None and not total:
+                raise first
+            return total
+
+        def _watcher(self):
+            return self._pick().client
+
+        def _exchange(self, build, payload, deadline, what):
+            # A job's INPUT (Job.write_stdin), as the async client's.
+            return self._pick().client._exchange(build, payload, deadline, what)
+
+        def _lane_failed(self, client, exc):
+            """A watch through ``client`` (a lane's) failed with ``exc``."""
+            for lane in self._lanes:
+                if lane.client is client:
+                    self._lost(lane, exc)
+
+    return MultiSyncClient
+
+
+# -- the worker --------------------------------------------------------------
+
+# How often a worker of several brokers re-judges which are up (seconds).
+LANE_CHECK = 0.1
+
+
+def worker_lanes(worker, backends):
+    """One single-broker Worker per backend for ``worker`` (kelpie.worker):
+    the same handlers, name, keys and options, and the same thread and
+    process pools (made by the caller). Each lane registers with its
+    broker on its own, with its own session, heartbeats and reconnects."""
+    from .worker import Worker
+    lanes = []
+    for i, endpoint in enumerate(backends):
+        lane = Worker(endpoint, concurrency=1, name=worker.name,
+                            heartbeat=worker.heartbeat, liveness=worker.liveness,
+                            stall_threshold=worker.stall_threshold, threads=worker.threads,
+                            processes=worker.processes, context=worker._context)
+        # Registration wrapped the handlers with the interceptors already.
+        lane._handlers = worker._handlers
+        lane._job_handlers = worker._job_handlers
+        lane._interceptors = worker._interceptors
+        lane._compression = worker._compression
+        lane._zthreshold = worker._zthreshold
+        lane._keys = worker._keys
+        lane._shared_pools = True
+        # One stack report per stall of the (one) event loop, not one per lane.
+        lane._report_stacks = i == 0
+        lanes.append(lane)
+    shares(worker.concurrency, lanes, lanes)
+    return lanes
+
+
+def shares(concurrency, lanes, up):
+    """Split ``concurrency`` over the lanes in ``up`` (at least 1 each; the
+    first ones take the remainder); a lane that is not up offers 0 until it
+    is, so a broker that comes back is never offered slots twice. Returns
+    the lanes whose share changed."""
+    n = len(up) or 1
+    changed = []
+    for i, lane in enumerate(up):
+        share = max(1, concurrency // n + (1 if i < concurrency % n else 0))
+        if lane.concurrency != share:
+            lane.concurrency = share
+            changed.append(lane)
+    for lane in lanes:
+        if lane not in up and lane.concurrency != 0:
+            lane.concurrency = 0
+            changed.append(lane)
+    return changed
+
+
+def lane_up(lane, now):
+    """A lane is up while its session is registered (the broker's welcome
+    HEARTBEAT named its broker_id) and its broker is not silent."""
+    session = lane._session
+    if session is None or session.ending or not lane._broker_id:
+        return False
+    return now - session.last_recv <= lane.liveness * max(lane.heartbeat,
+                                                          lane._broker_heartbeat)
+
+
+async def balance(worker, lanes):
+    """Keep ``worker.concurrency`` split over the brokers that are up: when
+    one is lost its slots go to the others (READY with the new credits),
+    and come back when it does."""
+    loop = asyncio.get_running_loop()
+    previous = None
+    while True:
+        now = loop.time()
+        up = [lane for lane in lanes if lane_up(lane, now)] or lanes
+        key = tuple(id(lane) for lane in up)
+        if key != previous:
+            if previous is not None:
+                log.info("worker %s: brokers up: %s", worker.name,
+                         ", ".join(lane.backend for lane in up))
+            previous = key
+            for lane in shares(worker.concurrency, lanes, up):
+                session = lane._session
+                if session is not None and not session.ending and not lane._stopping:
+                    lane._send_ready(session, lane._offer())
+        await asyncio.sleep(LANE_CHECK)
+
+
+def lane_stats(worker, lanes):
+    """The worker's stats over all its lanes: counters summed, one entry
+    per broker under ``brokers``."""
+    out = {}
+    for lane in lanes:
+        for key, value in lane.stats.items():
+            if isinstance(value, bool):
+                out[key] = out.get(key, False) or value
+            elif isinstance(value, (int, float)) and key not in ("concurrency", "threads"):
+                out[key] = out.get(key, 0) + value
+            elif key not in out:
+                out[key] = value
+    out["concurrency"] = worker.concurrency
+    out["threads"] = worker.threads
+    now = worker._loop.time() if worker._loop is not None else 0.0
+    out["brokers"] = [{"backend": lane.backend, "up": lane_up(lane, now) if now else False,
+                       "concurrency": lane.concurrency, "served": lane.served}
+                      for lane in lanes]
+    return out

@@ -1,0 +1,297 @@
+"""Clients and workers with several brokers (docs/scale-out.md): three real
+kelpied share one real PostgreSQL; two worker processes are registered with
+all three; the client is given all three frontends. Killing one broker with
+SIGKILL in the middle of traffic loses no accepted job and stops no service:
+idempotent calls and keyed submits lost with it are sent once more to
+another broker and succeed, the others fail UNAVAILABLE (BrokerLost), every
+ACCEPTED job ends succeeded, and the broker is used again once restarted."""
+import asyncio
+import collections
+import json
+import time
+import uuid
+
+import kelpie
+import kelpie.sync
+from kelpie._brokers import BrokerLost
+from kelpie.testing import Kelpied
+
+from conftest import HEARTBEAT_MS, WorkerProc, run, wait_for
+from jobcheck import all_succeeded
+
+SLOW = json.dumps({"sleep": 0.05}).encode()
+JOB = json.dumps({"sleep": 0.02}).encode()
+
+
+def start_brokers(tmp_path, url, names="abc"):
+    out = []
+    for name in names:
+        d = tmp_path / name
+        d.mkdir()
+        out.append(Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(d),
+                           args=["--store", url]).start())
+    return out
+
+
+def wait_workers(brokers, n):
+    """Every broker lists ``n`` workers serving mb."""
+    for b in brokers:
+        with b.client(heartbeat=0) as c:
+            assert c.wait_for_service("mb", timeout=15) >= 1
+            wait_for(lambda: c.stats()["workers"] >= n, 15, f"{n} workers at {b.frontend}")
+
+
+def test_endpoint_lists():
+    """The forms a list of brokers may take, and what each client becomes."""
+    from kelpie._brokers import endpoints
+    assert endpoints("tcp://a:1, tcp://b:2,,tcp://a:1", "X", "d") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(["tcp://a:1", "tcp://b:2"], "X", "d") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(None, "KELPIE_NO_SUCH_VAR", "tcp://d:3") == ["tcp://d:3"]
+    c = kelpie.Client("tcp://127.0.0.1:1,tcp://127.0.0.1:2")
+    assert isinstance(c, kelpie.Client) and len(c.brokers) == 2
+    assert c.frontend == "tcp://127.0.0.1:1,tcp://127.0.0.1:2"
+    assert not hasattr(kelpie.Client("tcp://127.0.0.1:1"), "brokers")
+    s = kelpie.sync.Client(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
+    assert isinstance(s, kelpie.sync.Client) and len(s.brokers) == 2
+    s.close()
+    w = kelpie.Worker(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"])
+    assert w.backend == "tcp://127.0.0.1:1,tcp://127.0.0.1:2"
+    assert kelpie.BrokerLost is BrokerLost and issubclass(BrokerLost, kelpie.Unavailable)
+
+
+def test_kill_9_of_a_broker_mid_traffic(tmp_path, postgres, loop, cleanup):
+    url, _ = postgres.new_db()
+    brokers = start_brokers(tmp_path, url)
+    cleanup.extend(brokers)
+    backends = [b.backend for b in brokers]
+    workers = [WorkerProc(tmp_path, f"w{i}", backends) for i in range(2)]
+    cleanup.extend(workers)
+    wait_workers(brokers, 2)
+    victim = brokers[0]
+
+    async def main():
+        outcome = collections.defaultdict(collections.Counter)
+        accepted = []
+        stop = asyncio.Event()
+        async with kelpie.Client([b.frontend for b in brokers], heartbeat=0.2,
+                                 timeout=15) as client:
+            async def traffic(kind):
+                while not stop.is_set():
+                    try:
+                        if kind == "idempotent":
+                            assert await client.call("mb", "Echo", SLOW,
+                                                     idempotent=True) == SLOW
+                        elif kind == "plain":
+                            assert await client.call("mb", "Echo", SLOW) == SLOW
+                        elif kind == "keyed":
+                            job = await client.submit("work", JOB,
+                                                      idempotency_key=uuid.uuid4().hex)
+                            accepted.append(job.id)
+                        else:
+                            accepted.append((await client.submit("work", JOB)).id)
+                        outcome[kind]["ok"] += 1
+                    except kelpie.Unavailable as exc:
+                        outcome[kind][type(exc).__name__] += 1
+                    except Exception as exc:  # anything else fails the test below
+                        outcome[kind][f"{type(exc).__name__}: {exc}"] += 1
+
+            kinds = ("idempotent", "plain", "keyed", "unkeyed")
+            tasks = [asyncio.create_task(traffic(k)) for k in kinds for _ in range(4)]
+            await asyncio.sleep(1.5)
+            before = {k: outcome[k]["ok"] for k in kinds}
+            assert all(before.values()), dict(outcome)
+            t_kill = time.monotonic()
+            victim.stop()  # SIGKILL
+            await asyncio.sleep(0.5)
+            down_after = time.monotonic() - t_kill
+            assert [b["up"] for b in client.brokers] == [False, True, True], client.brokers
+            mid = {k: outcome[k]["ok"] for k in kinds}
+            await asyncio.sleep(1.0)
+            # Traffic goes on through the others.
+            assert all(outcome[k]["ok"] > mid[k] for k in kinds), dict(outcome)
+            await asyncio.get_running_loop().run_in_executor(None, victim.start)
+            t0 = time.monotonic()
+            while not client.brokers[0]["up"]:
+                assert time.monotonic() - t0 < 10, "the restarted broker is not used again"
+                await asyncio.sleep(0.05)
+            rejoin = time.monotonic() - t0
+            await asyncio.sleep(1.5)
+            stop.set()
+            await asyncio.gather(*tasks)
+            moved, lost = client.moved, client.lanes_lost
+            # Every ACCEPTED job completes (read through any broker).
+            missing = await all_succeeded(client, accepted)
+            assert not missing, sorted(missing)[:10]
+        return outcome, accepted, moved, lost, down_after, rejoin
+
+    outcome, accepted, moved, lost, down_after, rejoin = run(main(), loop, timeout=80)
+    print(f"\n[{loop}] {dict((k, dict(v)) for k, v in outcome.items())}; {len(accepted)} "
+          f"jobs accepted, all succeeded; {moved} requests moved to another broker; lanes "
+          f"lost {lost}; restarted broker up again after {rejoin:.2f} s")
+    for kind in ("idempotent", "keyed"):
+        assert set(outcome[kind]) == {"ok"}, (kind, dict(outcome[kind]))
+    for kind in ("plain", "unkeyed"):
+        # Only what was in flight at the broker when it died (4 tasks each):
+        # UNAVAILABLE, never another error.
+        assert set(outcome[kind]) <= {"ok", "BrokerLost"}, (kind, dict(outcome[kind]))
+        assert outcome[kind]["BrokerLost"] <= 8, (kind, dict(outcome[kind]))
+    assert lost == 1
+    # At most one more attempt per request that was in flight on the
+    # killed broker: 8 tasks make idempotent calls or keyed submits.
+    assert moved <= 8, moved
+    # The restarted broker served calls and accepted jobs again.
+    with victim.client(heartbeat=0) as c:
+        stats = c.stats()
+    assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
+
+
+def worker_credits(broker, name):
+    with broker.client(heartbeat=0) as c:
+        detail = c.stats().get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values() if w["name"] == name)
+
+
+def test_sync_client_and_worker_slots_across_a_broker_kill(tmp_path, postgres, cleanup):
+    """The blocking client moves off a killed broker the same way (threads
+    making idempotent and plain calls and keyed submits); the worker's
+    slots (MB_CONCURRENCY 8 over two brokers: 4 each) all go to the broker
+    left, and are split again when the other comes back."""
+    import threading
+    url, _ = postgres.new_db()
+    a, b = start_brokers(tmp_path, url, "ab")
+    cleanup.extend([a, b])
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend], env={"MB_CONCURRENCY": "8"})
+    cleanup.append(w)
+    wait_workers([a, b], 1)
+    wait_for(lambda: worker_credits(a, "w") == 4 and worker_credits(b, "w") == 4, 10,
+             "the worker's 8 slots split 4 + 4")
+    outcome = collections.defaultdict(collections.Counter)
+    accepted = []
+    stop = threading.Event()
+    client = kelpie.sync.Client([a.frontend, b.frontend], heartbeat=0.2, timeout=15)
+
+    def traffic(kind):
+        while not stop.is_set():
+            try:
+                if kind == "idempotent":
+                    assert client.call("mb", "Echo", SLOW, idempotent=True) == SLOW
+                elif kind == "plain":
+                    assert client.call("mb", "Echo", SLOW) == SLOW
+                else:
+                    accepted.append(client.submit("work", JOB,
+                                                  idempotency_key=uuid.uuid4().hex).id)
+                outcome[kind]["ok"] += 1
+            except kelpie.Unavailable as exc:
+                outcome[kind][type(exc).__name__] += 1
+            except Exception as exc:
+                outcome[kind][f"{type(exc).__name__}: {exc}"] += 1
+
+    threads = [threading.Thread(target=traffic, args=(k,))
+               for k in ("idempotent", "plain", "keyed") for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        a.stop()  # SIGKILL
+        t_kill = time.monotonic()
+        wait_for(lambda: worker_credits(b, "w") == 8, 10, "all 8 slots offered to broker b")
+        moved_slots = time.monotonic() - t_kill
+        mid = {k: outcome[k]["ok"] for k in outcome}
+        time.sleep(1.0)
+        assert all(outcome[k]["ok"] > mid[k] for k in mid), dict(outcome)
+        a.start()
+        wait_for(lambda: worker_credits(a, "w") == 4 and worker_credits(b, "w") == 4, 10,
+                 "the slots split 4 + 4 again")
+        wait_for(lambda: all(x["up"] for x in client.brokers), 10, "broker a up again")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+    try:
+        moved = client.moved
+    finally:
+        client.close()
+
+    async def check():
+        async with kelpie.Client([a.frontend, b.frontend], timeout=20) as c:
+            return await all_succeeded(c, accepted)
+
+    missing = run(check(), "asyncio")
+    assert not missing, sorted(missing)[:10]
+    with kelpie.sync.Client([a.frontend, b.frontend], timeout=20) as c:
+        for jid in accepted[-10:]:  # read through the blocking client's watch too
+            assert c.result(jid, timeout=20) == JOB
+    print(f"\n[sync] {dict((k, dict(v)) for k, v in outcome.items())}; {len(accepted)} jobs "
+          f"accepted, all succeeded; {moved} moved; worker slots moved to b "
+          f"{moved_slots:.2f} s after the kill")
+    for kind in ("idempotent", "keyed"):
+        assert set(outcome[kind]) == {"ok"}, (kind, dict(outcome[kind]))
+    assert set(outcome["plain"]) <= {"ok", "Unavailable", "BrokerLost"}, dict(outcome["plain"])
+    assert outcome["plain"]["Unavailable"] + outcome["plain"]["BrokerLost"] <= 6
+    assert moved <= 6, moved  # 6 threads make idempotent calls or keyed submits
+    with a.client(heartbeat=0) as c:
+        stats = c.stats()
+    assert stats["requests"] > 0 and stats["jobs_accepted"] > 0, stats
+
+
+APP = '''
+import kelpie
+worker = kelpie.Worker(concurrency=4, heartbeat=0.2)
+
+@worker.handler("mbcli", "Echo")
+async def echo(payload, ctx):
+    return payload
+'''
+
+
+def test_cli_with_two_brokers(tmp_path, cleanup):
+    """`kelpie worker --backend a,b` registers with both brokers (2 slots
+    each); `kelpie --frontend a,b call` is served, also with the first
+    broker killed (it never answers a ping, so no call goes there)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import kill_group
+    (tmp_path / "mbapp.py").write_text(APP)
+    a = Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(tmp_path)).start()
+    d = tmp_path / "b"
+    d.mkdir()
+    b = Kelpied(heartbeat_ms=HEARTBEAT_MS, log_dir=str(d)).start()
+    cleanup.extend([a, b])
+    env = {**os.environ, "KELPIE_FRONTEND": f"{a.frontend},{b.frontend}"}
+    kelpie_cmd = [sys.executable, "-m", "kelpie"]
+    worker = subprocess.Popen([*kelpie_cmd, "worker", "mbapp:worker", "--backend",
+                               f"{a.backend},{b.backend}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+
+    class W:
+        def kill(self):
+            kill_group(worker)
+    cleanup.append(W())
+    for broker in (a, b):
+        wait_for(lambda: _any_credits(broker) == 2, 15,
+                 f"the worker's 2 slots at {broker.frontend}")
+
+    def call():
+        return subprocess.run([*kelpie_cmd, "call", "mbcli", "Echo", "--data", "hi"], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    for _ in range(2):
+        out = call()
+        assert out.returncode == 0 and out.stdout.strip() == "hi", out
+    a.stop()
+    t0 = time.monotonic()
+    out = call()
+    took = time.monotonic() - t0
+    assert out.returncode == 0 and out.stdout.strip() == "hi", out
+    wait_for(lambda: _any_credits(b) == 4, 10, "all 4 slots at the broker left")
+    print(f"\n[cli] a call with the first broker dead took {took:.2f} s (process start "
+          f"included)")
+
+
+def _any_credits(broker):
+    with broker.client(heartbeat=0) as c:
+        detail = c.stats().get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values())

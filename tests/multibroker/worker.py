@@ -1,0 +1,50 @@
+"""A worker process for the multi-broker tests: one kelpie.Worker
+registered with every broker named in argv[1] (endpoints separated by
+commas). It serves ``mb/Echo`` (the payload back, after ``sleep`` seconds
+if the payload is JSON with that key) and jobs of queue ``work`` (same;
+each run is appended to argv[2] as "job_id attempt" for the test to count).
+SIGTERM drains it."""
+import asyncio
+import json
+import os
+import signal
+import sys
+
+import kelpie
+
+
+def main():
+    backends, runs_log, name = sys.argv[1], sys.argv[2], sys.argv[3]
+    concurrency = int(os.environ.get("MB_CONCURRENCY", "8"))
+    worker = kelpie.Worker(backends, concurrency=concurrency, name=name, heartbeat=0.2)
+
+    async def pause(payload):
+        try:
+            seconds = float(json.loads(payload).get("sleep", 0))
+        except (ValueError, AttributeError):
+            seconds = 0.0
+        if seconds:
+            await asyncio.sleep(seconds)
+
+    @worker.handler("mb", "Echo")
+    async def echo(payload, ctx):
+        await pause(payload)
+        return payload
+
+    @worker.job("work")
+    async def work(payload, ctx):
+        with open(runs_log, "a") as f:
+            f.write(f"{ctx.job_id} {ctx.attempt}\n")
+        await pause(payload)
+        return payload
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop(2)))
+        await worker.run()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

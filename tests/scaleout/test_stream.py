@@ -1,0 +1,283 @@
+"""The 10,000-job stream over three brokers on one PostgreSQL store.
+
+Three kelpied share the store, each with a worker process (a worker process
+per broker: rawworker.py speaks to one broker). One client streams 10,000
+SUBMITs over the three brokers, a window in flight on each, every job with an
+idempotency key: what a broker answers UNAVAILABLE, or does not answer in
+time, is submitted again (same key) to another one, as a client that knows
+several brokers does. During the stream:
+
+- broker a is killed with SIGKILL and started again two seconds later (on
+  the same ports, a new broker id); its worker keeps its held RESULTs and
+  reports them to the new broker;
+- PostgreSQL is stopped (fast shutdown, connections cut) and started again.
+
+Then: every ACCEPTED job succeeded (none is lost, none is left queued or
+leased); a key always named the same job; no SUBMIT sent while PostgreSQL
+was down was ACCEPTED, and some were answered UNAVAILABLE; the jobs a held
+when it died were put back within the lease window and run elsewhere; the
+only jobs run twice are those (at-least-once redelivery of a dead broker's
+leases), counted and printed; the restarted broker accepted and ran jobs;
+the brokers reconnected to the store by themselves.
+"""
+import collections
+import json
+import os
+import threading
+import time
+
+import zmq
+
+from conftest import K, Workers, start_broker, wait_for
+from kelpie.v1 import header_pb2 as pb
+
+N = int(os.environ.get("KELPIE_STREAM_JOBS", "10000"))
+HEARTBEAT_MS = 200  # lease window 600 ms (--heartbeat-liveness 3)
+WINDOW = 64          # SUBMITs in flight per broker
+ANSWER_S = 2.0       # a SUBMIT not answered in this long is sent elsewhere
+RESEND_PAUSE_S = 0.05
+
+
+def hdr(**kw):
+    return pb.Header(version=1, **kw).SerializeToString()
+
+
+class Stream:
+    """SUBMITs of N keyed jobs spread over brokers, resent until ACCEPTED."""
+
+    def __init__(self, brokers):
+        self.ctx = zmq.Context.instance()
+        self.brokers = brokers
+        self.socks = {}
+        for name, b in brokers.items():
+            self.connect(name, b.frontend)
+        self.todo = collections.deque(range(N))
+        self.later = collections.deque()   # (not before, job index)
+        self.inflight = {}                 # (broker, request id) -> (index, sent at)
+        self.count = collections.Counter()
+        self.next_rid = 1
+        self.ids = {}                      # index -> job id
+        self.accepted_log = []             # (sent at, answered at)
+        self.unavailable_log = []
+        self.paused = set()                # brokers not sent to (dead, or told us so)
+
+    def connect(self, name, endpoint):
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        self.socks[name] = s
+
+    def reconnect(self, name):
+        self.socks[name].close()
+        self.connect(name, self.brokers[name].frontend)
+        for key in [k for k in self.inflight if k[0] == name]:
+            self.retry(self.inflight.pop(key)[0])
+
+    def retry(self, i):
+        self.later.append((time.monotonic() + RESEND_PAUSE_S, i))
+
+    def pending(self):
+        return len(self.todo) + len(self.later) + len(self.inflight)
+
+    def step(self, poll_ms=5):
+        now = time.monotonic()
+        while self.later and self.later[0][0] <= now:
+            self.todo.appendleft(self.later.popleft()[1])
+        live = [n for n in self.socks if n not in self.paused]
+        busy = collections.Counter(k[0] for k in self.inflight)
+        turn = 0
+        while self.todo and live:
+            name = live[turn % len(live)]
+            turn += 1
+            if all(busy[n] >= WINDOW for n in live):
+                break
+            if busy[name] >= WINDOW:
+                continue
+            i = self.todo.popleft()
+            rid = self.next_rid
+            self.next_rid += 1
+            self.socks[name].send_multipart([
+                hdr(kind=K.SUBMIT, service="q", request_id=rid, idempotency_key=f"job-{i}",
+                    max_attempts=5),
+                json.dumps({"n": i}).encode()])
+            self.inflight[(name, rid)] = (i, time.monotonic())
+            busy[name] += 1
+            self.count["sent"] += 1
+        poller = zmq.Poller()
+        for s in self.socks.values():
+            poller.register(s, zmq.POLLIN)
+        for s, _ in poller.poll(poll_ms):
+            name = next(n for n, x in self.socks.items() if x is s)
+            while s.poll(0):
+                frames = s.recv_multipart()
+                h = pb.Header()
+                h.ParseFromString(frames[0])
+                got = self.inflight.pop((name, h.request_id), None)
+                if got is None:
+                    continue  # answered after we gave up on it: sent again already
+                i, sent = got
+                if h.kind == K.ACCEPTED:
+                    if i in self.ids:
+                        assert self.ids[i] == h.job_id, f"key job-{i}: {self.ids[i]} vs {h.job_id}"
+                    self.ids[i] = h.job_id
+                    self.accepted_log.append((sent, time.monotonic()))
+                    self.count["accepted"] += 1
+                    self.count["accepted_" + name] += 1
+                elif h.kind == K.ERROR and h.code == pb.UNAVAILABLE:
+                    self.unavailable_log.append((sent, time.monotonic()))
+                    self.count["unavailable"] += 1
+                    self.retry(i)
+                else:
+                    raise AssertionError(f"SUBMIT answered {K.Name(h.kind)} {h.code} {h.message}")
+        now = time.monotonic()
+        for key in [k for k, (_, t) in self.inflight.items() if now - t > ANSWER_S]:
+            self.count["unanswered"] += 1
+            self.retry(self.inflight.pop(key)[0])
+
+    def close(self):
+        for s in self.socks.values():
+            s.close()
+
+
+def runs_of(workers):
+    per_job = collections.Counter()
+    for w in workers:
+        for p in w.procs:
+            if os.path.exists(p.runs_log):
+                with open(p.runs_log) as f:
+                    for line in f:
+                        if line.strip():
+                            per_job[line.split()[0]] += 1
+    return per_job
+
+
+def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path, postgres):
+    url, db = postgres.new_db()
+    brokers = {n: start_broker(tmp_path, n, url, HEARTBEAT_MS) for n in "abc"}
+    workers = {n: Workers(tmp_path, b) for n, b in brokers.items()}
+    stream = None
+    pg_events = {}
+    try:
+        for n, w in workers.items():
+            w.start(f"w{n}", credits=16)
+        time.sleep(0.5)
+        stream = Stream(brokers)
+        t_start = time.monotonic()
+        end = t_start + 80
+        killed = restarted = pg_started = False
+        pg_thread = None
+
+        def bounce_postgres():
+            postgres.stop_server()
+            pg_events["down"] = time.monotonic()
+            time.sleep(1.5)
+            pg_events["starting"] = time.monotonic()
+            postgres.start_server()
+            pg_events["up"] = time.monotonic()
+
+        while stream.pending() and time.monotonic() < end:
+            stream.step()
+            done = stream.count["accepted"]
+            if not killed and done >= N * 0.3:
+                killed = True
+                t_kill_wall = time.time()
+                brokers["a"].stop()  # SIGKILL
+                stream.paused.add("a")
+                t_kill = time.monotonic()
+            if killed and not restarted and time.monotonic() - t_kill >= 2.0:
+                restarted = True
+                # What the dead a had handed its worker (the worker logs a job as
+                # it receives it; nothing new reaches it until a is back): the
+                # only jobs that may run twice.
+                with open(workers["a"].procs[0].runs_log) as f:
+                    a_ran = {line.split()[0] for line in f if line.strip()}
+                brokers["a"].restart()
+                stream.reconnect("a")
+                stream.paused.discard("a")
+                a_before = stream.count["accepted_a"]
+            if restarted and not pg_started and done >= N * 0.6:
+                pg_started = True
+                pg_thread = threading.Thread(target=bounce_postgres)
+                pg_thread.start()
+        assert stream.pending() == 0, f"{stream.pending()} not accepted in 80 s: {stream.count}"
+        t_accepted = time.monotonic() - t_start
+        pg_thread.join(timeout=60)
+        assert "up" in pg_events, "PostgreSQL did not come back"
+        ids = set(stream.ids.values())
+        assert len(stream.ids) == N and len(ids) == N, (len(stream.ids), len(ids))
+
+        # Nothing sent while PostgreSQL was down was ACCEPTED; some were refused.
+        down, starting = pg_events["down"], pg_events["starting"]
+        during = [a for a in stream.accepted_log if a[0] > down and a[1] < starting]
+        assert during == [], f"{len(during)} SUBMITs ACCEPTED while PostgreSQL was down"
+        refused = [u for u in stream.unavailable_log if down <= u[1] <= pg_events["up"] + 1]
+        assert refused, "no SUBMIT was answered UNAVAILABLE while PostgreSQL was down"
+
+        # Every accepted job ends succeeded: none lost.
+        def settled():
+            rows = postgres.psql("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY 1",
+                                 db=db).split()
+            return rows == [f"3|{N}"], rows
+
+        last = []
+
+        def check():
+            ok, rows = settled()
+            last[:] = rows
+            return ok
+
+        wait_for(check, timeout=60, what=f"all {N} jobs succeeded (states now {last})")
+        stored = set(postgres.psql("SELECT id FROM jobs", db=db).split())
+        assert stored == ids, (len(stored - ids), len(ids - stored))
+        t_all = time.monotonic() - t_start
+
+        # The dead broker's leases: put back within the lease window, run elsewhere.
+        lost = postgres.psql(
+            "SELECT j.id, a.ended_at FROM attempts a JOIN jobs j ON j.seq = a.job_seq "
+            "WHERE a.message = 'the broker holding the lease stopped heartbeating'",
+            db=db).split()
+        lost = {line.split("|")[0]: int(line.split("|")[1]) for line in lost}
+        assert lost, "broker a held no leases when it was killed"
+        reclaim_s = max(lost.values()) / 1000.0 - t_kill_wall
+        # window (600 ms) + one heartbeat of the reclaiming broker + load
+        assert reclaim_s < 2.0, reclaim_s
+
+        # Only jobs that a's worker was running when a died ran twice (at least
+        # once: a put them back, and the worker's late RESULT is still taken).
+        per_job = runs_of(workers.values())
+        assert set(per_job) == ids, (len(set(per_job)), len(ids))
+        twice = {j for j, c in per_job.items() if c > 1}
+        extra = sorted(twice - a_ran)
+        assert not extra, (len(extra), [postgres.psql(
+            "SELECT a.n, a.outcome, a.started_at, a.ended_at, a.message FROM attempts a "
+            f"JOIN jobs j ON j.seq = a.job_seq WHERE j.id = '{j}' ORDER BY a.n", db=db)
+            for j in extra[:5]], [per_job[j] for j in extra[:5]])
+
+        # The restarted broker rejoined: it answered SUBMITs and its worker ran jobs.
+        a_after = stream.count["accepted_a"] - a_before
+        assert a_after > 0, "the restarted broker accepted nothing"
+        ran_a = sum(1 for line in open(workers["a"].procs[0].runs_log))
+        def relistened(n):
+            with open(brokers[n].log_path, errors="replace") as f:
+                return f.read().count("listening for the other brokers' notifications") >= 2
+
+        for n in "bc":
+            wait_for(lambda: relistened(n), timeout=10,
+                     what=f"broker {n} LISTENing again after the PostgreSQL restart")
+        print(f"\n{N} jobs over 3 brokers: all accepted after {t_accepted:.1f} s, all succeeded "
+              f"after {t_all:.1f} s; {stream.count['sent']} SUBMITs sent, "
+              f"{stream.count['unavailable']} answered UNAVAILABLE, "
+              f"{stream.count['unanswered']} unanswered (sent again); broker a held "
+              f"{len(lost)} leases when killed, put back {reclaim_s:.2f} s after the kill; "
+              f"{len(twice)} jobs ran twice (all of them a's when it died); restarted broker a "
+              f"accepted {a_after}, worker a ran {ran_a}; "
+              f"PostgreSQL down {pg_events['up'] - down:.1f} s")
+    finally:
+        if stream:
+            stream.close()
+        for w in workers.values():
+            w.kill_all()
+        for b in brokers.values():
+            b.stop()
+        if postgres.pid is None:
+            postgres.start_server()
