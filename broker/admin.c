@@ -18,9 +18,32 @@
 #define KELPIE_VERSION "0.0.0"
 #endif
 
+/* Adds "key": the names of the n services comma-joined (JSON has no arrays
+ * here, see below). */
+static void admin_names_json(struct kp_json *j, const char *key, struct kp_service *const *v,
+                             size_t n)
+{
+    size_t need = 1;
+    for (size_t i = 0; i < n; i++)
+        need += strlen(v[i]->name) + 1;
+    char *text = kp_malloc(need);
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(v[i]->name);
+        if (i)
+            text[used++] = ',';
+        memcpy(text + used, v[i]->name, len);
+        used += len;
+    }
+    text[used] = '\0';
+    kp_json_str(j, key, text);
+    kp_free(text);
+}
+
 /* One member of Stats' "worker_detail" object per registered worker, keyed by
- * its routing id in hex (unique, unlike names): what `kelpie stats` shows per
- * worker. JSON has no arrays here, so services are one comma-joined string. */
+ * its routing id in hex (unique, unlike names): what `kelpie stats` and the
+ * dashboard show per worker. JSON has no arrays here, so services and job
+ * queues are comma-joined strings. */
 static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
 {
     kp_json_object_begin(j, "worker_detail");
@@ -67,6 +90,11 @@ static void admin_workers_json(struct kp_broker *b, struct kp_json *j)
             kp_json_u64(j, "restarts", w->stats.restarts);
             kp_json_u64(j, "stats_age_ms", b->now - w->stats.at);
         }
+        /* The job queues it takes JOBs from, and how long since it was
+         * last heard from (any message counts as a heartbeat). */
+        admin_names_json(j, "queues", w->queues, w->nqueues);
+        kp_json_u64(j, "last_seen_ms", b->now > w->last_recv ? b->now - w->last_recv : 0);
+        kp_json_u64(j, "draining", w->draining);
         kp_json_object_end(j);
         kp_free(services);
     }

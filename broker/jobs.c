@@ -92,6 +92,9 @@ struct jobq {
     size_t nheld;
     bool pending; /* in the engine's pump list */
     struct kp_list pending_link;
+    /* What this broker did for the queue since it started (Stats "jobs"
+     * "queues"): the dashboard's per-queue rates are their differences. */
+    uint64_t submitted; /* jobs stored (not deduplicated); the rest are in q->svc */
 };
 
 struct watch;
@@ -163,6 +166,7 @@ enum op_kind {
     OP_EXPIRE,
     OP_BEAT,
     OP_INPUT, /* GET for an INPUT whose job is not running here: why not */
+    OP_COUNT, /* admin */
 };
 
 struct op {
@@ -189,6 +193,8 @@ struct op {
     kp_job_id id;
     uint32_t claim_max; /* CLAIM, or SUBMIT with a claim riding on it */
     uint64_t claim_gen; /* the queue's gen when the claim was put */
+    kp_job_id until;    /* LIST with until: ids from this one on are left out */
+    bool has_until;
     uint64_t note_mark; /* OP_WATCH: engine->ended_notes when it was put */
 };
 
@@ -256,6 +262,21 @@ static bool meta_str(const kp_header *h, const char *key, char *buf, size_t cap)
     }
     buf[0] = '\0';
     return false;
+}
+
+/* A time in ms since the epoch, as ListJobs takes it: decimal digits only,
+ * within the 48 bits a job id holds. */
+static bool parse_ms(const char *text, uint64_t *out)
+{
+    char *end;
+    if (text[0] < '0' || text[0] > '9')
+        return false;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno || *end != '\0' || v >= (1ull << 48))
+        return false;
+    *out = v;
+    return true;
 }
 
 /* xorshift64: jitter needs spread, not secrecy. */
@@ -864,7 +885,8 @@ static void run_free(struct run *r)
     kp_free(r);
 }
 
-/* Counts how an attempt ended (successes are counted when stored). */
+/* Counts how an attempt ended, for the broker (successes are counted when
+ * stored; the per-queue counters live in the queue's service). */
 static void count_outcome(struct kp_broker *b, enum kp_job_outcome outcome)
 {
     switch (outcome) {
@@ -1103,6 +1125,8 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
     if (existed)
         return;
     struct jobq *q = o->q ? o->q : queue_get(b, o->queue);
+    if (q)
+        q->submitted++;
     if (q && o->job.run_at > kp_store_now()) {
         queue_due(b, q, o->job.run_at);
     } else {
@@ -1404,16 +1428,43 @@ static void done_admin(struct kp_broker *b, struct op *o, struct kp_journal_req 
         reply_json(b, o, &j, more, 2);
         break;
     }
-    case OP_LIST:
+    case OP_LIST: {
+        /* Ids are in creation order: those past `until` end the page and
+         * the listing. */
+        size_t n = r->out.jobs.n;
+        bool cut = false;
+        while (o->has_until && n > 0 && strcmp(r->out.jobs.v[n - 1].id.s, o->until.s) >= 0) {
+            n--;
+            cut = true;
+        }
         kp_json_object_begin(&j, NULL);
         kp_json_array_begin(&j, "jobs");
-        for (size_t i = 0; i < r->out.jobs.n; i++)
+        for (size_t i = 0; i < n; i++)
             json_job(&j, &r->out.jobs.v[i], false);
         kp_json_array_end(&j);
-        if (r->out.jobs.n == r->in.filter.limit && r->out.jobs.n > 0)
-            kp_json_str(&j, "next", r->out.jobs.v[r->out.jobs.n - 1].id.s);
+        if (!cut && r->out.jobs.n == r->in.filter.limit && n > 0)
+            kp_json_str(&j, "next", r->out.jobs.v[n - 1].id.s);
         else
             kp_json_null(&j, "next");
+        kp_json_object_end(&j);
+        reply_json(b, o, &j, NULL, 0);
+        break;
+    }
+    case OP_COUNT:
+        kp_json_object_begin(&j, NULL);
+        kp_json_object_begin(&j, "queues");
+        for (size_t i = 0; i < r->out.counts.n; i++) {
+            const struct kp_queue_count *c = &r->out.counts.v[i];
+            kp_json_object_begin(&j, c->queue);
+            for (int st = 0; st < KP_JOB_STATE_COUNT; st++)
+                kp_json_u64(&j, kp_job_state_name((enum kp_job_state)st), c->state[st]);
+            kp_json_array_begin(&j, "queued_by_priority");
+            for (int p = 0; p <= KP_JOB_PRIORITY_MAX; p++)
+                kp_json_u64(&j, NULL, c->queued_by_priority[p]);
+            kp_json_array_end(&j);
+            kp_json_object_end(&j);
+        }
+        kp_json_object_end(&j);
         kp_json_object_end(&j);
         reply_json(b, o, &j, NULL, 0);
         break;
@@ -1851,6 +1902,7 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         {"CancelJob", OP_CANCEL, KP_JOURNAL_CANCEL},
         {"RetryDead", OP_RETRY, KP_JOURNAL_DLQ_RETRY},
         {"PurgeDead", OP_PURGE, KP_JOURNAL_DLQ_PURGE},
+        {"CountJobs", OP_COUNT, KP_JOURNAL_COUNT},
     };
     if (strcmp(h->method, "Drain") == 0) {
         char name[256];
@@ -1927,8 +1979,11 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
             if (limit == 0 || limit > JOBS_LIST_MAX)
                 limit = JOBS_LIST_MAX;
         }
+        char key[JOBS_KEY_MAX + 1];
+        if (meta_str(h, "key", key, sizeof key))
+            o->key = kp_strdup(key);
         o->req->in.filter = (struct kp_job_filter){
-            .state = state, .queue = o->queue, .after = NULL, .limit = limit};
+            .state = state, .queue = o->queue, .after = NULL, .limit = limit, .key = o->key};
         if (meta_str(h, "after", buf, sizeof buf)) {
             if (!kp_job_id_parse(buf, &o->id)) {
                 op_error(b, o, KP_EINVAL, "after is not a job id");
@@ -1936,6 +1991,32 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
                 return true;
             }
             o->req->in.filter.after = &o->id;
+        }
+        /* A creation-time range is a range of ids (ULIDs start with their
+         * millisecond): since moves the cursor, until cuts the page. */
+        uint64_t since = 0, until = 0;
+        bool has_since = meta_str(h, "since", buf, sizeof buf);
+        if (has_since && !parse_ms(buf, &since)) {
+            op_error(b, o, KP_EINVAL, "since is not milliseconds since the epoch");
+            op_free(o);
+            return true;
+        }
+        if (meta_str(h, "until", buf, sizeof buf)) {
+            if (!parse_ms(buf, &until)) {
+                op_error(b, o, KP_EINVAL, "until is not milliseconds since the epoch");
+                op_free(o);
+                return true;
+            }
+            kp_job_id_bound(until, false, &o->until);
+            o->has_until = true;
+        }
+        if (has_since && since > 0) {
+            kp_job_id from;
+            kp_job_id_bound(since - 1, true, &from);
+            if (!o->req->in.filter.after || strcmp(from.s, o->id.s) > 0) {
+                o->id = from;
+                o->req->in.filter.after = &o->id;
+            }
         }
     }
     if (o->kind == OP_CANCEL && jobs_cancel_running(b, o))
@@ -2629,6 +2710,10 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         return;
     kp_json_object_begin(j, "jobs");
     kp_json_str(j, "store", e->journal ? "open" : e->open_err ? "failed" : "closed");
+    kp_json_str(j, "store_kind",
+                e->store_url                               ? "postgresql"
+                : strcmp(e->data_dir, KP_JOBS_MEMORY) == 0 ? "memory"
+                                                           : "sqlite");
     if (e->open_err != KP_OK)
         kp_json_str(j, "store_error", e->open_msg);
     if (e->journal) {
@@ -2656,6 +2741,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "capacity", capacity);
         kp_json_u64(j, "concurrency", q->set.concurrency);
         kp_json_u64(j, "rate", q->set.rate);
+        kp_json_u64(j, "submitted", q->submitted);
         kp_json_u64(j, "dispatched", q->svc->dispatched);
         kp_json_u64(j, "succeeded", q->svc->completed);
         kp_json_u64(j, "failed", q->svc->failed);

@@ -73,6 +73,7 @@ static void journal_clear_out(struct kp_journal_req *r)
     kp_free(r->out.refs);
     r->out.refs = NULL;
     kp_jobs_clear(&r->out.jobs);
+    kp_queue_counts_clear(&r->out.counts);
     r->out.count = r->out.count2 = 0;
     r->out.wait_ms = 0;
 }
@@ -90,7 +91,7 @@ void kp_journal_req_destroy(struct kp_journal_req **req)
 
 static bool journal_is_read(const struct kp_journal_req *r)
 {
-    return r->op == KP_JOURNAL_GET || r->op == KP_JOURNAL_LIST;
+    return r->op == KP_JOURNAL_GET || r->op == KP_JOURNAL_LIST || r->op == KP_JOURNAL_COUNT;
 }
 
 /* Runs one request against the store (inside the group's transaction or,
@@ -140,6 +141,9 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
         break;
     case KP_JOURNAL_HEARTBEAT:
         err = kp_store_heartbeat(s, now, &r->out.count);
+        break;
+    case KP_JOURNAL_COUNT:
+        err = kp_store_count(s, r->in.queue, &r->out.counts);
         break;
     }
     r->out.err = err;

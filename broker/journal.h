@@ -52,6 +52,7 @@ enum kp_journal_op {
     KP_JOURNAL_DLQ_PURGE, /* same → out.count */
     KP_JOURNAL_EXPIRE,    /* → out.count (jobs), out.count2 (idempotency keys) */
     KP_JOURNAL_HEARTBEAT, /* → out.count (jobs reclaimed from silent brokers); shared stores */
+    KP_JOURNAL_COUNT,     /* in.queue (NULL for all) → out.counts; a read */
 };
 
 struct kp_journal_req {
@@ -61,9 +62,9 @@ struct kp_journal_req {
     struct {
         const struct kp_job_new *jobs; /* SUBMIT: borrowed */
         size_t njobs;
-        const char *queue;             /* CLAIM (required), DLQ_* (NULL for all queues): borrowed */
-        size_t max;                    /* CLAIM: most jobs to lease */
-        uint64_t owner;                /* CLAIM: the broker's id */
+        const char *queue; /* CLAIM (required), DLQ_*, COUNT (NULL for all queues): borrowed */
+        size_t max;        /* CLAIM: most jobs to lease */
+        uint64_t owner;    /* CLAIM: the broker's id */
         struct kp_claim_limits limits; /* CLAIM: the queue's global limits (shared stores) */
         kp_job_id id;                  /* END, CANCEL, GET; DLQ_* when has_id */
         bool has_id;
@@ -72,14 +73,15 @@ struct kp_journal_req {
         struct kp_job_filter filter; /* LIST: its pointers borrowed */
     } in;
     struct {
-        enum kp_err err;         /* KP_OK, or why it failed */
-        char *errmsg;            /* owned; NULL on success; names the file and the cause */
-        struct kp_job_ref *refs; /* SUBMIT: njobs entries */
-        struct kp_jobs jobs;     /* CLAIM, GET, LIST */
-        enum kp_job_state state; /* END */
-        size_t count, count2;    /* DLQ_*, EXPIRE */
-        uint64_t wait_ms;        /* CLAIM: the global rate cut it short; one more start then */
-        uint64_t commit;         /* number of the transaction that carried it */
+        enum kp_err err;               /* KP_OK, or why it failed */
+        char *errmsg;                  /* owned; NULL on success; names the file and the cause */
+        struct kp_job_ref *refs;       /* SUBMIT: njobs entries */
+        struct kp_jobs jobs;           /* CLAIM, GET, LIST */
+        struct kp_queue_counts counts; /* COUNT */
+        enum kp_job_state state;       /* END */
+        size_t count, count2;          /* DLQ_*, EXPIRE */
+        uint64_t wait_ms; /* CLAIM: the global rate cut it short; one more start then */
+        uint64_t commit;  /* number of the transaction that carried it */
     } out;
     struct kp_journal_req *next; /* the journal's queue link */
 };

@@ -12,13 +12,31 @@
 
 static const char store_crockford[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
+/* 48 bits of ms and 80 random bits as 26 base32 digits, most significant
+ * first (the first digit carries the top 3 bits). */
+static void store_id_encode(uint64_t ms, const uint8_t rand[10], kp_job_id *out)
+{
+    uint8_t b[16];
+    for (int i = 0; i < 6; i++)
+        b[i] = (uint8_t)(ms >> (8 * (5 - i)));
+    memcpy(b + 6, rand, 10);
+    for (int i = 0; i < KP_JOB_ID_LEN; i++) {
+        int bit = i == 0 ? 0 : 3 + (i - 1) * 5;
+        int width = i == 0 ? 3 : 5;
+        unsigned v = 0;
+        for (int k = 0; k < width; k++, bit++)
+            v = (v << 1) | ((b[bit / 8] >> (7 - bit % 8)) & 1u);
+        out->s[i] = store_crockford[v];
+    }
+    out->s[KP_JOB_ID_LEN] = '\0';
+}
+
 void kp_job_id_new(uint64_t now, kp_job_id *out)
 {
     /* Per-thread monotonic ULID: in the same millisecond the random part is
      * incremented instead of drawn again, so ids keep their creation order. */
     static _Thread_local uint64_t last_ms;
     static _Thread_local uint8_t last_rand[10];
-    uint8_t b[16];
     if (now <= last_ms) {
         now = last_ms;
         for (int i = 9; i >= 0 && ++last_rand[i] == 0; i--)
@@ -30,20 +48,14 @@ void kp_job_id_new(uint64_t now, kp_job_id *out)
             memset(last_rand, 0, sizeof last_rand);
         last_ms = now;
     }
-    for (int i = 0; i < 6; i++)
-        b[i] = (uint8_t)(now >> (8 * (5 - i)));
-    memcpy(b + 6, last_rand, 10);
-    /* 128 bits as 26 base32 digits, most significant first (the first digit
-     * carries the top 3 bits). */
-    for (int i = 0; i < KP_JOB_ID_LEN; i++) {
-        int bit = i == 0 ? 0 : 3 + (i - 1) * 5;
-        int width = i == 0 ? 3 : 5;
-        unsigned v = 0;
-        for (int k = 0; k < width; k++, bit++)
-            v = (v << 1) | ((b[bit / 8] >> (7 - bit % 8)) & 1u);
-        out->s[i] = store_crockford[v];
-    }
-    out->s[KP_JOB_ID_LEN] = '\0';
+    store_id_encode(now, last_rand, out);
+}
+
+void kp_job_id_bound(uint64_t ms, bool high, kp_job_id *out)
+{
+    uint8_t rand[10];
+    memset(rand, high ? 0xff : 0, sizeof rand);
+    store_id_encode(ms, rand, out);
 }
 
 bool kp_job_id_parse(const char *s, kp_job_id *out)
@@ -108,6 +120,33 @@ void kp_jobs_clear(struct kp_jobs *jobs)
         kp_job_clear(&jobs->v[i]);
     kp_free(jobs->v);
     memset(jobs, 0, sizeof *jobs);
+}
+
+void kp_queue_counts_add(struct kp_queue_counts *c, const char *queue, enum kp_job_state state,
+                         unsigned priority, uint64_t n)
+{
+    struct kp_queue_count *q = c->n ? &c->v[c->n - 1] : NULL;
+    if (q == NULL || strcmp(q->queue, queue) != 0) {
+        if (c->n == c->cap) {
+            c->cap = c->cap ? c->cap * 2 : 16;
+            c->v = kp_realloc(c->v, c->cap * sizeof *c->v);
+        }
+        q = &c->v[c->n++];
+        memset(q, 0, sizeof *q);
+        q->queue = kp_strdup(queue);
+    }
+    if ((unsigned)state < KP_JOB_STATE_COUNT)
+        q->state[state] += n;
+    if (state == KP_JOB_QUEUED && priority <= KP_JOB_PRIORITY_MAX)
+        q->queued_by_priority[priority] += n;
+}
+
+void kp_queue_counts_clear(struct kp_queue_counts *c)
+{
+    for (size_t i = 0; i < c->n; i++)
+        kp_free(c->v[i].queue);
+    kp_free(c->v);
+    memset(c, 0, sizeof *c);
 }
 
 enum kp_err kp_store_fail(struct kp_store *s, enum kp_err err, const char *fmt, ...)
@@ -221,6 +260,11 @@ enum kp_err kp_store_list(struct kp_store *s, const struct kp_job_filter *f, str
     if (f->limit == 0)
         return kp_store_fail(s, KP_EINVAL, "list: limit must be at least 1");
     return s->ops->list(s, f, out);
+}
+
+enum kp_err kp_store_count(struct kp_store *s, const char *queue, struct kp_queue_counts *out)
+{
+    return s->ops->count(s, queue, out);
 }
 
 enum kp_err kp_store_dlq_retry(struct kp_store *s, const char *queue, const kp_job_id *id,

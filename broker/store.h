@@ -166,6 +166,20 @@ struct kp_job_filter {
     const char *queue;      /* NULL for any */
     const kp_job_id *after; /* NULL for the first page; else the last id of the previous page */
     size_t limit;           /* most jobs in the page, >= 1 */
+    const char *key;        /* NULL for any; else only jobs submitted with this idempotency key */
+};
+
+/* Counting: one queue's jobs in each state, and its QUEUED jobs by priority. */
+struct kp_queue_count {
+    char *queue; /* owned */
+    uint64_t state[KP_JOB_STATE_COUNT];
+    uint64_t queued_by_priority[KP_JOB_PRIORITY_MAX + 1];
+};
+
+/* A growable array of queue counts (count). */
+struct kp_queue_counts {
+    struct kp_queue_count *v;
+    size_t n, cap;
 };
 
 struct kp_store;
@@ -185,6 +199,7 @@ struct kp_store_ops {
     enum kp_err (*cancel)(struct kp_store *s, const kp_job_id *id, uint64_t now);
     enum kp_err (*get)(struct kp_store *s, const kp_job_id *id, struct kp_job *out);
     enum kp_err (*list)(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out);
+    enum kp_err (*count)(struct kp_store *s, const char *queue, struct kp_queue_counts *out);
     enum kp_err (*dlq_retry)(struct kp_store *s, const char *queue, const kp_job_id *id,
                              uint64_t now, size_t *n);
     enum kp_err (*dlq_purge)(struct kp_store *s, const char *queue, const kp_job_id *id, size_t *n);
@@ -351,8 +366,17 @@ enum kp_err kp_store_cancel(struct kp_store *s, const kp_job_id *id, uint64_t no
 enum kp_err kp_store_get(struct kp_store *s, const kp_job_id *id, struct kp_job *out);
 
 /* Appends one page of jobs matching f to *out, in id order, without payload,
- * result or history. The DLQ is state KP_JOB_DEAD. KP_EINVAL if limit is 0. */
+ * result or history. The DLQ is state KP_JOB_DEAD. A key filter matches the
+ * job's own idempotency_key (kept as long as the job, not only while the key
+ * is retained), and is a walk over the jobs after the cursor, like a state.
+ * KP_EINVAL if limit is 0. */
 enum kp_err kp_store_list(struct kp_store *s, const struct kp_job_filter *f, struct kp_jobs *out);
+
+/* Counts the jobs of `queue` (NULL: of every queue) by state, and the QUEUED
+ * ones by priority, into *out: one entry per queue that holds a job, in name
+ * order. A read that visits every job of the queue (a GROUP BY, no page): an
+ * admin query, not one for the hot path. */
+enum kp_err kp_store_count(struct kp_store *s, const char *queue, struct kp_queue_counts *out);
 
 /* Re-queues DEAD jobs (one by id, or all of a queue, or all when both are
  * NULL) with a fresh allowance of max_attempts, keeping their history; *n
@@ -406,6 +430,19 @@ struct kp_job *kp_jobs_push(struct kp_jobs *jobs);
 
 /* Frees every job and the array; the array may be used again. */
 void kp_jobs_clear(struct kp_jobs *jobs);
+
+/* Adds n jobs of (queue, state, priority) to the counts: to the last entry
+ * when it names queue (implementations add rows sorted by queue), else to a
+ * new one. */
+void kp_queue_counts_add(struct kp_queue_counts *c, const char *queue, enum kp_job_state state,
+                         unsigned priority, uint64_t n);
+
+/* Frees every entry and the array; the array may be used again. */
+void kp_queue_counts_clear(struct kp_queue_counts *c);
+
+/* The smallest (high false) or largest (high true) job id that kp_job_id_new
+ * can make for millisecond ms: bounds of a creation-time range over ids. */
+void kp_job_id_bound(uint64_t ms, bool high, kp_job_id *out);
 
 /* Sets s->errmsg (printf-style) and returns err, for implementations. */
 enum kp_err kp_store_fail(struct kp_store *s, enum kp_err err, const char *fmt, ...)

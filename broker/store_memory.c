@@ -7,6 +7,7 @@
  * and rollback cannot undo (the journal only rolls back after a failed
  * commit). Nothing here is durable.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -354,9 +355,42 @@ static enum kp_err mem_list(struct kp_store *s, const struct kp_job_filter *f, s
             continue;
         if (f->after && strcmp(j->id.s, f->after->s) <= 0)
             continue;
+        if (f->key && (!j->idempotency_key || strcmp(f->key, j->idempotency_key) != 0))
+            continue;
         mem_copy_out(m->jobs[i], kp_jobs_push(out), false, false);
         added++;
     }
+    return KP_OK;
+}
+
+static int mem_name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static enum kp_err mem_count(struct kp_store *s, const char *queue, struct kp_queue_counts *out)
+{
+    struct mem_store *m = mem(s);
+    /* The queue names, sorted and unique, then one scan per queue: a test
+     * store holds few jobs and fewer queues. */
+    const char **names = kp_malloc((m->njobs ? m->njobs : 1) * sizeof *names);
+    size_t n = 0;
+    for (size_t i = 0; i < m->njobs; i++) {
+        const char *name = m->jobs[i]->job.queue;
+        if (!queue || strcmp(queue, name) == 0)
+            names[n++] = name;
+    }
+    qsort(names, n, sizeof *names, mem_name_cmp);
+    for (size_t k = 0; k < n; k++) {
+        if (k && strcmp(names[k - 1], names[k]) == 0)
+            continue;
+        for (size_t i = 0; i < m->njobs; i++) {
+            const struct kp_job *j = &m->jobs[i]->job;
+            if (strcmp(j->queue, names[k]) == 0)
+                kp_queue_counts_add(out, j->queue, j->state, j->priority, 1);
+        }
+    }
+    kp_free(names);
     return KP_OK;
 }
 
@@ -482,6 +516,7 @@ static const struct kp_store_ops mem_ops = {
     .cancel = mem_cancel,
     .get = mem_get,
     .list = mem_list,
+    .count = mem_count,
     .dlq_retry = mem_dlq_retry,
     .dlq_purge = mem_dlq_purge,
     .expire = mem_expire,

@@ -1042,14 +1042,43 @@ static enum kp_err pg_list(struct kp_store *s, const struct kp_job_filter *f, st
     arg_text(&a, f->queue);
     arg_text(&a, f->after ? f->after->s : "");
     arg_i64(&a, (int64_t)f->limit);
+    arg_text(&a, f->key);
     PGresult *r;
     err = pg_run(q,
                  "SELECT " PG_JOB_COLS " FROM jobs WHERE ($1 < 0 OR state = $1) "
-                 "AND ($2::text IS NULL OR queue = $2) AND id > $3 ORDER BY id LIMIT $4",
+                 "AND ($2::text IS NULL OR queue = $2) AND id > $3 "
+                 "AND ($5::text IS NULL OR idem_key = $5) ORDER BY id LIMIT $4",
                  &a, "list jobs", &r);
     if (err == KP_OK) {
         for (int i = 0; i < PQntuples(r); i++)
             row_job(r, i, kp_jobs_push(out));
+        PQclear(r);
+    }
+    return pg_read_end(q, err);
+}
+
+/* The dashboard's queue depths: one GROUP BY over the shared table. */
+static enum kp_err pg_count(struct kp_store *s, const char *queue, struct kp_queue_counts *out)
+{
+    struct pg_store *q = pg(s);
+    enum kp_err err = pg_read_begin(q);
+    if (err != KP_OK)
+        return err;
+    struct pg_args a = {0};
+    arg_text(&a, queue);
+    PGresult *r;
+    err = pg_run(q,
+                 "SELECT queue, state, priority, count(*) FROM jobs "
+                 "WHERE ($1::text IS NULL OR queue = $1) GROUP BY queue, state, priority "
+                 "ORDER BY queue",
+                 &a, "count jobs", &r);
+    if (err == KP_OK) {
+        for (int i = 0; i < PQntuples(r); i++) {
+            char *name = col_text(r, i, 0);
+            kp_queue_counts_add(out, name ? name : "", (enum kp_job_state)col_i64(r, i, 1),
+                                (unsigned)col_i64(r, i, 2), (uint64_t)col_i64(r, i, 3));
+            kp_free(name);
+        }
         PQclear(r);
     }
     return pg_read_end(q, err);
@@ -1254,6 +1283,7 @@ static const struct kp_store_ops pg_ops = {
     .cancel = pg_cancel,
     .get = pg_get,
     .list = pg_list,
+    .count = pg_count,
     .dlq_retry = pg_dlq_retry,
     .dlq_purge = pg_dlq_purge,
     .expire = pg_expire,

@@ -126,11 +126,17 @@ static const char sq_schema[] =
     XX(history, "SELECT n, outcome, started_at, ended_at, message FROM attempts "                  \
                 "WHERE job_seq = ?1 ORDER BY n")                                                   \
     XX(list_any, "SELECT " SQ_JOB_COLS " FROM jobs WHERE (?1 < 0 OR state = ?1) "                  \
-                 "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")                \
+                 "AND (?2 IS NULL OR queue = ?2) AND id > ?3 "                                     \
+                 "AND (?5 IS NULL OR idem_key = ?5) ORDER BY id LIMIT ?4")                         \
     XX(list_leased, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = 2 "                            \
-                    "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")             \
+                    "AND (?2 IS NULL OR queue = ?2) AND id > ?3 "                                  \
+                    "AND (?5 IS NULL OR idem_key = ?5) ORDER BY id LIMIT ?4")                      \
     XX(list_dead, "SELECT " SQ_JOB_COLS " FROM jobs WHERE state = 4 "                              \
-                  "AND (?2 IS NULL OR queue = ?2) AND id > ?3 ORDER BY id LIMIT ?4")               \
+                  "AND (?2 IS NULL OR queue = ?2) AND id > ?3 "                                    \
+                  "AND (?5 IS NULL OR idem_key = ?5) ORDER BY id LIMIT ?4")                        \
+    XX(count,                                                                                      \
+       "SELECT queue, state, priority, count(*) FROM jobs WHERE (?1 IS NULL OR queue = ?1) "       \
+       "GROUP BY queue, state, priority ORDER BY queue")                                           \
     XX(dead, "SELECT seq FROM jobs WHERE state = 4 AND (?1 IS NULL OR queue = ?1) "                \
              "AND (?2 IS NULL OR id = ?2)")                                                        \
     XX(revive, "UPDATE jobs SET state = 1, run_at = ?2, updated_at = ?2, attempt_base = attempts " \
@@ -714,11 +720,31 @@ static enum kp_err sq_list(struct kp_store *s, const struct kp_job_filter *f, st
     sq_bind_text(st, 2, f->queue);
     sq_bind_text(st, 3, f->after ? f->after->s : "");
     sqlite3_bind_int64(st, 4, (sqlite3_int64)f->limit);
+    sq_bind_text(st, 5, f->key);
     int rc;
     while ((rc = sqlite3_step(st)) == SQLITE_ROW)
         sq_row_job(st, kp_jobs_push(out));
     sqlite3_reset(st);
     return rc == SQLITE_DONE ? KP_OK : sq_fail(q, rc, "list jobs");
+}
+
+static enum kp_err sq_count(struct kp_store *s, const char *queue, struct kp_queue_counts *out)
+{
+    struct sq_store *q = sq(s);
+    sqlite3_stmt *st = sq_stmt(q, SQ_count);
+    sq_bind_text(st, 1, queue);
+    int rc;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+        kp_queue_counts_add(out, (const char *)sqlite3_column_text(st, 0),
+                            (enum kp_job_state)sqlite3_column_int(st, 1),
+                            (unsigned)sqlite3_column_int(st, 2),
+                            (uint64_t)sqlite3_column_int64(st, 3));
+    sqlite3_reset(st);
+    if (rc != SQLITE_DONE) {
+        kp_queue_counts_clear(out);
+        return sq_fail(q, rc, "count jobs");
+    }
+    return KP_OK;
 }
 
 /* Collects the seqs of the DEAD jobs a DLQ command selects. */
@@ -878,6 +904,7 @@ static const struct kp_store_ops sq_ops = {
     .cancel = sq_cancel,
     .get = sq_get,
     .list = sq_list,
+    .count = sq_count,
     .dlq_retry = sq_dlq_retry,
     .dlq_purge = sq_dlq_purge,
     .expire = sq_expire,

@@ -391,6 +391,82 @@ static void t_list_pages_by_state_and_queue(struct kp_store *s)
     cr_assert_eq(kp_store_list(s, &f, &page), KP_EINVAL);
 }
 
+/* Listing by idempotency key finds the jobs submitted with it, in any state
+ * and queue (a key is per queue), and nothing for a key never used. */
+static void t_list_by_idempotency_key(struct kp_store *s)
+{
+    struct kp_job_new a = ts_job("q", 0, "a"), b = ts_job("r", 0, "b"), c = ts_job("q", 0, "c");
+    a.idempotency_key = "order-1";
+    b.idempotency_key = "order-1";
+    c.idempotency_key = "order-2";
+    kp_job_id ida = ts_insert(s, a, T0), idb = ts_insert(s, b, T0 + 1);
+    ts_insert(s, c, T0 + 2);
+    ts_insert(s, ts_job("q", 0, "none"), T0 + 3);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0 + 4, &j)); /* a is leased now */
+    kp_job_clear(&j);
+    struct kp_jobs page = {0};
+    struct kp_job_filter f = {.state = -1, .limit = 10, .key = "order-1"};
+    cr_assert_eq(kp_store_list(s, &f, &page), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(page.n, 2);
+    cr_assert_str_eq(page.v[0].id.s, ida.s);
+    cr_assert_str_eq(page.v[0].idempotency_key, "order-1");
+    cr_assert_str_eq(page.v[1].id.s, idb.s);
+    kp_jobs_clear(&page);
+    f.queue = "r";
+    cr_assert_eq(kp_store_list(s, &f, &page), KP_OK);
+    cr_assert(page.n == 1 && strcmp(page.v[0].id.s, idb.s) == 0);
+    kp_jobs_clear(&page);
+    f.queue = NULL;
+    f.state = KP_JOB_LEASED;
+    cr_assert_eq(kp_store_list(s, &f, &page), KP_OK);
+    cr_assert(page.n == 1 && strcmp(page.v[0].id.s, ida.s) == 0);
+    kp_jobs_clear(&page);
+    f.state = -1;
+    f.key = "order-3";
+    cr_assert_eq(kp_store_list(s, &f, &page), KP_OK);
+    cr_assert_eq(page.n, 0);
+}
+
+/* Counts per queue and state, and queued jobs per priority. */
+static void t_count_by_state_and_priority(struct kp_store *s)
+{
+    for (int i = 0; i < 6; i++)
+        ts_insert(s, ts_job("b", (uint8_t)(i % 3), "x"), T0);
+    struct kp_job_new later = ts_job("b", 9, "later");
+    later.run_at = T0 + 60000;
+    ts_insert(s, later, T0);
+    ts_insert(s, ts_job("a", 7, "x"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "b", T0, &j)); /* a priority-2 job: leased */
+    kp_job_id leased = j.id;
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &leased, 1, KP_OUTCOME_FAILED, KP_NO_RETRY, T0), KP_JOB_DEAD);
+    cr_assert(ts_claim(s, "b", T0, &j)); /* the other priority-2 job: leased */
+    kp_job_clear(&j);
+    struct kp_queue_counts c = {0};
+    cr_assert_eq(kp_store_count(s, NULL, &c), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(c.n, 2);
+    cr_assert_str_eq(c.v[0].queue, "a");
+    cr_assert_eq(c.v[0].state[KP_JOB_QUEUED], 1);
+    cr_assert_eq(c.v[0].queued_by_priority[7], 1);
+    cr_assert_str_eq(c.v[1].queue, "b");
+    cr_assert_eq(c.v[1].state[KP_JOB_QUEUED], 4);
+    cr_assert_eq(c.v[1].state[KP_JOB_SCHEDULED], 1);
+    cr_assert_eq(c.v[1].state[KP_JOB_LEASED], 1);
+    cr_assert_eq(c.v[1].state[KP_JOB_DEAD], 1);
+    cr_assert_eq(c.v[1].queued_by_priority[0], 2);
+    cr_assert_eq(c.v[1].queued_by_priority[1], 2);
+    cr_assert_eq(c.v[1].queued_by_priority[2], 0);
+    cr_assert_eq(c.v[1].queued_by_priority[9], 0, "scheduled jobs are not queued");
+    kp_queue_counts_clear(&c);
+    cr_assert_eq(kp_store_count(s, "a", &c), KP_OK);
+    cr_assert(c.n == 1 && strcmp(c.v[0].queue, "a") == 0);
+    kp_queue_counts_clear(&c);
+    cr_assert_eq(kp_store_count(s, "none", &c), KP_OK);
+    cr_assert_eq(c.n, 0);
+}
+
 static void t_dlq_purge_and_retry_select(struct kp_store *s)
 {
     kp_job_id ids[4];
@@ -543,6 +619,8 @@ static void t_output_tail_is_kept(struct kp_store *s)
     XX(end_checks_job_and_attempt)                                                                 \
     XX(cancel)                                                                                     \
     XX(list_pages_by_state_and_queue)                                                              \
+    XX(list_by_idempotency_key)                                                                    \
+    XX(count_by_state_and_priority)                                                                \
     XX(dlq_purge_and_retry_select)                                                                 \
     XX(recover_returns_leased_jobs)                                                                \
     XX(failed_op_in_a_group_undoes_only_itself)
@@ -742,6 +820,24 @@ Test(store_ids, ulids_sort_by_time_and_parse)
     cr_assert(!kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAU", &back), "U is not Crockford");
     cr_assert(!kp_job_id_parse("81ARZ3NDEKTSV4RRFFQ69G5FAV", &back), "over 128 bits");
     cr_assert(kp_job_id_parse("01ARZ3NDEKTSV4RRFFQ69G5FAV", &back));
+}
+
+/* The bounds of a millisecond enclose every id made in it and no other:
+ * a creation-time range is an id range. */
+Test(store_ids, bounds_enclose_a_millisecond)
+{
+    kp_job_id lo, hi, before, after, id;
+    kp_job_id_bound(T0 + 7, false, &lo);
+    kp_job_id_bound(T0 + 7, true, &hi);
+    kp_job_id_bound(T0 + 6, true, &before);
+    kp_job_id_bound(T0 + 8, false, &after);
+    cr_assert(kp_job_id_parse(lo.s, &id) && kp_job_id_parse(hi.s, &id));
+    cr_assert_lt(strcmp(before.s, lo.s), 0);
+    cr_assert_gt(strcmp(after.s, hi.s), 0);
+    for (int i = 0; i < 100; i++) {
+        kp_job_id_new(T0 + 7, &id);
+        cr_assert(strcmp(lo.s, id.s) <= 0 && strcmp(id.s, hi.s) <= 0, "%s", id.s);
+    }
 }
 
 /* ---- only a shared database ------------------------------------------------- */

@@ -46,6 +46,15 @@ class Dashboard:
     """``kelpie dashboard`` in its own process group, on a free port."""
 
     def __init__(self, tmp_path, frontend, admin, loop):
+        # A free port can be taken by another process before the dashboard
+        # binds it: then it exits at once, and is tried on another port.
+        for attempt in range(3):
+            if self._start(tmp_path, frontend, admin, loop):
+                return
+            if "address already in use" not in self.log() or attempt == 2:
+                raise AssertionError(f"dashboard did not come up: {self.log()}")
+
+    def _start(self, tmp_path, frontend, admin, loop):
         self.port = free_ports(1)[0]
         self.host = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "kelpie", "dashboard", "--frontend", frontend,
@@ -60,10 +69,13 @@ class Dashboard:
         while True:
             try:
                 if self.get("/api/overview").status == 200:
-                    break
+                    return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > end:
+            if self.proc.poll() is not None:
+                return False
+            if time.monotonic() > end:
+                self.stop()
                 raise AssertionError(f"dashboard did not come up: {self.log()}")
             time.sleep(0.1)
 
@@ -139,7 +151,7 @@ class Dashboard:
 
 @pytest.fixture
 def broker(tmp_path):
-    b = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path)).start()
+    b = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path)).start(retries=2)
     yield b
     b.stop()
 

@@ -5,10 +5,12 @@ attempts and is retried from the page; a read-only dashboard has no buttons;
 a page of another origin cannot make an admin dashboard act; keyboard and
 phone width. Screenshots of each page go to $KELPIE_SCREENSHOTS (ctest sets
 it to the build tree's dashboard-screenshots/), else the test's tmp dir."""
+import datetime
 import http.server
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -18,6 +20,7 @@ from conftest import spec, wait_for
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -56,7 +59,21 @@ def shots(tmp_path, request):
 
 
 def until(drv, pred, timeout=15.0, what="condition"):
-    return wait_for(lambda: pred(drv), timeout, what)
+    """pred(drv) true within timeout. A renderer that does not answer one
+    call in time (a loaded machine) is asked again; the last error is kept
+    in the failure."""
+    errors = []
+
+    def check():
+        try:
+            return pred(drv)
+        except TimeoutException as exc:
+            errors.append(exc)
+            return None
+    try:
+        return wait_for(check, timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} (last renderer error: {errors[-1:]})") from None
 
 
 def test_overview_loads_and_chart_draws(client, workers, dashboard, browser, shots):
@@ -209,3 +226,153 @@ def test_keyboard_and_phone_width(client, workers, admin_dashboard, browser, sho
         el = browser.switch_to.active_element
         seen.append((el.tag_name, el.text))
     assert ("a", "Queues") in seen and ("a", job) in seen and ("button", "Retry") in seen
+
+
+@pytest.fixture
+def browser_in_zone(tmp_path):
+    """Chromium whose local time zone is UTC+05:30 (no DST), to tell local
+    times from UTC ones."""
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium-tz'}"):
+        opts.add_argument(arg)
+    service = Service(executable_path=CHROMEDRIVER, env={**os.environ, "TZ": "Asia/Kolkata"})
+    drv = webdriver.Chrome(options=opts, service=service)
+    drv.set_page_load_timeout(20)
+    yield drv
+    drv.quit()
+
+
+def test_queue_charts_draw_per_queue(client, workers, dashboard, browser, shots):
+    workers.start("w1", queues=("emails", "reports"))
+    browser.get(f"http://{dashboard.host}/")
+    until(browser, lambda d: d.execute_script(
+        "return document.getElementById('rates').dataset.drawn === '1'"), what="chart made")
+    for i in range(4):
+        client.submit(spec(x=i), queue="emails")
+    bad = client.submit(spec(fail="smtp down"), queue="reports", max_attempts=1)
+    client.wait_state(bad, ("dead",))
+    # One chart per queue, each fed with that queue's own rates.
+    until(browser, lambda d: d.execute_script(
+        "var c = document.querySelector('#queue-charts canvas[data-queue=\"emails\"]');"
+        "var ch = c && Chart.getChart(c);"
+        "return ch && ch.data.datasets[1].data.some(function (v) { return v > 0; });"),
+        what="the emails chart shows successes")
+    until(browser, lambda d: d.execute_script(
+        "var c = document.querySelector('#queue-charts canvas[data-queue=\"reports\"]');"
+        "var ch = c && Chart.getChart(c);"
+        "return ch && ch.data.datasets[3].data.some(function (v) { return v > 0; }) &&"
+        " ch.data.datasets[1].data.every(function (v) { return v === 0; });"),
+        what="the reports chart shows a dead job and no success")
+    assert browser.execute_script(
+        "return Array.from(document.querySelectorAll('#queue-charts canvas'))"
+        ".map(function (c) { return c.dataset.queue; })") == ["emails", "reports"]
+    # The table's rate columns are there without JavaScript too (server-rendered).
+    assert "succeeded/s" in browser.find_element(By.ID, "live-queues").text
+    browser.set_window_size(1280, 1500)
+    shots(browser, "overview-queues")
+    browser.set_window_size(390, 844)
+    browser.get(f"http://{dashboard.host}/")
+    # A queue's chart comes with its activity in the last minute of samples
+    # (the test may have taken longer): a little more of it.
+    client.wait_state(client.submit(spec(x=9), queue="emails"), ("succeeded",))
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#queue-charts canvas"),
+          what="queue charts at a phone's width")
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth + 1")
+    browser.execute_script("document.getElementById('h-queues').scrollIntoView()")
+    shots(browser, "overview-phone")
+
+
+def test_queues_and_workers_pages(client, workers, dashboard, browser, shots):
+    workers.start("thumbnailer", credits=4, queues=("thumbs",))
+    for prio in (0, 0, 3, 9):
+        client.submit(spec(x=prio), queue="backlog", priority=prio)
+    client.submit(spec(x=1), queue="backlog", delay_ms=600_000)
+    dead = client.submit(spec(fail="bad image"), queue="thumbs", max_attempts=1)
+    client.wait_state(dead, ("dead",))
+    browser.get(f"http://{dashboard.host}/queues")
+    row = browser.find_element(By.XPATH, "//tr[td/a[text()='backlog']]")
+    cells = [td.text.replace("\u00a0", " ") for td in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[1:4] == ["4", "p9 1 · p3 1 · p0 2", "1"], cells
+    shots(browser, "queues")
+    browser.get(f"http://{dashboard.host}/workers")
+    row = browser.find_element(By.XPATH, "//tr[td[contains(., 'thumbnailer')]]")
+    text = row.text
+    assert "jobs:thumbs" in text and " ago" in text
+    shots(browser, "workers")
+
+
+def test_local_times_and_search_in_the_viewers_zone(client, workers, dashboard, browser_in_zone,
+                                                    shots):
+    b = browser_in_zone
+    workers.start("w1", queues=("q",))
+    first = client.submit(spec(x=1), idempotency_key="invoice-7")
+    client.wait_state(first, ("succeeded",))
+    created = client.job(first)["created_at"]
+    time.sleep(1.1)  # the form's times have whole seconds
+    second = client.submit(spec(x=2))
+    client.wait_state(second, ("succeeded",))
+    b.get(f"http://{dashboard.host}/jobs")
+    # Shown in the viewer's zone (UTC+05:30), UTC on hover.
+    t = b.find_element(By.CSS_SELECTOR, "tbody time")
+    utc = datetime.datetime.fromtimestamp(created / 1000, datetime.timezone.utc)
+    local = utc + datetime.timedelta(hours=5, minutes=30)
+    assert t.get_attribute("title") == utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert local.strftime("%H:%M:%S").lstrip("0") in t.text or local.strftime("%-I:%M:%S") in t.text
+    assert "UTC+05:30" in b.find_element(By.CSS_SELECTOR, "[data-tz-hint]").text
+    # Created before a local time just after the first job: only the first.
+    cut = (local + datetime.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    b.execute_script("document.querySelector('input[name=until]').value = arguments[0];", cut)
+    b.find_element(By.XPATH, "//form[@aria-label='Filter jobs']//button").click()
+    until(b, lambda d: "until=" in d.current_url, what="filtered")
+    assert "tz=-330" in b.current_url
+    links = [a.text for a in b.find_elements(By.CSS_SELECTOR, "tbody a[href^='/jobs/']")]
+    assert links == [first], links
+    assert b.find_element(By.CSS_SELECTOR, "input[name=until]").get_attribute("value") == cut
+    # By idempotency key, from the keyboard: Tab to the field, type, Enter.
+    b.get(f"http://{dashboard.host}/jobs")
+    field = None
+    for _ in range(40):
+        b.switch_to.active_element.send_keys(Keys.TAB)
+        el = b.switch_to.active_element
+        if el.get_attribute("name") == "key":
+            field = el
+            break
+    assert field is not None, "Tab reaches the key field"
+    field.send_keys("invoice-7", Keys.ENTER)
+    until(b, lambda d: "key=invoice-7" in d.current_url, what="searched by key")
+    links = [a.text for a in b.find_elements(By.CSS_SELECTOR, "tbody a[href^='/jobs/']")]
+    assert links == [first], links
+    shots(b, "jobs-search")
+
+
+def test_several_brokers_overview(tmp_path, loop, browser, shots):
+    from conftest import Dashboard, support
+    from kelpie.testing import Kelpied
+    for sub in ("one", "two"):
+        os.makedirs(tmp_path / sub)
+    one = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "one")).start(retries=2)
+    two = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path / "two")).start(retries=2)
+    w1, w2 = support.Workers(tmp_path / "one", one), support.Workers(tmp_path / "two", two)
+    c1 = support.Client(one.frontend)
+    d = Dashboard(tmp_path, f"{one.frontend},{two.frontend}", False, loop)
+    try:
+        w1.start("alpha", queues=("q",))
+        w2.start("beta", queues=("q",))
+        c1.wait_state(c1.submit(spec(x=1)), ("succeeded",))
+        browser.get(f"http://{d.host}/")
+        assert "2 of 2 brokers healthy" in browser.page_source
+        rows = browser.find_elements(By.CSS_SELECTOR, "section[aria-labelledby=h-brokers] tbody tr")
+        assert [r.find_element(By.TAG_NAME, "code").text for r in rows] == [one.frontend,
+                                                                            two.frontend]
+        shots(browser, "brokers")
+        browser.get(f"http://{d.host}/workers")
+        assert one.frontend in browser.page_source and two.frontend in browser.page_source
+    finally:
+        d.stop()
+        w1.kill_all()
+        w2.kill_all()
+        c1.close()
+        one.stop()
+        two.stop()

@@ -9,7 +9,7 @@
     kelpie stats [--json] [--watch [S]]
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
-    kelpie dashboard [--listen HOST:PORT] [--admin] [--allow-host NAME]...
+    kelpie dashboard [--frontend A,B] [--listen HOST:PORT] [--admin] [--allow-host NAME]...
     kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--idempotency-key K] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
@@ -823,7 +823,8 @@ def _parser():
     d = sub.add_parser(
         "dashboard", help="a web dashboard for jobs, queues and workers",
         description="Serve a web dashboard (overview, queues, workers, jobs, dead letters) "
-                    "fed by the broker's admin requests. Read-only unless --admin. It binds "
+                    "fed by the broker's admin requests; --frontend a,b shows several brokers "
+                    "(health each, queues and workers merged). Read-only unless --admin. It binds "
                     "to loopback by default: reach it from elsewhere through an SSH tunnel "
                     "or a reverse proxy with TLS and authentication (docs/dashboard.md).")
     d.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",

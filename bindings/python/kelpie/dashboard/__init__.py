@@ -1,13 +1,14 @@
 """``kelpie dashboard``: a small web UI for jobs and workers (aiohttp).
 
-It talks to the broker only through :class:`kelpie.Client` admin requests
-(kelpie.dashboard._broker). Pages are rendered on the server and work
-without JavaScript; ``/api/...`` returns the same data as JSON; live views
-(the overview's counters and chart, a running job's progress and output)
-are server-sent events. Read-only unless started with ``admin=True``: then
-actions are same-origin POSTs carrying the CSRF token of the pages.
+It talks to one or several brokers only through :class:`kelpie.Client`
+admin requests (kelpie.dashboard._broker, merged by _fleet). Pages are
+rendered on the server and work without JavaScript; ``/api/...`` returns
+the same data as JSON; live views (the overview's counters, per-queue rate
+charts, a running job's progress and output) are server-sent events. Read-only
+unless started with ``admin=True``: then actions are same-origin POSTs
+carrying the CSRF token of the pages.
 
-    app = make_app("tcp://127.0.0.1:5555", admin=False)
+    app = make_app("tcp://127.0.0.1:5555", admin=False)   # or a list of frontends
     aiohttp.web.run_app(app, host="127.0.0.1", port=8080)
 """
 
@@ -24,7 +25,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 
 from ..errors import RpcError
-from ._broker import Broker
+from ._fleet import Fleet, Sampler
 from . import _html, _views
 
 __all__ = ["make_app", "serve", "CHART_JS_PATHS"]
@@ -46,13 +47,14 @@ CTX = "kelpie.dashboard"
 class Context:
     """What every handler needs: the broker, the mode, the CSRF token."""
 
-    def __init__(self, frontend, admin, allowed_hosts, refresh, chart_js, timeout):
-        self.frontend = frontend
+    def __init__(self, frontends, admin, allowed_hosts, refresh, chart_js, timeout):
+        self.fleet = Fleet(frontends, timeout=timeout)
+        self.frontend = self.fleet.frontend
         self.admin = admin
         self.allowed_hosts = allowed_hosts
         self.refresh = refresh
         self.chart_js = chart_js
-        self.broker = Broker(frontend, timeout=timeout)
+        self.sampler = Sampler(self.fleet, refresh)
         # One token per dashboard process, only ever in its own pages: a
         # page of another origin cannot read it, so cannot forge a POST.
         self.csrf = secrets.token_urlsafe(32)
@@ -108,7 +110,7 @@ def _html_response(text):
 
 async def overview(request):
     ctx = request.app[CTX]
-    view = _views.overview(await ctx.broker.stats())
+    view = _views.overview(await ctx.fleet.stats(), ctx.sampler)
     if _wants_html(request):
         return _html_response(_html.overview(ctx, view))
     return web.json_response(view)
@@ -116,7 +118,7 @@ async def overview(request):
 
 async def queues(request):
     ctx = request.app[CTX]
-    view = await _views.queues(ctx.broker)
+    view = await _views.queues(ctx.fleet)
     if _wants_html(request):
         return _html_response(_html.queues(ctx, view))
     return web.json_response(view)
@@ -124,20 +126,35 @@ async def queues(request):
 
 async def workers(request):
     ctx = request.app[CTX]
-    view = _views.workers(await ctx.broker.stats())
+    view = _views.workers(await ctx.fleet.stats())
     if _wants_html(request):
         return _html_response(_html.workers(ctx, view))
     return web.json_response(view)
 
 
 def _list_query(request, dlq):
+    """The listing's filters as the page's form and links carry them (``form``)
+    and as ListJobs takes them (``query``: times in ms since the epoch)."""
     q = request.query
-    query = {k: q[k] for k in ("queue", "state", "after", "limit") if q.get(k)}
+    form = {k: q[k].strip() for k in ("queue", "state", "key", "since", "until", "after",
+                                     "limit", "tz") if q.get(k, "").strip()}
     if dlq:
-        query.pop("state", None)
-    if "limit" in query and not query["limit"].isdigit():
+        form.pop("state", None)
+    if "limit" in form and not form["limit"].isdigit():
         raise web.HTTPBadRequest(text="limit must be a number")
-    return query
+    try:
+        tz = int(form.get("tz", "0"))
+    except ValueError:
+        raise web.HTTPBadRequest(text="tz must be minutes (getTimezoneOffset)") from None
+    query = {k: v for k, v in form.items() if k not in ("tz", "since", "until")}
+    for k in ("since", "until"):
+        if k in form:
+            try:
+                query[k] = _views.parse_time(form[k], tz)
+            except ValueError:
+                raise web.HTTPBadRequest(text=f"{k}: a time (ISO 8601, e.g. "
+                                         "2026-12-05T17:30) or ms since the epoch") from None
+    return form, query
 
 
 async def jobs(request):
@@ -147,26 +164,28 @@ async def jobs(request):
         # Find by id: the job's page (or its JSON).
         raise web.HTTPSeeOther(("/api/jobs/" if not _wants_html(request) else "/jobs/")
                                + quote(job_id, safe=""))
-    query = _list_query(request, dlq=False)
-    view = await ctx.broker.jobs(**query)
+    form, query = _list_query(request, dlq=False)
+    view = await ctx.fleet.jobs(**query)
     if _wants_html(request):
-        return _html_response(_html.jobs(ctx, view, query))
+        return _html_response(_html.jobs(ctx, view, form))
     return web.json_response(view)
 
 
 async def dlq(request):
     ctx = request.app[CTX]
-    query = _list_query(request, dlq=True)
-    view = await ctx.broker.jobs(state="dead", **query)
+    form, query = _list_query(request, dlq=True)
+    view = await ctx.fleet.jobs(state="dead", **query)
     if _wants_html(request):
-        return _html_response(_html.jobs(ctx, view, query, "Dead letters", "/dlq", dlq=True))
+        return _html_response(_html.jobs(ctx, view, form, "Dead letters", "/dlq", dlq=True))
     return web.json_response(view)
 
 
 async def job(request):
     ctx = request.app[CTX]
     job_id = request.match_info["id"]
-    view = _views.job_detail(*await ctx.broker.job(job_id))
+    record, result, tail, broker = await ctx.fleet.job(job_id)
+    view = _views.job_detail(record, result, tail,
+                             broker.frontend if ctx.fleet.several else None)
     if _wants_html(request):
         live = ("" if view["job"].get("state") in _views.FINISHED
                 else f"/api/jobs/{job_id}/events")
@@ -189,19 +208,28 @@ async def _sse_send(response, event, data):
 
 
 async def overview_events(request):
-    """The overview's data every ``refresh`` seconds, until the viewer leaves."""
+    """The overview's data at each of the sampler's samples (every
+    ``refresh`` seconds), until the viewer leaves: the rate history in the
+    first event, then the newest rates in each."""
     ctx = request.app[CTX]
     response = await _sse_start(request)
+    sampler = ctx.sampler
     try:
+        first = True
+        seq = sampler.seq
+        if sampler.last is None:
+            await sampler.wait(seq)
+            seq = sampler.seq
         while True:
-            try:
-                view = _views.overview(await ctx.broker.stats())
-                await _sse_send(response, "overview", view)
-            except RpcError as exc:
-                await _sse_send(response, "broker-error", {"error": str(exc)})
-            await asyncio.sleep(ctx.refresh)
-    except ConnectionResetError:
-        pass  # the viewer left
+            view = _views.overview(sampler.last[2], sampler, history=True)
+            if not first:
+                view["history"] = view["history"][-1:]
+            await _sse_send(response, "overview", view)
+            first = False
+            seq = sampler.seq
+            await asyncio.wait_for(sampler.wait(seq), ctx.refresh * 10 + 10)
+    except (ConnectionResetError, asyncio.TimeoutError):
+        pass  # the viewer left, or the sampler stopped
     return response
 
 
@@ -210,27 +238,27 @@ async def job_events(request):
     (``end``). Without the job API, its record whenever it changes."""
     ctx = request.app[CTX]
     job_id = request.match_info["id"]
-    record, _, _ = await ctx.broker.job(job_id)
+    record, _, _, broker = await ctx.fleet.job(job_id)
     response = await _sse_start(request)
     try:
         await _sse_send(response, "record", record)
         if record.get("state") not in _views.FINISHED:
-            if ctx.broker.streams_events:
+            if broker.streams_events:
                 # aclosing: a viewer who leaves ends the WATCH at once.
-                async with contextlib.aclosing(ctx.broker.events(job_id)) as events:
+                async with contextlib.aclosing(broker.events(job_id)) as events:
                     async for ev in events:
                         await _sse_send(response, "job", ev)
             else:
                 last = record
                 for _ in range(int(24 * 3600 / ctx.refresh)):
                     await asyncio.sleep(ctx.refresh)
-                    record, _, tail = await ctx.broker.job(job_id)
+                    record, _, tail = await broker.job(job_id)
                     if record != last:
                         await _sse_send(response, "record", record)
                         last = record
                     if record.get("state") in _views.FINISHED:
                         break
-        view = _views.job_detail(*await ctx.broker.job(job_id))
+        view = _views.job_detail(*await broker.job(job_id))
         await _sse_send(response, "end", view)
     except RpcError as exc:
         await _sse_send(response, "broker-error", {"error": str(exc)})
@@ -287,19 +315,19 @@ def _selector(request, form):
 
 async def cancel(request):
     form = await _check_post(request)
-    answer = await request.app[CTX].broker.cancel(request.match_info["id"])
+    answer = await request.app[CTX].fleet.cancel(request.match_info["id"])
     return _done(request, form, answer)
 
 
 async def retry(request):
     form = await _check_post(request)
-    answer = await request.app[CTX].broker.retry(**_selector(request, form))
+    answer = await request.app[CTX].fleet.retry(**_selector(request, form))
     return _done(request, form, answer)
 
 
 async def purge(request):
     form = await _check_post(request)
-    answer = await request.app[CTX].broker.purge(**_selector(request, form))
+    answer = await request.app[CTX].fleet.purge(**_selector(request, form))
     return _done(request, form, answer)
 
 
@@ -330,20 +358,26 @@ def find_chart_js():
 
 def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=5.0,
              chart_js="auto"):
-    """The aiohttp application. ``allowed_hosts``: the Host names it answers
+    """The aiohttp application for ``frontend``: one broker's endpoint, or a
+    list (or comma-separated string) of several. ``allowed_hosts``: the Host names it answers
     (None: any); ``refresh``: seconds between the overview's live updates;
     ``timeout``: of each admin request; ``chart_js``: a path, None, or "auto"
     (Debian's libjs-chart.js if installed)."""
     if chart_js == "auto":
         chart_js = find_chart_js()
+    frontends = split_frontends(frontend)
     app = web.Application(middlewares=[guard])
-    ctx = Context(frontend, admin, allowed_hosts, refresh, chart_js, timeout)
+    ctx = Context(frontends, admin, allowed_hosts, refresh, chart_js, timeout)
     app[CTX] = ctx
 
     async def lifetime(app):
-        await ctx.broker.start()
+        await ctx.fleet.start()
+        sampling = asyncio.ensure_future(ctx.sampler.run())
         yield
-        await ctx.broker.close()
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        await ctx.fleet.close()
 
     app.cleanup_ctx.append(lifetime)
     for prefix in ("", "/api"):
@@ -364,6 +398,18 @@ def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=
     app.router.add_static("/static", STATIC)
     app.router.add_route("POST", "/{tail:.*}", refuse_post)
     return app
+
+
+def split_frontends(frontend):
+    """``"a,b"`` or ``["a", "b"]`` as a list of endpoints (order kept, no repeats)."""
+    items = frontend.split(",") if isinstance(frontend, str) else list(frontend)
+    out = []
+    for f in (i.strip() for i in items):
+        if f and f not in out:
+            out.append(f)
+    if not out:
+        raise ValueError("no broker frontend given")
+    return out
 
 
 def loopback(host):
@@ -388,6 +434,7 @@ def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), ref
     app = make_app(frontend, admin=admin, allowed_hosts=allowed, refresh=refresh,
                    timeout=timeout)
     mode = "admin" if admin else "read-only"
-    print(f"kelpie dashboard ({mode}) for {frontend} on http://{listen}/", flush=True)
+    print(f"kelpie dashboard ({mode}) for {', '.join(split_frontends(frontend))} on "
+          f"http://{listen}/", flush=True)
     web.run_app(app, host=host, port=int(port), print=None, access_log=None, loop=loop,
                 shutdown_timeout=1.0)

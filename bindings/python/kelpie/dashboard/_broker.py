@@ -76,9 +76,16 @@ class Broker:
         tail = frames[2] if len(frames) > 2 else b""
         return record, result, tail
 
-    async def jobs(self, state=None, queue=None, after=None, limit=None):
+    async def jobs(self, state=None, queue=None, after=None, limit=None, key=None, since=None,
+                   until=None):
+        """A page of ListJobs: ``key`` an idempotency key, ``since``/``until``
+        creation times (ms since the epoch, until exclusive)."""
         return await self.admin_json("ListJobs", state=state, queue=queue, after=after,
-                                     limit=limit)
+                                     limit=limit, key=key, since=since, until=until)
+
+    async def counts(self, queue=None):
+        """CountJobs: per queue, jobs by state and queued jobs by priority."""
+        return await self.admin_json("CountJobs", queue=queue)
 
     async def cancel(self, job_id):
         return await self.admin_json("CancelJob", id=job_id)

@@ -25,13 +25,14 @@
 
   // The overview's job queue table, rebuilt from each update (DOM nodes
   // and textContent only: names come from the broker).
-  function queueTable(queues) {
+  var RATES = ["submitted", "succeeded", "failed", "dead"];
+  function queueTable(queues, rates) {
     var box = document.getElementById("live-queues");
     var names = Object.keys(queues || {}).sort();
     if (!box || !names.length) return;
     var cols = ["workers", "running", "held", "capacity"];
     var table = document.createElement("table"), head = table.createTHead().insertRow();
-    ["queue"].concat(cols).forEach(function (c) {
+    ["queue"].concat(cols, RATES.map(function (r) { return r + "/s"; })).forEach(function (c) {
       var th = document.createElement("th");
       th.scope = "col";
       th.textContent = c;
@@ -44,6 +45,9 @@
       a.textContent = n;
       row.insertCell().appendChild(a);
       cols.forEach(function (c) { row.insertCell().textContent = queues[n][c]; });
+      RATES.forEach(function (r) {
+        row.insertCell().textContent = (((rates || {})[n] || {})[r] || 0).toFixed(1);
+      });
     });
     var wrap = document.createElement("div");
     wrap.className = "scroll";
@@ -51,48 +55,80 @@
     box.replaceChildren(wrap);
   }
 
+  // Chart.js 3 (Debian's) has no default palette; these stay apart for
+  // the common colour-vision deficiencies, and each line has its own dash.
+  var SERIES = [["submitted", "#0b5cad", []], ["succeeded", "#1a7f37", [6, 3]],
+                ["failed", "#d4a017", [2, 2]], ["dead", "#b00020", [8, 3, 2, 3]]];
+  // A queue's small chart (title: its name) has no legend of its own: its
+  // lines look as in the all-queues chart above it.
+  function rateChart(canvas, title) {
+    var c = new window.Chart(canvas, {
+      type: "line",
+      data: { labels: [], datasets: SERIES.map(function (s) {
+        return { label: s[0], data: [], borderColor: s[1], backgroundColor: s[1],
+                 borderDash: s[2], pointRadius: 1 };
+      }) },
+      options: { animation: false, maintainAspectRatio: false,
+                 plugins: { title: { display: !!title, text: title },
+                            legend: { display: !title } },
+                 scales: { x: { ticks: { maxTicksLimit: title ? 3 : 6, maxRotation: 0 } },
+                           y: { beginAtZero: true, title: { display: true, text: "per second" } } } }
+    });
+    canvas.dataset.drawn = "1";
+    return c;
+  }
+  function pushPoint(chart, label, values) {
+    chart.data.labels.push(label);
+    SERIES.forEach(function (s, i) { chart.data.datasets[i].data.push(values ? values[s[0]] || 0 : 0); });
+    if (chart.data.labels.length > 60) {
+      chart.data.labels.shift();
+      chart.data.datasets.forEach(function (d) { d.data.shift(); });
+    }
+  }
+
+  var MAX_QUEUE_CHARTS = 24;
   function overview(url) {
-    var chart = null, last = null, canvas = document.getElementById("rates");
-    // Chart.js 3 (Debian's) has no default palette; these stay apart for
-    // the common colour-vision deficiencies, and each line has its own dash.
-    var series = [["submitted", "jobs_submitted", "#0b5cad", []],
-                  ["succeeded", "jobs_succeeded", "#1a7f37", [6, 3]],
-                  ["failed", "jobs_failed", "#d4a017", [2, 2]],
-                  ["dead", "jobs_dead", "#b00020", [8, 3, 2, 3]]];
-    if (canvas && window.Chart) {
-      chart = new window.Chart(canvas, {
-        type: "line",
-        data: { labels: [], datasets: series.map(function (s) {
-          return { label: s[0], data: [], borderColor: s[2], backgroundColor: s[2],
-                   borderDash: s[3], pointRadius: 2 };
-        }) },
-        options: { animation: false, maintainAspectRatio: false,
-                   scales: { y: { beginAtZero: true, title: { display: true, text: "per second" } } } }
-      });
-      canvas.dataset.drawn = "1";
+    var total = null, perQueue = {}, lastT = 0, box = document.getElementById("queue-charts");
+    var canvas = document.getElementById("rates");
+    if (canvas && window.Chart) total = rateChart(canvas, "");
+    // One small chart per queue, made when the queue first shows activity
+    // (up to MAX_QUEUE_CHARTS; the table has every queue's rates); a
+    // queue's points before that are zeros, so every chart shares one axis.
+    function queueChart(name, labels) {
+      if (perQueue[name] || !box || !window.Chart) return perQueue[name];
+      if (Object.keys(perQueue).length >= MAX_QUEUE_CHARTS) return null;
+      var fig = document.createElement("figure"), c = document.createElement("canvas");
+      fig.className = "chart small";
+      c.setAttribute("role", "img");
+      c.setAttribute("aria-label", "Jobs per second of queue " + name);
+      c.dataset.queue = name;
+      fig.appendChild(c);
+      var names = Object.keys(perQueue).concat([name]).sort();
+      var before = names.indexOf(name) + 1 < names.length ? perQueue[names[names.indexOf(name) + 1]] : null;
+      box.insertBefore(fig, before ? before.canvas.parentNode : null);
+      var chart = rateChart(c, name);
+      labels.forEach(function (l) { pushPoint(chart, l, null); });
+      perQueue[name] = chart;
+      return chart;
     }
     var es = new EventSource(url);
     es.addEventListener("overview", function (e) {
-      var view = JSON.parse(e.data), now = Date.now();
+      var view = JSON.parse(e.data);
       document.querySelectorAll("[data-stat]").forEach(function (el) {
         var v = get(view, el.getAttribute("data-stat"));
         if (v !== undefined) el.textContent = v;
       });
-      queueTable(view.queues);
-      if (chart && last) {
-        var dt = (now - last.t) / 1000;
-        chart.data.labels.push(new Date(now).toLocaleTimeString());
-        series.forEach(function (s, i) {
-          var a = view.counters[s[1]] || 0, b = last.counters[s[1]] || 0;
-          chart.data.datasets[i].data.push(Math.max(0, (a - b) / dt));
-        });
-        if (chart.data.labels.length > 60) {
-          chart.data.labels.shift();
-          chart.data.datasets.forEach(function (d) { d.data.shift(); });
-        }
-        chart.update();
-      }
-      last = { t: now, counters: view.counters };
+      queueTable(view.queues, view.rates.queues);
+      (view.history || []).forEach(function (h) {
+        if (h.t <= lastT) return;
+        lastT = h.t;
+        var label = new Date(h.t).toLocaleTimeString();
+        if (total) pushPoint(total, label, h.total);
+        Object.keys(h.queues).forEach(function (n) { queueChart(n, total ? total.data.labels.slice(0, -1) : []); });
+        Object.keys(perQueue).forEach(function (n) { pushPoint(perQueue[n], label, h.queues[n]); });
+      });
+      if (total) total.update();
+      Object.keys(perQueue).forEach(function (n) { perQueue[n].update(); });
     });
   }
 
@@ -127,7 +163,22 @@
     es.addEventListener("broker-error", function () { es.close(); });
   }
 
-  document.addEventListener("DOMContentLoaded", function () { localTimes(document); });
+  // Filters typed in the viewer's zone: tell the server which one.
+  function timeZone() {
+    var off = new Date().getTimezoneOffset();
+    document.querySelectorAll("[data-tz]").forEach(function (el) {
+      if (!el.value) el.value = String(off);
+    });
+    var mins = -off, sign = mins < 0 ? "-" : "+";
+    mins = Math.abs(mins);
+    var name = "UTC" + sign + String(Math.floor(mins / 60)).padStart(2, "0") + ":" +
+      String(mins % 60).padStart(2, "0");
+    document.querySelectorAll("[data-tz-hint]").forEach(function (el) {
+      el.textContent = "times in your zone (" + name + ")";
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { localTimes(document); timeZone(); });
   // Streams start after "load": an EventSource opened before it keeps the
   // page loading (spinner, load event) for as long as the stream lasts.
   window.addEventListener("load", function () {
