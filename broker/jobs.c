@@ -787,6 +787,8 @@ static void json_job(struct kp_json *j, const struct kp_job *job, bool history)
         kp_json_null(j, "idempotency_key");
     kp_json_u64(j, "has_result", job->has_result);
     if (history) {
+        /* Only GetJob reads the payload; a listing's is never loaded. */
+        kp_json_u64(j, "payload_size", job->payload_len);
         kp_json_array_begin(j, "history");
         for (size_t i = 0; i < job->nhistory; i++) {
             const struct kp_attempt *a = &job->history[i];

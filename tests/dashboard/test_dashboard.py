@@ -114,6 +114,7 @@ def test_job_detail_attempts_result_output(client, workers, dashboard):
     view = dashboard.json(f"/api/jobs/{ok}")
     job = view["job"]
     assert job["id"] == ok and job["state"] == "succeeded" and job["priority"] == 3
+    assert job["payload_size"] == len(spec(out="hello from the job"))
     (attempt,) = job["history"]
     assert attempt["outcome"] == "succeeded"
     assert attempt["ended_at"] >= attempt["started_at"] > 0
@@ -121,6 +122,7 @@ def test_job_detail_attempts_result_output(client, workers, dashboard):
     assert "hello from the job" in view["output_tail"]["text"]
     page = dashboard.get(f"/jobs/{ok}").text
     assert "hello from the job" in page and "outcome-succeeded" in page
+    assert f'<dt>payload</dt><dd>{job["payload_size"]} bytes</dd>' in page
     assert 'data-live=' not in page  # a finished job has nothing to stream
 
     bad = client.submit(spec(fail="disk on fire"), max_attempts=2, backoff_ms=50)

@@ -313,6 +313,8 @@ def job(ctx, view, live):
              ("created", when(j.get("created_at"))), ("updated", when(j.get("updated_at"))),
              ("runs at", when(j.get("run_at"))), ("time limit", duration(j.get("timeout_ms")) if j.get("timeout_ms") else "none"),
              ("idempotency key", esc(j.get("idempotency_key") or "—")))
+    if j.get("payload_size") is not None:
+        facts += (("payload", f'{esc(j["payload_size"])} bytes'),)
     if view.get("broker"):
         facts += (("broker", f'<code>{esc(view["broker"])}</code>'),)
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts)
