@@ -424,16 +424,7 @@ class Runners:
                     if ctx._window <= 0:
                         await ctx._wait_window()
                     ctx._window -= 1
-                    z = 0
-                    if ctx._zip:
-                        body, z = _maybe_compress(body, self._zthreshold)
-                    header = _wire.chunk(rid, seq, _ACCEPT | z)
-                    too_big = _oversize("chunk", header, body, self._max_message_size)
-                    if too_big is not None:
-                        log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
-                                    too_big)
-                        raise _Oversized(too_big)
-                    await self._answer(session, ctx, header, body)
+                    await self._send_chunk(session, ctx, handler, seq, body)
                     seq += 1
                     grant(1)
                 if pool.done():
@@ -471,6 +462,20 @@ class Runners:
         finally:
             self._forget(session, ctx)
 
+    async def _send_chunk(self, session, ctx, handler, seq, body):
+        """CHUNK seq of ctx's stream: compressed when its caller reads zstd;
+        over the message size limit, the stream ends RESOURCE_EXHAUSTED
+        (_Oversized) rather than the broker dropping it."""
+        z = 0
+        if ctx._zip:
+            body, z = _maybe_compress(body, self._zthreshold)
+        header = _wire.chunk(ctx.request_id, seq, _ACCEPT | z)
+        too_big = _oversize("chunk", header, body, self._max_message_size)
+        if too_big is not None:
+            log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name, too_big)
+            raise _Oversized(too_big)
+        await self._answer(session, ctx, header, body)
+
     async def _run_stream(self, session, ctx, handler, payload):
         rid = ctx.request_id
         if ctx.deadline is not None:
@@ -487,16 +492,7 @@ class Runners:
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                body, z = _as_bytes(item, handler.name), 0
-                if ctx._zip:
-                    body, z = _maybe_compress(body, self._zthreshold)
-                header = _wire.chunk(rid, seq, _ACCEPT | z)
-                too_big = _oversize("chunk", header, body, self._max_message_size)
-                if too_big is not None:
-                    log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name,
-                                too_big)
-                    raise _Oversized(too_big)
-                await self._answer(session, ctx, header, body)
+                await self._send_chunk(session, ctx, handler, seq, _as_bytes(item, handler.name))
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
