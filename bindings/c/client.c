@@ -191,6 +191,19 @@ static void client_push(kelpie_client *c, client_node *node)
     c->tail = node;
 }
 
+/* Keeps *r for a later kelpie_client_recv (it owns r's memory from now).
+ * Out of memory, the answer is dropped, as if it never came. */
+static void client_keep(kelpie_client *c, kelpie_reply *r)
+{
+    client_node *node = malloc(sizeof *node);
+    if (!node) {
+        kelpie_reply_fini(r);
+        return;
+    }
+    node->reply = *r;
+    client_push(c, node);
+}
+
 static int client_pop(kelpie_client *c, kelpie_reply *out)
 {
     client_node *node = c->head;
@@ -722,13 +735,7 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
                 *reply = r;
                 return r.status;
             }
-            client_node *node = malloc(sizeof *node);
-            if (node) {
-                node->reply = r;
-                client_push(c, node);
-            } else {
-                kelpie_reply_fini(&r);
-            }
+            client_keep(c, &r);
             continue;
         }
         if (rc == KELPIE_ABORTED)
@@ -1140,13 +1147,7 @@ static void client_pump(kelpie_client *c, long wait_ms)
             break;
         if (rc != KELPIE_OK)
             continue;
-        client_node *node = malloc(sizeof *node);
-        if (node) {
-            node->reply = r;
-            client_push(c, node);
-        } else {
-            kelpie_reply_fini(&r);
-        }
+        client_keep(c, &r);
     }
     client_expire(c, kpc_now_ms(), 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
     if (wait_ms)
