@@ -640,9 +640,9 @@ def worker_lanes(worker, backends):
     lanes = []
     for i, endpoint in enumerate(backends):
         lane = Worker(endpoint, concurrency=1, name=worker.name,
-                            heartbeat=worker.heartbeat, liveness=worker.liveness,
-                            stall_threshold=worker.stall_threshold, threads=worker.threads,
-                            processes=worker.processes, context=worker._context)
+                      heartbeat=worker.heartbeat, liveness=worker.liveness,
+                      stall_threshold=worker.stall_threshold, threads=worker.threads,
+                      processes=worker.processes, context=worker._context)
         # Registration wrapped the handlers with the interceptors already.
         lane._handlers = worker._handlers
         lane._job_handlers = worker._job_handlers
