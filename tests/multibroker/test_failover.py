@@ -245,6 +245,50 @@ async def echo(payload, ctx):
 '''
 
 
+def worker_load(broker, name):
+    """(credits, in_flight) of the worker ``name`` at ``broker``."""
+    with broker.client(heartbeat=0) as c:
+        detail = c.stats().get("worker_detail") or {}
+    mine = [w for w in detail.values() if w["name"] == name]
+    return sum(w["credits"] for w in mine), sum(w["in_flight"] for w in mine)
+
+
+def test_a_lanes_new_share_counts_the_jobs_its_broker_sent(tmp_path, postgres, cleanup):
+    """When a lane's share of the worker's slots changes, its READY goes to
+    a broker that still counts the jobs it sent on that registration in its
+    own in_flight: it offers the whole new share (withholding them too left
+    the slots idle until they ended), and no CREDIT of an earlier READY is
+    counted twice (the offer is counted in the step that sends it), so the
+    split is exact again once everything has ended."""
+    url, _ = postgres.new_db()
+    a, b = start_brokers(tmp_path, url, "ab")
+    cleanup.extend([a, b])
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend], env={"MB_CONCURRENCY": "8"})
+    cleanup.append(w)
+    wait_workers([a, b], 1)
+    wait_for(lambda: worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0), 10,
+             "the worker's 8 slots split 4 + 4")
+    long_job = json.dumps({"sleep": 8}).encode()
+    with kelpie.sync.Client(b.frontend, timeout=30) as client:
+        # Eight: four run through each broker (they share the store).
+        ids = [client.submit("work", long_job).id for _ in range(8)]
+        wait_for(lambda: worker_load(b, "w")[1] == 4, 10, "4 jobs running through broker b")
+        a.stop()  # SIGKILL
+        t_kill = time.monotonic()
+        wait_for(lambda: worker_load(b, "w")[0] == 8, 5,
+                 f"8 slots offered to broker b while its 4 jobs run (worker log: {w.log()})")
+        assert time.monotonic() - t_kill < 5
+        assert worker_load(b, "w")[1] >= 4  # its jobs still run (and it takes more)
+        for jid in ids:
+            assert client.result(jid, timeout=30) == long_job
+    a.start()
+    wait_for(lambda: worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0), 10,
+             "the slots split 4 + 4 again")
+    for _ in range(5):  # and it stays so: no CREDIT left over
+        time.sleep(0.3)
+        assert worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0)
+
+
 def test_cli_with_two_brokers(tmp_path, cleanup):
     """`kelpie worker --backend a,b` registers with both brokers (2 slots
     each); `kelpie --frontend a,b call` is served, also with the first

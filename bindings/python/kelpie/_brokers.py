@@ -705,7 +705,7 @@ async def balance(worker, lanes):
             for lane in shares(worker.concurrency, lanes, up):
                 session = lane._session
                 if session is not None and not session.ending and not lane._stopping:
-                    lane._send_ready(session, lane._offer())
+                    lane._send_ready(session)
         await asyncio.sleep(LANE_CHECK)
 
 

@@ -401,12 +401,12 @@ class JobRunner:
     # -- what the session asks ------------------------------------------------------
 
     def _withhold_jobs(self):
-        """READY is about to offer slots: running jobs keep theirs (they run
-        on across sessions), each CREDITed back when it ends. Returns how
-        many slots they hold."""
+        """A READY the broker counts afresh is coming: running jobs keep their
+        slots (they run on across sessions), each CREDITed back when it ends."""
         for ctx in self._jobs.values():
-            ctx._withheld = True
-        return len(self._jobs)
+            if not ctx._withheld:
+                ctx._withheld = True
+                self._owed += 1
 
     async def _on_job(self, session, header, frames):
         rid = header.request_id
@@ -627,8 +627,7 @@ class JobRunner:
         if session is not None and not session.ending:
             held.sent_at = self._loop.time()
             await self._send(session, *frames)
-            if ctx._withheld and not self._stopping:
-                await self._send(session, _wire.credit(1))
+        await self._return_slot(ctx)
         self._check_drained()
 
     async def _send_events(self, previous, frames):

@@ -550,10 +550,8 @@ class Runners:
         if ctx._orphan:
             self._orphans.discard(ctx)
             self.orphan_answers_dropped += 1
-            current = self._session
-            if ctx._withheld and current is not None and not current.ending \
-                    and not self._stopping:
-                self._spawn(self._send(current, _wire.credit(1)))
+            if ctx._withheld:
+                self._spawn(self._return_slot(ctx))
             return
         session.calls.pop(ctx.request_id, None)
         if self._drained is not None and not session.calls and not self._drained.done() \

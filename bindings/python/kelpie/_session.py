@@ -198,6 +198,7 @@ class Session:
         self._session = session
         # READY goes first (nothing may precede it), then the heartbeat thread.
         session.last_ready = self._loop.time()
+        self._withhold()
         await self._send(session, _wire.ready(self.services, self._offer(),
                                               int(self.heartbeat * 1000), self.name,
                                               self.methods, self.queues))
@@ -209,14 +210,38 @@ class Session:
         self._resend_held(session)
         return session
 
+    def _withhold(self):
+        """Before a READY the broker counts afresh (a new registration, or a
+        broker that forgot us): it knows nothing running, so the orphans and
+        the jobs running on keep their slots, left out of the offer and each
+        CREDITed back when it ends (_return_slot)."""
+        for ctx in self._orphans:
+            if not ctx._withheld:
+                ctx._withheld = True
+                self._owed += 1
+        self._withhold_jobs()
+
     def _offer(self):
-        """The credits a READY offers: ``concurrency`` minus the orphans still
-        running (each gives its slot back with CREDIT when it ends)."""
+        """The credits a READY offers: ``concurrency`` minus the slots
+        withheld and not yet CREDITed back. A READY on a live registration
+        (a lane's share changed) withholds nothing new: the broker counts what
+        it sent us on it in its own in_flight."""
         if self._stopping:
             return 0
-        for ctx in self._orphans:
-            ctx._withheld = True
-        return max(0, self.concurrency - len(self._orphans) - self._withhold_jobs())
+        return max(0, self.concurrency - self._owed)
+
+    async def _return_slot(self, ctx):
+        """A withheld slot is free again: CREDIT it to the registration there
+        is now (none: the next READY offers it anyway). The count drops in the
+        step that sends the CREDIT, so a READY counted before it left the slot
+        out and one counted after has it, whatever order the tasks run in."""
+        if not ctx._withheld:
+            return
+        ctx._withheld = False
+        self._owed -= 1
+        session = self._session
+        if session is not None and not session.ending and not self._stopping:
+            await self._send(session, _wire.credit(1))
 
     def _orphan_calls(self, session, why):
         """Orphan every call of ``session``: the broker no longer knows them."""
@@ -235,11 +260,16 @@ class Session:
                     why, len(calls), "" if len(calls) == 1 else "s",
                     "its" if len(calls) == 1 else "their", "" if len(calls) == 1 else "s")
 
-    def _send_ready(self, session, credits):
+    def _send_ready(self, session):
         session.last_ready = self._loop.time()
-        header = _wire.ready(self.services, credits, int(self.heartbeat * 1000), self.name,
-                             self.methods, self.queues)
-        self._spawn(self._send(session, header))
+        self._spawn(self._ready(session))
+
+    async def _ready(self, session):
+        # Offered in the step that sends it, not when it was asked for: a
+        # CREDIT sent in between is then in the total once, not twice.
+        await self._send(session, _wire.ready(self.services, self._offer(),
+                                              int(self.heartbeat * 1000), self.name,
+                                              self.methods, self.queues))
 
     async def _end_session(self, session):
         session.ending = True
@@ -388,7 +418,8 @@ class Session:
                     self._orphan_calls(session, "the broker does not know this worker")
                     if loop.time() - session.last_ready >= 0.2:
                         log.info("broker: %s; registering again", header.message)
-                        self._send_ready(session, self._offer())
+                        self._withhold()
+                        self._send_ready(session)
                 elif header.code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
                     # Our key left the allow-list (reload), or may not serve
                     # a service we offered: run() ends with this error.
@@ -411,7 +442,8 @@ class Session:
             self._orphan_calls(session, "broker restarted")
             # Our READY offered those slots: offer them again, less the
             # orphans and the jobs that run on (kelpie._jobs_worker).
-            self._send_ready(session, self._offer())
+            self._withhold()
+            self._send_ready(session)
         # The answers of jobs that ended unACKed go to the new instance.
         self._resend_held(session)
 

@@ -204,6 +204,7 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         self.broker_restarts = 0
         # Calls still running whose registration is gone (see the module doc).
         self._orphans = set()
+        self._owed = 0  # slots withheld from READY, not yet CREDITed back
         self.orphaned = 0
         self.orphan_answers_dropped = 0
         # Durable jobs: handlers, running jobs, answers awaiting ACK.
