@@ -64,19 +64,19 @@
 /* The relay between brokers on a shared store (docs/scale-out.md, "Live
  * events, INPUT and cancels across brokers"): notifications on a channel of
  * their own, each under PostgreSQL's 8000-byte limit. */
-#define JOBS_RELAY_NOTE        7800            /* bytes of one relay text */
-#define JOBS_RELAY_OUT_BYTES   (2u << 20)      /* texts waiting to be sent, at most */
-#define JOBS_RELAY_BATCH_BYTES 65536           /* texts per notifying transaction */
-#define JOBS_RELAY_EVENT_MAX   (256u << 10)    /* payload bytes of a relayed event or INPUT */
-#define JOBS_RELAY_TEXT_MAX    1024            /* bytes of a relayed message, outcome or reason */
-#define JOBS_RELAY_WAIT_MS     3000            /* a relayed INPUT or cancel waits this long */
-#define JOBS_RELAY_REQS_MAX    1024            /* relayed INPUTs and cancels unanswered */
-#define JOBS_RELAY_PARTIALS    64              /* relayed INPUTs being reassembled */
-#define JOBS_RELAY_SETTLE_MS   1000            /* a job's end waits this long for its events */
-#define JOBS_RELAY_TICK_MS     50              /* the loop's wake-up while relay waits are due */
-#define JOBS_INTEREST_RENEW_MS 1000            /* a watching broker says so this often */
-#define JOBS_INTEREST_TTL_MS   3500            /* and is forgotten after this long unsaid */
-#define JOBS_INTEREST_MAX      4096            /* jobs watched from elsewhere, remembered */
+#define JOBS_RELAY_NOTE        7800         /* bytes of one relay text */
+#define JOBS_RELAY_OUT_BYTES   (2u << 20)   /* texts waiting to be sent, at most */
+#define JOBS_RELAY_BATCH_BYTES 65536        /* texts per notifying transaction */
+#define JOBS_RELAY_EVENT_MAX   (256u << 10) /* payload bytes of a relayed event or INPUT */
+#define JOBS_RELAY_TEXT_MAX    1024         /* bytes of a relayed message, outcome or reason */
+#define JOBS_RELAY_WAIT_MS     3000         /* a relayed INPUT or cancel waits this long */
+#define JOBS_RELAY_REQS_MAX    1024         /* relayed INPUTs and cancels unanswered */
+#define JOBS_RELAY_PARTIALS    64           /* relayed INPUTs being reassembled */
+#define JOBS_RELAY_SETTLE_MS   1000         /* a job's end waits this long for its events */
+#define JOBS_RELAY_TICK_MS     50           /* the loop's wake-up while relay waits are due */
+#define JOBS_INTEREST_RENEW_MS 1000         /* a watching broker says so this often */
+#define JOBS_INTEREST_TTL_MS   3500         /* and is forgotten after this long unsaid */
+#define JOBS_INTEREST_MAX      4096         /* jobs watched from elsewhere, remembered */
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -242,7 +242,7 @@ struct relay_out {
 /* Other brokers watch a job's events (they said so within the TTL). */
 struct interest {
     kp_job_id id;
-    uint64_t until;              /* monotonic ms */
+    uint64_t until;             /* monotonic ms */
     struct relay_out *progress; /* its PROGRESS still in the outbox, if any */
 };
 
@@ -2029,8 +2029,8 @@ void kp_jobs_input(struct kp_broker *b, kp_header *h)
             b->stats.job_inputs_refused++;
         return;
     }
-    enum kp_err err =
-        input_forward(b, r, h->attempt, h->sequence, h->flags, &b->in.frames[2], n, msg, sizeof msg);
+    enum kp_err err = input_forward(b, r, h->attempt, h->sequence, h->flags, &b->in.frames[2], n,
+                                    msg, sizeof msg);
     if (err != KP_OK) {
         input_refuse(b, h, err, msg);
         return;
@@ -2701,8 +2701,9 @@ static void relay_event(struct kp_broker *b, struct watch *w, const struct event
     for (size_t off = room0; off < plen; off += roomn)
         need += (size_t)rn + 32 + 4 * ((plen - off < roomn ? plen - off : roomn) + 2) / 3;
     bool progress = ev->kind == KELPIE__V1__KIND__PROGRESS && plen <= room0;
-    if (progress && in->progress) {
-        /* The database is behind: only the newest progress matters. */
+    if (progress && in->progress && e->outbox_bytes > JOBS_RELAY_BATCH_BYTES) {
+        /* The database is behind (more than a batch waits): only the
+         * newest progress matters. */
         relay_out_free(e, in->progress);
         b->stats.job_events_relay_coalesced++;
     }
@@ -3011,8 +3012,8 @@ static void relay_on_input(struct kp_broker *b, uint64_t from, char **tok, size_
         if (n)
             msg_from(&m, ri->data, ri->len);
         attempt = r->attempt;
-        err = input_forward(b, r, ri->attempt, ri->seq, ri->flags, n ? &m : NULL, n, msg,
-                            sizeof msg);
+        err =
+            input_forward(b, r, ri->attempt, ri->seq, ri->flags, n ? &m : NULL, n, msg, sizeof msg);
         if (err != KP_OK && n)
             zmq_msg_close(&m);
         if (err == KP_OK)
@@ -3102,8 +3103,8 @@ static bool relay_request(struct kp_broker *b, char kind, const struct kp_rid *r
     e->nrelay_reqs++;
     char *text = kp_malloc(JOBS_RELAY_NOTE + 64);
     if (kind == 'c') {
-        int n = snprintf(text, JOBS_RELAY_NOTE, "c %llx 0 %s %llx", (unsigned long long)b->broker_id,
-                         id->s, (unsigned long long)q->tag);
+        int n = snprintf(text, JOBS_RELAY_NOTE, "c %llx 0 %s %llx",
+                         (unsigned long long)b->broker_id, id->s, (unsigned long long)q->tag);
         relay_put(e, text, (size_t)n);
     } else {
         const unsigned char *data = plen ? zmq_msg_data((zmq_msg_t *)&o->payload) : NULL;

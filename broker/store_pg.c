@@ -1574,8 +1574,8 @@ bool kp_pg_relay_send(struct kp_pg_listener *l, const char *const *texts, const 
         char *lit = PQescapeLiteral(l->conn, texts[i], lens[i]);
         if (!lit)
             continue;
-        len += (size_t)snprintf(sql + len, cap - len, ", pg_notify('" PG_RELAY_CHANNEL "', %s)",
-                                lit);
+        len +=
+            (size_t)snprintf(sql + len, cap - len, ", pg_notify('" PG_RELAY_CHANNEL "', %s)", lit);
         PQfreemem(lit);
     }
     snprintf(sql + len, cap - len, "; COMMIT");
