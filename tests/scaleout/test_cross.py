@@ -100,8 +100,8 @@ def test_events_of_a_job_run_through_a_stream_live_to_a_watcher_on_b(tmp_path, p
 
 def test_a_watcher_on_b_that_does_not_read_is_dropped_and_the_relay_stays_bounded(
         tmp_path, postgres):
-    # b drops a client with 1 MiB unread (64 MiB by default).
-    a, b = two_brokers(tmp_path, postgres, b_args=["--peer-max-queued", "1048576"])
+    # b drops a client with 64 KiB unread (64 MiB by default).
+    a, b = two_brokers(tmp_path, postgres, b_args=["--peer-max-queued", "65536"])
     w = start_worker(tmp_path, a)
     ca, cb = Client(a.frontend), Client(b.frontend)
     ctx = zmq.Context.instance()
