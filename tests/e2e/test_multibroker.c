@@ -27,7 +27,8 @@ static const char *const fast_hb[] = {"--heartbeat-ms", "100", "--heartbeat-live
 Test(multibroker, endpoint_list_is_split_like_python)
 {
     kpc_list l;
-    cr_assert_eq(kpc_list_split(" tcp://a:1 ,tcp://b:2,,tcp://a:1, tcp://c:3 ", true, &l), KELPIE_OK);
+    cr_assert_eq(kpc_list_split(" tcp://a:1 ,tcp://b:2,,tcp://a:1, tcp://c:3 ", true, &l),
+                 KELPIE_OK);
     cr_assert_eq(l.n, 3);
     cr_assert_str_eq(l.items[0], "tcp://a:1");
     cr_assert_str_eq(l.items[1], "tcp://b:2");
@@ -121,8 +122,8 @@ Test(multibroker, server_key_per_endpoint)
     cr_assert_eq(kpc_curve_load_for(&curve, 0, 3, &k, why, sizeof why), KELPIE_ERR_INVAL);
     cr_assert(strstr(why, "2 keys for 3 brokers"), "%s", why);
     kelpie_client *c = NULL;
-    cr_assert_eq(kelpie_client_open("tcp://127.0.0.1:1,tcp://127.0.0.1:2,tcp://127.0.0.1:3",
-                                    &curve, &c, why, sizeof why),
+    cr_assert_eq(kelpie_client_open("tcp://127.0.0.1:1,tcp://127.0.0.1:2,tcp://127.0.0.1:3", &curve,
+                                    &c, why, sizeof why),
                  KELPIE_ERR_INVAL);
     cr_assert_null(c);
     kelpie_worker *w = kelpie_worker_new("tcp://127.0.0.1:1,tcp://127.0.0.1:2", NULL, 2);
@@ -184,6 +185,10 @@ typedef struct traffic {
     size_t n;
     long idem_ok, plain_ok, plain_unavailable, idem_bad, plain_bad;
     char bad[256]; /* the first unexpected outcome */
+    /* Load on the broker that stays, from a client of it alone, so that
+     * the worker's registration there is busy when its share changes. */
+    kelpie_client *side;
+    long side_ok, side_bad;
 } traffic;
 
 static void traffic_take(traffic *t, const kelpie_reply *r)
@@ -228,8 +233,20 @@ static void traffic_run(traffic *t, int ms)
             t->idem[t->n] = idem;
             t->ids[t->n++] = id.id;
         }
+        while (t->side && kelpie_client_outstanding(t->side) < 8) {
+            kelpie_call_opts o = {.service = "echo", .method = "Hold", .timeout_ms = 10000};
+            kelpie_request_id id;
+            cr_assert_eq(kelpie_client_send(t->side, &o, "s", 1, &id), KELPIE_OK);
+        }
         kelpie_reply r;
-        if (kelpie_client_recv(t->c, &r, 50) == KELPIE_OK) {
+        while (t->side && kelpie_client_recv(t->side, &r, 0) == KELPIE_OK) {
+            if (r.status == KELPIE_OK)
+                t->side_ok++;
+            else
+                t->side_bad++;
+            kelpie_reply_fini(&r);
+        }
+        if (kelpie_client_recv(t->c, &r, t->side ? 5 : 50) == KELPIE_OK) {
             traffic_take(t, &r);
             kelpie_reply_fini(&r);
         }
@@ -290,6 +307,8 @@ Test(multibroker, broker_killed_mid_traffic)
     cr_assert_eq(kelpie_client_open(frontends, NULL, &t->c, why, sizeof why), KELPIE_OK, "%s", why);
     cr_assert_eq(kelpie_client_brokers(t->c), 2);
     cr_assert_eq(kelpie_client_set_heartbeat(t->c, 100, 3), KELPIE_OK);
+    t->side = kelpie_client_new(b->frontend);
+    cr_assert_not_null(t->side);
     traffic_run(t, 800);
     /* Both brokers carried calls. */
     cr_assert_gt(kt_stat(a, "services.echo.dispatched"), 0);
@@ -309,6 +328,19 @@ Test(multibroker, broker_killed_mid_traffic)
     }
     cr_assert_geq(moved_after, 0, "b: %.0f", kt_stat(b, "services.echo.capacity"));
     traffic_run(t, 1000);
+    /* Off the side load: the rest counts the main client's calls alone. */
+    int64_t side_end = kt_now_ms() + 10000;
+    while (kelpie_client_outstanding(t->side) > 0 && kt_now_ms() < side_end) {
+        kelpie_reply r;
+        if (kelpie_client_recv(t->side, &r, 100) == KELPIE_OK) {
+            t->side_ok += r.status == KELPIE_OK;
+            t->side_bad += r.status != KELPIE_OK;
+            kelpie_reply_fini(&r);
+        }
+    }
+    cr_assert_eq(t->side_bad, 0);
+    cr_assert_gt(t->side_ok, 0);
+    kelpie_client_destroy(&t->side);
     cr_assert_eq(kelpie_client_broker_up(t->c, 0), false, "the dead broker is still up");
     cr_assert_eq(kelpie_client_broker_up(t->c, 1), true);
     traffic_run(t, 500);
