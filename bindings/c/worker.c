@@ -887,24 +887,50 @@ static bool worker_service(kelpie_worker *w)
 }
 
 /* Several brokers: splits the capacity over the lanes whose broker welcomed
- * us (kpc_shares) and sends READY to each live lane whose share changed.
+ * us (kpc_shares) and sends READY to each live lane whose offer changed.
  * That READY offers the whole new share less its own orphans (as
  * worker_send_ready always does): the broker counts what it sent on this
- * registration in its own in_flight. */
+ * registration in its own in_flight. A lost lane's share goes to the others
+ * at once. A lane's share that shrinks (a broker came back) shrinks at once
+ * too, but the calls it holds still run, so a lane that gains is offered
+ * only what the other live lanes leave free (each holds the larger of its
+ * offer and its calls), and more as their calls end: the worker runs no more
+ * than its capacity through a re-split. (With fewer slots than brokers each
+ * gets 1 anyway, as in Python.) */
 static void worker_balance(kelpie_worker *t)
 {
     bool up[KPC_MAX_BROKERS];
     uint32_t share[KPC_MAX_BROKERS];
     for (uint32_t i = 0; i < t->n_lanes; i++)
         up[i] = t->lanes[i]->sock && t->lanes[i]->welcomed;
-    kpc_shares(t->capacity, up, t->n_lanes, share);
+    size_t live = kpc_shares(t->capacity, up, t->n_lanes, share);
     for (uint32_t i = 0; i < t->n_lanes; i++) {
         kelpie_worker *l = t->lanes[i];
-        if (share[i] == l->capacity)
+        if (share[i] < l->capacity) {
+            l->capacity = share[i];
+            if (up[i])
+                worker_send_ready(l);
+        }
+    }
+    for (uint32_t i = 0; i < t->n_lanes; i++) {
+        kelpie_worker *l = t->lanes[i];
+        if (!up[i] || share[i] <= l->capacity)
             continue;
-        l->capacity = share[i];
-        if (up[i])
+        uint32_t want = share[i];
+        if (live <= t->capacity) {
+            uint64_t used = 0;
+            for (uint32_t j = 0; j < t->n_lanes; j++)
+                if (j != i && up[j])
+                    used += t->lanes[j]->capacity > t->lanes[j]->in_flight ? t->lanes[j]->capacity
+                                                                           : t->lanes[j]->in_flight;
+            uint64_t room = used < t->capacity ? t->capacity - used : 0;
+            if (room < want)
+                want = (uint32_t)room;
+        }
+        if (want > l->capacity) {
+            l->capacity = want;
             worker_send_ready(l);
+        }
     }
 }
 
