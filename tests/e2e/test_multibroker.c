@@ -291,7 +291,7 @@ Test(multibroker, broker_killed_mid_traffic)
     kt_slot *slot = kt_slots_new(1);
     kt_worker_opts opts = {.endpoint = backends,
                            .capacity = 8,
-                           .hold_ms = 20,
+                           .hold_ms = 100,
                            .heartbeat_ms = 100,
                            .liveness = 3,
                            .slot = slot};
@@ -348,7 +348,7 @@ Test(multibroker, broker_killed_mid_traffic)
     cr_assert_eq(t->idem_bad, 0, "an idempotent call failed: %s", t->bad);
     cr_assert_eq(t->plain_bad, 0, "a plain call failed other than UNAVAILABLE: %s", t->bad);
     cr_assert_gt(kelpie_client_moved(t->c), 0, "no idempotent call was moved");
-    cr_assert_gt(t->idem_ok, 100);
+    cr_assert_gt(t->idem_ok, 50);
     cr_log_info("idempotent ok %ld, plain ok %ld, plain unavailable %ld, moved %llu, "
                 "slots on the broker left %lld ms after the kill",
                 t->idem_ok, t->plain_ok, t->plain_unavailable,
@@ -356,11 +356,15 @@ Test(multibroker, broker_killed_mid_traffic)
 
     /* The broker comes back: the split is redone, and the client uses it. */
     cr_assert(kt_broker_restart(a, fast_hb));
-    cr_assert(wait_capacity(a, 4, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
-    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
     /* Nothing the client gave up on while it was down reached the new
      * instance (the lane's queue went with its old socket). */
-    cr_assert_eq(kt_stat(a, "services.echo.dispatched"), 0, "stale calls ran on the new broker");
+    cr_assert_eq(kt_stat(a, "requests"), 0, "stale calls reached the new broker");
+    /* Traffic goes on (the broker left holds all 8 slots busy) while the
+     * worker re-splits: the returning broker may only take slots as the
+     * other's calls end (max_in_flight below). */
+    traffic_run(t, 1000);
+    cr_assert(wait_capacity(a, 4, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
     int64_t end = kt_now_ms() + 5000;
     while (!kelpie_client_broker_up(t->c, 0) && kt_now_ms() < end)
         traffic_run(t, 50);
