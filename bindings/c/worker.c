@@ -721,7 +721,9 @@ static void worker_close(kelpie_worker *w)
     w->welcomed = false;
 }
 
-static kelpie_status worker_connect(kelpie_worker *w)
+/* Connects and sends READY, waiting up to wait_ms for a refused handshake
+ * to show (0: not at all). */
+static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 {
     w->sock = zmq_socket(w->ctx, ZMQ_DEALER);
     if (!w->sock)
@@ -743,8 +745,8 @@ static kelpie_status worker_connect(kelpie_worker *w)
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
-    if (kpc_handshake_wait(&hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "worker", w->endpoint,
-                           w->curve ? &w->keys : NULL, w->error, sizeof w->error) != KELPIE_OK) {
+    if (kpc_handshake_wait(&hs, wait_ms, "worker", w->endpoint, w->curve ? &w->keys : NULL,
+                           w->error, sizeof w->error) != KELPIE_OK) {
         zmq_close(w->sock);
         w->sock = NULL;
         w->refused = KELPIE_UNAUTHENTICATED;
@@ -769,7 +771,10 @@ static void worker_timers(kelpie_worker *w, int64_t now)
          * again. */
         if (w->top)
             w->capacity = 0;
-        worker_connect(w);
+        /* A lane does not wait for the handshake here: a broker behind a
+         * cut link would hold the other brokers' heartbeats for the whole
+         * wait. A key refused now shows as a broker that stays down. */
+        worker_connect(w, w->top ? 0 : KELPIE_HANDSHAKE_TIMEOUT_MS);
         now = kpc_now_ms();
     }
     if (w->sock && w->unacked)
@@ -995,7 +1000,7 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
     for (uint32_t i = 0; i < w->n_lanes; i++)
         worker_lane_setup(w, w->lanes[i]);
     for (uint32_t i = 0; i < n; i++) {
-        kelpie_status rc = worker_connect(links[i]);
+        kelpie_status rc = worker_connect(links[i], KELPIE_HANDSHAKE_TIMEOUT_MS);
         if (rc != KELPIE_OK) {
             if (links[i] != w)
                 snprintf(w->error, sizeof w->error, "%.200s: %.300s", links[i]->endpoint,
