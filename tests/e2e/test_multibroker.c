@@ -23,6 +23,9 @@ TestSuite(multibroker, .fini = kt_teardown, .timeout = 90);
 
 /* Heartbeat 100 ms, liveness 3: a silent peer is gone after 300 ms. */
 static const char *const fast_hb[] = {"--heartbeat-ms", "100", "--heartbeat-liveness", "3", NULL};
+/* The kill test: 200 ms x 3, so that a loaded ASan run is not taken for a
+ * dead peer. */
+static const char *const kill_hb[] = {"--heartbeat-ms", "200", "--heartbeat-liveness", "3", NULL};
 
 Test(multibroker, endpoint_list_is_split_like_python)
 {
@@ -282,8 +285,8 @@ static bool wait_capacity(const kt_broker *b, double want, int timeout_ms)
 
 Test(multibroker, broker_killed_mid_traffic)
 {
-    kt_broker *a = kt_broker_start(fast_hb);
-    kt_broker *b = kt_broker_start(fast_hb);
+    kt_broker *a = kt_broker_start(kill_hb);
+    kt_broker *b = kt_broker_start(kill_hb);
     cr_assert(a && b);
     char backends[200], frontends[200];
     snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
@@ -292,7 +295,7 @@ Test(multibroker, broker_killed_mid_traffic)
     kt_worker_opts opts = {.endpoint = backends,
                            .capacity = 8,
                            .hold_ms = 100,
-                           .heartbeat_ms = 100,
+                           .heartbeat_ms = 200,
                            .liveness = 3,
                            .slot = slot};
     pid_t w = kt_worker_spawn(&opts);
@@ -306,7 +309,7 @@ Test(multibroker, broker_killed_mid_traffic)
     char why[256] = "";
     cr_assert_eq(kelpie_client_open(frontends, NULL, &t->c, why, sizeof why), KELPIE_OK, "%s", why);
     cr_assert_eq(kelpie_client_brokers(t->c), 2);
-    cr_assert_eq(kelpie_client_set_heartbeat(t->c, 100, 3), KELPIE_OK);
+    cr_assert_eq(kelpie_client_set_heartbeat(t->c, 200, 3), KELPIE_OK);
     t->side = kelpie_client_new(b->frontend);
     cr_assert_not_null(t->side);
     traffic_run(t, 800);
@@ -355,7 +358,7 @@ Test(multibroker, broker_killed_mid_traffic)
                 (unsigned long long)kelpie_client_moved(t->c), (long long)moved_after);
 
     /* The broker comes back: the split is redone, and the client uses it. */
-    cr_assert(kt_broker_restart(a, fast_hb));
+    cr_assert(kt_broker_restart(a, kill_hb));
     /* Nothing the client gave up on while it was down reached the new
      * instance (the lane's queue went with its old socket). */
     cr_assert_eq(kt_stat(a, "requests"), 0, "stale calls reached the new broker");
