@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "brokers.h"
 #include "clock.h"
 #include "compress.h"
 #include "curve.h"
@@ -35,10 +36,26 @@
  * in-flight limit, not the socket, is what bounds a client's calls. */
 #define CLIENT_HWM 100000
 
+/* Several brokers: a call kept, packed, so that it can be sent again to
+ * another broker when its own is lost (an idempotent unary call, a keyed
+ * SUBMIT), at most once. */
+typedef struct client_req {
+    uint64_t orig; /* the id the application knows it by */
+    void *header;  /* the packed header, as first sent */
+    size_t header_len;
+    void *payload; /* NULL when len is 0 */
+    size_t len;
+    int64_t deadline;           /* the local give-up time, 0: none */
+    struct kelpie_client *from; /* the lane it was lost on */
+    bool moved;                 /* sent again already */
+    struct client_req *next;    /* the top's list of calls to move */
+} client_req;
+
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
     uint32_t svc;     /* the service called, index + 1 in services; 0: none */
+    client_req *req;  /* several brokers: kept for a re-send, NULL: not */
 } client_slot;
 
 /* A service called, and whether its workers read compressed requests (the
@@ -96,7 +113,40 @@ struct kelpie_client {
     int64_t last_look;  /* when the client was last watching (or will wake) */
     bool owed;          /* calls sent since the last ping */
     uint32_t restarts;  /* broker restarts seen */
+    /* Several brokers (an endpoint list, docs/scale-out.md): the client the
+     * application holds (the top) has no socket of its own but one lane per
+     * broker, each a complete single-broker client. Request ids come from
+     * the top's counter, so an id names one call whichever lane has it, and
+     * each lane's ids still grow in the order it sends them (pings rely on
+     * that). */
+    uint64_t *ids;                /* where ids are counted: &next_id, or the top's */
+    struct kelpie_client *top;    /* a lane: its top; NULL otherwise */
+    struct kelpie_client **lanes; /* the top: n_lanes lanes */
+    uint32_t n_lanes;
+    uint32_t next_lane; /* round-robin position */
+    bool retain;        /* a lane: keep the call being sent (client_req) */
+    bool down;          /* a lane: its broker is lost, until it answers */
+    client_req *moving; /* the top: calls of a lost lane to send again */
+    char *endpoint;     /* a lane: its broker, for client_renew */
+    bool curve;         /* a lane: keys holds its CURVE keys */
+    kpc_keys keys;
+    uint64_t moved; /* the top: calls sent again */
 };
+
+static void client_req_free(client_req *req)
+{
+    if (!req)
+        return;
+    free(req->header);
+    free(req->payload);
+    free(req);
+}
+
+/* The id the application knows the call in slot s by. */
+static uint64_t client_orig(const client_slot *s)
+{
+    return s->req ? s->req->orig : s->id;
+}
 
 /* The message of answers that carry none: shared, never freed, so that the
  * common case costs no allocation. */
@@ -148,7 +198,7 @@ static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline, 0});
+    client_insert_slot(c, (client_slot){id, deadline, 0, NULL});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -165,6 +215,8 @@ static void client_remove_at(kelpie_client *c, size_t i)
         client_input_drop(c, c->slots[i].id);
     if (c->slots[i].deadline)
         c->with_deadline--;
+    client_req_free(c->slots[i].req);
+    c->slots[i].req = NULL;
     c->count--;
     size_t hole = i;
     for (size_t j = (i + 1) & c->mask; c->slots[j].id != 0; j = (j + 1) & c->mask) {
@@ -176,7 +228,7 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0, 0};
+    c->slots[hole] = (client_slot){0, 0, 0, NULL};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
@@ -238,6 +290,9 @@ static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code,
 
 /* --- sending ------------------------------------------------------------- */
 
+static kelpie_client *client_pick(kelpie_client *t, const kelpie_client *avoid);
+static kelpie_client *client_locate(kelpie_client *t, uint64_t id, size_t *slot);
+
 static uint32_t client_service_index(kelpie_client *c, const char *service);
 
 /* Sends a header-only message about an outstanding call (CANCEL, CREDIT). */
@@ -249,6 +304,24 @@ static kelpie_status client_send_control(kelpie_client *c, Kelpie__V1__Kind kind
     h.request_id = id;
     h.credits = credits;
     return kpc_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT);
+}
+
+/* The call in slot i was lost with its broker (silence, DISCONNECT, a
+ * restart). A lane hands a call it kept to its top, to be sent once more to
+ * another broker (client_move); anything else ends with a local ERROR.
+ * The caller removes the slot. */
+static void client_lose(kelpie_client *c, size_t i, kelpie_status code, const char *why)
+{
+    client_slot *s = &c->slots[i];
+    client_req *req = s->req;
+    if (req && c->top && !req->moved) {
+        s->req = NULL;
+        req->from = c;
+        req->next = c->top->moving;
+        c->top->moving = req;
+        return;
+    }
+    client_push_error(c, client_orig(s), code, why);
 }
 
 /* Ends every outstanding call with a local ERROR whose deadline has passed
@@ -265,7 +338,10 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
         if (s.id && (everything || (s.deadline && s.deadline <= now))) {
             if (!everything)
                 client_send_control(c, KELPIE__V1__KIND__CANCEL, s.id, 0);
-            client_push_error(c, s.id, code, why);
+            if (everything)
+                client_lose(c, i, code, why);
+            else
+                client_push_error(c, client_orig(&s), code, why);
             client_remove_at(c, i);
             continue; /* slot i now holds a shifted entry (or is empty) */
         }
@@ -275,16 +351,18 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
 
 /* --- liveness (protocol.md §7.2) ----------------------------------------- */
 
+static void client_renew(kelpie_client *c);
+
 /* Pings: a HEARTBEAT whose request_id is a fresh call id, so that every call
  * with a smaller id went out before it on the ordered pipe. */
 static void client_ping(kelpie_client *c, int64_t now)
 {
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__HEARTBEAT;
-    h.request_id = c->next_id + 1;
+    h.request_id = *c->ids + 1;
     if (kpc_wire_send(c->sock, &h, NULL, 0, ZMQ_DONTWAIT) != KELPIE_OK)
         return;
-    c->next_id = h.request_id;
+    *c->ids = h.request_id;
     c->last_ping = now;
     c->owed = false;
 }
@@ -345,6 +423,9 @@ static void client_liveness(kelpie_client *c, int64_t now)
         char why[80];
         snprintf(why, sizeof why, "the broker did not answer for %lld ms", (long long)silent);
         client_expire(c, now, 1, KELPIE_UNAVAILABLE, why);
+        if (c->top)
+            client_renew(c);
+        c->down = true;
         c->broker_id = 0;
         c->answered = 0;
         c->last_recv = now;
@@ -375,20 +456,44 @@ static void client_heartbeat(kelpie_client *c, const Kelpie__V1__Header *h)
     if (!old)
         return;
     c->restarts++;
-    uint64_t lost_below = rid ? rid : c->next_id + 1;
+    uint64_t lost_below = rid ? rid : *c->ids + 1;
     size_t i = 0;
     while (i <= c->mask) {
         uint64_t id = c->slots[i].id;
         if (id && id < lost_below) {
             if (id >= read_below)
                 client_send_control(c, KELPIE__V1__KIND__CANCEL, id, 0);
-            client_push_error(c, id, KELPIE_UNAVAILABLE,
-                              "broker restarted; the call was lost with it");
+            client_lose(c, i, KELPIE_UNAVAILABLE, "broker restarted; the call was lost with it");
             client_remove_at(c, i);
             continue;
         }
         i++;
     }
+}
+
+/* Keeps the call just sent (h, sent and tracked) for a re-send on another
+ * broker. Out of memory it is not kept: it fails UNAVAILABLE if its broker
+ * is lost, as any other call. */
+static void client_retain(kelpie_client *c, const Kelpie__V1__Header *h, const void *payload,
+                          size_t len, int64_t deadline)
+{
+    client_req *req = calloc(1, sizeof *req);
+    size_t hlen = kelpie__v1__header__get_packed_size(h);
+    if (req) {
+        req->header = malloc(hlen ? hlen : 1);
+        req->payload = len ? malloc(len) : NULL;
+    }
+    if (!req || !req->header || (len && !req->payload)) {
+        client_req_free(req);
+        return;
+    }
+    req->header_len = kelpie__v1__header__pack(h, req->header);
+    if (len)
+        memcpy(req->payload, payload, len);
+    req->len = len;
+    req->orig = h->request_id;
+    req->deadline = deadline;
+    c->slots[client_find(c, h->request_id)].req = req;
 }
 
 /* Sends h (a REQUEST, SUBMIT or WATCH; its request_id is picked here) with
@@ -401,7 +506,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
     if (c->count >= CLIENT_MAX_OUTSTANDING)
         return KELPIE_ERR_BUSY;
     client_before_send(c);
-    h->request_id = c->next_id + 1;
+    h->request_id = *c->ids + 1;
     kelpie_status rc = kpc_wire_check(h, len, c->max_message_size, "request", NULL, 0);
     if (rc != KELPIE_OK)
         return rc;
@@ -416,8 +521,10 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
         client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
         return rc;
     }
-    c->next_id = h->request_id;
+    *c->ids = h->request_id;
     c->owed = true;
+    if (c->retain)
+        client_retain(c, h, payload, len, deadline);
     if (request_id)
         request_id->id = h->request_id;
     return KELPIE_OK;
@@ -429,12 +536,21 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
 {
     if (!c || !opts || !opts->service || (len && !payload) || (opts->n_metadata && !opts->metadata))
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        /* Only a unary idempotent call may run twice, on two brokers. */
+        kelpie_client *l = client_pick(c, NULL);
+        l->retain = (opts->flags & KELPIE_IDEMPOTENT) &&
+                    !(opts->flags & (KELPIE_STREAM | KELPIE_CLIENT_STREAM));
+        kelpie_status rc = kelpie_client_send(l, opts, payload, len, request_id);
+        l->retain = false;
+        return rc;
+    }
     if (c->count >= CLIENT_MAX_OUTSTANDING)
         return KELPIE_ERR_BUSY;
 
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__REQUEST;
-    h.request_id = c->next_id + 1;
+    h.request_id = *c->ids + 1;
     h.service = (char *)opts->service;
     h.method = (char *)(opts->method ? opts->method : "");
     h.timeout_ms = opts->timeout_ms;
@@ -503,6 +619,12 @@ cleanup:
 }
 
 /* --- receiving ----------------------------------------------------------- */
+
+static kelpie_status client_top_await(kelpie_client *t, kelpie_request_id id, int64_t give_up,
+                                      bool cancel, kelpie_status code, const char *why,
+                                      kelpie_reply *reply);
+static void client_top_pump(kelpie_client *t);
+static void client_top_wait(kelpie_client *t, long wait_ms);
 
 /* Whether a kind ends the call, watch or SUBMIT it answers. Its code is
  * then the answer's status (ACCEPTED's is OK or ALREADY_EXISTS). */
@@ -595,6 +717,7 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     const Kelpie__V1__Header *h = m.header;
     rc = KELPIE_ABORTED;
     c->last_recv = kpc_now_ms();
+    c->down = false; /* it answers: up (a DISCONNECT below says otherwise) */
     if (!h || h->version != KELPIE__V1__VERSION__VERSION_1)
         goto done; /* nothing sensible to answer a broker with */
     switch (h->kind) {
@@ -610,6 +733,8 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         size_t i = h->request_id ? client_find(c, h->request_id) : SIZE_MAX;
         if (i == SIZE_MAX && !(h->request_id == 0 && h->kind == KELPIE__V1__KIND__ERROR))
             goto done; /* not ours (any more): drop */
+        /* A call sent again after its broker was lost answers to its first id. */
+        uint64_t orig = i != SIZE_MAX ? client_orig(&c->slots[i]) : h->request_id;
         bool terminal = client_terminal(h->kind);
         if (h->job_id && strlen(h->job_id) >= KELPIE_JOB_ID_SIZE) {
             /* Longer than any id the broker makes: an event is dropped, a
@@ -619,7 +744,7 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
                 goto done;
             if (i != SIZE_MAX)
                 client_remove_at(c, i);
-            client_push_error(c, h->request_id, KELPIE_ERR_PROTOCOL,
+            client_push_error(c, orig, KELPIE_ERR_PROTOCOL,
                               "the broker's answer names a job id longer than any it makes");
             goto done;
         }
@@ -635,7 +760,7 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
                     if (!terminal)
                         client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
                     client_remove_at(c, i);
-                    client_push_error(c, h->request_id, KELPIE_INVALID_ARGUMENT, why);
+                    client_push_error(c, orig, KELPIE_INVALID_ARGUMENT, why);
                 }
                 goto done;
             }
@@ -645,10 +770,14 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         rc = client_fill(out, &m, plain, plain_len);
         if (rc == KELPIE_ERR_NOMEM)
             rc = KELPIE_ABORTED;
+        out->request_id.id = orig;
         break;
     }
     case KELPIE__V1__KIND__DISCONNECT:
         client_expire(c, kpc_now_ms(), 1, KELPIE_UNAVAILABLE, "the broker disconnected");
+        if (c->top && !c->down)
+            client_renew(c);
+        c->down = true;
         break;
     case KELPIE__V1__KIND__HEARTBEAT:
         if (h->max_message_size)
@@ -694,6 +823,17 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
         return KELPIE_ERR_INVAL;
     memset(reply, 0, sizeof *reply);
     int64_t end = timeout_ms < 0 ? -1 : kpc_now_ms() + timeout_ms;
+    while (c->n_lanes) {
+        if (client_pop(c, reply))
+            return KELPIE_OK;
+        client_top_pump(c);
+        if (c->head)
+            continue;
+        int64_t now = kpc_now_ms();
+        if (end >= 0 && now >= end)
+            return KELPIE_ERR_TIMEOUT;
+        client_top_wait(c, end < 0 ? -1 : (long)(end - now));
+    }
     for (;;) {
         if (client_pop(c, reply))
             return KELPIE_OK;
@@ -726,6 +866,8 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
                                   bool cancel, kelpie_status code, const char *why,
                                   kelpie_reply *reply)
 {
+    if (c->n_lanes)
+        return client_top_await(c, id, give_up, cancel, code, why, reply);
     kelpie_status rc;
     for (;;) {
         kelpie_reply r;
@@ -777,6 +919,211 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
     }
 }
 
+/* --- several brokers (docs/scale-out.md) -------------------------------- */
+
+/* The lane for a new call: round-robin over the lanes that are up, skipping
+ * avoid; when none is up, round-robin over all (avoid NULL: the call waits
+ * there as with one broker) or NULL (a call being moved has nowhere to go). */
+static kelpie_client *client_pick(kelpie_client *t, const kelpie_client *avoid)
+{
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        uint32_t i = (t->next_lane + k) % t->n_lanes;
+        if (!t->lanes[i]->down && t->lanes[i] != avoid) {
+            t->next_lane = i + 1;
+            return t->lanes[i];
+        }
+    }
+    if (avoid)
+        return NULL;
+    return t->lanes[t->next_lane++ % t->n_lanes];
+}
+
+/* The lane holding the call the application knows as id, with its slot
+ * index in *slot; NULL when it is not outstanding. */
+static kelpie_client *client_locate(kelpie_client *t, uint64_t id, size_t *slot)
+{
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        kelpie_client *l = t->lanes[k];
+        size_t i = client_find(l, id);
+        if (i != SIZE_MAX && client_orig(&l->slots[i]) == id) {
+            *slot = i;
+            return l;
+        }
+    }
+    if (!t->moved)
+        return NULL;
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        kelpie_client *l = t->lanes[k];
+        for (size_t i = 0; i <= l->mask; i++)
+            if (l->slots[i].id && l->slots[i].req && l->slots[i].req->orig == id) {
+                *slot = i;
+                return l;
+            }
+    }
+    return NULL;
+}
+
+/* Sends a kept call again on lane l, with a fresh id and what is left of its
+ * deadline; it answers to its first id (client_read). */
+static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t now)
+{
+    Kelpie__V1__Header *h = kelpie__v1__header__unpack(NULL, req->header_len, req->header);
+    if (!h)
+        return KELPIE_ERR_NOMEM;
+    client_before_send(l);
+    h->request_id = *l->ids + 1;
+    if (req->deadline) {
+        int64_t left = req->deadline - KELPIE_CLIENT_GRACE_MS - now;
+        h->timeout_ms = left > 1 ? (uint32_t)left : 1;
+    }
+    kelpie_status rc = kpc_wire_send(l->sock, h, req->payload, req->len, ZMQ_DONTWAIT);
+    uint64_t id = h->request_id;
+    kelpie__v1__header__free_unpacked(h, NULL);
+    if (rc == KELPIE_OK)
+        rc = client_add(l, id, req->deadline);
+    if (rc != KELPIE_OK)
+        return rc;
+    *l->ids = id;
+    l->owed = true;
+    req->moved = true;
+    l->slots[client_find(l, id)].req = req;
+    return KELPIE_OK;
+}
+
+/* Sends the calls of lost lanes once more, each to another lane that is up;
+ * those with nowhere to go (or no time left) end UNAVAILABLE. */
+static void client_move(kelpie_client *t, int64_t now)
+{
+    while (t->moving) {
+        client_req *req = t->moving;
+        t->moving = req->next;
+        req->next = NULL;
+        kelpie_client *to = client_pick(t, req->from);
+        if (req->deadline && now >= req->deadline - KELPIE_CLIENT_GRACE_MS) {
+            client_push_error(t, req->orig, KELPIE_DEADLINE_EXCEEDED,
+                              "no answer by the call's deadline");
+        } else if (!to || client_resend(to, req, now) != KELPIE_OK) {
+            client_push_error(t, req->orig, KELPIE_UNAVAILABLE,
+                              "the broker was lost and no other broker is up; the call may or "
+                              "may not have run");
+        } else {
+            t->moved++;
+            continue;
+        }
+        client_req_free(req);
+    }
+}
+
+/* How often a lane that is down is pinged to learn that it is back. */
+static uint32_t client_probe_ms(const kelpie_client *l)
+{
+    return l->heartbeat_ms ? l->heartbeat_ms : 1000;
+}
+
+/* Reads every lane, moving its answers (and its locally made ERRORs) to the
+ * top's FIFO; judges each lane's liveness; moves the calls of lost lanes;
+ * pings the lanes that are down. */
+static void client_top_pump(kelpie_client *t)
+{
+    int64_t now = kpc_now_ms();
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        kelpie_client *l = t->lanes[k];
+        for (int n = 0; n < 4096; n++) {
+            kelpie_reply r;
+            kelpie_status rc = client_read(l, &r);
+            if (rc == KELPIE_OK)
+                client_keep(t, &r);
+            else if (rc != KELPIE_ABORTED)
+                break;
+        }
+        client_expire(l, now, 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
+        client_liveness(l, now);
+        kelpie_reply r;
+        while (client_pop(l, &r))
+            client_keep(t, &r);
+        if (l->down && now - l->last_ping >= (int64_t)client_probe_ms(l))
+            client_ping(l, now);
+    }
+    client_move(t, now);
+}
+
+/* Waits until a lane is readable, a timer of one is due, or wait_ms passes. */
+static void client_top_wait(kelpie_client *t, long wait_ms)
+{
+    int64_t now = kpc_now_ms();
+    zmq_pollitem_t items[KPC_MAX_BROKERS];
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        kelpie_client *l = t->lanes[k];
+        long live = client_liveness_wait(l, now);
+        if (live >= 0 && (wait_ms < 0 || live < wait_ms))
+            wait_ms = live;
+        if (l->with_deadline && (wait_ms < 0 || l->next_scan - now < wait_ms))
+            wait_ms = l->next_scan > now ? (long)(l->next_scan - now) : 0;
+        if (l->down) {
+            int64_t probe = l->last_ping + client_probe_ms(l);
+            if (wait_ms < 0 || probe - now < wait_ms)
+                wait_ms = probe > now ? (long)(probe - now) : 0;
+        }
+        items[k] = (zmq_pollitem_t){l->sock, 0, ZMQ_POLLIN, 0};
+    }
+    for (uint32_t k = 0; k < t->n_lanes; k++)
+        t->lanes[k]->last_look = now + (wait_ms < 0 ? 0 : wait_ms);
+    zmq_poll(items, (int)t->n_lanes, wait_ms);
+}
+
+/* Takes the terminal answer to id out of c's FIFO into *reply. */
+static bool client_take(kelpie_client *c, uint64_t id, kelpie_reply *reply)
+{
+    client_node **pp = &c->head, *prev = NULL;
+    while (*pp && ((*pp)->reply.request_id.id != id || !client_terminal((int)(*pp)->reply.kind))) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (!*pp)
+        return false;
+    client_node *node = *pp;
+    *pp = node->next;
+    if (c->tail == node)
+        c->tail = prev;
+    *reply = node->reply;
+    free(node);
+    return true;
+}
+
+/* client_await for the top of several brokers. */
+static kelpie_status client_top_await(kelpie_client *t, kelpie_request_id id, int64_t give_up,
+                                      bool cancel, kelpie_status code, const char *why,
+                                      kelpie_reply *reply)
+{
+    for (;;) {
+        client_top_pump(t);
+        if (client_take(t, id.id, reply))
+            return reply->status;
+        size_t i;
+        kelpie_client *l = client_locate(t, id.id, &i);
+        int64_t now = kpc_now_ms();
+        if (!l || (give_up >= 0 && now >= give_up)) {
+            if (l) {
+                uint64_t sent_as = l->slots[i].id;
+                client_remove_at(l, i);
+                if (cancel)
+                    client_send_control(l, KELPIE__V1__KIND__CANCEL, sent_as, 0);
+            } else {
+                code = KELPIE_UNAVAILABLE; /* cannot happen: every end is queued */
+                why = "the call ended without an answer";
+            }
+            reply->request_id = id;
+            reply->kind = KELPIE_KIND_ERROR;
+            reply->status = code;
+            reply->message = kpc_strndup(why, strlen(why));
+            if (!reply->message)
+                reply->message = client_no_message;
+            return code;
+        }
+        client_top_wait(t, give_up < 0 ? -1 : (long)(give_up - now));
+    }
+}
+
 KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *service,
                                                const char *method, const void *payload, size_t len,
                                                uint32_t timeout_ms, kelpie_reply *reply)
@@ -791,12 +1138,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
         /* Refused before sending: say why, as the broker would. */
         Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
         h.kind = KELPIE__V1__KIND__REQUEST;
-        h.request_id = c->next_id + 1;
+        h.request_id = *c->ids + 1;
         h.service = (char *)service;
         h.method = (char *)(method ? method : "");
         h.timeout_ms = timeout_ms;
         char why[128];
-        kpc_wire_check(&h, len, c->max_message_size, "request", why, sizeof why);
+        kpc_wire_check(&h, len, kelpie_client_max_message_size(c), "request", why, sizeof why);
         reply->kind = KELPIE_KIND_ERROR;
         reply->status = rc;
         reply->message = kpc_strndup(why, strlen(why));
@@ -815,6 +1162,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *c, kelpie_reques
 {
     if (!c || request_id.id == 0)
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        size_t i;
+        kelpie_client *l = client_locate(c, request_id.id, &i);
+        return l ? client_send_control(l, KELPIE__V1__KIND__CANCEL, l->slots[i].id, 0)
+                 : KELPIE_NOT_FOUND;
+    }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
     return client_send_control(c, KELPIE__V1__KIND__CANCEL, request_id.id, 0);
@@ -825,6 +1178,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *c, kelpie_reques
 {
     if (!c || request_id.id == 0 || n == 0)
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        size_t i;
+        kelpie_client *l = client_locate(c, request_id.id, &i);
+        return l ? kelpie_client_credit(l, request_id, n) : KELPIE_NOT_FOUND;
+    }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
     return client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
@@ -832,12 +1190,40 @@ KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *c, kelpie_reques
 
 KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *c)
 {
-    return c ? c->max_message_size : 0;
+    if (!c)
+        return 0;
+    uint64_t size = c->max_message_size;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        if (!k || c->lanes[k]->max_message_size < size)
+            size = c->lanes[k]->max_message_size;
+    return size;
 }
 
 KELPIE_EXPORT size_t kelpie_client_outstanding(const kelpie_client *c)
 {
-    return c ? c->count : 0;
+    if (!c)
+        return 0;
+    size_t n = c->count;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        n += c->lanes[k]->count;
+    return n;
+}
+
+KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *c)
+{
+    return c ? (c->n_lanes ? c->n_lanes : 1) : 0;
+}
+
+KELPIE_EXPORT bool kelpie_client_broker_up(const kelpie_client *c, size_t i)
+{
+    if (!c || i >= kelpie_client_brokers(c))
+        return false;
+    return !(c->n_lanes ? c->lanes[i]->down : c->down);
+}
+
+KELPIE_EXPORT uint64_t kelpie_client_moved(const kelpie_client *c)
+{
+    return c ? c->moved : 0;
 }
 
 KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply)
@@ -864,6 +1250,14 @@ KELPIE_EXPORT kelpie_status kelpie_client_submit_send(kelpie_client *c,
     if (!c || !opts || !opts->queue || !*opts->queue || (len && !payload) || opts->priority > 9 ||
         (opts->idempotency_key && strlen(opts->idempotency_key) > CLIENT_MAX_KEY))
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        /* A keyed SUBMIT makes one job however many brokers it reaches. */
+        kelpie_client *l = client_pick(c, NULL);
+        l->retain = opts->idempotency_key && *opts->idempotency_key;
+        kelpie_status rc = kelpie_client_submit_send(l, opts, payload, len, request_id);
+        l->retain = false;
+        return rc;
+    }
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__SUBMIT;
     h.service = (char *)opts->queue;
@@ -904,6 +1298,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_watch(kelpie_client *c, const char *jo
 {
     if (!c || !job_id || !*job_id || strlen(job_id) >= KELPIE_JOB_ID_SIZE)
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes)
+        return kelpie_client_watch(client_pick(c, NULL), job_id, events, request_id);
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__WATCH;
     h.job_id = (char *)job_id;
@@ -963,40 +1359,61 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint)
     return c;
 }
 
-KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
-                                               kelpie_client **out, char *why, size_t why_len)
+static void *client_socket(void *ctx)
 {
-    char scratch[8];
-    if (!why) {
-        why = scratch;
-        why_len = sizeof scratch;
+    void *sock = zmq_socket(ctx, ZMQ_DEALER);
+    if (!sock)
+        return NULL;
+    int linger = 0, hwm = CLIENT_HWM;
+    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    zmq_setsockopt(sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    return sock;
+}
+
+/* A lane whose broker was lost starts on a new socket: what the old one
+ * still queued (calls already moved or failed, pings) must not reach the
+ * broker when it comes back and run there a second time. Out of resources,
+ * the old socket stays. */
+static void client_renew(kelpie_client *c)
+{
+    void *sock = client_socket(c->ctx);
+    if (!sock)
+        return;
+    if ((c->curve && kpc_curve_apply(sock, &c->keys) != KELPIE_OK) ||
+        zmq_connect(sock, c->endpoint) != 0) {
+        zmq_close(sock);
+        return;
     }
-    why[0] = '\0';
-    if (!out)
-        return KELPIE_ERR_INVAL;
-    *out = NULL;
-    if (!endpoint)
-        return KELPIE_ERR_INVAL;
+    zmq_close(c->sock);
+    c->sock = sock;
+}
+
+/* Opens a client of one broker (kelpie_client_open's work for each). */
+static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve,
+                                     kelpie_client **out, char *why, size_t why_len)
+{
     kpc_keys keys;
-    kelpie_status rc = curve ? kpc_curve_load(curve, &keys, why, why_len) : KELPIE_OK;
-    if (rc != KELPIE_OK)
-        return rc;
-    rc = KELPIE_ERR_NOMEM;
+    if (curve)
+        keys = *curve;
+    kelpie_status rc = KELPIE_ERR_NOMEM;
     kelpie_client *c = calloc(1, sizeof *c);
     if (!c)
         return rc;
+    c->ids = &c->next_id;
     c->slots = calloc(64, sizeof *c->slots);
     c->mask = 63;
     c->ctx = zmq_ctx_new();
     if (!c->slots || !c->ctx)
         goto fail;
-    c->sock = zmq_socket(c->ctx, ZMQ_DEALER);
+    c->endpoint = kpc_strndup(endpoint, strlen(endpoint));
+    if (!c->endpoint)
+        goto fail;
+    c->sock = client_socket(c->ctx);
     if (!c->sock)
         goto fail;
-    int linger = 0, hwm = CLIENT_HWM;
-    zmq_setsockopt(c->sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(c->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    zmq_setsockopt(c->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
+    c->curve = curve != NULL;
+    c->keys = keys;
     rc = KELPIE_ERR_ZMQ;
     kpc_handshake hs;
     if ((curve && kpc_curve_apply(c->sock, &keys) != KELPIE_OK) ||
@@ -1027,11 +1444,80 @@ fail:
     return rc;
 }
 
+KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
+                                               kelpie_client **out, char *why, size_t why_len)
+{
+    char scratch[8];
+    if (!why) {
+        why = scratch;
+        why_len = sizeof scratch;
+    }
+    why[0] = '\0';
+    if (!out)
+        return KELPIE_ERR_INVAL;
+    *out = NULL;
+    kpc_list list;
+    kelpie_status rc = kpc_list_split(endpoint, true, &list);
+    if (rc != KELPIE_OK) {
+        snprintf(why, why_len, "no broker endpoint (or more than %d) in the list", KPC_MAX_BROKERS);
+        return rc;
+    }
+    kpc_keys keys;
+    if (list.n == 1) {
+        rc = curve ? kpc_curve_load_for(curve, 0, 1, &keys, why, why_len) : KELPIE_OK;
+        if (rc == KELPIE_OK)
+            rc = client_open_one(list.items[0], curve ? &keys : NULL, out, why, why_len);
+        kpc_list_fini(&list);
+        return rc;
+    }
+    kelpie_client *t = calloc(1, sizeof *t);
+    if (t)
+        t->lanes = calloc(list.n, sizeof *t->lanes);
+    if (!t || !t->lanes) {
+        free(t);
+        kpc_list_fini(&list);
+        return KELPIE_ERR_NOMEM;
+    }
+    t->ids = &t->next_id;
+    t->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
+    t->heartbeat_ms = 1000;
+    t->liveness = 3;
+    for (size_t i = 0; i < list.n; i++) {
+        char sub[256] = "";
+        rc = curve ? kpc_curve_load_for(curve, i, list.n, &keys, sub, sizeof sub) : KELPIE_OK;
+        if (rc == KELPIE_OK)
+            rc =
+                client_open_one(list.items[i], curve ? &keys : NULL, &t->lanes[i], sub, sizeof sub);
+        if (rc != KELPIE_OK) {
+            snprintf(why, why_len, "%.200s: %s", list.items[i], sub);
+            kelpie_client_destroy(&t);
+            kpc_list_fini(&list);
+            return rc;
+        }
+        t->n_lanes++;
+        t->lanes[i]->top = t;
+        t->lanes[i]->ids = &t->next_id;
+    }
+    kpc_list_fini(&list);
+    *out = t;
+    return KELPIE_OK;
+}
+
 KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
 {
     if (!client || !*client)
         return;
     kelpie_client *c = *client;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        kelpie_client_destroy(&c->lanes[k]);
+    free(c->lanes);
+    while (c->moving) {
+        client_req *req = c->moving;
+        c->moving = req->next;
+        client_req_free(req);
+    }
+    for (size_t i = 0; c->slots && i <= c->mask; i++)
+        client_req_free(c->slots[i].req);
     kelpie_reply r;
     while (client_pop(c, &r))
         kelpie_reply_fini(&r);
@@ -1048,6 +1534,7 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
     if (c->ctx)
         zmq_ctx_term(c->ctx);
     free(c->slots);
+    free(c->endpoint);
     free(c);
     *client = NULL;
 }
@@ -1059,6 +1546,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *c, uint32
 {
     if (!c || (heartbeat_ms && liveness == 0))
         return KELPIE_ERR_INVAL;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        kelpie_client_set_heartbeat(c->lanes[k], heartbeat_ms, liveness);
     c->heartbeat_ms = heartbeat_ms;
     c->liveness = liveness;
     c->last_recv = c->last_look = kpc_now_ms();
@@ -1067,7 +1556,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *c, uint32
 
 KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *c)
 {
-    return c ? c->restarts : 0;
+    if (!c)
+        return 0;
+    uint32_t n = c->restarts;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        n += c->lanes[k]->restarts;
+    return n;
 }
 
 KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const char *key,
@@ -1091,6 +1585,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_compression(kelpie_client *c, bool
 {
     if (!c)
         return KELPIE_ERR_INVAL;
+    for (uint32_t k = 0; k < c->n_lanes; k++)
+        kelpie_client_set_compression(c->lanes[k], enable, threshold);
     c->zip = enable;
     c->zthreshold = threshold;
     return KELPIE_OK;
@@ -1159,6 +1655,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_write(kelpie_client *c, kelpie_request
 {
     if (!c || request_id.id == 0 || (len && !payload))
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        size_t i;
+        kelpie_client *l = client_locate(c, request_id.id, &i);
+        return l ? kelpie_client_write(l, request_id, payload, len, wait_ms) : KELPIE_NOT_FOUND;
+    }
     int64_t end = wait_ms < 0 ? -1 : kpc_now_ms() + wait_ms;
     for (;;) {
         if (client_find(c, request_id.id) == SIZE_MAX)
@@ -1209,6 +1710,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_done_writing(kelpie_client *c,
 {
     if (!c || request_id.id == 0)
         return KELPIE_ERR_INVAL;
+    if (c->n_lanes) {
+        size_t i;
+        kelpie_client *l = client_locate(c, request_id.id, &i);
+        return l ? kelpie_client_done_writing(l, request_id) : KELPIE_NOT_FOUND;
+    }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
     client_input *in = client_input_find(c, request_id.id);

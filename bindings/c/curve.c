@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <zmq.h>
 
+#include "brokers.h"
 #include "clock.h"
 
 #define CURVE_MECHANISM_MISMATCH 0x11000002u
@@ -81,6 +82,28 @@ kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *wh
         return KELPIE_OK;
     }
     return curve_read(s, keys->server_key, why, why_len);
+}
+
+kelpie_status kpc_curve_load_for(const kelpie_curve *curve, size_t index, size_t n, kpc_keys *keys,
+                                 char *why, size_t why_len)
+{
+    if (!curve || !curve->server_key || !strchr(curve->server_key, ','))
+        return kpc_curve_load(curve, keys, why, why_len);
+    kpc_list list;
+    kelpie_status rc = kpc_list_split(curve->server_key, false, &list);
+    if (rc != KELPIE_OK || (list.n != 1 && list.n != n)) {
+        snprintf(why, why_len,
+                 "server_key names %zu keys for %zu brokers: give one key for all, or one per "
+                 "endpoint in the same order",
+                 rc == KELPIE_OK ? list.n : 0, n);
+        kpc_list_fini(&list);
+        return KELPIE_ERR_INVAL;
+    }
+    kelpie_curve one = {.key_file = curve->key_file,
+                        .server_key = list.items[list.n == 1 ? 0 : index]};
+    rc = kpc_curve_load(&one, keys, why, why_len);
+    kpc_list_fini(&list);
+    return rc;
 }
 
 kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys)

@@ -30,6 +30,13 @@ typedef struct kpc_keys {
  * file or one that holds no key. */
 kelpie_status kpc_curve_load(const kelpie_curve *curve, kpc_keys *keys, char *why, size_t why_len);
 
+/* The keys for broker index of n (an endpoint list): curve->server_key may
+ * be a comma-separated list, one key (file or z85) per endpoint in the same
+ * order, or one key for all. KELPIE_ERR_INVAL with why when the count fits
+ * neither, or as kpc_curve_load. */
+kelpie_status kpc_curve_load_for(const kelpie_curve *curve, size_t index, size_t n, kpc_keys *keys,
+                                 char *why, size_t why_len);
+
 /* Makes sock a CURVE client with keys. */
 kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys);
 

@@ -44,6 +44,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "brokers.h"
 #include "clock.h"
 #include "compress.h"
 #include "curve.h"
@@ -60,6 +61,9 @@
 #define WORKER_DEFAULT_WINDOW 16
 /* OUTPUT stream names at most (protocol.md §11.3). */
 #define WORKER_MAX_STREAM_NAME 32
+/* The worker's own report (HEARTBEAT.worker_stats) goes at most this often,
+ * as the Python worker's (kelpie/_stalls.py STATS_EVERY). */
+#define WORKER_STATS_EVERY_MS 1000
 
 typedef struct worker_queue {
     char *queue;               /* the job queue */
@@ -184,7 +188,36 @@ struct kelpie_worker {
     bool zip;                  /* compress answers (kelpie_worker_set_compression) */
     size_t zthreshold;         /* ... of at least this many bytes */
     char error[512];           /* kelpie_worker_error() */
+    int64_t last_stats;        /* when HEARTBEAT.worker_stats last went */
+    /* Several brokers (an endpoint list): the worker the application sees
+     * holds one lane per broker, each a kelpie_worker of its own with one
+     * socket and its share of the capacity as its READY credits; handlers
+     * run on the one thread in kelpie_worker_run, whichever lane their call
+     * came on. */
+    kelpie_worker *top;    /* a lane: the worker it belongs to; NULL otherwise */
+    kelpie_worker **lanes; /* the top of several brokers: its lanes, n_lanes of them */
+    uint32_t n_lanes;      /* 0: one broker, served by this struct itself */
+    bool welcomed;         /* a lane: its broker answered on this connection */
 };
+
+/* The worker the application holds (a lane's top, or w itself). */
+static kelpie_worker *worker_top(kelpie_worker *w)
+{
+    return w->top ? w->top : w;
+}
+
+static bool worker_stopping(kelpie_worker *w)
+{
+    return atomic_load(&worker_top(w)->stopping) != 0;
+}
+
+/* The registrations of w: its lanes, or w alone. */
+static kelpie_worker **worker_links(kelpie_worker **self, uint32_t *n)
+{
+    kelpie_worker *w = *self;
+    *n = w->n_lanes ? w->n_lanes : 1;
+    return w->n_lanes ? w->lanes : self;
+}
 
 /* --- sending ------------------------------------------------------------- */
 
@@ -270,6 +303,56 @@ done:
     free(methods);
     free(services);
     free(queues);
+}
+
+/* A number from a /proc/self file's "Key: N" line (0 when absent). */
+static uint64_t worker_proc_number(const char *path, const char *key, int field)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 0;
+    char line[256];
+    unsigned long long v = 0;
+    size_t klen = key ? strlen(key) : 0;
+    while (fgets(line, sizeof line, f)) {
+        if (key && strncmp(line, key, klen) != 0)
+            continue;
+        const char *p = line + klen;
+        for (int i = 0; i < field && p; i++) {
+            p = strchr(p, ' ');
+            if (p)
+                p++;
+        }
+        if (p)
+            v = strtoull(p, NULL, 10);
+        break;
+    }
+    fclose(f);
+    return v;
+}
+
+/* HEARTBEAT with the worker's own figures (protocol.md §10), as the Python
+ * worker sends them: host, pid, resident memory, busy (calls and jobs held
+ * on this registration), threads. A C worker declares no stalls and has no
+ * supervisor counting its restarts: both are 0. */
+static void worker_send_stats(kelpie_worker *w)
+{
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    long page = sysconf(_SC_PAGESIZE);
+    Kelpie__V1__WorkerStats ws = KELPIE__V1__WORKER_STATS__INIT;
+    ws.host = host;
+    ws.pid = (uint32_t)getpid();
+    ws.rss_bytes =
+        worker_proc_number("/proc/self/statm", NULL, 1) * (uint64_t)(page > 0 ? page : 0);
+    ws.busy = w->in_flight;
+    ws.threads = (uint32_t)worker_proc_number("/proc/self/status", "Threads:", 0);
+    Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
+    hdr.kind = KELPIE__V1__KIND__HEARTBEAT;
+    hdr.heartbeat_ms = w->heartbeat_ms;
+    hdr.worker_stats = &ws;
+    if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK)
+        w->last_stats = w->now;
 }
 
 static void worker_send_simple(kelpie_worker *w, Kelpie__V1__Kind kind)
@@ -583,8 +666,10 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             w->resend_on_welcome = true;
             w->drain_sent = w->drained = false; /* the new broker must be told again */
         }
-        if (h->broker_id)
+        if (h->broker_id) {
             w->broker_id = h->broker_id;
+            w->welcomed = true;
+        }
         if (h->broker_id && w->resend_on_welcome) {
             w->resend_on_welcome = false;
             worker_resend(w, true);
@@ -596,7 +681,7 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         return;
     case KELPIE__V1__KIND__STATUS:
         if (h->flags & KPC_FLAG_DRAINING)
-            atomic_store(&w->drain, 1); /* the broker's Drain: do the same (§11.3) */
+            atomic_store(&worker_top(w)->drain, 1); /* the broker's Drain: do the same (§11.3) */
         if ((h->flags & KPC_FLAG_DRAINED) && w->drain_sent)
             w->drained = true;
         return;
@@ -633,9 +718,12 @@ static void worker_close(kelpie_worker *w)
     for (kelpie_call *c = w->held; c; c = c->next)
         worker_mark_cancelled(w, c);
     w->epoch++;
+    w->welcomed = false;
 }
 
-static kelpie_status worker_connect(kelpie_worker *w)
+/* Connects and sends READY, waiting up to wait_ms for a refused handshake
+ * to show (0: not at all). */
+static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 {
     w->sock = zmq_socket(w->ctx, ZMQ_DEALER);
     if (!w->sock)
@@ -657,8 +745,8 @@ static kelpie_status worker_connect(kelpie_worker *w)
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
-    if (kpc_handshake_wait(&hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "worker", w->endpoint,
-                           w->curve ? &w->keys : NULL, w->error, sizeof w->error) != KELPIE_OK) {
+    if (kpc_handshake_wait(&hs, wait_ms, "worker", w->endpoint, w->curve ? &w->keys : NULL,
+                           w->error, sizeof w->error) != KELPIE_OK) {
         zmq_close(w->sock);
         w->sock = NULL;
         w->refused = KELPIE_UNAUTHENTICATED;
@@ -666,6 +754,7 @@ static kelpie_status worker_connect(kelpie_worker *w)
     }
     w->now = w->last_heard = kpc_now_ms();
     worker_send_ready(w);
+    worker_send_stats(w);
     w->resend_on_welcome = w->unacked != NULL;
     /* A new registration takes work again until told otherwise. */
     w->drain_sent = w->drained = false;
@@ -677,12 +766,24 @@ static void worker_timers(kelpie_worker *w, int64_t now)
 {
     if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
         worker_close(w);
-        worker_connect(w);
+        /* A lane's broker is lost: its share goes to the others
+         * (worker_balance), and it is offered nothing until it welcomes us
+         * again. */
+        if (w->top)
+            w->capacity = 0;
+        /* A lane does not wait for the handshake here: a broker behind a
+         * cut link would hold the other brokers' heartbeats for the whole
+         * wait. A key refused now shows as a broker that stays down. */
+        worker_connect(w, w->top ? 0 : KELPIE_HANDSHAKE_TIMEOUT_MS);
         now = kpc_now_ms();
     }
     if (w->sock && w->unacked)
         worker_resend(w, false);
-    if (w->sock && now - w->last_sent >= (int64_t)w->heartbeat_ms)
+    uint32_t every =
+        w->heartbeat_ms > WORKER_STATS_EVERY_MS ? w->heartbeat_ms : WORKER_STATS_EVERY_MS;
+    if (w->sock && now - w->last_stats >= (int64_t)every)
+        worker_send_stats(w);
+    else if (w->sock && now - w->last_sent >= (int64_t)w->heartbeat_ms)
         worker_send_simple(w, KELPIE__V1__KIND__HEARTBEAT);
 }
 
@@ -690,6 +791,10 @@ static void worker_timers(kelpie_worker *w, int64_t now)
 static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_tick)
 {
     int64_t due = w->last_sent + w->heartbeat_ms;
+    uint32_t every =
+        w->heartbeat_ms > WORKER_STATS_EVERY_MS ? w->heartbeat_ms : WORKER_STATS_EVERY_MS;
+    if (w->last_stats + every < due)
+        due = w->last_stats + every;
     int64_t dead = w->last_heard + (int64_t)w->heartbeat_ms * w->liveness;
     if (dead < due)
         due = dead;
@@ -701,25 +806,185 @@ static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_ti
     return due > now ? (long)(due - now) : 0;
 }
 
-/* Waits for the socket or the stop pipe, at most wait_ms. */
+/* Waits for any registration's socket or the stop pipe, at most wait_ms. */
 static void worker_poll(kelpie_worker *w, long wait_ms)
 {
-    zmq_pollitem_t items[2] = {{NULL, w->wake[0], ZMQ_POLLIN, 0}, {w->sock, 0, ZMQ_POLLIN, 0}};
-    zmq_poll(items, w->sock ? 2 : 1, wait_ms);
+    kelpie_worker *t = worker_top(w);
+    uint32_t n;
+    kelpie_worker **links = worker_links(&t, &n);
+    zmq_pollitem_t items[1 + KPC_MAX_BROKERS];
+    int k = 0;
+    items[k++] = (zmq_pollitem_t){NULL, t->wake[0], ZMQ_POLLIN, 0};
+    for (uint32_t i = 0; i < n; i++)
+        if (links[i]->sock)
+            items[k++] = (zmq_pollitem_t){links[i]->sock, 0, ZMQ_POLLIN, 0};
+    zmq_poll(items, k, wait_ms);
 }
 
-/* A handler's look at the socket (kelpie_call_cancelled, send_chunk). */
+/* Milliseconds until the first timer of any registration is due. */
+static long worker_next_timeout_all(kelpie_worker *t, int64_t now, int with_tick)
+{
+    uint32_t n;
+    kelpie_worker **links = worker_links(&t, &n);
+    long next = worker_next_timeout(links[0], now, 0);
+    for (uint32_t i = 1; i < n; i++) {
+        long l = worker_next_timeout(links[i], now, 0);
+        if (l < next)
+            next = l;
+    }
+    if (with_tick && t->tick_ms) {
+        long tick = t->next_tick > now ? (long)(t->next_tick - now) : 0;
+        if (tick < next)
+            next = tick;
+    }
+    return next;
+}
+
+/* A handler's look at the sockets (kelpie_call_cancelled, send_chunk): every
+ * registration is read and kept alive, not only the call's, so a long
+ * handler does not let another broker think the worker dead. */
 static void worker_pump(kelpie_worker *w, long wait_ms)
 {
-    w->pumping++;
+    kelpie_worker *t = worker_top(w);
+    uint32_t n;
+    kelpie_worker **links = worker_links(&t, &n);
+    for (uint32_t i = 0; i < n; i++)
+        links[i]->pumping++;
     if (wait_ms > 0) {
-        long next = worker_next_timeout(w, kpc_now_ms(), 0);
+        long next = worker_next_timeout_all(t, kpc_now_ms(), 0);
         worker_poll(w, next < wait_ms ? next : wait_ms);
     }
-    w->now = kpc_now_ms();
-    worker_read(w);
-    worker_timers(w, w->now);
-    w->pumping--;
+    int64_t now = kpc_now_ms();
+    for (uint32_t i = 0; i < n; i++) {
+        links[i]->now = now;
+        worker_read(links[i]);
+        worker_timers(links[i], links[i]->now);
+    }
+    for (uint32_t i = 0; i < n; i++)
+        links[i]->pumping--;
+}
+
+/* Steps 1 to 2b of the run loop for one registration: the REQUESTs parked
+ * while a handler pumped, the deferred cancel callbacks, STATUS DRAINING
+ * when asked to drain. True once it has drained: the broker said nothing
+ * more is coming, nothing is held and every RESULT is ACKed. */
+static bool worker_service(kelpie_worker *w)
+{
+    while (w->parked && !worker_stopping(w)) {
+        kelpie_call *call = w->parked;
+        w->parked = call->next;
+        if (!w->parked)
+            w->parked_tail = NULL;
+        if (call->epoch != w->epoch) {
+            call_free(call); /* from a connection we gave up */
+            continue;
+        }
+        worker_dispatch(w, call, call->payload, call->len);
+    }
+    worker_flush_cancels(w);
+    if (atomic_load(&worker_top(w)->drain) && !w->drain_sent && w->sock) {
+        Kelpie__V1__Header st = KELPIE__V1__HEADER__INIT;
+        st.kind = KELPIE__V1__KIND__STATUS;
+        st.flags = KPC_FLAG_DRAINING;
+        w->drain_sent = worker_send(w, &st, NULL, 0) == KELPIE_OK;
+    }
+    return w->drained && w->in_flight == 0 && w->n_unacked == 0 && !w->parked;
+}
+
+/* Several brokers: splits the capacity over the lanes whose broker welcomed
+ * us (kpc_shares) and sends READY to each live lane whose offer changed.
+ * That READY offers the whole new share less its own orphans (as
+ * worker_send_ready always does): the broker counts what it sent on this
+ * registration in its own in_flight. A lost lane's share goes to the others
+ * at once. A lane's share that shrinks (a broker came back) shrinks at once
+ * too, but the calls it holds still run, so a lane that gains is offered
+ * only what the other live lanes leave free (each holds the larger of its
+ * offer and its calls), and more as their calls end: the worker runs no more
+ * than its capacity through a re-split. (With fewer slots than brokers each
+ * gets 1 anyway, as in Python.) */
+static void worker_balance(kelpie_worker *t)
+{
+    bool up[KPC_MAX_BROKERS];
+    uint32_t share[KPC_MAX_BROKERS];
+    for (uint32_t i = 0; i < t->n_lanes; i++)
+        up[i] = t->lanes[i]->sock && t->lanes[i]->welcomed;
+    size_t live = kpc_shares(t->capacity, up, t->n_lanes, share);
+    for (uint32_t i = 0; i < t->n_lanes; i++) {
+        kelpie_worker *l = t->lanes[i];
+        if (share[i] < l->capacity) {
+            l->capacity = share[i];
+            if (up[i])
+                worker_send_ready(l);
+        }
+    }
+    for (uint32_t i = 0; i < t->n_lanes; i++) {
+        kelpie_worker *l = t->lanes[i];
+        if (!up[i] || share[i] <= l->capacity)
+            continue;
+        uint32_t want = share[i];
+        if (live <= t->capacity) {
+            uint64_t used = 0;
+            for (uint32_t j = 0; j < t->n_lanes; j++)
+                if (j != i && up[j])
+                    used += t->lanes[j]->capacity > t->lanes[j]->in_flight ? t->lanes[j]->capacity
+                                                                           : t->lanes[j]->in_flight;
+            uint64_t room = used < t->capacity ? t->capacity - used : 0;
+            if (room < want)
+                want = (uint32_t)room;
+        }
+        if (want > l->capacity) {
+            l->capacity = want;
+            worker_send_ready(l);
+        }
+    }
+}
+
+/* Whether every registration is done draining (a lane that is down counts
+ * once it holds nothing: its broker cannot be told, and re-queues what it
+ * leased). */
+static bool worker_all_drained(kelpie_worker *t, const bool *done)
+{
+    if (!t->n_lanes)
+        return done[0];
+    if (!atomic_load(&t->drain))
+        return false;
+    for (uint32_t i = 0; i < t->n_lanes; i++) {
+        kelpie_worker *l = t->lanes[i];
+        if (!done[i] && !(!l->welcomed && l->in_flight == 0 && !l->parked))
+            return false;
+    }
+    return true;
+}
+
+/* The first refusal of any registration, its reason copied to t. */
+static kelpie_status worker_refusal(kelpie_worker *t)
+{
+    for (uint32_t i = 0; i < t->n_lanes; i++)
+        if (t->lanes[i]->refused != KELPIE_OK) {
+            t->refused = t->lanes[i]->refused;
+            snprintf(t->error, sizeof t->error, "%.200s: %.300s", t->lanes[i]->endpoint,
+                     t->lanes[i]->error);
+            break;
+        }
+    return t->refused;
+}
+
+/* Copies the settings made on the top to a lane before run. */
+static void worker_lane_setup(kelpie_worker *t, kelpie_worker *l)
+{
+    l->handlers = t->handlers;
+    l->queues = t->queues;
+    l->heartbeat_ms = t->heartbeat_ms;
+    l->liveness = t->liveness;
+    l->cancel_fn = t->cancel_fn;
+    l->cancel_arg = t->cancel_arg;
+    l->job_cancel_fn = t->job_cancel_fn;
+    l->job_cancel_arg = t->job_cancel_arg;
+    l->zip = t->zip;
+    l->zthreshold = t->zthreshold;
+    l->capacity = 0; /* until its broker welcomes us (worker_balance) */
+    l->refused = KELPIE_OK;
+    l->error[0] = '\0';
 }
 
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
@@ -730,60 +995,64 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
         return KELPIE_OK;
     w->refused = KELPIE_OK;
     w->error[0] = '\0';
-    kelpie_status rc = worker_connect(w);
-    if (rc != KELPIE_OK)
-        return rc;
+    uint32_t n;
+    kelpie_worker **links = worker_links(&w, &n);
+    for (uint32_t i = 0; i < w->n_lanes; i++)
+        worker_lane_setup(w, w->lanes[i]);
+    for (uint32_t i = 0; i < n; i++) {
+        kelpie_status rc = worker_connect(links[i], KELPIE_HANDSHAKE_TIMEOUT_MS);
+        if (rc != KELPIE_OK) {
+            if (links[i] != w)
+                snprintf(w->error, sizeof w->error, "%.200s: %.300s", links[i]->endpoint,
+                         links[i]->error);
+            for (uint32_t k = 0; k < i; k++)
+                worker_close(links[k]);
+            return rc;
+        }
+    }
     w->next_tick = kpc_now_ms() + w->tick_ms;
-    while (!atomic_load(&w->stopping) && w->refused == KELPIE_OK) {
-        /* 1. requests parked while a handler pumped the socket */
-        while (w->parked && !atomic_load(&w->stopping)) {
-            kelpie_call *call = w->parked;
-            w->parked = call->next;
-            if (!w->parked)
-                w->parked_tail = NULL;
-            if (call->epoch != w->epoch) {
-                call_free(call); /* from a connection we gave up */
-                continue;
-            }
-            worker_dispatch(w, call, call->payload, call->len);
-        }
-        /* 2. cancel callbacks deferred during handlers */
-        worker_flush_cancels(w);
-        /* 2b. draining: ask for nothing more; leave once the broker has said
-         * nothing more is coming, everything held is answered and every
-         * RESULT is ACKed. */
-        if (atomic_load(&w->drain) && !w->drain_sent && w->sock) {
-            Kelpie__V1__Header st = KELPIE__V1__HEADER__INIT;
-            st.kind = KELPIE__V1__KIND__STATUS;
-            st.flags = KPC_FLAG_DRAINING;
-            w->drain_sent = worker_send(w, &st, NULL, 0) == KELPIE_OK;
-        }
-        if (w->drained && w->in_flight == 0 && w->n_unacked == 0 && !w->parked)
+    while (!atomic_load(&w->stopping) && worker_refusal(w) == KELPIE_OK) {
+        bool done[KPC_MAX_BROKERS];
+        for (uint32_t i = 0; i < n; i++)
+            done[i] = worker_service(links[i]);
+        if (worker_all_drained(w, done))
             break;
-        /* 3. timers: tick, heartbeat, liveness */
+        /* 3. timers: tick, heartbeat, liveness, the split */
         int64_t now = w->now = kpc_now_ms();
         if (w->tick_ms && now >= w->next_tick) {
             w->next_tick = now + w->tick_ms;
             w->tick_fn(w, w->tick_arg);
-            worker_flush_cancels(w);
+            for (uint32_t i = 0; i < n; i++)
+                worker_flush_cancels(links[i]);
             now = w->now = kpc_now_ms();
         }
-        worker_timers(w, now);
+        for (uint32_t i = 0; i < n; i++) {
+            links[i]->now = now;
+            worker_timers(links[i], now);
+        }
+        if (w->n_lanes)
+            worker_balance(w);
         /* 4. wait, then handle what arrived (one clock read per batch) */
-        worker_poll(w, worker_next_timeout(w, now, 1));
-        w->now = kpc_now_ms();
-        worker_read(w);
+        worker_poll(w, worker_next_timeout_all(w, now, 1));
+        now = kpc_now_ms();
+        for (uint32_t i = 0; i < n; i++) {
+            links[i]->now = now;
+            worker_read(links[i]);
+        }
     }
-    if (w->sock) {
-        worker_send_simple(w, KELPIE__V1__KIND__DISCONNECT);
-        /* Give DISCONNECT a moment to leave; a dead broker cannot hold us longer. */
-        int linger = WORKER_DISCONNECT_LINGER_MS;
-        zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
+    for (uint32_t i = 0; i < n; i++) {
+        kelpie_worker *l = links[i];
+        if (l->sock) {
+            worker_send_simple(l, KELPIE__V1__KIND__DISCONNECT);
+            /* Give DISCONNECT a moment to leave; a dead broker cannot hold us longer. */
+            int linger = WORKER_DISCONNECT_LINGER_MS;
+            zmq_setsockopt(l->sock, ZMQ_LINGER, &linger, sizeof linger);
+        }
+        worker_close(l);
+        l->pending_notify = false;
+        for (kelpie_call *c = l->held; c; c = c->next)
+            c->notify = false;
     }
-    worker_close(w);
-    w->pending_notify = false;
-    for (kelpie_call *c = w->held; c; c = c->next)
-        c->notify = false;
     char drain[64];
     while (read(w->wake[0], drain, sizeof drain) > 0)
         ;
@@ -795,9 +1064,20 @@ KELPIE_EXPORT kelpie_status kelpie_worker_set_curve(kelpie_worker *w, const kelp
     if (!w || !curve)
         return KELPIE_ERR_INVAL;
     w->error[0] = '\0';
-    kelpie_status rc = kpc_curve_load(curve, &w->keys, w->error, sizeof w->error);
-    w->curve = rc == KELPIE_OK;
-    return rc;
+    if (!w->n_lanes) {
+        kelpie_status rc = kpc_curve_load(curve, &w->keys, w->error, sizeof w->error);
+        w->curve = rc == KELPIE_OK;
+        return rc;
+    }
+    for (uint32_t i = 0; i < w->n_lanes; i++) {
+        kelpie_worker *l = w->lanes[i];
+        kelpie_status rc =
+            kpc_curve_load_for(curve, i, w->n_lanes, &l->keys, w->error, sizeof w->error);
+        l->curve = rc == KELPIE_OK;
+        if (rc != KELPIE_OK)
+            return rc;
+    }
+    return KELPIE_OK;
 }
 
 KELPIE_EXPORT const char *kelpie_worker_error(const kelpie_worker *w)
@@ -930,7 +1210,7 @@ KELPIE_EXPORT kelpie_status kelpie_call_send_chunk(kelpie_call *call, const void
     else if (call->deadline)
         end = call->deadline;
     while (call->window == 0 && !call->cancelled) {
-        if (atomic_load(&w->stopping))
+        if (worker_stopping(w))
             return KELPIE_ERR_STOPPED;
         int64_t now = kpc_now_ms();
         if (end >= 0 && now >= end)
@@ -979,7 +1259,7 @@ KELPIE_EXPORT uint32_t kelpie_call_window(const kelpie_call *call)
 
 KELPIE_EXPORT kelpie_worker *kelpie_call_worker(const kelpie_call *call)
 {
-    return call ? call->worker : NULL;
+    return call ? worker_top(call->worker) : NULL;
 }
 
 KELPIE_EXPORT const char *kelpie_call_service(const kelpie_call *call)
@@ -1186,7 +1466,7 @@ KELPIE_EXPORT int32_t kelpie_job_priority(const kelpie_job *job)
 
 KELPIE_EXPORT kelpie_worker *kelpie_job_worker(const kelpie_job *job)
 {
-    return job ? job->call.worker : NULL;
+    return job ? worker_top(job->call.worker) : NULL;
 }
 
 KELPIE_EXPORT uint32_t kelpie_job_remaining_ms(const kelpie_job *job)
@@ -1196,7 +1476,12 @@ KELPIE_EXPORT uint32_t kelpie_job_remaining_ms(const kelpie_job *job)
 
 KELPIE_EXPORT uint32_t kelpie_worker_unacked(const kelpie_worker *w)
 {
-    return w ? w->n_unacked : 0;
+    if (!w)
+        return 0;
+    uint32_t n = w->n_unacked;
+    for (uint32_t i = 0; i < w->n_lanes; i++)
+        n += w->lanes[i]->n_unacked;
+    return n;
 }
 
 KELPIE_EXPORT kelpie_status kelpie_worker_handle_jobs(kelpie_worker *w, const char *queue,
@@ -1235,9 +1520,14 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
 {
     if (!endpoint || capacity == 0)
         return NULL;
-    kelpie_worker *w = calloc(1, sizeof *w);
-    if (!w)
+    kpc_list list;
+    if (kpc_list_split(endpoint, true, &list) != KELPIE_OK)
         return NULL;
+    kelpie_worker *w = calloc(1, sizeof *w);
+    if (!w) {
+        kpc_list_fini(&list);
+        return NULL;
+    }
     w->wake[0] = w->wake[1] = -1;
     atomic_init(&w->stopping, 0);
     atomic_init(&w->drain, 0);
@@ -1261,8 +1551,30 @@ KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char 
         fcntl(w->wake[i], F_SETFL, fcntl(w->wake[i], F_GETFL) | O_NONBLOCK);
         fcntl(w->wake[i], F_SETFD, FD_CLOEXEC);
     }
+    if (list.n > 1 && !(w->lanes = calloc(list.n, sizeof *w->lanes)))
+        goto fail;
+    for (size_t i = 0; list.n > 1 && i < list.n; i++) {
+        kelpie_worker *l = calloc(1, sizeof *l);
+        if (!l)
+            goto fail;
+        w->lanes[w->n_lanes++] = l;
+        l->top = w;
+        l->ctx = w->ctx; /* shared: the top terminates it */
+        l->wake[0] = l->wake[1] = -1;
+        atomic_init(&l->stopping, 0);
+        atomic_init(&l->drain, 0);
+        l->heartbeat_ms = w->heartbeat_ms;
+        l->liveness = w->liveness;
+        l->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
+        l->endpoint = list.items[i];
+        list.items[i] = NULL;
+        if (!(l->name = kpc_strndup(w->name, strlen(w->name))))
+            goto fail;
+    }
+    kpc_list_fini(&list);
     return w;
 fail:
+    kpc_list_fini(&list);
     kelpie_worker_destroy(&w);
     return NULL;
 }
@@ -1272,6 +1584,14 @@ KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker)
     if (!worker || !*worker)
         return;
     kelpie_worker *w = *worker;
+    for (uint32_t i = 0; i < w->n_lanes; i++) {
+        /* Registrations, keys and the context are the top's. */
+        w->lanes[i]->handlers = NULL;
+        w->lanes[i]->queues = NULL;
+        w->lanes[i]->ctx = NULL;
+        kelpie_worker_destroy(&w->lanes[i]);
+    }
+    free(w->lanes);
     if (w->sock)
         zmq_close(w->sock);
     while (w->held)
@@ -1370,7 +1690,24 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *w, kelpie_can
 
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 {
-    return w ? w->in_flight : 0;
+    if (!w)
+        return 0;
+    uint32_t n = w->in_flight;
+    for (uint32_t i = 0; i < w->n_lanes; i++)
+        n += w->lanes[i]->in_flight;
+    return n;
+}
+
+KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *w)
+{
+    return w ? (w->n_lanes ? w->n_lanes : 1) : 0;
+}
+
+KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)
+{
+    if (!w || i >= kelpie_worker_brokers(w))
+        return 0;
+    return w->n_lanes ? w->lanes[i]->capacity : w->capacity;
 }
 
 /* --- trailing metadata and client-streamed input ------------------------- */
@@ -1532,7 +1869,7 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             return KELPIE_OUT_OF_RANGE;
         if (call->cancelled)
             return KELPIE_CANCELLED;
-        if (atomic_load(&w->stopping))
+        if (worker_stopping(w))
             return KELPIE_ERR_STOPPED;
         int64_t now = kpc_now_ms();
         if (end >= 0 && now >= end) {

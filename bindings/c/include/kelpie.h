@@ -198,12 +198,13 @@ KELPIE_EXPORT void kelpie_reply_fini(kelpie_reply *reply);
 KELPIE_EXPORT const void *kelpie_reply_metadata(const kelpie_reply *reply, const char *key,
                                                 size_t *len);
 
-/* Connects a client to a broker frontend ("tcp://127.0.0.1:5555"). The
- * connection is made in the background and re-made after a loss. Returns NULL
- * on a malformed endpoint or out of memory. */
+/* Connects a client to a broker frontend ("tcp://127.0.0.1:5555"), or to
+ * several brokers ("tcp://a:5555,tcp://b:5555", see "Several brokers"
+ * below). The connection is made in the background and re-made after a loss.
+ * Returns NULL on a malformed endpoint or out of memory. */
 KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint);
 
-/* Connects a client to a broker frontend, with CURVE when curve is not NULL,
+/* Connects a client to a broker frontend (or several), with CURVE when curve is not NULL,
  * and waits (up to KELPIE_HANDSHAKE_TIMEOUT_MS) for the handshake's outcome.
  * Returns KELPIE_OK and *out; KELPIE_UNAUTHENTICATED when the broker refused
  * us, with the reason in why ("server rejected our key ... (not in the client
@@ -296,6 +297,43 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *client,
 
 /* Broker restarts this client has seen (a HEARTBEAT with a new broker_id). */
 KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client);
+
+/* Several brokers (docs/scale-out.md, "Clients and workers with several
+ * brokers"). Wherever an endpoint goes (kelpie_client_new, _open,
+ * kelpie_worker_new) a comma-separated list may go instead, the same syntax
+ * as the Python package's: "tcp://a:5555, tcp://b:5555" (blanks around
+ * items are ignored, repeats dropped, at most 16). The client keeps one
+ * connection per broker, each with the liveness above, and:
+ *  - spreads calls, submits and watches round-robin over the brokers that
+ *    are up (none up: over all, and the call waits as with one broker);
+ *  - marks a broker down when it answered nothing for liveness heartbeats
+ *    while calls waited there, or sent DISCONNECT; the calls waiting there
+ *    end at once, except a unary call sent with KELPIE_IDEMPOTENT and a
+ *    SUBMIT with an idempotency key, which are sent once more, to another
+ *    broker that is up, within their own deadline, and answer under their
+ *    first request id. Anything else (and a call whose second broker is
+ *    lost too, or that finds no other broker up) ends UNAVAILABLE: it may or
+ *    may not have run. Streams and watches are never re-sent;
+ *  - pings a broker that is down every heartbeat while the application is
+ *    inside the client, and uses it again as soon as it answers.
+ * The client has no thread: all this happens inside kelpie_client_call,
+ * _recv, _submit, _wait (a client idle elsewhere learns of a lost broker
+ * from the calls it sends there next).
+ *
+ * CURVE with several brokers: kelpie_curve.server_key may be one key (file
+ * or z85) for all of them, or a comma-separated list of keys, one per
+ * endpoint in the same order ("a.pub,b.pub"); any other count is
+ * KELPIE_ERR_INVAL. A broker that refuses the handshake fails the whole
+ * kelpie_client_open (why names its endpoint). */
+
+/* How many brokers the client was given (1 for a single endpoint). */
+KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *client);
+
+/* Whether broker i (in the order given) is up: not marked down. */
+KELPIE_EXPORT bool kelpie_client_broker_up(const kelpie_client *client, size_t i);
+
+/* Calls and submits sent again to another broker after theirs was lost. */
+KELPIE_EXPORT uint64_t kelpie_client_moved(const kelpie_client *client);
 
 /* zstd compression (docs/protocol.md §5.7). Answers are always read
  * compressed (every REQUEST says ACCEPTS_COMPRESSED). With enable, requests
@@ -426,7 +464,28 @@ typedef void (*kelpie_cancel_fn)(kelpie_call *call, void *arg);
 /* Makes a worker for the backend at endpoint. name is for logs (NULL:
  * "host:pid"); capacity is how many calls it runs at once (its credits, >= 1).
  * Nothing is connected until kelpie_worker_run. NULL on bad arguments or out
- * of memory. */
+ * of memory.
+ *
+ * endpoint may be a comma-separated list of backends (the syntax of
+ * kelpie_client_new's): the worker then registers with every broker, one
+ * connection each with its own heartbeats, and serves calls and jobs from
+ * any of them on the one thread in kelpie_worker_run (kelpie_call_worker
+ * and kelpie_job_worker return this worker whichever broker sent them).
+ * capacity is split over the brokers that are up (8 over two: 4 each, the
+ * first ones taking the remainder, at least 1 per broker), each broker's
+ * share being the credits of its READY, so the worker runs no more than
+ * capacity calls and jobs sent since the last split. A broker is up once it
+ * welcomed the worker (its HEARTBEAT); when one is silent for liveness
+ * heartbeats (or sent DISCONNECT) its share goes at once to the others (a
+ * READY with the whole new share: each broker counts what it already sent
+ * in its own in-flight count), its calls become orphans as after a broker
+ * restart, and it is offered 0 until it welcomes the worker again, when
+ * the split is redone. A Drain from any broker (or kelpie_worker_drain)
+ * drains the worker from all of them. kelpie_worker_set_curve takes one
+ * server key for all, or one per endpoint (see kelpie_client_broker_up's
+ * note on CURVE). Each connection sends the worker's own figures
+ * (HEARTBEAT.worker_stats: host, pid, RSS, busy, threads) every heartbeat
+ * and at least every second, for kelpie.broker/Stats worker_detail. */
 KELPIE_EXPORT kelpie_worker *kelpie_worker_new(const char *endpoint, const char *name,
                                                uint32_t capacity);
 
@@ -499,6 +558,13 @@ KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *worker);
 
 /* How many calls are held (received, not yet answered). */
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
+
+/* How many brokers the worker was given (1 for a single endpoint). */
+KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *worker);
+
+/* Broker i's share of the capacity now (the credits of its last READY); 0
+ * while it is down. With one broker: the capacity. */
+KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *worker, uint32_t i);
 
 /* The worker serving a call, its service and method names, its flags. */
 KELPIE_EXPORT kelpie_worker *kelpie_call_worker(const kelpie_call *call);

@@ -1,0 +1,387 @@
+/*
+ * test_multibroker.c: the C library with several brokers (docs/scale-out.md,
+ * "Clients and workers with several brokers"): the endpoint list and the
+ * capacity split as units, then two real kelpied (RPC needs no shared store)
+ * with a C worker process registered with both and a C client spread over
+ * both, one broker SIGKILLed mid traffic and restarted. Also the C worker's
+ * own report (HEARTBEAT.worker_stats) in Stats worker_detail.
+ */
+#define _GNU_SOURCE
+#include <criterion/criterion.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "brokers.h"
+#include "curve.h"
+#include "kelpie_test.h"
+
+TestSuite(multibroker, .fini = kt_teardown, .timeout = 90);
+
+/* Heartbeat 100 ms, liveness 3: a silent peer is gone after 300 ms. */
+static const char *const fast_hb[] = {"--heartbeat-ms", "100", "--heartbeat-liveness", "3", NULL};
+/* The kill test: 200 ms x 3, so that a loaded ASan run is not taken for a
+ * dead peer. */
+static const char *const kill_hb[] = {"--heartbeat-ms", "200", "--heartbeat-liveness", "3", NULL};
+
+Test(multibroker, endpoint_list_is_split_like_python)
+{
+    kpc_list l;
+    cr_assert_eq(kpc_list_split(" tcp://a:1 ,tcp://b:2,,tcp://a:1, tcp://c:3 ", true, &l),
+                 KELPIE_OK);
+    cr_assert_eq(l.n, 3);
+    cr_assert_str_eq(l.items[0], "tcp://a:1");
+    cr_assert_str_eq(l.items[1], "tcp://b:2");
+    cr_assert_str_eq(l.items[2], "tcp://c:3");
+    kpc_list_fini(&l);
+    cr_assert_eq(l.n, 0);
+    cr_assert_eq(kpc_list_split("tcp://a:1", true, &l), KELPIE_OK);
+    cr_assert_eq(l.n, 1);
+    kpc_list_fini(&l);
+    /* Server keys are positional: a repeat is kept. */
+    cr_assert_eq(kpc_list_split("k,k", false, &l), KELPIE_OK);
+    cr_assert_eq(l.n, 2);
+    kpc_list_fini(&l);
+    cr_assert_eq(kpc_list_split(" , ,", true, &l), KELPIE_ERR_INVAL);
+    cr_assert_eq(kpc_list_split("", true, &l), KELPIE_ERR_INVAL);
+    cr_assert_eq(kpc_list_split(NULL, true, &l), KELPIE_ERR_INVAL);
+    char many[KPC_MAX_BROKERS * 16 + 32] = "";
+    for (int i = 0; i <= KPC_MAX_BROKERS; i++)
+        snprintf(many + strlen(many), sizeof many - strlen(many), "%stcp://h:%d", i ? "," : "",
+                 1000 + i);
+    cr_assert_eq(kpc_list_split(many, true, &l), KELPIE_ERR_INVAL, "more than the maximum");
+    cr_assert_eq(l.n, 0);
+    /* The public constructors take the list; an empty one is refused. */
+    cr_assert_null(kelpie_worker_new(" , ", NULL, 2));
+    kelpie_worker *w = kelpie_worker_new("tcp://127.0.0.1:1, tcp://127.0.0.1:2", NULL, 3);
+    cr_assert_not_null(w);
+    cr_assert_eq(kelpie_worker_brokers(w), 2);
+    cr_assert_eq(kelpie_worker_share(w, 0), 0, "offered before its broker welcomed it");
+    kelpie_worker_destroy(&w);
+}
+
+Test(multibroker, capacity_split_over_the_brokers_up)
+{
+    uint32_t out[4];
+    bool all[4] = {true, true, true, true};
+    cr_assert_eq(kpc_shares(10, all, 4, out), 4);
+    cr_assert(out[0] == 3 && out[1] == 3 && out[2] == 2 && out[3] == 2);
+    bool some[4] = {false, true, false, true};
+    cr_assert_eq(kpc_shares(5, some, 4, out), 2);
+    cr_assert(out[0] == 0 && out[1] == 3 && out[2] == 0 && out[3] == 2);
+    /* At least one each, as the Python worker. */
+    cr_assert_eq(kpc_shares(1, all, 3, out), 3);
+    cr_assert(out[0] == 1 && out[1] == 1 && out[2] == 1);
+    bool none[2] = {false, false};
+    cr_assert_eq(kpc_shares(8, none, 2, out), 0);
+    cr_assert(out[0] == 0 && out[1] == 0);
+}
+
+/* Writes a fresh key pair: secret to dir/name, public to dir/name.pub. */
+static void write_keys(const char *dir, const char *name, char pub[41])
+{
+    char secret[41], path[512];
+    cr_assert_eq(zmq_curve_keypair(pub, secret), 0);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "# secret\n%s\n", secret);
+    fclose(f);
+    snprintf(path, sizeof path, "%s/%s.pub", dir, name);
+    f = fopen(path, "w");
+    cr_assert_not_null(f);
+    fprintf(f, "%s\n", pub);
+    fclose(f);
+}
+
+Test(multibroker, server_key_per_endpoint)
+{
+    char dir[] = "/tmp/kelpie-mbkeys-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    char me[41], a[41], b[41], path[512], me_path[512], list[1200];
+    write_keys(dir, "me", me);
+    write_keys(dir, "a", a);
+    write_keys(dir, "b", b);
+    snprintf(me_path, sizeof me_path, "%s/me", dir);
+    /* A file for one broker, z85 for the other: each endpoint its own. */
+    snprintf(list, sizeof list, "%s/a.pub, %s", dir, b);
+    kelpie_curve curve = {.key_file = me_path, .server_key = list};
+    kpc_keys k;
+    char why[256];
+    cr_assert_eq(kpc_curve_load_for(&curve, 0, 2, &k, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_str_eq(k.server_key, a);
+    cr_assert_str_eq(k.public_key, me);
+    cr_assert_eq(kpc_curve_load_for(&curve, 1, 2, &k, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_str_eq(k.server_key, b);
+    /* One key serves every endpoint. */
+    curve.server_key = a;
+    cr_assert_eq(kpc_curve_load_for(&curve, 2, 3, &k, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_str_eq(k.server_key, a);
+    /* Two keys for three brokers: refused, saying so. */
+    curve.server_key = list;
+    cr_assert_eq(kpc_curve_load_for(&curve, 0, 3, &k, why, sizeof why), KELPIE_ERR_INVAL);
+    cr_assert(strstr(why, "2 keys for 3 brokers"), "%s", why);
+    kelpie_client *c = NULL;
+    cr_assert_eq(kelpie_client_open("tcp://127.0.0.1:1,tcp://127.0.0.1:2,tcp://127.0.0.1:3", &curve,
+                                    &c, why, sizeof why),
+                 KELPIE_ERR_INVAL);
+    cr_assert_null(c);
+    kelpie_worker *w = kelpie_worker_new("tcp://127.0.0.1:1,tcp://127.0.0.1:2", NULL, 2);
+    cr_assert_eq(kelpie_worker_set_curve(w, &curve), KELPIE_OK, "%s", kelpie_worker_error(w));
+    kelpie_worker_destroy(&w);
+    for (const char *n = "me\0a\0b\0"; *n; n += strlen(n) + 1) {
+        snprintf(path, sizeof path, "%s/%s", dir, n);
+        unlink(path);
+        strcat(path, ".pub");
+        unlink(path);
+    }
+    rmdir(dir);
+}
+
+Test(multibroker, c_worker_reports_itself_in_stats)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    kt_worker_opts opts = {.endpoint = b->backend, .capacity = 3, .heartbeat_ms = 100};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    char want[64];
+    snprintf(want, sizeof want, "\"pid\":%ld", (long)w);
+    char *json = NULL;
+    for (int i = 0; i < 100; i++) {
+        free(json);
+        json = kt_broker_stats(b);
+        if (json && strstr(json, want))
+            break;
+        kt_sleep_ms(50);
+    }
+    cr_assert_not_null(json);
+    const char *detail = strstr(json, "\"worker_detail\"");
+    cr_assert_not_null(detail);
+    cr_assert(strstr(detail, want), "no worker_stats from the C worker: %s", detail);
+    char host[256] = "";
+    gethostname(host, sizeof host - 1);
+    char host_json[300];
+    snprintf(host_json, sizeof host_json, "\"host\":\"%s\"", host);
+    cr_assert(strstr(detail, host_json), "%s", detail);
+    const char *rss = strstr(detail, "\"rss_bytes\":");
+    cr_assert_not_null(rss);
+    cr_assert_gt(strtoull(rss + strlen("\"rss_bytes\":"), NULL, 10), 1u << 20, "%s", detail);
+    const char *threads = strstr(detail, "\"threads\":");
+    cr_assert_not_null(threads);
+    cr_assert_geq(strtoul(threads + strlen("\"threads\":"), NULL, 10), 1, "%s", detail);
+    free(json);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* The calls of a traffic run and what became of them. */
+typedef struct traffic {
+    kelpie_client *c;
+    uint64_t ids[20000];
+    bool idem[20000];
+    size_t n;
+    long idem_ok, plain_ok, plain_unavailable, idem_bad, plain_bad;
+    char bad[256]; /* the first unexpected outcome */
+    /* Load on the broker that stays, from a client of it alone, so that
+     * the worker's registration there is busy when its share changes. */
+    kelpie_client *side;
+    long side_ok, side_bad;
+} traffic;
+
+static void traffic_take(traffic *t, const kelpie_reply *r)
+{
+    size_t i = 0;
+    while (i < t->n && t->ids[i] != r->request_id.id)
+        i++;
+    cr_assert_lt(i, t->n, "an answer to a call never sent (%llu)",
+                 (unsigned long long)r->request_id.id);
+    t->ids[i] = 0; /* answered once */
+    if (t->idem[i] && r->status == KELPIE_OK)
+        t->idem_ok++;
+    else if (!t->idem[i] && r->status == KELPIE_OK)
+        t->plain_ok++;
+    else if (!t->idem[i] && r->status == KELPIE_UNAVAILABLE)
+        t->plain_unavailable++;
+    else {
+        if (t->idem[i])
+            t->idem_bad++;
+        else
+            t->plain_bad++;
+        if (!t->bad[0])
+            snprintf(t->bad, sizeof t->bad, "%s call: %s: %s", t->idem[i] ? "idempotent" : "plain",
+                     kelpie_status_name(r->status), r->message);
+    }
+}
+
+/* Keeps 16 calls going (every other one idempotent) for ms. */
+static void traffic_run(traffic *t, int ms)
+{
+    int64_t end = kt_now_ms() + ms;
+    while (kt_now_ms() < end) {
+        while (kelpie_client_outstanding(t->c) < 16 && t->n < 20000) {
+            /* Round-robin over two brokers: each gets both kinds. */
+            bool idem = t->n % 4 < 2;
+            kelpie_call_opts o = {.service = "echo",
+                                  .method = "Hold",
+                                  .timeout_ms = 10000,
+                                  .flags = idem ? KELPIE_IDEMPOTENT : 0};
+            kelpie_request_id id;
+            cr_assert_eq(kelpie_client_send(t->c, &o, "x", 1, &id), KELPIE_OK);
+            t->idem[t->n] = idem;
+            t->ids[t->n++] = id.id;
+        }
+        while (t->side && kelpie_client_outstanding(t->side) < 8) {
+            kelpie_call_opts o = {.service = "echo", .method = "Hold", .timeout_ms = 10000};
+            kelpie_request_id id;
+            cr_assert_eq(kelpie_client_send(t->side, &o, "s", 1, &id), KELPIE_OK);
+        }
+        kelpie_reply r;
+        while (t->side && kelpie_client_recv(t->side, &r, 0) == KELPIE_OK) {
+            if (r.status == KELPIE_OK)
+                t->side_ok++;
+            else
+                t->side_bad++;
+            kelpie_reply_fini(&r);
+        }
+        if (kelpie_client_recv(t->c, &r, t->side ? 5 : 50) == KELPIE_OK) {
+            traffic_take(t, &r);
+            kelpie_reply_fini(&r);
+        }
+    }
+}
+
+static void traffic_finish(traffic *t)
+{
+    int64_t end = kt_now_ms() + 15000;
+    while (kelpie_client_outstanding(t->c) > 0 && kt_now_ms() < end) {
+        kelpie_reply r;
+        if (kelpie_client_recv(t->c, &r, 100) == KELPIE_OK) {
+            traffic_take(t, &r);
+            kelpie_reply_fini(&r);
+        }
+    }
+    cr_assert_eq(kelpie_client_outstanding(t->c), 0, "calls never ended");
+}
+
+/* Polls a broker's echo capacity (the sum of its workers' credits) until it
+ * is exactly want. */
+static bool wait_capacity(const kt_broker *b, double want, int timeout_ms)
+{
+    int64_t end = kt_now_ms() + timeout_ms;
+    for (;;) {
+        if (kt_stat(b, "services.echo.capacity") == want)
+            return true;
+        if (kt_now_ms() >= end)
+            return false;
+        kt_sleep_ms(20);
+    }
+}
+
+Test(multibroker, broker_killed_mid_traffic)
+{
+    kt_broker *a = kt_broker_start(kill_hb);
+    kt_broker *b = kt_broker_start(kill_hb);
+    cr_assert(a && b);
+    char backends[200], frontends[200];
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    snprintf(frontends, sizeof frontends, "%s, %s", a->frontend, b->frontend);
+    kt_slot *slot = kt_slots_new(1);
+    kt_worker_opts opts = {.endpoint = backends,
+                           .capacity = 8,
+                           .hold_ms = 100,
+                           .heartbeat_ms = 200,
+                           .liveness = 3,
+                           .slot = slot};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    /* Registered with both, the capacity split 4 + 4. */
+    cr_assert(wait_capacity(a, 4, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+
+    traffic *t = calloc(1, sizeof *t);
+    cr_assert_not_null(t);
+    char why[256] = "";
+    cr_assert_eq(kelpie_client_open(frontends, NULL, &t->c, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_eq(kelpie_client_brokers(t->c), 2);
+    cr_assert_eq(kelpie_client_set_heartbeat(t->c, 200, 3), KELPIE_OK);
+    t->side = kelpie_client_new(b->frontend);
+    cr_assert_not_null(t->side);
+    traffic_run(t, 800);
+    /* Both brokers carried calls. */
+    cr_assert_gt(kt_stat(a, "services.echo.dispatched"), 0);
+    cr_assert_gt(kt_stat(b, "services.echo.dispatched"), 0);
+
+    kt_signal(a->pid, SIGKILL);
+    kt_reap(a->pid, 2000);
+    a->pid = 0;
+    int64_t killed = kt_now_ms(), moved_after = -1;
+    /* The worker's slots go to the broker left. */
+    while (kt_now_ms() - killed < 5000) {
+        traffic_run(t, 20);
+        if (kt_stat(b, "services.echo.capacity") == 8) {
+            moved_after = kt_now_ms() - killed;
+            break;
+        }
+    }
+    cr_assert_geq(moved_after, 0, "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    traffic_run(t, 1000);
+    /* Off the side load: the rest counts the main client's calls alone. */
+    int64_t side_end = kt_now_ms() + 10000;
+    while (kelpie_client_outstanding(t->side) > 0 && kt_now_ms() < side_end) {
+        kelpie_reply r;
+        if (kelpie_client_recv(t->side, &r, 100) == KELPIE_OK) {
+            t->side_ok += r.status == KELPIE_OK;
+            t->side_bad += r.status != KELPIE_OK;
+            kelpie_reply_fini(&r);
+        }
+    }
+    cr_assert_eq(t->side_bad, 0);
+    cr_assert_gt(t->side_ok, 0);
+    kelpie_client_destroy(&t->side);
+    cr_assert_eq(kelpie_client_broker_up(t->c, 0), false, "the dead broker is still up");
+    cr_assert_eq(kelpie_client_broker_up(t->c, 1), true);
+    traffic_run(t, 500);
+    traffic_finish(t);
+    cr_assert_eq(t->idem_bad, 0, "an idempotent call failed: %s", t->bad);
+    cr_assert_eq(t->plain_bad, 0, "a plain call failed other than UNAVAILABLE: %s", t->bad);
+    cr_assert_gt(kelpie_client_moved(t->c), 0, "no idempotent call was moved");
+    cr_assert_gt(t->idem_ok, 50);
+    cr_log_info("idempotent ok %ld, plain ok %ld, plain unavailable %ld, moved %llu, "
+                "slots on the broker left %lld ms after the kill",
+                t->idem_ok, t->plain_ok, t->plain_unavailable,
+                (unsigned long long)kelpie_client_moved(t->c), (long long)moved_after);
+
+    /* The broker comes back: the split is redone, and the client uses it. */
+    cr_assert(kt_broker_restart(a, kill_hb));
+    /* Nothing the client gave up on while it was down reached the new
+     * instance (the lane's queue went with its old socket). */
+    cr_assert_eq(kt_stat(a, "requests"), 0, "stale calls reached the new broker");
+    /* Traffic goes on (the broker left holds all 8 slots busy) while the
+     * worker re-splits: the returning broker may only take slots as the
+     * other's calls end (max_in_flight below). */
+    traffic_run(t, 1000);
+    cr_assert(wait_capacity(a, 4, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t end = kt_now_ms() + 5000;
+    while (!kelpie_client_broker_up(t->c, 0) && kt_now_ms() < end)
+        traffic_run(t, 50);
+    cr_assert(kelpie_client_broker_up(t->c, 0), "the restarted broker was not seen");
+    traffic_run(t, 500);
+    cr_assert_gt(kt_stat(a, "services.echo.dispatched"), 0, "the restarted broker is not used");
+    traffic_finish(t);
+    cr_assert_eq(t->idem_bad + t->plain_bad, 0, "%s", t->bad);
+    cr_assert_leq(atomic_load(&slot->max_in_flight), 8, "ran more than the capacity at once");
+
+    kelpie_client_destroy(&t->c);
+    free(t);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
