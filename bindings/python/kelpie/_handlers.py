@@ -63,9 +63,10 @@ class HandlerTable:
         iterator of request payloads instead of one payload: ``async for
         request in requests`` on the loop (an ``async def`` returning the
         reply, or an async generator for a bidirectional stream), ``for
-        request in requests`` in a ``def`` handler in the thread pool
-        (returning the reply). Input is flow-controlled end to end: a slow
-        handler back-pressures the caller.
+        request in requests`` in a ``def`` handler in the thread pool or,
+        with ``executor="process"``, in the process pool (returning the
+        reply, or a plain generator for a bidirectional stream). Input is
+        flow-controlled end to end: a slow handler back-pressures the caller.
         """
         def register(fn):
             self.add_handler(service, method, fn, stream=stream, executor=executor,
@@ -129,9 +130,10 @@ class HandlerTable:
         decoded and replies encoded with the service's message classes.
         Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
         Plain ``def`` methods run in the thread pool; with
-        ``executor="process"`` every unary method runs in the process pool
-        (``impl`` is pickled with each call: an instance of a module-level
-        class with picklable state).
+        ``executor="process"`` every unary and plain ``def`` client-streaming
+        method, and every plain generator server-streaming or bidirectional
+        method, runs in the process pool (``impl`` is pickled with each call:
+        an instance of a module-level class with picklable state).
         """
         service = service_descriptor.full_name
         count = 0
