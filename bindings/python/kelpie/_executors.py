@@ -20,6 +20,13 @@ child answered or died: EOF), and dead children are reaped with
 ``add_reader`` on their process sentinel, so nothing polls and nothing
 blocks the loop for longer than a pipe write.
 
+Streams cross the same pipe: a server-streaming handler's chunks go to the
+worker within a window it grants (``credit``), and a client-streamed call's
+requests come to the child only as its handler consumes them
+(:class:`ProcessInput`, :class:`_Feed`), so either side's slowness stops
+the other rather than filling memory. A job's ``ctx.stdin`` is read by
+asking the worker for each piece (:func:`child_ask`).
+
 The handler and its payload cross the pipe pickled: the function by
 reference (module and qualified name), so it must be importable in a fresh
 interpreter: defined at module level, not a lambda or a closure. A handler
