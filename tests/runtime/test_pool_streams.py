@@ -180,3 +180,37 @@ def test_thread_client_stream_backpressure_and_cancel(broker, procs, tmp_path, l
             await wait_for((tmp_path / "thr.woken").exists, 5, "the thread was woken")
             assert client.outstanding == 0
     run(main(), timeout=60)
+
+
+def test_input_error_is_raised_where_the_child_reads():
+    """An input the worker refuses (here DATA_LOSS, as for a chunk out of
+    order) is raised in the pool child's handler at that point of its
+    input; the child answers it and stays in the pool."""
+    import rt_app
+
+    async def main():
+        pool = _executors.ProcessPool(1, asyncio.get_running_loop())
+        pool.start()
+
+        async def requests():
+            yield b"1"
+            yield b"2"
+            raise kelpie.DataLoss("request chunk 5 arrived, 2 expected")
+
+        ctx = _executors.ProcessContext("rt", "ProcSum", 1, {}, False, None)
+        try:
+            failed = await pool.run(rt_app.proc_sum, b"", ctx, requests=requests())
+            ok = await pool.run(rt_app.proc_sum, b"", ctx, requests=requests_of(b"3", b"4"))
+            return failed, ok, pool.started, pool.killed, pool.died
+        finally:
+            await pool.close()
+
+    async def requests_of(*items):
+        for item in items:
+            yield item
+
+    failed, ok, started, killed, died = run(main(), timeout=30)
+    assert failed[:3] == ("error", kelpie.StatusCode.DATA_LOSS,
+                          "request chunk 5 arrived, 2 expected"), failed
+    assert ok[0] == "ok" and ok[1].split()[:2] == [b"7", b"2"], ok
+    assert (started, killed, died) == (1, 0, 0)
