@@ -317,7 +317,8 @@ def stdin_echo(payload, ctx):
     return body
 
 
-worker.add_job_handler("rt.stdin.thread", stdin_echo)
+if os.environ.get("RT_JOBS"):  # only where tested: a worker with queues drains them
+    worker.add_job_handler("rt.stdin.thread", stdin_echo)
 
 
 if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
@@ -327,7 +328,8 @@ if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
     worker.add_handler("rt", "ProcUpper", proc_upper, executor="process", client_stream=True)
     worker.add_handler("rt", "ProcSlowRead", proc_slow_read, executor="process",
                        client_stream=True)
-    worker.add_job_handler("rt.stdin.proc", stdin_echo, executor="process")
+    if os.environ.get("RT_JOBS"):
+        worker.add_job_handler("rt.stdin.proc", stdin_echo, executor="process")
     worker.add_handler("rt", "ProcCount", proc_count, executor="process")
     worker.add_handler("rt", "ProcCountForever", proc_count_forever, executor="process")
     worker.add_handler("rt", "Cpu", cpu, executor="process")

@@ -35,7 +35,8 @@ async def echo(client, queue, tmp_path, tag, data):
 
 
 def test_job_stdin_in_threads_and_processes(broker, procs, tmp_path, loop, executor):
-    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1, loop=loop)
+    procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1, RT_JOBS=1,
+                 loop=loop)
     queue = QUEUES[executor]
 
     async def main():
