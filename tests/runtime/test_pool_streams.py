@@ -18,7 +18,7 @@ from conftest import pid_alive, run, wait_for, wait_served
 from kelpie import _executors, _input
 
 
-async def read_int(path, timeout=5.0):
+async def read_int(path, timeout=10.0):
     await wait_for(lambda: path.exists() and path.read_text().strip(), timeout, str(path))
     return int(path.read_text())
 
@@ -79,6 +79,9 @@ def test_slow_process_handler_backpressures_the_writer(broker, procs, tmp_path, 
     async def main():
         async with kelpie.Client(broker.frontend) as client:
             await wait_served(client)
+            # The pool's child is up (spawned with the worker: seconds at high load).
+            assert (await client.stream_unary("rt", "ProcSum", [b"1"], timeout=30)
+                    ).startswith(b"1 1 ")
             md = {"tag": "slow", "pace": "0.05"}
             call = client.stream_unary("rt", "ProcSlowRead", timeout=30, metadata=md)
             written = 0
