@@ -216,7 +216,120 @@ def proc_count_forever(payload, ctx):
         yield b"%d" % i
 
 
+def proc_echo(payload, ctx):
+    return payload
+
+
+def proc_sum(requests, ctx):
+    """Client-streamed, in a pool process: "sum count pid" of the integers
+    streamed in; a request "crash" kills the child (SIGKILL)."""
+    total = n = 0
+    for request in requests:
+        if request == b"crash":
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+        total += int(request)
+        n += 1
+    ctx.set_trailing_metadata({"count": str(n)})
+    return b"%d %d %d" % (total, n, os.getpid())
+
+
+def proc_digest(requests, ctx):
+    """Client-streamed: "count bytes sha256" of the requests (large ones too)."""
+    import hashlib
+    h = hashlib.sha256()
+    n = size = 0
+    for request in requests:
+        h.update(request)
+        n += 1
+        size += len(request)
+    return f"{n} {size} {h.hexdigest()}".encode()
+
+
+def proc_upper(requests, ctx):
+    """Bidirectional, in a pool process: each request back upper-cased; "fail"
+    ends the call with NotFound."""
+    for request in requests:
+        if request == b"fail":
+            raise kelpie.NotFound("asked to fail", {"at": b"fail"})
+        yield request.upper() + b" %d" % os.getpid()
+
+
+def proc_slow_read(requests, ctx):
+    """Reads one request per ``pace`` s (metadata), writing how many it read
+    to ``<tag>.read``; ``<tag>.pid`` says which child runs it."""
+    tag = ctx.metadata.get("tag", b"slow").decode()
+    pace = float(ctx.metadata.get("pace", b"0.05"))
+    _write(f"{tag}.pid", str(os.getpid()))
+    n = 0
+    for _ in requests:
+        n += 1
+        _write(f"{tag}.read", str(n))
+        time.sleep(pace)
+    return b"%d" % n
+
+
+def thread_slow_read(requests, ctx):
+    """As proc_slow_read, in a pool thread; ``<tag>.woken`` once cancellation
+    woke it from reading."""
+    tag = ctx.metadata.get("tag", b"slow").decode()
+    pace = float(ctx.metadata.get("pace", b"0.05"))
+    n = 0
+    try:
+        for _ in requests:
+            n += 1
+            _write(f"{tag}.read", str(n))
+            time.sleep(pace)
+    except kelpie.RpcError:
+        _write(f"{tag}.woken", str(n))
+        raise
+    return b"%d" % n
+
+
+worker.add_handler("rt", "ThreadSlowRead", thread_slow_read, client_stream=True)
+
+
+def stdin_echo(payload, ctx):
+    """A job that answers with its stdin (a thread or a pool process reads
+    ``ctx.stdin``). Payload JSON: ``tag`` names its marker files (``<tag>.pid``
+    once it runs); ``hold``: wait for ``<tag>.go`` before reading; ``report``:
+    answer with the stdin's counts instead."""
+    import json
+    opts = json.loads(payload or b"{}")
+    tag = opts.get("tag", "stdin")
+    _write(f"{tag}.pid", str(os.getpid()))
+    if opts.get("hold"):
+        end = time.monotonic() + 20
+        while not os.path.exists(os.path.join(RT_DIR, f"{tag}.go")) and time.monotonic() < end:
+            time.sleep(0.02)
+    got = []
+    try:
+        for data in ctx.stdin:
+            got.append(data)
+    except kelpie.Cancelled:
+        _write(f"{tag}.woken", "1")
+        raise
+    body = b"".join(got)
+    if opts.get("report"):
+        return json.dumps({"read": len(body), "received": ctx.stdin.received,
+                           "dropped": ctx.stdin.dropped, "closed": ctx.stdin.closed,
+                           "pid": os.getpid()}).encode()
+    return body
+
+
+if os.environ.get("RT_JOBS"):  # only where tested: a worker with queues drains them
+    worker.add_job_handler("rt.stdin.thread", stdin_echo)
+
+
 if os.environ.get("RT_POOL"):  # a pool costs interpreters: only where tested
+    worker.add_handler("rt", "ProcEcho", proc_echo, executor="process")
+    worker.add_handler("rt", "ProcSum", proc_sum, executor="process", client_stream=True)
+    worker.add_handler("rt", "ProcDigest", proc_digest, executor="process", client_stream=True)
+    worker.add_handler("rt", "ProcUpper", proc_upper, executor="process", client_stream=True)
+    worker.add_handler("rt", "ProcSlowRead", proc_slow_read, executor="process",
+                       client_stream=True)
+    if os.environ.get("RT_JOBS"):
+        worker.add_job_handler("rt.stdin.proc", stdin_echo, executor="process")
     worker.add_handler("rt", "ProcCount", proc_count, executor="process")
     worker.add_handler("rt", "ProcCountForever", proc_count_forever, executor="process")
     worker.add_handler("rt", "Cpu", cpu, executor="process")

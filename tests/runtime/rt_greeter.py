@@ -27,6 +27,16 @@ class Greeter:
     def Lookup(self, request, ctx):
         return greeter_pb2.HelloRequest(name="wrong type")  # answered INTERNAL
 
+    def JoinNames(self, requests, ctx):  # client-streamed: a thread, or a pool child
+        names = [r.name for r in requests]
+        return greeter_pb2.HelloReply(message=",".join(names) + f" {os.getpid()}",
+                                      index=len(names))
+
+    def Chat(self, requests, ctx):  # bidirectional, a plain generator: a thread or a child
+        for i, request in enumerate(requests):
+            yield greeter_pb2.HelloReply(message=f"{self.greeting} {request.name} {os.getpid()}",
+                                         index=i)
+
     async def CountTo(self, request, ctx):  # streams stay on the loop
         for i in range(request.count):
             yield greeter_pb2.HelloReply(message=request.name, index=i)

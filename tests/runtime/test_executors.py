@@ -236,14 +236,24 @@ def test_servicer_methods_in_threads_and_processes(broker, procs, greeter_path, 
                 await stub.Lookup(greeter_pb2.HelloRequest(name="x"), timeout=20)
             chunks = [r.index async for r in stub.CountTo(greeter_pb2.HelloRequest(name="c",
                                                                                     count=3))]
-            return reply, chunks
-    reply, chunks = run(main(), timeout=40)
+            # Client-streamed and bidirectional methods, decoded where they run.
+            Req = greeter_pb2.HelloRequest
+            joined = await stub.JoinNames([Req(name=n) for n in "abc"], timeout=20)
+            assert joined.index == 3 and joined.message.split()[0] == "a,b,c"
+            chat = [(r.message, r.index) async for r in stub.Chat([Req(name="p"), Req(name="q")],
+                                                                     timeout=20)]
+            assert [(m.split()[:2], i) for m, i in chat] == [(["hi", "p"], 0), (["hi", "q"], 1)]
+            pids = {int(joined.message.split()[1])} | {int(m.split()[2]) for m, _ in chat}
+            return reply, chunks, pids
+    reply, chunks, pids = run(main(), timeout=40)
     greeting, name, pid, thread = reply.message.split()
     assert (greeting, name) == ("hi", "ann")
     if executor == "thread":
         assert int(pid) == worker.pid and thread.startswith("kelpie-handler")
+        assert pids == {worker.pid}
     else:
         assert int(pid) != worker.pid and thread == "MainThread"
+        assert pids == {int(pid)}  # the pool's one child
     assert chunks == [0, 1, 2]
 
 

@@ -58,6 +58,8 @@ _RPC_NAMES = {
     "JobContext": "kelpie._jobs_worker",
     "JobStdin": "kelpie._jobs_worker",
     "ProcessJobContext": "kelpie._jobs_worker",
+    "ThreadJobStdin": "kelpie._jobs_worker",
+    "ProcessJobStdin": "kelpie._jobs_worker",
     "DEFAULT_TIMEOUT": "kelpie._liveness",
     "keygen": "kelpie._security",
     "configure_logging": "kelpie._logging",

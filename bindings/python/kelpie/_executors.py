@@ -20,6 +20,13 @@ child answered or died: EOF), and dead children are reaped with
 ``add_reader`` on their process sentinel, so nothing polls and nothing
 blocks the loop for longer than a pipe write.
 
+Streams cross the same pipe: a server-streaming handler's chunks go to the
+worker within a window it grants (``credit``), and a client-streamed call's
+requests come to the child only as its handler consumes them
+(:class:`ProcessInput`, :class:`_Feed`), so either side's slowness stops
+the other rather than filling memory. A job's ``ctx.stdin`` is read by
+asking the worker for each piece (:func:`child_ask`).
+
 The handler and its payload cross the pipe pickled: the function by
 reference (module and qualified name), so it must be importable in a fresh
 interpreter: defined at module level, not a lambda or a closure. A handler
@@ -43,7 +50,7 @@ from typing import Any, Mapping, Optional, Union
 
 from . import _wire
 
-__all__ = ["ProcessContext", "ProcessPool", "ChildDied", "check_picklable"]
+__all__ = ["ProcessContext", "ProcessInput", "ProcessPool", "ChildDied", "check_picklable"]
 
 log = logging.getLogger("kelpie.worker")
 
@@ -151,6 +158,114 @@ def child_event(event):
     _child_conn.send(("event", event))
 
 
+class _ChildCall:
+    """One call as its pool child sees the pipe: the window for the chunks it
+    sends (a stream), and the requests the worker forwards (a client stream).
+
+    Every message the worker sends during the call goes through
+    :meth:`receive`, wherever the handler waits (for output window or for
+    input), so neither kind can be missed while the handler waits for the
+    other (a bidirectional handler waits for both in turn).
+    """
+
+    __slots__ = ("conn", "window", "items", "ended", "error", "took", "took_bytes", "batch")
+
+    def __init__(self, conn, window, batch):
+        self.conn = conn
+        self.window = window or 0
+        self.items = collections.deque()
+        self.ended = False
+        self.error = None
+        self.took = 0        # requests consumed and not yet reported to the worker
+        self.took_bytes = 0
+        self.batch = batch   # report consumption after this many requests
+
+    def receive(self):
+        message = self.conn.recv()
+        tag = message[0]
+        if tag == "credit":
+            self.window += message[1]
+        elif tag == "in":
+            self.items.append(message[1])
+        elif tag == "in_end":
+            self.ended = True
+        elif tag == "in_error":
+            self.error = message[1:]
+
+    def send_chunk(self, item):
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            raise TypeError(f"yielded {type(item).__name__}, expected bytes")
+        while self.window <= 0:
+            self.receive()
+        self.conn.send(("chunk", bytes(item)))
+        self.window -= 1
+
+    def report(self, waiting):
+        """Tell the worker how much input was consumed (it forwards that much
+        more) and whether this child now waits for input."""
+        self.conn.send(("took", self.took, self.took_bytes, waiting))
+        self.took = self.took_bytes = 0
+
+
+class ProcessInput:
+    """The request stream of a client-streamed call whose handler runs in a
+    pool process: ``for request in requests`` (bytes each).
+
+    The worker forwards requests as this child consumes them, a few ahead
+    (at most :data:`INPUT_WINDOW` requests and :data:`INPUT_BYTES` bytes,
+    or a single request while this child waits for one), so a slow handler
+    back-pressures its caller exactly as in a thread. An input the worker
+    found bad (out of order, undecompressable) raises
+    :class:`kelpie.RpcError` here, where the handler reads it.
+    """
+
+    __slots__ = ("_call",)
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        call = self._call
+        if not call.items and call.error is None and not call.ended:
+            call.report(True)  # it may send one request of any size now
+            while not call.items and call.error is None and not call.ended:
+                call.receive()
+        if not call.items:
+            if call.error is not None:
+                from .errors import RpcError
+                raise RpcError(call.error[0], call.error[1])
+            raise StopIteration
+        item = call.items.popleft()
+        call.took += 1
+        call.took_bytes += len(item)
+        if call.took >= call.batch:
+            call.report(False)
+        return item
+
+
+# Requests the worker forwards to a pool child ahead of what its handler
+# consumed, and the bytes they may take (below a socketpair's buffer, so
+# that the worker's pipe writes never wait for the child); a larger
+# request goes alone, when the child waits for it.
+INPUT_WINDOW = 16
+INPUT_BYTES = 64 * 1024
+
+
+def child_ask(question):
+    """Ask the worker something on behalf of the running call (a job's next
+    piece of stdin, kelpie._jobs_worker) and wait for its answer."""
+    if _child_conn is None:
+        raise RuntimeError("not in a kelpie pool process")
+    _child_conn.send(("ask", question))
+    while True:
+        message = _child_conn.recv()
+        if message[0] == "answer":
+            return message[1]
+
+
 def _child_main(conn, parent_pid):
     """A pool child: run one call at a time until the pipe closes."""
     global _child_conn
@@ -168,25 +283,22 @@ def _child_main(conn, parent_pid):
             conn.send(("error", 13, f"cannot load the handler in a pool process: "
                        f"{type(exc).__name__}: {exc}", None))
             continue
-        if message[0] == "credit":
-            continue  # window granted after a stream ended: nothing to do
+        if message[0].__class__ is str:
+            # Window or input of a call that has ended (sent before the
+            # worker saw its answer): nothing to do.
+            continue
         fn, payload, ctx = message[:3]
         window = message[3] if len(message) > 3 else None
+        streamed_input = len(message) > 4 and message[4]
+        call = _ChildCall(conn, window, INPUT_WINDOW // 2)
         try:
-            result = fn(payload, ctx)
+            result = fn(ProcessInput(call) if streamed_input else payload, ctx)
             if window is not None:
                 # A streaming handler (a generator): each item goes to the
                 # worker as a chunk, within the window it grants, so a slow
                 # reader stops this child instead of filling the worker.
                 for item in result:
-                    if not isinstance(item, (bytes, bytearray, memoryview)):
-                        raise TypeError(f"yielded {type(item).__name__}, expected bytes")
-                    while window <= 0:
-                        granted = conn.recv()
-                        if granted[0] == "credit":
-                            window += granted[1]
-                    conn.send(("chunk", bytes(item)))
-                    window -= 1
+                    call.send_chunk(item)
                 result = b""
             if result is None:
                 result = b""
@@ -333,20 +445,28 @@ class ProcessPool:
 
     async def run(self, fn, payload, ctx: ProcessContext, *, on_event=None,
                   term_grace: Optional[float] = None, stream: Optional[int] = None,
-                  on_chunk=None) -> Any:
+                  on_chunk=None, requests=None, on_ask=None) -> Any:
         """Run ``fn(payload, ctx)`` in a child; returns ``("ok", bytes, md)`` or an error tuple.
 
         Raises ChildDied when the child ends without answering. ``on_event``
         is called on the loop with each event the call sends before its
-        answer (:func:`child_event`). Cancelled, the child is killed: with
-        SIGKILL at once, or with ``term_grace`` first SIGTERM and SIGKILL
-        only if it is still alive that many seconds later (a job handler may
-        clean up).
+        answer (:func:`child_event`). ``on_ask(question)`` (a coroutine
+        function) answers what the call asks with :func:`child_ask`.
+        Cancelled, the child is killed: with SIGKILL at once, or with
+        ``term_grace`` first SIGTERM and SIGKILL only if it is still alive
+        that many seconds later (a job handler may clean up).
 
         ``stream`` (a window, > 0): ``fn`` is a generator; each item it yields
         is handed to ``on_chunk(data, grant)`` on the loop, in order, before
         the final answer (``("ok", b"", md)``); the child sends at most
         ``stream`` items before ``grant(n)`` lets it send n more.
+
+        ``requests`` (an async iterator of bytes): the call's input is a
+        stream; ``fn`` gets a :class:`ProcessInput` instead of ``payload``,
+        and requests are taken from ``requests`` only as the child consumes
+        them (see :class:`ProcessInput`), so that a slow handler leaves them
+        with whoever feeds ``requests``. An :class:`kelpie.RpcError` raised
+        by ``requests`` is raised in the handler at that point of its input.
         """
         if self._closed:
             raise RuntimeError("process pool closed")
@@ -355,6 +475,8 @@ class ProcessPool:
         loop = self._loop
         future = child.future = loop.create_future()
         fd = child.conn.fileno()
+        feed = _Feed(child.conn, loop) if requests is not None else None
+        asked = set()
 
         def readable():
             while not future.done():
@@ -370,17 +492,39 @@ class ProcessPool:
                     future.set_result(("raised", f"undecodable answer from a pool process: "
                                        f"{exc}", "", None))
                     return
-                if answer.__class__ is tuple and answer and answer[0] == "chunk":
+                tag = answer[0] if answer.__class__ is tuple and answer else None
+                if tag == "chunk":
                     on_chunk(answer[1], grant)
-                    continue
-                if answer.__class__ is tuple and answer and answer[0] == "event":
+                elif tag == "took" and feed is not None:
+                    feed.took(answer[1], answer[2], answer[3])
+                elif tag == "event":
                     if on_event is not None:
                         try:
                             on_event(answer[1])
                         except Exception:
                             log.exception("event of a pool process call")
-                    continue
-                future.set_result(answer)
+                elif tag == "ask" and on_ask is not None:
+                    task = loop.create_task(answer_ask(answer[1]))
+                    asked.add(task)
+                    task.add_done_callback(asked.discard)
+                else:
+                    future.set_result(answer)
+
+        async def answer_ask(question):
+            try:
+                value = await on_ask(question)
+            except Exception:  # the child would wait for ever: end the call
+                log.exception("%s: answering its pool process", _describe_call(ctx))
+                if not future.done():  # not given back: it waits for an answer
+                    future.set_exception(RuntimeError("the worker could not answer its "
+                                                      "pool process"))
+                return
+            if not future.done():
+                try:
+                    child.conn.send(("answer", value))
+                except OSError:
+                    pass  # it died: readable() reports that
+
         def grant(n):
             if not future.done():
                 try:
@@ -389,13 +533,22 @@ class ProcessPool:
                     pass  # it died: readable() reports that
 
         ok = False
+        forward = None
         try:
-            if stream is None:
+            if stream is None and feed is None:
                 child.conn.send((fn, bytes(payload), ctx))
             else:
-                child.conn.send((fn, bytes(payload), ctx, int(stream)))
+                child.conn.send((fn, b"" if feed is not None else bytes(payload), ctx,
+                                 None if stream is None else int(stream), feed is not None))
             loop.add_reader(fd, readable)
+            # uvloop (libuv) makes a watched fd non-blocking; our reads and
+            # writes of whole messages need it blocking (a message that is
+            # not all there yet is a moment away; a partial write would cut
+            # the stream), and libuv only watches it for readiness.
+            os.set_blocking(fd, True)
             try:
+                if feed is not None:
+                    forward = loop.create_task(feed.run(requests))
                 answer = await future
             finally:
                 loop.remove_reader(fd)
@@ -414,6 +567,10 @@ class ProcessPool:
             raise
         finally:
             child.future = None
+            if forward is not None:
+                forward.cancel()
+            for task in list(asked):
+                task.cancel()
             if ok:
                 self._give_back(child)
             elif child in self._children:  # close() may have retired it meanwhile
@@ -462,6 +619,53 @@ class ProcessPool:
             except (ValueError, OSError, RuntimeError):
                 pass
             self._dying.discard(proc)
+
+
+class _Feed:
+    """Forwards a client-streamed call's requests to its pool child, as the
+    child consumes them (its "took" reports): at most INPUT_WINDOW requests
+    and INPUT_BYTES bytes ahead, or one request of any size when the child
+    waits with nothing on its way (it is reading the pipe then, so the
+    write does not wait on the handler)."""
+
+    __slots__ = ("conn", "items", "bytes", "waiting", "room")
+
+    def __init__(self, conn, loop):
+        self.conn = conn
+        self.items = 0      # forwarded, not yet consumed by the handler
+        self.bytes = 0
+        self.waiting = False
+        self.room = asyncio.Event()
+
+    def took(self, n, nbytes, waiting):
+        self.items -= n
+        self.bytes -= nbytes
+        self.waiting = waiting
+        self.room.set()
+
+    def _fits(self, size):
+        if self.items == 0:
+            return size <= INPUT_BYTES or self.waiting
+        return self.items < INPUT_WINDOW and self.bytes + size <= INPUT_BYTES
+
+    async def run(self, requests):
+        from .errors import RpcError
+        try:
+            try:
+                async for item in requests:
+                    while not self._fits(len(item)):
+                        self.room.clear()
+                        await self.room.wait()
+                    self.items += 1
+                    self.bytes += len(item)
+                    self.waiting = False
+                    self.conn.send(("in", bytes(item)))
+            except RpcError as exc:
+                self.conn.send(("in_error", int(exc.code), exc.message))
+                return
+            self.conn.send(("in_end",))
+        except OSError:
+            pass  # the child died: the call's reader reports that
 
 
 def _describe_call(ctx):

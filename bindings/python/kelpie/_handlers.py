@@ -63,9 +63,10 @@ class HandlerTable:
         iterator of request payloads instead of one payload: ``async for
         request in requests`` on the loop (an ``async def`` returning the
         reply, or an async generator for a bidirectional stream), ``for
-        request in requests`` in a ``def`` handler in the thread pool
-        (returning the reply). Input is flow-controlled end to end: a slow
-        handler back-pressures the caller.
+        request in requests`` in a ``def`` handler in the thread pool or,
+        with ``executor="process"``, in the process pool (returning the
+        reply, or a plain generator for a bidirectional stream). Input is
+        flow-controlled end to end: a slow handler back-pressures the caller.
         """
         def register(fn):
             self.add_handler(service, method, fn, stream=stream, executor=executor,
@@ -105,9 +106,6 @@ class HandlerTable:
                 raise ValueError(f"{name}: a streaming handler in the process pool is a "
                                  "plain generator function (def with yield)")
         if kind == _IN_PROCESS:
-            if client_stream:
-                raise ValueError(f"{name}: client-streaming handlers run on the loop or in "
-                                 "threads, not in the process pool")
             _executors.check_picklable(fn, name)
         interceptors = getattr(self, "_interceptors", None) or None
         if interceptors and kind == _ON_LOOP:
@@ -132,9 +130,10 @@ class HandlerTable:
         decoded and replies encoded with the service's message classes.
         Methods ``impl`` lacks are answered UNIMPLEMENTED by the worker.
         Plain ``def`` methods run in the thread pool; with
-        ``executor="process"`` every unary method runs in the process pool
-        (``impl`` is pickled with each call: an instance of a module-level
-        class with picklable state).
+        ``executor="process"`` every unary and plain ``def`` client-streaming
+        method, and every plain generator server-streaming or bidirectional
+        method, runs in the process pool (``impl`` is pickled with each call:
+        an instance of a module-level class with picklable state).
         """
         service = service_descriptor.full_name
         count = 0
@@ -156,6 +155,18 @@ class HandlerTable:
                                  functools.partial(_typed_stream_call, fn,
                                                    message_class(m.input_type), reply_cls),
                                  stream=True, executor="process")
+            elif kind == "client_stream" and executor == "process" and \
+                    not inspect.iscoroutinefunction(fn):
+                self.add_handler(service, m.name,
+                                 functools.partial(_typed_input_call, fn,
+                                                   message_class(m.input_type), reply_cls),
+                                 stream=False, executor="process", client_stream=True)
+            elif kind == "bidi" and executor == "process" and \
+                    inspect.isgeneratorfunction(fn):
+                self.add_handler(service, m.name,
+                                 functools.partial(_typed_bidi_call, fn,
+                                                   message_class(m.input_type), reply_cls),
+                                 stream=True, executor="process", client_stream=True)
             elif kind == "unary" and not inspect.iscoroutinefunction(fn):
                 self.add_handler(service, m.name, _typed_sync(fn, decode, reply_cls),
                                  stream=False, executor=executor or "thread")
@@ -244,6 +255,25 @@ def _typed_stream_call(fn, request_cls, reply_cls, payload, ctx):
     """A server-streaming servicer method in a pool process (module level: it
     is pickled by name); a generator of serialised replies."""
     for reply in fn(decode_request(request_cls, payload), ctx):
+        if not isinstance(reply, reply_cls):
+            raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
+                            f"expected {reply_cls.__name__}")
+        yield reply.SerializeToString()
+
+
+def _typed_input_call(fn, request_cls, reply_cls, requests, ctx):
+    """A client-streaming servicer method in a pool process (module level:
+    pickled by name); its requests are decoded here, as it reads them."""
+    reply = fn((decode_request(request_cls, r) for r in requests), ctx)
+    if not isinstance(reply, reply_cls):
+        raise TypeError(f"{fn.__qualname__} returned {type(reply).__name__}, "
+                        f"expected {reply_cls.__name__}")
+    return reply.SerializeToString()
+
+
+def _typed_bidi_call(fn, request_cls, reply_cls, requests, ctx):
+    """A bidirectional servicer method (a plain generator) in a pool process."""
+    for reply in fn((decode_request(request_cls, r) for r in requests), ctx):
         if not isinstance(reply, reply_cls):
             raise TypeError(f"{fn.__qualname__} yielded {type(reply).__name__}, "
                             f"expected {reply_cls.__name__}")

@@ -53,9 +53,9 @@ from ._context import current_job as _current_job
 from ._handlers import _EXECUTORS, _IN_PROCESS, _IN_THREAD, _ON_LOOP, _Handler
 from ._runners import _FRESH, _as_bytes, _drive_coro
 from ._status import StatusCode
-from .errors import Retry, RpcError
+from .errors import Cancelled, Retry, RpcError
 
-__all__ = ["JobContext", "JobStdin", "ProcessJobContext"]
+__all__ = ["JobContext", "JobStdin", "ProcessJobContext", "ProcessJobStdin", "ThreadJobStdin"]
 
 log = logging.getLogger("kelpie.worker")
 
@@ -80,33 +80,25 @@ class _Done:
 _DONE = _Done()
 
 
-class JobStdin:
-    """The standard input a client sends a running job (``job.write_stdin``,
-    protocol.md §11.7), as ``ctx.stdin`` of an ``async def`` handler.
+class _StdinBuffer:
+    """What every ``ctx.stdin`` keeps: the unread pieces, at most 1 MiB of
+    them (:data:`kelpie._jobs.STDIN_BUFFER`; the broker forwards input as it
+    comes and holds none, this is the worker's bound), and the counts."""
 
-    ``await ctx.stdin.read()`` returns the next piece of bytes as it came,
-    ``b""`` once the client closed the input (``job.close_stdin()``);
-    ``async for data in ctx.stdin`` reads pieces until then. ``closed`` is
-    True once the end arrived; ``dropped`` counts bytes discarded because
-    the handler left more than 1 MiB unread (the broker forwards input as
-    it comes and holds none; this is the worker's bound on it).
-    """
-
-    __slots__ = ("_pieces", "_size", "_waiter", "closed", "dropped", "received")
+    __slots__ = ("_pieces", "_size", "closed", "dropped", "received")
 
     def __init__(self):
         self._pieces = collections.deque()
         self._size = 0
-        self._waiter = None
         self.closed = False
         self.dropped = 0
         self.received = 0
 
     def __repr__(self):
-        return (f"<kelpie.JobStdin {self._size} bytes unread"
+        return (f"<kelpie.{type(self).__name__} {self._size} bytes unread"
                 f"{', closed' if self.closed else ''}>")
 
-    def _feed(self, data, end):
+    def _add(self, data, end):
         if self.closed:
             return
         if data:
@@ -118,6 +110,36 @@ class JobStdin:
                 self._size += len(data)
         if end:
             self.closed = True
+
+    def _take(self):
+        data = self._pieces.popleft()
+        self._size -= len(data)
+        return data
+
+    def _cancel(self):
+        """The job was cancelled (its task is, on the loop: nothing to wake)."""
+
+
+class JobStdin(_StdinBuffer):
+    """The standard input a client sends a running job (``job.write_stdin``,
+    protocol.md §11.7), as ``ctx.stdin`` of an ``async def`` handler.
+
+    ``await ctx.stdin.read()`` returns the next piece of bytes as it came,
+    ``b""`` once the client closed the input (``job.close_stdin()``);
+    ``async for data in ctx.stdin`` reads pieces until then. ``closed`` is
+    True once the end arrived; ``dropped`` counts bytes discarded because
+    the handler left more than 1 MiB unread (the broker forwards input as
+    it comes and holds none; this is the worker's bound on it).
+    """
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self):
+        _StdinBuffer.__init__(self)
+        self._waiter = None
+
+    def _feed(self, data, end):
+        self._add(data, end)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -132,9 +154,7 @@ class JobStdin:
                 await self._waiter
             finally:
                 self._waiter = None
-        data = self._pieces.popleft()
-        self._size -= len(data)
-        return data
+        return self._take()
 
     def __aiter__(self):
         return self
@@ -143,6 +163,85 @@ class JobStdin:
         data = await self.read()
         if not data:
             raise StopAsyncIteration
+        return data
+
+
+class ThreadJobStdin(_StdinBuffer):
+    """``ctx.stdin`` of a ``def`` job handler in the thread pool: the same
+    input and bounds as :class:`JobStdin`, read with blocking calls:
+    ``ctx.stdin.read()`` (the next piece, ``b""`` at the end) and ``for data
+    in ctx.stdin``. Fed on the loop thread. A job cancelled (CANCEL, its time
+    limit, shutdown) while its handler waits here wakes it with
+    :class:`kelpie.Cancelled` (the attempt is answered with the real reason).
+    """
+
+    __slots__ = ("_cond", "_cancelled")
+
+    def __init__(self):
+        _StdinBuffer.__init__(self)
+        self._cond = threading.Condition(threading.Lock())
+        self._cancelled = False
+
+    def _feed(self, data, end):
+        with self._cond:
+            self._add(data, end)
+            self._cond.notify_all()
+
+    def _cancel(self):
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def read(self) -> bytes:
+        """The next piece of input (blocking); ``b""`` at its end."""
+        with self._cond:
+            while not self._pieces:
+                if self.closed:
+                    return b""
+                if self._cancelled:
+                    raise Cancelled("job cancelled while reading its stdin")
+                self._cond.wait()
+            return self._take()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.read()
+        if not data:
+            raise StopIteration
+        return data
+
+
+class ProcessJobStdin:
+    """``ctx.stdin`` of a job handler in a pool process: each ``read()`` asks
+    the worker for the next piece through the pool's pipe (blocking), so the
+    input stays in the worker under :class:`JobStdin`'s bounds. ``read()``
+    returns ``b""`` at the end; ``for data in ctx.stdin`` reads until then;
+    ``closed``, ``received`` and ``dropped`` are the worker's, as of the
+    last read."""
+
+    __slots__ = ("closed", "dropped", "received")
+
+    def __init__(self):
+        self.closed = False
+        self.dropped = 0
+        self.received = 0
+
+    def __repr__(self):
+        return f"<kelpie.ProcessJobStdin{' closed' if self.closed else ''}>"
+
+    def read(self) -> bytes:
+        data, self.closed, self.received, self.dropped = _executors.child_ask(("stdin",))
+        return data
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.read()
+        if not data:
+            raise StopIteration
         return data
 
 
@@ -259,6 +358,7 @@ class JobContext:
     def _cancel(self, reason):
         if self._reason == 0:
             self._reason = reason
+        self.stdin._cancel()  # wakes a thread waiting for input
         if self._task is not None and not self._in_thread:
             self._task.cancel()
 
@@ -267,25 +367,29 @@ class ProcessJobContext:
     """A job handler's context in a pool process (``executor="process"``).
 
     The same fields as :class:`JobContext`; ``progress``, ``output`` and
-    ``log`` are plain calls that go to the worker through the pool's pipe.
+    ``log`` are plain calls that go to the worker through the pool's pipe,
+    and ``stdin`` (:class:`ProcessJobStdin`) reads the job's input from it.
     ``cancelled()`` is always False: a cancelled (or timed-out) process job
     gets SIGTERM, then SIGKILL after a grace (install a SIGTERM handler to
     clean up).
     """
 
-    __slots__ = ("job_id", "queue", "attempt", "max_attempts", "priority", "request_id",
-                 "deadline", "timeout")
+    _FIELDS = ("job_id", "queue", "attempt", "max_attempts", "priority", "request_id",
+               "deadline", "timeout")
+    __slots__ = _FIELDS + ("stdin",)
 
     def __init__(self, ctx):
-        for name in self.__slots__:
+        for name in self._FIELDS:
             setattr(self, name, getattr(ctx, name))
+        self.stdin = None  # made in the child (ProcessJobStdin)
 
     def __getstate__(self):
-        return tuple(getattr(self, n) for n in self.__slots__)
+        return tuple(getattr(self, n) for n in self._FIELDS)
 
     def __setstate__(self, state):
-        for name, value in zip(self.__slots__, state):
+        for name, value in zip(self._FIELDS, state):
             setattr(self, name, value)
+        self.stdin = ProcessJobStdin()
 
     @property
     def pid(self) -> int:
@@ -416,6 +520,8 @@ class JobRunner:
         payload = frames[1] if n == 2 else (b"".join(frames[1:]) if n > 2 else b"")
         handler = self._job_handlers.get(header.service)
         ctx = JobContext(self, header)
+        if handler is not None and handler.kind == _IN_THREAD:
+            ctx.stdin = ThreadJobStdin()  # before any INPUT can arrive for it
         self._jobs[rid] = ctx
         if handler is None:
             # READY named only our queues; answer so the slot comes back and
@@ -539,6 +645,10 @@ class JobRunner:
                 try:
                     result = await self._loop.run_in_executor(self._thread_pool, _thread_job,
                                                               handler.fn, payload, ctx)
+                except Exception:
+                    if ctx._reason:  # woken by the cancellation (stdin): answer its reason
+                        raise asyncio.CancelledError() from None
+                    raise
                 finally:
                     self._threads_busy -= 1
                 if inspect.iscoroutine(result):
@@ -584,8 +694,13 @@ class JobRunner:
                 ctx._emit_on_loop("progress", (event[1], event[2]))
             elif event[0] == "output":
                 ctx._emit_on_loop("output", (event[1], event[2]))
+        async def on_ask(question):
+            if question[0] == "stdin":  # ProcessJobStdin.read(): the next piece
+                data = await ctx.stdin.read()
+                return (data, ctx.stdin.closed, ctx.stdin.received, ctx.stdin.dropped)
+            raise ValueError(f"unknown question from a pool process: {question!r}")
         answer = await self._process_pool.run(handler.fn, payload, pctx, on_event=on_event,
-                                              term_grace=KILL_GRACE)
+                                              term_grace=KILL_GRACE, on_ask=on_ask)
         kind = answer[0]
         if kind == "ok":
             return answer[1]

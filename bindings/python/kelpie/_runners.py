@@ -22,7 +22,7 @@ import types
 from . import _compression, _executors, _interceptors, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._context import current_call as _current_call
-from ._handlers import _IN_THREAD, _ON_LOOP
+from ._handlers import _IN_PROCESS, _IN_THREAD, _ON_LOOP
 from ._input import Input, ThreadInput
 from ._status import StatusCode
 from .errors import ResourceExhausted, RpcError
@@ -236,6 +236,12 @@ class Runners:
             ctx._in_thread = True
             run = self._run_stream_in_thread if handler.stream else self._run_in_thread
             ctx._task = self._loop.create_task(run(session, ctx, handler, ctx._input))
+        elif handler.kind == _IN_PROCESS:
+            # Forwarded to the pool child as it reads (_executors.ProcessInput);
+            # a servicer's requests are decoded there.
+            ctx._input = Input(grant)
+            run = self._run_stream_in_process if handler.stream else self._run_in_process
+            ctx._task = self._loop.create_task(run(session, ctx, handler, ctx._input))
         elif handler.stream:
             ctx._input = Input(grant, handler.decode)
             ctx._task = self._loop.create_task(_drive_coro(
@@ -365,7 +371,10 @@ class Runners:
                                          ctx.idempotent, ctx._mono_deadline)
 
         async def in_pool(request):
-            answer = await self._process_pool.run(handler.fn, request, pctx)
+            if ctx._input is not None:  # client-streamed: request iterates the input
+                answer = await self._process_pool.run(handler.fn, b"", pctx, requests=request)
+            else:
+                answer = await self._process_pool.run(handler.fn, request, pctx)
             if answer[0] == "ok":
                 _, body, trailing = answer
                 if trailing:  # beside what interceptors added on the loop
@@ -402,7 +411,9 @@ class Runners:
         the child yields chunks over its pipe, at most PROCESS_STREAM_WINDOW
         ahead of what went to the caller, and each goes out as a CHUNK
         under the caller's window, so a slow reader stops the child. A
-        cancel or the deadline cancels this task, which kills the child."""
+        cancel or the deadline cancels this task, which kills the child.
+        Bidirectional (``payload`` is the call's Input): the child reads
+        the requests as the pool forwards them (_executors.ProcessInput)."""
         pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
                                          ctx.idempotent, ctx._mono_deadline)
         chunks = collections.deque()
@@ -412,8 +423,10 @@ class Runners:
             chunks.append((data, grant))
             arrived.set()
 
+        streamed = ctx._input is not None  # bidirectional: payload is the input
         pool = self._loop.create_task(self._process_pool.run(
-            handler.fn, payload, pctx, stream=PROCESS_STREAM_WINDOW, on_chunk=on_chunk))
+            handler.fn, b"" if streamed else payload, pctx, stream=PROCESS_STREAM_WINDOW,
+            on_chunk=on_chunk, requests=payload if streamed else None))
         pool.add_done_callback(lambda _: arrived.set())
         rid = ctx.request_id
         seq = 0
