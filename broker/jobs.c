@@ -2726,6 +2726,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "journal_failed_commits", js.failed_commits);
         kp_json_u64(j, "journal_largest_batch", js.largest_batch);
         kp_json_u64(j, "journal_rejected_full", js.rejected_full);
+        kp_json_u64(j, "journal_group_reruns", js.group_reruns);
         kp_json_str(j, "store_health", js.unhealthy ? js.error : "ok");
     }
     kp_json_u64(j, "watches", zhashx_size(e->watchers));
