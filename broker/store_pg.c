@@ -343,9 +343,10 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
     /* 53100 disk_full, 53200 out of memory, 53300 too many connections. */
     if (state && strcmp(state, "53100") == 0)
         err = KP_ESTOREFULL;
-    /* Class 22, data exception: the request's own data (a key or queue
-     * name that is not UTF-8, say) was refused, not the store. */
-    if (state && strncmp(state, "22", 2) == 0)
+    /* Class 22 (data exception) and 54000 (a limit, such as a queue name
+     * too long for an index entry): the request's own data was refused,
+     * not the store. */
+    if (state && (strncmp(state, "22", 2) == 0 || strcmp(state, "54000") == 0))
         err = KP_EINVAL;
     const char *msg = r ? PQresultErrorMessage(r) : "";
     if (!msg || !*msg)
