@@ -1265,6 +1265,56 @@ Test(store_pg, claims_hold_the_global_rate_and_concurrency, .timeout = 60)
     kp_store_destroy(&b);
 }
 
+/* Counts of scans on jobs since the server started: sequential, and
+ * through jobs_ready (the cumulative statistics, flushed when a session
+ * ends: polled until the store's session has ended). */
+static void pgt_scans(const char *db, long long min_ready, long long *seq, long long *ready)
+{
+    for (int i = 0; i < 100; i++) {
+        PGconn *c = PQconnectdb(db);
+        cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+        PGresult *r = PQexec(c, "SELECT (SELECT seq_scan FROM pg_stat_user_tables "
+                                "WHERE relname = 'jobs'), (SELECT idx_scan FROM "
+                                "pg_stat_user_indexes WHERE indexrelname = 'jobs_ready')");
+        cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(c));
+        *seq = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+        *ready = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+        PQclear(r);
+        PQfinish(c);
+        if (*ready >= min_ready)
+            return;
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* A claim reads the queue's ready jobs in order through jobs_ready and
+ * stops at max: with 20,000 queued it neither reads the table nor sorts the
+ * backlog (it did both at every claim, O(backlog)). */
+Test(store_pg, claims_read_the_ready_index_not_the_backlog, .timeout = 120)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    kp_store_destroy(&s);
+    pgt_exec(db, "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+                 "max_attempts, timeout_ms, result_ttl_ms, payload) SELECT 'J' || g, 'q', 1, "
+                 "g % 3, 0, 0, 0, 3, 0, 0, 'p' FROM generate_series(1, 20000) g; ANALYZE jobs");
+    long long seq0, ready0, seq1, ready1;
+    pgt_scans(db, 0, &seq0, &ready0);
+    s = pgt_open(db, 7, 10000, T0);
+    for (int i = 0; i < 50; i++) {
+        struct kp_job j;
+        cr_assert(ts_claim(s, "q", T0, &j));
+        cr_assert_eq(j.priority, 2, "highest priority first");
+        kp_job_clear(&j);
+    }
+    kp_store_destroy(&s);
+    pgt_scans(db, ready0 + 50, &seq1, &ready1);
+    cr_assert_geq(ready1 - ready0, 50, "each claim went through jobs_ready");
+    cr_assert_lt(seq1 - seq0, 5, "%lld sequential scans of jobs for 50 claims", seq1 - seq0);
+}
+
 /* A schema 2 database (made before jobs kept their traceparent) is migrated
  * on open; its jobs claim with none, new jobs keep theirs. */
 Test(store_pg, schema_2_is_migrated_to_keep_traceparents, .timeout = 60)
