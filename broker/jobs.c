@@ -345,6 +345,17 @@ static bool meta_str(const kp_header *h, const char *key, char *buf, size_t cap)
     return false;
 }
 
+/* A traceparent worth keeping with a job: printable ASCII, as W3C's is.
+ * Other bytes are not a trace, and a store keeping text would refuse them
+ * (PostgreSQL: not UTF-8), failing the SUBMIT over an optional field. */
+static bool trace_is_text(const char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || (unsigned char)*s > 0x7e)
+            return false;
+    return true;
+}
+
 /* A time in ms since the epoch, as ListJobs takes it: decimal digits only,
  * within the 48 bits a job id holds. */
 static bool parse_ms(const char *text, uint64_t *out)
@@ -1796,7 +1807,7 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
     o->queue = kp_strdup(h->service);
     o->key = dup_or_null(h->idempotency_key);
     char trace[64];
-    if (meta_str(h, "traceparent", trace, sizeof trace))
+    if (meta_str(h, "traceparent", trace, sizeof trace) && trace_is_text(trace))
         o->s1 = kp_strdup(trace); /* kept with the job, sent with each JOB */
     if (npayload == 1) {
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
@@ -3709,6 +3720,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "journal_failed_commits", js.failed_commits);
         kp_json_u64(j, "journal_largest_batch", js.largest_batch);
         kp_json_u64(j, "journal_rejected_full", js.rejected_full);
+        kp_json_u64(j, "journal_group_reruns", js.group_reruns);
         kp_json_str(j, "store_health", js.unhealthy ? js.error : "ok");
     }
     kp_json_u64(j, "watches", zhashx_size(e->watchers));

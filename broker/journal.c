@@ -153,6 +153,71 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
         journal_clear_out(r);
 }
 
+/* SUBMIT, CLAIM and END: the hot path, run through kp_store_run. */
+static bool journal_is_hot(const struct kp_journal_req *r)
+{
+    return r->op == KP_JOURNAL_SUBMIT || r->op == KP_JOURNAL_CLAIM || r->op == KP_JOURNAL_END;
+}
+
+/* The store operation that answers hot request r. */
+static void journal_op(struct kp_journal_req *r, struct kp_store_op *op)
+{
+    memset(op, 0, sizeof *op);
+    op->now = r->now ? r->now : kp_store_now();
+    op->owner = r->in.owner;
+    op->limits = &r->in.limits;
+    op->claimed = &r->out.jobs;
+    op->wait_ms = &r->out.wait_ms;
+    switch (r->op) {
+    case KP_JOURNAL_SUBMIT:
+        op->kind = KP_STORE_OP_INSERT;
+        r->out.refs = kp_calloc(r->in.njobs ? r->in.njobs : 1, sizeof *r->out.refs);
+        op->jobs = r->in.jobs;
+        op->njobs = r->in.njobs;
+        op->refs = r->out.refs;
+        op->queue = r->in.max > 0 ? r->in.queue : NULL;
+        op->max = r->in.max;
+        break;
+    case KP_JOURNAL_CLAIM:
+        op->kind = KP_STORE_OP_CLAIM;
+        op->queue = r->in.queue;
+        op->max = r->in.max;
+        break;
+    default:
+        op->kind = KP_STORE_OP_END;
+        op->id = &r->in.id;
+        op->attempt = r->in.attempt;
+        op->end = &r->in.end;
+        op->state = &r->out.state;
+        break;
+    }
+}
+
+/* Runs the hot requests from *rp on (up to the first other one) as one
+ * kp_store_run, so a shared store sends them in one round trip; *rp is
+ * left at the request after them. */
+static void journal_run_hot(struct kp_store *s, struct kp_journal_req **rp)
+{
+    size_t n = 0;
+    for (struct kp_journal_req *r = *rp; r && journal_is_hot(r); r = r->next)
+        n++;
+    struct kp_store_op *ops = kp_calloc(n, sizeof *ops);
+    struct kp_journal_req *r = *rp;
+    for (size_t i = 0; i < n; i++, r = r->next)
+        journal_op(r, &ops[i]);
+    kp_store_run(s, ops, n);
+    r = *rp;
+    for (size_t i = 0; i < n; i++, r = r->next) {
+        r->out.err = ops[i].err;
+        kp_free(r->out.errmsg);
+        r->out.errmsg = ops[i].errmsg; /* taken over */
+        if (r->out.err != KP_OK)
+            journal_clear_out(r);
+    }
+    kp_free(ops);
+    *rp = r;
+}
+
 /* Did r change the store (so its commit proves the store takes writes)? */
 static bool journal_wrote(const struct kp_journal_req *r)
 {
@@ -199,8 +264,14 @@ static bool journal_run_batch(struct kp_journal *j, struct kp_journal_req *batch
     struct kp_store *s = j->store;
     enum kp_err err = kp_store_begin(s);
     if (err == KP_OK) {
-        for (struct kp_journal_req *r = batch; r; r = r->next)
-            journal_run(s, r);
+        for (struct kp_journal_req *r = batch; r;) {
+            if (journal_is_hot(r)) {
+                journal_run_hot(s, &r);
+            } else {
+                journal_run(s, r);
+                r = r->next;
+            }
+        }
         err = kp_store_commit(s);
     }
     if (err == KP_OK) {
@@ -298,6 +369,7 @@ static void *journal_main(void *arg)
         kp_histo_observe(&j->stats.batch, n, 0);
         journal_health(j, batch.head, ok);
         j->stats.requests += n;
+        j->stats.group_reruns = j->store->group_reruns;
         if (ok)
             j->stats.commits++;
         else

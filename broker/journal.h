@@ -92,6 +92,8 @@ struct kp_journal_stats {
     uint64_t failed_commits;   /* transactions that failed to commit */
     uint64_t largest_batch;    /* most requests in one transaction */
     uint64_t rejected_full;    /* puts refused with KP_EJOURNALFULL */
+    uint64_t group_reruns;     /* groups a statement failed in, run again one request at a
+                                  time (the store's group_reruns: PostgreSQL) */
     struct kp_histo commit_us; /* begin to commit (fsync) of each transaction, us */
     struct kp_histo batch;     /* requests per transaction (shift 0) */
     /* Health (for /readyz): false from a transaction that failed to commit or

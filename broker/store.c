@@ -245,6 +245,87 @@ enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attem
     return s->ops->end(s, id, attempt, e, now, state);
 }
 
+/* The checks the single-operation calls above make, for one op of a group. */
+static enum kp_err store_check(struct kp_store *s, const struct kp_store_op *op)
+{
+    switch (op->kind) {
+    case KP_STORE_OP_INSERT:
+        for (size_t i = 0; i < op->njobs; i++) {
+            const struct kp_job_new *j = &op->jobs[i];
+            if (!j->queue || !*j->queue)
+                return kp_store_fail(s, KP_EINVAL, "job %zu: empty queue name", i);
+            if (j->priority > KP_JOB_PRIORITY_MAX)
+                return kp_store_fail(s, KP_EINVAL, "job %zu: priority %u over %d", i, j->priority,
+                                     KP_JOB_PRIORITY_MAX);
+            if (j->max_attempts == 0)
+                return kp_store_fail(s, KP_EINVAL, "job %zu: max_attempts must be at least 1", i);
+        }
+        return KP_OK;
+    case KP_STORE_OP_END:
+        if ((unsigned)op->end->outcome >= KP_OUTCOME_COUNT || op->end->outcome == KP_OUTCOME_NONE)
+            return kp_store_fail(s, KP_EINVAL, "job %s: attempt outcome %d is not an outcome",
+                                 op->id->s, (int)op->end->outcome);
+        return KP_OK;
+    case KP_STORE_OP_CLAIM:
+        return KP_OK;
+    }
+    return kp_store_fail(s, KP_EINVAL, "operation %d is not a store operation", (int)op->kind);
+}
+
+/* One op through the single-operation calls (stores without run). */
+static enum kp_err store_run_one(struct kp_store *s, struct kp_store_op *op)
+{
+    enum kp_err err = KP_EINVAL;
+    switch (op->kind) {
+    case KP_STORE_OP_INSERT:
+        err = s->ops->insert(s, op->jobs, op->njobs, op->now, op->refs);
+        if (err == KP_OK && op->queue && op->max > 0) {
+            size_t had = op->claimed->n;
+            if (kp_store_claim_limited(s, op->queue, op->max, op->owner, op->now, op->limits,
+                                       op->claimed, op->wait_ms) != KP_OK) {
+                while (op->claimed->n > had)
+                    kp_job_clear(&op->claimed->v[--op->claimed->n]);
+                *op->wait_ms = 0;
+            }
+        }
+        break;
+    case KP_STORE_OP_CLAIM:
+        err = kp_store_claim_limited(s, op->queue, op->max, op->owner, op->now, op->limits,
+                                     op->claimed, op->wait_ms);
+        break;
+    case KP_STORE_OP_END:
+        err = s->ops->end(s, op->id, op->attempt, op->end, op->now, op->state);
+        break;
+    }
+    return err;
+}
+
+void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        struct kp_store_op *op = &ops[i];
+        if (op->wait_ms)
+            *op->wait_ms = 0;
+        kp_free(op->errmsg);
+        op->errmsg = NULL;
+        op->err = store_check(s, op);
+        if (op->err != KP_OK)
+            op->errmsg = kp_strdup(kp_store_errmsg(s));
+    }
+    if (s->ops->run) {
+        s->ops->run(s, ops, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct kp_store_op *op = &ops[i];
+        if (op->err != KP_OK)
+            continue;
+        op->err = store_run_one(s, op);
+        if (op->err != KP_OK)
+            op->errmsg = kp_strdup(kp_store_errmsg(s));
+    }
+}
+
 enum kp_err kp_store_cancel(struct kp_store *s, const kp_job_id *id, uint64_t now)
 {
     return s->ops->cancel(s, id, now);

@@ -132,8 +132,7 @@ struct kp_job {
     size_t output_len;
     struct kp_attempt *history; /* get only: every attempt, oldest first */
     size_t nhistory;
-    char *trace; /* claim: the traceparent it was submitted with; NULL when none (or a store
-                    that does not keep it: PostgreSQL) */
+    char *trace; /* claim: the traceparent it was submitted with; NULL when none */
 };
 
 /* A growable array of jobs (claim, list). */
@@ -182,6 +181,34 @@ struct kp_queue_counts {
     size_t n, cap;
 };
 
+/* One operation of a group handed to kp_store_run (the journal's hot path):
+ * what to do, its inputs (borrowed for the call) and where its answers go. */
+enum kp_store_op_kind {
+    KP_STORE_OP_INSERT, /* insert(jobs, njobs) into refs; then a claim rides when queue is set */
+    KP_STORE_OP_CLAIM,  /* claim_limited(queue, max, owner, limits) into claimed, wait_ms */
+    KP_STORE_OP_END,    /* end(id, attempt, end) into state */
+};
+
+struct kp_store_op {
+    enum kp_store_op_kind kind;
+    uint64_t now;
+    const struct kp_job_new *jobs; /* INSERT */
+    size_t njobs;
+    struct kp_job_ref *refs;              /* INSERT: njobs entries, filled */
+    const char *queue;                    /* CLAIM; INSERT: NULL for no claim riding on it */
+    size_t max;                           /* CLAIM, and the one riding on an INSERT */
+    uint64_t owner;                       /* the claiming broker's id */
+    const struct kp_claim_limits *limits; /* NULL for none */
+    struct kp_jobs *claimed;              /* leased jobs are appended here (when claiming) */
+    uint64_t *wait_ms;                    /* as claim_limited's (when claiming) */
+    const kp_job_id *id;                  /* END */
+    uint32_t attempt;                     /* END */
+    const struct kp_job_end *end;         /* END */
+    enum kp_job_state *state;             /* END: the job's new state */
+    enum kp_err err;                      /* answer: KP_OK or why this operation failed */
+    char *errmsg;                         /* answer: owned (kp_free), NULL on success */
+};
+
 struct kp_store;
 
 /* The implementation's side of the functions below; same contracts. */
@@ -211,6 +238,9 @@ struct kp_store_ops {
     enum kp_err (*claim_limited)(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
                                  uint64_t now, const struct kp_claim_limits *lim,
                                  struct kp_jobs *out, uint64_t *wait_ms);
+    /* NULL: kp_store_run calls insert, claim_limited and end in turn. Runs
+     * the ops whose err is KP_OK on entry (kp_store_run checked them). */
+    void (*run)(struct kp_store *s, struct kp_store_op *ops, size_t n);
     void (*close)(struct kp_store *s);
 };
 
@@ -218,6 +248,9 @@ struct kp_store_ops {
 struct kp_store {
     const struct kp_store_ops *ops;
     char errmsg[KP_STORE_ERRMSG_MAX]; /* the last failure: file and cause */
+    /* Groups kp_store_run sent whole, then ran again one operation at a
+     * time because a statement in them failed (PostgreSQL); 0 elsewhere. */
+    uint64_t group_reruns;
 };
 
 /* ---- opening ------------------------------------------------------------- */
@@ -373,6 +406,21 @@ enum kp_err kp_store_claim_limited(struct kp_store *s, const char *queue, size_t
  * job; KP_EJOBSTATE if it is not leased in that attempt (otherwise). */
 enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state);
+
+/* Runs n hot-path operations (insert with an optional claim riding on it,
+ * claim, end), each with the effects and answers it would have called on
+ * its own: each succeeds or fails alone (its err and errmsg), and a claim
+ * riding on an insert that fails leases nothing without failing the insert.
+ * Inside a group (begin/commit) they are part of the group; outside one each
+ * commits by itself. A shared store sends them all in one round trip (one
+ * write, its answers read once); when a statement fails there, it undoes
+ * what they did and runs them again one at a time, so the failure stays the
+ * failing operation's own (counted in group_reruns). The effects of
+ * operations may land in another order than given: an END that the
+ * one-statement path cannot settle (a late success, a repeated RESULT, an
+ * attempt not running) is run after the others, as if it had come a moment
+ * later. */
+void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n);
 
 /* Cancels a job that is not running (SCHEDULED or QUEUED) → CANCELLED.
  * KP_ENOJOB if unknown; KP_EJOBSTATE if leased (the engine must stop the

@@ -35,9 +35,10 @@
 #include <libpq-fe.h>
 
 #include "alloc.h"
+#include "log.h"
 #include "store.h"
 
-#define PG_SCHEMA_VERSION 2
+#define PG_SCHEMA_VERSION 3
 /* The channel every broker LISTENs on (store.h, kp_pg_listener). */
 #define PG_CHANNEL "kelpie"
 /* pg_notify refuses payloads of 8000 bytes or more. */
@@ -53,7 +54,7 @@ _Static_assert(KP_JOB_SCHEDULED == 0 && KP_JOB_QUEUED == 1 && KP_JOB_LEASED == 2
 
 static const char pg_schema[] =
     "CREATE TABLE kelpie_meta(version integer NOT NULL);"
-    "INSERT INTO kelpie_meta VALUES (2);"
+    "INSERT INTO kelpie_meta VALUES (3);"
     "CREATE TABLE brokers("
     " id bigint PRIMARY KEY,"
     " heartbeat_at bigint NOT NULL," /* ms since epoch, the broker's clock */
@@ -104,7 +105,9 @@ static const char pg_schema[] =
     " queue text PRIMARY KEY,"
     " tokens double precision NOT NULL," /* the global rate's bucket */
     " at bigint NOT NULL);"              /* its last refill, ms on the server's clock */
-    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;";
+    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
+    /* version 3 */
+    "ALTER TABLE jobs ADD COLUMN trace text;"; /* the W3C traceparent it was submitted with */
 
 /* From version 1 (no global limits) to 2: additive, nothing rewritten. */
 static const char pg_migrate_1_2[] =
@@ -114,6 +117,11 @@ static const char pg_migrate_1_2[] =
     " at bigint NOT NULL);"
     "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
     "UPDATE kelpie_meta SET version = 2;";
+
+/* From version 2 to 3 (jobs keep their traceparent): additive; jobs stored
+ * before have none. */
+static const char pg_migrate_2_3[] = "ALTER TABLE jobs ADD COLUMN trace text;"
+                                     "UPDATE kelpie_meta SET version = 3;";
 
 #define PG_JOB_COLS                                                                                \
     "seq, id, queue, idem_key, state, priority, attempts, max_attempts, created_at, updated_at, "  \
@@ -140,6 +148,131 @@ enum {
     C_RESULT,
     C_OUTPUT
 };
+#define C_CLAIM_TRACE (C_PAYLOAD + 1) /* a claim's rows: the columns, payload, trace */
+
+/* ---- the hot path's statements ---------------------------------------------- */
+
+/* Each hot operation is one statement (a claim of a limited queue two), so
+ * a group's operations can all be sent at once (pg_pipe) and so the slow
+ * path, one operation at a time, sends the same ones. pg_session prepares
+ * them on every connection. Parameters are cast where they first appear:
+ * their types are inferred when prepared. */
+
+/* A job without an idempotency key: $1 id, $2 queue, $3 state, $4 priority,
+ * $5 run_at, $6 now, $7 max_attempts, $8 timeout_ms, $9 result_ttl_ms,
+ * $10 key (NULL), $11 payload, $12 backoff_ms, $13 traceparent. */
+static const char pg_insert_sql[] =
+    "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+    "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms, trace) "
+    "VALUES($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+/* A job with a key, and $14 the key's expiry. One statement takes the key
+ * unless a live one holds it, and inserts the job only if it took it. The
+ * DO UPDATE always writes the row (back to itself when the key is live), so
+ * RETURNING always names the key's job: the one just made, or the live one
+ * as last committed, even when another broker took the key after this
+ * statement began (ON CONFLICT waits for it, then reads its row). */
+static const char pg_insert_keyed_sql[] =
+    "WITH k AS (INSERT INTO idem AS i(queue, key, job_id, expires_at) "
+    "  VALUES($2::text, $10::text, $1::text, $14::bigint) ON CONFLICT (queue, key) DO UPDATE SET "
+    "  job_id = CASE WHEN i.expires_at <= $6::bigint THEN EXCLUDED.job_id ELSE i.job_id END, "
+    "  expires_at = CASE WHEN i.expires_at <= $6 THEN EXCLUDED.expires_at ELSE i.expires_at END "
+    "  RETURNING job_id), "
+    "j AS (INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+    "  max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms, trace) "
+    "  SELECT $1, $2, $3::smallint, $4::smallint, $5::bigint, $6, $6, $7::integer, $8::bigint, "
+    "  $9::bigint, $10, $11::bytea, $12::bigint, $13::text FROM k WHERE k.job_id = $1) "
+    "SELECT job_id FROM k";
+
+/* Ready means QUEUED, or SCHEDULED and due: due jobs are taken directly, no
+ * separate promotion pass that brokers would contend on. The two are picked
+ * apart, each in the order of its own index (jobs_ready, jobs_sched), and
+ * merged: one condition over both states cannot use either index, so it
+ * read and sorted every ready job of the queue at each claim (O(backlog),
+ * 100 ms at 3,000 queued). Up to `max` of each are locked; those not
+ * leased are unlocked at commit (other claims skip them meanwhile). */
+#define PG_PICK(LIMIT)                                                                             \
+    "ready AS (SELECT seq, priority FROM jobs WHERE queue = $1 AND state = 1 "                     \
+    "  ORDER BY priority DESC, seq LIMIT " LIMIT " FOR UPDATE SKIP LOCKED), "                      \
+    "due AS (SELECT seq, priority FROM jobs WHERE queue = $1 AND state = 0 AND run_at <= $4 "      \
+    "  ORDER BY priority DESC, seq LIMIT " LIMIT " FOR UPDATE SKIP LOCKED), "                      \
+    "picked AS (SELECT seq FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) r "              \
+    "  ORDER BY priority DESC, seq LIMIT " LIMIT "), "
+
+/* $1 queue, $2 max, $3 owner, $4 now. (Not formatted: one part a line.) */
+/* clang-format off */
+static const char pg_claim_sql[] =
+    "WITH "
+    PG_PICK("$2")
+    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = $3, "
+    "  updated_at = $4 FROM picked WHERE j.seq = picked.seq RETURNING j.*), "
+    "started AS (INSERT INTO attempts(job_seq, n, outcome, started_at) "
+    "  SELECT seq, attempts, 0, $4 FROM leased) "
+    "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
+/* clang-format on */
+
+/* Takes the queue's limits row (claims of a limited queue take turns on it
+ * until commit) and refills its bucket on the server's clock: $1 queue, $2
+ * rate. Its own statement, before the claim: a statement's snapshot is
+ * taken when it starts, so only a claim that starts after the lock is held
+ * sees every lease committed before it. */
+static const char pg_limits_sql[] =
+    "WITH t AS (SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS ms) "
+    "INSERT INTO queue_limits AS l(queue, tokens, at) SELECT $1, $2, ms FROM t "
+    "ON CONFLICT (queue) DO UPDATE SET "
+    "tokens = least($2::float8, l.tokens + greatest(0, EXCLUDED.at - l.at) * $2 / 1000.0),"
+    " at = greatest(l.at, EXCLUDED.at) RETURNING tokens";
+
+/* The claim of a limited queue, after pg_limits_sql: as pg_claim_sql, but
+ * no more than the bucket's whole tokens ($5 rate, 0 for none) and the room
+ * under the concurrency limit ($6, 0 for none; leases of every broker)
+ * allow, spending a token per job leased. (Not formatted: one part a line.) */
+/* clang-format off */
+static const char pg_claim_limited_sql[] =
+    "WITH room AS (SELECT least($2::bigint, "
+    "  CASE WHEN $5::bigint > 0 THEN (SELECT greatest(0, floor(tokens))::bigint "
+    "    FROM queue_limits WHERE queue = $1::text) ELSE $2 END, "
+    "  CASE WHEN $6::bigint > 0 THEN greatest(0, $6 - (SELECT count(*) FROM jobs "
+    "    WHERE queue = $1 AND state = 2)) ELSE $2 END) AS n), "
+    PG_PICK("(SELECT n FROM room)")
+    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = $3::bigint, "
+    "  updated_at = $4 FROM picked WHERE j.seq = picked.seq RETURNING j.*), "
+    "started AS (INSERT INTO attempts(job_seq, n, outcome, started_at) "
+    "  SELECT seq, attempts, 0, $4 FROM leased), "
+    "spent AS (UPDATE queue_limits SET tokens = tokens - (SELECT count(*) FROM leased) "
+    "  WHERE queue = $1 AND $5 > 0 AND EXISTS (SELECT 1 FROM leased)) "
+    "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
+/* clang-format on */
+
+/* The end of a running attempt, as pg_settle decides it, in one statement:
+ * $1 id, $2 attempt, $3 outcome, $4 now, $5 message, $6 retry_at (NULL: no
+ * retry), $7 result, $8 output (NULL keeps the last). Its row says the
+ * job's state before, then after (NULL when the attempt is not the one
+ * running: a late success, a repeat or a stale end, left to pg_end_inner),
+ * run_at and queue; no row when there is no such job. */
+static const char pg_end_sql[] =
+    "WITH j AS (SELECT seq, state, attempts, attempt_base, max_attempts, result_ttl_ms "
+    "  FROM jobs WHERE id = $1::text FOR UPDATE), "
+    "d AS (SELECT seq, attempts, result_ttl_ms, "
+    "  CASE WHEN $3::smallint = 1 THEN 3 WHEN $3 = 5 THEN 5 "
+    "  WHEN $6::bigint IS NULL OR attempts - attempt_base >= max_attempts THEN 4 "
+    "  WHEN $6 > $4::bigint THEN 0 ELSE 1 END AS next "
+    "  FROM j WHERE state = 2 AND attempts = $2::integer), "
+    "a AS (UPDATE attempts t SET outcome = $3, ended_at = $4, message = $5::text "
+    "  FROM d WHERE t.job_seq = d.seq AND t.n = d.attempts), "
+    "m AS (UPDATE jobs t SET state = d.next, "
+    "  run_at = CASE WHEN d.next = 0 THEN $6 ELSE $4 END, updated_at = $4, owner = 0, "
+    "  result = CASE WHEN d.next = 3 THEN $7::bytea END, "
+    "  expires_at = CASE WHEN d.next IN (3, 5) THEN $4 + d.result_ttl_ms END, "
+    "  output = coalesce($8::bytea, t.output) "
+    "  FROM d WHERE t.seq = d.seq RETURNING t.state, t.run_at, t.queue) "
+    "SELECT j.state, m.state, m.run_at, m.queue FROM j LEFT JOIN m ON true";
+
+_Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
+               "pg_end_sql names outcomes by number");
+
+static const char *const pg_hot[] = {pg_insert_sql, pg_insert_keyed_sql,  pg_claim_sql,
+                                     pg_limits_sql, pg_claim_limited_sql, pg_end_sql};
 
 struct pg_store {
     struct kp_store base;
@@ -149,7 +282,10 @@ struct pg_store {
     uint64_t lease_ms;     /* a broker without a heartbeat for this long is dead */
     uint64_t last_beat;    /* when this broker's last heartbeat went through */
     uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
-    bool in_txn;
+    bool in_txn;           /* a group is open (begin() was called) */
+    bool txn_open;         /* its BEGIN has been sent: begin() only marks the group, and
+                              BEGIN goes with the group's first statements, one round
+                              trip fewer */
     /* The savepoint of the last operation that succeeded in the group is
      * still open: released in the same round trip as the next one's is
      * taken (or by COMMIT), one round trip per operation fewer. */
@@ -221,6 +357,11 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
     /* 53100 disk_full, 53200 out of memory, 53300 too many connections. */
     if (state && strcmp(state, "53100") == 0)
         err = KP_ESTOREFULL;
+    /* Class 22 (data exception) and 54000 (a limit, such as a queue name
+     * too long for an index entry): the request's own data was refused,
+     * not the store. */
+    if (state && (strncmp(state, "22", 2) == 0 || strcmp(state, "54000") == 0))
+        err = KP_EINVAL;
     const char *msg = r ? PQresultErrorMessage(r) : "";
     if (!msg || !*msg)
         msg = q->conn ? PQerrorMessage(q->conn) : "out of memory";
@@ -401,6 +542,17 @@ static enum kp_err pg_session(struct pg_store *q)
                    "session settings");
 }
 
+/* Prepares the hot path's statements on a session whose schema is set up:
+ * a pipeline cannot wait for a PREPARE's answer before it uses the name. */
+static enum kp_err pg_prepare_hot(struct pg_store *q)
+{
+    char name[16];
+    for (size_t i = 0; i < sizeof pg_hot / sizeof pg_hot[0]; i++)
+        if (!pg_prepared(q, pg_hot[i], 0, name, sizeof name))
+            return pg_fail(q, NULL, "prepare statements");
+    return KP_OK;
+}
+
 /* Re-establishes a lost connection (outside a group only). */
 static enum kp_err pg_alive(struct pg_store *q)
 {
@@ -410,39 +562,46 @@ static enum kp_err pg_alive(struct pg_store *q)
     q->nprepared = 0; /* a new session: nothing is prepared in it */
     if (PQstatus(q->conn) != CONNECTION_OK)
         return pg_fail(q, NULL, "reconnect");
-    return pg_session(q);
+    enum kp_err err = pg_session(q);
+    return err == KP_OK ? pg_prepare_hot(q) : err;
 }
 
-/* BEGIN, on a connection re-established if it was lost: libpq only notices
- * a connection the server dropped when a command fails on it, and nothing
- * has been done yet, so one retry on a fresh connection is safe. */
-static enum kp_err pg_start(struct pg_store *q)
+/* BEGIN (sql starts with it), on a connection re-established if it was
+ * lost: libpq only notices a connection the server dropped when a command
+ * fails on it, and nothing has been done yet, so one retry on a fresh
+ * connection is safe. */
+static enum kp_err pg_start(struct pg_store *q, const char *sql)
 {
     enum kp_err err = pg_alive(q);
     if (err == KP_OK)
-        err = pg_exec(q, "BEGIN", "BEGIN");
+        err = pg_exec(q, sql, "BEGIN");
     if (err != KP_OK && PQstatus(q->conn) != CONNECTION_OK && (err = pg_alive(q)) == KP_OK)
-        err = pg_exec(q, "BEGIN", "BEGIN");
+        err = pg_exec(q, sql, "BEGIN");
     return err;
 }
 
 static enum kp_err pg_op_begin(struct pg_store *q)
 {
     q->notes_mark = q->notes_len;
-    if (q->in_txn) {
-        if (q->txn_err)
-            return kp_store_fail(&q->base, q->txn_err,
-                                 "postgresql %s: the transaction was already lost", q->where);
-        enum kp_err err = pg_exec(
-            q, q->sp_open ? "RELEASE SAVEPOINT op; SAVEPOINT op" : "SAVEPOINT op", "SAVEPOINT");
-        /* Failed: which savepoint is open is unknown, so nothing in the
-         * group can be trusted any more. */
-        if (err != KP_OK)
-            q->txn_err = err;
-        q->sp_open = err == KP_OK;
-        return err;
+    if (!q->in_txn)
+        return pg_start(q, "BEGIN");
+    if (q->txn_err)
+        return kp_store_fail(&q->base, q->txn_err,
+                             "postgresql %s: the transaction was already lost", q->where);
+    enum kp_err err;
+    if (!q->txn_open) {
+        err = pg_start(q, "BEGIN; SAVEPOINT op");
+        q->txn_open = err == KP_OK;
+    } else {
+        err = pg_exec(q, q->sp_open ? "RELEASE SAVEPOINT op; SAVEPOINT op" : "SAVEPOINT op",
+                      "SAVEPOINT");
     }
-    return pg_start(q);
+    /* Failed: which savepoint is open is unknown, so nothing in the group
+     * can be trusted any more. */
+    if (err != KP_OK)
+        q->txn_err = err;
+    q->sp_open = err == KP_OK;
+    return err;
 }
 
 /* COMMITs the open transaction with its notifications in the same round
@@ -519,30 +678,35 @@ static enum kp_err pg_read_end(struct pg_store *q, enum kp_err err)
     return q->in_txn ? pg_op_end(q, err) : err;
 }
 
+/* Opens a group without a round trip: its BEGIN goes with its first
+ * statements (pg_op_begin, pg_pipe). Cannot fail. */
 static enum kp_err pg_begin(struct kp_store *s)
 {
     struct pg_store *q = pg(s);
-    enum kp_err err = pg_start(q);
-    if (err == KP_OK) {
-        q->in_txn = true;
-        q->sp_open = false;
-        q->txn_err = KP_OK;
-        q->notes_len = q->notes_mark = 0;
-    }
-    return err;
+    q->in_txn = true;
+    q->txn_open = false;
+    q->sp_open = false;
+    q->txn_err = KP_OK;
+    q->notes_len = q->notes_mark = 0;
+    return KP_OK;
 }
 
 static enum kp_err pg_commit(struct kp_store *s)
 {
     struct pg_store *q = pg(s);
     enum kp_err err = q->txn_err;
-    q->in_txn = false;
+    bool open = q->txn_open;
+    q->in_txn = q->txn_open = false;
     q->txn_err = KP_OK;
     if (err != KP_OK) {
         q->notes_len = q->notes_mark = 0;
-        if (PQstatus(q->conn) == CONNECTION_OK)
+        if (open && PQstatus(q->conn) == CONNECTION_OK)
             pg_exec(q, "ROLLBACK", "ROLLBACK");
         return err;
+    }
+    if (!open) {
+        q->notes_len = q->notes_mark = 0;
+        return KP_OK; /* nothing was sent: nothing to commit */
     }
     /* The journal fails the whole group when this fails. */
     return pg_finish(q);
@@ -551,185 +715,198 @@ static enum kp_err pg_commit(struct kp_store *s)
 static void pg_rollback(struct kp_store *s)
 {
     struct pg_store *q = pg(s);
-    if (PQstatus(q->conn) == CONNECTION_OK)
+    if (q->txn_open && PQstatus(q->conn) == CONNECTION_OK)
         pg_exec(q, "ROLLBACK", "ROLLBACK");
-    q->in_txn = false;
+    q->in_txn = q->txn_open = false;
     q->txn_err = KP_OK;
     q->notes_len = q->notes_mark = 0;
 }
 
 /* ---- operations ------------------------------------------------------------ */
 
-static enum kp_err pg_insert_one(struct pg_store *q, const struct kp_job_new *in, uint64_t now,
-                                 struct kp_job_ref *out)
+/* One statement and its parameters. */
+struct pg_stmt {
+    const char *sql;
+    struct pg_args a;
+    const char *what; /* for messages */
+};
+
+static bool pg_keyed(const struct kp_job_new *in)
 {
-    bool keyed = in->idempotency_key && *in->idempotency_key;
-    kp_job_id_new(now, &out->id);
-    out->existed = false;
-    enum kp_err err;
-    if (keyed) {
-        /* One statement takes the key unless a live one holds it; a
-         * concurrent inserter of the same key is waited for, then seen. */
-        struct pg_args a = {0};
-        arg_text(&a, in->queue);
-        arg_text(&a, in->idempotency_key);
-        arg_text(&a, out->id.s);
-        arg_i64(&a, (int64_t)(now + in->key_ttl_ms));
-        arg_i64(&a, (int64_t)now);
-        PGresult *r;
-        err = pg_run(q,
-                     "INSERT INTO idem(queue, key, job_id, expires_at) VALUES($1, $2, $3, $4) "
-                     "ON CONFLICT (queue, key) DO UPDATE SET job_id = EXCLUDED.job_id, "
-                     "expires_at = EXCLUDED.expires_at WHERE idem.expires_at <= $5 "
-                     "RETURNING job_id",
-                     &a, "take idempotency key", &r);
-        if (err != KP_OK)
-            return err;
-        bool taken = PQntuples(r) == 1;
-        PQclear(r);
-        if (!taken) {
-            a.n = 0;
-            arg_text(&a, in->queue);
-            arg_text(&a, in->idempotency_key);
-            err = pg_run(q, "SELECT job_id FROM idem WHERE queue = $1 AND key = $2", &a,
-                         "idempotency key lookup", &r);
-            if (err != KP_OK)
-                return err;
-            if (PQntuples(r) == 1) {
-                snprintf(out->id.s, sizeof out->id.s, "%s", PQgetvalue(r, 0, 0));
-                out->existed = true;
-            }
-            PQclear(r);
-            if (!out->existed)
-                return kp_store_fail(&q->base, KP_ESTOREIO,
-                                     "postgresql %s: idempotency key vanished", q->where);
+    return in->idempotency_key && *in->idempotency_key;
+}
+
+/* The statement that inserts job `in` under id (pg_insert_sql or, with a
+ * key, pg_insert_keyed_sql). */
+static void stmt_insert(const struct kp_job_new *in, const kp_job_id *id, uint64_t now,
+                        struct pg_stmt *st)
+{
+    bool keyed = pg_keyed(in), later = in->run_at > now;
+    struct pg_args *a = &st->a;
+    a->n = 0;
+    st->sql = keyed ? pg_insert_keyed_sql : pg_insert_sql;
+    st->what = "insert job";
+    arg_text(a, id->s);
+    arg_text(a, in->queue);
+    arg_i64(a, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED);
+    arg_i64(a, in->priority);
+    arg_i64(a, (int64_t)(later ? in->run_at : now));
+    arg_i64(a, (int64_t)now);
+    arg_i64(a, in->max_attempts);
+    arg_i64(a, (int64_t)in->timeout_ms);
+    arg_i64(a, (int64_t)in->result_ttl_ms);
+    arg_text(a, keyed ? in->idempotency_key : NULL);
+    arg_bytea(a, in->payload, in->payload_len);
+    arg_i64(a, (int64_t)in->backoff_ms);
+    arg_text(a, in->trace && *in->trace ? in->trace : NULL);
+    if (keyed)
+        arg_i64(a, (int64_t)(now + in->key_ttl_ms));
+}
+
+/* Reads an insert's answer into ref (its id made before sending) and tells
+ * the other brokers of a new job. A keyed insert's row names the key's job:
+ * another one means the key was live (nothing inserted). */
+static enum kp_err read_insert(struct pg_store *q, PGresult *r, const struct kp_job_new *in,
+                               uint64_t now, struct kp_job_ref *ref)
+{
+    if (pg_keyed(in)) {
+        if (PQntuples(r) != 1)
+            return kp_store_fail(&q->base, KP_ESTOREIO,
+                                 "postgresql %s: idempotency key %s: no job named", q->where,
+                                 in->idempotency_key);
+        const char *holder = PQgetvalue(r, 0, 0);
+        if (strcmp(holder, ref->id.s) != 0) {
+            snprintf(ref->id.s, sizeof ref->id.s, "%s", holder);
+            ref->existed = true;
             return KP_OK;
         }
     }
     bool later = in->run_at > now;
-    struct pg_args a = {0};
-    arg_text(&a, out->id.s);
-    arg_text(&a, in->queue);
-    arg_i64(&a, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED);
-    arg_i64(&a, in->priority);
-    arg_i64(&a, (int64_t)(later ? in->run_at : now));
-    arg_i64(&a, (int64_t)now);
-    arg_i64(&a, in->max_attempts);
-    arg_i64(&a, (int64_t)in->timeout_ms);
-    arg_i64(&a, (int64_t)in->result_ttl_ms);
-    arg_text(&a, keyed ? in->idempotency_key : NULL);
-    arg_bytea(&a, in->payload, in->payload_len);
-    arg_i64(&a, (int64_t)in->backoff_ms);
-    err = pg_run(q,
-                 "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
-                 "max_attempts, timeout_ms, result_ttl_ms, idem_key, payload, backoff_ms) "
-                 "VALUES($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, $11, $12)",
-                 &a, "insert job", NULL);
-    if (err == KP_OK)
-        pg_note_move(q, in->queue, out->id.s, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
-                     false);
-    return err;
+    pg_note_move(q, in->queue, ref->id.s, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
+                 false);
+    return KP_OK;
 }
 
-static enum kp_err pg_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
-                             uint64_t now, struct kp_job_ref *out)
+static bool pg_limited(const struct kp_claim_limits *lim)
 {
-    struct pg_store *q = pg(s);
-    enum kp_err err = pg_op_begin(q);
-    for (size_t i = 0; i < n && err == KP_OK; i++)
-        err = pg_insert_one(q, &jobs[i], now, &out[i]);
-    return pg_op_end(q, err);
+    return lim && (lim->rate || lim->concurrency);
 }
 
-/* Ready means QUEUED, or SCHEDULED and due: due jobs are taken directly, no
- * separate promotion pass that brokers would contend on. */
-static const char pg_claim_sql[] =
-    "WITH picked AS (SELECT seq FROM jobs WHERE queue = $1 AND "
-    "  (state = 1 OR (state = 0 AND run_at <= $4)) "
-    "  ORDER BY priority DESC, seq LIMIT $2 FOR UPDATE SKIP LOCKED), "
-    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = $3, "
-    "  updated_at = $4 FROM picked WHERE j.seq = picked.seq RETURNING j.*), "
-    "started AS (INSERT INTO attempts(job_seq, n, outcome, started_at) "
-    "  SELECT seq, attempts, 0, $4 FROM leased) "
-    "SELECT " PG_JOB_COLS ", payload FROM leased ORDER BY priority DESC, seq";
-
-static enum kp_err pg_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
-                            uint64_t now, struct kp_jobs *out)
+/* The refill of a limited queue's bucket (pg_limits_sql). */
+static void stmt_limits(const char *queue, const struct kp_claim_limits *lim, struct pg_stmt *st)
 {
-    struct pg_store *q = pg(s);
-    enum kp_err err = pg_op_begin(q);
-    PGresult *r = NULL;
-    if (err == KP_OK) {
-        struct pg_args a = {0};
-        arg_text(&a, queue);
-        arg_i64(&a, (int64_t)max);
-        arg_i64(&a, (int64_t)owner);
-        arg_i64(&a, (int64_t)now);
-        err = pg_run(q, pg_claim_sql, &a, "claim jobs", &r);
+    st->sql = pg_limits_sql;
+    st->what = "take queue limits";
+    st->a.n = 0;
+    arg_text(&st->a, queue);
+    arg_i64(&st->a, lim->rate);
+}
+
+/* The claim itself: pg_claim_sql, or pg_claim_limited_sql after stmt_limits. */
+static void stmt_claim(const char *queue, size_t max, uint64_t owner, uint64_t now,
+                       const struct kp_claim_limits *lim, struct pg_stmt *st)
+{
+    bool limited = pg_limited(lim);
+    st->sql = limited ? pg_claim_limited_sql : pg_claim_sql;
+    st->what = "claim jobs";
+    st->a.n = 0;
+    arg_text(&st->a, queue);
+    arg_i64(&st->a, (int64_t)max);
+    arg_i64(&st->a, (int64_t)owner);
+    arg_i64(&st->a, (int64_t)now);
+    if (limited) {
+        arg_i64(&st->a, lim->rate);
+        arg_i64(&st->a, lim->concurrency);
     }
-    err = pg_op_end(q, err);
-    if (err == KP_OK) {
-        for (int i = 0; i < PQntuples(r); i++) {
-            struct kp_job *j = kp_jobs_push(out);
-            row_job(r, i, j);
-            j->payload = col_bytea(r, i, C_PAYLOAD, &j->payload_len);
+}
+
+/* Appends a claim's leased jobs to out; with a rate, *wait_ms is how long
+ * until the next token when the rate (not a lack of ready jobs) cut the
+ * claim short. `tokens` is the bucket after its refill (stmt_limits). */
+static void read_claim(PGresult *r, size_t max, const struct kp_claim_limits *lim, double tokens,
+                       struct kp_jobs *out, uint64_t *wait_ms)
+{
+    size_t got = (size_t)PQntuples(r);
+    for (size_t i = 0; i < got; i++) {
+        struct kp_job *j = kp_jobs_push(out);
+        row_job(r, (int)i, j);
+        j->payload = col_bytea(r, (int)i, C_PAYLOAD, &j->payload_len);
+        j->trace = col_text(r, (int)i, C_CLAIM_TRACE);
+    }
+    *wait_ms = 0;
+    if (!lim || !lim->rate)
+        return;
+    /* What the bucket allowed: when the concurrency limit allowed fewer,
+     * got is short of it and at least a whole token is left. */
+    double whole = tokens < 0 ? 0 : tokens;
+    size_t allow = (double)max > whole ? (size_t)whole : max;
+    double left = tokens - (double)got;
+    if (got == allow && allow < max && left < 1.0)
+        *wait_ms = (uint64_t)((1.0 - left) * 1000.0 / lim->rate) + 1;
+}
+
+/* The end of attempt `attempt` of job id (pg_end_sql). */
+static void stmt_end(const kp_job_id *id, uint32_t attempt, const struct kp_job_end *e,
+                     uint64_t now, struct pg_stmt *st)
+{
+    struct pg_args *a = &st->a;
+    st->sql = pg_end_sql;
+    st->what = "end attempt";
+    a->n = 0;
+    arg_text(a, id->s);
+    arg_i64(a, attempt);
+    arg_i64(a, e->outcome);
+    arg_i64(a, (int64_t)now);
+    arg_text(a, e->message && *e->message ? e->message : NULL);
+    if (e->retry_at == KP_NO_RETRY)
+        arg_null(a);
+    else
+        arg_i64(a, (int64_t)e->retry_at);
+    arg_bytea(a, e->result, e->result_len);
+    if (e->output_len > 0)
+        arg_bytea(a, e->output, e->output_len);
+    else
+        arg_null(a);
+}
+
+/* Reads pg_end_sql's answer: KP_OK with *state (and the others told), or
+ * KP_ENOJOB, or *slow when the attempt is not the one running and
+ * pg_end_inner must decide (nothing was changed). */
+static enum kp_err read_end(struct pg_store *q, PGresult *r, const kp_job_id *id,
+                            enum kp_job_state *state, bool *slow)
+{
+    *slow = false;
+    if (PQntuples(r) != 1)
+        return kp_store_fail(&q->base, KP_ENOJOB, "job %s: no such job", id->s);
+    if (PQgetisnull(r, 0, 1)) {
+        *slow = true;
+        return KP_OK;
+    }
+    *state = (enum kp_job_state)col_i64(r, 0, 1);
+    pg_note_move(q, PQgetvalue(r, 0, 3), id->s, *state, (uint64_t)col_i64(r, 0, 2), true);
+    return KP_OK;
+}
+
+/* ---- the slow path: one operation, one statement at a time ------------------- */
+
+/* Inserts n jobs, all or none, in a savepoint of their own. */
+static enum kp_err pg_insert_slow(struct pg_store *q, const struct kp_job_new *jobs, size_t n,
+                                  uint64_t now, struct kp_job_ref *out)
+{
+    enum kp_err err = pg_op_begin(q);
+    struct pg_stmt st;
+    for (size_t i = 0; i < n && err == KP_OK; i++) {
+        kp_job_id_new(now, &out[i].id);
+        out[i].existed = false;
+        stmt_insert(&jobs[i], &out[i].id, now, &st);
+        PGresult *r;
+        err = pg_run(q, st.sql, &st.a, st.what, &r);
+        if (err == KP_OK) {
+            err = read_insert(q, r, &jobs[i], now, &out[i]);
+            PQclear(r);
         }
     }
-    PQclear(r);
-    return err;
-}
-
-/* Where a limited claim stands: how many the limits allow now, and what a
- * short claim waits for. */
-struct pg_allow {
-    size_t n;
-    double tokens; /* the bucket after refill, when rate-limited */
-};
-
-/* Takes the queue's limits row (claims of a limited queue take turns on it
- * until commit), refills its bucket on the server's clock, and counts the
- * queue's leases: statements after the lock see every claim committed
- * before it, so two brokers never both take the last slot or token. */
-static enum kp_err pg_limits(struct pg_store *q, const char *queue, size_t max,
-                             const struct kp_claim_limits *lim, struct pg_allow *allow)
-{
-    allow->n = max;
-    allow->tokens = 0;
-    struct pg_args a = {0};
-    arg_text(&a, queue);
-    arg_i64(&a, lim->rate);
-    PGresult *r;
-    enum kp_err err = pg_run(
-        q,
-        "WITH t AS (SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint AS ms) "
-        "INSERT INTO queue_limits AS l(queue, tokens, at) SELECT $1, $2, ms FROM t "
-        "ON CONFLICT (queue) DO UPDATE SET "
-        "tokens = least($2::float8, l.tokens + greatest(0, EXCLUDED.at - l.at) * $2 / 1000.0),"
-        " at = greatest(l.at, EXCLUDED.at) RETURNING tokens",
-        &a, "take queue limits", &r);
-    if (err != KP_OK)
-        return err;
-    if (lim->rate) {
-        allow->tokens = strtod(PQgetvalue(r, 0, 0), NULL);
-        double whole = allow->tokens < 0 ? 0 : allow->tokens;
-        if ((double)allow->n > whole)
-            allow->n = (size_t)whole;
-    }
-    PQclear(r);
-    if (lim->concurrency == 0)
-        return KP_OK;
-    a.n = 0;
-    arg_text(&a, queue);
-    err = pg_run(q, "SELECT count(*) FROM jobs WHERE queue = $1 AND state = 2", &a, "count leases",
-                 &r);
-    if (err != KP_OK)
-        return err;
-    uint64_t leased = (uint64_t)col_i64(r, 0, 0);
-    PQclear(r);
-    uint64_t room = leased < lim->concurrency ? lim->concurrency - leased : 0;
-    if (allow->n > room)
-        allow->n = (size_t)room;
-    return KP_OK;
+    return pg_op_end(q, err);
 }
 
 static void pg_remember_limited(struct pg_store *q, const char *queue)
@@ -738,48 +915,32 @@ static void pg_remember_limited(struct pg_store *q, const char *queue)
         q->limited[q->nlimited++] = kp_strdup(queue);
 }
 
-static enum kp_err pg_claim_limited(struct kp_store *s, const char *queue, size_t max,
-                                    uint64_t owner, uint64_t now, const struct kp_claim_limits *lim,
-                                    struct kp_jobs *out, uint64_t *wait_ms)
+static enum kp_err pg_claim_slow(struct pg_store *q, const char *queue, size_t max, uint64_t owner,
+                                 uint64_t now, const struct kp_claim_limits *lim,
+                                 struct kp_jobs *out, uint64_t *wait_ms)
 {
-    struct pg_store *q = pg(s);
     *wait_ms = 0;
-    if (lim->concurrency)
+    if (lim && lim->concurrency)
         pg_remember_limited(q, queue);
     enum kp_err err = pg_op_begin(q);
-    struct pg_allow allow = {0};
-    if (err == KP_OK)
-        err = pg_limits(q, queue, max, lim, &allow);
+    struct pg_stmt st;
+    double tokens = 0;
     PGresult *r = NULL;
-    if (err == KP_OK && allow.n > 0) {
-        struct pg_args a = {0};
-        arg_text(&a, queue);
-        arg_i64(&a, (int64_t)allow.n);
-        arg_i64(&a, (int64_t)owner);
-        arg_i64(&a, (int64_t)now);
-        err = pg_run(q, pg_claim_sql, &a, "claim jobs", &r);
-        if (err == KP_OK && lim->rate && PQntuples(r) > 0) {
-            a.n = 0;
-            arg_text(&a, queue);
-            arg_i64(&a, PQntuples(r));
-            err = pg_run(q, "UPDATE queue_limits SET tokens = tokens - $2 WHERE queue = $1", &a,
-                         "spend tokens", NULL);
+    if (err == KP_OK && pg_limited(lim)) {
+        stmt_limits(queue, lim, &st);
+        if ((err = pg_run(q, st.sql, &st.a, st.what, &r)) == KP_OK) {
+            tokens = strtod(PQgetvalue(r, 0, 0), NULL);
+            PQclear(r);
+            r = NULL;
         }
+    }
+    if (err == KP_OK) {
+        stmt_claim(queue, max, owner, now, lim, &st);
+        err = pg_run(q, st.sql, &st.a, st.what, &r);
     }
     err = pg_op_end(q, err);
-    if (err == KP_OK) {
-        size_t got = r ? (size_t)PQntuples(r) : 0;
-        for (size_t i = 0; i < got; i++) {
-            struct kp_job *j = kp_jobs_push(out);
-            row_job(r, (int)i, j);
-            j->payload = col_bytea(r, (int)i, C_PAYLOAD, &j->payload_len);
-        }
-        /* The rate, not a lack of ready jobs, cut it short: the next token
-         * is due in this long. */
-        double left = allow.tokens - (double)got;
-        if (lim->rate && got == allow.n && allow.n < max && left < 1.0)
-            *wait_ms = (uint64_t)((1.0 - left) * 1000.0 / lim->rate) + 1;
-    }
+    if (err == KP_OK)
+        read_claim(r, max, lim, tokens, out, wait_ms);
     PQclear(r);
     return err;
 }
@@ -939,14 +1100,441 @@ static enum kp_err pg_end_inner(struct pg_store *q, const kp_job_id *id, uint32_
     return err;
 }
 
-static enum kp_err pg_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
-                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
+/* An end the one statement could not settle (pg_end_sql), or any end on
+ * the slow path: read, decide here, write. */
+static enum kp_err pg_end_slow(struct pg_store *q, const kp_job_id *id, uint32_t attempt,
+                               const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
 {
-    struct pg_store *q = pg(s);
     enum kp_err err = pg_op_begin(q);
     if (err == KP_OK)
         err = pg_end_inner(q, id, attempt, e, now, state);
     return pg_op_end(q, err);
+}
+
+/* ---- a group's operations in one round trip ---------------------------------- */
+
+/* What each statement of a pipeline answers for. */
+enum pg_sent_kind { S_CONTROL, S_INSERT, S_LIMITS, S_CLAIM, S_END };
+
+struct pg_sent {
+    enum pg_sent_kind kind;
+    size_t op, job;   /* the operation, and the job of an insert */
+    PGresult *r;      /* its answer, once read (when it succeeded) */
+    const char *what; /* for messages: the statement, or what it does */
+};
+
+/* How a pipeline went. */
+enum pg_pipe_end {
+    PIPE_OK,     /* every statement succeeded; the group's transaction is open */
+    PIPE_FAILED, /* a statement failed (the rest were skipped); the connection is fine */
+    PIPE_LOST,   /* the connection failed: nothing is known to have been done */
+};
+
+/* The name sql is prepared under, or NULL (it is then sent unprepared). */
+static const char *pg_prepared_name(const struct pg_store *q, const char *sql, char *name,
+                                    size_t cap)
+{
+    for (size_t i = 0; i < q->nprepared; i++)
+        if (q->prepared[i] == sql) {
+            snprintf(name, cap, "k%zu", i);
+            return name;
+        }
+    return NULL;
+}
+
+/* Queues one statement in the pipeline (libpq buffers it). */
+static bool pipe_send(struct pg_store *q, const char *sql, const struct pg_args *a)
+{
+    char buf[16];
+    const char *name = pg_prepared_name(q, sql, buf, sizeof buf);
+    int n = a ? a->n : 0;
+    const char *const *v = a ? a->v : NULL;
+    const int *len = a ? a->len : NULL, *fmt = a ? a->fmt : NULL;
+    return name ? PQsendQueryPrepared(q->conn, name, n, v, len, fmt, 0) == 1
+                : PQsendQueryParams(q->conn, sql, n, NULL, v, len, fmt, 0) == 1;
+}
+
+static void pipe_add(struct pg_sent *sent, size_t *nsent, enum pg_sent_kind kind, size_t op,
+                     size_t job, const char *what)
+{
+    sent[*nsent] = (struct pg_sent){.kind = kind, .op = op, .job = job, .what = what};
+    (*nsent)++;
+}
+
+/* Queues a claim (after its limits' refill when limited). */
+static bool pipe_claim(struct pg_store *q, const struct kp_store_op *op, size_t i,
+                       struct pg_sent *sent, size_t *nsent)
+{
+    struct pg_stmt st;
+    bool ok = true;
+    if (op->limits && op->limits->concurrency)
+        pg_remember_limited(q, op->queue);
+    if (pg_limited(op->limits)) {
+        stmt_limits(op->queue, op->limits, &st);
+        ok = pipe_send(q, st.sql, &st.a);
+        pipe_add(sent, nsent, S_LIMITS, i, 0, st.what);
+    }
+    stmt_claim(op->queue, op->max, op->owner, op->now, op->limits, &st);
+    ok = ok && pipe_send(q, st.sql, &st.a);
+    pipe_add(sent, nsent, S_CLAIM, i, 0, st.what);
+    return ok;
+}
+
+/* Sends BEGIN (when the group has not begun), a savepoint, every
+ * operation's statements and the savepoint's release, then one Sync, in
+ * one write; then reads every answer. Blocking libpq is safe with a long
+ * pipeline: while its socket is full it reads what the server sends, so
+ * neither side waits on the other. The answers of statements that
+ * succeeded are kept in sent[].r; *why gets the failure's text. */
+static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, size_t n, bool began,
+                                  struct pg_sent *sent, size_t *nsent, char *why)
+{
+    *nsent = 0;
+    if (PQenterPipelineMode(q->conn) != 1) {
+        pg_fail(q, NULL, "pipeline mode");
+        snprintf(why, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
+        return PIPE_LOST;
+    }
+    bool ok = true;
+    if (began) {
+        ok = pipe_send(q, "BEGIN", NULL);
+        pipe_add(sent, nsent, S_CONTROL, 0, 0, "BEGIN");
+    }
+    ok = ok && pipe_send(q, "SAVEPOINT grp", NULL);
+    pipe_add(sent, nsent, S_CONTROL, 0, 0, "SAVEPOINT");
+    struct pg_stmt st;
+    for (size_t i = 0; i < n && ok; i++) {
+        struct kp_store_op *op = &ops[i];
+        if (op->err != KP_OK)
+            continue;
+        switch (op->kind) {
+        case KP_STORE_OP_INSERT:
+            for (size_t j = 0; j < op->njobs && ok; j++) {
+                kp_job_id_new(op->now, &op->refs[j].id);
+                op->refs[j].existed = false;
+                stmt_insert(&op->jobs[j], &op->refs[j].id, op->now, &st);
+                ok = pipe_send(q, st.sql, &st.a);
+                pipe_add(sent, nsent, S_INSERT, i, j, st.what);
+            }
+            if (ok && op->queue && op->max > 0)
+                ok = pipe_claim(q, op, i, sent, nsent);
+            break;
+        case KP_STORE_OP_CLAIM:
+            if (op->max > 0)
+                ok = pipe_claim(q, op, i, sent, nsent);
+            break;
+        case KP_STORE_OP_END:
+            stmt_end(op->id, op->attempt, op->end, op->now, &st);
+            ok = pipe_send(q, st.sql, &st.a);
+            pipe_add(sent, nsent, S_END, i, 0, st.what);
+            break;
+        }
+    }
+    ok = ok && pipe_send(q, "RELEASE SAVEPOINT grp", NULL);
+    pipe_add(sent, nsent, S_CONTROL, 0, 0, "RELEASE SAVEPOINT");
+    ok = ok && PQpipelineSync(q->conn) == 1;
+
+    enum pg_pipe_end end = ok ? PIPE_OK : PIPE_LOST;
+    if (!ok) {
+        pg_fail(q, NULL, "send pipelined group");
+        snprintf(why, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
+    }
+    for (size_t k = 0; k < *nsent && end != PIPE_LOST; k++) {
+        PGresult *r = PQgetResult(q->conn);
+        if (!r) {
+            end = PIPE_LOST;
+            break;
+        }
+        ExecStatusType s = PQresultStatus(r);
+        if (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK) {
+            sent[k].r = r;
+            /* A keyed insert always names the key's job; if it did not,
+             * its operation must fail alone, which the slow path does. */
+            if (sent[k].kind == S_INSERT && end == PIPE_OK &&
+                pg_keyed(&ops[sent[k].op].jobs[sent[k].job]) && PQntuples(r) != 1) {
+                snprintf(why, KP_STORE_ERRMSG_MAX, "postgresql %s: a keyed insert named no job",
+                         q->where);
+                end = PIPE_FAILED;
+            }
+        } else {
+            /* The first failure; the server skipped the rest up to Sync. */
+            if (s != PGRES_PIPELINE_ABORTED && end == PIPE_OK) {
+                pg_fail(q, r, sent[k].what);
+                snprintf(why, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
+                end = PIPE_FAILED;
+            }
+            PQclear(r);
+        }
+        /* Each statement's answer ends with a NULL. */
+        PGresult *extra = PQgetResult(q->conn);
+        if (extra) {
+            PQclear(extra);
+            end = PIPE_LOST;
+        }
+        if (PQstatus(q->conn) != CONNECTION_OK)
+            end = PIPE_LOST;
+    }
+    if (end != PIPE_LOST) {
+        PGresult *r = PQgetResult(q->conn);
+        if (!r || PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+            end = PIPE_LOST;
+        PQclear(r);
+    }
+    if (end != PIPE_LOST && PQexitPipelineMode(q->conn) != 1)
+        end = PIPE_LOST;
+    if (end == PIPE_LOST) {
+        if (PQstatus(q->conn) == CONNECTION_OK) {
+            /* Out of step with the server: start over on a new session. */
+            PQreset(q->conn);
+            q->nprepared = 0;
+            if (PQstatus(q->conn) == CONNECTION_OK && pg_session(q) == KP_OK)
+                pg_prepare_hot(q);
+        }
+        if (!why[0]) {
+            pg_fail(q, NULL, "pipelined group");
+            snprintf(why, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
+        }
+    }
+    return end;
+}
+
+static void pipe_clear(struct pg_sent *sent, size_t nsent)
+{
+    for (size_t k = 0; k < nsent; k++) {
+        PQclear(sent[k].r);
+        sent[k].r = NULL;
+    }
+}
+
+static void op_fail(struct pg_store *q, struct kp_store_op *op, enum kp_err err)
+{
+    op->err = err;
+    kp_free(op->errmsg);
+    op->errmsg = kp_strdup(q->base.errmsg);
+}
+
+/* One operation on the slow path (a rerun, or an end pg_end_sql left). */
+static void op_slow(struct pg_store *q, struct kp_store_op *op)
+{
+    enum kp_err err = KP_OK;
+    switch (op->kind) {
+    case KP_STORE_OP_INSERT:
+        err = pg_insert_slow(q, op->jobs, op->njobs, op->now, op->refs);
+        if (err == KP_OK && op->queue && op->max > 0) {
+            size_t had = op->claimed->n;
+            if (pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op->limits, op->claimed,
+                              op->wait_ms) != KP_OK) {
+                while (op->claimed->n > had)
+                    kp_job_clear(&op->claimed->v[--op->claimed->n]);
+                *op->wait_ms = 0;
+            }
+        }
+        break;
+    case KP_STORE_OP_CLAIM:
+        if (op->max > 0)
+            err = pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op->limits, op->claimed,
+                                op->wait_ms);
+        break;
+    case KP_STORE_OP_END:
+        err = pg_end_slow(q, op->id, op->attempt, op->end, op->now, op->state);
+        break;
+    }
+    if (err != KP_OK)
+        op_fail(q, op, err);
+}
+
+/* Fills each operation's answers from its statements' (all succeeded),
+ * then settles on the slow path the ends pg_end_sql left. */
+static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
+                      const struct pg_sent *sent, size_t nsent)
+{
+    bool *slow = kp_calloc(n ? n : 1, sizeof *slow);
+    double tokens = 0;
+    for (size_t k = 0; k < nsent; k++) {
+        struct kp_store_op *op = &ops[sent[k].op];
+        PGresult *r = sent[k].r;
+        enum kp_err err = KP_OK;
+        if (sent[k].kind != S_CONTROL && op->err != KP_OK)
+            continue; /* an insert that failed does not read its claim */
+        switch (sent[k].kind) {
+        case S_CONTROL:
+            break;
+        case S_INSERT:
+            err = read_insert(q, r, &op->jobs[sent[k].job], op->now, &op->refs[sent[k].job]);
+            break;
+        case S_LIMITS:
+            tokens = strtod(PQgetvalue(r, 0, 0), NULL);
+            break;
+        case S_CLAIM:
+            read_claim(r, op->max, op->limits, tokens, op->claimed, op->wait_ms);
+            break;
+        case S_END:
+            err = read_end(q, r, op->id, op->state, &slow[sent[k].op]);
+            break;
+        }
+        if (err != KP_OK)
+            op_fail(q, op, err);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (slow[i] && ops[i].err == KP_OK)
+            op_slow(q, &ops[i]);
+    kp_free(slow);
+}
+
+/* Runs ops inside the open group (kp_store_run's contract): all in one
+ * pipeline; when a statement in it fails, the pipeline's effects are
+ * undone (to its savepoint, or the whole transaction it began) and the
+ * operations run again one at a time, each in its own savepoint, so only
+ * the failing one fails. Nothing is committed before the group's COMMIT,
+ * so undoing and running again is invisible to everyone else. */
+static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n)
+{
+    if (q->txn_err) {
+        kp_store_fail(&q->base, q->txn_err, "postgresql %s: the transaction was already lost",
+                      q->where);
+        for (size_t i = 0; i < n; i++)
+            if (ops[i].err == KP_OK)
+                op_fail(q, &ops[i], q->txn_err);
+        return;
+    }
+    size_t cap = 3;
+    for (size_t i = 0; i < n; i++)
+        cap += (ops[i].kind == KP_STORE_OP_INSERT ? ops[i].njobs : 0) + 2;
+    struct pg_sent *sent = kp_calloc(cap, sizeof *sent);
+    char why[KP_STORE_ERRMSG_MAX];
+    size_t nsent = 0;
+    bool began = !q->txn_open;
+    enum pg_pipe_end end = PIPE_LOST;
+    /* A group already begun lives on its connection: if that is gone, so
+     * is the group. */
+    enum kp_err err = began                                ? pg_alive(q)
+                      : PQstatus(q->conn) == CONNECTION_OK ? KP_OK
+                                                           : pg_fail(q, NULL, "pipelined group");
+    if (err == KP_OK) {
+        why[0] = '\0';
+        end = pipe_once(q, ops, n, began, sent, &nsent, why);
+        /* The group's first statements on a connection the server dropped:
+         * nothing was done, so one retry on a fresh connection is safe. */
+        if (end == PIPE_LOST && began && PQstatus(q->conn) != CONNECTION_OK &&
+            pg_alive(q) == KP_OK) {
+            pipe_clear(sent, nsent);
+            why[0] = '\0';
+            end = pipe_once(q, ops, n, began, sent, &nsent, why);
+        }
+        if (end == PIPE_LOST)
+            err = kp_store_fail(&q->base, KP_ESTOREIO, "%s", why);
+    }
+    if (end == PIPE_OK) {
+        q->txn_open = true;
+        pipe_read(q, ops, n, sent, nsent);
+    } else if (end == PIPE_FAILED) {
+        q->base.group_reruns++;
+        kp_log_warn("job store: %s; running the group's %zu requests one at a time", why, n);
+        err = began ? pg_exec(q, "ROLLBACK", "ROLLBACK")
+                    : pg_exec(q, "ROLLBACK TO SAVEPOINT grp; RELEASE SAVEPOINT grp", "ROLLBACK TO");
+        if (began)
+            q->txn_open = false;
+        if (err == KP_OK)
+            for (size_t i = 0; i < n; i++)
+                if (ops[i].err == KP_OK)
+                    op_slow(q, &ops[i]);
+    }
+    pipe_clear(sent, nsent);
+    kp_free(sent);
+    if (err != KP_OK) {
+        /* The group is lost with the connection (or its undo failed). */
+        q->txn_err = err;
+        for (size_t i = 0; i < n; i++)
+            if (ops[i].err == KP_OK)
+                op_fail(q, &ops[i], err);
+    }
+}
+
+/* One operation, in the open group or (outside one) in a transaction of
+ * its own; on failure its claimed jobs are dropped and the store's errmsg
+ * is its own. */
+static enum kp_err pg_one(struct pg_store *q, struct kp_store_op *op)
+{
+    bool alone = !q->in_txn;
+    size_t had = op->claimed ? op->claimed->n : 0;
+    op->err = KP_OK;
+    op->errmsg = NULL;
+    if (alone)
+        pg_begin(&q->base);
+    pg_pipe(q, op, 1);
+    enum kp_err err = op->err;
+    if (alone && err == KP_OK)
+        err = pg_commit(&q->base);
+    else if (alone)
+        pg_rollback(&q->base);
+    if (op->errmsg)
+        snprintf(q->base.errmsg, sizeof q->base.errmsg, "%s", op->errmsg);
+    kp_free(op->errmsg);
+    op->errmsg = NULL;
+    if (err != KP_OK && op->claimed) {
+        while (op->claimed->n > had)
+            kp_job_clear(&op->claimed->v[--op->claimed->n]);
+    }
+    return err;
+}
+
+static void pg_run_ops(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    struct pg_store *q = pg(s);
+    if (q->in_txn) {
+        pg_pipe(q, ops, n);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (ops[i].err != KP_OK)
+            continue;
+        enum kp_err err = pg_one(q, &ops[i]);
+        if (err != KP_OK)
+            op_fail(q, &ops[i], err);
+    }
+}
+
+static enum kp_err pg_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
+                             uint64_t now, struct kp_job_ref *out)
+{
+    struct kp_store_op op = {
+        .kind = KP_STORE_OP_INSERT, .now = now, .jobs = jobs, .njobs = n, .refs = out};
+    return pg_one(pg(s), &op);
+}
+
+static enum kp_err pg_claim_limited(struct kp_store *s, const char *queue, size_t max,
+                                    uint64_t owner, uint64_t now, const struct kp_claim_limits *lim,
+                                    struct kp_jobs *out, uint64_t *wait_ms)
+{
+    struct kp_store_op op = {.kind = KP_STORE_OP_CLAIM,
+                             .now = now,
+                             .queue = queue,
+                             .max = max,
+                             .owner = owner,
+                             .limits = lim,
+                             .claimed = out,
+                             .wait_ms = wait_ms};
+    *wait_ms = 0;
+    return pg_one(pg(s), &op);
+}
+
+static enum kp_err pg_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
+                            uint64_t now, struct kp_jobs *out)
+{
+    uint64_t wait_ms;
+    return pg_claim_limited(s, queue, max, owner, now, NULL, out, &wait_ms);
+}
+
+static enum kp_err pg_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
+                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
+{
+    struct kp_store_op op = {.kind = KP_STORE_OP_END,
+                             .now = now,
+                             .id = id,
+                             .attempt = attempt,
+                             .end = e,
+                             .state = state};
+    return pg_one(pg(s), &op);
 }
 
 static enum kp_err pg_cancel_inner(struct pg_store *q, const kp_job_id *id, uint64_t now)
@@ -1291,6 +1879,7 @@ static const struct kp_store_ops pg_ops = {
     .heartbeat = pg_heartbeat,
     .next_run_at = pg_next_run_at,
     .claim_limited = pg_claim_limited,
+    .run = pg_run_ops,
     .close = pg_close,
 };
 
@@ -1327,6 +1916,8 @@ static enum kp_err pg_schema_setup(struct pg_store *q)
             PQclear(r);
             if (v == 1 && (err = pg_exec(q, pg_migrate_1_2, "migrate schema 1 to 2")) == KP_OK)
                 v = 2;
+            if (v == 2 && (err = pg_exec(q, pg_migrate_2_3, "migrate schema 2 to 3")) == KP_OK)
+                v = 3;
             if (err == KP_OK && v != PG_SCHEMA_VERSION)
                 err =
                     kp_store_fail(&q->base, KP_ESTORECORRUPT,
@@ -1367,6 +1958,8 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
         err = pg_session(q);
     if (err == KP_OK)
         err = pg_schema_setup(q);
+    if (err == KP_OK)
+        err = pg_prepare_hot(q);
     if (err == KP_OK)
         err = pg_recover_at(q, now, now + hold_ms, recovered);
     q->last_beat = now;

@@ -22,6 +22,11 @@ leases (48 jobs of 3 s submitted to it), from the kill to every job it held
 being leased again by another broker (polled in the database every ~20 ms),
 with ``--heartbeat-ms`` as given (lease window = 3 x heartbeat).
 
+With ``--before KELPIED`` (another build of kelpied, e.g. the commit before a
+change), every case also runs on that binary, interleaved with this build's
+(before, then after, case by case), so both sets of figures come from one
+run under the same load; the recovery is measured on this build only.
+
 Scaling efficiency = jobs/s with K brokers / (K x jobs/s with 1 broker).
 Prints a table with the load average before and after; writes
 benchmarks/results/pg.md and pg.json (not committed).
@@ -200,7 +205,7 @@ def submit_raw(frontend, payloads, queue="bench"):
     return ids
 
 
-def run_case(children, a, name, k, pg, workdir):
+def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
     brokers, workers, fes, data = [], [], [], None
     db = None
     try:
@@ -213,7 +218,7 @@ def run_case(children, a, name, k, pg, workdir):
         for i in range(k):
             fe, be, ik = (f"tcp://127.0.0.1:{p}" for p in free_ports(3))
             brokers.append(children.start(f"{name}-kelpied{i}", [
-                a.kelpied, "--frontend", fe, "--backend", be, "--intake", ik,
+                kelpied, "--frontend", fe, "--backend", be, "--intake", ik,
                 "--heartbeat-ms", str(a.heartbeat_ms), *store]))
             workers.append(children.start(f"{name}-worker{i}",
                                           [a.job_bench, "worker", be, str(a.slots), "jobs"]))
@@ -222,6 +227,7 @@ def run_case(children, a, name, k, pg, workdir):
             bench_json([a.job_bench, "rtt", fe, "20"])  # waits for the broker; warms up
         time.sleep(0.5)
         base = sum(stats(fe, a.job_bench)["jobs_succeeded"] for fe in fes)
+        load = loadavg().split()[0]
         per = a.n // k
         total = per * k
         t0 = time.monotonic()
@@ -238,6 +244,7 @@ def run_case(children, a, name, k, pg, workdir):
         e2e = max(o["e2e_s"] for o in outs)
         enq = max(o["enqueue_s"] for o in outs)
         res = {"brokers": k, "store": "postgresql" if pg else "sqlite", "n": total,
+               "build": label, "load": load,
                "jobs_per_s": total / e2e, "enqueue_per_s": total / enq, "e2e_s": e2e,
                "wall_s": wall,
                "accepted_load_p50_ms": sum(o["accepted_p50_ms"] for o in outs) / k,
@@ -245,7 +252,7 @@ def run_case(children, a, name, k, pg, workdir):
         r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
         res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
                                       "accepted_p99_ms")})
-        if pg and k >= 2 and a.recovery:
+        if pg and k >= 2 and a.recovery and recover:
             res.update(recovery(children, a, pg, db, brokers, workers, fes))
         return res
     finally:
@@ -300,24 +307,34 @@ def recovery(children, a, pg, db, brokers, workers, fes):
 
 
 def report(res, a, before, after):
-    one = next((r for r in res if r["store"] == "postgresql" and r["brokers"] == 1), None)
-    sqlite = next((r for r in res if r["store"] == "sqlite"), None)
+    def first(label, store, brokers=None):
+        return next((r for r in res if r["build"] == label and r["store"] == store
+                     and (brokers is None or r["brokers"] == brokers)), None)
+
     lines = [f"# Jobs on PostgreSQL, 1-3 brokers, against SQLite ({a.n} no-op jobs, "
              f"{a.slots} slots per broker's worker, window {a.window})", "",
              f"load average before: {before}; after: {after}; {os.cpu_count()} CPUs", "",
-             "| store | brokers | jobs/s end to end | enqueue/s | scaling efficiency | "
+             "| build | store | brokers | jobs/s end to end | enqueue/s | scaling efficiency | "
              "x SQLite | round trip p50/p99 ms | ACCEPTED p50/p99 ms (one at a time) | "
-             "ACCEPTED p50/p99 ms (under load) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ACCEPTED p50/p99 ms (under load) | load avg at start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res:
+        one = first(r["build"], "postgresql", 1)
+        sqlite = first(r["build"], "sqlite")
         eff = (f"{r['jobs_per_s'] / (r['brokers'] * one['jobs_per_s']) * 100:.0f} %"
                if one and r["store"] == "postgresql" else "")
         vs = f"{r['jobs_per_s'] / sqlite['jobs_per_s']:.2f}" if sqlite else ""
         lines.append(
-            f"| {r['store']} | {r['brokers']} | {r['jobs_per_s']:.0f} | {r['enqueue_per_s']:.0f} | "
+            f"| {r['build']} | {r['store']} | {r['brokers']} | {r['jobs_per_s']:.0f} | "
+            f"{r['enqueue_per_s']:.0f} | "
             f"{eff} | {vs} | {r['rtt_p50_ms']:.2f} / {r['rtt_p99_ms']:.2f} | "
             f"{r['accepted_p50_ms']:.2f} / {r['accepted_p99_ms']:.2f} | "
-            f"{r['accepted_load_p50_ms']:.2f} / {r['accepted_load_p99_ms']:.2f} |")
+            f"{r['accepted_load_p50_ms']:.2f} / {r['accepted_load_p99_ms']:.2f} | {r['load']} |")
+    for label in dict.fromkeys(r["build"] for r in res):
+        two, sqlite = first(label, "postgresql", 2), first(label, "sqlite")
+        if two and sqlite:
+            lines += ["", f"{label}: 2 brokers on PostgreSQL / 1 broker on SQLite = "
+                      f"{two['jobs_per_s'] / sqlite['jobs_per_s']:.2f}"]
     for r in res:
         if "recovery_held" in r:
             lines += ["", f"Recovery after kill -9 of one of {r['brokers']} brokers holding "
@@ -347,6 +364,8 @@ def main():
     ap.add_argument("--no-sqlite", action="store_true")
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--kelpied")
+    ap.add_argument("--before", metavar="KELPIED",
+                    help="another kelpied build to run every case on too, interleaved")
     ap.add_argument("--job-bench")
     a = ap.parse_args()
     if a.quick:
@@ -360,9 +379,15 @@ def main():
     try:
         pg = Postgres(workdir).start()
         before = loadavg()
-        res = [] if a.no_sqlite else [run_case(children, a, "sqlite", 1, None, workdir)]
-        for k in (int(x) for x in a.brokers.split(",")):
-            res.append(run_case(children, a, f"pg{k}", k, pg, workdir))
+        builds = ([("before", a.before)] if a.before else []) + [("after" if a.before else "this",
+                                                                   a.kelpied)]
+        cases = ([] if a.no_sqlite else [("sqlite", 1, None)]) + \
+            [(f"pg{k}", k, pg) for k in (int(x) for x in a.brokers.split(","))]
+        res = []
+        for name, k, store in cases:
+            for label, binary in builds:
+                res.append(run_case(children, a, f"{name}-{label}", k, store, workdir, binary,
+                                    label, recover=binary == a.kelpied))
         report(res, a, before, loadavg())
     except BaseException:
         for name in sorted(os.listdir(workdir)):

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "alloc.h"
 #include "store.h"
 #include "store_pg_test.h"
 #include "store_test.h"
@@ -539,6 +540,151 @@ static void t_failed_op_in_a_group_undoes_only_itself(struct kp_store *s)
     cr_assert_eq(ts_state(s, &d), KP_JOB_QUEUED);
 }
 
+/* A job's traceparent is kept and handed back with each claim. */
+static void t_claim_returns_the_traceparent(struct kp_store *s)
+{
+    static const char tp[] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    struct kp_job_new in = ts_job("q", 0, "x");
+    in.trace = tp;
+    ts_insert(s, in, T0);
+    ts_insert(s, ts_job("q", 0, "y"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    cr_assert(j.trace && strcmp(j.trace, tp) == 0, "%s", j.trace ? j.trace : "(none)");
+    kp_job_clear(&j);
+    cr_assert(ts_claim(s, "q", T0, &j));
+    cr_assert_null(j.trace, "a job submitted without one has none");
+    kp_job_clear(&j);
+}
+
+/* kp_store_run answers each operation of a group as the single calls would:
+ * each succeeds or fails alone, a claim rides on an insert, and an end the
+ * one-statement path cannot settle (a stale attempt) is still answered. */
+static void t_run_answers_each_operation(struct kp_store *s)
+{
+    ts_insert(s, ts_job("r", 0, "a"), T0);
+    ts_insert(s, ts_job("r", 0, "b"), T0);
+    struct kp_job_new keyed = ts_job("k", 0, "key");
+    keyed.idempotency_key = "K1";
+    kp_job_id k1 = ts_insert(s, keyed, T0);
+    struct kp_jobs leased = {0};
+    cr_assert_eq(kp_store_claim(s, "r", 2, 42, T0, &leased), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(leased.n, 2);
+
+    struct kp_job_new fresh[2] = {ts_job("n", 3, "x"), ts_job("n", 0, "y")};
+    fresh[1].run_at = T0 + 5000;
+    struct kp_job_new bad = ts_job("n", 10, "z"), ride = ts_job("w", 0, "w");
+    kp_job_id none;
+    kp_job_id_new(T0, &none);
+    struct kp_job_end ok = {.outcome = KP_OUTCOME_SUCCEEDED, .result = "ok", .result_len = 2};
+    struct kp_job_end fail = {
+        .outcome = KP_OUTCOME_FAILED, .message = "boom", .retry_at = T0 + 100};
+    struct kp_job_ref r_fresh[2], r_dup, r_bad, r_ride;
+    struct kp_jobs rode = {0}, claimed = {0};
+    uint64_t w1 = 99, w2 = 99;
+    enum kp_job_state st[4] = {KP_JOB_STATE_COUNT, KP_JOB_STATE_COUNT, KP_JOB_STATE_COUNT,
+                               KP_JOB_STATE_COUNT};
+    struct kp_store_op ops[] = {
+        {.kind = KP_STORE_OP_INSERT, .now = T0 + 1, .jobs = fresh, .njobs = 2, .refs = r_fresh},
+        {.kind = KP_STORE_OP_INSERT, .now = T0 + 1, .jobs = &keyed, .njobs = 1, .refs = &r_dup},
+        {.kind = KP_STORE_OP_INSERT, .now = T0 + 1, .jobs = &bad, .njobs = 1, .refs = &r_bad},
+        {.kind = KP_STORE_OP_INSERT,
+         .now = T0 + 1,
+         .jobs = &ride,
+         .njobs = 1,
+         .refs = &r_ride,
+         .queue = "w",
+         .max = 4,
+         .owner = 42,
+         .claimed = &rode,
+         .wait_ms = &w1},
+        {.kind = KP_STORE_OP_END,
+         .now = T0 + 2,
+         .id = &leased.v[0].id,
+         .attempt = 1,
+         .end = &ok,
+         .state = &st[0]},
+        {.kind = KP_STORE_OP_END,
+         .now = T0 + 2,
+         .id = &leased.v[1].id,
+         .attempt = 1,
+         .end = &fail,
+         .state = &st[1]},
+        {.kind = KP_STORE_OP_END,
+         .now = T0 + 2,
+         .id = &none,
+         .attempt = 1,
+         .end = &ok,
+         .state = &st[2]},
+        {.kind = KP_STORE_OP_END,
+         .now = T0 + 2,
+         .id = &leased.v[0].id,
+         .attempt = 2,
+         .end = &fail,
+         .state = &st[3]},
+        {.kind = KP_STORE_OP_CLAIM,
+         .now = T0 + 3,
+         .queue = "n",
+         .max = 5,
+         .owner = 42,
+         .claimed = &claimed,
+         .wait_ms = &w2},
+    };
+    size_t n = sizeof ops / sizeof ops[0];
+    cr_assert_eq(kp_store_begin(s), KP_OK, "%s", kp_store_errmsg(s));
+    kp_store_run(s, ops, n);
+    cr_assert_eq(kp_store_commit(s), KP_OK, "%s", kp_store_errmsg(s));
+    enum kp_err want[] = {KP_OK, KP_OK,     KP_EINVAL,    KP_OK, KP_OK,
+                          KP_OK, KP_ENOJOB, KP_EJOBSTATE, KP_OK};
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_eq(ops[i].err, want[i], "op %zu: %s", i, ops[i].errmsg ? ops[i].errmsg : "ok");
+        cr_assert_eq(ops[i].errmsg != NULL, want[i] != KP_OK, "op %zu", i);
+        kp_free(ops[i].errmsg);
+    }
+    cr_assert(!r_fresh[0].existed && !r_fresh[1].existed);
+    cr_assert_str_neq(r_fresh[0].id.s, r_fresh[1].id.s);
+    cr_assert(r_dup.existed, "a live key names its job");
+    cr_assert_str_eq(r_dup.id.s, k1.s);
+    cr_assert_eq(rode.n, 1, "the claim riding on the insert leased it");
+    cr_assert_str_eq(rode.v[0].id.s, r_ride.id.s);
+    cr_assert(rode.v[0].payload_len == 1 && memcmp(rode.v[0].payload, "w", 1) == 0);
+    cr_assert_eq(w1, 0);
+    cr_assert_eq(st[0], KP_JOB_SUCCEEDED);
+    cr_assert_eq(st[1], KP_JOB_SCHEDULED, "retried not before T0 + 100");
+    cr_assert_eq(claimed.n, 1, "the delayed job is not due");
+    cr_assert_str_eq(claimed.v[0].id.s, r_fresh[0].id.s);
+    cr_assert_eq(claimed.v[0].attempts, 1);
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, &leased.v[0].id, &j), KP_OK);
+    cr_assert(j.has_result && j.result_len == 2 && memcmp(j.result, "ok", 2) == 0);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_SUCCEEDED);
+    kp_job_clear(&j);
+    cr_assert_eq(kp_store_get(s, &leased.v[1].id, &j), KP_OK);
+    cr_assert_eq(j.run_at, T0 + 100);
+    cr_assert_str_eq(j.history[0].message, "boom");
+    kp_job_clear(&j);
+    cr_assert_eq(ts_count(s, -1, NULL), 6, "a, b, K1, x, y, w: the bad job was not stored");
+    kp_jobs_clear(&rode);
+    kp_jobs_clear(&claimed);
+
+    /* Outside a group each operation commits by itself. */
+    struct kp_store_op later = {.kind = KP_STORE_OP_CLAIM,
+                                .now = T0 + 5000,
+                                .queue = "n",
+                                .max = 5,
+                                .owner = 42,
+                                .claimed = &claimed,
+                                .wait_ms = &w2};
+    kp_store_run(s, &later, 1);
+    cr_assert_eq(later.err, KP_OK, "%s", later.errmsg ? later.errmsg : "");
+    cr_assert_eq(claimed.n, 1, "the delayed job, now due");
+    cr_assert_str_eq(claimed.v[0].id.s, r_fresh[1].id.s);
+    cr_assert_eq(ts_state(s, &r_fresh[1].id), KP_JOB_LEASED);
+    kp_jobs_clear(&claimed);
+    kp_jobs_clear(&leased);
+}
+
 /* A worker's success that arrives after its attempt was ended otherwise (it
  * was thought lost) is taken: the job is not run again, and the attempt
  * running meanwhile is ended as superseded. */
@@ -623,7 +769,9 @@ static void t_output_tail_is_kept(struct kp_store *s)
     XX(count_by_state_and_priority)                                                                \
     XX(dlq_purge_and_retry_select)                                                                 \
     XX(recover_returns_leased_jobs)                                                                \
-    XX(failed_op_in_a_group_undoes_only_itself)
+    XX(failed_op_in_a_group_undoes_only_itself)                                                    \
+    XX(claim_returns_the_traceparent)                                                              \
+    XX(run_answers_each_operation)
 
 #define XX(name)                                                                                   \
     Test(store_memory, name)                                                                       \
@@ -981,18 +1129,219 @@ Test(store_pg, lost_connection_fails_then_reconnects, .timeout = 60)
     struct kp_job_new in = ts_job("q", 0, "b");
     struct kp_job_ref ref;
     (void)kp_store_insert(s, &in, 1, T0, &ref);
-    cr_assert_eq(kp_store_commit(s), KP_OK, "begin reconnected: %s", kp_store_errmsg(s));
-    pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                 "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    cr_assert_eq(kp_store_commit(s), KP_OK, "the group's first statement reconnected: %s",
+                 kp_store_errmsg(s));
+    /* Once the group has begun on a connection, losing it loses the group. */
     cr_assert_eq(kp_store_begin(s), KP_OK, "%s", kp_store_errmsg(s));
+    in.payload = "c";
+    cr_assert_eq(kp_store_insert(s, &in, 1, T0, &ref), KP_OK, "%s", kp_store_errmsg(s));
     pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                  "WHERE datname = current_database() AND pid <> pg_backend_pid()");
-    in.payload = "c";
+    in.payload = "d";
     enum kp_err err = kp_store_insert(s, &in, 1, T0, &ref);
     cr_assert_eq(err, KP_ESTOREIO);
     cr_assert(strstr(kp_store_errmsg(s), "postgresql"), "%s", kp_store_errmsg(s));
     cr_assert_eq(kp_store_commit(s), KP_ESTOREIO, "the group was lost with the connection");
     cr_assert_eq(ts_count(s, -1, NULL), 2, "reconnected; the lost group left nothing");
+    kp_store_destroy(&s);
+}
+
+/* The jobs of the failing-statement test: a good insert, one whose key is
+ * not UTF-8 (PostgreSQL refuses the statement: only a rerun one at a time
+ * can tell it from the others), the end of a leased job, and a good insert
+ * with a claim riding on it. */
+static void pgt_run_with_a_bad_statement(struct kp_store *s, const kp_job_id *leased,
+                                         struct kp_job_ref refs[3], struct kp_jobs *rode)
+{
+    struct kp_job_new in[3] = {ts_job("q", 0, "1"), ts_job("q", 0, "2"), ts_job("q", 0, "3")};
+    in[1].idempotency_key = "\xff\xfe not UTF-8";
+    struct kp_job_end ok = {.outcome = KP_OUTCOME_SUCCEEDED, .result = "r", .result_len = 1};
+    enum kp_job_state st = KP_JOB_STATE_COUNT;
+    uint64_t wait = 99;
+    struct kp_store_op ops[4] = {
+        {.kind = KP_STORE_OP_INSERT, .now = T0, .jobs = &in[0], .njobs = 1, .refs = &refs[0]},
+        {.kind = KP_STORE_OP_INSERT, .now = T0, .jobs = &in[1], .njobs = 1, .refs = &refs[1]},
+        {.kind = KP_STORE_OP_END, .now = T0, .id = leased, .attempt = 1, .end = &ok, .state = &st},
+        {.kind = KP_STORE_OP_INSERT,
+         .now = T0,
+         .jobs = &in[2],
+         .njobs = 1,
+         .refs = &refs[2],
+         .queue = "q",
+         .max = 10,
+         .owner = 7,
+         .claimed = rode,
+         .wait_ms = &wait},
+    };
+    kp_store_run(s, ops, 4);
+    cr_assert_eq(ops[1].err, KP_EINVAL, "the request's own data: %s",
+                 ops[1].errmsg ? ops[1].errmsg : "ok");
+    cr_assert(ops[1].errmsg && strstr(ops[1].errmsg, "UTF8"), "%s", ops[1].errmsg);
+    for (int i = 0; i < 4; i++) {
+        cr_assert(i == 1 || ops[i].err == KP_OK, "op %d: %s", i, ops[i].errmsg);
+        kp_free(ops[i].errmsg);
+    }
+    cr_assert_eq(st, KP_JOB_SUCCEEDED);
+    cr_assert_eq(rode->n, 2, "jobs 1 and 3, claimed by the ride");
+}
+
+/* One statement that fails in a pipelined group fails its own operation
+ * alone: the group is undone and run again one operation at a time. Both
+ * when the pipeline began the group's transaction and when an operation
+ * before it did (then only the pipeline's part is undone). */
+Test(store_pg, a_failing_statement_fails_only_its_operation_in_a_pipelined_group, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    kp_job_id e1 = ts_insert(s, ts_job("e", 0, "e1"), T0);
+    kp_job_id e2 = ts_insert(s, ts_job("e", 0, "e2"), T0);
+    kp_job_id gone = ts_insert(s, ts_job("c", 0, "c"), T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "e", T0, &j));
+    kp_job_clear(&j);
+    cr_assert(ts_claim(s, "e", T0, &j));
+    kp_job_clear(&j);
+    uint64_t reruns = s->group_reruns;
+
+    struct kp_job_ref refs[3];
+    struct kp_jobs rode = {0};
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    pgt_run_with_a_bad_statement(s, &e1, refs, &rode);
+    cr_assert_eq(kp_store_commit(s), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(s->group_reruns, reruns + 1, "the pipeline failed once and ran again");
+    cr_assert_eq(ts_state(s, &refs[0].id), KP_JOB_LEASED);
+    cr_assert_eq(ts_state(s, &refs[2].id), KP_JOB_LEASED);
+    cr_assert_eq(ts_state(s, &e1), KP_JOB_SUCCEEDED);
+    cr_assert_eq(ts_count(s, -1, NULL), 5, "e1, e2, c, 1, 3");
+    kp_jobs_clear(&rode);
+
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    cr_assert_eq(kp_store_cancel(s, &gone, T0), KP_OK, "%s", kp_store_errmsg(s));
+    pgt_run_with_a_bad_statement(s, &e2, refs, &rode);
+    cr_assert_eq(kp_store_commit(s), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(s->group_reruns, reruns + 2);
+    cr_assert_eq(ts_state(s, &gone), KP_JOB_CANCELLED, "what came before the pipeline is kept");
+    cr_assert_eq(ts_state(s, &e2), KP_JOB_SUCCEEDED);
+    cr_assert_eq(ts_count(s, -1, NULL), 7);
+    kp_jobs_clear(&rode);
+    kp_store_destroy(&s);
+}
+
+/* A limited queue's claim: no more than the global bucket's tokens and the
+ * room under the concurrency limit, counted over every broker's leases;
+ * wait_ms says when the rate allows one more. */
+Test(store_pg, claims_hold_the_global_rate_and_concurrency, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *a = pgt_open(db, 100, 10000, T0), *b = pgt_open(db, 200, 10000, T0);
+    for (int i = 0; i < 10; i++)
+        ts_insert(a, ts_job("lim", 0, "x"), T0);
+    struct kp_claim_limits rate = {.rate = 2}, conc = {.concurrency = 3};
+    struct kp_jobs got = {0};
+    uint64_t wait = 0;
+    cr_assert_eq(kp_store_claim_limited(a, "lim", 10, 100, T0, &rate, &got, &wait), KP_OK, "%s",
+                 kp_store_errmsg(a));
+    cr_assert_eq(got.n, 2, "a full bucket holds one second's worth");
+    cr_assert(wait > 0 && wait <= 501, "the next token: %llu ms", (unsigned long long)wait);
+    kp_jobs_clear(&got);
+    cr_assert_eq(kp_store_claim_limited(b, "lim", 10, 200, T0, &rate, &got, &wait), KP_OK);
+    cr_assert_leq(got.n, 1, "the bucket is shared: at most what refilled meanwhile");
+    kp_jobs_clear(&got);
+    pgt_exec(db, "DELETE FROM queue_limits");
+    pgt_exec(db, "UPDATE jobs SET state = 1, owner = 0 WHERE state = 2");
+    cr_assert_eq(kp_store_claim_limited(a, "lim", 2, 100, T0, &conc, &got, &wait), KP_OK);
+    cr_assert_eq(got.n, 2);
+    cr_assert_eq(wait, 0);
+    kp_jobs_clear(&got);
+    cr_assert_eq(kp_store_claim_limited(b, "lim", 10, 200, T0, &conc, &got, &wait), KP_OK);
+    cr_assert_eq(got.n, 1, "3 leased at once, over both brokers");
+    kp_jobs_clear(&got);
+    cr_assert_eq(kp_store_claim_limited(a, "lim", 10, 100, T0, &conc, &got, &wait), KP_OK);
+    cr_assert_eq(got.n, 0);
+    cr_assert_eq(wait, 0, "no rate: nothing to wait for but a free lease");
+    kp_store_destroy(&a);
+    kp_store_destroy(&b);
+}
+
+/* Counts of scans on jobs since the server started: sequential, and
+ * through jobs_ready (the cumulative statistics, flushed when a session
+ * ends: polled until the store's session has ended). */
+static void pgt_scans(const char *db, long long min_ready, long long *seq, long long *ready)
+{
+    for (int i = 0; i < 100; i++) {
+        PGconn *c = PQconnectdb(db);
+        cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+        PGresult *r = PQexec(c, "SELECT (SELECT seq_scan FROM pg_stat_user_tables "
+                                "WHERE relname = 'jobs'), (SELECT idx_scan FROM "
+                                "pg_stat_user_indexes WHERE indexrelname = 'jobs_ready')");
+        cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s", PQerrorMessage(c));
+        *seq = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+        *ready = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+        PQclear(r);
+        PQfinish(c);
+        if (*ready >= min_ready)
+            return;
+        struct timespec ts = {0, 50 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* A claim reads the queue's ready jobs in order through jobs_ready and
+ * stops at max: with 20,000 queued it neither reads the table nor sorts the
+ * backlog (it did both at every claim, O(backlog)). */
+Test(store_pg, claims_read_the_ready_index_not_the_backlog, .timeout = 120)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    kp_store_destroy(&s);
+    pgt_exec(db, "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+                 "max_attempts, timeout_ms, result_ttl_ms, payload) SELECT 'J' || g, 'q', 1, "
+                 "g % 3, 0, 0, 0, 3, 0, 0, 'p' FROM generate_series(1, 20000) g; ANALYZE jobs");
+    long long seq0, ready0, seq1, ready1;
+    pgt_scans(db, 0, &seq0, &ready0);
+    s = pgt_open(db, 7, 10000, T0);
+    for (int i = 0; i < 50; i++) {
+        struct kp_job j;
+        cr_assert(ts_claim(s, "q", T0, &j));
+        cr_assert_eq(j.priority, 2, "highest priority first");
+        kp_job_clear(&j);
+    }
+    kp_store_destroy(&s);
+    pgt_scans(db, ready0 + 50, &seq1, &ready1);
+    cr_assert_geq(ready1 - ready0, 50, "each claim went through jobs_ready");
+    cr_assert_lt(seq1 - seq0, 5, "%lld sequential scans of jobs for 50 claims", seq1 - seq0);
+}
+
+/* A schema 2 database (made before jobs kept their traceparent) is migrated
+ * on open; its jobs claim with none, new jobs keep theirs. */
+Test(store_pg, schema_2_is_migrated_to_keep_traceparents, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 1, 10000, T0);
+    kp_job_id old = ts_insert(s, ts_job("q", 1, "old"), T0);
+    kp_store_destroy(&s);
+    pgt_exec(db, "ALTER TABLE jobs DROP COLUMN trace; UPDATE kelpie_meta SET version = 2");
+    s = pgt_open(db, 1, 10000, T0);
+    struct kp_job_new in = ts_job("q", 0, "new");
+    in.trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    ts_insert(s, in, T0);
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    cr_assert_str_eq(j.id.s, old.s);
+    cr_assert_null(j.trace);
+    kp_job_clear(&j);
+    cr_assert(ts_claim(s, "q", T0, &j));
+    cr_assert(j.trace && strcmp(j.trace, in.trace) == 0);
+    kp_job_clear(&j);
+    kp_store_destroy(&s);
+    char err[KP_STORE_ERRMSG_MAX];
+    size_t n;
+    pgt_exec(db, "UPDATE kelpie_meta SET version = 3");
+    cr_assert_eq(kp_store_pg_open(db, 1, 1000, T0, 0, &s, &n, err), KP_OK, "%s", err);
     kp_store_destroy(&s);
 }
 

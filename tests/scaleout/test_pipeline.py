@@ -1,0 +1,240 @@
+"""The PostgreSQL store sends a journal group's SUBMITs, claims and ENDs to
+the server in one pipelined round trip (docs/scale-out.md). What that must
+keep:
+
+- one SUBMIT that the server refuses, in a group with others, fails alone
+  (INVALID_ARGUMENT: its own data, not the store's health) and every other
+  one is ACCEPTED;
+- PostgreSQL killed outright (every process, SIGKILL) while groups are in
+  flight: every SUBMIT is answered, ACCEPTED or UNAVAILABLE; nothing
+  answered ACCEPTED is lost (each one runs to success once the server is
+  back from its crash recovery);
+- a job's traceparent is kept in the store and reaches the worker of
+  another broker that claims it.
+"""
+import json
+import os
+import random
+import re
+import signal
+import string
+import time
+
+import zmq
+
+from conftest import Client, K, Postgres, Workers, broker_stats, start_broker, wait_for
+from kelpie.v1 import header_pb2 as pb
+
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def hdr(**kw):
+    return pb.Header(version=1, **kw).SerializeToString()
+
+
+def dealer(endpoint):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def recv(sock, timeout_s):
+    if not sock.poll(int(timeout_s * 1000)):
+        return None
+    frames = sock.recv_multipart()
+    h = pb.Header()
+    h.ParseFromString(frames[0])
+    return h, frames[1:]
+
+
+def test_a_refused_submit_fails_alone_in_its_group(tmp_path, postgres):
+    url, db = postgres.new_db()
+    b = start_broker(tmp_path, "b", url)
+    s = dealer(b.frontend)
+    try:
+        n, bad = 300, 150
+        # A queue name the broker takes but PostgreSQL cannot index (a btree
+        # entry holds at most 2,704 bytes; random letters do not compress):
+        # its INSERT fails with SQLSTATE 54000 in a group of good ones.
+        rnd = random.Random(17)
+        huge = "".join(rnd.choice(string.ascii_letters + string.digits) for _ in range(6000))
+        frames = []
+        for i in range(1, n + 1):
+            h = hdr(kind=K.SUBMIT, request_id=i, service=huge if i == bad else "q",
+                    idempotency_key=f"key-{i:06d}")
+            frames.append([h, json.dumps({"n": i}).encode()])
+        for f in frames:  # in one burst: the journal groups what waits
+            s.send_multipart(f)
+        answers = {}
+        end = time.monotonic() + 60
+        while len(answers) < n and time.monotonic() < end:
+            m = recv(s, end - time.monotonic())
+            if m:
+                answers[m[0].request_id] = m[0]
+        assert len(answers) == n, f"{n - len(answers)} SUBMITs not answered"
+        h = answers[bad]
+        assert h.kind == K.ERROR and h.code == pb.Code.INVALID_ARGUMENT, (K.Name(h.kind), h.code,
+                                                                           h.message)
+        others = [a for i, a in answers.items() if i != bad]
+        assert all(a.kind == K.ACCEPTED for a in others), \
+            [(K.Name(a.kind), a.code, a.message) for a in others if a.kind != K.ACCEPTED][:5]
+        stored = postgres.psql("SELECT count(*) FROM jobs", db=db).strip()
+        assert stored == str(n - 1), stored
+        # The refused statement was in a pipelined group with others, which
+        # ran again one request at a time.
+        with open(b.log_path, errors="replace") as f:
+            log = f.read()
+        sizes = [int(x) for x in re.findall(r"running the group's (\d+) requests", log)]
+        assert sizes and max(sizes) > 1, sizes
+        c = Client(b.frontend)
+        try:
+            assert broker_stats(c)["jobs"]["journal_group_reruns"] >= 1
+            assert broker_stats(c)["jobs"]["store_health"] == "ok", "the store is not at fault"
+        finally:
+            c.close()
+    finally:
+        s.close()
+        b.stop()
+
+
+def postgres_kill_9(pg):
+    """SIGKILL of the postmaster and every process it started: the server
+    dies as in a power cut of its own (only what is fsync'd survives)."""
+    pids = [pg.pid]
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pg.pid:
+                pids.append(int(d))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def gone():
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                return False
+            except ProcessLookupError:
+                pass
+        return True
+
+    wait_for(gone, timeout=10, what="every PostgreSQL process gone")
+    pg.pid = None
+
+
+def test_postgresql_killed_mid_group_loses_nothing_accepted(tmp_path):
+    pg = Postgres()
+    b = s = ws = c = None
+    try:
+        pg.start()
+        url, db = pg.new_db()
+        b = start_broker(tmp_path, "b", url)
+        ws = Workers(tmp_path, b)
+        ws.start("w", credits=16)
+        s = dealer(b.frontend)
+        answers = {}
+        rid, window, killed_at = 0, 64, None
+        end = time.monotonic() + 60
+        # Keep `window` SUBMITs in flight; kill the server once 400 are
+        # ACCEPTED, and go on sending for a while into the outage.
+        while time.monotonic() < end:
+            accepted = sum(1 for h in answers.values() if h.kind == K.ACCEPTED)
+            if killed_at is None and accepted >= 400:
+                postgres_kill_9(pg)
+                killed_at = rid
+            if killed_at is not None and rid >= killed_at + 200:
+                break
+            while rid - len(answers) < window:
+                rid += 1
+                s.send_multipart([hdr(kind=K.SUBMIT, request_id=rid, service="q"),
+                                  json.dumps({"n": rid}).encode()])
+            m = recv(s, 5.0)
+            if m:
+                answers[m[0].request_id] = m[0]
+        assert killed_at is not None, f"only {len(answers)} answers before the deadline"
+        end = time.monotonic() + 30
+        while len(answers) < rid and time.monotonic() < end:
+            m = recv(s, 1.0)
+            if m:
+                answers[m[0].request_id] = m[0]
+        assert len(answers) == rid, f"{rid - len(answers)} SUBMITs not answered"
+        kinds = {(K.Name(h.kind), h.code if h.kind == K.ERROR else 0) for h in answers.values()}
+        assert kinds <= {("ACCEPTED", 0), ("ERROR", pb.Code.UNAVAILABLE)}, kinds
+        accepted = {h.job_id for h in answers.values() if h.kind == K.ACCEPTED}
+        unavailable = [i for i, h in answers.items() if h.kind == K.ERROR]
+        assert unavailable, "the kill answered nothing UNAVAILABLE"
+
+        pg.start_server()  # crash recovery from the WAL
+        stored = set(pg.psql("SELECT id FROM jobs", db=db).split())
+        lost = accepted - stored
+        assert not lost, f"{len(lost)} ACCEPTED jobs lost, e.g. {sorted(lost)[:3]}"
+        c = Client(b.frontend)
+
+        def accepts_again():
+            r = c.send(b"{}", kind=K.SUBMIT, service="q")
+            h, _ = c.expect(r, timeout=15)
+            return h.kind == K.ACCEPTED
+
+        wait_for(accepts_again, timeout=30, what="the broker reconnected by itself")
+
+        def all_done():
+            left = pg.psql("SELECT count(*) FROM jobs WHERE state <> 3", db=db).strip()
+            return left == "0"
+
+        wait_for(all_done, timeout=60, what="every ACCEPTED job succeeded")
+        print(f"\n{len(accepted)} ACCEPTED, {len(unavailable)} UNAVAILABLE, "
+              f"{len(stored)} stored (ACCEPTED or not answered so before the kill)")
+    finally:
+        if c:
+            c.close()
+        if s:
+            s.close()
+        if ws:
+            ws.kill_all()
+        if b:
+            b.stop()
+        pg.stop()
+
+
+def test_traceparent_goes_with_the_job_to_another_brokers_worker(tmp_path, postgres):
+    url, _ = postgres.new_db()
+    a = start_broker(tmp_path, "a", url)
+    b = start_broker(tmp_path, "b", url)
+    w = dealer(b.backend)
+    c = Client(a.frontend)
+    try:
+        w.send_multipart([hdr(kind=K.READY, queues=["tq"], credits=1, heartbeat_ms=200,
+                              name="tw")])
+        time.sleep(0.3)  # registered with b; a has no worker for tq
+        rid = c.send(b"x", kind=K.SUBMIT, service="tq", metadata={"traceparent": TRACE.encode()})
+        h, _ = c.expect(rid, timeout=10)
+        assert h.kind == K.ACCEPTED, (K.Name(h.kind), h.message)
+        job_id = h.job_id
+        got, beat, end = None, 0.0, time.monotonic() + 15
+        while got is None and time.monotonic() < end:
+            if time.monotonic() - beat > 0.15:
+                beat = time.monotonic()
+                w.send_multipart([hdr(kind=K.HEARTBEAT, heartbeat_ms=200)])
+            m = recv(w, 0.05)
+            if m and m[0].kind == K.JOB:
+                got = m[0]
+        assert got is not None, "b's worker got no JOB"
+        assert got.job_id == job_id
+        assert dict(got.metadata).get("traceparent") == TRACE.encode(), dict(got.metadata)
+        w.send_multipart([hdr(kind=K.RESULT, request_id=got.request_id, job_id=got.job_id,
+                              attempt=got.attempt, code=pb.OK), b"done"])
+        wait_for(lambda: c.job(job_id)["state"] == "succeeded", timeout=10,
+                 what="the job succeeded")
+    finally:
+        w.close()
+        c.close()
+        a.stop()
+        b.stop()
