@@ -106,11 +106,11 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
         zmq_msg_t f;
         zmq_msg_init_size(&f, 100);
         memset(zmq_msg_data(&f), 'a' + (int)seq, 100);
-        kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, 0, seq, &f, 1);
+        kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, 0, seq, &f, 1, NULL, 0);
         cr_assert_eq(zmq_msg_size(&f), 0, "the frame was not moved out");
         zmq_msg_close(&f);
     }
-    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0);
+    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0, NULL, 0);
     for (uint64_t seq = 0; seq < 2; seq++) {
         struct kp_input *in = kp_call_take_input(c);
         cr_assert_not_null(in);
@@ -123,7 +123,7 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
     /* Taking the last one and holding again keeps the tail right. */
     zmq_msg_t f;
     zmq_msg_init_size(&f, 10);
-    kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, KP_FLAG_COMPRESSED, 9, &f, 1);
+    kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, KP_FLAG_COMPRESSED, 9, &f, 1, NULL, 0);
     zmq_msg_close(&f);
     struct kp_input *in = kp_call_take_input(c);
     cr_assert_eq(in->sequence, 2);
@@ -136,7 +136,7 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
     cr_assert_eq(in->flags, KP_FLAG_COMPRESSED);
     kp_input_free(in);
     cr_assert_null(kp_call_take_input(c));
-    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0);
+    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0, NULL, 0);
     /* Freeing the call frees what it still holds; ASan's leak check verifies. */
     kp_call_free(&calls, c);
 }
