@@ -123,8 +123,7 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
  * kp_broker_send. */
 static enum kp_err dispatch_send_input(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                        uint32_t kind, uint32_t flags, uint64_t sequence,
-                                       zmq_msg_t *frames, size_t n, uint32_t *sizes,
-                                       size_t nsizes)
+                                       zmq_msg_t *frames, size_t n, uint32_t *sizes, size_t nsizes)
 {
     kp_header h = kp_broker_header((kp_kind)kind, kp_call_dispatch_id(c).v);
     h.sequence = sequence;
@@ -430,10 +429,11 @@ void kp_broker_on_input(struct kp_broker *b, struct kp_call *c, kp_header *h, si
         err = KP_EINPUT;
     } else if (batch && (err = dispatch_check_batch(h, payload, n)) != KP_OK) {
         snprintf(detail, sizeof detail,
-                 err == KP_EBATCHSIZE ? "input batch of %zu messages exceeds the broker's limit of %u"
-                                      : "malformed input batch of %zu messages (sizes must be "
-                                        "given, match the payload, and not be compressed; "
-                                        "limit %u)",
+                 err == KP_EBATCHSIZE
+                     ? "input batch of %zu messages exceeds the broker's limit of %u"
+                     : "malformed input batch of %zu messages (sizes must be "
+                       "given, match the payload, and not be compressed; "
+                       "limit %u)",
                  h->n_batch_sizes, KP_MAX_BATCH);
     } else if (chunk && c->input_window < count) {
         err = KP_EINPUTWINDOW; /* the bound on what the broker may have to hold */
