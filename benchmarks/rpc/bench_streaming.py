@@ -13,8 +13,9 @@ each call has a writer task and a reader; the handler echoes every message,
 and the replies read are counted. Server streaming: the handler yields
 messages until the reader cancels after the measuring time; the messages
 read are counted. Kelpie's peers batch stream messages that are ready at
-once (protocol.md §5.8); the caller asks a reply window of 64 on both
-systems' sides where it has one. Each case runs on Kelpie and then at once
+once (protocol.md §5.8); Kelpie's reader asks a reply window of 256
+messages (grpc's flow control is in bytes: 64 KiB at first, grown by its
+BDP probe, i.e. thousands of 16 B messages). Each case runs on Kelpie and then at once
 on grpc, so both see the same load on a shared machine. Prints one line per
 case and the ratio. Not a test.
 
@@ -198,8 +199,8 @@ async def bench(frontend, grpc_port, cases, seconds):
             if method == "Count":
                 return client.stream_unary("bench.Stream", "Count")
             if method == "Gen":
-                return client.stream("bench.Stream", "Gen", payload, window=64)
-            return client.stream_stream("bench.Stream", "Echo", window=64)
+                return client.stream("bench.Stream", "Gen", payload, window=256)
+            return client.stream_stream("bench.Stream", "Echo", window=256)
 
         def grpc_open(method, payload=None):
             if payload is not None:
