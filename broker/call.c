@@ -76,14 +76,19 @@ void kp_call_drop_frames(struct kp_call *c)
 }
 
 void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint32_t flags, uint64_t sequence,
-                        zmq_msg_t *frames, size_t n)
+                        zmq_msg_t *frames, size_t n, const uint32_t *sizes, size_t nsizes)
 {
-    struct kp_input *in = kp_malloc(sizeof *in + n * sizeof in->frames[0]);
+    struct kp_input *in =
+        kp_malloc(sizeof *in + n * sizeof in->frames[0] + nsizes * sizeof(uint32_t));
     in->next = NULL;
     in->kind = kind;
     in->flags = flags;
     in->sequence = sequence;
     in->n = n;
+    in->nsizes = nsizes;
+    in->sizes = (uint32_t *)(void *)&in->frames[n]; /* zmq_msg_t is 8-aligned: so is this */
+    if (nsizes > 0)
+        memcpy(in->sizes, sizes, nsizes * sizeof(uint32_t));
     for (size_t i = 0; i < n; i++) {
         zmq_msg_init(&in->frames[i]);
         zmq_msg_move(&in->frames[i], &frames[i]);

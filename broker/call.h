@@ -52,9 +52,11 @@ enum kp_call_state {
 struct kp_input {
     struct kp_input *next; /* the next held message, in arrival order */
     uint32_t kind;         /* KELPIE__V1__KIND__CHUNK or __END */
-    uint32_t flags;        /* the message's COMPRESSED bit, forwarded with it */
+    uint32_t flags;        /* the message's COMPRESSED and BATCH bits, forwarded with it */
     uint64_t sequence;     /* CHUNK: its position in the input stream */
     size_t n;              /* payload frames in frames[] */
+    size_t nsizes;         /* BATCH: messages in the CHUNK (§5.8), else 0 */
+    uint32_t *sizes;       /* BATCH: their sizes, stored after frames[] */
     zmq_msg_t frames[];    /* the payload, moved from the receive array */
 };
 
@@ -134,9 +136,10 @@ void kp_call_hold_header(struct kp_call *c, zmq_msg_t *frame);
 void kp_call_drop_frames(struct kp_call *c);
 
 /* Holds one input message (kind CHUNK or END, n payload frames moved out of
- * frames[], which are left empty) at the end of c's input. Cannot fail. */
+ * frames[], which are left empty; a BATCH CHUNK's nsizes message sizes,
+ * copied) at the end of c's input. Cannot fail. */
 void kp_call_hold_input(struct kp_call *c, uint32_t kind, uint32_t flags, uint64_t sequence,
-                        zmq_msg_t *frames, size_t n);
+                        zmq_msg_t *frames, size_t n, const uint32_t *sizes, size_t nsizes);
 
 /* Detaches and returns the oldest held input message (NULL if none); the
  * caller owns it and frees it with kp_input_free. */

@@ -118,15 +118,21 @@ static void dispatch_orphan(struct kp_broker *b, struct kp_call *c)
     kp_broker_send_worker(b, c->worker, &h);
 }
 
-/* Sends one input message of c (CHUNK or END, payload frames/n) to w under
- * c's dispatch id. Ownership as kp_broker_send. */
+/* Sends one input message of c (CHUNK or END, payload frames/n; a BATCH
+ * CHUNK's nsizes message sizes) to w under c's dispatch id. Ownership as
+ * kp_broker_send. */
 static enum kp_err dispatch_send_input(struct kp_broker *b, struct kp_call *c, struct kp_worker *w,
                                        uint32_t kind, uint32_t flags, uint64_t sequence,
-                                       zmq_msg_t *frames, size_t n)
+                                       zmq_msg_t *frames, size_t n, uint32_t *sizes, size_t nsizes)
 {
     kp_header h = kp_broker_header((kp_kind)kind, kp_call_dispatch_id(c).v);
     h.sequence = sequence;
-    h.flags = flags & KP_FLAG_COMPRESSED; /* §5.7: how the payload is encoded */
+    /* §5.7 and §5.8: how the payload is encoded */
+    h.flags = flags & (KP_FLAG_COMPRESSED | KP_FLAG_BATCH);
+    if (h.flags & KP_FLAG_BATCH) {
+        h.n_batch_sizes = nsizes;
+        h.batch_sizes = sizes;
+    }
     enum kp_err err =
         kp_broker_send(b, b->backend, w->rid.bytes, w->rid.len, w->queued, &h, frames, n);
     if (err == KP_OK)
@@ -144,7 +150,7 @@ static void dispatch_flush_input(struct kp_broker *b, struct kp_call *c, struct 
     bool failed = false;
     while ((in = kp_call_take_input(c)) != NULL) {
         if (!failed && dispatch_send_input(b, c, w, in->kind, in->flags, in->sequence, in->frames,
-                                           in->n) != KP_OK) {
+                                           in->n, in->sizes, in->nsizes) != KP_OK) {
             failed = true;
             kp_broker_worker_gone(b, w);
         }
@@ -392,32 +398,67 @@ static void dispatch_abort(struct kp_broker *b, struct kp_call *c, enum kp_err e
     }
 }
 
+/* Checks a client CHUNK with the BATCH flag (§5.8) against its payload:
+ * KP_OK, or why the call fails. The sizes are peer input: never trusted. */
+static enum kp_err dispatch_check_batch(const kp_header *h, const zmq_msg_t *payload, size_t n)
+{
+    if (h->n_batch_sizes == 0 || (h->flags & KP_FLAG_COMPRESSED))
+        return KP_EBATCH;
+    if (h->n_batch_sizes > KP_MAX_BATCH)
+        return KP_EBATCHSIZE;
+    uint64_t want = 0, have = 0;
+    for (size_t i = 0; i < h->n_batch_sizes; i++)
+        want += h->batch_sizes[i];
+    for (size_t i = 0; i < n; i++)
+        have += zmq_msg_size((zmq_msg_t *)&payload[i]);
+    return want == have ? KP_OK : KP_EBATCH;
+}
+
 void kp_broker_on_input(struct kp_broker *b, struct kp_call *c, kp_header *h, size_t hdr_index)
 {
     bool chunk = h->kind == KELPIE__V1__KIND__CHUNK;
+    bool batch = chunk && (h->flags & KP_FLAG_BATCH);
+    zmq_msg_t *payload = &b->in.frames[hdr_index + 1];
+    size_t n = b->in.nframes - hdr_index - 1;
+    /* A CHUNK takes one message of window; a batch one per message in it. */
+    size_t count = batch ? h->n_batch_sizes : 1;
     enum kp_err err = KP_OK;
-    if (!(c->flags & KP_FLAG_CLIENT_STREAM) || c->input_closed)
+    char detail[160];
+    detail[0] = '\0';
+    if (!(c->flags & KP_FLAG_CLIENT_STREAM) || c->input_closed) {
         err = KP_EINPUT;
-    else if (chunk && c->input_window == 0)
+    } else if (batch && (err = dispatch_check_batch(h, payload, n)) != KP_OK) {
+        snprintf(detail, sizeof detail,
+                 err == KP_EBATCHSIZE
+                     ? "input batch of %zu messages exceeds the broker's limit of %u"
+                     : "malformed input batch of %zu messages (sizes must be "
+                       "given, match the payload, and not be compressed; "
+                       "limit %u)",
+                 h->n_batch_sizes, KP_MAX_BATCH);
+    } else if (chunk && c->input_window < count) {
         err = KP_EINPUTWINDOW; /* the bound on what the broker may have to hold */
+    }
     if (err != KP_OK) {
         kp_err_count(err, &b->stats);
-        dispatch_abort(b, c, err, NULL);
+        dispatch_abort(b, c, err, detail[0] ? detail : NULL);
         return;
     }
     if (chunk)
-        c->input_window--;
+        c->input_window -= (uint32_t)count;
     else
         c->input_closed = true;
     b->stats.input_chunks++;
-    zmq_msg_t *payload = &b->in.frames[hdr_index + 1];
-    size_t n = b->in.nframes - hdr_index - 1;
+    if (batch)
+        b->stats.input_batches++;
+    uint32_t *sizes = batch ? h->batch_sizes : NULL;
+    size_t nsizes = batch ? h->n_batch_sizes : 0;
     if (c->state == KP_CALL_QUEUED) {
-        kp_call_hold_input(c, (uint32_t)h->kind, h->flags, h->sequence, payload, n);
+        kp_call_hold_input(c, (uint32_t)h->kind, h->flags, h->sequence, payload, n, sizes, nsizes);
         return;
     }
     struct kp_worker *w = c->worker;
-    if (dispatch_send_input(b, c, w, (uint32_t)h->kind, h->flags, h->sequence, payload, n) != KP_OK)
+    if (dispatch_send_input(b, c, w, (uint32_t)h->kind, h->flags, h->sequence, payload, n, sizes,
+                            nsizes) != KP_OK)
         kp_broker_worker_gone(b, w); /* as dispatch_flush_input: never a gap in the input */
 }
 
@@ -435,6 +476,9 @@ void kp_broker_on_input_credit(struct kp_broker *b, struct kp_worker *w, const k
     kp_header fwd = kp_broker_header(KELPIE__V1__KIND__CREDIT, c->client_request_id);
     fwd.credits = h->credits;
     fwd.flags = KP_FLAG_CLIENT_STREAM;
+    /* §5.8: the client may batch if the worker reads batches; this broker
+     * reads them up to KP_MAX_BATCH, so it announces no more than that. */
+    fwd.batch_max = h->batch_max < KP_MAX_BATCH ? h->batch_max : KP_MAX_BATCH;
     enum kp_err err = kp_broker_send(b, b->frontend, cl->rid.bytes, cl->rid.len,
                                      kp_broker_account(b, &cl->queued), &fwd, NULL, 0);
     if (err == KP_OK)

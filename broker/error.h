@@ -39,6 +39,10 @@
        "client sent a CHUNK beyond the input window its worker granted")                           \
     XX(EINPUT, INVALID_ARGUMENT, input_overrun,                                                    \
        "CHUNK or END for a call that takes none (no CLIENT_STREAM flag, or after its END)")        \
+    XX(EBATCH, INVALID_ARGUMENT, input_batch_refused,                                              \
+       "malformed input batch (batch_sizes empty, not matching the payload, or compressed)")       \
+    XX(EBATCHSIZE, RESOURCE_EXHAUSTED, input_batch_refused,                                        \
+       "input batch has more messages than the broker reads in one CHUNK")                         \
     XX(ECANCELLED, CANCELLED, none, "cancelled by the client")                                     \
     XX(EDEADLINE, DEADLINE_EXCEEDED, none, "deadline exceeded")                                    \
     XX(EWORKERLOST, UNAVAILABLE, none, "the worker running the call was lost")                     \

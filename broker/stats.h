@@ -49,6 +49,8 @@
     XX(input_credits)             /* input-window CREDITs forwarded from workers to clients */     \
     XX(input_dropped)             /* client input or input CREDIT for no live call */              \
     XX(input_overrun)             /* calls failed: input past the window, after END, or unasked */ \
+    XX(input_batches)             /* client CHUNKs with the BATCH flag accepted (§5.8) */         \
+    XX(input_batch_refused)       /* calls failed: a BATCH CHUNK malformed or over KP_MAX_BATCH */ \
     XX(workers_registered)        /* READYs from new workers */                                    \
     XX(worker_disconnects)        /* DISCONNECTs from workers */                                   \
     XX(worker_expired)            /* workers removed for silence */                                \

@@ -52,6 +52,7 @@ struct kp_rid {
 #define KP_FLAG_COMPRESSED         256u
 #define KP_FLAG_ACCEPTS_COMPRESSED 512u
 #define KP_FLAG_END_OF_INPUT       1024u
+#define KP_FLAG_BATCH              4096u
 /* REQUEST flags a call keeps and sends on to its worker. */
 #define KP_FLAG_CALL_MASK                                                                          \
     (KP_FLAG_IDEMPOTENT | KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM | KP_FLAG_COMPRESSED |            \
@@ -60,6 +61,10 @@ struct kp_rid {
 /* CHUNKs a client may send on a CLIENT_STREAM call before any CREDIT: the
  * protocol's fixed initial input window (docs/protocol.md §5.6). */
 #define KP_INPUT_WINDOW 16u
+
+/* The most stream messages one BATCH CHUNK may carry (docs/protocol.md §5.8):
+ * announced to clients as CREDIT.batch_max, so a client never sends more. */
+#define KP_MAX_BATCH 1024u
 
 /* An allocation that did not fit the arena's block; freed on reset. */
 struct kp_arena_spill {

@@ -1,4 +1,4 @@
-"""Client-streaming and bidirectional streaming: Kelpie against grpc.aio, messages/s.
+"""Client-, server- and bidirectional streaming: Kelpie against grpc.aio, messages/s.
 
 * Kelpie: ``kelpie.Client.stream_unary`` / ``stream_stream`` in this process
   -> ``kelpied`` -> one Python worker process (handlers with
@@ -10,7 +10,12 @@ Client streaming: ``streams`` calls at once, each writing messages back to
 back for the measuring time, then END; the handler counts them and replies
 with the count, so only messages the server read are counted. Bidirectional:
 each call has a writer task and a reader; the handler echoes every message,
-and the replies read are counted. Each case runs on Kelpie and then at once
+and the replies read are counted. Server streaming: the handler yields
+messages until the reader cancels after the measuring time; the messages
+read are counted. Kelpie's peers batch stream messages that are ready at
+once (protocol.md §5.8); Kelpie's reader asks a reply window of 256
+messages (grpc's flow control is in bytes: 64 KiB at first, grown by its
+BDP probe, i.e. thousands of 16 B messages). Each case runs on Kelpie and then at once
 on grpc, so both see the same load on a shared machine. Prints one line per
 case and the ratio. Not a test.
 
@@ -56,11 +61,16 @@ def serve_grpc(port, loop_name):
         async for request in request_iterator:
             yield request
 
+    async def gen(request, context):
+        while True:
+            yield request
+
     async def main():
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Stream", {"Count": grpc.stream_unary_rpc_method_handler(count),
-                             "Echo": grpc.stream_stream_rpc_method_handler(echo)}),))
+                             "Echo": grpc.stream_stream_rpc_method_handler(echo),
+                             "Gen": grpc.unary_stream_rpc_method_handler(gen)}),))
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -83,6 +93,11 @@ def serve_kelpie(backend, loop_name):
     async def echo(requests, ctx):
         async for request in requests:
             yield request
+
+    @worker.handler("bench.Stream", "Gen")
+    async def gen(payload, ctx):
+        while True:
+            yield payload
 
     async def main():
         loop = asyncio.get_running_loop()
@@ -142,6 +157,28 @@ async def bidi(open_call, payload, streams, seconds):
     return sum(received) / (time.perf_counter() - start)
 
 
+async def server_streaming(open_call, payload, streams, seconds):
+    """``streams`` server-streaming calls read for ``seconds``; messages/s."""
+    stop = False
+    received = [0] * streams
+
+    async def one(i):
+        call = open_call("Gen", payload)
+        async for _ in call:
+            received[i] += 1
+            if stop:
+                break
+        call.cancel()
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(streams)]
+    start = time.perf_counter()
+    await asyncio.sleep(seconds)
+    stop = True
+    elapsed = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    return sum(received) / elapsed
+
+
 _GRPC_EOF = [object()]  # grpc.aio.EOF once grpc is imported
 
 
@@ -155,18 +192,24 @@ async def bench(frontend, grpc_port, cases, seconds):
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
         await channel.channel_ready()
         grpc_calls = {"Count": channel.stream_unary("/bench.Stream/Count"),
-                      "Echo": channel.stream_stream("/bench.Stream/Echo")}
+                      "Echo": channel.stream_stream("/bench.Stream/Echo"),
+                      "Gen": channel.unary_stream("/bench.Stream/Gen")}
 
-        def kelpie_open(method):
+        def kelpie_open(method, payload=None):
             if method == "Count":
                 return client.stream_unary("bench.Stream", "Count")
-            return client.stream_stream("bench.Stream", "Echo", window=64)
+            if method == "Gen":
+                return client.stream("bench.Stream", "Gen", payload, window=256)
+            return client.stream_stream("bench.Stream", "Echo", window=256)
 
-        def grpc_open(method):
+        def grpc_open(method, payload=None):
+            if payload is not None:
+                return grpc_calls[method](payload)
             return grpc_calls[method]()
 
         try:
-            for kind, fn in (("client-stream", client_streaming), ("bidi", bidi)):
+            for kind, fn in (("client-stream", client_streaming), ("bidi", bidi),
+                             ("server-stream", server_streaming)):
                 for size, streams in cases:
                     payload = b"x" * size
                     k = await fn(kelpie_open, payload, streams, seconds)

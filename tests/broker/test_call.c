@@ -98,6 +98,31 @@ Test(call, fini_releases_live_calls_and_their_frames)
     /* teardown's kp_calls_fini must free them; ASan's leak check verifies. */
 }
 
+Test(call, held_batch_keeps_its_message_sizes)
+{
+    /* A BATCH CHUNK held while the call is queued (protocol.md §5.8) must
+     * reach the worker with the sizes that split its payload. */
+    struct kp_call *c = kp_call_new(&calls);
+    zmq_msg_t f;
+    zmq_msg_init_size(&f, 6);
+    memcpy(zmq_msg_data(&f), "abbccc", 6);
+    uint32_t sizes[3] = {1, 2, 3};
+    kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, KP_FLAG_BATCH, 4, &f, 1, sizes, 3);
+    sizes[0] = 99; /* copied, not borrowed: the receive arena is reset after */
+    zmq_msg_close(&f);
+    struct kp_input *in = kp_call_take_input(c);
+    cr_assert_not_null(in);
+    cr_assert_eq(in->flags, KP_FLAG_BATCH);
+    cr_assert_eq(in->sequence, 4);
+    cr_assert_eq(in->nsizes, 3);
+    cr_assert_eq(in->sizes[0], 1);
+    cr_assert_eq(in->sizes[1], 2);
+    cr_assert_eq(in->sizes[2], 3);
+    cr_assert_eq(zmq_msg_size(&in->frames[0]), 6);
+    kp_input_free(in);
+    kp_call_free(&calls, c);
+}
+
 Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
 {
     struct kp_call *c = kp_call_new(&calls);
@@ -106,11 +131,11 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
         zmq_msg_t f;
         zmq_msg_init_size(&f, 100);
         memset(zmq_msg_data(&f), 'a' + (int)seq, 100);
-        kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, 0, seq, &f, 1);
+        kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, 0, seq, &f, 1, NULL, 0);
         cr_assert_eq(zmq_msg_size(&f), 0, "the frame was not moved out");
         zmq_msg_close(&f);
     }
-    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0);
+    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0, NULL, 0);
     for (uint64_t seq = 0; seq < 2; seq++) {
         struct kp_input *in = kp_call_take_input(c);
         cr_assert_not_null(in);
@@ -123,7 +148,7 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
     /* Taking the last one and holding again keeps the tail right. */
     zmq_msg_t f;
     zmq_msg_init_size(&f, 10);
-    kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, KP_FLAG_COMPRESSED, 9, &f, 1);
+    kp_call_hold_input(c, KELPIE__V1__KIND__CHUNK, KP_FLAG_COMPRESSED, 9, &f, 1, NULL, 0);
     zmq_msg_close(&f);
     struct kp_input *in = kp_call_take_input(c);
     cr_assert_eq(in->sequence, 2);
@@ -136,7 +161,7 @@ Test(call, held_input_comes_back_in_order_and_is_freed_with_the_call)
     cr_assert_eq(in->flags, KP_FLAG_COMPRESSED);
     kp_input_free(in);
     cr_assert_null(kp_call_take_input(c));
-    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0);
+    kp_call_hold_input(c, KELPIE__V1__KIND__END, 0, 0, NULL, 0, NULL, 0);
     /* Freeing the call frees what it still holds; ASan's leak check verifies. */
     kp_call_free(&calls, c);
 }

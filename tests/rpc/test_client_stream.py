@@ -336,11 +336,13 @@ def test_broker_enforces_the_input_rules(broker, procs, tmp_path):
 
     try:
         md = {"marker-dir": str(tmp_path), "tag": "over", "pace": "10"}
-        # SlowRead reads one request then sleeps: no credit comes back, so
-        # CHUNK 17 is over the window.
+        # SlowRead reads one request then sleeps: no credit comes back but
+        # the one widening the window to _input.WINDOW at the start, so the
+        # CHUNK after that (or after the first 16, if it has not come yet)
+        # is over the window.
         sock.send_multipart([_wire.request("echo", "SlowRead", 1, 5000, _wire.CLIENT_STREAM,
                                            0, md), b""])
-        for seq in range(_wire.INPUT_WINDOW + 1):
+        for seq in range(_input.WINDOW + 1):
             sock.send_multipart([_wire.chunk(1, seq), b"x"])
         h = answer(1)
         assert (h.kind, h.code) == (_wire.ERROR, kelpie.StatusCode.RESOURCE_EXHAUSTED)

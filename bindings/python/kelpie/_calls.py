@@ -23,6 +23,7 @@ CHUNK = _wire.CHUNK
 END = _wire.END
 DISCONNECT = _wire.DISCONNECT
 _COMPRESSED = _wire.COMPRESSED
+_BATCH = _wire.BATCH
 _ACCEPT = _compression.ACCEPT_FLAG
 
 
@@ -110,6 +111,9 @@ class StreamCore:
         """Apply one answer (CHUNK, END or ERROR; anything else is ignored)."""
         if kind == CHUNK:
             seq = header.sequence
+            if header.flags & _BATCH:
+                self._deliver_batch(seq, header, frames)
+                return
             if seq != self.expected:
                 self._out_of_sequence(seq)
                 return
@@ -137,6 +141,28 @@ class StreamCore:
             self._ended()
         else:
             return
+        self._wake()
+
+    def _deliver_batch(self, seq, header, frames):
+        """A CHUNK carrying several stream messages (protocol.md §5.8)."""
+        batch = None if header.flags & _COMPRESSED else _wire.split_batch(header, payload(frames))
+        if batch is None:
+            self._forget()
+            self._send_cancel()
+            self.fail(RpcError(StatusCode.INTERNAL, "the worker sent a malformed stream batch"))
+            return
+        if seq != self.expected:
+            if seq > self.expected:
+                self._out_of_sequence(seq)  # a gap
+                return
+            # A replay (see _out_of_sequence): keep only what is new.
+            skip = min(self.expected - seq, len(batch))
+            self._send_credit(skip)
+            batch = batch[skip:]
+            if not batch:
+                return
+        self.expected += len(batch)
+        self.chunks.extend(batch)
         self._wake()
 
     def _out_of_sequence(self, seq):

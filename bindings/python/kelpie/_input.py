@@ -6,11 +6,14 @@ hands each to the call's input (:meth:`Input.feed`); the handler reads them
 as ``async for request in requests`` (:class:`Input`, on the loop) or
 ``for request in requests`` (:class:`ThreadInput`, a ``def`` handler in the
 thread pool). The caller may send :data:`kelpie._wire.INPUT_WINDOW` CHUNKs
-before it hears from us; as the handler consumes them, window goes back
-with CREDIT(CLIENT_STREAM), the first one widening it to :data:`WINDOW`,
-then in batches of half of that, so a slow handler holds at most
-:data:`WINDOW` requests here, and the broker and the caller hold nothing
-more.
+before it hears from us; the runner widens that to :data:`WINDOW` with a
+CREDIT(CLIENT_STREAM) as soon as the call starts (:meth:`_InputCore.open`),
+and as the handler consumes requests, window goes back in batches of half
+of that, so a slow handler holds at most :data:`WINDOW` requests here, and
+the broker and the caller hold nothing more. Every such CREDIT says that
+this worker reads BATCH CHUNKs (protocol.md §5.8): a caller that is ahead
+then sends many requests per message, which arrive here as one feed and
+one wake-up of the handler.
 
 Calls go down only: to the session's send (through ``grant``, a callable
 the runner supplies) and, for threads, the loop's ``call_soon_threadsafe``.
@@ -31,13 +34,14 @@ __all__ = ["Input", "ThreadInput"]
 _CHUNK = _wire.CHUNK
 _END = _wire.END
 _COMPRESSED = _wire.COMPRESSED
+_BATCH = _wire.BATCH
 # The most input this worker holds per call. The caller starts with the
-# protocol's window (16); the first CREDIT widens it to WINDOW, so that a
-# fast stream is not held to one round trip per 8 requests, and after that
-# window goes back in batches of half of it. The broker holds none of it:
-# after dispatch it forwards input as it comes (protocol.md §5.6).
-WINDOW = 64
-_FIRST = _wire.INPUT_WINDOW // 2
+# protocol's window (16); the CREDIT sent when the call starts widens it to
+# WINDOW, so that a fast stream is not held to a round trip per few
+# requests (with batches, one round trip moves half a window), and after
+# that window goes back in batches of half of it. The broker holds none of
+# it: after dispatch it forwards input as it comes (protocol.md §5.6).
+WINDOW = 256
 _HALF = WINDOW // 2
 
 
@@ -51,7 +55,7 @@ def _payload(frames):
 class _InputCore:
     """What both inputs share: arrival order, sequence check, credit batches."""
 
-    __slots__ = ("items", "ended", "error", "expected", "consumed", "grant", "decode", "widened")
+    __slots__ = ("items", "ended", "error", "expected", "consumed", "grant", "decode")
 
     def __init__(self, grant, decode=None):
         self.items = collections.deque()
@@ -62,7 +66,11 @@ class _InputCore:
         # grant(n): send CREDIT(CLIENT_STREAM, n) for this call (loop thread).
         self.grant = grant
         self.decode = decode
-        self.widened = False  # the first CREDIT (which widens the window) has gone
+
+    def open(self):
+        """The call has started (loop thread): widen the caller's window
+        from the protocol's initial one to :data:`WINDOW`."""
+        self.grant(WINDOW - _wire.INPUT_WINDOW)
 
     def _accept(self, kind, header, frames):
         """Apply one CHUNK or END; return False if nothing changed."""
@@ -73,8 +81,20 @@ class _InputCore:
                 self.error = DataLoss(f"request chunk {header.sequence} arrived, "
                                       f"{self.expected} expected")
                 return True
-            self.expected += 1
             data = _payload(frames)
+            if header.flags & _BATCH:
+                # Several requests in one CHUNK (protocol.md §5.8): the
+                # handler reads them one by one, woken once for all.
+                batch = None if header.flags & _COMPRESSED else _wire.split_batch(header, data)
+                if batch is None:
+                    self.error = RpcError(StatusCode.INVALID_ARGUMENT,
+                                          "request batch malformed: batch_sizes do not match "
+                                          f"its {len(data)} bytes, or it is compressed")
+                    return True
+                self.expected += len(batch)
+                self.items.extend(batch)
+                return True
+            self.expected += 1
             if header.flags & _COMPRESSED:
                 try:
                     data = _compression.decompress(data)
@@ -93,14 +113,8 @@ class _InputCore:
         if self.ended:
             return 0  # the caller sends nothing more: no window needed
         self.consumed += 1
-        if self.widened:
-            if self.consumed >= _HALF:
-                n, self.consumed = self.consumed, 0
-                return n
-            return 0
-        if self.consumed >= _FIRST:
-            self.widened = True
-            n, self.consumed = self.consumed + WINDOW - _wire.INPUT_WINDOW, 0
+        if self.consumed >= _HALF:
+            n, self.consumed = self.consumed, 0
             return n
         return 0
 

@@ -19,7 +19,7 @@ import logging
 import time
 import types
 
-from . import _compression, _executors, _interceptors, _wire
+from . import _compression, _executors, _interceptors, _streaming, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._context import current_call as _current_call
 from ._handlers import _IN_PROCESS, _IN_THREAD, _ON_LOOP
@@ -120,6 +120,84 @@ def _as_bytes(value, what):
     raise TypeError(f"{what} returned {type(value).__name__}, expected bytes")
 
 
+class _ReplyBatch:
+    """The chunks of one server stream not sent yet, for a caller that reads
+    BATCH CHUNKs (protocol.md §5.8). A chunk joins the batch unless it is
+    large or to be compressed (then the batch goes first and it goes alone,
+    through _send_chunk); the batch goes out as one CHUNK when it is full,
+    when the window is used up, before the stream's END or ERROR, or at the
+    loop's next turn (the generator had to wait), so batching never holds a
+    chunk back from a reader that could have it."""
+
+    __slots__ = ("worker", "session", "ctx", "limit", "bodies", "nbytes", "first", "handle")
+
+    def __init__(self, worker, session, ctx, batch_max):
+        self.worker = worker
+        self.session = session
+        self.ctx = ctx
+        self.limit = min(batch_max, _wire.MAX_BATCH)
+        self.bodies = []
+        self.nbytes = 0
+        self.first = 0
+        self.handle = None
+
+    def add(self, seq, body):
+        """Take chunk ``seq`` into the batch; False if it must go alone
+        (the batch, if any, has been sent first)."""
+        n = len(body)
+        worker = self.worker
+        if n >= _streaming.BATCH_ALONE or (self.ctx._zip and n >= worker._zthreshold):
+            self.flush()
+            return False
+        if self.bodies and self.nbytes + n + 40 + 3 * len(self.bodies) > worker._max_message_size:
+            self.flush()
+        if not self.bodies:
+            if n + 40 > worker._max_message_size:
+                return False  # _send_chunk refuses it, with the exact size
+            self.first = seq
+        self.bodies.append(body)
+        self.nbytes += n
+        if len(self.bodies) >= self.limit or self.ctx._window <= 0:
+            self.flush()
+        elif self.handle is None:
+            self.handle = worker._loop.call_soon(self._flush_soon)
+        return True
+
+    def flush(self):
+        handle = self.handle
+        if handle is not None:
+            handle.cancel()
+            self.handle = None
+        bodies = self.bodies
+        if not bodies:
+            return
+        self.bodies = []
+        self.nbytes = 0
+        ctx = self.ctx
+        if ctx._orphan or self.session.ending:
+            return  # dropped, as _answer drops an orphan's chunks
+        rid = ctx.request_id
+        if len(bodies) == 1:
+            frames = (_wire.chunk(rid, self.first, _ACCEPT), bodies[0])
+        else:
+            frames = (_wire.batch_chunk(rid, self.first, [len(b) for b in bodies], _ACCEPT),
+                      b"".join(bodies))
+        _streaming.send_now(self.session.sock, frames)
+
+    def _flush_soon(self):
+        self.handle = None
+        try:
+            self.flush()
+        except Exception as exc:  # the socket is gone: the session ends the call
+            log.warning("stream batch not sent: %r", exc)
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        self.bodies = []
+
+
 class Runners:
     """Worker's call-running methods (a mixin of :class:`kelpie.Worker`)."""
 
@@ -164,7 +242,8 @@ class Runners:
             return
         if handler.stream:
             ctx._task = self._loop.create_task(_drive_coro(
-                self._run_stream(session, ctx, handler, payload), _FRESH, self, handler.name))
+                self._run_stream(session, ctx, handler, payload, header.batch_max), _FRESH, self,
+                handler.name))
             session.calls[rid] = ctx
             return
         # Eager start: step the coroutine here; most handlers finish at once.
@@ -226,9 +305,10 @@ class Runners:
         _current_call.set(ctx)  # as in _on_request: outgoing calls inherit the deadline
 
         def grant(n):
-            # Window goes back only while the call runs in this session.
+            # Window goes back only while the call runs in this session;
+            # each CREDIT says this worker reads batches (protocol.md §5.8).
             if session.calls.get(rid) is ctx and not session.ending:
-                self._spawn(self._send(session, _wire.input_credit(n, rid)))
+                self._spawn(self._send(session, _wire.input_credit(n, rid, _wire.MAX_BATCH)))
 
         session.calls[rid] = ctx
         if handler.kind == _IN_THREAD:
@@ -245,13 +325,15 @@ class Runners:
         elif handler.stream:
             ctx._input = Input(grant, handler.decode)
             ctx._task = self._loop.create_task(_drive_coro(
-                self._run_stream(session, ctx, handler, ctx._input), _FRESH, self,
-                handler.name))
+                self._run_stream(session, ctx, handler, ctx._input, header.batch_max), _FRESH,
+                self, handler.name))
+            ctx._input.open()
             return  # _run_stream arms the deadline
         else:
             ctx._input = Input(grant, handler.decode)
             ctx._task = self._loop.create_task(
                 self._finish_unary(session, ctx, handler, handler.fn(ctx._input, ctx), _FRESH))
+        ctx._input.open()
         if ctx.deadline is not None:
             ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
 
@@ -489,23 +571,30 @@ class Runners:
             raise _Oversized(too_big)
         await self._answer(session, ctx, header, body)
 
-    async def _run_stream(self, session, ctx, handler, payload):
+    async def _run_stream(self, session, ctx, handler, payload, batch_max=0):
         rid = ctx.request_id
         if ctx.deadline is not None:
             ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
         agen = None
+        # A caller that reads batches (REQUEST.batch_max, protocol.md §5.8)
+        # gets the chunks the generator yields without waiting as one CHUNK.
+        out = _ReplyBatch(self, session, ctx, batch_max) if batch_max > 1 else None
         try:
             agen = handler.fn(payload, ctx)
             seq = 0
             while True:
                 if ctx._window <= 0:
+                    if out is not None:
+                        out.flush()
                     await ctx._wait_window()
                 try:
                     item = await agen.__anext__()
                 except StopAsyncIteration:
                     break
                 ctx._window -= 1
-                await self._send_chunk(session, ctx, handler, seq, _as_bytes(item, handler.name))
+                body = _as_bytes(item, handler.name)
+                if out is None or not out.add(seq, body):
+                    await self._send_chunk(session, ctx, handler, seq, body)
                 seq += 1
         except BaseException as exc:  # noqa: B036
             if agen is not None:
@@ -513,10 +602,16 @@ class Runners:
                     await agen.aclose()
                 except BaseException:  # noqa: B036
                     pass
+            if out is not None:
+                out.flush()  # what was yielded goes before the error, as unbatched
             await self._answer_error(session, ctx, exc, handler)
         else:
+            if out is not None:
+                out.flush()
             await self._answer_ok(session, ctx, _wire.end(rid, ctx._trailing, _ACCEPT))
         finally:
+            if out is not None:
+                out.close()
             self._forget(session, ctx)
 
     async def _reply(self, session, ctx, body):

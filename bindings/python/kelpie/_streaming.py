@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 
-from . import _calls, _compression, _wire
+from . import _calls, _compression, _wire, _zmq
 from ._calls import payload as _payload
-from .errors import ResourceExhausted, RpcError
+from .errors import ResourceExhausted, RpcError, Unavailable
 
 __all__ = ["DuplexCore", "AsyncDuplex", "SyncDuplex", "StreamStreamCall", "StreamUnaryCall",
            "BlockingStreamStreamCall"]
@@ -35,6 +35,10 @@ __all__ = ["DuplexCore", "AsyncDuplex", "SyncDuplex", "StreamStreamCall", "Strea
 _CREDIT = _wire.CREDIT
 _REPLY = _wire.REPLY
 _CLIENT_STREAM = _wire.CLIENT_STREAM
+# A request this large goes in a CHUNK of its own: batching pays for small
+# messages (one send, one header, one wake-up for many), while joining large
+# ones only copies bytes (protocol.md §5.8).
+BATCH_ALONE = 64 * 1024
 
 
 class DuplexCore:
@@ -52,6 +56,9 @@ class DuplexCore:
         self.input_seq = 0
         self.writes_done = False
         self.reply = None
+        # protocol.md §5.8: the most requests per CHUNK the worker (and the
+        # broker) read, from their CREDIT; 0 until one says so.
+        self.batch_max = 0
 
     def request_flags(self):
         flags = _CLIENT_STREAM
@@ -65,6 +72,7 @@ class DuplexCore:
         if kind == _CREDIT:
             if header.flags & _CLIENT_STREAM:
                 self.input_window += header.credits
+                self.batch_max = header.batch_max
                 self._wake()
             return
         if kind == _REPLY and not self.server_streaming:
@@ -114,7 +122,25 @@ class DuplexCore:
         return self.reply
 
 
-DUPLEX_SLOTS = ("server_streaming", "input_window", "input_seq", "writes_done", "reply")
+DUPLEX_SLOTS = ("server_streaming", "input_window", "input_seq", "writes_done", "reply",
+                "batch_max")
+
+
+def send_now(sock, frames):
+    """Send ``frames`` on the async client's socket before returning, in
+    order with every send before it, from code that does not await (a
+    write that only adds to a batch, the loop's callback that sends it).
+    The operation runs at its first step, or at its second after one
+    fairness yield (kelpie._kelpie's per-socket budget); DONTWAIT makes a
+    full pipe raise instead of waiting (the client's SNDHWM is 0, so it is
+    not expected)."""
+    op = sock.send_multipart(frames, _zmq.DONTWAIT)
+    try:
+        op.send(None)
+        op.send(None)
+    except StopIteration:
+        return
+    raise Unavailable("the client's socket did not take a stream message at once")
 
 
 class AsyncDuplex(DuplexCore):
@@ -128,6 +154,12 @@ class AsyncDuplex(DuplexCore):
         self._init_input(server_streaming)
         self.write_waiter = None
         self.writer = None
+        # Requests written but not sent yet, while the worker reads batches
+        # (protocol.md §5.8): sent as one CHUNK when the batch is full, the
+        # window is used up, or the writer lets the loop run (flush_handle).
+        self.pending = []
+        self.pending_bytes = 0
+        self.flush_handle = None
 
     def _wake_writer(self):
         waiter = self.write_waiter
@@ -139,6 +171,7 @@ class AsyncDuplex(DuplexCore):
             await self.start()
         self.check_write()
         while self.input_window <= 0:
+            self.flush()  # never wait for window with requests unsent
             self.write_waiter = self.client._loop.create_future()
             try:
                 await self.write_waiter
@@ -146,8 +179,70 @@ class AsyncDuplex(DuplexCore):
                 self.write_waiter = None
             self.check_write()
         client = self.client
+        if self.batch_max > 1:
+            self.add(message, client)
+            return
         await client._sock.send_multipart(
             self.chunk_frames(message, client._conn.max_message_size))
+
+    def add(self, message, client):
+        """Write ``message`` in batch mode (the window has room): add it to
+        the pending batch, or send it alone if it is large or to be
+        compressed; send the batch once it is full or takes the last of the
+        window, else make sure the loop sends it at its next turn."""
+        n = len(message)
+        zip_ = client._zip
+        limit = client._conn.max_message_size
+        if n >= BATCH_ALONE or (zip_.setting and n >= zip_.threshold):
+            self.flush()
+            send_now(client._sock, self.chunk_frames(message, limit))
+            return
+        # The header of a batch: ids, flags, sequence, and up to 3 bytes per size.
+        if self.pending and self.pending_bytes + n + 40 + 3 * len(self.pending) > limit:
+            self.flush()
+        pending = self.pending
+        if not pending and n + 40 > limit:
+            send_now(client._sock, self.chunk_frames(message, limit))  # refuses it, sized
+            return
+        pending.append(message)
+        self.pending_bytes += n
+        self.input_seq += 1
+        self.input_window -= 1
+        if len(pending) >= self.batch_max or self.input_window <= 0:
+            self.flush()
+        elif self.flush_handle is None:
+            self.flush_handle = client._loop.call_soon(self.flush_soon)
+
+    def flush(self):
+        """Send the pending requests now: one CHUNK (BATCH if several)."""
+        handle = self.flush_handle
+        if handle is not None:
+            handle.cancel()
+            self.flush_handle = None
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        self.pending_bytes = 0
+        first = self.input_seq - len(pending)
+        if len(pending) == 1:
+            frames = (_wire.chunk(self.rid, first), pending[0])
+        else:
+            frames = (_wire.batch_chunk(self.rid, first, [len(m) for m in pending]),
+                      b"".join(pending))
+        send_now(self.client._sock, frames)
+
+    def flush_soon(self):
+        """The loop's turn after a write left requests pending."""
+        self.flush_handle = None
+        if self.finished:
+            self.pending = []  # the call ended (cancelled, deadline): nothing goes
+            return
+        try:
+            self.flush()
+        except Exception as exc:  # nobody awaits this: the call carries it
+            self.cancel()
+            self.error = exc
 
     async def done_writing(self):
         if not self.started:
@@ -155,6 +250,7 @@ class AsyncDuplex(DuplexCore):
         if self.writes_done or self.finished:
             return
         self.writes_done = True
+        self.flush()
         await self.client._sock.send_multipart([_wire.end(self.rid)])
 
     async def wait_reply(self):

@@ -59,6 +59,7 @@ CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.
 COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
 ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
 END_OF_INPUT = 1024  # INPUT: the job's input ends here (protocol.md §11.7)
+BATCH = 4096  # CHUNK: several stream messages, sizes in batch_sizes (protocol.md §5.8)
 
 # The largest whole message (header and payload frames) a peer may send
 # before it has heard the broker's own limit (HEARTBEAT.max_message_size):
@@ -71,6 +72,10 @@ DEFAULT_WINDOW = 16
 # CHUNKs a caller may send on a CLIENT_STREAM call before any CREDIT: the
 # protocol's fixed initial input window (protocol.md §5.6).
 INPUT_WINDOW = 16
+
+# The most stream messages one BATCH CHUNK may carry: kelpied's KP_MAX_BATCH,
+# which it announces (as CREDIT.batch_max) no higher than (protocol.md §5.8).
+MAX_BATCH = 1024
 
 _VERSION = b"\x08\x01"  # field 1 (version), varint 1
 
@@ -257,11 +262,51 @@ def credit(credits, request_id=0):
     return out
 
 
-def input_credit(credits, request_id):
+def input_credit(credits, request_id, batch_max=0):
     """A CREDIT with the CLIENT_STREAM flag: ``credits`` more input CHUNKs
-    the caller of ``request_id`` may send (protocol.md §5.6)."""
-    return _CREDIT + b"\x48" + varint(credits) + b"\x18" + varint(request_id) + b"\x60" + \
+    the caller of ``request_id`` may send (protocol.md §5.6); ``batch_max``:
+    the worker reads BATCH CHUNKs of up to that many messages (§5.8)."""
+    out = _CREDIT + b"\x48" + varint(credits) + b"\x18" + varint(request_id) + b"\x60" + \
         varint(CLIENT_STREAM)
+    if batch_max:
+        out += b"\xd0\x02" + varint(batch_max)  # field 42 (batch_max), varint
+    return out
+
+
+def batch_chunk(request_id, sequence, sizes, flags=0):
+    """A CHUNK header with the BATCH flag (and ``flags``) for messages of
+    ``sizes`` bytes, the first at ``sequence`` (protocol.md §5.8); the
+    payload is the messages joined, in order."""
+    if max(sizes) < 0x80:
+        packed = bytes(sizes)  # every size a one-byte varint: the common small case
+    else:
+        packed = b"".join([varint(n) for n in sizes])
+    out = _CHUNK + varint(request_id)
+    if sequence:
+        out += b"\x68" + varint(sequence)
+    out += b"\x60" + varint(BATCH | flags)
+    return out + b"\xca\x02" + varint(len(packed)) + packed  # field 41 (batch_sizes), packed
+
+
+# REQUEST of a stream: the caller reads BATCH CHUNKs of up to MAX_BATCH
+# messages (field 42, batch_max; protocol.md §5.8), appended to its header.
+BATCH_MAX_FIELD = b"\xd0\x02" + varint(MAX_BATCH)
+
+
+def split_batch(header, data):
+    """The messages of a BATCH CHUNK whose payload, joined, is ``data``:
+    a list, or None if ``batch_sizes`` does not describe ``data`` exactly
+    (the sender's error)."""
+    sizes = header.batch_sizes
+    if not sizes or sum(sizes) != len(data):
+        return None
+    out = []
+    pos = 0
+    for n in sizes:
+        end = pos + n
+        out.append(data[pos:end])
+        pos = end
+    return out
 
 
 def ready(services, credits, heartbeat_ms, name, methods=(), queues=()):

@@ -17,6 +17,7 @@ DEALER = _k.DEALER
 PUSH = _k.PUSH  # kelpie.Producer, to the intake
 IMMEDIATE = _k.IMMEDIATE  # kelpie.Producer over several intakes
 LINGER = _k.LINGER
+DONTWAIT = _k.DONTWAIT  # the async client's stream batches, sent from a callback
 SNDHWM = _k.SNDHWM
 RCVHWM = _k.RCVHWM
 EVENTS = _k.EVENTS

@@ -677,14 +677,16 @@ class _StreamState(_calls.StreamCore):
         self.started = True
         if client._watch.stale(client._loop.time()):
             await client._ping(client._loop.time())
+        flags = self.request_flags()
         try:
             rid, header = client._conn.request(self.service, self.method, self.payload,
-                                               self.timeout, self.request_flags(), self.window,
-                                               self.metadata)
+                                               self.timeout, flags, self.window, self.metadata)
         except ResourceExhausted as exc:
             self.finished = True
             self.error = exc
             raise
+        if flags & _wire.STREAM:
+            header += _wire.BATCH_MAX_FIELD  # this client reads batched replies (§5.8)
         self.rid = rid
         client._pending[rid] = self
         if self.timeout is not None:
@@ -758,7 +760,8 @@ class _StreamState(_calls.StreamCore):
 class _DuplexState(_streaming.AsyncDuplex, _StreamState):
     """A client-streamed call (kelpie._streaming): a stream state plus its input."""
 
-    __slots__ = _streaming.DUPLEX_SLOTS + ("write_waiter", "writer")
+    __slots__ = _streaming.DUPLEX_SLOTS + ("write_waiter", "writer", "pending", "pending_bytes",
+                                           "flush_handle")
 
     def __init__(self, client, service, method, timeout, metadata, window, server_streaming):
         _StreamState.__init__(self, client, service, method, b"", timeout, metadata, window,
