@@ -3,9 +3,9 @@
  * A call is created when the broker accepts a REQUEST (frontend or intake)
  * and freed when both sides are done with it: the client has had its terminal
  * message and the worker (if any) has returned its slot. Between the two it is
- * QUEUED in its service's FIFO, DISPATCHED to one worker, or ORPHANED (the
- * client's side ended by cancel or deadline while the worker still holds a
- * slot for it; the worker's late answer frees it and is counted).
+ * QUEUED in its service's queue (in its client's flow there), DISPATCHED to one worker, or ORPHANED
+ * (the client's side ended by cancel or deadline while the worker still holds a slot for it; the
+ * worker's late answer frees it and is counted).
  *
  * The call table maps a call's serial to the call. The id a worker sees
  * (kp_dispatch_id) is the serial with the dispatch attempt in its low byte, so
@@ -29,6 +29,7 @@
 #include "timer.h"
 
 struct kp_client;
+struct kp_flow;
 struct run;
 struct kp_service;
 struct kp_worker;
@@ -39,7 +40,7 @@ typedef struct {
 } kp_dispatch_id;
 
 enum kp_call_state {
-    KP_CALL_QUEUED,     /* in service->queue, waiting for a free worker */
+    KP_CALL_QUEUED,     /* in its flow of service's queue, waiting for a free worker */
     KP_CALL_DISPATCHED, /* sent to worker, client waiting for the answer */
     KP_CALL_ORPHANED,   /* client side ended; waiting for the worker's answer */
 };
@@ -79,7 +80,8 @@ struct kp_call {
     struct kp_input *input;       /* CLIENT_STREAM input held while QUEUED, oldest first */
     struct kp_input **input_tail; /* where the next held message is linked */
     struct kp_timer timer;        /* armed at deadline while the client waits */
-    struct kp_list queue_link;    /* in service->queue while QUEUED */
+    struct kp_list queue_link;    /* in flow->calls while QUEUED */
+    struct kp_flow *flow;         /* while QUEUED: its client's flow in service (service.h) */
     struct kp_list worker_link;   /* in worker->calls while DISPATCHED/ORPHANED */
     bool has_header;              /* header holds the original header frame */
     zmq_msg_t header;             /* kept to re-encode a queued/re-sent call */

@@ -3,7 +3,8 @@
  * Walks every structure and cross-checks the redundant counts and links the
  * hot paths maintain incrementally: a worker's in_flight is the number of
  * calls on its list, a service's queued/in_flight match its queue and the
- * calls held for it, every client map entry names a live call of that
+ * calls held for it, its flows (one per client with queued calls) hold
+ * exactly its queued calls, every client map entry names a live call of that
  * client, ORPHANED calls are counted, deadlines are armed exactly while a
  * client (or intake producer) still waits, a service's method sets are its
  * workers' own and its `uniform` flag is true exactly when they are all
@@ -30,14 +31,51 @@ static const char *check_call(const struct kp_broker *b, const struct kp_call *c
     }
     if ((c->state == KP_CALL_QUEUED) == (c->worker != NULL))
         return "a call has a worker iff it is not QUEUED";
-    if (c->state == KP_CALL_QUEUED && kp_list_empty(&c->queue_link))
+    if (c->state == KP_CALL_QUEUED && (kp_list_empty(&c->queue_link) || c->flow == NULL))
         return "a QUEUED call is in no queue";
+    if (c->state != KP_CALL_QUEUED && c->flow != NULL)
+        return "a dispatched call still names a flow";
     if (c->state != KP_CALL_QUEUED && !kp_list_empty(&c->queue_link))
         return "a dispatched call is still in a queue";
     if (c->service == NULL)
         return "a call has no service";
     if ((c->flags & KP_FLAG_IDEMPOTENT) && waiting && !c->has_header)
         return "an idempotent call lost the header it needs to be sent again";
+    return NULL;
+}
+
+/* A service's queue (service.h): every flow in the ring holds calls, is
+ * found under its key, and holds only QUEUED calls of s that point back at
+ * it and come from the client (or intake) the key names; the counts add up. */
+static const char *check_queue(const struct kp_broker *b, const struct kp_service *s)
+{
+    size_t queued = 0, flows = 0;
+    bool stopped = b->state == KP_BROKER_STOPPED; /* clients were detached */
+    for (const struct kp_list *fl = s->ring.next; fl != &s->ring; fl = fl->next) {
+        const struct kp_flow *f = kp_container_of(fl, struct kp_flow, ring_link);
+        if (kp_idmap_get(&s->flows, f->key) != f)
+            return "a flow in a service's ring is not in its flow map under its key";
+        if (f->queued == 0 || kp_list_empty(&f->calls))
+            return "an empty flow is still in a service's ring";
+        size_t n = 0;
+        for (const struct kp_list *l = f->calls.next; l != &f->calls; l = l->next) {
+            const struct kp_call *c = kp_container_of(l, struct kp_call, queue_link);
+            if (c->service != s || c->state != KP_CALL_QUEUED || c->flow != f)
+                return "a service queue holds a call that is not its QUEUED call";
+            uint64_t key = c->client ? c->client->serial : KP_FLOW_INTAKE;
+            if (key != f->key && !(stopped && c->client == NULL))
+                return "a queued call is in another client's flow";
+            n++;
+        }
+        if (n != f->queued)
+            return "a flow's queued count differs from its calls";
+        queued += n;
+        flows++;
+    }
+    if (flows != s->nflows || kp_idmap_count(&s->flows) != flows)
+        return "a service's flow count differs from its ring or its flow map";
+    if (queued != s->queued)
+        return "a service's queued count differs from its queue";
     return NULL;
 }
 
@@ -90,15 +128,9 @@ const char *kp_broker_check(const struct kp_broker *b)
     pos = 0;
     struct kp_service *s;
     while ((s = kp_services_next(&b->services, &pos)) != NULL) {
-        size_t queued = 0;
-        for (struct kp_list *l = s->queue.next; l != &s->queue; l = l->next) {
-            c = kp_container_of(l, struct kp_call, queue_link);
-            if (c->service != s || c->state != KP_CALL_QUEUED)
-                return "a service queue holds a call that is not its QUEUED call";
-            queued++;
-        }
-        if (queued != s->queued)
-            return "a service's queued count differs from its queue";
+        const char *why = check_queue(b, s);
+        if (why)
+            return why;
         for (size_t i = 0; i < s->nworkers; i++) {
             if (kp_workers_find(&b->workers, s->workers[i]->rid.bytes, s->workers[i]->rid.len) !=
                 s->workers[i])

@@ -8,6 +8,7 @@
 void kp_clients_init(struct kp_clients *t)
 {
     kp_bmap_init(&t->by_rid);
+    t->next_serial = 1;
 }
 
 static void client_free(struct kp_client *c)
@@ -38,6 +39,7 @@ struct kp_client *kp_clients_get(struct kp_clients *t, const void *rid, size_t l
     if (c)
         return c;
     c = kp_calloc(1, sizeof *c);
+    c->serial = t->next_serial++;
     c->rid.len = (uint8_t)(len > sizeof c->rid.bytes ? sizeof c->rid.bytes : len);
     memcpy(c->rid.bytes, rid, c->rid.len);
     kp_idmap_init(&c->calls);

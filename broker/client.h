@@ -22,6 +22,7 @@
 
 struct kp_client {
     struct kp_rid rid;        /* frontend routing id; key in the table */
+    uint64_t serial;          /* unique, never reused: keys its flows in service queues */
     struct kp_idmap calls;    /* request_id -> outstanding call */
     uint64_t last_seen;       /* monotonic ms of its last message */
     bool gone;                /* unreachable or disconnected: end its calls */
@@ -31,6 +32,7 @@ struct kp_client {
 
 struct kp_clients {
     struct kp_bmap by_rid; /* routing id -> client */
+    uint64_t next_serial;  /* serial of the next new client (from 1) */
 };
 
 /* Sets up an empty table. */

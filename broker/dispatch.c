@@ -12,7 +12,8 @@
  *
  * A REQUEST whose service queue is empty and which finds a free worker is
  * dispatched straight from the receive array (one decode, one re-encode,
- * payload frames moved); everything else waits in its service queue.
+ * payload frames moved); everything else waits in its service queue, where
+ * clients take turns (service.h, dispatch_service).
  */
 #include "broker_impl.h"
 
@@ -534,22 +535,37 @@ void kp_broker_fail_queued(struct kp_broker *b, struct kp_call *c, enum kp_err e
     dispatch_free_call(b, c);
 }
 
-/* Sends s's queued calls to free workers that implement their methods, in
- * FIFO order. With one method set for all workers (s->uniform) the first
- * call that finds no worker ends the pass, as no later one can find one
- * either. With mixed sets a call whose workers are busy does not hold up
- * later calls for other methods: the pass goes on while any worker of s has
- * a free slot, so it may walk the whole queue (O(queued) per pass). Revisit
- * with a queue per (service, method) if mixed services queue deeply. */
-static void dispatch_service(struct kp_broker *b, struct kp_service *s)
+/* How one flow's turn in a dispatch pass ended. */
+enum dispatch_turn {
+    TURN_SENT, /* one of its calls was dispatched */
+    TURN_NONE, /* none of its calls can find a worker in this pass */
+    TURN_GONE, /* its calls all ended (expired, failed): the flow is freed */
+    TURN_STOP, /* no worker can take a call of s: the pass is over */
+};
+
+/* Offers flow f of s its turn in dispatch pass `pass`: dispatches its first
+ * call that finds a free worker implementing its method, ending expired and
+ * undeliverable calls on the way. With one method set for all workers
+ * (s->uniform) that is always its head call, and a head call that finds no
+ * worker ends the pass, as no other call can find one either. With mixed
+ * sets a call whose workers are busy is skipped, so a busy method does not
+ * hold up another, and f->resume remembers where f's next turn in the same
+ * pass goes on: a call skipped once stays undeliverable for the pass (slots
+ * are only taken during it), so each queued call is looked at once per pass. */
+static enum dispatch_turn dispatch_turn(struct kp_broker *b, struct kp_service *s,
+                                        struct kp_flow *f, uint64_t pass)
 {
-    struct kp_list *l = s->queue.next;
-    while (l != &s->queue) {
+    struct kp_list *l = f->pass == pass ? f->resume : f->calls.next;
+    f->pass = pass;
+    while (l != &f->calls) {
         struct kp_call *c = kp_container_of(l, struct kp_call, queue_link);
         struct kp_list *next = l->next;
+        bool last = f->queued == 1; /* ending c frees f */
         if (c->deadline && c->deadline <= b->now) {
             kp_timers_disarm(&b->timers, &c->timer);
             kp_broker_expire(b, c);
+            if (last)
+                return TURN_GONE;
             l = next;
             continue;
         }
@@ -560,6 +576,8 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
                                              zmq_msg_size(&c->header), SIZE_MAX, &h) != KP_OK) {
             b->stats.send_failed++;
             kp_broker_fail_queued(b, c, KP_ESYS, NULL);
+            if (last)
+                return TURN_GONE;
             l = next;
             continue;
         }
@@ -571,27 +589,70 @@ static void dispatch_service(struct kp_broker *b, struct kp_service *s)
                      h->method);
             kp_err_count(KP_EUNIMPLEMENTED, &b->stats);
             kp_broker_fail_queued(b, c, KP_EUNIMPLEMENTED, msg);
+            if (last)
+                return TURN_GONE;
             l = next;
             continue;
         }
         struct kp_worker *w = kp_service_pick(s, h->method);
         if (w == NULL) {
             if (s->uniform ||
-                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers) == NULL)
-                break;
+                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers) == NULL) {
+                f->resume = l;
+                return TURN_STOP;
+            }
             l = next;
             continue;
         }
         enum kp_err err = dispatch_send(b, c, w, h, NULL, 0);
         if (err == KP_OK) {
-            kp_service_unqueue(s, c, b->now); /* DISPATCHED now; leaves its queue */
-            l = next;
-        } else if (err == KP_ESYS) {
+            f->resume = next;
+            kp_service_take(s, c, b->now); /* DISPATCHED now; f's turn is used */
+            return TURN_SENT;
+        }
+        if (err == KP_ESYS) {
             b->stats.send_failed++;
             kp_broker_fail_queued(b, c, KP_ESYS, NULL);
+            if (last)
+                return TURN_GONE;
             l = next;
         }
         /* Otherwise w is gone or full now: the same call tries another. */
+    }
+    f->resume = &f->calls;
+    return TURN_NONE;
+}
+
+/* Sends s's queued calls to free workers, one call per flow (client) per
+ * turn, in ring order (service.h): a flow whose call was sent goes to the
+ * ring's tail, so clients alternate. The pass ends when no worker can take
+ * a call or every flow has had a turn without a send since the last send.
+ * Uniform services: O(1) per call sent (plus the least-loaded pick). Mixed
+ * method sets: O(queued calls + flows per call sent) per pass; revisit with a
+ * queue per (service, method) if mixed services queue deeply. */
+static void dispatch_service(struct kp_broker *b, struct kp_service *s)
+{
+    uint64_t pass = ++s->pass;
+    size_t idle = 0; /* flows that had a turn without a send since the last send */
+    struct kp_list *l = s->ring.next;
+    while (s->nflows > 0 && idle < s->nflows) {
+        if (l == &s->ring) {
+            l = l->next;
+            continue;
+        }
+        /* Taken first: f may move to the tail or be freed. If f was the
+         * last flow and moves to the tail, next is the ring head again,
+         * which wraps around to f. */
+        struct kp_list *next = l->next;
+        enum dispatch_turn t =
+            dispatch_turn(b, s, kp_container_of(l, struct kp_flow, ring_link), pass);
+        if (t == TURN_STOP)
+            break;
+        if (t == TURN_SENT)
+            idle = 0;
+        else if (t == TURN_NONE)
+            idle++;
+        l = next;
     }
     kp_log_set_header(NULL);
     kp_arena_reset(&b->in.arena);

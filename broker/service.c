@@ -1,4 +1,4 @@
-/* service: registry and bounded FIFO queues; see service.h. */
+/* service: registry and bounded, fair queues; see service.h. */
 #include "service.h"
 
 #include <string.h>
@@ -6,7 +6,12 @@
 #include <stdlib.h>
 
 #include "alloc.h"
+#include "client.h"
 #include "worker.h"
+
+/* Empty flows kept per service for reuse, so clients whose calls queue and
+ * drain in turn do not cost a malloc per burst. */
+#define FLOW_FREE_MAX 64
 
 void kp_services_init(struct kp_services *r)
 {
@@ -15,6 +20,19 @@ void kp_services_init(struct kp_services *r)
 
 static void service_destroy(struct kp_service *s)
 {
+    /* Queued calls are the caller's (and may be freed by now): only the
+     * flows' own memory is touched. */
+    while (!kp_list_empty(&s->ring)) {
+        struct kp_flow *f = kp_container_of(s->ring.next, struct kp_flow, ring_link);
+        kp_list_remove(&f->ring_link);
+        kp_free(f);
+    }
+    while (s->free_flows) {
+        struct kp_flow *f = s->free_flows;
+        s->free_flows = f->next_free;
+        kp_free(f);
+    }
+    kp_idmap_fini(&s->flows);
     kp_free(s->wmethods);
     kp_free(s->workers);
     kp_free(s->name);
@@ -43,7 +61,8 @@ struct kp_service *kp_services_get(struct kp_services *r, const char *name, uint
     s = kp_calloc(1, sizeof *s);
     s->name = kp_strdup(name);
     s->name_len = strlen(name);
-    kp_list_init(&s->queue);
+    kp_list_init(&s->ring);
+    kp_idmap_init(&s->flows);
     kp_list_init(&s->pending_link);
     kp_list_init(&s->job_link);
     s->idle_since = now ? now : 1;
@@ -222,32 +241,103 @@ struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method
     return best;
 }
 
-void kp_service_push_back(struct kp_service *s, struct kp_call *c)
+/* Returns c's client's flow in s, making it (at the ring's tail) if the
+ * client has none. */
+static struct kp_flow *service_flow(struct kp_service *s, const struct kp_call *c)
+{
+    uint64_t key = c->client ? c->client->serial : KP_FLOW_INTAKE;
+    struct kp_flow *f = kp_idmap_get(&s->flows, key);
+    if (f)
+        return f;
+    f = s->free_flows;
+    if (f) {
+        s->free_flows = f->next_free;
+        s->nfree_flows--;
+    } else {
+        f = kp_malloc(sizeof *f);
+    }
+    f->key = key;
+    kp_list_init(&f->calls);
+    f->queued = 0;
+    f->pass = 0;
+    f->resume = &f->calls;
+    f->next_free = NULL;
+    kp_list_push_back(&s->ring, &f->ring_link);
+    s->nflows++;
+    kp_idmap_put(&s->flows, key, f);
+    return f;
+}
+
+/* Links c into flow f of s, at its head or its tail. */
+static void service_link(struct kp_service *s, struct kp_flow *f, struct kp_call *c, bool front)
 {
     c->state = KP_CALL_QUEUED;
-    kp_list_push_back(&s->queue, &c->queue_link);
+    c->flow = f;
+    if (front)
+        kp_list_push_front(&f->calls, &c->queue_link);
+    else
+        kp_list_push_back(&f->calls, &c->queue_link);
+    f->queued++;
     s->queued++;
     s->idle_since = 0;
+}
+
+void kp_service_push_back(struct kp_service *s, struct kp_call *c)
+{
+    service_link(s, service_flow(s, c), c, false);
 }
 
 void kp_service_push_front(struct kp_service *s, struct kp_call *c)
 {
-    c->state = KP_CALL_QUEUED;
-    kp_list_push_front(&s->queue, &c->queue_link);
-    s->queued++;
-    s->idle_since = 0;
+    struct kp_flow *f = service_flow(s, c);
+    service_link(s, f, c, true);
+    kp_list_remove(&f->ring_link);
+    kp_list_push_front(&s->ring, &f->ring_link);
 }
 
 struct kp_call *kp_service_peek(const struct kp_service *s)
 {
-    if (kp_list_empty(&s->queue))
+    if (kp_list_empty(&s->ring))
         return NULL;
-    return kp_container_of(s->queue.next, struct kp_call, queue_link);
+    const struct kp_flow *f = kp_container_of(s->ring.next, struct kp_flow, ring_link);
+    return kp_container_of(f->calls.next, struct kp_call, queue_link);
+}
+
+/* Unlinks c from its flow; frees the flow if that was its last call. Returns
+ * the flow, or NULL if it was freed. */
+static struct kp_flow *service_unlink(struct kp_service *s, struct kp_call *c, uint64_t now)
+{
+    struct kp_flow *f = c->flow;
+    kp_list_remove(&c->queue_link);
+    c->flow = NULL;
+    f->queued--;
+    s->queued--;
+    kp_service_update_idle(s, now);
+    if (f->queued > 0)
+        return f;
+    kp_list_remove(&f->ring_link);
+    s->nflows--;
+    kp_idmap_del(&s->flows, f->key);
+    if (s->nfree_flows < FLOW_FREE_MAX) {
+        f->next_free = s->free_flows;
+        s->free_flows = f;
+        s->nfree_flows++;
+    } else {
+        kp_free(f);
+    }
+    return NULL;
+}
+
+void kp_service_take(struct kp_service *s, struct kp_call *c, uint64_t now)
+{
+    struct kp_flow *f = service_unlink(s, c, now);
+    if (f) {
+        kp_list_remove(&f->ring_link);
+        kp_list_push_back(&s->ring, &f->ring_link);
+    }
 }
 
 void kp_service_unqueue(struct kp_service *s, struct kp_call *c, uint64_t now)
 {
-    kp_list_remove(&c->queue_link);
-    s->queued--;
-    kp_service_update_idle(s, now);
+    service_unlink(s, c, now);
 }

@@ -1,13 +1,25 @@
-/* service: the service registry and each service's bounded FIFO queue.
+/* service: the service registry and each service's bounded, fair queue.
  *
  * A service exists once a worker registers it (or, during the start-up grace
  * period, once a client asks for it). It holds the workers serving it, in
- * READY order, and the calls waiting for one of them: a FIFO (an intrusive
- * list, so a cancelled or expired call leaves from the middle in O(1)) whose
- * length the broker bounds with --queue-limit. A re-queued idempotent call
- * goes to the head, ahead of newer calls. A service with no workers keeps
- * its queue; one that stays without workers and calls is forgotten after an
- * idle period (kp_services_sweep).
+ * READY order, and the calls waiting for one of them, whose number the broker
+ * bounds with --queue-limit. A service with no workers keeps its queue; one
+ * that stays without workers and calls is forgotten after an idle period
+ * (kp_services_sweep).
+ *
+ * The queue is fair between clients: each client with calls waiting has a
+ * flow in the service (struct kp_flow: its calls, oldest first, an intrusive
+ * list so a cancelled or expired call leaves from the middle in O(1)), and
+ * the flows take turns in a ring, one call per turn. So a client that queues
+ * thousands of calls delays another client's next call by at most one call
+ * per other waiting client, not by its whole backlog, and a dispatch is still
+ * O(1): the head call of the ring's head flow, whose flow then goes to the
+ * ring's tail. Within a client, order is FIFO. Calls from the intake (no
+ * client, no identity) share one flow per service. A re-queued idempotent
+ * call goes to the head of its flow and its flow to the head of the ring, so
+ * it is the next call dispatched and re-queued calls keep their order.
+ * Durable jobs never wait here: they wait in the job store (priority, then
+ * FIFO) and become calls only when they are sent (jobs.c).
  *
  * Routing is by (service, method): each worker of a service comes with the
  * set of its methods it implements (struct kp_methods, from READY's
@@ -39,6 +51,23 @@ struct kp_methods {
     char *names[]; /* owned */
 };
 
+/* The flow key of calls that came from the intake (client serials are
+ * counted from 1 and never reach it). */
+#define KP_FLOW_INTAKE UINT64_MAX
+
+/* The calls one client (or the intake) has waiting in one service. A flow
+ * exists while it holds calls: it is made by the first and freed with the
+ * last. */
+struct kp_flow {
+    uint64_t key;              /* its client's serial, or KP_FLOW_INTAKE; key in service->flows */
+    struct kp_list calls;      /* its QUEUED calls (kp_call.queue_link), oldest first */
+    size_t queued;             /* calls in calls */
+    struct kp_list ring_link;  /* in service->ring */
+    uint64_t pass;             /* dispatch.c: the dispatch pass that set resume */
+    struct kp_list *resume;    /* dispatch.c: where that pass goes on in calls */
+    struct kp_flow *next_free; /* in service->free_flows */
+};
+
 struct kp_service {
     char *name;                         /* key in the registry */
     size_t name_len;                    /* strlen(name) */
@@ -47,8 +76,13 @@ struct kp_service {
     size_t workers_cap;                 /* slots in workers and wmethods */
     const struct kp_methods **wmethods; /* wmethods[i]: workers[i]'s set (its own), NULL = all */
     bool uniform;                /* every worker has the same set (true with 0 or 1 workers) */
-    struct kp_list queue;        /* QUEUED calls, oldest first */
-    size_t queued;               /* calls in queue */
+    struct kp_list ring;         /* flows with QUEUED calls, the next to dispatch first */
+    size_t nflows;               /* flows in ring */
+    struct kp_idmap flows;       /* flow key -> flow, every flow in ring */
+    struct kp_flow *free_flows;  /* recycled flows */
+    size_t nfree_flows;          /* flows in free_flows */
+    uint64_t pass;               /* dispatch.c: dispatch passes over the queue so far */
+    size_t queued;               /* calls in all flows */
     size_t in_flight;            /* its calls held by workers */
     uint64_t dispatched;         /* calls sent to a worker (re-sends included) */
     uint64_t completed;          /* answered OK (REPLY, or END with OK) */
@@ -120,16 +154,26 @@ bool kp_service_implements(const struct kp_service *s, const char *method);
  * method (kp_worker_pick's order), or NULL. O(workers of s). */
 struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method);
 
-/* Appends c at the tail of the queue; c must be QUEUED and unlinked. */
+/* Appends c at the tail of its client's flow (c->client; the intake's flow
+ * if NULL), making the flow at the ring's tail if the client has none; c must
+ * be unlinked. Sets c QUEUED. O(1). */
 void kp_service_push_back(struct kp_service *s, struct kp_call *c);
 
-/* Inserts c at the head of the queue (idempotent re-queue). */
+/* Inserts c at the head of its client's flow and moves that flow to the head
+ * of the ring (an idempotent re-queue: c is the next call dispatched). O(1). */
 void kp_service_push_front(struct kp_service *s, struct kp_call *c);
 
-/* Returns the oldest queued call without removing it, or NULL. */
+/* Returns the call whose turn it is (the head call of the ring's head flow)
+ * without removing it, or NULL if nothing is queued. O(1). */
 struct kp_call *kp_service_peek(const struct kp_service *s);
 
-/* Removes c from the queue (it must be in it). */
+/* Removes c (QUEUED in s) because it was dispatched: its flow has had its
+ * turn and goes to the tail of the ring (or is freed if empty). O(1). */
+void kp_service_take(struct kp_service *s, struct kp_call *c, uint64_t now);
+
+/* Removes c (QUEUED in s) for any other reason (cancel, deadline, client
+ * gone, failure): its flow keeps its place in the ring (or is freed if
+ * empty). O(1). */
 void kp_service_unqueue(struct kp_service *s, struct kp_call *c, uint64_t now);
 
 /* Marks the service idle if it has no workers, queue or calls in flight. */

@@ -577,6 +577,38 @@ Test(broker, routes_with_dispatch_ids_and_never_exceeds_credits)
     tb_free(r3);
 }
 
+Test(broker, clients_take_turns_in_a_service_queue)
+{
+    /* One client's backlog does not hold another client's call behind it
+     * (the queue was one FIFO): flows take turns, FIFO within a client. */
+    tb_start();
+    void *w = tb_worker("echo", 1);
+    void *a = tb_socket(ZMQ_DEALER, tb.fe);
+    void *b = tb_socket(ZMQ_DEALER, tb.fe);
+    for (uint64_t id = 1; id <= 20; id++) {
+        char payload[8];
+        snprintf(payload, sizeof payload, "a%lu", (unsigned long)id);
+        tb_request(a, id, "echo", "Echo", 5000, 0, payload);
+    }
+    tb_header *r = tb_work(w);
+    cr_assert_str_eq(tb_payload, "a1");
+    for (int i = 0; i < 200 && tb_stat("queued") < 19; i++)
+        tb_expect_silence(w, 10);
+    cr_assert_eq(tb_stat("queued"), 19);
+    tb_request(b, 1, "echo", "Echo", 5000, 0, "b1");
+    for (int i = 0; i < 200 && tb_stat("queued") < 20; i++)
+        tb_expect_silence(w, 10);
+    cr_assert_eq(tb_stat("queued"), 20);
+    const char *want[] = {"a2", "b1", "a3", "a4"};
+    for (size_t i = 0; i < 4; i++) {
+        tb_answer(w, KELPIE__V1__KIND__REPLY, r->request_id, "r");
+        tb_free(r);
+        r = tb_work(w);
+        cr_assert_str_eq(tb_payload, want[i], "dispatch %zu out of turn", i);
+    }
+    tb_free(r);
+}
+
 Test(broker, answer_from_another_worker_is_dropped)
 {
     tb_start();

@@ -1,23 +1,47 @@
-/* test_service: registry, FIFO queues with head re-insertion and removal
- * from the middle, worker lists, and forgetting idle services. */
+/* test_service: registry, queues fair between clients (FIFO per client,
+ * clients taking turns) with head re-insertion and removal from the middle,
+ * worker lists, and forgetting idle services. */
 #include <criterion/criterion.h>
 
+#include "client.h"
 #include "service.h"
 #include "worker.h"
 
 static struct kp_services reg;
 static struct kp_calls calls;
+static struct kp_clients clients;
 
 static void setup(void)
 {
     kp_services_init(&reg);
     kp_calls_init(&calls);
+    kp_clients_init(&clients);
 }
 
 static void teardown(void)
 {
     kp_calls_fini(&calls);
     kp_services_fini(&reg);
+    kp_clients_fini(&clients);
+}
+
+/* A new call of client cl (NULL: the intake) queued at the tail of s. */
+static struct kp_call *queue_call(struct kp_service *s, struct kp_client *cl)
+{
+    struct kp_call *c = kp_call_new(&calls);
+    c->client = cl;
+    c->service = s;
+    kp_service_push_back(s, c);
+    return c;
+}
+
+/* Takes the call whose turn it is, as a dispatch does. */
+static struct kp_call *take(struct kp_service *s)
+{
+    struct kp_call *c = kp_service_peek(s);
+    cr_assert_not_null(c);
+    kp_service_take(s, c, 1);
+    return c;
 }
 
 TestSuite(service, .init = setup, .fini = teardown);
@@ -57,6 +81,73 @@ Test(service, queue_is_fifo_with_head_insert_and_middle_removal)
     cr_assert(order[0] == c[0] && order[1] == c[2] && order[2] == c[3]);
     cr_assert_null(kp_service_peek(s));
     cr_assert_eq(s->queued, 0);
+}
+
+Test(service, clients_take_turns_one_call_each_fifo_within_a_client)
+{
+    struct kp_service *s = kp_services_get(&reg, "q", 1);
+    struct kp_client *a = kp_clients_get(&clients, "a", 1, 1);
+    struct kp_client *b = kp_clients_get(&clients, "b", 1, 1);
+    struct kp_call *a1 = queue_call(s, a), *a2 = queue_call(s, a), *a3 = queue_call(s, a);
+    struct kp_call *b1 = queue_call(s, b), *b2 = queue_call(s, b);
+    struct kp_call *i1 = queue_call(s, NULL);
+    cr_assert_eq(s->queued, 6);
+    cr_assert_eq(s->nflows, 3, "one flow per client, one for the intake");
+    struct kp_call *want[] = {a1, b1, i1, a2, b2, a3};
+    for (size_t i = 0; i < 6; i++)
+        cr_assert_eq(take(s), want[i], "call %zu out of turn", i);
+    cr_assert_null(kp_service_peek(s));
+    cr_assert_eq(s->nflows, 0);
+    cr_assert_eq(kp_idmap_count(&s->flows), 0);
+}
+
+Test(service, a_flood_delays_another_clients_call_by_one_call)
+{
+    /* The CI fault: one client's thousands of queued calls were all ahead
+     * of another client's next call. */
+    struct kp_service *s = kp_services_get(&reg, "q", 1);
+    struct kp_client *a = kp_clients_get(&clients, "a", 1, 1);
+    struct kp_client *b = kp_clients_get(&clients, "b", 1, 1);
+    for (int i = 0; i < 2000; i++)
+        queue_call(s, a);
+    take(s); /* the flooder's turn came before b arrived */
+    struct kp_call *mine = queue_call(s, b);
+    size_t before = 0;
+    while (take(s) != mine)
+        before++;
+    cr_assert_leq(before, 1, "b's call waited behind %zu of a's calls", before);
+    cr_assert_eq(s->queued, 1998);
+    for (size_t i = 0; i < 1998; i++)
+        cr_assert_eq(take(s)->client, a, "a's calls stay in order after b's");
+}
+
+Test(service, requeue_goes_first_and_removal_keeps_the_turn)
+{
+    struct kp_service *s = kp_services_get(&reg, "q", 1);
+    struct kp_client *a = kp_clients_get(&clients, "a", 1, 1);
+    struct kp_client *b = kp_clients_get(&clients, "b", 1, 1);
+    struct kp_call *a1 = queue_call(s, a), *a2 = queue_call(s, a);
+    struct kp_call *b1 = queue_call(s, b), *b2 = queue_call(s, b);
+    cr_assert_eq(take(s), a1);
+    /* a1's worker left: back at the head of a's flow, and a goes first
+     * again, although b's turn was next. */
+    a1->state = KP_CALL_DISPATCHED;
+    kp_service_push_front(s, a1);
+    cr_assert_eq(take(s), a1);
+    cr_assert_eq(take(s), b1);
+    /* A cancel from the middle (or the head) does not use up a turn. */
+    struct kp_call *a3 = queue_call(s, a);
+    kp_service_unqueue(s, a2, 2);
+    cr_assert_null(a2->flow);
+    cr_assert_eq(kp_service_peek(s), a3, "a's turn stays a's");
+    kp_service_unqueue(s, a3, 2);
+    cr_assert_eq(s->nflows, 1, "a's flow left with its last call");
+    cr_assert_eq(take(s), b2);
+    cr_assert_eq(s->queued, 0);
+    /* A client that comes back gets a flow again (from the free list). */
+    struct kp_call *a4 = queue_call(s, a);
+    cr_assert_eq(take(s), a4);
+    cr_assert_eq(s->nflows, 0);
 }
 
 Test(service, workers_are_added_once_and_removed)
