@@ -11,6 +11,7 @@ blocking client and the worker serve through the two others."""
 import asyncio
 import collections
 import json
+import os
 import subprocess
 import sys
 
@@ -226,3 +227,58 @@ def test_a_wrong_key_fails_that_broker_only(tmp_path, postgres, keys, loop, clea
     with pytest.raises(kelpie.AuthenticationError, match="server key"):
         run(none(), loop, timeout=30)
     print(f"\n[{loop}] wrong key for b: {states[1]['error']}")
+
+
+# Per-lane by design (kelpie._brokers): which broker, its share of the
+# slots, the arguments it was made with, and that it uses its parent's pools
+# and (all but the first) reports no stacks.
+LANE_OWN = {"backend", "concurrency", "_args", "_shared_pools", "_report_stacks"}
+
+
+def test_a_lane_carries_every_worker_setting(keys):
+    """A worker's lanes (one per broker) are made from the worker itself
+    (Worker._lane): every argument, set to something other than its default
+    here, and what the CLI sets afterwards, reach every lane. A new Worker
+    argument must be added to ``given`` (the signature check fails until it
+    is), and a setting a lane does not get fails the comparison."""
+    import inspect
+    from kelpie import _zmq
+    from kelpie._brokers import worker_lanes
+    context = _zmq.Context()
+    given = {"concurrency": 7, "name": "lanes-test", "heartbeat": 0.3, "liveness": 5,
+             "stall_threshold": 2.5, "threads": 3, "processes": os.cpu_count() + 1,
+             "context": context,
+             "key": keys["worker"][0], "server_key": keys["a"][0] + ".pub",
+             "interceptors": [kelpie.ServerInterceptor()], "compression": "zstd",
+             "compression_threshold": 77}
+    params = set(inspect.signature(kelpie.Worker.__init__).parameters) - {"self", "backend"}
+    assert params == set(given), f"give the test a value for {params ^ set(given)}"
+    defaults = kelpie.Worker()
+    eps = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"]
+    w = kelpie.Worker(eps, **given)
+
+    @w.handler("lanes", "Echo")
+    async def echo(payload, ctx):
+        return payload
+
+    @w.job("lanes")
+    async def job(payload, ctx):
+        return payload
+
+    w.concurrency = 9  # as `kelpie worker --concurrency` does after import
+    try:
+        lanes = worker_lanes(w, eps)
+        settings = {k: v for k, v in vars(w).items() if k not in LANE_OWN}
+        # Every setting given differs from a default worker's, so a lane
+        # that fell back to a default would differ from its worker.
+        for attr in ("heartbeat", "liveness", "stall_threshold", "threads", "processes",
+                     "name", "_compression", "_zthreshold", "_interceptors", "_keys"):
+            assert getattr(defaults, attr) != getattr(w, attr), attr
+        for lane, ep in zip(lanes, eps):
+            assert lane.backend == ep and lane._shared_pools
+            for attr, value in settings.items():
+                assert getattr(lane, attr) == value, (attr, getattr(lane, attr), value)
+        assert [lane.concurrency for lane in lanes] == [5, 4]
+        assert [lane._report_stacks for lane in lanes] == [True, False]
+    finally:
+        context.term()
