@@ -174,6 +174,15 @@ def test_per_broker_keys_through_a_broker_kill(tmp_path, postgres, keys, loop, c
         for _ in range(9):
             assert c.call("mb", "Echo", b"x") == b"x"
         assert all(x["up"] for x in c.brokers), c.brokers
+    # The CLI: --server-key with commas, in the order of --frontend.
+    before = [requests_at(b) for b in brokers]
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-m", "kelpie", "--frontend", ",".join(b.frontend for b in brokers),
+             "--key", keys["client"][0], "--server-key", ",".join(pubs), "call", "mb", "Echo",
+             "--data", "cli"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and out.stdout.strip() == "cli", out
+    assert sum(requests_at(b) for b in brokers) >= sum(before) + 3
 
 
 def test_a_wrong_key_fails_that_broker_only(tmp_path, postgres, keys, loop, cleanup):

@@ -32,6 +32,16 @@ both attempts make one job), an admin read. Anything else fails with
 re-sent. A job's watch (``Job.result``/``events``) moves to another lane
 when its lane is lost: the brokers answer a watch of a job run elsewhere
 from the shared store.
+
+CURVE. Each broker may have its own key pair: the client's or worker's
+``server_key`` is then one per endpoint (kelpie._security: a list, commas or
+a mapping), and each lane gets its broker's. A broker that refuses the
+handshake (a wrong server key for it, our key not on its allow-list) is
+*refused*: never picked again, its error in ``brokers``, and the others
+serve; a request whose handshake it refused sent nothing, so it goes to
+another lane whatever it is. Only every broker refusing raises the
+:class:`kelpie.AuthenticationError`. A worker's lane refused ends, the
+others keep its share (kelpie._session).
 """
 
 from __future__ import annotations
