@@ -207,10 +207,7 @@ class _Picker:
         deadline allows."""
         if getattr(exc, "handshake", False):
             self._refuse(lane, exc)
-            other = self._pick(avoid=lane)
-            if other is None:
-                raise exc
-            return other, moved
+            return self._pick(), moved  # raises when every broker has refused
         if not self._lost(lane, exc):
             raise exc
         other = self._pick(avoid=lane) if safe and not moved else None
