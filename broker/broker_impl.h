@@ -320,6 +320,15 @@ int kp_jobs_listen_fd(struct kp_broker *b, short *events);
 /* Reads the notifications waiting (or advances the connection). */
 void kp_jobs_on_listen(struct kp_broker *b);
 
+/* With --store, the socket of the connection that carries the brokers'
+ * relay (job events, INPUT and cancels for jobs another broker runs) and
+ * the zmq_poll events it waits for; -1 when there is none. Call
+ * kp_jobs_on_relay when it polls ready. */
+int kp_jobs_relay_fd(struct kp_broker *b, short *events);
+
+/* Reads what the other brokers relayed and sends what waits to go. */
+void kp_jobs_on_relay(struct kp_broker *b);
+
 /* Handles every finished journal request: answers, dispatch, watchers. */
 void kp_jobs_on_completions(struct kp_broker *b);
 

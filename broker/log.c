@@ -1,13 +1,38 @@
 /* log: timestamped leveled lines on stderr, text or JSON; see log.h. */
 #include "log.h"
 
+#include <pthread.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "wire.h"
+
+/* Rate limit of repeated warnings and errors (log.h): per call site (its
+ * format string), at most LOG_BURST lines per LOG_INTERVAL_MS, then one
+ * summary line per interval saying how many were suppressed. The kernel's
+ * printk_ratelimit (10 per 5 s) and journald (per-service burst per
+ * interval) do the same; 10 s keeps an outage of the job store, which fails
+ * every store request of every queue, to a few lines a minute per site. */
+#define LOG_INTERVAL_MS 10000
+#define LOG_BURST       5
+#define LOG_SITES       128 /* call sites followed; more are never limited (none today) */
+
+struct log_site {
+    const char *fmt;     /* the call site: its format string literal */
+    int level;           /* of its last line */
+    uint64_t since;      /* monotonic ms the interval began */
+    uint32_t n;          /* lines in the interval */
+    uint64_t suppressed; /* lines not printed in the interval */
+};
+
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct log_site log_sites[LOG_SITES];
+static size_t log_nsites;
+static uint64_t log_suppressed_total;
 
 static enum kp_log_level log_level = KP_LOG_INFO;
 static bool log_json;
@@ -130,10 +155,100 @@ static void log_ids(char *line, size_t cap, size_t *pos)
     }
 }
 
+static uint64_t log_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void log_line(enum kp_log_level level, const char *msg);
+
+/* The summary of a site's suppressed lines (under log_lock). */
+static void log_summary(struct log_site *s, uint64_t now)
+{
+    char msg[1024];
+    snprintf(msg, sizeof msg, "... %llu similar messages suppressed in the last %llu s: \"%.900s\"",
+             (unsigned long long)s->suppressed, (unsigned long long)(now - s->since + 999) / 1000,
+             s->fmt);
+    log_line((enum kp_log_level)s->level, msg);
+    s->suppressed = 0;
+}
+
+/* Whether a line of this site may be printed now; counts it otherwise. */
+static bool log_admit(enum kp_log_level level, const char *fmt)
+{
+    if (level > KP_LOG_WARN)
+        return true; /* info and debug lines are the operator's choice, never limited */
+    uint64_t now = log_mono_ms();
+    pthread_mutex_lock(&log_lock);
+    struct log_site *s = NULL;
+    for (size_t i = 0; i < log_nsites && s == NULL; i++)
+        if (log_sites[i].fmt == fmt)
+            s = &log_sites[i];
+    if (s == NULL && log_nsites < LOG_SITES) {
+        s = &log_sites[log_nsites++];
+        *s = (struct log_site){.fmt = fmt, .since = now};
+    }
+    bool ok = true;
+    if (s) {
+        s->level = (int)level;
+        if (now - s->since >= LOG_INTERVAL_MS) {
+            if (s->suppressed)
+                log_summary(s, now);
+            s->since = now;
+            s->n = 0;
+        }
+        if (s->n >= LOG_BURST) {
+            s->suppressed++;
+            log_suppressed_total++;
+            ok = false;
+        } else {
+            s->n++;
+        }
+    }
+    pthread_mutex_unlock(&log_lock);
+    return ok;
+}
+
+void kp_log_flush(void)
+{
+    uint64_t now = log_mono_ms();
+    pthread_mutex_lock(&log_lock);
+    for (size_t i = 0; i < log_nsites; i++) {
+        struct log_site *s = &log_sites[i];
+        if (s->suppressed && now - s->since >= LOG_INTERVAL_MS) {
+            log_summary(s, now);
+            s->since = now;
+            s->n = 0;
+        }
+    }
+    pthread_mutex_unlock(&log_lock);
+}
+
+uint64_t kp_log_suppressed(void)
+{
+    pthread_mutex_lock(&log_lock);
+    uint64_t n = log_suppressed_total;
+    pthread_mutex_unlock(&log_lock);
+    return n;
+}
+
 void kp_log(enum kp_log_level level, const char *fmt, ...)
 {
-    if (level > log_level)
+    if (level > log_level || !log_admit(level, fmt))
         return;
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    log_line(level, msg);
+}
+
+/* Prints one formatted line. */
+static void log_line(enum kp_log_level level, const char *msg)
+{
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     struct tm tm;
@@ -141,11 +256,6 @@ void kp_log(enum kp_log_level level, const char *fmt, ...)
     char stamp[96];
     snprintf(stamp, sizeof stamp, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
              tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     char line[2048];
     size_t pos = 0;
     int n;

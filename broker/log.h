@@ -9,11 +9,19 @@
  * printed, so handling a message costs one pointer store. The level and
  * format are process-wide (set once at start-up); lines below the level cost
  * one comparison. Logging never allocates.
+ *
+ * Warnings and errors are rate-limited per call site (the format string):
+ * at most 5 lines per 10 s each, then the rest of the interval is counted,
+ * and one summary line ("... N similar messages suppressed in the last 10 s:
+ * "<format>"") follows when the interval is over, so an outage that fails
+ * every request logs a bounded number of lines. Info and debug lines are
+ * never limited. Thread-safe (the journal thread logs too).
  */
 #ifndef KP_LOG_H
 #define KP_LOG_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 enum kp_log_level { KP_LOG_ERROR, KP_LOG_WARN, KP_LOG_INFO, KP_LOG_DEBUG };
 
@@ -42,7 +50,16 @@ const char *kp_log_level_name(enum kp_log_level level);
 /* Returns true if a line at this level would be printed. */
 bool kp_log_enabled(enum kp_log_level level);
 
-/* Prints one line at the given level (printf-style format). */
+/* Prints the summaries of call sites whose interval is over and that had
+ * lines suppressed (the loop calls it every tick, so a flood that stopped
+ * still says how much it hid). */
+void kp_log_flush(void);
+
+/* Warning and error lines suppressed by the rate limit since start. */
+uint64_t kp_log_suppressed(void);
+
+/* Prints one line at the given level (printf-style format); a warning or
+ * error past its call site's rate limit is counted instead. */
 void kp_log(enum kp_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define kp_log_error(...) kp_log(KP_LOG_ERROR, __VA_ARGS__)

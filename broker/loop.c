@@ -160,6 +160,8 @@ static void loop_before_sleep(struct kp_broker *b)
      * clients may turn out unreachable; dispatching can find a worker gone),
      * so repeat until all three lists are empty. */
     kp_jobs_tick(b);
+    kp_log_flush(); /* what the log's rate limit hid, once its interval is over */
+    b->stats.log_suppressed = kp_log_suppressed();
     for (;;) {
         if (!kp_list_empty(&b->gone_clients))
             kp_broker_reap_client(
@@ -240,7 +242,7 @@ enum kp_err kp_broker_run(struct kp_broker *b)
     /* The ZAP handler and the handshake monitors (auth.h): a handshake
      * waits for ZAP's answer, so they are served first each iteration. */
     size_t nauth = kp_auth_poll_count(b->auth);
-    for (size_t i = 0; i < nauth && LOOP_FIXED + i + 2 < LOOP_MAX_ITEMS; i++)
+    for (size_t i = 0; i < nauth && LOOP_FIXED + i + 3 < LOOP_MAX_ITEMS; i++)
         items[LOOP_FIXED + i] = (zmq_pollitem_t){kp_auth_poll_socket(b->auth, i), 0, ZMQ_POLLIN, 0};
     int nitems = LOOP_FIXED + (int)nauth;
     items[nitems] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
@@ -258,6 +260,13 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         if (listen_fd >= 0) {
             listen_at = npoll++;
             items[listen_at] = (zmq_pollitem_t){NULL, listen_fd, listen_events, 0};
+        }
+        /* The brokers' relay of job events, INPUT and cancels (jobs.c). */
+        int relay_fd = kp_jobs_relay_fd(b, &listen_events);
+        int relay_at = -1;
+        if (relay_fd >= 0) {
+            relay_at = npoll++;
+            items[relay_at] = (zmq_pollitem_t){NULL, relay_fd, listen_events, 0};
         }
         if (zmq_poll(items, npoll, loop_poll_timeout(b)) < 0 && errno != EINTR) {
             kp_log_error("zmq_poll: %s", zmq_strerror(errno));
@@ -284,6 +293,8 @@ enum kp_err kp_broker_run(struct kp_broker *b)
             loop_read(b, b->intake, kp_intake_on_message);
         if (listen_at >= 0 && items[listen_at].revents)
             kp_jobs_on_listen(b);
+        if (relay_at >= 0 && items[relay_at].revents)
+            kp_jobs_on_relay(b);
         kp_jobs_on_completions(b);
         loop_expire(b);
         loop_end_grace(b);

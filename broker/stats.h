@@ -101,7 +101,16 @@
     XX(job_watchers_dropped)  /* watchers dropped: gone or not reading */                          \
     XX(job_inputs)            /* INPUTs forwarded to the worker running their job */               \
     XX(job_inputs_refused) /* INPUTs refused: no such job, not running, malformed, worker full */  \
-    XX(workers_drained)    /* workers that asked to drain */
+    XX(workers_drained)    /* workers that asked to drain */                                       \
+    XX(job_events_relayed) /* events of jobs run here sent to brokers whose clients watch them */  \
+    XX(job_events_relay_dropped)   /* ... not sent: the relay's outbox was full */                 \
+    XX(job_events_relay_coalesced) /* ... PROGRESS replaced by a newer one still unsent */         \
+    XX(job_events_remote)          /* events of jobs run elsewhere given to watchers here */       \
+    XX(job_events_remote_lost)     /* ... seen missing (a gap in its sequence, a lost part) */     \
+    XX(job_inputs_relayed)         /* INPUTs for jobs run by another broker, ACKed by it */        \
+    XX(job_cancels_relayed) /* CancelJobs for jobs run by another broker, passed on by it */       \
+    XX(job_relay_timeouts)  /* relayed INPUT/CancelJob that no broker answered in time */          \
+    XX(log_suppressed)      /* warning/error lines held back by the log's rate limit */
 
 struct kp_stats {
 #define XX(name) uint64_t name;

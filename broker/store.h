@@ -289,6 +289,24 @@ void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now
 /* True while LISTENing (notifications arrive). */
 bool kp_pg_listener_listening(const struct kp_pg_listener *l);
 
+/* A listener on the relay channel instead ("kelpie_relay"): a connection
+ * of its own, on which the loop also sends the relay's notifications
+ * (kp_pg_relay_send). Same step/fd/destroy functions; never beats. */
+struct kp_pg_listener *kp_pg_relay_new(const char *conninfo);
+
+/* True when the relay listens and nothing it sent is unanswered: a batch
+ * may be sent. */
+bool kp_pg_relay_ready(const struct kp_pg_listener *l);
+
+/* Sends n texts (each under 8000 bytes, no NUL) as notifications on the
+ * relay channel, in one transaction committed without waiting for the WAL
+ * flush, without blocking (the rest is written as the socket allows: step
+ * does it when the fd polls writable). Delivered to every listener in this
+ * order, after those of earlier batches. false if not ready or it could
+ * not be sent (nothing is kept: the texts are hints, lost ones are gaps). */
+bool kp_pg_relay_send(struct kp_pg_listener *l, const char *const *texts, const size_t *lens,
+                      size_t n);
+
 /* Closes the store (idempotent, nulls *s). Nothing uncommitted survives. */
 void kp_store_destroy(struct kp_store **s);
 

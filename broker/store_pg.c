@@ -1393,6 +1393,8 @@ struct kp_pg_listener {
     uint64_t retry_at;              /* monotonic ms: the next connect, while idle */
     uint64_t started;               /* monotonic ms the connect began */
     bool busy;                      /* a heartbeat was sent and is not answered yet */
+    char *listen_sql;               /* the relay's LISTEN (kp_pg_relay_new); NULL: the default */
+    bool flushing;                  /* a relay batch is not all written to the socket yet */
 };
 
 struct kp_pg_listener *kp_pg_listener_new(const char *conninfo)
@@ -1408,6 +1410,7 @@ static void listener_drop(struct kp_pg_listener *l, uint64_t now, uint64_t retry
     l->conn = NULL;
     l->st = L_IDLE;
     l->busy = false;
+    l->flushing = false;
     l->retry_at = now + retry_ms;
 }
 
@@ -1418,6 +1421,7 @@ void kp_pg_listener_destroy(struct kp_pg_listener **lp)
         return;
     PQfinish(l->conn);
     kp_free(l->conninfo);
+    kp_free(l->listen_sql);
     kp_free(l);
     *lp = NULL;
 }
@@ -1429,6 +1433,8 @@ int kp_pg_listener_fd(const struct kp_pg_listener *l, short *events)
         return -1;
     /* POLLIN/POLLOUT as zmq_poll spells them (ZMQ_POLLIN 1, ZMQ_POLLOUT 2). */
     *events = l->st == L_CONNECTING && l->poll == PGRES_POLLING_WRITING ? 2 : 1;
+    if (l->flushing)
+        *events |= 2;
     return PQsocket(l->conn);
 }
 
@@ -1461,12 +1467,21 @@ bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_
         }
         if (l->poll != PGRES_POLLING_OK)
             return false;
-        if (PQsetnonblocking(l->conn, 1) != 0 || !PQsendQuery(l->conn, "LISTEN " PG_CHANNEL)) {
+        if (PQsetnonblocking(l->conn, 1) != 0 ||
+            !PQsendQuery(l->conn, l->listen_sql ? l->listen_sql : "LISTEN " PG_CHANNEL)) {
             listener_drop(l, now, retry_ms);
             return false;
         }
         PQflush(l->conn); /* a few bytes: they fit the socket buffer */
         l->st = L_LISTEN_SENT;
+    }
+    if (l->flushing) {
+        int f = PQflush(l->conn);
+        if (f < 0) {
+            listener_drop(l, now, retry_ms);
+            return false;
+        }
+        l->flushing = f == 1;
     }
     if (!PQconsumeInput(l->conn)) {
         listener_drop(l, now, retry_ms);
@@ -1520,4 +1535,56 @@ void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now
         l->busy = true;
         PQflush(l->conn);
     }
+}
+
+/* ---- the relay -------------------------------------------------------------- */
+
+/* The relay's channel: job events, INPUT and cancels between brokers
+ * (jobs.c). Apart from PG_CHANNEL so a broker's relay traffic never queues
+ * behind, or ahead of, its heartbeat on the listener's connection. */
+#define PG_RELAY_CHANNEL "kelpie_relay"
+
+struct kp_pg_listener *kp_pg_relay_new(const char *conninfo)
+{
+    struct kp_pg_listener *l = kp_pg_listener_new(conninfo);
+    l->listen_sql = kp_strdup("LISTEN " PG_RELAY_CHANNEL);
+    return l;
+}
+
+bool kp_pg_relay_ready(const struct kp_pg_listener *l)
+{
+    return l && l->st == L_LISTENING && !l->busy && !l->flushing;
+}
+
+bool kp_pg_relay_send(struct kp_pg_listener *l, const char *const *texts, const size_t *lens,
+                      size_t n)
+{
+    if (!kp_pg_relay_ready(l) || n == 0)
+        return false;
+    /* One transaction for the batch, committed without waiting for the WAL
+     * flush: notifications are delivered at commit either way, and what
+     * they carry is not kept (a lost one is a gap the receiver counts). */
+    static const char head[] = "BEGIN; SET LOCAL synchronous_commit = off; SELECT 0";
+    size_t cap = sizeof head + 32, len;
+    for (size_t i = 0; i < n; i++)
+        cap += 2 * lens[i] + 64;
+    char *sql = kp_malloc(cap);
+    len = (size_t)snprintf(sql, cap, "%s", head);
+    for (size_t i = 0; i < n; i++) {
+        char *lit = PQescapeLiteral(l->conn, texts[i], lens[i]);
+        if (!lit)
+            continue;
+        len +=
+            (size_t)snprintf(sql + len, cap - len, ", pg_notify('" PG_RELAY_CHANNEL "', %s)", lit);
+        PQfreemem(lit);
+    }
+    snprintf(sql + len, cap - len, "; COMMIT");
+    bool ok = PQsendQuery(l->conn, sql) == 1;
+    kp_free(sql);
+    if (!ok)
+        return false;
+    l->busy = true;
+    int f = PQflush(l->conn);
+    l->flushing = f == 1;
+    return f >= 0;
 }
