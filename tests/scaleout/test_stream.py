@@ -12,6 +12,13 @@ several brokers does. During the stream:
   reports them to the new broker;
 - PostgreSQL is stopped (fast shutdown, connections cut) and started again.
 
+All along, a multi-broker kelpie.sync.Client given the three frontends
+makes RPC calls (to a kelpie.Worker process registered with all three) and
+submits jobs of its own (tests/multibroker/traffic.py): idempotent calls
+all succeed (moved off the killed broker), the others fail only UNAVAILABLE
+or BrokerLost (submits: UNAVAILABLE only while PostgreSQL is down), and all
+kinds go on succeeding through b and c while a is dead.
+
 Then: every ACCEPTED job succeeded (none is lost, none is left queued or
 leased); a key always named the same job; no SUBMIT sent while PostgreSQL
 was down was ACCEPTED, and some were answered UNAVAILABLE; the jobs a held
@@ -21,8 +28,10 @@ leases), counted and printed; the restarted broker accepted and ran jobs;
 the brokers reconnected to the store by themselves.
 """
 import collections
+import importlib.util
 import json
 import os
+import signal
 import threading
 import time
 
@@ -30,6 +39,12 @@ import zmq
 
 from conftest import K, Workers, start_broker, wait_for
 from kelpie.v1 import header_pb2 as pb
+
+_spec = importlib.util.spec_from_file_location(
+    "mb_traffic", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "multibroker",
+                               "traffic.py"))
+traffic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(traffic)
 
 N = int(os.environ.get("KELPIE_STREAM_JOBS", "10000"))
 HEARTBEAT_MS = 200  # lease window 600 ms (--heartbeat-liveness 3)
@@ -155,11 +170,16 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
     url, db = postgres.new_db()
     brokers = {n: start_broker(tmp_path, n, url, HEARTBEAT_MS) for n in "abc"}
     workers = {n: Workers(tmp_path, b) for n, b in brokers.items()}
-    stream = None
+    stream = rpc = mbworker = None
     pg_events = {}
     try:
         for n, w in workers.items():
             w.start(f"w{n}", credits=16)
+        mbworker = traffic.start_worker(tmp_path, [b.backend for b in brokers.values()])
+        for b in brokers.values():
+            with b.client(heartbeat=0) as c:
+                assert c.wait_for_service("mb", timeout=15) >= 1
+        rpc = traffic.Traffic([b.frontend for b in brokers.values()]).start()
         time.sleep(0.5)
         stream = Stream(brokers)
         t_start = time.monotonic()
@@ -168,6 +188,7 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         pg_thread = None
 
         def bounce_postgres():
+            pg_events["stopping"] = time.monotonic()
             postgres.stop_server()
             pg_events["down"] = time.monotonic()
             time.sleep(1.5)
@@ -192,6 +213,7 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
                 with open(workers["a"].procs[0].runs_log) as f:
                     a_ran = {line.split()[0] for line in f if line.strip()}
                 brokers["a"].restart()
+                t_back = time.monotonic()
                 stream.reconnect("a")
                 stream.paused.discard("a")
                 a_before = stream.count["accepted_a"]
@@ -203,6 +225,32 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         t_accepted = time.monotonic() - t_start
         pg_thread.join(timeout=60)
         assert "up" in pg_events, "PostgreSQL did not come back"
+        rpc.stop()
+
+        # The client of all three brokers: idempotent calls all succeeded;
+        # the others failed only UNAVAILABLE / BrokerLost, submits only
+        # while PostgreSQL was down; every kind went on through b and c
+        # while a was dead.
+        out = rpc.summary()
+        assert set(out["idempotent"]) == {"ok"}, out
+        assert set(out["plain"]) <= {"ok", "BrokerLost", "Unavailable"}, out
+        assert set(out["keyed"]) <= {"ok", "Unavailable"}, out
+        assert set(out["unkeyed"]) <= {"ok", "BrokerLost", "Unavailable"}, out
+        # Failures only while a was dead (a request in flight there) or
+        # while PostgreSQL was (submits; from the shutdown's start, as
+        # sessions end before it returns, to a moment after the server is
+        # back); a keyed submit lost with a was moved, so only the latter.
+        windows = {"kill": (t_kill, t_back + 2.0),
+                   "pg": (pg_events["stopping"], pg_events["up"] + 2.0)}
+        allowed = {"plain": ("kill", "pg"), "keyed": ("pg",), "unkeyed": ("kill", "pg")}
+        for kind, where in allowed.items():
+            odd = [(round(t - t_kill, 2), e, m) for t, e, m in rpc.failed_at[kind]
+                   if not any(windows[w][0] <= t <= windows[w][1] for w in where)]
+            assert not odd, (kind, odd, {w: [round(t - t_kill, 2) for t in span]
+                                         for w, span in windows.items()})
+        for kind in traffic.KINDS:
+            assert rpc.ok_between(kind, t_kill, t_back) > 0, (kind, out)
+        assert rpc.lanes_lost >= 1, "the client never saw broker a go"
         ids = set(stream.ids.values())
         assert len(stream.ids) == N and len(ids) == N, (len(stream.ids), len(ids))
 
@@ -215,8 +263,8 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
 
         # Every accepted job ends succeeded: none lost.
         def settled():
-            rows = postgres.psql("SELECT state, count(*) FROM jobs GROUP BY state ORDER BY 1",
-                                 db=db).split()
+            rows = postgres.psql("SELECT state, count(*) FROM jobs WHERE queue = 'q' "
+                                 "GROUP BY state ORDER BY 1", db=db).split()
             return rows == [f"3|{N}"], rows
 
         last = []
@@ -227,14 +275,21 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
             return ok
 
         wait_for(check, timeout=60, what=f"all {N} jobs succeeded (states now {last})")
-        stored = set(postgres.psql("SELECT id FROM jobs", db=db).split())
+        stored = set(postgres.psql("SELECT id FROM jobs WHERE queue = 'q'", db=db).split())
         assert stored == ids, (len(stored - ids), len(ids - stored))
+        # The client's own jobs too (run by the kelpie.Worker).
+        wait_for(lambda: postgres.psql("SELECT count(*) FROM jobs WHERE queue = 'work' "
+                                       "AND state <> 3", db=db).strip() == "0",
+                 timeout=30, what="the multi-broker client's jobs all succeeded")
+        work = set(postgres.psql("SELECT id FROM jobs WHERE queue = 'work'", db=db).split())
+        assert set(rpc.accepted) <= work, len(set(rpc.accepted) - work)
         t_all = time.monotonic() - t_start
 
         # The dead broker's leases: put back within the lease window, run elsewhere.
         lost = postgres.psql(
             "SELECT j.id, a.ended_at FROM attempts a JOIN jobs j ON j.seq = a.job_seq "
-            "WHERE a.message = 'the broker holding the lease stopped heartbeating'",
+            "WHERE a.message = 'the broker holding the lease stopped heartbeating' "
+            "AND j.queue = 'q'",
             db=db).split()
         lost = {line.split("|")[0]: int(line.split("|")[1]) for line in lost}
         assert lost, "broker a held no leases when it was killed"
@@ -271,8 +326,18 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
               f"{len(lost)} leases when killed, put back {reclaim_s:.2f} s after the kill; "
               f"{len(twice)} jobs ran twice (all of them a's when it died); restarted broker a "
               f"accepted {a_after}, worker a ran {ran_a}; "
-              f"PostgreSQL down {pg_events['up'] - down:.1f} s")
+              f"PostgreSQL down {pg_events['up'] - down:.1f} s; multi-broker client meanwhile: "
+              f"{out}, {rpc.moved} moved to another broker, {len(rpc.accepted)} jobs accepted "
+              "and succeeded")
     finally:
+        if rpc:
+            rpc.close()
+        if mbworker:
+            try:
+                os.killpg(mbworker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            mbworker.wait(10)
         if stream:
             stream.close()
         for w in workers.values():

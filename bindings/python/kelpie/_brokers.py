@@ -32,6 +32,16 @@ both attempts make one job), an admin read. Anything else fails with
 re-sent. A job's watch (``Job.result``/``events``) moves to another lane
 when its lane is lost: the brokers answer a watch of a job run elsewhere
 from the shared store.
+
+CURVE. Each broker may have its own key pair: the client's or worker's
+``server_key`` is then one per endpoint (kelpie._security: a list, commas or
+a mapping), and each lane gets its broker's. A broker that refuses the
+handshake (a wrong server key for it, our key not on its allow-list) is
+*refused*: never picked again, its error in ``brokers``, and the others
+serve; a request whose handshake it refused sent nothing, so it goes to
+another lane whatever it is. Only every broker refusing raises the
+:class:`kelpie.AuthenticationError`. A worker's lane refused ends, the
+others keep its share (kelpie._session).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from typing import Any, Optional
 
 from . import _core, _zmq
 from ._liveness import NO_DEADLINE, BrokerRestarted
-from .errors import Unavailable
+from .errors import AuthenticationError, Unavailable
 
 log = logging.getLogger("kelpie.brokers")
 
@@ -93,7 +103,7 @@ class _Lane:
     """One broker of a client: its single-broker client and its health."""
 
     __slots__ = ("client", "endpoint", "down", "seen", "heard_at", "monitor", "prober",
-                 "retry_at")
+                 "retry_at", "refused")
 
     def __init__(self, client, endpoint, now):
         self.client = client
@@ -104,12 +114,30 @@ class _Lane:
         self.monitor = None     # async: the task reading the socket's events
         self.prober = None      # async: the task pinging the broker
         self.retry_at = 0.0     # sync: when a down lane is probed next
+        self.refused = None     # the AuthenticationError of a refused handshake
 
 
 class _Picker:
-    """Round-robin over the lanes that are up (all of them when none is)."""
+    """What the asyncio and the blocking multi-broker clients share: their
+    lanes, round-robin over the lanes that are up (all of them when none
+    is), and what a lost or refused lane means for a request."""
 
-    def _init_lanes(self, lanes):
+    def _init_multi(self, base, frontend, kwargs):
+        """``base.__init__`` for all the endpoints, then one lane per
+        endpoint: a ``base`` client with the same options (less those
+        applied above the lanes, _lane_options) and its broker's server key."""
+        eps = endpoints(frontend, "KELPIE_FRONTEND", "")
+        base.__init__(self, ",".join(eps), **kwargs)
+        # Interceptors run on the lane, once per attempt; retry and
+        # hedging run here, so that an attempt may take another lane.
+        self._interceptors = ()
+        opts = _lane_options(kwargs)
+        lanes = []
+        for ep in eps:
+            if self._keys is not None:
+                # This broker's own key (base.__init__ paired them: kelpie._security).
+                opts["server_key"] = self._keys.at(ep).server.decode("ascii")
+            lanes.append(_Lane(base(ep, **opts), ep, 0.0))
         self._lanes = lanes
         self._next = 0
         self.lanes_lost = 0  # how many times a lane went down
@@ -117,22 +145,35 @@ class _Picker:
 
     @property
     def brokers(self) -> list:
-        """``[{"endpoint", "up"}]`` for every broker of this client, in order."""
-        return [{"endpoint": lane.endpoint, "up": not lane.down} for lane in self._lanes]
+        """``[{"endpoint", "up"}]`` for every broker of this client, in order;
+        ``"error"`` too for one that refused our CURVE handshake."""
+        return [{"endpoint": lane.endpoint, "up": not lane.down,
+                 **({"error": str(lane.refused)} if lane.refused is not None else {})}
+                for lane in self._lanes]
 
     def _pick(self, avoid=None):
+        """The next lane that is up, other than ``avoid``; without ``avoid``
+        and none up, the next one not refused (the call then waits as with
+        one broker). With ``avoid``: None if there is no other."""
         lanes = self._lanes
         n = len(lanes)
         start = self._next
+        fallback = None
         for i in range(n):
             lane = lanes[(start + i) % n]
-            if not lane.down and lane is not avoid:
+            if lane.refused is not None or lane is avoid:
+                continue
+            if not lane.down:
                 self._next = (start + i + 1) % n
                 return lane
+            if fallback is None:
+                fallback = i
         if avoid is not None:
             return None  # nowhere else to go
-        self._next = (start + 1) % n
-        return lanes[start % n]
+        if fallback is None:
+            raise lanes[-1].refused  # every broker refused our key
+        self._next = (start + fallback + 1) % n
+        return lanes[(start + fallback) % n]
 
     def _mark_down(self, lane, why):
         if lane.down:
@@ -143,10 +184,46 @@ class _Picker:
         return True
 
     def _mark_up(self, lane):
-        if lane.down:
+        if lane.down and lane.refused is None:
             lane.down = False
             if lane.heard_at and self.lanes_lost:
                 log.info("broker at %s answers again: calls go to it again", lane.endpoint)
+
+    def _refuse(self, lane, exc):
+        """The broker of ``lane`` refused our CURVE handshake (a wrong
+        server key for it, or our key is not on its allow-list): no request
+        goes there again; the others serve."""
+        if lane.refused is None:
+            lane.refused = exc
+            lane.down = True
+            log.error("broker at %s refuses this client, which uses the other brokers: %s",
+                      lane.endpoint, exc.message)
+
+    def _after_loss(self, lane, exc, safe, end, moved):
+        """``(lane, moved)`` to send a request to again after ``exc``, or
+        raise. A refused handshake sent nothing: any request goes to another
+        lane. A lost lane: only a request that is safe to repeat and has not
+        moved before (two attempts at most), if another lane is up and the
+        deadline allows."""
+        if getattr(exc, "handshake", False):
+            self._refuse(lane, exc)
+            return self._pick(), moved  # raises when every broker has refused
+        if not self._lost(lane, exc):
+            raise exc
+        other = self._pick(avoid=lane) if safe and not moved else None
+        if other is None or (end is not None and end - self._now() < 0.001):
+            raise exc
+        self.moved += 1
+        return other, True
+
+    def _watcher(self):
+        """The lane client a job's watch goes through (kelpie.jobs)."""
+        return self._pick().client
+
+    def _exchange(self, build, payload, timeout, what):
+        # A job's INPUT (Job.write_stdin): only the broker running the job
+        # forwards it; its retry on UNAVAILABLE takes the next lane.
+        return self._pick().client._exchange(build, payload, timeout, what)
 
 
 def _lane_options(kwargs):
@@ -168,13 +245,7 @@ def make_async(base):
         """A :class:`kelpie.Client` over several brokers (kelpie._brokers)."""
 
         def __init__(self, frontend: Any = None, **kwargs: Any) -> None:
-            eps = endpoints(frontend, "KELPIE_FRONTEND", "")
-            base.__init__(self, ",".join(eps), **kwargs)
-            # Interceptors run on the lane, once per attempt; retry and
-            # hedging run here, so that an attempt may take another lane.
-            self._interceptors = ()
-            opts = _lane_options(kwargs)
-            self._init_lanes([_Lane(base(ep, **opts), ep, 0.0) for ep in eps])
+            self._init_multi(base, frontend, kwargs)
             for lane in self._lanes:
                 # Whatever makes a lane give up all its calls at once (its
                 # own silence check, a DISCONNECT, a dead reader, _lose
@@ -201,15 +272,24 @@ def make_async(base):
             for lane in self._lanes:
                 lane.client._context = self._context
             # A broker that is down now does not stop the others: its lane
-            # connects when it comes back (libzmq retries by itself).
-            try:
-                await asyncio.gather(*(lane.client.connect() for lane in self._lanes))
-            except BaseException:
-                # A refused key, say: leave nothing open behind the error.
+            # connects when it comes back (libzmq retries by itself). One
+            # that refuses our handshake is not used; all refusing it, or
+            # any other failure, fails connect().
+            outcomes = await asyncio.gather(*(lane.client.connect() for lane in self._lanes),
+                                            return_exceptions=True)
+            failed = [exc for exc in outcomes if isinstance(exc, BaseException)]
+            refused = [getattr(exc, "handshake", False) for exc in failed]
+            if failed and (not all(refused) or len(failed) == len(self._lanes)):
+                # Leave nothing open behind the error.
                 await self.close()
-                raise
+                raise failed[refused.index(False) if not all(refused) else 0]
+            for lane, outcome in zip(self._lanes, outcomes):
+                if isinstance(outcome, BaseException):
+                    self._refuse(lane, outcome)
             now = loop.time()
             for lane in self._lanes:
+                if lane.refused is not None:
+                    continue
                 # Not used before its broker answers a ping (at once when
                 # it is up), so a broker that is down when the client
                 # starts costs no call anything.
@@ -327,21 +407,11 @@ def make_async(base):
                         service, method, payload, timeout=_left(end, loop.time()),
                         metadata=metadata or {}, idempotent=idempotent,
                         with_metadata=with_metadata, compression=compression)
-                except Unavailable as exc:
-                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved), True
+                except (Unavailable, AuthenticationError) as exc:
+                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved)
 
-        def _after_loss(self, lane, exc, safe, end, moved):
-            """The lane to send a request to again after ``exc``, or raise:
-            only when its lane was lost, the request is safe to repeat, it
-            has not moved before (two attempts at most), another lane is up
-            and the deadline allows."""
-            if not self._lost(lane, exc):
-                raise exc
-            other = self._pick(avoid=lane) if safe and not moved else None
-            if other is None or (end is not None and end - self._loop.time() < 0.001):
-                raise exc
-            self.moved += 1
-            return other
+        def _now(self):
+            return self._loop.time()
 
         def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
                    window=16, idempotent=False):
@@ -392,9 +462,9 @@ def make_async(base):
                         queue, payload, idempotency_key=idempotency_key,
                         submit_timeout=_left(end, loop.time()), **options)
                     return Job(self, job.id, job.existed)
-                except Unavailable as exc:
+                except (Unavailable, AuthenticationError) as exc:
                     safe = idempotency_key is not None
-                    lane, moved = self._after_loss(lane, exc, safe, end, moved), True
+                    lane, moved = self._after_loss(lane, exc, safe, end, moved)
 
         async def _admin(self, method, metadata, timeout):
             timeout_s, _ = _core.options(self, timeout, None)
@@ -404,9 +474,9 @@ def make_async(base):
             while True:
                 try:
                     return await lane.client._admin(method, metadata, _left(end, loop.time()))
-                except Unavailable as exc:
+                except (Unavailable, AuthenticationError) as exc:
                     # Reads and job commands by id are safe to repeat.
-                    lane, moved = self._after_loss(lane, exc, True, end, moved), True
+                    lane, moved = self._after_loss(lane, exc, True, end, moved)
 
         async def drain_worker(self, name: str, timeout: Optional[float] = None) -> int:
             """Ask every broker that is up to drain the workers called ``name``."""
@@ -417,15 +487,6 @@ def make_async(base):
             if not ok and counts:
                 raise counts[0]
             return sum(ok)
-
-        def _watcher(self):
-            lane = self._pick()
-            return lane.client
-
-        async def _exchange(self, build, payload, timeout, what):
-            # A job's INPUT (Job.write_stdin): only the broker running the
-            # job forwards it; its retry on UNAVAILABLE takes the next lane.
-            return await self._pick().client._exchange(build, payload, timeout, what)
 
     return MultiClient
 
@@ -440,11 +501,7 @@ def make_sync(base):
         """A :class:`kelpie.sync.Client` over several brokers (kelpie._brokers)."""
 
         def __init__(self, frontend: Any = None, **kwargs: Any) -> None:
-            eps = endpoints(frontend, "KELPIE_FRONTEND", "")
-            base.__init__(self, ",".join(eps), **kwargs)
-            self._interceptors = ()
-            opts = _lane_options(kwargs)
-            self._init_lanes([_Lane(base(ep, **opts), ep, 0.0) for ep in eps])
+            self._init_multi(base, frontend, kwargs)
             self._prober = None
             self._prober_lock = threading.Lock()
             self._stop_probing = threading.Event()
@@ -494,7 +551,7 @@ def make_sync(base):
             (each ping waits at most a heartbeat); then end."""
             interval = self.heartbeat or 1.0
             while not self._stop_probing.is_set() and not self._closed:
-                down = [lane for lane in self._lanes if lane.down]
+                down = [lane for lane in self._lanes if lane.down and lane.refused is None]
                 if not down:
                     return
                 for lane in down:
@@ -526,18 +583,11 @@ def make_sync(base):
                         service, method, payload, timeout=_left(end, time.monotonic()),
                         metadata=metadata or {}, idempotent=idempotent,
                         with_metadata=with_metadata, compression=compression)
-                except Unavailable as exc:
-                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved), True
+                except (Unavailable, AuthenticationError) as exc:
+                    lane, moved = self._after_loss(lane, exc, idempotent, end, moved)
 
-        def _after_loss(self, lane, exc, safe, end, moved):
-            """As the async client's: another lane for a safe request, once."""
-            if not self._lost(lane, exc):
-                raise exc
-            other = self._pick(avoid=lane) if safe and not moved else None
-            if other is None or (end is not None and end - time.monotonic() < 0.001):
-                raise exc
-            self.moved += 1
-            return other
+        def _now(self):
+            return time.monotonic()
 
         def stream(self, service, method, payload=b"", *, timeout=None, metadata=None,
                    window=16, idempotent=False):
@@ -581,9 +631,9 @@ def make_sync(base):
                                              submit_timeout=_left(end, time.monotonic()),
                                              **options)
                     return Job(self, job.id, job.existed)
-                except Unavailable as exc:
+                except (Unavailable, AuthenticationError) as exc:
                     safe = idempotency_key is not None
-                    lane, moved = self._after_loss(lane, exc, safe, end, moved), True
+                    lane, moved = self._after_loss(lane, exc, safe, end, moved)
 
         def _admin(self, method, metadata, timeout):
             timeout_s = self._timeout_of(timeout)
@@ -592,8 +642,8 @@ def make_sync(base):
             while True:
                 try:
                     return lane.client._admin(method, metadata, _left(end, time.monotonic()))
-                except Unavailable as exc:
-                    lane, moved = self._after_loss(lane, exc, True, end, moved), True
+                except (Unavailable, AuthenticationError) as exc:
+                    lane, moved = self._after_loss(lane, exc, True, end, moved)
 
         def drain_worker(self, name: str, timeout: Optional[float] = None) -> int:
             """Ask every broker that is up to drain the workers called ``name``."""
@@ -608,13 +658,6 @@ def make_sync(base):
             if first is not None and not total:
                 raise first
             return total
-
-        def _watcher(self):
-            return self._pick().client
-
-        def _exchange(self, build, payload, deadline, what):
-            # A job's INPUT (Job.write_stdin), as the async client's.
-            return self._pick().client._exchange(build, payload, deadline, what)
 
         def _lane_failed(self, client, exc):
             """A watch through ``client`` (a lane's) failed with ``exc``."""
@@ -632,28 +675,15 @@ LANE_CHECK = 0.1
 
 
 def worker_lanes(worker, backends):
-    """One single-broker Worker per backend for ``worker`` (kelpie.worker):
-    the same handlers, name, keys and options, and the same thread and
-    process pools (made by the caller). Each lane registers with its
+    """One single-broker Worker per backend for ``worker`` (kelpie.worker),
+    made by :meth:`Worker._lane`: the same handlers, name and options, each
+    broker's own server key (kelpie._security), and the same thread and
+    process pools (handed over by the caller). Each lane registers with its
     broker on its own, with its own session, heartbeats and reconnects."""
-    from .worker import Worker
-    lanes = []
-    for i, endpoint in enumerate(backends):
-        lane = Worker(endpoint, concurrency=1, name=worker.name,
-                      heartbeat=worker.heartbeat, liveness=worker.liveness,
-                      stall_threshold=worker.stall_threshold, threads=worker.threads,
-                      processes=worker.processes, context=worker._context)
-        # Registration wrapped the handlers with the interceptors already.
-        lane._handlers = worker._handlers
-        lane._job_handlers = worker._job_handlers
-        lane._interceptors = worker._interceptors
-        lane._compression = worker._compression
-        lane._zthreshold = worker._zthreshold
-        lane._keys = worker._keys
-        lane._shared_pools = True
-        # One stack report per stall of the (one) event loop, not one per lane.
-        lane._report_stacks = i == 0
-        lanes.append(lane)
+    keys = worker._keys.match(backends) if worker._keys is not None else None
+    lanes = [worker._lane(endpoint, keys.at(endpoint) if keys is not None else None,
+                          report_stacks=i == 0)
+             for i, endpoint in enumerate(backends)]
     shares(worker.concurrency, lanes, lanes)
     return lanes
 
@@ -725,6 +755,7 @@ def lane_stats(worker, lanes):
     out["threads"] = worker.threads
     now = worker._loop.time() if worker._loop is not None else 0.0
     out["brokers"] = [{"backend": lane.backend, "up": lane_up(lane, now) if now else False,
-                       "concurrency": lane.concurrency, "served": lane.served}
+                       "concurrency": lane.concurrency, "served": lane.served,
+                       **({"error": str(lane._refused)} if lane._refused else {})}
                       for lane in lanes]
     return out

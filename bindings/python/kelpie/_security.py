@@ -6,6 +6,15 @@ client or worker given ``key=PATH`` (or ``$KELPIE_KEY``) and ``server_key=``
 the broker's ``.pub`` file (or ``$KELPIE_SERVER_KEY``; the 40 z85 characters
 themselves work too) speaks CURVE to the broker.
 
+Several brokers (docs/scale-out.md) may each have their own key pair. The
+server key is then one per broker, in the order of the endpoints: a list
+(``server_key=["a.pub", "b.pub"]``), one string with commas
+(``$KELPIE_SERVER_KEY=a.pub,b.pub``, ``--server-key a.pub,b.pub``), or a
+mapping from endpoint to key (``{"tcp://a:5555": "a.pub", ...}``). One key
+alone is every broker's. :class:`Keys` holds them all and :func:`connect`
+uses the one of the endpoint it connects to, so a wrong key fails that
+broker's handshake only, with an error that names its endpoint and key.
+
 ZeroMQ makes a refused handshake look like a broker that is down: the socket
 keeps reconnecting and calls wait. :class:`Handshake` watches the socket's
 monitor events while it connects and turns each failure into
@@ -59,14 +68,56 @@ class KeyFileError(ValueError):
 
 
 class Keys(NamedTuple):
-    """A CURVE identity: our key pair and the broker's public key (z85 bytes)."""
+    """A CURVE identity: our key pair and the broker's public key (z85 bytes).
+    With one server key per broker, ``servers`` holds them as
+    ``((endpoint, key), ...)`` (the endpoint None while they are only in
+    the order of endpoints not yet known: :meth:`match`) and ``server`` is
+    the first; with one key for every broker it is None."""
     public: bytes
     secret: bytes
     server: bytes
+    servers: Optional[tuple] = None
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.public)
+
+    def match(self, endpoints) -> "Keys":
+        """These keys with each server key paired to its broker among
+        ``endpoints`` (a list, or one string with commas); raises
+        KeyFileError when they do not match one to one."""
+        if self.servers is None:
+            return self
+        eps = _split_endpoints(endpoints)
+        given = self.servers
+        if all(ep is None for ep, _ in given):
+            if len(given) != len(eps):
+                where = ", ".join(ep for ep in eps if ep) or "one broker"
+                raise KeyFileError(
+                    f"{len(given)} server keys for {len(eps)} broker endpoint"
+                    f"{'' if len(eps) == 1 else 's'} ({where}): give one key for all, or "
+                    "one per broker in the order of the endpoints")
+            return self._replace(servers=tuple(zip(eps, (k for _, k in given))))
+        named = dict(given)
+        missing = [ep for ep in eps if ep not in named]
+        extra = [ep for ep in named if ep not in eps]
+        if missing or extra:
+            why = ([f"none for {', '.join(map(str, missing))}"] if missing else []) + \
+                ([f"one for {', '.join(extra)}, which is not among them"] if extra else [])
+            raise KeyFileError("the server keys must name each broker endpoint once "
+                               f"({', '.join(map(str, eps))}): " + "; ".join(why))
+        return self._replace(servers=tuple((ep, named[ep]) for ep in eps))
+
+    def at(self, endpoint: str) -> "Keys":
+        """The identity to connect to ``endpoint`` with: its broker's key."""
+        if self.servers is None:
+            return self
+        servers = self.match([endpoint]).servers if self.servers[0][0] is None else \
+            self.servers
+        for ep, server in servers:
+            if ep == endpoint:
+                return Keys(self.public, self.secret, server)
+        raise KeyFileError(f"no server key for {endpoint}")
 
 
 def fingerprint(key: bytes) -> str:
@@ -105,19 +156,55 @@ def read_key(path: str) -> bytes:
     raise KeyFileError(f"{path}: no key in the file")
 
 
-def _server_key(value: str) -> bytes:
+def _server_key(value) -> bytes:
     """A server key given as a .pub file's path or as the 40 characters."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
     key = _z85(value.strip())
     if key is not None and not os.path.exists(value):
         return key
     return read_key(value)
 
 
-def load_keys(key: Optional[str] = None, server_key: Optional[str] = None) -> Optional[Keys]:
+def _split_endpoints(endpoints) -> list:
+    """``endpoints`` (a list, or one string with commas) as kelpie._brokers
+    reads them: stripped, empty and repeated ones dropped, in order."""
+    if endpoints is None:
+        return [None]
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    out = []
+    for item in items:
+        item = item.strip()
+        if item and item not in out:
+            out.append(item)
+    return out or [None]
+
+
+def _server_keys(server_key):
+    """``server_key`` as ((endpoint or None, value), ...): one key (a path
+    or z85), a list or a string with commas (one per broker, in the order
+    of the endpoints), or a mapping from endpoint to key."""
+    if isinstance(server_key, dict):
+        return [(str(ep).strip(), value) for ep, value in server_key.items()]
+    if isinstance(server_key, (str, bytes)):
+        text = server_key.decode("ascii") if isinstance(server_key, bytes) else server_key
+        # A key file whose name has a comma is still one key file.
+        items = [text] if "," not in text or os.path.exists(text) else text.split(",")
+    else:
+        items = list(server_key)
+    items = [item.strip() if isinstance(item, str) else item for item in items]
+    return [(None, item) for item in items if item]
+
+
+def load_keys(key: Optional[str] = None, server_key=None, endpoints=None) -> Optional[Keys]:
     """The CURVE identity from ``key`` (a secret key file) and ``server_key``
-    (the broker's ``.pub`` file or its 40 characters), each defaulting to
-    ``$KELPIE_KEY`` / ``$KELPIE_SERVER_KEY``; None if neither is set.
-    Raises KeyFileError (a ValueError) if only one is, or a file is not a key file."""
+    (the broker's ``.pub`` file or its 40 characters; or one per broker: a
+    list or a string with commas, in the order of the endpoints, or a
+    mapping from endpoint to key), each defaulting to ``$KELPIE_KEY`` /
+    ``$KELPIE_SERVER_KEY``; None if neither is set. With ``endpoints`` the
+    server keys are paired with them (:meth:`Keys.match`). Raises
+    KeyFileError (a ValueError) if only one is set, a file is not a key
+    file, or the server keys do not match the endpoints."""
     key = key or os.environ.get("KELPIE_KEY") or None
     server_key = server_key or os.environ.get("KELPIE_SERVER_KEY") or None
     if key is None and server_key is None:
@@ -129,8 +216,13 @@ def load_keys(key: Optional[str] = None, server_key: Optional[str] = None) -> Op
         raise KeyFileError("a key (KELPIE_KEY / --key) needs the broker's public key too "
                          "(KELPIE_SERVER_KEY / --server-key: kelpied's KEYFILE.pub)")
     from .zmq import curve_public
+    given = [(ep, _server_key(value)) for ep, value in _server_keys(server_key)]
+    if not given:
+        raise KeyFileError(f"no server key in {server_key!r}")
     secret = read_key(key)
-    return Keys(curve_public(secret), secret, _server_key(server_key))
+    one = len(given) == 1 and given[0][0] is None
+    keys = Keys(curve_public(secret), secret, given[0][1], None if one else tuple(given))
+    return keys if endpoints is None else keys.match(endpoints)
 
 
 def keygen(path: str, *, force: bool = False) -> bytes:
@@ -152,7 +244,8 @@ def keygen(path: str, *, force: bool = False) -> bytes:
 
 
 def apply(sock, keys: Optional[Keys]) -> None:
-    """Make sock a CURVE client with keys (nothing without keys)."""
+    """Make sock a CURVE client with keys (nothing without keys; the
+    server key is ``keys.server``: see :meth:`Keys.at`)."""
     if keys is None:
         return
     sock.setsockopt(_CURVE_SERVERKEY, keys.server)
@@ -162,7 +255,10 @@ def apply(sock, keys: Optional[Keys]) -> None:
 
 def connect(sock, endpoint: str, role: str, keys: Optional[Keys]) -> "Handshake":
     """Connect sock to endpoint as role, with CURVE if keys; returns the
-    Handshake to wait on (its ``wait``/``await_``) before the first call."""
+    Handshake to wait on (its ``wait``/``await_``) before the first call.
+    With one server key per broker, the one for ``endpoint`` is used."""
+    if keys is not None:
+        keys = keys.at(endpoint)
     apply(sock, keys)
     handshake = Handshake(sock, endpoint, role, keys)
     sock.connect(endpoint)
@@ -196,7 +292,11 @@ class Handshake:
 
     def _fail(self, message: str):
         self.done = True
-        return AuthenticationError(message)
+        exc = AuthenticationError(message)
+        # Refused before anything was sent: a client of several brokers may
+        # send the request to another (kelpie._brokers).
+        exc.handshake = True
+        return exc
 
     def feed(self, event: int, value: int):
         """Judge one event: returns an AuthenticationError to raise, or None

@@ -641,7 +641,9 @@ def _common(parser, top):
                              "default: none, plain text)")
     parser.add_argument("--server-key", metavar="FILE", default=default(None),
                         help="the broker's public key: kelpied's KEYFILE.pub, or its 40 "
-                             "characters (env KELPIE_SERVER_KEY; default: none)")
+                             "characters; with several brokers, one per broker separated by "
+                             "commas, in the order of the endpoints (env KELPIE_SERVER_KEY; "
+                             "default: none)")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default=default("asyncio"),
                         help="event loop implementation (default asyncio)")
     parser.add_argument("--log-level", default=default("warning"),

@@ -113,7 +113,7 @@ class Client(ClientJobs):
                  hedging: Any = None, throttle: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
-        self._keys = _security.load_keys(key, server_key)
+        self._keys = _security.load_keys(key, server_key, self.frontend)
         # Around every call (kelpie._interceptors), the first outermost.
         self._interceptors = _interceptors.check_client(interceptors)
         # Unary calls' retry and hedging policies and their budget (kelpie._retry).

@@ -338,7 +338,7 @@ class Client(SyncClientJobs):
                  hedging: Any = None, throttle: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
-        self._keys = _security.load_keys(key, server_key)
+        self._keys = _security.load_keys(key, server_key, self.frontend)
         # Around every call, the first outermost; their methods are called
         # without await here (kelpie._interceptors).
         self._interceptors = _interceptors.check_client(interceptors)

@@ -140,6 +140,9 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
                  key: Optional[str] = None, server_key: Optional[str] = None,
                  interceptors: Any = None, compression: Any = None,
                  compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
+        # Every argument, as given: what a lane (this worker at one of
+        # several brokers, _lane) is made with, so none can miss the lanes.
+        self._args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         # Around every handler (kelpie._interceptors); set before any
         # handler is registered, since registration wraps the handler.
         self._interceptors = _interceptors.check_server(interceptors)
@@ -169,6 +172,7 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         # Several brokers (kelpie._brokers): the lanes while run() runs; a
         # lane uses its parent's pools and only the first reports stacks.
         self._lanes = None
+        self._refused = None  # a lane: why its broker refused it
         self._shared_pools = False
         self._report_stacks = True
         self._threads_busy = 0
@@ -270,6 +274,28 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
 
 
     # -- internals --------------------------------------------------------
+
+    def _lane(self, backend: str, keys: Any = None, *, report_stacks: bool = True) -> "Worker":
+        """This worker at one of its several brokers (kelpie._brokers): a
+        single-broker Worker made with the same arguments (a new one is
+        carried by itself) and the attributes they became here (the CLI
+        may set ``backend`` and ``concurrency`` after construction), for
+        ``backend``, with ``keys`` (this broker's, kelpie._security), the
+        handlers registered here (already wrapped with the interceptors),
+        and this worker's pools once :meth:`run` has made them. Its share
+        of ``concurrency`` is set by kelpie._brokers.shares."""
+        args = dict(self._args, backend=backend, concurrency=1, name=self.name,
+                    heartbeat=self.heartbeat, liveness=self.liveness,
+                    stall_threshold=self.stall_threshold, threads=self.threads,
+                    processes=self.processes, context=self._context)
+        lane = Worker(**args)
+        lane._keys = keys
+        lane._handlers = self._handlers
+        lane._job_handlers = self._job_handlers
+        lane._shared_pools = True
+        # One stack report per stall of the (one) event loop, not one per lane.
+        lane._report_stacks = report_stacks
+        return lane
 
     def _spawn(self, coro):
         task = self._loop.create_task(coro)
