@@ -516,19 +516,12 @@ static int op_wait(kp_op *self, int front)
         return -1;
     }
     self->future = future;
-    int recv = self->kind == KP_OP_RECV || self->kind == KP_OP_RECV_MULTIPART;
-    /* A receive that finds nobody else waiting needs no recheck: the
-     * EAGAIN it just got had libzmq process all of the socket's commands
-     * (a DONTWAIT receive does before giving up), so ZMQ_FD is drained and
-     * fires for anything new, and there is no other waiter whose edge that
-     * processing could have consumed. A Pulse's send meanwhile is covered
-     * by its nudge. This saves a mailbox check (a poll() and a getpid())
-     * each time a reader goes back to waiting. */
-    int alone = recv && sock->recv_q.len == 0 && sock->send_q.len == 0;
-    op_enqueue(recv ? &sock->recv_q : &sock->send_q, self, front);
+    kp_queue *q = (self->kind == KP_OP_RECV || self->kind == KP_OP_RECV_MULTIPART) ? &sock->recv_q
+                                                                                   : &sock->send_q;
+    op_enqueue(q, self, front);
     /* Queue first, then look: the EAGAIN we just got may be stale already,
      * and a recheck that finds us queued wakes us instead of losing it. */
-    if ((!alone && kp_op_recheck(sock) < 0) || kp_loop_watch(sock) < 0) {
+    if (kp_op_recheck(sock) < 0 || kp_loop_watch(sock) < 0) {
         if (self->link.queue != NULL) {
             kp_queue_unlink(&self->link);
             Py_DECREF(self);
