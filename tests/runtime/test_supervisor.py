@@ -229,7 +229,7 @@ def test_children_leave_when_the_supervisor_is_killed(broker, procs, tmp_path):
 
 def test_crash_loop_backs_off(broker, procs, tmp_path):
     sup = procs.worker(broker, "--processes", "1", target="rt_app:crashing", child=False)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a worker process takes ~4 s to start at load 13
     while len(log_lines(procs, sup, r"died: exit code 3")) < 5:
         assert time.monotonic() < deadline, procs.output(sup)
         time.sleep(0.05)

@@ -4,6 +4,7 @@ fed by kelpie.broker/Stats (an admin call), against a real broker and worker."""
 import os
 import signal
 import subprocess
+import threading
 import time
 
 import kelpie
@@ -61,10 +62,20 @@ def test_status_live_view_redraws_until_interrupted(broker, keys, workers):
          "--server-key", keys.path("broker") + ".pub", "status", "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ,
                                                                            COLUMNS="160"))
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(2.0)
+        # Interrupted once it has redrawn with rates (two samples), or after
+        # 20 s: the CLI alone took most of 2 s to start at load 20.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any("req/s" in x for x in list(lines)):
+            time.sleep(0.1)
+        time.sleep(0.5)  # a few more redraws
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+        reader.join(10)
+        out, err = "".join(lines), proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
