@@ -81,6 +81,8 @@ struct kp_broker {
     struct kp_auth *auth;  /* CURVE and allow-lists (--key); NULL: no authentication */
     struct kp_http *http;  /* --http server (its own thread); NULL: none */
     uint64_t next_publish; /* when the loop next publishes the metrics snapshot */
+    unsigned touched;      /* bits 0-2: frontend, backend, intake sent on since the loop
+                            * last looked (their ZMQ_FD may have lost its edge; loop.c) */
 
     /* state */
     enum kp_broker_state state;  /* see above */

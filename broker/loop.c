@@ -1,7 +1,9 @@
 /* loop: kelpied's event loop, a list of phases (libuv's uv_run).
  *
- *   poll        zmq_poll over frontend, backend, intake and the wake pipe,
- *               with a timeout from the next deadline or sweep
+ *   poll        poll(2) over the ZMQ_FDs of frontend, backend and intake
+ *               and the wake pipe, with a timeout from the next deadline or
+ *               sweep; ZMQ_EVENTS read only where it can have changed
+ *               (kp_broker_run)
  *   signals     stop requests from the wake pipe (drain, then force)
  *   read        up to KP_READ_BUDGET messages from each socket the poll
  *               found readable, in turn, so a flood on one socket cannot
@@ -30,6 +32,8 @@
 
 #include <czmq.h>
 #include <errno.h>
+#include <poll.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "alloc.h"
@@ -230,70 +234,132 @@ static long loop_poll_timeout(const struct kp_broker *b)
     return next > b->now ? (long)(next - b->now) : 0;
 }
 
+/* Whether a libzmq socket has a message to read. ZMQ_EVENTS also makes
+ * libzmq process the socket's pending commands, which drains its ZMQ_FD:
+ * after this, the descriptor becomes readable again only for news. */
+static bool loop_readable(void *sock)
+{
+    int events = 0;
+    size_t len = sizeof events;
+    return zmq_getsockopt(sock, ZMQ_EVENTS, &events, &len) == 0 && (events & ZMQ_POLLIN);
+}
+
+/* poll(2)'s events for an fd item of zmq_poll's spelling (ZMQ_POLLOUT is 2,
+ * POLLOUT 4). */
+static short loop_poll_events(short zmq_events)
+{
+    return (short)(((zmq_events & ZMQ_POLLIN) ? POLLIN : 0) |
+                   ((zmq_events & ZMQ_POLLOUT) ? POLLOUT : 0));
+}
+
+/* The loop waits in poll(2) on the sockets' ZMQ_FDs itself rather than in
+ * zmq_poll, which reads ZMQ_EVENTS of every socket twice per wait (once
+ * before sleeping, once after) and makes one poll(0) more: each read costs
+ * libzmq a poll() and a getpid() on the socket's mailbox, and the reads
+ * after waking stood between a request's arrival and its forwarding. Here
+ * ZMQ_EVENTS is read only where it can say something new: after waking,
+ * for the sockets whose descriptor fired; before sleeping, for the sockets
+ * that are "dirty", i.e. whose descriptor may have lost its edge while a
+ * message waits. ZMQ_FD is edge-triggered: any libzmq call on a socket may
+ * process the "message arrived" command and clear it. So a socket is dirty
+ * after a send on it (send.c sets b->touched), after a read that stopped
+ * at the budget with messages left, and always for the auth sockets
+ * (kp_auth_on_ready sends and reads as it pleases). A read that ended in
+ * EAGAIN leaves the socket clean: libzmq processed its commands then. */
 enum kp_err kp_broker_run(struct kp_broker *b)
 {
     enum { LOOP_FIXED = 4, LOOP_MAX_ITEMS = 16 };
-    zmq_pollitem_t items[LOOP_MAX_ITEMS] = {
-        {b->frontend, 0, ZMQ_POLLIN, 0},
-        {b->backend, 0, ZMQ_POLLIN, 0},
-        {b->intake, 0, ZMQ_POLLIN, 0},
-        {NULL, b->wake[0], ZMQ_POLLIN, 0},
-    };
+    void *socks[LOOP_MAX_ITEMS] = {b->frontend, b->backend, b->intake, NULL};
+    struct pollfd fds[LOOP_MAX_ITEMS];
+    bool dirty[LOOP_MAX_ITEMS], ready[LOOP_MAX_ITEMS];
     /* The ZAP handler and the handshake monitors (auth.h): a handshake
      * waits for ZAP's answer, so they are served first each iteration. */
     size_t nauth = kp_auth_poll_count(b->auth);
     for (size_t i = 0; i < nauth && LOOP_FIXED + i + 3 < LOOP_MAX_ITEMS; i++)
-        items[LOOP_FIXED + i] = (zmq_pollitem_t){kp_auth_poll_socket(b->auth, i), 0, ZMQ_POLLIN, 0};
+        socks[LOOP_FIXED + i] = kp_auth_poll_socket(b->auth, i);
     int nitems = LOOP_FIXED + (int)nauth;
-    items[nitems] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
-    items[nitems + 1] = (zmq_pollitem_t){NULL, -1, ZMQ_POLLIN, 0};
+    for (int i = 0; i < nitems; i++) {
+        fds[i] = (struct pollfd){-1, POLLIN, 0};
+        dirty[i] = socks[i] != NULL;
+        if (socks[i] != NULL) {
+            size_t len = sizeof fds[i].fd;
+            if (zmq_getsockopt(socks[i], ZMQ_FD, &fds[i].fd, &len) != 0) {
+                kp_log_error("zmq_getsockopt(ZMQ_FD): %s", zmq_strerror(errno));
+                return KP_ESYS;
+            }
+        }
+    }
+    fds[3].fd = b->wake[0];
     b->now = (uint64_t)zclock_mono();
     while (b->state != KP_BROKER_STOPPED) {
         /* The journal's completions, once the job store is open: last,
          * so that the auth items keep their places. */
-        items[nitems].fd = kp_jobs_fd(b);
-        int npoll = items[nitems].fd >= 0 ? nitems + 1 : nitems;
+        int npoll = nitems;
+        int jobs_fd = kp_jobs_fd(b);
+        if (jobs_fd >= 0)
+            fds[npoll++] = (struct pollfd){jobs_fd, POLLIN, 0};
         /* The shared store's notifications, after the journal's item. */
         short listen_events = 0;
         int listen_fd = kp_jobs_listen_fd(b, &listen_events);
         int listen_at = -1;
         if (listen_fd >= 0) {
             listen_at = npoll++;
-            items[listen_at] = (zmq_pollitem_t){NULL, listen_fd, listen_events, 0};
+            fds[listen_at] = (struct pollfd){listen_fd, loop_poll_events(listen_events), 0};
         }
         /* The brokers' relay of job events, INPUT and cancels (jobs.c). */
-        int relay_fd = kp_jobs_relay_fd(b, &listen_events);
+        short relay_events = 0;
+        int relay_fd = kp_jobs_relay_fd(b, &relay_events);
         int relay_at = -1;
         if (relay_fd >= 0) {
             relay_at = npoll++;
-            items[relay_at] = (zmq_pollitem_t){NULL, relay_fd, listen_events, 0};
+            fds[relay_at] = (struct pollfd){relay_fd, loop_poll_events(relay_events), 0};
         }
-        if (zmq_poll(items, npoll, loop_poll_timeout(b)) < 0 && errno != EINTR) {
-            kp_log_error("zmq_poll: %s", zmq_strerror(errno));
+        for (int i = 0; i < 3; i++) {
+            if (b->touched & (1u << i))
+                dirty[i] = true;
+        }
+        b->touched = 0;
+        bool any = false;
+        for (int i = 0; i < nitems; i++) {
+            ready[i] = false;
+            fds[i].revents = 0;
+            if (dirty[i]) {
+                dirty[i] = false;
+                ready[i] = loop_readable(socks[i]);
+                any = any || ready[i];
+            }
+        }
+        for (int i = nitems; i < npoll; i++)
+            fds[i].revents = 0;
+        if (poll(fds, (nfds_t)npoll, any ? 0 : (int)loop_poll_timeout(b)) < 0 && errno != EINTR) {
+            kp_log_error("poll: %s", strerror(errno));
             return KP_ESYS;
+        }
+        for (int i = 0; i < nitems; i++) {
+            if (socks[i] != NULL && fds[i].revents && !ready[i])
+                ready[i] = loop_readable(socks[i]);
         }
         b->now = (uint64_t)zclock_mono();
         for (size_t i = 0; i < nauth; i++) {
-            if (items[LOOP_FIXED + i].revents & ZMQ_POLLIN)
+            if (ready[LOOP_FIXED + i])
                 kp_auth_on_ready(b->auth, i);
+            dirty[LOOP_FIXED + i] = true;
         }
-        if (items[3].revents & ZMQ_POLLIN)
+        if (fds[3].revents & POLLIN)
             loop_on_stop_requests(b);
-        /* Only the sockets zmq_poll found readable: each read that finds
-         * nothing still costs libzmq a poll() and a getpid() on the socket's
-         * mailbox (two syscalls per socket per wake-up, a third of the
-         * broker's syscalls at one call in flight). zmq_poll checks
-         * ZMQ_EVENTS itself, so a message left behind by the read budget
-         * (or arriving meanwhile) makes the next poll return at once. */
-        if (items[1].revents & ZMQ_POLLIN)
-            loop_read(b, b->backend, kp_backend_on_message);
-        if (items[0].revents & ZMQ_POLLIN)
-            loop_read(b, b->frontend, kp_frontend_on_message);
-        if (items[2].revents & ZMQ_POLLIN)
-            loop_read(b, b->intake, kp_intake_on_message);
-        if (listen_at >= 0 && items[listen_at].revents)
+        /* Only the sockets found readable: each read that finds nothing
+         * still costs libzmq a poll() and a getpid() on the socket's
+         * mailbox. A read stopped by the budget leaves the socket dirty,
+         * so the next iteration looks again without sleeping. */
+        if (ready[1])
+            dirty[1] = loop_read(b, b->backend, kp_backend_on_message) == KP_READ_BUDGET;
+        if (ready[0])
+            dirty[0] = loop_read(b, b->frontend, kp_frontend_on_message) == KP_READ_BUDGET;
+        if (ready[2])
+            dirty[2] = loop_read(b, b->intake, kp_intake_on_message) == KP_READ_BUDGET;
+        if (listen_at >= 0 && fds[listen_at].revents)
             kp_jobs_on_listen(b);
-        if (relay_at >= 0 && items[relay_at].revents)
+        if (relay_at >= 0 && fds[relay_at].revents)
             kp_jobs_on_relay(b);
         kp_jobs_on_completions(b);
         loop_expire(b);

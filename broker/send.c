@@ -73,6 +73,9 @@ enum kp_err kp_broker_send(struct kp_broker *b, void *sock, const void *rid, siz
                            struct kp_budget *acct, const kp_header *h, zmq_msg_t *payload, size_t n)
 {
     uint64_t size = rid ? rid_len : 0;
+    /* Any call on a socket may consume its ZMQ_FD's edge: the loop must
+     * read its ZMQ_EVENTS before sleeping (loop.c). */
+    b->touched |= sock == b->frontend ? 1u : sock == b->backend ? 2u : 4u;
     for (size_t i = 0; i < n; i++)
         size += zmq_msg_size(&payload[i]);
     zmq_msg_t header;

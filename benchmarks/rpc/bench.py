@@ -14,8 +14,11 @@ The same echo service, all Python asyncio, same machine, same run:
 
 For each (system, loop, worker processes, payload, depth) it runs ``depth``
 caller tasks, each calling in a loop, for ``--seconds`` after a warm-up, and
-reports requests/s and the p50/p99 latency of single calls. Each case runs
-on Kelpie and then at once on grpc, so that both see the same load on a
+reports requests/s and the p50/p99 latency of single calls. Each case at
+100 in flight runs on Kelpie and then at once on grpc; at one in flight
+(latency-bound, where a load shift of seconds moves the tail most) the two
+alternate in 8 short windows each, ABAB with the order flipped every round,
+and each system's windows are pooled, so that both see the same load on a
 shared machine. Kelpie and grpc run on the same loop implementation (asyncio
 or uvloop) on both sides, client and servers. The
 results go to stdout, to benchmarks/results/rpc.md and (with matplotlib) to
@@ -124,6 +127,41 @@ async def measure(call, payload, depth, seconds):
     return n / elapsed, latencies[n // 2], latencies[min(n - 1, int(n * 0.99))]
 
 
+async def measure_interleaved(calls, payload, seconds, slices=8):
+    """One call in flight on each system in turn, in ``slices`` short windows
+    per system (ABAB..., the order flipped every round), so that a shift in
+    the shared machine's load falls on all of them alike; the latencies of
+    each system's windows are pooled. Returns {name: (req/s, p50 s, p99 s)}."""
+    window = seconds / slices
+    lat = {name: [] for name, _ in calls}
+    busy = dict.fromkeys(lat, 0.0)
+    clock = time.perf_counter
+    for name, call in calls:  # warm-up
+        end = clock() + min(0.5, seconds / 3)
+        while clock() < end:
+            await call(payload)
+    for i in range(slices):
+        for name, call in (calls if i % 2 == 0 else calls[::-1]):
+            record = lat[name]
+            start = clock()
+            end = start + window
+            t0 = start
+            while t0 < end:
+                reply = await call(payload)
+                t1 = clock()
+                record.append(t1 - t0)
+                t0 = t1
+                if len(reply) != len(payload):
+                    raise AssertionError("bad echo")
+            busy[name] += t0 - start
+    out = {}
+    for name, record in lat.items():
+        record.sort()
+        n = len(record)
+        out[name] = (n / busy[name], record[n // 2], record[min(n - 1, int(n * 0.99))])
+    return out
+
+
 async def bench_pair(frontend, grpc_ports, cases, seconds):
     """Each case on Kelpie then on grpc, back to back, so both see the same
     machine load (other work on a shared box shifts over minutes)."""
@@ -158,6 +196,12 @@ async def bench_pair(frontend, grpc_ports, cases, seconds):
                     return stubs[turn[0]](payload)
             for size, depth in cases:
                 payload = os.urandom(size)
+                if depth == 1:
+                    res = await measure_interleaved(
+                        [("kelpie", kelpie_echo), ("grpc", grpc_echo)], payload, seconds)
+                    out[("kelpie", size, depth)] = res["kelpie"]
+                    out[("grpc", size, depth)] = res["grpc"]
+                    continue
                 out[("kelpie", size, depth)] = await measure(kelpie_echo, payload, depth, seconds)
                 out[("grpc", size, depth)] = await measure(grpc_echo, payload, depth, seconds)
         finally:

@@ -27,6 +27,7 @@
 #include "kp.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <structmember.h>
 #include <time.h>
 
@@ -175,8 +176,10 @@ static int blocking_option_deadline(kp_blocking *self, PyObject *timeout, int op
 }
 
 /* Waits until `events` is possible or the deadline passes, with the GIL
- * released in slices. Returns 0 ready, 1 timed out, -1 with an exception
- * set (a signal handler raised, or libzmq failed). */
+ * released in slices. Returns 0 ready (for ZMQ_POLLIN: the socket has news,
+ * which may not be a message: the caller's receive tells), 1 timed out, -1
+ * with an exception set (a signal handler raised, or libzmq failed). For
+ * ZMQ_POLLIN the caller must have just failed a receive with EAGAIN. */
 static int blocking_wait(kp_blocking *self, short events, int64_t deadline)
 {
     for (;;) {
@@ -191,20 +194,49 @@ static int blocking_wait(kp_blocking *self, short events, int64_t deadline)
                 slice = (long)left_ms;
             }
         }
-        zmq_pollitem_t item = {.socket = self->handle, .events = events};
         int rc, err = 0;
-        Py_BEGIN_ALLOW_THREADS;
-        rc = zmq_poll(&item, 1, slice);
-        if (rc < 0) {
-            err = zmq_errno();
-        }
-        Py_END_ALLOW_THREADS;
-        if (rc < 0 && err != EINTR) {
-            blocking_fail(self, err);
-            return -1;
-        }
-        if (rc > 0 && (item.revents & events)) {
-            return 0;
+        if (events == ZMQ_POLLIN) {
+            /* A receive waits on ZMQ_FD itself: the receive that just
+             * failed with EAGAIN had libzmq process the socket's commands,
+             * which drains the descriptor, so it becomes readable only for
+             * news; the caller then simply tries the receive again.
+             * zmq_poll would read ZMQ_EVENTS before and after sleeping
+             * and poll() once more (three mailbox checks, six syscalls, on
+             * every call's critical path). */
+            struct pollfd pfd = {.events = POLLIN};
+            size_t len = sizeof(pfd.fd);
+            if (zmq_getsockopt(self->handle, ZMQ_FD, &pfd.fd, &len) != 0) {
+                blocking_fail(self, zmq_errno());
+                return -1;
+            }
+            Py_BEGIN_ALLOW_THREADS;
+            rc = poll(&pfd, 1, (int)slice);
+            if (rc < 0) {
+                err = errno;
+            }
+            Py_END_ALLOW_THREADS;
+            if (rc < 0 && err != EINTR) {
+                blocking_fail(self, err);
+                return -1;
+            }
+            if (rc > 0) {
+                return 0;
+            }
+        } else {
+            zmq_pollitem_t item = {.socket = self->handle, .events = events};
+            Py_BEGIN_ALLOW_THREADS;
+            rc = zmq_poll(&item, 1, slice);
+            if (rc < 0) {
+                err = zmq_errno();
+            }
+            Py_END_ALLOW_THREADS;
+            if (rc < 0 && err != EINTR) {
+                blocking_fail(self, err);
+                return -1;
+            }
+            if (rc > 0 && (item.revents & events)) {
+                return 0;
+            }
         }
         if (PyErr_CheckSignals() < 0) {
             return -1;
