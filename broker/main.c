@@ -14,11 +14,18 @@
 #endif
 
 static struct kp_broker *main_broker;
+/* A stop asked for while the broker was still starting (binding, opening
+ * its store): honoured as soon as it exists, so a Ctrl-C or a service
+ * manager's SIGTERM during start-up is a clean exit 0, not a death by signal. */
+static volatile sig_atomic_t main_stop_early;
 
 static void main_on_signal(int sig)
 {
-    if (main_broker == NULL)
+    if (main_broker == NULL) {
+        if (sig != SIGHUP)
+            main_stop_early = 1;
         return;
+    }
     if (sig == SIGHUP)
         kp_broker_reload(main_broker);
     else
@@ -56,14 +63,8 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    struct kp_broker *b;
-    if (kp_broker_new(&cfg, NULL, &b) != KP_OK) {
-        kp_config_fini(&cfg);
-        return 1;
-    }
-    kp_config_fini(&cfg);
-
-    main_broker = b;
+    /* Before start-up, which may take a while (a store to open or recover):
+     * libzmq's threads block signals, so they all land here. */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = main_on_signal;
@@ -72,6 +73,17 @@ int main(int argc, char **argv)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGHUP, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+
+    struct kp_broker *b;
+    if (kp_broker_new(&cfg, NULL, &b) != KP_OK) {
+        kp_config_fini(&cfg);
+        return 1;
+    }
+    kp_config_fini(&cfg);
+
+    main_broker = b;
+    if (main_stop_early)
+        kp_broker_stop(b);
 
     enum kp_err rc = kp_broker_run(b);
     main_broker = NULL;
