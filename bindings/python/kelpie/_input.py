@@ -196,7 +196,10 @@ class ThreadInput(_InputCore):
 
     def __next__(self):
         with self.cond:
-            while not self.items:
+            # Cancelled wins over input already here: with a window of 256
+            # a slow reader could otherwise go on for hundreds of requests
+            # of a call whose answer nobody will read.
+            while self.cancelled or not self.items:
                 if self.cancelled:
                     raise RpcError(StatusCode.CANCELLED, "call cancelled while reading its input")
                 if self.error is not None:

@@ -195,11 +195,12 @@ class ThreadJobStdin(_StdinBuffer):
     def read(self) -> bytes:
         """The next piece of input (blocking); ``b""`` at its end."""
         with self._cond:
-            while not self._pieces:
-                if self.closed:
-                    return b""
+            # Cancelled wins over input already here, as for a call's input.
+            while self._cancelled or not self._pieces:
                 if self._cancelled:
                     raise Cancelled("job cancelled while reading its stdin")
+                if self.closed:
+                    return b""
                 self._cond.wait()
             return self._take()
 
