@@ -49,6 +49,10 @@ _spec.loader.exec_module(traffic)
 N = int(os.environ.get("KELPIE_STREAM_JOBS", "10000"))
 HEARTBEAT_MS = 200  # lease window 600 ms (--heartbeat-liveness 3)
 WINDOW = 64          # SUBMITs in flight per broker
+# At most N / STREAM_S SUBMITs a second: the broker kill (30 %), its restart
+# 2 s later and the PostgreSQL restart (60 %) must all fall inside the stream,
+# which the pipelined store could otherwise accept in a few seconds.
+STREAM_S = 12.0
 ANSWER_S = 2.0       # a SUBMIT not answered in this long is sent elsewhere
 RESEND_PAUSE_S = 0.05
 
@@ -75,6 +79,7 @@ class Stream:
         self.accepted_log = []             # (sent at, answered at)
         self.unavailable_log = []
         self.paused = set()                # brokers not sent to (dead, or told us so)
+        self.t0 = time.monotonic()
 
     def connect(self, name, endpoint):
         s = self.ctx.socket(zmq.DEALER)
@@ -101,7 +106,9 @@ class Stream:
         live = [n for n in self.socks if n not in self.paused]
         busy = collections.Counter(k[0] for k in self.inflight)
         turn = 0
-        while self.todo and live:
+        budget = (now - self.t0) * N / STREAM_S - self.count["sent"]
+        while self.todo and live and budget > 0:
+            budget -= 1
             name = live[turn % len(live)]
             turn += 1
             if all(busy[n] >= WINDOW for n in live):
