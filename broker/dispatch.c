@@ -313,7 +313,9 @@ void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size
 void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_t hdr_index)
 {
     struct kp_call *c = kp_calls_find(&b->calls, (kp_dispatch_id){h->request_id});
-    if (c == NULL || c->worker != w || c->state == KP_CALL_QUEUED) {
+    /* A JOB's dispatch is answered by RESULT or NACK (jobs.c) only: an RPC
+     * answer naming one would free the call and lose the attempt's run. */
+    if (c == NULL || c->worker != w || c->state == KP_CALL_QUEUED || c->job != NULL) {
         b->stats.replies_dropped_unknown++;
         kp_log_debug("dropped %s for unknown dispatch id %llu from worker '%s'",
                      kp_wire_kind_name(h->kind), (unsigned long long)h->request_id, w->name);

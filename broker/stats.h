@@ -30,7 +30,7 @@
     XX(bad_request)               /* request_id already outstanding */                             \
     XX(not_ready)                 /* worker traffic before READY */                                \
     XX(unimplemented)             /* job kinds (not served in 0.1) */                              \
-    XX(replies_dropped_unknown)   /* answer for an unknown id or from the wrong worker */          \
+    XX(replies_dropped_unknown)   /* answer for an unknown id, wrong worker or a JOB dispatch */   \
     XX(replies_dropped_cancelled) /* answer for a cancelled or timed-out call */                   \
     XX(oneway_answers)            /* answers to intake requests, discarded */                      \
     XX(unroutable)                /* NOT_FOUND: no worker ever registered the service */           \

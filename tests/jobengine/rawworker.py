@@ -6,7 +6,9 @@ broker's job engine is tested on its own, with real processes and signals.
 Each JOB's payload is JSON saying what to do: {"sleep": s} before
 answering, {"die": true} (SIGKILL itself mid-job), {"fail": "msg",
 "code": N} (RESULT with that code), {"nack": ms}, {"out": "text"} (OUTPUT
-and PROGRESS before the RESULT), {"ignore_cancel": true}. Anything else
+and PROGRESS before the RESULT), {"ignore_cancel": true}, {"rpc_answers": true}
+(REPLY, CHUNK, END and ERROR naming the JOB's dispatch first, as a confused
+or hostile worker would, then its RESULT). Anything else
 (or not JSON) succeeds with the payload echoed back. Every start of a job
 is appended to LOGFILE as "job_id attempt" and flushed, so the test can
 count executions across kills. RESULTs are held until ACKed and resent
@@ -74,6 +76,9 @@ def main():
                       message="half", sequence=0)])
             send([hdr(kind=K.OUTPUT, request_id=h.request_id, job_id=h.job_id, stream="stdout",
                       sequence=1), spec["out"].encode()])
+        if spec.get("rpc_answers"):
+            for kind in (K.CHUNK, K.REPLY, K.END, K.ERROR):
+                send([hdr(kind=kind, request_id=h.request_id, code=pb.INTERNAL), b"not a job's"])
         end = time.monotonic() + float(spec.get("sleep", 0))
         while time.monotonic() < end:
             if h.request_id in cancelled and not spec.get("ignore_cancel"):

@@ -134,6 +134,24 @@ def test_nack_gives_the_job_back_after_its_delay(client, workers):
     assert history[1]["started_at"] - history[0]["ended_at"] >= 280
 
 
+def test_rpc_answers_naming_a_job_dispatch_are_dropped(client, workers):
+    """A worker that answers a JOB with REPLY/CHUNK/END/ERROR (only RESULT
+    or NACK end an attempt): each is dropped and counted, the attempt goes
+    on, its RESULT ends the job, and the slot comes back for the next one.
+    The broker used to take them for a oneway call's answer and free the
+    dispatch, losing the attempt (found by fuzz_broker as a leak)."""
+    workers.start(credits=1)
+    before = client.admin("Stats")[0]["replies_dropped_unknown"]
+    job = client.submit(spec(rpc_answers=True))
+    h, p = client.result(job, 10)
+    assert h.kind == K.RESULT and h.code == pb.OK, (K.Name(h.kind), h.code, h.message)
+    stats = client.admin("Stats")[0]
+    assert stats["replies_dropped_unknown"] - before == 4, stats["replies_dropped_unknown"]
+    assert stats["oneway_answers"] == 0, stats["oneway_answers"]
+    h, _ = client.result(client.submit(b"next"), 10)  # the one slot is free again
+    assert h.kind == K.RESULT and h.code == pb.OK
+
+
 def test_idempotency_key_names_the_first_job(client):
     a = client.submit(b"1", idempotency_key="img-42")
     rid = client.send(b"2", kind=K.SUBMIT, service="q", idempotency_key="img-42")
