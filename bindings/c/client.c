@@ -152,6 +152,18 @@ static uint64_t client_orig(const client_slot *s)
  * common case costs no allocation. */
 static char client_no_message[1];
 
+/* Fills reply with an error the client decided itself (no answer came) and
+ * returns its code. */
+static kelpie_status client_local_error(kelpie_reply *reply, kelpie_status code, const char *why)
+{
+    reply->kind = KELPIE_KIND_ERROR;
+    reply->status = code;
+    reply->message = kpc_strndup(why, strlen(why));
+    if (!reply->message)
+        reply->message = client_no_message;
+    return code;
+}
+
 /* --- the outstanding-call table ------------------------------------------ */
 
 static size_t client_hash(const kelpie_client *c, uint64_t id)
@@ -908,12 +920,7 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
             if (cancel)
                 client_send_control(c, KELPIE__V1__KIND__CANCEL, id.id, 0);
             reply->request_id = id;
-            reply->kind = KELPIE_KIND_ERROR;
-            reply->status = code;
-            reply->message = kpc_strndup(why, strlen(why));
-            if (!reply->message)
-                reply->message = client_no_message;
-            return code;
+            return client_local_error(reply, code, why);
         }
         client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
     }
@@ -1113,12 +1120,7 @@ static kelpie_status client_top_await(kelpie_client *t, kelpie_request_id id, in
                 why = "the call ended without an answer";
             }
             reply->request_id = id;
-            reply->kind = KELPIE_KIND_ERROR;
-            reply->status = code;
-            reply->message = kpc_strndup(why, strlen(why));
-            if (!reply->message)
-                reply->message = client_no_message;
-            return code;
+            return client_local_error(reply, code, why);
         }
         client_top_wait(t, give_up < 0 ? -1 : (long)(give_up - now));
     }
@@ -1144,12 +1146,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
         h.timeout_ms = timeout_ms;
         char why[128];
         kpc_wire_check(&h, len, kelpie_client_max_message_size(c), "request", why, sizeof why);
-        reply->kind = KELPIE_KIND_ERROR;
-        reply->status = rc;
-        reply->message = kpc_strndup(why, strlen(why));
-        if (!reply->message)
-            reply->message = client_no_message;
-        return rc;
+        return client_local_error(reply, rc, why);
     }
     if (rc != KELPIE_OK)
         return rc;
