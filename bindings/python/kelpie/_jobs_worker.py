@@ -166,7 +166,23 @@ class JobStdin(_StdinBuffer):
         return data
 
 
-class ThreadJobStdin(_StdinBuffer):
+class _BlockingReads:
+    """``for data in ctx.stdin`` over a blocking ``read()`` that returns
+    ``b""`` at the end (thread and pool-process handlers)."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.read()
+        if not data:
+            raise StopIteration
+        return data
+
+
+class ThreadJobStdin(_StdinBuffer, _BlockingReads):
     """``ctx.stdin`` of a ``def`` job handler in the thread pool: the same
     input and bounds as :class:`JobStdin`, read with blocking calls:
     ``ctx.stdin.read()`` (the next piece, ``b""`` at the end) and ``for data
@@ -204,17 +220,8 @@ class ThreadJobStdin(_StdinBuffer):
                 self._cond.wait()
             return self._take()
 
-    def __iter__(self):
-        return self
 
-    def __next__(self) -> bytes:
-        data = self.read()
-        if not data:
-            raise StopIteration
-        return data
-
-
-class ProcessJobStdin:
+class ProcessJobStdin(_BlockingReads):
     """``ctx.stdin`` of a job handler in a pool process: each ``read()`` asks
     the worker for the next piece through the pool's pipe (blocking), so the
     input stays in the worker under :class:`JobStdin`'s bounds. ``read()``
@@ -234,15 +241,6 @@ class ProcessJobStdin:
 
     def read(self) -> bytes:
         data, self.closed, self.received, self.dropped = _executors.child_ask(("stdin",))
-        return data
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        data = self.read()
-        if not data:
-            raise StopIteration
         return data
 
 
