@@ -438,15 +438,7 @@ class Runners:
         if ctx._window <= 0:
             await ctx._wait_window()
         ctx._window -= 1
-        body, z = _as_bytes(item, handler.name), 0
-        if ctx._zip:
-            body, z = _maybe_compress(body, self._zthreshold)
-        header = _wire.chunk(ctx.request_id, seq, _ACCEPT | z)
-        too_big = _oversize("chunk", header, body, self._max_message_size)
-        if too_big is not None:
-            log.warning("%s: %s; the stream ends RESOURCE_EXHAUSTED", handler.name, too_big)
-            raise _Oversized(too_big)
-        await self._answer(session, ctx, header, body)
+        await self._send_chunk(session, ctx, handler, seq, _as_bytes(item, handler.name))
 
     async def _run_in_process(self, session, ctx, handler, payload):
         pctx = _executors.ProcessContext(ctx.service, ctx.method, ctx.request_id, ctx.metadata,
