@@ -200,8 +200,9 @@ void kp_store_rollback(struct kp_store *s)
     s->ops->rollback(s);
 }
 
-enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
-                            uint64_t now, struct kp_job_ref *out)
+/* What every store refuses before it is asked: the single-operation calls
+ * and the groups of kp_store_run both check with these. */
+static enum kp_err store_check_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         const struct kp_job_new *j = &jobs[i];
@@ -213,7 +214,23 @@ enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, s
         if (j->max_attempts == 0)
             return kp_store_fail(s, KP_EINVAL, "job %zu: max_attempts must be at least 1", i);
     }
-    return s->ops->insert(s, jobs, n, now, out);
+    return KP_OK;
+}
+
+static enum kp_err store_check_end(struct kp_store *s, const kp_job_id *id,
+                                   const struct kp_job_end *e)
+{
+    if ((unsigned)e->outcome >= KP_OUTCOME_COUNT || e->outcome == KP_OUTCOME_NONE)
+        return kp_store_fail(s, KP_EINVAL, "job %s: attempt outcome %d is not an outcome", id->s,
+                             (int)e->outcome);
+    return KP_OK;
+}
+
+enum kp_err kp_store_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
+                            uint64_t now, struct kp_job_ref *out)
+{
+    enum kp_err err = store_check_insert(s, jobs, n);
+    return err != KP_OK ? err : s->ops->insert(s, jobs, n, now, out);
 }
 
 enum kp_err kp_store_claim(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
@@ -239,33 +256,18 @@ enum kp_err kp_store_claim_limited(struct kp_store *s, const char *queue, size_t
 enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attempt,
                          const struct kp_job_end *e, uint64_t now, enum kp_job_state *state)
 {
-    if ((unsigned)e->outcome >= KP_OUTCOME_COUNT || e->outcome == KP_OUTCOME_NONE)
-        return kp_store_fail(s, KP_EINVAL, "job %s: attempt outcome %d is not an outcome", id->s,
-                             (int)e->outcome);
-    return s->ops->end(s, id, attempt, e, now, state);
+    enum kp_err err = store_check_end(s, id, e);
+    return err != KP_OK ? err : s->ops->end(s, id, attempt, e, now, state);
 }
 
-/* The checks the single-operation calls above make, for one op of a group. */
+/* The checks of the single-operation calls, for one op of a group. */
 static enum kp_err store_check(struct kp_store *s, const struct kp_store_op *op)
 {
     switch (op->kind) {
     case KP_STORE_OP_INSERT:
-        for (size_t i = 0; i < op->njobs; i++) {
-            const struct kp_job_new *j = &op->jobs[i];
-            if (!j->queue || !*j->queue)
-                return kp_store_fail(s, KP_EINVAL, "job %zu: empty queue name", i);
-            if (j->priority > KP_JOB_PRIORITY_MAX)
-                return kp_store_fail(s, KP_EINVAL, "job %zu: priority %u over %d", i, j->priority,
-                                     KP_JOB_PRIORITY_MAX);
-            if (j->max_attempts == 0)
-                return kp_store_fail(s, KP_EINVAL, "job %zu: max_attempts must be at least 1", i);
-        }
-        return KP_OK;
+        return store_check_insert(s, op->jobs, op->njobs);
     case KP_STORE_OP_END:
-        if ((unsigned)op->end->outcome >= KP_OUTCOME_COUNT || op->end->outcome == KP_OUTCOME_NONE)
-            return kp_store_fail(s, KP_EINVAL, "job %s: attempt outcome %d is not an outcome",
-                                 op->id->s, (int)op->end->outcome);
-        return KP_OK;
+        return store_check_end(s, op->id, op->end);
     case KP_STORE_OP_CLAIM:
         return KP_OK;
     }
