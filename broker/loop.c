@@ -252,6 +252,16 @@ static short loop_poll_events(short zmq_events)
                    ((zmq_events & ZMQ_POLLOUT) ? POLLOUT : 0));
 }
 
+/* Appends an fd item (events in zmq_poll's spelling) unless fd is -1;
+ * returns its index, or -1. */
+static int loop_add_fd(struct pollfd *fds, int *n, int fd, short zmq_events)
+{
+    if (fd < 0)
+        return -1;
+    fds[*n] = (struct pollfd){fd, loop_poll_events(zmq_events), 0};
+    return (*n)++;
+}
+
 /* The loop waits in poll(2) on the sockets' ZMQ_FDs itself rather than in
  * zmq_poll, which reads ZMQ_EVENTS of every socket twice per wait (once
  * before sleeping, once after) and makes one poll(0) more: each read costs
@@ -295,25 +305,14 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         /* The journal's completions, once the job store is open: last,
          * so that the auth items keep their places. */
         int npoll = nitems;
-        int jobs_fd = kp_jobs_fd(b);
-        if (jobs_fd >= 0)
-            fds[npoll++] = (struct pollfd){jobs_fd, POLLIN, 0};
-        /* The shared store's notifications, after the journal's item. */
-        short listen_events = 0;
-        int listen_fd = kp_jobs_listen_fd(b, &listen_events);
-        int listen_at = -1;
-        if (listen_fd >= 0) {
-            listen_at = npoll++;
-            fds[listen_at] = (struct pollfd){listen_fd, loop_poll_events(listen_events), 0};
-        }
-        /* The brokers' relay of job events, INPUT and cancels (jobs.c). */
-        short relay_events = 0;
+        loop_add_fd(fds, &npoll, kp_jobs_fd(b), ZMQ_POLLIN);
+        /* The shared store's notifications, after the journal's item, then
+         * the brokers' relay of job events, INPUT and cancels (jobs.c). */
+        short listen_events = 0, relay_events = 0;
+        int listen_fd = kp_jobs_listen_fd(b, &listen_events); /* sets the events first */
         int relay_fd = kp_jobs_relay_fd(b, &relay_events);
-        int relay_at = -1;
-        if (relay_fd >= 0) {
-            relay_at = npoll++;
-            fds[relay_at] = (struct pollfd){relay_fd, loop_poll_events(relay_events), 0};
-        }
+        int listen_at = loop_add_fd(fds, &npoll, listen_fd, listen_events);
+        int relay_at = loop_add_fd(fds, &npoll, relay_fd, relay_events);
         for (int i = 0; i < 3; i++) {
             if (b->touched & (1u << i))
                 dirty[i] = true;
