@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,6 +34,9 @@ static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct log_site log_sites[LOG_SITES];
 static size_t log_nsites;
 static uint64_t log_suppressed_total;
+/* Sites with suppressed lines not yet summarised: kp_log_flush, called every
+ * loop iteration, takes no lock while there are none (the usual case). */
+static atomic_uint log_unsummarised;
 
 static enum kp_log_level log_level = KP_LOG_INFO;
 static bool log_json;
@@ -173,6 +177,7 @@ static void log_summary(struct log_site *s, uint64_t now)
              s->fmt);
     log_line((enum kp_log_level)s->level, msg);
     s->suppressed = 0;
+    atomic_fetch_sub(&log_unsummarised, 1);
 }
 
 /* Whether a line of this site may be printed now; counts it otherwise. */
@@ -200,7 +205,8 @@ static bool log_admit(enum kp_log_level level, const char *fmt)
             s->n = 0;
         }
         if (s->n >= LOG_BURST) {
-            s->suppressed++;
+            if (s->suppressed++ == 0)
+                atomic_fetch_add(&log_unsummarised, 1);
             log_suppressed_total++;
             ok = false;
         } else {
@@ -213,6 +219,8 @@ static bool log_admit(enum kp_log_level level, const char *fmt)
 
 void kp_log_flush(void)
 {
+    if (atomic_load_explicit(&log_unsummarised, memory_order_relaxed) == 0)
+        return;
     uint64_t now = log_mono_ms();
     pthread_mutex_lock(&log_lock);
     for (size_t i = 0; i < log_nsites; i++) {
