@@ -73,6 +73,31 @@ def test_process_client_and_bidi_streams(broker, procs, tmp_path, loop):
     assert (pool["started"], pool["killed"], pool["died"], pool["busy"]) == (2, 0, 0, 0), pool
 
 
+async def write_ahead_of_reader(call, marker, rounds, ahead, each=None):
+    """Writes 1 KB requests to ``call`` as fast as its window lets a task,
+    and checks ``rounds`` times, 0.3 s apart, that the writer is never more
+    than ``ahead`` requests past what the slow handler has read (its count
+    in ``marker``); ``each`` is awaited after every check. Returns the
+    writing task, still running."""
+    written = 0
+
+    async def writer():
+        nonlocal written
+        for _ in range(10000):
+            await call.write(b"x" * 1000)
+            written += 1
+
+    task = asyncio.ensure_future(writer())
+    for _ in range(rounds):
+        await asyncio.sleep(0.3)
+        snapshot = written
+        read = await read_int(marker)
+        assert read - 1 <= snapshot <= read + ahead, (read, snapshot)
+        if each is not None:
+            await each()
+    return task
+
+
 def test_slow_process_handler_backpressures_the_writer(broker, procs, tmp_path, loop):
     procs.worker(broker, RT_DIR=tmp_path, RT_POOL=1, RT_PROCESSES=1, loop=loop)
 
@@ -84,24 +109,15 @@ def test_slow_process_handler_backpressures_the_writer(broker, procs, tmp_path, 
                     ).startswith(b"1 1 ")
             md = {"tag": "slow", "pace": "0.05"}
             call = client.stream_unary("rt", "ProcSlowRead", timeout=30, metadata=md)
-            written = 0
 
-            async def writer():
-                nonlocal written
-                for _ in range(10000):
-                    await call.write(b"x" * 1000)
-                    written += 1
-
-            task = asyncio.ensure_future(writer())
-            for _ in range(4):
-                await asyncio.sleep(0.3)
-                snapshot = written
-                read = await read_int(tmp_path / "slow.read")
-                # At most the worker's window, the pool's and one in hand ahead.
-                ahead = _input.WINDOW + _executors.INPUT_WINDOW + 1
-                assert read - 1 <= snapshot <= read + ahead, (read, snapshot)
+            async def broker_holds_little():
                 stats = await client.stats()
                 assert stats["queued_bytes"] < 2 * _input.WINDOW * 1100, stats
+
+            # At most the worker's window, the pool's and one in hand ahead.
+            task = await write_ahead_of_reader(
+                call, tmp_path / "slow.read", 4, _input.WINDOW + _executors.INPUT_WINDOW + 1,
+                broker_holds_little)
             assert not task.done()
             task.cancel()
             # The client's cancel kills the child; the pool starts another.
@@ -164,20 +180,7 @@ def test_thread_client_stream_backpressure_and_cancel(broker, procs, tmp_path, l
             await wait_served(client)
             md = {"tag": "thr", "pace": "0.05"}
             call = client.stream_unary("rt", "ThreadSlowRead", timeout=30, metadata=md)
-            written = 0
-
-            async def writer():
-                nonlocal written
-                for _ in range(10000):
-                    await call.write(b"y" * 1000)
-                    written += 1
-
-            task = asyncio.ensure_future(writer())
-            for _ in range(3):
-                await asyncio.sleep(0.3)
-                snapshot = written
-                read = await read_int(tmp_path / "thr.read")
-                assert read - 1 <= snapshot <= read + _input.WINDOW + 1, (read, snapshot)
+            task = await write_ahead_of_reader(call, tmp_path / "thr.read", 3, _input.WINDOW + 1)
             task.cancel()
             call.cancel()
             await wait_for((tmp_path / "thr.woken").exists, 5, "the thread was woken")
