@@ -897,10 +897,11 @@ static bool worker_service(kelpie_worker *w)
  * worker_send_ready always does): the broker counts what it sent on this
  * registration in its own in_flight. A lost lane's share goes to the others
  * at once. A lane's share that shrinks (a broker came back) shrinks at once
- * too, but the calls it holds still run, so a lane that gains is offered
- * only what the other live lanes leave free (each holds the larger of its
- * offer and its calls), and more as their calls end: the worker runs no more
- * than its capacity through a re-split. (With fewer slots than brokers each
+ * too, but the calls it holds still run (a lost lane's too: they run on as
+ * orphans), so a lane that gains is offered only what the other lanes leave
+ * free (each holds the larger of its offer and its calls), and more as
+ * their calls end: the worker runs no more than its capacity through a
+ * re-split. (With fewer slots than brokers each
  * gets 1 anyway, as in Python.) */
 static void worker_balance(kelpie_worker *t)
 {
@@ -925,7 +926,7 @@ static void worker_balance(kelpie_worker *t)
         if (live <= t->capacity) {
             uint64_t used = 0;
             for (uint32_t j = 0; j < t->n_lanes; j++)
-                if (j != i && up[j])
+                if (j != i) /* a lost lane's calls run on too (capacity 0) */
                     used += t->lanes[j]->capacity > t->lanes[j]->in_flight ? t->lanes[j]->capacity
                                                                            : t->lanes[j]->in_flight;
             uint64_t room = used < t->capacity ? t->capacity - used : 0;

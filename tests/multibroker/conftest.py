@@ -81,6 +81,14 @@ class WorkerProc:
         with open(self.runs_log) as f:
             return [tuple(line.split()) for line in f if line.strip()]
 
+    def peak(self):
+        """The most calls and jobs the worker ran at once so far."""
+        try:
+            with open(self.runs_log + ".peak") as f:
+                return int(f.read() or 0)
+        except (OSError, ValueError):
+            return 0
+
     def log(self):
         try:
             with open(self.log_path, errors="replace") as f:

@@ -256,13 +256,8 @@ def worker_load(broker, name):
     return sum(w["credits"] for w in mine), sum(w["in_flight"] for w in mine)
 
 
-def test_a_lanes_new_share_counts_the_jobs_its_broker_sent(tmp_path, postgres, cleanup):
-    """When a lane's share of the worker's slots changes, its READY goes to
-    a broker that still counts the jobs it sent on that registration in its
-    own in_flight: it offers the whole new share (withholding them too left
-    the slots idle until they ended), and no CREDIT of an earlier READY is
-    counted twice (the offer is counted in the step that sends it), so the
-    split is exact again once everything has ended."""
+def two_brokers_one_worker(tmp_path, postgres, cleanup):
+    """Brokers a and b on one store, a worker of 8 slots split 4 + 4."""
     url, _ = postgres.new_db()
     a, b = start_brokers(tmp_path, url, "ab")
     cleanup.extend([a, b])
@@ -271,25 +266,78 @@ def test_a_lanes_new_share_counts_the_jobs_its_broker_sent(tmp_path, postgres, c
     wait_workers([a, b], 1)
     wait_for(lambda: worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0), 10,
              "the worker's 8 slots split 4 + 4")
-    long_job = json.dumps({"sleep": 8}).encode()
-    with kelpie.sync.Client(b.frontend, timeout=30) as client:
-        # Eight: four run through each broker (they share the store).
-        ids = [client.submit("work", long_job).id for _ in range(8)]
-        wait_for(lambda: worker_load(b, "w")[1] == 4, 10, "4 jobs running through broker b")
-        a.stop()  # SIGKILL
-        t_kill = time.monotonic()
-        wait_for(lambda: worker_load(b, "w")[0] == 8, 5,
-                 f"8 slots offered to broker b while its 4 jobs run (worker log: {w.log()})")
-        assert time.monotonic() - t_kill < 5
-        assert worker_load(b, "w")[1] >= 4  # its jobs still run (and it takes more)
-        for jid in ids:
-            assert client.result(jid, timeout=30) == long_job
+    return a, b, w
+
+
+def test_a_lanes_new_share_counts_the_jobs_its_broker_sent(tmp_path, postgres, cleanup):
+    """When a lane's share grows, its READY goes to a broker that still
+    counts the jobs it sent on that registration in its own in_flight: it
+    offers the whole new share (withholding them too left the slots idle
+    until they ended), and no CREDIT of an earlier READY is counted twice
+    (the offer is counted in the step that sends it), so the split is exact
+    again once everything has ended. Broker a's slots are held by slow calls
+    (so a claims none of the jobs): all four jobs run through b."""
+    import threading
+    a, b, w = two_brokers_one_worker(tmp_path, postgres, cleanup)
+    slow_a = kelpie.sync.Client(a.frontend, timeout=30)
+    holders = [threading.Thread(target=lambda: _ignore(slow_a.call, "mb", "Echo",
+                                                       json.dumps({"sleep": 20}).encode()))
+               for _ in range(4)]
+    for t in holders:
+        t.start()
+    try:
+        wait_for(lambda: worker_load(a, "w")[1] == 4, 10, "a's 4 slots held by slow calls")
+        long_job = json.dumps({"sleep": 8}).encode()
+        with kelpie.sync.Client(b.frontend, timeout=30) as client:
+            ids = [client.submit("work", long_job).id for _ in range(4)]
+            wait_for(lambda: worker_load(b, "w")[1] == 4, 10, "4 jobs running through broker b")
+            a.stop()  # SIGKILL: its calls are cancelled on the worker, nothing of a runs on
+            wait_for(lambda: worker_load(b, "w")[0] == 8, 5,
+                     f"8 slots offered to broker b while its 4 jobs run (worker log: {w.log()})")
+            assert worker_load(b, "w")[1] == 4  # its jobs still run
+            for jid in ids:
+                assert client.result(jid, timeout=30) == long_job
+    finally:
+        for t in holders:
+            t.join(40)
+        slow_a.close()
     a.start()
     wait_for(lambda: worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0), 10,
              "the slots split 4 + 4 again")
     for _ in range(5):  # and it stays so: no CREDIT left over
         time.sleep(0.3)
         assert worker_load(a, "w") == (4, 0) and worker_load(b, "w") == (4, 0)
+    assert w.peak() <= 8, w.peak()
+
+
+def test_a_lost_brokers_jobs_hold_their_slots_until_they_end(tmp_path, postgres, cleanup):
+    """Jobs run on when the broker that sent them is lost: the other lane's
+    share grows only as they end, so the worker never runs more than its 8
+    slots (it ran 12 when b was offered all 8 at once), and b is offered all
+    8 once they have."""
+    a, b, w = two_brokers_one_worker(tmp_path, postgres, cleanup)
+    long_job = json.dumps({"sleep": 6}).encode()
+    with kelpie.sync.Client(b.frontend, timeout=30) as client:
+        # Twelve: four run through each broker (they share the store), four wait.
+        ids = [client.submit("work", long_job).id for _ in range(12)]
+        wait_for(lambda: worker_load(a, "w")[1] == 4 and worker_load(b, "w")[1] == 4, 10,
+                 "4 jobs running through each broker")
+        a.stop()  # SIGKILL: its 4 jobs run on in the worker
+        time.sleep(2.0)  # lost after 0.6 s: b would have had all 8 by now
+        assert worker_load(b, "w")[0] == 4, worker_load(b, "w")
+        assert w.peak() <= 8, w.peak()
+        wait_for(lambda: worker_load(b, "w")[0] == 8, 15,
+                 "all 8 slots offered to b once a's jobs ended")
+        for jid in ids:
+            assert client.result(jid, timeout=40) == long_job
+    assert w.peak() <= 8, w.peak()
+
+
+def _ignore(fn, *args):
+    try:
+        fn(*args)
+    except kelpie.RpcError:
+        pass
 
 
 def test_cli_with_two_brokers(tmp_path, cleanup):

@@ -2,7 +2,8 @@
 registered with every broker named in argv[1] (endpoints separated by
 commas). It serves ``mb/Echo`` (the payload back, after ``sleep`` seconds
 if the payload is JSON with that key) and jobs of queue ``work`` (same;
-each run is appended to argv[2] as "job_id attempt" for the test to count).
+each run is appended to argv[2] as "job_id attempt" for the test to count;
+the most calls and jobs it ever ran at once is in argv[2] + ".peak").
 SIGTERM drains it."""
 import asyncio
 import json
@@ -18,13 +19,25 @@ def main():
     concurrency = int(os.environ.get("MB_CONCURRENCY", "8"))
     worker = kelpie.Worker(backends, concurrency=concurrency, name=name, heartbeat=0.2)
 
+    # Calls and jobs running at once, and the most ever: argv[2] + ".peak".
+    now = [0]
+    peak = [0]
+
     async def pause(payload):
         try:
             seconds = float(json.loads(payload).get("sleep", 0))
         except (ValueError, AttributeError):
             seconds = 0.0
-        if seconds:
-            await asyncio.sleep(seconds)
+        now[0] += 1
+        if now[0] > peak[0]:
+            peak[0] = now[0]
+            with open(runs_log + ".peak", "w") as f:
+                f.write(str(peak[0]))
+        try:
+            if seconds:
+                await asyncio.sleep(seconds)
+        finally:
+            now[0] -= 1
 
     @worker.handler("mb", "Echo")
     async def echo(payload, ctx):

@@ -688,21 +688,44 @@ def worker_lanes(worker, backends):
     return lanes
 
 
+def running(lane):
+    """Calls and jobs a lane runs now: its broker's, and those left from a
+    registration that is gone (orphans, jobs that run on)."""
+    session = lane._session
+    return (len(session.calls) if session is not None else 0) + len(lane._orphans) + \
+        len(lane._jobs)
+
+
 def shares(concurrency, lanes, up):
     """Split ``concurrency`` over the lanes in ``up`` (at least 1 each; the
     first ones take the remainder); a lane that is not up offers 0 until it
-    is, so a broker that comes back is never offered slots twice. Returns
-    the lanes whose share changed."""
+    is, so a broker that comes back is never offered slots twice. A share
+    that shrinks does so at once, but what the lane runs goes on, so a lane
+    that gains is raised only to what the others leave free (each holds the
+    larger of its share and what it runs: a lost broker's jobs run on), and
+    further as that work ends (balance calls this every LANE_CHECK): the
+    worker never runs more than ``concurrency`` through a re-split. (With
+    fewer slots than brokers each gets 1 anyway.) Returns the lanes whose
+    share changed."""
     n = len(up) or 1
-    changed = []
+    target = {id(lane): 0 for lane in lanes}
     for i, lane in enumerate(up):
-        share = max(1, concurrency // n + (1 if i < concurrency % n else 0))
-        if lane.concurrency != share:
-            lane.concurrency = share
+        target[id(lane)] = max(1, concurrency // n + (1 if i < concurrency % n else 0))
+    changed = []
+    for lane in lanes:
+        if target[id(lane)] < lane.concurrency:
+            lane.concurrency = target[id(lane)]
             changed.append(lane)
     for lane in lanes:
-        if lane not in up and lane.concurrency != 0:
-            lane.concurrency = 0
+        want = target[id(lane)]
+        if want <= lane.concurrency:
+            continue
+        if len(up) <= concurrency:
+            used = sum(max(other.concurrency, running(other)) for other in lanes
+                       if other is not lane)
+            want = min(want, max(lane.concurrency, concurrency - used))
+        if want > lane.concurrency:
+            lane.concurrency = want
             changed.append(lane)
     return changed
 
@@ -719,8 +742,8 @@ def lane_up(lane, now):
 
 async def balance(worker, lanes):
     """Keep ``worker.concurrency`` split over the brokers that are up: when
-    one is lost its slots go to the others (READY with the new credits),
-    and come back when it does."""
+    one is lost its slots go to the others (READY with the new credits) as
+    its work ends, and come back when it does (shares)."""
     loop = asyncio.get_running_loop()
     previous = None
     while True:
@@ -732,10 +755,12 @@ async def balance(worker, lanes):
                 log.info("worker %s: brokers up: %s", worker.name,
                          ", ".join(lane.backend for lane in up))
             previous = key
-            for lane in shares(worker.concurrency, lanes, up):
-                session = lane._session
-                if session is not None and not session.ending and not lane._stopping:
-                    lane._send_ready(session)
+        # Every check, not only when the set changes: a lane held below its
+        # share by the others' work is raised as that work ends.
+        for lane in shares(worker.concurrency, lanes, up):
+            session = lane._session
+            if session is not None and not session.ending and not lane._stopping:
+                lane._send_ready(session)
         await asyncio.sleep(LANE_CHECK)
 
 
