@@ -47,8 +47,33 @@ def test_refcounts_flat_on_both_paths(run, pair):
             except kelpie.Again:
                 pass
 
+    async def wait_once_on_send():
+        # A socket registers its descriptor with the loop the first time one
+        # of its operations waits, and keeps it for its life: two loop
+        # references under uvloop. Whether traffic()'s 5,000 sends ever wait
+        # depends on timing (under ASan, sometimes only in the second round),
+        # so make tx wait here, before the warm-up.
+        for _ in range(100):
+            queued = 0
+            for _ in range(1_000_000):
+                try:
+                    await tx.send(payload, kelpie.NOBLOCK)
+                except kelpie.Again:
+                    break
+                queued += 1
+            sent = asyncio.ensure_future(tx.send(payload))
+            await asyncio.sleep(0)
+            waited = not sent.done()
+            for _ in range(queued + 1):
+                await rx.recv()
+            await sent
+            if waited:
+                return
+        pytest.fail("tx's send queue never stayed full long enough to wait")
+
     async def main():
         loop = asyncio.get_running_loop()
+        await wait_once_on_send()
         await traffic()  # warm up: first-use bindings and caches
         gc.collect()
         before = (sys.getrefcount(payload), sys.getrefcount(tx), sys.getrefcount(rx),
