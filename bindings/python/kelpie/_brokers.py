@@ -77,6 +77,7 @@ _DOWN_CHECK = 0.02
 _EVENT_CONNECTED = 0x0001
 _EVENT_DISCONNECTED = 0x0200
 _EVENT_HANDSHAKE_SUCCEEDED = 0x1000
+_EVENT_HANDSHAKE_NO_DETAIL = 0x0800
 _PAIR = 0
 # A refused broker is tried again after the first figure (seconds), then
 # after twice the last wait each time it refuses again, up to the second.
@@ -449,7 +450,9 @@ def make_async(base):
                             self._accepted(lane)
                             await client._ping(self._loop.time())
                         lane.refusals = 0
-                    else:
+                    elif client._keys is not None or event != _EVENT_HANDSHAKE_NO_DETAIL:
+                        # Without CURVE a connection cut mid-handshake (a
+                        # broker killed just then) is no refusal.
                         refused = judge.feed(event, value)
                         if refused is not None:
                             self._refused_late(lane, refused)
