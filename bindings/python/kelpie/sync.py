@@ -698,13 +698,11 @@ class Client(SyncClientJobs):
 
     def _stream_unary_resolved(self, service, method, requests, timeout, metadata,
                                with_metadata, encode):
-        state = _DuplexState(self, service, method, timeout, metadata, 16, False)
+        state = _DuplexState(self, service, method, timeout, metadata, 16, False, requests,
+                             encode)
         try:
-            state.start()
-            for request in requests:
-                state.write(encode(request) if encode is not None else request)
-                if state.finished:
-                    break  # answered early: the rest is not wanted
+            # Stops early if the call is answered first: the rest is not wanted.
+            state.pump_all()
             state.done_writing()
             reply = state.wait_reply()
         except BaseException:
@@ -853,13 +851,16 @@ class _StreamState(_calls.StreamCore):
             conn.ping(_monotonic())
         if self.timeout is not None:
             self.deadline = _monotonic() + self.timeout
+        flags = self.request_flags()
         try:
             rid, header = conn.request(self.service, self.method, self.payload, self.timeout,
-                                       self.request_flags(), self.window, self.metadata)
+                                       flags, self.window, self.metadata)
         except ResourceExhausted as exc:
             self.finished = True
             self.error = exc
             raise
+        if flags & _wire.STREAM:
+            header += _wire.BATCH_MAX_FIELD  # this thread reads batched replies (§5.8)
         self.rid = rid
         conn.streams[rid] = self
         try:
@@ -943,6 +944,13 @@ class _DuplexState(_streaming.SyncDuplex, _StreamState):
         self._init_input(server_streaming)
         self.requests = None if requests is None else iter(requests)
         self.encode = encode or _identity
+
+    def read_ready(self):
+        """Take in what has already arrived for this thread's calls (a
+        CREDIT, replies) without waiting."""
+        conn = self.conn
+        if not conn.dead and conn.sock.getsockopt(_EVENTS) & _POLLIN:
+            conn.drain_stale()
 
     def wait_once(self):
         """Read one message for this thread's calls, failing the call as a
