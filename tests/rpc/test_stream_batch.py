@@ -11,7 +11,7 @@ import time
 import kelpie
 import kelpie.sync
 from conftest import run, wait_file, wait_served
-from kelpie import _input, _wire
+from kelpie import _input, _streaming, _wire
 
 
 def _raw(broker):
@@ -147,6 +147,42 @@ def test_raw_batches_and_single_chunks_mix_and_negotiate(broker, procs):
         assert upper(3, _wire.BATCH_MAX_FIELD) == 1
         s = _stats(sock, 99)
         assert s["input_batches"] == 4 and s["input_batch_refused"] == 0, s
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_worker_reply_batches_end_before_batch_bytes(broker, procs):
+    """Raw KLP: 200 requests of 1500 bytes in one input batch to the
+    bidirectional echo come back in order, in reply batches none of which
+    passes BATCH_BYTES (a whole window in one batch measured slower)."""
+    procs.worker(broker)
+    with kelpie.sync.Client(broker.frontend) as client:
+        client.wait_for_service("echo")
+    ctx, sock = _raw(broker)
+    try:
+        flags = _wire.CLIENT_STREAM | _wire.STREAM
+        sock.send_multipart([_wire.request("echo", "Upper", 1, 5000, flags, 256)
+                             + _wire.BATCH_MAX_FIELD, b""])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the worker's CREDIT widens the window
+            if sock.poll(100):
+                h = _wire.parse(sock.recv_multipart()[0])
+                if h.request_id == 1 and h.kind == _wire.CREDIT:
+                    break
+        sent = [(b"%d-" % i).ljust(1500, b"r") for i in range(200)]
+        sock.send_multipart(_batch(1, 0, sent))
+        sock.send_multipart([_wire.end(1)])
+        replies, chunks = [], []
+        for h, frames in _answers(sock, 1):
+            if h.kind == _wire.CHUNK:
+                data = b"".join(frames[1:])
+                got = _wire.split_batch(h, data) if h.flags & _wire.BATCH else [data]
+                assert h.sequence == len(replies)
+                replies += got
+                chunks.append((len(got), len(data)))
+        assert replies == [m.upper() for m in sent]
+        _assert_bounded_batches(chunks, 200, 1500)
     finally:
         sock.close()
         ctx.term()
@@ -386,15 +422,24 @@ def _raw_worker(broker, seen, stop):
             elif h.kind == _wire.CHUNK and rid in counts:
                 data = b"".join(frames[1:])
                 got = _wire.split_batch(h, data) if h.flags & _wire.BATCH else [data]
-                counts[rid].append(len(got))
-                if sum(counts[rid]) % 128 == 0:
+                counts[rid].append((len(got), len(data)))
+                if sum(n for n, _ in counts[rid]) % 128 == 0:
                     sock.send_multipart([_wire.input_credit(128, rid, 4096)])
             elif h.kind == _wire.END and rid in counts:
                 seen.append(("chunks", counts[rid]))
-                sock.send_multipart([_wire.reply(rid), b"%d" % sum(counts.pop(rid))])
+                sock.send_multipart([_wire.reply(rid), b"%d" % sum(n for n, _ in counts.pop(rid))])
     finally:
         sock.close()
         ctx.term()
+
+
+def _assert_bounded_batches(chunks, count, size):
+    """``chunks``, (messages, bytes) per CHUNK, carried ``count`` messages of
+    ``size`` bytes, in batches of more than one but none over BATCH_BYTES."""
+    assert sum(n for n, _ in chunks) == count, chunks
+    assert all(nbytes == n * size for n, nbytes in chunks), chunks
+    assert max(n for n, _ in chunks) > 1, chunks
+    assert max(nbytes for _, nbytes in chunks) <= _streaming.BATCH_BYTES, chunks
 
 
 def test_sync_client_offers_and_sends_batches_to_a_raw_worker(broker):
@@ -414,11 +459,22 @@ def test_sync_client_offers_and_sends_batches_to_a_raw_worker(broker):
             assert seen[0] == ("request", "Gen", _wire.MAX_BATCH), seen
             assert client.stream_unary("raw", "Count", [b"y"] * 1000, timeout=10) == b"1000"
             assert seen[1] == ("request", "Count", 0), seen  # no reply stream: nothing offered
-            chunks = seen[2][1]
+            chunks = [n for n, _ in seen[2][1]]
             assert sum(chunks) == 1000
             # 16 one-message CHUNKs before the CREDIT, then batches of the
             # window: 240 and 128s.
             assert len(chunks) < 40 and max(chunks) == 240, chunks
+            # Larger messages: a batch ends before it passes BATCH_BYTES.
+            assert client.stream_unary("raw", "Count", [b"z" * 1500] * 600,
+                                       timeout=10) == b"600"
+            _assert_bounded_batches(seen[-1][1], 600, 1500)
+
+        async def main():
+            async with kelpie.Client(broker.frontend) as client:
+                assert await client.stream_unary("raw", "Count", [b"z" * 1500] * 600,
+                                                 timeout=10) == b"600"
+        asyncio.run(main())
+        _assert_bounded_batches(seen[-1][1], 600, 1500)
     finally:
         stop.set()
         t.join(5)
