@@ -678,8 +678,11 @@ class Client(SyncClientJobs):
         (``with_metadata=True``: ``(reply, metadata)``).
 
         Sending blocks while the worker's input window (protocol.md §5.6)
-        is shut, so a slow handler back-pressures this thread. ``timeout``
-        and ``metadata`` as for :meth:`call`.
+        is shut, so a slow handler back-pressures this thread. Requests of
+        an iterator that reports its length (a list, a tuple; see
+        kelpie._streaming.SyncDuplex) go in batches (protocol.md §5.8);
+        those of a generator one at a time. ``timeout`` and ``metadata`` as
+        for :meth:`call`.
         """
         return self._stream_unary(service, method, requests, timeout, metadata, with_metadata)
 
@@ -718,8 +721,9 @@ class Client(SyncClientJobs):
         ``call.write(b)``, ``call.done_writing()``, ``for reply in call``, all
         on this thread. With ``requests`` (an iterable of bytes) the call
         pulls requests from it itself, as the input window allows, whenever
-        the reader waits for a reply, and sends END when it is exhausted.
-        ``window`` is the reply window as for :meth:`stream`.
+        the reader waits for a reply, and sends END when it is exhausted
+        (batched as for :meth:`stream_unary`). ``window`` is the reply
+        window as for :meth:`stream`.
         """
         return self._stream_stream(service, method, requests, timeout, metadata, window)
 
