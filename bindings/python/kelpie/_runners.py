@@ -284,7 +284,8 @@ class Runners:
         if ctx._zip:
             body, z = _maybe_compress(body, self._zthreshold)
         header = _wire.reply(rid, ctx._trailing, _ACCEPT | z)
-        if _oversize("reply", header, body, self._max_message_size) is not None:
+        if (body.__class__ is not bytes or len(header) + len(body) > self._max_message_size) \
+                and _oversize("reply", header, body, self._max_message_size) is not None:
             await self._send_answer(session, ctx, header, body, "reply")
             return
         self.served += 1
