@@ -124,7 +124,9 @@ class _ReplyBatch:
     """The chunks of one server stream not sent yet, for a caller that reads
     BATCH CHUNKs (protocol.md §5.8). A chunk joins the batch unless it is
     large or to be compressed (then the batch goes first and it goes alone,
-    through _send_chunk); the batch goes out as one CHUNK when it is full,
+    through _send_chunk); the batch goes out as one CHUNK when it is full
+    (``batch_max`` messages, or before it would pass
+    kelpie._streaming.BATCH_BYTES),
     when the window is used up, before the stream's END or ERROR, or at the
     loop's next turn (the generator had to wait), so batching never holds a
     chunk back from a reader that could have it."""
@@ -149,7 +151,9 @@ class _ReplyBatch:
         if n >= _streaming.BATCH_ALONE or (self.ctx._zip and n >= worker._zthreshold):
             self.flush()
             return False
-        if self.bodies and self.nbytes + n + 40 + 3 * len(self.bodies) > worker._max_message_size:
+        if self.bodies and (self.nbytes + n > _streaming.BATCH_BYTES or
+                            self.nbytes + n + 40 + 3 * len(self.bodies) >
+                            worker._max_message_size):
             self.flush()
         if not self.bodies:
             if n + 40 > worker._max_message_size:
