@@ -39,7 +39,9 @@ def serve(pyroot, backend):
     sys.path.insert(0, pyroot)
     import kelpie
 
-    worker = kelpie.Worker(backend, concurrency=256, heartbeat=1.0)
+    # A long heartbeat: under valgrind on a loaded machine a 1 s one can be
+    # missed, and the broker would drop the worker mid-run.
+    worker = kelpie.Worker(backend, concurrency=256, heartbeat=5.0)
 
     @worker.handler("bench", "Echo")
     async def echo(payload, ctx):
