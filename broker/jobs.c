@@ -1522,10 +1522,9 @@ static void done_cget(struct kp_broker *b, struct op *o, struct kp_journal_req *
             reply_state(b, o, "cancelling");
             return;
         }
-        if (kp_relay_request(b, 'c', &o->rid, o->request_id, &o->id, NULL, 0, 0, 0))
+        if (kp_relay_request(b, 'c', &o->rid, o->request_id, &o->id, NULL, 0, 0, 0, msg,
+                             sizeof msg))
             return;
-        snprintf(msg, sizeof msg, "job %s is leased by another broker that cannot be told now",
-                 o->id.s);
         op_error(b, o, KP_EJOBNOTRUNNING, msg);
     } else if (state_final(job->state)) {
         snprintf(msg, sizeof msg, "job %s: cannot cancel a %s job", o->id.s,
@@ -1550,12 +1549,17 @@ static void done_input(struct kp_broker *b, struct op *o, struct kp_journal_req 
     const struct kp_job *job = &r->out.jobs.v[0];
     /* Leased by another broker sharing the store: it forwards the input to
      * its worker and answers (relay_on_input). */
-    if (job->state == KP_JOB_LEASED &&
-        kp_relay_request(b, 'i', &o->rid, o->request_id, &o->id,
-                         o->has_payload ? &o->payload : NULL, o->attempt, o->seq, o->flags))
-        return;
-    b->stats.job_inputs_refused++;
     char msg[160];
+    if (job->state == KP_JOB_LEASED && engine(b)->relay) {
+        if (kp_relay_request(b, 'i', &o->rid, o->request_id, &o->id,
+                             o->has_payload ? &o->payload : NULL, o->attempt, o->seq, o->flags, msg,
+                             sizeof msg))
+            return;
+        b->stats.job_inputs_refused++;
+        op_error(b, o, KP_EJOBNOTRUNNING, msg);
+        return;
+    }
+    b->stats.job_inputs_refused++;
     if (state_final(job->state)) {
         snprintf(msg, sizeof msg, "job %s is %s: it takes no more input", o->id.s,
                  kp_job_state_name(job->state));

@@ -143,8 +143,8 @@ void kp_jobs_input_ack(struct kp_broker *b, const struct kp_rid *rid, uint64_t r
 bool kp_jobs_cancel_local(struct kp_broker *b, const kp_job_id *id);
 
 /* Answers CancelJob request_id of the client at rid: job id is cancelling. */
-void kp_jobs_reply_cancelling(struct kp_broker *b, const struct kp_rid *rid,
-                              uint64_t request_id, const kp_job_id *id);
+void kp_jobs_reply_cancelling(struct kp_broker *b, const struct kp_rid *rid, uint64_t request_id,
+                              const kp_job_id *id);
 
 /* ---- relay.c, for jobs.c ------------------------------------------------- */
 
@@ -173,12 +173,15 @@ void kp_relay_interest(struct kp_broker *b, struct watch *only);
 
 /* Relays an INPUT ('i': payload, NULL for none, attempt, seq, flags) or a
  * CancelJob ('c') for job id, leased by another broker; the client at rid
- * is answered when that broker does (or KP_EJOBNOTRUNNING after the relay's
- * wait). The payload is copied, not taken. false if it cannot be relayed
- * now: the caller answers. */
-bool kp_relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid,
-                      uint64_t request_id, const kp_job_id *id, const zmq_msg_t *payload,
-                      uint32_t attempt, uint64_t seq, uint32_t flags);
+ * is answered when that broker does (or KP_EJOBNOTRUNNING when it does not
+ * within the relay's wait after the last part). An INPUT may be as large as
+ * --max-message-size: the payload is referenced (zmq_msg_copy), never
+ * taken, and sent in parts as the outbox drains. false if it cannot be
+ * relayed now (the relay is down or full), with why in msg: the caller
+ * answers. */
+bool kp_relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid, uint64_t request_id,
+                      const kp_job_id *id, const zmq_msg_t *payload, uint32_t attempt, uint64_t seq,
+                      uint32_t flags, char *msg, size_t cap);
 
 /* The relay's timers: reconnecting, unanswered requests, interests to
  * renew or forget. Called on every loop tick. */

@@ -5,17 +5,19 @@
  * of another may watch it, feed its stdin or cancel it. The brokers tell each
  * other over a notification channel of their own (store.h, kp_pg_relay_*),
  * one text per notification, fields separated by spaces, strings and bytes
- * in base64 ("-" for none, "=" for empty bytes):
+ * in base64 ("-" for none, "=" for empty bytes), the first field the
+ * format's version (RELAY_VERSION; a text of another is dropped, counted and
+ * warned about, never misread):
  *
- *   w FROM 0 JOB...        FROM has clients streaming these jobs' events
- *   v FROM 0 JOB SEQ ATTEMPT KIND PROGRESS STREAM MSG OUTCOME REASON PART MORE DATA
+ *   2 w FROM 0 JOB...      FROM has clients streaming these jobs' events
+ *   2 v FROM 0 JOB SEQ ATTEMPT KIND PROGRESS STREAM MSG OUTCOME REASON PART MORE DATA
  *                          event SEQ of JOB on FROM, in parts of at most 7,800
  *                          bytes (MORE 1: another part follows)
- *   x FROM 0 JOB ATTEMPT   FROM has ended that attempt: no more events of it
- *   i FROM 0 JOB TAG ATTEMPT SEQ FLAGS PART MORE DATA
+ *   2 x FROM 0 JOB ATTEMPT FROM has ended that attempt: no more events of it
+ *   2 i FROM 0 JOB TAG ATTEMPT SEQ FLAGS PART MORE DATA
  *                          an INPUT for JOB from a client of FROM, in parts
- *   c FROM 0 JOB TAG       CancelJob for JOB from a client of FROM
- *   a FROM TO TAG ERR ATTEMPT MSG
+ *   2 c FROM 0 JOB TAG     CancelJob for JOB from a client of FROM
+ *   2 a FROM TO TAG ERR ATTEMPT MSG
  *                          FROM, which runs the job, answers TO's i or c
  *
  * Events go out only for jobs some broker said it watches in the last
@@ -42,14 +44,25 @@
 #define JOBS_RELAY_NOTE        7800         /* bytes of one relay text */
 #define JOBS_RELAY_OUT_BYTES   (2u << 20)   /* texts waiting to be sent, at most */
 #define JOBS_RELAY_BATCH_BYTES 65536        /* texts per notifying transaction */
-#define JOBS_RELAY_EVENT_MAX   (256u << 10) /* payload bytes of a relayed event or INPUT */
-#define JOBS_RELAY_TEXT_MAX    1024         /* bytes of a relayed message, outcome or reason */
-#define JOBS_RELAY_WAIT_MS     3000         /* a relayed INPUT or cancel waits this long */
-#define JOBS_RELAY_REQS_MAX    1024         /* relayed INPUTs and cancels unanswered */
-#define JOBS_RELAY_PARTIALS    64           /* relayed INPUTs being reassembled */
-#define JOBS_INTEREST_RENEW_MS 1000         /* a watching broker says so this often */
-#define JOBS_INTEREST_TTL_MS   3500         /* and is forgotten after this long unsaid */
-#define JOBS_INTEREST_MAX      4096         /* jobs watched from elsewhere, remembered */
+#define JOBS_RELAY_EVENT_MAX   (256u << 10) /* payload bytes of a relayed event */
+/* A relayed INPUT may be as large as one broker takes (--max-message-size):
+ * its payload is referenced, not copied, and cut into parts only as the
+ * outbox drains below a batch, so the outbox bound holds. What a broker
+ * holds for them is bounded in bytes, on each side; one INPUT is always
+ * let through alone, whatever its size, so the bound never refuses what one
+ * broker would take. */
+#define JOBS_RELAY_INPUT_BYTES (64u << 20) /* payload bytes of relayed INPUTs being sent ... */
+#define JOBS_RELAY_IN_BYTES    (64u << 20) /* ... and being reassembled, at most */
+#define JOBS_RELAY_TEXT_MAX    1024        /* bytes of a relayed message, outcome or reason */
+#define JOBS_RELAY_WAIT_MS     3000        /* a relayed INPUT or cancel waits this long */
+#define JOBS_RELAY_REQS_MAX    1024        /* relayed INPUTs and cancels unanswered */
+#define JOBS_RELAY_PARTIALS    64          /* relayed INPUTs being reassembled */
+#define JOBS_INTEREST_RENEW_MS 1000        /* a watching broker says so this often */
+#define JOBS_INTEREST_TTL_MS   3500        /* and is forgotten after this long unsaid */
+#define JOBS_INTEREST_MAX      4096        /* jobs watched from elsewhere, remembered */
+/* The relay texts' format, their first token. Version 1 was the unversioned
+ * format of the first release with a relay: its texts start with the kind. */
+#define RELAY_VERSION "2"
 
 /* A relay text waiting to be sent (relay_flush). */
 struct relay_out {
@@ -74,7 +87,14 @@ struct relay_req {
     struct kp_rid rid;
     uint64_t request_id;
     kp_job_id id;
-    uint64_t deadline; /* monotonic ms */
+    uint64_t deadline; /* monotonic ms: answered by then, or refused (renewed per part sent) */
+    /* An INPUT whose parts are still being put in the outbox (relay_pump). */
+    struct kp_list send_link; /* in rl->sending while parts are left */
+    zmq_msg_t payload;        /* a reference to the client's payload frame */
+    bool has_payload;
+    size_t off; /* payload bytes put in parts so far */
+    uint32_t part, attempt, flags;
+    uint64_t seq;
 };
 
 /* A relayed INPUT arriving in parts, for a job that runs here. */
@@ -85,7 +105,8 @@ struct relay_in {
     uint32_t attempt, flags, next;
     uint64_t seq;
     char *data;
-    size_t len;
+    size_t len;       /* SIZE_MAX: no payload frame */
+    uint64_t touched; /* monotonic ms of its last part */
 };
 
 /* The relay's state, one per engine with a shared store. */
@@ -96,9 +117,12 @@ struct kp_relay {
     zhashx_t *interests; /* job id -> struct interest */
     struct kp_list reqs; /* struct relay_req, oldest first */
     size_t nreqs;
-    uint64_t tag;          /* the last relay_req's */
-    struct kp_list ins;    /* struct relay_in */
+    uint64_t tag;       /* the last relay_req's */
+    struct kp_list ins; /* struct relay_in */
     size_t nins;
+    size_t in_bytes;        /* payload bytes of ins */
+    struct kp_list sending; /* struct relay_req (send_link): INPUTs with parts left */
+    size_t sending_bytes;   /* their payload bytes */
     uint64_t next_interest; /* monotonic ms: say again which jobs are watched here */
 };
 
@@ -229,9 +253,12 @@ static void relay_out_free(struct kp_relay *rl, struct relay_out *o)
 
 /* Sends the oldest texts of the outbox as one batch if the relay's
  * connection is free (the next batch goes when this one is answered). */
+static void relay_pump(struct kp_broker *b, struct kp_relay *rl);
+
 static void relay_flush(struct kp_broker *b)
 {
     struct kp_relay *rl = kp_jobs_relay(b);
+    relay_pump(b, rl);
     if (kp_list_empty(&rl->outbox) || !kp_pg_relay_ready(rl->conn))
         return;
     enum { MAX = 256 };
@@ -272,11 +299,11 @@ void kp_relay_event(struct kp_broker *b, struct watch *w, const struct event *ev
     relay_str(strs[2], ev->outcome);
     relay_str(strs[3], ev->reason);
     char *head = kp_malloc(JOBS_RELAY_NOTE + 64), rest[160];
-    int hn = snprintf(head, JOBS_RELAY_NOTE, "v %llx 0 %s %llu %u %d %.9g %s %s %s %s",
-                      (unsigned long long)b->broker_id, w->id.s, (unsigned long long)ev->seq,
-                      ev->attempt, (int)ev->kind, (double)ev->progress, strs[0], strs[1], strs[2],
-                      strs[3]);
-    int rn = snprintf(rest, sizeof rest, "v %llx 0 %s %llu %u %d 0 - - - -",
+    int hn = snprintf(
+        head, JOBS_RELAY_NOTE, RELAY_VERSION " v %llx 0 %s %llu %u %d %.9g %s %s %s %s",
+        (unsigned long long)b->broker_id, w->id.s, (unsigned long long)ev->seq, ev->attempt,
+        (int)ev->kind, (double)ev->progress, strs[0], strs[1], strs[2], strs[3]);
+    int rn = snprintf(rest, sizeof rest, RELAY_VERSION " v %llx 0 %s %llu %u %d 0 - - - -",
                       (unsigned long long)b->broker_id, w->id.s, (unsigned long long)ev->seq,
                       ev->attempt, (int)ev->kind);
     size_t room0 = ((size_t)JOBS_RELAY_NOTE - (size_t)hn - 32) / 4 * 3;
@@ -330,8 +357,8 @@ void kp_relay_ended(struct kp_broker *b, const kp_job_id *id, uint32_t attempt)
     if (in == NULL || in->until < b->now || !kp_relay_up(rl))
         return;
     char text[96];
-    int n = snprintf(text, sizeof text, "x %llx 0 %s %u", (unsigned long long)b->broker_id, id->s,
-                     attempt);
+    int n = snprintf(text, sizeof text, RELAY_VERSION " x %llx 0 %s %u",
+                     (unsigned long long)b->broker_id, id->s, attempt);
     relay_put(rl, text, (size_t)n);
     relay_flush(b);
 }
@@ -353,7 +380,8 @@ void kp_relay_interest(struct kp_broker *b, struct watch *only)
     if (!kp_relay_up(rl))
         return;
     char text[JOBS_RELAY_NOTE + 64];
-    int base = snprintf(text, sizeof text, "w %llx 0", (unsigned long long)b->broker_id);
+    int base =
+        snprintf(text, sizeof text, RELAY_VERSION " w %llx 0", (unsigned long long)b->broker_id);
     size_t n = (size_t)base;
     for (void *it = only ? (void *)only : zhashx_first(kp_jobs_watches(b)); it;
          it = only ? NULL : zhashx_next(kp_jobs_watches(b))) {
@@ -412,7 +440,6 @@ static void watch_drop_part(struct kp_broker *b, struct watch *w)
     w->part_len = 0;
     b->stats.job_events_remote_lost++;
 }
-
 
 /* An event (part) of a job run by broker `from`, for the watchers here. */
 static void relay_on_event(struct kp_broker *b, uint64_t from, char **tok, size_t nt)
@@ -516,8 +543,9 @@ static void relay_answer(struct kp_broker *b, uint64_t to, const char *tag, enum
     struct kp_relay *rl = kp_jobs_relay(b);
     char m[RELAY_STR_CAP], text[RELAY_STR_CAP + 128];
     relay_str(m, msg);
-    int n = snprintf(text, sizeof text, "a %llx %llx %s %d %u %s", (unsigned long long)b->broker_id,
-                     (unsigned long long)to, tag, (int)err, attempt, m);
+    int n = snprintf(text, sizeof text, RELAY_VERSION " a %llx %llx %s %d %u %s",
+                     (unsigned long long)b->broker_id, (unsigned long long)to, tag, (int)err,
+                     attempt, m);
     if (rl->outbox_bytes + (size_t)n <= JOBS_RELAY_OUT_BYTES)
         relay_put(rl, text, (size_t)n);
     relay_flush(b);
@@ -527,8 +555,16 @@ static void relay_in_free(struct kp_relay *rl, struct relay_in *ri)
 {
     kp_list_remove(&ri->link);
     rl->nins--;
+    rl->in_bytes -= ri->len == SIZE_MAX ? 0 : ri->len;
     kp_free(ri->data);
     kp_free(ri);
+}
+
+/* libzmq's free callback for a reassembled INPUT handed over without a copy. */
+static void relay_free_data(void *data, void *hint)
+{
+    (void)hint;
+    kp_free(data);
 }
 
 /* An INPUT (part) from a client of broker `from`: forwarded to the worker
@@ -550,8 +586,16 @@ static void relay_on_input(struct kp_broker *b, uint64_t from, char **tok, size_
     if (part == 0) {
         if (ri || (!kp_jobs_run_here(b, &id) && !kp_jobs_held_here(b, &id)))
             return; /* not ours: the broker running it answers */
-        if (rl->nins >= JOBS_RELAY_PARTIALS)
-            relay_in_free(rl, kp_container_of(rl->ins.next, struct relay_in, link));
+        if (rl->nins >= JOBS_RELAY_PARTIALS) {
+            struct relay_in *old = kp_container_of(rl->ins.next, struct relay_in, link);
+            char tag_hex[24], m[160];
+            snprintf(tag_hex, sizeof tag_hex, "%llx", (unsigned long long)old->tag);
+            snprintf(m, sizeof m,
+                     "the broker running job %s is reassembling %d relayed INPUTs: try again",
+                     old->id.s, JOBS_RELAY_PARTIALS);
+            relay_answer(b, old->from, tag_hex, KP_EJOBNOTRUNNING, 0, m);
+            relay_in_free(rl, old);
+        }
         ri = kp_calloc(1, sizeof *ri);
         ri->from = from;
         ri->tag = tag;
@@ -559,7 +603,7 @@ static void relay_on_input(struct kp_broker *b, uint64_t from, char **tok, size_
         ri->attempt = (uint32_t)strtoul(tok[2], NULL, 10);
         ri->seq = strtoull(tok[3], NULL, 10);
         ri->flags = (uint32_t)strtoul(tok[4], NULL, 10);
-        ri->len = strcmp(tok[7], "-") == 0 ? SIZE_MAX : 0; /* SIZE_MAX: no payload frame */
+        ri->len = strcmp(tok[7], "-") == 0 ? SIZE_MAX : 0;
         kp_list_push_back(&rl->ins, &ri->link);
         rl->nins++;
     } else if (ri == NULL || ri->next != part) {
@@ -568,24 +612,57 @@ static void relay_on_input(struct kp_broker *b, uint64_t from, char **tok, size_
         return;
     }
     ri->next++;
-    if (ri->len != SIZE_MAX && !relay_bytes(tok[7], &ri->data, &ri->len, JOBS_RELAY_EVENT_MAX)) {
-        relay_in_free(rl, ri);
-        return;
+    ri->touched = b->now;
+    char msg[160];
+    if (ri->len != SIZE_MAX) {
+        size_t had = ri->len, add = strlen(tok[7]) / 4 * 3;
+        /* + 2: add counts base64's padding, which the last part may have. */
+        if (had + add > b->max_message_size + 2) {
+            snprintf(msg, sizeof msg,
+                     "INPUT for job %s is larger than the --max-message-size (%llu bytes) of the "
+                     "broker running it",
+                     ri->id.s, (unsigned long long)b->max_message_size);
+            relay_answer(b, from, tok[1], KP_EOVERSIZED, 0, msg);
+            relay_in_free(rl, ri);
+            return;
+        }
+        if (rl->in_bytes + add > JOBS_RELAY_IN_BYTES && rl->in_bytes > had) {
+            snprintf(msg, sizeof msg,
+                     "the broker running job %s is reassembling %zu bytes of relayed INPUT: try "
+                     "again",
+                     ri->id.s, rl->in_bytes);
+            relay_answer(b, from, tok[1], KP_EJOBNOTRUNNING, 0, msg);
+            relay_in_free(rl, ri);
+            return;
+        }
+        if (!relay_bytes(tok[7], &ri->data, &ri->len, SIZE_MAX)) {
+            relay_in_free(rl, ri);
+            return;
+        }
+        rl->in_bytes += ri->len - had;
     }
     if (strcmp(tok[6], "1") == 0)
         return;
-    char msg[160];
     enum kp_err err;
     uint32_t attempt = 0;
     struct run *r = kp_jobs_run_here(b, &ri->id);
     if (r) {
         zmq_msg_t m;
         size_t n = ri->len != SIZE_MAX;
-        if (n)
-            kp_jobs_msg_from(&m, ri->data, ri->len);
+        if (n && ri->len == 0) {
+            zmq_msg_init(&m);
+        } else if (n) {
+            /* Handed over, not copied: a reassembled INPUT may be as large as
+             * --max-message-size. */
+            if (zmq_msg_init_data(&m, ri->data, ri->len, relay_free_data, NULL) != 0) {
+                kp_log_error("out of memory for a %zu-byte relayed INPUT, aborting", ri->len);
+                abort(); /* the daemon's OOM policy (alloc.h) */
+            }
+            ri->data = NULL;
+        }
         attempt = r->attempt;
-        err =
-            kp_jobs_input_forward(b, r, ri->attempt, ri->seq, ri->flags, n ? &m : NULL, n, msg, sizeof msg);
+        err = kp_jobs_input_forward(b, r, ri->attempt, ri->seq, ri->flags, n ? &m : NULL, n, msg,
+                                    sizeof msg);
         if (err != KP_OK && n)
             zmq_msg_close(&m);
         if (err == KP_OK)
@@ -610,11 +687,57 @@ static void relay_on_cancel(struct kp_broker *b, uint64_t from, char **tok, size
         relay_answer(b, from, tok[1], KP_OK, attempt, NULL);
 }
 
+/* An INPUT's parts are all in the outbox: its payload is let go. */
+static void relay_req_sent(struct kp_relay *rl, struct relay_req *q)
+{
+    if (q->send_link.next == NULL)
+        return;
+    kp_list_remove(&q->send_link);
+    q->send_link.next = q->send_link.prev = NULL;
+    rl->sending_bytes -= zmq_msg_size(&q->payload);
+    zmq_msg_close(&q->payload);
+}
+
 static void relay_req_free(struct kp_relay *rl, struct relay_req *q)
 {
+    relay_req_sent(rl, q);
     kp_list_remove(&q->link);
     rl->nreqs--;
     kp_free(q);
+}
+
+/* Puts INPUT q's next part in the outbox (parts of at most 7,800 bytes,
+ * consecutive on this broker's one connection, so they arrive in order). */
+static void relay_input_part(struct kp_broker *b, struct kp_relay *rl, struct relay_req *q)
+{
+    char text[JOBS_RELAY_NOTE + 64];
+    size_t plen = q->has_payload ? zmq_msg_size(&q->payload) : 0;
+    size_t room = (JOBS_RELAY_NOTE - 200) / 4 * 3;
+    size_t take = plen - q->off < room ? plen - q->off : room;
+    int n =
+        snprintf(text, JOBS_RELAY_NOTE, RELAY_VERSION " i %llx 0 %s %llx %u %llu %u %u %d ",
+                 (unsigned long long)b->broker_id, q->id.s, (unsigned long long)q->tag, q->attempt,
+                 (unsigned long long)q->seq, q->flags, q->part, q->off + take < plen ? 1 : 0);
+    if (take)
+        n += (int)b64_encode(text + n, (const unsigned char *)zmq_msg_data(&q->payload) + q->off,
+                             take);
+    else
+        text[n++] = q->has_payload ? '=' : '-';
+    relay_put(rl, text, (size_t)n);
+    q->off += take;
+    q->part++;
+    q->deadline = b->now + JOBS_RELAY_WAIT_MS; /* the answer is due after the last part */
+    if (q->off >= plen)
+        relay_req_sent(rl, q);
+}
+
+/* Cuts the next parts of relayed INPUTs, oldest first, while less than a
+ * batch waits: a large INPUT never fills the outbox that events share, and
+ * is sent as fast as batches are answered. */
+static void relay_pump(struct kp_broker *b, struct kp_relay *rl)
+{
+    while (!kp_list_empty(&rl->sending) && rl->outbox_bytes < JOBS_RELAY_BATCH_BYTES)
+        relay_input_part(b, rl, kp_container_of(rl->sending.next, struct relay_req, send_link));
 }
 
 /* The running broker's answer to a relayed INPUT or cancel of ours. */
@@ -650,16 +773,28 @@ static void relay_on_answer(struct kp_broker *b, char **tok, size_t nt)
     relay_req_free(rl, q);
 }
 
-bool kp_relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid,
-                      uint64_t request_id, const kp_job_id *id, const zmq_msg_t *payload,
-                      uint32_t attempt, uint64_t seq, uint32_t flags)
+bool kp_relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid, uint64_t request_id,
+                      const kp_job_id *id, const zmq_msg_t *payload, uint32_t attempt, uint64_t seq,
+                      uint32_t flags, char *msg, size_t cap)
 {
     struct kp_relay *rl = kp_jobs_relay(b);
     size_t plen = kind == 'i' && payload ? zmq_msg_size((zmq_msg_t *)payload) : 0;
-    size_t need = 200 + 4 * (plen + 2) / 3 + (plen / 4000 + 1) * 200;
-    if (!kp_relay_up(rl) || rl->nreqs >= JOBS_RELAY_REQS_MAX || plen > JOBS_RELAY_EVENT_MAX ||
-        rl->outbox_bytes + need > JOBS_RELAY_OUT_BYTES)
+    if (!kp_relay_up(rl)) {
+        snprintf(msg, cap,
+                 "job %s is leased by another broker, which cannot be told now (the relay is "
+                 "down): try again",
+                 id->s);
         return false;
+    }
+    if (rl->nreqs >= JOBS_RELAY_REQS_MAX ||
+        rl->outbox_bytes + JOBS_RELAY_NOTE > JOBS_RELAY_OUT_BYTES ||
+        (rl->sending_bytes > 0 && rl->sending_bytes + plen > JOBS_RELAY_INPUT_BYTES)) {
+        snprintf(msg, cap,
+                 "job %s is leased by another broker and the relay to it is full (%zu requests, "
+                 "%zu bytes of INPUT being sent): try again",
+                 id->s, rl->nreqs, rl->sending_bytes);
+        return false;
+    }
     struct relay_req *q = kp_calloc(1, sizeof *q);
     q->tag = ++rl->tag;
     q->kind = kind;
@@ -669,33 +804,47 @@ bool kp_relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid,
     q->deadline = b->now + JOBS_RELAY_WAIT_MS;
     kp_list_push_back(&rl->reqs, &q->link);
     rl->nreqs++;
-    char *text = kp_malloc(JOBS_RELAY_NOTE + 64);
     if (kind == 'c') {
-        int n = snprintf(text, JOBS_RELAY_NOTE, "c %llx 0 %s %llx",
+        char text[128];
+        int n = snprintf(text, sizeof text, RELAY_VERSION " c %llx 0 %s %llx",
                          (unsigned long long)b->broker_id, id->s, (unsigned long long)q->tag);
         relay_put(rl, text, (size_t)n);
     } else {
-        const unsigned char *data = plen ? zmq_msg_data((zmq_msg_t *)payload) : NULL;
-        size_t room = (JOBS_RELAY_NOTE - 200) / 4 * 3, off = 0;
-        uint32_t part = 0;
-        do {
-            size_t take = plen - off < room ? plen - off : room;
-            int n = snprintf(text, JOBS_RELAY_NOTE, "i %llx 0 %s %llx %u %llu %u %u %d ",
-                             (unsigned long long)b->broker_id, id->s, (unsigned long long)q->tag,
-                             attempt, (unsigned long long)seq, flags, part,
-                             off + take < plen ? 1 : 0);
-            if (take)
-                n += (int)b64_encode(text + n, data + off, take);
-            else
-                text[n++] = payload ? '=' : '-';
-            relay_put(rl, text, (size_t)n);
-            off += take;
-            part++;
-        } while (off < plen);
+        zmq_msg_init(&q->payload);
+        q->has_payload = payload != NULL;
+        if (payload)
+            zmq_msg_copy(&q->payload, (zmq_msg_t *)payload); /* a reference, not a copy */
+        q->attempt = attempt;
+        q->seq = seq;
+        q->flags = flags;
+        kp_list_push_back(&rl->sending, &q->send_link);
+        rl->sending_bytes += plen;
+        if (rl->sending.next == &q->send_link)
+            relay_input_part(b, rl, q); /* its first part now, even behind a full batch */
     }
-    kp_free(text);
     relay_flush(b);
     return true;
+}
+
+/* A text of a relay version this broker does not speak (another release of
+ * kelpied on the same store): parsing it as ours could misread any field, so
+ * it is dropped and counted, and the warning (rate-limited per call site,
+ * log.h) names the version so an operator sees which release is out of
+ * step. */
+static void relay_unknown_version(struct kp_broker *b, const char *version)
+{
+    char name[24];
+    size_t n = 0;
+    for (const char *c = version; *c && n < 16; c++)
+        name[n++] = *c > ' ' && *c < 127 ? *c : '?';
+    name[n] = '\0';
+    b->stats.job_relay_unknown_version++;
+    bool v1 = n == 1 && strchr("wvxica", name[0]) != NULL;
+    kp_log_warn(
+        "relay: ignored a text of relay version %s%s from another broker on the store; this "
+        "broker speaks version " RELAY_VERSION " only: run one release on every broker "
+        "sharing a store (docs/scale-out.md)",
+        v1 ? "1" : name, v1 ? " (unversioned, an older kelpied)" : "");
 }
 
 /* One relay text from another broker (kp_pg_listener_step's note). */
@@ -707,33 +856,38 @@ static void relay_note(void *arg, const char *text)
     size_t nt = 0;
     for (char *t = strtok_r(copy, " ", &save); t && nt < MAX_TOKENS; t = strtok_r(NULL, " ", &save))
         tok[nt++] = t;
-    if (nt < 3 || strlen(tok[0]) != 1) {
+    if (nt > 0 && strcmp(tok[0], RELAY_VERSION) != 0) {
+        relay_unknown_version(b, tok[0]);
         kp_free(copy);
         return;
     }
-    uint64_t from = strtoull(tok[1], NULL, 16), to = strtoull(tok[2], NULL, 16);
+    if (nt < 4 || strlen(tok[1]) != 1) {
+        kp_free(copy);
+        return;
+    }
+    uint64_t from = strtoull(tok[2], NULL, 16), to = strtoull(tok[3], NULL, 16);
     if (from == b->broker_id || (to != 0 && to != b->broker_id)) {
         kp_free(copy); /* our own, or another's answer */
         return;
     }
-    switch (tok[0][0]) {
+    switch (tok[1][0]) {
     case 'w':
-        relay_on_watch(b, tok + 3, nt - 3);
+        relay_on_watch(b, tok + 4, nt - 4);
         break;
     case 'v':
-        relay_on_event(b, from, tok + 3, nt - 3);
+        relay_on_event(b, from, tok + 4, nt - 4);
         break;
     case 'x':
-        relay_on_ended(b, from, tok + 3, nt - 3);
+        relay_on_ended(b, from, tok + 4, nt - 4);
         break;
     case 'i':
-        relay_on_input(b, from, tok + 3, nt - 3);
+        relay_on_input(b, from, tok + 4, nt - 4);
         break;
     case 'c':
-        relay_on_cancel(b, from, tok + 3, nt - 3);
+        relay_on_cancel(b, from, tok + 4, nt - 4);
         break;
     case 'a':
-        relay_on_answer(b, tok + 3, nt - 3);
+        relay_on_answer(b, tok + 4, nt - 4);
         break;
     default:
         break;
@@ -748,10 +902,13 @@ void kp_relay_tick(struct kp_broker *b)
         return;
     if (!kp_pg_listener_listening(rl->conn))
         kp_jobs_on_relay(b); /* connecting, or waiting to */
-    while (!kp_list_empty(&rl->reqs)) {
-        struct relay_req *q = kp_container_of(rl->reqs.next, struct relay_req, link);
+    /* Not in deadline order (an INPUT's is renewed per part): at most
+     * JOBS_RELAY_REQS_MAX, looked at only while some wait. */
+    for (struct kp_list *l = rl->reqs.next, *next; l != &rl->reqs; l = next) {
+        next = l->next;
+        struct relay_req *q = kp_container_of(l, struct relay_req, link);
         if (q->deadline > b->now)
-            break;
+            continue;
         char msg[160];
         snprintf(msg, sizeof msg,
                  "job %s is leased by another broker, which did not answer in %d ms: try again",
@@ -762,6 +919,14 @@ void kp_relay_tick(struct kp_broker *b)
         kp_broker_send_error(b, b->frontend, q->rid.bytes, q->rid.len, q->request_id,
                              KP_EJOBNOTRUNNING, msg);
         relay_req_free(rl, q);
+    }
+    /* INPUTs whose sender went quiet (it died, or a part was lost with a
+     * connection): their sender has refused them by now. */
+    for (struct kp_list *l = rl->ins.next, *next; l != &rl->ins; l = next) {
+        next = l->next;
+        struct relay_in *ri = kp_container_of(l, struct relay_in, link);
+        if (ri->touched + JOBS_RELAY_WAIT_MS < b->now)
+            relay_in_free(rl, ri);
     }
     if (b->now < rl->next_interest)
         return;
@@ -789,7 +954,8 @@ uint64_t kp_relay_next_wake(struct kp_broker *b, uint64_t next)
         return next;
     if (rl->next_interest < next)
         next = rl->next_interest;
-    if (!kp_list_empty(&rl->reqs) && b->now + JOBS_RELAY_TICK_MS < next)
+    if ((!kp_list_empty(&rl->reqs) || !kp_list_empty(&rl->ins)) &&
+        b->now + JOBS_RELAY_TICK_MS < next)
         next = b->now + JOBS_RELAY_TICK_MS;
     return next;
 }
@@ -802,6 +968,7 @@ struct kp_relay *kp_relay_new(const char *conninfo)
     rl->interests = zhashx_new();
     kp_list_init(&rl->reqs);
     kp_list_init(&rl->ins);
+    kp_list_init(&rl->sending);
     return rl;
 }
 
