@@ -209,8 +209,20 @@ static char *relay_unstr(const char *tok)
     return (char *)out;
 }
 
+/* The size allocated for a reassembly buffer that must hold n bytes: a
+ * power of two, so a payload of P bytes in parts costs O(P) copying, not
+ * O(P^2 / part) (it is as large as --max-message-size for an INPUT). */
+static size_t relay_cap(size_t n)
+{
+    size_t cap = 8192;
+    while (cap < n)
+        cap *= 2;
+    return cap;
+}
+
 /* Appends decoded bytes field tok ("-" none, "=" empty) to *buf (*len bytes,
- * at most max): false when it is garbage or over. */
+ * at most max; allocated here only, relay_cap of what it had to hold):
+ * false when it is garbage or over. */
 static bool relay_bytes(const char *tok, char **buf, size_t *len, size_t max)
 {
     size_t n = strlen(tok), got = 0;
@@ -218,7 +230,9 @@ static bool relay_bytes(const char *tok, char **buf, size_t *len, size_t max)
         return true;
     if (*len + n / 4 * 3 > max)
         return false;
-    *buf = kp_realloc(*buf, *len + n / 4 * 3 + 1);
+    size_t need = *len + n / 4 * 3 + 1;
+    if (*buf == NULL || need > relay_cap(*len + 1))
+        *buf = kp_realloc(*buf, relay_cap(need));
     if (!b64_decode(tok, n, (unsigned char *)*buf + *len, &got))
         return false;
     *len += got;
@@ -336,6 +350,12 @@ void kp_relay_event(struct kp_broker *b, struct watch *w, const struct event *ev
             text[n++] = ev->has_payload ? '=' : '-';
         struct relay_out *o = relay_put(rl, text, (size_t)n);
         if (progress) {
+            /* One text per interest is its PROGRESS (o->progress_of == in
+             * exactly when in->progress == o): an older one not coalesced
+             * (the outbox was short) must not keep pointing at an interest
+             * that may be forgotten before it is sent. */
+            if (in->progress)
+                in->progress->progress_of = NULL;
             o->progress_of = in;
             in->progress = o;
         }

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import zmq
 
 from conftest import Client, K, Postgres, Workers, broker_stats, start_broker, wait_for
@@ -24,6 +25,18 @@ from kelpie.v1 import header_pb2 as pb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STREAM, END_OF_INPUT = 2, 1024
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports(tmp_path):
+    """Under a sanitized kelpied (ctest scaleout_relay_asan) an ASan or UBSan
+    report in a broker's log fails the test, even when the test's own
+    assertions held (the brokers are stopped with SIGKILL, unchecked)."""
+    yield
+    for log in tmp_path.rglob("kelpied.log"):
+        text = log.read_text(errors="replace")
+        for mark in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer"):
+            assert mark not in text, f"{log}:\n{text[text.index(mark) - 200:][:3000]}"
 
 
 def start_worker(tmp_path, broker):
