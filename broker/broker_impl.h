@@ -6,6 +6,7 @@
  *   frontend.c  client and intake traffic;  backend.c  worker traffic
  *   admin.c     kelpie.broker (Ping, Stats)
  *   jobs.c      the job engine: store, journal, claims, watchers
+ *   relay.c     the job engine between brokers sharing a store (jobs_engine.h)
  *   dispatch.c  the life of a call
  *   send.c      sending, errors and refusals
  *   broker.c    construction and teardown;  check.c  the invariant checker

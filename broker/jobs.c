@@ -32,6 +32,7 @@
 #include <sys/stat.h>
 
 #include "alloc.h"
+#include "jobs_engine.h"
 #include "journal.h"
 #include "log.h"
 #include "store.h"
@@ -52,7 +53,6 @@
 #define JOBS_BACKOFF_CAP_MS   3600000
 #define JOBS_KEY_TTL_MS       (24ull * 3600 * 1000)
 #define JOBS_EXPIRE_EVERY_MS  1000 /* an indexed delete of what is due; cheap */
-#define JOBS_REOPEN_MS        5000 /* retry a store that failed to open */
 #define JOBS_LOOK_MS          1000 /* look for due scheduled jobs at least this often */
 /* With a shared store, other brokers' submits, retries, freed leases and
  * finished jobs arrive as notifications (LISTEN): the look is only a safety
@@ -61,22 +61,6 @@
 #define JOBS_DUES         32 /* due times remembered per queue */
 #define JOBS_MAX_QUEUES   10000
 #define JOBS_LIST_MAX     1000
-/* The relay between brokers on a shared store (docs/scale-out.md, "Live
- * events, INPUT and cancels across brokers"): notifications on a channel of
- * their own, each under PostgreSQL's 8000-byte limit. */
-#define JOBS_RELAY_NOTE        7800         /* bytes of one relay text */
-#define JOBS_RELAY_OUT_BYTES   (2u << 20)   /* texts waiting to be sent, at most */
-#define JOBS_RELAY_BATCH_BYTES 65536        /* texts per notifying transaction */
-#define JOBS_RELAY_EVENT_MAX   (256u << 10) /* payload bytes of a relayed event or INPUT */
-#define JOBS_RELAY_TEXT_MAX    1024         /* bytes of a relayed message, outcome or reason */
-#define JOBS_RELAY_WAIT_MS     3000         /* a relayed INPUT or cancel waits this long */
-#define JOBS_RELAY_REQS_MAX    1024         /* relayed INPUTs and cancels unanswered */
-#define JOBS_RELAY_PARTIALS    64           /* relayed INPUTs being reassembled */
-#define JOBS_RELAY_SETTLE_MS   1000         /* a job's end waits this long for its events */
-#define JOBS_RELAY_TICK_MS     50           /* the loop's wake-up while relay waits are due */
-#define JOBS_INTEREST_RENEW_MS 1000         /* a watching broker says so this often */
-#define JOBS_INTEREST_TTL_MS   3500         /* and is forgotten after this long unsaid */
-#define JOBS_INTEREST_MAX      4096         /* jobs watched from elsewhere, remembered */
 
 /* ---- state ------------------------------------------------------------- */
 
@@ -111,73 +95,6 @@ struct jobq {
     /* What this broker did for the queue since it started (Stats "jobs"
      * "queues"): the dashboard's per-queue rates are their differences. */
     uint64_t submitted; /* jobs stored (not deduplicated); the rest are in q->svc */
-};
-
-struct watch;
-
-/* One leased attempt, from its claim until its slot comes back. */
-struct run {
-    kp_job_id id;
-    uint32_t attempt, max_attempts;
-    uint8_t priority;
-    uint64_t timeout_ms, backoff_ms;
-    struct jobq *q;
-    zmq_msg_t payload;    /* until sent */
-    struct kp_call *call; /* once dispatched */
-    struct kp_list held_link;
-    bool ended; /* its attempt was ended by the broker (timeout, cancel) */
-    bool cancel_requested;
-    struct watch *watch; /* its job's events, if any */
-    uint64_t due;        /* wall ms it could first run this attempt (metrics' queue wait) */
-    char *trace;         /* the traceparent it was submitted with, or NULL */
-};
-
-/* One event kept for late watchers. */
-struct event {
-    struct kp_list link;
-    Kelpie__V1__Kind kind;
-    uint64_t seq;
-    uint32_t attempt;
-    float progress;
-    char *message, *stream, *outcome, *reason;
-    zmq_msg_t payload;
-    bool has_payload;
-    bool relayed; /* came from the broker that runs the job: never relayed again */
-};
-
-/* A job's watchers and events; exists while the job is unfinished and has
- * either watchers or events. */
-struct watch {
-    kp_job_id id;
-    struct kp_list watchers;
-    struct kp_list events;
-    size_t nevents, bytes;
-    uint64_t seq;    /* next event's sequence */
-    struct run *run; /* the attempt running now */
-    char *tail;      /* the running attempt's output tail */
-    size_t tail_len;
-    bool polling; /* an OP_POLL for it is in the journal */
-    /* Events relayed by the broker running the job elsewhere (relay_on_event). */
-    bool remote;          /* has had some: its buffer goes with its last watcher */
-    uint64_t src;         /* the broker they come from (0: none yet) */
-    uint64_t src_next;    /* the next sequence expected from it */
-    bool src_ended;       /* it said the attempt ended: no more events of it */
-    struct event *part;   /* an event whose parts are arriving */
-    char *part_data;      /* its payload so far */
-    size_t part_len;      /* bytes of it */
-    uint64_t part_seq;    /* its sequence at src */
-    uint32_t part_next;   /* the part expected next */
-    uint64_t final_at;    /* monotonic ms: the job ended; poll then unless src_ended first */
-    struct kp_list defer; /* in engine->deferred while final_at is set */
-};
-
-struct watcher {
-    struct kp_list link;
-    struct watch *w; /* NULL until the job's state is known */
-    struct kp_rid rid;
-    uint64_t request_id;
-    bool stream;
-    char key[2 * 255 + 24]; /* in engine->watchers */
 };
 
 enum op_kind {
@@ -231,43 +148,6 @@ struct op {
     uint32_t flags;     /* OP_INPUT: END_OF_INPUT */
 };
 
-/* A relay text waiting to be sent (relay_flush). */
-struct relay_out {
-    struct kp_list link;
-    struct interest *progress_of; /* a PROGRESS that a newer one of its job replaces */
-    size_t len;
-    char text[];
-};
-
-/* Other brokers watch a job's events (they said so within the TTL). */
-struct interest {
-    kp_job_id id;
-    uint64_t until;             /* monotonic ms */
-    struct relay_out *progress; /* its PROGRESS still in the outbox, if any */
-};
-
-/* A relayed INPUT or CancelJob waiting for the running broker's answer. */
-struct relay_req {
-    struct kp_list link;
-    uint64_t tag;
-    char kind; /* 'i' or 'c' */
-    struct kp_rid rid;
-    uint64_t request_id;
-    kp_job_id id;
-    uint64_t deadline; /* monotonic ms */
-};
-
-/* A relayed INPUT arriving in parts, for a job that runs here. */
-struct relay_in {
-    struct kp_list link;
-    uint64_t from, tag;
-    kp_job_id id;
-    uint32_t attempt, flags, next;
-    uint64_t seq;
-    char *data;
-    size_t len;
-};
-
 struct kp_engine {
     struct kp_journal *journal; /* NULL until the store opens */
     enum kp_err open_err;       /* why it did not, KP_OK if not tried */
@@ -290,17 +170,8 @@ struct kp_engine {
     size_t outstanding;              /* requests in the journal */
     struct kp_pg_listener *listener; /* --store: what the other brokers say */
     uint64_t ended_notes;            /* "job finished" notifications so far */
-    struct kp_pg_listener *relay;    /* --store: the brokers' relay (its own connection) */
-    struct kp_list outbox;           /* struct relay_out, oldest first */
-    size_t outbox_bytes;
-    zhashx_t *interests;       /* job id -> struct interest */
-    struct kp_list relay_reqs; /* struct relay_req, oldest first */
-    size_t nrelay_reqs;
-    uint64_t relay_tag;
-    struct kp_list relay_ins; /* struct relay_in */
-    size_t nrelay_ins;
-    struct kp_list deferred; /* watches whose end waits for their relayed events */
-    uint64_t next_interest;  /* monotonic ms: say again which jobs are watched here */
+    struct kp_relay *relay;          /* --store: the brokers' relay (relay.c) */
+    struct kp_list deferred;         /* watches whose end waits for their relayed events */
 };
 
 /* ---- small helpers ----------------------------------------------------- */
@@ -308,6 +179,16 @@ struct kp_engine {
 static struct kp_engine *engine(struct kp_broker *b)
 {
     return b->jobs;
+}
+
+struct kp_relay *kp_jobs_relay(struct kp_broker *b)
+{
+    return b->jobs ? b->jobs->relay : NULL;
+}
+
+zhashx_t *kp_jobs_watches(struct kp_broker *b)
+{
+    return b->jobs->watches;
 }
 
 static char *dup_or_null(const char *s)
@@ -678,11 +559,6 @@ static void op_error(struct kp_broker *b, struct op *o, enum kp_err err, const c
 }
 
 static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r);
-static void relay_ended(struct kp_broker *b, const kp_job_id *id, uint32_t attempt);
-static void relay_interest(struct kp_broker *b, struct watch *only);
-static bool relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid,
-                          uint64_t request_id, const kp_job_id *id, const struct op *o);
-static bool cancel_local(struct kp_broker *b, const kp_job_id *id);
 static void reply_state(struct kp_broker *b, struct op *o, const char *state);
 
 /* Hands o to the journal; on failure answers its peer and frees it. */
@@ -727,7 +603,7 @@ static struct watch *watch_get(struct kp_broker *b, const kp_job_id *id)
     return w;
 }
 
-static void event_free(struct event *ev)
+void kp_jobs_event_free(struct event *ev)
 {
     kp_free(ev->message);
     kp_free(ev->stream);
@@ -751,17 +627,17 @@ static void watch_free(struct watch *w)
     while (!kp_list_empty(&w->events)) {
         struct event *ev = kp_container_of(w->events.next, struct event, link);
         kp_list_remove(&ev->link);
-        event_free(ev);
+        kp_jobs_event_free(ev);
     }
     if (w->part)
-        event_free(w->part);
+        kp_jobs_event_free(w->part);
     kp_free(w->part_data);
     kp_list_remove(&w->defer);
     kp_free(w->tail);
     kp_free(w);
 }
 
-static void watch_release(struct kp_broker *b, struct watch *w, bool finished)
+void kp_jobs_watch_release(struct kp_broker *b, struct watch *w, bool finished)
 {
     if (!kp_list_empty(&w->watchers) || w->run)
         return;
@@ -835,15 +711,11 @@ static void event_header(const struct watch *w, const struct event *ev, kp_heade
     h->metadata = n ? mdp : NULL;
 }
 
-/* Records an event of job w and sends it to its streaming watchers. Takes
- * ev. Old events go when the buffer is over its bounds. */
-static void relay_event(struct kp_broker *b, struct watch *w, const struct event *ev);
-
-static void watch_emit(struct kp_broker *b, struct watch *w, struct event *ev)
+void kp_jobs_watch_emit(struct kp_broker *b, struct watch *w, struct event *ev)
 {
     ev->seq = w->seq++;
     b->stats.job_events++;
-    relay_event(b, w, ev);
+    kp_relay_event(b, w, ev);
     kp_header h;
     Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
     struct kp_list *l = w->watchers.next;
@@ -863,7 +735,7 @@ static void watch_emit(struct kp_broker *b, struct watch *w, struct event *ev)
         kp_list_remove(&old->link);
         w->nevents--;
         w->bytes -= old->has_payload ? zmq_msg_size(&old->payload) : 0;
-        event_free(old);
+        kp_jobs_event_free(old);
         b->stats.job_events_dropped++;
     }
 }
@@ -879,7 +751,7 @@ static void watch_notice(struct kp_broker *b, struct watch *w, const char *state
     ev->outcome = dup_or_null(outcome);
     ev->reason = dup_or_null(reason);
     zmq_msg_init(&ev->payload);
-    watch_emit(b, w, ev);
+    kp_jobs_watch_emit(b, w, ev);
 }
 
 static void json_job(struct kp_json *j, const struct kp_job *job, bool history)
@@ -929,7 +801,7 @@ static void free_payload(void *data, void *hint)
     kp_free(data);
 }
 
-static void msg_from(zmq_msg_t *m, const void *data, size_t len)
+void kp_jobs_msg_from(zmq_msg_t *m, const void *data, size_t len)
 {
     if (zmq_msg_init_size(m, len) != 0) {
         kp_log_error("out of memory for a %zu-byte job message, aborting", len);
@@ -955,7 +827,7 @@ static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
     zmq_msg_t payload;
     if (job->state == KP_JOB_SUCCEEDED) {
         h.code = KELPIE__V1__CODE__OK;
-        msg_from(&payload, job->result, job->has_result ? job->result_len : 0);
+        kp_jobs_msg_from(&payload, job->result, job->has_result ? job->result_len : 0);
     } else {
         const struct kp_attempt *last = job->nhistory ? &job->history[job->nhistory - 1] : NULL;
         if (job->state == KP_JOB_CANCELLED) {
@@ -971,7 +843,7 @@ static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
         struct kp_json j;
         kp_json_init(&j);
         json_job(&j, job, true);
-        msg_from(&payload, j.data, j.len);
+        kp_jobs_msg_from(&payload, j.data, j.len);
         kp_json_fini(&j);
     }
     h.message = msg;
@@ -989,7 +861,7 @@ static void watch_finish(struct kp_broker *b, struct watch *w, const struct kp_j
             kp_container_of(w->watchers.next, struct watcher, link) == wr)
             watcher_free(b, wr);
     }
-    watch_release(b, w, true);
+    kp_jobs_watch_release(b, w, true);
 }
 
 /* ---- runs and dispatch ----------------------------------------------------- */
@@ -1064,7 +936,7 @@ static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outc
     }
     count_outcome(b, outcome);
     op_put(b, o);
-    relay_ended(b, &r->id, r->attempt);
+    kp_relay_ended(b, &r->id, r->attempt);
 }
 
 /* Sends held run r to w as a JOB on a new call. false if it could not be
@@ -1302,7 +1174,7 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         /* The claimed buffer becomes the frame: no copy. */
         if (zmq_msg_init_data(&run->payload, job->payload, job->payload_len, free_payload, NULL) !=
             0) {
-            msg_from(&run->payload, job->payload, job->payload_len);
+            kp_jobs_msg_from(&run->payload, job->payload, job->payload_len);
             kp_free(job->payload);
         }
         job->payload = NULL;
@@ -1410,7 +1282,7 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
         return;
     if (state_final(st)) {
         if (kp_list_empty(&w->watchers)) {
-            watch_release(b, w, true);
+            kp_jobs_watch_release(b, w, true);
             return;
         }
         /* The attempt's end is an event like any other (§11.4): a streaming
@@ -1425,7 +1297,7 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
     } else {
         watch_notice(b, w, kp_job_state_name(st), r->in.attempt, kp_job_outcome_name(o->outcome),
                      o->message);
-        watch_release(b, w, false);
+        kp_jobs_watch_release(b, w, false);
     }
 }
 
@@ -1441,7 +1313,7 @@ static void done_final(struct kp_broker *b, struct op *o, struct kp_journal_req 
                                  r->out.err ? r->out.err : KP_ENOJOB, r->out.errmsg);
             watcher_free(b, wr);
         }
-        watch_release(b, w, true);
+        kp_jobs_watch_release(b, w, true);
         return;
     }
     watch_finish(b, w, &r->out.jobs.v[0]);
@@ -1495,13 +1367,13 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
         watcher_finish(b, wr, job);
         if (zhashx_lookup(engine(b)->watchers, wr->key) == wr)
             watcher_free(b, wr);
-        watch_release(b, w, true);
+        kp_jobs_watch_release(b, w, true);
         return;
     }
     if (wr->stream)
         watcher_replay(b, wr);
     if (wr->stream && !w->run)
-        relay_interest(b, w); /* its events come from the broker that runs it */
+        kp_relay_interest(b, w); /* its events come from the broker that runs it */
     /* A job finished elsewhere while this read was out may have been
      * announced before the read's snapshot saw it: read once more. */
     if (engine(b)->ended_notes != o->note_mark && !w->run && !w->polling) {
@@ -1517,7 +1389,7 @@ static void reply_json(struct kp_broker *b, struct op *o, struct kp_json *j, zmq
 {
     kp_header h = kp_broker_header(KELPIE__V1__KIND__REPLY, o->request_id);
     zmq_msg_t frames[3];
-    msg_from(&frames[0], j->data, j->len);
+    kp_jobs_msg_from(&frames[0], j->data, j->len);
     for (size_t i = 0; i < nmore; i++) {
         zmq_msg_init(&frames[1 + i]);
         zmq_msg_move(&frames[1 + i], &more[i]);
@@ -1554,8 +1426,8 @@ static void done_admin(struct kp_broker *b, struct op *o, struct kp_journal_req 
         const struct kp_job *job = &r->out.jobs.v[0];
         json_job(&j, job, true);
         zmq_msg_t more[2];
-        msg_from(&more[0], job->result, job->has_result ? job->result_len : 0);
-        msg_from(&more[1], job->output, job->output_len);
+        kp_jobs_msg_from(&more[0], job->result, job->has_result ? job->result_len : 0);
+        kp_jobs_msg_from(&more[1], job->output, job->output_len);
         reply_json(b, o, &j, more, 2);
         break;
     }
@@ -1629,7 +1501,7 @@ static void done_admin(struct kp_broker *b, struct op *o, struct kp_journal_req 
             g->req->in.id = o->id;
             op_put(b, g);
         } else if (w) {
-            watch_release(b, w, true);
+            kp_jobs_watch_release(b, w, true);
         }
     }
 }
@@ -1646,14 +1518,13 @@ static void done_cget(struct kp_broker *b, struct op *o, struct kp_journal_req *
     const struct kp_job *job = &r->out.jobs.v[0];
     char msg[160];
     if (job->state == KP_JOB_LEASED) {
-        if (cancel_local(b, &o->id)) { /* leased here meanwhile */
+        if (kp_jobs_cancel_local(b, &o->id)) { /* leased here meanwhile */
             reply_state(b, o, "cancelling");
             return;
         }
-        if (relay_request(b, 'c', &o->rid, o->request_id, &o->id, o))
+        if (kp_relay_request(b, 'c', &o->rid, o->request_id, &o->id, NULL, 0, 0, 0, msg,
+                             sizeof msg))
             return;
-        snprintf(msg, sizeof msg, "job %s is leased by another broker that cannot be told now",
-                 o->id.s);
         op_error(b, o, KP_EJOBNOTRUNNING, msg);
     } else if (state_final(job->state)) {
         snprintf(msg, sizeof msg, "job %s: cannot cancel a %s job", o->id.s,
@@ -1678,10 +1549,17 @@ static void done_input(struct kp_broker *b, struct op *o, struct kp_journal_req 
     const struct kp_job *job = &r->out.jobs.v[0];
     /* Leased by another broker sharing the store: it forwards the input to
      * its worker and answers (relay_on_input). */
-    if (job->state == KP_JOB_LEASED && relay_request(b, 'i', &o->rid, o->request_id, &o->id, o))
-        return;
-    b->stats.job_inputs_refused++;
     char msg[160];
+    if (job->state == KP_JOB_LEASED && engine(b)->relay) {
+        if (kp_relay_request(b, 'i', &o->rid, o->request_id, &o->id,
+                             o->has_payload ? &o->payload : NULL, o->attempt, o->seq, o->flags, msg,
+                             sizeof msg))
+            return;
+        b->stats.job_inputs_refused++;
+        op_error(b, o, KP_EJOBNOTRUNNING, msg);
+        return;
+    }
+    b->stats.job_inputs_refused++;
     if (state_final(job->state)) {
         snprintf(msg, sizeof msg, "job %s is %s: it takes no more input", o->id.s,
                  kp_job_state_name(job->state));
@@ -1908,7 +1786,7 @@ bool kp_jobs_cancel_watch(struct kp_broker *b, kp_header *h)
                          "watch cancelled");
     struct watch *w = wr->w;
     watcher_free(b, wr);
-    watch_release(b, w, false);
+    kp_jobs_watch_release(b, w, false);
     return true;
 }
 
@@ -1920,7 +1798,7 @@ static void input_refuse(struct kp_broker *b, kp_header *h, enum kp_err err, con
 }
 
 /* The attempt of job id dispatched to a worker here, or NULL. */
-static struct run *run_here(struct kp_broker *b, const kp_job_id *id)
+struct run *kp_jobs_run_here(struct kp_broker *b, const kp_job_id *id)
 {
     struct watch *wt = zhashx_lookup(engine(b)->watches, id->s);
     struct run *r = wt ? wt->run : NULL;
@@ -1928,7 +1806,7 @@ static struct run *run_here(struct kp_broker *b, const kp_job_id *id)
 }
 
 /* The attempt of job id leased here and waiting for a slot, or NULL. */
-static struct run *held_here(struct kp_broker *b, const kp_job_id *id)
+struct run *kp_jobs_held_here(struct kp_broker *b, const kp_job_id *id)
 {
     struct kp_engine *e = engine(b);
     for (void *it = zhashx_first(e->queues); it; it = zhashx_next(e->queues)) {
@@ -1944,9 +1822,9 @@ static struct run *held_here(struct kp_broker *b, const kp_job_id *id)
 
 /* Forwards an INPUT (attempt 0: any) to the worker running r, the payload
  * frames consumed only on KP_OK; otherwise says why not in msg (§11.7). */
-static enum kp_err input_forward(struct kp_broker *b, struct run *r, uint32_t attempt, uint64_t seq,
-                                 uint32_t flags, zmq_msg_t *payload, size_t n, char *msg,
-                                 size_t cap)
+enum kp_err kp_jobs_input_forward(struct kp_broker *b, struct run *r, uint32_t attempt,
+                                  uint64_t seq, uint32_t flags, zmq_msg_t *payload, size_t n,
+                                  char *msg, size_t cap)
 {
     if (r->ended || r->cancel_requested) {
         snprintf(msg, cap, "job %s attempt %u is ending", r->id.s, r->attempt);
@@ -1980,8 +1858,8 @@ static enum kp_err input_forward(struct kp_broker *b, struct run *r, uint32_t at
 }
 
 /* ACKs an INPUT to the client at rid: it went to attempt. */
-static void input_ack(struct kp_broker *b, const struct kp_rid *rid, uint64_t request_id,
-                      const kp_job_id *id, uint32_t attempt)
+void kp_jobs_input_ack(struct kp_broker *b, const struct kp_rid *rid, uint64_t request_id,
+                       const kp_job_id *id, uint32_t attempt)
 {
     kp_header ack = kp_broker_header(KELPIE__V1__KIND__ACK, request_id);
     ack.job_id = (char *)id->s;
@@ -2011,12 +1889,12 @@ void kp_jobs_input(struct kp_broker *b, kp_header *h)
     kp_clients_get(&b->clients, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]),
                    b->now)
         ->last_seen = b->now;
-    struct run *r = run_here(b, &id);
+    struct run *r = kp_jobs_run_here(b, &id);
     char msg[160];
     if (r == NULL) {
         /* Held here for a slot, or not leased here at all: never buffered
          * (§11.7), so the bound on what the broker holds for input is zero. */
-        if (held_here(b, &id)) {
+        if (kp_jobs_held_here(b, &id)) {
             snprintf(msg, sizeof msg, "job %s is waiting for a free worker slot", id.s);
             input_refuse(b, h, KP_EJOBNOTRUNNING, msg);
             return;
@@ -2040,15 +1918,15 @@ void kp_jobs_input(struct kp_broker *b, kp_header *h)
             b->stats.job_inputs_refused++;
         return;
     }
-    enum kp_err err = input_forward(b, r, h->attempt, h->sequence, h->flags, &b->in.frames[2], n,
-                                    msg, sizeof msg);
+    enum kp_err err = kp_jobs_input_forward(b, r, h->attempt, h->sequence, h->flags,
+                                            &b->in.frames[2], n, msg, sizeof msg);
     if (err != KP_OK) {
         input_refuse(b, h, err, msg);
         return;
     }
     struct kp_rid rid;
     rid_set(&rid, zmq_msg_data(&b->in.frames[0]), zmq_msg_size(&b->in.frames[0]));
-    input_ack(b, &rid, h->request_id, &r->id, r->attempt);
+    kp_jobs_input_ack(b, &rid, h->request_id, &r->id, r->attempt);
 }
 
 static void reply_state(struct kp_broker *b, struct op *o, const char *state)
@@ -2063,10 +1941,17 @@ static void reply_state(struct kp_broker *b, struct op *o, const char *state)
     kp_json_fini(&j);
 }
 
+void kp_jobs_reply_cancelling(struct kp_broker *b, const struct kp_rid *rid, uint64_t request_id,
+                              const kp_job_id *id)
+{
+    struct op tmp = {.has_peer = true, .rid = *rid, .request_id = request_id, .id = *id};
+    reply_state(b, &tmp, "cancelling");
+}
+
 /* Cancels job id if this broker has leased it: a held one ends cancelled
  * at once; a running one is sent CANCEL and ends cancelled when its worker
  * answers (or after a grace). false if it is not leased here. */
-static bool cancel_local(struct kp_broker *b, const kp_job_id *id)
+bool kp_jobs_cancel_local(struct kp_broker *b, const kp_job_id *id)
 {
     struct kp_engine *e = engine(b);
     struct watch *w = zhashx_lookup(e->watches, id->s);
@@ -2083,7 +1968,7 @@ static bool cancel_local(struct kp_broker *b, const kp_job_id *id)
         }
         return true;
     }
-    struct run *hr = held_here(b, id);
+    struct run *hr = kp_jobs_held_here(b, id);
     if (hr == NULL)
         return false;
     kp_list_remove(&hr->held_link);
@@ -2093,12 +1978,12 @@ static bool cancel_local(struct kp_broker *b, const kp_job_id *id)
     return true;
 }
 
-/* CancelJob for a job this broker has leased (cancel_local): answers and
+/* CancelJob for a job this broker has leased (kp_jobs_cancel_local): answers and
  * frees o and returns true then; false if the job is not leased here (the
  * store decides, then the broker that leased it: done_cget). */
 static bool jobs_cancel_running(struct kp_broker *b, struct op *o)
 {
-    if (!cancel_local(b, &o->id))
+    if (!kp_jobs_cancel_local(b, &o->id))
         return false;
     reply_state(b, o, "cancelling");
     op_free(o);
@@ -2300,7 +2185,7 @@ static void on_event(struct kp_broker *b, struct kp_worker *w, kp_header *h, siz
             wt->tail_len += len;
         }
     }
-    watch_emit(b, wt, ev);
+    kp_jobs_watch_emit(b, wt, ev);
 }
 
 /* RESULT or NACK: the end of an attempt as the worker saw it. */
@@ -2336,7 +2221,7 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         if (!r->ended && r->q->running)
             r->q->running--;
         if (!r->ended)
-            relay_ended(b, &r->id, r->attempt);
+            kp_relay_ended(b, &r->id, r->attempt);
     }
     if (already_ended && outcome != KP_OUTCOME_SUCCEEDED) {
         /* Its attempt was ended already (timeout, cancel, broker restart):
@@ -2500,348 +2385,8 @@ void kp_jobs_reap_worker(struct kp_broker *b, struct kp_worker *w)
     kp_broker_reap_worker(b, w);
 }
 
-/* ---- the relay between brokers -------------------------------------------------
- *
- * With a shared store a job's attempt runs through one broker while clients
- * of another may watch it, feed its stdin or cancel it. The brokers tell each
- * other over a notification channel of their own (store.h, kp_pg_relay_*),
- * one text per notification, fields separated by spaces, strings and bytes
- * in base64 ("-" for none, "=" for empty bytes):
- *
- *   w FROM 0 JOB...        FROM has clients streaming these jobs' events
- *   v FROM 0 JOB SEQ ATTEMPT KIND PROGRESS STREAM MSG OUTCOME REASON PART MORE DATA
- *                          event SEQ of JOB on FROM, in parts of at most 7,800
- *                          bytes (MORE 1: another part follows)
- *   x FROM 0 JOB ATTEMPT   FROM has ended that attempt: no more events of it
- *   i FROM 0 JOB TAG ATTEMPT SEQ FLAGS PART MORE DATA
- *                          an INPUT for JOB from a client of FROM, in parts
- *   c FROM 0 JOB TAG       CancelJob for JOB from a client of FROM
- *   a FROM TO TAG ERR ATTEMPT MSG
- *                          FROM, which runs the job, answers TO's i or c
- *
- * Events go out only for jobs some broker said it watches in the last
- * JOBS_INTEREST_TTL_MS, so a job nobody watches elsewhere costs nothing. The
- * outbox is bounded (JOBS_RELAY_OUT_BYTES): an event that does not fit is
- * dropped, a PROGRESS still unsent is replaced by its job's next one, both
- * counted; the receiver sees the gap in `sequence`. One batch at a time is
- * in flight on the relay's connection, so a slow database slows the relay,
- * never the loop, and the receiving broker reads every notification at once
- * (its slow watchers are dropped as on one broker), so PostgreSQL's queue
- * does not grow with a slow client either. */
-
-static const char b64_chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/* Base64 of n bytes into out (room for 4 * ((n + 2) / 3) + 1); its length. */
-static size_t b64_encode(char *out, const unsigned char *in, size_t n)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < n)
-            v |= (uint32_t)in[i + 1] << 8;
-        if (i + 2 < n)
-            v |= in[i + 2];
-        out[o++] = b64_chars[v >> 18 & 63];
-        out[o++] = b64_chars[v >> 12 & 63];
-        out[o++] = i + 1 < n ? b64_chars[v >> 6 & 63] : '=';
-        out[o++] = i + 2 < n ? b64_chars[v & 63] : '=';
-    }
-    out[o] = '\0';
-    return o;
-}
-
-static int b64_value(char c)
-{
-    const char *p = c ? strchr(b64_chars, c) : NULL;
-    return p ? (int)(p - b64_chars) : -1;
-}
-
-/* Decodes n characters of base64 into out (room for n / 4 * 3); false if
- * they are not base64. */
-static bool b64_decode(const char *in, size_t n, unsigned char *out, size_t *outn)
-{
-    size_t o = 0;
-    if (n % 4)
-        return false;
-    for (size_t i = 0; i < n; i += 4) {
-        int v[4];
-        for (int k = 0; k < 4; k++) {
-            v[k] = b64_value(in[i + k]);
-            if (v[k] < 0 && !(in[i + k] == '=' && k >= 2 && i + 4 == n))
-                return false;
-        }
-        if (v[2] < 0 && v[3] >= 0)
-            return false;
-        uint32_t x = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 |
-                     (uint32_t)(v[2] < 0 ? 0 : v[2]) << 6 | (uint32_t)(v[3] < 0 ? 0 : v[3]);
-        out[o++] = (unsigned char)(x >> 16);
-        if (v[2] >= 0)
-            out[o++] = (unsigned char)(x >> 8);
-        if (v[3] >= 0)
-            out[o++] = (unsigned char)x;
-    }
-    *outn = o;
-    return true;
-}
-
-#define RELAY_STR_CAP (4 * ((JOBS_RELAY_TEXT_MAX + 2) / 3) + 2)
-
-/* A string field: base64 of its first JOBS_RELAY_TEXT_MAX bytes, "-" if none. */
-static void relay_str(char out[RELAY_STR_CAP], const char *s)
-{
-    size_t n = s ? strlen(s) : 0;
-    if (n == 0) {
-        strcpy(out, "-");
-        return;
-    }
-    b64_encode(out, (const unsigned char *)s, n < JOBS_RELAY_TEXT_MAX ? n : JOBS_RELAY_TEXT_MAX);
-}
-
-/* A string field back (owned), NULL for "-" or garbage. */
-static char *relay_unstr(const char *tok)
-{
-    size_t n = strlen(tok), len = 0;
-    if (strcmp(tok, "-") == 0 || n > RELAY_STR_CAP)
-        return NULL;
-    unsigned char *out = kp_malloc(n / 4 * 3 + 1);
-    if (!b64_decode(tok, n, out, &len) || len == 0) {
-        kp_free(out);
-        return NULL;
-    }
-    out[len] = '\0';
-    return (char *)out;
-}
-
-/* Appends decoded bytes field tok ("-" none, "=" empty) to *buf (*len bytes,
- * at most max): false when it is garbage or over. */
-static bool relay_bytes(const char *tok, char **buf, size_t *len, size_t max)
-{
-    size_t n = strlen(tok), got = 0;
-    if (strcmp(tok, "-") == 0 || strcmp(tok, "=") == 0)
-        return true;
-    if (*len + n / 4 * 3 > max)
-        return false;
-    *buf = kp_realloc(*buf, *len + n / 4 * 3 + 1);
-    if (!b64_decode(tok, n, (unsigned char *)*buf + *len, &got))
-        return false;
-    *len += got;
-    return true;
-}
-
-static bool relay_up(const struct kp_engine *e)
-{
-    return e->relay && kp_pg_listener_listening(e->relay);
-}
-
-static struct relay_out *relay_put(struct kp_engine *e, const char *text, size_t len)
-{
-    struct relay_out *o = kp_malloc(sizeof *o + len + 1);
-    o->progress_of = NULL;
-    o->len = len;
-    memcpy(o->text, text, len);
-    o->text[len] = '\0';
-    kp_list_push_back(&e->outbox, &o->link);
-    e->outbox_bytes += len;
-    return o;
-}
-
-static void relay_out_free(struct kp_engine *e, struct relay_out *o)
-{
-    kp_list_remove(&o->link);
-    e->outbox_bytes -= o->len;
-    if (o->progress_of)
-        o->progress_of->progress = NULL;
-    kp_free(o);
-}
-
-/* Sends the oldest texts of the outbox as one batch if the relay's
- * connection is free (the next batch goes when this one is answered). */
-static void relay_flush(struct kp_broker *b)
-{
-    struct kp_engine *e = engine(b);
-    if (kp_list_empty(&e->outbox) || !kp_pg_relay_ready(e->relay))
-        return;
-    enum { MAX = 256 };
-    const char *texts[MAX];
-    size_t lens[MAX], n = 0, bytes = 0;
-    for (struct kp_list *l = e->outbox.next; l != &e->outbox && n < MAX; l = l->next) {
-        struct relay_out *o = kp_container_of(l, struct relay_out, link);
-        if (n > 0 && bytes + o->len > JOBS_RELAY_BATCH_BYTES)
-            break;
-        texts[n] = o->text;
-        lens[n++] = o->len;
-        bytes += o->len;
-    }
-    kp_pg_relay_send(e->relay, texts, lens, n);
-    /* Sent or not, they are gone: hints, a lost one is a gap. */
-    for (size_t i = 0; i < n; i++)
-        relay_out_free(e, kp_container_of(e->outbox.next, struct relay_out, link));
-}
-
-/* Relays event ev of job w (run here) to the brokers watching it. */
-static void relay_event(struct kp_broker *b, struct watch *w, const struct event *ev)
-{
-    struct kp_engine *e = engine(b);
-    if (e->relay == NULL || ev->relayed)
-        return;
-    struct interest *in = zhashx_lookup(e->interests, w->id.s);
-    if (in == NULL || in->until < b->now)
-        return;
-    size_t plen = ev->has_payload ? zmq_msg_size((zmq_msg_t *)&ev->payload) : 0;
-    const unsigned char *data = plen ? zmq_msg_data((zmq_msg_t *)&ev->payload) : NULL;
-    if (!relay_up(e) || plen > JOBS_RELAY_EVENT_MAX) {
-        b->stats.job_events_relay_dropped++;
-        return;
-    }
-    char strs[4][RELAY_STR_CAP];
-    relay_str(strs[0], ev->stream);
-    relay_str(strs[1], ev->message);
-    relay_str(strs[2], ev->outcome);
-    relay_str(strs[3], ev->reason);
-    char *head = kp_malloc(JOBS_RELAY_NOTE + 64), rest[160];
-    int hn = snprintf(head, JOBS_RELAY_NOTE, "v %llx 0 %s %llu %u %d %.9g %s %s %s %s",
-                      (unsigned long long)b->broker_id, w->id.s, (unsigned long long)ev->seq,
-                      ev->attempt, (int)ev->kind, (double)ev->progress, strs[0], strs[1], strs[2],
-                      strs[3]);
-    int rn = snprintf(rest, sizeof rest, "v %llx 0 %s %llu %u %d 0 - - - -",
-                      (unsigned long long)b->broker_id, w->id.s, (unsigned long long)ev->seq,
-                      ev->attempt, (int)ev->kind);
-    size_t room0 = ((size_t)JOBS_RELAY_NOTE - (size_t)hn - 32) / 4 * 3;
-    size_t roomn = ((size_t)JOBS_RELAY_NOTE - (size_t)rn - 32) / 4 * 3;
-    size_t need = (size_t)hn + 32 + 4 * ((plen < room0 ? plen : room0) + 2) / 3;
-    for (size_t off = room0; off < plen; off += roomn)
-        need += (size_t)rn + 32 + 4 * ((plen - off < roomn ? plen - off : roomn) + 2) / 3;
-    bool progress = ev->kind == KELPIE__V1__KIND__PROGRESS && plen <= room0;
-    if (progress && in->progress && e->outbox_bytes > JOBS_RELAY_BATCH_BYTES) {
-        /* The database is behind (more than a batch waits): only the
-         * newest progress matters. */
-        relay_out_free(e, in->progress);
-        b->stats.job_events_relay_coalesced++;
-    }
-    if (e->outbox_bytes + need > JOBS_RELAY_OUT_BYTES) {
-        kp_free(head);
-        b->stats.job_events_relay_dropped++;
-        return;
-    }
-    char *text = kp_malloc(JOBS_RELAY_NOTE + 64);
-    size_t off = 0;
-    uint32_t part = 0;
-    do {
-        size_t take = plen - off < (part ? roomn : room0) ? plen - off : (part ? roomn : room0);
-        int n = snprintf(text, JOBS_RELAY_NOTE, "%s %u %d ", part ? rest : head, part,
-                         off + take < plen ? 1 : 0);
-        if (take)
-            n += (int)b64_encode(text + n, data + off, take);
-        else
-            text[n++] = ev->has_payload ? '=' : '-';
-        struct relay_out *o = relay_put(e, text, (size_t)n);
-        if (progress) {
-            o->progress_of = in;
-            in->progress = o;
-        }
-        off += take;
-        part++;
-    } while (off < plen);
-    kp_free(text);
-    kp_free(head);
-    b->stats.job_events_relayed++;
-    relay_flush(b);
-}
-
-/* Tells the watching brokers that attempt of job id ended here: its events
- * are all sent (they wait for this before a finished job's RESULT). */
-static void relay_ended(struct kp_broker *b, const kp_job_id *id, uint32_t attempt)
-{
-    struct kp_engine *e = engine(b);
-    struct interest *in = e->relay ? zhashx_lookup(e->interests, id->s) : NULL;
-    if (in == NULL || in->until < b->now || !relay_up(e))
-        return;
-    char text[96];
-    int n = snprintf(text, sizeof text, "x %llx 0 %s %u", (unsigned long long)b->broker_id, id->s,
-                     attempt);
-    relay_put(e, text, (size_t)n);
-    relay_flush(b);
-}
-
-/* Whether a watcher of w wants its events. */
-static bool watch_streamed(const struct watch *w)
-{
-    for (const struct kp_list *l = w->watchers.next; l != &w->watchers; l = l->next)
-        if (kp_container_of(l, struct watcher, link)->stream)
-            return true;
-    return false;
-}
-
-/* Says which jobs run elsewhere have streaming watchers here: `only`, or
- * every such watch. */
-static void relay_interest(struct kp_broker *b, struct watch *only)
-{
-    struct kp_engine *e = engine(b);
-    if (!relay_up(e))
-        return;
-    char text[JOBS_RELAY_NOTE + 64];
-    int base = snprintf(text, sizeof text, "w %llx 0", (unsigned long long)b->broker_id);
-    size_t n = (size_t)base;
-    for (void *it = only ? (void *)only : zhashx_first(e->watches); it;
-         it = only ? NULL : zhashx_next(e->watches)) {
-        struct watch *w = it;
-        if (w->run || !watch_streamed(w))
-            continue;
-        if (n + KP_JOB_ID_LEN + 1 > JOBS_RELAY_NOTE) {
-            if (e->outbox_bytes + n <= JOBS_RELAY_OUT_BYTES)
-                relay_put(e, text, n);
-            n = (size_t)base;
-        }
-        text[n++] = ' ';
-        memcpy(text + n, w->id.s, KP_JOB_ID_LEN);
-        n += KP_JOB_ID_LEN;
-    }
-    if (n > (size_t)base && e->outbox_bytes + n <= JOBS_RELAY_OUT_BYTES)
-        relay_put(e, text, n);
-    relay_flush(b);
-}
-
-/* Another broker watches these jobs: relay their events from now on, and
- * those kept so far of an attempt running here when it is news. */
-static void relay_on_watch(struct kp_broker *b, char **tok, size_t nt)
-{
-    struct kp_engine *e = engine(b);
-    for (size_t i = 0; i < nt; i++) {
-        kp_job_id id;
-        if (!kp_job_id_parse(tok[i], &id))
-            continue;
-        struct interest *in = zhashx_lookup(e->interests, id.s);
-        bool fresh = in == NULL || in->until < b->now;
-        if (in == NULL) {
-            if (zhashx_size(e->interests) >= JOBS_INTEREST_MAX)
-                continue;
-            in = kp_calloc(1, sizeof *in);
-            in->id = id;
-            zhashx_insert(e->interests, id.s, in);
-        }
-        in->until = b->now + JOBS_INTEREST_TTL_MS;
-        struct watch *w = zhashx_lookup(e->watches, id.s);
-        if (!fresh || w == NULL || w->run == NULL)
-            continue;
-        for (struct kp_list *l = w->events.next; l != &w->events; l = l->next)
-            relay_event(b, w, kp_container_of(l, struct event, link));
-    }
-}
-
-static void watch_drop_part(struct kp_broker *b, struct watch *w)
-{
-    if (w->part == NULL)
-        return;
-    event_free(w->part);
-    w->part = NULL;
-    kp_free(w->part_data);
-    w->part_data = NULL;
-    w->part_len = 0;
-    b->stats.job_events_remote_lost++;
-}
-
 /* The job's watchers get their RESULT now (a poll of the store). */
-static void watch_poll(struct kp_broker *b, struct watch *w)
+void kp_jobs_watch_poll(struct kp_broker *b, struct watch *w)
 {
     kp_list_remove(&w->defer);
     w->final_at = 0;
@@ -2851,419 +2396,6 @@ static void watch_poll(struct kp_broker *b, struct watch *w)
     g->id = w->id;
     g->req->in.id = w->id;
     w->polling = op_put(b, g);
-}
-
-/* An event (part) of a job run by broker `from`, for the watchers here. */
-static void relay_on_event(struct kp_broker *b, uint64_t from, char **tok, size_t nt)
-{
-    kp_job_id id;
-    if (nt != 12 || !kp_job_id_parse(tok[0], &id))
-        return;
-    struct watch *w = zhashx_lookup(engine(b)->watches, id.s);
-    if (w == NULL || w->run || kp_list_empty(&w->watchers))
-        return;
-    uint64_t seq = strtoull(tok[1], NULL, 10);
-    int kind = atoi(tok[3]);
-    uint32_t part = (uint32_t)strtoul(tok[9], NULL, 10);
-    bool more = strcmp(tok[10], "1") == 0;
-    if (kind != KELPIE__V1__KIND__PROGRESS && kind != KELPIE__V1__KIND__OUTPUT &&
-        kind != KELPIE__V1__KIND__STATUS)
-        return;
-    if (from != w->src) {
-        /* Another broker runs it now: its own count. Its first event
-         * keeps its sequence, so a gap before it shows as on that broker. */
-        if (w->part) {
-            event_free(w->part);
-            w->part = NULL;
-            w->part_len = 0;
-        }
-        w->src = from;
-        w->src_next = seq;
-        if (seq > w->seq)
-            w->seq = seq;
-    }
-    w->src_ended = false;
-    if (seq < w->src_next)
-        return; /* had it: a replay for a watcher that came later */
-    if (part == 0) {
-        watch_drop_part(b, w);
-        struct event *ev = kp_calloc(1, sizeof *ev);
-        ev->kind = (Kelpie__V1__Kind)kind;
-        ev->attempt = (uint32_t)strtoul(tok[2], NULL, 10);
-        ev->progress = strtof(tok[4], NULL);
-        ev->stream = relay_unstr(tok[5]);
-        ev->message = relay_unstr(tok[6]);
-        ev->outcome = relay_unstr(tok[7]);
-        ev->reason = relay_unstr(tok[8]);
-        ev->has_payload = strcmp(tok[11], "-") != 0;
-        ev->relayed = true;
-        zmq_msg_init(&ev->payload);
-        w->part = ev;
-        w->part_seq = seq;
-        w->part_next = 0;
-    } else if (w->part == NULL || w->part_seq != seq || w->part_next != part) {
-        watch_drop_part(b, w); /* a part went missing (the listener reconnected) */
-        return;
-    }
-    if (!relay_bytes(tok[11], &w->part_data, &w->part_len, JOBS_RELAY_EVENT_MAX)) {
-        watch_drop_part(b, w);
-        return;
-    }
-    w->part_next++;
-    if (more)
-        return;
-    struct event *ev = w->part;
-    w->part = NULL;
-    if (ev->has_payload) {
-        zmq_msg_close(&ev->payload);
-        msg_from(&ev->payload, w->part_data, w->part_len);
-    }
-    kp_free(w->part_data);
-    w->part_data = NULL;
-    w->part_len = 0;
-    if (seq > w->src_next) {
-        /* Dropped or replaced at the sender: the gap shows here too. */
-        b->stats.job_events_remote_lost += seq - w->src_next;
-        w->seq += seq - w->src_next;
-    }
-    w->src_next = seq + 1;
-    w->remote = true;
-    b->stats.job_events_remote++;
-    watch_emit(b, w, ev);
-    if (kp_list_empty(&w->watchers))
-        watch_release(b, w, false); /* its watchers were dropped (not reading) */
-}
-
-/* Broker `from` ended an attempt: the events of it are all here. */
-static void relay_on_ended(struct kp_broker *b, uint64_t from, char **tok, size_t nt)
-{
-    kp_job_id id;
-    if (nt != 2 || !kp_job_id_parse(tok[0], &id))
-        return;
-    struct watch *w = zhashx_lookup(engine(b)->watches, id.s);
-    if (w == NULL || w->src != from)
-        return;
-    w->src_ended = true;
-    if (w->final_at)
-        watch_poll(b, w);
-}
-
-/* Answers a relayed INPUT or cancel of broker `to`. */
-static void relay_answer(struct kp_broker *b, uint64_t to, const char *tag, enum kp_err err,
-                         uint32_t attempt, const char *msg)
-{
-    struct kp_engine *e = engine(b);
-    char m[RELAY_STR_CAP], text[RELAY_STR_CAP + 128];
-    relay_str(m, msg);
-    int n = snprintf(text, sizeof text, "a %llx %llx %s %d %u %s", (unsigned long long)b->broker_id,
-                     (unsigned long long)to, tag, (int)err, attempt, m);
-    if (e->outbox_bytes + (size_t)n <= JOBS_RELAY_OUT_BYTES)
-        relay_put(e, text, (size_t)n);
-    relay_flush(b);
-}
-
-static void relay_in_free(struct kp_engine *e, struct relay_in *ri)
-{
-    kp_list_remove(&ri->link);
-    e->nrelay_ins--;
-    kp_free(ri->data);
-    kp_free(ri);
-}
-
-/* An INPUT (part) from a client of broker `from`: forwarded to the worker
- * if the job's attempt runs here, answered as on one broker. */
-static void relay_on_input(struct kp_broker *b, uint64_t from, char **tok, size_t nt)
-{
-    struct kp_engine *e = engine(b);
-    kp_job_id id;
-    if (nt != 8 || !kp_job_id_parse(tok[0], &id) || strlen(tok[1]) > 16)
-        return;
-    uint64_t tag = strtoull(tok[1], NULL, 16);
-    uint32_t part = (uint32_t)strtoul(tok[5], NULL, 10);
-    struct relay_in *ri = NULL;
-    for (struct kp_list *l = e->relay_ins.next; l != &e->relay_ins && !ri; l = l->next) {
-        struct relay_in *x = kp_container_of(l, struct relay_in, link);
-        if (x->from == from && x->tag == tag)
-            ri = x;
-    }
-    if (part == 0) {
-        if (ri || (!run_here(b, &id) && !held_here(b, &id)))
-            return; /* not ours: the broker running it answers */
-        if (e->nrelay_ins >= JOBS_RELAY_PARTIALS)
-            relay_in_free(e, kp_container_of(e->relay_ins.next, struct relay_in, link));
-        ri = kp_calloc(1, sizeof *ri);
-        ri->from = from;
-        ri->tag = tag;
-        ri->id = id;
-        ri->attempt = (uint32_t)strtoul(tok[2], NULL, 10);
-        ri->seq = strtoull(tok[3], NULL, 10);
-        ri->flags = (uint32_t)strtoul(tok[4], NULL, 10);
-        ri->len = strcmp(tok[7], "-") == 0 ? SIZE_MAX : 0; /* SIZE_MAX: no payload frame */
-        kp_list_push_back(&e->relay_ins, &ri->link);
-        e->nrelay_ins++;
-    } else if (ri == NULL || ri->next != part) {
-        if (ri)
-            relay_in_free(e, ri);
-        return;
-    }
-    ri->next++;
-    if (ri->len != SIZE_MAX && !relay_bytes(tok[7], &ri->data, &ri->len, JOBS_RELAY_EVENT_MAX)) {
-        relay_in_free(e, ri);
-        return;
-    }
-    if (strcmp(tok[6], "1") == 0)
-        return;
-    char msg[160];
-    enum kp_err err;
-    uint32_t attempt = 0;
-    struct run *r = run_here(b, &ri->id);
-    if (r) {
-        zmq_msg_t m;
-        size_t n = ri->len != SIZE_MAX;
-        if (n)
-            msg_from(&m, ri->data, ri->len);
-        attempt = r->attempt;
-        err =
-            input_forward(b, r, ri->attempt, ri->seq, ri->flags, n ? &m : NULL, n, msg, sizeof msg);
-        if (err != KP_OK && n)
-            zmq_msg_close(&m);
-        if (err == KP_OK)
-            msg[0] = '\0';
-    } else {
-        err = KP_EJOBNOTRUNNING;
-        snprintf(msg, sizeof msg, "job %s is waiting for a free worker slot", ri->id.s);
-    }
-    relay_answer(b, from, tok[1], err, attempt, msg);
-    relay_in_free(e, ri);
-}
-
-/* A CancelJob from a client of broker `from`: done here if leased here. */
-static void relay_on_cancel(struct kp_broker *b, uint64_t from, char **tok, size_t nt)
-{
-    kp_job_id id;
-    if (nt != 2 || !kp_job_id_parse(tok[0], &id) || strlen(tok[1]) > 16)
-        return;
-    struct run *r = run_here(b, &id);
-    uint32_t attempt = r ? r->attempt : 0;
-    if (cancel_local(b, &id))
-        relay_answer(b, from, tok[1], KP_OK, attempt, NULL);
-}
-
-static void relay_req_free(struct kp_engine *e, struct relay_req *q)
-{
-    kp_list_remove(&q->link);
-    e->nrelay_reqs--;
-    kp_free(q);
-}
-
-/* The running broker's answer to a relayed INPUT or cancel of ours. */
-static void relay_on_answer(struct kp_broker *b, char **tok, size_t nt)
-{
-    struct kp_engine *e = engine(b);
-    if (nt != 4)
-        return;
-    uint64_t tag = strtoull(tok[0], NULL, 16);
-    int err = atoi(tok[1]);
-    struct relay_req *q = NULL;
-    for (struct kp_list *l = e->relay_reqs.next; l != &e->relay_reqs && !q; l = l->next) {
-        struct relay_req *x = kp_container_of(l, struct relay_req, link);
-        if (x->tag == tag)
-            q = x;
-    }
-    if (q == NULL || err < 0 || err >= KP_ERR_COUNT)
-        return; /* answered already (or timed out) */
-    char *msg = relay_unstr(tok[3]);
-    if (err != KP_OK) {
-        if (q->kind == 'i')
-            b->stats.job_inputs_refused++;
-        kp_broker_send_error(b, b->frontend, q->rid.bytes, q->rid.len, q->request_id,
-                             (enum kp_err)err, msg);
-    } else if (q->kind == 'i') {
-        b->stats.job_inputs_relayed++;
-        input_ack(b, &q->rid, q->request_id, &q->id, (uint32_t)strtoul(tok[2], NULL, 10));
-    } else {
-        b->stats.job_cancels_relayed++;
-        struct op tmp = {.has_peer = true, .rid = q->rid, .request_id = q->request_id, .id = q->id};
-        reply_state(b, &tmp, "cancelling");
-    }
-    kp_free(msg);
-    relay_req_free(e, q);
-}
-
-/* Relays an INPUT ('i', with its payload if has_payload) or a CancelJob
- * ('c') for job id, leased by another broker, answering the client at rid
- * when that broker does (or UNAVAILABLE after JOBS_RELAY_WAIT_MS). false if
- * it cannot be relayed now (the caller answers). */
-static bool relay_request(struct kp_broker *b, char kind, const struct kp_rid *rid,
-                          uint64_t request_id, const kp_job_id *id, const struct op *o)
-{
-    struct kp_engine *e = engine(b);
-    size_t plen = kind == 'i' && o->has_payload ? zmq_msg_size((zmq_msg_t *)&o->payload) : 0;
-    size_t need = 200 + 4 * (plen + 2) / 3 + (plen / 4000 + 1) * 200;
-    if (!relay_up(e) || e->nrelay_reqs >= JOBS_RELAY_REQS_MAX || plen > JOBS_RELAY_EVENT_MAX ||
-        e->outbox_bytes + need > JOBS_RELAY_OUT_BYTES)
-        return false;
-    struct relay_req *q = kp_calloc(1, sizeof *q);
-    q->tag = ++e->relay_tag;
-    q->kind = kind;
-    q->rid = *rid;
-    q->request_id = request_id;
-    q->id = *id;
-    q->deadline = b->now + JOBS_RELAY_WAIT_MS;
-    kp_list_push_back(&e->relay_reqs, &q->link);
-    e->nrelay_reqs++;
-    char *text = kp_malloc(JOBS_RELAY_NOTE + 64);
-    if (kind == 'c') {
-        int n = snprintf(text, JOBS_RELAY_NOTE, "c %llx 0 %s %llx",
-                         (unsigned long long)b->broker_id, id->s, (unsigned long long)q->tag);
-        relay_put(e, text, (size_t)n);
-    } else {
-        const unsigned char *data = plen ? zmq_msg_data((zmq_msg_t *)&o->payload) : NULL;
-        size_t room = (JOBS_RELAY_NOTE - 200) / 4 * 3, off = 0;
-        uint32_t part = 0;
-        do {
-            size_t take = plen - off < room ? plen - off : room;
-            int n = snprintf(text, JOBS_RELAY_NOTE, "i %llx 0 %s %llx %u %llu %u %u %d ",
-                             (unsigned long long)b->broker_id, id->s, (unsigned long long)q->tag,
-                             o->attempt, (unsigned long long)o->seq, o->flags, part,
-                             off + take < plen ? 1 : 0);
-            if (take)
-                n += (int)b64_encode(text + n, data + off, take);
-            else
-                text[n++] = o->has_payload ? '=' : '-';
-            relay_put(e, text, (size_t)n);
-            off += take;
-            part++;
-        } while (off < plen);
-    }
-    kp_free(text);
-    relay_flush(b);
-    return true;
-}
-
-/* One relay text from another broker (kp_pg_listener_step's note). */
-static void relay_note(void *arg, const char *text)
-{
-    struct kp_broker *b = arg;
-    enum { MAX_TOKENS = JOBS_RELAY_NOTE / KP_JOB_ID_LEN + 8 };
-    char *copy = kp_strdup(text), *save = NULL, *tok[MAX_TOKENS];
-    size_t nt = 0;
-    for (char *t = strtok_r(copy, " ", &save); t && nt < MAX_TOKENS; t = strtok_r(NULL, " ", &save))
-        tok[nt++] = t;
-    if (nt < 3 || strlen(tok[0]) != 1) {
-        kp_free(copy);
-        return;
-    }
-    uint64_t from = strtoull(tok[1], NULL, 16), to = strtoull(tok[2], NULL, 16);
-    if (from == b->broker_id || (to != 0 && to != b->broker_id)) {
-        kp_free(copy); /* our own, or another's answer */
-        return;
-    }
-    switch (tok[0][0]) {
-    case 'w':
-        relay_on_watch(b, tok + 3, nt - 3);
-        break;
-    case 'v':
-        relay_on_event(b, from, tok + 3, nt - 3);
-        break;
-    case 'x':
-        relay_on_ended(b, from, tok + 3, nt - 3);
-        break;
-    case 'i':
-        relay_on_input(b, from, tok + 3, nt - 3);
-        break;
-    case 'c':
-        relay_on_cancel(b, from, tok + 3, nt - 3);
-        break;
-    case 'a':
-        relay_on_answer(b, tok + 3, nt - 3);
-        break;
-    default:
-        break;
-    }
-    kp_free(copy);
-}
-
-/* The relay's timers: unanswered requests, job ends waiting for their
- * events, interests to renew or forget. */
-static void relay_tick(struct kp_broker *b)
-{
-    struct kp_engine *e = engine(b);
-    if (e->relay == NULL)
-        return;
-    if (!kp_pg_listener_listening(e->relay))
-        kp_jobs_on_relay(b); /* connecting, or waiting to */
-    while (!kp_list_empty(&e->relay_reqs)) {
-        struct relay_req *q = kp_container_of(e->relay_reqs.next, struct relay_req, link);
-        if (q->deadline > b->now)
-            break;
-        char msg[160];
-        snprintf(msg, sizeof msg,
-                 "job %s is leased by another broker, which did not answer in %d ms: try again",
-                 q->id.s, JOBS_RELAY_WAIT_MS);
-        b->stats.job_relay_timeouts++;
-        if (q->kind == 'i')
-            b->stats.job_inputs_refused++;
-        kp_broker_send_error(b, b->frontend, q->rid.bytes, q->rid.len, q->request_id,
-                             KP_EJOBNOTRUNNING, msg);
-        relay_req_free(e, q);
-    }
-    while (!kp_list_empty(&e->deferred)) {
-        struct watch *w = kp_container_of(e->deferred.next, struct watch, defer);
-        if (w->final_at > b->now)
-            break;
-        watch_poll(b, w);
-    }
-    if (b->now < e->next_interest)
-        return;
-    e->next_interest = b->now + JOBS_INTEREST_RENEW_MS;
-    relay_interest(b, NULL);
-    struct interest *gone[256];
-    size_t n = 0;
-    for (void *it = zhashx_first(e->interests); it && n < 256; it = zhashx_next(e->interests)) {
-        struct interest *in = it;
-        if (in->until < b->now)
-            gone[n++] = in;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (gone[i]->progress)
-            gone[i]->progress->progress_of = NULL;
-        zhashx_delete(e->interests, gone[i]->id.s);
-        kp_free(gone[i]);
-    }
-}
-
-static void relay_fini(struct kp_broker *b)
-{
-    struct kp_engine *e = engine(b);
-    while (!kp_list_empty(&e->outbox))
-        relay_out_free(e, kp_container_of(e->outbox.next, struct relay_out, link));
-    for (void *it = zhashx_first(e->interests); it; it = zhashx_next(e->interests))
-        kp_free(it);
-    zhashx_destroy(&e->interests);
-    while (!kp_list_empty(&e->relay_reqs))
-        relay_req_free(e, kp_container_of(e->relay_reqs.next, struct relay_req, link));
-    while (!kp_list_empty(&e->relay_ins))
-        relay_in_free(e, kp_container_of(e->relay_ins.next, struct relay_in, link));
-}
-
-int kp_jobs_relay_fd(struct kp_broker *b, short *events)
-{
-    struct kp_engine *e = engine(b);
-    *events = 0;
-    return e && e->relay ? kp_pg_listener_fd(e->relay, events) : -1;
-}
-
-void kp_jobs_on_relay(struct kp_broker *b)
-{
-    struct kp_engine *e = engine(b);
-    if (e == NULL || e->relay == NULL)
-        return;
-    if (kp_pg_listener_step(e->relay, b->now, JOBS_REOPEN_MS / 5, relay_note, b)) {
-        kp_log_info("job store: relaying job events, INPUT and cancels with the other brokers");
-        e->next_interest = b->now; /* what we watch is said again at once */
-    }
-    relay_flush(b);
 }
 
 /* ---- the loop ----------------------------------------------------------------- */
@@ -3309,7 +2441,7 @@ static void jobs_note(void *arg, const char *text)
         struct watch *w = kp_job_id_parse(rest, &id) ? zhashx_lookup(e->watches, id.s) : NULL;
         if (w == NULL || w->run || w->polling || kp_list_empty(&w->watchers))
             return;
-        if (w->src && !w->src_ended && relay_up(e)) {
+        if (w->src && !w->src_ended && kp_relay_up(e->relay)) {
             /* Its last events are still on their way over the relay (another
              * connection): the RESULT waits for the end of the attempt. */
             if (w->final_at == 0) {
@@ -3318,7 +2450,7 @@ static void jobs_note(void *arg, const char *text)
             }
             return;
         }
-        watch_poll(b, w);
+        kp_jobs_watch_poll(b, w);
         return;
     }
     if (own)
@@ -3412,7 +2544,13 @@ void kp_jobs_tick(struct kp_broker *b)
         e->next_expire = b->now + JOBS_EXPIRE_EVERY_MS;
         op_put(b, op_new(OP_EXPIRE, KP_JOURNAL_EXPIRE));
     }
-    relay_tick(b);
+    kp_relay_tick(b);
+    while (!kp_list_empty(&e->deferred)) {
+        struct watch *w = kp_container_of(e->deferred.next, struct watch, defer);
+        if (w->final_at > b->now)
+            break;
+        kp_jobs_watch_poll(b, w);
+    }
     if (e->retry_at && b->now >= e->retry_at) {
         e->retry_at = 0;
         while (!kp_list_empty(&e->retry_ends)) {
@@ -3459,9 +2597,8 @@ uint64_t kp_jobs_next_wake(struct kp_broker *b)
     uint64_t next = e->next_look;
     if (e->retry_at && e->retry_at < next)
         next = e->retry_at;
-    if (e->relay && e->next_interest < next)
-        next = e->next_interest;
-    if (!kp_list_empty(&e->relay_reqs) || !kp_list_empty(&e->deferred))
+    next = kp_relay_next_wake(b, next);
+    if (!kp_list_empty(&e->deferred))
         next = next < b->now + JOBS_RELAY_TICK_MS ? next : b->now + JOBS_RELAY_TICK_MS;
     uint64_t wall = kp_store_now();
     void *it;
@@ -3584,13 +2721,9 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     e->store_url = store && *store ? kp_strdup(store) : NULL;
     if (e->store_url) {
         e->listener = kp_pg_listener_new(e->store_url);
-        e->relay = kp_pg_relay_new(e->store_url);
+        e->relay = kp_relay_new(e->store_url);
     }
-    kp_list_init(&e->outbox);
-    kp_list_init(&e->relay_reqs);
-    kp_list_init(&e->relay_ins);
     kp_list_init(&e->deferred);
-    e->interests = zhashx_new();
     e->rng = b->broker_id;
     e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     e->defaults = (struct queue_settings){
@@ -3668,7 +2801,6 @@ void kp_jobs_destroy(struct kp_broker *b)
     }
     kp_journal_destroy(&e->journal);
     kp_pg_listener_destroy(&e->listener);
-    kp_pg_listener_destroy(&e->relay);
     /* Runs on calls: the calls themselves go with the call table. */
     size_t pos = 0;
     struct kp_call *c;
@@ -3690,7 +2822,7 @@ void kp_jobs_destroy(struct kp_broker *b)
     for (it = zhashx_first(e->watches); it; it = zhashx_next(e->watches))
         watch_free(it);
     zhashx_destroy(&e->watches);
-    relay_fini(b);
+    kp_relay_destroy(&e->relay);
     zhashx_destroy(&e->queues);
     kp_free(e->settings);
     kp_free(e->data_dir);

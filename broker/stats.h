@@ -110,9 +110,10 @@
     XX(job_events_remote)          /* events of jobs run elsewhere given to watchers here */       \
     XX(job_events_remote_lost)     /* ... seen missing (a gap in its sequence, a lost part) */     \
     XX(job_inputs_relayed)         /* INPUTs for jobs run by another broker, ACKed by it */        \
-    XX(job_cancels_relayed) /* CancelJobs for jobs run by another broker, passed on by it */       \
-    XX(job_relay_timeouts)  /* relayed INPUT/CancelJob that no broker answered in time */          \
-    XX(log_suppressed)      /* warning/error lines held back by the log's rate limit */
+    XX(job_cancels_relayed)       /* CancelJobs for jobs run by another broker, passed on by it */ \
+    XX(job_relay_timeouts)        /* relayed INPUT/CancelJob that no broker answered in time */    \
+    XX(job_relay_unknown_version) /* relay texts of a version not spoken here, dropped */          \
+    XX(log_suppressed)            /* warning/error lines held back by the log's rate limit */
 
 struct kp_stats {
 #define XX(name) uint64_t name;

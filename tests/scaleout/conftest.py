@@ -26,6 +26,9 @@ _spec.loader.exec_module(_je)
 Client, Workers, wait_for, K = _je.Client, _je.Workers, _je.wait_for, _je.K
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
+# PostgreSQL's own programs run without the sanitizer runtime that an ASan
+# test run preloads for the interpreter (initdb hangs under it).
+PG_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 class Postgres:
@@ -43,7 +46,7 @@ class Postgres:
         subprocess.run(self.as_user + [f"{PG_BIN}/initdb", "-D", f"{self.dir}/data", "-U",
                                        "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                       timeout=120)
+                       timeout=120, env=PG_ENV)
         return self.start_server()
 
     def start_server(self):
@@ -52,7 +55,7 @@ class Postgres:
         subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
                                        f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
                                        "start"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=90)
+                       check=True, stdout=subprocess.DEVNULL, timeout=90, env=PG_ENV)
         with open(f"{self.dir}/data/postmaster.pid") as f:
             self.pid = int(f.readline())
         return self
@@ -61,14 +64,15 @@ class Postgres:
         """A fast shutdown (connections are cut), the data kept for start_server()."""
         subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-m", "fast",
                                        "-w", "-t", "60", "stop"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=90)
+                       check=True, stdout=subprocess.DEVNULL, timeout=90, env=PG_ENV)
         self.pid = None
 
     def psql(self, sql, db="postgres"):
         return subprocess.run([f"{PG_BIN}/psql" if os.path.exists(f"{PG_BIN}/psql") else "psql",
                                "-h", self.dir, "-p", str(self.port), "-U", "postgres", "-d", db,
                                "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                              check=True, capture_output=True, text=True, timeout=30).stdout
+                              check=True, capture_output=True, text=True, timeout=30,
+                              env=PG_ENV).stdout
 
     def new_db(self):
         name = f"k{random.getrandbits(48):012x}"

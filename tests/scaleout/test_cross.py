@@ -3,7 +3,8 @@
 cancels across brokers"): its PROGRESS/OUTPUT events reach a streaming
 watcher on b while it runs, in order, OUTPUT larger than a NOTIFY payload
 included; a watcher on b that does not read is dropped and the relay stops;
-INPUT sent to b reaches the worker on a, with the errors one broker gives;
+INPUT sent to b reaches the worker on a, with the errors one broker gives,
+up to --max-message-size; relay texts of an unknown version are ignored;
 CancelJob on b cancels the running attempt (the worker gets CANCEL). And a
 broker whose PostgreSQL goes away logs a bounded number of lines.
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import zmq
 
 from conftest import Client, K, Postgres, Workers, broker_stats, start_broker, wait_for
@@ -23,6 +25,18 @@ from kelpie.v1 import header_pb2 as pb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STREAM, END_OF_INPUT = 2, 1024
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports(tmp_path):
+    """Under a sanitized kelpied (ctest scaleout_relay_asan) an ASan or UBSan
+    report in a broker's log fails the test, even when the test's own
+    assertions held (the brokers are stopped with SIGKILL, unchecked)."""
+    yield
+    for log in tmp_path.rglob("kelpied.log"):
+        text = log.read_text(errors="replace")
+        for mark in ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer"):
+            assert mark not in text, f"{log}:\n{text[text.index(mark) - 200:][:3000]}"
 
 
 def start_worker(tmp_path, broker):
@@ -42,9 +56,10 @@ def stop_worker(p):
     p.wait(timeout=10)
 
 
-def two_brokers(tmp_path, postgres, b_args=()):
+def two_brokers(tmp_path, postgres, b_args=(), a_args=()):
     url, _ = postgres.new_db()
-    return start_broker(tmp_path, "a", url), start_broker(tmp_path, "b", url, args=b_args)
+    return (start_broker(tmp_path, "a", url, args=a_args),
+            start_broker(tmp_path, "b", url, args=b_args))
 
 
 def wait_running(c, job, timeout=15.0):
@@ -86,7 +101,11 @@ def test_events_of_a_job_run_through_a_stream_live_to_a_watcher_on_b(tmp_path, p
         h, p = cb.expect(rid, timeout=10)
         assert h.kind == K.RESULT and h.code == pb.OK and p[0] == b"done", (K.Name(h.kind),
                                                                             h.message)
-        sa, sb = broker_stats(Client(a.frontend)), broker_stats(cb)
+        ca = Client(a.frontend)
+        try:
+            sa, sb = broker_stats(ca), broker_stats(cb)
+        finally:
+            ca.close()
         assert len(steps) + sa["job_events_relay_coalesced"] == n, (steps, sa)
         assert sa["job_events_relay_dropped"] == 0, sa
         assert sa["job_events_relayed"] >= n + len(steps), sa
@@ -181,8 +200,94 @@ def test_input_sent_to_b_reaches_the_worker_running_the_job_through_a(tmp_path, 
         assert h.kind == K.ERROR and h.code == pb.NOT_FOUND, (K.Name(h.kind), h.code)
         sb = broker_stats(cb)
         assert sb["job_inputs_relayed"] == 4, sb
-        assert broker_stats(Client(a.frontend))["job_inputs"] == 4
+        ca = Client(a.frontend)
+        try:
+            assert broker_stats(ca)["job_inputs"] == 4
+        finally:
+            ca.close()
     finally:
+        cb.close()
+        stop_worker(w)
+        a.stop()
+        b.stop()
+
+
+def test_an_input_over_256_kib_sent_to_b_reaches_the_worker_through_a(tmp_path, postgres):
+    """As on one broker, a relayed INPUT may be as large as --max-message-size
+    (it was refused over 256 KiB); over the limit of the broker running the
+    job it is refused by that broker, RESOURCE_EXHAUSTED, saying so."""
+    a, b = two_brokers(tmp_path, postgres, a_args=["--max-message-size", str(4 << 20)])
+    w = start_worker(tmp_path, a)
+    cb = Client(b.frontend)
+    try:
+        job = cb.submit(b"", queue="echo")
+        wait_running(cb, job)
+        # ~1 MB: over the old 256 KiB cap, within the worker's 1 MiB stdin buffer.
+        medium = os.urandom(1000000)
+        t0 = time.monotonic()
+        rid = cb.send(medium, kind=K.INPUT, job_id=job, sequence=0)
+        h, _ = cb.expect(rid, timeout=30)
+        took = time.monotonic() - t0
+        assert h.kind == K.ACK and h.job_id == job, (K.Name(h.kind), h.code, h.message)
+        # 3 MiB: more than the relay's 2 MiB outbox holds as base64. a forwards
+        # it and ACKs, as one broker would (this worker, whose unread stdin is
+        # bounded at 1 MiB, then discards it: _jobs.STDIN_BUFFER).
+        rid = cb.send(os.urandom(3 << 20), kind=K.INPUT, job_id=job, sequence=1)
+        h, _ = cb.expect(rid, timeout=30)
+        assert h.kind == K.ACK and h.job_id == job, (K.Name(h.kind), h.code, h.message)
+        # 5 MiB: b takes it (16 MiB), a, which runs the job, would not.
+        rid = cb.send(os.urandom(5 << 20), kind=K.INPUT, job_id=job, sequence=2)
+        h, _ = cb.expect(rid, timeout=30)
+        assert h.kind == K.ERROR and h.code == pb.RESOURCE_EXHAUSTED, (K.Name(h.kind), h.code)
+        assert "max-message-size" in h.message and "running" in h.message, h.message
+        rid = cb.send(b"small", kind=K.INPUT, job_id=job, sequence=2)
+        h, _ = cb.expect(rid, timeout=10)
+        assert h.kind == K.ACK, (K.Name(h.kind), h.code, h.message)
+        rid = cb.send(kind=K.INPUT, job_id=job, sequence=3, flags=END_OF_INPUT)
+        h, _ = cb.expect(rid, timeout=10)
+        assert h.kind == K.ACK, (K.Name(h.kind), h.code, h.message)
+        h, p = cb.result(job, timeout=30)
+        assert h.code == pb.OK and p[0] == medium + b"|small", (h.message, len(p[0]))
+        assert broker_stats(cb)["job_inputs_relayed"] == 4
+        print(f"\n1 MB INPUT relayed b -> a and ACKed in {took:.2f} s")
+    finally:
+        cb.close()
+        stop_worker(w)
+        a.stop()
+        b.stop()
+
+
+def test_a_relay_text_of_a_version_this_broker_does_not_speak_is_counted_and_ignored(
+        tmp_path, postgres):
+    """Relay texts start with their format's version: a broker drops (and
+    counts, and warns about) a text of a version it does not speak rather
+    than misread it; a text of its own version still works. Here a CancelJob
+    text for a job running through a, written as a later release (99) and
+    as the unversioned first release would, then as this one."""
+    url, db = postgres.new_db()
+    a, b = start_broker(tmp_path, "a", url), start_broker(tmp_path, "b", url)
+    w = start_worker(tmp_path, a)
+    ca, cb = Client(a.frontend), Client(b.frontend)
+    try:
+        job = cb.submit(b"", queue="sleepy")
+        wait_running(cb, job)
+        marker = os.path.join(str(tmp_path), f"{job}.cancelled")
+        postgres.psql(f"NOTIFY kelpie_relay, '99 c ffff 0 {job} 1'", db=db)
+        postgres.psql(f"NOTIFY kelpie_relay, 'c ffff 0 {job} 2'", db=db)
+        for c in (ca, cb):  # every broker listens
+            wait_for(lambda: broker_stats(c)["job_relay_unknown_version"] == 2, timeout=10,
+                     what="both texts counted")
+        time.sleep(0.5)
+        assert not os.path.exists(marker), "a text of an unknown version was acted on"
+        assert cb.job(job)["state"] == "leased"
+        log = a.log()
+        assert "relay version 99 " in log and "relay version 1 (unversioned" in log, log[-2000:]
+        postgres.psql(f"NOTIFY kelpie_relay, '2 c ffff 0 {job} 3'", db=db)
+        wait_for(lambda: os.path.exists(marker), timeout=10,
+                 what="the worker on a got CANCEL from a current relay text")
+        assert broker_stats(ca)["job_relay_unknown_version"] == 2
+    finally:
+        ca.close()
         cb.close()
         stop_worker(w)
         a.stop()
