@@ -275,7 +275,10 @@ static const char pg_inserts_sql[] =
  * the job's new state, run_at and queue. An end without a row (no such
  * job, or its attempt is not the one running: a late success, a repeat, a
  * stale end, or the same job twice in the arrays) changed nothing and is
- * left to pg_end_inner. `t.id = ANY($1)` makes the plan find the rows by
+ * left to pg_end_inner. The statement sends its own notifications
+ * (pg_note_move's, $9 this broker's id in hex, $10 the queues it claims
+ * with a concurrency limit), so they need not wait for its answer and the
+ * COMMIT can go in the same round trip. `t.id = ANY($1)` makes the plan find the rows by
  * the id index: a join with the unnest alone was planned as a scan of every
  * job (3x the server time of one statement per end). The UPDATE's own row lock and its recheck of
  * `state = 2 AND attempts = v.att` on the newest row version serialise it
@@ -291,10 +294,18 @@ static const char pg_ends_sql[] =
     "  expires_at = CASE WHEN v.outcome IN (1, 5) THEN v.now + t.result_ttl_ms END, "
     "  output = coalesce(v.output, t.output) "
     "  FROM v WHERE t.id = ANY($1) AND t.id = v.id AND t.state = 2 AND t.attempts = v.att "
-    "  RETURNING v.i, t.seq, t.attempts, t.state, t.run_at, t.queue, v.outcome, v.now, v.msg), "
+    "  RETURNING v.i, t.seq, t.id, t.attempts, t.state, t.run_at, t.queue, v.outcome, v.now, "
+    "  v.msg), "
     "a AS (UPDATE attempts a SET outcome = m.outcome, ended_at = m.now, message = m.msg "
     "  FROM m WHERE a.job_seq = m.seq AND a.n = m.attempts) "
-    "SELECT i, state, run_at, queue FROM m";
+    "SELECT i, state, run_at, queue, "
+    "  CASE WHEN length(queue) < 7800 THEN pg_notify('" PG_CHANNEL "', CASE state "
+    "    WHEN 1 THEN 'r ' || $9::text || ' ' || queue "
+    "    WHEN 0 THEN 'd ' || $9 || ' ' || run_at || ' ' || queue "
+    "    ELSE 'e ' || $9 || ' ' || id END) END, "
+    "  CASE WHEN state <> 1 AND length(queue) < 7800 AND queue = ANY($10::text[]) "
+    "    THEN pg_notify('" PG_CHANNEL "', 'r ' || $9 || ' ' || queue) END "
+    "FROM m";
 
 _Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
                "pg_ends_sql names outcomes by number");
@@ -319,6 +330,9 @@ struct pg_store {
      * still open: released in the same round trip as the next one's is
      * taken (or by COMMIT), one round trip per operation fewer. */
     bool sp_open;
+    /* kp_store_run_commit: the group's COMMIT goes at the end of its
+     * pipeline (commit_in_pipe), and went through (committed_in_pipe). */
+    bool commit_in_pipe, committed_in_pipe;
     enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
     /* Notifications of the open transaction, sent with its COMMIT: a
      * "SELECT pg_notify(...), ..." prefix, and its length when the running
@@ -796,7 +810,7 @@ static void stmt_insert(const struct kp_job_new *in, const kp_job_id *id, uint64
  * the other brokers of a new job. A keyed insert's row names the key's job:
  * another one means the key was live (nothing inserted). */
 static enum kp_err read_insert(struct pg_store *q, PGresult *r, const struct kp_job_new *in,
-                               uint64_t now, struct kp_job_ref *ref)
+                               uint64_t now, struct kp_job_ref *ref, bool note)
 {
     if (pg_keyed(in)) {
         if (PQntuples(r) != 1)
@@ -811,8 +825,9 @@ static enum kp_err read_insert(struct pg_store *q, PGresult *r, const struct kp_
         }
     }
     bool later = in->run_at > now;
-    pg_note_move(q, in->queue, ref->id.s, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
-                 false);
+    if (note)
+        pg_note_move(q, in->queue, ref->id.s, later ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
+                     false);
     return KP_OK;
 }
 
@@ -936,11 +951,18 @@ static void arr_i64(struct pg_arr *x, int64_t v)
     arr_add(x, be, sizeof be);
 }
 
-/* Writes the header and adds x (n >= 1 elements of type oid) to a. */
+/* Writes the header and adds x (elements of type oid) to a. */
 static void arr_arg(struct pg_args *a, struct pg_arr *x, uint32_t oid)
 {
     uint32_t head[5] = {htonl(1), htonl(x->nulls), htonl(oid), htonl(x->n), htonl(1)};
-    memcpy(x->buf, head, sizeof head);
+    if (x->n == 0) {
+        /* No dimensions: an empty array is its ndim 0, flags and type. */
+        head[0] = 0;
+        x->len = 0;
+        arr_put(x, head, 3 * sizeof head[0]);
+    } else {
+        memcpy(x->buf, head, sizeof head);
+    }
     a->v[a->n] = x->buf;
     a->len[a->n] = (int)x->len;
     a->fmt[a->n++] = 1;
@@ -1022,7 +1044,9 @@ static void rows_end(struct pg_arr *x, const kp_job_id *id, uint32_t attempt,
     arr_add(&x[E_OUTPUT], e->output_len > 0 ? e->output : NULL, e->output_len);
 }
 
-static void stmt_ends(struct pg_arr *x, struct pg_stmt *st)
+/* pg_ends_sql for the ends in x, as broker q (its notifications). */
+static void stmt_ends(struct pg_store *q, struct pg_arr *x, char *hex, size_t hexcap,
+                      struct pg_arr *limited, struct pg_stmt *st)
 {
     static const uint32_t oid[E_COLS] = {
         [E_ID] = PG_OID_TEXT,      [E_ATT] = PG_OID_INT8,    [E_OUTCOME] = PG_OID_INT8,
@@ -1033,6 +1057,11 @@ static void stmt_ends(struct pg_arr *x, struct pg_stmt *st)
     st->a.n = 0;
     for (int c = 0; c < E_COLS; c++)
         arr_arg(&st->a, &x[c], oid[c]);
+    snprintf(hex, hexcap, "%llx", (unsigned long long)q->broker);
+    arg_text(&st->a, hex);
+    for (size_t i = 0; i < q->nlimited; i++)
+        arr_text(limited, q->limited[i]);
+    arr_arg(&st->a, limited, PG_OID_TEXT);
 }
 
 /* ---- the slow path: one operation, one statement at a time ------------------- */
@@ -1050,7 +1079,7 @@ static enum kp_err pg_insert_slow(struct pg_store *q, const struct kp_job_new *j
         PGresult *r;
         err = pg_run(q, st.sql, &st.a, st.what, &r);
         if (err == KP_OK) {
-            err = read_insert(q, r, &jobs[i], now, &out[i]);
+            err = read_insert(q, r, &jobs[i], now, &out[i], true);
             PQclear(r);
         }
     }
@@ -1264,7 +1293,7 @@ static enum kp_err pg_end_slow(struct pg_store *q, const kp_job_id *id, uint32_t
 /* What each statement of a pipeline answers for. */
 /* S_INSERTS: every job without a key (pg_inserts_sql); S_INSERT: one with a
  * key; S_ENDS: every end (pg_ends_sql). */
-enum pg_sent_kind { S_CONTROL, S_INSERTS, S_INSERT, S_LIMITS, S_CLAIM, S_ENDS };
+enum pg_sent_kind { S_CONTROL, S_INSERTS, S_INSERT, S_LIMITS, S_CLAIM, S_ENDS, S_COMMIT };
 
 struct pg_sent {
     enum pg_sent_kind kind;
@@ -1370,6 +1399,13 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
                 op->refs[j].existed = false;
                 if (!pg_keyed(&op->jobs[j]))
                     rows_insert(ins, &op->jobs[j], &op->refs[j].id, op->now);
+                /* Told before the answers are read, so the notifications
+                 * can go with a COMMIT in this pipeline: a keyed job that
+                 * turns out to exist is a needless hint, no more. */
+                const struct kp_job_new *in = &op->jobs[j];
+                pg_note_move(q, in->queue, op->refs[j].id.s,
+                             in->run_at > op->now ? KP_JOB_SCHEDULED : KP_JOB_QUEUED, in->run_at,
+                             false);
             }
         } else if (op->kind == KP_STORE_OP_END) {
             rows_end(fin, op->id, op->attempt, op->end, op->now);
@@ -1393,13 +1429,16 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             pipe_add(sent, nsent, S_INSERT, i, j, st.what);
         }
     }
+    struct pg_arr limited = {0};
     if (ok && *nends > 0) {
-        stmt_ends(fin, &st);
+        char hex[24];
+        stmt_ends(q, fin, hex, sizeof hex, &limited, &st);
         ok = pipe_send(q, st.sql, &st.a);
         pipe_add(sent, nsent, S_ENDS, 0, 0, st.what);
     }
     arrs_free(ins, I_COLS);
     arrs_free(fin, E_COLS);
+    arrs_free(&limited, 1);
     for (size_t i = 0; i < n && ok; i++) {
         struct kp_store_op *op = &ops[i];
         if (op->err != KP_OK)
@@ -1411,6 +1450,17 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
     }
     ok = ok && pipe_send(q, "RELEASE SAVEPOINT grp", NULL);
     pipe_add(sent, nsent, S_CONTROL, 0, 0, "RELEASE SAVEPOINT");
+    if (q->commit_in_pipe) {
+        /* The group's notifications and its COMMIT: skipped by the server
+         * when a statement before them failed. */
+        if (q->notes_len) {
+            q->notes[q->notes_len] = '\0'; /* an undone operation may have left text after */
+            ok = ok && pipe_send(q, q->notes, NULL);
+            pipe_add(sent, nsent, S_CONTROL, 0, 0, "NOTIFY");
+        }
+        ok = ok && pipe_send(q, "COMMIT", NULL);
+        pipe_add(sent, nsent, S_COMMIT, 0, 0, "COMMIT");
+    }
     ok = ok && PQpipelineSync(q->conn) == 1;
 
     enum pg_pipe_end end = ok ? PIPE_OK : PIPE_LOST;
@@ -1425,11 +1475,23 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             break;
         }
         ExecStatusType s = PQresultStatus(r);
+        if (sent[k].kind == S_COMMIT && s == PGRES_COMMAND_OK &&
+            strcmp(PQcmdStatus(r), "COMMIT") != 0) {
+            /* COMMIT of a transaction already aborted answers ROLLBACK. */
+            snprintf(why, KP_STORE_ERRMSG_MAX,
+                     "postgresql %s: COMMIT: the transaction was rolled back (%s)", q->where,
+                     PQcmdStatus(r));
+            end = PIPE_LOST;
+            PQclear(r);
+            r = NULL;
+            break;
+        }
         if (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK) {
             sent[k].r = r;
             /* A keyed insert always names the key's job; if it did not,
-             * its operation must fail alone, which the slow path does. */
-            if (sent[k].kind == S_INSERT && end == PIPE_OK &&
+             * its operation must fail alone, which the slow path does
+             * (or, once the group is committed, read_insert). */
+            if (sent[k].kind == S_INSERT && end == PIPE_OK && !q->commit_in_pipe &&
                 pg_keyed(&ops[sent[k].op].jobs[sent[k].job]) && PQntuples(r) != 1) {
                 snprintf(why, KP_STORE_ERRMSG_MAX, "postgresql %s: a keyed insert named no job",
                          q->where);
@@ -1522,12 +1584,12 @@ static void op_slow(struct pg_store *q, struct kp_store_op *op)
         op_fail(q, op, err);
 }
 
-/* Reads pg_ends_sql's rows: each end moved its job (KP_OK, *state, the
- * others told); the ends without a row are marked slow, for pg_end_inner
+/* Reads pg_ends_sql's rows: each end moved its job (KP_OK, *state; the
+ * statement told the others); the ends without a row are marked slow, for pg_end_inner
  * to decide (it also answers KP_ENOJOB). ends[k] is the operation of the
  * arrays' element k. */
-static void read_ends(struct pg_store *q, PGresult *r, struct kp_store_op *ops, const size_t *ends,
-                      size_t nends, bool *slow)
+static void read_ends(PGresult *r, struct kp_store_op *ops, const size_t *ends, size_t nends,
+                      bool *slow)
 {
     for (size_t k = 0; k < nends; k++)
         slow[ends[k]] = true;
@@ -1535,20 +1597,19 @@ static void read_ends(struct pg_store *q, PGresult *r, struct kp_store_op *ops, 
         int64_t k = col_i64(r, row, 0) - 1;
         if (k < 0 || (size_t)k >= nends)
             continue;
-        struct kp_store_op *op = &ops[ends[k]];
         slow[ends[k]] = false;
-        *op->state = (enum kp_job_state)col_i64(r, row, 1);
-        pg_note_move(q, PQgetvalue(r, row, 3), op->id->s, *op->state, (uint64_t)col_i64(r, row, 2),
-                     true);
+        *ops[ends[k]].state = (enum kp_job_state)col_i64(r, row, 1);
     }
 }
 
 /* Fills each operation's answers from its statements' (all succeeded),
- * then settles on the slow path the ends pg_ends_sql left. */
+ * then settles on the slow path the ends pg_ends_sql left, or (late not
+ * NULL) marks them in late[] for the caller to settle. */
 static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
-                      const struct pg_sent *sent, size_t nsent, const size_t *ends, size_t nends)
+                      const struct pg_sent *sent, size_t nsent, const size_t *ends, size_t nends,
+                      bool *late)
 {
-    bool *slow = kp_calloc(n ? n : 1, sizeof *slow);
+    bool *slow = late ? late : kp_calloc(n ? n : 1, sizeof *slow);
     double tokens = 0;
     for (size_t k = 0; k < nsent; k++) {
         struct kp_store_op *op = &ops[sent[k].op];
@@ -1561,11 +1622,11 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
                      ops[i].kind == KP_STORE_OP_INSERT && ops[i].err == KP_OK && j < ops[i].njobs;
                      j++)
                     if (!pg_keyed(&ops[i].jobs[j]))
-                        read_insert(q, r, &ops[i].jobs[j], ops[i].now, &ops[i].refs[j]);
+                        read_insert(q, r, &ops[i].jobs[j], ops[i].now, &ops[i].refs[j], false);
             continue;
         }
         if (sent[k].kind == S_ENDS) {
-            read_ends(q, r, ops, ends, nends, slow);
+            read_ends(r, ops, ends, nends, slow);
             continue;
         }
         if (sent[k].kind != S_CONTROL && op->err != KP_OK)
@@ -1574,9 +1635,10 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
         case S_CONTROL:
         case S_INSERTS:
         case S_ENDS:
+        case S_COMMIT:
             break;
         case S_INSERT:
-            err = read_insert(q, r, &op->jobs[sent[k].job], op->now, &op->refs[sent[k].job]);
+            err = read_insert(q, r, &op->jobs[sent[k].job], op->now, &op->refs[sent[k].job], false);
             break;
         case S_LIMITS:
             tokens = strtod(PQgetvalue(r, 0, 0), NULL);
@@ -1588,6 +1650,8 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
         if (err != KP_OK)
             op_fail(q, op, err);
     }
+    if (late)
+        return;
     for (size_t i = 0; i < n; i++)
         if (slow[i] && ops[i].err == KP_OK)
             op_slow(q, &ops[i]);
@@ -1600,7 +1664,7 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
  * operations run again one at a time, each in its own savepoint, so only
  * the failing one fails. Nothing is committed before the group's COMMIT,
  * so undoing and running again is invisible to everyone else. */
-static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n)
+static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool *late)
 {
     if (q->txn_err) {
         kp_store_fail(&q->base, q->txn_err, "postgresql %s: the transaction was already lost",
@@ -1624,6 +1688,8 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n)
     enum kp_err err = began                                ? pg_alive(q)
                       : PQstatus(q->conn) == CONNECTION_OK ? KP_OK
                                                            : pg_fail(q, NULL, "pipelined group");
+    /* The group's notifications so far; pipe_once adds its own. */
+    size_t notes = q->notes_len;
     if (err == KP_OK) {
         why[0] = '\0';
         end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, why);
@@ -1633,15 +1699,23 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n)
             pg_alive(q) == KP_OK) {
             pipe_clear(sent, nsent);
             why[0] = '\0';
+            q->notes_len = notes;
             end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, why);
         }
         if (end == PIPE_LOST)
             err = kp_store_fail(&q->base, KP_ESTOREIO, "%s", why);
     }
-    if (end == PIPE_OK) {
+    if (end == PIPE_OK && q->commit_in_pipe) {
+        /* Committed: what follows (late[]) is a transaction of its own. */
+        q->committed_in_pipe = true;
+        q->txn_open = q->sp_open = false;
+        q->notes_len = q->notes_mark = 0;
+        pipe_read(q, ops, n, sent, nsent, ends, nends, late);
+    } else if (end == PIPE_OK) {
         q->txn_open = true;
-        pipe_read(q, ops, n, sent, nsent, ends, nends);
+        pipe_read(q, ops, n, sent, nsent, ends, nends, NULL);
     } else if (end == PIPE_FAILED) {
+        q->notes_len = notes;
         q->base.group_reruns++;
         kp_log_warn("job store: %s; running the group's %zu requests one at a time", why, n);
         err = began ? pg_exec(q, "ROLLBACK", "ROLLBACK")
@@ -1676,7 +1750,7 @@ static enum kp_err pg_one(struct pg_store *q, struct kp_store_op *op)
     op->errmsg = NULL;
     if (alone)
         pg_begin(&q->base);
-    pg_pipe(q, op, 1);
+    pg_pipe(q, op, 1, NULL);
     enum kp_err err = op->err;
     if (alone && err == KP_OK)
         err = pg_commit(&q->base);
@@ -1697,7 +1771,7 @@ static void pg_run_ops(struct kp_store *s, struct kp_store_op *ops, size_t n)
 {
     struct pg_store *q = pg(s);
     if (q->in_txn) {
-        pg_pipe(q, ops, n);
+        pg_pipe(q, ops, n, NULL);
         return;
     }
     for (size_t i = 0; i < n; i++) {
@@ -1707,6 +1781,38 @@ static void pg_run_ops(struct kp_store *s, struct kp_store_op *ops, size_t n)
         if (err != KP_OK)
             op_fail(q, &ops[i], err);
     }
+}
+
+/* kp_store_run_commit: the group's statements and its COMMIT in one
+ * pipeline. When a statement fails there, the server skips the COMMIT and
+ * the group runs again one operation at a time (pg_pipe), then commits as
+ * kp_store_commit does. The ends the one-statement path left are settled
+ * after the COMMIT, in a transaction of their own. */
+static enum kp_err pg_run_commit(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    struct pg_store *q = pg(s);
+    if (!q->in_txn) {
+        pg_run_ops(s, ops, n);
+        return KP_OK;
+    }
+    bool *late = kp_calloc(n ? n : 1, sizeof *late);
+    q->commit_in_pipe = true;
+    q->committed_in_pipe = false;
+    pg_pipe(q, ops, n, late);
+    q->commit_in_pipe = false;
+    if (!q->committed_in_pipe) {
+        kp_free(late);
+        return pg_commit(s);
+    }
+    for (size_t i = 0; i < n; i++)
+        if (late[i] && ops[i].err == KP_OK)
+            op_slow(q, &ops[i]);
+    enum kp_err err = pg_commit(s);
+    for (size_t i = 0; i < n && err != KP_OK; i++)
+        if (late[i] && ops[i].err == KP_OK)
+            op_fail(q, &ops[i], err);
+    kp_free(late);
+    return KP_OK; /* the group's own COMMIT went through */
 }
 
 static enum kp_err pg_insert(struct kp_store *s, const struct kp_job_new *jobs, size_t n,
@@ -2095,6 +2201,7 @@ static const struct kp_store_ops pg_ops = {
     .next_run_at = pg_next_run_at,
     .claim_limited = pg_claim_limited,
     .run = pg_run_ops,
+    .run_commit = pg_run_commit,
     .close = pg_close,
 };
 
