@@ -1674,7 +1674,10 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
                 op_fail(q, &ops[i], q->txn_err);
         return;
     }
-    size_t cap = 3;
+    /* BEGIN, SAVEPOINT, RELEASE, NOTIFY, COMMIT, the multi-row insert and
+     * end; then per operation its keyed inserts and a claim (two when
+     * limited). */
+    size_t cap = 7;
     for (size_t i = 0; i < n; i++)
         cap += (ops[i].kind == KP_STORE_OP_INSERT ? ops[i].njobs : 0) + 2;
     struct pg_sent *sent = kp_calloc(cap, sizeof *sent);
