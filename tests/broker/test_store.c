@@ -1378,6 +1378,42 @@ Test(store_pg, a_refused_row_of_a_multi_row_statement_fails_only_its_operation, 
     kp_store_destroy(&s);
 }
 
+/* The smallest group with its COMMIT in the pipeline: one SUBMIT with a
+ * claim riding on it. Its pipeline has more statements than operations
+ * (BEGIN, savepoint, insert, claim, release, NOTIFY, COMMIT): they all
+ * fit in the pipeline's bookkeeping (an overrun there corrupted the heap;
+ * the ASan stage and valgrind see it), and the job is leased, committed. */
+Test(store_pg, one_submit_with_its_claim_and_commit_in_one_pipeline, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    struct kp_job_new in = ts_job("one", 0, "p");
+    struct kp_job_ref ref;
+    struct kp_jobs rode = {0};
+    uint64_t wait = 99;
+    struct kp_store_op op = {.kind = KP_STORE_OP_INSERT,
+                             .now = T0,
+                             .jobs = &in,
+                             .njobs = 1,
+                             .refs = &ref,
+                             .queue = "one",
+                             .max = 1,
+                             .owner = 7,
+                             .claimed = &rode,
+                             .wait_ms = &wait};
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    cr_assert_eq(kp_store_run_commit(s, &op, 1), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(op.err, KP_OK, "%s", op.errmsg ? op.errmsg : "");
+    cr_assert_eq(rode.n, 1);
+    cr_assert_str_eq(rode.v[0].id.s, ref.id.s);
+    kp_jobs_clear(&rode);
+    kp_store_destroy(&s);
+    s = pgt_open(db, 8, 10000, T0);
+    cr_assert_eq(ts_state(s, &ref.id), KP_JOB_LEASED, "committed: another session sees it");
+    kp_store_destroy(&s);
+}
+
 /* A limited queue's claim: no more than the global bucket's tokens and the
  * room under the concurrency limit, counted over every broker's leases;
  * wait_ms says when the rate allows one more. */
