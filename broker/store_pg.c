@@ -1367,8 +1367,9 @@ static bool pipe_claim(struct pg_store *q, const struct kp_store_op *op, size_t 
  * succeeded are kept in sent[].r; *why gets the failure's text. */
 static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, size_t n, bool began,
                                   struct pg_sent *sent, size_t *nsent, size_t *ends, size_t *nends,
-                                  char *why)
+                                  bool *refused, char *why)
 {
+    *refused = false;
     *nsent = 0;
     if (PQenterPipelineMode(q->conn) != 1) {
         pg_fail(q, NULL, "pipeline mode");
@@ -1475,6 +1476,10 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             break;
         }
         ExecStatusType s = PQresultStatus(r);
+        /* The group's BEGIN answered with an error: the server ran none
+         * of it (a connection it closed answers so). */
+        if (k == 0 && began && s != PGRES_COMMAND_OK)
+            *refused = true;
         if (sent[k].kind == S_COMMIT && s == PGRES_COMMAND_OK &&
             strcmp(PQcmdStatus(r), "COMMIT") != 0) {
             /* COMMIT of a transaction already aborted answers ROLLBACK. */
@@ -1686,6 +1691,11 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
     size_t nsent = 0;
     bool began = !q->txn_open;
     enum pg_pipe_end end = PIPE_LOST;
+    /* A connection the server closed while idle (a restart, an
+     * administrator) has said so: read that first, so the group goes on a
+     * new one instead of being sent into a closed socket. */
+    if (began && PQstatus(q->conn) == CONNECTION_OK)
+        PQconsumeInput(q->conn);
     /* A group already begun lives on its connection: if that is gone, so
      * is the group. */
     enum kp_err err = began                                ? pg_alive(q)
@@ -1693,17 +1703,22 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
                                                            : pg_fail(q, NULL, "pipelined group");
     /* The group's notifications so far; pipe_once adds its own. */
     size_t notes = q->notes_len;
+    bool refused = false;
     if (err == KP_OK) {
         why[0] = '\0';
-        end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, why);
+        end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, &refused, why);
         /* The group's first statements on a connection the server dropped:
-         * nothing was done, so one retry on a fresh connection is safe. */
-        if (end == PIPE_LOST && began && PQstatus(q->conn) != CONNECTION_OK &&
-            pg_alive(q) == KP_OK) {
+         * nothing was committed, so one retry on a fresh connection is
+         * safe. With the COMMIT in the pipeline only when the server
+         * refused its BEGIN: otherwise it may have committed the group
+         * before the connection went, and a retry would store its jobs
+         * twice; it fails instead, as a COMMIT whose answer is lost does. */
+        if (end == PIPE_LOST && began && (!q->commit_in_pipe || refused) &&
+            PQstatus(q->conn) != CONNECTION_OK && pg_alive(q) == KP_OK) {
             pipe_clear(sent, nsent);
             why[0] = '\0';
             q->notes_len = notes;
-            end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, why);
+            end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, &refused, why);
         }
         if (end == PIPE_LOST)
             err = kp_store_fail(&q->base, KP_ESTOREIO, "%s", why);

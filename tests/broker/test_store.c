@@ -1161,6 +1161,18 @@ Test(store_pg, lost_connection_fails_then_reconnects, .timeout = 60)
     cr_assert(strstr(kp_store_errmsg(s), "postgresql"), "%s", kp_store_errmsg(s));
     cr_assert_eq(kp_store_commit(s), KP_ESTOREIO, "the group was lost with the connection");
     cr_assert_eq(ts_count(s, -1, NULL), 2, "reconnected; the lost group left nothing");
+    /* A group with its COMMIT in the pipeline is never sent twice (the
+     * first might have committed), so the closed connection must be seen
+     * before it is sent. */
+    pgt_exec(db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                 "WHERE datname = current_database() AND pid <> pg_backend_pid()");
+    in.payload = "e";
+    struct kp_store_op op = {
+        .kind = KP_STORE_OP_INSERT, .now = T0, .jobs = &in, .njobs = 1, .refs = &ref};
+    cr_assert_eq(kp_store_begin(s), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(kp_store_run_commit(s, &op, 1), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(op.err, KP_OK, "reconnected before sending: %s", op.errmsg ? op.errmsg : "");
+    cr_assert_eq(ts_count(s, -1, NULL), 3);
     kp_store_destroy(&s);
 }
 
