@@ -1370,6 +1370,10 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
                                   bool *refused, char *why)
 {
     *refused = false;
+    /* The COMMIT answered COMMIT: whatever goes wrong after it (the server
+     * shutting down answers the Sync with FATAL), every answer before it
+     * has been read and the group is durable. */
+    bool committed = false;
     *nsent = 0;
     if (PQenterPipelineMode(q->conn) != 1) {
         pg_fail(q, NULL, "pipeline mode");
@@ -1491,6 +1495,8 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             r = NULL;
             break;
         }
+        if (sent[k].kind == S_COMMIT && s == PGRES_COMMAND_OK)
+            committed = true;
         if (s == PGRES_COMMAND_OK || s == PGRES_TUPLES_OK) {
             sent[k].r = r;
             /* A keyed insert always names the key's job; if it did not,
@@ -1541,7 +1547,7 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             snprintf(why, KP_STORE_ERRMSG_MAX, "%s", q->base.errmsg);
         }
     }
-    return end;
+    return committed ? PIPE_OK : end;
 }
 
 static void pipe_clear(struct pg_sent *sent, size_t nsent)
