@@ -222,11 +222,119 @@ async def bench(frontend, grpc_port, cases, seconds):
     return out
 
 
+# -- the blocking clients: kelpie.sync against grpc's sync stubs -----------------
+
+class Timed:
+    """The requests of a blocking call: ``payload`` until ``seconds`` have
+    passed, as a generator would give them. grpc's stubs pull the iterator
+    on a thread of their own; kelpie.sync pulls it on the calling thread and
+    sends each request before it pulls the next (pulling may block)."""
+
+    def __init__(self, payload, seconds):
+        self.payload = payload
+        self.end = time.perf_counter() + seconds
+        self.n = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.n += 1
+        if not self.n & 63 and time.perf_counter() > self.end:
+            raise StopIteration
+        return self.payload
+
+
+class Ready(Timed):
+    """Timed, reporting its length (``operator.length_hint``) as a list of
+    requests does: kelpie.sync takes that as requests ready at once and
+    batches them (protocol.md §5.8). It runs out early, as a list never
+    does: the client takes that as the end."""
+
+    def __length_hint__(self):
+        return 1 << 20
+
+
+def sync_client_streaming(open_call, payload, seconds, ready):
+    start = time.perf_counter()
+    n = int(open_call("Count", (Ready if ready else Timed)(payload, seconds)))
+    return n / (time.perf_counter() - start)
+
+
+def sync_bidi(open_call, payload, seconds, ready):
+    start = time.perf_counter()
+    n = 0
+    for _ in open_call("Echo", (Ready if ready else Timed)(payload, seconds)):
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def sync_server_streaming(open_call, payload, seconds, ready):
+    call = open_call("Gen", payload)
+    n = 0
+    start = time.perf_counter()
+    end = start + seconds
+    for _ in call:
+        n += 1
+        if not n & 63 and time.perf_counter() > end:
+            break
+    elapsed = time.perf_counter() - start
+    call.cancel()
+    return n / elapsed
+
+
+def bench_sync(frontend, grpc_port, sizes, seconds):
+    """One blocking stream at a time: kelpie.sync.Client against grpc's
+    sync channel (to the same grpc.aio server), each case Kelpie then grpc."""
+    import grpc
+    import kelpie
+    import kelpie.sync
+    out = {}
+    with kelpie.sync.Client(frontend, timeout=kelpie.NO_DEADLINE) as client:
+        client.wait_for_service("bench.Stream", timeout=20)
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        grpc.channel_ready_future(channel).result(timeout=20)
+        grpc_calls = {"Count": channel.stream_unary("/bench.Stream/Count"),
+                      "Echo": channel.stream_stream("/bench.Stream/Echo"),
+                      "Gen": channel.unary_stream("/bench.Stream/Gen")}
+
+        def kelpie_open(method, arg):
+            if method == "Count":
+                return client.stream_unary("bench.Stream", "Count", arg)
+            if method == "Gen":
+                return client.stream("bench.Stream", "Gen", arg, window=256)
+            return client.stream_stream("bench.Stream", "Echo", arg, window=256)
+
+        def grpc_open(method, arg):
+            return grpc_calls[method](arg)
+
+        try:
+            for kind, fn, readies in (("client-stream", sync_client_streaming, (True, False)),
+                                      ("bidi", sync_bidi, (True, False)),
+                                      ("server-stream", sync_server_streaming, (True,))):
+                for size in sizes:
+                    for ready in readies:
+                        payload = b"x" * size
+                        k = fn(kelpie_open, payload, seconds, ready)
+                        g = fn(grpc_open, payload, seconds, ready)
+                        label = kind if fn is sync_server_streaming else \
+                            f"{kind} ({'list' if ready else 'gen'})"
+                        out[("sync " + label, size, 1)] = (k, g)
+                        print(f"sync {label:20s} {size:5d} B  Kelpie {k:10,.0f} msg/s"
+                              f"  grpc sync {g:10,.0f} msg/s  ratio {k / g:5.2f}x", flush=True)
+        finally:
+            channel.close()
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--loop", default="asyncio")
     p.add_argument("--kelpied", default=None)
+    p.add_argument("--clients", choices=("async", "sync", "both"), default="both",
+                   help="async: Client against grpc.aio; sync: kelpie.sync.Client against "
+                   "grpc's sync stubs, one stream")
     p.add_argument("--serve", nargs=2, metavar=("SYSTEM", "ADDRESS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
@@ -251,9 +359,16 @@ def main():
         procs.start(["--serve", "kelpie", be, "--loop", args.loop], env=env)
         procs.start(["--serve", "grpc", str(ports[3]), "--loop", args.loop])
         print(f"loop {args.loop}, {args.seconds:g} s per case, one server process each")
-        out = run(bench(fe, ports[3], [(16, 1), (1024, 1), (16, 8)], args.seconds), args.loop)
-        ratios = [k / g for k, g in out.values()]
-        print(f"ratio Kelpie/grpc.aio: min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+        if args.clients in ("async", "both"):
+            out = run(bench(fe, ports[3], [(16, 1), (1024, 1), (16, 8)], args.seconds),
+                      args.loop)
+            ratios = [k / g for k, g in out.values()]
+            print(f"ratio Kelpie/grpc.aio: min {min(ratios):.2f}x, max {max(ratios):.2f}x")
+        if args.clients in ("sync", "both"):
+            out = bench_sync(fe, ports[3], [16, 1024], args.seconds)
+            ratios = [k / g for k, g in out.values()]
+            print(f"ratio kelpie.sync/grpc sync: min {min(ratios):.2f}x, "
+                  f"max {max(ratios):.2f}x")
     finally:
         procs.stop()
         broker.send_signal(signal.SIGTERM)

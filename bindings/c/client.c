@@ -37,8 +37,9 @@
 #define CLIENT_HWM 100000
 
 /* Several brokers: a call kept, packed, so that it can be sent again to
- * another broker when its own is lost (an idempotent unary call, a keyed
- * SUBMIT), at most once. */
+ * another broker when its own is lost: an idempotent unary call or a keyed
+ * SUBMIT at most once, a WATCH as often as its broker is lost (watching
+ * twice changes nothing, and any broker on the shared store answers it). */
 typedef struct client_req {
     uint64_t orig; /* the id the application knows it by */
     void *header;  /* the packed header, as first sent */
@@ -48,7 +49,14 @@ typedef struct client_req {
     int64_t deadline;           /* the local give-up time, 0: none */
     struct kelpie_client *from; /* the lane it was lost on */
     bool moved;                 /* sent again already */
-    struct client_req *next;    /* the top's list of calls to move */
+    bool watch;                 /* a WATCH: moved every time, never given up */
+    /* A watch's events are de-duplicated by sequence, which counts per
+     * broker instance (as kelpie._jobs.WatchCore does): sent again to the
+     * same instance, its replay of what was seen is dropped; another
+     * instance counts afresh. */
+    uint64_t broker;         /* the instance that numbered `expected` (0: not known) */
+    uint64_t expected;       /* the next sequence not yet delivered */
+    struct client_req *next; /* the top's list of calls to move */
 } client_req;
 
 typedef struct client_slot {
@@ -326,7 +334,7 @@ static void client_lose(kelpie_client *c, size_t i, kelpie_status code, const ch
 {
     client_slot *s = &c->slots[i];
     client_req *req = s->req;
-    if (req && c->top && !req->moved) {
+    if (req && c->top && (!req->moved || req->watch)) {
         s->req = NULL;
         req->from = c;
         req->next = c->top->moving;
@@ -505,6 +513,8 @@ static void client_retain(kelpie_client *c, const Kelpie__V1__Header *h, const v
     req->len = len;
     req->orig = h->request_id;
     req->deadline = deadline;
+    req->watch = h->kind == KELPIE__V1__KIND__WATCH;
+    req->broker = c->broker_id;
     c->slots[client_find(c, h->request_id)].req = req;
 }
 
@@ -760,6 +770,18 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
                               "the broker's answer names a job id longer than any it makes");
             goto done;
         }
+        client_req *watch = i != SIZE_MAX ? c->slots[i].req : NULL;
+        if (!terminal && watch && watch->watch) {
+            /* A watch sent again replays what its broker keeps (client_req). */
+            if (c->broker_id && c->broker_id != watch->broker) {
+                if (watch->broker)
+                    watch->expected = 0;
+                watch->broker = c->broker_id;
+            }
+            if (h->sequence < watch->expected)
+                goto done;
+            watch->expected = h->sequence + 1;
+        }
         void *plain = NULL;
         size_t plain_len = 0;
         if (i != SIZE_MAX && c->slots[i].svc && h->kind != KELPIE__V1__KIND__ERROR)
@@ -977,7 +999,10 @@ static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t no
     Kelpie__V1__Header *h = kelpie__v1__header__unpack(NULL, req->header_len, req->header);
     if (!h)
         return KELPIE_ERR_NOMEM;
-    client_before_send(l);
+    if (req->watch)
+        client_ping(l, now); /* its broker's id is known before its events arrive */
+    else
+        client_before_send(l);
     h->request_id = *l->ids + 1;
     if (req->deadline) {
         int64_t left = req->deadline - KELPIE_CLIENT_GRACE_MS - now;
@@ -998,7 +1023,9 @@ static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t no
 }
 
 /* Sends the calls of lost lanes once more, each to another lane that is up;
- * those with nowhere to go (or no time left) end UNAVAILABLE. */
+ * those with nowhere to go (or no time left) end UNAVAILABLE. A watch with
+ * no other lane up waits on any lane, as with one broker, and moves again
+ * when that one is judged lost. */
 static void client_move(kelpie_client *t, int64_t now)
 {
     while (t->moving) {
@@ -1006,6 +1033,8 @@ static void client_move(kelpie_client *t, int64_t now)
         t->moving = req->next;
         req->next = NULL;
         kelpie_client *to = client_pick(t, req->from);
+        if (!to && req->watch)
+            to = client_pick(t, NULL);
         if (req->deadline && now >= req->deadline - KELPIE_CLIENT_GRACE_MS) {
             client_push_error(t, req->orig, KELPIE_DEADLINE_EXCEEDED,
                               "no answer by the call's deadline");
@@ -1162,8 +1191,15 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *c, kelpie_reques
     if (c->n_lanes) {
         size_t i;
         kelpie_client *l = client_locate(c, request_id.id, &i);
-        return l ? client_send_control(l, KELPIE__V1__KIND__CANCEL, l->slots[i].id, 0)
-                 : KELPIE_NOT_FOUND;
+        if (!l)
+            return KELPIE_NOT_FOUND;
+        client_req *req = l->slots[i].req;
+        if (req) {
+            /* Cancelled: not sent anywhere again if its broker is lost. */
+            req->moved = true;
+            req->watch = false;
+        }
+        return client_send_control(l, KELPIE__V1__KIND__CANCEL, l->slots[i].id, 0);
     }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
@@ -1295,8 +1331,14 @@ KELPIE_EXPORT kelpie_status kelpie_client_watch(kelpie_client *c, const char *jo
 {
     if (!c || !job_id || !*job_id || strlen(job_id) >= KELPIE_JOB_ID_SIZE)
         return KELPIE_ERR_INVAL;
-    if (c->n_lanes)
-        return kelpie_client_watch(client_pick(c, NULL), job_id, events, request_id);
+    if (c->n_lanes) {
+        /* Kept, to be sent again wherever its broker is lost (client_move). */
+        kelpie_client *l = client_pick(c, NULL);
+        l->retain = true;
+        kelpie_status rc = kelpie_client_watch(l, job_id, events, request_id);
+        l->retain = false;
+        return rc;
+    }
     Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
     h.kind = KELPIE__V1__KIND__WATCH;
     h.job_id = (char *)job_id;

@@ -4,14 +4,22 @@
  * capacity split as units, then two real kelpied (RPC needs no shared store)
  * with a C worker process registered with both and a C client spread over
  * both, one broker SIGKILLed mid traffic and restarted. Also the C worker's
- * own report (HEARTBEAT.worker_stats) in Stats worker_detail.
+ * own report (HEARTBEAT.worker_stats) in Stats worker_detail, a lost
+ * broker's calls holding their slots, and a job watch moved to another
+ * broker, for which the two kelpied share a real PostgreSQL 15 (started
+ * once for this program by a report hook, as tests/broker/store_pg_test.h
+ * does for the store tests: initdb in a fresh /tmp directory, a unix socket
+ * there only, stopped by its postmaster's pid).
  */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
+#include <criterion/hooks.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -20,6 +28,114 @@
 #include "kelpie_test.h"
 
 TestSuite(multibroker, .fini = kt_teardown, .timeout = 90);
+
+/* --- a PostgreSQL for the tests that need a shared store ----------------- */
+
+#define PG_BIN "/usr/lib/postgresql/15/bin"
+
+static char pg_dir[256];
+static long pg_pid;
+
+static void pg_stop(void)
+{
+    if (pg_pid > 0) {
+        kill((pid_t)pg_pid, SIGTERM);
+        for (int i = 0; i < 200 && kill((pid_t)pg_pid, 0) == 0; i++)
+            nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
+        if (kill((pid_t)pg_pid, 0) == 0)
+            kill((pid_t)pg_pid, SIGKILL);
+        pg_pid = 0;
+    }
+    if (pg_dir[0]) {
+        char cmd[400];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", pg_dir);
+        if (system(cmd) != 0)
+            fprintf(stderr, "multibroker: could not remove %s\n", pg_dir);
+        pg_dir[0] = '\0';
+    }
+}
+
+/* Starts the server in the runner, before any test process is forked; the
+ * tests find it in KELPIE_MB_PG (a --store URL) or the reason it failed in
+ * KELPIE_MB_PG_ERROR. A server that cannot start fails the tests that need
+ * it, never skips them. */
+static void pg_start(void)
+{
+    const char *fail = NULL;
+    snprintf(pg_dir, sizeof pg_dir, "/tmp/kelpie-mbpg-XXXXXX");
+    if (!mkdtemp(pg_dir)) {
+        pg_dir[0] = '\0';
+        setenv("KELPIE_MB_PG_ERROR", "mkdtemp failed", 1);
+        return;
+    }
+    atexit(pg_stop);
+    bool root = geteuid() == 0;
+    const char *as = root ? "runuser -u postgres -- " : "";
+    unsigned short r;
+    if (getrandom(&r, sizeof r, 0) != sizeof r)
+        r = (unsigned short)getpid();
+    int port = 20000 + r % 30000;
+    char cmd[2048];
+    if (access(PG_BIN "/initdb", X_OK) != 0)
+        fail = PG_BIN "/initdb is missing: apt-get install postgresql-15 (make deps)";
+    if (!fail && root) {
+        snprintf(cmd, sizeof cmd, "chown postgres '%s'", pg_dir);
+        if (system(cmd) != 0)
+            fail = "chown to postgres failed";
+    }
+    snprintf(cmd, sizeof cmd,
+             "%s" PG_BIN "/initdb -D '%s/data' -U postgres -A trust --no-sync -E UTF8 "
+             ">'%s/initdb.log' 2>&1",
+             as, pg_dir, pg_dir);
+    if (!fail && system(cmd) != 0)
+        fail = "initdb failed (see its log in the directory)";
+    snprintf(cmd, sizeof cmd,
+             "%s" PG_BIN "/pg_ctl -D '%s/data' -l '%s/server.log' -w -t 30 "
+             "-o \"-c listen_addresses='' -c unix_socket_directories='%s' -p %d "
+             "-c fsync=off -c max_connections=50\" start >/dev/null",
+             as, pg_dir, pg_dir, pg_dir, port);
+    if (!fail && system(cmd) != 0)
+        fail = "pg_ctl start failed (see server.log in the directory)";
+    if (!fail) {
+        char pidfile[300];
+        snprintf(pidfile, sizeof pidfile, "%s/data/postmaster.pid", pg_dir);
+        FILE *f = fopen(pidfile, "r");
+        if (!f || fscanf(f, "%ld", &pg_pid) != 1)
+            fail = "no postmaster.pid after start";
+        if (f)
+            fclose(f);
+    }
+    if (fail) {
+        setenv("KELPIE_MB_PG_ERROR", fail, 1);
+        return;
+    }
+    char url[512];
+    snprintf(url, sizeof url, "postgresql://postgres@/postgres?host=%s&port=%d", pg_dir, port);
+    setenv("KELPIE_MB_PG", url, 1);
+}
+
+ReportHook(PRE_ALL)(struct criterion_test_set *set)
+{
+    (void)set;
+    pg_start();
+}
+
+ReportHook(POST_ALL)(struct criterion_global_stats *stats)
+{
+    (void)stats;
+    pg_stop();
+}
+
+/* The --store URL of the shared PostgreSQL (one database: only one test
+ * uses it). */
+static const char *pg_url(void)
+{
+    const char *err = getenv("KELPIE_MB_PG_ERROR");
+    cr_assert_null(err, "PostgreSQL for the shared store: %s", err);
+    const char *url = getenv("KELPIE_MB_PG");
+    cr_assert_not_null(url, "PostgreSQL for the shared store was not started");
+    return url;
+}
 
 /* Heartbeat 100 ms, liveness 3: a silent peer is gone after 300 ms. */
 static const char *const fast_hb[] = {"--heartbeat-ms", "100", "--heartbeat-liveness", "3", NULL};
@@ -382,6 +498,166 @@ Test(multibroker, broker_killed_mid_traffic)
     free(t);
     kt_signal(w, SIGTERM);
     kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* A lost broker's calls are cancelled in the worker, but a handler need not
+ * stop at once (firm: these run to their end), so their slots stay taken
+ * until they end: the broker left is offered only what they leave free
+ * (worker_balance counts a lost lane's in_flight), never the whole capacity
+ * at once (Python: test_a_lost_brokers_jobs_hold_their_slots_until_they_end). */
+Test(multibroker, lost_brokers_calls_hold_their_slots_until_they_end)
+{
+    kt_broker *a = kt_broker_start(kill_hb);
+    kt_broker *b = kt_broker_start(kill_hb);
+    cr_assert(a && b);
+    char backends[200];
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    kt_slot *slot = kt_slots_new(1);
+    kt_worker_opts opts = {.endpoint = backends,
+                           .capacity = 4,
+                           .hold_ms = 3000,
+                           .heartbeat_ms = 200,
+                           .liveness = 3,
+                           .slot = slot,
+                           .firm = true};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    kelpie_client *ca = kelpie_client_new(a->frontend), *cb = kelpie_client_new(b->frontend);
+    cr_assert(ca && cb);
+    /* Two calls held through a, and more through b than its share, so that
+     * b dispatches whatever it is offered at once. */
+    kelpie_call_opts o = {.service = "echo", .method = "Hold", .timeout_ms = 20000};
+    kelpie_request_id id;
+    for (int i = 0; i < 2; i++)
+        cr_assert_eq(kelpie_client_send(ca, &o, "a", 1, &id), KELPIE_OK);
+    for (int i = 0; i < 12; i++)
+        cr_assert_eq(kelpie_client_send(cb, &o, "b", 1, &id), KELPIE_OK);
+    int64_t end = kt_now_ms() + 5000;
+    while (atomic_load(&slot->in_flight) < 4 && kt_now_ms() < end)
+        kt_sleep_ms(5);
+    cr_assert_eq(atomic_load(&slot->in_flight), 4, "the worker's slots were not all taken");
+    kt_signal(a->pid, SIGKILL);
+    kt_reap(a->pid, 2000);
+    a->pid = 0;
+    kelpie_client_destroy(&ca);
+    /* The worker finds a lost within 0.6 s; a's two calls run until ~3 s. */
+    cr_assert(wait_capacity(b, 2, 1500), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t until = kt_now_ms() + 1500;
+    while (kt_now_ms() < until) {
+        kelpie_reply r;
+        while (kelpie_client_recv(cb, &r, 0) == KELPIE_OK)
+            kelpie_reply_fini(&r);
+        cr_assert_leq(atomic_load(&slot->in_flight), 4, "the lost broker's calls were not counted");
+        kt_sleep_ms(10);
+    }
+    cr_assert_leq(atomic_load(&slot->max_in_flight), 4, "ran more than the capacity at once");
+    /* Once they end, b gets the whole capacity. */
+    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    cr_assert_leq(atomic_load(&slot->max_in_flight), 4, "ran more than the capacity at once");
+    kelpie_client_destroy(&cb);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* Reads c for up to ms, failing on any terminal answer to the watch wid
+ * (it must outlive its broker); counts the other answers. */
+static void watch_pump(kelpie_client *c, uint64_t wid, int ms, long *events)
+{
+    int64_t end = kt_now_ms() + ms;
+    kelpie_reply r;
+    while (kt_now_ms() < end) {
+        if (kelpie_client_recv(c, &r, 20) != KELPIE_OK)
+            continue;
+        cr_assert_neq(r.request_id.id, wid, "the watch ended with its broker: %s: %s (kind %d)",
+                      kelpie_status_name(r.status), r.message, (int)r.kind);
+        (*events)++;
+        kelpie_reply_fini(&r);
+    }
+}
+
+/* A job's watch whose broker dies goes on through the other broker of the
+ * shared store, under its first request id, and gets the job's end there. */
+Test(multibroker, job_watch_moves_to_another_broker, .timeout = 120)
+{
+    const char *url = pg_url();
+    const char *args[] = {
+        "--heartbeat-ms", "200", "--heartbeat-liveness", "3", "--store", url, NULL};
+    kt_broker *a = kt_broker_start(args);
+    cr_assert_not_null(a);
+    kt_broker *b = kt_broker_start(args);
+    cr_assert_not_null(b);
+    char frontends[200], why[256] = "";
+    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
+    kelpie_client *c = NULL;
+    cr_assert_eq(kelpie_client_open(frontends, NULL, &c, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_eq(kelpie_client_set_heartbeat(c, 100, 3), KELPIE_OK);
+    /* A job nobody takes (no worker for its queue): it waits queued. */
+    kelpie_submit_opts so = {.queue = "held"};
+    kelpie_reply r;
+    cr_assert_eq(kelpie_client_submit(c, &so, "in", 2, 10000, &r), KELPIE_OK, "%s", r.message);
+    char job[KELPIE_JOB_ID_SIZE];
+    snprintf(job, sizeof job, "%s", r.job_id);
+    kelpie_reply_fini(&r);
+    kelpie_request_id wid;
+    cr_assert_eq(kelpie_client_watch(c, job, true, &wid), KELPIE_OK);
+    long events = 0;
+    kt_broker *x = NULL, *y = NULL;
+    int64_t end = kt_now_ms() + 5000;
+    while (!x && kt_now_ms() < end) {
+        watch_pump(c, wid.id, 20, &events);
+        if (kt_stat(a, "jobs.watches") == 1)
+            x = a, y = b;
+        else if (kt_stat(b, "jobs.watches") == 1)
+            x = b, y = a;
+    }
+    cr_assert_not_null(x, "no broker holds the watch");
+    cr_assert_eq(kt_stat(y, "jobs.watches"), 0);
+    uint64_t moved = kelpie_client_moved(c);
+    kt_signal(x->pid, SIGKILL);
+    kt_reap(x->pid, 2000);
+    x->pid = 0;
+    /* The client finds the broker silent within 0.3 s (100 ms x 3) and
+     * watches through the other. */
+    int64_t killed = kt_now_ms(), moved_after = -1;
+    while (kt_now_ms() - killed < 5000) {
+        watch_pump(c, wid.id, 20, &events);
+        if (kt_stat(y, "jobs.watches") == 1) {
+            moved_after = kt_now_ms() - killed;
+            break;
+        }
+    }
+    cr_assert_geq(moved_after, 0, "the watch was not sent to the broker left");
+    cr_assert_gt(kelpie_client_moved(c), moved);
+    watch_pump(c, wid.id, 300, &events);
+    /* The job ends (cancelled through the broker left): the moved watch
+     * gets its RESULT, under the id the application knows. */
+    kelpie_reply cr;
+    cr_assert_eq(kelpie_client_cancel_job(c, job, 10000, &cr), KELPIE_OK, "%s", cr.message);
+    kelpie_reply_fini(&cr);
+    end = kt_now_ms() + 10000;
+    bool ended = false;
+    while (!ended && kt_now_ms() < end) {
+        if (kelpie_client_recv(c, &r, 100) != KELPIE_OK)
+            continue;
+        if (r.request_id.id == wid.id && r.kind != KELPIE_KIND_STATUS &&
+            r.kind != KELPIE_KIND_PROGRESS && r.kind != KELPIE_KIND_OUTPUT) {
+            cr_assert_eq(r.kind, KELPIE_KIND_RESULT, "%s: %s", kelpie_status_name(r.status),
+                         r.message);
+            cr_assert_eq(r.status, KELPIE_CANCELLED, "%s", kelpie_status_name(r.status));
+            ended = true;
+        }
+        kelpie_reply_fini(&r);
+    }
+    cr_assert(ended, "the moved watch never ended");
+    cr_assert_eq(kelpie_client_outstanding(c), 0);
+    cr_log_info("watch moved %lld ms after the kill", (long long)moved_after);
+    kelpie_client_destroy(&c);
     kt_broker_stop(&a, 3000);
     kt_broker_stop(&b, 3000);
 }

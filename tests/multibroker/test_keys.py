@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -299,3 +300,116 @@ def test_a_lane_carries_every_worker_setting(keys):
         assert [lane._report_stacks for lane in lanes] == [True, False]
     finally:
         context.term()
+
+
+def restart_with_key(broker, keys, name):
+    """SIGKILL ``broker`` and start it again on its ports with the key pair
+    ``name`` (its readiness ping uses that key)."""
+    broker.stop()
+    i = broker.args.index("--key")
+    broker.args[i + 1] = keys[name][0]
+    broker.server_key = keys[name][0] + ".pub"
+    broker.start()
+
+
+def refusals_of(caplog, endpoint):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "kelpie.brokers" and r.levelname == "ERROR"
+            and endpoint in r.getMessage() and "refused our CURVE handshake" in r.getMessage()]
+
+
+def test_a_broker_restarted_with_another_key_is_refused_not_lost(tmp_path, postgres, keys, loop,
+                                                                cleanup, caplog):
+    """A broker the client knew comes back with another key pair: the
+    client's next handshake with it fails, and the client says so (refused,
+    with the endpoint, in ``brokers`` and an ERROR log line) instead of
+    taking it for a silent broker. It comes back with its own key: the
+    client tries it again by itself and uses it."""
+    caplog.set_level("INFO", logger="kelpie.brokers")
+    url, _ = postgres.new_db()
+    brokers = curve_brokers(tmp_path, url, keys, cleanup)
+    b = brokers[1]
+    frontends = [x.frontend for x in brokers]
+    pubs = [keys[name][0] + ".pub" for name in "abc"]
+
+    async def main():
+        loop_ = asyncio.get_running_loop()
+        async with kelpie.Client(frontends, key=keys["client"][0], server_key=pubs,
+                                 heartbeat=0.2, timeout=15) as client:
+            await until_up(client, (0, 1, 2))
+            await loop_.run_in_executor(None, restart_with_key, b, keys, "c")
+            end = loop_.time() + 10
+            while "error" not in client.brokers[1]:
+                assert loop_.time() < end, f"b not seen as refused: {client.brokers}"
+                await asyncio.sleep(0.05)
+            refused = client.brokers
+            # Calls go on through a and c meanwhile (admin reads: no worker here).
+            for _ in range(6):
+                await client.stats()
+            await loop_.run_in_executor(None, restart_with_key, b, keys, "b")
+            await until_up(client, (1,), timeout=15)
+            return refused, client.brokers
+
+    refused, after = run(main(), loop, timeout=60)
+    assert [x["up"] for x in refused] == [True, False, True], refused
+    assert b.frontend in refused[1]["error"] and "server key" in refused[1]["error"], refused
+    assert refusals_of(caplog, b.frontend), [r.getMessage() for r in caplog.records]
+    assert all(x["up"] and "error" not in x for x in after), after
+    print(f"\n[{loop}] b restarted with c's key: {refused[1]['error']}")
+
+
+def test_a_refused_broker_is_tried_again(tmp_path, postgres, keys, loop, cleanup, caplog):
+    """A broker that refuses the client's handshake from the start (it runs
+    with another key than the client was given for it) is tried again on a
+    bounded backoff, by the async client by itself and by the blocking
+    client's requests, and used once it runs with the key the client
+    expects."""
+    caplog.set_level("INFO", logger="kelpie.brokers")
+    url, _ = postgres.new_db()
+    brokers = curve_brokers(tmp_path, url, keys, cleanup)
+    b = brokers[1]
+    restart_with_key(b, keys, "c")
+    frontends = [x.frontend for x in brokers]
+    pubs = [keys[name][0] + ".pub" for name in "abc"]
+    sc = kelpie.sync.Client(frontends, key=keys["client"][0], server_key=pubs, timeout=15)
+    try:
+        check_refused_then_tried(sc, b, frontends, keys, pubs, loop, caplog)
+    finally:
+        sc.close()
+
+
+def check_refused_then_tried(sc, b, frontends, keys, pubs, loop, caplog):
+
+    async def main():
+        loop_ = asyncio.get_running_loop()
+        async with kelpie.Client(frontends, key=keys["client"][0], server_key=pubs,
+                                 heartbeat=0.2, timeout=15) as client:
+            await until_up(client, (0, 2))
+            refused = client.brokers
+            # The blocking client meets the refusal at its first use of b.
+            for _ in range(6):
+                await loop_.run_in_executor(None, sc.stats)
+            sync_refused = sc.brokers
+            # Refused again at each try while b keeps the other key.
+            await asyncio.sleep(1.5)
+            assert "error" in client.brokers[1], client.brokers
+            await loop_.run_in_executor(None, restart_with_key, b, keys, "b")
+            await until_up(client, (1,), timeout=15)
+            return refused, sync_refused, client.brokers
+
+    refused, sync_refused, after = run(main(), loop, timeout=60)
+    assert [x["up"] for x in refused] == [True, False, True], refused
+    assert b.frontend in refused[1]["error"], refused
+    assert b.frontend in sync_refused[1].get("error", ""), sync_refused
+    assert len(refusals_of(caplog, b.frontend)) >= 2, [r.getMessage() for r in caplog.records]
+    assert all(x["up"] and "error" not in x for x in after), after
+    # The blocking client tries b again once its backoff (at most 30 s,
+    # here well under 5 s) has passed: its requests reach b again.
+    end = time.monotonic() + 15
+    while not (sc.brokers[1]["up"] and "error" not in sc.brokers[1]):
+        assert time.monotonic() < end, sc.brokers
+        sc.stats()
+        time.sleep(0.1)
+    for _ in range(6):
+        sc.stats()
+    assert [x["up"] for x in sc.brokers] == [True, True, True], sc.brokers

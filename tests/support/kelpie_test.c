@@ -640,6 +640,8 @@ static void kt_on_cancel(kelpie_call *call, void *arg)
     kt_worker_state *st = arg;
     if (st->opts->slot)
         atomic_fetch_add(&st->opts->slot->cancels, 1);
+    if (st->opts->firm)
+        return; /* answered when its time comes (kt_tick) */
     for (int i = 0; i < st->nheld; i++) {
         if (st->held[i].call == call) {
             kelpie_call_error(call, KELPIE_CANCELLED, "cancelled");

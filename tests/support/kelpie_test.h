@@ -127,6 +127,8 @@ typedef struct kt_worker_opts {
     uint32_t liveness;         /* 0: 3 */
     kt_slot *slot;             /* counters (may be NULL) */
     const kelpie_curve *curve; /* CURVE keys (NULL: plain text) */
+    bool firm;                 /* a cancelled Hold still runs to its end (a handler
+                                  that cannot stop): the cancel is only counted */
 } kt_worker_opts;
 
 /* Runs a worker until SIGTERM/SIGINT (meant as a kt_spawn body: the opts

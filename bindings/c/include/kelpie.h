@@ -313,7 +313,14 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  *    broker that is up, within their own deadline, and answer under their
  *    first request id. Anything else (and a call whose second broker is
  *    lost too, or that finds no other broker up) ends UNAVAILABLE: it may or
- *    may not have run. Streams and watches are never re-sent;
+ *    may not have run. Streams are never re-sent;
+ *  - a job's watch (kelpie_client_watch, _wait) whose broker is lost is sent
+ *    again to another broker that is up (none up: to any, where it waits as
+ *    with one broker), as often as that happens, under its first request
+ *    id: brokers sharing a store answer a watch of any job. Its events are
+ *    not repeated when it goes back to the same broker instance (sequence
+ *    counts per instance); another broker numbers them afresh, so events it
+ *    still keeps may be seen twice. A cancelled watch is not moved;
  *  - pings a broker that is down every heartbeat while the application is
  *    inside the client, and uses it again as soon as it answers.
  * The client has no thread: all this happens inside kelpie_client_call,
@@ -332,7 +339,8 @@ KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *client);
 /* Whether broker i (in the order given) is up: not marked down. */
 KELPIE_EXPORT bool kelpie_client_broker_up(const kelpie_client *client, size_t i);
 
-/* Calls and submits sent again to another broker after theirs was lost. */
+/* Calls, submits and watches sent again to another broker after theirs was
+ * lost. */
 KELPIE_EXPORT uint64_t kelpie_client_moved(const kelpie_client *client);
 
 /* zstd compression (docs/protocol.md §5.7). Answers are always read

@@ -37,11 +37,20 @@ CURVE. Each broker may have its own key pair: the client's or worker's
 ``server_key`` is then one per endpoint (kelpie._security: a list, commas or
 a mapping), and each lane gets its broker's. A broker that refuses the
 handshake (a wrong server key for it, our key not on its allow-list) is
-*refused*: never picked again, its error in ``brokers``, and the others
-serve; a request whose handshake it refused sent nothing, so it goes to
-another lane whatever it is. Only every broker refusing raises the
-:class:`kelpie.AuthenticationError`. A worker's lane refused ends, the
-others keep its share (kelpie._session).
+*refused*, not lost: not picked, its error in ``brokers`` and in an ERROR
+log line naming its endpoint, and the others serve; a request whose
+handshake it refused sent nothing, so it goes to another lane whatever it
+is. Only every broker refusing raises the :class:`kelpie.AuthenticationError`.
+A refused broker is tried again after 0.5 s, then after twice as long each
+time it refuses again, at most every 30 s (``_REFUSED_RETRY``), so a broker
+that comes back with the right key (or puts our key on its allow-list) is
+used again. The async client judges every handshake of a lane, not only the
+first: a broker restarted with another key is refused the moment its
+handshake fails (its lane's socket then disconnects until the next try),
+and used again once one succeeds. The sync client meets a refusal when a
+thread connects; a broker that changes its key under an open connection
+shows there as lost. A worker's lane refused ends, the others keep its
+share (kelpie._session).
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from . import _core, _zmq
+from . import _core, _security, _zmq
 from ._liveness import NO_DEADLINE, BrokerRestarted
 from .errors import AuthenticationError, Unavailable
 
@@ -67,7 +76,12 @@ _DOWN_CHECK = 0.02
 
 _EVENT_CONNECTED = 0x0001
 _EVENT_DISCONNECTED = 0x0200
+_EVENT_HANDSHAKE_SUCCEEDED = 0x1000
+_EVENT_HANDSHAKE_NO_DETAIL = 0x0800
 _PAIR = 0
+# A refused broker is tried again after the first figure (seconds), then
+# after twice the last wait each time it refuses again, up to the second.
+_REFUSED_RETRY = (0.5, 30.0)
 
 
 def endpoints(value: Any, env: str, default: str) -> list:
@@ -103,7 +117,7 @@ class _Lane:
     """One broker of a client: its single-broker client and its health."""
 
     __slots__ = ("client", "endpoint", "down", "seen", "heard_at", "monitor", "prober",
-                 "retry_at", "refused")
+                 "retry_at", "refused", "refusals", "refused_until", "redial")
 
     def __init__(self, client, endpoint, now):
         self.client = client
@@ -115,6 +129,9 @@ class _Lane:
         self.prober = None      # async: the task pinging the broker
         self.retry_at = 0.0     # sync: when a down lane is probed next
         self.refused = None     # the AuthenticationError of a refused handshake
+        self.refusals = 0       # refusals in a row (the retry backoff)
+        self.refused_until = 0.0  # when a refused broker is tried again
+        self.redial = None      # async: the timer that reconnects a refused lane
 
 
 class _Picker:
@@ -161,6 +178,9 @@ class _Picker:
         fallback = None
         for i in range(n):
             lane = lanes[(start + i) % n]
+            if lane.refused is not None and self._retry_refused(lane):
+                lane.refused = None  # its next handshake tells (kelpie.sync)
+                lane.down = False
             if lane.refused is not None or lane is avoid:
                 continue
             if not lane.down:
@@ -192,12 +212,27 @@ class _Picker:
     def _refuse(self, lane, exc):
         """The broker of ``lane`` refused our CURVE handshake (a wrong
         server key for it, or our key is not on its allow-list): no request
-        goes there again; the others serve."""
-        if lane.refused is None:
-            lane.refused = exc
-            lane.down = True
-            log.error("broker at %s refuses this client, which uses the other brokers: %s",
-                      lane.endpoint, exc.message)
+        goes there until it is tried again (``_REFUSED_RETRY``), the others
+        serve. Returns the seconds until that try."""
+        first, most = _REFUSED_RETRY
+        delay = min(most, first * 2 ** min(lane.refusals, 16))
+        lane.refusals += 1
+        lane.refused_until = self._now() + delay
+        again = lane.refused is not None and str(lane.refused) == str(exc)
+        lane.refused = exc
+        lane.down = True
+        log_at = log.debug if again else log.error
+        log_at("broker at %s refused our CURVE handshake, so calls go to the other brokers "
+               "(tried again in %.1f s): %s", lane.endpoint, delay, exc.message)
+        return delay
+
+    def _accepted(self, lane):
+        """A handshake with a refused broker succeeded: it is used again
+        once it answers a ping (_mark_up)."""
+        if lane.refused is not None:
+            lane.refused = None
+            log.info("broker at %s accepts our CURVE handshake again", lane.endpoint)
+        lane.refusals = 0
 
     def _after_loss(self, lane, exc, safe, end, moved):
         """``(lane, moved)`` to send a request to again after ``exc``, or
@@ -215,6 +250,12 @@ class _Picker:
             raise exc
         self.moved += 1
         return other, True
+
+    def _retry_refused(self, lane):
+        """Whether a refused lane is to be tried by the next request that
+        picks it (the sync client, whose handshakes happen there; the async
+        client retries by itself)."""
+        return False
 
     def _watcher(self):
         """The lane client a job's watch goes through (kelpie.jobs)."""
@@ -289,23 +330,69 @@ def make_async(base):
             now = loop.time()
             for lane in self._lanes:
                 if lane.refused is not None:
+                    lane.prober = loop.create_task(self._connect_refused(lane))
                     continue
-                # Not used before its broker answers a ping (at once when
-                # it is up), so a broker that is down when the client
-                # starts costs no call anything.
-                lane.down = True
-                lane.heard_at = now
-                lane.monitor = loop.create_task(self._watch_socket(lane))
-                lane.prober = loop.create_task(self._probe(lane))
+                self._start_lane(lane, now)
             end = now + _FIRST_ANSWER
             while all(lane.down for lane in self._lanes) and loop.time() < end:
                 await asyncio.sleep(_DOWN_CHECK)
             return self
 
+        def _start_lane(self, lane, now):
+            # Not used before its broker answers a ping (at once when it is
+            # up), so a broker that is down when the client starts costs no
+            # call anything.
+            lane.down = True
+            lane.heard_at = now
+            lane.monitor = self._loop.create_task(self._watch_socket(lane))
+            lane.prober = self._loop.create_task(self._probe(lane))
+
+        async def _connect_refused(self, lane):
+            """Connect a lane whose broker refused us at connect(): again
+            and again on the backoff, until a handshake succeeds; then it is
+            an ordinary lane (monitor, pings)."""
+            client = lane.client
+            while True:
+                await asyncio.sleep(max(0.0, lane.refused_until - self._loop.time()))
+                try:
+                    await client.connect()
+                except AuthenticationError as exc:
+                    if not getattr(exc, "handshake", False):
+                        raise
+                    self._refuse(lane, exc)
+                    continue
+                except Unavailable:
+                    # Not there at all: as refused, tried on the backoff.
+                    lane.refused_until = self._loop.time() + _REFUSED_RETRY[1]
+                    continue
+                break
+            self._accepted(lane)
+            now = self._loop.time()
+            lane.down = True
+            lane.heard_at = now
+            lane.monitor = self._loop.create_task(self._watch_socket(lane))
+            await self._probe(lane)
+
+        def _redial(self, lane):
+            """Try a lane refused after connect() again: a new connection
+            (and handshake) to its broker."""
+            lane.redial = None
+            sock = lane.client._sock
+            if sock is None or self._closed:
+                return
+            try:
+                sock.connect(lane.endpoint)
+            except Exception as exc:  # the socket is closing
+                log.debug("broker at %s: reconnect failed: %s", lane.endpoint, exc)
+
         async def close(self) -> None:
             if self._closed:
                 return
             self._closed = True
+            for lane in self._lanes:
+                if lane.redial is not None:
+                    lane.redial.cancel()
+                    lane.redial = None
             tasks = [t for lane in self._lanes for t in (lane.monitor, lane.prober) if t]
             for task in tasks:
                 task.cancel()
@@ -332,10 +419,17 @@ def make_async(base):
                     client._watch.gone(client._loop.time())
 
         async def _watch_socket(self, lane):
-            """Mark the lane down when libzmq sees its connection close."""
-            sock = lane.client._sock
+            """Mark the lane down when libzmq sees its connection close, and
+            refused when a handshake fails (a broker restarted with another
+            key): then its socket disconnects, and connects again on the
+            backoff (_redial) until a handshake succeeds."""
+            client = lane.client
+            sock = client._sock
             addr = f"inproc://kelpie-lane-{os.getpid()}-{id(lane)}"
-            sock.monitor(addr, _EVENT_DISCONNECTED | _EVENT_CONNECTED)
+            sock.monitor(addr, _EVENT_DISCONNECTED | _EVENT_CONNECTED
+                         | _security.HANDSHAKE_EVENTS)
+            judge = _security.Handshake(sock, lane.endpoint, "client", client._keys,
+                                        watch=False)
             pair = self._context.socket(_PAIR)
             try:
                 pair.connect(addr)
@@ -343,11 +437,25 @@ def make_async(base):
                     frames = await pair.recv_multipart()
                     data = bytes(frames[0])
                     event = int.from_bytes(data[0:2], "little") if len(data) >= 2 else 0
+                    value = int.from_bytes(data[2:6], "little") if len(data) >= 6 else 0
                     if event == _EVENT_DISCONNECTED:
                         self._lose(lane, "its connection closed")
-                    elif event == _EVENT_CONNECTED and lane.down:
-                        # Ask at once whether a broker answers there again.
-                        await lane.client._ping(self._loop.time())
+                    elif event == _EVENT_CONNECTED:
+                        judge.connected = True
+                        if lane.down and lane.refused is None:
+                            # Ask at once whether a broker answers there again.
+                            await client._ping(self._loop.time())
+                    elif event == _EVENT_HANDSHAKE_SUCCEEDED:
+                        if lane.refused is not None:
+                            self._accepted(lane)
+                            await client._ping(self._loop.time())
+                        lane.refusals = 0
+                    elif client._keys is not None or event != _EVENT_HANDSHAKE_NO_DETAIL:
+                        # Without CURVE a connection cut mid-handshake (a
+                        # broker killed just then) is no refusal.
+                        refused = judge.feed(event, value)
+                        if refused is not None:
+                            self._refused_late(lane, refused)
             finally:
                 pair.close(linger=0)
                 if lane.client._sock is not None:
@@ -355,6 +463,21 @@ def make_async(base):
                         sock.monitor(None, 0)
                     except Exception:
                         pass
+
+        def _refused_late(self, lane, exc):
+            """A handshake of a lane already connected failed: its broker
+            came back with another key (or without ours on its allow-list).
+            Refused, not lost: its calls fail as a lost lane's, and its
+            socket stops dialling until the backoff's next try."""
+            self._lose(lane, f"it refused our handshake: {exc.message}")
+            delay = self._refuse(lane, exc)
+            try:
+                lane.client._sock.disconnect(lane.endpoint)
+            except Exception:
+                pass  # not connected just now: libzmq's own retry stops with the next refusal
+            if lane.redial is not None:
+                lane.redial.cancel()
+            lane.redial = self._loop.call_later(delay, self._redial, lane)
 
         async def _probe(self, lane):
             """Ping the broker every heartbeat; judge the answers (often
@@ -537,6 +660,12 @@ def make_sync(base):
             if self._mark_down(lane, why):
                 lane.retry_at = time.monotonic()
                 self._start_prober()
+
+        def _retry_refused(self, lane):
+            # Its handshake happens when a thread next connects to it, so
+            # the request that picks it is the try (a refusal sends it
+            # elsewhere: _after_loss).
+            return time.monotonic() >= lane.refused_until
 
         def _start_prober(self):
             with self._prober_lock:

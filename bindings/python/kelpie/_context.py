@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from typing import Mapping, Optional, Union
+from typing import Dict, Mapping, Optional, Union
 
 from . import _trace, _wire
 
@@ -42,7 +42,7 @@ class CallContext:
     (a ``def`` handler polls them to stop early).
     """
 
-    __slots__ = ("service", "method", "request_id", "metadata", "deadline", "idempotent",
+    __slots__ = ("service", "method", "request_id", "_md", "_metadata", "deadline", "idempotent",
                  "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
                  "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
                  "_input", "_zip", "_tp")
@@ -53,8 +53,10 @@ class CallContext:
         self.service = header.service
         self.method = header.method
         self.request_id = header.request_id
-        md = header.metadata
-        self.metadata = dict(md) if md else {}
+        # The header's metadata map, made a dict only if the handler looks:
+        # most do not, and the copy is a few µs of every call.
+        self._md = header.metadata
+        self._metadata = None
         self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
         self.deadline = None
         self._mono_deadline = None
@@ -73,6 +75,15 @@ class CallContext:
         # reads zstd (kelpie._compression).
         self._zip = worker._compression is not None and bool(
             header.flags & _wire.ACCEPTS_COMPRESSED)
+
+    @property
+    def metadata(self) -> Dict[str, bytes]:
+        md = self._metadata
+        if md is None:
+            raw = self._md
+            md = self._metadata = dict(raw) if raw else {}
+            self._md = None
+        return md
 
     @property
     def traceparent(self) -> Optional[str]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from . import _compression, _liveness, _trace, _wire
 from ._calls import payload as _payload
-from ._calls import timeout_ms as _timeout_ms
 from ._calls import unary_failure
 from ._liveness import NO_DEADLINE
 from ._context import current_call as _current_call
@@ -55,10 +54,15 @@ class Conn:
         Raises :class:`kelpie.ResourceExhausted` (nothing taken but the id)
         when the message would exceed the broker's size limit.
         """
-        rid = self.take_id()
+        # Every call comes through here: take_id and timeout_ms inlined.
+        rid = self.next_id
+        self.next_id = rid + 1
         header = _wire.request(service, method, rid,
-                               _timeout_ms(timeout) if timeout is not None else 0,
+                               0 if timeout is None else max(1, int(timeout * 1000.0 + 0.5)),
                                flags, window, metadata)
+        if payload.__class__ is bytes and \
+                len(header) + len(payload) <= self.max_message_size:
+            return rid, header
         too_big = _oversize("request", header, payload, self.max_message_size)
         if too_big is not None:
             raise ResourceExhausted(too_big)
@@ -91,7 +95,13 @@ def options(client, timeout, metadata):
     if timeout == NO_DEADLINE:
         timeout = None
     parent = _current_call.get()
-    if parent is not None:
+    if parent is None:
+        parent = _current_job.get()
+        if parent is None and not metadata:
+            # A call from outside any handler or job, the common case: a
+            # new trace, without kelpie._trace.outgoing's checks.
+            return timeout, {"traceparent": _trace.new()}
+    else:
         left = parent.time_remaining()
         if left is not None:
             if left <= 0.0005:
@@ -99,9 +109,8 @@ def options(client, timeout, metadata):
                                        "has passed")
             if timeout is None or left < timeout:
                 timeout = left
-    # W3C traceparent: the handler's trace continues, or a new one starts.
-    metadata = _trace.outgoing(metadata, parent or _current_job.get())
-    return timeout, metadata
+    # W3C traceparent: the handler's (or job's) trace continues, or a new one starts.
+    return timeout, _trace.outgoing(metadata, parent)
 
 
 def retries(idempotent):

@@ -124,7 +124,9 @@ class _ReplyBatch:
     """The chunks of one server stream not sent yet, for a caller that reads
     BATCH CHUNKs (protocol.md §5.8). A chunk joins the batch unless it is
     large or to be compressed (then the batch goes first and it goes alone,
-    through _send_chunk); the batch goes out as one CHUNK when it is full,
+    through _send_chunk); the batch goes out as one CHUNK when it is full
+    (``batch_max`` messages, or before it would pass
+    kelpie._streaming.BATCH_BYTES),
     when the window is used up, before the stream's END or ERROR, or at the
     loop's next turn (the generator had to wait), so batching never holds a
     chunk back from a reader that could have it."""
@@ -149,7 +151,9 @@ class _ReplyBatch:
         if n >= _streaming.BATCH_ALONE or (self.ctx._zip and n >= worker._zthreshold):
             self.flush()
             return False
-        if self.bodies and self.nbytes + n + 40 + 3 * len(self.bodies) > worker._max_message_size:
+        if self.bodies and (self.nbytes + n > _streaming.BATCH_BYTES or
+                            self.nbytes + n + 40 + 3 * len(self.bodies) >
+                            worker._max_message_size):
             self.flush()
         if not self.bodies:
             if n + 40 > worker._max_message_size:
@@ -280,7 +284,8 @@ class Runners:
         if ctx._zip:
             body, z = _maybe_compress(body, self._zthreshold)
         header = _wire.reply(rid, ctx._trailing, _ACCEPT | z)
-        if _oversize("reply", header, body, self._max_message_size) is not None:
+        if (body.__class__ is not bytes or len(header) + len(body) > self._max_message_size) \
+                and _oversize("reply", header, body, self._max_message_size) is not None:
             await self._send_answer(session, ctx, header, body, "reply")
             return
         self.served += 1

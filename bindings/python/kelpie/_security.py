@@ -36,7 +36,8 @@ from typing import NamedTuple, Optional
 
 from .errors import AuthenticationError
 
-__all__ = ["KeyFileError", "Keys", "keygen", "load_keys", "read_key", "Handshake", "HANDSHAKE_TIMEOUT"]
+__all__ = ["KeyFileError", "Keys", "keygen", "load_keys", "read_key", "Handshake", "HANDSHAKE_TIMEOUT",
+           "HANDSHAKE_EVENTS"]
 
 # How long a connect waits for the handshake's outcome (seconds).
 HANDSHAKE_TIMEOUT = 5.0
@@ -53,6 +54,9 @@ _EVENT_FAILED_AUTH = 0x4000
 _EVENTS = (_EVENT_CONNECTED | _EVENT_CONNECT_RETRIED | _EVENT_CLOSED | _EVENT_DISCONNECTED
            | _EVENT_FAILED_NO_DETAIL | _EVENT_SUCCEEDED | _EVENT_FAILED_PROTOCOL
            | _EVENT_FAILED_AUTH)
+# The events that end a handshake (its outcome, for Handshake.feed).
+HANDSHAKE_EVENTS = (_EVENT_FAILED_NO_DETAIL | _EVENT_SUCCEEDED | _EVENT_FAILED_PROTOCOL
+                    | _EVENT_FAILED_AUTH)
 _MECHANISM_MISMATCH = 0x11000002
 _CRYPTOGRAPHIC = 0x11000001
 _CURVE_PUBLICKEY = 48
@@ -273,11 +277,14 @@ class Handshake:
     handshake succeeded, or the broker is not there (connect refused), or
     ``timeout`` passed; a refused handshake raises AuthenticationError.
     ``role`` is "client" or "worker": the allow-list a refusal names.
-    inproc:// has no handshake: nothing is watched.
+    inproc:// has no handshake: nothing is watched. With ``watch=False`` it
+    only judges events read by someone else (a multi-broker client's lane
+    monitor, kelpie._brokers, which meets every later handshake: a broker
+    restarted with another key).
     """
 
     def __init__(self, sock, endpoint: str, role: str, keys: Optional[Keys],
-                 timeout: float = HANDSHAKE_TIMEOUT):
+                 timeout: float = HANDSHAKE_TIMEOUT, watch: bool = True):
         self.sock = sock
         self.endpoint = endpoint
         self.role = role
@@ -286,7 +293,7 @@ class Handshake:
         self.connected = False
         self.done = endpoint.startswith("inproc://")
         self.addr = None
-        if not self.done:
+        if not self.done and watch:
             self.addr = f"inproc://kelpie-handshake-{os.getpid()}-{next(_ids)}"
             sock.monitor(self.addr, _EVENTS)
 

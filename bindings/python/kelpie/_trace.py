@@ -20,6 +20,8 @@ __all__ = ["new", "child", "valid", "trace_id", "outgoing"]
 
 _FORMAT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _bits = random.getrandbits
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
 def _span():
@@ -29,8 +31,12 @@ def _span():
 
 def new() -> str:
     """A traceparent that starts a new trace (sampled)."""
-    t = _bits(128)
-    return f"00-{t or 1:032x}-{_span()}-01"
+    # One draw for both ids: this runs for every call a client makes.
+    h = f"{_bits(192):048x}"
+    t, s = h[:32], h[32:]
+    if t == _ZERO_TRACE or s == _ZERO_SPAN:  # invalid ids; 2**-64 at worst
+        return new()
+    return f"00-{t}-{s}-01"
 
 
 def valid(value) -> bool:
@@ -68,7 +74,12 @@ def outgoing(metadata, parent):
     trace."""
     if metadata and "traceparent" in metadata:
         return metadata
-    tp = getattr(parent, "traceparent", None) if parent is not None else None
+    if parent is None:
+        if not metadata:
+            return {"traceparent": new()}
+        tp = None
+    else:
+        tp = getattr(parent, "traceparent", None)
     out = dict(metadata) if metadata else {}
     out["traceparent"] = child(tp) if tp else new()
     return out

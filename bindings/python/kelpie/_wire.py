@@ -183,6 +183,7 @@ HEARTBEAT_FRAME = _kind_prefix(HEARTBEAT)
 DISCONNECT_FRAME = _kind_prefix(DISCONNECT)
 
 _request_prefixes = {}
+_timeout_fields = {}  # timeout_ms -> its encoded field: most calls share a few
 
 
 def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metadata=None):
@@ -199,17 +200,30 @@ def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metad
             _request_prefixes[key] = prefix
     out = prefix + b"\x18" + varint(request_id)
     if timeout_ms:
-        out += b"\x30" + varint(timeout_ms)
+        field = _timeout_fields.get(timeout_ms)
+        if field is None:
+            field = b"\x30" + varint(timeout_ms)
+            if len(_timeout_fields) < 4096:
+                _timeout_fields[timeout_ms] = field
+        out += field
     if metadata:
         out += _metadata(metadata)
     return out
+
+
+_flags_fields = {}  # flags -> its encoded field (a handful of values)
 
 
 def reply(request_id, metadata=None, flags=0):
     """A REPLY header for ``request_id``."""
     out = _REPLY + varint(request_id)
     if flags:
-        out += b"\x60" + varint(flags)
+        field = _flags_fields.get(flags)
+        if field is None:
+            field = b"\x60" + varint(flags)
+            if len(_flags_fields) < 256:
+                _flags_fields[flags] = field
+        out += field
     if metadata:
         out += _metadata(metadata)
     return out

@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional, Union
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 
 from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
-from . import _security
+from . import _deadlines, _security
 from . import _streaming, _wire, _zmq
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from .jobs import ClientJobs, _Watch
@@ -54,6 +54,7 @@ __all__ = ["Client", "Stream", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLI
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
+_COMPRESSED = _wire.COMPRESSED
 _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
 _ACK = _wire.ACK
@@ -142,6 +143,8 @@ class Client(ClientJobs):
         # One table for the client's whole life: emptied in place, never
         # replaced, so the reader (which holds it) always sees the live one.
         self._pending = {}
+        # Unary calls' deadlines, on one timer (kelpie._deadlines).
+        self._deadlines = None
         self._background = set()
         self._closed = False
 
@@ -154,6 +157,7 @@ class Client(ClientJobs):
         if self._closed:
             raise RuntimeError("client is closed")
         self._loop = asyncio.get_running_loop()
+        self._deadlines = _deadlines.Deadlines(self._loop, self._expire)
         if self._context is None:
             self._context = _zmq.Context()
             self._own_context = True
@@ -198,6 +202,8 @@ class Client(ClientJobs):
                     pass
         pending = list(self._pending.values())
         self._pending.clear()
+        if self._deadlines is not None:
+            self._deadlines.close()
         for entry in pending:
             _fail(entry, RpcError(StatusCode.CANCELLED, "client closed"))
         for task in list(self._background):
@@ -263,6 +269,9 @@ class Client(ClientJobs):
             return await self._call_with_policy(service, method, payload, timeout, metadata,
                                                 idempotent, with_metadata, retry, hedging,
                                                 compression)
+        if not idempotent:  # never sent again: the loop below is for restarts
+            return await self._call(sock, service, method, payload, timeout, metadata,
+                                    idempotent, with_metadata, compression)
         loop = self._loop
         retries = _core.retries(idempotent)
         end = None if timeout is None else loop.time() + timeout
@@ -282,8 +291,11 @@ class Client(ClientJobs):
     async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
                     with_metadata, compression=None):
         loop = self._loop
-        if self._watch.stale(loop.time()):
-            await self._ping(loop.time())
+        now = loop.time()
+        watch = self._watch
+        if watch.stale(now):
+            await self._ping(now)
+            now = loop.time()
         flags = _ACCEPT | (1 if idempotent else 0)
         zip_ = self._zip
         if zip_.setting or compression:
@@ -291,15 +303,16 @@ class Client(ClientJobs):
             flags |= z
         rid, header = self._conn.request(service, method, payload, timeout, flags, 0, metadata)
         fut = loop.create_future()
-        handle = None
+        slot = None
         if timeout is not None:
-            handle = loop.call_later(timeout, self._expire, rid)
+            slot = self._deadlines.add(rid, now + timeout)
         self._pending[rid] = fut
         sent = False
         try:
             await sock.send_multipart((header, payload))
             sent = True
-            self._follow()
+            if not watch.owed:  # else a ping is already due to follow
+                self._follow()
             header, frames = await fut
         except asyncio.CancelledError:
             if self._pending.pop(rid, None) is not None and sent:
@@ -309,10 +322,13 @@ class Client(ClientJobs):
             self._pending.pop(rid, None)
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
+            if slot is not None:
+                self._deadlines.remove(rid, slot)
         if zip_.setting or compression:
             zip_.learn(service, header)
+        elif header.kind == _REPLY and not with_metadata and len(frames) == 2 \
+                and not header.flags & _COMPRESSED:
+            return frames[1]  # the common answer, without _unary_result's cases
         return _unary_result(header, frames, with_metadata)
 
     def _call_details(self, d):

@@ -678,8 +678,11 @@ class Client(SyncClientJobs):
         (``with_metadata=True``: ``(reply, metadata)``).
 
         Sending blocks while the worker's input window (protocol.md §5.6)
-        is shut, so a slow handler back-pressures this thread. ``timeout``
-        and ``metadata`` as for :meth:`call`.
+        is shut, so a slow handler back-pressures this thread. Requests of
+        an iterator that reports its length (a list, a tuple; see
+        kelpie._streaming.SyncDuplex) go in batches (protocol.md §5.8);
+        those of a generator one at a time. ``timeout`` and ``metadata`` as
+        for :meth:`call`.
         """
         return self._stream_unary(service, method, requests, timeout, metadata, with_metadata)
 
@@ -698,13 +701,11 @@ class Client(SyncClientJobs):
 
     def _stream_unary_resolved(self, service, method, requests, timeout, metadata,
                                with_metadata, encode):
-        state = _DuplexState(self, service, method, timeout, metadata, 16, False)
+        state = _DuplexState(self, service, method, timeout, metadata, 16, False, requests,
+                             encode)
         try:
-            state.start()
-            for request in requests:
-                state.write(encode(request) if encode is not None else request)
-                if state.finished:
-                    break  # answered early: the rest is not wanted
+            # Stops early if the call is answered first: the rest is not wanted.
+            state.pump_all()
             state.done_writing()
             reply = state.wait_reply()
         except BaseException:
@@ -720,8 +721,9 @@ class Client(SyncClientJobs):
         ``call.write(b)``, ``call.done_writing()``, ``for reply in call``, all
         on this thread. With ``requests`` (an iterable of bytes) the call
         pulls requests from it itself, as the input window allows, whenever
-        the reader waits for a reply, and sends END when it is exhausted.
-        ``window`` is the reply window as for :meth:`stream`.
+        the reader waits for a reply, and sends END when it is exhausted
+        (batched as for :meth:`stream_unary`). ``window`` is the reply
+        window as for :meth:`stream`.
         """
         return self._stream_stream(service, method, requests, timeout, metadata, window)
 
@@ -853,13 +855,16 @@ class _StreamState(_calls.StreamCore):
             conn.ping(_monotonic())
         if self.timeout is not None:
             self.deadline = _monotonic() + self.timeout
+        flags = self.request_flags()
         try:
             rid, header = conn.request(self.service, self.method, self.payload, self.timeout,
-                                       self.request_flags(), self.window, self.metadata)
+                                       flags, self.window, self.metadata)
         except ResourceExhausted as exc:
             self.finished = True
             self.error = exc
             raise
+        if flags & _wire.STREAM:
+            header += _wire.BATCH_MAX_FIELD  # this thread reads batched replies (§5.8)
         self.rid = rid
         conn.streams[rid] = self
         try:
@@ -943,6 +948,13 @@ class _DuplexState(_streaming.SyncDuplex, _StreamState):
         self._init_input(server_streaming)
         self.requests = None if requests is None else iter(requests)
         self.encode = encode or _identity
+
+    def read_ready(self):
+        """Take in what has already arrived for this thread's calls (a
+        CREDIT, replies) without waiting."""
+        conn = self.conn
+        if not conn.dead and conn.sock.getsockopt(_EVENTS) & _POLLIN:
+            conn.drain_stale()
 
     def wait_once(self):
         """Read one message for this thread's calls, failing the call as a

@@ -1,0 +1,96 @@
+"""Many calls' deadlines on one loop timer.
+
+A deadline per call as its own ``loop.call_later`` handle, cancelled when
+the answer comes, costs about 4 µs a call, and asyncio keeps every cancelled
+handle in its heap until it surfaces or cancelled ones outnumber live ones.
+With a default deadline on every call (30 s) that heap holds every call of
+the last 30 s. Here a deadline goes into a slot of ``GRAIN`` seconds,
+rounded up (so a call expires at most ``GRAIN`` late, and early only by
+uvloop's millisecond timers, as a per-call handle would); an
+answered call leaves its slot in O(1); one timer waits for the earliest
+slot that still holds a call. Slots emptied before they come due cost
+nothing: they are skipped when the timer next runs.
+"""
+
+from __future__ import annotations
+
+from heapq import heappop, heappush
+from typing import Callable, Dict, Hashable, List, Optional, Set
+
+__all__ = ["Deadlines", "GRAIN"]
+
+GRAIN = 0.005  # seconds: the lateness a deadline may have (the broker's own tick is 10 ms)
+# uvloop truncates a timer's delay to whole milliseconds, so its timer can
+# run up to 1 ms before the time asked; a slot that close is due, rather
+# than re-armed with a zero delay and spun on until the clock gets there.
+_EARLY = 0.001
+
+
+class Deadlines:
+    """Deadlines on one loop: ``add(key, when)`` returns the slot to give to
+    ``remove`` when the call ends first; ``expire(key)`` is called for each
+    key whose deadline passed (at ``loop.time() >= when``)."""
+
+    __slots__ = ("_loop", "_expire", "_slots", "_order", "_timer", "_armed")
+
+    def __init__(self, loop, expire: Callable[[Hashable], None]) -> None:
+        self._loop = loop
+        self._expire = expire
+        self._slots: Dict[int, Set[Hashable]] = {}  # slot -> keys; no empty sets
+        self._order: List[int] = []  # a heap of slots; some may be gone from _slots
+        self._timer = None
+        self._armed: Optional[int] = None  # the slot the timer is set for
+
+    def add(self, key: Hashable, when: float) -> int:
+        slot = -int(-when // GRAIN)
+        keys = self._slots.get(slot)
+        if keys is None:
+            keys = self._slots[slot] = set()
+            heappush(self._order, slot)
+            if self._armed is None or slot < self._armed:
+                self._arm(slot)
+        keys.add(key)
+        return slot
+
+    def remove(self, key: Hashable, slot: int) -> None:
+        keys = self._slots.get(slot)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._slots[slot]
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self._slots.values())
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed = None
+        self._slots.clear()
+        self._order.clear()
+
+    def _arm(self, slot: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed = slot
+        self._timer = self._loop.call_at(slot * GRAIN, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._armed = None
+        now = self._loop.time()
+        order, slots = self._order, self._slots
+        while order:
+            slot = order[0]
+            keys = slots.get(slot)
+            if keys is None:
+                heappop(order)  # emptied before it came due
+                continue
+            if slot * GRAIN > now + _EARLY:
+                self._arm(slot)
+                return
+            heappop(order)
+            del slots[slot]
+            for key in keys:
+                self._expire(key)

@@ -1,0 +1,118 @@
+"""kelpie._deadlines: the client's unary deadlines on one loop timer."""
+
+import asyncio
+
+import pytest
+
+from kelpie import _deadlines
+from kelpie._deadlines import GRAIN, Deadlines
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request):
+    if request.param == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        lp = uvloop.new_event_loop()
+    else:
+        lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+def _timers(loop):
+    """The loop's scheduled timer handles (asyncio only exposes them)."""
+    return [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]
+
+
+def test_expires_each_key_once_not_early_and_at_most_a_grain_late(loop):
+    fired = {}
+
+    async def main():
+        d = Deadlines(loop, lambda key: fired.setdefault(key, loop.time()))
+        start = loop.time()
+        wanted = {k: start + 0.02 + 0.013 * k for k in range(6)}
+        for k, when in wanted.items():
+            d.add(k, when)
+        await asyncio.sleep(0.2)
+        return wanted
+
+    wanted = loop.run_until_complete(main())
+    assert sorted(fired) == sorted(wanted)
+    for k, at in fired.items():
+        # uvloop's timers are whole milliseconds and may run up to 1 ms early.
+        assert at >= wanted[k] - _deadlines._EARLY - 1e-4, (k, at - wanted[k])
+        assert at <= wanted[k] + GRAIN + 0.05, (k, at - wanted[k])  # 50 ms for a loaded box
+
+
+def test_a_removed_key_never_expires_and_its_slot_goes(loop):
+    fired = []
+
+    async def main():
+        d = Deadlines(loop, fired.append)
+        now = loop.time()
+        a = d.add("a", now + 0.01)
+        d.add("b", now + 0.01)
+        c = d.add("c", now + 0.03)
+        d.remove("a", a)
+        d.remove("c", c)
+        assert len(d) == 1
+        await asyncio.sleep(0.1)
+        assert len(d) == 0
+        assert not d._slots
+
+    loop.run_until_complete(main())
+    assert fired == ["b"]
+
+
+def test_many_calls_share_one_timer(loop):
+    """10,000 deadlines 30 s out: one loop timer, not one per call, and
+    removing them leaves nothing behind."""
+    if not hasattr(loop, "_scheduled"):
+        pytest.skip("only asyncio's loop shows its timers")
+
+    async def main():
+        d = Deadlines(loop, lambda key: None)
+        before = len(_timers(loop))
+        now = loop.time()
+        slots = [(k, d.add(k, now + 30.0)) for k in range(10_000)]
+        assert len(_timers(loop)) == before + 1
+        for k, slot in slots:
+            d.remove(k, slot)
+        assert len(d) == 0 and not d._slots
+        d.close()
+        assert len(_timers(loop)) == before
+
+    loop.run_until_complete(main())
+
+
+def test_an_earlier_deadline_rearms_the_timer(loop):
+    fired = []
+
+    async def main():
+        d = Deadlines(loop, fired.append)
+        now = loop.time()
+        d.add("late", now + 30.0)
+        d.add("soon", now + 0.01)
+        await asyncio.sleep(0.1)
+        assert fired == ["soon"]
+        d.close()
+
+    loop.run_until_complete(main())
+
+
+def test_emptied_slots_are_skipped(loop):
+    """A slot whose calls all ended before it came due expires nothing, and
+    the timer moves on to the next slot that still holds a call."""
+    fired = []
+
+    async def main():
+        d = Deadlines(loop, fired.append)
+        now = loop.time()
+        gone = [d.add(k, now + 0.01 + k * GRAIN) for k in range(5)]
+        d.add("kept", now + 0.05)
+        for k, slot in enumerate(gone):
+            d.remove(k, slot)
+        await asyncio.sleep(0.15)
+
+    loop.run_until_complete(main())
+    assert fired == ["kept"]
