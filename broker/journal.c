@@ -195,17 +195,26 @@ static void journal_op(struct kp_journal_req *r, struct kp_store_op *op)
 
 /* Runs the hot requests from *rp on (up to the first other one) as one
  * kp_store_run, so a shared store sends them in one round trip; *rp is
- * left at the request after them. */
-static void journal_run_hot(struct kp_store *s, struct kp_journal_req **rp)
+ * left at the request after them. When they are the rest of the group,
+ * the group's commit goes with them (kp_store_run_commit: one round trip
+ * fewer on a shared store), *committed is set and the commit's result
+ * returned; otherwise KP_OK. */
+static enum kp_err journal_run_hot(struct kp_store *s, struct kp_journal_req **rp, bool *committed)
 {
     size_t n = 0;
-    for (struct kp_journal_req *r = *rp; r && journal_is_hot(r); r = r->next)
+    struct kp_journal_req *after = *rp;
+    for (; after && journal_is_hot(after); after = after->next)
         n++;
     struct kp_store_op *ops = kp_calloc(n, sizeof *ops);
     struct kp_journal_req *r = *rp;
     for (size_t i = 0; i < n; i++, r = r->next)
         journal_op(r, &ops[i]);
-    kp_store_run(s, ops, n);
+    enum kp_err err = KP_OK;
+    *committed = after == NULL;
+    if (*committed)
+        err = kp_store_run_commit(s, ops, n);
+    else
+        kp_store_run(s, ops, n);
     r = *rp;
     for (size_t i = 0; i < n; i++, r = r->next) {
         r->out.err = ops[i].err;
@@ -216,6 +225,7 @@ static void journal_run_hot(struct kp_store *s, struct kp_journal_req **rp)
     }
     kp_free(ops);
     *rp = r;
+    return err;
 }
 
 /* Did r change the store (so its commit proves the store takes writes)? */
@@ -264,15 +274,17 @@ static bool journal_run_batch(struct kp_journal *j, struct kp_journal_req *batch
     struct kp_store *s = j->store;
     enum kp_err err = kp_store_begin(s);
     if (err == KP_OK) {
+        bool committed = false;
         for (struct kp_journal_req *r = batch; r;) {
             if (journal_is_hot(r)) {
-                journal_run_hot(s, &r);
+                err = journal_run_hot(s, &r, &committed);
             } else {
                 journal_run(s, r);
                 r = r->next;
             }
         }
-        err = kp_store_commit(s);
+        if (!committed)
+            err = kp_store_commit(s);
     }
     if (err == KP_OK) {
         for (struct kp_journal_req *r = batch; r; r = r->next)

@@ -302,7 +302,8 @@ static enum kp_err store_run_one(struct kp_store *s, struct kp_store_op *op)
     return err;
 }
 
-void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n)
+/* Checks each operation's input: err and errmsg say why one will not run. */
+static void store_check_ops(struct kp_store *s, struct kp_store_op *ops, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         struct kp_store_op *op = &ops[i];
@@ -314,6 +315,10 @@ void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n)
         if (op->err != KP_OK)
             op->errmsg = kp_strdup(kp_store_errmsg(s));
     }
+}
+
+static void store_run_ops(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
     if (s->ops->run) {
         s->ops->run(s, ops, n);
         return;
@@ -326,6 +331,21 @@ void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n)
         if (op->err != KP_OK)
             op->errmsg = kp_strdup(kp_store_errmsg(s));
     }
+}
+
+void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    store_check_ops(s, ops, n);
+    store_run_ops(s, ops, n);
+}
+
+enum kp_err kp_store_run_commit(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    store_check_ops(s, ops, n);
+    if (s->ops->run_commit)
+        return s->ops->run_commit(s, ops, n);
+    store_run_ops(s, ops, n);
+    return s->ops->commit(s);
 }
 
 enum kp_err kp_store_cancel(struct kp_store *s, const kp_job_id *id, uint64_t now)

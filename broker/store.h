@@ -241,6 +241,9 @@ struct kp_store_ops {
     /* NULL: kp_store_run calls insert, claim_limited and end in turn. Runs
      * the ops whose err is KP_OK on entry (kp_store_run checked them). */
     void (*run)(struct kp_store *s, struct kp_store_op *ops, size_t n);
+    /* NULL: kp_store_run_commit calls run (or its fallback), then commit.
+     * Runs the ops whose err is KP_OK on entry, like run. */
+    enum kp_err (*run_commit)(struct kp_store *s, struct kp_store_op *ops, size_t n);
     void (*close)(struct kp_store *s);
 };
 
@@ -421,6 +424,16 @@ enum kp_err kp_store_end(struct kp_store *s, const kp_job_id *id, uint32_t attem
  * attempt not running) is run after the others, as if it had come a moment
  * later. */
 void kp_store_run(struct kp_store *s, struct kp_store_op *ops, size_t n);
+
+/* Inside a group (begin() was called): runs n hot-path operations as
+ * kp_store_run does, then commits the group as kp_store_commit does, and
+ * returns the commit's result; the group is over either way. A shared
+ * store sends the operations' statements and the COMMIT in one round trip
+ * (the group's last thing, so nothing else waits for its answers). An
+ * operation the one-statement path cannot settle, or any operation once a
+ * statement failed, is settled after that COMMIT in a transaction of its
+ * own: it fails alone (its err) if that one's commit fails. */
+enum kp_err kp_store_run_commit(struct kp_store *s, struct kp_store_op *ops, size_t n);
 
 /* Cancels a job that is not running (SCHEDULED or QUEUED) → CANCELLED.
  * KP_ENOJOB if unknown; KP_EJOBSTATE if leased (the engine must stop the

@@ -35,6 +35,7 @@ benchmarks/results/pg.md and pg.json (not committed).
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -98,7 +99,8 @@ class Children:
 class Postgres:
     """A PostgreSQL 15 of this script's own: initdb, a unix socket, stopped by pid."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, statements=False):
+        self.statements = statements
         self.dir = tempfile.mkdtemp(prefix="pg.", dir=workdir)
         self.port = free_ports(1)[0]
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -116,6 +118,8 @@ class Postgres:
                        check=True, stdout=subprocess.DEVNULL, timeout=180)
         opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -p {self.port} "
                 f"-c fsync=on -c synchronous_commit=on -c max_connections=50")
+        if self.statements:
+            opts += " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
         subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
                                        f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
                                        "start"], check=True, stdout=subprocess.DEVNULL, timeout=90)
@@ -132,6 +136,8 @@ class Postgres:
         self.n += 1
         name = f"bench{self.n}"
         self.psql(f"CREATE DATABASE {name} TEMPLATE template0")
+        if self.statements:
+            self.psql("CREATE EXTENSION pg_stat_statements", db=name)
         return f"postgresql://postgres@/{name}?host={self.dir}&port={self.port}", name
 
     def stop(self):
@@ -151,6 +157,63 @@ class Postgres:
 def loadavg():
     with open("/proc/loadavg") as f:
         return " ".join(f.read().split()[:3])
+
+
+def cpu_ticks(pids):
+    """utime + stime of live processes, in clock ticks (gone ones count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def pg_pids(pg):
+    """The postmaster and every process it started (backends, WAL writer, ...)."""
+    pids = [pg.pid]
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pg.pid:
+                        pids.append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def pg_counters(pg, db):
+    """WAL fsyncs, writes, records and bytes, and commits on the server so far (pg_stat_wal,
+    pg_stat_database)."""
+    row = pg.psql("SELECT (SELECT wal_sync FROM pg_stat_wal), (SELECT wal_write FROM pg_stat_wal), "
+                  "(SELECT wal_records FROM pg_stat_wal), (SELECT wal_bytes FROM pg_stat_wal), "
+                  f"(SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}')").strip()
+    return [int(x or 0) for x in row.split("|")]
+
+
+def top_statements(pg, db, total):
+    """The server's own execution time per job by statement (pg_stat_statements), since the
+    last reset, and resets it."""
+    rows = pg.psql("SELECT round((total_exec_time * 1000 / %d)::numeric, 1), "
+                   "round((calls::float8 / %d)::numeric, 3), rows, "
+                   "left(regexp_replace(query, '\\s+', ' ', 'g'), 70) FROM pg_stat_statements "
+                   "ORDER BY total_exec_time DESC LIMIT 12" % (total, total), db=db)
+    pg.psql("SELECT pg_stat_statements_reset()", db=db)
+    return rows.strip().splitlines()
+
+
+def journal(fes):
+    """Journal requests and commits summed over the brokers (group size = their ratio)."""
+    req = com = 0
+    for fe in fes:
+        j = stats(fe, None).get("jobs", {})
+        req += j.get("journal_requests", 0)
+        com += j.get("journal_commits", 0)
+    return req, com
 
 
 def bench_json(argv, timeout=LIMIT_S + 60):
@@ -230,6 +293,18 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
         load = loadavg().split()[0]
         per = a.n // k
         total = per * k
+        # Where the CPU goes (per side) and how the store is used, over the
+        # end-to-end phase only: CPU time is far less sensitive to the load
+        # of other processes than wall time.
+        jr0 = journal(fes)
+        pgc0 = pg_counters(pg, db) if pg else None
+        if pg and pg.statements:
+            pg.psql("SELECT pg_stat_statements_reset()", db=db)
+        sides = {"kelpied": [p.pid for p in brokers], "worker": [p.pid for p in workers]}
+        if pg:
+            sides["postgres"] = pg_pids(pg)
+        cpu0 = {name: cpu_ticks(pids) for name, pids in sides.items()}
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
         procs = [subprocess.Popen([a.job_bench, "e2e", fe, str(per), str(a.window), ",".join(fes),
                                    str(base + total)], stdout=subprocess.PIPE, text=True)
@@ -241,6 +316,27 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                 raise RuntimeError(f"e2e failed: {out}")
             outs.append(json.loads(out.strip().splitlines()[-1]))
         wall = time.monotonic() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if pg:
+            sides["postgres"] = pg_pids(pg)  # backends started meanwhile count from 0
+        cpu1 = {name: cpu_ticks(pids) for name, pids in sides.items()}
+        tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
+        cpu = {name: (cpu1[name] - cpu0[name]) * tick_us / total for name in sides}
+        cpu["client"] = ((ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)) * 1e6 / total
+        cpu["total"] = sum(cpu.values())
+        jr1 = journal(fes)
+        prof = {"cpu_us_per_job": cpu,
+                "journal_requests_per_commit": (jr1[0] - jr0[0]) / max(1, jr1[1] - jr0[1]),
+                "journal_commits_per_job": (jr1[1] - jr0[1]) / total}
+        if pg:
+            pgc1 = pg_counters(pg, db)
+            if pg.statements:
+                prof["statements"] = top_statements(pg, db, total)
+            prof.update({"wal_syncs_per_job": (pgc1[0] - pgc0[0]) / total,
+                         "wal_writes_per_job": (pgc1[1] - pgc0[1]) / total,
+                         "wal_records_per_job": (pgc1[2] - pgc0[2]) / total,
+                         "wal_bytes_per_job": (pgc1[3] - pgc0[3]) / total,
+                         "pg_commits_per_job": (pgc1[4] - pgc0[4]) / total})
         e2e = max(o["e2e_s"] for o in outs)
         enq = max(o["enqueue_s"] for o in outs)
         res = {"brokers": k, "store": "postgresql" if pg else "sqlite", "n": total,
@@ -248,7 +344,7 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                "jobs_per_s": total / e2e, "enqueue_per_s": total / enq, "e2e_s": e2e,
                "wall_s": wall,
                "accepted_load_p50_ms": sum(o["accepted_p50_ms"] for o in outs) / k,
-               "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs)}
+               "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs), **prof}
         r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
         res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
                                       "accepted_p99_ms")})
@@ -330,6 +426,28 @@ def report(res, a, before, after):
             f"{eff} | {vs} | {r['rtt_p50_ms']:.2f} / {r['rtt_p99_ms']:.2f} | "
             f"{r['accepted_p50_ms']:.2f} / {r['accepted_p99_ms']:.2f} | "
             f"{r['accepted_load_p50_ms']:.2f} / {r['accepted_load_p99_ms']:.2f} | {r['load']} |")
+    lines += ["", "Per job over the end-to-end phase: CPU µs of each side (utime + stime "
+              "from /proc and getrusage), journal requests per group commit, WAL fsyncs and "
+              "commits on the server", "",
+              "| build | store | brokers | postgres | kelpied | worker | client | total | "
+              "requests/commit | commits/job | WAL fsyncs/job | WAL writes/job | "
+              "server commits/job | WAL records/job | WAL bytes/job |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        c = r["cpu_us_per_job"]
+        pgx = (f"{r['wal_syncs_per_job']:.3f} | {r['wal_writes_per_job']:.3f} | "
+               f"{r['pg_commits_per_job']:.3f} | {r['wal_records_per_job']:.1f} | "
+               f"{r['wal_bytes_per_job']:.0f}" if "wal_syncs_per_job" in r else " | | | | ")
+        lines.append(f"| {r['build']} | {r['store']} | {r['brokers']} | "
+                     f"{c.get('postgres', 0):.0f} | {c['kelpied']:.0f} | {c['worker']:.0f} | "
+                     f"{c['client']:.0f} | {c['total']:.0f} | "
+                     f"{r['journal_requests_per_commit']:.1f} | "
+                     f"{r['journal_commits_per_job']:.3f} | {pgx} |")
+    for r in res:
+        if r.get("statements"):
+            lines += ["", f"{r['build']} pg x{r['brokers']}: server execution µs per job | "
+                      "calls per job | rows | statement", ""] + \
+                [f"    {x}" for x in r["statements"]]
     for label in dict.fromkeys(r["build"] for r in res):
         two, sqlite = first(label, "postgresql", 2), first(label, "sqlite")
         if two and sqlite:
@@ -362,6 +480,9 @@ def main():
     ap.add_argument("--no-recovery", dest="recovery", action="store_false")
     ap.add_argument("--brokers", default="1,2,3")
     ap.add_argument("--no-sqlite", action="store_true")
+    ap.add_argument("--statements", action="store_true",
+                    help="load pg_stat_statements and print the server's time per job by "
+                         "statement (a profile; it costs the server some CPU)")
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     ap.add_argument("--kelpied")
     ap.add_argument("--before", metavar="KELPIED",
@@ -377,7 +498,7 @@ def main():
     children = Children(workdir)
     pg = None
     try:
-        pg = Postgres(workdir).start()
+        pg = Postgres(workdir, a.statements).start()
         before = loadavg()
         builds = ([("before", a.before)] if a.before else []) + [("after" if a.before else "this",
                                                                    a.kelpied)]
