@@ -931,8 +931,12 @@ static void run_end(struct kp_broker *b, struct run *r, enum kp_job_outcome outc
                                          .output = o->output,
                                          .output_len = o->output_len};
     if (r->watch) {
+        /* Both ways: with no run and no watchers the watch may be freed
+         * (kp_jobs_watch_release) while this ended attempt's call waits for
+         * its worker's late answer. */
         r->watch->run = NULL;
         r->watch->tail_len = 0;
+        r->watch = NULL;
     }
     count_outcome(b, outcome);
     op_put(b, o);
@@ -1276,6 +1280,9 @@ static void done_end(struct kp_broker *b, struct op *o, struct kp_journal_req *r
             kp_timers_disarm(&b->timers, &other->call->timer);
             kp_broker_orphan(b, other->call);
         }
+        /* Both ways: the watch may be freed just below, while the orphaned
+         * attempt's call lives on until its worker answers or is lost. */
+        other->watch = NULL;
         w->run = NULL;
     }
     if (w == NULL)
@@ -2262,7 +2269,9 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         zmq_msg_move(&o->payload, &b->in.frames[hdr_index + 1]);
         o->has_payload = true;
     }
-    struct watch *wt = r ? r->watch : NULL;
+    /* By id, not r->watch: an attempt ended earlier (timeout, cancel) no
+     * longer holds its job's watch, which may have been freed since. */
+    struct watch *wt = r ? zhashx_lookup(engine(b)->watches, r->id.s) : NULL;
     if (wt && outcome == KP_OUTCOME_SUCCEEDED && !kp_list_empty(&wt->watchers)) {
         /* Watchers get a success at once, before it is on disk: the worker
          * holds its RESULT until the ACK, so a broker that dies now still
