@@ -6,10 +6,9 @@
  * both, one broker SIGKILLed mid traffic and restarted. Also the C worker's
  * own report (HEARTBEAT.worker_stats) in Stats worker_detail, a lost
  * broker's calls holding their slots, and a job watch moved to another
- * broker, for which the two kelpied share a real PostgreSQL 15 (started
- * once for this program by a report hook, as tests/broker/store_pg_test.h
- * does for the store tests: initdb in a fresh /tmp directory, a unix socket
- * there only, stopped by its postmaster's pid).
+ * broker, for which the two kelpied share a real PostgreSQL 15
+ * (tests/support/pg_server.h: started once for this program by a report
+ * hook, a unix socket in a fresh /tmp directory, stopped by its pid).
  */
 #define _GNU_SOURCE
 #include <criterion/criterion.h>
@@ -31,109 +30,16 @@ TestSuite(multibroker, .fini = kt_teardown, .timeout = 90);
 
 /* --- a PostgreSQL for the tests that need a shared store ----------------- */
 
-#define PG_BIN "/usr/lib/postgresql/15/bin"
-
-static char pg_dir[256];
-static long pg_pid;
-
-static void pg_stop(void)
-{
-    if (pg_pid > 0) {
-        kill((pid_t)pg_pid, SIGTERM);
-        for (int i = 0; i < 200 && kill((pid_t)pg_pid, 0) == 0; i++)
-            nanosleep(&(struct timespec){0, 50 * 1000 * 1000}, NULL);
-        if (kill((pid_t)pg_pid, 0) == 0)
-            kill((pid_t)pg_pid, SIGKILL);
-        pg_pid = 0;
-    }
-    if (pg_dir[0]) {
-        char cmd[400];
-        snprintf(cmd, sizeof cmd, "rm -rf '%s'", pg_dir);
-        if (system(cmd) != 0)
-            fprintf(stderr, "multibroker: could not remove %s\n", pg_dir);
-        pg_dir[0] = '\0';
-    }
-}
-
-/* Starts the server in the runner, before any test process is forked; the
- * tests find it in KELPIE_MB_PG (a --store URL) or the reason it failed in
- * KELPIE_MB_PG_ERROR. A server that cannot start fails the tests that need
- * it, never skips them. */
-static void pg_start(void)
-{
-    const char *fail = NULL;
-    snprintf(pg_dir, sizeof pg_dir, "/tmp/kelpie-mbpg-XXXXXX");
-    if (!mkdtemp(pg_dir)) {
-        pg_dir[0] = '\0';
-        setenv("KELPIE_MB_PG_ERROR", "mkdtemp failed", 1);
-        return;
-    }
-    atexit(pg_stop);
-    bool root = geteuid() == 0;
-    const char *as = root ? "runuser -u postgres -- " : "";
-    unsigned short r;
-    if (getrandom(&r, sizeof r, 0) != sizeof r)
-        r = (unsigned short)getpid();
-    int port = 20000 + r % 30000;
-    char cmd[2048];
-    if (access(PG_BIN "/initdb", X_OK) != 0)
-        fail = PG_BIN "/initdb is missing: apt-get install postgresql-15 (make deps)";
-    if (!fail && root) {
-        snprintf(cmd, sizeof cmd, "chown postgres '%s'", pg_dir);
-        if (system(cmd) != 0)
-            fail = "chown to postgres failed";
-    }
-    snprintf(cmd, sizeof cmd,
-             "%s" PG_BIN "/initdb -D '%s/data' -U postgres -A trust --no-sync -E UTF8 "
-             ">'%s/initdb.log' 2>&1",
-             as, pg_dir, pg_dir);
-    if (!fail && system(cmd) != 0)
-        fail = "initdb failed (see its log in the directory)";
-    snprintf(cmd, sizeof cmd,
-             "%s" PG_BIN "/pg_ctl -D '%s/data' -l '%s/server.log' -w -t 30 "
-             "-o \"-c listen_addresses='' -c unix_socket_directories='%s' -p %d "
-             "-c fsync=off -c max_connections=50\" start >/dev/null",
-             as, pg_dir, pg_dir, pg_dir, port);
-    if (!fail && system(cmd) != 0)
-        fail = "pg_ctl start failed (see server.log in the directory)";
-    if (!fail) {
-        char pidfile[300];
-        snprintf(pidfile, sizeof pidfile, "%s/data/postmaster.pid", pg_dir);
-        FILE *f = fopen(pidfile, "r");
-        if (!f || fscanf(f, "%ld", &pg_pid) != 1)
-            fail = "no postmaster.pid after start";
-        if (f)
-            fclose(f);
-    }
-    if (fail) {
-        setenv("KELPIE_MB_PG_ERROR", fail, 1);
-        return;
-    }
-    char url[512];
-    snprintf(url, sizeof url, "postgresql://postgres@/postgres?host=%s&port=%d", pg_dir, port);
-    setenv("KELPIE_MB_PG", url, 1);
-}
-
-ReportHook(PRE_ALL)(struct criterion_test_set *set)
-{
-    (void)set;
-    pg_start();
-}
-
-ReportHook(POST_ALL)(struct criterion_global_stats *stats)
-{
-    (void)stats;
-    pg_stop();
-}
+/* Not durable: the tests kill brokers, never the server. */
+#define PGT_SERVER_OPTIONS "-c fsync=off -c max_connections=50"
+#include "pg_server.h"
 
 /* The --store URL of the shared PostgreSQL (one database: only one test
  * uses it). */
 static const char *pg_url(void)
 {
-    const char *err = getenv("KELPIE_MB_PG_ERROR");
-    cr_assert_null(err, "PostgreSQL for the shared store: %s", err);
-    const char *url = getenv("KELPIE_MB_PG");
-    cr_assert_not_null(url, "PostgreSQL for the shared store was not started");
+    static char url[512];
+    pgt_url(url, sizeof url);
     return url;
 }
 

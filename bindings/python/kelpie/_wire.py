@@ -183,7 +183,17 @@ HEARTBEAT_FRAME = _kind_prefix(HEARTBEAT)
 DISCONNECT_FRAME = _kind_prefix(DISCONNECT)
 
 _request_prefixes = {}
-_timeout_fields = {}  # timeout_ms -> its encoded field: most calls share a few
+# Encoded varint fields whose values repeat (a call's timeout_ms, a reply's
+# flags), so that a call encodes each value once, not every time.
+_timeout_fields = {}
+_flags_fields = {}
+
+
+def _new_field(cache, tag, value, most):
+    field = tag + varint(value)
+    if len(cache) < most:
+        cache[value] = field
+    return field
 
 
 def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metadata=None):
@@ -200,30 +210,18 @@ def request(service, method, request_id, timeout_ms=0, flags=0, credits=0, metad
             _request_prefixes[key] = prefix
     out = prefix + b"\x18" + varint(request_id)
     if timeout_ms:
-        field = _timeout_fields.get(timeout_ms)
-        if field is None:
-            field = b"\x30" + varint(timeout_ms)
-            if len(_timeout_fields) < 4096:
-                _timeout_fields[timeout_ms] = field
-        out += field
+        out += _timeout_fields.get(timeout_ms) or _new_field(_timeout_fields, b"\x30",
+                                                             timeout_ms, 4096)
     if metadata:
         out += _metadata(metadata)
     return out
-
-
-_flags_fields = {}  # flags -> its encoded field (a handful of values)
 
 
 def reply(request_id, metadata=None, flags=0):
     """A REPLY header for ``request_id``."""
     out = _REPLY + varint(request_id)
     if flags:
-        field = _flags_fields.get(flags)
-        if field is None:
-            field = b"\x60" + varint(flags)
-            if len(_flags_fields) < 256:
-                _flags_fields[flags] = field
-        out += field
+        out += _flags_fields.get(flags) or _new_field(_flags_fields, b"\x60", flags, 256)
     if metadata:
         out += _metadata(metadata)
     return out

@@ -259,37 +259,23 @@ class Client(ClientJobs):
         sock = self._sock
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
-        timeout, metadata = _core.options(self, timeout, metadata)
-        if _stage == 0 and self._interceptors:
-            return await _interceptors.client_unary(
-                self._interceptors, _interceptors.CallDetails(
-                    service, method, timeout, metadata, idempotent, _interceptors.UNARY, payload,
-                    with_metadata=with_metadata, compression=compression), self._call_details)
-        if _stage < 2 and (self._policies or retry is not None or hedging is not None):
-            return await self._call_with_policy(service, method, payload, timeout, metadata,
-                                                idempotent, with_metadata, retry, hedging,
-                                                compression)
-        if not idempotent:  # never sent again: the loop below is for restarts
-            return await self._call(sock, service, method, payload, timeout, metadata,
-                                    idempotent, with_metadata, compression)
-        loop = self._loop
-        retries = _core.retries(idempotent)
-        end = None if timeout is None else loop.time() + timeout
-        while True:
-            try:
-                return await self._call(sock, service, method, payload, timeout, metadata,
-                                        idempotent, with_metadata, compression)
-            except BrokerRestarted:
-                # Lost with a broker that restarted: an idempotent call may
-                # safely run again, on the new one, within its deadline.
-                if self._sock is None or not _core.may_retry(retries, end, loop.time()):
-                    raise
-                retries -= 1
-                if end is not None:
-                    timeout = end - loop.time()
-
-    async def _call(self, sock, service, method, payload, timeout, metadata, idempotent,
-                    with_metadata, compression=None):
+        if _stage < 3:
+            timeout, metadata = _core.options(self, timeout, metadata)
+            if _stage == 0 and self._interceptors:
+                return await _interceptors.client_unary(
+                    self._interceptors, _interceptors.CallDetails(
+                        service, method, timeout, metadata, idempotent, _interceptors.UNARY,
+                        payload, with_metadata=with_metadata, compression=compression),
+                    self._call_details)
+            if _stage < 2 and (self._policies or retry is not None or hedging is not None):
+                return await self._call_with_policy(service, method, payload, timeout, metadata,
+                                                    idempotent, with_metadata, retry, hedging,
+                                                    compression)
+            if idempotent:
+                return await self._call_restartable(service, method, payload, timeout, metadata,
+                                                    with_metadata, compression)
+        # One attempt, in this frame: most calls take no other step, and a
+        # second coroutine per call costs more than all of the checks above.
         loop = self._loop
         now = loop.time()
         watch = self._watch
@@ -330,6 +316,27 @@ class Client(ClientJobs):
                 and not header.flags & _COMPRESSED:
             return frames[1]  # the common answer, without _unary_result's cases
         return _unary_result(header, frames, with_metadata)
+
+    async def _call_restartable(self, service, method, payload, timeout, metadata,
+                                with_metadata, compression):
+        """An idempotent call: lost with a broker that restarted, it may
+        safely run again, on the new one, within its deadline."""
+        loop = self._loop
+        retries = _core.retries(True)
+        end = None if timeout is None else loop.time() + timeout
+        while True:
+            try:
+                # _stage 3: timeout and metadata are final (None: no deadline).
+                return await self.call(service, method, payload, timeout=timeout,
+                                       metadata=metadata, idempotent=True,
+                                       with_metadata=with_metadata, compression=compression,
+                                       _stage=3)
+            except BrokerRestarted:
+                if self._sock is None or not _core.may_retry(retries, end, loop.time()):
+                    raise
+                retries -= 1
+                if end is not None:
+                    timeout = end - loop.time()
 
     def _call_details(self, d):
         """The innermost step of the interceptor chain: the call as ``d`` says."""
