@@ -55,6 +55,12 @@ WINDOW = 64          # SUBMITs in flight per broker
 STREAM_S = 12.0
 ANSWER_S = 2.0       # a SUBMIT not answered in this long is sent elsewhere
 RESEND_PAUSE_S = 0.05
+# Each job runs this long, so a worker holds leases for a while and broker a
+# is killed while one of its jobs runs (an instant job's lease can be over in
+# a few milliseconds, and a kill could then find a holding none). Three
+# workers of 16 credits run 2,400 a second, two of them 1,600: more than the
+# stream's 833.
+JOB_S = 0.02
 
 
 def hdr(**kw):
@@ -121,7 +127,7 @@ class Stream:
             self.socks[name].send_multipart([
                 hdr(kind=K.SUBMIT, service="q", request_id=rid, idempotency_key=f"job-{i}",
                     max_attempts=5),
-                json.dumps({"n": i}).encode()])
+                json.dumps({"n": i, "sleep": JOB_S}).encode()])
             self.inflight[(name, rid)] = (i, time.monotonic())
             busy[name] += 1
             self.count["sent"] += 1
@@ -192,6 +198,7 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         t_start = time.monotonic()
         end = t_start + 80
         killed = restarted = pg_started = False
+        armed = a_log_size = None
         pg_thread = None
 
         def bounce_postgres():
@@ -206,7 +213,14 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         while stream.pending() and time.monotonic() < end:
             stream.step()
             done = stream.count["accepted"]
-            if not killed and done >= N * 0.3:
+            if not killed and done >= N * 0.3 and armed is None:
+                armed = time.monotonic()
+                a_log_size = os.path.getsize(workers["a"].procs[0].runs_log)
+            # Killed as soon as a's worker starts a job (it runs JOB_S, under
+            # a's lease), or after 3 s whatever a holds.
+            if armed is not None and not killed and (
+                    os.path.getsize(workers["a"].procs[0].runs_log) > a_log_size
+                    or time.monotonic() - armed > 3.0):
                 killed = True
                 t_kill_wall = time.time()
                 brokers["a"].stop()  # SIGKILL
