@@ -328,13 +328,18 @@ static const char pg_inserts_sql[] =
  * stale end, or the same job twice in the arrays) changed nothing and is
  * left to pg_end_inner. The statement sends its own notifications
  * (pg_note_move's, $9 this broker's id in hex, $10 the queues it claims
- * with a concurrency limit), so they need not wait for its answer and the
+ * with a concurrency limit; the finished jobs' ids a few hundred to a
+ * notification), so they need not wait for its answer and the
  * COMMIT can go in the same round trip. `t.id = ANY($1)` makes the plan find the rows by
  * the id index: a join with the unnest alone was planned as a scan of every
  * job (3x the server time of one statement per end). The UPDATE's own row lock and its recheck of
  * `state = 2 AND attempts = v.att` on the newest row version serialise it
  * with another broker's end or recovery of the same job, without a
  * separate SELECT ... FOR UPDATE (a second write of every row). */
+/* Ids of finished jobs per "e" notification (store.h): 27 bytes each, well
+ * under PG_NOTE_MAX. One notification per job cost the server more than
+ * the UPDATE did (each is queued, then read by every listener). */
+#define PG_ENDED_PER_NOTE "250"
 static const char pg_ends_sql[] =
     "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
     "  $5::text[], $6::bigint[], $7::bytea[], $8::bytea[]) WITH ORDINALITY "
@@ -346,15 +351,17 @@ static const char pg_ends_sql[] =
     "  output = coalesce(v.output, t.output), att_outcome = v.outcome, att_ended_at = v.now, "
     "  att_message = v.msg "
     "  FROM v WHERE t.id = ANY($1) AND t.id = v.id AND t.state = 2 AND t.attempts = v.att "
-    "  RETURNING v.i, t.id, t.state, t.run_at, t.queue) "
-    "SELECT i, state, run_at, queue, "
-    "  CASE WHEN length(queue) < 7800 THEN pg_notify('" PG_CHANNEL "', CASE state "
-    "    WHEN 1 THEN 'r ' || $9::text || ' ' || queue "
-    "    WHEN 0 THEN 'd ' || $9 || ' ' || run_at || ' ' || queue "
-    "    ELSE 'e ' || $9 || ' ' || id END) END, "
-    "  CASE WHEN state <> 1 AND length(queue) < 7800 AND queue = ANY($10::text[]) "
-    "    THEN pg_notify('" PG_CHANNEL "', 'r ' || $9 || ' ' || queue) END "
-    "FROM m";
+    "  RETURNING v.i, t.id, t.state, t.run_at, t.queue), "
+    "n AS (SELECT count(pg_notify('" PG_CHANNEL "', note)) AS sent FROM ("
+    "  SELECT 'e ' || $9::text || ' ' || string_agg(id, ' ') AS note FROM "
+    "    (SELECT id, (row_number() OVER ()) / " PG_ENDED_PER_NOTE " AS part FROM m "
+    "    WHERE state NOT IN (0, 1)) e GROUP BY part "
+    "  UNION SELECT CASE state WHEN 1 THEN 'r ' || $9 || ' ' || queue "
+    "    ELSE 'd ' || $9 || ' ' || run_at || ' ' || queue END FROM m "
+    "    WHERE state IN (0, 1) AND length(queue) < 7800 "
+    "  UNION SELECT 'r ' || $9 || ' ' || queue FROM m "
+    "    WHERE state <> 1 AND length(queue) < 7800 AND queue = ANY($10::text[])) x) "
+    "SELECT i, state, run_at, queue, (SELECT sent FROM n) FROM m";
 
 _Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
                "pg_ends_sql names outcomes by number");
