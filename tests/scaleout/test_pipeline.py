@@ -14,10 +14,8 @@ keep:
 """
 import json
 import os
-import random
 import re
 import signal
-import string
 import time
 
 import zmq
@@ -54,15 +52,17 @@ def test_a_refused_submit_fails_alone_in_its_group(tmp_path, postgres):
     s = dealer(b.frontend)
     try:
         n, bad = 300, 150
-        # A queue name the broker takes but PostgreSQL cannot index (a btree
-        # entry holds at most 2,704 bytes; random letters do not compress):
-        # its INSERT fails with SQLSTATE 54000 in a group of good ones.
-        rnd = random.Random(17)
-        huge = "".join(rnd.choice(string.ascii_letters + string.digits) for _ in range(6000))
+        # A SUBMIT that the broker takes and the server refuses for its own
+        # data (SQLSTATE class 22): the broker now refuses every name or key
+        # that PostgreSQL could not store (names are at most 255 bytes, strings
+        # UTF-8), so the database refuses this one job by a check of its own,
+        # division by zero (22012) for its key, in a group of good ones.
+        postgres.psql("ALTER TABLE jobs ADD CONSTRAINT refuse_one CHECK "
+                      f"(1 / (CASE WHEN idem_key = 'key-{bad:06d}' THEN 0 ELSE 1 END) = 1)",
+                      db=db)
         frames = []
         for i in range(1, n + 1):
-            h = hdr(kind=K.SUBMIT, request_id=i, service=huge if i == bad else "q",
-                    idempotency_key=f"key-{i:06d}")
+            h = hdr(kind=K.SUBMIT, request_id=i, service="q", idempotency_key=f"key-{i:06d}")
             frames.append([h, json.dumps({"n": i}).encode()])
         for f in frames:  # in one burst: the journal groups what waits
             s.send_multipart(f)
