@@ -8,7 +8,7 @@ attributes are the protobuf Header's, each made a Python object only when
 read; anything else about it (repeated strings, worker_stats, Message
 methods, ``==``) is a real Header parsed from the same bytes on first need.
 It accepts and rejects exactly the frames the C++ protobuf backend does
-(``tests/rpc/test_header_decode.py``). The generated class parses a header
+(``tests/binding/test_header_decode.py``). The generated class parses a header
 in about half a microsecond, but reading its fields through protobuf's
 reflection cost the worker about a fifth of its instructions per call
 (docs/benchmarks-rpc.md). ``parse_full`` gives a real Header where one is

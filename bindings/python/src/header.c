@@ -29,7 +29,7 @@
  * with a RuntimeWarning from protobuf, so there the real parse is run at once
  * (it raises the warning) and its fields are the ones already decoded.
  * Garbage raises google.protobuf.message.DecodeError, as ParseFromString
- * does. tests/rpc/test_header_decode.py compares both on random and mutated
+ * does. tests/binding/test_header_decode.py compares both on random and mutated
  * frames.
  *
  * A ParsedHeader holds only bytes, str, int, a dict of bytes and a protobuf
@@ -69,28 +69,28 @@ typedef struct header_field {
 
 /* By field number: header.proto's Header. */
 static const header_field header_fields[HEADER_MAX_FIELD + 1] = {
-    [1] = {HEADER_UINT32, 0},   /* version */
-    [2] = {HEADER_INT32, 1},    /* kind */
-    [3] = {HEADER_UINT64, 2},   /* request_id */
-    [4] = {HEADER_STRING, 0},   /* service */
-    [5] = {HEADER_STRING, 1},   /* method */
-    [6] = {HEADER_UINT64, 3},   /* timeout_ms */
-    [7] = {HEADER_INT32, 4},    /* code */
-    [8] = {HEADER_STRING, 2},   /* message */
-    [9] = {HEADER_UINT32, 5},   /* credits */
-    [10] = {HEADER_STRINGS, 0}, /* services */
-    [11] = {HEADER_MAP, 0},     /* metadata */
-    [12] = {HEADER_UINT32, 6},  /* flags */
-    [13] = {HEADER_UINT64, 7},  /* sequence */
-    [14] = {HEADER_UINT32, 8},  /* heartbeat_ms */
-    [15] = {HEADER_STRING, 3},  /* name */
-    [16] = {HEADER_STRING, 4},  /* job_id */
-    [17] = {HEADER_UINT32, 9},  /* attempt */
-    [18] = {HEADER_UINT32, 10}, /* max_attempts */
-    [19] = {HEADER_STRING, 5},  /* idempotency_key */
-    [20] = {HEADER_INT32, 11},  /* priority */
-    [21] = {HEADER_UINT64, 12}, /* delay_ms */
-    [22] = {HEADER_STRING, 6},  /* stream */
+    [1] = {HEADER_UINT32, 0},      /* version */
+    [2] = {HEADER_INT32, 1},       /* kind */
+    [3] = {HEADER_UINT64, 2},      /* request_id */
+    [4] = {HEADER_STRING, 0},      /* service */
+    [5] = {HEADER_STRING, 1},      /* method */
+    [6] = {HEADER_UINT64, 3},      /* timeout_ms */
+    [7] = {HEADER_INT32, 4},       /* code */
+    [8] = {HEADER_STRING, 2},      /* message */
+    [9] = {HEADER_UINT32, 5},      /* credits */
+    [10] = {HEADER_STRINGS, 0},    /* services */
+    [11] = {HEADER_MAP, 0},        /* metadata */
+    [12] = {HEADER_UINT32, 6},     /* flags */
+    [13] = {HEADER_UINT64, 7},     /* sequence */
+    [14] = {HEADER_UINT32, 8},     /* heartbeat_ms */
+    [15] = {HEADER_STRING, 3},     /* name */
+    [16] = {HEADER_STRING, 4},     /* job_id */
+    [17] = {HEADER_UINT32, 9},     /* attempt */
+    [18] = {HEADER_UINT32, 10},    /* max_attempts */
+    [19] = {HEADER_STRING, 5},     /* idempotency_key */
+    [20] = {HEADER_INT32, 11},     /* priority */
+    [21] = {HEADER_UINT64, 12},    /* delay_ms */
+    [22] = {HEADER_STRING, 6},     /* stream */
     [23] = {HEADER_FIXED64, 13},   /* broker_id */
     [24] = {HEADER_UINT64, 14},    /* max_message_size */
     [25] = {HEADER_STRINGS, 0},    /* methods */
@@ -321,8 +321,7 @@ static int header_entry(header_walk *w, const unsigned char *p, Py_ssize_t n)
 {
     const unsigned char *key = NULL, *value = NULL;
     Py_ssize_t key_len = 0, value_len = 0;
-    int rc = header_nested(p, p + n, HEADER_MAX_DEPTH, 1u << 1, &key, &key_len, &value,
-                           &value_len);
+    int rc = header_nested(p, p + n, HEADER_MAX_DEPTH, 1u << 1, &key, &key_len, &value, &value_len);
     if (rc != HEADER_OK || w->metadata == NULL) {
         return rc;
     }
@@ -367,8 +366,8 @@ static int header_walk_frame(header_walk *w, const unsigned char *start, const u
             return HEADER_OK;
         }
         uint32_t number = tag >> 3, wire = tag & 7;
-        header_field f = number <= HEADER_MAX_FIELD ? header_fields[number]
-                                                    : (header_field){HEADER_NONE, 0};
+        header_field f =
+            number <= HEADER_MAX_FIELD ? header_fields[number] : (header_field){HEADER_NONE, 0};
         uint64_t v;
         Py_ssize_t n;
         int rc;
@@ -779,8 +778,7 @@ static PyGetSetDef header_getset[] = {
     {"priority", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_INT32, 11)},
     {"delay_ms", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT64, 12)},
     {"broker_id", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_FIXED64, 13)},
-    {"max_message_size", (getter)header_get_scalar, NULL, NULL,
-     HEADER_SCALAR(HEADER_UINT64, 14)},
+    {"max_message_size", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT64, 14)},
     {"backoff_ms", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT64, 15)},
     {"progress", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_FLOAT, 16)},
     {"batch_max", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT32, 17)},

@@ -77,16 +77,16 @@ typedef struct kp_state {
     PyObject *str_set_exception;
     PyObject *str_done;
     PyObject *str_is_closed;
-    PyObject *str_blocking;       /* "_asyncio_future_blocking" */
-    PyObject *str_on_fd;          /* "_on_fd", the socket's reader callback */
-    PyObject *str_on_nudge;       /* "_on_nudge", a Pulse's eventfd reader */
-    PyObject *future_type;        /* asyncio.Future */
-    PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
-    PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
-    PyTypeObject *header_type;    /* kelpie.ParsedHeader */
-    PyObject *header_pb;          /* kelpie.v1.Header, the fallback's class (_header_init) */
-    PyObject *decode_error;       /* google.protobuf.message.DecodeError (_header_init) */
-    PyObject *parse_header;       /* module function _parse_header, for pickling */
+    PyObject *str_blocking;          /* "_asyncio_future_blocking" */
+    PyObject *str_on_fd;             /* "_on_fd", the socket's reader callback */
+    PyObject *str_on_nudge;          /* "_on_nudge", a Pulse's eventfd reader */
+    PyObject *future_type;           /* asyncio.Future */
+    PyObject *base_create_future;    /* asyncio.BaseEventLoop.create_future */
+    PyObject *loop_kwnames;          /* ("loop",) for calling future_type */
+    PyTypeObject *header_type;       /* kelpie.ParsedHeader */
+    PyObject *header_pb;             /* kelpie.v1.Header, the fallback's class (_header_init) */
+    PyObject *decode_error;          /* google.protobuf.message.DecodeError (_header_init) */
+    PyObject *parse_header;          /* module function _parse_header, for pickling */
     PyObject *str_parse_from_string; /* "ParseFromString" */
 } kp_state;
 
