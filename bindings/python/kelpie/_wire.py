@@ -35,6 +35,8 @@ Header = _pb.Header
 _kelpie._header_init(Header, DecodeError)
 
 VERSION = 1
+# Bytes of a service or queue name, at most: the broker refuses longer ones (§9).
+NAME_MAX = 255
 
 # Kinds (kelpie.v1.Kind).
 READY = 1
