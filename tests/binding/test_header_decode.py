@@ -266,7 +266,8 @@ def test_random_headers_decode_as_protobuf_does():
 def test_mutated_and_truncated_headers_accepted_and_rejected_alike():
     rng = random.Random(1919)
     accepted = rejected = 0
-    for _ in range(scale(3000, 600)):
+    n = scale(3000, 600)
+    for _ in range(n):
         data = rand_frame(rng)
         if rng.random() < 0.3:
             data = data[:rng.randrange(len(data) + 1)]
@@ -277,7 +278,7 @@ def test_mutated_and_truncated_headers_accepted_and_rejected_alike():
         else:
             rejected += 1
     # Both outcomes must be exercised for the comparison to mean anything.
-    assert accepted > 100 and rejected > 100, (accepted, rejected)
+    assert accepted > n // 30 and rejected > n // 30, (accepted, rejected)
 
 
 @pytest.mark.parametrize("data, ok", [
