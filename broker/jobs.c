@@ -2428,13 +2428,34 @@ void kp_jobs_on_timer(struct kp_broker *b, struct kp_call *c)
     kp_broker_orphan(b, c);
 }
 
+/* Job id finished, as a broker on the shared store announced: the watch of
+ * it on this broker, if any, fetches its end. */
+static void jobs_note_ended(struct kp_broker *b, const char *text)
+{
+    struct kp_engine *e = engine(b);
+    e->ended_notes++;
+    kp_job_id id;
+    struct watch *w = kp_job_id_parse(text, &id) ? zhashx_lookup(e->watches, id.s) : NULL;
+    if (w == NULL || w->run || w->polling || kp_list_empty(&w->watchers))
+        return;
+    if (w->src && !w->src_ended && kp_relay_up(e->relay)) {
+        /* Its last events are still on their way over the relay (another
+         * connection): the RESULT waits for the end of the attempt. */
+        if (w->final_at == 0) {
+            w->final_at = b->now + JOBS_RELAY_SETTLE_MS;
+            kp_list_push_back(&e->deferred, &w->defer);
+        }
+        return;
+    }
+    kp_jobs_watch_poll(b, w);
+}
+
 /* What another broker on the shared store announced (store.h,
  * kp_pg_listener): jobs ready or due in a queue this broker may serve, or a
  * job finished that this broker's clients watch. */
 static void jobs_note(void *arg, const char *text)
 {
     struct kp_broker *b = arg;
-    struct kp_engine *e = engine(b);
     char kind = text[0];
     char *rest = NULL;
     if (kind == '\0' || text[1] != ' ')
@@ -2447,21 +2468,18 @@ static void jobs_note(void *arg, const char *text)
     if (!own)
         b->stats.jobs_notes++;
     if (kind == 'e') {
-        e->ended_notes++;
-        kp_job_id id;
-        struct watch *w = kp_job_id_parse(rest, &id) ? zhashx_lookup(e->watches, id.s) : NULL;
-        if (w == NULL || w->run || w->polling || kp_list_empty(&w->watchers))
-            return;
-        if (w->src && !w->src_ended && kp_relay_up(e->relay)) {
-            /* Its last events are still on their way over the relay (another
-             * connection): the RESULT waits for the end of the attempt. */
-            if (w->final_at == 0) {
-                w->final_at = b->now + JOBS_RELAY_SETTLE_MS;
-                kp_list_push_back(&e->deferred, &w->defer);
+        /* One finished job's id, or several separated by spaces. */
+        for (const char *p = rest; *p;) {
+            size_t n = strcspn(p, " ");
+            char one[KP_JOB_ID_LEN + 1];
+            if (n <= KP_JOB_ID_LEN) {
+                memcpy(one, p, n);
+                one[n] = '\0';
+                jobs_note_ended(b, one);
             }
-            return;
+            p += n;
+            p += *p == ' ';
         }
-        kp_jobs_watch_poll(b, w);
         return;
     }
     if (own)

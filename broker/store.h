@@ -295,7 +295,8 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
  * their transaction (so only once committed), one text per event:
  *   "r <broker-hex> <queue>"          jobs of queue became ready
  *   "d <broker-hex> <run_at> <queue>" a job of queue comes due at run_at (ms)
- *   "e <broker-hex> <job id>"         a job finished (succeeded, dead, cancelled)
+ *   "e <broker-hex> <job id> ..."     jobs finished (succeeded, dead, cancelled):
+ *                                     one id or several, a space between two
  * where broker is the id of the broker whose transaction sent it. */
 struct kp_pg_listener;
 

@@ -39,7 +39,7 @@
 #include "log.h"
 #include "store.h"
 
-#define PG_SCHEMA_VERSION 3
+#define PG_SCHEMA_VERSION 4
 /* The channel every broker LISTENs on (store.h, kp_pg_listener). */
 #define PG_CHANNEL "kelpie"
 /* pg_notify refuses payloads of 8000 bytes or more. */
@@ -53,17 +53,32 @@ _Static_assert(KP_JOB_SCHEDULED == 0 && KP_JOB_QUEUED == 1 && KP_JOB_LEASED == 2
                    KP_JOB_SUCCEEDED == 3 && KP_JOB_DEAD == 4 && KP_JOB_CANCELLED == 5,
                "stored job states changed: bump PG_SCHEMA_VERSION");
 
+/* Every attempt of every job, for people and tests reading the database:
+ * the ended ones before each job's latest, and its latest (in its row). */
+#define PG_ATTEMPTS_VIEW                                                                           \
+    "CREATE VIEW all_attempts AS SELECT job_seq, n, outcome, started_at, ended_at, message "       \
+    "FROM attempts UNION ALL SELECT seq, attempts, att_outcome, att_started_at, att_ended_at, "    \
+    "att_message FROM jobs WHERE attempts > 0;"
+
+/* Version 4. A job is written once by its SUBMIT, once by its claim and once
+ * by its end, and each write adds as few index entries as it can (none of
+ * the writes can be a HOT update: `state` is in the partial indexes'
+ * predicates): the job's latest attempt lives in its own row (att_*), so
+ * the hot path touches no other table, and a claim moves the ended attempt
+ * before it to `attempts` only when the job is retried; `id` is the only
+ * unique key (seq, its insertion order, has no index of its own) and under
+ * the "C" collation, like `queue` (byte comparisons, not strcoll). */
 static const char pg_schema[] =
     "CREATE TABLE kelpie_meta(version integer NOT NULL);"
-    "INSERT INTO kelpie_meta VALUES (3);"
+    "INSERT INTO kelpie_meta VALUES (4);"
     "CREATE TABLE brokers("
     " id bigint PRIMARY KEY,"
     " heartbeat_at bigint NOT NULL," /* ms since epoch, the broker's clock */
     " started_at bigint NOT NULL);"
     "CREATE TABLE jobs("
-    " seq bigserial PRIMARY KEY," /* insertion order: FIFO within a priority */
-    " id text NOT NULL UNIQUE,"   /* ULID */
-    " queue text NOT NULL,"
+    " seq bigserial NOT NULL,"            /* insertion order: FIFO within a priority */
+    " id text COLLATE \"C\" PRIMARY KEY," /* ULID */
+    " queue text COLLATE \"C\" NOT NULL,"
     " state smallint NOT NULL,"
     " priority smallint NOT NULL,"
     " run_at bigint NOT NULL,"
@@ -80,35 +95,39 @@ static const char pg_schema[] =
     " backoff_ms bigint NOT NULL DEFAULT 0,"
     " payload bytea NOT NULL,"
     " result bytea,"
-    " output bytea);"
+    " output bytea,"
+    " trace text," /* the W3C traceparent it was submitted with */
+    /* Attempt number `attempts` (none while 0): running while LEASED. */
+    " att_outcome smallint NOT NULL DEFAULT 0,"
+    " att_started_at bigint NOT NULL DEFAULT 0,"
+    " att_ended_at bigint NOT NULL DEFAULT 0,"
+    " att_message text);"
     "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 1;"
     "CREATE INDEX jobs_sched ON jobs(queue, run_at) WHERE state = 0;"
-    "CREATE INDEX jobs_leased ON jobs(owner) WHERE state = 2;"
+    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
     "CREATE INDEX jobs_dead ON jobs(id) WHERE state = 4;"
     "CREATE INDEX jobs_done ON jobs(expires_at) WHERE state IN (3, 5);"
+    /* A job's attempts before its latest, deleted with it by the statements
+     * that delete jobs (no foreign key: its check locked the job row, one
+     * more WAL record per job). */
     "CREATE TABLE attempts("
-    " job_seq bigint NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,"
+    " job_seq bigint NOT NULL,"
     " n integer NOT NULL,"
     " outcome smallint NOT NULL,"
     " started_at bigint NOT NULL,"
     " ended_at bigint NOT NULL DEFAULT 0,"
     " message text,"
-    " PRIMARY KEY(job_seq, n));"
-    "CREATE TABLE idem("
+    " PRIMARY KEY(job_seq, n));" PG_ATTEMPTS_VIEW "CREATE TABLE idem("
     " queue text NOT NULL,"
     " key text NOT NULL,"
     " job_id text NOT NULL,"
     " expires_at bigint NOT NULL,"
     " PRIMARY KEY(queue, key));"
     "CREATE INDEX idem_expiry ON idem(expires_at);"
-    /* version 2 */
     "CREATE TABLE queue_limits("
     " queue text PRIMARY KEY,"
     " tokens double precision NOT NULL," /* the global rate's bucket */
-    " at bigint NOT NULL);"              /* its last refill, ms on the server's clock */
-    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
-    /* version 3 */
-    "ALTER TABLE jobs ADD COLUMN trace text;"; /* the W3C traceparent it was submitted with */
+    " at bigint NOT NULL);";             /* its last refill, ms on the server's clock */
 
 /* From version 1 (no global limits) to 2: additive, nothing rewritten. */
 static const char pg_migrate_1_2[] =
@@ -123,6 +142,25 @@ static const char pg_migrate_1_2[] =
  * before have none. */
 static const char pg_migrate_2_3[] = "ALTER TABLE jobs ADD COLUMN trace text;"
                                      "UPDATE kelpie_meta SET version = 3;";
+
+/* From version 3 to 4 (see pg_schema): each job's latest attempt moves from
+ * `attempts` into its row; the foreign key, seq's primary key and the index
+ * of leases by owner go; id becomes the primary key and id and queue take
+ * the "C" collation (which rewrites the table and its indexes once). */
+static const char pg_migrate_3_4[] =
+    "ALTER TABLE jobs ADD COLUMN att_outcome smallint NOT NULL DEFAULT 0,"
+    " ADD COLUMN att_started_at bigint NOT NULL DEFAULT 0,"
+    " ADD COLUMN att_ended_at bigint NOT NULL DEFAULT 0, ADD COLUMN att_message text;"
+    "UPDATE jobs j SET att_outcome = a.outcome, att_started_at = a.started_at,"
+    " att_ended_at = a.ended_at, att_message = a.message"
+    " FROM attempts a WHERE a.job_seq = j.seq AND a.n = j.attempts;"
+    "DELETE FROM attempts a USING jobs j WHERE a.job_seq = j.seq AND a.n >= j.attempts;"
+    "ALTER TABLE attempts DROP CONSTRAINT attempts_job_seq_fkey;"
+    "ALTER TABLE jobs DROP CONSTRAINT jobs_pkey, DROP CONSTRAINT jobs_id_key;"
+    "DROP INDEX jobs_leased;"
+    "ALTER TABLE jobs ALTER COLUMN id TYPE text COLLATE \"C\","
+    " ALTER COLUMN queue TYPE text COLLATE \"C\", ADD PRIMARY KEY (id);" PG_ATTEMPTS_VIEW
+    "UPDATE kelpie_meta SET version = 4;";
 
 #define PG_JOB_COLS                                                                                \
     "seq, id, queue, idem_key, state, priority, attempts, max_attempts, created_at, updated_at, "  \
@@ -147,7 +185,11 @@ enum {
     C_BACKOFF,
     C_PAYLOAD,
     C_RESULT,
-    C_OUTPUT
+    C_OUTPUT,
+    C_ATT_OUTCOME, /* pg_find's rows: then the latest attempt's columns */
+    C_ATT_STARTED,
+    C_ATT_ENDED,
+    C_ATT_MESSAGE
 };
 #define C_CLAIM_TRACE (C_PAYLOAD + 1) /* a claim's rows: the columns, payload, trace */
 
@@ -185,6 +227,9 @@ static const char pg_insert_keyed_sql[] =
     "  $9::bigint, $10, $11::bytea, $12::bigint, $13::text FROM k WHERE k.job_id = $1) "
     "SELECT job_id FROM k";
 
+#define PG_PICK_COLS                                                                               \
+    "id, seq, priority, attempts, att_outcome, att_started_at, att_ended_at, att_message"
+
 /* Ready means QUEUED, or SCHEDULED and due: due jobs are taken directly, no
  * separate promotion pass that brokers would contend on. The two are picked
  * apart, each in the order of its own index (jobs_ready, jobs_sched), and
@@ -193,22 +238,31 @@ static const char pg_insert_keyed_sql[] =
  * 100 ms at 3,000 queued). Up to `max` of each are locked; those not
  * leased are unlocked at commit (other claims skip them meanwhile). */
 #define PG_PICK(LIMIT)                                                                             \
-    "ready AS (SELECT seq, priority FROM jobs WHERE queue = $1 AND state = 1 "                     \
+    "ready AS (SELECT " PG_PICK_COLS " FROM jobs WHERE queue = $1 AND state = 1 "                  \
     "  ORDER BY priority DESC, seq LIMIT " LIMIT " FOR UPDATE SKIP LOCKED), "                      \
-    "due AS (SELECT seq, priority FROM jobs WHERE queue = $1 AND state = 0 AND run_at <= $4 "      \
+    "due AS (SELECT " PG_PICK_COLS " FROM jobs WHERE queue = $1 AND state = 0 AND run_at <= $4 "   \
     "  ORDER BY priority DESC, seq LIMIT " LIMIT " FOR UPDATE SKIP LOCKED), "                      \
-    "picked AS (SELECT seq FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) r "              \
+    "picked AS (SELECT * FROM (SELECT * FROM ready UNION ALL SELECT * FROM due) r "                \
     "  ORDER BY priority DESC, seq LIMIT " LIMIT "), "
+
+/* The claim's lease of the picked jobs: each starts its next attempt in its
+ * row, and the one it ended before (a retry's) moves to `attempts`. The
+ * picked rows are locked, so each is leased, and their columns read here
+ * are the values the lease replaces. */
+#define PG_LEASE(OWNER)                                                                            \
+    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = " OWNER ", "       \
+    "  updated_at = $4, att_outcome = 0, att_started_at = $4, att_ended_at = 0, "                  \
+    "  att_message = NULL FROM picked WHERE j.id = picked.id RETURNING j.*), "                     \
+    "kept AS (INSERT INTO attempts(job_seq, n, outcome, started_at, ended_at, message) "           \
+    "  SELECT seq, attempts, att_outcome, att_started_at, att_ended_at, att_message "              \
+    "  FROM picked WHERE attempts > 0) "
 
 /* $1 queue, $2 max, $3 owner, $4 now. (Not formatted: one part a line.) */
 /* clang-format off */
 static const char pg_claim_sql[] =
     "WITH "
     PG_PICK("$2")
-    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = $3, "
-    "  updated_at = $4 FROM picked WHERE j.seq = picked.seq RETURNING j.*), "
-    "started AS (INSERT INTO attempts(job_seq, n, outcome, started_at) "
-    "  SELECT seq, attempts, 0, $4 FROM leased) "
+    PG_LEASE("$3")
     "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
 /* clang-format on */
 
@@ -236,10 +290,7 @@ static const char pg_claim_limited_sql[] =
     "  CASE WHEN $6::bigint > 0 THEN greatest(0, $6 - (SELECT count(*) FROM jobs "
     "    WHERE queue = $1 AND state = 2)) ELSE $2 END) AS n), "
     PG_PICK("(SELECT n FROM room)")
-    "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = $3::bigint, "
-    "  updated_at = $4 FROM picked WHERE j.seq = picked.seq RETURNING j.*), "
-    "started AS (INSERT INTO attempts(job_seq, n, outcome, started_at) "
-    "  SELECT seq, attempts, 0, $4 FROM leased), "
+    PG_LEASE("$3::bigint") ", "
     "spent AS (UPDATE queue_limits SET tokens = tokens - (SELECT count(*) FROM leased) "
     "  WHERE queue = $1 AND $5 > 0 AND EXISTS (SELECT 1 FROM leased)) "
     "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
@@ -277,13 +328,18 @@ static const char pg_inserts_sql[] =
  * stale end, or the same job twice in the arrays) changed nothing and is
  * left to pg_end_inner. The statement sends its own notifications
  * (pg_note_move's, $9 this broker's id in hex, $10 the queues it claims
- * with a concurrency limit), so they need not wait for its answer and the
+ * with a concurrency limit; the finished jobs' ids a few hundred to a
+ * notification), so they need not wait for its answer and the
  * COMMIT can go in the same round trip. `t.id = ANY($1)` makes the plan find the rows by
  * the id index: a join with the unnest alone was planned as a scan of every
  * job (3x the server time of one statement per end). The UPDATE's own row lock and its recheck of
  * `state = 2 AND attempts = v.att` on the newest row version serialise it
  * with another broker's end or recovery of the same job, without a
  * separate SELECT ... FOR UPDATE (a second write of every row). */
+/* Ids of finished jobs per "e" notification (store.h): 27 bytes each, well
+ * under PG_NOTE_MAX. One notification per job cost the server more than
+ * the UPDATE did (each is queued, then read by every listener). */
+#define PG_ENDED_PER_NOTE "250"
 static const char pg_ends_sql[] =
     "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
     "  $5::text[], $6::bigint[], $7::bytea[], $8::bytea[]) WITH ORDINALITY "
@@ -292,20 +348,20 @@ static const char pg_ends_sql[] =
     "  run_at = CASE WHEN " PG_NEXT " = 0 THEN v.retry_at ELSE v.now END, "
     "  updated_at = v.now, owner = 0, result = CASE WHEN v.outcome = 1 THEN v.result END, "
     "  expires_at = CASE WHEN v.outcome IN (1, 5) THEN v.now + t.result_ttl_ms END, "
-    "  output = coalesce(v.output, t.output) "
+    "  output = coalesce(v.output, t.output), att_outcome = v.outcome, att_ended_at = v.now, "
+    "  att_message = v.msg "
     "  FROM v WHERE t.id = ANY($1) AND t.id = v.id AND t.state = 2 AND t.attempts = v.att "
-    "  RETURNING v.i, t.seq, t.id, t.attempts, t.state, t.run_at, t.queue, v.outcome, v.now, "
-    "  v.msg), "
-    "a AS (UPDATE attempts a SET outcome = m.outcome, ended_at = m.now, message = m.msg "
-    "  FROM m WHERE a.job_seq = m.seq AND a.n = m.attempts) "
-    "SELECT i, state, run_at, queue, "
-    "  CASE WHEN length(queue) < 7800 THEN pg_notify('" PG_CHANNEL "', CASE state "
-    "    WHEN 1 THEN 'r ' || $9::text || ' ' || queue "
-    "    WHEN 0 THEN 'd ' || $9 || ' ' || run_at || ' ' || queue "
-    "    ELSE 'e ' || $9 || ' ' || id END) END, "
-    "  CASE WHEN state <> 1 AND length(queue) < 7800 AND queue = ANY($10::text[]) "
-    "    THEN pg_notify('" PG_CHANNEL "', 'r ' || $9 || ' ' || queue) END "
-    "FROM m";
+    "  RETURNING v.i, t.id, t.state, t.run_at, t.queue), "
+    "n AS (SELECT count(pg_notify('" PG_CHANNEL "', note)) AS sent FROM ("
+    "  SELECT 'e ' || $9::text || ' ' || string_agg(id, ' ') AS note FROM "
+    "    (SELECT id, (row_number() OVER ()) / " PG_ENDED_PER_NOTE " AS part FROM m "
+    "    WHERE state NOT IN (0, 1)) e GROUP BY part "
+    "  UNION SELECT CASE state WHEN 1 THEN 'r ' || $9 || ' ' || queue "
+    "    ELSE 'd ' || $9 || ' ' || run_at || ' ' || queue END FROM m "
+    "    WHERE state IN (0, 1) AND length(queue) < 7800 "
+    "  UNION SELECT 'r ' || $9 || ' ' || queue FROM m "
+    "    WHERE state <> 1 AND length(queue) < 7800 AND queue = ANY($10::text[])) x) "
+    "SELECT i, state, run_at, queue, (SELECT sent FROM n) FROM m";
 
 _Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
                "pg_ends_sql names outcomes by number");
@@ -1122,29 +1178,37 @@ static enum kp_err pg_claim_slow(struct pg_store *q, const char *queue, size_t m
     return err;
 }
 
-static enum kp_err pg_att_end(struct pg_store *q, int64_t seq, uint32_t n,
+/* Ends attempt n of the job in row i: in its row if it is the latest, in
+ * `attempts` if an earlier one (a late success). */
+static enum kp_err pg_att_end(struct pg_store *q, PGresult *row, int i, uint32_t n,
                               enum kp_job_outcome outcome, uint64_t now, const char *message)
 {
     struct pg_args a = {0};
-    arg_i64(&a, seq);
+    arg_text(&a, PQgetvalue(row, i, C_ID));
     arg_i64(&a, n);
     arg_i64(&a, outcome);
     arg_i64(&a, (int64_t)now);
     arg_text(&a, message && *message ? message : NULL);
-    return pg_run(q,
-                  "UPDATE attempts SET outcome = $3, ended_at = $4, message = $5 "
-                  "WHERE job_seq = $1 AND n = $2",
-                  &a, "end attempt", NULL);
+    arg_i64(&a, col_i64(row, i, C_SEQ));
+    return pg_run(
+        q,
+        "WITH j AS (UPDATE jobs SET att_outcome = $3::smallint, att_ended_at = $4::bigint, "
+        "att_message = $5::text WHERE id = $1::text AND attempts = $2::integer "
+        "RETURNING 1) "
+        "UPDATE attempts SET outcome = $3, ended_at = $4, message = $5 "
+        "WHERE job_seq = $6::bigint AND n = $2 AND NOT EXISTS (SELECT 1 FROM j)",
+        &a, "end attempt", NULL);
 }
 
-/* Moves job seq to a new state; result NULL keeps none, output NULL keeps
+/* Moves job id to a new state; result NULL keeps none, output NULL keeps
  * the last one, expires_at 0 for none. */
-static enum kp_err pg_move(struct pg_store *q, int64_t seq, enum kp_job_state next, uint64_t run_at,
-                           uint64_t now, const void *result, size_t result_len, bool has_result,
-                           uint64_t expires_at, const void *output, size_t output_len)
+static enum kp_err pg_move(struct pg_store *q, const char *id, enum kp_job_state next,
+                           uint64_t run_at, uint64_t now, const void *result, size_t result_len,
+                           bool has_result, uint64_t expires_at, const void *output,
+                           size_t output_len)
 {
     struct pg_args a = {0};
-    arg_i64(&a, seq);
+    arg_text(&a, id);
     arg_i64(&a, next);
     arg_i64(&a, (int64_t)run_at);
     arg_i64(&a, (int64_t)now);
@@ -1162,7 +1226,7 @@ static enum kp_err pg_move(struct pg_store *q, int64_t seq, enum kp_job_state ne
         arg_null(&a);
     return pg_run(q,
                   "UPDATE jobs SET state = $2, run_at = $3, updated_at = $4, owner = 0, "
-                  "result = $5, expires_at = $6, output = coalesce($7, output) WHERE seq = $1",
+                  "result = $5, expires_at = $6, output = coalesce($7, output) WHERE id = $1",
                   &a, "move job", NULL);
 }
 
@@ -1171,12 +1235,11 @@ static enum kp_err pg_move(struct pg_store *q, int64_t seq, enum kp_job_state ne
 static enum kp_err pg_settle(struct pg_store *q, PGresult *row, int i, const struct kp_job_end *e,
                              uint64_t now, enum kp_job_state *state)
 {
-    int64_t seq = col_i64(row, i, C_SEQ);
     uint32_t attempts = (uint32_t)col_i64(row, i, C_ATT);
     uint32_t base = (uint32_t)col_i64(row, i, C_BASE);
     uint32_t max = (uint32_t)col_i64(row, i, C_MAXATT);
     uint64_t ttl = (uint64_t)col_i64(row, i, C_TTL);
-    enum kp_err err = pg_att_end(q, seq, attempts, e->outcome, now, e->message);
+    enum kp_err err = pg_att_end(q, row, i, attempts, e->outcome, now, e->message);
     if (err != KP_OK)
         return err;
     enum kp_job_state next;
@@ -1195,8 +1258,8 @@ static enum kp_err pg_settle(struct pg_store *q, PGresult *row, int i, const str
         run_at = e->retry_at > now ? e->retry_at : now;
     }
     *state = next;
-    err = pg_move(q, seq, next, run_at, now, e->result, e->result_len, next == KP_JOB_SUCCEEDED,
-                  finished ? now + ttl : 0, e->output, e->output_len);
+    err = pg_move(q, PQgetvalue(row, i, C_ID), next, run_at, now, e->result, e->result_len,
+                  next == KP_JOB_SUCCEEDED, finished ? now + ttl : 0, e->output, e->output_len);
     if (err == KP_OK)
         pg_note_move(q, PQgetvalue(row, i, C_QUEUE), PQgetvalue(row, i, C_ID), next, run_at, true);
     return err;
@@ -1208,7 +1271,6 @@ static enum kp_err pg_late_success(struct pg_store *q, PGresult *row, uint32_t a
                                    enum kp_job_state *state)
 {
     enum kp_job_state st = (enum kp_job_state)col_i64(row, 0, C_STATE);
-    int64_t seq = col_i64(row, 0, C_SEQ);
     uint32_t attempts = (uint32_t)col_i64(row, 0, C_ATT);
     uint64_t ttl = (uint64_t)col_i64(row, 0, C_TTL);
     uint64_t run_at = (uint64_t)col_i64(row, 0, C_RUNAT);
@@ -1218,20 +1280,23 @@ static enum kp_err pg_late_success(struct pg_store *q, PGresult *row, uint32_t a
     }
     enum kp_err err = KP_OK;
     if (st == KP_JOB_LEASED &&
-        (err = pg_att_end(q, seq, attempts, KP_OUTCOME_CANCELLED, now,
+        (err = pg_att_end(q, row, 0, attempts, KP_OUTCOME_CANCELLED, now,
                           "superseded: an earlier attempt's result arrived late")) != KP_OK)
         return err;
-    if ((err = pg_att_end(q, seq, attempt, KP_OUTCOME_SUCCEEDED, now,
+    if ((err = pg_att_end(q, row, 0, attempt, KP_OUTCOME_SUCCEEDED, now,
                           "result arrived after the attempt was ended")) != KP_OK)
         return err;
     *state = KP_JOB_SUCCEEDED;
-    err = pg_move(q, seq, KP_JOB_SUCCEEDED, run_at, now, e->result, e->result_len, true, now + ttl,
-                  e->output, e->output_len);
+    err = pg_move(q, PQgetvalue(row, 0, C_ID), KP_JOB_SUCCEEDED, run_at, now, e->result,
+                  e->result_len, true, now + ttl, e->output, e->output_len);
     if (err == KP_OK)
         pg_note_move(q, PQgetvalue(row, 0, C_QUEUE), PQgetvalue(row, 0, C_ID), KP_JOB_SUCCEEDED,
                      run_at, st == KP_JOB_LEASED);
     return err;
 }
+
+#define PG_FIND_COLS                                                                               \
+    "payload, result, output, att_outcome, att_started_at, att_ended_at, att_message"
 
 /* Reads job id (locked FOR UPDATE when `lock`) into *out; KP_ENOJOB if none. */
 static enum kp_err pg_find(struct pg_store *q, const kp_job_id *id, bool lock, PGresult **out)
@@ -1240,9 +1305,8 @@ static enum kp_err pg_find(struct pg_store *q, const kp_job_id *id, bool lock, P
     arg_text(&a, id->s);
     enum kp_err err =
         pg_run(q,
-               lock ? "SELECT " PG_JOB_COLS ", payload, result, output FROM jobs WHERE id = $1 "
-                      "FOR UPDATE"
-                    : "SELECT " PG_JOB_COLS ", payload, result, output FROM jobs WHERE id = $1",
+               lock ? "SELECT " PG_JOB_COLS ", " PG_FIND_COLS " FROM jobs WHERE id = $1 FOR UPDATE"
+                    : "SELECT " PG_JOB_COLS ", " PG_FIND_COLS " FROM jobs WHERE id = $1",
                &a, "read job", out);
     if (err != KP_OK)
         return err;
@@ -1889,14 +1953,13 @@ static enum kp_err pg_cancel_inner(struct pg_store *q, const kp_job_id *id, uint
     if (err != KP_OK)
         return err;
     enum kp_job_state st = (enum kp_job_state)col_i64(row, 0, C_STATE);
-    int64_t seq = col_i64(row, 0, C_SEQ);
     uint64_t ttl = (uint64_t)col_i64(row, 0, C_TTL);
     uint64_t run_at = (uint64_t)col_i64(row, 0, C_RUNAT);
     PQclear(row);
     if (st != KP_JOB_QUEUED && st != KP_JOB_SCHEDULED)
         return kp_store_fail(&q->base, KP_EJOBSTATE, "job %s: cannot cancel a %s job", id->s,
                              kp_job_state_name(st));
-    err = pg_move(q, seq, KP_JOB_CANCELLED, run_at, now, NULL, 0, false, now + ttl, NULL, 0);
+    err = pg_move(q, id->s, KP_JOB_CANCELLED, run_at, now, NULL, 0, false, now + ttl, NULL, 0);
     if (err == KP_OK)
         pg_note_move(q, "", id->s, KP_JOB_CANCELLED, run_at, false);
     return err;
@@ -1937,21 +2000,23 @@ static enum kp_err pg_get_inner(struct pg_store *q, const kp_job_id *id, struct 
     }
     if (!PQgetisnull(row, 0, C_OUTPUT))
         out->output = col_bytea(row, 0, C_OUTPUT, &out->output_len);
+    /* The attempts before the latest are in `attempts`, the latest in the row. */
     struct pg_args a = {0};
     arg_i64(&a, col_i64(row, 0, C_SEQ));
-    PQclear(row);
+    arg_i64(&a, out->attempts);
     PGresult *h;
     err = pg_run(q,
                  "SELECT n, outcome, started_at, ended_at, message FROM attempts "
-                 "WHERE job_seq = $1 ORDER BY n",
+                 "WHERE job_seq = $1 AND n < $2 ORDER BY n",
                  &a, "read attempt history", &h);
     if (err != KP_OK) {
+        PQclear(row);
         kp_job_clear(out);
         return err;
     }
     int n = PQntuples(h);
-    if (n > 0)
-        out->history = kp_calloc((size_t)n, sizeof *out->history);
+    if (n > 0 || out->attempts > 0)
+        out->history = kp_calloc((size_t)n + 1, sizeof *out->history);
     for (int i = 0; i < n; i++) {
         struct kp_attempt *at = &out->history[out->nhistory++];
         at->n = (uint32_t)col_i64(h, i, 0);
@@ -1961,6 +2026,15 @@ static enum kp_err pg_get_inner(struct pg_store *q, const kp_job_id *id, struct 
         at->message = col_text(h, i, 4);
     }
     PQclear(h);
+    if (out->attempts > 0) {
+        struct kp_attempt *at = &out->history[out->nhistory++];
+        at->n = out->attempts;
+        at->outcome = (enum kp_job_outcome)col_i64(row, 0, C_ATT_OUTCOME);
+        at->started_at = (uint64_t)col_i64(row, 0, C_ATT_STARTED);
+        at->ended_at = (uint64_t)col_i64(row, 0, C_ATT_ENDED);
+        at->message = col_text(row, 0, C_ATT_MESSAGE);
+    }
+    PQclear(row);
     return KP_OK;
 }
 
@@ -2017,6 +2091,10 @@ static enum kp_err pg_count(struct kp_store *s, const char *queue, struct kp_que
     return pg_read_end(q, err);
 }
 
+/* A statement deleting jobs deletes their earlier attempts with them (WITH
+ * d AS (DELETE ... RETURNING seq), PG_DELETE_ATTEMPTS ...). */
+#define PG_DELETE_ATTEMPTS "gone AS (DELETE FROM attempts a USING d WHERE a.job_seq = d.seq)"
+
 static enum kp_err pg_dlq(struct kp_store *s, const char *queue, const kp_job_id *id, uint64_t now,
                           bool purge, size_t *n)
 {
@@ -2032,15 +2110,16 @@ static enum kp_err pg_dlq(struct kp_store *s, const char *queue, const kp_job_id
         PGresult *r;
         err =
             pg_run(q,
-                   purge ? "DELETE FROM jobs WHERE state = 4 AND ($1::text IS NULL OR queue = $1) "
-                           "AND ($2::text IS NULL OR id = $2)"
+                   purge ? "WITH d AS (DELETE FROM jobs WHERE state = 4 "
+                           "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2) "
+                           "RETURNING seq), " PG_DELETE_ATTEMPTS " SELECT count(*) FROM d"
                          : "UPDATE jobs SET state = 1, run_at = $3, updated_at = $3, "
                            "attempt_base = attempts WHERE state = 4 "
                            "AND ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id = $2) "
                            "RETURNING queue",
                    &a, purge ? "purge DLQ" : "retry DLQ", &r);
         if (err == KP_OK) {
-            *n = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+            *n = (size_t)strtoull(purge ? PQgetvalue(r, 0, 0) : PQcmdTuples(r), NULL, 10);
             for (int i = 0; !purge && i < PQntuples(r); i++)
                 pg_note(q, 'r', PQgetvalue(r, i, 0), NULL); /* the server folds repeats */
             PQclear(r);
@@ -2075,9 +2154,11 @@ static enum kp_err pg_expire(struct kp_store *s, uint64_t now, size_t *jobs, siz
     arg_i64(&a, (int64_t)now);
     PGresult *r;
     if (err == KP_OK &&
-        (err = pg_run(q, "DELETE FROM jobs WHERE state IN (3, 5) AND expires_at <= $1", &a,
-                      "expire jobs", &r)) == KP_OK) {
-        *jobs = (size_t)strtoull(PQcmdTuples(r), NULL, 10);
+        (err = pg_run(q,
+                      "WITH d AS (DELETE FROM jobs WHERE state IN (3, 5) AND expires_at <= $1 "
+                      "RETURNING seq), " PG_DELETE_ATTEMPTS " SELECT count(*) FROM d",
+                      &a, "expire jobs", &r)) == KP_OK) {
+        *jobs = (size_t)strtoull(PQgetvalue(r, 0, 0), NULL, 10);
         PQclear(r);
     }
     if (err == KP_OK && (err = pg_run(q, "DELETE FROM idem WHERE expires_at <= $1", &a,
@@ -2264,6 +2345,8 @@ static enum kp_err pg_schema_setup(struct pg_store *q)
                 v = 2;
             if (v == 2 && (err = pg_exec(q, pg_migrate_2_3, "migrate schema 2 to 3")) == KP_OK)
                 v = 3;
+            if (v == 3 && (err = pg_exec(q, pg_migrate_3_4, "migrate schema 3 to 4")) == KP_OK)
+                v = 4;
             if (err == KP_OK && v != PG_SCHEMA_VERSION)
                 err =
                     kp_store_fail(&q->base, KP_ESTORECORRUPT,

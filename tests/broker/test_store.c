@@ -1513,34 +1513,159 @@ Test(store_pg, claims_read_the_ready_index_not_the_backlog, .timeout = 120)
     cr_assert_lt(seq1 - seq0, 5, "%lld sequential scans of jobs for 50 claims", seq1 - seq0);
 }
 
+/* The schema of version 3 as store_pg.c created it (its text then), for the
+ * migration tests: a job's every attempt in `attempts`, under a foreign key;
+ * seq the primary key. */
+static const char pgt_schema_3[] =
+    "CREATE TABLE kelpie_meta(version integer NOT NULL);"
+    "INSERT INTO kelpie_meta VALUES (3);"
+    "CREATE TABLE brokers(id bigint PRIMARY KEY, heartbeat_at bigint NOT NULL,"
+    " started_at bigint NOT NULL);"
+    "CREATE TABLE jobs(seq bigserial PRIMARY KEY, id text NOT NULL UNIQUE, queue text NOT NULL,"
+    " state smallint NOT NULL, priority smallint NOT NULL, run_at bigint NOT NULL,"
+    " created_at bigint NOT NULL, updated_at bigint NOT NULL,"
+    " attempts integer NOT NULL DEFAULT 0, attempt_base integer NOT NULL DEFAULT 0,"
+    " max_attempts integer NOT NULL, timeout_ms bigint NOT NULL, result_ttl_ms bigint NOT NULL,"
+    " owner bigint NOT NULL DEFAULT 0, expires_at bigint, idem_key text,"
+    " backoff_ms bigint NOT NULL DEFAULT 0, payload bytea NOT NULL, result bytea, output bytea);"
+    "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 1;"
+    "CREATE INDEX jobs_sched ON jobs(queue, run_at) WHERE state = 0;"
+    "CREATE INDEX jobs_leased ON jobs(owner) WHERE state = 2;"
+    "CREATE INDEX jobs_dead ON jobs(id) WHERE state = 4;"
+    "CREATE INDEX jobs_done ON jobs(expires_at) WHERE state IN (3, 5);"
+    "CREATE TABLE attempts(job_seq bigint NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,"
+    " n integer NOT NULL, outcome smallint NOT NULL, started_at bigint NOT NULL,"
+    " ended_at bigint NOT NULL DEFAULT 0, message text, PRIMARY KEY(job_seq, n));"
+    "CREATE TABLE idem(queue text NOT NULL, key text NOT NULL, job_id text NOT NULL,"
+    " expires_at bigint NOT NULL, PRIMARY KEY(queue, key));"
+    "CREATE INDEX idem_expiry ON idem(expires_at);"
+    "CREATE TABLE queue_limits(queue text PRIMARY KEY, tokens double precision NOT NULL,"
+    " at bigint NOT NULL);"
+    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
+    "ALTER TABLE jobs ADD COLUMN trace text;";
+
+/* One value that a query on the database answers. */
+static long long pgt_value(const char *conninfo, const char *sql)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+    PGresult *res = PQexec(c, sql);
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
+    long long v = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+    PQclear(res);
+    PQfinish(c);
+    return v;
+}
+
+/* A version 3 database, as the version 3 store left it: A failed its first
+ * attempt and waits for its second, B is leased by broker 1 (its attempt
+ * running), C succeeded. Opening it migrates it to version 4 in place; each
+ * job's attempts read back as they were, B's running attempt ends, A's
+ * retry runs, and expiry deletes the jobs with every attempt. */
+Test(store_pg, schema_3_is_migrated_in_place, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    pgt_exec(db, pgt_schema_3);
+    char sql[4096];
+    snprintf(
+        sql, sizeof sql,
+        "INSERT INTO brokers VALUES (1, %llu, %llu);"
+        "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+        " attempts, max_attempts, timeout_ms, result_ttl_ms, owner, expires_at, payload) "
+        "VALUES ('01AAAAAAAAAAAAAAAAAAAAAAAA', 'q', 1, 0, %llu, %llu, %llu, 1, 3, 0, 60000, 0,"
+        " NULL, 'a'), "
+        " ('01BBBBBBBBBBBBBBBBBBBBBBBB', 'q', 2, 0, %llu, %llu, %llu, 1, 3, 0, 60000, 1,"
+        " NULL, 'b'), "
+        " ('01CCCCCCCCCCCCCCCCCCCCCCCC', 'q', 3, 0, %llu, %llu, %llu, 1, 3, 0, 60000, 0,"
+        " %llu, 'c');"
+        "INSERT INTO attempts SELECT seq, 1, 2, %llu, %llu, 'boom' FROM jobs WHERE payload = 'a';"
+        "INSERT INTO attempts(job_seq, n, outcome, started_at) SELECT seq, 1, 0, %llu FROM jobs"
+        " WHERE payload = 'b';"
+        "INSERT INTO attempts SELECT seq, 1, 1, %llu, %llu, NULL FROM jobs WHERE payload = 'c';",
+        T0, T0, T0, T0 - 10, T0 - 10, T0, T0 - 5, T0 - 5, T0, T0 - 3, T0 - 3, T0 + 60000, T0 - 9,
+        T0 - 8, T0 - 5, T0 - 3, T0 - 2);
+    pgt_exec(db, sql);
+    struct kp_store *s = pgt_open(db, 1, 10000, T0);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 4);
+    kp_job_id a, b, c;
+    snprintf(a.s, sizeof a.s, "01AAAAAAAAAAAAAAAAAAAAAAAA");
+    snprintf(b.s, sizeof b.s, "01BBBBBBBBBBBBBBBBBBBBBBBB");
+    snprintf(c.s, sizeof c.s, "01CCCCCCCCCCCCCCCCCCCCCCCC");
+
+    struct kp_job j;
+    cr_assert_eq(kp_store_get(s, &b, &j), KP_OK, "%s", kp_store_errmsg(s));
+    cr_assert_eq(j.state, KP_JOB_LEASED);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].n, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_NONE, "still running");
+    cr_assert_eq(j.history[0].started_at, T0 - 5);
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &b, 1, KP_OUTCOME_SUCCEEDED, KP_NO_RETRY, T0 + 1), KP_JOB_SUCCEEDED);
+    cr_assert_eq(kp_store_get(s, &b, &j), KP_OK);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_SUCCEEDED);
+    cr_assert_eq(j.history[0].started_at, T0 - 5);
+    cr_assert_eq(j.history[0].ended_at, T0 + 1);
+    kp_job_clear(&j);
+
+    cr_assert(ts_claim(s, "q", T0 + 2, &j));
+    cr_assert_str_eq(j.id.s, a.s);
+    cr_assert_eq(j.attempts, 2);
+    kp_job_clear(&j);
+    cr_assert_eq(ts_end(s, &a, 2, KP_OUTCOME_SUCCEEDED, KP_NO_RETRY, T0 + 3), KP_JOB_SUCCEEDED);
+    cr_assert_eq(kp_store_get(s, &a, &j), KP_OK);
+    cr_assert_eq(j.nhistory, 2);
+    cr_assert_eq(j.history[0].n, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_FAILED);
+    cr_assert_eq(j.history[0].ended_at, T0 - 8);
+    cr_assert_str_eq(j.history[0].message, "boom");
+    cr_assert_eq(j.history[1].n, 2);
+    cr_assert_eq(j.history[1].outcome, KP_OUTCOME_SUCCEEDED);
+    cr_assert_eq(j.history[1].started_at, T0 + 2);
+    kp_job_clear(&j);
+
+    cr_assert_eq(kp_store_get(s, &c, &j), KP_OK);
+    cr_assert_eq(j.state, KP_JOB_SUCCEEDED);
+    cr_assert_eq(j.nhistory, 1);
+    cr_assert_eq(j.history[0].outcome, KP_OUTCOME_SUCCEEDED);
+    cr_assert_eq(j.history[0].ended_at, T0 - 2);
+    kp_job_clear(&j);
+    cr_assert_eq(pgt_value(db, "SELECT count(*) FROM all_attempts"), 4);
+
+    size_t jobs, keys;
+    cr_assert_eq(kp_store_expire(s, T0 + 10 * 60000, &jobs, &keys), KP_OK, "%s",
+                 kp_store_errmsg(s));
+    cr_assert_eq(jobs, 3);
+    cr_assert_eq(pgt_value(db, "SELECT count(*) FROM attempts"), 0, "attempts go with their jobs");
+    kp_store_destroy(&s);
+}
+
 /* A schema 2 database (made before jobs kept their traceparent) is migrated
  * on open; its jobs claim with none, new jobs keep theirs. */
 Test(store_pg, schema_2_is_migrated_to_keep_traceparents, .timeout = 60)
 {
     char db[512];
     pgt_db_new(db, sizeof db);
-    struct kp_store *s = pgt_open(db, 1, 10000, T0);
-    kp_job_id old = ts_insert(s, ts_job("q", 1, "old"), T0);
-    kp_store_destroy(&s);
+    pgt_exec(db, pgt_schema_3);
     pgt_exec(db, "ALTER TABLE jobs DROP COLUMN trace; UPDATE kelpie_meta SET version = 2");
-    s = pgt_open(db, 1, 10000, T0);
+    pgt_exec(db, "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+                 "max_attempts, timeout_ms, result_ttl_ms, payload) "
+                 "VALUES ('01AAAAAAAAAAAAAAAAAAAAAAAA', 'q', 1, 1, 0, 0, 0, 3, 0, 0, 'old')");
+    struct kp_store *s = pgt_open(db, 1, 10000, T0);
     struct kp_job_new in = ts_job("q", 0, "new");
     in.trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     ts_insert(s, in, T0);
     struct kp_job j;
     cr_assert(ts_claim(s, "q", T0, &j));
-    cr_assert_str_eq(j.id.s, old.s);
+    cr_assert_str_eq(j.id.s, "01AAAAAAAAAAAAAAAAAAAAAAAA");
     cr_assert_null(j.trace);
     kp_job_clear(&j);
     cr_assert(ts_claim(s, "q", T0, &j));
     cr_assert(j.trace && strcmp(j.trace, in.trace) == 0);
     kp_job_clear(&j);
     kp_store_destroy(&s);
-    char err[KP_STORE_ERRMSG_MAX];
-    size_t n;
-    pgt_exec(db, "UPDATE kelpie_meta SET version = 3");
-    cr_assert_eq(kp_store_pg_open(db, 1, 1000, T0, 0, &s, &n, err), KP_OK, "%s", err);
-    kp_store_destroy(&s);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 4);
 }
 
 /* Another program's table named jobs, or another schema version, is refused. */

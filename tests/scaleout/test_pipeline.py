@@ -14,10 +14,8 @@ keep:
 """
 import json
 import os
-import random
 import re
 import signal
-import string
 import time
 
 import zmq
@@ -54,15 +52,17 @@ def test_a_refused_submit_fails_alone_in_its_group(tmp_path, postgres):
     s = dealer(b.frontend)
     try:
         n, bad = 300, 150
-        # A queue name the broker takes but PostgreSQL cannot index (a btree
-        # entry holds at most 2,704 bytes; random letters do not compress):
-        # its INSERT fails with SQLSTATE 54000 in a group of good ones.
-        rnd = random.Random(17)
-        huge = "".join(rnd.choice(string.ascii_letters + string.digits) for _ in range(6000))
+        # A SUBMIT that the broker takes and the server refuses for its own
+        # data (SQLSTATE class 22): the broker now refuses every name or key
+        # that PostgreSQL could not store (names are at most 255 bytes, strings
+        # UTF-8), so the database refuses this one job by a check of its own,
+        # division by zero (22012) for its key, in a group of good ones.
+        postgres.psql("ALTER TABLE jobs ADD CONSTRAINT refuse_one CHECK "
+                      f"(1 / (CASE WHEN idem_key = 'key-{bad:06d}' THEN 0 ELSE 1 END) = 1)",
+                      db=db)
         frames = []
         for i in range(1, n + 1):
-            h = hdr(kind=K.SUBMIT, request_id=i, service=huge if i == bad else "q",
-                    idempotency_key=f"key-{i:06d}")
+            h = hdr(kind=K.SUBMIT, request_id=i, service="q", idempotency_key=f"key-{i:06d}")
             frames.append([h, json.dumps({"n": i}).encode()])
         for f in frames:  # in one burst: the journal groups what waits
             s.send_multipart(f)
@@ -233,6 +233,54 @@ def test_traceparent_goes_with_the_job_to_another_brokers_worker(tmp_path, postg
                               attempt=got.attempt, code=pb.OK), b"done"])
         wait_for(lambda: c.job(job_id)["state"] == "succeeded", timeout=10,
                  what="the job succeeded")
+    finally:
+        w.close()
+        c.close()
+        a.stop()
+        b.stop()
+
+
+def test_jobs_ended_in_one_group_on_b_answer_their_watchers_on_a_at_once(tmp_path, postgres):
+    """b's worker sends 20 RESULTs at once, so b ends them in one group; the
+    group's statement announces them a few hundred ids to a notification
+    ("e <broker> <id> <id> ..."), and every WATCH of them sent to broker a
+    gets its RESULT at once, not at a's next look (5 s)."""
+    url, _ = postgres.new_db()
+    a = start_broker(tmp_path, "a", url)
+    b = start_broker(tmp_path, "b", url)
+    w = dealer(b.backend)
+    c = Client(a.frontend)
+    n = 20
+    try:
+        w.send_multipart([hdr(kind=K.READY, queues=["eq"], credits=n, heartbeat_ms=200,
+                              name="ew")])
+        time.sleep(0.3)  # registered with b; a has no worker for eq
+        ids = [c.submit(b"x", queue="eq") for _ in range(n)]
+        jobs, beat, end = {}, 0.0, time.monotonic() + 15
+        while len(jobs) < n and time.monotonic() < end:
+            if time.monotonic() - beat > 0.15:
+                beat = time.monotonic()
+                w.send_multipart([hdr(kind=K.HEARTBEAT, heartbeat_ms=200)])
+            m = recv(w, 0.05)
+            if m and m[0].kind == K.JOB:
+                jobs[m[0].job_id] = m[0]
+        assert set(jobs) == set(ids), (len(jobs), n)
+        watches = {c.send(kind=K.WATCH, job_id=j): j for j in ids}
+        time.sleep(0.5)  # the WATCHes are in: a has the jobs leased by b and waits
+        assert not c.inbox and c.recv(0) is None, "a RESULT before the jobs ended"
+        t0 = time.monotonic()
+        for got in jobs.values():
+            w.send_multipart([hdr(kind=K.RESULT, request_id=got.request_id, job_id=got.job_id,
+                                  attempt=got.attempt, code=pb.OK), b"done"])
+        answered = {}
+        while len(answered) < n and time.monotonic() - t0 < 4.0:
+            m = c.recv(0.1)
+            if m and m[0].request_id in watches and m[0].kind == K.RESULT:
+                answered[watches[m[0].request_id]] = time.monotonic() - t0
+        assert set(answered) == set(ids), f"{len(answered)} of {n} watches answered within 4 s"
+        print(f"\n{n} watches on a answered {max(answered.values()) * 1000:.0f} ms after b's "
+              f"worker sent the RESULTs; a read {broker_stats(c)['jobs_notes']} notifications")
+        assert max(answered.values()) < 2.0, answered
     finally:
         w.close()
         c.close()
