@@ -7,7 +7,11 @@ killed (SIGKILL) and restarted with its key: every idempotent call goes on
 through the others and the restarted broker is used again, by the client
 and by the worker. A wrong server key for one broker fails that broker
 only, with an AuthenticationError naming its endpoint: the client, the
-blocking client and the worker serve through the two others."""
+blocking client and the worker serve through the two others. A broker
+restarted with another key pair is refused, not lost, tried again on the
+backoff and used again with its own key: by the async client, the blocking
+client (also under an open connection) and a worker's lane (refused from
+the start, or under its registration)."""
 import asyncio
 import collections
 import json
@@ -362,9 +366,8 @@ def test_a_broker_restarted_with_another_key_is_refused_not_lost(tmp_path, postg
 def test_a_refused_broker_is_tried_again(tmp_path, postgres, keys, loop, cleanup, caplog):
     """A broker that refuses the client's handshake from the start (it runs
     with another key than the client was given for it) is tried again on a
-    bounded backoff, by the async client by itself and by the blocking
-    client's requests, and used once it runs with the key the client
-    expects."""
+    bounded backoff, by the async client and the blocking client's prober
+    by themselves, and used once it runs with the key the client expects."""
     caplog.set_level("INFO", logger="kelpie.brokers")
     url, _ = postgres.new_db()
     brokers = curve_brokers(tmp_path, url, keys, cleanup)

@@ -48,9 +48,14 @@ used again. The async client judges every handshake of a lane, not only the
 first: a broker restarted with another key is refused the moment its
 handshake fails (its lane's socket then disconnects until the next try),
 and used again once one succeeds. The sync client meets a refusal when a
-thread connects; a broker that changes its key under an open connection
-shows there as lost. A worker's lane refused ends, the others keep its
-share (kelpie._session).
+thread connects: a broker that changes its key under an open connection is
+first lost (silent), then refused at its prober thread's next try, which
+makes a new connection (and handshake) each time; the prober tries refused
+lanes on the same backoff, and a lane it finds accepting is used again. A
+worker's lane refused (at the start, or at a reconnect: its broker came back
+with another key) is tried again on the same backoff while the others keep
+its share, and registers once accepted (serve_lane). Lost, refused and used
+again are logged once per change, not at every try.
 """
 
 from __future__ import annotations
