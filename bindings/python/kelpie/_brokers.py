@@ -677,7 +677,8 @@ def make_sync(base):
 
         def _start_prober(self):
             with self._prober_lock:
-                if self._prober is not None or self._closed:
+                # (Not alive: it was the parent's, before a fork.)
+                if self._prober is not None and self._prober.is_alive() or self._closed:
                     return
                 self._prober = threading.Thread(target=self._probe_down, daemon=True,
                                                 name="kelpie-broker-probe")
