@@ -561,3 +561,39 @@ def test_a_worker_retries_a_lane_refused_from_the_start(tmp_path, postgres, keys
 def test_a_worker_retries_a_lane_refused_later(tmp_path, postgres, keys, cleanup, loop):
     tries = check_refused_lane_retried(tmp_path, postgres, keys, cleanup, loop, late=True)
     print(f"\n[{loop}] worker, b's key changed under its lane: {tries} refusals, one logged")
+
+
+def credits_at(broker):
+    """The credits broker offers its workers now (Stats' worker_detail)."""
+    detail = stats(broker).get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values())
+
+
+def test_a_worker_keeps_a_dead_brokers_share_on_the_others(tmp_path, postgres, keys, cleanup,
+                                                          loop):
+    """b killed and left down: the worker's reconnects to b (a new session
+    each time b's silence shows) are not b being up, since b never speaks
+    on them: a keeps the worker's whole concurrency all the while, rather
+    than half of it whenever a reconnect to b has just opened."""
+    url, _ = postgres.new_db()
+    a, b = curve_brokers(tmp_path, url, keys, cleanup, names="ab")
+    pubs = [keys[name][0] + ".pub" for name in "ab"]
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend],
+                   env={"KELPIE_KEY": keys["worker"][0], "KELPIE_SERVER_KEY": ",".join(pubs),
+                        "MB_CONCURRENCY": "8", "MB_LOOP": loop, "MB_LOG": "1"})
+    cleanup.append(w)
+    for x in (a, b):
+        wait_for(lambda: workers_at(x) == 1, 15, f"the worker at {x.frontend}")
+    wait_for(lambda: credits_at(a) == 4, 10, "the worker's share at a, with b up")
+    b.stop()  # SIGKILL; not started again
+    wait_for(lambda: credits_at(a) == 8, 10, "b's share moved to a")
+    # Reconnects to b come every 0.05 s to 1 s (its backoff) and each one's
+    # session lasts liveness heartbeats (0.6 s): 3 s sees several.
+    samples = []
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        samples.append(credits_at(a))
+        time.sleep(0.05)
+    assert set(samples) == {8}, f"{samples}\n{worker_log(w)}"
+    assert worker_log(w).count(f"lost the broker at {b.backend}") == 1, worker_log(w)
+    print(f"\n[{loop}] b down: a offered 8 credits in all {len(samples)} samples over 3 s")

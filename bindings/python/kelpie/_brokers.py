@@ -960,11 +960,25 @@ def lane_state(worker, lane, state, exc=None, delay=0.0):
 
 
 def lane_up(lane, now):
-    """A lane is up while its session is registered (the broker's welcome
-    HEARTBEAT named its broker_id) and its broker is not silent."""
+    """A lane is up while its session is registered (its broker has spoken
+    on it: the welcome HEARTBEAT after READY) and its broker is not silent.
+    Not before: a reconnect to a broker that is not there (yet) opens a
+    session too, and ``_broker_id`` is still the last session's."""
     session = lane._session
     if session is None or session.ending or not lane._broker_id:
         return False
+    seen = lane._lane_seen
+    if seen is None or seen[0] is not session:
+        # Its first look. A session opens with last_recv <= last_ready (the
+        # READY), so anything later was heard; else wait for news.
+        if session.last_recv <= session.last_ready:
+            lane._lane_seen = (session, session.last_recv)
+            return False
+        lane._lane_seen = (session, None)
+    elif seen[1] is not None:
+        if session.last_recv == seen[1]:
+            return False
+        lane._lane_seen = (session, None)
     return now - session.last_recv <= lane.liveness * max(lane.heartbeat,
                                                           lane._broker_heartbeat)
 

@@ -176,6 +176,7 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         self._refusals = 0  # a lane: refusals in a row (its retry backoff)
         self._last_refusal = None  # a lane: the reason logged last (once per change)
         self._lane_state = None  # a lane: "up", "lost" or "refused" (_brokers.lane_state)
+        self._lane_seen = None  # a lane: (session, last_recv) until its broker speaks (lane_up)
         self._shared_pools = False
         self._report_stacks = True
         self._threads_busy = 0
