@@ -544,10 +544,8 @@ def check_refused_lane_retried(tmp_path, postgres, keys, cleanup, loop, late):
     assert len(accepted) == 1 and accepted[0] > lines.index(errors[0]), text
     lost = [i for i, line in enumerate(lines) if f"lost the broker at {b.backend}" in line]
     if late:
-        # First silent (lost), then refused: said distinctly. (Not counted:
-        # a reconnect while b is down opens a session that looks up until it
-        # hears nothing for liveness heartbeats, lane_up.)
-        assert lost and lost[0] < lines.index(errors[0]), text
+        # First silent (lost), then refused: each said once, distinctly.
+        assert len(lost) == 1 and lost[0] < lines.index(errors[0]), text
     else:
         assert not lost, text
     return text.count(refusal)
