@@ -7,7 +7,11 @@ killed (SIGKILL) and restarted with its key: every idempotent call goes on
 through the others and the restarted broker is used again, by the client
 and by the worker. A wrong server key for one broker fails that broker
 only, with an AuthenticationError naming its endpoint: the client, the
-blocking client and the worker serve through the two others."""
+blocking client and the worker serve through the two others. A broker
+restarted with another key pair is refused, not lost, tried again on the
+backoff and used again with its own key: by the async client, the blocking
+client (also under an open connection) and a worker's lane (refused from
+the start, or under its registration)."""
 import asyncio
 import collections
 import json
@@ -45,9 +49,10 @@ def keys(tmp_path_factory):
     return out
 
 
-def curve_brokers(tmp_path, url, keys, cleanup):
+def curve_brokers(tmp_path, url, keys, cleanup, names="abc"):
+    """A kelpied per name in ``names``, each with that name's key pair."""
     brokers = []
-    for name in "abc":
+    for name in names:
         d = tmp_path / f"broker-{name}"
         d.mkdir()
         brokers.append(Kelpied(
@@ -361,9 +366,8 @@ def test_a_broker_restarted_with_another_key_is_refused_not_lost(tmp_path, postg
 def test_a_refused_broker_is_tried_again(tmp_path, postgres, keys, loop, cleanup, caplog):
     """A broker that refuses the client's handshake from the start (it runs
     with another key than the client was given for it) is tried again on a
-    bounded backoff, by the async client by itself and by the blocking
-    client's requests, and used once it runs with the key the client
-    expects."""
+    bounded backoff, by the async client and the blocking client's prober
+    by themselves, and used once it runs with the key the client expects."""
     caplog.set_level("INFO", logger="kelpie.brokers")
     url, _ = postgres.new_db()
     brokers = curve_brokers(tmp_path, url, keys, cleanup)
@@ -413,3 +417,181 @@ def check_refused_then_tried(sc, b, frontends, keys, pubs, loop, caplog):
     for _ in range(6):
         sc.stats()
     assert [x["up"] for x in sc.brokers] == [True, True, True], sc.brokers
+
+
+# -- late refusals, and refused lanes tried again (issue 17) -----------------
+
+def broker_calls_at(broker):
+    return stats(broker)["broker_calls"]
+
+
+def ping_any(client):
+    """An admin Ping through whichever lane the client picks; idempotent, so
+    a call whose lane is lost goes once more through another."""
+    return client.call("kelpie.broker", "Ping", b"", idempotent=True, timeout=10)
+
+
+def test_sync_client_says_refused_when_a_key_changes_under_it(tmp_path, postgres, keys, cleanup,
+                                                              caplog):
+    """The blocking client with two brokers; b is restarted on its port with
+    another key pair while the client's connection to it is open. Calls go
+    on through a; b is first silent (lost), then refused at the client's
+    next handshake with it, and reported so (``brokers``, one ERROR line
+    however often the backoff tries it again); b restarted with its own key
+    is used again within the backoff, by the client itself."""
+    caplog.set_level("DEBUG", logger="kelpie.brokers")
+    url, _ = postgres.new_db()
+    a, b = curve_brokers(tmp_path, url, keys, cleanup, names="ab")
+    pubs = [keys[name][0] + ".pub" for name in "ab"]
+    with kelpie.sync.Client([a.frontend, b.frontend], key=keys["client"][0], server_key=pubs,
+                            heartbeat=0.2, timeout=15) as sc:
+        for _ in range(4):
+            ping_any(sc)
+        assert all(x["up"] for x in sc.brokers), sc.brokers
+        restart_with_key(b, keys, "c")
+        end = time.monotonic() + 15
+        while "error" not in sc.brokers[1]:
+            assert time.monotonic() < end, f"b not seen as refused: {sc.brokers}"
+            ping_any(sc)  # none fails: they go through a
+            time.sleep(0.05)
+        refused = sc.brokers
+        # Tried again on the backoff (0.5 s, 1 s, ...) and refused again.
+        end = time.monotonic() + 10
+        while len(refusal_lines(caplog, b.frontend)) < 3:
+            assert time.monotonic() < end, refusal_lines(caplog, b.frontend)
+            ping_any(sc)
+            time.sleep(0.05)
+        assert "error" in sc.brokers[1] and not sc.brokers[1]["up"], sc.brokers
+        restart_with_key(b, keys, "b")
+        # No call needed: the client's own retry finds b accepting it.
+        end = time.monotonic() + 15
+        while not (sc.brokers[1]["up"] and "error" not in sc.brokers[1]):
+            assert time.monotonic() < end, f"b not used again: {sc.brokers}"
+            time.sleep(0.05)
+        before = broker_calls_at(b)
+        for _ in range(6):
+            ping_any(sc)
+        # Round-robin over two lanes up: 3 of the 6 (the reading itself: 1).
+        assert broker_calls_at(b) - before >= 3, "the client's calls did not reach b again"
+    assert refused[0]["up"] and not refused[1]["up"], refused
+    assert b.frontend in refused[1]["error"] and "server key" in refused[1]["error"], refused
+    lost = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+            and b.frontend in r.getMessage() and "lost" in r.getMessage()]
+    assert lost, [r.getMessage() for r in caplog.records]
+    # Refused logged once at ERROR however many tries refused it (the others
+    # at DEBUG), and its acceptance once.
+    assert len(refusals_of(caplog, b.frontend)) == 1, refusal_lines(caplog, b.frontend)
+    accepted = [r for r in caplog.records if b.frontend in r.getMessage()
+                and "accepts our CURVE handshake again" in r.getMessage()]
+    assert len(accepted) == 1, [r.getMessage() for r in caplog.records]
+    print(f"\nsync client, b's key changed under it: {len(refusal_lines(caplog, b.frontend))} "
+          f"refusals, one logged: {refused[1]['error']}")
+
+
+def refusal_lines(caplog, endpoint):
+    return [r.getMessage() for r in caplog.records
+            if r.name == "kelpie.brokers" and endpoint in r.getMessage()
+            and "refused our CURVE handshake" in r.getMessage()]
+
+
+def echo_at(broker, keys):
+    """A call through ``broker`` alone (a client of it only)."""
+    with kelpie.sync.Client(broker.frontend, key=keys["client"][0],
+                            server_key=broker.server_key, timeout=10) as c:
+        return c.call("mb", "Echo", b"x")
+
+
+def worker_log(w):
+    with open(w.log_path, errors="replace") as f:
+        return f.read()
+
+
+def check_refused_lane_retried(tmp_path, postgres, keys, cleanup, loop, late):
+    """A worker of two brokers, b refusing it (another key pair than the
+    worker was given for it) from the start, or from a restart under its
+    open lane (``late``): it serves through a meanwhile, tries b again on
+    the backoff (logged refused once, at ERROR), and registers with b once
+    b runs with its own key again: a client of b alone gets answers."""
+    url, _ = postgres.new_db()
+    a, b = curve_brokers(tmp_path, url, keys, cleanup, names="ab")
+    if not late:
+        restart_with_key(b, keys, "c")
+    pubs = [keys[name][0] + ".pub" for name in "ab"]
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend],
+                   env={"KELPIE_KEY": keys["worker"][0], "KELPIE_SERVER_KEY": ",".join(pubs),
+                        "MB_CONCURRENCY": "4", "MB_LOOP": loop, "MB_LOG": "1"})
+    cleanup.append(w)
+    wait_for(lambda: workers_at(a) == 1, 15, f"the worker at a ({w.log()})")
+    if late:
+        wait_for(lambda: workers_at(b) == 1, 15, f"the worker at b ({w.log()})")
+        assert echo_at(b, keys) == b"x"
+        restart_with_key(b, keys, "c")
+    refusal = f"the broker at {b.backend} refuses it"
+    # Refused, then tried again and refused again (DEBUG), while a serves.
+    wait_for(lambda: worker_log(w).count(refusal) >= 2, 15, f"b tried again ({w.log()})")
+    assert echo_at(a, keys) == b"x"
+    assert workers_at(b) == 0 and w.proc.poll() is None, w.log()
+    restart_with_key(b, keys, "b")
+    wait_for(lambda: workers_at(b) == 1, 15, f"the worker back at b ({w.log()})")
+    assert echo_at(b, keys) == b"x"
+    text = worker_log(w)
+    lines = text.splitlines()
+    errors = [line for line in lines if line.startswith("ERROR") and refusal in line]
+    assert len(errors) == 1, text
+    assert "UNAUTHENTICATED" in errors[0], errors
+    accepted = [i for i, line in enumerate(lines)
+                if f"the broker at {b.backend} accepts it again" in line]
+    assert len(accepted) == 1 and accepted[0] > lines.index(errors[0]), text
+    lost = [i for i, line in enumerate(lines) if f"lost the broker at {b.backend}" in line]
+    if late:
+        # First silent (lost), then refused: each said once, distinctly.
+        assert len(lost) == 1 and lost[0] < lines.index(errors[0]), text
+    else:
+        assert not lost, text
+    return text.count(refusal)
+
+
+def test_a_worker_retries_a_lane_refused_from_the_start(tmp_path, postgres, keys, cleanup, loop):
+    tries = check_refused_lane_retried(tmp_path, postgres, keys, cleanup, loop, late=False)
+    print(f"\n[{loop}] worker, b refusing it from the start: {tries} refusals, one logged")
+
+
+def test_a_worker_retries_a_lane_refused_later(tmp_path, postgres, keys, cleanup, loop):
+    tries = check_refused_lane_retried(tmp_path, postgres, keys, cleanup, loop, late=True)
+    print(f"\n[{loop}] worker, b's key changed under its lane: {tries} refusals, one logged")
+
+
+def credits_at(broker):
+    """The credits broker offers its workers now (Stats' worker_detail)."""
+    detail = stats(broker).get("worker_detail") or {}
+    return sum(w["credits"] for w in detail.values())
+
+
+def test_a_worker_keeps_a_dead_brokers_share_on_the_others(tmp_path, postgres, keys, cleanup,
+                                                          loop):
+    """b killed and left down: the worker's reconnects to b (a new session
+    each time b's silence shows) are not b being up, since b never speaks
+    on them: a keeps the worker's whole concurrency all the while, rather
+    than half of it whenever a reconnect to b has just opened."""
+    url, _ = postgres.new_db()
+    a, b = curve_brokers(tmp_path, url, keys, cleanup, names="ab")
+    pubs = [keys[name][0] + ".pub" for name in "ab"]
+    w = WorkerProc(tmp_path, "w", [a.backend, b.backend],
+                   env={"KELPIE_KEY": keys["worker"][0], "KELPIE_SERVER_KEY": ",".join(pubs),
+                        "MB_CONCURRENCY": "8", "MB_LOOP": loop, "MB_LOG": "1"})
+    cleanup.append(w)
+    for x in (a, b):
+        wait_for(lambda: workers_at(x) == 1, 15, f"the worker at {x.frontend}")
+    wait_for(lambda: credits_at(a) == 4, 10, "the worker's share at a, with b up")
+    b.stop()  # SIGKILL; not started again
+    wait_for(lambda: credits_at(a) == 8, 10, "b's share moved to a")
+    # Reconnects to b come every 0.05 s to 1 s (its backoff) and each one's
+    # session lasts liveness heartbeats (0.6 s): 3 s sees several.
+    samples = []
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        samples.append(credits_at(a))
+        time.sleep(0.05)
+    assert set(samples) == {8}, f"{samples}\n{worker_log(w)}"
+    assert worker_log(w).count(f"lost the broker at {b.backend}") == 1, worker_log(w)
+    print(f"\n[{loop}] b down: a offered 8 credits in all {len(samples)} samples over 3 s")

@@ -4,9 +4,11 @@ commas). It serves ``mb/Echo`` (the payload back, after ``sleep`` seconds
 if the payload is JSON with that key) and jobs of queue ``work`` (same;
 each run is appended to argv[2] as "job_id attempt" for the test to count;
 the most calls and jobs it ever ran at once is in argv[2] + ".peak").
-SIGTERM drains it."""
+SIGTERM drains it. ``$MB_LOOP=uvloop`` runs it on uvloop; ``$MB_LOG`` set
+logs kelpie.brokers' lines down to DEBUG (each on its own line, level first)."""
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -56,7 +58,15 @@ def main():
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop(2)))
         await worker.run()
 
-    asyncio.run(run())
+    if os.environ.get("MB_LOG"):
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("kelpie.brokers").setLevel(logging.DEBUG)
+    if os.environ.get("MB_LOOP") == "uvloop":
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run())
+    else:
+        asyncio.run(run())
 
 
 if __name__ == "__main__":

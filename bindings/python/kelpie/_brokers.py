@@ -48,9 +48,14 @@ used again. The async client judges every handshake of a lane, not only the
 first: a broker restarted with another key is refused the moment its
 handshake fails (its lane's socket then disconnects until the next try),
 and used again once one succeeds. The sync client meets a refusal when a
-thread connects; a broker that changes its key under an open connection
-shows there as lost. A worker's lane refused ends, the others keep its
-share (kelpie._session).
+thread connects: a broker that changes its key under an open connection is
+first lost (silent), then refused at its prober thread's next try, which
+makes a new connection (and handshake) each time; the prober tries refused
+lanes on the same backoff, and a lane it finds accepting is used again. A
+worker's lane refused (at the start, or at a reconnect: its broker came back
+with another key) is tried again on the same backoff while the others keep
+its share, and registers once accepted (serve_lane). Lost, refused and used
+again are logged once per change, not at every try.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from typing import Any, Optional
 
 from . import _core, _security, _zmq
 from ._liveness import NO_DEADLINE, BrokerRestarted
-from .errors import AuthenticationError, Unavailable
+from .errors import AuthenticationError, PermissionDenied, Unavailable
 
 log = logging.getLogger("kelpie.brokers")
 
@@ -82,6 +87,14 @@ _PAIR = 0
 # A refused broker is tried again after the first figure (seconds), then
 # after twice the last wait each time it refuses again, up to the second.
 _REFUSED_RETRY = (0.5, 30.0)
+
+
+def refused_wait(refusals):
+    """Seconds until a broker that refused us ``refusals`` times in a row
+    before this refusal is tried again (_REFUSED_RETRY): clients and
+    workers alike."""
+    first, most = _REFUSED_RETRY
+    return min(most, first * 2 ** min(refusals, 16))
 
 
 def endpoints(value: Any, env: str, default: str) -> list:
@@ -116,18 +129,18 @@ def _left(end, now):
 class _Lane:
     """One broker of a client: its single-broker client and its health."""
 
-    __slots__ = ("client", "endpoint", "down", "seen", "heard_at", "monitor", "prober",
-                 "retry_at", "refused", "refusals", "refused_until", "redial")
+    __slots__ = ("client", "endpoint", "down", "lost", "seen", "heard_at", "monitor", "prober",
+                 "refused", "refusals", "refused_until", "redial")
 
     def __init__(self, client, endpoint, now):
         self.client = client
         self.endpoint = endpoint
         self.down = False
+        self.lost = False       # down since it was lost (said once, _mark_down)
         self.seen = (0, 0)      # (broker_id, last ping answered): changes when one is
         self.heard_at = now
         self.monitor = None     # async: the task reading the socket's events
         self.prober = None      # async: the task pinging the broker
-        self.retry_at = 0.0     # sync: when a down lane is probed next
         self.refused = None     # the AuthenticationError of a refused handshake
         self.refusals = 0       # refusals in a row (the retry backoff)
         self.refused_until = 0.0  # when a refused broker is tried again
@@ -178,9 +191,6 @@ class _Picker:
         fallback = None
         for i in range(n):
             lane = lanes[(start + i) % n]
-            if lane.refused is not None and self._retry_refused(lane):
-                lane.refused = None  # its next handshake tells (kelpie.sync)
-                lane.down = False
             if lane.refused is not None or lane is avoid:
                 continue
             if not lane.down:
@@ -199,6 +209,7 @@ class _Picker:
         if lane.down:
             return False
         lane.down = True
+        lane.lost = True
         self.lanes_lost += 1
         log.warning("broker at %s lost (%s): calls go to the other brokers", lane.endpoint, why)
         return True
@@ -206,21 +217,24 @@ class _Picker:
     def _mark_up(self, lane):
         if lane.down and lane.refused is None:
             lane.down = False
-            if lane.heard_at and self.lanes_lost:
+            if lane.lost:
+                lane.lost = False
                 log.info("broker at %s answers again: calls go to it again", lane.endpoint)
 
     def _refuse(self, lane, exc):
         """The broker of ``lane`` refused our CURVE handshake (a wrong
         server key for it, or our key is not on its allow-list): no request
         goes there until it is tried again (``_REFUSED_RETRY``), the others
-        serve. Returns the seconds until that try."""
-        first, most = _REFUSED_RETRY
-        delay = min(most, first * 2 ** min(lane.refusals, 16))
+        serve. Logged at ERROR when it starts (or its reason changes), at
+        DEBUG at each try that is refused again. Returns the seconds until
+        that try."""
+        delay = refused_wait(lane.refusals)
         lane.refusals += 1
         lane.refused_until = self._now() + delay
         again = lane.refused is not None and str(lane.refused) == str(exc)
         lane.refused = exc
         lane.down = True
+        lane.lost = False  # refused now: said so below, not "answers again" later
         log_at = log.debug if again else log.error
         log_at("broker at %s refused our CURVE handshake, so calls go to the other brokers "
                "(tried again in %.1f s): %s", lane.endpoint, delay, exc.message)
@@ -250,12 +264,6 @@ class _Picker:
             raise exc
         self.moved += 1
         return other, True
-
-    def _retry_refused(self, lane):
-        """Whether a refused lane is to be tried by the next request that
-        picks it (the sync client, whose handshakes happen there; the async
-        client retries by itself)."""
-        return False
 
     def _watcher(self):
         """The lane client a job's watch goes through (kelpie.jobs)."""
@@ -658,38 +666,71 @@ def make_sync(base):
 
         def _lose(self, lane, why):
             if self._mark_down(lane, why):
-                lane.retry_at = time.monotonic()
                 self._start_prober()
 
-        def _retry_refused(self, lane):
-            # Its handshake happens when a thread next connects to it, so
-            # the request that picks it is the try (a refusal sends it
-            # elsewhere: _after_loss).
-            return time.monotonic() >= lane.refused_until
+        def _refuse(self, lane, exc):
+            # Met by a request's handshake (_after_loss) or the prober's: the
+            # prober tries it again on the backoff.
+            delay = _Picker._refuse(self, lane, exc)
+            self._start_prober()
+            return delay
 
         def _start_prober(self):
             with self._prober_lock:
-                if self._prober is not None and self._prober.is_alive():
+                # (Not alive: it was the parent's, before a fork.)
+                if self._prober is not None and self._prober.is_alive() or self._closed:
                     return
                 self._prober = threading.Thread(target=self._probe_down, daemon=True,
                                                 name="kelpie-broker-probe")
                 self._prober.start()
 
         def _probe_down(self):
-            """Ping the lanes that are down, every heartbeat, until all answer
-            (each ping waits at most a heartbeat); then end."""
+            """Ping the lanes that are lost every heartbeat, and those that
+            refused us when their backoff is over, until every lane is up;
+            then end. (The lock: a lane marked down as this ends starts a new
+            prober, _start_prober.)"""
             interval = self.heartbeat or 1.0
-            while not self._stop_probing.is_set() and not self._closed:
-                down = [lane for lane in self._lanes if lane.down and lane.refused is None]
-                if not down:
-                    return
-                for lane in down:
-                    try:
-                        lane.client.ping(timeout=interval)
-                        self._mark_up(lane)
-                    except Exception:
-                        pass
-                self._stop_probing.wait(interval)
+            while True:
+                with self._prober_lock:
+                    if self._stop_probing.is_set() or self._closed or \
+                            not any(lane.down for lane in self._lanes):
+                        self._prober = None
+                        return
+                for lane in self._lanes:
+                    if lane.down and (lane.refused is None
+                                      or time.monotonic() >= lane.refused_until):
+                        self._try(lane, interval)
+                # Next: a heartbeat while a lane is lost, else the first
+                # refused lane's try.
+                wait = interval
+                refused = [lane.refused_until for lane in self._lanes
+                           if lane.down and lane.refused is not None]
+                if refused and all(lane.refused is not None for lane in self._lanes
+                                   if lane.down):
+                    wait = min(_REFUSED_RETRY[1], max(0.01, min(refused) - time.monotonic()))
+                self._stop_probing.wait(wait)
+
+        def _try(self, lane, interval):
+            """One ping of a lane that is down, on a new connection (closed
+            after it), so its handshake is judged each time: a broker that
+            came back with another key is refused, not lost (and one that
+            came back with ours is used again)."""
+            client = lane.client
+            try:
+                client.ping(timeout=interval)
+            except AuthenticationError as exc:
+                self._refuse(lane, exc)
+            except Exception:
+                if lane.refused is not None:
+                    # Not there at all: still refused, tried on the backoff.
+                    lane.refused_until = time.monotonic() + refused_wait(lane.refusals)
+            else:
+                self._accepted(lane)
+                self._mark_up(lane)
+            finally:
+                conn = getattr(client._local, "conn", None)
+                if conn is not None:
+                    conn.close()
 
         # -- calls -------------------------------------------------------
 
@@ -859,12 +900,85 @@ def shares(concurrency, lanes, up):
     return changed
 
 
+async def serve_lane(worker, lane, lanes):
+    """Run one lane of ``worker`` until it stops. A broker that refuses the
+    worker (its CURVE handshake or key, or a service it may not serve:
+    kelpie._security), at the start or at a later reconnect, does not end
+    the lane: it is tried again on the clients' backoff (refused_wait),
+    while the others serve with its share of the slots, until it accepts
+    the worker (balance: registered, used again). Raises when every broker
+    refuses the worker at once, as a worker of one broker does."""
+    loop = asyncio.get_running_loop()
+    while not lane._stopping:
+        try:
+            await lane.run()
+            return  # stopped
+        except (AuthenticationError, PermissionDenied) as exc:
+            if lane._stopping:
+                return
+            if lane._lane_state == "up" and getattr(exc, "handshake", False):
+                # Refused at a reconnect: the registration it had was lost first.
+                lane_state(worker, lane, "lost")
+            lane._refused = exc
+            # Whatever accepts us next is a new instance: it is up once its
+            # welcome HEARTBEAT names it (lane_up), not on the old one's id.
+            lane._broker_id = 0
+            if all(other._refused is not None for other in lanes):
+                raise
+            delay = refused_wait(lane._refusals)
+            lane._refusals += 1
+            lane_state(worker, lane, "refused", exc, delay)
+            end = loop.time() + delay
+            while not lane._stopping and loop.time() < end:
+                await asyncio.sleep(min(LANE_CHECK, end - loop.time()))
+
+
+def lane_state(worker, lane, state, exc=None, delay=0.0):
+    """Log what a lane of ``worker`` is now, once per change (not at every
+    try of a broker that keeps refusing): ``"up"`` (registered), ``"lost"``
+    (it was up; its broker died, or the link to it), ``"refused"`` (``exc``;
+    tried again in ``delay`` s: ERROR the first time or when the reason
+    changes, DEBUG at the tries refused again)."""
+    was, lane._lane_state = lane._lane_state, state
+    name, where = worker.name, lane.backend
+    if state == "refused":
+        again = was == "refused" and lane._last_refusal == str(exc)
+        lane._last_refusal = str(exc)
+        (log.debug if again else log.error)(
+            "worker %s: the broker at %s refuses it (%s: %s); serving the other brokers, "
+            "trying it again in %.1f s", name, where, exc.code.name, exc.message, delay)
+    elif state == was:
+        return
+    elif state == "lost" and was == "up":
+        log.warning("worker %s: lost the broker at %s: serving the other brokers", name, where)
+    elif state == "up" and was == "refused":
+        lane._refused, lane._refusals, lane._last_refusal = None, 0, None
+        log.info("worker %s: the broker at %s accepts it again: serving through it", name,
+                 where)
+    elif state == "up" and was == "lost":
+        log.info("worker %s: the broker at %s is back: serving through it", name, where)
+
+
 def lane_up(lane, now):
-    """A lane is up while its session is registered (the broker's welcome
-    HEARTBEAT named its broker_id) and its broker is not silent."""
+    """A lane is up while its session is registered (its broker has spoken
+    on it: the welcome HEARTBEAT after READY) and its broker is not silent.
+    Not before: a reconnect to a broker that is not there (yet) opens a
+    session too, and ``_broker_id`` is still the last session's."""
     session = lane._session
     if session is None or session.ending or not lane._broker_id:
         return False
+    seen = lane._lane_seen
+    if seen is None or seen[0] is not session:
+        # Its first look. A session opens with last_recv <= last_ready (the
+        # READY), so anything later was heard; else wait for news.
+        if session.last_recv <= session.last_ready:
+            lane._lane_seen = (session, session.last_recv)
+            return False
+        lane._lane_seen = (session, None)
+    elif seen[1] is not None:
+        if session.last_recv == seen[1]:
+            return False
+        lane._lane_seen = (session, None)
     return now - session.last_recv <= lane.liveness * max(lane.heartbeat,
                                                           lane._broker_heartbeat)
 
@@ -877,7 +991,13 @@ async def balance(worker, lanes):
     previous = None
     while True:
         now = loop.time()
-        up = [lane for lane in lanes if lane_up(lane, now)] or lanes
+        live = [lane for lane in lanes if lane_up(lane, now)]
+        for lane in lanes:
+            if lane in live:
+                lane_state(worker, lane, "up")
+            elif lane._refused is None and lane._lane_state == "up":
+                lane_state(worker, lane, "lost")
+        up = live or lanes
         key = tuple(id(lane) for lane in up)
         if key != previous:
             if previous is not None:

@@ -165,7 +165,8 @@ class Session:
                 if self._stopping:
                     lane._stopping = True
             balancer = loop.create_task(_brokers.balance(self, lanes))
-            runs = [loop.create_task(self._serve_lane(lane, lanes)) for lane in lanes]
+            # A broker that refuses us is tried again on a backoff (serve_lane).
+            runs = [loop.create_task(_brokers.serve_lane(self, lane, lanes)) for lane in lanes]
             try:
                 await asyncio.gather(*runs)
             except BaseException:
@@ -182,20 +183,6 @@ class Session:
                 self._context.term()
                 self._context = None
             self._stop_event.set()
-
-    async def _serve_lane(self, lane, lanes):
-        """Run one lane. A broker that refuses this worker (its key, or a
-        service: kelpie._security) ends that lane only, with the reason
-        logged and in ``stats["brokers"]``; the others serve on, with its
-        share of the slots. Raises when every broker has refused."""
-        try:
-            await lane.run()
-        except (AuthenticationError, PermissionDenied) as exc:
-            lane._refused = exc
-            if all(other._refused is not None for other in lanes):
-                raise
-            log.error("worker %s: the broker at %s refuses it (%s: %s); serving the "
-                      "other brokers", self.name, lane.backend, exc.code.name, exc.message)
 
     async def _open(self, context):
         sock = context.socket(_zmq.DEALER)

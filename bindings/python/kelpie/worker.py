@@ -172,7 +172,11 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         # Several brokers (kelpie._brokers): the lanes while run() runs; a
         # lane uses its parent's pools and only the first reports stacks.
         self._lanes = None
-        self._refused = None  # a lane: why its broker refused it
+        self._refused = None  # a lane: why its broker refused it (until it accepts it)
+        self._refusals = 0  # a lane: refusals in a row (its retry backoff)
+        self._last_refusal = None  # a lane: the reason logged last (once per change)
+        self._lane_state = None  # a lane: "up", "lost" or "refused" (_brokers.lane_state)
+        self._lane_seen = None  # a lane: (session, last_recv) until its broker speaks (lane_up)
         self._shared_pools = False
         self._report_stacks = True
         self._threads_busy = 0
