@@ -204,12 +204,12 @@ static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const 
 }
 
 /* Reads one monitor event of hs within wait_ms (0: only one already
- * waiting). False when none came. */
+ * waiting, without a poll: a client looks before every call it places).
+ * False when none came. */
 static bool curve_event(kpc_handshake *hs, long wait_ms, uint16_t *event, uint32_t *value)
 {
     zmq_pollitem_t item = {hs->pair, 0, ZMQ_POLLIN, 0};
-    int n = zmq_poll(&item, 1, wait_ms);
-    if (n <= 0)
+    if (wait_ms != 0 && zmq_poll(&item, 1, wait_ms) <= 0)
         return false;
     zmq_msg_t ev, addr;
     zmq_msg_init(&ev);
