@@ -112,6 +112,12 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
         const char *name = h->services[i];
         if (name[0] == '\0' || strcmp(name, KP_BROKER_SERVICE) == 0)
             continue;
+        if (strnlen(name, KP_NAME_MAX + 1) > KP_NAME_MAX) {
+            /* No client could call it (kp_wire_check refuses the name). */
+            kp_log_warn("worker '%s' offered a service name over %d bytes; ignored", w->name,
+                        KP_NAME_MAX);
+            continue;
+        }
         struct kp_service *s = kp_services_get(&b->services, name, b->now);
         bool dup = false;
         for (size_t k = 0; k < n && !dup; k++)

@@ -27,6 +27,7 @@
     XX(EDIRECTION, INVALID_ARGUMENT, bad_kind, "message kind not allowed in this direction")       \
     XX(ENOREQUESTID, INVALID_ARGUMENT, bad_header, "request_id must be nonzero")                   \
     XX(ENOSERVICE, INVALID_ARGUMENT, bad_header, "missing service")                                \
+    XX(ENAMELONG, INVALID_ARGUMENT, bad_header, "service or queue name longer than 255 bytes")     \
     XX(EDUPLICATE, INVALID_ARGUMENT, bad_request, "request_id already outstanding")                \
     XX(ENOTREADY, FAILED_PRECONDITION, not_ready, "worker must send READY first")                  \
     XX(ENOTFOUND, NOT_FOUND, unroutable, "no worker serves this service")                          \

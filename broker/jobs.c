@@ -2337,7 +2337,9 @@ void kp_jobs_on_ready(struct kp_broker *b, struct kp_worker *w, const kp_header 
     size_t n = 0;
     for (size_t i = 0; i < cap; i++) {
         const char *name = h->queues[i];
-        if (name[0] == '\0' || strcmp(name, KP_BROKER_SERVICE) == 0)
+        /* A name over KP_NAME_MAX can hold no job: SUBMIT refuses it. */
+        if (name[0] == '\0' || strcmp(name, KP_BROKER_SERVICE) == 0 ||
+            strnlen(name, KP_NAME_MAX + 1) > KP_NAME_MAX)
             continue;
         struct jobq *q = queue_get(b, name);
         if (q == NULL)

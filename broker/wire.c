@@ -200,6 +200,10 @@ enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir)
             return KP_ENOREQUESTID;
         if (h->service == NULL || h->service[0] == '\0')
             return KP_ENOSERVICE;
+        /* Names are kept per service and queue (memory, store rows, metrics
+         * labels, log lines): a peer must not make each one 64 KiB. */
+        if (strnlen(h->service, KP_NAME_MAX + 1) > KP_NAME_MAX)
+            return KP_ENAMELONG;
     }
     return KP_OK;
 }

@@ -96,10 +96,14 @@ void kp_arena_fini(struct kp_arena *a);
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out);
 
+/* Bytes of a service or queue name, at most (protocol.md §9). */
+#define KP_NAME_MAX 255
+
 /* Checks a decoded header against §4/§9 for a message arriving from dir:
  * version (KP_EVERSION), known kind (KP_EUNKNOWNKIND), kind allowed in that
- * direction (KP_EDIRECTION), and a REQUEST's request_id (frontend only) and
- * service (KP_ENOREQUESTID, KP_ENOSERVICE). Returns KP_OK if acceptable. */
+ * direction (KP_EDIRECTION), and a REQUEST's or SUBMIT's request_id
+ * (frontend only) and service (KP_ENOREQUESTID, KP_ENOSERVICE, KP_ENAMELONG
+ * past KP_NAME_MAX bytes). Returns KP_OK if acceptable. */
 enum kp_err kp_wire_check(const kp_header *h, enum kp_dir dir);
 
 /* kp_wire_decode() then kp_wire_check(); *out is set whenever decoding

@@ -469,6 +469,18 @@ Test(broker, bad_input_matrix_gets_the_right_error_and_counter)
     h = tb_hdr(KELPIE__V1__KIND__REQUEST, 31);
     tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 31, "bad_header");
 
+    /* A service or queue name over 255 bytes is refused before anything
+     * keeps it (the REQUEST would otherwise wait for a worker, the SUBMIT
+     * make a queue). */
+    static char long_name[257];
+    memset(long_name, 's', 256);
+    h = tb_hdr(KELPIE__V1__KIND__REQUEST, 32);
+    h.service = long_name;
+    tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 32, "bad_header");
+    h = tb_hdr(KELPIE__V1__KIND__SUBMIT, 33);
+    h.service = long_name;
+    tb_bad_header(&h, KELPIE__V1__CODE__INVALID_ARGUMENT, 33, "bad_header");
+
     /* A SUBMIT out of range never reaches the store: priority 0..9. */
     h = tb_hdr(KELPIE__V1__KIND__SUBMIT, 41);
     h.service = "jobs";

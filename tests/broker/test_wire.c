@@ -167,6 +167,21 @@ Test(wire, request_needs_an_id_from_clients_and_a_service_everywhere)
     cr_assert_eq(tw_parse(&h, KP_FROM_INTAKE), KP_ENOSERVICE);
 }
 
+Test(wire, service_names_end_at_255_bytes)
+{
+    char name[257];
+    memset(name, 'n', sizeof name - 1);
+    name[255] = '\0';
+    kp_header h = tw_header(KELPIE__V1__KIND__SUBMIT, 5);
+    h.service = name;
+    cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_OK, "255 bytes is a name");
+    name[255] = 'n';
+    name[256] = '\0';
+    cr_assert_eq(tw_parse(&h, KP_FROM_CLIENT), KP_ENAMELONG);
+    h.kind = KELPIE__V1__KIND__REQUEST;
+    cr_assert_eq(tw_parse(&h, KP_FROM_INTAKE), KP_ENAMELONG);
+}
+
 Test(wire, empty_frame_is_a_missing_header)
 {
     kp_header *out = (kp_header *)1;

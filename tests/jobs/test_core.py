@@ -53,6 +53,9 @@ def test_submit_needs_a_real_queue():
     for queue in ("", "kelpie.broker", None):
         with pytest.raises(ValueError):
             _jobs.submit(1, queue)
+    with pytest.raises(ValueError, match="255 bytes"):
+        _jobs.submit(1, "é" * 128)  # 256 bytes: the broker would refuse it
+    assert _jobs.submit(1, "q" * 255)
 
 
 def test_watch_progress_output_result_nack_headers():

@@ -31,6 +31,13 @@ def test_worker_registration_contracts(greeter_path):
         worker.add_handler("a", "X", "not callable")
     with pytest.raises(ValueError):
         kelpie.Worker(concurrency=0)
+    # The broker ignores a service name over 255 bytes in READY: refused here.
+    for name in ("", "s" * 256, "é" * 128):
+        with pytest.raises(ValueError, match="1..255 bytes"):
+            worker.add_handler(name, "M", stream)
+        with pytest.raises(ValueError, match="1..255 bytes"):
+            worker.add_job_handler(name, stream)
+    kelpie.Worker("tcp://127.0.0.1:1").add_handler("s" * 255, "M", stream)
 
     class Greeter:
         async def SayHello(self, request, ctx):

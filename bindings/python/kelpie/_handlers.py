@@ -13,7 +13,7 @@ import functools
 import inspect
 from typing import Any, Callable, Optional
 
-from . import _executors, _interceptors
+from . import _executors, _interceptors, _wire
 from .stubs import decode_request, message_class, method_kind
 
 # Where a handler runs (_Handler.kind).
@@ -89,6 +89,10 @@ class HandlerTable:
                              f"not {executor!r}")
         if self._running:
             raise RuntimeError("register handlers before run()")
+        if not isinstance(service, str) or not service or len(service.encode()) > _wire.NAME_MAX:
+            # The broker ignores a longer name in READY: no call would arrive.
+            raise ValueError(f"a service name is 1..{_wire.NAME_MAX} bytes of UTF-8, "
+                             f"not {service!r:.80}")
         name = f"{service}/{method}"
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \
             inspect.iscoroutinefunction(getattr(fn, "__call__", None))

@@ -83,6 +83,8 @@ def submit(request_id, queue, *, priority=0, max_attempts=0, timeout=None, delay
         raise ValueError("a job needs a queue name")
     if queue == "kelpie.broker":
         raise ValueError("kelpie.broker is not a job queue")
+    if len(queue.encode()) > _wire.NAME_MAX:
+        raise ValueError(f"a queue name is at most {_wire.NAME_MAX} bytes of UTF-8")
     priority = int(priority)
     if not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must be 0..{MAX_PRIORITY}, not {priority}")

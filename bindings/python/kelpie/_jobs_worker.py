@@ -473,8 +473,9 @@ class JobRunner:
         """Register ``fn`` for jobs of ``queue`` (see :meth:`job`)."""
         if not callable(fn):
             raise TypeError("a job handler must be callable")
-        if not isinstance(queue, str) or not queue or queue == "kelpie.broker":
-            raise ValueError(f"not a job queue name: {queue!r}")
+        if (not isinstance(queue, str) or not queue or queue == "kelpie.broker"
+                or len(queue.encode()) > _wire.NAME_MAX):
+            raise ValueError(f"not a job queue name (1..{_wire.NAME_MAX} bytes): {queue!r:.80}")
         if executor not in _EXECUTORS:
             raise ValueError(f"executor must be one of None, 'loop', 'thread', 'process', "
                              f"not {executor!r}")

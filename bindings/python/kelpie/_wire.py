@@ -22,6 +22,8 @@ from .v1 import header_pb2 as _pb
 Header = _pb.Header
 
 VERSION = 1
+# Bytes of a service or queue name, at most: the broker refuses longer ones (§9).
+NAME_MAX = 255
 
 # Kinds (kelpie.v1.Kind).
 READY = 1
