@@ -571,7 +571,9 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpi
  * the broker refuses it: KELPIE_UNAUTHENTICATED (its key is not, or no
  * longer, on the worker allow-list; a handshake that cannot succeed) or
  * KELPIE_PERMISSION_DENIED (a service its key may not serve), with the
- * reason in kelpie_worker_error(). */
+ * reason in kelpie_worker_error(). With several brokers a refused handshake
+ * ends it only when every broker refuses; one refusing while others serve
+ * is tried again (kelpie_worker_broker_error). */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
