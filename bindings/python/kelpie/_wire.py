@@ -2,8 +2,17 @@
 
 The header is ``kelpie.v1.Header`` (proto/kelpie/v1/header.proto), generated
 at build time by protoc into ``kelpie/v1/header_pb2.py`` (never committed).
-Reading always goes through the generated class (the C++ protobuf backend
-parses a header in about half a microsecond on an idle machine).
+Reading goes through the extension's ``_parse_header`` (bindings/python/src/
+header.c): it decodes the frame in C and returns a ``ParsedHeader`` whose
+attributes are the protobuf Header's, each made a Python object only when
+read; anything else about it (repeated strings, worker_stats, Message
+methods, ``==``) is a real Header parsed from the same bytes on first need.
+It accepts and rejects exactly the frames the C++ protobuf backend does
+(``tests/binding/test_header_decode.py``). The generated class parses a header
+in about half a microsecond, but reading its fields through protobuf's
+reflection cost the worker about a fifth of its instructions per call
+(docs/benchmarks-rpc.md). ``parse_full`` gives a real Header where one is
+needed (``CopyFrom``, mutation).
 
 Writing the headers that are sent once per call (REQUEST, REPLY, CHUNK, END,
 ERROR, CREDIT, CANCEL; HEARTBEAT) is done here by hand from the protobuf wire format: the
@@ -17,9 +26,13 @@ encoder against the generated class. READY, sent once per session, uses the
 generated class.
 """
 
+from google.protobuf.message import DecodeError
+
+from . import _kelpie
 from .v1 import header_pb2 as _pb
 
 Header = _pb.Header
+_kelpie._header_init(Header, DecodeError)
 
 VERSION = 1
 # Bytes of a service or queue name, at most: the broker refuses longer ones (§9).
@@ -364,8 +377,14 @@ def heartbeat_stats(heartbeat_ms, host, pid, rss_bytes, busy, threads, stalls, r
     return h.SerializeToString()
 
 
-def parse(data):
-    """Decode a header frame (bytes or a buffer); raises DecodeError on garbage."""
+# Decode a header frame (bytes or a buffer) into a ParsedHeader; raises
+# DecodeError on garbage, as Header.ParseFromString does.
+parse = _kelpie._parse_header
+
+
+def parse_full(data):
+    """Decode a header frame into a real protobuf Header (one that can be
+    changed or passed to protobuf APIs); raises DecodeError on garbage."""
     h = Header()
     h.ParseFromString(data)
     return h

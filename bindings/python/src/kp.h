@@ -21,6 +21,7 @@
  *   loop.c       a Socket's tie to its loop and thread: affinity, futures, readers
  *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
+ *   header.c     _parse_header and kelpie.ParsedHeader: a KLP/1 header frame decoded in C
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
@@ -76,12 +77,17 @@ typedef struct kp_state {
     PyObject *str_set_exception;
     PyObject *str_done;
     PyObject *str_is_closed;
-    PyObject *str_blocking;       /* "_asyncio_future_blocking" */
-    PyObject *str_on_fd;          /* "_on_fd", the socket's reader callback */
-    PyObject *str_on_nudge;       /* "_on_nudge", a Pulse's eventfd reader */
-    PyObject *future_type;        /* asyncio.Future */
-    PyObject *base_create_future; /* asyncio.BaseEventLoop.create_future */
-    PyObject *loop_kwnames;       /* ("loop",) for calling future_type */
+    PyObject *str_blocking;          /* "_asyncio_future_blocking" */
+    PyObject *str_on_fd;             /* "_on_fd", the socket's reader callback */
+    PyObject *str_on_nudge;          /* "_on_nudge", a Pulse's eventfd reader */
+    PyObject *future_type;           /* asyncio.Future */
+    PyObject *base_create_future;    /* asyncio.BaseEventLoop.create_future */
+    PyObject *loop_kwnames;          /* ("loop",) for calling future_type */
+    PyTypeObject *header_type;       /* kelpie.ParsedHeader */
+    PyObject *header_pb;             /* kelpie.v1.Header, the fallback's class (_header_init) */
+    PyObject *decode_error;          /* google.protobuf.message.DecodeError (_header_init) */
+    PyObject *parse_header;          /* module function _parse_header, for pickling */
+    PyObject *str_parse_from_string; /* "ParseFromString" */
 } kp_state;
 
 /* ---- module.c ---------------------------------------------------------- */
@@ -471,5 +477,13 @@ int kp_frame_init(PyObject *module, kp_state *st);
 /* A new Frame with a freshly initialised empty message; the caller fills
  * frame->msg (e.g. by zmq_msg_recv). */
 kp_frame *kp_frame_new(kp_state *st);
+
+/* ---- header.c --------------------------------------------------------- */
+
+/* Adds _parse_header and _header_init to `module` and makes the
+ * ParsedHeader type. _parse_header raises RuntimeError until _header_init
+ * has named the protobuf Header class and DecodeError (kelpie._wire does at
+ * import). */
+int kp_header_init(PyObject *module, kp_state *st);
 
 #endif /* KP_H */

@@ -219,7 +219,8 @@ static int module_exec(PyObject *module)
     if (kp_error_init(module, st) < 0 || kp_release_init(module, st) < 0 ||
         kp_frame_init(module, st) < 0 || kp_op_init(module, st) < 0 ||
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
-        kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0) {
+        kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0 ||
+        kp_header_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -246,6 +247,10 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->drain_callback);
     Py_VISIT(st->drain_loops);
     Py_VISIT(st->instance);
+    Py_VISIT(st->header_type);
+    Py_VISIT(st->header_pb);
+    Py_VISIT(st->decode_error);
+    Py_VISIT(st->parse_header);
     return 0;
 }
 
@@ -280,6 +285,11 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_on_fd);
     Py_CLEAR(st->str_on_nudge);
+    Py_CLEAR(st->header_type);
+    Py_CLEAR(st->header_pb);
+    Py_CLEAR(st->decode_error);
+    Py_CLEAR(st->parse_header);
+    Py_CLEAR(st->str_parse_from_string);
     return 0;
 }
 
