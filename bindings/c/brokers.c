@@ -75,3 +75,17 @@ size_t kpc_shares(uint32_t capacity, const bool *up, size_t n, uint32_t *out)
     }
     return live;
 }
+
+uint32_t kpc_refused_delay_ms(uint32_t refusals, uint64_t *seed)
+{
+    uint64_t base = (uint64_t)KPC_REFUSED_FIRST_MS << (refusals < 16 ? refusals : 16);
+    if (base > KPC_REFUSED_MOST_MS)
+        base = KPC_REFUSED_MOST_MS;
+    uint64_t x = *seed ? *seed : 0x9E3779B97F4A7C15ull;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *seed = x;
+    uint64_t delay = base - base / 5 + x % (base * 2 / 5 + 1);
+    return (uint32_t)(delay < KPC_REFUSED_MOST_MS ? delay : KPC_REFUSED_MOST_MS);
+}

@@ -38,4 +38,16 @@ void kpc_list_fini(kpc_list *list);
  * 0 for the others. Writes n shares to out; returns how many were up. */
 size_t kpc_shares(uint32_t capacity, const bool *up, size_t n, uint32_t *out);
 
+/* A broker that refuses our CURVE handshake is tried again after
+ * KPC_REFUSED_FIRST_MS, then after twice the last wait each time it refuses
+ * again, at most KPC_REFUSED_MOST_MS (kelpie._brokers._REFUSED_RETRY). */
+#define KPC_REFUSED_FIRST_MS 500
+#define KPC_REFUSED_MOST_MS  30000
+
+/* The wait before the next try after `refusals` refusals in a row (0 for
+ * the first), with +-20 % jitter so that the clients and workers one key
+ * change refused do not all come back on the same tick; never more than
+ * KPC_REFUSED_MOST_MS. seed is the caller's xorshift state (nonzero). */
+uint32_t kpc_refused_delay_ms(uint32_t refusals, uint64_t *seed);
+
 #endif /* KPC_BROKERS_H */

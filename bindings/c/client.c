@@ -139,6 +139,20 @@ struct kelpie_client {
     bool curve;         /* a lane: keys holds its CURVE keys */
     kpc_keys keys;
     uint64_t moved; /* the top: calls sent again */
+    /* A lane's socket monitor (its connection closing, its handshakes),
+     * read whenever the application is inside the client: a broker killed
+     * while the client idled is known lost at the next look, before any
+     * call is sent there. libzmq's I/O thread queues the events meanwhile. */
+    kpc_handshake watch;
+    /* A lane whose broker refused our CURVE handshake is *refused*, not
+     * lost: not picked, its socket not dialled until retry_at, then dialled
+     * again (kpc_refused_delay_ms's backoff) until a handshake succeeds. */
+    bool refused;
+    bool dialled;       /* a lane: its socket is connected to endpoint */
+    uint32_t refusals;  /* refusals in a row */
+    int64_t retry_at;   /* when a refused lane is dialled again */
+    uint64_t seed;      /* the backoff's jitter */
+    char why_down[400]; /* a lane: why it is down ("lost: ...", "refused ...") */
 };
 
 static void client_req_free(client_req *req)
@@ -311,6 +325,7 @@ static void client_push_error(kelpie_client *c, uint64_t id, kelpie_status code,
 /* --- sending ------------------------------------------------------------- */
 
 static kelpie_client *client_pick(kelpie_client *t, const kelpie_client *avoid);
+static kelpie_client *client_place(kelpie_client *t, kelpie_status *rc);
 static kelpie_client *client_locate(kelpie_client *t, uint64_t id, size_t *slot);
 
 static uint32_t client_service_index(kelpie_client *c, const char *service);
@@ -371,7 +386,8 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
 
 /* --- liveness (protocol.md §7.2) ----------------------------------------- */
 
-static void client_renew(kelpie_client *c);
+static void client_renew(kelpie_client *c, bool dial);
+static void client_look(kelpie_client *l, int64_t now);
 
 /* Pings: a HEARTBEAT whose request_id is a fresh call id, so that every call
  * with a smaller id went out before it on the ordered pipe. */
@@ -410,9 +426,17 @@ static int64_t client_next_ping(const kelpie_client *c)
 
 /* How long the client may wait before client_liveness must run again
  * (-1: no limit). */
+/* Whether c's broker is judged by pings now: while calls wait, and, for a
+ * lane of several brokers, also while it is idle and up, so that the next
+ * call is not sent to a broker that died meanwhile. */
+static bool client_judged(const kelpie_client *c)
+{
+    return c->count > 0 || (c->top && !c->down);
+}
+
 static long client_liveness_wait(const kelpie_client *c, int64_t now)
 {
-    if (!c->heartbeat_ms || c->count == 0)
+    if (!c->heartbeat_ms || !client_judged(c))
         return -1;
     int64_t due = client_next_ping(c);
     int64_t dead = c->last_recv + (int64_t)c->heartbeat_ms * c->liveness;
@@ -429,26 +453,23 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
  * broker's id, so that whoever answers next is learned, not judged. Time
  * the application spent away from the client (no wait was planned for it)
  * does not count as the broker's silence. */
+static void client_lost(kelpie_client *c, int64_t now, const char *why);
+
 static void client_liveness(kelpie_client *c, int64_t now)
 {
     if (!c->heartbeat_ms)
         return;
-    if (c->count == 0 || now - c->last_look > (int64_t)c->heartbeat_ms)
+    bool judged = client_judged(c);
+    if (!judged || now - c->last_look > (int64_t)c->heartbeat_ms)
         c->last_recv = now;
     c->last_look = now;
-    if (c->count == 0)
+    if (!judged)
         return;
     int64_t silent = now - c->last_recv;
     if (silent >= (int64_t)c->heartbeat_ms * c->liveness) {
         char why[80];
         snprintf(why, sizeof why, "the broker did not answer for %lld ms", (long long)silent);
-        client_expire(c, now, 1, KELPIE_UNAVAILABLE, why);
-        if (c->top)
-            client_renew(c);
-        c->down = true;
-        c->broker_id = 0;
-        c->answered = 0;
-        c->last_recv = now;
+        client_lost(c, now, why);
         return;
     }
     if (now >= client_next_ping(c))
@@ -560,10 +581,13 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
         return KELPIE_ERR_INVAL;
     if (c->n_lanes) {
         /* Only a unary idempotent call may run twice, on two brokers. */
-        kelpie_client *l = client_pick(c, NULL);
+        kelpie_status rc;
+        kelpie_client *l = client_place(c, &rc);
+        if (!l)
+            return rc;
         l->retain = (opts->flags & KELPIE_IDEMPOTENT) &&
                     !(opts->flags & (KELPIE_STREAM | KELPIE_CLIENT_STREAM));
-        kelpie_status rc = kelpie_client_send(l, opts, payload, len, request_id);
+        rc = kelpie_client_send(l, opts, payload, len, request_id);
         l->retain = false;
         return rc;
     }
@@ -809,8 +833,10 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
     }
     case KELPIE__V1__KIND__DISCONNECT:
         client_expire(c, kpc_now_ms(), 1, KELPIE_UNAVAILABLE, "the broker disconnected");
-        if (c->top && !c->down)
-            client_renew(c);
+        if (c->top && !c->down) {
+            snprintf(c->why_down, sizeof c->why_down, "lost: the broker disconnected");
+            client_renew(c, true);
+        }
         c->down = true;
         break;
     case KELPIE__V1__KIND__HEARTBEAT:
@@ -951,8 +977,9 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
 /* --- several brokers (docs/scale-out.md) -------------------------------- */
 
 /* The lane for a new call: round-robin over the lanes that are up, skipping
- * avoid; when none is up, round-robin over all (avoid NULL: the call waits
- * there as with one broker) or NULL (a call being moved has nowhere to go). */
+ * avoid; when none is up, round-robin over those not refused (avoid NULL:
+ * the call waits there as with one broker) or NULL (a call being moved has
+ * nowhere to go; every broker refused us). */
 static kelpie_client *client_pick(kelpie_client *t, const kelpie_client *avoid)
 {
     for (uint32_t k = 0; k < t->n_lanes; k++) {
@@ -964,7 +991,32 @@ static kelpie_client *client_pick(kelpie_client *t, const kelpie_client *avoid)
     }
     if (avoid)
         return NULL;
-    return t->lanes[t->next_lane++ % t->n_lanes];
+    for (uint32_t k = 0; k < t->n_lanes; k++) {
+        uint32_t i = (t->next_lane + k) % t->n_lanes;
+        if (!t->lanes[i]->refused) {
+            t->next_lane = i + 1;
+            return t->lanes[i];
+        }
+    }
+    return NULL;
+}
+
+/* Reads every lane's monitor (client_look) before a new call is placed. */
+static void client_top_look(kelpie_client *t)
+{
+    int64_t now = kpc_now_ms();
+    for (uint32_t k = 0; k < t->n_lanes; k++)
+        client_look(t->lanes[k], now);
+}
+
+/* A new call's lane (client_top_look, then client_pick), or NULL when
+ * every broker refused our handshake (*rc then says so). */
+static kelpie_client *client_place(kelpie_client *t, kelpie_status *rc)
+{
+    client_top_look(t);
+    kelpie_client *l = client_pick(t, NULL);
+    *rc = l ? KELPIE_OK : KELPIE_UNAUTHENTICATED;
+    return l;
 }
 
 /* The lane holding the call the application knows as id, with its slot
@@ -1064,6 +1116,7 @@ static void client_top_pump(kelpie_client *t)
     int64_t now = kpc_now_ms();
     for (uint32_t k = 0; k < t->n_lanes; k++) {
         kelpie_client *l = t->lanes[k];
+        client_look(l, now);
         for (int n = 0; n < 4096; n++) {
             kelpie_reply r;
             kelpie_status rc = client_read(l, &r);
@@ -1077,7 +1130,7 @@ static void client_top_pump(kelpie_client *t)
         kelpie_reply r;
         while (client_pop(l, &r))
             client_keep(t, &r);
-        if (l->down && now - l->last_ping >= (int64_t)client_probe_ms(l))
+        if (l->down && !l->refused && now - l->last_ping >= (int64_t)client_probe_ms(l))
             client_ping(l, now);
     }
     client_move(t, now);
@@ -1087,7 +1140,8 @@ static void client_top_pump(kelpie_client *t)
 static void client_top_wait(kelpie_client *t, long wait_ms)
 {
     int64_t now = kpc_now_ms();
-    zmq_pollitem_t items[KPC_MAX_BROKERS];
+    zmq_pollitem_t items[2 * KPC_MAX_BROKERS];
+    int n = 0;
     for (uint32_t k = 0; k < t->n_lanes; k++) {
         kelpie_client *l = t->lanes[k];
         long live = client_liveness_wait(l, now);
@@ -1095,16 +1149,17 @@ static void client_top_wait(kelpie_client *t, long wait_ms)
             wait_ms = live;
         if (l->with_deadline && (wait_ms < 0 || l->next_scan - now < wait_ms))
             wait_ms = l->next_scan > now ? (long)(l->next_scan - now) : 0;
-        if (l->down) {
-            int64_t probe = l->last_ping + client_probe_ms(l);
-            if (wait_ms < 0 || probe - now < wait_ms)
-                wait_ms = probe > now ? (long)(probe - now) : 0;
-        }
-        items[k] = (zmq_pollitem_t){l->sock, 0, ZMQ_POLLIN, 0};
+        int64_t probe = l->refused ? (l->dialled ? -1 : l->retry_at)
+                                   : (l->down ? l->last_ping + client_probe_ms(l) : -1);
+        if (probe >= 0 && (wait_ms < 0 || probe - now < wait_ms))
+            wait_ms = probe > now ? (long)(probe - now) : 0;
+        items[n++] = (zmq_pollitem_t){l->sock, 0, ZMQ_POLLIN, 0};
+        if (l->watch.pair) /* a closed connection or a handshake's outcome wakes us */
+            items[n++] = (zmq_pollitem_t){l->watch.pair, 0, ZMQ_POLLIN, 0};
     }
     for (uint32_t k = 0; k < t->n_lanes; k++)
         t->lanes[k]->last_look = now + (wait_ms < 0 ? 0 : wait_ms);
-    zmq_poll(items, (int)t->n_lanes, wait_ms);
+    zmq_poll(items, n, wait_ms);
 }
 
 /* Takes the terminal answer to id out of c's FIFO into *reply. */
@@ -1177,6 +1232,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
         kpc_wire_check(&h, len, kelpie_client_max_message_size(c), "request", why, sizeof why);
         return client_local_error(reply, rc, why);
     }
+    if (rc == KELPIE_UNAUTHENTICATED && c->n_lanes) {
+        char why[sizeof c->why_down + 64];
+        snprintf(why, sizeof why, "every broker refused our CURVE handshake; the first %s",
+                 c->lanes[0]->why_down);
+        return client_local_error(reply, rc, why);
+    }
     if (rc != KELPIE_OK)
         return rc;
     int64_t give_up = timeout_ms ? kpc_now_ms() + (int64_t)timeout_ms + KELPIE_CLIENT_GRACE_MS : -1;
@@ -1247,11 +1308,21 @@ KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *c)
     return c ? (c->n_lanes ? c->n_lanes : 1) : 0;
 }
 
-KELPIE_EXPORT bool kelpie_client_broker_up(const kelpie_client *c, size_t i)
+KELPIE_EXPORT bool kelpie_client_broker_up(kelpie_client *c, size_t i)
 {
     if (!c || i >= kelpie_client_brokers(c))
         return false;
-    return !(c->n_lanes ? c->lanes[i]->down : c->down);
+    if (!c->n_lanes)
+        return !c->down;
+    client_look(c->lanes[i], kpc_now_ms());
+    return !c->lanes[i]->down;
+}
+
+KELPIE_EXPORT const char *kelpie_client_broker_error(kelpie_client *c, size_t i)
+{
+    if (!c || !c->n_lanes || i >= c->n_lanes)
+        return "";
+    return kelpie_client_broker_up(c, i) ? "" : c->lanes[i]->why_down;
 }
 
 KELPIE_EXPORT uint64_t kelpie_client_moved(const kelpie_client *c)
@@ -1285,9 +1356,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_submit_send(kelpie_client *c,
         return KELPIE_ERR_INVAL;
     if (c->n_lanes) {
         /* A keyed SUBMIT makes one job however many brokers it reaches. */
-        kelpie_client *l = client_pick(c, NULL);
+        kelpie_status rc;
+        kelpie_client *l = client_place(c, &rc);
+        if (!l)
+            return rc;
         l->retain = opts->idempotency_key && *opts->idempotency_key;
-        kelpie_status rc = kelpie_client_submit_send(l, opts, payload, len, request_id);
+        rc = kelpie_client_submit_send(l, opts, payload, len, request_id);
         l->retain = false;
         return rc;
     }
@@ -1333,9 +1407,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_watch(kelpie_client *c, const char *jo
         return KELPIE_ERR_INVAL;
     if (c->n_lanes) {
         /* Kept, to be sent again wherever its broker is lost (client_move). */
-        kelpie_client *l = client_pick(c, NULL);
+        kelpie_status rc;
+        kelpie_client *l = client_place(c, &rc);
+        if (!l)
+            return rc;
         l->retain = true;
-        kelpie_status rc = kelpie_client_watch(l, job_id, events, request_id);
+        rc = kelpie_client_watch(l, job_id, events, request_id);
         l->retain = false;
         return rc;
     }
@@ -1412,24 +1489,108 @@ static void *client_socket(void *ctx)
 
 /* A lane whose broker was lost starts on a new socket: what the old one
  * still queued (calls already moved or failed, pings) must not reach the
- * broker when it comes back and run there a second time. Out of resources,
- * the old socket stays. */
-static void client_renew(kelpie_client *c)
+ * broker when it comes back and run there a second time. The new socket
+ * is watched (client_look) and, with dial, connected; a refused lane's is
+ * not, until its next try. Out of resources, the old socket stays. */
+static void client_renew(kelpie_client *c, bool dial)
 {
     void *sock = client_socket(c->ctx);
     if (!sock)
         return;
+    kpc_handshake watch;
     if ((c->curve && kpc_curve_apply(sock, &c->keys) != KELPIE_OK) ||
-        zmq_connect(sock, c->endpoint) != 0) {
+        kpc_handshake_begin(&watch, c->ctx, sock, c->endpoint) != KELPIE_OK) {
         zmq_close(sock);
         return;
     }
+    if (dial && zmq_connect(sock, c->endpoint) != 0) {
+        kpc_handshake_end(&watch);
+        zmq_close(sock);
+        return;
+    }
+    kpc_handshake_end(&c->watch);
     zmq_close(c->sock);
     c->sock = sock;
+    c->watch = watch;
+    c->dialled = dial;
 }
 
-/* Opens a client of one broker (kelpie_client_open's work for each). */
-static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve,
+/* The broker of c is lost (silent past the liveness window, or its
+ * connection closed): the calls waiting there end (client_lose: a kept
+ * one moves to another lane), a lane starts on a fresh socket, and
+ * whoever answers next is learned, not judged. */
+static void client_lost(kelpie_client *c, int64_t now, const char *why)
+{
+    client_expire(c, now, 1, KELPIE_UNAVAILABLE, why);
+    if (c->top) {
+        if (!c->down)
+            snprintf(c->why_down, sizeof c->why_down, "lost: %s", why);
+        client_renew(c, true);
+    }
+    c->down = true;
+    c->broker_id = 0;
+    c->answered = 0;
+    c->last_recv = now;
+}
+
+/* Lane l's broker refused our CURVE handshake (a wrong server key for it,
+ * or our key is not on its allow-list): refused, not lost. Its calls end
+ * as a lost lane's, its socket is not dialled again until the backoff's
+ * next try (libzmq would redial it every 100 ms), and no call goes there
+ * meanwhile. */
+static void client_refuse(kelpie_client *l, int64_t now, const char *why)
+{
+    char reason[320];
+    snprintf(reason, sizeof reason, "%s", why);
+    client_expire(l, now, 1, KELPIE_UNAVAILABLE, reason);
+    client_renew(l, false);
+    uint32_t delay = kpc_refused_delay_ms(l->refusals++, &l->seed);
+    l->refused = true;
+    l->retry_at = now + delay;
+    l->down = true;
+    l->broker_id = 0;
+    l->answered = 0;
+    snprintf(l->why_down, sizeof l->why_down,
+             "refused our CURVE handshake (tried again in %.1f s): %s", delay / 1000.0, reason);
+}
+
+/* What lane l's monitor saw since the last look: a closed connection
+ * loses the lane at once (no heartbeat need be missed), a refused
+ * handshake refuses it, a successful one after a refusal makes it a lane
+ * to ping again; and a refused lane whose wait is over is dialled. */
+static void client_look(kelpie_client *l, int64_t now)
+{
+    char why[300];
+    for (int n = 0; n < 64; n++) {
+        kpc_seen seen = kpc_handshake_next(&l->watch, "client", l->endpoint,
+                                           l->curve ? &l->keys : NULL, why, sizeof why);
+        if (seen == KPC_SEEN_NOTHING)
+            break;
+        if (seen == KPC_SEEN_CLOSED && !l->down)
+            client_lost(l, now, "its connection closed");
+        else if (seen == KPC_SEEN_REFUSED)
+            client_refuse(l, now, why);
+        else if (seen == KPC_SEEN_ACCEPTED) {
+            l->refused = false;
+            l->refusals = 0;
+        }
+        /* Ask at once whether a broker answers there (again). */
+        if ((seen == KPC_SEEN_CONNECTED || seen == KPC_SEEN_ACCEPTED) && l->down && !l->refused)
+            client_ping(l, now);
+    }
+    if (l->refused && !l->dialled && now >= l->retry_at) {
+        if (zmq_connect(l->sock, l->endpoint) == 0)
+            l->dialled = true;
+        else
+            l->retry_at = now + KPC_REFUSED_MOST_MS;
+    }
+}
+
+/* Opens a client of one broker (kelpie_client_open's work for each). A
+ * lane keeps its socket's monitor (client_look); a broker that refuses a
+ * lane's handshake leaves it refused, to be tried again (client_refuse),
+ * and that is still KELPIE_OK: the caller looks at (*out)->refused. */
+static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve, bool lane,
                                      kelpie_client **out, char *why, size_t why_len)
 {
     kpc_keys keys;
@@ -1454,24 +1615,31 @@ static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve
     c->curve = curve != NULL;
     c->keys = keys;
     rc = KELPIE_ERR_ZMQ;
-    kpc_handshake hs;
+    c->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
+    c->heartbeat_ms = 1000;
+    c->liveness = 3;
+    c->seed = (uint64_t)(uintptr_t)c ^ ((uint64_t)kpc_now_ms() << 20);
+    kpc_handshake *hs = &c->watch;
     if ((curve && kpc_curve_apply(c->sock, &keys) != KELPIE_OK) ||
-        kpc_handshake_begin(&hs, c->ctx, c->sock, endpoint) != KELPIE_OK)
+        kpc_handshake_begin(hs, c->ctx, c->sock, endpoint) != KELPIE_OK)
         goto fail;
-    if (zmq_connect(c->sock, endpoint) != 0) {
-        kpc_handshake_wait(&hs, 0, "client", endpoint, NULL, why, why_len);
+    if (zmq_connect(c->sock, endpoint) != 0)
         goto fail;
+    c->dialled = true;
+    rc = kpc_handshake_settle(hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "client", endpoint,
+                              curve ? &keys : NULL, why, why_len);
+    if (!lane)
+        kpc_handshake_end(hs);
+    c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
+    if (rc != KELPIE_OK && lane) {
+        client_refuse(c, c->last_recv, why);
+        *out = c;
+        return KELPIE_OK;
     }
-    rc = kpc_handshake_wait(&hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "client", endpoint,
-                            curve ? &keys : NULL, why, why_len);
     if (rc != KELPIE_OK)
         goto fail;
     /* The broker answers a HEARTBEAT with its own, which carries its
      * max_message_size; queued until the connection is up. */
-    c->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
-    c->heartbeat_ms = 1000;
-    c->liveness = 3;
-    c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
     /* The hello: a ping with id 0 (nothing was sent before it). */
     Kelpie__V1__Header hello = KELPIE__V1__HEADER__INIT;
     hello.kind = KELPIE__V1__KIND__HEARTBEAT;
@@ -1505,7 +1673,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
     if (list.n == 1) {
         rc = curve ? kpc_curve_load_for(curve, 0, 1, &keys, why, why_len) : KELPIE_OK;
         if (rc == KELPIE_OK)
-            rc = client_open_one(list.items[0], curve ? &keys : NULL, out, why, why_len);
+            rc = client_open_one(list.items[0], curve ? &keys : NULL, false, out, why, why_len);
         kpc_list_fini(&list);
         return rc;
     }
@@ -1518,6 +1686,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
         return KELPIE_ERR_NOMEM;
     }
     t->ids = &t->next_id;
+    size_t refused = 0;
     t->max_message_size = KPC_DEFAULT_MAX_MESSAGE_SIZE;
     t->heartbeat_ms = 1000;
     t->liveness = 3;
@@ -1525,8 +1694,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
         char sub[256] = "";
         rc = curve ? kpc_curve_load_for(curve, i, list.n, &keys, sub, sizeof sub) : KELPIE_OK;
         if (rc == KELPIE_OK)
-            rc =
-                client_open_one(list.items[i], curve ? &keys : NULL, &t->lanes[i], sub, sizeof sub);
+            rc = client_open_one(list.items[i], curve ? &keys : NULL, true, &t->lanes[i], sub,
+                                 sizeof sub);
         if (rc != KELPIE_OK) {
             snprintf(why, why_len, "%.200s: %s", list.items[i], sub);
             kelpie_client_destroy(&t);
@@ -1536,6 +1705,16 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
         t->n_lanes++;
         t->lanes[i]->top = t;
         t->lanes[i]->ids = &t->next_id;
+        refused += t->lanes[i]->refused;
+    }
+    if (refused == list.n) {
+        /* Only every broker refusing us fails the open (as in Python): one
+         * that refuses while others accept is tried again by itself. */
+        snprintf(why, why_len, "every broker refused our CURVE handshake; %.200s %s", list.items[0],
+                 t->lanes[0]->why_down);
+        kelpie_client_destroy(&t);
+        kpc_list_fini(&list);
+        return KELPIE_UNAUTHENTICATED;
     }
     kpc_list_fini(&list);
     *out = t;
@@ -1568,6 +1747,7 @@ KELPIE_EXPORT void kelpie_client_destroy(kelpie_client **client)
     for (uint32_t i = 0; i < c->n_services; i++)
         free(c->services[i].name);
     free(c->services);
+    kpc_handshake_end(&c->watch);
     if (c->sock)
         zmq_close(c->sock);
     if (c->ctx)

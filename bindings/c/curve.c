@@ -126,8 +126,9 @@ kelpie_status kpc_handshake_begin(kpc_handshake *hs, void *ctx, void *sock, cons
      * endpoint unbound) before sock can be closed. */
     snprintf(addr, sizeof addr, "inproc://kelpie-handshake-%p", sock);
     int events = ZMQ_EVENT_CONNECTED | ZMQ_EVENT_CONNECT_RETRIED | ZMQ_EVENT_CLOSED |
-                 ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_SUCCEEDED |
-                 ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
+                 ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL |
+                 ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL |
+                 ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
     if (zmq_socket_monitor(sock, addr, events) != 0)
         return KELPIE_ERR_ZMQ;
     hs->pair = zmq_socket(ctx, ZMQ_PAIR);
@@ -202,9 +203,39 @@ static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const 
     }
 }
 
-kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *role,
-                                 const char *endpoint, const kpc_keys *keys, char *why,
-                                 size_t why_len)
+/* Reads one monitor event of hs within wait_ms (0: only one already
+ * waiting, without a poll: a client looks before every call it places).
+ * False when none came. */
+static bool curve_event(kpc_handshake *hs, long wait_ms, uint16_t *event, uint32_t *value)
+{
+    zmq_pollitem_t item = {hs->pair, 0, ZMQ_POLLIN, 0};
+    if (wait_ms != 0 && zmq_poll(&item, 1, wait_ms) <= 0)
+        return false;
+    zmq_msg_t ev, addr;
+    zmq_msg_init(&ev);
+    zmq_msg_init(&addr);
+    bool got = false;
+    if (zmq_msg_recv(&ev, hs->pair, ZMQ_DONTWAIT) >= 0) {
+        if (zmq_msg_more(&ev))
+            zmq_msg_recv(&addr, hs->pair, 0);
+        if (zmq_msg_size(&ev) >= 6) {
+            memcpy(event, zmq_msg_data(&ev), 2);
+            memcpy(value, (const char *)zmq_msg_data(&ev) + 2, 4);
+            got = true;
+        } else {
+            *event = 0;
+            *value = 0;
+            got = true;
+        }
+    }
+    zmq_msg_close(&ev);
+    zmq_msg_close(&addr);
+    return got;
+}
+
+kelpie_status kpc_handshake_settle(kpc_handshake *hs, int timeout_ms, const char *role,
+                                   const char *endpoint, const kpc_keys *keys, char *why,
+                                   size_t why_len)
 {
     if (!hs->pair)
         return KELPIE_OK;
@@ -214,31 +245,63 @@ kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *
         int64_t left = end - kpc_now_ms();
         if (left <= 0)
             break;
-        zmq_pollitem_t item = {hs->pair, 0, ZMQ_POLLIN, 0};
-        int n = zmq_poll(&item, 1, (long)left);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
+        uint16_t event;
+        uint32_t value;
+        errno = 0;
+        if (!curve_event(hs, (long)left, &event, &value)) {
+            if (errno == EINTR)
+                continue;
             break;
-        zmq_msg_t ev, addr;
-        zmq_msg_init(&ev);
-        zmq_msg_init(&addr);
-        if (zmq_msg_recv(&ev, hs->pair, 0) >= 0) {
-            if (zmq_msg_more(&ev))
-                zmq_msg_recv(&addr, hs->pair, 0);
-            if (zmq_msg_size(&ev) >= 6) {
-                uint16_t event;
-                uint32_t value;
-                memcpy(&event, zmq_msg_data(&ev), 2);
-                memcpy(&value, (const char *)zmq_msg_data(&ev) + 2, 4);
-                verdict = curve_judge(hs, event, value, role, endpoint, keys, why, why_len);
-            }
         }
-        zmq_msg_close(&ev);
-        zmq_msg_close(&addr);
+        verdict = curve_judge(hs, event, value, role, endpoint, keys, why, why_len);
     }
+    return verdict < 0 ? KELPIE_UNAUTHENTICATED : KELPIE_OK;
+}
+
+kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *role,
+                                 const char *endpoint, const kpc_keys *keys, char *why,
+                                 size_t why_len)
+{
+    kelpie_status rc = kpc_handshake_settle(hs, timeout_ms, role, endpoint, keys, why, why_len);
+    kpc_handshake_end(hs);
+    return rc;
+}
+
+kpc_seen kpc_handshake_next(kpc_handshake *hs, const char *role, const char *endpoint,
+                            const kpc_keys *keys, char *why, size_t why_len)
+{
+    uint16_t event;
+    uint32_t value;
+    if (!hs->pair || !curve_event(hs, 0, &event, &value))
+        return KPC_SEEN_NOTHING;
+    switch (event) {
+    case ZMQ_EVENT_CONNECTED:
+        hs->connected = true;
+        return KPC_SEEN_CONNECTED;
+    case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
+        return KPC_SEEN_ACCEPTED;
+    case ZMQ_EVENT_DISCONNECTED:
+        hs->connected = false;
+        return KPC_SEEN_CLOSED;
+    case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        if (!keys)
+            return KPC_SEEN_OTHER;
+        /* fall through */
+    case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL:
+    case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
+        return curve_judge(hs, event, value, role, endpoint, keys, why, why_len) < 0
+                   ? KPC_SEEN_REFUSED
+                   : KPC_SEEN_OTHER;
+    default:
+        return KPC_SEEN_OTHER;
+    }
+}
+
+void kpc_handshake_end(kpc_handshake *hs)
+{
+    if (!hs->pair)
+        return;
     zmq_socket_monitor(hs->sock, NULL, 0);
     zmq_close(hs->pair);
     hs->pair = NULL;
-    return verdict < 0 ? KELPIE_UNAUTHENTICATED : KELPIE_OK;
 }

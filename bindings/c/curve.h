@@ -58,4 +58,30 @@ kelpie_status kpc_handshake_wait(kpc_handshake *hs, int timeout_ms, const char *
                                  const char *endpoint, const kpc_keys *keys, char *why,
                                  size_t why_len);
 
+/* kpc_handshake_wait without the stop: the watch stays on for the socket's
+ * life (a lane of several brokers, which must tell a refused broker from a
+ * lost one long after connecting). End it with kpc_handshake_end. */
+kelpie_status kpc_handshake_settle(kpc_handshake *hs, int timeout_ms, const char *role,
+                                   const char *endpoint, const kpc_keys *keys, char *why,
+                                   size_t why_len);
+
+/* What a kept watch saw (kpc_handshake_next). */
+typedef enum kpc_seen {
+    KPC_SEEN_NOTHING,   /* no event waiting */
+    KPC_SEEN_OTHER,     /* an event that changes nothing (a retried connect) */
+    KPC_SEEN_CONNECTED, /* TCP is up; a handshake follows */
+    KPC_SEEN_ACCEPTED,  /* a handshake succeeded */
+    KPC_SEEN_CLOSED,    /* the connection closed: the broker died, or the link did */
+    KPC_SEEN_REFUSED,   /* a handshake was refused; why says how (as kpc_handshake_wait) */
+} kpc_seen;
+
+/* Reads and judges the next waiting event of a kept watch, without
+ * waiting. Without CURVE a connection cut during the handshake (a broker
+ * killed just then) is no refusal, as in kelpie/_brokers.py. */
+kpc_seen kpc_handshake_next(kpc_handshake *hs, const char *role, const char *endpoint,
+                            const kpc_keys *keys, char *why, size_t why_len);
+
+/* Stops watching (before the socket is closed). Idempotent. */
+void kpc_handshake_end(kpc_handshake *hs);
+
 #endif

@@ -198,6 +198,17 @@ struct kelpie_worker {
     kelpie_worker **lanes; /* the top of several brokers: its lanes, n_lanes of them */
     uint32_t n_lanes;      /* 0: one broker, served by this struct itself */
     bool welcomed;         /* a lane: its broker answered on this connection */
+    /* A lane's socket monitor, kept for the socket's life, so that a broker
+     * that refuses our handshake (a wrong server key, our key not on its
+     * allow-list, a broker restarted with another key) is told from one
+     * that is merely down. A refused lane is *shut*: no socket until
+     * retry_at (kpc_refused_delay_ms's backoff), then connected again and
+     * READY sent, as often as it takes. */
+    kpc_handshake watch;
+    bool shut;         /* a lane: refused, waiting for retry_at */
+    uint32_t refusals; /* a lane: refusals in a row */
+    int64_t retry_at;  /* a lane: when a shut lane connects again */
+    uint64_t seed;     /* a lane: the backoff's jitter */
 };
 
 /* The worker the application holds (a lane's top, or w itself). */
@@ -710,6 +721,7 @@ static void worker_read(kelpie_worker *w)
 
 static void worker_close(kelpie_worker *w)
 {
+    kpc_handshake_end(&w->watch);
     if (w->sock) {
         zmq_close(w->sock);
         w->sock = NULL;
@@ -721,8 +733,48 @@ static void worker_close(kelpie_worker *w)
     w->welcomed = false;
 }
 
+/* Lane w's broker refused our CURVE handshake: refused, not lost. Its
+ * socket goes (what it held becomes orphans, its share goes to the other
+ * brokers), and it is connected again at retry_at, on the backoff, until a
+ * handshake succeeds; kelpie_worker_broker_error says why meanwhile. */
+static void worker_refuse(kelpie_worker *w, int64_t now, const char *why)
+{
+    char reason[sizeof w->error - 64];
+    snprintf(reason, sizeof reason, "%s", why);
+    worker_close(w);
+    w->capacity = 0;
+    uint32_t delay = kpc_refused_delay_ms(w->refusals++, &w->seed);
+    w->shut = true;
+    w->retry_at = now + delay;
+    snprintf(w->error, sizeof w->error, "refused our CURVE handshake (tried again in %.1f s): %s",
+             delay / 1000.0, reason);
+}
+
+/* What lane w's monitor saw: a refused handshake shuts the lane; a
+ * successful one ends a run of refusals. */
+static void worker_look(kelpie_worker *w, int64_t now)
+{
+    char why[sizeof w->error - 64];
+    for (int n = 0; n < 64 && w->watch.pair; n++) {
+        kpc_seen seen = kpc_handshake_next(&w->watch, "worker", w->endpoint,
+                                           w->curve ? &w->keys : NULL, why, sizeof why);
+        if (seen == KPC_SEEN_NOTHING)
+            break;
+        if (seen == KPC_SEEN_REFUSED) {
+            worker_refuse(w, now, why);
+            break;
+        }
+        if (seen == KPC_SEEN_ACCEPTED) {
+            w->refusals = 0;
+            w->error[0] = '\0';
+        }
+    }
+}
+
 /* Connects and sends READY, waiting up to wait_ms for a refused handshake
- * to show (0: not at all). */
+ * to show (0: not at all). A lane keeps watching its socket (worker_look);
+ * a lane refused here is shut (worker_refuse) and this returns
+ * KELPIE_UNAUTHENTICATED, which does not end run. */
 static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 {
     w->sock = zmq_socket(w->ctx, ZMQ_DEALER);
@@ -732,21 +784,30 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
     zmq_setsockopt(w->sock, ZMQ_LINGER, &linger, sizeof linger);
     zmq_setsockopt(w->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     zmq_setsockopt(w->sock, ZMQ_RCVHWM, &hwm, sizeof hwm);
-    kpc_handshake hs;
+    kpc_handshake *hs = &w->watch;
     if ((w->curve && kpc_curve_apply(w->sock, &w->keys) != KELPIE_OK) ||
-        kpc_handshake_begin(&hs, w->ctx, w->sock, w->endpoint) != KELPIE_OK) {
+        kpc_handshake_begin(hs, w->ctx, w->sock, w->endpoint) != KELPIE_OK) {
         zmq_close(w->sock);
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
     if (zmq_connect(w->sock, w->endpoint) != 0) {
-        kpc_handshake_wait(&hs, 0, "worker", w->endpoint, NULL, w->error, sizeof w->error);
+        kpc_handshake_end(hs);
         zmq_close(w->sock);
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
-    if (kpc_handshake_wait(&hs, wait_ms, "worker", w->endpoint, w->curve ? &w->keys : NULL,
-                           w->error, sizeof w->error) != KELPIE_OK) {
+    char why[sizeof w->error];
+    kelpie_status hs_rc = kpc_handshake_settle(hs, wait_ms, "worker", w->endpoint,
+                                               w->curve ? &w->keys : NULL, why, sizeof why);
+    if (!w->top)
+        kpc_handshake_end(hs); /* one broker: a refusal later ends run as before */
+    if (hs_rc != KELPIE_OK && w->top) {
+        worker_refuse(w, kpc_now_ms(), why);
+        return KELPIE_UNAUTHENTICATED;
+    }
+    if (hs_rc != KELPIE_OK) {
+        snprintf(w->error, sizeof w->error, "%s", why);
         zmq_close(w->sock);
         w->sock = NULL;
         w->refused = KELPIE_UNAUTHENTICATED;
@@ -764,6 +825,18 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 /* Heartbeat and liveness; reconnects when the broker has gone silent. */
 static void worker_timers(kelpie_worker *w, int64_t now)
 {
+    if (w->top) {
+        worker_look(w, now);
+        if (w->shut && now < w->retry_at)
+            return;
+        if (w->shut) {
+            /* The backoff's try: a new socket, READY again; the handshake's
+             * outcome comes through the monitor. */
+            w->shut = false;
+            worker_connect(w, 0);
+            now = kpc_now_ms();
+        }
+    }
     if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
         worker_close(w);
         /* A lane's broker is lost: its share goes to the others
@@ -773,7 +846,7 @@ static void worker_timers(kelpie_worker *w, int64_t now)
             w->capacity = 0;
         /* A lane does not wait for the handshake here: a broker behind a
          * cut link would hold the other brokers' heartbeats for the whole
-         * wait. A key refused now shows as a broker that stays down. */
+         * wait. A key refused now shows through its monitor (worker_look). */
         worker_connect(w, w->top ? 0 : KELPIE_HANDSHAKE_TIMEOUT_MS);
         now = kpc_now_ms();
     }
@@ -790,6 +863,8 @@ static void worker_timers(kelpie_worker *w, int64_t now)
 /* Milliseconds until the next timer is due (never negative). */
 static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_tick)
 {
+    if (w->shut)
+        return w->retry_at > now ? (long)(w->retry_at - now) : 0;
     int64_t due = w->last_sent + w->heartbeat_ms;
     uint32_t every =
         w->heartbeat_ms > WORKER_STATS_EVERY_MS ? w->heartbeat_ms : WORKER_STATS_EVERY_MS;
@@ -812,12 +887,15 @@ static void worker_poll(kelpie_worker *w, long wait_ms)
     kelpie_worker *t = worker_top(w);
     uint32_t n;
     kelpie_worker **links = worker_links(&t, &n);
-    zmq_pollitem_t items[1 + KPC_MAX_BROKERS];
+    zmq_pollitem_t items[1 + 2 * KPC_MAX_BROKERS];
     int k = 0;
     items[k++] = (zmq_pollitem_t){NULL, t->wake[0], ZMQ_POLLIN, 0};
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n; i++) {
         if (links[i]->sock)
             items[k++] = (zmq_pollitem_t){links[i]->sock, 0, ZMQ_POLLIN, 0};
+        if (links[i]->watch.pair) /* a refused handshake wakes us */
+            items[k++] = (zmq_pollitem_t){links[i]->watch.pair, 0, ZMQ_POLLIN, 0};
+    }
     zmq_poll(items, k, wait_ms);
 }
 
@@ -986,6 +1064,9 @@ static void worker_lane_setup(kelpie_worker *t, kelpie_worker *l)
     l->capacity = 0; /* until its broker welcomes us (worker_balance) */
     l->refused = KELPIE_OK;
     l->error[0] = '\0';
+    l->shut = false;
+    l->refusals = 0;
+    l->seed = (uint64_t)(uintptr_t)l ^ ((uint64_t)kpc_now_ms() << 20) ^ (uint64_t)getpid();
 }
 
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
@@ -1000,13 +1081,18 @@ KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *w)
     kelpie_worker **links = worker_links(&w, &n);
     for (uint32_t i = 0; i < w->n_lanes; i++)
         worker_lane_setup(w, w->lanes[i]);
+    uint32_t shut = 0;
     for (uint32_t i = 0; i < n; i++) {
         kelpie_status rc = worker_connect(links[i], KELPIE_HANDSHAKE_TIMEOUT_MS);
-        if (rc != KELPIE_OK) {
+        /* A lane refused is tried again by itself; only every broker
+         * refusing us ends run (as in Python). */
+        shut += links[i] != w && rc == KELPIE_UNAUTHENTICATED;
+        if (rc != KELPIE_OK && (links[i] == w || rc != KELPIE_UNAUTHENTICATED || shut == n)) {
             if (links[i] != w)
-                snprintf(w->error, sizeof w->error, "%.200s: %.300s", links[i]->endpoint,
-                         links[i]->error);
-            for (uint32_t k = 0; k < i; k++)
+                snprintf(w->error, sizeof w->error, "%s%.160s: %.290s",
+                         shut == n ? "every broker refused our CURVE handshake; " : "",
+                         links[i]->endpoint, links[i]->error);
+            for (uint32_t k = 0; k <= i; k++)
                 worker_close(links[k]);
             return rc;
         }
@@ -1593,6 +1679,7 @@ KELPIE_EXPORT void kelpie_worker_destroy(kelpie_worker **worker)
         kelpie_worker_destroy(&w->lanes[i]);
     }
     free(w->lanes);
+    kpc_handshake_end(&w->watch);
     if (w->sock)
         zmq_close(w->sock);
     while (w->held)
@@ -1702,6 +1789,13 @@ KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *w)
 {
     return w ? (w->n_lanes ? w->n_lanes : 1) : 0;
+}
+
+KELPIE_EXPORT const char *kelpie_worker_broker_error(const kelpie_worker *w, uint32_t i)
+{
+    if (!w || i >= w->n_lanes)
+        return "";
+    return w->lanes[i]->error;
 }
 
 KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)

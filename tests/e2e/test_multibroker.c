@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -566,4 +567,322 @@ Test(multibroker, job_watch_moves_to_another_broker, .timeout = 120)
     kelpie_client_destroy(&c);
     kt_broker_stop(&a, 3000);
     kt_broker_stop(&b, 3000);
+}
+
+Test(multibroker, refused_broker_backoff)
+{
+    uint64_t seed = 42;
+    uint32_t base = KPC_REFUSED_FIRST_MS;
+    for (uint32_t n = 0; n < 20; n++) {
+        uint32_t d = kpc_refused_delay_ms(n, &seed);
+        cr_assert_leq(d, KPC_REFUSED_MOST_MS, "try %u: %u ms", n, d);
+        cr_assert_geq(d, base - base / 5, "try %u: %u ms, base %u", n, d, base);
+        cr_assert_leq(d, base + base / 5, "try %u: %u ms, base %u", n, d, base);
+        base = base * 2 < KPC_REFUSED_MOST_MS ? base * 2 : KPC_REFUSED_MOST_MS;
+    }
+    /* Jittered: two tries of the same step differ. */
+    uint32_t x = kpc_refused_delay_ms(3, &seed), y = kpc_refused_delay_ms(3, &seed);
+    uint32_t z = kpc_refused_delay_ms(3, &seed);
+    cr_assert(x != y || y != z, "%u %u %u", x, y, z);
+}
+
+/* Polls kelpie_client_broker_up (recv, so pings go) until broker i is up
+ * (want) or down, at most ms. */
+static bool client_sees(kelpie_client *c, size_t i, bool want, int ms)
+{
+    int64_t end = kt_now_ms() + ms;
+    while (kelpie_client_broker_up(c, i) != want) {
+        if (kt_now_ms() >= end)
+            return false;
+        kelpie_reply r;
+        if (kelpie_client_recv(c, &r, 20) == KELPIE_OK)
+            kelpie_reply_fini(&r);
+    }
+    return true;
+}
+
+/* An idle client (nothing outstanding, the application elsewhere) learns
+ * that a broker was killed from its closed connection: before it places
+ * another call, so plain calls (which are never sent twice) all go to the
+ * broker left and succeed at once. A broker that stops answering without
+ * closing its connection (SIGSTOP) is found by the pings of a client
+ * waiting with nothing outstanding, within the liveness window. */
+Test(multibroker, idle_client_notices_a_lost_broker)
+{
+    kt_broker *a = kt_broker_start(kill_hb);
+    kt_broker *b = kt_broker_start(kill_hb);
+    cr_assert(a && b);
+    char backends[200], frontends[200], why[256] = "";
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
+    kt_worker_opts opts = {.endpoint = backends, .capacity = 4, .heartbeat_ms = 200};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    kelpie_client *c = NULL;
+    cr_assert_eq(kelpie_client_open(frontends, NULL, &c, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_eq(kelpie_client_set_heartbeat(c, 200, 3), KELPIE_OK);
+    kelpie_reply r;
+    for (int i = 0; i < 4; i++) { /* both brokers carry calls */
+        cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r), KELPIE_OK, "%s",
+                     r.message);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert(kelpie_client_broker_up(c, 0) && kelpie_client_broker_up(c, 1));
+    cr_assert_str_eq(kelpie_client_broker_error(c, 0), "");
+
+    /* Killed while the client is idle: nothing sent, nothing waiting. */
+    kt_signal(a->pid, SIGKILL);
+    kt_reap(a->pid, 2000);
+    a->pid = 0;
+    int64_t killed = kt_now_ms();
+    kt_sleep_ms(50);
+    while (kelpie_client_broker_up(c, 0) && kt_now_ms() - killed < 600)
+        kt_sleep_ms(5);
+    int64_t noticed = kt_now_ms() - killed;
+    cr_assert_not(kelpie_client_broker_up(c, 0), "the killed broker is still up after %lld ms",
+                  (long long)noticed);
+    cr_assert(strstr(kelpie_client_broker_error(c, 0), "lost: its connection closed"), "%s",
+              kelpie_client_broker_error(c, 0));
+    cr_assert(kelpie_client_broker_up(c, 1));
+    /* Plain calls: none is placed on the dead broker (it would end
+     * UNAVAILABLE after the liveness window). */
+    int64_t slowest = 0;
+    for (int i = 0; i < 6; i++) {
+        int64_t start = kt_now_ms();
+        kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
+        cr_assert_eq(rc, KELPIE_OK, "call %d: %s: %s", i, kelpie_status_name(rc), r.message);
+        kelpie_reply_fini(&r);
+        if (kt_now_ms() - start > slowest)
+            slowest = kt_now_ms() - start;
+    }
+    cr_assert_lt(slowest, 500, "a call waited %lld ms", (long long)slowest);
+
+    /* The broker comes back on its ports: used again. */
+    cr_assert(kt_broker_restart(a, kill_hb));
+    cr_assert(client_sees(c, 0, true, 5000), "the restarted broker was not seen: %s",
+              kelpie_client_broker_error(c, 0));
+
+    /* b stops answering but keeps its connection: a client waiting with
+     * nothing outstanding pings it and finds it silent. */
+    kt_signal(b->pid, SIGSTOP);
+    int64_t stopped = kt_now_ms();
+    cr_assert_eq(kelpie_client_recv(c, &r, 1200), KELPIE_ERR_TIMEOUT);
+    cr_assert_not(kelpie_client_broker_up(c, 1), "the silent broker is still up after %lld ms",
+                  (long long)(kt_now_ms() - stopped));
+    cr_assert(strstr(kelpie_client_broker_error(c, 1), "lost: the broker did not answer"), "%s",
+              kelpie_client_broker_error(c, 1));
+    kt_signal(b->pid, SIGCONT);
+    cr_assert(client_sees(c, 1, true, 5000), "b did not come back: %s",
+              kelpie_client_broker_error(c, 1));
+    cr_log_info("killed broker seen lost %lld ms after the kill, idle; slowest next call %lld ms",
+                (long long)noticed, (long long)slowest);
+    kelpie_client_destroy(&c);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* --- a broker that refuses our handshake, then does not ------------------ */
+
+/* Keys in a fresh directory: a client's, a worker's, and three brokers'
+ * (a, b, and c: the wrong one for b); the allow-lists every broker uses. */
+typedef struct refusal_keys {
+    char dir[40];
+    char client[128], worker[128];
+    char pub[3][128]; /* a.pub, b.pub, c.pub */
+    char secret[3][128];
+    char lists[3][128]; /* clients, workers, admins */
+    char both[300];     /* "a.pub,b.pub": the server keys the client and worker expect */
+    kelpie_curve admin; /* kt_use_curve's: the client key, server_key set per broker */
+} refusal_keys;
+
+static void refusal_keys_make(refusal_keys *k)
+{
+    snprintf(k->dir, sizeof k->dir, "/tmp/kelpie-refused-XXXXXX");
+    cr_assert_not_null(mkdtemp(k->dir));
+    char pub[41], client_pub[41], worker_pub[41];
+    write_keys(k->dir, "client", client_pub);
+    write_keys(k->dir, "worker", worker_pub);
+    snprintf(k->client, sizeof k->client, "%s/client", k->dir);
+    snprintf(k->worker, sizeof k->worker, "%s/worker", k->dir);
+    for (int i = 0; i < 3; i++) {
+        char name[2] = {(char)('a' + i), '\0'};
+        write_keys(k->dir, name, pub);
+        snprintf(k->secret[i], sizeof k->secret[i], "%s/%s", k->dir, name);
+        snprintf(k->pub[i], sizeof k->pub[i], "%s/%s.pub", k->dir, name);
+    }
+    const char *names[3] = {"clients", "workers", "admins"};
+    const char *keys[3] = {client_pub, worker_pub, client_pub};
+    for (int i = 0; i < 3; i++) {
+        snprintf(k->lists[i], sizeof k->lists[i], "%s/%s", k->dir, names[i]);
+        FILE *f = fopen(k->lists[i], "w");
+        cr_assert_not_null(f);
+        fprintf(f, "%s\n", keys[i]);
+        fclose(f);
+    }
+    snprintf(k->both, sizeof k->both, "%s,%s", k->pub[0], k->pub[1]);
+    k->admin = (kelpie_curve){.key_file = k->client, .server_key = k->pub[0]};
+    kt_use_curve(&k->admin);
+}
+
+static void refusal_keys_remove(refusal_keys *k)
+{
+    kt_use_curve(NULL);
+    const char *names[] = {"client", "worker", "a", "b", "c", "clients", "workers", "admins"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char path[200];
+        snprintf(path, sizeof path, "%s/%s", k->dir, names[i]);
+        unlink(path);
+        strcat(path, ".pub");
+        unlink(path);
+    }
+    rmdir(k->dir);
+}
+
+/* Starts (or, with b set, restarts) a broker with key i; Stats and Ping
+ * from now on speak to it with its key. */
+static kt_broker *refusal_broker(refusal_keys *k, kt_broker *b, int i)
+{
+    const char *args[] = {
+        "--key",     k->secret[i],     "--allow-clients", k->lists[0],      "--allow-workers",
+        k->lists[1], "--allow-admins", k->lists[2],       "--heartbeat-ms", "200",
+        NULL};
+    k->admin.server_key = k->pub[i];
+    if (b) {
+        cr_assert(kt_broker_restart(b, args));
+        return b;
+    }
+    b = kt_broker_start(args);
+    cr_assert_not_null(b);
+    return b;
+}
+
+/* A worker given two brokers, one of which (b) runs with another key than
+ * the worker expects: the worker serves through a with its whole capacity,
+ * tries b again on the backoff, and once b runs with the expected key
+ * registers there (READY again: the split is redone) and serves calls
+ * made through it. */
+Test(multibroker, worker_registers_with_a_broker_that_refused_it_at_first)
+{
+    refusal_keys k;
+    refusal_keys_make(&k);
+    kt_broker *a = refusal_broker(&k, NULL, 0);
+    kt_broker *b = refusal_broker(&k, NULL, 2); /* c's key, not b's */
+    char backends[200];
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    kelpie_curve wcurve = {.key_file = k.worker, .server_key = k.both};
+    kt_worker_opts opts = {
+        .endpoint = backends, .capacity = 4, .heartbeat_ms = 200, .curve = &wcurve};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    k.admin.server_key = k.pub[0];
+    cr_assert(wait_capacity(a, 4, 8000), "a: %.0f (the worker gave up on a refusal?)",
+              kt_stat(a, "services.echo.capacity"));
+    kt_sleep_ms(300);
+    int status;
+    cr_assert_eq(waitpid(w, &status, WNOHANG), 0, "the worker's run ended on b's refusal");
+    cr_assert_eq(kt_stat(a, "services.echo.capacity"), 4);
+    /* b comes back with the key the worker expects, on the same ports. */
+    refusal_broker(&k, b, 1);
+    int64_t back = kt_now_ms();
+    cr_assert(wait_capacity(b, 2, 15000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t registered = kt_now_ms() - back;
+    k.admin.server_key = k.pub[0];
+    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    /* Calls made through b are served. */
+    kelpie_curve ccurve = {.key_file = k.client, .server_key = k.pub[1]};
+    kelpie_client *c = NULL;
+    char why[256] = "";
+    cr_assert_eq(kelpie_client_open(b->frontend, &ccurve, &c, why, sizeof why), KELPIE_OK, "%s",
+                 why);
+    for (int i = 0; i < 3; i++) {
+        kelpie_reply r;
+        cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "hi", 2, 5000, &r), KELPIE_OK, "%s",
+                     r.message);
+        cr_assert(r.len == 2 && memcmp(r.payload, "hi", 2) == 0);
+        kelpie_reply_fini(&r);
+    }
+    k.admin.server_key = k.pub[1];
+    cr_assert_geq(kt_stat(b, "services.echo.dispatched"), 3);
+    cr_log_info("the worker registered with b %lld ms after it ran with the expected key",
+                (long long)registered);
+    kelpie_client_destroy(&c);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+    refusal_keys_remove(&k);
+}
+
+/* The same for a client: kelpie_client_open succeeds with one broker
+ * refusing (only all refusing fails it), says which and why, sends every
+ * call to the other, keeps trying the refused one on the backoff (refused
+ * again while it keeps the other key), and sends calls there once it runs
+ * with the expected key (served by a worker of both brokers). */
+Test(multibroker, client_uses_a_broker_that_refused_it_at_first)
+{
+    refusal_keys k;
+    refusal_keys_make(&k);
+    kt_broker *a = refusal_broker(&k, NULL, 0);
+    kt_broker *b = refusal_broker(&k, NULL, 2); /* c's key, not b's */
+    char frontends[200], backends[200], why[512] = "";
+    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    /* The worker's process first, forked before this process has a ZeroMQ
+     * context (as in every test here); it is waited for after the client's
+     * checks. */
+    kelpie_curve wcurve = {.key_file = k.worker, .server_key = k.both};
+    kt_worker_opts opts = {
+        .endpoint = backends, .capacity = 4, .heartbeat_ms = 200, .curve = &wcurve};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    kelpie_curve ccurve = {.key_file = k.client, .server_key = k.both};
+    kelpie_client *c = NULL;
+    kelpie_status rc = kelpie_client_open(frontends, &ccurve, &c, why, sizeof why);
+    cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), why);
+    cr_assert_eq(kelpie_client_set_heartbeat(c, 200, 3), KELPIE_OK);
+    cr_assert(kelpie_client_broker_up(c, 0));
+    cr_assert_not(kelpie_client_broker_up(c, 1));
+    const char *err = kelpie_client_broker_error(c, 1);
+    cr_assert(strstr(err, "refused our CURVE handshake") && strstr(err, b->frontend) &&
+                  strstr(err, "not the broker's public key"),
+              "%s", err);
+    k.admin.server_key = k.pub[0];
+    cr_assert(wait_capacity(a, 4, 15000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    kelpie_reply r;
+    for (int i = 0; i < 4; i++) {
+        rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r);
+        cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), r.message);
+        kelpie_reply_fini(&r);
+    }
+    /* Tried again, and refused again, while b keeps the other key. */
+    cr_assert_eq(kelpie_client_recv(c, &r, 1500), KELPIE_ERR_TIMEOUT);
+    cr_assert_not(kelpie_client_broker_up(c, 1));
+    cr_assert(strstr(kelpie_client_broker_error(c, 1), "refused our CURVE handshake"), "%s",
+              kelpie_client_broker_error(c, 1));
+    /* b comes back with the expected key: the client uses it again. */
+    refusal_broker(&k, b, 1);
+    int64_t back = kt_now_ms();
+    cr_assert(client_sees(c, 1, true, 15000), "b not used again: %s",
+              kelpie_client_broker_error(c, 1));
+    int64_t seen = kt_now_ms() - back;
+    cr_assert_str_eq(kelpie_client_broker_error(c, 1), "");
+    cr_assert(wait_capacity(b, 2, 15000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    for (int i = 0; i < 6; i++) {
+        rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
+        cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), r.message);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert_geq(kt_stat(b, "requests"), 3, "b got no calls");
+    cr_log_info("the client used b again %lld ms after it ran with the expected key",
+                (long long)seen);
+    kelpie_client_destroy(&c);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+    refusal_keys_remove(&k);
 }

@@ -306,8 +306,12 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  * connection per broker, each with the liveness above, and:
  *  - spreads calls, submits and watches round-robin over the brokers that
  *    are up (none up: over all, and the call waits as with one broker);
- *  - marks a broker down when it answered nothing for liveness heartbeats
- *    while calls waited there, or sent DISCONNECT; the calls waiting there
+ *  - marks a broker *lost* when it answered nothing for liveness heartbeats
+ *    (it is pinged every heartbeat while the application is inside the
+ *    client, idle or not), when libzmq saw its connection close (a killed
+ *    broker: the socket's monitor is read whenever the application enters
+ *    the client, so a broker that died while the client idled is known lost
+ *    before the next call is placed), or when it sent DISCONNECT; the calls waiting there
  *    end at once, except a unary call sent with KELPIE_IDEMPOTENT and a
  *    SUBMIT with an idempotency key, which are sent once more, to another
  *    broker that is up, within their own deadline, and answer under their
@@ -324,20 +328,37 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  *  - pings a broker that is down every heartbeat while the application is
  *    inside the client, and uses it again as soon as it answers.
  * The client has no thread: all this happens inside kelpie_client_call,
- * _recv, _submit, _wait (a client idle elsewhere learns of a lost broker
- * from the calls it sends there next).
+ * _recv, _send, _submit, _wait, _watch and kelpie_client_broker_up (a
+ * broker silent but still connected, a cut link, is judged only while the
+ * application is inside the client: time spent elsewhere is not held
+ * against it).
  *
  * CURVE with several brokers: kelpie_curve.server_key may be one key (file
  * or z85) for all of them, or a comma-separated list of keys, one per
  * endpoint in the same order ("a.pub,b.pub"); any other count is
- * KELPIE_ERR_INVAL. A broker that refuses the handshake fails the whole
- * kelpie_client_open (why names its endpoint). */
+ * KELPIE_ERR_INVAL. A broker that refuses our handshake (a wrong server key
+ * for it, our key not on its allow-list), at kelpie_client_open or later
+ * (restarted with another key), is *refused*, not lost: no call goes there,
+ * the calls waiting there end as a lost broker's, and it is tried again
+ * after 0.5 s, then after twice as long each time it refuses again (with
+ * +-20 % jitter), at most every 30 s, and used again once a handshake
+ * succeeds and it answers a ping. kelpie_client_open fails
+ * (KELPIE_UNAUTHENTICATED) only when every broker refuses; a call placed
+ * while every broker refuses returns KELPIE_UNAUTHENTICATED. */
 
 /* How many brokers the client was given (1 for a single endpoint). */
 KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *client);
 
-/* Whether broker i (in the order given) is up: not marked down. */
-KELPIE_EXPORT bool kelpie_client_broker_up(const kelpie_client *client, size_t i);
+/* Whether broker i (in the order given) is up: not lost and not refused.
+ * Reads what libzmq saw of its connection meanwhile (so it takes a
+ * non-const client). */
+KELPIE_EXPORT bool kelpie_client_broker_up(kelpie_client *client, size_t i);
+
+/* Why broker i is down, "" while it is up (and for a single broker):
+ * "lost: the broker did not answer for 612 ms", "lost: its connection
+ * closed", or "refused our CURVE handshake (tried again in 1.0 s): ..."
+ * with the broker's reason. Valid until the next call on the client. */
+KELPIE_EXPORT const char *kelpie_client_broker_error(kelpie_client *client, size_t i);
 
 /* Calls, submits and watches sent again to another broker after theirs was
  * lost. */
@@ -550,7 +571,9 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpi
  * the broker refuses it: KELPIE_UNAUTHENTICATED (its key is not, or no
  * longer, on the worker allow-list; a handshake that cannot succeed) or
  * KELPIE_PERMISSION_DENIED (a service its key may not serve), with the
- * reason in kelpie_worker_error(). */
+ * reason in kelpie_worker_error(). With several brokers a refused handshake
+ * ends it only when every broker refuses; one refusing while others serve
+ * is tried again (kelpie_worker_broker_error). */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
@@ -569,6 +592,18 @@ KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
 
 /* How many brokers the worker was given (1 for a single endpoint). */
 KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *worker);
+
+/* Why broker i is not serving, "" when nothing is known against it: with
+ * several brokers, a broker that refused our CURVE handshake, at
+ * kelpie_worker_run or later (restarted with another key), is *refused*,
+ * not lost: "refused our CURVE handshake (tried again in 0.5 s): ..." with
+ * the broker's reason. Its share goes to the others and it is connected
+ * again (READY again) after 0.5 s, then after twice as long each time it
+ * refuses again (+-20 % jitter), at most every 30 s; once a handshake
+ * succeeds this is "" again and the broker gets its share when it
+ * welcomes the worker. Only every broker refusing ends kelpie_worker_run
+ * (KELPIE_UNAUTHENTICATED). Read it from the run thread (a tick). */
+KELPIE_EXPORT const char *kelpie_worker_broker_error(const kelpie_worker *worker, uint32_t i);
 
 /* Broker i's share of the capacity now (the credits of its last READY); 0
  * while it is down. With one broker: the capacity. */
