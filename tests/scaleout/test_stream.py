@@ -308,7 +308,7 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
 
         # The dead broker's leases: put back within the lease window, run elsewhere.
         lost = postgres.psql(
-            "SELECT j.id, a.ended_at FROM attempts a JOIN jobs j ON j.seq = a.job_seq "
+            "SELECT j.id, a.ended_at FROM all_attempts a JOIN jobs j ON j.seq = a.job_seq "
             "WHERE a.message = 'the broker holding the lease stopped heartbeating' "
             "AND j.queue = 'q'",
             db=db).split()
@@ -325,7 +325,7 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         twice = {j for j, c in per_job.items() if c > 1}
         extra = sorted(twice - a_ran)
         assert not extra, (len(extra), [postgres.psql(
-            "SELECT a.n, a.outcome, a.started_at, a.ended_at, a.message FROM attempts a "
+            "SELECT a.n, a.outcome, a.started_at, a.ended_at, a.message FROM all_attempts a "
             f"JOIN jobs j ON j.seq = a.job_seq WHERE j.id = '{j}' ORDER BY a.n", db=db)
             for j in extra[:5]], [per_job[j] for j in extra[:5]])
 
