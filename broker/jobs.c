@@ -111,9 +111,10 @@ enum op_kind {
     OP_PURGE,
     OP_EXPIRE,
     OP_BEAT,
-    OP_INPUT, /* GET for an INPUT whose job is not running here: why not */
-    OP_COUNT, /* admin */
-    OP_CGET,  /* GET for a CancelJob the store refused: leased by another broker? */
+    OP_INPUT,   /* GET for an INPUT whose job is not running here: why not */
+    OP_COUNT,   /* admin */
+    OP_CGET,    /* GET for a CancelJob the store refused: leased by another broker? */
+    OP_RELEASE, /* the jobs of claims in doubt, put back (shared store) */
 };
 
 struct op {
@@ -128,6 +129,8 @@ struct op {
     char *queue, *key, *message, *s1, *s2;
     zmq_msg_t payload; /* SUBMIT payload, END result */
     bool has_payload;
+    uint64_t *claims; /* RELEASE: the claims in doubt (their `now`s) */
+    size_t nclaims;
     char *output; /* END output tail */
     size_t output_len;
     struct kp_rid worker; /* END: whom to ACK */
@@ -166,6 +169,15 @@ struct kp_engine {
     uint64_t next_look, next_expire;
     struct kp_list retry_ends; /* END ops whose commit failed, put again later */
     uint64_t retry_at;
+    /* A claim that failed on the shared store may have been committed all
+     * the same (a connection cut at COMMIT): its jobs would be leased to this
+     * broker without its knowing. Each claim is made with a `now` of its own
+     * (strictly increasing), which the store writes as the attempts' start;
+     * the failed ones are kept here until a RELEASE has put their jobs back. */
+    uint64_t last_claim_now;
+    uint64_t *doubt;
+    size_t ndoubt, doubt_cap;
+    bool releasing;
     uint64_t rng;                    /* backoff jitter */
     size_t outstanding;              /* requests in the journal */
     struct kp_pg_listener *listener; /* --store: what the other brokers say */
@@ -547,6 +559,7 @@ static void op_free(struct op *o)
     kp_free(o->s1);
     kp_free(o->s2);
     kp_free(o->output);
+    kp_free(o->claims);
     zmq_msg_close(&o->payload);
     kp_free(o);
 }
@@ -1064,8 +1077,12 @@ static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
 }
 
 /* Notes that op o carries a claim of want jobs of q. */
-static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
+static void claim_attach(struct kp_broker *b, struct jobq *q, struct op *o, uint32_t want)
 {
+    struct kp_engine *e = engine(b);
+    uint64_t now = kp_store_now();
+    e->last_claim_now = now > e->last_claim_now ? now : e->last_claim_now + 1;
+    o->req->now = e->last_claim_now; /* the claim's name, should it be in doubt */
     o->claim_max = want;
     o->claim_gen = q->gen;
     o->req->in.queue = q->name;
@@ -1085,7 +1102,7 @@ static void queue_claim(struct kp_broker *b, struct jobq *q)
     struct op *o = op_new(OP_CLAIM, KP_JOURNAL_CLAIM);
     o->q = q;
     o->req->in.owner = b->broker_id;
-    claim_attach(q, o, want);
+    claim_attach(b, q, o, want);
     op_put(b, o); /* a put that fails undoes the claim (claim_done) */
 }
 
@@ -1127,6 +1144,26 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
     }
 }
 
+/* Keeps claims in doubt for the next RELEASE. Bounded: past the bound the
+ * oldest are forgotten, and said so (their jobs, if any, stay leased here
+ * until this broker restarts). */
+static void doubt_add(struct kp_engine *e, const uint64_t *claims, size_t n)
+{
+    enum { DOUBT_MAX = 65536 };
+    for (size_t i = 0; i < n; i++) {
+        if (e->ndoubt == DOUBT_MAX) {
+            kp_log_warn("job store: over %d claims in doubt; forgetting the oldest", DOUBT_MAX);
+            memmove(e->doubt, e->doubt + 1, (DOUBT_MAX - 1) * sizeof *e->doubt);
+            e->ndoubt--;
+        }
+        if (e->ndoubt == e->doubt_cap) {
+            e->doubt_cap = e->doubt_cap ? e->doubt_cap * 2 : 16;
+            e->doubt = kp_realloc(e->doubt, e->doubt_cap * sizeof *e->doubt);
+        }
+        e->doubt[e->ndoubt++] = claims[i];
+    }
+}
+
 /* The claim op o carried came back (jobs in r->out.jobs), or could not be
  * put (r NULL). */
 static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
@@ -1146,6 +1183,8 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         b->stats.jobs_store_errors++;
         kp_log_warn("claim from %s failed: %s", q->name,
                     r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
+        if (engine(b)->store_url)
+            doubt_add(engine(b), &r->now, 1);
         return;
     }
     size_t n = r->out.jobs.n;
@@ -1579,6 +1618,44 @@ static void done_input(struct kp_broker *b, struct op *o, struct kp_journal_req 
     }
 }
 
+static void done_release(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
+{
+    struct kp_engine *e = engine(b);
+    e->releasing = false;
+    if (r->out.err != KP_OK) {
+        doubt_add(e, o->claims, o->nclaims); /* the next heartbeat tries again */
+        return;
+    }
+    if (r->out.count) {
+        kp_log_warn("job store: %zu jobs leased here by claims whose answer was lost "
+                    "(connection cut at COMMIT) were put back",
+                    r->out.count);
+        b->stats.jobs_recovered += r->out.count;
+        e->next_look = b->now;
+    }
+}
+
+/* Asks the store to put back the jobs of the claims in doubt. */
+static void release_claims(struct kp_broker *b)
+{
+    struct kp_engine *e = engine(b);
+    struct op *o = op_new(OP_RELEASE, KP_JOURNAL_RELEASE);
+    o->claims = e->doubt;
+    o->nclaims = e->ndoubt;
+    e->doubt = NULL;
+    e->ndoubt = e->doubt_cap = 0;
+    o->req->in.owner = b->broker_id;
+    o->req->in.claims = o->claims;
+    o->req->in.nclaims = o->nclaims;
+    uint64_t *claims = kp_malloc(o->nclaims * sizeof *claims);
+    size_t n = o->nclaims;
+    memcpy(claims, o->claims, n * sizeof *claims);
+    e->releasing = op_put(b, o); /* a put that fails frees o */
+    if (!e->releasing)
+        doubt_add(e, claims, n);
+    kp_free(claims);
+}
+
 void kp_jobs_on_completions(struct kp_broker *b)
 {
     struct kp_engine *e = engine(b);
@@ -1622,6 +1699,9 @@ void kp_jobs_on_completions(struct kp_broker *b)
                 b->stats.jobs_recovered += r->out.count;
                 e->next_look = b->now;
             }
+            break;
+        case OP_RELEASE:
+            done_release(b, o, r);
             break;
         case OP_EXPIRE:
             if (r->out.err == KP_OK && (r->out.count || r->out.count2))
@@ -1723,7 +1803,7 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
         uint32_t want = queue_want(b, q);
         if (want) {
             o->req->in.owner = b->broker_id;
-            claim_attach(q, o, want);
+            claim_attach(b, q, o, want);
         }
     }
     op_put(b, o);
@@ -2566,6 +2646,8 @@ void kp_jobs_tick(struct kp_broker *b)
          * and through the journal, which also reclaims silent brokers' jobs. */
         kp_pg_listener_beat(e->listener, b->broker_id, kp_store_now());
         op_put(b, op_new(OP_BEAT, KP_JOURNAL_HEARTBEAT));
+        if (e->ndoubt && !e->releasing)
+            release_claims(b);
     } else if (e->store_url && !e->journal) {
         jobs_store(b); /* the shared store was unreachable: try again */
     }
@@ -2856,6 +2938,7 @@ void kp_jobs_destroy(struct kp_broker *b)
     kp_free(e->settings);
     kp_free(e->data_dir);
     kp_free(e->store_url);
+    kp_free(e->doubt);
     kp_free(e);
     b->jobs = NULL;
 }

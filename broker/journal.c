@@ -145,6 +145,10 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
     case KP_JOURNAL_COUNT:
         err = kp_store_count(s, r->in.queue, &r->out.counts);
         break;
+    case KP_JOURNAL_RELEASE:
+        err = kp_store_release_claims(s, r->in.owner, r->in.claims, r->in.nclaims, now,
+                                      &r->out.count);
+        break;
     }
     r->out.err = err;
     kp_free(r->out.errmsg);

@@ -53,6 +53,7 @@ enum kp_journal_op {
     KP_JOURNAL_EXPIRE,    /* → out.count (jobs), out.count2 (idempotency keys) */
     KP_JOURNAL_HEARTBEAT, /* → out.count (jobs reclaimed from silent brokers); shared stores */
     KP_JOURNAL_COUNT,     /* in.queue (NULL for all) → out.counts; a read */
+    KP_JOURNAL_RELEASE, /* in.owner, claims/nclaims → out.count (jobs put back); shared stores */
 };
 
 struct kp_journal_req {
@@ -71,6 +72,8 @@ struct kp_journal_req {
         uint32_t attempt;            /* END */
         struct kp_job_end end;       /* END: its pointers borrowed */
         struct kp_job_filter filter; /* LIST: its pointers borrowed */
+        const uint64_t *claims;      /* RELEASE: the claims' `now`s, borrowed */
+        size_t nclaims;
     } in;
     struct {
         enum kp_err err;               /* KP_OK, or why it failed */

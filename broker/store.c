@@ -398,6 +398,14 @@ enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n)
     return s->ops->heartbeat ? s->ops->heartbeat(s, now, n) : KP_OK;
 }
 
+enum kp_err kp_store_release_claims(struct kp_store *s, uint64_t owner, const uint64_t *claims,
+                                    size_t nclaims, uint64_t now, size_t *n)
+{
+    *n = 0;
+    return s->ops->release_claims ? s->ops->release_claims(s, owner, claims, nclaims, now, n)
+                                  : KP_OK;
+}
+
 enum kp_err kp_store_next_run_at(struct kp_store *s, uint64_t *when)
 {
     return s->ops->next_run_at(s, when);

@@ -233,6 +233,9 @@ struct kp_store_ops {
     enum kp_err (*expire)(struct kp_store *s, uint64_t now, size_t *jobs, size_t *keys);
     enum kp_err (*recover)(struct kp_store *s, uint64_t now, size_t *n);
     enum kp_err (*heartbeat)(struct kp_store *s, uint64_t now, size_t *n); /* NULL: one broker */
+    /* NULL: a store whose commits cannot be in doubt (memory, SQLite). */
+    enum kp_err (*release_claims)(struct kp_store *s, uint64_t owner, const uint64_t *claims,
+                                  size_t nclaims, uint64_t now, size_t *n);
     enum kp_err (*next_run_at)(struct kp_store *s, uint64_t *when);
     /* NULL: limits are the engine's alone (one broker). */
     enum kp_err (*claim_limited)(struct kp_store *s, const char *queue, size_t max, uint64_t owner,
@@ -484,6 +487,17 @@ enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n);
  * does recover() for the brokers that stopped beating; *n says how many jobs
  * came back. A store of one broker (memory, SQLite) does nothing: KP_OK, 0. */
 enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n);
+
+/* Shared stores (PostgreSQL): puts back, as recover() does, the jobs leased
+ * to `owner` by the claims made at claims[0..nclaims) (each claim's `now`,
+ * which a broker keeps distinct from one claim to the next). They are claims
+ * that failed for the broker but whose COMMIT may have reached the server
+ * all the same (a connection cut at that moment): their jobs would be leased
+ * to a live broker that does not know it holds them, and its heartbeat keeps
+ * them from recover() for good. *n says how many came back. A store whose
+ * commits cannot be in doubt does nothing: KP_OK, 0. */
+enum kp_err kp_store_release_claims(struct kp_store *s, uint64_t owner, const uint64_t *claims,
+                                    size_t nclaims, uint64_t now, size_t *n);
 
 /* The earliest run_at of a SCHEDULED job (when the engine should look again),
  * or UINT64_MAX when none is scheduled. */

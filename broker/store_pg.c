@@ -1544,9 +1544,13 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             break;
         }
         ExecStatusType s = PQresultStatus(r);
-        /* The group's BEGIN answered with an error: the server ran none
-         * of it (a connection it closed answers so). */
-        if (k == 0 && began && s != PGRES_COMMAND_OK)
+        /* The group's BEGIN answered with an error from the server (one
+         * closing the connection says why first): the server ran none of
+         * it. An error without a SQLSTATE is libpq's own for a connection
+         * that just went, which says nothing of what the server ran: the
+         * whole pipeline may have been committed before it went. */
+        if (k == 0 && began && s != PGRES_COMMAND_OK &&
+            PQresultErrorField(r, PG_DIAG_SQLSTATE) != NULL)
             *refused = true;
         if (sent[k].kind == S_COMMIT && s == PGRES_COMMAND_OK &&
             strcmp(PQcmdStatus(r), "COMMIT") != 0) {
@@ -2236,6 +2240,49 @@ static enum kp_err pg_recover(struct kp_store *s, uint64_t now, size_t *n)
     return pg_recover_at(pg(s), now, now, n);
 }
 
+/* See kp_store_release_claims. A claim leases with att_started_at = its
+ * `now`, which the broker keeps distinct between its claims, so these are
+ * exactly the jobs of those claims still leased here. */
+static enum kp_err pg_release_claims(struct kp_store *s, uint64_t owner, const uint64_t *claims,
+                                     size_t nclaims, uint64_t now, size_t *n)
+{
+    struct pg_store *q = pg(s);
+    struct kp_job_end lost = {.outcome = KP_OUTCOME_WORKER_LOST,
+                              .message = "the broker did not learn that it had claimed the job "
+                                         "(its connection to the store was cut at COMMIT)",
+                              .retry_at = now};
+    char *list = kp_malloc(nclaims * 21 + 3), *p = list;
+    *p++ = '{';
+    for (size_t i = 0; i < nclaims; i++)
+        p += sprintf(p, "%s%llu", i ? "," : "", (unsigned long long)claims[i]);
+    *p++ = '}';
+    *p = '\0';
+    struct pg_args a = {0};
+    arg_i64(&a, (int64_t)owner);
+    arg_text(&a, list);
+    *n = 0;
+    PGresult *r = NULL;
+    enum kp_err err = pg_op_begin(q);
+    if (err == KP_OK)
+        err = pg_run(q,
+                     "SELECT " PG_JOB_COLS " FROM jobs WHERE state = 2 AND owner = $1 AND "
+                     "att_started_at = ANY($2::bigint[]) ORDER BY seq FOR UPDATE",
+                     &a, "find the jobs of claims in doubt", &r);
+    for (int i = 0; err == KP_OK && i < PQntuples(r); i++) {
+        enum kp_job_state st;
+        err = pg_settle(q, r, i, &lost, now, &st);
+        if (err == KP_OK)
+            (*n)++;
+    }
+    if (r)
+        PQclear(r);
+    kp_free(list);
+    err = pg_op_end(q, err);
+    if (err != KP_OK)
+        *n = 0;
+    return err;
+}
+
 /* A broker that could not beat for a lease window (the database was down or
  * out of reach) finds every other broker's row just as old as its own: they
  * could not beat either. It beats, but reclaims nothing until they have had
@@ -2303,6 +2350,7 @@ static const struct kp_store_ops pg_ops = {
     .expire = pg_expire,
     .recover = pg_recover,
     .heartbeat = pg_heartbeat,
+    .release_claims = pg_release_claims,
     .next_run_at = pg_next_run_at,
     .claim_limited = pg_claim_limited,
     .run = pg_run_ops,

@@ -10,12 +10,17 @@ keep:
   answered ACCEPTED is lost (each one runs to success once the server is
   back from its crash recovery);
 - a job's traceparent is kept in the store and reaches the worker of
-  another broker that claims it.
+  another broker that claims it;
+- a claim committed by the server whose answer the broker never got (the
+  connection cut right after the COMMIT went through) leaves no job leased
+  for good: the broker puts back what that claim leased.
 """
 import json
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 
 import zmq
@@ -189,7 +194,15 @@ def test_postgresql_killed_mid_group_loses_nothing_accepted(tmp_path):
             left = pg.psql("SELECT count(*) FROM jobs WHERE state <> 3", db=db).strip()
             return left == "0"
 
-        wait_for(all_done, timeout=60, what="every ACCEPTED job succeeded")
+        try:
+            wait_for(all_done, timeout=60, what="every ACCEPTED job succeeded")
+        except AssertionError:
+            # What is stuck, and where, so that a failure says why.
+            print(pg.psql("SELECT state, owner IS NOT NULL, attempts, count(*) FROM jobs "
+                          "WHERE state <> 3 GROUP BY 1, 2, 3", db=db))
+            print(pg.psql("SELECT * FROM brokers", db=db))
+            print(b.log()[-6000:])
+            raise
         print(f"\n{len(accepted)} ACCEPTED, {len(unavailable)} UNAVAILABLE, "
               f"{len(stored)} stored (ACCEPTED or not answered so before the kill)")
     finally:
@@ -286,3 +299,158 @@ def test_jobs_ended_in_one_group_on_b_answer_their_watchers_on_a_at_once(tmp_pat
         c.close()
         a.stop()
         b.stop()
+
+
+class CommitCutter:
+    """A unix-socket proxy in front of PostgreSQL that, while armed, lets a
+    pipelined group through (BEGIN to COMMIT in one write), lets the server
+    answer it (the transaction is then committed) and cuts the connection
+    before the answer reaches the broker: a commit whose outcome the broker
+    cannot know, as when a network fails at the wrong moment. `cuts` says
+    how many groups to treat so."""
+
+    def __init__(self, pg):
+        import socket
+        import threading
+        self.pg = pg
+        self.dir = tempfile.mkdtemp(prefix="kelpie-pgcut-")
+        self.path = f"{self.dir}/.s.PGSQL.{pg.port}"
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(self.path)
+        os.chmod(self.path, 0o777)
+        self.srv.listen(64)
+        self.cuts = 0
+        self.cut = 0
+        self.lock = threading.Lock()
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, db):
+        return f"postgresql://postgres@/{db}?host={self.dir}&port={self.pg.port}"
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self.stopping:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(f"{self.pg.dir}/.s.PGSQL.{self.pg.port}")
+            except OSError:
+                c.close()
+                continue
+            threading.Thread(target=self._pump, args=(c, s), daemon=True).start()
+
+    def _pump(self, c, s):
+        import selectors
+        sel = selectors.DefaultSelector()
+        sel.register(c, selectors.EVENT_READ)
+        sel.register(s, selectors.EVENT_READ)
+        try:
+            while not self.stopping:
+                for key, _ in sel.select(1.0):
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    if key.fileobj is s:
+                        c.sendall(data)
+                        continue
+                    with self.lock:
+                        # A pipelined group (a claim, an end, a submit) sends
+                        # its BEGIN and COMMIT at once; a heartbeat does not.
+                        armed = self.cuts > 0 and b"BEGIN" in data and b"COMMIT" in data
+                        if armed:
+                            self.cuts -= 1
+                    s.sendall(data)
+                    if armed:
+                        # The server's answers (the COMMIT's among them) are
+                        # read and dropped; then the broker's side is cut.
+                        s.settimeout(0.05)
+                        end = time.monotonic() + 0.3
+                        while time.monotonic() < end:
+                            try:
+                                if not s.recv(65536):
+                                    break
+                            except TimeoutError:
+                                pass
+                        with self.lock:
+                            self.cut += 1
+                        return
+        except OSError:
+            return
+        finally:
+            sel.close()
+            c.close()
+            s.close()
+
+    def close(self):
+        self.stopping = True
+        self.srv.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_claims_whose_commit_answer_is_lost_are_run_anyway(tmp_path, postgres):
+    """A claim committed by the server whose answer the broker never got
+    leaves jobs leased to a live broker that does not know it holds them.
+    Its own leases are never reclaimed by lease age (its heartbeat is
+    fresh), so the broker must find them itself once the connection is back;
+    before, they stayed leased for good and never ran."""
+    url, db = postgres.new_db()
+    cutter = CommitCutter(postgres)
+    b = s = ws = None
+    try:
+        b = start_broker(tmp_path, "b", cutter.url(db))
+        s = dealer(b.frontend)
+        n = 24
+        for i in range(1, n + 1):
+            s.send_multipart([hdr(kind=K.SUBMIT, request_id=i, service="q"),
+                              json.dumps({"n": i}).encode()])
+        answers = {}
+        end = time.monotonic() + 30
+        while len(answers) < n and time.monotonic() < end:
+            m = recv(s, 1.0)
+            if m:
+                answers[m[0].request_id] = m[0]
+        assert all(h.kind == K.ACCEPTED for h in answers.values()) and len(answers) == n, \
+            [(K.Name(h.kind), h.message) for h in answers.values()][:3]
+        # No worker yet: every job waits queued. The next group, the claim
+        # the worker's credits start, is cut after the server committed it.
+        with cutter.lock:
+            cutter.cuts = 1
+        ws = Workers(tmp_path, b)
+        ws.start("w", credits=4)
+        wait_for(lambda: cutter.cut >= 1, timeout=30, what="a COMMIT cut")
+        leased_blind = postgres.psql("SELECT count(*) FROM jobs WHERE state = 2", db=db).strip()
+
+        def all_done():
+            return postgres.psql("SELECT count(*) FROM jobs WHERE state <> 3",
+                                 db=db).strip() == "0"
+
+        try:
+            wait_for(all_done, timeout=30, what="every job succeeded")
+        except AssertionError:
+            print(postgres.psql("SELECT id, state, owner, attempts FROM jobs WHERE state <> 3",
+                                db=db))
+            c = Client(b.frontend)
+            try:
+                st = broker_stats(c)
+                print(json.dumps({k: st[k] for k in ("jobs", "workers") if k in st}, indent=1,
+                                 default=str)[:6000])
+            finally:
+                c.close()
+            print(b.log()[-3000:])
+            raise
+        runs = open(ws.procs[0].runs_log).read().split()
+        print(f"\n{cutter.cut} COMMITs cut, {leased_blind} jobs leased right after the first; "
+              f"{len(runs) // 2} runs of {n} jobs")
+    finally:
+        if s:
+            s.close()
+        if ws:
+            ws.kill_all()
+        if b:
+            b.stop()
+        cutter.close()
