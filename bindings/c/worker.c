@@ -679,6 +679,8 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         }
         if (h->broker_id) {
             w->broker_id = h->broker_id;
+            if (!w->welcomed && strncmp(w->error, "lost: ", 6) == 0)
+                w->error[0] = '\0'; /* it answers again */
             w->welcomed = true;
         }
         if (h->broker_id && w->resend_on_welcome) {
@@ -742,7 +744,8 @@ static void worker_refuse(kelpie_worker *w, int64_t now, const char *why)
     char reason[sizeof w->error - 64];
     snprintf(reason, sizeof reason, "%s", why);
     worker_close(w);
-    w->capacity = 0;
+    if (w->top)
+        w->capacity = 0; /* a lane's share (one broker's capacity is the worker's) */
     uint32_t delay = kpc_refused_delay_ms(w->refusals++, &w->seed);
     w->shut = true;
     w->retry_at = now + delay;
@@ -750,8 +753,31 @@ static void worker_refuse(kelpie_worker *w, int64_t now, const char *why)
              delay / 1000.0, reason);
 }
 
-/* What lane w's monitor saw: a refused handshake shuts the lane; a
- * successful one ends a run of refusals. */
+static kelpie_status worker_connect(kelpie_worker *w, int wait_ms);
+
+/* The broker of w is lost (its connection closed, or it was silent past
+ * the liveness window): what w holds becomes orphans, a lane's share goes
+ * to the other brokers (worker_balance), and a new socket dials it at once
+ * with READY queued, so that the worker registers again as soon as the
+ * broker is back. No handshake is waited for here: a broker behind a cut
+ * link would hold the other brokers' heartbeats for the whole wait; a key
+ * refused now shows through the monitor (worker_look). */
+static void worker_lost(kelpie_worker *w, int64_t now, const char *why)
+{
+    worker_close(w);
+    if (w->top)
+        w->capacity = 0;
+    snprintf(w->error, sizeof w->error, "lost: %s", why);
+    worker_connect(w, 0);
+    (void)now;
+}
+
+/* What w's monitor saw: a connection the broker had welcomed us on that
+ * closes loses the broker at once (a killed broker: no heartbeats need be
+ * missed; the broker forgets a worker whose connection closed anyway); a
+ * refused handshake shuts the registration (one broker or several); a
+ * successful one ends a run of refusals. A connection that closes before
+ * any welcome is left to libzmq's redial and the liveness judgement. */
 static void worker_look(kelpie_worker *w, int64_t now)
 {
     char why[sizeof w->error - 64];
@@ -762,6 +788,10 @@ static void worker_look(kelpie_worker *w, int64_t now)
             break;
         if (seen == KPC_SEEN_REFUSED) {
             worker_refuse(w, now, why);
+            break;
+        }
+        if (seen == KPC_SEEN_CLOSED && w->welcomed) {
+            worker_lost(w, now, "its connection closed");
             break;
         }
         if (seen == KPC_SEEN_ACCEPTED) {
@@ -800,14 +830,16 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
     char why[sizeof w->error];
     kelpie_status hs_rc = kpc_handshake_settle(hs, wait_ms, "worker", w->endpoint,
                                                w->curve ? &w->keys : NULL, why, sizeof why);
-    if (!w->top)
-        kpc_handshake_end(hs); /* one broker: a refusal later ends run as before */
+    /* The watch stays, one broker or several (worker_look). */
     if (hs_rc != KELPIE_OK && w->top) {
         worker_refuse(w, kpc_now_ms(), why);
         return KELPIE_UNAUTHENTICATED;
     }
     if (hs_rc != KELPIE_OK) {
+        /* One broker refusing at the start of run (the only wait that can
+         * see it here) ends run: as every broker refusing does. */
         snprintf(w->error, sizeof w->error, "%s", why);
+        kpc_handshake_end(hs);
         zmq_close(w->sock);
         w->sock = NULL;
         w->refused = KELPIE_UNAUTHENTICATED;
@@ -825,29 +857,24 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 /* Heartbeat and liveness; reconnects when the broker has gone silent. */
 static void worker_timers(kelpie_worker *w, int64_t now)
 {
-    if (w->top) {
-        worker_look(w, now);
-        if (w->shut && now < w->retry_at)
-            return;
-        if (w->shut) {
-            /* The backoff's try: a new socket, READY again; the handshake's
-             * outcome comes through the monitor. */
-            w->shut = false;
-            worker_connect(w, 0);
-            now = kpc_now_ms();
-        }
+    worker_look(w, now);
+    if (w->shut && now < w->retry_at)
+        return;
+    if (w->shut) {
+        /* The backoff's try: a new socket, READY again; the handshake's
+         * outcome comes through the monitor. */
+        w->shut = false;
+        worker_connect(w, 0);
+        now = kpc_now_ms();
     }
     if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
-        worker_close(w);
-        /* A lane's broker is lost: its share goes to the others
-         * (worker_balance), and it is offered nothing until it welcomes us
-         * again. */
-        if (w->top)
-            w->capacity = 0;
-        /* A lane does not wait for the handshake here: a broker behind a
-         * cut link would hold the other brokers' heartbeats for the whole
-         * wait. A key refused now shows through its monitor (worker_look). */
-        worker_connect(w, w->top ? 0 : KELPIE_HANDSHAKE_TIMEOUT_MS);
+        char why[80];
+        if (w->last_heard == 0)
+            snprintf(why, sizeof why, "the broker disconnected");
+        else
+            snprintf(why, sizeof why, "the broker did not answer for %lld ms",
+                     (long long)(now - w->last_heard));
+        worker_lost(w, now, why);
         now = kpc_now_ms();
     }
     if (w->sock && w->unacked)
@@ -1793,9 +1820,9 @@ KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *w)
 
 KELPIE_EXPORT const char *kelpie_worker_broker_error(const kelpie_worker *w, uint32_t i)
 {
-    if (!w || i >= w->n_lanes)
+    if (!w || i >= kelpie_worker_brokers(w))
         return "";
-    return w->lanes[i]->error;
+    return w->n_lanes ? w->lanes[i]->error : w->error;
 }
 
 KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)
