@@ -153,6 +153,11 @@ struct kelpie_client {
     int64_t retry_at;   /* when a refused lane is dialled again */
     uint64_t seed;      /* the backoff's jitter */
     char why_down[400]; /* a lane: why it is down ("lost: ...", "refused ...") */
+    /* One broker: its monitor is read at most every CLIENT_SCAN_MS, or at
+     * once when its descriptor woke client_wait (client_look_often): an
+     * empty read costs libzmq a poll(2), too much for every call. */
+    int64_t next_look;
+    bool look_due;
 };
 
 static void client_req_free(client_req *req)
@@ -387,7 +392,8 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
 /* --- liveness (protocol.md §7.2) ----------------------------------------- */
 
 static void client_renew(kelpie_client *c, bool dial);
-static void client_look(kelpie_client *l, int64_t now);
+static bool client_look(kelpie_client *l, int64_t now);
+static void client_look_often(kelpie_client *c, int64_t now);
 
 /* Pings: a HEARTBEAT whose request_id is a fresh call id, so that every call
  * with a smaller id went out before it on the ordered pipe. */
@@ -551,7 +557,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
     if (!c->top) {
         /* One broker: a refusal seen now means the call could not go
          * (kelpie_client_broker_error says why); lanes were looked at. */
-        client_look(c, kpc_now_ms());
+        client_look_often(c, kpc_now_ms());
         if (c->refused)
             return KELPIE_UNAVAILABLE;
     }
@@ -874,7 +880,7 @@ static void client_wait(kelpie_client *c, long wait_ms)
 {
     int64_t now = kpc_now_ms();
     if (!c->top)
-        client_look(c, now); /* one broker: its refusals (a lane's top looks) */
+        client_look_often(c, now); /* one broker: its refusals (a lane's top looks) */
     client_liveness(c, now);
     long live = client_liveness_wait(c, now);
     if (live >= 0 && (wait_ms < 0 || live < wait_ms))
@@ -886,8 +892,19 @@ static void client_wait(kelpie_client *c, long wait_ms)
     }
     /* A wait we planned is time spent watching (client_liveness). */
     c->last_look = now + (wait_ms < 0 ? 0 : wait_ms);
-    zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {c->watch.pair, 0, ZMQ_POLLIN, 0}};
-    zmq_poll(items, !c->top && c->watch.pair ? 2 : 1, wait_ms);
+    /* One broker's monitor by its descriptor, not as a socket: zmq_poll
+     * would ask it for its events (another poll(2)) on every wait. It is
+     * signalled when an event comes to a monitor read empty (client_look
+     * reads it empty, or leaves look_due set). */
+    zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {NULL, -1, ZMQ_POLLIN, 0}};
+    size_t fd_len = sizeof items[1].fd;
+    int n = !c->top && c->watch.pair &&
+                    zmq_getsockopt(c->watch.pair, ZMQ_FD, &items[1].fd, &fd_len) == 0
+                ? 2
+                : 1;
+    zmq_poll(items, n, wait_ms);
+    if (n == 2 && (items[1].revents & ZMQ_POLLIN))
+        c->look_due = true;
 }
 
 /* One broker that refused our handshake: a blocking call waits for it to
@@ -901,7 +918,10 @@ static bool client_admit(kelpie_client *c, int64_t give_up, kelpie_reply *reply)
         return true;
     for (;;) {
         int64_t now = kpc_now_ms();
-        client_look(c, now);
+        if (c->refused)
+            client_look(c, now);
+        else
+            client_look_often(c, now);
         if (!c->refused)
             return true;
         if (!c->watch.pair || (give_up >= 0 && now >= give_up))
@@ -1606,6 +1626,7 @@ static void client_renew(kelpie_client *c, bool dial)
     c->sock = sock;
     c->watch = watch;
     c->dialled = dial;
+    c->look_due = true; /* a new monitor signals nothing until read once */
 }
 
 /* The broker of c is lost (silent past the liveness window, or its
@@ -1653,14 +1674,17 @@ static void client_refuse(kelpie_client *l, int64_t now, const char *why)
  * goes when it is back), a refused handshake refuses it (one broker
  * alone too), a successful one after a refusal makes it a lane
  * to ping again; and a refused lane whose wait is over is dialled. */
-static void client_look(kelpie_client *l, int64_t now)
+static bool client_look(kelpie_client *l, int64_t now)
 {
     char why[300];
-    for (int n = 0; n < 64; n++) {
+    bool drained = false;
+    for (int n = 0; n < 64 && !drained; n++) {
         kpc_seen seen = kpc_handshake_next(&l->watch, "client", l->endpoint,
                                            l->curve ? &l->keys : NULL, why, sizeof why);
-        if (seen == KPC_SEEN_NOTHING)
+        if (seen == KPC_SEEN_NOTHING) {
+            drained = true;
             break;
+        }
         if (seen == KPC_SEEN_CLOSED && !l->down && l->top)
             client_lost(l, now,
                         "its connection closed (the broker died, or answered none of "
@@ -1681,6 +1705,18 @@ static void client_look(kelpie_client *l, int64_t now)
         else
             l->retry_at = now + KPC_REFUSED_MOST_MS;
     }
+    return drained;
+}
+
+/* client_look for one broker on its hot paths: at most every
+ * CLIENT_SCAN_MS, unless client_wait saw its descriptor signal. */
+static void client_look_often(kelpie_client *c, int64_t now)
+{
+    if (!c->look_due && now < c->next_look)
+        return;
+    c->next_look = now + CLIENT_SCAN_MS;
+    /* Not read empty (64 at once): its descriptor will not say more came. */
+    c->look_due = !client_look(c, now);
 }
 
 /* Opens a client of one broker (kelpie_client_open's work for each). A
@@ -1730,6 +1766,7 @@ static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve
     rc = kpc_handshake_settle(hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "client", endpoint,
                               curve ? &keys : NULL, why, why_len);
     c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
+    c->look_due = true;
     if (rc != KELPIE_OK && lane) {
         client_refuse(c, c->last_recv, why);
         *out = c;

@@ -64,6 +64,9 @@
 /* The worker's own report (HEARTBEAT.worker_stats) goes at most this often,
  * as the Python worker's (kelpie/_stalls.py STATS_EVERY). */
 #define WORKER_STATS_EVERY_MS 1000
+/* How often the socket's monitor is read when its descriptor said nothing
+ * (worker_look). */
+#define WORKER_LOOK_MS 20
 
 typedef struct worker_queue {
     char *queue;               /* the job queue */
@@ -209,6 +212,11 @@ struct kelpie_worker {
     uint32_t refusals; /* a lane: refusals in a row */
     int64_t retry_at;  /* a lane: when a shut lane connects again */
     uint64_t seed;     /* a lane: the backoff's jitter */
+    /* The monitor is read at most every WORKER_LOOK_MS, or at once when its
+     * descriptor woke worker_poll: an empty read costs libzmq a poll(2),
+     * too much for every turn of a busy loop. */
+    int64_t next_look;
+    bool look_due;
 };
 
 /* The worker the application holds (a lane's top, or w itself). */
@@ -780,18 +788,26 @@ static void worker_lost(kelpie_worker *w, int64_t now, const char *why)
  * any welcome is left to libzmq's redial and the liveness judgement. */
 static void worker_look(kelpie_worker *w, int64_t now)
 {
+    if (!w->look_due && now < w->next_look)
+        return;
+    w->next_look = now + WORKER_LOOK_MS;
+    /* Not read empty (64 at once, or a new monitor): its descriptor will
+     * not say more came. */
+    w->look_due = w->watch.pair != NULL;
     char why[sizeof w->error - 64];
     for (int n = 0; n < 64 && w->watch.pair; n++) {
         kpc_seen seen = kpc_handshake_next(&w->watch, "worker", w->endpoint,
                                            w->curve ? &w->keys : NULL, why, sizeof why);
-        if (seen == KPC_SEEN_NOTHING)
+        if (seen == KPC_SEEN_NOTHING) {
+            w->look_due = false;
             break;
+        }
         if (seen == KPC_SEEN_REFUSED) {
             worker_refuse(w, now, why);
             break;
         }
         if (seen == KPC_SEEN_CLOSED && w->welcomed) {
-            worker_lost(w, now, "its connection closed");
+            worker_lost(w, now, "its connection closed"); /* a new monitor: look_due */
             break;
         }
         if (seen == KPC_SEEN_ACCEPTED) {
@@ -817,10 +833,12 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
     kpc_handshake *hs = &w->watch;
     if ((w->curve && kpc_curve_apply(w->sock, &w->keys) != KELPIE_OK) ||
         kpc_handshake_begin(hs, w->ctx, w->sock, w->endpoint) != KELPIE_OK) {
+        w->look_due = false;
         zmq_close(w->sock);
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
+    w->look_due = true; /* a new monitor signals nothing until read once */
     if (zmq_connect(w->sock, w->endpoint) != 0) {
         kpc_handshake_end(hs);
         zmq_close(w->sock);
@@ -902,6 +920,8 @@ static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_ti
         due = dead;
     if (with_tick && w->tick_ms && w->next_tick < due)
         due = w->next_tick;
+    if (w->look_due && w->watch.pair && now < due)
+        due = now; /* a new monitor: read it before waiting on its descriptor */
     for (const worker_unacked *u = w->unacked; u; u = u->next)
         if (u->sent + KELPIE_RESULT_RESEND_MS < due)
             due = u->sent + KELPIE_RESULT_RESEND_MS;
@@ -915,15 +935,27 @@ static void worker_poll(kelpie_worker *w, long wait_ms)
     uint32_t n;
     kelpie_worker **links = worker_links(&t, &n);
     zmq_pollitem_t items[1 + 2 * KPC_MAX_BROKERS];
+    kelpie_worker *owner[1 + 2 * KPC_MAX_BROKERS] = {NULL};
     int k = 0;
     items[k++] = (zmq_pollitem_t){NULL, t->wake[0], ZMQ_POLLIN, 0};
     for (uint32_t i = 0; i < n; i++) {
         if (links[i]->sock)
             items[k++] = (zmq_pollitem_t){links[i]->sock, 0, ZMQ_POLLIN, 0};
-        if (links[i]->watch.pair) /* a refused handshake wakes us */
-            items[k++] = (zmq_pollitem_t){links[i]->watch.pair, 0, ZMQ_POLLIN, 0};
+        /* A closed connection or a refused handshake wakes us: the
+         * monitor by its descriptor (as a socket, zmq_poll would ask it
+         * for its events, a poll(2), on every wait). */
+        int fd;
+        size_t fd_len = sizeof fd;
+        if (links[i]->watch.pair &&
+            zmq_getsockopt(links[i]->watch.pair, ZMQ_FD, &fd, &fd_len) == 0) {
+            owner[k] = links[i];
+            items[k++] = (zmq_pollitem_t){NULL, fd, ZMQ_POLLIN, 0};
+        }
     }
     zmq_poll(items, k, wait_ms);
+    for (int i = 0; i < k; i++)
+        if (owner[i] && (items[i].revents & ZMQ_POLLIN))
+            owner[i]->look_due = true;
 }
 
 /* Milliseconds until the first timer of any registration is due. */
