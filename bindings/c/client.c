@@ -15,6 +15,7 @@
  */
 #include "kelpie.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1593,7 +1594,9 @@ static void *client_socket(void *ctx)
  * Set before connecting: libzmq reads them when it dials. */
 static void client_zmtp(const kelpie_client *c, void *sock)
 {
-    int ivl = (int)c->heartbeat_ms, timeout = (int)(c->heartbeat_ms * c->liveness);
+    uint64_t window = (uint64_t)c->heartbeat_ms * c->liveness;
+    int ivl = c->heartbeat_ms < INT_MAX ? (int)c->heartbeat_ms : INT_MAX;
+    int timeout = window < INT_MAX ? (int)window : INT_MAX;
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &ivl, sizeof ivl);
     zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &timeout, sizeof timeout);
 }
