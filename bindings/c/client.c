@@ -15,6 +15,7 @@
  */
 #include "kelpie.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +154,11 @@ struct kelpie_client {
     int64_t retry_at;   /* when a refused lane is dialled again */
     uint64_t seed;      /* the backoff's jitter */
     char why_down[400]; /* a lane: why it is down ("lost: ...", "refused ...") */
+    /* One broker: its monitor is read at most every CLIENT_SCAN_MS, or at
+     * once when its descriptor woke client_wait (client_look_often): an
+     * empty read costs libzmq a poll(2), too much for every call. */
+    int64_t next_look;
+    bool look_due;
 };
 
 static void client_req_free(client_req *req)
@@ -387,7 +393,8 @@ static void client_expire(kelpie_client *c, int64_t now, int everything, kelpie_
 /* --- liveness (protocol.md §7.2) ----------------------------------------- */
 
 static void client_renew(kelpie_client *c, bool dial);
-static void client_look(kelpie_client *l, int64_t now);
+static bool client_look(kelpie_client *l, int64_t now);
+static void client_look_often(kelpie_client *c, int64_t now);
 
 /* Pings: a HEARTBEAT whose request_id is a fresh call id, so that every call
  * with a smaller id went out before it on the ordered pipe. */
@@ -548,6 +555,13 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
 {
     if (c->count >= CLIENT_MAX_OUTSTANDING)
         return KELPIE_ERR_BUSY;
+    if (!c->top) {
+        /* One broker: a refusal seen now means the call could not go
+         * (kelpie_client_broker_error says why); lanes were looked at. */
+        client_look_often(c, kpc_now_ms());
+        if (c->refused)
+            return KELPIE_UNAVAILABLE;
+    }
     client_before_send(c);
     h->request_id = *c->ids + 1;
     kelpie_status rc = kpc_wire_check(h, len, c->max_message_size, "request", NULL, 0);
@@ -866,14 +880,83 @@ done:
 static void client_wait(kelpie_client *c, long wait_ms)
 {
     int64_t now = kpc_now_ms();
+    if (!c->top)
+        client_look_often(c, now); /* one broker: its refusals (a lane's top looks) */
     client_liveness(c, now);
     long live = client_liveness_wait(c, now);
     if (live >= 0 && (wait_ms < 0 || live < wait_ms))
         wait_ms = live;
+    if (!c->top && c->refused && !c->dialled) {
+        long retry = c->retry_at > now ? (long)(c->retry_at - now) : 0;
+        if (wait_ms < 0 || retry < wait_ms)
+            wait_ms = retry;
+    }
     /* A wait we planned is time spent watching (client_liveness). */
     c->last_look = now + (wait_ms < 0 ? 0 : wait_ms);
-    zmq_pollitem_t item = {c->sock, 0, ZMQ_POLLIN, 0};
-    zmq_poll(&item, 1, wait_ms);
+    /* One broker's monitor by its descriptor, not as a socket: zmq_poll
+     * would ask it for its events (another poll(2)) on every wait. It is
+     * signalled when an event comes to a monitor read empty (client_look
+     * reads it empty, or leaves look_due set). */
+    zmq_pollitem_t items[2] = {{c->sock, 0, ZMQ_POLLIN, 0}, {NULL, -1, ZMQ_POLLIN, 0}};
+    size_t fd_len = sizeof items[1].fd;
+    int n = !c->top && c->watch.pair &&
+                    zmq_getsockopt(c->watch.pair, ZMQ_FD, &items[1].fd, &fd_len) == 0
+                ? 2
+                : 1;
+    zmq_poll(items, n, wait_ms);
+    if (n == 2 && (items[1].revents & ZMQ_POLLIN))
+        c->look_due = true;
+}
+
+/* One broker that refused our handshake: a blocking call waits for it to
+ * accept us (client_look dials it again on the backoff), until give_up
+ * (-1: for ever). False when it still refuses then; *reply is then the
+ * local UNAVAILABLE carrying the refusal. Several brokers: true (a call
+ * goes to one that does not refuse, client_place). */
+static bool client_admit(kelpie_client *c, int64_t give_up, kelpie_reply *reply)
+{
+    if (c->n_lanes || c->top)
+        return true;
+    for (;;) {
+        int64_t now = kpc_now_ms();
+        if (c->refused)
+            client_look(c, now);
+        else
+            client_look_often(c, now);
+        if (!c->refused)
+            return true;
+        if (!c->watch.pair || (give_up >= 0 && now >= give_up))
+            break;
+        long wait = give_up < 0 ? -1 : (long)(give_up - now);
+        if (!c->dialled) {
+            long retry = c->retry_at > now ? (long)(c->retry_at - now) : 0;
+            if (wait < 0 || retry < wait)
+                wait = retry;
+        }
+        zmq_pollitem_t item = {c->watch.pair, 0, ZMQ_POLLIN, 0};
+        zmq_poll(&item, 1, wait);
+    }
+    char why[sizeof c->why_down + 64];
+    snprintf(why, sizeof why, "the broker %s; the call was not sent", c->why_down);
+    client_local_error(reply, KELPIE_UNAVAILABLE, why);
+    return false;
+}
+
+/* client_admit for a blocking call of timeout_ms (0: none): *timeout_ms
+ * becomes what is left of it once the broker accepts us. */
+static bool client_admit_within(kelpie_client *c, uint32_t *timeout_ms, kelpie_reply *reply)
+{
+    if (c->n_lanes || c->top)
+        return true;
+    int64_t start = kpc_now_ms();
+    int64_t give_up = *timeout_ms ? start + (int64_t)*timeout_ms : -1;
+    if (!client_admit(c, give_up, reply))
+        return false;
+    if (*timeout_ms) {
+        int64_t left = give_up - kpc_now_ms();
+        *timeout_ms = left > 1 ? (uint32_t)left : 1;
+    }
+    return true;
 }
 
 KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *reply,
@@ -1217,6 +1300,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
     if (!c || !reply)
         return KELPIE_ERR_INVAL;
     memset(reply, 0, sizeof *reply);
+    if (!client_admit_within(c, &timeout_ms, reply))
+        return reply->status;
     kelpie_call_opts opts = {.service = service, .method = method, .timeout_ms = timeout_ms};
     kelpie_request_id id;
     kelpie_status rc = kelpie_client_send(c, &opts, payload, len, &id);
@@ -1237,6 +1322,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *c, const char *ser
         snprintf(why, sizeof why, "every broker refused our CURVE handshake; the first %s",
                  c->lanes[0]->why_down);
         return client_local_error(reply, rc, why);
+    }
+    if (rc == KELPIE_UNAVAILABLE && !c->n_lanes && c->refused) {
+        client_admit(c, 0, reply); /* refused just now: say so */
+        return reply->status;
     }
     if (rc != KELPIE_OK)
         return rc;
@@ -1312,17 +1401,19 @@ KELPIE_EXPORT bool kelpie_client_broker_up(kelpie_client *c, size_t i)
 {
     if (!c || i >= kelpie_client_brokers(c))
         return false;
-    if (!c->n_lanes)
-        return !c->down;
+    if (!c->n_lanes) {
+        client_look(c, kpc_now_ms());
+        return !c->down && !c->refused;
+    }
     client_look(c->lanes[i], kpc_now_ms());
     return !c->lanes[i]->down;
 }
 
 KELPIE_EXPORT const char *kelpie_client_broker_error(kelpie_client *c, size_t i)
 {
-    if (!c || !c->n_lanes || i >= c->n_lanes)
+    if (!c || i >= kelpie_client_brokers(c))
         return "";
-    return kelpie_client_broker_up(c, i) ? "" : c->lanes[i]->why_down;
+    return kelpie_client_broker_up(c, i) ? "" : (c->n_lanes ? c->lanes[i] : c)->why_down;
 }
 
 KELPIE_EXPORT uint64_t kelpie_client_moved(const kelpie_client *c)
@@ -1387,6 +1478,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_submit(kelpie_client *c, const kelpie_
         return KELPIE_ERR_INVAL;
     memset(reply, 0, sizeof *reply);
     reply->message = client_no_message;
+    if (!client_admit_within(c, &timeout_ms, reply))
+        return reply->status;
     kelpie_request_id id;
     kelpie_status rc = kelpie_client_submit_send(c, opts, payload, len, &id);
     if (rc != KELPIE_OK)
@@ -1430,6 +1523,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_wait(kelpie_client *c, const char *job
         return KELPIE_ERR_INVAL;
     memset(reply, 0, sizeof *reply);
     reply->message = client_no_message;
+    if (!client_admit_within(c, &timeout_ms, reply))
+        return reply->status;
     kelpie_request_id id;
     kelpie_status rc = kelpie_client_watch(c, job_id, false, &id);
     if (rc != KELPIE_OK)
@@ -1451,6 +1546,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel_job(kelpie_client *c, const cha
     reply->message = client_no_message;
     if (!job_id || !*job_id)
         return KELPIE_ERR_INVAL;
+    if (!client_admit_within(c, &timeout_ms, reply))
+        return reply->status;
     kelpie_metadata md = {.key = "id", .value = job_id, .len = strlen(job_id)};
     kelpie_call_opts opts = {.service = "kelpie.broker",
                              .method = "CancelJob",
@@ -1487,6 +1584,23 @@ static void *client_socket(void *ctx)
     return sock;
 }
 
+/* A lane's connection carries libzmq's own heartbeats (ZMTP PING/PONG,
+ * which the broker's libzmq answers by itself): libzmq's I/O thread sends
+ * them while the application is away from the client (it has no thread of
+ * its own), and closes a connection on which nothing came back for the
+ * liveness window. The lane's monitor then says DISCONNECTED, read at the
+ * next entry (client_look), so a broker that hung or whose link was cut
+ * while the client idled is skipped by the next call, as a killed one is.
+ * Set before connecting: libzmq reads them when it dials. */
+static void client_zmtp(const kelpie_client *c, void *sock)
+{
+    uint64_t window = (uint64_t)c->heartbeat_ms * c->liveness;
+    int ivl = c->heartbeat_ms < INT_MAX ? (int)c->heartbeat_ms : INT_MAX;
+    int timeout = window < INT_MAX ? (int)window : INT_MAX;
+    zmq_setsockopt(sock, ZMQ_HEARTBEAT_IVL, &ivl, sizeof ivl);
+    zmq_setsockopt(sock, ZMQ_HEARTBEAT_TIMEOUT, &timeout, sizeof timeout);
+}
+
 /* A lane whose broker was lost starts on a new socket: what the old one
  * still queued (calls already moved or failed, pings) must not reach the
  * broker when it comes back and run there a second time. The new socket
@@ -1498,6 +1612,8 @@ static void client_renew(kelpie_client *c, bool dial)
     if (!sock)
         return;
     kpc_handshake watch;
+    if (c->top)
+        client_zmtp(c, sock);
     if ((c->curve && kpc_curve_apply(sock, &c->keys) != KELPIE_OK) ||
         kpc_handshake_begin(&watch, c->ctx, sock, c->endpoint) != KELPIE_OK) {
         zmq_close(sock);
@@ -1513,6 +1629,7 @@ static void client_renew(kelpie_client *c, bool dial)
     c->sock = sock;
     c->watch = watch;
     c->dialled = dial;
+    c->look_due = true; /* a new monitor signals nothing until read once */
 }
 
 /* The broker of c is lost (silent past the liveness window, or its
@@ -1522,11 +1639,10 @@ static void client_renew(kelpie_client *c, bool dial)
 static void client_lost(kelpie_client *c, int64_t now, const char *why)
 {
     client_expire(c, now, 1, KELPIE_UNAVAILABLE, why);
-    if (c->top) {
-        if (!c->down)
-            snprintf(c->why_down, sizeof c->why_down, "lost: %s", why);
+    if (!c->down)
+        snprintf(c->why_down, sizeof c->why_down, "lost: %s", why);
+    if (c->top)
         client_renew(c, true);
-    }
     c->down = true;
     c->broker_id = 0;
     c->answered = 0;
@@ -1541,8 +1657,9 @@ static void client_lost(kelpie_client *c, int64_t now, const char *why)
 static void client_refuse(kelpie_client *l, int64_t now, const char *why)
 {
     char reason[320];
-    snprintf(reason, sizeof reason, "%s", why);
+    snprintf(reason, sizeof reason, "refused our CURVE handshake: %s", why);
     client_expire(l, now, 1, KELPIE_UNAVAILABLE, reason);
+    snprintf(reason, sizeof reason, "%s", why);
     client_renew(l, false);
     uint32_t delay = kpc_refused_delay_ms(l->refusals++, &l->seed);
     l->refused = true;
@@ -1555,19 +1672,26 @@ static void client_refuse(kelpie_client *l, int64_t now, const char *why)
 }
 
 /* What lane l's monitor saw since the last look: a closed connection
- * loses the lane at once (no heartbeat need be missed), a refused
- * handshake refuses it, a successful one after a refusal makes it a lane
+ * loses the lane at once (no heartbeat need be missed; one broker alone is
+ * judged by its liveness as before: libzmq redials it and what is queued
+ * goes when it is back), a refused handshake refuses it (one broker
+ * alone too), a successful one after a refusal makes it a lane
  * to ping again; and a refused lane whose wait is over is dialled. */
-static void client_look(kelpie_client *l, int64_t now)
+static bool client_look(kelpie_client *l, int64_t now)
 {
     char why[300];
-    for (int n = 0; n < 64; n++) {
+    bool drained = false;
+    for (int n = 0; n < 64 && !drained; n++) {
         kpc_seen seen = kpc_handshake_next(&l->watch, "client", l->endpoint,
                                            l->curve ? &l->keys : NULL, why, sizeof why);
-        if (seen == KPC_SEEN_NOTHING)
+        if (seen == KPC_SEEN_NOTHING) {
+            drained = true;
             break;
-        if (seen == KPC_SEEN_CLOSED && !l->down)
-            client_lost(l, now, "its connection closed");
+        }
+        if (seen == KPC_SEEN_CLOSED && !l->down && l->top)
+            client_lost(l, now,
+                        "its connection closed (the broker died, or answered none of "
+                        "libzmq's heartbeats)");
         else if (seen == KPC_SEEN_REFUSED)
             client_refuse(l, now, why);
         else if (seen == KPC_SEEN_ACCEPTED) {
@@ -1584,6 +1708,18 @@ static void client_look(kelpie_client *l, int64_t now)
         else
             l->retry_at = now + KPC_REFUSED_MOST_MS;
     }
+    return drained;
+}
+
+/* client_look for one broker on its hot paths: at most every
+ * CLIENT_SCAN_MS, unless client_wait saw its descriptor signal. */
+static void client_look_often(kelpie_client *c, int64_t now)
+{
+    if (!c->look_due && now < c->next_look)
+        return;
+    c->next_look = now + CLIENT_SCAN_MS;
+    /* Not read empty (64 at once): its descriptor will not say more came. */
+    c->look_due = !client_look(c, now);
 }
 
 /* Opens a client of one broker (kelpie_client_open's work for each). A
@@ -1620,17 +1756,20 @@ static kelpie_status client_open_one(const char *endpoint, const kpc_keys *curve
     c->liveness = 3;
     c->seed = (uint64_t)(uintptr_t)c ^ ((uint64_t)kpc_now_ms() << 20);
     kpc_handshake *hs = &c->watch;
+    if (lane)
+        client_zmtp(c, c->sock);
     if ((curve && kpc_curve_apply(c->sock, &keys) != KELPIE_OK) ||
         kpc_handshake_begin(hs, c->ctx, c->sock, endpoint) != KELPIE_OK)
         goto fail;
     if (zmq_connect(c->sock, endpoint) != 0)
         goto fail;
     c->dialled = true;
+    /* The watch stays, one broker or several: a broker restarted later
+     * with another key must be seen refusing us (client_look). */
     rc = kpc_handshake_settle(hs, KELPIE_HANDSHAKE_TIMEOUT_MS, "client", endpoint,
                               curve ? &keys : NULL, why, why_len);
-    if (!lane)
-        kpc_handshake_end(hs);
     c->last_recv = c->last_look = c->last_ping = kpc_now_ms();
+    c->look_due = true;
     if (rc != KELPIE_OK && lane) {
         client_refuse(c, c->last_recv, why);
         *out = c;
@@ -1767,9 +1906,15 @@ KELPIE_EXPORT kelpie_status kelpie_client_set_heartbeat(kelpie_client *c, uint32
         return KELPIE_ERR_INVAL;
     for (uint32_t k = 0; k < c->n_lanes; k++)
         kelpie_client_set_heartbeat(c->lanes[k], heartbeat_ms, liveness);
+    bool changed = c->heartbeat_ms != heartbeat_ms || c->liveness != liveness;
     c->heartbeat_ms = heartbeat_ms;
     c->liveness = liveness;
     c->last_recv = c->last_look = kpc_now_ms();
+    /* libzmq takes its heartbeats' settings when it dials (client_zmtp):
+     * an idle lane is dialled again with the new ones at once; one with
+     * calls waiting keeps its connection, and takes them at its next. */
+    if (c->top && changed && c->count == 0 && c->dialled && !c->refused)
+        client_renew(c, true);
     return KELPIE_OK;
 }
 

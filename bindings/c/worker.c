@@ -64,6 +64,9 @@
 /* The worker's own report (HEARTBEAT.worker_stats) goes at most this often,
  * as the Python worker's (kelpie/_stalls.py STATS_EVERY). */
 #define WORKER_STATS_EVERY_MS 1000
+/* How often the socket's monitor is read when its descriptor said nothing
+ * (worker_look). */
+#define WORKER_LOOK_MS 20
 
 typedef struct worker_queue {
     char *queue;               /* the job queue */
@@ -209,6 +212,11 @@ struct kelpie_worker {
     uint32_t refusals; /* a lane: refusals in a row */
     int64_t retry_at;  /* a lane: when a shut lane connects again */
     uint64_t seed;     /* a lane: the backoff's jitter */
+    /* The monitor is read at most every WORKER_LOOK_MS, or at once when its
+     * descriptor woke worker_poll: an empty read costs libzmq a poll(2),
+     * too much for every turn of a busy loop. */
+    int64_t next_look;
+    bool look_due;
 };
 
 /* The worker the application holds (a lane's top, or w itself). */
@@ -679,6 +687,8 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         }
         if (h->broker_id) {
             w->broker_id = h->broker_id;
+            if (!w->welcomed && strncmp(w->error, "lost: ", 6) == 0)
+                w->error[0] = '\0'; /* it answers again */
             w->welcomed = true;
         }
         if (h->broker_id && w->resend_on_welcome) {
@@ -742,7 +752,8 @@ static void worker_refuse(kelpie_worker *w, int64_t now, const char *why)
     char reason[sizeof w->error - 64];
     snprintf(reason, sizeof reason, "%s", why);
     worker_close(w);
-    w->capacity = 0;
+    if (w->top)
+        w->capacity = 0; /* a lane's share (one broker's capacity is the worker's) */
     uint32_t delay = kpc_refused_delay_ms(w->refusals++, &w->seed);
     w->shut = true;
     w->retry_at = now + delay;
@@ -750,18 +761,53 @@ static void worker_refuse(kelpie_worker *w, int64_t now, const char *why)
              delay / 1000.0, reason);
 }
 
-/* What lane w's monitor saw: a refused handshake shuts the lane; a
- * successful one ends a run of refusals. */
+static kelpie_status worker_connect(kelpie_worker *w, int wait_ms);
+
+/* The broker of w is lost (its connection closed, or it was silent past
+ * the liveness window): what w holds becomes orphans, a lane's share goes
+ * to the other brokers (worker_balance), and a new socket dials it at once
+ * with READY queued, so that the worker registers again as soon as the
+ * broker is back. No handshake is waited for here: a broker behind a cut
+ * link would hold the other brokers' heartbeats for the whole wait; a key
+ * refused now shows through the monitor (worker_look). */
+static void worker_lost(kelpie_worker *w, int64_t now, const char *why)
+{
+    worker_close(w);
+    if (w->top)
+        w->capacity = 0;
+    snprintf(w->error, sizeof w->error, "lost: %s", why);
+    worker_connect(w, 0);
+    (void)now;
+}
+
+/* What w's monitor saw: a connection the broker had welcomed us on that
+ * closes loses the broker at once (a killed broker: no heartbeats need be
+ * missed; the broker forgets a worker whose connection closed anyway); a
+ * refused handshake shuts the registration (one broker or several); a
+ * successful one ends a run of refusals. A connection that closes before
+ * any welcome is left to libzmq's redial and the liveness judgement. */
 static void worker_look(kelpie_worker *w, int64_t now)
 {
+    if (!w->look_due && now < w->next_look)
+        return;
+    w->next_look = now + WORKER_LOOK_MS;
+    /* Not read empty (64 at once, or a new monitor): its descriptor will
+     * not say more came. */
+    w->look_due = w->watch.pair != NULL;
     char why[sizeof w->error - 64];
     for (int n = 0; n < 64 && w->watch.pair; n++) {
         kpc_seen seen = kpc_handshake_next(&w->watch, "worker", w->endpoint,
                                            w->curve ? &w->keys : NULL, why, sizeof why);
-        if (seen == KPC_SEEN_NOTHING)
+        if (seen == KPC_SEEN_NOTHING) {
+            w->look_due = false;
             break;
+        }
         if (seen == KPC_SEEN_REFUSED) {
             worker_refuse(w, now, why);
+            break;
+        }
+        if (seen == KPC_SEEN_CLOSED && w->welcomed) {
+            worker_lost(w, now, "its connection closed"); /* a new monitor: look_due */
             break;
         }
         if (seen == KPC_SEEN_ACCEPTED) {
@@ -787,10 +833,12 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
     kpc_handshake *hs = &w->watch;
     if ((w->curve && kpc_curve_apply(w->sock, &w->keys) != KELPIE_OK) ||
         kpc_handshake_begin(hs, w->ctx, w->sock, w->endpoint) != KELPIE_OK) {
+        w->look_due = false;
         zmq_close(w->sock);
         w->sock = NULL;
         return KELPIE_ERR_ZMQ;
     }
+    w->look_due = true; /* a new monitor signals nothing until read once */
     if (zmq_connect(w->sock, w->endpoint) != 0) {
         kpc_handshake_end(hs);
         zmq_close(w->sock);
@@ -800,14 +848,16 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
     char why[sizeof w->error];
     kelpie_status hs_rc = kpc_handshake_settle(hs, wait_ms, "worker", w->endpoint,
                                                w->curve ? &w->keys : NULL, why, sizeof why);
-    if (!w->top)
-        kpc_handshake_end(hs); /* one broker: a refusal later ends run as before */
+    /* The watch stays, one broker or several (worker_look). */
     if (hs_rc != KELPIE_OK && w->top) {
         worker_refuse(w, kpc_now_ms(), why);
         return KELPIE_UNAUTHENTICATED;
     }
     if (hs_rc != KELPIE_OK) {
+        /* One broker refusing at the start of run (the only wait that can
+         * see it here) ends run: as every broker refusing does. */
         snprintf(w->error, sizeof w->error, "%s", why);
+        kpc_handshake_end(hs);
         zmq_close(w->sock);
         w->sock = NULL;
         w->refused = KELPIE_UNAUTHENTICATED;
@@ -825,29 +875,24 @@ static kelpie_status worker_connect(kelpie_worker *w, int wait_ms)
 /* Heartbeat and liveness; reconnects when the broker has gone silent. */
 static void worker_timers(kelpie_worker *w, int64_t now)
 {
-    if (w->top) {
-        worker_look(w, now);
-        if (w->shut && now < w->retry_at)
-            return;
-        if (w->shut) {
-            /* The backoff's try: a new socket, READY again; the handshake's
-             * outcome comes through the monitor. */
-            w->shut = false;
-            worker_connect(w, 0);
-            now = kpc_now_ms();
-        }
+    worker_look(w, now);
+    if (w->shut && now < w->retry_at)
+        return;
+    if (w->shut) {
+        /* The backoff's try: a new socket, READY again; the handshake's
+         * outcome comes through the monitor. */
+        w->shut = false;
+        worker_connect(w, 0);
+        now = kpc_now_ms();
     }
     if (now - w->last_heard >= (int64_t)w->heartbeat_ms * w->liveness) {
-        worker_close(w);
-        /* A lane's broker is lost: its share goes to the others
-         * (worker_balance), and it is offered nothing until it welcomes us
-         * again. */
-        if (w->top)
-            w->capacity = 0;
-        /* A lane does not wait for the handshake here: a broker behind a
-         * cut link would hold the other brokers' heartbeats for the whole
-         * wait. A key refused now shows through its monitor (worker_look). */
-        worker_connect(w, w->top ? 0 : KELPIE_HANDSHAKE_TIMEOUT_MS);
+        char why[80];
+        if (w->last_heard == 0)
+            snprintf(why, sizeof why, "the broker disconnected");
+        else
+            snprintf(why, sizeof why, "the broker did not answer for %lld ms",
+                     (long long)(now - w->last_heard));
+        worker_lost(w, now, why);
         now = kpc_now_ms();
     }
     if (w->sock && w->unacked)
@@ -875,6 +920,8 @@ static long worker_next_timeout(const kelpie_worker *w, int64_t now, int with_ti
         due = dead;
     if (with_tick && w->tick_ms && w->next_tick < due)
         due = w->next_tick;
+    if (w->look_due && w->watch.pair && now < due)
+        due = now; /* a new monitor: read it before waiting on its descriptor */
     for (const worker_unacked *u = w->unacked; u; u = u->next)
         if (u->sent + KELPIE_RESULT_RESEND_MS < due)
             due = u->sent + KELPIE_RESULT_RESEND_MS;
@@ -888,15 +935,27 @@ static void worker_poll(kelpie_worker *w, long wait_ms)
     uint32_t n;
     kelpie_worker **links = worker_links(&t, &n);
     zmq_pollitem_t items[1 + 2 * KPC_MAX_BROKERS];
+    kelpie_worker *owner[1 + 2 * KPC_MAX_BROKERS] = {NULL};
     int k = 0;
     items[k++] = (zmq_pollitem_t){NULL, t->wake[0], ZMQ_POLLIN, 0};
     for (uint32_t i = 0; i < n; i++) {
         if (links[i]->sock)
             items[k++] = (zmq_pollitem_t){links[i]->sock, 0, ZMQ_POLLIN, 0};
-        if (links[i]->watch.pair) /* a refused handshake wakes us */
-            items[k++] = (zmq_pollitem_t){links[i]->watch.pair, 0, ZMQ_POLLIN, 0};
+        /* A closed connection or a refused handshake wakes us: the
+         * monitor by its descriptor (as a socket, zmq_poll would ask it
+         * for its events, a poll(2), on every wait). */
+        int fd;
+        size_t fd_len = sizeof fd;
+        if (links[i]->watch.pair &&
+            zmq_getsockopt(links[i]->watch.pair, ZMQ_FD, &fd, &fd_len) == 0) {
+            owner[k] = links[i];
+            items[k++] = (zmq_pollitem_t){NULL, fd, ZMQ_POLLIN, 0};
+        }
     }
     zmq_poll(items, k, wait_ms);
+    for (int i = 0; i < k; i++)
+        if (owner[i] && (items[i].revents & ZMQ_POLLIN))
+            owner[i]->look_due = true;
 }
 
 /* Milliseconds until the first timer of any registration is due. */
@@ -1793,9 +1852,9 @@ KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *w)
 
 KELPIE_EXPORT const char *kelpie_worker_broker_error(const kelpie_worker *w, uint32_t i)
 {
-    if (!w || i >= w->n_lanes)
+    if (!w || i >= kelpie_worker_brokers(w))
         return "";
-    return w->lanes[i]->error;
+    return w->n_lanes ? w->lanes[i]->error : w->error;
 }
 
 KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)

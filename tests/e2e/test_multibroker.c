@@ -665,14 +665,17 @@ Test(multibroker, idle_client_notices_a_lost_broker)
               kelpie_client_broker_error(c, 0));
 
     /* b stops answering but keeps its connection: a client waiting with
-     * nothing outstanding pings it and finds it silent. */
+     * nothing outstanding pings it and finds it silent (or libzmq's own
+     * heartbeats, with the same window, close the connection first). */
     kt_signal(b->pid, SIGSTOP);
     int64_t stopped = kt_now_ms();
     cr_assert_eq(kelpie_client_recv(c, &r, 1200), KELPIE_ERR_TIMEOUT);
     cr_assert_not(kelpie_client_broker_up(c, 1), "the silent broker is still up after %lld ms",
                   (long long)(kt_now_ms() - stopped));
-    cr_assert(strstr(kelpie_client_broker_error(c, 1), "lost: the broker did not answer"), "%s",
-              kelpie_client_broker_error(c, 1));
+    const char *silent = kelpie_client_broker_error(c, 1);
+    cr_assert(strstr(silent, "lost: the broker did not answer") ||
+                  strstr(silent, "answered none of libzmq's heartbeats"),
+              "%s", silent);
     kt_signal(b->pid, SIGCONT);
     cr_assert(client_sees(c, 1, true, 5000), "b did not come back: %s",
               kelpie_client_broker_error(c, 1));
@@ -883,6 +886,246 @@ Test(multibroker, client_uses_a_broker_that_refused_it_at_first)
     kt_signal(w, SIGTERM);
     kt_reap(w, 3000);
     kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+    refusal_keys_remove(&k);
+}
+
+/* --- a lost broker seen without the application in the client ------------ */
+
+/* A broker that stops answering without closing its connection (SIGSTOP)
+ * while the client is idle (the application elsewhere, nothing outstanding)
+ * is found by libzmq's own heartbeats (ZMTP PING/PONG, run by libzmq's I/O
+ * thread): the connection is closed and the lane's monitor says so at the
+ * next entry, so the next plain calls all go to the other broker at once,
+ * none waits for the stopped one (which would end UNAVAILABLE after the
+ * liveness window counted inside the client). */
+Test(multibroker, idle_client_skips_a_silent_broker)
+{
+    kt_broker *a = kt_broker_start(kill_hb);
+    kt_broker *b = kt_broker_start(kill_hb);
+    cr_assert(a && b);
+    char backends[200], frontends[200], why[256] = "";
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
+    kt_worker_opts opts = {.endpoint = backends, .capacity = 4, .heartbeat_ms = 200};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    kelpie_client *c = NULL;
+    cr_assert_eq(kelpie_client_open(frontends, NULL, &c, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_eq(kelpie_client_set_heartbeat(c, 200, 3), KELPIE_OK);
+    kelpie_reply r;
+    for (int i = 0; i < 4; i++) { /* both brokers carry calls */
+        cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r), KELPIE_OK, "%s",
+                     r.message);
+        kelpie_reply_fini(&r);
+    }
+    double b_before = kt_stat(b, "requests");
+    cr_assert_gt(b_before, 0);
+
+    /* b hangs while the application is away from the client: 1.5 s, more
+     * than a heartbeat window (200 ms x 3) and a heartbeat. */
+    kt_signal(b->pid, SIGSTOP);
+    kt_sleep_ms(1500);
+    /* Straight to calls, no look first: each goes to a, none waits. */
+    int64_t slowest = 0;
+    for (int i = 0; i < 6; i++) {
+        int64_t start = kt_now_ms();
+        kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
+        cr_assert_eq(rc, KELPIE_OK, "call %d: %s: %s", i, kelpie_status_name(rc), r.message);
+        kelpie_reply_fini(&r);
+        if (kt_now_ms() - start > slowest)
+            slowest = kt_now_ms() - start;
+    }
+    cr_assert_lt(slowest, 400, "a call waited %lld ms", (long long)slowest);
+    /* a answered libzmq's PINGs all along (its libzmq does, by itself):
+     * idle as long, its connection was kept. */
+    cr_assert(kelpie_client_broker_up(c, 0), "%s", kelpie_client_broker_error(c, 0));
+    cr_assert_not(kelpie_client_broker_up(c, 1));
+    cr_assert(strstr(kelpie_client_broker_error(c, 1), "lost: its connection closed"), "%s",
+              kelpie_client_broker_error(c, 1));
+    kt_signal(b->pid, SIGCONT);
+    cr_assert_eq(kt_stat(b, "requests"), b_before, "a call reached the stopped broker");
+    cr_assert(client_sees(c, 1, true, 5000), "b did not come back: %s",
+              kelpie_client_broker_error(c, 1));
+    cr_log_info("slowest call after the broker hung, idle: %lld ms", (long long)slowest);
+    kelpie_client_destroy(&c);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* A worker process of its own whose tick publishes its view of broker 0
+ * in slot->last_value: its share, plus 1000 while kelpie_worker_broker_error
+ * says the broker was lost by its closed connection. */
+typedef struct viewed_worker {
+    char endpoint[200];
+    kt_slot *slot;
+} viewed_worker;
+
+static void viewed_echo(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)arg;
+    kelpie_call_reply(call, payload, len);
+}
+
+static void viewed_tick(kelpie_worker *w, void *arg)
+{
+    kt_slot *slot = arg;
+    long lost = strncmp(kelpie_worker_broker_error(w, 0), "lost: its connection closed", 27) == 0;
+    atomic_store(&slot->last_value, (long)kelpie_worker_share(w, 0) + 1000 * lost);
+}
+
+static kelpie_worker *viewed;
+
+static void viewed_stop(int sig)
+{
+    (void)sig;
+    kelpie_worker_stop(viewed);
+}
+
+static void viewed_main(void *arg)
+{
+    viewed_worker *v = arg;
+    viewed = kelpie_worker_new(v->endpoint, NULL, 4);
+    if (!viewed)
+        return;
+    kelpie_worker_handle(viewed, "echo", NULL, viewed_echo, NULL);
+    kelpie_worker_set_heartbeat(viewed, 2000, 3);
+    kelpie_worker_set_tick(viewed, 10, viewed_tick, v->slot);
+    signal(SIGTERM, viewed_stop);
+    kelpie_worker_run(viewed);
+    kelpie_worker_destroy(&viewed);
+}
+
+/* The C worker acts on a closed connection at once (its monitor's
+ * DISCONNECTED), not after liveness heartbeats of silence: with a heartbeat
+ * of 2 s x 3 the worker's slots are all on the broker left, and the worker
+ * is registered again with the killed broker once it restarts (its READY
+ * queued on a fresh connection), each well within one heartbeat. */
+Test(multibroker, worker_acts_on_a_closed_connection_at_once)
+{
+    const char *const slow_hb[] = {"--heartbeat-ms", "2000", "--heartbeat-liveness", "3", NULL};
+    kt_broker *a = kt_broker_start(slow_hb);
+    kt_broker *b = kt_broker_start(slow_hb);
+    cr_assert(a && b);
+    char backends[200];
+    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    static viewed_worker v;
+    snprintf(v.endpoint, sizeof v.endpoint, "%s", backends);
+    v.slot = kt_slots_new(1);
+    pid_t w = kt_spawn(viewed_main, &v);
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(a, 2, 8000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    cr_assert(wait_capacity(b, 2, 8000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t until = kt_now_ms() + 5000;
+    while (atomic_load(&v.slot->last_value) != 2 && kt_now_ms() < until)
+        kt_sleep_ms(5);
+    cr_assert_eq(atomic_load(&v.slot->last_value), 2, "the worker's view of a before the kill");
+    kt_signal(a->pid, SIGKILL);
+    kt_reap(a->pid, 2000);
+    a->pid = 0;
+    int64_t killed = kt_now_ms();
+    /* The worker's own view: a lost by its closed connection, share 0. */
+    until = killed + 8000;
+    while (atomic_load(&v.slot->last_value) != 1000 && kt_now_ms() < until)
+        kt_sleep_ms(5);
+    int64_t seen = kt_now_ms() - killed;
+    cr_assert_eq(atomic_load(&v.slot->last_value), 1000, "the worker's view of a: %ld",
+                 atomic_load(&v.slot->last_value));
+    cr_assert_lt(seen, 1500, "the worker saw a lost after %lld ms", (long long)seen);
+    cr_assert(wait_capacity(b, 4, 8000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t moved = kt_now_ms() - killed;
+    cr_assert_lt(moved, 1500, "the worker took %lld ms to give a's share to b", (long long)moved);
+    cr_assert(kt_broker_restart(a, slow_hb));
+    int64_t back = kt_now_ms();
+    cr_assert(wait_capacity(a, 2, 8000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
+    int64_t registered = kt_now_ms() - back;
+    cr_assert_lt(registered, 1500, "the worker registered again %lld ms after a restarted",
+                 (long long)registered);
+    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    until = kt_now_ms() + 5000;
+    while (atomic_load(&v.slot->last_value) != 2 && kt_now_ms() < until)
+        kt_sleep_ms(5);
+    cr_assert_eq(atomic_load(&v.slot->last_value), 2, "the worker's view of a once back");
+    cr_log_info("killed broker seen lost by the worker after %lld ms, its share on the other "
+                "after %lld ms, registered again %lld ms after its restart (heartbeat 2000 ms x 3)",
+                (long long)seen, (long long)moved, (long long)registered);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(&a, 3000);
+    kt_broker_stop(&b, 3000);
+}
+
+/* One broker, restarted with a key the client and worker do not expect,
+ * then with the one they do: both retry on the backoff by themselves. The
+ * worker's run goes on (it used to end KELPIE_UNAUTHENTICATED), a call made
+ * meanwhile waits within its deadline and ends UNAVAILABLE carrying the
+ * refusal (kelpie_client_broker_error says it too), and once the broker
+ * has the expected key the worker registers again and calls are served. */
+Test(multibroker, single_broker_refusal_is_retried, .timeout = 120)
+{
+    refusal_keys k;
+    refusal_keys_make(&k);
+    kt_broker *b = refusal_broker(&k, NULL, 0);
+    kelpie_curve wcurve = {.key_file = k.worker, .server_key = k.pub[0]};
+    kt_worker_opts opts = {
+        .endpoint = b->backend, .capacity = 2, .heartbeat_ms = 200, .curve = &wcurve};
+    pid_t w = kt_worker_spawn(&opts);
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(b, 2, 8000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    kelpie_curve ccurve = {.key_file = k.client, .server_key = k.pub[0]};
+    kelpie_client *c = NULL;
+    char why[512] = "";
+    cr_assert_eq(kelpie_client_open(b->frontend, &ccurve, &c, why, sizeof why), KELPIE_OK, "%s",
+                 why);
+    kelpie_reply r;
+    kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r);
+    cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), r.message);
+    kelpie_reply_fini(&r);
+
+    /* Another key: both are refused, neither gives up. */
+    refusal_broker(&k, b, 2);
+    int64_t start = kt_now_ms();
+    rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 1500, &r);
+    int64_t took = kt_now_ms() - start;
+    cr_assert_eq(rc, KELPIE_UNAVAILABLE, "%s: %s", kelpie_status_name(rc), r.message);
+    cr_assert(strstr(r.message, "refused our CURVE handshake"), "%s", r.message);
+    kelpie_reply_fini(&r);
+    cr_assert_lt(took, 1500 + KELPIE_CLIENT_GRACE_MS + 1000, "waited %lld ms", (long long)took);
+    cr_assert_not(kelpie_client_broker_up(c, 0));
+    cr_assert(strstr(kelpie_client_broker_error(c, 0), "refused our CURVE handshake"), "%s",
+              kelpie_client_broker_error(c, 0));
+    kelpie_request_id id;
+    kelpie_call_opts o = {.service = "echo", .method = "Echo", .timeout_ms = 1000};
+    cr_assert_eq(kelpie_client_send(c, &o, "x", 1, &id), KELPIE_UNAVAILABLE,
+                 "a call sent to a broker that refuses us");
+    kt_sleep_ms(1000);
+    int status;
+    cr_assert_eq(waitpid(w, &status, WNOHANG), 0, "the worker's run ended on the refusal");
+
+    /* The expected key again: both recover by themselves. */
+    refusal_broker(&k, b, 0);
+    int64_t back = kt_now_ms();
+    cr_assert(wait_capacity(b, 2, 30000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    int64_t registered = kt_now_ms() - back;
+    cr_assert_eq(waitpid(w, &status, WNOHANG), 0, "the worker's run ended");
+    /* The client may still be waiting out its backoff: the call waits. */
+    rc = kelpie_client_call(c, "echo", "Echo", "again", 5, 30000, &r);
+    cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), r.message);
+    cr_assert(r.len == 5 && memcmp(r.payload, "again", 5) == 0);
+    kelpie_reply_fini(&r);
+    int64_t served = kt_now_ms() - back;
+    cr_assert(kelpie_client_broker_up(c, 0));
+    cr_assert_str_eq(kelpie_client_broker_error(c, 0), "");
+    cr_log_info("with the expected key again: the worker registered after %lld ms, a call was "
+                "served after %lld ms",
+                (long long)registered, (long long)served);
+    kelpie_client_destroy(&c);
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
     kt_broker_stop(&b, 3000);
     refusal_keys_remove(&k);
 }

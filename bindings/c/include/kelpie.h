@@ -328,10 +328,14 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  *  - pings a broker that is down every heartbeat while the application is
  *    inside the client, and uses it again as soon as it answers.
  * The client has no thread: all this happens inside kelpie_client_call,
- * _recv, _send, _submit, _wait, _watch and kelpie_client_broker_up (a
- * broker silent but still connected, a cut link, is judged only while the
- * application is inside the client: time spent elsewhere is not held
- * against it).
+ * _recv, _send, _submit, _wait, _watch and kelpie_client_broker_up. A
+ * broker that hangs with its connection open (a cut link, a stopped
+ * process) while the application is elsewhere is found by libzmq's own
+ * ZMTP heartbeats on each broker's connection (heartbeat_ms, closed after
+ * liveness * heartbeat_ms without an answer; libzmq's I/O thread sends
+ * them, the broker's libzmq answers): the next entry sees the connection
+ * closed and the next call goes elsewhere. kelpie_client_set_heartbeat
+ * redials idle connections so that this applies at once.
  *
  * CURVE with several brokers: kelpie_curve.server_key may be one key (file
  * or z85) for all of them, or a comma-separated list of keys, one per
@@ -344,7 +348,16 @@ KELPIE_EXPORT uint32_t kelpie_client_broker_restarts(const kelpie_client *client
  * +-20 % jitter), at most every 30 s, and used again once a handshake
  * succeeds and it answers a ping. kelpie_client_open fails
  * (KELPIE_UNAUTHENTICATED) only when every broker refuses; a call placed
- * while every broker refuses returns KELPIE_UNAUTHENTICATED. */
+ * while every broker refuses returns KELPIE_UNAUTHENTICATED.
+ *
+ * One broker: kelpie_client_open fails on a refusal then (as every broker
+ * refusing does); a refusal later (the broker restarted with another key)
+ * is retried on the same backoff: the calls waiting end UNAVAILABLE,
+ * kelpie_client_call, _submit, _wait and _cancel_job wait within their
+ * timeout for a try to succeed (then UNAVAILABLE with the refusal in the
+ * reply's message; no timeout: until it succeeds), kelpie_client_send,
+ * _submit_send and _watch return KELPIE_UNAVAILABLE at once, and
+ * kelpie_client_broker_error(c, 0) says why. */
 
 /* How many brokers the client was given (1 for a single endpoint). */
 KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *client);
@@ -354,7 +367,7 @@ KELPIE_EXPORT size_t kelpie_client_brokers(const kelpie_client *client);
  * non-const client). */
 KELPIE_EXPORT bool kelpie_client_broker_up(kelpie_client *client, size_t i);
 
-/* Why broker i is down, "" while it is up (and for a single broker):
+/* Why broker i is down, "" while it is up (a single broker too: i 0):
  * "lost: the broker did not answer for 612 ms", "lost: its connection
  * closed", or "refused our CURVE handshake (tried again in 1.0 s): ..."
  * with the broker's reason. Valid until the next call on the client. */
@@ -573,7 +586,12 @@ KELPIE_EXPORT kelpie_status kelpie_worker_on_cancel(kelpie_worker *worker, kelpi
  * KELPIE_PERMISSION_DENIED (a service its key may not serve), with the
  * reason in kelpie_worker_error(). With several brokers a refused handshake
  * ends it only when every broker refuses; one refusing while others serve
- * is tried again (kelpie_worker_broker_error). */
+ * is tried again (kelpie_worker_broker_error). With one broker, a refusal
+ * at the start ends it; a refusal at a later reconnect (the broker
+ * restarted with another key) is tried again on the same backoff, and run
+ * goes on. A broker whose connection closes (killed) is lost at once, with
+ * one broker or several: READY goes again on a fresh connection, so the
+ * worker registers as soon as the broker is back. */
 KELPIE_EXPORT kelpie_status kelpie_worker_run(kelpie_worker *worker);
 
 /* Asks kelpie_worker_run to return. Thread-safe and async-signal-safe (a
@@ -593,8 +611,10 @@ KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
 /* How many brokers the worker was given (1 for a single endpoint). */
 KELPIE_EXPORT uint32_t kelpie_worker_brokers(const kelpie_worker *worker);
 
-/* Why broker i is not serving, "" when nothing is known against it: with
- * several brokers, a broker that refused our CURVE handshake, at
+/* Why broker i is not serving, "" when nothing is known against it (i 0
+ * for a single broker): "lost: its connection closed" or "lost: the broker
+ * did not answer for 612 ms" until it welcomes the worker again; a broker
+ * that refused our CURVE handshake, at
  * kelpie_worker_run or later (restarted with another key), is *refused*,
  * not lost: "refused our CURVE handshake (tried again in 0.5 s): ..." with
  * the broker's reason. Its share goes to the others and it is connected
