@@ -158,21 +158,25 @@ bool kp_worker_better(const struct kp_worker *a, const struct kp_worker *b, uint
 struct kp_worker *kp_worker_pick(struct kp_worker *const *ws, size_t n, uint64_t now)
 {
     /* The reference is the fastest free worker that has answered at all: one
-     * not heard from yet is no evidence that the others are slow. */
-    uint64_t ref = UINT64_MAX;
+     * not heard from yet is no evidence that the others are slow. When even
+     * the slowest is not slow next to it (the usual case), the pick is the
+     * plain least-loaded scan. */
+    uint64_t ref = UINT64_MAX, max = 0;
     for (size_t i = 0; i < n; i++) {
         if (ws[i]->lat_us != 0 && kp_worker_free_slots(ws[i]) > 0) {
             uint64_t est = kp_worker_latency(ws[i], now);
-            if (est < ref)
-                ref = est;
+            ref = est < ref ? est : ref;
+            max = est > max ? est : max;
         }
     }
+    bool any_slow = kp_worker_slow(max, ref);
     struct kp_worker *best = NULL;
     for (size_t i = 0; i < n; i++) {
         struct kp_worker *w = ws[i];
         if (kp_worker_free_slots(w) == 0)
             continue;
-        if (best == NULL || kp_worker_better(w, best, ref, now))
+        if (best == NULL ||
+            (any_slow ? kp_worker_better(w, best, ref, now) : kp_worker_less_loaded(w, best)))
             best = w;
     }
     return best;
