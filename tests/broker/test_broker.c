@@ -780,15 +780,19 @@ Test(broker, a_worker_far_slower_than_its_peers_is_set_aside_then_tried_again)
         tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, UINT64_MAX));
         tb_free(held[i]);
     }
-    /* The estimate ages out: after 1.5 s the slow worker is tried again,
-     * answers fast, and is back among the workers that share the calls
-     * (not asserted as strict turns: a late answer on a loaded machine may
-     * move one worker's estimate past the other's). */
+    /* The estimate ages out: after 1.5 s the slow worker is tried again (by
+     * the second call at the latest: the fast one was picked longer ago) and,
+     * answering fast, shares the calls again. Only "at least one each" is
+     * asserted: on a loaded machine one late answer may set either worker
+     * aside for a few calls (strict turns among equals: test_worker.c). */
     tb_sleep_ms(1500);
     int hits[2] = {0, 0};
-    for (uint64_t id = 20; id <= 29; id++)
+    for (uint64_t id = 20; id <= 29; id++) {
         hits[tb_route(c, id, ws, 0) == ws[0] ? 0 : 1]++;
-    cr_assert(hits[0] >= 3 && hits[1] >= 3, "recovered worker: %d calls, other: %d", hits[0],
+        if (id == 21)
+            cr_assert_geq(hits[0], 1, "the slow worker was not tried again");
+    }
+    cr_assert(hits[0] >= 1 && hits[1] >= 1, "recovered worker: %d calls, other: %d", hits[0],
               hits[1]);
 }
 
