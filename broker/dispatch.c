@@ -288,7 +288,7 @@ void kp_broker_accept(struct kp_broker *b, struct kp_call *c, kp_header *h, size
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
     }
     if (s->queued == 0) {
-        struct kp_worker *w = kp_service_pick(s, h->method);
+        struct kp_worker *w = kp_service_pick(s, h->method, b->now);
         if (w) {
             enum kp_err err;
             if (c->flags & KP_FLAG_IDEMPOTENT) {
@@ -322,12 +322,26 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
         return;
     }
     bool terminal = h->kind != KELPIE__V1__KIND__CHUNK;
+    uint64_t elapsed_us = 0;
+    if (terminal) {
+        uint64_t t = kp_histo_now_us();
+        elapsed_us = t > c->dispatched_us ? t - c->dispatched_us : 0;
+        /* The pick's latency estimate (worker.h): unary calls only, as a
+         * stream's length says nothing about how fast its worker is. An
+         * orphaned call's answer came after its cancel, and an error may be
+         * a fast refusal (a broken worker must not look like the fastest
+         * and draw every call): both only bound the estimate from below. */
+        bool bound = c->state == KP_CALL_ORPHANED || h->kind == KELPIE__V1__KIND__ERROR ||
+                     h->code != KELPIE__V1__CODE__OK;
+        if (!(c->flags & (KP_FLAG_STREAM | KP_FLAG_CLIENT_STREAM)))
+            kp_worker_observe(w, elapsed_us, bound, b->now);
+    }
     if (terminal && c->state != KP_CALL_ORPHANED) {
         if (h->kind == KELPIE__V1__KIND__ERROR || h->code != KELPIE__V1__CODE__OK)
             c->service->failed++;
         else
             c->service->completed++;
-        kp_histo_observe(&c->service->run_us, kp_histo_now_us() - c->dispatched_us, KP_HISTO_US);
+        kp_histo_observe(&c->service->run_us, elapsed_us, KP_HISTO_US);
     }
     if (c->state == KP_CALL_ORPHANED || c->client == NULL) {
         if (c->state == KP_CALL_ORPHANED)
@@ -596,10 +610,10 @@ static enum dispatch_turn dispatch_turn(struct kp_broker *b, struct kp_service *
             l = next;
             continue;
         }
-        struct kp_worker *w = kp_service_pick(s, h->method);
+        struct kp_worker *w = kp_service_pick(s, h->method, b->now);
         if (w == NULL) {
-            if (s->uniform ||
-                kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers) == NULL) {
+            if (s->uniform || kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers,
+                                             b->now) == NULL) {
                 f->resume = l;
                 return TURN_STOP;
             }

@@ -1016,7 +1016,7 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
 static void queue_dispatch(struct kp_broker *b, struct jobq *q)
 {
     while (!kp_list_empty(&q->held)) {
-        struct kp_worker *w = kp_service_pick(q->svc, "");
+        struct kp_worker *w = kp_service_pick(q->svc, "", b->now);
         if (w == NULL)
             return;
         struct run *r = kp_container_of(q->held.next, struct run, held_link);

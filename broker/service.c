@@ -223,19 +223,32 @@ bool kp_service_implements(const struct kp_service *s, const char *method)
     return false;
 }
 
-struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method)
+struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method, uint64_t now)
 {
     if (s->uniform) {
         if (s->nworkers == 0 || !kp_methods_has(s->wmethods[0], method))
             return NULL;
-        return kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers);
+        return kp_worker_pick((struct kp_worker *const *)s->workers, s->nworkers, now);
     }
+    /* kp_worker_pick over the workers that implement method. */
+    uint64_t ref = UINT64_MAX, max = 0;
+    for (size_t i = 0; i < s->nworkers; i++) {
+        struct kp_worker *w = s->workers[i];
+        if (w->lat_us != 0 && kp_worker_free_slots(w) > 0 &&
+            kp_methods_has(s->wmethods[i], method)) {
+            uint64_t est = kp_worker_latency(w, now);
+            ref = est < ref ? est : ref;
+            max = est > max ? est : max;
+        }
+    }
+    bool any_slow = kp_worker_slow(max, ref);
     struct kp_worker *best = NULL;
     for (size_t i = 0; i < s->nworkers; i++) {
         struct kp_worker *w = s->workers[i];
         if (kp_worker_free_slots(w) == 0 || !kp_methods_has(s->wmethods[i], method))
             continue;
-        if (best == NULL || kp_worker_less_loaded(w, best))
+        if (best == NULL ||
+            (any_slow ? kp_worker_better(w, best, ref, now) : kp_worker_less_loaded(w, best)))
             best = w;
     }
     return best;

@@ -26,7 +26,7 @@
  * `methods`), or NULL for "every method" (a worker that listed none: older
  * peers, catch-all handlers). The service keeps whether all its workers have
  * the same set (`uniform`, the common case): then a pick is one membership
- * test plus the plain least-loaded scan, as fast as routing by service alone.
+ * test plus the plain pick (kp_worker_pick), as fast as routing by service alone.
  * Otherwise the scan skips workers that lack the method; still one pass over
  * the service's workers.
  */
@@ -150,9 +150,10 @@ void kp_service_remove_worker(struct kp_service *s, struct kp_worker *w, uint64_
 /* Returns true if some worker of s implements method. */
 bool kp_service_implements(const struct kp_service *s, const char *method);
 
-/* Returns the least-loaded worker of s with a free slot that implements
- * method (kp_worker_pick's order), or NULL. O(workers of s). */
-struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method);
+/* Returns the worker of s with a free slot that implements method, in
+ * kp_worker_pick's order at monotonic ms now (slow ones last, then least
+ * loaded), or NULL. O(workers of s). */
+struct kp_worker *kp_service_pick(const struct kp_service *s, const char *method, uint64_t now);
 
 /* Appends c at the tail of its client's flow (c->client; the intake's flow
  * if NULL), making the flow at the ring's tail if the client has none; c must

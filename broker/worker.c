@@ -117,14 +117,66 @@ bool kp_worker_less_loaded(const struct kp_worker *a, const struct kp_worker *b)
     return a->last_pick < b->last_pick;
 }
 
-struct kp_worker *kp_worker_pick(struct kp_worker *const *ws, size_t n)
+uint64_t kp_worker_latency(const struct kp_worker *w, uint64_t now)
 {
+    uint64_t halvings = now > w->lat_at ? (now - w->lat_at) / KP_WORKER_LAT_HALF_MS : 0;
+    return halvings >= 64 ? 0 : w->lat_us >> halvings;
+}
+
+void kp_worker_observe(struct kp_worker *w, uint64_t elapsed_us, bool bound, uint64_t now)
+{
+    uint64_t est = kp_worker_latency(w, now);
+    if (elapsed_us == 0)
+        elapsed_us = 1; /* lat_us 0 means no answer yet */
+    if (bound)
+        est = elapsed_us > est ? elapsed_us : est; /* it ran that long unanswered, at least */
+    else if (elapsed_us >= est)
+        est += (elapsed_us - est + 1) / 2; /* one slow answer counts half: noise is not a trend */
+    else
+        est -= (est - elapsed_us) / 2;
+    w->lat_us = est;
+    w->lat_at = now;
+}
+
+bool kp_worker_slow(uint64_t est, uint64_t ref)
+{
+    if (ref >= UINT64_MAX / (2 * KP_WORKER_SLOW_FACTOR))
+        return false; /* no reference (nobody has answered) */
+    return est > ref * KP_WORKER_SLOW_FACTOR + KP_WORKER_SLOW_MARGIN_US;
+}
+
+bool kp_worker_better(const struct kp_worker *a, const struct kp_worker *b, uint64_t ref,
+                      uint64_t now)
+{
+    bool sa = kp_worker_slow(kp_worker_latency(a, now), ref);
+    bool sb = kp_worker_slow(kp_worker_latency(b, now), ref);
+    if (sa != sb)
+        return sb;
+    return kp_worker_less_loaded(a, b);
+}
+
+struct kp_worker *kp_worker_pick(struct kp_worker *const *ws, size_t n, uint64_t now)
+{
+    /* The reference is the fastest free worker that has answered at all: one
+     * not heard from yet is no evidence that the others are slow. When even
+     * the slowest is not slow next to it (the usual case), the pick is the
+     * plain least-loaded scan. */
+    uint64_t ref = UINT64_MAX, max = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (ws[i]->lat_us != 0 && kp_worker_free_slots(ws[i]) > 0) {
+            uint64_t est = kp_worker_latency(ws[i], now);
+            ref = est < ref ? est : ref;
+            max = est > max ? est : max;
+        }
+    }
+    bool any_slow = kp_worker_slow(max, ref);
     struct kp_worker *best = NULL;
     for (size_t i = 0; i < n; i++) {
         struct kp_worker *w = ws[i];
         if (kp_worker_free_slots(w) == 0)
             continue;
-        if (best == NULL || kp_worker_less_loaded(w, best))
+        if (best == NULL ||
+            (any_slow ? kp_worker_better(w, best, ref, now) : kp_worker_less_loaded(w, best)))
             best = w;
     }
     return best;

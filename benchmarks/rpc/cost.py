@@ -1,6 +1,6 @@
 """What one unary call costs each process, in instructions (callgrind).
 
-    /usr/bin/python3 benchmarks/rpc/cost.py [--before OLD_BUILD_DIR] [--calls N]
+    /usr/bin/python3 benchmarks/rpc/cost.py [--before OLD_BUILD_DIR] [--calls N] [--workers N]
 
 The echo of bench.py at 100 in flight (16 B), with one of the three processes
 (client, kelpied, worker) run under ``valgrind --tool=callgrind``: the
@@ -82,8 +82,9 @@ def drive(pyroot, frontend, calls):
     asyncio.run(main())
 
 
-def one_run(build, who, calls):
-    """Instructions retired by ``who`` over a run of ``calls`` calls."""
+def one_run(build, who, calls, workers=1):
+    """Instructions retired by ``who`` over a run of ``calls`` calls (with
+    ``workers`` worker processes; ``who`` "worker" measures the first)."""
     kelpied = os.path.join(build, "broker", "kelpied")
     pyroot = os.path.join(build, "python")
     vg = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
@@ -94,12 +95,22 @@ def one_run(build, who, calls):
         "--client-max-inflight", "100000"], stderr=subprocess.PIPE)
     worker = subprocess.Popen((vg if who == "worker" else []) + me + ["--serve", pyroot, be],
                               stderr=subprocess.PIPE)
+    others = [subprocess.Popen(me + ["--serve", pyroot, be], stderr=subprocess.DEVNULL)
+              for _ in range(workers - 1)]
     try:
         client = subprocess.run((vg if who == "client" else []) + me + [
             "--drive", pyroot, fe, str(calls)], stderr=subprocess.PIPE, timeout=600)
         if client.returncode != 0:
             raise RuntimeError(client.stderr.decode(errors="replace")[-2000:])
     finally:
+        for p in others:
+            p.send_signal(signal.SIGTERM)
+        for p in others:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         for p in (worker, broker):
             p.send_signal(signal.SIGTERM)
         outs = {}
@@ -116,8 +127,9 @@ def one_run(build, who, calls):
     return int(m.group(1))
 
 
-def per_call(build, who, calls):
-    return (one_run(build, who, 3 * calls) - one_run(build, who, calls)) / (2 * calls)
+def per_call(build, who, calls, workers=1):
+    return (one_run(build, who, 3 * calls, workers) - one_run(build, who, calls, workers)) / (
+        2 * calls)
 
 
 def main():
@@ -126,6 +138,8 @@ def main():
     p.add_argument("--before", default=None, help="another build directory to compare with")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--who", default="client,worker,broker")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes of the service (the broker picks among them)")
     p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -137,9 +151,9 @@ def main():
     print("| process | instructions per call | before | after / before |")
     print("|---|---|---|---|")
     for who in args.who.split(","):
-        now = per_call(args.build, who, args.calls)
+        now = per_call(args.build, who, args.calls, args.workers)
         if args.before:
-            then = per_call(args.before, who, args.calls)
+            then = per_call(args.before, who, args.calls, args.workers)
             print(f"| {who} | {now:,.0f} | {then:,.0f} | {now / then:.2f}× |", flush=True)
         else:
             print(f"| {who} | {now:,.0f} | | |", flush=True)

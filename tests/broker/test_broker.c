@@ -690,6 +690,140 @@ Test(broker, least_loaded_balances_by_ratio)
     cr_assert_eq(nb, 5, "b got %d of 10", nb);
 }
 
+Test(broker, an_idle_worker_takes_new_calls_while_another_holds_calls)
+{
+    tb_start();
+    void *busy = tb_worker("echo", 8);
+    void *idle = tb_worker("echo", 8);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    /* Two calls held: the first goes to busy (registered first, ties go to
+     * the worker picked longest ago), the second to idle; idle answers. */
+    tb_request(c, 1, "echo", "Hold", 0, 0, "x");
+    tb_header *held = tb_work(busy);
+    tb_request(c, 2, "echo", "Echo", 0, 0, "x");
+    tb_header *r = tb_work(idle);
+    tb_answer(idle, KELPIE__V1__KIND__REPLY, r->request_id, "y");
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 2));
+    tb_free(r);
+    /* busy holds 1 of 8, idle 0 of 8: every new call, one at a time, goes
+     * to idle, though round-robin would alternate. */
+    for (uint64_t id = 3; id <= 8; id++) {
+        tb_request(c, id, "echo", "Echo", 0, 0, "x");
+        r = tb_work(idle);
+        tb_answer(idle, KELPIE__V1__KIND__REPLY, r->request_id, "y");
+        tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, id));
+        tb_free(r);
+    }
+    tb_expect_silence(busy, 50);
+    tb_free(held);
+}
+
+/* Sends call id from c and returns the worker of ws[0..2) it reached, after
+ * that worker answered it after pause_ms (the other gets nothing). */
+static void *tb_route(void *c, uint64_t id, void *const *ws, int pause_ms)
+{
+    tb_request(c, id, "echo", "Echo", 0, 0, "x");
+    /* Both polled at once, so neither answer is delayed by a wait on the
+     * other (the broker would count that as the worker's latency); tb_recv
+     * then reads the ready one and skips the broker's HEARTBEATs. */
+    void *got = NULL;
+    tb_header *r = NULL;
+    for (int i = 0; i < 300 && r == NULL; i++) {
+        zmq_pollitem_t items[] = {{ws[0], 0, ZMQ_POLLIN, 0}, {ws[1], 0, ZMQ_POLLIN, 0}};
+        if (zmq_poll(items, 2, 10) <= 0)
+            continue;
+        got = items[0].revents ? ws[0] : ws[1];
+        r = tb_recv(got, 1);
+    }
+    cr_assert_not_null(r, "call %lu reached no worker", (unsigned long)id);
+    cr_assert_eq(r->kind, KELPIE__V1__KIND__REQUEST);
+    if (pause_ms)
+        tb_sleep_ms(pause_ms);
+    tb_answer(got, KELPIE__V1__KIND__REPLY, r->request_id, "y");
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, id));
+    tb_free(r);
+    return got;
+}
+
+Test(broker, a_worker_far_slower_than_its_peers_is_set_aside_then_tried_again)
+{
+    /* One call at a time, so both workers are idle at every dispatch and
+     * load alone alternates them: a worker answering in 300 ms would get
+     * every other call. Its latency estimate sets it aside instead. */
+    tb_start();
+    void *ws[2];
+    ws[0] = tb_worker("echo", 4); /* the slow one (first pick: registered first) */
+    ws[1] = tb_worker("echo", 4);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    cr_assert_eq(tb_route(c, 1, ws, 300), ws[0]);
+    cr_assert_eq(tb_route(c, 2, ws, 0), ws[1]);
+    /* 300 ms halves every 100 ms: it stays slow (over 2 x fast + 1 ms) for
+     * about 800 ms; six fast round trips take far less. */
+    for (uint64_t id = 3; id <= 8; id++)
+        cr_assert_eq(tb_route(c, id, ws, 0), ws[1], "call %lu went to the slow worker",
+                     (unsigned long)id);
+    /* When the fast one is full, the slow one still takes calls. */
+    tb_request(c, 9, "echo", "Hold", 0, 0, "x");
+    tb_request(c, 10, "echo", "Hold", 0, 0, "x");
+    tb_request(c, 11, "echo", "Hold", 0, 0, "x");
+    tb_request(c, 12, "echo", "Hold", 0, 0, "x");
+    tb_request(c, 13, "echo", "Hold", 0, 0, "x");
+    tb_header *held[4];
+    for (int i = 0; i < 4; i++)
+        held[i] = tb_work(ws[1]);
+    tb_header *spill = tb_work(ws[0]);
+    tb_answer(ws[0], KELPIE__V1__KIND__REPLY, spill->request_id, "y");
+    tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, 13));
+    tb_free(spill);
+    for (int i = 0; i < 4; i++) {
+        tb_answer(ws[1], KELPIE__V1__KIND__REPLY, held[i]->request_id, "y");
+        tb_free(tb_expect(c, KELPIE__V1__KIND__REPLY, KELPIE__V1__CODE__OK, UINT64_MAX));
+        tb_free(held[i]);
+    }
+    /* The estimate ages out: after 1.5 s the slow worker is tried again (by
+     * the second call at the latest: the fast one was picked longer ago) and,
+     * answering fast, shares the calls again. Only "at least one each" is
+     * asserted: on a loaded machine one late answer may set either worker
+     * aside for a few calls (strict turns among equals: test_worker.c). */
+    tb_sleep_ms(1500);
+    int hits[2] = {0, 0};
+    for (uint64_t id = 20; id <= 29; id++) {
+        hits[tb_route(c, id, ws, 0) == ws[0] ? 0 : 1]++;
+        if (id == 21)
+            cr_assert_geq(hits[0], 1, "the slow worker was not tried again");
+    }
+    cr_assert(hits[0] >= 1 && hits[1] >= 1, "recovered worker: %d calls, other: %d", hits[0],
+              hits[1]);
+}
+
+Test(broker, a_cancelled_call_counts_toward_its_workers_latency)
+{
+    /* A hedge's loser is cancelled and answers CANCELLED at once: the time it
+     * ran unanswered is a lower bound on its worker's latency, enough to set
+     * the worker aside (a fast error must not make it look fast). */
+    tb_start();
+    void *ws[2];
+    ws[0] = tb_worker("echo", 4);
+    ws[1] = tb_worker("echo", 4);
+    void *c = tb_socket(ZMQ_DEALER, tb.fe);
+    tb_request(c, 1, "echo", "Echo", 0, 0, "x");
+    tb_header *r = tb_work(ws[0]);
+    cr_assert_eq(tb_route(c, 2, ws, 0), ws[1]);
+    tb_sleep_ms(200);
+    tb_header cancel = tb_hdr(KELPIE__V1__KIND__CANCEL, 1);
+    tb_send(c, &cancel, NULL);
+    tb_expect_error(c, KELPIE__V1__CODE__CANCELLED, 1);
+    tb_free(tb_expect(ws[0], KELPIE__V1__KIND__CANCEL, KELPIE__V1__CODE__OK, r->request_id));
+    tb_header err = tb_hdr(KELPIE__V1__KIND__ERROR, r->request_id);
+    err.code = KELPIE__V1__CODE__CANCELLED;
+    tb_send(ws[0], &err, NULL);
+    tb_free(r);
+    tb_wait_stat("in_flight", 0);
+    for (uint64_t id = 3; id <= 8; id++)
+        cr_assert_eq(tb_route(c, id, ws, 0), ws[1], "call %lu went to the slow worker",
+                     (unsigned long)id);
+}
+
 /* ---- limits ------------------------------------------------------------ */
 
 Test(broker, full_queue_and_client_limit_are_resource_exhausted)

@@ -227,22 +227,22 @@ Test(service, pick_skips_workers_without_the_method)
     struct kp_service *s = kp_services_get(&reg, "mixed", 1);
     kp_service_add_worker(s, a, ma);
     cr_assert(s->uniform, "one worker is one method set");
-    cr_assert_eq(kp_service_pick(s, "A"), a);
-    cr_assert_null(kp_service_pick(s, "B"));
+    cr_assert_eq(kp_service_pick(s, "A", 0), a);
+    cr_assert_null(kp_service_pick(s, "B", 0));
     kp_service_add_worker(s, b, mb);
     cr_assert_not(s->uniform);
     for (int i = 0; i < 5; i++) {
-        struct kp_worker *w = kp_service_pick(s, "A");
+        struct kp_worker *w = kp_service_pick(s, "A", 0);
         cr_assert_eq(w, a, "a call for A went to the worker that has only B");
         kp_worker_take_slot(w, (uint64_t)i + 1);
     }
-    cr_assert_eq(kp_service_pick(s, "B"), b);
+    cr_assert_eq(kp_service_pick(s, "B", 0), b);
     cr_assert(kp_service_implements(s, "B"));
     cr_assert_not(kp_service_implements(s, "C"));
     /* A worker with no set serves every method, and makes the service mixed. */
     kp_service_add_worker(s, a, NULL);
     cr_assert(kp_service_implements(s, "C"));
-    cr_assert_eq(kp_service_pick(s, "C"), a);
+    cr_assert_eq(kp_service_pick(s, "C", 0), a);
     kp_service_remove_worker(s, b, 2);
     cr_assert(s->uniform, "back to one set");
     kp_service_remove_worker(s, a, 2);

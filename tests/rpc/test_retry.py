@@ -2,6 +2,8 @@
 (slow replica, non-fatal failures, losers cancelled) and deadline propagation
 from a handler to its outgoing calls."""
 
+import asyncio
+import contextlib
 import time
 
 import pytest
@@ -169,4 +171,30 @@ def test_deadline_propagates_from_handler_to_its_calls(broker, procs, loop):
             # Without a deadline of its own, the inner call keeps its own.
             seen = int(await client.call("echo", "Relay", b"60", timeout=kelpie.NO_DEADLINE))
             assert 2000 < seen <= 60000
+    run(main(), loop)
+
+
+def test_a_call_cancelled_as_it_reaches_its_worker_gives_its_slot_back(broker, procs, loop):
+    """A hedge's loser is often cancelled right behind its REQUEST, so the
+    worker reads both before the call's task has run at all; a task
+    cancelled before its first step never runs its body, so the call was
+    never answered and the broker held its slot for good (a worker was
+    used up after as many quick cancels as its concurrency)."""
+    procs.worker(broker, loop=loop)
+
+    async def main():
+        async with kelpie.Client(broker.frontend, timeout=10) as client:
+            await wait_served(client)
+            for _ in range(100):
+                task = asyncio.ensure_future(client.call("echo", "Pid", b"0.2"))
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            deadline = time.monotonic() + 10
+            while (await client.stats())["in_flight"] > 0:
+                assert time.monotonic() < deadline, "cancelled calls kept their slots"
+                await asyncio.sleep(0.05)
+            assert await client.call("echo", "Echo", b"x") == b"x"
     run(main(), loop)

@@ -149,4 +149,10 @@ class CallContext:
         # A thread cannot be interrupted: it sees cancelled() and its call is
         # answered when it returns (that is when its slot is free again).
         if self._task is not None and not self._in_thread:
-            self._task.cancel()
+            # On the next turn of the loop, not now: a CANCEL read right
+            # behind its REQUEST (a hedge's loser) finds a task that has not
+            # run yet, and a task cancelled before its first step never runs
+            # its body, so the call was never answered and its slot never
+            # returned. Its first step was queued when it was made, so it
+            # runs before this (the loop's ready queue is FIFO).
+            self._worker._loop.call_soon(self._task.cancel)

@@ -96,7 +96,15 @@ class HedgingPolicy:
     copies in all (2..5), the wait before each further copy, and the codes
     after which the next copy goes at once rather than failing the call.
     Applies to calls made with ``idempotent=True`` (or idempotent in the
-    .proto) only; others go once."""
+    .proto) only; others go once.
+
+    Set ``delay`` at the p95 latency of the method on its healthy workers:
+    then about 5 % of calls are hedged for ordinary variance, plus those
+    that reach a slow worker. The broker sends few calls to a worker it has
+    measured far slower than its peers (docs/architecture.md, "Slow workers
+    last"), so hedging is left with the tail it cannot see coming. Much
+    shorter delays hedge most calls (double the load); much longer ones
+    rescue little."""
 
     __slots__ = ("max_attempts", "delay", "non_fatal")
 
