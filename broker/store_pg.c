@@ -244,8 +244,7 @@ static const char pg_insert_keyed_sql[] =
     "SELECT job_id FROM k";
 
 #define PG_PICK_COLS                                                                               \
-    "id, seq, priority, attempts, att_outcome, att_started_at, att_ended_at, att_message, "        \
-    "ctid AS tid"
+    "id, seq, priority, attempts, att_outcome, att_started_at, att_ended_at, att_message"
 
 /* Ready means QUEUED, or SCHEDULED and due: due jobs are taken directly, no
  * separate promotion pass that brokers would contend on. The two are picked
@@ -265,14 +264,11 @@ static const char pg_insert_keyed_sql[] =
 /* The claim's lease of the picked jobs: each starts its next attempt in its
  * row, and the one it ended before (a retry's) moves to `attempts`. The
  * picked rows are locked, so each is leased, and their columns read here
- * are the values the lease replaces. Each is found again by the tid its
- * lock returned (the locked version cannot move), not by a second descent
- * of the id index per job. */
+ * are the values the lease replaces. */
 #define PG_LEASE(OWNER)                                                                            \
     "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = " OWNER ", "       \
     "  updated_at = $4, att_outcome = 0, att_started_at = $4, att_ended_at = 0, "                  \
-    "  att_message = NULL FROM picked WHERE j.ctid = picked.tid AND j.id = picked.id "             \
-    "  RETURNING j.*), "                                                                           \
+    "  att_message = NULL FROM picked WHERE j.id = picked.id RETURNING j.*), "                     \
     "kept AS (INSERT INTO attempts(job_seq, n, outcome, started_at, ended_at, message) "           \
     "  SELECT seq, attempts, att_outcome, att_started_at, att_ended_at, att_message "              \
     "  FROM picked WHERE attempts > 0) "
@@ -350,35 +346,32 @@ static const char pg_inserts_sql[] =
  * (pg_note_move's, $9 this broker's id in hex, $10 the queues it claims
  * with a concurrency limit; the finished jobs' ids a few hundred to a
  * notification), so they need not wait for its answer and the
- * COMMIT can go in the same round trip. Each end finds its row's tid
- * through the id index once, in v, and the UPDATE joins on it (a TID scan
- * per end, whatever the plan). Both earlier forms were planned badly: a
- * join with the unnest alone as a scan of every job (3x the server time of
- * one statement per end), and `t.id = ANY($1) AND t.id = v.id` as a nested
- * loop comparing every row with every end (O(n^2): 2.5 of 4.8 ms for 200
- * ends) in the generic plan, or a scan of every leased job in a custom one.
- * A row that another transaction updated since v read its tid is
- * followed to its newest version, as any UPDATE does, and the UPDATE's own
- * row lock and its recheck of `state = 2 AND attempts = v.att` on that
- * version serialise it with another broker's end or recovery of the same
- * job, without a separate SELECT ... FOR UPDATE (a second write of every
- * row). */
+ * COMMIT can go in the same round trip. `t.id = ANY($1)` makes the plan find the rows by
+ * the id index: a join with the unnest alone was planned as a scan of every
+ * job (3x the server time of one statement per end). Its generic plan (the
+ * one used after 5 runs) compares each row found with each end (a nested
+ * loop, 2.5 of 4.8 ms for 200 ends); finding each row's tid in v and
+ * joining on it was O(n) but cost the server more CPU per job with 2
+ * brokers in every run (pg_bench.py, 72-80 -> 91-103 us), so it is not
+ * used. The UPDATE's own row lock and its recheck of
+ * `state = 2 AND attempts = v.att` on the newest row version serialise it
+ * with another broker's end or recovery of the same job, without a
+ * separate SELECT ... FOR UPDATE (a second write of every row). */
 /* Ids of finished jobs per "e" notification (store.h): 27 bytes each, well
  * under PG_NOTE_MAX. One notification per job cost the server more than
  * the UPDATE did (each is queued, then read by every listener). */
 #define PG_ENDED_PER_NOTE "250"
 static const char pg_ends_sql[] =
-    "WITH v AS MATERIALIZED (SELECT u.*, (SELECT ctid FROM jobs WHERE id = u.id) AS tid "
-    "  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
     "  $5::text[], $6::bigint[], $7::bytea[], $8::bytea[]) WITH ORDINALITY "
-    "  AS u(id, att, outcome, now, msg, retry_at, result, output, i)), "
+    "  AS v(id, att, outcome, now, msg, retry_at, result, output, i)), "
     "m AS (UPDATE jobs t SET state = " PG_NEXT ", "
     "  run_at = CASE WHEN " PG_NEXT " = 0 THEN v.retry_at ELSE v.now END, "
     "  updated_at = v.now, owner = 0, result = CASE WHEN v.outcome = 1 THEN v.result END, "
     "  expires_at = CASE WHEN v.outcome IN (1, 5) THEN v.now + t.result_ttl_ms END, "
     "  output = coalesce(v.output, t.output), att_outcome = v.outcome, att_ended_at = v.now, "
     "  att_message = v.msg "
-    "  FROM v WHERE t.ctid = v.tid AND t.id = v.id AND t.state = 2 AND t.attempts = v.att "
+    "  FROM v WHERE t.id = ANY($1) AND t.id = v.id AND t.state = 2 AND t.attempts = v.att "
     "  RETURNING v.i, t.id, t.state, t.run_at, t.queue), "
     "n AS (SELECT count(pg_notify('" PG_CHANNEL "', note)) AS sent FROM ("
     "  SELECT 'e ' || $9::text || ' ' || string_agg(id, ' ') AS note FROM "
