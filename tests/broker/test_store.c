@@ -1697,11 +1697,13 @@ Test(store_pg, schema_4_is_migrated_to_leave_room_in_pages, .timeout = 60)
     kp_store_destroy(&s);
 }
 
-/* A job's claim and end write its row's new versions into the page of the
- * row (which jobs' fillfactor leaves room for), not into another page: an
+/* A job's claim writes its row's new version into the page of the row
+ * (which jobs' fillfactor leaves room for), not into another page: an
  * update that moves to another page costs a WAL record more (the old
- * version's Heap/LOCK). With pages packed full (version 4) 2 updates in 3
- * moved. */
+ * version's Heap/LOCK). With pages packed full (version 4) 332 of the 400
+ * claims moved. The end's update stays in the page too once the server has
+ * pruned the row's first version, which it does only when no snapshot can
+ * see it any more: not asserted (under ASan 114 of 400 ends moved once). */
 Test(store_pg, job_rows_are_updated_in_their_own_page, .timeout = 120)
 {
     char db[512];
@@ -1730,8 +1732,8 @@ Test(store_pg, job_rows_are_updated_in_their_own_page, .timeout = 120)
                                           "WHERE page0.page <> page1.page");
     long long moved_end = pgt_value(db, "SELECT count(*) FROM page1 JOIN jobs j USING (id) "
                                         "WHERE page1.page <> (j.ctid::text::point)[0]");
-    cr_assert_leq(moved_claim + moved_end, 2 * N / 20,
-                  "%lld of %d claims and %lld of %d ends moved their row to another page",
+    cr_assert_leq(moved_claim, N / 20,
+                  "%lld of %d claims (and %lld of %d ends) moved their row to another page",
                   moved_claim, N, moved_end, N);
     kp_store_destroy(&s);
 }
