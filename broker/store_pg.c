@@ -26,6 +26,9 @@
  * its own transaction outside one, as in the SQLite store. A lost connection
  * fails the operation (KP_ESTOREIO, so SUBMIT answers UNAVAILABLE) and is
  * re-established at the next begin() or operation outside a group.
+ *
+ * The schema and its migrations are in store_pg_schema.c, the loop thread's
+ * listener and relay connections in store_pg_listen.c (store_pg_impl.h).
  */
 #include <arpa/inet.h>
 #include <stdarg.h>
@@ -38,129 +41,7 @@
 #include "alloc.h"
 #include "log.h"
 #include "store.h"
-
-#define PG_SCHEMA_VERSION 4
-/* The channel every broker LISTENs on (store.h, kp_pg_listener). */
-#define PG_CHANNEL "kelpie"
-/* pg_notify refuses payloads of 8000 bytes or more. */
-#define PG_NOTE_MAX     7900
-#define PG_LIMITED_MAX  256
-#define PG_PREPARED_MAX 64 /* distinct statements run through pg_run (all literals) */
-/* Any constant: serialises schema creation between brokers starting at once. */
-#define PG_SCHEMA_LOCK 0x4b656c706965ll
-
-_Static_assert(KP_JOB_SCHEDULED == 0 && KP_JOB_QUEUED == 1 && KP_JOB_LEASED == 2 &&
-                   KP_JOB_SUCCEEDED == 3 && KP_JOB_DEAD == 4 && KP_JOB_CANCELLED == 5,
-               "stored job states changed: bump PG_SCHEMA_VERSION");
-
-/* Every attempt of every job, for people and tests reading the database:
- * the ended ones before each job's latest, and its latest (in its row). */
-#define PG_ATTEMPTS_VIEW                                                                           \
-    "CREATE VIEW all_attempts AS SELECT job_seq, n, outcome, started_at, ended_at, message "       \
-    "FROM attempts UNION ALL SELECT seq, attempts, att_outcome, att_started_at, att_ended_at, "    \
-    "att_message FROM jobs WHERE attempts > 0;"
-
-/* Version 4. A job is written once by its SUBMIT, once by its claim and once
- * by its end, and each write adds as few index entries as it can (none of
- * the writes can be a HOT update: `state` is in the partial indexes'
- * predicates): the job's latest attempt lives in its own row (att_*), so
- * the hot path touches no other table, and a claim moves the ended attempt
- * before it to `attempts` only when the job is retried; `id` is the only
- * unique key (seq, its insertion order, has no index of its own) and under
- * the "C" collation, like `queue` (byte comparisons, not strcoll). */
-static const char pg_schema[] =
-    "CREATE TABLE kelpie_meta(version integer NOT NULL);"
-    "INSERT INTO kelpie_meta VALUES (4);"
-    "CREATE TABLE brokers("
-    " id bigint PRIMARY KEY,"
-    " heartbeat_at bigint NOT NULL," /* ms since epoch, the broker's clock */
-    " started_at bigint NOT NULL);"
-    "CREATE TABLE jobs("
-    " seq bigserial NOT NULL,"            /* insertion order: FIFO within a priority */
-    " id text COLLATE \"C\" PRIMARY KEY," /* ULID */
-    " queue text COLLATE \"C\" NOT NULL,"
-    " state smallint NOT NULL,"
-    " priority smallint NOT NULL,"
-    " run_at bigint NOT NULL,"
-    " created_at bigint NOT NULL,"
-    " updated_at bigint NOT NULL,"
-    " attempts integer NOT NULL DEFAULT 0,"
-    " attempt_base integer NOT NULL DEFAULT 0,"
-    " max_attempts integer NOT NULL,"
-    " timeout_ms bigint NOT NULL,"
-    " result_ttl_ms bigint NOT NULL,"
-    " owner bigint NOT NULL DEFAULT 0," /* the broker holding the lease */
-    " expires_at bigint,"
-    " idem_key text,"
-    " backoff_ms bigint NOT NULL DEFAULT 0,"
-    " payload bytea NOT NULL,"
-    " result bytea,"
-    " output bytea,"
-    " trace text," /* the W3C traceparent it was submitted with */
-    /* Attempt number `attempts` (none while 0): running while LEASED. */
-    " att_outcome smallint NOT NULL DEFAULT 0,"
-    " att_started_at bigint NOT NULL DEFAULT 0,"
-    " att_ended_at bigint NOT NULL DEFAULT 0,"
-    " att_message text);"
-    "CREATE INDEX jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 1;"
-    "CREATE INDEX jobs_sched ON jobs(queue, run_at) WHERE state = 0;"
-    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
-    "CREATE INDEX jobs_dead ON jobs(id) WHERE state = 4;"
-    "CREATE INDEX jobs_done ON jobs(expires_at) WHERE state IN (3, 5);"
-    /* A job's attempts before its latest, deleted with it by the statements
-     * that delete jobs (no foreign key: its check locked the job row, one
-     * more WAL record per job). */
-    "CREATE TABLE attempts("
-    " job_seq bigint NOT NULL,"
-    " n integer NOT NULL,"
-    " outcome smallint NOT NULL,"
-    " started_at bigint NOT NULL,"
-    " ended_at bigint NOT NULL DEFAULT 0,"
-    " message text,"
-    " PRIMARY KEY(job_seq, n));" PG_ATTEMPTS_VIEW "CREATE TABLE idem("
-    " queue text NOT NULL,"
-    " key text NOT NULL,"
-    " job_id text NOT NULL,"
-    " expires_at bigint NOT NULL,"
-    " PRIMARY KEY(queue, key));"
-    "CREATE INDEX idem_expiry ON idem(expires_at);"
-    "CREATE TABLE queue_limits("
-    " queue text PRIMARY KEY,"
-    " tokens double precision NOT NULL," /* the global rate's bucket */
-    " at bigint NOT NULL);";             /* its last refill, ms on the server's clock */
-
-/* From version 1 (no global limits) to 2: additive, nothing rewritten. */
-static const char pg_migrate_1_2[] =
-    "CREATE TABLE queue_limits("
-    " queue text PRIMARY KEY,"
-    " tokens double precision NOT NULL,"
-    " at bigint NOT NULL);"
-    "CREATE INDEX jobs_leased_queue ON jobs(queue) WHERE state = 2;"
-    "UPDATE kelpie_meta SET version = 2;";
-
-/* From version 2 to 3 (jobs keep their traceparent): additive; jobs stored
- * before have none. */
-static const char pg_migrate_2_3[] = "ALTER TABLE jobs ADD COLUMN trace text;"
-                                     "UPDATE kelpie_meta SET version = 3;";
-
-/* From version 3 to 4 (see pg_schema): each job's latest attempt moves from
- * `attempts` into its row; the foreign key, seq's primary key and the index
- * of leases by owner go; id becomes the primary key and id and queue take
- * the "C" collation (which rewrites the table and its indexes once). */
-static const char pg_migrate_3_4[] =
-    "ALTER TABLE jobs ADD COLUMN att_outcome smallint NOT NULL DEFAULT 0,"
-    " ADD COLUMN att_started_at bigint NOT NULL DEFAULT 0,"
-    " ADD COLUMN att_ended_at bigint NOT NULL DEFAULT 0, ADD COLUMN att_message text;"
-    "UPDATE jobs j SET att_outcome = a.outcome, att_started_at = a.started_at,"
-    " att_ended_at = a.ended_at, att_message = a.message"
-    " FROM attempts a WHERE a.job_seq = j.seq AND a.n = j.attempts;"
-    "DELETE FROM attempts a USING jobs j WHERE a.job_seq = j.seq AND a.n >= j.attempts;"
-    "ALTER TABLE attempts DROP CONSTRAINT attempts_job_seq_fkey;"
-    "ALTER TABLE jobs DROP CONSTRAINT jobs_pkey, DROP CONSTRAINT jobs_id_key;"
-    "DROP INDEX jobs_leased;"
-    "ALTER TABLE jobs ALTER COLUMN id TYPE text COLLATE \"C\","
-    " ALTER COLUMN queue TYPE text COLLATE \"C\", ADD PRIMARY KEY (id);" PG_ATTEMPTS_VIEW
-    "UPDATE kelpie_meta SET version = 4;";
+#include "store_pg_impl.h"
 
 #define PG_JOB_COLS                                                                                \
     "seq, id, queue, idem_key, state, priority, attempts, max_attempts, created_at, updated_at, "  \
@@ -332,7 +213,12 @@ static const char pg_inserts_sql[] =
  * notification), so they need not wait for its answer and the
  * COMMIT can go in the same round trip. `t.id = ANY($1)` makes the plan find the rows by
  * the id index: a join with the unnest alone was planned as a scan of every
- * job (3x the server time of one statement per end). The UPDATE's own row lock and its recheck of
+ * job (3x the server time of one statement per end). Its generic plan (the
+ * one used after 5 runs) compares each row found with each end (a nested
+ * loop, 2.5 of 4.8 ms for 200 ends); finding each row's tid in v and
+ * joining on it was O(n) but cost the server more CPU per job with 2
+ * brokers in every run (pg_bench.py, 72-80 -> 91-103 us), so it is not
+ * used. The UPDATE's own row lock and its recheck of
  * `state = 2 AND attempts = v.att` on the newest row version serialise it
  * with another broker's end or recovery of the same job, without a
  * separate SELECT ... FOR UPDATE (a second write of every row). */
@@ -369,52 +255,6 @@ _Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
 static const char *const pg_hot[] = {pg_insert_sql, pg_insert_keyed_sql,  pg_claim_sql,
                                      pg_limits_sql, pg_claim_limited_sql, pg_ends_sql,
                                      pg_inserts_sql};
-
-struct pg_store {
-    struct kp_store base;
-    PGconn *conn;
-    char *where;           /* host/db for messages, never the password */
-    uint64_t broker;       /* this broker's id: its heartbeat row */
-    uint64_t lease_ms;     /* a broker without a heartbeat for this long is dead */
-    uint64_t last_beat;    /* when this broker's last heartbeat went through */
-    uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
-    bool in_txn;           /* a group is open (begin() was called) */
-    bool txn_open;         /* its BEGIN has been sent: begin() only marks the group, and
-                              BEGIN goes with the group's first statements, one round
-                              trip fewer */
-    /* The savepoint of the last operation that succeeded in the group is
-     * still open: released in the same round trip as the next one's is
-     * taken (or by COMMIT), one round trip per operation fewer. */
-    bool sp_open;
-    /* kp_store_run_commit: the group's COMMIT goes at the end of its
-     * pipeline (commit_in_pipe), and went through (committed_in_pipe). */
-    bool commit_in_pipe, committed_in_pipe;
-    enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
-    /* Notifications of the open transaction, sent with its COMMIT: a
-     * "SELECT pg_notify(...), ..." prefix, and its length when the running
-     * operation began (an operation undone takes its own back). */
-    char *notes;
-    size_t notes_len, notes_cap, notes_mark;
-    /* Queues claimed with a concurrency limit: ending one of their jobs
-     * frees a lease, which other brokers waiting on the limit are told. */
-    char *limited[PG_LIMITED_MAX];
-    size_t nlimited;
-    /* Statements prepared on this connection, by the address of their
-     * text (every statement pg_run runs is a string literal): parsed and
-     * planned once per connection instead of at every call. */
-    const char *prepared[PG_PREPARED_MAX];
-    size_t nprepared;
-};
-
-/* Statement parameters: text for numbers and strings, binary for bytea. */
-#define PG_MAX_ARGS 16
-struct pg_args {
-    const char *v[PG_MAX_ARGS];
-    int len[PG_MAX_ARGS];
-    int fmt[PG_MAX_ARGS];
-    char num[PG_MAX_ARGS][24];
-    int n;
-};
 
 static void arg_i64(struct pg_args *a, int64_t v)
 {
@@ -499,8 +339,8 @@ static const char *pg_prepared(struct pg_store *q, const char *sql, int nparams,
     return name;
 }
 
-static enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_args *a,
-                          const char *what, PGresult **out)
+enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_args *a, const char *what,
+                   PGresult **out)
 {
     char name[16];
     const char *stmt = pg_prepared(q, sql, a ? a->n : 0, name, sizeof name);
@@ -524,7 +364,7 @@ static enum kp_err pg_run(struct pg_store *q, const char *sql, const struct pg_a
 }
 
 /* Runs statements without parameters (several may be joined by ';'). */
-static enum kp_err pg_exec(struct pg_store *q, const char *sql, const char *what)
+enum kp_err pg_exec(struct pg_store *q, const char *sql, const char *what)
 {
     PGresult *r = PQexec(q->conn, sql);
     ExecStatusType st = r ? PQresultStatus(r) : PGRES_FATAL_ERROR;
@@ -2360,57 +2200,6 @@ static const struct kp_store_ops pg_ops = {
 
 /* ---- open ------------------------------------------------------------------ */
 
-/* Creates the schema if the database has none; refuses another version and
- * a database with tables of something else. */
-static enum kp_err pg_schema_setup(struct pg_store *q)
-{
-    enum kp_err err = pg_exec(q, "BEGIN", "BEGIN");
-    if (err != KP_OK)
-        return err;
-    char lock[96];
-    snprintf(lock, sizeof lock, "SELECT pg_advisory_xact_lock(%lld)", PG_SCHEMA_LOCK);
-    PGresult *r = NULL;
-    if ((err = pg_exec(q, lock, "schema lock")) == KP_OK)
-        err = pg_run(q,
-                     "SELECT to_regclass('kelpie_meta') IS NOT NULL, "
-                     "to_regclass('jobs') IS NOT NULL",
-                     NULL, "read schema", &r);
-    if (err == KP_OK) {
-        bool meta = PQgetvalue(r, 0, 0)[0] == 't', jobs = PQgetvalue(r, 0, 1)[0] == 't';
-        PQclear(r);
-        if (!meta && jobs) {
-            err = kp_store_fail(&q->base, KP_ESTORECORRUPT,
-                                "postgresql %s: not a Kelpie job store (a jobs table without "
-                                "kelpie_meta)",
-                                q->where);
-        } else if (!meta) {
-            err = pg_exec(q, pg_schema, "create schema");
-        } else if ((err = pg_run(q, "SELECT max(version) FROM kelpie_meta", NULL, "schema version",
-                                 &r)) == KP_OK) {
-            long v = PQgetisnull(r, 0, 0) ? 0 : strtol(PQgetvalue(r, 0, 0), NULL, 10);
-            PQclear(r);
-            if (v == 1 && (err = pg_exec(q, pg_migrate_1_2, "migrate schema 1 to 2")) == KP_OK)
-                v = 2;
-            if (v == 2 && (err = pg_exec(q, pg_migrate_2_3, "migrate schema 2 to 3")) == KP_OK)
-                v = 3;
-            if (v == 3 && (err = pg_exec(q, pg_migrate_3_4, "migrate schema 3 to 4")) == KP_OK)
-                v = 4;
-            if (err == KP_OK && v != PG_SCHEMA_VERSION)
-                err =
-                    kp_store_fail(&q->base, KP_ESTORECORRUPT,
-                                  "postgresql %s: schema version %ld, this broker knows version %d",
-                                  q->where, v, PG_SCHEMA_VERSION);
-        }
-    }
-    if (err == KP_OK)
-        return pg_exec(q, "COMMIT", "COMMIT");
-    char keep[KP_STORE_ERRMSG_MAX];
-    memcpy(keep, q->base.errmsg, sizeof keep);
-    pg_exec(q, "ROLLBACK", "ROLLBACK");
-    memcpy(q->base.errmsg, keep, sizeof keep);
-    return err;
-}
-
 enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lease_ms, uint64_t now,
                              uint64_t hold_ms, struct kp_store **out, size_t *recovered,
                              char *errmsg)
@@ -2447,214 +2236,4 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
     }
     *out = &q->base;
     return KP_OK;
-}
-
-/* ---- the listener ----------------------------------------------------------- */
-
-#define PG_CONNECT_LIMIT_MS 10000 /* a connect that has not finished by then starts over */
-
-enum pg_listen_state { L_IDLE, L_CONNECTING, L_LISTEN_SENT, L_LISTENING };
-
-struct kp_pg_listener {
-    char *conninfo;
-    PGconn *conn;
-    enum pg_listen_state st;
-    PostgresPollingStatusType poll; /* while connecting: what the socket waits for */
-    uint64_t retry_at;              /* monotonic ms: the next connect, while idle */
-    uint64_t started;               /* monotonic ms the connect began */
-    bool busy;                      /* a heartbeat was sent and is not answered yet */
-    char *listen_sql;               /* the relay's LISTEN (kp_pg_relay_new); NULL: the default */
-    bool flushing;                  /* a relay batch is not all written to the socket yet */
-};
-
-struct kp_pg_listener *kp_pg_listener_new(const char *conninfo)
-{
-    struct kp_pg_listener *l = kp_calloc(1, sizeof *l);
-    l->conninfo = kp_strdup(conninfo);
-    return l;
-}
-
-static void listener_drop(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms)
-{
-    PQfinish(l->conn);
-    l->conn = NULL;
-    l->st = L_IDLE;
-    l->busy = false;
-    l->flushing = false;
-    l->retry_at = now + retry_ms;
-}
-
-void kp_pg_listener_destroy(struct kp_pg_listener **lp)
-{
-    struct kp_pg_listener *l = *lp;
-    if (!l)
-        return;
-    PQfinish(l->conn);
-    kp_free(l->conninfo);
-    kp_free(l->listen_sql);
-    kp_free(l);
-    *lp = NULL;
-}
-
-int kp_pg_listener_fd(const struct kp_pg_listener *l, short *events)
-{
-    *events = 0;
-    if (!l || !l->conn || l->st == L_IDLE)
-        return -1;
-    /* POLLIN/POLLOUT as zmq_poll spells them (ZMQ_POLLIN 1, ZMQ_POLLOUT 2). */
-    *events = l->st == L_CONNECTING && l->poll == PGRES_POLLING_WRITING ? 2 : 1;
-    if (l->flushing)
-        *events |= 2;
-    return PQsocket(l->conn);
-}
-
-bool kp_pg_listener_listening(const struct kp_pg_listener *l)
-{
-    return l && l->st == L_LISTENING;
-}
-
-bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_ms,
-                         void (*note)(void *arg, const char *text), void *arg)
-{
-    if (l->st == L_IDLE) {
-        if (now < l->retry_at)
-            return false;
-        l->conn = PQconnectStart(l->conninfo);
-        if (!l->conn || PQstatus(l->conn) == CONNECTION_BAD) {
-            listener_drop(l, now, retry_ms);
-            return false;
-        }
-        l->st = L_CONNECTING;
-        l->poll = PGRES_POLLING_WRITING;
-        l->started = now;
-    }
-    if (l->st == L_CONNECTING) {
-        l->poll = PQconnectPoll(l->conn);
-        if (l->poll == PGRES_POLLING_FAILED ||
-            (l->poll != PGRES_POLLING_OK && now - l->started > PG_CONNECT_LIMIT_MS)) {
-            listener_drop(l, now, retry_ms);
-            return false;
-        }
-        if (l->poll != PGRES_POLLING_OK)
-            return false;
-        if (PQsetnonblocking(l->conn, 1) != 0 ||
-            !PQsendQuery(l->conn, l->listen_sql ? l->listen_sql : "LISTEN " PG_CHANNEL)) {
-            listener_drop(l, now, retry_ms);
-            return false;
-        }
-        PQflush(l->conn); /* a few bytes: they fit the socket buffer */
-        l->st = L_LISTEN_SENT;
-    }
-    if (l->flushing) {
-        int f = PQflush(l->conn);
-        if (f < 0) {
-            listener_drop(l, now, retry_ms);
-            return false;
-        }
-        l->flushing = f == 1;
-    }
-    if (!PQconsumeInput(l->conn)) {
-        listener_drop(l, now, retry_ms);
-        return false;
-    }
-    bool started = false;
-    if (l->st == L_LISTEN_SENT) {
-        while (l->st == L_LISTEN_SENT && !PQisBusy(l->conn)) {
-            PGresult *r = PQgetResult(l->conn);
-            if (r == NULL) {
-                l->st = L_LISTENING;
-                started = true;
-                break;
-            }
-            bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-            PQclear(r);
-            if (!ok) {
-                listener_drop(l, now, retry_ms);
-                return false;
-            }
-        }
-    }
-    while (l->st == L_LISTENING && l->busy && !PQisBusy(l->conn)) {
-        PGresult *r = PQgetResult(l->conn);
-        if (r == NULL)
-            l->busy = false; /* a failed beat is not retried: the next one is due soon */
-        PQclear(r);
-    }
-    PGnotify *n;
-    while ((n = PQnotifies(l->conn)) != NULL) {
-        if (l->st == L_LISTENING || started)
-            note(arg, n->extra);
-        PQfreemem(n);
-    }
-    return started;
-}
-
-void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now)
-{
-    if (!l || l->st != L_LISTENING || l->busy)
-        return;
-    char id[24], at[24];
-    snprintf(id, sizeof id, "%lld", (long long)broker);
-    snprintf(at, sizeof at, "%lld", (long long)now);
-    const char *v[2] = {id, at};
-    if (PQsendQueryParams(l->conn,
-                          "INSERT INTO brokers(id, heartbeat_at, started_at) VALUES($1, $2, $2) "
-                          "ON CONFLICT (id) DO UPDATE SET heartbeat_at = "
-                          "GREATEST(brokers.heartbeat_at, $2)",
-                          2, NULL, v, NULL, NULL, 0)) {
-        l->busy = true;
-        PQflush(l->conn);
-    }
-}
-
-/* ---- the relay -------------------------------------------------------------- */
-
-/* The relay's channel: job events, INPUT and cancels between brokers
- * (jobs.c). Apart from PG_CHANNEL so a broker's relay traffic never queues
- * behind, or ahead of, its heartbeat on the listener's connection. */
-#define PG_RELAY_CHANNEL "kelpie_relay"
-
-struct kp_pg_listener *kp_pg_relay_new(const char *conninfo)
-{
-    struct kp_pg_listener *l = kp_pg_listener_new(conninfo);
-    l->listen_sql = kp_strdup("LISTEN " PG_RELAY_CHANNEL);
-    return l;
-}
-
-bool kp_pg_relay_ready(const struct kp_pg_listener *l)
-{
-    return l && l->st == L_LISTENING && !l->busy && !l->flushing;
-}
-
-bool kp_pg_relay_send(struct kp_pg_listener *l, const char *const *texts, const size_t *lens,
-                      size_t n)
-{
-    if (!kp_pg_relay_ready(l) || n == 0)
-        return false;
-    /* One transaction for the batch, committed without waiting for the WAL
-     * flush: notifications are delivered at commit either way, and what
-     * they carry is not kept (a lost one is a gap the receiver counts). */
-    static const char head[] = "BEGIN; SET LOCAL synchronous_commit = off; SELECT 0";
-    size_t cap = sizeof head + 32, len;
-    for (size_t i = 0; i < n; i++)
-        cap += 2 * lens[i] + 64;
-    char *sql = kp_malloc(cap);
-    len = (size_t)snprintf(sql, cap, "%s", head);
-    for (size_t i = 0; i < n; i++) {
-        char *lit = PQescapeLiteral(l->conn, texts[i], lens[i]);
-        if (!lit)
-            continue;
-        len +=
-            (size_t)snprintf(sql + len, cap - len, ", pg_notify('" PG_RELAY_CHANNEL "', %s)", lit);
-        PQfreemem(lit);
-    }
-    snprintf(sql + len, cap - len, "; COMMIT");
-    bool ok = PQsendQuery(l->conn, sql) == 1;
-    kp_free(sql);
-    if (!ok)
-        return false;
-    l->busy = true;
-    int f = PQflush(l->conn);
-    l->flushing = f == 1;
-    return f >= 0;
 }

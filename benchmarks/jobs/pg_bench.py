@@ -191,8 +191,34 @@ def pg_counters(pg, db):
     pg_stat_database)."""
     row = pg.psql("SELECT (SELECT wal_sync FROM pg_stat_wal), (SELECT wal_write FROM pg_stat_wal), "
                   "(SELECT wal_records FROM pg_stat_wal), (SELECT wal_bytes FROM pg_stat_wal), "
-                  f"(SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}')").strip()
-    return [int(x or 0) for x in row.split("|")]
+                  f"(SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}'), "
+                  "pg_current_wal_insert_lsn()").strip()
+    *nums, lsn = row.split("|")
+    return [int(x or 0) for x in nums] + [lsn]
+
+
+def lsn_int(lsn):
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def wal_records(pg, start, end, total):
+    """Every WAL record the server wrote between two LSNs, by type, per job (pg_waldump
+    --stats=record): exact, unlike pg_stat_wal, which backends report only now and then.
+    Returns (records per job, [(type, per job), ...] commonest first)."""
+    out = subprocess.run([f"{PG_BIN}/pg_waldump", "--stats=record", "-p",
+                          f"{pg.dir}/data/pg_wal", "-s", start, "-e", end],
+                         capture_output=True, text=True, timeout=120)
+    kinds, n = [], 0
+    for line in out.stdout.splitlines():
+        f = line.split()
+        if len(f) >= 2 and f[1].isdigit():
+            if f[0] == "Total":
+                n = int(f[1])
+            elif "/" in f[0]:
+                kinds.append((f[0], int(f[1]) / total))
+    kinds.sort(key=lambda x: -x[1])
+    return n / total, [k for k in kinds if k[1] >= 0.01]
 
 
 def top_statements(pg, db, total):
@@ -332,6 +358,9 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
             pgc1 = pg_counters(pg, db)
             if pg.statements:
                 prof["statements"] = top_statements(pg, db, total)
+            recs, kinds = wal_records(pg, pgc0[5], pgc1[5], total)
+            prof.update({"wal_lsn_bytes_per_job": (lsn_int(pgc1[5]) - lsn_int(pgc0[5])) / total,
+                         "waldump_records_per_job": recs, "wal_kinds_per_job": kinds})
             prof.update({"wal_syncs_per_job": (pgc1[0] - pgc0[0]) / total,
                          "wal_writes_per_job": (pgc1[1] - pgc0[1]) / total,
                          "wal_records_per_job": (pgc1[2] - pgc0[2]) / total,
@@ -443,11 +472,36 @@ def report(res, a, before, after):
                      f"{c['client']:.0f} | {c['total']:.0f} | "
                      f"{r['journal_requests_per_commit']:.1f} | "
                      f"{r['journal_commits_per_job']:.3f} | {pgx} |")
+    lines += ["", "WAL per job over the end-to-end phase, every record between its two LSNs "
+              "(pg_waldump --stats=record; the table above has pg_stat_wal's, which lags):", "",
+              "| build | brokers | records/job | bytes/job | by type (per job) |",
+              "|---|---|---|---|---|"]
+    for r in res:
+        if "waldump_records_per_job" in r:
+            kinds = ", ".join(f"{t} {v:.2f}" for t, v in r["wal_kinds_per_job"][:10])
+            lines.append(f"| {r['build']} | {r['brokers']} | {r['waldump_records_per_job']:.2f} | "
+                         f"{r['wal_lsn_bytes_per_job']:.0f} | {kinds} |")
     for r in res:
         if r.get("statements"):
             lines += ["", f"{r['build']} pg x{r['brokers']}: server execution µs per job | "
                       "calls per job | rows | statement", ""] + \
                 [f"    {x}" for x in r["statements"]]
+    if a.repeat > 1:
+        lines += ["", f"Medians of the {a.repeat} runs of each case:", "",
+                  "| build | store | brokers | jobs/s | postgres CPU µs/job | total CPU µs/job | "
+                  "WAL records/job | WAL bytes/job |", "|---|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys((r["build"], r["store"], r["brokers"]) for r in res):
+            rs = [r for r in res if (r["build"], r["store"], r["brokers"]) == key]
+
+            def med(f):
+                v = sorted(f(r) for r in rs)
+                return v[len(v) // 2]
+            walr = (f"{med(lambda r: r['waldump_records_per_job']):.2f} | "
+                    f"{med(lambda r: r['wal_lsn_bytes_per_job']):.0f}"
+                    if "waldump_records_per_job" in rs[0] else " | ")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {med(lambda r: r['jobs_per_s']):.0f} | "
+                         f"{med(lambda r: r['cpu_us_per_job'].get('postgres', 0)):.0f} | "
+                         f"{med(lambda r: r['cpu_us_per_job']['total']):.0f} | {walr} |")
     for label in dict.fromkeys(r["build"] for r in res):
         two, sqlite = first(label, "postgresql", 2), first(label, "sqlite")
         if two and sqlite:
@@ -488,6 +542,8 @@ def main():
     ap.add_argument("--before", metavar="KELPIED",
                     help="another kelpied build to run every case on too, interleaved")
     ap.add_argument("--job-bench")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run every case this many times (interleaved with --before's)")
     a = ap.parse_args()
     if a.quick:
         a.n, a.rtt = 5000, 100
@@ -505,7 +561,7 @@ def main():
         cases = ([] if a.no_sqlite else [("sqlite", 1, None)]) + \
             [(f"pg{k}", k, pg) for k in (int(x) for x in a.brokers.split(","))]
         res = []
-        for name, k, store in cases:
+        for name, k, store in [c for c in cases for _ in range(a.repeat)]:
             for label, binary in builds:
                 res.append(run_case(children, a, f"{name}-{label}", k, store, workdir, binary,
                                     label, recover=binary == a.kelpied))
