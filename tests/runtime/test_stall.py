@@ -203,3 +203,28 @@ def test_thread_holding_the_gil_stalls_the_loop_but_not_liveness(broker, procs, 
                      out), out
     summary = [line for line in out.splitlines() if "event loop was blocked for" in line]
     assert len(summary) == 1 and "not by a step of an async handler" in summary[0], summary
+
+
+def test_a_stack_watch_that_wakes_late_still_prints_the_stack():
+    """On a loaded machine the stack watcher's thread and faulthandler's may
+    both be kept off the CPU past faulthandler's moment while the loop is
+    still stuck (CI saw a 2.6 s stall with no stack at all). The watcher
+    must print the stack then, not assume that faulthandler did."""
+    import subprocess
+    import sys
+    code = r"""
+import threading, time
+from kelpie import _stalls
+loop_thread = threading.get_ident()
+w = _stalls._StackWatch(loop_thread, 0.2)
+w.tick(_stalls._clock() - 0.2 - _stalls._FALLBACK_DELAY - 0.3)  # found late
+time.sleep(0.5)  # the stuck 'loop': this thread, GIL released
+w.stop()
+"""
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=30, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count(STACK_HEADER) == 1, r.stderr
+    assert "faulthandler may have printed" in r.stderr, r.stderr
+    assert 'File "<string>", line 7, in <module>' in r.stderr, r.stderr

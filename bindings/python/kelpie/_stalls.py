@@ -89,15 +89,21 @@ class _StackWatch:
             if stuck < self.timeout:
                 continue
             self.reported = True
-            if stuck >= self.timeout + _FALLBACK_DELAY:
-                continue  # the GIL was held in C: faulthandler has printed it
+            # Past faulthandler's moment, either the GIL was held (it has
+            # printed every thread) or this thread and faulthandler's were
+            # both kept off the CPU (on a loaded machine neither may have run
+            # in time). The loop is still stuck and its stack readable now:
+            # print it rather than risk no stack at all, saying it may come
+            # second.
+            late = stuck >= self.timeout + _FALLBACK_DELAY
             faulthandler.cancel_dump_traceback_later()
             frame = sys._current_frames().get(self.thread_id)
             lines = traceback.format_stack(frame) if frame is not None else ["  (no frame)\n"]
             del frame
             text = (f"kelpie: event loop blocked for {stuck:.1f} s (pid {os.getpid()}); "
-                    f"stack of the loop thread, most recent call last:\n"
-                    + "".join(lines))
+                    f"stack of the loop thread, most recent call last"
+                    f"{' (faulthandler may have printed every thread above)' if late else ''}"
+                    f":\n" + "".join(lines))
             try:
                 os.write(2, text.encode("utf-8", "replace"))
             except OSError:
