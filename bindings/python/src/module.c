@@ -174,7 +174,8 @@ static int module_exec(PyObject *module)
         module_intern(&st->str_is_closed, "is_closed") < 0 ||
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
         module_intern(&st->str_on_fd, "_on_fd") < 0 ||
-        module_intern(&st->str_on_nudge, "_on_nudge") < 0) {
+        module_intern(&st->str_on_nudge, "_on_nudge") < 0 ||
+        module_intern(&st->str_call_soon, "call_soon") < 0) {
         return -1;
     }
 
@@ -282,6 +283,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_set_exception);
     Py_CLEAR(st->str_done);
     Py_CLEAR(st->str_is_closed);
+    Py_CLEAR(st->str_call_soon);
     Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_on_fd);
     Py_CLEAR(st->str_on_nudge);
