@@ -202,3 +202,28 @@ def test_not_callable_and_no_loop(ctx):
         assert rx._on_message is None
     finally:
         rx.close()
+
+
+def test_step():
+    """kelpie._kelpie.step: one coroutine step as (done, value), the
+    worker's eager step without StopIteration."""
+    from kelpie._kelpie import step
+
+    async def at_once():
+        return 5
+
+    async def waits():
+        await asyncio.sleep(0)
+        return 7
+
+    async def fails():
+        raise ValueError("boom")
+
+    assert step(at_once()) == (True, 5)
+    coro = waits()
+    assert step(coro) == (False, None)  # sleep(0)'s bare yield
+    assert step(coro) == (True, 7)
+    with pytest.raises(ValueError):
+        step(fails())
+    with pytest.raises(RuntimeError):
+        step(coro)  # already finished

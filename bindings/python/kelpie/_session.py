@@ -22,7 +22,7 @@ import logging
 import threading
 import types
 
-from . import _brokers, _executors, _security, _stalls, _wire, _zmq
+from . import _brokers, _executors, _kelpie, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
 from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
@@ -40,6 +40,7 @@ _ACK = _wire.ACK
 _CHUNK = _wire.CHUNK
 _END = _wire.END
 _parse = _wire.parse
+_step = _kelpie.step
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
 
@@ -425,9 +426,8 @@ class Session:
         """Run ``coro`` (a routing step) here; if it has to wait, the
         session reads nothing more until it is done (the reader awaited
         each step), and it goes on in a task."""
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
+        done, yielded = _step(coro)
+        if done:
             return
         session.sock._on_message = None
         session.step = self._loop.create_task(self._finish_step(session, coro, yielded))
