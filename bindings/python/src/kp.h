@@ -355,6 +355,7 @@ struct kp_socket {
                              waits, or NULL (op.c, op_deliver) */
     int delivery_due;     /* a loop.call_soon(_on_fd) for on_message is pending */
     int deliver_now;      /* the reader callback found a message for on_message */
+    int delivering;       /* op_deliver is running (its callback may send) */
 };
 
 /* Takes the socket's mutex if a Pulse thread shares the socket (see

@@ -278,8 +278,11 @@ int kp_op_fail_waiters(kp_socket *sock, int err)
  * report events (the waiters have been failed), or -1 on error. */
 static int op_poll_events(kp_socket *sock, int always)
 {
-    if (sock->handle == NULL ||
-        (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 && sock->on_message == NULL)) {
+    /* Inside a delivery, a recheck for on_message alone is not needed: the
+     * delivery receives until EAGAIN after its callback (a worker's reply
+     * sent there costs no ZMQ_EVENTS read). */
+    if (sock->handle == NULL || (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 &&
+                                 (sock->on_message == NULL || sock->delivering))) {
         return 0;
     }
     /* A receiver woken below leaves the queue before it takes its
@@ -361,7 +364,17 @@ int kp_op_schedule_delivery(kp_socket *sock)
  * next message), the callback is unset or the socket closed, or at EAGAIN,
  * which also re-arms ZMQ_FD's edge. A callback that raises: the rest is
  * delivered soon, and the loop reports the exception. */
+static int op_deliver_some(kp_socket *sock);
+
 static int op_deliver(kp_socket *sock)
+{
+    sock->delivering = 1;
+    int rc = op_deliver_some(sock);
+    sock->delivering = 0;
+    return rc;
+}
+
+static int op_deliver_some(kp_socket *sock)
 {
     for (int n = 0; n < DELIVER_BUDGET; n++) {
         if (sock->handle == NULL || sock->on_message == NULL || sock->recv_q.len != 0) {
