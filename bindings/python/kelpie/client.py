@@ -181,7 +181,7 @@ class Client(ClientJobs):
         # The reader is a callback of the socket's own loop reader
         # (docs/binding.md): an answer resolves its call's future in the
         # loop iteration that saw it arrive, with no reader task between.
-        sock._on_message = self._on_message
+        sock._on_message = self._reader()
         if self.heartbeat:
             # Learn the broker's id (and limits) before the first call.
             await self._ping(self._loop.time())
@@ -564,60 +564,68 @@ class Client(ClientJobs):
         if self._sock is not None and self._watch.owed:
             self._send_later(self._conn.ping_frame(self._loop.time()))
 
-    def _on_message(self, frames):
-        """One message from the broker, from the socket's reader callback."""
-        try:
-            self._route(frames)
-        except Exception as exc:
-            # A bug: stop reading (as a failed reader task did), since
-            # nothing will ever answer the outstanding calls.
-            sock = self._sock
-            if sock is not None:
-                sock._on_message = None
-            self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
-
-    def _route(self, frames):
-        self._watch.last_recv = self._loop.time()
-        try:
-            header = _parse(frames[0])
-        except Exception:
-            return  # garbage from the peer: nothing to route it to
-        rid = header.request_id
+    def _reader(self):
+        """The socket's message callback: routes one message from the broker
+        (what the reader task's loop body was), with what it uses every time
+        bound once."""
         # The one table of the client's life (see __init__): never stale.
         pending = self._pending
-        entry = pending.get(rid)
-        if entry is None:
-            # HEARTBEAT, DISCONNECT, or a late answer to a call already
-            # finished locally (cancelled, timed out): nothing to do.
-            kind = header.kind
-            if kind == _wire.HEARTBEAT:
-                lost = self._conn.heartbeat(header)
-                if lost is not None:
-                    self._fail_restarted(*lost)
-            elif header.max_message_size:
-                self._conn.max_message_size = header.max_message_size
-            elif kind == _wire.DISCONNECT and pending:
-                self._fail_all(Unavailable("broker is shutting down"))
-            return
-        kind = header.kind
-        cls = entry.__class__
-        if cls is _StreamState or cls is _DuplexState or cls is _Watch:
-            entry.deliver(kind, header, frames)
-        elif kind == _REPLY:
-            del pending[rid]
-            if not entry.done():
-                entry.set_result((header, frames))
-        elif kind == _ERROR:
-            del pending[rid]
-            if not entry.done():
-                entry.set_exception(_calls.error_from(header))
-        elif kind == _ACCEPTED or kind == _ACK:
-            # A job's SUBMIT is durable, or its INPUT forwarded (kelpie.jobs).
-            del pending[rid]
-            if not entry.done():
-                entry.set_result((header, frames))
-        # Anything else for a unary call (a CHUNK...) is a protocol
-        # violation by the worker; the call still ends with its terminal.
+        get = pending.get
+        clock = self._loop.time
+        watch = self._watch
+        conn = self._conn
+        parse = _parse
+
+        def on_message(frames):
+            try:
+                watch.last_recv = clock()
+                try:
+                    header = parse(frames[0])
+                except Exception:
+                    return  # garbage from the peer: nothing to route it to
+                rid = header.request_id
+                entry = get(rid)
+                if entry is None:
+                    # HEARTBEAT, DISCONNECT, or a late answer to a call already
+                    # finished locally (cancelled, timed out): nothing to do.
+                    kind = header.kind
+                    if kind == _wire.HEARTBEAT:
+                        lost = conn.heartbeat(header)
+                        if lost is not None:
+                            self._fail_restarted(*lost)
+                    elif header.max_message_size:
+                        conn.max_message_size = header.max_message_size
+                    elif kind == _wire.DISCONNECT and pending:
+                        self._fail_all(Unavailable("broker is shutting down"))
+                    return
+                kind = header.kind
+                cls = entry.__class__
+                if cls is _StreamState or cls is _DuplexState or cls is _Watch:
+                    entry.deliver(kind, header, frames)
+                elif kind == _REPLY:
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_result((header, frames))
+                elif kind == _ERROR:
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_exception(_calls.error_from(header))
+                elif kind == _ACCEPTED or kind == _ACK:
+                    # A job's SUBMIT is durable, or its INPUT forwarded (kelpie.jobs).
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_result((header, frames))
+                # Anything else for a unary call (a CHUNK...) is a protocol
+                # violation by the worker; the call still ends with its terminal.
+            except Exception as exc:
+                # A bug: stop reading (as a failed reader task did), since
+                # nothing will ever answer the outstanding calls.
+                sock = self._sock
+                if sock is not None:
+                    sock._on_message = None
+                self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
+
+        return on_message
 
     def _fail_all(self, exc):
         pending = self._pending
