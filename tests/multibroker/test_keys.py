@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -595,3 +596,76 @@ def test_a_worker_keeps_a_dead_brokers_share_on_the_others(tmp_path, postgres, k
     assert set(samples) == {8}, f"{samples}\n{worker_log(w)}"
     assert worker_log(w).count(f"lost the broker at {b.backend}") == 1, worker_log(w)
     print(f"\n[{loop}] b down: a offered 8 credits in all {len(samples)} samples over 3 s")
+
+
+def handshakes_failed_at(broker):
+    return stats(broker)["auth_handshake_failed"]
+
+
+def test_sync_client_idle_threads_stop_dialling_a_refusing_broker(tmp_path, postgres, keys,
+                                                                   cleanup):
+    """Several threads of one blocking client, each with its own connection
+    to both brokers; b is restarted with another key pair while they idle.
+    Once one thread's call meets the refusal, every thread's connection to
+    b is closed with it: their sockets do not redial b (each redial is a
+    failed handshake b counts) while b is refused, only the client's tries
+    on the backoff do. b back with its own key: every thread calls through
+    it again."""
+    url, _ = postgres.new_db()
+    a, b = curve_brokers(tmp_path, url, keys, cleanup, names="ab")
+    pubs = [keys[name][0] + ".pub" for name in "ab"]
+    n = 4
+    with kelpie.sync.Client([a.frontend, b.frontend], key=keys["client"][0], server_key=pubs,
+                            heartbeat=0.2, timeout=15) as sc:
+        lane_b = sc._lanes[1].client
+        go = [threading.Event() for _ in range(2)]
+        errors = []
+
+        def thread_main():
+            try:
+                # Until this thread has a connection to b (round-robin).
+                end = time.monotonic() + 15
+                while getattr(lane_b._local, "conn", None) is None:
+                    assert time.monotonic() < end, "no connection to b"
+                    ping_any(sc)
+                go[0].wait(60)  # idle while b changes its key
+                for _ in range(6):
+                    ping_any(sc)
+                go[1].wait(60)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=thread_main) for _ in range(n)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: lane_b.connections >= n or errors, 15, "every thread connected to b")
+        assert not errors, errors
+        restart_with_key(b, keys, "c")
+        # This thread meets the refusal: b silent under a call, lost, then
+        # refused at the client's next handshake with it.
+        end = time.monotonic() + 15
+        while "error" not in sc.brokers[1]:
+            assert time.monotonic() < end, f"b not seen as refused: {sc.brokers}"
+            ping_any(sc)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        before = handshakes_failed_at(b)
+        time.sleep(3.0)
+        failed = handshakes_failed_at(b) - before
+        # The backoff tries b at most at 0.5, 1, 2 s after a refusal here;
+        # the idle threads' sockets, had they kept dialling, would have
+        # failed ~10 handshakes a second each.
+        assert failed <= 4, f"{failed} failed handshakes at b in 3 s while it was refused"
+        assert lane_b.connections == 0, lane_b.connections
+        restart_with_key(b, keys, "b")
+        wait_for(lambda: sc.brokers[1]["up"] and "error" not in sc.brokers[1], 40,
+                 "b used again")
+        before = broker_calls_at(b)
+        go[0].set()
+        go[1].set()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        # 6 calls a thread, round-robin over two lanes up (the reading: 1).
+        assert broker_calls_at(b) - before >= n * 2, "the threads' calls did not reach b again"
+    print(f"\n{n} idle threads, b refused: {failed} failed handshakes at b in 3 s")

@@ -51,7 +51,10 @@ and used again once one succeeds. The sync client meets a refusal when a
 thread connects: a broker that changes its key under an open connection is
 first lost (silent), then refused at its prober thread's next try, which
 makes a new connection (and handshake) each time; the prober tries refused
-lanes on the same backoff, and a lane it finds accepting is used again. A
+lanes on the same backoff, and a lane it finds accepting is used again.
+Once one thread meets a refusal, every thread's connection to that broker
+without an open stream is closed (an idle socket would redial it and be
+refused at each try); threads connect again at their next call to it. A
 worker's lane refused (at the start, or at a reconnect: its broker came back
 with another key) is tried again on the same backoff while the others keep
 its share, and registers once accepted (serve_lane). Lost, refused and used
@@ -255,7 +258,10 @@ class _Picker:
         moved before (two attempts at most), if another lane is up and the
         deadline allows."""
         if getattr(exc, "handshake", False):
-            self._refuse(lane, exc)
+            if lane.refused is None:
+                self._refuse(lane, exc)
+            # else: a connection another thread closed when the refusal was
+            # seen there (kelpie.sync, _Conn.gone): the same refusal, counted.
             return self._pick(), moved  # raises when every broker has refused
         if not self._lost(lane, exc):
             raise exc
@@ -670,8 +676,13 @@ def make_sync(base):
 
         def _refuse(self, lane, exc):
             # Met by a request's handshake (_after_loss) or the prober's: the
-            # prober tries it again on the backoff.
+            # prober tries it again on the backoff. Every thread's connection
+            # to that broker is closed with it (the one that saw it made a new
+            # one for its handshake): idle sockets would redial it and be
+            # refused at each try. Threads connect again at their next call
+            # once the prober finds it accepting.
             delay = _Picker._refuse(self, lane, exc)
+            lane.client._close_idle(exc)
             self._start_prober()
             return delay
 

@@ -1,6 +1,6 @@
 # Type stubs for the C extension kelpie._kelpie (tests/binding/test_stubs.py
 # checks these names and signatures against the compiled module).
-from collections.abc import Generator, Sequence
+from collections.abc import Coroutine, Generator, Sequence
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar, overload
 
@@ -178,6 +178,7 @@ class BlockingSocket:
     def __exit__(self, *exc: object) -> None: ...
 
 def zmq_version_info() -> tuple[int, int, int]: ...
+def step(coro: Coroutine[Any, None, Any], /) -> tuple[bool, Any]: ...
 def _use_errors(zmq_error: type[ZMQError], again: type[Again], context_terminated: type[ContextTerminated], /) -> None: ...
 
 AFFINITY: Final[int]

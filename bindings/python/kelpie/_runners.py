@@ -19,7 +19,7 @@ import logging
 import time
 import types
 
-from . import _compression, _executors, _interceptors, _streaming, _wire
+from . import _compression, _executors, _interceptors, _kelpie, _streaming, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._context import current_call as _current_call
 from ._handlers import _IN_PROCESS, _IN_THREAD, _ON_LOOP
@@ -32,6 +32,8 @@ log = logging.getLogger("kelpie.worker")
 _oversize = _wire.oversize
 _FRESH = object()  # _drive: the coroutine has not been started yet
 _clock = time.monotonic
+_step = _kelpie.step
+_Coroutine = types.CoroutineType
 _FutureTimeout = concurrent.futures.TimeoutError
 _CLIENT_STREAM = _wire.CLIENT_STREAM
 _COMPRESSED = _wire.COMPRESSED
@@ -254,18 +256,21 @@ class Runners:
         t0 = _clock()
         try:
             coro = handler.fn(payload, ctx)
-            if not inspect.iscoroutine(coro):
+            if coro.__class__ is not _Coroutine and not inspect.iscoroutine(coro):
                 result = coro
             else:
-                yielded = coro.send(None)
-                if _clock() - t0 > self._slow_step:
-                    self._blocked_in(handler.name, _clock() - t0)
-                session.calls[rid] = ctx
-                ctx._task = self._loop.create_task(
-                    self._finish_unary(session, ctx, handler, coro, yielded))
-                if ctx.deadline is not None:
-                    ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
-                return
+                # One step without StopIteration when it finishes (most do).
+                done, result = _step(coro)
+                if not done:
+                    if _clock() - t0 > self._slow_step:
+                        self._blocked_in(handler.name, _clock() - t0)
+                    session.calls[rid] = ctx
+                    ctx._task = self._loop.create_task(
+                        self._finish_unary(session, ctx, handler, coro, result))
+                    if ctx.deadline is not None:
+                        ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel,
+                                                        _BY_DEADLINE)
+                    return
         except StopIteration as stop:
             result = stop.value
         except BaseException as exc:  # noqa: B036 - every failure is answered

@@ -20,8 +20,9 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import types
 
-from . import _brokers, _executors, _security, _stalls, _wire, _zmq
+from . import _brokers, _executors, _kelpie, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
 from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
@@ -38,12 +39,17 @@ _JOB = _wire.JOB
 _ACK = _wire.ACK
 _CHUNK = _wire.CHUNK
 _END = _wire.END
+_parse = _wire.parse
+_step = _kelpie.step
+_enter_task = asyncio.tasks._enter_task
+_leave_task = asyncio.tasks._leave_task
 
 
 class _Session:
     """One registration with the broker: a socket and what runs on it."""
 
-    __slots__ = ("sock", "calls", "ending", "last_recv", "last_ready", "reader", "pulse")
+    __slots__ = ("sock", "calls", "ending", "last_recv", "last_ready", "reader", "pulse",
+                 "on_message", "read_end", "step")
 
     def __init__(self, sock, now):
         self.sock = sock
@@ -53,6 +59,28 @@ class _Session:
         self.reader = None
         self.last_ready = 0.0
         self.pulse = None
+        self.on_message = None  # the socket's message callback while reading
+        self.read_end = None    # the reader's future: how reading ended
+        self.step = None        # the task finishing a step that suspended
+
+
+@types.coroutine
+def _resume(coro, yielded):
+    """Go on with ``coro``, stepped by hand until it yielded ``yielded``,
+    in the task that awaits this (values and exceptions passed through)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # noqa: B036 - forwarded to the coroutine
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
 
 
 class Session:
@@ -352,82 +380,143 @@ class Session:
 
 
     async def _read_loop(self, session):
-        recv = session.sock.recv_multipart
-        parse = _wire.parse
-        loop = self._loop
-        calls = session.calls
-        while True:
-            frames = await recv()
-            session.last_recv = loop.time()
+        """The session's reader: what the broker sends is routed by the
+        socket's message callback (_on_message), in the loop iteration that
+        saw it arrive (no Task step per message); this task holds the
+        session's reading and ends as reading does (DISCONNECT: None; an
+        error: raised)."""
+        sock = session.sock
+        session.read_end = end = self._loop.create_future()
+        reader = asyncio.current_task()
+
+        def on_message(frames):
+            # The reader's task is current while a message is handled, as
+            # when it awaited each one: a handler's eager step sees it.
+            _enter_task(self._loop, reader)
             try:
-                header = parse(frames[0])
-            except Exception:
-                log.warning("undecodable header from the broker; dropped")
-                continue
-            kind = header.kind
-            if kind == _REQUEST:
-                if header.version != _wire.VERSION:
-                    await self._send(session, _wire.error(
-                        header.request_id, StatusCode.FAILED_PRECONDITION,
-                        f"worker speaks KLP version {_wire.VERSION}, not {header.version}"))
-                    continue
-                await self._on_request(session, header, frames)
-            elif kind == _CANCEL:
-                ctx = calls.get(header.request_id)
-                if ctx is not None:
-                    ctx._cancel(_BY_CLIENT)
-                else:
-                    self._cancel_job(header.request_id)
-            elif kind == _JOB:
-                await self._on_job(session, header, frames)
-            elif kind == _ACK:
-                self._on_ack(header)
-            elif kind == _wire.INPUT:
-                self._on_job_input(header, frames)
-            elif kind == _wire.STATUS:
-                self._on_status(session, header)
-            elif kind == _CREDIT:
-                ctx = calls.get(header.request_id)
-                if ctx is not None:
-                    ctx._grant(header.credits)
-            elif kind == _CHUNK or kind == _END:
-                # A client-streamed call's input (protocol.md §5.6); input
-                # for a call already answered is dropped.
-                ctx = calls.get(header.request_id)
-                if ctx is not None and ctx._input is not None:
-                    ctx._input.feed(kind, header, frames)
-            elif kind == _wire.HEARTBEAT:
-                if header.heartbeat_ms:
-                    self._broker_heartbeat = header.heartbeat_ms / 1000.0
-                if header.broker_id and header.broker_id != self._broker_id:
-                    self._on_new_broker(session, header.broker_id)
-                if header.max_message_size:
-                    self._max_message_size = header.max_message_size
-            elif kind == _wire.DISCONNECT:
-                log.info("broker sent DISCONNECT: reconnecting")
-                session.ending = True
+                self._on_message(session, frames)
+            except BaseException as exc:  # noqa: B036 - ends the reader, as it did
+                self._stop_reading(session, exc)
+            finally:
+                _leave_task(self._loop, reader)
+
+        session.on_message = on_message
+        sock._on_message = on_message
+        try:
+            return await end
+        finally:
+            session.on_message = None
+            if not sock.closed:
+                sock._on_message = None
+            if session.step is not None:
+                session.step.cancel()
+
+    def _stop_reading(self, session, exc=None):
+        session.on_message = None
+        if not session.sock.closed:
+            session.sock._on_message = None
+        end = session.read_end
+        if end is not None and not end.done():
+            if exc is None:
+                end.set_result(None)
+            else:
+                end.set_exception(exc)
+
+    def _step(self, session, coro):
+        """Run ``coro`` (a routing step) here; if it has to wait, the
+        session reads nothing more until it is done (the reader awaited
+        each step), and it goes on in a task."""
+        done, yielded = _step(coro)
+        if done:
+            return
+        session.sock._on_message = None
+        session.step = self._loop.create_task(self._finish_step(session, coro, yielded))
+
+    async def _finish_step(self, session, coro, yielded):
+        try:
+            await _resume(coro, yielded)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: B036 - ends the reader, as it did
+            self._stop_reading(session, exc)
+            return
+        finally:
+            session.step = None
+        if session.on_message is not None and not session.sock.closed:
+            session.sock._on_message = session.on_message
+
+    def _on_message(self, session, frames):
+        calls = session.calls
+        session.last_recv = self._loop.time()
+        try:
+            header = _parse(frames[0])
+        except Exception:
+            log.warning("undecodable header from the broker; dropped")
+            return
+        kind = header.kind
+        if kind == _REQUEST:
+            if header.version != _wire.VERSION:
+                self._step(session, self._send(session, _wire.error(
+                    header.request_id, StatusCode.FAILED_PRECONDITION,
+                    f"worker speaks KLP version {_wire.VERSION}, not {header.version}")))
                 return
-            elif kind == _wire.ERROR:
-                if header.code == StatusCode.FAILED_PRECONDITION:
-                    # The broker does not know us (it restarted, or gave us up
-                    # while our loop was blocked): register again. It answers
-                    # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
-                    # its id); at most once per 0.2 s, so a broker refusing
-                    # our READY too (another protocol version) is not flooded.
-                    # Whatever we were running was dispatched before the
-                    # broker forgot us (the pipe is ordered): orphans.
-                    self._orphan_calls(session, "the broker does not know this worker")
-                    if loop.time() - session.last_ready >= 0.2:
-                        log.info("broker: %s; registering again", header.message)
-                        self._withhold()
-                        self._send_ready(session)
-                elif header.code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
-                    # Our key left the allow-list (reload), or may not serve
-                    # a service we offered: run() ends with this error.
-                    raise RpcError(header.code, header.message)
-                elif not self._on_job_error(header):
-                    log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
-                                header.message)
+            self._step(session, self._on_request(session, header, frames))
+        elif kind == _CANCEL:
+            ctx = calls.get(header.request_id)
+            if ctx is not None:
+                ctx._cancel(_BY_CLIENT)
+            else:
+                self._cancel_job(header.request_id)
+        elif kind == _JOB:
+            self._step(session, self._on_job(session, header, frames))
+        elif kind == _ACK:
+            self._on_ack(header)
+        elif kind == _wire.INPUT:
+            self._on_job_input(header, frames)
+        elif kind == _wire.STATUS:
+            self._on_status(session, header)
+        elif kind == _CREDIT:
+            ctx = calls.get(header.request_id)
+            if ctx is not None:
+                ctx._grant(header.credits)
+        elif kind == _CHUNK or kind == _END:
+            # A client-streamed call's input (protocol.md §5.6); input
+            # for a call already answered is dropped.
+            ctx = calls.get(header.request_id)
+            if ctx is not None and ctx._input is not None:
+                ctx._input.feed(kind, header, frames)
+        elif kind == _wire.HEARTBEAT:
+            if header.heartbeat_ms:
+                self._broker_heartbeat = header.heartbeat_ms / 1000.0
+            if header.broker_id and header.broker_id != self._broker_id:
+                self._on_new_broker(session, header.broker_id)
+            if header.max_message_size:
+                self._max_message_size = header.max_message_size
+        elif kind == _wire.DISCONNECT:
+            log.info("broker sent DISCONNECT: reconnecting")
+            session.ending = True
+            self._stop_reading(session)
+        elif kind == _wire.ERROR:
+            if header.code == StatusCode.FAILED_PRECONDITION:
+                # The broker does not know us (it restarted, or gave us up
+                # while our loop was blocked): register again. It answers
+                # this way whatever we sent (a HEARTBEAT: id 0; a REPLY:
+                # its id); at most once per 0.2 s, so a broker refusing
+                # our READY too (another protocol version) is not flooded.
+                # Whatever we were running was dispatched before the
+                # broker forgot us (the pipe is ordered): orphans.
+                self._orphan_calls(session, "the broker does not know this worker")
+                if self._loop.time() - session.last_ready >= 0.2:
+                    log.info("broker: %s; registering again", header.message)
+                    self._withhold()
+                    self._send_ready(session)
+            elif header.code in (StatusCode.UNAUTHENTICATED, StatusCode.PERMISSION_DENIED):
+                # Our key left the allow-list (reload), or may not serve
+                # a service we offered: run() ends with this error.
+                raise RpcError(header.code, header.message)
+            elif not self._on_job_error(header):
+                log.warning("broker error %s: %s", StatusCode.coerce(header.code).name,
+                            header.message)
 
     def _on_new_broker(self, session, broker_id):
         """A HEARTBEAT with a new ``broker_id``. The first one from an

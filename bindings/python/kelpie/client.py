@@ -54,6 +54,7 @@ __all__ = ["Client", "Stream", "DEFAULT_FRONTEND", "DEFAULT_TIMEOUT", "NO_DEADLI
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
 
 _REPLY = _wire.REPLY
+_parse = _wire.parse
 _COMPRESSED = _wire.COMPRESSED
 _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
@@ -138,7 +139,6 @@ class Client(ClientJobs):
         self._own_context = False
         self._sock = None
         self._loop = None
-        self._reader = None
         self._pinger = None
         # One table for the client's whole life: emptied in place, never
         # replaced, so the reader (which holds it) always sees the live one.
@@ -178,8 +178,10 @@ class Client(ClientJobs):
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])
         self._sock = sock
         self._watch.heard(self._loop.time())
-        self._reader = self._loop.create_task(self._read_loop())
-        self._reader.add_done_callback(self._reader_done)
+        # The reader is a callback of the socket's own loop reader
+        # (docs/binding.md): an answer resolves its call's future in the
+        # loop iteration that saw it arrive, with no reader task between.
+        sock._on_message = self._reader()
         if self.heartbeat:
             # Learn the broker's id (and limits) before the first call.
             await self._ping(self._loop.time())
@@ -191,15 +193,15 @@ class Client(ClientJobs):
         if self._closed:
             return
         self._closed = True
-        for task in (self._reader, self._pinger):
-            if task is not None:
-                task.cancel()
-        for task in (self._reader, self._pinger):
-            if task is not None:
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        if self._sock is not None:
+            self._sock._on_message = None
+        task = self._pinger
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
         pending = list(self._pending.values())
         self._pending.clear()
         if self._deadlines is not None:
@@ -562,61 +564,68 @@ class Client(ClientJobs):
         if self._sock is not None and self._watch.owed:
             self._send_later(self._conn.ping_frame(self._loop.time()))
 
-    async def _read_loop(self):
-        recv = self._sock.recv_multipart
+    def _reader(self):
+        """The socket's message callback: routes one message from the broker
+        (what the reader task's loop body was), with what it uses every time
+        bound once."""
         # The one table of the client's life (see __init__): never stale.
         pending = self._pending
-        parse = _wire.parse
-        loop = self._loop
+        get = pending.get
+        clock = self._loop.time
         watch = self._watch
         conn = self._conn
-        while True:
-            frames = await recv()
-            watch.last_recv = loop.time()
-            try:
-                header = parse(frames[0])
-            except Exception:
-                continue  # garbage from the peer: nothing to route it to
-            rid = header.request_id
-            entry = pending.get(rid)
-            if entry is None:
-                # HEARTBEAT, DISCONNECT, or a late answer to a call already
-                # finished locally (cancelled, timed out): nothing to do.
-                kind = header.kind
-                if kind == _wire.HEARTBEAT:
-                    lost = conn.heartbeat(header)
-                    if lost is not None:
-                        self._fail_restarted(*lost)
-                elif header.max_message_size:
-                    conn.max_message_size = header.max_message_size
-                elif kind == _wire.DISCONNECT and pending:
-                    self._fail_all(Unavailable("broker is shutting down"))
-                continue
-            kind = header.kind
-            cls = entry.__class__
-            if cls is _StreamState or cls is _DuplexState or cls is _Watch:
-                entry.deliver(kind, header, frames)
-            elif kind == _REPLY:
-                del pending[rid]
-                if not entry.done():
-                    entry.set_result((header, frames))
-            elif kind == _ERROR:
-                del pending[rid]
-                if not entry.done():
-                    entry.set_exception(_calls.error_from(header))
-            elif kind == _ACCEPTED or kind == _ACK:
-                # A job's SUBMIT is durable, or its INPUT forwarded (kelpie.jobs).
-                del pending[rid]
-                if not entry.done():
-                    entry.set_result((header, frames))
-            # Anything else for a unary call (a CHUNK...) is a protocol
-            # violation by the worker; the call still ends with its terminal.
+        parse = _parse
 
-    def _reader_done(self, task):
-        # The reader only ends by close() (cancelled) or by a bug or a closed
-        # socket; then nothing will ever answer the outstanding calls.
-        if not task.cancelled() and task.exception() is not None:
-            self._fail_all(Unavailable(f"client reader failed: {task.exception()!r}"))
+        def on_message(frames):
+            try:
+                watch.last_recv = clock()
+                try:
+                    header = parse(frames[0])
+                except Exception:
+                    return  # garbage from the peer: nothing to route it to
+                rid = header.request_id
+                entry = get(rid)
+                if entry is None:
+                    # HEARTBEAT, DISCONNECT, or a late answer to a call already
+                    # finished locally (cancelled, timed out): nothing to do.
+                    kind = header.kind
+                    if kind == _wire.HEARTBEAT:
+                        lost = conn.heartbeat(header)
+                        if lost is not None:
+                            self._fail_restarted(*lost)
+                    elif header.max_message_size:
+                        conn.max_message_size = header.max_message_size
+                    elif kind == _wire.DISCONNECT and pending:
+                        self._fail_all(Unavailable("broker is shutting down"))
+                    return
+                kind = header.kind
+                cls = entry.__class__
+                if cls is _StreamState or cls is _DuplexState or cls is _Watch:
+                    entry.deliver(kind, header, frames)
+                elif kind == _REPLY:
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_result((header, frames))
+                elif kind == _ERROR:
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_exception(_calls.error_from(header))
+                elif kind == _ACCEPTED or kind == _ACK:
+                    # A job's SUBMIT is durable, or its INPUT forwarded (kelpie.jobs).
+                    del pending[rid]
+                    if not entry.done():
+                        entry.set_result((header, frames))
+                # Anything else for a unary call (a CHUNK...) is a protocol
+                # violation by the worker; the call still ends with its terminal.
+            except Exception as exc:
+                # A bug: stop reading (as a failed reader task did), since
+                # nothing will ever answer the outstanding calls.
+                sock = self._sock
+                if sock is not None:
+                    sock._on_message = None
+                self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
+
+        return on_message
 
     def _fail_all(self, exc):
         pending = self._pending

@@ -64,7 +64,8 @@ from . import _security, _streaming, _wire, _zmq
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
-from .errors import DeadlineExceeded, ResourceExhausted, RpcError, Unavailable
+from .errors import AuthenticationError, DeadlineExceeded, ResourceExhausted, RpcError
+from .errors import Unavailable
 from .stubs import Stub as _AsyncStub, _blocking_bidi, _blocking_client_stream
 from .stubs import _blocking_server_stream, _blocking_unary
 
@@ -117,7 +118,7 @@ class _Conn(_core.Conn):
     protocol state (request ids, limits, liveness) of kelpie._core."""
 
     __slots__ = ("sock", "streams", "cancels", "dead", "owner", "lost_before", "read_before",
-                 "_finalizer", "__weakref__")
+                 "refused", "_finalizer", "__weakref__")
 
     def __init__(self, client):
         _core.Conn.__init__(self, client.heartbeat, client.liveness, _monotonic())
@@ -145,6 +146,9 @@ class _Conn(_core.Conn):
         self.owner = threading.get_ident()
         self.lost_before = 0  # calls with smaller ids fail: the broker restarted
         self.read_before = 0  # ...and those with smaller ids the old one had read
+        # The broker's refusal that made another thread close this one
+        # (Client._close_idle), to raise if the owner was about to use it.
+        self.refused = None
         self._finalizer = weakref.finalize(self, _close_socket, sock, self.streams)
 
     def close(self, exc=None):
@@ -156,6 +160,19 @@ class _Conn(_core.Conn):
             for state in list(self.streams.values()):
                 state.fail(exc)
         self._finalizer()
+
+    def gone(self):
+        """The error for a use of this connection that failed because it
+        was closed under it: by Client.close(), or by another thread after
+        its broker refused our handshake (the request was not delivered:
+        the socket had no connection the broker accepted)."""
+        self.dead = True
+        why = self.refused
+        if why is None:
+            return _closed_error()
+        exc = AuthenticationError(why.message)
+        exc.handshake = True  # sent nothing: another broker may take it (kelpie._brokers)
+        return exc
 
     def send(self, frames):
         if self.cancels:
@@ -258,8 +275,7 @@ class _Conn(_core.Conn):
                 # ENOTSOCK (it closed this idle socket between two waits).
                 if not self.dead and not client._closed:
                     raise
-                self.dead = True
-                raise _closed_error() from None
+                raise self.gone() from None
             now = _monotonic()
             watch.heard(now)
             # Ping on schedule even while answers flow: answers from a new
@@ -422,6 +438,23 @@ class Client(SyncClientJobs):
         """The client a job's watch is sent through (a lane of several brokers)."""
         return self
 
+    def _close_idle(self, refused):
+        """Close every thread's connection that has no open stream: their
+        broker refused our handshake (``refused``, seen by one thread), and
+        an idle thread's socket would otherwise keep redialling it and be
+        refused at each try, unseen. Their threads open new connections at
+        their next call, once the broker is used again (kelpie._brokers). A
+        socket a thread is waiting in cannot be closed from here (it is left
+        to that call's own liveness); a thread about to use one that is
+        closed gets ``refused`` again (_Conn.gone)."""
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            if conn.dead or conn.streams:
+                continue
+            conn.refused = refused
+            conn.close()
+
     def _conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.dead:
@@ -496,7 +529,13 @@ class Client(SyncClientJobs):
     def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata,
               compression=None):
         conn = self._conn()
-        if conn.sock.getsockopt(_EVENTS) & _POLLIN:
+        try:
+            stale = conn.sock.getsockopt(_EVENTS) & _POLLIN
+        except _ZMQError:
+            if not conn.dead:
+                raise
+            raise conn.gone() from None
+        if stale:
             conn.drain_stale()
         now = _monotonic()
         if conn.watch.stale(now):
@@ -514,8 +553,7 @@ class Client(SyncClientJobs):
         except _ZMQError:
             if not conn.dead and not self._closed:
                 raise
-            conn.dead = True
-            raise _closed_error() from None
+            raise conn.gone() from None
         conn.watch.sent_call()
         try:
             header, frames = conn.wait(self, rid, deadline)
@@ -874,8 +912,7 @@ class _StreamState(_calls.StreamCore):
             conn.streams.pop(rid, None)
             self.finished = True
             if isinstance(exc, _ZMQError) and (conn.dead or self.client._closed):
-                conn.dead = True
-                self.error = _closed_error()
+                self.error = conn.gone()
                 raise self.error from None
             raise
 

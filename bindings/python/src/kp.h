@@ -80,6 +80,7 @@ typedef struct kp_state {
     PyObject *str_blocking;          /* "_asyncio_future_blocking" */
     PyObject *str_on_fd;             /* "_on_fd", the socket's reader callback */
     PyObject *str_on_nudge;          /* "_on_nudge", a Pulse's eventfd reader */
+    PyObject *str_call_soon;         /* "call_soon", a delivery to on_message */
     PyObject *future_type;           /* asyncio.Future */
     PyObject *base_create_future;    /* asyncio.BaseEventLoop.create_future */
     PyObject *loop_kwnames;          /* ("loop",) for calling future_type */
@@ -301,6 +302,9 @@ int kp_op_recheck(kp_socket *sock);
  * every waiter and stop watching the socket. Returns -1 with an exception
  * set. A Pulse's nudge runs it too. */
 int kp_op_on_events(kp_socket *sock);
+/* Has the loop run the reader callback soon (messages may be waiting for
+ * on_message that no edge of ZMQ_FD will announce); once until it runs. */
+int kp_op_schedule_delivery(kp_socket *sock);
 /* Fails every waiter of `sock` with a fresh ZMQError(err) each and empties
  * both queues; returns -1 on error (the queues are emptied regardless). */
 int kp_op_fail_waiters(kp_socket *sock, int err);
@@ -346,6 +350,12 @@ struct kp_socket {
     pthread_mutex_t lock; /* serialises libzmq calls on `handle` when shared */
     int eager;            /* kelpie.zmq socket: operations start when made
                              (kp_op_start) rather than when awaited */
+    PyObject *on_message; /* _on_message: called with each message (a list of
+                             bytes) by the reader callback while no receiver
+                             waits, or NULL (op.c, op_deliver) */
+    int delivery_due;     /* a loop.call_soon(_on_fd) for on_message is pending */
+    int deliver_now;      /* the reader callback found a message for on_message */
+    int delivering;       /* op_deliver is running (its callback may send) */
 };
 
 /* Takes the socket's mutex if a Pulse thread shares the socket (see

@@ -33,6 +33,7 @@ void kp_loop_forget(kp_socket *self)
     self->used = 0;
     self->release_watched = 0;
     self->nudge_watched = 0; /* went with the old loop's selector too */
+    self->delivery_due = 0;
 }
 
 /* 1 if the bound loop is closed and nothing waits in it, so the socket may

@@ -144,7 +144,32 @@ static PyObject *module_zmq_version_info(PyObject *module, PyObject *unused)
     return Py_BuildValue("(iii)", major, minor, patch);
 }
 
+/* step(coro) -> (done, value): one step of a coroutine, with None sent in:
+ * (True, what it returned) or (False, what it yielded). The same as
+ * coro.send(None) without the StopIteration raised and caught at every
+ * finished step (a reader's routing steps and a handler's eager step,
+ * which mostly finish at once). Other exceptions propagate. */
+static PyObject *module_step(PyObject *module, PyObject *coro)
+{
+    PyObject *value = NULL;
+    PySendResult r = PyIter_Send(coro, Py_None, &value);
+    if (r == PYGEN_ERROR) {
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(2);
+    if (out == NULL) {
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, Py_NewRef(r == PYGEN_RETURN ? Py_True : Py_False));
+    PyTuple_SET_ITEM(out, 1, value);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"step", module_step, METH_O,
+     "step(coro) -> (done, value): coro.send(None) as (True, returned) or (False, yielded), "
+     "without StopIteration."},
     {"_use_errors", (PyCFunction)(void (*)(void))kp_error_use, METH_FASTCALL,
      "_use_errors(zmq_error, again, context_terminated): raise these subclasses instead."},
     {"_drain", module_drain, METH_NOARGS,
@@ -174,7 +199,8 @@ static int module_exec(PyObject *module)
         module_intern(&st->str_is_closed, "is_closed") < 0 ||
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
         module_intern(&st->str_on_fd, "_on_fd") < 0 ||
-        module_intern(&st->str_on_nudge, "_on_nudge") < 0) {
+        module_intern(&st->str_on_nudge, "_on_nudge") < 0 ||
+        module_intern(&st->str_call_soon, "call_soon") < 0) {
         return -1;
     }
 
@@ -282,6 +308,7 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_set_exception);
     Py_CLEAR(st->str_done);
     Py_CLEAR(st->str_is_closed);
+    Py_CLEAR(st->str_call_soon);
     Py_CLEAR(st->str_blocking);
     Py_CLEAR(st->str_on_fd);
     Py_CLEAR(st->str_on_nudge);

@@ -63,6 +63,7 @@ struct kp_op {
 };
 
 static int op_run(kp_op *self, PyObject **out);
+static int sock_recv_multipart(kp_socket *sock, int copy, PyObject **out);
 
 /* Cancels the RCVTIMEO/SNDTIMEO timer (which holds a reference to us). */
 static void op_disarm(kp_op *self)
@@ -277,9 +278,16 @@ int kp_op_fail_waiters(kp_socket *sock, int err)
  * report events (the waiters have been failed), or -1 on error. */
 static int op_poll_events(kp_socket *sock, int always)
 {
-    if (sock->handle == NULL || (!always && sock->recv_q.len == 0 && sock->send_q.len == 0)) {
+    /* Inside a delivery, a recheck for on_message alone is not needed: the
+     * delivery receives until EAGAIN after its callback (a worker's reply
+     * sent there costs no ZMQ_EVENTS read). */
+    if (sock->handle == NULL || (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 &&
+                                 (sock->on_message == NULL || sock->delivering))) {
         return 0;
     }
+    /* A receiver woken below leaves the queue before it takes its
+     * message: on_message waits for it. */
+    int receivers = sock->recv_q.len != 0;
     int events;
     size_t len = sizeof(events);
     int locked = kp_socket_lock(sock);
@@ -295,6 +303,16 @@ static int op_poll_events(kp_socket *sock, int always)
         op_wake_first(sock->st, &sock->recv_q) < 0) {
         return -1;
     }
+    if ((events & ZMQ_POLLIN) && sock->on_message != NULL && !receivers) {
+        /* The reader callback delivers at once; a recheck (an operation's
+         * ZMQ_EVENTS read, which may have consumed the FD's edge) has the
+         * loop deliver, not that operation. */
+        if (always) {
+            sock->deliver_now = 1;
+        } else if (kp_op_schedule_delivery(sock) < 0) {
+            return -1;
+        }
+    }
     if ((events & ZMQ_POLLOUT) && sock->send_q.len != 0 &&
         op_wake_first(sock->st, &sock->send_q) < 0) {
         return -1;
@@ -304,7 +322,7 @@ static int op_poll_events(kp_socket *sock, int always)
 
 int kp_op_recheck(kp_socket *sock)
 {
-    if (sock->recv_q.len == 0 && sock->send_q.len == 0) {
+    if (sock->recv_q.len == 0 && sock->send_q.len == 0 && sock->on_message == NULL) {
         return 0;
     }
     /* Waking runs Python code; keep an exception the caller is raising. */
@@ -320,12 +338,91 @@ int kp_op_recheck(kp_socket *sock)
     return rc;
 }
 
+int kp_op_schedule_delivery(kp_socket *sock)
+{
+    if (sock->delivery_due || sock->loop == NULL) {
+        return 0;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(sock->loop, sock->st->str_call_soon, sock->on_fd);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    sock->delivery_due = 1;
+    return 0;
+}
+
+/* Messages per reader callback before the rest waits for the loop's next
+ * turn (timers, other sockets, tasks), as a Task's budget of immediate
+ * completions does for awaited receives. */
+#define DELIVER_BUDGET 64
+
+/* Hands what has arrived to on_message, in the reader callback itself: the
+ * socket's reader (a client's replies, a worker's requests) runs in the
+ * loop iteration that saw the descriptor, with no future, Task step or
+ * extra iteration per message. Stops when a receiver waits (it has the
+ * next message), the callback is unset or the socket closed, or at EAGAIN,
+ * which also re-arms ZMQ_FD's edge. A callback that raises: the rest is
+ * delivered soon, and the loop reports the exception. */
+static int op_deliver_some(kp_socket *sock);
+
+static int op_deliver(kp_socket *sock)
+{
+    sock->delivering = 1;
+    int rc = op_deliver_some(sock);
+    sock->delivering = 0;
+    return rc;
+}
+
+static int op_deliver_some(kp_socket *sock)
+{
+    for (int n = 0; n < DELIVER_BUDGET; n++) {
+        if (sock->handle == NULL || sock->on_message == NULL || sock->recv_q.len != 0) {
+            return 0;
+        }
+        PyObject *msg = NULL;
+        int rc = sock_recv_multipart(sock, 1, &msg);
+        if (rc == 1) {
+            return 0;
+        }
+        if (rc < 0) {
+            return -1;
+        }
+        PyObject *cb = Py_NewRef(sock->on_message);
+        PyObject *r = PyObject_CallOneArg(cb, msg);
+        Py_DECREF(cb);
+        Py_DECREF(msg);
+        if (r == NULL) {
+            if (sock->on_message != NULL && sock->handle != NULL) {
+                PyObject *type, *value, *tb;
+                PyErr_Fetch(&type, &value, &tb);
+                if (kp_op_schedule_delivery(sock) < 0) {
+                    PyErr_WriteUnraisable((PyObject *)sock);
+                }
+                PyErr_Restore(type, value, tb);
+            }
+            return -1;
+        }
+        Py_DECREF(r);
+    }
+    return kp_op_schedule_delivery(sock);
+}
+
 int kp_op_on_events(kp_socket *sock)
 {
     kp_release_drain();
+    sock->delivery_due = 0;
+    sock->deliver_now = 0;
     int rc = op_poll_events(sock, 1);
     if (rc < 0) {
         return -1;
+    }
+    if (rc == 0 && sock->deliver_now) {
+        sock->deliver_now = 0;
+        /* The loop had its turn: the socket's immediate completions (the
+         * sends its callback makes) count from here, as after a wait. */
+        sock->used = 0;
+        return op_deliver(sock);
     }
     if (rc > 0 && kp_loop_unwatch(sock) < 0) {
         /* The context is terminating and this socket will never report
@@ -341,9 +438,8 @@ int kp_op_on_events(kp_socket *sock)
 /* Each returns 0 with *out set, 1 for EAGAIN (nothing taken, nothing sent),
  * or -1 with an exception set. */
 
-static int op_recv_part(kp_op *self, PyObject **out, int *more)
+static int sock_recv_part(kp_socket *sock, int copy, PyObject **out, int *more)
 {
-    kp_socket *sock = self->sock;
     int locked = kp_socket_lock(sock);
     int rc = zmq_msg_recv(&sock->rmsg, sock->handle, ZMQ_DONTWAIT);
     int err = rc < 0 ? zmq_errno() : 0;
@@ -356,7 +452,7 @@ static int op_recv_part(kp_op *self, PyObject **out, int *more)
         return -1;
     }
     *more = zmq_msg_more(&sock->rmsg);
-    if (self->copy) {
+    if (copy) {
         *out = PyBytes_FromStringAndSize(zmq_msg_data(&sock->rmsg),
                                          (Py_ssize_t)zmq_msg_size(&sock->rmsg));
     } else {
@@ -370,11 +466,16 @@ static int op_recv_part(kp_op *self, PyObject **out, int *more)
     return *out == NULL ? -1 : 0;
 }
 
-static int op_recv_multipart(kp_op *self, PyObject **out)
+static int op_recv_part(kp_op *self, PyObject **out, int *more)
+{
+    return sock_recv_part(self->sock, self->copy, out, more);
+}
+
+static int sock_recv_multipart(kp_socket *sock, int copy, PyObject **out)
 {
     PyObject *part;
     int more;
-    int rc = op_recv_part(self, &part, &more);
+    int rc = sock_recv_part(sock, copy, &part, &more);
     if (rc != 0) {
         return rc;
     }
@@ -387,7 +488,7 @@ static int op_recv_multipart(kp_op *self, PyObject **out)
     /* libzmq delivers multipart messages atomically: once the first part is
      * here, all are, so the rest never sees EAGAIN. */
     while (more) {
-        rc = op_recv_part(self, &part, &more);
+        rc = sock_recv_part(sock, copy, &part, &more);
         if (rc == 0 && PyList_Append(parts, part) < 0) {
             Py_DECREF(part);
             rc = -1;
@@ -404,6 +505,11 @@ static int op_recv_multipart(kp_op *self, PyObject **out)
     }
     *out = parts;
     return 0;
+}
+
+static int op_recv_multipart(kp_op *self, PyObject **out)
+{
+    return sock_recv_multipart(self->sock, self->copy, out);
 }
 
 /* Sends the prepared parts (single or multipart, by `flags`): 0 sent, 1

@@ -146,6 +146,9 @@ int kp_socket_close(kp_socket *self, int linger)
     if (kp_op_fail_waiters(self, ENOTSOCK) < 0) {
         rc = -1;
     }
+    /* The message callback too: nothing arrives any more, and it (a
+     * bound method) would keep its owner alive. */
+    Py_CLEAR(self->on_message);
     /* 2. Then the reader, before zmq_close frees the FD (whose number the
      *    kernel may then reuse for something else). */
     if (kp_loop_unwatch(self) < 0) {
@@ -179,6 +182,7 @@ static void socket_dealloc(kp_socket *self)
     kp_op_clear_queue(&self->send_q);
     Py_CLEAR(self->on_fd);
     Py_CLEAR(self->on_nudge);
+    Py_CLEAR(self->on_message);
     Py_CLEAR(self->create_future);
     Py_CLEAR(self->loop);
     Py_CLEAR(self->context);
@@ -199,6 +203,7 @@ static int socket_traverse(kp_socket *self, visitproc visit, void *arg)
     Py_VISIT(self->loop);
     Py_VISIT(self->on_fd);
     Py_VISIT(self->on_nudge);
+    Py_VISIT(self->on_message);
     Py_VISIT(self->create_future);
     int rc = kp_op_traverse_queue(&self->recv_q, visit, arg);
     if (rc == 0) {
@@ -213,6 +218,7 @@ static int socket_clear(kp_socket *self)
     kp_op_clear_queue(&self->send_q);
     Py_CLEAR(self->on_fd);
     Py_CLEAR(self->on_nudge);
+    Py_CLEAR(self->on_message);
     Py_CLEAR(self->create_future);
     Py_CLEAR(self->loop);
     self->reader = 0;
@@ -368,6 +374,36 @@ static PyObject *socket_get_loop(kp_socket *self, void *closure)
     return Py_NewRef(self->loop != NULL ? self->loop : Py_None);
 }
 
+static PyObject *socket_get_on_message(kp_socket *self, void *closure)
+{
+    return Py_NewRef(self->on_message != NULL ? self->on_message : Py_None);
+}
+
+/* Setting a callable watches the descriptor in the running loop (the
+ * socket's, or it binds to it as an awaited operation would) and has the
+ * loop look once at what already arrived: no edge of ZMQ_FD announces a
+ * message that came before. */
+static int socket_set_on_message(kp_socket *self, PyObject *value, void *closure)
+{
+    if (value == NULL || value == Py_None) {
+        Py_CLEAR(self->on_message);
+        return 0;
+    }
+    if (!PyCallable_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "_on_message must be callable or None");
+        return -1;
+    }
+    if (kp_loop_check_thread(self) < 0 || kp_loop_check(self) < 0) {
+        return -1;
+    }
+    Py_XSETREF(self->on_message, Py_NewRef(value));
+    if (kp_loop_watch(self) < 0 || kp_op_schedule_delivery(self) < 0) {
+        Py_CLEAR(self->on_message);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *socket_get_waiters(kp_socket *self, void *closure)
 {
     return Py_BuildValue("(nn)", self->recv_q.len, self->send_q.len);
@@ -405,6 +441,10 @@ static PyGetSetDef socket_getset[] = {
     {"loop", (getter)socket_get_loop, NULL, "The event loop the socket is bound to, or None.",
      NULL},
     {"_waiters", (getter)socket_get_waiters, NULL, "(receivers, senders) waiting.", NULL},
+    {"_on_message", (getter)socket_get_on_message, (setter)socket_set_on_message,
+     "A callable given each message (a list of bytes) as it arrives, from the loop's reader "
+     "callback, while no receive waits; None (the default): receive by awaiting.",
+     NULL},
     {"_stats", (getter)socket_get_stats, NULL,
      "Counts of operations that completed at once, waits on a future and fairness yields.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
