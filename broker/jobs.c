@@ -171,10 +171,12 @@ struct kp_engine {
     uint64_t retry_at;
     /* A claim that failed on the shared store may have been committed all
      * the same (a connection cut at COMMIT): its jobs would be leased to this
-     * broker without its knowing. Each claim is made with a `now` of its own
-     * (strictly increasing), which the store writes as the attempts' start;
-     * the failed ones are kept here until a RELEASE has put their jobs back. */
-    uint64_t last_claim_now;
+     * broker without its knowing. Each claim is made with its `now` set here,
+     * which the store writes as the attempts' start; the failed ones are kept
+     * until a RELEASE has put their jobs back. Not made unique (that would
+     * run claims' clocks ahead under load): a claim of this broker committed
+     * in the same millisecond as one in doubt has its jobs put back too, to
+     * run again (at-least-once), a rare case of a rare case. */
     uint64_t *doubt;
     size_t ndoubt, doubt_cap;
     bool releasing;
@@ -1077,12 +1079,11 @@ static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
 }
 
 /* Notes that op o carries a claim of want jobs of q. */
-static void claim_attach(struct kp_broker *b, struct jobq *q, struct op *o, uint32_t want)
+static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
 {
-    struct kp_engine *e = engine(b);
-    uint64_t now = kp_store_now();
-    e->last_claim_now = now > e->last_claim_now ? now : e->last_claim_now + 1;
-    o->req->now = e->last_claim_now; /* the claim's name, should it be in doubt */
+    /* The claim's name, should it be in doubt: its `now`, which the store
+     * writes as the attempts' start (see doubt_add). */
+    o->req->now = kp_store_now();
     o->claim_max = want;
     o->claim_gen = q->gen;
     o->req->in.queue = q->name;
@@ -1102,7 +1103,7 @@ static void queue_claim(struct kp_broker *b, struct jobq *q)
     struct op *o = op_new(OP_CLAIM, KP_JOURNAL_CLAIM);
     o->q = q;
     o->req->in.owner = b->broker_id;
-    claim_attach(b, q, o, want);
+    claim_attach(q, o, want);
     op_put(b, o); /* a put that fails undoes the claim (claim_done) */
 }
 
@@ -1803,7 +1804,7 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
         uint32_t want = queue_want(b, q);
         if (want) {
             o->req->in.owner = b->broker_id;
-            claim_attach(b, q, o, want);
+            claim_attach(q, o, want);
         }
     }
     op_put(b, o);

