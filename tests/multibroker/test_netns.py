@@ -176,9 +176,9 @@ class Killable:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "known bug, open in issue 17: after b1's link comes back the Python workers re-register "
-    "with it at 0 credits and never give it its share again, so jobs b1 had claimed ahead "
-    "stay leased to it (state 2, attempt 1) and never run; fails on 21f072c too"))
+    "known bug, open in issue 17, cause not found yet: after the links come back some jobs "
+    "stay leased (state 2, attempt 1) to live brokers that claimed them and never dispatch "
+    "them (the workers re-registered with b1 at 0 credits); fails on 21f072c too"))
 def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
     url, db = postgres.new_db()
     k = keys(tmp_path)
