@@ -352,3 +352,31 @@ def test_a_worker_keys_list_covers_job_queues(broker, keys):
     finally:
         ctx.term()
     assert broker.stats()["auth_denied_service"] == 1
+
+
+def test_a_broker_that_dies_during_the_handshake_is_not_a_refusal():
+    """A broker killed while a plain worker or client connects hangs up
+    mid-handshake exactly as one refusing plain text does (libzmq: handshake
+    failed, no detail). Taking it for a refusal made a supervised worker
+    process stop for good on a broker restart (tests/rpc/test_workers.py,
+    1 run in 10). Nothing listens there afterwards: the call must wait for
+    a broker (DEADLINE_EXCEEDED here), not raise AuthenticationError."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def die_on_first_connection():
+        conn, _ = srv.accept()
+        srv.close()  # the 'broker' is gone: nothing listens any more
+        conn.recv(64)  # the client's greeting started
+        conn.close()
+
+    t = threading.Thread(target=die_on_first_connection, daemon=True)
+    t.start()
+    with kelpie.sync.Client(f"tcp://127.0.0.1:{port}", heartbeat=0) as c:
+        with pytest.raises(kelpie.DeadlineExceeded):
+            c.call("echo", "Echo", b"x", timeout=1.5)
+    t.join(5)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from typing import NamedTuple, Optional
 
 from .errors import AuthenticationError
@@ -269,6 +270,29 @@ def connect(sock, endpoint: str, role: str, keys: Optional[Keys]) -> "Handshake"
     return handshake
 
 
+def _listening(endpoint: str) -> bool:
+    """Whether something accepts connections at a tcp:// or ipc:// endpoint
+    now (other transports: assumed so). Asked when a broker hung up during
+    our handshake: a broker that refuses us is still there, one that died
+    while we connected (killed, restarting) is not."""
+    try:
+        if endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            host = host.strip("[]")
+            if ";" in host:  # source;destination form: the destination
+                host = host.split(";", 1)[1]
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return True
+        if endpoint.startswith("ipc://"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(endpoint[6:])
+                return True
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class Handshake:
     """Watches one connect's handshake through the socket's monitor.
 
@@ -309,6 +333,14 @@ class Handshake:
         """Judge one event: returns an AuthenticationError to raise, or None
         (then ``done`` says whether the outcome is known)."""
         ours = f"our key {self.keys.fingerprint}" if self.keys else "no key (plain text)"
+        if event == _EVENT_FAILED_NO_DETAIL and self.connected and \
+                not _listening(self.endpoint):
+            # The connection closed during the handshake and nothing listens
+            # there now: the broker died as we connected (killed, restarting),
+            # which is not a refusal. libzmq redials; the next try is judged.
+            self.connected = False
+            self.done = True
+            return None
         if event == _EVENT_CONNECTED:
             self.connected = True
         elif event == _EVENT_SUCCEEDED:
