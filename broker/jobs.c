@@ -171,10 +171,11 @@ struct kp_engine {
     uint64_t retry_at;
     /* A claim that failed on the shared store may have been committed all
      * the same (a connection cut at COMMIT): its jobs would be leased to this
-     * broker without its knowing. Each claim is made with its `now` set here,
-     * which the store writes as the attempts' start; the failed ones are kept
-     * until a RELEASE has put their jobs back. Not made unique (that would
-     * run claims' clocks ahead under load): a claim of this broker committed
+     * broker without its knowing. A claim is named by the `now` it ran with
+     * (the journal writes it back into the request), which the store writes
+     * as the attempts' start; the failed ones are kept until a RELEASE has put
+     * their jobs back. Not made unique (that would run claims' clocks ahead
+     * under load): a claim of this broker committed
      * in the same millisecond as one in doubt has its jobs put back too, to
      * run again (at-least-once), a rare case of a rare case. */
     uint64_t *doubt;
@@ -1081,9 +1082,6 @@ static uint32_t queue_want(struct kp_broker *b, struct jobq *q)
 /* Notes that op o carries a claim of want jobs of q. */
 static void claim_attach(struct jobq *q, struct op *o, uint32_t want)
 {
-    /* The claim's name, should it be in doubt: its `now`, which the store
-     * writes as the attempts' start (see doubt_add). */
-    o->req->now = kp_store_now();
     o->claim_max = want;
     o->claim_gen = q->gen;
     o->req->in.queue = q->name;

@@ -98,7 +98,7 @@ static bool journal_is_read(const struct kp_journal_req *r)
  * for a read re-run, outside any). */
 static void journal_run(struct kp_store *s, struct kp_journal_req *r)
 {
-    uint64_t now = r->now ? r->now : kp_store_now();
+    uint64_t now = r->now = r->now ? r->now : kp_store_now(); /* kept: see journal_op */
     const kp_job_id *id = r->in.has_id ? &r->in.id : NULL;
     enum kp_err err = KP_EINVAL;
     switch (r->op) {
@@ -167,7 +167,9 @@ static bool journal_is_hot(const struct kp_journal_req *r)
 static void journal_op(struct kp_journal_req *r, struct kp_store_op *op)
 {
     memset(op, 0, sizeof *op);
-    op->now = r->now ? r->now : kp_store_now();
+    /* Kept in r: a claim in doubt is named by its now (jobs.c, doubt_add),
+     * and a group run again uses the same. */
+    op->now = r->now = r->now ? r->now : kp_store_now();
     op->owner = r->in.owner;
     op->limits = &r->in.limits;
     op->claimed = &r->out.jobs;

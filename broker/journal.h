@@ -59,7 +59,8 @@ enum kp_journal_op {
 struct kp_journal_req {
     enum kp_journal_op op;
     uint64_t tag; /* the caller's, untouched: which call this answers */
-    uint64_t now; /* ms since epoch for the store; 0: the journal's clock when it runs */
+    uint64_t now; /* ms since epoch for the store; 0: the journal's clock when it runs,
+                     written here then */
     struct {
         const struct kp_job_new *jobs; /* SUBMIT: borrowed */
         size_t njobs;
