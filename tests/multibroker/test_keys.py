@@ -584,6 +584,10 @@ def test_a_worker_keeps_a_dead_brokers_share_on_the_others(tmp_path, postgres, k
     for x in (a, b):
         wait_for(lambda: workers_at(x) == 1, 15, f"the worker at {x.frontend}")
     wait_for(lambda: credits_at(a) == 4, 10, "the worker's share at a, with b up")
+    # The worker's own view of b as up (a's share above is also the split
+    # before any broker is up): only a lane it saw up can be lost.
+    wait_for(lambda: f"registered with the broker at {b.backend}" in worker_log(w), 10,
+             "the worker saw b up")
     b.stop()  # SIGKILL; not started again
     wait_for(lambda: credits_at(a) == 8, 10, "b's share moved to a")
     # Reconnects to b come every 0.05 s to 1 s (its backoff) and each one's

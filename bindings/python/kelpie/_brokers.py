@@ -968,6 +968,8 @@ def lane_state(worker, lane, state, exc=None, delay=0.0):
                  where)
     elif state == "up" and was == "lost":
         log.info("worker %s: the broker at %s is back: serving through it", name, where)
+    elif state == "up" and was is None:
+        log.info("worker %s: registered with the broker at %s", name, where)
 
 
 def lane_up(lane, now):
