@@ -337,7 +337,12 @@ void kp_broker_on_answer(struct kp_broker *b, struct kp_worker *w, kp_header *h,
             kp_worker_observe(w, elapsed_us, bound, b->now);
     }
     if (terminal && c->state != KP_CALL_ORPHANED) {
-        if (h->kind == KELPIE__V1__KIND__ERROR || h->code != KELPIE__V1__CODE__OK)
+        /* The worker keeps the same deadline and may notice it first: its
+         * DEADLINE_EXCEEDED is the call expiring, counted once either way
+         * (the broker's own expiry finds the call answered). */
+        if (h->code == KELPIE__V1__CODE__DEADLINE_EXCEEDED)
+            c->service->expired++;
+        else if (h->kind == KELPIE__V1__KIND__ERROR || h->code != KELPIE__V1__CODE__OK)
             c->service->failed++;
         else
             c->service->completed++;
