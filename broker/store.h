@@ -489,8 +489,9 @@ enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n);
 enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n);
 
 /* Shared stores (PostgreSQL): puts back, as recover() does, the jobs leased
- * to `owner` by the claims made at claims[0..nclaims) (each claim's `now`,
- * which a broker keeps distinct from one claim to the next). They are claims
+ * to `owner` by the claims made at claims[0..nclaims) (each claim's `now`;
+ * another claim of `owner` made in the same millisecond is put back too,
+ * which costs its jobs a second run, never a loss). They are claims
  * that failed for the broker but whose COMMIT may have reached the server
  * all the same (a connection cut at that moment): their jobs would be leased
  * to a live broker that does not know it holds them, and its heartbeat keeps

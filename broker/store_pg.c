@@ -2081,8 +2081,8 @@ static enum kp_err pg_recover(struct kp_store *s, uint64_t now, size_t *n)
 }
 
 /* See kp_store_release_claims. A claim leases with att_started_at = its
- * `now`, which the broker keeps distinct between its claims, so these are
- * exactly the jobs of those claims still leased here. */
+ * `now`, so these are the jobs of those claims still leased here (and of
+ * any other claim of this broker in the same millisecond). */
 static enum kp_err pg_release_claims(struct kp_store *s, uint64_t owner, const uint64_t *claims,
                                      size_t nclaims, uint64_t now, size_t *n)
 {
