@@ -2,13 +2,15 @@
  * test_curve_dying.c: the C library tells a broker that dies during the
  * handshake from one that refuses it. libzmq reports both as "handshake
  * failed, no detail" (the connection closed mid-handshake); a refusing broker
- * still listens, a dead one does not. A fake "broker" (a plain TCP listener
- * on 127.0.0.1) accepts one connection, hangs up mid-greeting, and either
- * stops listening (dying) or keeps listening (refusing).
+ * still listens, a dead one does not. A fake "broker" (a plain listener on
+ * 127.0.0.1, or on an abstract ipc:// name) accepts one connection, hangs up
+ * mid-greeting, and either stops listening (dying) or keeps listening
+ * (refusing).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <netinet/in.h>
+#include <stddef.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -16,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 #include <zmq.h>
 
@@ -53,18 +56,30 @@ static void *fake_main(void *arg)
     return NULL;
 }
 
-static void fake_start(fake_broker *f, bool keep_listening)
+/* ipc: on an abstract name (libzmq's ipc://@name), nothing to unlink. */
+static void fake_start(fake_broker *f, bool keep_listening, bool ipc)
 {
     memset(f, 0, sizeof *f);
     f->keep_listening = keep_listening;
-    f->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    f->lfd = socket(ipc ? AF_UNIX : AF_INET, SOCK_STREAM, 0);
     cr_assert_geq(f->lfd, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    cr_assert_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    if (ipc) {
+        static int seq;
+        char name[64];
+        snprintf(name, sizeof name, "kelpie-dying-%d-%d", (int)getpid(), ++seq);
+        struct sockaddr_un un = {.sun_family = AF_UNIX};
+        memcpy(un.sun_path + 1, name, strlen(name));
+        socklen_t len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + strlen(name));
+        cr_assert_eq(bind(f->lfd, (struct sockaddr *)&un, len), 0);
+        snprintf(f->endpoint, sizeof f->endpoint, "ipc://@%s", name);
+    } else {
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        cr_assert_eq(bind(f->lfd, (struct sockaddr *)&a, sizeof a), 0);
+        socklen_t len = sizeof a;
+        cr_assert_eq(getsockname(f->lfd, (struct sockaddr *)&a, &len), 0);
+        snprintf(f->endpoint, sizeof f->endpoint, "tcp://127.0.0.1:%d", ntohs(a.sin_port));
+    }
     cr_assert_eq(listen(f->lfd, 16), 0);
-    socklen_t len = sizeof a;
-    cr_assert_eq(getsockname(f->lfd, (struct sockaddr *)&a, &len), 0);
-    snprintf(f->endpoint, sizeof f->endpoint, "tcp://127.0.0.1:%d", ntohs(a.sin_port));
     cr_assert_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
 }
 
@@ -106,15 +121,15 @@ static void drop_curve(void)
 /* A client whose broker dies mid-handshake opens (the broker may come back)
  * and its call waits for a broker, ending DEADLINE_EXCEEDED: no
  * authentication error. */
-static void client_waits_for_a_dead_broker(const kelpie_curve *with)
+static void client_waits_for_a_dead_broker(const kelpie_curve *with, bool ipc)
 {
     fake_broker f;
-    fake_start(&f, false);
+    fake_start(&f, false, ipc);
     kelpie_client *c = NULL;
     char why[512] = "";
     kelpie_status rc = kelpie_client_open(f.endpoint, with, &c, why, sizeof why);
     cr_assert(atomic_load(&f.hung_up), "the fake broker never hung up");
-    cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), why);
+    cr_assert_eq(rc, KELPIE_OK, "%s: %s: %s", f.endpoint, kelpie_status_name(rc), why);
     cr_assert_not_null(c);
     kelpie_reply reply = {0};
     rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 300, &reply);
@@ -127,13 +142,15 @@ static void client_waits_for_a_dead_broker(const kelpie_curve *with)
 
 Test(curve_dying, plain_client_is_not_refused_by_a_dying_broker)
 {
-    client_waits_for_a_dead_broker(NULL);
+    client_waits_for_a_dead_broker(NULL, false);
+    client_waits_for_a_dead_broker(NULL, true);
 }
 
 Test(curve_dying, curve_client_is_not_refused_by_a_dying_broker)
 {
     make_curve();
-    client_waits_for_a_dead_broker(&curve);
+    client_waits_for_a_dead_broker(&curve, false);
+    client_waits_for_a_dead_broker(&curve, true);
     drop_curve();
 }
 
@@ -145,17 +162,18 @@ Test(curve_dying, a_broker_that_hangs_up_and_still_listens_refuses)
         const kelpie_curve *with;
         const char *text;
     } cases[] = {{NULL, "hung up during the handshake"}, {&curve, "dropped our CURVE handshake"}};
-    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    for (size_t i = 0; i < 2 * sizeof cases / sizeof cases[0]; i++) {
         fake_broker f;
-        fake_start(&f, true);
+        fake_start(&f, true, i >= 2); /* tcp://, then ipc:// */
         kelpie_client *c = NULL;
         char why[512] = "";
         int64_t start = kt_now_ms();
-        cr_assert_eq(kelpie_client_open(f.endpoint, cases[i].with, &c, why, sizeof why),
-                     KELPIE_UNAUTHENTICATED, "case %zu: %s", i, why);
+        cr_assert_eq(kelpie_client_open(f.endpoint, cases[i % 2].with, &c, why, sizeof why),
+                     KELPIE_UNAUTHENTICATED, "%s: %s", f.endpoint, why);
         cr_assert_lt(kt_now_ms() - start, KELPIE_HANDSHAKE_TIMEOUT_MS);
         cr_assert_null(c);
-        cr_assert_not_null(strstr(why, cases[i].text), "'%s' not in '%s'", cases[i].text, why);
+        cr_assert_not_null(strstr(why, cases[i % 2].text), "'%s' not in '%s'", cases[i % 2].text,
+                           why);
         fake_stop(&f);
     }
     drop_curve();
@@ -186,7 +204,7 @@ static void *run_main(void *arg)
 Test(curve_dying, worker_keeps_running_when_its_broker_dies_mid_handshake)
 {
     fake_broker f;
-    fake_start(&f, false);
+    fake_start(&f, false, false);
     run_state s = {.w = kelpie_worker_new(f.endpoint, "dying", 1)};
     cr_assert_not_null(s.w);
     cr_assert_eq(kelpie_worker_handle(s.w, "echo", NULL, echo, NULL), KELPIE_OK);

@@ -444,3 +444,41 @@ def test_the_dying_broker_probe_does_not_block_the_event_loop(loop):
         for s in held:
             s.close()
         srv.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_refusal_on_an_abstract_ipc_name_is_a_refusal(side):
+    """ipc://@name is Linux's abstract namespace (libzmq's spelling): the
+    probe must connect there, not to a file named '@name', or a broker
+    refusing us there would be taken for a dead one (a wait to the deadline,
+    not AuthenticationError). The 'broker' hangs up mid-handshake and still
+    listens."""
+    import socket
+    import threading
+    name = f"kelpie-refuse-{os.getpid()}-{side}"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind("\0" + name)
+    srv.listen(8)
+
+    def hang_up_once():
+        conn, _ = srv.accept()
+        conn.recv(64)  # the client's greeting started
+        conn.close()
+
+    t = threading.Thread(target=hang_up_once, daemon=True)
+    t.start()
+    endpoint = f"ipc://@{name}"
+    try:
+        if side == "sync":
+            with pytest.raises(kelpie.AuthenticationError, match="hung up during the handshake"):
+                with kelpie.sync.Client(endpoint, heartbeat=0) as c:
+                    c.call("echo", "Echo", b"x", timeout=1.5)
+        else:
+            async def go():
+                async with kelpie.Client(endpoint, heartbeat=0) as c:
+                    await c.call("echo", "Echo", b"x", timeout=1.5)
+            with pytest.raises(kelpie.AuthenticationError, match="hung up during the handshake"):
+                run(go())
+    finally:
+        t.join(5)
+        srv.close()

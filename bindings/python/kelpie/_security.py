@@ -276,16 +276,19 @@ _PROBE_TIMEOUT = 0.5
 
 
 def _probe_target(endpoint: str):
-    """(family, host or path, port) to probe for a tcp:// or ipc:// endpoint;
+    """("tcp", host, port) or ("ipc", path, None) to probe for an endpoint;
     None for other transports (assumed listening). ValueError if malformed."""
     if endpoint.startswith("tcp://"):
         host, _, port = endpoint[6:].rpartition(":")
         host = host.strip("[]")
         if ";" in host:  # source;destination form: the destination
             host = host.split(";", 1)[1]
-        return socket.AF_INET, host, int(port)
+        return "tcp", host, int(port)
     if endpoint.startswith("ipc://"):
-        return socket.AF_UNIX, endpoint[6:], None
+        path = endpoint[6:]
+        if path.startswith("@"):  # libzmq's spelling of Linux's abstract namespace
+            path = "\0" + path[1:]
+        return "ipc", path, None
     return None
 
 
@@ -299,8 +302,8 @@ def _listening(endpoint: str) -> bool:
         target = _probe_target(endpoint)
         if target is None:
             return True
-        family, where, port = target
-        if family == socket.AF_UNIX:
+        kind, where, port = target
+        if kind == "ipc":
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(_PROBE_TIMEOUT)
                 s.connect(where)
@@ -319,13 +322,13 @@ async def _alistening(endpoint: str) -> bool:
     loop = asyncio.get_running_loop()
 
     async def probe() -> bool:
-        family, where, port = target
-        if family == socket.AF_UNIX:
+        kind, where, port = target
+        if kind == "ipc":
             addrs = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, "", where)]
         else:
             addrs = await loop.getaddrinfo(where, port, type=socket.SOCK_STREAM)
-        for fam, kind, proto, _, addr in addrs:
-            s = socket.socket(fam, kind, proto)
+        for family, socktype, proto, _, addr in addrs:
+            s = socket.socket(family, socktype, proto)
             try:
                 s.setblocking(False)
                 await loop.sock_connect(s, addr)
