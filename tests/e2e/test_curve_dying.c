@@ -31,7 +31,7 @@ typedef struct fake_broker {
     bool keep_listening;
     atomic_bool hung_up;
     pthread_t thread;
-    char endpoint[64];
+    char endpoint[96];
 } fake_broker;
 
 static void *fake_main(void *arg)
@@ -65,7 +65,7 @@ static void fake_start(fake_broker *f, bool keep_listening, bool ipc)
     cr_assert_geq(f->lfd, 0);
     if (ipc) {
         static int seq;
-        char name[64];
+        char name[48];
         snprintf(name, sizeof name, "kelpie-dying-%d-%d", (int)getpid(), ++seq);
         struct sockaddr_un un = {.sun_family = AF_UNIX};
         memcpy(un.sun_path + 1, name, strlen(name));
