@@ -31,6 +31,7 @@ typedef struct fake_broker {
     bool keep_listening;
     atomic_bool hung_up;
     pthread_t thread;
+    bool joined;
     char endpoint[96];
 } fake_broker;
 
@@ -83,9 +84,17 @@ static void fake_start(fake_broker *f, bool keep_listening, bool ipc)
     cr_assert_eq(pthread_create(&f->thread, NULL, fake_main, f), 0);
 }
 
+/* Waits for the fake to be done with its one connection (at most 15 s). */
+static void fake_join(fake_broker *f)
+{
+    if (!f->joined)
+        pthread_join(f->thread, NULL);
+    f->joined = true;
+}
+
 static void fake_stop(fake_broker *f)
 {
-    pthread_join(f->thread, NULL);
+    fake_join(f);
     if (f->lfd >= 0)
         close(f->lfd);
     f->lfd = -1;
@@ -128,6 +137,8 @@ static void client_waits_for_a_dead_broker(const kelpie_curve *with, bool ipc)
     kelpie_client *c = NULL;
     char why[512] = "";
     kelpie_status rc = kelpie_client_open(f.endpoint, with, &c, why, sizeof why);
+    /* The open may see the hang-up before the fake's thread says so. */
+    fake_join(&f);
     cr_assert(atomic_load(&f.hung_up), "the fake broker never hung up");
     cr_assert_eq(rc, KELPIE_OK, "%s: %s: %s", f.endpoint, kelpie_status_name(rc), why);
     cr_assert_not_null(c);

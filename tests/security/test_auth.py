@@ -435,6 +435,7 @@ def test_the_dying_broker_probe_does_not_block_the_event_loop(loop):
 
     try:
         lags = run(go(), loop)
+        t.join(5)
         assert hung_up.is_set(), "the fake broker never hung up: the probe was not asked"
         # Blocking, the longest gap is the probe's bound (>= 0.5 s); not
         # blocking, it is scheduling noise, far below that on a loaded host.
