@@ -439,6 +439,7 @@ def test_the_dying_broker_probe_does_not_block_the_event_loop(loop):
         assert hung_up.is_set(), "the fake broker never hung up: the probe was not asked"
         # Blocking, the longest gap is the probe's bound (>= 0.5 s); not
         # blocking, it is scheduling noise, far below that on a loaded host.
+        print(f"\nlongest gap between 10 ms ticks: {max(lags) * 1000:.0f} ms")
         assert max(lags) < 0.35, f"event loop stalled {max(lags):.3f} s"
     finally:
         t.join(5)
