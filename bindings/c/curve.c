@@ -4,10 +4,15 @@
 #include "curve.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 #include <zmq.h>
 
 #include "brokers.h"
@@ -15,6 +20,11 @@
 
 #define CURVE_MECHANISM_MISMATCH 0x11000002u
 #define CURVE_CRYPTOGRAPHIC      0x11000001u
+
+/* How long the dying-broker probe may take: a refusing broker's kernel
+ * answers a connect at once; one that does not answer by then is taken as
+ * gone (as kelpie/_security.py's _PROBE_TIMEOUT). */
+#define CURVE_PROBE_MS 500
 
 static bool curve_is_key(const char *s, size_t len)
 {
@@ -115,6 +125,90 @@ kelpie_status kpc_curve_apply(void *sock, const kpc_keys *keys)
     return KELPIE_OK;
 }
 
+/* Whether a non-blocking connect to addr completes by end (ms, kpc_now_ms). */
+static bool curve_connects(int family, int type, int proto, const struct sockaddr *addr,
+                           socklen_t len, int64_t end)
+{
+    int fd = socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, proto);
+    if (fd < 0)
+        return false;
+    bool ok = false;
+    if (connect(fd, addr, len) == 0) {
+        ok = true;
+    } else if (errno == EAGAIN && family == AF_UNIX) {
+        ok = true; /* a listener whose backlog is full: still there */
+    } else if (errno == EINPROGRESS) {
+        struct pollfd p = {fd, POLLOUT, 0};
+        for (int tries = 0; tries < 16; tries++) {
+            int64_t left = end - kpc_now_ms();
+            if (left <= 0)
+                break;
+            int n = poll(&p, 1, (int)left);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n > 0) {
+                int err = 0;
+                socklen_t elen = sizeof err;
+                ok = getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen) == 0 && err == 0;
+            }
+            break;
+        }
+    }
+    close(fd);
+    return ok;
+}
+
+/* Whether something accepts connections at a tcp:// or ipc:// endpoint now
+ * (other transports: assumed so), within CURVE_PROBE_MS in all. Asked
+ * when a broker hung up during our handshake: a broker that refuses us is
+ * still there; one that died while we connected (killed, restarting) is
+ * not, and taking that for a refusal would fail a client or worker for good
+ * where it should wait for the broker as for any dead one. */
+static bool curve_listening(const char *endpoint)
+{
+    int64_t end = kpc_now_ms() + CURVE_PROBE_MS;
+    if (strncmp(endpoint, "ipc://", 6) == 0) {
+        struct sockaddr_un un = {.sun_family = AF_UNIX};
+        const char *path = endpoint + 6;
+        size_t n = strlen(path);
+        if (n == 0 || n >= sizeof un.sun_path)
+            return false;
+        memcpy(un.sun_path, path, n);
+        if (path[0] == '@') /* libzmq's spelling of Linux's abstract namespace */
+            un.sun_path[0] = '\0';
+        return curve_connects(AF_UNIX, SOCK_STREAM, 0, (const struct sockaddr *)&un,
+                              (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n), end);
+    }
+    if (strncmp(endpoint, "tcp://", 6) != 0)
+        return true;
+    char host[256];
+    const char *hp = endpoint + 6;
+    const char *semi = strchr(hp, ';'); /* source;destination: the destination */
+    if (semi)
+        hp = semi + 1;
+    const char *colon = strrchr(hp, ':');
+    if (!colon || (size_t)(colon - hp) >= sizeof host)
+        return false;
+    memcpy(host, hp, (size_t)(colon - hp));
+    host[colon - hp] = '\0';
+    char *h = host;
+    size_t hl = strlen(h);
+    if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
+        h[hl - 1] = '\0';
+        h++;
+    }
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICSERV};
+    struct addrinfo *res = NULL;
+    if (getaddrinfo(h, colon + 1, &hints, &res) != 0)
+        return false;
+    bool ok = false;
+    for (struct addrinfo *a = res; a && !ok; a = a->ai_next)
+        ok = curve_connects(a->ai_family, a->ai_socktype, a->ai_protocol, a->ai_addr, a->ai_addrlen,
+                            end);
+    freeaddrinfo(res);
+    return ok;
+}
+
 kelpie_status kpc_handshake_begin(kpc_handshake *hs, void *ctx, void *sock, const char *endpoint)
 {
     memset(hs, 0, sizeof *hs);
@@ -186,6 +280,13 @@ static int curve_judge(kpc_handshake *hs, uint16_t event, uint32_t value, const 
     case ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         if (!hs->connected)
             return 0;
+        if (!curve_listening(endpoint)) {
+            /* The connection closed during the handshake and nothing listens
+             * there now: the broker died as we connected, which is no
+             * refusal. libzmq redials; the next handshake is judged. */
+            hs->connected = false;
+            return 1;
+        }
         if (keys)
             snprintf(why, why_len,
                      "the broker at %s dropped our CURVE handshake: the server key "

@@ -9,7 +9,10 @@
  * allow-list of the socket connected to, which names the role), CURVE on one
  * side only (mechanism mismatch), or a server key that is not the broker's
  * (it hangs up). A broker that is not there at all is not a refusal: the
- * wait ends and the liveness rules apply as without CURVE.
+ * wait ends and the liveness rules apply as without CURVE. Nor is one that
+ * hangs up mid-handshake and then no longer listens (killed as we
+ * connected): a hang-up counts as a refusal only if a connect to the
+ * endpoint still succeeds (a non-blocking probe, bounded by 0.5 s).
  */
 #ifndef KPC_CURVE_H
 #define KPC_CURVE_H

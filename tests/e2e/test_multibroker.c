@@ -306,26 +306,47 @@ static bool wait_capacity(const kt_broker *b, double want, int timeout_ms)
     }
 }
 
+/* Ends a test of two brokers: the worker process w (SIGTERM, reaped), then
+ * both brokers. */
+static void pair_stop(pid_t w, kt_broker **a, kt_broker **b)
+{
+    kt_signal(w, SIGTERM);
+    kt_reap(w, 3000);
+    kt_broker_stop(a, 3000);
+    kt_broker_stop(b, 3000);
+}
+
+/* Starts brokers a and b with args and a worker process of both with opts
+ * (its endpoint: both backends), and waits until each broker is offered
+ * share of the worker's capacity. The worker is forked before this process
+ * has a ZeroMQ context. */
+static pid_t pair_start(const char *const *args, kt_broker **a, kt_broker **b, kt_worker_opts *opts,
+                        double share)
+{
+    *a = kt_broker_start(args);
+    *b = kt_broker_start(args);
+    cr_assert(*a && *b);
+    char backends[200];
+    snprintf(backends, sizeof backends, "%s,%s", (*a)->backend, (*b)->backend);
+    opts->endpoint = backends;
+    pid_t w = kt_worker_spawn(opts);
+    opts->endpoint = NULL; /* the child has its copy; this one goes with the frame */
+    cr_assert_gt(w, 0);
+    cr_assert(wait_capacity(*a, share, 5000), "a: %.0f", kt_stat(*a, "services.echo.capacity"));
+    cr_assert(wait_capacity(*b, share, 5000), "b: %.0f", kt_stat(*b, "services.echo.capacity"));
+    return w;
+}
+
 Test(multibroker, broker_killed_mid_traffic)
 {
-    kt_broker *a = kt_broker_start(kill_hb);
-    kt_broker *b = kt_broker_start(kill_hb);
-    cr_assert(a && b);
-    char backends[200], frontends[200];
-    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
-    snprintf(frontends, sizeof frontends, "%s, %s", a->frontend, b->frontend);
+    kt_broker *a, *b;
     kt_slot *slot = kt_slots_new(1);
-    kt_worker_opts opts = {.endpoint = backends,
-                           .capacity = 8,
-                           .hold_ms = 100,
-                           .heartbeat_ms = 200,
-                           .liveness = 3,
-                           .slot = slot};
-    pid_t w = kt_worker_spawn(&opts);
-    cr_assert_gt(w, 0);
+    kt_worker_opts opts = {
+        .capacity = 8, .hold_ms = 100, .heartbeat_ms = 200, .liveness = 3, .slot = slot};
     /* Registered with both, the capacity split 4 + 4. */
-    cr_assert(wait_capacity(a, 4, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
-    cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    pid_t w = pair_start(kill_hb, &a, &b, &opts, 4);
+    char frontends[200];
+    snprintf(frontends, sizeof frontends, "%s, %s", a->frontend, b->frontend);
 
     traffic *t = calloc(1, sizeof *t);
     cr_assert_not_null(t);
@@ -403,10 +424,7 @@ Test(multibroker, broker_killed_mid_traffic)
 
     kelpie_client_destroy(&t->c);
     free(t);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
 }
 
 /* A lost broker's calls are cancelled in the worker, but a handler need not
@@ -416,23 +434,15 @@ Test(multibroker, broker_killed_mid_traffic)
  * at once (Python: test_a_lost_brokers_jobs_hold_their_slots_until_they_end). */
 Test(multibroker, lost_brokers_calls_hold_their_slots_until_they_end)
 {
-    kt_broker *a = kt_broker_start(kill_hb);
-    kt_broker *b = kt_broker_start(kill_hb);
-    cr_assert(a && b);
-    char backends[200];
-    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
+    kt_broker *a, *b;
     kt_slot *slot = kt_slots_new(1);
-    kt_worker_opts opts = {.endpoint = backends,
-                           .capacity = 4,
+    kt_worker_opts opts = {.capacity = 4,
                            .hold_ms = 3000,
                            .heartbeat_ms = 200,
                            .liveness = 3,
                            .slot = slot,
                            .firm = true};
-    pid_t w = kt_worker_spawn(&opts);
-    cr_assert_gt(w, 0);
-    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
-    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
+    pid_t w = pair_start(kill_hb, &a, &b, &opts, 2);
     kelpie_client *ca = kelpie_client_new(a->frontend), *cb = kelpie_client_new(b->frontend);
     cr_assert(ca && cb);
     /* Two calls held through a, and more through b than its share, so that
@@ -466,10 +476,7 @@ Test(multibroker, lost_brokers_calls_hold_their_slots_until_they_end)
     cr_assert(wait_capacity(b, 4, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
     cr_assert_leq(atomic_load(&slot->max_in_flight), 4, "ran more than the capacity at once");
     kelpie_client_destroy(&cb);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
 }
 
 /* Reads c for up to ms, failing on any terminal answer to the watch wid
@@ -601,6 +608,44 @@ static bool client_sees(kelpie_client *c, size_t i, bool want, int ms)
     return true;
 }
 
+/* Two brokers (kill_hb), a worker process of both (4 slots: 2 + 2, heartbeat
+ * 200 ms) and a client of both (heartbeat 200 ms x 3) whose first four calls
+ * have been answered (both brokers carry calls); then the client is left
+ * idle by the test. */
+static void pair_start_idle(kt_broker **a, kt_broker **b, pid_t *w, kelpie_client **c)
+{
+    kt_worker_opts opts = {.capacity = 4, .heartbeat_ms = 200};
+    *w = pair_start(kill_hb, a, b, &opts, 2);
+    char frontends[200], why[256] = "";
+    snprintf(frontends, sizeof frontends, "%s,%s", (*a)->frontend, (*b)->frontend);
+    *c = NULL;
+    cr_assert_eq(kelpie_client_open(frontends, NULL, c, why, sizeof why), KELPIE_OK, "%s", why);
+    cr_assert_eq(kelpie_client_set_heartbeat(*c, 200, 3), KELPIE_OK);
+    for (int i = 0; i < 4; i++) {
+        kelpie_reply r;
+        cr_assert_eq(kelpie_client_call(*c, "echo", "Echo", "x", 1, 5000, &r), KELPIE_OK, "%s",
+                     r.message);
+        kelpie_reply_fini(&r);
+    }
+}
+
+/* Six plain calls through c, each of which must succeed; the longest one
+ * took how many ms. */
+static int64_t slowest_of_six_calls(kelpie_client *c)
+{
+    int64_t slowest = 0;
+    for (int i = 0; i < 6; i++) {
+        kelpie_reply r;
+        int64_t start = kt_now_ms();
+        kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
+        cr_assert_eq(rc, KELPIE_OK, "call %d: %s: %s", i, kelpie_status_name(rc), r.message);
+        kelpie_reply_fini(&r);
+        if (kt_now_ms() - start > slowest)
+            slowest = kt_now_ms() - start;
+    }
+    return slowest;
+}
+
 /* An idle client (nothing outstanding, the application elsewhere) learns
  * that a broker was killed from its closed connection: before it places
  * another call, so plain calls (which are never sent twice) all go to the
@@ -609,26 +654,11 @@ static bool client_sees(kelpie_client *c, size_t i, bool want, int ms)
  * waiting with nothing outstanding, within the liveness window. */
 Test(multibroker, idle_client_notices_a_lost_broker)
 {
-    kt_broker *a = kt_broker_start(kill_hb);
-    kt_broker *b = kt_broker_start(kill_hb);
-    cr_assert(a && b);
-    char backends[200], frontends[200], why[256] = "";
-    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
-    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
-    kt_worker_opts opts = {.endpoint = backends, .capacity = 4, .heartbeat_ms = 200};
-    pid_t w = kt_worker_spawn(&opts);
-    cr_assert_gt(w, 0);
-    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
-    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
-    kelpie_client *c = NULL;
-    cr_assert_eq(kelpie_client_open(frontends, NULL, &c, why, sizeof why), KELPIE_OK, "%s", why);
-    cr_assert_eq(kelpie_client_set_heartbeat(c, 200, 3), KELPIE_OK);
+    kt_broker *a, *b;
+    pid_t w;
+    kelpie_client *c;
+    pair_start_idle(&a, &b, &w, &c);
     kelpie_reply r;
-    for (int i = 0; i < 4; i++) { /* both brokers carry calls */
-        cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r), KELPIE_OK, "%s",
-                     r.message);
-        kelpie_reply_fini(&r);
-    }
     cr_assert(kelpie_client_broker_up(c, 0) && kelpie_client_broker_up(c, 1));
     cr_assert_str_eq(kelpie_client_broker_error(c, 0), "");
 
@@ -648,15 +678,7 @@ Test(multibroker, idle_client_notices_a_lost_broker)
     cr_assert(kelpie_client_broker_up(c, 1));
     /* Plain calls: none is placed on the dead broker (it would end
      * UNAVAILABLE after the liveness window). */
-    int64_t slowest = 0;
-    for (int i = 0; i < 6; i++) {
-        int64_t start = kt_now_ms();
-        kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
-        cr_assert_eq(rc, KELPIE_OK, "call %d: %s: %s", i, kelpie_status_name(rc), r.message);
-        kelpie_reply_fini(&r);
-        if (kt_now_ms() - start > slowest)
-            slowest = kt_now_ms() - start;
-    }
+    int64_t slowest = slowest_of_six_calls(c);
     cr_assert_lt(slowest, 500, "a call waited %lld ms", (long long)slowest);
 
     /* The broker comes back on its ports: used again. */
@@ -682,10 +704,7 @@ Test(multibroker, idle_client_notices_a_lost_broker)
     cr_log_info("killed broker seen lost %lld ms after the kill, idle; slowest next call %lld ms",
                 (long long)noticed, (long long)slowest);
     kelpie_client_destroy(&c);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
 }
 
 /* --- a broker that refuses our handshake, then does not ------------------ */
@@ -813,10 +832,7 @@ Test(multibroker, worker_registers_with_a_broker_that_refused_it_at_first)
     cr_log_info("the worker registered with b %lld ms after it ran with the expected key",
                 (long long)registered);
     kelpie_client_destroy(&c);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
     refusal_keys_remove(&k);
 }
 
@@ -883,10 +899,7 @@ Test(multibroker, client_uses_a_broker_that_refused_it_at_first)
     cr_log_info("the client used b again %lld ms after it ran with the expected key",
                 (long long)seen);
     kelpie_client_destroy(&c);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
     refusal_keys_remove(&k);
 }
 
@@ -901,26 +914,10 @@ Test(multibroker, client_uses_a_broker_that_refused_it_at_first)
  * liveness window counted inside the client). */
 Test(multibroker, idle_client_skips_a_silent_broker)
 {
-    kt_broker *a = kt_broker_start(kill_hb);
-    kt_broker *b = kt_broker_start(kill_hb);
-    cr_assert(a && b);
-    char backends[200], frontends[200], why[256] = "";
-    snprintf(backends, sizeof backends, "%s,%s", a->backend, b->backend);
-    snprintf(frontends, sizeof frontends, "%s,%s", a->frontend, b->frontend);
-    kt_worker_opts opts = {.endpoint = backends, .capacity = 4, .heartbeat_ms = 200};
-    pid_t w = kt_worker_spawn(&opts);
-    cr_assert_gt(w, 0);
-    cr_assert(wait_capacity(a, 2, 5000), "a: %.0f", kt_stat(a, "services.echo.capacity"));
-    cr_assert(wait_capacity(b, 2, 5000), "b: %.0f", kt_stat(b, "services.echo.capacity"));
-    kelpie_client *c = NULL;
-    cr_assert_eq(kelpie_client_open(frontends, NULL, &c, why, sizeof why), KELPIE_OK, "%s", why);
-    cr_assert_eq(kelpie_client_set_heartbeat(c, 200, 3), KELPIE_OK);
-    kelpie_reply r;
-    for (int i = 0; i < 4; i++) { /* both brokers carry calls */
-        cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &r), KELPIE_OK, "%s",
-                     r.message);
-        kelpie_reply_fini(&r);
-    }
+    kt_broker *a, *b;
+    pid_t w;
+    kelpie_client *c;
+    pair_start_idle(&a, &b, &w, &c);
     double b_before = kt_stat(b, "requests");
     cr_assert_gt(b_before, 0);
 
@@ -929,15 +926,7 @@ Test(multibroker, idle_client_skips_a_silent_broker)
     kt_signal(b->pid, SIGSTOP);
     kt_sleep_ms(1500);
     /* Straight to calls, no look first: each goes to a, none waits. */
-    int64_t slowest = 0;
-    for (int i = 0; i < 6; i++) {
-        int64_t start = kt_now_ms();
-        kelpie_status rc = kelpie_client_call(c, "echo", "Echo", "y", 1, 5000, &r);
-        cr_assert_eq(rc, KELPIE_OK, "call %d: %s: %s", i, kelpie_status_name(rc), r.message);
-        kelpie_reply_fini(&r);
-        if (kt_now_ms() - start > slowest)
-            slowest = kt_now_ms() - start;
-    }
+    int64_t slowest = slowest_of_six_calls(c);
     cr_assert_lt(slowest, 400, "a call waited %lld ms", (long long)slowest);
     /* a answered libzmq's PINGs all along (its libzmq does, by itself):
      * idle as long, its connection was kept. */
@@ -951,10 +940,7 @@ Test(multibroker, idle_client_skips_a_silent_broker)
               kelpie_client_broker_error(c, 1));
     cr_log_info("slowest call after the broker hung, idle: %lld ms", (long long)slowest);
     kelpie_client_destroy(&c);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
 }
 
 /* A worker process of its own whose tick publishes its view of broker 0
@@ -1053,10 +1039,7 @@ Test(multibroker, worker_acts_on_a_closed_connection_at_once)
     cr_log_info("killed broker seen lost by the worker after %lld ms, its share on the other "
                 "after %lld ms, registered again %lld ms after its restart (heartbeat 2000 ms x 3)",
                 (long long)seen, (long long)moved, (long long)registered);
-    kt_signal(w, SIGTERM);
-    kt_reap(w, 3000);
-    kt_broker_stop(&a, 3000);
-    kt_broker_stop(&b, 3000);
+    pair_stop(w, &a, &b);
 }
 
 /* One broker, restarted with a key the client and worker do not expect,

@@ -112,6 +112,66 @@ def start_broker(tmp_path, name, url, heartbeat_ms=200, args=()):
                    args=["--store", url, *args]).start()
 
 
+class OwnPostgres:
+    """A PostgreSQL of one test's own, for a test that stops or kills the
+    server (the session's ``postgres`` is shared by the others), with one
+    database on it (``url``, ``db``), and what the test starts against it:
+    brokers, clients, worker sets and sockets. :meth:`stop` ends them all,
+    workers first and the server last."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.pg = Postgres()
+        self.url = self.db = None
+        self._workers, self._closing, self._brokers = [], [], []
+
+    def start(self):
+        self.pg.start()
+        self.url, self.db = self.pg.new_db()
+        return self
+
+    def broker(self, name="b", **kwargs):
+        """A kelpied on this server's database (start_broker's arguments)."""
+        b = start_broker(self.tmp_path, name, self.url, **kwargs)
+        self._brokers.append(b)
+        return b
+
+    def client(self, broker):
+        """A blocking KLP/1 client of broker's frontend."""
+        return self.closing(Client(broker.frontend))
+
+    def workers(self, broker):
+        """An empty set of raw worker processes of broker (Workers.start)."""
+        ws = Workers(self.tmp_path, broker)
+        self._workers.append(ws)
+        return ws
+
+    def closing(self, thing):
+        """thing (a socket, a client) is closed at stop."""
+        self._closing.append(thing)
+        return thing
+
+    def stop(self):
+        for ws in self._workers:
+            ws.kill_all()
+        for thing in reversed(self._closing):
+            thing.close()
+        for b in self._brokers:
+            b.stop()
+        self.pg.stop()
+
+
+@pytest.fixture
+def own_postgres(tmp_path):
+    """An OwnPostgres started for the test, stopped (with all it started) at
+    teardown even when the test failed."""
+    own = OwnPostgres(tmp_path)
+    try:
+        yield own.start()
+    finally:
+        own.stop()
+
+
 def broker_stats(client):
     """The broker's Stats counters (kelpie.broker/Stats)."""
     return client.admin("Stats")[0]

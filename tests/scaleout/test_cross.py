@@ -19,8 +19,7 @@ import time
 import pytest
 import zmq
 
-from conftest import Client, K, Postgres, Workers, broker_stats, start_broker, wait_for
-from kelpie.testing import Kelpied
+from conftest import Client, K, broker_stats, start_broker, wait_for
 from kelpie.v1 import header_pb2 as pb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -322,40 +321,27 @@ def test_canceljob_on_b_cancels_the_attempt_running_through_a(tmp_path, postgres
         b.stop()
 
 
-def test_a_postgresql_outage_logs_a_bounded_number_of_lines(tmp_path):
+def test_a_postgresql_outage_logs_a_bounded_number_of_lines(own_postgres):
     """Every claim for the worker's free slots and every reconnect fails
     while PostgreSQL is down: about 5,000 lines in 6 s before the rate
     limit (two call sites), a few dozen with it."""
-    pg = Postgres()
-    b = c = ws = None
-    try:
-        pg.start()
-        url, _ = pg.new_db()
-        b = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path), args=["--store", url]).start()
-        c = Client(b.frontend)
-        ws = Workers(tmp_path, b)
-        ws.start("w", credits=8)
-        c.submit(b"warm")
-        time.sleep(0.5)
-        mark = len(b.log().splitlines())
-        pg.stop_server()
-        end = time.monotonic() + 3.0
-        while time.monotonic() < end:  # SUBMITs keep failing, workers keep asking
-            rid = c.send(b"{}", kind=K.SUBMIT, service="q")
-            c.expect(rid, timeout=10)
-        time.sleep(3.0)  # and 3 s of nothing but the workers' free slots and heartbeats
-        lines = b.log().splitlines()[mark:]
-        print(f"\n{len(lines)} log lines in 6 s of PostgreSQL down")
-        assert len(lines) <= 60, "\n".join(lines[:80])
-        # The interval ends: each site says how many it held back.
-        wait_for(lambda: "similar messages suppressed" in b.log(), timeout=15,
-                 what="a summary of the suppressed lines")
-        assert broker_stats(c)["log_suppressed"] > 0
-    finally:
-        if ws:
-            ws.kill_all()
-        if c:
-            c.close()
-        if b:
-            b.stop()
-        pg.stop()
+    b = own_postgres.broker()
+    c = own_postgres.client(b)
+    ws = own_postgres.workers(b)
+    ws.start("w", credits=8)
+    c.submit(b"warm")
+    time.sleep(0.5)
+    mark = len(b.log().splitlines())
+    own_postgres.pg.stop_server()
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:  # SUBMITs keep failing, workers keep asking
+        rid = c.send(b"{}", kind=K.SUBMIT, service="q")
+        c.expect(rid, timeout=10)
+    time.sleep(3.0)  # and 3 s of nothing but the workers' free slots and heartbeats
+    lines = b.log().splitlines()[mark:]
+    print(f"\n{len(lines)} log lines in 6 s of PostgreSQL down")
+    assert len(lines) <= 60, "\n".join(lines[:80])
+    # The interval ends: each site says how many it held back.
+    wait_for(lambda: "similar messages suppressed" in b.log(), timeout=15,
+             what="a summary of the suppressed lines")
+    assert broker_stats(c)["log_suppressed"] > 0

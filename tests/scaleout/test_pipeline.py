@@ -25,7 +25,7 @@ import time
 
 import zmq
 
-from conftest import Client, K, Postgres, Workers, broker_stats, start_broker, wait_for
+from conftest import Client, K, Workers, broker_stats, start_broker, wait_for
 from kelpie.v1 import header_pb2 as pb
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -135,86 +135,72 @@ def postgres_kill_9(pg):
     pg.pid = None
 
 
-def test_postgresql_killed_mid_group_loses_nothing_accepted(tmp_path):
-    pg = Postgres()
-    b = s = ws = c = None
+def test_postgresql_killed_mid_group_loses_nothing_accepted(own_postgres):
+    pg, db = own_postgres.pg, own_postgres.db
+    b = own_postgres.broker()
+    ws = own_postgres.workers(b)
+    ws.start("w", credits=16)
+    s = own_postgres.closing(dealer(b.frontend))
+    answers = {}
+    rid, window, killed_at = 0, 64, None
+    end = time.monotonic() + 60
+    # Keep `window` SUBMITs in flight; kill the server once 400 are
+    # ACCEPTED, and go on sending for a while into the outage.
+    while time.monotonic() < end:
+        accepted = sum(1 for h in answers.values() if h.kind == K.ACCEPTED)
+        if killed_at is None and accepted >= 400:
+            postgres_kill_9(pg)
+            killed_at = rid
+        if killed_at is not None and rid >= killed_at + 200:
+            break
+        while rid - len(answers) < window:
+            rid += 1
+            s.send_multipart([hdr(kind=K.SUBMIT, request_id=rid, service="q"),
+                              json.dumps({"n": rid}).encode()])
+        m = recv(s, 5.0)
+        if m:
+            answers[m[0].request_id] = m[0]
+    assert killed_at is not None, f"only {len(answers)} answers before the deadline"
+    end = time.monotonic() + 30
+    while len(answers) < rid and time.monotonic() < end:
+        m = recv(s, 1.0)
+        if m:
+            answers[m[0].request_id] = m[0]
+    assert len(answers) == rid, f"{rid - len(answers)} SUBMITs not answered"
+    kinds = {(K.Name(h.kind), h.code if h.kind == K.ERROR else 0) for h in answers.values()}
+    assert kinds <= {("ACCEPTED", 0), ("ERROR", pb.Code.UNAVAILABLE)}, kinds
+    accepted = {h.job_id for h in answers.values() if h.kind == K.ACCEPTED}
+    unavailable = [i for i, h in answers.items() if h.kind == K.ERROR]
+    assert unavailable, "the kill answered nothing UNAVAILABLE"
+
+    pg.start_server()  # crash recovery from the WAL
+    stored = set(pg.psql("SELECT id FROM jobs", db=db).split())
+    lost = accepted - stored
+    assert not lost, f"{len(lost)} ACCEPTED jobs lost, e.g. {sorted(lost)[:3]}"
+    c = own_postgres.client(b)
+
+    def accepts_again():
+        r = c.send(b"{}", kind=K.SUBMIT, service="q")
+        h, _ = c.expect(r, timeout=15)
+        return h.kind == K.ACCEPTED
+
+    wait_for(accepts_again, timeout=30, what="the broker reconnected by itself")
+
+    def all_done():
+        left = pg.psql("SELECT count(*) FROM jobs WHERE state <> 3", db=db).strip()
+        return left == "0"
+
     try:
-        pg.start()
-        url, db = pg.new_db()
-        b = start_broker(tmp_path, "b", url)
-        ws = Workers(tmp_path, b)
-        ws.start("w", credits=16)
-        s = dealer(b.frontend)
-        answers = {}
-        rid, window, killed_at = 0, 64, None
-        end = time.monotonic() + 60
-        # Keep `window` SUBMITs in flight; kill the server once 400 are
-        # ACCEPTED, and go on sending for a while into the outage.
-        while time.monotonic() < end:
-            accepted = sum(1 for h in answers.values() if h.kind == K.ACCEPTED)
-            if killed_at is None and accepted >= 400:
-                postgres_kill_9(pg)
-                killed_at = rid
-            if killed_at is not None and rid >= killed_at + 200:
-                break
-            while rid - len(answers) < window:
-                rid += 1
-                s.send_multipart([hdr(kind=K.SUBMIT, request_id=rid, service="q"),
-                                  json.dumps({"n": rid}).encode()])
-            m = recv(s, 5.0)
-            if m:
-                answers[m[0].request_id] = m[0]
-        assert killed_at is not None, f"only {len(answers)} answers before the deadline"
-        end = time.monotonic() + 30
-        while len(answers) < rid and time.monotonic() < end:
-            m = recv(s, 1.0)
-            if m:
-                answers[m[0].request_id] = m[0]
-        assert len(answers) == rid, f"{rid - len(answers)} SUBMITs not answered"
-        kinds = {(K.Name(h.kind), h.code if h.kind == K.ERROR else 0) for h in answers.values()}
-        assert kinds <= {("ACCEPTED", 0), ("ERROR", pb.Code.UNAVAILABLE)}, kinds
-        accepted = {h.job_id for h in answers.values() if h.kind == K.ACCEPTED}
-        unavailable = [i for i, h in answers.items() if h.kind == K.ERROR]
-        assert unavailable, "the kill answered nothing UNAVAILABLE"
-
-        pg.start_server()  # crash recovery from the WAL
-        stored = set(pg.psql("SELECT id FROM jobs", db=db).split())
-        lost = accepted - stored
-        assert not lost, f"{len(lost)} ACCEPTED jobs lost, e.g. {sorted(lost)[:3]}"
-        c = Client(b.frontend)
-
-        def accepts_again():
-            r = c.send(b"{}", kind=K.SUBMIT, service="q")
-            h, _ = c.expect(r, timeout=15)
-            return h.kind == K.ACCEPTED
-
-        wait_for(accepts_again, timeout=30, what="the broker reconnected by itself")
-
-        def all_done():
-            left = pg.psql("SELECT count(*) FROM jobs WHERE state <> 3", db=db).strip()
-            return left == "0"
-
-        try:
-            wait_for(all_done, timeout=60, what="every ACCEPTED job succeeded")
-        except AssertionError:
-            # What is stuck, and where, so that a failure says why.
-            print(pg.psql("SELECT state, owner IS NOT NULL, attempts, count(*) FROM jobs "
-                          "WHERE state <> 3 GROUP BY 1, 2, 3", db=db))
-            print(pg.psql("SELECT * FROM brokers", db=db))
-            print(b.log()[-6000:])
-            raise
-        print(f"\n{len(accepted)} ACCEPTED, {len(unavailable)} UNAVAILABLE, "
-              f"{len(stored)} stored (ACCEPTED or not answered so before the kill)")
-    finally:
-        if c:
-            c.close()
-        if s:
-            s.close()
-        if ws:
-            ws.kill_all()
-        if b:
-            b.stop()
-        pg.stop()
+        wait_for(all_done, timeout=60, what="every ACCEPTED job succeeded")
+    except AssertionError:
+        # What is stuck, and where, so that a failure says why.
+        print(pg.psql("SELECT state, owner IS NOT NULL, attempts, count(*) FROM jobs "
+                      "WHERE state <> 3 GROUP BY 1, 2, 3", db=db))
+        print(pg.psql("SELECT * FROM brokers", db=db))
+        print(b.log()[-6000:])
+        raise
+    print(f"\n{len(accepted)} ACCEPTED, {len(unavailable)} UNAVAILABLE, "
+          f"{len(stored)} stored (ACCEPTED or not answered so before the kill)")
 
 
 def test_traceparent_goes_with_the_job_to_another_brokers_worker(tmp_path, postgres):

@@ -380,3 +380,107 @@ def test_a_broker_that_dies_during_the_handshake_is_not_a_refusal():
         with pytest.raises(kelpie.DeadlineExceeded):
             c.call("echo", "Echo", b"x", timeout=1.5)
     t.join(5)
+
+
+def test_the_dying_broker_probe_does_not_block_the_event_loop(loop):
+    """Asked on an event loop (async client, worker, multi-broker lane), the
+    probe behind the test above must not stall the loop: a blocking connect
+    to an endpoint that does not answer froze every call and heartbeat the
+    loop serves for the probe's whole bound (0.5 s). Here the 'broker' hangs
+    up mid-handshake but keeps listening with a full accept queue, so the
+    kernel drops the probe's SYN and its connect hangs. A ticker on the
+    same loop measures the longest gap between its 10 ms ticks."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)  # one queued connection fills the accept queue
+    addr = srv.getsockname()
+    held = []
+    hung_up = threading.Event()
+
+    def hang_up_with_a_full_queue():
+        conn, _ = srv.accept()
+        held.append(socket.create_connection(addr, timeout=5))  # fills the queue
+        conn.recv(64)  # the client's greeting started
+        conn.close()
+        hung_up.set()
+
+    t = threading.Thread(target=hang_up_with_a_full_queue, daemon=True)
+    t.start()
+
+    async def go():
+        lags = []
+        stop = asyncio.Event()
+
+        async def tick():
+            aloop = asyncio.get_running_loop()
+            last = aloop.time()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = aloop.time()
+                lags.append(now - last)
+                last = now
+
+        ticker = asyncio.ensure_future(tick())
+        await asyncio.sleep(0.05)
+        try:
+            with pytest.raises(kelpie.DeadlineExceeded):
+                async with kelpie.Client(f"tcp://127.0.0.1:{addr[1]}", heartbeat=0) as c:
+                    await c.call("echo", "Echo", b"x", timeout=1.5)
+        finally:
+            stop.set()
+            await ticker
+        return lags
+
+    try:
+        lags = run(go(), loop)
+        t.join(5)
+        assert hung_up.is_set(), "the fake broker never hung up: the probe was not asked"
+        # Blocking, the longest gap is the probe's bound (>= 0.5 s); not
+        # blocking, it is scheduling noise, far below that on a loaded host.
+        print(f"\nlongest gap between 10 ms ticks: {max(lags) * 1000:.0f} ms")
+        assert max(lags) < 0.35, f"event loop stalled {max(lags):.3f} s"
+    finally:
+        t.join(5)
+        for s in held:
+            s.close()
+        srv.close()
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_a_refusal_on_an_abstract_ipc_name_is_a_refusal(side):
+    """ipc://@name is Linux's abstract namespace (libzmq's spelling): the
+    probe must connect there, not to a file named '@name', or a broker
+    refusing us there would be taken for a dead one (a wait to the deadline,
+    not AuthenticationError). The 'broker' hangs up mid-handshake and still
+    listens."""
+    import socket
+    import threading
+    name = f"kelpie-refuse-{os.getpid()}-{side}"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind("\0" + name)
+    srv.listen(8)
+
+    def hang_up_once():
+        conn, _ = srv.accept()
+        conn.recv(64)  # the client's greeting started
+        conn.close()
+
+    t = threading.Thread(target=hang_up_once, daemon=True)
+    t.start()
+    endpoint = f"ipc://@{name}"
+    try:
+        if side == "sync":
+            with pytest.raises(kelpie.AuthenticationError, match="hung up during the handshake"):
+                with kelpie.sync.Client(endpoint, heartbeat=0) as c:
+                    c.call("echo", "Echo", b"x", timeout=1.5)
+        else:
+            async def go():
+                async with kelpie.Client(endpoint, heartbeat=0) as c:
+                    await c.call("echo", "Echo", b"x", timeout=1.5)
+            with pytest.raises(kelpie.AuthenticationError, match="hung up during the handshake"):
+                run(go())
+    finally:
+        t.join(5)
+        srv.close()

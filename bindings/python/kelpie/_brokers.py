@@ -467,7 +467,7 @@ def make_async(base):
                     elif client._keys is not None or event != _EVENT_HANDSHAKE_NO_DETAIL:
                         # Without CURVE a connection cut mid-handshake (a
                         # broker killed just then) is no refusal.
-                        refused = judge.feed(event, value)
+                        refused = await judge.afeed(event, value)
                         if refused is not None:
                             self._refused_late(lane, refused)
             finally:

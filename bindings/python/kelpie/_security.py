@@ -270,27 +270,82 @@ def connect(sock, endpoint: str, role: str, keys: Optional[Keys]) -> "Handshake"
     return handshake
 
 
+# How long the dying-broker probe may take (seconds): a refusing broker
+# answers a connect at once; one that does not answer by then is taken as gone.
+_PROBE_TIMEOUT = 0.5
+
+
+def _probe_target(endpoint: str):
+    """("tcp", host, port) or ("ipc", path, None) to probe for an endpoint;
+    None for other transports (assumed listening). ValueError if malformed."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[6:].rpartition(":")
+        host = host.strip("[]")
+        if ";" in host:  # source;destination form: the destination
+            host = host.split(";", 1)[1]
+        return "tcp", host, int(port)
+    if endpoint.startswith("ipc://"):
+        path = endpoint[6:]
+        if path.startswith("@"):  # libzmq's spelling of Linux's abstract namespace
+            path = "\0" + path[1:]
+        return "ipc", path, None
+    return None
+
+
 def _listening(endpoint: str) -> bool:
     """Whether something accepts connections at a tcp:// or ipc:// endpoint
     now (other transports: assumed so). Asked when a broker hung up during
     our handshake: a broker that refuses us is still there, one that died
-    while we connected (killed, restarting) is not."""
+    while we connected (killed, restarting) is not. Blocks up to
+    _PROBE_TIMEOUT: for threads only (an event loop uses _alistening)."""
     try:
-        if endpoint.startswith("tcp://"):
-            host, _, port = endpoint[6:].rpartition(":")
-            host = host.strip("[]")
-            if ";" in host:  # source;destination form: the destination
-                host = host.split(";", 1)[1]
-            with socket.create_connection((host, int(port)), timeout=0.5):
-                return True
-        if endpoint.startswith("ipc://"):
+        target = _probe_target(endpoint)
+        if target is None:
+            return True
+        kind, where, port = target
+        if kind == "ipc":
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(0.5)
-                s.connect(endpoint[6:])
+                s.settimeout(_PROBE_TIMEOUT)
+                s.connect(where)
                 return True
+        with socket.create_connection((where, port), timeout=_PROBE_TIMEOUT):
+            return True
     except (OSError, ValueError):
         return False
-    return True
+
+
+async def _alistening(endpoint: str) -> bool:
+    """_listening for an event loop: the name lookup and the connect wait on
+    the loop, not in it, so a black-holed endpoint stalls only this probe
+    (up to _PROBE_TIMEOUT), not every call and heartbeat the loop serves."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+
+    async def probe() -> bool:
+        kind, where, port = target
+        if kind == "ipc":
+            addrs = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, "", where)]
+        else:
+            addrs = await loop.getaddrinfo(where, port, type=socket.SOCK_STREAM)
+        for family, socktype, proto, _, addr in addrs:
+            s = socket.socket(family, socktype, proto)
+            try:
+                s.setblocking(False)
+                await loop.sock_connect(s, addr)
+                return True
+            except OSError:
+                continue
+            finally:
+                s.close()
+        return False
+
+    try:
+        target = _probe_target(endpoint)
+        if target is None:
+            return True
+        return await asyncio.wait_for(probe(), _PROBE_TIMEOUT)
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return False
 
 
 class Handshake:
@@ -329,12 +384,25 @@ class Handshake:
         exc.handshake = True
         return exc
 
-    def feed(self, event: int, value: int):
+    def _probes(self, event: int) -> bool:
+        """Whether judging event needs to know if the endpoint still listens."""
+        return event == _EVENT_FAILED_NO_DETAIL and self.connected
+
+    async def afeed(self, event: int, value: int):
+        """:meth:`feed` for a watcher on an event loop: the probe of a broker
+        that hung up mid-handshake does not block the loop."""
+        listening = await _alistening(self.endpoint) if self._probes(event) else None
+        return self.feed(event, value, listening)
+
+    def feed(self, event: int, value: int, listening: Optional[bool] = None):
         """Judge one event: returns an AuthenticationError to raise, or None
-        (then ``done`` says whether the outcome is known)."""
+        (then ``done`` says whether the outcome is known). ``listening`` is
+        the probe's answer when the caller took it (:meth:`afeed`); without
+        it the probe blocks this thread, up to _PROBE_TIMEOUT."""
         ours = f"our key {self.keys.fingerprint}" if self.keys else "no key (plain text)"
-        if event == _EVENT_FAILED_NO_DETAIL and self.connected and \
-                not _listening(self.endpoint):
+        if self._probes(event) and listening is None:
+            listening = _listening(self.endpoint)
+        if self._probes(event) and not listening:
             # The connection closed during the handshake and nothing listens
             # there now: the broker died as we connected (killed, restarting),
             # which is not a refusal. libzmq redials; the next try is judged.
@@ -425,7 +493,7 @@ class Handshake:
                     frames = await asyncio.wait_for(pair.recv_multipart(), left)
                 except asyncio.TimeoutError:
                     break
-                exc = self.feed(*self._parse(frames))
+                exc = await self.afeed(*self._parse(frames))
                 if exc is not None:
                     raise exc
         finally:
