@@ -68,6 +68,22 @@ class Conn:
             raise ResourceExhausted(too_big)
         return rid, header
 
+    def request_new_trace(self, service, method, payload, timeout, flags):
+        """``request`` of a unary call whose metadata is only a new trace
+        (kelpie._wire.request_new_trace): the common call's header."""
+        rid = self.next_id
+        self.next_id = rid + 1
+        header = _wire.request_new_trace(
+            service, method, rid, 0 if timeout is None else max(1, int(timeout * 1000.0 + 0.5)),
+            flags)
+        if payload.__class__ is bytes and \
+                len(header) + len(payload) <= self.max_message_size:
+            return rid, header
+        too_big = _oversize("request", header, payload, self.max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
+        return rid, header
+
     def ping_frame(self, now):
         """A ping to send now: a HEARTBEAT with the next call id, which the
         broker echoes with its broker_id. Every call with a smaller id was
