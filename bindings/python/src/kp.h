@@ -22,6 +22,7 @@
  *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
  *   header.c     _parse_header and kelpie.ParsedHeader: a KLP/1 header frame decoded in C
+ *   encode.c     _request_new_trace: the async client's common REQUEST header encoded in C
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
@@ -495,5 +496,10 @@ kp_frame *kp_frame_new(kp_state *st);
  * has named the protobuf Header class and DecodeError (kelpie._wire does at
  * import). */
 int kp_header_init(PyObject *module, kp_state *st);
+
+/* ---- encode.c --------------------------------------------------------- */
+
+/* Adds _request_new_trace to `module`. */
+int kp_encode_init(PyObject *module, kp_state *st);
 
 #endif /* KP_H */
