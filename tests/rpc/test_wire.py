@@ -48,8 +48,8 @@ def test_request_new_trace_in_c(rid, timeout_ms):
     prefix = _wire._request_prefix("svc", "Méthode", 513, 0)
     for bits in (1 | 1 << 64, (1 << 192) - 1, 0x0123456789ABCDEF << 100 | 0xFEDCBA9876543210,
                  (1 << 191) | (1 << 64) | 1):
-        want = _wire._NEW_TRACE_REQUEST % (prefix, _wire.varint(rid), (
-            b"\x30" + _wire.varint(timeout_ms) if timeout_ms else b""), b"%032x" % (bits >> 64),
+        want = _wire._NEW_TRACE_REQUEST % (prefix, _wire.varint_py(rid), (
+            b"\x30" + _wire.varint_py(timeout_ms) if timeout_ms else b""), b"%032x" % (bits >> 64),
             b"%016x" % (bits & _wire._M64))
         assert _kelpie._request_new_trace(prefix, rid, timeout_ms, bits) == want
 
@@ -84,6 +84,23 @@ def test_request_new_trace_is_random():
     a, b = (parse(_wire.request_new_trace("s", "m", 1, 0, 0)).metadata["traceparent"]
             for _ in range(2))
     assert _trace.valid(a) and _trace.valid(b) and a[3:35] != b[3:35] and a[36:52] != b[36:52]
+
+
+def test_varint_in_c():
+    """_wire.varint (C) against its Python definition, every length and edge."""
+    values = [0, 1, 127, 128, 255, 300, 16383, 16384, 2**21 - 1, 2**21, 2**28 - 1, 2**28,
+              2**49 - 1, 2**49, 0x2000000000000 + 12345, 2**56 - 1, 2**56, 2**63, 2**64 - 1,
+              2**64, 2**70 + 5, 2**200 + 3, True]
+    values += [(1 << b) + d for b in range(0, 72) for d in (-1, 0, 1) if (1 << b) + d >= 0]
+    for n in values:
+        assert _wire.varint(n) == _wire.varint_py(n), n
+    for bad in (-1, -2**70):
+        with pytest.raises(ValueError):
+            _wire.varint_py(bad)
+        with pytest.raises(ValueError):
+            _wire.varint(bad)
+    with pytest.raises(TypeError):
+        _wire.varint(1.0)
 
 
 def test_request_minimal_is_cached():

@@ -1,6 +1,6 @@
 /*
  * encode.c: _request_new_trace, the header of the async client's common call
- * encoded in C.
+ * encoded in C, and _varint, the protobuf varint every header encoder uses.
  *
  * Most unary calls set no metadata and are made outside any handler or job,
  * so their REQUEST header is a cached (service, method, flags) prefix, the
@@ -160,7 +160,71 @@ static PyObject *encode_request_new_trace(PyObject *module, PyObject *const *arg
     return out;
 }
 
+/* varint(n) -> bytes: kelpie._wire.varint, the protobuf varint of an int
+ * n >= 0 (ValueError below 0, as bytes((n,)) raises there). Beyond 64 bits,
+ * 7 bits at a time with Python ints: nothing sends such numbers, but the
+ * Python definition encodes them. */
+static PyObject *encode_varint_any(PyObject *module, PyObject *n)
+{
+    if (!PyLong_Check(n)) {
+        PyErr_Format(PyExc_TypeError, "varint() takes an int, not %.100s", Py_TYPE(n)->tp_name);
+        return NULL;
+    }
+    unsigned char buf[10];
+    unsigned long long v = PyLong_AsUnsignedLongLong(n);
+    if (!(v == (unsigned long long)-1 && PyErr_Occurred())) {
+        size_t len = encode_varint(buf, (uint64_t)v);
+        return PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)len);
+    }
+    if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+        return NULL;
+    }
+    PyErr_Clear();
+    int negative = PyObject_RichCompareBool(n, Py_False, Py_LT); /* False == 0 */
+    if (negative != 0) {
+        if (negative > 0) {
+            PyErr_SetString(PyExc_ValueError, "bytes must be in range(0, 256)");
+        }
+        return NULL;
+    }
+    PyObject *out = PyByteArray_FromStringAndSize(NULL, 0);
+    PyObject *seven = PyLong_FromLong(7);
+    PyObject *cur = Py_NewRef(n);
+    while (out != NULL && seven != NULL && cur != NULL) {
+        unsigned long long low = PyLong_AsUnsignedLongLongMask(cur);
+        if (low == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_CLEAR(out);
+            break;
+        }
+        Py_SETREF(cur, PyNumber_Rshift(cur, seven));
+        if (cur == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        int more = PyObject_IsTrue(cur);
+        char byte = (char)((low & 0x7f) | (more > 0 ? 0x80 : 0));
+        if (more < 0 || PyByteArray_Resize(out, PyByteArray_GET_SIZE(out) + 1) < 0) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyByteArray_AS_STRING(out)[PyByteArray_GET_SIZE(out) - 1] = byte;
+        if (!more) {
+            break;
+        }
+    }
+    Py_XDECREF(cur);
+    Py_XDECREF(seven);
+    if (out == NULL) {
+        return NULL;
+    }
+    PyObject *bytes = PyBytes_FromObject(out);
+    Py_DECREF(out);
+    return bytes;
+}
+
 static PyMethodDef encode_module_methods[] = {
+    {"_varint", encode_varint_any, METH_O,
+     "_varint(n) -> bytes: the protobuf varint of an int n >= 0 (kelpie._wire.varint)."},
     {"_request_new_trace", (PyCFunction)(void (*)(void))encode_request_new_trace, METH_FASTCALL,
      "_request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None: "
      "kelpie._wire.request_new_trace's header from its cached prefix and a 192-bit draw; "

@@ -22,7 +22,7 @@
  *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
  *   header.c     _parse_header and kelpie.ParsedHeader: a KLP/1 header frame decoded in C
- *   encode.c     _request_new_trace: the async client's common REQUEST header encoded in C
+ *   encode.c     _request_new_trace and _varint: header encoding in C for the hot paths
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
@@ -499,7 +499,7 @@ int kp_header_init(PyObject *module, kp_state *st);
 
 /* ---- encode.c --------------------------------------------------------- */
 
-/* Adds _request_new_trace to `module`. */
+/* Adds _request_new_trace and _varint to `module`. */
 int kp_encode_init(PyObject *module, kp_state *st);
 
 #endif /* KP_H */
