@@ -227,9 +227,10 @@ class Runners:
                 await self._send(session, _wire.error(rid, exc.code, exc.message))
                 return
         ctx = CallContext(self, session, header)
-        if header.timeout_ms:
-            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
-            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        timeout_ms = header.timeout_ms
+        if timeout_ms:
+            ctx.deadline = self._loop_time() + timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + timeout_ms / 1000.0
         # The handler's outgoing calls inherit its deadline: its eager step
         # runs in this (the reader's) context, and the tasks made below copy
         # it. Not reset: the next request sets its own.

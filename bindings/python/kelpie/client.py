@@ -36,9 +36,7 @@ because the entry is already gone.
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
-import time
 from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
@@ -162,7 +160,7 @@ class Client(ClientJobs):
         if self._closed:
             raise RuntimeError("client is closed")
         loop = self._loop = asyncio.get_running_loop()
-        self._clock, self._new_future = _loop_clock(loop), _future_maker(loop)
+        self._clock, self._new_future = _deadlines.loop_clock(loop), _deadlines.future_maker(loop)
         self._deadlines = _deadlines.Deadlines(self._loop, self._expire)
         if self._context is None:
             self._context = _zmq.Context()
@@ -693,23 +691,6 @@ class Client(ClientJobs):
                 watch.gone(loop.time())
             elif now + 0.01 >= watch.last_ping + watch.heartbeat:
                 await self._ping(now)
-
-
-def _loop_clock(loop):
-    """``loop.time``, or what it returns without its Python frame: asyncio's
-    own loop's clock is ``time.monotonic()`` (a subclass that changes it, or
-    uvloop's own, is kept)."""
-    if type(loop).time is asyncio.BaseEventLoop.time:
-        return time.monotonic
-    return loop.time
-
-
-def _future_maker(loop):
-    """``loop.create_future``, without its Python frame on asyncio's own loop
-    (where it is ``asyncio.Future(loop=loop)``)."""
-    if type(loop).create_future is asyncio.BaseEventLoop.create_future:
-        return functools.partial(asyncio.Future, loop=loop)
-    return loop.create_future
 
 
 _MULTI = None
