@@ -47,6 +47,14 @@ def test_request_new_trace_is_random():
     assert _trace.valid(a) and _trace.valid(b) and a[3:35] != b[3:35] and a[36:52] != b[36:52]
 
 
+@pytest.mark.parametrize("flags", [0, _wire.ACCEPTS_COMPRESSED])
+def test_plain_reply_as_the_worker_writes_it(flags):
+    """kelpie._runners writes a plain answer's header itself: _wire.reply's bytes."""
+    for rid in (1, 300, 0x2000000000000 + 5 << 8, 2**64 - 1):
+        assert _wire._REPLY + _wire.varint(rid) + _wire.flags_field(flags) == _wire.reply(
+            rid, None, flags)
+
+
 def test_request_minimal_is_cached():
     a = _wire.request("s", "m", 5)
     assert parse(a) == H(version=1, kind=_wire.REQUEST, request_id=5, service="s", method="m")

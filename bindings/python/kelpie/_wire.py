@@ -270,6 +270,11 @@ def request_new_trace(service, method, request_id, timeout_ms, flags):
     return _NEW_TRACE_REQUEST % (prefix, varint(request_id), tf, ids[:32], ids[32:])
 
 
+def flags_field(flags):
+    """The encoded ``flags`` field of a header (empty for 0), as ``reply`` writes it."""
+    return b"\x60" + varint(flags) if flags else b""
+
+
 def reply(request_id, metadata=None, flags=0):
     """A REPLY header for ``request_id``."""
     out = _REPLY + varint(request_id)
