@@ -332,6 +332,7 @@ struct kp_socket {
     Py_ssize_t n_immediate;    /* operations that completed without waiting */
     Py_ssize_t n_waited;       /* times an operation waited on a future */
     Py_ssize_t n_yielded;      /* bare fairness yields */
+    Py_ssize_t n_events;       /* ZMQ_EVENTS reads (kp_op_recheck, the reader callback) */
     kp_queue recv_q;           /* awaitables waiting for POLLIN */
     kp_queue send_q;           /* awaitables waiting for POLLOUT */
     zmq_msg_t rmsg;            /* reused for copying receives */
