@@ -227,3 +227,38 @@ def test_step():
         step(fails())
     with pytest.raises(RuntimeError):
         step(coro)  # already finished
+
+
+def test_sends_while_a_delivery_is_due_read_zmq_events_once(run, pair):
+    """Sends made while a delivery is already due (a client's calls sent in
+    one loop turn after answers came in) read ZMQ_EVENTS once between them,
+    not once each (each read is a poll and a getpid in libzmq); the reader
+    callback the delivery runs reads it before the loop waits again, so what
+    arrived is still delivered, and each send still goes out."""
+    import time
+
+    peer, sock = pair(kelpie.DEALER, kelpie.DEALER)
+    got = []
+
+    async def main():
+        sock._on_message = got.append
+        await peer.send_multipart([b"hello"])
+        await asyncio.sleep(0.1)
+        assert got == [[b"hello"]]
+        await peer.send_multipart([b"first"])
+        time.sleep(0.1)  # it arrives with no loop turn: nothing delivers it yet
+        before = sock._stats["events"]
+        for i in range(10):
+            await sock.send_multipart([b"%d" % i])  # completes at once
+        reads = sock._stats["events"] - before
+        assert got == [[b"hello"]]
+        for _ in range(200):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return reads, [await peer.recv_multipart() for _ in range(10)]
+
+    reads, sent = run(main())
+    assert reads == 1
+    assert got == [[b"hello"], [b"first"]]
+    assert sent == [[b"%d" % i] for i in range(10)]

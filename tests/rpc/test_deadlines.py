@@ -116,3 +116,39 @@ def test_emptied_slots_are_skipped(loop):
 
     loop.run_until_complete(main())
     assert fired == ["kept"]
+
+
+class _ShiftedLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock and futures are its own (as a test's fake clock)."""
+
+    made = 0
+
+    def time(self):
+        return super().time() + 1000.0
+
+    def create_future(self):
+        _ShiftedLoop.made += 1
+        return super().create_future()
+
+
+def test_loop_clock_and_futures_are_the_loops_own(loop):
+    """The hot paths' shortcuts for loop.time and loop.create_future
+    (asyncio's own loop: time.monotonic and asyncio.Future) give what the
+    loop would, and a loop that changes either keeps its own."""
+    import time
+
+    clock, new = _deadlines.loop_clock(loop), _deadlines.future_maker(loop)
+    assert abs(clock() - loop.time()) < 0.05
+    fut = new()
+    assert isinstance(fut, asyncio.Future) and fut.get_loop() is loop
+    if type(loop) is asyncio.SelectorEventLoop:
+        assert clock is time.monotonic
+    shifted = _ShiftedLoop()
+    _ShiftedLoop.made = 0
+    try:
+        clock, new = _deadlines.loop_clock(shifted), _deadlines.future_maker(shifted)
+        assert clock() - time.monotonic() > 999.0
+        fut = new()
+        assert _ShiftedLoop.made == 1 and fut.get_loop() is shifted
+    finally:
+        shifted.close()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kelpie import _wire
+from kelpie import _trace, _wire
 from kelpie.v1 import header_pb2
 
 H = header_pb2.Header
@@ -23,6 +23,36 @@ def test_request(rid):
     want.metadata["a"] = b"\x00\xff"
     want.metadata["text"] = "héllo".encode()
     assert got == want
+
+
+@pytest.mark.parametrize("rid,timeout_ms,flags", [(1, 0, 0), (300, 30000, 512),
+                                                    (2**32 + 5, 1, 513), (2**64 - 1, 2**31, 0)])
+def test_request_new_trace(rid, timeout_ms, flags, monkeypatch):
+    """The common call's header is request() with a new traceparent made
+    from the same draw as kelpie._trace.new, including the redraw when an
+    id would be zero."""
+    draws = iter([5, 7 << 64, (0xABC << 64) | 0x12, (1 << 191) | 1])
+    monkeypatch.setattr(_wire, "_trace_bits", lambda n: next(draws))
+    for t, s in ((0xABC, 0x12), (1 << 127, 1)):
+        got = parse(_wire.request_new_trace("svc.Name", "Méthode", rid, timeout_ms, flags))
+        tp = f"00-{t:032x}-{s:016x}-01"
+        assert _trace.valid(tp)
+        assert got == parse(_wire.request("svc.Name", "Méthode", rid, timeout_ms, flags, 0,
+                                          {"traceparent": tp}))
+
+
+def test_request_new_trace_is_random():
+    a, b = (parse(_wire.request_new_trace("s", "m", 1, 0, 0)).metadata["traceparent"]
+            for _ in range(2))
+    assert _trace.valid(a) and _trace.valid(b) and a[3:35] != b[3:35] and a[36:52] != b[36:52]
+
+
+@pytest.mark.parametrize("flags", [0, _wire.ACCEPTS_COMPRESSED])
+def test_plain_reply_as_the_worker_writes_it(flags):
+    """kelpie._runners writes a plain answer's header itself: _wire.reply's bytes."""
+    for rid in (1, 300, 0x2000000000000 + 5 << 8, 2**64 - 1):
+        assert _wire._REPLY + _wire.varint(rid) + _wire.flags_field(flags) == _wire.reply(
+            rid, None, flags)
 
 
 def test_request_minimal_is_cached():

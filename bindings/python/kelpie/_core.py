@@ -26,6 +26,9 @@ from ._context import current_job as _current_job
 from .errors import DeadlineExceeded, ResourceExhausted
 
 _REPLY = _wire.REPLY
+_prefixes = _wire._request_prefixes
+_request_new_trace = _wire._kelpie._request_new_trace
+_trace_bits = _wire._trace_bits
 _COMPRESSED = _wire.COMPRESSED
 _oversize = _wire.oversize
 
@@ -60,6 +63,26 @@ class Conn:
         header = _wire.request(service, method, rid,
                                0 if timeout is None else max(1, int(timeout * 1000.0 + 0.5)),
                                flags, window, metadata)
+        if payload.__class__ is bytes and \
+                len(header) + len(payload) <= self.max_message_size:
+            return rid, header
+        too_big = _oversize("request", header, payload, self.max_message_size)
+        if too_big is not None:
+            raise ResourceExhausted(too_big)
+        return rid, header
+
+    def request_new_trace(self, service, method, payload, timeout, flags):
+        """``request`` of a unary call whose metadata is only a new trace
+        (kelpie._wire.request_new_trace): the common call's header."""
+        rid = self.next_id
+        self.next_id = rid + 1
+        timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000.0 + 0.5))
+        # In C (bindings/python/src/encode.c); None where it leaves the
+        # header to the Python definition (a zero id drawn, a huge number).
+        header = _request_new_trace(
+            _prefixes.get((service, method, flags, 0)) or
+            _wire._request_prefix(service, method, flags, 0), rid, timeout_ms, _trace_bits(192)) \
+            or _wire.request_new_trace(service, method, rid, timeout_ms, flags)
         if payload.__class__ is bytes and \
                 len(header) + len(payload) <= self.max_message_size:
             return rid, header

@@ -38,6 +38,10 @@ _FutureTimeout = concurrent.futures.TimeoutError
 _CLIENT_STREAM = _wire.CLIENT_STREAM
 _COMPRESSED = _wire.COMPRESSED
 _ACCEPT = _compression.ACCEPT_FLAG
+# A REPLY header is _PLAIN_REPLY, the request id's varint, then this.
+_PLAIN_REPLY = _wire._REPLY
+_PLAIN_REPLY_FLAGS = _wire.flags_field(_ACCEPT)
+_varint = _wire.varint
 _maybe_compress = _compression.maybe_compress
 # Chunks a pool process's streaming handler may produce ahead of those sent
 # on to the caller (each sent one lets it make one more).
@@ -227,9 +231,10 @@ class Runners:
                 await self._send(session, _wire.error(rid, exc.code, exc.message))
                 return
         ctx = CallContext(self, session, header)
-        if header.timeout_ms:
-            ctx.deadline = self._loop.time() + header.timeout_ms / 1000.0
-            ctx._mono_deadline = _clock() + header.timeout_ms / 1000.0
+        timeout_ms = header.timeout_ms
+        if timeout_ms:
+            ctx.deadline = self._loop_time() + timeout_ms / 1000.0
+            ctx._mono_deadline = _clock() + timeout_ms / 1000.0
         # The handler's outgoing calls inherit its deadline: its eager step
         # runs in this (the reader's) context, and the tasks made below copy
         # it. Not reset: the next request sets its own.
@@ -280,15 +285,24 @@ class Runners:
             return
         if _clock() - t0 > self._slow_step:
             self._blocked_in(handler.name, _clock() - t0)
-        try:
-            body = _as_bytes(result, handler.name)
-        except TypeError as exc:
-            await self._answer_error(session, ctx, exc, handler)
-            return
-        z = 0
+        if result.__class__ is bytes:
+            body = result  # what _as_bytes returns for it
+        else:
+            try:
+                body = _as_bytes(result, handler.name)
+            except TypeError as exc:
+                await self._answer_error(session, ctx, exc, handler)
+                return
+        trailing = ctx._trailing
         if ctx._zip:
             body, z = _maybe_compress(body, self._zthreshold)
-        header = _wire.reply(rid, ctx._trailing, _ACCEPT | z)
+            header = _wire.reply(rid, trailing, _ACCEPT | z)
+        elif trailing is None:
+            # _wire.reply(rid, None, _ACCEPT), the common answer, without
+            # the call and its flag and metadata checks.
+            header = _PLAIN_REPLY + _varint(rid) + _PLAIN_REPLY_FLAGS
+        else:
+            header = _wire.reply(rid, trailing, _ACCEPT)
         if (body.__class__ is not bytes or len(header) + len(body) > self._max_message_size) \
                 and _oversize("reply", header, body, self._max_message_size) is not None:
             await self._send_answer(session, ctx, header, body, "reply")

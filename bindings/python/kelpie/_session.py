@@ -22,7 +22,7 @@ import logging
 import threading
 import types
 
-from . import _brokers, _executors, _kelpie, _security, _stalls, _wire, _zmq
+from . import _brokers, _deadlines, _executors, _kelpie, _security, _stalls, _wire, _zmq
 from ._context import _BY_CLIENT, _BY_SESSION_END, _BY_SHUTDOWN
 from ._handlers import _IN_PROCESS, _IN_THREAD
 from ._jobs_worker import DRAINED_WAIT as _DRAINED_WAIT
@@ -98,6 +98,7 @@ class Session:
             return await self._run_lanes(backends)
         self._running = True
         self._loop = loop = asyncio.get_running_loop()
+        self._loop_time = _deadlines.loop_clock(loop)
         self._loop_thread = threading.get_ident()
         self._draining = False
         self._stop_event = asyncio.Event()
@@ -179,6 +180,7 @@ class Session:
         up. Runs until :meth:`stop` stops every lane."""
         self._running = True
         self._loop = loop = asyncio.get_running_loop()
+        self._loop_time = _deadlines.loop_clock(loop)
         self._stop_event = asyncio.Event()
         own_context = self._context is None
         if own_context:
@@ -447,7 +449,7 @@ class Session:
 
     def _on_message(self, session, frames):
         calls = session.calls
-        session.last_recv = self._loop.time()
+        session.last_recv = self._loop_time()
         try:
             header = _parse(frames[0])
         except Exception:

@@ -44,6 +44,8 @@ _Metadata = Optional[Mapping[str, Union[bytes, str]]]
 from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
 from . import _deadlines, _security
 from . import _streaming, _wire, _zmq
+from ._context import current_call as _current_call
+from ._context import current_job as _current_job
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from .jobs import ClientJobs, _Watch
 from ._status import StatusCode
@@ -139,6 +141,7 @@ class Client(ClientJobs):
         self._own_context = False
         self._sock = None
         self._loop = None
+        self._clock = self._new_future = None  # the loop's, made cheaper (connect)
         self._pinger = None
         # One table for the client's whole life: emptied in place, never
         # replaced, so the reader (which holds it) always sees the live one.
@@ -156,7 +159,8 @@ class Client(ClientJobs):
             return self
         if self._closed:
             raise RuntimeError("client is closed")
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._clock, self._new_future = _deadlines.loop_clock(loop), _deadlines.future_maker(loop)
         self._deadlines = _deadlines.Deadlines(self._loop, self._expire)
         if self._context is None:
             self._context = _zmq.Context()
@@ -261,7 +265,19 @@ class Client(ClientJobs):
         sock = self._sock
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")
-        if _stage < 3:
+        new_trace = False
+        if _stage == 0 and metadata is None and not idempotent and not self.metadata and \
+                not self._interceptors and not self._policies and retry is None and \
+                hedging is None and _current_call.get() is None and _current_job.get() is None:
+            # Most calls: one attempt, sent from outside any handler or job
+            # with no metadata. _core.options' result, with the new trace
+            # left to the header's encoder (_wire.request_new_trace).
+            if timeout is None:
+                timeout = self.timeout
+            if timeout == NO_DEADLINE:
+                timeout = None
+            new_trace = True
+        elif _stage < 3:
             timeout, metadata = _core.options(self, timeout, metadata)
             if _stage == 0 and self._interceptors:
                 return await _interceptors.client_unary(
@@ -278,19 +294,24 @@ class Client(ClientJobs):
                                                     with_metadata, compression)
         # One attempt, in this frame: most calls take no other step, and a
         # second coroutine per call costs more than all of the checks above.
-        loop = self._loop
-        now = loop.time()
+        clock = self._clock
+        now = clock()
         watch = self._watch
-        if watch.stale(now):
+        heartbeat = watch.heartbeat
+        if heartbeat and now - watch.last_ping >= heartbeat:  # watch.stale(now)
             await self._ping(now)
-            now = loop.time()
+            now = clock()
         flags = _ACCEPT | (1 if idempotent else 0)
         zip_ = self._zip
         if zip_.setting or compression:
             payload, z = zip_.request(service, payload, compression)
             flags |= z
-        rid, header = self._conn.request(service, method, payload, timeout, flags, 0, metadata)
-        fut = loop.create_future()
+        if new_trace:
+            rid, header = self._conn.request_new_trace(service, method, payload, timeout, flags)
+        else:
+            rid, header = self._conn.request(service, method, payload, timeout, flags, 0,
+                                             metadata)
+        fut = self._new_future()
         slot = None
         if timeout is not None:
             slot = self._deadlines.add(rid, now + timeout)
@@ -571,7 +592,7 @@ class Client(ClientJobs):
         # The one table of the client's life (see __init__): never stale.
         pending = self._pending
         get = pending.get
-        clock = self._loop.time
+        clock = self._clock
         watch = self._watch
         conn = self._conn
         parse = _parse

@@ -191,6 +191,7 @@ class Worker(HandlerTable, JobRunner, Session, Stalls, Runners):
         self._context = context
         self._handlers = {}
         self._loop = None
+        self._loop_time = None  # the loop's clock, made cheaper (_deadlines.loop_clock)
         self._session = None
         self._stopping = False
         self._stop_event = None

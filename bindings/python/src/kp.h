@@ -22,6 +22,7 @@
  *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
  *   header.c     _parse_header and kelpie.ParsedHeader: a KLP/1 header frame decoded in C
+ *   encode.c     _request_new_trace and _varint: header encoding in C for the hot paths
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
@@ -331,6 +332,7 @@ struct kp_socket {
     Py_ssize_t n_immediate;    /* operations that completed without waiting */
     Py_ssize_t n_waited;       /* times an operation waited on a future */
     Py_ssize_t n_yielded;      /* bare fairness yields */
+    Py_ssize_t n_events;       /* ZMQ_EVENTS reads (kp_op_recheck, the reader callback) */
     kp_queue recv_q;           /* awaitables waiting for POLLIN */
     kp_queue send_q;           /* awaitables waiting for POLLOUT */
     zmq_msg_t rmsg;            /* reused for copying receives */
@@ -495,5 +497,10 @@ kp_frame *kp_frame_new(kp_state *st);
  * has named the protobuf Header class and DecodeError (kelpie._wire does at
  * import). */
 int kp_header_init(PyObject *module, kp_state *st);
+
+/* ---- encode.c --------------------------------------------------------- */
+
+/* Adds _request_new_trace and _varint to `module`. */
+int kp_encode_init(PyObject *module, kp_state *st);
 
 #endif /* KP_H */

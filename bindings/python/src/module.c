@@ -246,7 +246,7 @@ static int module_exec(PyObject *module)
         kp_frame_init(module, st) < 0 || kp_op_init(module, st) < 0 ||
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0 ||
-        kp_header_init(module, st) < 0) {
+        kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0) {
         return -1;
     }
     return 0;

@@ -278,11 +278,15 @@ int kp_op_fail_waiters(kp_socket *sock, int err)
  * report events (the waiters have been failed), or -1 on error. */
 static int op_poll_events(kp_socket *sock, int always)
 {
-    /* Inside a delivery, a recheck for on_message alone is not needed: the
-     * delivery receives until EAGAIN after its callback (a worker's reply
-     * sent there costs no ZMQ_EVENTS read). */
-    if (sock->handle == NULL || (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 &&
-                                 (sock->on_message == NULL || sock->delivering))) {
+    /* A recheck for on_message alone is not needed inside a delivery (it
+     * receives until EAGAIN after its callback: a worker's reply sent there
+     * costs no ZMQ_EVENTS read), nor while a delivery is due (the reader
+     * callback it runs reads ZMQ_EVENTS before the loop next waits: a
+     * client's calls sent in one loop turn cost one read, not one each;
+     * each read is a poll and a getpid in libzmq). */
+    if (sock->handle == NULL ||
+        (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 &&
+         (sock->on_message == NULL || sock->delivering || sock->delivery_due))) {
         return 0;
     }
     /* A receiver woken below leaves the queue before it takes its
@@ -294,6 +298,7 @@ static int op_poll_events(kp_socket *sock, int always)
     int rc = zmq_getsockopt(sock->handle, ZMQ_EVENTS, &events, &len);
     int err = zmq_errno();
     kp_socket_unlock(sock, locked);
+    sock->n_events++;
     if (rc != 0) {
         /* ETERM: the context is going away; nobody will ever be woken by
          * this socket again, so tell the waiters now. */

@@ -411,8 +411,8 @@ static PyObject *socket_get_waiters(kp_socket *self, void *closure)
 
 static PyObject *socket_get_stats(kp_socket *self, void *closure)
 {
-    return Py_BuildValue("{snsnsn}", "immediate", self->n_immediate, "waited", self->n_waited,
-                         "yielded", self->n_yielded);
+    return Py_BuildValue("{snsnsnsn}", "immediate", self->n_immediate, "waited", self->n_waited,
+                         "yielded", self->n_yielded, "events", self->n_events);
 }
 
 static PyMethodDef socket_methods[] = {
