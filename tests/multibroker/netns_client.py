@@ -16,6 +16,12 @@ import kelpie
 
 SLOW = json.dumps({"sleep": 0.05}).encode()
 JOB = json.dumps({"sleep": 0.05}).encode()
+# Each submitting task waits this long after a submit. The two workers run
+# at most 2 x 8 slots / 0.05 s = 320 jobs/s, shared with the calls; unpaced,
+# six tasks accepted ~1,000 jobs/s, so a 20 s run left a backlog that took
+# longer than the final check's 60 s to drain (and read as lost jobs). About
+# 100 jobs/s keep the backlog at seconds, and submits still cross every cut.
+SUBMIT_GAP = 0.06
 
 
 async def main():
@@ -41,6 +47,8 @@ async def main():
                     else:
                         accepted.append((await client.submit("work", JOB)).id)
                     outcome[kind]["ok"] += 1
+                    if kind in ("keyed", "unkeyed"):
+                        await asyncio.sleep(SUBMIT_GAP)
                 except kelpie.RpcError as exc:
                     outcome[kind][f"{type(exc).__name__}"] += 1
                 except Exception as exc:
@@ -62,9 +70,20 @@ async def main():
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from jobcheck import all_succeeded
         bad = sorted(await all_succeeded(client, accepted))
+        stats = {}
+        if bad:  # what each broker holds, so that a failure says why
+            for fe in frontends:
+                try:
+                    async with kelpie.Client(fe, timeout=5) as one:
+                        st = await one.stats()
+                    stats[fe] = {"broker_id": st.get("broker_id"),
+                                 "jobs": st.get("jobs", {}).get("queues", {}).get("work"),
+                                 "workers": st.get("workers")}
+                except Exception as exc:
+                    stats[fe] = f"{type(exc).__name__}: {exc}"
         print(json.dumps({"outcome": {k: dict(v) for k, v in outcome.items()},
                           "accepted": len(accepted), "bad": bad[:10], "moved": client.moved,
-                          "lost": client.lanes_lost}), flush=True)
+                          "lost": client.lanes_lost, "stats": stats}), flush=True)
 
 
 asyncio.run(main())

@@ -175,10 +175,6 @@ class Killable:
         kill_group(self.proc)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug, open in issue 17, cause not found yet: after the links come back some jobs "
-    "stay leased (state 2, attempt 1) to live brokers that claimed them and never dispatch "
-    "them (the workers re-registered with b1 at 0 credits); fails on 21f072c too"))
 def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
     url, db = postgres.new_db()
     k = keys(tmp_path)
@@ -231,6 +227,10 @@ def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
     net.link("b1", "up")
     wait_for(lambda: ask("status")["brokers"][0]["up"] is True, 10, "b1 up again for the client")
     time.sleep(1.0)
+    # What b2 did while the links were cut, read before the check below
+    # (which loads the machine with ListJobs) can starve anyone.
+    with open(tmp_path / "b2" / "kelpied.log", errors="replace") as f:
+        b2_log = f.read()
     client.stdin.write("stop\n")
     client.stdin.flush()
     line = client.stdout.readline()
@@ -241,6 +241,8 @@ def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
                             "a.started_at, a.ended_at, a.message FROM jobs j JOIN all_attempts a "
                             "ON a.job_seq = j.seq WHERE j.state <> 3 ORDER BY j.seq, a.n LIMIT 40",
                             db=db))
+        print(postgres.psql("SELECT state, count(*) FROM jobs GROUP BY state", db=db))
+        print(json.dumps(final.get("stats"), indent=1))
     client.wait(30)
     print(f"\n[netns] {final}; client gave b1 up {gave_up:.2f} s after its link was cut")
     assert final["bad"] == [], final
@@ -253,6 +255,5 @@ def test_cut_links_across_namespaces(tmp_path, net, postgres, cleanup):
     # Both workers ran jobs; the cut one was given up by a broker.
     assert workers[0].runs() and workers[1].runs()
     # b2's link stayed up: it removed w1 when w1's link was cut, never w2.
-    with open(tmp_path / "b2" / "kelpied.log", errors="replace") as f:
-        log = f.read()
-    assert "worker 'w1' removed" in log and "worker 'w2' removed" not in log, log[-3000:]
+    assert "worker 'w1' removed" in b2_log and "worker 'w2' removed" not in b2_log, \
+        b2_log[-3000:]
