@@ -47,12 +47,12 @@ async def main():
                     else:
                         accepted.append((await client.submit("work", JOB)).id)
                     outcome[kind]["ok"] += 1
-                    if kind in ("keyed", "unkeyed"):
-                        await asyncio.sleep(SUBMIT_GAP)
                 except kelpie.RpcError as exc:
                     outcome[kind][f"{type(exc).__name__}"] += 1
                 except Exception as exc:
                     outcome[kind][f"{type(exc).__name__}: {exc}"] += 1
+                if kind in ("keyed", "unkeyed"):
+                    await asyncio.sleep(SUBMIT_GAP)  # after a refusal too: no busy loop
 
         tasks = [asyncio.create_task(traffic(k))
                  for k in ("idempotent", "plain", "keyed", "unkeyed") for _ in range(3)]
