@@ -6,7 +6,9 @@ jobs at once leave nothing behind; a worker SIGKILLed mid-run leaves no
 sandbox alive and its job is redelivered and completes. Root only (per-slot
 uids and cgroups, as tests/sandbox)."""
 
+import argparse
 import asyncio
+import io
 import json
 import signal
 import time
@@ -14,6 +16,7 @@ import time
 import pytest
 
 import kelpie
+from kelpie import _cli_run
 
 from conftest import counters, kelpie_run, leaks, needs_root, run, wait_queue_workers
 
@@ -162,6 +165,25 @@ def test_kelpie_run_exit_status(broker, workers):
             assert out == b"hi\n"
         if verdict == "memory_limit":
             assert b"memory by cgroup" in err
+
+
+def test_kelpie_run_prints_the_output_of_a_job_that_ended_before_its_watch(broker, workers):
+    """Under load ``kelpie run`` sent its WATCH after the job had ended: the
+    broker keeps a job's events only while it is not finished, so the watch
+    got the RESULT alone and stdout stayed empty (test_kelpie_run_exit_status,
+    5 runs in 30 beside two CPU hogs). Here that order is certain."""
+    workers.start(slots=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c", "echo hi"]))
+            await job.result(timeout=30)
+            out, err = io.BytesIO(), io.BytesIO()
+            code = await _cli_run._follow(kelpie.Job(c, job.id), argparse.Namespace(verbose=True),
+                                          out, err)
+            return code, out.getvalue(), err.getvalue()
+    code, out, err = run(main())
+    assert (code, out) == (0, b"hi\n"), err
 
 
 def test_kelpie_run_limits_and_interactive_stdin(broker, workers):

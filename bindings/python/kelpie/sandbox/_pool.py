@@ -205,6 +205,12 @@ class SlotPool:
         tasks = [slot.next for slot in self._slots if slot.next is not None]
         for slot in self._slots:
             slot.next = None
+        # A sandbox still being made is given up, not waited for: it would
+        # only be destroyed, and its creation can take up to READY_TIMEOUT
+        # (a loaded host; a monitor killed by a signal to the whole process
+        # group), which a SIGTERMed worker would spend before exiting.
+        for t in tasks:
+            t.cancel()
         await asyncio.gather(*(drop(t) for t in tasks))
         self.host.close()
 
