@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import signal
 import time
 
@@ -265,3 +266,27 @@ def test_sigkilled_worker_leaves_no_sandbox_and_the_job_is_redelivered(broker, w
     assert [h.outcome for h in info.history] == ["worker_lost", "succeeded"]
     assert b"finished" in info.output
     wait_queue_workers(broker, 1)
+
+
+def test_sigterm_to_the_workers_process_group_lets_its_running_job_finish(broker, workers):
+    """A SIGTERM to the worker's whole process group (kill -TERM -PGID; Ctrl-C's
+    SIGINT in a terminal) drains it, as a SIGTERM to the worker alone does:
+    the running job finishes within --grace (2 s here). The sandboxes'
+    monitors were in that group, died of the signal and took their jobs
+    with them (sandbox_error, given back)."""
+    w = workers.start(slots=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c", "echo up; sleep 1; echo done"]))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            await asyncio.wait_for(first, 15)
+            os.killpg(w.pid, signal.SIGTERM)
+            verdict = json.loads(await job.result(timeout=20))
+            await watcher
+            return verdict, await job.info()
+    verdict, info = run(main())
+    assert verdict["status"] == "ok", verdict
+    assert [h.outcome for h in info.history] == ["succeeded"]
+    assert w.proc.wait(30) == 0, w.log()

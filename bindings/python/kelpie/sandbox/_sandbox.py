@@ -212,7 +212,11 @@ class Sandbox:
         actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)]
         # dup2 onto itself clears FD_CLOEXEC (glibc 2.29+).
         actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in keep]
-        return os.posix_spawn(argv[0], argv, {}, file_actions=actions,
+        # A process group of its own: a signal to the worker's group (Ctrl-C
+        # in a terminal, kill -TERM -PGID) is the worker's to handle by
+        # draining; it killed bwrap's monitor, and with it the job, at once.
+        # The worker's death still ends the sandbox (--die-with-parent).
+        return os.posix_spawn(argv[0], argv, {}, file_actions=actions, setpgroup=0,
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
 
     async def _create(self):
