@@ -3,9 +3,11 @@ the middle of a run, and the rootless mode of a worker that is not root."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import kelpie.sandbox as ks
@@ -144,3 +146,35 @@ def test_rootless_mode_for_a_non_root_worker(tmp_path):
     assert v["enforcement"]["pids"] == "none"
     assert hog["status"] == "nonzero_exit" and "MemoryError" in hog["stderr"], hog
     assert not [n for n in os.listdir(tmp_path) if n.startswith("kelpie-sandbox-")]
+
+
+@needs_root
+def test_a_monitor_gone_before_ready_is_a_sandbox_error_at_once(run, pools):
+    """bwrap's monitor exits while a process it started still holds the
+    sandbox's pipes (its child, killed with the monitor by a SIGTERM to the
+    worker's process group before --die-with-parent was set, was seen doing
+    this): the sandbox fails at once instead of waiting out READY_TIMEOUT
+    (60 s, which held a SIGTERMed sandbox-worker past 30 s), and the
+    leftover process, in the sandbox's cgroup, is killed with it."""
+    fake_dir = tempfile.mkdtemp(prefix="kelpie-fake-bwrap-")
+    try:
+        os.chmod(fake_dir, 0o755)  # the helper runs it as the slot's uid
+        fake = os.path.join(fake_dir, "bwrap")
+        with open(fake, "w") as f:
+            f.write("#!/bin/sh\nsleep 30.321 &\nexit 1\n")
+        os.chmod(fake, 0o755)
+        pool = run(pools.pool(1, warm=False))
+        pool.host.bwrap = fake
+        t0 = time.monotonic()
+        verdict = run(pool.run(py("print(1)")), timeout=50)
+        assert verdict.status == "sandbox_error", verdict
+        assert "monitor exited" in verdict.message, verdict.message
+        assert time.monotonic() - t0 < 20
+        # Killed with the sandbox's cgroup; the host's pid 1 reaps it (late).
+        uids = {s.uid for s in pool._slots}
+        deadline = time.monotonic() + 20
+        while processes_of(uids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not live(processes_of(uids)), processes_of(uids)
+    finally:
+        shutil.rmtree(fake_dir, ignore_errors=True)

@@ -6,14 +6,18 @@ jobs at once leave nothing behind; a worker SIGKILLed mid-run leaves no
 sandbox alive and its job is redelivered and completes. Root only (per-slot
 uids and cgroups, as tests/sandbox)."""
 
+import argparse
 import asyncio
+import io
 import json
+import os
 import signal
 import time
 
 import pytest
 
 import kelpie
+from kelpie import _cli_run
 
 from conftest import counters, kelpie_run, leaks, needs_root, run, wait_queue_workers
 
@@ -164,6 +168,25 @@ def test_kelpie_run_exit_status(broker, workers):
             assert b"memory by cgroup" in err
 
 
+def test_kelpie_run_prints_the_output_of_a_job_that_ended_before_its_watch(broker, workers):
+    """Under load ``kelpie run`` sent its WATCH after the job had ended: the
+    broker keeps a job's events only while it is not finished, so the watch
+    got the RESULT alone and stdout stayed empty (test_kelpie_run_exit_status,
+    5 runs in 30 beside two CPU hogs). Here that order is certain."""
+    workers.start(slots=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c", "echo hi"]))
+            await job.result(timeout=30)
+            out, err = io.BytesIO(), io.BytesIO()
+            code = await _cli_run._follow(kelpie.Job(c, job.id), argparse.Namespace(verbose=True),
+                                          out, err)
+            return code, out.getvalue(), err.getvalue()
+    code, out, err = run(main())
+    assert (code, out) == (0, b"hi\n"), err
+
+
 def test_kelpie_run_limits_and_interactive_stdin(broker, workers):
     workers.start(slots=2, args=["--max-limit", "mem=300M"])
     # -i: this process's stdin goes to the program, then its end of file.
@@ -243,3 +266,27 @@ def test_sigkilled_worker_leaves_no_sandbox_and_the_job_is_redelivered(broker, w
     assert [h.outcome for h in info.history] == ["worker_lost", "succeeded"]
     assert b"finished" in info.output
     wait_queue_workers(broker, 1)
+
+
+def test_sigterm_to_the_workers_process_group_lets_its_running_job_finish(broker, workers):
+    """A SIGTERM to the worker's whole process group (kill -TERM -PGID; Ctrl-C's
+    SIGINT in a terminal) drains it, as a SIGTERM to the worker alone does:
+    the running job finishes within --grace (2 s here). The sandboxes'
+    monitors were in that group, died of the signal and took their jobs
+    with them (sandbox_error, given back)."""
+    w = workers.start(slots=1)
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(argv=["sh", "-c", "echo up; sleep 1; echo done"]))
+            first = asyncio.get_running_loop().create_future()
+            watcher = asyncio.ensure_future(collect(job, first_output=first))
+            await asyncio.wait_for(first, 15)
+            os.killpg(w.pid, signal.SIGTERM)
+            verdict = json.loads(await job.result(timeout=20))
+            await watcher
+            return verdict, await job.info()
+    verdict, info = run(main())
+    assert verdict["status"] == "ok", verdict
+    assert [h.outcome for h in info.history] == ["succeeded"]
+    assert w.proc.wait(30) == 0, w.log()

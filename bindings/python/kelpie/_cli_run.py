@@ -283,6 +283,22 @@ async def _run(args, spec):
         return EXIT_NO_VERDICT
 
 
+async def _print_tail(job, out, err):
+    """The output of a job whose watch began after it had ended: the broker
+    keeps a job's events only while it is not finished, so such a watch gets
+    its RESULT alone (a quick job and a client held up by a loaded host).
+    What is left is the output tail stored with the result (its last 64 KiB,
+    stdout and stderr as they came, in one piece): it goes to stdout."""
+    try:
+        info = await job.info()
+    except RpcError as exc:
+        print(f"kelpie run: the job ended before its output could be followed, and its "
+              f"output tail cannot be read: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return
+    out.write(info.output)
+    out.flush()
+
+
 async def _follow(job, args, out, err):
     attempt = 0
     try:
@@ -315,6 +331,8 @@ async def _follow(job, args, out, err):
         print("kelpie run: the job's result is not a verdict (is the queue served by a "
               "sandbox-worker?)", file=sys.stderr)
         return EXIT_NO_VERDICT
+    if not attempt and (verdict.get("stdout_bytes") or verdict.get("stderr_bytes")):
+        await _print_tail(job, out, err)
     if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
         print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
     return exit_status(verdict)

@@ -205,6 +205,10 @@ class SlotPool:
         tasks = [slot.next for slot in self._slots if slot.next is not None]
         for slot in self._slots:
             slot.next = None
+        # A sandbox still being made is waited for, not cancelled: cancelled
+        # before its init is known, only its monitor could be killed, and the
+        # init would be left to the host's pid 1 to reap (late). Its creation
+        # ends soon, also when its monitor was killed (Sandbox._create).
         await asyncio.gather(*(drop(t) for t in tasks))
         self.host.close()
 

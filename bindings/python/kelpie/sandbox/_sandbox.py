@@ -212,7 +212,11 @@ class Sandbox:
         actions = [(os.POSIX_SPAWN_DUP2, fd, i) for i, fd in enumerate(stdio)]
         # dup2 onto itself clears FD_CLOEXEC (glibc 2.29+).
         actions += [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in keep]
-        return os.posix_spawn(argv[0], argv, {}, file_actions=actions,
+        # A process group of its own: a signal to the worker's group (Ctrl-C
+        # in a terminal, kill -TERM -PGID) is the worker's to handle by
+        # draining; it killed bwrap's monitor, and with it the job, at once.
+        # The worker's death still ends the sandbox (--die-with-parent).
+        return os.posix_spawn(argv[0], argv, {}, file_actions=actions, setpgroup=0,
                               setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=())
 
     async def _create(self):
@@ -252,15 +256,29 @@ class Sandbox:
                                                 _Fd(mine["stderr"]))
         self.spec, self.status = _Fd(mine["spec"]), _Fd(mine["status"])
         info = _Fd(mine["info"])
+        loop = asyncio.get_running_loop()
+
+        def monitor_exited():
+            # Its pipes may never see EOF: a process of the sandbox that
+            # outlived it (bwrap's child, killed with the monitor before its
+            # --die-with-parent was set, as a SIGTERM to the worker's process
+            # group can do) still holds them. What was written is still read.
+            loop.remove_reader(self.pidfd)
+            self.status.drain()
+            info.drain()
+
+        loop.add_reader(self.pidfd, monitor_exited)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
                 line = await self._status_line()
                 if line != b"R":
-                    raise SandboxError("sandbox did not start")
+                    raise SandboxError("sandbox did not start" if line is not None else
+                                       "sandbox did not start: its monitor exited")
                 raw = b""
                 while chunk := await info.read():
                     raw += chunk
         finally:
+            loop.remove_reader(self.pidfd)
             info.close()
         child = json.loads(raw)["child-pid"]
         # The init is waiting for the spec, so this pid is still its own.
