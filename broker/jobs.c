@@ -2829,13 +2829,13 @@ enum kp_err kp_jobs_new(struct kp_broker *b, const char *data_dir, const char *s
     struct kp_engine *e = kp_calloc(1, sizeof *e);
     e->data_dir = kp_strdup(data_dir);
     e->store_url = store && *store ? kp_strdup(store) : NULL;
+    e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     if (e->store_url) {
-        e->listener = kp_pg_listener_new(e->store_url);
-        e->relay = kp_relay_new(e->store_url);
+        e->listener = kp_pg_listener_new(e->store_url, e->hold_ms);
+        e->relay = kp_relay_new(e->store_url, e->hold_ms);
     }
     kp_list_init(&e->deferred);
     e->rng = b->broker_id;
-    e->hold_ms = (uint64_t)b->liveness * b->heartbeat_ms;
     e->defaults = (struct queue_settings){
         .max_attempts = 3, .backoff_ms = 1000, .result_ttl_ms = 86400ull * 1000};
     e->settings = dup_or_null(settings);

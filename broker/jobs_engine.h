@@ -150,7 +150,7 @@ void kp_jobs_reply_cancelling(struct kp_broker *b, const struct kp_rid *rid, uin
 
 /* A relay over the shared store at conninfo (its own connection, opened
  * by the loop's steps). Never NULL. */
-struct kp_relay *kp_relay_new(const char *conninfo);
+struct kp_relay *kp_relay_new(const char *conninfo, uint64_t lease_ms);
 
 /* Frees the relay and all it holds (idempotent, nulls *r). */
 void kp_relay_destroy(struct kp_relay **r);

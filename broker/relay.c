@@ -980,10 +980,10 @@ uint64_t kp_relay_next_wake(struct kp_broker *b, uint64_t next)
     return next;
 }
 
-struct kp_relay *kp_relay_new(const char *conninfo)
+struct kp_relay *kp_relay_new(const char *conninfo, uint64_t lease_ms)
 {
     struct kp_relay *rl = kp_calloc(1, sizeof *rl);
-    rl->conn = kp_pg_relay_new(conninfo);
+    rl->conn = kp_pg_relay_new(conninfo, lease_ms);
     kp_list_init(&rl->outbox);
     rl->interests = zhashx_new();
     kp_list_init(&rl->reqs);

@@ -303,8 +303,9 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
  * where broker is the id of the broker whose transaction sent it. */
 struct kp_pg_listener;
 
-/* A listener for conninfo (not connected yet: kp_pg_listener_step does). */
-struct kp_pg_listener *kp_pg_listener_new(const char *conninfo);
+/* A listener for conninfo (not connected yet: kp_pg_listener_step does);
+ * its connection's timeouts follow lease_ms (store_pg_conn.c). */
+struct kp_pg_listener *kp_pg_listener_new(const char *conninfo, uint64_t lease_ms);
 
 /* Closes the connection and frees; idempotent, nulls *l. */
 void kp_pg_listener_destroy(struct kp_pg_listener **l);
@@ -332,7 +333,7 @@ bool kp_pg_listener_listening(const struct kp_pg_listener *l);
 /* A listener on the relay channel instead ("kelpie_relay"): a connection
  * of its own, on which the loop also sends the relay's notifications
  * (kp_pg_relay_send). Same step/fd/destroy functions; never beats. */
-struct kp_pg_listener *kp_pg_relay_new(const char *conninfo);
+struct kp_pg_listener *kp_pg_relay_new(const char *conninfo, uint64_t lease_ms);
 
 /* True when the relay listens and nothing it sent is unanswered: a batch
  * may be sent. */

@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <libpq-fe.h>
 
@@ -492,15 +493,40 @@ static enum kp_err pg_prepare_hot(struct pg_store *q)
     return KP_OK;
 }
 
+/* The least time between two tries to reconnect. A server that cannot be
+ * reached (a cut link) holds a try for up to its connect timeout
+ * (store_pg_conn.c) while the journal waits; without a pause every
+ * operation queued meanwhile (a heartbeat every heartbeat_ms) would pay
+ * that in turn, and a SUBMIT behind them would wait for them all. The
+ * operations in between fail at once. */
+#define PG_RECONNECT_PAUSE_MS 1000
+
+static uint64_t pg_mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 /* Re-establishes a lost connection (outside a group only). */
 static enum kp_err pg_alive(struct pg_store *q)
 {
     if (PQstatus(q->conn) == CONNECTION_OK)
         return KP_OK;
+    uint64_t now = pg_mono_ms();
+    if (now < q->reconnect_at)
+        return kp_store_fail(&q->base, KP_ESTOREIO,
+                             "postgresql %s: not connected (the last try to reconnect failed "
+                             "%llu ms ago)",
+                             q->where,
+                             (unsigned long long)(now + PG_RECONNECT_PAUSE_MS - q->reconnect_at));
     PQreset(q->conn);
     q->nprepared = 0; /* a new session: nothing is prepared in it */
-    if (PQstatus(q->conn) != CONNECTION_OK)
+    if (PQstatus(q->conn) != CONNECTION_OK) {
+        q->reconnect_at = pg_mono_ms() + PG_RECONNECT_PAUSE_MS;
         return pg_fail(q, NULL, "reconnect");
+    }
+    q->reconnect_at = 0;
     enum kp_err err = pg_session(q);
     return err == KP_OK ? pg_prepare_hot(q) : err;
 }
@@ -2210,7 +2236,9 @@ enum kp_err kp_store_pg_open(const char *conninfo, uint64_t broker, uint64_t lea
     q->lease_ms = lease_ms;
     *out = NULL;
     *recovered = 0;
-    q->conn = PQconnectdb(conninfo);
+    struct kp_pg_conn_params params;
+    kp_pg_conn_params_init(&params, conninfo, lease_ms);
+    q->conn = PQconnectdbParams(params.keys, params.values, 1);
     char where[256];
     const char *host = q->conn ? PQhost(q->conn) : NULL;
     const char *db = q->conn ? PQdb(q->conn) : NULL;

@@ -5,7 +5,8 @@
  * store_pg_schema.c  the schema, created on an empty database, and its
  *                    migrations from earlier versions;
  * store_pg_listen.c  the listener (LISTEN, the heartbeat) and the relay's
- *                    transport, the loop thread's non-blocking connections.
+ *                    transport, the loop thread's non-blocking connections;
+ * store_pg_conn.c    the parameters each connection is opened with.
  */
 #ifndef KP_STORE_PG_IMPL_H
 #define KP_STORE_PG_IMPL_H
@@ -17,6 +18,17 @@
 #include <libpq-fe.h>
 
 #include "store.h"
+
+/* The parameters every connection of the store is opened with
+ * (store_pg_conn.c): timeouts scaled to the lease window, then the user's
+ * conninfo, which overrides them. For PQconnectdbParams and
+ * PQconnectStartParams with expand_dbname set. */
+struct kp_pg_conn_params {
+    const char *keys[9];
+    const char *values[9];
+    char user_timeout[24], idle[24], connect[24];
+};
+void kp_pg_conn_params_init(struct kp_pg_conn_params *p, const char *conninfo, uint64_t lease_ms);
 
 /* The channel every broker LISTENs on (store.h, kp_pg_listener). */
 #define PG_CHANNEL "kelpie"
@@ -32,6 +44,7 @@ struct pg_store {
     uint64_t broker;       /* this broker's id: its heartbeat row */
     uint64_t lease_ms;     /* a broker without a heartbeat for this long is dead */
     uint64_t last_beat;    /* when this broker's last heartbeat went through */
+    uint64_t reconnect_at; /* monotonic ms: no try to reconnect before (pg_alive) */
     uint64_t reclaim_from; /* no reclaiming before: see pg_heartbeat */
     bool in_txn;           /* a group is open (begin() was called) */
     bool txn_open;         /* its BEGIN has been sent: begin() only marks the group, and

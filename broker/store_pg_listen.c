@@ -18,6 +18,7 @@
 enum pg_listen_state { L_IDLE, L_CONNECTING, L_LISTEN_SENT, L_LISTENING };
 
 struct kp_pg_listener {
+    struct kp_pg_conn_params params; /* its values point into conninfo */
     char *conninfo;
     PGconn *conn;
     enum pg_listen_state st;
@@ -29,10 +30,11 @@ struct kp_pg_listener {
     bool flushing;                  /* a relay batch is not all written to the socket yet */
 };
 
-struct kp_pg_listener *kp_pg_listener_new(const char *conninfo)
+struct kp_pg_listener *kp_pg_listener_new(const char *conninfo, uint64_t lease_ms)
 {
     struct kp_pg_listener *l = kp_calloc(1, sizeof *l);
     l->conninfo = kp_strdup(conninfo);
+    kp_pg_conn_params_init(&l->params, l->conninfo, lease_ms);
     return l;
 }
 
@@ -81,7 +83,7 @@ bool kp_pg_listener_step(struct kp_pg_listener *l, uint64_t now, uint64_t retry_
     if (l->st == L_IDLE) {
         if (now < l->retry_at)
             return false;
-        l->conn = PQconnectStart(l->conninfo);
+        l->conn = PQconnectStartParams(l->params.keys, l->params.values, 1);
         if (!l->conn || PQstatus(l->conn) == CONNECTION_BAD) {
             listener_drop(l, now, retry_ms);
             return false;
@@ -176,9 +178,9 @@ void kp_pg_listener_beat(struct kp_pg_listener *l, uint64_t broker, uint64_t now
  * behind, or ahead of, its heartbeat on the listener's connection. */
 #define PG_RELAY_CHANNEL "kelpie_relay"
 
-struct kp_pg_listener *kp_pg_relay_new(const char *conninfo)
+struct kp_pg_listener *kp_pg_relay_new(const char *conninfo, uint64_t lease_ms)
 {
-    struct kp_pg_listener *l = kp_pg_listener_new(conninfo);
+    struct kp_pg_listener *l = kp_pg_listener_new(conninfo, lease_ms);
     l->listen_sql = kp_strdup("LISTEN " PG_RELAY_CHANNEL);
     return l;
 }

@@ -159,11 +159,14 @@ static bool curve_connects(int family, int type, int proto, const struct sockadd
 }
 
 /* Whether something accepts connections at a tcp:// or ipc:// endpoint now
- * (other transports: assumed so), within CURVE_PROBE_MS in all. Asked
- * when a broker hung up during our handshake: a broker that refuses us is
- * still there; one that died while we connected (killed, restarting) is
- * not, and taking that for a refusal would fail a client or worker for good
- * where it should wait for the broker as for any dead one. */
+ * (other transports: assumed so). Asked when a broker hung up during our
+ * handshake: a broker that refuses us is still there; one that died while
+ * we connected (killed, restarting) is not, and taking that for a refusal
+ * would fail a client or worker for good where it should wait for the
+ * broker as for any dead one. The connects take CURVE_PROBE_MS in all; a
+ * host name is first looked up by the system's resolver, unbounded here:
+ * /etc/hosts answers at once, and libzmq has just looked the same name up
+ * to connect, so a slow DNS server has been waited for already. */
 static bool curve_listening(const char *endpoint)
 {
     int64_t end = kpc_now_ms() + CURVE_PROBE_MS;

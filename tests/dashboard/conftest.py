@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+import kelpie.testing
 from kelpie.testing import Kelpied, free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +64,8 @@ class Dashboard:
             cmd.append("--admin")
         self.log_path = os.path.join(str(tmp_path), f"dashboard-{self.port}.log")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = kelpie.testing.spawn(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
         end = time.monotonic() + 20
         while True:
             try:

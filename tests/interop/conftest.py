@@ -20,6 +20,7 @@ import pytest
 
 import kelpie
 import kelpie.sync
+import kelpie.testing
 from kelpie.testing import Kelpied
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,8 +59,8 @@ class Processes:
         e = dict(os.environ)
         e["PYTHONPATH"] = os.pathsep.join([HERE, e.get("PYTHONPATH", "")])
         e.update(env or {})
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=e, cwd=HERE,
-                                start_new_session=True)
+        proc = kelpie.testing.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=e, cwd=HERE,
+                                    start_new_session=True)
         log.close()
         self.procs.append(proc)
         return proc
@@ -89,9 +90,9 @@ def c_client(broker, mode, service, method, *args, timeout=60):
 
 def c_client_start(broker, mode, service, method, *args):
     """Start the C client in the background (read it with finish())."""
-    return subprocess.Popen([C_CLIENT, broker.frontend, mode, service, method,
-                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return kelpie.testing.spawn([C_CLIENT, broker.frontend, mode, service, method,
+                                 *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
 
 
 def finish(proc, timeout=30):

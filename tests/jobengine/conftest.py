@@ -12,6 +12,7 @@ import time
 import pytest
 import zmq
 
+import kelpie.testing
 from kelpie.testing import Kelpied
 from kelpie.v1 import header_pb2 as pb
 
@@ -110,9 +111,9 @@ class Workers:
     def start(self, name="w", credits=2, queues=("q",)):
         log = os.path.join(str(self.tmp_path), f"runs-{name}.log")
         out = open(os.path.join(str(self.tmp_path), f"{name}.out"), "ab")
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "rawworker.py"),
-                              self.broker.backend, name, str(credits), log, *queues],
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = kelpie.testing.spawn([sys.executable, os.path.join(HERE, "rawworker.py"),
+                                  self.broker.backend, name, str(credits), log, *queues],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         p.runs_log = log
         self.procs.append(p)

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+import kelpie.testing
 from kelpie.testing import Kelpied
 
 pytest_plugins = ["kelpie.testing"]
@@ -84,8 +85,8 @@ class Processes:
         cmd = [PYTHON, "-m", "kelpie", "--loop", loop, "worker", target, "--backend",
                broker.backend, "--grace", "2", "--child"]
         log = open(os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log"), "ab")
-        proc = subprocess.Popen(cmd, env=worker_env(broker, **env), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        proc = kelpie.testing.spawn(cmd, env=worker_env(broker, **env), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
         log.close()
         self.procs.append(proc)
         return proc

@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import kelpie.testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,9 +72,9 @@ class WorkerProc:
         cmd = [*prefix, sys.executable, os.path.join(HERE, "worker.py"), ",".join(backends),
                self.runs_log, name]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env={**os.environ, **(env or {})})
+            self.proc = kelpie.testing.spawn(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             env={**os.environ, **(env or {})})
 
     def runs(self):
         if not os.path.exists(self.runs_log):

@@ -13,6 +13,7 @@ import uuid
 
 import kelpie
 import kelpie.sync
+import kelpie.testing
 from kelpie._brokers import BrokerLost
 from kelpie.testing import Kelpied
 
@@ -356,10 +357,10 @@ def test_cli_with_two_brokers(tmp_path, cleanup):
     cleanup.extend([a, b])
     env = {**os.environ, "KELPIE_FRONTEND": f"{a.frontend},{b.frontend}"}
     kelpie_cmd = [sys.executable, "-m", "kelpie"]
-    worker = subprocess.Popen([*kelpie_cmd, "worker", "mbapp:worker", "--backend",
-                               f"{a.backend},{b.backend}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    worker = kelpie.testing.spawn([*kelpie_cmd, "worker", "mbapp:worker", "--backend",
+                                   f"{a.backend},{b.backend}"], cwd=tmp_path, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
 
     class W:
         def kill(self):

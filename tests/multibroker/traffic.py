@@ -19,6 +19,7 @@ import uuid
 
 import kelpie
 import kelpie.sync
+import kelpie.testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ("idempotent", "plain", "keyed", "unkeyed")
@@ -29,7 +30,7 @@ def start_worker(tmp_path, backends, concurrency=8):
     """tests/multibroker/worker.py registered with every backend, in its
     own process group (kill it with os.killpg)."""
     log = open(tmp_path / "mbworker.log", "ab")
-    return subprocess.Popen(
+    return kelpie.testing.spawn(
         [sys.executable, os.path.join(HERE, "worker.py"), ",".join(backends),
          str(tmp_path / "mbworker.runs"), "mbworker"],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

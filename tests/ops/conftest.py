@@ -20,6 +20,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import kelpie.testing
 from kelpie.testing import Kelpied, free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,7 +120,7 @@ class Workers:
         e.update(dict(env))
         log_path = os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
+            proc = kelpie.testing.spawn(
                 [PYTHON, "-m", "kelpie", "--loop", loop, "worker", app,
                  *(["--child"] if child else []), "--backend", broker.backend, "--frontend", broker.frontend, "--grace", "1",
                  *args],

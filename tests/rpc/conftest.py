@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
 import kelpie  # noqa: E402
+import kelpie.testing
 from kelpie.testing import Kelpied  # noqa: E402
 
 
@@ -91,8 +92,8 @@ class Processes:
                "--backend", broker.backend, "--grace", "2", *args]
         cmd += ["--child"] if child else ["--processes", str(processes)]
         log = open(os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log"), "ab")
-        proc = subprocess.Popen(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+        proc = kelpie.testing.spawn(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
         log.close()
         self.procs.append(proc)
         return proc

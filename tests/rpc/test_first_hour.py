@@ -12,6 +12,7 @@ import pytest
 
 import kelpie
 import kelpie.sync
+import kelpie.testing
 from conftest import HERE, run, worker_env
 
 PYTHON = sys.executable
@@ -196,10 +197,10 @@ def test_cli_deadline_says_nobody_serves(tmp_path):
 def test_cli_worker_says_where_and_what(broker, tmp_path):
     log = tmp_path / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([PYTHON, "-m", "kelpie", "worker", "app:worker", "-n", "2",
-                                 "--backend", broker.backend, "--grace", "1"],
-                                env=worker_env(broker), cwd=HERE, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = kelpie.testing.spawn([PYTHON, "-m", "kelpie", "worker", "app:worker", "-n", "2",
+                                     "--backend", broker.backend, "--grace", "1"],
+                                    env=worker_env(broker), cwd=HERE, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while log.read_text().count("connected to the broker") < 2:
@@ -240,9 +241,9 @@ def test_cli_stats_summary_json_and_watch(broker, procs):
     assert data["services"]["echo"]["workers"] == 2
     assert sorted(w["credits"] for w in data["worker_detail"].values()) == [7, 7]
     # --watch refreshes until Ctrl-C, which ends it quietly.
-    proc = subprocess.Popen([PYTHON, "-m", "kelpie", "stats", "--watch", "0.1",
-                             "--frontend", broker.frontend], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=HERE)
+    proc = kelpie.testing.spawn([PYTHON, "-m", "kelpie", "stats", "--watch", "0.1",
+                                 "--frontend", broker.frontend], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=HERE)
     try:
         seen = b""
         deadline = time.monotonic() + 20
@@ -269,9 +270,9 @@ def test_cli_worker_says_when_the_broker_does_not_answer(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([HERE] + [os.path.abspath(p) for p in
                                          env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with open(log, "wb") as out:
-        proc = subprocess.Popen([PYTHON, "-m", "kelpie", "worker", "app:worker",
-                                 "--backend", backend], env=env, cwd=HERE, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = kelpie.testing.spawn([PYTHON, "-m", "kelpie", "worker", "app:worker",
+                                     "--backend", backend], env=env, cwd=HERE, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
         while "no answer yet" not in log.read_text():

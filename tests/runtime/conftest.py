@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
 
 import kelpie  # noqa: E402
+import kelpie.testing
 from kelpie.testing import Kelpied  # noqa: E402
 
 
@@ -89,8 +90,8 @@ class Processes:
     def start(self, cmd, broker, extra_path=(), **env):
         path = os.path.join(str(self.tmp_path), f"proc{len(self.procs)}.log")
         with open(path, "ab") as log:
-            proc = subprocess.Popen(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+            proc = kelpie.testing.spawn(cmd, env=worker_env(broker, extra_path, **env), stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
         self.procs.append(proc)
         self.logs[proc.pid] = path
         return proc

@@ -16,6 +16,7 @@ import pytest
 
 import kelpie
 import kelpie.sync
+import kelpie.testing
 from conftest import HERE, worker_env, wait_served
 from test_recovery import run_on
 
@@ -108,9 +109,9 @@ def test_cli_call_default_and_none(broker, procs, tmp_path):
     assert out.returncode == 1 and "DEADLINE_EXCEEDED" in out.stderr, out
     assert took < 8, took
     # --timeout none: still waiting when the default would have ended it.
-    proc = subprocess.Popen([sys.executable, "-m", "kelpie", "call", "rt", "Hold", "--data",
-                             "1000", "--timeout", "none"], env=env, cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = kelpie.testing.spawn([sys.executable, "-m", "kelpie", "call", "rt", "Hold", "--data",
+                                 "1000", "--timeout", "none"], env=env, cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(3)

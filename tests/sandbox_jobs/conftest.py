@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+import kelpie.testing
 from kelpie.sandbox import _host
 from kelpie.testing import Kelpied
 
@@ -77,8 +78,8 @@ class SandboxWorker:
                "sandbox-worker", "--backend", broker.backend, "--slots", str(slots),
                "--grace", "2", "--heartbeat", str(heartbeat), *args]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, env=env_for(broker), stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = kelpie.testing.spawn(cmd, env=env_for(broker), stdout=log,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
         self.uids = set()
 

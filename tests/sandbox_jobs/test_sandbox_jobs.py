@@ -44,17 +44,23 @@ async def collect(job, running=None, first_output=None):
     return out, attempts
 
 
+async def submit_and_see_it_start(c, argv):
+    """Submits an exec job and waits for its first output: (job, the task
+    collecting its events to the end, that first output)."""
+    job = await c.submit("exec", spec(argv=argv))
+    first = asyncio.get_running_loop().create_future()
+    watcher = asyncio.ensure_future(collect(job, first_output=first))
+    return job, watcher, await asyncio.wait_for(first, 15)
+
+
 def test_exec_job_streams_output_before_it_ends(broker, workers, loop):
     workers.start(slots=2, loop=loop)
 
     async def main():
         async with kelpie.Client(broker.frontend) as c:
-            job = await c.submit("exec", spec(argv=["sh", "-c",
-                                                    "echo first; echo oops >&2; sleep 2; "
-                                                    "echo second; exit 3"]))
-            first = asyncio.get_running_loop().create_future()
-            watcher = asyncio.ensure_future(collect(job, first_output=first))
-            assert await asyncio.wait_for(first, 15) in (b"first\n", b"oops\n")
+            job, watcher, first = await submit_and_see_it_start(
+                c, ["sh", "-c", "echo first; echo oops >&2; sleep 2; echo second; exit 3"])
+            assert first in (b"first\n", b"oops\n")
             info = await job.info()
             assert info.state == "leased", "the output came while the job ran"
             verdict = json.loads(await job.result(timeout=20))
@@ -112,10 +118,8 @@ def test_cancel_kills_the_sandbox(broker, workers, loop):
 
     async def main():
         async with kelpie.Client(broker.frontend) as c:
-            job = await c.submit("exec", spec(argv=["sh", "-c", "echo up; sleep 60.123"]))
-            first = asyncio.get_running_loop().create_future()
-            watcher = asyncio.ensure_future(collect(job, first_output=first))
-            await asyncio.wait_for(first, 15)
+            job, watcher, _ = await submit_and_see_it_start(
+                c, ["sh", "-c", "echo up; sleep 60.123"])
             assert running(w.uids, "sleep 60.123"), "the job runs as its slot's uid"
             assert await job.cancel() == "cancelling"
             with pytest.raises(kelpie.JobCancelled):
@@ -235,11 +239,8 @@ def test_sigkilled_worker_leaves_no_sandbox_and_the_job_is_redelivered(broker, w
 
     async def start():
         async with kelpie.Client(broker.frontend) as c:
-            job = await c.submit("exec", spec(argv=["sh", "-c",
-                                                    "echo started; sleep 2; echo finished"]))
-            first = asyncio.get_running_loop().create_future()
-            watcher = asyncio.ensure_future(collect(job, first_output=first))
-            await asyncio.wait_for(first, 15)
+            job, watcher, _ = await submit_and_see_it_start(
+                c, ["sh", "-c", "echo started; sleep 2; echo finished"])
             watcher.cancel()
             return job.id
     job_id = run(start())
@@ -278,10 +279,8 @@ def test_sigterm_to_the_workers_process_group_lets_its_running_job_finish(broker
 
     async def main():
         async with kelpie.Client(broker.frontend) as c:
-            job = await c.submit("exec", spec(argv=["sh", "-c", "echo up; sleep 1; echo done"]))
-            first = asyncio.get_running_loop().create_future()
-            watcher = asyncio.ensure_future(collect(job, first_output=first))
-            await asyncio.wait_for(first, 15)
+            job, watcher, _ = await submit_and_see_it_start(
+                c, ["sh", "-c", "echo up; sleep 1; echo done"])
             os.killpg(w.pid, signal.SIGTERM)
             verdict = json.loads(await job.result(timeout=20))
             await watcher

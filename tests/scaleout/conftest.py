@@ -37,8 +37,12 @@ class Postgres:
         self.port = random.randint(20000, 50000)
         self.pid = None
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.listen = ""
 
-    def start(self):
+    def start(self, listen="", hba=None):
+        """initdb and start; ``listen``: TCP addresses to listen on as well
+        (listen_addresses), ``hba``: a pg_hba.conf line letting them in."""
+        self.listen = listen
         assert os.access(f"{PG_BIN}/initdb", os.X_OK), \
             f"{PG_BIN}/initdb is missing: apt-get install postgresql-15 (make deps)"
         if os.geteuid() == 0:
@@ -47,10 +51,13 @@ class Postgres:
                                        "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                        timeout=120, env=PG_ENV)
+        if hba:
+            with open(f"{self.dir}/data/pg_hba.conf", "a") as f:
+                f.write(hba + "\n")
         return self.start_server()
 
     def start_server(self):
-        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' "
+        opts = (f"-c listen_addresses='{self.listen}' -c unix_socket_directories='{self.dir}' "
                 f"-p {self.port} -c fsync=on -c synchronous_commit=on")
         subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
                                        f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,

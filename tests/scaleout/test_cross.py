@@ -20,6 +20,7 @@ import pytest
 import zmq
 
 from conftest import Client, K, broker_stats, start_broker, wait_for
+import kelpie.testing
 from kelpie.v1 import header_pb2 as pb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,9 +41,9 @@ def no_sanitizer_reports(tmp_path):
 
 def start_worker(tmp_path, broker):
     out = open(os.path.join(str(tmp_path), "crossworker.out"), "ab")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "crossworker.py"), broker.backend,
-                          str(tmp_path)], stdout=out, stderr=subprocess.STDOUT,
-                         start_new_session=True)
+    p = kelpie.testing.spawn([sys.executable, os.path.join(HERE, "crossworker.py"), broker.backend,
+                              str(tmp_path)], stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
     out.close()
     return p
 

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import kelpie
+import kelpie.testing
 from kelpie import _security
 from kelpie.testing import Kelpied
 
@@ -146,7 +147,7 @@ class Workers:
         env["APP_SERVICES"] = services
         log_path = os.path.join(str(self.tmp_path), f"worker{len(self.procs)}.log")
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
+            proc = kelpie.testing.spawn(
                 [PYTHON, "-m", "kelpie", "--loop", loop, "worker", "secure_app:worker",
                  "--child", "--backend", broker.backend, "--grace", "1"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

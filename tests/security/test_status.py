@@ -8,6 +8,7 @@ import threading
 import time
 
 import kelpie
+import kelpie.testing
 
 from conftest import PYTHON, run, wait_served
 
@@ -57,11 +58,11 @@ def test_status_needs_an_admin_key(broker, keys):
 def test_status_live_view_redraws_until_interrupted(broker, keys, workers):
     workers.start(broker, "worker")
     _traffic(broker, keys, n=1)
-    proc = subprocess.Popen(
+    proc = kelpie.testing.spawn(
         [PYTHON, "-m", "kelpie", "--frontend", broker.frontend, "--key", keys.path("admin"),
          "--server-key", keys.path("broker") + ".pub", "status", "--interval", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ,
-                                                                           COLUMNS="160"))
+                                                                               COLUMNS="160"))
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()

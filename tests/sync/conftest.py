@@ -19,6 +19,7 @@ import time
 import pytest
 
 import kelpie
+import kelpie.testing
 
 pytest_plugins = ["kelpie.testing"]
 
@@ -33,10 +34,10 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join([HERE] + [os.path.abspath(p) for p in
                                              env.get("PYTHONPATH", "").split(os.pathsep) if p])
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "app.py"),
-                                          broker.backend], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = kelpie.testing.spawn([sys.executable, os.path.join(HERE, "app.py"),
+                                              broker.backend], env=env, stdout=log,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
         self.log_path = log_path
 
     def kill(self):

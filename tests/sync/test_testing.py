@@ -150,6 +150,49 @@ def test_broker_dies_with_a_sigkilled_pytest(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
+SPAWNER = """
+import sys, threading, time
+import kelpie.testing
+
+sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+main = kelpie.testing.spawn(sleeper)
+# From a thread that ends at once: the child must not die with the thread
+# (PR_SET_PDEATHSIG follows the forking thread), only with the process.
+box = []
+t = threading.Thread(target=lambda: box.append(kelpie.testing.spawn(sleeper)))
+t.start()
+t.join()
+print(main.pid, box[0].pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_spawned_processes_die_with_the_process_that_spawned_them(tmp_path):
+    """The worker processes the suites start (kelpie.testing.spawn) were
+    plain Popen children: a test run killed from outside (a CI timeout) left
+    them serving on as orphans."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "-c", SPAWNER], env=_user_env(),
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = []
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2, "the spawner printed no pids"
+        for pid in pids:
+            assert not _gone(pid, 0.5), f"child {pid} died with the thread that spawned it"
+        proc.kill()  # SIGKILL: no atexit, no teardown
+        proc.wait(10)
+        for pid in pids:
+            assert _gone(pid, 5.0), f"child {pid} outlived the process that spawned it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        for pid in pids:
+            if not _gone(pid, 0):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_call_nobody_serves_fails_in_seconds(tmp_path):
     """The docs' pytest example called a service its worker did not serve
     and hung: in the broker's start-up grace window (heartbeat × liveness, 15 s

@@ -283,7 +283,7 @@ async def _run(args, spec):
         return EXIT_NO_VERDICT
 
 
-async def _print_tail(job, out, err):
+async def _print_tail(job, out):
     """The output of a job whose watch began after it had ended: the broker
     keeps a job's events only while it is not finished, so such a watch gets
     its RESULT alone (a quick job and a client held up by a loaded host).
@@ -332,7 +332,7 @@ async def _follow(job, args, out, err):
               "sandbox-worker?)", file=sys.stderr)
         return EXIT_NO_VERDICT
     if not attempt and (verdict.get("stdout_bytes") or verdict.get("stderr_bytes")):
-        await _print_tail(job, out, err)
+        await _print_tail(job, out)
     if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
         print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
     return exit_status(verdict)

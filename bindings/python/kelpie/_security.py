@@ -400,9 +400,10 @@ class Handshake:
         the probe's answer when the caller took it (:meth:`afeed`); without
         it the probe blocks this thread, up to _PROBE_TIMEOUT."""
         ours = f"our key {self.keys.fingerprint}" if self.keys else "no key (plain text)"
-        if self._probes(event) and listening is None:
+        probes = self._probes(event)
+        if probes and listening is None:
             listening = _listening(self.endpoint)
-        if self._probes(event) and not listening:
+        if probes and not listening:
             # The connection closed during the handshake and nothing listens
             # there now: the broker died as we connected (killed, restarting),
             # which is not a refusal. libzmq redials; the next try is judged.

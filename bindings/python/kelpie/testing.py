@@ -80,7 +80,7 @@ import time
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["Kelpied", "Served", "serve", "find_kelpied", "free_port", "free_ports",
+__all__ = ["Kelpied", "Served", "serve", "spawn", "find_kelpied", "free_port", "free_ports",
            "CALL_TIMEOUT"]
 
 # The default deadline of the clients the kit hands out: a test that calls a
@@ -145,6 +145,21 @@ def _pdeathsig_preexec():
         if os.getppid() != parent:  # the parent died before prctl: go now
             os.kill(os.getpid(), sigkill)
     return preexec
+
+
+def spawn(cmd, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(cmd, **kwargs)`` for a process that must not outlive
+    this one: the child gets SIGKILL when this process dies, however it dies
+    (a test run killed by a CI timeout runs no teardown). For the worker
+    processes, clients and helpers a test starts; ``kwargs`` are Popen's (a
+    ``preexec_fn`` of the caller's runs after the kit's)."""
+    kit = _pdeathsig_preexec()
+    own = kwargs.pop("preexec_fn", None)
+
+    def both():
+        kit()
+        own()
+    return _popen(cmd, preexec_fn=both if kit and own else kit or own, **kwargs)
 
 
 def free_port() -> int:
@@ -240,9 +255,8 @@ class Kelpied:
                    "--intake", self.intake, "--heartbeat-ms", str(self.heartbeat_ms),
                    "--data-dir", os.path.join(self.log_dir, "data"), *self.args]
             with open(self.log_path, "ab") as log:
-                self.proc = _popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True,
-                                   preexec_fn=_pdeathsig_preexec())
+                self.proc = spawn(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
             _running.add(self)
             if not wait:
                 return self
