@@ -1223,6 +1223,7 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         kp_list_push_back(&q->held, &run->held_link);
         q->nheld++;
         q->running++;
+        b->stats.jobs_leased_at_insert += job->leased_at_insert;
     }
     b->stats.jobs_claimed += n;
     queue_mark(b, q);
