@@ -193,28 +193,28 @@ static const char pg_inserts_sql[] =
     "$12::text[]) AS v(id, queue, state, prio, run_at, now, maxatt, timeout, ttl, payload, "
     "backoff, trace)";
 
-/* pg_inserts_sql, where some of the group's jobs ($13: 1 for each) may be
- * inserted already leased to $14 (this broker): those of a queue with no
+/* pg_inserts_sql, where some of the group's jobs ($13: for each the `now`
+ * of the claim it would go to, 0 for none) may be inserted already leased
+ * to $14 (this broker): those of a queue with no
  * job ready (QUEUED, or SCHEDULED and due) in the statement's snapshot.
  * pipe_once picks them as a claim riding on the group's SUBMITs would
  * (highest priority first, no more than those claims ask for; only jobs
  * without a key, due now, of queues without limits), so they are the jobs
  * that claim would have leased, without the claim's row lock, its update
  * of every row and the payloads' trip back. Each is leased as PG_LEASE
- * leases (attempt 1 started at its `now`: kp_store_release_claims finds it
- * as a claim's). Their queues' other brokers are not told of them; a
- * queue that was not idle is announced here ($15: this broker's id in
- * hex), since pipe_once left its jobs out of the group's notifications.
- * Answers the ids leased, and a row of NULL that only makes the
- * notifications run. The queues' probes are an InitPlan, not a join, so
- * the rows keep their order (seq). (Not formatted: one part a line.) */
+ * leases, attempt 1 started at its claim's `now` (not its SUBMIT's: the
+ * two may differ), so kp_store_release_claims finds it with that claim's. Their queues' other
+ * brokers are not told of them; a queue that was not idle is announced here ($15: this broker's id
+ * in hex), since pipe_once left its jobs out of the group's notifications. Answers the ids leased,
+ * and a row of NULL that only makes the notifications run. The queues' probes are an InitPlan, not
+ * a join, so the rows keep their order (seq). (Not formatted: one part a line.) */
 /* clang-format off */
 static const char pg_inserts_lease_sql[] =
     "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], "
     "  $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], "
     "  $11::bigint[], $12::text[], $13::bigint[]) AS v(id, queue, state, prio, run_at, now, "
     "  maxatt, timeout, ttl, payload, backoff, trace, lease)), "
-    "lq AS (SELECT queue, max(now) AS now FROM v WHERE lease = 1 GROUP BY queue), "
+    "lq AS (SELECT queue, max(now) AS now FROM v WHERE lease > 0 GROUP BY queue), "
     "idle AS (SELECT coalesce(array_agg(queue), '{}') AS qs FROM lq WHERE "
     "  NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = lq.queue AND j.state = 1) AND "
     "  NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = lq.queue AND j.state = 0 "
@@ -222,10 +222,11 @@ static const char pg_inserts_lease_sql[] =
     "ins AS (INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
     "  max_attempts, timeout_ms, result_ttl_ms, payload, backoff_ms, trace, attempts, owner, "
     "  att_started_at) "
-    "  SELECT id, queue, CASE WHEN l THEN 2 ELSE state END, prio, run_at, now, now, maxatt, "
-    "  timeout, ttl, payload, backoff, trace, CASE WHEN l THEN 1 ELSE 0 END, "
-    "  CASE WHEN l THEN $14::bigint ELSE 0 END, CASE WHEN l THEN now ELSE 0 END "
-    "  FROM (SELECT v.*, v.lease = 1 AND v.queue = ANY((SELECT qs FROM idle)::text[]) AS l FROM v) x "
+    "  SELECT id, queue, CASE WHEN l THEN 2 ELSE state END, prio, run_at, now, "
+    "  CASE WHEN l THEN lease ELSE now END, maxatt, timeout, ttl, payload, backoff, trace, "
+    "  CASE WHEN l THEN 1 ELSE 0 END, CASE WHEN l THEN $14::bigint ELSE 0 END, "
+    "  CASE WHEN l THEN lease ELSE 0 END "
+    "  FROM (SELECT v.*, v.lease > 0 AND v.queue = ANY((SELECT qs FROM idle)::text[]) AS l FROM v) x "
     "  RETURNING id, state), "
     "n AS (SELECT count(pg_notify('" PG_CHANNEL "', 'r ' || $15::text || ' ' || queue)) AS sent "
     "  FROM lq WHERE NOT queue = ANY((SELECT qs FROM idle)::text[]) AND length(queue) < 7800) "
@@ -1274,9 +1275,9 @@ struct pg_plan {
     struct pg_cand *c; /* by queue, then in the order a claim picks them */
     size_t n;
     const struct kp_store_op *ops;
-    uint64_t owner;       /* the broker the riding claims lease to */
-    unsigned char *lease; /* per row of the arrays: 1 if it may be leased */
-    size_t *nlease;       /* per operation: jobs leased for its riding claim */
+    uint64_t owner;  /* the broker the riding claims lease to */
+    uint64_t *lease; /* per row of the arrays: its claim's now, 0 if none */
+    size_t *nlease;  /* per operation: jobs leased for its riding claim */
     bool any;
 };
 
@@ -1345,7 +1346,7 @@ static void plan_leases(struct pg_plan *p, const struct kp_store_op *ops, size_t
     if (!rides || rows == 0)
         return;
     p->c = kp_calloc(rows, sizeof *p->c);
-    p->lease = kp_calloc(rows, 1);
+    p->lease = kp_calloc(rows, sizeof *p->lease);
     p->nlease = kp_calloc(n, sizeof *p->nlease);
     size_t row = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1383,7 +1384,7 @@ static void plan_leases(struct pg_plan *p, const struct kp_store_op *ops, size_t
                 continue;
             for (size_t room = ops[i].max; room > 0 && k < b; room--, k++) {
                 p->c[k].to = i;
-                p->lease[p->c[k].row] = 1;
+                p->lease[p->c[k].row] = ops[i].now;
                 p->nlease[i]++;
                 p->any = true;
             }
@@ -1524,8 +1525,8 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
                 if (!pg_keyed(&op->jobs[j])) {
                     rows_insert(ins, &op->jobs[j], &op->refs[j].id, op->now);
                     if (plan->any) {
-                        leasable = plan->lease[row];
-                        arr_i64(&lease, leasable);
+                        leasable = plan->lease[row] > 0;
+                        arr_i64(&lease, (int64_t)plan->lease[row]);
                     }
                     row++;
                 }
@@ -1783,7 +1784,8 @@ static void read_leases(PGresult *r, struct pg_plan *p, struct kp_store_op *ops)
         j->priority = in->priority;
         j->attempts = 1;
         j->max_attempts = in->max_attempts;
-        j->created_at = j->updated_at = j->run_at = from->now;
+        j->created_at = j->run_at = from->now;
+        j->updated_at = op->now;
         j->timeout_ms = in->timeout_ms;
         j->backoff_ms = in->backoff_ms;
         j->payload = kp_malloc(in->payload_len ? in->payload_len : 1);

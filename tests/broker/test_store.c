@@ -1487,7 +1487,7 @@ Test(store_pg, a_claim_riding_on_an_idle_queue_gets_its_jobs_leased_at_insert, .
     uint64_t wait[3] = {0};
     struct kp_store_op ops[3] = {lt_submit(&in[0], &ref[0], &none[0], &wait[0], 0, T0),
                                  lt_submit(&in[1], &ref[1], &rode, &wait[1], 2, T0),
-                                 lt_submit(&in[2], &ref[2], &none[1], &wait[2], 0, T0)};
+                                 lt_submit(&in[2], &ref[2], &none[1], &wait[2], 0, T0 + 2)};
     lt_group(s, ops, 3);
     cr_assert_eq(rode.n, 2, "no more than the claim asked for");
     cr_assert_str_eq(rode.v[0].id.s, ref[1].id.s);
@@ -1512,7 +1512,8 @@ Test(store_pg, a_claim_riding_on_an_idle_queue_gets_its_jobs_leased_at_insert, .
                  "a leased row was updated after its insert");
     /* An ordinary lease: it ends as any. */
     cr_assert_eq(ts_end(s, &ref[1].id, 1, KP_OUTCOME_SUCCEEDED, 0, T0 + 5), KP_JOB_SUCCEEDED);
-    /* The claim's answer lost: its RELEASE puts back what the INSERT leased. */
+    /* The claim's answer lost: its RELEASE puts back what the INSERT leased
+     * for it, though the job came with another SUBMIT (made at T0 + 2). */
     size_t back = 0;
     uint64_t claims[1] = {T0};
     cr_assert_eq(kp_store_release_claims(s, 7, claims, 1, T0 + 10, &back), KP_OK, "%s",
