@@ -383,9 +383,16 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                "wall_s": wall,
                "accepted_load_p50_ms": sum(o["accepted_p50_ms"] for o in outs) / k,
                "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs), **prof}
+        if pg:
+            # The same per job, one at a time (where jobs can be leased at insert).
+            lsn0, pgt0 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
         r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
         res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
                                       "accepted_p99_ms")})
+        if pg:
+            lsn1, pgt1 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
+            res["rtt_wal_records_per_job"] = wal_records(pg, lsn0, lsn1, a.rtt)[0]
+            res["rtt_postgres_cpu_us_per_job"] = (pgt1 - pgt0) * tick_us / a.rtt
         st2 = [stats(fe, a.job_bench) for fe in fes]
         res["rtt_claimed"] = delta(st1, st2, "jobs_claimed")
         res["rtt_leased_at_insert"] = delta(st1, st2, "jobs_leased_at_insert")
@@ -496,11 +503,15 @@ def report(res, a, before, after):
     lines += ["", "Jobs leased by this broker's claims, and of those inserted already leased "
               "(jobs_claimed, jobs_leased_at_insert), end to end and one at a time:", "",
               "| build | store | brokers | claimed e2e | leased at insert e2e | "
-              "claimed one at a time | leased at insert one at a time |", "|---|---|---|---|---|---|---|"]
+              "claimed one at a time | leased at insert one at a time | "
+              "WAL records/job one at a time | postgres CPU µs/job one at a time |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in res:
+        one = (f"{r['rtt_wal_records_per_job']:.2f} | {r['rtt_postgres_cpu_us_per_job']:.0f}"
+               if "rtt_wal_records_per_job" in r else " | ")
         lines.append(f"| {r['build']} | {r['store']} | {r['brokers']} | {r['claimed']} | "
                      f"{r['leased_at_insert']} | {r['rtt_claimed']} | "
-                     f"{r['rtt_leased_at_insert']} |")
+                     f"{r['rtt_leased_at_insert']} | {one} |")
     for r in res:
         if r.get("statements"):
             lines += ["", f"{r['build']} pg x{r['brokers']}: server execution µs per job | "
