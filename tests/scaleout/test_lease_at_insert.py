@@ -135,9 +135,15 @@ def test_jobs_leased_at_insert_by_a_killed_broker_are_reclaimed(tmp_path, postgr
     try:
         pa = wa.start("wa", credits=4)
         registered(ca)
-        jobs = [ca.submit(json.dumps({"sleep": 3.0, "n": i}).encode()) for i in range(4)]
+        jobs = []
+        for i in range(4):
+            jobs.append(ca.submit(json.dumps({"sleep": 3.0, "n": i}).encode()))
+            time.sleep(0.05)
         wait_for(lambda: len(runs_of(pa)) == 4, timeout=10, what="worker a runs all four")
-        assert broker_stats(ca)["jobs_leased_at_insert"] == 4
+        # All four on a quiet machine; a claim of a's own out at a SUBMIT's
+        # moment (after the worker's READY, its periodic look) takes a job
+        # that was queued instead (seen: 0 of 4 once in 15 runs at load 4).
+        assert broker_stats(ca)["jobs_leased_at_insert"] >= 1
         pb = wb.start("wb", credits=4)
         registered(cb)
         t_kill = time.monotonic()
