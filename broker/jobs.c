@@ -1109,6 +1109,12 @@ static void queue_claim(struct kp_broker *b, struct jobq *q)
 
 static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
 {
+    /* A claim that rode on it and leased something ran after its insert in
+     * the same transaction: it saw this job, so the queue needs no look for
+     * it (claim_done looks again when the claim was filled). Poking anyway
+     * sent an empty CLAIM after every SUBMIT, whose claiming then kept the
+     * next SUBMIT from carrying a claim of its own. */
+    bool seen = o->claim_max > 0 && r->out.err == KP_OK && r->out.jobs.n > 0;
     claim_done(b, o, r);
     if (r->out.err != KP_OK) {
         b->stats.jobs_submit_failed++;
@@ -1138,7 +1144,7 @@ static void done_submit(struct kp_broker *b, struct op *o, struct kp_journal_req
         q->submitted++;
     if (q && o->job.run_at > kp_store_now()) {
         queue_due(b, q, o->job.run_at);
-    } else {
+    } else if (!seen) {
         queue_poke(b, q);
     }
 }
@@ -1223,6 +1229,7 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         kp_list_push_back(&q->held, &run->held_link);
         q->nheld++;
         q->running++;
+        b->stats.jobs_leased_at_insert += job->leased_at_insert;
     }
     b->stats.jobs_claimed += n;
     queue_mark(b, q);

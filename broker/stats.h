@@ -81,6 +81,7 @@
     XX(jobs_deduplicated)     /* SUBMITs whose idempotency key named an existing job */            \
     XX(jobs_submit_failed)    /* SUBMITs the store refused (disk full, I/O) */                     \
     XX(jobs_claimed)          /* jobs leased from the store */                                     \
+    XX(jobs_leased_at_insert) /* ... of which inserted already leased (PostgreSQL, idle queue) */  \
     XX(jobs_dispatched)       /* JOBs sent to workers */                                           \
     XX(jobs_succeeded)        /* jobs finished SUCCEEDED */                                        \
     XX(jobs_failed)           /* attempts the handler failed */                                    \

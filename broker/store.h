@@ -133,6 +133,9 @@ struct kp_job {
     struct kp_attempt *history; /* get only: every attempt, oldest first */
     size_t nhistory;
     char *trace; /* claim: the traceparent it was submitted with; NULL when none */
+    /* claim riding on an insert: the insert itself leased it (PostgreSQL,
+     * a queue with nothing ready), it was never QUEUED */
+    bool leased_at_insert;
 };
 
 /* A growable array of jobs (claim, list). */

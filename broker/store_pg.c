@@ -194,6 +194,60 @@ static const char pg_inserts_sql[] =
     "$12::text[]) AS v(id, queue, state, prio, run_at, now, maxatt, timeout, ttl, payload, "
     "backoff, trace)";
 
+/* pg_inserts_sql, where some of the group's jobs ($13: for each the `now`
+ * of the claim it would go to, 0 for none) may be inserted already leased
+ * to $14 (this broker): those of a queue with no
+ * job ready (QUEUED, or SCHEDULED and due) in the statement's snapshot.
+ * pipe_once picks them as a claim riding on the group's SUBMITs would
+ * (highest priority first, no more than those claims ask for; only jobs
+ * without a key, due now, of queues without limits), so they are the jobs
+ * that claim would have leased, without the claim's row lock, its update
+ * of every row and the payloads' trip back. Each is leased as PG_LEASE
+ * leases, attempt 1 started at its claim's `now` (not its SUBMIT's: the
+ * two may differ), so kp_store_release_claims finds it with that claim's. Their queues' other
+ * brokers are not told of them; a queue that was not idle is announced here ($15: this broker's id
+ * in hex), since pipe_once left its jobs out of the group's notifications. Answers the ids leased,
+ * and a row of NULL that only makes the notifications run. The queues' probes are an InitPlan, not
+ * a join, so the rows keep their order (seq). (Not formatted: one part a line.) */
+/* clang-format off */
+static const char pg_inserts_lease_sql[] =
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], "
+    "  $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], "
+    "  $11::bigint[], $12::text[], $13::bigint[]) AS v(id, queue, state, prio, run_at, now, "
+    "  maxatt, timeout, ttl, payload, backoff, trace, lease)), "
+    "lq AS (SELECT queue, max(now) AS now FROM v WHERE lease > 0 GROUP BY queue), "
+    "idle AS (SELECT coalesce(array_agg(queue), '{}') AS qs FROM lq WHERE "
+    "  NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = lq.queue AND j.state = 1) AND "
+    "  NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = lq.queue AND j.state = 0 "
+    "    AND j.run_at <= lq.now)), "
+    "ins AS (INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
+    "  max_attempts, timeout_ms, result_ttl_ms, payload, backoff_ms, trace, attempts, owner, "
+    "  att_started_at) "
+    "  SELECT id, queue, CASE WHEN l THEN 2 ELSE state END, prio, run_at, now, "
+    "  CASE WHEN l THEN lease ELSE now END, maxatt, timeout, ttl, payload, backoff, trace, "
+    "  CASE WHEN l THEN 1 ELSE 0 END, CASE WHEN l THEN $14::bigint ELSE 0 END, "
+    "  CASE WHEN l THEN lease ELSE 0 END "
+    "  FROM (SELECT v.*, v.lease > 0 AND v.queue = ANY((SELECT qs FROM idle)::text[]) AS l FROM v) x "
+    "  RETURNING id, state), "
+    "n AS (SELECT count(pg_notify('" PG_CHANNEL "', 'r ' || $15::text || ' ' || queue)) AS sent "
+    "  FROM lq WHERE NOT queue = ANY((SELECT qs FROM idle)::text[]) AND length(queue) < 7800) "
+    "SELECT id FROM ins WHERE state = 2 UNION ALL SELECT NULL FROM n WHERE sent < 0";
+/* clang-format on */
+
+/* The claim riding on a SUBMIT some of whose group's jobs were inserted
+ * leased for it ($5: their ids): as pg_claim_sql, but it leases only what
+ * is left of $2 once those that were leased are counted, so the broker
+ * never gets more than it asked for. It runs after the INSERT in the same
+ * transaction and sees them. (Not formatted: one part a line.) */
+/* clang-format off */
+static const char pg_claim_rest_sql[] =
+    "WITH room AS (SELECT greatest(0, $2::bigint - (SELECT count(*) FROM jobs "
+    "  WHERE id = ANY($5::text[]) AND state = 2 AND owner = $3::bigint)) AS n), "
+    PG_PICK("(SELECT n FROM room)")
+    PG_LEASE("$3")
+    "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
+/* clang-format on */
+
 /* A job's state after the end of its running attempt, as pg_settle decides
  * it, from the old row t and the end v. */
 #define PG_NEXT                                                                                    \
@@ -253,9 +307,9 @@ static const char pg_ends_sql[] =
 _Static_assert(KP_OUTCOME_SUCCEEDED == 1 && KP_OUTCOME_CANCELLED == 5,
                "pg_ends_sql names outcomes by number");
 
-static const char *const pg_hot[] = {pg_insert_sql, pg_insert_keyed_sql,  pg_claim_sql,
-                                     pg_limits_sql, pg_claim_limited_sql, pg_ends_sql,
-                                     pg_inserts_sql};
+static const char *const pg_hot[] = {pg_insert_sql,  pg_insert_keyed_sql,  pg_claim_sql,
+                                     pg_limits_sql,  pg_claim_limited_sql, pg_ends_sql,
+                                     pg_inserts_sql, pg_inserts_lease_sql, pg_claim_rest_sql};
 
 static void arg_i64(struct pg_args *a, int64_t v)
 {
@@ -1232,6 +1286,147 @@ struct pg_sent {
     const char *what; /* for messages: the statement, or what it does */
 };
 
+/* A job of a group that a claim riding on one of its SUBMITs could lease
+ * at once (pg_inserts_lease_sql): without a key, due now, of a queue
+ * without limits. */
+struct pg_cand {
+    size_t op, job; /* the SUBMIT and its job */
+    size_t row;     /* its element in pg_inserts_sql's arrays */
+    size_t to;      /* the riding claim it is leased for, SIZE_MAX for none */
+    bool leased;    /* the INSERT leased it (the queue was idle) */
+};
+
+/* Which of a group's jobs go in already leased, and to which claim. */
+struct pg_plan {
+    struct pg_cand *c; /* by queue, then in the order a claim picks them */
+    size_t n;
+    const struct kp_store_op *ops;
+    uint64_t owner;  /* the broker the riding claims lease to */
+    uint64_t *lease; /* per row of the arrays: its claim's now, 0 if none */
+    size_t *nlease;  /* per operation: jobs leased for its riding claim */
+    bool any;
+};
+
+static int cand_cmp(const void *a, const void *b, const struct kp_store_op *ops)
+{
+    const struct pg_cand *x = a, *y = b;
+    const struct kp_job_new *jx = &ops[x->op].jobs[x->job], *jy = &ops[y->op].jobs[y->job];
+    int c = strcmp(jx->queue, jy->queue);
+    if (c)
+        return c;
+    if (jx->priority != jy->priority)
+        return jx->priority > jy->priority ? -1 : 1;
+    return x->row < y->row ? -1 : x->row > y->row;
+}
+
+/* Insertion sort: a group holds a few hundred jobs, and qsort has no
+ * context argument in C11. */
+static void cands_sort(struct pg_cand *c, size_t n, const struct kp_store_op *ops)
+{
+    for (size_t i = 1; i < n; i++) {
+        struct pg_cand t = c[i];
+        size_t j = i;
+        while (j > 0 && cand_cmp(&c[j - 1], &t, ops) > 0) {
+            c[j] = c[j - 1];
+            j--;
+        }
+        c[j] = t;
+    }
+}
+
+static bool op_rides(const struct kp_store_op *op)
+{
+    return op->err == KP_OK && op->kind == KP_STORE_OP_INSERT && op->queue && op->max > 0;
+}
+
+/* A riding claim that may take jobs leased at insert: without limits, and
+ * for the owner of the group's first such claim (one broker's, in practice;
+ * the INSERT leases to one owner). */
+static bool op_takes(const struct pg_plan *p, const struct kp_store_op *op)
+{
+    return op_rides(op) && !pg_limited(op->limits) && op->owner == p->owner;
+}
+
+/* Plans the group's leases at insert: per queue, the claims riding on its
+ * SUBMITs (in the operations' order) take its due jobs without a key
+ * highest priority first, then in the order they are inserted, as their
+ * claims would pick them from an idle queue, up to each claim's max. A
+ * queue with a job of the group that has a key and is due is left alone
+ * (it would be inserted later, by a statement of its own, and could come
+ * first), as is one whose claims have limits (queue_limits decides). */
+static void plan_leases(struct pg_plan *p, const struct kp_store_op *ops, size_t n)
+{
+    memset(p, 0, sizeof *p);
+    p->ops = ops;
+    bool rides = false;
+    size_t rows = 0, ncand = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!rides && op_rides(&ops[i]) && !pg_limited(ops[i].limits)) {
+            rides = true;
+            p->owner = ops[i].owner;
+        }
+        for (size_t j = 0;
+             ops[i].err == KP_OK && ops[i].kind == KP_STORE_OP_INSERT && j < ops[i].njobs; j++)
+            rows += !pg_keyed(&ops[i].jobs[j]);
+    }
+    if (!rides || rows == 0)
+        return;
+    p->c = kp_calloc(rows, sizeof *p->c);
+    p->lease = kp_calloc(rows, sizeof *p->lease);
+    p->nlease = kp_calloc(n, sizeof *p->nlease);
+    size_t row = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct kp_store_op *op = &ops[i];
+        if (op->err != KP_OK || op->kind != KP_STORE_OP_INSERT)
+            continue;
+        for (size_t j = 0; j < op->njobs; j++) {
+            if (pg_keyed(&op->jobs[j]))
+                continue;
+            if (op->jobs[j].run_at <= op->now)
+                p->c[ncand++] = (struct pg_cand){.op = i, .job = j, .row = row, .to = SIZE_MAX};
+            row++;
+        }
+    }
+    cands_sort(p->c, ncand, ops);
+    p->n = ncand;
+    for (size_t a = 0; a < ncand;) {
+        const char *queue = ops[p->c[a].op].jobs[p->c[a].job].queue;
+        size_t b = a;
+        while (b < ncand && strcmp(ops[p->c[b].op].jobs[p->c[b].job].queue, queue) == 0)
+            b++;
+        bool alone = true;
+        for (size_t i = 0; i < n && alone; i++) {
+            const struct kp_store_op *op = &ops[i];
+            if (op_rides(op) && strcmp(op->queue, queue) == 0 && pg_limited(op->limits))
+                alone = false;
+            for (size_t j = 0;
+                 op->err == KP_OK && op->kind == KP_STORE_OP_INSERT && j < op->njobs && alone; j++)
+                if (pg_keyed(&op->jobs[j]) && op->jobs[j].run_at <= op->now &&
+                    strcmp(op->jobs[j].queue, queue) == 0)
+                    alone = false;
+        }
+        for (size_t i = 0, k = a; i < n && alone && k < b; i++) {
+            if (!op_takes(p, &ops[i]) || strcmp(ops[i].queue, queue) != 0)
+                continue;
+            for (size_t room = ops[i].max; room > 0 && k < b; room--, k++) {
+                p->c[k].to = i;
+                p->lease[p->c[k].row] = ops[i].now;
+                p->nlease[i]++;
+                p->any = true;
+            }
+        }
+        a = b;
+    }
+}
+
+static void plan_free(struct pg_plan *p)
+{
+    kp_free(p->c);
+    kp_free(p->lease);
+    kp_free(p->nlease);
+    memset(p, 0, sizeof *p);
+}
+
 /* How a pipeline went. */
 enum pg_pipe_end {
     PIPE_OK,     /* every statement succeeded; the group's transaction is open */
@@ -1289,6 +1484,25 @@ static bool pipe_claim(struct pg_store *q, const struct kp_store_op *op, size_t 
     return ok;
 }
 
+/* Queues the claim riding on op i when some of the group's jobs were
+ * planned to be leased for it at insert (pg_claim_rest_sql). */
+static bool pipe_claim_rest(struct pg_store *q, const struct kp_store_op *op, size_t i,
+                            const struct pg_plan *p, struct pg_sent *sent, size_t *nsent)
+{
+    struct pg_stmt st;
+    struct pg_arr ids = {0};
+    for (size_t k = 0; k < p->n; k++)
+        if (p->c[k].to == i)
+            arr_text(&ids, p->ops[p->c[k].op].refs[p->c[k].job].id.s);
+    stmt_claim(op->queue, op->max, op->owner, op->now, NULL, &st);
+    st.sql = pg_claim_rest_sql;
+    arr_arg(&st.a, &ids, PG_OID_TEXT);
+    bool ok = pipe_send(q, st.sql, &st.a);
+    arrs_free(&ids, 1);
+    pipe_add(sent, nsent, S_CLAIM, i, 0, st.what);
+    return ok;
+}
+
 /* Sends BEGIN (when the group has not begun), a savepoint, every
  * operation's statements and the savepoint's release, then one Sync, in
  * one write; then reads every answer. Blocking libpq is safe with a long
@@ -1296,8 +1510,8 @@ static bool pipe_claim(struct pg_store *q, const struct kp_store_op *op, size_t 
  * neither side waits on the other. The answers of statements that
  * succeeded are kept in sent[].r; *why gets the failure's text. */
 static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, size_t n, bool began,
-                                  struct pg_sent *sent, size_t *nsent, size_t *ends, size_t *nends,
-                                  bool *refused, char *why)
+                                  const struct pg_plan *plan, struct pg_sent *sent, size_t *nsent,
+                                  size_t *ends, size_t *nends, bool *refused, char *why)
 {
     *refused = false;
     /* The COMMIT answered COMMIT: whatever goes wrong after it (the server
@@ -1322,7 +1536,8 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
      * statement, then the claims (each after the jobs it may ride on).
      * Ends before claims is an order the operations could have come in. */
     struct pg_stmt st;
-    struct pg_arr ins[I_COLS] = {0}, fin[E_COLS] = {0};
+    struct pg_arr ins[I_COLS] = {0}, fin[E_COLS] = {0}, lease = {0};
+    size_t row = 0;
     *nends = 0;
     for (size_t i = 0; i < n; i++) {
         struct kp_store_op *op = &ops[i];
@@ -1332,8 +1547,19 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             for (size_t j = 0; j < op->njobs; j++) {
                 kp_job_id_new(op->now, &op->refs[j].id);
                 op->refs[j].existed = false;
-                if (!pg_keyed(&op->jobs[j]))
+                bool leasable = false;
+                if (!pg_keyed(&op->jobs[j])) {
                     rows_insert(ins, &op->jobs[j], &op->refs[j].id, op->now);
+                    if (plan->any) {
+                        leasable = plan->lease[row] > 0;
+                        arr_i64(&lease, (int64_t)plan->lease[row]);
+                    }
+                    row++;
+                }
+                /* A job that may be leased at insert is announced by the
+                 * INSERT itself, only if its queue was not idle. */
+                if (leasable)
+                    continue;
                 /* Told before the answers are read, so the notifications
                  * can go with a COMMIT in this pipeline: a keyed job that
                  * turns out to exist is a needless hint, no more. */
@@ -1347,8 +1573,16 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             ends[(*nends)++] = i;
         }
     }
+    char hex[24];
+    snprintf(hex, sizeof hex, "%llx", (unsigned long long)q->broker);
     if (ok && ins[I_ID].n > 0) {
         stmt_inserts(ins, &st);
+        if (plan->any) {
+            st.sql = pg_inserts_lease_sql;
+            arr_arg(&st.a, &lease, PG_OID_INT8);
+            arg_i64(&st.a, (int64_t)plan->owner);
+            arg_text(&st.a, hex);
+        }
         ok = pipe_send(q, st.sql, &st.a);
         pipe_add(sent, nsent, S_INSERTS, 0, 0, st.what);
     }
@@ -1366,7 +1600,6 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
     }
     struct pg_arr limited = {0};
     if (ok && *nends > 0) {
-        char hex[24];
         stmt_ends(q, fin, hex, sizeof hex, &limited, &st);
         ok = pipe_send(q, st.sql, &st.a);
         pipe_add(sent, nsent, S_ENDS, 0, 0, st.what);
@@ -1374,11 +1607,15 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
     arrs_free(ins, I_COLS);
     arrs_free(fin, E_COLS);
     arrs_free(&limited, 1);
+    arrs_free(&lease, 1);
     for (size_t i = 0; i < n && ok; i++) {
         struct kp_store_op *op = &ops[i];
         if (op->err != KP_OK)
             continue;
-        if (op->kind == KP_STORE_OP_INSERT && op->queue && op->max > 0)
+        if (op->kind == KP_STORE_OP_INSERT && op->queue && op->max > 0 && plan->any &&
+            plan->nlease[i] > 0)
+            ok = pipe_claim_rest(q, op, i, plan, sent, nsent);
+        else if (op->kind == KP_STORE_OP_INSERT && op->queue && op->max > 0)
             ok = pipe_claim(q, op, i, sent, nsent);
         else if (op->kind == KP_STORE_OP_CLAIM && op->max > 0)
             ok = pipe_claim(q, op, i, sent, nsent);
@@ -1547,10 +1784,49 @@ static void read_ends(PGresult *r, struct kp_store_op *ops, const size_t *ends, 
     }
 }
 
+/* Hands each job the INSERT leased (r: their ids) to the claim it was
+ * planned for, as that claim's rows would be, from the SUBMIT's own copy:
+ * first in its claimed jobs, in the order a claim picks them. */
+static void read_leases(PGresult *r, struct pg_plan *p, struct kp_store_op *ops)
+{
+    for (int row = 0; row < PQntuples(r); row++) {
+        if (PQgetisnull(r, row, 0))
+            continue;
+        const char *id = PQgetvalue(r, row, 0);
+        for (size_t k = 0; k < p->n; k++)
+            if (p->c[k].to != SIZE_MAX && strcmp(ops[p->c[k].op].refs[p->c[k].job].id.s, id) == 0)
+                p->c[k].leased = true;
+    }
+    for (size_t k = 0; k < p->n; k++) {
+        if (!p->c[k].leased)
+            continue;
+        struct kp_store_op *op = &ops[p->c[k].to];
+        const struct kp_store_op *from = &ops[p->c[k].op];
+        const struct kp_job_new *in = &from->jobs[p->c[k].job];
+        struct kp_job *j = kp_jobs_push(op->claimed);
+        j->id = from->refs[p->c[k].job].id;
+        j->queue = kp_strdup(in->queue);
+        j->state = KP_JOB_LEASED;
+        j->priority = in->priority;
+        j->attempts = 1;
+        j->max_attempts = in->max_attempts;
+        j->created_at = j->run_at = from->now;
+        j->updated_at = op->now;
+        j->timeout_ms = in->timeout_ms;
+        j->backoff_ms = in->backoff_ms;
+        j->payload = kp_malloc(in->payload_len ? in->payload_len : 1);
+        if (in->payload_len)
+            memcpy(j->payload, in->payload, in->payload_len);
+        j->payload_len = in->payload_len;
+        j->trace = in->trace && *in->trace ? kp_strdup(in->trace) : NULL;
+        j->leased_at_insert = true;
+    }
+}
+
 /* Fills each operation's answers from its statements' (all succeeded),
  * then settles on the slow path the ends pg_ends_sql left, or (late not
  * NULL) marks them in late[] for the caller to settle. */
-static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
+static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n, struct pg_plan *plan,
                       const struct pg_sent *sent, size_t nsent, const size_t *ends, size_t nends,
                       bool *late)
 {
@@ -1568,6 +1844,8 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n,
                      j++)
                     if (!pg_keyed(&ops[i].jobs[j]))
                         read_insert(q, r, &ops[i].jobs[j], ops[i].now, &ops[i].refs[j], false);
+            if (plan->any)
+                read_leases(r, plan, ops);
             continue;
         }
         if (sent[k].kind == S_ENDS) {
@@ -1644,9 +1922,11 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
     /* The group's notifications so far; pipe_once adds its own. */
     size_t notes = q->notes_len;
     bool refused = false;
+    struct pg_plan plan;
+    plan_leases(&plan, ops, n);
     if (err == KP_OK) {
         why[0] = '\0';
-        end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, &refused, why);
+        end = pipe_once(q, ops, n, began, &plan, sent, &nsent, ends, &nends, &refused, why);
         /* The group's first statements on a connection the server dropped:
          * nothing was committed, so one retry on a fresh connection is
          * safe. With the COMMIT in the pipeline only when the server
@@ -1658,7 +1938,7 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
             pipe_clear(sent, nsent);
             why[0] = '\0';
             q->notes_len = notes;
-            end = pipe_once(q, ops, n, began, sent, &nsent, ends, &nends, &refused, why);
+            end = pipe_once(q, ops, n, began, &plan, sent, &nsent, ends, &nends, &refused, why);
         }
         if (end == PIPE_LOST)
             err = kp_store_fail(&q->base, KP_ESTOREIO, "%s", why);
@@ -1668,10 +1948,10 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
         q->committed_in_pipe = true;
         q->txn_open = q->sp_open = false;
         q->notes_len = q->notes_mark = 0;
-        pipe_read(q, ops, n, sent, nsent, ends, nends, late);
+        pipe_read(q, ops, n, &plan, sent, nsent, ends, nends, late);
     } else if (end == PIPE_OK) {
         q->txn_open = true;
-        pipe_read(q, ops, n, sent, nsent, ends, nends, NULL);
+        pipe_read(q, ops, n, &plan, sent, nsent, ends, nends, NULL);
     } else if (end == PIPE_FAILED) {
         q->notes_len = notes;
         q->base.group_reruns++;
@@ -1686,6 +1966,7 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
                     op_slow(q, &ops[i]);
     }
     pipe_clear(sent, nsent);
+    plan_free(&plan);
     kp_free(sent);
     kp_free(ends);
     if (err != KP_OK) {

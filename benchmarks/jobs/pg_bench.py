@@ -315,7 +315,8 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
         for fe in fes:
             bench_json([a.job_bench, "rtt", fe, "20"])  # waits for the broker; warms up
         time.sleep(0.5)
-        base = sum(stats(fe, a.job_bench)["jobs_succeeded"] for fe in fes)
+        st0 = [stats(fe, a.job_bench) for fe in fes]
+        base = sum(x["jobs_succeeded"] for x in st0)
         load = loadavg().split()[0]
         per = a.n // k
         total = per * k
@@ -366,6 +367,14 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                          "wal_records_per_job": (pgc1[2] - pgc0[2]) / total,
                          "wal_bytes_per_job": (pgc1[3] - pgc0[3]) / total,
                          "pg_commits_per_job": (pgc1[4] - pgc0[4]) / total})
+        # How the jobs were leased: by a claim, or inserted already leased
+        # (jobs_leased_at_insert; absent from builds without it).
+        st1 = [stats(fe, a.job_bench) for fe in fes]
+
+        def delta(x, y, key):
+            return sum(b.get(key, 0) - c.get(key, 0) for b, c in zip(y, x))
+        prof["claimed"] = delta(st0, st1, "jobs_claimed")
+        prof["leased_at_insert"] = delta(st0, st1, "jobs_leased_at_insert")
         e2e = max(o["e2e_s"] for o in outs)
         enq = max(o["enqueue_s"] for o in outs)
         res = {"brokers": k, "store": "postgresql" if pg else "sqlite", "n": total,
@@ -374,9 +383,19 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                "wall_s": wall,
                "accepted_load_p50_ms": sum(o["accepted_p50_ms"] for o in outs) / k,
                "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs), **prof}
+        if pg:
+            # The same per job, one at a time (where jobs can be leased at insert).
+            lsn0, pgt0 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
         r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
         res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
                                       "accepted_p99_ms")})
+        if pg:
+            lsn1, pgt1 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
+            res["rtt_wal_records_per_job"] = wal_records(pg, lsn0, lsn1, a.rtt)[0]
+            res["rtt_postgres_cpu_us_per_job"] = (pgt1 - pgt0) * tick_us / a.rtt
+        st2 = [stats(fe, a.job_bench) for fe in fes]
+        res["rtt_claimed"] = delta(st1, st2, "jobs_claimed")
+        res["rtt_leased_at_insert"] = delta(st1, st2, "jobs_leased_at_insert")
         if pg and k >= 2 and a.recovery and recover:
             res.update(recovery(children, a, pg, db, brokers, workers, fes))
         return res
@@ -481,6 +500,18 @@ def report(res, a, before, after):
             kinds = ", ".join(f"{t} {v:.2f}" for t, v in r["wal_kinds_per_job"][:10])
             lines.append(f"| {r['build']} | {r['brokers']} | {r['waldump_records_per_job']:.2f} | "
                          f"{r['wal_lsn_bytes_per_job']:.0f} | {kinds} |")
+    lines += ["", "Jobs leased by this broker's claims, and of those inserted already leased "
+              "(jobs_claimed, jobs_leased_at_insert), end to end and one at a time:", "",
+              "| build | store | brokers | claimed e2e | leased at insert e2e | "
+              "claimed one at a time | leased at insert one at a time | "
+              "WAL records/job one at a time | postgres CPU µs/job one at a time |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        one = (f"{r['rtt_wal_records_per_job']:.2f} | {r['rtt_postgres_cpu_us_per_job']:.0f}"
+               if "rtt_wal_records_per_job" in r else " | ")
+        lines.append(f"| {r['build']} | {r['store']} | {r['brokers']} | {r['claimed']} | "
+                     f"{r['leased_at_insert']} | {r['rtt_claimed']} | "
+                     f"{r['rtt_leased_at_insert']} | {one} |")
     for r in res:
         if r.get("statements"):
             lines += ["", f"{r['build']} pg x{r['brokers']}: server execution µs per job | "

@@ -1426,6 +1426,161 @@ Test(store_pg, one_submit_with_its_claim_and_commit_in_one_pipeline, .timeout = 
     kp_store_destroy(&s);
 }
 
+/* ---- jobs inserted already leased ------------------------------------------ */
+
+/* One number a query answers, read on a connection of the test's own. */
+static long long lt_int(const char *conninfo, const char *sql)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    cr_assert_eq(PQstatus(c), CONNECTION_OK, "%s", PQerrorMessage(c));
+    PGresult *r = PQexec(c, sql);
+    cr_assert_eq(PQresultStatus(r), PGRES_TUPLES_OK, "%s: %s", sql, PQerrorMessage(c));
+    long long v = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+    PQclear(r);
+    PQfinish(c);
+    return v;
+}
+
+/* A SUBMIT op of one job, with a claim of up to max riding on it (0: none). */
+static struct kp_store_op lt_submit(const struct kp_job_new *in, struct kp_job_ref *ref,
+                                    struct kp_jobs *claimed, uint64_t *wait, size_t max,
+                                    uint64_t now)
+{
+    return (struct kp_store_op){.kind = KP_STORE_OP_INSERT,
+                                .now = now,
+                                .jobs = in,
+                                .njobs = 1,
+                                .refs = ref,
+                                .queue = max ? in->queue : NULL,
+                                .max = max,
+                                .owner = 7,
+                                .claimed = claimed,
+                                .wait_ms = wait};
+}
+
+static void lt_group(struct kp_store *s, struct kp_store_op *ops, size_t n)
+{
+    cr_assert_eq(kp_store_begin(s), KP_OK);
+    cr_assert_eq(kp_store_run_commit(s, ops, n), KP_OK, "%s", kp_store_errmsg(s));
+    for (size_t i = 0; i < n; i++)
+        cr_assert_eq(ops[i].err, KP_OK, "op %zu: %s", i, ops[i].errmsg ? ops[i].errmsg : "");
+}
+
+/* A claim riding on SUBMITs to a queue with nothing ready gets the group's
+ * jobs leased by the INSERT itself: the ones its claim would have picked
+ * (highest priority first, then in order, no more than it asked for), with
+ * their payload and traceparent from the SUBMIT, each row written once (no
+ * lock, no update: every row version is one the INSERT made). They are
+ * ordinary leases: ended as any, and put back by the RELEASE of the claim
+ * if its answer was lost. */
+Test(store_pg, a_claim_riding_on_an_idle_queue_gets_its_jobs_leased_at_insert, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    static const char tp[] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    struct kp_job_new in[3] = {ts_job("idle", 0, "p0"), ts_job("idle", 5, "p1"),
+                               ts_job("idle", 5, "p2")};
+    in[2].trace = tp;
+    struct kp_job_ref ref[3];
+    struct kp_jobs rode = {0}, none[2] = {{0}};
+    uint64_t wait[3] = {0};
+    struct kp_store_op ops[3] = {lt_submit(&in[0], &ref[0], &none[0], &wait[0], 0, T0),
+                                 lt_submit(&in[1], &ref[1], &rode, &wait[1], 2, T0),
+                                 lt_submit(&in[2], &ref[2], &none[1], &wait[2], 0, T0 + 2)};
+    lt_group(s, ops, 3);
+    cr_assert_eq(rode.n, 2, "no more than the claim asked for");
+    cr_assert_str_eq(rode.v[0].id.s, ref[1].id.s);
+    cr_assert_str_eq(rode.v[1].id.s, ref[2].id.s, "priority 5 before priority 0");
+    for (int i = 0; i < 2; i++) {
+        cr_assert(rode.v[i].leased_at_insert);
+        cr_assert_eq(rode.v[i].state, KP_JOB_LEASED);
+        cr_assert_eq(rode.v[i].attempts, 1);
+        cr_assert_eq(rode.v[i].priority, 5);
+        cr_assert_eq(rode.v[i].max_attempts, 3);
+        cr_assert_eq(rode.v[i].payload_len, 2);
+        cr_assert(memcmp(rode.v[i].payload, i ? "p2" : "p1", 2) == 0);
+    }
+    cr_assert_null(rode.v[0].trace);
+    cr_assert_str_eq(rode.v[1].trace, tp);
+    cr_assert_eq(none[0].n + none[1].n, 0);
+    cr_assert_eq(ts_state(s, &ref[0].id), KP_JOB_QUEUED, "the claim's third pick stays queued");
+    cr_assert_eq(lt_int(db, "SELECT count(*) FROM jobs WHERE state = 2 AND owner = 7 AND "
+                            "attempts = 1 AND att_started_at = 1700000000000"),
+                 2);
+    cr_assert_eq(lt_int(db, "SELECT count(*) FROM jobs WHERE ctid > '(0,3)'"), 0,
+                 "a leased row was updated after its insert");
+    /* An ordinary lease: it ends as any. */
+    cr_assert_eq(ts_end(s, &ref[1].id, 1, KP_OUTCOME_SUCCEEDED, 0, T0 + 5), KP_JOB_SUCCEEDED);
+    /* The claim's answer lost: its RELEASE puts back what the INSERT leased
+     * for it, though the job came with another SUBMIT (made at T0 + 2). */
+    size_t back = 0;
+    uint64_t claims[1] = {T0};
+    cr_assert_eq(kp_store_release_claims(s, 7, claims, 1, T0 + 10, &back), KP_OK, "%s",
+                 kp_store_errmsg(s));
+    cr_assert_eq(back, 1);
+    cr_assert_eq(ts_state(s, &ref[2].id), KP_JOB_QUEUED);
+    kp_jobs_clear(&rode);
+    kp_store_destroy(&s);
+}
+
+/* A job ready before the SUBMIT (queued, or scheduled and due) is claimed
+ * first: the new job is inserted queued behind it, not leased over it. */
+Test(store_pg, a_ready_job_is_claimed_before_a_new_one_is_leased_at_insert, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    kp_job_id old = ts_insert(s, ts_job("q", 9, "old"), T0 - 10);
+    struct kp_job_new late = ts_job("d", 0, "due");
+    late.run_at = T0 + 5;
+    kp_job_id due = ts_insert(s, late, T0);
+    const char *queues[2] = {"q", "d"};
+    const kp_job_id *first[2] = {&old, &due};
+    for (int k = 0; k < 2; k++) {
+        struct kp_job_new in = ts_job(queues[k], 0, "new");
+        struct kp_job_ref ref;
+        struct kp_jobs rode = {0};
+        uint64_t wait = 0;
+        struct kp_store_op op = lt_submit(&in, &ref, &rode, &wait, 1, T0 + 10);
+        lt_group(s, &op, 1);
+        cr_assert_eq(rode.n, 1, "%s", queues[k]);
+        cr_assert_str_eq(rode.v[0].id.s, first[k]->s, "%s: the job ready before it", queues[k]);
+        cr_assert_not(rode.v[0].leased_at_insert);
+        cr_assert_eq(ts_state(s, &ref.id), KP_JOB_QUEUED, "%s", queues[k]);
+        kp_jobs_clear(&rode);
+    }
+    kp_store_destroy(&s);
+}
+
+/* Queues with a rate or concurrency limit are claimed through their shared
+ * limits, and a due job with an idempotency key is inserted by a statement
+ * of its own: neither is leased at insert (the claim leases them). */
+Test(store_pg, limited_queues_and_keyed_jobs_are_not_leased_at_insert, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    struct kp_claim_limits lim = {.concurrency = 5};
+    for (int k = 0; k < 2; k++) {
+        struct kp_job_new in = ts_job(k ? "keyed" : "limited", 0, "x");
+        if (k)
+            in.idempotency_key = "key-1";
+        struct kp_job_ref ref;
+        struct kp_jobs rode = {0};
+        uint64_t wait = 0;
+        struct kp_store_op op = lt_submit(&in, &ref, &rode, &wait, 4, T0);
+        if (!k)
+            op.limits = &lim;
+        lt_group(s, &op, 1);
+        cr_assert_eq(rode.n, 1, "%s", in.queue);
+        cr_assert_str_eq(rode.v[0].id.s, ref.id.s);
+        cr_assert_not(rode.v[0].leased_at_insert, "%s", in.queue);
+        kp_jobs_clear(&rode);
+    }
+    kp_store_destroy(&s);
+}
+
 /* A limited queue's claim: no more than the global bucket's tokens and the
  * room under the concurrency limit, counted over every broker's leases;
  * wait_ms says when the rate allows one more. */
