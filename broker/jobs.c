@@ -181,8 +181,9 @@ struct kp_engine {
     uint64_t *doubt;
     size_t ndoubt, doubt_cap;
     bool releasing;
-    uint64_t rng;                    /* backoff jitter */
-    size_t outstanding;              /* requests in the journal */
+    uint64_t rng;         /* backoff jitter */
+    size_t outstanding;   /* requests in the journal */
+    uint64_t progress_at; /* monotonic ms: the journal's last answer, or when it got busy */
     struct kp_pg_listener *listener; /* --store: what the other brokers say */
     uint64_t ended_notes;            /* "job finished" notifications so far */
     struct kp_relay *relay;          /* --store: the brokers' relay (relay.c) */
@@ -598,8 +599,25 @@ static bool op_put(struct kp_broker *b, struct op *o)
         return false;
     }
     o->req = NULL; /* the journal's until take() */
-    e->outstanding++;
+    if (e->outstanding++ == 0)
+        e->progress_at = b->now;
     return true;
+}
+
+/* How long the journal may sit on its requests before the store counts as
+ * stalled: a database that hangs (stopped, its disk stuck, a synchronous
+ * standby gone) answers nothing, and a connection to it may stay up. At
+ * least 5 s: a group of thousands of rows on a loaded host takes a second
+ * or two. */
+#define JOBS_STALL_MIN_MS 5000
+
+/* The store has answered nothing for the stall window while requests
+ * wait: a SUBMIT would only wait behind them, beyond its deadline. */
+static bool store_stalled(const struct kp_broker *b, const struct kp_engine *e, uint64_t *silent)
+{
+    uint64_t window = e->hold_ms > JOBS_STALL_MIN_MS ? e->hold_ms : JOBS_STALL_MIN_MS;
+    *silent = b->now - e->progress_at;
+    return e->journal && e->outstanding > 0 && *silent >= window;
 }
 
 /* ---- watchers and events --------------------------------------------------- */
@@ -1671,6 +1689,7 @@ void kp_jobs_on_completions(struct kp_broker *b)
     while ((r = kp_journal_take(e->journal)) != NULL) {
         struct op *o = (struct op *)(uintptr_t)r->tag;
         e->outstanding--;
+        e->progress_at = b->now;
         kp_log_set_job(o->id.s[0] ? o->id.s : NULL);
         switch (o->kind) {
         case OP_SUBMIT:
@@ -1764,6 +1783,20 @@ void kp_jobs_submit(struct kp_broker *b, kp_header *h, size_t hdr_index)
         if (intake)
             b->stats.intake_dropped++;
         op_error(b, o, KP_EINVAL, bad);
+        op_free(o);
+        return;
+    }
+    uint64_t silent;
+    if (store_stalled(b, engine(b), &silent)) {
+        /* Refused before it reaches the journal, so nothing is in doubt: a
+         * client of several brokers takes it elsewhere (UNAVAILABLE). */
+        char why[96];
+        snprintf(why, sizeof why, "the job store has not answered for %llu ms",
+                 (unsigned long long)silent);
+        b->stats.jobs_store_stalled++;
+        if (intake)
+            b->stats.intake_dropped++;
+        op_error(b, o, KP_ESTOREIO, why);
         op_free(o);
         return;
     }

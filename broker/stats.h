@@ -98,6 +98,7 @@
     XX(jobs_notes)            /* notifications from brokers sharing the store (LISTEN) */          \
     XX(jobs_limited_global)   /* claims cut short by a queue's limit shared across brokers */      \
     XX(jobs_store_errors)     /* store requests that failed or could not be made */                \
+    XX(jobs_store_stalled)    /* SUBMITs refused while the store answered nothing (stalled) */     \
     XX(job_events)            /* PROGRESS/OUTPUT/notices recorded for watchers */                  \
     XX(job_events_dropped)    /* old events dropped from a job's bounded buffer */                 \
     XX(job_watches)           /* WATCHes accepted */                                               \

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import Client, K, Postgres, wait_for
+from conftest import Client, K, Postgres, broker_stats, wait_for
 
 import kelpie.testing
 
@@ -148,3 +148,57 @@ def test_a_silently_cut_database_link_is_unavailable_in_seconds_and_heals(tmp_pa
             broker.stop()
         pg.stop()
         link.down()
+
+
+def server_pids(pg):
+    """The postmaster and every process it started."""
+    pids = [pg.pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pg.pid:
+                        pids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return pids
+
+
+def test_a_hung_database_gets_submits_refused_then_accepted_again(own_postgres):
+    """A server that hangs (SIGSTOP: its host's kernel still ACKs, so no
+    TCP timeout fires) answered nothing, and every SUBMIT queued behind
+    the journal's stuck group with no answer within its deadline. Now, once
+    the store has answered nothing for the stall window (5 s here), SUBMITs
+    are refused UNAVAILABLE at once, before they reach the journal (so a
+    client of several brokers takes them elsewhere), and counted; those
+    already in the journal are answered when the server resumes."""
+    import signal
+    own = own_postgres
+    stopped = []
+    try:
+        broker = own.broker(heartbeat_ms=HEARTBEAT_MS)
+        client = own.client(broker)
+        kind, code, _ = submit_answer(client, 10)
+        assert kind == K.ACCEPTED, (kind, code)
+        stopped = server_pids(own.pg)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        waiting = client.send(b"in the journal", kind=K.SUBMIT, service="q")
+        time.sleep(6.5)  # past the stall window
+        kind, code, took = submit_answer(client, 10)
+        assert (kind, code) == (K.ERROR, 14), (kind, code, took)
+        assert took < 2, f"refused after {took:.1f} s"
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
+        h, _ = client.expect(waiting, timeout=30)
+        assert h.kind == K.ACCEPTED, (h.kind, h.code, h.message)
+
+        def accepted():
+            kind, _, _ = submit_answer(client, 10)
+            return kind == K.ACCEPTED
+        wait_for(accepted, 30, what="a SUBMIT accepted again once the server resumed")
+        assert broker_stats(client)["jobs_store_stalled"] >= 1
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
