@@ -119,26 +119,18 @@ def start_broker(tmp_path, name, url, heartbeat_ms=200, args=()):
                    args=["--store", url, *args]).start()
 
 
-class OwnPostgres:
-    """A PostgreSQL of one test's own, for a test that stops or kills the
-    server (the session's ``postgres`` is shared by the others), with one
-    database on it (``url``, ``db``), and what the test starts against it:
-    brokers, clients, worker sets and sockets. :meth:`stop` ends them all,
-    workers first and the server last."""
+class Group:
+    """Brokers sharing one database (``url``), and what a test starts
+    against them: clients, worker sets and sockets. :meth:`stop` ends them
+    all, workers first."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, url=None):
         self.tmp_path = tmp_path
-        self.pg = Postgres()
-        self.url = self.db = None
+        self.url = url
         self._workers, self._closing, self._brokers = [], [], []
 
-    def start(self):
-        self.pg.start()
-        self.url, self.db = self.pg.new_db()
-        return self
-
     def broker(self, name="b", **kwargs):
-        """A kelpied on this server's database (start_broker's arguments)."""
+        """A kelpied on the database (start_broker's arguments)."""
         b = start_broker(self.tmp_path, name, self.url, **kwargs)
         self._brokers.append(b)
         return b
@@ -165,6 +157,37 @@ class OwnPostgres:
             thing.close()
         for b in self._brokers:
             b.stop()
+
+
+@pytest.fixture
+def group(tmp_path, postgres):
+    """A Group on a new database of the session's server, stopped at
+    teardown even when the test failed."""
+    g = Group(tmp_path, postgres.new_db()[0])
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+class OwnPostgres(Group):
+    """A PostgreSQL of one test's own, for a test that stops or kills the
+    server (the session's ``postgres`` is shared by the others), with one
+    database on it (``url``, ``db``) and a Group on it: :meth:`stop` ends
+    what the test started, then the server."""
+
+    def __init__(self, tmp_path):
+        super().__init__(tmp_path)
+        self.pg = Postgres()
+        self.db = None
+
+    def start(self):
+        self.pg.start()
+        self.url, self.db = self.pg.new_db()
+        return self
+
+    def stop(self):
+        super().stop()
         self.pg.stop()
 
 
