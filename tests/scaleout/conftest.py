@@ -202,6 +202,19 @@ def own_postgres(tmp_path):
         own.stop()
 
 
+def runs_of(*procs):
+    """(job id, attempt) of every job the raw worker processes ran, from
+    their runs logs (rawworker.py)."""
+    out = []
+    for p in procs:
+        try:
+            with open(p.runs_log) as f:
+                out += [tuple(line.split()) for line in f if line.strip()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def broker_stats(client):
     """The broker's Stats counters (kelpie.broker/Stats)."""
     return client.admin("Stats")[0]

@@ -12,18 +12,7 @@ import collections
 import json
 import time
 
-from conftest import K, broker_stats, wait_for
-
-
-def runs_of(*procs):
-    out = []
-    for p in procs:
-        try:
-            with open(p.runs_log) as f:
-                out += [tuple(line.split()) for line in f if line.strip()]
-        except FileNotFoundError:
-            pass
-    return out
+from conftest import K, broker_stats, runs_of, wait_for
 
 
 def registered(client, n=1):

@@ -5,19 +5,11 @@ by the other broker (its heartbeat row went silent) within seconds and run
 to completion there."""
 import collections
 import json
-import os
 import time
 
-from conftest import wait_for
+from conftest import runs_of, wait_for
 
 HEARTBEAT_MS = 200  # start_broker's: lease window = 3 x 200 ms (--heartbeat-liveness 3)
-
-
-def worker_runs(proc):
-    if not os.path.exists(proc.runs_log):
-        return []
-    with open(proc.runs_log) as f:
-        return [tuple(line.split()) for line in f if line.strip()]
 
 
 def test_jobs_from_either_broker_run_once_on_workers_of_either(group):
@@ -41,12 +33,12 @@ def test_jobs_from_either_broker_run_once_on_workers_of_either(group):
         return len(page["jobs"]) == 120
 
     wait_for(done, timeout=60, what="all 120 jobs succeeded")
-    runs = worker_runs(pa) + worker_runs(pb)
+    runs = runs_of(pa) + runs_of(pb)
     counts = collections.Counter(job for job, _ in runs)
     assert set(counts) == every
     assert all(n == 1 for n in counts.values()), [j for j, n in counts.items() if n > 1]
-    ran_a = {job for job, _ in worker_runs(pa)}
-    ran_b = {job for job, _ in worker_runs(pb)}
+    ran_a = {job for job, _ in runs_of(pa)}
+    ran_b = {job for job, _ in runs_of(pb)}
     assert ran_a & by_broker["b"], "broker a's worker ran none of broker b's jobs"
     assert ran_b & by_broker["a"], "broker b's worker ran none of broker a's jobs"
     # Either broker reads any job, with its result.
@@ -65,11 +57,11 @@ def test_kill_9_of_a_broker_gets_its_leases_reclaimed_by_the_other(group):
     jobs = [ca.submit(json.dumps({"sleep": 2.0, "n": i}).encode()) for i in range(4)]
     wait_for(lambda: all(cb.job(j)["state"] == "leased" for j in jobs), timeout=10,
              what="broker a leased all four jobs")
-    wait_for(lambda: len(worker_runs(pa)) == 4, timeout=10, what="worker a runs all four")
+    wait_for(lambda: len(runs_of(pa)) == 4, timeout=10, what="worker a runs all four")
     pb = wb.start("wb", credits=4)
     time.sleep(0.5)
     assert all(cb.job(j)["state"] == "leased" for j in jobs), "a live broker's leases hold"
-    assert worker_runs(pb) == []
+    assert runs_of(pb) == []
     t_kill = time.monotonic()
     a.stop()  # SIGKILL
 
@@ -85,7 +77,7 @@ def test_kill_9_of_a_broker_gets_its_leases_reclaimed_by_the_other(group):
         rec = cb.job(j)
         assert rec["history"][0]["outcome"] == "worker_lost", rec
         assert rec["history"][1]["outcome"] == "succeeded", rec
-    assert sorted(job for job, _ in worker_runs(pb)) == sorted(jobs)
+    assert sorted(job for job, _ in runs_of(pb)) == sorted(jobs)
     # New work keeps flowing through the surviving broker.
     more = cb.submit(b'{"n": "after"}')
     wait_for(lambda: cb.job(more)["state"] == "succeeded", timeout=10, what="a new job ran")
@@ -111,7 +103,7 @@ def test_a_job_submitted_where_no_worker_is_runs_on_the_other_broker(group):
              what="the job ran on broker b's worker")
     took = time.monotonic() - t0
     print(f"\nsubmitted on a, run on b, seen succeeded on a after {took:.2f} s")
-    assert [j for j, _ in worker_runs(pb)] == [job]
+    assert [j for j, _ in runs_of(pb)] == [job]
     h, _ = ca.result(job, timeout=5)  # a WATCH of a finished job answers from the store
     assert h.job_id == job
     assert took < 5.0, took
