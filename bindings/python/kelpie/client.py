@@ -62,6 +62,7 @@ _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
 _ACK = _wire.ACK
 _unary_result = _core.unary_result
+_call_timeout = _core.call_timeout
 _ACCEPT = _compression.ACCEPT_FLAG
 
 
@@ -272,10 +273,7 @@ class Client(ClientJobs):
             # Most calls: one attempt, sent from outside any handler or job
             # with no metadata. _core.options' result, with the new trace
             # left to the header's encoder (_wire.request_new_trace).
-            if timeout is None:
-                timeout = self.timeout
-            if timeout == NO_DEADLINE:
-                timeout = None
+            timeout = _call_timeout(timeout, self.timeout)
             new_trace = True
         elif _stage < 3:
             timeout, metadata = _core.options(self, timeout, metadata)
@@ -297,8 +295,7 @@ class Client(ClientJobs):
         clock = self._clock
         now = clock()
         watch = self._watch
-        heartbeat = watch.heartbeat
-        if heartbeat and now - watch.last_ping >= heartbeat:  # watch.stale(now)
+        if watch.stale(now):
             await self._ping(now)
             now = clock()
         flags = _ACCEPT | (1 if idempotent else 0)
