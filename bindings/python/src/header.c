@@ -763,6 +763,113 @@ static PyObject *header_init(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+/* _route_reply(pending, watch, clock, kinds, on_header, on_failure, frames):
+ * the async client's message callback (kelpie.client.Client._reader) with
+ * its common case in C. Sets watch.last_recv = clock(), decodes the header
+ * (garbage is dropped, as an Exception of _parse_header), and if the
+ * header's kind is in the bit mask `kinds` and pending[request_id] is an
+ * asyncio.Future (a unary call's), removes it and sets its result to
+ * (header, frames) unless it is done. Anything else goes to
+ * on_header(header, frames). An Exception raised here is handed to
+ * on_failure(exc), as the Python callback's own handler did. */
+static PyObject *header_route_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "_route_reply() takes 7 arguments");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *pending = args[0], *watch = args[1], *clock = args[2], *on_header = args[4];
+    PyObject *on_failure = args[5], *frames = args[6];
+    if (!PyDict_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "_route_reply(): pending must be a dict");
+        return NULL;
+    }
+    unsigned long long kinds = PyLong_AsUnsignedLongLong(args[3]);
+    if (kinds == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *now = PyObject_CallNoArgs(clock);
+    if (now == NULL) {
+        goto failed;
+    }
+    int rc = PyObject_SetAttr(watch, st->str_last_recv, now);
+    Py_DECREF(now);
+    if (rc < 0) {
+        goto failed;
+    }
+    PyObject *first = PySequence_GetItem(frames, 0);
+    PyObject *header = first != NULL ? header_parse(module, first) : NULL;
+    Py_XDECREF(first);
+    if (header == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* garbage from the peer: nothing to route it to */
+            Py_RETURN_NONE;
+        }
+        return NULL;
+    }
+    header_object *h = (header_object *)header;
+    int32_t kind = (int32_t)(uint32_t)h->scalars[1];
+    if (kind >= 0 && kind < 64 && (kinds >> kind) & 1) {
+        PyObject *rid = PyLong_FromUnsignedLongLong(h->scalars[2]);
+        if (rid == NULL) {
+            Py_DECREF(header);
+            goto failed;
+        }
+        PyObject *entry = PyDict_GetItemWithError(pending, rid);
+        if (entry != NULL && Py_IS_TYPE(entry, (PyTypeObject *)st->future_type)) {
+            Py_INCREF(entry);
+            PyObject *r = NULL;
+            if (PyDict_DelItem(pending, rid) == 0) {
+                PyObject *done = PyObject_CallMethodNoArgs(entry, st->str_done);
+                int is_done = done != NULL ? PyObject_IsTrue(done) : -1;
+                Py_XDECREF(done);
+                if (is_done == 0) {
+                    PyObject *result = PyTuple_Pack(2, header, frames);
+                    r = result != NULL
+                            ? PyObject_CallMethodOneArg(entry, st->str_set_result, result)
+                            : NULL;
+                    Py_XDECREF(result);
+                } else if (is_done > 0) {
+                    r = Py_NewRef(Py_None);
+                }
+            }
+            Py_DECREF(entry);
+            Py_DECREF(rid);
+            Py_DECREF(header);
+            if (r == NULL) {
+                goto failed;
+            }
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(rid);
+        if (entry == NULL && PyErr_Occurred()) {
+            Py_DECREF(header);
+            goto failed;
+        }
+    }
+    PyObject *call_args[2] = {header, frames};
+    PyObject *r = PyObject_Vectorcall(on_header, call_args, 2, NULL);
+    Py_DECREF(header);
+    return r;
+failed:
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return NULL;
+    }
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL) {
+        PyException_SetTraceback(exc, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject *r2 = exc != NULL ? PyObject_CallOneArg(on_failure, exc) : NULL;
+    Py_XDECREF(exc);
+    return r2;
+}
+
 static PyGetSetDef header_getset[] = {
     {"version", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT32, 0)},
     {"kind", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_INT32, 1)},
@@ -809,6 +916,9 @@ static PyMethodDef header_module_methods[] = {
     {"_header_init", (PyCFunction)(void (*)(void))header_init, METH_FASTCALL,
      "_header_init(header_class, decode_error): the protobuf class behind ParsedHeader's "
      "fallback and the exception for garbage."},
+    {"_route_reply", (PyCFunction)(void (*)(void))header_route_reply, METH_FASTCALL,
+     "_route_reply(pending, watch, clock, kinds, on_header, on_failure, frames): the async "
+     "client's message callback with a unary call's answer resolved in C (see header.c)."},
     {NULL, NULL, 0, NULL},
 };
 
