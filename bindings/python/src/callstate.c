@@ -118,12 +118,27 @@ static PyObject *callstate_new(PyTypeObject *type, PyObject *args, PyObject *kwd
     PyObject **s = self->slots;
     unsigned long long flags;
     PyObject *compression = NULL;
-    if ((s[CS_SERVICE] = PyObject_GetAttr(header, st->str_service)) == NULL ||
-        (s[CS_METHOD] = PyObject_GetAttr(header, st->str_method)) == NULL ||
-        (s[CS_REQUEST_ID] = PyObject_GetAttr(header, st->str_request_id)) == NULL ||
-        callstate_u64(header, st->str_flags, &flags) < 0 ||
-        (s[CS_WINDOW] = PyObject_GetAttr(header, st->str_credits)) == NULL ||
-        (compression = PyObject_GetAttr(worker, st->str_compression)) == NULL) {
+    uint64_t rid;
+    uint32_t flags32, credits32;
+    /* A ParsedHeader's fields straight from its struct (the worker's every
+     * request); a protobuf Header (tests, the fallback) by attribute. */
+    int rc = kp_header_call_fields(st, header, &s[CS_SERVICE], &s[CS_METHOD], &rid, &flags32,
+                                   &credits32);
+    if (rc == 0) {
+        flags = flags32;
+        s[CS_REQUEST_ID] = PyLong_FromUnsignedLongLong(rid);
+        s[CS_WINDOW] = s[CS_REQUEST_ID] != NULL ? PyLong_FromUnsignedLong(credits32) : NULL;
+        if (s[CS_WINDOW] == NULL ||
+            (compression = PyObject_GetAttr(worker, st->str_compression)) == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    } else if (rc < 0 || (s[CS_SERVICE] = PyObject_GetAttr(header, st->str_service)) == NULL ||
+               (s[CS_METHOD] = PyObject_GetAttr(header, st->str_method)) == NULL ||
+               (s[CS_REQUEST_ID] = PyObject_GetAttr(header, st->str_request_id)) == NULL ||
+               callstate_u64(header, st->str_flags, &flags) < 0 ||
+               (s[CS_WINDOW] = PyObject_GetAttr(header, st->str_credits)) == NULL ||
+               (compression = PyObject_GetAttr(worker, st->str_compression)) == NULL) {
         Py_DECREF(self);
         return NULL;
     }

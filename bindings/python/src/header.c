@@ -763,6 +763,25 @@ static PyObject *header_init(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObject **method,
+                          uint64_t *request_id, uint32_t *flags, uint32_t *credits)
+{
+    if (!Py_IS_TYPE(obj, st->header_type)) {
+        return 1;
+    }
+    header_object *h = (header_object *)obj;
+    *service = header_get_string(h, (void *)0);
+    *method = *service != NULL ? header_get_string(h, (void *)1) : NULL;
+    if (*method == NULL) {
+        Py_CLEAR(*service);
+        return -1;
+    }
+    *request_id = h->scalars[2];
+    *flags = (uint32_t)h->scalars[6];
+    *credits = (uint32_t)h->scalars[5];
+    return 0;
+}
+
 /* _route_reply(pending, watch, clock, kinds, on_header, on_failure, frames):
  * the async client's message callback (kelpie.client.Client._reader) with
  * its common case in C. Sets watch.last_recv = clock(), decodes the header

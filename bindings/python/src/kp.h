@@ -511,6 +511,12 @@ kp_frame *kp_frame_new(kp_state *st);
  * has named the protobuf Header class and DecodeError (kelpie._wire does at
  * import). */
 int kp_header_init(PyObject *module, kp_state *st);
+/* A request's fields CallContext needs, read from a ParsedHeader `obj`
+ * without its attribute lookups (callstate.c): 0, with new references to
+ * service and method; 1 if `obj` is not a ParsedHeader (nothing read);
+ * -1 with an exception set. */
+int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObject **method,
+                          uint64_t *request_id, uint32_t *flags, uint32_t *credits);
 
 /* ---- encode.c --------------------------------------------------------- */
 
