@@ -80,32 +80,36 @@ static int encode_words(PyObject *bits, uint64_t words[3])
     if (!PyLong_Check(bits)) {
         return 0;
     }
+    /* Two shifts, no more objects: the low word by mask, the top one by
+     * PyLong_AsUnsignedLongLong, which refuses a negative or wider value. */
     PyObject *shift = PyLong_FromLong(64);
     if (shift == NULL) {
         return -1;
     }
-    PyObject *cur = Py_NewRef(bits);
-    int rc = 1;
-    for (int i = 2; i >= -1 && rc == 1; i--) {
-        if (i >= 0) {
-            words[i] = (uint64_t)PyLong_AsUnsignedLongLongMask(cur);
-            if (words[i] == (uint64_t)-1 && PyErr_Occurred()) {
-                rc = -1;
-                break;
+    words[2] = (uint64_t)PyLong_AsUnsignedLongLongMask(bits);
+    PyObject *mid =
+        words[2] == (uint64_t)-1 && PyErr_Occurred() ? NULL : PyNumber_Rshift(bits, shift);
+    PyObject *top = mid != NULL ? PyNumber_Rshift(mid, shift) : NULL;
+    Py_DECREF(shift);
+    int rc = -1;
+    if (top != NULL) {
+        words[1] = (uint64_t)PyLong_AsUnsignedLongLongMask(mid);
+        if (!(words[1] == (uint64_t)-1 && PyErr_Occurred())) {
+            unsigned long long high = PyLong_AsUnsignedLongLong(top);
+            if (high == (unsigned long long)-1 && PyErr_Occurred()) {
+                /* Negative or over 192 bits: not a draw this encodes. */
+                rc = PyErr_ExceptionMatches(PyExc_OverflowError) ? 0 : -1;
+                if (rc == 0) {
+                    PyErr_Clear();
+                }
+            } else {
+                words[0] = (uint64_t)high;
+                rc = 1;
             }
-            Py_SETREF(cur, PyNumber_Rshift(cur, shift));
-            if (cur == NULL) {
-                rc = -1;
-            }
-        } else {
-            /* What is left above bit 192: 0 for a draw of 192 bits (a
-             * negative int shifts to -1). */
-            int zero = PyObject_Not(cur);
-            rc = zero < 0 ? -1 : zero;
         }
     }
-    Py_XDECREF(cur);
-    Py_DECREF(shift);
+    Py_XDECREF(mid);
+    Py_XDECREF(top);
     return rc;
 }
 
