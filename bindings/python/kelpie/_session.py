@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import types
@@ -41,6 +42,7 @@ _CHUNK = _wire.CHUNK
 _END = _wire.END
 _parse = _wire.parse
 _kstep = _kelpie.step
+_route_request = _kelpie._route_request
 _VERSION = _wire.VERSION
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
@@ -82,6 +84,10 @@ def _resume(coro, yielded):
                 yielded = coro.send(sent)
             except StopIteration as stop:
                 return stop.value
+
+
+def _undecodable():
+    log.warning("undecodable header from the broker; dropped")
 
 
 class Session:
@@ -392,32 +398,17 @@ class Session:
         session.read_end = end = self._loop.create_future()
         reader = asyncio.current_task()
 
-        loop = self._loop
-
-        def on_message(frames):
-            # The reader's task is current while a message is handled, as
-            # when it awaited each one: a handler's eager step sees it.
-            _enter_task(loop, reader)
-            try:
-                session.last_recv = self._loop_time()
-                try:
-                    header = _parse(frames[0])
-                except Exception:
-                    log.warning("undecodable header from the broker; dropped")
-                    return
-                if header.kind == _REQUEST and header.version == _VERSION:
-                    # The common message: _on_header's branch and _step
-                    # inlined (two Python frames less per request).
-                    coro = self._on_request(session, header, frames)
-                    done, yielded = _kstep(coro)
-                    if not done:
-                        self._park(session, coro, yielded)
-                else:
-                    self._on_header(session, header, frames)
-            except BaseException as exc:  # noqa: B036 - ends the reader, as it did
-                self._stop_reading(session, exc)
-            finally:
-                _leave_task(loop, reader)
+        # The callback is C (kelpie._kelpie._route_request, header.c): with
+        # the reader's task current while a message is handled (as when it
+        # awaited each one: a handler's eager step sees it), it sets
+        # session.last_recv, decodes the header and steps the common
+        # message, a REQUEST of our version, itself (_on_request; _park if
+        # it waits); any other goes to _on_header; anything raised to
+        # _stop_reading, which ends the reader, as it did.
+        on_message = functools.partial(_route_request, (
+            _enter_task, _leave_task, self._loop, reader, session, self._loop_time, _REQUEST,
+            _VERSION, self._on_request, self._park, self._on_header, _undecodable,
+            self._stop_reading), )
 
         session.on_message = on_message
         sock._on_message = on_message

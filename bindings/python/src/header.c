@@ -889,6 +889,128 @@ failed:
     return r2;
 }
 
+/* Calls `fn(a, b, c)` (c may be NULL: two arguments). */
+static PyObject *header_call3(PyObject *fn, PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *args[3] = {a, b, c};
+    return PyObject_Vectorcall(fn, args, c != NULL ? 3 : 2, NULL);
+}
+
+/* _route_request(route, frames): the worker's message callback
+ * (kelpie._session.Session._read_loop) in C. `route` is the tuple
+ * (enter, leave, loop, reader, session, clock, request_kind, version,
+ * on_request, park, on_header, on_garbage, stop): with enter(loop, reader)
+ * around it all (leave(loop, reader) after, whatever happened), it sets
+ * session.last_recv = clock(), decodes the header (an Exception there:
+ * on_garbage(), and the message is dropped), and for a REQUEST of our
+ * version steps on_request(session, header, frames) once, handing it to
+ * park(session, coro, yielded) if it waits; any other message goes to
+ * on_header(session, header, frames). Anything raised in between goes to
+ * stop(session, exc), as the Python callback's `except BaseException`. */
+static PyObject *header_route_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 13) {
+        PyErr_SetString(PyExc_TypeError, "_route_request(route: a 13-tuple, frames)");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *const *r = &PyTuple_GET_ITEM(args[0], 0);
+    PyObject *enter = r[0], *leave = r[1], *loop = r[2], *reader = r[3], *session = r[4];
+    PyObject *clock = r[5], *on_request = r[8], *park = r[9], *on_header = r[10];
+    PyObject *on_garbage = r[11], *stop = r[12], *frames = args[1];
+    long request_kind = PyLong_AsLong(r[6]);
+    long version = request_kind == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(r[7]);
+    if (version == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *out = header_call3(enter, loop, reader, NULL);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_DECREF(out);
+    PyObject *header = NULL, *coro = NULL;
+    PyObject *now = PyObject_CallNoArgs(clock);
+    if (now == NULL) {
+        goto failed;
+    }
+    int rc = PyObject_SetAttr(session, st->str_last_recv, now);
+    Py_DECREF(now);
+    if (rc < 0) {
+        goto failed;
+    }
+    PyObject *first = PySequence_GetItem(frames, 0);
+    header = first != NULL ? header_parse(module, first) : NULL;
+    Py_XDECREF(first);
+    if (header == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            goto failed;
+        }
+        PyErr_Clear();
+        out = PyObject_CallNoArgs(on_garbage);
+    } else {
+        header_object *h = (header_object *)header;
+        if ((int32_t)(uint32_t)h->scalars[1] == request_kind &&
+            (long)(uint32_t)h->scalars[0] == version) {
+            coro = header_call3(on_request, session, header, frames);
+            if (coro == NULL) {
+                goto failed;
+            }
+            PyObject *yielded = NULL;
+            PySendResult sent = PyIter_Send(coro, Py_None, &yielded);
+            if (sent == PYGEN_ERROR) {
+                goto failed;
+            }
+            if (sent == PYGEN_NEXT) {
+                out = header_call3(park, session, coro, yielded);
+            } else {
+                out = Py_NewRef(Py_None);
+            }
+            Py_DECREF(yielded);
+        } else {
+            out = header_call3(on_header, session, header, frames);
+        }
+    }
+    if (out == NULL) {
+        goto failed;
+    }
+    Py_DECREF(out);
+    goto done;
+failed : {
+    /* except BaseException as exc: stop(session, exc) */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL && exc != NULL) {
+        PyException_SetTraceback(exc, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    out = exc != NULL ? header_call3(stop, session, exc, NULL) : NULL;
+    Py_XDECREF(exc);
+    Py_XDECREF(out);
+}
+done : {
+    /* finally: leave(loop, reader), keeping an exception stop() raised */
+    Py_XDECREF(header);
+    Py_XDECREF(coro);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    out = header_call3(leave, loop, reader, NULL);
+    if (out == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return NULL;
+    }
+    Py_DECREF(out);
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+}
+
 static PyGetSetDef header_getset[] = {
     {"version", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT32, 0)},
     {"kind", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_INT32, 1)},
@@ -938,6 +1060,9 @@ static PyMethodDef header_module_methods[] = {
     {"_route_reply", (PyCFunction)(void (*)(void))header_route_reply, METH_FASTCALL,
      "_route_reply(pending, watch, clock, kinds, on_header, on_failure, frames): the async "
      "client's message callback with a unary call's answer resolved in C (see header.c)."},
+    {"_route_request", (PyCFunction)(void (*)(void))header_route_request, METH_FASTCALL,
+     "_route_request(route, frames): the worker's message callback, a REQUEST started in C "
+     "(see header.c)."},
     {NULL, NULL, 0, NULL},
 };
 
