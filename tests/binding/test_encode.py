@@ -216,3 +216,28 @@ def test_route_reply_hands_the_rest_on():
         assert not fut.done()
     finally:
         loop.close()
+
+
+def test_plain_reply_matches_python():
+    """_plain_reply (the worker's common REPLY header, C) against the Python
+    it stands for in kelpie._runners, at every varint length, and None
+    exactly where Python's size check (kelpie._wire.oversize) refuses or the
+    answer is not bytes."""
+    from kelpie import _runners
+    prefix, suffix = _runners._PLAIN_REPLY, _runners._PLAIN_REPLY_FLAGS
+    for rid in [0, 1, 127, 128, 2**21, 2**56 - 1, 2**56 + 5, 2**64 - 1]:
+        want = prefix + _wire.varint(rid) + suffix
+        assert parse(want) == parse(_wire.reply(rid, None, _runners._ACCEPT))
+        for body in (b"", b"x" * 100):
+            assert _kelpie._plain_reply(prefix, rid, suffix, body, 1 << 20) == want
+            fit = len(want) + len(body)
+            assert _kelpie._plain_reply(prefix, rid, suffix, body, fit) == want
+            assert _wire.oversize("reply", want, body, fit) is None
+            assert _kelpie._plain_reply(prefix, rid, suffix, body, fit - 1) is None
+            assert _wire.oversize("reply", want, body, fit - 1) is not None
+    for rid, body, limit in ((2**64, b"x", 1000), (-1, b"x", 1000), (1, bytearray(b"x"), 1000),
+                             (1, memoryview(b"x"), 1000), (1, "x", 1000), (1, b"x", -1),
+                             (1, b"x", 2**64), (1.0, b"x", 1000)):
+        assert _kelpie._plain_reply(prefix, rid, suffix, body, limit) is None, (rid, body, limit)
+    with pytest.raises(TypeError):
+        _kelpie._plain_reply("p", 1, suffix, b"x", 10)

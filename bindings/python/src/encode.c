@@ -309,6 +309,44 @@ done:
     return result;
 }
 
+/* _plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None:
+ * prefix + varint(request_id) + suffix, the worker's common REPLY header
+ * (kelpie._runners: _wire.reply(rid, None, flags) with its cached parts),
+ * when `body` is bytes and header + body fit in `limit` bytes; None where
+ * the Python path must build and check it (a body that is not bytes, an
+ * answer over the limit, an id or limit it does not take). */
+static PyObject *encode_plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_plain_reply(prefix: bytes, request_id, suffix: bytes, body, limit)");
+        return NULL;
+    }
+    PyObject *body = args[3];
+    uint64_t rid, limit;
+    if (!PyBytes_CheckExact(body) || encode_u64(args[1], &rid) < 0 ||
+        encode_u64(args[4], &limit) < 0) {
+        Py_RETURN_NONE;
+    }
+    unsigned char v[10];
+    size_t vn = encode_varint(v, rid);
+    Py_ssize_t plen = PyBytes_GET_SIZE(args[0]), slen = PyBytes_GET_SIZE(args[2]);
+    uint64_t n = (uint64_t)plen + vn + (uint64_t)slen;
+    if (n + (uint64_t)PyBytes_GET_SIZE(body) > limit) {
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *p = PyBytes_AS_STRING(out);
+    memcpy(p, PyBytes_AS_STRING(args[0]), (size_t)plen);
+    memcpy(p + plen, v, vn);
+    memcpy(p + plen + vn, PyBytes_AS_STRING(args[2]), (size_t)slen);
+    return out;
+}
+
 /* varint(n) -> bytes: kelpie._wire.varint, the protobuf varint of an int
  * n >= 0 (ValueError below 0, as bytes((n,)) raises there). Beyond 64 bits,
  * 7 bits at a time with Python ints: nothing sends such numbers, but the
@@ -378,6 +416,9 @@ static PyMethodDef encode_module_methods[] = {
      "_request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None: "
      "kelpie._wire.request_new_trace's header from its cached prefix and a 192-bit draw; "
      "None where the Python path must be taken."},
+    {"_plain_reply", (PyCFunction)(void (*)(void))encode_plain_reply, METH_FASTCALL,
+     "_plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None: the worker's "
+     "common REPLY header when the answer fits the limit; None where Python must build it."},
     {"_new_call", (PyCFunction)(void (*)(void))encode_new_call, METH_FASTCALL,
      "_new_call(conn, prefixes, service, method, flags, payload, timeout, draw) -> "
      "(request_id, header) | None: kelpie._core.Conn.request_new_trace of the common call in "
