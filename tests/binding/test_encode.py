@@ -241,3 +241,21 @@ def test_plain_reply_matches_python():
         assert _kelpie._plain_reply(prefix, rid, suffix, body, limit) is None, (rid, body, limit)
     with pytest.raises(TypeError):
         _kelpie._plain_reply("p", 1, suffix, b"x", 10)
+
+
+def test_plain_answer():
+    """_plain_answer (C) is frames[1] exactly where Client.call's former
+    Python test (kind REPLY, two parts, not COMPRESSED) held, else None."""
+    reply = _wire.parse(_wire.reply(5, None, 0))
+    args = (_wire.REPLY, _wire.COMPRESSED)
+    body = b"body"
+    assert _kelpie._plain_answer(reply, [b"h", body], *args) is body
+    for header, frames in (
+            (reply, [b"h"]), (reply, [b"h", body, b"more"]), (reply, (b"h", body)),
+            (_wire.parse(_wire.reply(5, None, _wire.COMPRESSED)), [b"h", body]),
+            (_wire.parse(_wire.error(5, 13, "x")), [b"h", body]),
+            (_wire.parse_full(_wire.reply(5, None, 0)), [b"h", body])):
+        assert _kelpie._plain_answer(header, frames, *args) is None
+    # Every flag but COMPRESSED leaves it plain, as the Python test did.
+    flagged = _wire.parse(_wire.reply(5, None, 0xFFFFFFFF & ~_wire.COMPRESSED))
+    assert _kelpie._plain_answer(flagged, [b"h", body], *args) is body

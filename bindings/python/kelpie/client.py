@@ -66,6 +66,7 @@ _unary_result = _core.unary_result
 _call_timeout = _core.call_timeout
 _new_call = _wire._kelpie._new_call
 _route_reply = _wire._kelpie._route_reply
+_plain_answer = _wire._kelpie._plain_answer
 _prefixes = _wire._request_prefixes
 _slot_add = _deadlines.slot_add
 _slot_remove = _deadlines.slot_remove
@@ -351,9 +352,12 @@ class Client(ClientJobs):
                 _slot_remove(self._deadlines._slots, rid, slot)  # Deadlines.remove
         if zip_.setting or compression:
             zip_.learn(service, header)
-        elif header.kind == _REPLY and not with_metadata and len(frames) == 2 \
-                and not header.flags & _COMPRESSED:
-            return frames[1]  # the common answer, without _unary_result's cases
+        elif not with_metadata:
+            # The common answer (a REPLY of two parts, not compressed), read
+            # in C; None: _unary_result's cases.
+            data = _plain_answer(header, frames, _REPLY, _COMPRESSED)
+            if data is not None:
+                return data
         return _unary_result(header, frames, with_metadata)
 
     async def _call_restartable(self, service, method, payload, timeout, metadata,

@@ -889,6 +889,36 @@ failed:
     return r2;
 }
 
+/* _plain_answer(header, frames, reply_kind, compressed_flag) -> bytes | None:
+ * frames[1] when `header` is a ParsedHeader of kind `reply_kind` without
+ * `compressed_flag` and `frames` has two parts (the async client's common
+ * answer, kelpie.client.Client.call), read from the header's struct; None
+ * for anything else, which kelpie._core.unary_result judges. */
+static PyObject *header_plain_answer(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_plain_answer(header, frames, reply_kind, compressed_flag)");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *header = args[0], *frames = args[1];
+    long kind = PyLong_AsLong(args[2]);
+    long flag = kind == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(args[3]);
+    if (flag == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(header, st->header_type) || !PyList_CheckExact(frames) ||
+        PyList_GET_SIZE(frames) != 2) {
+        Py_RETURN_NONE;
+    }
+    header_object *h = (header_object *)header;
+    if ((int32_t)(uint32_t)h->scalars[1] != kind || ((uint32_t)h->scalars[6] & (uint32_t)flag)) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(PyList_GET_ITEM(frames, 1));
+}
+
 /* Calls `fn(a, b, c)` (c may be NULL: two arguments). */
 static PyObject *header_call3(PyObject *fn, PyObject *a, PyObject *b, PyObject *c)
 {
@@ -1060,6 +1090,9 @@ static PyMethodDef header_module_methods[] = {
     {"_route_reply", (PyCFunction)(void (*)(void))header_route_reply, METH_FASTCALL,
      "_route_reply(pending, watch, clock, kinds, on_header, on_failure, frames): the async "
      "client's message callback with a unary call's answer resolved in C (see header.c)."},
+    {"_plain_answer", (PyCFunction)(void (*)(void))header_plain_answer, METH_FASTCALL,
+     "_plain_answer(header, frames, reply_kind, compressed_flag) -> bytes | None: a plain "
+     "REPLY's payload (see header.c)."},
     {"_route_request", (PyCFunction)(void (*)(void))header_route_request, METH_FASTCALL,
      "_route_request(route, frames): the worker's message callback, a REQUEST started in C "
      "(see header.c)."},
