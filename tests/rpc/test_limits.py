@@ -254,11 +254,14 @@ def test_client_that_never_reads_cannot_take_the_brokers_memory(tmp_path, procs,
                         break
                     await asyncio.sleep(0.01)
                 # The refusals of the last 100 are counted as the broker reads
-                # them, which a loaded machine may take past the second above.
+                # them, which a loaded machine may take past the second above;
+                # there the flooder may even send them after the 25 s above
+                # (seen at load ~6 with callgrind runs beside: not_reading 0),
+                # so wait for them too, as long as the flooder has not given up.
                 stats = await client.stats()
                 until = time.monotonic() + 15
                 while stats.get("not_reading", 0) < 100 and time.monotonic() < until \
-                        and extra_sent.is_set():
+                        and not (extra_sent.is_set() and not over_budget.is_set()):
                     await asyncio.sleep(0.1)
                     stats = await client.stats()
                 return served, worst_ping, stats

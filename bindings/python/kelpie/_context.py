@@ -12,7 +12,7 @@ import contextvars
 import time
 from typing import Dict, Mapping, Optional, Union
 
-from . import _trace, _wire
+from . import _kelpie, _trace, _wire
 
 __all__ = ["CallContext", "current_call"]
 
@@ -25,6 +25,8 @@ current_call = contextvars.ContextVar("kelpie_current_call", default=None)
 # traceparent and ids for outgoing calls and log lines (not its deadline).
 current_job = contextvars.ContextVar("kelpie_current_job", default=None)
 
+_kelpie._call_state_init(_wire.DEFAULT_WINDOW, _wire.IDEMPOTENT, _wire.ACCEPTS_COMPRESSED)
+
 # Why a call's task was cancelled, so its answer carries the right code.
 _BY_CLIENT = 1
 _BY_DEADLINE = 2
@@ -32,7 +34,7 @@ _BY_SHUTDOWN = 3
 _BY_SESSION_END = 4
 
 
-class CallContext:
+class CallContext(_kelpie._CallState):
     """What a handler knows about its call, and what it can add to the answer.
 
     ``service``, ``method``, ``request_id`` (the broker's dispatch id),
@@ -42,40 +44,22 @@ class CallContext:
     (a ``def`` handler polls them to stop early).
     """
 
-    __slots__ = ("service", "method", "request_id", "_md", "_metadata", "deadline", "idempotent",
-                 "_worker", "_session", "_task", "_timer", "_reason", "_trailing", "_window",
-                 "_credit_waiter", "_mono_deadline", "_in_thread", "_orphan", "_withheld",
-                 "_input", "_zip", "_tp")
-
-    def __init__(self, worker, session, header):
-        self._worker = worker
-        self._session = session
-        self.service = header.service
-        self.method = header.method
-        self.request_id = header.request_id
-        # The header, whose metadata is made a dict only if the handler
-        # looks: most do not, and building it is ~1.6k instructions of every
-        # call (the client sends a traceparent with each).
-        self._md = header
-        self._metadata = None
-        self.idempotent = bool(header.flags & _wire.IDEMPOTENT)
-        self.deadline = None
-        self._mono_deadline = None
-        self._in_thread = False
-        self._task = None
-        self._timer = None
-        self._reason = 0
-        self._trailing = None
-        self._window = header.credits or _wire.DEFAULT_WINDOW
-        self._credit_waiter = None
-        self._orphan = False    # its registration is gone: its answer is dropped
-        self._withheld = False  # its slot was left out of a READY: CREDIT it back
-        self._input = None  # a client-streamed call's request stream (kelpie._input)
-        self._tp = None  # its own traceparent, made on first use
-        # Answers may be compressed: this worker compresses and the caller
-        # reads zstd (kelpie._compression).
-        self._zip = worker._compression is not None and bool(
-            header.flags & _wire.ACCEPTS_COMPRESSED)
+    # The slots and __init__ are _kelpie._CallState's (bindings/python/src/
+    # callstate.c), filled in C from the request's header, one per request:
+    # service, method, request_id (header's); _md (the header, whose
+    # metadata is made a dict only if the handler looks: most do not, and
+    # building it is ~1.6k instructions of every call, as the client sends a
+    # traceparent with each); _metadata None; idempotent (the header's
+    # IDEMPOTENT flag); deadline and _mono_deadline None; _worker, _session;
+    # _in_thread False; _task, _timer None; _reason 0; _trailing None;
+    # _window (the header's credits or DEFAULT_WINDOW); _credit_waiter None;
+    # _orphan False (its registration is gone: its answer is dropped);
+    # _withheld False (its slot was left out of a READY: CREDIT it back);
+    # _input None (a client-streamed call's request stream, kelpie._input);
+    # _tp None (its own traceparent, made on first use); _zip (answers may be
+    # compressed: this worker compresses and the caller reads zstd,
+    # kelpie._compression). tests/binding/test_callstate.py pins them.
+    __slots__ = ()
 
     @property
     def metadata(self) -> Dict[str, bytes]:

@@ -63,13 +63,7 @@ class Conn:
         header = _wire.request(service, method, rid,
                                0 if timeout is None else max(1, int(timeout * 1000.0 + 0.5)),
                                flags, window, metadata)
-        if payload.__class__ is bytes and \
-                len(header) + len(payload) <= self.max_message_size:
-            return rid, header
-        too_big = _oversize("request", header, payload, self.max_message_size)
-        if too_big is not None:
-            raise ResourceExhausted(too_big)
-        return rid, header
+        return self.sized(rid, header, payload)
 
     def request_new_trace(self, service, method, payload, timeout, flags):
         """``request`` of a unary call whose metadata is only a new trace
@@ -83,6 +77,12 @@ class Conn:
             _prefixes.get((service, method, flags, 0)) or
             _wire._request_prefix(service, method, flags, 0), rid, timeout_ms, _trace_bits(192)) \
             or _wire.request_new_trace(service, method, rid, timeout_ms, flags)
+        return self.sized(rid, header, payload)
+
+    def sized(self, rid, header, payload):
+        """``(rid, header)`` if the REQUEST fits the broker's size limit;
+        else :class:`kelpie.ResourceExhausted` (libzmq would drop the whole
+        connection for a frame over it)."""
         if payload.__class__ is bytes and \
                 len(header) + len(payload) <= self.max_message_size:
             return rid, header
@@ -106,17 +106,22 @@ class Conn:
         return self.watch.on_heartbeat(header, self.next_id)
 
 
+def call_timeout(timeout, default):
+    """A call's own timeout, else the client's ``default``; None for
+    :data:`kelpie.NO_DEADLINE` (the call may wait forever)."""
+    if timeout is None:
+        timeout = default
+    return None if timeout == NO_DEADLINE else timeout
+
+
 def options(client, timeout, metadata):
     """A call's ``(timeout, metadata)``: the client's where the call sets
     none; ``timeout`` None when the call may wait forever. A call made by a
     handler (kelpie._context.current_call) gets no more than the handler's
     remaining deadline; none at all left raises DeadlineExceeded."""
-    if timeout is None:
-        timeout = client.timeout
+    timeout = call_timeout(timeout, client.timeout)
     if metadata is None:
         metadata = client.metadata
-    if timeout == NO_DEADLINE:
-        timeout = None
     parent = _current_call.get()
     if parent is None:
         parent = _current_job.get()

@@ -20,9 +20,16 @@ import time
 from heapq import heappop, heappush
 from typing import Callable, Dict, Hashable, List, Optional, Set
 
-__all__ = ["Deadlines", "GRAIN", "loop_clock", "future_maker"]
+from . import _kelpie
+
+__all__ = ["Deadlines", "GRAIN", "loop_clock", "future_maker", "slot_add", "slot_remove"]
 
 GRAIN = 0.005  # seconds: the lateness a deadline may have (the broker's own tick is 10 ms)
+# Deadlines.add when the slot exists (None otherwise: nothing done) and
+# Deadlines.remove, in C (bindings/python/src/slots.c): the client's call
+# runs them itself, with no Python frame; Deadlines keeps the rest.
+slot_add = _kelpie._deadline_add
+slot_remove = _kelpie._deadline_remove
 # uvloop truncates a timer's delay to whole milliseconds, so its timer can
 # run up to 1 ms before the time asked; a slot that close is due, rather
 # than re-armed with a zero delay and spun on until the clock gets there.
@@ -63,6 +70,10 @@ class Deadlines:
         self._armed: Optional[int] = None  # the slot the timer is set for
 
     def add(self, key: Hashable, when: float) -> int:
+        # The common step (the slot exists) in C; the client calls it itself.
+        slot = slot_add(self._slots, key, when, GRAIN)
+        if slot is not None:
+            return slot
         slot = -int(-when // GRAIN)
         keys = self._slots.get(slot)
         if keys is None:
@@ -74,6 +85,10 @@ class Deadlines:
         return slot
 
     def remove(self, key: Hashable, slot: int) -> None:
+        slot_remove(self._slots, key, slot)
+
+    def remove_py(self, key: Hashable, slot: int) -> None:
+        """What ``remove`` does in C (tests compare the two)."""
         keys = self._slots.get(slot)
         if keys is not None:
             keys.discard(key)

@@ -277,3 +277,14 @@ XPUB_NODROP: Final[int]
 XPUB_VERBOSE: Final[int]
 XSUB: Final[int]
 ZAP_DOMAIN: Final[int]
+
+class _CallState:
+    """The slots of kelpie.CallContext, filled in C from a request's header
+    (bindings/python/src/callstate.c); CallContext subclasses it."""
+
+    service: str
+    method: str
+    request_id: int
+    deadline: float | None
+    idempotent: bool
+    def __new__(cls, worker: Any, session: Any, header: Any, /) -> Self: ...

@@ -42,6 +42,7 @@ _ACCEPT = _compression.ACCEPT_FLAG
 _PLAIN_REPLY = _wire._REPLY
 _PLAIN_REPLY_FLAGS = _wire.flags_field(_ACCEPT)
 _varint = _wire.varint
+_plain_reply = _kelpie._plain_reply
 _maybe_compress = _compression.maybe_compress
 # Chunks a pool process's streaming handler may produce ahead of those sent
 # on to the caller (each sent one lets it make one more).
@@ -299,7 +300,14 @@ class Runners:
             header = _wire.reply(rid, trailing, _ACCEPT | z)
         elif trailing is None:
             # _wire.reply(rid, None, _ACCEPT), the common answer, without
-            # the call and its flag and metadata checks.
+            # the call and its flag and metadata checks: in C with the size
+            # check below when the answer is bytes and fits (encode.c).
+            header = _plain_reply(_PLAIN_REPLY, rid, _PLAIN_REPLY_FLAGS, body,
+                                  self._max_message_size)
+            if header is not None:
+                self.served += 1
+                await session.sock.send_multipart((header, body))  # as below
+                return
             header = _PLAIN_REPLY + _varint(rid) + _PLAIN_REPLY_FLAGS
         else:
             header = _wire.reply(rid, trailing, _ACCEPT)

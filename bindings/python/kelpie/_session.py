@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import types
@@ -40,7 +41,9 @@ _ACK = _wire.ACK
 _CHUNK = _wire.CHUNK
 _END = _wire.END
 _parse = _wire.parse
-_step = _kelpie.step
+_kstep = _kelpie.step
+_route_request = _kelpie._route_request
+_VERSION = _wire.VERSION
 _enter_task = asyncio.tasks._enter_task
 _leave_task = asyncio.tasks._leave_task
 
@@ -81,6 +84,10 @@ def _resume(coro, yielded):
                 yielded = coro.send(sent)
             except StopIteration as stop:
                 return stop.value
+
+
+def _undecodable():
+    log.warning("undecodable header from the broker; dropped")
 
 
 class Session:
@@ -391,16 +398,17 @@ class Session:
         session.read_end = end = self._loop.create_future()
         reader = asyncio.current_task()
 
-        def on_message(frames):
-            # The reader's task is current while a message is handled, as
-            # when it awaited each one: a handler's eager step sees it.
-            _enter_task(self._loop, reader)
-            try:
-                self._on_message(session, frames)
-            except BaseException as exc:  # noqa: B036 - ends the reader, as it did
-                self._stop_reading(session, exc)
-            finally:
-                _leave_task(self._loop, reader)
+        # The callback is C (kelpie._kelpie._route_request, header.c): with
+        # the reader's task current while a message is handled (as when it
+        # awaited each one: a handler's eager step sees it), it sets
+        # session.last_recv, decodes the header and steps the common
+        # message, a REQUEST of our version, itself (_on_request; _park if
+        # it waits); any other goes to _on_header; anything raised to
+        # _stop_reading, which ends the reader, as it did.
+        on_message = functools.partial(_route_request, (
+            _enter_task, _leave_task, self._loop, reader, session, self._loop_time, _REQUEST,
+            _VERSION, self._on_request, self._park, self._on_header, _undecodable,
+            self._stop_reading), )
 
         session.on_message = on_message
         sock._on_message = on_message
@@ -428,9 +436,13 @@ class Session:
         """Run ``coro`` (a routing step) here; if it has to wait, the
         session reads nothing more until it is done (the reader awaited
         each step), and it goes on in a task."""
-        done, yielded = _step(coro)
-        if done:
-            return
+        done, yielded = _kstep(coro)
+        if not done:
+            self._park(session, coro, yielded)
+
+    def _park(self, session, coro, yielded):
+        """A routing step had to wait: it goes on in a task, and the session
+        reads nothing more until it is done."""
         session.sock._on_message = None
         session.step = self._loop.create_task(self._finish_step(session, coro, yielded))
 
@@ -447,14 +459,10 @@ class Session:
         if session.on_message is not None and not session.sock.closed:
             session.sock._on_message = session.on_message
 
-    def _on_message(self, session, frames):
+    def _on_header(self, session, header, frames):
+        """One message from the broker, its header decoded (the reader's
+        on_message takes a REQUEST of our protocol version itself)."""
         calls = session.calls
-        session.last_recv = self._loop_time()
-        try:
-            header = _parse(frames[0])
-        except Exception:
-            log.warning("undecodable header from the broker; dropped")
-            return
         kind = header.kind
         if kind == _REQUEST:
             if header.version != _wire.VERSION:

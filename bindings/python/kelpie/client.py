@@ -36,6 +36,7 @@ because the entry is already gone.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from typing import Any, Mapping, Optional, Union
 
@@ -62,6 +63,17 @@ _ERROR = _wire.ERROR
 _ACCEPTED = _wire.ACCEPTED
 _ACK = _wire.ACK
 _unary_result = _core.unary_result
+_call_timeout = _core.call_timeout
+_new_call = _wire._kelpie._new_call
+_route_reply = _wire._kelpie._route_reply
+_plain_answer = _wire._kelpie._plain_answer
+_prefixes = _wire._request_prefixes
+_slot_add = _deadlines.slot_add
+_slot_remove = _deadlines.slot_remove
+_GRAIN = _deadlines.GRAIN
+# The answers _route_reply resolves in C when they are a unary call's
+# (a Future's); any other kind of message takes on_header (_reader).
+_ROUTED = (1 << _REPLY) | (1 << _ACCEPTED) | (1 << _ACK)
 _ACCEPT = _compression.ACCEPT_FLAG
 
 
@@ -272,10 +284,7 @@ class Client(ClientJobs):
             # Most calls: one attempt, sent from outside any handler or job
             # with no metadata. _core.options' result, with the new trace
             # left to the header's encoder (_wire.request_new_trace).
-            if timeout is None:
-                timeout = self.timeout
-            if timeout == NO_DEADLINE:
-                timeout = None
+            timeout = _call_timeout(timeout, self.timeout)
             new_trace = True
         elif _stage < 3:
             timeout, metadata = _core.options(self, timeout, metadata)
@@ -297,8 +306,7 @@ class Client(ClientJobs):
         clock = self._clock
         now = clock()
         watch = self._watch
-        heartbeat = watch.heartbeat
-        if heartbeat and now - watch.last_ping >= heartbeat:  # watch.stale(now)
+        if watch.stale(now):
             await self._ping(now)
             now = clock()
         flags = _ACCEPT | (1 if idempotent else 0)
@@ -307,14 +315,23 @@ class Client(ClientJobs):
             payload, z = zip_.request(service, payload, compression)
             flags |= z
         if new_trace:
-            rid, header = self._conn.request_new_trace(service, method, payload, timeout, flags)
+            # In C (encode.c); None where Conn.request_new_trace, which it
+            # matches, must run (no cached prefix, oversize, odd numbers).
+            r = _new_call(self._conn, _prefixes, service, method, flags, payload, timeout,
+                          _core._trace_bits)
+            if r is None:
+                r = self._conn.request_new_trace(service, method, payload, timeout, flags)
+            rid, header = r
         else:
             rid, header = self._conn.request(service, method, payload, timeout, flags, 0,
                                              metadata)
         fut = self._new_future()
         slot = None
         if timeout is not None:
-            slot = self._deadlines.add(rid, now + timeout)
+            # Deadlines.add's common step in C (kelpie._deadlines).
+            slot = _slot_add(self._deadlines._slots, rid, now + timeout, _GRAIN)
+            if slot is None:
+                slot = self._deadlines.add(rid, now + timeout)
         self._pending[rid] = fut
         sent = False
         try:
@@ -332,12 +349,15 @@ class Client(ClientJobs):
             raise
         finally:
             if slot is not None:
-                self._deadlines.remove(rid, slot)
+                _slot_remove(self._deadlines._slots, rid, slot)  # Deadlines.remove
         if zip_.setting or compression:
             zip_.learn(service, header)
-        elif header.kind == _REPLY and not with_metadata and len(frames) == 2 \
-                and not header.flags & _COMPRESSED:
-            return frames[1]  # the common answer, without _unary_result's cases
+        elif not with_metadata:
+            # The common answer (a REPLY of two parts, not compressed), read
+            # in C; None: _unary_result's cases.
+            data = _plain_answer(header, frames, _REPLY, _COMPRESSED)
+            if data is not None:
+                return data
         return _unary_result(header, frames, with_metadata)
 
     async def _call_restartable(self, service, method, payload, timeout, metadata,
@@ -587,23 +607,17 @@ class Client(ClientJobs):
 
     def _reader(self):
         """The socket's message callback: routes one message from the broker
-        (what the reader task's loop body was), with what it uses every time
-        bound once."""
+        (what the reader task's loop body was). A unary call's answer
+        (REPLY, ACCEPTED, ACK to an asyncio.Future) is resolved in C by
+        ``_kelpie._route_reply``, with no Python frame; every other message
+        comes to ``on_header`` below, already decoded."""
         # The one table of the client's life (see __init__): never stale.
         pending = self._pending
         get = pending.get
-        clock = self._clock
-        watch = self._watch
         conn = self._conn
-        parse = _parse
 
-        def on_message(frames):
+        def on_header(header, frames):
             try:
-                watch.last_recv = clock()
-                try:
-                    header = parse(frames[0])
-                except Exception:
-                    return  # garbage from the peer: nothing to route it to
                 rid = header.request_id
                 entry = get(rid)
                 if entry is None:
@@ -639,14 +653,18 @@ class Client(ClientJobs):
                 # Anything else for a unary call (a CHUNK...) is a protocol
                 # violation by the worker; the call still ends with its terminal.
             except Exception as exc:
-                # A bug: stop reading (as a failed reader task did), since
-                # nothing will ever answer the outstanding calls.
-                sock = self._sock
-                if sock is not None:
-                    sock._on_message = None
-                self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
+                failed(exc)
 
-        return on_message
+        def failed(exc):
+            # A bug: stop reading (as a failed reader task did), since
+            # nothing will ever answer the outstanding calls.
+            sock = self._sock
+            if sock is not None:
+                sock._on_message = None
+            self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
+
+        return functools.partial(_route_reply, pending, self._watch, self._clock, _ROUTED,
+                                 on_header, failed)
 
     def _fail_all(self, exc):
         pending = self._pending

@@ -19,6 +19,7 @@
  */
 #include "kp.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -39,12 +40,20 @@ static size_t encode_varint(unsigned char *out, uint64_t n)
     return i;
 }
 
-static void encode_hex(char *out, uint64_t n, int digits)
+/* The 16 lowercase hex digits of `n`, two per byte from one table. */
+static void encode_hex(char *out, uint64_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    for (int i = digits - 1; i >= 0; i--) {
-        out[i] = hex[n & 0xf];
-        n >>= 4;
+    static const char pairs[] = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+                                "202122232425262728292a2b2c2d2e2f303132333435363738393a3b3c3d3e3f"
+                                "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"
+                                "606162636465666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f"
+                                "808182838485868788898a8b8c8d8e8f909192939495969798999a9b9c9d9e9f"
+                                "a0a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebf"
+                                "c0c1c2c3c4c5c6c7c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedf"
+                                "e0e1e2e3e4e5e6e7e8e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff";
+    for (int i = 7; i >= 0; i--) {
+        memcpy(out + 2 * i, pairs + 2 * (n & 0xff), 2);
+        n >>= 8;
     }
 }
 
@@ -71,64 +80,44 @@ static int encode_words(PyObject *bits, uint64_t words[3])
     if (!PyLong_Check(bits)) {
         return 0;
     }
+    /* Two shifts, no more objects: the low word by mask, the top one by
+     * PyLong_AsUnsignedLongLong, which refuses a negative or wider value. */
     PyObject *shift = PyLong_FromLong(64);
     if (shift == NULL) {
         return -1;
     }
-    PyObject *cur = Py_NewRef(bits);
-    int rc = 1;
-    for (int i = 2; i >= -1 && rc == 1; i--) {
-        if (i >= 0) {
-            words[i] = (uint64_t)PyLong_AsUnsignedLongLongMask(cur);
-            if (words[i] == (uint64_t)-1 && PyErr_Occurred()) {
-                rc = -1;
-                break;
+    words[2] = (uint64_t)PyLong_AsUnsignedLongLongMask(bits);
+    PyObject *mid =
+        words[2] == (uint64_t)-1 && PyErr_Occurred() ? NULL : PyNumber_Rshift(bits, shift);
+    PyObject *top = mid != NULL ? PyNumber_Rshift(mid, shift) : NULL;
+    Py_DECREF(shift);
+    int rc = -1;
+    if (top != NULL) {
+        words[1] = (uint64_t)PyLong_AsUnsignedLongLongMask(mid);
+        if (!(words[1] == (uint64_t)-1 && PyErr_Occurred())) {
+            unsigned long long high = PyLong_AsUnsignedLongLong(top);
+            if (high == (unsigned long long)-1 && PyErr_Occurred()) {
+                /* Negative or over 192 bits: not a draw this encodes. */
+                rc = PyErr_ExceptionMatches(PyExc_OverflowError) ? 0 : -1;
+                if (rc == 0) {
+                    PyErr_Clear();
+                }
+            } else {
+                words[0] = (uint64_t)high;
+                rc = 1;
             }
-            Py_SETREF(cur, PyNumber_Rshift(cur, shift));
-            if (cur == NULL) {
-                rc = -1;
-            }
-        } else {
-            /* What is left above bit 192: 0 for a draw of 192 bits (a
-             * negative int shifts to -1). */
-            int zero = PyObject_Not(cur);
-            rc = zero < 0 ? -1 : zero;
         }
     }
-    Py_XDECREF(cur);
-    Py_DECREF(shift);
+    Py_XDECREF(mid);
+    Py_XDECREF(top);
     return rc;
 }
 
-/* _request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None */
-static PyObject *encode_request_new_trace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The header of `prefix` + request_id + timeout_ms + a traceparent of the
+ * three words, or NULL (error set). */
+static PyObject *encode_header(PyObject *prefix, uint64_t rid, uint64_t timeout_ms,
+                               const uint64_t words[3])
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "_request_new_trace() takes 4 arguments");
-        return NULL;
-    }
-    PyObject *prefix = args[0];
-    if (!PyBytes_Check(prefix)) {
-        PyErr_SetString(PyExc_TypeError, "_request_new_trace(): prefix must be bytes");
-        return NULL;
-    }
-    uint64_t rid, timeout_ms;
-    if (encode_u64(args[1], &rid) < 0 || encode_u64(args[2], &timeout_ms) < 0) {
-        Py_RETURN_NONE;
-    }
-    uint64_t words[3];
-    int ok = encode_words(args[3], words);
-    if (ok <= 0) {
-        if (ok < 0) {
-            return NULL;
-        }
-        Py_RETURN_NONE;
-    }
-    /* Only the low 192 bits are drawn; a zero trace or span id is invalid
-     * (the Python path draws again). */
-    if ((words[0] == 0 && words[1] == 0) || words[2] == 0) {
-        Py_RETURN_NONE;
-    }
     unsigned char ints[1 + 10 + 1 + 10];
     size_t n = 0;
     ints[n++] = 0x18; /* field 3, request_id */
@@ -152,11 +141,209 @@ static PyObject *encode_request_new_trace(PyObject *module, PyObject *const *arg
     p += ENCODE_ENTRY_LEN;
     /* 00-<trace id: 32 hex>-<span id: 16 hex>-01 */
     memcpy(p, "00-", 3);
-    encode_hex(p + 3, words[0], 16);
-    encode_hex(p + 19, words[1], 16);
+    encode_hex(p + 3, words[0]);
+    encode_hex(p + 19, words[1]);
     p[35] = '-';
-    encode_hex(p + 36, words[2], 16);
+    encode_hex(p + 36, words[2]);
     memcpy(p + 52, "-01", 3);
+    return out;
+}
+
+/* 1 if `bits` is a valid draw (words filled), 0 if the Python path must draw
+ * again (not an int, over 192 bits, a zero trace or span id), -1 on error. */
+static int encode_draw(PyObject *bits, uint64_t words[3])
+{
+    int ok = encode_words(bits, words);
+    if (ok <= 0) {
+        return ok;
+    }
+    /* Only the low 192 bits are drawn; a zero trace or span id is invalid
+     * (the Python path draws again). */
+    return !((words[0] == 0 && words[1] == 0) || words[2] == 0);
+}
+
+/* _request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None */
+static PyObject *encode_request_new_trace(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "_request_new_trace() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *prefix = args[0];
+    if (!PyBytes_Check(prefix)) {
+        PyErr_SetString(PyExc_TypeError, "_request_new_trace(): prefix must be bytes");
+        return NULL;
+    }
+    uint64_t rid, timeout_ms;
+    if (encode_u64(args[1], &rid) < 0 || encode_u64(args[2], &timeout_ms) < 0) {
+        Py_RETURN_NONE;
+    }
+    uint64_t words[3];
+    int ok = encode_draw(args[3], words);
+    if (ok <= 0) {
+        if (ok < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return encode_header(prefix, rid, timeout_ms, words);
+}
+
+/* kelpie._core.Conn.request's timeout_ms of `timeout` (seconds or None):
+ * 0 if None, else max(1, int(timeout * 1000.0 + 0.5)). -1 (no error set)
+ * for what the Python path must judge (not an int or float, not finite,
+ * beyond 64 bits). */
+static int encode_timeout_ms(PyObject *timeout, uint64_t *out)
+{
+    double d;
+    if (timeout == Py_None) {
+        *out = 0;
+        return 0;
+    }
+    if (PyFloat_CheckExact(timeout)) {
+        d = PyFloat_AS_DOUBLE(timeout);
+    } else if (PyLong_CheckExact(timeout)) {
+        d = PyLong_AsDouble(timeout);
+        if (d == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+    } else {
+        return -1;
+    }
+    d = d * 1000.0 + 0.5;
+    if (isnan(d) || isinf(d) || d >= 18446744073709551616.0) {
+        return -1; /* int() raises, or a number over 64 bits */
+    }
+    if (d < 1.0) {
+        *out = 1; /* int() of it is at most 0: max(1, ...) */
+        return 0;
+    }
+    *out = (uint64_t)d;
+    return 0;
+}
+
+/* _new_call(conn, prefixes, service, method, flags, payload, timeout, draw)
+ * -> (request_id, header) | None: Conn.request_new_trace of the common call
+ * in one C call, taking conn.next_id only when it returns the pair; None
+ * (nothing taken) where Conn.request_new_trace must run instead: no cached
+ * prefix, a payload that is not bytes or is over conn.max_message_size
+ * (it raises), a timeout or id it leaves to Python, an invalid draw. */
+static PyObject *encode_new_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "_new_call() takes 8 arguments");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *conn = args[0], *prefixes = args[1], *payload = args[5], *draw = args[7];
+    uint64_t timeout_ms;
+    if (!PyDict_CheckExact(prefixes) || !PyBytes_CheckExact(payload) ||
+        encode_timeout_ms(args[6], &timeout_ms) < 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL) {
+        return NULL;
+    }
+    PyObject *key = PyTuple_Pack(4, args[2], args[3], args[4], zero);
+    Py_DECREF(zero);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *prefix = PyDict_GetItemWithError(prefixes, key); /* borrowed */
+    Py_DECREF(key);
+    if (prefix == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (!PyBytes_Check(prefix)) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(prefix); /* the draw below runs Python code, which may change the dict */
+    PyObject *result = NULL, *header = NULL, *next = NULL;
+    PyObject *rid_obj = PyObject_GetAttr(conn, st->str_next_id);
+    PyObject *limit_obj = rid_obj ? PyObject_GetAttr(conn, st->str_max_message_size) : NULL;
+    if (limit_obj == NULL) {
+        goto done;
+    }
+    uint64_t rid, limit;
+    if (encode_u64(rid_obj, &rid) < 0 || rid == UINT64_MAX || encode_u64(limit_obj, &limit) < 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *n = PyLong_FromLong(192);
+    PyObject *bits = n ? PyObject_CallOneArg(draw, n) : NULL;
+    Py_XDECREF(n);
+    if (bits == NULL) {
+        goto done;
+    }
+    uint64_t words[3];
+    int ok = encode_draw(bits, words);
+    Py_DECREF(bits);
+    if (ok <= 0) {
+        result = ok < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    header = encode_header(prefix, rid, timeout_ms, words);
+    if (header == NULL) {
+        goto done;
+    }
+    if ((uint64_t)PyBytes_GET_SIZE(header) + (uint64_t)PyBytes_GET_SIZE(payload) > limit) {
+        result = Py_NewRef(Py_None); /* Conn.request_new_trace raises, with the sizes */
+        goto done;
+    }
+    next = PyLong_FromUnsignedLongLong(rid + 1);
+    if (next == NULL || PyObject_SetAttr(conn, st->str_next_id, next) < 0) {
+        goto done;
+    }
+    result = PyTuple_Pack(2, rid_obj, header);
+done:
+    Py_DECREF(prefix);
+    Py_XDECREF(rid_obj);
+    Py_XDECREF(limit_obj);
+    Py_XDECREF(header);
+    Py_XDECREF(next);
+    return result;
+}
+
+/* _plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None:
+ * prefix + varint(request_id) + suffix, the worker's common REPLY header
+ * (kelpie._runners: _wire.reply(rid, None, flags) with its cached parts),
+ * when `body` is bytes and header + body fit in `limit` bytes; None where
+ * the Python path must build and check it (a body that is not bytes, an
+ * answer over the limit, an id or limit it does not take). */
+static PyObject *encode_plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 5 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_plain_reply(prefix: bytes, request_id, suffix: bytes, body, limit)");
+        return NULL;
+    }
+    PyObject *body = args[3];
+    uint64_t rid, limit;
+    if (!PyBytes_CheckExact(body) || encode_u64(args[1], &rid) < 0 ||
+        encode_u64(args[4], &limit) < 0) {
+        Py_RETURN_NONE;
+    }
+    unsigned char v[10];
+    size_t vn = encode_varint(v, rid);
+    Py_ssize_t plen = PyBytes_GET_SIZE(args[0]), slen = PyBytes_GET_SIZE(args[2]);
+    uint64_t n = (uint64_t)plen + vn + (uint64_t)slen;
+    if (n + (uint64_t)PyBytes_GET_SIZE(body) > limit) {
+        Py_RETURN_NONE;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *p = PyBytes_AS_STRING(out);
+    memcpy(p, PyBytes_AS_STRING(args[0]), (size_t)plen);
+    memcpy(p + plen, v, vn);
+    memcpy(p + plen + vn, PyBytes_AS_STRING(args[2]), (size_t)slen);
     return out;
 }
 
@@ -229,6 +416,13 @@ static PyMethodDef encode_module_methods[] = {
      "_request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None: "
      "kelpie._wire.request_new_trace's header from its cached prefix and a 192-bit draw; "
      "None where the Python path must be taken."},
+    {"_plain_reply", (PyCFunction)(void (*)(void))encode_plain_reply, METH_FASTCALL,
+     "_plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None: the worker's "
+     "common REPLY header when the answer fits the limit; None where Python must build it."},
+    {"_new_call", (PyCFunction)(void (*)(void))encode_new_call, METH_FASTCALL,
+     "_new_call(conn, prefixes, service, method, flags, payload, timeout, draw) -> "
+     "(request_id, header) | None: kelpie._core.Conn.request_new_trace of the common call in "
+     "one call; None (no id taken) where that method must run instead."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -763,6 +763,284 @@ static PyObject *header_init(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
+int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObject **method,
+                          uint64_t *request_id, uint32_t *flags, uint32_t *credits)
+{
+    if (!Py_IS_TYPE(obj, st->header_type)) {
+        return 1;
+    }
+    header_object *h = (header_object *)obj;
+    *service = header_get_string(h, (void *)0);
+    *method = *service != NULL ? header_get_string(h, (void *)1) : NULL;
+    if (*method == NULL) {
+        Py_CLEAR(*service);
+        return -1;
+    }
+    *request_id = h->scalars[2];
+    *flags = (uint32_t)h->scalars[6];
+    *credits = (uint32_t)h->scalars[5];
+    return 0;
+}
+
+/* _route_reply(pending, watch, clock, kinds, on_header, on_failure, frames):
+ * the async client's message callback (kelpie.client.Client._reader) with
+ * its common case in C. Sets watch.last_recv = clock(), decodes the header
+ * (garbage is dropped, as an Exception of _parse_header), and if the
+ * header's kind is in the bit mask `kinds` and pending[request_id] is an
+ * asyncio.Future (a unary call's), removes it and sets its result to
+ * (header, frames) unless it is done. Anything else goes to
+ * on_header(header, frames). An Exception raised here is handed to
+ * on_failure(exc), as the Python callback's own handler did. */
+static PyObject *header_route_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "_route_reply() takes 7 arguments");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *pending = args[0], *watch = args[1], *clock = args[2], *on_header = args[4];
+    PyObject *on_failure = args[5], *frames = args[6];
+    if (!PyDict_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "_route_reply(): pending must be a dict");
+        return NULL;
+    }
+    unsigned long long kinds = PyLong_AsUnsignedLongLong(args[3]);
+    if (kinds == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *now = PyObject_CallNoArgs(clock);
+    if (now == NULL) {
+        goto failed;
+    }
+    int rc = PyObject_SetAttr(watch, st->str_last_recv, now);
+    Py_DECREF(now);
+    if (rc < 0) {
+        goto failed;
+    }
+    PyObject *first = PySequence_GetItem(frames, 0);
+    PyObject *header = first != NULL ? header_parse(module, first) : NULL;
+    Py_XDECREF(first);
+    if (header == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear(); /* garbage from the peer: nothing to route it to */
+            Py_RETURN_NONE;
+        }
+        return NULL;
+    }
+    header_object *h = (header_object *)header;
+    int32_t kind = (int32_t)(uint32_t)h->scalars[1];
+    if (kind >= 0 && kind < 64 && (kinds >> kind) & 1) {
+        PyObject *rid = PyLong_FromUnsignedLongLong(h->scalars[2]);
+        if (rid == NULL) {
+            Py_DECREF(header);
+            goto failed;
+        }
+        PyObject *entry = PyDict_GetItemWithError(pending, rid);
+        if (entry != NULL && Py_IS_TYPE(entry, (PyTypeObject *)st->future_type)) {
+            Py_INCREF(entry);
+            PyObject *r = NULL;
+            if (PyDict_DelItem(pending, rid) == 0) {
+                PyObject *done = PyObject_CallMethodNoArgs(entry, st->str_done);
+                int is_done = done != NULL ? PyObject_IsTrue(done) : -1;
+                Py_XDECREF(done);
+                if (is_done == 0) {
+                    PyObject *result = PyTuple_Pack(2, header, frames);
+                    r = result != NULL
+                            ? PyObject_CallMethodOneArg(entry, st->str_set_result, result)
+                            : NULL;
+                    Py_XDECREF(result);
+                } else if (is_done > 0) {
+                    r = Py_NewRef(Py_None);
+                }
+            }
+            Py_DECREF(entry);
+            Py_DECREF(rid);
+            Py_DECREF(header);
+            if (r == NULL) {
+                goto failed;
+            }
+            Py_DECREF(r);
+            Py_RETURN_NONE;
+        }
+        Py_DECREF(rid);
+        if (entry == NULL && PyErr_Occurred()) {
+            Py_DECREF(header);
+            goto failed;
+        }
+    }
+    PyObject *call_args[2] = {header, frames};
+    PyObject *r = PyObject_Vectorcall(on_header, call_args, 2, NULL);
+    Py_DECREF(header);
+    return r;
+failed:
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+        return NULL;
+    }
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL) {
+        PyException_SetTraceback(exc, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    PyObject *r2 = exc != NULL ? PyObject_CallOneArg(on_failure, exc) : NULL;
+    Py_XDECREF(exc);
+    return r2;
+}
+
+/* _plain_answer(header, frames, reply_kind, compressed_flag) -> bytes | None:
+ * frames[1] when `header` is a ParsedHeader of kind `reply_kind` without
+ * `compressed_flag` and `frames` has two parts (the async client's common
+ * answer, kelpie.client.Client.call), read from the header's struct; None
+ * for anything else, which kelpie._core.unary_result judges. */
+static PyObject *header_plain_answer(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_plain_answer(header, frames, reply_kind, compressed_flag)");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *header = args[0], *frames = args[1];
+    long kind = PyLong_AsLong(args[2]);
+    long flag = kind == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(args[3]);
+    if (flag == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(header, st->header_type) || !PyList_CheckExact(frames) ||
+        PyList_GET_SIZE(frames) != 2) {
+        Py_RETURN_NONE;
+    }
+    header_object *h = (header_object *)header;
+    if ((int32_t)(uint32_t)h->scalars[1] != kind || ((uint32_t)h->scalars[6] & (uint32_t)flag)) {
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(PyList_GET_ITEM(frames, 1));
+}
+
+/* Calls `fn(a, b, c)` (c may be NULL: two arguments). */
+static PyObject *header_call3(PyObject *fn, PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *args[3] = {a, b, c};
+    return PyObject_Vectorcall(fn, args, c != NULL ? 3 : 2, NULL);
+}
+
+/* _route_request(route, frames): the worker's message callback
+ * (kelpie._session.Session._read_loop) in C. `route` is the tuple
+ * (enter, leave, loop, reader, session, clock, request_kind, version,
+ * on_request, park, on_header, on_garbage, stop): with enter(loop, reader)
+ * around it all (leave(loop, reader) after, whatever happened), it sets
+ * session.last_recv = clock(), decodes the header (an Exception there:
+ * on_garbage(), and the message is dropped), and for a REQUEST of our
+ * version steps on_request(session, header, frames) once, handing it to
+ * park(session, coro, yielded) if it waits; any other message goes to
+ * on_header(session, header, frames). Anything raised in between goes to
+ * stop(session, exc), as the Python callback's `except BaseException`. */
+static PyObject *header_route_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 13) {
+        PyErr_SetString(PyExc_TypeError, "_route_request(route: a 13-tuple, frames)");
+        return NULL;
+    }
+    kp_state *st = PyModule_GetState(module);
+    PyObject *const *r = &PyTuple_GET_ITEM(args[0], 0);
+    PyObject *enter = r[0], *leave = r[1], *loop = r[2], *reader = r[3], *session = r[4];
+    PyObject *clock = r[5], *on_request = r[8], *park = r[9], *on_header = r[10];
+    PyObject *on_garbage = r[11], *stop = r[12], *frames = args[1];
+    long request_kind = PyLong_AsLong(r[6]);
+    long version = request_kind == -1 && PyErr_Occurred() ? -1 : PyLong_AsLong(r[7]);
+    if (version == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *out = header_call3(enter, loop, reader, NULL);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_DECREF(out);
+    PyObject *header = NULL, *coro = NULL;
+    PyObject *now = PyObject_CallNoArgs(clock);
+    if (now == NULL) {
+        goto failed;
+    }
+    int rc = PyObject_SetAttr(session, st->str_last_recv, now);
+    Py_DECREF(now);
+    if (rc < 0) {
+        goto failed;
+    }
+    PyObject *first = PySequence_GetItem(frames, 0);
+    header = first != NULL ? header_parse(module, first) : NULL;
+    Py_XDECREF(first);
+    if (header == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            goto failed;
+        }
+        PyErr_Clear();
+        out = PyObject_CallNoArgs(on_garbage);
+    } else {
+        header_object *h = (header_object *)header;
+        if ((int32_t)(uint32_t)h->scalars[1] == request_kind &&
+            (long)(uint32_t)h->scalars[0] == version) {
+            coro = header_call3(on_request, session, header, frames);
+            if (coro == NULL) {
+                goto failed;
+            }
+            PyObject *yielded = NULL;
+            PySendResult sent = PyIter_Send(coro, Py_None, &yielded);
+            if (sent == PYGEN_ERROR) {
+                goto failed;
+            }
+            if (sent == PYGEN_NEXT) {
+                out = header_call3(park, session, coro, yielded);
+            } else {
+                out = Py_NewRef(Py_None);
+            }
+            Py_DECREF(yielded);
+        } else {
+            out = header_call3(on_header, session, header, frames);
+        }
+    }
+    if (out == NULL) {
+        goto failed;
+    }
+    Py_DECREF(out);
+    goto done;
+failed : {
+    /* except BaseException as exc: stop(session, exc) */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (tb != NULL && exc != NULL) {
+        PyException_SetTraceback(exc, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    out = exc != NULL ? header_call3(stop, session, exc, NULL) : NULL;
+    Py_XDECREF(exc);
+    Py_XDECREF(out);
+}
+done : {
+    /* finally: leave(loop, reader), keeping an exception stop() raised */
+    Py_XDECREF(header);
+    Py_XDECREF(coro);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    out = header_call3(leave, loop, reader, NULL);
+    if (out == NULL) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return NULL;
+    }
+    Py_DECREF(out);
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+}
+
 static PyGetSetDef header_getset[] = {
     {"version", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_UINT32, 0)},
     {"kind", (getter)header_get_scalar, NULL, NULL, HEADER_SCALAR(HEADER_INT32, 1)},
@@ -809,6 +1087,15 @@ static PyMethodDef header_module_methods[] = {
     {"_header_init", (PyCFunction)(void (*)(void))header_init, METH_FASTCALL,
      "_header_init(header_class, decode_error): the protobuf class behind ParsedHeader's "
      "fallback and the exception for garbage."},
+    {"_route_reply", (PyCFunction)(void (*)(void))header_route_reply, METH_FASTCALL,
+     "_route_reply(pending, watch, clock, kinds, on_header, on_failure, frames): the async "
+     "client's message callback with a unary call's answer resolved in C (see header.c)."},
+    {"_plain_answer", (PyCFunction)(void (*)(void))header_plain_answer, METH_FASTCALL,
+     "_plain_answer(header, frames, reply_kind, compressed_flag) -> bytes | None: a plain "
+     "REPLY's payload (see header.c)."},
+    {"_route_request", (PyCFunction)(void (*)(void))header_route_request, METH_FASTCALL,
+     "_route_request(route, frames): the worker's message callback, a REQUEST started in C "
+     "(see header.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,7 +22,9 @@
  *   queue.c/.h   kp_queue, the plain-C FIFO a socket's waiters wait in
  *   frame.c      kelpie.Frame: a received zmq_msg_t behind the buffer protocol
  *   header.c     _parse_header and kelpie.ParsedHeader: a KLP/1 header frame decoded in C
- *   encode.c     _request_new_trace and _varint: header encoding in C for the hot paths
+ *   encode.c     _request_new_trace, _new_call, _varint: header encoding in C for the hot paths
+ *   callstate.c  _CallState: the slots of the worker's CallContext, filled in C
+ *   slots.c      _deadline_add/_remove: the client's deadline slots' common steps
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
@@ -90,6 +92,18 @@ typedef struct kp_state {
     PyObject *decode_error;          /* google.protobuf.message.DecodeError (_header_init) */
     PyObject *parse_header;          /* module function _parse_header, for pickling */
     PyObject *str_parse_from_string; /* "ParseFromString" */
+    PyObject *str_last_recv;         /* "last_recv", _route_reply's clock reading */
+    PyObject *str_next_id;           /* "next_id", _new_call's request id */
+    PyObject *str_max_message_size;  /* "max_message_size", _new_call's limit */
+    PyObject *str_service;           /* callstate.c reads these of a header / worker */
+    PyObject *str_method;
+    PyObject *str_request_id;
+    PyObject *str_flags;
+    PyObject *str_credits;
+    PyObject *str_compression;                /* "_compression" */
+    PyObject *cs_default_window;              /* _call_state_init: kelpie._wire.DEFAULT_WINDOW */
+    unsigned long long cs_idempotent;         /* ... _wire.IDEMPOTENT */
+    unsigned long long cs_accepts_compressed; /* ... _wire.ACCEPTS_COMPRESSED */
 } kp_state;
 
 /* ---- module.c ---------------------------------------------------------- */
@@ -497,10 +511,26 @@ kp_frame *kp_frame_new(kp_state *st);
  * has named the protobuf Header class and DecodeError (kelpie._wire does at
  * import). */
 int kp_header_init(PyObject *module, kp_state *st);
+/* A request's fields CallContext needs, read from a ParsedHeader `obj`
+ * without its attribute lookups (callstate.c): 0, with new references to
+ * service and method; 1 if `obj` is not a ParsedHeader (nothing read);
+ * -1 with an exception set. */
+int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObject **method,
+                          uint64_t *request_id, uint32_t *flags, uint32_t *credits);
 
 /* ---- encode.c --------------------------------------------------------- */
 
-/* Adds _request_new_trace and _varint to `module`. */
+/* Adds _request_new_trace, _new_call and _varint to `module`. */
 int kp_encode_init(PyObject *module, kp_state *st);
+
+/* ---- callstate.c ------------------------------------------------------ */
+
+/* Adds _CallState and _call_state_init to `module`. */
+int kp_callstate_init(PyObject *module, kp_state *st);
+
+/* ---- slots.c ---------------------------------------------------------- */
+
+/* Adds _deadline_add and _deadline_remove to `module`. */
+int kp_slots_init(PyObject *module, kp_state *st);
 
 #endif /* KP_H */

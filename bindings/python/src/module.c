@@ -200,7 +200,10 @@ static int module_exec(PyObject *module)
         module_intern(&st->str_blocking, "_asyncio_future_blocking") < 0 ||
         module_intern(&st->str_on_fd, "_on_fd") < 0 ||
         module_intern(&st->str_on_nudge, "_on_nudge") < 0 ||
-        module_intern(&st->str_call_soon, "call_soon") < 0) {
+        module_intern(&st->str_call_soon, "call_soon") < 0 ||
+        module_intern(&st->str_last_recv, "last_recv") < 0 ||
+        module_intern(&st->str_next_id, "next_id") < 0 ||
+        module_intern(&st->str_max_message_size, "max_message_size") < 0) {
         return -1;
     }
 
@@ -246,7 +249,8 @@ static int module_exec(PyObject *module)
         kp_frame_init(module, st) < 0 || kp_op_init(module, st) < 0 ||
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0 ||
-        kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0) {
+        kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0 ||
+        kp_callstate_init(module, st) < 0 || kp_slots_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -275,6 +279,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->instance);
     Py_VISIT(st->header_type);
     Py_VISIT(st->header_pb);
+    Py_VISIT(st->cs_default_window);
     Py_VISIT(st->decode_error);
     Py_VISIT(st->parse_header);
     return 0;
@@ -317,6 +322,16 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->decode_error);
     Py_CLEAR(st->parse_header);
     Py_CLEAR(st->str_parse_from_string);
+    Py_CLEAR(st->str_last_recv);
+    Py_CLEAR(st->str_next_id);
+    Py_CLEAR(st->str_max_message_size);
+    Py_CLEAR(st->str_service);
+    Py_CLEAR(st->str_method);
+    Py_CLEAR(st->str_request_id);
+    Py_CLEAR(st->str_flags);
+    Py_CLEAR(st->str_credits);
+    Py_CLEAR(st->str_compression);
+    Py_CLEAR(st->cs_default_window);
     return 0;
 }
 
