@@ -318,8 +318,10 @@ def report(results, seconds, wall):
         "",
         f"One run on this machine ({os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}), {seconds:g} s per case, {wall:.0f} s in all.",
-        "Command: `/usr/bin/python3 benchmarks/rpc/bench.py" + (
-            " --quick`" if seconds < 3 else "`"),
+        # The command as given: guessed from `seconds`, a run with
+        # --seconds 2 was reported as --quick.
+        "Command: `" + " ".join(["/usr/bin/python3", "benchmarks/rpc/bench.py", *sys.argv[1:]])
+        + "`",
         "",
         "| loop | procs | payload | in flight | Kelpie req/s | grpc req/s | ratio | "
         "Kelpie p50 µs | grpc p50 µs | Kelpie p99 µs | grpc p99 µs |",
