@@ -343,6 +343,17 @@ static struct pg_store *pg(struct kp_store *s)
     return (struct pg_store *)s;
 }
 
+/* The open group is lost (err): later operations of it fail naming the
+ * cause, kept from the store's message now (the first loss only), not
+ * their own "already lost" alone. */
+static void pg_txn_lost(struct pg_store *q, enum kp_err err)
+{
+    if (q->txn_err)
+        return;
+    q->txn_err = err;
+    snprintf(q->txn_why, sizeof q->txn_why, "%s", q->base.errmsg);
+}
+
 /* Maps a failed result (or a dead connection) to the broker's errors. */
 static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
 {
@@ -364,10 +375,11 @@ static enum kp_err pg_fail(struct pg_store *q, PGresult *r, const char *what)
     size_t n = strlen(clean);
     while (n > 0 && (clean[n - 1] == '\n' || clean[n - 1] == ' '))
         clean[--n] = '\0';
+    enum kp_err ret = kp_store_fail(&q->base, err, "postgresql %s: %s: %s%s%s", q->where, what,
+                                    clean, state ? " SQLSTATE " : "", state ? state : "");
     if (q->in_txn && PQstatus(q->conn) != CONNECTION_OK)
-        q->txn_err = err;
-    return kp_store_fail(&q->base, err, "postgresql %s: %s: %s%s%s", q->where, what, clean,
-                         state ? " SQLSTATE " : "", state ? state : "");
+        pg_txn_lost(q, err);
+    return ret;
 }
 
 /* Runs a statement; *out gets the result when it returns rows (the caller
@@ -605,8 +617,8 @@ static enum kp_err pg_op_begin(struct pg_store *q)
     if (!q->in_txn)
         return pg_start(q, "BEGIN");
     if (q->txn_err)
-        return kp_store_fail(&q->base, q->txn_err,
-                             "postgresql %s: the transaction was already lost", q->where);
+        return kp_store_fail(&q->base, q->txn_err, "the group's transaction was already lost: %s",
+                             q->txn_why);
     enum kp_err err;
     if (!q->txn_open) {
         err = pg_start(q, "BEGIN; SAVEPOINT op");
@@ -618,7 +630,7 @@ static enum kp_err pg_op_begin(struct pg_store *q)
     /* Failed: which savepoint is open is unknown, so nothing in the group
      * can be trusted any more. */
     if (err != KP_OK)
-        q->txn_err = err;
+        pg_txn_lost(q, err);
     q->sp_open = err == KP_OK;
     return err;
 }
@@ -676,7 +688,7 @@ static enum kp_err pg_op_end(struct pg_store *q, enum kp_err err)
     if (q->in_txn) {
         if (!q->txn_err &&
             pg_exec(q, "ROLLBACK TO SAVEPOINT op; RELEASE SAVEPOINT op", "ROLLBACK TO") != KP_OK)
-            q->txn_err = err;
+            pg_txn_lost(q, err);
         q->sp_open = false;
     } else if (PQstatus(q->conn) == CONNECTION_OK) {
         pg_exec(q, "ROLLBACK", "ROLLBACK");
@@ -1890,8 +1902,8 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n, str
 static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool *late)
 {
     if (q->txn_err) {
-        kp_store_fail(&q->base, q->txn_err, "postgresql %s: the transaction was already lost",
-                      q->where);
+        kp_store_fail(&q->base, q->txn_err, "the group's transaction was already lost: %s",
+                      q->txn_why);
         for (size_t i = 0; i < n; i++)
             if (ops[i].err == KP_OK)
                 op_fail(q, &ops[i], q->txn_err);
@@ -1971,7 +1983,7 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
     kp_free(ends);
     if (err != KP_OK) {
         /* The group is lost with the connection (or its undo failed). */
-        q->txn_err = err;
+        pg_txn_lost(q, err);
         for (size_t i = 0; i < n; i++)
             if (ops[i].err == KP_OK)
                 op_fail(q, &ops[i], err);

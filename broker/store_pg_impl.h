@@ -57,7 +57,8 @@ struct pg_store {
     /* kp_store_run_commit: the group's COMMIT goes at the end of its
      * pipeline (commit_in_pipe), and went through (committed_in_pipe). */
     bool commit_in_pipe, committed_in_pipe;
-    enum kp_err txn_err; /* the group is lost (connection gone); commit must fail */
+    enum kp_err txn_err;               /* the group is lost (connection gone); commit must fail */
+    char txn_why[KP_STORE_ERRMSG_MAX]; /* what lost it (pg_txn_lost) */
     /* Notifications of the open transaction, sent with its COMMIT: a
      * "SELECT pg_notify(...), ..." prefix, and its length when the running
      * operation began (an operation undone takes its own back). */
