@@ -60,20 +60,6 @@ void kp_arena_fini(struct kp_arena *a)
     a->size = 0;
 }
 
-/* protobuf-c accepts field number 0 when the tag is spelled in more than
- * one byte (0x80 0x00) and keeps it as an unknown field, but re-encodes it
- * in one byte, which it then refuses to decode: a header the broker would
- * forward in a form no peer can read. Field 0 is invalid protobuf; refuse it
- * here. (Found by tests/fuzz.) */
-static bool wire_unknown_fields_ok(const ProtobufCMessage *m)
-{
-    for (unsigned i = 0; i < m->n_unknown_fields; i++) {
-        if (m->unknown_fields[i].tag == 0)
-            return false;
-    }
-    return true;
-}
-
 /* Is s valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF)? */
 static bool wire_utf8_ok(const char *s)
 {
@@ -108,32 +94,47 @@ static bool wire_utf8_ok(const char *s)
     return true;
 }
 
-/* proto3 string fields must hold UTF-8; peers such as Python's protobuf
- * refuse to decode a header that does not, so the broker must not forward
- * one. */
-static bool wire_strings_ok(const kp_header *h)
+/* Two things protobuf-c lets through that the broker must not forward:
+ * - a string field that is not UTF-8: proto3 requires it, and peers such as
+ *   Python's protobuf refuse to decode a header that breaks it;
+ * - field number 0 spelled in more than one byte (0x80 0x00): protobuf-c
+ *   keeps it as an unknown field but re-encodes it in one byte, which it then
+ *   refuses to decode. (Found by tests/fuzz, first at the top level, later
+ *   inside WorkerStats.)
+ * Driven by the descriptors, so a field or submessage added to the .proto is
+ * covered without touching this. The schema nests two deep; the bound only
+ * keeps a hostile descriptor from recursing without end. */
+static bool wire_message_ok(const ProtobufCMessage *m, int depth)
 {
-    const char *fields[] = {h->service, h->method,          h->message, h->name,
-                            h->job_id,  h->idempotency_key, h->stream};
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
-        if (fields[i] && !wire_utf8_ok(fields[i]))
+    if (depth > 8)
+        return false;
+    for (unsigned i = 0; i < m->n_unknown_fields; i++) {
+        if (m->unknown_fields[i].tag == 0)
             return false;
     }
-    for (size_t i = 0; i < h->n_services; i++) {
-        if (!wire_utf8_ok(h->services[i]))
-            return false;
-    }
-    for (size_t i = 0; i < h->n_methods; i++) {
-        if (!wire_utf8_ok(h->methods[i]))
-            return false;
-    }
-    for (size_t i = 0; i < h->n_queues; i++) {
-        if (!wire_utf8_ok(h->queues[i]))
-            return false;
-    }
-    for (size_t i = 0; i < h->n_metadata; i++) {
-        if (h->metadata[i]->key && !wire_utf8_ok(h->metadata[i]->key))
-            return false;
+    const ProtobufCMessageDescriptor *d = m->descriptor;
+    const char *base = (const char *)m;
+    for (unsigned i = 0; i < d->n_fields; i++) {
+        const ProtobufCFieldDescriptor *f = &d->fields[i];
+        if (f->type != PROTOBUF_C_TYPE_STRING && f->type != PROTOBUF_C_TYPE_MESSAGE)
+            continue;
+        if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+            *(const uint32_t *)(const void *)(base + f->quantifier_offset) != f->id)
+            continue;
+        size_t n = 1;
+        void *const *items = (void *const *)(const void *)(base + f->offset);
+        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+            n = *(const size_t *)(const void *)(base + f->quantifier_offset);
+            items = *(void *const *const *)(const void *)(base + f->offset);
+        }
+        for (size_t k = 0; k < n; k++) {
+            if (items[k] == NULL)
+                continue;
+            bool ok = f->type == PROTOBUF_C_TYPE_STRING ? wire_utf8_ok(items[k])
+                                                        : wire_message_ok(items[k], depth + 1);
+            if (!ok)
+                return false;
+        }
     }
     return true;
 }
@@ -147,13 +148,7 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
     if (len == 0)
         return KP_ENOHEADER; /* an empty frame is no header (§3: 1*OCTET) */
     kp_header *h = kelpie__v1__header__unpack(&a->pb, len, data);
-    if (h == NULL || !wire_unknown_fields_ok(&h->base))
-        return KP_EBADHEADER;
-    for (size_t i = 0; i < h->n_metadata; i++) {
-        if (!wire_unknown_fields_ok(&h->metadata[i]->base))
-            return KP_EBADHEADER;
-    }
-    if (!wire_strings_ok(h))
+    if (h == NULL || !wire_message_ok(&h->base, 0))
         return KP_EBADHEADER;
     *out = h;
     return KP_OK;

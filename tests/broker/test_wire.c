@@ -343,6 +343,14 @@ Test(wire, field_number_zero_is_refused_even_in_a_long_tag)
     /* Inside a metadata entry too. */
     cr_assert_eq(kp_wire_decode(&arena, "\x08\x01\x5a\x05\x0a\x00\x80\x00\x00", 9, 65536, &out),
                  KP_EBADHEADER);
+    /* Inside WorkerStats (field 32), which the first check missed: CI's
+     * fuzz run found it. */
+    cr_assert_eq(kp_wire_decode(&arena, "\x82\x82\x00\x03\x82\x00\x00", 7, 65536, &out),
+                 KP_EBADHEADER);
+    /* The same submessage, well formed, still decodes. */
+    cr_assert_eq(kp_wire_decode(&arena, "\x82\x02\x02\x10\x07", 5, 65536, &out), KP_OK);
+    cr_assert_not_null(out->worker_stats);
+    cr_assert_eq(out->worker_stats->pid, 7);
 }
 
 Test(wire, strings_must_be_utf8)
@@ -367,6 +375,13 @@ Test(wire, strings_must_be_utf8)
         r.services = services;
         r.n_services = 2;
         cr_assert_eq(tw_parse(&r, KP_FROM_WORKER), KP_EBADHEADER, "services #%zu", i);
+        /* Strings inside submessages too: a heartbeat's WorkerStats host is
+         * shown to admin clients. */
+        kp_header hb = tw_header(KELPIE__V1__KIND__HEARTBEAT, 0);
+        Kelpie__V1__WorkerStats ws = KELPIE__V1__WORKER_STATS__INIT;
+        ws.host = (char *)bad[i];
+        hb.worker_stats = &ws;
+        cr_assert_eq(tw_parse(&hb, KP_FROM_WORKER), KP_EBADHEADER, "worker_stats.host #%zu", i);
     }
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         kp_header h = tw_header(KELPIE__V1__KIND__REQUEST, 1);
