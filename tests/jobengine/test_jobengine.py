@@ -409,3 +409,52 @@ def test_full_disk_refuses_submits_and_keeps_what_was_accepted(tmp_path):
         c.close()
         b.stop()
         subprocess.run(["umount", "-l", str(data)])
+
+
+def test_a_hung_disk_gets_submits_refused_then_accepted_again(tmp_path):
+    """The store's disk stops answering writes (fsfreeze, as a snapshot
+    does; a stuck NFS or SAN volume looks the same): the journal's thread
+    waits inside SQLite with no error and no timeout. Once the store has
+    answered nothing for the stall window (5 s), SUBMITs are refused
+    UNAVAILABLE at once and counted, RPC is still served (the broker's own
+    thread never touches the disk), and the SUBMIT that was in the journal is
+    ACCEPTED once the disk thaws."""
+    import subprocess
+    image, data = tmp_path / "disk.img", tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(data)], check=True)
+    frozen = False
+    b = Kelpied(heartbeat_ms=200, log_dir=str(tmp_path)).start()
+    c = Client(b.frontend)
+    try:
+        c.submit(b"before")
+        subprocess.run(["fsfreeze", "--freeze", str(data)], check=True)
+        frozen = True
+        waiting = c.send(b"in the journal", kind=K.SUBMIT, service="q")
+        time.sleep(6.5)  # past the stall window
+        start = time.monotonic()
+        rid = c.send(b"refused", kind=K.SUBMIT, service="q")
+        h, _ = c.expect(rid, timeout=10)
+        took = time.monotonic() - start
+        assert (h.kind, h.code) == (K.ERROR, pb.UNAVAILABLE), (K.Name(h.kind), h.code, h.message)
+        assert took < 2, f"refused after {took:.1f} s"
+        rid = c.send(kind=K.REQUEST, service="kelpie.broker", method="Ping")
+        assert c.expect(rid)[0].kind == K.REPLY
+        subprocess.run(["fsfreeze", "--unfreeze", str(data)], check=True)
+        frozen = False
+        h, _ = c.expect(waiting, timeout=30)
+        assert h.kind == K.ACCEPTED, (K.Name(h.kind), h.code, h.message)
+
+        def accepted():
+            rid = c.send(b"after", kind=K.SUBMIT, service="q")
+            return c.expect(rid, timeout=10)[0].kind == K.ACCEPTED
+        wait_for(accepted, 30, what="a SUBMIT accepted again once the disk thawed")
+        assert c.admin("Stats")[0]["jobs_store_stalled"] >= 1
+    finally:
+        if frozen:
+            subprocess.run(["fsfreeze", "--unfreeze", str(data)])
+        c.close()
+        b.stop()
+        subprocess.run(["umount", "-l", str(data)])
