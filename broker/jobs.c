@@ -684,9 +684,10 @@ void kp_jobs_watch_release(struct kp_broker *b, struct watch *w, bool finished)
     watch_free(w);
 }
 
-/* Sends one message to a watcher; drops the watcher if its client is gone
- * or not reading. Payload frames are copied (shared buffer), never moved. */
-static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, zmq_msg_t *payload,
+/* Sends one message to a watcher; drops (frees) the watcher if its client
+ * is gone or not reading, and then says false: the caller must not touch it
+ * again. Payload frames are copied (shared buffer), never moved. */
+static bool watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, zmq_msg_t *payload,
                          size_t n)
 {
     struct kp_client *cl = kp_clients_find(&b->clients, wr->rid.bytes, wr->rid.len);
@@ -697,7 +698,7 @@ static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, 
         kp_broker_send_error(b, b->frontend, wr->rid.bytes, wr->rid.len, wr->request_id,
                              KP_EBACKLOG, why);
         watcher_free(b, wr);
-        return;
+        return false;
     }
     zmq_msg_t copies[1];
     if (n) {
@@ -713,8 +714,10 @@ static void watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, 
         if (err == KP_EUNREACHABLE) {
             b->stats.job_watchers_dropped++;
             watcher_free(b, wr);
+            return false;
         }
     }
+    return true;
 }
 
 static void event_header(const struct watch *w, const struct event *ev, kp_header *h,
@@ -851,8 +854,9 @@ static bool state_final(enum kp_job_state st)
     return st == KP_JOB_SUCCEEDED || st == KP_JOB_DEAD || st == KP_JOB_CANCELLED;
 }
 
-/* The terminal RESULT for a finished job, to one watcher. */
-static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct kp_job *job)
+/* The terminal RESULT for a finished job, to one watcher; false if that
+ * dropped the watcher (watcher_send). */
+static bool watcher_finish(struct kp_broker *b, struct watcher *wr, const struct kp_job *job)
 {
     kp_header h = kp_broker_header(KELPIE__V1__KIND__RESULT, 0);
     h.job_id = (char *)job->id.s;
@@ -881,8 +885,9 @@ static void watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
         kp_json_fini(&j);
     }
     h.message = msg;
-    watcher_send(b, wr, &h, &payload, 1);
+    bool alive = watcher_send(b, wr, &h, &payload, 1);
     zmq_msg_close(&payload);
+    return alive;
 }
 
 /* Ends every watch of a finished job with its RESULT. */
@@ -890,9 +895,7 @@ static void watch_finish(struct kp_broker *b, struct watch *w, const struct kp_j
 {
     while (!kp_list_empty(&w->watchers)) {
         struct watcher *wr = kp_container_of(w->watchers.next, struct watcher, link);
-        watcher_finish(b, wr, job);
-        if (!kp_list_empty(&w->watchers) &&
-            kp_container_of(w->watchers.next, struct watcher, link) == wr)
+        if (watcher_finish(b, wr, job))
             watcher_free(b, wr);
     }
     kp_jobs_watch_release(b, w, true);
@@ -1404,19 +1407,21 @@ static void done_poll(struct kp_broker *b, struct op *o, struct kp_journal_req *
         done_final(b, o, r);
 }
 
-/* Sends a new streaming watcher the events its job has had so far. */
-static void watcher_replay(struct kp_broker *b, struct watcher *wr)
+/* Sends a new streaming watcher the events its job has had so far; false
+ * if its client stopped reading and the watcher was dropped (watcher_send).
+ * (Found by tests/fuzz: the loop and its callers read the freed watcher.) */
+static bool watcher_replay(struct kp_broker *b, struct watcher *wr)
 {
     struct watch *w = wr->w;
     kp_header h;
     Kelpie__V1__Header__MetadataEntry md[2], *mdp[2];
-    struct kp_list *l = w->events.next;
-    while (l != &w->events && zhashx_lookup(engine(b)->watchers, wr->key) == wr) {
+    for (struct kp_list *l = w->events.next; l != &w->events; l = l->next) {
         struct event *ev = kp_container_of(l, struct event, link);
-        l = l->next;
         event_header(w, ev, &h, md, mdp);
-        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+        if (!watcher_send(b, wr, &h, &ev->payload, ev->has_payload))
+            return false;
     }
+    return true;
 }
 
 static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req *r)
@@ -1434,14 +1439,15 @@ static void done_watch(struct kp_broker *b, struct op *o, struct kp_journal_req 
     wr->w = w;
     kp_list_push_back(&w->watchers, &wr->link);
     if (state_final(job->state)) {
-        watcher_finish(b, wr, job);
-        if (zhashx_lookup(engine(b)->watchers, wr->key) == wr)
+        if (watcher_finish(b, wr, job))
             watcher_free(b, wr);
         kp_jobs_watch_release(b, w, true);
         return;
     }
-    if (wr->stream)
-        watcher_replay(b, wr);
+    if (wr->stream && !watcher_replay(b, wr)) {
+        kp_jobs_watch_release(b, w, false);
+        return;
+    }
     if (wr->stream && !w->run)
         kp_relay_interest(b, w); /* its events come from the broker that runs it */
     /* A job finished elsewhere while this read was out may have been
@@ -1880,7 +1886,7 @@ void kp_jobs_watch(struct kp_broker *b, kp_header *h)
         wr->w = running;
         kp_list_push_back(&running->watchers, &wr->link);
         if (wr->stream)
-            watcher_replay(b, wr);
+            (void)watcher_replay(b, wr); /* if dropped, the watch stays with its run */
         return;
     }
     struct op *o = op_new(OP_WATCH, KP_JOURNAL_GET);
@@ -2403,9 +2409,7 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         zmq_msg_init(&empty);
         while (!kp_list_empty(&wt->watchers)) {
             struct watcher *wr = kp_container_of(wt->watchers.next, struct watcher, link);
-            watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1);
-            if (!kp_list_empty(&wt->watchers) &&
-                kp_container_of(wt->watchers.next, struct watcher, link) == wr)
+            if (watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1))
                 watcher_free(b, wr);
         }
         zmq_msg_close(&empty);
