@@ -96,62 +96,19 @@ class Children:
             self.stop(p, grace=5.0)
 
 
-class Postgres:
-    """A PostgreSQL 15 of this script's own: initdb, a unix socket, stopped by pid."""
-
-    def __init__(self, workdir, statements=False):
-        self.statements = statements
-        self.dir = tempfile.mkdtemp(prefix="pg.", dir=workdir)
-        self.port = free_ports(1)[0]
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        self.pid = None
-        self.n = 0
-
-    def start(self):
-        if not os.access(f"{PG_BIN}/initdb", os.X_OK):
-            sys.exit(f"{PG_BIN}/initdb is missing: apt-get install postgresql-15 (make deps)")
-        if os.geteuid() == 0:
-            os.chmod(os.path.dirname(self.dir), 0o755)
-            shutil.chown(self.dir, "postgres")
-        subprocess.run(self.as_user + [f"{PG_BIN}/initdb", "-D", f"{self.dir}/data", "-U",
-                                       "postgres", "-A", "trust", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=180)
-        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -p {self.port} "
-                f"-c fsync=on -c synchronous_commit=on -c max_connections=50")
-        if self.statements:
-            opts += " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=all"
-        subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
-                                       f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
-                                       "start"], check=True, stdout=subprocess.DEVNULL, timeout=90)
-        with open(f"{self.dir}/data/postmaster.pid") as f:
-            self.pid = int(f.readline())
-        return self
-
-    def psql(self, sql, db="postgres"):
-        return subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", "postgres",
-                               "-d", db, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                              check=True, capture_output=True, text=True, timeout=30).stdout
-
-    def new_db(self):
-        self.n += 1
-        name = f"bench{self.n}"
-        self.psql(f"CREATE DATABASE {name} TEMPLATE template0")
-        if self.statements:
-            self.psql("CREATE EXTENSION pg_stat_statements", db=name)
-        return f"postgresql://postgres@/{name}?host={self.dir}&port={self.port}", name
-
-    def stop(self):
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-                end = time.monotonic() + 20
-                while time.monotonic() < end:
-                    os.kill(self.pid, 0)
-                    time.sleep(0.05)
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.pid = None
+def start_postgres(workdir, statements):
+    """kelpie.testing's throwaway PostgreSQL 15 in workdir (a unix socket, stopped by PID),
+    with pg_stat_statements if ``statements``."""
+    from kelpie.testing import Postgres
+    if os.geteuid() == 0:
+        os.chmod(workdir, 0o755)  # the postgres user must reach its directory inside
+    settings = {"max_connections": "50"}
+    if statements:
+        settings.update({"shared_preload_libraries": "pg_stat_statements",
+                         "pg_stat_statements.track": "all"})
+    pg = Postgres(workdir, settings=settings).start()
+    pg.statements = statements
+    return pg
 
 
 def loadavg():
@@ -170,20 +127,6 @@ def cpu_ticks(pids):
         except (OSError, IndexError, ValueError):
             pass
     return total
-
-
-def pg_pids(pg):
-    """The postmaster and every process it started (backends, WAL writer, ...)."""
-    pids = [pg.pid]
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pg.pid:
-                        pids.append(int(name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
 
 
 def pg_counters(pg, db):
@@ -300,6 +243,8 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
     try:
         if pg:
             url, db = pg.new_db()
+            if pg.statements:
+                pg.psql("CREATE EXTENSION pg_stat_statements", db=db)
             store = ["--store", url]
         else:
             data = tempfile.mkdtemp(prefix="data.", dir=workdir)
@@ -329,7 +274,7 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
             pg.psql("SELECT pg_stat_statements_reset()", db=db)
         sides = {"kelpied": [p.pid for p in brokers], "worker": [p.pid for p in workers]}
         if pg:
-            sides["postgres"] = pg_pids(pg)
+            sides["postgres"] = pg.pids()
         cpu0 = {name: cpu_ticks(pids) for name, pids in sides.items()}
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.monotonic()
@@ -345,7 +290,7 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
         wall = time.monotonic() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if pg:
-            sides["postgres"] = pg_pids(pg)  # backends started meanwhile count from 0
+            sides["postgres"] = pg.pids()  # backends started meanwhile count from 0
         cpu1 = {name: cpu_ticks(pids) for name, pids in sides.items()}
         tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
         cpu = {name: (cpu1[name] - cpu0[name]) * tick_us / total for name in sides}
@@ -385,12 +330,12 @@ def run_case(children, a, name, k, pg, workdir, kelpied, label, recover):
                "accepted_load_p99_ms": max(o["accepted_p99_ms"] for o in outs), **prof}
         if pg:
             # The same per job, one at a time (where jobs can be leased at insert).
-            lsn0, pgt0 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
+            lsn0, pgt0 = pg_counters(pg, db)[5], cpu_ticks(pg.pids())
         r = bench_json([a.job_bench, "rtt", fes[0], str(a.rtt)])
         res.update({x: r[x] for x in ("rtt_p50_ms", "rtt_p99_ms", "accepted_p50_ms",
                                       "accepted_p99_ms")})
         if pg:
-            lsn1, pgt1 = pg_counters(pg, db)[5], cpu_ticks(pg_pids(pg))
+            lsn1, pgt1 = pg_counters(pg, db)[5], cpu_ticks(pg.pids())
             res["rtt_wal_records_per_job"] = wal_records(pg, lsn0, lsn1, a.rtt)[0]
             res["rtt_postgres_cpu_us_per_job"] = (pgt1 - pgt0) * tick_us / a.rtt
         st2 = [stats(fe, a.job_bench) for fe in fes]
@@ -585,7 +530,7 @@ def main():
     children = Children(workdir)
     pg = None
     try:
-        pg = Postgres(workdir, a.statements).start()
+        pg = start_postgres(workdir, a.statements)
         before = loadavg()
         builds = ([("before", a.before)] if a.before else []) + [("after" if a.before else "this",
                                                                    a.kelpied)]

@@ -229,20 +229,9 @@ def test_frontends_split(spec_):
     assert split_frontends(spec_) == ["a", "b"]
 
 
-def _postgres():
-    """tests/scaleout's PostgreSQL 15 fixture class (initdb in a temp dir, a
-    unix socket, stopped by PID), loaded under another name."""
-    import importlib.util
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec_ = importlib.util.spec_from_file_location(
-        "kelpie_scaleout_support", os.path.join(here, "..", "scaleout", "conftest.py"))
-    mod = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(mod)
-    return mod.Postgres()
-
-
 def test_several_brokers_sharing_postgres(tmp_path):
-    pg = _postgres().start()
+    from kelpie.testing import Postgres
+    pg = Postgres().start()
     url, _ = pg.new_db()
     dirs = [tmp_path / n for n in ("one", "two", "w")]
     for p in dirs:

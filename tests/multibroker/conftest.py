@@ -5,7 +5,6 @@ three real kelpied sharing it through --store, and real worker processes
 killed (SIGKILL to its group) at teardown, whatever the outcome; every wait
 is bounded. Coroutines run on stdlib asyncio or uvloop with ``run()``."""
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -17,11 +16,7 @@ import kelpie.testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-_spec = importlib.util.spec_from_file_location(
-    "scaleout_conftest", os.path.join(HERE, "..", "scaleout", "conftest.py"))
-_so = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_so)
-Postgres = _so.Postgres
+Postgres = kelpie.testing.Postgres
 
 HEARTBEAT_MS = 200
 
@@ -107,14 +102,9 @@ def postgres():
     try:
         yield pg.start()
     finally:
-        if pg.pid:
-            # Its data is thrown away: an immediate shutdown (no checkpoint,
-            # which takes seconds on a loaded machine), by the postmaster's PID.
-            try:
-                os.kill(pg.pid, signal.SIGQUIT)
-            except ProcessLookupError:
-                pass
-        pg.stop()
+        # Its data is thrown away: no checkpoint, which takes seconds on a
+        # loaded machine.
+        pg.stop(immediate=True)
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

@@ -6,14 +6,12 @@ postgres user (PostgreSQL refuses root). If the server cannot be installed
 or started the tests fail: they never skip."""
 import importlib.util
 import os
-import random
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 
 import pytest
+
+# The server a test starts for itself: kelpie.testing's, shared with
+# tests/multibroker, tests/dashboard and benchmarks/jobs/pg_bench.py.
+from kelpie.testing import Postgres
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -24,81 +22,6 @@ _spec = importlib.util.spec_from_file_location(
 _je = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_je)
 Client, Workers, wait_for, K = _je.Client, _je.Workers, _je.wait_for, _je.K
-
-PG_BIN = "/usr/lib/postgresql/15/bin"
-# PostgreSQL's own programs run without the sanitizer runtime that an ASan
-# test run preloads for the interpreter (initdb hangs under it).
-PG_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-
-
-class Postgres:
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="kelpie-pg-")
-        self.port = random.randint(20000, 50000)
-        self.pid = None
-        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        self.listen = ""
-
-    def start(self, listen="", hba=None):
-        """initdb and start; ``listen``: TCP addresses to listen on as well
-        (listen_addresses), ``hba``: a pg_hba.conf line letting them in."""
-        self.listen = listen
-        assert os.access(f"{PG_BIN}/initdb", os.X_OK), \
-            f"{PG_BIN}/initdb is missing: apt-get install postgresql-15 (make deps)"
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-        subprocess.run(self.as_user + [f"{PG_BIN}/initdb", "-D", f"{self.dir}/data", "-U",
-                                       "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                       timeout=120, env=PG_ENV)
-        if hba:
-            with open(f"{self.dir}/data/pg_hba.conf", "a") as f:
-                f.write(hba + "\n")
-        return self.start_server()
-
-    def start_server(self):
-        opts = (f"-c listen_addresses='{self.listen}' -c unix_socket_directories='{self.dir}' "
-                f"-p {self.port} -c fsync=on -c synchronous_commit=on")
-        subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l",
-                                       f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
-                                       "start"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=90, env=PG_ENV)
-        with open(f"{self.dir}/data/postmaster.pid") as f:
-            self.pid = int(f.readline())
-        return self
-
-    def stop_server(self):
-        """A fast shutdown (connections are cut), the data kept for start_server()."""
-        subprocess.run(self.as_user + [f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-m", "fast",
-                                       "-w", "-t", "60", "stop"],
-                       check=True, stdout=subprocess.DEVNULL, timeout=90, env=PG_ENV)
-        self.pid = None
-
-    def psql(self, sql, db="postgres"):
-        return subprocess.run([f"{PG_BIN}/psql" if os.path.exists(f"{PG_BIN}/psql") else "psql",
-                               "-h", self.dir, "-p", str(self.port), "-U", "postgres", "-d", db,
-                               "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
-                              check=True, capture_output=True, text=True, timeout=30,
-                              env=PG_ENV).stdout
-
-    def new_db(self):
-        name = f"k{random.getrandbits(48):012x}"
-        self.psql(f"CREATE DATABASE {name} TEMPLATE template0")
-        return f"postgresql://postgres@/{name}?host={self.dir}&port={self.port}", name
-
-    def stop(self):
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-                end = time.monotonic() + 20
-                while time.monotonic() < end:
-                    os.kill(self.pid, 0)
-                    time.sleep(0.05)
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.pid = None
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

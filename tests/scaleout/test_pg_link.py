@@ -150,20 +150,6 @@ def test_a_silently_cut_database_link_is_unavailable_in_seconds_and_heals(tmp_pa
         link.down()
 
 
-def server_pids(pg):
-    """The postmaster and every process it started."""
-    pids = [pg.pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pg.pid:
-                        pids.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return pids
-
-
 def test_a_hung_database_gets_submits_refused_then_accepted_again(own_postgres):
     """A server that hangs (SIGSTOP: its host's kernel still ACKs, so no
     TCP timeout fires) answered nothing, and every SUBMIT queued behind
@@ -180,7 +166,7 @@ def test_a_hung_database_gets_submits_refused_then_accepted_again(own_postgres):
         client = own.client(broker)
         kind, code, _ = submit_answer(client, 10)
         assert kind == K.ACCEPTED, (kind, code)
-        stopped = server_pids(own.pg)
+        stopped = own.pg.pids()
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         waiting = client.send(b"in the journal", kind=K.SUBMIT, service="q")

@@ -80,13 +80,16 @@ import time
 import weakref
 from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["Kelpied", "Served", "serve", "spawn", "find_kelpied", "free_port", "free_ports",
-           "CALL_TIMEOUT"]
+__all__ = ["Kelpied", "Postgres", "Served", "serve", "spawn", "find_kelpied", "free_port",
+           "free_ports", "CALL_TIMEOUT", "PG_BIN"]
 
 # The default deadline of the clients the kit hands out: a test that calls a
 # service nobody serves fails in seconds, naming the service, not after
 # minutes (or never).
 CALL_TIMEOUT = 10.0
+
+#: Where Debian puts PostgreSQL 15's programs (:class:`Postgres`).
+PG_BIN = "/usr/lib/postgresql/15/bin"
 
 # Brokers started and not yet stopped, killed at interpreter exit in case a
 # test's teardown never ran (a KeyboardInterrupt between start and fixture).
@@ -337,6 +340,128 @@ class Kelpied:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Postgres:
+    """A throwaway PostgreSQL server of the test's own, for the PostgreSQL
+    store (``kelpied --store``): ``initdb`` in a temporary directory, its
+    unix socket there (and TCP addresses if ``start(listen=...)`` asks), its
+    own port, stopped by PID. Needs Debian's ``postgresql-15`` (programs in
+    ``pg_bin``); as root the server runs as the ``postgres`` user::
+
+        pg = Postgres().start()
+        url, _ = pg.new_db()
+        broker = Kelpied(args=["--store", url]).start()
+        ...
+        broker.stop()
+        pg.stop()
+
+    Every commit is fsync'd (``fsync=on``, ``synchronous_commit=on``), as a
+    store in production would run; ``settings`` adds server settings
+    (``{"max_connections": "50"}``)."""
+
+    def __init__(self, workdir: Optional[str] = None, *, settings: Optional[dict] = None,
+                 pg_bin: str = PG_BIN) -> None:
+        self.dir = tempfile.mkdtemp(prefix="kelpie-pg-", dir=workdir)
+        self.port = free_port()
+        self.pg_bin = pg_bin
+        self.settings = dict(settings or {})
+        self.pid: Optional[int] = None
+        self.listen = ""
+        self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def _run(self, cmd, **kwargs) -> subprocess.CompletedProcess:
+        # PostgreSQL's programs run without a sanitizer runtime that an ASan
+        # test run preloads into the interpreter (initdb hangs under it).
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        return subprocess.run(cmd, check=True, env=env, **kwargs)
+
+    def start(self, listen: str = "", hba: Optional[str] = None) -> "Postgres":
+        """``initdb``, then start. ``listen``: TCP addresses to listen on as
+        well (``listen_addresses``); ``hba``: a ``pg_hba.conf`` line letting
+        them in."""
+        if not os.access(f"{self.pg_bin}/initdb", os.X_OK):
+            raise FileNotFoundError(f"{self.pg_bin}/initdb is missing: "
+                                    "apt-get install postgresql-15")
+        self.listen = listen
+        if self._as_user:
+            shutil.chown(self.dir, "postgres")
+        # --no-sync: a crash during the test loses the whole directory anyway.
+        self._run(self._as_user + [f"{self.pg_bin}/initdb", "-D", f"{self.dir}/data", "-U",
+                                   "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, timeout=180)
+        if hba:
+            with open(f"{self.dir}/data/pg_hba.conf", "a") as f:
+                f.write(hba + "\n")
+        return self.start_server()
+
+    def start_server(self) -> "Postgres":
+        """Start the server on its data (again, after :meth:`stop_server`)."""
+        settings = {"listen_addresses": f"'{self.listen}'",
+                    "unix_socket_directories": f"'{self.dir}'",
+                    "fsync": "on", "synchronous_commit": "on", **self.settings}
+        opts = f"-p {self.port} " + " ".join(f"-c {k}={v}" for k, v in settings.items())
+        self._run(self._as_user + [f"{self.pg_bin}/pg_ctl", "-D", f"{self.dir}/data", "-l",
+                                   f"{self.dir}/server.log", "-w", "-t", "60", "-o", opts,
+                                   "start"], stdout=subprocess.DEVNULL, timeout=90)
+        with open(f"{self.dir}/data/postmaster.pid") as f:
+            self.pid = int(f.readline())
+        return self
+
+    def stop_server(self) -> None:
+        """A fast shutdown (connections are cut); the data is kept for
+        :meth:`start_server`."""
+        self._run(self._as_user + [f"{self.pg_bin}/pg_ctl", "-D", f"{self.dir}/data", "-m",
+                                   "fast", "-w", "-t", "60", "stop"],
+                  stdout=subprocess.DEVNULL, timeout=90)
+        self.pid = None
+
+    def psql(self, sql: str, db: str = "postgres") -> str:
+        """Run ``sql``; its rows unaligned (``psql -At``)."""
+        psql = f"{self.pg_bin}/psql" if os.path.exists(f"{self.pg_bin}/psql") else "psql"
+        return self._run([psql, "-h", self.dir, "-p", str(self.port), "-U", "postgres", "-d", db,
+                          "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                         capture_output=True, text=True, timeout=30).stdout
+
+    def new_db(self) -> tuple:
+        """A new empty database: ``(url for --store, its name)``."""
+        name = f"k{int.from_bytes(os.urandom(6), 'big'):012x}"
+        self.psql(f"CREATE DATABASE {name} TEMPLATE template0")
+        return f"postgresql://postgres@/{name}?host={self.dir}&port={self.port}", name
+
+    def pids(self) -> list:
+        """The postmaster and every process it started (backends, WAL
+        writer, ...): what to SIGSTOP to hang the server, or to sum the CPU
+        time of."""
+        if not self.pid:
+            return []
+        pids = [self.pid]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == self.pid:
+                            pids.append(int(entry))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return pids
+
+    def stop(self, immediate: bool = False) -> None:
+        """Stop the server by its PID (SIGTERM, a smart shutdown; with
+        ``immediate``, SIGQUIT: no checkpoint, for data about to be thrown
+        away), SIGKILL after 20 s, and remove its directory."""
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGQUIT if immediate else signal.SIGTERM)
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    os.kill(self.pid, 0)
+                    time.sleep(0.05)
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.pid = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Served:
