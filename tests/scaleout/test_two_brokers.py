@@ -5,9 +5,10 @@ by the other broker (its heartbeat row went silent) within seconds and run
 to completion there."""
 import collections
 import json
+import os
 import time
 
-from conftest import runs_of, wait_for
+from conftest import K, runs_of, wait_for
 
 HEARTBEAT_MS = 200  # start_broker's: lease window = 3 x 200 ms (--heartbeat-liveness 3)
 
@@ -126,3 +127,41 @@ def test_a_watch_on_one_broker_ends_when_another_broker_runs_the_job(group):
     assert p == [json.dumps({"sleep": 1.0}).encode()]
     print(f"\nwatch on a answered {time.monotonic() - t0:.2f} s after b started the job")
 
+
+
+def test_a_paused_broker_loses_its_leases_and_its_late_results_end_nothing_twice(group):
+    """SIGSTOP of broker a while its worker runs four jobs (a paused VM, a
+    stall longer than the lease window): its heartbeat row goes silent, b
+    reclaims the jobs and runs them on its own worker. When a resumes, its
+    worker's results for the attempts it lost arrive at a late; whichever
+    result is recorded, every job ends once (one succeeded attempt), a
+    serves again, and new jobs submitted to a run."""
+    import signal
+    a = group.broker("a")
+    b = group.broker("b")
+    wa, wb = group.workers(a), group.workers(b)
+    ca, cb = group.client(a), group.client(b)
+    pa = wa.start("wa", credits=4)
+    jobs = [ca.submit(json.dumps({"sleep": 2.5, "n": i}).encode()) for i in range(4)]
+    wait_for(lambda: len(runs_of(pa)) == 4, timeout=10, what="worker a runs all four")
+    pb = wb.start("wb", credits=4)
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: all(cb.job(j)["attempts"] >= 2 for j in jobs), timeout=10,
+                 what="broker b reclaimed the paused broker's jobs")
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    wait_for(lambda: all(cb.job(j)["state"] == "succeeded" for j in jobs), timeout=30,
+             what="every job succeeded")
+    time.sleep(1.0)  # both workers' results are in by now (2.5 s jobs)
+    for j in jobs:
+        rec = ca.job(j)  # a reads the shared store too
+        assert rec["state"] == "succeeded", rec
+        wins = [h for h in rec["history"] if h["outcome"] == "succeeded"]
+        assert len(wins) == 1, rec
+    assert sorted(job for job, _ in runs_of(pb)) == sorted(jobs)
+    rid = ca.send(kind=K.REQUEST, service="kelpie.broker", method="Ping")
+    assert ca.expect(rid, timeout=10)[0].kind == K.REPLY
+    more = ca.submit(b'{"n": "after"}')
+    wait_for(lambda: ca.job(more)["state"] == "succeeded", timeout=15,
+             what="a new job submitted to the resumed broker ran")
