@@ -19,7 +19,8 @@
     XX(OK, OK, none, "ok")                                                                         \
     XX(ENOHEADER, INVALID_ARGUMENT, bad_frames, "missing header frame")                            \
     XX(ETOOMANYFRAMES, INVALID_ARGUMENT, bad_frames, "too many frames in one message")             \
-    XX(EBADHEADER, INVALID_ARGUMENT, bad_header, "header frame does not decode")                   \
+    XX(EBADHEADER, INVALID_ARGUMENT, bad_header,                                                   \
+       "header frame does not decode (or holds field 0, or a name not UTF-8 or with a NUL)")       \
     XX(EOVERSIZED, RESOURCE_EXHAUSTED, oversized, "message larger than allowed")                   \
     XX(EVERSION, FAILED_PRECONDITION, bad_version,                                                 \
        "unsupported protocol version; this broker speaks 1")                                       \

@@ -1,6 +1,7 @@
 /* wire: decode/validate/encode the KLP/1 header; see wire.h. */
 #include "wire.h"
 
+#include <stddef.h>
 #include <string.h>
 
 #include "alloc.h"
@@ -139,6 +140,76 @@ static bool wire_message_ok(const ProtobufCMessage *m, int depth)
     return true;
 }
 
+static bool wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
+{
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t byte = *(*p)++;
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (!(byte & 0x80)) {
+            *out = v;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* protobuf-c hands strings over NUL-terminated and drops their length, so
+ * "k\0a" arrives as "k": two idempotency keys would name one job, a queue
+ * "q\0x" would be "q". Refuse a string with a NUL byte, found in the raw
+ * bytes with the descriptors' help (submessages too). The header's free
+ * text, `message` (an error's or a failed job's, often an exception's
+ * text), is exempt: cut at a NUL it still reads, and refusing it would lose
+ * the answer it carries. Called only when the frame holds a zero byte at
+ * all, which a canonical header rarely does. */
+static bool wire_strings_nul_free(const ProtobufCMessageDescriptor *d, const uint8_t *p,
+                                  const uint8_t *end, int depth)
+{
+    if (depth > 8)
+        return false;
+    while (p < end) {
+        uint64_t key, v;
+        if (!wire_varint(&p, end, &key))
+            return false;
+        switch (key & 7) {
+        case 0:
+            if (!wire_varint(&p, end, &v))
+                return false;
+            break;
+        case 1:
+            if ((size_t)(end - p) < 8)
+                return false;
+            p += 8;
+            break;
+        case 2: {
+            if (!wire_varint(&p, end, &v) || v > (uint64_t)(end - p))
+                return false;
+            const ProtobufCFieldDescriptor *f =
+                key >> 3 <= UINT32_MAX
+                    ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                    : NULL;
+            if (f && f->type == PROTOBUF_C_TYPE_STRING && memchr(p, 0, v) &&
+                !(d == &kelpie__v1__header__descriptor &&
+                  f->offset == offsetof(kp_header, message)))
+                return false;
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+                !wire_strings_nul_free(f->descriptor, p, p + v, depth + 1))
+                return false;
+            p += v;
+            break;
+        }
+        case 5:
+            if ((size_t)(end - p) < 4)
+                return false;
+            p += 4;
+            break;
+        default:
+            return false;
+        }
+    }
+    return true;
+}
+
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out)
 {
@@ -148,7 +219,9 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
     if (len == 0)
         return KP_ENOHEADER; /* an empty frame is no header (§3: 1*OCTET) */
     kp_header *h = kelpie__v1__header__unpack(&a->pb, len, data);
-    if (h == NULL || !wire_message_ok(&h->base, 0))
+    if (h == NULL || !wire_message_ok(&h->base, 0) ||
+        (memchr(data, 0, len) && !wire_strings_nul_free(&kelpie__v1__header__descriptor, data,
+                                                        (const uint8_t *)data + len, 0)))
         return KP_EBADHEADER;
     *out = h;
     return KP_OK;
@@ -210,20 +283,6 @@ enum kp_err kp_wire_parse(struct kp_arena *a, const void *data, size_t len, size
     if (err != KP_OK)
         return err;
     return kp_wire_check(*out, dir);
-}
-
-static bool wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *out)
-{
-    uint64_t v = 0;
-    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
-        uint8_t byte = *(*p)++;
-        v |= (uint64_t)(byte & 0x7f) << shift;
-        if (!(byte & 0x80)) {
-            *out = v;
-            return true;
-        }
-    }
-    return false;
 }
 
 uint64_t kp_wire_peek_request_id(const void *data, size_t len)

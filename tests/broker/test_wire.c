@@ -353,6 +353,55 @@ Test(wire, field_number_zero_is_refused_even_in_a_long_tag)
     cr_assert_eq(out->worker_stats->pid, 7);
 }
 
+Test(wire, a_nul_byte_in_a_string_is_refused_in_bytes_it_passes)
+{
+    /* protobuf-c drops a string's length at its first NUL: "k\0a" and
+     * "k\0b" were one idempotency key, "q\0x" the queue "q". */
+    kp_header *out;
+    /* idempotency_key (19) "k\0a" */
+    cr_assert_eq(kp_wire_decode(&arena,
+                                "\x08\x01\x9a\x01\x03k\x00"
+                                "a",
+                                8, 65536, &out),
+                 KP_EBADHEADER);
+    /* service (4) "q\0x", after a request_id */
+    cr_assert_eq(kp_wire_decode(&arena, "\x18\x07\x22\x03q\x00x", 7, 65536, &out), KP_EBADHEADER);
+    /* services (10), repeated: the second one */
+    cr_assert_eq(kp_wire_decode(&arena,
+                                "\x52\x01"
+                                "a\x52\x02\x00"
+                                "b",
+                                7, 65536, &out),
+                 KP_EBADHEADER);
+    /* a metadata key (11 { 1: "a\0" 2: "v" }) */
+    cr_assert_eq(kp_wire_decode(&arena, "\x5a\x07\x0a\x02\x61\x00\x12\x01v", 9, 65536, &out),
+                 KP_EBADHEADER);
+    /* WorkerStats.host (32 { 1: "h\0" }) */
+    cr_assert_eq(kp_wire_decode(&arena, "\x82\x02\x04\x0a\x02h\x00", 7, 65536, &out),
+                 KP_EBADHEADER);
+    /* The free-text message (8) is cut at its NUL, not refused: an ERROR
+     * or a failed job's RESULT carrying an exception's text still lands. */
+    cr_assert_eq(kp_wire_decode(&arena,
+                                "\x08\x01\x42\x03"
+                                "a\x00"
+                                "b",
+                                7, 65536, &out),
+                 KP_OK);
+    cr_assert_str_eq(out->message, "a");
+    /* A metadata value is bytes: NULs are data. */
+    cr_assert_eq(kp_wire_decode(&arena, "\x5a\x07\x0a\x01k\x12\x02\x00\x00", 9, 65536, &out),
+                 KP_OK);
+    cr_assert_eq(out->n_metadata, 1);
+    cr_assert_eq(out->metadata[0]->value.len, 2);
+    /* Zero bytes outside strings: broker_id (fixed64, 23) and an empty
+     * services entry. */
+    cr_assert_eq(
+        kp_wire_decode(&arena, "\xb9\x01\x01\x00\x00\x00\x00\x00\x00\x00\x52\x00", 12, 65536, &out),
+        KP_OK);
+    cr_assert_eq(out->broker_id, 1);
+    cr_assert_eq(out->n_services, 1);
+}
+
 Test(wire, strings_must_be_utf8)
 {
     static const char *const bad[] = {

@@ -174,6 +174,22 @@ def test_bad_submits_get_clear_errors(client):
     assert h.kind == K.ERROR and h.code == pb.NOT_FOUND
 
 
+def test_a_nul_in_a_name_is_refused_not_cut(client):
+    """A C decoder ends a string at its NUL: "k\\0a" and "k\\0b" were one
+    idempotency key (the second SUBMIT answered with the first's job, its
+    payload lost) and "q\\0x" the queue "q". Now each is refused, counted."""
+    first = client.submit(b"one", idempotency_key="k")
+    for kw in (dict(idempotency_key="k\0a"), dict(service="q\0x"),
+               dict(idempotency_key="k", metadata={"a\0": b"v"})):
+        kw.setdefault("service", "q")
+        rid = client.send(b"two", kind=K.SUBMIT, **kw)
+        h, _ = client.expect(rid)
+        assert (h.kind, h.code) == (K.ERROR, pb.INVALID_ARGUMENT), (kw, K.Name(h.kind), h.job_id)
+        assert "NUL" in h.message, h.message
+    assert client.admin("Stats")[0]["bad_header"] >= 3
+    assert client.submit(b"three", idempotency_key="k") == first
+
+
 def test_cancel_queued_and_running(client, workers):
     queued = client.submit(spec())
     assert client.admin("CancelJob", id=queued)[0]["state"] == "cancelled"

@@ -41,6 +41,7 @@ def test_submit_defaults_leave_the_queue_defaults():
     ({"max_attempts": 101}, "max_attempts"),
     ({"delay": 400 * 86400}, "year"),
     ({"idempotency_key": "k" * 257}, "256"),
+    ({"idempotency_key": "k\0a"}, "NUL"),
     ({"timeout": -1}, "timeout"),
     ({"backoff": float("nan")}, "backoff"),
 ])
@@ -55,6 +56,8 @@ def test_submit_needs_a_real_queue():
             _jobs.submit(1, queue)
     with pytest.raises(ValueError, match="255 bytes"):
         _jobs.submit(1, "é" * 128)  # 256 bytes: the broker would refuse it
+    with pytest.raises(ValueError, match="NUL"):
+        _jobs.submit(1, "q\0x")  # the broker would refuse it
     assert _jobs.submit(1, "q" * 255)
 
 

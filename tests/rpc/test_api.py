@@ -31,8 +31,9 @@ def test_worker_registration_contracts(greeter_path):
         worker.add_handler("a", "X", "not callable")
     with pytest.raises(ValueError):
         kelpie.Worker(concurrency=0)
-    # The broker ignores a service name over 255 bytes in READY: refused here.
-    for name in ("", "s" * 256, "é" * 128):
+    # The broker ignores a service name over 255 bytes in READY, and refuses
+    # one with a NUL (its C decoder would cut it there): refused here.
+    for name in ("", "s" * 256, "é" * 128, "a\0b"):
         with pytest.raises(ValueError, match="1..255 bytes"):
             worker.add_handler(name, "M", stream)
         with pytest.raises(ValueError, match="1..255 bytes"):

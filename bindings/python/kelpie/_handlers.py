@@ -89,9 +89,10 @@ class HandlerTable:
                              f"not {executor!r}")
         if self._running:
             raise RuntimeError("register handlers before run()")
-        if not isinstance(service, str) or not service or len(service.encode()) > _wire.NAME_MAX:
+        if (not isinstance(service, str) or not service or len(service.encode()) > _wire.NAME_MAX
+                or "\0" in service):
             # The broker ignores a longer name in READY: no call would arrive.
-            raise ValueError(f"a service name is 1..{_wire.NAME_MAX} bytes of UTF-8, "
+            raise ValueError(f"a service name is 1..{_wire.NAME_MAX} bytes of UTF-8 without NUL, "
                              f"not {service!r:.80}")
         name = f"{service}/{method}"
         is_async = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or \

@@ -83,8 +83,9 @@ def submit(request_id, queue, *, priority=0, max_attempts=0, timeout=None, delay
         raise ValueError("a job needs a queue name")
     if queue == "kelpie.broker":
         raise ValueError("kelpie.broker is not a job queue")
-    if len(queue.encode()) > _wire.NAME_MAX:
-        raise ValueError(f"a queue name is at most {_wire.NAME_MAX} bytes of UTF-8")
+    if len(queue.encode()) > _wire.NAME_MAX or "\0" in queue:
+        raise ValueError(f"a queue name is at most {_wire.NAME_MAX} bytes of UTF-8, "
+                         "without NUL")
     priority = int(priority)
     if not 0 <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must be 0..{MAX_PRIORITY}, not {priority}")
@@ -106,6 +107,9 @@ def submit(request_id, queue, *, priority=0, max_attempts=0, timeout=None, delay
         key = str(idempotency_key)
         if len(key.encode()) > MAX_KEY_BYTES:
             raise ValueError(f"idempotency_key is over {MAX_KEY_BYTES} bytes")
+        if "\0" in key:
+            # The broker refuses it (protocol.md §3.1): a C decoder cuts it there.
+            raise ValueError("idempotency_key holds a NUL character")
         h.idempotency_key = key
     if traceparent:
         # Kept with the job and sent with each JOB (protocol.md §11.2).

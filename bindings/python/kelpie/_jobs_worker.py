@@ -474,7 +474,7 @@ class JobRunner:
         if not callable(fn):
             raise TypeError("a job handler must be callable")
         if (not isinstance(queue, str) or not queue or queue == "kelpie.broker"
-                or len(queue.encode()) > _wire.NAME_MAX):
+                or len(queue.encode()) > _wire.NAME_MAX or "\0" in queue):
             raise ValueError(f"not a job queue name (1..{_wire.NAME_MAX} bytes): {queue!r:.80}")
         if executor not in _EXECUTORS:
             raise ValueError(f"executor must be one of None, 'loop', 'thread', 'process', "
