@@ -64,9 +64,9 @@ static void budget_frame_free(void *data, void *hint)
 enum kp_err kp_budget_frame(struct kp_budget *acct, const kp_header *h, uint64_t size,
                             zmq_msg_t *out)
 {
-    size_t n = kelpie__v1__header__get_packed_size(h);
+    size_t n = kp_wire_packed_size(h);
     struct budget_tag *tag = kp_malloc(sizeof *tag + n);
-    kelpie__v1__header__pack(h, tag->data);
+    kp_wire_pack(h, tag->data);
     tag->acct = acct;
     tag->size = size + n;
     size = tag->size;

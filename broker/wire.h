@@ -96,6 +96,11 @@ void kp_arena_fini(struct kp_arena *a);
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out);
 
+/* kp_wire_decode through protobuf-c alone, which kp_wire_decode's own
+ * reading of the common headers must agree with (tests/broker/test_wire.c). */
+enum kp_err kp_wire_decode_generic(struct kp_arena *a, const void *data, size_t len,
+                                   size_t max_header, kp_header **out);
+
 /* Bytes of a service or queue name, at most (protocol.md §9). */
 #define KP_NAME_MAX 255
 
@@ -121,6 +126,11 @@ const char *kp_wire_kind_name(uint32_t kind);
  * decoded in full (oversized, truncated) by walking its top-level fields,
  * without allocating. Returns 0 if it is absent or unreadable. */
 uint64_t kp_wire_peek_request_id(const void *data, size_t len);
+
+/* The size of h encoded, and h encoded into out (that many bytes): the
+ * bytes kelpie__v1__header__pack writes, for less work. */
+size_t kp_wire_packed_size(const kp_header *h);
+size_t kp_wire_pack(const kp_header *h, uint8_t *out);
 
 /* Encodes h into a fresh message *out (which must not be initialised).
  * Returns KP_OK, or KP_ESYS if zmq_msg_init_size failed (out untouched). */
