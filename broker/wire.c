@@ -497,8 +497,9 @@ uint64_t kp_wire_peek_request_id(const void *data, size_t len)
  * checks both against protobuf-c over random headers. */
 
 struct wire_out {
-    uint8_t *p; /* where the next byte goes, or NULL to count only */
-    size_t n;   /* bytes counted or written */
+    uint8_t *p;   /* where the next byte goes, or NULL to count only */
+    uint8_t *end; /* the end of the buffer: a write past it turns to counting */
+    size_t n;     /* bytes counted or written */
 };
 
 static size_t wire_varint_size(uint64_t v)
@@ -513,6 +514,8 @@ static size_t wire_varint_size(uint64_t v)
 
 static void wire_put_varint(struct wire_out *o, uint64_t v)
 {
+    if (o->p && o->end - o->p < 10 && (size_t)(o->end - o->p) < wire_varint_size(v))
+        o->p = NULL; /* it does not fit: the caller will try again with the size */
     if (o->p == NULL) {
         o->n += wire_varint_size(v);
         return;
@@ -528,6 +531,8 @@ static void wire_put_varint(struct wire_out *o, uint64_t v)
 
 static void wire_put_bytes(struct wire_out *o, const void *data, size_t len)
 {
+    if (o->p && (size_t)(o->end - o->p) < len)
+        o->p = NULL;
     if (o->p) {
         memcpy(o->p, data, len);
         o->p += len;
@@ -668,29 +673,24 @@ static void wire_pack_fast(const kp_header *h, struct wire_out *o)
     wire_put_u64(o, 42, h->batch_max);
 }
 
-size_t kp_wire_packed_size(const kp_header *h)
+size_t kp_wire_pack_into(const kp_header *h, uint8_t *buf, size_t cap)
 {
-    if (!wire_pack_fast_ok(h))
-        return kelpie__v1__header__get_packed_size(h);
-    struct wire_out o = {NULL, 0};
-    wire_pack_fast(h, &o);
-    return o.n;
-}
-
-size_t kp_wire_pack(const kp_header *h, uint8_t *out)
-{
-    if (!wire_pack_fast_ok(h))
-        return kelpie__v1__header__pack(h, out);
-    struct wire_out o = {out, 0};
+    if (!wire_pack_fast_ok(h)) {
+        size_t n = kelpie__v1__header__get_packed_size(h);
+        if (n <= cap)
+            kelpie__v1__header__pack(h, buf);
+        return n;
+    }
+    struct wire_out o = {buf, buf ? buf + cap : NULL, 0};
     wire_pack_fast(h, &o);
     return o.n;
 }
 
 enum kp_err kp_wire_encode(const kp_header *h, zmq_msg_t *out)
 {
-    size_t n = kp_wire_packed_size(h);
+    size_t n = kp_wire_pack_into(h, NULL, 0);
     if (zmq_msg_init_size(out, n) != 0)
         return KP_ESYS;
-    kp_wire_pack(h, zmq_msg_data(out));
+    kp_wire_pack_into(h, zmq_msg_data(out), n);
     return KP_OK;
 }

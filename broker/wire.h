@@ -127,10 +127,11 @@ const char *kp_wire_kind_name(uint32_t kind);
  * without allocating. Returns 0 if it is absent or unreadable. */
 uint64_t kp_wire_peek_request_id(const void *data, size_t len);
 
-/* The size of h encoded, and h encoded into out (that many bytes): the
- * bytes kelpie__v1__header__pack writes, for less work. */
-size_t kp_wire_packed_size(const kp_header *h);
-size_t kp_wire_pack(const kp_header *h, uint8_t *out);
+/* Encodes h into buf (cap bytes; buf may be NULL if cap is 0) as
+ * kelpie__v1__header__pack would, and returns its size: if that is over cap,
+ * buf holds nothing of use and the caller tries again with that much room.
+ * So a header that fits the caller's buffer is encoded in one pass. */
+size_t kp_wire_pack_into(const kp_header *h, uint8_t *buf, size_t cap);
 
 /* Encodes h into a fresh message *out (which must not be initialised).
  * Returns KP_OK, or KP_ESYS if zmq_msg_init_size failed (out untouched). */
