@@ -189,7 +189,7 @@ static const struct {
 
 /* A varint of at most max bytes whose value protobuf-c reads the same
  * (a tenth byte holds only bit 63); false otherwise, or if truncated. */
-static bool wire_get_varint(const uint8_t **p, const uint8_t *end, int max, uint64_t *out)
+static bool wire_get_varint_long(const uint8_t **p, const uint8_t *end, int max, uint64_t *out)
 {
     const uint8_t *q = *p;
     uint64_t v = 0;
@@ -205,6 +205,16 @@ static bool wire_get_varint(const uint8_t **p, const uint8_t *end, int max, uint
         }
     }
     return false;
+}
+
+/* Most keys and many values take one byte: read here, inline. */
+static inline bool wire_get_varint(const uint8_t **p, const uint8_t *end, int max, uint64_t *out)
+{
+    if (*p < end && **p < 0x80) {
+        *out = *(*p)++;
+        return true;
+    }
+    return wire_get_varint_long(p, end, max, out);
 }
 
 /* A length prefix (at most 5 bytes, as protobuf-c reads it) and the bytes
@@ -512,7 +522,7 @@ static size_t wire_varint_size(uint64_t v)
     return n;
 }
 
-static void wire_put_varint(struct wire_out *o, uint64_t v)
+static void wire_put_varint_long(struct wire_out *o, uint64_t v)
 {
     if (o->p && o->end - o->p < 10 && (size_t)(o->end - o->p) < wire_varint_size(v))
         o->p = NULL; /* it does not fit: the caller will try again with the size */
@@ -527,6 +537,17 @@ static void wire_put_varint(struct wire_out *o, uint64_t v)
     }
     *o->p++ = (uint8_t)v;
     o->n++;
+}
+
+/* Most keys and many values take one byte: written here, inline. */
+static inline void wire_put_varint(struct wire_out *o, uint64_t v)
+{
+    if (v < 0x80 && o->p && o->p < o->end) {
+        *o->p++ = (uint8_t)v;
+        o->n++;
+        return;
+    }
+    wire_put_varint_long(o, v);
 }
 
 static void wire_put_bytes(struct wire_out *o, const void *data, size_t len)
