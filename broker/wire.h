@@ -3,7 +3,10 @@
  * This is the only module that touches protobuf-c. Decoding unpacks into an
  * arena (struct kp_arena, a bump allocator handed to protobuf-c) that the
  * broker resets after every message, so decoding a header costs no malloc in
- * the steady state; the decoded struct lives until the next reset.
+ * the steady state; the decoded struct lives until the next reset. The
+ * headers every call carries are read and written by wire.c's own code, with
+ * protobuf-c's results and for a fraction of its instructions; protobuf-c
+ * handles the rest (wire.c explains the split).
  *
  * Validation is split from decoding so that the rules of docs/protocol.md §4
  * and §9 live in one place: kp_wire_check() knows which kinds exist, which
