@@ -4,6 +4,7 @@
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <string.h>
 
 #include "alloc.h"
 
@@ -64,9 +65,15 @@ static void budget_frame_free(void *data, void *hint)
 enum kp_err kp_budget_frame(struct kp_budget *acct, const kp_header *h, uint64_t size,
                             zmq_msg_t *out)
 {
-    size_t n = kelpie__v1__header__get_packed_size(h);
+    /* Most headers fit here: encoded once, then copied, with no pass to
+     * size them first. */
+    uint8_t scratch[512];
+    size_t n = kp_wire_pack_into(h, scratch, sizeof scratch);
     struct budget_tag *tag = kp_malloc(sizeof *tag + n);
-    kelpie__v1__header__pack(h, tag->data);
+    if (n <= sizeof scratch)
+        memcpy(tag->data, scratch, n);
+    else
+        kp_wire_pack_into(h, tag->data, n);
     tag->acct = acct;
     tag->size = size + n;
     size = tag->size;

@@ -3,7 +3,10 @@
  * This is the only module that touches protobuf-c. Decoding unpacks into an
  * arena (struct kp_arena, a bump allocator handed to protobuf-c) that the
  * broker resets after every message, so decoding a header costs no malloc in
- * the steady state; the decoded struct lives until the next reset.
+ * the steady state; the decoded struct lives until the next reset. The
+ * headers every call carries are read and written by wire.c's own code, with
+ * protobuf-c's results and for a fraction of its instructions; protobuf-c
+ * handles the rest (wire.c explains the split).
  *
  * Validation is split from decoding so that the rules of docs/protocol.md §4
  * and §9 live in one place: kp_wire_check() knows which kinds exist, which
@@ -96,6 +99,11 @@ void kp_arena_fini(struct kp_arena *a);
 enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, size_t max_header,
                            kp_header **out);
 
+/* kp_wire_decode through protobuf-c alone, which kp_wire_decode's own
+ * reading of the common headers must agree with (tests/broker/test_wire.c). */
+enum kp_err kp_wire_decode_generic(struct kp_arena *a, const void *data, size_t len,
+                                   size_t max_header, kp_header **out);
+
 /* Bytes of a service or queue name, at most (protocol.md §9). */
 #define KP_NAME_MAX 255
 
@@ -121,6 +129,12 @@ const char *kp_wire_kind_name(uint32_t kind);
  * decoded in full (oversized, truncated) by walking its top-level fields,
  * without allocating. Returns 0 if it is absent or unreadable. */
 uint64_t kp_wire_peek_request_id(const void *data, size_t len);
+
+/* Encodes h into buf (cap bytes; buf may be NULL if cap is 0) as
+ * kelpie__v1__header__pack would, and returns its size: if that is over cap,
+ * buf holds nothing of use and the caller tries again with that much room.
+ * So a header that fits the caller's buffer is encoded in one pass. */
+size_t kp_wire_pack_into(const kp_header *h, uint8_t *buf, size_t cap);
 
 /* Encodes h into a fresh message *out (which must not be initialised).
  * Returns KP_OK, or KP_ESYS if zmq_msg_init_size failed (out untouched). */
