@@ -31,6 +31,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -179,6 +180,23 @@ def runs_of(workers):
     return per_job
 
 
+def first_run_on_silent_workers(brokers, workers):
+    """The jobs whose first attempt ran on a worker that a broker removed for
+    its silence (its log: "worker 'wb' silent for 661 ms, removing")."""
+    silent = set()
+    for b in brokers.values():
+        with open(b.log_path, errors="replace") as f:
+            silent |= set(re.findall(r"worker '([^']+)' silent for \d+ ms, removing", f.read()))
+    jobs = set()
+    for w in workers.values():
+        for p in w.procs:
+            if os.path.basename(p.runs_log)[len("runs-"):-len(".log")] in silent and \
+                    os.path.exists(p.runs_log):
+                with open(p.runs_log) as f:
+                    jobs |= {line.split()[0] for line in f if line.split()[1:2] == ["1"]}
+    return jobs
+
+
 def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path, postgres):
     url, db = postgres.new_db()
     brokers = {n: start_broker(tmp_path, n, url, HEARTBEAT_MS) for n in "abc"}
@@ -319,11 +337,14 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
         assert reclaim_s < 2.0, reclaim_s
 
         # Only jobs that a's worker was running when a died ran twice (at least
-        # once: a put them back, and the worker's late RESULT is still taken).
+        # once: a put them back, and the worker's late RESULT is still taken),
+        # and those of a worker its broker found silent (starved past the
+        # 600 ms window on a loaded machine: removed, its jobs run elsewhere;
+        # seen once with benchmarks running beside the suite).
         per_job = runs_of(workers.values())
         assert set(per_job) == ids, (len(set(per_job)), len(ids))
         twice = {j for j, c in per_job.items() if c > 1}
-        extra = sorted(twice - a_ran)
+        extra = sorted(twice - a_ran - first_run_on_silent_workers(brokers, workers))
         assert not extra, (len(extra), [postgres.psql(
             "SELECT a.n, a.outcome, a.started_at, a.ended_at, a.message FROM all_attempts a "
             f"JOIN jobs j ON j.seq = a.job_seq WHERE j.id = '{j}' ORDER BY a.n", db=db)
