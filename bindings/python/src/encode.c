@@ -309,6 +309,11 @@ done:
     return result;
 }
 
+PyObject *kp_encode_new_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return encode_new_call(module, args, nargs);
+}
+
 /* _plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None:
  * prefix + varint(request_id) + suffix, the worker's common REPLY header
  * (kelpie._runners: _wire.reply(rid, None, flags) with its cached parts),
