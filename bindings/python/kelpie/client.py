@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import types
 from typing import Any, Mapping, Optional, Union
 
 _Metadata = Optional[Mapping[str, Union[bytes, str]]]
@@ -65,6 +64,7 @@ _ACCEPTED = _wire.ACCEPTED
 _ACK = _wire.ACK
 _unary_result = _core.unary_result
 _call_timeout = _core.call_timeout
+_go_on = _core.go_on
 _new_call = _wire._kelpie._new_call
 _plain_call = _wire._kelpie._plain_call
 _route_reply = _wire._kelpie._route_reply
@@ -77,14 +77,6 @@ _GRAIN = _deadlines.GRAIN
 # (a Future's); any other kind of message takes on_header (_reader).
 _ROUTED = (1 << _REPLY) | (1 << _ACCEPTED) | (1 << _ACK)
 _ACCEPT = _compression.ACCEPT_FLAG
-
-
-@types.coroutine
-def _go_on(it, yielded):
-    """The rest of an await whose first step _plain_call took (it yielded
-    ``yielded``), in the task that awaits this."""
-    yield yielded
-    return (yield from it)
 
 
 class Client(ClientJobs):
