@@ -16,7 +16,7 @@ import pytest
 
 import kelpie
 import kelpie.zmq
-from kelpie import _compression, _context, _wire, _zmq
+from kelpie import _compression, _context, _core, _wire, _zmq
 from kelpie._runners import Runners
 from kelpie.v1 import header_pb2
 
@@ -125,7 +125,7 @@ CASES = [
 ]
 
 
-async def serve_all(cases):
+async def serve_all(cases, budget=None):
     """Every case's answer frames (header fields that matter, then the
     payload), and the worker's counters and stalls."""
     ctx = _zmq.Context()
@@ -144,6 +144,8 @@ async def serve_all(cases):
             if _wire.parse(header).kind == _wire.READY:
                 break
         worker._max_message_size = 1000
+        if budget is not None:  # the fairness yield due on (nearly) every send
+            worker._session.sock.budget = budget
         for rid, (method, fields, frames) in enumerate(cases, 1):
             await broker.send_multipart([ident, request(rid, method, **fields), *frames])
         want = len(cases)  # one REPLY, ERROR or END each (the stream's CHUNKs first)
@@ -170,12 +172,19 @@ async def serve_all(cases):
         ctx.term()
 
 
-def test_same_answers_both_ways(run, monkeypatch):
-    """Every case answered the same by the C path and by _on_request."""
-    c = run(serve_all(CASES), timeout=30)
+@pytest.mark.parametrize("budget", [None, 1])
+def test_same_answers_both_ways(run, monkeypatch, budget):
+    """Every case answered the same by the C path and by _on_request; with
+    budget 1 the replies' sends go on in a task (_core.go_on, parked)."""
+    went_on = []
+    with monkeypatch.context() as m:
+        go_on = _core.go_on
+        m.setattr(_core, "go_on", lambda it, yielded: went_on.append(1) or go_on(it, yielded))
+        c = run(serve_all(CASES, budget), timeout=30)
+    assert bool(went_on) == (budget == 1)
     with monkeypatch.context() as m:
         m.setattr(Runners, "_request_server", lambda self: self._on_request)
-        p = run(serve_all(CASES), timeout=30)
+        p = run(serve_all(CASES, budget), timeout=30)
     # The stalls after "slow" (_slow_step 0) depend on what else still runs.
     assert "svc/slow" in c[2] and "svc/slow" in p[2]
     assert c[:2] + c[3:] == p[:2] + p[3:]
