@@ -279,19 +279,12 @@ def test_declines_leave_everything(run):
             before = state(client)
             out.append(_kelpie._plain_call(client._plain, *args))
             assert state(client) == before, args
-        for attr, value in (("metadata", {"a": "b"}), ("_interceptors", [object()]),
-                            ("_policies", True)):
-            old = getattr(client, attr)
-            setattr(client, attr, value)
-            before = state(client)
-            out.append(_kelpie._plain_call(client._plain, "svc", "M", b"x", None, None, False,
-                                           False, None, None, None, 0))
-            assert state(client) == before
-            setattr(client, attr, old)
-        client._zip.setting = "zstd"
+        client.metadata = {"a": "b"}  # public: may be set at any time
+        before = state(client)
         out.append(_kelpie._plain_call(client._plain, "svc", "M", b"x", None, None, False,
                                        False, None, None, None, 0))
-        client._zip.setting = None
+        assert state(client) == before
+        client.metadata = None
         for var in (_context.current_call, _context.current_job):
             def inside(var=var):
                 var.set(object())
@@ -322,6 +315,23 @@ def test_declines_leave_everything(run):
 
     out, _, _ = run(scenario(primed))
     assert out and all(r is None for r in out), out
+
+
+@pytest.mark.parametrize("options", [
+    {"interceptors": [kelpie.ClientInterceptor()]},
+    {"retry": kelpie.RetryPolicy()},
+    {"compression": "zstd"},
+])
+def test_no_route_for_options(run, options):
+    """A client with interceptors, a policy or compression (fixed before
+    connect) has no route: every call takes the Python path, as before."""
+
+    async def body(client, broker):
+        assert client._plain is None
+        return await client.call("svc", "M", b"x")
+
+    out, requests, _ = run(scenario(body, **options))
+    assert out == b"x" and len(requests) == 1
 
 
 def test_closed_client(run):

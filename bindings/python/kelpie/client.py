@@ -197,11 +197,14 @@ class Client(ClientJobs):
         # max_message_size; queued until the connection is up.
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])
         self._sock = sock
-        # What _plain_call (call.c) takes for the connection's life; its
-        # cycle through self is broken by close().
-        self._plain = (self, sock, self._conn, self._watch, self._pending, self._deadlines,
-                       self._new_future, self._clock, _prefixes, _core, _current_call,
-                       _current_job, _ACCEPT, _GRAIN)
+        # What _plain_call (call.c) takes for the connection's life (its
+        # cycle through self is broken by close()); none for a client
+        # whose every call has an interceptor, a policy or compression to
+        # apply (fixed by __init__).
+        if not (self._interceptors or self._policies or self._zip.setting):
+            self._plain = (self, sock, self._conn, self._watch, self._pending, self._deadlines,
+                           self._new_future, self._clock, _prefixes, _core, _current_call,
+                           _current_job, _ACCEPT, _GRAIN)
         self._watch.heard(self._loop.time())
         # The reader is a callback of the socket's own loop reader
         # (docs/binding.md): an answer resolves its call's future in the

@@ -2,7 +2,8 @@
  * call.c: _plain_call, the async client's common unary call (kelpie.client:
  * Client.call with no options, from outside any handler or job, to a
  * client with no metadata, interceptors, policies or compression) up to
- * its awaits, in one C call.
+ * its awaits, in one C call. Client.connect makes the route only for a
+ * client with no interceptors, policies or compression (fixed by then).
  *
  * Client.call's Python for that call was ~190 interpreter opcodes, the
  * largest part of the client's cost per call (docs/benchmarks-rpc.md): the
@@ -43,12 +44,7 @@ enum {
 
 /* What it reads live, by name (st->call_names, in this order). */
 enum {
-    N_SOCK,
     N_METADATA,
-    N_INTERCEPTORS,
-    N_POLICIES,
-    N_ZIP,
-    N_SETTING,
     N_TIMEOUT,
     N_HEARTBEAT,
     N_LAST_PING,
@@ -62,9 +58,8 @@ enum {
 };
 
 static const char *const call_name_text[N_COUNT] = {
-    "_sock",   "metadata", "_interceptors",  "_policies", "_zip",
-    "setting", "timeout",  "heartbeat",      "last_ping", "owed",
-    "_slots",  "add",      "send_multipart", "_follow",   "_trace_bits",
+    "metadata", "timeout", "heartbeat",      "last_ping", "owed",
+    "_slots",   "add",     "send_multipart", "_follow",   "_trace_bits",
 };
 
 #define CALL_NAME(st, n) PyTuple_GET_ITEM((st)->call_names, (n))
@@ -117,28 +112,10 @@ static int call_eligible(kp_state *st, PyObject *const *r, PyObject *const *args
     if (rc != 0) {
         return rc < 0 ? -1 : 0;
     }
-    PyObject *client = r[R_CLIENT];
-    PyObject *sock = PyObject_GetAttr(client, CALL_NAME(st, N_SOCK));
-    if (sock == NULL) {
-        return -1;
-    }
-    Py_DECREF(sock);
-    if (sock != r[R_SOCK]) {
-        return 0; /* closed or reconnected: Client.call's own checks */
-    }
-    static const int falsy[] = {N_METADATA, N_INTERCEPTORS, N_POLICIES};
-    for (size_t i = 0; i < sizeof(falsy) / sizeof(falsy[0]); i++) {
-        rc = call_attr_true(client, CALL_NAME(st, falsy[i]));
-        if (rc != 0) {
-            return rc < 0 ? -1 : 0;
-        }
-    }
-    PyObject *zip = PyObject_GetAttr(client, CALL_NAME(st, N_ZIP));
-    if (zip == NULL) {
-        return -1;
-    }
-    rc = call_attr_true(zip, CALL_NAME(st, N_SETTING));
-    Py_DECREF(zip);
+    /* client.metadata: public, may change at any time (the interceptors,
+     * policies and compression are fixed before connect, which leaves the
+     * route None when any is set). */
+    rc = call_attr_true(r[R_CLIENT], CALL_NAME(st, N_METADATA));
     if (rc != 0) {
         return rc < 0 ? -1 : 0;
     }
