@@ -17,6 +17,8 @@ kelpie._liveness; nothing here calls back up.
 
 from __future__ import annotations
 
+import types
+
 from . import _compression, _liveness, _trace, _wire
 from ._calls import payload as _payload
 from ._calls import unary_failure
@@ -104,6 +106,16 @@ class Conn:
         if header.max_message_size:
             self.max_message_size = header.max_message_size
         return self.watch.on_heartbeat(header, self.next_id)
+
+
+@types.coroutine
+def go_on(it, yielded):
+    """The rest of an await whose first step C took (the client's send in
+    _kelpie._plain_call, the worker's reply in _serve_request): ``it``
+    yielded ``yielded``; values and exceptions pass through as they would
+    to the await."""
+    yield yielded
+    return (yield from it)
 
 
 def call_timeout(timeout, default):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import inspect
 import logging
 import time
 import types
 
-from . import _compression, _executors, _interceptors, _kelpie, _streaming, _wire
+from . import _compression, _core, _executors, _interceptors, _kelpie, _streaming, _wire
 from ._context import _BY_DEADLINE, _BY_SESSION_END, _BY_SHUTDOWN, CallContext
 from ._context import current_call as _current_call
 from ._handlers import _IN_PROCESS, _IN_THREAD, _ON_LOOP
@@ -43,6 +44,9 @@ _PLAIN_REPLY = _wire._REPLY
 _PLAIN_REPLY_FLAGS = _wire.flags_field(_ACCEPT)
 _varint = _wire.varint
 _plain_reply = _kelpie._plain_reply
+_serve_request = _kelpie._serve_request
+# A REQUEST with one of these flags is never _serve_request's.
+_NOT_PLAIN = _CLIENT_STREAM | _COMPRESSED
 _maybe_compress = _compression.maybe_compress
 # Chunks a pool process's streaming handler may produce ahead of those sent
 # on to the caller (each sent one lets it make one more).
@@ -212,6 +216,16 @@ class _ReplyBatch:
 class Runners:
     """Worker's call-running methods (a mixin of :class:`kelpie.Worker`)."""
 
+    def _request_server(self):
+        """The session reader's ``on_request(session, header, frames)``:
+        _on_request with its common case answered in C
+        (_kelpie._serve_request, serve.c), which returns None for a call it
+        answered, else the coroutine to step (_on_request's, or one of the
+        methods _on_request goes on with)."""
+        return functools.partial(_serve_request, (
+            self, self._handlers, self._on_request, _current_call, CallContext, self._loop_time,
+            _clock, _NOT_PLAIN, _ON_LOOP, _PLAIN_REPLY, _PLAIN_REPLY_FLAGS, _core.go_on))
+
     async def _on_request(self, session, header, frames):
         rid = header.request_id
         handler = self._handlers.get((header.service, header.method))
@@ -259,33 +273,62 @@ class Runners:
             session.calls[rid] = ctx
             return
         # Eager start: step the coroutine here; most handlers finish at once.
+        # The steps after fn's call are methods of their own: the C path
+        # (_kelpie._serve_request, serve.c) takes the common ones itself
+        # and hands the rest to the same methods.
         t0 = _clock()
         try:
             coro = handler.fn(payload, ctx)
+        except BaseException as exc:  # noqa: B036 - every failure is answered
+            await self._unary_raised(session, ctx, handler, exc, t0)
+            return
+        await self._unary_start(session, ctx, handler, coro, t0)
+
+    async def _unary_start(self, session, ctx, handler, coro, t0):
+        """A unary handler on the loop, called at ``t0``, returned ``coro``:
+        its eager step, then the answer."""
+        try:
             if coro.__class__ is not _Coroutine and not inspect.iscoroutine(coro):
                 result = coro
             else:
                 # One step without StopIteration when it finishes (most do).
                 done, result = _step(coro)
                 if not done:
-                    if _clock() - t0 > self._slow_step:
-                        self._blocked_in(handler.name, _clock() - t0)
-                    session.calls[rid] = ctx
-                    ctx._task = self._loop.create_task(
-                        self._finish_unary(session, ctx, handler, coro, result))
-                    if ctx.deadline is not None:
-                        ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel,
-                                                        _BY_DEADLINE)
+                    self._unary_waits(session, ctx, handler, coro, result, t0)
                     return
-        except StopIteration as stop:
-            result = stop.value
         except BaseException as exc:  # noqa: B036 - every failure is answered
-            if _clock() - t0 > self._slow_step:
-                self._blocked_in(handler.name, _clock() - t0)
-            await self._answer_error(session, ctx, exc, handler)
+            await self._unary_raised(session, ctx, handler, exc, t0)
             return
         if _clock() - t0 > self._slow_step:
             self._blocked_in(handler.name, _clock() - t0)
+        await self._unary_reply(session, ctx, handler, result)
+
+    def _unary_waits(self, session, ctx, handler, coro, yielded, t0):
+        """The eager step of a unary handler yielded ``yielded``: it goes on
+        in a task, under the call's deadline."""
+        if _clock() - t0 > self._slow_step:
+            self._blocked_in(handler.name, _clock() - t0)
+        session.calls[ctx.request_id] = ctx
+        ctx._task = self._loop.create_task(
+            self._finish_unary(session, ctx, handler, coro, yielded))
+        if ctx.deadline is not None:
+            ctx._timer = self._loop.call_at(ctx.deadline, ctx._cancel, _BY_DEADLINE)
+
+    async def _unary_raised(self, session, ctx, handler, exc, t0):
+        """A unary handler's call or eager step raised ``exc``."""
+        if isinstance(exc, StopIteration):
+            result = exc.value  # fn raised it: its value is the answer
+            if _clock() - t0 > self._slow_step:
+                self._blocked_in(handler.name, _clock() - t0)
+            await self._unary_reply(session, ctx, handler, result)
+            return
+        if _clock() - t0 > self._slow_step:
+            self._blocked_in(handler.name, _clock() - t0)
+        await self._answer_error(session, ctx, exc, handler)
+
+    async def _unary_reply(self, session, ctx, handler, result):
+        """A unary handler's ``result``, answered."""
+        rid = ctx.request_id
         if result.__class__ is bytes:
             body = result  # what _as_bytes returns for it
         else:

@@ -402,12 +402,13 @@ class Session:
         # the reader's task current while a message is handled (as when it
         # awaited each one: a handler's eager step sees it), it sets
         # session.last_recv, decodes the header and steps the common
-        # message, a REQUEST of our version, itself (_on_request; _park if
-        # it waits); any other goes to _on_header; anything raised to
+        # message, a REQUEST of our version, itself (_on_request, whose
+        # common case is C too: _request_server; _park if it waits); any
+        # other goes to _on_header; anything raised to
         # _stop_reading, which ends the reader, as it did.
         on_message = functools.partial(_route_request, (
             _enter_task, _leave_task, self._loop, reader, session, self._loop_time, _REQUEST,
-            _VERSION, self._on_request, self._park, self._on_header, _undecodable,
+            _VERSION, self._request_server(), self._park, self._on_header, _undecodable,
             self._stop_reading), )
 
         session.on_message = on_message

@@ -64,7 +64,9 @@ _ACCEPTED = _wire.ACCEPTED
 _ACK = _wire.ACK
 _unary_result = _core.unary_result
 _call_timeout = _core.call_timeout
+_go_on = _core.go_on
 _new_call = _wire._kelpie._new_call
+_plain_call = _wire._kelpie._plain_call
 _route_reply = _wire._kelpie._route_reply
 _plain_answer = _wire._kelpie._plain_answer
 _prefixes = _wire._request_prefixes
@@ -115,6 +117,8 @@ class Client(ClientJobs):
     client then keeps a connection to each, spreads calls and submits over
     the live ones and moves off a lost one at once (kelpie._brokers).
     """
+
+    _plain = None  # the route of _plain_call (call.c) while connected
 
     def __new__(cls, frontend: Any = None, *args: Any, **kwargs: Any) -> "Client":
         if cls is Client and len(_brokers.endpoints(frontend, "KELPIE_FRONTEND",
@@ -193,6 +197,14 @@ class Client(ClientJobs):
         # max_message_size; queued until the connection is up.
         await sock.send_multipart([_wire.HEARTBEAT_FRAME])
         self._sock = sock
+        # What _plain_call (call.c) takes for the connection's life (its
+        # cycle through self is broken by close()); none for a client
+        # whose every call has an interceptor, a policy or compression to
+        # apply (fixed by __init__).
+        if not (self._interceptors or self._policies or self._zip.setting):
+            self._plain = (self, sock, self._conn, self._watch, self._pending, self._deadlines,
+                           self._new_future, self._clock, _prefixes, _core, _current_call,
+                           _current_job, _ACCEPT, _GRAIN)
         self._watch.heard(self._loop.time())
         # The reader is a callback of the socket's own loop reader
         # (docs/binding.md): an answer resolves its call's future in the
@@ -209,6 +221,7 @@ class Client(ClientJobs):
         if self._closed:
             return
         self._closed = True
+        self._plain = None
         if self._sock is not None:
             self._sock._on_message = None
         task = self._pinger
@@ -274,6 +287,33 @@ class Client(ClientJobs):
         False for this call (default the client's). Failures raise
         :class:`kelpie.RpcError`.
         """
+        # Most calls: in C up to the awaits (call.c), or None, nothing done,
+        # where anything below has to judge (an option, a stale clock, ...).
+        r = _plain_call(self._plain, service, method, payload, timeout, metadata, idempotent,
+                        with_metadata, retry, hedging, compression, _stage)
+        if r is not None:
+            rid, fut, slot, op, yielded = r  # op: the send's await, when it had to wait
+            try:
+                if op is not None:
+                    await _go_on(op, yielded)
+                    op = None  # sent
+                    if not self._watch.owed:
+                        self._follow()
+                header, frames = await fut
+            except asyncio.CancelledError:
+                if self._pending.pop(rid, None) is not None and op is None:
+                    self._send_later(_wire.cancel(rid))
+                raise
+            except BaseException:
+                self._pending.pop(rid, None)
+                raise
+            finally:
+                if slot is not None:
+                    _slot_remove(self._deadlines._slots, rid, slot)  # Deadlines.remove
+            data = _plain_answer(header, frames, _REPLY, _COMPRESSED)
+            if data is not None:
+                return data
+            return _unary_result(header, frames, False)
         sock = self._sock
         if sock is None:
             raise RuntimeError("client is not connected (use 'async with Client()')")

@@ -80,6 +80,27 @@ static int encode_words(PyObject *bits, uint64_t words[3])
     if (!PyLong_Check(bits)) {
         return 0;
     }
+#if PY_VERSION_HEX < 0x030D0000
+    /* The int's bytes, read out in one call (~100 instructions against the
+     * ~900 of the two shifts below): OverflowError for a negative or wider
+     * value, which is not a draw this encodes. */
+    unsigned char le[24];
+    if (_PyLong_AsByteArray((PyLongObject *)bits, le, sizeof(le), 1, 0) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    for (int w = 0; w < 3; w++) {
+        uint64_t v = 0;
+        for (int b = 7; b >= 0; b--) {
+            v = v << 8 | le[8 * w + b];
+        }
+        words[2 - w] = v;
+    }
+    return 1;
+#else
     /* Two shifts, no more objects: the low word by mask, the top one by
      * PyLong_AsUnsignedLongLong, which refuses a negative or wider value. */
     PyObject *shift = PyLong_FromLong(64);
@@ -111,6 +132,7 @@ static int encode_words(PyObject *bits, uint64_t words[3])
     Py_XDECREF(mid);
     Py_XDECREF(top);
     return rc;
+#endif
 }
 
 /* The header of `prefix` + request_id + timeout_ms + a traceparent of the
@@ -309,6 +331,11 @@ done:
     return result;
 }
 
+PyObject *kp_encode_new_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return encode_new_call(module, args, nargs);
+}
+
 /* _plain_reply(prefix, request_id, suffix, body, limit) -> bytes | None:
  * prefix + varint(request_id) + suffix, the worker's common REPLY header
  * (kelpie._runners: _wire.reply(rid, None, flags) with its cached parts),
@@ -345,6 +372,11 @@ static PyObject *encode_plain_reply(PyObject *module, PyObject *const *args, Py_
     memcpy(p + plen, v, vn);
     memcpy(p + plen + vn, PyBytes_AS_STRING(args[2]), (size_t)slen);
     return out;
+}
+
+PyObject *kp_encode_plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return encode_plain_reply(module, args, nargs);
 }
 
 /* varint(n) -> bytes: kelpie._wire.varint, the protobuf varint of an int

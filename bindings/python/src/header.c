@@ -782,6 +782,15 @@ int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObj
     return 0;
 }
 
+int kp_header_timeout_ms(kp_state *st, PyObject *obj, uint64_t *timeout_ms)
+{
+    if (!Py_IS_TYPE(obj, st->header_type)) {
+        return 1;
+    }
+    *timeout_ms = ((header_object *)obj)->scalars[3];
+    return 0;
+}
+
 /* _route_reply(pending, watch, clock, kinds, on_header, on_failure, frames):
  * the async client's message callback (kelpie.client.Client._reader) with
  * its common case in C. Sets watch.last_recv = clock(), decodes the header
@@ -934,7 +943,8 @@ static PyObject *header_call3(PyObject *fn, PyObject *a, PyObject *b, PyObject *
  * session.last_recv = clock(), decodes the header (an Exception there:
  * on_garbage(), and the message is dropped), and for a REQUEST of our
  * version steps on_request(session, header, frames) once, handing it to
- * park(session, coro, yielded) if it waits; any other message goes to
+ * park(session, coro, yielded) if it waits (on_request may return None
+ * instead: it has answered the call itself); any other message goes to
  * on_header(session, header, frames). Anything raised in between goes to
  * stop(session, exc), as the Python callback's `except BaseException`. */
 static PyObject *header_route_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -985,6 +995,10 @@ static PyObject *header_route_request(PyObject *module, PyObject *const *args, P
             if (coro == NULL) {
                 goto failed;
             }
+            if (coro == Py_None) { /* _serve_request (serve.c) answered it */
+                out = Py_NewRef(Py_None);
+                goto routed;
+            }
             PyObject *yielded = NULL;
             PySendResult sent = PyIter_Send(coro, Py_None, &yielded);
             if (sent == PYGEN_ERROR) {
@@ -1000,6 +1014,7 @@ static PyObject *header_route_request(PyObject *module, PyObject *const *args, P
             out = header_call3(on_header, session, header, frames);
         }
     }
+routed:
     if (out == NULL) {
         goto failed;
     }

@@ -14,6 +14,8 @@
  *   socket.c     kelpie.Socket: construction, close order, operations' methods
  *   blocking.c   kelpie.BlockingSocket: a synchronous socket that waits without the GIL
  *   pulse.c      kelpie.Pulse: heartbeats and loop-stall detection from a C thread
+ *   serve.c      _serve_request: the worker's common REQUEST on the loop, answered
+ *   call.c       _plain_call: the async client's common unary call up to its await
  *   core.c       the socket core both socket types share (KP_CORE_HEAD)
  *   option.c     the socket option table (which options are int, int64, bytes)
  *   op.c         Operation: the awaitable's state machine; waking a socket's queues
@@ -104,6 +106,8 @@ typedef struct kp_state {
     PyObject *cs_default_window;              /* _call_state_init: kelpie._wire.DEFAULT_WINDOW */
     unsigned long long cs_idempotent;         /* ... _wire.IDEMPOTENT */
     unsigned long long cs_accepts_compressed; /* ... _wire.ACCEPTS_COMPRESSED */
+    PyObject *call_names;                     /* call.c's attribute names, a tuple */
+    PyObject *serve_names;                    /* serve.c's attribute names, a tuple */
 } kp_state;
 
 /* ---- module.c ---------------------------------------------------------- */
@@ -517,11 +521,27 @@ int kp_header_init(PyObject *module, kp_state *st);
  * -1 with an exception set. */
 int kp_header_call_fields(kp_state *st, PyObject *obj, PyObject **service, PyObject **method,
                           uint64_t *request_id, uint32_t *flags, uint32_t *credits);
+/* A ParsedHeader's timeout_ms: 0 into *timeout_ms; 1 if `obj` is not one. */
+int kp_header_timeout_ms(kp_state *st, PyObject *obj, uint64_t *timeout_ms);
+
+/* ---- serve.c ---------------------------------------------------------- */
+
+/* Adds _serve_request to `module`. */
+int kp_serve_init(PyObject *module, kp_state *st);
+
+/* ---- call.c ----------------------------------------------------------- */
+
+/* Adds _plain_call to `module`. */
+int kp_call_init(PyObject *module, kp_state *st);
 
 /* ---- encode.c --------------------------------------------------------- */
 
 /* Adds _request_new_trace, _new_call and _varint to `module`. */
 int kp_encode_init(PyObject *module, kp_state *st);
+/* _new_call itself (see encode.c), for call.c. */
+PyObject *kp_encode_new_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+/* _plain_reply itself (see encode.c), for serve.c. */
+PyObject *kp_encode_plain_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 /* ---- callstate.c ------------------------------------------------------ */
 
@@ -532,5 +552,8 @@ int kp_callstate_init(PyObject *module, kp_state *st);
 
 /* Adds _deadline_add and _deadline_remove to `module`. */
 int kp_slots_init(PyObject *module, kp_state *st);
+/* _deadline_add and _deadline_remove themselves (see slots.c), for call.c. */
+PyObject *kp_slots_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *kp_slots_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 
 #endif /* KP_H */

@@ -250,7 +250,8 @@ static int module_exec(PyObject *module)
         kp_socket_init(module, st) < 0 || kp_context_init(module, st) < 0 ||
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0 ||
         kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0 ||
-        kp_callstate_init(module, st) < 0 || kp_slots_init(module, st) < 0) {
+        kp_callstate_init(module, st) < 0 || kp_slots_init(module, st) < 0 ||
+        kp_call_init(module, st) < 0 || kp_serve_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -280,6 +281,8 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->header_type);
     Py_VISIT(st->header_pb);
     Py_VISIT(st->cs_default_window);
+    Py_VISIT(st->call_names);
+    Py_VISIT(st->serve_names);
     Py_VISIT(st->decode_error);
     Py_VISIT(st->parse_header);
     return 0;
@@ -332,6 +335,8 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->str_credits);
     Py_CLEAR(st->str_compression);
     Py_CLEAR(st->cs_default_window);
+    Py_CLEAR(st->call_names);
+    Py_CLEAR(st->serve_names);
     return 0;
 }
 

@@ -108,6 +108,16 @@ static PyObject *slots_remove(PyObject *module, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+PyObject *kp_slots_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return slots_add(module, args, nargs);
+}
+
+PyObject *kp_slots_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return slots_remove(module, args, nargs);
+}
+
 static PyMethodDef slots_module_methods[] = {
     {"_deadline_add", (PyCFunction)(void (*)(void))slots_add, METH_FASTCALL,
      "_deadline_add(slots, key, when, grain) -> slot | None: kelpie._deadlines.Deadlines.add "
