@@ -1,8 +1,9 @@
 """What one unary call costs each process, in instructions (callgrind).
 
     /usr/bin/python3 benchmarks/rpc/cost.py [--before OLD_BUILD_DIR] [--calls N] [--workers N]
+                                            [--size BYTES]
 
-The echo of bench.py at 100 in flight (16 B), with one of the three processes
+The echo of bench.py at 100 in flight (16 B, or ``--size``), with one of the three processes
 (client, kelpied, worker) run under ``valgrind --tool=callgrind``: the
 instructions it retires per call, from the difference between a run of N and
 one of 3N calls (so start-up and shutdown cancel out). Unlike wall-clock
@@ -55,7 +56,7 @@ def serve(pyroot, backend):
     asyncio.run(main())
 
 
-def drive(pyroot, frontend, calls):
+def drive(pyroot, frontend, calls, size=16):
     sys.path.insert(0, pyroot)
     import kelpie
 
@@ -70,19 +71,20 @@ def drive(pyroot, frontend, calls):
                 except kelpie.RpcError:
                     await asyncio.sleep(0.05)
             left = calls
+            payload = b"x" * size
 
             async def caller():
                 nonlocal left
                 while left > 0:
                     left -= 1
-                    await client.call("bench", "Echo", b"x" * 16)
+                    await client.call("bench", "Echo", payload)
 
             await asyncio.gather(*(caller() for _ in range(100)))
 
     asyncio.run(main())
 
 
-def one_run(build, who, calls, workers=1):
+def one_run(build, who, calls, workers=1, size=16):
     """Instructions retired by ``who`` over a run of ``calls`` calls (with
     ``workers`` worker processes; ``who`` "worker" measures the first)."""
     kelpied = os.path.join(build, "broker", "kelpied")
@@ -99,7 +101,7 @@ def one_run(build, who, calls, workers=1):
               for _ in range(workers - 1)]
     try:
         client = subprocess.run((vg if who == "client" else []) + me + [
-            "--drive", pyroot, fe, str(calls)], stderr=subprocess.PIPE, timeout=600)
+            "--drive", pyroot, fe, str(calls), str(size)], stderr=subprocess.PIPE, timeout=600)
         if client.returncode != 0:
             raise RuntimeError(client.stderr.decode(errors="replace")[-2000:])
     finally:
@@ -127,9 +129,9 @@ def one_run(build, who, calls, workers=1):
     return int(m.group(1))
 
 
-def per_call(build, who, calls, workers=1):
-    return (one_run(build, who, 3 * calls, workers) - one_run(build, who, calls, workers)) / (
-        2 * calls)
+def per_call(build, who, calls, workers=1, size=16):
+    return (one_run(build, who, 3 * calls, workers, size) -
+            one_run(build, who, calls, workers, size)) / (2 * calls)
 
 
 def main():
@@ -141,19 +143,20 @@ def main():
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes of the service (the broker picks among them)")
     p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
-    p.add_argument("--drive", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--drive", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=16, help="payload bytes (default 16)")
     args = p.parse_args()
     if args.serve:
         return serve(*args.serve)
     if args.drive:
-        return drive(args.drive[0], args.drive[1], int(args.drive[2]))
+        return drive(args.drive[0], args.drive[1], int(args.drive[2]), int(args.drive[3]))
 
     print("| process | instructions per call | before | after / before |")
     print("|---|---|---|---|")
     for who in args.who.split(","):
-        now = per_call(args.build, who, args.calls, args.workers)
+        now = per_call(args.build, who, args.calls, args.workers, args.size)
         if args.before:
-            then = per_call(args.before, who, args.calls, args.workers)
+            then = per_call(args.before, who, args.calls, args.workers, args.size)
             print(f"| {who} | {now:,.0f} | {then:,.0f} | {now / then:.2f}× |", flush=True)
         else:
             print(f"| {who} | {now:,.0f} | | |", flush=True)
