@@ -119,8 +119,11 @@ def both(run, monkeypatch, body, **kw):
 
 
 def state(client):
-    # The slots' keys are the deadlines' times: only their keys compare.
-    slots = sorted(sorted(v) for v in client._deadlines._slots.values())
+    # The slots' keys are the deadlines' times, and which calls share a slot
+    # depends on when each was made (a grain boundary may fall between two
+    # calls on one run and not on the other: seen under load), so only the
+    # entries compare, not how they are grouped.
+    slots = sorted(entry for v in client._deadlines._slots.values() for entry in v)
     # Not watch.owed: when the ping that follows goes out is a matter of time.
     return (client._conn.next_id, sorted(client._pending), slots)
 
@@ -150,7 +153,7 @@ def test_same_request_and_state(run, monkeypatch, timeout):
     assert results == [b"p0", b"p1", b"p2"]
     assert len(waiting[1]) == 3 and after[1] == []
     assert after[2] == []
-    slotted = sum(len(v) for v in waiting[2])
+    slotted = len(waiting[2])
     assert slotted == (0 if timeout == kelpie.NO_DEADLINE else 3)
 
 

@@ -343,16 +343,9 @@ static PyMethodDef call_module_methods[] = {
 
 int kp_call_init(PyObject *module, kp_state *st)
 {
-    st->call_names = PyTuple_New(N_COUNT);
+    st->call_names = kp_intern_tuple(call_name_text, N_COUNT);
     if (st->call_names == NULL) {
         return -1;
-    }
-    for (Py_ssize_t i = 0; i < N_COUNT; i++) {
-        PyObject *name = PyUnicode_InternFromString(call_name_text[i]);
-        if (name == NULL) {
-            return -1;
-        }
-        PyTuple_SET_ITEM(st->call_names, i, name);
     }
     return PyModule_AddFunctions(module, call_module_methods);
 }

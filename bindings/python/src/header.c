@@ -885,14 +885,7 @@ failed:
     if (!PyErr_ExceptionMatches(PyExc_Exception)) {
         return NULL;
     }
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    if (tb != NULL) {
-        PyException_SetTraceback(exc, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
+    PyObject *exc = kp_take_exception();
     PyObject *r2 = exc != NULL ? PyObject_CallOneArg(on_failure, exc) : NULL;
     Py_XDECREF(exc);
     return r2;
@@ -1022,14 +1015,7 @@ routed:
     goto done;
 failed : {
     /* except BaseException as exc: stop(session, exc) */
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    if (tb != NULL && exc != NULL) {
-        PyException_SetTraceback(exc, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
+    PyObject *exc = kp_take_exception();
     out = exc != NULL ? header_call3(stop, session, exc, NULL) : NULL;
     Py_XDECREF(exc);
     Py_XDECREF(out);

@@ -29,7 +29,8 @@
  *   slots.c      _deadline_add/_remove: the client's deadline slots' common steps
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
- *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type
+ *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type, kp_intern_tuple,
+ *                kp_take_exception
  * This header has one section per file (in the order its types need) and
  * calls nothing but util.c's kp_mutex_lock from kp_socket_lock, so it adds
  * no edge a file could not have.
@@ -135,6 +136,15 @@ void kp_mutex_lock(pthread_mutex_t *mutex);
 /* The state of the module that defined `type` (or a base of it). Never fails
  * for our own types and their subclasses. */
 kp_state *kp_state_from_type(PyTypeObject *type);
+
+/* A tuple of text[0..n-1] interned: the attribute names a module looks up
+ * on every call, made once. NULL with an exception set on failure. */
+PyObject *kp_intern_tuple(const char *const *text, Py_ssize_t n);
+
+/* The exception being raised, taken out of the thread state, normalized
+ * and carrying its traceback: what `except BaseException as exc` binds.
+ * A new reference, or NULL if none was set. */
+PyObject *kp_take_exception(void);
 
 /* ---- error.c ---------------------------------------------------------- */
 

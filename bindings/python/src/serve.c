@@ -332,14 +332,7 @@ static PyObject *serve_run(PyObject *module, kp_state *st, PyObject *const *r, P
     goto done;
 raised : {
     /* except BaseException as exc: await self._unary_raised(...) */
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb);
-    PyErr_NormalizeException(&type, &exc, &tb);
-    if (tb != NULL && exc != NULL) {
-        PyException_SetTraceback(exc, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
+    PyObject *exc = kp_take_exception();
     if (exc != NULL) {
         out = serve_continue(st, r, N_UNARY_RAISED, session, ctx, handler, exc, t0, NULL);
         Py_DECREF(exc);
@@ -410,16 +403,9 @@ static PyMethodDef serve_module_methods[] = {
 
 int kp_serve_init(PyObject *module, kp_state *st)
 {
-    st->serve_names = PyTuple_New(N_COUNT);
+    st->serve_names = kp_intern_tuple(serve_name_text, N_COUNT);
     if (st->serve_names == NULL) {
         return -1;
-    }
-    for (Py_ssize_t i = 0; i < N_COUNT; i++) {
-        PyObject *name = PyUnicode_InternFromString(serve_name_text[i]);
-        if (name == NULL) {
-            return -1;
-        }
-        PyTuple_SET_ITEM(st->serve_names, i, name);
     }
     return PyModule_AddFunctions(module, serve_module_methods);
 }
