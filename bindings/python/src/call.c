@@ -64,18 +64,6 @@ static const char *const call_name_text[N_COUNT] = {
 
 #define CALL_NAME(st, n) PyTuple_GET_ITEM((st)->call_names, (n))
 
-/* The truth of obj.<name>: 1, 0, or -1 with an exception set. */
-static int call_attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) {
-        return -1;
-    }
-    int rc = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return rc;
-}
-
 /* 1 if the context variable's value is None, 0 if it is something else or
  * unset without a default (its get() raises: the Python path's to raise),
  * -1 with an exception set. */
@@ -115,7 +103,7 @@ static int call_eligible(kp_state *st, PyObject *const *r, PyObject *const *args
     /* client.metadata: public, may change at any time (the interceptors,
      * policies and compression are fixed before connect, which leaves the
      * route None when any is set). */
-    rc = call_attr_true(r[R_CLIENT], CALL_NAME(st, N_METADATA));
+    rc = kp_attr_true(r[R_CLIENT], CALL_NAME(st, N_METADATA));
     if (rc != 0) {
         return rc < 0 ? -1 : 0;
     }
@@ -229,7 +217,7 @@ static PyObject *call_start(PyObject *module, kp_state *st, PyObject *const *r, 
     if (sent == PYGEN_RETURN) {
         Py_SETREF(op, Py_NewRef(Py_None));
         Py_SETREF(yielded, Py_NewRef(Py_None));
-        int owed = call_attr_true(r[R_WATCH], CALL_NAME(st, N_OWED));
+        int owed = kp_attr_true(r[R_WATCH], CALL_NAME(st, N_OWED));
         if (owed < 0) {
             goto undo;
         }

@@ -30,7 +30,7 @@
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type, kp_intern_tuple,
- *                kp_take_exception
+ *                kp_take_exception, kp_attr_true
  * This header has one section per file (in the order its types need) and
  * calls nothing but util.c's kp_mutex_lock from kp_socket_lock, so it adds
  * no edge a file could not have.
@@ -145,6 +145,9 @@ PyObject *kp_intern_tuple(const char *const *text, Py_ssize_t n);
  * and carrying its traceback: what `except BaseException as exc` binds.
  * A new reference, or NULL if none was set. */
 PyObject *kp_take_exception(void);
+
+/* The truth of obj.<name>: 1, 0, or -1 with an exception set. */
+int kp_attr_true(PyObject *obj, PyObject *name);
 
 /* ---- error.c ---------------------------------------------------------- */
 

@@ -73,18 +73,6 @@ static const char *const serve_name_text[N_COUNT] = {
 
 #define SERVE_NAME(st, n) PyTuple_GET_ITEM((st)->serve_names, (n))
 
-/* The truth of obj.<name>: 1, 0, or -1 with an exception set. */
-static int serve_attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) {
-        return -1;
-    }
-    int rc = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return rc;
-}
-
 /* The handler for the call when _serve_request takes it (a new
  * reference), Py_None when _on_request must, NULL with an exception. */
 static PyObject *serve_handler(kp_state *st, PyObject *const *r, PyObject *header, PyObject *frames,
@@ -121,14 +109,14 @@ static PyObject *serve_handler(kp_state *st, PyObject *const *r, PyObject *heade
     Py_INCREF(handler);
     /* `handler.client_stream`, `handler.kind != _ON_LOOP`, `handler.stream`:
      * _on_request's other branches. */
-    rc = serve_attr_true(handler, SERVE_NAME(st, N_CLIENT_STREAM));
+    rc = kp_attr_true(handler, SERVE_NAME(st, N_CLIENT_STREAM));
     if (rc == 0) {
         PyObject *kind = PyObject_GetAttr(handler, SERVE_NAME(st, N_KIND));
         rc = kind != NULL ? PyObject_RichCompareBool(kind, r[R_ON_LOOP], Py_NE) : -1;
         Py_XDECREF(kind);
     }
     if (rc == 0) {
-        rc = serve_attr_true(handler, SERVE_NAME(st, N_STREAM));
+        rc = kp_attr_true(handler, SERVE_NAME(st, N_STREAM));
     }
     if (rc != 0) {
         Py_DECREF(handler);
@@ -216,7 +204,7 @@ static PyObject *serve_reply(PyObject *module, kp_state *st, PyObject *const *r,
         rc = trailing != Py_None;
         Py_DECREF(trailing);
         if (rc == 0) {
-            rc = serve_attr_true(ctx, SERVE_NAME(st, N_ZIP));
+            rc = kp_attr_true(ctx, SERVE_NAME(st, N_ZIP));
         }
     }
     if (rc != 0) {

@@ -75,3 +75,14 @@ PyObject *kp_take_exception(void)
     Py_XDECREF(tb);
     return exc;
 }
+
+int kp_attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        return -1;
+    }
+    int rc = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return rc;
+}
