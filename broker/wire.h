@@ -100,7 +100,8 @@ enum kp_err kp_wire_decode(struct kp_arena *a, const void *data, size_t len, siz
                            kp_header **out);
 
 /* kp_wire_decode through protobuf-c alone, which kp_wire_decode's own
- * reading of the common headers must agree with (tests/broker/test_wire.c). */
+ * reading of the common headers must agree with (tests/broker/test_wire.c,
+ * tests/fuzz/fuzz_header.c). */
 enum kp_err kp_wire_decode_generic(struct kp_arena *a, const void *data, size_t len,
                                    size_t max_header, kp_header **out);
 
