@@ -129,7 +129,7 @@ struct op {
     char *queue, *key, *message, *s1, *s2;
     zmq_msg_t payload; /* SUBMIT payload, END result */
     bool has_payload;
-    uint64_t *claims; /* RELEASE: the claims in doubt (their `now`s) */
+    uint64_t *claims; /* RELEASE: the claims in doubt (their names) */
     size_t nclaims;
     char *output; /* END output tail */
     size_t output_len;
@@ -171,13 +171,10 @@ struct kp_engine {
     uint64_t retry_at;
     /* A claim that failed on the shared store may have been committed all
      * the same (a connection cut at COMMIT): its jobs would be leased to this
-     * broker without its knowing. A claim is named by the `now` it ran with
-     * (the journal writes it back into the request), which the store writes
-     * as the attempts' start; the failed ones are kept until a RELEASE has put
-     * their jobs back. Not made unique (that would run claims' clocks ahead
-     * under load): a claim of this broker committed
-     * in the same millisecond as one in doubt has its jobs put back too, to
-     * run again (at-least-once), a rare case of a rare case. */
+     * broker without its knowing. A claim has a name of its own (the journal
+     * writes it into the request), which the store writes in the rows it
+     * leases; the failed ones are kept until a RELEASE has put their jobs
+     * back, and no other claim's. */
     uint64_t *doubt;
     size_t ndoubt, doubt_cap;
     bool releasing;
@@ -1209,8 +1206,10 @@ static void claim_done(struct kp_broker *b, struct op *o, struct kp_journal_req 
         b->stats.jobs_store_errors++;
         kp_log_warn("claim from %s failed: %s", q->name,
                     r->out.errmsg ? r->out.errmsg : kp_strerror(r->out.err));
-        if (engine(b)->store_url)
-            doubt_add(engine(b), &r->now, 1);
+        /* One that never reached the store leased nothing: an outage's
+         * stream of refused SUBMITs would otherwise fill the list. */
+        if (engine(b)->store_url && r->claim && !r->out.unsent)
+            doubt_add(engine(b), &r->claim, 1);
         return;
     }
     size_t n = r->out.jobs.n;
@@ -3008,6 +3007,7 @@ void kp_jobs_stats_json(struct kp_broker *b, struct kp_json *j)
         kp_json_u64(j, "journal_largest_batch", js.largest_batch);
         kp_json_u64(j, "journal_rejected_full", js.rejected_full);
         kp_json_u64(j, "journal_group_reruns", js.group_reruns);
+        kp_json_u64(j, "claims_in_doubt", e->ndoubt);
         kp_json_str(j, "store_health", js.unhealthy ? js.error : "ok");
     }
     kp_json_u64(j, "watches", zhashx_size(e->watchers));

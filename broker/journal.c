@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -20,6 +21,13 @@
 
 #include "alloc.h"
 #include "log.h"
+
+/* Claims' names (kp_journal_req.claim): unique in the process, so unique
+ * per broker id (a new one at every start), whatever the clock says. Two
+ * claims made in the same millisecond were one name when a claim was named
+ * by its now, so putting back one whose COMMIT's answer was lost put back
+ * the other's running jobs too. */
+static atomic_uint_fast64_t journal_claims;
 
 struct journal_list {
     struct kp_journal_req *head, *tail;
@@ -103,6 +111,7 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
     enum kp_err err = KP_EINVAL;
     switch (r->op) {
     case KP_JOURNAL_SUBMIT:
+        r->claim = now; /* kp_store_claim's name for it */
         r->out.refs = kp_calloc(r->in.njobs ? r->in.njobs : 1, sizeof *r->out.refs);
         err = kp_store_insert(s, r->in.jobs, r->in.njobs, now, r->out.refs);
         /* A claim may ride on a SUBMIT (same transaction, one fsync). Its
@@ -113,6 +122,7 @@ static void journal_run(struct kp_store *s, struct kp_journal_req *r)
             kp_jobs_clear(&r->out.jobs);
         break;
     case KP_JOURNAL_CLAIM:
+        r->claim = now;
         err = kp_store_claim_limited(s, r->in.queue, r->in.max, r->in.owner, now, &r->in.limits,
                                      &r->out.jobs, &r->out.wait_ms);
         break;
@@ -167,9 +177,12 @@ static bool journal_is_hot(const struct kp_journal_req *r)
 static void journal_op(struct kp_journal_req *r, struct kp_store_op *op)
 {
     memset(op, 0, sizeof *op);
-    /* Kept in r: a claim in doubt is named by its now (jobs.c, doubt_add),
-     * and a group run again uses the same. */
+    /* Kept in r, so a group run again uses the same; likewise a claim's
+     * name, which a claim in doubt is put back by (jobs.c, doubt_add). */
     op->now = r->now = r->now ? r->now : kp_store_now();
+    if (!r->claim && (r->op == KP_JOURNAL_CLAIM || r->in.max > 0))
+        r->claim = atomic_fetch_add(&journal_claims, 1) + 1;
+    op->claim = r->claim;
     op->owner = r->in.owner;
     op->limits = &r->in.limits;
     op->claimed = &r->out.jobs;
@@ -224,6 +237,7 @@ static enum kp_err journal_run_hot(struct kp_store *s, struct kp_journal_req **r
     r = *rp;
     for (size_t i = 0; i < n; i++, r = r->next) {
         r->out.err = ops[i].err;
+        r->out.unsent = ops[i].unsent;
         kp_free(r->out.errmsg);
         r->out.errmsg = ops[i].errmsg; /* taken over */
         if (r->out.err != KP_OK)

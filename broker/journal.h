@@ -58,9 +58,11 @@ enum kp_journal_op {
 
 struct kp_journal_req {
     enum kp_journal_op op;
-    uint64_t tag; /* the caller's, untouched: which call this answers */
-    uint64_t now; /* ms since epoch for the store; 0: the journal's clock when it runs,
-                     written here then */
+    uint64_t tag;   /* the caller's, untouched: which call this answers */
+    uint64_t now;   /* ms since epoch for the store; 0: the journal's clock when it runs,
+                       written here then */
+    uint64_t claim; /* CLAIM, SUBMIT with a claim: the claim's name (kp_store_op.claim),
+                       unique in this process; written here when it runs */
     struct {
         const struct kp_job_new *jobs; /* SUBMIT: borrowed */
         size_t njobs;
@@ -73,7 +75,7 @@ struct kp_journal_req {
         uint32_t attempt;            /* END */
         struct kp_job_end end;       /* END: its pointers borrowed */
         struct kp_job_filter filter; /* LIST: its pointers borrowed */
-        const uint64_t *claims;      /* RELEASE: the claims' `now`s, borrowed */
+        const uint64_t *claims;      /* RELEASE: the claims' names, borrowed */
         size_t nclaims;
     } in;
     struct {
@@ -86,6 +88,7 @@ struct kp_journal_req {
         size_t count, count2;          /* DLQ_*, EXPIRE */
         uint64_t wait_ms; /* CLAIM: the global rate cut it short; one more start then */
         uint64_t commit;  /* number of the transaction that carried it */
+        bool unsent;      /* failed before any of it reached the store (kp_store_op.unsent) */
     } out;
     struct kp_journal_req *next; /* the journal's queue link */
 };

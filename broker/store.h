@@ -197,10 +197,11 @@ struct kp_store_op {
     uint64_t now;
     const struct kp_job_new *jobs; /* INSERT */
     size_t njobs;
-    struct kp_job_ref *refs;              /* INSERT: njobs entries, filled */
-    const char *queue;                    /* CLAIM; INSERT: NULL for no claim riding on it */
-    size_t max;                           /* CLAIM, and the one riding on an INSERT */
-    uint64_t owner;                       /* the claiming broker's id */
+    struct kp_job_ref *refs; /* INSERT: njobs entries, filled */
+    const char *queue;       /* CLAIM; INSERT: NULL for no claim riding on it */
+    size_t max;              /* CLAIM, and the one riding on an INSERT */
+    uint64_t owner;          /* the claiming broker's id */
+    uint64_t claim;          /* CLAIM, riding claim: its name, unique among owner's (0: now) */
     const struct kp_claim_limits *limits; /* NULL for none */
     struct kp_jobs *claimed;              /* leased jobs are appended here (when claiming) */
     uint64_t *wait_ms;                    /* as claim_limited's (when claiming) */
@@ -209,7 +210,8 @@ struct kp_store_op {
     const struct kp_job_end *end;         /* END */
     enum kp_job_state *state;             /* END: the job's new state */
     enum kp_err err;                      /* answer: KP_OK or why this operation failed */
-    char *errmsg;                         /* answer: owned (kp_free), NULL on success */
+    bool unsent;  /* answer: it failed before any of it reached the store (never committed) */
+    char *errmsg; /* answer: owned (kp_free), NULL on success */
 };
 
 struct kp_store;
@@ -493,9 +495,8 @@ enum kp_err kp_store_recover(struct kp_store *s, uint64_t now, size_t *n);
 enum kp_err kp_store_heartbeat(struct kp_store *s, uint64_t now, size_t *n);
 
 /* Shared stores (PostgreSQL): puts back, as recover() does, the jobs leased
- * to `owner` by the claims made at claims[0..nclaims) (each claim's `now`;
- * another claim of `owner` made in the same millisecond is put back too,
- * which costs its jobs a second run, never a loss). They are claims
+ * to `owner` by the claims named claims[0..nclaims) (kp_store_op.claim; a
+ * claim of kp_store_claim is named by its now), and no other. They are claims
  * that failed for the broker but whose COMMIT may have reached the server
  * all the same (a connection cut at that moment): their jobs would be leased
  * to a live broker that does not know it holds them, and its heartbeat keeps

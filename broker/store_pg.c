@@ -130,21 +130,24 @@ static const char pg_insert_keyed_sql[] =
 /* The claim's lease of the picked jobs: each starts its next attempt in its
  * row, and the one it ended before (a retry's) moves to `attempts`. The
  * picked rows are locked, so each is leased, and their columns read here
- * are the values the lease replaces. */
-#define PG_LEASE(OWNER)                                                                            \
+ * are the values the lease replaces. CLAIM names the claim (`claim`, see
+ * pg_release_claims). */
+#define PG_LEASE(OWNER, CLAIM)                                                                     \
     "leased AS (UPDATE jobs j SET state = 2, attempts = j.attempts + 1, owner = " OWNER ", "       \
+    "  claim = " CLAIM "::bigint, "                                                                \
     "  updated_at = $4, att_outcome = 0, att_started_at = $4, att_ended_at = 0, "                  \
     "  att_message = NULL FROM picked WHERE j.id = picked.id RETURNING j.*), "                     \
     "kept AS (INSERT INTO attempts(job_seq, n, outcome, started_at, ended_at, message) "           \
     "  SELECT seq, attempts, att_outcome, att_started_at, att_ended_at, att_message "              \
     "  FROM picked WHERE attempts > 0) "
 
-/* $1 queue, $2 max, $3 owner, $4 now. (Not formatted: one part a line.) */
+/* $1 queue, $2 max, $3 owner, $4 now, $5 the claim's name. (Not formatted:
+ * one part a line.) */
 /* clang-format off */
 static const char pg_claim_sql[] =
     "WITH "
     PG_PICK("$2")
-    PG_LEASE("$3")
+    PG_LEASE("$3", "$5")
     "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
 /* clang-format on */
 
@@ -163,7 +166,8 @@ static const char pg_limits_sql[] =
 /* The claim of a limited queue, after pg_limits_sql: as pg_claim_sql, but
  * no more than the bucket's whole tokens ($5 rate, 0 for none) and the room
  * under the concurrency limit ($6, 0 for none; leases of every broker)
- * allow, spending a token per job leased. (Not formatted: one part a line.) */
+ * allow, spending a token per job leased; $7 the claim's name. (Not formatted: one
+ * part a line.) */
 /* clang-format off */
 static const char pg_claim_limited_sql[] =
     "WITH room AS (SELECT least($2::bigint, "
@@ -172,7 +176,7 @@ static const char pg_claim_limited_sql[] =
     "  CASE WHEN $6::bigint > 0 THEN greatest(0, $6 - (SELECT count(*) FROM jobs "
     "    WHERE queue = $1 AND state = 2)) ELSE $2 END) AS n), "
     PG_PICK("(SELECT n FROM room)")
-    PG_LEASE("$3::bigint") ", "
+    PG_LEASE("$3::bigint", "$7") ", "
     "spent AS (UPDATE queue_limits SET tokens = tokens - (SELECT count(*) FROM leased) "
     "  WHERE queue = $1 AND $5 > 0 AND EXISTS (SELECT 1 FROM leased)) "
     "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
@@ -204,7 +208,8 @@ static const char pg_inserts_sql[] =
  * that claim would have leased, without the claim's row lock, its update
  * of every row and the payloads' trip back. Each is leased as PG_LEASE
  * leases, attempt 1 started at its claim's `now` (not its SUBMIT's: the
- * two may differ), so kp_store_release_claims finds it with that claim's. Their queues' other
+ * two may differ) and carrying the claim's name ($16, per row), so
+ * kp_store_release_claims finds it with that claim's. Their queues' other
  * brokers are not told of them; a queue that was not idle is announced here ($15: this broker's id
  * in hex), since pipe_once left its jobs out of the group's notifications. Answers the ids leased,
  * and a row of NULL that only makes the notifications run. The queues' probes are an InitPlan, not
@@ -213,8 +218,8 @@ static const char pg_inserts_sql[] =
 static const char pg_inserts_lease_sql[] =
     "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], "
     "  $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bytea[], "
-    "  $11::bigint[], $12::text[], $13::bigint[]) AS v(id, queue, state, prio, run_at, now, "
-    "  maxatt, timeout, ttl, payload, backoff, trace, lease)), "
+    "  $11::bigint[], $12::text[], $13::bigint[], $16::bigint[]) AS v(id, queue, state, prio, "
+    "  run_at, now, maxatt, timeout, ttl, payload, backoff, trace, lease, lclaim)), "
     "lq AS (SELECT queue, max(now) AS now FROM v WHERE lease > 0 GROUP BY queue), "
     "idle AS (SELECT coalesce(array_agg(queue), '{}') AS qs FROM lq WHERE "
     "  NOT EXISTS (SELECT 1 FROM jobs j WHERE j.queue = lq.queue AND j.state = 1) AND "
@@ -222,11 +227,11 @@ static const char pg_inserts_lease_sql[] =
     "    AND j.run_at <= lq.now)), "
     "ins AS (INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
     "  max_attempts, timeout_ms, result_ttl_ms, payload, backoff_ms, trace, attempts, owner, "
-    "  att_started_at) "
+    "  att_started_at, claim) "
     "  SELECT id, queue, CASE WHEN l THEN 2 ELSE state END, prio, run_at, now, "
     "  CASE WHEN l THEN lease ELSE now END, maxatt, timeout, ttl, payload, backoff, trace, "
     "  CASE WHEN l THEN 1 ELSE 0 END, CASE WHEN l THEN $14::bigint ELSE 0 END, "
-    "  CASE WHEN l THEN lease ELSE 0 END "
+    "  CASE WHEN l THEN lease ELSE 0 END, CASE WHEN l THEN lclaim ELSE 0 END "
     "  FROM (SELECT v.*, v.lease > 0 AND v.queue = ANY((SELECT qs FROM idle)::text[]) AS l FROM v) x "
     "  RETURNING id, state), "
     "n AS (SELECT count(pg_notify('" PG_CHANNEL "', 'r ' || $15::text || ' ' || queue)) AS sent "
@@ -235,16 +240,17 @@ static const char pg_inserts_lease_sql[] =
 /* clang-format on */
 
 /* The claim riding on a SUBMIT some of whose group's jobs were inserted
- * leased for it ($5: their ids): as pg_claim_sql, but it leases only what
+ * leased for it ($6: their ids): as pg_claim_sql, but it leases only what
  * is left of $2 once those that were leased are counted, so the broker
  * never gets more than it asked for. It runs after the INSERT in the same
- * transaction and sees them. (Not formatted: one part a line.) */
+ * transaction and sees them; $5 the claim's name. (Not formatted: one part a
+ * line.) */
 /* clang-format off */
 static const char pg_claim_rest_sql[] =
     "WITH room AS (SELECT greatest(0, $2::bigint - (SELECT count(*) FROM jobs "
-    "  WHERE id = ANY($5::text[]) AND state = 2 AND owner = $3::bigint)) AS n), "
+    "  WHERE id = ANY($6::text[]) AND state = 2 AND owner = $3::bigint)) AS n), "
     PG_PICK("(SELECT n FROM room)")
-    PG_LEASE("$3")
+    PG_LEASE("$3", "$5")
     "SELECT " PG_JOB_COLS ", payload, trace FROM leased ORDER BY priority DESC, seq";
 /* clang-format on */
 
@@ -835,7 +841,14 @@ static void stmt_limits(const char *queue, const struct kp_claim_limits *lim, st
 }
 
 /* The claim itself: pg_claim_sql, or pg_claim_limited_sql after stmt_limits. */
-static void stmt_claim(const char *queue, size_t max, uint64_t owner, uint64_t now,
+/* The name a claim's leases carry (jobs.claim): the journal's, unique to
+ * the claim; a claim made outside one (kp_store_claim) is named by its now. */
+static uint64_t op_claim(const struct kp_store_op *op)
+{
+    return op->claim ? op->claim : op->now;
+}
+
+static void stmt_claim(const char *queue, size_t max, uint64_t owner, uint64_t now, uint64_t claim,
                        const struct kp_claim_limits *lim, struct pg_stmt *st)
 {
     bool limited = pg_limited(lim);
@@ -850,6 +863,7 @@ static void stmt_claim(const char *queue, size_t max, uint64_t owner, uint64_t n
         arg_i64(&st->a, lim->rate);
         arg_i64(&st->a, lim->concurrency);
     }
+    arg_i64(&st->a, (int64_t)claim);
 }
 
 /* Appends a claim's leased jobs to out; with a rate, *wait_ms is how long
@@ -1081,7 +1095,7 @@ static void pg_remember_limited(struct pg_store *q, const char *queue)
 }
 
 static enum kp_err pg_claim_slow(struct pg_store *q, const char *queue, size_t max, uint64_t owner,
-                                 uint64_t now, const struct kp_claim_limits *lim,
+                                 uint64_t now, uint64_t claim, const struct kp_claim_limits *lim,
                                  struct kp_jobs *out, uint64_t *wait_ms)
 {
     *wait_ms = 0;
@@ -1100,7 +1114,7 @@ static enum kp_err pg_claim_slow(struct pg_store *q, const char *queue, size_t m
         }
     }
     if (err == KP_OK) {
-        stmt_claim(queue, max, owner, now, lim, &st);
+        stmt_claim(queue, max, owner, now, claim, lim, &st);
         err = pg_run(q, st.sql, &st.a, st.what, &r);
     }
     err = pg_op_end(q, err);
@@ -1315,6 +1329,7 @@ struct pg_plan {
     const struct kp_store_op *ops;
     uint64_t owner;  /* the broker the riding claims lease to */
     uint64_t *lease; /* per row of the arrays: its claim's now, 0 if none */
+    uint64_t *named; /* per row: its claim's name (op_claim) */
     size_t *nlease;  /* per operation: jobs leased for its riding claim */
     bool any;
 };
@@ -1385,6 +1400,7 @@ static void plan_leases(struct pg_plan *p, const struct kp_store_op *ops, size_t
         return;
     p->c = kp_calloc(rows, sizeof *p->c);
     p->lease = kp_calloc(rows, sizeof *p->lease);
+    p->named = kp_calloc(rows, sizeof *p->named);
     p->nlease = kp_calloc(n, sizeof *p->nlease);
     size_t row = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1423,6 +1439,7 @@ static void plan_leases(struct pg_plan *p, const struct kp_store_op *ops, size_t
             for (size_t room = ops[i].max; room > 0 && k < b; room--, k++) {
                 p->c[k].to = i;
                 p->lease[p->c[k].row] = ops[i].now;
+                p->named[p->c[k].row] = op_claim(&ops[i]);
                 p->nlease[i]++;
                 p->any = true;
             }
@@ -1435,6 +1452,7 @@ static void plan_free(struct pg_plan *p)
 {
     kp_free(p->c);
     kp_free(p->lease);
+    kp_free(p->named);
     kp_free(p->nlease);
     memset(p, 0, sizeof *p);
 }
@@ -1490,7 +1508,7 @@ static bool pipe_claim(struct pg_store *q, const struct kp_store_op *op, size_t 
         ok = pipe_send(q, st.sql, &st.a);
         pipe_add(sent, nsent, S_LIMITS, i, 0, st.what);
     }
-    stmt_claim(op->queue, op->max, op->owner, op->now, op->limits, &st);
+    stmt_claim(op->queue, op->max, op->owner, op->now, op_claim(op), op->limits, &st);
     ok = ok && pipe_send(q, st.sql, &st.a);
     pipe_add(sent, nsent, S_CLAIM, i, 0, st.what);
     return ok;
@@ -1506,7 +1524,7 @@ static bool pipe_claim_rest(struct pg_store *q, const struct kp_store_op *op, si
     for (size_t k = 0; k < p->n; k++)
         if (p->c[k].to == i)
             arr_text(&ids, p->ops[p->c[k].op].refs[p->c[k].job].id.s);
-    stmt_claim(op->queue, op->max, op->owner, op->now, NULL, &st);
+    stmt_claim(op->queue, op->max, op->owner, op->now, op_claim(op), NULL, &st);
     st.sql = pg_claim_rest_sql;
     arr_arg(&st.a, &ids, PG_OID_TEXT);
     bool ok = pipe_send(q, st.sql, &st.a);
@@ -1548,7 +1566,7 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
      * statement, then the claims (each after the jobs it may ride on).
      * Ends before claims is an order the operations could have come in. */
     struct pg_stmt st;
-    struct pg_arr ins[I_COLS] = {0}, fin[E_COLS] = {0}, lease = {0};
+    struct pg_arr ins[I_COLS] = {0}, fin[E_COLS] = {0}, lease = {0}, named = {0};
     size_t row = 0;
     *nends = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1565,6 +1583,7 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
                     if (plan->any) {
                         leasable = plan->lease[row] > 0;
                         arr_i64(&lease, (int64_t)plan->lease[row]);
+                        arr_i64(&named, (int64_t)plan->named[row]);
                     }
                     row++;
                 }
@@ -1594,6 +1613,7 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
             arr_arg(&st.a, &lease, PG_OID_INT8);
             arg_i64(&st.a, (int64_t)plan->owner);
             arg_text(&st.a, hex);
+            arr_arg(&st.a, &named, PG_OID_INT8);
         }
         ok = pipe_send(q, st.sql, &st.a);
         pipe_add(sent, nsent, S_INSERTS, 0, 0, st.what);
@@ -1620,6 +1640,7 @@ static enum pg_pipe_end pipe_once(struct pg_store *q, struct kp_store_op *ops, s
     arrs_free(fin, E_COLS);
     arrs_free(&limited, 1);
     arrs_free(&lease, 1);
+    arrs_free(&named, 1);
     for (size_t i = 0; i < n && ok; i++) {
         struct kp_store_op *op = &ops[i];
         if (op->err != KP_OK)
@@ -1757,8 +1778,8 @@ static void op_slow(struct pg_store *q, struct kp_store_op *op)
         err = pg_insert_slow(q, op->jobs, op->njobs, op->now, op->refs);
         if (err == KP_OK && op->queue && op->max > 0) {
             size_t had = op->claimed->n;
-            if (pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op->limits, op->claimed,
-                              op->wait_ms) != KP_OK) {
+            if (pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op_claim(op), op->limits,
+                              op->claimed, op->wait_ms) != KP_OK) {
                 while (op->claimed->n > had)
                     kp_job_clear(&op->claimed->v[--op->claimed->n]);
                 *op->wait_ms = 0;
@@ -1767,8 +1788,8 @@ static void op_slow(struct pg_store *q, struct kp_store_op *op)
         break;
     case KP_STORE_OP_CLAIM:
         if (op->max > 0)
-            err = pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op->limits, op->claimed,
-                                op->wait_ms);
+            err = pg_claim_slow(q, op->queue, op->max, op->owner, op->now, op_claim(op), op->limits,
+                                op->claimed, op->wait_ms);
         break;
     case KP_STORE_OP_END:
         err = pg_end_slow(q, op->id, op->attempt, op->end, op->now, op->state);
@@ -1902,11 +1923,14 @@ static void pipe_read(struct pg_store *q, struct kp_store_op *ops, size_t n, str
 static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool *late)
 {
     if (q->txn_err) {
+        /* Nothing of a lost group's transaction is ever committed. */
         kp_store_fail(&q->base, q->txn_err, "the group's transaction was already lost: %s",
                       q->txn_why);
         for (size_t i = 0; i < n; i++)
-            if (ops[i].err == KP_OK)
+            if (ops[i].err == KP_OK) {
                 op_fail(q, &ops[i], q->txn_err);
+                ops[i].unsent = true;
+            }
         return;
     }
     /* BEGIN, SAVEPOINT, RELEASE, NOTIFY, COMMIT, the multi-row insert and
@@ -1936,6 +1960,7 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
     bool refused = false;
     struct pg_plan plan;
     plan_leases(&plan, ops, n);
+    bool tried = err == KP_OK;
     if (err == KP_OK) {
         why[0] = '\0';
         end = pipe_once(q, ops, n, began, &plan, sent, &nsent, ends, &nends, &refused, why);
@@ -1982,11 +2007,14 @@ static void pg_pipe(struct pg_store *q, struct kp_store_op *ops, size_t n, bool 
     kp_free(sent);
     kp_free(ends);
     if (err != KP_OK) {
-        /* The group is lost with the connection (or its undo failed). */
+        /* The group is lost with the connection (or its undo failed). When
+         * there was none to send it on, nothing of it reached the server. */
         pg_txn_lost(q, err);
         for (size_t i = 0; i < n; i++)
-            if (ops[i].err == KP_OK)
+            if (ops[i].err == KP_OK) {
                 op_fail(q, &ops[i], err);
+                ops[i].unsent = !tried;
+            }
     }
 }
 
@@ -2399,9 +2427,9 @@ static enum kp_err pg_recover(struct kp_store *s, uint64_t now, size_t *n)
     return pg_recover_at(pg(s), now, now, n);
 }
 
-/* See kp_store_release_claims. A claim leases with att_started_at = its
- * `now`, so these are the jobs of those claims still leased here (and of
- * any other claim of this broker in the same millisecond). */
+/* See kp_store_release_claims. A claim writes its name in the rows it
+ * leases (`claim`), so these are the jobs of those claims still leased
+ * here, and of no other. */
 static enum kp_err pg_release_claims(struct kp_store *s, uint64_t owner, const uint64_t *claims,
                                      size_t nclaims, uint64_t now, size_t *n)
 {
@@ -2425,7 +2453,7 @@ static enum kp_err pg_release_claims(struct kp_store *s, uint64_t owner, const u
     if (err == KP_OK)
         err = pg_run(q,
                      "SELECT " PG_JOB_COLS " FROM jobs WHERE state = 2 AND owner = $1 AND "
-                     "att_started_at = ANY($2::bigint[]) ORDER BY seq FOR UPDATE",
+                     "claim = ANY($2::bigint[]) ORDER BY seq FOR UPDATE",
                      &a, "find the jobs of claims in doubt", &r);
     for (int i = 0; err == KP_OK && i < PQntuples(r); i++) {
         enum kp_job_state st;

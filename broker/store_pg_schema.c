@@ -8,7 +8,7 @@
 
 #include "store_pg_impl.h"
 
-#define PG_SCHEMA_VERSION 5
+#define PG_SCHEMA_VERSION 6
 /* Any constant: serialises schema creation between brokers starting at once. */
 #define PG_SCHEMA_LOCK 0x4b656c706965ll
 
@@ -41,10 +41,12 @@ _Static_assert(KP_JOB_SCHEDULED == 0 && KP_JOB_QUEUED == 1 && KP_JOB_LEASED == 2
  * unique key (seq, its insertion order, has no index of its own) and under
  * the "C" collation, like `queue` (byte comparisons, not strcoll).
  * Version 5 leaves room in jobs' pages for its rows' updates
- * (PG_JOBS_FILLFACTOR). */
+ * (PG_JOBS_FILLFACTOR). Version 6 names the claim that leased a job
+ * (`claim`, unique among its owner's claims), so putting back the jobs of
+ * a claim whose COMMIT's answer was lost puts back no other claim's. */
 static const char pg_schema[] =
     "CREATE TABLE kelpie_meta(version integer NOT NULL);"
-    "INSERT INTO kelpie_meta VALUES (5);"
+    "INSERT INTO kelpie_meta VALUES (6);"
     "CREATE TABLE brokers("
     " id bigint PRIMARY KEY,"
     " heartbeat_at bigint NOT NULL," /* ms since epoch, the broker's clock */
@@ -64,6 +66,7 @@ static const char pg_schema[] =
     " timeout_ms bigint NOT NULL,"
     " result_ttl_ms bigint NOT NULL,"
     " owner bigint NOT NULL DEFAULT 0," /* the broker holding the lease */
+    " claim bigint NOT NULL DEFAULT 0," /* the owner's claim that leased it */
     " expires_at bigint,"
     " idem_key text,"
     " backoff_ms bigint NOT NULL DEFAULT 0,"
@@ -141,6 +144,13 @@ static const char pg_migrate_3_4[] =
 static const char pg_migrate_4_5[] = "ALTER TABLE jobs SET (fillfactor = " PG_JOBS_FILLFACTOR ");"
                                      "UPDATE kelpie_meta SET version = 5;";
 
+/* From version 5 to 6 (jobs' claim): a column with a constant default,
+ * which PostgreSQL adds without rewriting the table. Jobs leased before
+ * carry 0, no claim's name: their brokers stopped for the upgrade, so
+ * recover() puts them back by lease age. */
+static const char pg_migrate_5_6[] = "ALTER TABLE jobs ADD COLUMN claim bigint NOT NULL DEFAULT 0;"
+                                     "UPDATE kelpie_meta SET version = 6;";
+
 /* Creates the schema if the database has none; refuses another version and
  * a database with tables of something else. */
 enum kp_err pg_schema_setup(struct pg_store *q)
@@ -178,6 +188,8 @@ enum kp_err pg_schema_setup(struct pg_store *q)
                 v = 4;
             if (v == 4 && (err = pg_exec(q, pg_migrate_4_5, "migrate schema 4 to 5")) == KP_OK)
                 v = 5;
+            if (v == 5 && (err = pg_exec(q, pg_migrate_5_6, "migrate schema 5 to 6")) == KP_OK)
+                v = 6;
             if (err == KP_OK && v != PG_SCHEMA_VERSION)
                 err =
                     kp_store_fail(&q->base, KP_ESTORECORRUPT,

@@ -1524,6 +1524,67 @@ Test(store_pg, a_claim_riding_on_an_idle_queue_gets_its_jobs_leased_at_insert, .
     kp_store_destroy(&s);
 }
 
+/* A RELEASE puts back the jobs of the claims it names and of no other,
+ * though another claim of the same broker ran in the same millisecond: by
+ * a CLAIM of its own, or riding on a SUBMIT with the jobs leased at insert.
+ * (Up to schema version 5 a claim was named by its now, and the running
+ * jobs of the claim that had committed were put back with the one in
+ * doubt, to run twice.) */
+Test(store_pg, a_release_puts_back_only_the_claims_it_names, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 7, 10000, T0);
+    struct kp_job_new in[4];
+    struct kp_job_ref ref[4];
+    for (int i = 0; i < 4; i++)
+        in[i] = ts_job("q", 0, "p");
+    cr_assert_eq(kp_store_insert(s, in, 4, T0, ref), KP_OK, "%s", kp_store_errmsg(s));
+    struct kp_jobs got[2] = {{0}};
+    uint64_t wait[2];
+    for (int i = 0; i < 2; i++) {
+        struct kp_store_op op = {.kind = KP_STORE_OP_CLAIM,
+                                 .now = T0 + 1,
+                                 .claim = 11 + (uint64_t)i,
+                                 .queue = "q",
+                                 .max = 2,
+                                 .owner = 7,
+                                 .claimed = &got[i],
+                                 .wait_ms = &wait[i]};
+        lt_group(s, &op, 1);
+        cr_assert_eq(got[i].n, 2);
+    }
+    /* Two SUBMITs to an idle queue, each with a claim riding on it, in two
+     * groups of the same millisecond: each job leased at insert. */
+    struct kp_job_new rin[2] = {ts_job("r", 0, "a"), ts_job("r", 0, "b")};
+    struct kp_job_ref rref[2];
+    struct kp_jobs rode[2] = {{0}};
+    uint64_t rwait[2];
+    for (int i = 0; i < 2; i++) {
+        struct kp_store_op op = lt_submit(&rin[i], &rref[i], &rode[i], &rwait[i], 1, T0 + 1);
+        op.claim = 21 + (uint64_t)i;
+        lt_group(s, &op, 1);
+        cr_assert_eq(rode[i].n, 1);
+        cr_assert(rode[i].v[0].leased_at_insert);
+    }
+    size_t back = 0;
+    uint64_t doubt[2] = {12, 22};
+    cr_assert_eq(kp_store_release_claims(s, 7, doubt, 2, T0 + 10, &back), KP_OK, "%s",
+                 kp_store_errmsg(s));
+    cr_assert_eq(back, 3, "claim 12's two jobs and claim 22's one");
+    for (size_t i = 0; i < 2; i++) {
+        cr_assert_eq(ts_state(s, &got[0].v[i].id), KP_JOB_LEASED, "claim 11's jobs run on");
+        cr_assert_eq(ts_state(s, &got[1].v[i].id), KP_JOB_QUEUED);
+    }
+    cr_assert_eq(ts_state(s, &rode[0].v[0].id), KP_JOB_LEASED, "claim 21's job runs on");
+    cr_assert_eq(ts_state(s, &rode[1].v[0].id), KP_JOB_QUEUED);
+    for (int i = 0; i < 2; i++) {
+        kp_jobs_clear(&got[i]);
+        kp_jobs_clear(&rode[i]);
+    }
+    kp_store_destroy(&s);
+}
+
 /* A job ready before the SUBMIT (queued, or scheduled and due) is claimed
  * first: the new job is inserted queued behind it, not leased over it. */
 Test(store_pg, a_ready_job_is_claimed_before_a_new_one_is_leased_at_insert, .timeout = 60)
@@ -1742,7 +1803,7 @@ Test(store_pg, schema_3_is_migrated_in_place, .timeout = 60)
         T0 - 8, T0 - 5, T0 - 3, T0 - 2);
     pgt_exec(db, sql);
     struct kp_store *s = pgt_open(db, 1, 10000, T0);
-    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 5);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 6);
     kp_job_id a, b, c;
     snprintf(a.s, sizeof a.s, "01AAAAAAAAAAAAAAAAAAAAAAAA");
     snprintf(b.s, sizeof b.s, "01BBBBBBBBBBBBBBBBBBBBBBBB");
@@ -1820,7 +1881,7 @@ Test(store_pg, schema_2_is_migrated_to_keep_traceparents, .timeout = 60)
     cr_assert(j.trace && strcmp(j.trace, in.trace) == 0);
     kp_job_clear(&j);
     kp_store_destroy(&s);
-    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 5);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 6);
 }
 
 /* A version 4 database (jobs' pages packed full) is migrated on open to
@@ -1833,7 +1894,8 @@ Test(store_pg, schema_4_is_migrated_to_leave_room_in_pages, .timeout = 60)
     struct kp_store *s = pgt_open(db, 1, 10000, T0);
     kp_store_destroy(&s);
     /* What version 4 created: the same tables, jobs without a fillfactor. */
-    pgt_exec(db, "ALTER TABLE jobs RESET (fillfactor); UPDATE kelpie_meta SET version = 4;"
+    pgt_exec(db, "ALTER TABLE jobs RESET (fillfactor), DROP COLUMN claim;"
+                 "UPDATE kelpie_meta SET version = 4;"
                  "INSERT INTO jobs(id, queue, state, priority, run_at, created_at, updated_at, "
                  "max_attempts, timeout_ms, result_ttl_ms, payload) "
                  "VALUES ('01AAAAAAAAAAAAAAAAAAAAAAAA', 'q', 1, 1, 0, 0, 0, 3, 0, 0, 'old')");
@@ -1841,7 +1903,7 @@ Test(store_pg, schema_4_is_migrated_to_leave_room_in_pages, .timeout = 60)
                                "AND reloptions IS NOT NULL"),
                  0);
     s = pgt_open(db, 1, 10000, T0);
-    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 5);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 6);
     cr_assert_eq(pgt_value(db, "SELECT count(*) FROM pg_class WHERE relname = 'jobs' "
                                "AND 'fillfactor=50' = ANY(reloptions)"),
                  1);
@@ -1849,6 +1911,41 @@ Test(store_pg, schema_4_is_migrated_to_leave_room_in_pages, .timeout = 60)
     cr_assert(ts_claim(s, "q", T0, &j));
     cr_assert_str_eq(j.id.s, "01AAAAAAAAAAAAAAAAAAAAAAAA");
     kp_job_clear(&j);
+    kp_store_destroy(&s);
+}
+
+/* Version 5 (no claim names) gains the column, 0 in the rows already
+ * there; claims from then on name their leases. */
+Test(store_pg, schema_5_is_migrated_to_name_claims, .timeout = 60)
+{
+    char db[512];
+    pgt_db_new(db, sizeof db);
+    struct kp_store *s = pgt_open(db, 1, 10000, T0);
+    struct kp_job_new in[2] = {ts_job("q", 0, "a"), ts_job("q", 0, "b")};
+    struct kp_job_ref ref[2];
+    cr_assert_eq(kp_store_insert(s, in, 2, T0, ref), KP_OK, "%s", kp_store_errmsg(s));
+    struct kp_job j;
+    cr_assert(ts_claim(s, "q", T0, &j));
+    kp_job_clear(&j);
+    kp_store_destroy(&s);
+    pgt_exec(db, "ALTER TABLE jobs DROP COLUMN claim; UPDATE kelpie_meta SET version = 5");
+    s = pgt_open(db, 1, 10000, T0);
+    cr_assert_eq(pgt_value(db, "SELECT version FROM kelpie_meta"), 6);
+    cr_assert_eq(pgt_value(db, "SELECT count(*) FROM jobs WHERE claim = 0"), 2);
+    struct kp_jobs got = {0};
+    uint64_t wait;
+    struct kp_store_op op = {.kind = KP_STORE_OP_CLAIM,
+                             .now = T0 + 1,
+                             .claim = 5,
+                             .queue = "q",
+                             .max = 1,
+                             .owner = 1,
+                             .claimed = &got,
+                             .wait_ms = &wait};
+    lt_group(s, &op, 1);
+    cr_assert_eq(got.n, 1);
+    cr_assert_eq(pgt_value(db, "SELECT count(*) FROM jobs WHERE state = 2 AND claim = 5"), 1);
+    kp_jobs_clear(&got);
     kp_store_destroy(&s);
 }
 

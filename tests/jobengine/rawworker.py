@@ -17,6 +17,7 @@ of a worker. It heartbeats every 200 ms (a restarted broker answers "READY
 first", so it registers again at once); silence from the
 broker for 5 s ends the process (the test may have gone).
 """
+import collections
 import json
 import os
 import signal
@@ -44,11 +45,24 @@ def main():
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(backend)
-    lock = threading.Lock()
+    lock = threading.Lock()  # for `held`
+    # A ZeroMQ socket is used by one thread only (libzmq asserts, e.g.
+    # mailbox.cpp:99, when a job thread sends while the main thread polls):
+    # job threads queue their frames and wake the main loop through a pipe.
+    out = collections.deque()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
 
     def send(frames):
-        with lock:
-            sock.send_multipart(frames)
+        out.append(frames)
+        try:
+            os.write(wake_w, b"x")
+        except BlockingIOError:
+            pass  # full: the main loop has a wake-up to read already
 
     def ready():
         send([hdr(kind=K.READY, queues=queues, credits=credits, heartbeat_ms=200, name=name)])
@@ -102,7 +116,15 @@ def main():
         send(frames)
 
     while True:
-        if sock.poll(100):
+        ready_now = dict(poller.poll(100))
+        if wake_r in ready_now:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while out:
+            sock.send_multipart(out.popleft())
+        if ready_now.get(sock):
             frames = sock.recv_multipart()
             last_heard = time.monotonic()
             h = pb.Header()
@@ -111,8 +133,9 @@ def main():
                 if broker_id is not None and h.broker_id and h.broker_id != broker_id:
                     ready()  # a restarted broker: register again, report what we hold
                     with lock:
-                        for f in held.values():
-                            sock.send_multipart(f)
+                        again = list(held.values())
+                    for f in again:
+                        send(f)
                 if h.broker_id:
                     broker_id = h.broker_id
             elif h.kind == K.JOB:
@@ -137,8 +160,9 @@ def main():
         if now - last_resend > 5:
             last_resend = now
             with lock:
-                for f in held.values():
-                    sock.send_multipart(f)
+                again = list(held.values())
+            for f in again:
+                send(f)
 
 
 if __name__ == "__main__":

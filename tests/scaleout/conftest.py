@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import pytest
+import zmq
 
 # The server a test starts for itself: kelpie.testing's, shared with
 # tests/multibroker, tests/dashboard and benchmarks/jobs/pg_bench.py.
@@ -21,7 +22,15 @@ _spec = importlib.util.spec_from_file_location(
     "jobengine_conftest", os.path.join(HERE, "..", "jobengine", "conftest.py"))
 _je = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_je)
-Client, Workers, wait_for, K = _je.Client, _je.Workers, _je.wait_for, _je.K
+Client, Workers, wait_for, K, hdr = _je.Client, _je.Workers, _je.wait_for, _je.K, _je.hdr
+
+
+def dealer(endpoint):
+    """A raw DEALER socket connected to endpoint (closed by the test)."""
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
 
 
 @pytest.fixture(scope="session")

@@ -23,23 +23,10 @@ import signal
 import tempfile
 import time
 
-import zmq
-
-from conftest import Client, K, Workers, broker_stats, start_broker, wait_for
+from conftest import Client, K, Workers, broker_stats, dealer, hdr, start_broker, wait_for
 from kelpie.v1 import header_pb2 as pb
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-
-
-def hdr(**kw):
-    return pb.Header(version=1, **kw).SerializeToString()
-
-
-def dealer(endpoint):
-    s = zmq.Context.instance().socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(endpoint)
-    return s
 
 
 def recv(sock, timeout_s):
@@ -440,3 +427,45 @@ def test_claims_whose_commit_answer_is_lost_are_run_anyway(tmp_path, postgres):
         if b:
             b.stop()
         cutter.close()
+
+
+def test_a_failed_claim_puts_back_no_other_claims_jobs(tmp_path, postgres):
+    """A claim that fails is kept "in doubt" and its jobs are put back at
+    the next heartbeat (its COMMIT may have gone through unanswered). Here
+    the server refuses the claims of one queue for a while (a trigger, as a
+    statement timeout or a deadlock would), while the claim of another
+    queue in the same group succeeds: its jobs run, and must run once.
+    Before, a claim was named by its millisecond, so the failed claim's
+    release put back the other's running jobs too, and they ran twice."""
+    url, db = postgres.new_db()
+    b = start_broker(tmp_path, "b", url)
+    c = ws = None
+    try:
+        c = Client(b.frontend)
+        until = time.time() + 4.0
+        postgres.psql(
+            "CREATE FUNCTION refuse_bad() RETURNS trigger AS $$ BEGIN "
+            f"IF NEW.state = 2 AND NEW.queue = 'bad' AND clock_timestamp() < to_timestamp({until}) "
+            "THEN RAISE EXCEPTION 'claims of bad refused for the test'; END IF; "
+            "RETURN NEW; END $$ LANGUAGE plpgsql; "
+            "CREATE TRIGGER refuse_bad BEFORE UPDATE ON jobs FOR EACH ROW "
+            "EXECUTE FUNCTION refuse_bad()", db=db)
+        good = [c.submit(json.dumps({"sleep": 1.0}).encode(), queue="good") for _ in range(4)]
+        bad = [c.submit(b"{}", queue="bad") for _ in range(2)]
+        # One READY: the broker claims both queues at once, in one group.
+        ws = Workers(tmp_path, b)
+        ws.start("w", credits=8, queues=("good", "bad"))
+        wait_for(lambda: all(c.job(j)["state"] == "succeeded" for j in good + bad),
+                 timeout=30, what="every job succeeded")
+        runs = open(ws.procs[0].runs_log).read().split()
+        ran = [runs[i] for i in range(0, len(runs), 2)]
+        assert [ran.count(j) for j in good] == [1, 1, 1, 1], ([ran.count(j) for j in good], b.log()[-3000:])
+        assert "claim from bad failed" in b.log()
+        st = broker_stats(c)
+        print(f"\n{st['jobs_store_errors']} claims of bad failed in 4 s")
+    finally:
+        if c:
+            c.close()
+        if ws:
+            ws.kill_all()
+        b.stop()

@@ -306,14 +306,10 @@ def test_ten_thousand_jobs_across_a_broker_kill_and_a_postgres_restart(tmp_path,
                                  "GROUP BY state ORDER BY 1", db=db).split()
             return rows == [f"3|{N}"], rows
 
-        last = []
-
-        def check():
-            ok, rows = settled()
-            last[:] = rows
-            return ok
-
-        wait_for(check, timeout=60, what=f"all {N} jobs succeeded (states now {last})")
+        try:
+            wait_for(lambda: settled()[0], timeout=60, what=f"all {N} jobs succeeded")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: states now {settled()[1]}") from None
         stored = set(postgres.psql("SELECT id FROM jobs WHERE queue = 'q'", db=db).split())
         assert stored == ids, (len(stored - ids), len(ids - stored))
         # The client's own jobs too (run by the kelpie.Worker).
