@@ -623,7 +623,7 @@ def test_sync_client_idle_threads_stop_dialling_a_refusing_broker(tmp_path, post
                             heartbeat=0.2, timeout=15) as sc:
         lane_b = sc._lanes[1].client
         go = [threading.Event() for _ in range(2)]
-        errors = []
+        errors, idle = [], []
 
         def thread_main():
             try:
@@ -632,6 +632,7 @@ def test_sync_client_idle_threads_stop_dialling_a_refusing_broker(tmp_path, post
                 while getattr(lane_b._local, "conn", None) is None:
                     assert time.monotonic() < end, "no connection to b"
                     ping_any(sc)
+                idle.append(1)
                 go[0].wait(60)  # idle while b changes its key
                 for _ in range(6):
                     ping_any(sc)
@@ -642,8 +643,11 @@ def test_sync_client_idle_threads_stop_dialling_a_refusing_broker(tmp_path, post
         threads = [threading.Thread(target=thread_main) for _ in range(n)]
         for t in threads:
             t.start()
-        wait_for(lambda: lane_b.connections >= n or errors, 15, "every thread connected to b")
+        # Every thread idle (its last call answered: on a loaded machine
+        # one could still be waiting in a call to b when b restarts).
+        wait_for(lambda: len(idle) == n or errors, 15, "every thread connected to b and idle")
         assert not errors, errors
+        assert lane_b.connections >= n, lane_b.connections
         restart_with_key(b, keys, "c")
         # This thread meets the refusal: b silent under a call, lost, then
         # refused at the client's next handshake with it.
