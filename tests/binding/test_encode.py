@@ -153,7 +153,7 @@ def _route(pending, frames, clock=lambda: 42.0, kinds=None):
     if kinds is None:
         kinds = (1 << _wire.REPLY) | (1 << _wire.ACCEPTED) | (1 << _wire.ACK)
     r = _kelpie._route_reply(pending, watch, clock, kinds, lambda h, f: seen.append((h, f)),
-                             failed.append, frames)
+                             failed.append, None, frames)
     assert r is None
     return watch, seen, failed
 
