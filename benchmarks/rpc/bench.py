@@ -213,10 +213,14 @@ async def bench_pair(frontend, grpc_ports, cases, seconds):
 # -- orchestration -------------------------------------------------------------
 
 
-def kelpie_env():
+def kelpie_env(kelpied=None):
+    """The environment of a Kelpie process: PYTHONPATH as given, else the
+    package of the build `kelpied` comes from (``--kelpied``; else the
+    default build's), so that ``--kelpied OTHER/build/broker/kelpied``
+    measures that build's client and worker too, not this worktree's."""
     env = dict(os.environ)
     if "PYTHONPATH" not in env:
-        kelpied = find_kelpied(None)
+        kelpied = find_kelpied(kelpied)
         env["PYTHONPATH"] = os.path.join(os.path.dirname(os.path.dirname(kelpied)), "python")
     return env
 
@@ -232,7 +236,7 @@ def run_pair(kelpied, loop_name, nproc, cases, seconds):
     procs = Procs(__file__)
     try:
         for i in range(nproc):
-            procs.start(["--serve", "kelpie", be, "--loop", loop_name], env=kelpie_env())
+            procs.start(["--serve", "kelpie", be, "--loop", loop_name], env=kelpie_env(kelpied))
             procs.start(["--serve", "grpc", str(grpc_ports[i]), "--loop", loop_name])
         return run(bench_pair(fe, grpc_ports, cases, seconds), loop_name)
     finally:
@@ -282,7 +286,7 @@ def main():
     nprocs = [int(x) for x in args.processes.split(",")]
     cases = [(16, 1), (16, 100), (1024, 1), (1024, 100)]
     kelpied = find_kelpied(args.kelpied)
-    os.environ.setdefault("PYTHONPATH", kelpie_env()["PYTHONPATH"])
+    os.environ.setdefault("PYTHONPATH", kelpie_env(kelpied)["PYTHONPATH"])
     sys.path.insert(0, os.environ["PYTHONPATH"].split(os.pathsep)[0])
 
     results = []  # (system, loop, nproc, size, depth, rps, p50, p99)

@@ -84,12 +84,14 @@ def drive(pyroot, frontend, calls, size=16):
     asyncio.run(main())
 
 
-def one_run(build, who, calls, workers=1, size=16):
+def one_run(build, who, calls, workers=1, size=16, keep=None):
     """Instructions retired by ``who`` over a run of ``calls`` calls (with
-    ``workers`` worker processes; ``who`` "worker" measures the first)."""
+    ``workers`` worker processes; ``who`` "worker" measures the first).
+    ``keep``: a file for callgrind's profile (by function, for
+    ``callgrind_annotate``), else it is not written."""
     kelpied = os.path.join(build, "broker", "kelpied")
     pyroot = os.path.join(build, "python")
-    vg = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    vg = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={keep or '/dev/null'}"]
     fe, be, intake = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     me = [sys.executable, os.path.abspath(__file__)]
     broker = subprocess.Popen((vg if who == "broker" else []) + [
@@ -129,9 +131,14 @@ def one_run(build, who, calls, workers=1, size=16):
     return int(m.group(1))
 
 
-def per_call(build, who, calls, workers=1, size=16):
-    return (one_run(build, who, 3 * calls, workers, size) -
-            one_run(build, who, calls, workers, size)) / (2 * calls)
+def per_call(build, who, calls, workers=1, size=16, keep=None):
+    """Per call: the difference of a run of 3N calls and one of N, over 2N.
+    ``keep``: a directory for both runs' callgrind profiles
+    (``<who>-<calls>.out``), to compare by function."""
+    def out(n):
+        return os.path.join(keep, f"{who}-{n}.out") if keep else None
+    return (one_run(build, who, 3 * calls, workers, size, out(3 * calls)) -
+            one_run(build, who, calls, workers, size, out(calls))) / (2 * calls)
 
 
 def main():
@@ -145,6 +152,8 @@ def main():
     p.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--drive", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=16, help="payload bytes (default 16)")
+    p.add_argument("--keep", default=None,
+                   help="a directory to keep the callgrind profiles in (this build's)")
     args = p.parse_args()
     if args.serve:
         return serve(*args.serve)
@@ -154,7 +163,7 @@ def main():
     print("| process | instructions per call | before | after / before |")
     print("|---|---|---|---|")
     for who in args.who.split(","):
-        now = per_call(args.build, who, args.calls, args.workers, args.size)
+        now = per_call(args.build, who, args.calls, args.workers, args.size, args.keep)
         if args.before:
             then = per_call(args.before, who, args.calls, args.workers, args.size)
             print(f"| {who} | {now:,.0f} | {then:,.0f} | {now / then:.2f}× |", flush=True)

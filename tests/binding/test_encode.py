@@ -98,6 +98,70 @@ def test_new_call_matches_request_new_trace(timeout):
     assert a.next_id == b.next_id == 2**35 + 6
 
 
+def test_new_call_draws_as_getrandbits():
+    """With a random.Random's own getrandbits as the draw, _new_call reads
+    the bits from the generator's state (encode.c) instead of an int: the
+    same headers as through a Python draw of getrandbits(192) on a clone,
+    and the same state after, over 1,000 calls (several regenerations of
+    the state), from seeds and from a state part-way through; and
+    random.getrandbits itself (kelpie._trace's draw) is the fast one."""
+    import random
+    from kelpie import _core
+    assert _kelpie._mt_draw()  # CPython's layout checked at import
+    _wire._request_prefix("svc.S", "m", 512, 0)
+    for seed in (0, 1, 20261206, 2**100 + 7):
+        a, b = random.Random(seed), random.Random(seed)
+        a.getrandbits(5 + seed % 97)  # start mid-state
+        b.setstate(a.getstate())
+        ca, cb = _core.Conn(1.0, 3, 0.0), _core.Conn(1.0, 3, 0.0)
+        for i in range(1000):
+            got = _kelpie._new_call(ca, _wire._request_prefixes, "svc.S", "m", 512, b"x", 2.0,
+                                    a.getrandbits)
+            want = _kelpie._new_call(cb, _wire._request_prefixes, "svc.S", "m", 512, b"x", 2.0,
+                                     lambda n: b.getrandbits(n))
+            assert got == want and got is not None
+        assert a.getstate() == b.getstate()
+    # The module's own instance, as the client draws.
+    state = random.getstate()
+    try:
+        c = random.Random()
+        c.setstate(state)
+        ca, cb = _core.Conn(1.0, 3, 0.0), _core.Conn(1.0, 3, 0.0)
+        got = _kelpie._new_call(ca, _wire._request_prefixes, "svc.S", "m", 512, b"x", None,
+                                random.getrandbits)
+        want = _kelpie._new_call(cb, _wire._request_prefixes, "svc.S", "m", 512, b"x", None,
+                                 lambda n: c.getrandbits(n))
+        assert got == want and random.getstate() == c.getstate()
+    finally:
+        random.setstate(state)
+
+
+def test_new_call_draw_of_a_subclass():
+    """A Random subclass, with or without its own getrandbits, is drawn
+    through the call (the C reading is for random.Random itself)."""
+    import random
+    from kelpie import _core
+    _wire._request_prefix("svc.S", "m", 512, 0)
+
+    class Sub(random.Random):
+        pass
+
+    class Own(random.Random):
+        def getrandbits(self, k):
+            return (1 << 128) | (2 << 64) | 3
+
+    conn = _core.Conn(1.0, 3, 0.0)
+    a, b = Sub(5), random.Random(5)
+    got = _kelpie._new_call(conn, _wire._request_prefixes, "svc.S", "m", 512, b"", 1.0,
+                            a.getrandbits)
+    want = _kelpie._new_call(_core.Conn(1.0, 3, 0.0), _wire._request_prefixes, "svc.S", "m", 512,
+                             b"", 1.0, b.getrandbits)
+    assert got == want
+    got = _kelpie._new_call(conn, _wire._request_prefixes, "svc.S", "m", 512, b"", 1.0,
+                            Own().getrandbits)
+    assert b"-00000000000000010000000000000002-0000000000000003-01" in got[1]
+
+
 def test_new_call_declines():
     """Where _new_call leaves the call to Conn.request_new_trace, it takes
     no id and returns None: no cached prefix, a payload that is not bytes,
@@ -153,7 +217,7 @@ def _route(pending, frames, clock=lambda: 42.0, kinds=None):
     if kinds is None:
         kinds = (1 << _wire.REPLY) | (1 << _wire.ACCEPTED) | (1 << _wire.ACK)
     r = _kelpie._route_reply(pending, watch, clock, kinds, lambda h, f: seen.append((h, f)),
-                             failed.append, frames)
+                             failed.append, None, frames)
     assert r is None
     return watch, seen, failed
 

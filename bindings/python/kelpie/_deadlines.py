@@ -15,14 +15,17 @@ nothing: they are skipped when the timer next runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import time
+from asyncio import events, format_helpers
 from heapq import heappop, heappush
 from typing import Callable, Dict, Hashable, List, Optional, Set
 
 from . import _kelpie
 
-__all__ = ["Deadlines", "GRAIN", "loop_clock", "future_maker", "slot_add", "slot_remove"]
+__all__ = ["Deadlines", "GRAIN", "loop_clock", "future_maker", "wakes", "slot_add",
+           "slot_remove"]
 
 GRAIN = 0.005  # seconds: the lateness a deadline may have (the broker's own tick is 10 ms)
 # Deadlines.add when the slot exists (None otherwise: nothing done) and
@@ -52,6 +55,34 @@ def future_maker(loop):
     if type(loop).create_future is asyncio.BaseEventLoop.create_future:
         return functools.partial(asyncio.Future, loop=loop)
     return loop.create_future
+
+
+def wakes(loop):
+    """A ``_kelpie._Wakes`` for ``loop`` (bindings/python/src/wake.c), or None:
+    the task wake-ups of the client's answered calls batched into one Handle
+    per burst, where ``call_soon`` and the Handles it makes are asyncio's own
+    Python (~7k instructions a call). Only for a loop that schedules and runs
+    them as asyncio's own loop does (its ``call_soon``, ``_run_once``,
+    ``get_debug`` and ``_ready`` deque), which is what the batch's order and
+    its debug-mode check rely on; uvloop's ``call_soon`` is C already."""
+    base = asyncio.BaseEventLoop
+    t = type(loop)
+    if t.call_soon is base.call_soon and t._call_soon is base._call_soon and \
+            t._run_once is base._run_once and t.get_debug is base.get_debug and \
+            type(getattr(loop, "_ready", None)) is collections.deque:
+        return _kelpie._Wakes(loop, loop._ready, wake_failed)
+    return None
+
+
+def wake_failed(loop, callback, fut, context, exc):
+    """A batched wake-up raised ``exc`` (an Exception): reported as
+    ``asyncio.Handle._run`` reports its callback's (wake.c)."""
+    args = (fut,)
+    loop.call_exception_handler({
+        "message": f"Exception in callback {format_helpers._format_callback_source(callback, args)}",
+        "exception": exc,
+        "handle": events.Handle(callback, args, loop, context),
+    })
 
 
 class Deadlines:

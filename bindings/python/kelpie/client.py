@@ -649,8 +649,10 @@ class Client(ClientJobs):
         """The socket's message callback: routes one message from the broker
         (what the reader task's loop body was). A unary call's answer
         (REPLY, ACCEPTED, ACK to an asyncio.Future) is resolved in C by
-        ``_kelpie._route_reply``, with no Python frame; every other message
-        comes to ``on_header`` below, already decoded."""
+        ``_kelpie._route_reply``, with no Python frame, its task's wake-up
+        batched with the burst's others on asyncio's own loop
+        (``_deadlines.wakes``); every other message comes to ``on_header``
+        below, already decoded."""
         # The one table of the client's life (see __init__): never stale.
         pending = self._pending
         get = pending.get
@@ -704,7 +706,7 @@ class Client(ClientJobs):
             self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
 
         return functools.partial(_route_reply, pending, self._watch, self._clock, _ROUTED,
-                                 on_header, failed)
+                                 on_header, failed, _deadlines.wakes(self._loop))
 
     def _fail_all(self, exc):
         pending = self._pending

@@ -791,24 +791,25 @@ int kp_header_timeout_ms(kp_state *st, PyObject *obj, uint64_t *timeout_ms)
     return 0;
 }
 
-/* _route_reply(pending, watch, clock, kinds, on_header, on_failure, frames):
- * the async client's message callback (kelpie.client.Client._reader) with
- * its common case in C. Sets watch.last_recv = clock(), decodes the header
- * (garbage is dropped, as an Exception of _parse_header), and if the
+/* _route_reply(pending, watch, clock, kinds, on_header, on_failure, wakes,
+ * frames): the async client's message callback (kelpie.client.Client._reader)
+ * with its common case in C. Sets watch.last_recv = clock(), decodes the
+ * header (garbage is dropped, as an Exception of _parse_header), and if the
  * header's kind is in the bit mask `kinds` and pending[request_id] is an
  * asyncio.Future (a unary call's), removes it and sets its result to
- * (header, frames) unless it is done. Anything else goes to
- * on_header(header, frames). An Exception raised here is handed to
+ * (header, frames) unless it is done, its task's wake-up batched in `wakes`
+ * where that applies (a _Wakes, wake.c; None: never). Anything else goes
+ * to on_header(header, frames). An Exception raised here is handed to
  * on_failure(exc), as the Python callback's own handler did. */
 static PyObject *header_route_reply(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "_route_reply() takes 7 arguments");
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "_route_reply() takes 8 arguments");
         return NULL;
     }
     kp_state *st = PyModule_GetState(module);
     PyObject *pending = args[0], *watch = args[1], *clock = args[2], *on_header = args[4];
-    PyObject *on_failure = args[5], *frames = args[6];
+    PyObject *on_failure = args[5], *wakes = args[6], *frames = args[7];
     if (!PyDict_Check(pending)) {
         PyErr_SetString(PyExc_TypeError, "_route_reply(): pending must be a dict");
         return NULL;
@@ -854,7 +855,9 @@ static PyObject *header_route_reply(PyObject *module, PyObject *const *args, Py_
                 Py_XDECREF(done);
                 if (is_done == 0) {
                     PyObject *result = PyTuple_Pack(2, header, frames);
-                    r = result != NULL
+                    int batched = result != NULL ? kp_wakes_resolve(st, wakes, entry, result) : -1;
+                    r = batched > 0 ? Py_NewRef(Py_None)
+                        : batched == 0
                             ? PyObject_CallMethodOneArg(entry, st->str_set_result, result)
                             : NULL;
                     Py_XDECREF(result);
@@ -1089,7 +1092,7 @@ static PyMethodDef header_module_methods[] = {
      "_header_init(header_class, decode_error): the protobuf class behind ParsedHeader's "
      "fallback and the exception for garbage."},
     {"_route_reply", (PyCFunction)(void (*)(void))header_route_reply, METH_FASTCALL,
-     "_route_reply(pending, watch, clock, kinds, on_header, on_failure, frames): the async "
+     "_route_reply(pending, watch, clock, kinds, on_header, on_failure, wakes, frames): the async "
      "client's message callback with a unary call's answer resolved in C (see header.c)."},
     {"_plain_answer", (PyCFunction)(void (*)(void))header_plain_answer, METH_FASTCALL,
      "_plain_answer(header, frames, reply_kind, compressed_flag) -> bytes | None: a plain "

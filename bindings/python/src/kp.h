@@ -27,6 +27,7 @@
  *   encode.c     _request_new_trace, _new_call, _varint: header encoding in C for the hot paths
  *   callstate.c  _CallState: the slots of the worker's CallContext, filled in C
  *   slots.c      _deadline_add/_remove: the client's deadline slots' common steps
+ *   wake.c       _Wakes: the client's task wake-ups, one Handle per burst on asyncio's loop
  *   release.c    zero-copy buffers handed back from libzmq's threads
  *   error.c      ZMQError/Again/ContextTerminated/AffinityError and raising them
  *   util.c       kp_as_int, kp_mutex_lock, kp_state_from_type, kp_intern_tuple,
@@ -109,6 +110,12 @@ typedef struct kp_state {
     unsigned long long cs_accepts_compressed; /* ... _wire.ACCEPTS_COMPRESSED */
     PyObject *call_names;                     /* call.c's attribute names, a tuple */
     PyObject *serve_names;                    /* serve.c's attribute names, a tuple */
+    PyTypeObject *wakes_type;                 /* _Wakes (wake.c) */
+    PyObject *run_wakes;                      /* module function _run_wakes, a batch's Handle */
+    PyObject *handle_type;                    /* asyncio.Handle */
+    PyObject *wake_names;                     /* wake.c's attribute names, a tuple */
+    PyObject *mt_type;          /* random.Random when encode.c may read its state, else NULL */
+    PyCFunction mt_getrandbits; /* its getrandbits' C function (encode.c) */
 } kp_state;
 
 /* ---- module.c ---------------------------------------------------------- */
@@ -568,5 +575,15 @@ int kp_slots_init(PyObject *module, kp_state *st);
 /* _deadline_add and _deadline_remove themselves (see slots.c), for call.c. */
 PyObject *kp_slots_add(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *kp_slots_remove(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* ---- wake.c ----------------------------------------------------------- */
+
+/* Adds _Wakes and _run_wakes to `module`. */
+int kp_wakes_init(PyObject *module, kp_state *st);
+/* Sets `fut`'s result to `result` with its task's wake-up batched in
+ * `wakes` (a _Wakes, or None: never): 1 if done so, 0 if this does not
+ * apply (nothing done: the caller sets the result itself), -1 with an
+ * exception set (the future left as it was). See wake.c. */
+int kp_wakes_resolve(kp_state *st, PyObject *wakes, PyObject *fut, PyObject *result);
 
 #endif /* KP_H */

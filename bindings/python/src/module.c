@@ -251,7 +251,8 @@ static int module_exec(PyObject *module)
         kp_pulse_init(module, st) < 0 || kp_blocking_init(module, st) < 0 ||
         kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0 ||
         kp_callstate_init(module, st) < 0 || kp_slots_init(module, st) < 0 ||
-        kp_call_init(module, st) < 0 || kp_serve_init(module, st) < 0) {
+        kp_call_init(module, st) < 0 || kp_serve_init(module, st) < 0 ||
+        kp_wakes_init(module, st) < 0) {
         return -1;
     }
     return 0;
@@ -283,6 +284,11 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->cs_default_window);
     Py_VISIT(st->call_names);
     Py_VISIT(st->serve_names);
+    Py_VISIT(st->wakes_type);
+    Py_VISIT(st->run_wakes);
+    Py_VISIT(st->handle_type);
+    Py_VISIT(st->wake_names);
+    Py_VISIT(st->mt_type);
     Py_VISIT(st->decode_error);
     Py_VISIT(st->parse_header);
     return 0;
@@ -337,6 +343,11 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->cs_default_window);
     Py_CLEAR(st->call_names);
     Py_CLEAR(st->serve_names);
+    Py_CLEAR(st->wakes_type);
+    Py_CLEAR(st->run_wakes);
+    Py_CLEAR(st->handle_type);
+    Py_CLEAR(st->wake_names);
+    Py_CLEAR(st->mt_type);
     return 0;
 }
 
