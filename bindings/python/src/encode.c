@@ -12,8 +12,7 @@
  *
  * The random ids come from the caller (random.getrandbits(192), as
  * kelpie._trace.new draws them), so fork safety and seeding stay the random
- * module's (read from its generator's state when the draw is its own C
- * getrandbits: see encode_mt_draw). Whatever this function does not cover (an id of zero, numbers
+ * module's. Whatever this function does not cover (an id of zero, numbers
  * over 64 bits) it answers None, and the caller takes the Python path.
  *
  * Calls only CPython: the bottom of the call graph with util.c.
@@ -172,166 +171,17 @@ static PyObject *encode_header(PyObject *prefix, uint64_t rid, uint64_t timeout_
     return out;
 }
 
-/* Only the low 192 bits are drawn; a zero trace or span id is invalid
- * (the Python path draws again). */
-static int encode_valid(const uint64_t words[3])
-{
-    return !((words[0] == 0 && words[1] == 0) || words[2] == 0);
-}
-
 /* 1 if `bits` is a valid draw (words filled), 0 if the Python path must draw
  * again (not an int, over 192 bits, a zero trace or span id), -1 on error. */
 static int encode_draw(PyObject *bits, uint64_t words[3])
 {
     int ok = encode_words(bits, words);
-    return ok <= 0 ? ok : encode_valid(words);
-}
-
-/*
- * The draw without an int. random.getrandbits(192) builds a 192-bit int
- * from six 32-bit Mersenne Twister outputs, and encode_words takes it apart
- * again: ~1k instructions of the client's call. When the draw is the C
- * getrandbits of a random.Random (kelpie._trace._bits is random.getrandbits,
- * the random module's own instance), the six outputs are taken from its
- * state here with CPython's genrand_uint32 (Modules/_randommodule.c), the
- * state advancing exactly as getrandbits(192) advances it, so seeding,
- * getstate/setstate and the ids drawn stay the random module's. The state
- * is CPython's private RandomObject: encode_mt_check, at import, compares
- * it with getstate() and 400 draws with getrandbits(192) on a clone (three
- * regenerations of the state), and leaves this off if anything differs.
- */
-#define ENCODE_MT_N 624
-#define ENCODE_MT_M 397
-
-typedef struct {
-    PyObject_HEAD int index;
-    uint32_t state[ENCODE_MT_N];
-} encode_mt_object;
-
-static uint32_t encode_mt_next(encode_mt_object *r)
-{
-    static const uint32_t mag01[2] = {0x0U, 0x9908b0dfU};
-    uint32_t *mt = r->state, y;
-    if (r->index >= ENCODE_MT_N) {
-        int kk;
-        for (kk = 0; kk < ENCODE_MT_N - ENCODE_MT_M; kk++) {
-            y = (mt[kk] & 0x80000000U) | (mt[kk + 1] & 0x7fffffffU);
-            mt[kk] = mt[kk + ENCODE_MT_M] ^ (y >> 1) ^ mag01[y & 0x1U];
-        }
-        for (; kk < ENCODE_MT_N - 1; kk++) {
-            y = (mt[kk] & 0x80000000U) | (mt[kk + 1] & 0x7fffffffU);
-            mt[kk] = mt[kk + (ENCODE_MT_M - ENCODE_MT_N)] ^ (y >> 1) ^ mag01[y & 0x1U];
-        }
-        y = (mt[ENCODE_MT_N - 1] & 0x80000000U) | (mt[0] & 0x7fffffffU);
-        mt[ENCODE_MT_N - 1] = mt[ENCODE_MT_M - 1] ^ (y >> 1) ^ mag01[y & 0x1U];
-        r->index = 0;
+    if (ok <= 0) {
+        return ok;
     }
-    y = mt[r->index++];
-    y ^= (y >> 11);
-    y ^= (y << 7) & 0x9d2c5680U;
-    y ^= (y << 15) & 0xefc60000U;
-    y ^= (y >> 18);
-    return y;
-}
-
-/* 1 with words filled as encode_words fills them from draw(192), the state
- * of draw's Random advanced as getrandbits(192) advances it; 0 (nothing
- * done) when draw is not the checked C getrandbits of a random.Random. */
-static int encode_mt_draw(kp_state *st, PyObject *draw, uint64_t words[3])
-{
-    if (st->mt_type == NULL || !PyCFunction_Check(draw) ||
-        PyCFunction_GET_FUNCTION(draw) != st->mt_getrandbits) {
-        return 0;
-    }
-    PyObject *self = PyCFunction_GET_SELF(draw);
-    if (self == NULL || Py_TYPE(self) != (PyTypeObject *)st->mt_type) {
-        return 0;
-    }
-    encode_mt_object *r = (encode_mt_object *)self;
-    if (r->index < 0 || r->index > ENCODE_MT_N) {
-        return 0;
-    }
-    /* getrandbits fills the int's 32-bit words from the least significant
-     * one (little-endian hosts; the check below fails on others). */
-    uint32_t d[6];
-    for (int i = 0; i < 6; i++) {
-        d[i] = encode_mt_next(r);
-    }
-    words[2] = (uint64_t)d[1] << 32 | d[0];
-    words[1] = (uint64_t)d[3] << 32 | d[2];
-    words[0] = (uint64_t)d[5] << 32 | d[4];
-    return 1;
-}
-
-/* 1 if encode_mt_draw may be used on random.Random `type`: its state reads
- * as getstate() says and its draws are getrandbits(192)'s; 0 if not; -1 on
- * an error other than a difference. */
-static int encode_mt_check(kp_state *st, PyObject *type, PyCFunction fn)
-{
-    int ok = 0;
-    PyObject *a = PyObject_CallFunction(type, "i", 20261206);
-    PyObject *b = a != NULL ? PyObject_CallNoArgs(type) : NULL;
-    PyObject *state = b != NULL ? PyObject_CallMethod(a, "getstate", NULL) : NULL;
-    /* (not PyObject_CallMethod's "O": a tuple there would be the arguments) */
-    PyObject *setstate = state != NULL ? PyObject_GetAttrString(b, "setstate") : NULL;
-    PyObject *set = setstate != NULL ? PyObject_CallOneArg(setstate, state) : NULL;
-    Py_XDECREF(setstate);
-    PyObject *draw = set != NULL ? PyObject_GetAttrString(a, "getrandbits") : NULL;
-    if (draw == NULL) {
-        goto done;
-    }
-    PyObject *inner =
-        PyTuple_Check(state) && PyTuple_GET_SIZE(state) == 3 ? PyTuple_GET_ITEM(state, 1) : NULL;
-    if (Py_TYPE(a) != (PyTypeObject *)type || !PyCFunction_Check(draw) ||
-        PyCFunction_GET_FUNCTION(draw) != fn || inner == NULL || !PyTuple_Check(inner) ||
-        PyTuple_GET_SIZE(inner) != ENCODE_MT_N + 1) {
-        goto done;
-    }
-    encode_mt_object *r = (encode_mt_object *)a;
-    for (int i = 0; i <= ENCODE_MT_N; i++) {
-        unsigned long v = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(inner, i));
-        if (PyErr_Occurred()) {
-            goto done;
-        }
-        if (v != (i < ENCODE_MT_N ? (unsigned long)r->state[i] : (unsigned long)r->index)) {
-            goto done;
-        }
-    }
-    PyObject *saved_type = st->mt_type;
-    PyCFunction saved_fn = st->mt_getrandbits;
-    st->mt_type = type; /* borrowed for the check */
-    st->mt_getrandbits = fn;
-    int same = 1;
-    for (int i = 0; i < 400 && same; i++) {
-        uint64_t want[3], got[3];
-        PyObject *bits = PyObject_CallMethod(b, "getrandbits", "i", 192);
-        int w = bits != NULL ? encode_words(bits, want) : -1;
-        Py_XDECREF(bits);
-        same = w == 1 && encode_mt_draw(st, draw, got) == 1 && want[0] == got[0] &&
-               want[1] == got[1] && want[2] == got[2];
-    }
-    st->mt_type = saved_type;
-    st->mt_getrandbits = saved_fn;
-    if (same) {
-        PyObject *sa = PyObject_CallMethod(a, "getstate", NULL);
-        PyObject *sb = sa != NULL ? PyObject_CallMethod(b, "getstate", NULL) : NULL;
-        ok = sb != NULL ? PyObject_RichCompareBool(sa, sb, Py_EQ) : -1;
-        Py_XDECREF(sa);
-        Py_XDECREF(sb);
-    }
-done:
-    if (ok <= 0 && PyErr_Occurred()) {
-        ok = PyErr_ExceptionMatches(PyExc_MemoryError) ? -1 : 0;
-        if (ok == 0) {
-            PyErr_Clear();
-        }
-    }
-    Py_XDECREF(a);
-    Py_XDECREF(b);
-    Py_XDECREF(state);
-    Py_XDECREF(set);
-    Py_XDECREF(draw);
-    return ok;
+    /* Only the low 192 bits are drawn; a zero trace or span id is invalid
+     * (the Python path draws again). */
+    return !((words[0] == 0 && words[1] == 0) || words[2] == 0);
 }
 
 /* _request_new_trace(prefix, request_id, timeout_ms, bits) -> bytes | None */
@@ -446,20 +296,15 @@ static PyObject *encode_new_call(PyObject *module, PyObject *const *args, Py_ssi
         result = Py_NewRef(Py_None);
         goto done;
     }
-    uint64_t words[3];
-    int ok;
-    if (encode_mt_draw(st, draw, words)) {
-        ok = encode_valid(words);
-    } else {
-        PyObject *n = PyLong_FromLong(192);
-        PyObject *bits = n ? PyObject_CallOneArg(draw, n) : NULL;
-        Py_XDECREF(n);
-        if (bits == NULL) {
-            goto done;
-        }
-        ok = encode_draw(bits, words);
-        Py_DECREF(bits);
+    PyObject *n = PyLong_FromLong(192);
+    PyObject *bits = n ? PyObject_CallOneArg(draw, n) : NULL;
+    Py_XDECREF(n);
+    if (bits == NULL) {
+        goto done;
     }
+    uint64_t words[3];
+    int ok = encode_draw(bits, words);
+    Py_DECREF(bits);
     if (ok <= 0) {
         result = ok < 0 ? NULL : Py_NewRef(Py_None);
         goto done;
@@ -613,43 +458,8 @@ static PyMethodDef encode_module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-/* _mt_draw() -> bool: whether _new_call draws a random.Random's 192 bits
- * from its state (see encode_mt_check), for the tests. */
-static PyObject *encode_mt_on(PyObject *module, PyObject *unused)
-{
-    kp_state *st = PyModule_GetState(module);
-    return PyBool_FromLong(st->mt_type != NULL);
-}
-
-static PyMethodDef encode_mt_methods[] = {
-    {"_mt_draw", encode_mt_on, METH_NOARGS,
-     "_mt_draw() -> bool: whether _new_call draws random.Random's bits from its state."},
-    {NULL, NULL, 0, NULL},
-};
-
 int kp_encode_init(PyObject *module, kp_state *st)
 {
-    if (PyModule_AddFunctions(module, encode_module_methods) < 0 ||
-        PyModule_AddFunctions(module, encode_mt_methods) < 0) {
-        return -1;
-    }
-    PyObject *random = PyImport_ImportModule("random");
-    PyObject *type = random != NULL ? PyObject_GetAttrString(random, "Random") : NULL;
-    PyObject *inst = type != NULL ? PyObject_GetAttrString(random, "_inst") : NULL;
-    PyObject *fn = inst != NULL ? PyObject_GetAttrString(inst, "getrandbits") : NULL;
-    Py_XDECREF(random);
-    Py_XDECREF(inst);
-    int ok = 0;
-    if (fn == NULL) {
-        PyErr_Clear(); /* no random._inst: the draws stay getrandbits' */
-    } else if (PyType_Check(type) && PyCFunction_Check(fn)) {
-        ok = encode_mt_check(st, type, PyCFunction_GET_FUNCTION(fn));
-    }
-    if (ok > 0) {
-        st->mt_getrandbits = PyCFunction_GET_FUNCTION(fn);
-        st->mt_type = Py_NewRef(type);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(fn);
-    return ok < 0 ? -1 : 0;
+    (void)st;
+    return PyModule_AddFunctions(module, encode_module_methods);
 }

@@ -114,8 +114,6 @@ typedef struct kp_state {
     PyObject *run_wakes;                      /* module function _run_wakes, a batch's Handle */
     PyObject *handle_type;                    /* asyncio.Handle */
     PyObject *wake_names;                     /* wake.c's attribute names, a tuple */
-    PyObject *mt_type;          /* random.Random when encode.c may read its state, else NULL */
-    PyCFunction mt_getrandbits; /* its getrandbits' C function (encode.c) */
 } kp_state;
 
 /* ---- module.c ---------------------------------------------------------- */

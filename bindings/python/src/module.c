@@ -288,7 +288,6 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->run_wakes);
     Py_VISIT(st->handle_type);
     Py_VISIT(st->wake_names);
-    Py_VISIT(st->mt_type);
     Py_VISIT(st->decode_error);
     Py_VISIT(st->parse_header);
     return 0;
@@ -347,7 +346,6 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->run_wakes);
     Py_CLEAR(st->handle_type);
     Py_CLEAR(st->wake_names);
-    Py_CLEAR(st->mt_type);
     return 0;
 }
 
