@@ -274,12 +274,17 @@ def test_client_that_never_reads_cannot_take_the_brokers_memory(tmp_path, procs,
         print(f"kelpied VmRSS {base_kb} kB before, peak {peak[0]} kB with a client not "
               f"reading 20,000 x 64 KiB; other client: {served} calls, slowest Ping "
               f"{worst_ping * 1e3:.0f} ms; answers_replaced {stats.get('answers_replaced')}, "
-              f"not_reading {stats.get('not_reading')}, queued_bytes {stats.get('queued_bytes')}")
+              f"not_reading {stats.get('not_reading')}, client_limit {stats.get('client_limit')}, "
+              f"queued_bytes {stats.get('queued_bytes')}")
         assert peak[0] < RSS_CEILING_KB, (peak[0], stats)
         assert served > 20, served  # the other client was served all along
         assert worst_ping < 2.0, worst_ping
         assert stats["answers_replaced"] > 0
-        assert stats["not_reading"] >= 100
+        # (Once in CI: not_reading 0 with answers_replaced 18,015 and the
+        # other client's 60 calls; the cause was not found, so the message
+        # carries what would tell the refusals apart.)
+        assert stats["not_reading"] >= 100, {k: stats.get(k) for k in (
+            "not_reading", "client_limit", "answers_replaced", "queued_bytes", "bad_header")}
         assert stats["queued_bytes"] < 64 * MIB + 17 * MIB
     finally:
         give_up.set()
