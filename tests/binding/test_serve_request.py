@@ -221,3 +221,168 @@ def test_bad_route():
     from kelpie import _kelpie
     with pytest.raises(TypeError):
         _kelpie._serve_request((1, 2), None, None, [])
+
+
+async def serve_rounds(setup, rounds, between=None, before=None):
+    """Each round's requests (service, method, header kwargs, payload)
+    answered by a Worker that `setup(worker)` registered handlers on:
+    per round, (method's answer kind, payload) by request id. `between(
+    worker, i)` runs after round i's answers came back, `before(worker, i)`
+    before its requests are sent."""
+    ctx = _zmq.Context()
+    endpoint = f"inproc://serve-request-{next(_endpoints)}"
+    broker = ctx.socket(kelpie.zmq.ROUTER)
+    broker.setsockopt(_zmq.LINGER, 0)
+    broker.bind(endpoint)
+    worker = kelpie.Worker(endpoint, context=ctx, heartbeat=5.0, concurrency=64)
+    setup(worker)
+    task = asyncio.ensure_future(worker.run())
+    out, rid = [], 0
+    try:
+        while True:  # READY
+            ident, header, *_ = await broker.recv_multipart()
+            if _wire.parse(header).kind == _wire.READY:
+                break
+        for i, requests in enumerate(rounds):
+            if before is not None:
+                before(worker, i)
+            for service, method, fields, payload in requests:
+                rid += 1
+                h = header_pb2.Header(version=_wire.VERSION, kind=_wire.REQUEST, request_id=rid,
+                                      service=service, method=method, **fields)
+                await broker.send_multipart([ident, h.SerializeToString(), payload])
+            answers = {}
+            while len(answers) < len(requests):
+                ident, header, *rest = await broker.recv_multipart()
+                h = _wire.parse(header)
+                if h.kind in (_wire.REPLY, _wire.ERROR):
+                    answers[h.request_id] = (h.kind, h.code, [bytes(f) for f in rest])
+            out.append(answers)
+            if between is not None:
+                between(worker, i)
+        return out
+    finally:
+        await worker.stop(1.0)
+        try:
+            await asyncio.wait_for(task, 5)
+        except (asyncio.CancelledError, Exception):
+            pass
+        broker.close(linger=0)
+        ctx.term()
+
+
+def both_ways(run, monkeypatch, coro_fn):
+    """coro_fn()'s result with the C path, then with _on_request alone."""
+    c = run(coro_fn(), timeout=30)
+    with monkeypatch.context() as m:
+        m.setattr(Runners, "_request_server", lambda self: self._on_request)
+        p = run(coro_fn(), timeout=30)
+    return c, p
+
+
+# More (service, method) pairs than serve.c keeps keys for (KP_SERVE_KEYS),
+# non-ASCII ones of each string width, names that are prefixes of others.
+NAMES = [("svc", f"m{i}") for i in range(12)] + [
+    ("svc", "m1x"), ("svç", "m1"), ("svc", "méthode"), ("svc", "метод"), ("svc", "方法"),
+    ("svc", "😀"), ("другой", "m0"), ("s", "vcm0")]
+
+
+def answer_with(tag):
+    async def handler(payload, c):
+        return f"{tag}:{c.service}/{c.method}".encode() + payload
+    return handler
+
+
+def test_handler_keys_both_ways(run, monkeypatch):
+    """Requests cycling over more names than serve.c caches keys for, each
+    answered by its own handler, the same as _on_request answers; names
+    not served (one character off) are UNIMPLEMENTED both ways."""
+    def setup(w):
+        for service, method in NAMES:
+            w.add_handler(service, method, answer_with("h"))
+    order = NAMES + NAMES[::-1] + NAMES[::3] + [("svc", "m12"), ("svc", "m"), ("svd", "m0")]
+    rounds = [[(s, m, {}, b"!") for s, m in order]] * 2
+    c, p = both_ways(run, monkeypatch, lambda: serve_rounds(setup, rounds))
+    assert c == p
+    for answers in c:
+        base = min(answers)
+        for i, (s, m) in enumerate(order):
+            kind, code, frames = answers[base + i]
+            if (s, m) in NAMES:
+                assert kind == _wire.REPLY and frames == [f"h:{s}/{m}!".encode()]
+            else:
+                assert code == kelpie.StatusCode.UNIMPLEMENTED
+
+
+def test_handler_replaced_in_table(run, monkeypatch):
+    """A handler put in the table after its name was served (a cached key)
+    is the one the next request gets; one removed is UNIMPLEMENTED."""
+    from kelpie._handlers import _Handler
+
+    def setup(w):
+        for service, method in NAMES[:3]:
+            w.add_handler(service, method, answer_with("old"))
+
+    def between(w, i):
+        if i == 0:
+            w._handlers[("svc", "m1")] = _Handler(answer_with("new"), False, "svc/m1")
+            del w._handlers[("svc", "m2")]
+    rounds = [[(s, m, {}, b"") for s, m in NAMES[:3]]] * 2
+    c, p = both_ways(run, monkeypatch, lambda: serve_rounds(setup, rounds, between))
+    assert c == p
+    second = c[1]
+    assert second[4][2] == [b"old:svc/m0"] and second[5][2] == [b"new:svc/m1"]
+    assert second[6][1] == kelpie.StatusCode.UNIMPLEMENTED
+
+
+def test_two_workers_same_names(run):
+    """Two workers in one process serving the same names with different
+    handlers: each gets its own (the cached keys are shared)."""
+    async def both():
+        rounds = [[("svc", "m0", {}, b""), ("svc", "m1", {}, b"")]] * 2
+        a = await serve_rounds(lambda w: [w.add_handler(s, m, answer_with("a"))
+                                          for s, m in NAMES[:2]], rounds)
+        b = await serve_rounds(lambda w: [w.add_handler(s, m, answer_with("b"))
+                                          for s, m in NAMES[:2]], rounds)
+        return a, b
+    a, b = run(both(), timeout=30)
+    assert [f for r in a for _, _, f in r.values()] == [[b"a:svc/m0"], [b"a:svc/m1"]] * 2
+    assert [f for r in b for _, _, f in r.values()] == [[b"b:svc/m0"], [b"b:svc/m1"]] * 2
+
+
+@pytest.mark.parametrize("now", [1234.567891, 0.1, 1000, 3.3])
+def test_deadlines_as_on_request(run, monkeypatch, now):
+    """ctx.deadline and ctx._mono_deadline are `clock() + timeout_ms /
+    1000.0` to the bit, for timeouts whose division rounds and ones past
+    2**53, with float clocks and an int one (the Python fallback). The
+    clocks are fixed only while the requests are served (the session's
+    silence check reads the loop's too: a fixed reading below the real one
+    keeps it quiet)."""
+    seen, fixed = [], []
+
+    def setup(w):
+        @w.handler("svc", "d")
+        async def d(payload, c):
+            seen.append((c.request_id, c.deadline, c._mono_deadline))
+            return b""
+
+    import time
+
+    from kelpie import _deadlines, _runners
+    real = _deadlines.loop_clock
+    mono_now = now + 1 if isinstance(now, float) else 7
+    monkeypatch.setattr(_deadlines, "loop_clock", lambda loop: lambda: (
+        now if fixed else real(loop)()))
+    monkeypatch.setattr(_runners, "_clock", lambda: mono_now if fixed else time.monotonic())
+    timeouts = [1, 3, 7, 999, 1001, 30000, 123456789, 2**53 + 1, 2**63 + 12345, 2**64 - 1]
+    rounds = [[("svc", "d", {"timeout_ms": t}, b"") for t in timeouts]]
+
+    async def once():
+        seen.clear()
+        await serve_rounds(setup, rounds, before=lambda w, i: fixed.append(1),
+                           between=lambda w, i: fixed.clear())
+        return [(dl, mono) for _, dl, mono in seen]
+    got = both_ways(run, monkeypatch, once)
+    want = [(now + t / 1000.0, mono_now + t / 1000.0) for t in timeouts]
+    assert got[0] == want and got[1] == want
+    assert all(type(dl) is float and type(m) is float for dl, m in got[0])

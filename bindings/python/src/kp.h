@@ -59,6 +59,9 @@
 #define KP_DEFAULT_BUDGET         64
 #define KP_DEFAULT_COPY_THRESHOLD 65536
 
+/* How many (service, method) keys serve.c keeps for its handler lookups. */
+#define KP_SERVE_KEYS 8
+
 /* Per-module state: every type and exception the module creates, and the
  * interned names the hot path uses instead of building strings per call. */
 typedef struct kp_state {
@@ -110,6 +113,8 @@ typedef struct kp_state {
     unsigned long long cs_accepts_compressed; /* ... _wire.ACCEPTS_COMPRESSED */
     PyObject *call_names;                     /* call.c's attribute names, a tuple */
     PyObject *serve_names;                    /* serve.c's attribute names, a tuple */
+    PyObject *serve_keys[KP_SERVE_KEYS];      /* serve.c's (service, method) handler keys */
+    unsigned serve_key_next;                  /* ... the slot the next new key replaces */
     PyTypeObject *wakes_type;                 /* _Wakes (wake.c) */
     PyObject *run_wakes;                      /* module function _run_wakes, a batch's Handle */
     PyObject *handle_type;                    /* asyncio.Handle */

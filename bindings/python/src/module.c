@@ -284,6 +284,9 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->cs_default_window);
     Py_VISIT(st->call_names);
     Py_VISIT(st->serve_names);
+    for (int i = 0; i < KP_SERVE_KEYS; i++) {
+        Py_VISIT(st->serve_keys[i]);
+    }
     Py_VISIT(st->wakes_type);
     Py_VISIT(st->run_wakes);
     Py_VISIT(st->handle_type);
@@ -342,6 +345,9 @@ static int module_clear(PyObject *module)
     Py_CLEAR(st->cs_default_window);
     Py_CLEAR(st->call_names);
     Py_CLEAR(st->serve_names);
+    for (int i = 0; i < KP_SERVE_KEYS; i++) {
+        Py_CLEAR(st->serve_keys[i]);
+    }
     Py_CLEAR(st->wakes_type);
     Py_CLEAR(st->run_wakes);
     Py_CLEAR(st->handle_type);

@@ -73,6 +73,46 @@ static const char *const serve_name_text[N_COUNT] = {
 
 #define SERVE_NAME(st, n) PyTuple_GET_ITEM((st)->serve_names, (n))
 
+/* Two exact str of the same text. */
+static int serve_same_str(PyObject *a, PyObject *b)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return a == b ||
+           (n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+            memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0);
+}
+
+/* The key `(service, method)` of the handlers dict, a new reference: one
+ * of the last KP_SERVE_KEYS built when it has the same text, so that a
+ * worker's every request does not hash two new strings and build a tuple
+ * (the tuple's hash is then its strings' cached ones). Its strings are
+ * interned, as the literals a handler is usually registered with are, so
+ * the dict compares them by identity. Any equal tuple finds the same
+ * entry: the dict is looked up as before, only with another key object. */
+static PyObject *serve_key(kp_state *st, PyObject *service, PyObject *method)
+{
+    for (int i = 0; i < KP_SERVE_KEYS; i++) {
+        PyObject *key = st->serve_keys[i];
+        if (key != NULL && serve_same_str(PyTuple_GET_ITEM(key, 0), service) &&
+            serve_same_str(PyTuple_GET_ITEM(key, 1), method)) {
+            return Py_NewRef(key);
+        }
+    }
+    Py_INCREF(service);
+    Py_INCREF(method);
+    PyUnicode_InternInPlace(&service);
+    PyUnicode_InternInPlace(&method);
+    PyObject *key = PyTuple_Pack(2, service, method);
+    Py_DECREF(service);
+    Py_DECREF(method);
+    if (key == NULL) {
+        return NULL;
+    }
+    unsigned slot = st->serve_key_next++ % KP_SERVE_KEYS;
+    Py_XSETREF(st->serve_keys[slot], Py_NewRef(key));
+    return key;
+}
+
 /* The handler for the call when _serve_request takes it (a new
  * reference), Py_None when _on_request must, NULL with an exception. */
 static PyObject *serve_handler(kp_state *st, PyObject *const *r, PyObject *header, PyObject *frames,
@@ -95,7 +135,7 @@ static PyObject *serve_handler(kp_state *st, PyObject *const *r, PyObject *heade
         Py_DECREF(method);
         return Py_NewRef(Py_None);
     }
-    PyObject *key = PyTuple_Pack(2, service, method);
+    PyObject *key = serve_key(st, service, method);
     Py_DECREF(service);
     Py_DECREF(method);
     if (key == NULL) {
@@ -126,27 +166,28 @@ static PyObject *serve_handler(kp_state *st, PyObject *const *r, PyObject *heade
 }
 
 /* ctx.deadline and ctx._mono_deadline of a call with `timeout_ms`, as
- * _on_request sets them: clock + timeout_ms / 1000.0. */
+ * _on_request sets them: clock + timeout_ms / 1000.0. In doubles when the
+ * clock gives a float (Python's int / float and float + float are these
+ * same IEEE operations: the int converted with rounding, then divided). */
 static int serve_deadline(kp_state *st, PyObject *const *r, PyObject *ctx, uint64_t timeout_ms)
 {
-    PyObject *ms = PyLong_FromUnsignedLongLong(timeout_ms);
-    PyObject *thousand = ms != NULL ? PyFloat_FromDouble(1000.0) : NULL;
-    PyObject *seconds = thousand != NULL ? PyNumber_TrueDivide(ms, thousand) : NULL;
-    Py_XDECREF(ms);
-    Py_XDECREF(thousand);
-    if (seconds == NULL) {
-        return -1;
-    }
+    double seconds = (double)timeout_ms / 1000.0;
     static const int clocks[2][2] = {{R_LOOP_TIME, N_DEADLINE}, {R_CLOCK, N_MONO_DEADLINE}};
     int rc = 0;
     for (int i = 0; i < 2 && rc == 0; i++) {
         PyObject *now = PyObject_CallNoArgs(r[clocks[i][0]]);
-        PyObject *when = now != NULL ? PyNumber_Add(now, seconds) : NULL;
+        PyObject *when = NULL;
+        if (now != NULL && PyFloat_CheckExact(now)) {
+            when = PyFloat_FromDouble(PyFloat_AS_DOUBLE(now) + seconds);
+        } else if (now != NULL) {
+            PyObject *s = PyFloat_FromDouble(seconds);
+            when = s != NULL ? PyNumber_Add(now, s) : NULL;
+            Py_XDECREF(s);
+        }
         rc = when != NULL ? PyObject_SetAttr(ctx, SERVE_NAME(st, clocks[i][1]), when) : -1;
         Py_XDECREF(now);
         Py_XDECREF(when);
     }
-    Py_DECREF(seconds);
     return rc;
 }
 
