@@ -10,6 +10,7 @@ The broker is a ROUTER in this process. Here rather than in tests/runtime
 so that the ASan build runs it."""
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -125,24 +126,46 @@ CASES = [
 ]
 
 
-async def serve_all(cases, budget=None):
-    """Every case's answer frames (header fields that matter, then the
-    payload), and the worker's counters and stalls."""
+@contextlib.asynccontextmanager
+async def fake_broker(make):
+    """A ROUTER on a new inproc endpoint and the Worker `make(endpoint,
+    ctx)` returns, running: (the ROUTER, the worker's routing id from its
+    READY, the worker). The worker is stopped and the sockets closed after."""
     ctx = _zmq.Context()
     endpoint = f"inproc://serve-request-{next(_endpoints)}"
     broker = ctx.socket(kelpie.zmq.ROUTER)
     broker.setsockopt(_zmq.LINGER, 0)
     broker.bind(endpoint)
-    seen, stalls = [], []
-    worker = make_worker(endpoint, ctx, seen)
-    worker._blocked_in = lambda name, took: stalls.append(name)
+    worker = make(endpoint, ctx)
     task = asyncio.ensure_future(worker.run())
-    answers = {}
     try:
         while True:  # READY
             ident, header, *_ = await broker.recv_multipart()
             if _wire.parse(header).kind == _wire.READY:
                 break
+        yield broker, ident, worker
+    finally:
+        await worker.stop(1.0)
+        try:
+            await asyncio.wait_for(task, 5)
+        except (asyncio.CancelledError, Exception):
+            pass
+        broker.close(linger=0)
+        ctx.term()
+
+
+async def serve_all(cases, budget=None):
+    """Every case's answer frames (header fields that matter, then the
+    payload), and the worker's counters and stalls."""
+    seen, stalls = [], []
+
+    def make(endpoint, ctx):
+        w = make_worker(endpoint, ctx, seen)
+        w._blocked_in = lambda name, took: stalls.append(name)
+        return w
+
+    answers = {}
+    async with fake_broker(make) as (broker, ident, worker):
         worker._max_message_size = 1000
         if budget is not None:  # the fairness yield due on (nearly) every send
             worker._session.sock.budget = budget
@@ -162,14 +185,6 @@ async def serve_all(cases, budget=None):
             if h.kind in (_wire.REPLY, _wire.ERROR, _wire.END):
                 got += 1
         return answers, seen, stalls, worker.served, worker.failed
-    finally:
-        await worker.stop(1.0)
-        try:
-            await asyncio.wait_for(task, 5)
-        except (asyncio.CancelledError, Exception):
-            pass
-        broker.close(linger=0)
-        ctx.term()
 
 
 @pytest.mark.parametrize("budget", [None, 1])
@@ -229,20 +244,13 @@ async def serve_rounds(setup, rounds, between=None, before=None):
     per round, (method's answer kind, payload) by request id. `between(
     worker, i)` runs after round i's answers came back, `before(worker, i)`
     before its requests are sent."""
-    ctx = _zmq.Context()
-    endpoint = f"inproc://serve-request-{next(_endpoints)}"
-    broker = ctx.socket(kelpie.zmq.ROUTER)
-    broker.setsockopt(_zmq.LINGER, 0)
-    broker.bind(endpoint)
-    worker = kelpie.Worker(endpoint, context=ctx, heartbeat=5.0, concurrency=64)
-    setup(worker)
-    task = asyncio.ensure_future(worker.run())
+    def make(endpoint, ctx):
+        w = kelpie.Worker(endpoint, context=ctx, heartbeat=5.0, concurrency=64)
+        setup(w)
+        return w
+
     out, rid = [], 0
-    try:
-        while True:  # READY
-            ident, header, *_ = await broker.recv_multipart()
-            if _wire.parse(header).kind == _wire.READY:
-                break
+    async with fake_broker(make) as (broker, ident, worker):
         for i, requests in enumerate(rounds):
             if before is not None:
                 before(worker, i)
@@ -261,14 +269,6 @@ async def serve_rounds(setup, rounds, between=None, before=None):
             if between is not None:
                 between(worker, i)
         return out
-    finally:
-        await worker.stop(1.0)
-        try:
-            await asyncio.wait_for(task, 5)
-        except (asyncio.CancelledError, Exception):
-            pass
-        broker.close(linger=0)
-        ctx.term()
 
 
 def both_ways(run, monkeypatch, coro_fn):
