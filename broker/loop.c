@@ -96,6 +96,28 @@ static void loop_sweep(struct kp_broker *b)
     kp_services_sweep(&b->services, b->now, KP_FORGET_MS);
 }
 
+/* The loop did not run for `stalled` ms more than it meant to sleep: the
+ * process was stopped (SIGSTOP, a frozen VM) or starved. Its peers' messages
+ * from that time wait unread, some still in libzmq's I/O thread, which was
+ * stopped too and has not yet handed them over, so the next sweep would
+ * find every worker silent for the length of the broker's own stall and
+ * give up live workers (running their calls and jobs again elsewhere). The
+ * stall is not theirs: each worker's silence so far is moved on by it. A
+ * worker that really died meanwhile is still given up, one window later. */
+static void loop_forgive_stall(struct kp_broker *b, uint64_t stalled)
+{
+    b->stats.loop_stalls++;
+    kp_log_warn("the broker's loop stalled for %llu ms (stopped or starved): workers' silence "
+                "during it is not counted",
+                (unsigned long long)stalled);
+    size_t pos = 0;
+    struct kp_worker *w;
+    while ((w = kp_bmap_next(&b->workers.by_rid, &pos)) != NULL) {
+        uint64_t moved = w->last_recv + stalled;
+        w->last_recv = moved < b->now ? moved : b->now;
+    }
+}
+
 /* The start-up grace ends: calls that waited for a service no worker has
  * registered since start are answered NOT_FOUND, as calls made after the
  * grace are; they would otherwise wait without bound (those without a
@@ -330,7 +352,8 @@ enum kp_err kp_broker_run(struct kp_broker *b)
         }
         for (int i = nitems; i < npoll; i++)
             fds[i].revents = 0;
-        if (poll(fds, (nfds_t)npoll, any ? 0 : (int)loop_poll_timeout(b)) < 0 && errno != EINTR) {
+        long timeout = any ? 0 : loop_poll_timeout(b);
+        if (poll(fds, (nfds_t)npoll, (int)timeout) < 0 && errno != EINTR) {
             kp_log_error("poll: %s", strerror(errno));
             return KP_ESYS;
         }
@@ -338,7 +361,11 @@ enum kp_err kp_broker_run(struct kp_broker *b)
             if (socks[i] != NULL && fds[i].revents && !ready[i])
                 ready[i] = loop_readable(socks[i]);
         }
+        /* From the last iteration's clock: its work and this sleep. */
+        uint64_t then = b->now;
         b->now = (uint64_t)zclock_mono();
+        if (b->now > then + (uint64_t)timeout + b->heartbeat_ms)
+            loop_forgive_stall(b, b->now - then - (uint64_t)timeout);
         for (size_t i = 0; i < nauth; i++) {
             if (ready[LOOP_FIXED + i])
                 kp_auth_on_ready(b->auth, i);

@@ -54,6 +54,7 @@
     XX(workers_registered)        /* READYs from new workers */                                    \
     XX(worker_disconnects)        /* DISCONNECTs from workers */                                   \
     XX(worker_expired)            /* workers removed for silence */                                \
+    XX(loop_stalls)               /* the loop itself stalled: its peers' silence then forgiven */  \
     XX(worker_lost)               /* calls failed UNAVAILABLE because their worker left */         \
     XX(redispatched)              /* idempotent calls re-queued after worker loss */               \
     XX(client_disconnects)        /* DISCONNECTs from clients */                                   \

@@ -17,7 +17,8 @@ import time
 import kelpie
 
 worker = kelpie.Worker(concurrency=int(os.environ.get("APP_CONCURRENCY", "2")),
-                       heartbeat=float(os.environ.get("APP_HEARTBEAT", "0.2")))
+                       heartbeat=float(os.environ.get("APP_HEARTBEAT", "0.2")),
+                       liveness=int(os.environ.get("APP_LIVENESS", "3")))
 
 
 @worker.job("work")

@@ -99,3 +99,32 @@ def test_sigterm_drains_a_worker_process(broker, procs, tmp_path):
         os.kill(proc.pid, signal.SIGTERM)
         assert json.loads(job.result(timeout=10))["attempt"] == 1
         assert proc.wait(10) == 0
+
+
+def test_a_paused_broker_does_not_give_up_its_workers(broker, procs, tmp_path):
+    """kelpied SIGSTOPped for 2 s, over its 600 ms window (3 x 200 ms) for
+    the worker but inside the worker's own patience for the broker (20 x
+    200 ms), while the worker runs a job: the broker was the silent one.
+    Resumed, its first sweep came before its I/O thread (stopped too) had
+    handed over the heartbeats queued meanwhile, and it gave the worker up:
+    the job ended worker_lost and ran a second time (worker_expired 1).
+    Now the loop's own stall is not counted as the worker's silence."""
+    marker = tmp_path / "m"
+    marker.mkdir()
+    procs.worker(broker, APP_LIVENESS="20")
+    with broker.client() as client:
+        job = client.submit("work", json.dumps({"marker": str(marker), "sleep": 4}).encode(),
+                            max_attempts=3)
+        _wait(lambda: _started(marker), 20, "the job started")
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(2)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        result = json.loads(job.result(timeout=30))
+        info = client.job(job.id).info()
+        stats = json.loads(client.call("kelpie.broker", "Stats", b"", timeout=10))
+        assert result["attempt"] == 1, (result, info.history)
+        assert [h.outcome for h in info.history] == ["succeeded"], info.history
+        assert len(_started(marker)) == 1, _started(marker)
+        assert stats["worker_expired"] == 0 and stats["loop_stalls"] >= 1, stats
