@@ -289,6 +289,13 @@ static int op_poll_events(kp_socket *sock, int always)
          (sock->on_message == NULL || sock->delivering || sock->delivery_due))) {
         return 0;
     }
+    if (!always && sock->recv_q.len == 0 && sock->send_q.len == 0) {
+        /* Only on_message wants to know, and the delivery scheduled here
+         * finds out by receiving, in the reader callback before the loop
+         * next waits: one mailbox check per loop turn, not one per send of
+         * the turn until a reply shows (each a getpid and a poll in libzmq). */
+        return kp_op_schedule_delivery(sock) < 0 ? -1 : 0;
+    }
     /* A receiver woken below leaves the queue before it takes its
      * message: on_message waits for it. */
     int receivers = sock->recv_q.len != 0;
@@ -369,17 +376,19 @@ int kp_op_schedule_delivery(kp_socket *sock)
  * next message), the callback is unset or the socket closed, or at EAGAIN,
  * which also re-arms ZMQ_FD's edge. A callback that raises: the rest is
  * delivered soon, and the loop reports the exception. */
-static int op_deliver_some(kp_socket *sock);
+static int op_deliver_some(kp_socket *sock, int *eterm);
 
-static int op_deliver(kp_socket *sock)
+/* `eterm` (may be NULL) is set when a receive failed because the context is
+ * terminating, not the callback. */
+static int op_deliver(kp_socket *sock, int *eterm)
 {
     sock->delivering = 1;
-    int rc = op_deliver_some(sock);
+    int rc = op_deliver_some(sock, eterm);
     sock->delivering = 0;
     return rc;
 }
 
-static int op_deliver_some(kp_socket *sock)
+static int op_deliver_some(kp_socket *sock, int *eterm)
 {
     for (int n = 0; n < DELIVER_BUDGET; n++) {
         if (sock->handle == NULL || sock->on_message == NULL || sock->recv_q.len != 0) {
@@ -391,6 +400,9 @@ static int op_deliver_some(kp_socket *sock)
             return 0;
         }
         if (rc < 0) {
+            if (eterm != NULL && PyErr_ExceptionMatches(sock->st->context_terminated)) {
+                *eterm = 1;
+            }
             return -1;
         }
         PyObject *cb = Py_NewRef(sock->on_message);
@@ -418,6 +430,25 @@ int kp_op_on_events(kp_socket *sock)
     kp_release_drain();
     sock->delivery_due = 0;
     sock->deliver_now = 0;
+    if (sock->handle != NULL && sock->on_message != NULL && sock->recv_q.len == 0 &&
+        sock->send_q.len == 0) {
+        /* Nobody waits: what ZMQ_EVENTS would say is only whether on_message
+         * has something, and receiving until EAGAIN says it too. libzmq
+         * processes the socket's commands before it reports EAGAIN, which
+         * re-arms ZMQ_FD as the events read does, so the wake-up costs one
+         * mailbox check (a getpid and a poll in libzmq) instead of two. */
+        sock->used = 0;
+        int eterm = 0;
+        if (op_deliver(sock, &eterm) == 0) {
+            return 0;
+        }
+        if (!eterm) {
+            return -1;
+        }
+        /* As below: the context is going away, stop watching. */
+        PyErr_Clear();
+        return kp_loop_unwatch(sock) < 0 ? -1 : 0;
+    }
     int rc = op_poll_events(sock, 1);
     if (rc < 0) {
         return -1;
@@ -427,7 +458,7 @@ int kp_op_on_events(kp_socket *sock)
         /* The loop had its turn: the socket's immediate completions (the
          * sends its callback makes) count from here, as after a wait. */
         sock->used = 0;
-        return op_deliver(sock);
+        return op_deliver(sock, NULL);
     }
     if (rc > 0 && kp_loop_unwatch(sock) < 0) {
         /* The context is terminating and this socket will never report
