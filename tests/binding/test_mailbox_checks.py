@@ -2,8 +2,9 @@
 client's and the worker's readers) asks libzmq for its events. Every
 ZMQ_EVENTS read and every receive that ends in EAGAIN costs libzmq a check
 of the socket's mailbox (a getpid and a poll); with nobody waiting on the
-socket the receives of a delivery are that check, so neither a send nor a
-wake-up of ZMQ_FD reads ZMQ_EVENTS (docs/binding.md "The message callback").
+socket the receives of a delivery are that check, so a wake-up of ZMQ_FD
+reads no ZMQ_EVENTS, and the sends of callers woken in one batch read it
+once (docs/binding.md "The message callback").
 What must not change: what arrives is delivered, also when a send consumed
 ZMQ_FD's edge, and a terminating context stops the watching."""
 
@@ -15,16 +16,49 @@ import time
 import pytest
 
 import kelpie
+from kelpie import _deadlines, _kelpie, _wire
 
 
-def test_sends_outside_a_delivery_read_no_zmq_events(run, pair):
-    """A burst of sends with nothing arrived (a client's calls made by its
-    tasks) reads ZMQ_EVENTS not once per send, nor at all: one delivery is
-    scheduled for the loop's turn instead. A message that arrived while no
-    loop turn ran (its ZMQ_FD edge possibly taken by a send's processing of
-    libzmq's commands) is still delivered by that delivery."""
+class _Watch:
+    last_recv = None
+
+
+def route(pending, rid, wakes):
+    """An answer for call `rid` routed as the client's reader routes it,
+    its task's wake-up joining the _Wakes batch (test_wakes.py)."""
+    failed = []
+    kinds = (1 << _wire.REPLY) | (1 << _wire.ACCEPTED) | (1 << _wire.ACK)
+    r = _kelpie._route_reply(pending, _Watch(), lambda: 1.0, kinds,
+                             lambda h, f: failed.append(("on_header", h.kind)),
+                             failed.append, wakes, [_wire.reply(rid, None, 0), b"body"])
+    assert r is None and not failed, failed
+
+
+def test_sends_of_a_batch_of_woken_callers_read_zmq_events_once(run, loop, pair):
+    """Callers woken together (one _Wakes batch: a client's answers) that
+    each send at once read ZMQ_EVENTS once, when the batch ends, not once
+    per send, and what arrives meanwhile is still delivered. On uvloop
+    there is no batch (its call_soon is C already): each send reads."""
     peer, sock = pair(kelpie.DEALER, kelpie.DEALER, transport="tcp")
-    got = []
+    wakes = _deadlines.wakes(loop)
+    assert (wakes is None) == (not isinstance(loop, asyncio.BaseEventLoop))
+    got, reads = [], []
+
+    async def caller(pending, i):
+        await pending[i]
+        await sock.send_multipart([b"%d" % i])  # completes at once
+
+    async def burst(first, late):
+        pending = {i: loop.create_future() for i in range(first, first + 10)}
+        tasks = [loop.create_task(caller(pending, i)) for i in pending]
+        await asyncio.sleep(0)
+        if late:
+            await peer.send_multipart([b"late"])
+            time.sleep(0.1)  # arrives with no loop turn
+        before = sock._stats["events"]
+        loop.call_soon(lambda: [route(pending, i, wakes) for i in list(pending)])
+        await asyncio.gather(*tasks)
+        reads.append(sock._stats["events"] - before)
 
     async def main():
         sock._on_message = got.append
@@ -33,23 +67,19 @@ def test_sends_outside_a_delivery_read_no_zmq_events(run, pair):
             if got:
                 break
             await asyncio.sleep(0.01)
-        assert got == [[b"hello"]]
-        before = sock._stats["events"]
-        for i in range(10):
-            await sock.send_multipart([b"%d" % i])  # completes at once
-        await peer.send_multipart([b"late"])
-        time.sleep(0.1)  # arrives with no loop turn
-        for i in range(10, 20):
-            await sock.send_multipart([b"%d" % i])
-        reads = sock._stats["events"] - before
+        await burst(0, False)
+        await burst(10, True)
         for _ in range(200):
             if len(got) == 2:
                 break
             await asyncio.sleep(0.01)
-        return reads, [await peer.recv_multipart() for _ in range(20)]
+        return [await peer.recv_multipart() for _ in range(20)]
 
-    reads, sent = run(main())
-    assert reads == 0
+    sent = run(main())
+    if wakes is not None:
+        assert reads == [1, 1]
+    else:
+        assert reads[0] == 10
     assert got == [[b"hello"], [b"late"]]
     assert sent == [[b"%d" % i] for i in range(20)]
 

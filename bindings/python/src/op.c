@@ -272,6 +272,57 @@ int kp_op_fail_waiters(kp_socket *sock, int err)
     return rc;
 }
 
+/* The batches of task wake-ups running on this thread (wake.c: a wake-up
+ * cannot run a loop, but count anyway), and the sockets whose re-check
+ * waits for their end. A socket belongs to one loop and thread (loop.c):
+ * per thread, not per module, since loops on other threads run batches of
+ * their own. */
+static _Thread_local int op_batches;
+static _Thread_local kp_socket *op_deferred;
+
+/* 1 if a batch runs: sock's re-check is made once, when it ends. */
+static int op_defer_recheck(kp_socket *sock)
+{
+    if (op_batches == 0) {
+        return 0;
+    }
+    if (!sock->recheck_deferred) {
+        sock->recheck_deferred = 1;
+        sock->recheck_next = op_deferred;
+        op_deferred = (kp_socket *)Py_NewRef((PyObject *)sock);
+    }
+    return 1;
+}
+
+void kp_op_batch_begin(void)
+{
+    op_batches++;
+}
+
+/* The deferred re-checks, before the batch's Handle returns and so before
+ * the loop can wait: a send in the batch may have taken ZMQ_FD's edge
+ * (docs/binding.md section 4). An exception propagating from the batch
+ * (SystemExit, KeyboardInterrupt) stays set. */
+void kp_op_batch_end(void)
+{
+    if (--op_batches > 0) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    while (op_deferred != NULL) {
+        kp_socket *sock = op_deferred;
+        op_deferred = sock->recheck_next;
+        sock->recheck_next = NULL;
+        sock->recheck_deferred = 0;
+        if (kp_op_recheck(sock) < 0) {
+            PyErr_WriteUnraisable((PyObject *)sock);
+        }
+        Py_DECREF(sock);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
 /* Reads ZMQ_EVENTS and wakes one receiver and one sender as they are ready.
  * `always` reads the events even when nobody waits (the reader callback
  * must, to consume the FD's signal). Returns 0, 1 if libzmq refused to
@@ -289,12 +340,14 @@ static int op_poll_events(kp_socket *sock, int always)
          (sock->on_message == NULL || sock->delivering || sock->delivery_due))) {
         return 0;
     }
-    if (!always && sock->recv_q.len == 0 && sock->send_q.len == 0) {
-        /* Only on_message wants to know, and the delivery scheduled here
-         * finds out by receiving, in the reader callback before the loop
-         * next waits: one mailbox check per loop turn, not one per send of
-         * the turn until a reply shows (each a getpid and a poll in libzmq). */
-        return kp_op_schedule_delivery(sock) < 0 ? -1 : 0;
+    if (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 && op_defer_recheck(sock)) {
+        /* Only on_message wants to know, and the sends of a batch of woken
+         * callers (a client's next calls) come one after another in it:
+         * one read when the batch ends, not one per send until a reply
+         * shows (each a getpid and a poll in libzmq). Not a delivery
+         * scheduled instead: at one call in flight that costs a loop turn
+         * a call. */
+        return 0;
     }
     /* A receiver woken below leaves the queue before it takes its
      * message: on_message waits for it. */
