@@ -24,7 +24,12 @@ so the few idle heartbeats are all the noise a count gets; counting slows the
 processes a little, so the first window's times are the ones to quote.
 Counts per call do not move with the machine's load: they are the figures to
 compare between builds on a shared machine; times are reported with the load
-average.
+average. User and system times come from the kernel's tick accounting
+(CONFIG_TICK_CPU_ACCOUNTING, HZ 250 here): a sample every 4 ms of whatever
+runs, so they need a busy window (at one call in flight they are not
+usable), and in a VM a tick that arrives while interrupts are off is taken
+when they come back on, in the kernel: the system share leans high. perf's
+task-clock (``--perf``) is the scheduler's exact total per thread.
 """
 
 import argparse
@@ -82,7 +87,8 @@ def delta(before, after):
 
 
 def perf_start(pid, out):
-    events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{s}" for s in SYSCALLS]
+    events = (["task-clock", "raw_syscalls:sys_enter"] +
+              [f"syscalls:sys_enter_{s}" for s in SYSCALLS])
     return subprocess.Popen(["perf", "stat", "--per-thread", "-x", ",", "-e", ",".join(events),
                              "-o", out, "-p", str(pid)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -107,11 +113,17 @@ def perf_stop(proc, out):
             thread, value, event = parts[0], parts[1], parts[3]
             name, _, tid = thread.rpartition("-")
             try:
-                n = int(value)
+                n = float(value)  # task-clock: milliseconds
             except ValueError:
                 n = 0  # "<not counted>": a thread that did nothing
-            syscall = "all" if event == "raw_syscalls:sys_enter" else event.rsplit("_enter_", 1)[1]
-            counts.setdefault((int(tid), name), {})[syscall] = n
+            if event == "task-clock":
+                key = "task_us"
+                n *= 1000
+            elif event == "raw_syscalls:sys_enter":
+                key = "all"
+            else:
+                key = event.rsplit("_enter_", 1)[1]
+            counts.setdefault((int(tid), name), {})[key] = n
     return counts
 
 
@@ -232,7 +244,8 @@ def report(res, args):
           "syscall)")
     cols = ("all",) + SYSCALLS
     print(f"{'process':9} {'thread':16} " + " ".join(f"{c[:9]:>9}" for c in cols) + " "
-          f"{'vol cs':>7}")
+          f"{'vol cs':>7} {'cpu us':>7}")
+    task_us = 0.0
     for proc, threads in res["perf"].items():
         switches = {k[0]: v[2] for k, v in res["perf_cpu"].get(proc, {}).items()}
         sums = dict.fromkeys(cols, 0)
@@ -243,8 +256,11 @@ def report(res, args):
                 sums[c] += counts.get(c, 0)
             print(f"{proc:9} {name[:16]:16} " + " ".join(f"{counts.get(c, 0) / pn:9.3f}"
                                                          for c in cols)
-                  + f" {switches.get(tid, 0) / pn:7.3f}")
+                  + f" {switches.get(tid, 0) / pn:7.3f} {counts.get('task_us', 0) / pn:7.2f}")
+            task_us += counts.get("task_us", 0)
         print(f"{proc:9} {'(all)':16} " + " ".join(f"{sums[c] / pn:9.3f}" for c in cols))
+    print(f"all: {task_us / pn:.1f} us of CPU a call by perf's task-clock (the scheduler's "
+          "count, under perf; the first window's user/sys split is the tick's sample)")
 
 
 def main():
