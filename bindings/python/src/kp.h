@@ -345,7 +345,8 @@ int kp_op_recheck(kp_socket *sock);
 void kp_op_batch_begin(void);
 void kp_op_batch_end(void);
 /* What the reader callback does: release lent buffers, read ZMQ_EVENTS
- * (even when nobody waits) and wake the first ready waiters; on ETERM fail
+ * (even when nobody waits; with only a message callback watching, receive
+ * for it until EAGAIN instead) and wake the first ready waiters; on ETERM fail
  * every waiter and stop watching the socket. Returns -1 with an exception
  * set. A Pulse's nudge runs it too. */
 int kp_op_on_events(kp_socket *sock);
