@@ -339,8 +339,14 @@ PyObject *kp_op_start(kp_socket *sock, kp_op_kind kind, PyObject *payload, int f
  * and wake the first receiver (POLLIN) and first sender (POLLOUT). Keeps an
  * exception the caller is raising. Returns -1 with an exception set. */
 int kp_op_recheck(kp_socket *sock);
+/* Around a batch of task wake-ups (wake.c): the re-checks a socket with
+ * only a message callback would make in it (a client's sends) are made
+ * once, at the end. Nests; per thread. */
+void kp_op_batch_begin(void);
+void kp_op_batch_end(void);
 /* What the reader callback does: release lent buffers, read ZMQ_EVENTS
- * (even when nobody waits) and wake the first ready waiters; on ETERM fail
+ * (even when nobody waits; with only a message callback watching, receive
+ * for it until EAGAIN instead) and wake the first ready waiters; on ETERM fail
  * every waiter and stop watching the socket. Returns -1 with an exception
  * set. A Pulse's nudge runs it too. */
 int kp_op_on_events(kp_socket *sock);
@@ -399,6 +405,9 @@ struct kp_socket {
     int delivery_due;     /* a loop.call_soon(_on_fd) for on_message is pending */
     int deliver_now;      /* the reader callback found a message for on_message */
     int delivering;       /* op_deliver is running (its callback may send) */
+    int recheck_deferred; /* its re-check waits for the end of a batch of
+                             wake-ups (kp_op_batch_end), on recheck_next's list */
+    struct kp_socket *recheck_next;
 };
 
 /* Takes the socket's mutex if a Pulse thread shares the socket (see

@@ -272,6 +272,57 @@ int kp_op_fail_waiters(kp_socket *sock, int err)
     return rc;
 }
 
+/* The batches of task wake-ups running on this thread (wake.c: a wake-up
+ * cannot run a loop, but count anyway), and the sockets whose re-check
+ * waits for their end. A socket belongs to one loop and thread (loop.c):
+ * per thread, not per module, since loops on other threads run batches of
+ * their own. */
+static _Thread_local int op_batches;
+static _Thread_local kp_socket *op_deferred;
+
+/* 1 if a batch runs: sock's re-check is made once, when it ends. */
+static int op_defer_recheck(kp_socket *sock)
+{
+    if (op_batches == 0) {
+        return 0;
+    }
+    if (!sock->recheck_deferred) {
+        sock->recheck_deferred = 1;
+        sock->recheck_next = op_deferred;
+        op_deferred = (kp_socket *)Py_NewRef((PyObject *)sock);
+    }
+    return 1;
+}
+
+void kp_op_batch_begin(void)
+{
+    op_batches++;
+}
+
+/* The deferred re-checks, before the batch's Handle returns and so before
+ * the loop can wait: a send in the batch may have taken ZMQ_FD's edge
+ * (docs/binding.md section 4). An exception propagating from the batch
+ * (SystemExit, KeyboardInterrupt) stays set. */
+void kp_op_batch_end(void)
+{
+    if (--op_batches > 0) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    while (op_deferred != NULL) {
+        kp_socket *sock = op_deferred;
+        op_deferred = sock->recheck_next;
+        sock->recheck_next = NULL;
+        sock->recheck_deferred = 0;
+        if (kp_op_recheck(sock) < 0) {
+            PyErr_WriteUnraisable((PyObject *)sock);
+        }
+        Py_DECREF(sock);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
 /* Reads ZMQ_EVENTS and wakes one receiver and one sender as they are ready.
  * `always` reads the events even when nobody waits (the reader callback
  * must, to consume the FD's signal). Returns 0, 1 if libzmq refused to
@@ -287,6 +338,15 @@ static int op_poll_events(kp_socket *sock, int always)
     if (sock->handle == NULL ||
         (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 &&
          (sock->on_message == NULL || sock->delivering || sock->delivery_due))) {
+        return 0;
+    }
+    if (!always && sock->recv_q.len == 0 && sock->send_q.len == 0 && op_defer_recheck(sock)) {
+        /* Only on_message wants to know, and the sends of a batch of woken
+         * callers (a client's next calls) come one after another in it:
+         * one read when the batch ends, not one per send until a reply
+         * shows (each a getpid and a poll in libzmq). Not a delivery
+         * scheduled instead: at one call in flight that costs a loop turn
+         * a call. */
         return 0;
     }
     /* A receiver woken below leaves the queue before it takes its
@@ -369,17 +429,19 @@ int kp_op_schedule_delivery(kp_socket *sock)
  * next message), the callback is unset or the socket closed, or at EAGAIN,
  * which also re-arms ZMQ_FD's edge. A callback that raises: the rest is
  * delivered soon, and the loop reports the exception. */
-static int op_deliver_some(kp_socket *sock);
+static int op_deliver_some(kp_socket *sock, int *eterm);
 
-static int op_deliver(kp_socket *sock)
+/* `eterm` (may be NULL) is set when a receive failed because the context is
+ * terminating, not the callback. */
+static int op_deliver(kp_socket *sock, int *eterm)
 {
     sock->delivering = 1;
-    int rc = op_deliver_some(sock);
+    int rc = op_deliver_some(sock, eterm);
     sock->delivering = 0;
     return rc;
 }
 
-static int op_deliver_some(kp_socket *sock)
+static int op_deliver_some(kp_socket *sock, int *eterm)
 {
     for (int n = 0; n < DELIVER_BUDGET; n++) {
         if (sock->handle == NULL || sock->on_message == NULL || sock->recv_q.len != 0) {
@@ -391,6 +453,9 @@ static int op_deliver_some(kp_socket *sock)
             return 0;
         }
         if (rc < 0) {
+            if (eterm != NULL && PyErr_ExceptionMatches(sock->st->context_terminated)) {
+                *eterm = 1;
+            }
             return -1;
         }
         PyObject *cb = Py_NewRef(sock->on_message);
@@ -418,6 +483,25 @@ int kp_op_on_events(kp_socket *sock)
     kp_release_drain();
     sock->delivery_due = 0;
     sock->deliver_now = 0;
+    if (sock->handle != NULL && sock->on_message != NULL && sock->recv_q.len == 0 &&
+        sock->send_q.len == 0) {
+        /* Nobody waits: what ZMQ_EVENTS would say is only whether on_message
+         * has something, and receiving until EAGAIN says it too. libzmq
+         * processes the socket's commands before it reports EAGAIN, which
+         * re-arms ZMQ_FD as the events read does, so the wake-up costs one
+         * mailbox check (a getpid and a poll in libzmq) instead of two. */
+        sock->used = 0;
+        int eterm = 0;
+        if (op_deliver(sock, &eterm) == 0) {
+            return 0;
+        }
+        if (!eterm) {
+            return -1;
+        }
+        /* As below: the context is going away, stop watching. */
+        PyErr_Clear();
+        return kp_loop_unwatch(sock) < 0 ? -1 : 0;
+    }
     int rc = op_poll_events(sock, 1);
     if (rc < 0) {
         return -1;
@@ -427,7 +511,7 @@ int kp_op_on_events(kp_socket *sock)
         /* The loop had its turn: the socket's immediate completions (the
          * sends its callback makes) count from here, as after a wait. */
         sock->used = 0;
-        return op_deliver(sock);
+        return op_deliver(sock, NULL);
     }
     if (rc > 0 && kp_loop_unwatch(sock) < 0) {
         /* The context is terminating and this socket will never report

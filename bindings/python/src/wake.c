@@ -271,6 +271,7 @@ static PyObject *wakes_run(PyObject *module, PyObject *const *args, Py_ssize_t n
     }
     Py_INCREF(self);
     Py_INCREF(batch);
+    kp_op_batch_begin();
     PyObject *result = Py_None;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(batch); i += 3) {
         PyObject *wakeup = PyList_GET_ITEM(batch, i), *fut = PyList_GET_ITEM(batch, i + 1);
@@ -307,6 +308,7 @@ static PyObject *wakes_run(PyObject *module, PyObject *const *args, Py_ssize_t n
         }
         Py_DECREF(r);
     }
+    kp_op_batch_end();
     Py_DECREF(batch);
     Py_DECREF(self);
     return Py_XNewRef(result);

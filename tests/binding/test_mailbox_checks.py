@@ -1,0 +1,156 @@
+"""How often a socket with a message callback (Socket._on_message: the
+client's and the worker's readers) asks libzmq for its events. Every
+ZMQ_EVENTS read and every receive that ends in EAGAIN costs libzmq a check
+of the socket's mailbox (a getpid and a poll); with nobody waiting on the
+socket the receives of a delivery are that check, so a wake-up of ZMQ_FD
+reads no ZMQ_EVENTS, and the sends of callers woken in one batch read it
+once (docs/binding.md "The message callback").
+What must not change: what arrives is delivered, also when a send consumed
+ZMQ_FD's edge, and a terminating context stops the watching."""
+
+import asyncio
+import resource
+import threading
+import time
+
+import pytest
+
+import kelpie
+from kelpie import _deadlines, _kelpie, _wire
+
+
+class _Watch:
+    last_recv = None
+
+
+def route(pending, rid, wakes):
+    """An answer for call `rid` routed as the client's reader routes it,
+    its task's wake-up joining the _Wakes batch (test_wakes.py)."""
+    failed = []
+    kinds = (1 << _wire.REPLY) | (1 << _wire.ACCEPTED) | (1 << _wire.ACK)
+    r = _kelpie._route_reply(pending, _Watch(), lambda: 1.0, kinds,
+                             lambda h, f: failed.append(("on_header", h.kind)),
+                             failed.append, wakes, [_wire.reply(rid, None, 0), b"body"])
+    assert r is None and not failed, failed
+
+
+def test_sends_of_a_batch_of_woken_callers_read_zmq_events_once(run, loop, pair):
+    """Callers woken together (one _Wakes batch: a client's answers) that
+    each send at once read ZMQ_EVENTS once, when the batch ends, not once
+    per send, and what arrives meanwhile is still delivered. On uvloop
+    there is no batch (its call_soon is C already): each send reads."""
+    peer, sock = pair(kelpie.DEALER, kelpie.DEALER, transport="tcp")
+    wakes = _deadlines.wakes(loop)
+    assert (wakes is None) == (not isinstance(loop, asyncio.BaseEventLoop))
+    got, reads = [], []
+
+    async def caller(pending, i):
+        await pending[i]
+        await sock.send_multipart([b"%d" % i])  # completes at once
+
+    async def burst(first, late):
+        pending = {i: loop.create_future() for i in range(first, first + 10)}
+        tasks = [loop.create_task(caller(pending, i)) for i in pending]
+        await asyncio.sleep(0)
+        if late:
+            await peer.send_multipart([b"late"])
+            time.sleep(0.1)  # arrives with no loop turn
+        before = sock._stats["events"]
+        loop.call_soon(lambda: [route(pending, i, wakes) for i in list(pending)])
+        await asyncio.gather(*tasks)
+        reads.append(sock._stats["events"] - before)
+
+    async def main():
+        sock._on_message = got.append
+        await peer.send_multipart([b"hello"])
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        await burst(0, False)
+        await burst(10, True)
+        for _ in range(200):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        return [await peer.recv_multipart() for _ in range(20)]
+
+    sent = run(main())
+    if wakes is not None:
+        assert reads == [1, 1]
+    else:
+        assert reads[0] == 10
+    assert got == [[b"hello"], [b"late"]]
+    assert sent == [[b"%d" % i] for i in range(20)]
+
+
+def test_wake_ups_with_nobody_waiting_read_no_zmq_events(run, pair):
+    """Messages that wake the loop through ZMQ_FD are received by the
+    reader callback straight away (the receive that ends in EAGAIN re-arms
+    the descriptor), in order, with no ZMQ_EVENTS read; a receive awaited
+    beside the callback still gets its message first, which needs the read."""
+    tx, rx = pair(transport="tcp")
+    got = []
+
+    async def main():
+        rx._on_message = got.append
+        before = rx._stats["events"]
+        for round_ in range(20):
+            for i in range(5):
+                await tx.send(b"%d-%d" % (round_, i))
+            for _ in range(200):
+                if len(got) == 5 * (round_ + 1):
+                    break
+                await asyncio.sleep(0.005)
+        reads = rx._stats["events"] - before
+        waiter = asyncio.ensure_future(rx.recv())
+        await asyncio.sleep(0.01)
+        await tx.send(b"to the waiter")
+        first = await asyncio.wait_for(waiter, 5)
+        return reads, first
+
+    reads, first = run(main())
+    assert got == [[b"%d-%d" % (r, i)] for r in range(20) for i in range(5)]
+    assert reads == 0
+    assert first == b"to the waiter"
+
+
+def test_term_with_only_the_callback_watching(run, loop):
+    """Context.term() in another thread while the socket is watched for its
+    callback alone: the reader callback's receive fails with ETERM, which
+    stops the watching (no exception reported, no spinning on the
+    descriptor), and closing lets term() finish."""
+    reported = []
+    loop.set_exception_handler(lambda lp, context: reported.append(context))
+    ctx = kelpie.Context()
+    rx = ctx.socket(kelpie.PULL)
+    rx.bind("inproc://term-callback")
+    tx = ctx.socket(kelpie.PUSH)
+    tx.connect("inproc://term-callback")
+    got = []
+
+    async def main():
+        rx._on_message = got.append
+        await tx.send(b"before")
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        tx.close(linger=0)
+        term = threading.Thread(target=ctx.term)
+        term.start()
+        await asyncio.sleep(0.1)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+        t0 = time.monotonic()
+        await asyncio.sleep(0.3)
+        spun = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
+        assert spun < 0.15, "loop spun for %.2fs of %.2fs" % (spun, time.monotonic() - t0)
+        with pytest.raises(kelpie.ContextTerminated):
+            await rx.recv()
+        rx.close()
+        term.join(2)
+        assert not term.is_alive()
+
+    run(main())
+    assert got == [[b"before"]]
+    assert reported == []
