@@ -158,3 +158,29 @@ def test_cli_wait_shows_a_progress_bar_on_a_terminal(broker):
         assert b"tick 3" in out and b"75%" in out and b"\x1b[2K" in out
         assert out.rstrip().endswith(b"ticked")
         assert b"[3] progress" not in out  # not the plain lines of a pipe
+
+
+def test_cli_bad_arguments_end_in_one_line_not_a_traceback(broker):
+    """A newcomer's mistakes (an infinite timeout, a non-UTF-8 id, a limit
+    out of range) end with one `kelpie: ...` line and exit status 2; bytes
+    that are not UTF-8 in --data are the payload as typed."""
+    job_id = b"01ARZ3NDEKTSV4RRFFQ69G5FA\xff"
+    bad = [("submit", "q", "--timeout", "inf"),
+           ("submit", "q", "--backoff", "1e308"),
+           ("submit", "q", "--wait", "--wait-timeout", "nan"),
+           ("job", "wait", "01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "nan"),
+           ("job", "show", job_id),
+           ("job", "cancel", job_id),
+           ("jobs", "ls", "--limit", "0"),
+           ("jobs", "ls", "--limit", "100000")]
+    for args in bad:
+        p = cli(broker, *args)
+        lines = p.stderr.decode(errors="replace").splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("kelpie"), \
+            (args, p.returncode, p.stderr)
+    with serve(make_worker(), broker):
+        p = cli(broker, "submit", "echo", "--wait", "--data", b"\xff\xfe raw")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split(b"\n", 1)[1] == b"\xff\xfe raw"
+    # Nothing above reached the broker as a job but the echo.
+    assert [i.queue for i in kelpie.sync.Client(broker.frontend).jobs()] == ["echo"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 
 from .client import Client
@@ -191,6 +192,9 @@ def cmd_job(args, run, read_data, table):
         run(main(), args.loop)
     except RpcError as exc:
         return _failed(f"job {args.id}", exc)
+    except ValueError as exc:  # an id that is not UTF-8, say
+        print(f"kelpie: job {args.action}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -221,6 +225,9 @@ def cmd_jobs(args, run, read_data, table):
         run(main(), args.loop)
     except RpcError as exc:
         return _failed("jobs ls", exc)
+    except ValueError as exc:  # --limit out of range, say
+        print(f"kelpie: jobs ls: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -253,8 +260,8 @@ def _seconds(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, e.g. 2.5")
-    if value < 0:
-        raise argparse.ArgumentTypeError("seconds must be >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a number >= 0")
     return value
 
 

@@ -128,7 +128,8 @@ def _import(spec, what):
 # -- call ---------------------------------------------------------------------
 
 def _read_data(data):
-    """--data as bytes: the text itself (UTF-8), @FILE's contents, or stdin for -."""
+    """--data as bytes: the text itself (the bytes as typed), @FILE's contents,
+    or stdin for -."""
     if data is None:
         return b""
     if data == "-":
@@ -140,7 +141,9 @@ def _read_data(data):
         except OSError as exc:
             raise UsageError(f"--data {data}: cannot read {data[1:]!r}: "
                              f"{exc.strerror or exc}")
-    return data.encode()
+    # An argument that is not UTF-8 reached us with its bytes as surrogates:
+    # fsencode gives them back as typed (data.encode() would raise).
+    return os.fsencode(data)
 
 
 def _message_types(args):
