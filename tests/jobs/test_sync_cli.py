@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -184,3 +186,27 @@ def test_cli_bad_arguments_end_in_one_line_not_a_traceback(broker):
         assert p.stdout.split(b"\n", 1)[1] == b"\xff\xfe raw"
     # Nothing above reached the broker as a job but the echo.
     assert [i.queue for i in kelpie.sync.Client(broker.frontend).jobs()] == ["echo"]
+
+
+def test_cli_wait_timeout_holds_against_a_stopped_broker(broker):
+    """kelpied SIGSTOPped: the kernel still accepts the TCP connection, so the
+    client's handshake waits (up to HANDSHAKE_TIMEOUT, 5 s) before the job's
+    wait starts. `job wait --timeout 1` must end in about 1 s anyway, not 6."""
+    job_id = cli(broker, "submit", "nobody-serves").stdout.strip().decode()
+    assert len(job_id) == 26
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        for action in ("wait", "events"):
+            t0 = time.monotonic()
+            p = cli(broker, "job", action, job_id, "--timeout", "1")
+            took = time.monotonic() - t0
+            lines = p.stderr.decode(errors="replace").splitlines()
+            assert p.returncode == 1 and len(lines) == 1, p
+            assert lines[0].startswith(f"kelpie: job {job_id}: DEADLINE_EXCEEDED: "), p
+            # 1 s, plus an interpreter's start on a loaded box; 6+ s before.
+            assert took < 4.5, (action, took)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    # Resumed, the broker still has the job, and a wait works again.
+    p = cli(broker, "job", "show", job_id)
+    assert p.returncode == 0 and b"queued" in p.stdout, p

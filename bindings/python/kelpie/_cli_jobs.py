@@ -18,13 +18,14 @@ for a failed job), 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import math
 import sys
 
 from .client import Client
-from .errors import JobFailed, RpcError
+from .errors import DeadlineExceeded, JobFailed, RpcError
 
 EXIT_FAILED = 1
 
@@ -156,6 +157,18 @@ def cmd_submit(args, run, read_data, table):
 
 def cmd_job(args, run, read_data, table):
     async def main():
+        if not args.timeout or args.action not in ("wait", "events"):
+            return await body()
+        # --timeout counts from the start: connecting to a broker that is
+        # stopped (SIGSTOP, swapped out) alone takes the client up to
+        # HANDSHAKE_TIMEOUT, which the job's own wait would then add to.
+        try:
+            return await asyncio.wait_for(body(), args.timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"job {args.id} did not finish in {args.timeout:g} s") \
+                from None
+
+    async def body():
         async with _client(args) as client:
             job = _jobs_module().Job(client, args.id)
             if args.action == "show":
