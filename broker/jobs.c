@@ -231,7 +231,8 @@ static bool meta_str(const kp_header *h, const char *key, char *buf, size_t cap)
         const Kelpie__V1__Header__MetadataEntry *e = h->metadata[i];
         if (e->key && strcmp(e->key, key) == 0) {
             size_t n = e->value.len < cap - 1 ? e->value.len : cap - 1;
-            memcpy(buf, e->value.data, n);
+            if (n) /* an empty value's data is NULL (wire.c), not for memcpy */
+                memcpy(buf, e->value.data, n);
             buf[n] = '\0';
             return n > 0;
         }
