@@ -91,20 +91,19 @@ def test_a_blocked_loop_is_not_a_lost_worker(broker, procs, tmp_path):
         assert [h.outcome for h in info.history] == ["succeeded"]
 
 
-@pytest.mark.xfail(strict=True, reason="after kelpied's own pause both sides judge the other "
-                   "silent: its loop_sweep (broker/loop.c) expires the worker before reading the "
-                   "heartbeats queued meanwhile, and the worker reconnects; the lease is not "
-                   "carried over (attack pass report)")
-def test_a_paused_broker_does_not_lose_its_workers(broker, procs, tmp_path):
-    """kelpied SIGSTOPped for 2 s (over 3 x its 200 ms heartbeat) while a
-    healthy worker runs a job: the broker, not the worker, was silent.
-    Resumed, it must not declare the worker lost and run the job again.
-    Today the broker's first sweep expires the worker (it has not read the
-    heartbeats queued meanwhile; kelpie.client._ping_loop skips a turn after
-    its own loop was blocked, the broker does not) and the worker, having
-    heard nothing for 2 s, reconnects anyway: a fix needs both, or the
-    worker's running attempts kept for a liveness window after it is lost
-    (as after a broker restart, protocol.md §11.3)."""
+@pytest.mark.xfail(strict=True, reason="a worker that gives the paused broker up reconnects, "
+                   "and its running job's lease is not carried to the new connection: the job "
+                   "runs again (attack pass report; main's d649381 fixes only the broker side)")
+def test_a_paused_broker_and_a_worker_with_default_patience_run_a_job_once(broker, procs,
+                                                                          tmp_path):
+    """kelpied SIGSTOPped for 2 s while a healthy worker runs a job; the
+    worker keeps its default patience (3 x 200 ms), so it gives the silent
+    broker up and reconnects. (The broker's own half, its first sweep after
+    the stall expiring the worker, is main's d649381, whose test gives the
+    worker 20 x 200 ms.) The job must still run once: today attempt 1 is
+    ended worker_lost, attempt 2 runs, attempt 1's late RESULT is taken and
+    attempt 2 cancelled ("superseded"): history succeeded + cancelled, two
+    runs, with or without d649381."""
     marker = tmp_path / "m"
     marker.mkdir()
     procs.worker(broker)
@@ -120,11 +119,7 @@ def test_a_paused_broker_does_not_lose_its_workers(broker, procs, tmp_path):
         result = json.loads(job.result(timeout=30))
         assert result["attempt"] == 1
         info = client.job(job.id).info()
-        stats = json.loads(client.call("kelpie.broker", "Stats", b"", timeout=10))
-        # Before: ["worker_lost", "succeeded"] or attempt 1's late RESULT
-        # taken with attempt 2 cancelled; worker_expired 1; it ran twice.
         assert [h.outcome for h in info.history] == ["succeeded"], info.history
-        assert stats["worker_expired"] == 0, stats["worker_expired"]
         assert len(_started(marker)) == 1, _started(marker)
 
 
