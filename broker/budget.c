@@ -87,3 +87,56 @@ enum kp_err kp_budget_frame(struct kp_budget *acct, const kp_header *h, uint64_t
     }
     return KP_OK;
 }
+
+struct kp_budget_share {
+    _Atomic uint32_t refs; /* the owner's + one per copy libzmq holds */
+    struct kp_budget *total;
+    uint64_t size;
+    zmq_msg_t msg; /* a reference to the bytes, so they outlive the owner's */
+};
+
+struct kp_budget_share *kp_budget_share_new(struct kp_budget *total, const zmq_msg_t *msg)
+{
+    struct kp_budget_share *s = kp_calloc(1, sizeof *s);
+    atomic_init(&s->refs, 1);
+    s->total = total;
+    atomic_fetch_add_explicit(&total->refs, 1, memory_order_relaxed);
+    zmq_msg_init(&s->msg);
+    zmq_msg_copy(&s->msg, (zmq_msg_t *)msg);
+    s->size = zmq_msg_size(&s->msg);
+    atomic_fetch_add_explicit(&total->bytes, s->size, memory_order_relaxed);
+    return s;
+}
+
+void kp_budget_share_release(struct kp_budget_share **sp)
+{
+    struct kp_budget_share *s = *sp;
+    *sp = NULL;
+    if (s == NULL || atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    atomic_fetch_sub_explicit(&s->total->bytes, s->size, memory_order_relaxed);
+    zmq_msg_close(&s->msg);
+    kp_budget_release(&s->total);
+    kp_free(s);
+}
+
+static void share_copy_free(void *data, void *hint)
+{
+    (void)data;
+    struct kp_budget_share *s = hint;
+    atomic_fetch_add_explicit(&s->total->bytes, s->size, memory_order_relaxed);
+    kp_budget_share_release(&s);
+}
+
+enum kp_err kp_budget_share_copy(struct kp_budget_share *s, zmq_msg_t *out)
+{
+    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+    /* Given back before the send charges it: the total never dips below
+     * what is queued, since the share itself still holds size on it. */
+    atomic_fetch_sub_explicit(&s->total->bytes, s->size, memory_order_relaxed);
+    if (zmq_msg_init_data(out, zmq_msg_data(&s->msg), s->size, share_copy_free, s) != 0) {
+        share_copy_free(NULL, s);
+        return KP_ESYS;
+    }
+    return KP_OK;
+}

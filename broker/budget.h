@@ -50,4 +50,26 @@ uint64_t kp_budget_queued(const struct kp_budget *b);
 enum kp_err kp_budget_frame(struct kp_budget *acct, const kp_header *h, uint64_t size,
                             zmq_msg_t *out);
 
+/* A payload frame sent to many peers: a job's events and result to its
+ * watchers (jobs.c). Each send is a zmq_msg_copy of one buffer, yet each
+ * header frame charges the payload again, so N watchers that do not read
+ * would fill the broker-wide account with N times bytes that exist once.
+ * A share charges its bytes to the total once, for as long as any copy of
+ * them lives; each copy made by kp_budget_share_copy gives back to the total
+ * the payload bytes the send that carries it charges, for as long as it
+ * lives. Peer accounts still carry every copy in full (--peer-max-queued). */
+struct kp_budget_share;
+
+/* Makes a share of msg's bytes (msg keeps its own reference) charged to
+ * total, with one reference (the caller's). Cannot fail. */
+struct kp_budget_share *kp_budget_share_new(struct kp_budget *total, const zmq_msg_t *msg);
+
+/* Drops the caller's reference; *sp = NULL. Idempotent. Any thread. */
+void kp_budget_share_release(struct kp_budget_share **sp);
+
+/* *out becomes a frame of the share's bytes for one send (its charge to
+ * the total is given back until libzmq frees it). KP_ESYS if libzmq could
+ * not make the frame (nothing changed). */
+enum kp_err kp_budget_share_copy(struct kp_budget_share *s, zmq_msg_t *out);
+
 #endif

@@ -45,6 +45,7 @@
 #define JOBS_EVENTS_BYTES     (1u << 20) /* ... and their payload bytes */
 #define JOBS_TAIL_BYTES       65536      /* output tail stored with the result */
 #define JOBS_KEY_MAX          256        /* idempotency key bytes */
+#define JOBS_SHARE_MIN        1024       /* payload bytes sent to watchers as one share */
 #define JOBS_MAX_ATTEMPTS     100
 #define JOBS_MAX_DELAY_MS     (366ull * 24 * 3600 * 1000)
 #define JOBS_MAX_TIMEOUT_MS   (366ull * 24 * 3600 * 1000)
@@ -230,7 +231,8 @@ static bool meta_str(const kp_header *h, const char *key, char *buf, size_t cap)
         const Kelpie__V1__Header__MetadataEntry *e = h->metadata[i];
         if (e->key && strcmp(e->key, key) == 0) {
             size_t n = e->value.len < cap - 1 ? e->value.len : cap - 1;
-            memcpy(buf, e->value.data, n);
+            if (n) /* an empty value's data is NULL (wire.c), not for memcpy */
+                memcpy(buf, e->value.data, n);
             buf[n] = '\0';
             return n > 0;
         }
@@ -640,6 +642,7 @@ void kp_jobs_event_free(struct event *ev)
     kp_free(ev->stream);
     kp_free(ev->outcome);
     kp_free(ev->reason);
+    kp_budget_share_release(&ev->share);
     zmq_msg_close(&ev->payload);
     kp_free(ev);
 }
@@ -683,9 +686,12 @@ void kp_jobs_watch_release(struct kp_broker *b, struct watch *w, bool finished)
 
 /* Sends one message to a watcher; drops (frees) the watcher if its client
  * is gone or not reading, and then says false: the caller must not touch it
- * again. Payload frames are copied (shared buffer), never moved. */
+ * again. Payload frames are copied (shared buffer), never moved. With share
+ * (the payload's, made here on first use), a payload of JOBS_SHARE_MIN bytes
+ * or more counts once against --max-queued however many watchers hold it
+ * (budget.h): idle watchers of one chatty job must not fill it for all. */
 static bool watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, zmq_msg_t *payload,
-                         size_t n)
+                         size_t n, struct kp_budget_share **share)
 {
     struct kp_client *cl = kp_clients_find(&b->clients, wr->rid.bytes, wr->rid.len);
     struct kp_budget *acct = cl ? kp_broker_account(b, &cl->queued) : NULL;
@@ -698,7 +704,14 @@ static bool watcher_send(struct kp_broker *b, struct watcher *wr, kp_header *h, 
         return false;
     }
     zmq_msg_t copies[1];
-    if (n) {
+    if (n && share && zmq_msg_size(payload) >= JOBS_SHARE_MIN) {
+        if (*share == NULL)
+            *share = kp_budget_share_new(b->queued, payload);
+        if (kp_budget_share_copy(*share, &copies[0]) != KP_OK) {
+            zmq_msg_init(&copies[0]);
+            zmq_msg_copy(&copies[0], payload);
+        }
+    } else if (n) {
         zmq_msg_init(&copies[0]);
         zmq_msg_copy(&copies[0], payload);
     }
@@ -759,7 +772,7 @@ void kp_jobs_watch_emit(struct kp_broker *b, struct watch *w, struct event *ev)
         if (!wr->stream)
             continue;
         event_header(w, ev, &h, md, mdp);
-        watcher_send(b, wr, &h, &ev->payload, ev->has_payload);
+        watcher_send(b, wr, &h, &ev->payload, ev->has_payload, &ev->share);
     }
     kp_list_push_back(&w->events, &ev->link);
     w->nevents++;
@@ -882,7 +895,7 @@ static bool watcher_finish(struct kp_broker *b, struct watcher *wr, const struct
         kp_json_fini(&j);
     }
     h.message = msg;
-    bool alive = watcher_send(b, wr, &h, &payload, 1);
+    bool alive = watcher_send(b, wr, &h, &payload, 1, NULL);
     zmq_msg_close(&payload);
     return alive;
 }
@@ -1417,7 +1430,7 @@ static bool watcher_replay(struct kp_broker *b, struct watcher *wr)
     for (struct kp_list *l = w->events.next; l != &w->events; l = l->next) {
         struct event *ev = kp_container_of(l, struct event, link);
         event_header(w, ev, &h, md, mdp);
-        if (!watcher_send(b, wr, &h, &ev->payload, ev->has_payload))
+        if (!watcher_send(b, wr, &h, &ev->payload, ev->has_payload, &ev->share))
             return false;
     }
     return true;
@@ -2406,11 +2419,13 @@ static void on_end(struct kp_broker *b, struct kp_worker *w, kp_header *h, size_
         res.code = KELPIE__V1__CODE__OK;
         zmq_msg_t empty;
         zmq_msg_init(&empty);
+        struct kp_budget_share *share = NULL;
         while (!kp_list_empty(&wt->watchers)) {
             struct watcher *wr = kp_container_of(wt->watchers.next, struct watcher, link);
-            if (watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1))
+            if (watcher_send(b, wr, &res, o->has_payload ? &o->payload : &empty, 1, &share))
                 watcher_free(b, wr);
         }
+        kp_budget_share_release(&share);
         zmq_msg_close(&empty);
     }
     if (wt && wt->tail_len) {

@@ -54,7 +54,8 @@ struct event {
     char *message, *stream, *outcome, *reason;
     zmq_msg_t payload;
     bool has_payload;
-    bool relayed; /* came from the broker that runs the job: never relayed again */
+    bool relayed;                  /* came from the broker that runs the job: never relayed again */
+    struct kp_budget_share *share; /* payload as sent to watchers (budget.h), made on first send */
 };
 
 /* A job's watchers and events; exists while the job is unfinished and has

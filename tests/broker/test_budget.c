@@ -83,3 +83,46 @@ Test(budget, frames_sent_through_a_real_pipe_give_their_bytes_back)
     zmq_close(in);
     zmq_ctx_term(ctx);
 }
+
+Test(budget, a_share_counts_its_bytes_once_against_the_total)
+{
+    struct kp_budget *total = kp_budget_new(NULL);
+    struct kp_budget *p1 = kp_budget_new(total), *p2 = kp_budget_new(total);
+    zmq_msg_t payload;
+    zmq_msg_init_size(&payload, 4096);
+    memset(zmq_msg_data(&payload), 'x', 4096);
+    struct kp_budget_share *s = kp_budget_share_new(total, &payload);
+    cr_assert_eq(kp_budget_queued(total), 4096);
+    /* Two watchers are sent the payload: each send's header charges it. */
+    kp_header h = header(3);
+    size_t n = kelpie__v1__header__get_packed_size(&h);
+    zmq_msg_t h1, h2, c1, c2;
+    cr_assert_eq(kp_budget_share_copy(s, &c1), KP_OK);
+    cr_assert_eq(kp_budget_frame(p1, &h, 4096, &h1), KP_OK);
+    cr_assert_eq(kp_budget_share_copy(s, &c2), KP_OK);
+    cr_assert_eq(kp_budget_frame(p2, &h, 4096, &h2), KP_OK);
+    cr_assert_eq(zmq_msg_data(&c1), zmq_msg_data(&c2), "a copy, not a second buffer");
+    cr_assert_eq(memcmp(zmq_msg_data(&c2), zmq_msg_data(&payload), 4096), 0);
+    /* Each peer carries its message in full; the total, the bytes once. */
+    cr_assert_eq(kp_budget_queued(p1), 4096 + n);
+    cr_assert_eq(kp_budget_queued(p2), 4096 + n);
+    cr_assert_eq(kp_budget_queued(total), 4096 + 2 * n);
+    /* The owner lets go (the event left the job's buffer): the copies
+     * still hold the bytes, and they still count. */
+    zmq_msg_close(&payload);
+    kp_budget_share_release(&s);
+    cr_assert_null(s);
+    kp_budget_share_release(&s); /* idempotent */
+    cr_assert_eq(kp_budget_queued(total), 4096 + 2 * n);
+    /* libzmq frees a header, then its payload (the encoder's order). */
+    zmq_msg_close(&h1);
+    zmq_msg_close(&c1);
+    cr_assert_eq(kp_budget_queued(p1), 0);
+    cr_assert_eq(kp_budget_queued(total), 4096 + n);
+    zmq_msg_close(&h2);
+    zmq_msg_close(&c2); /* the last reference: the bytes are given back and freed */
+    cr_assert_eq(kp_budget_queued(total), 0);
+    kp_budget_release(&p1);
+    kp_budget_release(&p2);
+    kp_budget_release(&total);
+}

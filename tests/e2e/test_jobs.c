@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <zmq.h>
 
 #include "kelpie_test.h"
 
@@ -556,5 +557,48 @@ Test(jobs, broker_drain_method_makes_the_worker_leave)
               "the worker did not leave after the broker's Drain (status %d)", status);
     cr_assert(kt_wait_stat_le(b, "workers", 0, 3000));
     kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* Empty metadata values (a traceparent of "", an admin argument of "") are
+ * read as empty strings: the broker once passed their NULL data pointer to
+ * memcpy, and the sanitized build (ctest -L asan) died on the first one. */
+Test(jobs, empty_metadata_values_are_read_as_empty)
+{
+    kt_broker *b = start_broker();
+    kt_raw raw;
+    cr_assert(kt_raw_open(&raw, b->frontend, ZMQ_DEALER));
+    Kelpie__V1__Header__MetadataEntry md = KELPIE__V1__HEADER__METADATA_ENTRY__INIT;
+    md.key = "traceparent";
+    Kelpie__V1__Header__MetadataEntry *mdp[1] = {&md};
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = KELPIE__V1__KIND__SUBMIT;
+    h.request_id = 1;
+    h.service = "empty-md";
+    h.n_metadata = 1;
+    h.metadata = mdp;
+    cr_assert(kt_raw_send_header(&raw, &h, "x", 1));
+    Kelpie__V1__Header *a = kt_raw_recv_header(&raw, 5000);
+    cr_assert_not_null(a, "no answer to a SUBMIT with an empty traceparent");
+    cr_assert_eq(a->kind, KELPIE__V1__KIND__ACCEPTED, "kind %d: %s", a->kind, a->message);
+    kelpie__v1__header__free_unpacked(a, NULL);
+    /* An admin method's argument given empty: as if not given. */
+    md.key = "queue";
+    h = (Kelpie__V1__Header)KELPIE__V1__HEADER__INIT;
+    h.version = 1;
+    h.kind = KELPIE__V1__KIND__REQUEST;
+    h.request_id = 2;
+    h.service = "kelpie.broker";
+    h.method = "ListJobs";
+    h.n_metadata = 1;
+    h.metadata = mdp;
+    cr_assert(kt_raw_send_header(&raw, &h, NULL, 0));
+    a = kt_raw_recv_header(&raw, 5000);
+    cr_assert_not_null(a, "no answer to ListJobs with an empty queue");
+    cr_assert_eq(a->kind, KELPIE__V1__KIND__REPLY, "kind %d: %s", a->kind, a->message);
+    kelpie__v1__header__free_unpacked(a, NULL);
+    kt_raw_close(&raw);
+    cr_assert_eq(kt_stat(b, "jobs_accepted"), 1);
     kt_broker_stop(&b, 3000);
 }

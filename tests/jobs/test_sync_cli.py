@@ -2,8 +2,10 @@
 
 import asyncio
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -158,3 +160,53 @@ def test_cli_wait_shows_a_progress_bar_on_a_terminal(broker):
         assert b"tick 3" in out and b"75%" in out and b"\x1b[2K" in out
         assert out.rstrip().endswith(b"ticked")
         assert b"[3] progress" not in out  # not the plain lines of a pipe
+
+
+def test_cli_bad_arguments_end_in_one_line_not_a_traceback(broker):
+    """A newcomer's mistakes (an infinite timeout, a non-UTF-8 id, a limit
+    out of range) end with one `kelpie: ...` line and exit status 2; bytes
+    that are not UTF-8 in --data are the payload as typed."""
+    job_id = b"01ARZ3NDEKTSV4RRFFQ69G5FA\xff"
+    bad = [("submit", "q", "--timeout", "inf"),
+           ("submit", "q", "--backoff", "1e308"),
+           ("submit", "q", "--wait", "--wait-timeout", "nan"),
+           ("job", "wait", "01ARZ3NDEKTSV4RRFFQ69G5FAV", "--timeout", "nan"),
+           ("job", "show", job_id),
+           ("job", "cancel", job_id),
+           ("jobs", "ls", "--limit", "0"),
+           ("jobs", "ls", "--limit", "100000")]
+    for args in bad:
+        p = cli(broker, *args)
+        lines = p.stderr.decode(errors="replace").splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("kelpie"), \
+            (args, p.returncode, p.stderr)
+    with serve(make_worker(), broker):
+        p = cli(broker, "submit", "echo", "--wait", "--data", b"\xff\xfe raw")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split(b"\n", 1)[1] == b"\xff\xfe raw"
+    # Nothing above reached the broker as a job but the echo.
+    assert [i.queue for i in kelpie.sync.Client(broker.frontend).jobs()] == ["echo"]
+
+
+def test_cli_wait_timeout_holds_against_a_stopped_broker(broker):
+    """kelpied SIGSTOPped: the kernel still accepts the TCP connection, so the
+    client's handshake waits (up to HANDSHAKE_TIMEOUT, 5 s) before the job's
+    wait starts. `job wait --timeout 1` must end in about 1 s anyway, not 6."""
+    job_id = cli(broker, "submit", "nobody-serves").stdout.strip().decode()
+    assert len(job_id) == 26
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        for action in ("wait", "events"):
+            t0 = time.monotonic()
+            p = cli(broker, "job", action, job_id, "--timeout", "1")
+            took = time.monotonic() - t0
+            lines = p.stderr.decode(errors="replace").splitlines()
+            assert p.returncode == 1 and len(lines) == 1, p
+            assert lines[0].startswith(f"kelpie: job {job_id}: DEADLINE_EXCEEDED: "), p
+            # 1 s, plus an interpreter's start on a loaded box; 6+ s before.
+            assert took < 4.5, (action, took)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    # Resumed, the broker still has the job, and a wait works again.
+    p = cli(broker, "job", "show", job_id)
+    assert p.returncode == 0 and b"queued" in p.stdout, p

@@ -1,8 +1,11 @@
 """The kelpie command-line tool against a real broker and worker."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import kelpie
 from conftest import run, wait_served, worker_env
@@ -74,3 +77,24 @@ def test_cli_call_proto(broker, procs, greeter_path):
     r = kelpie_cli(broker, "call", "kelpie.test.Greeter", "SayHello", "--proto", "greeter_pb2",
                    "--data", '{"nosuchfield": 1}', extra_path=[greeter_path])
     assert r.returncode != 0 and b"HelloRequest" in r.stderr
+
+
+def test_cli_timeouts_hold_against_a_stopped_broker(broker):
+    """kelpied SIGSTOPped: the kernel accepts the TCP connection and nothing
+    answers, so the client's handshake waits (up to 5 s) for an outcome.
+    ping, stats, ls, health and call with --timeout 1 must still end in about
+    1 s with their one-line "no answer" error, not 6 s and more."""
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        for args in (["ping"], ["stats"], ["ls"], ["health"], ["call", "svc", "M"]):
+            t0 = time.monotonic()
+            p = kelpie_cli(broker, *args, "--timeout", "1")
+            took = time.monotonic() - t0
+            lines = p.stderr.decode(errors="replace").splitlines()
+            assert p.returncode == 1 and len(lines) == 1, (args, p)
+            assert "no answer from" in lines[0], (args, lines)
+            # 1 s, plus an interpreter's start on a loaded box; 6+ s before.
+            assert took < 4.0, (args, took)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert kelpie_cli(broker, "ping").returncode == 0

@@ -3,6 +3,8 @@ deadlines, errors, metadata, streams, stubs, broker restarts."""
 
 import asyncio
 import gc
+import os
+import signal
 import threading
 import time
 
@@ -246,6 +248,27 @@ def test_local_deadline_without_broker(kelpied, transport):
         with pytest.raises(kelpie.DeadlineExceeded):
             client.call("t", "Echo", b"x", timeout=0.3)
         assert 0.25 <= time.monotonic() - start < 1.0
+
+
+def test_deadline_holds_against_a_stopped_broker(kelpied):
+    """kelpied SIGSTOPped: the kernel accepts the TCP connection and nothing
+    answers, so a new thread connection's handshake waits for an outcome
+    (up to 5 s). A call, a job's result and a stream made on such a
+    connection must still end at their deadline, not at the handshake's."""
+    os.kill(kelpied.proc.pid, signal.SIGSTOP)
+    try:
+        ops = [("call", lambda c: c.call("t", "Echo", b"x", timeout=1)),
+               ("result", lambda c: c.result("01ARZ3NDEKTSV4RRFFQ69G5FAV", timeout=1)),
+               ("stream", lambda c: list(c.stream("t", "Count", b"3", timeout=1)))]
+        for what, op in ops:
+            with kelpie.sync.Client(kelpied.frontend) as client:  # a new connection each
+                start = time.monotonic()
+                with pytest.raises(kelpie.DeadlineExceeded):
+                    op(client)
+                took = time.monotonic() - start
+                assert took < 3.0, (what, took)  # 5.0 before
+    finally:
+        os.kill(kelpied.proc.pid, signal.SIGCONT)
 
 
 def test_status_codes_and_exceptions(served, transport):

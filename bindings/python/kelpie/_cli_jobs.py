@@ -18,12 +18,14 @@ for a failed job), 2 for a usage error.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
+import math
 import sys
 
 from .client import Client
-from .errors import JobFailed, RpcError
+from .errors import DeadlineExceeded, JobFailed, RpcError
 
 EXIT_FAILED = 1
 
@@ -155,6 +157,18 @@ def cmd_submit(args, run, read_data, table):
 
 def cmd_job(args, run, read_data, table):
     async def main():
+        if not args.timeout or args.action not in ("wait", "events"):
+            return await body()
+        # --timeout counts from the start: connecting to a broker that is
+        # stopped (SIGSTOP, swapped out) alone takes the client up to
+        # HANDSHAKE_TIMEOUT, which the job's own wait would then add to.
+        try:
+            return await asyncio.wait_for(body(), args.timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"job {args.id} did not finish in {args.timeout:g} s") \
+                from None
+
+    async def body():
         async with _client(args) as client:
             job = _jobs_module().Job(client, args.id)
             if args.action == "show":
@@ -191,6 +205,9 @@ def cmd_job(args, run, read_data, table):
         run(main(), args.loop)
     except RpcError as exc:
         return _failed(f"job {args.id}", exc)
+    except ValueError as exc:  # an id that is not UTF-8, say
+        print(f"kelpie: job {args.action}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -221,6 +238,9 @@ def cmd_jobs(args, run, read_data, table):
         run(main(), args.loop)
     except RpcError as exc:
         return _failed("jobs ls", exc)
+    except ValueError as exc:  # --limit out of range, say
+        print(f"kelpie: jobs ls: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -253,8 +273,8 @@ def _seconds(text):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: seconds, e.g. 2.5")
-    if value < 0:
-        raise argparse.ArgumentTypeError("seconds must be >= 0")
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a number >= 0")
     return value
 
 

@@ -68,8 +68,10 @@ def _ms(seconds, what):
     if seconds is None:
         return 0
     seconds = float(seconds)
-    if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"{what} must be seconds >= 0, not {seconds!r}")
+    # Infinite milliseconds (inf, or 1e308 s) would reach int() as an
+    # OverflowError: callers expect ValueError for a bad option.
+    if not math.isfinite(seconds * 1000.0) or seconds < 0:
+        raise ValueError(f"{what} must be finite seconds >= 0, not {seconds!r}")
     return int(seconds * 1000.0 + 0.5)
 
 

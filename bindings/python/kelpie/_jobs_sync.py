@@ -104,7 +104,7 @@ class Job:
             while True:
                 # Through one broker; after a loss, maybe another (kelpie._brokers).
                 client = self.client._watcher()
-                conn = client._fresh_conn()
+                conn = client._fresh_conn(deadline)
                 if tries:
                     conn.ping(_monotonic())  # learn the broker's id before its events
                 rid = conn.take_id()
@@ -256,11 +256,12 @@ class SyncClientJobs:
         from . import _core
         return _core.options(self, timeout, None)[0]
 
-    def _fresh_conn(self):
+    def _fresh_conn(self, deadline=None):
         """This thread's connection, with stale input read and a ping sent
-        after idleness (as before a call)."""
+        after idleness (as before a call); a new one's handshake waits no
+        later than ``deadline``."""
         from . import _zmq
-        conn = self._conn()
+        conn = self._conn(deadline)
         if conn.sock.getsockopt(_zmq.EVENTS) & _zmq.POLLIN:
             conn.drain_stale()
         now = _monotonic()
@@ -280,7 +281,7 @@ class SyncClientJobs:
         return [bytes(f) for f in frames[1:]]
 
     def _exchange(self, build, payload, deadline, what):
-        conn = self._fresh_conn()
+        conn = self._fresh_conn(deadline)
         rid = conn.take_id()
         header = build(rid)
         too_big = _wire.oversize(what, header, payload, conn.max_message_size)

@@ -49,6 +49,7 @@ DISCONNECT) — then kills what is left; a second signal kills at once.
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import importlib
 import json
@@ -60,7 +61,7 @@ import sys
 import time
 
 from . import _supervisor, _waiting
-from ._liveness import parse_timeout
+from ._liveness import client_timeout, parse_timeout
 from ._security import KeyFileError
 from .client import DEFAULT_FRONTEND, Client
 from ._zmq import ZMQError
@@ -128,7 +129,8 @@ def _import(spec, what):
 # -- call ---------------------------------------------------------------------
 
 def _read_data(data):
-    """--data as bytes: the text itself (UTF-8), @FILE's contents, or stdin for -."""
+    """--data as bytes: the text itself (the bytes as typed), @FILE's contents,
+    or stdin for -."""
     if data is None:
         return b""
     if data == "-":
@@ -140,7 +142,9 @@ def _read_data(data):
         except OSError as exc:
             raise UsageError(f"--data {data}: cannot read {data[1:]!r}: "
                              f"{exc.strerror or exc}")
-    return data.encode()
+    # An argument that is not UTF-8 reached us with its bytes as surrogates:
+    # fsencode gives them back as typed (data.encode() would raise).
+    return os.fsencode(data)
 
 
 def _message_types(args):
@@ -223,13 +227,20 @@ async def _call(args):
         args.data = args.request
     request_cls, reply_cls = _message_types(args)
     metadata = _metadata(args.metadata)
-    async with Client(args.frontend, heartbeat=0) as client:
+    # --timeout is the command's: connecting and the service's description
+    # come out of it, the call gets what is left.
+    end = time.monotonic() + client_timeout(args.timeout)
+
+    def left():
+        return args.timeout if end == float("inf") else max(0.001, end - time.monotonic())
+    async with _connected(args.frontend, args.timeout,
+                          f"no answer from {args.frontend}: is kelpied running at "
+                          f"{args.frontend}?") as client:
         if request_cls is None and reply_cls is None and not args.raw:
             # A typed service describes itself (kelpie._reflection): then the
             # request is JSON for its request type and the reply prints as JSON.
             from . import _reflection
-            described = await _reflection.fetch(client, args.service, min(2.0, args.timeout
-                                                                          or 2.0))
+            described = await _reflection.fetch(client, args.service, min(2.0, left() or 2.0))
             if described is not None and args.method in described.methods:
                 request_cls, reply_cls = described.classes(args.method)
             elif described is not None:
@@ -239,14 +250,14 @@ async def _call(args):
         try:
             if args.stream:
                 async with client.stream(args.service, args.method, payload,
-                                         timeout=args.timeout, metadata=metadata) as stream:
+                                         timeout=left(), metadata=metadata) as stream:
                     async for chunk in stream:
                         _output(chunk, reply_cls)
                         if reply_cls is None and not bytes(chunk).endswith(b"\n"):
                             sys.stdout.write("\n")
             else:
                 reply, md = await client.call(args.service, args.method, payload,
-                                              timeout=args.timeout, metadata=metadata,
+                                              timeout=left(), metadata=metadata,
                                               idempotent=args.idempotent, with_metadata=True)
                 if args.verbose:
                     for key, value in sorted(md.items()):
@@ -286,6 +297,27 @@ def cmd_call(args):
     return 0
 
 
+@contextlib.asynccontextmanager
+async def _connected(frontend, timeout, message="deadline exceeded"):
+    """A Client (no heartbeat) connected within ``timeout`` seconds (None:
+    the default deadline; infinite: no bound). A stopped kelpied (SIGSTOP)
+    accepts the TCP connection and says nothing: the handshake's wait (up to
+    HANDSHAKE_TIMEOUT, 5 s) must not come on top of the command's --timeout."""
+    client = Client(frontend, heartbeat=0)
+    try:
+        timeout = client_timeout(timeout)
+        if timeout == float("inf"):
+            await client.connect()
+        else:
+            try:
+                await asyncio.wait_for(client.connect(), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(message) from None
+        yield client
+    finally:
+        await client.close()
+
+
 def _dead_broker(frontend, what, exc, timeout):
     """The line for a ping or stats that got no answer."""
     if isinstance(exc, DeadlineExceeded) and exc.message == "deadline exceeded":
@@ -296,7 +328,7 @@ def _dead_broker(frontend, what, exc, timeout):
 
 def cmd_ping(args):
     async def ping():
-        async with Client(args.frontend, heartbeat=0) as client:
+        async with _connected(args.frontend, args.timeout) as client:
             for i in range(args.count):
                 rtt = await client.ping(timeout=args.timeout)
                 print(f"kelpie.broker/Ping from {client.frontend}: {rtt * 1e6:.0f} µs",
@@ -316,7 +348,7 @@ def cmd_health(args):
     from . import _health
 
     async def main():
-        async with Client(args.frontend, heartbeat=0) as client:
+        async with _connected(args.frontend, args.timeout) as client:
             if args.watch is None:
                 status = (await _health.check(client, args.service, args.timeout))["status"]
                 print(status, flush=True)
@@ -341,7 +373,7 @@ def cmd_ls(args):
     from . import _reflection
 
     async def main():
-        async with Client(args.frontend, heartbeat=0) as client:
+        async with _connected(args.frontend, args.timeout) as client:
             stats = await client.stats(timeout=args.timeout)
             names = [name for name, s in sorted(stats.get("services", {}).items())
                      if s.get("workers") and name != "kelpie.broker"]
@@ -427,7 +459,7 @@ def cmd_stats(args):
         return await client.stats(timeout=args.timeout)
 
     async def main():
-        async with Client(args.frontend, heartbeat=0) as client:
+        async with _connected(args.frontend, args.timeout) as client:
             shown = 0
             while True:
                 data = await stats(client)

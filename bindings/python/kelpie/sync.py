@@ -120,7 +120,7 @@ class _Conn(_core.Conn):
     __slots__ = ("sock", "streams", "cancels", "dead", "owner", "lost_before", "read_before",
                  "refused", "_finalizer", "__weakref__")
 
-    def __init__(self, client):
+    def __init__(self, client, deadline=None):
         _core.Conn.__init__(self, client.heartbeat, client.liveness, _monotonic())
         sock = _zmq.BlockingSocket(client._context, _zmq.DEALER)
         sock.setsockopt(_zmq.LINGER, 0)
@@ -129,6 +129,11 @@ class _Conn(_core.Conn):
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
         handshake = _security.connect(sock, client.frontend, "client", client._keys)
+        if deadline is not None:
+            # A broker that is stopped (SIGSTOP, swapped out) accepts the TCP
+            # connection and says nothing: the handshake's outcome must not
+            # hold the first call past its own deadline.
+            handshake.timeout = max(0.0, min(handshake.timeout, deadline - _monotonic()))
         try:
             handshake.wait(client._context, _zmq.BlockingSocket, _zmq.Timeout)
         except BaseException:
@@ -455,7 +460,9 @@ class Client(SyncClientJobs):
             conn.refused = refused
             conn.close()
 
-    def _conn(self):
+    def _conn(self, deadline=None):
+        """This thread's connection, made if need be; a new one waits for its
+        handshake no later than ``deadline`` (monotonic seconds)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.dead:
             return conn
@@ -467,7 +474,7 @@ class Client(SyncClientJobs):
                                    "fork(); make a new Client in the child")
             if self._context is None:
                 self._context = _zmq.Context()
-            conn = _Conn(self)
+            conn = _Conn(self, deadline)
             self._conns.add(conn)
         self._local.conn = conn
         return conn
@@ -528,7 +535,7 @@ class Client(SyncClientJobs):
 
     def _call(self, service, method, payload, deadline, metadata, idempotent, with_metadata,
               compression=None):
-        conn = self._conn()
+        conn = self._conn(deadline)
         try:
             stale = conn.sock.getsockopt(_EVENTS) & _POLLIN
         except _ZMQError:
@@ -581,11 +588,11 @@ class Client(SyncClientJobs):
         retry budget; the first success wins and the others are cancelled at
         their workers. All copies share this thread's connection; their
         answers are told apart by request id."""
-        conn = self._conn()
+        deadline = None if timeout is None else _monotonic() + timeout
+        conn = self._conn(deadline)
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         stats, throttle = self.retry_stats, self._throttle
-        deadline = None if timeout is None else _monotonic() + timeout
         flags = _ACCEPT | 1
         zip_ = self._zip
         if zip_.setting or compression:
@@ -884,7 +891,8 @@ class _StreamState(_calls.StreamCore):
     def start(self):
         if self.started:
             return
-        conn = self.client._conn()
+        start = _monotonic()
+        conn = self.client._conn(None if self.timeout is None else start + self.timeout)
         if conn.sock.getsockopt(_EVENTS) & _POLLIN:
             conn.drain_stale()
         self.started = True
@@ -892,7 +900,7 @@ class _StreamState(_calls.StreamCore):
         if conn.watch.stale(_monotonic()):
             conn.ping(_monotonic())
         if self.timeout is not None:
-            self.deadline = _monotonic() + self.timeout
+            self.deadline = start + self.timeout
         flags = self.request_flags()
         try:
             rid, header = conn.request(self.service, self.method, self.payload, self.timeout,
