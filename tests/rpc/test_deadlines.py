@@ -1,9 +1,13 @@
 """kelpie._deadlines: the client's unary deadlines on one loop timer."""
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 
+import kelpie
 from kelpie import _deadlines
 from kelpie._deadlines import GRAIN, Deadlines
 
@@ -152,3 +156,25 @@ def test_loop_clock_and_futures_are_the_loops_own(loop):
         assert _ShiftedLoop.made == 1 and fut.get_loop() is shifted
     finally:
         shifted.close()
+
+
+def test_a_client_connecting_to_a_stopped_broker_ends_its_call_at_its_timeout(broker):
+    """kelpied SIGSTOPped: the kernel accepts the TCP connection and nothing
+    answers, so connect() waited the whole handshake timeout (5 s) for an
+    outcome before the first call could start: a client made with timeout=1
+    had its first call end after 6 s. The wait now ends within the client's
+    timeout."""
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+
+    async def main():
+        start = time.monotonic()
+        async with kelpie.Client(broker.frontend, timeout=1) as client:
+            with pytest.raises(kelpie.DeadlineExceeded):
+                await client.call("t", "Echo", b"x")
+        return time.monotonic() - start
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert took < 3.5, took  # 6.0 before: 5 s of handshake, then the call's 1 s

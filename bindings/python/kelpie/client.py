@@ -188,6 +188,12 @@ class Client(ClientJobs):
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
         handshake = _security.connect(sock, self.frontend, "client", self._keys)
+        if self.timeout is not None:
+            # A stopped broker (SIGSTOP, swapped out) accepts the TCP
+            # connection and says nothing: waiting up to HANDSHAKE_TIMEOUT for
+            # the handshake's outcome would hold a client whose calls must
+            # end within `timeout` for longer than that before its first one.
+            handshake.timeout = min(handshake.timeout, self.timeout)
         try:
             await handshake.await_(self._context)
         except BaseException:
