@@ -2220,9 +2220,17 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         }
         size_t limit = 100;
         if (meta_str(h, "limit", buf, sizeof buf)) {
-            limit = (size_t)strtoull(buf, NULL, 10);
-            if (limit == 0 || limit > JOBS_LIST_MAX)
-                limit = JOBS_LIST_MAX;
+            /* Decimal digits only: "abc" or "-1" read leniently was 0, the
+             * largest page, for a caller that meant something else. */
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(buf, &end, 10);
+            if (buf[0] < '0' || buf[0] > '9' || *end != '\0' || errno) {
+                op_error(b, o, KP_EINVAL, "limit is not a count of jobs (1 to 1000)");
+                op_free(o);
+                return true;
+            }
+            limit = v == 0 || v > JOBS_LIST_MAX ? JOBS_LIST_MAX : (size_t)v;
         }
         char key[JOBS_KEY_MAX + 1];
         if (meta_str(h, "key", key, sizeof key))

@@ -174,6 +174,18 @@ def test_bad_submits_get_clear_errors(client):
     assert h.kind == K.ERROR and h.code == pb.NOT_FOUND
 
 
+def test_list_jobs_refuses_a_limit_that_is_not_a_count(client):
+    """strtoull read "abc", "-1" and "5x" as 0, 2^64-1 and 5: a page of up
+    to 1,000 jobs answered OK to a caller that meant something else."""
+    for bad in ("abc", "-1", "5x", " 5", "99999999999999999999999"):
+        h, _ = client.admin("ListJobs", limit=bad)
+        assert (h.kind, h.code) == (K.ERROR, pb.INVALID_ARGUMENT), (bad, h)
+        assert "limit" in h.message, h.message
+    job = client.submit(b"x")
+    assert [j["id"] for j in client.admin("ListJobs", limit="1")[0]["jobs"]] == [job]
+    assert client.admin("ListJobs", limit="5000")[0]["jobs"][0]["id"] == job  # capped
+
+
 def test_a_nul_in_a_name_is_refused_not_cut(client):
     """A C decoder ends a string at its NUL: "k\\0a" and "k\\0b" were one
     idempotency key (the second SUBMIT answered with the first's job, its
