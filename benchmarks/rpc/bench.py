@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
-from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402  (beside this file)
 
 
 
@@ -241,12 +241,7 @@ def run_pair(kelpied, loop_name, nproc, cases, seconds):
         return run(bench_pair(fe, grpc_ports, cases, seconds), loop_name)
     finally:
         procs.stop()
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(3)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_broker(broker)
 
 
 def fmt_us(seconds):

@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402  (beside this file)
 
 TEXT = b"the quick brown fox jumps over the lazy dog; " * 2000
 
@@ -155,12 +155,7 @@ def run_part(kelpied, roles, part):
         part(fe)
     finally:
         procs.stop()
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(3)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_broker(broker)
 
 
 def main():

@@ -31,7 +31,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402  (beside this file)
 
 
 def new_loop(name):
@@ -371,12 +371,7 @@ def main():
                   f"max {max(ratios):.2f}x")
     finally:
         procs.stop()
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(3)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_broker(broker)
     return 0
 
 

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
-from harness import Procs, find_kelpied, free_ports  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402  (beside this file)
 PAYLOAD = b"0123456789abcdef"
 THREADS = (1, 16)
 
@@ -270,12 +270,7 @@ def run_all(kelpied, seconds, with_def, rounds):
     finally:
         zctx.term()
         procs.stop()
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_broker(broker, 5)
     return results
 
 

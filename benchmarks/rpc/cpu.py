@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402  (beside this file)
-from harness import Procs, find_kelpied, free_ports  # noqa: E402
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -302,12 +302,7 @@ def main():
             res = bench.run(drive(fe, pids, args, tmp), args.loop)
         finally:
             procs.stop()
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(3)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait()
+            stop_broker(broker)
     report(res, args)
     return 0
 

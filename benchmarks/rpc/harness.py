@@ -61,3 +61,14 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs = []
+
+
+def stop_broker(proc, grace=3):
+    """SIGTERM the kelpied a benchmark started, SIGKILL it if it is still
+    there after ``grace`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench import kelpie_env, run  # noqa: E402
-from harness import Procs, find_kelpied, free_ports  # noqa: E402
+from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402
 
 
 def switches(pid):
@@ -191,12 +191,7 @@ def main():
         report(out, args)
     finally:
         procs.stop()
-        broker.send_signal(signal.SIGTERM)
-        try:
-            broker.wait(3)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.wait()
+        stop_broker(broker)
 
 
 if __name__ == "__main__":
