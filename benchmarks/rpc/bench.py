@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 PYTHON = sys.executable
 
-from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402  (beside this file)
+from harness import Procs, find_kelpied, free_ports, stop_broker, wait_served  # noqa: E402  (beside this file)
 
 
 
@@ -173,14 +173,7 @@ async def bench_pair(frontend, grpc_ports, cases, seconds):
 
         async def kelpie_echo(payload):
             return await call("bench", "Echo", payload)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await client.call("bench", "Echo", b"x", timeout=0.5)
-                break
-            except kelpie.RpcError:
-                if time.monotonic() > deadline:
-                    raise
+        await wait_served(client)
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in grpc_ports]
         stubs = [ch.unary_unary("/bench.Echo/Echo") for ch in channels]
         try:

@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402  (beside this file)
-from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402
+from harness import Procs, find_kelpied, free_ports, stop_broker, wait_served  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -182,14 +182,7 @@ async def window(load, pids, seconds):
 async def drive(frontend, pids, args, tmp):
     import kelpie
     async with kelpie.Client(frontend) as client:
-        deadline = time.monotonic() + 20
-        while True:  # until every worker is up (bounded)
-            try:
-                await client.call("bench", "Echo", b"x", timeout=0.5)
-                break
-            except kelpie.RpcError:
-                if time.monotonic() > deadline:
-                    raise
+        await wait_served(client, 20)
         await asyncio.sleep(0.5 * args.processes)  # the other workers' READY
 
         async def echo(p):

@@ -72,3 +72,19 @@ def stop_broker(proc, grace=3):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+async def wait_served(client, seconds=10):
+    """Until the bench echo answers through ``client`` (kelpied and a worker
+    up), for at most ``seconds``."""
+    import time
+
+    import kelpie
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await client.call("bench", "Echo", b"x", timeout=0.5)
+            return
+        except kelpie.RpcError:
+            if time.monotonic() > deadline:
+                raise

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench import kelpie_env, run  # noqa: E402
-from harness import Procs, find_kelpied, free_ports, stop_broker  # noqa: E402
+from harness import Procs, find_kelpied, free_ports, stop_broker, wait_served  # noqa: E402
 
 
 def switches(pid):
@@ -116,14 +116,7 @@ async def main_async(frontend, grpc_port, pids, args, tmp):
     payload = os.urandom(args.size)
     out = {}
     async with kelpie.Client(frontend, heartbeat=args.heartbeat) as client:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await client.call("bench", "Echo", b"x", timeout=0.5)
-                break
-            except kelpie.RpcError:
-                if time.monotonic() > deadline:
-                    raise
+        await wait_served(client)
 
         async def kelpie_echo(p):
             return await client.call("bench", "Echo", p)
