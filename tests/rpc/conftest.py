@@ -144,6 +144,17 @@ async def wait_served(client, service="echo", method="Echo", timeout=15.0):
             await asyncio.sleep(0.05)
 
 
+async def wait_forgotten(client, timeout=5.0):
+    """Until the worker tracks no call. A handler's marker file is written
+    before it returns, and a thread handler's end reaches the worker's loop a
+    moment later, so one ask right after the marker can still count it; a call
+    the worker really leaked stays counted and fails here."""
+    deadline = time.monotonic() + timeout
+    while (n := await client.call("echo", "Inflight", b"", timeout=timeout)) != b"0":
+        assert time.monotonic() < deadline, f"worker still tracks {n.decode()} calls"
+        await asyncio.sleep(0.05)
+
+
 async def wait_file(path, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):

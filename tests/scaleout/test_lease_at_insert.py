@@ -67,20 +67,30 @@ def test_a_burst_runs_in_submission_order_on_a_one_slot_worker(group):
     c = group.client(a)
     p = ws.start("w", credits=1)
     registered(c)
-    rids = [c.send(json.dumps({"sleep": 0.01, "n": i}).encode(), kind=K.SUBMIT, service="q")
-            for i in range(40)]
-    jobs = []
-    for rid in rids:
-        h, _ = c.expect(rid, timeout=15)
-        assert h.kind == K.ACCEPTED, h
-        jobs.append(h.job_id)
-    succeeded(c, jobs)
-    order = [j for j, _ in runs_of(p)]
-    assert len(order) == 40 and set(order) == set(jobs), order
-    assert order == sorted(jobs), "a job ran before one accepted earlier"
-    stats = broker_stats(c)
-    assert stats.get("jobs_leased_at_insert", 0) >= 1, stats
-    assert stats["jobs_leased_at_insert"] < 40, "a backlog formed: the rest were claimed"
+    # A claim of the broker's own (after READY, or after a job ends) that is
+    # out when a burst's first SUBMIT arrives takes its job instead, and then
+    # the whole burst is queued and claimed: order holds but the mixed path
+    # this test is about went untried (seen once in CI). Every burst must keep
+    # its order; up to three are sent until one began with a lease at insert.
+    for burst in range(3):
+        before = broker_stats(c).get("jobs_leased_at_insert", 0)
+        rids = [c.send(json.dumps({"sleep": 0.01, "n": i}).encode(), kind=K.SUBMIT,
+                       service="q") for i in range(40)]
+        jobs = []
+        for rid in rids:
+            h, _ = c.expect(rid, timeout=15)
+            assert h.kind == K.ACCEPTED, h
+            jobs.append(h.job_id)
+        succeeded(c, jobs)
+        mine = set(jobs)
+        order = [j for j, _ in runs_of(p) if j in mine]
+        assert len(order) == 40 and set(order) == mine, order
+        assert order == sorted(jobs), "a job ran before one accepted earlier"
+        leased = broker_stats(c).get("jobs_leased_at_insert", 0) - before
+        assert leased < 40, "a backlog formed: the rest were claimed"
+        if leased >= 1:
+            break
+    assert leased >= 1, f"none of {burst + 1} bursts found the queue idle"
 
 
 def test_limited_queues_are_claimed_through_their_limits_not_leased_at_insert(group):
