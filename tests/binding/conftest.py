@@ -23,6 +23,26 @@ QUICK = bool(os.environ.get("KELPIE_TEST_QUICK"))
 ASAN = bool(os.environ.get("KELPIE_TEST_ASAN"))
 
 
+async def term_finishes(sock, term):
+    """The end of a Context.term() run in thread `term` while `sock` is
+    watched: the loop does not spin on the terminating socket's descriptor,
+    a receive says ContextTerminated, and closing the socket lets term()
+    finish."""
+    import resource
+    import time
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    t0 = time.monotonic()
+    await asyncio.sleep(0.3)
+    spun = resource.getrusage(resource.RUSAGE_SELF).ru_utime - cpu0
+    assert spun < 0.15, "loop spun for %.2fs of %.2fs" % (spun, time.monotonic() - t0)
+    with pytest.raises(kelpie.ContextTerminated):
+        await sock.recv()
+    sock.close()
+    term.join(2)
+    assert not term.is_alive()
+
+
 def scale(full, quick):
     """`full` normally, `quick` under KELPIE_TEST_QUICK."""
     return quick if QUICK else full
