@@ -726,6 +726,23 @@ static kelpie_status client_copy_metadata(kelpie_reply *out, const Kelpie__V1__H
     return KELPIE_OK;
 }
 
+/* The status an answer hands the application. Only 0..16 travel (kelpie.h):
+ * a code from a broken or hostile peer outside them, the library's own from
+ * 100 up among them, would otherwise reach the caller as a local error the
+ * library never made (ERR_TIMEOUT, ERR_PROTOCOL) or as no status at all, so
+ * it is UNKNOWN, as the Python client's StatusCode.coerce makes it; an
+ * ERROR is never OK (its caller would read the payload as a reply), and a
+ * REPLY is OK whatever its code says, as kelpie_reply promises. */
+static kelpie_status client_status(int kind, int code)
+{
+    if (!client_terminal(kind) || kind == KELPIE__V1__KIND__REPLY)
+        return KELPIE_OK;
+    if (code < KELPIE_OK || code > KELPIE_UNAUTHENTICATED ||
+        (code == KELPIE_OK && kind == KELPIE__V1__KIND__ERROR))
+        return KELPIE_UNKNOWN;
+    return (kelpie_status)code;
+}
+
 /* Fills *out from a received message. */
 static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owned, size_t owned_len)
 {
@@ -733,7 +750,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owne
     memset(out, 0, sizeof *out);
     out->request_id.id = h->request_id;
     out->kind = (kelpie_kind)h->kind;
-    out->status = client_terminal(h->kind) ? (kelpie_status)h->code : KELPIE_OK;
+    out->status = client_status(h->kind, h->code);
     out->sequence = h->sequence;
     out->flags = h->flags;
     if (h->job_id)

@@ -540,7 +540,13 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
     m->header = NULL;
     call->id = h->request_id;
     call->epoch = w->epoch;
-    call->deadline = h->timeout_ms ? w->now + (int64_t)h->timeout_ms : 0;
+    /* timeout_ms is a uint64 on the wire: one past what the clock can add
+     * is "as late as can be", not a signed overflow or a time wrapped into
+     * the past (a broker's garbage must not cancel the call at once). */
+    if (h->timeout_ms)
+        call->deadline = h->timeout_ms < (uint64_t)(INT64_MAX - w->now)
+                             ? w->now + (int64_t)h->timeout_ms
+                             : INT64_MAX;
     call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
     call->is_job = h->kind == KELPIE__V1__KIND__JOB;
     return call;
@@ -1428,7 +1434,10 @@ KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call)
     if (!call || !call->deadline)
         return UINT32_MAX;
     int64_t left = call->deadline - kpc_now_ms();
-    return left > 0 ? (uint32_t)left : 0;
+    if (left <= 0)
+        return 0;
+    /* Further than 49.7 days: as far as a uint32 says without "none". */
+    return left < (int64_t)UINT32_MAX ? (uint32_t)left : UINT32_MAX - 1;
 }
 
 KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,

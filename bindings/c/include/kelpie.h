@@ -636,7 +636,8 @@ KELPIE_EXPORT const char *kelpie_call_method(const kelpie_call *call);
 KELPIE_EXPORT uint32_t kelpie_call_flags(const kelpie_call *call);
 
 /* Milliseconds left before the call's deadline; UINT32_MAX when it has none,
- * 0 once passed. */
+ * 0 once passed, UINT32_MAX - 1 when it is further away than that (the
+ * wire's timeout_ms is a uint64: any value is a deadline that far off). */
 KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call);
 
 /* Looks up request metadata; NULL when absent. *len gets the value length. */
