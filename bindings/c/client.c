@@ -60,10 +60,14 @@ typedef struct client_req {
     struct client_req *next; /* the top's list of calls to move */
 } client_req;
 
+/* What a call hears before its terminal answer (client_events). */
+enum { CLIENT_EVENTS_NONE, CLIENT_EVENTS_CHUNKS, CLIENT_EVENTS_JOB };
+
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
     uint32_t svc;     /* the service called, index + 1 in services; 0: none */
+    uint8_t events;   /* CLIENT_EVENTS_*: the non-terminal kinds it takes */
     client_req *req;  /* several brokers: kept for a re-send, NULL: not */
 } client_slot;
 
@@ -234,11 +238,31 @@ static kelpie_status client_grow(kelpie_client *c)
     return KELPIE_OK;
 }
 
-static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
+/* The events a call sent with header h takes: CHUNKs for a stream, a
+ * job's STATUS, PROGRESS and OUTPUT for a watch that asked for them,
+ * nothing for the rest (a unary call, a SUBMIT, a plain watch). Anything
+ * else before the end is a broken or hostile broker's: dropped, it
+ * neither grows the answer FIFO while a call waits nor reaches
+ * kelpie_client_recv after the call has ended. */
+static uint8_t client_events(const Kelpie__V1__Header *h)
+{
+    if (!(h->flags & KELPIE_STREAM))
+        return CLIENT_EVENTS_NONE;
+    return h->kind == KELPIE__V1__KIND__WATCH ? CLIENT_EVENTS_JOB : CLIENT_EVENTS_CHUNKS;
+}
+
+static bool client_takes(uint8_t events, int kind)
+{
+    if (kind == KELPIE__V1__KIND__CHUNK)
+        return events == CLIENT_EVENTS_CHUNKS;
+    return events == CLIENT_EVENTS_JOB;
+}
+
+static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline, uint8_t events)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline, 0, NULL});
+    client_insert_slot(c, (client_slot){id, deadline, 0, events, NULL});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -268,7 +292,7 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0, 0, NULL};
+    c->slots[hole] = (client_slot){0, 0, 0, 0, NULL};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
@@ -572,7 +596,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
         return rc;
     int64_t deadline =
         deadline_ms ? kpc_now_ms() + (int64_t)deadline_ms + KELPIE_CLIENT_GRACE_MS : 0;
-    rc = client_add(c, h->request_id, deadline);
+    rc = client_add(c, h->request_id, deadline, client_events(h));
     if (rc != KELPIE_OK) {
         /* Sent but cannot be tracked: cancel it so nothing is left behind. */
         client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
@@ -813,6 +837,8 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         /* A call sent again after its broker was lost answers to its first id. */
         uint64_t orig = i != SIZE_MAX ? client_orig(&c->slots[i]) : h->request_id;
         bool terminal = client_terminal(h->kind);
+        if (!terminal && i != SIZE_MAX && !client_takes(c->slots[i].events, h->kind))
+            goto done; /* not an event this call has (client_events) */
         if (h->job_id && strlen(h->job_id) >= KELPIE_JOB_ID_SIZE) {
             /* Longer than any id the broker makes: an event is dropped, a
              * terminal answer becomes a local protocol error, so the caller
@@ -1162,9 +1188,10 @@ static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t no
     }
     kelpie_status rc = kpc_wire_send(l->sock, h, req->payload, req->len, ZMQ_DONTWAIT);
     uint64_t id = h->request_id;
+    uint8_t events = client_events(h);
     kelpie__v1__header__free_unpacked(h, NULL);
     if (rc == KELPIE_OK)
-        rc = client_add(l, id, req->deadline);
+        rc = client_add(l, id, req->deadline, events);
     if (rc != KELPIE_OK)
         return rc;
     *l->ids = id;

@@ -38,8 +38,9 @@ static void fake_open(fake *f)
     memset(f, 0, sizeof *f);
     f->ctx = zmq_ctx_new();
     f->sock = zmq_socket(f->ctx, ZMQ_ROUTER);
-    int linger = 0;
+    int linger = 0, hwm = 0; /* a ROUTER drops what passes its HWM: floods must arrive */
     zmq_setsockopt(f->sock, ZMQ_LINGER, &linger, sizeof linger);
+    zmq_setsockopt(f->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
     cr_assert_eq(zmq_bind(f->sock, "tcp://127.0.0.1:*"), 0);
     size_t len = sizeof f->endpoint;
     zmq_getsockopt(f->sock, ZMQ_LAST_ENDPOINT, f->endpoint, &len);
@@ -444,6 +445,119 @@ Test(hostile_broker, client_call_returns_no_local_code_from_the_wire)
         cr_expect_eq(s.rc, KELPIE_UNKNOWN, "an ERROR with code %d returned %s", codes[k],
                      kelpie_status_name(s.rc));
         kelpie_reply_fini(&s.reply);
+    }
+    kelpie_client_destroy(&c);
+    fake_close(&f);
+}
+
+/* The events of a call (CHUNK, STATUS, PROGRESS, OUTPUT) sent for one
+ * that has none: a unary call, a SUBMIT, a WATCH without events. Kept in
+ * the answer FIFO, they grew it for as long as a broker sent them while a
+ * kelpie_client_call waited, and were handed to kelpie_client_recv after
+ * the call had ended, answers for a call nobody waits for. */
+static void send_events(fake *f, uint64_t id, int chunks)
+{
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.request_id = id;
+    h.kind = KELPIE__V1__KIND__CHUNK;
+    for (int k = 0; k < chunks; k++) {
+        h.sequence = (uint64_t)k;
+        fake_send(f, &h, "c", 1);
+    }
+    h.sequence = 0;
+    h.job_id = "01JAXQ3V8Q0000000000000000";
+    const Kelpie__V1__Kind events[] = {KELPIE__V1__KIND__STATUS, KELPIE__V1__KIND__PROGRESS,
+                                       KELPIE__V1__KIND__OUTPUT};
+    for (size_t k = 0; k < 3; k++) {
+        h.kind = events[k];
+        fake_send(f, &h, "e", 1);
+    }
+}
+
+Test(hostile_broker, client_drops_events_for_calls_that_have_none)
+{
+    fake f;
+    fake_open(&f);
+    kelpie_client *c = client_on(&f);
+
+    /* A blocking unary call, flooded with events before its REPLY. */
+    call_run s = {.c = c};
+    pthread_t t;
+    pthread_create(&t, NULL, call_thread, &s);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    cr_assert_not_null(h);
+    uint64_t rid = h->request_id;
+    kelpie__v1__header__free_unpacked(h, NULL);
+    send_events(&f, rid, 1000);
+    fake_answer(&f, KELPIE__V1__KIND__REPLY, rid, 0, NULL, "ok", 2);
+    pthread_join(t, NULL);
+    cr_assert_eq(s.rc, KELPIE_OK);
+    kelpie_reply_fini(&s.reply);
+    kelpie_reply r;
+    kelpie_status rc = kelpie_client_recv(c, &r, 300);
+    cr_assert_eq(rc, KELPIE_ERR_TIMEOUT, "got kind %d for id %llu after the call ended",
+                 (int)r.kind, (unsigned long long)r.request_id.id);
+    kelpie_reply_fini(&r);
+
+    /* Pipelined: a unary call, a SUBMIT and a WATCH without events; each
+     * hears only its terminal answer. */
+    kelpie_request_id call_id, submit_id, watch_id;
+    rid = client_sent(&f, c, 0, &call_id);
+    send_events(&f, rid, 3);
+    fake_answer(&f, KELPIE__V1__KIND__REPLY, rid, 0, NULL, "ok", 2);
+    kelpie_submit_opts so = {.queue = "q"};
+    cr_assert_eq(kelpie_client_submit_send(c, &so, "in", 2, &submit_id), KELPIE_OK);
+    h = fake_expect(&f, KELPIE__V1__KIND__SUBMIT, 5000);
+    cr_assert_not_null(h);
+    send_events(&f, h->request_id, 3);
+    Kelpie__V1__Header acc = KELPIE__V1__HEADER__INIT;
+    acc.kind = KELPIE__V1__KIND__ACCEPTED;
+    acc.request_id = h->request_id;
+    acc.job_id = "01JAXQ3V8Q0000000000000000";
+    fake_send(&f, &acc, NULL, 0);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    cr_assert_eq(kelpie_client_watch(c, "01JAXQ3V8Q0000000000000000", false, &watch_id), KELPIE_OK);
+    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000);
+    cr_assert_not_null(h);
+    send_events(&f, h->request_id, 3);
+    Kelpie__V1__Header res = KELPIE__V1__HEADER__INIT;
+    res.kind = KELPIE__V1__KIND__RESULT;
+    res.request_id = h->request_id;
+    res.job_id = "01JAXQ3V8Q0000000000000000";
+    fake_send(&f, &res, "out", 3);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    const kelpie_kind want[] = {KELPIE_KIND_REPLY, KELPIE_KIND_ACCEPTED, KELPIE_KIND_RESULT};
+    const uint64_t ids[] = {call_id.id, submit_id.id, watch_id.id};
+    for (size_t k = 0; k < 3; k++) {
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+        cr_expect_eq(r.kind, want[k], "answer %zu: kind %d for id %llu", k, (int)r.kind,
+                     (unsigned long long)r.request_id.id);
+        cr_expect_eq(r.request_id.id, ids[k]);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert_eq(kelpie_client_recv(c, &r, 300), KELPIE_ERR_TIMEOUT);
+    kelpie_reply_fini(&r);
+
+    /* Those that have events still get them, their own kinds only: a
+     * stream its CHUNKs, a watch with events its STATUS, PROGRESS and
+     * OUTPUT. */
+    rid = client_sent(&f, c, KELPIE_STREAM, &call_id);
+    send_events(&f, rid, 2);
+    fake_answer(&f, KELPIE__V1__KIND__END, rid, 0, NULL, NULL, 0);
+    cr_assert_eq(kelpie_client_watch(c, "01JAXQ3V8Q0000000000000000", true, &watch_id), KELPIE_OK);
+    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000);
+    cr_assert_not_null(h);
+    send_events(&f, h->request_id, 1); /* its CHUNK is not a watch's */
+    res.request_id = h->request_id;
+    fake_send(&f, &res, "out", 3);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    const kelpie_kind stream[] = {KELPIE_KIND_CHUNK,  KELPIE_KIND_CHUNK,    KELPIE_KIND_END,
+                                  KELPIE_KIND_STATUS, KELPIE_KIND_PROGRESS, KELPIE_KIND_OUTPUT,
+                                  KELPIE_KIND_RESULT};
+    for (size_t k = 0; k < sizeof stream / sizeof stream[0]; k++) {
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+        cr_expect_eq(r.kind, stream[k], "answer %zu: kind %d", k, (int)r.kind);
+        kelpie_reply_fini(&r);
     }
     kelpie_client_destroy(&c);
     fake_close(&f);
