@@ -59,6 +59,8 @@
 #define WORKER_DISCONNECT_LINGER_MS 200
 /* Broker default for a stream window of 0 (docs/protocol.md §5.3). */
 #define WORKER_DEFAULT_WINDOW 16
+/* The protocol's fixed initial input window of a client-streamed call (§5.6). */
+#define WORKER_INPUT_WINDOW 16
 /* OUTPUT stream names at most (protocol.md §11.3). */
 #define WORKER_MAX_STREAM_NAME 32
 /* The worker's own report (HEARTBEAT.worker_stats) goes at most this often,
@@ -120,10 +122,12 @@ struct kelpie_call {
     struct worker_input *input_tail; /* newest */
     struct worker_input *last_read;  /* what kelpie_call_read handed out last */
     uint64_t input_seq;              /* the sequence the next CHUNK must have */
+    uint64_t input_granted;          /* CHUNKs the caller may send: 16, plus every CREDIT since */
     uint32_t consumed;               /* read and not yet granted back */
     bool input_ended;                /* END arrived */
     bool input_lost;                 /* a CHUNK's sequence showed a gap */
     bool input_bad;                  /* a COMPRESSED CHUNK did not decompress */
+    bool input_overrun;              /* a CHUNK came past input_granted */
 };
 
 /* One request message of a client-streamed call, payload inline. */
@@ -549,6 +553,7 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
                              : INT64_MAX;
     call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
     call->is_job = h->kind == KELPIE__V1__KIND__JOB;
+    call->input_granted = WORKER_INPUT_WINDOW;
     return call;
 }
 
@@ -1877,7 +1882,10 @@ KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)
 
 /* Input of a call arrives in order, at most the window granted (a broker
  * that forwarded more is not trusted to be right: a gap or a CHUNK after END
- * ends the input with DATA_LOSS for the handler, never an assertion). */
+ * ends the input with DATA_LOSS for the handler, never an assertion; a CHUNK
+ * past the window ends it with RESOURCE_EXHAUSTED, as the broker fails a
+ * caller that overruns, so a broker flooding input cannot make the worker
+ * queue more than it granted). */
 #define WORKER_INPUT_GRANT 8
 
 static void call_free_answer_state(kelpie_call *call)
@@ -1907,7 +1915,7 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
             call = p;
     if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
         return; /* answered already, or not a stream: dropped (§5.6) */
-    if (call->input_ended || call->input_lost || call->input_bad)
+    if (call->input_ended || call->input_lost || call->input_bad || call->input_overrun)
         return;
     if (h->kind == KELPIE__V1__KIND__END) {
         call->input_ended = true;
@@ -1915,6 +1923,10 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
     }
     if (h->sequence != call->input_seq) {
         call->input_lost = true;
+        return;
+    }
+    if (call->input_seq >= call->input_granted) {
+        call->input_overrun = true;
         return;
     }
     void *plain = NULL;
@@ -2011,14 +2023,17 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             *len = in->len;
             /* Grant the window back in batches, while more may come. */
             if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended && !call->input_lost &&
-                !call->input_bad && call->epoch == w->epoch && !call->cancelled) {
+                !call->input_bad && !call->input_overrun && call->epoch == w->epoch &&
+                !call->cancelled) {
                 Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
                 hdr.kind = KELPIE__V1__KIND__CREDIT;
                 hdr.request_id = call->id;
                 hdr.credits = call->consumed;
                 hdr.flags = KELPIE_CLIENT_STREAM;
-                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK)
+                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK) {
+                    call->input_granted += call->consumed;
                     call->consumed = 0;
+                }
             }
             return KELPIE_OK;
         }
@@ -2028,6 +2043,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             return KELPIE_DATA_LOSS;
         if (call->input_bad)
             return KELPIE_INVALID_ARGUMENT;
+        if (call->input_overrun)
+            return KELPIE_RESOURCE_EXHAUSTED;
         if (call->input_ended)
             return KELPIE_OUT_OF_RANGE;
         if (call->cancelled)
@@ -2038,7 +2055,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
         if (end >= 0 && now >= end) {
             if (wait_ms == 0 && !w->pumping) {
                 worker_pump(w, 0); /* a poll still reads what is waiting */
-                if (call->input || call->input_ended || call->input_lost || call->input_bad)
+                if (call->input || call->input_ended || call->input_lost || call->input_bad ||
+                    call->input_overrun)
                     continue;
             }
             return KELPIE_ERR_BUSY;

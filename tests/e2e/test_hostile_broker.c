@@ -681,6 +681,8 @@ typedef struct seen {
     atomic_long remaining; /* kelpie_call_remaining_ms of the last call */
     atomic_long md_ok;     /* the last call's "k99999" metadata was found */
     atomic_long method_len;
+    atomic_long read;    /* input messages the reader got */
+    atomic_long read_rc; /* how its reading ended */
 } seen;
 
 static void echo(kelpie_call *call, const void *payload, size_t len, void *arg)
@@ -693,6 +695,24 @@ static void echo(kelpie_call *call, const void *payload, size_t len, void *arg)
     atomic_store(&s->method_len, (long)strlen(kelpie_call_method(call)));
     atomic_fetch_add(&s->calls, 1);
     kelpie_call_reply(call, payload, len);
+}
+
+/* Reads a client-streamed call's input to its end, then replies. */
+static void reader(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    seen *s = arg;
+    (void)payload;
+    (void)len;
+    const void *data;
+    size_t n;
+    long got = 0;
+    kelpie_status rc;
+    while ((rc = kelpie_call_read(call, &data, &n, 10000)) == KELPIE_OK)
+        got++;
+    atomic_store(&s->read, got);
+    atomic_store(&s->read_rc, (long)rc);
+    atomic_fetch_add(&s->calls, 1);
+    kelpie_call_reply(call, "read", 4);
 }
 
 typedef struct worker_run {
@@ -717,6 +737,7 @@ static void worker_on(fake *f, worker_run *r)
     r->w = kelpie_worker_new(f->endpoint, "hostile", 4);
     cr_assert_not_null(r->w);
     cr_assert_eq(kelpie_worker_handle(r->w, "echo", NULL, echo, &r->s), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r->w, "input", NULL, reader, &r->s), KELPIE_OK);
     cr_assert_eq(kelpie_worker_set_heartbeat(r->w, 1000, 100), KELPIE_OK);
     pthread_create(&r->thread, NULL, worker_thread, r);
     Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__READY, 5000);
@@ -941,6 +962,64 @@ Test(hostile_broker, worker_ignores_absurd_message_size_limits)
         cr_assert_eq(a->kind, KELPIE__V1__KIND__REPLY, "limit %llu", (unsigned long long)limits[k]);
         kelpie__v1__header__free_unpacked(a, NULL);
     }
+    worker_off(&r);
+    fake_close(&f);
+}
+
+/* protocol.md §5.6: the caller may send 16 CHUNKs, then one more per
+ * credit the worker grants, and "the worker holds what its handler has not
+ * read (at most what it granted)". A broker that forwards input past that
+ * window (1,000 CHUNKs at once) must not make the worker queue all of it:
+ * the handler reads what was allowed, then RESOURCE_EXHAUSTED, as the
+ * broker fails a caller that overruns. */
+Test(hostile_broker, worker_holds_no_input_past_its_window)
+{
+    fake f;
+    fake_open(&f);
+    worker_run r;
+    worker_on(&f, &r);
+    Kelpie__V1__Header req = request(400, "Upload");
+    req.service = "input";
+    req.flags = KELPIE_CLIENT_STREAM;
+    fake_send(&f, &req, NULL, 0);
+    enum { FLOOD = 1000 };
+    Kelpie__V1__Header ch = KELPIE__V1__HEADER__INIT;
+    ch.kind = KELPIE__V1__KIND__CHUNK;
+    ch.request_id = 400;
+    char block[1024];
+    memset(block, 'i', sizeof block);
+    for (int k = 0; k < FLOOD; k++) {
+        ch.sequence = (uint64_t)k;
+        fake_send(&f, &ch, block, sizeof block);
+    }
+    Kelpie__V1__Header end = KELPIE__V1__HEADER__INIT;
+    end.kind = KELPIE__V1__KIND__END;
+    end.request_id = 400;
+    fake_send(&f, &end, NULL, 0);
+    Kelpie__V1__Header *a = answer_to(&f, 400, 30000);
+    cr_assert_not_null(a);
+    kelpie__v1__header__free_unpacked(a, NULL);
+    long got = atomic_load(&r.s.read);
+    kelpie_status rc = (kelpie_status)atomic_load(&r.s.read_rc);
+    cr_expect_eq(rc, KELPIE_RESOURCE_EXHAUSTED, "the reader's input ended %s after %ld messages",
+                 kelpie_status_name(rc), got);
+    cr_expect_lt(got, FLOOD, "the reader got every message the window did not allow");
+    cr_expect_geq(got, 16, "what the window allowed is read");
+
+    /* A caller within its window is read to the end. */
+    req.request_id = 401;
+    fake_send(&f, &req, NULL, 0);
+    ch.request_id = end.request_id = 401;
+    for (int k = 0; k < 16; k++) {
+        ch.sequence = (uint64_t)k;
+        fake_send(&f, &ch, block, sizeof block);
+    }
+    fake_send(&f, &end, NULL, 0);
+    a = answer_to(&f, 401, 30000);
+    cr_assert_not_null(a);
+    kelpie__v1__header__free_unpacked(a, NULL);
+    cr_assert_eq(atomic_load(&r.s.read), 16);
+    cr_assert_eq(atomic_load(&r.s.read_rc), KELPIE_OUT_OF_RANGE);
     worker_off(&r);
     fake_close(&f);
 }

@@ -659,9 +659,12 @@ KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const ch
  * call's deadline or for ever); KELPIE_CANCELLED when the call was
  * cancelled; KELPIE_DATA_LOSS when a message went missing (a gap in the
  * sequence); KELPIE_INVALID_ARGUMENT when a COMPRESSED message did not
- * decompress (answer the call with that code); KELPIE_ERR_INVAL for a call that is not
- * client-streamed. While waiting it reads the socket as kelpie_call_cancelled does. Reading grants
- * the caller more input window, so a handler that reads slowly back-pressures its caller. */
+ * decompress (answer the call with that code); KELPIE_RESOURCE_EXHAUSTED, after
+ * the messages the window allowed, when more input came than the worker granted
+ * (a broker that does not enforce the window: nothing past it is held);
+ * KELPIE_ERR_INVAL for a call that is not client-streamed. While waiting it reads the socket as
+ * kelpie_call_cancelled does. Reading grants the caller more input window, so a handler that reads
+ * slowly back-pressures its caller. */
 KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
                                              int wait_ms);
 
