@@ -617,6 +617,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
 {
     if (!c || !opts || !opts->service || (len && !payload) || (opts->n_metadata && !opts->metadata))
         return KELPIE_ERR_INVAL;
+    /* An entry without a key, or with a length and no value, would be read
+     * through NULL when packed. */
+    for (size_t i = 0; i < opts->n_metadata; i++)
+        if (!opts->metadata[i].key || (opts->metadata[i].len && !opts->metadata[i].value))
+            return KELPIE_ERR_INVAL;
     if (c->n_lanes) {
         /* Only a unary idempotent call may run twice, on two brokers. */
         kelpie_status rc;
@@ -1838,7 +1843,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
                                                kelpie_client **out, char *why, size_t why_len)
 {
     char scratch[8];
-    if (!why) {
+    if (!why || !why_len) { /* a buffer of 0 bytes has no room even for the NUL */
         why = scratch;
         why_len = sizeof scratch;
     }

@@ -27,9 +27,10 @@
  * (kelpie_call_reply, _end, _error; kelpie_job_succeed, _fail, _nack) or the
  * worker is destroyed.
  *
- * Threads: a client or a worker is used from one thread at a time. The only
- * exception is kelpie_worker_stop(), which any thread (or a signal handler)
- * may call.
+ * Threads: a client or a worker is not thread-safe; it is used from one
+ * thread at a time (different clients and workers share nothing). The only
+ * exceptions are kelpie_worker_stop() and kelpie_worker_drain(), which any
+ * thread (or a signal handler) may call.
  */
 #ifndef KELPIE_H
 #define KELPIE_H
@@ -210,7 +211,7 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint);
  * us, with the reason in why ("server rejected our key ... (not in the client
  * allow-list)", "the broker ... requires CURVE", a wrong server key);
  * KELPIE_ERR_INVAL for an unreadable key file (why says which). why may be
- * NULL. */
+ * NULL (with why_len 0 nothing is written to it). */
 KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
                                                kelpie_client **out, char *why, size_t why_len);
 
@@ -242,7 +243,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *client, const char
  * (ZMQ_SNDHWM) or too many calls are outstanding (2^20).
  * KELPIE_RESOURCE_EXHAUSTED, with nothing sent, when the whole message is
  * larger than the broker accepts (kelpie_client_max_message_size): libzmq
- * would drop the connection for it, and every other call with it. */
+ * would drop the connection for it, and every other call with it.
+ * KELPIE_ERR_INVAL (nothing sent) without opts or opts->service, for len
+ * without payload, and for a metadata entry without a key or with a len and
+ * no value. */
 KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelpie_call_opts *opts,
                                                const void *payload, size_t len,
                                                kelpie_request_id *request_id);
