@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,4 +232,142 @@ Test(worker_api, workers_with_different_methods_of_one_service_each_get_their_ow
     kelpie_worker_destroy(&rb.worker);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
+}
+
+/* --- a handler blocked on the broker when the broker fails -------------- */
+
+/* A handler that waits on the broker with no bound (wait_ms -1, a call
+ * with no deadline): kelpie_call_send_chunk on a shut window, or
+ * kelpie_call_read with no input. When the broker dies or freezes the
+ * worker loses it (closed connection, or liveness heartbeats of silence)
+ * and, kelpie.h says, the call is then cancelled: the wait must end with
+ * KELPIE_CANCELLED, not hold the run thread for ever. */
+typedef struct blocked {
+    atomic_int entered;
+    atomic_int done;
+    atomic_int rc;
+} blocked;
+
+static void stream_until_refused(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    blocked *b = arg;
+    atomic_store(&b->entered, 1);
+    kelpie_status rc;
+    while ((rc = kelpie_call_send_chunk(call, "c", 1, -1)) == KELPIE_OK)
+        ;
+    atomic_store(&b->rc, (int)rc);
+    atomic_store(&b->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "the broker went");
+}
+
+static void read_until_refused(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    blocked *b = arg;
+    atomic_store(&b->entered, 1);
+    const void *p;
+    size_t n;
+    kelpie_status rc;
+    while ((rc = kelpie_call_read(call, &p, &n, -1)) == KELPIE_OK)
+        ;
+    atomic_store(&b->rc, (int)rc);
+    atomic_store(&b->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "the broker went");
+}
+
+static bool wait_flag(atomic_int *flag, int timeout_ms)
+{
+    int64_t end = kt_now_ms() + timeout_ms;
+    while (!atomic_load(flag) && kt_now_ms() < end)
+        kt_sleep_ms(5);
+    return atomic_load(flag) != 0;
+}
+
+/* Runs one call of method against a worker on a thread of this process,
+ * fails the broker with sig once the handler is blocked, and checks the
+ * handler's wait ended CANCELLED; then the broker comes back (SIGCONT, or
+ * a restart on the same ports) and the worker serves again. */
+static void broker_fails_under_a_blocked_handler(const char *method, int sig)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    blocked bl = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "blocked", 2)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "faults", "Stream", stream_until_refused, &bl),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "faults", "Read", read_until_refused, &bl),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {.service = "faults", .method = method, .window = 1};
+    o.flags = strcmp(method, "Stream") == 0 ? KELPIE_STREAM : KELPIE_CLIENT_STREAM;
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    cr_assert(wait_flag(&bl.entered, 5000), "the handler never ran");
+    if (o.flags & KELPIE_STREAM) {
+        kelpie_reply reply;
+        cr_assert_eq(kelpie_client_recv(c, &reply, 5000), KELPIE_OK);
+        cr_assert_eq(reply.kind, KELPIE_KIND_CHUNK, "the window's one CHUNK");
+        kelpie_reply_fini(&reply);
+    }
+    kt_sleep_ms(200); /* the handler is now waiting on the broker (nothing to observe) */
+    cr_assert_eq(atomic_load(&bl.done), 0, "the handler stopped waiting on its own");
+
+    int64_t t0 = kt_now_ms();
+    kt_signal(b->pid, sig);
+    cr_assert(wait_flag(&bl.done, 10000), "%s: the handler still waits %lld ms after signal %d",
+              method, (long long)(kt_now_ms() - t0), sig);
+    cr_assert_eq(atomic_load(&bl.rc), KELPIE_CANCELLED, "%s ended %s", method,
+                 kelpie_status_name((kelpie_status)atomic_load(&bl.rc)));
+    if (sig == SIGSTOP)
+        kt_signal(b->pid, SIGCONT);
+    else
+        cr_assert(kt_broker_restart(b, fast_hb));
+    kelpie_client_destroy(&c);
+
+    /* The worker registers again and serves. */
+    c = kelpie_client_new(b->frontend);
+    kelpie_reply reply;
+    kelpie_status rc = KELPIE_UNAVAILABLE;
+    int64_t end = kt_now_ms() + 10000;
+    while (rc != KELPIE_OK && kt_now_ms() < end) {
+        rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 1000, &reply);
+        kelpie_reply_fini(&reply);
+    }
+    cr_assert_eq(rc, KELPIE_OK, "the worker does not serve after the broker came back");
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    cr_assert_eq(r.rc, KELPIE_OK);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+Test(worker_api, blocked_send_chunk_ends_when_the_broker_is_killed)
+{
+    broker_fails_under_a_blocked_handler("Stream", SIGKILL);
+}
+
+Test(worker_api, blocked_send_chunk_ends_when_the_broker_freezes)
+{
+    broker_fails_under_a_blocked_handler("Stream", SIGSTOP);
+}
+
+Test(worker_api, blocked_read_ends_when_the_broker_is_killed)
+{
+    broker_fails_under_a_blocked_handler("Read", SIGKILL);
+}
+
+Test(worker_api, blocked_read_ends_when_the_broker_freezes)
+{
+    broker_fails_under_a_blocked_handler("Read", SIGSTOP);
 }
