@@ -66,8 +66,9 @@ enum { CLIENT_EVENTS_NONE, CLIENT_EVENTS_CHUNKS, CLIENT_EVENTS_JOB };
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
-    uint32_t svc;     /* the service called, index + 1 in services; 0: none */
+    uint16_t svc;     /* the service called, index + 1 in services; 0: none */
     uint8_t events;   /* CLIENT_EVENTS_*: the non-terminal kinds it takes */
+    uint32_t window;  /* a stream: CHUNKs the worker may still send (§5.3) */
     client_req *req;  /* several brokers: kept for a re-send, NULL: not */
 } client_slot;
 
@@ -78,7 +79,8 @@ typedef struct client_service {
     bool accepts;
 } client_service;
 
-/* Services remembered for compression at most; calls to others go plain. */
+/* Services remembered for compression at most; calls to others go plain
+ * (client_slot.svc holds an index + 1 in 16 bits). */
 #define CLIENT_MAX_SERVICES 256
 
 typedef struct client_node {
@@ -258,11 +260,23 @@ static bool client_takes(uint8_t events, int kind)
     return events == CLIENT_EVENTS_JOB;
 }
 
-static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline, uint8_t events)
+/* A stream's window (§5.3): the REQUEST's credits, or the 16 the broker
+ * gives the worker when it asked for 0. */
+#define CLIENT_STREAM_WINDOW 16
+
+static uint32_t client_window(const Kelpie__V1__Header *h)
+{
+    if (client_events(h) != CLIENT_EVENTS_CHUNKS)
+        return 0;
+    return h->credits ? h->credits : CLIENT_STREAM_WINDOW;
+}
+
+static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline, uint8_t events,
+                                uint32_t window)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline, 0, events, NULL});
+    client_insert_slot(c, (client_slot){id, deadline, 0, events, window, NULL});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -292,7 +306,7 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0, 0, 0, NULL};
+    c->slots[hole] = (client_slot){0, 0, 0, 0, 0, NULL};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
@@ -596,7 +610,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
         return rc;
     int64_t deadline =
         deadline_ms ? kpc_now_ms() + (int64_t)deadline_ms + KELPIE_CLIENT_GRACE_MS : 0;
-    rc = client_add(c, h->request_id, deadline, client_events(h));
+    rc = client_add(c, h->request_id, deadline, client_events(h), client_window(h));
     if (rc != KELPIE_OK) {
         /* Sent but cannot be tracked: cancel it so nothing is left behind. */
         client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
@@ -844,6 +858,19 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         bool terminal = client_terminal(h->kind);
         if (!terminal && i != SIZE_MAX && !client_takes(c->slots[i].events, h->kind))
             goto done; /* not an event this call has (client_events) */
+        if (h->kind == KELPIE__V1__KIND__CHUNK && i != SIZE_MAX) {
+            if (c->slots[i].window == 0) {
+                /* Past the window (§5.3): the broker does not count CHUNKs,
+                 * so a worker that ignores credit would grow the answer
+                 * FIFO for as long as the application waits elsewhere. */
+                client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
+                client_remove_at(c, i);
+                client_push_error(c, orig, KELPIE_ERR_PROTOCOL,
+                                  "the worker sent more CHUNKs than the stream's window allowed");
+                goto done;
+            }
+            c->slots[i].window--;
+        }
         if (h->job_id && strlen(h->job_id) >= KELPIE_JOB_ID_SIZE) {
             /* Longer than any id the broker makes: an event is dropped, a
              * terminal answer becomes a local protocol error, so the caller
@@ -1194,9 +1221,10 @@ static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t no
     kelpie_status rc = kpc_wire_send(l->sock, h, req->payload, req->len, ZMQ_DONTWAIT);
     uint64_t id = h->request_id;
     uint8_t events = client_events(h);
+    uint32_t window = client_window(h);
     kelpie__v1__header__free_unpacked(h, NULL);
     if (rc == KELPIE_OK)
-        rc = client_add(l, id, req->deadline, events);
+        rc = client_add(l, id, req->deadline, events, window);
     if (rc != KELPIE_OK)
         return rc;
     *l->ids = id;
@@ -1417,7 +1445,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *c, kelpie_reques
     }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
-    return client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
+    kelpie_status rc = client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
+    if (rc == KELPIE_OK) {
+        client_slot *slot = &c->slots[client_find(c, request_id.id)];
+        slot->window = n > UINT32_MAX - slot->window ? UINT32_MAX : slot->window + n;
+    }
+    return rc;
 }
 
 KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *c)

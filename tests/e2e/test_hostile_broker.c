@@ -1023,3 +1023,86 @@ Test(hostile_broker, worker_holds_no_input_past_its_window)
     worker_off(&r);
     fake_close(&f);
 }
+
+/* protocol.md §5.3: a worker MUST NOT send more CHUNKs than the window (the
+ * REQUEST's credits, 16 when it sent 0, plus every CREDIT since). The broker
+ * forwards CHUNKs without counting them, so a broken worker (or broker)
+ * that floods a stream must not grow the client's answer FIFO without
+ * bound while the application waits elsewhere: the CHUNK past the window
+ * ends the call with KELPIE_ERR_PROTOCOL and CANCELs it, once. */
+Test(hostile_broker, client_ends_a_stream_flooded_past_its_window)
+{
+    fake f;
+    fake_open(&f);
+    kelpie_client *c = client_on(&f);
+    kelpie_call_opts o = {
+        .service = "echo", .method = "Flood", .flags = KELPIE_STREAM, .window = 2};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    cr_assert_not_null(h);
+    uint64_t rid = h->request_id;
+    kelpie__v1__header__free_unpacked(h, NULL);
+    /* Two CHUNKs the window allows, one more after a credit of 1, then a
+     * flood. */
+    Kelpie__V1__Header ch = KELPIE__V1__HEADER__INIT;
+    ch.kind = KELPIE__V1__KIND__CHUNK;
+    ch.request_id = rid;
+    for (uint64_t k = 0; k < 2; k++) {
+        ch.sequence = k;
+        fake_send(&f, &ch, "c", 1);
+    }
+    kelpie_reply r;
+    for (int k = 0; k < 2; k++) {
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+        cr_assert_eq(r.kind, KELPIE_KIND_CHUNK);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert_eq(kelpie_client_credit(c, id, 1), KELPIE_OK);
+    for (uint64_t k = 2; k < 1000; k++) {
+        ch.sequence = k;
+        fake_send(&f, &ch, "c", 1);
+    }
+    fake_answer(&f, KELPIE__V1__KIND__END, rid, 0, NULL, NULL, 0);
+    cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+    cr_assert_eq(r.kind, KELPIE_KIND_CHUNK, "the credited CHUNK");
+    cr_assert_eq(r.sequence, 2);
+    kelpie_reply_fini(&r);
+    cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+    cr_expect_eq(r.request_id.id, id.id);
+    cr_expect_eq(r.kind, KELPIE_KIND_ERROR, "kind %d seq %llu", (int)r.kind,
+                 (unsigned long long)r.sequence);
+    cr_expect_eq(r.status, KELPIE_ERR_PROTOCOL, "%s: %s", kelpie_status_name(r.status), r.message);
+    kelpie_reply_fini(&r);
+    cr_assert_eq(kelpie_client_outstanding(c), 0);
+    h = fake_expect(&f, KELPIE__V1__KIND__CANCEL, 5000);
+    cr_assert_not_null(h, "the flooded stream is cancelled at the broker");
+    cr_assert_eq(h->request_id, rid);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    cr_assert_eq(kelpie_client_recv(c, &r, 300), KELPIE_ERR_TIMEOUT, "the rest is dropped");
+    kelpie_reply_fini(&r);
+
+    /* A window of 0 is the broker's default of 16: all 16 arrive. */
+    o.window = 0;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    cr_assert_not_null(h);
+    ch.request_id = h->request_id;
+    kelpie__v1__header__free_unpacked(h, NULL);
+    for (uint64_t k = 0; k < 16; k++) {
+        ch.sequence = k;
+        fake_send(&f, &ch, "c", 1);
+    }
+    fake_answer(&f, KELPIE__V1__KIND__END, ch.request_id, 0, NULL, NULL, 0);
+    for (int k = 0; k < 16; k++) {
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+        cr_assert_eq(r.kind, KELPIE_KIND_CHUNK, "CHUNK %d", k);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+    cr_assert_eq(r.kind, KELPIE_KIND_END);
+    cr_assert_eq(r.status, KELPIE_OK);
+    kelpie_reply_fini(&r);
+    kelpie_client_destroy(&c);
+    fake_close(&f);
+}
