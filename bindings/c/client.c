@@ -111,6 +111,7 @@ struct kelpie_client {
     int64_t next_scan;    /* when to look for expired calls next */
     client_node *head;    /* answers received or made up, not yet returned */
     client_node *tail;
+    uint32_t strays;           /* of them, answers with no request id (client_push) */
     kpc_arena arena;           /* the header being read (one at a time) */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     client_input *inputs;      /* CLIENT_STREAM calls' input state */
@@ -311,8 +312,20 @@ static void client_remove_at(kelpie_client *c, size_t i)
 
 /* --- answers kept for later ---------------------------------------------- */
 
+/* ERRORs with no request id (the broker could not read something we sent)
+ * waiting in the FIFO at most: a program that only makes blocking calls
+ * never reads them, so a broker sending them by the thousand would grow
+ * the FIFO for the client's whole life. Later ones are dropped. */
+#define CLIENT_MAX_STRAYS 64
+
 static void client_push(kelpie_client *c, client_node *node)
 {
+    if (node->reply.request_id.id == 0 && c->strays++ >= CLIENT_MAX_STRAYS) {
+        c->strays--;
+        kelpie_reply_fini(&node->reply);
+        free(node);
+        return;
+    }
     node->next = NULL;
     if (c->tail)
         c->tail->next = node;
@@ -342,6 +355,8 @@ static int client_pop(kelpie_client *c, kelpie_reply *out)
     c->head = node->next;
     if (!c->head)
         c->tail = NULL;
+    if (node->reply.request_id.id == 0)
+        c->strays--;
     *out = node->reply;
     free(node);
     return 1;

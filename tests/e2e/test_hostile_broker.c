@@ -1106,3 +1106,42 @@ Test(hostile_broker, client_ends_a_stream_flooded_past_its_window)
     kelpie_client_destroy(&c);
     fake_close(&f);
 }
+
+/* An ERROR with no request id is the broker saying it could not read
+ * something we sent; kelpie_client_recv hands it over (request id 0). A
+ * broker sending them by the thousand while a kelpie_client_call waits
+ * must not make the client keep every one: a unary-only program never
+ * reads them, so they would pile up for the client's whole life. */
+Test(hostile_broker, client_keeps_a_bounded_number_of_id_zero_errors)
+{
+    fake f;
+    fake_open(&f);
+    kelpie_client *c = client_on(&f);
+    call_run s = {.c = c};
+    pthread_t t;
+    pthread_create(&t, NULL, call_thread, &s);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    cr_assert_not_null(h);
+    uint64_t rid = h->request_id;
+    kelpie__v1__header__free_unpacked(h, NULL);
+    enum { FLOOD = 100000 };
+    for (int k = 0; k < FLOOD; k++)
+        fake_answer(&f, KELPIE__V1__KIND__ERROR, 0, KELPIE__V1__CODE__INVALID_ARGUMENT,
+                    "malformed header", NULL, 0);
+    fake_answer(&f, KELPIE__V1__KIND__REPLY, rid, 0, NULL, "ok", 2);
+    pthread_join(t, NULL);
+    cr_assert_eq(s.rc, KELPIE_OK);
+    kelpie_reply_fini(&s.reply);
+    long kept = 0;
+    kelpie_reply r;
+    while (kept <= FLOOD && kelpie_client_recv(c, &r, 0) == KELPIE_OK) {
+        cr_assert_eq(r.request_id.id, 0);
+        cr_assert_eq(r.status, KELPIE_INVALID_ARGUMENT);
+        kelpie_reply_fini(&r);
+        kept++;
+    }
+    cr_expect_geq(kept, 1, "the broker's complaint is still heard");
+    cr_expect_leq(kept, 64, "%ld of %d kept", kept, FLOOD);
+    kelpie_client_destroy(&c);
+    fake_close(&f);
+}

@@ -257,7 +257,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelp
  * KELPIE_ERR_TIMEOUT when nothing arrived. Calls whose deadline passed by more
  * than KELPIE_CLIENT_GRACE_MS, or that the broker dropped when it sent
  * DISCONNECT, are answered here with a locally made ERROR (DEADLINE_EXCEEDED,
- * UNAVAILABLE). Answers for ids that are not outstanding are dropped. */
+ * UNAVAILABLE). Answers for ids that are not outstanding are dropped. An
+ * ERROR the broker sends with no request id (it could not read something
+ * we sent) comes here with request_id 0; at most 64 of them wait at a time
+ * (a program that only makes blocking calls never reads them), later ones
+ * are dropped. */
 KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *client, kelpie_reply *reply,
                                                int timeout_ms);
 
