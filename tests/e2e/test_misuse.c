@@ -10,6 +10,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +18,7 @@
 
 #include "kelpie_test.h"
 
-TestSuite(misuse, .timeout = 60);
+TestSuite(misuse, .fini = kt_teardown, .timeout = 120);
 
 /* Nobody listens on port 1 of 127.0.0.1 (privileged, unused). */
 #define NOWHERE "tcp://127.0.0.1:1"
@@ -252,4 +253,53 @@ Test(misuse, call_and_job_functions_take_null)
     cr_assert_eq(kelpie_job_priority(NULL), 0);
     cr_assert_null(kelpie_job_worker(NULL));
     cr_assert_eq(kelpie_job_remaining_ms(NULL), UINT32_MAX);
+}
+
+/* kelpie.h: a client is used from one thread at a time, and different
+ * clients share nothing. Four threads, each with its own client, call the
+ * broker at once (200 Pings each, half of them pipelined); under ASan too. */
+typedef struct pinger {
+    const char *endpoint;
+    int ok;
+} pinger;
+
+static void *ping_thread(void *arg)
+{
+    pinger *p = arg;
+    kelpie_client *c = kelpie_client_new(p->endpoint);
+    if (!c)
+        return NULL;
+    for (int k = 0; k < 100; k++) {
+        kelpie_reply r;
+        if (kelpie_client_call(c, "kelpie.broker", "Ping", NULL, 0, 10000, &r) == KELPIE_OK)
+            p->ok++;
+        kelpie_reply_fini(&r);
+        kelpie_call_opts o = {.service = "kelpie.broker", .method = "Ping", .timeout_ms = 10000};
+        kelpie_request_id id;
+        if (kelpie_client_send(c, &o, NULL, 0, &id) == KELPIE_OK &&
+            kelpie_client_recv(c, &r, 10000) == KELPIE_OK && r.request_id.id == id.id &&
+            r.status == KELPIE_OK)
+            p->ok++;
+        kelpie_reply_fini(&r);
+    }
+    kelpie_client_destroy(&c);
+    return NULL;
+}
+
+Test(misuse, clients_on_different_threads_share_nothing)
+{
+    kt_broker *b = kt_broker_start(NULL);
+    cr_assert_not_null(b);
+    enum { THREADS = 4 };
+    pinger p[THREADS];
+    pthread_t t[THREADS];
+    for (int k = 0; k < THREADS; k++) {
+        p[k] = (pinger){.endpoint = b->frontend};
+        cr_assert_eq(pthread_create(&t[k], NULL, ping_thread, &p[k]), 0);
+    }
+    for (int k = 0; k < THREADS; k++) {
+        pthread_join(t[k], NULL);
+        cr_expect_eq(p[k].ok, 200, "thread %d: %d of 200 Pings answered", k, p[k].ok);
+    }
+    kt_broker_stop(&b, 3000);
 }
