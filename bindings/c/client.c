@@ -954,7 +954,8 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         if (h->flags & KELPIE_CLIENT_STREAM)
             for (client_input *in = c->inputs; in; in = in->next)
                 if (in->id == h->request_id) {
-                    in->window += h->credits;
+                    in->window =
+                        h->credits > UINT32_MAX - in->window ? UINT32_MAX : in->window + h->credits;
                     break;
                 }
         break;

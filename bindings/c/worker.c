@@ -656,8 +656,12 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         return;
     case KELPIE__V1__KIND__CREDIT: {
         kelpie_call *call = worker_find(w, h->request_id);
+        /* Saturated: a reader granting "unlimited" (UINT32_MAX) while
+         * window is left must not wrap it to less (kelpied forwards each
+         * CREDIT as it came). */
         if (call)
-            call->window += h->credits;
+            call->window =
+                h->credits > UINT32_MAX - call->window ? UINT32_MAX : call->window + h->credits;
         return;
     }
     case KELPIE__V1__KIND__ERROR:

@@ -683,6 +683,7 @@ typedef struct seen {
     atomic_long method_len;
     atomic_long read;    /* input messages the reader got */
     atomic_long read_rc; /* how its reading ended */
+    atomic_long window;  /* a stream's window once a CREDIT changed it */
 } seen;
 
 static void echo(kelpie_call *call, const void *payload, size_t len, void *arg)
@@ -715,6 +716,22 @@ static void reader(kelpie_call *call, const void *payload, size_t len, void *arg
     kelpie_call_reply(call, "read", 4);
 }
 
+/* Holds a stream until a CREDIT changes its window (at most 10 s, reading
+ * the socket meanwhile), then notes the window and ends the stream. */
+static void window_watch(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    seen *s = arg;
+    (void)payload;
+    (void)len;
+    uint32_t start = kelpie_call_window(call);
+    int64_t end = kt_now_ms() + 10000;
+    while (kelpie_call_window(call) == start && !kelpie_call_cancelled(call) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    atomic_store(&s->window, (long)kelpie_call_window(call));
+    atomic_fetch_add(&s->calls, 1);
+    kelpie_call_end(call);
+}
+
 typedef struct worker_run {
     kelpie_worker *w;
     pthread_t thread;
@@ -738,6 +755,7 @@ static void worker_on(fake *f, worker_run *r)
     cr_assert_not_null(r->w);
     cr_assert_eq(kelpie_worker_handle(r->w, "echo", NULL, echo, &r->s), KELPIE_OK);
     cr_assert_eq(kelpie_worker_handle(r->w, "input", NULL, reader, &r->s), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r->w, "window", NULL, window_watch, &r->s), KELPIE_OK);
     cr_assert_eq(kelpie_worker_set_heartbeat(r->w, 1000, 100), KELPIE_OK);
     pthread_create(&r->thread, NULL, worker_thread, r);
     Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__READY, 5000);
@@ -1142,6 +1160,62 @@ Test(hostile_broker, client_keeps_a_bounded_number_of_id_zero_errors)
     }
     cr_expect_geq(kept, 1, "the broker's complaint is still heard");
     cr_expect_leq(kept, 64, "%ld of %d kept", kept, FLOOD);
+    kelpie_client_destroy(&c);
+    fake_close(&f);
+}
+
+/* A reader that grants "unlimited" credit (UINT32_MAX) while the worker
+ * still has window left: kelpied forwards each CREDIT as it is (it
+ * saturates only its own sums), so the worker's window + n wrapped to
+ * window - 1, and a stream meant to run free stalled after it. */
+Test(hostile_broker, worker_window_saturates_instead_of_wrapping)
+{
+    fake f;
+    fake_open(&f);
+    worker_run r;
+    worker_on(&f, &r);
+    Kelpie__V1__Header req = request(500, "Watch");
+    req.service = "window";
+    req.flags = KELPIE_STREAM;
+    req.credits = 16;
+    fake_send(&f, &req, NULL, 0);
+    Kelpie__V1__Header credit = KELPIE__V1__HEADER__INIT;
+    credit.kind = KELPIE__V1__KIND__CREDIT;
+    credit.request_id = 500;
+    credit.credits = UINT32_MAX;
+    fake_send(&f, &credit, NULL, 0);
+    Kelpie__V1__Header *a = fake_expect(&f, KELPIE__V1__KIND__END, 20000);
+    cr_assert_not_null(a);
+    kelpie__v1__header__free_unpacked(a, NULL);
+    cr_assert_eq((uint32_t)atomic_load(&r.s.window), UINT32_MAX, "16 + UINT32_MAX gave %lu",
+                 (unsigned long)atomic_load(&r.s.window));
+    worker_off(&r);
+    fake_close(&f);
+}
+
+/* The same for a client-streamed call's input window: a CREDIT of
+ * UINT32_MAX read while 16 are left must not leave 15. */
+Test(hostile_broker, client_input_window_saturates_instead_of_wrapping)
+{
+    fake f;
+    fake_open(&f);
+    kelpie_client *c = client_on(&f);
+    kelpie_request_id id;
+    uint64_t rid = client_sent(&f, c, KELPIE_CLIENT_STREAM, &id);
+    Kelpie__V1__Header credit = KELPIE__V1__HEADER__INIT;
+    credit.kind = KELPIE__V1__KIND__CREDIT;
+    credit.request_id = rid;
+    credit.flags = KELPIE_CLIENT_STREAM;
+    credit.credits = UINT32_MAX;
+    fake_send(&f, &credit, NULL, 0);
+    kelpie_reply r;
+    /* Reads the CREDIT (nothing to deliver): the window is 16 then. */
+    cr_assert_eq(kelpie_client_recv(c, &r, 500), KELPIE_ERR_TIMEOUT);
+    kelpie_reply_fini(&r);
+    int sent = 0;
+    while (sent < 100 && kelpie_client_write(c, id, "w", 1, 0) == KELPIE_OK)
+        sent++;
+    cr_assert_eq(sent, 100, "the window shut after %d writes", sent);
     kelpie_client_destroy(&c);
     fake_close(&f);
 }

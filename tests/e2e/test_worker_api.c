@@ -371,3 +371,61 @@ Test(worker_api, blocked_read_ends_when_the_broker_freezes)
 {
     broker_fails_under_a_blocked_handler("Read", SIGSTOP);
 }
+
+/* A reader that grants "unlimited" credit through a real kelpied while the
+ * worker still has window: kelpied forwards the CREDIT as it came, and the
+ * worker's window must saturate, not wrap to one less than it had. */
+typedef struct window_seen {
+    atomic_int entered;
+    atomic_long window;
+} window_seen;
+
+static void window_until_credit(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    window_seen *s = arg;
+    uint32_t start = kelpie_call_window(call);
+    atomic_store(&s->entered, 1);
+    int64_t end = kt_now_ms() + 10000;
+    while (kelpie_call_window(call) == start && !kelpie_call_cancelled(call) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    atomic_store(&s->window, (long)kelpie_call_window(call));
+    kelpie_call_end(call);
+}
+
+Test(worker_api, unlimited_credit_through_the_broker_saturates_the_window)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    window_seen seen = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "window", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "win", NULL, window_until_credit, &seen),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {
+        .service = "win", .method = "Hold", .timeout_ms = 20000, .flags = KELPIE_STREAM};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    int64_t end = kt_now_ms() + 5000;
+    while (!atomic_load(&seen.entered) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert(atomic_load(&seen.entered), "the handler never ran");
+    cr_assert_eq(kelpie_client_credit(c, id, UINT32_MAX), KELPIE_OK);
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_recv(c, &reply, 15000), KELPIE_OK);
+    cr_assert_eq(reply.kind, KELPIE_KIND_END);
+    kelpie_reply_fini(&reply);
+    cr_assert_eq((uint32_t)atomic_load(&seen.window), UINT32_MAX, "16 + UINT32_MAX gave %lu",
+                 (unsigned long)atomic_load(&seen.window));
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}

@@ -276,7 +276,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *client,
  * (CREDIT). A reader typically returns one credit per CHUNK it has consumed.
  * The client counts the window (opts.window, 16 for 0, plus every credit):
  * a CHUNK past it (a worker that ignores credit) ends the call with a local
- * ERROR KELPIE_ERR_PROTOCOL and cancels it, so a flood is never queued. */
+ * ERROR KELPIE_ERR_PROTOCOL and cancels it, so a flood is never queued.
+ * Windows add up saturating, on both sides: n = UINT32_MAX is "unlimited". */
 KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *client,
                                                  kelpie_request_id request_id, uint32_t n);
 
