@@ -36,6 +36,10 @@
 /* Send and receive high-water marks (messages): the broker's per-client
  * in-flight limit, not the socket, is what bounds a client's calls. */
 #define CLIENT_HWM 100000
+/* A wait also reads the clock (deadlines, liveness) after this many messages
+ * in a row, not only once the socket is empty: a broker that never lets it
+ * go quiet must not hold a call past its deadline. */
+#define CLIENT_BUSY_LOOK 64
 
 /* Several brokers: a call kept, packed, so that it can be sent again to
  * another broker when its own is lost: an idempotent unary call or a keyed
@@ -1068,13 +1072,13 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             return KELPIE_ERR_TIMEOUT;
         client_top_wait(c, end < 0 ? -1 : (long)(end - now));
     }
-    for (;;) {
+    for (unsigned n = 1;; n++) {
         if (client_pop(c, reply))
             return KELPIE_OK;
         kelpie_status rc = client_read(c, reply);
         if (rc == KELPIE_OK)
             return KELPIE_OK;
-        if (rc == KELPIE_ABORTED)
+        if (rc == KELPIE_ABORTED && n % CLIENT_BUSY_LOOK)
             continue;
         int64_t now = kpc_now_ms();
         client_expire(c, now, 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
@@ -1083,6 +1087,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             continue;
         if (end >= 0 && now >= end)
             return KELPIE_ERR_TIMEOUT;
+        if (rc == KELPIE_ABORTED)
+            continue; /* still more to read */
         long wait = end < 0 ? -1 : (long)(end - now);
         if (c->with_deadline && (wait < 0 || wait > c->next_scan - now))
             wait = (long)(c->next_scan - now);
@@ -1103,7 +1109,7 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
     if (c->n_lanes)
         return client_top_await(c, id, give_up, cancel, code, why, reply);
     kelpie_status rc;
-    for (;;) {
+    for (unsigned n = 1;; n++) {
         kelpie_reply r;
         rc = client_read(c, &r);
         if (rc == KELPIE_OK) {
@@ -1112,9 +1118,9 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
                 return r.status;
             }
             client_keep(c, &r);
-            continue;
         }
-        if (rc == KELPIE_ABORTED)
+        bool busy = rc == KELPIE_OK || rc == KELPIE_ABORTED;
+        if (busy && n % CLIENT_BUSY_LOOK)
             continue;
         if (client_find(c, id.id) == SIZE_MAX) {
             /* Our call ended without an answer (the broker disconnected):
@@ -1144,7 +1150,8 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
             reply->request_id = id;
             return client_local_error(reply, code, why);
         }
-        client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
+        if (!busy)
+            client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
     }
 }
 
@@ -2098,7 +2105,7 @@ static void client_input_drop(kelpie_client *c, uint64_t id)
  * up to wait_ms for more (a writer waiting for input window). */
 static void client_pump(kelpie_client *c, long wait_ms)
 {
-    for (;;) {
+    for (int n = 0; n < CLIENT_BUSY_LOOK; n++) {
         kelpie_reply r;
         kelpie_status rc = client_read(c, &r);
         if (rc == KELPIE_ERR_TIMEOUT || rc == KELPIE_ERR_ZMQ)

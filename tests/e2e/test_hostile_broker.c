@@ -1219,3 +1219,66 @@ Test(hostile_broker, client_input_window_saturates_instead_of_wrapping)
     kelpie_client_destroy(&c);
     fake_close(&f);
 }
+
+/* A broker that never lets the client's socket go quiet must not hold a
+ * call past its deadline: the waits looked at the clock only when nothing
+ * was left to read. A flood the client cannot outpace is made cheaply:
+ * HEARTBEATs that each name a new broker_id (but the ping id 1, so no call
+ * is lost) make the client scan its whole table of 100,000 outstanding
+ * calls, some 0.3 ms each, while the broker sends one in a microsecond. */
+typedef struct timed_call {
+    kelpie_client *c;
+    int mode; /* 0: kelpie_client_call, 1: send, then kelpie_client_recv */
+    kelpie_status rc;
+    int64_t took;
+    kelpie_reply reply;
+} timed_call;
+
+static void *timed_call_thread(void *arg)
+{
+    timed_call *s = arg;
+    int64_t t0 = kt_now_ms();
+    if (s->mode == 0) {
+        s->rc = kelpie_client_call(s->c, "echo", "Echo", "hi", 2, 300, &s->reply);
+    } else {
+        kelpie_call_opts o = {.service = "echo", .method = "Echo", .timeout_ms = 300};
+        kelpie_request_id id;
+        s->rc = kelpie_client_send(s->c, &o, "hi", 2, &id);
+        /* Answers for the 100,000 others never come: the first thing recv
+         * returns is this call's made-up DEADLINE_EXCEEDED. */
+        if (s->rc == KELPIE_OK && (s->rc = kelpie_client_recv(s->c, &s->reply, 60000)) == KELPIE_OK)
+            s->rc = s->reply.status;
+    }
+    s->took = kt_now_ms() - t0;
+    return NULL;
+}
+
+Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
+{
+    for (int mode = 0; mode < 2; mode++) {
+        fake f;
+        fake_open(&f);
+        kelpie_client *c = client_on(&f);
+        kelpie_call_opts bulk = {.service = "bulk"};
+        for (int k = 0; k < 100000; k++)
+            cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
+        Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
+        hb.kind = KELPIE__V1__KIND__HEARTBEAT;
+        hb.request_id = 1;
+        for (int k = 0; k < 40000; k++) {
+            hb.broker_id = 1 + (uint64_t)(k % 2);
+            fake_send(&f, &hb, NULL, 0);
+        }
+        timed_call s = {.c = c, .mode = mode};
+        pthread_t t;
+        pthread_create(&t, NULL, timed_call_thread, &s);
+        pthread_join(t, NULL);
+        cr_expect_eq(s.rc, KELPIE_DEADLINE_EXCEEDED, "mode %d: %s", mode, kelpie_status_name(s.rc));
+        /* 300 ms, the 1 s grace, and generous room for a loaded machine. */
+        cr_expect_lt(s.took, 5000, "mode %d: a 300 ms call returned after %lld ms under a flood",
+                     mode, (long long)s.took);
+        kelpie_reply_fini(&s.reply);
+        kelpie_client_destroy(&c);
+        fake_close(&f);
+    }
+}
