@@ -1291,3 +1291,69 @@ Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
         fake_close(&f);
     }
 }
+
+/* A new broker_id in the middle of a stream the worker is sending: the
+ * broker that asked for it is gone (protocol.md §7.2), so the call is an
+ * orphan: the handler's blocked send_chunk ends CANCELLED, nothing more of
+ * it is sent (no CHUNK, no END), READY offers the capacity less the orphan
+ * and a CREDIT(1) returns its slot once the handler ends it. */
+static void stream_till_refused(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    seen *s = arg;
+    (void)payload;
+    (void)len;
+    kelpie_status rc;
+    while ((rc = kelpie_call_send_chunk(call, "c", 1, 10000)) == KELPIE_OK)
+        ;
+    atomic_store(&s->read_rc, (long)rc);
+    atomic_fetch_add(&s->calls, 1);
+    kelpie_call_end(call);
+}
+
+Test(hostile_broker, worker_stream_is_orphaned_by_a_new_broker_id)
+{
+    fake f;
+    fake_open(&f);
+    worker_run r;
+    memset(&r, 0, sizeof r);
+    r.w = kelpie_worker_new(f.endpoint, "orphan", 4);
+    cr_assert_not_null(r.w);
+    cr_assert_eq(kelpie_worker_handle(r.w, "stream", NULL, stream_till_refused, &r.s), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.w, 1000, 100), KELPIE_OK);
+    pthread_create(&r.thread, NULL, worker_thread, &r);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000);
+    cr_assert_not_null(h);
+    kelpie__v1__header__free_unpacked(h, NULL);
+    fake_heartbeat(&f, 1111, 16u << 20);
+    Kelpie__V1__Header req = request(600, "Go");
+    req.service = "stream";
+    req.flags = KELPIE_STREAM;
+    req.credits = 1;
+    fake_send(&f, &req, NULL, 0);
+    h = fake_expect(&f, KELPIE__V1__KIND__CHUNK, 5000);
+    cr_assert_not_null(h, "the window's one CHUNK");
+    kelpie__v1__header__free_unpacked(h, NULL);
+    fake_heartbeat(&f, 2222, 16u << 20); /* restarted */
+    h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000);
+    cr_assert_not_null(h, "the worker registers with the new instance");
+    cr_assert_eq(h->credits, 3, "READY leaves the orphan's slot out");
+    kelpie__v1__header__free_unpacked(h, NULL);
+    /* The handler's wait ends; its END is not sent, its slot comes back. */
+    bool credit = false;
+    int64_t end = kt_now_ms() + 15000;
+    while (!credit && kt_now_ms() < end) {
+        h = fake_recv(&f, (int)(end - kt_now_ms()));
+        if (!h)
+            break;
+        cr_assert(h->kind != KELPIE__V1__KIND__CHUNK && h->kind != KELPIE__V1__KIND__END &&
+                      h->kind != KELPIE__V1__KIND__ERROR,
+                  "the orphan sent kind %d", (int)h->kind);
+        credit = h->kind == KELPIE__V1__KIND__CREDIT && h->credits == 1;
+        kelpie__v1__header__free_unpacked(h, NULL);
+    }
+    cr_assert(credit, "no CREDIT(1) after the orphan ended");
+    cr_assert_eq(atomic_load(&r.s.read_rc), KELPIE_CANCELLED, "send_chunk ended %s",
+                 kelpie_status_name((kelpie_status)atomic_load(&r.s.read_rc)));
+    worker_off(&r);
+    fake_close(&f);
+}
