@@ -429,3 +429,75 @@ Test(worker_api, unlimited_credit_through_the_broker_saturates_the_window)
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
+
+/* A client that cancels a client-streamed call mid-input while the handler
+ * waits in kelpie_call_read (wait -1, no deadline): the handler reads what
+ * was written, then CANCELLED; the client hears CANCELLED; the worker's slot
+ * is back for the next call. */
+typedef struct input_seen {
+    atomic_int entered;
+    atomic_int done;
+    atomic_int rc;
+    atomic_int got;
+} input_seen;
+
+static void read_counting(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    input_seen *s = arg;
+    atomic_store(&s->entered, 1);
+    const void *p;
+    size_t n;
+    kelpie_status rc;
+    while ((rc = kelpie_call_read(call, &p, &n, -1)) == KELPIE_OK)
+        atomic_fetch_add(&s->got, 1);
+    atomic_store(&s->rc, (int)rc);
+    atomic_store(&s->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "cancelled");
+}
+
+Test(worker_api, client_cancelling_mid_input_ends_a_blocked_read)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    input_seen seen = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "reader", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "in", "Read", read_counting, &seen), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {.service = "in", .method = "Read", .flags = KELPIE_CLIENT_STREAM};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    for (int k = 0; k < 3; k++)
+        cr_assert_eq(kelpie_client_write(c, id, "abc", 3, 5000), KELPIE_OK);
+    int64_t end = kt_now_ms() + 5000;
+    while (atomic_load(&seen.got) < 3 && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert_eq(atomic_load(&seen.got), 3, "the handler read %d of 3", atomic_load(&seen.got));
+    cr_assert_eq(atomic_load(&seen.done), 0);
+    cr_assert_eq(kelpie_client_cancel(c, id), KELPIE_OK);
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_recv(c, &reply, 5000), KELPIE_OK);
+    cr_assert_eq(reply.status, KELPIE_CANCELLED);
+    kelpie_reply_fini(&reply);
+    end = kt_now_ms() + 5000;
+    while (!atomic_load(&seen.done) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert(atomic_load(&seen.done), "the handler still waits in kelpie_call_read");
+    cr_assert_eq(atomic_load(&seen.rc), KELPIE_CANCELLED, "read ended %s",
+                 kelpie_status_name((kelpie_status)atomic_load(&seen.rc)));
+    cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &reply), KELPIE_OK,
+                 "the slot did not come back");
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
