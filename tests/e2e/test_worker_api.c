@@ -501,3 +501,57 @@ Test(worker_api, client_cancelling_mid_input_ends_a_blocked_read)
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }
+
+/* A handler that blocks without pumping (no kelpie_call_cancelled) for five
+ * times the broker's liveness window: kelpied takes the worker for dead and
+ * fails its call UNAVAILABLE (protocol.md §7.2); when the handler returns,
+ * its late answer is not delivered and the worker registers again and
+ * serves. */
+static void sleep_blind(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    atomic_int *entered = arg;
+    atomic_store(entered, 1);
+    kt_sleep_ms(1500); /* the fault itself: a handler that does not look up */
+    kelpie_call_reply(call, "late", 4);
+}
+
+Test(worker_api, handler_blocking_past_liveness_fails_its_call_and_the_worker_comes_back)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    atomic_int entered = 0;
+    runner r = {.worker = kelpie_worker_new(b->backend, "blind", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "blind", "Sleep", sleep_blind, &entered),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_reply reply;
+    int64_t t0 = kt_now_ms();
+    kelpie_status rc = kelpie_client_call(c, "blind", "Sleep", NULL, 0, 10000, &reply);
+    cr_assert_eq(rc, KELPIE_UNAVAILABLE, "%s: %s", kelpie_status_name(rc), reply.message);
+    cr_assert_lt(kt_now_ms() - t0, 5000);
+    kelpie_reply_fini(&reply);
+    cr_assert_eq(atomic_load(&entered), 1);
+    rc = KELPIE_UNAVAILABLE;
+    int64_t end = kt_now_ms() + 10000;
+    while (rc != KELPIE_OK && kt_now_ms() < end) {
+        rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 1000, &reply);
+        kelpie_reply_fini(&reply);
+    }
+    cr_assert_eq(rc, KELPIE_OK, "the worker does not serve after its handler returned");
+    cr_assert_eq(kelpie_client_recv(c, &reply, 300), KELPIE_ERR_TIMEOUT,
+                 "the late answer was delivered");
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
