@@ -36,6 +36,10 @@
 /* Send and receive high-water marks (messages): the broker's per-client
  * in-flight limit, not the socket, is what bounds a client's calls. */
 #define CLIENT_HWM 100000
+/* A wait also reads the clock (deadlines, liveness) after this many messages
+ * in a row, not only once the socket is empty: a broker that never lets it
+ * go quiet must not hold a call past its deadline. */
+#define CLIENT_BUSY_LOOK 64
 
 /* Several brokers: a call kept, packed, so that it can be sent again to
  * another broker when its own is lost: an idempotent unary call or a keyed
@@ -60,10 +64,15 @@ typedef struct client_req {
     struct client_req *next; /* the top's list of calls to move */
 } client_req;
 
+/* What a call hears before its terminal answer (client_events). */
+enum { CLIENT_EVENTS_NONE, CLIENT_EVENTS_CHUNKS, CLIENT_EVENTS_JOB };
+
 typedef struct client_slot {
     uint64_t id;      /* 0: empty */
     int64_t deadline; /* local give-up time (kpc_now_ms), 0: none */
-    uint32_t svc;     /* the service called, index + 1 in services; 0: none */
+    uint16_t svc;     /* the service called, index + 1 in services; 0: none */
+    uint8_t events;   /* CLIENT_EVENTS_*: the non-terminal kinds it takes */
+    uint32_t window;  /* a stream: CHUNKs the worker may still send (§5.3) */
     client_req *req;  /* several brokers: kept for a re-send, NULL: not */
 } client_slot;
 
@@ -74,7 +83,8 @@ typedef struct client_service {
     bool accepts;
 } client_service;
 
-/* Services remembered for compression at most; calls to others go plain. */
+/* Services remembered for compression at most; calls to others go plain
+ * (client_slot.svc holds an index + 1 in 16 bits). */
 #define CLIENT_MAX_SERVICES 256
 
 typedef struct client_node {
@@ -105,6 +115,7 @@ struct kelpie_client {
     int64_t next_scan;    /* when to look for expired calls next */
     client_node *head;    /* answers received or made up, not yet returned */
     client_node *tail;
+    uint32_t strays;           /* of them, answers with no request id (client_push) */
     kpc_arena arena;           /* the header being read (one at a time) */
     uint64_t max_message_size; /* the broker's (its HEARTBEAT), the default until heard */
     client_input *inputs;      /* CLIENT_STREAM calls' input state */
@@ -234,11 +245,43 @@ static kelpie_status client_grow(kelpie_client *c)
     return KELPIE_OK;
 }
 
-static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline)
+/* The events a call sent with header h takes: CHUNKs for a stream, a
+ * job's STATUS, PROGRESS and OUTPUT for a watch that asked for them,
+ * nothing for the rest (a unary call, a SUBMIT, a plain watch). Anything
+ * else before the end is a broken or hostile broker's: dropped, it
+ * neither grows the answer FIFO while a call waits nor reaches
+ * kelpie_client_recv after the call has ended. */
+static uint8_t client_events(const Kelpie__V1__Header *h)
+{
+    if (!(h->flags & KELPIE_STREAM))
+        return CLIENT_EVENTS_NONE;
+    return h->kind == KELPIE__V1__KIND__WATCH ? CLIENT_EVENTS_JOB : CLIENT_EVENTS_CHUNKS;
+}
+
+static bool client_takes(uint8_t events, int kind)
+{
+    if (kind == KELPIE__V1__KIND__CHUNK)
+        return events == CLIENT_EVENTS_CHUNKS;
+    return events == CLIENT_EVENTS_JOB;
+}
+
+/* A stream's window (§5.3): the REQUEST's credits, or the 16 the broker
+ * gives the worker when it asked for 0. */
+#define CLIENT_STREAM_WINDOW 16
+
+static uint32_t client_window(const Kelpie__V1__Header *h)
+{
+    if (client_events(h) != CLIENT_EVENTS_CHUNKS)
+        return 0;
+    return h->credits ? h->credits : CLIENT_STREAM_WINDOW;
+}
+
+static kelpie_status client_add(kelpie_client *c, uint64_t id, int64_t deadline, uint8_t events,
+                                uint32_t window)
 {
     if ((c->count + 1) * 2 > c->mask + 1 && client_grow(c) != KELPIE_OK)
         return KELPIE_ERR_NOMEM;
-    client_insert_slot(c, (client_slot){id, deadline, 0, NULL});
+    client_insert_slot(c, (client_slot){id, deadline, 0, events, window, NULL});
     c->count++;
     if (deadline)
         c->with_deadline++;
@@ -268,13 +311,25 @@ static void client_remove_at(kelpie_client *c, size_t i)
             hole = j;
         }
     }
-    c->slots[hole] = (client_slot){0, 0, 0, NULL};
+    c->slots[hole] = (client_slot){0, 0, 0, 0, 0, NULL};
 }
 
 /* --- answers kept for later ---------------------------------------------- */
 
+/* ERRORs with no request id (the broker could not read something we sent)
+ * waiting in the FIFO at most: a program that only makes blocking calls
+ * never reads them, so a broker sending them by the thousand would grow
+ * the FIFO for the client's whole life. Later ones are dropped. */
+#define CLIENT_MAX_STRAYS 64
+
 static void client_push(kelpie_client *c, client_node *node)
 {
+    if (node->reply.request_id.id == 0 && c->strays++ >= CLIENT_MAX_STRAYS) {
+        c->strays--;
+        kelpie_reply_fini(&node->reply);
+        free(node);
+        return;
+    }
     node->next = NULL;
     if (c->tail)
         c->tail->next = node;
@@ -304,6 +359,8 @@ static int client_pop(kelpie_client *c, kelpie_reply *out)
     c->head = node->next;
     if (!c->head)
         c->tail = NULL;
+    if (node->reply.request_id.id == 0)
+        c->strays--;
     *out = node->reply;
     free(node);
     return 1;
@@ -572,7 +629,7 @@ static kelpie_status client_send_tracked(kelpie_client *c, Kelpie__V1__Header *h
         return rc;
     int64_t deadline =
         deadline_ms ? kpc_now_ms() + (int64_t)deadline_ms + KELPIE_CLIENT_GRACE_MS : 0;
-    rc = client_add(c, h->request_id, deadline);
+    rc = client_add(c, h->request_id, deadline, client_events(h), client_window(h));
     if (rc != KELPIE_OK) {
         /* Sent but cannot be tracked: cancel it so nothing is left behind. */
         client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
@@ -593,6 +650,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *c, const kelpie_ca
 {
     if (!c || !opts || !opts->service || (len && !payload) || (opts->n_metadata && !opts->metadata))
         return KELPIE_ERR_INVAL;
+    /* An entry without a key, or with a length and no value, would be read
+     * through NULL when packed. */
+    for (size_t i = 0; i < opts->n_metadata; i++)
+        if (!opts->metadata[i].key || (opts->metadata[i].len && !opts->metadata[i].value))
+            return KELPIE_ERR_INVAL;
     if (c->n_lanes) {
         /* Only a unary idempotent call may run twice, on two brokers. */
         kelpie_status rc;
@@ -726,6 +788,23 @@ static kelpie_status client_copy_metadata(kelpie_reply *out, const Kelpie__V1__H
     return KELPIE_OK;
 }
 
+/* The status an answer hands the application. Only 0..16 travel (kelpie.h):
+ * a code from a broken or hostile peer outside them, the library's own from
+ * 100 up among them, would otherwise reach the caller as a local error the
+ * library never made (ERR_TIMEOUT, ERR_PROTOCOL) or as no status at all, so
+ * it is UNKNOWN, as the Python client's StatusCode.coerce makes it; an
+ * ERROR is never OK (its caller would read the payload as a reply), and a
+ * REPLY is OK whatever its code says, as kelpie_reply promises. */
+static kelpie_status client_status(int kind, int code)
+{
+    if (!client_terminal(kind) || kind == KELPIE__V1__KIND__REPLY)
+        return KELPIE_OK;
+    if (code < KELPIE_OK || code > KELPIE_UNAUTHENTICATED ||
+        (code == KELPIE_OK && kind == KELPIE__V1__KIND__ERROR))
+        return KELPIE_UNKNOWN;
+    return (kelpie_status)code;
+}
+
 /* Fills *out from a received message. */
 static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owned, size_t owned_len)
 {
@@ -733,7 +812,7 @@ static kelpie_status client_fill(kelpie_reply *out, const kpc_msg *m, void *owne
     memset(out, 0, sizeof *out);
     out->request_id.id = h->request_id;
     out->kind = (kelpie_kind)h->kind;
-    out->status = client_terminal(h->kind) ? (kelpie_status)h->code : KELPIE_OK;
+    out->status = client_status(h->kind, h->code);
     out->sequence = h->sequence;
     out->flags = h->flags;
     if (h->job_id)
@@ -796,6 +875,21 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         /* A call sent again after its broker was lost answers to its first id. */
         uint64_t orig = i != SIZE_MAX ? client_orig(&c->slots[i]) : h->request_id;
         bool terminal = client_terminal(h->kind);
+        if (!terminal && i != SIZE_MAX && !client_takes(c->slots[i].events, h->kind))
+            goto done; /* not an event this call has (client_events) */
+        if (h->kind == KELPIE__V1__KIND__CHUNK && i != SIZE_MAX) {
+            if (c->slots[i].window == 0) {
+                /* Past the window (§5.3): the broker does not count CHUNKs,
+                 * so a worker that ignores credit would grow the answer
+                 * FIFO for as long as the application waits elsewhere. */
+                client_send_control(c, KELPIE__V1__KIND__CANCEL, h->request_id, 0);
+                client_remove_at(c, i);
+                client_push_error(c, orig, KELPIE_ERR_PROTOCOL,
+                                  "the worker sent more CHUNKs than the stream's window allowed");
+                goto done;
+            }
+            c->slots[i].window--;
+        }
         if (h->job_id && strlen(h->job_id) >= KELPIE_JOB_ID_SIZE) {
             /* Longer than any id the broker makes: an event is dropped, a
              * terminal answer becomes a local protocol error, so the caller
@@ -864,7 +958,8 @@ static kelpie_status client_read(kelpie_client *c, kelpie_reply *out)
         if (h->flags & KELPIE_CLIENT_STREAM)
             for (client_input *in = c->inputs; in; in = in->next)
                 if (in->id == h->request_id) {
-                    in->window += h->credits;
+                    in->window =
+                        h->credits > UINT32_MAX - in->window ? UINT32_MAX : in->window + h->credits;
                     break;
                 }
         break;
@@ -977,13 +1072,13 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             return KELPIE_ERR_TIMEOUT;
         client_top_wait(c, end < 0 ? -1 : (long)(end - now));
     }
-    for (;;) {
+    for (unsigned n = 1;; n++) {
         if (client_pop(c, reply))
             return KELPIE_OK;
         kelpie_status rc = client_read(c, reply);
         if (rc == KELPIE_OK)
             return KELPIE_OK;
-        if (rc == KELPIE_ABORTED)
+        if (rc == KELPIE_ABORTED && n % CLIENT_BUSY_LOOK)
             continue;
         int64_t now = kpc_now_ms();
         client_expire(c, now, 0, KELPIE_DEADLINE_EXCEEDED, "no answer by the call's deadline");
@@ -992,6 +1087,8 @@ KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *c, kelpie_reply *r
             continue;
         if (end >= 0 && now >= end)
             return KELPIE_ERR_TIMEOUT;
+        if (rc == KELPIE_ABORTED)
+            continue; /* still more to read */
         long wait = end < 0 ? -1 : (long)(end - now);
         if (c->with_deadline && (wait < 0 || wait > c->next_scan - now))
             wait = (long)(c->next_scan - now);
@@ -1012,7 +1109,7 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
     if (c->n_lanes)
         return client_top_await(c, id, give_up, cancel, code, why, reply);
     kelpie_status rc;
-    for (;;) {
+    for (unsigned n = 1;; n++) {
         kelpie_reply r;
         rc = client_read(c, &r);
         if (rc == KELPIE_OK) {
@@ -1021,9 +1118,9 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
                 return r.status;
             }
             client_keep(c, &r);
-            continue;
         }
-        if (rc == KELPIE_ABORTED)
+        bool busy = rc == KELPIE_OK || rc == KELPIE_ABORTED;
+        if (busy && n % CLIENT_BUSY_LOOK)
             continue;
         if (client_find(c, id.id) == SIZE_MAX) {
             /* Our call ended without an answer (the broker disconnected):
@@ -1053,7 +1150,8 @@ static kelpie_status client_await(kelpie_client *c, kelpie_request_id id, int64_
             reply->request_id = id;
             return client_local_error(reply, code, why);
         }
-        client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
+        if (!busy)
+            client_wait(c, give_up < 0 ? -1 : (long)(give_up - now));
     }
 }
 
@@ -1145,9 +1243,11 @@ static kelpie_status client_resend(kelpie_client *l, client_req *req, int64_t no
     }
     kelpie_status rc = kpc_wire_send(l->sock, h, req->payload, req->len, ZMQ_DONTWAIT);
     uint64_t id = h->request_id;
+    uint8_t events = client_events(h);
+    uint32_t window = client_window(h);
     kelpie__v1__header__free_unpacked(h, NULL);
     if (rc == KELPIE_OK)
-        rc = client_add(l, id, req->deadline);
+        rc = client_add(l, id, req->deadline, events, window);
     if (rc != KELPIE_OK)
         return rc;
     *l->ids = id;
@@ -1368,7 +1468,12 @@ KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *c, kelpie_reques
     }
     if (client_find(c, request_id.id) == SIZE_MAX)
         return KELPIE_NOT_FOUND;
-    return client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
+    kelpie_status rc = client_send_control(c, KELPIE__V1__KIND__CREDIT, request_id.id, n);
+    if (rc == KELPIE_OK) {
+        client_slot *slot = &c->slots[client_find(c, request_id.id)];
+        slot->window = n > UINT32_MAX - slot->window ? UINT32_MAX : slot->window + n;
+    }
+    return rc;
 }
 
 KELPIE_EXPORT uint64_t kelpie_client_max_message_size(const kelpie_client *c)
@@ -1794,7 +1899,7 @@ KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpi
                                                kelpie_client **out, char *why, size_t why_len)
 {
     char scratch[8];
-    if (!why) {
+    if (!why || !why_len) { /* a buffer of 0 bytes has no room even for the NUL */
         why = scratch;
         why_len = sizeof scratch;
     }
@@ -2000,7 +2105,7 @@ static void client_input_drop(kelpie_client *c, uint64_t id)
  * up to wait_ms for more (a writer waiting for input window). */
 static void client_pump(kelpie_client *c, long wait_ms)
 {
-    for (;;) {
+    for (int n = 0; n < CLIENT_BUSY_LOOK; n++) {
         kelpie_reply r;
         kelpie_status rc = client_read(c, &r);
         if (rc == KELPIE_ERR_TIMEOUT || rc == KELPIE_ERR_ZMQ)

@@ -59,6 +59,8 @@
 #define WORKER_DISCONNECT_LINGER_MS 200
 /* Broker default for a stream window of 0 (docs/protocol.md §5.3). */
 #define WORKER_DEFAULT_WINDOW 16
+/* The protocol's fixed initial input window of a client-streamed call (§5.6). */
+#define WORKER_INPUT_WINDOW 16
 /* OUTPUT stream names at most (protocol.md §11.3). */
 #define WORKER_MAX_STREAM_NAME 32
 /* The worker's own report (HEARTBEAT.worker_stats) goes at most this often,
@@ -120,10 +122,12 @@ struct kelpie_call {
     struct worker_input *input_tail; /* newest */
     struct worker_input *last_read;  /* what kelpie_call_read handed out last */
     uint64_t input_seq;              /* the sequence the next CHUNK must have */
+    uint64_t input_granted;          /* CHUNKs the caller may send: 16, plus every CREDIT since */
     uint32_t consumed;               /* read and not yet granted back */
     bool input_ended;                /* END arrived */
     bool input_lost;                 /* a CHUNK's sequence showed a gap */
     bool input_bad;                  /* a COMPRESSED CHUNK did not decompress */
+    bool input_overrun;              /* a CHUNK came past input_granted */
 };
 
 /* One request message of a client-streamed call, payload inline. */
@@ -540,9 +544,16 @@ static kelpie_call *worker_new_call(kelpie_worker *w, kpc_msg *m)
     m->header = NULL;
     call->id = h->request_id;
     call->epoch = w->epoch;
-    call->deadline = h->timeout_ms ? w->now + (int64_t)h->timeout_ms : 0;
+    /* timeout_ms is a uint64 on the wire: one past what the clock can add
+     * is "as late as can be", not a signed overflow or a time wrapped into
+     * the past (a broker's garbage must not cancel the call at once). */
+    if (h->timeout_ms)
+        call->deadline = h->timeout_ms < (uint64_t)(INT64_MAX - w->now)
+                             ? w->now + (int64_t)h->timeout_ms
+                             : INT64_MAX;
     call->window = h->credits ? h->credits : WORKER_DEFAULT_WINDOW;
     call->is_job = h->kind == KELPIE__V1__KIND__JOB;
+    call->input_granted = WORKER_INPUT_WINDOW;
     return call;
 }
 
@@ -645,8 +656,12 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
         return;
     case KELPIE__V1__KIND__CREDIT: {
         kelpie_call *call = worker_find(w, h->request_id);
+        /* Saturated: a reader granting "unlimited" (UINT32_MAX) while
+         * window is left must not wrap it to less (kelpied forwards each
+         * CREDIT as it came). */
         if (call)
-            call->window += h->credits;
+            call->window =
+                h->credits > UINT32_MAX - call->window ? UINT32_MAX : call->window + h->credits;
         return;
     }
     case KELPIE__V1__KIND__ERROR:
@@ -1428,7 +1443,10 @@ KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call)
     if (!call || !call->deadline)
         return UINT32_MAX;
     int64_t left = call->deadline - kpc_now_ms();
-    return left > 0 ? (uint32_t)left : 0;
+    if (left <= 0)
+        return 0;
+    /* Further than 49.7 days: as far as a uint32 says without "none". */
+    return left < (int64_t)UINT32_MAX ? (uint32_t)left : UINT32_MAX - 1;
 }
 
 KELPIE_EXPORT const void *kelpie_call_metadata(const kelpie_call *call, const char *key,
@@ -1868,7 +1886,10 @@ KELPIE_EXPORT uint32_t kelpie_worker_share(const kelpie_worker *w, uint32_t i)
 
 /* Input of a call arrives in order, at most the window granted (a broker
  * that forwarded more is not trusted to be right: a gap or a CHUNK after END
- * ends the input with DATA_LOSS for the handler, never an assertion). */
+ * ends the input with DATA_LOSS for the handler, never an assertion; a CHUNK
+ * past the window ends it with RESOURCE_EXHAUSTED, as the broker fails a
+ * caller that overruns, so a broker flooding input cannot make the worker
+ * queue more than it granted). */
 #define WORKER_INPUT_GRANT 8
 
 static void call_free_answer_state(kelpie_call *call)
@@ -1898,7 +1919,7 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
             call = p;
     if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
         return; /* answered already, or not a stream: dropped (§5.6) */
-    if (call->input_ended || call->input_lost || call->input_bad)
+    if (call->input_ended || call->input_lost || call->input_bad || call->input_overrun)
         return;
     if (h->kind == KELPIE__V1__KIND__END) {
         call->input_ended = true;
@@ -1906,6 +1927,10 @@ static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, con
     }
     if (h->sequence != call->input_seq) {
         call->input_lost = true;
+        return;
+    }
+    if (call->input_seq >= call->input_granted) {
+        call->input_overrun = true;
         return;
     }
     void *plain = NULL;
@@ -2002,14 +2027,17 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             *len = in->len;
             /* Grant the window back in batches, while more may come. */
             if (++call->consumed >= WORKER_INPUT_GRANT && !call->input_ended && !call->input_lost &&
-                !call->input_bad && call->epoch == w->epoch && !call->cancelled) {
+                !call->input_bad && !call->input_overrun && call->epoch == w->epoch &&
+                !call->cancelled) {
                 Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
                 hdr.kind = KELPIE__V1__KIND__CREDIT;
                 hdr.request_id = call->id;
                 hdr.credits = call->consumed;
                 hdr.flags = KELPIE_CLIENT_STREAM;
-                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK)
+                if (worker_send(w, &hdr, NULL, 0) == KELPIE_OK) {
+                    call->input_granted += call->consumed;
                     call->consumed = 0;
+                }
             }
             return KELPIE_OK;
         }
@@ -2019,6 +2047,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
             return KELPIE_DATA_LOSS;
         if (call->input_bad)
             return KELPIE_INVALID_ARGUMENT;
+        if (call->input_overrun)
+            return KELPIE_RESOURCE_EXHAUSTED;
         if (call->input_ended)
             return KELPIE_OUT_OF_RANGE;
         if (call->cancelled)
@@ -2029,7 +2059,8 @@ KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **pay
         if (end >= 0 && now >= end) {
             if (wait_ms == 0 && !w->pumping) {
                 worker_pump(w, 0); /* a poll still reads what is waiting */
-                if (call->input || call->input_ended || call->input_lost || call->input_bad)
+                if (call->input || call->input_ended || call->input_lost || call->input_bad ||
+                    call->input_overrun)
                     continue;
             }
             return KELPIE_ERR_BUSY;

@@ -69,6 +69,7 @@ typedef struct jw_opts {
     const char *endpoint;
     const char *name; /* NULL: host:pid */
     uint32_t capacity;
+    uint32_t heartbeat_ms; /* 0: the library's default */
     kt_slot *slots;
 } jw_opts;
 
@@ -178,6 +179,8 @@ static void jw_main(void *arg)
     kelpie_worker_handle_jobs(w, "work", jw_handler, o->slots);
     kelpie_worker_on_job_cancel(w, jw_cancel, o->slots);
     kelpie_worker_set_tick(w, 5, jw_tick, o->slots);
+    if (o->heartbeat_ms)
+        kelpie_worker_set_heartbeat(w, o->heartbeat_ms, 3);
     jw_current = w;
     signal(SIGTERM, jw_on_term);
     signal(SIGINT, jw_on_term);
@@ -498,6 +501,54 @@ Test(jobs, result_reaches_a_restarted_broker_and_the_job_is_not_rerun)
     /* Past the recovery window: still run once. */
     kt_sleep_ms(1000);
     cr_assert_eq(atomic_load(&s[0].received), 1, "the job ran again after the restart");
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* kelpied SIGSTOPped past the heartbeat window while a C worker holds a job
+ * (c-library.md, "A restarted broker" and "Liveness"): the worker gives the
+ * broker up and registers again on a new connection, leaving the job's
+ * slot out (capacity 1: READY offers 0); when the broker runs again and the
+ * job ends, its RESULT is taken and the job is run once only. */
+Test(jobs, job_held_through_a_frozen_broker_is_run_once)
+{
+    const char *args[] = {"--data-dir", data_dir, "--heartbeat-ms", "100", "--heartbeat-liveness",
+                          "3",          NULL};
+    kt_broker *b = kt_broker_start(args);
+    cr_assert_not_null(b);
+    kt_slot *s = kt_slots_new(1 + ORDER_MAX);
+    jw = (jw_opts){.endpoint = b->backend, .capacity = 1, .heartbeat_ms = 100, .slots = s};
+    jw_pid = kt_spawn(jw_main, &jw);
+    cr_assert_gt(jw_pid, 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    char id[KELPIE_JOB_ID_SIZE];
+    kelpie_submit_opts o = {.max_attempts = 3};
+    submit(c, &o, "hold", id);
+    kelpie_client_destroy(&c);
+    cr_assert(wait_long(&s[0].received, 1, 5000), "the job never started");
+
+    /* Frozen for ten times the worker's liveness window (3 x 100 ms). */
+    kt_signal(b->pid, SIGSTOP);
+    kt_sleep_ms(3000);
+    kt_signal(b->pid, SIGCONT);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000), "the worker did not register again");
+    cr_assert(kt_wait_stat_le(b, "workers", 1, 5000), "a stale registration stayed");
+    atomic_store(&s[0].last_value, 1);
+    c = kelpie_client_new(b->frontend);
+    kelpie_reply r;
+    kelpie_status rc = kelpie_client_wait(c, id, 15000, &r);
+    cr_assert_eq(rc, KELPIE_OK, "%s: %s", kelpie_status_name(rc), r.message);
+    cr_assert_eq(r.len, 4);
+    cr_assert_eq(memcmp(r.payload, "held", 4), 0);
+    kelpie_reply_fini(&r);
+    /* Nothing else to run, and the worker's slot is back. */
+    kt_sleep_ms(1000);
+    cr_assert_eq(atomic_load(&s[0].received), 1, "the job ran again after the freeze");
+    submit(c, NULL, "echo:after", id);
+    rc = kelpie_client_wait(c, id, 15000, &r);
+    cr_assert_eq(rc, KELPIE_OK, "the next job: %s: %s", kelpie_status_name(rc), r.message);
+    kelpie_reply_fini(&r);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }

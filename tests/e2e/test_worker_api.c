@@ -9,6 +9,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -229,6 +230,328 @@ Test(worker_api, workers_with_different_methods_of_one_service_each_get_their_ow
     pthread_join(tb, NULL);
     kelpie_worker_destroy(&ra.worker);
     kelpie_worker_destroy(&rb.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* --- a handler blocked on the broker when the broker fails -------------- */
+
+/* A handler that waits on the broker with no bound (wait_ms -1, a call
+ * with no deadline): kelpie_call_send_chunk on a shut window, or
+ * kelpie_call_read with no input. When the broker dies or freezes the
+ * worker loses it (closed connection, or liveness heartbeats of silence)
+ * and, kelpie.h says, the call is then cancelled: the wait must end with
+ * KELPIE_CANCELLED, not hold the run thread for ever. */
+typedef struct blocked {
+    atomic_int entered;
+    atomic_int done;
+    atomic_int rc;
+} blocked;
+
+static void stream_until_refused(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    blocked *b = arg;
+    atomic_store(&b->entered, 1);
+    kelpie_status rc;
+    while ((rc = kelpie_call_send_chunk(call, "c", 1, -1)) == KELPIE_OK)
+        ;
+    atomic_store(&b->rc, (int)rc);
+    atomic_store(&b->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "the broker went");
+}
+
+static void read_until_refused(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    blocked *b = arg;
+    atomic_store(&b->entered, 1);
+    const void *p;
+    size_t n;
+    kelpie_status rc;
+    while ((rc = kelpie_call_read(call, &p, &n, -1)) == KELPIE_OK)
+        ;
+    atomic_store(&b->rc, (int)rc);
+    atomic_store(&b->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "the broker went");
+}
+
+static bool wait_flag(atomic_int *flag, int timeout_ms)
+{
+    int64_t end = kt_now_ms() + timeout_ms;
+    while (!atomic_load(flag) && kt_now_ms() < end)
+        kt_sleep_ms(5);
+    return atomic_load(flag) != 0;
+}
+
+/* Runs one call of method against a worker on a thread of this process,
+ * fails the broker with sig once the handler is blocked, and checks the
+ * handler's wait ended CANCELLED; then the broker comes back (SIGCONT, or
+ * a restart on the same ports) and the worker serves again. */
+static void broker_fails_under_a_blocked_handler(const char *method, int sig)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    blocked bl = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "blocked", 2)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "faults", "Stream", stream_until_refused, &bl),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "faults", "Read", read_until_refused, &bl),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {.service = "faults", .method = method, .window = 1};
+    o.flags = strcmp(method, "Stream") == 0 ? KELPIE_STREAM : KELPIE_CLIENT_STREAM;
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    cr_assert(wait_flag(&bl.entered, 5000), "the handler never ran");
+    if (o.flags & KELPIE_STREAM) {
+        kelpie_reply reply;
+        cr_assert_eq(kelpie_client_recv(c, &reply, 5000), KELPIE_OK);
+        cr_assert_eq(reply.kind, KELPIE_KIND_CHUNK, "the window's one CHUNK");
+        kelpie_reply_fini(&reply);
+    }
+    kt_sleep_ms(200); /* the handler is now waiting on the broker (nothing to observe) */
+    cr_assert_eq(atomic_load(&bl.done), 0, "the handler stopped waiting on its own");
+
+    int64_t t0 = kt_now_ms();
+    kt_signal(b->pid, sig);
+    cr_assert(wait_flag(&bl.done, 10000), "%s: the handler still waits %lld ms after signal %d",
+              method, (long long)(kt_now_ms() - t0), sig);
+    cr_assert_eq(atomic_load(&bl.rc), KELPIE_CANCELLED, "%s ended %s", method,
+                 kelpie_status_name((kelpie_status)atomic_load(&bl.rc)));
+    if (sig == SIGSTOP)
+        kt_signal(b->pid, SIGCONT);
+    else
+        cr_assert(kt_broker_restart(b, fast_hb));
+    kelpie_client_destroy(&c);
+
+    /* The worker registers again and serves. */
+    c = kelpie_client_new(b->frontend);
+    kelpie_reply reply;
+    kelpie_status rc = KELPIE_UNAVAILABLE;
+    int64_t end = kt_now_ms() + 10000;
+    while (rc != KELPIE_OK && kt_now_ms() < end) {
+        rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 1000, &reply);
+        kelpie_reply_fini(&reply);
+    }
+    cr_assert_eq(rc, KELPIE_OK, "the worker does not serve after the broker came back");
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    cr_assert_eq(r.rc, KELPIE_OK);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+Test(worker_api, blocked_send_chunk_ends_when_the_broker_is_killed)
+{
+    broker_fails_under_a_blocked_handler("Stream", SIGKILL);
+}
+
+Test(worker_api, blocked_send_chunk_ends_when_the_broker_freezes)
+{
+    broker_fails_under_a_blocked_handler("Stream", SIGSTOP);
+}
+
+Test(worker_api, blocked_read_ends_when_the_broker_is_killed)
+{
+    broker_fails_under_a_blocked_handler("Read", SIGKILL);
+}
+
+Test(worker_api, blocked_read_ends_when_the_broker_freezes)
+{
+    broker_fails_under_a_blocked_handler("Read", SIGSTOP);
+}
+
+/* A reader that grants "unlimited" credit through a real kelpied while the
+ * worker still has window: kelpied forwards the CREDIT as it came, and the
+ * worker's window must saturate, not wrap to one less than it had. */
+typedef struct window_seen {
+    atomic_int entered;
+    atomic_long window;
+} window_seen;
+
+static void window_until_credit(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    window_seen *s = arg;
+    uint32_t start = kelpie_call_window(call);
+    atomic_store(&s->entered, 1);
+    int64_t end = kt_now_ms() + 10000;
+    while (kelpie_call_window(call) == start && !kelpie_call_cancelled(call) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    atomic_store(&s->window, (long)kelpie_call_window(call));
+    kelpie_call_end(call);
+}
+
+Test(worker_api, unlimited_credit_through_the_broker_saturates_the_window)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    window_seen seen = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "window", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "win", NULL, window_until_credit, &seen),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {
+        .service = "win", .method = "Hold", .timeout_ms = 20000, .flags = KELPIE_STREAM};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    int64_t end = kt_now_ms() + 5000;
+    while (!atomic_load(&seen.entered) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert(atomic_load(&seen.entered), "the handler never ran");
+    cr_assert_eq(kelpie_client_credit(c, id, UINT32_MAX), KELPIE_OK);
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_recv(c, &reply, 15000), KELPIE_OK);
+    cr_assert_eq(reply.kind, KELPIE_KIND_END);
+    kelpie_reply_fini(&reply);
+    cr_assert_eq((uint32_t)atomic_load(&seen.window), UINT32_MAX, "16 + UINT32_MAX gave %lu",
+                 (unsigned long)atomic_load(&seen.window));
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* A client that cancels a client-streamed call mid-input while the handler
+ * waits in kelpie_call_read (wait -1, no deadline): the handler reads what
+ * was written, then CANCELLED; the client hears CANCELLED; the worker's slot
+ * is back for the next call. */
+typedef struct input_seen {
+    atomic_int entered;
+    atomic_int done;
+    atomic_int rc;
+    atomic_int got;
+} input_seen;
+
+static void read_counting(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    input_seen *s = arg;
+    atomic_store(&s->entered, 1);
+    const void *p;
+    size_t n;
+    kelpie_status rc;
+    while ((rc = kelpie_call_read(call, &p, &n, -1)) == KELPIE_OK)
+        atomic_fetch_add(&s->got, 1);
+    atomic_store(&s->rc, (int)rc);
+    atomic_store(&s->done, 1);
+    kelpie_call_error(call, KELPIE_CANCELLED, "cancelled");
+}
+
+Test(worker_api, client_cancelling_mid_input_ends_a_blocked_read)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    input_seen seen = {0};
+    runner r = {.worker = kelpie_worker_new(b->backend, "reader", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "in", "Read", read_counting, &seen), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts o = {.service = "in", .method = "Read", .flags = KELPIE_CLIENT_STREAM};
+    kelpie_request_id id;
+    cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
+    for (int k = 0; k < 3; k++)
+        cr_assert_eq(kelpie_client_write(c, id, "abc", 3, 5000), KELPIE_OK);
+    int64_t end = kt_now_ms() + 5000;
+    while (atomic_load(&seen.got) < 3 && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert_eq(atomic_load(&seen.got), 3, "the handler read %d of 3", atomic_load(&seen.got));
+    cr_assert_eq(atomic_load(&seen.done), 0);
+    cr_assert_eq(kelpie_client_cancel(c, id), KELPIE_OK);
+    kelpie_reply reply;
+    cr_assert_eq(kelpie_client_recv(c, &reply, 5000), KELPIE_OK);
+    cr_assert_eq(reply.status, KELPIE_CANCELLED);
+    kelpie_reply_fini(&reply);
+    end = kt_now_ms() + 5000;
+    while (!atomic_load(&seen.done) && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert(atomic_load(&seen.done), "the handler still waits in kelpie_call_read");
+    cr_assert_eq(atomic_load(&seen.rc), KELPIE_CANCELLED, "read ended %s",
+                 kelpie_status_name((kelpie_status)atomic_load(&seen.rc)));
+    cr_assert_eq(kelpie_client_call(c, "echo", "Echo", "x", 1, 5000, &reply), KELPIE_OK,
+                 "the slot did not come back");
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* A handler that blocks without pumping (no kelpie_call_cancelled) for five
+ * times the broker's liveness window: kelpied takes the worker for dead and
+ * fails its call UNAVAILABLE (protocol.md §7.2); when the handler returns,
+ * its late answer is not delivered and the worker registers again and
+ * serves. */
+static void sleep_blind(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    (void)payload;
+    (void)len;
+    atomic_int *entered = arg;
+    atomic_store(entered, 1);
+    kt_sleep_ms(1500); /* the fault itself: a handler that does not look up */
+    kelpie_call_reply(call, "late", 4);
+}
+
+Test(worker_api, handler_blocking_past_liveness_fails_its_call_and_the_worker_comes_back)
+{
+    kt_broker *b = kt_broker_start(fast_hb);
+    cr_assert_not_null(b);
+    atomic_int entered = 0;
+    runner r = {.worker = kelpie_worker_new(b->backend, "blind", 1)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "blind", "Sleep", sleep_blind, &entered),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "echo", "Echo", echo_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 100, 3), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    cr_assert(kt_wait_stat(b, "workers", 1, 5000));
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_reply reply;
+    int64_t t0 = kt_now_ms();
+    kelpie_status rc = kelpie_client_call(c, "blind", "Sleep", NULL, 0, 10000, &reply);
+    cr_assert_eq(rc, KELPIE_UNAVAILABLE, "%s: %s", kelpie_status_name(rc), reply.message);
+    cr_assert_lt(kt_now_ms() - t0, 5000);
+    kelpie_reply_fini(&reply);
+    cr_assert_eq(atomic_load(&entered), 1);
+    rc = KELPIE_UNAVAILABLE;
+    int64_t end = kt_now_ms() + 10000;
+    while (rc != KELPIE_OK && kt_now_ms() < end) {
+        rc = kelpie_client_call(c, "echo", "Echo", "x", 1, 1000, &reply);
+        kelpie_reply_fini(&reply);
+    }
+    cr_assert_eq(rc, KELPIE_OK, "the worker does not serve after its handler returned");
+    cr_assert_eq(kelpie_client_recv(c, &reply, 300), KELPIE_ERR_TIMEOUT,
+                 "the late answer was delivered");
+    kelpie_reply_fini(&reply);
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
 }

@@ -27,9 +27,10 @@
  * (kelpie_call_reply, _end, _error; kelpie_job_succeed, _fail, _nack) or the
  * worker is destroyed.
  *
- * Threads: a client or a worker is used from one thread at a time. The only
- * exception is kelpie_worker_stop(), which any thread (or a signal handler)
- * may call.
+ * Threads: a client or a worker is not thread-safe; it is used from one
+ * thread at a time (different clients and workers share nothing). The only
+ * exceptions are kelpie_worker_stop() and kelpie_worker_drain(), which any
+ * thread (or a signal handler) may call.
  */
 #ifndef KELPIE_H
 #define KELPIE_H
@@ -210,7 +211,7 @@ KELPIE_EXPORT kelpie_client *kelpie_client_new(const char *endpoint);
  * us, with the reason in why ("server rejected our key ... (not in the client
  * allow-list)", "the broker ... requires CURVE", a wrong server key);
  * KELPIE_ERR_INVAL for an unreadable key file (why says which). why may be
- * NULL. */
+ * NULL (with why_len 0 nothing is written to it). */
 KELPIE_EXPORT kelpie_status kelpie_client_open(const char *endpoint, const kelpie_curve *curve,
                                                kelpie_client **out, char *why, size_t why_len);
 
@@ -242,7 +243,10 @@ KELPIE_EXPORT kelpie_status kelpie_client_call(kelpie_client *client, const char
  * (ZMQ_SNDHWM) or too many calls are outstanding (2^20).
  * KELPIE_RESOURCE_EXHAUSTED, with nothing sent, when the whole message is
  * larger than the broker accepts (kelpie_client_max_message_size): libzmq
- * would drop the connection for it, and every other call with it. */
+ * would drop the connection for it, and every other call with it.
+ * KELPIE_ERR_INVAL (nothing sent) without opts or opts->service, for len
+ * without payload, and for a metadata entry without a key or with a len and
+ * no value. */
 KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelpie_call_opts *opts,
                                                const void *payload, size_t len,
                                                kelpie_request_id *request_id);
@@ -253,7 +257,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_send(kelpie_client *client, const kelp
  * KELPIE_ERR_TIMEOUT when nothing arrived. Calls whose deadline passed by more
  * than KELPIE_CLIENT_GRACE_MS, or that the broker dropped when it sent
  * DISCONNECT, are answered here with a locally made ERROR (DEADLINE_EXCEEDED,
- * UNAVAILABLE). Answers for ids that are not outstanding are dropped. */
+ * UNAVAILABLE). Answers for ids that are not outstanding are dropped. An
+ * ERROR the broker sends with no request id (it could not read something
+ * we sent) comes here with request_id 0; at most 64 of them wait at a time
+ * (a program that only makes blocking calls never reads them), later ones
+ * are dropped. */
 KELPIE_EXPORT kelpie_status kelpie_client_recv(kelpie_client *client, kelpie_reply *reply,
                                                int timeout_ms);
 
@@ -265,7 +273,11 @@ KELPIE_EXPORT kelpie_status kelpie_client_cancel(kelpie_client *client,
                                                  kelpie_request_id request_id);
 
 /* Stream flow control: lets the worker send n more CHUNKs of a STREAM call
- * (CREDIT). A reader typically returns one credit per CHUNK it has consumed. */
+ * (CREDIT). A reader typically returns one credit per CHUNK it has consumed.
+ * The client counts the window (opts.window, 16 for 0, plus every credit):
+ * a CHUNK past it (a worker that ignores credit) ends the call with a local
+ * ERROR KELPIE_ERR_PROTOCOL and cancels it, so a flood is never queued.
+ * Windows add up saturating, on both sides: n = UINT32_MAX is "unlimited". */
 KELPIE_EXPORT kelpie_status kelpie_client_credit(kelpie_client *client,
                                                  kelpie_request_id request_id, uint32_t n);
 
@@ -636,7 +648,8 @@ KELPIE_EXPORT const char *kelpie_call_method(const kelpie_call *call);
 KELPIE_EXPORT uint32_t kelpie_call_flags(const kelpie_call *call);
 
 /* Milliseconds left before the call's deadline; UINT32_MAX when it has none,
- * 0 once passed. */
+ * 0 once passed, UINT32_MAX - 1 when it is further away than that (the
+ * wire's timeout_ms is a uint64: any value is a deadline that far off). */
 KELPIE_EXPORT uint32_t kelpie_call_remaining_ms(const kelpie_call *call);
 
 /* Looks up request metadata; NULL when absent. *len gets the value length. */
@@ -658,9 +671,12 @@ KELPIE_EXPORT kelpie_status kelpie_call_add_metadata(kelpie_call *call, const ch
  * call's deadline or for ever); KELPIE_CANCELLED when the call was
  * cancelled; KELPIE_DATA_LOSS when a message went missing (a gap in the
  * sequence); KELPIE_INVALID_ARGUMENT when a COMPRESSED message did not
- * decompress (answer the call with that code); KELPIE_ERR_INVAL for a call that is not
- * client-streamed. While waiting it reads the socket as kelpie_call_cancelled does. Reading grants
- * the caller more input window, so a handler that reads slowly back-pressures its caller. */
+ * decompress (answer the call with that code); KELPIE_RESOURCE_EXHAUSTED, after
+ * the messages the window allowed, when more input came than the worker granted
+ * (a broker that does not enforce the window: nothing past it is held);
+ * KELPIE_ERR_INVAL for a call that is not client-streamed. While waiting it reads the socket as
+ * kelpie_call_cancelled does. Reading grants the caller more input window, so a handler that reads
+ * slowly back-pressures its caller. */
 KELPIE_EXPORT kelpie_status kelpie_call_read(kelpie_call *call, const void **payload, size_t *len,
                                              int wait_ms);
 
