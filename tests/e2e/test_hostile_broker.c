@@ -19,121 +19,12 @@
 #include <string.h>
 #include <zmq.h>
 
+#include "fake_broker.h"
 #include "kelpie_test.h"
 
 TestSuite(hostile_broker, .timeout = 120);
 
-/* --- the hostile broker -------------------------------------------------- */
-
-typedef struct fake {
-    void *ctx;
-    void *sock;        /* ROUTER bound on a free port of 127.0.0.1 */
-    char endpoint[64]; /* where it listens */
-    zmq_msg_t rid;     /* routing id of the last peer heard */
-    bool has_rid;
-} fake;
-
-static void fake_open(fake *f)
-{
-    memset(f, 0, sizeof *f);
-    f->ctx = zmq_ctx_new();
-    f->sock = zmq_socket(f->ctx, ZMQ_ROUTER);
-    int linger = 0, hwm = 0; /* a ROUTER drops what passes its HWM: floods must arrive */
-    zmq_setsockopt(f->sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(f->sock, ZMQ_SNDHWM, &hwm, sizeof hwm);
-    cr_assert_eq(zmq_bind(f->sock, "tcp://127.0.0.1:*"), 0);
-    size_t len = sizeof f->endpoint;
-    zmq_getsockopt(f->sock, ZMQ_LAST_ENDPOINT, f->endpoint, &len);
-}
-
-static void fake_close(fake *f)
-{
-    if (f->has_rid)
-        zmq_msg_close(&f->rid);
-    zmq_close(f->sock);
-    zmq_ctx_term(f->ctx);
-}
-
-/* Receives one message within timeout_ms and returns its header (free with
- * kelpie__v1__header__free_unpacked), the payload frames dropped. NULL on
- * timeout. */
-static Kelpie__V1__Header *fake_recv(fake *f, int timeout_ms)
-{
-    zmq_pollitem_t item = {f->sock, 0, ZMQ_POLLIN, 0};
-    if (zmq_poll(&item, 1, timeout_ms) <= 0)
-        return NULL;
-    if (f->has_rid)
-        zmq_msg_close(&f->rid);
-    zmq_msg_init(&f->rid);
-    zmq_msg_recv(&f->rid, f->sock, 0);
-    f->has_rid = true;
-    zmq_msg_t frame;
-    zmq_msg_init(&frame);
-    zmq_msg_recv(&frame, f->sock, 0);
-    Kelpie__V1__Header *h =
-        kelpie__v1__header__unpack(NULL, zmq_msg_size(&frame), zmq_msg_data(&frame));
-    bool more = zmq_msg_more(&frame);
-    zmq_msg_close(&frame);
-    while (more) {
-        zmq_msg_init(&frame);
-        zmq_msg_recv(&frame, f->sock, 0);
-        more = zmq_msg_more(&frame);
-        zmq_msg_close(&frame);
-    }
-    cr_assert_not_null(h, "the library sent a header that does not decode");
-    return h;
-}
-
-/* Receives until a message of kind arrives (skipping others), within
- * timeout_ms. */
-static Kelpie__V1__Header *fake_expect(fake *f, Kelpie__V1__Kind kind, int timeout_ms)
-{
-    int64_t end = kt_now_ms() + timeout_ms;
-    while (kt_now_ms() < end) {
-        Kelpie__V1__Header *h = fake_recv(f, (int)(end - kt_now_ms()));
-        if (!h)
-            break;
-        if (h->kind == kind)
-            return h;
-        kelpie__v1__header__free_unpacked(h, NULL);
-    }
-    return NULL;
-}
-
-/* Sends n raw frames (after the routing id) to the last peer. */
-static void fake_frames(fake *f, size_t n, const void *const *frames, const size_t *lens)
-{
-    cr_assert(f->has_rid);
-    zmq_msg_t rid;
-    zmq_msg_init(&rid);
-    zmq_msg_copy(&rid, &f->rid);
-    zmq_msg_send(&rid, f->sock, ZMQ_SNDMORE);
-    for (size_t i = 0; i < n; i++)
-        cr_assert_geq(zmq_send(f->sock, frames[i], lens[i], i + 1 < n ? ZMQ_SNDMORE : 0), 0);
-}
-
-/* Sends h (version set here) and an optional payload to the last peer. */
-static void fake_send(fake *f, Kelpie__V1__Header *h, const void *payload, size_t len)
-{
-    h->version = 1;
-    size_t size = kelpie__v1__header__get_packed_size(h);
-    uint8_t *buf = malloc(size ? size : 1);
-    cr_assert_not_null(buf);
-    kelpie__v1__header__pack(h, buf);
-    const void *frames[2] = {buf, payload};
-    size_t lens[2] = {size, len};
-    fake_frames(f, len ? 2 : 1, frames, lens);
-    free(buf);
-}
-
-static void fake_heartbeat(fake *f, uint64_t broker_id, uint64_t max_message_size)
-{
-    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
-    h.kind = KELPIE__V1__KIND__HEARTBEAT;
-    h.broker_id = broker_id;
-    h.max_message_size = max_message_size;
-    fake_send(f, &h, NULL, 0);
-}
+/* --- the hostile broker (fake_broker.h, and what it sends here) ------------ */
 
 /* An answer of kind for request id with code, a message and a payload. */
 static void fake_answer(fake *f, Kelpie__V1__Kind kind, uint64_t id, int code, const char *message,
@@ -194,7 +85,7 @@ static kelpie_client *client_on(fake *f)
     kelpie_client *c = kelpie_client_new(f->endpoint);
     cr_assert_not_null(c);
     cr_assert_eq(kelpie_client_set_heartbeat(c, 0, 0), KELPIE_OK);
-    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__HEARTBEAT, 5000);
+    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__HEARTBEAT, 5000, NULL, NULL);
     cr_assert_not_null(h, "the client says hello on connecting");
     kelpie__v1__header__free_unpacked(h, NULL);
     return c;
@@ -205,7 +96,7 @@ static uint64_t client_sent(fake *f, kelpie_client *c, uint32_t flags, kelpie_re
 {
     kelpie_call_opts o = {.service = "echo", .method = "Echo", .timeout_ms = 30000, .flags = flags};
     cr_assert_eq(kelpie_client_send(c, &o, "hi", 2, id), KELPIE_OK);
-    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__REQUEST, 5000);
+    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
     cr_assert_not_null(h);
     uint64_t rid = h->request_id;
     cr_assert_eq(rid, id->id);
@@ -437,7 +328,7 @@ Test(hostile_broker, client_call_returns_no_local_code_from_the_wire)
         call_run s = {.c = c};
         pthread_t t;
         pthread_create(&t, NULL, call_thread, &s);
-        Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+        Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
         cr_assert_not_null(h);
         fake_answer(&f, KELPIE__V1__KIND__ERROR, h->request_id, codes[k], "odd", NULL, 0);
         kelpie__v1__header__free_unpacked(h, NULL);
@@ -484,7 +375,7 @@ Test(hostile_broker, client_drops_events_for_calls_that_have_none)
     call_run s = {.c = c};
     pthread_t t;
     pthread_create(&t, NULL, call_thread, &s);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
     cr_assert_not_null(h);
     uint64_t rid = h->request_id;
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -507,7 +398,7 @@ Test(hostile_broker, client_drops_events_for_calls_that_have_none)
     fake_answer(&f, KELPIE__V1__KIND__REPLY, rid, 0, NULL, "ok", 2);
     kelpie_submit_opts so = {.queue = "q"};
     cr_assert_eq(kelpie_client_submit_send(c, &so, "in", 2, &submit_id), KELPIE_OK);
-    h = fake_expect(&f, KELPIE__V1__KIND__SUBMIT, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__SUBMIT, 5000, NULL, NULL);
     cr_assert_not_null(h);
     send_events(&f, h->request_id, 3);
     Kelpie__V1__Header acc = KELPIE__V1__HEADER__INIT;
@@ -517,7 +408,7 @@ Test(hostile_broker, client_drops_events_for_calls_that_have_none)
     fake_send(&f, &acc, NULL, 0);
     kelpie__v1__header__free_unpacked(h, NULL);
     cr_assert_eq(kelpie_client_watch(c, "01JAXQ3V8Q0000000000000000", false, &watch_id), KELPIE_OK);
-    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000, NULL, NULL);
     cr_assert_not_null(h);
     send_events(&f, h->request_id, 3);
     Kelpie__V1__Header res = KELPIE__V1__HEADER__INIT;
@@ -545,7 +436,7 @@ Test(hostile_broker, client_drops_events_for_calls_that_have_none)
     send_events(&f, rid, 2);
     fake_answer(&f, KELPIE__V1__KIND__END, rid, 0, NULL, NULL, 0);
     cr_assert_eq(kelpie_client_watch(c, "01JAXQ3V8Q0000000000000000", true, &watch_id), KELPIE_OK);
-    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__WATCH, 5000, NULL, NULL);
     cr_assert_not_null(h);
     send_events(&f, h->request_id, 1); /* its CHUNK is not a watch's */
     res.request_id = h->request_id;
@@ -662,7 +553,8 @@ Test(hostile_broker, client_refuses_corrupt_and_bomb_zstd)
         kelpie_reply_fini(&r);
         cr_assert_eq(kelpie_client_outstanding(c), 0);
         if (cases[k].flags) {
-            Kelpie__V1__Header *cancel = fake_expect(&f, KELPIE__V1__KIND__CANCEL, 5000);
+            Kelpie__V1__Header *cancel =
+                fake_expect(&f, KELPIE__V1__KIND__CANCEL, 5000, NULL, NULL);
             cr_assert_not_null(cancel, "a stream that cannot be read is cancelled");
             cr_assert_eq(cancel->request_id, rid);
             kelpie__v1__header__free_unpacked(cancel, NULL);
@@ -764,7 +656,7 @@ static void worker_on(fake *f, worker_run *r)
     cr_assert_eq(kelpie_worker_handle(r->w, "window", NULL, window_watch, &r->s), KELPIE_OK);
     cr_assert_eq(kelpie_worker_set_heartbeat(r->w, 1000, 100), KELPIE_OK);
     pthread_create(&r->thread, NULL, worker_thread, r);
-    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__READY, 5000);
+    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__READY, 5000, NULL, NULL);
     cr_assert_not_null(h, "the worker registers");
     kelpie__v1__header__free_unpacked(h, NULL);
     fake_heartbeat(f, 4242, 16u << 20);
@@ -793,7 +685,7 @@ static Kelpie__V1__Header *answer_to(fake *f, uint64_t id, int timeout_ms)
 {
     int64_t end = kt_now_ms() + timeout_ms;
     while (kt_now_ms() < end) {
-        Kelpie__V1__Header *h = fake_recv(f, (int)(end - kt_now_ms()));
+        Kelpie__V1__Header *h = fake_recv(f, (int)(end - kt_now_ms()), NULL, NULL);
         if (!h)
             break;
         if (h->request_id == id &&
@@ -846,7 +738,7 @@ Test(hostile_broker, worker_drops_garbage_and_still_serves)
     job.request_id = 32;
     fake_send(&f, &job, "j", 1);
     free(long_id);
-    Kelpie__V1__Header *nack = fake_expect(&f, KELPIE__V1__KIND__NACK, 10000);
+    Kelpie__V1__Header *nack = fake_expect(&f, KELPIE__V1__KIND__NACK, 10000, NULL, NULL);
     cr_assert_not_null(nack, "a JOB for a queue it does not take is given back");
     cr_assert_eq(strlen(nack->job_id), 1u << 20);
     kelpie__v1__header__free_unpacked(nack, NULL);
@@ -1066,7 +958,7 @@ Test(hostile_broker, client_ends_a_stream_flooded_past_its_window)
         .service = "echo", .method = "Flood", .flags = KELPIE_STREAM, .window = 2};
     kelpie_request_id id;
     cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
     cr_assert_not_null(h);
     uint64_t rid = h->request_id;
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -1102,7 +994,7 @@ Test(hostile_broker, client_ends_a_stream_flooded_past_its_window)
     cr_expect_eq(r.status, KELPIE_ERR_PROTOCOL, "%s: %s", kelpie_status_name(r.status), r.message);
     kelpie_reply_fini(&r);
     cr_assert_eq(kelpie_client_outstanding(c), 0);
-    h = fake_expect(&f, KELPIE__V1__KIND__CANCEL, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__CANCEL, 5000, NULL, NULL);
     cr_assert_not_null(h, "the flooded stream is cancelled at the broker");
     cr_assert_eq(h->request_id, rid);
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -1112,7 +1004,7 @@ Test(hostile_broker, client_ends_a_stream_flooded_past_its_window)
     /* A window of 0 is the broker's default of 16: all 16 arrive. */
     o.window = 0;
     cr_assert_eq(kelpie_client_send(c, &o, NULL, 0, &id), KELPIE_OK);
-    h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
     cr_assert_not_null(h);
     ch.request_id = h->request_id;
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -1147,7 +1039,7 @@ Test(hostile_broker, client_keeps_a_bounded_number_of_id_zero_errors)
     call_run s = {.c = c};
     pthread_t t;
     pthread_create(&t, NULL, call_thread, &s);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
     cr_assert_not_null(h);
     uint64_t rid = h->request_id;
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -1193,7 +1085,7 @@ Test(hostile_broker, worker_window_saturates_instead_of_wrapping)
     credit.request_id = 500;
     credit.credits = UINT32_MAX;
     fake_send(&f, &credit, NULL, 0);
-    Kelpie__V1__Header *a = fake_expect(&f, KELPIE__V1__KIND__END, 20000);
+    Kelpie__V1__Header *a = fake_expect(&f, KELPIE__V1__KIND__END, 20000, NULL, NULL);
     cr_assert_not_null(a);
     kelpie__v1__header__free_unpacked(a, NULL);
     cr_assert_eq((uint32_t)atomic_load(&r.s.window), UINT32_MAX, "16 + UINT32_MAX gave %lu",
@@ -1321,7 +1213,7 @@ Test(hostile_broker, worker_stream_is_orphaned_by_a_new_broker_id)
     cr_assert_eq(kelpie_worker_handle(r.w, "stream", NULL, stream_till_refused, &r.s), KELPIE_OK);
     cr_assert_eq(kelpie_worker_set_heartbeat(r.w, 1000, 100), KELPIE_OK);
     pthread_create(&r.thread, NULL, worker_thread, &r);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000);
+    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000, NULL, NULL);
     cr_assert_not_null(h);
     kelpie__v1__header__free_unpacked(h, NULL);
     fake_heartbeat(&f, 1111, 16u << 20);
@@ -1330,11 +1222,11 @@ Test(hostile_broker, worker_stream_is_orphaned_by_a_new_broker_id)
     req.flags = KELPIE_STREAM;
     req.credits = 1;
     fake_send(&f, &req, NULL, 0);
-    h = fake_expect(&f, KELPIE__V1__KIND__CHUNK, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__CHUNK, 5000, NULL, NULL);
     cr_assert_not_null(h, "the window's one CHUNK");
     kelpie__v1__header__free_unpacked(h, NULL);
     fake_heartbeat(&f, 2222, 16u << 20); /* restarted */
-    h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000);
+    h = fake_expect(&f, KELPIE__V1__KIND__READY, 5000, NULL, NULL);
     cr_assert_not_null(h, "the worker registers with the new instance");
     cr_assert_eq(h->credits, 3, "READY leaves the orphan's slot out");
     kelpie__v1__header__free_unpacked(h, NULL);
@@ -1342,7 +1234,7 @@ Test(hostile_broker, worker_stream_is_orphaned_by_a_new_broker_id)
     bool credit = false;
     int64_t end = kt_now_ms() + 15000;
     while (!credit && kt_now_ms() < end) {
-        h = fake_recv(&f, (int)(end - kt_now_ms()));
+        h = fake_recv(&f, (int)(end - kt_now_ms()), NULL, NULL);
         if (!h)
             break;
         cr_assert(h->kind != KELPIE__V1__KIND__CHUNK && h->kind != KELPIE__V1__KIND__END &&

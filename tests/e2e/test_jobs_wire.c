@@ -15,121 +15,12 @@
 #include <string.h>
 #include <zmq.h>
 
+#include "fake_broker.h"
 #include "kelpie_test.h"
 
 TestSuite(jobs_wire, .timeout = 60);
 
-/* --- the scripted broker ------------------------------------------------- */
-
-typedef struct fake {
-    void *ctx;
-    void *sock;        /* ROUTER bound on a free port of 127.0.0.1 */
-    char endpoint[64]; /* where it listens */
-    zmq_msg_t rid;     /* routing id of the last peer heard */
-    bool has_rid;
-} fake;
-
-static void fake_open(fake *f)
-{
-    memset(f, 0, sizeof *f);
-    f->ctx = zmq_ctx_new();
-    f->sock = zmq_socket(f->ctx, ZMQ_ROUTER);
-    int linger = 0;
-    zmq_setsockopt(f->sock, ZMQ_LINGER, &linger, sizeof linger);
-    cr_assert_eq(zmq_bind(f->sock, "tcp://127.0.0.1:*"), 0);
-    size_t len = sizeof f->endpoint;
-    zmq_getsockopt(f->sock, ZMQ_LAST_ENDPOINT, f->endpoint, &len);
-}
-
-static void fake_close(fake *f)
-{
-    if (f->has_rid)
-        zmq_msg_close(&f->rid);
-    zmq_close(f->sock);
-    zmq_ctx_term(f->ctx);
-}
-
-/* Receives one message within timeout_ms; its header (caller frees with
- * kelpie__v1__header__free_unpacked) and, into payload/plen when given, its
- * first payload frame. NULL on timeout. */
-static Kelpie__V1__Header *fake_recv(fake *f, int timeout_ms, char *payload, size_t *plen)
-{
-    zmq_pollitem_t item = {f->sock, 0, ZMQ_POLLIN, 0};
-    if (zmq_poll(&item, 1, timeout_ms) <= 0)
-        return NULL;
-    if (f->has_rid)
-        zmq_msg_close(&f->rid);
-    zmq_msg_init(&f->rid);
-    zmq_msg_recv(&f->rid, f->sock, 0);
-    f->has_rid = true;
-    zmq_msg_t frame;
-    zmq_msg_init(&frame);
-    zmq_msg_recv(&frame, f->sock, 0);
-    Kelpie__V1__Header *h =
-        kelpie__v1__header__unpack(NULL, zmq_msg_size(&frame), zmq_msg_data(&frame));
-    bool more = zmq_msg_more(&frame);
-    zmq_msg_close(&frame);
-    if (plen)
-        *plen = 0;
-    while (more) {
-        zmq_msg_init(&frame);
-        zmq_msg_recv(&frame, f->sock, 0);
-        if (payload && plen && *plen == 0) {
-            *plen = zmq_msg_size(&frame);
-            memcpy(payload, zmq_msg_data(&frame), *plen);
-        }
-        more = zmq_msg_more(&frame);
-        zmq_msg_close(&frame);
-    }
-    cr_assert_not_null(h, "the library sent a header that does not decode");
-    return h;
-}
-
-/* Receives until a message of kind arrives (skipping heartbeats and other
- * kinds), within timeout_ms. */
-static Kelpie__V1__Header *fake_expect(fake *f, Kelpie__V1__Kind kind, int timeout_ms,
-                                       char *payload, size_t *plen)
-{
-    int64_t end = kt_now_ms() + timeout_ms;
-    while (kt_now_ms() < end) {
-        Kelpie__V1__Header *h = fake_recv(f, (int)(end - kt_now_ms()), payload, plen);
-        if (!h)
-            break;
-        if (h->kind == kind)
-            return h;
-        kelpie__v1__header__free_unpacked(h, NULL);
-    }
-    return NULL;
-}
-
-/* Sends h (version set here) and an optional payload to the last peer. */
-static void fake_send(fake *f, Kelpie__V1__Header *h, const void *payload, size_t len)
-{
-    cr_assert(f->has_rid);
-    h->version = 1;
-    size_t size = kelpie__v1__header__get_packed_size(h);
-    uint8_t *buf = malloc(size ? size : 1);
-    kelpie__v1__header__pack(h, buf);
-    zmq_msg_t rid;
-    zmq_msg_init(&rid);
-    zmq_msg_copy(&rid, &f->rid);
-    zmq_msg_send(&rid, f->sock, ZMQ_SNDMORE);
-    zmq_send(f->sock, buf, size, len ? ZMQ_SNDMORE : 0);
-    if (len)
-        zmq_send(f->sock, payload, len, 0);
-    free(buf);
-}
-
-/* The welcome: a HEARTBEAT with a broker id. */
-static void fake_welcome(fake *f, uint64_t broker_id)
-{
-    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
-    h.kind = KELPIE__V1__KIND__HEARTBEAT;
-    h.broker_id = broker_id;
-    h.max_message_size = 16u << 20;
-    fake_send(f, &h, NULL, 0);
-}
-
+/* The scripted broker is fake_broker.h's. */
 static const char *JOB_ID = "01JAXQ3V8Q0000000000000000";
 
 /* --- client -------------------------------------------------------------- */
@@ -577,7 +468,7 @@ Test(jobs_wire, worker_keeps_its_result_until_acked)
     cr_assert_eq(h->n_services, 0);
     cr_assert_eq(h->credits, 2);
     kelpie__v1__header__free_unpacked(h, NULL);
-    fake_welcome(&f, 111);
+    fake_heartbeat(&f, 111, 16u << 20);
 
     send_job(&f, 9001);
     h = fake_expect(&f, KELPIE__V1__KIND__PROGRESS, 3000, NULL, NULL);
@@ -622,7 +513,7 @@ Test(jobs_wire, worker_keeps_its_result_until_acked)
     kelpie__v1__header__free_unpacked(h, NULL);
 
     /* A restarted broker (a new broker_id): sent again at once. */
-    fake_welcome(&f, 222);
+    fake_heartbeat(&f, 222, 16u << 20);
     int64_t t0 = kt_now_ms();
     h = fake_expect(&f, KELPIE__V1__KIND__RESULT, 1000, NULL, NULL);
     cr_assert_not_null(h, "no RESULT re-sent to the restarted broker");
@@ -637,7 +528,7 @@ Test(jobs_wire, worker_keeps_its_result_until_acked)
     ack.attempt = 2;
     fake_send(&f, &ack, NULL, 0);
     cr_assert(wait_atomic(&seen.unacked, 0, 2000));
-    fake_welcome(&f, 333);
+    fake_heartbeat(&f, 333, 16u << 20);
     cr_assert_null(fake_expect(&f, KELPIE__V1__KIND__RESULT, 500, NULL, NULL),
                    "an ACKed RESULT was sent again");
     cr_assert_eq(atomic_load(&seen.cancelled), 0);
@@ -664,13 +555,13 @@ Test(jobs_wire, restarted_broker_orphans_held_jobs_but_takes_their_result)
     Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
     cr_assert_not_null(h);
     kelpie__v1__header__free_unpacked(h, NULL);
-    fake_welcome(&f, 111);
+    fake_heartbeat(&f, 111, 16u << 20);
     send_job(&f, 7);
     cr_assert(wait_atomic(&seen.jobs, 1, 3000));
 
     /* The broker restarts while the job runs: the job is cancelled (the
      * new broker re-queues it) and READY offers one slot less. */
-    fake_welcome(&f, 222);
+    fake_heartbeat(&f, 222, 16u << 20);
     cr_assert(wait_atomic(&seen.cancelled, 1, 3000), "the orphaned job was not cancelled");
     h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
     cr_assert_not_null(h);
@@ -715,7 +606,7 @@ Test(jobs_wire, nack_and_jobs_from_unknown_queues_are_given_back)
     Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
     cr_assert_not_null(h);
     kelpie__v1__header__free_unpacked(h, NULL);
-    fake_welcome(&f, 111);
+    fake_heartbeat(&f, 111, 16u << 20);
 
     send_job(&f, 8); /* queue "thumbs": not one this worker takes */
     h = fake_expect(&f, KELPIE__V1__KIND__NACK, 3000, NULL, NULL);
@@ -773,7 +664,7 @@ Test(jobs_wire, drain_waits_for_drained_held_jobs_and_acks)
     Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
     cr_assert_not_null(h);
     kelpie__v1__header__free_unpacked(h, NULL);
-    fake_welcome(&f, 111);
+    fake_heartbeat(&f, 111, 16u << 20);
     send_job(&f, 5);
     cr_assert(wait_atomic(&seen.jobs, 1, 3000));
 
