@@ -191,6 +191,37 @@ def test_spec_validation():
     assert s.stdin == b"x" and s.inputs() == {"a": b"b", "main.sh": b"echo"}
 
 
+# Specs a client may send that the sandbox cannot run as given: each was
+# accepted, then failed at the worker as the job started (UnicodeEncodeError,
+# TypeError: a failed attempt, run again up to max_attempts) or ran something
+# else (a string argv ran its first letter).
+UNRUNNABLE = [
+    ({"argv": ["echo", "\udcff"]}, "argv[1] is not UTF-8 text"),  # kelpie run -- echo $'\xff'
+    ({"argv": ["\ud800"]}, "argv[0] is not UTF-8 text"),
+    ({"argv": "echo hi"}, "argv must be a non-empty list of strings"),
+    ({"argv": ["true"], "env": {"A": "\udcff"}}, "environment entry 'A' is not UTF-8 text"),
+    ({"argv": ["true"], "env": {"\udcff": "1"}}, "is not UTF-8 text"),
+    ({"argv": ["true"], "env": {"A": None}}, "environment entry 'A' must be a string"),
+    ({"argv": ["true"], "env": {"A": {"b": 1}}}, "environment entry 'A' must be a string"),
+    ({"runtime": "sh", "code": "echo \udcff"}, "code is not UTF-8 text"),
+    ({"runtime": "sh", "code": 5}, "code must be a string"),
+    ({"argv": ["true"], "stdin": "\udcff"}, "stdin is not UTF-8 text"),
+    ({"argv": ["true"], "stdin": 5}, "stdin must be a string"),
+    ({"argv": ["true"], "files": {"a": "\udcff"}}, "file 'a' is not UTF-8 text"),
+    ({"argv": ["true"], "files": {"\udcff": "x"}}, "is not UTF-8 text"),
+    ({"argv": ["true"], "collect": ["\udcff"]}, "is not UTF-8 text"),
+    ({"argv": ["true"], "collect": "out.txt"}, "collect must be a list of file names"),
+    ({"argv": ["true"], "interactive": "no"}, "interactive must be true or false"),
+]
+
+
+@pytest.mark.parametrize("d,why", UNRUNNABLE)
+def test_spec_refuses_what_the_sandbox_cannot_run(d, why):
+    with pytest.raises(ValueError) as e:
+        ks.Spec.from_dict(d)
+    assert why in str(e.value)
+
+
 @needs_root
 def test_enforcement_reported(run, pool):
     v = run(pool.run(ks.Spec(argv=["true"])))

@@ -139,8 +139,11 @@ def test_bad_spec_is_dead_at_once(broker, workers):
 
     async def main():
         async with kelpie.Client(broker.frontend) as c:
+            # The last two reached the sandbox and failed there, an attempt
+            # each, three in all (UnicodeEncodeError, TypeError).
             for payload in (b"not json", spec(argv=[]), spec(runtime="cobol", code="x"),
-                            spec(argv=["true"], limits={"wall": -1})):
+                            spec(argv=["true"], limits={"wall": -1}),
+                            spec(argv=["echo", "\udcff"]), spec(runtime="sh", code=5)):
                 job = await c.submit("exec", payload)
                 with pytest.raises(kelpie.JobFailed) as e:
                     await job.result(timeout=15)
@@ -170,6 +173,20 @@ def test_kelpie_run_exit_status(broker, workers):
             assert out == b"hi\n"
         if verdict == "memory_limit":
             assert b"memory by cgroup" in err
+
+
+def test_kelpie_run_refuses_an_argument_that_is_not_utf8(broker, workers):
+    """The job's argv travels as JSON text: a command line byte that is not
+    UTF-8 (Python's surrogate escape) reached the worker, which failed on it
+    as the job started, three attempts, then "the job failed without a
+    verdict" with a UnicodeEncodeError, exit 125. It is a usage error."""
+    for args in (["--", "echo", b"\xff"], ["--env", b"A=\xfe", "--", "true"],
+                 ["--runtime", "sh", "-c", b"echo \xff"]):
+        code, out, err = kelpie_run(broker, *args, timeout=30)
+        assert code == 2, (args, err)
+        assert err.count(b"\n") == 1 and b"is not UTF-8 text" in err, (args, err)
+        assert b"Traceback" not in err and out == b""
+    assert counters(broker).get("jobs_submitted", 0) == 0, counters(broker)
 
 
 def test_kelpie_run_prints_the_output_of_a_job_that_ended_before_its_watch(broker, workers):
