@@ -10,8 +10,12 @@ import argparse
 import asyncio
 import io
 import json
+import glob
 import os
+import select
 import signal
+import subprocess
+import tempfile
 import time
 
 import pytest
@@ -19,7 +23,8 @@ import pytest
 import kelpie
 from kelpie import _cli_run
 
-from conftest import counters, kelpie_run, leaks, needs_root, run, wait_queue_workers
+from conftest import (PYTHON, counters, env_for, kelpie_run, leaks, needs_root, run,
+                      wait_queue_workers)
 
 pytestmark = needs_root
 
@@ -189,6 +194,59 @@ def test_kelpie_run_refuses_an_argument_that_is_not_utf8(broker, workers):
     assert counters(broker).get("jobs_submitted", 0) == 0, counters(broker)
 
 
+class ScriptedJob:
+    """A Job whose events and result are given (what _follow reads)."""
+
+    def __init__(self, events, result):
+        self._events, self._result, self.id = events, result, "J1"
+
+    async def events(self):
+        for ev in self._events:
+            yield ev
+
+    async def result(self):
+        return self._result
+
+
+def test_kelpie_run_says_how_an_attempt_ended_and_what_output_is_missing(capsys):
+    """How an attempt ended is in the status event that ended it (outcome,
+    reason): "running again" said "(lost)" for every attempt, also one that
+    failed. Output the verdict counts that did not come is said, per stream;
+    the marker after a truncated stream is part of what comes."""
+    ev = kelpie.JobEvent
+    verdict = {"status": "ok", "exit_code": 0, "stdout_bytes": 4, "stderr_bytes": 3 << 20,
+               "stderr_truncated": True, "limits": {"output": 1 << 20}}
+    marker = b"\n[kelpie: output truncated at 1048576 bytes]\n"
+    events = [ev("status", 1, 1, message="running"),
+              ev("output", 2, 1, stream="stdout", data=b"a\n"),
+              ev("status", 3, 1, message="queued", outcome="failed",
+                 reason="sandbox_error: no sandbox"),
+              ev("status", 4, 2, message="running"),
+              ev("output", 5, 2, stream="stdout", data=b"b\n"),
+              ev("output", 6, 2, stream="stderr", data=b"e" * (1 << 20)),
+              ev("output", 7, 2, stream="stderr", data=marker)]
+    out, err = io.BytesIO(), io.BytesIO()
+    code = run(_cli_run._follow(ScriptedJob(events, json.dumps(verdict).encode()),
+                                argparse.Namespace(verbose=False), out, err))
+    assert err.getvalue() == b"e" * (1 << 20) + marker  # the program's
+    err = capsys.readouterr().err  # kelpie run's own lines
+    assert code == 0
+    assert out.getvalue() == b"a\nb\n"
+    assert "attempt 1 ended (failed: sandbox_error: no sandbox); running again as attempt 2" in err
+    # 4 bytes of stdout counted, "b\n" of attempt 2 came: 2 missing. All of
+    # stderr that is sent (the limit, then the marker) came.
+    assert "output is incomplete: 2 bytes of its stdout did not arrive" in err, err
+    assert "stderr did not" not in err and err.count("\n") == 2, err
+    out2, err2 = io.BytesIO(), io.BytesIO()
+    events[-1] = ev("output", 7, 2, stream="stderr", data=marker[:-1])
+    verdict["stdout_bytes"] = 2
+    run(_cli_run._follow(ScriptedJob(events, json.dumps(verdict).encode()),
+                         argparse.Namespace(verbose=False), out2, err2))
+    err2 = capsys.readouterr().err
+    assert err2.endswith("incomplete: 1 bytes of its stderr did not arrive (the broker, or "
+                         "the worker's connection to it, was down meanwhile)\n"), err2
+
+
 def test_kelpie_run_prints_the_output_of_a_job_that_ended_before_its_watch(broker, workers):
     """Under load ``kelpie run`` sent its WATCH after the job had ended: the
     broker keeps a job's events only while it is not finished, so the watch
@@ -306,3 +364,102 @@ def test_sigterm_to_the_workers_process_group_lets_its_running_job_finish(broker
     assert verdict["status"] == "ok", verdict
     assert [h.outcome for h in info.history] == ["succeeded"]
     assert w.proc.wait(30) == 0, w.log()
+
+
+def start_kelpie_run(broker, *args):
+    """``kelpie run --sandbox ARGS`` in the background, its stdout and stderr piped."""
+    cmd = [PYTHON, "-m", "kelpie", "run", "--sandbox", "--frontend", broker.frontend, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env_for(broker))
+
+
+def read_until(stream, want, timeout):
+    """What ``stream`` gives until it holds ``want`` (or its end, or ``timeout`` s)."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while want not in got and time.monotonic() < deadline:
+        if select.select([stream], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def finish(proc, timeout):
+    """(exit status, rest of stdout, stderr) of a background kelpie run, killed
+    (and the test failed) if it is still running after ``timeout`` s."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"kelpie run still ran after {timeout} s: {err!r}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_kelpie_run_gives_up_on_a_broker_that_stopped_answering(broker, workers, fault):
+    """The broker killed for good, or stopped, while kelpie run follows a job:
+    the job's watch was sent again for ever, and kelpie run waited with it,
+    silent (a probe killed it after 40 s). It gives up after --broker-wait
+    seconds with one line naming the job, exit 125."""
+    workers.start(slots=1)
+    proc = start_kelpie_run(broker, "--broker-wait", "4", "--", "sh", "-c", "echo up; sleep 60")
+    try:
+        first = read_until(proc.stdout, b"up\n", 30)
+        assert first == b"up\n", first
+        if fault == "SIGKILL":
+            broker.stop()
+        else:
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        code, out, err = finish(proc, 40)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if broker.proc is not None:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+    assert code == 125, err
+    assert err.count(b"\n") == 1 and b"has not answered for" in err, err
+    assert b"stopped following job" in err and out == b""
+    # 4 s of silence, counted from the last answered ping (at most 1 s old).
+    assert 2.5 < elapsed < 30, elapsed
+
+
+def test_kelpie_run_says_when_output_was_lost_while_the_broker_was_stopped(broker, workers):
+    """The program wrote "b" while the broker was stopped: the worker,
+    reconnecting, sends no output meanwhile and keeps none, so "b" never
+    reached kelpie run, which exited 0 with "a" alone and no word of it. The
+    verdict counts every byte written: what did not arrive is said."""
+    w = workers.start(slots=1, heartbeat=0.3)
+    proc = start_kelpie_run(broker, "--", "sh", "-c",
+                            "echo a; sleep 3; echo b; : > b-written; sleep 1")
+    try:
+        first = read_until(proc.stdout, b"a\n", 30)
+        assert first == b"a\n", first
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            # Until the job has written "b" (its /work is a host directory).
+            written = os.path.join(tempfile.gettempdir(), f"kelpie-sandbox-{w.pool_id}", "*",
+                                   "b-written")
+            deadline = time.monotonic() + 20
+            while not glob.glob(written) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert glob.glob(written), "the job did not write b"
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        code, out, err = finish(proc, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = first + out
+    assert code == 0, err
+    assert b"Traceback" not in err
+    if out != b"a\nb\n":  # "b" was lost (the usual case): kelpie run says so
+        assert out == b"a\n", (out, err)
+        assert (b"the program's output is incomplete: 2 bytes of its stdout did not arrive"
+                in err), err

@@ -9,6 +9,10 @@ program's stdout and stderr to its own as they stream in. With
 ``-i``/``--interactive`` its own stdin is forwarded to the program (INPUT,
 docs/protocol.md §11.7) and closed at its end of file. ``--verbose`` prints
 the job id and, at the end, the verdict on stderr. Ctrl-C cancels the job.
+A broker that answers nothing for ``--broker-wait`` seconds while the job is
+followed is given up (exit 125, the job left running); output the verdict
+counts that never arrived (the worker's connection was down) is said on
+stderr.
 
 The exit status is the program's, so that ``kelpie run`` stands in for the
 command in a script:
@@ -52,6 +56,12 @@ EXIT_MEMORY = 122
 EXIT_OUTPUT = 121
 EXIT_NO_VERDICT = 125
 EXIT_CANCELLED = 130
+
+# Seconds a broker that stopped answering is waited for while a job is
+# followed (the watch itself is sent again for ever: a restart is survived),
+# and how often it is asked meanwhile.
+BROKER_WAIT = 30.0
+BROKER_PING_EVERY = 1.0
 
 _LIMIT_EXITS = {"timeout": EXIT_TIMEOUT, "cpu_limit": EXIT_CPU, "memory_limit": EXIT_MEMORY,
                 "output_limit": EXIT_OUTPUT, "sandbox_error": EXIT_NO_VERDICT,
@@ -141,6 +151,16 @@ def _limit_mapping(text):
     return {k: v for k, v in parsed.to_dict().items() if k in given}
 
 
+def _positive(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _given_keys(text):
     aliases = {"mem": "memory", "time": "wall", "procs": "pids", "fsize": "file_size",
                "nofile": "open_files", "tmp": "tmp_size", "out": "output"}
@@ -186,6 +206,10 @@ def add_command(sub, common):
                         "(default: the queue's); the sandbox's own wall limit is --limit time=")
     p.add_argument("--max-attempts", type=int, default=0, metavar="N",
                    help="deliveries before the job is given up (default: the queue's, 3)")
+    p.add_argument("--broker-wait", type=_positive, default=BROKER_WAIT, metavar="SECONDS",
+                   help="while following the job, how long a broker that stopped answering "
+                        "(down, stopped, restarting) is waited for before giving up: exit "
+                        f"125, the job not cancelled (default {BROKER_WAIT:g})")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print the job id and the verdict on stderr (default: the verdict only "
                         "when a limit ended the program)")
@@ -267,7 +291,7 @@ async def _run(args, spec):
                 feeder = asyncio.ensure_future(
                     _forward_stdin(job, _StdinPump(asyncio.get_running_loop())))
             try:
-                return await _follow(job, args, out, err)
+                return await _follow_while_answered(client, job, args, out, err)
             except (KeyboardInterrupt, asyncio.CancelledError):
                 try:
                     await asyncio.wait_for(job.cancel(), 2.0)
@@ -281,6 +305,47 @@ async def _run(args, spec):
     except RpcError as exc:
         print(f"kelpie run: {exc.code.name}: {exc.message}", file=sys.stderr)
         return EXIT_NO_VERDICT
+
+
+async def _silence(client, wait):
+    """Returns once the broker has answered nothing for ``wait`` seconds
+    (pings, every BROKER_PING_EVERY s while it answers): the seconds of it."""
+    loop = asyncio.get_running_loop()
+    heard = loop.time()
+    while True:
+        left = wait - (loop.time() - heard)
+        if left <= 0:
+            return loop.time() - heard
+        try:
+            await client.ping(timeout=max(0.1, min(left, 5.0)))
+            heard = loop.time()
+            await asyncio.sleep(BROKER_PING_EVERY)
+        except RpcError:
+            # Unanswered, or refused at once (a restarted broker's first
+            # answer): not a busy loop either way.
+            await asyncio.sleep(min(0.5, max(0.0, wait - (loop.time() - heard))))
+
+
+async def _follow_while_answered(client, job, args, out, err):
+    """_follow, given up (EXIT_NO_VERDICT, one line) when the broker has
+    answered nothing for --broker-wait seconds: the job's watch is sent again
+    for as long as it takes, so a broker killed for good, or stopped, held
+    kelpie run for ever, silent."""
+    follow = asyncio.ensure_future(_follow(job, args, out, err))
+    watchdog = asyncio.ensure_future(_silence(client, args.broker_wait))
+    try:
+        await asyncio.wait({follow, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (follow, watchdog):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(follow, watchdog, return_exceptions=True)
+    if not follow.cancelled() and follow.done():
+        return follow.result()
+    print(f"kelpie run: the broker at {args.frontend} has not answered for "
+          f"{watchdog.result():.0f} s: stopped following job {job.id}, which may still run "
+          f"(kelpie job wait {job.id})", file=sys.stderr, flush=True)
+    return EXIT_NO_VERDICT
 
 
 async def _print_tail(job, out):
@@ -299,20 +364,54 @@ async def _print_tail(job, out):
     out.flush()
 
 
+def _lost_output(verdict, written):
+    """What of the output the verdict counts never reached us, per stream
+    (bytes), from the counts and limit in the verdict: the worker sends every
+    byte up to the output limit, then the marker."""
+    limit = (verdict.get("limits") or {}).get("output")
+    lost = {}
+    if not isinstance(limit, (int, float)) or limit <= 0:
+        return lost
+    limit = int(limit)
+    for stream in ("stdout", "stderr"):
+        n = verdict.get(f"{stream}_bytes")
+        if not isinstance(n, int):
+            continue
+        sent = min(n, limit)
+        if verdict.get(f"{stream}_truncated"):
+            sent += len(_sandbox_marker() % limit)
+        if written.get(stream, 0) < sent:
+            lost[stream] = sent - written.get(stream, 0)
+    return lost
+
+
+def _sandbox_marker():
+    from .sandbox._sandbox import MARKER
+    return MARKER
+
+
 async def _follow(job, args, out, err):
     attempt = 0
+    ended = ""  # how the last attempt ended, from the status event that said so
+    written = {}  # (attempt, stream) -> bytes written out
     try:
         async for ev in job.events():
             if ev.kind == "output":
                 sink = err if ev.stream == "stderr" else out
                 sink.write(ev.data)
                 sink.flush()
+                key = (ev.attempt, "stderr" if ev.stream == "stderr" else "stdout")
+                written[key] = written.get(key, 0) + len(ev.data)
             elif ev.kind == "status" and ev.message == "running":
                 if attempt and ev.attempt > attempt:
-                    print(f"kelpie run: attempt {attempt} ended ({ev.reason or 'lost'}); "
+                    print(f"kelpie run: attempt {attempt} ended ({ended or 'lost'}); "
                           f"running again as attempt {ev.attempt}: its output follows",
                           file=sys.stderr, flush=True)
                 attempt = ev.attempt
+                ended = ""
+            elif ev.kind == "status" and ev.outcome:
+                words = ev.outcome.replace("_", " ")
+                ended = words if ev.reason in ("", words) else f"{words}: {ev.reason}"
         result = await job.result()
     except JobCancelled:
         print("kelpie run: the job was cancelled", file=sys.stderr)
@@ -333,6 +432,17 @@ async def _follow(job, args, out, err):
         return EXIT_NO_VERDICT
     if not attempt and (verdict.get("stdout_bytes") or verdict.get("stderr_bytes")):
         await _print_tail(job, out)
+    elif attempt:
+        # Output the worker sent while its connection to the broker was down
+        # (the broker stopped or restarting, the worker reconnecting) is not
+        # kept anywhere: it went missing here without a word, exit 0.
+        lost = _lost_output(verdict, {stream: n for (a, stream), n in written.items()
+                                      if a == attempt})
+        if lost:
+            what = " and ".join(f"{n} bytes of its {stream}" for stream, n in lost.items())
+            print(f"kelpie run: the program's output is incomplete: {what} did not arrive "
+                  f"(the broker, or the worker's connection to it, was down meanwhile)",
+                  file=sys.stderr, flush=True)
     if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
         print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
     return exit_status(verdict)
