@@ -178,6 +178,13 @@ def test_kelpie_run_exit_status(broker, workers):
             assert out == b"hi\n"
         if verdict == "memory_limit":
             assert b"memory by cgroup" in err
+    # A command that cannot be executed: 127, as a shell's, and why (it was
+    # 127 and nothing at all, but with -v).
+    for command, why in (("no-such-command", b"No such file or directory"),
+                         ("", b"No such file or directory"), ("/", b"Permission denied")):
+        code, out, err = kelpie_run(broker, "--", command)
+        assert (code, out) == (127, b""), (command, err)
+        assert err == b"kelpie run: cannot execute %s: %s\n" % (command.encode(), why), err
 
 
 def test_kelpie_run_refuses_an_argument_that_is_not_utf8(broker, workers):
@@ -463,3 +470,45 @@ def test_kelpie_run_says_when_output_was_lost_while_the_broker_was_stopped(broke
         assert out == b"a\n", (out, err)
         assert (b"the program's output is incomplete: 2 bytes of its stdout did not arrive"
                 in err), err
+
+
+def test_kelpie_run_whose_output_cannot_be_written_cancels_its_job(broker, workers):
+    """kelpie run's stdout a pipe whose reader left (``kelpie run ... | head
+    -1``): it exited 1, and the program ran on in its sandbox until its wall
+    limit, holding the slot; a full disk (/dev/full) was a traceback, the
+    job left running the same way. The job is cancelled, as a program whose
+    output pipe closes dies of SIGPIPE: 141 (128 + SIGPIPE) for a closed
+    pipe, silent as a shell's; one line and 125 when the write failed."""
+    w = workers.start(slots=1)
+    ticker = ["--", "sh", "-c", "while :; do echo tick.314; sleep 0.1; done"]
+
+    def job_ends(proc_err):
+        # The job's processes end (cancelled), within a bound.
+        deadline = time.monotonic() + 15
+        while running(w.uids, "tick.314") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(w.uids, "tick.314"), ("the job ran on", proc_err)
+
+    proc = start_kelpie_run(broker, *ticker)
+    try:
+        assert read_until(proc.stdout, b"tick.314\n", 30).startswith(b"tick.314\n")
+        proc.stdout.close()  # the reader leaves, as head -1 does
+        code, _, err = finish(proc, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == 128 + signal.SIGPIPE, err
+    assert err == b"", err
+    job_ends(err)
+
+    cmd = [PYTHON, "-m", "kelpie", "run", "--sandbox", "--frontend", broker.frontend, *ticker]
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, env=env_for(broker),
+                           timeout=60)
+    assert p.returncode == 125, p.stderr
+    assert p.stderr.count(b"\n") == 1, p.stderr
+    assert p.stderr.startswith(b"kelpie run: cannot write the program's stdout: No space left "
+                               b"on device: job "), p.stderr
+    assert p.stderr.endswith(b" cancelled\n"), p.stderr
+    job_ends(p.stderr)

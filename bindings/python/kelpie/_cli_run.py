@@ -30,6 +30,10 @@ the verdict                              exit status
 without a verdict (dead, refused spec);  about the program
 the broker could not be reached
 cancelled (Ctrl-C, ``kelpie job cancel``)  130
+our stdout closed (``| head -1``): the   141 (128 + SIGPIPE), silent
+job is cancelled
+the output cannot be written (a full     125
+disk): the job is cancelled
 a usage error                            2
 =======================================  ====================================
 """
@@ -41,6 +45,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -292,6 +297,8 @@ async def _run(args, spec):
                     _forward_stdin(job, _StdinPump(asyncio.get_running_loop())))
             try:
                 return await _follow_while_answered(client, job, args, out, err)
+            except _SinkFailed as exc:
+                return await _sink_failed(job, exc)
             except (KeyboardInterrupt, asyncio.CancelledError):
                 try:
                     await asyncio.wait_for(job.cancel(), 2.0)
@@ -305,6 +312,47 @@ async def _run(args, spec):
     except RpcError as exc:
         print(f"kelpie run: {exc.code.name}: {exc.message}", file=sys.stderr)
         return EXIT_NO_VERDICT
+
+
+class _SinkFailed(Exception):
+    """Our stdout or stderr did not take the program's output."""
+
+    def __init__(self, stream, error):
+        super().__init__(stream, error)
+        self.stream, self.error = stream, error
+
+
+def _write(sink, stream, data):
+    try:
+        sink.write(data)
+        sink.flush()
+    except OSError as exc:
+        raise _SinkFailed(stream, exc) from None
+
+
+async def _sink_failed(job, exc):
+    """The program's output has nowhere to go (the reader of our stdout left:
+    ``kelpie run ... | head -1``; a full disk): the job is cancelled, as a
+    program whose output pipe closes dies of SIGPIPE, rather than left to run
+    to its wall limit on a slot. A closed pipe is 128 + SIGPIPE and silent,
+    as in a shell; another failure is one line and EXIT_NO_VERDICT."""
+    try:
+        await asyncio.wait_for(job.cancel(), 2.0)
+        cancelled = "cancelled"
+    except (RpcError, asyncio.TimeoutError) as e:
+        cancelled = f"not cancelled ({e})"
+    # What the failed write left in the buffer is flushed at exit: to
+    # /dev/null, or the exit would report the same failure again.
+    fd = (sys.stdout if exc.stream == "stdout" else sys.stderr).fileno()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+    if isinstance(exc.error, BrokenPipeError):
+        return 128 + signal.SIGPIPE
+    print(f"kelpie run: cannot write the program's {exc.stream}: "
+          f"{exc.error.strerror or exc.error}: job {job.id} {cancelled}", file=sys.stderr,
+          flush=True)
+    return EXIT_NO_VERDICT
 
 
 async def _silence(client, wait):
@@ -360,8 +408,7 @@ async def _print_tail(job, out):
         print(f"kelpie run: the job ended before its output could be followed, and its "
               f"output tail cannot be read: {exc.code.name}: {exc.message}", file=sys.stderr)
         return
-    out.write(info.output)
-    out.flush()
+    _write(out, "stdout", info.output)
 
 
 def _lost_output(verdict, written):
@@ -397,11 +444,9 @@ async def _follow(job, args, out, err):
     try:
         async for ev in job.events():
             if ev.kind == "output":
-                sink = err if ev.stream == "stderr" else out
-                sink.write(ev.data)
-                sink.flush()
-                key = (ev.attempt, "stderr" if ev.stream == "stderr" else "stdout")
-                written[key] = written.get(key, 0) + len(ev.data)
+                stream = "stderr" if ev.stream == "stderr" else "stdout"
+                _write(err if stream == "stderr" else out, stream, ev.data)
+                written[(ev.attempt, stream)] = written.get((ev.attempt, stream), 0) + len(ev.data)
             elif ev.kind == "status" and ev.message == "running":
                 if attempt and ev.attempt > attempt:
                     print(f"kelpie run: attempt {attempt} ended ({ended or 'lost'}); "
@@ -443,6 +488,13 @@ async def _follow(job, args, out, err):
             print(f"kelpie run: the program's output is incomplete: {what} did not arrive "
                   f"(the broker, or the worker's connection to it, was down meanwhile)",
                   file=sys.stderr, flush=True)
+    message = verdict.get("message")
     if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
         print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
+    elif (verdict.get("exit_code") == 127 and isinstance(message, str)
+          and message.startswith("cannot execute ")):
+        # The command was not run at all (the sandbox's init could not exec
+        # it: its message, kelpie.sandbox._sandbox): 127 alone said nothing
+        # where a shell says "not found".
+        print(f"kelpie run: {message}", file=sys.stderr, flush=True)
     return exit_status(verdict)
