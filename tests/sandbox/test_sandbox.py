@@ -304,3 +304,24 @@ def test_worker_descriptors_do_not_reach_the_sandbox(run, pools, tmp_path):
         os.close(fd)
     assert v.status == "ok", v
     assert b"s3cret" not in v.stdout and v.stdout.startswith(b"closed 9"), v.stdout
+
+
+@needs_root
+def test_a_job_that_ended_in_time_is_no_timeout_after_the_loop_was_held(run, pool):
+    """The worker's loop held past a job's wall limit (the worker SIGSTOPped
+    and continued, a long stall) while the job ended well within it: the
+    overdue wall timer may run before the init's end is read (uvloop runs
+    timers first), and the verdict said timeout for a job that had exited
+    0 in milliseconds. The init's own clock says when the job's process
+    ended: the wall limit is judged by it, and so is wall_time."""
+    async def go(code, wall, hold):
+        ex = await pool.execute(sh(code), {"wall": wall})
+        time.sleep(hold)  # the loop held: nothing of the pool runs
+        return await ex.wait()
+
+    v = run(go("echo done", 1.5, 3.0))
+    # Ended after its wall limit, though before the loop ran again: timeout.
+    late = run(go("sleep 1.2; echo late", 0.5, 3.0))
+    assert (v.status, v.exit_code, v.stdout) == ("ok", 0, b"done\n"), v
+    assert late.status == "timeout", late
+    assert v.wall_time < 1.5, v.wall_time
