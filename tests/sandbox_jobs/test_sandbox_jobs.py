@@ -512,3 +512,60 @@ def test_kelpie_run_whose_output_cannot_be_written_cancels_its_job(broker, worke
                                b"on device: job "), p.stderr
     assert p.stderr.endswith(b" cancelled\n"), p.stderr
     job_ends(p.stderr)
+
+
+def test_worker_stopped_past_its_heartbeat_then_continued(broker, workers):
+    """A worker SIGSTOPped mid-job until the broker counts it lost and runs
+    the job again elsewhere, then SIGCONTed: its own run goes on and its
+    result arrives late. The client sees one outcome (one attempt succeeded,
+    the other ended), and no sandbox of the job is left on either worker."""
+    a = workers.start(slots=1, heartbeat=0.3)
+    argv = ["sh", "-c", "echo started; sleep 4.25; echo finished"]
+
+    async def main():
+        async with kelpie.Client(broker.frontend) as c:
+            job, watcher, _ = await submit_and_see_it_start(c, argv)
+            os.kill(a.pid, signal.SIGSTOP)
+            try:
+                b = workers.start(slots=1, wait=False)
+                deadline = time.monotonic() + 30
+                while len((await job.info()).history) < 2:
+                    assert time.monotonic() < deadline, "the job was not run again"
+                    await asyncio.sleep(0.1)
+            finally:
+                os.kill(a.pid, signal.SIGCONT)
+            verdict = json.loads(await job.result(timeout=40))
+            out, attempts = await asyncio.wait_for(watcher, 30)
+            return b, verdict, out, attempts, await job.info()
+
+    b, verdict, out, attempts, info = run(main(), timeout=90)
+    b.wait_started()
+    assert verdict["status"] == "ok", verdict
+    assert attempts[:2] == [1, 2], attempts
+    outcomes = sorted(h.outcome for h in info.history)
+    assert outcomes.count("succeeded") == 1 and len(outcomes) == 2, info.history
+    assert set(outcomes) <= {"succeeded", "worker_lost", "cancelled"}, info.history
+    assert info.state == "succeeded", info.state
+    deadline = time.monotonic() + 15
+    while (running(a.uids, "sleep 4.25") or running(b.uids, "sleep 4.25")) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(a.uids, "sleep 4.25") and not running(b.uids, "sleep 4.25")
+    wait_queue_workers(broker, 2)
+
+
+def test_kelpie_run_says_how_much_input_was_dropped(broker, workers):
+    """kelpie run -i forwards its stdin as fast as it reads it; the worker
+    keeps at most 1 MiB the program has not read and drops the rest, counted
+    in the verdict's stdin_dropped. 3 MB into a program that reads after 2 s
+    gave wc -c 1163264 and exit 0, without a word. The count is said."""
+    workers.start(slots=1)
+    sent = 3_000_000
+    code, out, err = kelpie_run(broker, "-i", "--", "sh", "-c", "sleep 2; wc -c",
+                                stdin=b"x" * sent)
+    assert code == 0, err
+    got = int(out)
+    assert got < sent, "nothing was dropped: the test did not outrun the program"
+    assert err == (b"kelpie run: %d bytes of the input were dropped: the program read it "
+                   b"slower than it came, and the worker keeps at most 1 MiB of it unread\n"
+                   % (sent - got)), err

@@ -198,8 +198,9 @@ def add_command(sub, common):
     p.add_argument("-c", "--code", default=None, metavar="CODE",
                    help="the snippet --runtime runs (default: none)")
     p.add_argument("--interactive", "-i", action="store_true",
-                   help="forward this stdin to the program while it runs (default: its "
-                        "stdin is empty)")
+                   help="forward this stdin to the program while it runs; what the program "
+                        "has not read past 1 MiB is dropped, and said (default: its stdin is "
+                        "empty)")
     p.add_argument("--file", action="append", metavar="NAME=PATH",
                    help="put local file PATH in the sandbox's /work as NAME (repeatable; default: "
                         "none)")
@@ -488,6 +489,13 @@ async def _follow(job, args, out, err):
             print(f"kelpie run: the program's output is incomplete: {what} did not arrive "
                   f"(the broker, or the worker's connection to it, was down meanwhile)",
                   file=sys.stderr, flush=True)
+    dropped = verdict.get("stdin_dropped")
+    if dropped:
+        # -i forwards as fast as this side reads; nothing paces it to the
+        # program's reading (the worker's buffer is the only bound).
+        print(f"kelpie run: {dropped} bytes of the input were dropped: the program read it "
+              f"slower than it came, and the worker keeps at most 1 MiB of it unread",
+              file=sys.stderr, flush=True)
     message = verdict.get("message")
     if args.verbose or verdict.get("status") not in ("ok", "nonzero_exit", "signaled"):
         print(f"kelpie run: {summary(verdict)}", file=sys.stderr, flush=True)
