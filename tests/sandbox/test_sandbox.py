@@ -325,3 +325,17 @@ def test_a_job_that_ended_in_time_is_no_timeout_after_the_loop_was_held(run, poo
     assert (v.status, v.exit_code, v.stdout) == ("ok", 0, b"done\n"), v
     assert late.status == "timeout", late
     assert v.wall_time < 1.5, v.wall_time
+
+
+@needs_root
+def test_output_past_the_limit_is_output_limit_though_the_job_ended_first(run, pool):
+    """A quick job writing past its output limit: when the init's end was
+    read before its output, the stop for the limit came too late to count
+    and the verdict was ok (kelpie run --limit output=1 -- echo hello: exit 0
+    or 121 by the race), the output truncated all the same."""
+    async def go():
+        return [await pool.run(sh("echo hello"), {"output": 1}) for _ in range(8)]
+
+    for v in run(go()):
+        assert v.stdout_truncated and v.stdout == b"h" + ks._sandbox.MARKER % 1, v
+        assert v.status == "output_limit", v  # exit code 0 or none: killed first

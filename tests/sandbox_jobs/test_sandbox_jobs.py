@@ -569,3 +569,17 @@ def test_kelpie_run_says_how_much_input_was_dropped(broker, workers):
     assert err == (b"kelpie run: %d bytes of the input were dropped: the program read it "
                    b"slower than it came, and the worker keeps at most 1 MiB of it unread\n"
                    % (sent - got)), err
+
+
+@pytest.mark.parametrize("args", [
+    ["--timeout", "-1"], ["--timeout", "nan"], ["--timeout", "1e400"], ["--timeout", "0"],
+    ["--max-attempts", "-1"], ["--max-attempts", "101"], ["--queue", ""],
+    ["--queue", "q" * 300]])
+def test_kelpie_run_bad_arguments_are_one_line(broker, args):
+    """Each was a Python traceback (ValueError from submit), exit 1; --timeout 0
+    ran the job three times with a 1 ms limit, "failed without a verdict"."""
+    code, out, err = kelpie_run(broker, *args, "--", "true", timeout=30)
+    assert code == 2, (args, err)
+    assert err.startswith(b"kelpie run: ") and err.count(b"\n") == 1, (args, err)
+    assert out == b""
+    assert counters(broker).get("jobs_submitted", 0) == 0

@@ -207,7 +207,7 @@ def add_command(sub, common):
     p.add_argument("--env", action="append", metavar="KEY=VALUE",
                    help="an environment variable for the program (repeatable; default: only the "
                         "sandbox's own PATH, HOME, TMPDIR, LANG)")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=_positive, default=None, metavar="SECONDS",
                    help="the job's run-time limit per attempt at the broker, in seconds "
                         "(default: the queue's); the sandbox's own wall limit is --limit time=")
     p.add_argument("--max-attempts", type=int, default=0, metavar="N",
@@ -287,8 +287,12 @@ async def _run(args, spec):
     out, err = sys.stdout.buffer, sys.stderr.buffer
     try:
         async with Client(args.frontend) as client:
-            job = await client.submit(args.queue, json.dumps(spec).encode(),
-                                      timeout=args.timeout, max_attempts=args.max_attempts)
+            try:
+                job = await client.submit(args.queue, json.dumps(spec).encode(),
+                                          timeout=args.timeout, max_attempts=args.max_attempts)
+            except ValueError as exc:  # what submit refuses before sending: a usage error
+                print(f"kelpie run: {exc}", file=sys.stderr)
+                return EXIT_USAGE
             if args.verbose:
                 print(f"kelpie run: job {job.id} on queue {args.queue}", file=sys.stderr,
                       flush=True)

@@ -770,6 +770,11 @@ class Execution:
             # (the worker stopped or stalled): a timeout all the same.
             return "timeout", (f"wall time passed {lim.wall:g}s: it ended after "
                                f"{v.wall_time:.3f}s, the host held meanwhile")
+        for name in ("stdout", "stderr"):
+            # Written past the limit by a job that ended before its output
+            # was read: the stop came too late to count, the limit did not.
+            if getattr(v, f"{name}_truncated"):
+                return "output_limit", f"{name} passed {lim.output} bytes"
         if v.oom_kills:
             return "memory_limit", f"{v.oom_kills} process(es) killed by the OOM killer"
         if v.signal == signal.SIGXCPU or (v.signal == signal.SIGKILL and v.cpu_time >= lim.cpu):
