@@ -583,3 +583,27 @@ def test_kelpie_run_bad_arguments_are_one_line(broker, args):
     assert err.startswith(b"kelpie run: ") and err.count(b"\n") == 1, (args, err)
     assert out == b""
     assert counters(broker).get("jobs_submitted", 0) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_kelpie_run_terminated_cancels_its_job(broker, workers, sig):
+    """``timeout 5 kelpie run -- CMD`` (SIGTERM), a closed terminal (SIGHUP):
+    kelpie run died of the signal at once and its program ran on in the
+    sandbox to its wall limit (60 s by default), holding the slot. As with
+    Ctrl-C, the job is cancelled; the exit status is 128 + the signal."""
+    w = workers.start(slots=1)
+    proc = start_kelpie_run(broker, "--", "sh", "-c", "echo up; sleep 60.777")
+    try:
+        assert read_until(proc.stdout, b"up\n", 30) == b"up\n"
+        proc.send_signal(sig)
+        code, _, err = finish(proc, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert code == 128 + sig, (code, err)
+    assert err == b"kelpie run: cancelled\n", err
+    deadline = time.monotonic() + 15
+    while running(w.uids, "sleep 60.777") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(w.uids, "sleep 60.777"), "the job ran on after kelpie run ended"

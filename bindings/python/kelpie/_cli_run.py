@@ -8,7 +8,8 @@ queue a ``kelpie sandbox-worker`` serves, follows its events and writes the
 program's stdout and stderr to its own as they stream in. With
 ``-i``/``--interactive`` its own stdin is forwarded to the program (INPUT,
 docs/protocol.md §11.7) and closed at its end of file. ``--verbose`` prints
-the job id and, at the end, the verdict on stderr. Ctrl-C cancels the job.
+the job id and, at the end, the verdict on stderr. Ctrl-C, SIGTERM and SIGHUP
+cancel the job.
 A broker that answers nothing for ``--broker-wait`` seconds while the job is
 followed is given up (exit 125, the job left running); output the verdict
 counts that never arrived (the worker's connection was down) is said on
@@ -30,6 +31,7 @@ the verdict                              exit status
 without a verdict (dead, refused spec);  about the program
 the broker could not be reached
 cancelled (Ctrl-C, ``kelpie job cancel``)  130
+SIGTERM, SIGHUP: the job is cancelled    128 + the signal
 our stdout closed (``| head -1``): the   141 (128 + SIGPIPE), silent
 job is cancelled
 the output cannot be written (a full     125
@@ -285,6 +287,32 @@ async def _forward_stdin(job, pump):
 
 async def _run(args, spec):
     out, err = sys.stdout.buffer, sys.stderr.buffer
+    # SIGTERM (``timeout 5 kelpie run ...``, a service manager) and SIGHUP
+    # (the terminal closed) end the run as Ctrl-C does, cancelling the job:
+    # by default they killed kelpie run alone, and the program ran on in its
+    # sandbox to its wall limit.
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    ended_by = []
+
+    def terminate(sig):
+        ended_by.append(sig)
+        me.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, terminate, sig)
+    try:
+        return await _run_job(args, spec, out, err, ended_by)
+    except asyncio.CancelledError:
+        if not ended_by:
+            raise
+        return 128 + ended_by[0]  # before the job was submitted: nothing to cancel
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_job(args, spec, out, err, ended_by):
     try:
         async with Client(args.frontend) as client:
             try:
@@ -310,7 +338,7 @@ async def _run(args, spec):
                 except (RpcError, asyncio.TimeoutError):
                     pass
                 print("kelpie run: cancelled", file=sys.stderr)
-                return EXIT_CANCELLED
+                return 128 + ended_by[0] if ended_by else EXIT_CANCELLED
             finally:
                 if feeder is not None:
                     feeder.cancel()
