@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 import kelpie.sandbox as ks
 from conftest import needs_root, pool_leftovers, processes_of, py
 
@@ -48,6 +50,8 @@ def test_hundred_concurrent_sandboxes(run, pools):
 
 WORKER = r"""
 import asyncio, json, sys
+import pytest
+
 import kelpie.sandbox as ks
 
 async def main():
@@ -98,6 +102,8 @@ def test_sigkilled_worker_leaves_no_sandbox(run, tmp_path):
 
 ROOTLESS = r"""
 import asyncio, json
+import pytest
+
 import kelpie.sandbox as ks
 
 async def main():
@@ -219,3 +225,24 @@ def test_a_dead_pools_leftovers_go_though_its_pid_was_reused(run, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+@needs_root
+def test_a_pool_that_fails_to_start_leaves_nothing(run, monkeypatch):
+    """kelpie sandbox-worker --slots 70000: 'cannot start the sandboxes: Too
+    many open files' (the uid claims), and the pool's job directory and
+    cgroups, made before the claim, stayed until some later pool swept them."""
+    def no_uids(self, count, base=None, span=None):
+        raise RuntimeError(f"could not claim {count} free uids")
+
+    monkeypatch.setattr(ks._host.UidClaim, "__init__", no_uids)
+    p = ks.SlotPool(2)
+
+    async def start():
+        with pytest.raises(RuntimeError):
+            await p.start()
+
+    run(start())
+    made = ks._host._pool_ids  # the pool's id was the last one taken
+    pool_id = f"{os.getpid()}-{next(made) - 1}"
+    assert not pool_leftovers(pool_id), pool_leftovers(pool_id)

@@ -607,3 +607,21 @@ def test_kelpie_run_terminated_cancels_its_job(broker, workers, sig):
     while running(w.uids, "sleep 60.777") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not running(w.uids, "sleep 60.777"), "the job ran on after kelpie run ended"
+
+
+@pytest.mark.parametrize("args", [
+    ["--heartbeat", "-1"], ["--heartbeat", "0"], ["--heartbeat", "nan"], ["--grace", "-5"],
+    ["--grace", "inf"], ["--queue", ""], ["--queue", "q" * 300]])
+def test_sandbox_worker_bad_arguments_are_one_line(broker, args):
+    """--heartbeat -1 made a worker that SIGTERM never stopped (seen idle
+    12 minutes after it, nor 0); nan was taken too, as was --grace -5; a
+    --queue the protocol cannot carry was a traceback. Each is a usage error
+    before anything starts."""
+    cmd = [PYTHON, "-m", "kelpie", "sandbox-worker", "--backend", broker.backend, *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, timeout=30, env=env_for(broker))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{args}: the worker started and did not stop") from None
+    assert p.returncode == 2, (args, p.stderr)
+    assert p.stderr.startswith(b"kelpie sandbox-worker: ") and p.stderr.count(b"\n") == 1, \
+        (args, p.stderr)
