@@ -254,6 +254,36 @@ def test_kelpie_run_says_how_an_attempt_ended_and_what_output_is_missing(capsys)
                          "the worker's connection to it, was down meanwhile)\n"), err2
 
 
+def test_kelpie_run_says_whose_result_it_is_when_a_late_attempt_won(capsys):
+    """The events of test_worker_stopped_past_its_heartbeat_then_continued
+    (as seen there): attempt 1's worker was stopped, counted lost, attempt 2
+    ran, then attempt 1's result came and is the job's. kelpie run showed
+    attempt 2's output and then attempt 1's verdict without a word of it;
+    what is missing is counted against the attempt whose verdict it is."""
+    ev = kelpie.JobEvent
+    events = [ev("status", 1, 1, message="running"),
+              ev("output", 2, 1, stream="stdout", data=b"started\n"),
+              ev("status", 3, 1, message="queued", outcome="worker_lost",
+                 reason="worker lost"),
+              ev("status", 4, 2, message="running"),
+              ev("output", 5, 2, stream="stdout", data=b"started\nfinished\n"),
+              ev("status", 6, 1, message="succeeded", outcome="succeeded")]
+    verdict = {"status": "ok", "exit_code": 0, "stdout_bytes": 17, "stderr_bytes": 0,
+               "limits": {"output": 1 << 20}}
+    out, err = io.BytesIO(), io.BytesIO()
+    code = run(_cli_run._follow(ScriptedJob(events, json.dumps(verdict).encode()),
+                                argparse.Namespace(verbose=False), out, err))
+    said = capsys.readouterr().err
+    assert code == 0
+    assert said.splitlines() == [
+        "kelpie run: attempt 1 ended (worker lost); running again as attempt 2: its output "
+        "follows",
+        "kelpie run: the result is attempt 1's, which finished after attempt 2 had begun; "
+        "attempt 2 was stopped",
+        "kelpie run: the program's output is incomplete: 9 bytes of its stdout did not arrive "
+        "(the broker, or the worker's connection to it, was down meanwhile)"], said
+
+
 def test_kelpie_run_prints_the_output_of_a_job_that_ended_before_its_watch(broker, workers):
     """Under load ``kelpie run`` sent its WATCH after the job had ended: the
     broker keeps a job's events only while it is not finished, so the watch

@@ -474,12 +474,14 @@ async def _follow(job, args, out, err):
     attempt = 0
     ended = ""  # how the last attempt ended, from the status event that said so
     written = {}  # (attempt, stream) -> bytes written out
+    succeeded = 0  # the attempt whose result the job's is, when an event said so
     try:
         async for ev in job.events():
             if ev.kind == "output":
                 stream = "stderr" if ev.stream == "stderr" else "stdout"
                 _write(err if stream == "stderr" else out, stream, ev.data)
-                written[(ev.attempt, stream)] = written.get((ev.attempt, stream), 0) + len(ev.data)
+                key = (ev.attempt, stream)
+                written[key] = written.get(key, 0) + len(ev.data)
             elif ev.kind == "status" and ev.message == "running":
                 if attempt and ev.attempt > attempt:
                     print(f"kelpie run: attempt {attempt} ended ({ended or 'lost'}); "
@@ -490,6 +492,8 @@ async def _follow(job, args, out, err):
             elif ev.kind == "status" and ev.outcome:
                 words = ev.outcome.replace("_", " ")
                 ended = words if ev.reason in ("", words) else f"{words}: {ev.reason}"
+                if ev.outcome == "succeeded":
+                    succeeded = ev.attempt
         result = await job.result()
     except JobCancelled:
         print("kelpie run: the job was cancelled", file=sys.stderr)
@@ -511,6 +515,14 @@ async def _follow(job, args, out, err):
     if not attempt and (verdict.get("stdout_bytes") or verdict.get("stderr_bytes")):
         await _print_tail(job, out)
     elif attempt:
+        if succeeded and succeeded != attempt:
+            # A worker thought lost (stopped, cut off) finished its attempt
+            # after the job had been given to another: the broker takes the
+            # result that came first, and the later attempt is stopped.
+            print(f"kelpie run: the result is attempt {succeeded}'s, which finished after "
+                  f"attempt {attempt} had begun; attempt {attempt} was stopped",
+                  file=sys.stderr, flush=True)
+            attempt = succeeded
         # Output the worker sent while its connection to the broker was down
         # (the broker stopped or restarting, the worker reconnecting) is not
         # kept anywhere: it went missing here without a word, exit 0.
