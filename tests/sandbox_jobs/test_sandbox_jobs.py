@@ -655,3 +655,63 @@ def test_sandbox_worker_bad_arguments_are_one_line(broker, args):
     assert p.returncode == 2, (args, p.stderr)
     assert p.stderr.startswith(b"kelpie sandbox-worker: ") and p.stderr.count(b"\n") == 1, \
         (args, p.stderr)
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_broker_killed_while_a_job_streams_megabytes(broker, workers):
+    """Brief item 2 (passed at once; a regression test): the broker SIGKILLed
+    while a job writes 8 MiB to stdout in 64 KiB lines. The worker does not
+    hang or hold the output (it is not kept while there is no broker: its
+    memory grows by less than the output), the job runs to its end, and
+    once the broker is back the job's outcome is its verdict, all bytes
+    counted, its sandbox gone."""
+    w = workers.start(slots=1, heartbeat=0.3)
+    code = ("import sys, time\n"
+            "for i in range(128):\n"
+            "    sys.stdout.write('%06d' % i + 'x' * 65529 + '\\n'); sys.stdout.flush()\n"
+            "    time.sleep(0.02)\n")
+    before = rss_bytes(w.pid)
+
+    async def start():
+        async with kelpie.Client(broker.frontend) as c:
+            job = await c.submit("exec", spec(runtime="python3", code=code,
+                                              limits={"output": 16 << 20}))
+            got = 0
+            async for ev in job.events(timeout=30):
+                got += len(ev.data) if ev.kind == "output" else 0
+                if got >= 1 << 20:
+                    return job.id
+    job_id = run(start())
+    assert running(w.uids, "main.py"), "the job runs"
+    broker.stop()  # SIGKILL
+    t0 = time.monotonic()
+    while running(w.uids, "main.py") and time.monotonic() < t0 + 40:
+        time.sleep(0.05)
+    # About 3 s of writing; its wall limit (60 s) would be a hang.
+    assert not running(w.uids, "main.py"), "the job did not end without the broker"
+    assert time.monotonic() - t0 < 30
+    grew = rss_bytes(w.pid) - before
+    broker.start()
+
+    async def finish():
+        async with kelpie.Client(broker.frontend) as c:
+            job = kelpie.Job(c, job_id)
+            return json.loads(await job.result(timeout=30)), await job.info()
+    verdict, info = run(finish())
+    assert verdict["status"] == "ok", verdict
+    assert verdict["stdout_bytes"] == 128 * 65536, verdict
+    assert [h.outcome for h in info.history] == ["succeeded"], info.history
+    deadline = time.monotonic() + 15
+    while running(w.uids, "main.py") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(w.uids, "main.py")
+    # The verdict's own capture is up to the output limit (8 MiB here).
+    assert grew < 64 << 20, f"the worker grew by {grew >> 20} MiB"
+    print(f"worker RSS grew by {grew / 2**20:.1f} MiB while the broker was down")
