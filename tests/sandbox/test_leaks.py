@@ -10,6 +10,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 import kelpie.sandbox as ks
 from conftest import needs_root, pool_leftovers, processes_of, py
 
@@ -48,6 +50,8 @@ def test_hundred_concurrent_sandboxes(run, pools):
 
 WORKER = r"""
 import asyncio, json, sys
+import pytest
+
 import kelpie.sandbox as ks
 
 async def main():
@@ -98,6 +102,8 @@ def test_sigkilled_worker_leaves_no_sandbox(run, tmp_path):
 
 ROOTLESS = r"""
 import asyncio, json
+import pytest
+
 import kelpie.sandbox as ks
 
 async def main():
@@ -178,3 +184,65 @@ def test_a_monitor_gone_before_ready_is_a_sandbox_error_at_once(run, pools):
         assert not live(processes_of(uids)), processes_of(uids)
     finally:
         shutil.rmtree(fake_dir, ignore_errors=True)
+
+
+@needs_root
+def test_a_dead_pools_leftovers_go_though_its_pid_was_reused(run, tmp_path):
+    """The next pool removed a SIGKILLed worker's directories and cgroups
+    only if no process had its pid: pids wrap (on this host within minutes),
+    and a pid now some other long-lived process's kept them for that
+    process's whole life. A pool holds an flock for its life; leftovers whose
+    lock nobody holds are a dead pool's, whoever has the pid now."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKER], stdout=subprocess.PIPE,
+                            env=dict(os.environ), start_new_session=True)
+    other = subprocess.Popen(["sleep", "120"])  # the process that "reuses" the pid
+    try:
+        state = json.loads(proc.stdout.readline())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while live(processes_of(set(state["uids"]))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The pid the dead pool's names carry is now the other process's.
+        dead_id = state["pool"]
+        reused = f"{other.pid}-{dead_id.split('-', 1)[1]}"
+        for path in pool_leftovers(dead_id):  # the job directory holds the lock
+            if os.path.exists(path):
+                os.rename(path, os.path.join(os.path.dirname(path),
+                                             os.path.basename(path).replace(dead_id, reused)))
+        assert pool_leftovers(reused)
+
+        async def next_pool():
+            p = ks.SlotPool(1)
+            await p.start()
+            await p.close()
+
+        run(next_pool())
+        assert not pool_leftovers(reused), pool_leftovers(reused)
+        assert other.poll() is None  # nothing was done to the process itself
+    finally:
+        for p in (proc, other):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@needs_root
+def test_a_pool_that_fails_to_start_leaves_nothing(run, monkeypatch):
+    """kelpie sandbox-worker --slots 70000: 'cannot start the sandboxes: Too
+    many open files' (the uid claims), and the pool's job directory and
+    cgroups, made before the claim, stayed until some later pool swept them."""
+    def no_uids(self, count, base=None, span=None):
+        raise RuntimeError(f"could not claim {count} free uids")
+
+    monkeypatch.setattr(ks._host.UidClaim, "__init__", no_uids)
+    p = ks.SlotPool(2)
+
+    async def start():
+        with pytest.raises(RuntimeError):
+            await p.start()
+
+    run(start())
+    made = ks._host._pool_ids  # the pool's id was the last one taken
+    pool_id = f"{os.getpid()}-{next(made) - 1}"
+    assert not pool_leftovers(pool_id), pool_leftovers(pool_id)

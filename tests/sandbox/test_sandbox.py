@@ -191,6 +191,37 @@ def test_spec_validation():
     assert s.stdin == b"x" and s.inputs() == {"a": b"b", "main.sh": b"echo"}
 
 
+# Specs a client may send that the sandbox cannot run as given: each was
+# accepted, then failed at the worker as the job started (UnicodeEncodeError,
+# TypeError: a failed attempt, run again up to max_attempts) or ran something
+# else (a string argv ran its first letter).
+UNRUNNABLE = [
+    ({"argv": ["echo", "\udcff"]}, "argv[1] is not UTF-8 text"),  # kelpie run -- echo $'\xff'
+    ({"argv": ["\ud800"]}, "argv[0] is not UTF-8 text"),
+    ({"argv": "echo hi"}, "argv must be a non-empty list of strings"),
+    ({"argv": ["true"], "env": {"A": "\udcff"}}, "environment entry 'A' is not UTF-8 text"),
+    ({"argv": ["true"], "env": {"\udcff": "1"}}, "is not UTF-8 text"),
+    ({"argv": ["true"], "env": {"A": None}}, "environment entry 'A' must be a string"),
+    ({"argv": ["true"], "env": {"A": {"b": 1}}}, "environment entry 'A' must be a string"),
+    ({"runtime": "sh", "code": "echo \udcff"}, "code is not UTF-8 text"),
+    ({"runtime": "sh", "code": 5}, "code must be a string"),
+    ({"argv": ["true"], "stdin": "\udcff"}, "stdin is not UTF-8 text"),
+    ({"argv": ["true"], "stdin": 5}, "stdin must be a string"),
+    ({"argv": ["true"], "files": {"a": "\udcff"}}, "file 'a' is not UTF-8 text"),
+    ({"argv": ["true"], "files": {"\udcff": "x"}}, "is not UTF-8 text"),
+    ({"argv": ["true"], "collect": ["\udcff"]}, "is not UTF-8 text"),
+    ({"argv": ["true"], "collect": "out.txt"}, "collect must be a list of file names"),
+    ({"argv": ["true"], "interactive": "no"}, "interactive must be true or false"),
+]
+
+
+@pytest.mark.parametrize("d,why", UNRUNNABLE)
+def test_spec_refuses_what_the_sandbox_cannot_run(d, why):
+    with pytest.raises(ValueError) as e:
+        ks.Spec.from_dict(d)
+    assert why in str(e.value)
+
+
 @needs_root
 def test_enforcement_reported(run, pool):
     v = run(pool.run(ks.Spec(argv=["true"])))
@@ -273,3 +304,38 @@ def test_worker_descriptors_do_not_reach_the_sandbox(run, pools, tmp_path):
         os.close(fd)
     assert v.status == "ok", v
     assert b"s3cret" not in v.stdout and v.stdout.startswith(b"closed 9"), v.stdout
+
+
+@needs_root
+def test_a_job_that_ended_in_time_is_no_timeout_after_the_loop_was_held(run, pool):
+    """The worker's loop held past a job's wall limit (the worker SIGSTOPped
+    and continued, a long stall) while the job ended well within it: the
+    overdue wall timer may run before the init's end is read (uvloop runs
+    timers first), and the verdict said timeout for a job that had exited
+    0 in milliseconds. The init's own clock says when the job's process
+    ended: the wall limit is judged by it, and so is wall_time."""
+    async def go(code, wall, hold):
+        ex = await pool.execute(sh(code), {"wall": wall})
+        time.sleep(hold)  # the loop held: nothing of the pool runs
+        return await ex.wait()
+
+    v = run(go("echo done", 1.5, 3.0))
+    # Ended after its wall limit, though before the loop ran again: timeout.
+    late = run(go("sleep 1.2; echo late", 0.5, 3.0))
+    assert (v.status, v.exit_code, v.stdout) == ("ok", 0, b"done\n"), v
+    assert late.status == "timeout", late
+    assert v.wall_time < 1.5, v.wall_time
+
+
+@needs_root
+def test_output_past_the_limit_is_output_limit_though_the_job_ended_first(run, pool):
+    """A quick job writing past its output limit: when the init's end was
+    read before its output, the stop for the limit came too late to count
+    and the verdict was ok (kelpie run --limit output=1 -- echo hello: exit 0
+    or 121 by the race), the output truncated all the same."""
+    async def go():
+        return [await pool.run(sh("echo hello"), {"output": 1}) for _ in range(8)]
+
+    for v in run(go()):
+        assert v.stdout_truncated and v.stdout == b"h" + ks._sandbox.MARKER % 1, v
+        assert v.status == "output_limit", v  # exit code 0 or none: killed first

@@ -187,6 +187,19 @@ class SandboxWorker:
 
 # -- the command ----------------------------------------------------------------
 
+def _seconds(text, zero=False):
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a {'' if zero else 'positive '}number of seconds")
+    return value
+
+
 def _limits(text, base=None):
     import argparse
     try:
@@ -226,10 +239,11 @@ def add_command(sub, common):
     p.add_argument("--cgroups", choices=("auto", "v2", "v1", "none"), default="auto",
                    help="how memory, processes and CPU are enforced (default auto; none: "
                         "rlimits only)")
-    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+    p.add_argument("--heartbeat", type=_seconds, default=1.0, metavar="SECONDS",
                    help="heartbeat interval in seconds; the broker counts the worker lost (and "
                         "redelivers its jobs) after 3 silent intervals (default 1)")
-    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--grace", type=lambda t: _seconds(t, zero=True), default=10.0,
+                   metavar="SECONDS",
                    help="on SIGTERM, how long running jobs may finish before their "
                         "sandboxes are killed and the jobs given back, in seconds (default 10)")
     common(p)
@@ -244,9 +258,13 @@ def cmd_sandbox_worker(args):
         print("kelpie: --slots must be at least 1", file=sys.stderr)
         return 2
     max_limits = args.max_limit or _sandbox.MAX_LIMITS
-    sw = SandboxWorker(args.queue, args.slots, limits=args.limit, max_limits=max_limits,
-                       mode=args.mode, cgroups=args.cgroups, backend=args.backend,
-                       heartbeat=args.heartbeat)
+    try:
+        sw = SandboxWorker(args.queue, args.slots, limits=args.limit, max_limits=max_limits,
+                           mode=args.mode, cgroups=args.cgroups, backend=args.backend,
+                           heartbeat=args.heartbeat)
+    except ValueError as exc:  # a queue name the protocol cannot carry, ...
+        print(f"kelpie sandbox-worker: {exc}", file=sys.stderr)
+        return 2
 
     async def serve():
         loop = asyncio.get_running_loop()

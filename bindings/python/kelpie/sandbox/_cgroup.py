@@ -197,9 +197,10 @@ class Layout:
         for d in self.pool_dirs(pool_id).values():
             _remove_group(d)
 
-    def sweep_stale(self):
-        """Remove every pool directory whose owner process is gone (a worker
-        that was SIGKILLed): kill what is still inside, then rmdir."""
+    def sweep_stale(self, dead=None):
+        """Remove every pool directory whose pool is gone (a worker that was
+        SIGKILLed): kill what is still inside, then rmdir. ``dead(pool_id)``
+        says which are (default: no process has the pool's pid)."""
         for base in self.bases.values():
             try:
                 names = os.listdir(base)
@@ -207,7 +208,9 @@ class Layout:
                 continue
             for name in names:
                 owner = name.split("-", 1)[0]
-                if owner.isdigit() and not _alive(int(owner)):
+                if not owner.isdigit():
+                    continue
+                if dead(name) if dead is not None else not _alive(int(owner)):
                     _remove_group(os.path.join(base, name))
 
 

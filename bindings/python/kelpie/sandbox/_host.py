@@ -6,13 +6,16 @@ Uids come from a range no account uses (``UID_BASE``..+``UID_COUNT``); a uid
 is claimed by holding an flock on ``/run/kelpie-sandbox/uids/<uid>``, so two
 workers on one host never share one and a dead worker's claims lapse with it.
 Job directories live in ``<tmp>/kelpie-sandbox-<pid>-<n>``, removed by
-``close`` or, after a SIGKILL, by the next pool's ``sweep_stale``."""
+``close`` or, after a SIGKILL, by the next pool's ``sweep_stale``. The pool
+holds an flock on the ``lock`` file in it for its whole life: a pool whose
+lock nobody holds is dead, whatever process has its pid now."""
 
 import fcntl
 import itertools
 import os
 import pwd
 import shutil
+import stat
 import tempfile
 
 from . import _cgroup
@@ -23,6 +26,7 @@ UID_COUNT = 65536
 LOCK_DIR = "/run/kelpie-sandbox/uids"
 HELPER_NAME = "kelpie-sandbox-helper"
 DIR_PREFIX = "kelpie-sandbox-"
+LOCK_NAME = "lock"  # in the job directory, flocked by its pool while it lives
 
 _pool_ids = itertools.count(1)
 
@@ -117,17 +121,24 @@ class Host:
         self.layout = _cgroup.Layout.detect(cgroups)
         self.pool_id = f"{os.getpid()}-{next(_pool_ids)}"
         sweep_stale(self.layout)
+        # 0711: slot uids may reach their own job directory (0700, theirs)
+        # by name but list nothing; the helper copy inside is 0755. Made,
+        # and its lock taken, before the cgroups: whatever a sweep finds of
+        # this pool has a held lock beside it.
+        self.dir = os.path.join(tempfile.gettempdir(), DIR_PREFIX + self.pool_id)
+        os.mkdir(self.dir, 0o711)
+        self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                              | os.O_CLOEXEC)
+        # Locked before it has its name: a sweep never finds it free.
+        self.lock_fd = os.open(LOCK_NAME + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL
+                               | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(LOCK_NAME + ".new", LOCK_NAME, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
         try:
             self.layout.make_pool(self.pool_id)
         except OSError:
             self.layout.remove_pool(self.pool_id)
             self.layout = _cgroup.Layout(None, {})
-        # 0711: slot uids may reach their own job directory (0700, theirs)
-        # by name but list nothing; the helper copy inside is 0755.
-        self.dir = os.path.join(tempfile.gettempdir(), DIR_PREFIX + self.pool_id)
-        os.mkdir(self.dir, 0o711)
-        self.dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                              | os.O_CLOEXEC)
         # bwrap, running as a slot uid, must be able to read the init it
         # binds in; the installed package may sit under a 0700 home.
         self.init = os.path.join(self.dir, "init")
@@ -187,17 +198,48 @@ class Host:
             self.layout.remove_pool(self.pool_id)
         except OSError:
             pass
+        if self.lock_fd >= 0:  # last: until now a sweep leaves this pool alone
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+
+def pool_dead(pool_id):
+    """Whether the pool ``pool_id`` (any process's) is gone: nobody holds the
+    lock in its job directory. A pid alone said "alive" for as long as some
+    other process had the dead worker's pid (pids wrap). Without a lock file
+    (a pool that made none, or is being made): no process has its pid."""
+    path = os.path.join(tempfile.gettempdir(), DIR_PREFIX + pool_id)
+    try:
+        st = os.lstat(path)
+        trusted = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+        fd = os.open(os.path.join(path, LOCK_NAME),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        trusted, fd = False, -1
+    if not trusted or fd < 0:
+        if fd >= 0:
+            os.close(fd)
+        owner = pool_id.split("-", 1)[0]
+        return owner.isdigit() and not _cgroup._alive(int(owner))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def sweep_stale(layout):
-    """Remove job directories and cgroups of pools whose process is gone."""
-    layout.sweep_stale()
+    """Remove job directories and cgroups of pools that are gone (the
+    cgroups first: whether a pool is gone is read from its job directory)."""
+    layout.sweep_stale(pool_dead)
     tmp = tempfile.gettempdir()
     for name in os.listdir(tmp):
         if not name.startswith(DIR_PREFIX):
             continue
-        owner = name[len(DIR_PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not _cgroup._alive(int(owner)):
+        pool_id = name[len(DIR_PREFIX):]
+        if pool_id.split("-", 1)[0].isdigit() and pool_dead(pool_id):
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 remove_tree(fd, name)

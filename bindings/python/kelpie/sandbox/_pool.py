@@ -63,7 +63,14 @@ class SlotPool:
 
     async def start(self):
         self.host = Host(self._mode, self._cgroups)
-        uids = self.host.claim_uids(self.size)
+        try:
+            uids = self.host.claim_uids(self.size)
+        except BaseException:
+            # Its job directory and cgroups are made: a sweep would find
+            # them only once this process is gone.
+            self.host.close()
+            self.host = None
+            raise
         self._free = asyncio.Queue()
         self._creating = asyncio.Semaphore(2 * (os.cpu_count() or 1))
         for i, uid in enumerate(uids):

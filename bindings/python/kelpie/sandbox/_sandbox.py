@@ -473,8 +473,7 @@ class Execution:
         self.timings["released"] = time.perf_counter()
         loop.add_reader(sb.init_pidfd, self._init_exited)
         loop.add_reader(sb.status.fd, self._status_ready)
-        self._timers.append(loop.call_later(lim.wall, self._stop, "timeout",
-                                            f"wall time passed {lim.wall:g}s"))
+        self._timers.append(loop.call_later(lim.wall, self._wall_passed))
         if sb.group is not None and sb.host.layout.accounts_cpu():
             self._timers.append(loop.call_later(CPU_POLL, self._check_cpu))
         self._pumps = [asyncio.ensure_future(self._pump("stdout", sb.stdout)),
@@ -558,6 +557,16 @@ class Execution:
             self._fallback = True
             self._timers.append(asyncio.get_running_loop().call_later(REAP_TIMEOUT,
                                                                       self._reap_fallback))
+
+    def _wall_passed(self):
+        # Run late (the worker's loop held: SIGSTOP, a stall), this can find
+        # the job already ended, its report unread: then it is not stopped,
+        # and whether it ended in time is the init's clock's to say (_status).
+        if self._end is None or self._end.done():
+            return
+        self._status_ready()
+        if not self._end.done():
+            self._stop("timeout", f"wall time passed {self.limits.wall:g}s")
 
     def _reap_fallback(self):
         # The init did not die in time (it cannot ignore SIGKILL; a stuck
@@ -721,6 +730,13 @@ class Execution:
         if report is not None:
             st, user, sys_, rss, exec_errno = report
             v.cpu_time, v.peak_memory = user + sys_, rss
+            exited, released = self.timings.get("init_exit"), self.timings.get("released")
+            if (self._reason is None and exited is not None and released is not None
+                    and exited >= released):
+                # When the job's own process ended, by the init's clock (the
+                # host's monotonic one): the host may have read it much later,
+                # its loop held meanwhile.
+                v.wall_time = exited - released
             if os.WIFEXITED(st):
                 v.exit_code = os.WEXITSTATUS(st)
             elif os.WIFSIGNALED(st):
@@ -749,6 +765,16 @@ class Execution:
             return self._reason, self._message
         if report is None:
             return "sandbox_error", "the sandbox ended without a report from its init"
+        if v.wall_time > lim.wall:
+            # It ran past its wall limit while the host could not stop it
+            # (the worker stopped or stalled): a timeout all the same.
+            return "timeout", (f"wall time passed {lim.wall:g}s: it ended after "
+                               f"{v.wall_time:.3f}s, the host held meanwhile")
+        for name in ("stdout", "stderr"):
+            # Written past the limit by a job that ended before its output
+            # was read: the stop came too late to count, the limit did not.
+            if getattr(v, f"{name}_truncated"):
+                return "output_limit", f"{name} passed {lim.output} bytes"
         if v.oom_kills:
             return "memory_limit", f"{v.oom_kills} process(es) killed by the OOM killer"
         if v.signal == signal.SIGXCPU or (v.signal == signal.SIGKILL and v.cpu_time >= lim.cpu):

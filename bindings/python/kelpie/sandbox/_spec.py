@@ -36,37 +36,59 @@ class Spec:
     collect: list = dataclasses.field(default_factory=list)  # files read back after
 
     def __post_init__(self):
+        # Every check a job's own text needs is made here, before a sandbox
+        # is taken: what the worker cannot write into the sandbox (text that
+        # is not UTF-8, a Python surrogate escape of a command line byte;
+        # a number where bytes go) failed as the job started, an attempt
+        # each, and was run again.
         if (self.argv is None) == (self.runtime is None):
             raise ValueError("a spec has either argv or runtime+code")
         if self.argv is not None:
-            if not self.argv or not all(isinstance(a, str) for a in self.argv):
+            if (not isinstance(self.argv, list) or not self.argv
+                    or not all(isinstance(a, str) for a in self.argv)):
                 raise ValueError("argv must be a non-empty list of strings")
-            if any("\0" in a for a in self.argv):
-                raise ValueError("argv entries may not contain NUL")
+            for i, a in enumerate(self.argv):
+                _check_text(f"argv[{i}]", a)
+                if "\0" in a:
+                    raise ValueError("argv entries may not contain NUL")
         else:
-            if self.runtime not in RUNTIMES:
+            if not isinstance(self.runtime, str) or self.runtime not in RUNTIMES:
                 raise ValueError(f"unknown runtime {self.runtime!r} (have {sorted(RUNTIMES)})")
             if self.code is None:
                 raise ValueError("a runtime needs code")
+            _bytes("code", self.code)
             if RUNTIMES[self.runtime][0] in self.files:
                 raise ValueError(f"{RUNTIMES[self.runtime][0]} is the runtime's own file")
+        if not isinstance(self.interactive, bool):
+            raise ValueError("interactive must be true or false")
+        if not isinstance(self.files, dict):
+            raise ValueError("files must map file names to contents")
         if len(self.files) > MAX_FILES:
             raise ValueError(f"at most {MAX_FILES} input files")
         total = 0
         for name, data in self.files.items():
             check_relative(name)
-            if isinstance(data, str):
-                data = self.files[name] = data.encode()
+            data = self.files[name] = _bytes(f"file {name!r}", data)
             total += len(data)
         if total > MAX_INPUT_BYTES:
             raise ValueError(f"input files exceed {MAX_INPUT_BYTES} bytes")
+        if not isinstance(self.collect, list):
+            raise ValueError("collect must be a list of file names")
         for name in self.collect:
             check_relative(name)
+        if not isinstance(self.env, dict):
+            raise ValueError("env must map names to strings")
         for k, v in self.env.items():
-            if not k or "=" in k or "\0" in k or "\0" in str(v):
+            if not isinstance(k, str) or not k or "=" in k or "\0" in k:
                 raise ValueError(f"bad environment entry {k!r}")
-        if isinstance(self.stdin, str):
-            self.stdin = self.stdin.encode()
+            _check_text(f"environment entry name {k!r}", k)
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise ValueError(f"environment entry {k!r} must be a string")
+            _check_text(f"environment entry {k!r}", str(v))
+            if "\0" in str(v):
+                raise ValueError(f"bad environment entry {k!r}")
+        if self.stdin is not None:
+            self.stdin = _bytes("stdin", self.stdin)
 
     def command(self):
         """The argv the job runs."""
@@ -98,15 +120,14 @@ class Spec:
         unknown = set(d) - allowed
         if unknown:
             raise ValueError(f"unknown spec keys {sorted(unknown)}")
-        files = {k: v.encode() for k, v in (d.get("files") or {}).items()}
+        files = dict(d.get("files") or {})
         files.update({k: base64.b64decode(v) for k, v in (d.get("files_b64") or {}).items()})
         stdin = d.get("stdin")
         if d.get("stdin_b64") is not None:
             stdin = base64.b64decode(d["stdin_b64"])
         return cls(argv=d.get("argv"), runtime=d.get("runtime"), code=d.get("code"),
-                   stdin=stdin.encode() if isinstance(stdin, str) else stdin,
-                   interactive=bool(d.get("interactive", False)), files=files,
-                   env=dict(d.get("env") or {}), collect=list(d.get("collect") or []))
+                   stdin=stdin, interactive=d.get("interactive", False), files=files,
+                   env=d.get("env") or {}, collect=d.get("collect") or [])
 
 
 def check_relative(name):
@@ -114,6 +135,26 @@ def check_relative(name):
     beneath /work only, but a bad name is the caller's error, said early)."""
     if not isinstance(name, str) or not name or name.startswith("/") or "\0" in name:
         raise ValueError(f"bad file name {name!r}")
+    _check_text(f"file name {name!r}", name)
     for part in name.split("/"):
         if part in ("", ".", ".."):
             raise ValueError(f"bad file name {name!r}")
+
+
+def _check_text(what, text):
+    """Refuse text with no UTF-8 form: a lone surrogate, as a JSON "\\udcff"
+    or Python's escape of a command line byte that is not UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not UTF-8 text: {text!r}") from None
+
+
+def _bytes(what, data):
+    """``data`` (bytes, or text as UTF-8) as bytes."""
+    if isinstance(data, str):
+        _check_text(what, data)
+        return data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise ValueError(f"{what} must be a string (or bytes), not {type(data).__name__}")
