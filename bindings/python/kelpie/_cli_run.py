@@ -217,7 +217,7 @@ def add_command(sub, common):
     p.add_argument("--broker-wait", type=_positive, default=BROKER_WAIT, metavar="SECONDS",
                    help="while following the job, how long a broker that stopped answering "
                         "(down, stopped, restarting) is waited for before giving up: exit "
-                        f"125, the job not cancelled (default {BROKER_WAIT:g})")
+                        f"125, the job not cancelled (default {BROKER_WAIT:g} seconds)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="print the job id and the verdict on stderr (default: the verdict only "
                         "when a limit ended the program)")
