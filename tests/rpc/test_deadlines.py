@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -178,3 +179,28 @@ def test_a_client_connecting_to_a_stopped_broker_ends_its_call_at_its_timeout(br
     finally:
         os.kill(broker.proc.pid, signal.SIGCONT)
     assert took < 3.5, took  # 6.0 before: 5 s of handshake, then the call's 1 s
+
+
+def test_a_client_connecting_to_a_stopped_broker_judges_it_from_the_connect(broker):
+    """The same stopped kelpied, a client with the defaults (heartbeat 1 s,
+    liveness 3, a deadline longer than that): its liveness watch started
+    after the handshake's 5 s wait, so the call failed after ~8 s saying the
+    broker "did not answer for 3.1 s". The handshake is now waited for no
+    longer than the liveness window and the silence counts from the connect:
+    the call fails after one window and a tick, and says how long it was."""
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+
+    async def main():
+        start = time.monotonic()
+        async with kelpie.Client(broker.frontend) as client:
+            with pytest.raises(kelpie.Unavailable) as caught:
+                await client.call("t", "Echo", b"x")
+        return time.monotonic() - start, caught.value
+
+    try:
+        took, exc = asyncio.run(main())
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    said = float(re.search(r"did not answer for ([0-9.]+) s", str(exc)).group(1))
+    assert took < 6.0, took  # 8.1 before
+    assert said >= took - 0.5, (said, took)

@@ -187,13 +187,17 @@ class Client(ClientJobs):
         # deadlines, not by the pipe: never block a caller on the socket HWM.
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
+        connecting = loop.time()
         handshake = _security.connect(sock, self.frontend, "client", self._keys)
+        # A stopped broker (SIGSTOP, swapped out) accepts the TCP connection
+        # and says nothing: waiting up to HANDSHAKE_TIMEOUT for the
+        # handshake's outcome would hold a client whose calls must end within
+        # `timeout`, or whose watch gives a silent broker one liveness
+        # window, for longer than that before its first call.
         if self.timeout is not None:
-            # A stopped broker (SIGSTOP, swapped out) accepts the TCP
-            # connection and says nothing: waiting up to HANDSHAKE_TIMEOUT for
-            # the handshake's outcome would hold a client whose calls must
-            # end within `timeout` for longer than that before its first one.
             handshake.timeout = min(handshake.timeout, self.timeout)
+        if self.heartbeat:
+            handshake.timeout = min(handshake.timeout, self.heartbeat * self.liveness)
         try:
             await handshake.await_(self._context)
         except BaseException:
@@ -211,7 +215,9 @@ class Client(ClientJobs):
             self._plain = (self, sock, self._conn, self._watch, self._pending, self._deadlines,
                            self._new_future, self._clock, _prefixes, _core, _current_call,
                            _current_job, _ACCEPT, _GRAIN)
-        self._watch.heard(self._loop.time())
+        # The broker's silence counts from the connect: a handshake it never
+        # answered was already part of it.
+        self._watch.heard(connecting)
         # The reader is a callback of the socket's own loop reader
         # (docs/binding.md): an answer resolves its call's future in the
         # loop iteration that saw it arrive, with no reader task between.
