@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 from urllib.parse import quote, urlsplit
 
@@ -42,6 +43,8 @@ _HTTP_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION"
                 "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "PERMISSION_DENIED": 403,
                 "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429}
 CTX = "kelpie.dashboard"
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_TZ = re.compile(r"-?[0-9]{1,4}")
 
 
 class Context:
@@ -140,12 +143,14 @@ def _list_query(request, dlq):
                                      "limit", "tz") if q.get(k, "").strip()}
     if dlq:
         form.pop("state", None)
-    if "limit" in form and not form["limit"].isdigit():
+    # ASCII digits only (str.isdigit and int() take "²" and "٣"), and short
+    # enough for int(): the broker checks the range.
+    if "limit" in form and not _DIGITS.fullmatch(form["limit"]):
         raise web.HTTPBadRequest(text="limit must be a number")
-    try:
-        tz = int(form.get("tz", "0"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="tz must be minutes (getTimezoneOffset)") from None
+    tz = form.get("tz", "0")
+    if not _TZ.fullmatch(tz) or abs(int(tz)) > 1440:
+        raise web.HTTPBadRequest(text="tz must be minutes (getTimezoneOffset), -1440 to 1440")
+    tz = int(tz)
     query = {k: v for k, v in form.items() if k not in ("tz", "since", "until")}
     for k in ("since", "until"):
         if k in form:
