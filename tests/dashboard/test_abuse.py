@@ -2,7 +2,19 @@
 reading a live view, a broker that is stopped or killed under it. Against a
 real dashboard process and a real kelpied (conftest.py); every wait bounded."""
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
+
+import kelpie.testing
+
+from conftest import wait_for
 
 
 @pytest.mark.parametrize("path", [
@@ -40,3 +52,98 @@ def test_filters_a_browser_sends_still_work(dashboard):
         r = dashboard.get(path)
         assert r.status == 200, (path, r.status, r.body[:300])
         assert r.json()["jobs"] == []
+
+
+# -- viewers that stop reading ------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def flood_worker(tmp_path, broker):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([HERE, env.get("PYTHONPATH", "")])
+    log = open(os.path.join(str(tmp_path), "flood-worker.log"), "ab")
+    proc = kelpie.testing.spawn(
+        [sys.executable, "-m", "kelpie", "worker", "flood_app:worker", "--child",
+         "--backend", broker.backend, "--frontend", broker.frontend, "--grace", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=HERE)
+    log.close()
+    yield proc
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+
+def stalled_viewer(dashboard, path):
+    """A viewer that asks for ``path`` and never reads: its receive buffer is
+    as small as the kernel allows, so the server's writes block soon."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", dashboard.port))
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{dashboard.port}\r\n\r\n".encode())
+    return s
+
+
+def closed_by_server(s):
+    """True once the server closed or reset the connection: the socket's TCP
+    state, so the test need not read what the server sent before."""
+    state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    return state in (7, 8)  # TCP_CLOSE (reset), TCP_CLOSE_WAIT (FIN received)
+
+
+def test_a_viewer_that_stops_reading_a_jobs_output_is_dropped(client, flood_worker, dashboard):
+    # The job's events came from the WATCH into the client's queue as fast as
+    # the job wrote them, and the page's stream waited for the viewer: with a
+    # viewer that stopped reading they piled up in the dashboard without end
+    # (hundreds of MB in seconds at 12 MB/s of output).
+    job = client.submit(json.dumps({"seconds": 120, "every": 0.005}).encode(), queue="flood")
+    client.wait_state(job, ("leased",), timeout=30)
+    before = rss_kib(dashboard.proc.pid)
+    viewer = stalled_viewer(dashboard, f"/api/jobs/{job}/events")
+    try:
+        grew = 0
+        end = time.monotonic() + 12
+        while time.monotonic() < end:
+            grew = max(grew, rss_kib(dashboard.proc.pid) - before)
+            time.sleep(0.2)
+            if closed_by_server(viewer):
+                break
+        # Its backlog is bounded (a few MiB), then the viewer is dropped.
+        assert grew < 64 * 1024, f"the dashboard grew {grew} KiB for one stalled viewer"
+        wait_for(lambda: closed_by_server(viewer), timeout=30, what="the stalled viewer dropped")
+    finally:
+        viewer.close()
+    # The job still runs: it was the viewer that ended, not the job; a new
+    # viewer (a browser's EventSource reconnects by itself) follows it again.
+    assert client.job(job)["state"] == "leased"
+    events = dashboard.events(f"/api/jobs/{job}/events",
+                              lambda e, d: e == "job" and d["kind"] == "output", timeout=30)
+    assert events[0][0] == "record"
+
+
+def test_a_viewer_that_stops_reading_the_overview_is_dropped(client, dashboard):
+    # Each overview event waited for the viewer without a bound: a stalled
+    # viewer held its handler, its socket and up to 4 MiB of kernel buffer
+    # (autotuned) for as long as it stayed connected.
+    for i in range(150):
+        client.submit(b"{}", queue=f"abuse-queue-{i:03}")  # ~40 KiB overview events
+    wait_for(lambda: len(dashboard.json("/api/overview")["queues"]) >= 150, timeout=30,
+             what="150 queues in the overview")
+    viewer = stalled_viewer(dashboard, "/api/overview/events")
+    try:
+        # At a refresh of 0.2 s (conftest) its buffers fill in seconds; a
+        # send that waits 30 s drops it.
+        wait_for(lambda: closed_by_server(viewer), timeout=150,
+                 what="the stalled overview viewer dropped")
+        assert dashboard.get("/api/overview").status == 200
+    finally:
+        viewer.close()

@@ -13,6 +13,7 @@ carrying the CSRF token of the pages.
 """
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -21,6 +22,8 @@ import logging
 import os
 import re
 import secrets
+import socket
+import struct
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -43,6 +46,11 @@ _HTTP_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION"
                 "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "PERMISSION_DENIED": 403,
                 "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429}
 CTX = "kelpie.dashboard"
+# A live view's viewer is dropped when one event waits this long for it, or
+# when this many bytes of a job's events wait for it.
+SSE_SEND_TIMEOUT = 30.0
+SSE_BACKLOG = 4 << 20
+SSE_SNDBUF = 128 << 10
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _TZ = re.compile(r"-?[0-9]{1,4}")
 
@@ -204,12 +212,99 @@ async def _sse_start(request):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
+    # A fixed send buffer: autotuned, the kernel keeps up to 4 MiB (tcp_wmem)
+    # for a viewer that stopped reading before a write blocks, for each one,
+    # and at the overview's pace it takes ten minutes to notice.
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SNDBUF)
     await response.prepare(request)
     return response
 
 
+class _ViewerGone(Exception):
+    """The viewer of a live view left, or fell too far behind to keep."""
+
+
 async def _sse_send(response, event, data):
-    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    """One event; a viewer that takes none of it for ``SSE_SEND_TIMEOUT``
+    seconds (its buffers full: it stopped reading) is given up on."""
+    try:
+        await asyncio.wait_for(
+            response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()),
+            SSE_SEND_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise _ViewerGone(f"took no {event} event for {SSE_SEND_TIMEOUT:.0f} s") from None
+    except ConnectionResetError:
+        raise _ViewerGone("left") from None
+
+
+def _drop(request, why):
+    """Reset a live view's connection, unsent bytes and all: a close would
+    queue its FIN behind megabytes the viewer is not reading (and the kernel
+    would keep them for minutes). A browser's EventSource connects again by
+    itself."""
+    log.info("live view %s: viewer dropped (%s)", request.path, why)
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _relay(response, events):
+    """Sends a job's ``events`` as the viewer takes them. They arrive as fast
+    as the job writes: more than ``SSE_BACKLOG`` bytes of them waiting for
+    the viewer (it reads slower than the job writes, or not at all) ends the
+    watch and drops the viewer, so memory is bounded by viewers, not output."""
+    waiting = collections.deque()
+    size = 0
+    more = asyncio.Event()
+    ended = False
+
+    async def read():
+        nonlocal size, ended
+        try:
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    waiting.append(ev)
+                    size += len(ev.get("data") or "") + 256
+                    more.set()
+                    if size > SSE_BACKLOG:
+                        raise _ViewerGone(f"more than {SSE_BACKLOG >> 20} MiB of the job's "
+                                          "events behind")
+        finally:
+            ended = True
+            more.set()
+
+    async def write():
+        nonlocal size
+        while True:
+            while waiting:
+                ev = waiting.popleft()
+                size -= len(ev.get("data") or "") + 256
+                await _sse_send(response, "job", ev)
+            if ended:
+                return
+            await more.wait()
+            more.clear()
+
+    tasks = (asyncio.ensure_future(write()), asyncio.ensure_future(read()))
+    try:
+        # Both done (the job ended and the viewer has every event), or the
+        # first failure: the viewer's, the broker's or the backlog's.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def overview_events(request):
@@ -233,8 +328,10 @@ async def overview_events(request):
             first = False
             seq = sampler.seq
             await asyncio.wait_for(sampler.wait(seq), ctx.refresh * 10 + 10)
-    except (ConnectionResetError, asyncio.TimeoutError):
-        pass  # the viewer left, or the sampler stopped
+    except asyncio.TimeoutError:
+        pass  # the sampler stopped
+    except _ViewerGone as exc:
+        _drop(request, exc)
     return response
 
 
@@ -249,10 +346,8 @@ async def job_events(request):
         await _sse_send(response, "record", record)
         if record.get("state") not in _views.FINISHED:
             if broker.streams_events:
-                # aclosing: a viewer who leaves ends the WATCH at once.
-                async with contextlib.aclosing(broker.events(job_id)) as events:
-                    async for ev in events:
-                        await _sse_send(response, "job", ev)
+                # A viewer who leaves ends the WATCH at once.
+                await _relay(response, broker.events(job_id))
             else:
                 last = record
                 for _ in range(int(24 * 3600 / ctx.refresh)):
@@ -266,9 +361,12 @@ async def job_events(request):
         view = _views.job_detail(*await broker.job(job_id))
         await _sse_send(response, "end", view)
     except RpcError as exc:
-        await _sse_send(response, "broker-error", {"error": str(exc)})
-    except ConnectionResetError:
-        pass  # the viewer left (the watch ends with the generator)
+        try:
+            await _sse_send(response, "broker-error", {"error": str(exc)})
+        except _ViewerGone as gone:
+            _drop(request, gone)
+    except _ViewerGone as exc:
+        _drop(request, exc)
     return response
 
 
