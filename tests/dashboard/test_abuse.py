@@ -147,3 +147,28 @@ def test_a_viewer_that_stops_reading_the_overview_is_dropped(client, dashboard):
         assert dashboard.get("/api/overview").status == 200
     finally:
         viewer.close()
+
+
+# -- actions: tokens and redirects no page of the dashboard sends --------------------
+
+def test_a_token_that_is_not_ascii_is_refused_not_a_500(admin_dashboard):
+    # hmac.compare_digest raised TypeError on a str with non-ASCII characters.
+    d = admin_dashboard
+    for token in ("é", "\xff" * 43):
+        r = d.post("/api/dlq/purge", headers={"X-Kelpie-CSRF": token})
+        assert r.status == 403, (token, r.status, r.body)
+    r = d.post("/api/dlq/purge", {"csrf": "é"})
+    assert r.status == 403, (r.status, r.body)
+
+
+@pytest.mark.parametrize("next_", ["/\t/evil.example", "/\n/evil.example", "/\r\n/evil.example",
+                                   "/\x00/evil.example", " //evil.example", "/\\evil.example"])
+def test_next_with_a_control_character_does_not_redirect_off_site(admin_dashboard, next_):
+    # Browsers drop tabs and newlines from a URL, so "/<TAB>/evil.example"
+    # is "//evil.example", another site; the check looked at the raw text.
+    d = admin_dashboard
+    r = d.post("/api/dlq/purge", {"csrf": d.csrf(), "next": next_})
+    location = r.headers.get("location", "")
+    cleaned = "".join(c for c in location if c not in "\t\n\r")
+    assert r.status in (200, 303), (r.status, r.body)
+    assert not cleaned.startswith(("//", "/\\")) and "evil" not in location, (r.status, location)

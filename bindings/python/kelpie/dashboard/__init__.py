@@ -393,7 +393,9 @@ async def _check_post(request):
     form = await request.post() if request.content_type in (
         "application/x-www-form-urlencoded", "multipart/form-data") else {}
     token = request.headers.get("X-Kelpie-CSRF") or form.get("csrf") or ""
-    if not _same_origin(request) or not hmac.compare_digest(str(token), ctx.csrf):
+    # As bytes: compare_digest refuses a str with non-ASCII characters (500).
+    if not _same_origin(request) or not hmac.compare_digest(
+            str(token).encode("utf-8", "surrogateescape"), ctx.csrf.encode()):
         raise web.HTTPForbidden(text=json.dumps({"error": "cross-site request or missing "
                                                  "CSRF token", "status": 403}),
                                 content_type="application/json")
@@ -403,9 +405,11 @@ async def _check_post(request):
 def _done(request, form, answer):
     """A form goes back to its page (303); a script gets the JSON answer."""
     back = str(form.get("next") or "")
-    # Only a path of this site: not //host, nor /\host (browsers read it as //host).
-    if back.startswith("/") and back[1:2] not in ("/", "\\") and "\r" not in back \
-            and "\n" not in back:
+    # Only a path of this site: not //host, nor /\host (browsers read it as
+    # //host), nor with a control character (browsers drop tabs and newlines
+    # from a URL: "/<TAB>/host" is //host).
+    if back.startswith("/") and back[1:2] not in ("/", "\\") and \
+            not any(c < " " or c == "\x7f" for c in back):
         raise web.HTTPSeeOther(back)
     return web.json_response(answer)
 
