@@ -149,6 +149,37 @@ def test_a_viewer_that_stops_reading_the_overview_is_dropped(client, dashboard):
         viewer.close()
 
 
+def test_a_jobs_live_view_says_when_its_broker_stops_and_answers_again(client, broker,
+                                                                      flood_worker, dashboard):
+    # The WATCH waits out a stopped broker without a word: the overview said
+    # "unreachable", a job's page just stopped moving.
+    job = client.submit(json.dumps({"seconds": 60, "every": 0.5}).encode(), queue="flood")
+    client.wait_state(job, ("leased",), timeout=30)
+    stopped = []
+
+    def until(event, data):
+        if event == "job" and data["kind"] == "output" and not stopped:
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            stopped.append("stopped")
+        elif event == "broker" and stopped == ["stopped"]:
+            assert data["reachable"] is False and data["error"], data
+            os.kill(broker.proc.pid, signal.SIGCONT)
+            stopped.append("continued")
+        elif event == "broker":
+            assert data["reachable"] is True, data
+            return True
+        return False
+
+    try:
+        events = dashboard.events(f"/api/jobs/{job}/events", until, timeout=60)
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    assert stopped == ["stopped", "continued"], events
+    # A view of it goes on with its output.
+    assert dashboard.events(f"/api/jobs/{job}/events",
+                            lambda e, d: e == "job" and d["kind"] == "output", timeout=30)
+
+
 # -- actions: tokens and redirects no page of the dashboard sends --------------------
 
 def test_a_token_that_is_not_ascii_is_refused_not_a_500(admin_dashboard):

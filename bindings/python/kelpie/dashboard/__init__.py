@@ -256,23 +256,29 @@ def _drop(request, why):
     transport.abort()
 
 
-async def _relay(response, events):
+async def _relay(response, events, ctx, broker):
     """Sends a job's ``events`` as the viewer takes them. They arrive as fast
     as the job writes: more than ``SSE_BACKLOG`` bytes of them waiting for
     the viewer (it reads slower than the job writes, or not at all) ends the
-    watch and drops the viewer, so memory is bounded by viewers, not output."""
-    waiting = collections.deque()
+    watch and drops the viewer, so memory is bounded by viewers, not output.
+    While the job's broker does not answer the sampler (stopped, killed,
+    cut off) the viewer is told (``broker``), and again when it answers:
+    the watch itself waits for it silently."""
+    waiting = collections.deque()  # (event, data)
     size = 0
     more = asyncio.Event()
     ended = False
+
+    def cost(item):
+        return len(item[1].get("data") or "") + 256 if item[0] == "job" else 0
 
     async def read():
         nonlocal size, ended
         try:
             async with contextlib.aclosing(events):
                 async for ev in events:
-                    waiting.append(ev)
-                    size += len(ev.get("data") or "") + 256
+                    waiting.append(("job", ev))
+                    size += cost(waiting[-1])
                     more.set()
                     if size > SSE_BACKLOG:
                         raise _ViewerGone(f"more than {SSE_BACKLOG >> 20} MiB of the job's "
@@ -285,15 +291,29 @@ async def _relay(response, events):
         nonlocal size
         while True:
             while waiting:
-                ev = waiting.popleft()
-                size -= len(ev.get("data") or "") + 256
-                await _sse_send(response, "job", ev)
+                item = waiting.popleft()
+                size -= cost(item)
+                await _sse_send(response, *item)
             if ended:
                 return
             await more.wait()
             more.clear()
 
+    async def follow_broker():
+        down = False
+        while True:
+            await asyncio.sleep(ctx.refresh)
+            if (broker.frontend in ctx.fleet.down) == down:
+                continue
+            down = not down
+            answers = ctx.sampler.last[2] if ctx.sampler.last else ()
+            error = next((a.error for a in answers if a.frontend == broker.frontend), None)
+            waiting.append(("broker", {"frontend": broker.frontend, "reachable": not down,
+                                       "error": error if down else None}))
+            more.set()
+
     tasks = (asyncio.ensure_future(write()), asyncio.ensure_future(read()))
+    follower = asyncio.ensure_future(follow_broker())
     try:
         # Both done (the job ended and the viewer has every event), or the
         # first failure: the viewer's, the broker's or the backlog's.
@@ -302,9 +322,9 @@ async def _relay(response, events):
             if task.done() and task.exception() is not None:
                 raise task.exception()
     finally:
-        for task in tasks:
+        for task in (*tasks, follower):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, follower, return_exceptions=True)
 
 
 async def overview_events(request):
@@ -347,7 +367,7 @@ async def job_events(request):
         if record.get("state") not in _views.FINISHED:
             if broker.streams_events:
                 # A viewer who leaves ends the WATCH at once.
-                await _relay(response, broker.events(job_id))
+                await _relay(response, broker.events(job_id), ctx, broker)
             else:
                 last = record
                 for _ in range(int(24 * 3600 / ctx.refresh)):
