@@ -180,6 +180,31 @@ def test_a_jobs_live_view_says_when_its_broker_stops_and_answers_again(client, b
                             lambda e, d: e == "job" and d["kind"] == "output", timeout=30)
 
 
+def test_pages_say_when_the_broker_is_stopped_or_killed_and_recover(broker, dashboard):
+    # A guard (this passed when written): each request to a broker that does
+    # not answer ends at the client's liveness check, never hangs the page.
+    def health():
+        return dashboard.json("/api/overview")["brokers"][0]
+
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        down = wait_for(lambda: (lambda h: h if h["state"] == "unreachable" else None)(health()),
+                        timeout=30, what="the overview says unreachable")
+        assert "UNAVAILABLE" in down["error"], down
+        start = time.monotonic()
+        r = dashboard.get("/api/jobs")
+        assert r.status == 503 and time.monotonic() - start < 15, (r.status, r.body)
+        assert dashboard.get("/jobs").status == 503  # the HTML page says it too
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    wait_for(lambda: health()["state"] == "running", timeout=30, what="running again")
+    broker.proc.kill()
+    wait_for(lambda: health()["state"] == "unreachable", timeout=30, what="unreachable (killed)")
+    broker.restart()
+    wait_for(lambda: health()["state"] == "running", timeout=30, what="running after a restart")
+    assert dashboard.get("/api/jobs").status == 200
+
+
 # -- actions: tokens and redirects no page of the dashboard sends --------------------
 
 def test_a_token_that_is_not_ascii_is_refused_not_a_500(admin_dashboard):
