@@ -4,6 +4,7 @@ real dashboard process and a real kelpied (conftest.py); every wait bounded."""
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 import kelpie.testing
 
-from conftest import wait_for
+from conftest import Dashboard, wait_for
 
 
 @pytest.mark.parametrize("path", [
@@ -203,6 +204,32 @@ def test_pages_say_when_the_broker_is_stopped_or_killed_and_recover(broker, dash
     broker.restart()
     wait_for(lambda: health()["state"] == "running", timeout=30, what="running after a restart")
     assert dashboard.get("/api/jobs").status == 200
+
+
+def test_idle_connections_up_to_the_soft_fd_limit_leave_room_for_a_viewer(tmp_path, broker):
+    # aiohttp waits for a connection's first request without a deadline: 300
+    # connections that never send one, against the soft limit of open files
+    # a service gets (1024 under systemd; 256 here), left the dashboard no
+    # descriptor to accept with ("socket.accept() out of system resource")
+    # and every page timed out until they went away.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        d = Dashboard(tmp_path, broker.frontend, False, "asyncio")  # inherits 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", d.port), timeout=5))
+        r = d.request("GET", "/api/overview", timeout=10)
+        assert r.status == 200
+    finally:
+        for s in idle:
+            s.close()
+        d.stop()
 
 
 # -- actions: tokens and redirects no page of the dashboard sends --------------------

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import resource
 import secrets
 import socket
 import struct
@@ -548,6 +549,20 @@ def loopback(host):
         return False
 
 
+def raise_fd_limit():
+    """Raise the soft limit of open files to the hard one. Each connection is
+    a descriptor, and aiohttp waits for a connection's first request without
+    a deadline: at a service's usual soft limit (1024 under systemd) a
+    thousand connections that never ask leave none to accept a viewer with."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass  # e.g. a hard limit past the kernel's nr_open: keep the soft one
+
+
 def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), refresh=2.0,
           timeout=5.0, loop=None):
     """Run the dashboard until interrupted. On loopback it answers only
@@ -558,6 +573,7 @@ def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), ref
     allowed = None
     if loopback(host) or allow_hosts:
         allowed = {h.lower() for h in LOOPBACK_NAMES + tuple(allow_hosts)}
+    raise_fd_limit()
     app = make_app(frontend, admin=admin, allowed_hosts=allowed, refresh=refresh,
                    timeout=timeout)
     mode = "admin" if admin else "read-only"
