@@ -260,15 +260,22 @@ void kp_broker_self(struct kp_broker *b, const void *rid, size_t rid_len, kp_hea
         if (req->method[0] == 'S') {
             admin_stats_json(b, &j);
         } else {
-            /* The payload names the service; NUL-terminated copy, bounded. */
+            /* The payload names the service: a name with a NUL, too long
+             * or not UTF-8 is no service's (one cut to fit was another's)
+             * and would not go back as JSON text. */
             char name[256] = "";
             zmq_msg_t *p = b->in.nframes > 2 ? &b->in.frames[2] : NULL;
             size_t len = p ? zmq_msg_size(p) : 0;
-            if (len >= sizeof name)
-                len = sizeof name - 1;
             if (len)
-                memcpy(name, zmq_msg_data(p), len);
-            name[len] = '\0';
+                memcpy(name, zmq_msg_data(p), len < sizeof name ? len : sizeof name - 1);
+            if (len >= sizeof name || strlen(name) != len || !kp_wire_utf8_ok(name)) {
+                kp_json_fini(&j);
+                b->stats.broker_calls_invalid++;
+                kp_broker_send_error(b, b->frontend, rid, rid_len, req->request_id, KP_EINVAL,
+                                     "Health: the payload is a service name (UTF-8 without "
+                                     "NUL, at most 255 bytes)");
+                return;
+            }
             admin_health_json(b, name, &j);
         }
         zmq_msg_t payload;

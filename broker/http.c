@@ -18,6 +18,13 @@
 /* /healthz fails once the loop has not published for this long. */
 #define HTTP_STALE_MS 10000
 
+/* Connections in all, and from one address: one host that connects and
+ * never asks (or never reads) fills its own share, not the load balancer's
+ * or the scraper's. Idle connections are closed after HTTP_TIMEOUT_S. */
+#define HTTP_CONNECTIONS 64u
+#define HTTP_PER_ADDRESS 8u
+#define HTTP_TIMEOUT_S   10u
+
 struct kp_http {
     struct MHD_Daemon *daemon; /* its own thread */
     pthread_mutex_t lock;      /* guards the three fields below */
@@ -178,6 +185,23 @@ static enum MHD_Result http_handle(void *cls, struct MHD_Connection *conn, const
     return http_reply(conn, 404, text_type, nf, sizeof nf - 1);
 }
 
+/* libmicrohttpd's complaints (a connection refused at the limit, a
+ * malformed request) go through the broker's log: one format (JSON lines
+ * with --log-format json) and its per-call-site rate limit, since a client
+ * decides how many there are. */
+static void http_log(void *cls, const char *fmt, va_list ap)
+{
+    (void)cls;
+    char line[256];
+    int n = vsnprintf(line, sizeof line, fmt, ap);
+    if (n < 0)
+        return;
+    size_t len = strlen(line);
+    while (len && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+        line[--len] = '\0';
+    kp_log_warn("http: %s", line);
+}
+
 enum kp_err kp_http_new(const char *addr, struct kp_http **out, char *err, size_t errlen)
 {
     *out = NULL;
@@ -189,16 +213,21 @@ enum kp_err kp_http_new(const char *addr, struct kp_http **out, char *err, size_
     }
     struct kp_http *h = kp_calloc(1, sizeof *h);
     pthread_mutex_init(&h->lock, NULL);
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG;
+    /* epoll (MHD_USE_AUTO), not select(): a broker with a thousand peers
+     * connected accepts HTTP sockets past FD_SETSIZE, which select() closes. */
+    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ERROR_LOG;
     if (ss.ss_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     uint16_t port = ss.ss_family == AF_INET ? ntohs(((struct sockaddr_in *)&ss)->sin_port)
                                             : ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
     /* Few connections and a short timeout: a scraper or a probe, not a web
-     * server; a stuck client cannot hold the thread. */
-    h->daemon = MHD_start_daemon(flags, port, NULL, NULL, http_handle, h, MHD_OPTION_SOCK_ADDR,
-                                 (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT, 16u,
-                                 MHD_OPTION_CONNECTION_TIMEOUT, 10u, MHD_OPTION_END);
+     * server; a stuck client cannot hold the thread. The logger first: MHD
+     * prints its complaints about the options before it itself. */
+    h->daemon = MHD_start_daemon(
+        flags, port, NULL, NULL, http_handle, h, MHD_OPTION_EXTERNAL_LOGGER, http_log, NULL,
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss, MHD_OPTION_CONNECTION_LIMIT, HTTP_CONNECTIONS,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, HTTP_PER_ADDRESS, MHD_OPTION_CONNECTION_TIMEOUT,
+        HTTP_TIMEOUT_S, MHD_OPTION_END);
     if (h->daemon == NULL) {
         snprintf(err, errlen, "--http %s: cannot listen (address in use?)", addr);
         kp_http_destroy(&h);

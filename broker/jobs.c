@@ -2134,6 +2134,53 @@ static bool jobs_cancel_running(struct kp_broker *b, struct op *o)
     return true;
 }
 
+/* The metadata the job admin methods read, and the buffer each is read into.
+ * Each is text: a value with a NUL, that does not fit, or that is not UTF-8
+ * is refused, not read up to its NUL or cut to fit (PurgeDead with queue
+ * "q\0x" purged the dead jobs of "q"; a 300-byte queue meant its 255-byte
+ * prefix) nor handed to a store that refuses it with its own SQL error. */
+static const struct {
+    const char *key;
+    size_t cap;
+} admin_meta[] = {
+    {"id", 64},     {"queue", 256}, {"state", 256}, {"limit", 256},  {"key", JOBS_KEY_MAX + 1},
+    {"after", 256}, {"since", 256}, {"until", 256}, {"worker", 256},
+};
+
+/* The index in admin_meta of the first metadata of h whose value is not
+ * text that fits its buffer, or -1. */
+static int admin_meta_bad(const kp_header *h)
+{
+    for (size_t i = 0; i < h->n_metadata; i++) {
+        const Kelpie__V1__Header__MetadataEntry *e = h->metadata[i];
+        size_t k = 0;
+        while (k < sizeof admin_meta / sizeof admin_meta[0] &&
+               (e->key == NULL || strcmp(admin_meta[k].key, e->key) != 0))
+            k++;
+        if (k == sizeof admin_meta / sizeof admin_meta[0])
+            continue; /* not read: a client's own metadata passes */
+        size_t n = e->value.len;
+        if (n >= admin_meta[k].cap || (n && memchr(e->value.data, '\0', n)))
+            return (int)k;
+        char text[JOBS_KEY_MAX + 1];
+        if (n)
+            memcpy(text, e->value.data, n);
+        text[n] = '\0';
+        if (!kp_wire_utf8_ok(text))
+            return (int)k;
+    }
+    return -1;
+}
+
+/* Answers o INVALID_ARGUMENT with why, counts it and frees o. */
+static bool admin_invalid(struct kp_broker *b, struct op *o, const char *why)
+{
+    b->stats.broker_calls_invalid++;
+    op_error(b, o, KP_EINVAL, why);
+    op_free(o);
+    return true;
+}
+
 /* The admin methods of kelpie.broker that concern jobs (§11.5). */
 bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_header *h)
 {
@@ -2149,7 +2196,24 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         {"PurgeDead", OP_PURGE, KP_JOURNAL_DLQ_PURGE},
         {"CountJobs", OP_COUNT, KP_JOURNAL_COUNT},
     };
-    if (strcmp(h->method, "Drain") == 0) {
+    size_t m = 0;
+    while (m < sizeof methods / sizeof methods[0] && strcmp(methods[m].name, h->method) != 0)
+        m++;
+    bool drain = strcmp(h->method, "Drain") == 0;
+    if (m == sizeof methods / sizeof methods[0] && !drain)
+        return false;
+    b->stats.broker_calls++;
+    int bad = admin_meta_bad(h);
+    if (bad >= 0) {
+        char why[160];
+        snprintf(why, sizeof why,
+                 "metadata '%s' is not text (UTF-8 without NUL, at most %zu bytes)",
+                 admin_meta[bad].key, admin_meta[bad].cap - 1);
+        b->stats.broker_calls_invalid++;
+        kp_broker_send_error(b, b->frontend, rid, rid_len, h->request_id, KP_EINVAL, why);
+        return true;
+    }
+    if (drain) {
         char name[256];
         meta_str(h, "worker", name, sizeof name);
         size_t pos = 0, n = 0;
@@ -2174,28 +2238,16 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         kp_json_fini(&j);
         return true;
     }
-    size_t m = 0;
-    while (m < sizeof methods / sizeof methods[0] && strcmp(methods[m].name, h->method) != 0)
-        m++;
-    if (m == sizeof methods / sizeof methods[0])
-        return false;
-    b->stats.broker_calls++;
     struct op *o = op_new(methods[m].kind, methods[m].jop);
     o->has_peer = true;
     rid_set(&o->rid, rid, rid_len);
     o->request_id = h->request_id;
     char idbuf[64], buf[256];
     bool has_id = meta_str(h, "id", idbuf, sizeof idbuf);
-    if (has_id && !kp_job_id_parse(idbuf, &o->id)) {
-        op_error(b, o, KP_EINVAL, "id is not a job id (26 characters)");
-        op_free(o);
-        return true;
-    }
-    if ((o->kind == OP_GETJOB || o->kind == OP_CANCEL) && !has_id) {
-        op_error(b, o, KP_EINVAL, "metadata 'id' is required");
-        op_free(o);
-        return true;
-    }
+    if (has_id && !kp_job_id_parse(idbuf, &o->id))
+        return admin_invalid(b, o, "id is not a job id (26 characters)");
+    if ((o->kind == OP_GETJOB || o->kind == OP_CANCEL) && !has_id)
+        return admin_invalid(b, o, "metadata 'id' is required");
     o->req->in.id = o->id;
     o->req->in.has_id = has_id;
     if (meta_str(h, "queue", buf, sizeof buf))
@@ -2210,13 +2262,10 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
             }
             if (state < 0 && strcmp(buf, "running") == 0)
                 state = KP_JOB_LEASED;
-            if (state < 0) {
-                op_error(b, o, KP_EINVAL,
-                         "unknown state (scheduled, queued, leased, succeeded, "
-                         "dead, cancelled)");
-                op_free(o);
-                return true;
-            }
+            if (state < 0)
+                return admin_invalid(b, o,
+                                     "unknown state (scheduled, queued, leased, succeeded, "
+                                     "dead, cancelled)");
         }
         size_t limit = 100;
         if (meta_str(h, "limit", buf, sizeof buf)) {
@@ -2225,11 +2274,8 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
             char *end;
             errno = 0;
             unsigned long long v = strtoull(buf, &end, 10);
-            if (buf[0] < '0' || buf[0] > '9' || *end != '\0' || errno) {
-                op_error(b, o, KP_EINVAL, "limit is not a count of jobs (1 to 1000)");
-                op_free(o);
-                return true;
-            }
+            if (buf[0] < '0' || buf[0] > '9' || *end != '\0' || errno)
+                return admin_invalid(b, o, "limit is not a count of jobs (1 to 1000)");
             limit = v == 0 || v > JOBS_LIST_MAX ? JOBS_LIST_MAX : (size_t)v;
         }
         char key[JOBS_KEY_MAX + 1];
@@ -2238,28 +2284,19 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
         o->req->in.filter = (struct kp_job_filter){
             .state = state, .queue = o->queue, .after = NULL, .limit = limit, .key = o->key};
         if (meta_str(h, "after", buf, sizeof buf)) {
-            if (!kp_job_id_parse(buf, &o->id)) {
-                op_error(b, o, KP_EINVAL, "after is not a job id");
-                op_free(o);
-                return true;
-            }
+            if (!kp_job_id_parse(buf, &o->id))
+                return admin_invalid(b, o, "after is not a job id");
             o->req->in.filter.after = &o->id;
         }
         /* A creation-time range is a range of ids (ULIDs start with their
          * millisecond): since moves the cursor, until cuts the page. */
         uint64_t since = 0, until = 0;
         bool has_since = meta_str(h, "since", buf, sizeof buf);
-        if (has_since && !parse_ms(buf, &since)) {
-            op_error(b, o, KP_EINVAL, "since is not milliseconds since the epoch");
-            op_free(o);
-            return true;
-        }
+        if (has_since && !parse_ms(buf, &since))
+            return admin_invalid(b, o, "since is not milliseconds since the epoch");
         if (meta_str(h, "until", buf, sizeof buf)) {
-            if (!parse_ms(buf, &until)) {
-                op_error(b, o, KP_EINVAL, "until is not milliseconds since the epoch");
-                op_free(o);
-                return true;
-            }
+            if (!parse_ms(buf, &until))
+                return admin_invalid(b, o, "until is not milliseconds since the epoch");
             kp_job_id_bound(until, false, &o->until);
             o->has_until = true;
         }

@@ -66,6 +66,7 @@
     XX(heartbeats_sent)           /* HEARTBEATs sent */                                            \
     XX(heartbeats_received)       /* HEARTBEATs received */                                        \
     XX(broker_calls)              /* calls to kelpie.broker */                                     \
+    XX(broker_calls_invalid)      /* kelpie.broker job calls refused: bad metadata */              \
     XX(shutdown_rejected)         /* REQUESTs refused while shutting down */                       \
     XX(auth_accepted)             /* CURVE handshakes ZAP accepted */                              \
     XX(auth_denied_unknown)       /* handshakes refused: key on no allow-list of that socket */    \

@@ -61,8 +61,7 @@ void kp_arena_fini(struct kp_arena *a)
     a->size = 0;
 }
 
-/* Is s valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF)? */
-static bool wire_utf8_ok(const char *s)
+bool kp_wire_utf8_ok(const char *s)
 {
     const unsigned char *p = (const unsigned char *)s;
     while (*p) {
@@ -131,7 +130,7 @@ static bool wire_message_ok(const ProtobufCMessage *m, int depth)
         for (size_t k = 0; k < n; k++) {
             if (items[k] == NULL)
                 continue;
-            bool ok = f->type == PROTOBUF_C_TYPE_STRING ? wire_utf8_ok(items[k])
+            bool ok = f->type == PROTOBUF_C_TYPE_STRING ? kp_wire_utf8_ok(items[k])
                                                         : wire_message_ok(items[k], depth + 1);
             if (!ok)
                 return false;
@@ -412,11 +411,11 @@ static bool wire_fast_strings_ok(const kp_header *h)
     const char *s[] = {h->service, h->method,          h->message, h->name,
                        h->job_id,  h->idempotency_key, h->stream};
     for (size_t i = 0; i < sizeof s / sizeof *s; i++) {
-        if (!wire_utf8_ok(s[i]))
+        if (!kp_wire_utf8_ok(s[i]))
             return false;
     }
     for (size_t i = 0; i < h->n_metadata; i++) {
-        if (!wire_utf8_ok(h->metadata[i]->key))
+        if (!kp_wire_utf8_ok(h->metadata[i]->key))
             return false;
     }
     return true;

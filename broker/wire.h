@@ -123,6 +123,9 @@ enum kp_err kp_wire_parse(struct kp_arena *a, const void *data, size_t len, size
 /* Returns true if kind is a kind of KLP/1 (§4). */
 bool kp_wire_kind_known(uint32_t kind);
 
+/* Is s valid UTF-8 (no overlong forms, no surrogates, at most U+10FFFF)? */
+bool kp_wire_utf8_ok(const char *s);
+
 /* Returns the kind's name ("REQUEST", ...) or "UNKNOWN". */
 const char *kp_wire_kind_name(uint32_t kind);
 

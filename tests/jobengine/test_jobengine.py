@@ -186,6 +186,53 @@ def test_list_jobs_refuses_a_limit_that_is_not_a_count(client):
     assert client.admin("ListJobs", limit="5000")[0]["jobs"][0]["id"] == job  # capped
 
 
+def admin_raw(client, method, **meta):
+    """A kelpie.broker call with metadata values sent as given (bytes)."""
+    rid = client.send(kind=K.REQUEST, service="kelpie.broker", method=method, metadata=meta)
+    return client.expect(rid)
+
+
+def test_admin_metadata_that_is_not_text_is_refused_not_cut(client, workers):
+    """The job admin methods copied a metadata value up to its first NUL and
+    its first 255 bytes: PurgeDead with queue "q\\0x" purged the dead jobs
+    of "q", a 300-byte name acted on its 255-byte prefix, "dead\\0" was the
+    state dead; bytes not UTF-8 went on to the store (PostgreSQL answered
+    with its SQL error and the database's path). Now each is refused
+    (INVALID_ARGUMENT naming the field) and counted."""
+    workers.start()
+    dead = client.submit(spec(fail="bad input", code=pb.INVALID_ARGUMENT), max_attempts=1)
+    assert client.result(dead)[0].code == pb.ABORTED
+    long_queue = "p" * 255
+    before = client.admin("Stats")[0].get("broker_calls_invalid", 0)
+    bad = [("PurgeDead", {"queue": b"q\0x"}), ("RetryDead", {"queue": b"q\0x"}),
+           ("ListJobs", {"queue": b"q\0x"}), ("CountJobs", {"queue": b"q\0x"}),
+           ("ListJobs", {"state": b"dead\0"}), ("ListJobs", {"key": b"k\0"}),
+           ("PurgeDead", {"queue": long_queue.encode() + b"x" * 45}),
+           ("ListJobs", {"queue": b"\xff\xfe"}), ("ListJobs", {"key": b"\xc3("}),
+           ("CountJobs", {"queue": b"\xed\xa0\x80"}),
+           ("GetJob", {"id": dead.encode() + b"\0junk"}),
+           ("Drain", {"worker": b"w\0x"})]
+    for method, meta in bad:
+        h, _ = admin_raw(client, method, **meta)
+        assert (K.Name(h.kind), h.code) == ("ERROR", pb.INVALID_ARGUMENT), (method, meta, h)
+        name = next(iter(meta))
+        assert f"'{name}'" in h.message and "postgresql" not in h.message, h.message
+    # Health's payload is a service name: echoed back as JSON text.
+    for name in (b"\xff\xfe", b"svc\0x", b"s" * 300):
+        rid = client.send(name, kind=K.REQUEST, service="kelpie.broker", method="Health")
+        h, _ = client.expect(rid)
+        assert (K.Name(h.kind), h.code) == ("ERROR", pb.INVALID_ARGUMENT), (name, h)
+        assert "service name" in h.message, h.message
+    rid = client.send("é".encode(), kind=K.REQUEST, service="kelpie.broker", method="Health")
+    h, p = client.expect(rid)
+    assert json.loads(p[0]) == {"service": "é", "status": "SERVICE_UNKNOWN", "workers": 0,
+                                "capacity": 0}
+    assert client.admin("Stats")[0]["broker_calls_invalid"] - before == len(bad) + 3
+    # Nothing was acted on: the dead job is still there, and a good call works.
+    assert client.admin("ListJobs", queue="q", state="dead")[0]["jobs"][0]["id"] == dead
+    assert client.admin("PurgeDead", queue="q")[0]["count"] == 1
+
+
 def test_a_nul_in_a_name_is_refused_not_cut(client):
     """A C decoder ends a string at its NUL: "k\\0a" and "k\\0b" were one
     idempotency key (the second SUBMIT answered with the first's job, its

@@ -13,13 +13,18 @@ carrying the CSRF token of the pages.
 """
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import re
+import resource
 import secrets
+import socket
+import struct
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -42,6 +47,13 @@ _HTTP_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION"
                 "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "PERMISSION_DENIED": 403,
                 "UNAUTHENTICATED": 401, "RESOURCE_EXHAUSTED": 429}
 CTX = "kelpie.dashboard"
+# A live view's viewer is dropped when one event waits this long for it, or
+# when this many bytes of a job's events wait for it.
+SSE_SEND_TIMEOUT = 30.0
+SSE_BACKLOG = 4 << 20
+SSE_SNDBUF = 128 << 10
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_TZ = re.compile(r"-?[0-9]{1,4}")
 
 
 class Context:
@@ -140,12 +152,14 @@ def _list_query(request, dlq):
                                      "limit", "tz") if q.get(k, "").strip()}
     if dlq:
         form.pop("state", None)
-    if "limit" in form and not form["limit"].isdigit():
+    # ASCII digits only (str.isdigit and int() take "²" and "٣"), and short
+    # enough for int(): the broker checks the range.
+    if "limit" in form and not _DIGITS.fullmatch(form["limit"]):
         raise web.HTTPBadRequest(text="limit must be a number")
-    try:
-        tz = int(form.get("tz", "0"))
-    except ValueError:
-        raise web.HTTPBadRequest(text="tz must be minutes (getTimezoneOffset)") from None
+    tz = form.get("tz", "0")
+    if not _TZ.fullmatch(tz) or abs(int(tz)) > 1440:
+        raise web.HTTPBadRequest(text="tz must be minutes (getTimezoneOffset), -1440 to 1440")
+    tz = int(tz)
     query = {k: v for k, v in form.items() if k not in ("tz", "since", "until")}
     for k in ("since", "until"):
         if k in form:
@@ -199,12 +213,119 @@ async def _sse_start(request):
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
+    # A fixed send buffer: autotuned, the kernel keeps up to 4 MiB (tcp_wmem)
+    # for a viewer that stopped reading before a write blocks, for each one,
+    # and at the overview's pace it takes ten minutes to notice.
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SSE_SNDBUF)
     await response.prepare(request)
     return response
 
 
+class _ViewerGone(Exception):
+    """The viewer of a live view left, or fell too far behind to keep."""
+
+
 async def _sse_send(response, event, data):
-    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+    """One event; a viewer that takes none of it for ``SSE_SEND_TIMEOUT``
+    seconds (its buffers full: it stopped reading) is given up on."""
+    try:
+        await asyncio.wait_for(
+            response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()),
+            SSE_SEND_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise _ViewerGone(f"took no {event} event for {SSE_SEND_TIMEOUT:.0f} s") from None
+    except ConnectionResetError:
+        raise _ViewerGone("left") from None
+
+
+def _drop(request, why):
+    """Reset a live view's connection, unsent bytes and all: a close would
+    queue its FIN behind megabytes the viewer is not reading (and the kernel
+    would keep them for minutes). A browser's EventSource connects again by
+    itself."""
+    log.info("live view %s: viewer dropped (%s)", request.path, why)
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+async def _relay(response, events, ctx, broker):
+    """Sends a job's ``events`` as the viewer takes them. They arrive as fast
+    as the job writes: more than ``SSE_BACKLOG`` bytes of them waiting for
+    the viewer (it reads slower than the job writes, or not at all) ends the
+    watch and drops the viewer, so memory is bounded by viewers, not output.
+    While the job's broker does not answer the sampler (stopped, killed,
+    cut off) the viewer is told (``broker``), and again when it answers:
+    the watch itself waits for it silently."""
+    waiting = collections.deque()  # (event, data)
+    size = 0
+    more = asyncio.Event()
+    ended = False
+
+    def cost(item):
+        return len(item[1].get("data") or "") + 256 if item[0] == "job" else 0
+
+    async def read():
+        nonlocal size, ended
+        try:
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    waiting.append(("job", ev))
+                    size += cost(waiting[-1])
+                    more.set()
+                    if size > SSE_BACKLOG:
+                        raise _ViewerGone(f"more than {SSE_BACKLOG >> 20} MiB of the job's "
+                                          "events behind")
+        finally:
+            ended = True
+            more.set()
+
+    async def write():
+        nonlocal size
+        while True:
+            while waiting:
+                item = waiting.popleft()
+                size -= cost(item)
+                await _sse_send(response, *item)
+            if ended:
+                return
+            await more.wait()
+            more.clear()
+
+    async def follow_broker():
+        down = False
+        while True:
+            await asyncio.sleep(ctx.refresh)
+            if (broker.frontend in ctx.fleet.down) == down:
+                continue
+            down = not down
+            answers = ctx.sampler.last[2] if ctx.sampler.last else ()
+            error = next((a.error for a in answers if a.frontend == broker.frontend), None)
+            waiting.append(("broker", {"frontend": broker.frontend, "reachable": not down,
+                                       "error": error if down else None}))
+            more.set()
+
+    tasks = (asyncio.ensure_future(write()), asyncio.ensure_future(read()))
+    follower = asyncio.ensure_future(follow_broker())
+    try:
+        # Both done (the job ended and the viewer has every event), or the
+        # first failure: the viewer's, the broker's or the backlog's.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in (*tasks, follower):
+            task.cancel()
+        await asyncio.gather(*tasks, follower, return_exceptions=True)
 
 
 async def overview_events(request):
@@ -228,8 +349,10 @@ async def overview_events(request):
             first = False
             seq = sampler.seq
             await asyncio.wait_for(sampler.wait(seq), ctx.refresh * 10 + 10)
-    except (ConnectionResetError, asyncio.TimeoutError):
-        pass  # the viewer left, or the sampler stopped
+    except asyncio.TimeoutError:
+        pass  # the sampler stopped
+    except _ViewerGone as exc:
+        _drop(request, exc)
     return response
 
 
@@ -244,10 +367,8 @@ async def job_events(request):
         await _sse_send(response, "record", record)
         if record.get("state") not in _views.FINISHED:
             if broker.streams_events:
-                # aclosing: a viewer who leaves ends the WATCH at once.
-                async with contextlib.aclosing(broker.events(job_id)) as events:
-                    async for ev in events:
-                        await _sse_send(response, "job", ev)
+                # A viewer who leaves ends the WATCH at once.
+                await _relay(response, broker.events(job_id), ctx, broker)
             else:
                 last = record
                 for _ in range(int(24 * 3600 / ctx.refresh)):
@@ -261,9 +382,12 @@ async def job_events(request):
         view = _views.job_detail(*await broker.job(job_id))
         await _sse_send(response, "end", view)
     except RpcError as exc:
-        await _sse_send(response, "broker-error", {"error": str(exc)})
-    except ConnectionResetError:
-        pass  # the viewer left (the watch ends with the generator)
+        try:
+            await _sse_send(response, "broker-error", {"error": str(exc)})
+        except _ViewerGone as gone:
+            _drop(request, gone)
+    except _ViewerGone as exc:
+        _drop(request, exc)
     return response
 
 
@@ -290,7 +414,9 @@ async def _check_post(request):
     form = await request.post() if request.content_type in (
         "application/x-www-form-urlencoded", "multipart/form-data") else {}
     token = request.headers.get("X-Kelpie-CSRF") or form.get("csrf") or ""
-    if not _same_origin(request) or not hmac.compare_digest(str(token), ctx.csrf):
+    # As bytes: compare_digest refuses a str with non-ASCII characters (500).
+    if not _same_origin(request) or not hmac.compare_digest(
+            str(token).encode("utf-8", "surrogateescape"), ctx.csrf.encode()):
         raise web.HTTPForbidden(text=json.dumps({"error": "cross-site request or missing "
                                                  "CSRF token", "status": 403}),
                                 content_type="application/json")
@@ -300,9 +426,11 @@ async def _check_post(request):
 def _done(request, form, answer):
     """A form goes back to its page (303); a script gets the JSON answer."""
     back = str(form.get("next") or "")
-    # Only a path of this site: not //host, nor /\host (browsers read it as //host).
-    if back.startswith("/") and back[1:2] not in ("/", "\\") and "\r" not in back \
-            and "\n" not in back:
+    # Only a path of this site: not //host, nor /\host (browsers read it as
+    # //host), nor with a control character (browsers drop tabs and newlines
+    # from a URL: "/<TAB>/host" is //host).
+    if back.startswith("/") and back[1:2] not in ("/", "\\") and \
+            not any(c < " " or c == "\x7f" for c in back):
         raise web.HTTPSeeOther(back)
     return web.json_response(answer)
 
@@ -421,6 +549,20 @@ def loopback(host):
         return False
 
 
+def raise_fd_limit():
+    """Raise the soft limit of open files to the hard one. Each connection is
+    a descriptor, and aiohttp waits for a connection's first request without
+    a deadline: at a service's usual soft limit (1024 under systemd) a
+    thousand connections that never ask leave none to accept a viewer with."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass  # e.g. a hard limit past the kernel's nr_open: keep the soft one
+
+
 def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), refresh=2.0,
           timeout=5.0, loop=None):
     """Run the dashboard until interrupted. On loopback it answers only
@@ -431,6 +573,7 @@ def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), ref
     allowed = None
     if loopback(host) or allow_hosts:
         allowed = {h.lower() for h in LOOPBACK_NAMES + tuple(allow_hosts)}
+    raise_fd_limit()
     app = make_app(frontend, admin=admin, allowed_hosts=allowed, refresh=refresh,
                    timeout=timeout)
     mode = "admin" if admin else "read-only"

@@ -164,9 +164,13 @@ def parse_time(text, tz_minutes=0):
     or date-time without a zone is in the viewer's zone (``tz_minutes``, as
     JavaScript's getTimezoneOffset: UTC minus local), UTC when not known."""
     text = text.strip()
-    if text.isdigit():
-        return int(text)
+    if text.isascii() and text.isdigit():
+        return int(text)  # ValueError past int()'s 4,300 digits
     t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=datetime.timezone.utc) + datetime.timedelta(minutes=tz_minutes)
-    return int(t.timestamp() * 1000)
+    try:
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=datetime.timezone.utc) + datetime.timedelta(minutes=tz_minutes)
+        return int(t.timestamp() * 1000)
+    except OverflowError:
+        # The zone took the date past year 1 or 9999.
+        raise ValueError(f"{text!r} in zone {tz_minutes} is out of range") from None

@@ -139,7 +139,16 @@
     var streamed = false;
     var es = new EventSource(url);
     function setState(s) { if (state && s) { state.textContent = s; state.className = "state state-" + s; } }
-    es.addEventListener("record", function (e) { setState(JSON.parse(e.data).state); });
+    es.addEventListener("record", function (e) {
+      setState(JSON.parse(e.data).state);
+      // Each (re)connection replays the job's kept output from its start.
+      streamed = false;
+    });
+    es.addEventListener("broker", function (e) {
+      var b = JSON.parse(e.data);
+      text.textContent = b.reachable ? "broker " + b.frontend + " answers again"
+        : "broker " + b.frontend + " unreachable: " + (b.error || "no answer");
+    });
     es.addEventListener("job", function (e) {
       var ev = JSON.parse(e.data);
       if (ev.kind === "output") {
