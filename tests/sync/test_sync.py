@@ -4,6 +4,7 @@ deadlines, errors, metadata, streams, stubs, broker restarts."""
 import asyncio
 import gc
 import os
+import re
 import signal
 import threading
 import time
@@ -269,6 +270,28 @@ def test_deadline_holds_against_a_stopped_broker(kelpied):
                 assert took < 3.0, (what, took)  # 5.0 before
     finally:
         os.kill(kelpied.proc.pid, signal.SIGCONT)
+
+
+def test_a_stopped_broker_is_judged_from_the_connect(kelpied):
+    """The same stopped kelpied, a client with the defaults (heartbeat 1 s,
+    liveness 3, a deadline longer than that): the first wait judged silence
+    from its own start, after the handshake's 5 s, so the call failed after
+    8 s saying the broker "did not answer for 3.1 s". The handshake is now
+    waited for no longer than the liveness window and the first wait counts
+    from the connect: the call fails after one window and a tick, and says
+    how long it was."""
+    os.kill(kelpied.proc.pid, signal.SIGSTOP)
+    try:
+        with kelpie.sync.Client(kelpied.frontend) as client:
+            start = time.monotonic()
+            with pytest.raises(kelpie.Unavailable) as caught:
+                client.call("t", "Echo", b"x")
+            took = time.monotonic() - start
+    finally:
+        os.kill(kelpied.proc.pid, signal.SIGCONT)
+    said = float(re.search(r"did not answer for ([0-9.]+) s", str(caught.value)).group(1))
+    assert took < 6.0, took  # 8.05 before
+    assert said >= took - 0.5, (said, took)
 
 
 def test_status_codes_and_exceptions(served, transport):

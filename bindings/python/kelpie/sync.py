@@ -118,7 +118,7 @@ class _Conn(_core.Conn):
     protocol state (request ids, limits, liveness) of kelpie._core."""
 
     __slots__ = ("sock", "streams", "cancels", "dead", "owner", "lost_before", "read_before",
-                 "refused", "_finalizer", "__weakref__")
+                 "refused", "connected_at", "_finalizer", "__weakref__")
 
     def __init__(self, client, deadline=None):
         _core.Conn.__init__(self, client.heartbeat, client.liveness, _monotonic())
@@ -128,12 +128,18 @@ class _Conn(_core.Conn):
         # deadlines; never block a send on the socket's high-water mark.
         sock.setsockopt(_zmq.SNDHWM, 0)
         sock.setsockopt(_zmq.RCVHWM, 0)
+        # The first wait judges the broker's silence from here: a handshake
+        # it never answered was already part of it.
+        self.connected_at = _monotonic()
         handshake = _security.connect(sock, client.frontend, "client", client._keys)
+        # A broker that is stopped (SIGSTOP, swapped out) accepts the TCP
+        # connection and says nothing: the handshake's outcome must not hold
+        # the first call past its own deadline, nor past the liveness window
+        # the watch gives a silent broker.
         if deadline is not None:
-            # A broker that is stopped (SIGSTOP, swapped out) accepts the TCP
-            # connection and says nothing: the handshake's outcome must not
-            # hold the first call past its own deadline.
             handshake.timeout = max(0.0, min(handshake.timeout, deadline - _monotonic()))
+        if client.heartbeat:
+            handshake.timeout = min(handshake.timeout, client.heartbeat * client.liveness)
         try:
             handshake.wait(client._context, _zmq.BlockingSocket, _zmq.Timeout)
         except BaseException:
@@ -246,9 +252,11 @@ class _Conn(_core.Conn):
         sock = self.sock
         heartbeat = client.heartbeat
         watch = self.watch
-        # Silence is judged from the start of this wait: an idle thread's
-        # socket hears nothing, and that says nothing about the broker.
-        watch.heard(_monotonic())
+        # Silence is judged from the start of this wait (an idle thread's
+        # socket hears nothing, and that says nothing about the broker), or
+        # from the connect for the connection's first.
+        since, self.connected_at = self.connected_at, None
+        watch.heard(since if since is not None else _monotonic())
         while True:
             if deadline is None:
                 wait = heartbeat or None
