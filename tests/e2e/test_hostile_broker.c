@@ -76,6 +76,30 @@ static const uint8_t ZSTD_CORRUPT[] = {0x28, 0xb5, 0x2f, 0xfd, 0x20, 100, 0x07,
 /* Bytes that do not decode as a header (a tag no protobuf message has). */
 #define GARBAGE "\xff\xff\xff\xff not a header"
 
+/* n metadata entries, "k0" to "k<n-1>", each with its key as its value, in
+ * one allocation the caller frees: the pointers Header.metadata takes, then
+ * the entries, then the keys. A key has room for any size_t ("k", 20 digits
+ * and the NUL), so gcc's format-truncation check cannot fire whatever n is. */
+typedef char md_key[24];
+
+static Kelpie__V1__Header__MetadataEntry **many_md(size_t n)
+{
+    Kelpie__V1__Header__MetadataEntry **md =
+        malloc(n * (sizeof *md + sizeof **md + sizeof(md_key)));
+    cr_assert_not_null(md);
+    Kelpie__V1__Header__MetadataEntry *entries = (Kelpie__V1__Header__MetadataEntry *)(md + n);
+    md_key *keys = (md_key *)(entries + n);
+    for (size_t i = 0; i < n; i++) {
+        kelpie__v1__header__metadata_entry__init(&entries[i]);
+        snprintf(keys[i], sizeof keys[i], "k%zu", i);
+        entries[i].key = keys[i];
+        entries[i].value.data = (uint8_t *)keys[i];
+        entries[i].value.len = strlen(keys[i]);
+        md[i] = &entries[i];
+    }
+    return md;
+}
+
 /* --- client -------------------------------------------------------------- */
 
 /* A client on f with liveness off (the fake does not answer pings), its
@@ -233,18 +257,7 @@ Test(hostile_broker, client_takes_megabyte_strings_and_100k_metadata)
     char *services[] = {s};
     h.services = h.methods = h.queues = services;
     h.n_services = h.n_methods = h.n_queues = 1;
-    Kelpie__V1__Header__MetadataEntry *entries = calloc(N_MD, sizeof *entries);
-    Kelpie__V1__Header__MetadataEntry **md = calloc(N_MD, sizeof *md);
-    char(*keys)[16] = calloc(N_MD, sizeof *keys);
-    cr_assert(entries && md && keys);
-    for (size_t i = 0; i < N_MD; i++) {
-        kelpie__v1__header__metadata_entry__init(&entries[i]);
-        snprintf(keys[i], sizeof keys[i], "k%zu", i);
-        entries[i].key = keys[i];
-        entries[i].value.data = (uint8_t *)keys[i];
-        entries[i].value.len = strlen(keys[i]);
-        md[i] = &entries[i];
-    }
+    Kelpie__V1__Header__MetadataEntry **md = many_md(N_MD);
     h.metadata = md;
     h.n_metadata = N_MD;
     fake_send(&f, &h, NULL, 0);
@@ -261,9 +274,7 @@ Test(hostile_broker, client_takes_megabyte_strings_and_100k_metadata)
     const char *v = kelpie_reply_metadata(&r, "k99999", &vlen);
     cr_assert(v && vlen == 6 && memcmp(v, "k99999", 6) == 0);
     kelpie_reply_fini(&r);
-    free(entries);
     free(md);
-    free(keys);
     free(s);
 
     /* Still talking. */
@@ -793,18 +804,7 @@ Test(hostile_broker, worker_takes_megabyte_strings_and_100k_metadata)
     char *s = big_string(MIB, 'm');
     Kelpie__V1__Header req = request(7, s);
     req.message = req.name = req.idempotency_key = req.stream = s;
-    Kelpie__V1__Header__MetadataEntry *entries = calloc(N_MD, sizeof *entries);
-    Kelpie__V1__Header__MetadataEntry **md = calloc(N_MD, sizeof *md);
-    char(*keys)[16] = calloc(N_MD, sizeof *keys);
-    cr_assert(entries && md && keys);
-    for (size_t i = 0; i < N_MD; i++) {
-        kelpie__v1__header__metadata_entry__init(&entries[i]);
-        snprintf(keys[i], sizeof keys[i], "k%zu", i);
-        entries[i].key = keys[i];
-        entries[i].value.data = (uint8_t *)keys[i];
-        entries[i].value.len = strlen(keys[i]);
-        md[i] = &entries[i];
-    }
+    Kelpie__V1__Header__MetadataEntry **md = many_md(N_MD);
     req.metadata = md;
     req.n_metadata = N_MD;
     fake_send(&f, &req, "big", 3);
@@ -823,9 +823,7 @@ Test(hostile_broker, worker_takes_megabyte_strings_and_100k_metadata)
     cr_assert_eq(a->kind, KELPIE__V1__KIND__ERROR);
     cr_assert_eq(a->code, KELPIE__V1__CODE__UNIMPLEMENTED);
     kelpie__v1__header__free_unpacked(a, NULL);
-    free(entries);
     free(md);
-    free(keys);
     free(s);
     worker_off(&r);
     fake_close(&f);
