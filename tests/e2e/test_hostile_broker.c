@@ -1151,6 +1151,27 @@ static void *timed_call_thread(void *arg)
     return NULL;
 }
 
+/* The flood: 40,000 HEARTBEATs naming broker_id 1 and 2 in turn. */
+static void flood_new_broker_ids(fake *f)
+{
+    Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
+    hb.kind = KELPIE__V1__KIND__HEARTBEAT;
+    hb.request_id = 1;
+    for (int k = 0; k < 40000; k++) {
+        hb.broker_id = 1 + (uint64_t)(k % 2);
+        fake_send(f, &hb, NULL, 0);
+    }
+}
+
+static timed_call timed_run(kelpie_client *c, int mode)
+{
+    timed_call s = {.c = c, .mode = mode};
+    pthread_t t;
+    pthread_create(&t, NULL, timed_call_thread, &s);
+    pthread_join(t, NULL);
+    return s;
+}
+
 Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
 {
     for (int mode = 0; mode < 2; mode++) {
@@ -1160,17 +1181,8 @@ Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
         kelpie_call_opts bulk = {.service = "bulk"};
         for (int k = 0; k < 100000; k++)
             cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
-        Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
-        hb.kind = KELPIE__V1__KIND__HEARTBEAT;
-        hb.request_id = 1;
-        for (int k = 0; k < 40000; k++) {
-            hb.broker_id = 1 + (uint64_t)(k % 2);
-            fake_send(&f, &hb, NULL, 0);
-        }
-        timed_call s = {.c = c, .mode = mode};
-        pthread_t t;
-        pthread_create(&t, NULL, timed_call_thread, &s);
-        pthread_join(t, NULL);
+        flood_new_broker_ids(&f);
+        timed_call s = timed_run(c, mode);
         cr_expect_eq(s.rc, KELPIE_DEADLINE_EXCEEDED, "mode %d: %s", mode, kelpie_status_name(s.rc));
         /* 300 ms, the 1 s grace, and generous room for a loaded machine. */
         cr_expect_lt(s.took, 5000, "mode %d: a 300 ms call returned after %lld ms under a flood",
@@ -1211,17 +1223,8 @@ Test(hostile_broker, client_of_two_brokers_flooded_by_one_still_ends_a_call_at_i
         /* 100,000 outstanding on each lane. */
         for (int k = 2; k < 200000; k++)
             cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
-        Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
-        hb.kind = KELPIE__V1__KIND__HEARTBEAT;
-        hb.request_id = 1;
-        for (int k = 0; k < 40000; k++) {
-            hb.broker_id = 1 + (uint64_t)(k % 2);
-            fake_send(&a, &hb, NULL, 0);
-        }
-        timed_call s = {.c = c, .mode = mode};
-        pthread_t t;
-        pthread_create(&t, NULL, timed_call_thread, &s);
-        pthread_join(t, NULL);
+        flood_new_broker_ids(&a);
+        timed_call s = timed_run(c, mode);
         kelpie_status want = mode == 2 ? KELPIE_ERR_TIMEOUT : KELPIE_DEADLINE_EXCEEDED;
         int64_t due = mode == 2 ? 200 : 300 + KELPIE_CLIENT_GRACE_MS;
         cr_expect_eq(s.rc, want, "mode %d: %s", mode, kelpie_status_name(s.rc));
