@@ -165,6 +165,7 @@ struct kelpie_worker {
     kelpie_call *spare;       /* the next call, whose arena the next message is read into */
     kelpie_call *parked;      /* REQUESTs that arrived during a pump */
     kelpie_call *parked_tail;
+    uint32_t n_parked;   /* length of parked: received and unanswered, as held ones */
     int pumping;         /* >0 while a handler pumps the socket */
     bool pending_notify; /* some held call has notify set */
     int64_t now;         /* kpc_now_ms(), read once per batch of messages */
@@ -368,7 +369,7 @@ static void worker_send_stats(kelpie_worker *w)
     ws.pid = (uint32_t)getpid();
     ws.rss_bytes =
         worker_proc_number("/proc/self/statm", NULL, 1) * (uint64_t)(page > 0 ? page : 0);
-    ws.busy = w->in_flight;
+    ws.busy = w->in_flight + w->n_parked;
     ws.threads = (uint32_t)worker_proc_number("/proc/self/status", "Threads:", 0);
     Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
     hdr.kind = KELPIE__V1__KIND__HEARTBEAT;
@@ -666,6 +667,7 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             else
                 w->parked = call;
             w->parked_tail = call;
+            w->n_parked++;
             return;
         }
         worker_dispatch(w, call, m->data, m->len);
@@ -1066,6 +1068,7 @@ static bool worker_service(kelpie_worker *w)
         w->parked = call->next;
         if (!w->parked)
             w->parked_tail = NULL;
+        w->n_parked--;
         if (call->epoch != w->epoch) {
             call_free(call); /* from a connection we gave up */
             continue;
@@ -1120,10 +1123,13 @@ static void worker_balance(kelpie_worker *t)
         uint32_t want = share[i];
         if (live <= t->capacity) {
             uint64_t used = 0;
-            for (uint32_t j = 0; j < t->n_lanes; j++)
-                if (j != i) /* a lost lane's calls run on too (capacity 0) */
-                    used += t->lanes[j]->capacity > t->lanes[j]->in_flight ? t->lanes[j]->capacity
-                                                                           : t->lanes[j]->in_flight;
+            for (uint32_t j = 0; j < t->n_lanes; j++) {
+                /* A lost lane's calls run on too (capacity 0), and parked
+                 * ones will run. */
+                uint32_t busy = t->lanes[j]->in_flight + t->lanes[j]->n_parked;
+                if (j != i)
+                    used += t->lanes[j]->capacity > busy ? t->lanes[j]->capacity : busy;
+            }
             uint64_t room = used < t->capacity ? t->capacity - used : 0;
             if (room < want)
                 want = (uint32_t)room;
@@ -1900,9 +1906,9 @@ KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 {
     if (!w)
         return 0;
-    uint32_t n = w->in_flight;
+    uint32_t n = w->in_flight + w->n_parked;
     for (uint32_t i = 0; i < w->n_lanes; i++)
-        n += w->lanes[i]->in_flight;
+        n += w->lanes[i]->in_flight + w->lanes[i]->n_parked;
     return n;
 }
 

@@ -624,19 +624,22 @@ Test(worker_api, parked_request_cancelled_or_expired_never_runs)
 /* --- parked calls against a scripted broker (fake_broker.h) -------------- */
 
 typedef struct parked_seen {
-    atomic_long ran;    /* Count, Stream and job handlers run */
-    atomic_long chunks; /* Stream: CHUNKs sent without waiting for credit */
+    atomic_long ran;       /* Count, Stream and job handlers run */
+    atomic_long chunks;    /* Stream: CHUNKs sent without waiting for credit */
+    atomic_long in_flight; /* kelpie_worker_in_flight as the busy handler ends */
 } parked_seen;
 
-/* Busy for the payload's milliseconds, pumping the socket. */
+/* Busy for the payload's milliseconds, pumping the socket; then notes
+ * kelpie_worker_in_flight (the calls received and not yet answered). */
 static void spin_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
 {
-    (void)arg;
+    parked_seen *s = arg;
     char ms[16] = {0};
     memcpy(ms, payload, len < sizeof ms - 1 ? len : sizeof ms - 1);
     int64_t end = kt_now_ms() + atol(ms);
     while (kt_now_ms() < end && !kelpie_call_cancelled(call))
         kt_sleep_ms(1);
+    atomic_store(&s->in_flight, (long)kelpie_worker_in_flight(kelpie_call_worker(call)));
     kelpie_call_reply(call, "spun", 4);
 }
 
@@ -714,7 +717,7 @@ Test(worker_api, parked_calls_and_jobs_cancelled_expired_or_credited_while_they_
     memset(&seen, 0, sizeof seen);
     runner r = {.worker = kelpie_worker_new(f.endpoint, "parker", 8)};
     cr_assert_not_null(r.worker);
-    cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Spin", spin_handler, NULL), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Spin", spin_handler, &seen), KELPIE_OK);
     cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Count", count_handler, &seen), KELPIE_OK);
     cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Stream", stream_now_handler, &seen),
                  KELPIE_OK);
@@ -779,4 +782,7 @@ Test(worker_api, parked_calls_and_jobs_cancelled_expired_or_credited_while_they_
     cr_expect_eq(kind[8], KELPIE__V1__KIND__REPLY);
     cr_expect_eq(atomic_load(&seen.ran), 2, "%ld handlers ran; only Stream's and 8's may",
                  (long)atomic_load(&seen.ran));
+    /* Spin and the seven parked: received, none answered yet. */
+    cr_expect_eq(atomic_load(&seen.in_flight), 8, "kelpie_worker_in_flight said %ld",
+                 (long)atomic_load(&seen.in_flight));
 }
