@@ -165,6 +165,7 @@ struct kelpie_worker {
     kelpie_call *spare;       /* the next call, whose arena the next message is read into */
     kelpie_call *parked;      /* REQUESTs that arrived during a pump */
     kelpie_call *parked_tail;
+    uint32_t n_parked;   /* length of parked: received and unanswered, as held ones */
     int pumping;         /* >0 while a handler pumps the socket */
     bool pending_notify; /* some held call has notify set */
     int64_t now;         /* kpc_now_ms(), read once per batch of messages */
@@ -368,7 +369,7 @@ static void worker_send_stats(kelpie_worker *w)
     ws.pid = (uint32_t)getpid();
     ws.rss_bytes =
         worker_proc_number("/proc/self/statm", NULL, 1) * (uint64_t)(page > 0 ? page : 0);
-    ws.busy = w->in_flight;
+    ws.busy = w->in_flight + w->n_parked;
     ws.threads = (uint32_t)worker_proc_number("/proc/self/status", "Threads:", 0);
     Kelpie__V1__Header hdr = KELPIE__V1__HEADER__INIT;
     hdr.kind = KELPIE__V1__KIND__HEARTBEAT;
@@ -450,6 +451,33 @@ static void worker_mark_cancelled(kelpie_worker *w, kelpie_call *call)
         call->notify = true;
         w->pending_notify = true;
     }
+}
+
+/* A call held or, failing that, parked behind a busy handler: what the
+ * broker says about a call (CANCEL, ERROR, CREDIT, input) may arrive while
+ * it waits, and must not be lost then. */
+static kelpie_call *worker_find_any(kelpie_worker *w, uint64_t id)
+{
+    kelpie_call *call = worker_find(w, id);
+    for (kelpie_call *p = w->parked; !call && p; p = p->next)
+        if (p->id == id && p->epoch == w->epoch)
+            call = p;
+    return call;
+}
+
+/* Marks a held or parked call cancelled. A parked one gets no cancel
+ * callback: the application has not seen it, and never will
+ * (worker_service answers it instead of running its handler). */
+static void worker_cancel_any(kelpie_worker *w, uint64_t id)
+{
+    kelpie_call *call = worker_find(w, id);
+    if (call) {
+        worker_mark_cancelled(w, call);
+        return;
+    }
+    call = worker_find_any(w, id);
+    if (call)
+        call->cancelled = true;
 }
 
 /* Runs the cancel callbacks that were deferred. A callback may answer (and
@@ -639,23 +667,21 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
             else
                 w->parked = call;
             w->parked_tail = call;
+            w->n_parked++;
             return;
         }
         worker_dispatch(w, call, m->data, m->len);
         return;
     }
-    case KELPIE__V1__KIND__CANCEL: {
-        kelpie_call *call = worker_find(w, h->request_id);
-        if (call)
-            worker_mark_cancelled(w, call);
+    case KELPIE__V1__KIND__CANCEL:
+        worker_cancel_any(w, h->request_id);
         return;
-    }
     case KELPIE__V1__KIND__CHUNK:
     case KELPIE__V1__KIND__END:
         worker_take_input(w, h, m->data, m->len);
         return;
     case KELPIE__V1__KIND__CREDIT: {
-        kelpie_call *call = worker_find(w, h->request_id);
+        kelpie_call *call = worker_find_any(w, h->request_id);
         /* Saturated: a reader granting "unlimited" (UINT32_MAX) while
          * window is left must not wrap it to less (kelpied forwards each
          * CREDIT as it came). */
@@ -677,9 +703,7 @@ static void worker_handle(kelpie_worker *w, kpc_msg *m)
              * register again, at most once per heartbeat interval. */
             worker_send_ready(w);
         } else if (h->request_id) {
-            kelpie_call *call = worker_find(w, h->request_id);
-            if (call)
-                worker_mark_cancelled(w, call);
+            worker_cancel_any(w, h->request_id);
         }
         return;
     case KELPIE__V1__KIND__DISCONNECT:
@@ -1016,6 +1040,23 @@ static void worker_pump(kelpie_worker *w, long wait_ms)
         links[i]->pumping--;
 }
 
+/* A parked call cancelled, or past its deadline, while it waited for a busy
+ * handler: its handler does not run, and it is answered as the Python worker
+ * answers a call or job cancelled or timed out (CANCELLED, DEADLINE_EXCEEDED),
+ * which returns its slot (protocol.md §5.4, §6, §11.3). */
+static void worker_answer_unrun(kelpie_worker *w, kelpie_call *call)
+{
+    bool cancelled = call->cancelled;
+    kelpie_status code = cancelled ? KELPIE_CANCELLED : KELPIE_DEADLINE_EXCEEDED;
+    const char *why = cancelled ? "cancelled before its handler ran"
+                                : "deadline exceeded (worker) before its handler ran";
+    worker_hold(w, call);
+    if (call->is_job)
+        kelpie_job_fail(job_of(call), code, why);
+    else
+        kelpie_call_error(call, code, why);
+}
+
 /* Steps 1 to 2b of the run loop for one registration: the REQUESTs parked
  * while a handler pumped, the deferred cancel callbacks, STATUS DRAINING
  * when asked to drain. True once it has drained: the broker said nothing
@@ -1027,8 +1068,13 @@ static bool worker_service(kelpie_worker *w)
         w->parked = call->next;
         if (!w->parked)
             w->parked_tail = NULL;
+        w->n_parked--;
         if (call->epoch != w->epoch) {
             call_free(call); /* from a connection we gave up */
+            continue;
+        }
+        if (call->cancelled || (call->deadline && kpc_now_ms() >= call->deadline)) {
+            worker_answer_unrun(w, call);
             continue;
         }
         worker_dispatch(w, call, call->payload, call->len);
@@ -1077,10 +1123,13 @@ static void worker_balance(kelpie_worker *t)
         uint32_t want = share[i];
         if (live <= t->capacity) {
             uint64_t used = 0;
-            for (uint32_t j = 0; j < t->n_lanes; j++)
-                if (j != i) /* a lost lane's calls run on too (capacity 0) */
-                    used += t->lanes[j]->capacity > t->lanes[j]->in_flight ? t->lanes[j]->capacity
-                                                                           : t->lanes[j]->in_flight;
+            for (uint32_t j = 0; j < t->n_lanes; j++) {
+                /* A lost lane's calls run on too (capacity 0), and parked
+                 * ones will run. */
+                uint32_t busy = t->lanes[j]->in_flight + t->lanes[j]->n_parked;
+                if (j != i)
+                    used += t->lanes[j]->capacity > busy ? t->lanes[j]->capacity : busy;
+            }
             uint64_t room = used < t->capacity ? t->capacity - used : 0;
             if (room < want)
                 want = (uint32_t)room;
@@ -1857,9 +1906,9 @@ KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *w)
 {
     if (!w)
         return 0;
-    uint32_t n = w->in_flight;
+    uint32_t n = w->in_flight + w->n_parked;
     for (uint32_t i = 0; i < w->n_lanes; i++)
-        n += w->lanes[i]->in_flight;
+        n += w->lanes[i]->in_flight + w->lanes[i]->n_parked;
     return n;
 }
 
@@ -1911,12 +1960,9 @@ static void call_free_answer_state(kelpie_call *call)
 static void worker_take_input(kelpie_worker *w, const Kelpie__V1__Header *h, const void *data,
                               size_t len)
 {
-    kelpie_call *call = worker_find(w, h->request_id);
     /* Input may follow its REQUEST while that waits, parked, for a handler
      * that pumps the socket to return. */
-    for (kelpie_call *p = w->parked; !call && p; p = p->next)
-        if (p->id == h->request_id && p->epoch == w->epoch)
-            call = p;
+    kelpie_call *call = worker_find_any(w, h->request_id);
     if (!call || call->is_job || !(call->header->flags & KELPIE_CLIENT_STREAM))
         return; /* answered already, or not a stream: dropped (§5.6) */
     if (call->input_ended || call->input_lost || call->input_bad || call->input_overrun)

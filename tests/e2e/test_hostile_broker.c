@@ -76,6 +76,30 @@ static const uint8_t ZSTD_CORRUPT[] = {0x28, 0xb5, 0x2f, 0xfd, 0x20, 100, 0x07,
 /* Bytes that do not decode as a header (a tag no protobuf message has). */
 #define GARBAGE "\xff\xff\xff\xff not a header"
 
+/* n metadata entries, "k0" to "k<n-1>", each with its key as its value, in
+ * one allocation the caller frees: the pointers Header.metadata takes, then
+ * the entries, then the keys. A key has room for any size_t ("k", 20 digits
+ * and the NUL), so gcc's format-truncation check cannot fire whatever n is. */
+typedef char md_key[24];
+
+static Kelpie__V1__Header__MetadataEntry **many_md(size_t n)
+{
+    Kelpie__V1__Header__MetadataEntry **md =
+        malloc(n * (sizeof *md + sizeof **md + sizeof(md_key)));
+    cr_assert_not_null(md);
+    Kelpie__V1__Header__MetadataEntry *entries = (Kelpie__V1__Header__MetadataEntry *)(md + n);
+    md_key *keys = (md_key *)(entries + n);
+    for (size_t i = 0; i < n; i++) {
+        kelpie__v1__header__metadata_entry__init(&entries[i]);
+        snprintf(keys[i], sizeof keys[i], "k%zu", i);
+        entries[i].key = keys[i];
+        entries[i].value.data = (uint8_t *)keys[i];
+        entries[i].value.len = strlen(keys[i]);
+        md[i] = &entries[i];
+    }
+    return md;
+}
+
 /* --- client -------------------------------------------------------------- */
 
 /* A client on f with liveness off (the fake does not answer pings), its
@@ -233,18 +257,7 @@ Test(hostile_broker, client_takes_megabyte_strings_and_100k_metadata)
     char *services[] = {s};
     h.services = h.methods = h.queues = services;
     h.n_services = h.n_methods = h.n_queues = 1;
-    Kelpie__V1__Header__MetadataEntry *entries = calloc(N_MD, sizeof *entries);
-    Kelpie__V1__Header__MetadataEntry **md = calloc(N_MD, sizeof *md);
-    char(*keys)[16] = calloc(N_MD, sizeof *keys);
-    cr_assert(entries && md && keys);
-    for (size_t i = 0; i < N_MD; i++) {
-        kelpie__v1__header__metadata_entry__init(&entries[i]);
-        snprintf(keys[i], sizeof keys[i], "k%zu", i);
-        entries[i].key = keys[i];
-        entries[i].value.data = (uint8_t *)keys[i];
-        entries[i].value.len = strlen(keys[i]);
-        md[i] = &entries[i];
-    }
+    Kelpie__V1__Header__MetadataEntry **md = many_md(N_MD);
     h.metadata = md;
     h.n_metadata = N_MD;
     fake_send(&f, &h, NULL, 0);
@@ -261,9 +274,7 @@ Test(hostile_broker, client_takes_megabyte_strings_and_100k_metadata)
     const char *v = kelpie_reply_metadata(&r, "k99999", &vlen);
     cr_assert(v && vlen == 6 && memcmp(v, "k99999", 6) == 0);
     kelpie_reply_fini(&r);
-    free(entries);
     free(md);
-    free(keys);
     free(s);
 
     /* Still talking. */
@@ -793,18 +804,7 @@ Test(hostile_broker, worker_takes_megabyte_strings_and_100k_metadata)
     char *s = big_string(MIB, 'm');
     Kelpie__V1__Header req = request(7, s);
     req.message = req.name = req.idempotency_key = req.stream = s;
-    Kelpie__V1__Header__MetadataEntry *entries = calloc(N_MD, sizeof *entries);
-    Kelpie__V1__Header__MetadataEntry **md = calloc(N_MD, sizeof *md);
-    char(*keys)[16] = calloc(N_MD, sizeof *keys);
-    cr_assert(entries && md && keys);
-    for (size_t i = 0; i < N_MD; i++) {
-        kelpie__v1__header__metadata_entry__init(&entries[i]);
-        snprintf(keys[i], sizeof keys[i], "k%zu", i);
-        entries[i].key = keys[i];
-        entries[i].value.data = (uint8_t *)keys[i];
-        entries[i].value.len = strlen(keys[i]);
-        md[i] = &entries[i];
-    }
+    Kelpie__V1__Header__MetadataEntry **md = many_md(N_MD);
     req.metadata = md;
     req.n_metadata = N_MD;
     fake_send(&f, &req, "big", 3);
@@ -823,9 +823,7 @@ Test(hostile_broker, worker_takes_megabyte_strings_and_100k_metadata)
     cr_assert_eq(a->kind, KELPIE__V1__KIND__ERROR);
     cr_assert_eq(a->code, KELPIE__V1__CODE__UNIMPLEMENTED);
     kelpie__v1__header__free_unpacked(a, NULL);
-    free(entries);
     free(md);
-    free(keys);
     free(s);
     worker_off(&r);
     fake_close(&f);
@@ -1126,7 +1124,7 @@ Test(hostile_broker, client_input_window_saturates_instead_of_wrapping)
  * calls, some 0.3 ms each, while the broker sends one in a microsecond. */
 typedef struct timed_call {
     kelpie_client *c;
-    int mode; /* 0: kelpie_client_call, 1: send, then kelpie_client_recv */
+    int mode; /* 0: kelpie_client_call, 1: send, then kelpie_client_recv, 2: recv for 200 ms */
     kelpie_status rc;
     int64_t took;
     kelpie_reply reply;
@@ -1138,6 +1136,8 @@ static void *timed_call_thread(void *arg)
     int64_t t0 = kt_now_ms();
     if (s->mode == 0) {
         s->rc = kelpie_client_call(s->c, "echo", "Echo", "hi", 2, 300, &s->reply);
+    } else if (s->mode == 2) {
+        s->rc = kelpie_client_recv(s->c, &s->reply, 200);
     } else {
         kelpie_call_opts o = {.service = "echo", .method = "Echo", .timeout_ms = 300};
         kelpie_request_id id;
@@ -1151,6 +1151,27 @@ static void *timed_call_thread(void *arg)
     return NULL;
 }
 
+/* The flood: 40,000 HEARTBEATs naming broker_id 1 and 2 in turn. */
+static void flood_new_broker_ids(fake *f)
+{
+    Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
+    hb.kind = KELPIE__V1__KIND__HEARTBEAT;
+    hb.request_id = 1;
+    for (int k = 0; k < 40000; k++) {
+        hb.broker_id = 1 + (uint64_t)(k % 2);
+        fake_send(f, &hb, NULL, 0);
+    }
+}
+
+static timed_call timed_run(kelpie_client *c, int mode)
+{
+    timed_call s = {.c = c, .mode = mode};
+    pthread_t t;
+    pthread_create(&t, NULL, timed_call_thread, &s);
+    pthread_join(t, NULL);
+    return s;
+}
+
 Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
 {
     for (int mode = 0; mode < 2; mode++) {
@@ -1160,17 +1181,8 @@ Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
         kelpie_call_opts bulk = {.service = "bulk"};
         for (int k = 0; k < 100000; k++)
             cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
-        Kelpie__V1__Header hb = KELPIE__V1__HEADER__INIT;
-        hb.kind = KELPIE__V1__KIND__HEARTBEAT;
-        hb.request_id = 1;
-        for (int k = 0; k < 40000; k++) {
-            hb.broker_id = 1 + (uint64_t)(k % 2);
-            fake_send(&f, &hb, NULL, 0);
-        }
-        timed_call s = {.c = c, .mode = mode};
-        pthread_t t;
-        pthread_create(&t, NULL, timed_call_thread, &s);
-        pthread_join(t, NULL);
+        flood_new_broker_ids(&f);
+        timed_call s = timed_run(c, mode);
         cr_expect_eq(s.rc, KELPIE_DEADLINE_EXCEEDED, "mode %d: %s", mode, kelpie_status_name(s.rc));
         /* 300 ms, the 1 s grace, and generous room for a loaded machine. */
         cr_expect_lt(s.took, 5000, "mode %d: a 300 ms call returned after %lld ms under a flood",
@@ -1178,6 +1190,53 @@ Test(hostile_broker, client_flooded_still_ends_a_call_at_its_deadline)
         kelpie_reply_fini(&s.reply);
         kelpie_client_destroy(&c);
         fake_close(&f);
+    }
+}
+
+/* The same flood from one of two brokers: a wait over several brokers read
+ * up to 4,096 messages of a lane (0.8 to 1 s of this flood) before it
+ * looked at the clock again. Mode 2 waits in kelpie_client_recv for 200 ms
+ * with no answer to come. */
+Test(hostile_broker, client_of_two_brokers_flooded_by_one_still_ends_a_call_at_its_deadline)
+{
+    for (int mode = 0; mode < 3; mode++) {
+        fake a, b;
+        fake_open(&a);
+        fake_open(&b);
+        char list[160];
+        snprintf(list, sizeof list, "%s,%s", a.endpoint, b.endpoint);
+        kelpie_client *c = kelpie_client_new(list);
+        cr_assert_not_null(c);
+        cr_assert_eq(kelpie_client_set_heartbeat(c, 0, 0), KELPIE_OK);
+        /* set_heartbeat dialled each lane again (libzmq's heartbeats off:
+         * the fake, not reading the calls, would stop answering them), with
+         * no hello: the first call on each connection names it. */
+        kelpie_call_opts bulk = {.service = "bulk"};
+        fake *both[2] = {&a, &b};
+        for (int i = 0; i < 2; i++) {
+            cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
+            Kelpie__V1__Header *h =
+                fake_expect(both[i], KELPIE__V1__KIND__REQUEST, 5000, NULL, NULL);
+            cr_assert_not_null(h, "no call reached broker %d", i);
+            kelpie__v1__header__free_unpacked(h, NULL);
+        }
+        /* 100,000 outstanding on each lane. */
+        for (int k = 2; k < 200000; k++)
+            cr_assert_eq(kelpie_client_send(c, &bulk, NULL, 0, NULL), KELPIE_OK);
+        flood_new_broker_ids(&a);
+        timed_call s = timed_run(c, mode);
+        kelpie_status want = mode == 2 ? KELPIE_ERR_TIMEOUT : KELPIE_DEADLINE_EXCEEDED;
+        int64_t due = mode == 2 ? 200 : 300 + KELPIE_CLIENT_GRACE_MS;
+        cr_expect_eq(s.rc, want, "mode %d: %s", mode, kelpie_status_name(s.rc));
+        /* Before, each look at the clock came after 4,096 of this flood's
+         * messages (0.8 to 1 s here): 1.9, 2.9 and 0.8 s for modes 0, 1, 2. */
+        cr_expect_lt(s.took, due + 400, "mode %d: due after %lld ms, returned after %lld ms", mode,
+                     (long long)due, (long long)s.took);
+        if (mode != 2)
+            kelpie_reply_fini(&s.reply);
+        kelpie_client_destroy(&c);
+        fake_close(&a);
+        fake_close(&b);
     }
 }
 

@@ -552,10 +552,8 @@ Test(jobs_wire, restarted_broker_orphans_held_jobs_but_takes_their_result)
     worker_run run = {w, &seen};
     pthread_t t;
     cr_assert_eq(pthread_create(&t, NULL, worker_thread, &run), 0);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
-    cr_assert_not_null(h);
-    kelpie__v1__header__free_unpacked(h, NULL);
-    fake_heartbeat(&f, 111, 16u << 20);
+    fake_welcome(&f, 111);
+    Kelpie__V1__Header *h;
     send_job(&f, 7);
     cr_assert(wait_atomic(&seen.jobs, 1, 3000));
 
@@ -603,10 +601,8 @@ Test(jobs_wire, nack_and_jobs_from_unknown_queues_are_given_back)
     worker_run run = {w, NULL};
     pthread_t t;
     cr_assert_eq(pthread_create(&t, NULL, worker_thread, &run), 0);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
-    cr_assert_not_null(h);
-    kelpie__v1__header__free_unpacked(h, NULL);
-    fake_heartbeat(&f, 111, 16u << 20);
+    fake_welcome(&f, 111);
+    Kelpie__V1__Header *h;
 
     send_job(&f, 8); /* queue "thumbs": not one this worker takes */
     h = fake_expect(&f, KELPIE__V1__KIND__NACK, 3000, NULL, NULL);
@@ -661,10 +657,8 @@ Test(jobs_wire, drain_waits_for_drained_held_jobs_and_acks)
     run_rc run = {.w = w};
     pthread_t t;
     cr_assert_eq(pthread_create(&t, NULL, drain_thread, &run), 0);
-    Kelpie__V1__Header *h = fake_expect(&f, KELPIE__V1__KIND__READY, 3000, NULL, NULL);
-    cr_assert_not_null(h);
-    kelpie__v1__header__free_unpacked(h, NULL);
-    fake_heartbeat(&f, 111, 16u << 20);
+    fake_welcome(&f, 111);
+    Kelpie__V1__Header *h;
     send_job(&f, 5);
     cr_assert(wait_atomic(&seen.jobs, 1, 3000));
 

@@ -4,16 +4,20 @@
  * keeps heartbeats going and parks new requests until it returns), sees a
  * cancel while busy, and a stream whose kelpie_call_send_chunk waits for the
  * reader's credit. Also: a worker run on a thread of the test process and
- * stopped from another thread.
+ * stopped from another thread, and what becomes of parked requests and jobs
+ * (cancelled, expired, given credit while they wait), also against a
+ * scripted broker (fake_broker.h) where a real one cannot provoke it.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "fake_broker.h"
 #include "kelpie_test.h"
 
 TestSuite(worker_api, .fini = kt_teardown, .timeout = 60);
@@ -554,4 +558,231 @@ Test(worker_api, handler_blocking_past_liveness_fails_its_call_and_the_worker_co
     kelpie_worker_destroy(&r.worker);
     kelpie_client_destroy(&c);
     kt_broker_stop(&b, 3000);
+}
+
+/* Requests parked behind a busy handler that are cancelled, or reach their
+ * deadline (the broker then cancels them at the worker, protocol.md §6),
+ * while they wait: their handler must never run; the worker still answers
+ * each (§5.4) so its slot comes back, and the broker drops those answers.
+ * The library used to look for a CANCEL's call only among the held ones,
+ * so the parked request ran after the busy one. */
+Test(worker_api, parked_request_cancelled_or_expired_never_runs)
+{
+    kt_slot *slot = kt_slots_new(1);
+    kt_broker *b = start_with_worker(slot, 3);
+    kelpie_client *c = kelpie_client_new(b->frontend);
+    kelpie_call_opts spin = {.service = "echo", .method = "Spin", .timeout_ms = 20000};
+    kelpie_request_id spin_id, cancelled_id, expired_id;
+    cr_assert_eq(kelpie_client_send(c, &spin, "1500", 4, &spin_id), KELPIE_OK);
+    int64_t end = kt_now_ms() + 3000;
+    while (atomic_load(&slot->received) < 1 && kt_now_ms() < end)
+        kt_sleep_ms(2);
+    cr_assert_eq(atomic_load(&slot->received), 1);
+    kelpie_call_opts echo = {.service = "echo", .method = "Echo", .timeout_ms = 20000};
+    cr_assert_eq(kelpie_client_send(c, &echo, "c", 1, &cancelled_id), KELPIE_OK);
+    kelpie_call_opts brief = {.service = "echo", .method = "Echo", .timeout_ms = 300};
+    cr_assert_eq(kelpie_client_send(c, &brief, "e", 1, &expired_id), KELPIE_OK);
+    /* Both at the worker (parked), not queued at the broker. */
+    cr_assert(kt_wait_stat(b, "services.echo.dispatched", 3, 3000));
+    cr_assert_eq(kelpie_client_cancel(c, cancelled_id), KELPIE_OK);
+    bool seen_cancel = false, seen_expired = false, seen_spin = false;
+    for (int i = 0; i < 3; i++) {
+        kelpie_reply r;
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK, "answer %d missing", i);
+        if (r.request_id.id == cancelled_id.id) {
+            cr_assert_eq(r.status, KELPIE_CANCELLED);
+            seen_cancel = true;
+        } else if (r.request_id.id == expired_id.id) {
+            cr_assert_eq(r.status, KELPIE_DEADLINE_EXCEEDED);
+            seen_expired = true;
+        } else {
+            cr_assert_eq(r.request_id.id, spin_id.id);
+            cr_assert_eq(r.status, KELPIE_OK, "%s: %s", kelpie_status_name(r.status), r.message);
+            seen_spin = true;
+        }
+        kelpie_reply_fini(&r);
+    }
+    cr_assert(seen_cancel && seen_expired && seen_spin);
+    /* The worker answered both parked requests after Spin returned. */
+    cr_assert(kt_wait_stat(b, "replies_dropped_cancelled", 2, 3000));
+    cr_assert_eq(atomic_load(&slot->received), 1, "a cancelled parked request's handler ran");
+    /* Their slots are back: three calls at once still run. */
+    kelpie_call_opts hold = {.service = "echo", .method = "Echo", .timeout_ms = 5000};
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(kelpie_client_send(c, &hold, "h", 1, NULL), KELPIE_OK);
+    for (int i = 0; i < 3; i++) {
+        kelpie_reply r;
+        cr_assert_eq(kelpie_client_recv(c, &r, 5000), KELPIE_OK);
+        cr_assert_eq(r.status, KELPIE_OK);
+        kelpie_reply_fini(&r);
+    }
+    cr_assert_eq(atomic_load(&slot->received), 4);
+    kelpie_client_destroy(&c);
+    kt_broker_stop(&b, 3000);
+}
+
+/* --- parked calls against a scripted broker (fake_broker.h) -------------- */
+
+typedef struct parked_seen {
+    atomic_long ran;       /* Count, Stream and job handlers run */
+    atomic_long chunks;    /* Stream: CHUNKs sent without waiting for credit */
+    atomic_long in_flight; /* kelpie_worker_in_flight as the busy handler ends */
+} parked_seen;
+
+/* Busy for the payload's milliseconds, pumping the socket; then notes
+ * kelpie_worker_in_flight (the calls received and not yet answered). */
+static void spin_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    parked_seen *s = arg;
+    char ms[16] = {0};
+    memcpy(ms, payload, len < sizeof ms - 1 ? len : sizeof ms - 1);
+    int64_t end = kt_now_ms() + atol(ms);
+    while (kt_now_ms() < end && !kelpie_call_cancelled(call))
+        kt_sleep_ms(1);
+    atomic_store(&s->in_flight, (long)kelpie_worker_in_flight(kelpie_call_worker(call)));
+    kelpie_call_reply(call, "spun", 4);
+}
+
+static void count_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    parked_seen *s = arg;
+    atomic_fetch_add(&s->ran, 1);
+    kelpie_call_reply(call, payload, len);
+}
+
+/* Four CHUNKs, none waiting: the window must hold them all. */
+static void stream_now_handler(kelpie_call *call, const void *payload, size_t len, void *arg)
+{
+    parked_seen *s = arg;
+    (void)payload;
+    (void)len;
+    atomic_fetch_add(&s->ran, 1);
+    for (int i = 0; i < 4; i++)
+        if (kelpie_call_send_chunk(call, "c", 1, 0) == KELPIE_OK)
+            atomic_fetch_add(&s->chunks, 1);
+    kelpie_call_end(call);
+}
+
+static void count_job(kelpie_job *job, const void *payload, size_t len, void *arg)
+{
+    parked_seen *s = arg;
+    atomic_fetch_add(&s->ran, 1);
+    kelpie_job_succeed(job, payload, len);
+}
+
+static void fake_request(fake *f, Kelpie__V1__Kind kind, uint64_t id, const char *method,
+                         uint64_t timeout_ms, uint32_t flags, uint32_t credits, const char *payload)
+{
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = kind;
+    h.request_id = id;
+    h.timeout_ms = timeout_ms;
+    h.flags = flags;
+    h.credits = credits;
+    if (kind == KELPIE__V1__KIND__JOB) {
+        h.service = "q";
+        h.job_id = "01JAXQ3V8Q00000000000000P1";
+        h.attempt = 1;
+        h.max_attempts = 3;
+    } else {
+        h.service = "svc";
+        h.method = (char *)method;
+    }
+    fake_send(f, &h, payload, strlen(payload));
+}
+
+static void fake_control(fake *f, Kelpie__V1__Kind kind, uint64_t id, uint32_t credits, int code)
+{
+    Kelpie__V1__Header h = KELPIE__V1__HEADER__INIT;
+    h.kind = kind;
+    h.request_id = id;
+    h.credits = credits;
+    h.code = code;
+    fake_send(f, &h, NULL, 0);
+}
+
+/* Every message a busy handler's pump reads is parked; then: a request whose
+ * deadline passes while it waits (no CANCEL comes: the worker's own clock
+ * must judge it, as a broker's CANCEL may be late), one cancelled by CANCEL
+ * and one by an ERROR naming it, a job cancelled and a job past its time
+ * limit, a stream whose reader's CREDIT arrived while it waited, and one
+ * request left alone. Only the last two may run. Each of the others is
+ * answered without its handler, as the Python worker does: ERROR or RESULT
+ * CANCELLED / DEADLINE_EXCEEDED. */
+Test(worker_api, parked_calls_and_jobs_cancelled_expired_or_credited_while_they_wait)
+{
+    fake f;
+    fake_open(&f);
+    static parked_seen seen;
+    memset(&seen, 0, sizeof seen);
+    runner r = {.worker = kelpie_worker_new(f.endpoint, "parker", 8)};
+    cr_assert_not_null(r.worker);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Spin", spin_handler, &seen), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Count", count_handler, &seen), KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle(r.worker, "svc", "Stream", stream_now_handler, &seen),
+                 KELPIE_OK);
+    cr_assert_eq(kelpie_worker_handle_jobs(r.worker, "q", count_job, &seen), KELPIE_OK);
+    /* Liveness of 10 s: the script sends no heartbeats. */
+    cr_assert_eq(kelpie_worker_set_heartbeat(r.worker, 500, 20), KELPIE_OK);
+    pthread_t thread;
+    cr_assert_eq(pthread_create(&thread, NULL, run_worker, &r), 0);
+    fake_welcome(&f, 7);
+
+    const Kelpie__V1__Kind REQ = KELPIE__V1__KIND__REQUEST, JOB = KELPIE__V1__KIND__JOB;
+    fake_request(&f, REQ, 1, "Spin", 0, 0, 0, "600"); /* everything after it is parked */
+    fake_request(&f, REQ, 2, "Count", 50, 0, 0, "expires");
+    fake_request(&f, REQ, 3, "Count", 0, 0, 0, "cancelled");
+    fake_control(&f, KELPIE__V1__KIND__CANCEL, 3, 0, 0);
+    fake_request(&f, REQ, 4, "Count", 0, 0, 0, "failed");
+    fake_control(&f, KELPIE__V1__KIND__ERROR, 4, 0, KELPIE__V1__CODE__CANCELLED);
+    fake_request(&f, JOB, 5, NULL, 0, 0, 0, "job cancelled");
+    fake_control(&f, KELPIE__V1__KIND__CANCEL, 5, 0, 0);
+    fake_request(&f, JOB, 6, NULL, 50, 0, 0, "job expires");
+    fake_request(&f, REQ, 7, "Stream", 0, KELPIE_STREAM, 1, "s");
+    fake_control(&f, KELPIE__V1__KIND__CREDIT, 7, 3, 0);
+    fake_request(&f, REQ, 8, "Count", 0, 0, 0, "runs");
+
+    int kind[9] = {0}, code[9] = {0}, chunks7 = 0, ended = 0;
+    int64_t end = kt_now_ms() + 10000;
+    while (ended < 8 && kt_now_ms() < end) {
+        Kelpie__V1__Header *h = fake_recv(&f, (int)(end - kt_now_ms()), NULL, NULL);
+        if (!h)
+            break;
+        uint64_t id = h->request_id;
+        bool terminal = h->kind == KELPIE__V1__KIND__REPLY || h->kind == KELPIE__V1__KIND__ERROR ||
+                        h->kind == KELPIE__V1__KIND__END || h->kind == KELPIE__V1__KIND__RESULT;
+        if (id == 7 && h->kind == KELPIE__V1__KIND__CHUNK)
+            chunks7++;
+        if (terminal && id >= 1 && id <= 8 && !kind[id]) {
+            kind[id] = h->kind;
+            code[id] = h->code;
+            ended++;
+        }
+        kelpie__v1__header__free_unpacked(h, NULL);
+    }
+    kelpie_worker_stop(r.worker);
+    pthread_join(thread, NULL);
+    kelpie_worker_destroy(&r.worker);
+    fake_close(&f);
+    cr_assert_eq(ended, 8, "only %d of 8 answered", ended);
+    cr_expect_eq(kind[1], KELPIE__V1__KIND__REPLY);
+    cr_expect(kind[2] == KELPIE__V1__KIND__ERROR && code[2] == KELPIE__V1__CODE__DEADLINE_EXCEEDED,
+              "expired while parked: kind %d code %d", kind[2], code[2]);
+    cr_expect(kind[3] == KELPIE__V1__KIND__ERROR && code[3] == KELPIE__V1__CODE__CANCELLED,
+              "cancelled while parked: kind %d code %d", kind[3], code[3]);
+    cr_expect(kind[4] == KELPIE__V1__KIND__ERROR && code[4] == KELPIE__V1__CODE__CANCELLED,
+              "failed by the broker while parked: kind %d code %d", kind[4], code[4]);
+    cr_expect(kind[5] == KELPIE__V1__KIND__RESULT && code[5] == KELPIE__V1__CODE__CANCELLED,
+              "job cancelled while parked: kind %d code %d", kind[5], code[5]);
+    cr_expect(kind[6] == KELPIE__V1__KIND__RESULT && code[6] == KELPIE__V1__CODE__DEADLINE_EXCEEDED,
+              "job past its limit while parked: kind %d code %d", kind[6], code[6]);
+    cr_expect_eq(kind[7], KELPIE__V1__KIND__END);
+    cr_expect_eq(atomic_load(&seen.chunks), 4, "the CREDIT that came while parked was lost");
+    cr_expect_eq(chunks7, 4);
+    cr_expect_eq(kind[8], KELPIE__V1__KIND__REPLY);
+    cr_expect_eq(atomic_load(&seen.ran), 2, "%ld handlers ran; only Stream's and 8's may",
+                 (long)atomic_load(&seen.ran));
+    /* Spin and the seven parked: received, none answered yet. */
+    cr_expect_eq(atomic_load(&seen.in_flight), 8, "kelpie_worker_in_flight said %ld",
+                 (long)atomic_load(&seen.in_flight));
 }

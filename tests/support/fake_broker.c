@@ -108,3 +108,11 @@ void fake_heartbeat(fake *f, uint64_t broker_id, uint64_t max_message_size)
     h.max_message_size = max_message_size;
     fake_send(f, &h, NULL, 0);
 }
+
+void fake_welcome(fake *f, uint64_t broker_id)
+{
+    Kelpie__V1__Header *h = fake_expect(f, KELPIE__V1__KIND__READY, 5000, NULL, NULL);
+    cr_assert_not_null(h, "the worker never sent READY");
+    kelpie__v1__header__free_unpacked(h, NULL);
+    fake_heartbeat(f, broker_id, 16u << 20);
+}

@@ -42,4 +42,8 @@ void fake_send(fake *f, Kelpie__V1__Header *h, const void *payload, size_t len);
 /* A HEARTBEAT with a broker id and a message size limit: the welcome. */
 void fake_heartbeat(fake *f, uint64_t broker_id, uint64_t max_message_size);
 
+/* Waits (5 s at most, asserting) for a worker's READY and welcomes it as
+ * broker broker_id with a 16 MiB limit. */
+void fake_welcome(fake *f, uint64_t broker_id);
+
 #endif

@@ -617,7 +617,8 @@ KELPIE_EXPORT void kelpie_worker_stop(kelpie_worker *worker);
  * the broker does the same. Thread-safe and async-signal-safe, like stop. */
 KELPIE_EXPORT void kelpie_worker_drain(kelpie_worker *worker);
 
-/* How many calls are held (received, not yet answered). */
+/* How many calls and jobs are held (received, not yet answered), those
+ * parked behind a busy handler included. */
 KELPIE_EXPORT uint32_t kelpie_worker_in_flight(const kelpie_worker *worker);
 
 /* How many brokers the worker was given (1 for a single endpoint). */
