@@ -42,7 +42,7 @@
 /* The HTTP thread's longest wait: how late a head deadline can be seen. */
 #define HTTP_SWEEP_MS 250
 
-/* A connection waiting for a request head, oldest first in kp_http.waiting
+/* A connection waiting for a request head, oldest first in kp_http.first
  * (the since of each is its accept, or its last answer, so appending keeps
  * the order). Owned by MHD's socket context; touched by the HTTP thread only. */
 struct http_conn {
