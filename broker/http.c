@@ -3,6 +3,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -39,8 +40,6 @@
  * finds a slot, whatever the number of addresses trickling. */
 #define HTTP_HEAD_MS       10000u
 #define HTTP_HEADS_WAITING (HTTP_CONNECTIONS - 2 * HTTP_PER_ADDRESS)
-/* The HTTP thread's longest wait: how late a head deadline can be seen. */
-#define HTTP_SWEEP_MS 250
 
 /* A connection waiting for a request head, oldest first in kp_http.first
  * (the since of each is its accept, or its last answer, so appending keeps
@@ -363,10 +362,20 @@ static void *http_main(void *arg)
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->daemon, MHD_DAEMON_INFO_EPOLL_FD);
     int epfd = info ? info->epoll_fd : -1;
     while (!atomic_load(&h->stop)) {
-        int wait = HTTP_SWEEP_MS;
+        /* Until MHD's next timeout or the oldest head's deadline; with
+         * neither, until a socket or the stop wakes it. */
+        int wait = -1;
         MHD_UNSIGNED_LONG_LONG mhd_wait;
-        if (MHD_get_timeout(h->daemon, &mhd_wait) == MHD_YES && mhd_wait < (unsigned)wait)
-            wait = (int)mhd_wait;
+        if (MHD_get_timeout(h->daemon, &mhd_wait) == MHD_YES)
+            wait = mhd_wait < INT_MAX ? (int)mhd_wait : INT_MAX;
+        if (h->first) {
+            uint64_t now = http_now_ms(), due = h->first->since + HTTP_HEAD_MS;
+            int head = due > now ? (int)(due - now) : 0;
+            if (wait < 0 || head < wait)
+                wait = head;
+        }
+        if (epfd < 0 && (wait < 0 || wait > 100))
+            wait = 100; /* no epoll descriptor to wait on: MHD_run every 100 ms */
         struct pollfd fds[2] = {{.fd = h->wake, .events = POLLIN}, {.fd = epfd, .events = POLLIN}};
         if (poll(fds, epfd >= 0 ? 2 : 1, wait) < 0 && errno != EINTR)
             kp_log_warn("http: poll: %s", strerror(errno));
