@@ -1,6 +1,7 @@
 /* http: kelpied's HTTP endpoint for Prometheus and health checks (--http).
  *
- * libmicrohttpd serves it from its own thread. That thread never touches
+ * libmicrohttpd serves it from a thread of its own (http.c runs MHD's event
+ * loop there, with a deadline for each request head). That thread never touches
  * broker state: the loop renders the metrics text and its readiness (see
  * metrics.c) and publishes them here under a mutex (kp_http_publish); the
  * HTTP thread only copies the last snapshot out. So a slow scraper costs the

@@ -255,3 +255,170 @@ def test_next_with_a_control_character_does_not_redirect_off_site(admin_dashboar
     cleaned = "".join(c for c in location if c not in "\t\n\r")
     assert r.status in (200, 303), (r.status, r.body)
     assert not cleaned.startswith(("//", "/\\")) and "evil" not in location, (r.status, location)
+
+
+# -- connections that never finish a request head ------------------------------------
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]
+
+
+@pytest.fixture
+def attackers():
+    for a in ATTACKERS:
+        try:
+            with socket.socket() as s:
+                s.bind((a, 0))
+        except OSError as e:
+            pytest.skip(f"cannot bind {a}: {e}")
+    return ATTACKERS
+
+
+def connect_from(d, source, timeout=5.0):
+    return socket.create_connection(("127.0.0.1", d.port), timeout=timeout,
+                                    source_address=(source, 0))
+
+
+def get_from(d, source, path="/api/overview", timeout=10.0):
+    """The status of a GET of ``path`` from ``source`` (None: no answer)."""
+    try:
+        with connect_from(d, source, timeout) as s:
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{d.port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+    except OSError:
+        return None
+    return int(head.split()[1]) if head.startswith(b"HTTP/") else None
+
+
+def test_a_request_head_trickled_byte_by_byte_is_closed_at_its_deadline(dashboard, attackers):
+    # aiohttp waits for a connection's first request without a deadline: a
+    # byte every second (or none at all) held the connection forever. A live
+    # view is a request whose head is complete: it stays open.
+    viewer = socket.create_connection(("127.0.0.1", dashboard.port), timeout=10)
+    viewer.sendall(f"GET /api/overview/events HTTP/1.1\r\nHost: {dashboard.host}\r\n\r\n"
+                   .encode())
+    slow = [connect_from(dashboard, attackers[0]) for _ in range(4)]
+    silent = [connect_from(dashboard, attackers[1]) for _ in range(4)]
+    head = b"GET /api/overview HTTP/1.1\r\nX-Slow: "
+    try:
+        start = time.monotonic()
+        i = 0
+        while not all(closed_by_server(s) for s in slow + silent) \
+                and time.monotonic() - start < 30:
+            for s in slow:
+                if not closed_by_server(s):
+                    try:
+                        s.send(head[i:i + 1] or b"a")
+                    except OSError:
+                        pass
+            i += 1
+            time.sleep(1.0)
+        took = time.monotonic() - start
+        assert all(closed_by_server(s) for s in slow + silent), \
+            f"{sum(not closed_by_server(s) for s in slow + silent)} still open after {took:.1f} s"
+        assert took < 20.0, took  # 10 s from accept (a generous bound: loaded machine)
+        # The live view outlived them and still gets its events.
+        assert not closed_by_server(viewer)
+        viewer.settimeout(10)
+        got = b""
+        while got.count(b"event: overview") < 2:
+            chunk = viewer.recv(65536)
+            assert chunk, got[-300:]
+            got += chunk
+    finally:
+        viewer.close()
+        for s in slow + silent:
+            s.close()
+    assert dashboard.get("/api/overview").status == 200
+
+
+def test_connections_from_one_address_are_capped(dashboard, attackers):
+    # One host's idle connections were limited by nothing but the descriptors.
+    idle = [connect_from(dashboard, attackers[0]) for _ in range(100)]
+    try:
+        # Past 64 from one address, the one that waited longest for its head
+        # is closed for each newcomer.
+        assert wait_for(lambda: sum(closed_by_server(s) for s in idle) >= 36, timeout=10,
+                        what="36 of 100 idle connections closed")
+        assert sum(closed_by_server(s) for s in idle) <= 40
+        # The same address's next request is served all the same.
+        assert get_from(dashboard, attackers[0]) == 200
+        assert dashboard.get("/api/overview").status == 200
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_idle_connections_past_the_hard_fd_limit_leave_room_for_a_viewer(dashboard, attackers):
+    # Raising the soft limit of open files helps only up to the hard one:
+    # at 256, 300 connections that never ask, from 8 addresses, left no
+    # descriptor to accept a viewer with, and every page timed out until
+    # they went away.
+    resource.prlimit(dashboard.proc.pid, resource.RLIMIT_NOFILE, (256, 256))
+    idle = []
+    try:
+        for k in range(300):
+            try:
+                idle.append(connect_from(dashboard, attackers[k % len(attackers)]))
+            except OSError:
+                pass
+        assert get_from(dashboard, "127.0.0.1", timeout=10) == 200
+        open_now = len(os.listdir(f"/proc/{dashboard.proc.pid}/fd"))
+        assert open_now < 256, open_now
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_live_views_are_never_evicted_and_a_newcomer_past_the_cap_is_refused(broker):
+    # In process, with a share of 3 per address: live views (heads complete)
+    # keep their slots; an idle connection gives its slot to a newcomer; with
+    # none waiting, the newcomer is told 503 rather than held.
+    import asyncio
+    from aiohttp import web
+    from kelpie import dashboard
+    from kelpie.dashboard._limits import LIMITS, GuardedSite, Limits
+
+    async def view(port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"GET /api/overview/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        await asyncio.wait_for(r.readuntil(b"event: overview"), 15)
+        return r, w
+
+    async def answer(r, w):
+        try:
+            return await asyncio.wait_for(r.read(), 15)
+        finally:
+            w.close()
+
+    async def go():
+        app = dashboard.make_app(broker.frontend, refresh=0.2)
+        app[LIMITS] = Limits(max_per_address=3)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = kelpie.testing.free_ports(1)[0]
+        await GuardedSite(runner, "127.0.0.1", port, app[LIMITS]).start()
+        try:
+            views = [await view(port) for _ in range(2)]
+            idle = await asyncio.open_connection("127.0.0.1", port)
+            # The idle one is closed to make room; the newcomer is answered.
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET /api/overview HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            assert (await answer(r, w)).startswith(b"HTTP/1.0 200"), "newcomer"
+            assert await asyncio.wait_for(idle[0].read(), 15) == b"", "the idle one closed"
+            idle[1].close()
+            views.append(await view(port))
+            # Three live views: nothing waits, so the fourth is refused.
+            got = await answer(*await asyncio.open_connection("127.0.0.1", port))
+            assert got.startswith(b"HTTP/1.1 503"), got
+            for r, w in views:  # all three still live
+                await asyncio.wait_for(r.readuntil(b"event: overview"), 15)
+                w.close()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(go(), 90))

@@ -18,7 +18,7 @@ import pytest
 
 import kelpie
 
-from conftest import HttpBroker, get, run, wait_for, wait_served
+from conftest import HttpBroker, get, run, samples, value, wait_for, wait_served
 
 ATTACKER = "127.0.0.2"
 
@@ -247,3 +247,106 @@ def test_malformed_requests_get_a_4xx_and_the_endpoint_goes_on(broker):
     assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"ok\n"), got
     assert raw_get(broker.http, "/healthz") == (200, "ok\n")
     assert get(f"http://{broker.http}/metrics")[0] == 200
+
+
+# -- request heads that never end ---------------------------------------------------
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]
+
+
+def closed_by_server(s):
+    """True once the server closed or reset the connection (its TCP state:
+    the test need not read, nor send, to know)."""
+    state = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    return state in (7, 8)  # TCP_CLOSE (reset), TCP_CLOSE_WAIT (FIN received)
+
+
+def trickle(s, i):
+    """One more byte of a request head that never ends; False once the
+    server has closed the connection."""
+    if closed_by_server(s):
+        return False
+    try:
+        s.send(b"GET /healthz HTTP/1.1\r\nX-Slow: "[i:i + 1] or b"a")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def attacker_addresses():
+    for a in ATTACKERS:
+        try:
+            with socket.socket() as s:
+                s.bind((a, 0))
+        except OSError as e:
+            pytest.skip(f"cannot bind {a}: {e}")
+    return ATTACKERS
+
+
+def test_a_request_head_trickled_byte_by_byte_is_closed_at_its_deadline(broker,
+                                                                          attacker_address):
+    # MHD_OPTION_CONNECTION_TIMEOUT counts idle time: a byte every second
+    # kept a request head (and its slot) open forever.
+    assert wait_for(lambda: get(f"http://{broker.http}/readyz")[0] == 200)
+    slow = [connect(broker.http, attacker_address) for _ in range(4)]
+    try:
+        start = time.monotonic()
+        i = 0
+        while any(trickle(s, i) for s in slow) and time.monotonic() - start < 30:
+            i += 1
+            time.sleep(1.0)
+        took = time.monotonic() - start
+        assert all(closed_by_server(s) for s in slow), f"still open after {took:.1f} s"
+        # 10 s from accept, whatever the trickle (a generous bound: loaded machine).
+        assert 8.0 < took < 20.0, took
+    finally:
+        for s in slow:
+            s.close()
+    got = samples(broker.http)
+    assert value(got, "kelpie_http_connections_dropped_total", reason="head_timeout") >= 4, \
+        {k: v for k, v in got.items() if "http" in k[0]}
+    assert raw_get(broker.http, "/healthz") == (200, "ok\n")
+
+
+def test_trickles_from_many_addresses_do_not_shut_out_a_probe(broker, attacker_addresses):
+    # 8 addresses x 8 connections fill all 64 of MHD's slots: every one
+    # trickling a head (and reconnecting when closed) refused every /healthz
+    # of the load balancer for as long as the attack went on.
+    assert wait_for(lambda: get(f"http://{broker.http}/readyz")[0] == 200)
+    slow = {}
+
+    def refill():
+        for a in attacker_addresses:
+            for k in range(8):
+                s = slow.get((a, k))
+                if s is not None and not closed_by_server(s):
+                    continue
+                if s is not None:
+                    s.close()
+                try:
+                    slow[(a, k)] = connect(broker.http, a, timeout=2.0)
+                except OSError:
+                    slow.pop((a, k), None)
+
+    answers = []
+    try:
+        refill()
+        end = time.monotonic() + 20.0
+        i = 0
+        while time.monotonic() < end:
+            for s in list(slow.values()):
+                trickle(s, i)
+            i += 1
+            refill()
+            answers.append(raw_get(broker.http, "/healthz", timeout=3.0))
+            time.sleep(0.5)
+        held = sum(not closed_by_server(s) for s in slow.values())
+    finally:
+        for s in slow.values():
+            s.close()
+    ok = sum(a == (200, "ok\n") for a in answers)
+    assert held >= 32, held  # the attack did hold the endpoint's slots
+    assert ok >= 0.9 * len(answers), (ok, len(answers), [a for a in answers if a[0] != 200][:5])
+    got = samples(broker.http)
+    assert value(got, "kelpie_http_connections_dropped_total", reason="evicted") > 0

@@ -8,8 +8,12 @@ charts, a running job's progress and output) are server-sent events. Read-only
 unless started with ``admin=True``: then actions are same-origin POSTs
 carrying the CSRF token of the pages.
 
+    serve("tcp://127.0.0.1:5555", "127.0.0.1:8080")        # what `kelpie dashboard` runs
     app = make_app("tcp://127.0.0.1:5555", admin=False)   # or a list of frontends
     aiohttp.web.run_app(app, host="127.0.0.1", port=8080)
+
+Only ``serve`` bounds the connections it keeps (a deadline for each request
+head, caps per address and in all: _limits); ``run_app`` does not.
 """
 
 import asyncio
@@ -31,6 +35,7 @@ from aiohttp import web
 
 from ..errors import RpcError
 from ._fleet import Fleet, Sampler
+from ._limits import LIMITS, GuardedSite, Limits, track_heads
 from . import _html, _views
 
 __all__ = ["make_app", "serve", "CHART_JS_PATHS"]
@@ -494,7 +499,9 @@ def make_app(frontend, *, admin=False, allowed_hosts=None, refresh=2.0, timeout=
     if chart_js == "auto":
         chart_js = find_chart_js()
     frontends = split_frontends(frontend)
-    app = web.Application(middlewares=[guard])
+    # track_heads first: it is told of a request as soon as its head is
+    # parsed, before the Host check can refuse it.
+    app = web.Application(middlewares=[track_heads, guard])
     ctx = Context(frontends, admin, allowed_hosts, refresh, chart_js, timeout)
     app[CTX] = ctx
 
@@ -550,10 +557,10 @@ def loopback(host):
 
 
 def raise_fd_limit():
-    """Raise the soft limit of open files to the hard one. Each connection is
-    a descriptor, and aiohttp waits for a connection's first request without
-    a deadline: at a service's usual soft limit (1024 under systemd) a
-    thousand connections that never ask leave none to accept a viewer with."""
+    """Raise the soft limit of open files to the hard one: each connection is
+    a descriptor, and the connections the dashboard keeps (_limits) are
+    bounded by half the soft limit (a service's is 1024 under systemd), so
+    live viewers have room."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -564,10 +571,15 @@ def raise_fd_limit():
 
 
 def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), refresh=2.0,
-          timeout=5.0, loop=None):
+          timeout=5.0, loop=None, head_timeout=10.0, max_connections=1024, max_per_address=64):
     """Run the dashboard until interrupted. On loopback it answers only
     requests addressed to a loopback name (or an ``allow_hosts`` one), so a
-    web page cannot reach it through DNS rebinding."""
+    web page cannot reach it through DNS rebinding. A connection must send a
+    complete request head within ``head_timeout`` seconds of its accept (or
+    of its first byte after an answer); at most ``max_connections`` (and half
+    the soft limit of open files) are kept, ``max_per_address`` from one
+    address: past those a newcomer closes the one that has waited longest for
+    its head (see _limits)."""
     host, _, port = listen.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     allowed = None
@@ -576,8 +588,34 @@ def serve(frontend, listen="127.0.0.1:8080", *, admin=False, allow_hosts=(), ref
     raise_fd_limit()
     app = make_app(frontend, admin=admin, allowed_hosts=allowed, refresh=refresh,
                    timeout=timeout)
+    app[LIMITS] = Limits(head_timeout=head_timeout, max_connections=max_connections,
+                         max_per_address=max_per_address)
     mode = "admin" if admin else "read-only"
     print(f"kelpie dashboard ({mode}) for {', '.join(split_frontends(frontend))} on "
           f"http://{listen}/", flush=True)
-    web.run_app(app, host=host, port=int(port), print=None, access_log=None, loop=loop,
-                shutdown_timeout=1.0)
+    # web.run_app, but with a GuardedSite instead of its TCPSite (run_app
+    # takes no site): the runner, SIGINT/SIGTERM as GracefulExit, cleanup.
+    loop = loop or asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_run(app, host, int(port)))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        main.cancel()
+        loop.run_until_complete(asyncio.gather(main, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _run(app, host, port):
+    runner = web.AppRunner(app, handle_signals=True, access_log=None)
+    await runner.setup()
+    try:
+        site = GuardedSite(runner, host, port, app[LIMITS], shutdown_timeout=1.0)
+        await site.start()
+        while True:
+            await asyncio.sleep(3600)
+    finally:
+        await runner.cleanup()
