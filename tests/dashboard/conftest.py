@@ -46,20 +46,20 @@ class Response:
 class Dashboard:
     """``kelpie dashboard`` in its own process group, on a free port."""
 
-    def __init__(self, tmp_path, frontend, admin, loop):
+    def __init__(self, tmp_path, frontend, admin, loop, extra=()):
         # A free port can be taken by another process before the dashboard
         # binds it: then it exits at once, and is tried on another port.
         for attempt in range(3):
-            if self._start(tmp_path, frontend, admin, loop):
+            if self._start(tmp_path, frontend, admin, loop, extra):
                 return
             if "address already in use" not in self.log() or attempt == 2:
                 raise AssertionError(f"dashboard did not come up: {self.log()}")
 
-    def _start(self, tmp_path, frontend, admin, loop):
+    def _start(self, tmp_path, frontend, admin, loop, extra):
         self.port = free_ports(1)[0]
         self.host = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "kelpie", "dashboard", "--frontend", frontend,
-               "--listen", self.host, "--loop", loop, "--refresh", "0.2"]
+               "--listen", self.host, "--loop", loop, "--refresh", "0.2", *extra]
         if admin:
             cmd.append("--admin")
         self.log_path = os.path.join(str(tmp_path), f"dashboard-{self.port}.log")

@@ -422,3 +422,33 @@ def test_live_views_are_never_evicted_and_a_newcomer_past_the_cap_is_refused(bro
             await runner.cleanup()
 
     asyncio.run(asyncio.wait_for(go(), 90))
+
+
+def test_the_caps_and_the_head_deadline_are_command_line_options(tmp_path, broker, attackers):
+    # serve() took them, `kelpie dashboard` did not: an operator could not
+    # lower the share of one address or the head deadline.
+    d = Dashboard(tmp_path, broker.frontend, False, "asyncio",
+                  ["--max-per-address", "5", "--head-timeout", "2"])
+    idle = []
+    try:
+        idle = [connect_from(d, attackers[0]) for _ in range(10)]
+        # Past 5 from one address the longest waiting is closed at once...
+        assert wait_for(lambda: sum(closed_by_server(s) for s in idle) >= 5, timeout=5,
+                        what="5 of 10 idle connections evicted")
+        # ...and the rest at the 2 s head deadline, not the default 10 s.
+        start = time.monotonic()
+        assert wait_for(lambda: all(closed_by_server(s) for s in idle), timeout=8,
+                        what="all idle connections closed")
+        assert time.monotonic() - start < 8
+        assert get_from(d, attackers[0]) == 200
+    finally:
+        for s in idle:
+            s.close()
+        d.stop()
+    for args in (["--max-per-address", "0"], ["--max-connections", "-1"],
+                 ["--max-connections", "٣"], ["--head-timeout", "0"],
+                 ["--head-timeout", "nan"], ["--head-timeout", "inf"]):
+        p = subprocess.run([sys.executable, "-m", "kelpie", "dashboard", *args],
+                           capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2, (args, p.stderr)
+        assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr

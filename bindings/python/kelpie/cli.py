@@ -10,6 +10,7 @@
     kelpie status [--once] [--interval S]
     kelpie keygen PATH
     kelpie dashboard [--frontend A,B] [--listen HOST:PORT] [--admin] [--allow-host NAME]...
+                     [--head-timeout S] [--max-connections N] [--max-per-address N]
     kelpie submit QUEUE [--data TEXT|@FILE|-] [--priority N] [--idempotency-key K] [--wait]
     kelpie job show|wait|cancel|events ID
     kelpie jobs ls [--state S] [--queue Q]
@@ -54,6 +55,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -501,7 +503,9 @@ def cmd_dashboard(args):
         raise UsageError("--refresh must be more than 0 seconds")
     dashboard.serve(args.frontend, args.listen, admin=args.admin,
                     allow_hosts=tuple(args.allow_host or ()), refresh=args.refresh,
-                    timeout=args.timeout, loop=_new_loop(args.loop))
+                    timeout=args.timeout, loop=_new_loop(args.loop),
+                    head_timeout=args.head_timeout, max_connections=args.max_connections,
+                    max_per_address=args.max_per_address)
     return 0
 
 
@@ -641,6 +645,24 @@ def cmd_worker(args):
     return _supervisor.Supervisor(_child_command(args), args.processes, grace=args.grace,
                                   max_memory=args.max_memory, memory_limit=args.memory_limit,
                                   env=env).run()
+
+
+def _seconds(text):
+    """A finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds > 0")
+    return value
+
+
+def _count(text):
+    """A whole number >= 1, in ASCII digits."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1")
+    return int(text)
 
 
 def _size(text):
@@ -874,6 +896,17 @@ def _parser():
                    help="seconds between live updates of the overview (default 2)")
     d.add_argument("--timeout", "-t", type=float, default=5.0, metavar="SECONDS",
                    help="deadline of each admin request, in seconds (default 5)")
+    d.add_argument("--head-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="seconds a connection has to send a complete request head after "
+                        "its accept or its previous answer, however slowly it trickles "
+                        "(default 10)")
+    d.add_argument("--max-connections", type=_count, default=1024, metavar="N",
+                   help="connections kept in all (default 1024, and never past about half "
+                        "the soft limit of open files); past it a newcomer closes the one "
+                        "that has waited longest for its request head")
+    d.add_argument("--max-per-address", type=_count, default=64, metavar="N",
+                   help="connections kept from one address (default 64); behind a reverse "
+                        "proxy all viewers share the proxy's")
     _common(d, top=False)
     d.set_defaults(fn=cmd_dashboard)
 
