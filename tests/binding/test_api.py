@@ -154,6 +154,22 @@ def test_bind_connect_unbind_disconnect(run, ctx):
         rx.bind("nonsense://x")
 
 
+@pytest.mark.parametrize("method", ["bind", "connect", "unbind", "disconnect"])
+def test_an_endpoint_with_a_nul_is_refused_not_cut(ctx, method):
+    # libzmq reads an endpoint up to its NUL: "inproc://a\0b" was bound as
+    # "inproc://a", silently (a Client given such a frontend connected to
+    # another address than the one it was given).
+    sock = ctx.socket(kelpie.PAIR)
+    ep = "inproc://nul-%d" % id(sock)
+    with pytest.raises(ValueError, match="NUL"):
+        getattr(sock, method)(ep + "\0tail")
+    # Nothing was bound: the endpoint without the tail is still free.
+    other = ctx.socket(kelpie.PAIR)
+    other.bind(ep)
+    other.close()
+    sock.close()
+
+
 def test_errors(run, pair):
     tx, rx = pair()
 

@@ -83,8 +83,15 @@ static PyObject *core_endpoint(kp_core *self, PyObject *arg, core_endpoint_fn fn
     if (self->ops->check(self) < 0) {
         return NULL;
     }
-    const char *addr = PyUnicode_AsUTF8(arg);
+    Py_ssize_t len;
+    const char *addr = PyUnicode_AsUTF8AndSize(arg, &len);
     if (addr == NULL) {
+        return NULL;
+    }
+    if ((size_t)len != strlen(addr)) {
+        /* libzmq would read up to the NUL: "tcp://host:1\0x" would bind or
+         * connect to another endpoint than the one given, silently. */
+        PyErr_SetString(PyExc_ValueError, "endpoint contains a NUL character");
         return NULL;
     }
     kp_socket *shared = core_shared(self);
