@@ -126,3 +126,29 @@ def test_threshold_is_per_socket(run, pair):
     gc.collect()
     _kelpie._drain()
     assert _kelpie._outstanding_buffers() == baseline
+
+
+def test_a_copied_receive_frees_the_message_at_once(run, ctx):
+    """A receive with copy=True copies the message into bytes; libzmq's
+    message must go then. It was kept until the socket's next receive: over
+    inproc the sender's lent buffer stayed lent (a bytearray could not be
+    resized) and a big message was held twice while the receiver idled."""
+    rx = ctx.socket(kelpie.PULL)
+    rx.bind("inproc://copied-%d" % id(rx))
+    tx = ctx.socket(kelpie.PUSH)
+    tx.connect("inproc://copied-%d" % id(rx))
+    buf = bytearray(b"q" * 200_000)
+    baseline = _kelpie._outstanding_buffers()
+
+    async def main():
+        await tx.send(buf, copy=False)
+        got = await rx.recv()  # copy=True: bytes of its own
+        assert got == buf
+        for _ in range(100):
+            if _kelpie._outstanding_buffers() == baseline:
+                break
+            await asyncio.sleep(0.01)
+        return _kelpie._outstanding_buffers()
+
+    assert run(main()) == baseline
+    buf.extend(b"more")  # no export left on it

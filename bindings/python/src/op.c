@@ -527,6 +527,10 @@ int kp_op_on_events(kp_socket *sock)
 /* Each returns 0 with *out set, 1 for EAGAIN (nothing taken, nothing sent),
  * or -1 with an exception set. */
 
+/* Messages up to this size live inside the zmq_msg_t itself (libzmq's
+ * "very small messages", 33 bytes on 64-bit): nothing to free early. */
+#define RMSG_KEEP_MAX 64
+
 static int sock_recv_part(kp_socket *sock, int copy, PyObject **out, int *more)
 {
     int locked = kp_socket_lock(sock);
@@ -542,8 +546,16 @@ static int sock_recv_part(kp_socket *sock, int copy, PyObject **out, int *more)
     }
     *more = zmq_msg_more(&sock->rmsg);
     if (copy) {
-        *out = PyBytes_FromStringAndSize(zmq_msg_data(&sock->rmsg),
-                                         (Py_ssize_t)zmq_msg_size(&sock->rmsg));
+        size_t size = zmq_msg_size(&sock->rmsg);
+        *out = PyBytes_FromStringAndSize(zmq_msg_data(&sock->rmsg), (Py_ssize_t)size);
+        if (size > RMSG_KEEP_MAX) {
+            /* Copied out: its buffer goes now, not at the socket's next
+             * receive, which may never come (a 100 MB message held twice
+             * while the receiver idles; over inproc the sender's lent
+             * buffer, still locked against resizing). */
+            zmq_msg_close(&sock->rmsg);
+            zmq_msg_init(&sock->rmsg);
+        }
     } else {
         kp_frame *frame = kp_frame_new(sock->st);
         if (frame != NULL) {
