@@ -35,7 +35,7 @@ from aiohttp import web
 
 from ..errors import RpcError
 from ._fleet import Fleet, Sampler
-from ._limits import LIMITS, GuardedSite, Limits, track_heads
+from ._limits import HEAD_TIMEOUT, LIMITS, GuardedSite, Limits, track_heads
 from . import _html, _views
 
 __all__ = ["make_app", "serve", "CHART_JS_PATHS"]
@@ -416,7 +416,7 @@ async def _check_post(request):
                                                  "with --admin to allow actions)",
                                                  "status": 403}),
                                 content_type="application/json")
-    form = await request.post() if request.content_type in (
+    form = await _read_form(request) if request.content_type in (
         "application/x-www-form-urlencoded", "multipart/form-data") else {}
     token = request.headers.get("X-Kelpie-CSRF") or form.get("csrf") or ""
     # As bytes: compare_digest refuses a str with non-ASCII characters (500).
@@ -426,6 +426,22 @@ async def _check_post(request):
                                                  "CSRF token", "status": 403}),
                                 content_type="application/json")
     return form
+
+
+async def _read_form(request):
+    """The POST's form, read within the head deadline: a body sent a byte
+    at a time would hold the connection (and its slot) for as long as it
+    trickled, before any CSRF check could refuse it."""
+    limits = request.app.get(LIMITS)
+    try:
+        return await asyncio.wait_for(request.post(),
+                                      limits.head_timeout if limits else HEAD_TIMEOUT)
+    except asyncio.TimeoutError:
+        answer = web.HTTPRequestTimeout(text=json.dumps({"error": "request body too slow",
+                                                         "status": 408}),
+                                        content_type="application/json")
+        answer.force_close()  # the rest of the body is never read
+        raise answer from None
 
 
 def _done(request, form, answer):
