@@ -14,6 +14,15 @@ def _settle(loop_time=0.2):
     return asyncio.sleep(loop_time)
 
 
+async def _buffers_back(baseline):
+    """The count of lent buffers once it is back to baseline, or after 1 s."""
+    for _ in range(100):
+        if _kelpie._outstanding_buffers() == baseline:
+            break
+        await asyncio.sleep(0.01)
+    return _kelpie._outstanding_buffers()
+
+
 def test_frames_outlive_socket_and_context(run, loop):
     ctx = kelpie.Context()
     rx = ctx.socket(kelpie.PULL)
@@ -84,11 +93,7 @@ def test_lent_buffers_released_by_the_loop_without_further_operations(run, pair)
             await tx.send(payload, copy=False)
         got = [await rx.recv(copy=False) for _ in range(10)]
         assert all(len(f) == len(payload) for f in got)
-        for _ in range(100):
-            if _kelpie._outstanding_buffers() == baseline:
-                break
-            await asyncio.sleep(0.01)
-        return _kelpie._outstanding_buffers()
+        return await _buffers_back(baseline)
 
     assert run(main()) == baseline
     assert sys.getrefcount(payload) == base_refs
@@ -144,11 +149,7 @@ def test_a_copied_receive_frees_the_message_at_once(run, ctx):
         await tx.send(buf, copy=False)
         got = await rx.recv()  # copy=True: bytes of its own
         assert got == buf
-        for _ in range(100):
-            if _kelpie._outstanding_buffers() == baseline:
-                break
-            await asyncio.sleep(0.01)
-        return _kelpie._outstanding_buffers()
+        return await _buffers_back(baseline)
 
     assert run(main()) == baseline
     buf.extend(b"more")  # no export left on it

@@ -67,12 +67,19 @@ def open_fds(pid):
 
 @pytest.fixture
 def attacker_address():
-    try:
-        with socket.socket() as s:
-            s.bind((ATTACKER, 0))
-    except OSError as e:
-        pytest.skip(f"cannot bind {ATTACKER}: {e}")
-    return ATTACKER
+    return bindable([ATTACKER])[0]
+
+
+def bindable(addresses):
+    """addresses, or the test skipped if one of them is not a local address
+    to connect from."""
+    for a in addresses:
+        try:
+            with socket.socket() as s:
+                s.bind((a, 0))
+        except OSError as e:
+            pytest.skip(f"cannot bind {a}: {e}")
+    return addresses
 
 
 def test_idle_connections_from_one_address_do_not_shut_out_a_probe(broker, attacker_address):
@@ -275,13 +282,7 @@ def trickle(s, i):
 
 @pytest.fixture
 def attacker_addresses():
-    for a in ATTACKERS:
-        try:
-            with socket.socket() as s:
-                s.bind((a, 0))
-        except OSError as e:
-            pytest.skip(f"cannot bind {a}: {e}")
-    return ATTACKERS
+    return bindable(ATTACKERS)
 
 
 def test_a_request_head_trickled_byte_by_byte_is_closed_at_its_deadline(broker,
