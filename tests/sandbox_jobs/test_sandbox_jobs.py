@@ -715,3 +715,26 @@ def test_broker_killed_while_a_job_streams_megabytes(broker, workers):
     # The verdict's own capture is up to the output limit (8 MiB here).
     assert grew < 64 << 20, f"the worker grew by {grew >> 20} MiB"
     print(f"worker RSS grew by {grew / 2**20:.1f} MiB while the broker was down")
+
+
+def test_kelpie_run_reads_its_stdin_no_faster_than_the_job_takes_it(broker, workers):
+    # -i read this process's stdin into an unbounded queue as fast as the
+    # pipe gave it: 512 MiB piped in while the program slept held 512 MiB
+    # in kelpie run.
+    workers.start(slots=1)
+    feed = subprocess.Popen(["head", "-c", str(512 << 20), "/dev/zero"], stdout=subprocess.PIPE)
+    cmd = [PYTHON, "-m", "kelpie", "run", "--sandbox", "--frontend", broker.frontend, "-i",
+           "--", "python3", "-c", "import sys, time; time.sleep(3); sys.stdin.buffer.read(1)"]
+    proc = subprocess.Popen(cmd, stdin=feed.stdout, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env_for(broker))
+    feed.stdout.close()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        feed.kill()
+        feed.wait()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.returncode == 0, err
+    assert usage.ru_maxrss < 200 << 10, f"kelpie run peaked at {usage.ru_maxrss >> 10} MiB"

@@ -251,16 +251,27 @@ def _new_runner(name):
 class _StdinPump:
     """Reads this process's stdin on a daemon thread (a blocking read works
     for a TTY, a pipe and a file alike, and never holds up exit) and hands
-    each piece to the loop."""
+    each piece to the loop. At most AHEAD pieces are read and not yet
+    forwarded: stdin is read as fast as the job takes it, not as fast as a
+    pipe or a file can give it (an unbounded queue held a whole 512 MiB
+    file while the program read a byte)."""
+
+    AHEAD = 16  # of 64 KiB
 
     def __init__(self, loop):
         self.queue = asyncio.Queue()
+        self._room = threading.Semaphore(self.AHEAD)
         self._loop = loop
         threading.Thread(target=self._read, name="kelpie-run-stdin", daemon=True).start()
+
+    def taken(self):
+        """A piece from the queue was forwarded: room for one more."""
+        self._room.release()
 
     def _read(self):
         fd = sys.stdin.fileno()
         while True:
+            self._room.acquire()
             try:
                 data = os.read(fd, 65536)
             except OSError:
@@ -281,6 +292,7 @@ async def _forward_stdin(job, pump):
                 await job.close_stdin(timeout=None)
                 return
             await job.write_stdin(data, timeout=None)
+            pump.taken()
     except RpcError:
         return  # the job ended (FailedPrecondition) or the broker went away: its end says
 
