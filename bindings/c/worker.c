@@ -456,13 +456,18 @@ static void worker_mark_cancelled(kelpie_worker *w, kelpie_call *call)
 /* A call held or, failing that, parked behind a busy handler: what the
  * broker says about a call (CANCEL, ERROR, CREDIT, input) may arrive while
  * it waits, and must not be lost then. */
+static kelpie_call *worker_find_parked(kelpie_worker *w, uint64_t id)
+{
+    for (kelpie_call *p = w->parked; p; p = p->next)
+        if (p->id == id && p->epoch == w->epoch)
+            return p;
+    return NULL;
+}
+
 static kelpie_call *worker_find_any(kelpie_worker *w, uint64_t id)
 {
     kelpie_call *call = worker_find(w, id);
-    for (kelpie_call *p = w->parked; !call && p; p = p->next)
-        if (p->id == id && p->epoch == w->epoch)
-            call = p;
-    return call;
+    return call ? call : worker_find_parked(w, id);
 }
 
 /* Marks a held or parked call cancelled. A parked one gets no cancel
@@ -475,7 +480,7 @@ static void worker_cancel_any(kelpie_worker *w, uint64_t id)
         worker_mark_cancelled(w, call);
         return;
     }
-    call = worker_find_any(w, id);
+    call = worker_find_parked(w, id);
     if (call)
         call->cancelled = true;
 }

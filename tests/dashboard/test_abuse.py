@@ -14,6 +14,7 @@ import time
 import pytest
 
 import kelpie.testing
+from kelpie.testing import unbindable
 
 from conftest import Dashboard, wait_for
 
@@ -264,12 +265,9 @@ ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]
 
 @pytest.fixture
 def attackers():
-    for a in ATTACKERS:
-        try:
-            with socket.socket() as s:
-                s.bind((a, 0))
-        except OSError as e:
-            pytest.skip(f"cannot bind {a}: {e}")
+    why = unbindable(ATTACKERS)
+    if why:
+        pytest.skip(why)
     return ATTACKERS
 
 

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import kelpie
+from kelpie.testing import unbindable
 
 from conftest import HttpBroker, get, run, samples, value, wait_for, wait_served
 
@@ -73,12 +74,9 @@ def attacker_address():
 def bindable(addresses):
     """addresses, or the test skipped if one of them is not a local address
     to connect from."""
-    for a in addresses:
-        try:
-            with socket.socket() as s:
-                s.bind((a, 0))
-        except OSError as e:
-            pytest.skip(f"cannot bind {a}: {e}")
+    why = unbindable(addresses)
+    if why:
+        pytest.skip(why)
     return addresses
 
 

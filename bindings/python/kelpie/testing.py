@@ -81,7 +81,7 @@ import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 __all__ = ["Kelpied", "Postgres", "Served", "serve", "spawn", "find_kelpied", "free_port",
-           "free_ports", "CALL_TIMEOUT", "PG_BIN"]
+           "free_ports", "unbindable", "CALL_TIMEOUT", "PG_BIN"]
 
 # The default deadline of the clients the kit hands out: a test that calls a
 # service nobody serves fails in seconds, naming the service, not after
@@ -186,6 +186,19 @@ def free_ports(n: int) -> list:
     finally:
         for s in socks:
             s.close()
+
+
+def unbindable(addresses: Sequence[str]) -> Optional[str]:
+    """The first of ``addresses`` this host cannot send from, with why, or
+    None. Tests of per-address limits connect from several loopback
+    addresses (127.0.0.2, ...); a container may give only 127.0.0.1."""
+    for a in addresses:
+        try:
+            with socket.socket() as s:
+                s.bind((a, 0))
+        except OSError as e:
+            return f"cannot bind {a}: {e}"
+    return None
 
 
 def find_kelpied() -> str:
