@@ -82,6 +82,81 @@ def test_sends_of_a_batch_of_woken_callers_read_zmq_events_once(run, loop, pair)
     assert sent == [[b"%d" % i] for i in range(20)]
 
 
+def test_redeliver_spares_the_sends_of_callers_a_delivery_woke(run, loop, pair):
+    """With Socket._redeliver (the client's reader on loops that cannot
+    batch wake-ups, e.g. uvloop), a delivery that woke callers schedules
+    one more behind their wake-ups: their sends read no ZMQ_EVENTS (each
+    read is a getpid and a poll in libzmq), and the delivery that follows
+    them receives what arrived meanwhile, even after a send took ZMQ_FD's
+    edge. Without it, each send reads once."""
+    peer, sock = pair(kelpie.DEALER, kelpie.DEALER, transport="tcp")
+    got, reads = [], []
+    pending = {}
+
+    def on_message(msg):
+        fut = pending.pop(msg[0], None)
+        if fut is not None:
+            fut.set_result(None)
+        else:
+            got.append(msg)
+
+    async def caller(fut, i, late):
+        await fut
+        if late and i == 0:
+            # Arrives before the sends, with no loop turn between.
+            await peer.send_multipart([b"late"])
+            time.sleep(0.1)
+        await sock.send_multipart([b"%d" % i])  # completes at once
+
+    async def burst(redeliver, late):
+        sock._redeliver = redeliver
+        pending.update({b"%d" % i: loop.create_future() for i in range(10)})
+        tasks = [loop.create_task(caller(pending[b"%d" % i], i, late)) for i in range(10)]
+        await asyncio.sleep(0)
+        before = sock._stats["events"]
+        for i in range(10):
+            await peer.send_multipart([b"%d" % i])
+        await asyncio.gather(*tasks)
+        reads.append(sock._stats["events"] - before)
+        answers = [await peer.recv_multipart() for _ in range(10)]
+        assert sorted(answers) == sorted([b"%d" % i] for i in range(10))
+
+    async def main():
+        sock._on_message = on_message
+        await peer.send_multipart([b"hello"])
+        for _ in range(200):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        await burst(1, False)
+        await burst(1, True)
+        for _ in range(200):
+            if len(got) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await burst(0, False)
+
+    run(main())
+    assert got == [[b"hello"], [b"late"]]
+    assert reads[:2] == [0, 0], reads
+    assert reads[2] >= 5, reads  # one a send, until one finds an answer waiting
+
+
+def test_the_client_redelivers_where_wake_ups_are_not_batched(run, loop):
+    """kelpie.Client sets _redeliver on its socket exactly where _deadlines
+    cannot batch its callers' wake-ups."""
+    async def main():
+        client = kelpie.Client("tcp://127.0.0.1:9", heartbeat=0)
+        await client.connect()
+        try:
+            return client._sock._redeliver, _deadlines.wakes(loop) is None
+        finally:
+            await client.close()
+
+    redeliver, unbatched = run(main())
+    assert redeliver == unbatched == (not isinstance(loop, asyncio.BaseEventLoop))
+
+
 def test_wake_ups_with_nobody_waiting_read_no_zmq_events(run, pair):
     """Messages that wake the loop through ZMQ_FD are received by the
     reader callback straight away (the receive that ends in EAGAIN re-arms

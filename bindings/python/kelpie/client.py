@@ -221,7 +221,13 @@ class Client(ClientJobs):
         # The reader is a callback of the socket's own loop reader
         # (docs/binding.md): an answer resolves its call's future in the
         # loop iteration that saw it arrive, with no reader task between.
-        sock._on_message = self._reader()
+        wakes = _deadlines.wakes(self._loop)
+        # Where the reader cannot batch its callers' wake-ups (loops other
+        # than asyncio's own), a delivery schedules one more behind them, so
+        # the calls they send next cost one ZMQ_EVENTS re-check for the
+        # burst instead of one each (docs/binding.md section 3b).
+        sock._redeliver = wakes is None
+        sock._on_message = self._reader(wakes)
         if self.heartbeat:
             # Learn the broker's id (and limits) before the first call.
             await self._ping(self._loop.time())
@@ -657,7 +663,7 @@ class Client(ClientJobs):
         if self._sock is not None and self._watch.owed:
             self._send_later(self._conn.ping_frame(self._loop.time()))
 
-    def _reader(self):
+    def _reader(self, wakes):
         """The socket's message callback: routes one message from the broker
         (what the reader task's loop body was). A unary call's answer
         (REPLY, ACCEPTED, ACK to an asyncio.Future) is resolved in C by
@@ -718,7 +724,7 @@ class Client(ClientJobs):
             self._fail_all(Unavailable(f"client reader failed: {exc!r}"))
 
         return functools.partial(_route_reply, pending, self._watch, self._clock, _ROUTED,
-                                 on_header, failed, _deadlines.wakes(self._loop))
+                                 on_header, failed, wakes)
 
     def _fail_all(self, exc):
         pending = self._pending

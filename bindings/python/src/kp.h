@@ -405,6 +405,8 @@ struct kp_socket {
     int delivery_due;     /* a loop.call_soon(_on_fd) for on_message is pending */
     int deliver_now;      /* the reader callback found a message for on_message */
     int delivering;       /* op_deliver is running (its callback may send) */
+    int redeliver;        /* _redeliver: after a delivery, one more is
+                             scheduled behind the wake-ups it made (op.c) */
     int recheck_deferred; /* its re-check waits for the end of a batch of
                              wake-ups (kp_op_batch_end), on recheck_next's list */
     struct kp_socket *recheck_next;

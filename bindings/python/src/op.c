@@ -429,19 +429,34 @@ int kp_op_schedule_delivery(kp_socket *sock)
  * next message), the callback is unset or the socket closed, or at EAGAIN,
  * which also re-arms ZMQ_FD's edge. A callback that raises: the rest is
  * delivered soon, and the loop reports the exception. */
-static int op_deliver_some(kp_socket *sock, int *eterm);
+static int op_deliver_some(kp_socket *sock, int *eterm, int *handed);
 
 /* `eterm` (may be NULL) is set when a receive failed because the context is
- * terminating, not the callback. */
+ * terminating, not the callback.
+ *
+ * With `redeliver` set, a delivery that handed a message over schedules one
+ * more. The callbacks resolved futures, whose tasks' wake-ups are now in
+ * the loop's ready queue; the delivery's Handle goes behind them, so the
+ * tasks run (and send their next calls) first, in the same turn of the
+ * loop, and while it is due their sends make no ZMQ_EVENTS re-check
+ * (op_poll_events): one mailbox check for the burst instead of one per
+ * send. This is what kp_op_batch_end does where wake.c batches the
+ * wake-ups (asyncio's own loop); on other loops (uvloop) the wake-ups are
+ * the loop's own Handles and only their order can be relied on. */
 static int op_deliver(kp_socket *sock, int *eterm)
 {
+    int handed = 0;
     sock->delivering = 1;
-    int rc = op_deliver_some(sock, eterm);
+    int rc = op_deliver_some(sock, eterm, &handed);
     sock->delivering = 0;
+    if (rc == 0 && handed && sock->redeliver && sock->handle != NULL &&
+        sock->on_message != NULL) {
+        rc = kp_op_schedule_delivery(sock);
+    }
     return rc;
 }
 
-static int op_deliver_some(kp_socket *sock, int *eterm)
+static int op_deliver_some(kp_socket *sock, int *eterm, int *handed)
 {
     for (int n = 0; n < DELIVER_BUDGET; n++) {
         if (sock->handle == NULL || sock->on_message == NULL || sock->recv_q.len != 0) {
@@ -452,6 +467,7 @@ static int op_deliver_some(kp_socket *sock, int *eterm)
         if (rc == 1) {
             return 0;
         }
+        *handed = 1;
         if (rc < 0) {
             if (eterm != NULL && PyErr_ExceptionMatches(sock->st->context_terminated)) {
                 *eterm = 1;

@@ -458,6 +458,10 @@ static PyMemberDef socket_members[] = {
     {"__weaklistoffset__", T_PYSSIZET, offsetof(kp_socket, weakrefs), READONLY, NULL},
     {"_eager", T_INT, offsetof(kp_socket, eager), 0,
      "1: operations start when made and return futures (kelpie.zmq, pyzmq's semantics)."},
+    {"_redeliver", T_INT, offsetof(kp_socket, redeliver), 0,
+     "1: a delivery to _on_message that handed over a message schedules one more, behind the "
+     "task wake-ups it made, and the sends those tasks make before it runs skip their "
+     "ZMQ_EVENTS re-checks (the async client on loops other than asyncio's own)."},
     {NULL, 0, 0, 0, NULL},
 };
 
