@@ -449,8 +449,7 @@ static int op_deliver(kp_socket *sock, int *eterm)
     sock->delivering = 1;
     int rc = op_deliver_some(sock, eterm, &handed);
     sock->delivering = 0;
-    if (rc == 0 && handed && sock->redeliver && sock->handle != NULL &&
-        sock->on_message != NULL) {
+    if (rc == 0 && handed && sock->redeliver && sock->handle != NULL && sock->on_message != NULL) {
         rc = kp_op_schedule_delivery(sock);
     }
     return rc;
