@@ -466,13 +466,13 @@ static int op_deliver_some(kp_socket *sock, int *eterm, int *handed)
         if (rc == 1) {
             return 0;
         }
-        *handed = 1;
         if (rc < 0) {
             if (eterm != NULL && PyErr_ExceptionMatches(sock->st->context_terminated)) {
                 *eterm = 1;
             }
             return -1;
         }
+        *handed = 1;
         PyObject *cb = Py_NewRef(sock->on_message);
         PyObject *r = PyObject_CallOneArg(cb, msg);
         Py_DECREF(cb);
