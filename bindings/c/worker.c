@@ -453,9 +453,6 @@ static void worker_mark_cancelled(kelpie_worker *w, kelpie_call *call)
     }
 }
 
-/* A call held or, failing that, parked behind a busy handler: what the
- * broker says about a call (CANCEL, ERROR, CREDIT, input) may arrive while
- * it waits, and must not be lost then. */
 static kelpie_call *worker_find_parked(kelpie_worker *w, uint64_t id)
 {
     for (kelpie_call *p = w->parked; p; p = p->next)
@@ -464,6 +461,9 @@ static kelpie_call *worker_find_parked(kelpie_worker *w, uint64_t id)
     return NULL;
 }
 
+/* A call held or, failing that, parked behind a busy handler: what the
+ * broker says about a call (CANCEL, ERROR, CREDIT, input) may arrive while
+ * it waits, and must not be lost then. */
 static kelpie_call *worker_find_any(kelpie_worker *w, uint64_t id)
 {
     kelpie_call *call = worker_find(w, id);
