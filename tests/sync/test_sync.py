@@ -158,16 +158,19 @@ def test_thread_beside_asyncio_loop(app_worker, kelpied):
 #
 # The unary path, its errors, deadlines and metadata are the protocol core's
 # (kelpie._core) and must behave the same over either transport: each test
-# below runs on kelpie.sync.Client and on kelpie.Client (on asyncio and on
-# uvloop), through the same blocking calls.
+# below runs on kelpie.sync.Client (speaking ZMTP itself, and over libzmq)
+# and on kelpie.Client (on asyncio and on uvloop), through the same blocking
+# calls.
 
 class Transport:
     """One client of either transport behind the same blocking calls."""
 
     def __init__(self, name, frontend, **kwargs):
         self.loop = None
-        if name == "sync":
-            self.client = kelpie.sync.Client(frontend, **kwargs)
+        if name.startswith("sync"):
+            # "sync-libzmq": the sync client over libzmq sockets, as with
+            # CURVE, instead of speaking ZMTP itself (kelpie._zmtp).
+            self.client = kelpie.sync.Client(frontend, direct=name == "sync", **kwargs)
             return
         import uvloop
         self.loop = uvloop.new_event_loop() if name == "uvloop" else asyncio.new_event_loop()
@@ -201,7 +204,7 @@ class Transport:
         self.close()
 
 
-@pytest.fixture(params=["sync", "asyncio", "uvloop"])
+@pytest.fixture(params=["sync", "sync-libzmq", "asyncio", "uvloop"])
 def transport(request):
     """Opens clients of one transport; closes them at teardown."""
     opened = []
@@ -468,8 +471,9 @@ def test_stub_with_protobuf(kelpie_worker, shop_pb2):
 
 # -- broker restarts, liveness, close ---------------------------------------
 
-def test_broker_restart_then_calls_work(app_worker, kelpied):
-    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=3)
+@pytest.mark.parametrize("direct", [True, False], ids=["zmtp", "libzmq"])
+def test_broker_restart_then_calls_work(app_worker, kelpied, direct):
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=3, direct=direct)
     try:
         assert client.call("echo", "Echo", b"before", timeout=5) == b"before"
         kelpied.stop()
@@ -492,8 +496,9 @@ def test_broker_restart_then_calls_work(app_worker, kelpied):
         client.close()
 
 
-def test_close_ends_waits_in_other_threads(served):
-    client = kelpie.sync.Client(served.frontend)
+@pytest.mark.parametrize("direct", [True, False], ids=["zmtp", "libzmq"])
+def test_close_ends_waits_in_other_threads(served, direct):
+    client = kelpie.sync.Client(served.frontend, direct=direct)
     result = {}
 
     def waiter():
@@ -642,7 +647,8 @@ def test_wsgi_app_with_threads(served):
         client.close()
 
 
-def test_broker_restart_during_call_fails_it(app_worker, kelpied):
+@pytest.mark.parametrize("direct", [True, False], ids=["zmtp", "libzmq"])
+def test_broker_restart_during_call_fails_it(app_worker, kelpied, direct):
     """A call without a deadline inside a broker that restarts would never be
     answered; the broker_id in the answers to the thread's pings tells the new
     broker from the old one."""
@@ -650,7 +656,7 @@ def test_broker_restart_during_call_fails_it(app_worker, kelpied):
     # silence, and a client that also watches its reconnect's handshake
     # (CURVE failures, kelpie._security) must not lose the call to a loaded
     # machine's slow restart within a 0.6 s window.
-    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=5)
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=5, direct=direct)
     result = {}
 
     def waiter():

@@ -6,13 +6,16 @@ blocks the calling thread instead of returning an awaitable. It needs no event
 loop and works beside one: a handler running in a worker thread while an
 asyncio loop runs on the main thread can use it.
 
-Threads. The client gives each thread that uses it a connection of its own:
-a :class:`kelpie.BlockingSocket` (DEALER) to the broker's frontend, kept in a
-``threading.local``. A call sends its REQUEST on its own thread's socket and
-waits on that socket with the GIL released (docs/binding.md §13), so threads
-never wait on each other or on a lock for I/O, and a reply can only ever
-reach the thread that asked. The one lock is taken when a thread opens or
-loses its connection, not per call.
+Threads. The client gives each thread that uses it a connection of its own
+to the broker's frontend, kept in a ``threading.local``: a TCP or Unix socket
+on which the thread speaks ZMTP itself as a DEALER (kelpie._zmtp: no hand-off
+to a libzmq I/O thread), or, with CURVE, a caller's ``context=``, an endpoint
+kelpie._zmtp does not dial or ``direct=False``, a :class:`kelpie.BlockingSocket`
+(DEALER; docs/binding.md §13). A call sends its REQUEST on its own thread's
+socket and waits on that socket with the GIL released, so threads never wait
+on each other or on a lock for I/O, and a reply can only ever reach the
+thread that asked. The one lock is taken when a thread opens or loses its
+connection, not per call.
 
 Request ids are per connection (a counter, never reused). A call that ends
 locally before its answer arrives (deadline, Ctrl-C) leaves that answer to
@@ -26,7 +29,7 @@ a call (or a stream read) waits, the thread pings the broker with HEARTBEAT
 every ``heartbeat`` seconds; after ``liveness`` silent intervals the call
 fails with :class:`kelpie.Unavailable` and the thread's socket is closed, so
 the next call starts with a new one. The broker's answer carries its
-``broker_id``: libzmq reconnects a DEALER by itself when a broker comes back
+``broker_id``: the socket reconnects by itself when a broker comes back
 on the same endpoint, and the new broker answers pings, but the calls the
 old one held are gone. When the id changes, the calls sent before the ping
 the new instance answered fail with Unavailable at once (kelpie._liveness;
@@ -60,7 +63,7 @@ import weakref
 from typing import Any, Mapping, Optional, Union
 
 from . import _brokers, _calls, _compression, _core, _interceptors, _liveness, _retry
-from . import _security, _streaming, _wire, _zmq
+from . import _security, _streaming, _wire, _zmq, _zmtp
 from ._jobs_sync import Job, SyncClientJobs
 from ._liveness import DEFAULT_TIMEOUT, NO_DEADLINE, BrokerRestarted
 from ._status import StatusCode
@@ -122,29 +125,39 @@ class _Conn(_core.Conn):
 
     def __init__(self, client, deadline=None):
         _core.Conn.__init__(self, client.heartbeat, client.liveness, _monotonic())
-        sock = _zmq.BlockingSocket(client._context, _zmq.DEALER)
-        sock.setsockopt(_zmq.LINGER, 0)
-        # Calls are bounded by the broker's per-client limit and their
-        # deadlines; never block a send on the socket's high-water mark.
-        sock.setsockopt(_zmq.SNDHWM, 0)
-        sock.setsockopt(_zmq.RCVHWM, 0)
-        # The first wait judges the broker's silence from here: a handshake
-        # it never answered was already part of it.
-        self.connected_at = _monotonic()
-        handshake = _security.connect(sock, client.frontend, "client", client._keys)
         # A broker that is stopped (SIGSTOP, swapped out) accepts the TCP
         # connection and says nothing: the handshake's outcome must not hold
         # the first call past its own deadline, nor past the liveness window
         # the watch gives a silent broker.
+        timeout = _security.HANDSHAKE_TIMEOUT
         if deadline is not None:
-            handshake.timeout = max(0.0, min(handshake.timeout, deadline - _monotonic()))
+            timeout = max(0.0, min(timeout, deadline - _monotonic()))
         if client.heartbeat:
-            handshake.timeout = min(handshake.timeout, client.heartbeat * client.liveness)
-        try:
-            handshake.wait(client._context, _zmq.BlockingSocket, _zmq.Timeout)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+            timeout = min(timeout, client.heartbeat * client.liveness)
+        # The first wait judges the broker's silence from here: a handshake
+        # it never answered was already part of it.
+        self.connected_at = _monotonic()
+        if client._direct:
+            sock = _zmtp.Socket(client.frontend, "client")
+            try:
+                sock.handshake(timeout)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = _zmq.BlockingSocket(client._zmq_context(), _zmq.DEALER)
+            sock.setsockopt(_zmq.LINGER, 0)
+            # Calls are bounded by the broker's per-client limit and their
+            # deadlines; never block a send on the socket's high-water mark.
+            sock.setsockopt(_zmq.SNDHWM, 0)
+            sock.setsockopt(_zmq.RCVHWM, 0)
+            handshake = _security.connect(sock, client.frontend, "client", client._keys)
+            handshake.timeout = min(handshake.timeout, timeout)
+            try:
+                handshake.wait(client._context, _zmq.BlockingSocket, _zmq.Timeout)
+            except BaseException:
+                sock.close(linger=0)
+                raise
         # The broker answers a HEARTBEAT with its own, which carries its
         # max_message_size; the protocol default until it is read.
         sock.send_multipart([_wire.HEARTBEAT_FRAME])
@@ -289,6 +302,11 @@ class _Conn(_core.Conn):
                 if not self.dead and not client._closed:
                     raise
                 raise self.gone() from None
+            except AuthenticationError as exc:
+                # A direct socket redialled a broker that now refuses us
+                # (restarted with CURVE): the next call handshakes anew.
+                self.close(exc)
+                raise
             now = _monotonic()
             watch.heard(now)
             # Ping on schedule even while answers flow: answers from a new
@@ -342,8 +360,9 @@ class Client(SyncClientJobs):
     (``heartbeat=0``: never), and so do, at once, the calls a restarted broker
     lost (idempotent unary calls are sent again). Durable jobs
     (:meth:`submit`, :meth:`job`, :meth:`result`, :meth:`jobs`, ...) come from
-    kelpie._jobs_sync. Share
-    one Client between all the threads of a process; use it as ``with
+    kelpie._jobs_sync. ``direct=False`` makes every thread's connection a
+    libzmq socket even where it could speak ZMTP itself (module docstring).
+    Share one Client between all the threads of a process; use it as ``with
     kelpie.sync.Client() as client:`` or call :meth:`close`.
 
     Several brokers: ``frontend`` may be a list of endpoints or one string
@@ -365,9 +384,14 @@ class Client(SyncClientJobs):
                  context: Any = None, key: Optional[str] = None,
                  server_key: Optional[str] = None, interceptors: Any = None, retry: Any = None,
                  hedging: Any = None, throttle: Any = None, compression: Any = None,
-                 compression_threshold: int = _compression.DEFAULT_THRESHOLD) -> None:
+                 compression_threshold: int = _compression.DEFAULT_THRESHOLD,
+                 direct: bool = True) -> None:
         self.frontend = frontend or os.environ.get("KELPIE_FRONTEND") or DEFAULT_FRONTEND
         self._keys = _security.load_keys(key, server_key, self.frontend)
+        # Each thread speaks ZMTP on its own TCP or Unix socket (kelpie._zmtp)
+        # unless CURVE, a context of the caller's or the endpoint need libzmq.
+        self._direct = bool(direct and self._keys is None and context is None
+                            and _zmtp.address(self.frontend) is not None)
         # Around every call, the first outermost; their methods are called
         # without await here (kelpie._interceptors).
         self._interceptors = _interceptors.check_client(interceptors)
@@ -447,6 +471,13 @@ class Client(SyncClientJobs):
         else:
             self._forked = True  # the caller's context is the parent's
 
+    def _zmq_context(self):
+        """The libzmq context of this client's libzmq sockets, made on first
+        use (under self._lock)."""
+        if self._context is None:
+            self._context = _zmq.Context()
+        return self._context
+
     def _watcher(self):
         """The client a job's watch is sent through (a lane of several brokers)."""
         return self
@@ -480,8 +511,6 @@ class Client(SyncClientJobs):
             if self._forked:
                 raise RuntimeError("this kelpie.sync.Client was given a context= before "
                                    "fork(); make a new Client in the child")
-            if self._context is None:
-                self._context = _zmq.Context()
             conn = _Conn(self, deadline)
             self._conns.add(conn)
         self._local.conn = conn
