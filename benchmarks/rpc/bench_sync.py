@@ -5,9 +5,11 @@
 The same 16-byte echo, called from 1 and from 16 Python threads of this
 process, each calling back to back, same machine, same run:
 
-* kelpie: one ``kelpie.sync.Client`` shared by the threads (a BlockingSocket
-  per thread) -> ``kelpied`` -> one ``kelpie.Worker`` process with an
-  ``async def`` handler;
+* kelpie: one ``kelpie.sync.Client`` shared by the threads (each thread
+  speaks ZMTP on a TCP connection of its own, kelpie/_zmtp.py) ->
+  ``kelpied`` -> one ``kelpie.Worker`` process with an ``async def`` handler;
+* kelpie-libzmq: the same client with ``direct=False``: a libzmq
+  BlockingSocket per thread, as with CURVE (``--no-libzmq`` skips it);
 * kelpie-def: the same, to a second worker process whose handler is a plain
   ``def`` run in the Worker's thread pool (``threads=16``), when the Worker
   supports it; the difference is the cost of a ``def`` handler;
@@ -25,8 +27,8 @@ Cases run interleaved (all systems at 1 thread, then all at 16), three
 rounds of all of them, and each case reports its median round, so that all
 systems see the same (shared, noisy) machine load. Results go to stdout, to docs/benchmarks-sync.md
 and (with matplotlib) to docs/img/sync.png. Servers are started with this
-same file (``--serve``). Bounded: about 60 s (``--quick``: one round of 1 s,
-about 15 s).
+same file (``--serve``). Bounded: about 75 s (``--quick``: one round of 1 s,
+about 20 s).
 """
 
 import argparse
@@ -219,7 +221,7 @@ def wait_kelpie(client, service, timeout=15.0):
             time.sleep(0.05)
 
 
-def run_all(kelpied, seconds, with_def, rounds):
+def run_all(kelpied, seconds, with_def, rounds, with_libzmq=True):
     import grpc
     import zmq
 
@@ -240,13 +242,16 @@ def run_all(kelpied, seconds, with_def, rounds):
             procs.start(["--serve", "kelpie-def", be])
         procs.start(["--serve", "grpc", str(grpc_port)])
         procs.start(["--serve", "zmq", str(zmq_port)])
-        with kelpie.sync.Client(fe, timeout=10) as client:
+        with kelpie.sync.Client(fe, timeout=10) as client, \
+                kelpie.sync.Client(fe, timeout=10, direct=False) as over_libzmq:
             wait_kelpie(client, "bench")
             if with_def:
                 wait_kelpie(client, "benchdef")
             channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
             grpc.channel_ready_future(channel).result(timeout=10)
             systems = [("kelpie", kelpie_factory(client, "bench"))]
+            if with_libzmq:
+                systems.append(("kelpie-libzmq", kelpie_factory(over_libzmq, "bench")))
             if with_def:
                 systems.append(("kelpie-def", kelpie_factory(client, "benchdef")))
             systems += [("grpc", grpc_factory(channel)),
@@ -284,10 +289,15 @@ def median_runs(runs):
     return out, spread
 
 
+def system_names(results, with_def):
+    return ["kelpie"] + (["kelpie-libzmq"] if ("kelpie-libzmq", 1) in results else []) + \
+        (["kelpie-def"] if with_def else []) + ["grpc", "zmq-req"]
+
+
 def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
     results, spread = median_runs(runs)
     us = lambda s: f"{s * 1e6:,.0f}"  # noqa: E731
-    names = ["kelpie"] + (["kelpie-def"] if with_def else []) + ["grpc", "zmq-req"]
+    names = system_names(results, with_def)
     lines = [
         "# Synchronous RPC benchmark: kelpie.sync.Client vs grpc sync stub vs pyzmq REQ",
         "",
@@ -303,6 +313,8 @@ def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
         "",
         "Client threads in one process; every server in its own process. `kelpie` goes "
         "through the broker (client → kelpied → worker), `grpc` and `zmq-req` do not. "
+        "`kelpie-libzmq` is the same client over libzmq sockets (`direct=False`, what CURVE "
+        "uses) instead of speaking ZMTP itself. "
         "`zmq-req` is a REQ socket per thread to a REP echo loop: no headers, no "
         "deadlines, no routing — the floor, not a competitor.",
         "",
@@ -330,7 +342,9 @@ def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
         lines += ["", f"Goal (kelpie ≥ 2× grpc's sync stub, through the broker): "
                       f"{'met' if k16[0] >= 2 * g16[0] else 'not met'} at 16 threads "
                       f"({k16[0] / g16[0]:.2f}×), {'met' if k1[0] >= 2 * g1[0] else 'not met'} "
-                      f"at 1 thread ({k1[0] / g1[0]:.2f}×)."]
+                      f"at 1 thread ({k1[0] / g1[0]:.2f}×).",
+                  "", f"Goal (issue 19: the sync client at one thread ≥ grpc's sync stub): "
+                      f"{'met' if k1[0] >= g1[0] else 'not met'} ({k1[0] / g1[0]:.2f}×)."]
     lines += [
         "",
         "How to read it: with one thread nothing overlaps, so requests/s is 1 / round trip. "
@@ -342,6 +356,13 @@ def report(runs, seconds, rounds, wall, load, with_def, command, worker_note):
         "shares one channel and its server runs each call on a pool thread under the GIL.",
     ]
     lines.append("")
+    for n in THREADS:
+        a, z = results.get(("kelpie", n)), results.get(("kelpie-libzmq", n))
+        if a and z:
+            lines.append(f"- ZMTP spoken by the thread vs libzmq sockets, {n} client "
+                         f"thread{'s' if n > 1 else ''}: {a[0]:,.0f} vs {z[0]:,.0f} req/s "
+                         f"({a[0] / z[0]:.2f}×), p50 {us(a[1])} vs {us(z[1])} µs, client CPU "
+                         f"{a[3] * 1e6:.1f} vs {z[3] * 1e6:.1f} µs a call.")
     if with_def:
         for n in THREADS:
             a, d = results.get(("kelpie", n)), results.get(("kelpie-def", n))
@@ -373,9 +394,9 @@ def plot(results, with_def, path):
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
         return
-    names = ["kelpie"] + (["kelpie-def"] if with_def else []) + ["grpc", "zmq-req"]
-    colors = {"kelpie": "#1f77b4", "kelpie-def": "#6baed6", "grpc": "#ff7f0e",
-              "zmq-req": "#7f7f7f"}
+    names = system_names(results, with_def)
+    colors = {"kelpie": "#1f77b4", "kelpie-libzmq": "#9ecae1", "kelpie-def": "#6baed6",
+              "grpc": "#ff7f0e", "zmq-req": "#7f7f7f"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -403,6 +424,8 @@ def main():
     p.add_argument("--rounds", type=int, default=None, help="rounds of every case (3)")
     p.add_argument("--kelpied", default=None)
     p.add_argument("--no-def", action="store_true", help="skip the def-handler worker")
+    p.add_argument("--no-libzmq", action="store_true",
+                   help="skip the sync client over libzmq sockets (direct=False)")
     p.add_argument("--no-write", action="store_true",
                    help="print only; do not write docs/benchmarks-sync.md and the plot")
     p.add_argument("--serve", nargs=2, metavar=("SYSTEM", "ADDRESS"), help=argparse.SUPPRESS)
@@ -429,7 +452,7 @@ def main():
     with_def = not args.no_def and def_handlers_supported()
     load_before = os.getloadavg()
     started = time.time()
-    runs = run_all(kelpied, seconds, with_def, rounds)
+    runs = run_all(kelpied, seconds, with_def, rounds, not args.no_libzmq)
     wall = time.time() - started
     load = (*load_before, os.getloadavg()[0])
     command = "/usr/bin/python3 benchmarks/rpc/bench_sync.py" + (" --quick" if args.quick else "")
