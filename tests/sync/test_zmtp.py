@@ -110,12 +110,14 @@ def test_the_sync_client_speaks_zmtp_itself_unless_libzmq_is_needed(tmp_path, ct
                                   server_key=key + ".pub")._direct
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+@pytest.mark.parametrize("transport", ["tcp", "ipc", "hostname"])
 def test_messages_of_every_size_both_ways(ctx, tmp_path, transport):
     """Short and long frames (the 8-byte size), an empty one, and a 3 MiB
     frame that spans many reads, through a libzmq ROUTER."""
-    where = "tcp://127.0.0.1:*" if transport == "tcp" else "ipc://%s" % (tmp_path / "r.sock")
+    where = "ipc://%s" % (tmp_path / "r.sock") if transport == "ipc" else "tcp://127.0.0.1:*"
     r, endpoint = router(ctx, where)
+    if transport == "hostname":
+        endpoint = endpoint.replace("127.0.0.1", "localhost")  # resolved at the dial
     s = _zmtp.Socket(endpoint)
     try:
         s.handshake(5)
@@ -343,3 +345,35 @@ def test_long_frame_size_is_big_endian():
     finally:
         s.close()
         peer.close()
+
+
+def test_a_broker_killed_under_a_call(app_worker, kelpied):
+    """SIGKILL, then a new kelpied on the same port: the waiting call's
+    socket sees the hang-up, redials the new broker, and its pings tell the
+    new broker_id: the call fails at once, not at its deadline; the next
+    calls on the same thread work."""
+    client = kelpie.sync.Client(kelpied.frontend, heartbeat=0.2, liveness=5)
+    result = {}
+
+    def waiter():
+        try:
+            client.call("echo", "Sleep", b"30", timeout=20)
+        except BaseException as exc:
+            result["exc"] = exc
+
+    try:
+        assert client._direct
+        wait_served(client)
+        t = threading.Thread(target=waiter)
+        t.start()
+        time.sleep(0.5)
+        kelpied.restart()  # SIGKILL, then the same ports
+        restarted = time.monotonic()
+        t.join(10)
+        assert not t.is_alive()
+        assert isinstance(result.get("exc"), kelpie.Unavailable), result
+        assert time.monotonic() - restarted < 3.0
+        wait_served(client)
+        assert client.call("echo", "Sleep", b"0.1", timeout=5) == b"slept"
+    finally:
+        client.close()

@@ -91,7 +91,8 @@ def address(endpoint: str):
     """(family, sockaddr) to dial for a tcp:// or ipc:// endpoint this module
     speaks, or None for the ones left to libzmq (inproc://, a source
     address ``tcp://src;dst``, IPv6, which libzmq only dials with
-    ZMQ_IPV6 set). A host name is resolved at each dial, as libzmq does."""
+    ZMQ_IPV6 set). A host name is resolved at each dial, as libzmq does,
+    but on the calling thread."""
     if endpoint.startswith("tcp://"):
         rest = endpoint[6:]
         host, sep, port = rest.rpartition(":")
@@ -109,6 +110,14 @@ def address(endpoint: str):
     return None
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
+
+
 class Socket:
     """One DEALER connection, owned by one thread (module docstring)."""
 
@@ -119,6 +128,7 @@ class Socket:
         self.endpoint = endpoint
         self.role = role
         self._family, self._addr = where
+        self._numeric = self._family != socket.AF_INET or _is_ipv4(self._addr[0])
         self._pid = os.getpid()
         self._owner = threading.get_ident()
         # Held while the owner is in a system call on the descriptor, so
@@ -145,14 +155,16 @@ class Socket:
 
     def _dial(self) -> None:
         family, addr = self._family, self._addr
-        if family == socket.AF_INET:
+        if family == socket.AF_INET and not self._numeric:
+            # Blocks this thread while it looks up (libzmq's I/O thread
+            # would block instead): brokers behind a slow resolver are
+            # better given by address.
             try:
-                host = socket.getaddrinfo(addr[0], addr[1], socket.AF_INET,
+                addr = socket.getaddrinfo(addr[0], addr[1], socket.AF_INET,
                                           socket.SOCK_STREAM)[0][4]
             except OSError:
                 self._down()
                 return
-            addr = host
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setblocking(False)
         if family == socket.AF_INET:
