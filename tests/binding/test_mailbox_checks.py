@@ -21,6 +21,14 @@ class _Watch:
     last_recv = None
 
 
+async def until(done, step=0.01):
+    """Turn the loop (200 steps at most) until ``done()``."""
+    for _ in range(200):
+        if done():
+            return
+        await asyncio.sleep(step)
+
+
 def route(pending, rid, wakes):
     """An answer for call `rid` routed as the client's reader routes it,
     its task's wake-up joining the _Wakes batch (test_wakes.py)."""
@@ -61,16 +69,10 @@ def test_sends_of_a_batch_of_woken_callers_read_zmq_events_once(run, loop, pair)
     async def main():
         sock._on_message = got.append
         await peer.send_multipart([b"hello"])
-        for _ in range(200):
-            if got:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: got)
         await burst(0, False)
         await burst(10, True)
-        for _ in range(200):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(got) == 2)
         return [await peer.recv_multipart() for _ in range(20)]
 
     sent = run(main())
@@ -124,16 +126,10 @@ def test_redeliver_spares_the_sends_of_callers_a_delivery_woke(run, loop, pair):
     async def main():
         sock._on_message = on_message
         await peer.send_multipart([b"hello"])
-        for _ in range(200):
-            if got:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: got)
         await burst(1, False)
         await burst(1, True)
-        for _ in range(200):
-            if len(got) == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(got) == 2)
         await burst(0, False)
 
     run(main())
@@ -171,10 +167,7 @@ def test_wake_ups_with_nobody_waiting_read_no_zmq_events(run, pair):
         for round_ in range(20):
             for i in range(5):
                 await tx.send(b"%d-%d" % (round_, i))
-            for _ in range(200):
-                if len(got) == 5 * (round_ + 1):
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: len(got) == 5 * (round_ + 1), step=0.005)
         reads = rx._stats["events"] - before
         waiter = asyncio.ensure_future(rx.recv())
         await asyncio.sleep(0.01)
@@ -205,10 +198,7 @@ def test_term_with_only_the_callback_watching(run, loop):
     async def main():
         rx._on_message = got.append
         await tx.send(b"before")
-        for _ in range(200):
-            if got:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: got)
         tx.close(linger=0)
         term = threading.Thread(target=ctx.term)
         term.start()

@@ -542,8 +542,10 @@ int kp_op_on_events(kp_socket *sock)
 /* Each returns 0 with *out set, 1 for EAGAIN (nothing taken, nothing sent),
  * or -1 with an exception set. */
 
-/* Messages up to this size live inside the zmq_msg_t itself (libzmq's
- * "very small messages", 33 bytes on 64-bit): nothing to free early. */
+/* A copied-out message up to this size is kept until the socket's next
+ * receive: libzmq holds up to 33 bytes (64-bit) inside the zmq_msg_t itself,
+ * and what it allocates for up to 64 is too small to be worth a close and
+ * an init on every receive. Larger ones are released at once (below). */
 #define RMSG_KEEP_MAX 64
 
 static int sock_recv_part(kp_socket *sock, int copy, PyObject **out, int *more)
