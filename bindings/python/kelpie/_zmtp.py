@@ -24,15 +24,17 @@ What it keeps of a libzmq DEALER, because kelpie.sync relies on it:
   whole messages not yet written are kept for the next connection, as
   libzmq keeps its pipe. Calls the old broker held are found lost by
   kelpie._liveness's pings, exactly as over libzmq;
-* messages sent before the first connection are queued, not refused;
+* messages sent before the first connection are queued, not refused, and
+  none is written before the broker's READY (libzmq drops a peer whose
+  message comes first);
 * a receive with a timeout raises :class:`kelpie.Timeout`, and a socket
   closed under a waiting thread (:meth:`Socket.close` from another thread)
   raises ZMQError(ENOTSOCK) there.
 
 The handshake's refusals become :class:`kelpie.AuthenticationError`, as
 kelpie._security's Handshake reports them for libzmq sockets: a broker
-that requires CURVE (its greeting names another mechanism) or that sends
-an ERROR command. CURVE connections, inproc:// and IPv6 addresses stay on
+that requires CURVE (its greeting names another mechanism, or it hangs up
+mid-handshake and still listens) or that sends an ERROR command. CURVE connections, inproc:// and IPv6 addresses stay on
 libzmq (:func:`address` returns None for them).
 
 Not thread-safe, except :meth:`Socket.close`: one thread owns a socket.
