@@ -790,9 +790,12 @@ def test_fork_child_makes_its_own_connection(served):
         client.close()
 
 
-def test_context_is_made_on_first_call(served):
-    client = kelpie.sync.Client(served.frontend)
+@pytest.mark.parametrize("direct", [True, False], ids=["zmtp", "libzmq"])
+def test_context_is_made_on_first_call(served, direct):
+    client = kelpie.sync.Client(served.frontend, direct=direct)
     assert client._context is None  # building a Client opens nothing
     assert client.call("t", "Echo", b"x", timeout=5) == b"x"
+    # Only a libzmq socket needs a context: speaking ZMTP itself, none is made.
+    assert (client._context is None) == direct
     client.close()
     assert client._context is None
