@@ -130,8 +130,13 @@ def test_a_watcher_on_b_that_does_not_read_is_dropped_and_the_relay_stays_bounde
     slow.setsockopt(zmq.LINGER, 0)
     slow.connect(b.frontend)
     try:
-        # 4,000 OUTPUTs of 8 KiB (32 MiB) as fast as the worker can.
-        job = cb.submit(json.dumps({"n": 4000, "size": 8192}).encode(), queue="events")
+        # 8,000 OUTPUTs of 8 KiB (64 MiB) as fast as the worker can. a's
+        # bounded outbox drops most of them, and the kernel's buffers to the
+        # watcher take about 2 MiB before b's own queue grows: with 4,000 the
+        # flood could end first (a fresh-clone CI run under ASan: b passed
+        # on 229 events and never dropped the watcher). 8,000 keep it coming
+        # until b drops it (after 200-300 events in every run since).
+        job = cb.submit(json.dumps({"n": 8000, "size": 8192}).encode(), queue="events")
         slow.send_multipart([pb.Header(version=1, kind=K.WATCH, request_id=1, job_id=job,
                                        flags=STREAM).SerializeToString()])
         try:
