@@ -331,7 +331,7 @@ class Socket:
             # Answer with the ping's context (after its 2-byte TTL).
             self._out.append(_command(b"PONG", body[1 + 4 + 2:]))
 
-    def _closed(self) -> ZMQError:
+    def _closed_error(self) -> ZMQError:
         # A dial may have raced close() on another thread: drop what it made.
         s, self._sock = self._sock, None
         if s is not None:
@@ -342,7 +342,7 @@ class Socket:
         """One wait for the socket to be readable (or writable, with
         output queued), dialling first if it is down; returns early."""
         if self.closed:
-            raise self._closed()
+            raise self._closed_error()
         now = _monotonic()
         if self._sock is None:
             if now < self._redial:
@@ -362,11 +362,11 @@ class Socket:
         poller = self._poller
         with self._lock:
             if self.closed:
-                raise self._closed()
+                raise self._closed_error()
             poller.modify(self._sock.fileno(), events)
             ready = poller.poll(ms)
             if self.closed:
-                raise self._closed()
+                raise self._closed_error()
             if not ready:
                 return
             revents = ready[0][1]
@@ -404,7 +404,7 @@ class Socket:
         """Queue one message and write what the kernel takes now; never
         blocks (``timeout`` is accepted for BlockingSocket's signature)."""
         if self.closed:
-            raise self._closed()
+            raise self._closed_error()
         parts = []
         last = len(frames) - 1
         for i, frame in enumerate(frames):
@@ -439,7 +439,7 @@ class Socket:
         if option != _ZMQ_EVENTS:
             raise ValueError(f"kelpie._zmtp.Socket has no option {option}")
         if self.closed:
-            raise self._closed()
+            raise self._closed_error()
         if not self._msgs and self._sock is not None:
             self._wait(_monotonic())
         return (1 if self._msgs else 0) | 2

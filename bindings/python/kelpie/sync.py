@@ -41,10 +41,11 @@ Lifetime: a thread's connection is closed when the thread exits (its
 waiting in a call at that moment gets ``RpcError(CANCELLED, "client
 closed")``.
 
-fork(): the context is made on the first call, and a forked child makes
-its own context and sockets (the parent's are left untouched: a libzmq
-context does not survive fork()), so a Client built at import time in a
-pre-forking server's master works in every child.
+fork(): sockets (and a libzmq context, where one is used) are made on the
+first call, and a forked child makes its own (the parent's are left
+untouched: a libzmq context does not survive fork(), and shutting down an
+inherited TCP socket would cut the parent's connection), so a Client built
+at import time in a pre-forking server's master works in every child.
 
 A stream (:meth:`Client.stream`) belongs to the thread that started it: it
 reads that thread's socket. Dropping or closing it early sends CANCEL; if the
