@@ -19,7 +19,7 @@ DEB_PACKAGES := build-essential cmake pkg-config git clang libclang-rt-14-dev cl
 	python3 python3-dev python3-setuptools python3-pip python3-zmq python3-protobuf \
 	python3-pytest python3-pytest-asyncio python3-uvloop python3-psutil python3-venv pyflakes3 \
 	python3-zstandard python3-prometheus-client python3-rich bubblewrap python3-seccomp \
-	python3-aiohttp libjs-chart.js chromium chromium-driver python3-selenium
+	python3-aiohttp libjs-chart.js chromium chromium-driver python3-selenium strace
 
 BENCH_PACKAGES := python3-aiozmq python3-grpcio python3-matplotlib firejail \
 	redis-server python3-celery python3-rq python3-redis

@@ -600,4 +600,10 @@ int kp_wakes_init(PyObject *module, kp_state *st);
  * exception set (the future left as it was). See wake.c. */
 int kp_wakes_resolve(kp_state *st, PyObject *wakes, PyObject *fut, PyObject *result);
 
+/* ---- pid.c ------------------------------------------------------------ */
+
+/* Points libzmq's getpid() at a cached one (once a process; see pid.c) and
+ * adds _getpid_hook and _libzmq_getpid to `module`. */
+int kp_pid_init(PyObject *module, kp_state *st);
+
 #endif /* KP_H */

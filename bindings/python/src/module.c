@@ -252,7 +252,7 @@ static int module_exec(PyObject *module)
         kp_header_init(module, st) < 0 || kp_encode_init(module, st) < 0 ||
         kp_callstate_init(module, st) < 0 || kp_slots_init(module, st) < 0 ||
         kp_call_init(module, st) < 0 || kp_serve_init(module, st) < 0 ||
-        kp_wakes_init(module, st) < 0) {
+        kp_wakes_init(module, st) < 0 || kp_pid_init(module, st) < 0) {
         return -1;
     }
     return 0;
