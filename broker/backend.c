@@ -104,6 +104,7 @@ static void backend_ready(struct kp_broker *b, struct kp_worker *w, const kp_hea
     if (strlen(w->name) > 255)
         w->name[255] = '\0';
     kp_worker_set_credits(w, h->credits);
+    w->input_window = (h->flags & KP_FLAG_JOB_INPUT_WINDOW) != 0;
 
     /* The new service list, deduplicated, without the broker's own name. */
     size_t n = 0, cap = h->n_services < BACKEND_MAX_SERVICES ? h->n_services : BACKEND_MAX_SERVICES;
@@ -219,6 +220,10 @@ void kp_backend_on_message(struct kp_broker *b)
         kp_jobs_reap_worker(b, w);
         break;
     case KELPIE__V1__KIND__CREDIT:
+        if ((h->flags & KP_FLAG_CLIENT_STREAM) && h->job_id && h->job_id[0]) {
+            kp_jobs_input_credit(b, w, h); /* a job's input window (§11.7) */
+            break;
+        }
         if (h->flags & KP_FLAG_CLIENT_STREAM) {
             kp_broker_on_input_credit(b, w, h); /* a call's input window (§5.6) */
             break;

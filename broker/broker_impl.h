@@ -368,6 +368,10 @@ bool kp_jobs_admin(struct kp_broker *b, const void *rid, size_t rid_len, kp_head
 void kp_jobs_on_worker_message(struct kp_broker *b, struct kp_worker *w, kp_header *h,
                                size_t hdr_index);
 
+/* CREDIT (CLIENT_STREAM, with a job_id) from worker w: bytes of its job's
+ * input window back, its handler having read them (§11.7). */
+void kp_jobs_input_credit(struct kp_broker *b, struct kp_worker *w, const kp_header *h);
+
 /* READY's queues for w (replacing what it took before). */
 void kp_jobs_on_ready(struct kp_broker *b, struct kp_worker *w, const kp_header *h);
 

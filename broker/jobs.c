@@ -1029,6 +1029,7 @@ static bool run_send(struct kp_broker *b, struct run *r, struct kp_worker *w)
     zmq_msg_init(&r->payload);
     kp_broker_bind(b, c, w);
     r->call = c;
+    r->input_window = w->input_window ? JOBS_INPUT_WINDOW : UINT64_MAX;
     if (r->timeout_ms) {
         c->deadline = b->now + r->timeout_ms + JOBS_TIMEOUT_GRACE_MS;
         kp_timers_arm(&b->timers, &c->timer, c->deadline);
@@ -1984,6 +1985,19 @@ enum kp_err kp_jobs_input_forward(struct kp_broker *b, struct run *r, uint32_t a
         snprintf(msg, cap, "the worker running job %s is not reading: input refused", r->id.s);
         return KP_EAGAIN;
     }
+    size_t bytes = n ? zmq_msg_size(payload) : 0;
+    if (r->input_window != UINT64_MAX) {
+        /* A paced worker holds what its handler has not read within the
+         * window; past it the client waits and retries (§11.7). */
+        if (bytes > r->input_window) {
+            snprintf(msg, cap,
+                     "job %s's input window has %llu bytes left, this INPUT has %zu: retry "
+                     "once its handler reads",
+                     r->id.s, (unsigned long long)r->input_window, bytes);
+            b->stats.job_inputs_paced++;
+            return KP_EAGAIN;
+        }
+    }
     kp_header fwd = kp_broker_header(KELPIE__V1__KIND__INPUT, kp_call_dispatch_id(r->call).v);
     fwd.job_id = r->id.s;
     fwd.attempt = r->attempt;
@@ -1997,8 +2011,30 @@ enum kp_err kp_jobs_input_forward(struct kp_broker *b, struct run *r, uint32_t a
         return KP_EJOBNOTRUNNING;
     }
     w->last_send = b->now;
+    if (r->input_window != UINT64_MAX)
+        r->input_window -= bytes;
     b->stats.job_inputs++;
     return KP_OK;
+}
+
+/* A worker's CREDIT for the input window of a job it runs (§11.7): the
+ * bytes its handler has read since, back in the window. Anything else (not
+ * its job, another attempt, a job that ended) is dropped and counted. */
+void kp_jobs_input_credit(struct kp_broker *b, struct kp_worker *w, const kp_header *h)
+{
+    kp_job_id id;
+    struct run *r =
+        engine(b) != NULL && kp_job_id_parse(h->job_id, &id) ? kp_jobs_run_here(b, &id) : NULL;
+    if (r == NULL || r->call->worker != w || kp_call_dispatch_id(r->call).v != h->request_id ||
+        (h->attempt && h->attempt != r->attempt) || r->input_window == UINT64_MAX) {
+        b->stats.input_dropped++;
+        return;
+    }
+    /* Never past the first window: a worker that grants more than it was
+     * sent would let its buffer grow without bound. */
+    uint64_t sum = r->input_window + h->credits;
+    r->input_window = sum > JOBS_INPUT_WINDOW ? JOBS_INPUT_WINDOW : sum;
+    b->stats.job_input_credits++;
 }
 
 /* ACKs an INPUT to the client at rid: it went to attempt. */

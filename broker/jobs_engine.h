@@ -23,6 +23,7 @@
 #define JOBS_REOPEN_MS       5000 /* retry a store (or its relay) that failed to open */
 #define JOBS_RELAY_SETTLE_MS 1000 /* a job's end waits this long for its relayed events */
 #define JOBS_RELAY_TICK_MS   50   /* the loop's wake-up while relay waits are due */
+#define JOBS_INPUT_WINDOW    (1024u * 1024u) /* a paced attempt's first input window (§11.7) */
 
 struct jobq;
 struct watch;
@@ -42,6 +43,9 @@ struct run {
     struct watch *watch; /* its job's events, if any */
     uint64_t due;        /* wall ms it could first run this attempt (metrics' queue wait) */
     char *trace;         /* the traceparent it was submitted with, or NULL */
+    /* Input bytes its worker will still take (§11.7), once dispatched to a
+     * worker that paces input; UINT64_MAX: unpaced (an older worker). */
+    uint64_t input_window;
 };
 
 /* One event kept for late watchers. */

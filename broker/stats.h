@@ -107,6 +107,8 @@
     XX(job_watchers_dropped)  /* watchers dropped: gone or not reading */                          \
     XX(job_inputs)            /* INPUTs forwarded to the worker running their job */               \
     XX(job_inputs_refused) /* INPUTs refused: no such job, not running, malformed, worker full */  \
+    XX(job_inputs_paced) /* ... of which: past the job's input window (its handler not reading) */ \
+    XX(job_input_credits)  /* input window CREDITs from workers for their jobs (§11.7) */         \
     XX(workers_drained)    /* workers that asked to drain */                                       \
     XX(job_events_relayed) /* events of jobs run here sent to brokers whose clients watch them */  \
     XX(job_events_relay_dropped)   /* ... not sent: the relay's outbox was full */                 \

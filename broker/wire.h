@@ -55,6 +55,7 @@ struct kp_rid {
 #define KP_FLAG_COMPRESSED         256u
 #define KP_FLAG_ACCEPTS_COMPRESSED 512u
 #define KP_FLAG_END_OF_INPUT       1024u
+#define KP_FLAG_JOB_INPUT_WINDOW   2048u
 #define KP_FLAG_BATCH              4096u
 /* REQUEST flags a call keeps and sends on to its worker. */
 #define KP_FLAG_CALL_MASK                                                                          \

@@ -79,6 +79,7 @@ struct kp_worker {
     bool lagging;                 /* over --peer-max-queued: nothing new until it drains */
     bool gone;                    /* being removed; never picked again */
     bool draining;                /* STATUS(DRAINING): takes nothing new, finishes what it holds */
+    bool input_window;            /* READY(JOB_INPUT_WINDOW): its jobs' input is paced (§11.7) */
     uint64_t last_recv;           /* monotonic ms of its last message */
     uint64_t last_send;           /* monotonic ms of our last message to it */
     uint64_t last_pick;           /* dispatch sequence at its last pick */

@@ -200,9 +200,8 @@ def add_command(sub, common):
     p.add_argument("-c", "--code", default=None, metavar="CODE",
                    help="the snippet --runtime runs (default: none)")
     p.add_argument("--interactive", "-i", action="store_true",
-                   help="forward this stdin to the program while it runs; what the program "
-                        "has not read past 1 MiB is dropped, and said (default: its stdin is "
-                        "empty)")
+                   help="forward this stdin to the program while it runs, as fast as it reads "
+                        "it (default: its stdin is empty)")
     p.add_argument("--file", action="append", metavar="NAME=PATH",
                    help="put local file PATH in the sandbox's /work as NAME (repeatable; default: "
                         "none)")
@@ -547,8 +546,8 @@ async def _follow(job, args, out, err):
                   file=sys.stderr, flush=True)
     dropped = verdict.get("stdin_dropped")
     if dropped:
-        # -i forwards as fast as this side reads; nothing paces it to the
-        # program's reading (the worker's buffer is the only bound).
+        # Only behind a broker that does not pace a job's input (older than
+        # protocol.md §11.7's window): the worker's buffer was the bound.
         print(f"kelpie run: {dropped} bytes of the input were dropped: the program read it "
               f"slower than it came, and the worker keeps at most 1 MiB of it unread",
               file=sys.stderr, flush=True)

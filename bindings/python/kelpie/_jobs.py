@@ -54,9 +54,10 @@ MAX_STREAM_NAME = 32
 OUTPUT_CHUNK = 64 * 1024
 # INPUT data goes in pieces of at most this many bytes (§11.7).
 INPUT_CHUNK = 64 * 1024
-# Input a job handler has not read yet that a worker keeps for it; more is
-# discarded and counted (ctx.stdin.dropped): the broker forwards INPUT as
-# it comes and holds none of it (§11.7).
+# Input a job handler has not read yet that a worker keeps for it: the
+# broker forwards no more than this (the job's input window, which the
+# worker grants back as the handler reads, §11.7); behind an older broker
+# that does not pace input, more is discarded and counted (ctx.stdin.dropped).
 STDIN_BUFFER = 1024 * 1024
 # A worker sends an unACKed RESULT again this often (§11.3).
 RESEND_INTERVAL = 5.0

@@ -82,14 +82,23 @@ _DONE = _Done()
 
 class _StdinBuffer:
     """What every ``ctx.stdin`` keeps: the unread pieces, at most 1 MiB of
-    them (:data:`kelpie._jobs.STDIN_BUFFER`; the broker forwards input as it
-    comes and holds none, this is the worker's bound), and the counts."""
+    them (:data:`kelpie._jobs.STDIN_BUFFER`), and the counts.
 
-    __slots__ = ("_pieces", "_size", "closed", "dropped", "received")
+    The broker sends no more than that: it forwards a job's input only
+    within a window of 1 MiB, which ``on_read`` (the bytes the handler has
+    read, called where it reads) grants back, so a client that writes
+    faster than the handler reads waits rather than loses input (protocol.md
+    §11.7). Input past 1 MiB is discarded and counted in ``dropped`` only
+    from a broker that does not pace it (older than that addition)."""
 
-    def __init__(self):
+    __slots__ = ("_pieces", "_size", "_read_since", "_on_read", "closed", "dropped",
+                 "received")
+
+    def __init__(self, on_read=None):
         self._pieces = collections.deque()
         self._size = 0
+        self._read_since = 0  # bytes read and not granted back yet
+        self._on_read = on_read
         self.closed = False
         self.dropped = 0
         self.received = 0
@@ -114,6 +123,13 @@ class _StdinBuffer:
     def _take(self):
         data = self._pieces.popleft()
         self._size -= len(data)
+        # Granted back a piece's worth at a time, or all of it once the
+        # handler has caught up: one CREDIT per INPUT at most.
+        self._read_since += len(data)
+        if self._read_since >= _jobs.INPUT_CHUNK or not self._pieces:
+            n, self._read_since = self._read_since, 0
+            if self._on_read is not None:
+                self._on_read(n)
         return data
 
     def _cancel(self):
@@ -127,15 +143,16 @@ class JobStdin(_StdinBuffer):
     ``await ctx.stdin.read()`` returns the next piece of bytes as it came,
     ``b""`` once the client closed the input (``job.close_stdin()``);
     ``async for data in ctx.stdin`` reads pieces until then. ``closed`` is
-    True once the end arrived; ``dropped`` counts bytes discarded because
-    the handler left more than 1 MiB unread (the broker forwards input as
-    it comes and holds none; this is the worker's bound on it).
+    True once the end arrived. The broker sends at most 1 MiB the handler
+    has not read (the job's input window, granted back as it reads), so a
+    faster writer waits; ``dropped`` counts bytes discarded past 1 MiB only
+    behind an older broker that does not pace input.
     """
 
     __slots__ = ("_waiter",)
 
-    def __init__(self):
-        _StdinBuffer.__init__(self)
+    def __init__(self, on_read=None):
+        _StdinBuffer.__init__(self, on_read)
         self._waiter = None
 
     def _feed(self, data, end):
@@ -193,8 +210,8 @@ class ThreadJobStdin(_StdinBuffer, _BlockingReads):
 
     __slots__ = ("_cond", "_cancelled")
 
-    def __init__(self):
-        _StdinBuffer.__init__(self)
+    def __init__(self, on_read=None):
+        _StdinBuffer.__init__(self, on_read)
         self._cond = threading.Condition(threading.Lock())
         self._cancelled = False
 
@@ -289,7 +306,7 @@ class JobContext:
         self._tail = None       # the last event's send, which the answer waits for
         self._withheld = False  # its slot was left out of a READY: CREDIT it back
         self._in_thread = False
-        self.stdin = JobStdin()
+        self.stdin = JobStdin(self._input_read)
 
     def __repr__(self):
         return f"<kelpie.JobContext {self.queue} {self.job_id} attempt {self.attempt}>"
@@ -353,6 +370,18 @@ class JobContext:
         task = self._worker._spawn(self._worker._send_events(self._tail, frames))
         self._tail = task
         return task
+
+    def _input_read(self, n):
+        """``n`` bytes of input read by the handler (in its thread or on the
+        loop): the broker may send that many more (§11.7)."""
+        worker = self._worker
+        if threading.get_ident() == worker._loop_thread:
+            worker._grant_input(self, n)
+            return
+        try:
+            worker._loop.call_soon_threadsafe(worker._grant_input, self, n)
+        except RuntimeError:
+            pass  # the loop is closed: the worker is gone
 
     def _cancel(self, reason):
         if self._reason == 0:
@@ -521,7 +550,7 @@ class JobRunner:
         handler = self._job_handlers.get(header.service)
         ctx = JobContext(self, header)
         if handler is not None and handler.kind == _IN_THREAD:
-            ctx.stdin = ThreadJobStdin()  # before any INPUT can arrive for it
+            ctx.stdin = ThreadJobStdin(ctx._input_read)  # before any INPUT can arrive for it
         self._jobs[rid] = ctx
         if handler is None:
             # READY named only our queues; answer so the slot comes back and
@@ -744,6 +773,15 @@ class JobRunner:
             await self._send(session, *frames)
         await self._return_slot(ctx)
         self._check_drained()
+
+    def _grant_input(self, ctx, n):
+        """CREDIT the broker ``n`` bytes of ``ctx``'s input window back (its
+        handler read them), while the job runs here on a live session."""
+        session = self._session
+        if self._jobs.get(ctx.request_id) is not ctx or session is None or session.ending:
+            return
+        self._spawn(self._send(session, _wire.job_input_credit(n, ctx.request_id, ctx.job_id,
+                                                               ctx.attempt)))
 
     async def _send_events(self, previous, frames):
         """Send a job's event messages after its previous event's."""

@@ -75,6 +75,7 @@ CLIENT_STREAM = 128  # REQUEST: the request follows as CHUNKs and END (protocol.
 COMPRESSED = 256  # the payload is one zstd frame (protocol.md §5.7)
 ACCEPTS_COMPRESSED = 512  # the sender reads compressed payloads (protocol.md §5.7)
 END_OF_INPUT = 1024  # INPUT: the job's input ends here (protocol.md §11.7)
+JOB_INPUT_WINDOW = 2048  # READY: the worker paces its jobs' input (protocol.md §11.7)
 BATCH = 4096  # CHUNK: several stream messages, sizes in batch_sizes (protocol.md §5.8)
 
 # The largest whole message (header and payload frames) a peer may send
@@ -343,6 +344,14 @@ def input_credit(credits, request_id, batch_max=0):
     return out
 
 
+def job_input_credit(credits, request_id, job_id, attempt):
+    """A worker's CREDIT for the input window of the job it runs under
+    dispatch id ``request_id``: ``credits`` bytes its handler has read
+    (protocol.md §11.7)."""
+    return Header(version=VERSION, kind=CREDIT, credits=credits, request_id=request_id,
+                  job_id=job_id, attempt=attempt, flags=CLIENT_STREAM).SerializeToString()
+
+
 def batch_chunk(request_id, sequence, sizes, flags=0):
     """A CHUNK header with the BATCH flag (and ``flags``) for messages of
     ``sizes`` bytes, the first at ``sequence`` (protocol.md §5.8); the
@@ -381,9 +390,10 @@ def split_batch(header, data):
 
 def ready(services, credits, heartbeat_ms, name, methods=(), queues=()):
     """A READY header (credits absolute); ``methods`` as "service/method";
-    ``queues`` the job queues taken (protocol.md §11.3)."""
+    ``queues`` the job queues taken (protocol.md §11.3), whose jobs' input
+    this worker paces (JOB_INPUT_WINDOW, §11.7)."""
     h = Header(version=VERSION, kind=READY, credits=credits, heartbeat_ms=heartbeat_ms,
-               name=name)
+               name=name, flags=JOB_INPUT_WINDOW if queues else 0)
     h.services.extend(services)
     h.methods.extend(methods)
     if queues:
