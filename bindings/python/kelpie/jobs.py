@@ -196,9 +196,10 @@ class Job:
         job's running attempt (an interactive job, protocol.md §11.7).
 
         Returns once the broker has handed it to the job's worker. A job
-        that is not running yet (queued, waiting for a slot) is waited for,
-        at most ``timeout`` seconds (default: the client's timeout; then
-        :class:`kelpie.Unavailable`). Raises :class:`kelpie.NotFound` for
+        that is not running yet (queued, waiting for a slot), or whose
+        handler has 1 MiB of input unread (the job's input window), is
+        waited for, at most ``timeout`` seconds (default: the client's
+        timeout; then :class:`kelpie.Unavailable`; nothing was delivered). Raises :class:`kelpie.NotFound` for
         an unknown job and :class:`kelpie.FailedPrecondition` for one that
         has finished. Writes of one Job object are delivered in order.
         """
