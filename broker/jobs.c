@@ -1988,7 +1988,15 @@ enum kp_err kp_jobs_input_forward(struct kp_broker *b, struct run *r, uint32_t a
     size_t bytes = n ? zmq_msg_size(payload) : 0;
     if (r->input_window != UINT64_MAX) {
         /* A paced worker holds what its handler has not read within the
-         * window; past it the client waits and retries (§11.7). */
+         * window; past it the client waits and retries (§11.7). One that
+         * could never fit is no reason to wait. */
+        if (bytes > JOBS_INPUT_WINDOW) {
+            snprintf(msg, cap,
+                     "an INPUT of %zu bytes is larger than a job's input window (%u): send it in "
+                     "pieces",
+                     bytes, JOBS_INPUT_WINDOW);
+            return KP_EOVERSIZED;
+        }
         if (bytes > r->input_window) {
             snprintf(msg, cap,
                      "job %s's input window has %llu bytes left, this INPUT has %zu: retry "

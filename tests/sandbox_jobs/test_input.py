@@ -374,6 +374,13 @@ def test_the_broker_forwards_a_paced_jobs_input_within_its_window(broker, loop):
                         await asyncio.sleep(0.02)
                     return answer
 
+                # One INPUT larger than any window could never go: refused
+                # for good, not "retry".
+                big = await raw.exchange(_jobs.stdin_header(next(seq), job.id, 0, False),
+                                         b"b" * (1024 * 1024 + 1))
+                assert (big.kind, big.code) == (_wire.ERROR, StatusCode.RESOURCE_EXHAUSTED)
+                assert "larger than a job's input window" in big.message, big.message
+
                 # The first window is 1 MiB: four pieces, and the fifth waits.
                 for _ in range(4):
                     assert (await write()).kind == _wire.ACK
