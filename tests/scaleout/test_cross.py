@@ -234,12 +234,13 @@ def test_an_input_over_256_kib_sent_to_b_reaches_the_worker_through_a(tmp_path, 
         h, _ = cb.expect(rid, timeout=30)
         took = time.monotonic() - t0
         assert h.kind == K.ACK and h.job_id == job, (K.Name(h.kind), h.code, h.message)
-        # 3 MiB: more than the relay's 2 MiB outbox holds as base64. a forwards
-        # it and ACKs, as one broker would (this worker, whose unread stdin is
-        # bounded at 1 MiB, then discards it: _jobs.STDIN_BUFFER).
+        # 3 MiB: more than the relay's 2 MiB outbox holds as base64. It reaches
+        # a whole, which refuses it as one broker would: larger than the job's
+        # 1 MiB input window (this worker paces its input, protocol.md §11.7).
         rid = cb.send(os.urandom(3 << 20), kind=K.INPUT, job_id=job, sequence=1)
         h, _ = cb.expect(rid, timeout=30)
-        assert h.kind == K.ACK and h.job_id == job, (K.Name(h.kind), h.code, h.message)
+        assert h.kind == K.ERROR and h.code == pb.RESOURCE_EXHAUSTED, (K.Name(h.kind), h.code)
+        assert "input window" in h.message, h.message
         # 5 MiB: b takes it (16 MiB), a, which runs the job, would not.
         rid = cb.send(os.urandom(5 << 20), kind=K.INPUT, job_id=job, sequence=2)
         h, _ = cb.expect(rid, timeout=30)
